@@ -1,0 +1,36 @@
+"""One small hierarchy of errors, each for people: what is wrong, where, and what to do.
+
+    StableLmError
+      ConfigError       config.json or a StableLmConfig value is invalid
+      CheckpointError   a checkpoint file is missing, corrupt, refused (pickle) or does not fit the config
+      TokenizerError    tokenizer files are missing or invalid, a chat template is refused
+      GenerationError   invalid input ids, masks or sampling arguments
+      HubError          a model could not be fetched from (or found in the cache of) the Hugging Face Hub
+
+The command line turns any StableLmError into one line on stderr and exit code 2; any other
+exception escaping is a bug.
+"""
+
+
+class StableLmError(Exception):
+    """Base class of every error caused by input (files, configs, ids, arguments)."""
+
+
+class ConfigError(StableLmError, ValueError):
+    """A configuration key holds an invalid value."""
+
+
+class CheckpointError(StableLmError):
+    """A checkpoint is missing, corrupt, refused, or does not match its configuration."""
+
+
+class TokenizerError(StableLmError):
+    """Tokenizer files are missing or invalid, or a chat template cannot be rendered."""
+
+
+class GenerationError(StableLmError, ValueError):
+    """Invalid input ids, attention mask or generation argument."""
+
+
+class HubError(StableLmError):
+    """A model could not be downloaded from the Hub or found in its local cache."""
