@@ -1,7 +1,13 @@
-"""stablelm-ref: a readable, exact NumPy reference implementation of the StableLM models."""
+"""stablelm-ref: a readable, exact NumPy reference implementation of the StableLM models.
+
+    from stablelm_ref import StableLmForCausalLM
+    model = StableLmForCausalLM.from_pretrained("path/or/repo-id", dtype="float64")
+    logits = model([[510, 8588, 310]]).logits
+"""
 
 __version__ = "0.1.0"
 
+from .config import StableLmConfig  # noqa: F401
 from .errors import (  # noqa: F401
     CheckpointError,
     ConfigError,
@@ -10,3 +16,10 @@ from .errors import (  # noqa: F401
     StableLmError,
     TokenizerError,
 )
+from .heads import (  # noqa: F401
+    StableLmForCausalLM,
+    StableLmForSequenceClassification,
+    StableLmForTokenClassification,
+)
+from .kv_cache import KVCache  # noqa: F401
+from .model import StableLmModel  # noqa: F401

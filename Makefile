@@ -1,0 +1,47 @@
+# stablelm-ref: every target creates .venv itself; only python3 and make are needed.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+PIP     := $(PYTHON) -m pip -q --disable-pip-version-check
+SHARED  ?= ../shared
+
+.PHONY: help install test crosscheck goldens demo walkthrough bench bench-gpu test-gpu fuzz clean
+
+help:
+	@echo "make test         create .venv, install .[test], run the test suite (CPU)"
+	@echo "make demo         generate text offline with the embedded default model"
+	@echo "make crosscheck   compare live against transformers (installs torch CPU + transformers)"
+	@echo "make goldens      rebuild tests/goldens/ with transformers"
+	@echo "make walkthrough  run every walkthrough chapter, drawing walkthrough/figures/"
+	@echo "make bench        CPU speed against transformers (tools/bench_cpu.py)"
+	@echo "make bench-gpu    GPU speed against transformers (needs an NVIDIA GPU)"
+	@echo "make test-gpu     the GPU tests (tests/gpu; skipped without a GPU)"
+	@echo "make fuzz         the long hostile-input fuzzing run"
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.test: pyproject.toml | $(PYTHON)
+	$(PIP) install -e '.[test]'
+	@touch $@
+
+$(VENV)/.crosscheck: $(VENV)/.test
+	$(PIP) install 'torch==2.13.0'
+	$(PIP) install -e '.[test,crosscheck]'
+	@touch $@
+
+install: $(VENV)/.test
+
+test: $(VENV)/.test
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+crosscheck: $(VENV)/.crosscheck
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/crosscheck
+
+goldens: $(VENV)/.crosscheck
+	$(PYTHON) tools/make_goldens.py --out tests/goldens
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

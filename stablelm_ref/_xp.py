@@ -1,0 +1,24 @@
+"""Small array-API helpers shared by the concept files (no model logic here)."""
+
+from array_api_compat import array_namespace  # noqa: F401  (re-exported for the concept files)
+
+
+def wide_dtype(xp, dtype):
+    """The dtype for softmax and LayerNorm statistics: float64 stays float64, anything narrower -> float32.
+
+    transformers computes both in float32 for float32/bfloat16/float16 models; float64 mode is the
+    golden reference and keeps float64 throughout.
+    """
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+def linear(x, weight, bias=None):
+    """y = x W^T + b, with W in the checkpoint's [out_features, in_features] layout."""
+    xp = array_namespace(x)
+    y = x @ xp.matrix_transpose(weight)  # [..., in] @ [in, out] -> [..., out]
+    return y if bias is None else y + bias
+
+
+def dtype_min(xp, dtype):
+    """The most negative finite value of a float dtype (transformers' additive-mask value)."""
+    return xp.finfo(dtype).min

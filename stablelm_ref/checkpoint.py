@@ -1,0 +1,331 @@
+"""Checkpoints: safetensors files (single or sharded), read and validated here, never pickles.
+
+A safetensors file is
+
+    [8 bytes: N, little-endian u64] [N bytes: JSON header] [data]
+    header = {"name": {"dtype": "BF16", "shape": [50304, 2560], "data_offsets": [begin, end]}, ...,
+              "__metadata__": {"format": "pt"}}
+
+with offsets relative to the start of the data, the tensors packed back to back (no gaps, no
+overlaps), and nothing executed on load. The header is checked completely before any tensor byte is
+read; a tensor's bytes are then read straight into an array and cast once to the compute dtype
+(bfloat16 through ml_dtypes, which NumPy cannot compute with: float32 by default, float64 for
+golden work). A sharded checkpoint adds `model.safetensors.index.json`:
+{"weight_map": {"name": "model-00001-of-00002.safetensors", ...}}; shards must lie inside the
+model directory.
+
+`pytorch_model.bin` and other pickle files are refused, never opened: unpickling runs code.
+Checkpoint names follow transformers (see FACTS.md); `expected_shapes` lists them for a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import numpy as np
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt",
+                "tf_model.h5", "flax_model.msgpack")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+# ---- names and shapes a config implies ---------------------------------------------------------
+
+def expected_shapes(config, head="causal_lm"):
+    """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token"."""
+    h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = shapes[p + "input_layernorm.bias"] = (h,)
+        if not config.use_parallel_residual:
+            shapes[p + "post_attention_layernorm.weight"] = shapes[p + "post_attention_layernorm.bias"] = (h,)
+        for name, out in (("q_proj", heads * d), ("k_proj", kv * d), ("v_proj", kv * d)):
+            shapes[f"{p}self_attn.{name}.weight"] = (out, h)
+            if config.use_qkv_bias:
+                shapes[f"{p}self_attn.{name}.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, heads * d)
+        if config.qk_layernorm:
+            for n in range(heads):
+                shapes[f"{p}self_attn.q_layernorm.norms.{n}.weight"] = (d,)
+            for n in range(kv):
+                shapes[f"{p}self_attn.k_layernorm.norms.{n}.weight"] = (d,)
+        shapes[p + "mlp.gate_proj.weight"] = shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    shapes["model.norm.weight"] = shapes["model.norm.bias"] = (h,)
+    if head == "causal_lm" and not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    elif head == "sequence":
+        shapes["score.weight"] = (config.num_labels, h)
+    elif head == "token":
+        shapes["score.weight"] = (config.num_labels, h)
+        if config.token_classification_bias:
+            shapes["score.bias"] = (config.num_labels,)
+    return shapes
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def read_header(path):
+    """Parse and fully validate a safetensors header. Returns (entries, metadata, data_start)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes): not a safetensors file; re-download it")
+            n = int.from_bytes(raw_len, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} exceeds the file size ({size} bytes): the file is truncated "
+                    "or not safetensors; re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    data_len = size - 8 - n
+    entries, spans = {}, []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{where}: entry must have exactly dtype, shape and data_offsets; the file is corrupt")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise CheckpointError(
+                f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_len:
+            raise CheckpointError(
+                f"{where}: data ends at byte {offsets[1]} but the file holds {data_len} data bytes: "
+                "the file is truncated; re-download it"
+            )
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize != offsets[1] - offsets[0]:
+            raise CheckpointError(
+                f"{where}: shape {shape} of {info['dtype']} needs {count * dtype.itemsize} bytes but data_offsets "
+                f"span {offsets[1] - offsets[0]}; the file is corrupt"
+            )
+        entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            kind = "overlaps the previous tensor" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin}: it {kind}; the file is corrupt")
+        end = stop
+    if end != data_len:
+        raise CheckpointError(f"{path}: {data_len - end} bytes after the last tensor; the file is corrupt")
+    return entries, metadata, 8 + n
+
+
+def read_tensor(path, entry, data_start, dtype=None):
+    """Read one tensor straight from the file into an array, cast once to `dtype` when given."""
+    stored, shape, begin, end = entry
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        arr = np.fromfile(f, dtype=stored.newbyteorder("<"), count=(end - begin) // stored.itemsize)
+    if arr.size * stored.itemsize != end - begin:
+        raise CheckpointError(f"{path}: truncated while reading a tensor; re-download it")
+    arr = arr.reshape(shape)
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr
+
+
+def checkpoint_files(directory):
+    """The safetensors files of a model directory and which tensor lives in which: {name: file}."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory; give a model directory holding config.json and "
+                              "model.safetensors (or a Hub repo id)")
+    index = os.path.join(directory, INDEX_NAME)
+    single = os.path.join(directory, SINGLE_NAME)
+    if os.path.isfile(index):
+        return _shards_from_index(directory, index)
+    if os.path.isfile(single):
+        entries, _, _ = read_header(single)
+        return {name: single for name in entries}
+    pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
+    if pickles:
+        raise CheckpointError(
+            f"{directory}: holds only {', '.join(pickles)}, a pickle format that runs code when opened; it is "
+            "refused. Convert it to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True)) "
+            "or use the repo's model.safetensors"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
+
+
+def _shards_from_index(directory, index):
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f, object_pairs_hook=_no_duplicates)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e}); it needs "
+                              '{"weight_map": {"tensor name": "shard file name"}}') from None
+    root = os.path.realpath(directory)
+    files = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(directory, shard)
+        if os.path.isabs(shard) or os.path.normpath(shard).startswith("..") or \
+                os.path.dirname(os.path.realpath(path)) != root:
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory; refused")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {directory}; "
+                                  "the download is incomplete")
+        files[shard] = path
+    for name, shard in weight_map.items():
+        weight_map[name] = files[shard]
+    return weight_map
+
+
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",)):
+    """Read every tensor of a model directory as {name: array of `dtype`}.
+
+    `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
+    unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
+    name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
+    Floating tensors must be finite: NaN or Inf raises CheckpointError.
+    """
+    where = checkpoint_files(directory)
+    headers = {}
+    for path in set(where.values()):
+        headers[path] = read_header(path)
+    located = {}
+    for name, path in where.items():
+        if name not in headers[path][0]:
+            raise CheckpointError(f"{path}: the shard index says it holds {name!r} but it does not")
+        if not any(name.endswith(s) for s in ignore):
+            located[name] = path
+    if expected is not None:
+        _check_against(located, headers, expected, directory)
+        _check_memory(expected, dtype, directory)
+    params = {}
+    for name, path in located.items():
+        entry = headers[path][0][name]
+        target = dtype if entry[0].kind == "f" or entry[0] == SAFETENSORS_DTYPES["BF16"] else None
+        arr = read_tensor(path, entry, headers[path][2], target)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values; its logits would be "
+                                  "meaningless. The file is damaged or was saved from a diverged run")
+        params[name] = arr
+    return params
+
+
+def _check_against(located, headers, expected, directory):
+    missing = [n for n in expected if n not in located]
+    if "lm_head.weight" in located and "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected:
+        located.pop("lm_head.weight")  # tied embeddings: a saved copy of the embedding is allowed, not used
+    unexpected = [n for n in located if n not in expected]
+    if missing:
+        raise CheckpointError(f"{directory}: tensor {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing "
+                              f"from the checkpoint ({len(missing)} missing in all); does config.json match it?")
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) for this "
+                              "config and model class; check config.json (qk_layernorm, use_qkv_bias, "
+                              "use_parallel_residual, tie_word_embeddings) and the class you load with")
+    for name, shape in expected.items():
+        got = headers[located[name]][0][name][1]
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"{directory}: tensor {name!r} has shape {tuple(got)} in the checkpoint but the "
+                                  f"config implies {tuple(shape)}; config.json does not match the weights")
+
+
+def _check_memory(expected, dtype, directory):
+    need = sum(int(np.prod(s)) for s in expected.values()) * np.dtype(dtype).itemsize
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if need > avail:
+        raise CheckpointError(f"{directory}: the weights need {need / 2**30:.1f} GiB as {np.dtype(dtype).name} but "
+                              f"only {avail / 2**30:.1f} GiB of memory is free; use a smaller dtype or machine")
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open a temporary file beside `path` for writing; rename it to `path` only if the block succeeds.
+
+    A failed or interrupted save never leaves a partial file under the final name.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, data: bytes):
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def save_file(tensors, path, metadata=None):
+    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically."""
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        arr = tensors[name]
+        if arr.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} as safetensors")
+        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_open(path) as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[name])
+            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -1,0 +1,267 @@
+"""StableLmConfig: every key of a StableLM config.json, validated.
+
+A StableLM checkpoint directory holds a `config.json`. Two forms exist in the wild:
+
+    current (transformers >= 4.56 / 5.x):   "rope_parameters": {"rope_type": "default",
+                                                                "rope_theta": 10000,
+                                                                "partial_rotary_factor": 0.25}
+    legacy (the published checkpoints):     "rope_theta": 10000, "partial_rotary_factor": 0.25,
+                                            "rope_scaling": null | {"type": "linear", "factor": 2.0}
+
+Both load into the same flat attributes (`rope_theta`, `partial_rotary_factor`, `rope_scaling`).
+Derived sizes:
+
+    head_dim     = hidden_size // num_attention_heads          (80 in stablelm-3b-4e1t)
+    rotary_ndims = int(head_dim * partial_rotary_factor)       (20 in stablelm-3b-4e1t)
+
+Every invalid value raises ConfigError naming the key, the value and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+# Activations the MLP implements (mlp.ACTIVATIONS); the names transformers' ACT2FN uses.
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
+# Rope scaling types transformers accepts for StableLM that this project implements.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+@dataclass
+class StableLmConfig:
+    """The configuration of a StableLM model (defaults: stabilityai/stablelm-3b-4e1t)."""
+
+    vocab_size: int = 50304
+    hidden_size: int = 2560
+    intermediate_size: int = 6912
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    rope_scaling: dict | None = None  # None (default) or {"rope_type": "linear"|"dynamic", "factor": f}
+    use_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    use_parallel_residual: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0
+    pad_token_id: int | None = None
+    # classification heads
+    num_labels: int = 2
+    problem_type: str | None = None
+    id2label: dict | None = None
+    label2id: dict | None = None
+    classifier_dropout: float | None = None
+    token_classification_bias: bool = True
+    # bookkeeping carried through from config.json
+    model_type: str = "stablelm"
+    architectures: list | None = None
+    torch_dtype: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid key."""
+        if self.model_type != "stablelm":
+            raise ConfigError(
+                f"model_type is {self.model_type!r}, not 'stablelm': this project implements StableLM only "
+                "(stabilityai/stablelm-3b-4e1t, stablelm-2-1_6b, stablelm-2-12b, their zephyr variants)"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _check_int(key, getattr(self, key), minimum=1)
+        _check_int("num_labels", self.num_labels, minimum=1)
+        for key in ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm",
+                    "use_parallel_residual", "token_classification_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}): each head gets hidden_size / num_attention_heads dims"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
+                f"({self.num_key_value_heads}) for grouped-query attention"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        _check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
+        _check_float("rope_theta", self.rope_theta, positive=True)
+        _check_float("partial_rotary_factor", self.partial_rotary_factor)
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.rotary_ndims % 2 or self.rotary_ndims == 0:
+            raise ConfigError(
+                f"rotary dims = int(head_dim {self.head_dim} * partial_rotary_factor {self.partial_rotary_factor})"
+                f" = {self.rotary_ndims} must be even and positive (rotate_half splits them in two halves)"
+            )
+        for key in ("hidden_dropout", "attention_dropout", "initializer_range"):
+            _check_float(key, getattr(self, key))
+        for key in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_int(key, value, minimum=0)
+        eos = self.eos_token_id
+        for value in (eos if isinstance(eos, list) else [eos]):
+            if value is not None:
+                _check_int("eos_token_id", value, minimum=0)
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+
+    # ---- reading and writing -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "StableLmConfig":
+        """Build from a config.json dictionary in either the current or the legacy form."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        if "model_type" not in d:
+            raise ConfigError("config.json has no 'model_type'; a StableLM config says \"model_type\": \"stablelm\"")
+        rope = d.pop("rope_parameters", None)
+        scaling = d.pop("rope_scaling", None)
+        if rope is not None:
+            if not isinstance(rope, dict):
+                raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
+            rope = dict(rope)
+            d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            d.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor", 0.25))
+            if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
+                scaling = rope
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["extra"] = {k: v for k, v in d.items() if k not in known}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(f"invalid config: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "StableLmConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file; a model directory needs a config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "StableLmConfig":
+        """Read `config.json` from a model directory (or the path of the file itself)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        return cls.from_json_file(path)
+
+    def to_dict(self) -> dict:
+        """The current (transformers 5.x) config.json form, which transformers loads."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor}
+        if self.rope_scaling is not None:
+            rope.update({k: v for k, v in self.rope_scaling.items() if k != "rope_type"})
+        for key in ("rope_theta", "partial_rotary_factor", "rope_scaling"):
+            d.pop(key)
+        d["rope_parameters"] = rope
+        if d["id2label"] is not None:
+            d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
+        d = {k: v for k, v in d.items() if v is not None or k in ("pad_token_id",)}
+        d["architectures"] = self.architectures or ["StableLmForCausalLM"]
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        from .checkpoint import atomic_write
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "config.json")
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        return path
+
+
+def _normalise_rope_scaling(scaling):
+    """None, or {"rope_type": "linear"|"dynamic", "factor": float>=1, ...}."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    scaling.pop("rope_theta", None)
+    scaling.pop("partial_rotary_factor", None)
+    if rope_type == "default":
+        return None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope scaling type {rope_type!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    factor = scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1.0:
+        raise ConfigError(f"rope scaling {rope_type!r} needs a number 'factor' >= 1, got {factor!r}")
+    scaling["factor"] = float(factor)
+    return {"rope_type": rope_type, **scaling}
+
+
+def _check_int(key, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ConfigError(f"config key {key!r} must be >= {minimum}, got {value}")
+
+
+def _check_float(key, value, positive=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
+    if not positive and value < 0:
+        raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")

@@ -1,0 +1,178 @@
+"""The heads on top of StableLmModel, and their losses.
+
+Causal LM (text generation):
+    logits = h W_lm^T                      lm_head.weight [vocab, hidden] (model.embed_tokens.weight if tied)
+    loss   = mean over t, labels[t+1] != -100, of  -log softmax(logits[t])[labels[t+1]]
+
+Sequence classification (one label per sequence):
+    logits = h W_score^T, pooled at the rightmost token that is not pad_token_id
+             (left or right padding; a row of only pads pools position 0; without pad_token_id
+             the last position, batch 1 only)
+    loss   = MSE (regression, num_labels == 1) | cross-entropy (single label, integer labels)
+             | binary cross-entropy with logits (multi-label, float labels)      config.problem_type
+
+Token classification (one label per token):
+    logits = h W_score^T + b_score;  loss = cross-entropy over tokens whose label != -100
+
+Losses are computed in float32 (float64 in float64 mode) from the logits.
+Config: tie_word_embeddings, num_labels (id2label), problem_type, pad_token_id.
+Checkpoint tensors: lm_head.weight, score.weight, score.bias (token classification).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._xp import linear, wide_dtype
+from .errors import GenerationError
+from .model import StableLmModel, StableLmPreTrainedModel, _to_host
+
+IGNORE_INDEX = -100
+
+
+def log_softmax(logits):
+    xp = _xp(logits)
+    z = xp.astype(logits, wide_dtype(xp, logits.dtype))
+    z = z - xp.max(z, axis=-1, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+
+
+def cross_entropy(logits, labels, num_classes):
+    """Mean of -log p(label) over rows whose label is not -100. logits [N, C], labels [N] (host ints)."""
+    xp = _xp(logits)
+    labels = np.asarray(_to_host(labels)).reshape(-1).astype(np.int64)
+    keep = labels != IGNORE_INDEX
+    bad = labels[keep & ((labels < 0) | (labels >= num_classes))]
+    if bad.size:
+        raise GenerationError(f"label {int(bad[0])} is outside [0, {num_classes}) (use -100 to ignore a position)")
+    rows = np.nonzero(keep)[0]
+    if rows.size == 0:
+        return float("nan")  # transformers: mean over no items
+    logp = log_softmax(xp.take(logits, xp.asarray(rows), axis=0))       # [N_kept, C]
+    picked = xp.take_along_axis(logp, xp.asarray(labels[rows])[:, None], axis=1)  # [N_kept, 1]
+    return float(-xp.mean(picked))
+
+
+def causal_lm_loss(logits, labels, vocab_size):
+    """Shifted: position t predicts labels[t + 1]; the last position predicts nothing."""
+    labels = np.asarray(_to_host(labels)).astype(np.int64)                # [B, T]
+    if labels.shape != tuple(logits.shape[:2]):
+        raise GenerationError(f"labels have shape {labels.shape}, expected {tuple(logits.shape[:2])}")
+    shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX)], axis=1)  # [B, T]
+    xp = _xp(logits)
+    return cross_entropy(xp.reshape(logits, (-1, vocab_size)), shifted, vocab_size)
+
+
+class StableLmForCausalLM(StableLmPreTrainedModel):
+    """StableLM with the language-modelling head: next-token logits, loss, and generate()."""
+
+    head = "causal_lm"
+
+    @property
+    def lm_head_weight(self):
+        p = self.params
+        return p["model.embed_tokens.weight"] if self.config.tie_word_embeddings else p["lm_head.weight"]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                labels=None, logits_to_keep=0, output_hidden_states=False, trace=None):
+        """logits [B, T', vocab] with T' = T, or the last `logits_to_keep` positions (an int > 0), or the
+        positions listed (a 1-D index array). `trace(name, array)` is called with each intermediate."""
+        out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                 output_hidden_states, trace)
+        xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep < 0:
+                raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+            h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
+        else:
+            h = xp.take(h, xp.asarray(np.asarray(_to_host(logits_to_keep)).astype(np.int64)), axis=1)
+        out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
+        if trace is not None:
+            trace("lm_head", out.logits)
+        if labels is not None:
+            if out.logits.shape[1] != h.shape[1] or h.shape[1] != out.last_hidden_state.shape[1]:
+                raise GenerationError("labels need logits for every position: leave logits_to_keep at 0")
+            out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
+        return out
+
+    def generate(self, input_ids, **kwargs):
+        """Greedy or sampled continuation; see generation.generate for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+class StableLmForSequenceClassification(StableLmPreTrainedModel):
+    """One score vector per sequence, pooled at the last non-pad token."""
+
+    head = "sequence"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                labels=None, output_hidden_states=False):
+        out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                 output_hidden_states)
+        xp, config = self.xp, self.config
+        logits = linear(out.last_hidden_state, self.params["score.weight"])  # [B, T, num_labels]
+        ids = np.asarray(_to_host(input_ids))
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        batch, t = ids.shape
+        if config.pad_token_id is None:
+            if batch != 1:
+                raise GenerationError("cannot pool a batch of more than one row without pad_token_id in the "
+                                      "config: set pad_token_id, or classify one sequence at a time")
+            last = np.full(batch, t - 1)
+        else:
+            last = (np.arange(t)[None, :] * (ids != config.pad_token_id)).argmax(-1)  # rightmost non-pad, [B]
+        pooled = logits[xp.arange(batch), xp.asarray(last), :]                 # [B, num_labels]
+        out.logits = pooled
+        if labels is not None:
+            out.loss = sequence_classification_loss(pooled, labels, config)
+        return out
+
+
+def sequence_classification_loss(pooled, labels, config):
+    xp = _xp(pooled)
+    labels = np.asarray(_to_host(labels))
+    n = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        problem = ("regression" if n == 1 else
+                   "single_label_classification" if labels.dtype.kind in "iu" else "multi_label_classification")
+    z = xp.astype(pooled, wide_dtype(xp, pooled.dtype))                   # [B, num_labels]
+    if problem == "single_label_classification":
+        return cross_entropy(z, labels.reshape(-1), n)
+    target = xp.asarray(labels.astype(np.float64 if z.dtype == xp.float64 else np.float32))
+    if problem == "regression":
+        if n == 1:
+            z, target = xp.reshape(z, (-1,)), xp.reshape(target, (-1,))
+        return float(xp.mean((z - target) ** 2))
+    # BCE with logits, stable: max(z, 0) - z*y + log(1 + exp(-|z|))
+    loss = xp.maximum(z, 0) - z * target + xp.log1p(xp.exp(-xp.abs(z)))
+    return float(xp.mean(loss))
+
+
+class StableLmForTokenClassification(StableLmPreTrainedModel):
+    """One score vector per token."""
+
+    head = "token"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                labels=None, output_hidden_states=False):
+        out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                 output_hidden_states)
+        logits = linear(out.last_hidden_state, self.params["score.weight"], self.params.get("score.bias"))
+        out.logits = logits                                                 # [B, T, num_labels]
+        if labels is not None:
+            n = self.config.num_labels
+            out.loss = cross_entropy(self.xp.reshape(logits, (-1, n)), labels, n)
+        return out
+
+
+def _xp(a):
+    from array_api_compat import array_namespace
+
+    return array_namespace(a)
+
+
+__all__ = ["StableLmModel", "StableLmForCausalLM", "StableLmForSequenceClassification",
+           "StableLmForTokenClassification", "causal_lm_loss", "cross_entropy"]

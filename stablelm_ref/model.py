@@ -1,0 +1,277 @@
+"""The StableLM transformer: embeddings -> decoder layers -> final LayerNorm (StableLmModel).
+
+    x_0 = embed_tokens[input_ids]                                  [B, T] -> [B, T, hidden]
+    x_l = decoder_layer_l(x_{l-1}, cos, sin, mask)                 l = 1 .. num_hidden_layers
+    h   = LayerNorm(x_L)                                           model.norm
+
+Positions default to 0..T-1 after the cached length (padding ignored, as in transformers); pass
+position_ids = cumsum(attention_mask) - 1 to make left-padded rows equal unpadded ones (generate
+does). The mask combines causality with the attention mask's padding.
+
+This file also holds what every model class shares: `from_pretrained` / `save_pretrained`, input
+checking, and the output record. The heads (causal LM, sequence and token classification) are in
+heads.py.
+
+Config: vocab_size, hidden_size, num_hidden_layers, max_position_embeddings, layer_norm_eps.
+Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.layers.*.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checkpoint
+from .config import StableLmConfig
+from .decoder_layer import decoder_layer
+from .errors import CheckpointError, GenerationError, StableLmError
+from .kv_cache import KVCache
+from .layernorm import layer_norm
+from .rotary import rotary_cos_sin
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelOutput:
+    """What a forward returns (transformers' field names); unused fields stay None."""
+
+    logits: object = None
+    loss: object = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple | None = None
+    last_hidden_state: object = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def array_module(device):
+    """NumPy for device="cpu", CuPy for device="gpu" (imported only then)."""
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        try:
+            import cupy
+        except ImportError:
+            raise StableLmError("device='gpu' needs CuPy: pip install 'stablelm-ref[gpu]' on a machine with an "
+                                "NVIDIA GPU") from None
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception:
+            raise StableLmError("device='gpu': CuPy finds no usable NVIDIA GPU; use device='cpu'") from None
+        return cupy
+    raise StableLmError(f"device must be 'cpu' or 'gpu', got {device!r}")
+
+
+def resolve_dtype(dtype, device):
+    if dtype is None:
+        dtype = "bfloat16" if device == "gpu" else "float32"
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise StableLmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cpu" and name in ("float16", "bfloat16"):
+        raise StableLmError(f"dtype {name} is for the GPU: NumPy has no fast {name} matmul. On the CPU use "
+                            "float32 (default) or float64; bfloat16 checkpoints are cast on load")
+    return np.dtype(checkpoint.SAFETENSORS_DTYPES["BF16"]) if name == "bfloat16" else np.dtype(name)
+
+
+class StableLmPreTrainedModel:
+    """Holds a config and the parameters, by checkpoint name; loads and saves them."""
+
+    head = "base"
+
+    def __init__(self, config: StableLmConfig, params: dict, device: str = "cpu"):
+        self.config = config
+        self.params = params
+        self.device = device
+        self.xp = array_module(device)
+        self.dtype = params["model.embed_tokens.weight"].dtype
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):
+        """Load a model directory, or a Hugging Face Hub repo id (downloaded or taken from the cache).
+
+        dtype: "float32" (CPU default), "float64" (golden work), or on the GPU "bfloat16" (default),
+        "float16", "float32". Weights stored in any of float32/float16/bfloat16 are cast once on load.
+        """
+        directory = _local_or_hub(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        config = StableLmConfig.from_pretrained(directory)
+        np_dtype = resolve_dtype(dtype, device)
+        host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
+        expected = checkpoint.expected_shapes(config, cls.head)
+        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(directory, expected))
+        params = _strip_or_add_prefix(params)
+        if device != "cpu":
+            xp = array_module(device)
+            params = {k: xp.asarray(v.astype(np_dtype)) for k, v in params.items()}
+        return cls(config, params, device)
+
+    @classmethod
+    def from_config(cls, config: StableLmConfig, seed=0, dtype="float32", std=None):
+        """A model with random weights (normal(0, initializer_range); LayerNorm weight 1, biases 0)."""
+        rng = np.random.default_rng(seed)
+        std = config.initializer_range if std is None else std
+        np_dtype = resolve_dtype(dtype, "cpu")
+        params = {}
+        for name, shape in checkpoint.expected_shapes(config, cls.head).items():
+            if "layernorm" in name or name.startswith("model.norm"):
+                value = np.ones(shape) if name.endswith("weight") else np.zeros(shape)
+            elif name.endswith("bias"):
+                value = np.zeros(shape)
+            else:
+                value = rng.normal(0.0, std, size=shape)
+            params[name] = value.astype(np_dtype)
+        return cls(config, params)
+
+    def save_pretrained(self, directory, dtype=None):
+        """Write config.json + model.safetensors (names and layout transformers loads)."""
+        os.makedirs(directory, exist_ok=True)
+        host = {k: _to_host(v) for k, v in self.params.items()}
+        if dtype is not None:
+            target = resolve_dtype(dtype, "gpu")
+            host = {k: v.astype(target) for k, v in host.items()}
+        checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"})
+        self.config.save_pretrained(directory)
+
+    def num_parameters(self):
+        return sum(int(v.size) for v in self.params.values())
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _ids(self, input_ids):
+        """Lists or arrays of ints -> [B, T] integer array, checked against the vocabulary."""
+        xp = self.xp
+        if input_ids is None:
+            raise GenerationError("input_ids is required")
+        try:
+            host = np.asarray(_to_host(input_ids))
+        except (ValueError, TypeError):
+            raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
+                                  "equal length; pad shorter rows and pass an attention_mask)") from None
+        if host.size == 0:
+            raise GenerationError(f"input_ids is empty (shape {host.shape}); give at least one token")
+        if host.ndim == 1:
+            host = host[None, :]
+        if host.ndim != 2 or host.dtype.kind not in "iu":
+            raise GenerationError(f"input_ids must be a [batch, seq_len] array of integers, got shape "
+                                  f"{host.shape} of {host.dtype}")
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise GenerationError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); does "
+                                  "the tokenizer belong to this model?")
+        return xp.asarray(host.astype(np.int64))
+
+    def _mask_2d(self, attention_mask, batch, total):
+        if attention_mask is None:
+            return None
+        host = np.asarray(_to_host(attention_mask))
+        if host.shape != (batch, total):
+            raise GenerationError(f"attention_mask has shape {host.shape}, expected {(batch, total)} "
+                                  "(batch, cached + new positions)")
+        if host.size and not np.isin(host, (0, 1)).all():
+            raise GenerationError("attention_mask may only hold 0 (padding) and 1 (token)")
+        return self.xp.asarray(host.astype(bool))
+
+    # ---- the transformer ----------------------------------------------------------------------
+    def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                      use_cache=False, output_hidden_states=False, trace=None):
+        xp, config, p = self.xp, self.config, self.params
+        ids = self._ids(input_ids)                                        # [B, T]
+        batch, t = ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(config, batch, t, self.dtype, xp, growable=True)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            if cache.batch_size != batch:
+                raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {batch}")
+            cache.reserve(t)
+        if past + t > config.max_position_embeddings and config.rope_type != "dynamic":
+            raise GenerationError(f"{past + t} positions exceed max_position_embeddings "
+                                  f"({config.max_position_embeddings}); shorten the prompt")
+        mask2d = self._mask_2d(attention_mask, batch, past + t)           # [B, S] or None
+        if position_ids is None:
+            position_ids = xp.broadcast_to(xp.arange(past, past + t)[None, :], (batch, t))  # [B, T]
+        else:
+            position_ids = xp.asarray(np.asarray(_to_host(position_ids)).astype(np.int64).reshape(batch, t))
+
+        embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
+        x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]
+        if trace is not None:
+            trace("model.embed_tokens", x)
+        cos, sin = rotary_cos_sin(position_ids, config, self.dtype)      # [B, T, rotary_ndims] each
+        mask = causal_mask(mask2d, batch, t, past, xp)                    # [B, 1, T, S]
+        hidden = [x] if output_hidden_states else None
+        for i in range(config.num_hidden_layers):
+            x = decoder_layer(x, p, i, config, cos, sin, mask, cache, trace)  # [B, T, hidden]
+            if trace is not None:
+                trace(f"model.layers.{i}", x)
+            if hidden is not None:
+                hidden.append(x)
+        x = layer_norm(x, p["model.norm.weight"], p["model.norm.bias"], config.layer_norm_eps)
+        if trace is not None:
+            trace("model.norm", x)
+        if hidden is not None:
+            hidden[-1] = x  # transformers ties the last hidden state to the normalised output
+        if cache is not None:
+            cache.advance(t)
+        return ModelOutput(last_hidden_state=x, past_key_values=cache,
+                           hidden_states=tuple(hidden) if hidden is not None else None)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class StableLmModel(StableLmPreTrainedModel):
+    """The bare transformer: returns last_hidden_state [B, T, hidden] (no head)."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                output_hidden_states=False):
+        return self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                  output_hidden_states)
+
+
+def causal_mask(attention_mask, batch, q_len, past, xp):
+    """bool [B, 1, T, S] (S = past + T): query i (at position past + i) may attend key j <= past + i
+    that the attention mask [B, S] marks as a token."""
+    s = past + q_len
+    q_pos = xp.arange(past, s)[:, None]                                  # [T, 1]
+    k_pos = xp.arange(s)[None, :]                                        # [1, S]
+    allowed = (k_pos <= q_pos)[None, None, :, :]                         # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]              # [B, 1, T, S]
+    return xp.broadcast_to(allowed, (batch, 1, q_len, s))
+
+
+def _to_host(a):
+    """A CuPy array -> NumPy; anything else unchanged."""
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+def _local_or_hub(path, **hub_kwargs):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: a file, not a model directory; give the directory that holds config.json")
+    from . import hub  # only when a repo id is given
+
+    return hub.snapshot(path, **hub_kwargs)
+
+
+def _with_prefix(directory, expected):
+    """A checkpoint of a bare StableLmModel has no 'model.' prefix: expect its names as stored."""
+    names = checkpoint.checkpoint_files(directory)
+    if "model.embed_tokens.weight" not in names and "embed_tokens.weight" in names:
+        return {k.removeprefix("model."): v for k, v in expected.items()}
+    return expected
+
+
+def _strip_or_add_prefix(params):
+    if "model.embed_tokens.weight" in params:
+        return params
+    return {("model." + k if not k.startswith(("lm_head", "score")) else k): v for k, v in params.items()}

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny StableLM configurations and random checkpoints made on the fly."""
+
+import os
+
+import numpy as np
+import pytest
+
+from stablelm_ref import StableLmConfig, StableLmForCausalLM
+
+SHARED = os.environ.get("STABLELM_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+NEOX_TOKENIZER = os.path.join(SHARED, "data", "gpt-neox-20b-tokenizer.json")
+
+# The family's shapes in miniature (FACTS.md): 3b-4e1t (MHA), 2-1.6b (qkv bias), 2-12b (GQA, qk norm, parallel).
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, model_type="stablelm")
+VARIANTS = {
+    "3b": {},
+    "1_6b": dict(use_qkv_bias=True),
+    "12b": dict(num_key_value_heads=2, qk_layernorm=True, use_parallel_residual=True),
+}
+
+
+def tiny_config(**overrides):
+    return StableLmConfig.from_dict({**TINY, **overrides})
+
+
+def random_params(model, seed=0, scale=0.2):
+    """Random weights with LayerNorm weights and every bias moved away from (1, 0), so each one matters."""
+    rng = np.random.default_rng(seed)
+    for name, value in model.params.items():
+        noise = rng.normal(0.0, scale, size=value.shape).astype(value.dtype)
+        if "layernorm" in name or name.startswith("model.norm"):
+            value = (value + noise) if name.endswith("weight") else noise
+        elif name.endswith("bias"):
+            value = noise
+        model.params[name] = value
+    return model
+
+
+def tiny_model(seed=0, dtype="float64", cls=StableLmForCausalLM, **overrides):
+    model = cls.from_config(tiny_config(**overrides), seed=seed, dtype=dtype, std=0.2)
+    return random_params(model, seed)
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request):
+    return request.param
