@@ -172,6 +172,7 @@ class StableLmConfig:
             d.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor", 0.25))
             if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
                 scaling = rope
+        d["rope_scaling"] = scaling
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known}
