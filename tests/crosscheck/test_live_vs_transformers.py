@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
-import transformers
+
+torch = pytest.importorskip("torch", reason="make crosscheck installs torch (CPU) and transformers")
+transformers = pytest.importorskip("transformers", reason="make crosscheck installs torch (CPU) and transformers")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
