@@ -155,10 +155,12 @@ def test_bad_files_raise_tokenizer_error(tmp_path, setup, match):
         Tokenizer.from_pretrained(d)
 
 
-def test_decode_rejects_ids_outside_vocab(tiny_dir):
+def test_decode_drops_ids_past_the_vocabulary_and_rejects_negative_ones(tiny_dir):
     tok = Tokenizer.from_pretrained(tiny_dir)
-    with pytest.raises(TokenizerError, match="outside the tokenizer's vocabulary"):
-        tok.decode([5, tok.vocab_size])
+    ids = tok.encode("The weather")
+    assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 19]) == "The weather"  # padded embedding rows
+    with pytest.raises(TokenizerError, match="negative token id -1"):
+        tok.decode([5, -1])
 
 
 # ---- chat template -------------------------------------------------------------------------------
