@@ -66,13 +66,7 @@ def neox(tmp_path_factory):
     return Tokenizer.from_pretrained(str(d))
 
 
-# ---- the published prompt ids (FACTS.md) ---------------------------------------------------------
-
-def test_neox_reproduces_published_prompt_ids(neox):
-    assert neox.encode("My favorite food has always been pizza, but lately") == \
-        [3220, 7583, 2739, 556, 1900, 644, 22534, 13, 533, 21403]
-    assert neox.encode("The weather is always wonderful") == [510, 8588, 310, 1900, 9386]
-
+# ---- the GPT-NeoX-20B file (published prompt ids: test_published_goldens.py) ------------------------
 
 def test_neox_only_tokenizer_json_gets_endoftext_defaults(neox):
     assert (neox.bos_token_id, neox.eos_token_id, neox.pad_token_id) == (0, 0, None)
