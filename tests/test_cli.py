@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from stablelm_ref import cli
@@ -200,4 +199,3 @@ def test_default_model_is_used_when_present(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", d)
     code, out, _ = main(capsys, "generate", "--max-new-tokens", "4", "The weather")
     assert code == 0 and out == expected_text(d, "The weather", 4) + "\n"
-    assert np.isfinite(len(out))
