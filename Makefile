@@ -40,6 +40,9 @@ test: $(VENV)/.test
 crosscheck: $(VENV)/.crosscheck
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/crosscheck
 
+demo: $(VENV)/.test
+	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"
+
 goldens: $(VENV)/.crosscheck
 	$(PYTHON) tools/make_goldens.py --out tests/goldens
 
