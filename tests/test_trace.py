@@ -113,7 +113,8 @@ def test_default_tolerances_follow_the_lower_precision():
     f64, f32, bf16 = np.float64, np.float32, ml_dtypes.bfloat16
     assert default_tolerances(f64, f64) == DEFAULT_TOLERANCES["float64"] == (1e-10, 1e-12)
     assert default_tolerances(f64, f32) == default_tolerances(f32, f32) == DEFAULT_TOLERANCES["float32"]
-    assert default_tolerances(bf16, f64) == default_tolerances(np.float16, f32) == (2e-2, 1e-3)
+    assert default_tolerances(bf16, f64) == default_tolerances(bf16, np.float16) == (5e-2, 1e-3)
+    assert default_tolerances(np.float16, f32) == (1e-2, 1e-3)
     x = np.linspace(-1, 1, 50)
     # a float32 rounding of a float64 tensor passes as float32 and fails as float64
     assert compare_traces({"x": x.astype(f32)}, {"x": x})[0].ok
@@ -210,7 +211,7 @@ def test_bfloat16_on_the_cpu_is_emulated_and_judged_as_bfloat16(checkpoints, cap
     assert main(["compare", str(bf), str(good)]) == 0                     # within bfloat16's tolerance
     assert main(["compare", str(bf), str(good), "--rtol", "1e-4"]) == 1   # and visibly not float32
     rows = compare_traces(trace, read_trace(good)[0])
-    assert 1e-4 < max(r.max_rel for r in rows) < 2e-2
+    assert 1e-3 < max(r.max_rel for r in rows) < 5e-2
 
 
 def test_compare_reports_a_missing_tensor(checkpoints, capsys, tmp_path):
