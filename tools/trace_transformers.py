@@ -163,8 +163,8 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
     handles = []
     for name, module in model.named_modules():
         last = name.rsplit(".", 1)[-1]
-        in_layer = name.startswith("model.layers.") and last in LAYER_OUTPUTS
-        if name in ("model.embed_tokens", "model.norm", "lm_head") or re.fullmatch(r"model\.layers\.\d+", name) or in_layer:
+        top = name in ("model.embed_tokens", "model.norm", "lm_head") or re.fullmatch(r"model\.layers\.\d+", name)
+        if top or (name.startswith("model.layers.") and last in LAYER_OUTPUTS):
             handles.append(module.register_forward_hook(output_hook(name)))
         if last in ("q_proj", "k_proj", "v_proj"):
             handles.append(module.register_forward_hook(output_hook(name, split_heads=True)))
