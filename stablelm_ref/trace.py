@@ -287,14 +287,20 @@ def load_for_trace(model, dtype, device):
 
 
 def cmd_trace(args):
-    dtype = args.dtype or ("float64" if args.device == "cpu" else "bfloat16")
+    dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
     ids = _parse_ids(args.ids) if args.ids is not None else None
     if ids is None:
         from .model import _local_or_hub
 
         ids = _encode(_local_or_hub(args.model), args.text)
     model, compute = load_for_trace(args.model, dtype, args.device)
-    logits, trace = run_with_trace(model, [ids])
+    try:
+        logits, trace = run_with_trace(model, [ids])
+    except TypeError as e:
+        if (dtype, args.device) != ("bfloat16", "gpu"):
+            raise
+        raise StableLmError(f"--dtype bfloat16 --device gpu failed in the model ({e}): CuPy has no bfloat16 "
+                            "arrays; trace in float32 on the GPU, or --dtype bfloat16 on the CPU (emulated)") from e
     write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
                                   "device": args.device, "ids": [ids], "producer": "stablelm-ref"})
     print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}")
@@ -335,7 +341,7 @@ def add_cli_commands(subparsers):
     src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
     src.add_argument("--text", help="text to tokenize with the model's tokenizer")
     p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
-                   help="compute dtype (default float64 on the CPU, bfloat16 on the GPU; bfloat16 on the CPU is "
+                   help="compute dtype (default float64 on the CPU, float32 on the GPU; bfloat16 on the CPU is "
                         "emulated: bfloat16-rounded weights, float32 compute)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--out", required=True, help="output file (safetensors)")
