@@ -27,7 +27,7 @@ from .errors import StableLmError, TokenizerError
 
 PROG = "stablelm-ref"
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-COMMAND_MODULES = ["stablelm_ref.cli"]
+COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
 
 
 class _Parser(argparse.ArgumentParser):
