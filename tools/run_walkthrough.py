@@ -6,6 +6,11 @@
 Each chapter `walkthrough/NN_name.py` runs in its own Python process (cwd: the repository root), so one
 chapter's state never leaks into the next. The first failing chapter stops the run (exit 1, its
 output shown). Figures land in walkthrough/figures/; the timings are printed at the end.
+
+The chapters use small models, for which BLAS threads buy little and, on a shared machine, cost a lot
+(oversubscribed OpenBLAS threads spin: a 4-layer forward measured 10x slower with the default threads than
+with one under a load of 11 on 2 cores). So the BLAS libraries get one thread unless the environment
+already says otherwise (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main(argv=None):
             print(p.relative_to(ROOT))
         return 0 if todo or args.list else 1
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     timings, start = [], time.perf_counter()
     for path in todo:
