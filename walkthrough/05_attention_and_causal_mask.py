@@ -93,7 +93,7 @@ savefig(fig, "05_masks")
 layers = sorted({0, L // 2, L - 1})
 heads = list(range(min(Hm, 4)))
 fig, axes = plt.subplots(len(layers), len(heads), figsize=(3.3 * len(heads), 3.2 * len(layers)), squeeze=False)
-small = len(run.labels) <= 40
+small = len(run.labels) <= 64
 for r_, i in enumerate(layers):
     a = seen[f"model.layers.{i}.self_attn.attn_weights"][0]
     for c_, h in enumerate(heads):

@@ -114,7 +114,7 @@ np.testing.assert_allclose(per_pos.mean(), out.loss, rtol=1e-12)
 V = run.model.config.vocab_size
 p_last = np.exp(logp[-1])
 top = np.argsort(p_last)[::-1][:15]
-names = [run.tokenizer.decode([int(i)]).replace("\n", "\\n") if run.tokenizer else f"#{i}" for i in top]
+names = [run.tokenizer.decode([int(i)]).replace("\n", "\\n").replace(" ", "·") if run.tokenizer else f"#{i}" for i in top]
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1.6, 1]})
 axes[0].bar(range(len(per_pos)), per_pos, color="tab:blue")
 axes[0].axhline(np.log(V), color="gray", ls=":", label=f"log V = {np.log(V):.2f} (uniform guess)")

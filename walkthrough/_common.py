@@ -86,7 +86,7 @@ def load_default_or_tiny(dtype="float32", text=SAMPLE_TEXT, seed=0):
             tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
         if tokenizer is not None:
             ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
-            labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids[0]]
+            labels = [tokenizer.decode([int(i)]).replace("\n", "\\n").replace(" ", "·") for i in ids[0]]
         else:
             ids = np.random.default_rng(seed).integers(2, model.config.vocab_size, (1, 24))
             labels = [str(i) for i in ids[0]]
