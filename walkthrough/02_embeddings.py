@@ -19,7 +19,6 @@ import numpy as np
 
 from _common import FAMILY, family_config, load_default_or_tiny, record, savefig, show_source
 from stablelm_ref.checkpoint import expected_shapes
-from stablelm_ref.heads import StableLmForCausalLM
 from stablelm_ref.model import StableLmPreTrainedModel
 
 show_source(StableLmPreTrainedModel._forward_base, "embed = p[", 'trace("model.embed_tokens"')

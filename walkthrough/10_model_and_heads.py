@@ -18,7 +18,7 @@ import numpy as np
 
 from _common import load_default_or_tiny, savefig, show_source, tiny_model
 from stablelm_ref import StableLmForSequenceClassification, StableLmForTokenClassification, StableLmModel
-from stablelm_ref.heads import StableLmForCausalLM, causal_lm_loss, cross_entropy, log_softmax
+from stablelm_ref.heads import causal_lm_loss, cross_entropy, log_softmax
 
 show_source(causal_lm_loss)
 show_source(cross_entropy)
