@@ -27,6 +27,10 @@ $(VENV)/.test: pyproject.toml | $(PYTHON)
 	$(PIP) install -e '.[test]'
 	@touch $@
 
+$(VENV)/.plots: $(VENV)/.test
+	$(PIP) install -e '.[test,plots]'
+	@touch $@
+
 $(VENV)/.crosscheck: $(VENV)/.test
 	$(PIP) install 'torch==2.13.0'
 	$(PIP) install -e '.[test,crosscheck]'
@@ -45,6 +49,9 @@ demo: $(VENV)/.test
 
 goldens: $(VENV)/.crosscheck
 	$(PYTHON) tools/make_goldens.py --out tests/goldens
+
+walkthrough: $(VENV)/.plots
+	MPLBACKEND=Agg $(PYTHON) tools/run_walkthrough.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
