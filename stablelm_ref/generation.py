@@ -236,10 +236,14 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         total = min(prompt_len + DEFAULT_MAX_LENGTH, config.max_position_embeddings)
         if total <= prompt_len:
             total = prompt_len + 1
+    if prompt_len > config.max_position_embeddings and config.rope_type != "dynamic":
+        raise GenerationError(f"the prompt has {prompt_len} tokens, more than max_position_embeddings "
+                              f"({config.max_position_embeddings}); shorten the prompt")
     if total > config.max_position_embeddings and config.rope_type != "dynamic":
-        raise GenerationError(f"prompt ({prompt_len} tokens) + new tokens ({total - prompt_len}) = {total} "
-                              f"positions exceed max_position_embeddings ({config.max_position_embeddings}); "
-                              "shorten the prompt or generate fewer tokens")
+        # transformers generates past the context too (rotary extrapolates); quality is not promised there
+        warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "
+                      f"({config.max_position_embeddings}): the model was not trained that far", UserWarning,
+                      stacklevel=3)
     return dict(do_sample=do_sample, max_new_tokens=total - prompt_len,
                 temperature=1.0 if temperature is None else float(temperature),
                 top_k=DEFAULT_TOP_K if top_k is None else int(top_k),

@@ -190,8 +190,10 @@ class StableLmPreTrainedModel:
             if cache.batch_size != batch:
                 raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {batch}")
             cache.reserve(t)
-        if past + t > config.max_position_embeddings and config.rope_type != "dynamic":
-            raise GenerationError(f"{past + t} positions exceed max_position_embeddings "
+        if past == 0 and t > config.max_position_embeddings and config.rope_type != "dynamic":
+            # a prompt longer than the context is refused; decoding past it through the cache is allowed,
+            # as in transformers (rotary extrapolates; the model was not trained there)
+            raise GenerationError(f"{t} positions exceed max_position_embeddings "
                                   f"({config.max_position_embeddings}); shorten the prompt")
         mask2d = self._mask_2d(attention_mask, batch, past + t)           # [B, S] or None
         if position_ids is None:

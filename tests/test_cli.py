@@ -151,7 +151,6 @@ def test_tokenizer_larger_than_model_vocabulary(tmp_path, capsys):
     (["--max-new-tokens", "abc"], "invalid int value: 'abc'"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--dtype", "bfloat16"], "dtype bfloat16 is for the GPU"),
-    (["--max-new-tokens", "260"], "exceed max_position_embeddings (256)"),
 ])
 def test_invalid_values(model_dir, capsys, args, match):
     code, _, err = main(capsys, "generate", "--model", model_dir, *args, "The weather is")
@@ -160,7 +159,7 @@ def test_invalid_values(model_dir, capsys, args, match):
 
 def test_prompt_longer_than_max_position_embeddings(model_dir, capsys):
     code, _, err = main(capsys, "generate", "--model", model_dir, "--max-new-tokens", "1", "The weather " * 200)
-    assert code == 2 and "exceed max_position_embeddings (256)" in err and err.count("\n") == 1
+    assert code == 2 and "more than max_position_embeddings (256)" in err and err.count("\n") == 1
 
 
 def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):

@@ -243,7 +243,6 @@ def test_text_streamer_writes_the_decoded_text_and_holds_partial_characters():
     (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(max_new_tokens=True), "max_new_tokens"),
     (dict(max_length=3), "max_length is 3"),
-    (dict(max_new_tokens=70), "exceed max_position_embeddings"),
     (dict(do_sample=True, temperature=0), "temperature must be a number > 0"),
     (dict(do_sample=True, temperature=float("nan")), "temperature"),
     (dict(do_sample=True, top_k=-1), "top_k must be an integer >= 0"),
@@ -278,3 +277,12 @@ def test_generate_needs_a_causal_lm():
 
     with pytest.raises(GenerationError, match="no language-modelling head"):
         generate(tiny_model(cls=StableLmForSequenceClassification), [[3, 4]], max_new_tokens=2)
+
+
+def test_prompt_longer_than_context_is_refused_but_decoding_past_it_is_allowed():
+    model = tiny_model()  # max_position_embeddings 64
+    with pytest.raises(GenerationError, match="more than max_position_embeddings"):
+        model.generate(np.ones((1, 65), np.int64), max_new_tokens=1)
+    with pytest.warns(UserWarning, match="past max_position_embeddings"):
+        out = model.generate(np.ones((1, 60), np.int64), max_new_tokens=8)
+    assert np.asarray(out).shape == (1, 68)
