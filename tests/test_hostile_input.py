@@ -1,0 +1,321 @@
+"""Hostile and broken input, fuzzed: every loader either loads correctly or raises a StableLmError.
+
+The contract under test (errors.py): a failure caused by input raises a subclass of StableLmError
+whose message names the file, key or value; any other exception escaping is a bug. A load that
+succeeds must give exactly what the file holds, judged by an independent reader: the `safetensors`
+library's own Rust parser (`safetensors.deserialize`). A failed load leaves every file untouched.
+
+    make test   the fast subset (profile "hostile-fast", a few hundred cases, a few seconds)
+    make fuzz   HYPOTHESIS_PROFILE=fuzz: >= 10,000 generated cases in all; the count is printed
+"""
+
+import collections
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+from stablelm_ref import StableLmForCausalLM, checkpoint
+from stablelm_ref.errors import CheckpointError, ConfigError, GenerationError, StableLmError
+
+from conftest import tiny_model
+
+# ---- profiles: `make test` runs "hostile-fast"; `make fuzz` sets HYPOTHESIS_PROFILE=fuzz ----------------
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                      HealthCheck.filter_too_much])
+settings.register_profile("fuzz", max_examples=2500, **_COMMON)
+settings.register_profile("hostile-fast", max_examples=60, **_COMMON)
+PROFILE = settings.get_profile("fuzz" if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else "hostile-fast")
+
+
+def budget(share):
+    """This test's share of the profile: share * max_examples cases (fuzz: 2500 * share)."""
+    return settings(PROFILE, max_examples=max(1, int(PROFILE.max_examples * share)))
+
+
+CASES = collections.Counter()  # cases run per test and outcome; printed at the end of the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts(request):
+    yield
+    if CASES:
+        total = sum(v for k, v in CASES.items() if ":" not in k)
+        lines = [f"hostile-input fuzz cases run: {total}"] + [f"  {k}: {v}" for k, v in sorted(CASES.items())]
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("\n".join(lines))
+
+
+# ---- the valid checkpoint every mutation starts from ----------------------------------------------------
+# One layer with every optional tensor (qkv bias, per-head q/k LayerNorm, GQA, parallel residual), its
+# tensors stored in all four float dtypes by turns, so mutations meet every code path of the reader.
+FUZZ_CONFIG = dict(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=16, partial_rotary_factor=0.5,
+                   use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True)
+STORE_DTYPES = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)
+IDS = [[1, 5, 7, 12, 0]]
+REF_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+              "U64": np.uint64, "U32": np.uint32, "U16": np.uint16}
+
+
+def _golden(tmp):
+    model = tiny_model(seed=7, **FUZZ_CONFIG)
+    tensors = {name: value.astype(STORE_DTYPES[i % 4]) for i, (name, value) in enumerate(sorted(model.params.items()))}
+    checkpoint.save_file(tensors, os.path.join(tmp, "model.safetensors"), {"format": "pt"})
+    model.config.save_pretrained(tmp)
+    with open(os.path.join(tmp, "model.safetensors"), "rb") as f:
+        weights = f.read()
+    with open(os.path.join(tmp, "config.json"), "rb") as f:
+        config = f.read()
+    return weights, config
+
+
+@functools.lru_cache(maxsize=None)
+def golden():
+    """(model.safetensors bytes, config.json bytes, loaded float64 params, logits of IDS)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config = _golden(tmp)
+        model = StableLmForCausalLM.from_pretrained(tmp, dtype="float64")
+    return weights, config, model.params, model(IDS).logits
+
+
+CASE_DIR = []  # one scratch directory per module run (module-level, so hypothesis does not print it)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _case_dir(tmp_path_factory):
+    CASE_DIR[:] = [str(tmp_path_factory.mktemp("case"))]
+    yield
+
+
+def case_dir():
+    return CASE_DIR[0]
+
+
+def snapshot(directory):
+    """{file name: sha256} of a directory: a failed or successful load must change nothing."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        else:
+            out[name] = "<not a file>"
+    return out
+
+
+def write_case(directory, weights, config):
+    for name in os.listdir(directory):
+        os.unlink(os.path.join(directory, name))
+    for name, data in (("model.safetensors", weights), ("config.json", config)):
+        if data is not None:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+
+
+def reference_tensors(data):
+    """The tensors as the safetensors library parses them (None where it refuses the file)."""
+    try:
+        parsed = safetensors.deserialize(data)
+    except Exception:  # its refusal is all we need to know
+        return None
+    return {name: np.frombuffer(bytes(t["data"]), dtype=REF_DTYPES[t["dtype"]]).reshape(t["shape"])
+            for name, t in parsed}
+
+
+def load_or_error(directory, test):
+    """Load; return the model or the StableLmError. Anything else escapes and fails the test."""
+    before = snapshot(directory)
+    try:
+        model = StableLmForCausalLM.from_pretrained(directory, dtype="float64")
+    except StableLmError as e:
+        note(f"error: {e}")
+        assert str(e).strip() and "\n" not in str(e).strip(), f"an error message must be one non-empty line: {e!r}"
+        assert directory in str(e) or os.path.basename(directory) in str(e), f"message names no file: {e}"
+        CASES[f"{test}:{type(e).__name__}"] += 1
+        model = e
+    else:
+        CASES[f"{test}:loaded"] += 1
+    assert snapshot(directory) == before, "the load changed the user's files"
+    return model
+
+
+def assert_loads_what_the_file_holds(model, weights, golden):
+    """A loaded model holds exactly the tensors the reference parser reads; if those are the original
+    tensors, its logits are the original logits bit for bit."""
+    _, _, params0, logits0 = golden
+    ref = reference_tensors(weights)
+    assert ref is not None, "our loader accepted a file that the safetensors library refuses"
+    assert set(model.params) <= set(ref)
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(value, ref[name].astype(np.float64), err_msg=name)
+    if all(np.array_equal(model.params[n], params0[n]) for n in params0):
+        np.testing.assert_array_equal(model(IDS).logits, logits0)
+
+
+# ---- mutations of a safetensors file -------------------------------------------------------------------
+
+def split(weights):
+    n = int.from_bytes(weights[:8], "little")
+    return weights[8:8 + n], weights[8 + n:]
+
+
+def assemble(header: bytes, data: bytes, length_delta=0):
+    return (len(header) + length_delta).to_bytes(8, "little", signed=False) + header + data
+
+
+def dump_pairs(pairs, sep, pad):
+    """A JSON object from (key, value) pairs, duplicates kept, with chosen separators and padding."""
+    item_sep, key_sep = sep
+    body = item_sep.join(json.dumps(k) + key_sep + json.dumps(v, separators=sep) for k, v in pairs)
+    return ("{" + body + "}" + pad).encode()
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                      st.text(max_size=6))
+JSON_ANY = st.recursive(JSON_LEAF, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                          st.dictionaries(st.text(max_size=5), kids, max_size=3)),
+                        max_leaves=8)
+SIZE = st.one_of(st.integers(0, 40), st.integers(-3, -1), st.sampled_from([2**31, 2**32, 2**62, 2**63, 2**64, 2**80]))
+DTYPE_VALUE = st.one_of(st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
+                                         "U64", "F8_E4M3", "C64", "f32", "float32", ""]), JSON_LEAF)
+
+
+@st.composite
+def header_edit(draw, pairs):
+    """One JSON-level edit of the header's (name, entry) pairs; returns the new pairs."""
+    pairs = [(k, dict(v) if isinstance(v, dict) else v) for k, v in pairs]
+    tensors = [i for i, (k, _) in enumerate(pairs) if k != "__metadata__"]
+    i = draw(st.sampled_from(tensors))
+    name, info = pairs[i]
+    edit = draw(st.sampled_from(["dtype", "shape", "shape_perturb", "offsets", "offsets_perturb", "offsets_swap",
+                                 "remove", "add_copy", "duplicate", "rename", "extra_key", "drop_key", "entry",
+                                 "metadata", "reorder"]))
+    note(f"header edit {edit} on {name!r}")
+    if edit == "dtype":
+        info["dtype"] = draw(DTYPE_VALUE)
+    elif edit == "shape":
+        info["shape"] = draw(st.one_of(st.lists(SIZE, max_size=4), JSON_ANY))
+    elif edit == "shape_perturb":
+        shape = list(info["shape"])
+        how = draw(st.sampled_from(["reverse", "flatten", "add1", "drop", "dim"]))
+        if how == "reverse":
+            shape = shape[::-1]
+        elif how == "flatten":
+            shape = [math.prod(shape)]
+        elif how == "add1":
+            shape.insert(draw(st.integers(0, len(shape))), 1)
+        elif how == "drop" and shape:
+            shape.pop(draw(st.integers(0, len(shape) - 1)))
+        elif shape:
+            shape[draw(st.integers(0, len(shape) - 1))] += draw(st.integers(-3, 3))
+        info["shape"] = shape
+    elif edit == "offsets":
+        info["data_offsets"] = draw(st.one_of(st.lists(SIZE, max_size=3), JSON_ANY))
+    elif edit == "offsets_perturb":
+        begin, end = info["data_offsets"]
+        info["data_offsets"] = [begin + draw(st.integers(-9, 9)), end + draw(st.integers(-9, 9))]
+    elif edit == "offsets_swap":
+        j = draw(st.sampled_from(tensors))
+        other = pairs[j][1]
+        info["data_offsets"], other["data_offsets"] = other["data_offsets"], info["data_offsets"]
+    elif edit == "remove":
+        pairs.pop(i)
+    elif edit == "add_copy":
+        pairs.append((draw(st.text(max_size=8)), dict(info)))
+    elif edit == "duplicate":
+        j = draw(st.sampled_from(tensors))
+        pairs[i] = (pairs[j][0], info)
+    elif edit == "rename":
+        pairs[i] = (draw(st.one_of(st.text(max_size=12), st.just(name.removeprefix("model.")),
+                                   st.just(name + " "), st.just(name.upper()))), info)
+    elif edit == "extra_key":
+        info[draw(st.text(max_size=5))] = draw(JSON_LEAF)
+    elif edit == "drop_key":
+        info.pop(draw(st.sampled_from(sorted(info))))
+    elif edit == "entry":
+        pairs[i] = (name, draw(JSON_ANY))
+    elif edit == "metadata":
+        pairs.append(("__metadata__", draw(JSON_ANY)))
+    else:
+        pairs = draw(st.permutations(pairs))
+    return pairs
+
+
+@st.composite
+def mutated_checkpoint(draw, weights):
+    """A valid file changed at the byte level, the JSON level, or (the control) only in header padding."""
+    kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite", "length", "header",
+                                 "header", "header", "padding", "not_json"]))
+    header, data = split(weights)
+    note(f"mutation {kind}")
+    if kind == "flip":
+        out = bytearray(weights)
+        for _ in range(draw(st.integers(1, 3))):
+            pos = draw(st.one_of(st.integers(0, 7), st.integers(8, 8 + len(header) - 1),
+                                 st.integers(0, len(weights) - 1)))
+            out[pos] ^= 1 << draw(st.integers(0, 7))
+        return bytes(out)
+    if kind == "truncate":
+        return weights[:draw(st.integers(0, len(weights) - 1))]
+    if kind == "insert":
+        pos = draw(st.integers(0, len(weights)))
+        return weights[:pos] + draw(st.binary(min_size=1, max_size=16)) + weights[pos:]
+    if kind == "delete":
+        pos = draw(st.integers(0, len(weights) - 1))
+        return weights[:pos] + weights[pos + draw(st.integers(1, 16)):]
+    if kind == "overwrite":
+        pos = draw(st.integers(0, len(weights) - 1))
+        chunk = draw(st.binary(min_size=1, max_size=16))
+        return weights[:pos] + chunk + weights[pos + len(chunk):]
+    if kind == "length":
+        n = draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(len(header) - 9, len(header) + 9).filter(
+            lambda v: v >= 0)))
+        return n.to_bytes(8, "little") + weights[8:]
+    if kind == "not_json":
+        junk = draw(st.one_of(st.binary(max_size=64), st.just(b"[" * 100_000 + b"]" * 100_000),
+                              st.just(b'{"a": ' * 50_000 + b"1" + b"}" * 50_000), st.just(b"\xef\xbb\xbf{}"),
+                              st.just(b"{}"), st.just(b"null"), st.just(b'{"__metadata__": {"format": "pt"}}')))
+        return assemble(junk, data)
+    pairs = list(json.loads(header).items())
+    if kind == "header":
+        for _ in range(draw(st.integers(1, 3))):
+            pairs = draw(header_edit(pairs))
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (",\n  ", " : ")]))
+    pad = draw(st.sampled_from(["", " ", " " * 7, "\n", "\t  "]))
+    return assemble(dump_pairs(pairs, sep, pad), data)
+
+
+@budget(2.6)
+@given(data=st.data())
+def test_mutated_checkpoint_loads_exactly_or_fails_cleanly(data):
+    """Bit flips, truncations, insertions, deletions and header edits: each file either loads to
+    exactly what the reference parser reads from it, or raises a StableLmError naming the file."""
+    weights0, config0 = golden()[:2]
+    weights = data.draw(mutated_checkpoint(weights0), label="file")
+    CASES["checkpoint mutations"] += 1
+    write_case(case_dir(), weights, config0)
+    model = load_or_error(case_dir(), "checkpoint mutations")
+    if not isinstance(model, StableLmError):
+        assert_loads_what_the_file_holds(model, weights, golden())
+
+
+def test_padding_only_mutation_loads_identically():
+    """The control case of the fuzz oracle: padding changes nothing, so the logits are the original's."""
+    weights0, config0, _, logits0 = golden()
+    header, data = split(weights0)
+    write_case(case_dir(), assemble(header + b"        ", data), config0)
+    model = load_or_error(case_dir(), "control")
+    np.testing.assert_array_equal(model(IDS).logits, logits0)
