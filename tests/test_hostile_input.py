@@ -197,12 +197,20 @@ DTYPE_VALUE = st.one_of(st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "I3
 def header_edit(draw, pairs):
     """One JSON-level edit of the header's (name, entry) pairs; returns the new pairs."""
     pairs = [(k, dict(v) if isinstance(v, dict) else v) for k, v in pairs]
-    tensors = [i for i, (k, _) in enumerate(pairs) if k != "__metadata__"]
+    tensors = [i for i, (k, v) in enumerate(pairs) if k != "__metadata__" and isinstance(v, dict)]
+    if not tensors:  # an earlier edit already broke every entry
+        return pairs
     i = draw(st.sampled_from(tensors))
     name, info = pairs[i]
     edit = draw(st.sampled_from(["dtype", "shape", "shape_perturb", "offsets", "offsets_perturb", "offsets_swap",
                                  "remove", "add_copy", "duplicate", "rename", "extra_key", "drop_key", "entry",
                                  "metadata", "reorder"]))
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if (edit == "shape_perturb" and not (isinstance(shape, list) and all(type(s) is int for s in shape))) or \
+            (edit in ("offsets_perturb", "offsets_swap") and not (isinstance(offsets, list) and len(offsets) == 2
+                                                                   and all(type(o) is int for o in offsets))) or \
+            (edit == "drop_key" and not info):
+        edit = "dtype"  # the field this edit needs was already broken by an earlier edit
     note(f"header edit {edit} on {name!r}")
     if edit == "dtype":
         info["dtype"] = draw(DTYPE_VALUE)
@@ -228,9 +236,8 @@ def header_edit(draw, pairs):
         begin, end = info["data_offsets"]
         info["data_offsets"] = [begin + draw(st.integers(-9, 9)), end + draw(st.integers(-9, 9))]
     elif edit == "offsets_swap":
-        j = draw(st.sampled_from(tensors))
-        other = pairs[j][1]
-        info["data_offsets"], other["data_offsets"] = other["data_offsets"], info["data_offsets"]
+        other = pairs[draw(st.sampled_from(tensors))][1]
+        info["data_offsets"], other["data_offsets"] = other.get("data_offsets"), info["data_offsets"]
     elif edit == "remove":
         pairs.pop(i)
     elif edit == "add_copy":
