@@ -43,5 +43,10 @@ crosscheck: $(VENV)/.crosscheck
 goldens: $(VENV)/.crosscheck
 	$(PYTHON) tools/make_goldens.py --out tests/goldens
 
+# >= 10,000 generated hostile inputs (tests/test_hostile_input.py); `make test` runs a few hundred of them
+fuzz: $(VENV)/.test
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+		tests/test_hostile_input.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -46,7 +46,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 # ---- names and shapes a config implies ---------------------------------------------------------
 
-def expected_shapes(config, head="causal_lm", limit=None):
+def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"):
     """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token".
 
     `limit` (the number of tensors a checkpoint holds) refuses, before building anything, a config
@@ -59,7 +59,7 @@ def expected_shapes(config, head="causal_lm", limit=None):
     if limit is not None and 3 + config.num_hidden_layers * per_layer > limit:
         raise CheckpointError(
             f"config.json implies at least {3 + config.num_hidden_layers * per_layer} tensors "
-            f"(num_hidden_layers={config.num_hidden_layers}, {per_layer} per layer) but the checkpoint holds "
+            f"(num_hidden_layers={config.num_hidden_layers}, {per_layer} per layer) but {where} holds "
             f"{limit}: config.json does not match the weights"
         )
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}

@@ -102,7 +102,8 @@ class StableLmPreTrainedModel:
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
-        expected = checkpoint.expected_shapes(config, cls.head, limit=len(checkpoint.checkpoint_files(directory)))
+        stored = len(checkpoint.checkpoint_files(directory))               # bounds what the config may imply
+        expected = checkpoint.expected_shapes(config, cls.head, limit=stored, where=directory)
         params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(directory, expected))
         params = _strip_or_add_prefix(params)
         if device != "cpu":

@@ -52,8 +52,10 @@ def _report_counts(request):
         total = sum(v for k, v in CASES.items() if ":" not in k)
         lines = [f"hostile-input fuzz cases run: {total}"] + [f"  {k}: {v}" for k, v in sorted(CASES.items())]
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("\n".join(lines))
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("\n" + "\n".join(lines))
 
 
 # ---- the valid checkpoint every mutation starts from ----------------------------------------------------
@@ -326,3 +328,217 @@ def test_padding_only_mutation_loads_identically():
     write_case(case_dir(), assemble(header + b"        ", data), config0)
     model = load_or_error(case_dir(), "control")
     np.testing.assert_array_equal(model(IDS).logits, logits0)
+
+
+# ---- config.json edits ---------------------------------------------------------------------------------
+CONFIG_VALUE = st.one_of(
+    st.sampled_from([0, 1, 2, -1, 4, 8, 13, 16, 2**31, 2**63, 10**30, 0.5, 1.0, 1.5, 1e-5, 1e308, "8", "", True,
+                     False, None, [], {}, [1], "silu", "gelu", "relu", "swiglu", "stablelm", "llama",
+                     float("nan"), float("inf"), {"rope_type": "linear", "factor": 2.0},
+                     {"rope_type": "dynamic", "factor": 4.0}, {"type": "yarn", "factor": 2.0},
+                     {"0": "A", "1": "B"}, {"x": "A"}]),
+    JSON_ANY)
+
+
+@st.composite
+def edited_config(draw, config):
+    """config.json with 1-4 random edits: delete a key, set a known or new key, or break the JSON."""
+    d = json.loads(config)
+    keys = sorted(d) + ["rope_scaling", "rope_parameters", "id2label", "num_labels", "problem_type", "extra"]
+    for _ in range(draw(st.integers(1, 4))):
+        edit = draw(st.sampled_from(["delete", "set", "set", "set", "rope"]))
+        key = draw(st.sampled_from(keys))
+        if edit == "delete":
+            d.pop(key, None)
+        elif edit == "rope" and isinstance(d.get("rope_parameters"), dict):
+            d["rope_parameters"][draw(st.sampled_from(["rope_type", "factor", "rope_theta",
+                                                       "partial_rotary_factor"]))] = draw(CONFIG_VALUE)
+        else:
+            d[key] = draw(CONFIG_VALUE)
+    note(f"config: {d}")
+    text = json.dumps(d, allow_nan=True).encode()
+    if draw(st.integers(0, 19)) == 0:  # now and then: not JSON at all
+        text = text[:draw(st.integers(0, len(text) - 1))]
+    return text
+
+
+@budget(0.9)
+@given(data=st.data())
+def test_edited_config_loads_or_fails_cleanly(data):
+    """Random config.json edits against the valid weights: a ConfigError or CheckpointError naming the
+    file, or a model whose forward gives finite logits or a GenerationError."""
+    weights0, config0 = golden()[:2]
+    config = data.draw(edited_config(config0), label="config")
+    CASES["config edits"] += 1
+    write_case(case_dir(), weights0, config)
+    model = load_or_error(case_dir(), "config edits")
+    if isinstance(model, StableLmError):
+        assert isinstance(model, (ConfigError, CheckpointError))
+        return
+    try:
+        logits = model(IDS).logits
+    except GenerationError as e:
+        note(f"forward: {e}")
+        return
+    assert np.isfinite(logits).all()
+
+
+# ---- the shard index -----------------------------------------------------------------------------------
+SHARD_NAME = st.one_of(st.sampled_from(["model.safetensors", "./model.safetensors", "../model.safetensors",
+                                        "/etc/passwd", "", ".", "..", "config.json", "sub/model.safetensors",
+                                        "model.safetensors\x00", "model.safetensors/", "missing.safetensors",
+                                        "model.safetensors.index.json"]),
+                       st.text(max_size=12))
+
+
+@budget(0.3)
+@given(data=st.data())
+def test_edited_shard_index_loads_or_fails_cleanly(data):
+    """An index over the valid single file, with its weight map edited: shard names from the hostile
+    list or random text, entries removed or added, or the whole index replaced by random JSON."""
+    weights0, config0 = golden()[:2]
+    names = sorted(json.loads(split(weights0)[0]))
+    weight_map = {n: "model.safetensors" for n in names if n != "__metadata__"}
+    for _ in range(data.draw(st.integers(0, 3))):
+        edit = data.draw(st.sampled_from(["rename", "remove", "add"]))
+        name = data.draw(st.sampled_from(sorted(weight_map) or ["x"]))
+        if edit == "rename":
+            weight_map[name] = data.draw(SHARD_NAME)
+        elif edit == "remove":
+            weight_map.pop(name, None)
+        else:
+            weight_map[data.draw(st.text(max_size=8))] = data.draw(SHARD_NAME)
+    index = {"weight_map": weight_map} if data.draw(st.integers(0, 9)) else data.draw(JSON_ANY)
+    CASES["index edits"] += 1
+    write_case(case_dir(), weights0, config0)
+    with open(os.path.join(case_dir(), "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    model = load_or_error(case_dir(), "index edits")
+    if not isinstance(model, StableLmError):
+        assert all(os.path.normpath(v) == "model.safetensors" for v in index["weight_map"].values())
+        np.testing.assert_array_equal(model(IDS).logits, golden()[3])
+
+
+# ---- runtime input -------------------------------------------------------------------------------------
+VOCAB, MAX_POS = FUZZ_CONFIG["vocab_size"], FUZZ_CONFIG["max_position_embeddings"]
+SCALAR = st.one_of(st.integers(-3, VOCAB + 3), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                   st.booleans(), st.none(), st.text(max_size=2))
+
+
+def rows(element, max_batch=3, max_len=MAX_POS + 2):
+    """Rectangular or ragged lists of lists, or a flat list."""
+    rect = st.integers(1, max_batch).flatmap(lambda b: st.integers(0, max_len).flatmap(
+        lambda t: st.lists(st.lists(element, min_size=t, max_size=t), min_size=b, max_size=b)))
+    ragged = st.lists(st.lists(element, max_size=max_len), min_size=1, max_size=max_batch)
+    return st.one_of(rect, rect, ragged, st.lists(element, max_size=max_len), element)
+
+
+def as_array(draw, value):
+    """Sometimes pass the same value as a NumPy array of a chosen dtype."""
+    if draw(st.booleans()):
+        return value
+    try:
+        return np.asarray(value, dtype=draw(st.sampled_from([None, np.int64, np.int32, np.uint8, np.float32,
+                                                             np.bool_, object])))
+    except (ValueError, TypeError, OverflowError):
+        return value
+
+
+def _rect(value):
+    """(rows, shape) of a value as a [B, T] integer-like table, or None when it is not one."""
+    arr = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+        if len({len(r) for r in value}) != 1:
+            return None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    return arr if arr.ndim == 2 else None
+
+
+def is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def expected_valid(ids, mask, pos):
+    """An independent statement of which inputs the model must accept."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind not in "iu":
+        return False
+    a = _rect(ids)
+    if a is None or a.size == 0 or not all(is_int(x) for x in a.flat) or \
+            not all(0 <= int(x) < VOCAB for x in a.flat):
+        return False
+    b, t = a.shape
+    if t > MAX_POS:
+        return False
+    if mask is not None:
+        m = _rect(mask)
+        if isinstance(mask, np.ndarray) and mask.dtype.kind not in "biuf":
+            return False
+        if m is None or m.shape != (b, t) or not all(
+                isinstance(x, (bool, int, float, np.number, np.bool_)) and x in (0, 1) for x in m.flat):
+            return False
+    if pos is not None:
+        p = np.asarray(pos, dtype=object) if not isinstance(pos, np.ndarray) else pos
+        if isinstance(pos, np.ndarray) and pos.dtype.kind not in "iu":
+            return False
+        if _rect(pos) is None or p.shape not in ((b, t), (1, t), (t,)) or \
+                not all(is_int(x) or isinstance(x, bool) for x in p.flat) or \
+                not all(0 <= int(x) < MAX_POS for x in p.flat):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def fuzz_model():
+    return tiny_model(seed=7, **FUZZ_CONFIG)
+
+
+@budget(0.6)
+@given(data=st.data())
+def test_runtime_input_is_checked(data):
+    """input_ids, attention_mask and position_ids of every kind: valid ones (by an independent
+    predicate) give finite logits, all others a GenerationError; nothing else escapes."""
+    ids = as_array(data.draw, data.draw(st.one_of(rows(st.integers(0, VOCAB - 1)), rows(SCALAR)), label="ids"))
+    mask = data.draw(st.one_of(st.none(), rows(st.sampled_from([0, 1, 1, 1, 2, -1, 0.5, float("nan"), True]))),
+                     label="mask")
+    mask = as_array(data.draw, mask) if mask is not None else None
+    pos = data.draw(st.one_of(st.none(), rows(st.integers(-2, MAX_POS + 1)), rows(SCALAR)), label="pos")
+    pos = as_array(data.draw, pos) if pos is not None else None
+    CASES["runtime input"] += 1
+    valid = expected_valid(ids, mask, pos)
+    try:
+        logits = fuzz_model()(ids, attention_mask=mask, position_ids=pos).logits
+    except GenerationError as e:
+        note(f"error: {e}")
+        CASES["runtime input:GenerationError"] += 1
+        assert not valid, f"a valid input was refused: {e}"
+        assert str(e).strip() and "\n" not in str(e)
+        return
+    CASES["runtime input:ran"] += 1
+    assert valid, "an invalid input was accepted"
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_ids=[[0, VOCAB]]), f"token id {VOCAB} is outside the vocabulary"),
+    (dict(input_ids=[[-1, 3]]), "token id -1 is outside the vocabulary"),
+    (dict(input_ids=[[]]), "empty"), (dict(input_ids=[]), "empty"), (dict(input_ids=None), "required"),
+    (dict(input_ids=[[1.0, 2.0]]), "integers"), (dict(input_ids=[["a", "b"]]), "integers"),
+    (dict(input_ids="hello"), "not text: tokenize the prompt first"),
+    (dict(input_ids=[[1, 2], [3]]), "rows of equal length"),
+    (dict(input_ids=[[2**70]]), "integers"), (dict(input_ids=[[[1]]]), "\\[batch, seq_len\\]"),
+    (dict(input_ids=[[1] * (MAX_POS + 1)]), "exceed max_position_embeddings"),
+    (dict(input_ids=[[1, 2]], attention_mask=[[1, 1, 1]]), "attention_mask has shape \\(1, 3\\), expected \\(1, 2\\)"),
+    (dict(input_ids=[[1, 2]], attention_mask=[1, 1]), "attention_mask has shape \\(2,\\)"),
+    (dict(input_ids=[[1, 2]], attention_mask=[[1, 2]]), "only hold 0 .* and 1 .*, found 2"),
+    (dict(input_ids=[[1, 2]], attention_mask=[[1, -1]]), "found -1"),
+    (dict(input_ids=[[1, 2]], attention_mask=[[1, float("nan")]]), "found nan"),
+    (dict(input_ids=[[1, 2]], attention_mask=[[1], [1, 1]]), "rectangular"),
+    (dict(input_ids=[[1, 2]], position_ids=[[0, 1, 2]]), "position_ids has shape \\(1, 3\\), expected \\(1, 2\\)"),
+    (dict(input_ids=[[1, 2]], position_ids=[[-1, 0]]), "position id -1 is outside"),
+    (dict(input_ids=[[1, 2]], position_ids=[[0, MAX_POS]]), f"position id {MAX_POS} is outside"),
+    (dict(input_ids=[[1, 2]], position_ids=[[0.0, 1.0]]), "position_ids must be integers"),
+])
+def test_runtime_input_errors_are_clear(kwargs, match):
+    with pytest.raises(GenerationError, match=match):
+        fuzz_model()(**kwargs)
