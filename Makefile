@@ -53,5 +53,10 @@ goldens: $(VENV)/.crosscheck
 walkthrough: $(VENV)/.plots
 	MPLBACKEND=Agg $(PYTHON) tools/run_walkthrough.py
 
+# >= 10,000 generated hostile inputs (tests/test_hostile_input.py); `make test` runs a few hundred of them
+fuzz: $(VENV)/.test
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+		tests/test_hostile_input.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
