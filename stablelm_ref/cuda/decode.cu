@@ -1,0 +1,659 @@
+// Raw CUDA kernels for one StableLM decode step (batch 1..8), driven by decode_engine.py.
+//
+// Everything a step needs is read from device memory (token ids, positions, the cache length),
+// so a single captured CUDA graph replays every step with no host work in between.
+//
+//   embed_rows         x[b, :]  = E[tok[b], :]                                    (f32 residual stream)
+//   layernorm_rows     h[b, :]  = (x - mean) / sqrt(var + eps) * w + beta         (f32 statistics, bf16 out)
+//   gemv_b{B}_r{R}     y[b, n]  = sum_k x[b, k] W[n, k]   (W in the checkpoint's [out, in] layout)
+//                      epilogues: store (+bias), add into the residual, SwiGLU over interleaved gate/up rows
+//   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
+//                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
+//                      over keys [0, len] of one split with an online softmax; the last split to finish
+//                      combines the partial (max, sum, output) of all splits (flash-decoding)
+//   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history)
+//
+// Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
+// Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (decode_engine.py does this, or falls back to NVRTC).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Programmatic dependent launch (sm_90). Under a PDL launch the next kernel may start while this one
+// finishes: every kernel lets its dependents launch at once and waits for its predecessor (to finish and
+// flush its writes) before it reads anything an earlier kernel wrote or writes anything. Before the wait a
+// kernel only reads data no kernel of the step writes (weights, and the cache below the current length).
+// Under an ordinary launch both instructions do nothing.
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+
+// ---------------------------------------------------------------- bf16 as raw bits
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float bf_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ u16 f2bf(float f) {           // round to nearest even, NaN stays NaN
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ u32 pack_bf2(float lo, float hi) {
+    return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+}
+__device__ __forceinline__ void unpack8(const uint4 v, float (&f)[8]) {
+    f[0] = bf_lo(v.x); f[1] = bf_hi(v.x); f[2] = bf_lo(v.y); f[3] = bf_hi(v.y);
+    f[4] = bf_lo(v.z); f[5] = bf_hi(v.z); f[6] = bf_lo(v.w); f[7] = bf_hi(v.w);
+}
+
+// Weights are read exactly once per step: stream them past L1.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// Asynchronous 16-byte global -> shared copy (sm_80+); src_bytes 0 fills zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// The same load as a volatile asm: it stays ordered before griddepcontrol.wait (a prefetch).
+__device__ __forceinline__ uint4 ld_stream_early(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block; every thread gets the result. `buf` holds >= 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* buf) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();                       // buf may still be read from a previous call
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    float t = (lane < nw) ? buf[lane] : 0.f;
+    return warp_sum(t);
+}
+
+// ---------------------------------------------------------------- embedding
+// x[b, :] = float(E[tok[b], :])          grid (B), block (256)
+extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
+                                      int hidden, float* __restrict__ x) {
+    PDL_LAUNCH();
+    PDL_WAIT();
+    const int b = blockIdx.x;
+    const u16* row = E + (size_t)tok[b] * hidden;
+    for (int k = threadIdx.x; k < hidden; k += blockDim.x) x[(size_t)b * hidden + k] = bf2f(row[k]);
+}
+
+// ---------------------------------------------------------------- LayerNorm (+bias), bf16 out
+// grid (B), block (LN_THREADS). Two-pass float32 statistics like torch (mean, then the mean of squared
+// deviations). Fast path (K % 4 == 0, K <= 4 * LN_MAXV * LN_THREADS): the row, weight and bias are
+// loaded once into registers as float4 (one round of loads), so the kernel costs two block reductions.
+#define LN_THREADS 512
+#define LN_MAXV 4
+extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
+    const float* __restrict__ x, int ldx, const float* __restrict__ w, const float* __restrict__ beta,
+    u16* __restrict__ y, int ldy, int K, float eps) {
+    __shared__ float buf[32];
+    PDL_LAUNCH();
+    const int tid = threadIdx.x, T = blockDim.x;
+    const float* xr = x + (size_t)blockIdx.x * ldx;
+    u16* yr = y + (size_t)blockIdx.x * ldy;
+    if ((K & 3) == 0 && (ldx & 3) == 0 && (ldy & 3) == 0 && K <= 4 * LN_MAXV * T) {
+        const int K4 = K >> 2;
+        float4 v[LN_MAXV], wv[LN_MAXV], bv[LN_MAXV];
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; ++i) {          // parameters first: no kernel writes them
+            const int j = tid + i * T;
+            if (j < K4) {
+                wv[i] = reinterpret_cast<const float4*>(w)[j];
+                bv[i] = reinterpret_cast<const float4*>(beta)[j];
+            }
+        }
+        PDL_WAIT();
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; ++i) {
+            const int j = tid + i * T;
+            if (j < K4) {
+                v[i] = reinterpret_cast<const float4*>(xr)[j];
+                s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+            }
+        }
+        const float mean = block_sum(s, buf) / (float)K;
+        float q = 0.f;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; ++i) {
+            if (tid + i * T < K4) {
+                const float a = v[i].x - mean, b = v[i].y - mean, c = v[i].z - mean, d = v[i].w - mean;
+                q += (a * a + b * b) + (c * c + d * d);
+            }
+        }
+        const float rstd = rsqrtf(block_sum(q, buf) / (float)K + eps);
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; ++i) {
+            const int j = tid + i * T;
+            if (j < K4) {
+                uint2 o;
+                o.x = pack_bf2((v[i].x - mean) * rstd * wv[i].x + bv[i].x, (v[i].y - mean) * rstd * wv[i].y + bv[i].y);
+                o.y = pack_bf2((v[i].z - mean) * rstd * wv[i].z + bv[i].z, (v[i].w - mean) * rstd * wv[i].w + bv[i].w);
+                reinterpret_cast<uint2*>(yr)[j] = o;
+            }
+        }
+        return;
+    }
+    PDL_WAIT();
+    float s = 0.f;                                    // general path: any K, three passes
+    for (int k = tid; k < K; k += T) s += xr[k];
+    const float mean = block_sum(s, buf) / (float)K;
+    float v = 0.f;
+    for (int k = tid; k < K; k += T) { float d = xr[k] - mean; v += d * d; }
+    const float rstd = rsqrtf(block_sum(v, buf) / (float)K + eps);
+    for (int k = tid; k < K; k += T) yr[k] = f2bf((xr[k] - mean) * rstd * w[k] + beta[k]);
+}
+
+// ---------------------------------------------------------------- GEMV / skinny GEMM
+// y[b, n] = sum_k x[b, k] * W[n, k],  b < nb <= BM,  W bf16 [N, K] row-major, K % 8 == 0.
+// One block owns R consecutive rows of W; its threads stride over K in 16-byte chunks (8 bf16),
+// two chunks per row in flight per iteration, float32 accumulation, then a block reduction.
+// Block size (a multiple of 32, <= 512) and R are picked per matrix shape by an autotuner.
+#define GEMV_MAX_WARPS 16
+#define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
+#define MODE_ADD 1     // yf[b, n] += acc                     (residual stream)
+#define MODE_SWIGLU 2  // rows (2i, 2i+1) = (gate_i, up_i):  yh[b, i] = bf16(silu(gate) * up)
+
+template <int BM, int R>
+__device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R],
+                                           const uint4* __restrict__ xv, int ldxv, int c, int nb) {
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) unpack8(w[r], wf[r]);
+#pragma unroll
+    for (int b = 0; b < BM; ++b) {
+        if (b < nb) {
+            float xf[8];
+            unpack8(xv[(size_t)b * ldxv + c], xf);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[b][r] = fmaf(wf[r][i], xf[i], acc[b][r]);
+        }
+    }
+}
+
+// Two chunks (c, c + T) of each of the R rows, 16 bytes each; chunks past the row read nothing.
+template <int R>
+__device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const uint4* const (&wrow)[R],
+                                          int c, int T, int KC) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) wa[r] = c < KC ? ld_stream_early(wrow[r] + c) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+template <int BM, int R>
+__device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, int nb,
+                                          const u16* __restrict__ W, int N, int K,
+                                          const float* __restrict__ bias,
+                                          float* __restrict__ yf, u16* __restrict__ yh, int ldy,
+                                          int mode) {
+    __shared__ float red[GEMV_MAX_WARPS][BM * R];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
+    const int nwarps = T >> 5;
+    const int n0 = blockIdx.x * R;
+    const int KC = K >> 3;                       // 16-byte chunks per row
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
+    const int ldxv = ldx >> 3;
+    const uint4* wrow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)                  // rows past N re-read row N-1; never stored
+        wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(n0 + r, N - 1) * KC;
+
+    float acc[BM][R];
+#pragma unroll
+    for (int b = 0; b < BM; ++b)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
+
+    PDL_LAUNCH();
+    uint4 wa[R], wb[R];
+    int c = tid;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {                // weights may be fetched before the wait: into L2
+        if (c < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c));
+        if (c + T < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c + T));
+    }
+    PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
+    gemv_load<R>(wa, wb, wrow, c, T, KC);
+    while (c < KC) {
+        gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
+        if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
+        c += 2 * T;
+        if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
+    }
+
+#pragma unroll
+    for (int b = 0; b < BM; ++b)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float v = warp_sum(acc[b][r]);
+            if (lane == 0) red[warp][b * R + r] = v;
+        }
+    __syncthreads();
+    if (tid < nb * R) {
+        const int b = tid / R, r = tid % R, n = n0 + r;
+        float s = 0.f;
+        for (int w = 0; w < nwarps; ++w) s += red[w][tid];
+        if (mode == MODE_SWIGLU) {
+            if ((r & 1) == 0 && n + 1 < N) {
+                float u = 0.f;
+                for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1];
+                const float act = s / (1.f + __expf(-s));
+                yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+            }
+        } else if (n < N) {
+            if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
+            else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+#define GEMV_INST(BM, R)                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(       \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
+        int mode) {                                                                            \
+        gemv_impl<BM, R>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                        \
+    }
+GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
+GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
+GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
+GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
+
+// ---------------------------------------------------------------- decode attention
+// grid (NS splits, KVH, nb), block (128). The query heads g*... of one kv head share its K/V tiles.
+//   qkv     [B, (H + 2 KVH) D] f32    q heads | k heads | v heads of the new token (bias included)
+//   kc, vc  [B, KVH, max_len, D] bf16 this layer's cache; the new k/v go to position len
+//   lenp    device int: tokens already cached (the new token sits at index len)
+//   posp    [B] device int: rotary position of the new token of each row
+//   kmask   [B, max_len] u8: 1 = key may be attended (0 = left padding)
+//   part_o  [B, H, NS, D] f32, part_ml [B, H, NS, 2] f32, counters [B * KVH] int (zero between launches)
+//   out     [B, H * D] bf16
+#define ATT_THREADS 128
+#define ATT_TK 64          // keys per tile
+#define ATT_MAXJ 8         // (G * D / 2) <= ATT_MAXJ * ATT_THREADS
+
+__device__ __forceinline__ void attn_split_range(int len, int NS, int& nsplit, int& tiles_per) {
+    const int n = len + 1;
+    const int ntiles = (n + ATT_TK - 1) / ATT_TK;
+    const int nact = min(NS, ntiles);
+    tiles_per = (ntiles + nact - 1) / nact;
+    nsplit = (ntiles + tiles_per - 1) / tiles_per;     // no split left empty
+}
+
+// Start copying a tile of cached keys/values into shared memory (rows t < len; the rest zero-filled; the
+// new token's row is filled from shared floats later). Returns the mask byte of the row this thread will
+// score (row tid % TK, as ATT_THREADS is a multiple of TK): 1 = attend. Runs while the caller works on.
+template <int D>
+__device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __restrict__ kc,
+                                               const u16* __restrict__ vc, size_t cbase,
+                                               const unsigned char* __restrict__ mrow, int t0, int t_end, int len) {
+    constexpr int KPAD = D + 8, DC = D / 8;
+    for (int c = threadIdx.x; c < ATT_TK * DC; c += ATT_THREADS) {
+        const int r = c / DC, col = c % DC, t = t0 + r;
+        const bool ok = t < t_end && t < len;
+        const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
+        cp_async16(Ks + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
+        cp_async16(Vs + r * D + col * 8, vc + off, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    const int t = t0 + (int)threadIdx.x % ATT_TK;
+    return (t < len) ? (int)mrow[t] : (t == len);
+}
+
+template <int D>
+__device__ __forceinline__ void attn_impl(
+    const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,
+    const int* __restrict__ lenp, const int* __restrict__ posp, const unsigned char* __restrict__ kmask,
+    const float* __restrict__ inv_freq, int rot,
+    const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
+    float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
+    constexpr int DC = D / 8;                            // 16-byte chunks per row
+    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, NS = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    constexpr int NW = ATT_THREADS / 32;
+    const int G = H / KVH;
+    const int GD2 = G * (D / 2);
+
+    PDL_LAUNCH();
+    const int len = *lenp;                               // changes only at the end of a step (argmax_step)
+    int nsplit, tiles_per;
+    attn_split_range(len, NS, nsplit, tiles_per);
+    if (split >= nsplit) return;
+    const int n = len + 1;
+    const int t_begin = split * tiles_per * ATT_TK;
+    const int t_end = min(n, t_begin + tiles_per * ATT_TK);
+
+    // shared memory carve-up (16-byte aligned pieces first)
+    u16* Ks = reinterpret_cast<u16*>(smem_raw);                      // [TK][KPAD]
+    u16* Vs = Ks + ATT_TK * KPAD;                                     // [TK][D]
+    float* qs = reinterpret_cast<float*>(Vs + ATT_TK * D);            // [G][D]
+    float* kn = qs + G * D;                                           // [D]
+    float* vn = kn + D;                                               // [D]
+    float* S = vn + D;                                                // [G][TK]
+    float* m_s = S + G * ATT_TK;                                      // [G]
+    float* l_s = m_s + G;                                             // [G]
+    float* a_s = l_s + G;                                             // [G]
+    __shared__ int is_last;
+
+    const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
+    const unsigned char* mrow = kmask + (size_t)b * max_len;
+    // Start copying a tile of cached keys/values into shared memory (rows t < len; the rest zero-filled;
+    // the new token's row is filled from registers later). Each thread also fetches the mask byte of the
+    // row it will score (row tid % TK, since ATT_THREADS is a multiple of TK).
+    int mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t_begin, t_end, len);
+    const int pos = posp[b];
+    PDL_WAIT();                                          // qkv comes from the previous kernel
+
+    // 1. the new token: per-head LayerNorm, rotary, scale; one warp per head vector
+    const size_t row = (size_t)b * (H + 2 * KVH) * D;
+    for (int item = warp; item < G + 2; item += NW) {
+        const bool isq = item < G, isk = item == G;
+        float* dst = isq ? qs + item * D : (isk ? kn : vn);
+        const float* src = qkv + row + (isq ? (size_t)(kvh * G + item) * D
+                                            : (isk ? (size_t)(H + kvh) * D : (size_t)(H + KVH + kvh) * D));
+        for (int d = lane; d < D; d += 32) dst[d] = src[d];
+        __syncwarp();
+        if (qk_ln && item <= G) {
+            const float* wln = isq ? qn_w + (size_t)(kvh * G + item) * D : kn_w + (size_t)kvh * D;
+            float s = 0.f;
+            for (int d = lane; d < D; d += 32) s += dst[d];
+            const float mean = warp_sum(s) / (float)D;
+            float v = 0.f;
+            for (int d = lane; d < D; d += 32) { float t = dst[d] - mean; v += t * t; }
+            const float rstd = rsqrtf(warp_sum(v) / (float)D + eps);
+            __syncwarp();
+            for (int d = lane; d < D; d += 32) dst[d] = (dst[d] - mean) * rstd * wln[d];
+            __syncwarp();
+        }
+        if (item <= G) {
+            const int half = rot >> 1;
+            for (int i = lane; i < half; i += 32) {
+                const float ang = (float)pos * inv_freq[i];
+                const float cs = cosf(ang), sn = sinf(ang);
+                const float x1 = dst[i], x2 = dst[i + half];
+                dst[i] = x1 * cs - x2 * sn;                  // x * cos + rotate_half(x) * sin
+                dst[i + half] = x2 * cs + x1 * sn;
+            }
+            __syncwarp();
+        }
+        if (isq) {
+            for (int d = lane; d < D; d += 32) dst[d] *= scale;
+        } else {                                             // the cache holds bf16: use the rounded value
+            for (int d = lane; d < D; d += 32) dst[d] = bf2f(f2bf(dst[d]));
+        }
+        __syncwarp();
+    }
+    if (tid < G) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
+    __syncthreads();
+
+    if (split == 0)
+        for (int d = tid; d < D; d += ATT_THREADS) {
+            kc[cbase + (size_t)len * D + d] = f2bf(kn[d]);
+            vc[cbase + (size_t)len * D + d] = f2bf(vn[d]);
+        }
+
+    float acc0[ATT_MAXJ], acc1[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; ++j) { acc0[j] = 0.f; acc1[j] = 0.f; }
+
+    // 2. tiles of keys [t_begin, t_end) with an online softmax
+    for (int t0 = t_begin; t0 < t_end; t0 += ATT_TK) {
+        const int nt = min(ATT_TK, t_end - t0);
+        cp_async_wait_all();
+        __syncthreads();
+        if (len >= t0 && len < t0 + nt) {                 // the new token's row, from shared floats
+            const int r = len - t0;
+            for (int d = tid; d < D; d += ATT_THREADS) { Ks[r * KPAD + d] = f2bf(kn[d]); Vs[r * D + d] = f2bf(vn[d]); }
+            __syncthreads();
+        }
+        // scores S[g][r] = q_g . k_r  (q already scaled); masked or out-of-range -> -inf
+        for (int i = tid; i < G * ATT_TK; i += ATT_THREADS) {
+            const int g = i / ATT_TK, r = i % ATT_TK;     // r == tid % TK: the row whose mask byte is in mk
+            float s = NEG_INF;
+            if (r < nt && mk) {
+                s = 0.f;
+                const float* q = qs + g * D;
+#pragma unroll
+                for (int col = 0; col < DC; ++col) {
+                    float kf[8];
+                    unpack8(*reinterpret_cast<const uint4*>(Ks + r * KPAD + col * 8), kf);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) s = fmaf(q[col * 8 + e], kf[e], s);
+                }
+            }
+            S[g * ATT_TK + r] = s;
+        }
+        __syncthreads();
+        for (int g = warp; g < G; g += NW) {
+            float mx = NEG_INF;
+            for (int r = lane; r < ATT_TK; r += 32) mx = fmaxf(mx, S[g * ATT_TK + r]);
+            mx = warp_max(mx);
+            const float m_old = m_s[g];
+            const float m_new = fmaxf(m_old, mx);
+            const bool none = (m_new == NEG_INF);
+            float sum = 0.f;
+            for (int r = lane; r < ATT_TK; r += 32) {
+                const float p = none ? 0.f : __expf(S[g * ATT_TK + r] - m_new);
+                S[g * ATT_TK + r] = p;
+                sum += p;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float alpha = none ? 1.f : __expf(m_old - m_new);
+                a_s[g] = alpha;
+                l_s[g] = l_s[g] * alpha + sum;
+                m_s[g] = m_new;
+            }
+        }
+        __syncthreads();
+        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d]; each thread owns pairs (d, d+1).
+        // Masked rows (p == 0) are skipped: their cache slots may hold anything, NaN included.
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; ++j) {
+            const int p = tid + j * ATT_THREADS;
+            if (p < GD2) {
+                const int g = p / (D / 2), dp = p % (D / 2);
+                const float a = a_s[g];
+                float o0 = acc0[j] * a, o1 = acc1[j] * a;
+                const float* prow = S + g * ATT_TK;
+                for (int r = 0; r < nt; ++r) {
+                    const float pr = prow[r];
+                    const u32 v2 = *reinterpret_cast<const u32*>(Vs + r * D + 2 * dp);
+                    o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
+                    o1 = pr > 0.f ? fmaf(pr, bf_hi(v2), o1) : o1;
+                }
+                acc0[j] = o0; acc1[j] = o1;
+            }
+        }
+        __syncthreads();
+        if (t0 + ATT_TK < t_end) mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t0 + ATT_TK, t_end, len);
+    }
+
+    // 3. one split: normalise and write.  Several: publish partials; the last block combines.
+    if (nsplit == 1) {
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; ++j) {
+            const int p = tid + j * ATT_THREADS;
+            if (p < GD2) {
+                const int g = p / (D / 2), dp = p % (D / 2);
+                const float inv = 1.f / l_s[g];
+                *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =
+                    pack_bf2(acc0[j] * inv, acc1[j] * inv);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; ++j) {
+        const int p = tid + j * ATT_THREADS;
+        if (p < GD2) {
+            const int g = p / (D / 2), dp = p % (D / 2);
+            float* po = part_o + (((size_t)b * H + kvh * G + g) * NS + split) * D + 2 * dp;
+            po[0] = acc0[j]; po[1] = acc1[j];
+        }
+    }
+    if (tid < G) {
+        float* pm = part_ml + (((size_t)b * H + kvh * G + tid) * NS + split) * 2;
+        pm[0] = m_s[tid]; pm[1] = l_s[tid];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int prev = atomicAdd(counters + b * KVH + kvh, 1);
+        is_last = (prev == nsplit - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; ++j) {
+        const int p = tid + j * ATT_THREADS;
+        if (p < GD2) {
+            const int g = p / (D / 2), dp = p % (D / 2);
+            const size_t hb = (size_t)b * H + kvh * G + g;
+            float M = NEG_INF;
+            for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(part_ml + (hb * NS + s) * 2));
+            float L = 0.f, o0 = 0.f, o1 = 0.f;
+            for (int s = 0; s < nsplit; ++s) {
+                const float ms = __ldcg(part_ml + (hb * NS + s) * 2);
+                if (ms == NEG_INF) continue;
+                const float wgt = __expf(ms - M);
+                L = fmaf(wgt, __ldcg(part_ml + (hb * NS + s) * 2 + 1), L);
+                const float* po = part_o + (hb * NS + s) * D + 2 * dp;
+                o0 = fmaf(wgt, __ldcg(po), o0);
+                o1 = fmaf(wgt, __ldcg(po + 1), o1);
+            }
+            const float inv = 1.f / L;
+            *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =
+                pack_bf2(o0 * inv, o1 * inv);
+        }
+    }
+    if (tid == 0) counters[b * KVH + kvh] = 0;          // ready for the next launch
+}
+
+#define ATT_INST(D)                                                                               \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_d##D(              \
+        const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,                \
+        const int* __restrict__ lenp, const int* __restrict__ posp,                               \
+        const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
+        const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
+        float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
+        u16* __restrict__ out, int H, int KVH, int max_len, float scale) {                        \
+        attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale);                     \
+    }
+ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
+
+// ---------------------------------------------------------------- greedy argmax + step bookkeeping
+// grid (nb), block (1024). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
+// (row stride ldh), pos[b] += 1;
+// the last block to finish advances the step counter and the cache length.
+extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok,
+                                       int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
+                                       int* __restrict__ lenp, int* __restrict__ posp,
+                                       int* __restrict__ counter) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    PDL_LAUNCH();
+    PDL_WAIT();
+    const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* row = logits + (size_t)b * V;
+    float best = NEG_INF;
+    int idx = 0x7fffffff;
+    if ((V & 3) == 0) {                             // float4 loads, four in flight per thread
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        const int V4 = V >> 2;
+#pragma unroll 4
+        for (int k = tid; k < V4; k += blockDim.x) {
+            const float4 v = row4[k];
+            if (v.x > best) { best = v.x; idx = 4 * k; }   // k increases: first maximum per thread
+            if (v.y > best) { best = v.y; idx = 4 * k + 1; }
+            if (v.z > best) { best = v.z; idx = 4 * k + 2; }
+            if (v.w > best) { best = v.w; idx = 4 * k + 3; }
+        }
+    } else {
+        for (int k = tid; k < V; k += blockDim.x) {
+            const float v = row[k];
+            if (v > best) { best = v; idx = k; }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    if (lane == 0) { bv[warp] = best; bi[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x >> 5;
+        best = lane < nw ? bv[lane] : NEG_INF;
+        idx = lane < nw ? bi[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+        }
+        if (lane == 0) {
+            if (idx == 0x7fffffff) idx = 0;              // all NaN: emit token 0 rather than garbage
+            tok[b] = idx;
+            const int s = *stepp;
+            if (s < max_steps) history[(size_t)s * ldh + b] = idx;
+            posp[b] += 1;
+            __threadfence();
+            const int prev = atomicAdd(counter, 1);
+            if (prev == (int)gridDim.x - 1) {
+                *stepp = s + 1;
+                *lenp += 1;
+                *counter = 0;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- read-bandwidth probe (bench only)
+// out[blockIdx.x] = sum of the block's slice; reads n16 16-byte chunks once.
+extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n16, float* __restrict__ out) {
+    __shared__ float buf[32];
+    float s = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = ld_stream(src + i);
+        s += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+    }
+    s = block_sum(s, buf);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}

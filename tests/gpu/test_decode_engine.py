@@ -1,0 +1,224 @@
+"""The decode kernels (decode.cu) against their NumPy float64 references, and GpuDecodeEngine against
+transformers (float32) on random StableLM models. Needs CuPy and an NVIDIA GPU; skipped otherwise.
+
+Every kernel output is poisoned (NaN) before the launch; the checks require each element that should
+be written to be finite and close, and the neighbours that should not be written to stay NaN.
+Tolerances: GEMV (float32 accumulation of bf16 products) |err| <= 1e-5 sum_k |x_k w_k|;
+bf16 outputs (SwiGLU, LayerNorm, attention) within bf16 rounding (2^-8 relative) plus a small
+absolute term; the engine's logits within 2e-2 relative of transformers float32 (see decode_cases.py).
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+try:
+    _ndev = cp.cuda.runtime.getDeviceCount()
+except Exception:  # noqa: BLE001 - no driver, no device
+    _ndev = 0
+if _ndev == 0:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+NAN_BF16 = 0x7FC0
+HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+               derandomize=True)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return de.DecodeKernels()
+
+
+def _sync():
+    cp.cuda.runtime.deviceSynchronize()
+
+
+def _bits(a):
+    return de.ref_f64_to_bf16(a)
+
+
+# ----------------------------------------------------------------------------- GEMV
+@HYP
+@given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
+       ri=st.integers(0, 3), threads=st.sampled_from([32, 64, 96, 128, 160, 256, 320, 512]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, seed):
+    K = 8 * kc
+    if mode == de.MODE_SWIGLU:
+        N += N % 2
+    rows = [r for r in de.GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == de.MODE_SWIGLU and r % 2)]
+    R = rows[ri % len(rows)]
+    rng = np.random.default_rng(seed)
+    xb = _bits(rng.standard_normal((nb, K)))
+    Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
+    x, W = de.ref_bf16_to_f64(xb), de.ref_bf16_to_f64(Wb)
+    bound = np.abs(x) @ np.abs(W).T                                   # sum_k |x_k w_k|
+    bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == de.MODE_STORE) else None
+    y0 = rng.standard_normal((nb, N)).astype(np.float32)
+    yf = yh = None
+    if mode == de.MODE_SWIGLU:
+        yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
+    else:
+        yf = cp.full((nb + 1, N), np.nan, cp.float32)
+        if mode == de.MODE_ADD:
+            yf[:nb] = cp.asarray(y0)
+    launch = kernels.gemv_launch(cp.asarray(xb), cp.asarray(Wb), nb=nb, mode=mode, yf=yf, yh=yh,
+                                 bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads)
+    launch()
+    _sync()
+    ref = de.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
+    if mode == de.MODE_SWIGLU:
+        got = de.ref_bf16_to_f64(cp.asnumpy(yh))
+        acc = x @ W.T
+        gate, up = acc[:, 0::2], acc[:, 1::2]
+        silu = gate / (1 + np.exp(-gate))
+        # bf16 rounding of the result + float32 accumulation error of gate and up carried through
+        tol = 2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2]) + 1e-12
+    else:
+        got = cp.asnumpy(yf).astype(np.float64)
+        tol = 1e-5 * bound + 1e-6
+    assert np.isfinite(got[:nb]).all(), "unwritten output"
+    assert np.isnan(got[nb]).all(), "wrote past the batch"
+    assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+@HYP
+@given(nb=st.integers(1, 8), K=st.one_of(st.integers(1, 3000), st.integers(1000, 2500).map(lambda k: 4 * k)),
+       offset=st.sampled_from([0.0, 30.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((nb, K)) * rng.uniform(0.1, 10) + offset).astype(np.float32)
+    w = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+    b = (0.2 * rng.standard_normal(K)).astype(np.float32)
+    y = cp.full((nb + 1, K), NAN_BF16, cp.uint16)
+    kernels.layernorm_launch(cp.asarray(x), cp.asarray(w), cp.asarray(b), y, nb=nb, eps=1e-5)()
+    _sync()
+    got = de.ref_bf16_to_f64(cp.asnumpy(y))
+    ref = de.ref_layernorm(x, w, b, 1e-5)
+    assert np.isnan(got[nb]).all()
+    assert (np.abs(got[:nb] - ref) <= 2.0**-8 * np.abs(ref) + 1e-4 * (np.abs(w) + 1)).all()
+
+
+# ----------------------------------------------------------------------------- decode attention
+@HYP
+@given(D=st.sampled_from(de.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
+       nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
+       rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, seed):
+    H, max_len = KVH * G, L + extra
+    rot = int(D * rot_frac) // 2 * 2
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((nb, (H + 2 * KVH) * D)).astype(np.float32)
+    qkv[:, : H * D] *= 2.0                                                  # sharper attention
+    kb = _bits(rng.standard_normal((nb, KVH, max_len, D)))
+    vb = _bits(rng.standard_normal((nb, KVH, max_len, D)))
+    kmask = np.ones((nb, max_len), np.uint8)
+    for b in range(nb):                                                     # left padding, NaN in pad slots
+        p = int(rng.integers(0, L + 1))
+        kmask[b, :p] = 0
+        kb[b, :, :p] = NAN_BF16
+        vb[b, :, :p] = NAN_BF16
+    pos = rng.integers(0, 4096, nb).astype(np.int32)
+    inv_freq = de.rotary_inv_freq(10000.0, rot) if rot else np.zeros(1, np.float32)
+    qn = (1 + 0.1 * rng.standard_normal((H, D))).astype(np.float32) if qk else None
+    kn = (1 + 0.1 * rng.standard_normal((KVH, D))).astype(np.float32) if qk else None
+    kc, vc = cp.asarray(kb), cp.asarray(vb)
+    out = cp.full((nb, H * D), NAN_BF16, cp.uint16)
+    counters = cp.zeros(nb * KVH, cp.int32)
+    launch = kernels.attention_launch(
+        cp.asarray(qkv), kc, vc, cp.asarray(np.array([L], np.int32)), cp.asarray(pos), cp.asarray(kmask),
+        cp.asarray(inv_freq), rot, nb=nb, H=H, KVH=KVH, D=D, out=out,
+        part_o=cp.full((nb, H, nsplit, D), np.nan, cp.float32), part_ml=cp.full((nb, H, nsplit, 2), np.nan, cp.float32),
+        counters=counters, nsplit=nsplit, qn_w=None if qn is None else cp.asarray(qn),
+        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5)
+    launch()
+    _sync()
+    _, k_new, v_new = de.ref_decode_attention(qkv, de.ref_bf16_to_f64(kb), de.ref_bf16_to_f64(vb), L, pos, kmask,
+                                              inv_freq, rot, H, KVH, D, qn=qn, kn=kn, eps=1e-5)
+    # the new k/v landed at cache[L] (k within one bf16 step: float32 vs float64 before rounding)
+    kc_h, vc_h = cp.asnumpy(kc), cp.asnumpy(vc)
+    kl, vl = de.ref_bf16_to_f64(kc_h[:, :, L]), de.ref_bf16_to_f64(vc_h[:, :, L])
+    assert (np.abs(kl - k_new) <= 2.0**-7 * np.abs(k_new) + 1e-6).all()
+    assert np.array_equal(vl, v_new)
+    # attention against the reference that uses the kernel's rounded k (no rounding-boundary flakiness)
+    ref, _, _ = de.ref_decode_attention(qkv, de.ref_bf16_to_f64(kb), de.ref_bf16_to_f64(vb), L, pos, kmask,
+                                        inv_freq, rot, H, KVH, D, qn=qn, kn=kn, eps=1e-5, k_new=kl)
+    got = de.ref_bf16_to_f64(cp.asnumpy(out))
+    assert np.isfinite(got).all(), "unwritten or NaN output"
+    assert (np.abs(got - ref) <= 2.0**-8 * np.abs(ref) + 1e-3).all(), float(np.abs(got - ref).max())
+    keep = np.ones(max_len, bool)
+    keep[L] = False
+    assert np.array_equal(kc_h[:, :, keep], kb[:, :, keep]) and np.array_equal(vc_h[:, :, keep], vb[:, :, keep])
+    assert not cp.asnumpy(counters).any(), "split counters must be reset for the next launch"
+    first = cp.asnumpy(out)
+    launch()                                                                # replay: same bits
+    _sync()
+    assert np.array_equal(first, cp.asnumpy(out))
+
+
+def test_argmax_step_bookkeeping(kernels):
+    rng = np.random.default_rng(0)
+    nb, V = 3, 5000
+    logits = rng.standard_normal((nb, V)).astype(np.float32)
+    logits[1, [17, 4000]] = 50.0                                            # tie: lowest index wins
+    tok, pos = cp.zeros(nb, cp.int32), cp.asarray(np.array([5, 9, 2], np.int32))
+    history = cp.full((6, 4), -1, cp.int32)
+    step, length, counter = cp.asarray(np.array([2], np.int32)), cp.asarray(np.array([40], np.int32)), cp.zeros(1, cp.int32)
+    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb)()
+    _sync()
+    want = np.argmax(logits, axis=1)
+    assert want[1] == 17
+    assert np.array_equal(cp.asnumpy(tok), want)
+    h = cp.asnumpy(history)
+    assert np.array_equal(h[2, :nb], want) and (h[2, nb:] == -1).all() and (np.delete(h, 2, 0) == -1).all()
+    assert cp.asnumpy(pos).tolist() == [6, 10, 3]
+    assert int(step[0]) == 3 and int(length[0]) == 41 and int(counter[0]) == 0
+
+
+# ----------------------------------------------------------------------------- the engine vs transformers
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from decode_cases import CONFIGS, left_padded_batch, make_model, run_engine_against_transformers  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_engine_matches_transformers(kernels, name):
+    engine, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=kernels, autotune=True)
+    print(f"{name}: prefill rel err {e_pre:.2e}, decode rel err {e_dec:.2e}, argmax agreement {agree:.3f}")
+    assert agree >= 0.9
+
+
+def test_engine_batch3_and_graph_equals_eager(kernels):
+    name = "GQA + qk LayerNorm + parallel residual, D=160"
+    a = run_engine_against_transformers(name, kernels=kernels, autotune=False, lengths=(9, 4, 12), steps=4)[0]
+    b = run_engine_against_transformers(name, kernels=kernels, autotune=False, lengths=(9, 4, 12), steps=4,
+                                        use_graph=False)[0]
+    assert np.array_equal(a.generated(), b.generated())
+    assert np.array_equal(a.get_logits(), b.get_logits())
+
+
+def test_engine_pdl_graph_equals_plain_graph(kernels):
+    """The graph captured with programmatic dependent launches computes exactly what the plain one does."""
+    cfg, params, _ = make_model(CONFIGS["GQA + qk LayerNorm + parallel residual, D=160"])
+    ids, mask = left_padded_batch(np.random.default_rng(5), cfg.vocab_size, [11, 6])
+    runs = []
+    for pdl in (False, True):
+        e = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=32, kernels=kernels, autotune=False, pdl=pdl)
+        e.prefill(ids, mask, logits=None)
+        for _ in range(8):
+            e.decode_step()
+        runs.append((e.generated(), e.get_logits(), e.pdl, e.pdl_error))
+    assert runs[1][2], f"PDL capture fell back to plain launches: {runs[1][3]}"
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
