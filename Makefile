@@ -58,5 +58,13 @@ fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
 		tests/test_hostile_input.py
 
+# GPU targets: need an NVIDIA GPU and CuPy (pip install -e '.[gpu]'); tests/gpu skips without one
+test-gpu: $(VENV)/.test
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/gpu
+
+bench-gpu: $(VENV)/.crosscheck
+	$(PYTHON) tools/bench_gpu.py
+	$(PYTHON) tools/bench_attention.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
