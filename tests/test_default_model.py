@@ -6,6 +6,7 @@ its checkpoint and its evaluation data vouch for each other.
 """
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -115,3 +116,16 @@ def test_numpy_model_reproduces_the_subset_loss(heldout, eval_json):
     ids = subset(heldout, eval_json)
     out = model(ids, labels=ids)
     assert float(out.loss) == pytest.approx(eval_json["heldout_subset_loss_nats"], rel=RTOL)
+
+
+def test_cli_generate_without_model_works_offline():
+    """`stablelm-ref generate` with no --model uses the shipped model, with the Hub switched off."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "stablelm_ref.cli", "generate", "--max-new-tokens", "12",
+                          "def fibonacci(n):"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("def fibonacci(n):") and len(run.stdout) > len("def fibonacci(n):\n")
