@@ -23,6 +23,8 @@ import importlib
 import os
 import sys
 
+import numpy as np
+
 from .errors import StableLmError, TokenizerError
 
 PROG = "stablelm-ref"
@@ -46,6 +48,9 @@ def add_model_arguments(p):
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
                    help="compute dtype (default: float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
+    p.add_argument("--engine", choices=("graph", "reference"), default="graph",
+                   help="on the GPU, greedy bfloat16 decoding uses the CUDA-graph engine (graph, default) or the "
+                        "concept modules on CuPy (reference)")
 
 
 def add_sampling_arguments(p):
@@ -120,6 +125,8 @@ def print_stats(timings, file=None):
 def cmd_generate(args):
     from .generation import TextStreamer, generate
 
+    if use_graph_engine(args):
+        return generate_with_graph_engine(args)
     model, tok = load(args)
     enc = tok(args.prompt)
     timings = {}
@@ -127,6 +134,55 @@ def cmd_generate(args):
              timings=timings, **generation_kwargs(args, tok, model))
     if args.stats:
         print_stats(timings)
+    return 0
+
+
+def use_graph_engine(args):
+    """--device gpu, greedy, bfloat16, no repetition penalty: the CUDA-graph decode engine (unless
+    --engine reference asks for the concept modules on CuPy)."""
+    greedy = not (args.sample or args.top_k is not None or args.top_p is not None or args.temperature)
+    return (args.device == "gpu" and args.engine == "graph" and greedy and args.dtype in (None, "bfloat16")
+            and args.repetition_penalty in (None, 1.0))
+
+
+def generate_with_graph_engine(args):
+    """Greedy decoding with stablelm_ref.cuda.decode_engine: one CUDA graph replayed per token."""
+    import time
+
+    from .config import StableLmConfig
+    from .cuda.decode_engine import GpuDecodeEngine
+    from .generation import TextStreamer
+    from .heads import StableLmForCausalLM
+    from .tokenizer import Tokenizer
+
+    directory = resolve_model_dir(args.model, args.revision)
+    config = StableLmConfig.from_pretrained(directory)
+    if config.rope_type != "default":
+        raise StableLmError(f"the CUDA-graph engine supports default rope only, not {config.rope_type!r}; "
+                            "add --engine reference")
+    tok = Tokenizer.from_pretrained(directory)
+    model = StableLmForCausalLM.from_pretrained(directory, dtype="float32")  # host copy; the engine casts to bf16
+    ids = tok(args.prompt)["input_ids"]
+    prompt_len = ids.shape[1]
+    engine = GpuDecodeEngine(config, model.params, max_batch=1, max_len=prompt_len + args.max_new_tokens)
+    del model
+    streamer = TextStreamer(tok, skip_prompt=False)
+    streamer.put(ids)
+    eos = tok.eos_token_id
+    start = time.perf_counter()
+    engine.prefill(ids, None, logits=None)
+    token = int(engine.generated()[0, -1])
+    prefill_s, decode_start, steps = time.perf_counter() - start, time.perf_counter(), 1
+    streamer.put(np.array([token]))
+    while token != eos and steps < args.max_new_tokens:
+        engine.decode_step()
+        token = int(engine.generated()[0, -1])   # one host synchronisation per token, none per layer
+        steps += 1
+        streamer.put(np.array([token]))
+    streamer.end()
+    if args.stats:
+        print_stats({"prefill_tokens": prompt_len, "prefill_s": prefill_s, "decode_tokens": steps - 1,
+                     "decode_s": time.perf_counter() - decode_start})
     return 0
 
 
