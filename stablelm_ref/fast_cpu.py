@@ -11,8 +11,10 @@ specification; this file computes exactly the same equations and is tested equal
 - Fused weights, stored once, transposed for BLAS. Per layer
       W_qkv^T = [Wq; Wk; Wv]^T   [hidden, (H + 2 KVH) D]     one GEMM instead of three
       W_gu^T  = [Wgate; Wup]^T   [hidden, 2 I]               one GEMM instead of two
-      W_o^T [H D, hidden],  W_down^T [I, hidden],  W_lm^T [hidden, vocab]
-  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (or GEMV while decoding).
+      W_o^T [H D, hidden],  W_down^T [I, hidden]
+  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (or GEMV while decoding);
+  W_lm stays [vocab, hidden] (used transposed in place: copying the largest matrix would raise peak
+  memory at load by its size).
   The model's `params` entries become views into these matrices: the weights are not held twice, and
   the reference model keeps working on the same numbers.
 - Work buffers allocated once per (batch, new tokens) shape and written in place (`out=`): a decode
@@ -122,10 +124,9 @@ class FastCpuModel:
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.embed = p["model.embed_tokens.weight"]                         # [vocab, hidden]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
-        if c.tie_word_embeddings:
-            self.lm_head_t = self.embed.T                                  # a view; rows stay the embedding
-        else:
-            self.lm_head_t = _fuse_transposed(p, ["lm_head.weight"])       # [hidden, vocab]
+        # [hidden, vocab] as a view of the [vocab, hidden] matrix: a transposed copy would cost a second
+        # vocab x hidden array at load (the largest one), for little gain in a GEMV of one row per sequence.
+        self.lm_head_t = model.lm_head_weight.T
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
 
