@@ -27,6 +27,10 @@ $(VENV)/.test: pyproject.toml | $(PYTHON)
 	$(PIP) install -e '.[test]'
 	@touch $@
 
+$(VENV)/.plots: $(VENV)/.test
+	$(PIP) install -e '.[test,plots]'
+	@touch $@
+
 $(VENV)/.crosscheck: $(VENV)/.test
 	$(PIP) install 'torch==2.13.0'
 	$(PIP) install -e '.[test,crosscheck]'
@@ -50,8 +54,19 @@ $(VENV)/.bench: $(VENV)/.test
 bench: $(VENV)/.bench
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_cpu.py $(BENCH_ARGS)
 
+demo: $(VENV)/.test
+	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"
+
 goldens: $(VENV)/.crosscheck
 	$(PYTHON) tools/make_goldens.py --out tests/goldens
+
+walkthrough: $(VENV)/.plots
+	MPLBACKEND=Agg $(PYTHON) tools/run_walkthrough.py
+
+# >= 10,000 generated hostile inputs (tests/test_hostile_input.py); `make test` runs a few hundred of them
+fuzz: $(VENV)/.test
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+		tests/test_hostile_input.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -13,9 +13,15 @@ def wide_dtype(xp, dtype):
 
 
 def linear(x, weight, bias=None):
-    """y = x W^T + b, with W in the checkpoint's [out_features, in_features] layout."""
+    """y = x W^T + b, with W in the checkpoint's [out_features, in_features] layout.
+
+    The leading dims are flattened so the product is one 2-D matmul (one BLAS/cuBLAS call; CuPy has
+    no batched bfloat16 matmul).
+    """
     xp = array_namespace(x)
-    y = x @ xp.matrix_transpose(weight)  # [..., in] @ [in, out] -> [..., out]
+    lead = x.shape[:-1]
+    y = xp.reshape(x, (-1, x.shape[-1])) @ xp.matrix_transpose(weight)  # [N, in] @ [in, out] -> [N, out]
+    y = xp.reshape(y, (*lead, weight.shape[0]))                          # [..., out]
     return y if bias is None else y + bias
 
 

@@ -12,6 +12,8 @@ h // (heads / kv_heads) (transformers' repeat_kv order). Here the queries are re
 
 The mask is boolean [B, 1, T, S] (True = may attend): causal, and padding from the attention mask.
 Masked scores are set to the dtype's minimum, as transformers' eager path adds it.
+The two attention products run in float32 for 16-bit inputs (GPU bfloat16/float16): the scores
+then reach the float32 softmax unrounded, where transformers rounds them to 16 bits first.
 
 Config: num_attention_heads, num_key_value_heads, use_qkv_bias, qk_layernorm, layer_norm_eps,
 partial_rotary_factor (via rotary_ndims).
@@ -50,15 +52,18 @@ def softmax(scores, dtype):
 def scaled_dot_product_attention(q, k, v, mask):
     """q: [B, H, T, D]; k, v: [B, KVH, S, D]; mask: bool [B, 1, T, S] -> ([B, H, T, D], probs [B, H, T, S])."""
     xp = array_namespace(q)
+    dtype = q.dtype
     b, heads, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    if dtype not in (xp.float32, xp.float64):                               # 16-bit: products in float32
+        q, k, v = (xp.astype(a, xp.float32) for a in (q, k, v))
     q = xp.reshape(q, (b, kv_heads, group, t, d))                           # [B, KVH, G, T, D]
     k, v = k[:, :, None, :, :], v[:, :, None, :, :]                           # [B, KVH, 1, S, D]
     scores = (q @ xp.matrix_transpose(k)) * (d ** -0.5)                      # [B, KVH, G, T, S]
     scores = xp.where(mask[:, :, None, :, :], scores, dtype_min(xp, q.dtype))  # mask: [B, 1, 1, T, S]
     probs = softmax(scores, q.dtype)                                         # [B, KVH, G, T, S]
-    out = probs @ v                                                          # [B, KVH, G, T, D]
+    out = xp.astype(probs @ v, dtype)                                        # [B, KVH, G, T, D]
     return xp.reshape(out, (b, heads, t, d)), xp.reshape(probs, (b, heads, t, s))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 
@@ -45,10 +46,22 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 # ---- names and shapes a config implies ---------------------------------------------------------
 
-def expected_shapes(config, head="causal_lm"):
-    """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token"."""
+def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"):
+    """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token".
+
+    `limit` (the number of tensors a checkpoint holds) refuses, before building anything, a config
+    that implies more tensors than that: a config edited to a billion layers fails at once.
+    """
     h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     heads, kv = config.num_attention_heads, config.num_key_value_heads
+    per_layer = (9 + 2 * (not config.use_parallel_residual) + 3 * config.use_qkv_bias
+                 + (heads + kv) * config.qk_layernorm)
+    if limit is not None and 3 + config.num_hidden_layers * per_layer > limit:
+        raise CheckpointError(
+            f"config.json implies at least {3 + config.num_hidden_layers * per_layer} tensors "
+            f"(num_hidden_layers={config.num_hidden_layers}, {per_layer} per layer) but {where} holds "
+            f"{limit}: config.json does not match the weights"
+        )
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -109,13 +122,13 @@ def read_header(path):
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings; the file is corrupt")
     data_len = size - 8 - n
     entries, spans = {}, []
     for name, info in header.items():
@@ -140,7 +153,7 @@ def read_header(path):
                 f"{where}: data ends at byte {offsets[1]} but the file holds {data_len} data bytes: "
                 "the file is truncated; re-download it"
             )
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: np.prod would wrap around at 2**63
         if count * dtype.itemsize != offsets[1] - offsets[0]:
             raise CheckpointError(
                 f"{where}: shape {shape} of {info['dtype']} needs {count * dtype.itemsize} bytes but data_offsets "
@@ -184,6 +197,7 @@ def checkpoint_files(directory):
     if os.path.isfile(index):
         return _shards_from_index(directory, index)
     if os.path.isfile(single):
+        _check_inside(single, directory)
         entries, _, _ = read_header(single)
         return {name: single for name in entries}
     pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
@@ -196,25 +210,42 @@ def checkpoint_files(directory):
     raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
 
 
+def _plain_file_name(name):
+    return (name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and not any(ord(c) < 32 for c in name))
+
+
+def _check_inside(path, directory):
+    """A checkpoint file, resolved through symlinks, must lie in the model directory, or (a Hugging Face
+    cache snapshot, `<repo>/snapshots/<rev>/`, whose files link to `<repo>/blobs/`) in the repo's blobs."""
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if not any(os.path.dirname(real) == place for place in allowed):
+        raise CheckpointError(f"{path}: is a link to {real}, outside the model directory; refused (copy the file "
+                              "into the directory if you trust it)")
+
+
 def _shards_from_index(directory, index):
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f, object_pairs_hook=_no_duplicates)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e}); it needs "
                               '{"weight_map": {"tensor name": "shard file name"}}') from None
-    root = os.path.realpath(directory)
     files = {}
     for shard in sorted(set(weight_map.values())):
+        if not _plain_file_name(shard):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a plain file name in the model directory "
+                                  "(no '/', '..', absolute paths or control characters); refused")
         path = os.path.join(directory, shard)
-        if os.path.isabs(shard) or os.path.normpath(shard).startswith("..") or \
-                os.path.dirname(os.path.realpath(path)) != root:
-            raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory; refused")
         if not os.path.isfile(path):
             raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {directory}; "
                                   "the download is incomplete")
+        _check_inside(path, directory)
         files[shard] = path
     for name, shard in weight_map.items():
         weight_map[name] = files[shard]
@@ -245,12 +276,16 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
     params = {}
     for name, path in located.items():
         entry = headers[path][0][name]
-        target = dtype if entry[0].kind == "f" or entry[0] == SAFETENSORS_DTYPES["BF16"] else None
-        arr = read_tensor(path, entry, headers[path][2], target)
+        floating = entry[0].kind == "f" or entry[0] == SAFETENSORS_DTYPES["BF16"]
+        if expected is not None and not floating:
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {DTYPE_NAMES[entry[0]]}; model weights "
+                                  "must be floating point (F64, F32, F16 or BF16). The file is corrupt")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+            arr = read_tensor(path, entry, headers[path][2], dtype if floating else None)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values; its logits would be "
-                                  "meaningless. The file is damaged or was saved from a diverged run")
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values (as {arr.dtype}); its "
+                                  "logits would be meaningless. The file is damaged or was saved from a diverged run")
         params[name] = arr
     return params
 
@@ -275,7 +310,7 @@ def _check_against(located, headers, expected, directory):
 
 
 def _check_memory(expected, dtype, directory):
-    need = sum(int(np.prod(s)) for s in expected.values()) * np.dtype(dtype).itemsize
+    need = sum(math.prod(s) for s in expected.values()) * np.dtype(dtype).itemsize
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -287,31 +322,73 @@ def _check_memory(expected, dtype, directory):
 
 # ---- writing ------------------------------------------------------------------------------------
 
+def make_directory(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{directory}: cannot create the output directory ({e.strerror or e})") from None
+
+
+def _file_mode():
+    """The mode a plain open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
-def atomic_open(path):
+def atomic_open(path, group=None):
     """Open a temporary file beside `path` for writing; rename it to `path` only if the block succeeds.
 
-    A failed or interrupted save never leaves a partial file under the final name.
+    A failed or interrupted save never leaves a partial file under the final name and never touches a
+    file already there. With `group` (from `atomic_group`) the rename waits until every file of the
+    group is written. An OSError (disk full, read-only directory) becomes a CheckpointError.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                   suffix="-" + os.path.basename(path))
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        os.chmod(tmp, _file_mode())
+        if group is None:
+            os.replace(tmp, path)
+        else:
+            group.append((tmp, path))
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); nothing was changed there") from None
         raise
 
 
-def atomic_write(path, data: bytes):
-    with atomic_open(path) as f:
+@contextlib.contextmanager
+def atomic_group():
+    """Write several files as one (a model's weights and its config): each `atomic_open(path, group)`
+    writes a temporary file, and all are renamed into place only after the last one is written, so a
+    failure in any of them leaves every existing file as it was."""
+    pending = []
+    try:
+        yield pending
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp, _ in pending:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {', '.join(p for _, p in pending)} ({e.strerror or e})") from None
+        raise
+
+
+def atomic_write(path, data: bytes, group=None):
+    with atomic_open(path, group) as f:
         f.write(data)
 
 
-def save_file(tensors, path, metadata=None):
-    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically."""
+def save_file(tensors, path, metadata=None, group=None):
+    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically (see atomic_open)."""
     header, offset = {}, 0
     for name in sorted(tensors):
         arr = tensors[name]
@@ -324,7 +401,7 @@ def save_file(tensors, path, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    with atomic_open(path) as f:
+    with atomic_open(path, group) as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for name in sorted(tensors):
             arr = np.ascontiguousarray(tensors[name])

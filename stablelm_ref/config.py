@@ -78,7 +78,7 @@ class StableLmConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.id2label = _label_map(self.id2label)
             self.num_labels = len(self.id2label)
         self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
         self.validate()
@@ -150,6 +150,13 @@ class StableLmConfig:
         for value in (eos if isinstance(eos, list) else [eos]):
             if value is not None:
                 _check_int("eos_token_id", value, minimum=0)
+        if self.rope_type == "dynamic" and self.rotary_ndims <= 2:
+            raise ConfigError(f"dynamic rope scaling needs more than 2 rotary dims (its base exponent is d / (d - 2)),"
+                              f" got {self.rotary_ndims}; use linear scaling or a larger partial_rotary_factor")
+        for key, kind, example in (("architectures", list, '["StableLmForCausalLM"]'),
+                                   ("label2id", dict, '{"NEGATIVE": 0}'), ("torch_dtype", str, '"bfloat16"')):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), kind):
+                raise ConfigError(f"config key {key!r} must look like {example}, got {getattr(self, key)!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
 
@@ -172,8 +179,10 @@ class StableLmConfig:
             d.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor", 0.25))
             if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
                 scaling = rope
+        d["rope_scaling"] = scaling
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["rope_scaling"] = scaling
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known}
         try:
             return cls(**kwargs)
@@ -187,8 +196,10 @@ class StableLmConfig:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file; a model directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -219,12 +230,13 @@ class StableLmConfig:
         d["architectures"] = self.architectures or ["StableLmForCausalLM"]
         return d
 
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        from .checkpoint import atomic_write
+    def save_pretrained(self, directory: str | os.PathLike, group=None) -> str:
+        """Write config.json atomically (`group`: see checkpoint.atomic_group)."""
+        from .checkpoint import atomic_write, make_directory
 
-        os.makedirs(directory, exist_ok=True)
+        make_directory(directory)
         path = os.path.join(directory, "config.json")
-        atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode(), group)
         return path
 
 
@@ -249,6 +261,16 @@ def _normalise_rope_scaling(scaling):
         raise ConfigError(f"rope scaling {rope_type!r} needs a number 'factor' >= 1, got {factor!r}")
     scaling["factor"] = float(factor)
     return {"rope_type": rope_type, **scaling}
+
+
+def _label_map(id2label):
+    """{"0": "NEGATIVE", ...} -> {0: "NEGATIVE", ...}: keys must be integers, written as strings in JSON."""
+    if not isinstance(id2label, dict):
+        raise ConfigError(f"config key 'id2label' must be an object like {{\"0\": \"NEGATIVE\"}}, got {id2label!r}")
+    try:
+        return {int(k): v for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key 'id2label' must have integer keys, got {list(id2label)!r}") from None
 
 
 def _check_int(key, value, minimum):

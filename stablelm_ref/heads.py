@@ -95,6 +95,12 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
         return out
 
+    def run_with_trace(self, input_ids, **kwargs):
+        """(logits, {name: host array} of every intermediate in execution order); see trace.py."""
+        from .trace import run_with_trace
+
+        return run_with_trace(self, input_ids, **kwargs)
+
     def generate(self, input_ids, **kwargs):
         """Greedy or sampled continuation; see generation.generate for the arguments."""
         from .generation import generate

@@ -42,7 +42,10 @@ class KVCache:
         return self.length
 
     def nbytes(self):
-        return sum(int(k.size) * k.dtype.itemsize for k in self.keys + self.values)
+        def size(a):  # NumPy/CuPy arrays know their bytes; the array API only knows the dtype's bits
+            return a.nbytes if hasattr(a, "nbytes") else int(a.size) * self.xp.finfo(a.dtype).bits // 8
+
+        return sum(size(a) for a in self.keys + self.values)
 
     def reserve(self, new_tokens):
         """Make room for `new_tokens` more positions (grow by doubling if allowed), before a forward."""

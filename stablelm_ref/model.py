@@ -102,7 +102,8 @@ class StableLmPreTrainedModel:
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
-        expected = checkpoint.expected_shapes(config, cls.head)
+        stored = len(checkpoint.checkpoint_files(directory))               # bounds what the config may imply
+        expected = checkpoint.expected_shapes(config, cls.head, limit=stored, where=directory)
         params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(directory, expected))
         params = _strip_or_add_prefix(params)
         if device != "cpu":
@@ -128,14 +129,18 @@ class StableLmPreTrainedModel:
         return cls(config, params)
 
     def save_pretrained(self, directory, dtype=None):
-        """Write config.json + model.safetensors (names and layout transformers loads)."""
-        os.makedirs(directory, exist_ok=True)
+        """Write config.json + model.safetensors (names and layout transformers loads).
+
+        Both are written under temporary names and renamed together at the end: a failed save leaves
+        no partial file and no existing file changed."""
+        checkpoint.make_directory(directory)
         host = {k: _to_host(v) for k, v in self.params.items()}
         if dtype is not None:
             target = resolve_dtype(dtype, "gpu")
             host = {k: v.astype(target) for k, v in host.items()}
-        checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"})
-        self.config.save_pretrained(directory)
+        with checkpoint.atomic_group() as group:
+            checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
+            self.config.save_pretrained(directory, group)
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -146,9 +151,11 @@ class StableLmPreTrainedModel:
         xp = self.xp
         if input_ids is None:
             raise GenerationError("input_ids is required")
+        if isinstance(input_ids, (str, bytes)):
+            raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
         try:
             host = np.asarray(_to_host(input_ids))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
                                   "equal length; pad shorter rows and pass an attention_mask)") from None
         if host.size == 0:
@@ -166,15 +173,31 @@ class StableLmPreTrainedModel:
         return xp.asarray(host.astype(np.int64))
 
     def _mask_2d(self, attention_mask, batch, total):
+        """[B, S] of 0/1 (ints, floats or bools) -> bool, S = cached + new positions."""
         if attention_mask is None:
             return None
-        host = np.asarray(_to_host(attention_mask))
+        host = _host_numbers(attention_mask, "attention_mask")
         if host.shape != (batch, total):
             raise GenerationError(f"attention_mask has shape {host.shape}, expected {(batch, total)} "
                                   "(batch, cached + new positions)")
-        if host.size and not np.isin(host, (0, 1)).all():
-            raise GenerationError("attention_mask may only hold 0 (padding) and 1 (token)")
+        if host.size and not ((host == 0) | (host == 1)).all():
+            bad = host[(host != 0) & (host != 1)].flat[0]
+            raise GenerationError(f"attention_mask may only hold 0 (padding) and 1 (token), found {bad}")
         return self.xp.asarray(host.astype(bool))
+
+    def _positions(self, position_ids, batch, t):
+        """[B, T], [1, T] or [T] non-negative integer positions -> [B, T] int64.
+
+        Positions past max_position_embeddings are allowed, as in transformers: generation may run past
+        the context through the cache (rotary extrapolates; the model was not trained there)."""
+        host = _host_numbers(position_ids, "position_ids")
+        if host.dtype.kind not in "iu":
+            raise GenerationError(f"position_ids must be integers, got {host.dtype}")
+        if host.shape not in ((batch, t), (1, t), (t,)):
+            raise GenerationError(f"position_ids has shape {host.shape}, expected {(batch, t)} (batch, new tokens)")
+        if host.size and host.min() < 0:
+            raise GenerationError(f"position id {int(host.min())} is negative; positions count from 0")
+        return self.xp.asarray(np.broadcast_to(host.reshape(-1, t), (batch, t)).astype(np.int64))
 
     # ---- the transformer ----------------------------------------------------------------------
     def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
@@ -190,14 +213,16 @@ class StableLmPreTrainedModel:
             if cache.batch_size != batch:
                 raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {batch}")
             cache.reserve(t)
-        if past + t > config.max_position_embeddings and config.rope_type != "dynamic":
-            raise GenerationError(f"{past + t} positions exceed max_position_embeddings "
+        if past == 0 and t > config.max_position_embeddings and config.rope_type != "dynamic":
+            # a prompt longer than the context is refused; decoding past it through the cache is allowed,
+            # as in transformers (rotary extrapolates; the model was not trained there)
+            raise GenerationError(f"{t} positions exceed max_position_embeddings "
                                   f"({config.max_position_embeddings}); shorten the prompt")
         mask2d = self._mask_2d(attention_mask, batch, past + t)           # [B, S] or None
         if position_ids is None:
             position_ids = xp.broadcast_to(xp.arange(past, past + t)[None, :], (batch, t))  # [B, T]
         else:
-            position_ids = xp.asarray(np.asarray(_to_host(position_ids)).astype(np.int64).reshape(batch, t))
+            position_ids = self._positions(position_ids, batch, t)         # [B, T]
 
         embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
         x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]
@@ -250,6 +275,17 @@ def causal_mask(attention_mask, batch, q_len, past, xp):
 def _to_host(a):
     """A CuPy array -> NumPy; anything else unchanged."""
     return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+def _host_numbers(a, name):
+    """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
+    try:
+        host = np.asarray(_to_host(a))
+    except (ValueError, TypeError, OverflowError):
+        host = None
+    if host is None or host.dtype.kind not in "biuf":
+        raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
+    return host
 
 
 def _local_or_hub(path, **hub_kwargs):

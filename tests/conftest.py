@@ -45,3 +45,15 @@ def tiny_model(seed=0, dtype="float64", cls=StableLmForCausalLM, **overrides):
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
     return request.param
+
+
+def _namespaces():
+    import array_api_strict
+
+    return {"numpy": np, "array_api_strict": array_api_strict}
+
+
+@pytest.fixture(params=["numpy", "array_api_strict"])
+def xp(request):
+    """The concept tests run on NumPy and on array-api-strict, which refuses anything outside the standard."""
+    return _namespaces()[request.param]

@@ -1,0 +1,364 @@
+"""Text generation: logits processors, greedy and sampled decoding, stopping at EOS, streaming.
+
+    prefill:  z = model(prompt, mask, positions = cumsum(mask) - 1)[:, -1]      one forward, fills the cache
+    step:     z = repetition_penalty(z) -> z / temperature -> top_k(z) -> top_p(z)   (transformers' order)
+              next = argmax z                               do_sample=False (greedy)
+                   | next ~ softmax(z)                      do_sample=True, numpy.random.Generator(seed)
+              next = pad_token_id where the row has already produced EOS
+              z = model(next, cache, positions = previous + 1)[:, -1]              one token per row
+
+with each processor as transformers defines it:
+
+    repetition_penalty  z_v = z_v / p if z_v > 0 else z_v * p,  for every id v already in the row
+                        (prompt and generated; the left padding is ignored, as transformers 5 does)
+    temperature         z = z / T
+    top_k               keep z_v >= (k-th largest z); ties at the k-th value are kept
+    top_p               sort ascending, drop the tokens whose cumulative probability is <= 1 - p:
+                        the smallest set of the most likely tokens whose probability reaches p stays
+
+Padding is on the left: a row's position ids come from its attention mask (cumsum - 1, pad slots 0),
+so a left-padded row produces the same tokens as the row alone. The KV cache is preallocated for
+prompt + max_new_tokens positions and never grows; every forward asks only for the last position's
+logits (logits_to_keep=1). Rows that produced an EOS id keep emitting pad_token_id (eos when the model
+has no pad token, as transformers does) and generation stops early once every row is finished; the
+result is the full sequences [B, prompt + generated] like transformers' generate.
+
+The logits are processed on the host, in float32 (float64 for a float64 model: the golden reference);
+transformers processes in float32. Sampling draws u ~ U[0, 1) per row and inverts the cumulative
+distribution, so a filtered token (probability exactly 0) can never be drawn.
+
+Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
+max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,
+repetition_penalty 1.0; eos_token_id and pad_token_id from the model's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .errors import GenerationError
+from .kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 20  # transformers' model-agnostic default
+DEFAULT_TOP_K = 50       # transformers' default when sampling
+
+
+# ---- logits processors: [B, V] -> [B, V] --------------------------------------------------------
+
+def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
+    """Penalise every id present in the row: positive scores / penalty, negative scores * penalty.
+
+    scores [B, V]; input_ids [B, S]; ignore_prefix [B]: leading positions (left padding) not counted.
+    """
+    scores = np.asarray(scores)
+    ids = np.asarray(input_ids)
+    batch, vocab = scores.shape
+    if ignore_prefix is not None:
+        positions = np.arange(ids.shape[1])[None, :]                      # [1, S]
+        ids = np.where(positions < np.asarray(ignore_prefix)[:, None], vocab, ids)  # pad slots -> V (dropped)
+    present = np.zeros((batch, vocab + 1), dtype=bool)                   # [B, V + 1]
+    present[np.arange(batch)[:, None], ids] = True
+    penalised = np.where(scores < 0, scores * penalty, scores / penalty).astype(scores.dtype)
+    return np.where(present[:, :vocab], penalised, scores)
+
+
+def apply_temperature(scores, temperature):
+    return (scores / temperature).astype(scores.dtype)
+
+
+def apply_top_k(scores, k):
+    """Keep the scores >= the k-th largest of each row; the rest become -inf."""
+    k = min(k, scores.shape[-1])
+    kth = np.partition(scores, -k, axis=-1)[:, -k:].min(axis=-1, keepdims=True)  # [B, 1]
+    return np.where(scores < kth, -np.inf, scores).astype(scores.dtype)
+
+
+def apply_top_p(scores, p):
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    order = np.argsort(scores, axis=-1, kind="stable")                   # ascending, [B, V]
+    ascending = np.take_along_axis(scores, order, axis=-1)
+    cumulative = np.cumsum(softmax(ascending), axis=-1)                   # [B, V]
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[:, -1] = False                                          # keep the most likely token
+    remove = np.empty_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)             # back to vocabulary order
+    return np.where(remove, -np.inf, scores).astype(scores.dtype)
+
+
+def softmax(scores):
+    z = scores - np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def sample(probs, rng):
+    """One draw per row from probs [B, V] by inverting the cumulative distribution -> [B]."""
+    probs = np.asarray(probs, dtype=np.float64)
+    cdf = np.cumsum(probs, axis=-1)                                      # [B, V]
+    u = rng.random(probs.shape[0]) * cdf[:, -1]                          # [B]
+    idx = np.sum(cdf <= u[:, None], axis=-1)                             # first index with cdf > u
+    last_possible = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+    return np.minimum(idx, last_possible)                                # rounding guard at u ~ 1
+
+
+def process_logits(scores, sequences, settings, ignore_prefix=None):
+    """transformers' order: repetition penalty (always), then for sampling temperature, top-k, top-p."""
+    if settings["repetition_penalty"] != 1.0:
+        scores = apply_repetition_penalty(scores, sequences, settings["repetition_penalty"], ignore_prefix)
+    if settings["do_sample"]:
+        if settings["temperature"] != 1.0:
+            scores = apply_temperature(scores, settings["temperature"])
+        if settings["top_k"]:
+            scores = apply_top_k(scores, settings["top_k"])
+        if settings["top_p"] < 1.0:
+            scores = apply_top_p(scores, settings["top_p"])
+    return scores
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+class TextStreamer:
+    """Prints text as it is generated (batch 1): transformers' streamer protocol, put(ids) / end().
+
+    generate calls put(prompt_ids [1, T]) once, then put(next_ids [1]) per new token, then end().
+    The text so far is decoded whole and only the new suffix is written, held back while it ends in
+    an incomplete UTF-8 character (a byte-level BPE token can hold part of one).
+    """
+
+    def __init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True, file=None):
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.skip_special_tokens = skip_special_tokens
+        self.file = file
+        self.ids, self.printed, self.prompt_seen = [], 0, False
+        self.text = ""
+
+    def put(self, value):
+        value = np.asarray(value)
+        if value.ndim > 1 and value.shape[0] > 1:
+            raise GenerationError("TextStreamer streams one sequence: generate a batch of 1 (or no streamer)")
+        value = value.reshape(-1).tolist()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            if self.skip_prompt:
+                return
+        self.ids.extend(value)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return  # an incomplete character: wait for the next token
+        self._write(text[self.printed:])
+        self.printed = len(text)
+        self.text = text
+
+    def end(self):
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        self._write(text[self.printed:] + "\n")
+        self.text = text
+        self.ids, self.printed, self.prompt_seen = [], 0, False
+
+    def _write(self, s):
+        out = self.file if self.file is not None else sys.stdout
+        out.write(s)
+        out.flush()
+
+
+# ---- argument checking --------------------------------------------------------------------------
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _token_ids(name, value, vocab_size, allow_list):
+    if value is None:
+        return None
+    values = list(value) if allow_list and isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not values or not all(_is_int(v) for v in values):
+        raise GenerationError(f"{name} must be an integer token id{' or a list of them' if allow_list else ''}, "
+                              f"got {value!r}")
+    for v in values:
+        if not 0 <= int(v) < vocab_size:
+            raise GenerationError(f"{name} {int(v)} is outside the vocabulary [0, {vocab_size})")
+    return [int(v) for v in values]
+
+
+def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
+              repetition_penalty, seed):
+    config = model.config
+    if not isinstance(do_sample, bool):
+        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_length is not None and (not _is_int(max_length) or max_length < 1):
+        raise GenerationError(f"max_length must be an integer >= 1, got {max_length!r}")
+    if temperature is not None and (not _is_number(temperature) or temperature <= 0):
+        raise GenerationError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding "
+                              "use do_sample=False)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise GenerationError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if repetition_penalty is not None and (not _is_number(repetition_penalty) or repetition_penalty <= 0):
+        raise GenerationError(f"repetition_penalty must be a number > 0 (1.0 turns it off), got "
+                              f"{repetition_penalty!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise GenerationError(f"seed must be an integer >= 0, got {seed!r}")
+    if not do_sample and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
+                                                            (top_p, 1.0))):
+        warnings.warn("do_sample=False: temperature, top_k and top_p are ignored (greedy decoding); pass "
+                      "do_sample=True to sample", UserWarning, stacklevel=3)
+
+    if max_new_tokens is not None:
+        if max_length is not None:
+            logger.warning("Both max_new_tokens (=%d) and max_length (=%d) are set; max_new_tokens takes "
+                           "precedence", max_new_tokens, max_length)
+        total = prompt_len + max_new_tokens
+    elif max_length is not None:
+        if prompt_len >= max_length:
+            raise GenerationError(f"the prompt has {prompt_len} tokens but max_length is {max_length}; "
+                                  "increase max_length or, better, set max_new_tokens")
+        total = max_length
+    else:
+        warnings.warn(f"Using the default max_length (={DEFAULT_MAX_LENGTH} new tokens); set max_new_tokens "
+                      "to control the generation length", UserWarning, stacklevel=3)
+        total = min(prompt_len + DEFAULT_MAX_LENGTH, config.max_position_embeddings)
+        if total <= prompt_len:
+            total = prompt_len + 1
+    if prompt_len > config.max_position_embeddings and config.rope_type != "dynamic":
+        raise GenerationError(f"the prompt has {prompt_len} tokens, more than max_position_embeddings "
+                              f"({config.max_position_embeddings}); shorten the prompt")
+    if total > config.max_position_embeddings and config.rope_type != "dynamic":
+        # transformers generates past the context too (rotary extrapolates); quality is not promised there
+        warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "
+                      f"({config.max_position_embeddings}): the model was not trained that far", UserWarning,
+                      stacklevel=3)
+    return dict(do_sample=do_sample, max_new_tokens=total - prompt_len,
+                temperature=1.0 if temperature is None else float(temperature),
+                top_k=DEFAULT_TOP_K if top_k is None else int(top_k),
+                top_p=1.0 if top_p is None else float(top_p),
+                repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty))
+
+
+def _attention_mask(attention_mask, ids, pad_token_id, eos):
+    """The given mask (checked), or transformers' inference: ids != pad when pad is present and not an EOS."""
+    if attention_mask is None:
+        if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in (eos or []):
+            return (ids != pad_token_id).astype(np.int64)
+        return np.ones_like(ids)
+    try:
+        mask = np.asarray(_to_host(attention_mask))
+    except (TypeError, ValueError):
+        raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
+    if mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids has {ids.shape}; they must match")
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        raise GenerationError("attention_mask may only hold 0 (padding) and 1 (token)")
+    mask = mask.astype(np.int64)
+    if not mask.any(axis=1).all():
+        row = int(np.nonzero(~mask.any(axis=1))[0][0])
+        raise GenerationError(f"row {row} of attention_mask is all padding: every row needs at least one token")
+    return mask
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
+             temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
+             pad_token_id=None, seed=None, streamer=None, timings=None):
+    """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
+
+    `timings`, a dict when given, receives prefill_tokens, prefill_s, decode_tokens, decode_s.
+    """
+    if not hasattr(model, "lm_head_weight"):
+        raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
+                              "StableLmForCausalLM")
+    config = model.config
+    ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
+    batch, prompt_len = ids.shape
+    vocab = config.vocab_size
+    eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is None else eos_token_id, vocab,
+                     allow_list=True)
+    pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is None else pad_token_id, vocab,
+                     allow_list=False)
+    pad = pad[0] if pad else None
+    if pad is None and eos is not None:
+        if attention_mask is None and batch > 1:
+            logger.warning("The attention mask and the pad token id were not set, with a batched input. As a "
+                           "consequence, you may observe unexpected behavior. Please pass your input's "
+                           "attention_mask to obtain reliable results.")
+        pad = eos[0]
+    s = _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
+                  repetition_penalty, seed)
+    mask = _attention_mask(attention_mask, ids, pad, eos)              # [B, T] host ints
+    if batch > 1 and (mask[:, -1] == 0).any():
+        logger.warning("A decoder-only model is being used, but right-padding was detected! For correct "
+                       "generation results, pad on the left (Tokenizer does by default)")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and
+                                     callable(getattr(streamer, "end", None))):
+        raise GenerationError(f"streamer must have put(ids) and end() methods, got {type(streamer).__name__}")
+    rng = np.random.default_rng(seed) if s["do_sample"] else None
+    wide = np.float64 if model.dtype == np.float64 else np.float32
+    ignore_prefix = np.argmax(mask != 0, axis=1)                          # [B] left-padding lengths
+
+    total = prompt_len + s["max_new_tokens"]
+    cache = KVCache(config, batch, total, model.dtype, model.xp)         # exactly sized, never grown
+    sequences = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
+    sequences[:, :prompt_len] = ids
+    full_mask = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
+    full_mask[:, :prompt_len] = mask
+    unfinished = np.ones(batch, dtype=bool)
+    if streamer is not None:
+        streamer.put(ids)
+
+    t0 = time.perf_counter()
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)       # [B, T]
+    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    length = prompt_len
+    prefill_s, t_decode = None, None
+    while True:
+        scores = np.asarray(_to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
+        if prefill_s is None:
+            prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
+        scores = process_logits(scores, sequences[:, :length], s, ignore_prefix)
+        if s["do_sample"]:
+            next_ids = sample(softmax(scores.astype(np.float64)), rng)  # [B]
+        else:
+            next_ids = np.argmax(scores, axis=-1)                        # [B]
+        next_ids = np.where(unfinished, next_ids, pad).astype(np.int64)  # finished rows emit pad
+        sequences[:, length] = next_ids
+        full_mask[:, length] = 1
+        length += 1
+        if streamer is not None:
+            streamer.put(next_ids)
+        if eos is not None:
+            unfinished &= ~np.isin(next_ids, eos)
+        if length == total or not unfinished.any():
+            break
+        position = full_mask[:, :length].sum(axis=1, keepdims=True) - 1  # [B, 1]
+        out = model(next_ids[:, None], attention_mask=full_mask[:, :length], position_ids=position,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    decode_s = time.perf_counter() - t_decode
+    if streamer is not None:
+        streamer.end()
+    if timings is not None:
+        timings.update(prefill_tokens=int(mask.sum()), prefill_s=prefill_s,
+                       decode_tokens=batch * (length - prompt_len - 1), decode_s=decode_s)
+    result = sequences[:, :length]
+    return model.xp.asarray(result) if model.xp is not np else result
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a

@@ -1,0 +1,120 @@
+"""Models from the Hugging Face Hub: download into its cache (safetensors and JSON only), or work offline.
+
+    snapshot("stabilityai/stablelm-3b-4e1t") -> ~/.cache/huggingface/hub/models--stabilityai--stablelm-3b-4e1t/snapshots/<commit>/
+
+`huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
+downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
+what to say when it cannot. Only `*.safetensors` and `*.json` are fetched (config, tokenizer,
+shard index): pickle checkpoints (`pytorch_model.bin`) are never downloaded, let alone opened.
+
+Offline (HF_HUB_OFFLINE=1, local_files_only=True, or no network): the cached snapshot is used; if
+there is none, HubError says the model is not cached and how to get it there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import HubError
+
+ALLOW_PATTERNS = ["*.safetensors", "*.json"]
+
+
+def snapshot_download(repo_id, **kwargs):
+    """huggingface_hub.snapshot_download, imported on first use (tests replace this function)."""
+    from huggingface_hub import snapshot_download as download
+
+    return download(repo_id, **kwargs)
+
+
+def is_offline():
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, now or when huggingface_hub was imported."""
+    truthy = {"1", "on", "yes", "true"}
+    if any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:
+        return False
+
+
+def _errors():
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # huggingface_hub < 0.24
+        from huggingface_hub import utils as errors
+    return errors
+
+
+def not_cached_message(repo_id, revision=None):
+    rev = f" (revision {revision})" if revision else ""
+    return (f"{repo_id}{rev} is not in the local Hugging Face cache and cannot be downloaded here (offline or no "
+            f"network). On a machine with network run: huggingface-cli download {repo_id} --include "
+            f"'*.safetensors' '*.json'{' --revision ' + revision if revision else ''} (or hf download ...; then copy "
+            "the cache, HF_HOME, here), or pass a local model directory")
+
+
+def snapshot(repo_id, revision=None, cache_dir=None, local_files_only=False, token=None):
+    """The local directory of `repo_id` at `revision`, downloading *.safetensors and *.json if needed."""
+    if not isinstance(repo_id, str) or not repo_id:
+        raise HubError(f"a model is a local directory or a Hub repo id like 'stabilityai/stablelm-3b-4e1t', "
+                       f"got {repo_id!r}")
+    errors = _errors()
+    kwargs = dict(revision=revision, cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+                  allow_patterns=ALLOW_PATTERNS)
+    if token is not None:
+        kwargs["token"] = token
+    not_found = "no such local directory, and"
+    if not (local_files_only or is_offline()):
+        try:
+            return snapshot_download(repo_id, **kwargs)
+        except errors.HFValidationError:
+            raise HubError(f"{repo_id!r}: {not_found} not a valid Hub repo id ('owner/name')") from None
+        except errors.GatedRepoError:
+            raise HubError(f"{repo_id}: a gated repository; accept its terms on huggingface.co and log in "
+                           "(hf auth login), or pass a local directory") from None
+        except errors.RepositoryNotFoundError:
+            raise HubError(f"{repo_id!r}: {not_found} no such repository on the Hub (or it is private: log in "
+                           "with hf auth login)") from None
+        except errors.RevisionNotFoundError:
+            raise HubError(f"{repo_id}: revision {revision!r} does not exist on the Hub") from None
+        except Exception as e:  # no network: connection errors, timeouts, offline mode
+            if not _is_connection_error(e, errors):
+                raise HubError(f"{repo_id}: download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                               ) from None
+    try:
+        return snapshot_download(repo_id, local_files_only=True, **kwargs)
+    except errors.HFValidationError:
+        raise HubError(f"{repo_id!r}: {not_found} not a valid Hub repo id ('owner/name')") from None
+    except Exception as e:
+        if isinstance(e, (FileNotFoundError, OSError, ValueError, LookupError)) or _is_connection_error(e, errors):
+            raise HubError(not_cached_message(repo_id, revision)) from None
+        raise
+
+
+def _is_connection_error(e, errors):
+    kinds = [ConnectionError, TimeoutError, errors.LocalEntryNotFoundError]
+    for module, name in (("httpx", "TransportError"), ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            kinds.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    offline = getattr(errors, "OfflineModeIsEnabled", None)
+    if offline is not None:
+        kinds.append(offline)
+    return isinstance(e, tuple(kinds))
+
+
+def cached_snapshot(repo_id, filenames=("config.json",), revision=None, cache_dir=None):
+    """The cached snapshot directory holding all `filenames`, or None (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        if not isinstance(path, str):
+            return None
+        found.append(os.path.dirname(path))
+    return found[0] if found and all(d == found[0] for d in found) else None

@@ -1,0 +1,349 @@
+"""The tokenizer: text <-> ids through the `tokenizers` library, left padding, chat templates.
+
+    ids   = post_process(bpe(pre_tokenize(normalize(text))))      tokenizer.json (the `tokenizers` library)
+    batch = [pad] * (width - len(ids)) + ids,  mask = [0] * (width - len(ids)) + [1] * len(ids)
+    text  = decode(ids)                                           (special tokens dropped on request)
+
+A model directory holds tokenizer.json (vocabulary, merges, normalizer, pre-tokenizer, decoder) and
+usually tokenizer_config.json / special_tokens_map.json, which name the special tokens (bos, eos,
+pad, unk), say whether to add bos/eos to each text, and carry the chat template. StableLM 3b-4e1t
+uses the GPT-NeoX-20B BPE (50277 tokens, `<|endoftext|>` = 0 is bos, eos and unk, no pad token);
+StableLM 2 uses Arcade100k. A directory holding only tokenizer.json gets GPT-NeoX defaults:
+`<|endoftext|>` as bos and eos when the vocabulary has it.
+
+Padding goes on the left (a decoder continues from the last position of every row). Without a pad
+token, rows are padded with eos: the attention mask marks those slots, so their id never matters.
+
+Chat templates are Jinja; they come with downloaded files, so they render in jinja2's
+ImmutableSandboxedEnvironment (no access to Python internals: `''.__class__` is an error, not an
+empty string), with limits on output length, range sizes and render time.
+
+Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+
+import numpy as np
+
+from .errors import TokenizerError
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+NEOX_DEFAULT = "<|endoftext|>"
+TEMPLATE_MAX_CHARS = 1_000_000  # rendered chat prompt
+TEMPLATE_MAX_SECONDS = 2.0
+TEMPLATE_MAX_RANGE = 100_000
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template of tokenizer_config.json."""
+
+    def __init__(self, backend, bos_token=None, eos_token=None, pad_token=None, unk_token=None,
+                 add_bos_token=False, add_eos_token=False, chat_template=None, model_max_length=None, source="<memory>"):
+        self.backend = backend
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.source = source
+        self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
+            if token is not None and backend.token_to_id(token) is None:
+                raise TokenizerError(f"{source}: {name} {token!r} is not in the vocabulary of tokenizer.json; fix "
+                                     "tokenizer_config.json / special_tokens_map.json")
+            setattr(self, name, token)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, revision=None, cache_dir=None, **hub_kwargs):
+        """Load from a directory, or a Hub repo id (its *.json files, through hub.snapshot)."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise TokenizerError(f"{path}: a file, not a directory; give the directory that holds "
+                                     "tokenizer.json")
+            from . import hub
+
+            path = hub.snapshot(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise TokenizerError(f"{path}: no tokenizer.json (the only tokenizer format read here); add the "
+                                 "model's tokenizer.json to the directory")
+        backend = _load_backend(tok_file)
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
+        tokens = {}
+        for name in SPECIAL_NAMES:
+            value = config.get(name, special_map.get(name))
+            tokens[name] = _token_content(value, name, path)
+        if tokens["bos_token"] is None and tokens["eos_token"] is None and backend.token_to_id(NEOX_DEFAULT) is not None:
+            tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
+        template = config.get("chat_template")
+        template_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(template_file):
+            with open(template_file, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+        max_len = config.get("model_max_length")
+        return cls(backend, **tokens, add_bos_token=config.get("add_bos_token", False),
+                   add_eos_token=config.get("add_eos_token", False), chat_template=template,
+                   model_max_length=max_len if isinstance(max_len, int) else None, source=path)
+
+    @classmethod
+    def from_file(cls, tokenizer_json, **kwargs):
+        """Only a tokenizer.json: give the special tokens as keyword arguments (GPT-NeoX defaults)."""
+        backend = _load_backend(os.fspath(tokenizer_json))
+        if backend.token_to_id(NEOX_DEFAULT) is not None:
+            for name in ("bos_token", "eos_token", "unk_token"):
+                kwargs.setdefault(name, NEOX_DEFAULT)
+        return cls(backend, source=os.fspath(tokenizer_json), **kwargs)
+
+    # ---- ids of the special tokens ------------------------------------------------------------
+    def token_to_id(self, token):
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self):
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self):
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self):
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def unk_token_id(self):
+        return self.token_to_id(self.unk_token)
+
+    @property
+    def vocab_size(self):
+        """Number of ids, added tokens included (the largest id + 1)."""
+        return self._vocab_size
+
+    def __len__(self):
+        return self.vocab_size
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode(self, text, add_special_tokens=True):
+        """One text -> list of ids (tokenizer.json's post-processor, then add_bos/add_eos_token)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"text must be a string, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+                ids = [self.bos_token_id] + ids
+            if self.add_eos_token and self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
+                ids = ids + [self.eos_token_id]
+        return ids
+
+    def __call__(self, text, padding=True, add_special_tokens=True):
+        """A text or a list of texts -> {"input_ids": [B, T] int64, "attention_mask": [B, T] int64}.
+
+        Rows of different lengths are padded on the left (padding=True); padding=False requires
+        equal lengths."""
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TokenizerError("give a string or a non-empty list of strings to tokenize")
+        rows = [self.encode(t, add_special_tokens) for t in texts]
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows):
+            if not padding:
+                raise TokenizerError("the texts have different lengths in tokens: pass padding=True")
+        pad_id = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
+        if pad_id is None and any(len(r) != width for r in rows):
+            raise TokenizerError(f"{self.source}: no pad_token and no eos_token to pad with; set pad_token")
+        ids = np.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = r
+                mask[i, width - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens=False):
+        """ids -> text. Ids the tokenizer does not have decode to nothing, as in the tokenizers library: a
+        model's embedding is often padded past the tokenizer (50304 rows for 50277 tokens in 3b-4e1t)
+        and sampling can, rarely, pick one of those rows."""
+        ids = np.asarray(_to_host(ids))
+        if ids.ndim != 1:
+            raise TokenizerError(f"decode takes one sequence of ids, got shape {ids.shape}; use batch_decode")
+        ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise TokenizerError(f"negative token id {min(ids)}: ids are >= 0")
+        n = self._vocab_size
+        return self.backend.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens=False):
+        return [self.decode(row, skip_special_tokens) for row in np.asarray(_to_host(sequences))]
+
+    # ---- chat template ------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
+                            **kwargs):
+        """Render the conversation with the chat template (sandboxed); token ids if tokenize=True."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
+                                 "'chat_template'); pass chat_template=... or use a chat model's tokenizer")
+        if not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                   "pad_token": self.pad_token or "", "unk_token": self.unk_token or "", **kwargs}
+        text = render_chat_template(template, messages=list(messages),
+                                    add_generation_prompt=add_generation_prompt, **context)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# ---- the sandbox --------------------------------------------------------------------------------
+
+def _sandbox():
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        """No Python internals (errors, not silent blanks), bounded time, ranges and string sizes."""
+
+        intercepted_binops = frozenset({"*", "**"})
+        deadline = float("inf")
+
+        def check_time(self):
+            if time.monotonic() > self.deadline:
+                raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
+
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe")
+
+        def getattr(self, obj, attribute):
+            self.check_time()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self.check_time()
+            return super().getitem(obj, argument)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+            __self.check_time()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            self.check_time()
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise SecurityError("the template builds a sequence too large to render")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1000:
+                raise SecurityError("the template raises to a power too large to compute")
+            return super().call_binop(context, operator, left, right)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def checked_range(*args):
+        r = range(*args)
+        if len(r) > TEMPLATE_MAX_RANGE:
+            raise SecurityError(f"range of {len(r)} items is too large (at most {TEMPLATE_MAX_RANGE})")
+        for i in r:
+            env.check_time()
+            yield i
+
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.globals.update(range=checked_range, raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.filters["tojson"] = tojson
+    return env
+
+
+_ENV = None
+
+
+def render_chat_template(template, **context):
+    """Render a chat template string in the sandbox; every failure is a TokenizerError."""
+    from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+
+    global _ENV
+    if _ENV is None:
+        _ENV = _sandbox()
+    try:
+        compiled = _ENV.from_string(template)
+    except TemplateSyntaxError as e:
+        raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    _ENV.deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+    pieces, size = [], 0
+    try:
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+            _ENV.check_time()
+            pieces.append(piece)
+    except SecurityError as e:
+        raise TokenizerError(f"the chat template was refused by the sandbox: {e}") from None
+    except TemplateError as e:
+        raise TokenizerError(f"the chat template failed: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+            RecursionError) as e:
+        raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        _ENV.deadline = float("inf")
+    return "".join(pieces)
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def _load_backend(path):
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        return Backend.from_file(path)
+    except Exception as e:  # the Rust library raises plain Exception subclasses
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]}); "
+                             "re-download it") from None
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e}); re-download or fix it") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _token_content(value, name, path):
+    """A special token is a string or an AddedToken dict {"content": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+__all__ = ["Tokenizer", "render_chat_template"]

@@ -1,0 +1,373 @@
+"""Golden-reference checks: record every intermediate of a forward pass, save it, compare two recordings.
+
+    trace     = {name: array}, in execution order; names follow the checkpoint's (model.embed_tokens,
+                model.layers.3.self_attn.q_proj, ..., model.layers.3 (residual out), model.norm, lm_head)
+    scale     = max(max|a|, max|b|)                         one number per tensor, both sides
+    abs_err   = max |a - b|
+    rel_err   = abs_err / scale                             normwise relative error
+    cosine    = <a, b> / (||a|| ||b||)                      in float64
+    ok        = abs_err <= atol + rtol * scale
+    first divergence = the first tensor, in A's execution order, that is not ok
+
+Why normwise and not elementwise: intermediates are full of elements near zero (attention weights
+of masked or ignored keys, activations that cross zero). An elementwise |a-b|/|b| there measures
+nothing but the denominator, while the rounding error of a matmul or LayerNorm scales with the size
+of the whole tensor, not of the element. Dividing by the tensor's largest magnitude gives one
+comparable number per tensor, is symmetric in A and B, and never divides by ~0.
+
+Tolerances default by the lower precision of the two traces (a trace's precision is its `dtype`
+metadata when present, else its tensors' dtype); see DEFAULT_TOLERANCES. A trace is a safetensors
+file: tensors under their names, stored in the dtype they were computed in (float16 and bfloat16
+included), metadata = model, dtype, device, ids (JSON), package version, producer, and the execution
+order as JSON (safetensors sorts the names). Any safetensors file of {name: array} compares too:
+without the order metadata its names are taken in sorted order.
+
+    logits, trace = model.run_with_trace([[510, 8588, 310]])
+    stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
+    stablelm-ref compare a.safetensors b.safetensors          # exit 0: all agree, 1: a divergence
+
+Tracing costs nothing when off: the model calls `trace(name, array)` only when a callback is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checkpoint
+from .errors import CheckpointError, StableLmError, TokenizerError
+
+TRACE_FORMAT = "stablelm-ref-trace/1"
+
+# (rtol, atol) by the lower precision of the two traces. The check is normwise (see above), so
+# rtol is a bound on abs_err / max|x| and atol only matters for tensors that are ~0 throughout.
+#  float64: both sides exact to ~1e-16 per operation (measured: transformers --exact against us,
+#           <= 3.5e-15 of scale); different summation orders (BLAS blocking, GPU reductions) through
+#           a few dozen layers stay below ~1e-13. 1e-10 leaves margin yet fails on any real
+#           difference in the math.
+#  float32: unit roundoff 6e-8; a matmul over K = 2560..13824 terms plus LayerNorm, softmax and
+#           32-40 residual layers accumulate ~1e-6..1e-5 of the tensor's scale (measured on the
+#           2-layer test models against float64: <= 1.3e-6 ours, <= 2.0e-6 transformers). 1e-4
+#           keeps an order of margin for the largest models.
+#  float16:  unit roundoff 4.9e-4, and every op rounds its output: ~8x below bfloat16's error.
+#  bfloat16: unit roundoff 3.9e-3. Measured on the 2-layer test models against float64: 1.2e-2 to
+#           3.1e-2 of scale (transformers computing in bfloat16 on the CPU), 0.8e-2 to 2.7e-2 (our
+#           CPU emulation: bfloat16 weights, float32 compute). 5e-2 passes legitimate rounding and
+#           still fails wrong math (errors of order 1). A bfloat16 comparison cannot see small bugs:
+#           compare float32 or float64 traces for those.
+DEFAULT_TOLERANCES = {
+    "float64": (1e-10, 1e-12),
+    "float32": (1e-4, 1e-5),
+    "float16": (1e-2, 1e-3),
+    "bfloat16": (5e-2, 1e-3),
+}
+_PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
+
+
+# ---- recording ----------------------------------------------------------------------------------
+
+def _host(a):
+    """A host (NumPy) array: CuPy arrays are copied with .get()."""
+    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):
+        a = a.get()
+    return np.asarray(a)
+
+
+def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
+    """One forward pass of a StableLmForCausalLM, recording every intermediate.
+
+    Returns (logits as a host array [B, T, vocab], {name: host array} in execution order)."""
+    recorded = {}
+
+    def record(name, array):
+        if name in recorded:  # a name recorded twice would silently hide the first value
+            raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
+        recorded[name] = _host(array)
+
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
+    return _host(out.logits), recorded
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def write_trace(path, trace, metadata=None):
+    """Write {name: array} as safetensors, atomically (a failed write leaves no file under `path`).
+
+    Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
+    order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON)."""
+    from . import __version__
+
+    meta = {"format": TRACE_FORMAT, "package_version": __version__}
+    for key, value in (metadata or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    meta["order"] = json.dumps(list(trace))
+    tensors = {name: np.ascontiguousarray(_host(a)) for name, a in trace.items()}
+    checkpoint.save_file(tensors, str(path), meta)
+
+
+def read_trace(path):
+    """(trace {name: array} in execution order, metadata {key: str; "order" and "ids" parsed from JSON})."""
+    entries, meta, start = checkpoint.read_header(str(path))
+    meta = dict(meta)
+    order = sorted(entries)
+    if "order" in meta:
+        try:
+            listed = json.loads(meta["order"])
+            if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+                raise ValueError("not a list of names")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names ({e}); "
+                                  "the trace file is damaged: record it again") from None
+        missing = [n for n in listed if n not in entries]
+        if missing:
+            raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
+                                  "hold; the trace file is damaged: record it again")
+        order = listed + [n for n in sorted(entries) if n not in set(listed)]
+    meta["order"] = order
+    if "ids" in meta:
+        try:
+            meta["ids"] = json.loads(meta["ids"])
+        except ValueError:
+            pass  # free text from another producer: kept as it is
+    trace = {name: checkpoint.read_tensor(str(path), entries[name], start) for name in order}
+    return trace, meta
+
+
+# ---- comparing ----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong."""
+
+    name: str
+    shape: tuple | None
+    max_abs: float
+    max_rel: float
+    cosine: float
+    ok: bool
+    note: str = ""
+
+
+def _precision(dtype):
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    return name if name in _PRECISION_RANK else "float32"  # integer/other tensors: float32's tolerance
+
+
+def default_tolerances(dtype_a, dtype_b):
+    """(rtol, atol) for comparing a tensor of dtype_a with one of dtype_b: the lower precision decides."""
+    lower = min(_precision(dtype_a), _precision(dtype_b), key=_PRECISION_RANK.get)
+    return DEFAULT_TOLERANCES[lower]
+
+
+def _compare_arrays(a, b):
+    """(max abs err, max rel err (normwise), cosine similarity, scale), all in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.size == 0:
+        return 0.0, 0.0, 1.0, 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(a == b, 0.0, np.abs(a - b))          # equal infinities count as equal
+        max_abs = float(np.max(diff))                        # NaN anywhere -> NaN -> not ok
+        scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if na == 0 or nb == 0:
+            cosine = 1.0 if na == nb else 0.0
+        else:
+            cosine = float(np.clip(np.vdot(a, b) / (na * nb), -1.0, 1.0))
+    return max_abs, max_rel, cosine, scale
+
+
+def compare_traces(a, b, rtol=None, atol=None, precision=(None, None)):
+    """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
+
+    rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
+    trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
+    emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
+    with ok=False and a note, never exceptions."""
+    rows = []
+    for name in list(a) + [n for n in b if n not in a]:
+        if name not in b:
+            rows.append(Row(name, tuple(a[name].shape), math.nan, math.nan, math.nan, False, "missing in B"))
+            continue
+        if name not in a:
+            rows.append(Row(name, tuple(b[name].shape), math.nan, math.nan, math.nan, False, "missing in A"))
+            continue
+        x, y = a[name], b[name]
+        if tuple(x.shape) != tuple(y.shape):
+            rows.append(Row(name, tuple(x.shape), math.nan, math.nan, math.nan, False,
+                            f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"))
+            continue
+        rt, at = default_tolerances(precision[0] or x.dtype, precision[1] or y.dtype)
+        rt = rt if rtol is None else rtol
+        at = at if atol is None else atol
+        max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
+        ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
+        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok))
+    return rows
+
+
+def first_divergence(rows):
+    """The first Row that is not ok, or None when every tensor agrees."""
+    return next((r for r in rows if not r.ok), None)
+
+
+def _cosine(c):
+    """Cosine similarity, readable near 1: 0.999999999987 is shown as 1-1.3e-11."""
+    if math.isnan(c):
+        return "-"
+    return "1" if c == 1.0 else f"1-{1.0 - c:.1e}" if c > 0.9999 else f"{c:.6f}"
+
+
+def _num(x):
+    return "-" if math.isnan(x) else f"{x:.3e}" if x not in (0.0, math.inf) else ("0" if x == 0 else "inf")
+
+
+def format_table(rows):
+    """A text table: one row per tensor, the first divergence marked '>>'."""
+    first = first_divergence(rows)
+    header = ("", "tensor", "shape", "max abs err", "max rel err", "cosine", "")
+    lines = []
+    for r in rows:
+        status = "ok" if r.ok else (r.note or "DIFFERS")
+        if r is first:
+            status += "  <- first divergence"
+        cosine = _cosine(r.cosine)
+        shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
+        lines.append((">>" if r is first else "", r.name, shape, _num(r.max_abs), _num(r.max_rel), cosine, status))
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:{'>' if i in (3, 4, 5) else '<'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*line).rstrip() for line in lines]
+    return "\n".join(out)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def _parse_ids(text):
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise StableLmError(f"--ids {text!r}: give comma-separated token ids, e.g. --ids 510,8588,310") from None
+    if not ids:
+        raise StableLmError("--ids is empty: give at least one token id, e.g. --ids 510,8588,310")
+    return ids
+
+
+def _encode(model_dir, text):
+    try:
+        from .tokenizer import Tokenizer
+    except ImportError as e:
+        raise TokenizerError(f"--text needs stablelm_ref.tokenizer, which is unavailable ({e}); "
+                             "tokenize elsewhere and pass --ids 1,2,3 instead") from None
+    encoded = Tokenizer.from_pretrained(model_dir).encode(text)
+    ids = getattr(encoded, "ids", encoded)
+    return [int(i) for i in (ids[0] if ids and isinstance(ids[0], (list, tuple)) else ids)]
+
+
+def load_for_trace(model, dtype, device):
+    """from_pretrained for a trace. bfloat16 on the CPU (NumPy has no bfloat16 matmul) is EMULATED:
+    the weights are rounded to bfloat16 and everything is computed in float32. That isolates the
+    cost of bfloat16 weights; a GPU bfloat16 run also rounds every intermediate, so it differs more."""
+    from .heads import StableLmForCausalLM
+
+    emulate = dtype == "bfloat16" and device == "cpu"
+    m = StableLmForCausalLM.from_pretrained(model, dtype="float32" if emulate else dtype, device=device)
+    compute = dtype
+    if emulate:
+        bf16 = checkpoint.SAFETENSORS_DTYPES["BF16"]
+        m.params = {k: v.astype(bf16).astype(np.float32) for k, v in m.params.items()}
+        compute = "float32 on bfloat16-rounded weights (CPU emulation of bfloat16)"
+    return m, compute
+
+
+def cmd_trace(args):
+    dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
+    ids = _parse_ids(args.ids) if args.ids is not None else None
+    if ids is None:
+        from .model import _local_or_hub
+
+        ids = _encode(_local_or_hub(args.model), args.text)
+    model, compute = load_for_trace(args.model, dtype, args.device)
+    try:
+        logits, trace = run_with_trace(model, [ids])
+    except TypeError as e:
+        if (dtype, args.device) != ("bfloat16", "gpu"):
+            raise
+        raise StableLmError(f"--dtype bfloat16 --device gpu failed in the model ({e}): CuPy has no bfloat16 "
+                            "arrays; trace in float32 on the GPU, or --dtype bfloat16 on the CPU (emulated)") from e
+    write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
+                                  "device": args.device, "ids": [ids], "producer": "stablelm-ref"})
+    print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}")
+    return 0
+
+
+def cmd_compare(args):
+    a, meta_a = read_trace(args.a)
+    b, meta_b = read_trace(args.b)
+    rows = compare_traces(a, b, args.rtol, args.atol,
+                          precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
+                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None))
+    for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
+        print(f"{label}: {path}  ({meta.get('producer', '?')}, {meta.get('dtype', '?')}, {meta.get('device', '?')}, "
+              f"model {meta.get('model', '?')})")
+    if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
+        print("warning: the two traces were recorded from different input ids")
+    tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
+    print(f"tolerance: {tol} (ok = max abs err <= atol + rtol * max(|A|max, |B|max))\n")
+    print(format_table(rows))
+    first = first_divergence(rows)
+    bad = sum(not r.ok for r in rows)
+    if first is None:
+        print(f"\nall {len(rows)} tensors agree")
+        return 0
+    print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {first.name}"
+          + (f" ({first.note})" if first.note else ""))
+    return 1
+
+
+def add_cli_commands(subparsers):
+    """Register `trace` and `compare` on an argparse subparsers object (stablelm-ref's CLI)."""
+    p = subparsers.add_parser("trace", help="record every intermediate of one forward pass to a safetensors file",
+                              description="Record every named intermediate of one forward pass (execution order) "
+                                          "to a safetensors trace.")
+    p.add_argument("--model", required=True, help="model directory or Hugging Face Hub repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
+    src.add_argument("--text", help="text to tokenize with the model's tokenizer")
+    p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
+                   help="compute dtype (default float64 on the CPU, float32 on the GPU; bfloat16 on the CPU is "
+                        "emulated: bfloat16-rounded weights, float32 compute)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", required=True, help="output file (safetensors)")
+    p.set_defaults(func=cmd_trace)
+
+    c = subparsers.add_parser("compare", help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
+                              description="Compare two traces tensor by tensor in A's execution order and mark "
+                                          "the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
+    c.add_argument("a", help="trace A (safetensors)")
+    c.add_argument("b", help="trace B (safetensors)")
+    c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")
+    c.add_argument("--atol", type=float, help="absolute tolerance; default by dtype")
+    c.set_defaults(func=cmd_compare)
+
+
+def main(argv=None):
+    """`python -m stablelm_ref.trace {trace,compare} ...` (the same commands as `stablelm-ref`)."""
+    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.")
+    add_cli_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except StableLmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A transformers trace (tools/trace_transformers.py) against stablelm-ref's float64 trace, name by name.
+
+Skipped without torch and transformers (make crosscheck installs them).
+"""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from stablelm_ref.trace import compare_traces, first_divergence, main, read_trace  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from conftest import VARIANTS, tiny_model  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "trace_transformers.py")
+IDS = [[5, 17, 42, 8, 99, 3, 61, 0]]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("trace_transformers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return _tool()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{variant: (model directory, our float64 model)}."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, overrides in VARIANTS.items():
+        model = tiny_model(seed=21, **overrides)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, model)
+    return out
+
+
+def test_float32_transformers_trace_compares_clean_against_our_float64(tt, saved, variant):
+    directory, ours = saved[variant]
+    _, mine = ours.run_with_trace(IDS)
+    logits, theirs = tt.trace_transformers(tt.load_transformers_model(directory, "float32"), IDS)
+    assert list(theirs) == list(mine)                       # every name, in the same execution order
+    rows = compare_traces(mine, theirs)                     # default tolerance for float32: rtol 1e-4
+    assert first_divergence(rows) is None, rows
+    assert max(r.max_rel for r in rows) < 1e-5              # measured <= 2e-6
+    np.testing.assert_array_equal(logits, theirs["lm_head"])
+
+
+def test_exact_float64_transformers_trace_agrees_to_rounding(tt, saved, variant):
+    directory, ours = saved[variant]
+    _, mine = ours.run_with_trace(IDS)
+    _, theirs = tt.trace_transformers(tt.load_transformers_model(directory, "float64"), IDS, exact=True)
+    rows = compare_traces(mine, theirs)                     # float64 default: rtol 1e-10
+    assert first_divergence(rows) is None, rows
+    assert max(r.max_rel for r in rows) < 1e-13             # measured <= 3.5e-15
+
+
+def test_plain_float64_transformers_diverges_first_at_rotary(tt, saved, variant):
+    """transformers' float64 mode builds the rotary tables (and the softmax) in float32: the tool
+    finds exactly that, and nothing before it."""
+    directory, ours = saved[variant]
+    _, mine = ours.run_with_trace(IDS)
+    _, theirs = tt.trace_transformers(tt.load_transformers_model(directory, "float64"), IDS)
+    rows = compare_traces(mine, theirs)
+    assert first_divergence(rows).name == "model.layers.0.self_attn.rotary_q"
+    assert all(r.max_rel < 1e-13 for r in rows[:[r.name for r in rows].index("model.layers.0.self_attn.rotary_q")])
+    assert first_divergence(compare_traces(mine, theirs, rtol=1e-6)) is None  # float32-sized, no more
+
+
+def test_left_padded_batch(tt, saved):
+    directory, ours = saved["12b"]
+    ids = np.array([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    _, mine = ours.run_with_trace(ids, attention_mask=mask, position_ids=pos)
+    _, theirs = tt.trace_transformers(tt.load_transformers_model(directory, "float64"), ids, mask, pos, exact=True)
+    # Padded query rows hold no token; compare the real positions only (row 0 from column 2, row 1 all).
+    for name, a in mine.items():
+        b = theirs[name]
+        t_axis = 1 if a.ndim == 3 else 2
+        for row, start in ((0, 2), (1, 0)):
+            x, y = np.take(a[row], range(start, 5), axis=t_axis - 1), np.take(b[row], range(start, 5), axis=t_axis - 1)
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-10 * max(np.abs(y).max(), 1), err_msg=name)
+
+
+def test_the_tool_command_line_and_compare(tt, saved, tmp_path, capsys):
+    directory, _ = saved["1_6b"]
+    ids = ",".join(map(str, IDS[0]))
+    hf = tmp_path / "hf.safetensors"
+    assert tt.main(["--model", str(directory), "--ids", ids, "--out", str(hf)]) == 0  # in-process: torch loads once
+    trace, meta = read_trace(hf)
+    assert meta["producer"].startswith("transformers") and meta["dtype"] == "float32" and meta["ids"] == IDS
+    assert trace["lm_head"].dtype == np.float32
+    ours = tmp_path / "ours.safetensors"
+    assert main(["trace", "--model", str(directory), "--ids", ids, "--dtype", "float64", "--out", str(ours)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(ours), str(hf)]) == 0
+    assert "all 33 tensors agree" in capsys.readouterr().out

@@ -1,0 +1,189 @@
+"""The fused prefill attention kernel equals the float64 reference (stablelm_ref.cuda.reference).
+
+Tolerances, as ||out - ref|| / ||ref|| per (batch, head) slice:
+  The reference sees the same (already rounded) bf16/fp16 inputs, exactly, and computes in float64;
+  the kernel adds three roundings of its own: the probabilities P are rounded to the input dtype
+  before the P.V tensor-core product, the output is rounded to the input dtype, and float32
+  accumulation (2^-24, negligible). Each rounding is at most u relative (u = 2^-8 = 3.9e-3 for
+  bfloat16, 2^-11 = 4.9e-4 for float16) and, being round-to-nearest, unbiased, so the expected
+  relative error is about u/2 to u (measured on the H100: see docs/cuda_prefill_notes.md).
+  Bounds: bf16 1e-2 (~2.5 u), fp16 2e-3 (~4 u), float32 kernel 1e-5. A wrong index, a missed tile or
+  a lost rescale gives errors of order 1, far above these.
+Every output element must be written: `out` is filled with NaN first and must come back finite.
+Query rows with no allowed key must be exactly zero (the defined behaviour).
+"""
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+try:
+    _ndev = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # pragma: no cover
+    _ndev = 0
+if _ndev == 0:  # pragma: no cover
+    pytest.skip("no CUDA device visible", allow_module_level=True)
+
+import ml_dtypes  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from stablelm_ref.cuda.flash_prefill import (  # noqa: E402
+    CANDIDATES,
+    HEAD_DIMS,
+    flash_attention_prefill,
+    flash_attention_prefill_variant,
+)
+from stablelm_ref.cuda.reference import attention_reference  # noqa: E402
+
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+TOL = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}
+
+
+def make_inputs(seed, B, H, KVH, T, S, D, dtype, spread=1.0, pads=None):
+    """Random q, k, v (host arrays in `dtype`) and a left-padding key mask (or None)."""
+    rng = np.random.default_rng(seed)
+    q = (spread * rng.standard_normal((B, H, T, D))).astype(DTYPES[dtype])
+    k = (spread * rng.standard_normal((B, KVH, S, D))).astype(DTYPES[dtype])
+    v = rng.standard_normal((B, KVH, S, D)).astype(DTYPES[dtype])
+    mask = None
+    if pads is not None:
+        mask = np.ones((B, S), dtype=np.int32)
+        for b, p in enumerate(pads):
+            mask[b, :p] = 0
+    return q, k, v, mask
+
+
+def run_and_check(q, k, v, mask, dtype, causal=True, variant=None, rel_tol=None):
+    """Run the kernel on NaN-poisoned `out`, compare with the reference; return the worst error."""
+    B, H, T, D = q.shape
+    out = cupy.full((B, H, T, D), np.nan, dtype=DTYPES[dtype])
+    dq, dk, dv = cupy.asarray(q), cupy.asarray(k), cupy.asarray(v)
+    dm = None if mask is None else cupy.asarray(mask)
+    if variant is None:
+        got = flash_attention_prefill(dq, dk, dv, dm, causal=causal, out=out)
+    else:
+        got = flash_attention_prefill_variant(variant, dq, dk, dv, dm, causal=causal, out=out)
+    assert got is out
+    got = cupy.asnumpy(out).astype(np.float64)                          # [B, H, T, D]
+    assert np.isfinite(got).all(), "some output elements were not written (NaN poison survived)"
+
+    ref = attention_reference(q, k, v, mask, causal=causal)            # float64 [B, H, T, D]
+    empty = ~np.any(ref != 0, axis=-1)                                  # rows with no allowed key
+    assert (got[empty] == 0).all(), "fully masked query rows must be exactly zero"
+
+    err = np.linalg.norm((got - ref).reshape(B, H, -1), axis=-1)
+    norm = np.linalg.norm(ref.reshape(B, H, -1), axis=-1)
+    rel = np.where(norm > 0, err / np.maximum(norm, 1e-300), err)       # [B, H]
+    tol = TOL[dtype] if rel_tol is None else rel_tol
+    assert rel.max() <= tol, f"relative error {rel.max():.3e} > {tol:.0e} (per (b, h): {rel.round(5)})"
+    return float(rel.max())
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_long_sequence_many_tiles(D):
+    # 1000 is no multiple of any tile: partial query block, partial key tile, causal tile skipping
+    q, k, v, _ = make_inputs(1, 1, 4, 2, 1000, 1000, D, "bf16")
+    run_and_check(q, k, v, None, "bf16")
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_every_variant(D):
+    # each candidate kernel variant (the benchmark may make any of them the default)
+    q, k, v, mask = make_inputs(2, 2, 4, 2, 333, 400, D, "bf16", pads=[0, 150])
+    for variant in CANDIDATES[D]:
+        run_and_check(q, k, v, mask, "bf16", variant=variant)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_small_cases(dtype):
+    # small shapes for compute-sanitizer: one query (decode-like, long cache), left padding
+    # including a batch row that is ALL padding, GQA, and a non-causal case.
+    for seed, (B, H, KVH, T, S, D), pads, causal in [
+        (3, (2, 4, 1, 1, 130, 80), [0, 129], True),
+        (4, (3, 2, 2, 70, 70, 64), [5, 70, 69], True),
+        (5, (1, 4, 2, 17, 90, 128), None, True),
+        (6, (2, 2, 1, 40, 65, 160), [0, 30], False),
+    ]:
+        q, k, v, mask = make_inputs(seed, B, H, KVH, T, S, D, dtype, pads=pads)
+        run_and_check(q, k, v, mask, dtype, causal=causal)
+
+
+def test_fully_padded_queries_are_zero_and_others_unaffected():
+    # left padding: the first `pad` queries see only padding -> zero rows; the rest must equal the
+    # attention over the unpadded suffix alone (what generate() relies on).
+    pad, T, D = 37, 100, 80
+    q, k, v, mask = make_inputs(7, 1, 2, 2, T, T, D, "fp16", pads=[pad])
+    out = cupy.asnumpy(flash_attention_prefill(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                               cupy.asarray(mask))).astype(np.float64)
+    assert (out[:, :, :pad] == 0).all()
+    alone = cupy.asnumpy(flash_attention_prefill(cupy.asarray(q[:, :, pad:]), cupy.asarray(k[:, :, pad:]),
+                                                 cupy.asarray(v[:, :, pad:]))).astype(np.float64)
+    np.testing.assert_allclose(out[:, :, pad:], alone, rtol=0, atol=2e-3)
+
+
+def test_non_contiguous_inputs_and_bool_mask():
+    rng = np.random.default_rng(8)
+    B, T, H, D = 2, 50, 4, 64
+    x = rng.standard_normal((B, T, 3, H, D)).astype(np.float16)         # [B, T, qkv, H, D]
+    dx = cupy.asarray(x)
+    dq, dk, dv = (dx[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, H, T, D] views
+    assert not dq.flags.c_contiguous
+    mask = np.ones((B, T), dtype=bool)
+    mask[1, :10] = False
+    got = cupy.asnumpy(flash_attention_prefill(dq, dk, dv, cupy.asarray(mask))).astype(np.float64)
+    ref = attention_reference(cupy.asnumpy(dq), cupy.asnumpy(dk), cupy.asnumpy(dv), mask)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= TOL["fp16"]
+
+
+def test_explicit_scale():
+    q, k, v, _ = make_inputs(9, 1, 2, 1, 64, 64, 128, "bf16")
+    out = flash_attention_prefill(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), scale=0.3)
+    ref = attention_reference(q, k, v, scale=0.3)
+    got = cupy.asnumpy(out).astype(np.float64)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= TOL["bf16"]
+
+
+def test_bad_arguments_are_refused():
+    q = cupy.zeros((1, 4, 8, 64), dtype=np.float16)
+    k = cupy.zeros((1, 3, 8, 64), dtype=np.float16)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention_prefill(q, k, k)
+    k = cupy.zeros((1, 2, 4, 64), dtype=np.float16)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        flash_attention_prefill(q, k, k)
+    with pytest.raises(ValueError, match="head dim 96"):
+        x = cupy.zeros((1, 1, 4, 96), dtype=np.float16)
+        flash_attention_prefill(x, x, x)
+    with pytest.raises(TypeError, match="float64"):
+        x = cupy.zeros((1, 1, 4, 64), dtype=np.float64)
+        flash_attention_prefill(x, x, x)
+    with pytest.raises(ValueError, match="key_mask"):
+        x = cupy.zeros((1, 1, 4, 64), dtype=np.float16)
+        flash_attention_prefill(x, x, x, cupy.ones((1, 5)))
+
+
+# the random-shape property test last: if it fails, hypothesis shrinks for a while
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 3))
+    KVH = draw(st.integers(1, 2))
+    H = KVH * draw(st.sampled_from([1, 2, 4]))
+    T = draw(st.integers(1, 300))
+    S = T + draw(st.one_of(st.just(0), st.integers(0, 200)))        # S - T: KV-cache prefix
+    D = draw(st.sampled_from(HEAD_DIMS))
+    dtype = draw(st.sampled_from(["bf16", "fp16"]))
+    pads = draw(st.one_of(st.none(), st.lists(st.integers(0, S), min_size=B, max_size=B)))
+    causal = draw(st.sampled_from([True, True, True, False]))
+    spread = draw(st.sampled_from([0.5, 1.0, 2.5]))                   # flat to peaked softmax
+    seed = draw(st.integers(0, 2**32 - 1))
+    return dict(B=B, H=H, KVH=KVH, T=T, S=S, D=D, dtype=dtype, pads=pads, causal=causal,
+                spread=spread, seed=seed)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_matches_reference_on_random_shapes(c):
+    q, k, v, mask = make_inputs(c["seed"], c["B"], c["H"], c["KVH"], c["T"], c["S"], c["D"],
+                                c["dtype"], c["spread"], c["pads"])
+    run_and_check(q, k, v, mask, c["dtype"], causal=c["causal"])

@@ -1,0 +1,200 @@
+"""The stablelm-ref command: real subprocesses for the end-to-end runs and the exit-code contract, main()
+in-process for the many error messages (same code path, without a Python start-up per case)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stablelm_ref import cli
+from stablelm_ref.heads import StableLmForCausalLM
+from stablelm_ref.tokenizer import Tokenizer
+
+from conftest import tiny_model
+from test_tokenizer import tiny_tokenizer_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model_dir(path, chat_template=True, **overrides):
+    model = tiny_model(seed=5, dtype="float32", **{"vocab_size": 320, "max_position_embeddings": 256, **overrides})
+    model.save_pretrained(path)
+    kw = {} if chat_template else {"chat_template": None}
+    tiny_tokenizer_dir(path, **kw)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def run(*args, stdin=None, env=None):
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "stablelm_ref.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=full_env, timeout=120)
+
+
+def expected_text(model_dir, prompt, n):
+    model = StableLmForCausalLM.from_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)
+    ids = tok(prompt)["input_ids"]
+    out = model.generate(ids, max_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+# ---- subprocesses --------------------------------------------------------------------------------
+
+def test_generate_streams_the_greedy_text_and_prints_stats(model_dir):
+    r = run("generate", "--model", model_dir, "--max-new-tokens", "12", "--stats", "The weather is")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected_text(model_dir, "The weather is", 12) + "\n"
+    assert r.stdout.startswith("The weather is")
+    stats = [line for line in r.stderr.splitlines() if line.startswith("prefill:")]
+    assert len(stats) == 1 and stats[0].count("tokens/s") == 2, r.stderr
+
+
+def test_bad_input_is_one_line_and_exit_2_in_a_real_process(model_dir):
+    r = run("generate", "--model", model_dir, "--top-p", "1.5", "hello")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "top_p must be a number in (0, 1]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_offline_without_cache_in_a_real_process(tmp_path):
+    r = run("generate", "--model", "acme/not-cached", "hi",
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "acme/not-cached is not in the local Hugging Face cache" in r.stderr
+    assert "huggingface-cli download acme/not-cached --include '*.safetensors' '*.json'" in r.stderr
+
+
+def test_chat_runs_a_conversation(model_dir):
+    r = run("chat", "--model", model_dir, "--max-new-tokens", "5", "--system", "Be brief.",
+            stdin="Hello\nWhat is the weather?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 2  # one streamed reply per user turn
+
+
+def test_help_everywhere():
+    for args in ([], ["generate"], ["chat"]):
+        r = run(*args, "--help")
+        assert r.returncode == 0 and "usage: stablelm-ref" in r.stdout
+    assert "--max-new-tokens" in r.stdout and "--system" in r.stdout
+
+
+# ---- in-process: the messages --------------------------------------------------------------------
+
+def main(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generation_matches_in_process_and_sampling_is_seeded(model_dir, capsys):
+    code, out, _ = main(capsys, "generate", "--model", model_dir, "--max-new-tokens", "6", "def fibonacci(n):")
+    assert code == 0 and out == expected_text(model_dir, "def fibonacci(n):", 6) + "\n"
+    a = main(capsys, "generate", "--model", model_dir, "--temperature", "1.5", "--seed", "3", "x")
+    b = main(capsys, "generate", "--model", model_dir, "--temperature", "1.5", "--seed", "3", "x")
+    assert a == b and a[0] == 0
+    greedy = main(capsys, "generate", "--model", model_dir, "--temperature", "0", "--max-new-tokens", "6",
+                  "def fibonacci(n):")
+    assert greedy[1] == out
+
+
+def _variants(tmp_path):
+    """Broken model directories, each with the message it must produce."""
+    def not_stablelm(d):
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        json.dump({**cfg, "model_type": "llama"}, open(os.path.join(d, "config.json"), "w"))
+
+    def corrupt(d):
+        with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+            f.truncate(200)
+
+    def no_config(d):
+        os.remove(os.path.join(d, "config.json"))
+
+    def no_tokenizer(d):
+        os.remove(os.path.join(d, "tokenizer.json"))
+
+    return {"model_type": not_stablelm, "truncated": corrupt, "config.json": no_config,
+            "no tokenizer.json": no_tokenizer}
+
+
+@pytest.mark.parametrize("case", ["model_type", "truncated", "config.json", "no tokenizer.json"])
+def test_broken_model_directories(tmp_path, capsys, case):
+    d = make_model_dir(tmp_path / "m")
+    _variants(tmp_path)[case](d)
+    code, _, err = main(capsys, "generate", "--model", d, "hi")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("stablelm-ref: error: "), err
+    assert case in err
+
+
+def test_tokenizer_larger_than_model_vocabulary(tmp_path, capsys):
+    d = make_model_dir(tmp_path / "m", vocab_size=200)
+    code, _, err = main(capsys, "generate", "--model", d, "hi")
+    assert code == 2 and "the tokenizer has 300 ids but the model's vocabulary has 200" in err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--temperature", "-1"], "temperature must be a number > 0"),
+    (["--top-k", "-3"], "top_k must be an integer >= 0"),
+    (["--top-p", "0"], "top_p must be a number in (0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--repetition-penalty", "-2"], "repetition_penalty must be a number > 0"),
+    (["--max-new-tokens", "abc"], "invalid int value: 'abc'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--dtype", "bfloat16"], "dtype bfloat16 is for the GPU"),
+])
+def test_invalid_values(model_dir, capsys, args, match):
+    code, _, err = main(capsys, "generate", "--model", model_dir, *args, "The weather is")
+    assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_prompt_longer_than_max_position_embeddings(model_dir, capsys):
+    code, _, err = main(capsys, "generate", "--model", model_dir, "--max-new-tokens", "1", "The weather " * 200)
+    assert code == 2 and "more than max_position_embeddings (256)" in err and err.count("\n") == 1
+
+
+def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = main(capsys, "generate", "--model", str(tmp_path / "nope" / "model"), "hi")
+    assert code == 2 and "no such local directory" in err
+    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", str(tmp_path))
+    code, _, err = main(capsys, "generate", "hi")
+    assert code == 2 and err == ("stablelm-ref: error: the embedded default model is not there yet "
+                                 "(stablelm_ref/default_model/ has no config.json); pass --model DIR_OR_REPO\n")
+
+
+def test_chat_without_template(tmp_path, capsys):
+    d = make_model_dir(tmp_path / "m", chat_template=False)
+    code, _, err = main(capsys, "chat", "--model", d)
+    assert code == 2 and "has no chat template" in err
+
+
+def test_subcommands_can_be_added_by_other_modules(monkeypatch, capsys):
+    import types
+
+    mod = types.ModuleType("stablelm_ref_fake_cmd")
+
+    def add_cli_commands(subparsers):
+        p = subparsers.add_parser("hello")
+        p.set_defaults(func=lambda args: print("hi") or 0)
+
+    mod.add_cli_commands = add_cli_commands
+    monkeypatch.setitem(sys.modules, "stablelm_ref_fake_cmd", mod)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", cli.COMMAND_MODULES + ["stablelm_ref_fake_cmd"])
+    assert main(capsys, "hello")[:2] == (0, "hi\n")
+
+
+def test_default_model_is_used_when_present(tmp_path, capsys, monkeypatch):
+    d = make_model_dir(tmp_path / "default")
+    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", d)
+    code, out, _ = main(capsys, "generate", "--max-new-tokens", "4", "The weather")
+    assert code == 0 and out == expected_text(d, "The weather", 4) + "\n"

@@ -1,0 +1,167 @@
+"""config.json, hand-edited and hostile: each invalid value a ConfigError naming the key and the value.
+(Random edits of whole config files are fuzzed in test_hostile_input.py.)"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from stablelm_ref import StableLmConfig, StableLmForCausalLM
+from stablelm_ref.errors import CheckpointError, ConfigError
+
+from conftest import TINY, tiny_config, tiny_model
+
+
+def from_dict(**overrides):
+    return StableLmConfig.from_dict({**TINY, **overrides})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("vocab_size", "101", "'vocab_size' must be an integer, got '101'"),
+    ("hidden_size", 64.0, "'hidden_size' must be an integer, got 64.0"),
+    ("num_hidden_layers", None, "'num_hidden_layers' must be an integer, got None"),
+    ("num_attention_heads", True, "'num_attention_heads' must be an integer, got True"),
+    ("max_position_embeddings", [64], "must be an integer"),
+    ("use_qkv_bias", 1.0, "'use_qkv_bias' must be true or false, got 1.0"),
+    ("qk_layernorm", "false", "'qk_layernorm' must be true or false, got 'false'"),
+    ("tie_word_embeddings", None, "must be true or false"),
+    ("layer_norm_eps", "1e-5", "'layer_norm_eps' must be a finite number"),
+    ("layer_norm_eps", float("nan"), "'layer_norm_eps' must be a finite number"),
+    ("rope_theta", float("inf"), "'rope_theta' must be a finite number"),
+    ("rope_theta", False, "'rope_theta' must be a finite number"),
+    ("partial_rotary_factor", None, "'partial_rotary_factor' must be a finite number"),
+    ("bos_token_id", "0", "'bos_token_id' must be an integer"),
+    ("eos_token_id", [0, "1"], "'eos_token_id' must be an integer"),
+    ("id2label", {"zero": "A"}, "'id2label' must have integer keys"),
+    ("id2label", ["A", "B"], "'id2label' must be an object"),
+    ("architectures", "StableLmForCausalLM", "'architectures' must look like"),
+    ("torch_dtype", 16, "'torch_dtype' must look like"),
+    ("rope_scaling", "linear", "rope_scaling must be an object"),
+    ("rope_parameters", [1], "rope_parameters must be an object"),
+])
+def test_wrong_types(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(**{key: value})
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"])
+@pytest.mark.parametrize("value", [0, -1, -2**63])
+def test_zero_or_negative_sizes(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}' must be >= 1, got {value}"):
+        from_dict(**{key: value})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(hidden_size=65), "hidden_size \\(65\\) must be divisible by num_attention_heads \\(4\\)"),
+    (dict(num_key_value_heads=3), "num_attention_heads \\(4\\) must be divisible by num_key_value_heads \\(3\\)"),
+    (dict(partial_rotary_factor=0.0), "partial_rotary_factor must be in \\(0, 1\\]"),
+    (dict(partial_rotary_factor=1.5), "partial_rotary_factor must be in \\(0, 1\\]"),
+    (dict(partial_rotary_factor=0.2), "rotary dims .* = 3 must be even"),
+    (dict(layer_norm_eps=0), "'layer_norm_eps' must be > 0"),
+    (dict(hidden_dropout=-0.1), "'hidden_dropout' must be >= 0"),
+    (dict(hidden_act="swiglu"), "hidden_act 'swiglu' is not supported; use one of silu"),
+    (dict(hidden_act=["silu"]), "hidden_act \\['silu'\\] is not supported"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn' is not supported"),
+    (dict(rope_scaling={"type": "longrope"}), "rope scaling type 'longrope' is not supported"),
+    (dict(rope_scaling={"rope_type": "linear"}), "needs a number 'factor' >= 1, got None"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0.5}), "needs a number 'factor' >= 1, got 0.5"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": "2"}), "needs a number 'factor' >= 1, got '2'"),
+    (dict(hidden_size=16, partial_rotary_factor=0.5, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+     "dynamic rope scaling needs more than 2 rotary dims"),
+    (dict(problem_type="ranking"), "problem_type 'ranking' is not one of"),
+    (dict(model_type="llama"), "model_type is 'llama', not 'stablelm'"),
+    (dict(model_type="gpt_neox"), "model_type is 'gpt_neox', not 'stablelm'"),
+    (dict(model_type=None), "model_type is None"),
+])
+def test_invalid_values(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(**overrides)
+
+
+def test_missing_model_type():
+    d = dict(TINY)
+    del d["model_type"]
+    with pytest.raises(ConfigError, match="no 'model_type'"):
+        StableLmConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("value", [[], "text", 3, None])
+def test_config_that_is_not_an_object(tmp_path, value):
+    (tmp_path / "config.json").write_text(json.dumps(value))
+    with pytest.raises(ConfigError, match="config.json: config must be a JSON object"):
+        StableLmConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"{not json", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # RecursionError before the fix
+])
+def test_config_that_is_not_json(tmp_path, content, match):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        StableLmConfig.from_pretrained(tmp_path)
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    (tmp_path / "config.json").mkdir()  # IsADirectoryError escaped before the fix
+    with pytest.raises(ConfigError, match="config.json: cannot read"):
+        StableLmConfig.from_pretrained(tmp_path)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        StableLmConfig.from_pretrained(tmp_path)
+
+
+def test_extra_keys_are_kept_and_written_back(tmp_path):
+    config = from_dict(my_note="hello", quantization_config={"bits": 4})
+    assert config.extra == {"my_note": "hello", "quantization_config": {"bits": 4}}
+    config.save_pretrained(tmp_path)
+    again = StableLmConfig.from_pretrained(tmp_path)
+    assert again.extra == config.extra and again.to_dict() == config.to_dict()
+
+
+def test_missing_size_keys_take_the_3b_defaults_and_then_fail_against_the_weights(tmp_path):
+    """A config without hidden_size is valid (3b-4e1t defaults), but not for these weights: the
+    checkpoint's header shapes say so before any tensor is read."""
+    tiny_model().save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    del config["hidden_size"], config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="has shape \\(101, 64\\) in the checkpoint but the config implies "
+                                              "\\(101, 2560\\)"):
+        StableLmForCausalLM.from_pretrained(tmp_path)
+
+
+# ---- rope scaling was silently dropped by from_dict (found while fuzzing configs) -----------------------
+
+@pytest.mark.parametrize("form", [
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},                     # legacy config.json
+    {"rope_scaling": {"rope_type": "linear", "factor": 2}},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25}},                    # transformers 5.x
+])
+def test_linear_rope_scaling_is_honoured(form):
+    """Linear scaling by 2 at positions 2p equals no scaling at positions p (theta_i / 2 * 2p = theta_i p):
+    a property that fails when the scaling is dropped."""
+    scaled = StableLmConfig.from_dict({**TINY, **form})
+    assert scaled.rope_type == "linear" and scaled.rope_scaling["factor"] == 2.0
+    plain = tiny_model(seed=21)
+    model = StableLmForCausalLM(scaled, plain.params)
+    ids, pos = [[5, 9, 2, 7]], np.array([[0, 3, 7, 12]])
+    np.testing.assert_allclose(model(ids, position_ids=2 * pos).logits, plain(ids, position_ids=pos).logits,
+                               rtol=0, atol=1e-12)
+    assert not np.allclose(model(ids).logits, plain(ids).logits)
+    assert StableLmConfig.from_dict(scaled.to_dict()).rope_scaling == scaled.rope_scaling
+
+
+def test_round_trip_of_every_variant(variant):
+    from conftest import VARIANTS
+
+    config = tiny_config(**VARIANTS[variant], id2label={"0": "A", "1": "B", "2": "C"})
+    assert config.num_labels == 3
+    again = StableLmConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.to_dict() == config.to_dict()
+    assert os.fspath(config.model_type) == "stablelm"

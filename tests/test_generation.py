@@ -1,0 +1,288 @@
+"""generate() and its processors without torch: properties against independent references.
+
+The reference for greedy decoding is the plain loop "run the whole sequence, take argmax of the last
+position" (no cache, no position-id trick), in float64. Processors are checked as the mathematical
+statements that define them. (Token-for-token equality with transformers: tests/crosscheck/.)
+"""
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stablelm_ref.errors import GenerationError
+from stablelm_ref.generation import (TextStreamer, apply_repetition_penalty, apply_temperature, apply_top_k,
+                                     apply_top_p, generate, sample, softmax)
+
+from conftest import VARIANTS, tiny_model
+
+V = 101  # tiny vocabulary (conftest.TINY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=4, eos_token_id=None, pad_token_id=1)
+
+
+def greedy_reference(model, row, n):
+    """No cache, no padding: append argmax of the last position n times."""
+    row = list(row)
+    for _ in range(n):
+        row.append(int(np.argmax(model(np.array([row])).logits[0, -1])))
+    return row
+
+
+def left_pad(rows, pad=1):
+    width = max(map(len, rows))
+    ids = np.array([[pad] * (width - len(r)) + list(r) for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+# ---- greedy ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_left_padded_batch_equals_each_row_alone(variant):
+    model = tiny_model(seed=6, eos_token_id=None, **VARIANTS[variant])
+    rows = [[5, 17, 33, 2, 90, 41, 7], [12, 8], [60, 61, 62, 63]]
+    ids, mask = left_pad(rows)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=6)
+    assert out.shape == (3, 7 + 6)
+    for i, r in enumerate(rows):
+        assert out[i, 7:].tolist() == greedy_reference(model, r, 6)[len(r):]
+
+
+def test_kv_cache_is_preallocated_and_logits_to_keep_is_1(model):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, ids, **kw):
+            cache = kw["past_key_values"]
+            calls.append((np.shape(ids), cache.max_len, cache.growable, kw["logits_to_keep"], cache.length))
+            out = model(ids, **kw)
+            assert out.logits.shape[1] == 1
+            return out
+
+    generate(Spy(), [[3, 4, 5]], max_new_tokens=4)
+    assert calls[0] == ((1, 3), 7, False, 1, 0)                          # prefill of the whole prompt
+    assert [c[0] for c in calls[1:]] == [(1, 1)] * 3                      # then one token per step
+    assert [c[4] for c in calls[1:]] == [3, 4, 5] and all(c[1] == 7 for c in calls)
+
+
+# ---- EOS and pad ---------------------------------------------------------------------------------
+
+def test_rows_after_eos_emit_pad_and_generation_stops_when_all_finish(model):
+    ids, mask = left_pad([[5, 17, 33], [40, 41, 42, 43, 44]])
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=8)
+    eos = int(free[0, 5 + 1])                                              # row 0's second new token
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=1)
+    first = int(np.argmax(free[0, 5:] == eos))
+    assert out[0, 5 + first] == eos and (out[0, 5 + first + 1:] == 1).all()
+    row1 = free[1, 5:].tolist()
+    if eos not in row1:                                                   # row 1 runs to max_new_tokens
+        assert out[1].tolist() == free[1].tolist()
+    alone = generate(model, [[5, 17, 33]], max_new_tokens=8, eos_token_id=eos)
+    assert alone.shape[1] == 3 + first + 1 and alone[0, -1] == eos       # stops early, like transformers
+
+
+def test_pad_defaults_to_eos_when_model_has_none():
+    model = tiny_model(seed=4, eos_token_id=None, pad_token_id=None)
+    ids, mask = left_pad([[5, 17, 33], [40, 41, 42, 43, 44]], pad=0)
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=6)
+    eos = [int(free[0, 5]), 99]                                            # a list of EOS ids: first is pad
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos)
+    assert out[0, 5] == eos[0] and (out[0, 6:] == eos[0]).all()
+
+
+def test_max_length_and_default_length(model):
+    assert generate(model, [[3, 4, 5]], max_length=8).shape == (1, 8)
+    with pytest.warns(UserWarning, match="default max_length"):
+        assert generate(model, [[3, 4, 5]]).shape == (1, 3 + 20)
+    with pytest.warns(UserWarning, match="default max_length"):                # capped at max_position_embeddings
+        assert generate(model, [list(range(2, 60))]).shape == (1, 64)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def test_seed_reproducible_and_different_seeds_differ(model):
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0)
+    a = generate(model, [[3, 4, 5], [9, 9, 9]], seed=1, **kw)
+    b = generate(model, [[3, 4, 5], [9, 9, 9]], seed=1, **kw)
+    c = generate(model, [[3, 4, 5], [9, 9, 9]], seed=2, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()  # 24 draws over ~101 tokens at temperature 1.5: equal with probability ~0
+
+
+def test_temperature_to_zero_equals_greedy(model):
+    ids, mask = left_pad([[5, 17, 33, 2], [12, 8]])
+    greedy = generate(model, ids, attention_mask=mask, max_new_tokens=8)
+    cold = generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1e-6,
+                    top_k=0, seed=0)
+    np.testing.assert_array_equal(cold, greedy)
+
+
+def test_sampled_tokens_stay_in_top_k(model):
+    """Every sampled token is among the k most likely of the model's logits at that step."""
+    out = generate(model, [[3, 4, 5]], max_new_tokens=10, do_sample=True, top_k=3, seed=7)[0].tolist()
+    for t in range(3, len(out)):
+        logits = model(np.array([out[:t]])).logits[0, -1]
+        assert out[t] in np.argsort(logits)[-3:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 40), vocab=st.integers(2, 60))
+def test_top_k_keeps_exactly_the_k_largest(seed, k, vocab):
+    scores = np.random.default_rng(seed).normal(0, 2, (3, vocab))
+    out = apply_top_k(scores, k)
+    kept = np.isfinite(out)
+    kk = min(k, vocab)
+    for row in range(3):
+        assert set(np.nonzero(kept[row])[0]) == set(np.argsort(scores[row])[-kk:])
+    np.testing.assert_array_equal(out[kept], scores[kept])
+    draws = sample(softmax(out), np.random.default_rng(seed))
+    assert all(kept[r, d] for r, d in enumerate(draws))
+
+
+def test_top_k_keeps_ties_like_transformers():
+    scores = np.array([[1.0, 3.0, 3.0, 3.0, 0.5]])
+    assert np.isfinite(apply_top_k(scores, 2)).tolist() == [[False, True, True, True, False]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), p=st.floats(0.01, 1.0), vocab=st.integers(2, 50))
+def test_top_p_keeps_the_smallest_set_reaching_p(seed, p, vocab):
+    scores = np.random.default_rng(seed).normal(0, 2, (2, vocab))
+    out = apply_top_p(scores, p)
+    for row in range(2):
+        probs = softmax(scores[row])
+        kept = np.nonzero(np.isfinite(out[row]))[0]
+        order = np.argsort(probs)[::-1]
+        assert set(kept) == set(order[:len(kept)])                        # the most likely tokens
+        mass = probs[kept].sum()
+        assert mass >= p - 1e-12                                          # reaches p
+        if len(kept) > 1:
+            assert mass - probs[kept].min() < p + 1e-12                   # and no smaller such set does
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), t=st.floats(0.05, 20))
+def test_temperature_divides(seed, t):
+    scores = np.random.default_rng(seed).normal(0, 2, (2, 9))
+    np.testing.assert_allclose(apply_temperature(scores, t) * t, scores, rtol=1e-14)
+
+
+def test_sample_matches_the_distribution():
+    """20,000 draws of a fixed distribution: every frequency within 5 standard deviations."""
+    probs = np.array([0.5, 0.25, 0.125, 0.0, 0.1, 0.025])
+    n = 20_000
+    draws = sample(np.tile(probs, (n, 1)), np.random.default_rng(0))
+    freq = np.bincount(draws, minlength=6) / n
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert (np.abs(freq - probs) <= 5 * sigma + 1e-12).all()
+    assert freq[3] == 0                                                   # probability 0: never drawn
+
+
+# ---- repetition penalty --------------------------------------------------------------------------
+
+def test_repetition_penalty_formula_and_left_padding():
+    scores = np.array([[2.0, -2.0, 1.0, -1.0, 0.0]], dtype=np.float32)
+    ids = np.array([[3, 3, 0, 1, 4]])            # first two positions are left padding (id 3)
+    out = apply_repetition_penalty(scores, ids, 2.0, ignore_prefix=np.array([2]))
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0, 0.0]]  # 0: /2, 1: *2, 3: only in the padding, 4: 0 stays 0
+    assert out.dtype == np.float32
+
+
+def test_repetition_penalty_discourages_repeats(model):
+    out = generate(model, [[3, 4, 5]], max_new_tokens=15, repetition_penalty=1e6)[0, 3:].tolist()
+    assert len(set(out)) == len(out) and not set(out) & {3, 4, 5}  # a huge penalty forbids every repeat
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+
+def test_streamer_protocol(model):
+    events = []
+
+    class Recorder:
+        def put(self, ids):
+            events.append(("put", np.asarray(ids).tolist()))
+
+        def end(self):
+            events.append(("end",))
+
+    out = generate(model, [[3, 4, 5]], max_new_tokens=4, streamer=Recorder())
+    assert events[0] == ("put", [[3, 4, 5]]) and events[-1] == ("end",)
+    assert [e[1] for e in events[1:-1]] == [[t] for t in out[0, 3:].tolist()]
+
+
+def test_text_streamer_writes_the_decoded_text_and_holds_partial_characters():
+    class ByteTok:  # decodes ids as UTF-8 bytes: a multi-byte character spans several ids
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    buf = io.StringIO()
+    s = TextStreamer(ByteTok(), skip_prompt=True, file=buf)
+    s.put(np.array([list(b"prompt ")]))
+    writes = []
+    for b in "héllo 🙂".encode():
+        s.put(np.array([b]))
+        writes.append(buf.getvalue())
+    s.end()
+    assert buf.getvalue() == "héllo 🙂\n"
+    assert all("\ufffd" not in w for w in writes)
+
+
+# ---- argument checking ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(max_length=3), "max_length is 3"),
+    (dict(do_sample=True, temperature=0), "temperature must be a number > 0"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature"),
+    (dict(do_sample=True, top_k=-1), "top_k must be an integer >= 0"),
+    (dict(do_sample=True, top_p=0), r"top_p must be a number in \(0, 1\]"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(repetition_penalty=0), "repetition_penalty must be a number > 0"),
+    (dict(do_sample="yes"), "do_sample must be True or False"),
+    (dict(do_sample=True, seed=-1), "seed must be an integer >= 0"),
+    (dict(eos_token_id=101), r"eos_token_id 101 is outside the vocabulary \[0, 101\)"),
+    (dict(eos_token_id="a"), "eos_token_id must be an integer"),
+    (dict(pad_token_id=-1), "pad_token_id -1 is outside"),
+    (dict(attention_mask=[[1, 1]]), "attention_mask has shape"),
+    (dict(attention_mask=[[0, 0, 0]]), "all padding"),
+    (dict(attention_mask=[[0, 2, 1]]), "only hold 0"),
+    (dict(streamer=object()), "streamer must have put"),
+])
+def test_invalid_arguments_raise_generation_error(model, kwargs, match):
+    kwargs.setdefault("max_new_tokens", 2) if "max_length" not in kwargs else None
+    with pytest.raises(GenerationError, match=match):
+        generate(model, [[3, 4, 5]], **kwargs)
+
+
+@pytest.mark.parametrize("ids, match", [([[3, 4, 500]], "outside the vocabulary"), ([[]], "empty"),
+                                        ([[1.5, 2.0]], "integers")])
+def test_invalid_ids_raise_generation_error(model, ids, match):
+    with pytest.raises(GenerationError, match=match):
+        generate(model, ids, max_new_tokens=2)
+
+
+def test_generate_needs_a_causal_lm():
+    from stablelm_ref import StableLmForSequenceClassification
+
+    with pytest.raises(GenerationError, match="no language-modelling head"):
+        generate(tiny_model(cls=StableLmForSequenceClassification), [[3, 4]], max_new_tokens=2)
+
+
+def test_prompt_longer_than_context_is_refused_but_decoding_past_it_is_allowed():
+    model = tiny_model()  # max_position_embeddings 64
+    with pytest.raises(GenerationError, match="more than max_position_embeddings"):
+        model.generate(np.ones((1, 65), np.int64), max_new_tokens=1)
+    with pytest.warns(UserWarning, match="past max_position_embeddings"):
+        out = model.generate(np.ones((1, 60), np.int64), max_new_tokens=8)
+    assert np.asarray(out).shape == (1, 68)

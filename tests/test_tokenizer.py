@@ -1,0 +1,212 @@
+"""Tokenizer: ids and round trips against the tokenizers library, left padding, special tokens, the
+published prompt ids (GPT-NeoX-20B file), and the sandboxed chat template."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from stablelm_ref.errors import TokenizerError
+from stablelm_ref.tokenizer import Tokenizer, render_chat_template
+
+from conftest import NEOX_TOKENIZER
+
+ZEPHYR = ("{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + "
+          "eos_token}}{% elif message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + eos_token}}"
+          "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n'  + message['content'] + eos_token}}"
+          "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+
+SENTENCES = [
+    "The weather is always wonderful in the spring.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "My favorite food has always been pizza, but lately I have been craving something different.",
+    "Les élèves aiment le café. 日本語のテキスト。 Emoji: 🙂",
+    "    indented code\twith tabs and   spaces",
+]
+UNICODE_TEXTS = ["héllo wörld", "日本語のテキスト", "🙂🙃 emoji", "\t tabs\n\nnewlines  ", "def f(x):\n    return x ** 2\n",
+                 "", " ", "Ω≈ç√∫˜µ≤≥÷", "a\u0301 combining"]
+
+
+def tiny_tokenizer_dir(path, vocab_size=300, chat_template=ZEPHYR, config=True):
+    """A byte-level BPE trained in milliseconds on SENTENCES, saved like a model directory's tokenizer."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(SENTENCES, trainer)
+    os.makedirs(path, exist_ok=True)
+    backend.save(os.path.join(path, "tokenizer.json"))
+    if config:
+        cfg = {"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|padding|>",
+               "add_bos_token": False, "model_max_length": 64}
+        if chat_template is not None:
+            cfg["chat_template"] = chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_tokenizer_dir(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    if not os.path.isfile(NEOX_TOKENIZER):
+        pytest.skip(f"the shared GPT-NeoX-20B tokenizer is not at {NEOX_TOKENIZER}")
+    d = tmp_path_factory.mktemp("neox")
+    shutil.copy(NEOX_TOKENIZER, d / "tokenizer.json")  # a directory holding only tokenizer.json
+    return Tokenizer.from_pretrained(str(d))
+
+
+# ---- the GPT-NeoX-20B file (published prompt ids: test_published_goldens.py) ------------------------
+
+def test_neox_only_tokenizer_json_gets_endoftext_defaults(neox):
+    assert (neox.bos_token_id, neox.eos_token_id, neox.pad_token_id) == (0, 0, None)
+    assert neox.vocab_size == 50277  # FACTS.md: 50277 tokens, < the model's 50304
+
+
+def test_neox_ids_and_round_trip_equal_tokenizers_library(neox):
+    import unicodedata
+
+    from tokenizers import Tokenizer as Backend
+
+    ref = Backend.from_file(NEOX_TOKENIZER)
+    for text in UNICODE_TEXTS + SENTENCES:
+        ids = neox.encode(text)
+        assert ids == ref.encode(text).ids, text
+        # byte-level BPE is lossless after the NFC normalizer ("a\u0301" comes back as "\xe1")
+        assert neox.decode(ids) == ref.decode(ids) == unicodedata.normalize("NFC", text), text
+
+
+# ---- the tiny tokenizer: padding, special tokens, decode -----------------------------------------
+
+@pytest.mark.parametrize("text", UNICODE_TEXTS + SENTENCES)
+def test_tiny_round_trip(tiny_dir, text):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_batch_is_left_padded_with_pad_token(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    texts = ["The weather", "def fibonacci(n):", "x"]
+    enc = tok(texts)
+    rows = [tok.encode(t) for t in texts]
+    width = max(map(len, rows))
+    assert enc["input_ids"].shape == enc["attention_mask"].shape == (3, width)
+    assert enc["input_ids"].dtype == np.int64
+    for i, r in enumerate(rows):
+        n = len(r)
+        assert enc["input_ids"][i, width - n:].tolist() == r
+        assert (enc["input_ids"][i, :width - n] == tok.pad_token_id).all() and tok.pad_token_id == 1
+        assert enc["attention_mask"][i].tolist() == [0] * (width - n) + [1] * n
+    assert tok.batch_decode(enc["input_ids"], skip_special_tokens=True) == texts
+    with pytest.raises(TokenizerError, match="padding=True"):
+        tok(texts, padding=False)
+
+
+def test_special_tokens_and_add_bos_eos(tmp_path, tiny_dir):
+    d = tiny_tokenizer_dir(str(tmp_path / "t"))
+    cfg = json.load(open(os.path.join(d, "tokenizer_config.json")))
+    cfg.update(add_bos_token=True, add_eos_token=True)
+    json.dump(cfg, open(os.path.join(d, "tokenizer_config.json"), "w"))
+    tok = Tokenizer.from_pretrained(d)
+    plain = Tokenizer.from_pretrained(tiny_dir).encode("hello")
+    assert tok.encode("hello") == [0] + plain + [0]
+    assert tok.encode("hello", add_special_tokens=False) == plain
+    assert tok.decode(tok.encode("hello"), skip_special_tokens=True) == "hello"
+    assert tok.decode(tok.encode("hello")) == "<|endoftext|>hello<|endoftext|>"
+
+
+def test_special_tokens_map_fills_missing(tmp_path):
+    d = tiny_tokenizer_dir(str(tmp_path / "t"), config=False)
+    json.dump({"eos_token": "<|padding|>", "pad_token": {"content": "<|endoftext|>"}},
+              open(os.path.join(d, "special_tokens_map.json"), "w"))
+    tok = Tokenizer.from_pretrained(d)
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (1, 0, None)
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda d: os.remove(os.path.join(d, "tokenizer.json")), "no tokenizer.json"),
+    (lambda d: open(os.path.join(d, "tokenizer.json"), "w").write("{not json"), "not a valid tokenizer.json"),
+    (lambda d: open(os.path.join(d, "tokenizer_config.json"), "w").write("[1"), "not valid JSON"),
+    (lambda d: json.dump({"eos_token": "<nope>"}, open(os.path.join(d, "tokenizer_config.json"), "w")),
+     "eos_token '<nope>' is not in the vocabulary"),
+    (lambda d: json.dump({"eos_token": 5}, open(os.path.join(d, "tokenizer_config.json"), "w")),
+     "eos_token must be a string"),
+])
+def test_bad_files_raise_tokenizer_error(tmp_path, setup, match):
+    d = tiny_tokenizer_dir(str(tmp_path / "t"))
+    setup(d)
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.from_pretrained(d)
+
+
+def test_decode_drops_ids_past_the_vocabulary_and_rejects_negative_ones(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    ids = tok.encode("The weather")
+    assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 19]) == "The weather"  # padded embedding rows
+    with pytest.raises(TokenizerError, match="negative token id -1"):
+        tok.decode([5, -1])
+
+
+# ---- chat template -------------------------------------------------------------------------------
+
+def test_zephyr_template_renders_like_transformers_format(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    eot = "<|endoftext|>"
+    want = (f"<|system|>\nBe brief.{eot}<|user|>\nHi!{eot}<|assistant|>\nHello.{eot}<|user|>\nWhy?{eot}"
+            "<|assistant|>")
+    assert tok.apply_chat_template(msgs) == want
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == want[:-len("<|assistant|>")]
+    ids = tok.apply_chat_template(msgs, tokenize=True)
+    assert ids == tok.encode(want, add_special_tokens=False) and ids.count(0) == 4
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ("{{ ''.__class__ }}", "unsafe"),                    # silently blank in plain jinja2: refused here
+    ("{{ messages.__class__.__base__.__subclasses__() }}", "unsafe"),
+    ("{{ cycler.__init__.__globals__ }}", "unsafe"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "too large"),
+    ("{{ 'a' * 10**8 }}", "too large"),
+    ("{% for m in messages %}{{ raise_exception('Conversation roles must alternate') }}{% endfor %}",
+     "Conversation roles must alternate"),
+    ("{% if %}", "not valid Jinja"),
+])
+def test_hostile_or_failing_templates_raise_tokenizer_error(template, match):
+    with pytest.raises(TokenizerError, match=match):
+        render_chat_template(template, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_template_render_time_is_bounded(monkeypatch):
+    import time
+
+    from stablelm_ref import tokenizer
+
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_SECONDS", 0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TokenizerError, match="longer than"):  # 10^10 empty iterations without the limit
+        render_chat_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                             messages=[])
+    assert time.monotonic() - t0 < 5
+
+
+def test_no_template_is_a_clear_error(tmp_path):
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=None))
+    with pytest.raises(TokenizerError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_tojson_is_not_html_escaped():
+    out = render_chat_template("{{ messages | tojson }}", messages=[{"role": "user", "content": "<a> & é"}])
+    assert json.loads(out) == [{"role": "user", "content": "<a> & é"}] and "<a> & é" in out

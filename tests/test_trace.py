@@ -1,0 +1,265 @@
+"""trace.py: recording every intermediate, trace files, comparison and the trace/compare commands."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from stablelm_ref import StableLmForCausalLM
+from stablelm_ref.errors import CheckpointError
+from stablelm_ref.trace import (
+    DEFAULT_TOLERANCES,
+    compare_traces,
+    default_tolerances,
+    first_divergence,
+    main,
+    read_trace,
+    run_with_trace,
+    write_trace,
+)
+
+from conftest import VARIANTS, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDS = "5,17,42,8,99,3"
+
+
+def expected_names(config):
+    names = ["model.embed_tokens"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm"] + [p + f"self_attn.{n}_proj" for n in "qkv"]
+        if config.qk_layernorm:
+            names += [p + "self_attn.q_layernorm", p + "self_attn.k_layernorm"]
+        names += [p + f"self_attn.{n}" for n in ("rotary_q", "rotary_k", "attn_weights", "attn_output", "o_proj")]
+        if not config.use_parallel_residual:
+            names.append(p + "post_attention_layernorm")
+        names += [p + f"mlp.{n}" for n in ("gate_proj", "up_proj", "act", "down_proj")] + [f"model.layers.{i}"]
+    return names + ["model.norm", "lm_head"]
+
+
+def test_run_with_trace_names_order_and_values(variant):
+    model = tiny_model(seed=7, **VARIANTS[variant])
+    c = model.config
+    ids = [[5, 17, 42, 8]]
+    logits, trace = model.run_with_trace(ids)
+    assert list(trace) == expected_names(c)
+    out = model(ids, output_hidden_states=True)
+    np.testing.assert_array_equal(logits, out.logits)          # tracing does not change the result
+    np.testing.assert_array_equal(trace["lm_head"], out.logits)
+    np.testing.assert_array_equal(trace["model.norm"], out.hidden_states[-1])
+    np.testing.assert_array_equal(trace["model.layers.0"], out.hidden_states[1])
+    assert trace["model.layers.1.self_attn.q_proj"].shape == (1, c.num_attention_heads, 4, c.head_dim)
+    assert trace["model.layers.1.self_attn.rotary_k"].shape == (1, c.num_key_value_heads, 4, c.head_dim)
+    w = trace["model.layers.0.self_attn.attn_weights"]
+    assert w.shape == (1, c.num_attention_heads, 4, 4)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=0, atol=1e-12)  # rows of a softmax
+    assert np.all(np.triu(w[0, 0], 1) == 0)                         # causal
+    # The embedding is the table row; the act is silu(gate) * up (the input of down_proj).
+    np.testing.assert_array_equal(trace["model.embed_tokens"][0, 2], model.params["model.embed_tokens.weight"][42])
+    g, u = trace["model.layers.0.mlp.gate_proj"], trace["model.layers.0.mlp.up_proj"]
+    np.testing.assert_allclose(trace["model.layers.0.mlp.act"], g / (1 + np.exp(-g)) * u, rtol=1e-12, atol=1e-14)
+
+
+def test_trace_file_round_trip_keeps_order_dtypes_and_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    trace = {"z.first": rng.normal(size=(2, 3)), "a.second": rng.normal(size=4).astype(np.float16),
+             "m.third": rng.normal(size=(1, 2, 2)).astype(ml_dtypes.bfloat16), "b.fourth": np.float32([1.5])}
+    path = tmp_path / "t.safetensors"
+    write_trace(path, trace, {"model": "tiny", "dtype": "float64", "ids": [[1, 2]]})
+    again, meta = read_trace(path)
+    assert list(again) == list(trace)                      # execution order, not safetensors' sorted order
+    for name in trace:
+        assert again[name].dtype == trace[name].dtype      # float16 / bfloat16 stored as they are
+        np.testing.assert_array_equal(again[name], trace[name])
+    assert meta["ids"] == [[1, 2]] and meta["model"] == "tiny" and meta["dtype"] == "float64"
+    assert meta["package_version"] and meta["order"] == list(trace)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(CheckpointError, match="bad"):
+        write_trace(path, {"good": np.zeros(3), "bad": np.array(["x"])})
+    assert os.listdir(tmp_path) == []                      # neither the file nor a temporary
+
+
+def test_damaged_order_metadata_is_a_clear_error(tmp_path):
+    from stablelm_ref.checkpoint import save_file
+
+    save_file({"a": np.zeros(2)}, tmp_path / "t.safetensors", {"order": json.dumps(["a", "gone"])})
+    with pytest.raises(CheckpointError, match="'gone'"):
+        read_trace(tmp_path / "t.safetensors")
+
+
+def test_relative_error_is_normwise_and_symmetric():
+    a = {"x": np.array([[10.0, 0.0], [1e-9, -4.0]])}
+    b = {"x": np.array([[10.0, 1e-3], [2e-9, -4.0]])}     # elementwise rel err of x[1,0] would be 0.5
+    (row,) = compare_traces(a, b)
+    assert row.max_abs == pytest.approx(1e-3, rel=1e-12)
+    assert row.max_rel == pytest.approx(1e-4, rel=1e-12)  # 1e-3 / max|x| = 1e-3 / 10
+    cos = (100 + 16 + 2e-18) / np.sqrt((116 + 1e-18) * (116 + 1e-6 + 4e-18))
+    assert row.cosine == pytest.approx(cos, rel=1e-15)
+    assert not row.ok                                      # float64 default rtol 1e-10
+    (back,) = compare_traces(b, a)
+    assert (back.max_abs, back.max_rel) == (row.max_abs, row.max_rel)
+    assert compare_traces(a, b, rtol=1.01e-4)[0].ok and not compare_traces(a, b, rtol=0.99e-4)[0].ok
+
+
+def test_default_tolerances_follow_the_lower_precision():
+    f64, f32, bf16 = np.float64, np.float32, ml_dtypes.bfloat16
+    assert default_tolerances(f64, f64) == DEFAULT_TOLERANCES["float64"] == (1e-10, 1e-12)
+    assert default_tolerances(f64, f32) == default_tolerances(f32, f32) == DEFAULT_TOLERANCES["float32"]
+    assert default_tolerances(bf16, f64) == default_tolerances(bf16, np.float16) == (5e-2, 1e-3)
+    assert default_tolerances(np.float16, f32) == (1e-2, 1e-3)
+    x = np.linspace(-1, 1, 50)
+    # a float32 rounding of a float64 tensor passes as float32 and fails as float64
+    assert compare_traces({"x": x.astype(f32)}, {"x": x})[0].ok
+    assert not compare_traces({"x": x.astype(f32).astype(f64)}, {"x": x})[0].ok
+    # the metadata dtype (a bfloat16 run stored as float32) overrides the tensors' dtype
+    rounded = x.astype(bf16).astype(f32)
+    assert not compare_traces({"x": rounded}, {"x": x})[0].ok
+    assert compare_traces({"x": rounded}, {"x": x}, precision=("bfloat16", None))[0].ok
+
+
+def test_missing_names_shape_mismatch_and_nan_are_rows_not_crashes():
+    a = {"one": np.ones(3), "two": np.ones((2, 3)), "three": np.ones(2), "four": np.array([1.0, np.nan])}
+    b = {"one": np.ones(3), "two": np.ones((3, 2)), "four": np.array([1.0, np.nan]), "five": np.zeros(1)}
+    rows = compare_traces(a, b)
+    assert [r.name for r in rows] == ["one", "two", "three", "four", "five"]
+    by = {r.name: r for r in rows}
+    assert by["one"].ok and by["one"].max_abs == 0 and by["one"].cosine == 1
+    assert not by["two"].ok and by["two"].note == "shape (2, 3) in A, (3, 2) in B"
+    assert not by["three"].ok and by["three"].note == "missing in B"
+    assert not by["five"].ok and by["five"].note == "missing in A"
+    assert not by["four"].ok                               # NaN never agrees
+    assert first_divergence(rows) is by["two"]
+    assert first_divergence(rows[:1]) is None
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny float64 checkpoint, and a copy with one element of one layer-1 weight moved by 0.05 (std 0.2)."""
+    root = tmp_path_factory.mktemp("trace")
+    model = tiny_model(seed=11)
+    model.save_pretrained(root / "good")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    model.params[name] = model.params[name].copy()
+    model.params[name][3, 7] += 0.05
+    model.save_pretrained(root / "bad")
+    return root
+
+
+def _trace(root, model, dtype, out, device="cpu"):
+    assert main(["trace", "--model", str(root / model), "--ids", IDS, "--dtype", dtype, "--device", device,
+                 "--out", str(root / out)]) == 0
+    return root / out
+
+
+def test_float32_and_float64_traces_compare_clean(checkpoints, capsys):
+    a = _trace(checkpoints, "good", "float32", "f32.safetensors")
+    b = _trace(checkpoints, "good", "float64", "f64.safetensors")
+    trace, meta = read_trace(a)
+    assert meta["dtype"] == "float32" and meta["ids"] == [[5, 17, 42, 8, 99, 3]] and meta["producer"] == "stablelm-ref"
+    assert trace["lm_head"].dtype == np.float32 and len(trace) == 33
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "all 33 tensors agree" in out and ">>" not in out
+    rows = compare_traces(trace, read_trace(b)[0])
+    assert max(r.max_rel for r in rows) < 1e-5             # measured 1e-6; default float32 rtol is 1e-4
+    assert main(["compare", str(a), str(b), "--rtol", "1e-9", "--atol", "0"]) == 1  # but it is float32
+
+
+def test_perturbed_layer1_weight_first_divergence_in_layer1(checkpoints, capsys):
+    good = _trace(checkpoints, "good", "float64", "g64.safetensors")
+    bad = _trace(checkpoints, "bad", "float32", "b32.safetensors")
+    capsys.readouterr()
+    assert main(["compare", str(bad), str(good)]) == 1
+    out = capsys.readouterr().out
+    marked = [line for line in out.splitlines() if line.startswith(">>")]
+    assert len(marked) == 1 and marked[0].split()[1] == "model.layers.1.self_attn.v_proj"
+    assert "first divergence: model.layers.1.self_attn.v_proj" in out
+    rows = compare_traces(read_trace(bad)[0], read_trace(good)[0])
+    assert all(r.ok for r in rows if r.name.startswith("model.layers.0") or r.name == "model.embed_tokens")
+    assert not rows[-1].ok                                 # and it reaches the logits
+
+
+def test_compare_as_a_subprocess(checkpoints):
+    good = _trace(checkpoints, "good", "float64", "s64.safetensors")
+    bad = _trace(checkpoints, "bad", "float64", "sb64.safetensors")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-m", "stablelm_ref.trace", "compare", str(good), str(bad)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "first divergence: model.layers.1.self_attn.v_proj" in run.stdout
+    same = subprocess.run([sys.executable, "-m", "stablelm_ref.trace", "compare", str(good), str(good)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert same.returncode == 0 and "all 33 tensors agree" in same.stdout
+
+
+def test_bfloat16_on_the_cpu_is_emulated_and_judged_as_bfloat16(checkpoints, capsys):
+    bf = _trace(checkpoints, "good", "bfloat16", "bf16.safetensors")
+    good = checkpoints / "f64.safetensors"
+    if not good.exists():
+        good = _trace(checkpoints, "good", "float64", "f64.safetensors")
+    trace, meta = read_trace(bf)
+    assert meta["dtype"] == "bfloat16" and "emulation" in meta["compute"]
+    assert main(["compare", str(bf), str(good)]) == 0                     # within bfloat16's tolerance
+    assert main(["compare", str(bf), str(good), "--rtol", "1e-4"]) == 1   # and visibly not float32
+    rows = compare_traces(trace, read_trace(good)[0])
+    assert 1e-3 < max(r.max_rel for r in rows) < 5e-2
+
+
+def test_compare_reports_a_missing_tensor(checkpoints, capsys, tmp_path):
+    trace, meta = read_trace(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    del trace["model.layers.0.self_attn.attn_weights"]
+    write_trace(tmp_path / "partial.safetensors", trace, {"dtype": "float64"})
+    assert main(["compare", str(checkpoints / "m64.safetensors"), str(tmp_path / "partial.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "first divergence: model.layers.0.self_attn.attn_weights (missing in B)" in out
+
+
+def test_cli_user_errors_exit_2(checkpoints, capsys, tmp_path):
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,x", "--out", str(tmp_path / "t")]) == 2
+    assert "--ids" in capsys.readouterr().err
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,500", "--out", str(tmp_path / "t")]) == 2
+    assert "500" in capsys.readouterr().err
+    assert main(["trace", "--model", str(checkpoints / "good"), "--text", "hi", "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.startswith("error:")   # no tokenizer files (or no tokenizer module): one line
+    assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "t")
+    with pytest.raises(SystemExit):
+        main(["trace", "--model", "m", "--ids", "1", "--text", "a", "--out", "o"])  # argparse: one of the two
+
+
+def test_run_with_trace_function_and_method_agree():
+    model = tiny_model(seed=3, **VARIANTS["12b"])
+    ids, mask = [[4, 5, 6]], [[0, 1, 1]]
+    l1, t1 = run_with_trace(model, ids, attention_mask=mask, position_ids=[[0, 0, 1]])
+    l2, t2 = StableLmForCausalLM.run_with_trace(model, ids, attention_mask=mask, position_ids=[[0, 0, 1]])
+    np.testing.assert_array_equal(l1, l2)
+    assert list(t1) == list(t2)
+    assert np.all(t1["model.layers.0.self_attn.attn_weights"][..., 1:, 0] == 0)  # real tokens ignore the pad
+
+
+@pytest.mark.gpu
+def test_gpu_traces_compare_clean_against_the_cpu(checkpoints, capsys):
+    """Host copies of CuPy arrays: a GPU trace is a file like any other (measured on an H100: float64
+    1.9e-15, float32 9.8e-7 of scale)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        pytest.skip("no usable NVIDIA GPU")
+    cpu = _trace(checkpoints, "good", "float64", "cpu64.safetensors")
+    for dtype, bound in (("float64", 1e-13), ("float32", 1e-5)):
+        gpu = _trace(checkpoints, "good", dtype, f"gpu_{dtype}.safetensors", device="gpu")
+        trace, meta = read_trace(gpu)
+        assert meta["device"] == "gpu" and trace["lm_head"].dtype == np.dtype(dtype)
+        assert main(["compare", str(gpu), str(cpu)]) == 0
+        assert max(r.max_rel for r in compare_traces(trace, read_trace(cpu)[0])) < bound

@@ -1,0 +1,108 @@
+# %% [markdown]
+# # 05 · Attention scores and the causal mask
+#
+# Each head compares every query with every key, turns the scores into weights with a softmax and
+# averages the values with them:
+#
+# $$A = \mathrm{softmax}\!\Big(\frac{q\,k^\top}{\sqrt{d_{\mathrm{head}}}} + M\Big),\qquad
+#   \mathrm{out} = A\,v,\qquad M_{ts} = \begin{cases}0 & s \le \mathrm{past} + t \text{ and key } s \text{ is a token}\\
+#   \min(\text{dtype}) & \text{otherwise}\end{cases}$$
+#
+# The mask makes the model causal (a token never sees the future) and hides padding. Like transformers'
+# eager path, masked scores get the dtype's most negative finite value (not $-\infty$, so a row with no
+# visible key stays finite), and the softmax runs in float32 (float64 in float64 mode).
+# The scale is $1/\sqrt{d_{\mathrm{head}}}$: $1/\sqrt{80}$ for stablelm-3b-4e1t.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+
+from _common import load_default_or_tiny, record, savefig, show_source
+from stablelm_ref.attention import scaled_dot_product_attention, softmax
+from stablelm_ref.model import causal_mask
+
+show_source(causal_mask)
+show_source(softmax)
+show_source(scaled_dot_product_attention)
+
+# %% [markdown]
+# ## Checks against the equation written per head with NumPy
+#
+# A batch of two rows, the second left-padded by 3, with 2 cached positions before 6 new ones
+# (so $S = 8$ keys, $T = 6$ queries).
+
+# %%
+rng = np.random.default_rng(0)
+B, H, T, past, D = 2, 3, 6, 2, 16
+S = past + T
+q = rng.normal(size=(B, H, T, D))
+k, v = rng.normal(size=(2, B, H, S, D))
+pad = np.ones((B, S), dtype=bool)
+pad[1, :3] = False                                                   # row 1: 3 pads on the left
+mask = causal_mask(pad, B, T, past, np)                              # [B, 1, T, S]
+out, probs = scaled_dot_product_attention(q, k, v, mask)
+
+expected_out = np.zeros_like(out)
+for b in range(B):
+    for h in range(H):
+        for t in range(T):
+            visible = [s for s in range(S) if s <= past + t and pad[b, s]]
+            if not visible:  # a pad query with no visible key: finite (uniform) weights, ignored downstream
+                assert np.all(np.isfinite(probs[b, h, t]))
+                expected_out[b, h, t] = out[b, h, t]
+                continue
+            scores = np.array([q[b, h, t] @ k[b, h, s] / np.sqrt(D) for s in visible])
+            w = np.exp(scores - scores.max())
+            w /= w.sum()
+            np.testing.assert_allclose(probs[b, h, t, visible], w, rtol=1e-13)
+            assert np.all(np.delete(probs[b, h, t], visible) == 0)
+            expected_out[b, h, t] = w @ v[b, h, visible]
+np.testing.assert_allclose(out, expected_out, rtol=0, atol=1e-13)
+print("scaled_dot_product_attention == per-head softmax(q k^T / sqrt(D)) v; masked weights are exactly 0")
+
+# %% [markdown]
+# ## Attention maps of a model
+#
+# With a `trace` callback the model hands over `model.layers.{i}.self_attn.attn_weights`, $[B, H, T, S]$.
+# Every row is a probability distribution over the keys at or before it. With the trained default model
+# (once it is in `stablelm_ref/default_model/`) the heads show structure: attending to the previous
+# token, to the start, to matching brackets or indentation. A random model shows only noise shaped by the
+# mask, which is why the figure says which model drew it.
+
+# %%
+run = load_default_or_tiny(dtype="float32")
+cfg = run.model.config
+seen, _ = record(run.model, run.ids, names=["attn_weights"])
+L, Hm = cfg.num_hidden_layers, cfg.num_attention_heads
+Tm = run.ids.shape[1]
+for i in range(L):
+    a = seen[f"model.layers.{i}.self_attn.attn_weights"][0]         # [H, T, T]
+    np.testing.assert_allclose(a.sum(-1), 1, atol=1e-5)
+    assert np.all(np.triu(a, k=1) == 0), "no weight on the future"
+print(run, f"{L} layers x {Hm} heads: every row sums to 1, nothing above the diagonal")
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+for ax, (m, title) in zip(axes, [(causal_mask(None, 1, T, past, np)[0, 0], "causal (2 cached + 6 new)"),
+                                  (np.broadcast_to(pad[1], (T, S)), "padding of row 1 (3 left pads)"),
+                                  (mask[1, 0], "combined: mask[1, 0]")]):
+    ax.imshow(m, cmap="Greys_r", vmin=0, vmax=1)
+    ax.set(title=title, xlabel="key position s", ylabel="query t")
+savefig(fig, "05_masks")
+
+layers = sorted({0, L // 2, L - 1})
+heads = list(range(min(Hm, 4)))
+fig, axes = plt.subplots(len(layers), len(heads), figsize=(3.3 * len(heads), 3.2 * len(layers)), squeeze=False)
+small = len(run.labels) <= 64
+for r_, i in enumerate(layers):
+    a = seen[f"model.layers.{i}.self_attn.attn_weights"][0]
+    for c_, h in enumerate(heads):
+        ax = axes[r_, c_]
+        ax.imshow(a[h], cmap="magma", vmin=0, vmax=1)
+        ax.set_title(f"layer {i}, head {h}", fontsize=9)
+        if small and c_ == 0:
+            ax.set_yticks(range(Tm), run.labels, fontsize=5)
+        if small and r_ == len(layers) - 1:
+            ax.set_xticks(range(Tm), run.labels, fontsize=5, rotation=90)
+fig.suptitle(f"attention weights A[t, s] ({run.name})")
+savefig(fig, "05_attention_maps")

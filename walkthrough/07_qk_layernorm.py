@@ -1,0 +1,102 @@
+# %% [markdown]
+# # 07 · Per-head qk LayerNorm
+#
+# stablelm-2-12b (`qk_layernorm: true`) normalises every query head and every key head over its own
+# head_dim, **before** rotary, with one weight vector per head and no bias:
+#
+# $$\hat q_h = \frac{q_h - \mu(q_h)}{\sqrt{\sigma^2(q_h) + \varepsilon}} \odot w^{(q)}_h,\qquad
+#   \hat k_j = \frac{k_j - \mu(k_j)}{\sqrt{\sigma^2(k_j) + \varepsilon}} \odot w^{(k)}_j$$
+#
+# (checkpoint tensors `self_attn.q_layernorm.norms.{h}.weight`, `self_attn.k_layernorm.norms.{j}.weight`).
+# Why: with unit weights every normalised head has norm $\approx\sqrt{D}$, rotary keeps norms, so by
+# Cauchy–Schwarz every scaled score obeys $|\hat q\cdot\hat k|/\sqrt D \le \sqrt D$ however large the
+# projections grow. Attention logits cannot blow up and the softmax cannot collapse onto one key — a
+# known instability of large-model training.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+
+from _common import record, savefig, show_source, tiny_model
+from stablelm_ref.attention import attention
+from stablelm_ref.layernorm import layer_norm, per_head_layer_norm
+
+show_source(per_head_layer_norm)
+show_source(attention, "if config.qk_layernorm", 'trace(prefix + "q_layernorm"')
+
+# %% [markdown]
+# ## Checks
+#
+# 1. `per_head_layer_norm` equals a loop of plain LayerNorms, one per head with its own weight and no bias.
+# 2. Inside a model (float64, tiny stablelm-2-12b-like config with 4 query and 2 kv heads) the traced
+#    `q_layernorm` / `k_layernorm` equal that loop applied to the traced `q_proj` / `k_proj`.
+# 3. With unit weights the scaled scores stay within $\pm\sqrt{D}$ even when the projections are multiplied by 1000.
+
+# %%
+rng = np.random.default_rng(0)
+B, H, T, D, eps = 2, 4, 5, 16, 1e-5
+x = rng.normal(2.0, 3.0, size=(B, H, T, D))
+w = rng.normal(1.0, 0.3, size=(H, D))
+loop = np.stack([layer_norm(x[:, h], w[h], None, eps) for h in range(H)], axis=1)
+np.testing.assert_allclose(per_head_layer_norm(x, list(w), eps), loop, rtol=0, atol=1e-13)
+
+model = tiny_model(seed=5, qk_layernorm=True, num_key_value_heads=2, use_parallel_residual=True)
+cfg = model.config
+ids = rng.integers(0, cfg.vocab_size, (1, 10))
+seen, _ = record(model, ids, names=["self_attn."])
+for i in range(cfg.num_hidden_layers):
+    p = f"model.layers.{i}.self_attn."
+    for which, heads in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads)):
+        ws = [model.params[f"{p}{which}_layernorm.norms.{h}.weight"] for h in range(heads)]
+        raw = seen[f"{p}{which}_proj"]                                # [B, heads, T, D]
+        by_loop = np.stack([layer_norm(raw[:, h], ws[h], None, cfg.layer_norm_eps) for h in range(heads)], 1)
+        np.testing.assert_allclose(seen[f"{p}{which}_layernorm"], by_loop, rtol=0, atol=1e-13)
+print("per-head LayerNorm == loop of LayerNorms; the model's traced q/k_layernorm agree")
+
+
+# %% [markdown]
+# ## What it does to the attention logits as the projections grow
+#
+# We multiply `q_proj.weight` and `k_proj.weight` of a tiny model by a growing factor $s$ and look at the
+# scaled scores $\mathrm{rot}(q)\cdot\mathrm{rot}(k)/\sqrt D$ (from the traced `rotary_q`, `rotary_k`) and at
+# the entropy of each attention row. Without qk LayerNorm the largest score grows like $s^2$ and the
+# attention collapses to one key (entropy → 0); with it (unit weights) nothing moves.
+
+# %%
+def logits_and_entropy(qk_norm, s):
+    m = tiny_model(seed=6, qk_layernorm=qk_norm)
+    for name in list(m.params):
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            m.params[name] = m.params[name] * s
+        if "q_layernorm" in name or "k_layernorm" in name:
+            m.params[name] = np.ones_like(m.params[name])
+    seen, _ = record(m, ids, names=["layers.0.self_attn.rotary", "layers.0.self_attn.attn_weights"])
+    rq, rk = seen["model.layers.0.self_attn.rotary_q"], seen["model.layers.0.self_attn.rotary_k"]
+    scores = rq @ np.swapaxes(rk, -1, -2) / np.sqrt(m.config.head_dim)  # [B, H, T, T]
+    visible = np.tril(np.ones(scores.shape[-2:], bool))
+    a = seen["model.layers.0.self_attn.attn_weights"]
+    entropy = max(0.0, float(-(a * np.log(np.where(a > 0, a, 1))).sum(-1).mean()))  # clip -0.0 from rounding
+    return np.abs(scores[..., visible]).max(), entropy
+
+scales = np.logspace(-1, 3, 13)
+curves = {flag: np.array([logits_and_entropy(flag, s)[:2] for s in scales]) for flag in (False, True)}
+Dm = tiny_model().config.head_dim
+assert curves[True][:, 0].max() <= np.sqrt(Dm) + 1e-9, "qk LayerNorm bounds every scaled score by sqrt(D)"
+assert curves[False][-1, 0] > 100 * np.sqrt(Dm) and curves[False][-1, 1] < 0.05, "without it, the softmax collapses"
+for s, (a0, e0), (a1, e1) in zip(scales, curves[False], curves[True]):
+    print(f"s = {s:8.2f}: max |score| {a0:12.2f} -> {a1:6.2f} with qk LN;  row entropy {e0:5.3f} -> {e1:5.3f}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+for flag, style in ((False, "o-"), (True, "s-")):
+    label = "with qk LayerNorm" if flag else "without"
+    axes[0].loglog(scales, curves[flag][:, 0], style, label=label)
+    axes[1].semilogx(scales, curves[flag][:, 1], style, label=label)
+axes[0].axhline(np.sqrt(Dm), color="gray", ls=":", label=f"sqrt(D) = {np.sqrt(Dm):.0f}")
+axes[0].set(title="largest |q.k| / sqrt(D), layer 0", xlabel="scale s of q_proj, k_proj")
+axes[1].axhline(np.log(np.arange(1, ids.shape[1] + 1)).mean(), color="gray", ls=":",
+                label="uniform over the visible keys")
+axes[1].set(title="mean entropy of an attention row (nats)", xlabel="scale s of q_proj, k_proj")
+for ax in axes:
+    ax.legend(fontsize=8)
+savefig(fig, "07_qk_layernorm")
