@@ -44,6 +44,16 @@ test: $(VENV)/.test
 crosscheck: $(VENV)/.crosscheck
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/crosscheck
 
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) install 'torch==2.13.0'
+	$(PIP) install -e '.[test,crosscheck,bench]'
+	@touch $@
+
+# OpenBLAS's CORETYPE/L2_SIZE overrides (set on some machines for old builds) slow current NumPy:
+# the benchmark runs as a user's machine would, and prints which OpenBLAS kernel ran.
+bench: $(VENV)/.bench
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_cpu.py $(BENCH_ARGS)
+
 demo: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"
 
