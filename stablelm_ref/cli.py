@@ -92,6 +92,8 @@ def load(args):
     if tok.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{directory}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
                              f"{model.config.vocab_size}: they do not belong together")
+    if args.device == "cpu":
+        model = model.fast()  # fast_cpu.FastCpuModel: the same function, fused weights and buffers
     return model, tok
 
 
