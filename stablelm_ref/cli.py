@@ -4,10 +4,13 @@
                           [--top-p P] [--seed S] [--dtype float32|float64|bfloat16] [--device cpu|gpu]
                           [--stats] PROMPT
     stablelm-ref chat [--model DIR_OR_REPO] [--system TEXT] ...        (reads user turns from stdin)
+    stablelm-ref trace / compare ...                                     (trace.py: golden-reference checks)
 
 Without --model the embedded default model (stablelm_ref/default_model/) is used. Decoding is greedy
 unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is streamed as it is
-generated; --stats prints prefill and decode tokens/s on stderr.
+generated; --stats prints prefill and decode tokens/s on stderr. On the CPU the model runs through
+fast_cpu.FastCpuModel; with --device gpu greedy bfloat16 decoding uses the CUDA-graph engine
+(cuda/decode_engine.py) unless --engine reference asks for the concept modules on CuPy.
 
 Every StableLmError (a missing or corrupt model, offline without a cache, invalid values) ends the
 command with one line on stderr and exit code 2; a traceback means a bug.
@@ -69,8 +72,8 @@ def resolve_model_dir(model, revision=None):
     """--model -> a local directory (a Hub repo id is downloaded or taken from the cache)."""
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
-            raise StableLmError("the embedded default model is not there yet (stablelm_ref/default_model/ has no "
-                                "config.json); pass --model DIR_OR_REPO")
+            raise StableLmError("the embedded default model is missing (stablelm_ref/default_model/ has no "
+                                "config.json): reinstall stablelm-ref, or pass --model DIR_OR_REPO")
         return DEFAULT_MODEL_DIR
     if os.path.isdir(model):
         return model

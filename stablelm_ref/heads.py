@@ -80,12 +80,17 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
-        if isinstance(logits_to_keep, int):
+        t = h.shape[1]
+        if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, bool):
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
         else:
-            h = xp.take(h, xp.asarray(np.asarray(_to_host(logits_to_keep)).astype(np.int64)), axis=1)
+            keep = np.asarray(_to_host(logits_to_keep))
+            if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
+                raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
+                                      f"got {logits_to_keep!r}")
+            h = xp.take(h, xp.asarray(keep.astype(np.int64) % t), axis=1)  # [B, len(keep), hidden]
         out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
         if trace is not None:
             trace("lm_head", out.logits)

@@ -206,6 +206,9 @@ class StableLmPreTrainedModel:
         ids = self._ids(input_ids)                                        # [B, T]
         batch, t = ids.shape
         cache = past_key_values
+        if cache is not None and not isinstance(cache, KVCache):
+            raise GenerationError(f"past_key_values must be the KVCache a previous call returned (or a new "
+                                  f"stablelm_ref.KVCache), got {type(cache).__name__}")
         if cache is None and use_cache:
             cache = KVCache(config, batch, t, self.dtype, xp, growable=True)
         past = cache.length if cache is not None else 0

@@ -168,8 +168,9 @@ def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):
     assert code == 2 and "no such local directory" in err
     monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", str(tmp_path))
     code, _, err = main(capsys, "generate", "hi")
-    assert code == 2 and err == ("stablelm-ref: error: the embedded default model is not there yet "
-                                 "(stablelm_ref/default_model/ has no config.json); pass --model DIR_OR_REPO\n")
+    assert code == 2 and err == ("stablelm-ref: error: the embedded default model is missing "
+                                 "(stablelm_ref/default_model/ has no config.json): reinstall stablelm-ref, or pass "
+                                 "--model DIR_OR_REPO\n")
 
 
 def test_chat_without_template(tmp_path, capsys):

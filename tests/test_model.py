@@ -90,3 +90,14 @@ def test_bad_ids_are_clear_errors(bad, match):
 def test_too_long_prompt():
     with pytest.raises(GenerationError, match="max_position_embeddings"):
         tiny_model()(np.zeros((1, 65), np.int64))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(past_key_values=5, use_cache=True), "past_key_values must be the KVCache"),
+    (dict(logits_to_keep="a"), "logits_to_keep must be an int or a 1-D array"),
+    (dict(logits_to_keep=[9]), "logits_to_keep must be an int or a 1-D array"),
+    (dict(logits_to_keep=-1), "logits_to_keep must be >= 0"),
+])
+def test_api_misuse_is_a_clear_error(kwargs, match):
+    with pytest.raises(GenerationError, match=match):
+        tiny_model()([[1, 2, 3]], **kwargs)
