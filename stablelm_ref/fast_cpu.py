@@ -36,7 +36,6 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GenerationError, StableLmError
-from .kv_cache import KVCache
 from .mlp import ACTIVATIONS
 from .model import ModelOutput, _to_host, causal_mask
 from .rotary import rotary_cos_sin
@@ -154,26 +153,11 @@ class FastCpuModel:
             return self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
                               logits_to_keep, output_hidden_states, trace)
         model, config = self.model, self.config
-        ids = model._ids(input_ids)                                             # [B, T]
-        b, t = ids.shape
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = KVCache(config, b, t, model.dtype, np, growable=True)
-        past = cache.length if cache is not None else 0
-        if cache is not None:
-            if cache.batch_size != b:
-                raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {b}")
-            cache.reserve(t)
-        if past + t > config.max_position_embeddings and config.rope_type != "dynamic":
-            raise GenerationError(f"{past + t} positions exceed max_position_embeddings "
-                                  f"({config.max_position_embeddings}); shorten the prompt")
-        mask2d = model._mask_2d(attention_mask, b, past + t)                    # [B, S] bool or None
+        ids, cache, past, mask2d, position_ids = model._prepare_inputs(input_ids, attention_mask, position_ids,
+                                                                       past_key_values, use_cache)
+        b, t = ids.shape                                                        # [B, T]
         if mask2d is not None and mask2d.all():
             mask2d = None                                                       # nothing to mask but causality
-        if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(past, past + t)[None, :], (b, t))
-        else:
-            position_ids = np.asarray(_to_host(position_ids)).astype(np.int64).reshape(b, t)
         rows = self._kept_rows(logits_to_keep, t)                                # positions whose logits we return
 
         w = self._workspace(b, t)
@@ -222,7 +206,6 @@ class FastCpuModel:
         c = self.config
         heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         group, rd = heads // kv, c.rotary_ndims
-        nq, nk = heads * d, kv * d
 
         # --- attention ------------------------------------------------------------------------
         self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.o)                           # [B*T, hidden]

@@ -199,10 +199,11 @@ class StableLmPreTrainedModel:
             raise GenerationError(f"position id {int(host.min())} is negative; positions count from 0")
         return self.xp.asarray(np.broadcast_to(host.reshape(-1, t), (batch, t)).astype(np.int64))
 
-    # ---- the transformer ----------------------------------------------------------------------
-    def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                      use_cache=False, output_hidden_states=False, trace=None):
-        xp, config, p = self.xp, self.config, self.params
+    def _prepare_inputs(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+        """Check and convert one forward's inputs (shared by the reference and fast_cpu):
+        ids [B, T], the cache (made when use_cache asks for one, room reserved), the cached length,
+        the padding mask [B, S] or None, position ids [B, T]."""
+        xp, config = self.xp, self.config
         ids = self._ids(input_ids)                                        # [B, T]
         batch, t = ids.shape
         cache = past_key_values
@@ -226,6 +227,15 @@ class StableLmPreTrainedModel:
             position_ids = xp.broadcast_to(xp.arange(past, past + t)[None, :], (batch, t))  # [B, T]
         else:
             position_ids = self._positions(position_ids, batch, t)         # [B, T]
+        return ids, cache, past, mask2d, position_ids
+
+    # ---- the transformer ----------------------------------------------------------------------
+    def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                      use_cache=False, output_hidden_states=False, trace=None):
+        xp, config, p = self.xp, self.config, self.params
+        ids, cache, past, mask2d, position_ids = self._prepare_inputs(input_ids, attention_mask, position_ids,
+                                                                      past_key_values, use_cache)
+        batch, t = ids.shape
 
         embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
         x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]

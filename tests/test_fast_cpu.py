@@ -152,3 +152,18 @@ def test_generate_through_the_fast_model_equals_the_reference():
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     got = fast.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fast_path_shares_the_reference_input_checks():
+    """Both paths check inputs through model._prepare_inputs: decoding past the context through the cache is
+    allowed on both (as transformers), negative positions and foreign caches are refused on both."""
+    model = tiny_model(seed=9, dtype="float32")  # max_position_embeddings 64
+    fast = model.fast()
+    for m in (model, fast):
+        out = m(np.ones((1, 64), np.int64), use_cache=True)
+        step = m([[3]], past_key_values=out.past_key_values, use_cache=True)   # position 64
+        assert np.isfinite(step.logits).all()
+        with pytest.raises(GenerationError, match="is negative"):
+            m([[1, 2]], position_ids=[[-1, 0]])
+        with pytest.raises(GenerationError, match="past_key_values must be the KVCache"):
+            m([[1]], past_key_values=object(), use_cache=True)
