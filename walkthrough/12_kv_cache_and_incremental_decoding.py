@@ -26,7 +26,7 @@ from stablelm_ref.model import StableLmPreTrainedModel
 
 show_source(KVCache.reserve)
 show_source(KVCache.update)
-show_source(StableLmPreTrainedModel._forward_base, "cache = past_key_values", "cache.reserve(t)")
+show_source(StableLmPreTrainedModel._prepare_inputs, "cache = past_key_values", "cache.reserve(t)")
 
 # %% [markdown]
 # ## Check 1: incremental == full forward
