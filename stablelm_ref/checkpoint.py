@@ -252,15 +252,17 @@ def _shards_from_index(directory, index):
     return weight_map
 
 
-def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",)):
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None):
     """Read every tensor of a model directory as {name: array of `dtype`}.
+
+    `files` is checkpoint_files(directory) when the caller already has it (it is not read again).
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
     name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
-    where = checkpoint_files(directory)
+    where = checkpoint_files(directory) if files is None else files
     headers = {}
     for path in set(where.values()):
         headers[path] = read_header(path)

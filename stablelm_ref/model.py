@@ -102,9 +102,9 @@ class StableLmPreTrainedModel:
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
-        stored = len(checkpoint.checkpoint_files(directory))               # bounds what the config may imply
-        expected = checkpoint.expected_shapes(config, cls.head, limit=stored, where=directory)
-        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(directory, expected))
+        files = checkpoint.checkpoint_files(directory)                     # {tensor name: file}, found once
+        expected = checkpoint.expected_shapes(config, cls.head, limit=len(files), where=directory)  # bounded
+        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files)
         params = _strip_or_add_prefix(params)
         if device != "cpu":
             xp = array_module(device)
@@ -312,9 +312,8 @@ def _local_or_hub(path, **hub_kwargs):
     return hub.snapshot(path, **hub_kwargs)
 
 
-def _with_prefix(directory, expected):
+def _with_prefix(names, expected):
     """A checkpoint of a bare StableLmModel has no 'model.' prefix: expect its names as stored."""
-    names = checkpoint.checkpoint_files(directory)
     if "model.embed_tokens.weight" not in names and "embed_tokens.weight" in names:
         return {k.removeprefix("model."): v for k, v in expected.items()}
     return expected
