@@ -180,6 +180,9 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
 #define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
 #define MODE_ADD 1     // yf[b, n] += acc                     (residual stream)
 #define MODE_SWIGLU 2  // rows (2i, 2i+1) = (gate_i, up_i):  yh[b, i] = bf16(silu(gate) * up)
+#ifndef GEMV_PF
+#define GEMV_PF 2
+#endif
 
 template <int BM, int R>
 __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R],
@@ -237,13 +240,30 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
     PDL_LAUNCH();
     uint4 wa[R], wb[R];
     int c = tid;
+    // Weights may be fetched before the wait (no kernel writes them). GEMV_PF selects how:
+    //   0: the first two chunks of each row into L2, loaded after the wait
+    //   1: every chunk this block reads into L2, the first two loaded after the wait
+    //   2: the first two chunks into registers before the wait, the rest into L2
+#if GEMV_PF == 1
+    for (int cc = c; cc < KC; cc += T)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {                // weights may be fetched before the wait: into L2
+        for (int r = 0; r < R; ++r) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + cc));
+#elif GEMV_PF == 2
+    gemv_load<R>(wa, wb, wrow, c, T, KC);
+    for (int cc = c + 2 * T; cc < KC; cc += T)
+#pragma unroll
+        for (int r = 0; r < R; ++r) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + cc));
+#else
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
         if (c < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c));
         if (c + T < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c + T));
     }
+#endif
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
+#if GEMV_PF != 2
     gemv_load<R>(wa, wb, wrow, c, T, KC);
+#endif
     while (c < KC) {
         gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
         if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
@@ -402,7 +422,8 @@ __device__ __forceinline__ void attn_impl(
             const int half = rot >> 1;
             for (int i = lane; i < half; i += 32) {
                 const float ang = (float)pos * inv_freq[i];
-                const float cs = cosf(ang), sn = sinf(ang);
+                float sn, cs;
+                sincosf(ang, &sn, &cs);
                 const float x1 = dst[i], x2 = dst[i + half];
                 dst[i] = x1 * cs - x2 * sn;                  // x * cos + rotate_half(x) * sin
                 dst[i + half] = x2 * cs + x1 * sn;
@@ -428,6 +449,14 @@ __device__ __forceinline__ void attn_impl(
     float acc0[ATT_MAXJ], acc1[ATT_MAXJ];
 #pragma unroll
     for (int j = 0; j < ATT_MAXJ; ++j) { acc0[j] = 0.f; acc1[j] = 0.f; }
+    // Output pairs per thread: with GD2 >= ATT_THREADS pairs p = tid + j * ATT_THREADS over all rows; with
+    // fewer, RG row groups of GD2 threads each (thread tid: pair tid % GD2, rows grp + k * RG).
+    const int RG = GD2 >= ATT_THREADS ? 1 : ATT_THREADS / GD2;
+    const int grp = RG > 1 ? tid / GD2 : 0;
+    auto pair_of = [&](int j) -> int {              // GD2 (no pair) where this thread has none
+        if (RG == 1) return tid + j * ATT_THREADS;
+        return (j == 0 && grp < RG) ? tid - grp * GD2 : GD2;
+    };
 
     // 2. tiles of keys [t_begin, t_end) with an online softmax
     for (int t0 = t_begin; t0 < t_end; t0 += ATT_TK) {
@@ -479,17 +508,18 @@ __device__ __forceinline__ void attn_impl(
             }
         }
         __syncthreads();
-        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d]; each thread owns pairs (d, d+1).
+        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d]; each thread owns pairs (d, d+1) of rows
+        // r = grp, grp + RG, ... (row groups when there are fewer pairs than threads; summed at the end).
         // Masked rows (p == 0) are skipped: their cache slots may hold anything, NaN included.
 #pragma unroll
         for (int j = 0; j < ATT_MAXJ; ++j) {
-            const int p = tid + j * ATT_THREADS;
+            const int p = pair_of(j);
             if (p < GD2) {
                 const int g = p / (D / 2), dp = p % (D / 2);
                 const float a = a_s[g];
                 float o0 = acc0[j] * a, o1 = acc1[j] * a;
                 const float* prow = S + g * ATT_TK;
-                for (int r = 0; r < nt; ++r) {
+                for (int r = grp; r < nt; r += RG) {
                     const float pr = prow[r];
                     const u32 v2 = *reinterpret_cast<const u32*>(Vs + r * D + 2 * dp);
                     o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
@@ -502,11 +532,25 @@ __device__ __forceinline__ void attn_impl(
         if (t0 + ATT_TK < t_end) mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t0 + ATT_TK, t_end, len);
     }
 
+    if (RG > 1) {                                        // sum the row groups (K tile is free now)
+        float* red = reinterpret_cast<float*>(Ks);       // [RG - 1][GD2][2]
+        if (grp > 0 && grp < RG) {
+            red[((grp - 1) * GD2 + tid - grp * GD2) * 2] = acc0[0];
+            red[((grp - 1) * GD2 + tid - grp * GD2) * 2 + 1] = acc1[0];
+        }
+        __syncthreads();
+        if (grp == 0)
+            for (int q2 = 1; q2 < RG; ++q2) {
+                acc0[0] += red[((q2 - 1) * GD2 + tid) * 2];
+                acc1[0] += red[((q2 - 1) * GD2 + tid) * 2 + 1];
+            }
+    }
+
     // 3. one split: normalise and write.  Several: publish partials; the last block combines.
     if (nsplit == 1) {
 #pragma unroll
         for (int j = 0; j < ATT_MAXJ; ++j) {
-            const int p = tid + j * ATT_THREADS;
+            const int p = grp == 0 ? pair_of(j) : GD2;
             if (p < GD2) {
                 const int g = p / (D / 2), dp = p % (D / 2);
                 const float inv = 1.f / l_s[g];
@@ -518,7 +562,7 @@ __device__ __forceinline__ void attn_impl(
     }
 #pragma unroll
     for (int j = 0; j < ATT_MAXJ; ++j) {
-        const int p = tid + j * ATT_THREADS;
+        const int p = grp == 0 ? pair_of(j) : GD2;
         if (p < GD2) {
             const int g = p / (D / 2), dp = p % (D / 2);
             float* po = part_o + (((size_t)b * H + kvh * G + g) * NS + split) * D + 2 * dp;
@@ -544,17 +588,35 @@ __device__ __forceinline__ void attn_impl(
         if (p < GD2) {
             const int g = p / (D / 2), dp = p % (D / 2);
             const size_t hb = (size_t)b * H + kvh * G + g;
-            float M = NEG_INF;
-            for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(part_ml + (hb * NS + s) * 2));
-            float L = 0.f, o0 = 0.f, o1 = 0.f;
-            for (int s = 0; s < nsplit; ++s) {
-                const float ms = __ldcg(part_ml + (hb * NS + s) * 2);
-                if (ms == NEG_INF) continue;
-                const float wgt = __expf(ms - M);
-                L = fmaf(wgt, __ldcg(part_ml + (hb * NS + s) * 2 + 1), L);
-                const float* po = part_o + (hb * NS + s) * D + 2 * dp;
-                o0 = fmaf(wgt, __ldcg(po), o0);
-                o1 = fmaf(wgt, __ldcg(po + 1), o1);
+            float M = NEG_INF, L = 0.f, o0 = 0.f, o1 = 0.f;       // running combine, 8 splits a round
+            for (int s0 = 0; s0 < nsplit; s0 += 8) {
+                float ms[8], ls[8], a0[8], a1[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {                      // all loads of a round issued together
+                    const int sp = s0 + u;
+                    ms[u] = NEG_INF;
+                    if (sp < nsplit) {
+                        ms[u] = __ldcg(part_ml + (hb * NS + sp) * 2);
+                        ls[u] = __ldcg(part_ml + (hb * NS + sp) * 2 + 1);
+                        a0[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp);
+                        a1[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp + 1);
+                    }
+                }
+                float mx = M;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) mx = fmaxf(mx, ms[u]);
+                if (mx == NEG_INF) continue;                       // every key so far masked
+                const float sc = __expf(M - mx);                   // 0 while M is -inf
+                L *= sc; o0 *= sc; o1 *= sc;
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (ms[u] != NEG_INF) {                        // a split with no key left adds nothing
+                        const float wgt = __expf(ms[u] - mx);
+                        L = fmaf(wgt, ls[u], L);
+                        o0 = fmaf(wgt, a0[u], o0);
+                        o1 = fmaf(wgt, a1[u], o1);
+                    }
+                M = mx;
             }
             const float inv = 1.f / L;
             *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =

@@ -77,41 +77,47 @@ def _cupy():
 
 
 # ----------------------------------------------------------------------------- building the kernels
-def kernel_cache_name(compute_capability: str) -> str:
-    """File name of the compiled module for this source and GPU architecture (e.g. '90')."""
-    digest = hashlib.sha256(_SRC.read_bytes() + compute_capability.encode()).hexdigest()[:16]
+def _define_flags(defines) -> list[str]:
+    return [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+
+
+def kernel_cache_name(compute_capability: str, defines: dict | None = None) -> str:
+    """File name of the compiled module for this source, these -D defines and GPU architecture (e.g. '90')."""
+    key = _SRC.read_bytes() + compute_capability.encode() + " ".join(_define_flags(defines)).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     return f"decode-{digest}-sm_{compute_capability}.cubin"
 
 
-def build_cubin(compute_capability: str, out_dir: str | os.PathLike) -> Path:
+def build_cubin(compute_capability: str, out_dir: str | os.PathLike, defines: dict | None = None) -> Path:
     """Compile decode.cu with nvcc into out_dir (a machine without a GPU can prepare it)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise RuntimeError("nvcc not found on PATH")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / kernel_cache_name(compute_capability)
+    target = out_dir / kernel_cache_name(compute_capability, defines)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / target.name
-        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", "-o", str(tmp_out), str(_SRC)],
-                       check=True, capture_output=True, text=True)
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", *_define_flags(defines),
+                        "-o", str(tmp_out), str(_SRC)], check=True, capture_output=True, text=True)
         shutil.move(str(tmp_out), str(target))
     return target
 
 
-def _load_module(cp):
-    """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC."""
+def _load_module(cp, defines: dict | None = None):
+    """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC.
+    defines: compile-time variants of decode.cu (benchmarks compare them; the engine uses the defaults)."""
     cc = cp.cuda.Device().compute_capability
     cache = Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
-    cubin = cache / kernel_cache_name(cc)
+    cubin = cache / kernel_cache_name(cc, defines)
     if not cubin.exists() and shutil.which("nvcc"):
         try:
-            build_cubin(cc, cache)
+            build_cubin(cc, cache, defines)
         except (OSError, subprocess.CalledProcessError):
             pass
     if cubin.exists():
         return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
-    return cp.RawModule(code=_SRC.read_text(), options=("--std=c++17",)), "nvrtc"
+    return cp.RawModule(code=_SRC.read_text(), options=("--std=c++17", *_define_flags(defines))), "nvrtc"
 
 
 def _i32(v):
@@ -196,9 +202,10 @@ class PdlLauncher:
 class DecodeKernels:
     """The compiled decode.cu module and one launcher per kernel (also used by the tests)."""
 
-    def __init__(self):
+    def __init__(self, defines: dict | None = None):
         cp = self.cp = _cupy()
-        self.module, self.source = _load_module(cp)
+        self.defines = dict(defines or {})
+        self.module, self.source = _load_module(cp, self.defines)
         f = self.module.get_function
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}

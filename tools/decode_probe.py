@@ -1,0 +1,178 @@
+"""Where the time of one GPU decode step goes: ablations and compile-time variants, in one run.
+
+    python tools/decode_probe.py                      # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
+    python tools/decode_probe.py --variants pf0 pf2   # only these kernel variants
+    python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
+
+Each variant is decode.cu compiled with some -D defines (see VARIANTS) or from another commit's source; the
+engine is rebuilt on the same weights, its GEMVs re-tuned, and the decode step timed the way
+tools/bench_gpu.py times it (128-token prompt, 127 graph replays between CUDA events, median of 3).
+Ablations replay the step's graph (PDL edges) with some kernels left out: the time a kind of kernel adds to
+the step where it sits, which ncu (kernels serialised, caches flushed) cannot say. Ablated steps compute
+nonsense and are only timed. Every variant's logits after the prompt + 4 steps are compared with the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import engine_config, random_params  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+
+VARIANTS = {   # name -> decode.cu -D defines
+    "default": {},                  # decode.cu as the engine builds it
+    "pf0": {"GEMV_PF": 0},          # weights: first two chunks a row prefetched into L2 before the PDL wait
+    "pf1": {"GEMV_PF": 1},          # every chunk of the block prefetched into L2 before the wait
+    "pf2": {"GEMV_PF": 2},          # (the default) first two chunks into registers before the wait, rest L2
+}
+
+ABLATIONS = {
+    "full step": lambda tag: True,
+    "no attention": lambda tag: tag != "attention",
+    "no layernorm": lambda tag: tag != "layernorm",
+    "no attention, no layernorm": lambda tag: tag not in ("attention", "layernorm"),
+    "no o_proj": lambda tag: tag != "gemv:o_proj",
+    "no down": lambda tag: tag != "gemv:down",
+    "GEMVs only": lambda tag: tag.startswith("gemv"),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def kernels_for(name, defines, src_rev=None):
+    """DecodeKernels built from the working tree's decode.cu, or from another commit's (src_rev)."""
+    if src_rev is None:
+        return de.DecodeKernels(defines)
+    text = subprocess.run(["git", "show", f"{src_rev}:stablelm_ref/cuda/decode.cu"], check=True,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    tmp = Path(tempfile.mkdtemp()) / "decode.cu"
+    tmp.write_text(text)
+    saved, de._SRC = de._SRC, tmp
+    try:
+        return de.DecodeKernels(defines)
+    finally:
+        de._SRC = saved
+
+
+def graph_of(engine, launches, pdl=True):
+    s = engine.stream
+    if pdl:
+        pl = de.PdlLauncher()
+        launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
+    with s:
+        s.begin_capture()
+        for fn in launches:
+            fn()
+        return s.end_capture()
+
+
+def time_graph(engine, ids, g, steps=127, reps=3):
+    """ms per replay of g, `steps` replays after a fresh prefill, median of reps (after one warm-up)."""
+    import cupy as cp
+    out = []
+    for r in range(reps + 1):
+        engine.prefill(ids, logits=None)
+        s = engine.stream
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(s)
+        for _ in range(steps):
+            g.launch(s)
+        e1.record(s)
+        e1.synchronize()
+        if r:
+            out.append(cp.cuda.get_elapsed_time(e0, e1) / steps)
+    return float(np.median(out))
+
+
+def use_kernels(engine, k):
+    engine.k = k
+    engine.tuning.clear()
+    engine._plans.clear()
+    engine._graphs.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=127)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--src-rev", default=None, help="also time decode.cu of this git revision (defaults)")
+    ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
+    ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first variant)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    t0 = time.time()
+    cfg = engine_config(args.layers)
+    max_len = args.prompt + args.steps + 9
+    ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
+    params = random_params(cfg)
+    todo = [(v, VARIANTS[v], None) for v in args.variants]
+    if args.src_rev:
+        todo.insert(0, (f"rev {args.src_rev}", {}, args.src_rev))
+    engine = None
+    res, ref_logits = {}, None
+    for name, defines, rev in todo:
+        k = kernels_for(name, defines, rev)
+        if engine is None:
+            engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
+            del params
+            log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
+                f"({time.time() - t0:.0f} s)")
+        else:
+            use_kernels(engine, k)
+        engine.prefill(ids, logits=None)
+        engine.capture(1)
+        for _ in range(4):
+            engine.decode_step()
+        logits = engine.get_logits()
+        if ref_logits is None:
+            ref_logits, diff = logits, 0.0
+        else:
+            diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
+        plan = engine._plan(1)
+        ms = time_graph(engine, ids, engine.capture(1), args.steps)
+        tun = {n: v[:2] for n, v in engine.tuning[1].items()}
+        res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun}
+        log(f"{name:12s} {ms:.4f} ms/step  {1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
+            f"({time.time() - t0:.0f} s)")
+        if name in (args.ablate if args.ablate is not None else [todo[0][0]]):
+            for aname, keep in ABLATIONS.items():
+                sub = [fn for fn in plan if keep(fn.tag) or fn.tag in ("embed", "argmax")]
+                if aname == "GEMVs only":
+                    sub = [fn for fn in plan if keep(fn.tag)]
+                ams = time_graph(engine, ids, graph_of(engine, sub), args.steps)
+                res[name][f"ablation {aname}"] = ams
+                log(f"    {aname:28s} {len(sub):4d} launches {ams:.4f} ms  (step - this = {ms - ams:+.4f} ms)")
+        if name == todo[0][0] and args.splits:
+            real = engine.k.attention_splits
+            for ns in args.splits:
+                engine.k.attention_splits = lambda nb, kvh, ml, _ns=ns: _ns
+                engine._plans.clear()
+                engine._graphs.clear()
+                sms = time_graph(engine, ids, engine.capture(1), args.steps)
+                res[name][f"splits {ns}"] = sms
+                log(f"    attention splits {ns:2d}: {sms:.4f} ms/step {1e3 / sms:6.1f} tok/s")
+            engine.k.attention_splits = real
+            engine._plans.clear()
+            engine._graphs.clear()
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    log(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
