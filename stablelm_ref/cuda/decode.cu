@@ -27,8 +27,14 @@ typedef unsigned long long u64;
 // flush its writes) before it reads anything an earlier kernel wrote or writes anything. Before the wait a
 // kernel only reads data no kernel of the step writes (weights, and the cache below the current length).
 // Under an ordinary launch both instructions do nothing.
+// Before sm_90 there is no PDL: the macros are empty, so the module builds for older GPUs too.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_LAUNCH()
+#define PDL_WAIT()
+#endif
 
 // ---------------------------------------------------------------- bf16 as raw bits
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
