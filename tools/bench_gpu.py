@@ -326,8 +326,9 @@ def main():
     engine.prefill(ids1, logits=None)               # fresh cache room for the breakdown's replays
     res["breakdown b1 ms"] = step_breakdown(engine, 1)
     log(f"engine batch 1: {steps / t1:.1f} tok/s ({1e3 * t1 / steps:.3f} ms/token); breakdown {res['breakdown b1 ms']}")
-    for name, (R, T, us, gbs) in engine.tuning[1].items():
-        log(f"  gemv {name:8s} rows/block {R} threads {T:4d}: {us:7.1f} us  {gbs:6.0f} GB/s")
+    for name, g in engine.tuning[1].items():
+        log(f"  gemv {name:8s} rows/block {g.rows} threads {g.threads:4d} persistent blocks/SM {g.persist}: "
+            f"alone {g.us:7.1f} us  {g.gbs:6.0f} GB/s")
     if args.batch8:
         t8, gen8 = time_engine_decode(engine, ids8, args.new)
         res["engine b8 tok/s per row"] = steps / t8

@@ -34,6 +34,8 @@ VARIANTS = {   # name -> decode.cu -D defines
     "pf0": {"GEMV_PF": 0},          # weights: first two chunks a row prefetched into L2 before the PDL wait
     "pf1": {"GEMV_PF": 1},          # every chunk of the block prefetched into L2 before the wait
     "pf2": {"GEMV_PF": 2},          # (the default) first two chunks into registers before the wait, rest L2
+    "pf-normal": {"GEMV_PF_NORMAL": 1},   # weight prefetches with normal L2 eviction priority (not evict_last)
+    "no-kv": {"ATT_NO_KV": 1},      # attention skips reading the cache: wrong results, shows what the read costs
 }
 
 ABLATIONS = {
@@ -52,11 +54,15 @@ def log(*a):
 
 
 def kernels_for(name, defines, src_rev=None):
-    """DecodeKernels built from the working tree's decode.cu, or from another commit's (src_rev)."""
+    """DecodeKernels built from the working tree's decode.cu, or from another commit's (src_rev), or from a
+    file (src_rev = 'file:PATH')."""
     if src_rev is None:
         return de.DecodeKernels(defines)
-    text = subprocess.run(["git", "show", f"{src_rev}:stablelm_ref/cuda/decode.cu"], check=True,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    if src_rev.startswith("file:"):
+        text = Path(src_rev[5:]).read_text()
+    else:
+        text = subprocess.run(["git", "show", f"{src_rev}:stablelm_ref/cuda/decode.cu"], check=True,
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
     tmp = Path(tempfile.mkdtemp()) / "decode.cu"
     tmp.write_text(text)
     saved, de._SRC = de._SRC, tmp
@@ -96,9 +102,10 @@ def time_graph(engine, ids, g, steps=127, reps=3):
     return float(np.median(out))
 
 
-def use_kernels(engine, k):
+def use_kernels(engine, k, retune):
     engine.k = k
-    engine.tuning.clear()
+    if retune:
+        engine.tuning.clear()
     engine._plans.clear()
     engine._graphs.clear()
 
@@ -109,9 +116,14 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--src-rev", default=None, help="also time decode.cu of this git revision (defaults)")
+    ap.add_argument("--src-rev", default=None,
+                    help="also time decode.cu of this git revision, or of file:PATH (default defines)")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
-    ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first variant)")
+    ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first of --variants)")
+    ap.add_argument("--ln-threads", type=int, nargs="*", default=[],
+                    help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
+    ap.add_argument("--retune", action="store_true",
+                    help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -133,7 +145,7 @@ def main():
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:
-            use_kernels(engine, k)
+            use_kernels(engine, k, args.retune)
         engine.prefill(ids, logits=None)
         engine.capture(1)
         for _ in range(4):
@@ -145,7 +157,8 @@ def main():
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
-        tun = {n: v[:2] for n, v in engine.tuning[1].items()}
+        tun = {n: v[:3] for n, v in engine.tuning[1].items()}
+        tun["step ms (tuner)"] = round(getattr(engine, "step_ms", {}).get(1, float("nan")), 4)
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun}
         log(f"{name:12s} {ms:.4f} ms/step  {1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
             f"({time.time() - t0:.0f} s)")
@@ -157,7 +170,29 @@ def main():
                 ams = time_graph(engine, ids, graph_of(engine, sub), args.steps)
                 res[name][f"ablation {aname}"] = ams
                 log(f"    {aname:28s} {len(sub):4d} launches {ams:.4f} ms  (step - this = {ms - ams:+.4f} ms)")
-        if name == todo[0][0] and args.splits:
+        if name == args.variants[0] and any(v.persist for v in engine.tuning[1].values()):
+            saved = dict(engine.tuning[1])
+            engine.tuning[1] = {n: v._replace(persist=0) for n, v in saved.items()}
+            engine._plans.clear()
+            engine._graphs.clear()
+            pms = time_graph(engine, ids, engine.capture(1), args.steps)
+            res[name]["no persistent blocks"] = pms
+            log(f"    the same shapes, one block per row group: {pms:.4f} ms/step {1e3 / pms:6.1f} tok/s")
+            engine.tuning[1] = saved
+            engine._plans.clear()
+            engine._graphs.clear()
+        if name == args.variants[0] and args.ln_threads:
+            for nt in args.ln_threads:
+                for fn in engine._plan(1):
+                    if fn.tag == "layernorm":
+                        fn.block = (nt,)
+                engine._graphs.clear()
+                lms = time_graph(engine, ids, engine.capture(1), args.steps)
+                res[name][f"layernorm threads {nt}"] = lms
+                log(f"    layernorm threads {nt:4d}: {lms:.4f} ms/step {1e3 / lms:6.1f} tok/s")
+            engine._plans.clear()
+            engine._graphs.clear()
+        if name == args.variants[0] and args.splits:
             real = engine.k.attention_splits
             for ns in args.splits:
                 engine.k.attention_splits = lambda nb, kvh, ml, _ns=ns: _ns

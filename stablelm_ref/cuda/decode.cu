@@ -179,16 +179,23 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
 
 // ---------------------------------------------------------------- GEMV / skinny GEMM
 // y[b, n] = sum_k x[b, k] * W[n, k],  b < nb <= BM,  W bf16 [N, K] row-major, K % 8 == 0.
-// One block owns R consecutive rows of W; its threads stride over K in 16-byte chunks (8 bf16),
-// two chunks per row in flight per iteration, float32 accumulation, then a block reduction.
-// Block size (a multiple of 32, <= 512) and R are picked per matrix shape by an autotuner.
+// A block works on groups of R consecutive rows of W; its threads stride over K in 16-byte chunks (8 bf16),
+// two chunks per row in flight per iteration, float32 accumulation, then a block reduction. With a grid of
+// fewer blocks than groups (persistent blocks) block i takes groups i, i + grid, ... and loads the next
+// group's first weights while it reduces the current one.
+// Block size (a multiple of 32, <= 512), R and the grid are picked per matrix shape by an autotuner.
 #define GEMV_MAX_WARPS 16
 #define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
 #define MODE_ADD 1     // yf[b, n] += acc                     (residual stream)
 #define MODE_SWIGLU 2  // rows (2i, 2i+1) = (gate_i, up_i):  yh[b, i] = bf16(silu(gate) * up)
-#ifndef GEMV_PF
-#define GEMV_PF 2
+#ifndef ATT_NO_KV
+#define ATT_NO_KV 0        // 1: the attention never reads the cache (wrong results: for timing probes only)
 #endif
+
+// An L2 prefetch of weights (evict_normal instead of evict_last measured the same on the H100).
+__device__ __forceinline__ void prefetch_weights(const uint4* p) {
+    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+}
 
 template <int BM, int R>
 __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R],
@@ -228,78 +235,76 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
-    const int n0 = blockIdx.x * R;
     const int KC = K >> 3;                       // 16-byte chunks per row
     const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
     const int ldxv = ldx >> 3;
+    const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
+    int g = blockIdx.x;
     const uint4* wrow[R];
+    auto point_at = [&](int grp) {
 #pragma unroll
-    for (int r = 0; r < R; ++r)                  // rows past N re-read row N-1; never stored
-        wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(n0 + r, N - 1) * KC;
-
-    float acc[BM][R];
+        for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
+            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
+    };
+    // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
+    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
+    uint4 wa[R], wb[R];
+    auto fetch = [&]() {
+        gemv_load<R>(wa, wb, wrow, tid, T, KC);
+        for (int cc = tid + 2 * T; cc < KC; cc += T)
 #pragma unroll
-    for (int b = 0; b < BM; ++b)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
+            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+    };
 
     PDL_LAUNCH();
-    uint4 wa[R], wb[R];
-    int c = tid;
-    // Weights may be fetched before the wait (no kernel writes them). GEMV_PF selects how:
-    //   0: the first two chunks of each row into L2, loaded after the wait
-    //   1: every chunk this block reads into L2, the first two loaded after the wait
-    //   2: the first two chunks into registers before the wait, the rest into L2
-#if GEMV_PF == 1
-    for (int cc = c; cc < KC; cc += T)
-#pragma unroll
-        for (int r = 0; r < R; ++r) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + cc));
-#elif GEMV_PF == 2
-    gemv_load<R>(wa, wb, wrow, c, T, KC);
-    for (int cc = c + 2 * T; cc < KC; cc += T)
-#pragma unroll
-        for (int r = 0; r < R; ++r) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + cc));
-#else
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (c < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c));
-        if (c + T < KC) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(wrow[r] + c + T));
-    }
-#endif
+    point_at(g);
+    fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
-#if GEMV_PF != 2
-    gemv_load<R>(wa, wb, wrow, c, T, KC);
-#endif
-    while (c < KC) {
-        gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
-        if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
-        c += 2 * T;
-        if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
-    }
-
+    while (true) {
+        float acc[BM][R];
 #pragma unroll
-    for (int b = 0; b < BM; ++b)
+        for (int b = 0; b < BM; ++b)
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float v = warp_sum(acc[b][r]);
-            if (lane == 0) red[warp][b * R + r] = v;
+            for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
+        int c = tid;
+        while (c < KC) {
+            gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
+            if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
+            c += 2 * T;
+            if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
-    __syncthreads();
-    if (tid < nb * R) {
-        const int b = tid / R, r = tid % R, n = n0 + r;
-        float s = 0.f;
-        for (int w = 0; w < nwarps; ++w) s += red[w][tid];
-        if (mode == MODE_SWIGLU) {
-            if ((r & 1) == 0 && n + 1 < N) {
-                float u = 0.f;
-                for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1];
-                const float act = s / (1.f + __expf(-s));
-                yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+        const int n0 = g * R, next = g + gridDim.x;
+        if (next < groups) {                     // the next group's weights load during the reduction
+            point_at(next);
+            fetch();
+        }
+#pragma unroll
+        for (int b = 0; b < BM; ++b)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float v = warp_sum(acc[b][r]);
+                if (lane == 0) red[warp][b * R + r] = v;
             }
-        } else if (n < N) {
-            if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
-            else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+        __syncthreads();
+        if (tid < nb * R) {
+            const int b = tid / R, r = tid % R, n = n0 + r;
+            float s = 0.f;
+            for (int w = 0; w < nwarps; ++w) s += red[w][tid];
+            if (mode == MODE_SWIGLU) {
+                if ((r & 1) == 0 && n + 1 < N) {
+                    float u = 0.f;
+                    for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1];
+                    const float act = s / (1.f + __expf(-s));
+                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+                }
+            } else if (n < N) {
+                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
+                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+            }
         }
+        if (next >= groups) break;
+        __syncthreads();                         // red is written again by the next group
+        g = next;
     }
 }
 
@@ -346,7 +351,7 @@ __device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __re
     constexpr int KPAD = D + 8, DC = D / 8;
     for (int c = threadIdx.x; c < ATT_TK * DC; c += ATT_THREADS) {
         const int r = c / DC, col = c % DC, t = t0 + r;
-        const bool ok = t < t_end && t < len;
+        const bool ok = !ATT_NO_KV && t < t_end && t < len;
         const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
         cp_async16(Ks + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
         cp_async16(Vs + r * D + col * 8, vc + off, ok ? 16 : 0);
@@ -392,6 +397,7 @@ __device__ __forceinline__ void attn_impl(
     float* m_s = S + G * ATT_TK;                                      // [G]
     float* l_s = m_s + G;                                             // [G]
     float* a_s = l_s + G;                                             // [G]
+    float* rc = a_s + G;                                              // [rot]: cos, then sin
     __shared__ int is_last;
 
     const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
@@ -400,36 +406,53 @@ __device__ __forceinline__ void attn_impl(
     // the new token's row is filled from registers later). Each thread also fetches the mask byte of the
     // row it will score (row tid % TK, since ATT_THREADS is a multiple of TK).
     int mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t_begin, t_end, len);
-    const int pos = posp[b];
+    // The rotary angles of this row's position: no kernel of the step writes pos or inv_freq.
+    const int pos = posp[b], half = rot >> 1;
+    for (int i = tid; i < half; i += ATT_THREADS) {
+        float sn, cs;
+        sincosf((float)pos * inv_freq[i], &sn, &cs);
+        rc[i] = cs;
+        rc[half + i] = sn;
+    }
+    __syncthreads();
     PDL_WAIT();                                          // qkv comes from the previous kernel
 
     // 1. the new token: per-head LayerNorm, rotary, scale; one warp per head vector
     const size_t row = (size_t)b * (H + 2 * KVH) * D;
+    constexpr int DV = (D + 31) / 32;                    // elements per lane
     for (int item = warp; item < G + 2; item += NW) {
         const bool isq = item < G, isk = item == G;
         float* dst = isq ? qs + item * D : (isk ? kn : vn);
         const float* src = qkv + row + (isq ? (size_t)(kvh * G + item) * D
                                             : (isk ? (size_t)(H + kvh) * D : (size_t)(H + KVH + kvh) * D));
-        for (int d = lane; d < D; d += 32) dst[d] = src[d];
-        __syncwarp();
+        float v[DV];
+#pragma unroll
+        for (int i = 0; i < DV; ++i) {                   // one round of loads
+            const int d = lane + 32 * i;
+            v[i] = d < D ? src[d] : 0.f;
+        }
         if (qk_ln && item <= G) {
             const float* wln = isq ? qn_w + (size_t)(kvh * G + item) * D : kn_w + (size_t)kvh * D;
-            float s = 0.f;
-            for (int d = lane; d < D; d += 32) s += dst[d];
-            const float mean = warp_sum(s) / (float)D;
-            float v = 0.f;
-            for (int d = lane; d < D; d += 32) { float t = dst[d] - mean; v += t * t; }
-            const float rstd = rsqrtf(warp_sum(v) / (float)D + eps);
-            __syncwarp();
-            for (int d = lane; d < D; d += 32) dst[d] = (dst[d] - mean) * rstd * wln[d];
-            __syncwarp();
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < DV; ++i) sum += v[i];                      // (zeros past D)
+            const float mean = warp_sum(sum) / (float)D;
+            float var = 0.f;
+#pragma unroll
+            for (int i = 0; i < DV; ++i)
+                if (lane + 32 * i < D) { const float t = v[i] - mean; var += t * t; }
+            const float rstd = rsqrtf(warp_sum(var) / (float)D + eps);
+#pragma unroll
+            for (int i = 0; i < DV; ++i)
+                if (lane + 32 * i < D) v[i] = (v[i] - mean) * rstd * wln[lane + 32 * i];
         }
-        if (item <= G) {
-            const int half = rot >> 1;
+#pragma unroll
+        for (int i = 0; i < DV; ++i)
+            if (lane + 32 * i < D) dst[lane + 32 * i] = v[i];
+        __syncwarp();
+        if (item <= G && half > 0) {
             for (int i = lane; i < half; i += 32) {
-                const float ang = (float)pos * inv_freq[i];
-                float sn, cs;
-                sincosf(ang, &sn, &cs);
+                const float cs = rc[i], sn = rc[half + i];
                 const float x1 = dst[i], x2 = dst[i + half];
                 dst[i] = x1 * cs - x2 * sn;                  // x * cos + rotate_half(x) * sin
                 dst[i + half] = x2 * cs + x1 * sn;

@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,7 +61,22 @@ GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
+TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
+TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
 MAX_BATCH = 8
+
+
+class GemvShape(NamedTuple):
+    """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
+    block per group of rows), and the microseconds / GB/s it took alone at tuning time (0 if not timed)."""
+    rows: int
+    threads: int
+    persist: int
+    us: float
+    gbs: float
+
+
+DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
 
 
 _BACKEND = None   # tests may put a NumPy stand-in for CuPy here (see tests/test_decode_engine_emulated.py)
@@ -226,9 +242,11 @@ class DecodeKernels:
                 return bm
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
-    def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, tag="gemv"):
+    def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
+                    tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
-        W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu)."""
+        W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
@@ -246,7 +264,9 @@ class DecodeKernels:
                 bias if bias is not None else _NULL,
                 yf if yf is not None else _NULL, yh if yh is not None else _NULL, _i32(ldy), _i32(mode))
         del y
-        return Launch(fn, ((N + rows - 1) // rows,), (threads,), args, tag=tag)
+        groups = (N + rows - 1) // rows
+        grid = min(groups, persist * self.num_sms) if persist else groups
+        return Launch(fn, (grid,), (threads,), args, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
@@ -256,7 +276,7 @@ class DecodeKernels:
 
     @staticmethod
     def attention_smem(G: int, D: int) -> int:
-        return ATT_TK * (D + 8) * 2 + ATT_TK * D * 2 + (G * D + 2 * D + G * ATT_TK + 3 * G) * 4
+        return ATT_TK * (D + 8) * 2 + ATT_TK * D * 2 + (G * D + 2 * D + G * ATT_TK + 3 * G + D) * 4
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
@@ -662,10 +682,11 @@ class GpuDecodeEngine:
         }
 
     def _gemv(self, name, W, x, mode, nb, bias=None):
-        R, T = self.tuning[nb][name][:2] if nb in self.tuning and name in self.tuning[nb] else (4, 256)
+        shape = self.tuning.get(nb, {}).get(name, DEFAULT_GEMV)
         out = {"qkv": dict(yf=self.qkv), "o_proj": dict(yf=self.x), "gate_up": dict(yh=self.mlp),
                "down": dict(yf=self.x), "lm_head": dict(yf=self.logits_buf)}[name]
-        return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=R, threads=T, tag="gemv:" + name, **out)
+        return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=shape.rows, threads=shape.threads,
+                                  persist=shape.persist, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
         if nb in self._plans:
@@ -738,24 +759,82 @@ class GpuDecodeEngine:
                 for buf in (self.h, self.att, self.mlp):       # realistic (non-zero) inputs
                     buf[...] = f32_to_bf16_bits(rng.standard_normal(buf.shape, dtype=cp.float32))
                 saved = (self.x.copy(), self.logits_buf.copy())
-            for name, (Ws, x, mode) in self._gemv_shapes().items():
+            top = {}
+            for name, (Ws, x, mode) in self._gemv_shapes().items():      # 1. each matrix kind on its own
                 N, K = Ws[0].shape
-                best = None
                 reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
+                timed = []
                 for R, T in self.gemv_candidates(K, nb, mode):
-                    self.tuning.setdefault(nb, {})[name] = (R, T)
+                    self.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0)
                     launches = [self._gemv(name, W, x, mode, nb) for W in Ws] * reps
                     ms = self.time_launches(launches) / len(launches)
-                    if best is None or ms < best[2]:
-                        best = (R, T, ms)
-                R, T, ms = best
-                res[name] = (R, T, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)   # (R, T, us, GB/s)
-                self.tuning[nb][name] = (R, T)
+                    timed.append((ms, R, T))
+                timed.sort()
+                top[name] = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)
+                             for ms, R, T in timed[:TUNE_FINALISTS]]
+                res[name] = self.tuning[nb][name] = top[name][0]
+            self._tune_in_step(nb, top)                                    # 2. the finalists in the step
             with self.stream:
                 self.x[...], self.logits_buf[...] = saved
             self.stream.synchronize()
-        self.tuning[nb] = {k: v for k, v in res.items()} if res else {}
+            res = dict(self.tuning[nb])
+        self.tuning[nb] = res
         self._plans.pop(nb, None)
+
+    def _tune_in_step(self, nb, top):
+        """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
+        PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
+        shape alone and within the step differ: its neighbours overlap its start and its end."""
+        self.step_ms = getattr(self, "step_ms", {})
+        try:
+            best = self.time_step(nb)
+        except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
+            return
+        for name in sorted(top, key=lambda n: -len(self._gemv_shapes()[n][0]) * self._gemv_shapes()[n][0][0].size):
+            chosen = self.tuning[nb][name]
+            for cand in top[name][1:]:
+                self.tuning[nb][name] = cand
+                ms = self.time_step(nb)
+                if ms < best:
+                    best, chosen = ms, cand
+            for p in TUNE_PERSIST:                # then persistent blocks for the chosen shape
+                cand = chosen._replace(persist=p)
+                self.tuning[nb][name] = cand
+                ms = self.time_step(nb)
+                if ms < best:
+                    best, chosen = ms, cand
+            self.tuning[nb][name] = chosen
+        self.step_ms[nb] = best
+        self._plans.pop(nb, None)
+
+    def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
+        """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
+        advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
+        cp, s = self.cp, self.stream
+        self._plans.pop(nb, None)
+        launches = self._plan(nb)[:-1]
+        assert self._plan(nb)[-1].tag == "argmax"
+        if self.pdl:
+            pl = PdlLauncher()
+            launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
+        with s:
+            s.begin_capture()
+            try:
+                for fn in launches:
+                    fn()
+            finally:
+                g = s.end_capture()
+            g.launch(s)
+            times = []
+            for _ in range(reps):
+                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                e0.record(s)
+                for _ in range(replays):
+                    g.launch(s)
+                e1.record(s)
+                e1.synchronize()
+                times.append(cp.cuda.get_elapsed_time(e0, e1) / replays)
+        return float(np.median(times))
 
     # -- public API -------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):

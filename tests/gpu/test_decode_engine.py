@@ -50,8 +50,9 @@ def _bits(a):
 @HYP
 @given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
        ri=st.integers(0, 3), threads=st.sampled_from([32, 64, 96, 128, 160, 256, 320, 512]),
-       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, seed):
+       with_bias=st.booleans(), persist=st.sampled_from([0, 0, 1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, persist, seed):
+    """persist > 0: fewer blocks than row groups (up to ~2 groups a block here), each looping over its groups."""
     K = 8 * kc
     if mode == de.MODE_SWIGLU:
         N += N % 2
@@ -72,7 +73,8 @@ def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, 
         if mode == de.MODE_ADD:
             yf[:nb] = cp.asarray(y0)
     launch = kernels.gemv_launch(cp.asarray(xb), cp.asarray(Wb), nb=nb, mode=mode, yf=yf, yh=yh,
-                                 bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads)
+                                 bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads,
+                                 persist=persist)
     launch()
     _sync()
     ref = de.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
