@@ -128,7 +128,7 @@ def main(argv=None):
                 print(f"D={D:4d} L={L:5d} {var}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s | "
                       f"SDPA {sdpa_ms:8.3f} ms {flops / sdpa_ms / 1e9:6.0f} TFLOP/s | rel err {rel:.1e}",
                       flush=True)
-            del sets, csets
+            sets = csets = None                              # free this length's inputs
             torch.cuda.empty_cache()
             cupy.get_default_memory_pool().free_all_blocks()
 

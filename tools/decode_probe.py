@@ -31,10 +31,6 @@ from stablelm_ref.cuda import decode_engine as de  # noqa: E402
 
 VARIANTS = {   # name -> decode.cu -D defines
     "default": {},                  # decode.cu as the engine builds it
-    "pf0": {"GEMV_PF": 0},          # weights: first two chunks a row prefetched into L2 before the PDL wait
-    "pf1": {"GEMV_PF": 1},          # every chunk of the block prefetched into L2 before the wait
-    "pf2": {"GEMV_PF": 2},          # (the default) first two chunks into registers before the wait, rest L2
-    "pf-normal": {"GEMV_PF_NORMAL": 1},   # weight prefetches with normal L2 eviction priority (not evict_last)
     "no-kv": {"ATT_NO_KV": 1},      # attention skips reading the cache: wrong results, shows what the read costs
 }
 
