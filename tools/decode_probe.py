@@ -1,12 +1,15 @@
 """Where the time of one GPU decode step goes: ablations and compile-time variants, in one run.
 
     python tools/decode_probe.py                      # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
-    python tools/decode_probe.py --variants pf0 pf2   # only these kernel variants
+    python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
+    python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
 
 Each variant is decode.cu compiled with some -D defines (see VARIANTS) or from another commit's source; the
-engine is rebuilt on the same weights, its GEMVs re-tuned, and the decode step timed the way
-tools/bench_gpu.py times it (128-token prompt, 127 graph replays between CUDA events, median of 3).
+engine keeps its weights and the first variant's GEMV shapes (--retune: tune each), and the decode step is
+timed the way tools/bench_gpu.py times it (128-token prompt, 127 graph replays between CUDA events, median
+of 3). With --src-rev every variant is tuned for itself (an older decode.cu may lack persistent GEMV blocks:
+given a persistent grid it would compute only part of the rows).
 Ablations replay the step's graph (PDL edges) with some kernels left out: the time a kind of kernel adds to
 the step where it sits, which ncu (kernels serialised, caches flushed) cannot say. Ablated steps compute
 nonsense and are only timed. Every variant's logits after the prompt + 4 steps are compared with the first's.
@@ -141,7 +144,7 @@ def main():
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:
-            use_kernels(engine, k, args.retune)
+            use_kernels(engine, k, args.retune or bool(args.src_rev))
         engine.prefill(ids, logits=None)
         engine.capture(1)
         for _ in range(4):

@@ -40,6 +40,8 @@ def configs(draw):
     rope = {"rope_type": "default", "rope_theta": draw(st.sampled_from([10000.0, 500000.0])),
             "partial_rotary_factor": factor}
     scaling = draw(st.sampled_from([None, "linear", "dynamic"]))
+    if scaling == "dynamic" and int(head_dim * factor) <= 2:
+        factor = 0.5          # dynamic NTK needs > 2 rotary dims (exponent d / (d - 2)): both sides refuse it
     if scaling:
         rope.update(rope_type=scaling, factor=draw(st.sampled_from([2.0, 4.0])))
     return transformers.StableLmConfig(
@@ -62,7 +64,8 @@ def random_model(config, seed):
     return model
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)     # the same examples on every CI run
 @given(config=configs(), seed=st.integers(0, 2**16), t=st.integers(1, 12), pad=st.integers(0, 4))
 def test_random_configs_match_transformers(tmp_path_factory, monkeypatch, config, seed, t, pad):
     folder = str(tmp_path_factory.mktemp("live"))
