@@ -21,7 +21,7 @@ Token ids, positions and the cache length live in device memory, so the whole st
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
 at start-up by timing graph replays of that matrix kind; then the best few, and 1-4 persistent blocks per
-SM (blocks that loop over several row groups), are timed within the whole captured step (about 3 s).
+SM (blocks that loop over several row groups), are timed within the whole captured step (seconds).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
