@@ -57,21 +57,43 @@ class _Graph:
             run()
 
 
+class _Clock:
+    """Emulated GPU time (ms): each launch that runs adds its cost (see _Kernel)."""
+    t = 0.0
+
+
+class _Event:
+    def record(self, stream=None):
+        self.t = _Clock.t
+
+    def synchronize(self):
+        pass
+
+
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
     ns.asnumpy = lambda a, stream=None: np.array(a)
-    ns.cuda = types.SimpleNamespace(Stream=_Stream)
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t)
     return ns
 
 
 class _Kernel:
-    """Records itself while capturing, else runs its NumPy implementation on the raw arguments."""
+    """Records itself while capturing, else runs its NumPy implementation on the raw arguments.
+    Emulated cost: 1 ms a launch; a GEMV with one block per row group 2 ms (so persistent blocks win)."""
 
     def __init__(self, impl, **static):
         self.impl, self.static = impl, static
 
+    def cost(self, grid, args):
+        if self.impl is _gemv:
+            groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
+            return 2.0 if grid[0] == groups else 1.0
+        return 1.0
+
     def __call__(self, grid, block, args, shared_mem=0):
-        run = lambda: self.impl(grid, block, args, **self.static)  # noqa: E731
+        def run():
+            _Clock.t += self.cost(grid, args)
+            self.impl(grid, block, args, **self.static)
         if _Capture.launches is not None:
             _Capture.launches.append(run)
         else:
@@ -169,6 +191,25 @@ def test_emulated_graph_replay_equals_eager(emulated):
     b = run_engine_against_transformers(name, steps=3, use_graph=False, kernels=emulated)[0]
     assert np.array_equal(a.generated(), b.generated())
     assert np.array_equal(a.get_logits(), b.get_logits())
+
+
+def test_emulated_autotune_chooses_by_step_time(emulated):
+    """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
+    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged."""
+    emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
+    cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
+    ids, mask = left_padded_batch(np.random.default_rng(3), cfg.vocab_size, [5, 9])
+    runs = []
+    for autotune in (False, True):
+        engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=autotune,
+                                    pdl=False)
+        runs.append(engine.generate(ids, mask, max_new_tokens=5))
+    assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
+    for name, shape in engine.tuning[2].items():
+        assert shape.persist == de.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
+        assert shape.rows in de.GEMV_ROWS and shape.us > 0
+    assert engine.step_ms[2] > 0
+    assert np.array_equal(runs[0], runs[1])
 
 
 def test_emulated_generate_and_eos(emulated):

@@ -71,33 +71,14 @@ def kernels_for(name, defines, src_rev=None):
         de._SRC = saved
 
 
-def graph_of(engine, launches, pdl=True):
-    s = engine.stream
-    if pdl:
-        pl = de.PdlLauncher()
-        launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
-    with s:
-        s.begin_capture()
-        for fn in launches:
-            fn()
-        return s.end_capture()
-
-
 def time_graph(engine, ids, g, steps=127, reps=3):
     """ms per replay of g, `steps` replays after a fresh prefill, median of reps (after one warm-up)."""
-    import cupy as cp
     out = []
     for r in range(reps + 1):
         engine.prefill(ids, logits=None)
-        s = engine.stream
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(s)
-        for _ in range(steps):
-            g.launch(s)
-        e1.record(s)
-        e1.synchronize()
+        ms = engine.replay_ms(g, replays=steps, reps=1, warmup=False)
         if r:
-            out.append(cp.cuda.get_elapsed_time(e0, e1) / steps)
+            out.append(ms)
     return float(np.median(out))
 
 
@@ -157,7 +138,7 @@ def main():
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
         tun = {n: v[:3] for n, v in engine.tuning[1].items()}
-        tun["step ms (tuner)"] = round(getattr(engine, "step_ms", {}).get(1, float("nan")), 4)
+        tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun}
         log(f"{name:12s} {ms:.4f} ms/step  {1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
             f"({time.time() - t0:.0f} s)")
@@ -166,7 +147,7 @@ def main():
                 sub = [fn for fn in plan if keep(fn.tag) or fn.tag in ("embed", "argmax")]
                 if aname == "GEMVs only":
                     sub = [fn for fn in plan if keep(fn.tag)]
-                ams = time_graph(engine, ids, graph_of(engine, sub), args.steps)
+                ams = time_graph(engine, ids, engine.capture_launches(sub, pdl=True), args.steps)
                 res[name][f"ablation {aname}"] = ams
                 log(f"    {aname:28s} {len(sub):4d} launches {ams:.4f} ms  (step - this = {ms - ams:+.4f} ms)")
         if name == args.variants[0] and any(v.persist for v in engine.tuning[1].values()):

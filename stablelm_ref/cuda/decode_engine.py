@@ -537,7 +537,8 @@ class GpuDecodeEngine:
             self._load_weights(params)
             self._allocate()
         self.stream.synchronize()
-        self.tuning: dict[int, dict[str, tuple]] = {}
+        self.tuning: dict[int, dict[str, GemvShape]] = {}
+        self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
         self._plans: dict[int, list[Launch]] = {}
         self._graphs: dict = {}
         self._nb = None
@@ -719,9 +720,13 @@ class GpuDecodeEngine:
         return plan
 
     # -- timing helpers and the GEMV autotuner ------------------------------------------------------
-    def time_launches(self, launches, reps: int = 3) -> float:
-        """Milliseconds per replay of `launches` captured as one CUDA graph (median of reps)."""
-        cp, s = self.cp, self.stream
+    def capture_launches(self, launches, pdl: bool = False):
+        """`launches` captured on the engine's stream as one CUDA graph; with pdl, each launch after the first
+        is a programmatic dependent of its predecessor (PdlLauncher)."""
+        s = self.stream
+        if pdl:
+            pl = PdlLauncher()
+            launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
         with s:
             s.begin_capture()
             try:
@@ -729,16 +734,29 @@ class GpuDecodeEngine:
                     fn()
             finally:
                 g = s.end_capture()
-            g.launch(s)
+        return g
+
+    def replay_ms(self, graph, replays: int = 1, reps: int = 3, warmup: bool = True) -> float:
+        """Milliseconds per replay of `graph`: reps timings of `replays` back-to-back replays between CUDA
+        events (after one untimed replay if warmup), median."""
+        cp, s = self.cp, self.stream
+        with s:
+            if warmup:
+                graph.launch(s)
             times = []
             for _ in range(reps):
                 e0, e1 = cp.cuda.Event(), cp.cuda.Event()
                 e0.record(s)
-                g.launch(s)
+                for _ in range(replays):
+                    graph.launch(s)
                 e1.record(s)
                 e1.synchronize()
-                times.append(cp.cuda.get_elapsed_time(e0, e1))
+                times.append(cp.cuda.get_elapsed_time(e0, e1) / replays)
         return float(np.median(times))
+
+    def time_launches(self, launches, reps: int = 3) -> float:
+        """Milliseconds per replay of `launches` captured as one plain CUDA graph (median of reps)."""
+        return self.replay_ms(self.capture_launches(launches), reps=reps)
 
     @staticmethod
     def gemv_candidates(K: int, nb: int, mode: int):
@@ -775,7 +793,7 @@ class GpuDecodeEngine:
                 timed.sort()
                 top[name] = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)
                              for ms, R, T in timed[:TUNE_FINALISTS]]
-                res[name] = self.tuning[nb][name] = top[name][0]
+                self.tuning[nb][name] = top[name][0]
             self._tune_in_step(nb, top)                                    # 2. the finalists in the step
             with self.stream:
                 self.x[...], self.logits_buf[...] = saved
@@ -788,24 +806,24 @@ class GpuDecodeEngine:
         """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
         PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
         shape alone and within the step differ: its neighbours overlap its start and its end."""
-        self.step_ms = getattr(self, "step_ms", {})
         try:
             best = self.time_step(nb)
         except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
             return
-        for name in sorted(top, key=lambda n: -len(self._gemv_shapes()[n][0]) * self._gemv_shapes()[n][0][0].size):
+        shapes = self._gemv_shapes()
+        for name in sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0])):   # most bytes first
             chosen = self.tuning[nb][name]
-            for cand in top[name][1:]:
-                self.tuning[nb][name] = cand
-                ms = self.time_step(nb)
-                if ms < best:
-                    best, chosen = ms, cand
-            for p in TUNE_PERSIST:                # then persistent blocks for the chosen shape
-                cand = chosen._replace(persist=p)
-                self.tuning[nb][name] = cand
-                ms = self.time_step(nb)
-                if ms < best:
-                    best, chosen = ms, cand
+
+            def better(cands):
+                nonlocal best, chosen
+                for cand in cands:
+                    self.tuning[nb][name] = cand
+                    ms = self.time_step(nb)
+                    if ms < best:
+                        best, chosen = ms, cand
+
+            better(top[name][1:])                                        # the other finalists
+            better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
             self.tuning[nb][name] = chosen
         self.step_ms[nb] = best
         self._plans.pop(nb, None)
@@ -813,37 +831,16 @@ class GpuDecodeEngine:
     def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
         advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
-        cp, s = self.cp, self.stream
         self._plans.pop(nb, None)
-        launches = self._plan(nb)[:-1]
-        assert self._plan(nb)[-1].tag == "argmax"
-        if self.pdl:
-            pl = PdlLauncher()
-            launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
-        with s:
-            s.begin_capture()
-            try:
-                for fn in launches:
-                    fn()
-            finally:
-                g = s.end_capture()
-            g.launch(s)
-            times = []
-            for _ in range(reps):
-                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                e0.record(s)
-                for _ in range(replays):
-                    g.launch(s)
-                e1.record(s)
-                e1.synchronize()
-                times.append(cp.cuda.get_elapsed_time(e0, e1) / replays)
-        return float(np.median(times))
+        plan = self._plan(nb)
+        assert plan[-1].tag == "argmax"
+        return self.replay_ms(self.capture_launches(plan[:-1], pdl=self.pdl), replays=replays, reps=reps)
 
     # -- public API -------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):
         """Run the prompt through the model (CuPy float32 + cuBLAS), fill the KV cache, pick the first
         new token. logits: 'last' -> [B, V], 'all' -> [B, T, V] (numpy float32), None -> nothing."""
-        cp, c = self.cp, self.config
+        cp = self.cp
         ids = np.asarray(cp.asnumpy(input_ids) if isinstance(input_ids, cp.ndarray) else input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -930,32 +927,13 @@ class GpuDecodeEngine:
         key = (nb, bool(self.pdl))
         if key not in self._graphs:
             self._tune(nb)
-            plan = self._plan(nb)
-            s = self.stream
-            launches = list(plan)
-            if self.pdl:
-                try:
-                    pl = PdlLauncher()
-                    launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(plan)]
-                except Exception as e:  # noqa: BLE001 - no libcuda symbol, odd argument: plain launches
-                    self.pdl, self.pdl_error = False, repr(e)
-                    return self.capture(nb)
-            with s:
-                s.begin_capture()
-                try:
-                    for fn in launches:
-                        fn()
-                    g = s.end_capture()
-                except Exception as e:  # noqa: BLE001
-                    try:
-                        s.end_capture()
-                    except Exception:  # noqa: BLE001
-                        pass
-                    if not self.pdl:
-                        raise
-                    self.pdl, self.pdl_error = False, repr(e)
-                    return self.capture(nb)
-            self._graphs[key] = g
+            try:
+                self._graphs[key] = self.capture_launches(self._plan(nb), pdl=self.pdl)
+            except Exception as e:  # noqa: BLE001 - no libcuda symbol, odd argument, refused capture
+                if not self.pdl:
+                    raise
+                self.pdl, self.pdl_error = False, repr(e)    # plain launches instead
+                return self.capture(nb)
         return self._graphs[key]
 
     def decode_step(self, use_graph: bool = True):
