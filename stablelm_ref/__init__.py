@@ -23,3 +23,4 @@ from .heads import (  # noqa: F401
 )
 from .kv_cache import KVCache  # noqa: F401
 from .model import StableLmModel  # noqa: F401
+from . import fast_cpu  # noqa: F401,E402  (registers model.fast() for the CPU; see fast_forms.py)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GenerationError, StableLmError
+from .fast_forms import register
 from .mlp import ACTIVATIONS
 from .model import ModelOutput, _to_host, causal_mask
 from .rotary import rotary_cos_sin
@@ -298,3 +299,6 @@ class FastCpuModel:
         np.multiply(x1, sin[..., half:], out=tmp)
         np.add(out[..., half:rd], tmp, out=out[..., half:rd])                    # + x1 sin
         out[..., rd:] = x[..., rd:]
+
+
+register("cpu", FastCpuModel)

@@ -116,10 +116,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         """The same forward restructured for CPU speed (fast_cpu.FastCpuModel: fused weights, preallocated
         buffers), called exactly like this model. Its fused matrices hold the weights; self.params become
         views of them (same values, not stored twice). NumPy float32/float64 only."""
-        from .fast_cpu import FastCpuModel
+        from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:
-            self._fast = FastCpuModel(self)
+            self._fast = fast_form(self)
         return self._fast
 
 
