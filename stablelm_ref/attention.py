@@ -11,7 +11,10 @@ h // (heads / kv_heads) (transformers' repeat_kv order). Here the queries are re
 [B, kv_heads, group, T, D] so each kv head broadcasts over its group without being copied.
 
 The mask is boolean [B, 1, T, S] (True = may attend): causal, and padding from the attention mask.
-Masked scores are set to the dtype's minimum, as transformers' eager path adds it.
+Masked scores are set to the dtype's minimum, as transformers' eager path adds it. A query row with
+no key to attend to (a left-padding position: all its keys are masked) gets an output of 0, as
+transformers' default (sdpa) path gives with torch >= 2.5; its loss on left-padded batches then equals
+transformers' (tests/crosscheck/test_edges_vs_transformers.py).
 The two attention products run in float32 for 16-bit inputs (GPU bfloat16/float16): the scores
 then reach the float32 softmax unrounded, where transformers rounds them to 16 bits first.
 
@@ -63,6 +66,8 @@ def scaled_dot_product_attention(q, k, v, mask):
     scores = (q @ xp.matrix_transpose(k)) * (d ** -0.5)                      # [B, KVH, G, T, S]
     scores = xp.where(mask[:, :, None, :, :], scores, dtype_min(xp, q.dtype))  # mask: [B, 1, 1, T, S]
     probs = softmax(scores, q.dtype)                                         # [B, KVH, G, T, S]
+    attends = xp.any(mask, axis=-1, keepdims=True)[:, :, None, :, :]         # [B, 1, 1, T, 1]
+    probs = xp.where(attends, probs, xp.zeros_like(probs))                  # fully masked row -> 0 (sdpa)
     out = xp.astype(probs @ v, dtype)                                        # [B, KVH, G, T, D]
     return xp.reshape(out, (b, heads, t, d)), xp.reshape(probs, (b, heads, t, s))
 

@@ -29,6 +29,7 @@ import tempfile
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
+from . import bounded_io
 from .errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -42,6 +43,8 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_DIMS = 32                        # NumPy's limit is 64; real tensors have 1-4
+MAX_INDEX_BYTES = 16 * 1024 * 1024   # model.safetensors.index.json (real: < 200 KB)
 
 
 # ---- names and shapes a config implies ---------------------------------------------------------
@@ -94,36 +97,27 @@ def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
+def read_header(path, root=None):
+    """Parse and fully validate a safetensors header. Returns (entries, metadata, data_start).
 
-
-def read_header(path):
-    """Parse and fully validate a safetensors header. Returns (entries, metadata, data_start)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+    The file must be a regular file (inside `root` when given); the header is size-capped before it
+    is read and parsed with bounded_io's bounds (values, digits, nesting, UTF-8)."""
+    with bounded_io.open_regular(path, CheckpointError, root) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(f"{path}: truncated ({size} bytes): not a safetensors file; re-download it")
             n = int.from_bytes(raw_len, "little")
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: header length {n} exceeds the file size ({size} bytes): the file is truncated "
-                    "or not safetensors; re-download it"
+                    f"{path}: header length {n} exceeds the file size ({size} bytes) or the safetensors limit "
+                    f"({MAX_HEADER_BYTES} bytes): the file is truncated or not safetensors; re-download it"
                 )
             raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    header = bounded_io.parse_json(raw, f"{path}: the safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", {})
@@ -144,6 +138,9 @@ def read_header(path):
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                   for s in shape):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > MAX_DIMS:
+            raise CheckpointError(f"{where}: {len(shape)} dimensions, more than the {MAX_DIMS} an array can have; "
+                                  "the file is corrupt")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
@@ -175,7 +172,7 @@ def read_header(path):
 def read_tensor(path, entry, data_start, dtype=None):
     """Read one tensor straight from the file into an array, cast once to `dtype` when given."""
     stored, shape, begin, end = entry
-    with open(path, "rb") as f:
+    with bounded_io.open_regular(path, CheckpointError) as f:
         f.seek(data_start + begin)
         arr = np.fromfile(f, dtype=stored.newbyteorder("<"), count=(end - begin) // stored.itemsize)
     if arr.size * stored.itemsize != end - begin:
@@ -194,11 +191,10 @@ def checkpoint_files(directory):
                               "model.safetensors (or a Hub repo id)")
     index = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, SINGLE_NAME)
-    if os.path.isfile(index):
+    if os.path.lexists(index):
         return _shards_from_index(directory, index)
-    if os.path.isfile(single):
-        _check_inside(single, directory)
-        entries, _, _ = read_header(single)
+    if os.path.lexists(single):
+        entries, _, _ = read_header(single, root=directory)
         return {name: single for name in entries}
     pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
     if pickles:
@@ -215,37 +211,23 @@ def _plain_file_name(name):
             and not any(ord(c) < 32 for c in name))
 
 
-def _check_inside(path, directory):
-    """A checkpoint file, resolved through symlinks, must lie in the model directory, or (a Hugging Face
-    cache snapshot, `<repo>/snapshots/<rev>/`, whose files link to `<repo>/blobs/`) in the repo's blobs."""
-    real, root = os.path.realpath(path), os.path.realpath(directory)
-    allowed = [root]
-    if os.path.basename(os.path.dirname(root)) == "snapshots":
-        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
-    if not any(os.path.dirname(real) == place for place in allowed):
-        raise CheckpointError(f"{path}: is a link to {real}, outside the model directory; refused (copy the file "
-                              "into the directory if you trust it)")
-
-
 def _shards_from_index(directory, index):
-    try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f, object_pairs_hook=_no_duplicates)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e}); it needs "
-                              '{"weight_map": {"tensor name": "shard file name"}}') from None
+    parsed = bounded_io.read_json(index, MAX_INDEX_BYTES, CheckpointError, root=directory,
+                                  what="not a valid shard index")
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index; it needs "
+                              '{"weight_map": {"tensor name": "shard file name"}}')
     files = {}
     for shard in sorted(set(weight_map.values())):
         if not _plain_file_name(shard):
             raise CheckpointError(f"{index}: shard {shard!r} is not a plain file name in the model directory "
                                   "(no '/', '..', absolute paths or control characters); refused")
         path = os.path.join(directory, shard)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {directory}; "
                                   "the download is incomplete")
-        _check_inside(path, directory)
+        bounded_io.inside(path, directory, CheckpointError)
         files[shard] = path
     for name, shard in weight_map.items():
         weight_map[name] = files[shard]
@@ -265,7 +247,7 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
     where = checkpoint_files(directory) if files is None else files
     headers = {}
     for path in set(where.values()):
-        headers[path] = read_header(path)
+        headers[path] = read_header(path, root=os.fspath(directory))
     located = {}
     for name, path in where.items():
         if name not in headers[path][0]:
@@ -313,13 +295,8 @@ def _check_against(located, headers, expected, directory):
 
 def _check_memory(expected, dtype, directory):
     need = sum(math.prod(s) for s in expected.values()) * np.dtype(dtype).itemsize
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return
-    if need > avail:
-        raise CheckpointError(f"{directory}: the weights need {need / 2**30:.1f} GiB as {np.dtype(dtype).name} but "
-                              f"only {avail / 2**30:.1f} GiB of memory is free; use a smaller dtype or machine")
+    bounded_io.check_memory(need, f"{directory}: the weights as {np.dtype(dtype).name}", CheckpointError,
+                            "use a smaller dtype or machine")
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -25,12 +25,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from . import bounded_io
 from .errors import ConfigError
 
 # Activations the MLP implements (mlp.ACTIVATIONS); the names transformers' ACT2FN uses.
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
 # Rope scaling types transformers accepts for StableLM that this project implements.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many classes: more)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -190,16 +192,13 @@ class StableLmConfig:
             raise ConfigError(f"invalid config: {e}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "StableLmConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file; a model directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    def from_json_file(cls, path: str | os.PathLike, root=None) -> "StableLmConfig":
+        """Read a config.json: a regular file of at most MAX_CONFIG_BYTES (inside `root` when given),
+        parsed with bounded_io's bounds."""
+        path = os.fspath(path)
+        if not os.path.lexists(path):
+            raise ConfigError(f"{path}: no such file; a model directory needs a config.json")
+        d = bounded_io.read_json(path, MAX_CONFIG_BYTES, ConfigError, root)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -208,9 +207,11 @@ class StableLmConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "StableLmConfig":
         """Read `config.json` from a model directory (or the path of the file itself)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"give a model directory or the path of a config.json, got {path!r}")
         path = os.fspath(path)
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            return cls.from_json_file(os.path.join(path, "config.json"), root=path)
         return cls.from_json_file(path)
 
     def to_dict(self) -> dict:

@@ -242,6 +242,8 @@ class FastCpuModel:
         np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)      # softmax, in place
         np.exp(scores, out=scores)
         np.divide(scores, scores.sum(axis=-1, keepdims=True), out=scores)
+        if blocked is not None:                                                  # a row with no key (padding)
+            np.copyto(scores, 0, where=blocked.all(axis=-1, keepdims=True))      # -> 0, as attention.py
         attn = w.attn.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)       # [B, KVH, G, T, D] view
         np.matmul(scores, v_all[:, :, None], out=attn)                           # written in [B, T, H, D] order
         np.matmul(w.attn, layer.o_t, out=w.o)                                    # [B*T, H D] -> [B*T, hidden]

@@ -16,20 +16,24 @@ token, rows are padded with eos: the attention mask marks those slots, so their 
 
 Chat templates are Jinja; they come with downloaded files, so they render in jinja2's
 ImmutableSandboxedEnvironment (no access to Python internals: `''.__class__` is an error, not an
-empty string), with limits on output length, range sizes and render time.
+empty string), with limits on output length, range sizes, render time (TEMPLATE_MAX_SECONDS, checked on
+every line the render runs) and new memory (TEMPLATE_MAX_BYTES, enforced with the address-space limit).
 
 Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from datetime import datetime
 
 import numpy as np
 
+from . import bounded_io
 from .errors import TokenizerError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -37,6 +41,10 @@ NEOX_DEFAULT = "<|endoftext|>"
 TEMPLATE_MAX_CHARS = 1_000_000  # rendered chat prompt
 TEMPLATE_MAX_SECONDS = 2.0
 TEMPLATE_MAX_RANGE = 100_000
+TEMPLATE_MAX_BYTES = 256 * 2**20  # new memory one render may take (Linux: enforced with RLIMIT_AS)
+# Size caps, checked before a file is read (real files: tokenizer.json 2-7 MB, the others < 1 MB).
+MAX_FILE_BYTES = {"tokenizer.json": 64 * 2**20, "tokenizer_config.json": 16 * 2**20,
+                  "special_tokens_map.json": 2**20, "chat_template.jinja": 2**20}
 
 
 class Tokenizer:
@@ -63,6 +71,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path, revision=None, cache_dir=None, **hub_kwargs):
         """Load from a directory, or a Hub repo id (its *.json files, through hub.snapshot)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TokenizerError(f"give a model directory or a Hub repo id, got {path!r}")
         path = os.fspath(path)
         if not os.path.isdir(path):
             if os.path.exists(path):
@@ -72,12 +82,12 @@ class Tokenizer:
 
             path = hub.snapshot(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(tok_file):
+        if not os.path.lexists(tok_file):
             raise TokenizerError(f"{path}: no tokenizer.json (the only tokenizer format read here); add the "
                                  "model's tokenizer.json to the directory")
-        backend = _load_backend(tok_file)
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
+        backend = _load_backend(tok_file, root=path)
+        config = _read_json(os.path.join(path, "tokenizer_config.json"), path)
+        special_map = _read_json(os.path.join(path, "special_tokens_map.json"), path)
         tokens = {}
         for name in SPECIAL_NAMES:
             value = config.get(name, special_map.get(name))
@@ -86,9 +96,12 @@ class Tokenizer:
             tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
         template = config.get("chat_template")
         template_file = os.path.join(path, "chat_template.jinja")
-        if os.path.isfile(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                template = f.read()
+        if os.path.lexists(template_file):
+            raw = bounded_io.read_bytes(template_file, MAX_FILE_BYTES["chat_template.jinja"], TokenizerError, path)
+            try:
+                template = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{template_file}: not UTF-8 (offset {e.start}); fix or re-download it") from None
         if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -139,8 +152,7 @@ class Tokenizer:
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, text, add_special_tokens=True):
         """One text -> list of ids (tokenizer.json's post-processor, then add_bos/add_eos_token)."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"text must be a string, got {type(text).__name__}")
+        check_text(text)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
@@ -178,7 +190,7 @@ class Tokenizer:
         """ids -> text. Ids the tokenizer does not have decode to nothing, as in the tokenizers library: a
         model's embedding is often padded past the tokenizer (50304 rows for 50277 tokens in 3b-4e1t)
         and sampling can, rarely, pick one of those rows."""
-        ids = np.asarray(_to_host(ids))
+        ids = _id_array(ids, "decode")
         if ids.ndim != 1:
             raise TokenizerError(f"decode takes one sequence of ids, got shape {ids.shape}; use batch_decode")
         ids = [int(i) for i in ids]
@@ -188,7 +200,10 @@ class Tokenizer:
         return self.backend.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens=False):
-        return [self.decode(row, skip_special_tokens) for row in np.asarray(_to_host(sequences))]
+        sequences = _id_array(sequences, "batch_decode")
+        if sequences.ndim != 2:
+            raise TokenizerError(f"batch_decode takes [batch, seq_len] ids, got shape {sequences.shape}")
+        return [self.decode(row, skip_special_tokens) for row in sequences]
 
     # ---- chat template ------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
@@ -276,58 +291,117 @@ def _sandbox():
 _ENV = None
 
 
+def _address_space():
+    """The process's virtual memory size in bytes (Linux /proc/self/statm), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _bounded(env):
+    """Run the block within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory.
+
+    Time: besides the sandbox's own checks, a trace function (sys.settrace) looks at the clock on every
+    line that runs in the block (the template's compiled code and jinja2's runtime are Python), so a
+    loop with an empty body ends too; the one thing it cannot interrupt is a single C call, and those
+    are bounded by the memory limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to
+    what the process uses now plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError
+    instead of growing the process; both are restored afterwards."""
+    from jinja2.exceptions import SecurityError
+
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+    env.deadline = deadline
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
+        return tracer
+
+    old_limit, used = None, _address_space()
+    try:
+        import resource
+
+        old_limit = resource.getrlimit(resource.RLIMIT_AS)
+        if used is not None:
+            cap = used + TEMPLATE_MAX_BYTES
+            hard = old_limit[1]
+            resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    except (ImportError, ValueError, OSError):
+        old_limit = None
+    old_trace = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(old_trace)
+        env.deadline = float("inf")
+        if old_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+
+
 def render_chat_template(template, **context):
-    """Render a chat template string in the sandbox; every failure is a TokenizerError."""
+    """Render a chat template string in the sandbox, bounded in time and memory (see _bounded);
+    every failure is a TokenizerError."""
     from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 
     global _ENV
     if _ENV is None:
         _ENV = _sandbox()
-    try:
-        compiled = _ENV.from_string(template)
-    except TemplateSyntaxError as e:
-        raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
-    _ENV.deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+    if not isinstance(template, str):
+        raise TokenizerError(f"a chat template is a string, got {type(template).__name__}")
     pieces, size = [], 0
     try:
-        for piece in compiled.generate(**context):
-            size += len(piece)
-            if size > TEMPLATE_MAX_CHARS:
-                raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
-            _ENV.check_time()
-            pieces.append(piece)
+        with _bounded(_ENV):
+            compiled = _ENV.from_string(template)
+            for piece in compiled.generate(**context):
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+                pieces.append(piece)
+            text = "".join(pieces)
+    except TemplateSyntaxError as e:
+        raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
     except SecurityError as e:
         raise TokenizerError(f"the chat template was refused by the sandbox: {e}") from None
     except TemplateError as e:
         raise TokenizerError(f"the chat template failed: {e}") from None
+    except MemoryError:
+        pieces = None
+        raise TokenizerError(f"the chat template was refused by the sandbox: it needs more than "
+                             f"{TEMPLATE_MAX_BYTES // 2**20} MiB of memory") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
             RecursionError) as e:
-        raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
-    finally:
-        _ENV.deadline = float("inf")
-    return "".join(pieces)
+        raise TokenizerError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
+    return text
 
 
 # ---- files --------------------------------------------------------------------------------------
 
-def _load_backend(path):
+def _load_backend(path, root=None):
+    """tokenizer.json, read through bounded_io (a regular file, size-capped, inside `root`), parsed by
+    the `tokenizers` library from the checked text."""
     from tokenizers import Tokenizer as Backend
 
+    raw = bounded_io.read_bytes(path, MAX_FILE_BYTES["tokenizer.json"], TokenizerError, root)
     try:
-        return Backend.from_file(path)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 (offset {e.start}); re-download it") from None
+    try:
+        return Backend.from_str(text)
     except Exception as e:  # the Rust library raises plain Exception subclasses
-        raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]}); "
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
                              "re-download it") from None
 
 
-def _read_json(path):
-    if not os.path.isfile(path):
+def _read_json(path, root):
+    """{} when the file is absent; a JSON object read through bounded_io otherwise."""
+    if not os.path.lexists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e}); re-download or fix it") from None
+    data = bounded_io.read_json(path, MAX_FILE_BYTES[os.path.basename(path)], TokenizerError, root)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: must hold a JSON object")
     return data
@@ -340,6 +414,31 @@ def _token_content(value, name, path):
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
+
+
+def check_text(text, what="text"):
+    """A str that UTF-8 can encode; a lone surrogate (what Python makes of invalid UTF-8 bytes in
+    command-line arguments, or of a broken \\ud800 escape) is refused with its position."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{what} holds {text[e.start]!r} at character {e.start}, a lone surrogate that is not "
+                             "valid Unicode (invalid UTF-8 in the input?); fix the input's encoding") from None
+    return text
+
+
+def _id_array(ids, what):
+    """Token ids (list, NumPy or CuPy array) -> a NumPy integer array, or TokenizerError."""
+    try:
+        arr = np.asarray(_to_host(ids))
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is None or (arr.dtype.kind not in "iu" and arr.size) or arr.dtype.kind == "b":
+        raise TokenizerError(f"{what} takes integer token ids (a list or an integer array), got "
+                             f"{type(ids).__name__}" + (f" of {arr.dtype}" if arr is not None else ""))
+    return arr.astype(np.int64) if arr.size == 0 else arr
 
 
 def _to_host(a):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import bounded_io, checkpoint
 from .errors import CheckpointError, StableLmError, TokenizerError
 
 TRACE_FORMAT = "stablelm-ref-trace/1"
@@ -116,13 +116,10 @@ def read_trace(path):
     meta = dict(meta)
     order = sorted(entries)
     if "order" in meta:
-        try:
-            listed = json.loads(meta["order"])
-            if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-                raise ValueError("not a list of names")
-        except ValueError as e:
-            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names ({e}); "
-                                  "the trace file is damaged: record it again") from None
+        listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; "
+                                  "the trace file is damaged: record it again")
         missing = [n for n in listed if n not in entries]
         if missing:
             raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
@@ -131,9 +128,14 @@ def read_trace(path):
     meta["order"] = order
     if "ids" in meta:
         try:
-            meta["ids"] = json.loads(meta["ids"])
-        except ValueError:
-            pass  # free text from another producer: kept as it is
+            ids = bounded_io.parse_json(meta["ids"], f"{path}: metadata 'ids'", CheckpointError)
+        except CheckpointError:
+            ids = None
+        if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
+            meta["ids"] = ids  # else: free text from another producer, kept as it is
+    count = sum(math.prod(entries[name][1]) for name in order)
+    bounded_io.check_memory(count * 8 * 2, f"{path}: reading and comparing the trace ({count:,} values, "
+                            "held as float64)", CheckpointError, "compare on a machine with more memory")
     trace = {name: checkpoint.read_tensor(str(path), entries[name], start) for name in order}
     return trace, meta
 
