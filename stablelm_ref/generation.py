@@ -29,7 +29,13 @@ distribution, so a filtered token (probability exactly 0) can never be drawn.
 
 Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
 max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,
-repetition_penalty 1.0; eos_token_id and pad_token_id from the model's config.
+repetition_penalty 1.0; eos_token_id and pad_token_id from the model's config (an explicit None means
+none: eos_token_id=None never stops at an EOS, as in transformers 5).
+
+Guards: the KV cache's size (from max_new_tokens / max_length) is checked against free memory before it
+is allocated; logits holding NaN or Inf stop generation with a GenerationError that names the first
+non-finite intermediate (never a sample from NaN probabilities); a temperature so small that z / T
+overflows gives that row its T -> 0 limit, greedy.
 """
 
 from __future__ import annotations
@@ -72,7 +78,15 @@ def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
 
 
 def apply_temperature(scores, temperature):
-    return (scores / temperature).astype(scores.dtype)
+    """z / T. Where a temperature is so small that z / T overflows, the row becomes its T -> 0 limit:
+    0 for the maximal scores and -inf elsewhere (sampling then draws among the maxima: greedy)."""
+    with np.errstate(over="ignore"):
+        out = (scores / temperature).astype(scores.dtype)
+    over = np.isposinf(out).any(axis=-1)                                 # [B] rows that overflowed
+    if over.any():
+        top = np.max(scores[over], axis=-1, keepdims=True)
+        out[over] = np.where(scores[over] == top, 0.0, -np.inf)
+    return out
 
 
 def apply_top_k(scores, k):
@@ -95,7 +109,13 @@ def apply_top_p(scores, p):
 
 
 def softmax(scores):
-    z = scores - np.max(scores, axis=-1, keepdims=True)
+    """Softmax over the last axis; a row holding +inf (scores that overflowed) puts all its mass on the
+    +inf entries, the limit of the finite case."""
+    top = np.max(scores, axis=-1, keepdims=True)
+    if np.isposinf(top).any():
+        scores = np.where(np.isposinf(top), np.where(np.isposinf(scores), 0.0, -np.inf), scores)
+        top = np.max(scores, axis=-1, keepdims=True)
+    z = scores - top
     e = np.exp(z)
     return e / np.sum(e, axis=-1, keepdims=True)
 
@@ -103,6 +123,9 @@ def softmax(scores):
 def sample(probs, rng):
     """One draw per row from probs [B, V] by inverting the cumulative distribution -> [B]."""
     probs = np.asarray(probs, dtype=np.float64)
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs.sum(axis=-1) > 0).all()):
+        raise GenerationError("the sampling probabilities are not a distribution (NaN, negative or all zero); "
+                              "the logits were not finite")
     cdf = np.cumsum(probs, axis=-1)                                      # [B, V]
     u = rng.random(probs.shape[0]) * cdf[:, -1]                          # [B]
     idx = np.sum(cdf <= u[:, None], axis=-1)                             # first index with cdf > u
@@ -179,6 +202,67 @@ def _is_int(x):
 
 def _is_number(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+class _FromConfig:
+    """The default of eos_token_id / pad_token_id: take the model's config. An explicit None means none
+    (no EOS stop), as in transformers 5."""
+
+    def __repr__(self):
+        return "<from the model's config>"
+
+
+FROM_CONFIG = _FromConfig()
+
+
+def check_finite_scores(model, scores, sequences, mask, step):
+    """GenerationError when the logits [B, V] hold NaN or Inf, naming the first intermediate (in execution
+    order) of the reference forward over the sequences so far that is not finite."""
+    if np.isfinite(scores).all():
+        return
+    reference = getattr(model, "model", model)          # a fast form keeps its reference model
+    first = _first_non_finite(reference, sequences, mask)
+    where = f"; the first non-finite intermediate is {first}" if first else ""
+    raise GenerationError(f"the logits are not finite (NaN or Inf) at generation step {step}{where}: the weights "
+                          "or config.json (layer_norm_eps, rope scaling, huge weights) overflow in "
+                          f"{np.dtype(model.dtype).name}; try dtype='float64' or check the checkpoint")
+
+
+class _Found(Exception):
+    pass
+
+
+def _first_non_finite(reference, sequences, mask):
+    def check(name, array):
+        if not np.isfinite(np.asarray(_to_host(array))).all():
+            raise _Found(name)
+
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)
+    try:
+        reference.forward(sequences, attention_mask=mask, position_ids=positions, trace=check)
+    except _Found as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - only a diagnosis: the error raised is the caller's
+        return None
+    return None
+
+
+def check_cache_memory(model, batch, total):
+    """The memory guard for generate's KV cache [B, kv_heads, total, head_dim] x 2 x layers (and the
+    token table), before it is allocated: sizes come from arguments (max_new_tokens, max_length)."""
+    from .bounded_io import available_memory, check_memory
+
+    c = model.config
+    need = (2 * c.num_hidden_layers * batch * c.num_key_value_heads * total * c.head_dim
+            * np.dtype(model.dtype).itemsize + 2 * batch * total * 8)
+    available = None
+    if model.xp is not np:
+        try:
+            available = int(model.xp.cuda.runtime.memGetInfo()[0])
+        except Exception:  # noqa: BLE001 - unknown: check against host memory instead
+            available = available_memory()
+    check_memory(need, f"generating {total:,} positions for {batch} row(s) (the KV cache)", GenerationError,
+                 "lower max_new_tokens / max_length (--max-new-tokens) or the batch", available)
 
 
 def _token_ids(name, value, vocab_size, allow_list):
@@ -275,8 +359,8 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
 # ---- generate -----------------------------------------------------------------------------------
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
-             temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None, streamer=None, timings=None):
+             temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=FROM_CONFIG,
+             pad_token_id=FROM_CONFIG, seed=None, streamer=None, timings=None):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
 
     `timings`, a dict when given, receives prefill_tokens, prefill_s, decode_tokens, decode_s.
@@ -288,9 +372,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
-    eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is None else eos_token_id, vocab,
+    eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
                      allow_list=True)
-    pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is None else pad_token_id, vocab,
+    pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,
                      allow_list=False)
     pad = pad[0] if pad else None
     if pad is None and eos is not None:
@@ -313,6 +397,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     ignore_prefix = np.argmax(mask != 0, axis=1)                          # [B] left-padding lengths
 
     total = prompt_len + s["max_new_tokens"]
+    check_cache_memory(model, batch, total)
     cache = KVCache(config, batch, total, model.dtype, model.xp)         # exactly sized, never grown
     sequences = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
     sequences[:, :prompt_len] = ids
@@ -330,6 +415,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     prefill_s, t_decode = None, None
     while True:
         scores = np.asarray(_to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
+        check_finite_scores(model, scores, sequences[:, :length], full_mask[:, :length], length - prompt_len)
         if prefill_s is None:
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
         scores = process_logits(scores, sequences[:, :length], s, ignore_prefix)

@@ -37,10 +37,31 @@ def log_softmax(logits):
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
 
 
+def label_array(labels, shape, integer=True, what="labels"):
+    """labels (list or array) -> a host array of `shape` (any shape: None; integers, or numbers when
+    integer=False), or a GenerationError that says what was expected."""
+    try:
+        host = np.asarray(_to_host(labels))
+    except (ValueError, TypeError, OverflowError):
+        host = None
+    kinds = "iu" if integer else "iuf"
+    if host is None or host.dtype.kind not in kinds:
+        raise GenerationError(f"{what} must be {'integer class ids' if integer else 'numbers'} (a list or an "
+                              f"array of shape {shape}), got {type(labels).__name__}"
+                              + (f" of {host.dtype}" if host is not None else ""))
+    if shape is not None and host.shape != tuple(shape):
+        raise GenerationError(f"{what} have shape {host.shape}, expected {tuple(shape)}")
+    if host.dtype.kind == "u" and host.size and int(host.max()) > np.iinfo(np.int64).max:
+        raise GenerationError(f"{what} hold {int(host.max())}, beyond int64")
+    return host.astype(np.int64) if integer else host
+
+
 def cross_entropy(logits, labels, num_classes):
     """Mean of -log p(label) over rows whose label is not -100. logits [N, C], labels [N] (host ints)."""
     xp = _xp(logits)
-    labels = np.asarray(_to_host(labels)).reshape(-1).astype(np.int64)
+    labels = label_array(labels, None).reshape(-1)
+    if labels.size != int(logits.shape[0]):
+        raise GenerationError(f"{labels.size} labels for {int(logits.shape[0])} rows of logits")
     keep = labels != IGNORE_INDEX
     bad = labels[keep & ((labels < 0) | (labels >= num_classes))]
     if bad.size:
@@ -55,9 +76,7 @@ def cross_entropy(logits, labels, num_classes):
 
 def causal_lm_loss(logits, labels, vocab_size):
     """Shifted: position t predicts labels[t + 1]; the last position predicts nothing."""
-    labels = np.asarray(_to_host(labels)).astype(np.int64)                # [B, T]
-    if labels.shape != tuple(logits.shape[:2]):
-        raise GenerationError(f"labels have shape {labels.shape}, expected {tuple(logits.shape[:2])}")
+    labels = label_array(labels, tuple(logits.shape[:2]))               # [B, T]
     shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX)], axis=1)  # [B, T]
     xp = _xp(logits)
     return cross_entropy(xp.reshape(logits, (-1, vocab_size)), shifted, vocab_size)
@@ -81,12 +100,16 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
         t = h.shape[1]
-        if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, bool):
+        if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, (bool, np.bool_)):
+            logits_to_keep = int(logits_to_keep)                            # np.uint64: no wrap-around in -k
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
         else:
-            keep = np.asarray(_to_host(logits_to_keep))
+            try:
+                keep = np.asarray(_to_host(logits_to_keep))
+            except (ValueError, TypeError, OverflowError):
+                keep = np.asarray([0.5])                                    # refused just below
             if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
                 raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
                                       f"got {logits_to_keep!r}")
@@ -152,16 +175,22 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
 
 
 def sequence_classification_loss(pooled, labels, config):
+    """labels: [B] class ids (single label), [B] or [B, 1] numbers (regression, num_labels 1), [B, n]
+    numbers (regression with n outputs, or multi-label 0/1 targets)."""
     xp = _xp(pooled)
-    labels = np.asarray(_to_host(labels))
-    n = config.num_labels
+    batch, n = int(pooled.shape[0]), config.num_labels
+    probe = label_array(labels, None, integer=False)                      # numbers, any shape (checked below)
     problem = config.problem_type
     if problem is None:
         problem = ("regression" if n == 1 else
-                   "single_label_classification" if labels.dtype.kind in "iu" else "multi_label_classification")
+                   "single_label_classification" if probe.dtype.kind in "iu" else "multi_label_classification")
     z = xp.astype(pooled, wide_dtype(xp, pooled.dtype))                   # [B, num_labels]
     if problem == "single_label_classification":
-        return cross_entropy(z, labels.reshape(-1), n)
+        return cross_entropy(z, label_array(probe.reshape(-1) if probe.size == batch else probe, (batch,)), n)
+    if problem == "regression" and n == 1:
+        labels = label_array(probe.reshape(-1) if probe.size == batch else probe, (batch,), integer=False)
+    else:
+        labels = label_array(probe, (batch, n), integer=False)
     target = xp.asarray(labels.astype(np.float64 if z.dtype == xp.float64 else np.float32))
     if problem == "regression":
         if n == 1:
@@ -185,7 +214,8 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
         out.logits = logits                                                 # [B, T, num_labels]
         if labels is not None:
             n = self.config.num_labels
-            out.loss = cross_entropy(self.xp.reshape(logits, (-1, n)), labels, n)
+            labels = label_array(labels, tuple(logits.shape[:2]))          # [B, T]: one label per token
+            out.loss = cross_entropy(self.xp.reshape(logits, (-1, n)), labels.reshape(-1), n)
         return out
 
 

@@ -32,6 +32,7 @@ from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+MAX_POSITION_ID = 2**53  # exact in float64; larger ids (or uint64 ids that wrap as int64) are refused
 
 
 @dataclass
@@ -69,7 +70,10 @@ def array_module(device):
 def resolve_dtype(dtype, device):
     if dtype is None:
         dtype = "bfloat16" if device == "gpu" else "float32"
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    except (TypeError, ValueError):
+        name = None
     if name not in DTYPES:
         raise StableLmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device == "cpu" and name in ("float16", "bfloat16"):
@@ -98,9 +102,11 @@ class StableLmPreTrainedModel:
         dtype: "float32" (CPU default), "float64" (golden work), or on the GPU "bfloat16" (default),
         "float16", "float32". Weights stored in any of float32/float16/bfloat16 are cast once on load.
         """
+        if device not in ("cpu", "gpu"):
+            raise StableLmError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        np_dtype = resolve_dtype(dtype, device)                            # argument errors before any file
         directory = _local_or_hub(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
-        np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
         files = checkpoint.checkpoint_files(directory)                     # {tensor name: file}, found once
         expected = checkpoint.expected_shapes(config, cls.head, limit=len(files), where=directory)  # bounded
@@ -197,7 +203,34 @@ class StableLmPreTrainedModel:
             raise GenerationError(f"position_ids has shape {host.shape}, expected {(batch, t)} (batch, new tokens)")
         if host.size and host.min() < 0:
             raise GenerationError(f"position id {int(host.min())} is negative; positions count from 0")
+        if host.size and int(host.max()) > MAX_POSITION_ID:  # uint64 would wrap to negative as int64
+            raise GenerationError(f"position id {int(host.max())} is too large (at most {MAX_POSITION_ID}: "
+                                  "rotary angles are computed in floating point)")
         return self.xp.asarray(np.broadcast_to(host.reshape(-1, t), (batch, t)).astype(np.int64))
+
+    def _check_memory(self, batch, t, past, new_cache):
+        """The memory guard for one forward, before anything is allocated: the attention scores
+        [B, H, T, S] (a few copies, in the softmax's float32/float64), the activations [B, T, ...] and a
+        cache made for this call. Small forwards (< 64 MiB) skip asking the system."""
+        c = self.config
+        item, wide = np.dtype(self.dtype).itemsize, max(4, np.dtype(self.dtype).itemsize)
+        s = past + t
+        need = (3 * batch * c.num_attention_heads * t * s * wide
+                + batch * t * (4 * c.hidden_size + 3 * c.intermediate_size + c.vocab_size) * item)
+        if new_cache:
+            need += 2 * c.num_hidden_layers * batch * c.num_key_value_heads * t * c.head_dim * item
+        if need < 64 * 2**20:
+            return
+        from .bounded_io import available_memory, check_memory
+
+        available = None
+        if self.xp is not np:
+            try:
+                available = int(self.xp.cuda.runtime.memGetInfo()[0])
+            except Exception:  # noqa: BLE001 - unknown: host memory instead
+                available = available_memory()
+        check_memory(need, f"a forward over {batch} row(s) of {t} tokens ({s} positions with the cache)",
+                     GenerationError, "use a smaller batch or shorter input", available)
 
     def _prepare_inputs(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
         """Check and convert one forward's inputs (shared by the reference and fast_cpu):
@@ -210,6 +243,7 @@ class StableLmPreTrainedModel:
         if cache is not None and not isinstance(cache, KVCache):
             raise GenerationError(f"past_key_values must be the KVCache a previous call returned (or a new "
                                   f"stablelm_ref.KVCache), got {type(cache).__name__}")
+        self._check_memory(batch, t, (cache.length if cache is not None else 0), cache is None and use_cache)
         if cache is None and use_cache:
             cache = KVCache(config, batch, t, self.dtype, xp, growable=True)
         past = cache.length if cache is not None else 0
@@ -302,6 +336,9 @@ def _host_numbers(a, name):
 
 
 def _local_or_hub(path, **hub_kwargs):
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"from_pretrained takes a model directory or a Hub repo id (a string or path), "
+                              f"got {path!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
