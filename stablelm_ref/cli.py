@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
 import numpy as np
 
-from .errors import StableLmError, TokenizerError
+from .errors import GenerationError, StableLmError, TokenizerError
 
 PROG = "stablelm-ref"
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
@@ -134,6 +135,8 @@ def cmd_generate(args):
         return generate_with_graph_engine(args)
     model, tok = load(args)
     enc = tok(args.prompt)
+    if enc["input_ids"].size == 0:
+        raise GenerationError("empty prompt: the PROMPT gives no tokens; give some text to continue")
     timings = {}
     generate(model, enc["input_ids"], attention_mask=enc["attention_mask"], streamer=TextStreamer(tok, skip_prompt=False),
              timings=timings, **generation_kwargs(args, tok, model))
@@ -195,6 +198,7 @@ def generate_with_graph_engine(args):
 
 def cmd_chat(args):
     from .generation import TextStreamer, generate
+    from .tokenizer import check_text
 
     model, tok = load(args)
     if tok.chat_template is None:
@@ -212,7 +216,7 @@ def cmd_chat(args):
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
@@ -255,21 +259,110 @@ def build_parser():
     return parser
 
 
+class OutputError(StableLmError):
+    """Standard output cannot be written (closed, disk full, an I/O error)."""
+
+
+class _GuardedOutput:
+    """sys.stdout while a command runs: a failed write or flush becomes an OutputError (one line, exit 2)
+    instead of a traceback; a closed pipe stays a BrokenPipeError (quiet exit 0, like head & co.)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, method, *a):
+        try:
+            return getattr(self._stream, method)(*a)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise OutputError(f"cannot write to standard output ({reason})") from None
+
+    def write(self, s):
+        return self._guard("write", s)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout():
+    """Point file descriptor 1 at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def check_arguments(args):
+    """The sampling and length options, checked in the command line's own words (generate, chat)."""
+    def bad(option, value, rule):
+        raise GenerationError(f"{option} {value!r}: {rule}")
+
+    if getattr(args, "max_new_tokens", 1) < 1:
+        bad("--max-new-tokens", args.max_new_tokens, "give a number of tokens >= 1")
+    t = getattr(args, "temperature", None)
+    if t is not None and not 0 <= t < math.inf:
+        bad("--temperature", t, "must be >= 0 (0 is greedy decoding)")
+    if getattr(args, "top_k", None) is not None and args.top_k < 0:
+        bad("--top-k", args.top_k, "must be >= 0 (0 turns it off)")
+    p = getattr(args, "top_p", None)
+    if p is not None and not 0 < p <= 1:
+        bad("--top-p", p, "must be in (0, 1]")
+    r = getattr(args, "repetition_penalty", None)
+    if r is not None and not 0 < r < math.inf:
+        bad("--repetition-penalty", r, "must be > 0 (1 turns it off)")
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        bad("--seed", args.seed, "must be >= 0")
+
+
+def check_surroundings(args):
+    """What the command line brings before a command runs: the options' values, text arguments that
+    hold lone surrogates (invalid UTF-8 in argv), the GPU when --device gpu asks for it; chat's
+    standard input is read with surrogateescape so that invalid UTF-8 reaches the text check."""
+    from .tokenizer import check_text
+
+    if hasattr(args, "max_new_tokens"):
+        check_arguments(args)
+    for attr, what in (("prompt", "PROMPT"), ("system", "--system"), ("text", "--text")):
+        if isinstance(getattr(args, attr, None), str):
+            check_text(getattr(args, attr), what)
+    if getattr(args, "device", None) == "gpu":
+        from .model import array_module
+
+        array_module("gpu")                     # CuPy and a GPU, before anything is loaded
+    if getattr(args, "command", None) == "chat" and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with descriptor 1 closed
+        print(f"{PROG}: error: standard output is closed; nothing can be written", file=sys.stderr)
+        return 2
+    real_stdout, sys.stdout = sys.stdout, _GuardedOutput(sys.stdout)
     try:
+        check_surroundings(args)
         return args.func(args) or 0
     except StableLmError as e:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except (StableLmError, OSError):
+            _silence_stdout()
         print(f"{PROG}: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into head & co.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    finally:
+        sys.stdout = real_stdout
 
 
 if __name__ == "__main__":

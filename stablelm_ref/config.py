@@ -24,6 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from . import bounded_io
 from .errors import ConfigError
@@ -33,6 +34,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh
 # Rope scaling types transformers accepts for StableLM that this project implements.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many classes: more)
+FLOAT32_MAX = 3.4028234663852886e38
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -155,12 +157,41 @@ class StableLmConfig:
         if self.rope_type == "dynamic" and self.rotary_ndims <= 2:
             raise ConfigError(f"dynamic rope scaling needs more than 2 rotary dims (its base exponent is d / (d - 2)),"
                               f" got {self.rotary_ndims}; use linear scaling or a larger partial_rotary_factor")
+        self._check_rotary_numbers()
         for key, kind, example in (("architectures", list, '["StableLmForCausalLM"]'),
                                    ("label2id", dict, '{"NEGATIVE": 0}'), ("torch_dtype", str, '"bfloat16"')):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), kind):
                 raise ConfigError(f"config key {key!r} must look like {example}, got {getattr(self, key)!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+
+    def _check_rotary_numbers(self):
+        """rope_theta and the scaling factor must give rotary frequencies that are finite and non-zero in
+        float32 (the tables' dtype outside float64 mode), with finite angles up to twice the context (the
+        dynamic base is evaluated there): values that overflow in use are refused here, by key."""
+        import numpy as np
+
+        from .rotary import inverse_frequencies
+
+        span = np.float32(2 * self.max_position_embeddings)
+        for key, scaled in (("rope_theta", False), ("rope scaling 'factor'", True)):
+            if scaled and self.rope_scaling is None:
+                continue
+            config = self if scaled else SimpleNamespace(
+                rotary_ndims=self.rotary_ndims, rope_theta=self.rope_theta, rope_scaling=None, rope_type="default",
+                max_position_embeddings=self.max_position_embeddings)
+            try:
+                with np.errstate(all="ignore"):
+                    inv = inverse_frequencies(config, np, np.float32, seq_len=int(span))   # [d/2] float32
+                    ok = bool(np.isfinite(inv).all() and (inv >= np.finfo(np.float32).tiny).all()
+                              and np.isfinite(span * inv).all())
+            except (OverflowError, ZeroDivisionError):                     # the dynamic base, in Python floats
+                ok = False
+            if not ok:
+                value = self.rope_theta if not scaled else self.rope_scaling["factor"]
+                raise ConfigError(f"config key {key} = {value!r} makes the rotary frequencies overflow or vanish in "
+                                  "float32 (theta_i = rope_theta ** (-2i/d), scaled); use a value like 10000 for "
+                                  "rope_theta and a factor of a few")
 
     # ---- reading and writing -------------------------------------------------------------------
     @classmethod
@@ -258,8 +289,9 @@ def _normalise_rope_scaling(scaling):
             f"rope scaling type {rope_type!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1.0:
-        raise ConfigError(f"rope scaling {rope_type!r} needs a number 'factor' >= 1, got {factor!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= FLOAT32_MAX:
+        raise ConfigError(f"rope scaling {rope_type!r} needs a number 'factor' from 1 to {FLOAT32_MAX:.3g}, got "
+                          f"{factor!r}")
     scaling["factor"] = float(factor)
     return {"rope_type": rope_type, **scaling}
 
@@ -282,8 +314,9 @@ def _check_int(key, value, minimum):
 
 
 def _check_float(key, value, positive=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    """A finite number that float32 (the default compute dtype) also holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
+        raise ConfigError(f"config key {key!r} must be a finite number (within float32's range), got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
     if not positive and value < 0:

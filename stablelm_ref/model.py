@@ -123,6 +123,13 @@ class StableLmPreTrainedModel:
         rng = np.random.default_rng(seed)
         std = config.initializer_range if std is None else std
         np_dtype = resolve_dtype(dtype, "cpu")
+        from .bounded_io import check_memory
+
+        c, item = config, np_dtype.itemsize                                # the guard, before building anything
+        per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+        check_memory((2 * c.vocab_size * c.hidden_size + c.num_hidden_layers * per_layer) * item * 2,
+                     f"random weights for this config ({c.num_hidden_layers} layers, hidden {c.hidden_size})",
+                     StableLmError, "use a smaller config")
         params = {}
         for name, shape in checkpoint.expected_shapes(config, cls.head).items():
             if "layernorm" in name or name.startswith("model.norm"):

@@ -304,6 +304,9 @@ def cmd_trace(args):
 
 
 def cmd_compare(args):
+    for option, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if value is not None and not 0 <= value < math.inf:
+            raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
     rows = compare_traces(a, b, args.rtol, args.atol,

@@ -59,7 +59,7 @@ def test_generate_streams_the_greedy_text_and_prints_stats(model_dir):
 def test_bad_input_is_one_line_and_exit_2_in_a_real_process(model_dir):
     r = run("generate", "--model", model_dir, "--top-p", "1.5", "hello")
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "top_p must be a number in (0, 1]" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--top-p 1.5: must be in (0, 1]" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -143,11 +143,11 @@ def test_tokenizer_larger_than_model_vocabulary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--temperature", "-1"], "temperature must be a number > 0"),
-    (["--top-k", "-3"], "top_k must be an integer >= 0"),
-    (["--top-p", "0"], "top_p must be a number in (0, 1]"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-    (["--repetition-penalty", "-2"], "repetition_penalty must be a number > 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be >= 0 (0 is greedy"),
+    (["--top-k", "-3"], "--top-k -3: must be >= 0"),
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: give a number of tokens >= 1"),
+    (["--repetition-penalty", "-2"], "--repetition-penalty -2.0: must be > 0"),
     (["--max-new-tokens", "abc"], "invalid int value: 'abc'"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--dtype", "bfloat16"], "dtype bfloat16 is for the GPU"),
