@@ -14,7 +14,7 @@ ever or stream without end; size caps stop a 50 GB "config.json" before it is re
 amplifies memory: Python holds each parsed value as an object of 24-200 bytes, so a 100 MB header of
 `[{},{},...]` would cost gigabytes. The number of values is bounded *before* parsing by counting the
 bytes that can start one (`[`, `{`, `,`, `:`): items <= 1 + count of those, so parsing costs at most
-about size + MAX_JSON_ITEMS * 250 bytes (measured in tests/test_hostile_input_2.py). The largest
+about 3 * size + MAX_JSON_ITEMS * 250 bytes (tests/test_hostile_classes.py measures it). The largest
 real JSON read here, the safetensors header of a 12b model, holds ~20,000 items.
 
 Links: a file resolved through symlinks must lie in the model directory itself, or, for a Hugging
@@ -85,11 +85,12 @@ def read_bytes(path, limit, error, root=None):
             raise error(f"{path}: {size:,} bytes, more than the {limit:,} this file may have; it is not a "
                         "genuine model file (re-download it)")
         try:
-            data = f.read(limit + 1)                   # + 1: a file that grew while being read is caught
+            data = f.read(size)                        # read(n) reserves n bytes: ask for the size, not the cap
+            grew = f.read(1)
         except OSError as e:
             raise error(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(data) > limit:
-        raise error(f"{path}: grew past {limit:,} bytes while being read; refused")
+    if grew or len(data) != size:
+        raise error(f"{path}: changed while being read; refused (read it again when it is complete)")
     return data
 
 

@@ -334,7 +334,11 @@ def check_surroundings(args):
     if getattr(args, "device", None) == "gpu":
         from .model import array_module
 
-        array_module("gpu")                     # CuPy and a GPU, before anything is loaded
+        try:
+            array_module("gpu")                 # CuPy and a GPU, before anything is loaded
+        except StableLmError as e:
+            raise StableLmError(str(e).replace("device='gpu'", "--device gpu").replace("device='cpu'",
+                                                                                        "--device cpu")) from None
     if getattr(args, "command", None) == "chat" and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
 
@@ -347,7 +351,8 @@ def main(argv=None):
     real_stdout, sys.stdout = sys.stdout, _GuardedOutput(sys.stdout)
     try:
         check_surroundings(args)
-        return args.func(args) or 0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
+            return args.func(args) or 0                                     # by generate, as one line
     except StableLmError as e:
         try:
             sys.stdout.flush()

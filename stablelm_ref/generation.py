@@ -80,7 +80,7 @@ def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
 def apply_temperature(scores, temperature):
     """z / T. Where a temperature is so small that z / T overflows, the row becomes its T -> 0 limit:
     0 for the maximal scores and -inf elsewhere (sampling then draws among the maxima: greedy)."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", divide="ignore"):                   # T below float32's range: 0 -> inf
         out = (scores / temperature).astype(scores.dtype)
     over = np.isposinf(out).any(axis=-1)                                 # [B] rows that overflowed
     if over.any():
@@ -239,7 +239,8 @@ def _first_non_finite(reference, sequences, mask):
 
     positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)
     try:
-        reference.forward(sequences, attention_mask=mask, position_ids=positions, trace=check)
+        with np.errstate(all="ignore"):                                   # the overflow is what we look for
+            reference.forward(sequences, attention_mask=mask, position_ids=positions, trace=check)
     except _Found as e:
         return str(e)
     except Exception:  # noqa: BLE001 - only a diagnosis: the error raised is the caller's
@@ -279,7 +280,7 @@ def _token_ids(name, value, vocab_size, allow_list):
 
 
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-              repetition_penalty, seed):
+              repetition_penalty, seed, batch=1):
     config = model.config
     if not isinstance(do_sample, bool):
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
@@ -320,6 +321,7 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         total = min(prompt_len + DEFAULT_MAX_LENGTH, config.max_position_embeddings)
         if total <= prompt_len:
             total = prompt_len + 1
+    check_cache_memory(model, batch, total)              # sizes from arguments: before any allocation
     if prompt_len > config.max_position_embeddings and config.rope_type != "dynamic":
         raise GenerationError(f"the prompt has {prompt_len} tokens, more than max_position_embeddings "
                               f"({config.max_position_embeddings}); shorten the prompt")
@@ -384,7 +386,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                            "attention_mask to obtain reliable results.")
         pad = eos[0]
     s = _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-                  repetition_penalty, seed)
+                  repetition_penalty, seed, batch)
     mask = _attention_mask(attention_mask, ids, pad, eos)              # [B, T] host ints
     if batch > 1 and (mask[:, -1] == 0).any():
         logger.warning("A decoder-only model is being used, but right-padding was detected! For correct "
@@ -397,7 +399,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     ignore_prefix = np.argmax(mask != 0, axis=1)                          # [B] left-padding lengths
 
     total = prompt_len + s["max_new_tokens"]
-    check_cache_memory(model, batch, total)
     cache = KVCache(config, batch, total, model.dtype, model.xp)         # exactly sized, never grown
     sequences = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
     sequences[:, :prompt_len] = ids
