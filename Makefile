@@ -17,7 +17,7 @@ help:
 	@echo "make bench        CPU speed against transformers (tools/bench_cpu.py)"
 	@echo "make bench-gpu    GPU speed against transformers (needs an NVIDIA GPU)"
 	@echo "make test-gpu     the GPU tests (tests/gpu; skipped without a GPU)"
-	@echo "make fuzz         the long hostile-input fuzzing run"
+	@echo "make fuzz         the long hostile-input fuzzing run (tests/test_hostile_*.py)"
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -63,10 +63,12 @@ goldens: $(VENV)/.crosscheck
 walkthrough: $(VENV)/.plots
 	MPLBACKEND=Agg $(PYTHON) tools/run_walkthrough.py
 
-# >= 10,000 generated hostile inputs (tests/test_hostile_input.py); `make test` runs a few hundred of them
+# >= 10,000 generated hostile inputs (checkpoints, configs, ids: tests/test_hostile_input.py) and ~6,500 more
+# (templates, JSON shapes, text, labels, arguments, rope numbers: tests/test_hostile_classes.py);
+# `make test` runs a few hundred of them
 fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
-		tests/test_hostile_input.py
+		tests/test_hostile_input.py tests/test_hostile_classes.py
 
 # GPU targets: need an NVIDIA GPU and CuPy (pip install -e '.[gpu]'); tests/gpu skips without one
 test-gpu: $(VENV)/.test

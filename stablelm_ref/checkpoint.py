@@ -12,7 +12,9 @@ read; a tensor's bytes are then read straight into an array and cast once to the
 (bfloat16 through ml_dtypes, which NumPy cannot compute with: float32 by default, float64 for
 golden work). A sharded checkpoint adds `model.safetensors.index.json`:
 {"weight_map": {"name": "model-00001-of-00002.safetensors", ...}}; shards must lie inside the
-model directory.
+model directory. Every file is opened through bounded_io (a regular file, resolved inside the model
+directory or its Hub cache blobs/, never a FIFO or a device), the header is size-capped before it is
+read and parsed with bounded_io's JSON bounds, and the weights meet the memory guard before any is read.
 
 `pytorch_model.bin` and other pickle files are refused, never opened: unpickling runs code.
 Checkpoint names follow transformers (see FACTS.md); `expected_shapes` lists them for a config.

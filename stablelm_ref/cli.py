@@ -13,7 +13,10 @@ fast_cpu.FastCpuModel; with --device gpu greedy bfloat16 decoding uses the CUDA-
 (cuda/decode_engine.py) unless --engine reference asks for the concept modules on CuPy.
 
 Every StableLmError (a missing or corrupt model, offline without a cache, invalid values) ends the
-command with one line on stderr and exit code 2; a traceback means a bug.
+command with one line on stderr and exit code 2; a traceback means a bug. The surroundings are checked
+in the command line's own words before a command runs (check_surroundings): option values (--temperature,
+--top-p, ...), text arguments holding invalid UTF-8, --device gpu without CuPy; a closed or full
+standard output is one line and exit 2 too (a closed pipe, as with head, exits 0 quietly).
 
 Subcommands come from modules listed in COMMAND_MODULES, each with an `add_cli_commands(subparsers)`
 that adds its parsers and sets `func` (called with the parsed arguments, returns an exit code).

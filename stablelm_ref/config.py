@@ -14,7 +14,10 @@ Derived sizes:
     head_dim     = hidden_size // num_attention_heads          (80 in stablelm-3b-4e1t)
     rotary_ndims = int(head_dim * partial_rotary_factor)       (20 in stablelm-3b-4e1t)
 
-Every invalid value raises ConfigError naming the key, the value and what to do.
+Every invalid value raises ConfigError naming the key, the value and what to do; that includes values
+that would overflow in use (floats beyond float32's range, a rope_theta or scaling factor whose
+rotary frequencies overflow or vanish in float32). config.json is read through bounded_io (a regular
+file of at most MAX_CONFIG_BYTES inside the model directory, JSON within bounds).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ position_ids = cumsum(attention_mask) - 1 to make left-padded rows equal unpadde
 does). The mask combines causality with the attention mask's padding.
 
 This file also holds what every model class shares: `from_pretrained` / `save_pretrained`, input
-checking, and the output record. The heads (causal LM, sequence and token classification) are in
+checking (ids, masks, positions, and the memory guard: a forward whose attention scores, activations
+or new cache cannot fit in free memory is refused before anything is allocated), and the output record. The heads (causal LM, sequence and token classification) are in
 heads.py.
 
 Config: vocab_size, hidden_size, num_hidden_layers, max_position_embeddings, layer_norm_eps.

@@ -111,7 +111,10 @@ def write_trace(path, trace, metadata=None):
 
 
 def read_trace(path):
-    """(trace {name: array} in execution order, metadata {key: str; "order" and "ids" parsed from JSON})."""
+    """(trace {name: array} in execution order, metadata {key: str; "order" and "ids" parsed from JSON}).
+
+    A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
+    MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
     entries, meta, start = checkpoint.read_header(str(path))
     meta = dict(meta)
     order = sorted(entries)

@@ -500,6 +500,71 @@ def test_tiny_temperatures_sample_like_greedy(temperature, seed, top_k, top_p):
     np.testing.assert_array_equal(got, greedy)
 
 
+def _arg(valid, invalid):
+    return st.one_of(st.just(None), valid, invalid)
+
+
+ANY = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.floats(allow_nan=True), st.integers(-2**70, 2**70),
+                st.lists(st.integers(-3, 3), max_size=2))
+GEN_ARGS = dict(
+    max_new_tokens=_arg(st.integers(1, 6), st.one_of(st.integers(-3, 0), st.sampled_from([10**13, 2**63]), ANY)),
+    max_length=_arg(st.integers(5, 10), st.one_of(st.integers(-3, 4), ANY)),
+    temperature=_arg(st.floats(1e-300, 100), st.one_of(st.floats(max_value=0), ANY)),
+    top_k=_arg(st.integers(0, 200), ANY), top_p=_arg(st.floats(1e-9, 1.0), ANY),
+    repetition_penalty=_arg(st.floats(1e-6, 1e6), ANY), seed=_arg(st.integers(0, 2**64), ANY),
+    eos_token_id=st.one_of(st.integers(0, 100), st.lists(st.integers(0, 100), min_size=1, max_size=3), ANY),
+    pad_token_id=st.one_of(st.integers(0, 100), ANY), do_sample=st.one_of(st.booleans(), ANY),
+)
+
+
+def _valid_generate_args(a):
+    """An independent statement of which generate() arguments are valid (prompt: 4 tokens, vocab 101)."""
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = [
+        isinstance(a["do_sample"], bool),
+        a["max_new_tokens"] is None or (integer(a["max_new_tokens"]) and 1 <= a["max_new_tokens"] <= 10**6),
+        a["max_length"] is None or a["max_new_tokens"] is not None or (integer(a["max_length"]) and 4 < a["max_length"]),
+        a["max_length"] is None or (integer(a["max_length"]) and a["max_length"] >= 1),
+        a["temperature"] is None or (number(a["temperature"]) and a["temperature"] > 0),
+        a["top_k"] is None or (integer(a["top_k"]) and a["top_k"] >= 0),
+        a["top_p"] is None or (number(a["top_p"]) and 0 < a["top_p"] <= 1),
+        a["repetition_penalty"] is None or (number(a["repetition_penalty"]) and a["repetition_penalty"] > 0),
+        a["seed"] is None or (integer(a["seed"]) and a["seed"] >= 0),
+        a["pad_token_id"] is None or (integer(a["pad_token_id"]) and 0 <= a["pad_token_id"] < 101),
+        a["eos_token_id"] is None or all(integer(v) and 0 <= v < 101 for v in (
+            a["eos_token_id"] if isinstance(a["eos_token_id"], list) else [a["eos_token_id"]])) and
+        a["eos_token_id"] != [],
+    ]
+    return all(checks)
+
+
+@cases(40, 1000)
+@given(**GEN_ARGS)
+def test_generate_arguments_give_sequences_or_a_generation_error(**kwargs):
+    model = _GEN_MODEL[0] if _GEN_MODEL else _GEN_MODEL.append(tiny_model(seed=4, dtype="float32")) or _GEN_MODEL[0]
+    valid = _valid_generate_args(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, seconds, _ = measured(lambda: model.generate([[5, 17, 33, 2]], **kwargs))
+    say(f"valid={valid}: {out!r:.200} in {seconds:.2f} s")
+    if isinstance(out, GenerationError):
+        one_line(out)
+        assert not valid or "of memory is free" in str(out), out
+        return
+    assert not isinstance(out, Exception), f"{type(out).__name__}: {out}"
+    assert valid
+    assert out.shape[0] == 1 and 5 <= out.shape[1] and ((out >= 0) & (out < 101)).all()
+    np.testing.assert_array_equal(out[:, :4], [[5, 17, 33, 2]])
+
+
+_GEN_MODEL = []
+
+
 # ==== 7. the CLI's surroundings =============================================================================
 def test_closed_and_full_stdout_are_one_line_exit_2(model_dir):
     args = [sys.executable, "-m", "stablelm_ref.cli", "generate", "--model", model_dir, "--max-new-tokens", "2", "hi"]

@@ -27,8 +27,9 @@ transformers = pytest.importorskip("transformers", reason="make crosscheck insta
 
 from conftest import VARIANTS, tiny_model  # noqa: E402
 
-LONG = dict(vocab_size=101, hidden_size=160, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=4096, partial_rotary_factor=0.25)  # head 80, rotary 20
+# 3b-4e1t's head (80 dims, 20 rotary, rope_theta 10000) and context (4096), one head and one layer: 2 cores
+LONG = dict(vocab_size=101, hidden_size=80, intermediate_size=96, num_hidden_layers=1, num_attention_heads=1,
+            num_key_value_heads=1, max_position_embeddings=4096, partial_rotary_factor=0.25)
 
 
 def float64_rope(theirs, config):
