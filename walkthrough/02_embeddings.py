@@ -7,7 +7,7 @@
 #
 # which is the same as multiplying a one-hot row by the table, $x_0 = \mathrm{onehot}(\mathrm{ids})\,E$,
 # only without the $V$-wide multiplication. There is no position embedding here: positions enter later,
-# inside attention, by rotating queries and keys (chapter 04).
+# inside attention, by rotating queries and keys (chapter 06).
 #
 # At the other end, the causal-LM head maps the last hidden state back onto the vocabulary,
 # $\mathrm{logits} = h\,W_{\mathrm{lm}}^\top$. With `tie_word_embeddings` $W_{\mathrm{lm}} = E$ (the

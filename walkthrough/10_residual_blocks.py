@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 09 · Residual blocks: sequential or parallel
+# # 10 · Residual blocks: sequential or parallel
 #
 # A decoder layer adds the outputs of attention and the MLP to the residual stream $x$. StableLM has both
 # arrangements:
@@ -91,4 +91,4 @@ kind = "parallel" if cfg.use_parallel_residual else "sequential"
 ax.set(title=f"{run.name} ({kind} residual, {L} layers)", xlabel="layer i", ylabel="rms", yscale="log")
 ax.set_xticks(range(L))
 ax.legend(fontsize=8)
-savefig(fig, "09_residual_stream")
+savefig(fig, "10_residual_stream")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 11 · Checkpoints: safetensors, bfloat16, sharding
+# # 14 · Checkpoints: safetensors, bfloat16, sharding
 #
 # A model directory holds `config.json` and the weights as **safetensors**: a format that is only bytes and a
 # JSON table of contents, so loading never runs code (unlike pickled `pytorch_model.bin`, which this project
@@ -150,7 +150,7 @@ for k, s, z in zip(order, starts, sizes):
                      fontsize=6)
 axes[1].set(title=f"model.safetensors of the tiny model ({len(raw):,} bytes)", xlabel="byte offset", yticks=[])
 axes[1].legend(fontsize=8, loc="upper right")
-savefig(fig, "11_checkpoints")
+savefig(fig, "14_checkpoints")
 
 # %%
 import shutil  # noqa: E402

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 10 · The whole model and its heads
+# # 11 · The whole model and its heads
 #
 # `StableLmModel` is embeddings → decoder layers → final LayerNorm (`model.norm`), giving $h \in \mathbb{R}^{B\times T\times d}$.
 # A head turns $h$ into task outputs, and a loss compares them with labels:
@@ -124,4 +124,4 @@ axes[0].legend(fontsize=8)
 axes[1].barh(range(len(top))[::-1], p_last[top], color="tab:orange")
 axes[1].set_yticks(range(len(top))[::-1], names, fontsize=8)
 axes[1].set(title="next-token probabilities after the sample (top 15)", xlabel="p")
-savefig(fig, "10_causal_lm")
+savefig(fig, "11_causal_lm")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 07 · Per-head qk LayerNorm
+# # 08 · Per-head qk LayerNorm
 #
 # stablelm-2-12b (`qk_layernorm: true`) normalises every query head and every key head over its own
 # head_dim, **before** rotary, with one weight vector per head and no bias:
@@ -99,4 +99,4 @@ axes[1].axhline(np.log(np.arange(1, ids.shape[1] + 1)).mean(), color="gray", ls=
 axes[1].set(title="mean entropy of an attention row (nats)", xlabel="scale s of q_proj, k_proj")
 for ax in axes:
     ax.legend(fontsize=8)
-savefig(fig, "07_qk_layernorm")
+savefig(fig, "08_qk_layernorm")

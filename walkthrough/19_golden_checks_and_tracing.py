@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 15 · Golden checks and tracing
+# # 19 · Golden checks and tracing
 #
 # How do we know the NumPy model is StableLM? By comparing it with transformers' implementation, number by
 # number. `tools/make_goldens.py` builds small random checkpoints, one per configuration the family uses
@@ -182,7 +182,7 @@ ax.set_yscale("log")
 ax.set_xticks(x, short, rotation=90, fontsize=7)
 ax.set(ylabel="max |a - b| / max(|a|, |b|)", title="traced tensors of the 3b golden model, in execution order")
 ax.legend(fontsize=8, loc="lower right")
-savefig(fig, "15_trace_errors")
+savefig(fig, "19_trace_errors")
 
 fig, ax = plt.subplots(figsize=(10, 4))
 variants = list(report)
@@ -196,4 +196,4 @@ ax.set_yscale("log")
 ax.set_xticks(np.arange(len(variants)), variants)
 ax.set(ylabel="relative error of the logits", title="this project vs transformers, every golden variant")
 ax.legend(fontsize=7, ncol=3)
-savefig(fig, "15_goldens")
+savefig(fig, "19_goldens")
