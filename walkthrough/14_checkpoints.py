@@ -9,7 +9,8 @@
 #
 # Offsets count from the start of the data; tensors must tile it exactly (no gap, no overlap). The published
 # StableLM weights are **bfloat16**: the top 16 bits of a float32 (1 sign, 8 exponent, 7 mantissa bits), so
-# the same range as float32 with about 3 significant digits. NumPy has no bfloat16; `ml_dtypes` provides it,
+# the same range as float32 with an 8-bit significand (7 stored bits and the implicit leading 1): about
+# $8 \log_{10} 2 \approx 2.4$ significant decimal digits (float32: 24 bits, 7.2 digits). NumPy has no bfloat16; `ml_dtypes` provides it,
 # and the weights are cast once to float32 (or float64) on load. Big models are split into shards listed in
 # `model.safetensors.index.json`.
 
