@@ -235,7 +235,8 @@ def _write_png(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, dpi=90, format="png")
     buf.seek(0)
-    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE,
+                                          dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def savefig(fig, name):
