@@ -181,8 +181,8 @@ def fingerprint(fig):
             entry["style"].append([colour(line.get_color()), str(line.get_linestyle()), str(line.get_marker())])
             entry["data"].append(_numbers(line.get_xydata()))
         for im in ax.images:
-            entry["style"].append([im.get_cmap().name, *[float(f"{v:.4g}") for v in im.get_clim()]])
-            entry["data"].append(_numbers(im.get_array()))
+            entry["style"].append([im.get_cmap().name])
+            entry["data"] += [_numbers(im.get_array()), _numbers(im.get_clim())]   # autoscaled limits: data
         for patch in ax.patches:
             entry["style"].append([colour(patch.get_facecolor())])
             entry["data"].append(_numbers(patch.get_patch_transform().transform(patch.get_path().vertices)))
