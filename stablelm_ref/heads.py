@@ -64,7 +64,9 @@ def causal_lm_loss(logits, labels, vocab_size):
 
 
 class StableLmForCausalLM(StableLmPreTrainedModel):
-    """StableLM with the language-modelling head: next-token logits, loss, and generate()."""
+    """StableLM with the language-modelling head: next-token logits, loss, and generate().
+
+    `run_with_trace(ids)` (every named intermediate) is attached by trace.py, which this file does not import."""
 
     head = "causal_lm"
 
@@ -99,12 +101,6 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                 raise GenerationError("labels need logits for every position: leave logits_to_keep at 0")
             out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
         return out
-
-    def run_with_trace(self, input_ids, **kwargs):
-        """(logits, {name: host array} of every intermediate in execution order); see trace.py."""
-        from .trace import run_with_trace
-
-        return run_with_trace(self, input_ids, **kwargs)
 
     def generate(self, input_ids, **kwargs):
         """Greedy or sampled continuation; see generation.generate for the arguments."""

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, hub
 from .config import StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError
+from .errors import GenerationError, StableLmError
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -93,12 +93,13 @@ class StableLmPreTrainedModel:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):
-        """Load a model directory, or a Hugging Face Hub repo id (downloaded or taken from the cache).
+        """Load a model directory, a Hugging Face Hub repo id (downloaded or taken from the cache), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the small model shipped inside the package.
 
         dtype: "float32" (CPU default), "float64" (golden work), or on the GPU "bfloat16" (default),
         "float16", "float32". Weights stored in any of float32/float16/bfloat16 are cast once on load.
         """
-        directory = _local_or_hub(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
@@ -299,17 +300,6 @@ def _host_numbers(a, name):
     if host is None or host.dtype.kind not in "biuf":
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
     return host
-
-
-def _local_or_hub(path, **hub_kwargs):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise CheckpointError(f"{path}: a file, not a model directory; give the directory that holds config.json")
-    from . import hub  # only when a repo id is given
-
-    return hub.snapshot(path, **hub_kwargs)
 
 
 def _with_prefix(names, expected):

@@ -62,15 +62,12 @@ class Tokenizer:
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, revision=None, cache_dir=None, **hub_kwargs):
-        """Load from a directory, or a Hub repo id (its *.json files, through hub.snapshot)."""
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise TokenizerError(f"{path}: a file, not a directory; give the directory that holds "
-                                     "tokenizer.json")
-            from . import hub
+        """Load from a directory, a Hub repo id (its *.json files, through hub.snapshot), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the model shipped inside the package."""
+        from . import hub
 
-            path = hub.snapshot(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        path = hub.model_directory(path, error=TokenizerError, holds="tokenizer.json", revision=revision,
+                                   cache_dir=cache_dir, **hub_kwargs)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise TokenizerError(f"{path}: no tokenizer.json (the only tokenizer format read here); add the "
