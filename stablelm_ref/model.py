@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, hub
+from ._xp import to_host
 from .config import StableLmConfig
 from .decoder_layer import decoder_layer
 from .errors import GenerationError, StableLmError
@@ -135,7 +136,7 @@ class StableLmPreTrainedModel:
         Both are written under temporary names and renamed together at the end: a failed save leaves
         no partial file and no existing file changed."""
         checkpoint.make_directory(directory)
-        host = {k: _to_host(v) for k, v in self.params.items()}
+        host = {k: to_host(v) for k, v in self.params.items()}
         if dtype is not None:
             target = resolve_dtype(dtype, "gpu")
             host = {k: v.astype(target) for k, v in host.items()}
@@ -155,7 +156,7 @@ class StableLmPreTrainedModel:
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
         try:
-            host = np.asarray(_to_host(input_ids))
+            host = np.asarray(to_host(input_ids))
         except (ValueError, TypeError, OverflowError):
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
                                   "equal length; pad shorter rows and pass an attention_mask)") from None
@@ -286,15 +287,10 @@ def causal_mask(attention_mask, batch, q_len, past, xp):
     return xp.broadcast_to(allowed, (batch, 1, q_len, s))
 
 
-def _to_host(a):
-    """A CuPy array -> NumPy; anything else unchanged."""
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
-
-
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
     try:
-        host = np.asarray(_to_host(a))
+        host = np.asarray(to_host(a))
     except (ValueError, TypeError, OverflowError):
         host = None
     if host is None or host.dtype.kind not in "biuf":

@@ -44,6 +44,7 @@ import numpy as np
 
 from . import checkpoint, hub
 from ._version import __version__
+from ._xp import to_host
 from .errors import CheckpointError, StableLmError, TokenizerError
 from .heads import StableLmForCausalLM
 
@@ -77,10 +78,8 @@ _PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
 # ---- recording ----------------------------------------------------------------------------------
 
 def _host(a):
-    """A host (NumPy) array: CuPy arrays are copied with .get()."""
-    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):
-        a = a.get()
-    return np.asarray(a)
+    """A host (NumPy) array: CuPy arrays are copied off the GPU."""
+    return np.asarray(to_host(a))
 
 
 def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
