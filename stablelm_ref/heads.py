@@ -80,17 +80,20 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
+            every_position = logits_to_keep == 0 or logits_to_keep >= t
         else:
             keep = np.asarray(to_host(logits_to_keep))
             if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
                 raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
                                       f"got {logits_to_keep!r}")
-            h = xp.take(h, xp.asarray(keep.astype(np.int64) % t), axis=1)  # [B, len(keep), hidden]
+            keep = keep.astype(np.int64) % t
+            h = xp.take(h, xp.asarray(keep), axis=1)                        # [B, len(keep), hidden]
+            every_position = np.array_equal(keep, np.arange(t))
         out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
         if trace is not None:
             trace("lm_head", out.logits)
         if labels is not None:
-            if out.logits.shape[1] != h.shape[1] or h.shape[1] != out.last_hidden_state.shape[1]:
+            if not every_position:  # the loss pairs logits[t] with labels[t + 1], for every t in order
                 raise GenerationError("labels need logits for every position: leave logits_to_keep at 0")
             out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
         return out
