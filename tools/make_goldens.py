@@ -163,7 +163,8 @@ def write_legacy_config(folder):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--out", default="tests/goldens")
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     args = ap.parse_args()

@@ -40,7 +40,7 @@ def chapters():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of chapter numbers, e.g. 03,12")
     ap.add_argument("--list", action="store_true", help="list the chapters and exit")
     ap.add_argument("--quiet", action="store_true", help="show a chapter's output only when it fails")
