@@ -1,4 +1,5 @@
-"""Small array-API helpers shared by the concept files (no model logic here)."""
+"""Small helpers shared by the concept files (no model logic here): array-API helpers, weight
+sub-dicts, and the trace callback's default."""
 
 from array_api_compat import array_namespace  # noqa: F401  (re-exported for the concept files)
 
@@ -28,3 +29,22 @@ def linear(x, weight, bias=None):
 def dtype_min(xp, dtype):
     """The most negative finite value of a float dtype (transformers' additive-mask value)."""
     return xp.finfo(dtype).min
+
+
+def subtree(params, prefix):
+    """{name: tensor} of the entries under `prefix`, with the prefix removed (picoGPT-style weights:
+    subtree(params, "model.layers.3.")["self_attn.q_proj.weight"] is model.layers.3.self_attn.q_proj.weight)."""
+    n = len(prefix)
+    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def no_trace(name, array):
+    """The default trace callback: records nothing (see trace.py for one that records)."""
+
+
+def scoped(trace, prefix):
+    """A trace callback that prefixes every name, so a layer can say "q_proj" for
+    model.layers.3.self_attn.q_proj; no_trace stays no_trace (tracing off costs one call per name)."""
+    if trace is no_trace:
+        return no_trace
+    return lambda name, array: trace(prefix + name, array)
