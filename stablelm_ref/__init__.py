@@ -24,4 +24,4 @@ from .heads import (  # noqa: F401
 from .kv_cache import KVCache  # noqa: F401
 from .model import StableLmModel  # noqa: F401
 from . import fast_cpu  # noqa: F401,E402  (registers model.fast() for the CPU; see fast_forms.py)
-from .cuda import flash_prefill  # noqa: F401,E402  (registers the CUDA attention for CuPy arrays; see kernels.py)
+from .cuda import flash_prefill, fused  # noqa: F401,E402  (register the CUDA kernels for CuPy arrays; see kernels.py)
