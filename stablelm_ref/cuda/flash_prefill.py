@@ -216,7 +216,7 @@ def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
     of a KV cache too), key_mask bool [B, S] or None -> (out [B, H, T, D], None): out is a view of a
     [B, T, H, D] array so that merging the heads for o_proj is a free reshape; the kernel forms no
     attention weights (None). Declines (None) what the kernels do not
-    cover: float64 and head dims other than HEAD_DIMS, which then run the reference.
+    cover: float64, head dims other than HEAD_DIMS and mixed dtypes, which then run the reference.
 
     One difference to the kernel's own contract is patched here: a query that sees no key at all (a
     left-padding position) gets, as in the reference (transformers' eager softmax over equal scores),
@@ -226,6 +226,8 @@ def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
     from array_api_compat import array_namespace
 
     if np.dtype(q.dtype).name not in ("bfloat16", "float16", "float32") or q.shape[-1] not in HEAD_DIMS:
+        return None
+    if not (q.dtype == k.dtype == v.dtype):  # the reference promotes (e.g. float32 q over a bfloat16 cache)
         return None
     xp = array_namespace(q)
     B, H, T, D = q.shape
