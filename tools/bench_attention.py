@@ -221,6 +221,10 @@ def main(argv=None):
         print(f"bf16 matmul ceiling (torch, 8192^3): {matmul_ceiling_tflops(args.samples):.0f} TFLOP/s",
               flush=True)
 
+    a = cupy.ones((4, 8), dtype=BF16)
+    probe = {"a + a": a + a, "a * a": a * a, "-a": -a, "a * 2.0": a * 2.0, "1.0 + a": 1.0 + a,
+             "exp(a)": cupy.exp(a), "concat": cupy.concatenate([a, a], axis=-1), "a @ a.T": a @ a.T}
+    print("CuPy bfloat16 result dtypes: " + ", ".join(f"{k} -> {v.dtype}" for k, v in probe.items()), flush=True)
     prefill_rows = [] if args.skip_prefill else prefill_bench(args)
     torch.cuda.empty_cache()
     cupy.get_default_memory_pool().free_all_blocks()
