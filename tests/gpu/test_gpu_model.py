@@ -153,8 +153,10 @@ def test_gpu_bfloat16_no_worse_than_transformers(tmp_path, head_dim):
     theirs = transformers.StableLmForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         theirs_err = rel(theirs(torch.tensor(ids).cuda()).logits.float().cpu().numpy(), ref)
-    print(f"head_dim {head_dim}, bfloat16 vs float64: stablelm-ref {ours_err:.3e}, transformers {theirs_err:.3e}")
+    print(f"head_dim {head_dim}, bfloat16 vs float64: stablelm-ref {ours_err:.3e}, transformers {theirs_err:.3e}; "
+          f"logits dtype {logits.dtype}")
     assert ours_err <= 1.25 * theirs_err
+    assert logits.dtype == ours.dtype                         # the stream stayed bfloat16 (as transformers')
 
 
 def greedy_agrees_with_reference(ids_prompt, generated, cpu, gpu):
