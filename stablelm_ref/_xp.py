@@ -1,7 +1,22 @@
 """Small helpers shared by the concept files (no model logic here): array-API helpers, weight
 sub-dicts, and the trace callback's default."""
 
-from array_api_compat import array_namespace  # noqa: F401  (re-exported for the concept files)
+from array_api_compat import array_namespace as _compat_array_namespace
+
+_NAMESPACE_OF_TYPE: dict = {}
+
+
+def array_namespace(*arrays):
+    """array_api_compat.array_namespace, remembered per array type for the one-array case: the concept
+    files ask it on every call, and it inspects its argument each time (several microseconds, hundreds
+    of times per forward)."""
+    if len(arrays) != 1:
+        return _compat_array_namespace(*arrays)
+    kind = type(arrays[0])
+    xp = _NAMESPACE_OF_TYPE.get(kind)
+    if xp is None:
+        xp = _NAMESPACE_OF_TYPE[kind] = _compat_array_namespace(arrays[0])
+    return xp
 
 
 def wide_dtype(xp, dtype):

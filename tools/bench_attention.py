@@ -186,6 +186,16 @@ def prefill_bench(args):
             torch.cuda.synchronize()
         print(f"\nGPU kernels of one of our forwards at L={L} (torch profiler; CuPy's kernels included):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        import cProfile
+        import pstats
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(5):
+            ours(ids, logits_to_keep=1, use_cache=True)
+        torch.cuda.synchronize()
+        py.disable()
+        print(f"Python time of 5 of our forwards at L={L} (cProfile, by own time):")
+        pstats.Stats(py).sort_stats("tottime").print_stats(14)
     return rows
 
 

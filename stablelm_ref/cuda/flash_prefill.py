@@ -34,6 +34,7 @@ import pathlib
 import numpy as np
 
 from .. import kernels
+from .._xp import array_namespace
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_prefill.cu")
 HEAD_DIMS = (64, 80, 128, 160)
@@ -223,8 +224,6 @@ def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
     the mean of all S values instead of zeros. `kernel` is replaceable so that the tests can run this
     glue on the CPU with NumPy and a float64 stand-in for the kernel.
     """
-    from array_api_compat import array_namespace
-
     if np.dtype(q.dtype).name not in ("bfloat16", "float16", "float32") or q.shape[-1] not in HEAD_DIMS:
         return None
     if not (q.dtype == k.dtype == v.dtype):  # the reference promotes (e.g. float32 q over a bfloat16 cache)

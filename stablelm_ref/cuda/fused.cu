@@ -84,35 +84,53 @@ __global__ void layer_norm_kernel(const typename Elem<XK>::T* __restrict__ x,
 
 // x: [B, H, T, hd] through element strides (sb, sh, st; the hd elements of a row contiguous);
 // cos, sin: [B or 1, T, d] contiguous (cos_sb = 0 broadcasts one row over the batch); y: [B, H, T, hd]
-// contiguous. One thread per output element.
+// contiguous. grid = (ceil(T * hd / blockDim.x), B * H): one thread per output element of one head,
+// 32-bit index arithmetic (T * hd < 2^31; the Python side checks).
 template <int XK, int CK>
 __global__ void rotary_kernel(const typename Elem<XK>::T* __restrict__ x, const typename Elem<CK>::T* __restrict__ cos,
                               const typename Elem<CK>::T* __restrict__ sin, typename Elem<XK>::T* __restrict__ y,
-                              int H, int T, int hd, int d, i64 sb, i64 sh, i64 st, i64 cos_sb, i64 total) {
-    const int half = d / 2;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        const int j = (int)(i % hd);
-        const i64 r = i / hd;                       // (b, h, t) row
-        const int t = (int)(r % T);
-        const int h = (int)((r / T) % H);
-        const i64 b = r / ((i64)T * H);
-        const i64 src = b * sb + h * sh + t * st;
-        float v = Elem<XK>::load(x, src + j);
-        if (j < d) {
-            const i64 c = b * cos_sb + (i64)t * d + j;
-            const float turned = j < half ? -Elem<XK>::load(x, src + j + half) : Elem<XK>::load(x, src + j - half);
-            v = v * Elem<CK>::load(cos, c) + turned * Elem<CK>::load(sin, c);
-        }
-        Elem<XK>::store(y, i, v);
+                              int H, int T, int hd, int d, i64 sb, i64 sh, i64 st, i64 cos_sb) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;  // element of this head: t * hd + j
+    if (i >= T * hd) return;
+    const int b = blockIdx.y / H, h = blockIdx.y - b * H;
+    const int t = i / hd, j = i - t * hd;
+    const i64 src = b * sb + h * sh + t * st;
+    float v = Elem<XK>::load(x, src + j);
+    if (j < d) {
+        const int half = d >> 1;
+        const i64 c = b * cos_sb + (i64)t * d + j;
+        const float turned = j < half ? -Elem<XK>::load(x, src + j + half) : Elem<XK>::load(x, src + j - half);
+        v = v * Elem<CK>::load(cos, c) + turned * Elem<CK>::load(sin, c);
     }
+    Elem<XK>::store(y, (i64)blockIdx.y * T * hd + i, v);
 }
 
 // gate, up, y: n contiguous elements. silu(g) = g * sigmoid(g) = g / (1 + e^-g) (e^-g = inf gives -0).
+// Each thread takes 16-byte chunks (8 bfloat16/float16 or 4 float32 values) of the first nvec * V
+// elements (nvec = 0 when the arrays are not 16-byte aligned), then the rest one by one.
+struct alignas(16) Chunk {
+    u32 w[4];
+};
+
 template <int XK>
 __global__ void silu_gate_kernel(const typename Elem<XK>::T* __restrict__ gate, const typename Elem<XK>::T* __restrict__ up,
-                                 typename Elem<XK>::T* __restrict__ y, i64 n) {
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const float g = Elem<XK>::load(gate, i);
-        Elem<XK>::store(y, i, g / (1.f + expf(-g)) * Elem<XK>::load(up, i));
+                                 typename Elem<XK>::T* __restrict__ y, i64 n, i64 nvec) {
+    typedef typename Elem<XK>::T T;
+    constexpr int V = 16 / sizeof(T);
+    const i64 stride = (i64)gridDim.x * blockDim.x, first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (i64 c = first; c < nvec; c += stride) {
+        const Chunk g = reinterpret_cast<const Chunk*>(gate)[c], u = reinterpret_cast<const Chunk*>(up)[c];
+        Chunk o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float gv = Elem<XK>::load(reinterpret_cast<const T*>(&g), k);
+            Elem<XK>::store(reinterpret_cast<T*>(&o), k,
+                            gv / (1.f + expf(-gv)) * Elem<XK>::load(reinterpret_cast<const T*>(&u), k));
+        }
+        reinterpret_cast<Chunk*>(y)[c] = o;
+    }
+    for (i64 i = nvec * V + first; i < n; i += stride) {
+        const float gv = Elem<XK>::load(gate, i);
+        Elem<XK>::store(y, i, gv / (1.f + expf(-gv)) * Elem<XK>::load(up, i));
     }
 }

@@ -78,16 +78,17 @@ def apply_rotary(x, cos, sin, rotary_ndims):
     d = rotary_ndims
     if d % 2 or d > hd or cos.shape != sin.shape or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
         return None
+    if b * h > 65535 or t * hd >= 2**31:                              # the launch's grid.y and 32-bit indices
+        return None
     if x.strides[3] != x.itemsize:
         x = cupy.ascontiguousarray(x)
     cos, sin = cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
     y = cupy.empty((b, h, t, hd), dtype=x.dtype)
     sb, sh, st = (s // x.itemsize for s in x.strides[:3])
     cos_sb = 0 if cos.shape[0] == 1 else t * d
-    _kernel(f"rotary_kernel<{xt}, {ct}>")(_grid(y.size), (_THREADS,),
+    _kernel(f"rotary_kernel<{xt}, {ct}>")(((t * hd + _THREADS - 1) // _THREADS, b * h), (_THREADS,),
                                           (x, cos, sin, y, np.int32(h), np.int32(t), np.int32(hd), np.int32(d),
-                                           np.int64(sb), np.int64(sh), np.int64(st), np.int64(cos_sb),
-                                           np.int64(y.size)))
+                                           np.int64(sb), np.int64(sh), np.int64(st), np.int64(cos_sb)))
     return y
 
 
@@ -100,7 +101,11 @@ def gated_activation(gate, up, hidden_act):
         return None
     gate, up = cupy.ascontiguousarray(gate), cupy.ascontiguousarray(up)
     y = cupy.empty_like(gate)
-    _kernel(f"silu_gate_kernel<{xt}>")(_grid(y.size), (_THREADS,), (gate, up, y, np.int64(y.size)))
+    per_chunk = 16 // gate.itemsize
+    aligned = gate.data.ptr % 16 == 0 and up.data.ptr % 16 == 0 and y.data.ptr % 16 == 0
+    nvec = y.size // per_chunk if aligned else 0
+    _kernel(f"silu_gate_kernel<{xt}>")(_grid(max(nvec, 1) if aligned else y.size), (_THREADS,),
+                                       (gate, up, y, np.int64(y.size), np.int64(nvec)))
     return y
 
 
