@@ -49,6 +49,8 @@ import warnings
 
 import numpy as np
 
+from ._xp import softmax as array_softmax
+from ._xp import to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
 
@@ -109,15 +111,12 @@ def apply_top_p(scores, p):
 
 
 def softmax(scores):
-    """Softmax over the last axis; a row holding +inf (scores that overflowed) puts all its mass on the
-    +inf entries, the limit of the finite case."""
+    """Softmax over the last axis (_xp.softmax); a row holding +inf (scores that overflowed: a tiny
+    temperature or repetition penalty) puts all its mass on the +inf entries, the limit of the finite case."""
     top = np.max(scores, axis=-1, keepdims=True)
     if np.isposinf(top).any():
         scores = np.where(np.isposinf(top), np.where(np.isposinf(scores), 0.0, -np.inf), scores)
-        top = np.max(scores, axis=-1, keepdims=True)
-    z = scores - top
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    return array_softmax(scores)
 
 
 def sample(probs, rng):
@@ -234,7 +233,7 @@ class _Found(Exception):
 
 def _first_non_finite(reference, sequences, mask):
     def check(name, array):
-        if not np.isfinite(np.asarray(_to_host(array))).all():
+        if not np.isfinite(np.asarray(to_host(array))).all():
             raise _Found(name)
 
     positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)
@@ -344,7 +343,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
             return (ids != pad_token_id).astype(np.int64)
         return np.ones_like(ids)
     try:
-        mask = np.asarray(_to_host(attention_mask))
+        mask = np.asarray(to_host(attention_mask))
     except (TypeError, ValueError):
         raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
     if mask.shape != ids.shape:
@@ -371,7 +370,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
                               "StableLmForCausalLM")
     config = model.config
-    ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
+    ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
@@ -415,7 +414,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     length = prompt_len
     prefill_s, t_decode = None, None
     while True:
-        scores = np.asarray(_to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
+        scores = np.asarray(to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
         check_finite_scores(model, scores, sequences[:, :length], full_mask[:, :length], length - prompt_len)
         if prefill_s is None:
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
@@ -446,6 +445,3 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     result = sequences[:, :length]
     return model.xp.asarray(result) if model.xp is not np else result
 
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a

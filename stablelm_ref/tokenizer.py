@@ -34,6 +34,7 @@ from datetime import datetime
 import numpy as np
 
 from . import bounded_io
+from ._xp import to_host
 from .errors import TokenizerError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -70,17 +71,12 @@ class Tokenizer:
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, revision=None, cache_dir=None, **hub_kwargs):
-        """Load from a directory, or a Hub repo id (its *.json files, through hub.snapshot)."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TokenizerError(f"give a model directory or a Hub repo id, got {path!r}")
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise TokenizerError(f"{path}: a file, not a directory; give the directory that holds "
-                                     "tokenizer.json")
-            from . import hub
+        """Load from a directory, a Hub repo id (its *.json files, through hub.snapshot), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the model shipped inside the package."""
+        from . import hub
 
-            path = hub.snapshot(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        path = hub.model_directory(path, error=TokenizerError, holds="tokenizer.json", revision=revision,
+                                   cache_dir=cache_dir, **hub_kwargs)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.lexists(tok_file):
             raise TokenizerError(f"{path}: no tokenizer.json (the only tokenizer format read here); add the "
@@ -432,17 +428,13 @@ def check_text(text, what="text"):
 def _id_array(ids, what):
     """Token ids (list, NumPy or CuPy array) -> a NumPy integer array, or TokenizerError."""
     try:
-        arr = np.asarray(_to_host(ids))
+        arr = np.asarray(to_host(ids))
     except (ValueError, TypeError, OverflowError):
         arr = None
     if arr is None or (arr.dtype.kind not in "iu" and arr.size) or arr.dtype.kind == "b":
         raise TokenizerError(f"{what} takes integer token ids (a list or an integer array), got "
                              f"{type(ids).__name__}" + (f" of {arr.dtype}" if arr is not None else ""))
     return arr.astype(np.int64) if arr.size == 0 else arr
-
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
 
 
 __all__ = ["Tokenizer", "render_chat_template"]
