@@ -219,10 +219,9 @@ def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
     attention weights (None). Declines (None) what the kernels do not
     cover: float64, head dims other than HEAD_DIMS and mixed dtypes, which then run the reference.
 
-    One difference to the kernel's own contract is patched here: a query that sees no key at all (a
-    left-padding position) gets, as in the reference (transformers' eager softmax over equal scores),
-    the mean of all S values instead of zeros. `kernel` is replaceable so that the tests can run this
-    glue on the CPU with NumPy and a float64 stand-in for the kernel.
+    A query that sees no key at all (a left-padding position) gets zeros from the kernel, as in the
+    reference (transformers' sdpa). `kernel` is replaceable so that the tests can run this glue on the
+    CPU with NumPy and a float64 stand-in for the kernel.
     """
     if np.dtype(q.dtype).name not in ("bfloat16", "float16", "float32") or q.shape[-1] not in HEAD_DIMS:
         return None
@@ -230,17 +229,9 @@ def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
         return None
     xp = array_namespace(q)
     B, H, T, D = q.shape
-    KVH, S = k.shape[1], k.shape[2]
     out = xp.empty((B, T, H, D), dtype=q.dtype)                       # [B, T, H, D]
     view = xp.permute_dims(out, (0, 2, 1, 3))                          # [B, H, T, D] view of out
-    kernel(q, k, v, key_mask, causal=True, out=view)
-    if key_mask is not None:
-        sees = xp.astype(key_mask, xp.int8)                            # [B, S]
-        first = xp.where(xp.any(key_mask, axis=1), xp.argmax(sees, axis=1), S)   # first real key, [B]
-        blind = xp.arange(T)[None, :] < xp.clip(first - (S - T), 0, T)[:, None]  # sees no key, [B, T]
-        mean_v = xp.mean(xp.astype(v, xp.float32), axis=2)              # [B, KVH, D]
-        mean_v = xp.reshape(xp.broadcast_to(mean_v[:, :, None, :], (B, KVH, H // KVH, D)), (B, H, D))
-        view[...] = xp.where(blind[:, None, :, None], xp.astype(mean_v, q.dtype)[:, :, None, :], view)
+    kernel(q, k, v, key_mask, causal=True, out=view)           # rows that see no key: zeros, as the reference
     return view, None
 
 

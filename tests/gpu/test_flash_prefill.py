@@ -193,7 +193,7 @@ def test_strided_views_in_and_out(dtype):
 def test_the_seam_on_cupy_equals_the_reference_equation(dtype):
     # attention.causal_attention on CuPy arrays runs the kernel (through attention_for_model) and must
     # equal the array-API reference run on the same rounded inputs in float64, rows that see no key
-    # included (both give them the mean of the values). Tolerance as for the kernel alone.
+    # included (both give them zeros, as transformers' sdpa). Tolerance as for the kernel alone.
     from stablelm_ref import kernels
     from stablelm_ref.attention import causal_attention
 
