@@ -23,4 +23,4 @@ from .heads import (  # noqa: F401
 )
 from .kv_cache import KVCache  # noqa: F401
 from .model import StableLmModel  # noqa: F401
-from . import fast_cpu  # noqa: F401,E402  (registers model.fast() for the CPU; see fast_forms.py)
+from . import fast_cpu, fast_gpu  # noqa: F401,E402  (register model.fast() per device; see fast_forms.py)

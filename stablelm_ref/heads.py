@@ -113,9 +113,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
     def fast(self):
-        """The same forward restructured for CPU speed (fast_cpu.FastCpuModel: fused weights, preallocated
-        buffers), called exactly like this model. Its fused matrices hold the weights; self.params become
-        views of them (same values, not stored twice). NumPy float32/float64 only."""
+        """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
+        weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
+        model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
+        weights; self.params become views of them (same values, not stored twice)."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:

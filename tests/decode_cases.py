@@ -72,6 +72,14 @@ def left_padded_batch(rng, vocab, lengths):
     return ids, mask
 
 
+def engine_greedy(engine, ids, mask, new_tokens, use_graph=True):
+    """The engine alone: its prefill, then new_tokens - 1 steps; the chosen ids [B, new_tokens]."""
+    engine.prefill(ids, mask, logits=None)
+    for _ in range(new_tokens - 1):
+        engine.decode_step(use_graph=use_graph)
+    return engine.generated()
+
+
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 

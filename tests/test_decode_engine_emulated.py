@@ -19,7 +19,8 @@ from stablelm_ref.cuda import decode_engine as de
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_cases import CONFIGS, left_padded_batch, make_model, run_engine_against_transformers  # noqa: E402
+from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402
+                          run_engine_against_transformers)
 
 
 # ----------------------------------------------------------------------------- NumPy stand-in for CuPy
@@ -203,7 +204,7 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     for autotune in (False, True):
         engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=autotune,
                                     pdl=False)
-        runs.append(engine.generate(ids, mask, max_new_tokens=5))
+        runs.append(engine_greedy(engine, ids, mask, 5))
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
         assert shape.persist == de.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
@@ -212,24 +213,13 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert np.array_equal(runs[0], runs[1])
 
 
-def test_emulated_generate_and_eos(emulated):
+def test_emulated_prefill_and_steps(emulated):
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(2), cfg.vocab_size, [5, 9])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=False)
-    out = engine.generate(ids, mask, max_new_tokens=7)
+    out = engine_greedy(engine, ids, mask, 7)
     assert out.shape == (2, 7)
-    engine.prefill(ids, mask, logits=None)
-    for _ in range(6):
-        engine.decode_step()
-    assert np.array_equal(out, engine.generated())
-    eos = int(out[0, 2])
-    cut = engine.generate(ids, mask, max_new_tokens=7, eos_token_id=eos, pad_token_id=1)
-    first = np.argmax(out == eos, axis=1)
-    for b in range(2):
-        if (out[b] == eos).any():
-            assert (cut[b, first[b] + 1:] == 1).all() and np.array_equal(cut[b, : first[b] + 1], out[b, : first[b] + 1])
-        else:
-            assert np.array_equal(cut[b], out[b])
+    assert np.array_equal(out, engine_greedy(engine, ids, mask, 7))        # a second prompt starts afresh
 
 
 def test_emulated_errors(emulated):
@@ -240,7 +230,9 @@ def test_emulated_errors(emulated):
     with pytest.raises(de.GenerationError, match="max_batch"):
         engine.prefill(np.ones((2, 3), np.int64))
     with pytest.raises(de.GenerationError, match="max_len"):
-        engine.generate(np.ones((1, 5), np.int64), max_new_tokens=5)
+        engine.prefill(np.ones((1, 8), np.int64))
+    with pytest.raises(de.GenerationError, match="1 to 8 rows"):
+        engine.reserve(9, 8)
     scaled = types.SimpleNamespace(**{**vars(cfg), "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(NotImplementedError, match="default rotary"):
         de.GpuDecodeEngine(scaled, params, kernels=emulated, autotune=False)
@@ -257,3 +249,133 @@ def test_reference_bf16_rounding_matches_ml_dtypes(emulated):
     ref = de.ref_f64_to_bf16(x)
     assert np.array_equal(ours[3:], ref[3:]) and np.isnan(de.ref_bf16_to_f64(ours[:1])).all()
     assert np.array_equal(ours[1:3], ref[1:3])
+
+
+# ----------------------------------------------------------------------------- generate() through the engine
+# generation.py's one loop with fast_gpu.EngineSteps as its step backend: the prefill is the model's own
+# forward (bfloat16, NumPy through ml_dtypes here) writing into views of the engine's cache, every later
+# token one (emulated) graph replay. The reference is the same weights in float32 through the concept
+# modules, teacher-forced on the generated tokens: the engine's bf16 activations and cache keep the logits
+# within ~1e-2 of it (decode_cases.py), so every greedy pick whose float32 top-2 margin exceeds 0.25 (ten
+# times that error at these logit scales, |z| ~ 1-3) must be the reference's argmax.
+from stablelm_ref import StableLmConfig, StableLmForCausalLM  # noqa: E402
+from stablelm_ref import fast_gpu  # noqa: E402
+from stablelm_ref.generation import generate  # noqa: E402
+
+MARGIN = 0.25
+
+
+class _EmulatedFast(fast_gpu.GpuFastModel):
+    """GpuFastModel over a CPU bfloat16 model and the emulated engine (no device check)."""
+
+    def __init__(self, model, kernels, max_len=16):
+        self.model, self.config, self.autotune, self.unsupported = model, model.config, False, None
+        self.engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=max_len, kernels=kernels,
+                                         autotune=False)
+        self._share_weights()
+
+
+def _models(kernels, **overrides):
+    import ml_dtypes
+
+    c = dict(vocab_size=384, hidden_size=320, intermediate_size=864, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, pad_token_id=1)
+    c.update(overrides)
+    ref = StableLmForCausalLM.from_config(StableLmConfig(**c), seed=7, std=0.08)
+    bf = np.dtype(ml_dtypes.bfloat16)
+    ref.params = {k: v.astype(bf).astype(np.float32) for k, v in ref.params.items()}   # bf16 values exactly
+    model = StableLmForCausalLM(ref.config, {k: v.astype(bf) for k, v in ref.params.items()})
+    return ref, _EmulatedFast(model, kernels)
+
+
+def _check_greedy(ref, out, prompt_len, mask):
+    full_mask = np.concatenate([mask, np.ones((out.shape[0], out.shape[1] - prompt_len), np.int64)], axis=1)
+    pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    z = ref(out, attention_mask=full_mask, position_ids=pos).logits[:, prompt_len - 1:-1]   # [B, new, V]
+    top2 = np.sort(z, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > MARGIN
+    agree = np.argmax(z, axis=-1) == out[:, prompt_len:]
+    assert agree[decided].all() and decided.mean() > 0.5, (agree, decided)
+
+
+def test_generate_through_engine_steps_greedy_left_padded(emulated):
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3, 5])
+    steps_seen = []
+    real_step = fast_gpu.EngineSteps.step
+
+    def spy(self, *a, **k):
+        steps_seen.append(k["greedy"])
+        return real_step(self, *a, **k)
+
+    fast_gpu.EngineSteps.step = spy
+    try:
+        out = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+    finally:
+        fast_gpu.EngineSteps.step = real_step
+    assert out.shape == (3, 7 + 6) and np.array_equal(out[:, :7], ids)
+    assert steps_seen == [True] * 5                        # every token after the first: one engine replay
+    assert fast.engine.max_batch == 3 and fast.engine.max_len >= 13      # reserve() grew the cache
+    _check_greedy(ref, out, 7, mask)
+    # the engine's cache holds what the model's prefill wrote: its row equals the model's own cache
+    assert np.array_equal(fast.engine.generated(), out[:, 7:])
+
+
+def test_generate_through_engine_steps_eos_pad_streamer(emulated):
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(5), 384, [6, 4])
+    free = generate(fast, ids, attention_mask=mask, max_new_tokens=8, engine="fast")
+    eos = int(free[0, 6 + 2])                               # row 0's third new token
+
+    class Streamer:
+        def __init__(self):
+            self.parts = []
+
+        def put(self, v):
+            self.parts.append(np.asarray(v).copy())
+
+        def end(self):
+            self.parts.append(None)
+
+    st = Streamer()
+    cut = generate(fast, ids[:1], attention_mask=mask[:1], max_new_tokens=8, eos_token_id=eos, engine="fast",
+                   streamer=st)
+    stop = 6 + int(np.argmax(free[0, 6:] == eos)) + 1
+    assert np.array_equal(cut[0], free[0, :stop])           # stops at the first eos
+    assert np.array_equal(np.concatenate([p.reshape(-1) for p in st.parts[1:-1]]), free[0, 6:stop])
+    both = generate(fast, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=3,
+                    engine="fast")
+    for b in range(2):
+        hit = np.nonzero(free[b, 6:] == eos)[0]
+        end = 6 + (hit[0] + 1 if hit.size else 8)
+        assert np.array_equal(both[b, :end], free[b, :end])
+        assert (both[b, end:] == 3).all()                 # a finished row emits pad (and is fed pad)
+
+
+def test_generate_through_engine_steps_sampling(emulated):
+    """Seeded sampling is reproducible; top_k=1 is greedy (the processors run on the engine's logits);
+    a repetition penalty changes the greedy path through the processed (not the in-graph) argmax."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(6), 384, [5, 5])
+    kw = dict(attention_mask=mask, max_new_tokens=6, engine="fast")
+    a = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
+    b = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
+    assert np.array_equal(a, b)
+    greedy = generate(fast, ids, **kw)
+    assert np.array_equal(generate(fast, ids, do_sample=True, top_k=1, seed=3, **kw), greedy)
+    pen = generate(fast, ids, repetition_penalty=1e6, **kw)
+    for row in pen:                                        # a huge penalty: no new token repeats a present one
+        new = row[5:].tolist()
+        assert len(set(new)) == len(new) and not set(new) & set(row[:5].tolist())
+
+
+def test_step_backend_choice(emulated):
+    from stablelm_ref.generation import ModelSteps, step_backend
+
+    ref, fast = _models(emulated)
+    assert isinstance(step_backend(fast, 2, 10, "fast"), fast_gpu.EngineSteps)
+    assert isinstance(step_backend(fast, 9, 10, "fast"), ModelSteps)          # batch > 8: the forward
+    assert isinstance(step_backend(fast, 2, 10, "reference"), ModelSteps)
+    assert isinstance(step_backend(ref, 2, 10, "auto"), ModelSteps) and step_backend(ref, 2, 10).model is ref
+    with pytest.raises(de.GenerationError, match="engine must be one of"):
+        step_backend(ref, 1, 4, "graph")

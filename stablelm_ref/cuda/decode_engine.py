@@ -514,7 +514,7 @@ class GpuDecodeEngine:
         cp = self.cp = _cupy()
         if str(dtype).replace("torch.", "") not in ("bfloat16", "bf16"):
             raise NotImplementedError(f"GpuDecodeEngine computes with bfloat16 weights only, not {dtype!r}")
-        self._check_config(config)
+        self.check_config(config)
         c = self.config = config
         if not 1 <= max_batch <= MAX_BATCH:
             raise ConfigError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
@@ -547,7 +547,7 @@ class GpuDecodeEngine:
 
     # -- configuration ------------------------------------------------------------------------
     @staticmethod
-    def _check_config(c):
+    def check_config(c):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "rotary_ndims", "rope_theta", "layer_norm_eps",
                     "use_qkv_bias", "qk_layernorm", "use_parallel_residual", "tie_word_embeddings",
@@ -966,22 +966,56 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         return self.cp.asnumpy(self.history[: self._host_step, : self._nb]).T.astype(np.int64)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
-                 pad_token_id: int = 0, use_graph: bool = True) -> np.ndarray:
-        """Greedy decoding of a (left-padded) batch; returns the new ids [B, max_new_tokens].
-        Every row runs max_new_tokens steps; with eos_token_id, ids after a row's first eos become
-        pad_token_id (as transformers pads finished rows)."""
-        if max_new_tokens < 1:
-            raise GenerationError("max_new_tokens must be >= 1")
-        T = np.shape(input_ids)[-1]
-        if T + max_new_tokens - 1 > self.max_len:
-            raise GenerationError(f"prompt {T} + {max_new_tokens} new tokens exceed max_len={self.max_len}")
-        self.prefill(input_ids, attention_mask, logits=None)
-        for _ in range(max_new_tokens - 1):
-            self.decode_step(use_graph=use_graph)
-        out = self.generated()
-        if eos_token_id is not None:
-            eos = np.isin(out, np.atleast_1d(eos_token_id))
-            after = np.cumsum(eos, axis=1) - eos > 0
-            out[after] = pad_token_id
-        return out
+    # -- the model's own forward as the prefill (generation.py's loop; see stablelm_ref/fast_gpu.py) ------
+    def reserve(self, batch: int, max_len: int):
+        """Make room for `batch` rows of `max_len` positions: the device buffers are allocated again (and the
+        captured graphs dropped) only when the current ones are too small; the GEMV tuning is kept."""
+        if not 1 <= batch <= MAX_BATCH:
+            raise GenerationError(f"the decode engine runs batches of 1 to {MAX_BATCH} rows, not {batch}")
+        if batch <= self.max_batch and max_len <= self.max_len:
+            return
+        self.max_batch, self.max_len = max(batch, self.max_batch), max(max_len, self.max_len)
+        self.kc = self.vc = None                                     # free the old cache first
+        with self.stream:
+            self._allocate()
+        self.stream.synchronize()
+        self._plans.clear()
+        self._graphs.clear()
+        self._nb = None
+
+    def kv_cache(self, batch: int, dtype):
+        """A kv_cache.KVCache whose per-layer buffers [batch, KVH, max_len, D] are views of this engine's
+        cache (as `dtype`, the model's bfloat16): the model's forward writes the prompt's keys and values
+        where decode_step reads them."""
+        from ..kv_cache import KVCache
+
+        keys = [self.kc[i, :batch].view(dtype) for i in range(len(self.layers))]
+        values = [self.vc[i, :batch].view(dtype) for i in range(len(self.layers))]
+        return KVCache.from_buffers(keys, values, self.cp)
+
+    def start(self, attention_mask):
+        """Device state for decode_step after a prompt of T positions was written into the cache (by the
+        model's forward through kv_cache()): the key mask, each row's next position, the cache length."""
+        cp = self.cp
+        mask = np.asarray(attention_mask).astype(np.int32)
+        B, T = mask.shape
+        if B > self.max_batch or T >= self.max_len:
+            raise GenerationError(f"a prompt of {B} x {T} does not fit the engine ({self.max_batch} x {self.max_len})")
+        with self.stream:
+            self.kmask[:B, :T] = cp.asarray(mask.astype(np.uint8))
+            self.kmask[:B, T:] = 1
+            self.pos[:B] = cp.asarray(mask.sum(axis=1).astype(np.int32))
+            self.cache_len[0] = T
+            self.step[0] = 1                                  # the first token (set_tokens) is history[0]
+            self.att_counters[...] = 0
+            self.am_counter[...] = 0
+        self._nb, self._host_len, self._host_step = B, T, 1
+
+    def set_tokens(self, ids):
+        """Replace the latest chosen tokens (the step's argmax, or the slot start() left) by ids [B] (device
+        or host): what the next decode_step feeds, and what generated() reports."""
+        cp, B = self.cp, self._nb
+        with self.stream:
+            t = cp.asarray(ids).astype(cp.int32)
+            self.tok[:B] = t
+            self.history[self._host_step - 1, :B] = t
