@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stablelm_ref.cuda import decode_engine as de
+from stablelm_ref.cuda import bf16, decode_engine as de, kernels as kn, specs, tune, xp as cuda_xp
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -108,17 +108,17 @@ def _null(p):
 def _gemv(grid, block, args, rows):
     x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
-    xs = de.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
-    Wf = de.ref_bf16_to_f64(W)
-    if mode == de.MODE_SWIGLU:
+    xs = specs.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
+    Wf = specs.ref_bf16_to_f64(W)
+    if mode == kn.MODE_SWIGLU:
         out = yh.reshape(-1)
-        y = de.ref_gemv(xs, Wf, mode)
+        y = specs.ref_gemv(xs, Wf, mode)
         for b in range(nb):
-            out[b * ldy: b * ldy + N // 2] = de.ref_f64_to_bf16(y[b])
+            out[b * ldy: b * ldy + N // 2] = specs.ref_f64_to_bf16(y[b])
         return
     out = yf.reshape(-1)
     y0 = np.stack([out[b * ldy: b * ldy + N] for b in range(nb)]).astype(np.float64)
-    y = de.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
+    y = specs.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
     for b in range(nb):
         out[b * ldy: b * ldy + N] = y[b]
 
@@ -130,26 +130,26 @@ def _attention(grid, block, args, D):
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
     L = int(lenp[0])
     qk = bool(qk_ln)
-    o, k_new, v_new = de.ref_decode_attention(
-        qkv[:nb], de.ref_bf16_to_f64(kc[:nb]), de.ref_bf16_to_f64(vc[:nb]), L, posp[:nb], kmask[:nb],
+    o, k_new, v_new = specs.ref_decode_attention(
+        qkv[:nb], specs.ref_bf16_to_f64(kc[:nb]), specs.ref_bf16_to_f64(vc[:nb]), L, posp[:nb], kmask[:nb],
         inv_freq, int(rot), int(H), int(KVH), D, qn=qn_w if qk else None, kn=kn_w if qk else None,
         eps=float(eps), scale=float(scale))
-    out[:nb] = de.ref_f64_to_bf16(o)
-    kc[:nb, :, L] = de.ref_f64_to_bf16(k_new)
-    vc[:nb, :, L] = de.ref_f64_to_bf16(v_new)
+    out[:nb] = specs.ref_f64_to_bf16(o)
+    kc[:nb, :, L] = specs.ref_f64_to_bf16(k_new)
+    vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
 
 
 def _layernorm(grid, block, args):
     x, ldx, w, b, y, ldy, K, eps = args
     for r in range(grid[0]):
-        y.reshape(-1)[r * ldy: r * ldy + K] = de.ref_f64_to_bf16(
-            de.ref_layernorm(x.reshape(-1)[r * ldx: r * ldx + K], w, b, float(eps)))
+        y.reshape(-1)[r * ldy: r * ldy + K] = specs.ref_f64_to_bf16(
+            specs.ref_layernorm(x.reshape(-1)[r * ldx: r * ldx + K], w, b, float(eps)))
 
 
 def _embed(grid, block, args):
     tok, E, hidden, x = args
     for b in range(grid[0]):
-        x[b] = de.ref_bf16_to_f64(E[tok[b]])
+        x[b] = specs.ref_bf16_to_f64(E[tok[b]])
 
 
 def _argmax(grid, block, args):
@@ -164,11 +164,11 @@ def _argmax(grid, block, args):
     cache_len[0] += 1
 
 
-class EmulatedKernels(de.DecodeKernels):
+class EmulatedKernels(kn.DecodeKernels):
     def __init__(self):
-        self.cp = de._cupy()
-        self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in de.GEMV_BATCHES for r in de.GEMV_ROWS}
-        self.attn_fn = {d: _Kernel(_attention, D=d) for d in de.ATT_DIMS}
+        self.cp = cuda_xp.cupy()
+        self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
+        self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
@@ -176,7 +176,7 @@ class EmulatedKernels(de.DecodeKernels):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    monkeypatch.setattr(de, "_BACKEND", _fake_cupy())
+    monkeypatch.setattr(cuda_xp, "BACKEND", _fake_cupy())
     return EmulatedKernels()
 
 
@@ -207,8 +207,8 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
         runs.append(engine_greedy(engine, ids, mask, 5))
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
-        assert shape.persist == de.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
-        assert shape.rows in de.GEMV_ROWS and shape.us > 0
+        assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
+        assert shape.rows in kn.GEMV_ROWS and shape.us > 0
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 
@@ -245,9 +245,9 @@ def test_emulated_errors(emulated):
 def test_reference_bf16_rounding_matches_ml_dtypes(emulated):
     x = np.random.default_rng(3).standard_normal(10000).astype(np.float32) * 1e3
     x[:3] = [np.nan, np.inf, -np.inf]
-    ours = de.f32_to_bf16_bits(x)
-    ref = de.ref_f64_to_bf16(x)
-    assert np.array_equal(ours[3:], ref[3:]) and np.isnan(de.ref_bf16_to_f64(ours[:1])).all()
+    ours = bf16.f32_to_bf16_bits(x)
+    ref = specs.ref_f64_to_bf16(x)
+    assert np.array_equal(ours[3:], ref[3:]) and np.isnan(specs.ref_bf16_to_f64(ours[:1])).all()
     assert np.array_equal(ours[1:3], ref[1:3])
 
 

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+from stablelm_ref.cuda import bf16, decode_engine as de, kernels as kn  # noqa: E402
 
 SHAPES = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=32, layer_norm_eps=1e-5, use_qkv_bias=False,
@@ -82,7 +82,7 @@ def random_params(cfg, seed=0):
     qd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
 
     def w(*shape):
-        return de.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
+        return bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
 
     p = {"model.embed_tokens.weight": w(V, hd), "lm_head.weight": w(V, hd),
          "model.norm.weight": cp.ones(hd, cp.float32), "model.norm.bias": cp.zeros(hd, cp.float32)}
@@ -98,6 +98,29 @@ def random_params(cfg, seed=0):
 
 
 # ----------------------------------------------------------------------------- device bandwidth
+READ_PROBE = r"""
+extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n16, float* __restrict__ out) {
+    // out[blockIdx.x] = sum of the block's slice; every 16-byte chunk read once, past L1 (as decode.cu's GEMV)
+    __shared__ float buf[32];
+    float s = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
+        uint4 v;
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src + i));
+        s += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += buf[w];
+        out[blockIdx.x] = t;
+    }
+}
+"""
+
+
 def measure_bandwidth(kernels, gib=4.0):
     import cupy as cp
     n = int(gib * 2**30) // 4
@@ -124,7 +147,8 @@ def measure_bandwidth(kernels, gib=4.0):
         return float(np.median(ts))
 
     t_copy = timed(copy)
-    t_read = timed(lambda: kernels.read_probe_fn((blocks,), (512,), (src, np.uint64(src.nbytes // 16), out)))
+    probe = cp.RawKernel(READ_PROBE, "read_probe")
+    t_read = timed(lambda: probe((blocks,), (512,), (src, np.uint64(src.nbytes // 16), out)))
     return 2 * n * 4 / t_copy, n * 4 / t_read          # bytes/s: copy (read + written), read-only
 
 
@@ -215,7 +239,7 @@ def ncu_step(args):
     """Build the engine on random weights, run a prompt and warm steps, profile one eager step."""
     import cupy as cp
     cfg = engine_config(args.layers)
-    kernels = de.DecodeKernels()
+    kernels = kn.DecodeKernels()
     engine = de.GpuDecodeEngine(cfg, random_params(cfg), max_batch=1, max_len=args.prompt + args.new + 8,
                                 kernels=kernels)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
@@ -280,7 +304,7 @@ def build_model(shapes, layers=None, seed=0):
         elif name.endswith("bias"):
             params[name] = cp.zeros(shape, bf16)
         else:
-            params[name] = de.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
+            params[name] = bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
                                                ).view(bf16)
     return StableLmForCausalLM(config, params, device="gpu")
 
@@ -395,7 +419,7 @@ def main():
 
     t_start = time.time()
     res = {"versions": versions()}
-    kernels = de.DecodeKernels()
+    kernels = kn.DecodeKernels()
     res["gpu"] = kernels.device_name
     log("GPU:", kernels.device_name, "| kernels:", kernels.source, "|", res["versions"])
     bw_copy, bw_read = measure_bandwidth(kernels)

@@ -188,9 +188,6 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
 #define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
 #define MODE_ADD 1     // yf[b, n] += acc                     (residual stream)
 #define MODE_SWIGLU 2  // rows (2i, 2i+1) = (gate_i, up_i):  yh[b, i] = bf16(silu(gate) * up)
-#ifndef ATT_NO_KV
-#define ATT_NO_KV 0        // 1: the attention never reads the cache (wrong results: for timing probes only)
-#endif
 
 // An L2 prefetch of weights (evict_normal instead of evict_last measured the same on the H100).
 __device__ __forceinline__ void prefetch_weights(const uint4* p) {
@@ -351,7 +348,7 @@ __device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __re
     constexpr int KPAD = D + 8, DC = D / 8;
     for (int c = threadIdx.x; c < ATT_TK * DC; c += ATT_THREADS) {
         const int r = c / DC, col = c % DC, t = t0 + r;
-        const bool ok = !ATT_NO_KV && t < t_end && t < len;
+        const bool ok = t < t_end && t < len;
         const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
         cp_async16(Ks + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
         cp_async16(Vs + r * D + col * 8, vc + off, ok ? 16 : 0);
@@ -734,17 +731,4 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
             }
         }
     }
-}
-
-// ---------------------------------------------------------------- read-bandwidth probe (bench only)
-// out[blockIdx.x] = sum of the block's slice; reads n16 16-byte chunks once.
-extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n16, float* __restrict__ out) {
-    __shared__ float buf[32];
-    float s = 0.f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = ld_stream(src + i);
-        s += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
-    }
-    s = block_sum(s, buf);
-    if (threadIdx.x == 0) out[blockIdx.x] = s;
 }

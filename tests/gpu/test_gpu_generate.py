@@ -31,7 +31,7 @@ except Exception:  # noqa: BLE001
 
 from stablelm_ref import StableLmConfig, StableLmForCausalLM  # noqa: E402
 from stablelm_ref import fast_gpu  # noqa: E402
-from stablelm_ref.generation import ModelSteps, generate, process_logits, softmax, step_backend  # noqa: E402
+from stablelm_ref.generation import ModelSteps, process_logits, sample, softmax, step_backend  # noqa: E402
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "..", "goldens")
 
@@ -151,7 +151,7 @@ def test_device_sampling_matches_cpu_processors(settings):
     scores = cupy.asarray(np.tile(z, (n, 1)))
     hist = cupy.asarray(np.tile(history, (n, 1)))
     dev = process_logits(scores, hist, s)
-    from stablelm_ref.generation import sample
+
     draws = _host(sample(softmax(dev.astype(cupy.float64)), np.random.default_rng(9)))
     cpu_draws = sample(np.tile(cpu_p, (n, 1)), np.random.default_rng(9))
     assert (draws != cpu_draws).mean() < 1e-3
