@@ -12,10 +12,14 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
               per-layer buffers [B, KVH, max_len, D] are views of the engine's cache; start() then sets
               the engine's key mask, positions and length from the attention mask
     step      set_tokens(the ids the loop chose) unless they are already on the device, then one graph
-              replay: embed -> 32 x (LayerNorm, q|k|v, attention, o, MLP) -> LayerNorm -> lm_head -> argmax
-    greedy    the argmax inside the graph is the choice: the loop reads B token ids per step, nothing else
-    sampling  the logits stay on the device (engine.logits_buf, float32); the loop's processors and
-              sampler run on them with CuPy (generation.py: the same functions as on the CPU)
+              replay: embed -> layers (LayerNorm, q|k|v, attention, o, MLP) -> LayerNorm -> lm_head -> pick
+    greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step, nothing else
+    sampling  the pick is sample_step inside the graph (decode.cu): repetition penalty, temperature, top-k,
+              top-p and the draw, from u ~ U[0, 1) the loop draws on the host (set_uniform) with the same
+              numpy Generator the CPU path uses, so a seed gives the CPU's tokens given the same logits.
+              Settings it does not cover (top_k > 1024, or top_k 0 with top_p < 1) leave the logits on the
+              device (engine.logits_buf, float32) for the loop's processors and sampler (generation.py, the
+              same functions as on the CPU, on CuPy arrays).
 
 Any other request (float32 / float16 on the GPU, batch > 8, scaled rope, ...) steps through the model's
 own forward (the concept modules on CuPy): decode_steps() returns None and generate uses ModelSteps.
@@ -125,26 +129,35 @@ class EngineSteps:
         self.xp = engine.cp
         self.wide = self.xp.float32
         self.cache = engine.kv_cache(batch, model.dtype)
-        self._greedy_view = engine.tok[:batch]
+        self._chosen = engine.tok[:batch]
 
     def context(self):
         return self.engine.stream            # every CuPy op of the loop on the engine's stream, in order
 
+    def choose_in_step(self, settings):
+        """The step picks the next ids in the graph: argmax_step (greedy), or sample_step (generate's
+        processors and sampler) where it covers the settings; else the loop processes engine.logits_buf."""
+        if not settings["do_sample"] and settings["repetition_penalty"] == 1.0:
+            return self.engine.use_sampler(None)
+        return self.engine.use_sampler(settings)
+
     def prefill(self, ids, mask, positions):
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
-        self.engine.start(mask)
+        self.engine.start(mask, ids)
         return out.logits[:, -1, :]                                       # [B, V] bfloat16
 
-    def step(self, next_ids, next_dev, mask, position, greedy):
+    def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
         e = self.engine
-        if next_dev is not self._greedy_view:                             # the loop chose, or fed pad
+        if next_dev is not self._chosen:                                  # the loop chose, or fed pad
             e.set_tokens(next_dev if next_dev is not None else next_ids)
+        if u is not None:
+            e.set_uniform(u)
         e.decode_step()
-        return None if greedy else e.logits_buf[: self.batch]            # [B, V] float32, on the device
+        return None if fused else e.logits_buf[: self.batch]             # [B, V] float32, on the device
 
-    def greedy_ids(self):
-        return self._greedy_view                                          # [B] int32: the graph's argmax
+    def chosen_ids(self):
+        return self._chosen                                               # [B] int32: the graph's choice
 
 
 register("gpu", GpuFastModel)

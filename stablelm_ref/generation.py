@@ -340,6 +340,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
 
     with steps.context():                                                # the backend's stream, if any
         xp = steps.xp
+        fused = steps.choose_in_step(s)       # True: each step picks the next ids itself (on the device)
         device_sequences = xp.asarray(sequences) if process and s["repetition_penalty"] != 1.0 else None
         t0 = time.perf_counter()
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)   # [B, T]
@@ -347,8 +348,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         length = prompt_len
         prefill_s, t_decode = None, None
         while True:
-            if scores is None:                                            # greedy, picked inside the step
-                next_dev = steps.greedy_ids()                             # [B]
+            if scores is None:                                            # picked inside the step
+                next_dev = steps.chosen_ids()                             # [B]
             else:
                 scores = scores.astype(steps.wide)                        # [B, V]
                 if process:
@@ -375,8 +376,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
             if length == total or not unfinished.any():
                 break
             position = full_mask[:, :length].sum(axis=1, keepdims=True) - 1  # [B, 1]
+            u = rng.random(batch) if fused and s["do_sample"] else None  # the draws sample() would take
             scores = steps.step(next_ids, next_dev if fed_as_chosen else None, full_mask[:, :length], position,
-                                greedy=not process)
+                                fused=fused, u=u)
         decode_s = time.perf_counter() - t_decode
     if streamer is not None:
         streamer.end()
@@ -426,13 +428,17 @@ class ModelSteps:
     def context(self):
         return contextlib.nullcontext()
 
+    def choose_in_step(self, settings):
+        """Whether step() picks the next ids itself (returning None); the model's forward only computes logits."""
+        return False
+
     def prefill(self, ids, mask, positions):
         """ids, mask, positions [B, T] (host) -> the last position's logits [B, V]; fills the cache."""
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def step(self, next_ids, next_dev, mask, position, greedy):
+    def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
         """One new token per row (next_ids [B], host) -> its logits [B, V]."""
         out = self.model(next_ids[:, None], attention_mask=mask, position_ids=position,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)

@@ -152,6 +152,26 @@ def _embed(grid, block, args):
         x[b] = specs.ref_bf16_to_f64(E[tok[b]])
 
 
+def _sample(grid, block, args):
+    (logits, V, present, penalty, do_sample, temperature, top_k, top_p, u, tok, history, ldh, max_steps, step,
+     cache_len, pos, counter) = args
+    nb = grid[0]
+    settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
+                    top_p=float(top_p), repetition_penalty=float(penalty))
+    pres = None if _null(present) else present[:nb]
+    ids = specs.ref_sample_step(logits[:nb], pres, settings, u[:nb])
+    s = int(step[0])
+    for b in range(nb):
+        tok[b] = ids[b]
+        if pres is not None:
+            present[b, ids[b]] = 1
+        if s < max_steps:
+            history.reshape(-1)[s * ldh + b] = tok[b]
+        pos[b] += 1
+    step[0] += 1
+    cache_len[0] += 1
+
+
 def _argmax(grid, block, args):
     logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter = args
     s = int(step[0])
@@ -171,6 +191,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
+        self.sample_fn = _Kernel(_sample)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
 
 
@@ -305,7 +326,7 @@ def test_generate_through_engine_steps_greedy_left_padded(emulated):
     real_step = fast_gpu.EngineSteps.step
 
     def spy(self, *a, **k):
-        steps_seen.append(k["greedy"])
+        steps_seen.append(k["fused"])
         return real_step(self, *a, **k)
 
     fast_gpu.EngineSteps.step = spy
@@ -352,12 +373,22 @@ def test_generate_through_engine_steps_eos_pad_streamer(emulated):
         assert (both[b, end:] == 3).all()                 # a finished row emits pad (and is fed pad)
 
 
-def test_generate_through_engine_steps_sampling(emulated):
-    """Seeded sampling is reproducible; top_k=1 is greedy (the processors run on the engine's logits);
-    a repetition penalty changes the greedy path through the processed (not the in-graph) argmax."""
+def test_generate_through_engine_steps_sampling(emulated, monkeypatch):
+    """Seeded sampling is reproducible; top_k=1 is greedy; a huge repetition penalty forbids repeats; the
+    step's own sampler (sample_step, emulated by its spec) draws what the loop's processors draw on the
+    same logits with the same seed (with it turned off, the loop processes engine.logits_buf)."""
     ref, fast = _models(emulated)
     ids, mask = left_padded_batch(np.random.default_rng(6), 384, [5, 5])
     kw = dict(attention_mask=mask, max_new_tokens=6, engine="fast")
+    settings = [dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=2),
+                dict(do_sample=True, temperature=1.2, top_k=0, seed=3), dict(repetition_penalty=2.0)]
+    in_graph = [generate(fast, ids, **s, **kw) for s in settings]
+    assert fast.engine.sampler is not None                                  # sample_step ran in the graph
+    monkeypatch.setattr(kn.DecodeKernels, "sampler_covers", staticmethod(lambda settings, vocab: False))
+    for s, a in zip(settings, in_graph):
+        assert np.array_equal(generate(fast, ids, **s, **kw), a), s
+    assert fast.engine.sampler is None
+    monkeypatch.undo()
     a = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
     b = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
     assert np.array_equal(a, b)

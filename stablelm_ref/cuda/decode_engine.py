@@ -146,7 +146,8 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
-        self._plans: dict[int, list[Launch]] = {}
+        self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
+        self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
         self._nb = None
         self._host_len = 0
@@ -277,6 +278,8 @@ class GpuDecodeEngine:
         self.history = cp.zeros((self.max_len, MB), cp.int32)
         self.att_counters = cp.zeros(MB * self.KVH, cp.int32)
         self.am_counter = cp.zeros(1, cp.int32)
+        self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
+        self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
@@ -300,8 +303,9 @@ class GpuDecodeEngine:
                                   persist=shape.persist, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
-        if nb in self._plans:
-            return self._plans[nb]
+        key = (nb, self._sampler_key())
+        if key in self._plans:
+            return self._plans[key]
         k = self.k
         ns = k.attention_splits(nb, self.KVH, self.max_len)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb)]
@@ -321,10 +325,44 @@ class GpuDecodeEngine:
         plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
                                        tag="layernorm"))
         plan.append(self._gemv("lm_head", self.lm, self.h, MODE_STORE, nb))
-        plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len, self.pos,
-                                    self.am_counter, nb=nb))
-        self._plans[nb] = plan
+        if self.sampler is None:
+            plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
+                                        self.pos, self.am_counter, nb=nb))
+        else:
+            penalty = self.sampler["repetition_penalty"] != 1.0
+            plan.append(k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
+                                        self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
+                                        settings=self.sampler))
+        self._plans[key] = plan
         return plan
+
+    def _forget(self, nb):
+        """Drop the plans of batch nb (after a tuning change)."""
+        for key in [key for key in self._plans if key[0] == nb]:
+            del self._plans[key]
+
+    def _sampler_key(self):
+        s = self.sampler
+        return None if s is None else tuple(sorted(s.items()))
+
+    # -- what the step does with its logits: argmax (default) or generate's processors and sampler -----
+    def use_sampler(self, settings):
+        """settings: generation._settings' dict (do_sample, temperature, top_k, top_p, repetition_penalty), for
+        sample_step in the step's place of argmax_step; None for the greedy argmax. Returns False (and keeps
+        the argmax) where sample_step does not cover the settings."""
+        if settings is not None:
+            keep = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+            settings = {k: settings[k] for k in keep}
+            if not self.k.sampler_covers(settings, self.vocab):
+                self.sampler = None
+                return False
+        self.sampler = settings
+        return True
+
+    def set_uniform(self, u):
+        """The draws u [B] in [0, 1) the next step's sample_step inverts the cdf at (host float64)."""
+        with self.stream:
+            self.uniform[: len(u)] = self.cp.asarray(np.asarray(u, np.float64))
 
     # -- timing helpers and the GEMV autotuner ------------------------------------------------------
     def capture_launches(self, launches, pdl: bool = False):
@@ -343,9 +381,9 @@ class GpuDecodeEngine:
     def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
         advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
-        self._plans.pop(nb, None)
+        self._forget(nb)
         plan = self._plan(nb)
-        assert plan[-1].tag == "argmax"
+        assert plan[-1].tag in ("argmax", "sample")
         return self.replay_ms(self.capture_launches(plan[:-1], pdl=self.pdl), replays=replays, reps=reps)
 
     # -- public API -------------------------------------------------------------------------------------
@@ -436,7 +474,7 @@ class GpuDecodeEngine:
         """Tune the GEMVs for batch nb (once) and capture the decode step as a CUDA graph. With pdl, the
         kernels after the first are captured as programmatic dependents of their predecessor; if the driver
         refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
-        key = (nb, bool(self.pdl))
+        key = (nb, bool(self.pdl), self._sampler_key())
         if key not in self._graphs:
             self._tune(nb)
             try:
@@ -505,9 +543,10 @@ class GpuDecodeEngine:
         values = [self.vc[i, :batch].view(dtype) for i in range(len(self.layers))]
         return KVCache.from_buffers(keys, values, self.cp)
 
-    def start(self, attention_mask):
+    def start(self, attention_mask, input_ids=None):
         """Device state for decode_step after a prompt of T positions was written into the cache (by the
-        model's forward through kv_cache()): the key mask, each row's next position, the cache length."""
+        model's forward through kv_cache()): the key mask, each row's next position, the cache length; with
+        input_ids [B, T], the ids present in each row after its left padding (the repetition penalty's)."""
         cp = self.cp
         mask = np.asarray(attention_mask).astype(np.int32)
         B, T = mask.shape
@@ -521,6 +560,12 @@ class GpuDecodeEngine:
             self.step[0] = 1                                  # the first token (set_tokens) is history[0]
             self.att_counters[...] = 0
             self.am_counter[...] = 0
+            if input_ids is not None:
+                ids = np.asarray(input_ids)
+                first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths
+                rows, cols = np.nonzero(np.arange(T)[None, :] >= first[:, None])
+                self.present[:B] = 0
+                self.present[cp.asarray(rows), cp.asarray(ids[rows, cols])] = 1
         self._nb, self._host_len, self._host_step = B, T, 1
 
     def set_tokens(self, ids):
@@ -531,3 +576,4 @@ class GpuDecodeEngine:
             t = cp.asarray(ids).astype(cp.int32)
             self.tok[:B] = t
             self.history[self._host_step - 1, :B] = t
+            self.present[cp.arange(B), t] = 1

@@ -27,6 +27,7 @@ GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
+SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 MAX_BATCH = 8
 
 
@@ -44,6 +45,7 @@ class DecodeKernels:
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
         self.argmax_fn = f("argmax_step")
+        self.sample_fn = f("sample_step")
         dev = cp.cuda.Device()
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
@@ -130,3 +132,26 @@ class DecodeKernels:
         return Launch(self.argmax_fn, (nb,), (1024,),
                       (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
                        step, cache_len, pos, counter), tag=tag)
+
+    @staticmethod
+    def sampler_covers(settings, vocab: int) -> bool:
+        """Whether sample_step implements these generate settings (else generate processes on the host side
+        with CuPy): greedy with a repetition penalty; sampling with top_k in [1, SAMPLE_KMAX], or top_k 0 (or
+        >= vocab) with top_p 1."""
+        if not settings["do_sample"]:
+            return True
+        k = settings["top_k"]
+        return 1 <= k <= SAMPLE_KMAX and k < vocab or (k == 0 or k >= vocab) and settings["top_p"] >= 1.0
+
+    def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
+                      tag="sample"):
+        """generate's processors and sampler on logits [>= nb, V] (see sample_step in decode.cu); present:
+        uint8 [>= nb, V] (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]."""
+        V = logits.shape[-1]
+        k = settings["top_k"] if settings["top_k"] < V else 0
+        return Launch(self.sample_fn, (nb,), (SAMPLE_THREADS,),
+                      (logits, i32(V), present if present is not None else NULL,
+                       np.float32(settings["repetition_penalty"]), i32(bool(settings["do_sample"])),
+                       np.float32(settings["temperature"]), i32(k), np.float32(settings["top_p"]), u,
+                       tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter),
+                      tag=tag)

@@ -96,3 +96,32 @@ def ref_decode_attention(qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, H, K
             p = np.exp(s - s.max())
             out[b, h] = (p / p.sum()) @ vals
     return out.reshape(nb, H * D), k_new, v_new
+
+
+class _Draws:
+    """A stand-in for numpy's Generator that hands out given uniform draws (for sample())."""
+
+    def __init__(self, u):
+        self.u = np.asarray(u, np.float64)
+
+    def random(self, n):
+        return self.u[:n]
+
+
+def ref_sample_step(logits, present, settings, u) -> np.ndarray:
+    """sample_step's specification: generation.py's own processors and sampler, row by row.
+
+    logits [nb, V] float32; present [nb, V] (ids already in the row; None without a penalty); settings as
+    generation._settings returns; u [nb] the uniform draws. Returns the chosen ids [nb]."""
+    from ..generation import process_logits, sample, softmax
+
+    out = []
+    for b in range(logits.shape[0]):
+        z = np.asarray(logits[b:b + 1], np.float32)
+        history = np.nonzero(present[b])[0][None] if present is not None else np.zeros((1, 0), np.int64)
+        z = process_logits(z, history, settings)
+        if settings["do_sample"]:
+            out.append(int(sample(softmax(z.astype(np.float64)), _Draws(u[b:b + 1]))[0]))
+        else:
+            out.append(int(np.argmax(z[0])))
+    return np.array(out, np.int64)

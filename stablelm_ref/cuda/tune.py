@@ -81,7 +81,7 @@ def tune(engine, nb):
         engine.stream.synchronize()
         res = dict(engine.tuning[nb])
     engine.tuning[nb] = res
-    engine._plans.pop(nb, None)
+    engine._forget(nb)
 
 
 
@@ -109,4 +109,4 @@ def tune_in_step(engine, nb, top):
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         engine.tuning[nb][name] = chosen
     engine.step_ms[nb] = best
-    engine._plans.pop(nb, None)
+    engine._forget(nb)

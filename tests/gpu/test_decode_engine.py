@@ -226,3 +226,48 @@ def test_engine_pdl_graph_equals_plain_graph(kernels):
         runs.append((e.generated(), e.get_logits(), e.pdl, e.pdl_error))
     assert runs[1][2], f"PDL capture fell back to plain launches: {runs[1][3]}"
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+
+
+# ----------------------------------------------------------------------------- sampling in the step
+def _run_sampler(kernels, logits, present, settings, u):
+    nb, V = logits.shape
+    tok, pos = cp.zeros(nb, cp.int32), cp.zeros(nb, cp.int32)
+    history = cp.full((3, nb), -1, cp.int32)
+    step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
+    pres = None if present is None else cp.asarray(present)
+    kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter, nb=nb,
+                          settings=settings)()
+    _sync()
+    got = cp.asnumpy(tok).astype(np.int64)
+    assert np.array_equal(cp.asnumpy(history)[1], got) and (cp.asnumpy(pos) == 1).all()
+    assert int(step[0]) == 2 and int(length[0]) == 8 and int(counter[0]) == 0
+    if pres is not None:
+        after = cp.asnumpy(pres)
+        assert after[np.arange(nb), got].all() and (after.sum(1) <= present.sum(1) + 1).all()
+    return got
+
+
+@HYP
+@given(nb=st.integers(1, 8), V=st.one_of(st.integers(2, 3000), st.sampled_from([50304, 100352])),
+       do_sample=st.booleans(), temperature=st.sampled_from([0.3, 0.8, 1.0, 1.7]),
+       top_k=st.sampled_from([0, 1, 2, 50, 1024, 10**6]), top_p=st.sampled_from([1.0, 0.9, 0.5, 0.05]),
+       penalty=st.sampled_from([1.0, 1.3, 0.7]), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_sample_step_matches_generate_processors(kernels, nb, V, do_sample, temperature, top_k, top_p, penalty,
+                                                 ties, seed):
+    """sample_step's pick equals generation.py's processors + sampler (specs.ref_sample_step) for the same
+    logits and draws. The float32 top-p sums and float64 cdf differ from NumPy's only in summation order: a
+    pick could differ only for a draw within ~1e-12 of a cdf boundary (or a cumulative probability within
+    ~1e-7 of 1 - top_p), which these examples do not hit."""
+    settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=penalty)
+    if not kn.DecodeKernels.sampler_covers(settings, V):
+        return                                                  # the loop processes these on CuPy
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((nb, V)) * 3).astype(np.float32)
+    if ties:
+        logits = np.round(logits * 2) / 2                       # many equal values: top-k ties, sort order
+    present = (rng.random((nb, V)) < 0.05).astype(np.uint8) if penalty != 1.0 else None
+    u = rng.random(nb)
+    got = _run_sampler(kernels, logits, present, settings, u)
+    want = specs.ref_sample_step(logits, present, settings, u)
+    assert np.array_equal(got, want), (got, want)
