@@ -750,45 +750,11 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 #define SAMPLE_KMAX 1024
 #define SAMPLE_CMAX 2048
 
-__device__ __forceinline__ float process_one(float z, unsigned char present, float penalty, int do_sample,
-                                             float temperature) {
-    if (present) z = z < 0.f ? z * penalty : z / penalty;
-    return do_sample ? z / temperature : z;
-}
-
 __device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
                                                  float penalty, int do_sample, float temperature) {
-    return process_one(row[v], pres != nullptr ? pres[v] : 0, penalty, do_sample, temperature);
-}
-
-// f(v, processed z_v) for every v of the row, each thread over its strided share. A row is one SM's work,
-// so the loads must overlap: 16-byte loads (four logits and four present flags), four of them in flight.
-template <typename F>
-__device__ __forceinline__ void for_each_logit(const float* __restrict__ row, const unsigned char* pres, int V,
-                                               float penalty, int do_sample, float temperature, F f) {
-    if ((V & 3) == 0) {                                  // rows start 16-byte aligned
-        const float4* r4 = reinterpret_cast<const float4*>(row);
-        const uchar4* p4 = reinterpret_cast<const uchar4*>(pres);
-        const int V4 = V >> 2;
-#pragma unroll 4
-        for (int i = threadIdx.x; i < V4; i += blockDim.x) {
-            const float4 q = r4[i];
-            const uchar4 m = pres != nullptr ? p4[i] : make_uchar4(0, 0, 0, 0);
-            f(4 * i, process_one(q.x, m.x, penalty, do_sample, temperature));
-            f(4 * i + 1, process_one(q.y, m.y, penalty, do_sample, temperature));
-            f(4 * i + 2, process_one(q.z, m.z, penalty, do_sample, temperature));
-            f(4 * i + 3, process_one(q.w, m.w, penalty, do_sample, temperature));
-        }
-    } else {
-        for (int v = threadIdx.x; v < V; v += blockDim.x) f(v, processed_logit(row, pres, v, penalty, do_sample, temperature));
-    }
-}
-
-// hist[bin] += 1 for each active lane, one shared atomic per distinct bin of the warp (logits crowd a few bins)
-__device__ __forceinline__ void hist_add(unsigned int* hist, unsigned int bin, bool active) {
-    const unsigned int lanes = __activemask();
-    const unsigned int peers = __match_any_sync(lanes, active ? bin : 0x100u + (threadIdx.x & 31));
-    if (active && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned int)__popc(peers));
+    float z = row[v];
+    if (pres != nullptr && pres[v]) z = z < 0.f ? z * penalty : z / penalty;
+    return do_sample ? z / temperature : z;
 }
 
 __device__ __forceinline__ unsigned int order_key(float f) {     // a > b  <=>  key(a) > key(b)
@@ -827,7 +793,7 @@ __device__ __forceinline__ double warp_scan_incl(double v) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
             int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
             int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
@@ -847,17 +813,13 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     unsigned char* pres = present != nullptr ? present + (size_t)b * V : nullptr;
     if (tid == 0) s_choice = -1;
 
-    // the largest processed logit and its lowest index (greedy's choice; the full path's max); for top-k,
-    // the histogram of the keys' top byte in the same pass
-    const bool radix = do_sample && top_k > 0 && top_k < V;
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
-    __syncthreads();
+    // the largest processed logit and its lowest index (greedy's choice; the full path's max)
     float best = NEG_INF;
     int bidx = 0x7fffffff;
-    for_each_logit(row, pres, V, penalty, do_sample, temperature, [&](int v, float z) {
-        if (z > best || (z == best && v < bidx)) { best = z; bidx = v; }
-        if (radix) hist_add(hist, order_key(z) >> 24, true);
-    });
+    for (int v = tid; v < V; v += blockDim.x) {
+        const float z = processed_logit(row, pres, v, penalty, do_sample, temperature);
+        if (z > best) { best = z; bidx = v; }
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -882,20 +844,17 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     if (!do_sample) {
         if (tid == 0) s_choice = ri[0];
     } else if (top_k > 0 && top_k < V) {
-        // 1. the k-th largest key, 8 bits at a time (radix select; the top byte's histogram is filled above),
-        //    then every z with a key >= it
+        // 1. the k-th largest key, 8 bits at a time (radix select), then every z with a key >= it
         unsigned int prefix = 0u, mask = 0u;
         int need = top_k;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            if (shift < 24) {
-                for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
-                __syncthreads();
-                for_each_logit(row, pres, V, penalty, 1, temperature, [&](int v, float z) {
-                    const unsigned int key = order_key(z);
-                    hist_add(hist, (key >> shift) & 255u, (key & mask) == prefix);
-                });
-                __syncthreads();
+            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
+            __syncthreads();
+            for (int v = tid; v < V; v += blockDim.x) {
+                const unsigned int key = order_key(processed_logit(row, pres, v, penalty, 1, temperature));
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
             }
+            __syncthreads();
             if (tid == 0) {
                 int acc = 0;
                 for (int d = 255; d >= 0; --d) {
@@ -909,12 +868,13 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
             need = s_need;
             mask |= 0xFFu << shift;
         }
-        for_each_logit(row, pres, V, penalty, 1, temperature, [&](int v, float z) {
+        for (int v = tid; v < V; v += blockDim.x) {
+            const float z = processed_logit(row, pres, v, penalty, 1, temperature);
             if (order_key(z) >= prefix) {
                 const int i = atomicAdd(&s_n, 1);
                 if (i < SAMPLE_CMAX) { cval[i] = z; cidx[i] = v; }
             }
-        });
+        }
         __syncthreads();
         const int n = min(s_n, SAMPLE_CMAX);
         int n2 = 1;
