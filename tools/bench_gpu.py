@@ -297,15 +297,15 @@ def build_model(shapes, layers=None, seed=0):
     if layers:
         kw["num_hidden_layers"] = layers
     config = StableLmConfig(**kw)
-    bf16, rng, params = np.dtype(ml_dtypes.bfloat16), cp.random.default_rng(seed), {}
+    bf16_dtype, rng, params = np.dtype(ml_dtypes.bfloat16), cp.random.default_rng(seed), {}
     for name, shape in expected_shapes(config, "causal_lm").items():
         if "norm" in name:
-            params[name] = (cp.ones if name.endswith("weight") else cp.zeros)(shape, cp.float32).astype(bf16)
+            params[name] = (cp.ones if name.endswith("weight") else cp.zeros)(shape, cp.float32).astype(bf16_dtype)
         elif name.endswith("bias"):
-            params[name] = cp.zeros(shape, bf16)
+            params[name] = cp.zeros(shape, bf16_dtype)
         else:
             params[name] = bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
-                                               ).view(bf16)
+                                                 ).view(bf16_dtype)
     return StableLmForCausalLM(config, params, device="gpu")
 
 
