@@ -23,9 +23,14 @@ logits (logits_to_keep=1). Rows that produced an EOS id keep emitting pad_token_
 has no pad token, as transformers does) and generation stops early once every row is finished; the
 result is the full sequences [B, prompt + generated] like transformers' generate.
 
-The logits are processed on the host, in float32 (float64 for a float64 model: the golden reference);
-transformers processes in float32. Sampling draws u ~ U[0, 1) per row and inverts the cumulative
-distribution, so a filtered token (probability exactly 0) can never be drawn.
+The loop is the same on every device; each forward goes through a step backend (step_backend below):
+the model's own forward (ModelSteps), or on the GPU the CUDA-graph decode engine (fast_gpu.EngineSteps).
+The logits are processed where they are, in float32 (float64 for a float64 model: the golden reference;
+transformers processes in float32), by the same functions on NumPy or CuPy arrays; the engine may pick
+inside its step instead (the greedy argmax, or its sample_step kernel, whose spec is these functions).
+Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
+distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
+tokens on the CPU and the GPU given the same logits. The loop reads back B token ids per new token.
 
 Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
 max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,

@@ -2,8 +2,9 @@
 
 This checks everything around the kernels where no GPU is: weight fusion (q|k|v rows, interleaved
 gate/up rows), buffer strides, the order of the launches in a step, the device-side bookkeeping
-(cache length, positions, token history), graph capture and replay, the CuPy prefill, and that the
-references themselves equal transformers (float32) on random StableLM models. The kernels against
+(cache length, positions, token history), graph capture and replay, the CuPy prefill, that the
+references themselves equal transformers (float32) on random StableLM models (those need torch), and
+generation.py's one loop stepping through fast_gpu.EngineSteps (no torch needed: they run in make test). The kernels against
 these references, and the engine against transformers on a GPU: tests/gpu/test_decode_engine.py.
 """
 
@@ -16,8 +17,6 @@ import pytest
 
 from stablelm_ref.cuda import bf16, decode_engine as de, kernels as kn, specs, tune, xp as cuda_xp
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402
                           run_engine_against_transformers)
@@ -195,6 +194,13 @@ class EmulatedKernels(kn.DecodeKernels):
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
 
 
+def _needs_transformers():
+    """The engine-vs-transformers tests build their models with transformers (make test has no torch: skipped
+    there; make crosscheck's environment runs them)."""
+    pytest.importorskip("torch", reason="builds its random model with transformers (pip install torch)")
+    pytest.importorskip("transformers", reason="builds its random model with transformers")
+
+
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setattr(cuda_xp, "BACKEND", _fake_cupy())
@@ -203,11 +209,13 @@ def emulated(monkeypatch):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_emulated_engine_matches_transformers(emulated, name):
+    _needs_transformers()
     _, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=emulated)
     assert agree >= 0.9
 
 
 def test_emulated_graph_replay_equals_eager(emulated):
+    _needs_transformers()
     name = "GQA + qk LayerNorm + parallel residual, D=160"
     a = run_engine_against_transformers(name, steps=3, use_graph=True, kernels=emulated)[0]
     b = run_engine_against_transformers(name, steps=3, use_graph=False, kernels=emulated)[0]
@@ -218,6 +226,7 @@ def test_emulated_graph_replay_equals_eager(emulated):
 def test_emulated_autotune_chooses_by_step_time(emulated):
     """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
     step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged."""
+    _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(3), cfg.vocab_size, [5, 9])
@@ -235,6 +244,7 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
 
 
 def test_emulated_prefill_and_steps(emulated):
+    _needs_transformers()
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(2), cfg.vocab_size, [5, 9])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=False)
@@ -244,6 +254,7 @@ def test_emulated_prefill_and_steps(emulated):
 
 
 def test_emulated_errors(emulated):
+    _needs_transformers()
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=8, kernels=emulated, autotune=False)
     with pytest.raises(de.GenerationError, match="prefill"):
