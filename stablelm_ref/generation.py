@@ -49,6 +49,7 @@ import warnings
 
 import numpy as np
 
+from ._xp import softmax, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
 
@@ -106,13 +107,6 @@ def apply_top_p(scores, p):
     remove = xp.empty_like(remove_sorted)
     remove[xp.arange(scores.shape[0])[:, None], order] = remove_sorted   # back to vocabulary order
     return xp.where(remove, -xp.inf, scores).astype(scores.dtype)
-
-
-def softmax(scores):
-    xp = _np(scores)
-    z = scores - xp.max(scores, axis=-1, keepdims=True)
-    e = xp.exp(z)
-    return e / xp.sum(e, axis=-1, keepdims=True)
 
 
 def sample(probs, rng):
@@ -278,7 +272,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
             return (ids != pad_token_id).astype(np.int64)
         return np.ones_like(ids)
     try:
-        mask = np.asarray(_to_host(attention_mask))
+        mask = np.asarray(to_host(attention_mask))
     except (TypeError, ValueError):
         raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
     if mask.shape != ids.shape:
@@ -306,7 +300,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
                               "StableLmForCausalLM")
     config = model.config
-    ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
+    ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is None else eos_token_id, vocab,
@@ -364,7 +358,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                     next_dev = sample(softmax(scores.astype(xp.float64)), rng)  # [B]
                 else:
                     next_dev = xp.argmax(scores, axis=-1)                 # [B]
-            next_ids = np.asarray(_to_host(next_dev)).astype(np.int64)    # the one host read per token
+            next_ids = np.asarray(to_host(next_dev)).astype(np.int64)    # the one host read per token
             if prefill_s is None:
                 prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             fed_as_chosen = bool(unfinished.all())                        # else finished rows are fed pad
@@ -449,6 +443,3 @@ class ModelSteps:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a

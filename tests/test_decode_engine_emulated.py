@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stablelm_ref.cuda import bf16, decode_engine as de, kernels as kn, specs, tune, xp as cuda_xp
+from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn, specs, tune, xp as cuda_xp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stablelm_ref.cuda import bf16, decode_engine as de, kernels as kn  # noqa: E402
+from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn  # noqa: E402
 
 SHAPES = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=32, layer_norm_eps=1e-5, use_qkv_bias=False,
@@ -400,7 +400,8 @@ def bench_transformers(model, ids1, args, r):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128, help="new tokens per generate call")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")

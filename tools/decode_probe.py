@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import engine_config, random_params  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de, kernels as kn, launch  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
 VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
@@ -97,7 +97,8 @@ def use_kernels(engine, k, retune):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)

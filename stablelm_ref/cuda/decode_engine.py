@@ -36,7 +36,7 @@ activations rounded to bf16 where the decode kernels round): the engine's tests 
 there is no StableLmForCausalLM (transformers' weights).
 
 The GPU side, by concern: launch.py (building decode.cu, bound launches, PDL, capture and replay timing),
-kernels.py (the Python face of each kernel), tune.py (the GEMV autotuner), specs.py (the float64
+decode_kernels.py (the Python face of each kernel), tune.py (the GEMV autotuner), specs.py (the float64
 specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file (weights, buffers, the step's
 plan, capture, the device-side bookkeeping).
 
@@ -55,7 +55,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
-from .kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
+from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_GEMV, GemvShape
 
@@ -109,10 +109,13 @@ class _Layer:
 
 
 class GpuDecodeEngine:
-    """Greedy generation for StableLM on one GPU, bf16 weights, batch <= max_batch (<= 8).
+    """The decode step of StableLM on one GPU, bf16 weights, batch <= max_batch (<= 8). generate() drives it
+    through fast_gpu.EngineSteps; alone (tests, probes):
 
     engine = GpuDecodeEngine(config, params, max_batch=1, max_len=1024)
-    new_ids = engine.generate(input_ids, attention_mask, max_new_tokens=128)   # [B, 128] numpy
+    engine.prefill(input_ids, attention_mask, logits=None)     # or: the model's forward into kv_cache(), start()
+    engine.decode_step()                                       # one graph replay: the next token of each row
+    engine.generated()                                         # [B, steps] numpy
     """
 
     def __init__(self, config, params, max_batch: int = 1, max_len: int | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import MODE_ADD, MODE_STORE
+from .decode_kernels import MODE_ADD, MODE_STORE
 
 
 def ref_bf16_to_f64(bits) -> np.ndarray:

@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape

@@ -26,7 +26,7 @@ if _ndev == 0:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from stablelm_ref.cuda import decode_engine as de, kernels as kn, specs  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 NAN_BF16 = 0x7FC0
