@@ -26,7 +26,8 @@ without the order metadata its names are taken in sorted order.
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
     stablelm-ref compare a.safetensors b.safetensors          # exit 0: all agree, 1: a divergence
 
-Tracing costs nothing when off: the model calls `trace(name, array)` only when a callback is given.
+Tracing costs next to nothing when off: the default callback (_xp.no_trace) does nothing. A recording runs
+the array-API reference of every seam (kernels.reference_only), so a GPU trace holds the attention weights too.
 The reference model does not import this file: importing it (stablelm_ref/__init__.py does) attaches
 run_with_trace to StableLmForCausalLM as a method, so `model.run_with_trace(ids)` is
 `run_with_trace(model, ids)`.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, hub
+from . import checkpoint, hub, kernels
 from ._version import __version__
 from ._xp import to_host
 from .errors import CheckpointError, StableLmError, TokenizerError
@@ -93,7 +94,8 @@ def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
             raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
         recorded[name] = _host(array)
 
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
+    with kernels.reference_only():  # fused kernels never form the attention weights; the reference does
+        out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
     return _host(out.logits), recorded
 
 

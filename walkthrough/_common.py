@@ -116,7 +116,7 @@ def show_source(obj, start=None, stop=None):
         i = next(n for n, line in enumerate(lines) if start in line)
         j = next((n for n in range(i, len(lines)) if stop is not None and stop in lines[n]), len(lines) - 1)
         lines = lines[i: j + 1]
-    where = f"{inspect.getsourcefile(obj)}".replace(str(ROOT) + os.sep, "")
+    where = f"{inspect.getsourcefile(inspect.unwrap(obj))}".replace(str(ROOT) + os.sep, "")  # seams wrap their reference
     print(f"# --- {where} :: {getattr(obj, '__qualname__', obj)}")
     print("\n".join(lines))
 
