@@ -1,5 +1,11 @@
-"""Small helpers shared by the concept files (no model logic here): array-API helpers, weight
-sub-dicts, and the trace callback's default."""
+"""Small helpers shared by the concept files, each written once here (no model logic): array-API
+helpers, weight sub-dicts (subtree), and the trace callback's default (no_trace, scoped).
+
+    softmax(x)_i     = exp(x_i - max x) / sum_j exp(x_j - max x)       in float32, or float64 for float64
+    log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)      (both over the last axis)
+    linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
+    to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
+"""
 
 from array_api_compat import array_namespace as _compat_array_namespace
 
@@ -63,3 +69,26 @@ def scoped(trace, prefix):
     if trace is no_trace:
         return no_trace
     return lambda name, array: trace(prefix + name, array)
+
+
+def softmax(x, dtype=None):
+    """Softmax over the last axis, computed in wide_dtype (float32, or float64 in float64 mode) and returned
+    as `dtype` (default: x's). Subtracting the max first keeps exp from overflowing; a -inf entry gives 0."""
+    xp = array_namespace(x)
+    dtype = x.dtype if dtype is None else dtype
+    z = xp.astype(x, wide_dtype(xp, dtype))
+    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    return xp.astype(e / xp.sum(e, axis=-1, keepdims=True), dtype)
+
+
+def log_softmax(x):
+    """log(softmax(x)) over the last axis without forming softmax(x), in wide_dtype(x.dtype)."""
+    xp = array_namespace(x)
+    z = xp.astype(x, wide_dtype(xp, x.dtype))
+    z = z - xp.max(z, axis=-1, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+
+
+def to_host(a):
+    """A CuPy array -> NumPy (a copy off the GPU); anything else unchanged."""
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a

@@ -31,7 +31,7 @@ Checkpoint tensors: model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}, ...o_
 """
 
 from . import kernels
-from ._xp import array_namespace, dtype_min, linear, no_trace, wide_dtype
+from ._xp import array_namespace, dtype_min, linear, no_trace, softmax  # softmax in float32 (float64 mode: float64)
 from .layernorm import per_head_layer_norm
 from .rotary import apply_rotary
 
@@ -48,15 +48,6 @@ def merge_heads(x):
     xp = array_namespace(x)
     b, h, t, d = x.shape
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, t, h * d))
-
-
-def softmax(scores, dtype):
-    """Softmax over the last axis, computed in float32 (float64 in float64 mode), returned as `dtype`."""
-    xp = array_namespace(scores)
-    s = xp.astype(scores, wide_dtype(xp, dtype))
-    s = s - xp.max(s, axis=-1, keepdims=True)
-    e = xp.exp(s)
-    return xp.astype(e / xp.sum(e, axis=-1, keepdims=True), dtype)
 
 
 def causal_mask(attention_mask, batch, q_len, past, xp):

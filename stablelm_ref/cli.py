@@ -6,9 +6,9 @@
     stablelm-ref chat [--model DIR_OR_REPO] [--system TEXT] ...        (reads user turns from stdin)
     stablelm-ref trace / compare ...                                     (trace.py: golden-reference checks)
 
-Without --model the embedded default model (stablelm_ref/default_model/) is used. Decoding is greedy
-unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is streamed as it is
-generated; --stats prints prefill and decode tokens/s on stderr. On the CPU the model runs through
+Without --model the embedded default model (stablelm_ref/default_model/, named "stablelm-ref:default")
+is used. Decoding is greedy unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is
+streamed as it is generated; --stats prints prefill and decode tokens/s on stderr. On the CPU the model runs through
 fast_cpu.FastCpuModel; with --device gpu greedy bfloat16 decoding uses the CUDA-graph engine
 (cuda/decode_engine.py) unless --engine reference asks for the concept modules on CuPy.
 
@@ -28,15 +28,19 @@ import sys
 
 import numpy as np
 
+from ._version import __version__
 from .errors import StableLmError, TokenizerError
 
 PROG = "stablelm-ref"
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2), like every other user error."""
+    """argparse, but a usage error is one line (and exit code 2), like every other user error, and an
+    abbreviated option (--max-new-tok) is refused rather than guessed. Subcommand parsers are _Parsers too."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -69,19 +73,10 @@ def add_sampling_arguments(p):
 
 
 def resolve_model_dir(model, revision=None):
-    """--model -> a local directory (a Hub repo id is downloaded or taken from the cache)."""
-    if model is None:
-        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
-            raise StableLmError("the embedded default model is missing (stablelm_ref/default_model/ has no "
-                                "config.json): reinstall stablelm-ref, or pass --model DIR_OR_REPO")
-        return DEFAULT_MODEL_DIR
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model):
-        raise StableLmError(f"{model}: a file, not a model directory; give the directory holding config.json")
+    """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
     from . import hub
 
-    return hub.snapshot(model, revision=revision)
+    return hub.model_directory(model or hub.DEFAULT_MODEL, revision=revision)
 
 
 def load(args):
@@ -243,8 +238,6 @@ def add_cli_commands(subparsers):
 
 
 def build_parser():
-    from . import __version__
-
     parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: generate "
                                             "text from the command line.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")

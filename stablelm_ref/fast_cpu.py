@@ -38,7 +38,8 @@ import numpy as np
 from .errors import GenerationError, StableLmError
 from .fast_forms import register
 from .mlp import ACTIVATIONS
-from .model import ModelOutput, _to_host, causal_mask
+from ._xp import to_host
+from .model import ModelOutput, causal_mask
 from .rotary import rotary_cos_sin
 
 
@@ -187,7 +188,7 @@ class FastCpuModel:
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             return None if logits_to_keep == 0 or logits_to_keep >= t else slice(t - logits_to_keep, t)
-        return np.asarray(_to_host(logits_to_keep)).astype(np.int64)
+        return np.asarray(to_host(logits_to_keep)).astype(np.int64)
 
     def _layer_norm(self, x, weight, bias, out, stat, sq):
         """layernorm.layer_norm with the same operations in the same order, written into `out`."""

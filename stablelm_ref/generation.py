@@ -43,6 +43,7 @@ import warnings
 
 import numpy as np
 
+from ._xp import softmax, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
 
@@ -92,12 +93,6 @@ def apply_top_p(scores, p):
     remove = np.empty_like(remove_sorted)
     np.put_along_axis(remove, order, remove_sorted, axis=-1)             # back to vocabulary order
     return np.where(remove, -np.inf, scores).astype(scores.dtype)
-
-
-def softmax(scores):
-    z = scores - np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def sample(probs, rng):
@@ -258,7 +253,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
             return (ids != pad_token_id).astype(np.int64)
         return np.ones_like(ids)
     try:
-        mask = np.asarray(_to_host(attention_mask))
+        mask = np.asarray(to_host(attention_mask))
     except (TypeError, ValueError):
         raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
     if mask.shape != ids.shape:
@@ -285,7 +280,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
                               "StableLmForCausalLM")
     config = model.config
-    ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
+    ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is None else eos_token_id, vocab,
@@ -329,7 +324,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     length = prompt_len
     prefill_s, t_decode = None, None
     while True:
-        scores = np.asarray(_to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
+        scores = np.asarray(to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
         if prefill_s is None:
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
         scores = process_logits(scores, sequences[:, :length], s, ignore_prefix)
@@ -359,6 +354,3 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     result = sequences[:, :length]
     return model.xp.asarray(result) if model.xp is not np else result
 
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, hub
+from ._xp import to_host
 from .config import StableLmConfig
 from ._xp import no_trace, scoped
 from .attention import causal_mask  # noqa: F401  (its home is attention.py; kept importable from here)
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError
+from .errors import GenerationError, StableLmError
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -96,12 +97,13 @@ class StableLmPreTrainedModel:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):
-        """Load a model directory, or a Hugging Face Hub repo id (downloaded or taken from the cache).
+        """Load a model directory, a Hugging Face Hub repo id (downloaded or taken from the cache), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the small model shipped inside the package.
 
         dtype: "float32" (CPU default), "float64" (golden work), or on the GPU "bfloat16" (default),
         "float16", "float32". Weights stored in any of float32/float16/bfloat16 are cast once on load.
         """
-        directory = _local_or_hub(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
@@ -137,7 +139,7 @@ class StableLmPreTrainedModel:
         Both are written under temporary names and renamed together at the end: a failed save leaves
         no partial file and no existing file changed."""
         checkpoint.make_directory(directory)
-        host = {k: _to_host(v) for k, v in self.params.items()}
+        host = {k: to_host(v) for k, v in self.params.items()}
         if dtype is not None:
             target = resolve_dtype(dtype, "gpu")
             host = {k: v.astype(target) for k, v in host.items()}
@@ -157,7 +159,7 @@ class StableLmPreTrainedModel:
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
         try:
-            host = np.asarray(_to_host(input_ids))
+            host = np.asarray(to_host(input_ids))
         except (ValueError, TypeError, OverflowError):
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
                                   "equal length; pad shorter rows and pass an attention_mask)") from None
@@ -284,31 +286,15 @@ def layer_tensors(params, num_layers):
     return layers
 
 
-def _to_host(a):
-    """A CuPy array -> NumPy; anything else unchanged."""
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
-
-
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
     try:
-        host = np.asarray(_to_host(a))
+        host = np.asarray(to_host(a))
     except (ValueError, TypeError, OverflowError):
         host = None
     if host is None or host.dtype.kind not in "biuf":
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
     return host
-
-
-def _local_or_hub(path, **hub_kwargs):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise CheckpointError(f"{path}: a file, not a model directory; give the directory that holds config.json")
-    from . import hub  # only when a repo id is given
-
-    return hub.snapshot(path, **hub_kwargs)
 
 
 def _with_prefix(names, expected):

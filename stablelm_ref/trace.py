@@ -28,6 +28,9 @@ without the order metadata its names are taken in sorted order.
 
 Tracing costs next to nothing when off: the default callback (_xp.no_trace) does nothing. A recording runs
 the array-API reference of every seam (kernels.reference_only), so a GPU trace holds the attention weights too.
+The reference model does not import this file: importing it (stablelm_ref/__init__.py does) attaches
+run_with_trace to StableLmForCausalLM as a method, so `model.run_with_trace(ids)` is
+`run_with_trace(model, ids)`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, kernels
+from . import checkpoint, hub, kernels
+from ._version import __version__
+from ._xp import to_host
 from .errors import CheckpointError, StableLmError, TokenizerError
+from .heads import StableLmForCausalLM
 
 TRACE_FORMAT = "stablelm-ref-trace/1"
 
@@ -73,10 +79,8 @@ _PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
 # ---- recording ----------------------------------------------------------------------------------
 
 def _host(a):
-    """A host (NumPy) array: CuPy arrays are copied with .get()."""
-    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):
-        a = a.get()
-    return np.asarray(a)
+    """A host (NumPy) array: CuPy arrays are copied off the GPU."""
+    return np.asarray(to_host(a))
 
 
 def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
@@ -95,6 +99,10 @@ def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
     return _host(out.logits), recorded
 
 
+# `model.run_with_trace(ids, ...)`: attached here so that heads.py never imports this file
+StableLmForCausalLM.run_with_trace = run_with_trace
+
+
 # ---- files --------------------------------------------------------------------------------------
 
 def write_trace(path, trace, metadata=None):
@@ -102,8 +110,6 @@ def write_trace(path, trace, metadata=None):
 
     Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
     order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON)."""
-    from . import __version__
-
     meta = {"format": TRACE_FORMAT, "package_version": __version__}
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
@@ -276,8 +282,6 @@ def load_for_trace(model, dtype, device):
     """from_pretrained for a trace. bfloat16 on the CPU (NumPy has no bfloat16 matmul) is EMULATED:
     the weights are rounded to bfloat16 and everything is computed in float32. That isolates the
     cost of bfloat16 weights; a GPU bfloat16 run also rounds every intermediate, so it differs more."""
-    from .heads import StableLmForCausalLM
-
     emulate = dtype == "bfloat16" and device == "cpu"
     m = StableLmForCausalLM.from_pretrained(model, dtype="float32" if emulate else dtype, device=device)
     compute = dtype
@@ -292,9 +296,7 @@ def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
     ids = _parse_ids(args.ids) if args.ids is not None else None
     if ids is None:
-        from .model import _local_or_hub
-
-        ids = _encode(_local_or_hub(args.model), args.text)
+        ids = _encode(hub.model_directory(args.model), args.text)
     model, compute = load_for_trace(args.model, dtype, args.device)
     logits, trace = run_with_trace(model, [ids])
     write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
@@ -329,10 +331,12 @@ def cmd_compare(args):
 
 def add_cli_commands(subparsers):
     """Register `trace` and `compare` on an argparse subparsers object (stablelm-ref's CLI)."""
-    p = subparsers.add_parser("trace", help="record every intermediate of one forward pass to a safetensors file",
+    p = subparsers.add_parser("trace", allow_abbrev=False,
+                              help="record every intermediate of one forward pass to a safetensors file",
                               description="Record every named intermediate of one forward pass (execution order) "
                                           "to a safetensors trace.")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face Hub repo id")
+    p.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="DIR_OR_REPO",
+                   help="model directory or Hugging Face Hub repo id (default: the embedded default model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
     src.add_argument("--text", help="text to tokenize with the model's tokenizer")
@@ -343,7 +347,8 @@ def add_cli_commands(subparsers):
     p.add_argument("--out", required=True, help="output file (safetensors)")
     p.set_defaults(func=cmd_trace)
 
-    c = subparsers.add_parser("compare", help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
+    c = subparsers.add_parser("compare", allow_abbrev=False,
+                              help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
                               description="Compare two traces tensor by tensor in A's execution order and mark "
                                           "the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
     c.add_argument("a", help="trace A (safetensors)")
@@ -355,7 +360,8 @@ def add_cli_commands(subparsers):
 
 def main(argv=None):
     """`python -m stablelm_ref.trace {trace,compare} ...` (the same commands as `stablelm-ref`)."""
-    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.")
+    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.",
+                                     allow_abbrev=False)
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:

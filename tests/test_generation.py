@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stablelm_ref.errors import GenerationError
+from stablelm_ref.heads import StableLmForCausalLM
 from stablelm_ref.generation import (TextStreamer, apply_repetition_penalty, apply_temperature, apply_top_k,
                                      apply_top_p, generate, sample, softmax)
 
@@ -52,6 +53,32 @@ def test_greedy_left_padded_batch_equals_each_row_alone(variant):
     assert out.shape == (3, 7 + 6)
     for i, r in enumerate(rows):
         assert out[i, 7:].tolist() == greedy_reference(model, r, 6)[len(r):]
+
+
+def test_left_padded_rows_get_positions_that_skip_the_padding(monkeypatch):
+    """The positions the model receives: a row's real tokens are at 0, 1, 2, ... whatever its padding,
+    and each new token one further. (Rotary is relative, so arange positions that count the padding
+    change the logits only by rounding: the outputs alone cannot tell.)"""
+    model = tiny_model(seed=6, eos_token_id=None)
+    rows = [[5, 17, 33, 2, 90, 41, 7], [12, 8], [60, 61, 62, 63]]
+    ids, mask = left_pad(rows)
+    received = []
+    forward = StableLmForCausalLM.forward
+
+    def recording_forward(self, input_ids, **kw):
+        received.append((np.asarray(kw["position_ids"]), np.asarray(kw["attention_mask"])))
+        return forward(self, input_ids, **kw)
+
+    monkeypatch.setattr(StableLmForCausalLM, "forward", recording_forward)
+    new = 4
+    generate(model, ids, attention_mask=mask, max_new_tokens=new)
+    assert len(received) == new                                        # the prompt, then one step per token
+    prefill, steps = received[0], received[1:]
+    for i, r in enumerate(rows):
+        pad = ids.shape[1] - len(r)
+        assert prefill[0][i, pad:].tolist() == list(range(len(r)))     # real tokens from 0, padding skipped
+        assert [int(np.ravel(p[i])[-1]) for p, _ in steps] == list(range(len(r), len(r) + new - 1))
+        assert all(m[i, :pad].sum() == 0 and m[i, pad:].all() for _, m in steps)  # the padding stays masked
 
 
 def test_kv_cache_is_preallocated_and_logits_to_keep_is_1(model):

@@ -208,7 +208,7 @@ class _nothing:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--prefill-lens", default="512,2048")
     ap.add_argument("--prefill-reps", type=int, default=15)
     ap.add_argument("--profile-lens", default="", help="profile one of our forwards at these lengths")

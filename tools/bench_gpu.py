@@ -264,7 +264,8 @@ def ncu_summary(path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128, help="new tokens (decode steps = new - 1 + 1 warm)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")

@@ -91,7 +91,8 @@ def use_kernels(engine, k, retune):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
