@@ -34,7 +34,7 @@ from .tokenizer import Tokenizer
 # Beside the reference, which imports neither: fast_cpu registers model.fast() for the CPU
 # (fast_forms.py), trace attaches model.run_with_trace.
 from . import fast_cpu, trace  # noqa: E402,F401
-from .cuda import flash_prefill, fused  # noqa: E402,F401  (register the CUDA kernels for CuPy arrays; kernels.py)
+from .cuda import flash_prefill, fused  # noqa: E402,F401  (register the CUDA kernels for CuPy arrays; see kernels.py)
 
 __all__ = [
     "__version__", "DEFAULT_MODEL",

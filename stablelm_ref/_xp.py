@@ -1,10 +1,11 @@
-"""Small helpers shared by the concept files, each written once here (no model logic): array-API
-helpers, weight sub-dicts (subtree), and the trace callback's default (no_trace, scoped).
+"""Small array-API helpers shared by the concept files, each written once here (no model logic).
 
     softmax(x)_i     = exp(x_i - max x) / sum_j exp(x_j - max x)       in float32, or float64 for float64
     log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)      (both over the last axis)
     linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
     to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
+
+and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
 """
 
 from array_api_compat import array_namespace as _compat_array_namespace
@@ -52,25 +53,6 @@ def dtype_min(xp, dtype):
     return xp.finfo(dtype).min
 
 
-def subtree(params, prefix):
-    """{name: tensor} of the entries under `prefix`, with the prefix removed (picoGPT-style weights:
-    subtree(params, "model.layers.3.")["self_attn.q_proj.weight"] is model.layers.3.self_attn.q_proj.weight)."""
-    n = len(prefix)
-    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
-
-
-def no_trace(name, array):
-    """The default trace callback: records nothing (see trace.py for one that records)."""
-
-
-def scoped(trace, prefix):
-    """A trace callback that prefixes every name, so a layer can say "q_proj" for
-    model.layers.3.self_attn.q_proj; no_trace stays no_trace (tracing off costs one call per name)."""
-    if trace is no_trace:
-        return no_trace
-    return lambda name, array: trace(prefix + name, array)
-
-
 def softmax(x, dtype=None):
     """Softmax over the last axis, computed in wide_dtype (float32, or float64 in float64 mode) and returned
     as `dtype` (default: x's). Subtracting the max first keeps exp from overflowing; a -inf entry gives 0."""
@@ -92,3 +74,22 @@ def log_softmax(x):
 def to_host(a):
     """A CuPy array -> NumPy (a copy off the GPU); anything else unchanged."""
     return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+def subtree(params, prefix):
+    """{name: tensor} of the entries under `prefix`, with the prefix removed (picoGPT-style weights:
+    subtree(params, "model.layers.3.")["self_attn.q_proj.weight"] is model.layers.3.self_attn.q_proj.weight)."""
+    n = len(prefix)
+    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def no_trace(name, array):
+    """The default trace callback: records nothing (see trace.py for one that records)."""
+
+
+def scoped(trace, prefix):
+    """A trace callback that prefixes every name, so a layer can say "q_proj" for
+    model.layers.3.self_attn.q_proj; no_trace stays no_trace (tracing off costs one call per name)."""
+    if trace is no_trace:
+        return no_trace
+    return lambda name, array: trace(prefix + name, array)

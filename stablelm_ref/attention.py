@@ -31,7 +31,7 @@ Checkpoint tensors: model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}, ...o_
 """
 
 from . import kernels
-from ._xp import array_namespace, dtype_min, linear, no_trace, softmax  # softmax in float32 (float64 mode: float64)
+from ._xp import array_namespace, dtype_min, linear, no_trace, softmax  # softmax in float32 (float64 in float64 mode)
 from .layernorm import per_head_layer_norm
 from .rotary import apply_rotary
 

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, hub
-from ._xp import to_host
+from ._xp import no_trace, scoped, to_host
 from .config import StableLmConfig
-from ._xp import no_trace, scoped
 from .attention import causal_mask  # noqa: F401  (its home is attention.py; kept importable from here)
 from .decoder_layer import decoder_layer
 from .errors import GenerationError, StableLmError

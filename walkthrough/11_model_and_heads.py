@@ -58,8 +58,8 @@ def compose_by_hand(m, ids):
     B, T = ids.shape
     x = P["model.embed_tokens.weight"][ids]                               # [B, T, d]
     cos, sin = rotary_cos_sin(np.broadcast_to(np.arange(T), (B, T)), c, np.float64)  # [B, T, rotary_ndims]
-    for i in range(c.num_hidden_layers):                                  # causal, no padding
-        x = decoder_layer(x, subtree(P, f"model.layers.{i}."), c, cos, sin)  # [B, T, d]
+    for i in range(c.num_hidden_layers):   # no padding: attention builds the causal mask itself (05)
+        x = decoder_layer(x, subtree(P, f"model.layers.{i}."), c, cos, sin)   # [B, T, d]
     h = layer_norm(x, P["model.norm.weight"], P["model.norm.bias"], c.layer_norm_eps)
     return h @ m.lm_head_weight.T                                         # [B, T, V]
 
