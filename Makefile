@@ -63,7 +63,7 @@ goldens: $(VENV)/.crosscheck
 	$(PYTHON) tools/make_goldens.py --out tests/goldens
 
 walkthrough: $(VENV)/.plots
-	MPLBACKEND=Agg $(PYTHON) tools/run_walkthrough.py
+	MPLBACKEND=Agg STABLELM_SHARED=$(SHARED) $(PYTHON) tools/run_walkthrough.py $(WALK_ARGS)
 
 # >= 10,000 generated hostile inputs (tests/test_hostile_input.py); `make test` runs a few hundred of them
 fuzz: $(VENV)/.test

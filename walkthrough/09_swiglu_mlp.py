@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 08 · The SwiGLU MLP
+# # 09 · The SwiGLU MLP
 #
 # After attention mixes information *between* tokens, the MLP transforms each token on its own. StableLM
 # uses a gated linear unit with the SiLU ("swish") activation, three bias-free matrices:
@@ -88,4 +88,4 @@ for name in ("gate_proj", "up_proj", "act"):
     axes[2].hist(values, bins=120, histtype="step", density=True, label=name)
 axes[2].set(title=f"layer {last} of the {run.name}", yscale="log", xlabel="value")
 axes[2].legend(fontsize=8)
-savefig(fig, "08_swiglu_mlp")
+savefig(fig, "09_swiglu_mlp")
