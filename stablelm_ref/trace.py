@@ -45,8 +45,9 @@ import numpy as np
 from . import checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
-from .errors import CheckpointError, StableLmError, TokenizerError
+from .errors import CheckpointError, StableLmError
 from .heads import StableLmForCausalLM
+from .tokenizer import Tokenizer
 
 TRACE_FORMAT = "stablelm-ref-trace/1"
 
@@ -266,14 +267,7 @@ def _parse_ids(text):
 
 
 def _encode(model_dir, text):
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError as e:
-        raise TokenizerError(f"--text needs stablelm_ref.tokenizer, which is unavailable ({e}); "
-                             "tokenize elsewhere and pass --ids 1,2,3 instead") from None
-    encoded = Tokenizer.from_pretrained(model_dir).encode(text)
-    ids = getattr(encoded, "ids", encoded)
-    return [int(i) for i in (ids[0] if ids and isinstance(ids[0], (list, tuple)) else ids)]
+    return [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
 
 
 def load_for_trace(model, dtype, device):
