@@ -31,9 +31,8 @@ from .kv_cache import KVCache
 from .model import StableLmModel, StableLmPreTrainedModel
 from .tokenizer import Tokenizer
 
-# Beside the reference, which imports neither: fast_cpu registers model.fast() for the CPU
-# (fast_forms.py), trace attaches model.run_with_trace.
-from . import fast_cpu, trace  # noqa: E402,F401
+# Beside the reference, which does not import it: fast_cpu registers model.fast() for the CPU (fast_forms.py).
+from . import fast_cpu  # noqa: E402,F401
 
 __all__ = [
     "__version__", "DEFAULT_MODEL",

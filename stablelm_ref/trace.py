@@ -27,9 +27,8 @@ without the order metadata its names are taken in sorted order.
     stablelm-ref compare a.safetensors b.safetensors          # exit 0: all agree, 1: a divergence
 
 Tracing costs nothing when off: the model calls `trace(name, array)` only when a callback is given.
-The reference model does not import this file: importing it (stablelm_ref/__init__.py does) attaches
-run_with_trace to StableLmForCausalLM as a method, so `model.run_with_trace(ids)` is
-`run_with_trace(model, ids)`.
+Recording is the model's own `run_with_trace` (heads.py); this file, which the model does not import,
+writes, reads and compares the records.
 """
 
 from __future__ import annotations
@@ -83,23 +82,9 @@ def _host(a):
     return np.asarray(to_host(a))
 
 
-def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
-    """One forward pass of a StableLmForCausalLM, recording every intermediate.
-
-    Returns (logits as a host array [B, T, vocab], {name: host array} in execution order)."""
-    recorded = {}
-
-    def record(name, array):
-        if name in recorded:  # a name recorded twice would silently hide the first value
-            raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
-        recorded[name] = _host(array)
-
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
-    return _host(out.logits), recorded
-
-
-# `model.run_with_trace(ids, ...)`: attached here so that heads.py never imports this file
-StableLmForCausalLM.run_with_trace = run_with_trace
+# run_with_trace(model, ids, attention_mask=None, position_ids=None) -> (logits, {name: host array}) is
+# the model's own method (heads.py, like TransformerLens' run_with_cache): the same function, named here.
+run_with_trace = StableLmForCausalLM.run_with_trace
 
 
 # ---- files --------------------------------------------------------------------------------------

@@ -153,6 +153,17 @@ def test_the_reference_imports_no_fast_form_trace_or_cli(reference):
         assert other not in below, f"{reference} reaches {other}: " + ", ".join(sorted(below))
 
 
+@pytest.mark.parametrize("module", ["stablelm_ref.cli", "stablelm_ref.trace"])
+def test_python_dash_m_runs_the_module_once(module):
+    """`python -m stablelm_ref.trace` (docs/tracing.md) must not find its module already imported by the
+    package's __init__ (runpy warns, and the module would run twice): the package does not import them."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-W", "error", "-m", module, "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=PACKAGE_DIR.parent)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
 def test_public_names_at_the_top():
     import stablelm_ref
     from stablelm_ref.generation import TextStreamer
