@@ -31,8 +31,10 @@ from .kv_cache import KVCache
 from .model import StableLmModel, StableLmPreTrainedModel
 from .tokenizer import Tokenizer
 
-# Beside the reference, which does not import it: fast_cpu registers model.fast() for the CPU (fast_forms.py).
+# Beside the reference, which imports none of them: fast_cpu registers model.fast() for the CPU
+# (fast_forms.py), the CUDA kernel modules register themselves for CuPy arrays (kernels.py).
 from . import fast_cpu  # noqa: E402,F401
+from .cuda import flash_prefill, fused  # noqa: E402,F401
 
 __all__ = [
     "__version__", "DEFAULT_MODEL",

@@ -4,9 +4,26 @@
     log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)      (both over the last axis)
     linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
     to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
+
+and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
 """
 
-from array_api_compat import array_namespace  # noqa: F401  (re-exported for the concept files)
+from array_api_compat import array_namespace as _compat_array_namespace
+
+_NAMESPACE_OF_TYPE: dict = {}
+
+
+def array_namespace(*arrays):
+    """array_api_compat.array_namespace, remembered per array type for the one-array case: the concept
+    files ask it on every call, and it inspects its argument each time (several microseconds, hundreds
+    of times per forward)."""
+    if len(arrays) != 1:
+        return _compat_array_namespace(*arrays)
+    kind = type(arrays[0])
+    xp = _NAMESPACE_OF_TYPE.get(kind)
+    if xp is None:
+        xp = _NAMESPACE_OF_TYPE[kind] = _compat_array_namespace(arrays[0])
+    return xp
 
 
 def wide_dtype(xp, dtype):
@@ -57,3 +74,22 @@ def log_softmax(x):
 def to_host(a):
     """A CuPy array -> NumPy (a copy off the GPU); anything else unchanged."""
     return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+def subtree(params, prefix):
+    """{name: tensor} of the entries under `prefix`, with the prefix removed (picoGPT-style weights:
+    subtree(params, "model.layers.3.")["self_attn.q_proj.weight"] is model.layers.3.self_attn.q_proj.weight)."""
+    n = len(prefix)
+    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def no_trace(name, array):
+    """The default trace callback: records nothing (see trace.py for one that records)."""
+
+
+def scoped(trace, prefix):
+    """A trace callback that prefixes every name, so a layer can say "q_proj" for
+    model.layers.3.self_attn.q_proj; no_trace stays no_trace (tracing off costs one call per name)."""
+    if trace is no_trace:
+        return no_trace
+    return lambda name, array: trace(prefix + name, array)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import array_namespace, linear, log_softmax, to_host, wide_dtype
+from . import kernels
+from ._xp import array_namespace, linear, log_softmax, no_trace, to_host, wide_dtype
 from .errors import GenerationError, StableLmError
 from .model import StableLmModel, StableLmPreTrainedModel
 
@@ -69,7 +70,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 labels=None, logits_to_keep=0, output_hidden_states=False, trace=None):
         """logits [B, T', vocab] with T' = T, or the last `logits_to_keep` positions (an int > 0), or the
-        positions listed (a 1-D index array). `trace(name, array)` is called with each intermediate."""
+        positions listed (a 1-D index array). `trace(name, array)` is called with each intermediate (names in
+        trace.py; attn_weights is None where a fused attention kernel ran: run_with_trace runs the reference)."""
         out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
@@ -88,8 +90,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             h = xp.take(h, xp.asarray(keep), axis=1)                        # [B, len(keep), hidden]
             every_position = np.array_equal(keep, np.arange(t))
         out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
-        if trace is not None:
-            trace("lm_head", out.logits)
+        (trace or no_trace)("lm_head", out.logits)
         if labels is not None:
             if not every_position:  # the loss pairs logits[t] with labels[t + 1], for every t in order
                 raise GenerationError("labels need logits for every position: leave logits_to_keep at 0")
@@ -106,7 +107,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                 raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
             recorded[name] = np.asarray(to_host(array))
 
-        out = self(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
+        with kernels.reference_only():  # fused kernels never form the attention weights; the reference does
+            out = self(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
         return np.asarray(to_host(out.logits)), recorded
 
     def generate(self, input_ids, **kwargs):

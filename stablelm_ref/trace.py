@@ -26,7 +26,8 @@ without the order metadata its names are taken in sorted order.
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
     stablelm-ref compare a.safetensors b.safetensors          # exit 0: all agree, 1: a divergence
 
-Tracing costs nothing when off: the model calls `trace(name, array)` only when a callback is given.
+Tracing costs next to nothing when off: the default callback (_xp.no_trace) does nothing. A recording runs
+the array-API reference of every seam (kernels.reference_only), so a GPU trace holds the attention weights too.
 Recording is the model's own `run_with_trace` (heads.py); this file, which the model does not import,
 writes, reads and compares the records.
 """

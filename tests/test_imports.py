@@ -149,7 +149,7 @@ def test_the_reference_imports_no_fast_form_trace_or_cli(reference):
     below = reachable(import_graph(), reference)
     assert reference != "stablelm_ref.heads" or "stablelm_ref.model" in below   # the walk does walk
     for other in ("stablelm_ref.fast_cpu", "stablelm_ref.trace", "stablelm_ref.cli", "stablelm_ref.cuda.decode_engine",
-                  "stablelm_ref"):
+                  "stablelm_ref.cuda.flash_prefill", "stablelm_ref.cuda.fused", "stablelm_ref"):
         assert other not in below, f"{reference} reaches {other}: " + ", ".join(sorted(below))
 
 

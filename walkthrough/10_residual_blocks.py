@@ -19,12 +19,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from _common import load_default_or_tiny, record, savefig, show_source, tiny_model
+from stablelm_ref._xp import subtree
 from stablelm_ref.attention import attention
 from stablelm_ref.checkpoint import expected_shapes
 from stablelm_ref.decoder_layer import decoder_layer
 from stablelm_ref.layernorm import layer_norm
 from stablelm_ref.mlp import mlp
-from stablelm_ref.model import causal_mask
 from stablelm_ref.rotary import rotary_cos_sin
 
 show_source(decoder_layer)
@@ -47,20 +47,19 @@ for parallel in (False, True):
     seen, _ = record(model, ids)
     x = seen["model.embed_tokens"]
     cos, sin = rotary_cos_sin(np.arange(ids.shape[1])[None, :], cfg, np.float64)
-    mask = causal_mask(None, 1, ids.shape[1], 0, np)
     eps, p = cfg.layer_norm_eps, "model.layers.0."
 
     def ln(v, name):
         return layer_norm(v, P[p + name + ".weight"], P[p + name + ".bias"], eps)
 
-    a = attention(ln(x, "input_layernorm"), P, p + "self_attn.", cfg, cos, sin, mask)
+    a = attention(ln(x, "input_layernorm"), subtree(P, p + "self_attn."), cfg, cos, sin)  # causal, no padding
     if parallel:
-        y = x + a + mlp(ln(x, "input_layernorm"), P, p + "mlp.", "silu")
+        y = x + a + mlp(ln(x, "input_layernorm"), subtree(P, p + "mlp."), "silu")
     else:
         h = x + a
-        y = h + mlp(ln(h, "post_attention_layernorm"), P, p + "mlp.", "silu")
+        y = h + mlp(ln(h, "post_attention_layernorm"), subtree(P, p + "mlp."), "silu")
     np.testing.assert_allclose(seen["model.layers.0"], y, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(decoder_layer(x, P, 0, cfg, cos, sin, mask), y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(decoder_layer(x, subtree(P, p), cfg, cos, sin), y, rtol=0, atol=1e-12)
     for i in range(cfg.num_hidden_layers):
         inp = seen["model.embed_tokens"] if i == 0 else seen[f"model.layers.{i - 1}"]
         out = inp + seen[f"model.layers.{i}.self_attn.o_proj"] + seen[f"model.layers.{i}.mlp.down_proj"]

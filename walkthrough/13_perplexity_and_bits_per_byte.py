@@ -26,7 +26,6 @@ import math
 import os
 
 import matplotlib.pyplot as plt
-import ml_dtypes  # noqa: F401
 import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer

@@ -116,7 +116,7 @@ def show_source(obj, start=None, stop=None):
         i = next(n for n, line in enumerate(lines) if start in line)
         j = next((n for n in range(i, len(lines)) if stop is not None and stop in lines[n]), len(lines) - 1)
         lines = lines[i: j + 1]
-    where = f"{inspect.getsourcefile(obj)}".replace(str(ROOT) + os.sep, "")
+    where = f"{inspect.getsourcefile(inspect.unwrap(obj))}".replace(str(ROOT) + os.sep, "")  # seams wrap their reference
     print(f"# --- {where} :: {getattr(obj, '__qualname__', obj)}")
     print("\n".join(lines))
 
@@ -181,8 +181,8 @@ def fingerprint(fig):
             entry["style"].append([colour(line.get_color()), str(line.get_linestyle()), str(line.get_marker())])
             entry["data"].append(_numbers(line.get_xydata()))
         for im in ax.images:
-            entry["style"].append([im.get_cmap().name, *[float(f"{v:.4g}") for v in im.get_clim()]])
-            entry["data"].append(_numbers(im.get_array()))
+            entry["style"].append([im.get_cmap().name])
+            entry["data"] += [_numbers(im.get_array()), _numbers(im.get_clim())]   # autoscaled limits: data
         for patch in ax.patches:
             entry["style"].append([colour(patch.get_facecolor())])
             entry["data"].append(_numbers(patch.get_patch_transform().transform(patch.get_path().vertices)))
@@ -235,7 +235,8 @@ def _write_png(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, dpi=90, format="png")
     buf.seek(0)
-    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE,
+                                          dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def savefig(fig, name):
