@@ -1,7 +1,8 @@
 """One decoder layer: a sequential or a parallel residual block.
 
     sequential (3b-4e1t, 2-1.6b):   h = x + attn(ln1(x));    y = h + mlp(ln2(h))
-    parallel   (2-12b):             y = x + attn(ln1(x)) + mlp(ln1(x))     (one LayerNorm, GPT-NeoX style)
+    parallel   (2-12b):             y = x + attn(ln1(x)) + mlp(ln1(x))     (one LayerNorm: GPT-J's form;
+                                    GPT-NeoX's parallel residual has two)
 
 Config: use_parallel_residual, layer_norm_eps.
 Checkpoint tensors: model.layers.{i}.input_layernorm.{weight,bias},

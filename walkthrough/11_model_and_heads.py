@@ -47,9 +47,9 @@ def log_softmax_by_hand(z):                                          # float64, 
 # forward against plain NumPy written without any of the package's functions.
 
 # %%
+from stablelm_ref._xp import subtree  # noqa: E402
 from stablelm_ref.decoder_layer import decoder_layer  # noqa: E402
 from stablelm_ref.layernorm import layer_norm  # noqa: E402
-from stablelm_ref.model import causal_mask  # noqa: E402
 from stablelm_ref.rotary import rotary_cos_sin  # noqa: E402
 
 
@@ -58,9 +58,8 @@ def compose_by_hand(m, ids):
     B, T = ids.shape
     x = P["model.embed_tokens.weight"][ids]                               # [B, T, d]
     cos, sin = rotary_cos_sin(np.broadcast_to(np.arange(T), (B, T)), c, np.float64)  # [B, T, rotary_ndims]
-    mask = causal_mask(None, B, T, 0, np)                                 # [B, 1, T, T]
-    for i in range(c.num_hidden_layers):
-        x = decoder_layer(x, P, i, c, cos, sin, mask)                     # [B, T, d]
+    for i in range(c.num_hidden_layers):   # no padding: attention builds the causal mask itself (05)
+        x = decoder_layer(x, subtree(P, f"model.layers.{i}."), c, cos, sin)   # [B, T, d]
     h = layer_norm(x, P["model.norm.weight"], P["model.norm.bias"], c.layer_norm_eps)
     return h @ m.lm_head_weight.T                                         # [B, T, V]
 
