@@ -31,10 +31,11 @@ from .kv_cache import KVCache
 from .model import StableLmModel, StableLmPreTrainedModel
 from .tokenizer import Tokenizer
 
-# Beside the reference, which imports neither: fast_cpu registers model.fast() for the CPU
-# (fast_forms.py), trace attaches model.run_with_trace.
-from . import fast_cpu, trace  # noqa: E402,F401
-from .cuda import flash_prefill, fused  # noqa: E402,F401  (register the CUDA kernels for CuPy arrays; see kernels.py)
+# Beside the reference, which imports none of them: fast_cpu and fast_gpu register model.fast() for the
+# CPU and the GPU (fast_forms.py; fast_gpu imports no CuPy until used), the CUDA kernel modules register
+# themselves for CuPy arrays (kernels.py).
+from . import fast_cpu, fast_gpu  # noqa: E402,F401
+from .cuda import flash_prefill, fused  # noqa: E402,F401
 
 __all__ = [
     "__version__", "DEFAULT_MODEL",

@@ -17,7 +17,7 @@ directory or its Hub cache blobs/, never a FIFO or a device), the header is size
 read and parsed with bounded_io's JSON bounds, and the weights meet the memory guard before any is read.
 
 `pytorch_model.bin` and other pickle files are refused, never opened: unpickling runs code.
-Checkpoint names follow transformers (see FACTS.md); `expected_shapes` lists them for a config.
+Checkpoint names follow transformers' modeling_stablelm.py; `expected_shapes` lists them for a config.
 """
 
 from __future__ import annotations

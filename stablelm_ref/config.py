@@ -238,14 +238,19 @@ class StableLmConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "StableLmConfig":
-        """Read `config.json` from a model directory (or the path of the file itself)."""
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> "StableLmConfig":
+        """Read `config.json` from the path of the file itself, or from a model named as the models'
+        from_pretrained accepts it (a directory, a Hub repo id, "stablelm-ref:default"; hub.model_directory),
+        where it must lie inside the model directory (bounded_io)."""
         if not isinstance(path, (str, os.PathLike)):
-            raise ConfigError(f"give a model directory or the path of a config.json, got {path!r}")
+            raise ConfigError(f"give a model directory, a Hub repo id or the path of a config.json, got {path!r}")
         path = os.fspath(path)
-        if os.path.isdir(path):
-            return cls.from_json_file(os.path.join(path, "config.json"), root=path)
-        return cls.from_json_file(path)
+        if os.path.isfile(path):
+            return cls.from_json_file(path)
+        from . import hub
+
+        directory = hub.model_directory(path, error=ConfigError, **hub_kwargs)
+        return cls.from_json_file(os.path.join(directory, "config.json"), root=directory)
 
     def to_dict(self) -> dict:
         """The current (transformers 5.x) config.json form, which transformers loads."""

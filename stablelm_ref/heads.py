@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from ._xp import array_namespace, linear, log_softmax, no_trace, to_host, wide_dtype
-from .errors import GenerationError
+from .errors import GenerationError, StableLmError
 from .model import StableLmModel, StableLmPreTrainedModel
 
 IGNORE_INDEX = -100
@@ -76,9 +77,7 @@ def causal_lm_loss(logits, labels, vocab_size):
 
 
 class StableLmForCausalLM(StableLmPreTrainedModel):
-    """StableLM with the language-modelling head: next-token logits, loss, and generate().
-
-    `run_with_trace(ids)` (every named intermediate) is attached by trace.py, which this file does not import."""
+    """StableLM with the language-modelling head: next-token logits, loss, generate() and run_with_trace()."""
 
     head = "causal_lm"
 
@@ -121,6 +120,20 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
         return out
 
+    def run_with_trace(self, input_ids, attention_mask=None, position_ids=None):
+        """One forward pass recording every named intermediate: (logits [B, T, vocab], {name: array}), host
+        (NumPy) arrays in execution order. trace.py writes such records to files and compares them."""
+        recorded = {}
+
+        def record(name, array):
+            if name in recorded:  # a name recorded twice would silently hide the first value
+                raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
+            recorded[name] = np.asarray(to_host(array))
+
+        with kernels.reference_only():  # fused kernels never form the attention weights; the reference does
+            out = self(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
+        return np.asarray(to_host(out.logits)), recorded
+
     def generate(self, input_ids, **kwargs):
         """Greedy or sampled continuation; see generation.generate for the arguments."""
         from .generation import generate
@@ -128,9 +141,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
     def fast(self):
-        """The same forward restructured for CPU speed (fast_cpu.FastCpuModel: fused weights, preallocated
-        buffers), called exactly like this model. Its fused matrices hold the weights; self.params become
-        views of them (same values, not stored twice). NumPy float32/float64 only."""
+        """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
+        weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
+        model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
+        weights; self.params become views of them (same values, not stored twice)."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:

@@ -5,9 +5,9 @@
     model_directory("stabilityai/stablelm-3b-4e1t")  -> snapshot(...), below
     snapshot("stabilityai/stablelm-3b-4e1t") -> ~/.cache/huggingface/hub/models--stabilityai--stablelm-3b-4e1t/snapshots/<commit>/
 
-`model_directory` is what every from_pretrained (models, Tokenizer) and the CLI's --model go through.
-The name of the embedded default model has a colon, which no Hub repo id can hold, so it never shadows
-a repository; a local directory of any name is taken as it is.
+`model_directory` is what every from_pretrained (models, Tokenizer, StableLmConfig) and the CLI's
+--model go through. The name of the embedded default model has a colon, which no Hub repo id can hold,
+so it never shadows a repository; a local directory of any name is taken as it is.
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and

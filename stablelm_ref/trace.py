@@ -28,9 +28,8 @@ without the order metadata its names are taken in sorted order.
 
 Tracing costs next to nothing when off: the default callback (_xp.no_trace) does nothing. A recording runs
 the array-API reference of every seam (kernels.reference_only), so a GPU trace holds the attention weights too.
-The reference model does not import this file: importing it (stablelm_ref/__init__.py does) attaches
-run_with_trace to StableLmForCausalLM as a method, so `model.run_with_trace(ids)` is
-`run_with_trace(model, ids)`.
+Recording is the model's own `run_with_trace` (heads.py); this file, which the model does not import,
+writes, reads and compares the records.
 """
 
 from __future__ import annotations
@@ -43,11 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import bounded_io, checkpoint, hub, kernels
+from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
-from .errors import CheckpointError, StableLmError, TokenizerError
+from .errors import CheckpointError, StableLmError
 from .heads import StableLmForCausalLM
+from .tokenizer import Tokenizer
 
 TRACE_FORMAT = "stablelm-ref-trace/1"
 
@@ -83,24 +83,9 @@ def _host(a):
     return np.asarray(to_host(a))
 
 
-def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
-    """One forward pass of a StableLmForCausalLM, recording every intermediate.
-
-    Returns (logits as a host array [B, T, vocab], {name: host array} in execution order)."""
-    recorded = {}
-
-    def record(name, array):
-        if name in recorded:  # a name recorded twice would silently hide the first value
-            raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
-        recorded[name] = _host(array)
-
-    with kernels.reference_only():  # fused kernels never form the attention weights; the reference does
-        out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
-    return _host(out.logits), recorded
-
-
-# `model.run_with_trace(ids, ...)`: attached here so that heads.py never imports this file
-StableLmForCausalLM.run_with_trace = run_with_trace
+# run_with_trace(model, ids, attention_mask=None, position_ids=None) -> (logits, {name: host array}) is
+# the model's own method (heads.py, like TransformerLens' run_with_cache): the same function, named here.
+run_with_trace = StableLmForCausalLM.run_with_trace
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -273,14 +258,7 @@ def _parse_ids(text):
 
 
 def _encode(model_dir, text):
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError as e:
-        raise TokenizerError(f"--text needs stablelm_ref.tokenizer, which is unavailable ({e}); "
-                             "tokenize elsewhere and pass --ids 1,2,3 instead") from None
-    encoded = Tokenizer.from_pretrained(model_dir).encode(text)
-    ids = getattr(encoded, "ids", encoded)
-    return [int(i) for i in (ids[0] if ids and isinstance(ids[0], (list, tuple)) else ids)]
+    return [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
 
 
 def load_for_trace(model, dtype, device):

@@ -227,3 +227,6 @@ def test_trace_defaults_to_the_embedded_model(tmp_path, capsys, monkeypatch):
     logits, expected = run_with_trace(StableLmForCausalLM.from_pretrained(d), [[5, 6, 7]])
     np.testing.assert_array_equal(trace["lm_head"], logits)     # the same model, the same float32 forward
     assert list(trace) == list(expected)
+    code, _, err = main(capsys, "trace", "--text", "The weather", "--dtype", "float32", "--out", out_file)
+    assert code == 0, err
+    assert read_trace(out_file)[1]["ids"] == [Tokenizer.from_pretrained(d).encode("The weather")]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from stablelm_ref import StableLmForCausalLM, hub
+from stablelm_ref import StableLmConfig, StableLmForCausalLM, hub
 from stablelm_ref.errors import HubError
 from stablelm_ref.tokenizer import Tokenizer
 
@@ -141,6 +141,7 @@ def test_model_and_tokenizer_load_from_a_hub_cache_offline(monkeypatch, tmp_path
     assert hub.cached_snapshot("acme/tiny", ("config.json", "model.safetensors"), cache_dir=cache) == snap
     assert hub.cached_snapshot("acme/other", cache_dir=cache) is None
     loaded = StableLmForCausalLM.from_pretrained("acme/tiny", cache_dir=cache)
+    assert StableLmConfig.from_pretrained("acme/tiny", cache_dir=cache).to_dict() == model.config.to_dict()
     for name, value in model.params.items():
         np.testing.assert_array_equal(loaded.params[name], value)
     tok = Tokenizer.from_pretrained("acme/tiny", cache_dir=cache)
@@ -163,6 +164,7 @@ def test_the_default_model_name_loads_from_any_directory(monkeypatch, tmp_path):
     assert os.path.samefile(hub.DEFAULT_MODEL_DIR, os.path.join(os.path.dirname(hub.__file__), "default_model"))
     model = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
+    assert StableLmConfig.from_pretrained(DEFAULT_MODEL) == model.config
     assert model.config.vocab_size >= tok.vocab_size > 256                # the 4096-token BPE, not a stub
     by_path = StableLmForCausalLM.from_pretrained(hub.DEFAULT_MODEL_DIR)
     assert model.params.keys() == by_path.params.keys()

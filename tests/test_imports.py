@@ -149,8 +149,19 @@ def test_the_reference_imports_no_fast_form_trace_or_cli(reference):
     below = reachable(import_graph(), reference)
     assert reference != "stablelm_ref.heads" or "stablelm_ref.model" in below   # the walk does walk
     for other in ("stablelm_ref.fast_cpu", "stablelm_ref.trace", "stablelm_ref.cli", "stablelm_ref.cuda.decode_engine",
-                  "stablelm_ref"):
+                  "stablelm_ref.cuda.flash_prefill", "stablelm_ref.cuda.fused", "stablelm_ref"):
         assert other not in below, f"{reference} reaches {other}: " + ", ".join(sorted(below))
+
+
+@pytest.mark.parametrize("module", ["stablelm_ref.cli", "stablelm_ref.trace"])
+def test_python_dash_m_runs_the_module_once(module):
+    """`python -m stablelm_ref.trace` (docs/tracing.md) must not find its module already imported by the
+    package's __init__ (runpy warns, and the module would run twice): the package does not import them."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-W", "error", "-m", module, "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=PACKAGE_DIR.parent)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
 
 
 def test_public_names_at_the_top():

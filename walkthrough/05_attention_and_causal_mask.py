@@ -19,7 +19,7 @@ import numpy as np
 
 from _common import load_default_or_tiny, record, savefig, show_source
 from stablelm_ref.attention import scaled_dot_product_attention, softmax
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(causal_mask)
 show_source(softmax)

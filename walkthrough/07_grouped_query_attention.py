@@ -19,7 +19,7 @@ import numpy as np
 from _common import FAMILY, family_config, savefig, show_source, tiny_model
 from stablelm_ref.attention import scaled_dot_product_attention
 from stablelm_ref.kv_cache import KVCache
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(scaled_dot_product_attention, "group = heads", "scores = ")
 

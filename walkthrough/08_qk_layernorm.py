@@ -26,7 +26,7 @@ from stablelm_ref.attention import attention
 from stablelm_ref.layernorm import layer_norm, per_head_layer_norm
 
 show_source(per_head_layer_norm)
-show_source(attention, "if config.qk_layernorm", 'trace(prefix + "q_layernorm"')
+show_source(attention, "if config.qk_layernorm", 'trace("q_layernorm"')
 
 # %% [markdown]
 # ## Checks

@@ -62,7 +62,8 @@ print(f"{total_tokens:,} predicted tokens spell {total_bytes:,} bytes: {total_by
 # ## The loss, recomputed: nats → bits → bytes
 #
 # By default the first 16 windows (8% of the tokens; about half a minute on two cores); `STABLELM_WALK_FULL=1`
-# runs all 194 (several minutes) and then checks the card's figure itself. The loss is taken from the logits by
+# runs all 194 (about two minutes of one core: 113 s measured, reproducing 3.2428 nats and 1.4462 bits per
+# byte) and then checks the card's figure itself. The loss is taken from the logits by
 # hand (log-softmax written out in float64), not from the package's loss function, and compared with both the
 # model's own `loss` and the card. The bound is the one of tests/test_default_model.py: the card was measured in
 # float32 on a GPU, a float32 recomputation on a CPU differs only by summation order (~1e-6 relative on a mean

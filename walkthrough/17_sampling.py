@@ -29,7 +29,7 @@ from stablelm_ref.generation import (apply_repetition_penalty, apply_temperature
 
 for fn in (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, sample, process_logits):
     show_source(fn)
-show_source(generation.generate, "scores = process_logits(", "next_ids = np.argmax(")
+show_source(generation.generate, "scores = process_logits(", "next_dev = xp.argmax(")
 
 # %% [markdown]
 # ## One real distribution

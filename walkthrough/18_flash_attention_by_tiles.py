@@ -32,7 +32,7 @@ import numpy as np
 from _common import load_default_or_tiny, record, savefig, show_source  # first: puts the checkout on sys.path
 import stablelm_ref
 from stablelm_ref.attention import scaled_dot_product_attention
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(scaled_dot_product_attention)
 
