@@ -6,7 +6,7 @@ PYTHON  := $(BIN)/python
 PIP     := $(PYTHON) -m pip -q --disable-pip-version-check
 SHARED  ?= ../shared
 
-.PHONY: help install test crosscheck goldens demo walkthrough bench bench-gpu test-gpu fuzz clean
+.PHONY: help install test crosscheck goldens demo walkthrough bench bench-llama bench-gpu test-gpu fuzz clean
 
 help:
 	@echo "make test         create .venv, install .[test], run the test suite (CPU)"
@@ -15,6 +15,7 @@ help:
 	@echo "make goldens      rebuild tests/goldens/ with transformers"
 	@echo "make walkthrough  run every walkthrough chapter, drawing walkthrough/figures/"
 	@echo "make bench        CPU speed against transformers (tools/bench_cpu.py)"
+	@echo "make bench-llama  CPU speed against llama.cpp f32 and transformers (tools/bench_llama.py; builds llama.cpp once)"
 	@echo "make bench-gpu    GPU speed against transformers (needs an NVIDIA GPU)"
 	@echo "make test-gpu     the GPU tests (tests/gpu; skipped without a GPU)"
 	@echo "make fuzz         the long hostile-input fuzzing run"
@@ -53,6 +54,11 @@ $(VENV)/.bench: $(VENV)/.test
 # the benchmark runs as a user's machine would, and prints which OpenBLAS kernel ran.
 bench: $(VENV)/.bench
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_cpu.py $(BENCH_ARGS)
+
+# llama.cpp (pinned, from the llama-cpp-python source distribution) built once into ~/.cache/stablelm-ref
+# (about 12 minutes on two cores; needs cmake and a C++ compiler), then every side on the same checkpoint
+bench-llama: $(VENV)/.bench
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_llama.py $(BENCH_ARGS)
 
 demo: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"

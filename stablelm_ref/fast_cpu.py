@@ -57,7 +57,6 @@ from .model import ModelOutput, _to_host, causal_mask
 from .rotary import rotary_cos_sin
 
 QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
-SILU_CLIP = 80.0           # silu(z) = z / (1 + exp(-z)): -z clipped so exp stays finite (|error| < 1e-33)
 
 
 def _fuse_transposed(params, names):
@@ -164,12 +163,13 @@ class _Layer:
 
 
 class _Work:
-    """Buffers for one (batch, new tokens) shape, reused by every layer and every call of that shape."""
+    """Buffers for one (batch, new tokens) shape, reused by every layer and every call of that shape, and
+    the views of them each layer reads (made once here: a view costs as much as a ufunc call on a vector)."""
 
     def __init__(self, b, t, config, dtype):
         h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
         heads, kv, rd = config.num_attention_heads, config.num_key_value_heads, config.rotary_ndims
-        n, qkv = b * t, (heads + 2 * kv) * d
+        n, qkv, half = b * t, (heads + 2 * kv) * d, rd // 2
         e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
         self.x = e(n, h)                           # the residual stream
         self.h = e(n, h)                           # LayerNorm output
@@ -179,18 +179,53 @@ class _Work:
         self.inp = e(n, qkv + (2 * inter if parallel else 0))       # the first GEMM's output
         self.qkv = self.inp[:, :qkv]               # [B*T, (H+2KVH) D]
         self.gu = self.inp[:, qkv:] if parallel else e(n, 2 * inter)
-        self.rot = e(b, t, heads + kv, 2, rd // 2)  # rotary scratch: swap(x) sin+-
+        self.gate, self.up = self.gu[:, :inter], self.gu[:, inter:]
+        heads_all = self.qkv.reshape(b, t, heads + 2 * kv, d)       # [B, T, H+2KVH, D] views from here on
+        self.qk = heads_all[:, :, :heads + kv]     # [B, T, H+KVH, D]: rotated (and qk-normed) in place
+        self.q = heads_all[:, :, :heads]           # [B, T, H, D]
+        self.k_new = heads_all[:, :, heads:heads + kv].transpose(0, 2, 1, 3)   # [B, KVH, T, D]
+        self.v_new = heads_all[:, :, heads + kv:].transpose(0, 2, 1, 3)
+        self.q_groups = self.q.reshape(b, t, kv, heads // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
+        # rotary: x[:d] <- x[:d] cos + [x2, x1] [-sin, sin], x1 and x2 the halves of x[:d] of each q and k head
+        self.rot_x = self.qk[..., :rd]             # [B, T, H+KVH, d]
+        st = self.rot_x.strides                    # [x2, x1]: x2 then, half a row back, x1
+        self.rot_swapped = as_strided(self.rot_x[..., half:], (b, t, heads + kv, 2, half),
+                                      st[:3] + (-half * st[3], st[3]), writeable=False)
+        self.rot = e(b, t, heads + kv, 2, half)    # [x2, x1] [-sin, sin]
+        self.rot_flat = self.rot.reshape(b, t, heads + kv, rd)
         self.cos = e(b, t, rd)
-        self.sin = e(b, t, rd)                     # [-sin, sin] halves
+        self.sin = e(b, t, rd)                     # [-sin, sin]: sin with its first half negated
+        self.cos_heads = self.cos[:, :, None, :]   # [B, T, 1, d]
+        self.sin_pairs = self.sin.reshape(b, t, 1, 2, half)
         self.head_stat = e(b, t, heads + kv, 1)    # qk LayerNorm statistics
         self.head_sq = e(b, t, heads + kv, d) if config.qk_layernorm else None
         self.attn = e(n, heads * d)                # attention output, [B, T, H, D] order
+        self.attn_groups = self.attn.reshape(b, t, kv, heads // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
         self.o = e(n, h)
         self.act = e(n, inter)
         self.tmp = e(n, inter)
         self.scores = e(0)                         # [B, KVH, G, T', S'], grown as S grows
         self.row_max = e(b * heads * min(t, QUERY_BLOCK))
         self.row_sum = e(b * heads * min(t, QUERY_BLOCK))
+
+    def attention_blocks(self, past, blocked, causal_only):
+        """[(queries, out, S, scores, row max, row sum, mask)] per block of QUERY_BLOCK queries, for this call:
+        without padding (causal_only) queries q0..q1-1 read keys 0..past+q1-1 only, the rest never computed."""
+        b, kv, group, t, d = self.q_groups.shape
+        blocks = []
+        for q0 in range(0, t, QUERY_BLOCK):
+            q1 = min(q0 + QUERY_BLOCK, t)
+            s = past + q1 if causal_only else past + t
+            shape = (b, kv, group, q1 - q0, s)                                   # [B, KVH, G, T', S']
+            n = math.prod(shape)
+            if self.scores.size < n:
+                self.scores = np.empty(max(n, 2 * self.scores.size), dtype=self.x.dtype)
+            m = b * kv * group * (q1 - q0)
+            blocks.append((self.q_groups[..., q0:q1, :], self.attn_groups[..., q0:q1, :], s,
+                           self.scores[:n].reshape(shape), self.row_max[:m].reshape(shape[:-1] + (1,)),
+                           self.row_sum[:m].reshape(shape[:-1] + (1,)),
+                           None if blocked is None else blocked[..., q0:q1, :s]))
+        return blocks
 
 
 class FastCpuModel:
@@ -265,8 +300,9 @@ class FastCpuModel:
         blocked = None                                                           # [B, 1, 1, T, S] or None
         if mask2d is not None or t > 1:
             blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
+        blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
         for i, layer in enumerate(self.layers):
-            self._layer(w, layer, i, b, t, past, blocked, mask2d is None, cache)
+            self._layer(w, layer, i, past, t, blocks, cache)
         if cache is not None:
             cache.advance(t)
 
@@ -328,50 +364,28 @@ class FastCpuModel:
             np.add(out, bias, out=out)
         return out
 
-    def _layer(self, w, layer, i, b, t, past, blocked, causal_only, cache):
-        c = self.config
-        heads, kv, d, rd = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rotary_ndims
-        group, half = heads // kv, rd // 2
-
+    def _layer(self, w, layer, i, past, t, blocks, cache):
         # --- attention ------------------------------------------------------------------------
         self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.sq)                     # [B*T, hidden]
         np.matmul(w.h, layer.in_t, out=w.inp)                                    # [B*T, (H+2KVH) D (+ 2 I)]
         if layer.qkv_b is not None:
             np.add(w.qkv, layer.qkv_b, out=w.qkv)
-        qkv = w.qkv.reshape(b, t, heads + 2 * kv, d)                             # [B, T, H+2KVH, D] (a view)
-        qk = qkv[:, :, :heads + kv]                                              # [B, T, H+KVH, D]
         if layer.qk_norm is not None:                                            # per-head LayerNorm, in place
-            self._head_norm(qk, layer.qk_norm, w)
-        # rotary on q and k at once: x[:d] = x[:d] cos + [x2, x1] [-sin, sin]  (x1, x2: the halves of x[:d])
-        xr = qk[..., :rd]                                                        # [B, T, H+KVH, d]
-        s = xr.strides
-        swapped = as_strided(xr[..., half:], xr.shape[:3] + (2, half), s[:3] + (-half * s[3], s[3]))
-        np.multiply(swapped, w.sin.reshape(b, t, 1, 2, half), out=w.rot)         # [B, T, H+KVH, 2, d/2]
-        np.multiply(xr, w.cos[:, :, None, :], out=xr)
-        np.add(xr, w.rot.reshape(b, t, heads + kv, rd), out=xr)
-        q = qkv[:, :, :heads]                                                    # [B, T, H, D]
-        np.multiply(q, d ** -0.5, out=q)                                         # the 1/sqrt(D) of q k^T
-        k_new = qkv[:, :, heads:heads + kv].transpose(0, 2, 1, 3)                # [B, KVH, T, D] views
-        v_new = qkv[:, :, heads + kv:].transpose(0, 2, 1, 3)
+            self._head_norm(w.qk, layer.qk_norm, w)
+        np.multiply(w.rot_swapped, w.sin_pairs, out=w.rot)                       # rotary on q and k at once:
+        np.multiply(w.rot_x, w.cos_heads, out=w.rot_x)                           # x cos
+        np.add(w.rot_x, w.rot_flat, out=w.rot_x)                                 # + [x2, x1] [-sin, sin]
+        np.multiply(w.q, self.config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
         if cache is not None:
             end = past + t
-            np.copyto(cache.keys[i][:, :, past:end], k_new)
-            np.copyto(cache.values[i][:, :, past:end], v_new)
-            k_all, v_all = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]  # [B, KVH, S, D]
+            keys, values = cache.keys[i], cache.values[i]                        # [B, KVH, max_len, D]
+            np.copyto(keys[:, :, past:end], w.k_new)
+            np.copyto(values[:, :, past:end], w.v_new)
         else:
-            k_all, v_all = k_new, v_new
-
-        qg = q.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)              # [B, KVH, G, T, D] views
-        attn = w.attn.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)
-        keys_t = k_all[:, :, None].swapaxes(-1, -2)                              # [B, KVH, 1, D, S]
-        values = v_all[:, :, None]                                               # [B, KVH, 1, S, D]
-        s_all = k_all.shape[2]
-        for q0 in range(0, t, QUERY_BLOCK):
-            q1 = min(q0 + QUERY_BLOCK, t)
-            # without padding, queries q0..q1-1 see keys 0..past+q1-1 only: the rest is never computed
-            s = past + q1 if causal_only else s_all
-            self._attend(w, qg[..., q0:q1, :], keys_t[..., :s], values[..., :s, :], attn[..., q0:q1, :],
-                         None if blocked is None else blocked[..., q0:q1, :s])
+            keys, values = w.k_new, w.v_new                                      # [B, KVH, T, D] views
+        keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]    # [B, KVH, 1, D, S], [.., S, D]
+        for q, out, s, scores, row_max, row_sum, blocked in blocks:
+            self._attend(q, keys_t[..., :s], values[..., :s, :], out, scores, row_max, row_sum, blocked)
         np.matmul(w.attn, layer.o_t, out=w.o)                                    # [B*T, H D] -> [B*T, hidden]
         np.add(w.x, w.o, out=w.x)
 
@@ -383,18 +397,10 @@ class FastCpuModel:
         np.add(w.x, w.o, out=w.x)
 
     @staticmethod
-    def _attend(w, q, keys_t, values, out, blocked):
+    def _attend(q, keys_t, values, out, scores, row_max, row_sum, blocked):
         """out = softmax(q k^T + mask) v for one block of queries, the probabilities never divided:
         q [B, KVH, G, T', D] (already scaled), keys_t [B, KVH, 1, D, S], values [B, KVH, 1, S, D]."""
-        shape = q.shape[:-1] + (keys_t.shape[-1],)                               # [B, KVH, G, T', S]
-        n = math.prod(shape)
-        if w.scores.size < n:
-            w.scores = np.empty(max(n, 2 * w.scores.size), dtype=w.x.dtype)
-        scores = w.scores[:n].reshape(shape)
-        stat = shape[:-1] + (1,)
-        m = math.prod(stat)
-        row_max, row_sum = w.row_max[:m].reshape(stat), w.row_sum[:m].reshape(stat)
-        np.matmul(q, keys_t, out=scores)                                         # q k^T / sqrt(D)
+        np.matmul(q, keys_t, out=scores)                                         # q k^T / sqrt(D): [B, KVH, G, T', S]
         if blocked is not None:
             np.copyto(scores, np.finfo(scores.dtype).min, where=blocked)
         np.maximum.reduce(scores, axis=-1, keepdims=True, out=row_max)
@@ -406,17 +412,17 @@ class FastCpuModel:
 
     def _mlp(self, w, layer):
         """down( act(h Wg^T) * (h Wu^T) ) into w.o, from gate|up in w.gu."""
-        inter = self.config.intermediate_size
-        gate, up = w.gu[:, :inter], w.gu[:, inter:]
-        if self.act is None:                                                     # silu(z) = z / (1 + exp(-z))
+        gate, up = w.gate, w.up
+        if self.act is None:                                                     # silu(z) up = z up / (1 + exp(-z))
             np.negative(gate, out=w.act)
-            np.minimum(w.act, SILU_CLIP, out=w.act)
-            np.exp(w.act, out=w.act)
+            with np.errstate(over="ignore"):                                     # exp(-z) = inf: z up / inf = 0,
+                np.exp(w.act, out=w.act)                                         # the limit (z < -88 in float32)
             np.add(w.act, 1.0, out=w.act)
-            np.divide(gate, w.act, out=w.act)
+            np.multiply(gate, up, out=w.tmp)
+            np.divide(w.tmp, w.act, out=w.act)
         else:
             w.act[...] = self.act(gate)
-        np.multiply(w.act, up, out=w.act)
+            np.multiply(w.act, up, out=w.act)
         np.matmul(w.act, layer.down_t, out=w.o)                                  # [B*T, hidden]
 
     def _head_norm(self, x, weight, w):
