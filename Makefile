@@ -58,7 +58,8 @@ bench: $(VENV)/.bench
 # llama.cpp (pinned, from the llama-cpp-python source distribution) built once into ~/.cache/stablelm-ref
 # (about 12 minutes on two cores; needs cmake and a C++ compiler), then every side on the same checkpoint
 bench-llama: $(VENV)/.bench
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_llama.py $(BENCH_ARGS)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE STABLELM_SHARED=$(or $(STABLELM_SHARED),$(SHARED)) \
+		$(PYTHON) tools/bench_llama.py $(BENCH_ARGS)
 
 demo: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"
