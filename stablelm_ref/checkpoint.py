@@ -311,11 +311,25 @@ def _check_against(located, headers, expected, directory):
                                   f"config implies {tuple(shape)}; config.json does not match the weights")
 
 
+def available_memory():
+    """Bytes a new allocation can get: Linux's MemAvailable (free pages plus the page cache the kernel
+    gives back; free pages alone are near zero right after large files were written), else free pages,
+    else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
 def _check_memory(expected, dtype, directory):
     need = sum(math.prod(s) for s in expected.values()) * np.dtype(dtype).itemsize
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+    avail = available_memory()
+    if avail is None:  # pragma: no cover - non-POSIX
         return
     if need > avail:
         raise CheckpointError(f"{directory}: the weights need {need / 2**30:.1f} GiB as {np.dtype(dtype).name} but "

@@ -109,7 +109,9 @@ print(json.dumps(dict(base=base['VmRSS'], load=loaded['VmHWM'], peak=after['VmHW
 def memory_probe(side, path):
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT), side, path], capture_output=True,
-                         text=True, env=env, check=True)
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory probe ({side}) failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
