@@ -1,6 +1,29 @@
-"""Small array-API helpers shared by the concept files (no model logic here)."""
+"""Small array-API helpers shared by the concept files, each written once here (no model logic).
 
-from array_api_compat import array_namespace  # noqa: F401  (re-exported for the concept files)
+    softmax(x)_i     = exp(x_i - max x) / sum_j exp(x_j - max x)       in float32, or float64 for float64
+    log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)      (both over the last axis)
+    linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
+    to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
+
+and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
+"""
+
+from array_api_compat import array_namespace as _compat_array_namespace
+
+_NAMESPACE_OF_TYPE: dict = {}
+
+
+def array_namespace(*arrays):
+    """array_api_compat.array_namespace, remembered per array type for the one-array case: the concept
+    files ask it on every call, and it inspects its argument each time (several microseconds, hundreds
+    of times per forward)."""
+    if len(arrays) != 1:
+        return _compat_array_namespace(*arrays)
+    kind = type(arrays[0])
+    xp = _NAMESPACE_OF_TYPE.get(kind)
+    if xp is None:
+        xp = _NAMESPACE_OF_TYPE[kind] = _compat_array_namespace(arrays[0])
+    return xp
 
 
 def wide_dtype(xp, dtype):
@@ -28,3 +51,45 @@ def linear(x, weight, bias=None):
 def dtype_min(xp, dtype):
     """The most negative finite value of a float dtype (transformers' additive-mask value)."""
     return xp.finfo(dtype).min
+
+
+def softmax(x, dtype=None):
+    """Softmax over the last axis, computed in wide_dtype (float32, or float64 in float64 mode) and returned
+    as `dtype` (default: x's). Subtracting the max first keeps exp from overflowing; a -inf entry gives 0."""
+    xp = array_namespace(x)
+    dtype = x.dtype if dtype is None else dtype
+    z = xp.astype(x, wide_dtype(xp, dtype))
+    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    return xp.astype(e / xp.sum(e, axis=-1, keepdims=True), dtype)
+
+
+def log_softmax(x):
+    """log(softmax(x)) over the last axis without forming softmax(x), in wide_dtype(x.dtype)."""
+    xp = array_namespace(x)
+    z = xp.astype(x, wide_dtype(xp, x.dtype))
+    z = z - xp.max(z, axis=-1, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+
+
+def to_host(a):
+    """A CuPy array -> NumPy (a copy off the GPU); anything else unchanged."""
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+
+
+def subtree(params, prefix):
+    """{name: tensor} of the entries under `prefix`, with the prefix removed (picoGPT-style weights:
+    subtree(params, "model.layers.3.")["self_attn.q_proj.weight"] is model.layers.3.self_attn.q_proj.weight)."""
+    n = len(prefix)
+    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def no_trace(name, array):
+    """The default trace callback: records nothing (see trace.py for one that records)."""
+
+
+def scoped(trace, prefix):
+    """A trace callback that prefixes every name, so a layer can say "q_proj" for
+    model.layers.3.self_attn.q_proj; no_trace stays no_trace (tracing off costs one call per name)."""
+    if trace is no_trace:
+        return no_trace
+    return lambda name, array: trace(prefix + name, array)

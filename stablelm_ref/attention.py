@@ -10,10 +10,19 @@ Grouped-query attention: num_key_value_heads <= num_attention_heads; query head 
 h // (heads / kv_heads) (transformers' repeat_kv order). Here the queries are reshaped into
 [B, kv_heads, group, T, D] so each kv head broadcasts over its group without being copied.
 
-The mask is boolean [B, 1, T, S] (True = may attend): causal, and padding from the attention mask.
-Masked scores are set to the dtype's minimum, as transformers' eager path adds it.
+The mask: query i of the T new ones sits at position past + i (past = positions already in the KV
+cache) and may see key j <= past + i that the attention mask marks as a token (causal_mask builds the
+boolean [B, 1, T, S]). Masked scores are set to the dtype's minimum, as transformers' eager path adds
+it; a query that sees no key at all (a left-padding position) so gets the mean of all values.
 The two attention products run in float32 for 16-bit inputs (GPU bfloat16/float16): the scores
 then reach the float32 softmax unrounded, where transformers rounds them to 16 bits first.
+
+One seam: `causal_attention(q, k, v, key_mask)` computes A v, by `scaled_dot_product_attention` below
+(the equation, in array-API code) or, where kernels.py has an implementation for the arrays' library,
+by that: for CuPy arrays the CUDA flash-attention kernel (stablelm_ref/cuda/flash_prefill.cu), which
+never forms A, computes in tiles with an online softmax and is tested equal to the reference
+(tests/gpu/test_flash_prefill.py, tests/gpu/test_gpu_model.py). Without A it has no attention
+weights to give the trace: run_with_trace runs the reference (kernels.reference_only).
 
 Config: num_attention_heads, num_key_value_heads, use_qkv_bias, qk_layernorm, layer_norm_eps,
 partial_rotary_factor (via rotary_ndims).
@@ -21,7 +30,8 @@ Checkpoint tensors: model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}, ...o_
 ...{q,k}_layernorm.norms.{h}.weight.
 """
 
-from ._xp import array_namespace, dtype_min, linear, wide_dtype
+from . import kernels
+from ._xp import array_namespace, dtype_min, linear, no_trace, softmax  # softmax in float32 (float64 in float64 mode)
 from .layernorm import per_head_layer_norm
 from .rotary import apply_rotary
 
@@ -40,13 +50,16 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, t, h * d))
 
 
-def softmax(scores, dtype):
-    """Softmax over the last axis, computed in float32 (float64 in float64 mode), returned as `dtype`."""
-    xp = array_namespace(scores)
-    s = xp.astype(scores, wide_dtype(xp, dtype))
-    s = s - xp.max(s, axis=-1, keepdims=True)
-    e = xp.exp(s)
-    return xp.astype(e / xp.sum(e, axis=-1, keepdims=True), dtype)
+def causal_mask(attention_mask, batch, q_len, past, xp):
+    """bool [B, 1, T, S] (S = past + T): query i (at position past + i) may attend key j <= past + i
+    that the attention mask [B, S] marks as a token."""
+    s = past + q_len
+    q_pos = xp.arange(past, s)[:, None]                                  # [T, 1]
+    k_pos = xp.arange(s)[None, :]                                        # [1, S]
+    allowed = (k_pos <= q_pos)[None, None, :, :]                         # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]              # [B, 1, T, S]
+    return xp.broadcast_to(allowed, (batch, 1, q_len, s))
 
 
 def scaled_dot_product_attention(q, k, v, mask):
@@ -67,32 +80,37 @@ def scaled_dot_product_attention(q, k, v, mask):
     return xp.reshape(out, (b, heads, t, d)), xp.reshape(probs, (b, heads, t, s))
 
 
-def attention(x, params, prefix, config, cos, sin, mask, cache=None, layer_idx=0, trace=None):
-    """x: [B, T, hidden] -> [B, T, hidden]. params holds the `{prefix}...` tensors of one layer."""
+@kernels.seam("attention")
+def causal_attention(q, k, v, key_mask=None):
+    """The seam: softmax(q k^T / sqrt(D) + causal and padding mask) v by the implementation for q's library.
+
+    q [B, H, T, D]; k, v [B, KVH, S, D], the T queries being the last T of the S positions; key_mask
+    bool [B, S] (False = padding) or None -> (out [B, H, T, D], weights [B, H, T, S], or None where a
+    fused kernel ran: it never forms them). The reference: the mask made dense, then the equation."""
+    b, t, s = q.shape[0], q.shape[2], k.shape[2]
+    mask = causal_mask(key_mask, b, t, s - t, array_namespace(q))      # [B, 1, T, S]
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def attention(x, w, config, cos, sin, key_mask=None, cache=None, layer_idx=0, trace=no_trace):
+    """x: [B, T, hidden] -> [B, T, hidden]. w: one layer's attention tensors by their checkpoint names
+    after `model.layers.{i}.self_attn.` ("q_proj.weight", ...); key_mask: bool [B, S] or None; trace
+    names are relative to the same prefix (the caller scopes it)."""
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-
-    def proj(name):
-        return linear(x, params[f"{prefix}{name}.weight"], params.get(f"{prefix}{name}.bias"))
-
-    q = split_heads(proj("q_proj"), heads, d)                 # [B, T, H*D]   -> [B, H, T, D]
-    k = split_heads(proj("k_proj"), kv_heads, d)              # [B, T, KVH*D] -> [B, KVH, T, D]
-    v = split_heads(proj("v_proj"), kv_heads, d)              # [B, T, KVH*D] -> [B, KVH, T, D]
-    if trace is not None:
-        trace(prefix + "q_proj", q), trace(prefix + "k_proj", k), trace(prefix + "v_proj", v)
+    q = split_heads(linear(x, w["q_proj.weight"], w.get("q_proj.bias")), heads, d)     # [B, H, T, D]
+    k = split_heads(linear(x, w["k_proj.weight"], w.get("k_proj.bias")), kv_heads, d)  # [B, KVH, T, D]
+    v = split_heads(linear(x, w["v_proj.weight"], w.get("v_proj.bias")), kv_heads, d)  # [B, KVH, T, D]
+    trace("q_proj", q), trace("k_proj", k), trace("v_proj", v)
     if config.qk_layernorm:
-        q = per_head_layer_norm(q, [params[f"{prefix}q_layernorm.norms.{h}.weight"] for h in range(heads)],
-                                config.layer_norm_eps)
-        k = per_head_layer_norm(k, [params[f"{prefix}k_layernorm.norms.{h}.weight"] for h in range(kv_heads)],
-                                config.layer_norm_eps)
-        if trace is not None:
-            trace(prefix + "q_layernorm", q), trace(prefix + "k_layernorm", k)
+        eps = config.layer_norm_eps
+        q = per_head_layer_norm(q, [w[f"q_layernorm.norms.{h}.weight"] for h in range(heads)], eps)
+        k = per_head_layer_norm(k, [w[f"k_layernorm.norms.{h}.weight"] for h in range(kv_heads)], eps)
+        trace("q_layernorm", q), trace("k_layernorm", k)
     q = apply_rotary(q, cos, sin, config.rotary_ndims)        # [B, H, T, D]
     k = apply_rotary(k, cos, sin, config.rotary_ndims)        # [B, KVH, T, D]
-    if trace is not None:
-        trace(prefix + "rotary_q", q), trace(prefix + "rotary_k", k)
+    trace("rotary_q", q), trace("rotary_k", k)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)                  # [B, KVH, S, D], S = cached + T
-    out, probs = scaled_dot_product_attention(q, k, v, mask)  # [B, H, T, D]
-    if trace is not None:
-        trace(prefix + "attn_weights", probs), trace(prefix + "attn_output", out)
-    return linear(merge_heads(out), params[prefix + "o_proj.weight"])  # [B, T, H*D] -> [B, T, hidden]
+    out, weights = causal_attention(q, k, v, key_mask)        # [B, H, T, D], [B, H, T, S] or None
+    trace("attn_weights", weights), trace("attn_output", out)
+    return linear(merge_heads(out), w["o_proj.weight"])       # [B, T, H*D] -> [B, T, hidden]

@@ -15,7 +15,7 @@ golden work). A sharded checkpoint adds `model.safetensors.index.json`:
 model directory.
 
 `pytorch_model.bin` and other pickle files are refused, never opened: unpickling runs code.
-Checkpoint names follow transformers (see FACTS.md); `expected_shapes` lists them for a config.
+Checkpoint names follow transformers' modeling_stablelm.py; `expected_shapes` lists them for a config.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@
     stablelm-ref chat [--model DIR_OR_REPO] [--system TEXT] ...        (reads user turns from stdin)
     stablelm-ref trace / compare ...                                     (trace.py: golden-reference checks)
 
-Without --model the embedded default model (stablelm_ref/default_model/) is used. Decoding is greedy
-unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is streamed as it is
-generated; --stats prints prefill and decode tokens/s on stderr. On the CPU the model runs through
-fast_cpu.FastCpuModel; with --device gpu greedy bfloat16 decoding uses the CUDA-graph engine
-(cuda/decode_engine.py) unless --engine reference asks for the concept modules on CuPy.
+Without --model the embedded default model (stablelm_ref/default_model/, named "stablelm-ref:default")
+is used. Decoding is greedy unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is
+streamed as it is generated; --stats prints prefill and decode tokens/s on stderr. The command calls the
+model's generate like any user, with engine=--engine: "fast" (default) steps through the device's fast form
+(model.fast(): fast_cpu.FastCpuModel on the CPU; on the GPU the CUDA-graph decode engine for bfloat16, every
+decoding mode, batch <= 8), "reference" through the concept modules themselves (NumPy or CuPy).
 
 Every StableLmError (a missing or corrupt model, offline without a cache, invalid values) ends the
 command with one line on stderr and exit code 2; a traceback means a bug.
@@ -28,15 +29,19 @@ import sys
 
 import numpy as np
 
+from ._version import __version__
 from .errors import StableLmError, TokenizerError
 
 PROG = "stablelm-ref"
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2), like every other user error."""
+    """argparse, but a usage error is one line (and exit code 2), like every other user error, and an
+    abbreviated option (--max-new-tok) is refused rather than guessed. Subcommand parsers are _Parsers too."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -51,9 +56,9 @@ def add_model_arguments(p):
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
                    help="compute dtype (default: float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
-    p.add_argument("--engine", choices=("graph", "reference"), default="graph",
-                   help="on the GPU, greedy bfloat16 decoding uses the CUDA-graph engine (graph, default) or the "
-                        "concept modules on CuPy (reference)")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="fast (default): the device's fast form, fused NumPy on the CPU, the CUDA-graph decode "
+                        "engine on the GPU (bfloat16, batch <= 8); reference: the concept modules themselves")
 
 
 def add_sampling_arguments(p):
@@ -69,19 +74,10 @@ def add_sampling_arguments(p):
 
 
 def resolve_model_dir(model, revision=None):
-    """--model -> a local directory (a Hub repo id is downloaded or taken from the cache)."""
-    if model is None:
-        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
-            raise StableLmError("the embedded default model is missing (stablelm_ref/default_model/ has no "
-                                "config.json): reinstall stablelm-ref, or pass --model DIR_OR_REPO")
-        return DEFAULT_MODEL_DIR
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model):
-        raise StableLmError(f"{model}: a file, not a model directory; give the directory holding config.json")
+    """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
     from . import hub
 
-    return hub.snapshot(model, revision=revision)
+    return hub.model_directory(model or hub.DEFAULT_MODEL, revision=revision)
 
 
 def load(args):
@@ -95,8 +91,6 @@ def load(args):
     if tok.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{directory}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
                              f"{model.config.vocab_size}: they do not belong together")
-    if args.device == "cpu":
-        model = model.fast()  # fast_cpu.FastCpuModel: the same function, fused weights and buffers
     return model, tok
 
 
@@ -104,7 +98,7 @@ def generation_kwargs(args, tok, model):
     t = args.temperature
     sample = False if t == 0 else (args.sample or t is not None or args.top_k is not None or args.top_p is not None)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, repetition_penalty=args.repetition_penalty,
-                  seed=args.seed)
+                  seed=args.seed, engine=args.engine)
     if sample:  # a negative temperature or an invalid top-k / top-p is rejected by generate, with its message
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)
     if tok.eos_token_id is not None:
@@ -130,8 +124,6 @@ def print_stats(timings, file=None):
 def cmd_generate(args):
     from .generation import TextStreamer, generate
 
-    if use_graph_engine(args):
-        return generate_with_graph_engine(args)
     model, tok = load(args)
     enc = tok(args.prompt)
     timings = {}
@@ -139,55 +131,6 @@ def cmd_generate(args):
              timings=timings, **generation_kwargs(args, tok, model))
     if args.stats:
         print_stats(timings)
-    return 0
-
-
-def use_graph_engine(args):
-    """--device gpu, greedy, bfloat16, no repetition penalty: the CUDA-graph decode engine (unless
-    --engine reference asks for the concept modules on CuPy)."""
-    greedy = not (args.sample or args.top_k is not None or args.top_p is not None or args.temperature)
-    return (args.device == "gpu" and args.engine == "graph" and greedy and args.dtype in (None, "bfloat16")
-            and args.repetition_penalty in (None, 1.0))
-
-
-def generate_with_graph_engine(args):
-    """Greedy decoding with stablelm_ref.cuda.decode_engine: one CUDA graph replayed per token."""
-    import time
-
-    from .config import StableLmConfig
-    from .cuda.decode_engine import GpuDecodeEngine
-    from .generation import TextStreamer
-    from .heads import StableLmForCausalLM
-    from .tokenizer import Tokenizer
-
-    directory = resolve_model_dir(args.model, args.revision)
-    config = StableLmConfig.from_pretrained(directory)
-    if config.rope_type != "default":
-        raise StableLmError(f"the CUDA-graph engine supports default rope only, not {config.rope_type!r}; "
-                            "add --engine reference")
-    tok = Tokenizer.from_pretrained(directory)
-    model = StableLmForCausalLM.from_pretrained(directory, dtype="float32")  # host copy; the engine casts to bf16
-    ids = tok(args.prompt)["input_ids"]
-    prompt_len = ids.shape[1]
-    engine = GpuDecodeEngine(config, model.params, max_batch=1, max_len=prompt_len + args.max_new_tokens)
-    del model
-    streamer = TextStreamer(tok, skip_prompt=False)
-    streamer.put(ids)
-    eos = tok.eos_token_id
-    start = time.perf_counter()
-    engine.prefill(ids, None, logits=None)
-    token = int(engine.generated()[0, -1])
-    prefill_s, decode_start, steps = time.perf_counter() - start, time.perf_counter(), 1
-    streamer.put(np.array([token]))
-    while token != eos and steps < args.max_new_tokens:
-        engine.decode_step()
-        token = int(engine.generated()[0, -1])   # one host synchronisation per token, none per layer
-        steps += 1
-        streamer.put(np.array([token]))
-    streamer.end()
-    if args.stats:
-        print_stats({"prefill_tokens": prompt_len, "prefill_s": prefill_s, "decode_tokens": steps - 1,
-                     "decode_s": time.perf_counter() - decode_start})
     return 0
 
 
@@ -217,7 +160,8 @@ def cmd_chat(args):
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)
-        reply = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        reply = tok.decode(np.asarray(out.get() if hasattr(out, "get") else out)[0, len(ids):],
+                           skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply.strip()})
         if args.stats:
             print_stats(timings)
@@ -243,8 +187,6 @@ def add_cli_commands(subparsers):
 
 
 def build_parser():
-    from . import __version__
-
     parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: generate "
                                             "text from the command line.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")

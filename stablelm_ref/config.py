@@ -206,11 +206,14 @@ class StableLmConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "StableLmConfig":
-        """Read `config.json` from a model directory (or the path of the file itself)."""
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> "StableLmConfig":
+        """Read `config.json` from the path of the file itself, or from a model named as the models'
+        from_pretrained accepts it (a directory, a Hub repo id, "stablelm-ref:default"; hub.model_directory)."""
         path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            from . import hub
+
+            path = os.path.join(hub.model_directory(path, error=ConfigError, **hub_kwargs), "config.json")
         return cls.from_json_file(path)
 
     def to_dict(self) -> dict:

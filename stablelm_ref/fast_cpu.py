@@ -50,10 +50,11 @@ import sys
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ._xp import to_host
 from .errors import GenerationError, StableLmError
 from .fast_forms import register
 from .mlp import ACTIVATIONS
-from .model import ModelOutput, _to_host, causal_mask
+from .model import ModelOutput, causal_mask
 from .rotary import rotary_cos_sin
 
 QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
@@ -322,7 +323,7 @@ class FastCpuModel:
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             return None if logits_to_keep == 0 or logits_to_keep >= t else slice(t - logits_to_keep, t)
-        keep = np.asarray(_to_host(logits_to_keep))
+        keep = np.asarray(to_host(logits_to_keep))
         if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
             raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
                                   f"got {logits_to_keep!r}")

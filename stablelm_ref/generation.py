@@ -23,9 +23,14 @@ logits (logits_to_keep=1). Rows that produced an EOS id keep emitting pad_token_
 has no pad token, as transformers does) and generation stops early once every row is finished; the
 result is the full sequences [B, prompt + generated] like transformers' generate.
 
-The logits are processed on the host, in float32 (float64 for a float64 model: the golden reference);
-transformers processes in float32. Sampling draws u ~ U[0, 1) per row and inverts the cumulative
-distribution, so a filtered token (probability exactly 0) can never be drawn.
+The loop is the same on every device; each forward goes through a step backend (step_backend below):
+the model's own forward (ModelSteps), or on the GPU the CUDA-graph decode engine (fast_gpu.EngineSteps).
+The logits are processed where they are, in float32 (float64 for a float64 model: the golden reference;
+transformers processes in float32), by the same functions on NumPy or CuPy arrays; the engine may pick
+inside its step instead (the greedy argmax, or its sample_step kernel, whose spec is these functions).
+Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
+distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
+tokens on the CPU and the GPU given the same logits. The loop reads back B token ids per new token.
 
 Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
 max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,
@@ -34,6 +39,7 @@ repetition_penalty 1.0; eos_token_id and pad_token_id from the model's config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -43,6 +49,7 @@ import warnings
 
 import numpy as np
 
+from ._xp import softmax, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
 
@@ -54,21 +61,27 @@ DEFAULT_TOP_K = 50       # transformers' default when sampling
 
 # ---- logits processors: [B, V] -> [B, V] --------------------------------------------------------
 
+def _np(a):
+    """NumPy, or CuPy for a CuPy array: the processors below run where the logits are (same code)."""
+    return sys.modules["cupy"] if type(a).__module__.startswith("cupy") else np
+
+
 def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
     """Penalise every id present in the row: positive scores / penalty, negative scores * penalty.
 
-    scores [B, V]; input_ids [B, S]; ignore_prefix [B]: leading positions (left padding) not counted.
+    scores [B, V]; input_ids [B, S] (on the scores' device); ignore_prefix [B]: leading positions (left
+    padding) not counted.
     """
-    scores = np.asarray(scores)
-    ids = np.asarray(input_ids)
+    xp = _np(scores)
+    scores, ids = xp.asarray(scores), xp.asarray(input_ids)
     batch, vocab = scores.shape
     if ignore_prefix is not None:
-        positions = np.arange(ids.shape[1])[None, :]                      # [1, S]
-        ids = np.where(positions < np.asarray(ignore_prefix)[:, None], vocab, ids)  # pad slots -> V (dropped)
-    present = np.zeros((batch, vocab + 1), dtype=bool)                   # [B, V + 1]
-    present[np.arange(batch)[:, None], ids] = True
-    penalised = np.where(scores < 0, scores * penalty, scores / penalty).astype(scores.dtype)
-    return np.where(present[:, :vocab], penalised, scores)
+        positions = xp.arange(ids.shape[1])[None, :]                      # [1, S]
+        ids = xp.where(positions < xp.asarray(ignore_prefix)[:, None], vocab, ids)  # pad slots -> V (dropped)
+    present = xp.zeros((batch, vocab + 1), dtype=bool)                   # [B, V + 1]
+    present[xp.arange(batch)[:, None], ids] = True
+    penalised = xp.where(scores < 0, scores * penalty, scores / penalty).astype(scores.dtype)
+    return xp.where(present[:, :vocab], penalised, scores)
 
 
 def apply_temperature(scores, temperature):
@@ -77,37 +90,38 @@ def apply_temperature(scores, temperature):
 
 def apply_top_k(scores, k):
     """Keep the scores >= the k-th largest of each row; the rest become -inf."""
+    xp = _np(scores)
     k = min(k, scores.shape[-1])
-    kth = np.partition(scores, -k, axis=-1)[:, -k:].min(axis=-1, keepdims=True)  # [B, 1]
-    return np.where(scores < kth, -np.inf, scores).astype(scores.dtype)
+    kth = xp.partition(scores, -k, axis=-1)[:, -k:].min(axis=-1, keepdims=True)  # [B, 1]
+    return xp.where(scores < kth, -xp.inf, scores).astype(scores.dtype)
 
 
 def apply_top_p(scores, p):
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    order = np.argsort(scores, axis=-1, kind="stable")                   # ascending, [B, V]
-    ascending = np.take_along_axis(scores, order, axis=-1)
-    cumulative = np.cumsum(softmax(ascending), axis=-1)                   # [B, V]
+    xp = _np(scores)
+    order = xp.argsort(scores, axis=-1, kind="stable")                   # ascending, [B, V]
+    ascending = xp.take_along_axis(scores, order, axis=-1)
+    cumulative = xp.cumsum(softmax(ascending), axis=-1)                   # [B, V]
     remove_sorted = cumulative <= (1 - p)
     remove_sorted[:, -1] = False                                          # keep the most likely token
-    remove = np.empty_like(remove_sorted)
-    np.put_along_axis(remove, order, remove_sorted, axis=-1)             # back to vocabulary order
-    return np.where(remove, -np.inf, scores).astype(scores.dtype)
-
-
-def softmax(scores):
-    z = scores - np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    remove = xp.empty_like(remove_sorted)
+    remove[xp.arange(scores.shape[0])[:, None], order] = remove_sorted   # back to vocabulary order
+    return xp.where(remove, -xp.inf, scores).astype(scores.dtype)
 
 
 def sample(probs, rng):
-    """One draw per row from probs [B, V] by inverting the cumulative distribution -> [B]."""
-    probs = np.asarray(probs, dtype=np.float64)
-    cdf = np.cumsum(probs, axis=-1)                                      # [B, V]
-    u = rng.random(probs.shape[0]) * cdf[:, -1]                          # [B]
-    idx = np.sum(cdf <= u[:, None], axis=-1)                             # first index with cdf > u
-    last_possible = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
-    return np.minimum(idx, last_possible)                                # rounding guard at u ~ 1
+    """One draw per row from probs [B, V] by inverting the cumulative distribution -> [B].
+
+    The uniform draws come from rng (a numpy Generator, on the host) wherever probs are: the same seed
+    and the same probabilities give the same tokens on the CPU and the GPU (up to the cumulative sum's
+    rounding at a boundary)."""
+    xp = _np(probs)
+    probs = xp.asarray(probs, dtype=xp.float64)
+    cdf = xp.cumsum(probs, axis=-1)                                      # [B, V]
+    u = xp.asarray(rng.random(probs.shape[0])) * cdf[:, -1]              # [B]
+    idx = xp.sum(cdf <= u[:, None], axis=-1)                             # first index with cdf > u
+    last_possible = probs.shape[1] - 1 - xp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return xp.minimum(idx, last_possible)                                # rounding guard at u ~ 1
 
 
 def process_logits(scores, sequences, settings, ignore_prefix=None):
@@ -258,7 +272,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
             return (ids != pad_token_id).astype(np.int64)
         return np.ones_like(ids)
     try:
-        mask = np.asarray(_to_host(attention_mask))
+        mask = np.asarray(to_host(attention_mask))
     except (TypeError, ValueError):
         raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
     if mask.shape != ids.shape:
@@ -276,16 +290,17 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
              temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None, streamer=None, timings=None):
+             pad_token_id=None, seed=None, streamer=None, timings=None, engine="auto"):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
 
     `timings`, a dict when given, receives prefill_tokens, prefill_s, decode_tokens, decode_s.
+    `engine` ("auto", "fast", "reference") picks the forward each step runs on: see step_backend.
     """
     if not hasattr(model, "lm_head_weight"):
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
                               "StableLmForCausalLM")
     config = model.config
-    ids = np.asarray(_to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
+    ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is None else eos_token_id, vocab,
@@ -309,48 +324,61 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                                      callable(getattr(streamer, "end", None))):
         raise GenerationError(f"streamer must have put(ids) and end() methods, got {type(streamer).__name__}")
     rng = np.random.default_rng(seed) if s["do_sample"] else None
-    wide = np.float64 if model.dtype == np.float64 else np.float32
     ignore_prefix = np.argmax(mask != 0, axis=1)                          # [B] left-padding lengths
 
     total = prompt_len + s["max_new_tokens"]
-    cache = KVCache(config, batch, total, model.dtype, model.xp)         # exactly sized, never grown
-    sequences = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
+    steps = step_backend(model, batch, total, engine)
+    sequences = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new], on the host
     sequences[:, :prompt_len] = ids
     full_mask = np.zeros((batch, total), dtype=np.int64)                 # [B, T + new]
     full_mask[:, :prompt_len] = mask
     unfinished = np.ones(batch, dtype=bool)
+    process = s["do_sample"] or s["repetition_penalty"] != 1.0           # else: argmax of the raw logits
     if streamer is not None:
         streamer.put(ids)
 
-    t0 = time.perf_counter()
-    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)       # [B, T]
-    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    length = prompt_len
-    prefill_s, t_decode = None, None
-    while True:
-        scores = np.asarray(_to_host(out.logits[:, -1, :])).astype(wide)  # [B, V]
-        if prefill_s is None:
-            prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
-        scores = process_logits(scores, sequences[:, :length], s, ignore_prefix)
-        if s["do_sample"]:
-            next_ids = sample(softmax(scores.astype(np.float64)), rng)  # [B]
-        else:
-            next_ids = np.argmax(scores, axis=-1)                        # [B]
-        next_ids = np.where(unfinished, next_ids, pad).astype(np.int64)  # finished rows emit pad
-        sequences[:, length] = next_ids
-        full_mask[:, length] = 1
-        length += 1
-        if streamer is not None:
-            streamer.put(next_ids)
-        if eos is not None:
-            unfinished &= ~np.isin(next_ids, eos)
-        if length == total or not unfinished.any():
-            break
-        position = full_mask[:, :length].sum(axis=1, keepdims=True) - 1  # [B, 1]
-        out = model(next_ids[:, None], attention_mask=full_mask[:, :length], position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    decode_s = time.perf_counter() - t_decode
+    with steps.context():                                                # the backend's stream, if any
+        xp = steps.xp
+        fused = steps.choose_in_step(s)       # True: each step picks the next ids itself (on the device)
+        device_sequences = xp.asarray(sequences) if process and s["repetition_penalty"] != 1.0 else None
+        t0 = time.perf_counter()
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)   # [B, T]
+        scores = steps.prefill(ids, mask, positions)                      # [B, V] on the backend's device
+        length = prompt_len
+        prefill_s, t_decode = None, None
+        while True:
+            if scores is None:                                            # picked inside the step
+                next_dev = steps.chosen_ids()                             # [B]
+            else:
+                scores = scores.astype(steps.wide)                        # [B, V]
+                if process:
+                    history = device_sequences[:, :length] if device_sequences is not None else None
+                    scores = process_logits(scores, history, s, ignore_prefix)
+                if s["do_sample"]:
+                    next_dev = sample(softmax(scores.astype(xp.float64)), rng)  # [B]
+                else:
+                    next_dev = xp.argmax(scores, axis=-1)                 # [B]
+            next_ids = np.asarray(to_host(next_dev)).astype(np.int64)    # the one host read per token
+            if prefill_s is None:
+                prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
+            fed_as_chosen = bool(unfinished.all())                        # else finished rows are fed pad
+            next_ids = np.where(unfinished, next_ids, pad).astype(np.int64)  # finished rows emit pad
+            sequences[:, length] = next_ids
+            if device_sequences is not None:
+                device_sequences[:, length] = xp.asarray(next_ids)
+            full_mask[:, length] = 1
+            length += 1
+            if streamer is not None:
+                streamer.put(next_ids)
+            if eos is not None:
+                unfinished &= ~np.isin(next_ids, eos)
+            if length == total or not unfinished.any():
+                break
+            position = full_mask[:, :length].sum(axis=1, keepdims=True) - 1  # [B, 1]
+            u = rng.random(batch) if fused and s["do_sample"] else None  # the draws sample() would take
+            scores = steps.step(next_ids, next_dev if fed_as_chosen else None, full_mask[:, :length], position,
+                                fused=fused, u=u)
+        decode_s = time.perf_counter() - t_decode
     if streamer is not None:
         streamer.end()
     if timings is not None:
@@ -360,5 +388,58 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     return model.xp.asarray(result) if model.xp is not np else result
 
 
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+# ---- step backends: what one forward of the loop runs on ----------------------------------------
+
+ENGINES = ("auto", "fast", "reference")
+
+
+def step_backend(model, batch, total, engine="auto"):
+    """The forward generate's loop calls for the prompt and for each new token.
+
+    engine "reference": the model's own forward (whatever model was given: the concept modules on NumPy
+    or CuPy, or a fast form such as fast_cpu.FastCpuModel, which is called exactly like the model).
+    engine "fast": the fast form of the model's device (model.fast()): on the CPU FastCpuModel's forward,
+    on the GPU the CUDA-graph decode engine where it covers the request (a bfloat16 model, batch <= 8,
+    default rope, silu), the model's own forward otherwise.
+    engine "auto" (the default): "fast" on the GPU, "reference" on the CPU (the CPU reference is the golden
+    path; pass model.fast() or engine="fast" for speed).
+    """
+    if engine not in ENGINES:
+        raise GenerationError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        engine = "fast" if getattr(model, "device", "cpu") == "gpu" else "reference"
+    if engine == "fast":
+        fast = model if hasattr(model, "decode_steps") else model.fast()
+        steps = fast.decode_steps(batch, total) if hasattr(fast, "decode_steps") else None
+        return steps if steps is not None else ModelSteps(fast, batch, total)
+    return ModelSteps(model, batch, total)
+
+
+class ModelSteps:
+    """Steps through a forward called like the model: model(ids, attention_mask, position_ids, cache,
+    logits_to_keep=1), with a KVCache sized exactly for the whole generation (never grown)."""
+
+    def __init__(self, model, batch, total):
+        self.model, self.xp = model, model.xp
+        self.wide = self.xp.float64 if model.dtype == np.float64 else self.xp.float32  # processing dtype
+        self.cache = KVCache(model.config, batch, total, model.dtype, model.xp)
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def choose_in_step(self, settings):
+        """Whether step() picks the next ids itself (returning None); the model's forward only computes logits."""
+        return False
+
+    def prefill(self, ids, mask, positions):
+        """ids, mask, positions [B, T] (host) -> the last position's logits [B, V]; fills the cache."""
+        out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
+        """One new token per row (next_ids [B], host) -> its logits [B, V]."""
+        out = self.model(next_ids[:, None], attention_mask=mask, position_ids=position,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+

@@ -23,24 +23,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import linear, wide_dtype
-from .errors import GenerationError
-from .model import StableLmModel, StableLmPreTrainedModel, _to_host
+from . import kernels
+from ._xp import array_namespace, linear, log_softmax, no_trace, to_host, wide_dtype
+from .errors import GenerationError, StableLmError
+from .model import StableLmModel, StableLmPreTrainedModel
 
 IGNORE_INDEX = -100
 
 
-def log_softmax(logits):
-    xp = _xp(logits)
-    z = xp.astype(logits, wide_dtype(xp, logits.dtype))
-    z = z - xp.max(z, axis=-1, keepdims=True)
-    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
-
-
 def cross_entropy(logits, labels, num_classes):
     """Mean of -log p(label) over rows whose label is not -100. logits [N, C], labels [N] (host ints)."""
-    xp = _xp(logits)
-    labels = np.asarray(_to_host(labels)).reshape(-1).astype(np.int64)
+    xp = array_namespace(logits)
+    labels = np.asarray(to_host(labels)).reshape(-1).astype(np.int64)
     keep = labels != IGNORE_INDEX
     bad = labels[keep & ((labels < 0) | (labels >= num_classes))]
     if bad.size:
@@ -55,16 +49,16 @@ def cross_entropy(logits, labels, num_classes):
 
 def causal_lm_loss(logits, labels, vocab_size):
     """Shifted: position t predicts labels[t + 1]; the last position predicts nothing."""
-    labels = np.asarray(_to_host(labels)).astype(np.int64)                # [B, T]
+    labels = np.asarray(to_host(labels)).astype(np.int64)                # [B, T]
     if labels.shape != tuple(logits.shape[:2]):
         raise GenerationError(f"labels have shape {labels.shape}, expected {tuple(logits.shape[:2])}")
     shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX)], axis=1)  # [B, T]
-    xp = _xp(logits)
+    xp = array_namespace(logits)
     return cross_entropy(xp.reshape(logits, (-1, vocab_size)), shifted, vocab_size)
 
 
 class StableLmForCausalLM(StableLmPreTrainedModel):
-    """StableLM with the language-modelling head: next-token logits, loss, and generate()."""
+    """StableLM with the language-modelling head: next-token logits, loss, generate() and run_with_trace()."""
 
     head = "causal_lm"
 
@@ -76,7 +70,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 labels=None, logits_to_keep=0, output_hidden_states=False, trace=None):
         """logits [B, T', vocab] with T' = T, or the last `logits_to_keep` positions (an int > 0), or the
-        positions listed (a 1-D index array). `trace(name, array)` is called with each intermediate."""
+        positions listed (a 1-D index array). `trace(name, array)` is called with each intermediate (names in
+        trace.py; attn_weights is None where a fused attention kernel ran: run_with_trace runs the reference)."""
         out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
@@ -85,26 +80,36 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
+            every_position = logits_to_keep == 0 or logits_to_keep >= t
         else:
-            keep = np.asarray(_to_host(logits_to_keep))
+            keep = np.asarray(to_host(logits_to_keep))
             if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
                 raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
                                       f"got {logits_to_keep!r}")
-            h = xp.take(h, xp.asarray(keep.astype(np.int64) % t), axis=1)  # [B, len(keep), hidden]
+            keep = keep.astype(np.int64) % t
+            h = xp.take(h, xp.asarray(keep), axis=1)                        # [B, len(keep), hidden]
+            every_position = np.array_equal(keep, np.arange(t))
         out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
-        if trace is not None:
-            trace("lm_head", out.logits)
+        (trace or no_trace)("lm_head", out.logits)
         if labels is not None:
-            if out.logits.shape[1] != h.shape[1] or h.shape[1] != out.last_hidden_state.shape[1]:
+            if not every_position:  # the loss pairs logits[t] with labels[t + 1], for every t in order
                 raise GenerationError("labels need logits for every position: leave logits_to_keep at 0")
             out.loss = causal_lm_loss(out.logits, labels, self.config.vocab_size)
         return out
 
-    def run_with_trace(self, input_ids, **kwargs):
-        """(logits, {name: host array} of every intermediate in execution order); see trace.py."""
-        from .trace import run_with_trace
+    def run_with_trace(self, input_ids, attention_mask=None, position_ids=None):
+        """One forward pass recording every named intermediate: (logits [B, T, vocab], {name: array}), host
+        (NumPy) arrays in execution order. trace.py writes such records to files and compares them."""
+        recorded = {}
 
-        return run_with_trace(self, input_ids, **kwargs)
+        def record(name, array):
+            if name in recorded:  # a name recorded twice would silently hide the first value
+                raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
+            recorded[name] = np.asarray(to_host(array))
+
+        with kernels.reference_only():  # fused kernels never form the attention weights; the reference does
+            out = self(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
+        return np.asarray(to_host(out.logits)), recorded
 
     def generate(self, input_ids, **kwargs):
         """Greedy or sampled continuation; see generation.generate for the arguments."""
@@ -113,9 +118,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
     def fast(self):
-        """The same forward restructured for CPU speed (fast_cpu.FastCpuModel: fused weights, preallocated
-        buffers), called exactly like this model. Its fused matrices hold the weights; self.params become
-        views of them (same values, not stored twice). NumPy float32/float64 only."""
+        """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
+        weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
+        model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
+        weights; self.params become views of them (same values, not stored twice)."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:
@@ -134,7 +140,7 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
                                  output_hidden_states)
         xp, config = self.xp, self.config
         logits = linear(out.last_hidden_state, self.params["score.weight"])  # [B, T, num_labels]
-        ids = np.asarray(_to_host(input_ids))
+        ids = np.asarray(to_host(input_ids))
         ids = ids[None, :] if ids.ndim == 1 else ids
         batch, t = ids.shape
         if config.pad_token_id is None:
@@ -152,8 +158,8 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
 
 
 def sequence_classification_loss(pooled, labels, config):
-    xp = _xp(pooled)
-    labels = np.asarray(_to_host(labels))
+    xp = array_namespace(pooled)
+    labels = np.asarray(to_host(labels))
     n = config.num_labels
     problem = config.problem_type
     if problem is None:
@@ -187,12 +193,6 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
             n = self.config.num_labels
             out.loss = cross_entropy(self.xp.reshape(logits, (-1, n)), labels, n)
         return out
-
-
-def _xp(a):
-    from array_api_compat import array_namespace
-
-    return array_namespace(a)
 
 
 __all__ = ["StableLmModel", "StableLmForCausalLM", "StableLmForSequenceClassification",

@@ -1,6 +1,13 @@
-"""Models from the Hugging Face Hub: download into its cache (safetensors and JSON only), or work offline.
+"""Where a model's files are: the embedded default model, a local directory, or the Hugging Face Hub.
 
+    model_directory("stablelm-ref:default")          -> .../stablelm_ref/default_model  (DEFAULT_MODEL)
+    model_directory("path/to/model")                 -> path/to/model
+    model_directory("stabilityai/stablelm-3b-4e1t")  -> snapshot(...), below
     snapshot("stabilityai/stablelm-3b-4e1t") -> ~/.cache/huggingface/hub/models--stabilityai--stablelm-3b-4e1t/snapshots/<commit>/
+
+`model_directory` is what every from_pretrained (models, Tokenizer, StableLmConfig) and the CLI's
+--model go through. The name of the embedded default model has a colon, which no Hub repo id can hold,
+so it never shadows a repository; a local directory of any name is taken as it is.
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
@@ -15,9 +22,29 @@ from __future__ import annotations
 
 import os
 
-from .errors import HubError
+from .errors import CheckpointError, HubError, StableLmError
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json"]
+DEFAULT_MODEL = "stablelm-ref:default"
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
+
+def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwargs):
+    """The local directory of a model: DEFAULT_MODEL -> the embedded default model, a directory -> itself,
+    anything else -> a Hub repo id for snapshot(path, **hub_kwargs). `error` is raised, naming `holds`
+    (the file the caller reads), when `path` is a file rather than a directory."""
+    path = os.fspath(path)
+    if path == DEFAULT_MODEL:
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+            raise StableLmError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR} has no config.json): "
+                                "reinstall stablelm-ref, or give a model directory or Hub repo id (--model DIR_OR_REPO "
+                                "on the command line)")
+        return DEFAULT_MODEL_DIR
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise error(f"{path}: a file, not a model directory; give the directory that holds {holds}")
+    return snapshot(path, **hub_kwargs)
 
 
 def snapshot_download(repo_id, **kwargs):

@@ -29,6 +29,15 @@ class KVCache:
         self.growable = growable
         self.xp = xp
 
+    @classmethod
+    def from_buffers(cls, keys, values, xp):
+        """A cache over existing per-layer buffers [B, kv_heads, max_len, head_dim] (e.g. views of the GPU
+        decode engine's cache, so that the model's own forward fills what the engine then reads)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = list(keys), list(values)
+        cache.length, cache.growable, cache.xp = 0, False, xp
+        return cache
+
     @property
     def max_len(self):
         return self.keys[0].shape[2]

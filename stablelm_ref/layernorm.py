@@ -5,7 +5,8 @@
 
 StableLM uses LayerNorm with a bias (not LLaMA's RMSNorm) before attention, before the MLP
 (sequential blocks only) and after the last layer. The statistics are computed in float32 (float64
-in float64 mode), as torch does, and the result is cast back to the input dtype.
+in float64 mode), as torch does, and the result is cast back to the input dtype. On CuPy arrays a
+fused CUDA kernel computes the same in one pass (kernels.py, stablelm_ref/cuda/fused.cu).
 
 qk LayerNorm (`qk_layernorm: true`, stablelm-2-12b) normalises each head of q and k separately
 over its head_dim, with one weight vector per head and no bias, before rotary.
@@ -16,9 +17,11 @@ model.layers.{i}.post_attention_layernorm.{weight,bias}, model.norm.{weight,bias
 model.layers.{i}.self_attn.{q,k}_layernorm.norms.{h}.weight.
 """
 
+from . import kernels
 from ._xp import array_namespace, wide_dtype
 
 
+@kernels.seam("layer_norm")
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last axis. x: [..., n], weight/bias: [n] (bias may be None)."""
     xp = array_namespace(x)

@@ -11,7 +11,8 @@ Checkpoint tensors: model.layers.{i}.mlp.{gate,up,down}_proj.weight.
 
 import math
 
-from ._xp import array_namespace, linear
+from . import kernels
+from ._xp import array_namespace, linear, no_trace
 
 
 def sigmoid(z):
@@ -80,14 +81,18 @@ ACTIVATIONS = {
 }
 
 
-def mlp(x, params, prefix, hidden_act, trace=None):
-    """x: [B, T, hidden] -> [B, T, hidden]. params holds `{prefix}{gate,up,down}_proj.weight`."""
-    act = ACTIVATIONS[hidden_act]
-    gate = linear(x, params[prefix + "gate_proj.weight"])     # [B, T, hidden] -> [B, T, inter]
-    up = linear(x, params[prefix + "up_proj.weight"])         # [B, T, hidden] -> [B, T, inter]
-    h = act(gate) * up                                        # [B, T, inter]
-    out = linear(h, params[prefix + "down_proj.weight"])      # [B, T, inter] -> [B, T, hidden]
-    if trace is not None:
-        trace(prefix + "gate_proj", gate), trace(prefix + "up_proj", up)
-        trace(prefix + "act", h), trace(prefix + "down_proj", out)
+@kernels.seam("gated_activation")
+def gated_activation(gate, up, hidden_act):
+    """act(gate) * up, elementwise (one fused CUDA kernel on CuPy arrays for silu: kernels.py)."""
+    return ACTIVATIONS[hidden_act](gate) * up
+
+
+def mlp(x, w, hidden_act, trace=no_trace):
+    """x: [B, T, hidden] -> [B, T, hidden]. w: {gate,up,down}_proj.weight (the names after
+    `model.layers.{i}.mlp.`); trace names likewise."""
+    gate = linear(x, w["gate_proj.weight"])                  # [B, T, hidden] -> [B, T, inter]
+    up = linear(x, w["up_proj.weight"])                      # [B, T, hidden] -> [B, T, inter]
+    h = gated_activation(gate, up, hidden_act)               # [B, T, inter]
+    out = linear(h, w["down_proj.weight"])                   # [B, T, inter] -> [B, T, hidden]
+    trace("gate_proj", gate), trace("up_proj", up), trace("act", h), trace("down_proj", out)
     return out

@@ -1,12 +1,13 @@
 """The StableLM transformer: embeddings -> decoder layers -> final LayerNorm (StableLmModel).
 
     x_0 = embed_tokens[input_ids]                                  [B, T] -> [B, T, hidden]
-    x_l = decoder_layer_l(x_{l-1}, cos, sin, mask)                 l = 1 .. num_hidden_layers
+    x_l = decoder_layer_l(x_{l-1}, cos, sin, attention_mask)       l = 1 .. num_hidden_layers
     h   = LayerNorm(x_L)                                           model.norm
 
 Positions default to 0..T-1 after the cached length (padding ignored, as in transformers); pass
 position_ids = cumsum(attention_mask) - 1 to make left-padded rows equal unpadded ones (generate
-does). The mask combines causality with the attention mask's padding.
+does). Attention combines causality with the attention mask's padding (attention.py).
+Each layer gets its own tensors (names after `model.layers.{i}.`), and a trace callback scoped to them.
 
 This file also holds what every model class shares: `from_pretrained` / `save_pretrained`, input
 checking, and the output record. The heads (causal LM, sequence and token classification) are in
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, hub
+from ._xp import no_trace, scoped, to_host
 from .config import StableLmConfig
+from .attention import causal_mask  # noqa: F401  (its home is attention.py; kept importable from here)
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError
+from .errors import GenerationError, StableLmError
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -93,12 +96,13 @@ class StableLmPreTrainedModel:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):
-        """Load a model directory, or a Hugging Face Hub repo id (downloaded or taken from the cache).
+        """Load a model directory, a Hugging Face Hub repo id (downloaded or taken from the cache), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the small model shipped inside the package.
 
         dtype: "float32" (CPU default), "float64" (golden work), or on the GPU "bfloat16" (default),
         "float16", "float32". Weights stored in any of float32/float16/bfloat16 are cast once on load.
         """
-        directory = _local_or_hub(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
         np_dtype = resolve_dtype(dtype, device)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
@@ -134,7 +138,7 @@ class StableLmPreTrainedModel:
         Both are written under temporary names and renamed together at the end: a failed save leaves
         no partial file and no existing file changed."""
         checkpoint.make_directory(directory)
-        host = {k: _to_host(v) for k, v in self.params.items()}
+        host = {k: to_host(v) for k, v in self.params.items()}
         if dtype is not None:
             target = resolve_dtype(dtype, "gpu")
             host = {k: v.astype(target) for k, v in host.items()}
@@ -154,7 +158,7 @@ class StableLmPreTrainedModel:
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
         try:
-            host = np.asarray(_to_host(input_ids))
+            host = np.asarray(to_host(input_ids))
         except (ValueError, TypeError, OverflowError):
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
                                   "equal length; pad shorter rows and pass an attention_mask)") from None
@@ -233,26 +237,24 @@ class StableLmPreTrainedModel:
     def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                       use_cache=False, output_hidden_states=False, trace=None):
         xp, config, p = self.xp, self.config, self.params
+        trace = no_trace if trace is None else trace
         ids, cache, past, mask2d, position_ids = self._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                       past_key_values, use_cache)
         batch, t = ids.shape
 
         embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
         x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]
-        if trace is not None:
-            trace("model.embed_tokens", x)
+        trace("model.embed_tokens", x)
         cos, sin = rotary_cos_sin(position_ids, config, self.dtype)      # [B, T, rotary_ndims] each
-        mask = causal_mask(mask2d, batch, t, past, xp)                    # [B, 1, T, S]
         hidden = [x] if output_hidden_states else None
-        for i in range(config.num_hidden_layers):
-            x = decoder_layer(x, p, i, config, cos, sin, mask, cache, trace)  # [B, T, hidden]
-            if trace is not None:
-                trace(f"model.layers.{i}", x)
+        for i, w in enumerate(layer_tensors(p, config.num_hidden_layers)):
+            x = decoder_layer(x, w, config, cos, sin, mask2d, cache, i,
+                              scoped(trace, f"model.layers.{i}."))        # [B, T, hidden]
+            trace(f"model.layers.{i}", x)
             if hidden is not None:
                 hidden.append(x)
         x = layer_norm(x, p["model.norm.weight"], p["model.norm.bias"], config.layer_norm_eps)
-        if trace is not None:
-            trace("model.norm", x)
+        trace("model.norm", x)
         if hidden is not None:
             hidden[-1] = x  # transformers ties the last hidden state to the normalised output
         if cache is not None:
@@ -273,43 +275,25 @@ class StableLmModel(StableLmPreTrainedModel):
                                   output_hidden_states)
 
 
-def causal_mask(attention_mask, batch, q_len, past, xp):
-    """bool [B, 1, T, S] (S = past + T): query i (at position past + i) may attend key j <= past + i
-    that the attention mask [B, S] marks as a token."""
-    s = past + q_len
-    q_pos = xp.arange(past, s)[:, None]                                  # [T, 1]
-    k_pos = xp.arange(s)[None, :]                                        # [1, S]
-    allowed = (k_pos <= q_pos)[None, None, :, :]                         # [1, 1, T, S]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :]              # [B, 1, T, S]
-    return xp.broadcast_to(allowed, (batch, 1, q_len, s))
-
-
-def _to_host(a):
-    """A CuPy array -> NumPy; anything else unchanged."""
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
+def layer_tensors(params, num_layers):
+    """[{name after `model.layers.{i}.`: tensor} for each layer i], in one pass over the names."""
+    layers = [{} for _ in range(num_layers)]
+    for name, value in params.items():
+        if name.startswith("model.layers."):
+            i, _, rest = name[len("model.layers."):].partition(".")
+            layers[int(i)][rest] = value
+    return layers
 
 
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
     try:
-        host = np.asarray(_to_host(a))
+        host = np.asarray(to_host(a))
     except (ValueError, TypeError, OverflowError):
         host = None
     if host is None or host.dtype.kind not in "biuf":
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
     return host
-
-
-def _local_or_hub(path, **hub_kwargs):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise CheckpointError(f"{path}: a file, not a model directory; give the directory that holds config.json")
-    from . import hub  # only when a repo id is given
-
-    return hub.snapshot(path, **hub_kwargs)
 
 
 def _with_prefix(names, expected):

@@ -18,9 +18,12 @@ the largest base it has seen until a call is short again; here each call derives
 positions, which is the same for any growing sequence (generation).
 
 Config: rope_theta, partial_rotary_factor, rope_scaling, max_position_embeddings.
+On CuPy arrays a fused CUDA kernel applies it in one pass (kernels.py, stablelm_ref/cuda/fused.cu),
+computing in float32 and rounding once where this code rounds after each product in 16-bit dtypes.
 Checkpoint tensors: none.
 """
 
+from . import kernels
 from ._xp import array_namespace, wide_dtype
 
 
@@ -57,6 +60,7 @@ def rotate_half(x):
     return xp.concat([-x[..., half:], x[..., :half]], axis=-1)
 
 
+@kernels.seam("rotary")
 def apply_rotary(x, cos, sin, rotary_ndims):
     """Rotate the first rotary_ndims dims of each head. x: [B, H, T, hd]; cos, sin: [B, T, d]."""
     xp = array_namespace(x)

@@ -30,6 +30,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ._xp import to_host
 from .errors import TokenizerError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -62,15 +63,12 @@ class Tokenizer:
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, revision=None, cache_dir=None, **hub_kwargs):
-        """Load from a directory, or a Hub repo id (its *.json files, through hub.snapshot)."""
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise TokenizerError(f"{path}: a file, not a directory; give the directory that holds "
-                                     "tokenizer.json")
-            from . import hub
+        """Load from a directory, a Hub repo id (its *.json files, through hub.snapshot), or
+        "stablelm-ref:default" (stablelm_ref.DEFAULT_MODEL), the model shipped inside the package."""
+        from . import hub
 
-            path = hub.snapshot(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
+        path = hub.model_directory(path, error=TokenizerError, holds="tokenizer.json", revision=revision,
+                                   cache_dir=cache_dir, **hub_kwargs)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise TokenizerError(f"{path}: no tokenizer.json (the only tokenizer format read here); add the "
@@ -178,7 +176,7 @@ class Tokenizer:
         """ids -> text. Ids the tokenizer does not have decode to nothing, as in the tokenizers library: a
         model's embedding is often padded past the tokenizer (50304 rows for 50277 tokens in 3b-4e1t)
         and sampling can, rarely, pick one of those rows."""
-        ids = np.asarray(_to_host(ids))
+        ids = np.asarray(to_host(ids))
         if ids.ndim != 1:
             raise TokenizerError(f"decode takes one sequence of ids, got shape {ids.shape}; use batch_decode")
         ids = [int(i) for i in ids]
@@ -188,7 +186,7 @@ class Tokenizer:
         return self.backend.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens=False):
-        return [self.decode(row, skip_special_tokens) for row in np.asarray(_to_host(sequences))]
+        return [self.decode(row, skip_special_tokens) for row in np.asarray(to_host(sequences))]
 
     # ---- chat template ------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
@@ -340,10 +338,6 @@ def _token_content(value, name, path):
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
-
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else a
 
 
 __all__ = ["Tokenizer", "render_chat_template"]

@@ -26,7 +26,10 @@ without the order metadata its names are taken in sorted order.
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
     stablelm-ref compare a.safetensors b.safetensors          # exit 0: all agree, 1: a divergence
 
-Tracing costs nothing when off: the model calls `trace(name, array)` only when a callback is given.
+Tracing costs next to nothing when off: the default callback (_xp.no_trace) does nothing. A recording runs
+the array-API reference of every seam (kernels.reference_only), so a GPU trace holds the attention weights too.
+Recording is the model's own `run_with_trace` (heads.py); this file, which the model does not import,
+writes, reads and compares the records.
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
-from .errors import CheckpointError, StableLmError, TokenizerError
+from . import checkpoint, hub
+from ._version import __version__
+from ._xp import to_host
+from .errors import CheckpointError, StableLmError
+from .heads import StableLmForCausalLM
+from .tokenizer import Tokenizer
 
 TRACE_FORMAT = "stablelm-ref-trace/1"
 
@@ -72,25 +79,13 @@ _PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
 # ---- recording ----------------------------------------------------------------------------------
 
 def _host(a):
-    """A host (NumPy) array: CuPy arrays are copied with .get()."""
-    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):
-        a = a.get()
-    return np.asarray(a)
+    """A host (NumPy) array: CuPy arrays are copied off the GPU."""
+    return np.asarray(to_host(a))
 
 
-def run_with_trace(model, input_ids, attention_mask=None, position_ids=None):
-    """One forward pass of a StableLmForCausalLM, recording every intermediate.
-
-    Returns (logits as a host array [B, T, vocab], {name: host array} in execution order)."""
-    recorded = {}
-
-    def record(name, array):
-        if name in recorded:  # a name recorded twice would silently hide the first value
-            raise StableLmError(f"trace name {name!r} was recorded twice in one forward pass")
-        recorded[name] = _host(array)
-
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, trace=record)
-    return _host(out.logits), recorded
+# run_with_trace(model, ids, attention_mask=None, position_ids=None) -> (logits, {name: host array}) is
+# the model's own method (heads.py, like TransformerLens' run_with_cache): the same function, named here.
+run_with_trace = StableLmForCausalLM.run_with_trace
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -100,8 +95,6 @@ def write_trace(path, trace, metadata=None):
 
     Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
     order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON)."""
-    from . import __version__
-
     meta = {"format": TRACE_FORMAT, "package_version": __version__}
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
@@ -260,22 +253,13 @@ def _parse_ids(text):
 
 
 def _encode(model_dir, text):
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError as e:
-        raise TokenizerError(f"--text needs stablelm_ref.tokenizer, which is unavailable ({e}); "
-                             "tokenize elsewhere and pass --ids 1,2,3 instead") from None
-    encoded = Tokenizer.from_pretrained(model_dir).encode(text)
-    ids = getattr(encoded, "ids", encoded)
-    return [int(i) for i in (ids[0] if ids and isinstance(ids[0], (list, tuple)) else ids)]
+    return [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
 
 
 def load_for_trace(model, dtype, device):
     """from_pretrained for a trace. bfloat16 on the CPU (NumPy has no bfloat16 matmul) is EMULATED:
     the weights are rounded to bfloat16 and everything is computed in float32. That isolates the
     cost of bfloat16 weights; a GPU bfloat16 run also rounds every intermediate, so it differs more."""
-    from .heads import StableLmForCausalLM
-
     emulate = dtype == "bfloat16" and device == "cpu"
     m = StableLmForCausalLM.from_pretrained(model, dtype="float32" if emulate else dtype, device=device)
     compute = dtype
@@ -290,9 +274,7 @@ def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
     ids = _parse_ids(args.ids) if args.ids is not None else None
     if ids is None:
-        from .model import _local_or_hub
-
-        ids = _encode(_local_or_hub(args.model), args.text)
+        ids = _encode(hub.model_directory(args.model), args.text)
     model, compute = load_for_trace(args.model, dtype, args.device)
     logits, trace = run_with_trace(model, [ids])
     write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
@@ -327,10 +309,12 @@ def cmd_compare(args):
 
 def add_cli_commands(subparsers):
     """Register `trace` and `compare` on an argparse subparsers object (stablelm-ref's CLI)."""
-    p = subparsers.add_parser("trace", help="record every intermediate of one forward pass to a safetensors file",
+    p = subparsers.add_parser("trace", allow_abbrev=False,
+                              help="record every intermediate of one forward pass to a safetensors file",
                               description="Record every named intermediate of one forward pass (execution order) "
                                           "to a safetensors trace.")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face Hub repo id")
+    p.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="DIR_OR_REPO",
+                   help="model directory or Hugging Face Hub repo id (default: the embedded default model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
     src.add_argument("--text", help="text to tokenize with the model's tokenizer")
@@ -341,7 +325,8 @@ def add_cli_commands(subparsers):
     p.add_argument("--out", required=True, help="output file (safetensors)")
     p.set_defaults(func=cmd_trace)
 
-    c = subparsers.add_parser("compare", help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
+    c = subparsers.add_parser("compare", allow_abbrev=False,
+                              help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
                               description="Compare two traces tensor by tensor in A's execution order and mark "
                                           "the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
     c.add_argument("a", help="trace A (safetensors)")
@@ -353,7 +338,8 @@ def add_cli_commands(subparsers):
 
 def main(argv=None):
     """`python -m stablelm_ref.trace {trace,compare} ...` (the same commands as `stablelm-ref`)."""
-    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.")
+    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.",
+                                     allow_abbrev=False)
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,7 @@ if os.environ.get("STABLELM_CI"):
 SHARED = os.environ.get("STABLELM_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 NEOX_TOKENIZER = os.path.join(SHARED, "data", "gpt-neox-20b-tokenizer.json")
 
-# The family's shapes in miniature (FACTS.md): 3b-4e1t (MHA), 2-1.6b (qkv bias), 2-12b (GQA, qk norm, parallel).
+# The family's shapes in miniature (docs/facts.md): 3b-4e1t (MHA), 2-1.6b (qkv bias), 2-12b (GQA, qk norm, parallel).
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64, model_type="stablelm")
 VARIANTS = {

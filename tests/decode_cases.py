@@ -1,4 +1,5 @@
-"""Random small StableLM models and the engine-vs-transformers comparison, shared by
+"""Random small StableLM models and the engine-vs-transformers comparison (torch and transformers imported
+by the functions that need them), shared by
 test_decode_engine_emulated.py (CPU, kernels emulated) and gpu/test_decode_engine.py (the real kernels).
 
 Tolerance: the engine keeps bf16 weights and rounds activations to bf16 where transformers' bf16 model
@@ -8,8 +9,6 @@ and greedy picks agree wherever the reference's top-2 margin exceeds twice our l
 """
 
 import numpy as np
-import torch
-import transformers
 
 from stablelm_ref.cuda import decode_engine as de
 
@@ -30,6 +29,9 @@ CONFIGS = {
 
 def make_model(overrides, seed=0, layers=2, vocab=384):
     """A random StableLM in float32 whose weights are exactly bf16 values, with sharp logits."""
+    import torch
+    import transformers
+
     cfg = transformers.StableLmConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=256,
                                       rope_theta=10000.0, partial_rotary_factor=0.25, **overrides)
     cfg._attn_implementation = "eager"
@@ -55,6 +57,8 @@ def make_model(overrides, seed=0, layers=2, vocab=384):
 
 def reference_logits(model, ids, mask):
     """transformers float32 logits for every position, positions from the mask as generate() does."""
+    import torch
+
     pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
@@ -70,6 +74,14 @@ def left_padded_batch(rng, vocab, lengths):
         ids[b, T - n:] = rng.integers(2, vocab, n)
         mask[b, T - n:] = 1
     return ids, mask
+
+
+def engine_greedy(engine, ids, mask, new_tokens, use_graph=True):
+    """The engine alone: its prefill, then new_tokens - 1 steps; the chosen ids [B, new_tokens]."""
+    engine.prefill(ids, mask, logits=None)
+    for _ in range(new_tokens - 1):
+        engine.decode_step(use_graph=use_graph)
+    return engine.generated()
 
 
 def rel_err(a, b):

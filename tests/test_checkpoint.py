@@ -114,6 +114,7 @@ def test_unknown_dtypes(tmp_path, dtype):
     ([0, 8], [12, 20], 20, "leaves a gap"),
     ([4, 12], [12, 20], 20, "leaves a gap"),
     ([0, 8], [8, 24], 16, "data ends at byte 24 but the file holds 16"),
+    ([0, 8], [8, 17], 16, "data ends at byte 17 but the file holds 16 data bytes: the file is truncated"),  # 1 past
     ([0, 8], [8, 2**70], 16, "data ends at byte"),
     ([8, 0], [8, 16], 16, "0 <= begin <= end"),
     ([-8, 0], [0, 8], 16, "0 <= begin <= end"),
@@ -500,3 +501,42 @@ def test_save_round_trip_is_byte_exact_in_every_dtype(tmp_path):
         got = checkpoint.read_tensor(path, entries[name], start)
         assert got.dtype == arr.dtype and got.shape == arr.shape and got.tobytes() == arr.tobytes()
         assert bytes(theirs[name]["data"]) == arr.tobytes() and theirs[name]["shape"] == [3, 4]
+
+
+def test_a_file_one_byte_short_is_called_truncated(saved):
+    """The last tensor ending one byte past the data is a truncated file, said so (an off-by-one in the
+    end check would still fail the load, but as '-1 bytes after the last tensor')."""
+    directory, _ = saved
+    path = os.path.join(directory, "model.safetensors")
+    with open(path, "rb") as f:
+        good = f.read()
+    data_len = len(good) - 8 - int.from_bytes(good[:8], "little")
+    write_weights(directory, good[:-1])
+    message = load_fails(directory, "data ends")
+    assert f"data ends at byte {data_len} but the file holds {data_len - 1} data bytes: the file is truncated" \
+        in message
+
+
+def _bfloat16_bits_rounded_to_nearest_even(x):
+    """float32 -> bfloat16 bit patterns by integer arithmetic (finite values): keep the high 16 bits, adding
+    half of the dropped 16 (0x7FFF) plus the kept part's last bit, so that ties go to the even neighbour."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_save_pretrained_in_bfloat16_rounds_to_nearest_even(tmp_path):
+    """Read back with the safetensors library: every stored bfloat16 equals round-to-nearest-even of the
+    float32 weight (truncation differs in about half of them, and at every tie below)."""
+    model = tiny_model(seed=12, dtype="float32")
+    n = model.params["model.norm.bias"].size
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x3F807FFF, 0x3F800001], np.uint32)
+    model.params["model.norm.bias"] = np.resize(ties, n).view(np.float32)   # halfway cases, even and odd
+    model.save_pretrained(tmp_path, dtype="bfloat16")
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        stored = dict(safetensors.deserialize(f.read()))
+    for name, value in model.params.items():
+        assert stored[name]["dtype"] == "BF16"
+        got = np.frombuffer(bytes(stored[name]["data"]), dtype="<u2").reshape(value.shape)
+        np.testing.assert_array_equal(got, _bfloat16_bits_rounded_to_nearest_even(value), err_msg=name)
+    tie_bits = np.frombuffer(bytes(stored["model.norm.bias"]["data"]), dtype="<u2")[:6]
+    assert tie_bits.tolist() == [0x3F80, 0x3F82, 0xBF80, 0x3F81, 0x3F80, 0x3F80]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stablelm_ref import cli
+from stablelm_ref import cli, hub
 from stablelm_ref.heads import StableLmForCausalLM
 from stablelm_ref.tokenizer import Tokenizer
 
@@ -166,11 +166,11 @@ def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = main(capsys, "generate", "--model", str(tmp_path / "nope" / "model"), "hi")
     assert code == 2 and "no such local directory" in err
-    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", str(tmp_path))
     code, _, err = main(capsys, "generate", "hi")
-    assert code == 2 and err == ("stablelm-ref: error: the embedded default model is missing "
-                                 "(stablelm_ref/default_model/ has no config.json): reinstall stablelm-ref, or pass "
-                                 "--model DIR_OR_REPO\n")
+    assert code == 2 and err == (f"stablelm-ref: error: the embedded default model is missing ({tmp_path} has no "
+                                 "config.json): reinstall stablelm-ref, or give a model directory or Hub repo id "
+                                 "(--model DIR_OR_REPO on the command line)\n")
 
 
 def test_chat_without_template(tmp_path, capsys):
@@ -196,6 +196,37 @@ def test_subcommands_can_be_added_by_other_modules(monkeypatch, capsys):
 
 def test_default_model_is_used_when_present(tmp_path, capsys, monkeypatch):
     d = make_model_dir(tmp_path / "default")
-    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", d)
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", d)
     code, out, _ = main(capsys, "generate", "--max-new-tokens", "4", "The weather")
     assert code == 0 and out == expected_text(d, "The weather", 4) + "\n"
+
+
+@pytest.mark.parametrize("argv", [("generate", "--max-new-token", "4", "x"),      # --max-new-tokens
+                                  ("generate", "--temp", "0.5", "x"),             # --temperature
+                                  ("trace", "--id", "1", "--out", "o.safetensors")])  # --ids
+def test_abbreviated_options_are_refused(argv, capsys):
+    """argparse would take a unique prefix for the whole option (allow_abbrev); a typo must not pass."""
+    code, out, err = main(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert (f"unrecognized arguments: {argv[1]} " in err if argv[0] == "generate"
+            else "one of the arguments --ids --text is required" in err), err
+
+
+def test_trace_defaults_to_the_embedded_model(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from stablelm_ref.trace import read_trace, run_with_trace
+
+    d = make_model_dir(tmp_path / "default")
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", d)
+    out_file = str(tmp_path / "t.safetensors")
+    code, out, err = main(capsys, "trace", "--ids", "5,6,7", "--dtype", "float32", "--out", out_file)
+    assert code == 0, err
+    trace, meta = read_trace(out_file)
+    assert meta["model"] == hub.DEFAULT_MODEL and meta["ids"] == [[5, 6, 7]]
+    logits, expected = run_with_trace(StableLmForCausalLM.from_pretrained(d), [[5, 6, 7]])
+    np.testing.assert_array_equal(trace["lm_head"], logits)     # the same model, the same float32 forward
+    assert list(trace) == list(expected)
+    code, _, err = main(capsys, "trace", "--text", "The weather", "--dtype", "float32", "--out", out_file)
+    assert code == 0, err
+    assert read_trace(out_file)[1]["ids"] == [Tokenizer.from_pretrained(d).encode("The weather")]

@@ -2,8 +2,9 @@
 
 This checks everything around the kernels where no GPU is: weight fusion (q|k|v rows, interleaved
 gate/up rows), buffer strides, the order of the launches in a step, the device-side bookkeeping
-(cache length, positions, token history), graph capture and replay, the CuPy prefill, and that the
-references themselves equal transformers (float32) on random StableLM models. The kernels against
+(cache length, positions, token history), graph capture and replay, the CuPy prefill, that the
+references themselves equal transformers (float32) on random StableLM models (those need torch), and
+generation.py's one loop stepping through fast_gpu.EngineSteps (no torch needed: they run in make test). The kernels against
 these references, and the engine against transformers on a GPU: tests/gpu/test_decode_engine.py.
 """
 
@@ -14,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stablelm_ref.cuda import decode_engine as de
+from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn, specs, tune, xp as cuda_xp
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_cases import CONFIGS, left_padded_batch, make_model, run_engine_against_transformers  # noqa: E402
+from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402
+                          run_engine_against_transformers)
 
 
 # ----------------------------------------------------------------------------- NumPy stand-in for CuPy
@@ -107,17 +107,17 @@ def _null(p):
 def _gemv(grid, block, args, rows):
     x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
-    xs = de.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
-    Wf = de.ref_bf16_to_f64(W)
-    if mode == de.MODE_SWIGLU:
+    xs = specs.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
+    Wf = specs.ref_bf16_to_f64(W)
+    if mode == kn.MODE_SWIGLU:
         out = yh.reshape(-1)
-        y = de.ref_gemv(xs, Wf, mode)
+        y = specs.ref_gemv(xs, Wf, mode)
         for b in range(nb):
-            out[b * ldy: b * ldy + N // 2] = de.ref_f64_to_bf16(y[b])
+            out[b * ldy: b * ldy + N // 2] = specs.ref_f64_to_bf16(y[b])
         return
     out = yf.reshape(-1)
     y0 = np.stack([out[b * ldy: b * ldy + N] for b in range(nb)]).astype(np.float64)
-    y = de.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
+    y = specs.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
     for b in range(nb):
         out[b * ldy: b * ldy + N] = y[b]
 
@@ -129,26 +129,46 @@ def _attention(grid, block, args, D):
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
     L = int(lenp[0])
     qk = bool(qk_ln)
-    o, k_new, v_new = de.ref_decode_attention(
-        qkv[:nb], de.ref_bf16_to_f64(kc[:nb]), de.ref_bf16_to_f64(vc[:nb]), L, posp[:nb], kmask[:nb],
+    o, k_new, v_new = specs.ref_decode_attention(
+        qkv[:nb], specs.ref_bf16_to_f64(kc[:nb]), specs.ref_bf16_to_f64(vc[:nb]), L, posp[:nb], kmask[:nb],
         inv_freq, int(rot), int(H), int(KVH), D, qn=qn_w if qk else None, kn=kn_w if qk else None,
         eps=float(eps), scale=float(scale))
-    out[:nb] = de.ref_f64_to_bf16(o)
-    kc[:nb, :, L] = de.ref_f64_to_bf16(k_new)
-    vc[:nb, :, L] = de.ref_f64_to_bf16(v_new)
+    out[:nb] = specs.ref_f64_to_bf16(o)
+    kc[:nb, :, L] = specs.ref_f64_to_bf16(k_new)
+    vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
 
 
 def _layernorm(grid, block, args):
     x, ldx, w, b, y, ldy, K, eps = args
     for r in range(grid[0]):
-        y.reshape(-1)[r * ldy: r * ldy + K] = de.ref_f64_to_bf16(
-            de.ref_layernorm(x.reshape(-1)[r * ldx: r * ldx + K], w, b, float(eps)))
+        y.reshape(-1)[r * ldy: r * ldy + K] = specs.ref_f64_to_bf16(
+            specs.ref_layernorm(x.reshape(-1)[r * ldx: r * ldx + K], w, b, float(eps)))
 
 
 def _embed(grid, block, args):
     tok, E, hidden, x = args
     for b in range(grid[0]):
-        x[b] = de.ref_bf16_to_f64(E[tok[b]])
+        x[b] = specs.ref_bf16_to_f64(E[tok[b]])
+
+
+def _sample(grid, block, args):
+    (logits, V, present, penalty, do_sample, temperature, top_k, top_p, u, tok, history, ldh, max_steps, step,
+     cache_len, pos, counter) = args
+    nb = grid[0]
+    settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
+                    top_p=float(top_p), repetition_penalty=float(penalty))
+    pres = None if _null(present) else present[:nb]
+    ids = specs.ref_sample_step(logits[:nb], pres, settings, u[:nb])
+    s = int(step[0])
+    for b in range(nb):
+        tok[b] = ids[b]
+        if pres is not None:
+            present[b, ids[b]] = 1
+        if s < max_steps:
+            history.reshape(-1)[s * ldh + b] = tok[b]
+        pos[b] += 1
+    step[0] += 1
+    cache_len[0] += 1
 
 
 def _argmax(grid, block, args):
@@ -163,29 +183,39 @@ def _argmax(grid, block, args):
     cache_len[0] += 1
 
 
-class EmulatedKernels(de.DecodeKernels):
+class EmulatedKernels(kn.DecodeKernels):
     def __init__(self):
-        self.cp = de._cupy()
-        self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in de.GEMV_BATCHES for r in de.GEMV_ROWS}
-        self.attn_fn = {d: _Kernel(_attention, D=d) for d in de.ATT_DIMS}
+        self.cp = cuda_xp.cupy()
+        self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
+        self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
+        self.sample_fn = _Kernel(_sample)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
+
+
+def _needs_transformers():
+    """The engine-vs-transformers tests build their models with transformers (make test has no torch: skipped
+    there; make crosscheck's environment runs them)."""
+    pytest.importorskip("torch", reason="builds its random model with transformers (pip install torch)")
+    pytest.importorskip("transformers", reason="builds its random model with transformers")
 
 
 @pytest.fixture
 def emulated(monkeypatch):
-    monkeypatch.setattr(de, "_BACKEND", _fake_cupy())
+    monkeypatch.setattr(cuda_xp, "BACKEND", _fake_cupy())
     return EmulatedKernels()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_emulated_engine_matches_transformers(emulated, name):
+    _needs_transformers()
     _, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=emulated)
     assert agree >= 0.9
 
 
 def test_emulated_graph_replay_equals_eager(emulated):
+    _needs_transformers()
     name = "GQA + qk LayerNorm + parallel residual, D=160"
     a = run_engine_against_transformers(name, steps=3, use_graph=True, kernels=emulated)[0]
     b = run_engine_against_transformers(name, steps=3, use_graph=False, kernels=emulated)[0]
@@ -196,6 +226,7 @@ def test_emulated_graph_replay_equals_eager(emulated):
 def test_emulated_autotune_chooses_by_step_time(emulated):
     """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
     step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged."""
+    _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(3), cfg.vocab_size, [5, 9])
@@ -203,36 +234,27 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     for autotune in (False, True):
         engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=autotune,
                                     pdl=False)
-        runs.append(engine.generate(ids, mask, max_new_tokens=5))
+        runs.append(engine_greedy(engine, ids, mask, 5))
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
-        assert shape.persist == de.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
-        assert shape.rows in de.GEMV_ROWS and shape.us > 0
+        assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
+        assert shape.rows in kn.GEMV_ROWS and shape.us > 0
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 
 
-def test_emulated_generate_and_eos(emulated):
+def test_emulated_prefill_and_steps(emulated):
+    _needs_transformers()
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(2), cfg.vocab_size, [5, 9])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=24, kernels=emulated, autotune=False)
-    out = engine.generate(ids, mask, max_new_tokens=7)
+    out = engine_greedy(engine, ids, mask, 7)
     assert out.shape == (2, 7)
-    engine.prefill(ids, mask, logits=None)
-    for _ in range(6):
-        engine.decode_step()
-    assert np.array_equal(out, engine.generated())
-    eos = int(out[0, 2])
-    cut = engine.generate(ids, mask, max_new_tokens=7, eos_token_id=eos, pad_token_id=1)
-    first = np.argmax(out == eos, axis=1)
-    for b in range(2):
-        if (out[b] == eos).any():
-            assert (cut[b, first[b] + 1:] == 1).all() and np.array_equal(cut[b, : first[b] + 1], out[b, : first[b] + 1])
-        else:
-            assert np.array_equal(cut[b], out[b])
+    assert np.array_equal(out, engine_greedy(engine, ids, mask, 7))        # a second prompt starts afresh
 
 
 def test_emulated_errors(emulated):
+    _needs_transformers()
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=8, kernels=emulated, autotune=False)
     with pytest.raises(de.GenerationError, match="prefill"):
@@ -240,7 +262,9 @@ def test_emulated_errors(emulated):
     with pytest.raises(de.GenerationError, match="max_batch"):
         engine.prefill(np.ones((2, 3), np.int64))
     with pytest.raises(de.GenerationError, match="max_len"):
-        engine.generate(np.ones((1, 5), np.int64), max_new_tokens=5)
+        engine.prefill(np.ones((1, 8), np.int64))
+    with pytest.raises(de.GenerationError, match="1 to 8 rows"):
+        engine.reserve(9, 8)
     scaled = types.SimpleNamespace(**{**vars(cfg), "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(NotImplementedError, match="default rotary"):
         de.GpuDecodeEngine(scaled, params, kernels=emulated, autotune=False)
@@ -253,7 +277,147 @@ def test_emulated_errors(emulated):
 def test_reference_bf16_rounding_matches_ml_dtypes(emulated):
     x = np.random.default_rng(3).standard_normal(10000).astype(np.float32) * 1e3
     x[:3] = [np.nan, np.inf, -np.inf]
-    ours = de.f32_to_bf16_bits(x)
-    ref = de.ref_f64_to_bf16(x)
-    assert np.array_equal(ours[3:], ref[3:]) and np.isnan(de.ref_bf16_to_f64(ours[:1])).all()
+    ours = bf16.f32_to_bf16_bits(x)
+    ref = specs.ref_f64_to_bf16(x)
+    assert np.array_equal(ours[3:], ref[3:]) and np.isnan(specs.ref_bf16_to_f64(ours[:1])).all()
     assert np.array_equal(ours[1:3], ref[1:3])
+
+
+# ----------------------------------------------------------------------------- generate() through the engine
+# generation.py's one loop with fast_gpu.EngineSteps as its step backend: the prefill is the model's own
+# forward (bfloat16, NumPy through ml_dtypes here) writing into views of the engine's cache, every later
+# token one (emulated) graph replay. The reference is the same weights in float32 through the concept
+# modules, teacher-forced on the generated tokens: the engine's bf16 activations and cache keep the logits
+# within ~1e-2 of it (decode_cases.py), so every greedy pick whose float32 top-2 margin exceeds 0.25 (ten
+# times that error at these logit scales, |z| ~ 1-3) must be the reference's argmax.
+from stablelm_ref import StableLmConfig, StableLmForCausalLM  # noqa: E402
+from stablelm_ref import fast_gpu  # noqa: E402
+from stablelm_ref.generation import generate  # noqa: E402
+
+MARGIN = 0.25
+
+
+class _EmulatedFast(fast_gpu.GpuFastModel):
+    """GpuFastModel over a CPU bfloat16 model and the emulated engine (no device check)."""
+
+    def __init__(self, model, kernels, max_len=16):
+        self.model, self.config, self.autotune, self.unsupported = model, model.config, False, None
+        self.engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=max_len, kernels=kernels,
+                                         autotune=False)
+        self._share_weights()
+
+
+def _models(kernels, **overrides):
+    import ml_dtypes
+
+    c = dict(vocab_size=384, hidden_size=320, intermediate_size=864, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, pad_token_id=1)
+    c.update(overrides)
+    ref = StableLmForCausalLM.from_config(StableLmConfig(**c), seed=7, std=0.08)
+    bf = np.dtype(ml_dtypes.bfloat16)
+    ref.params = {k: v.astype(bf).astype(np.float32) for k, v in ref.params.items()}   # bf16 values exactly
+    model = StableLmForCausalLM(ref.config, {k: v.astype(bf) for k, v in ref.params.items()})
+    return ref, _EmulatedFast(model, kernels)
+
+
+def _check_greedy(ref, out, prompt_len, mask):
+    full_mask = np.concatenate([mask, np.ones((out.shape[0], out.shape[1] - prompt_len), np.int64)], axis=1)
+    pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    z = ref(out, attention_mask=full_mask, position_ids=pos).logits[:, prompt_len - 1:-1]   # [B, new, V]
+    top2 = np.sort(z, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > MARGIN
+    agree = np.argmax(z, axis=-1) == out[:, prompt_len:]
+    assert agree[decided].all() and decided.mean() > 0.5, (agree, decided)
+
+
+def test_generate_through_engine_steps_greedy_left_padded(emulated):
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3, 5])
+    steps_seen = []
+    real_step = fast_gpu.EngineSteps.step
+
+    def spy(self, *a, **k):
+        steps_seen.append(k["fused"])
+        return real_step(self, *a, **k)
+
+    fast_gpu.EngineSteps.step = spy
+    try:
+        out = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+    finally:
+        fast_gpu.EngineSteps.step = real_step
+    assert out.shape == (3, 7 + 6) and np.array_equal(out[:, :7], ids)
+    assert steps_seen == [True] * 5                        # every token after the first: one engine replay
+    assert fast.engine.max_batch == 3 and fast.engine.max_len >= 13      # reserve() grew the cache
+    _check_greedy(ref, out, 7, mask)
+    # the engine's cache holds what the model's prefill wrote: its row equals the model's own cache
+    assert np.array_equal(fast.engine.generated(), out[:, 7:])
+
+
+def test_generate_through_engine_steps_eos_pad_streamer(emulated):
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(5), 384, [6, 4])
+    free = generate(fast, ids, attention_mask=mask, max_new_tokens=8, engine="fast")
+    eos = int(free[0, 6 + 2])                               # row 0's third new token
+
+    class Streamer:
+        def __init__(self):
+            self.parts = []
+
+        def put(self, v):
+            self.parts.append(np.asarray(v).copy())
+
+        def end(self):
+            self.parts.append(None)
+
+    st = Streamer()
+    cut = generate(fast, ids[:1], attention_mask=mask[:1], max_new_tokens=8, eos_token_id=eos, engine="fast",
+                   streamer=st)
+    stop = 6 + int(np.argmax(free[0, 6:] == eos)) + 1
+    assert np.array_equal(cut[0], free[0, :stop])           # stops at the first eos
+    assert np.array_equal(np.concatenate([p.reshape(-1) for p in st.parts[1:-1]]), free[0, 6:stop])
+    both = generate(fast, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=3,
+                    engine="fast")
+    for b in range(2):
+        hit = np.nonzero(free[b, 6:] == eos)[0]
+        end = 6 + (hit[0] + 1 if hit.size else 8)
+        assert np.array_equal(both[b, :end], free[b, :end])
+        assert (both[b, end:] == 3).all()                 # a finished row emits pad (and is fed pad)
+
+
+def test_generate_through_engine_steps_sampling(emulated, monkeypatch):
+    """Seeded sampling is reproducible; top_k=1 is greedy; a huge repetition penalty forbids repeats; the
+    step's own sampler (sample_step, emulated by its spec) draws what the loop's processors draw on the
+    same logits with the same seed (with it turned off, the loop processes engine.logits_buf)."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(6), 384, [5, 5])
+    kw = dict(attention_mask=mask, max_new_tokens=6, engine="fast")
+    settings = [dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=2),
+                dict(do_sample=True, temperature=1.2, top_k=0, seed=3), dict(repetition_penalty=2.0)]
+    in_graph = [generate(fast, ids, **s, **kw) for s in settings]
+    assert fast.engine.sampler is not None                                  # sample_step ran in the graph
+    monkeypatch.setattr(kn.DecodeKernels, "sampler_covers", staticmethod(lambda settings, vocab: False))
+    for s, a in zip(settings, in_graph):
+        assert np.array_equal(generate(fast, ids, **s, **kw), a), s
+    assert fast.engine.sampler is None
+    monkeypatch.undo()
+    a = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
+    b = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
+    assert np.array_equal(a, b)
+    greedy = generate(fast, ids, **kw)
+    assert np.array_equal(generate(fast, ids, do_sample=True, top_k=1, seed=3, **kw), greedy)
+    pen = generate(fast, ids, repetition_penalty=1e6, **kw)
+    for row in pen:                                        # a huge penalty: no new token repeats a present one
+        new = row[5:].tolist()
+        assert len(set(new)) == len(new) and not set(new) & set(row[:5].tolist())
+
+
+def test_step_backend_choice(emulated):
+    from stablelm_ref.generation import ModelSteps, step_backend
+
+    ref, fast = _models(emulated)
+    assert isinstance(step_backend(fast, 2, 10, "fast"), fast_gpu.EngineSteps)
+    assert isinstance(step_backend(fast, 9, 10, "fast"), ModelSteps)          # batch > 8: the forward
+    assert isinstance(step_backend(fast, 2, 10, "reference"), ModelSteps)
+    assert isinstance(step_backend(ref, 2, 10, "auto"), ModelSteps) and step_backend(ref, 2, 10).model is ref
+    with pytest.raises(de.GenerationError, match="engine must be one of"):
+        step_backend(ref, 1, 4, "graph")

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stablelm_ref.errors import GenerationError
+from stablelm_ref.heads import StableLmForCausalLM
 from stablelm_ref.generation import (TextStreamer, apply_repetition_penalty, apply_temperature, apply_top_k,
                                      apply_top_p, generate, sample, softmax)
 
@@ -52,6 +53,32 @@ def test_greedy_left_padded_batch_equals_each_row_alone(variant):
     assert out.shape == (3, 7 + 6)
     for i, r in enumerate(rows):
         assert out[i, 7:].tolist() == greedy_reference(model, r, 6)[len(r):]
+
+
+def test_left_padded_rows_get_positions_that_skip_the_padding(monkeypatch):
+    """The positions the model receives: a row's real tokens are at 0, 1, 2, ... whatever its padding,
+    and each new token one further. (Rotary is relative, so arange positions that count the padding
+    change the logits only by rounding: the outputs alone cannot tell.)"""
+    model = tiny_model(seed=6, eos_token_id=None)
+    rows = [[5, 17, 33, 2, 90, 41, 7], [12, 8], [60, 61, 62, 63]]
+    ids, mask = left_pad(rows)
+    received = []
+    forward = StableLmForCausalLM.forward
+
+    def recording_forward(self, input_ids, **kw):
+        received.append((np.asarray(kw["position_ids"]), np.asarray(kw["attention_mask"])))
+        return forward(self, input_ids, **kw)
+
+    monkeypatch.setattr(StableLmForCausalLM, "forward", recording_forward)
+    new = 4
+    generate(model, ids, attention_mask=mask, max_new_tokens=new)
+    assert len(received) == new                                        # the prompt, then one step per token
+    prefill, steps = received[0], received[1:]
+    for i, r in enumerate(rows):
+        pad = ids.shape[1] - len(r)
+        assert prefill[0][i, pad:].tolist() == list(range(len(r)))     # real tokens from 0, padding skipped
+        assert [int(np.ravel(p[i])[-1]) for p, _ in steps] == list(range(len(r), len(r) + new - 1))
+        assert all(m[i, :pad].sum() == 0 and m[i, pad:].all() for _, m in steps)  # the padding stays masked
 
 
 def test_kv_cache_is_preallocated_and_logits_to_keep_is_1(model):
@@ -286,3 +313,59 @@ def test_prompt_longer_than_context_is_refused_but_decoding_past_it_is_allowed()
     with pytest.warns(UserWarning, match="past max_position_embeddings"):
         out = model.generate(np.ones((1, 60), np.int64), max_new_tokens=8)
     assert np.asarray(out).shape == (1, 68)
+
+
+# ---- the step backends -------------------------------------------------------------------------
+
+def test_engine_fast_on_the_cpu_is_fast_cpu_and_gives_the_same_tokens():
+    """engine="fast" steps through model.fast() (FastCpuModel: the same function, float64 here, so the
+    tokens equal the reference's exactly at these margins); "auto" on the CPU is the reference itself."""
+    from stablelm_ref.fast_cpu import FastCpuModel
+    from stablelm_ref.generation import ModelSteps, step_backend
+
+    m = tiny_model(seed=8, eos_token_id=None, pad_token_id=1)
+    ids, mask = left_pad([[5, 17, 33, 2, 90], [12, 8]])
+    ref = generate(m, ids, attention_mask=mask, max_new_tokens=6, engine="reference")
+    steps = step_backend(m, 2, 13, "fast")
+    assert isinstance(steps, ModelSteps) and isinstance(steps.model, FastCpuModel)
+    assert step_backend(m, 2, 13).model is m and step_backend(m, 2, 13, "reference").model is m
+    assert np.array_equal(generate(m, ids, attention_mask=mask, max_new_tokens=6, engine="fast"), ref)
+    assert np.array_equal(generate(m, ids, attention_mask=mask, max_new_tokens=6), ref)
+    with pytest.raises(GenerationError, match="engine must be one of"):
+        generate(m, ids, max_new_tokens=2, engine="graph")
+
+
+def test_a_backend_that_picks_inside_its_step_is_asked_for_the_ids(model):
+    """A step backend may pick the next ids itself (the GPU engine's argmax or sampler): the loop then
+    takes chosen_ids() instead of processing logits, and passes the draws u it would have sampled with."""
+    from stablelm_ref import generation
+
+    calls = []
+
+    class Picking(generation.ModelSteps):
+        def choose_in_step(self, settings):
+            return True
+
+        def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
+            calls.append((fused, None if u is None else u.copy()))
+            logits = super().step(next_ids, next_dev, mask, position)
+            self.picked = np.argmax(np.asarray(logits), axis=-1)              # what the loop would pick
+            return None
+
+        def chosen_ids(self):
+            return self.picked
+
+    real = generation.step_backend
+    generation.step_backend = lambda m, b, t, e="auto": Picking(m, b, t)
+    try:
+        ids = np.array([[5, 6, 7]])
+        out = generate(model, ids, max_new_tokens=5)
+        sampled = generate(model, ids, max_new_tokens=3, do_sample=True, seed=4)
+    finally:
+        generation.step_backend = real
+    assert np.array_equal(out, generate(model, ids, max_new_tokens=5))      # the same greedy tokens
+    assert [c[0] for c in calls] == [True] * 6
+    assert calls[-1][1] is not None and calls[0][1] is None                 # draws only when sampling
+    want = np.random.default_rng(4)
+    want.random(1)                                                          # the first token's draw
+    assert np.array_equal(calls[-2][1], want.random(1)) and sampled.shape == (1, 6)

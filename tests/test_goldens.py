@@ -2,7 +2,7 @@
 
 Tolerances, as the relative error ||ours - theirs|| / ||theirs|| (2-norm over the compared values):
 - float64: 1e-7. Not 1e-15, because transformers builds the RoPE cos/sin tables in float32 even for a
-  float64 model (FACTS.md), which perturbs q and k at ~1e-8 relative; every other step is float64.
+  float64 model (docs/facts.md), which perturbs q and k at ~1e-8 relative; every other step is float64.
   A real bug (a wrong head order, a missing bias, rotate_half pairs) shows at 1e-2 or more.
 - float32: 1e-4. Both sides compute in float32 (~6e-8 per operation) through two layers with different
   summation orders (BLAS kernels, softmax, LayerNorm); observed ~1e-6; 1e-4 keeps a 100x margin.

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from stablelm_ref import StableLmForCausalLM, hub
+from stablelm_ref import StableLmConfig, StableLmForCausalLM, hub
 from stablelm_ref.errors import HubError
 from stablelm_ref.tokenizer import Tokenizer
 
@@ -141,9 +141,43 @@ def test_model_and_tokenizer_load_from_a_hub_cache_offline(monkeypatch, tmp_path
     assert hub.cached_snapshot("acme/tiny", ("config.json", "model.safetensors"), cache_dir=cache) == snap
     assert hub.cached_snapshot("acme/other", cache_dir=cache) is None
     loaded = StableLmForCausalLM.from_pretrained("acme/tiny", cache_dir=cache)
+    assert StableLmConfig.from_pretrained("acme/tiny", cache_dir=cache).to_dict() == model.config.to_dict()
     for name, value in model.params.items():
         np.testing.assert_array_equal(loaded.params[name], value)
     tok = Tokenizer.from_pretrained("acme/tiny", cache_dir=cache)
     assert tok.eos_token_id == 0 and tok.decode(tok.encode("The weather")) == "The weather"
     with pytest.raises(HubError, match="acme/missing is not in the local Hugging Face cache"):
         StableLmForCausalLM.from_pretrained("acme/missing", cache_dir=cache)
+
+
+def test_the_default_model_name_loads_from_any_directory(monkeypatch, tmp_path):
+    """"stablelm-ref:default" is the model shipped in the package, whatever the working directory; a
+    directory of that name still wins (a path is a path); the name never reaches the Hub."""
+    from stablelm_ref import DEFAULT_MODEL
+
+    def no_hub(repo_id, **kwargs):
+        raise AssertionError(f"{repo_id!r} went to the Hub")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    assert hub.model_directory(DEFAULT_MODEL) == hub.DEFAULT_MODEL_DIR
+    assert os.path.samefile(hub.DEFAULT_MODEL_DIR, os.path.join(os.path.dirname(hub.__file__), "default_model"))
+    model = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
+    tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
+    assert StableLmConfig.from_pretrained(DEFAULT_MODEL) == model.config
+    assert model.config.vocab_size >= tok.vocab_size > 256                # the 4096-token BPE, not a stub
+    by_path = StableLmForCausalLM.from_pretrained(hub.DEFAULT_MODEL_DIR)
+    assert model.params.keys() == by_path.params.keys()
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(value, by_path.params[name])
+
+
+def test_a_file_is_not_a_model_directory(tmp_path):
+    from stablelm_ref.errors import CheckpointError, TokenizerError
+
+    f = tmp_path / "config.json"
+    f.write_text("{}")
+    with pytest.raises(CheckpointError, match="a file, not a model directory; give the directory that holds config"):
+        StableLmForCausalLM.from_pretrained(f)
+    with pytest.raises(TokenizerError, match="a file, not a model directory; give the directory that holds tokenizer"):
+        Tokenizer.from_pretrained(f)

@@ -1,10 +1,13 @@
 """LayerNorm and per-head qk LayerNorm: properties and a float64 reference written out by hand."""
 
+import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from stablelm_ref import layernorm
 from stablelm_ref.layernorm import layer_norm, per_head_layer_norm
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
@@ -29,13 +32,59 @@ def test_against_hand_written_reference(xp):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_float32_input_keeps_dtype_and_uses_wide_statistics(xp):
-    x = np.random.default_rng(2).normal(100.0, 1e-3, size=(4, 64)).astype(np.float32)  # large mean, tiny spread
+# Error analysis for the tests below. A LayerNorm over n = 64 values sums twice (mean, variance). NumPy sums
+# pairwise: 8 accumulators of 8 terms each, then 3 levels, so each sum's rounding error is at most
+# DEPTH = 10 roundings of u * sum|x_i| (u: unit roundoff of the statistics' dtype). An error e in the mean
+# shifts every deviation x_i - mean by e, so the output moves by e / sigma = DEPTH * u * kappa, with
+# kappa = mean|x| / sigma the conditioning of the row; the variance's own error is relative (second order
+# in e / sigma, plus DEPTH/2 roundings) and scales |y|; the subtraction, square, sqrt and division add a
+# few roundings of |y|. First order:
+#     |y - y_float64| <= DEPTH u kappa + (DEPTH/2 + 4) u (1 + |y|)  (+ the output's own rounding)
+DEPTH = 10
+U32 = 2.0**-24
+
+
+def _bound(x, y_ref, u):
+    x = x.astype(np.float64)
+    kappa = np.mean(np.abs(x), -1, keepdims=True) / np.std(x, -1, keepdims=True)   # [rows, 1]
+    first = DEPTH * u * kappa
+    return first + first**2 * np.abs(y_ref) + (DEPTH / 2 + 4) * u * (1 + np.abs(y_ref))
+
+
+@pytest.mark.parametrize("mean, spread", [(0.0, 1.0), (100.0, 1e-3)])   # kappa ~ 1.3 and ~ 1e5
+def test_float32_input_stays_float32_within_its_error_bound(xp, mean, spread):
+    x = np.random.default_rng(2).normal(mean, spread, size=(4, 64)).astype(np.float32)
     y = layer_norm(xp.asarray(x), xp.ones(64, dtype=xp.float32), xp.zeros(64, dtype=xp.float32), 1e-12)
-    assert y.dtype == xp.float32
-    ref = layer_norm(x.astype(np.float64), np.ones(64), np.zeros(64), 1e-12)
-    # float32 statistics on inputs ~100 with spread 1e-3: a few e-3 relative at worst, never garbage
-    np.testing.assert_allclose(np.asarray(y), ref, atol=5e-2)
+    assert y.dtype == xp.float32                     # float32 in, float32 statistics, float32 out (transformers)
+    ref = layer_norm(x.astype(np.float64), np.ones(64), np.zeros(64), 1e-12)   # the same inputs, float64
+    err = np.abs(np.asarray(y).astype(np.float64) - ref)
+    assert np.all(err <= _bound(x, ref, U32) + np.abs(ref) * U32)   # + rounding y to float32
+
+
+def _ulp(v, dtype):
+    """The spacing of `dtype` numbers at |v| (bfloat16 through ml_dtypes; subnormals of float16 included)."""
+    info = ml_dtypes.finfo(dtype)
+    v = np.maximum(np.abs(v), float(info.tiny))
+    return np.maximum(2.0 ** np.floor(np.log2(v)) * float(info.eps), float(info.smallest_subnormal))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_16_bit_input_gets_float32_statistics(dtype, monkeypatch):
+    """The statistics of a 16-bit input are computed in float32 (NumPy only: the array API standard has no
+    16-bit floats). Then the only visible error is the output's rounding to 16 bits: half an ulp, plus
+    float32 statistics' bound (kappa ~ 100 here: 1e-4 of a float16 ulp). Statistics kept in 16 bits miss
+    the mean by ~kappa * u16 of sigma, tens of ulps: the same check fails on them, below."""
+    x = (10.0 + 0.1 * np.random.default_rng(4).normal(size=(8, 64))).astype(dtype)
+    w, b = np.ones(64, dtype=dtype), np.zeros(64, dtype=dtype)
+    ref = layer_norm(x.astype(np.float64), np.ones(64), np.zeros(64), 1e-5)    # the same 16-bit inputs, float64
+    bound = 0.5 * _ulp(ref, dtype) + _bound(x, ref, U32)
+    y = layer_norm(x, w, b, 1e-5)
+    assert y.dtype == dtype
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= bound)
+
+    monkeypatch.setattr(layernorm, "wide_dtype", lambda xp, d: d)             # statistics in 16 bits
+    narrow = layer_norm(x, w, b, 1e-5).astype(np.float64)
+    assert np.max(np.abs(narrow - ref) / bound) > 4                          # the check sees the difference
 
 
 def test_per_head_norm_uses_each_heads_own_weight(xp):

@@ -39,5 +39,5 @@ def test_swiglu_against_explicit_formula(xp, act):
     g = x @ p["mlp.gate_proj.weight"].T
     a = g / (1 + np.exp(-g)) if act == "silu" else np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / 2 ** 0.5)))(g)
     ref = (a * (x @ p["mlp.up_proj.weight"].T)) @ p["mlp.down_proj.weight"].T
-    out = mlp(xp.asarray(x), {k: xp.asarray(v) for k, v in p.items()}, "mlp.", act)
+    out = mlp(xp.asarray(x), {k.removeprefix("mlp."): xp.asarray(v) for k, v in p.items()}, act)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-10, atol=1e-10)

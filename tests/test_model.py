@@ -101,3 +101,14 @@ def test_too_long_prompt():
 def test_api_misuse_is_a_clear_error(kwargs, match):
     with pytest.raises(GenerationError, match=match):
         tiny_model()([[1, 2, 3]], **kwargs)
+
+
+def test_labels_need_the_logits_of_every_position_in_order():
+    """The loss pairs logits[t] with labels[t + 1]: logits_to_keep may only keep all positions, in order."""
+    model, ids = tiny_model(seed=6), [[5, 6, 7, 8]]
+    loss = model(ids, labels=ids).loss
+    for keep in (4, 9, np.arange(4), np.array([-4, -3, -2, -1])):            # every position, in order
+        assert model(ids, labels=ids, logits_to_keep=keep).loss == loss
+    for keep in (1, 3, np.array([0, 2]), np.array([3, 2, 1, 0]), np.array([0, 1, 2, 2])):
+        with pytest.raises(GenerationError, match="labels need logits for every position"):
+            model(ids, labels=ids, logits_to_keep=keep)

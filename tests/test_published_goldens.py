@@ -1,4 +1,4 @@
-"""The published stablelm-3b-4e1t figures (FACTS.md, from transformers' integration tests).
+"""The published stablelm-3b-4e1t figures (restated in docs/facts.md, from transformers' integration tests).
 
 The weight tests run wherever stabilityai/stablelm-3b-4e1t is in the local Hugging Face cache (they
 never download: the project's machines have no network) and skip with that reason otherwise. The
@@ -75,7 +75,7 @@ def test_3b_greedy_completion(model_3b):
 
 
 def test_3b_long_prompt(model_3b):
-    """FACTS.md: a 4,094-token prompt [306, 338] * 2047, greedy; the last three generated ids are [3, 3, 3]
+    """docs/facts.md: a 4,094-token prompt [306, 338] * 2047, greedy; the last three generated ids are [3, 3, 3]
     (4 new tokens reach position 4,097, past max_position_embeddings, as transformers allows)."""
     model, _ = model_3b
     ids = np.array([[306, 338] * 2047])

@@ -70,7 +70,7 @@ def neox(tmp_path_factory):
 
 def test_neox_only_tokenizer_json_gets_endoftext_defaults(neox):
     assert (neox.bos_token_id, neox.eos_token_id, neox.pad_token_id) == (0, 0, None)
-    assert neox.vocab_size == 50277  # FACTS.md: 50277 tokens, < the model's 50304
+    assert neox.vocab_size == 50277  # docs/facts.md: 50277 tokens, < the model's 50304
 
 
 def test_neox_ids_and_round_trip_equal_tokenizers_library(neox):

@@ -270,7 +270,8 @@ def bench_shape(name, args, rows, notes):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--shapes", default="small,slice,full", help="comma list of small, slice, full")
     ap.add_argument("--quick", action="store_true", help="one repeat, 32 new tokens only")
     ap.add_argument("--repeats", type=int, default=3, help="repeats per measurement (median), small and slice")

@@ -1,24 +1,28 @@
-"""Decode speed on one GPU at stablelm-3b-4e1t shapes: GpuDecodeEngine vs transformers, vs the roofline.
+"""Decode speed on one GPU through model.generate, across the StableLM family's shapes, against the
+memory roofline and transformers, in one run (`make bench-gpu`).
 
-    python tools/bench_gpu.py              # everything, one table at the end (`make bench-gpu`)
-    python tools/bench_gpu.py --skip-hf    # this engine only (no torch needed)
-    python tools/bench_gpu.py --ncu-step   # one eager decode step between cudaProfilerStart/Stop, for
+    python tools/bench_gpu.py                  # everything; one table at the end with the GPU's name
+    python tools/bench_gpu.py --skip-hf        # this package only (no torch needed)
+    python tools/bench_gpu.py --shapes 3b-4e1t --skip-static
+    python tools/bench_gpu.py --ncu-step       # one eager engine step between cudaProfilerStart/Stop, for
         ncu --clock-control none --profile-from-start off --csv --metrics gpu__time_duration.sum \\
             python tools/bench_gpu.py --ncu-step
 
-Shapes: vocab 50304, hidden 2560, intermediate 6912, 32 layers, 32 heads (32 kv), head_dim 80,
-rotary 20; random weights, bf16, 128-token prompt, 128 new tokens, greedy.
+Shapes (random bf16 weights, std 0.02, LayerNorm 1 / 0): stablelm-2-1_6b, stablelm-3b-4e1t, stablelm-2-12b
+(published config.json values: vocab, hidden, intermediate, layers, heads, kv heads, qkv bias, qk LayerNorm,
+parallel residual; head_dim 64 / 80 / 160, rotary 25%). Prompt 128 random tokens, 128 new tokens, no EOS.
 Measured in one run on one GPU:
-  - this engine: decode-only time of the steps after the prompt (CUDA events around the graph replays),
-    median of 3 after a warm-up run; once with a plain graph and once with programmatic dependent launches
-    (PDL, the default), checking both give identical tokens/logits. The GEMV shapes are tuned once, for the
-    PDL graph, and used by both;
-  - transformers generate(), eager attention + dynamic cache, and cache_implementation="static"
-    (transformers compiles the decode step): time of 129 new tokens minus time of 1 new token
-    (= 128 decode steps), median of 3 after a warm-up;
-  - the memory roofline: weight bytes one decode step must read / measured device bandwidth
-    (a device-to-device copy, bytes read + written; a read-only kernel is printed beside it);
-  - batch 8: tokens/s per row and in total.
+  - StableLmForCausalLM(..., device="gpu").generate(ids, max_new_tokens=128): decode tokens/s from the
+    `timings` generate reports (host clock from the first token read to the last: everything a user waits
+    for, the host's per-token work included), median of 3 after a warm-up call (GEMV tuning, graph capture);
+    greedy batch 1, sampling batch 1 (temperature 0.8, top-k 50, top-p 0.9), greedy batch 8 (3b only, total
+    tokens/s over the 8 rows); time to the first token (the model's own forward on the prompt);
+  - the engine's step alone: graph replays between CUDA events (the argmax left out), to separate the GPU's
+    step time from the loop's host time;
+  - the memory roofline: weight bytes one decode step must read / measured device bandwidth (a
+    device-to-device copy, bytes read + written);
+  - transformers generate() at 3b-4e1t shapes on the same weights (eager + dynamic cache, and
+    cache_implementation="static", which compiles the decode step): t(128 new) - t(1 new), median of 3.
 Prefill attention speed (the flash prefill kernel) is measured by tools/bench_attention.py, not here.
 """
 
@@ -36,12 +40,26 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn  # noqa: E402
 
 SHAPES = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=32, layer_norm_eps=1e-5, use_qkv_bias=False,
               qk_layernorm=False, use_parallel_residual=False, tie_word_embeddings=False, hidden_act="silu",
               max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25)
+
+
+COMMON = dict(layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=4096,
+              rope_theta=10000.0, partial_rotary_factor=0.25)
+FAMILY = {   # published config.json shapes
+    "2-1.6b": dict(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                   num_attention_heads=32, num_key_value_heads=32, use_qkv_bias=True, qk_layernorm=False,
+                   use_parallel_residual=False, **COMMON),
+    "3b-4e1t": SHAPES,
+    "2-12b": dict(vocab_size=100352, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=32, num_key_value_heads=8, use_qkv_bias=False, qk_layernorm=True,
+                  use_parallel_residual=True, **COMMON),
+}
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=0)
 
 
 def log(*a):
@@ -64,7 +82,7 @@ def random_params(cfg, seed=0):
     qd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
 
     def w(*shape):
-        return de.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
+        return bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
 
     p = {"model.embed_tokens.weight": w(V, hd), "lm_head.weight": w(V, hd),
          "model.norm.weight": cp.ones(hd, cp.float32), "model.norm.bias": cp.zeros(hd, cp.float32)}
@@ -80,6 +98,29 @@ def random_params(cfg, seed=0):
 
 
 # ----------------------------------------------------------------------------- device bandwidth
+READ_PROBE = r"""
+extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n16, float* __restrict__ out) {
+    // out[blockIdx.x] = sum of the block's slice; every 16-byte chunk read once, past L1 (as decode.cu's GEMV)
+    __shared__ float buf[32];
+    float s = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
+        uint4 v;
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src + i));
+        s += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += buf[w];
+        out[blockIdx.x] = t;
+    }
+}
+"""
+
+
 def measure_bandwidth(kernels, gib=4.0):
     import cupy as cp
     n = int(gib * 2**30) // 4
@@ -106,31 +147,12 @@ def measure_bandwidth(kernels, gib=4.0):
         return float(np.median(ts))
 
     t_copy = timed(copy)
-    t_read = timed(lambda: kernels.read_probe_fn((blocks,), (512,), (src, np.uint64(src.nbytes // 16), out)))
+    probe = cp.RawKernel(READ_PROBE, "read_probe")
+    t_read = timed(lambda: probe((blocks,), (512,), (src, np.uint64(src.nbytes // 16), out)))
     return 2 * n * 4 / t_copy, n * 4 / t_read          # bytes/s: copy (read + written), read-only
 
 
 # ----------------------------------------------------------------------------- this engine
-def time_engine_decode(engine, ids, new_tokens, reps=3):
-    """Decode-only seconds for new_tokens - 1 steps after prefill (events around the replays)."""
-    import cupy as cp
-    times = []
-    for r in range(reps + 1):                       # run 0: warm-up (GEMV tuning, graph capture)
-        engine.prefill(ids, logits=None)
-        if r == 0:
-            engine.capture(engine._nb)
-        s = engine.stream
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(s)
-        for _ in range(new_tokens - 1):
-            engine.decode_step()
-        e1.record(s)
-        e1.synchronize()
-        if r:
-            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3)
-    return float(np.median(times)), engine.generated()
-
-
 def step_breakdown(engine, nb):
     """Graph replay time of one full step, of its GEMVs alone, and of everything else (ms)."""
     plan = engine._plan(nb)
@@ -217,7 +239,7 @@ def ncu_step(args):
     """Build the engine on random weights, run a prompt and warm steps, profile one eager step."""
     import cupy as cp
     cfg = engine_config(args.layers)
-    kernels = de.DecodeKernels()
+    kernels = kn.DecodeKernels()
     engine = de.GpuDecodeEngine(cfg, random_params(cfg), max_batch=1, max_len=args.prompt + args.new + 8,
                                 kernels=kernels)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
@@ -263,18 +285,131 @@ def ncu_summary(path):
             f"{byt / n / 1e6:.2f} | {byt / (us * 1e-6) / 1e9 if us else 0:.0f} | {pct / n:.0f} |")
 
 
+def build_model(shapes, layers=None, seed=0):
+    """StableLmForCausalLM on the GPU with random bf16 weights made on the device (no host copy)."""
+    import cupy as cp
+    import ml_dtypes
+
+    from stablelm_ref import StableLmConfig, StableLmForCausalLM
+    from stablelm_ref.checkpoint import expected_shapes
+
+    kw = dict(shapes, eos_token_id=None, pad_token_id=None)
+    if layers:
+        kw["num_hidden_layers"] = layers
+    config = StableLmConfig(**kw)
+    bf16_dtype, rng, params = np.dtype(ml_dtypes.bfloat16), cp.random.default_rng(seed), {}
+    for name, shape in expected_shapes(config, "causal_lm").items():
+        if "norm" in name:
+            params[name] = (cp.ones if name.endswith("weight") else cp.zeros)(shape, cp.float32).astype(bf16_dtype)
+        elif name.endswith("bias"):
+            params[name] = cp.zeros(shape, bf16_dtype)
+        else:
+            params[name] = bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
+                                                 ).view(bf16_dtype)
+    return StableLmForCausalLM(config, params, device="gpu")
+
+
+def time_generate(model, ids, new_tokens, reps=3, **kw):
+    """{decode tok/s (all rows), first token s}: medians of reps model.generate calls after a warm-up."""
+    model.generate(ids, max_new_tokens=new_tokens, **kw)        # warm-up: GEMV tuning, graph capture
+    rates, ttft = [], []
+    for _ in range(reps):
+        t = {}
+        model.generate(ids, max_new_tokens=new_tokens, timings=t, **kw)
+        rates.append(t["decode_tokens"] / t["decode_s"])
+        ttft.append(t["prefill_s"])
+    return float(np.median(rates)), float(np.median(ttft))
+
+
+def bench_shape(name, args, bw_copy, res):
+    import cupy as cp
+
+    model = build_model(FAMILY[name], args.layers)
+    fast = model.fast()
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    ids1 = rng.integers(2, V, (1, args.prompt))
+    r = res[name] = {}
+    r["greedy b1 tok/s"], r["ttft b1 s"] = time_generate(model, ids1, args.new)
+    engine = fast.engine
+    assert engine is not None, fast.unsupported
+    wbytes = engine.weight_bytes_per_step()
+    r["weight GB per step"] = wbytes / 1e9
+    r["roofline tok/s"] = bw_copy / wbytes
+    engine.reserve(1, args.prompt + args.new + 1)
+    r["engine step b1 ms (graph replay)"] = engine.time_step(1)
+    engine.reserve(1, args.prompt + args.new + 64)
+    engine.start(np.ones((1, args.prompt), np.int64))
+    r["breakdown b1 ms (plain graph)"] = step_breakdown(engine, 1)
+    log(f"{name}: breakdown {r['breakdown b1 ms (plain graph)']}")
+    r["tuning b1"] = {k: tuple(v) for k, v in engine.tuning[1].items()}
+    log(f"{name}: greedy b1 {r['greedy b1 tok/s']:.1f} tok/s ({100 * r['greedy b1 tok/s'] / r['roofline tok/s']:.0f}% "
+        f"of {r['roofline tok/s']:.0f}); engine step alone {r['engine step b1 ms (graph replay)']:.3f} ms "
+        f"= {1e3 / r['engine step b1 ms (graph replay)']:.0f} tok/s; first token {1e3 * r['ttft b1 s']:.1f} ms")
+    r["sampling b1 tok/s"], _ = time_generate(model, ids1, args.new, **SAMPLING)
+    log(f"{name}: sampling b1 {r['sampling b1 tok/s']:.1f} tok/s "
+        f"({100 * r['sampling b1 tok/s'] / r['greedy b1 tok/s']:.0f}% of greedy)")
+    if name in args.batch8_shapes:
+        ids8 = rng.integers(2, V, (8, args.prompt))
+        r["greedy b8 tok/s total"], r["ttft b8 s"] = time_generate(model, ids8, args.new)
+        engine.reserve(8, args.prompt + args.new + 1)
+        r["engine step b8 ms (graph replay)"] = engine.time_step(8)
+        log(f"{name}: greedy b8 {r['greedy b8 tok/s total']:.0f} tok/s in total; engine step alone "
+            f"{r['engine step b8 ms (graph replay)']:.3f} ms")
+    hf_model = None
+    if name == "3b-4e1t" and not args.skip_hf:
+        hf_model = bench_transformers(model, ids1, args, r)
+    del model, fast, engine, hf_model
+    cp.get_default_memory_pool().free_all_blocks()
+
+
+def bench_transformers(model, ids1, args, r):
+    """transformers on the same weights (bf16, CUDA), eager and static cache."""
+    import torch
+    cfg = {k: v for k, v in FAMILY["3b-4e1t"].items()}
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    hf = build_hf(cfg, "eager")
+    with torch.no_grad():
+        sd = hf.state_dict()
+        for k, v in model.params.items():
+            if k in sd:
+                sd[k].copy_(torch.from_dlpack(v.view(np.int16)).view(torch.bfloat16))
+    ids_t = torch.as_tensor(ids1, device="cuda")
+    steps = args.new - 1
+    t_e, gen_e = time_hf_generate(hf, ids_t, args.new)
+    r["hf eager b1 tok/s"] = steps / t_e
+    ours = np.asarray(model.generate(ids1, max_new_tokens=args.new).get())[0, ids1.shape[1]:]
+    r["greedy ids equal to transformers eager (prefix)"] = int(np.argmin(np.append(ours[: gen_e.shape[1]] == gen_e[0],
+                                                                                   False)))
+    log(f"transformers eager b1: {r['hf eager b1 tok/s']:.1f} tok/s; our greedy ids equal theirs for the first "
+        f"{r['greedy ids equal to transformers eager (prefix)']} tokens")
+    if not args.skip_static:
+        try:
+            hf.set_attn_implementation("sdpa")
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            t_s, _ = time_hf_generate(hf, ids_t, args.new, cache_implementation="static")
+            r["hf static b1 tok/s"] = steps / t_s
+            log(f"transformers static cache + compile b1: {r['hf static b1 tok/s']:.1f} tok/s")
+        except Exception as e:  # noqa: BLE001
+            r["hf static error"] = repr(e)[:300]
+            log("transformers static cache failed:", repr(e)[:300])
+    return hf
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128, help="new tokens (decode steps = new - 1 + 1 warm)")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per generate call")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
+    ap.add_argument("--shapes", nargs="+", default=list(FAMILY), choices=list(FAMILY))
+    ap.add_argument("--batch8-shapes", nargs="*", default=["3b-4e1t"], help="shapes also timed at batch 8")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-static", action="store_true")
-    ap.add_argument("--batch8", type=int, default=8)
-    ap.add_argument("--hf-batch8", action="store_true", help="also time transformers eager at the large batch")
-    ap.add_argument("--static-budget", type=int, default=240, help="seconds allowed for the static-cache run")
     ap.add_argument("--json", type=str, default=None)
-    ap.add_argument("--no-pdl", action="store_true", help="skip the programmatic-dependent-launch variant")
     ap.add_argument("--ncu-step", action="store_true")
     ap.add_argument("--ncu-summary", type=str, default=None, help="summarise an ncu --csv file and exit")
     args = ap.parse_args()
@@ -285,149 +420,40 @@ def main():
 
     t_start = time.time()
     res = {"versions": versions()}
-    kernels = de.DecodeKernels()
+    kernels = kn.DecodeKernels()
     res["gpu"] = kernels.device_name
     log("GPU:", kernels.device_name, "| kernels:", kernels.source, "|", res["versions"])
     bw_copy, bw_read = measure_bandwidth(kernels)
     res["bandwidth copy GB/s"], res["bandwidth read GB/s"] = bw_copy / 1e9, bw_read / 1e9
     log(f"device bandwidth: copy {bw_copy / 1e9:.0f} GB/s (read + write), read-only kernel {bw_read / 1e9:.0f} GB/s")
+    for name in args.shapes:
+        bench_shape(name, args, bw_copy, res)
+        log(f"({time.time() - t_start:.0f} s)")
 
-    cfg = engine_config(args.layers)
-    hf_kwargs = {k: v for k, v in SHAPES.items()}
-    if args.layers:
-        hf_kwargs["num_hidden_layers"] = args.layers
-    max_len = args.prompt + args.new + 8
-    rng = np.random.default_rng(0)
-    ids1 = rng.integers(2, cfg.vocab_size, (1, args.prompt))
-    ids8 = rng.integers(2, cfg.vocab_size, (args.batch8, args.prompt))
-
-    model = None
-    if not args.skip_hf:
-        import torch
-        model = build_hf(hf_kwargs, "eager")
-        params = params_from_torch(model)
-        log(f"transformers model built ({time.time() - t_start:.0f} s)")
-    else:
-        params = random_params(cfg)
-    engine = de.GpuDecodeEngine(cfg, params, max_batch=max(1, args.batch8), max_len=max_len, kernels=kernels)
-    del params
-    for ids in (ids1, ids8) if args.batch8 else (ids1,):   # tune the GEMVs as the default engine runs (PDL)
-        engine.prefill(ids, logits=None)
-        engine.capture(ids.shape[0])
-    log(f"GEMVs tuned ({time.time() - t_start:.0f} s)")
-    engine.pdl = False                                     # plain graph first (same shapes); the PDL variant below
-    wbytes = engine.weight_bytes_per_step()
-    res["weight bytes per step"] = wbytes
-    log(f"engine ready ({time.time() - t_start:.0f} s); weights read per step {wbytes / 1e9:.3f} GB")
-
-    t1, gen1 = time_engine_decode(engine, ids1, args.new)
-    logits_plain = engine.get_logits()
-    steps = args.new - 1
-    res["engine b1 tok/s"] = steps / t1
-    res["engine b1 ms/token"] = 1e3 * t1 / steps
-    res["tuning b1"] = engine.tuning[1]
-    engine.prefill(ids1, logits=None)               # fresh cache room for the breakdown's replays
-    res["breakdown b1 ms"] = step_breakdown(engine, 1)
-    log(f"engine batch 1: {steps / t1:.1f} tok/s ({1e3 * t1 / steps:.3f} ms/token); breakdown {res['breakdown b1 ms']}")
-    for name, g in engine.tuning[1].items():
-        log(f"  gemv {name:8s} rows/block {g.rows} threads {g.threads:4d} persistent blocks/SM {g.persist}: "
-            f"alone {g.us:7.1f} us  {g.gbs:6.0f} GB/s")
-    if args.batch8:
-        t8, gen8 = time_engine_decode(engine, ids8, args.new)
-        res["engine b8 tok/s per row"] = steps / t8
-        res["engine b8 tok/s total"] = steps * args.batch8 / t8
-        res["tuning b8"] = engine.tuning[args.batch8]
-        log(f"engine batch {args.batch8}: {steps / t8:.1f} tok/s per row, {steps * args.batch8 / t8:.0f} total")
-    if not args.no_pdl:                              # the same engine, graph captured with PDL edges
-        engine.pdl = True
-        t1p, gen1p = time_engine_decode(engine, ids1, args.new)
-        if engine.pdl:
-            same = bool(np.array_equal(gen1p, gen1) and np.array_equal(engine.get_logits(), logits_plain))
-            res["engine+pdl b1 tok/s"] = steps / t1p
-            res["engine+pdl b1 identical to plain graph"] = same
-            log(f"engine batch 1 with PDL: {steps / t1p:.1f} tok/s ({1e3 * t1p / steps:.3f} ms/token); "
-                f"tokens and logits identical to the plain graph: {same}")
-            if args.batch8:
-                t8p, gen8p = time_engine_decode(engine, ids8, args.new)
-                res["engine+pdl b8 tok/s per row"] = steps / t8p
-                res["engine+pdl b8 identical to plain graph"] = bool(np.array_equal(gen8p, gen8))
-                log(f"engine batch {args.batch8} with PDL: {steps / t8p:.1f} tok/s per row, identical tokens: "
-                    f"{res['engine+pdl b8 identical to plain graph']}")
-        else:
-            res["pdl error"] = engine.pdl_error
-            log("PDL capture failed, plain launches kept:", engine.pdl_error)
-        engine.pdl = False
-    kv = engine.kv_bytes_per_step(args.prompt + args.new // 2)
-    res["roofline tok/s"] = bw_copy / wbytes
-    res["roofline tok/s (read-only bw)"] = bw_read / wbytes
-    res["kv bytes per step (mid-run)"] = kv
-
-    if model is not None:                           # (torch was imported to build it)
-        ids_t = torch.as_tensor(ids1, device="cuda")
-        t_e, gen_e = time_hf_generate(model, ids_t, args.new)
-        res["hf eager b1 tok/s"] = steps / t_e
-        log(f"transformers eager batch 1: {steps / t_e:.1f} tok/s ({time.time() - t_start:.0f} s)")
-        if args.batch8 and args.hf_batch8:
-            t_e8, _ = time_hf_generate(model, torch.as_tensor(ids8, device="cuda"), args.new)
-            res["hf eager b8 tok/s per row"] = steps / t_e8
-            log(f"transformers eager batch {args.batch8}: {steps / t_e8:.1f} tok/s per row")
-        match = int(np.argmin(np.append(gen1[0, : gen_e.shape[1]] == gen_e[0], False)))
-        res["greedy ids equal to transformers eager (prefix)"] = match
-        if not args.skip_static:
-            try:
-                model.set_attn_implementation("sdpa")
-                attn = "sdpa"
-            except Exception:  # noqa: BLE001
-                attn = "eager"
-            import signal
-
-            def _late(*_):
-                raise TimeoutError(f"static-cache run took longer than {args.static_budget} s")
-            signal.signal(signal.SIGALRM, _late)
-            signal.alarm(args.static_budget)
-            try:
-                t_s, gen_s = time_hf_generate(model, ids_t, args.new, cache_implementation="static")
-                signal.alarm(0)
-                res["hf static b1 tok/s"] = steps / t_s
-                res["hf static attention"] = attn
-                log(f"transformers static cache ({attn}) batch 1: {steps / t_s:.1f} tok/s ({time.time() - t_start:.0f} s)")
-            except Exception as e:  # noqa: BLE001
-                signal.alarm(0)
-                res["hf static error"] = repr(e)[:300]
-                log("transformers static cache failed:", repr(e)[:300])
-
-    # ------------------------------------------------------------------ the table
-    roof = res["roofline tok/s"]
-    rows = [("this engine, CUDA graph, batch 1", res["engine b1 tok/s"], f"{100 * res['engine b1 tok/s'] / roof:.0f}%")]
-    if "engine+pdl b1 tok/s" in res:
-        rows.append(("this engine, CUDA graph + PDL, batch 1", res["engine+pdl b1 tok/s"],
-                     f"{100 * res['engine+pdl b1 tok/s'] / roof:.0f}% (same tokens/logits as plain: "
-                     f"{res['engine+pdl b1 identical to plain graph']})"))
-    if "hf eager b1 tok/s" in res:
-        rows.append(("transformers eager + dynamic cache, batch 1", res["hf eager b1 tok/s"],
-                     f"{100 * res['hf eager b1 tok/s'] / roof:.0f}%"))
-    if "hf static b1 tok/s" in res:
-        rows.append((f"transformers static cache, compiled ({res['hf static attention']}), batch 1",
-                     res["hf static b1 tok/s"], f"{100 * res['hf static b1 tok/s'] / roof:.0f}%"))
-    if "engine b8 tok/s per row" in res:
-        rows.append((f"this engine, batch {args.batch8} (per row / total)", res["engine b8 tok/s per row"],
-                     f"total {res['engine b8 tok/s total']:.0f} tok/s"))
-    if "engine+pdl b8 tok/s per row" in res:
-        rows.append((f"this engine + PDL, batch {args.batch8} (per row / total)", res["engine+pdl b8 tok/s per row"],
-                     f"total {res['engine+pdl b8 tok/s per row'] * args.batch8:.0f} tok/s"))
-    if "hf eager b8 tok/s per row" in res:
-        rows.append((f"transformers eager, batch {args.batch8} (per row / total)", res["hf eager b8 tok/s per row"],
-                     f"total {res['hf eager b8 tok/s per row'] * args.batch8:.0f} tok/s"))
-    rows.append(("memory roofline, batch 1 (weights / copy bandwidth)", roof, "100%"))
     log("")
-    log(f"## decode, stablelm-3b-4e1t shapes{' (' + str(args.layers) + ' layers)' if args.layers else ''}, bf16, "
-        f"prompt {args.prompt}, {args.new} new tokens, {res['gpu']}")
-    log(f"weights read per token {wbytes / 1e9:.3f} GB; copy bandwidth {bw_copy / 1e9:.0f} GB/s "
-        f"(read-only kernel {bw_read / 1e9:.0f} GB/s); engine step: {res['breakdown b1 ms']}")
-    log("| decoder | tokens/s | % of roofline / note |")
-    log("|---|---:|---|")
-    for name, tps, note in rows:
-        log(f"| {name} | {tps:.1f} | {note} |")
+    log(f"## decode through model.generate, bf16, prompt {args.prompt}, {args.new} new tokens, {res['gpu']}"
+        f"{' (' + str(args.layers) + ' layers)' if args.layers else ''}; copy bandwidth {bw_copy / 1e9:.0f} GB/s")
+    log("| shapes | decoder | tokens/s | % of roofline / note |")
+    log("|---|---|---:|---|")
+    for name in args.shapes:
+        r = res[name]
+        roof, g = r["roofline tok/s"], r["greedy b1 tok/s"]
+        step = r["engine step b1 ms (graph replay)"]
+        log(f"| {name} | generate, greedy, batch 1 | {g:.1f} | {100 * g / roof:.0f}%; engine step alone {step:.3f} ms "
+            f"({100 * (1e3 / step) / roof:.0f}%); first token {1e3 * r['ttft b1 s']:.0f} ms |")
+        log(f"| {name} | generate, sampling (T 0.8, top-k 50, top-p 0.9), batch 1 | {r['sampling b1 tok/s']:.1f} | "
+            f"{100 * r['sampling b1 tok/s'] / g:.0f}% of greedy |")
+        if "greedy b8 tok/s total" in r:
+            log(f"| {name} | generate, greedy, batch 8 (total) | {r['greedy b8 tok/s total']:.0f} | engine step alone "
+                f"{r['engine step b8 ms (graph replay)']:.3f} ms = {8e3 / r['engine step b8 ms (graph replay)']:.0f} "
+                f"tok/s |")
+        if "hf eager b1 tok/s" in r:
+            log(f"| {name} | transformers eager + dynamic cache, batch 1 | {r['hf eager b1 tok/s']:.1f} | "
+                f"{100 * r['hf eager b1 tok/s'] / roof:.0f}% |")
+        if "hf static b1 tok/s" in r:
+            log(f"| {name} | transformers static cache + compile, batch 1 | {r['hf static b1 tok/s']:.1f} | "
+                f"{100 * r['hf static b1 tok/s'] / roof:.0f}% |")
+        log(f"| {name} | memory roofline ({r['weight GB per step']:.2f} GB / copy bandwidth) | {roof:.0f} | 100% |")
     res["wall s"] = time.time() - t_start
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))

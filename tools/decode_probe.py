@@ -5,7 +5,7 @@
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
 
-Each variant is decode.cu compiled with some -D defines (see VARIANTS) or from another commit's source; the
+Each variant is decode.cu with a change to its text (see VARIANTS) or from another commit's source; the
 engine keeps its weights and the first variant's GEMV shapes (--retune: tune each), and the decode step is
 timed the way tools/bench_gpu.py times it (128-token prompt, 127 graph replays between CUDA events, median
 of 3). With --src-rev every variant is tuned for itself (an older decode.cu may lack persistent GEMV blocks:
@@ -30,11 +30,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import engine_config, random_params  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
 
-VARIANTS = {   # name -> decode.cu -D defines
-    "default": {},                  # decode.cu as the engine builds it
-    "no-kv": {"ATT_NO_KV": 1},      # attention skips reading the cache: wrong results, shows what the read costs
+NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
+VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
+    "default": None,
+    # attention never reads the cache (wrong results): shows what the read costs
+    "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
 }
 
 ABLATIONS = {
@@ -52,23 +54,27 @@ def log(*a):
     print(*a, flush=True)
 
 
-def kernels_for(name, defines, src_rev=None):
-    """DecodeKernels built from the working tree's decode.cu, or from another commit's (src_rev), or from a
-    file (src_rev = 'file:PATH')."""
+def kernels_for(name, patch, src_rev=None):
+    """DecodeKernels built from the working tree's decode.cu changed by `patch` (text -> text), or from another
+    commit's (src_rev), or from a file (src_rev = 'file:PATH')."""
+    if src_rev is None and patch is None:
+        return kn.DecodeKernels()
     if src_rev is None:
-        return de.DecodeKernels(defines)
-    if src_rev.startswith("file:"):
+        text = patch(launch.SOURCE.read_text())
+        if text is None:
+            raise SystemExit(f"variant {name}: decode.cu no longer has the line it changes")
+    elif src_rev.startswith("file:"):
         text = Path(src_rev[5:]).read_text()
     else:
         text = subprocess.run(["git", "show", f"{src_rev}:stablelm_ref/cuda/decode.cu"], check=True,
                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
     tmp = Path(tempfile.mkdtemp()) / "decode.cu"
     tmp.write_text(text)
-    saved, de._SRC = de._SRC, tmp
+    saved, launch.SOURCE = launch.SOURCE, tmp
     try:
-        return de.DecodeKernels(defines)
+        return kn.DecodeKernels()
     finally:
-        de._SRC = saved
+        launch.SOURCE = saved
 
 
 def time_graph(engine, ids, g, steps=127, reps=3):
@@ -91,7 +97,8 @@ def use_kernels(engine, k, retune):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
@@ -114,11 +121,11 @@ def main():
     params = random_params(cfg)
     todo = [(v, VARIANTS[v], None) for v in args.variants]
     if args.src_rev:
-        todo.insert(0, (f"rev {args.src_rev}", {}, args.src_rev))
+        todo.insert(0, (f"rev {args.src_rev}", None, args.src_rev))
     engine = None
     res, ref_logits = {}, None
-    for name, defines, rev in todo:
-        k = kernels_for(name, defines, rev)
+    for name, patch, rev in todo:
+        k = kernels_for(name, patch, rev)
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
             del params

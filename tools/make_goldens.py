@@ -1,6 +1,6 @@
 """Build tests/goldens/: small random StableLM checkpoints and transformers' outputs for them.
 
-One folder per configuration the family uses (FACTS.md), each with config.json, model.safetensors
+One folder per configuration the family uses (docs/facts.md), each with config.json, model.safetensors
 (float32 weights) and golden.safetensors (transformers' outputs, float64 and float32 runs):
 
     3b            MHA (stablelm-3b-4e1t)            1_6b          qkv bias (stablelm-2-1.6b)
@@ -163,7 +163,8 @@ def write_legacy_config(folder):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--out", default="tests/goldens")
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     args = ap.parse_args()

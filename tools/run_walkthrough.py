@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Run every walkthrough chapter as a script, in order, with matplotlib's Agg backend.
 
-    python tools/run_walkthrough.py [--only 03,04] [--list]
+    python tools/run_walkthrough.py [--only 03,04] [--list] [--check | --redraw]
 
 Each chapter `walkthrough/NN_name.py` runs in its own Python process (cwd: the repository root), so one
 chapter's state never leaks into the next. The first failing chapter stops the run (exit 1, its
-output shown). Figures land in walkthrough/figures/; the timings are printed at the end.
+output shown). The timings are printed at the end.
+
+Figures are committed (walkthrough/figures/<name>.png, with <name>.json recording what it draws: see
+walkthrough/_common.py). A chapter redraws a figure only when what it draws differs from the committed
+record; the run ends with the list of figures that were stale or missing, to be committed. `--check` writes
+nothing and exits 1 when a figure is stale or missing; `--redraw` rewrites every figure (after a change of
+style the record does not capture, or of matplotlib).
 
 The chapters use small models, for which BLAS threads buy little and, on a shared machine, cost a lot
 (oversubscribed OpenBLAS threads spin: a 4-layer forward measured 10x slower with the default threads than
@@ -20,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +40,13 @@ def chapters():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of chapter numbers, e.g. 03,12")
     ap.add_argument("--list", action="store_true", help="list the chapters and exit")
     ap.add_argument("--quiet", action="store_true", help="show a chapter's output only when it fails")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="write no figure; exit 1 if one is stale or missing")
+    mode.add_argument("--redraw", action="store_true", help="rewrite every figure")
     args = ap.parse_args(argv)
     todo = chapters()
     if args.only:
@@ -50,6 +60,9 @@ def main(argv=None):
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["STABLELM_FIGURES"] = "check" if args.check else "redraw" if args.redraw else "update"
+    log = Path(tempfile.mkdtemp(prefix="walkthrough-")) / "figures.tsv"
+    env["STABLELM_FIGURE_LOG"] = str(log)
     timings, start = [], time.perf_counter()
     for path in todo:
         rel = path.relative_to(ROOT)
@@ -67,9 +80,20 @@ def main(argv=None):
     print("\nchapter timings:")
     for rel, dt in timings:
         print(f"  {dt:6.1f} s  {rel}")
-    figures = sorted((WALK / "figures").glob("*.png"))
-    print(f"  {time.perf_counter() - start:6.1f} s  total ({len(timings)} chapters, {len(figures)} figures in "
+    entries = [line.split("\t") for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
+    print(f"  {time.perf_counter() - start:6.1f} s  total ({len(timings)} chapters, {len(entries)} figures in "
           f"{(WALK / 'figures').relative_to(ROOT)}/)")
+    behind = [e for e in entries if e[1] != "current"]
+    if not behind:
+        print(f"figures: all {len(entries)} current (what each draws equals its committed record)")
+        return 0
+    print(f"figures: {len(behind)} of {len(entries)} stale or missing:")
+    for rel, status, written, why in behind:
+        print(f"  {status:8s} {rel} ({written}): {why}")
+    if args.check:
+        print("run `make walkthrough` and commit walkthrough/figures/", file=sys.stderr)
+        return 1
+    print("commit walkthrough/figures/ (the redrawn .png and .json) so readers on the web see them")
     return 0
 
 

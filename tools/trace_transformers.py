@@ -190,7 +190,8 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Trace transformers' StableLM with stablelm-ref's names.")
+    parser = argparse.ArgumentParser(description="Trace transformers' StableLM with stablelm-ref's names.",
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated token ids")

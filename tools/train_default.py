@@ -574,7 +574,7 @@ weights upcast to float32 (TF32 off): {ev['heldout_predicted_tokens']:,} predict
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (flat)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per variant")

@@ -7,7 +7,7 @@
 #
 # which is the same as multiplying a one-hot row by the table, $x_0 = \mathrm{onehot}(\mathrm{ids})\,E$,
 # only without the $V$-wide multiplication. There is no position embedding here: positions enter later,
-# inside attention, by rotating queries and keys (chapter 04).
+# inside attention, by rotating queries and keys (chapter 06).
 #
 # At the other end, the causal-LM head maps the last hidden state back onto the vocabulary,
 # $\mathrm{logits} = h\,W_{\mathrm{lm}}^\top$. With `tie_word_embeddings` $W_{\mathrm{lm}} = E$ (the
@@ -68,18 +68,30 @@ assert shares["stablelm-3b-4e1t"][0] == by_hand == 2_795_443_200
 # %% [markdown]
 # ## Figure: the embedded sequence and how similar its tokens are
 #
-# Left: the embedding vectors of the sequence (one row per token). Right: cosine similarity between
-# them. With random weights every pair is nearly orthogonal; a trained table puts related tokens
-# (repeated names, indentation) close together.
+# Left: the embedding vectors of the sequence (one row per token). Middle: the cosine similarity between
+# them. Read it with care: the brightest off-diagonal cells are the *same token id* at two positions (the
+# lookup returns the same row, so their similarity is exactly 1; marked ×), not related tokens. Different ids
+# stay well below that (printed: the largest similarity between two different ids). With random weights
+# every pair of different ids is nearly orthogonal.
 
 # %%
 unit = E[ids[0]] / np.linalg.norm(E[ids[0]], axis=1, keepdims=True)
+cos = unit @ unit.T                                                 # [T, T]
+same = ids[0][:, None] == ids[0][None, :]                           # the same id at positions t and s
+np.testing.assert_allclose(cos[same], 1.0, rtol=0, atol=1e-12)
+off = ~np.eye(len(cos), dtype=bool)
+different = cos[~same]
+print(f"{int((same & off).sum()) // 2} pairs of positions hold the same id (cosine 1); between different ids the "
+      f"cosine is at most {different.max():.2f} (mean {different.mean():.2f})")
 fig, axes = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [1.3, 1, 0.8]})
 axes[0].imshow(x0[0], aspect="auto", cmap="RdBu_r")
 axes[0].set(title=f"x0 = E[ids]  ({run.name})", xlabel="hidden dim", ylabel="token")
 axes[0].set_yticks(range(len(run.labels)), run.labels, fontsize=6)
-im = axes[1].imshow(unit @ unit.T, cmap="viridis", vmin=-0.2, vmax=1)
-axes[1].set(title="cosine similarity of the token embeddings")
+im = axes[1].imshow(cos, cmap="viridis", vmin=-0.2, vmax=1)
+rows_, cols_ = np.nonzero(same & off)
+axes[1].plot(cols_, rows_, "x", color="red", ms=4, lw=0.5, label="same token id")
+axes[1].set(title=f"cosine similarity (× same id; different ids <= {different.max():.2f})")
+axes[1].legend(fontsize=7, loc="lower left")
 axes[1].set_xticks(range(len(run.labels)), run.labels, rotation=90, fontsize=6)
 axes[1].set_yticks(range(len(run.labels)), run.labels, fontsize=6)
 fig.colorbar(im, ax=axes[1], fraction=0.046)

@@ -48,19 +48,20 @@ print("layer_norm == formula (1e-13); mean 0, var ~1; scale/offset invariant; fl
 # %% [markdown]
 # ## In the model: the residual stream before and after `input_layernorm`
 #
+# (The residual stream and the layers that read it are drawn in chapter 00; chapter 10 builds the blocks.)
 # The trace gives the residual stream entering each layer (`model.embed_tokens`, then `model.layers.{i}`)
 # and the normalised input to its attention (`model.layers.{i}.input_layernorm`). Across layers the
 # residual stream grows in scale; LayerNorm hands every sub-block inputs of a fixed scale, then $w$ and $b$
-# (learned per feature) reshape them.
+# (learned per feature) reshape them. The figure shows layer 0, where the stream is the raw embedding and
+# LayerNorm changes it most.
 
 # %%
 run = load_default_or_tiny(dtype="float64")
 model, cfg = run.model, run.model.config
 seen, _ = record(model, run.ids)
-last = cfg.num_hidden_layers - 1
-before = seen[f"model.layers.{last - 1}"] if last > 0 else seen["model.embed_tokens"]   # input of the last layer
-after = seen[f"model.layers.{last}.input_layernorm"]
-p = f"model.layers.{last}.input_layernorm."
+before = seen["model.embed_tokens"]                                  # the stream entering layer 0
+after = seen["model.layers.0.input_layernorm"]
+p = "model.layers.0.input_layernorm."
 np.testing.assert_allclose(after, layer_norm(before, model.params[p + "weight"], model.params[p + "bias"],
                                               cfg.layer_norm_eps), rtol=0, atol=1e-12)
 inputs = [seen["model.embed_tokens"]] + [seen[f"model.layers.{i}"] for i in range(cfg.num_hidden_layers - 1)]
@@ -74,13 +75,13 @@ fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 t = before.shape[1] // 2
 axes[0].hist(before[0, t], bins=40, alpha=0.6, label="residual stream x")
 axes[0].hist(after[0, t], bins=40, alpha=0.6, label="LayerNorm(x)")
-axes[0].set(title=f"one token (t={t}) entering layer {last}  ({run.name})", xlabel="value", ylabel="features")
+axes[0].set(title=f"one token (t={t}) entering layer 0  ({run.name})", xlabel="value", ylabel="features")
 axes[0].legend()
 axes[1].plot(before[0].mean(-1), "o-", label="mean of x")
 axes[1].plot(before[0].std(-1), "s-", label="std of x")
 axes[1].plot(after[0].mean(-1), "o--", label="mean of LN(x)")
 axes[1].plot(after[0].std(-1), "s--", label="std of LN(x)")
-axes[1].set(title="per-token statistics, before and after", xlabel="token position")
+axes[1].set(title="layer 0: per-token statistics, before and after", xlabel="token position")
 axes[1].legend(fontsize=8)
 axes[2].plot(rms_in, "o-", label="residual stream entering layer i")
 axes[2].plot(rms_ln, "s-", label="after input_layernorm")

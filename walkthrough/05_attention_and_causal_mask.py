@@ -19,7 +19,7 @@ import numpy as np
 
 from _common import load_default_or_tiny, record, savefig, show_source
 from stablelm_ref.attention import scaled_dot_product_attention, softmax
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(causal_mask)
 show_source(softmax)
@@ -65,9 +65,8 @@ print("scaled_dot_product_attention == per-head softmax(q k^T / sqrt(D)) v; mask
 #
 # With a `trace` callback the model hands over `model.layers.{i}.self_attn.attn_weights`, $[B, H, T, S]$.
 # Every row is a probability distribution over the keys at or before it. With the trained default model
-# (once it is in `stablelm_ref/default_model/`) the heads show structure: attending to the previous
-# token, to the start, to matching brackets or indentation. A random model shows only noise shaped by the
-# mask, which is why the figure says which model drew it.
+# the heads show structure (below: heads that attend to the previous token, or to the first); a random model
+# shows only noise shaped by the mask, which is why the figure says which model drew it.
 
 # %%
 run = load_default_or_tiny(dtype="float32")
@@ -81,28 +80,58 @@ for i in range(L):
     assert np.all(np.triu(a, k=1) == 0), "no weight on the future"
 print(run, f"{L} layers x {Hm} heads: every row sums to 1, nothing above the diagonal")
 
+# %% [markdown]
+# ## Figures: the masks, and what some heads do
+#
+# The masks: white = the query may attend to that key, black = masked (its weight is exactly 0).
+#
+# The heads: two simple scores per head, averaged over the queries that have a previous token, point at what
+# a head does: the weight on the **previous token** $A[t, t-1]$ and on the **first token** $A[t, 0]$ (many
+# heads park their weight there when nothing else matches: an "attention sink"). The figure shows the
+# scores for every head, then the maps of the two heads with the highest scores, at a size where the tokens
+# can be read.
+
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+from matplotlib.patches import Patch  # noqa: E402
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
 for ax, (m, title) in zip(axes, [(causal_mask(None, 1, T, past, np)[0, 0], "causal (2 cached + 6 new)"),
                                   (np.broadcast_to(pad[1], (T, S)), "padding of row 1 (3 left pads)"),
                                   (mask[1, 0], "combined: mask[1, 0]")]):
     ax.imshow(m, cmap="Greys_r", vmin=0, vmax=1)
     ax.set(title=title, xlabel="key position s", ylabel="query t")
+    ax.set_xticks(range(S)), ax.set_yticks(range(T))
+fig.legend(handles=[Patch(facecolor="white", edgecolor="black", label="may attend (True)"),
+                    Patch(facecolor="black", label="masked (False): weight 0")], loc="lower center", ncol=2, fontsize=9)
+fig.subplots_adjust(bottom=0.2)
 savefig(fig, "05_masks")
 
-layers = sorted({0, L // 2, L - 1})
-heads = list(range(min(Hm, 4)))
-fig, axes = plt.subplots(len(layers), len(heads), figsize=(3.3 * len(heads), 3.2 * len(layers)), squeeze=False)
-small = len(run.labels) <= 64
-for r_, i in enumerate(layers):
-    a = seen[f"model.layers.{i}.self_attn.attn_weights"][0]
-    for c_, h in enumerate(heads):
-        ax = axes[r_, c_]
-        ax.imshow(a[h], cmap="magma", vmin=0, vmax=1)
-        ax.set_title(f"layer {i}, head {h}", fontsize=9)
-        if small and c_ == 0:
-            ax.set_yticks(range(Tm), run.labels, fontsize=5)
-        if small and r_ == len(layers) - 1:
-            ax.set_xticks(range(Tm), run.labels, fontsize=5, rotation=90)
-fig.suptitle(f"attention weights A[t, s] ({run.name})")
+prev_score = np.zeros((L, Hm))
+first_score = np.zeros((L, Hm))
+for i in range(L):
+    a = seen[f"model.layers.{i}.self_attn.attn_weights"][0]         # [H, T, T]
+    prev_score[i] = a[:, np.arange(1, Tm), np.arange(Tm - 1)].mean(-1)   # A[t, t-1], t >= 1
+    first_score[i] = a[:, 2:, 0].mean(-1)                                # A[t, 0], t >= 2 (t = 1: same as t-1)
+best_prev = np.unravel_index(prev_score.argmax(), prev_score.shape)
+best_first = np.unravel_index(first_score.argmax(), first_score.shape)
+print(f"strongest previous-token head: layer {best_prev[0]} head {best_prev[1]} "
+      f"({prev_score[best_prev]:.2f} of its weight on t-1); strongest first-token head: layer {best_first[0]} "
+      f"head {best_first[1]} ({first_score[best_first]:.2f} on token 0)")
+
+fig = plt.figure(figsize=(16, 7.5))
+grid = fig.add_gridspec(2, 3, width_ratios=[0.55, 1, 1])
+for r_, (score, name) in enumerate(((prev_score, "weight on the previous token"), (first_score, "weight on the first token"))):
+    ax = fig.add_subplot(grid[r_, 0])
+    im = ax.imshow(score, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set(title=name, xlabel="head", ylabel="layer")
+    fig.colorbar(im, ax=ax, fraction=0.08)
+for c_, ((i, h), what) in enumerate(((best_prev, "previous-token head"), (best_first, "head with the most weight on the first token"))):
+    ax = fig.add_subplot(grid[:, 1 + c_])
+    ax.imshow(seen[f"model.layers.{i}.self_attn.attn_weights"][0, h], cmap="magma", vmin=0, vmax=1)
+    ax.set_title(f"layer {i}, head {h}: the {what}", fontsize=10)
+    if Tm <= 64:
+        ax.set_yticks(range(Tm), run.labels, fontsize=7.5)
+        ax.set_xticks(range(Tm), run.labels, fontsize=7.5, rotation=90)
+    ax.set(xlabel="key s", ylabel="query t")
+fig.suptitle(f"attention weights A[t, s] of the {run.name} (rows: queries; bright: weight near 1)")
 savefig(fig, "05_attention_maps")

@@ -27,7 +27,7 @@ DEFAULT_MODEL_DIR = Path(stablelm_ref.__file__).resolve().parent / "default_mode
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64, model_type="stablelm")
 
-# The published shapes (FACTS.md), for figures that only need a config (no weights are allocated).
+# The published shapes (docs/facts.md restates them with their sources), for figures that only need a config (no weights are allocated).
 FAMILY = {
     "stablelm-3b-4e1t": dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=32),
@@ -116,21 +116,159 @@ def show_source(obj, start=None, stop=None):
         i = next(n for n, line in enumerate(lines) if start in line)
         j = next((n for n in range(i, len(lines)) if stop is not None and stop in lines[n]), len(lines) - 1)
         lines = lines[i: j + 1]
-    where = f"{inspect.getsourcefile(obj)}".replace(str(ROOT) + os.sep, "")
+    where = f"{inspect.getsourcefile(inspect.unwrap(obj))}".replace(str(ROOT) + os.sep, "")  # seams wrap their reference
     print(f"# --- {where} :: {getattr(obj, '__qualname__', obj)}")
     print("\n".join(lines))
 
 
+# ---- figures: small committed PNGs, redrawn only when what they draw has changed -------------------------
+#
+# matplotlib's PNG bytes change with its version, fonts and FreeType, so a byte comparison would call every
+# figure stale on another machine. What a reader needs to be current is what the figure *draws*: the numbers
+# behind its lines, images, bars and points, its texts, and its layout and colours. `fingerprint` reads those
+# back from the figure's artists; walkthrough/figures/<name>.json, committed beside <name>.png, records them.
+# A figure is stale when a number differs by more than 1e-3 of its array's largest magnitude (float32 rounding
+# and BLAS summation order stay far below that; a different layer, token or model moves it by far more) or a
+# text, colour or layout entry differs. Axes whose gid is "measured" (timings) are compared by their texts and
+# layout only: their numbers change on every run.
+#
+#   STABLELM_FIGURES=check    do not write; report stale or missing figures (tools/run_walkthrough.py --check)
+#   STABLELM_FIGURES=redraw   write every figure, stale or not
+#
+# tools/run_walkthrough.py sets STABLELM_FIGURE_LOG to a file where savefig notes each figure's status.
+
+FINGERPRINT_VERSION = 1
+STALE_RTOL = 1e-3
+
+
+def _numbers(a):
+    """An array's summary for the fingerprint: shape, NaN count, min, max, mean, mean |a|, and a mean with
+    fixed pseudo-random weights (which moves when values move between positions)."""
+    a = np.ma.filled(np.ma.masked_invalid(np.ma.asarray(a, dtype=np.float64)), np.nan)
+    finite = a[np.isfinite(a)]
+    w = np.random.default_rng(a.size).random(a.size).reshape(a.shape)
+    stats = [float(finite.min()), float(finite.max()), float(finite.mean()), float(np.abs(finite).mean()),
+             float(np.nanmean(a * w))] if finite.size else []
+    return {"shape": list(a.shape), "nan": int(a.size - finite.size), "stats": [float(f"{v:.7g}") for v in stats]}
+
+
+def fingerprint(fig):
+    """What a figure draws, read back from its artists: {"size", "suptitle", "axes": [...]}, JSON-ready."""
+    from matplotlib.colors import to_hex
+    from matplotlib.ticker import FixedLocator
+
+    def colour(c):
+        try:
+            return to_hex(c, keep_alpha=True)
+        except (ValueError, TypeError):
+            return str(c)
+
+    out = {"version": FINGERPRINT_VERSION, "size": [round(float(v), 2) for v in fig.get_size_inches()],
+           "suptitle": fig._suptitle.get_text() if fig._suptitle is not None else "", "axes": []}
+    for ax in fig.axes:
+        measured = ax.get_gid() == "measured"
+        entry = {"texts": [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()] + [t.get_text() for t in ax.texts],
+                 "position": [round(float(v), 2) for v in ax.get_position().bounds],
+                 "scales": [ax.get_xscale(), ax.get_yscale()], "style": [], "data": []}
+        legend = ax.get_legend()
+        if legend is not None:
+            entry["texts"] += [t.get_text() for t in legend.get_texts()]
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_locator(), FixedLocator):   # ticks set by the chapter, not by matplotlib
+                entry["texts"] += [t.get_text() for t in axis.get_ticklabels()]
+                entry["data"].append(_numbers(axis.get_major_locator().locs))
+        for line in ax.lines:
+            entry["style"].append([colour(line.get_color()), str(line.get_linestyle()), str(line.get_marker())])
+            entry["data"].append(_numbers(line.get_xydata()))
+        for im in ax.images:
+            entry["style"].append([im.get_cmap().name])
+            entry["data"] += [_numbers(im.get_array()), _numbers(im.get_clim())]   # autoscaled limits: data
+        for patch in ax.patches:
+            entry["style"].append([colour(patch.get_facecolor())])
+            entry["data"].append(_numbers(patch.get_patch_transform().transform(patch.get_path().vertices)))
+        for coll in ax.collections:
+            entry["style"].append([colour(c) for c in coll.get_facecolors()[:4]])
+            entry["data"].append(_numbers(coll.get_offsets()))
+            if coll.get_array() is not None:
+                entry["data"].append(_numbers(coll.get_array()))
+        if measured:
+            entry["data"] = [{"shape": d["shape"]} for d in entry["data"]]
+        out["axes"].append(entry)
+    return out
+
+
+def fingerprint_differences(old, new):
+    """Human-readable differences between two fingerprints; [] when the figure is current."""
+    if old.get("version") != new["version"]:
+        return ["fingerprint format changed"]
+    diffs = []
+    for key in ("size", "suptitle"):
+        if old.get(key) != new[key]:
+            diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    if len(old["axes"]) != len(new["axes"]):
+        return diffs + [f"{len(old['axes'])} axes -> {len(new['axes'])}"]
+    for i, (a, b) in enumerate(zip(old["axes"], new["axes"])):
+        for key in ("texts", "position", "scales", "style"):
+            if a[key] != b[key]:
+                changed = [f"{x!r} -> {y!r}" for x, y in zip(a[key], b[key]) if x != y][:2] if key == "texts" else []
+                diffs.append(f"axes {i} {key}" + (": " + "; ".join(changed) if changed else ""))
+        if len(a["data"]) != len(b["data"]):
+            diffs.append(f"axes {i}: {len(a['data'])} drawn arrays -> {len(b['data'])}")
+            continue
+        for j, (x, y) in enumerate(zip(a["data"], b["data"])):
+            if x.get("shape") != y.get("shape") or x.get("nan") != y.get("nan"):
+                diffs.append(f"axes {i} array {j}: shape {x.get('shape')} -> {y.get('shape')}")
+            elif "stats" in y:
+                scale = max([abs(v) for v in x["stats"][:2] + y["stats"][:2]] + [1e-30])
+                if len(x["stats"]) != len(y["stats"]) or any(
+                        abs(u - v) > STALE_RTOL * scale for u, v in zip(x["stats"], y["stats"])):
+                    diffs.append(f"axes {i} array {j}: values moved (beyond {STALE_RTOL:g} of their scale)")
+    return diffs
+
+
+def _write_png(fig, path):
+    """A small PNG: 90 dpi, quantised to a 256-colour palette (plots have few colours), optimised."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE,
+                                          dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def savefig(fig, name):
-    """Save a figure as walkthrough/figures/<name>.png (and close it when nothing can display it)."""
+    """Save walkthrough/figures/<name>.png and its fingerprint <name>.json, unless the committed figure already
+    draws the same data (then the PNG is left alone); print and log which it was. Close the figure under Agg."""
+    import json
+
     import matplotlib
     import matplotlib.pyplot as plt
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / f"{name}.png"
+    path, record_path = FIGURES / f"{name}.png", FIGURES / f"{name}.json"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"figure: {path.relative_to(ROOT)}")
+    new = fingerprint(fig)
+    mode = os.environ.get("STABLELM_FIGURES", "update")
+    if record_path.exists() and path.exists():
+        diffs = fingerprint_differences(json.loads(record_path.read_text()), new)
+        status = "stale" if diffs else "current"
+    else:
+        diffs, status = ["no committed figure"], "missing"
+    if mode == "redraw" or (mode != "check" and status != "current"):
+        _write_png(fig, path)
+        record_path.write_text(json.dumps(new, indent=None, separators=(",", ":")) + "\n")
+        written = "redrawn" if status == "current" else "written"
+    else:
+        written = "left as committed"
+    rel = path.relative_to(ROOT)
+    print(f"figure: {rel} ({status}; {written})" + ("" if status == "current" else ": " + "; ".join(diffs[:3])))
+    log = os.environ.get("STABLELM_FIGURE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{rel}\t{status}\t{written}\t{'; '.join(diffs[:3])}\n")
     if matplotlib.get_backend().lower() == "agg":
         plt.close(fig)
     return path

@@ -12,6 +12,8 @@
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
 //                      combines the partial (max, sum, output) of all splits (flash-decoding)
 //   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history)
+//   sample_step        in argmax_step's place when generate processes the logits: repetition penalty,
+//                      temperature, top-k, top-p, a draw from softmax (or argmax) + the same bookkeeping
 //
 // Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
 // Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (decode_engine.py does this, or falls back to NVRTC).
@@ -188,9 +190,6 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
 #define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
 #define MODE_ADD 1     // yf[b, n] += acc                     (residual stream)
 #define MODE_SWIGLU 2  // rows (2i, 2i+1) = (gate_i, up_i):  yh[b, i] = bf16(silu(gate) * up)
-#ifndef ATT_NO_KV
-#define ATT_NO_KV 0        // 1: the attention never reads the cache (wrong results: for timing probes only)
-#endif
 
 // An L2 prefetch of weights (evict_normal instead of evict_last measured the same on the H100).
 __device__ __forceinline__ void prefetch_weights(const uint4* p) {
@@ -351,7 +350,7 @@ __device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __re
     constexpr int KPAD = D + 8, DC = D / 8;
     for (int c = threadIdx.x; c < ATT_TK * DC; c += ATT_THREADS) {
         const int r = c / DC, col = c % DC, t = t0 + r;
-        const bool ok = !ATT_NO_KV && t < t_end && t < len;
+        const bool ok = t < t_end && t < len;
         const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
         cp_async16(Ks + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
         cp_async16(Vs + r * D + col * 8, vc + off, ok ? 16 : 0);
@@ -736,15 +735,243 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
     }
 }
 
-// ---------------------------------------------------------------- read-bandwidth probe (bench only)
-// out[blockIdx.x] = sum of the block's slice; reads n16 16-byte chunks once.
-extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n16, float* __restrict__ out) {
-    __shared__ float buf[32];
-    float s = 0.f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = ld_stream(src + i);
-        s += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+// ---------------------------------------------------------------- logits processing + sampling + bookkeeping
+// grid (nb), block (SAMPLE_THREADS). generation.py's processors and sampler for row b, in transformers'
+// order, on the step's float32 logits (replaces argmax_step in the graph when generate processes logits):
+//   z_v = logits_v;  z_v = z_v < 0 ? z_v * penalty : z_v / penalty   where present[b, v] (penalty != 1)
+//   do_sample = 0: tok = argmax z (lowest index on ties)
+//   do_sample = 1: z /= temperature; top_k in [1, SAMPLE_KMAX]: keep z_v >= the k-th largest (ties kept,
+//     at most SAMPLE_CMAX candidates); top_p < 1: sort the kept ascending (ties by index), drop those
+//     whose cumulative probability (float32) is <= 1 - top_p, the most likely always kept;
+//     or top_k = 0 with top_p = 1: every token. Then p = softmax(z) in float64, cdf in vocabulary order,
+//     tok = the first index whose cdf > u[b] * cdf_last (u[b] in [0, 1) from the host's generator).
+// Then as argmax_step: history, pos, step and length; and present[b, tok] = 1 for the next step.
+#define SAMPLE_THREADS 1024
+#define SAMPLE_KMAX 1024
+#define SAMPLE_CMAX 2048
+
+__device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
+                                                 float penalty, int do_sample, float temperature) {
+    float z = row[v];
+    if (pres != nullptr && pres[v]) z = z < 0.f ? z * penalty : z / penalty;
+    return do_sample ? z / temperature : z;
+}
+
+__device__ __forceinline__ unsigned int order_key(float f) {     // a > b  <=>  key(a) > key(b)
+    const unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// (value, index) ascending, index breaking ties (numpy's stable argsort); n2 a power of two <= SAMPLE_CMAX
+__device__ void bitonic_sort(float* val, int* idx, int n2, bool by_index) {
+    for (int k = 2; k <= n2; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                const int l = i ^ j;
+                if (l > i) {
+                    const bool up = (i & k) == 0;
+                    const bool greater = by_index ? idx[i] > idx[l]
+                                                  : (val[i] > val[l] || (val[i] == val[l] && idx[i] > idx[l]));
+                    if (greater == up) {
+                        const float tv = val[i]; val[i] = val[l]; val[l] = tv;
+                        const int ti = idx[i]; idx[i] = idx[l]; idx[l] = ti;
+                    }
+                }
+            }
+            __syncthreads();
+        }
     }
-    s = block_sum(s, buf);
-    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+__device__ __forceinline__ double warp_scan_incl(double v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const double t = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += t;
+    }
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
+            int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
+            int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
+            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter) {
+    __shared__ float cval[SAMPLE_CMAX];
+    __shared__ int cidx[SAMPLE_CMAX];
+    __shared__ unsigned int hist[256];
+    __shared__ float rv[32];
+    __shared__ int ri[32];
+    __shared__ double rd[32];
+    __shared__ unsigned int s_prefix;
+    __shared__ int s_need, s_n, s_choice;
+    PDL_LAUNCH();
+    PDL_WAIT();
+    const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const float* row = logits + (size_t)b * V;
+    unsigned char* pres = present != nullptr ? present + (size_t)b * V : nullptr;
+    if (tid == 0) s_choice = -1;
+
+    // the largest processed logit and its lowest index (greedy's choice; the full path's max)
+    float best = NEG_INF;
+    int bidx = 0x7fffffff;
+    for (int v = tid; v < V; v += blockDim.x) {
+        const float z = processed_logit(row, pres, v, penalty, do_sample, temperature);
+        if (z > best) { best = z; bidx = v; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
+        if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
+    }
+    if (lane == 0) { rv[warp] = best; ri[warp] = bidx; }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < nw ? rv[lane] : NEG_INF;
+        bidx = lane < nw ? ri[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
+            if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
+        }
+        if (lane == 0) { rv[0] = best; ri[0] = bidx == 0x7fffffff ? 0 : bidx; }
+    }
+    __syncthreads();
+    const float zmax = rv[0];
+    if (!do_sample) {
+        if (tid == 0) s_choice = ri[0];
+    } else if (top_k > 0 && top_k < V) {
+        // 1. the k-th largest key, 8 bits at a time (radix select), then every z with a key >= it
+        unsigned int prefix = 0u, mask = 0u;
+        int need = top_k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
+            __syncthreads();
+            for (int v = tid; v < V; v += blockDim.x) {
+                const unsigned int key = order_key(processed_logit(row, pres, v, penalty, 1, temperature));
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int acc = 0;
+                for (int d = 255; d >= 0; --d) {
+                    if (acc + (int)hist[d] >= need) { s_prefix = prefix | ((unsigned int)d << shift); s_need = need - acc; break; }
+                    acc += (int)hist[d];
+                }
+                s_n = 0;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            need = s_need;
+            mask |= 0xFFu << shift;
+        }
+        for (int v = tid; v < V; v += blockDim.x) {
+            const float z = processed_logit(row, pres, v, penalty, 1, temperature);
+            if (order_key(z) >= prefix) {
+                const int i = atomicAdd(&s_n, 1);
+                if (i < SAMPLE_CMAX) { cval[i] = z; cidx[i] = v; }
+            }
+        }
+        __syncthreads();
+        const int n = min(s_n, SAMPLE_CMAX);
+        int n2 = 1;
+        while (n2 < n) n2 <<= 1;
+        for (int i = n + tid; i < n2; i += blockDim.x) { cval[i] = NEG_INF; cidx[i] = 0x7fffffff; }
+        __syncthreads();
+        // 2. top-p over the candidates sorted ascending (padding sorts first: -inf, and is never kept)
+        if (top_p < 1.f) {
+            bitonic_sort(cval, cidx, n2, false);
+            if (tid == 0) {
+                const float m = cval[n2 - 1];
+                float s = 0.f;
+                for (int i = n2 - n; i < n2; ++i) s += expf(cval[i] - m);
+                float cum = 0.f;
+                for (int i = n2 - n; i < n2 - 1; ++i) {
+                    cum += expf(cval[i] - m) / s;
+                    if (cum <= 1.f - top_p) cval[i] = NEG_INF;       // dropped: probability exactly 0 below
+                }
+            }
+            __syncthreads();
+        }
+        // 3. softmax in float64, cdf in vocabulary order, the first index past u * total
+        bitonic_sort(cval, cidx, n2, true);
+        if (tid == 0) {
+            double total = 0.0;
+            int last = -1;
+            for (int i = 0; i < n2; ++i)
+                if (cval[i] != NEG_INF) { total += exp((double)cval[i] - (double)zmax); last = i; }
+            const double target = u[b] * total;
+            double c = 0.0;
+            int pick = last;
+            for (int i = 0; i < n2; ++i) {
+                if (cval[i] == NEG_INF) continue;
+                c += exp((double)cval[i] - (double)zmax);
+                if (c > target) { pick = i; break; }
+            }
+            s_choice = pick >= 0 ? cidx[pick] : ri[0];
+        }
+    } else {
+        // every token (top_k 0, top_p 1): per-thread contiguous ranges keep the vocabulary order
+        const int chunk = (V + blockDim.x - 1) / blockDim.x;
+        const int v0 = min(V, tid * chunk), v1 = min(V, v0 + chunk);
+        double local = 0.0;
+        int last_pos = -1;
+        for (int v = v0; v < v1; ++v) {
+            const float z = processed_logit(row, pres, v, penalty, 1, temperature);
+            if (z != NEG_INF) { local += exp((double)z - (double)zmax); last_pos = v; }
+        }
+        const double incl = warp_scan_incl(local);
+        if (lane == 31) rd[warp] = incl;
+        __syncthreads();
+        if (warp == 0) {
+            const double w = lane < nw ? rd[lane] : 0.0;
+            const double wi = warp_scan_incl(w);
+            if (lane < nw) rd[lane] = wi - w;                    // exclusive prefix of the warps
+        }
+        __syncthreads();
+        const double before = rd[warp] + incl - local;           // sum over every earlier range
+        __shared__ double s_total;
+        if (tid == blockDim.x - 1) s_total = before + local;
+        __syncthreads();
+        const double target = u[b] * s_total;
+        if (before <= target && target < before + local) {       // exactly one range holds it
+            double c = before;
+            for (int v = v0; v < v1; ++v) {
+                const float z = processed_logit(row, pres, v, penalty, 1, temperature);
+                if (z == NEG_INF) continue;
+                c += exp((double)z - (double)zmax);
+                if (c > target) { s_choice = v; break; }
+            }
+        }
+        // rounding guard (target at the very end): the last token of positive probability
+        int lp = last_pos;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) lp = max(lp, __shfl_xor_sync(0xffffffffu, lp, o));
+        if (lane == 0) ri[warp] = lp;
+        __syncthreads();
+        if (tid == 0 && s_choice < 0) {
+            int m = -1;
+            for (int w = 0; w < nw; ++w) m = max(m, ri[w]);
+            s_choice = m >= 0 ? m : 0;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        const int idx = s_choice < 0 ? 0 : s_choice;
+        tok[b] = idx;
+        if (pres != nullptr) pres[idx] = 1;
+        const int s = *stepp;
+        if (s < max_steps) history[(size_t)s * ldh + b] = idx;
+        posp[b] += 1;
+        __threadfence();
+        const int prev = atomicAdd(counter, 1);
+        if (prev == (int)gridDim.x - 1) {
+            *stepp = s + 1;
+            *lenp += 1;
+            *counter = 0;
+        }
+    }
 }

@@ -1,4 +1,4 @@
-"""Fast greedy decoding on an NVIDIA GPU: raw CUDA kernels replayed as one CUDA graph per token.
+"""The GPU decode engine: a StableLM decode step as raw CUDA kernels, captured once as a CUDA graph.
 
 One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual stream x):
 
@@ -29,9 +29,16 @@ griddepcontrol.wait. On an H100, stablelm-3b-4e1t shapes, batch 1: 2.23 ms a ste
 the memory roofline); the same shapes in a plain graph 2.54 ms, with bit-identical tokens and logits
 (docs/cuda_decode_notes.md has every version and what did not help).
 
-Prefill (filling the cache from a prompt) uses plain CuPy float32 ops and cuBLAS with a simple
-masked softmax attention: correctness over speed. Activations are rounded to bf16 at the same
-points as in the decode kernels, so prefill and decode compute the same function.
+model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
+through kv_cache() (views of it), start() sets the device state, set_tokens() the fed ids, decode_step()
+replays the graph. prefill() is the engine's own self-contained prompt pass (CuPy float32 ops and cuBLAS,
+activations rounded to bf16 where the decode kernels round): the engine's tests and probes use it where
+there is no StableLmForCausalLM (transformers' weights).
+
+The GPU side, by concern: launch.py (building decode.cu, bound launches, PDL, capture and replay timing),
+decode_kernels.py (the Python face of each kernel), tune.py (the GEMV autotuner), specs.py (the float64
+specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file (weights, buffers, the step's
+plan, capture, the device-side bookkeeping).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, rotary_ndims, rope_theta, layer_norm_eps,
@@ -43,333 +50,18 @@ model.layers.{i}.*, model.norm.*, lm_head.weight), host arrays (float32 / bfloat
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-from typing import NamedTuple
-
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, GenerationError
-
-_SRC = Path(__file__).with_name("decode.cu")
-
-MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
-GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
-GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
-GEMV_MAX_THREADS = 512
-ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
-ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
-TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
-TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
-MAX_BATCH = 8
-
-
-class GemvShape(NamedTuple):
-    """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
-    block per group of rows), and the microseconds / GB/s it took alone at tuning time (0 if not timed)."""
-    rows: int
-    threads: int
-    persist: int
-    us: float
-    gbs: float
-
-
-DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
-
-
-_BACKEND = None   # tests may put a NumPy stand-in for CuPy here (see tests/test_decode_engine_emulated.py)
-
-
-def _cupy():
-    if _BACKEND is not None:
-        return _BACKEND
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise ImportError("the GPU decode engine needs CuPy: pip install 'stablelm-ref[gpu]'") from e
-    return cupy
-
-
-# ----------------------------------------------------------------------------- building the kernels
-def _define_flags(defines) -> list[str]:
-    return [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
-
-
-def kernel_cache_name(compute_capability: str, defines: dict | None = None) -> str:
-    """File name of the compiled module for this source, these -D defines and GPU architecture (e.g. '90')."""
-    key = _SRC.read_bytes() + compute_capability.encode() + " ".join(_define_flags(defines)).encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return f"decode-{digest}-sm_{compute_capability}.cubin"
-
-
-def build_cubin(compute_capability: str, out_dir: str | os.PathLike, defines: dict | None = None) -> Path:
-    """Compile decode.cu with nvcc into out_dir (a machine without a GPU can prepare it)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc not found on PATH")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / kernel_cache_name(compute_capability, defines)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_out = Path(tmp) / target.name
-        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", *_define_flags(defines),
-                        "-o", str(tmp_out), str(_SRC)], check=True, capture_output=True, text=True)
-        shutil.move(str(tmp_out), str(target))
-    return target
-
-
-def _load_module(cp, defines: dict | None = None):
-    """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC.
-    defines: compile-time variants of decode.cu (benchmarks compare them; the engine uses the defaults)."""
-    cc = cp.cuda.Device().compute_capability
-    cache = Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
-    cubin = cache / kernel_cache_name(cc, defines)
-    if not cubin.exists() and shutil.which("nvcc"):
-        try:
-            build_cubin(cc, cache, defines)
-        except (OSError, subprocess.CalledProcessError):
-            pass
-    if cubin.exists():
-        return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
-    return cp.RawModule(code=_SRC.read_text(), options=("--std=c++17", *_define_flags(defines))), "nvrtc"
-
-
-def _i32(v):
-    return np.int32(v)
-
-
-_NULL = np.uint64(0)   # a null device pointer as a kernel argument
-
-
-class Launch:
-    """One kernel launch with its arguments bound (replayed eagerly or captured into a graph)."""
-
-    __slots__ = ("fn", "grid", "block", "args", "smem", "tag")
-
-    def __init__(self, fn, grid, block, args, smem=0, tag=""):
-        self.fn, self.grid, self.block, self.args, self.smem, self.tag = fn, grid, block, args, smem, tag
-
-    def __call__(self):
-        self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
-
-
-class PdlLauncher:
-    """Launches through the driver's cuLaunchKernelEx with programmatic stream serialization, so that in
-    a captured graph each kernel may start while its predecessor drains (decode.cu's PDL_LAUNCH/PDL_WAIT).
-    CuPy's launcher has no launch attributes, hence ctypes. Struct layouts as in cuda.h (CUDA 12/13)."""
-
-    ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-
-    def __init__(self):
-        import ctypes as C
-        self.C = C
-
-        class Value(C.Union):
-            _fields_ = [("pad", C.c_char * 64), ("val", C.c_int), ("_align", C.c_void_p)]
-
-        class Attr(C.Structure):
-            _fields_ = [("id", C.c_int), ("pad", C.c_char * 4), ("value", Value)]
-
-        class Config(C.Structure):
-            _fields_ = [("gridDimX", C.c_uint), ("gridDimY", C.c_uint), ("gridDimZ", C.c_uint),
-                        ("blockDimX", C.c_uint), ("blockDimY", C.c_uint), ("blockDimZ", C.c_uint),
-                        ("sharedMemBytes", C.c_uint), ("hStream", C.c_void_p), ("attrs", C.POINTER(Attr)),
-                        ("numAttrs", C.c_uint)]
-
-        self.Attr, self.Config = Attr, Config
-        self.fn = C.CDLL("libcuda.so.1").cuLaunchKernelEx
-        self.fn.restype = C.c_int
-        self.fn.argtypes = [C.POINTER(Config), C.c_void_p, C.POINTER(C.c_void_p), C.c_void_p]
-
-    def bind(self, launch: "Launch", stream_ptr: int, programmatic: bool):
-        """A callable that launches `launch` on the stream (as a programmatic dependent if asked)."""
-        C, cp = self.C, _cupy()
-        vals = []
-        for a in launch.args:
-            if isinstance(a, cp.ndarray):
-                vals.append(C.c_void_p(a.data.ptr))
-            elif isinstance(a, np.uint64):
-                vals.append(C.c_uint64(int(a)))
-            elif isinstance(a, np.int32):
-                vals.append(C.c_int32(int(a)))
-            elif isinstance(a, np.float32):
-                vals.append(C.c_float(float(a)))
-            else:
-                raise TypeError(f"PdlLauncher: unsupported kernel argument {type(a)}")
-        params = (C.c_void_p * len(vals))(*[C.cast(C.pointer(v), C.c_void_p) for v in vals])
-        attr = self.Attr()
-        attr.id = self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.val = 1
-        g = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
-        b = tuple(launch.block) + (1,) * (3 - len(launch.block))
-        cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], launch.smem, stream_ptr, C.pointer(attr),
-                          1 if programmatic else 0)
-        func = launch.fn.kernel.ptr
-
-        def run(_keep=(vals, params, attr, cfg)):
-            rc = self.fn(C.byref(cfg), C.c_void_p(func), params, None)
-            if rc != 0:
-                raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} ({launch.tag})")
-        return run
-
-
-class DecodeKernels:
-    """The compiled decode.cu module and one launcher per kernel (also used by the tests)."""
-
-    def __init__(self, defines: dict | None = None):
-        cp = self.cp = _cupy()
-        self.defines = dict(defines or {})
-        self.module, self.source = _load_module(cp, self.defines)
-        f = self.module.get_function
-        self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
-                        if not (bm == 8 and r == 8)}
-        self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
-        self.layernorm_fn = f("layernorm_rows")
-        self.embed_fn = f("embed_rows")
-        self.argmax_fn = f("argmax_step")
-        self.read_probe_fn = f("read_probe")
-        dev = cp.cuda.Device()
-        self.num_sms = dev.attributes["MultiProcessorCount"]
-        self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
-
-    # -- GEMV ---------------------------------------------------------------------------------
-    @staticmethod
-    def gemv_batch_width(nb: int) -> int:
-        for bm in GEMV_BATCHES:
-            if nb <= bm:
-                return bm
-        raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
-
-    def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    tag="gemv"):
-        """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
-        W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
-        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
-        N, K = W.shape
-        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
-            raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
-        if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
-            raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
-        bm = self.gemv_batch_width(nb)
-        if mode == MODE_SWIGLU:
-            if rows % 2 or N % 2:
-                raise ValueError("gemv swiglu needs an even number of rows per block and of W rows")
-            y, ldy = yh, yh.shape[-1]
-        else:
-            y, ldy = yf, yf.shape[-1]
-        fn = self.gemv_fn[(bm, rows)]
-        args = (x, _i32(K), _i32(nb), W, _i32(N), _i32(K),
-                bias if bias is not None else _NULL,
-                yf if yf is not None else _NULL, yh if yh is not None else _NULL, _i32(ldy), _i32(mode))
-        del y
-        groups = (N + rows - 1) // rows
-        grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, tag=tag)
-
-    # -- attention ----------------------------------------------------------------------------
-    def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
-        """Splits of the key axis (grid x): about two blocks per SM, at most one tile each."""
-        want = math.ceil(2 * self.num_sms / max(1, nb * kv_heads))
-        return int(max(1, min(want, math.ceil(max_len / ATT_TK))))
-
-    @staticmethod
-    def attention_smem(G: int, D: int) -> int:
-        return ATT_TK * (D + 8) * 2 + ATT_TK * D * 2 + (G * D + 2 * D + G * ATT_TK + 3 * G + D) * 4
-
-    def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
-                         out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, tag="attention"):
-        if D not in self.attn_fn:
-            raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
-        if H % KVH:
-            raise ValueError(f"num_attention_heads {H} is not a multiple of num_key_value_heads {KVH}")
-        G = H // KVH
-        if G * D > 2 * ATT_MAXJ * ATT_THREADS:
-            raise NotImplementedError(f"decode attention supports (heads per kv head) * head_dim <= "
-                                      f"{2 * ATT_MAXJ * ATT_THREADS}, got {G} * {D}")
-        max_len = kc.shape[-2]
-        smem = self.attention_smem(G, D)
-        fn = self.attn_fn[D]
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        qk_ln = qn_w is not None
-        scale = D ** -0.5 if scale is None else scale
-        args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, _i32(rot),
-                qn_w if qk_ln else _NULL, kn_w if qk_ln else _NULL, _i32(qk_ln), np.float32(eps),
-                part_o, part_ml, counters, out, _i32(H), _i32(KVH), _i32(max_len), np.float32(scale))
-        return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
-
-    # -- small kernels ------------------------------------------------------------------------
-    def layernorm_launch(self, x, w, b, y, *, nb, eps, tag="layernorm"):
-        K = x.shape[-1]
-        threads = 256 if K <= 4096 else 512     # the register-resident fast path holds 16 floats a thread
-        return Launch(self.layernorm_fn, (nb,), (threads,),
-                      (x, _i32(K), w, b, y, _i32(y.shape[-1]), _i32(K), np.float32(eps)), tag=tag)
-
-    def embed_launch(self, tok, E, x, *, nb, tag="embed"):
-        return Launch(self.embed_fn, (nb,), (256,), (tok, E, _i32(E.shape[1]), x), tag=tag)
-
-    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, tag="argmax"):
-        V = logits.shape[-1]
-        return Launch(self.argmax_fn, (nb,), (1024,),
-                      (logits, _i32(V), tok, history, _i32(history.shape[1]), _i32(history.shape[0]),
-                       step, cache_len, pos, counter), tag=tag)
-
-
-# ----------------------------------------------------------------------------- bf16 helpers (CuPy)
-def f32_to_bf16_bits(a):
-    """float32 array -> uint16 array of bfloat16 bits, round to nearest even (NaN stays NaN)."""
-    xp = _cupy()
-    u = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
-    r = ((u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))) >> 16).astype(xp.uint16)
-    nan = (u & xp.uint32(0x7FFFFFFF)) > xp.uint32(0x7F800000)
-    return xp.where(nan, ((u >> 16) | xp.uint32(0x40)).astype(xp.uint16), r)
-
-
-def bf16_bits_to_f32(a):
-    cp = _cupy()
-    return (a.astype(cp.uint32) << 16).view(cp.float32)
-
-
-def round_bf16(a):
-    return bf16_bits_to_f32(f32_to_bf16_bits(a))
-
-
-def _is_bf16_dtype(dt) -> bool:
-    return getattr(dt, "name", "") == "bfloat16"
-
-
-def to_bf16_bits(a):
-    """Host (float32/float16/float64/bfloat16) or CuPy array -> C-contiguous CuPy uint16 bf16 bits."""
-    cp = _cupy()
-    if isinstance(a, cp.ndarray):
-        if a.dtype.itemsize == 2 and (a.dtype.kind in "iuV" or _is_bf16_dtype(a.dtype)):
-            return cp.ascontiguousarray(a.view(cp.uint16))
-        return f32_to_bf16_bits(a.astype(cp.float32))
-    a = np.asarray(a)
-    if _is_bf16_dtype(a.dtype):
-        return cp.asarray(np.ascontiguousarray(a).view(np.uint16))
-    import ml_dtypes
-    return cp.asarray(a.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
-
-
-def to_f32(a):
-    """Host or CuPy array (raw bf16 bits for 16-bit integer CuPy arrays) -> CuPy float32."""
-    cp = _cupy()
-    if isinstance(a, cp.ndarray):
-        if a.dtype.itemsize == 2 and (a.dtype.kind in "iuV" or _is_bf16_dtype(a.dtype)):
-            return bf16_bits_to_f32(cp.ascontiguousarray(a.view(cp.uint16)))
-        return cp.ascontiguousarray(a, dtype=cp.float32)
-    return cp.asarray(np.asarray(a).astype(np.float32))
+from . import tune, xp
+from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
+from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
+from .launch import Launch, capture_launches, replay_ms
+from .tune import DEFAULT_GEMV, GemvShape
 
 
 def _layernorm(x, w, b, eps):
-    cp = _cupy()
+    cp = xp.cupy()
     mean = x.mean(axis=-1, keepdims=True)
     var = cp.square(x - mean).mean(axis=-1, keepdims=True)
     y = (x - mean) / cp.sqrt(var + eps) * w
@@ -378,7 +70,7 @@ def _layernorm(x, w, b, eps):
 
 def _rope(x, cos, sin, rot):
     """GPT-NeoX rotary on the first rot dims: x1 cos - x2 sin | x2 cos + x1 sin | untouched rest."""
-    cp = _cupy()
+    cp = xp.cupy()
     if rot == 0:
         return x
     half = rot // 2
@@ -411,110 +103,28 @@ def config_from_transformers(cfg):
         max_position_embeddings=cfg.max_position_embeddings, rope_scaling=rp or None)
 
 
-# ----------------------------------------------------------------------------- NumPy float64 references
-# The specification of every kernel in decode.cu: the GPU tests compare each kernel with these.
-def ref_bf16_to_f64(bits) -> np.ndarray:
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def ref_f64_to_bf16(a) -> np.ndarray:
-    """Round to bfloat16 (through float32, as the kernels do) and return the raw bits."""
-    import ml_dtypes
-    return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
-
-
-def ref_round_bf16(a) -> np.ndarray:
-    return ref_bf16_to_f64(ref_f64_to_bf16(a))
-
-
-def ref_gemv(x, W, mode=MODE_STORE, bias=None, y0=None) -> np.ndarray:
-    """x [nb, K], W [N, K] (values, float64): store -> x W^T + bias; add -> y0 + x W^T;
-    swiglu (rows interleaved gate0, up0, gate1, ...) -> silu(gate) * up  [nb, N/2]."""
-    acc = np.asarray(x, np.float64) @ np.asarray(W, np.float64).T
-    if mode == MODE_STORE:
-        return acc if bias is None else acc + bias
-    if mode == MODE_ADD:
-        return y0 + acc
-    g, u = acc[:, 0::2], acc[:, 1::2]
-    return g / (1.0 + np.exp(-g)) * u
-
-
-def ref_layernorm(x, w, b, eps) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    mean = x.mean(axis=-1, keepdims=True)
-    var = np.square(x - mean).mean(axis=-1, keepdims=True)
-    y = (x - mean) / np.sqrt(var + eps) * w
-    return y if b is None else y + b
-
-
-def ref_decode_attention(qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, H, KVH, D,
-                         qn=None, kn=None, eps=1e-5, scale=None, k_new=None):
-    """One decode step of attention for nb rows.
-
-    qkv [nb, (H + 2 KVH) D] (new token, float), kc/vc [nb, KVH, >= cache_len, D] (cached bf16 values;
-    slots with kmask 0 may hold anything), kmask [nb, >= cache_len] (1 = attend), pos [nb] rotary
-    positions. Returns (out [nb, H D], k_new [nb, KVH, D], v_new [nb, KVH, D]) with k_new/v_new the
-    bf16-rounded values the kernel writes at cache[cache_len]. Query head h reads kv head h // (H / KVH).
-    k_new (optional, [nb, KVH, D]) replaces the computed new keys (to test with a kernel's own rounding).
-    """
-    qkv = np.asarray(qkv, np.float64)
-    nb, G, L = qkv.shape[0], H // KVH, int(cache_len)
-    scale = D ** -0.5 if scale is None else scale
-    out = np.zeros((nb, H, D))
-    given_k = k_new
-    k_new, v_new = np.zeros((nb, KVH, D)), np.zeros((nb, KVH, D))
-    half = rot // 2
-    for b in range(nb):
-        q = qkv[b, : H * D].reshape(H, D)
-        k = qkv[b, H * D:(H + KVH) * D].reshape(KVH, D)
-        v = qkv[b, (H + KVH) * D:].reshape(KVH, D)
-        if qn is not None:
-            q = ref_layernorm(q, qn, None, eps)
-            k = ref_layernorm(k, kn, None, eps)
-        ang = (np.float32(pos[b]) * np.asarray(inv_freq[:half], np.float32)).astype(np.float64)
-        cos, sin = np.cos(ang), np.sin(ang)
-
-        def rope(t):
-            t = t.copy()
-            x1, x2 = t[:, :half].copy(), t[:, half:rot].copy()
-            t[:, :half], t[:, half:rot] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-            return t
-
-        q, k = rope(q) * scale, ref_round_bf16(rope(k))
-        if given_k is not None:
-            k = np.asarray(given_k[b], np.float64)
-        v = ref_round_bf16(v)
-        k_new[b], v_new[b] = k, v
-        valid = np.concatenate([np.asarray(kmask[b, :L], bool), [True]])
-        for h in range(H):
-            j = h // G
-            keys = np.concatenate([np.asarray(kc[b, j, :L], np.float64), k[j][None]])[valid]
-            vals = np.concatenate([np.asarray(vc[b, j, :L], np.float64), v[j][None]])[valid]
-            s = keys @ q[h]
-            p = np.exp(s - s.max())
-            out[b, h] = (p / p.sum()) @ vals
-    return out.reshape(nb, H * D), k_new, v_new
-
-
 # ----------------------------------------------------------------------------- the engine
 class _Layer:
     __slots__ = ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "wqkv", "bqkv", "wo", "qn", "kn", "wgu", "wd")
 
 
 class GpuDecodeEngine:
-    """Greedy generation for StableLM on one GPU, bf16 weights, batch <= max_batch (<= 8).
+    """The decode step of StableLM on one GPU, bf16 weights, batch <= max_batch (<= 8). generate() drives it
+    through fast_gpu.EngineSteps; alone (tests, probes):
 
     engine = GpuDecodeEngine(config, params, max_batch=1, max_len=1024)
-    new_ids = engine.generate(input_ids, attention_mask, max_new_tokens=128)   # [B, 128] numpy
+    engine.prefill(input_ids, attention_mask, logits=None)     # or: the model's forward into kv_cache(), start()
+    engine.decode_step()                                       # one graph replay: the next token of each row
+    engine.generated()                                         # [B, steps] numpy
     """
 
     def __init__(self, config, params, max_batch: int = 1, max_len: int | None = None,
                  dtype: str = "bfloat16", *, kernels: DecodeKernels | None = None, autotune: bool = True,
                  pdl: bool = True):
-        cp = self.cp = _cupy()
+        cp = self.cp = xp.cupy()
         if str(dtype).replace("torch.", "") not in ("bfloat16", "bf16"):
             raise NotImplementedError(f"GpuDecodeEngine computes with bfloat16 weights only, not {dtype!r}")
-        self._check_config(config)
+        self.check_config(config)
         c = self.config = config
         if not 1 <= max_batch <= MAX_BATCH:
             raise ConfigError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
@@ -539,7 +149,8 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
-        self._plans: dict[int, list[Launch]] = {}
+        self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
+        self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
         self._nb = None
         self._host_len = 0
@@ -547,7 +158,7 @@ class GpuDecodeEngine:
 
     # -- configuration ------------------------------------------------------------------------
     @staticmethod
-    def _check_config(c):
+    def check_config(c):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "rotary_ndims", "rope_theta", "layer_norm_eps",
                     "use_qkv_bias", "qk_layernorm", "use_parallel_residual", "tie_word_embeddings",
@@ -670,6 +281,8 @@ class GpuDecodeEngine:
         self.history = cp.zeros((self.max_len, MB), cp.int32)
         self.att_counters = cp.zeros(MB * self.KVH, cp.int32)
         self.am_counter = cp.zeros(1, cp.int32)
+        self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
+        self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
@@ -693,8 +306,9 @@ class GpuDecodeEngine:
                                   persist=shape.persist, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
-        if nb in self._plans:
-            return self._plans[nb]
+        key = (nb, self._sampler_key())
+        if key in self._plans:
+            return self._plans[key]
         k = self.k
         ns = k.attention_splits(nb, self.KVH, self.max_len)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb)]
@@ -714,126 +328,65 @@ class GpuDecodeEngine:
         plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
                                        tag="layernorm"))
         plan.append(self._gemv("lm_head", self.lm, self.h, MODE_STORE, nb))
-        plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len, self.pos,
-                                    self.am_counter, nb=nb))
-        self._plans[nb] = plan
+        if self.sampler is None:
+            plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
+                                        self.pos, self.am_counter, nb=nb))
+        else:
+            penalty = self.sampler["repetition_penalty"] != 1.0
+            plan.append(k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
+                                        self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
+                                        settings=self.sampler))
+        self._plans[key] = plan
         return plan
+
+    def _forget(self, nb):
+        """Drop the plans of batch nb (after a tuning change)."""
+        for key in [key for key in self._plans if key[0] == nb]:
+            del self._plans[key]
+
+    def _sampler_key(self):
+        s = self.sampler
+        return None if s is None else tuple(sorted(s.items()))
+
+    # -- what the step does with its logits: argmax (default) or generate's processors and sampler -----
+    def use_sampler(self, settings):
+        """settings: generation._settings' dict (do_sample, temperature, top_k, top_p, repetition_penalty), for
+        sample_step in the step's place of argmax_step; None for the greedy argmax. Returns False (and keeps
+        the argmax) where sample_step does not cover the settings."""
+        if settings is not None:
+            keep = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+            settings = {k: settings[k] for k in keep}
+            if not self.k.sampler_covers(settings, self.vocab):
+                self.sampler = None
+                return False
+        self.sampler = settings
+        return True
+
+    def set_uniform(self, u):
+        """The draws u [B] in [0, 1) the next step's sample_step inverts the cdf at (host float64)."""
+        with self.stream:
+            self.uniform[: len(u)] = self.cp.asarray(np.asarray(u, np.float64))
 
     # -- timing helpers and the GEMV autotuner ------------------------------------------------------
     def capture_launches(self, launches, pdl: bool = False):
-        """`launches` captured on the engine's stream as one CUDA graph; with pdl, each launch after the first
-        is a programmatic dependent of its predecessor (PdlLauncher)."""
-        s = self.stream
-        if pdl:
-            pl = PdlLauncher()
-            launches = [pl.bind(fn, s.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
-        with s:
-            s.begin_capture()
-            try:
-                for fn in launches:
-                    fn()
-            finally:
-                g = s.end_capture()
-        return g
+        return capture_launches(self.stream, launches, pdl)
 
     def replay_ms(self, graph, replays: int = 1, reps: int = 3, warmup: bool = True) -> float:
-        """Milliseconds per replay of `graph`: reps timings of `replays` back-to-back replays between CUDA
-        events (after one untimed replay if warmup), median."""
-        cp, s = self.cp, self.stream
-        with s:
-            if warmup:
-                graph.launch(s)
-            times = []
-            for _ in range(reps):
-                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                e0.record(s)
-                for _ in range(replays):
-                    graph.launch(s)
-                e1.record(s)
-                e1.synchronize()
-                times.append(cp.cuda.get_elapsed_time(e0, e1) / replays)
-        return float(np.median(times))
+        return replay_ms(self.stream, graph, replays, reps, warmup)
 
     def time_launches(self, launches, reps: int = 3) -> float:
         """Milliseconds per replay of `launches` captured as one plain CUDA graph (median of reps)."""
         return self.replay_ms(self.capture_launches(launches), reps=reps)
 
-    @staticmethod
-    def gemv_candidates(K: int, nb: int, mode: int):
-        kc = K // 8
-        rows = [r for r in GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == MODE_SWIGLU and r % 2)]
-        threads = {128, 256, 512}
-        for j in (1, 2, 3, 4):
-            t = 32 * math.ceil(math.ceil(kc / j) / 32)
-            if 64 <= t <= GEMV_MAX_THREADS:
-                threads.add(t)
-        return [(r, t) for r in rows for t in sorted(threads)]
-
     def _tune(self, nb):
-        if nb in self.tuning:
-            return
-        cp = self.cp
-        res = {}
-        if self.autotune:
-            rng = cp.random.default_rng(0)
-            with self.stream:
-                for buf in (self.h, self.att, self.mlp):       # realistic (non-zero) inputs
-                    buf[...] = f32_to_bf16_bits(rng.standard_normal(buf.shape, dtype=cp.float32))
-                saved = (self.x.copy(), self.logits_buf.copy())
-            top = {}
-            for name, (Ws, x, mode) in self._gemv_shapes().items():      # 1. each matrix kind on its own
-                N, K = Ws[0].shape
-                reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
-                timed = []
-                for R, T in self.gemv_candidates(K, nb, mode):
-                    self.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0)
-                    launches = [self._gemv(name, W, x, mode, nb) for W in Ws] * reps
-                    ms = self.time_launches(launches) / len(launches)
-                    timed.append((ms, R, T))
-                timed.sort()
-                top[name] = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)
-                             for ms, R, T in timed[:TUNE_FINALISTS]]
-                self.tuning[nb][name] = top[name][0]
-            self._tune_in_step(nb, top)                                    # 2. the finalists in the step
-            with self.stream:
-                self.x[...], self.logits_buf[...] = saved
-            self.stream.synchronize()
-            res = dict(self.tuning[nb])
-        self.tuning[nb] = res
-        self._plans.pop(nb, None)
-
-    def _tune_in_step(self, nb, top):
-        """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
-        PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
-        shape alone and within the step differ: its neighbours overlap its start and its end."""
-        try:
-            best = self.time_step(nb)
-        except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
-            return
-        shapes = self._gemv_shapes()
-        for name in sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0])):   # most bytes first
-            chosen = self.tuning[nb][name]
-
-            def better(cands):
-                nonlocal best, chosen
-                for cand in cands:
-                    self.tuning[nb][name] = cand
-                    ms = self.time_step(nb)
-                    if ms < best:
-                        best, chosen = ms, cand
-
-            better(top[name][1:])                                        # the other finalists
-            better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
-            self.tuning[nb][name] = chosen
-        self.step_ms[nb] = best
-        self._plans.pop(nb, None)
+        tune.tune(self, nb)
 
     def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
         advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
-        self._plans.pop(nb, None)
+        self._forget(nb)
         plan = self._plan(nb)
-        assert plan[-1].tag == "argmax"
+        assert plan[-1].tag in ("argmax", "sample")
         return self.replay_ms(self.capture_launches(plan[:-1], pdl=self.pdl), replays=replays, reps=reps)
 
     # -- public API -------------------------------------------------------------------------------------
@@ -924,7 +477,7 @@ class GpuDecodeEngine:
         """Tune the GEMVs for batch nb (once) and capture the decode step as a CUDA graph. With pdl, the
         kernels after the first are captured as programmatic dependents of their predecessor; if the driver
         refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
-        key = (nb, bool(self.pdl))
+        key = (nb, bool(self.pdl), self._sampler_key())
         if key not in self._graphs:
             self._tune(nb)
             try:
@@ -966,22 +519,64 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         return self.cp.asnumpy(self.history[: self._host_step, : self._nb]).T.astype(np.int64)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
-                 pad_token_id: int = 0, use_graph: bool = True) -> np.ndarray:
-        """Greedy decoding of a (left-padded) batch; returns the new ids [B, max_new_tokens].
-        Every row runs max_new_tokens steps; with eos_token_id, ids after a row's first eos become
-        pad_token_id (as transformers pads finished rows)."""
-        if max_new_tokens < 1:
-            raise GenerationError("max_new_tokens must be >= 1")
-        T = np.shape(input_ids)[-1]
-        if T + max_new_tokens - 1 > self.max_len:
-            raise GenerationError(f"prompt {T} + {max_new_tokens} new tokens exceed max_len={self.max_len}")
-        self.prefill(input_ids, attention_mask, logits=None)
-        for _ in range(max_new_tokens - 1):
-            self.decode_step(use_graph=use_graph)
-        out = self.generated()
-        if eos_token_id is not None:
-            eos = np.isin(out, np.atleast_1d(eos_token_id))
-            after = np.cumsum(eos, axis=1) - eos > 0
-            out[after] = pad_token_id
-        return out
+    # -- the model's own forward as the prefill (generation.py's loop; see stablelm_ref/fast_gpu.py) ------
+    def reserve(self, batch: int, max_len: int):
+        """Make room for `batch` rows of `max_len` positions: the device buffers are allocated again (and the
+        captured graphs dropped) only when the current ones are too small; the GEMV tuning is kept."""
+        if not 1 <= batch <= MAX_BATCH:
+            raise GenerationError(f"the decode engine runs batches of 1 to {MAX_BATCH} rows, not {batch}")
+        if batch <= self.max_batch and max_len <= self.max_len:
+            return
+        self.max_batch, self.max_len = max(batch, self.max_batch), max(max_len, self.max_len)
+        self.kc = self.vc = None                                     # free the old cache first
+        with self.stream:
+            self._allocate()
+        self.stream.synchronize()
+        self._plans.clear()
+        self._graphs.clear()
+        self._nb = None
+
+    def kv_cache(self, batch: int, dtype):
+        """A kv_cache.KVCache whose per-layer buffers [batch, KVH, max_len, D] are views of this engine's
+        cache (as `dtype`, the model's bfloat16): the model's forward writes the prompt's keys and values
+        where decode_step reads them."""
+        from ..kv_cache import KVCache
+
+        keys = [self.kc[i, :batch].view(dtype) for i in range(len(self.layers))]
+        values = [self.vc[i, :batch].view(dtype) for i in range(len(self.layers))]
+        return KVCache.from_buffers(keys, values, self.cp)
+
+    def start(self, attention_mask, input_ids=None):
+        """Device state for decode_step after a prompt of T positions was written into the cache (by the
+        model's forward through kv_cache()): the key mask, each row's next position, the cache length; with
+        input_ids [B, T], the ids present in each row after its left padding (the repetition penalty's)."""
+        cp = self.cp
+        mask = np.asarray(attention_mask).astype(np.int32)
+        B, T = mask.shape
+        if B > self.max_batch or T >= self.max_len:
+            raise GenerationError(f"a prompt of {B} x {T} does not fit the engine ({self.max_batch} x {self.max_len})")
+        with self.stream:
+            self.kmask[:B, :T] = cp.asarray(mask.astype(np.uint8))
+            self.kmask[:B, T:] = 1
+            self.pos[:B] = cp.asarray(mask.sum(axis=1).astype(np.int32))
+            self.cache_len[0] = T
+            self.step[0] = 1                                  # the first token (set_tokens) is history[0]
+            self.att_counters[...] = 0
+            self.am_counter[...] = 0
+            if input_ids is not None:
+                ids = np.asarray(input_ids)
+                first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths
+                rows, cols = np.nonzero(np.arange(T)[None, :] >= first[:, None])
+                self.present[:B] = 0
+                self.present[cp.asarray(rows), cp.asarray(ids[rows, cols])] = 1
+        self._nb, self._host_len, self._host_step = B, T, 1
+
+    def set_tokens(self, ids):
+        """Replace the latest chosen tokens (the step's argmax, or the slot start() left) by ids [B] (device
+        or host): what the next decode_step feeds, and what generated() reports."""
+        cp, B = self.cp, self._nb
+        with self.stream:
+            t = cp.asarray(ids).astype(cp.int32)
+            self.tok[:B] = t
+            self.history[self._host_step - 1, :B] = t
+            self.present[cp.arange(B), t] = 1

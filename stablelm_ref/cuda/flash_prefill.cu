@@ -3,6 +3,10 @@
 //     out[b, h, i] = sum_j softmax_j( scale * q[b, h, i] . k[b, h // rep, j] + mask(i, j) ) v[b, h // rep, j]
 //
 //   q: [B, H, T, D], k, v: [B, KVH, S, D], S >= T, rep = H / KVH (transformers' repeat_kv order).
+//   Each of q, k/v (one layout for both) and out is addressed by element strides (batch, head, row;
+//   the D elements of a row are contiguous), so q may be read straight out of the [B, T, H*D]
+//   projection, k and v out of a larger KV cache [B, KVH, max_len, D], and out written straight
+//   into [B, T, H*D] for the output projection: no copies around the kernel.
 //   The T queries are the LAST T of the S positions: query i sits at position S - T + i and may
 //   attend keys j <= S - T + i (causal), j < S, and key_mask[b, j] != 0 (when a mask is given).
 //   A query row with no allowed key outputs zeros (the reference in reference.py does the same).
@@ -106,11 +110,16 @@ DEVI float neg_inf() { return __int_as_float(0xff800000); }
 DEVI int imin(int a, int b) { return a < b ? a : b; }
 
 // ----------------------------------------------------------------------------------------------
-// Tile loader: rows [row0, row0 + NROWS) of a [nvalid, D] row-major matrix into smem [NROWS][D + 8];
-// rows >= nvalid are zero-filled.
+// Strides in elements of one [B, heads, rows, D] operand (a row's D elements are contiguous).
+struct Layout {
+    i64 batch, head, row;
+};
+
+// Tile loader: rows [row0, row0 + NROWS) of a [nvalid, D] matrix with row stride ld (elements) into
+// smem [NROWS][D + 8]; rows >= nvalid are zero-filled.
 
 template <int D, int NROWS, int NTHREADS>
-DEVI void load_tile(u16* sdst, const u16* __restrict__ gsrc, int row0, int nvalid, int tid) {
+DEVI void load_tile(u16* sdst, const u16* __restrict__ gsrc, i64 ld, int row0, int nvalid, int tid) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
     constexpr int DP = D + 8;
 #pragma unroll
@@ -119,7 +128,7 @@ DEVI void load_tile(u16* sdst, const u16* __restrict__ gsrc, int row0, int nvali
         if ((NROWS * CHUNKS) % NTHREADS == 0 || c < NROWS * CHUNKS) {
             const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
             const bool ok = row0 + r < nvalid;
-            const u16* src = ok ? gsrc + (i64)(row0 + r) * D + col : gsrc;
+            const u16* src = ok ? gsrc + (i64)(row0 + r) * ld + col : gsrc;
             cp_async16(smem_addr(sdst + r * DP + col), src, ok);
         }
     }
@@ -140,7 +149,10 @@ template <int D, bool BF16, int NW, int MT, bool QREG, int MINB, int BC>
 __global__ void __launch_bounds__(NW * 32, MINB)
 flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
                      const u8* __restrict__ key_mask, u16* __restrict__ O,
-                     int H, int KVH, int T, int S, float scale_log2, int causal, int has_mask) {
+                     int H, int KVH, int T, int S, float scale_log2, int causal, int has_mask,
+                     i64 q_sb, i64 q_sh, i64 q_sr, i64 kv_sb, i64 kv_sh, i64 kv_sr,
+                     i64 o_sb, i64 o_sh, i64 o_sr) {
+    const Layout lq{q_sb, q_sh, q_sr}, lkv{kv_sb, kv_sh, kv_sr}, lo{o_sb, o_sh, o_sr};
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile must be 16..128 keys");
     constexpr int NT = NW * 32;        // threads
@@ -164,10 +176,10 @@ flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const
     const int q0 = qb * BR;
     const int off = S - T;  // absolute position of query 0
 
-    const u16* Qg = Q + ((i64)b * H + h) * T * D;
-    const u16* Kg = K + ((i64)b * KVH + kvh) * S * D;
-    const u16* Vg = V + ((i64)b * KVH + kvh) * S * D;
-    u16* Og = O + ((i64)b * H + h) * T * D;
+    const u16* Qg = Q + b * lq.batch + h * lq.head;
+    const u16* Kg = K + b * lkv.batch + kvh * lkv.head;
+    const u16* Vg = V + b * lkv.batch + kvh * lkv.head;
+    u16* Og = O + b * lo.batch + h * lo.head;
     const u8* Mg = key_mask + (i64)b * S;  // only read when has_mask
 
     const int q_end = imin(q0 + BR, T);
@@ -180,8 +192,8 @@ flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const
     };
 
     // prologue: Q tile and K tile 0
-    load_tile<D, BR, NT>(sQ, Qg, q0, T, tid);
-    load_tile<D, BC, NT>(sK, Kg, 0, S, tid);
+    load_tile<D, BR, NT>(sQ, Qg, lq.row, q0, T, tid);
+    load_tile<D, BC, NT>(sK, Kg, lkv.row, 0, S, tid);
     load_mask(0);
     cp_async_commit();
 
@@ -228,7 +240,7 @@ flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const
             cp_async_wait_all();  // K_j (issued during the previous P V) has landed
             __syncthreads();      // ... for every thread; and every warp is done reading sV
         }
-        load_tile<D, BC, NT>(sV, Vg, k0, S, tid);  // V_j streams in during S = Q K_j^T
+        load_tile<D, BC, NT>(sV, Vg, lkv.row, k0, S, tid);  // V_j streams in during S = Q K_j^T
         cp_async_commit();
 
         // a warp whose rows all precede the tile's first key has nothing to add (causal)
@@ -335,7 +347,7 @@ flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const
         cp_async_wait_all();  // V_j has landed
         __syncthreads();      // ... for every thread; and every warp is done with sK and sM
         if (j + 1 < n_tiles) {
-            load_tile<D, BC, NT>(sK, Kg, k0 + BC, S, tid);  // K_{j+1} streams in during P V_j
+            load_tile<D, BC, NT>(sK, Kg, lkv.row, k0 + BC, S, tid);  // K_{j+1} streams in during P V_j
             load_mask(k0 + BC);
             cp_async_commit();
         }
@@ -377,7 +389,7 @@ flash_prefill_kernel(const u16* __restrict__ Q, const u16* __restrict__ K, const
             const float inv = l > 0.f ? 1.f / l : 0.f;
             const int row = q0 + wrow0 + mt * 16 + g + 8 * r;
             if (row < T) {
-                u16* orow = Og + (i64)row * D + 2 * t;
+                u16* orow = Og + (i64)row * lo.row + 2 * t;
 #pragma unroll
                 for (int n = 0; n < NTILE_O; ++n)
                     *reinterpret_cast<u32*>(orow + n * 8) =
@@ -397,17 +409,19 @@ __global__ void __launch_bounds__(128)
 attention_prefill_f32_kernel(const float* __restrict__ Q, const float* __restrict__ K,
                              const float* __restrict__ V, const u8* __restrict__ key_mask,
                              float* __restrict__ O, int H, int KVH, int T, int S, float scale_log2,
-                             int causal, int has_mask) {
+                             int causal, int has_mask, i64 q_sb, i64 q_sh, i64 q_sr, i64 kv_sb,
+                             i64 kv_sh, i64 kv_sr, i64 o_sb, i64 o_sh, i64 o_sr) {
+    const Layout lq{q_sb, q_sh, q_sr}, lkv{kv_sb, kv_sh, kv_sr}, lo{o_sb, o_sh, o_sr};
     constexpr int PER = (D + 31) / 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 4 + warp, h = blockIdx.y, b = blockIdx.z;
     if (row >= T) return;
     const int kvh = h / (H / KVH);
-    const float* q = Q + (((i64)b * H + h) * T + row) * D;
-    const float* Kg = K + ((i64)b * KVH + kvh) * S * D;
-    const float* Vg = V + ((i64)b * KVH + kvh) * S * D;
+    const float* q = Q + b * lq.batch + h * lq.head + row * lq.row;
+    const float* Kg = K + b * lkv.batch + kvh * lkv.head;
+    const float* Vg = V + b * lkv.batch + kvh * lkv.head;
     const u8* Mg = key_mask + (i64)b * S;
-    float* o = O + (((i64)b * H + h) * T + row) * D;
+    float* o = O + b * lo.batch + h * lo.head + row * lo.row;
 
     const int kend = causal ? imin(S, S - T + row + 1) : S;
     float acc[PER];
@@ -419,7 +433,7 @@ attention_prefill_f32_kernel(const float* __restrict__ Q, const float* __restric
         const int key = c0 + lane;
         float sc = neg_inf();
         if (key < kend && (!has_mask || Mg[key] != 0)) {
-            const float* kr = Kg + (i64)key * D;
+            const float* kr = Kg + (i64)key * lkv.row;
             float dot = 0.f;
             for (int d = 0; d < D; ++d) dot = fmaf(q[d], kr[d], dot);
             sc = dot * scale_log2;
@@ -442,7 +456,7 @@ attention_prefill_f32_kernel(const float* __restrict__ Q, const float* __restric
         for (int jj = 0; jj < nk; ++jj) {
             const float pj = __shfl_sync(0xffffffffu, p, jj);
             if (pj != 0.f) {  // warp-uniform
-                const float* vr = Vg + (i64)(c0 + jj) * D;
+                const float* vr = Vg + (i64)(c0 + jj) * lkv.row;
 #pragma unroll
                 for (int i = 0; i < PER; ++i) {
                     const int d = lane + 32 * i;

@@ -8,6 +8,14 @@
     key_mask [B, S] (bool or int; 0 = padding) hides keys. A query row that sees no key at all
     (a left-padding query) gets an output row of zeros; reference.attention_reference agrees.
 
+Operands are read and written through their strides: q, k, v and out may be views (q straight out of
+the [B, T, H*D] projection, k and v out of a longer KV cache, out into [B, T, H*D]) as long as each
+row's D elements are contiguous and 16-byte aligned; anything else is copied first.
+
+`attention_for_model` is what the model's forward runs on CuPy arrays: attention.causal_attention
+asks kernels.py, where this module registers it (stablelm_ref/__init__.py imports this module; CuPy
+itself is imported only when a kernel runs).
+
 The same function as stablelm_ref.cuda.reference.attention_reference, which is the spec; the test
 (tests/gpu/test_flash_prefill.py) compares the two, tools/bench_attention.py times this against
 torch's SDPA. bfloat16 and float16 go through the tensor-core kernel (float32 accumulation and
@@ -24,6 +32,9 @@ import math
 import pathlib
 
 import numpy as np
+
+from .. import kernels
+from .._xp import array_namespace
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_prefill.cu")
 HEAD_DIMS = (64, 80, 128, 160)
@@ -92,23 +103,32 @@ def _get_kernel(kind: str, D: int, variant: str):
     return _kernels[key]
 
 
-def _prepare(x, name):
+def _operand(x, name):
+    """(x or a contiguous copy, its (batch, head, row) strides in elements): rows of D contiguous
+    elements, 16-byte aligned, as the kernels' 16-byte loads need."""
     import cupy
 
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"{name} must be a cupy.ndarray, got {type(x).__name__}")
-    x = cupy.ascontiguousarray(x)
-    if x.data.ptr % 16:  # the kernel reads 16-byte chunks
-        x = x.copy()
-    return x
+    if x.ndim == 4 and not _strided_ok(x):
+        x = cupy.ascontiguousarray(x)
+        if x.data.ptr % 16:
+            x = x.copy()
+    return x, tuple(st // x.itemsize for st in x.strides[:3]) if x.ndim == 4 else None
+
+
+def _strided_ok(x) -> bool:
+    item = x.itemsize
+    return (x.strides[3] == item and x.data.ptr % 16 == 0
+            and all(st % 16 == 0 or n == 1 for st, n in zip(x.strides[:3], x.shape[:3])))
 
 
 def flash_attention_prefill(q, k, v, key_mask=None, *, causal=True, scale=None, out=None):
     """Attention of q [B, H, T, D] over k, v [B, KVH, S, D] (S >= T, the queries being the last T
     positions), optional key_mask [B, S]; returns a [B, H, T, D] array of q's dtype.
 
-    Fully masked query rows are zeros. `out`, if given, must be a C-contiguous cupy array of that
-    shape and dtype; it is written and returned.
+    Fully masked query rows are zeros. `out`, if given, must be a cupy array of that shape and dtype
+    with contiguous, 16-byte aligned rows (any batch/head/row strides); it is written and returned.
     """
     return flash_attention_prefill_variant(
         None, q, k, v, key_mask, causal=causal, scale=scale, out=out
@@ -120,7 +140,7 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
     default of the head dim); the benchmark uses it to compare variants."""
     import cupy
 
-    q, k, v = _prepare(q, "q"), _prepare(k, "k"), _prepare(v, "v")
+    (q, lq), (k, lk), (v, lv) = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"q, k, v must be 4-D [B, H, T, D] / [B, KVH, S, D]; got {q.shape}, {k.shape}, {v.shape}"
@@ -129,6 +149,9 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
     Bk, KVH, S, Dk = k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if lk != lv:  # one layout for both in the kernel
+        k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+        lk = tuple(st // k.itemsize for st in k.strides[:3])
     if Bk != B or Dk != D:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
     if KVH == 0 or H % KVH:
@@ -151,10 +174,12 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
         not isinstance(out, cupy.ndarray)
         or out.shape != (B, H, T, D)
         or out.dtype != q.dtype
-        or not out.flags.c_contiguous
-        or out.data.ptr % 16
+        or not _strided_ok(out)
     ):
-        raise ValueError(f"out must be a C-contiguous cupy array of shape {(B, H, T, D)} and dtype {q.dtype}")
+        raise ValueError(f"out must be a cupy array of shape {(B, H, T, D)} and dtype {q.dtype} whose rows of "
+                         "D elements are contiguous and 16-byte aligned (e.g. C-contiguous, or a [B, T, H, D] "
+                         "array seen through transpose(0, 2, 1, 3))")
+    lo = tuple(st // out.itemsize for st in out.strides[:3])
 
     if key_mask is not None:
         key_mask = cupy.asarray(key_mask)
@@ -179,6 +204,44 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
         np.int32(H), np.int32(KVH), np.int32(T), np.int32(S),
         np.float32(scale * math.log2(math.e)),
         np.int32(bool(causal)), np.int32(key_mask is not None),
+        *(np.int64(st) for st in (*lq, *lk, *lo)),
     )
     kernel(grid, (threads,), args, shared_mem=smem)
     return out
+
+
+def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):
+    """attention.causal_attention on CuPy arrays: the same function as its reference, or None to decline.
+
+    q [B, H, T, D] (a view of the [B, T, H*D] projection is read in place), k, v [B, KVH, S, D] (views
+    of a KV cache too), key_mask bool [B, S] or None -> (out [B, H, T, D], None): out is a view of a
+    [B, T, H, D] array so that merging the heads for o_proj is a free reshape; the kernel forms no
+    attention weights (None). Declines (None) what the kernels do not
+    cover: float64, head dims other than HEAD_DIMS and mixed dtypes, which then run the reference.
+
+    One difference to the kernel's own contract is patched here: a query that sees no key at all (a
+    left-padding position) gets, as in the reference (transformers' eager softmax over equal scores),
+    the mean of all S values instead of zeros. `kernel` is replaceable so that the tests can run this
+    glue on the CPU with NumPy and a float64 stand-in for the kernel.
+    """
+    if np.dtype(q.dtype).name not in ("bfloat16", "float16", "float32") or q.shape[-1] not in HEAD_DIMS:
+        return None
+    if not (q.dtype == k.dtype == v.dtype):  # the reference promotes (e.g. float32 q over a bfloat16 cache)
+        return None
+    xp = array_namespace(q)
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    out = xp.empty((B, T, H, D), dtype=q.dtype)                       # [B, T, H, D]
+    view = xp.permute_dims(out, (0, 2, 1, 3))                          # [B, H, T, D] view of out
+    kernel(q, k, v, key_mask, causal=True, out=view)
+    if key_mask is not None:
+        sees = xp.astype(key_mask, xp.int8)                            # [B, S]
+        first = xp.where(xp.any(key_mask, axis=1), xp.argmax(sees, axis=1), S)   # first real key, [B]
+        blind = xp.arange(T)[None, :] < xp.clip(first - (S - T), 0, T)[:, None]  # sees no key, [B, T]
+        mean_v = xp.mean(xp.astype(v, xp.float32), axis=2)              # [B, KVH, D]
+        mean_v = xp.reshape(xp.broadcast_to(mean_v[:, :, None, :], (B, KVH, H // KVH, D)), (B, H, D))
+        view[...] = xp.where(blind[:, None, :, None], xp.astype(mean_v, q.dtype)[:, :, None, :], view)
+    return view, None
+
+
+kernels.register("attention", "cupy", attention_for_model)

@@ -3,7 +3,7 @@
 Random tiny StableLM checkpoints (the three family variants) are saved by stablelm_ref and loaded by
 transformers from the same files. Greedy decoding is compared on left-padded batches: any difference
 in the mask, the position ids, the cache or the EOS/pad handling changes tokens. float64 runs agree
-to ~1e-8 in the logits (transformers' rotary tables are float32, FACTS.md), float32 runs to ~1e-6;
+to ~1e-8 in the logits (transformers' rotary tables are float32, docs/facts.md), float32 runs to ~1e-6;
 the random models' top-2 logit gaps are far larger, so the token sequences must be identical.
 """
 

@@ -26,7 +26,7 @@ if _ndev == 0:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 NAN_BF16 = 0x7FC0
@@ -37,7 +37,7 @@ HYP = settings(max_examples=int(os.environ.get("STABLELM_GPU_EXAMPLES", "40")), 
 
 @pytest.fixture(scope="module")
 def kernels():
-    return de.DecodeKernels()
+    return kn.DecodeKernels()
 
 
 def _sync():
@@ -45,7 +45,7 @@ def _sync():
 
 
 def _bits(a):
-    return de.ref_f64_to_bf16(a)
+    return specs.ref_f64_to_bf16(a)
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -56,32 +56,32 @@ def _bits(a):
 def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, persist, seed):
     """persist > 0: fewer blocks than row groups (up to ~2 groups a block here), each looping over its groups."""
     K = 8 * kc
-    if mode == de.MODE_SWIGLU:
+    if mode == kn.MODE_SWIGLU:
         N += N % 2
-    rows = [r for r in de.GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == de.MODE_SWIGLU and r % 2)]
+    rows = [r for r in kn.GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == kn.MODE_SWIGLU and r % 2)]
     R = rows[ri % len(rows)]
     rng = np.random.default_rng(seed)
     xb = _bits(rng.standard_normal((nb, K)))
     Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
-    x, W = de.ref_bf16_to_f64(xb), de.ref_bf16_to_f64(Wb)
+    x, W = specs.ref_bf16_to_f64(xb), specs.ref_bf16_to_f64(Wb)
     bound = np.abs(x) @ np.abs(W).T                                   # sum_k |x_k w_k|
-    bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == de.MODE_STORE) else None
+    bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == kn.MODE_STORE) else None
     y0 = rng.standard_normal((nb, N)).astype(np.float32)
     yf = yh = None
-    if mode == de.MODE_SWIGLU:
+    if mode == kn.MODE_SWIGLU:
         yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
     else:
         yf = cp.full((nb + 1, N), np.nan, cp.float32)
-        if mode == de.MODE_ADD:
+        if mode == kn.MODE_ADD:
             yf[:nb] = cp.asarray(y0)
     launch = kernels.gemv_launch(cp.asarray(xb), cp.asarray(Wb), nb=nb, mode=mode, yf=yf, yh=yh,
                                  bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads,
                                  persist=persist)
     launch()
     _sync()
-    ref = de.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
-    if mode == de.MODE_SWIGLU:
-        got = de.ref_bf16_to_f64(cp.asnumpy(yh))
+    ref = specs.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
+    if mode == kn.MODE_SWIGLU:
+        got = specs.ref_bf16_to_f64(cp.asnumpy(yh))
         acc = x @ W.T
         gate, up = acc[:, 0::2], acc[:, 1::2]
         silu = gate / (1 + np.exp(-gate))
@@ -108,15 +108,15 @@ def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
     y = cp.full((nb + 1, K), NAN_BF16, cp.uint16)
     kernels.layernorm_launch(cp.asarray(x), cp.asarray(w), cp.asarray(b), y, nb=nb, eps=1e-5)()
     _sync()
-    got = de.ref_bf16_to_f64(cp.asnumpy(y))
-    ref = de.ref_layernorm(x, w, b, 1e-5)
+    got = specs.ref_bf16_to_f64(cp.asnumpy(y))
+    ref = specs.ref_layernorm(x, w, b, 1e-5)
     assert np.isnan(got[nb]).all()
     assert (np.abs(got[:nb] - ref) <= 2.0**-8 * np.abs(ref) + 1e-4 * (np.abs(w) + 1)).all()
 
 
 # ----------------------------------------------------------------------------- decode attention
 @HYP
-@given(D=st.sampled_from(de.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
+@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
        nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
        rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
 def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, seed):
@@ -148,17 +148,17 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
         kn_w=None if kn is None else cp.asarray(kn), eps=1e-5)
     launch()
     _sync()
-    _, k_new, v_new = de.ref_decode_attention(qkv, de.ref_bf16_to_f64(kb), de.ref_bf16_to_f64(vb), L, pos, kmask,
+    _, k_new, v_new = specs.ref_decode_attention(qkv, specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L, pos, kmask,
                                               inv_freq, rot, H, KVH, D, qn=qn, kn=kn, eps=1e-5)
     # the new k/v landed at cache[L] (k within one bf16 step: float32 vs float64 before rounding)
     kc_h, vc_h = cp.asnumpy(kc), cp.asnumpy(vc)
-    kl, vl = de.ref_bf16_to_f64(kc_h[:, :, L]), de.ref_bf16_to_f64(vc_h[:, :, L])
+    kl, vl = specs.ref_bf16_to_f64(kc_h[:, :, L]), specs.ref_bf16_to_f64(vc_h[:, :, L])
     assert (np.abs(kl - k_new) <= 2.0**-7 * np.abs(k_new) + 1e-6).all()
     assert np.array_equal(vl, v_new)
     # attention against the reference that uses the kernel's rounded k (no rounding-boundary flakiness)
-    ref, _, _ = de.ref_decode_attention(qkv, de.ref_bf16_to_f64(kb), de.ref_bf16_to_f64(vb), L, pos, kmask,
+    ref, _, _ = specs.ref_decode_attention(qkv, specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L, pos, kmask,
                                         inv_freq, rot, H, KVH, D, qn=qn, kn=kn, eps=1e-5, k_new=kl)
-    got = de.ref_bf16_to_f64(cp.asnumpy(out))
+    got = specs.ref_bf16_to_f64(cp.asnumpy(out))
     assert np.isfinite(got).all(), "unwritten or NaN output"
     assert (np.abs(got - ref) <= 2.0**-8 * np.abs(ref) + 1e-3).all(), float(np.abs(got - ref).max())
     keep = np.ones(max_len, bool)
@@ -226,3 +226,48 @@ def test_engine_pdl_graph_equals_plain_graph(kernels):
         runs.append((e.generated(), e.get_logits(), e.pdl, e.pdl_error))
     assert runs[1][2], f"PDL capture fell back to plain launches: {runs[1][3]}"
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+
+
+# ----------------------------------------------------------------------------- sampling in the step
+def _run_sampler(kernels, logits, present, settings, u):
+    nb, V = logits.shape
+    tok, pos = cp.zeros(nb, cp.int32), cp.zeros(nb, cp.int32)
+    history = cp.full((3, nb), -1, cp.int32)
+    step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
+    pres = None if present is None else cp.asarray(present)
+    kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter, nb=nb,
+                          settings=settings)()
+    _sync()
+    got = cp.asnumpy(tok).astype(np.int64)
+    assert np.array_equal(cp.asnumpy(history)[1], got) and (cp.asnumpy(pos) == 1).all()
+    assert int(step[0]) == 2 and int(length[0]) == 8 and int(counter[0]) == 0
+    if pres is not None:
+        after = cp.asnumpy(pres)
+        assert after[np.arange(nb), got].all() and (after.sum(1) <= present.sum(1) + 1).all()
+    return got
+
+
+@HYP
+@given(nb=st.integers(1, 8), V=st.one_of(st.integers(2, 3000), st.sampled_from([50304, 100352])),
+       do_sample=st.booleans(), temperature=st.sampled_from([0.3, 0.8, 1.0, 1.7]),
+       top_k=st.sampled_from([0, 1, 2, 50, 1024, 10**6]), top_p=st.sampled_from([1.0, 0.9, 0.5, 0.05]),
+       penalty=st.sampled_from([1.0, 1.3, 0.7]), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_sample_step_matches_generate_processors(kernels, nb, V, do_sample, temperature, top_k, top_p, penalty,
+                                                 ties, seed):
+    """sample_step's pick equals generation.py's processors + sampler (specs.ref_sample_step) for the same
+    logits and draws. The float32 top-p sums and float64 cdf differ from NumPy's only in summation order: a
+    pick could differ only for a draw within ~1e-12 of a cdf boundary (or a cumulative probability within
+    ~1e-7 of 1 - top_p), which these examples do not hit."""
+    settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=penalty)
+    if not kn.DecodeKernels.sampler_covers(settings, V):
+        return                                                  # the loop processes these on CuPy
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((nb, V)) * 3).astype(np.float32)
+    if ties:
+        logits = np.round(logits * 2) / 2                       # many equal values: top-k ties, sort order
+    present = (rng.random((nb, V)) < 0.05).astype(np.uint8) if penalty != 1.0 else None
+    u = rng.random(nb)
+    got = _run_sampler(kernels, logits, present, settings, u)
+    want = specs.ref_sample_step(logits, present, settings, u)
+    assert np.array_equal(got, want), (got, want)

@@ -163,6 +163,54 @@ def test_bad_arguments_are_refused():
         flash_attention_prefill(x, x, x, cupy.ones((1, 5)))
 
 
+def _rel(got, ref):
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_strided_views_in_and_out(dtype):
+    # what the model passes: q read from the [B, T, H*D] projection, k and v the first S positions of a
+    # longer KV cache [B, KVH, max_len, D], out written into [B, T, H, D] (merge_heads is then a reshape)
+    B, H, KVH, T, S, D, max_len = 2, 4, 2, 37, 50, 80, 96
+    q, k, v, mask = make_inputs(11, B, H, KVH, T, S, D, dtype, pads=[0, 20])
+    proj = cupy.asarray(np.ascontiguousarray(q.transpose(0, 2, 1, 3)))          # [B, T, H, D]
+    dq = proj.transpose(0, 2, 1, 3)                                             # [B, H, T, D] view
+    kc = cupy.full((B, KVH, max_len, D), np.nan, dtype=DTYPES[dtype])           # poison past S: never read
+    vc = cupy.full((B, KVH, max_len, D), np.nan, dtype=DTYPES[dtype])
+    kc[:, :, :S], vc[:, :, :S] = cupy.asarray(k), cupy.asarray(v)
+    merged = cupy.full((B, T, H, D), np.nan, dtype=DTYPES[dtype])
+    out = merged.transpose(0, 2, 1, 3)
+    assert not dq.flags.c_contiguous and not kc[:, :, :S].flags.c_contiguous
+    got = flash_attention_prefill(dq, kc[:, :, :S], vc[:, :, :S], cupy.asarray(mask), out=out)
+    assert got is out
+    got = cupy.asnumpy(merged).astype(np.float64).transpose(0, 2, 1, 3)
+    assert np.isfinite(got).all()
+    ref = attention_reference(q, k, v, mask)
+    assert _rel(got, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_the_seam_on_cupy_equals_the_reference_equation(dtype):
+    # attention.causal_attention on CuPy arrays runs the kernel (through attention_for_model) and must
+    # equal the array-API reference run on the same rounded inputs in float64, rows that see no key
+    # included (both give them the mean of the values). Tolerance as for the kernel alone.
+    from stablelm_ref import kernels
+    from stablelm_ref.attention import causal_attention
+
+    B, H, KVH, T, S, D = 3, 6, 2, 45, 60, 64
+    q, k, v, mask = make_inputs(12, B, H, KVH, T, S, D, dtype, pads=[0, 30, 55])
+    key_mask = mask != 0
+    out, weights = causal_attention(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), cupy.asarray(key_mask))
+    assert weights is None                                                 # the kernel ran
+    with kernels.reference_only():
+        ref, probs = causal_attention(*(a.astype(np.float64) for a in (q, k, v)), key_mask)
+    assert probs is not None
+    got = cupy.asnumpy(out).astype(np.float64)
+    blind = ~np.any(np.tril(np.ones((T, S), bool), S - T)[None] & key_mask[:, None, :], axis=-1)  # [B, T]
+    assert blind.sum() == (30 - 15) + (55 - 15)                            # rows 1 and 2 have blind queries
+    assert _rel(got, ref) <= TOL[dtype]
+
+
 # the random-shape property test last: if it fails, hypothesis shrinks for a while
 @st.composite
 def cases(draw):

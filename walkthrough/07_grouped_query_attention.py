@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 06 · Grouped-query attention
+# # 07 · Grouped-query attention
 #
 # In multi-head attention (MHA) every query head has its own key and value head. Grouped-query attention
 # (GQA) lets $G = H / H_{kv}$ query heads share one key/value head: stablelm-2-12b has 32 query heads and
@@ -8,7 +8,7 @@
 # $$\mathrm{out}_h = \mathrm{softmax}\!\Big(\frac{q_h\,k_{\lfloor h/G\rfloor}^\top}{\sqrt{d}} + M\Big)\,v_{\lfloor h/G\rfloor}$$
 #
 # So GQA **is** MHA with each kv head repeated $G$ times (transformers' `repeat_kv`). What it buys is
-# memory: `k_proj`/`v_proj` are $G$ times smaller, and so is the KV cache (chapter 12), which is what limits
+# memory: `k_proj`/`v_proj` are $G$ times smaller, and so is the KV cache (chapter 16), which is what limits
 # long contexts and large batches. Here the queries are reshaped to $[B, H_{kv}, G, T, D]$ so that each
 # kv head broadcasts over its group without being copied.
 
@@ -19,7 +19,7 @@ import numpy as np
 from _common import FAMILY, family_config, savefig, show_source, tiny_model
 from stablelm_ref.attention import scaled_dot_product_attention
 from stablelm_ref.kv_cache import KVCache
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(scaled_dot_product_attention, "group = heads", "scores = ")
 
@@ -104,4 +104,4 @@ assign[np.arange(Hq) // (Hq // Hk), np.arange(Hq)] = 1
 axes[1].imshow(assign, cmap="Blues", aspect="auto")
 axes[1].set(title="stablelm-2-12b: which kv head each query head reads", xlabel="query head h",
             ylabel="kv head h // 4")
-savefig(fig, "06_grouped_query_attention")
+savefig(fig, "07_grouped_query_attention")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 04 · Partial rotary position embedding
+# # 06 · Partial rotary position embedding
 #
 # Positions enter StableLM only through rotary embeddings (RoPE): each query and key vector is rotated by an
 # angle proportional to its position, so the score $q_m \cdot k_n$ depends on $m - n$ alone. StableLM rotates
@@ -93,4 +93,4 @@ for n0, style in [(0, "-"), (2048, "--")]:
 axes[2].axhline(q[0, 0, 0, d:] @ k[0, 0, 0, d:], ls=":", color="gray", label="pass-through dims' part (constant)")
 axes[2].set(title="q.k against distance m - n", xlabel="m - n", ylabel="score (unscaled)")
 axes[2].legend(fontsize=8)
-savefig(fig, "04_partial_rotary")
+savefig(fig, "06_partial_rotary")

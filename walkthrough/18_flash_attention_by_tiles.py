@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 14 · Flash attention: the softmax by tiles
+# # 18 · Flash attention: the softmax by tiles
 #
 # The reference attention (chapter 05) builds the whole score matrix $[T, S]$ for every head, takes a
 # softmax over each row, then multiplies by $V$. For a 4096-token prompt that is 64 MiB of float32 scores
@@ -32,7 +32,7 @@ import numpy as np
 from _common import load_default_or_tiny, record, savefig, show_source  # first: puts the checkout on sys.path
 import stablelm_ref
 from stablelm_ref.attention import scaled_dot_product_attention
-from stablelm_ref.model import causal_mask
+from stablelm_ref.attention import causal_mask
 
 show_source(scaled_dot_product_attention)
 
@@ -158,7 +158,7 @@ axes[1].set(title="running max m after each key tile", xlabel="keys seen (end of
 axes[2].set(title="running sum l after each key tile", xlabel="keys seen (end of tile)", yscale="log")
 for ax in axes[1:]:
     ax.legend(fontsize=8)
-savefig(fig, "14_flash_tiles")
+savefig(fig, "18_flash_tiles")
 
 # %% [markdown]
 # ## The CUDA kernel

@@ -1,8 +1,13 @@
 # %% [markdown]
-# # 10 · The whole model and its heads
+# # 11 · The whole model and its heads
 #
-# `StableLmModel` is embeddings → decoder layers → final LayerNorm (`model.norm`), giving $h \in \mathbb{R}^{B\times T\times d}$.
-# A head turns $h$ into task outputs, and a loss compares them with labels:
+# `StableLmModel` is embeddings → decoder layers → final LayerNorm (`model.norm`), giving $h \in \mathbb{R}^{B\times T\times d}$:
+#
+# $$x_0 = E[\mathrm{ids}],\qquad x_l = \mathrm{layer}_l(x_{l-1}),\qquad h = \mathrm{LN}(x_L),\qquad
+#   \mathrm{logits} = h\,W_{\mathrm{lm}}^\top$$
+#
+# First we compose it by hand from the pieces of chapters 02-10, then look at the heads. A head turns $h$ into
+# task outputs, and a loss compares them with labels:
 #
 # | class | logits | loss |
 # |---|---|---|
@@ -29,6 +34,45 @@ def log_softmax_by_hand(z):                                          # float64, 
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
+
+# %% [markdown]
+# ## The model composed by hand
+#
+# The row lookup (02), the rotary tables for positions $0..T-1$ (06), the causal mask (05), `decoder_layer`
+# (10) once per layer with its own weights, the final LayerNorm (03), the head: on the trained default model
+# (sequential blocks, GQA, qk LayerNorm, qkv bias, tied head) and on a tiny 12b-like model (parallel blocks),
+# both in float64, against the model's own forward. The only difference allowed is rounding: the same
+# operations in the same order give the same bits, so the bound is $10^{-12}$ of the logits' scale. This checks
+# the composition (the order of the pieces, the positions, the mask, the head); chapter 12 checks the whole
+# forward against plain NumPy written without any of the package's functions.
+
+# %%
+from stablelm_ref._xp import subtree  # noqa: E402
+from stablelm_ref.decoder_layer import decoder_layer  # noqa: E402
+from stablelm_ref.layernorm import layer_norm  # noqa: E402
+from stablelm_ref.rotary import rotary_cos_sin  # noqa: E402
+
+
+def compose_by_hand(m, ids):
+    c, P = m.config, m.params
+    B, T = ids.shape
+    x = P["model.embed_tokens.weight"][ids]                               # [B, T, d]
+    cos, sin = rotary_cos_sin(np.broadcast_to(np.arange(T), (B, T)), c, np.float64)  # [B, T, rotary_ndims]
+    for i in range(c.num_hidden_layers):   # no padding: attention builds the causal mask itself (05)
+        x = decoder_layer(x, subtree(P, f"model.layers.{i}."), c, cos, sin)   # [B, T, d]
+    h = layer_norm(x, P["model.norm.weight"], P["model.norm.bias"], c.layer_norm_eps)
+    return h @ m.lm_head_weight.T                                         # [B, T, V]
+
+
+run = load_default_or_tiny(dtype="float64")
+for m, ids_, what in ((run.model, run.ids, run.name),
+                      (tiny_model(seed=10, num_key_value_heads=2, qk_layernorm=True, use_parallel_residual=True),
+                       np.random.default_rng(2).integers(0, 101, (2, 9)), "tiny 12b-like model")):
+    ref = m(ids_).logits
+    err = np.abs(compose_by_hand(m, ids_) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-12, (what, err)
+    print(f"{what}: embedding -> {m.config.num_hidden_layers} x decoder_layer -> norm -> lm_head == model(ids) "
+          f"({err:.1e} of the logits' scale)")
 
 # %% [markdown]
 # ## Causal LM: shifted cross-entropy, and the loss of a model that knows nothing
@@ -106,7 +150,6 @@ print(f"token classification: {int(keep.sum())} labelled tokens, cross-entropy {
 # surprised everywhere ($\approx \log V$) and spreads its probability thinly.
 
 # %%
-run = load_default_or_tiny(dtype="float64")
 out = run.model(run.ids, labels=run.ids)
 logp = np.asarray(log_softmax(out.logits))[0]                         # [T, V]
 per_pos = -logp[np.arange(run.ids.shape[1] - 1), run.ids[0, 1:]]     # [T-1]
@@ -124,4 +167,4 @@ axes[0].legend(fontsize=8)
 axes[1].barh(range(len(top))[::-1], p_last[top], color="tab:orange")
 axes[1].set_yticks(range(len(top))[::-1], names, fontsize=8)
 axes[1].set(title="next-token probabilities after the sample (top 15)", xlabel="p")
-savefig(fig, "10_causal_lm")
+savefig(fig, "11_causal_lm")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 13 · Sampling: temperature, top-k, top-p and the repetition penalty
+# # 17 · Sampling: temperature, top-k, top-p and the repetition penalty
 #
 # At each step the model gives one logit $z_v$ per vocabulary entry; the next token is chosen from them.
 # **Greedy** decoding takes $\arg\max_v z_v$. **Sampling** draws $v \sim \mathrm{softmax}(z)$ after the
@@ -29,7 +29,7 @@ from stablelm_ref.generation import (apply_repetition_penalty, apply_temperature
 
 for fn in (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, sample, process_logits):
     show_source(fn)
-show_source(generation.generate, "scores = process_logits(", "next_ids = np.argmax(")
+show_source(generation.generate, "scores = process_logits(", "next_dev = xp.argmax(")
 
 # %% [markdown]
 # ## One real distribution
@@ -143,7 +143,7 @@ axes[0, 0].set_ylabel("probability")
 axes[1, 0].set_ylabel("probability")
 axes[0, 0].legend(fontsize=8)
 fig.suptitle(f"next-token distribution ({run.name}); red: token already in the prompt", fontsize=10)
-savefig(fig, "13_sampling")
+savefig(fig, "17_sampling")
 
 # %% [markdown]
 # ## `model.generate`: greedy and sampled

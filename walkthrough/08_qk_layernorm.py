@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 07 · Per-head qk LayerNorm
+# # 08 · Per-head qk LayerNorm
 #
 # stablelm-2-12b (`qk_layernorm: true`) normalises every query head and every key head over its own
 # head_dim, **before** rotary, with one weight vector per head and no bias:
@@ -10,8 +10,12 @@
 # (checkpoint tensors `self_attn.q_layernorm.norms.{h}.weight`, `self_attn.k_layernorm.norms.{j}.weight`).
 # Why: with unit weights every normalised head has norm $\approx\sqrt{D}$, rotary keeps norms, so by
 # Cauchy–Schwarz every scaled score obeys $|\hat q\cdot\hat k|/\sqrt D \le \sqrt D$ however large the
-# projections grow. Attention logits cannot blow up and the softmax cannot collapse onto one key — a
-# known instability of large-model training.
+# q/k *projections* grow. With learned weights the bound becomes
+# $|\hat q\cdot\hat k|/\sqrt D \le \sqrt D\,\max_i |w^{(q)}_{h,i}|\,\max_i |w^{(k)}_{j,i}|$: the logits are
+# bounded by the qk-norm weights, not by the projections. Those weights are learned too and can grow, but they
+# are $2HD$ numbers per layer that the optimiser moves slowly, instead of the $2 d \cdot HD$ entries of
+# $W_q, W_k$ whose growth multiplies the scores. That removes the usual route to exploding attention logits
+# and a softmax collapsed onto one key, a known instability of large-model training.
 
 # %%
 import matplotlib.pyplot as plt
@@ -22,7 +26,7 @@ from stablelm_ref.attention import attention
 from stablelm_ref.layernorm import layer_norm, per_head_layer_norm
 
 show_source(per_head_layer_norm)
-show_source(attention, "if config.qk_layernorm", 'trace(prefix + "q_layernorm"')
+show_source(attention, "if config.qk_layernorm", 'trace("q_layernorm"')
 
 # %% [markdown]
 # ## Checks
@@ -30,7 +34,8 @@ show_source(attention, "if config.qk_layernorm", 'trace(prefix + "q_layernorm"')
 # 1. `per_head_layer_norm` equals a loop of plain LayerNorms, one per head with its own weight and no bias.
 # 2. Inside a model (float64, tiny stablelm-2-12b-like config with 4 query and 2 kv heads) the traced
 #    `q_layernorm` / `k_layernorm` equal that loop applied to the traced `q_proj` / `k_proj`.
-# 3. With unit weights the scaled scores stay within $\pm\sqrt{D}$ even when the projections are multiplied by 1000.
+# 3. With unit weights the scaled scores stay within $\pm\sqrt{D}$ even when the projections are multiplied by 1000;
+#    with the weights scaled by $c$, within $c^2\sqrt D$: the bound moves with the qk-norm weights only.
 
 # %%
 rng = np.random.default_rng(0)
@@ -60,7 +65,8 @@ print("per-head LayerNorm == loop of LayerNorms; the model's traced q/k_layernor
 # We multiply `q_proj.weight` and `k_proj.weight` of a tiny model by a growing factor $s$ and look at the
 # scaled scores $\mathrm{rot}(q)\cdot\mathrm{rot}(k)/\sqrt D$ (from the traced `rotary_q`, `rotary_k`) and at
 # the entropy of each attention row. Without qk LayerNorm the largest score grows like $s^2$ and the
-# attention collapses to one key (entropy → 0); with it (unit weights) nothing moves.
+# attention collapses to one key (entropy → 0); with it (unit weights) nothing moves. With the qk-norm weights set
+# to 3 the plateau sits 9 times higher: the weights, not the projections, set the bound.
 
 # %%
 def logits_and_entropy(qk_norm, s):
@@ -81,6 +87,25 @@ def logits_and_entropy(qk_norm, s):
 scales = np.logspace(-1, 3, 13)
 curves = {flag: np.array([logits_and_entropy(flag, s)[:2] for s in scales]) for flag in (False, True)}
 Dm = tiny_model().config.head_dim
+
+
+def max_score_with_norm_weights(c_w, s):
+    """largest scaled score with qk-norm weights all equal to c_w and the projections scaled by s"""
+    m = tiny_model(seed=6, qk_layernorm=True)
+    for name in list(m.params):
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            m.params[name] = m.params[name] * s
+        if "q_layernorm" in name or "k_layernorm" in name:
+            m.params[name] = np.full_like(m.params[name], c_w)
+    seen_, _ = record(m, ids, names=["layers.0.self_attn.rotary"])
+    sc = seen_["model.layers.0.self_attn.rotary_q"] @ np.swapaxes(seen_["model.layers.0.self_attn.rotary_k"], -1, -2)
+    return np.abs(sc / np.sqrt(Dm)).max()
+
+
+for c_w in (1.0, 3.0):
+    worst = max(max_score_with_norm_weights(c_w, s) for s in (1.0, 1000.0))
+    assert worst <= c_w ** 2 * np.sqrt(Dm) + 1e-9, (c_w, worst)
+    print(f"qk-norm weights = {c_w}: largest |score| {worst:.2f} <= {c_w ** 2:.0f} sqrt(D) = {c_w ** 2 * np.sqrt(Dm):.2f}")
 assert curves[True][:, 0].max() <= np.sqrt(Dm) + 1e-9, "qk LayerNorm bounds every scaled score by sqrt(D)"
 assert curves[False][-1, 0] > 100 * np.sqrt(Dm) and curves[False][-1, 1] < 0.05, "without it, the softmax collapses"
 for s, (a0, e0), (a1, e1) in zip(scales, curves[False], curves[True]):
@@ -92,11 +117,14 @@ for flag, style in ((False, "o-"), (True, "s-")):
     label = "with qk LayerNorm" if flag else "without"
     axes[0].loglog(scales, curves[flag][:, 0], style, label=label)
     axes[1].semilogx(scales, curves[flag][:, 1], style, label=label)
+weighted = [max_score_with_norm_weights(3.0, s) for s in scales]
+axes[0].loglog(scales, weighted, "^-", color="tab:green", label="with qk LayerNorm, weights = 3")
 axes[0].axhline(np.sqrt(Dm), color="gray", ls=":", label=f"sqrt(D) = {np.sqrt(Dm):.0f}")
+axes[0].axhline(9 * np.sqrt(Dm), color="tab:green", ls=":", label="3^2 sqrt(D)")
 axes[0].set(title="largest |q.k| / sqrt(D), layer 0", xlabel="scale s of q_proj, k_proj")
 axes[1].axhline(np.log(np.arange(1, ids.shape[1] + 1)).mean(), color="gray", ls=":",
                 label="uniform over the visible keys")
 axes[1].set(title="mean entropy of an attention row (nats)", xlabel="scale s of q_proj, k_proj")
 for ax in axes:
     ax.legend(fontsize=8)
-savefig(fig, "07_qk_layernorm")
+savefig(fig, "08_qk_layernorm")

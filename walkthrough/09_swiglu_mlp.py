@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 08 · The SwiGLU MLP
+# # 09 · The SwiGLU MLP
 #
 # After attention mixes information *between* tokens, the MLP transforms each token on its own. StableLM
 # uses a gated linear unit with the SiLU ("swish") activation, three bias-free matrices:
@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from _common import load_default_or_tiny, record, savefig, show_source, tiny_model
+from stablelm_ref._xp import subtree
 from stablelm_ref.mlp import ACTIVATIONS, mlp, sigmoid, silu
 
 show_source(sigmoid)
@@ -54,10 +55,10 @@ g, u = h @ Wg.T, h @ Wu.T                                           # [1, T, int
 by_hand = (g / (1 + np.exp(-g)) * u) @ Wd.T                          # [1, T, hidden]
 for name, value in (("gate_proj", g), ("up_proj", u), ("act", g / (1 + np.exp(-g)) * u), ("down_proj", by_hand)):
     np.testing.assert_allclose(seen[p + "mlp." + name], value, rtol=0, atol=1e-12)
-np.testing.assert_allclose(mlp(h, model.params, p + "mlp.", "silu"), by_hand, rtol=0, atol=1e-12)
-zero = mlp(np.zeros_like(h), model.params, p + "mlp.", "silu")
+np.testing.assert_allclose(mlp(h, subtree(model.params, p + "mlp."), "silu"), by_hand, rtol=0, atol=1e-12)
+zero = mlp(np.zeros_like(h), subtree(model.params, p + "mlp."), "silu")
 assert np.all(zero == 0)
-assert not np.allclose(mlp(2 * h, model.params, p + "mlp.", "silu"), 2 * by_hand), "SwiGLU is not linear"
+assert not np.allclose(mlp(2 * h, subtree(model.params, p + "mlp."), "silu"), 2 * by_hand), "SwiGLU is not linear"
 print(f"mlp == W_down(silu(W_gate x) * W_up x); hidden {cfg.hidden_size} -> intermediate {cfg.intermediate_size}")
 
 # %% [markdown]
@@ -88,4 +89,4 @@ for name in ("gate_proj", "up_proj", "act"):
     axes[2].hist(values, bins=120, histtype="step", density=True, label=name)
 axes[2].set(title=f"layer {last} of the {run.name}", yscale="log", xlabel="value")
 axes[2].legend(fontsize=8)
-savefig(fig, "08_swiglu_mlp")
+savefig(fig, "09_swiglu_mlp")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 11 · Checkpoints: safetensors, bfloat16, sharding
+# # 14 · Checkpoints: safetensors, bfloat16, sharding
 #
 # A model directory holds `config.json` and the weights as **safetensors**: a format that is only bytes and a
 # JSON table of contents, so loading never runs code (unlike pickled `pytorch_model.bin`, which this project
@@ -9,7 +9,8 @@
 #
 # Offsets count from the start of the data; tensors must tile it exactly (no gap, no overlap). The published
 # StableLM weights are **bfloat16**: the top 16 bits of a float32 (1 sign, 8 exponent, 7 mantissa bits), so
-# the same range as float32 with about 3 significant digits. NumPy has no bfloat16; `ml_dtypes` provides it,
+# the same range as float32 with an 8-bit significand (7 stored bits and the implicit leading 1): about
+# $8 \log_{10} 2 \approx 2.4$ significant decimal digits (float32: 24 bits, 7.2 digits). NumPy has no bfloat16; `ml_dtypes` provides it,
 # and the weights are cast once to float32 (or float64) on load. Big models are split into shards listed in
 # `model.safetensors.index.json`.
 
@@ -150,7 +151,7 @@ for k, s, z in zip(order, starts, sizes):
                      fontsize=6)
 axes[1].set(title=f"model.safetensors of the tiny model ({len(raw):,} bytes)", xlabel="byte offset", yticks=[])
 axes[1].legend(fontsize=8, loc="upper right")
-savefig(fig, "11_checkpoints")
+savefig(fig, "14_checkpoints")
 
 # %%
 import shutil  # noqa: E402

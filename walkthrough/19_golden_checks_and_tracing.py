@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 15 · Golden checks and tracing
+# # 19 · Golden checks and tracing
 #
 # How do we know the NumPy model is StableLM? By comparing it with transformers' implementation, number by
 # number. `tools/make_goldens.py` builds small random checkpoints, one per configuration the family uses
@@ -182,9 +182,9 @@ ax.set_yscale("log")
 ax.set_xticks(x, short, rotation=90, fontsize=7)
 ax.set(ylabel="max |a - b| / max(|a|, |b|)", title="traced tensors of the 3b golden model, in execution order")
 ax.legend(fontsize=8, loc="lower right")
-savefig(fig, "15_trace_errors")
+savefig(fig, "19_trace_errors")
 
-fig, ax = plt.subplots(figsize=(10, 4))
+fig, ax = plt.subplots(figsize=(11, 4.6))
 variants = list(report)
 vals = np.array(list(report.values()))                              # [variants, 4]
 for j, (lbl, colour) in enumerate((("float64", "tab:blue"), ("float64 left-pad", "tab:cyan"),
@@ -193,7 +193,7 @@ for j, (lbl, colour) in enumerate((("float64", "tab:blue"), ("float64 left-pad",
 ax.axhline(F64, color="tab:blue", ls="--", lw=1, label=f"float64 bound {F64:g}")
 ax.axhline(F32, color="tab:orange", ls="--", lw=1, label=f"float32 bound {F32:g}")
 ax.set_yscale("log")
-ax.set_xticks(np.arange(len(variants)), variants)
+ax.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right", fontsize=8)
 ax.set(ylabel="relative error of the logits", title="this project vs transformers, every golden variant")
 ax.legend(fontsize=7, ncol=3)
-savefig(fig, "15_goldens")
+savefig(fig, "19_goldens")

@@ -1,0 +1,157 @@
+"""The Python face of each kernel in decode.cu: argument checks, grid and block, a bound Launch.
+
+    k = DecodeKernels()
+    k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
+    k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
+    k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
+    k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
+    k.argmax_launch(logits, tok, history, ...)             # greedy pick + step bookkeeping
+
+Each returns a Launch (launch.py) to call eagerly or capture into the step's graph. The float64 spec of
+every kernel is in specs.py; tests/gpu/test_decode_engine.py compares them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import GenerationError
+from . import xp
+from .launch import NULL, Launch, i32, load_module
+
+MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
+GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
+GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
+GEMV_MAX_THREADS = 512
+ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
+ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
+SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
+MAX_BATCH = 8
+
+
+class DecodeKernels:
+    """The compiled decode.cu module and one launcher per kernel (also used by the tests)."""
+
+    def __init__(self, defines: dict | None = None):
+        cp = self.cp = xp.cupy()
+        self.defines = dict(defines or {})
+        self.module, self.source = load_module(cp, self.defines)
+        f = self.module.get_function
+        self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
+                        if not (bm == 8 and r == 8)}
+        self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
+        self.layernorm_fn = f("layernorm_rows")
+        self.embed_fn = f("embed_rows")
+        self.argmax_fn = f("argmax_step")
+        self.sample_fn = f("sample_step")
+        dev = cp.cuda.Device()
+        self.num_sms = dev.attributes["MultiProcessorCount"]
+        self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+
+    # -- GEMV ---------------------------------------------------------------------------------
+    @staticmethod
+    def gemv_batch_width(nb: int) -> int:
+        for bm in GEMV_BATCHES:
+            if nb <= bm:
+                return bm
+        raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
+
+    def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
+                    tag="gemv"):
+        """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
+        W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
+        N, K = W.shape
+        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
+            raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
+        if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
+            raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
+        bm = self.gemv_batch_width(nb)
+        if mode == MODE_SWIGLU:
+            if rows % 2 or N % 2:
+                raise ValueError("gemv swiglu needs an even number of rows per block and of W rows")
+            y, ldy = yh, yh.shape[-1]
+        else:
+            y, ldy = yf, yf.shape[-1]
+        fn = self.gemv_fn[(bm, rows)]
+        args = (x, i32(K), i32(nb), W, i32(N), i32(K),
+                bias if bias is not None else NULL,
+                yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode))
+        del y
+        groups = (N + rows - 1) // rows
+        grid = min(groups, persist * self.num_sms) if persist else groups
+        return Launch(fn, (grid,), (threads,), args, tag=tag)
+
+    # -- attention ----------------------------------------------------------------------------
+    def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
+        """Splits of the key axis (grid x): about two blocks per SM, at most one tile each."""
+        want = math.ceil(2 * self.num_sms / max(1, nb * kv_heads))
+        return int(max(1, min(want, math.ceil(max_len / ATT_TK))))
+
+    @staticmethod
+    def attention_smem(G: int, D: int) -> int:
+        return ATT_TK * (D + 8) * 2 + ATT_TK * D * 2 + (G * D + 2 * D + G * ATT_TK + 3 * G + D) * 4
+
+    def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
+                         out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
+                         scale=None, tag="attention"):
+        if D not in self.attn_fn:
+            raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
+        if H % KVH:
+            raise ValueError(f"num_attention_heads {H} is not a multiple of num_key_value_heads {KVH}")
+        G = H // KVH
+        if G * D > 2 * ATT_MAXJ * ATT_THREADS:
+            raise NotImplementedError(f"decode attention supports (heads per kv head) * head_dim <= "
+                                      f"{2 * ATT_MAXJ * ATT_THREADS}, got {G} * {D}")
+        max_len = kc.shape[-2]
+        smem = self.attention_smem(G, D)
+        fn = self.attn_fn[D]
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        qk_ln = qn_w is not None
+        scale = D ** -0.5 if scale is None else scale
+        args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
+                qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
+                part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale))
+        return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
+
+    # -- small kernels ------------------------------------------------------------------------
+    def layernorm_launch(self, x, w, b, y, *, nb, eps, tag="layernorm"):
+        K = x.shape[-1]
+        threads = 256 if K <= 4096 else 512     # the register-resident fast path holds 16 floats a thread
+        return Launch(self.layernorm_fn, (nb,), (threads,),
+                      (x, i32(K), w, b, y, i32(y.shape[-1]), i32(K), np.float32(eps)), tag=tag)
+
+    def embed_launch(self, tok, E, x, *, nb, tag="embed"):
+        return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x), tag=tag)
+
+    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, tag="argmax"):
+        V = logits.shape[-1]
+        return Launch(self.argmax_fn, (nb,), (1024,),
+                      (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
+                       step, cache_len, pos, counter), tag=tag)
+
+    @staticmethod
+    def sampler_covers(settings, vocab: int) -> bool:
+        """Whether sample_step implements these generate settings (else generate processes on the host side
+        with CuPy): greedy with a repetition penalty; sampling with top_k in [1, SAMPLE_KMAX], or top_k 0 (or
+        >= vocab) with top_p 1."""
+        if not settings["do_sample"]:
+            return True
+        k = settings["top_k"]
+        return 1 <= k <= SAMPLE_KMAX and k < vocab or (k == 0 or k >= vocab) and settings["top_p"] >= 1.0
+
+    def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
+                      tag="sample"):
+        """generate's processors and sampler on logits [>= nb, V] (see sample_step in decode.cu); present:
+        uint8 [>= nb, V] (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]."""
+        V = logits.shape[-1]
+        k = settings["top_k"] if settings["top_k"] < V else 0
+        return Launch(self.sample_fn, (nb,), (SAMPLE_THREADS,),
+                      (logits, i32(V), present if present is not None else NULL,
+                       np.float32(settings["repetition_penalty"]), i32(bool(settings["do_sample"])),
+                       np.float32(settings["temperature"]), i32(k), np.float32(settings["top_p"]), u,
+                       tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter),
+                      tag=tag)

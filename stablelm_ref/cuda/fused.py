@@ -1,0 +1,114 @@
+"""CuPy implementations of the LayerNorm, rotary and SwiGLU seams: load fused.cu, check, launch.
+
+    layer_norm(x, weight, bias, eps)          layernorm.layer_norm       one block per row
+    apply_rotary(x, cos, sin, rotary_ndims)   rotary.apply_rotary        one thread per output element
+    gated_activation(gate, up, "silu")        mlp.gated_activation       one thread per element
+
+Each is registered in kernels.py for CuPy arrays and takes its reference's arguments; it declines
+(returns None, so the array-API reference runs) what it does not cover: float64 (the golden mode
+stays on the reference), per-head LayerNorm weights, activations other than silu. Each computes in
+float32 and rounds once to the input dtype; the reference rounds after each operation in 16-bit
+dtypes, so in bfloat16 the kernels are the more accurate (tests/gpu/test_fused.py holds both to a
+float64 run). Why: a forward on CuPy otherwise launches ~12 array operations per LayerNorm, ~8 per
+rotary and ~9 per SiLU gate, each a launch (~10 us of Python and driver) and a trip through device
+memory; at prompt lengths of a few hundred tokens those launches, not the GEMMs, set the time.
+
+The source compiles with NVRTC (cupy.RawModule) on first use of each dtype combination and is cached.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from .. import kernels
+
+_SOURCE = pathlib.Path(__file__).with_name("fused.cu")
+_TAGS = {"float32": 0, "bfloat16": 1, "float16": 2}
+_THREADS = 256
+_kernels: dict = {}
+
+
+def _tag(dtype):
+    return _TAGS.get(np.dtype(dtype).name)
+
+
+def _kernel(name):
+    if name not in _kernels:
+        import cupy
+
+        module = cupy.RawModule(code=_SOURCE.read_text(), options=("-std=c++17",), name_expressions=[name])
+        _kernels[name] = module.get_function(name)
+    return _kernels[name]
+
+
+def _grid(n):
+    return (max(1, min((n + _THREADS - 1) // _THREADS, 65536)),)
+
+
+def layer_norm(x, weight, bias, eps):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis; None for what it leaves to the reference."""
+    import cupy
+
+    xt, wt = _tag(x.dtype), _tag(weight.dtype)
+    if xt is None or wt is None or weight.ndim != 1 or x.shape[-1] != weight.shape[0] or x.size == 0:
+        return None
+    if bias is not None and (bias.dtype != weight.dtype or bias.shape != weight.shape):
+        return None
+    n = x.shape[-1]
+    x = cupy.ascontiguousarray(x)
+    weight = cupy.ascontiguousarray(weight)
+    bias_arg = cupy.ascontiguousarray(bias) if bias is not None else weight
+    y = cupy.empty_like(x)
+    _kernel(f"layer_norm_kernel<{xt}, {wt}>")((x.size // n,), (_THREADS,),
+                                              (x, weight, bias_arg, y, np.int32(n), np.float32(eps),
+                                               np.int32(bias is not None)))
+    return y
+
+
+def apply_rotary(x, cos, sin, rotary_ndims):
+    """Rotary on the first rotary_ndims dims of each head of x [B, H, T, hd]; cos, sin [B or 1, T, d]."""
+    import cupy
+
+    xt, ct = _tag(x.dtype), _tag(cos.dtype)
+    if xt is None or ct is None or x.ndim != 4 or cos.dtype != sin.dtype or x.size == 0:
+        return None
+    b, h, t, hd = x.shape
+    d = rotary_ndims
+    if d % 2 or d > hd or cos.shape != sin.shape or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
+        return None
+    if b * h > 65535 or t * hd >= 2**31:                              # the launch's grid.y and 32-bit indices
+        return None
+    if x.strides[3] != x.itemsize:
+        x = cupy.ascontiguousarray(x)
+    cos, sin = cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
+    y = cupy.empty((b, h, t, hd), dtype=x.dtype)
+    sb, sh, st = (s // x.itemsize for s in x.strides[:3])
+    cos_sb = 0 if cos.shape[0] == 1 else t * d
+    _kernel(f"rotary_kernel<{xt}, {ct}>")(((t * hd + _THREADS - 1) // _THREADS, b * h), (_THREADS,),
+                                          (x, cos, sin, y, np.int32(h), np.int32(t), np.int32(hd), np.int32(d),
+                                           np.int64(sb), np.int64(sh), np.int64(st), np.int64(cos_sb)))
+    return y
+
+
+def gated_activation(gate, up, hidden_act):
+    """silu(gate) * up in one pass; None (the reference) for other activations."""
+    import cupy
+
+    xt = _tag(gate.dtype)
+    if hidden_act not in ("silu", "swish") or xt is None or gate.shape != up.shape or gate.dtype != up.dtype:
+        return None
+    gate, up = cupy.ascontiguousarray(gate), cupy.ascontiguousarray(up)
+    y = cupy.empty_like(gate)
+    per_chunk = 16 // gate.itemsize
+    aligned = gate.data.ptr % 16 == 0 and up.data.ptr % 16 == 0 and y.data.ptr % 16 == 0
+    nvec = y.size // per_chunk if aligned else 0
+    _kernel(f"silu_gate_kernel<{xt}>")(_grid(max(nvec, 1) if aligned else y.size), (_THREADS,),
+                                       (gate, up, y, np.int64(y.size), np.int64(nvec)))
+    return y
+
+
+kernels.register("layer_norm", "cupy", layer_norm)
+kernels.register("rotary", "cupy", apply_rotary)
+kernels.register("gated_activation", "cupy", gated_activation)

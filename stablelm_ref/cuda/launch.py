@@ -1,0 +1,183 @@
+"""Building decode.cu and launching its kernels: nvcc (or NVRTC) to a cached cubin, one bound launch per
+kernel call, programmatic dependent launches (PDL) through the driver, graph capture and replay timing.
+
+    kernels = load_module(cupy)                       # the cubin cached for this source, defines and GPU
+    step = [Launch(fn, grid, block, args), ...]      # a decode step as a list of bound launches
+    graph = capture_launches(stream, step, pdl=True) # one CUDA graph; with PDL each launch may start while
+    replay_ms(stream, graph, replays=10)             #   its predecessor drains (decode.cu's PDL_WAIT)
+
+CuPy's launcher has no launch attributes, hence PdlLauncher: cuLaunchKernelEx through ctypes, with the
+struct layouts of cuda.h (CUDA 12/13).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import xp
+
+SOURCE = Path(__file__).with_name("decode.cu")
+
+
+def _define_flags(defines) -> list[str]:
+    return [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+
+
+def kernel_cache_name(compute_capability: str, defines: dict | None = None) -> str:
+    """File name of the compiled module for this source, these -D defines and GPU architecture (e.g. '90')."""
+    key = SOURCE.read_bytes() + compute_capability.encode() + " ".join(_define_flags(defines)).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return f"decode-{digest}-sm_{compute_capability}.cubin"
+
+
+def build_cubin(compute_capability: str, out_dir: str | os.PathLike, defines: dict | None = None) -> Path:
+    """Compile decode.cu with nvcc into out_dir (a machine without a GPU can prepare it)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / kernel_cache_name(compute_capability, defines)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / target.name
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", *_define_flags(defines),
+                        "-o", str(tmp_out), str(SOURCE)], check=True, capture_output=True, text=True)
+        shutil.move(str(tmp_out), str(target))
+    return target
+
+
+def load_module(cp, defines: dict | None = None):
+    """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC.
+    defines: compile-time variants of decode.cu (benchmarks compare them; the engine uses the defaults)."""
+    cc = cp.cuda.Device().compute_capability
+    cache = Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
+    cubin = cache / kernel_cache_name(cc, defines)
+    if not cubin.exists() and shutil.which("nvcc"):
+        try:
+            build_cubin(cc, cache, defines)
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    if cubin.exists():
+        return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
+    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17", *_define_flags(defines))), "nvrtc"
+
+
+def i32(v):
+    return np.int32(v)
+
+
+NULL = np.uint64(0)   # a null device pointer as a kernel argument
+
+
+class Launch:
+    """One kernel launch with its arguments bound (replayed eagerly or captured into a graph)."""
+
+    __slots__ = ("fn", "grid", "block", "args", "smem", "tag")
+
+    def __init__(self, fn, grid, block, args, smem=0, tag=""):
+        self.fn, self.grid, self.block, self.args, self.smem, self.tag = fn, grid, block, args, smem, tag
+
+    def __call__(self):
+        self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
+
+
+class PdlLauncher:
+    """Launches through the driver's cuLaunchKernelEx with programmatic stream serialization, so that in
+    a captured graph each kernel may start while its predecessor drains (decode.cu's PDL_LAUNCH/PDL_WAIT).
+    CuPy's launcher has no launch attributes, hence ctypes. Struct layouts as in cuda.h (CUDA 12/13)."""
+
+    ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+    def __init__(self):
+        import ctypes as C
+        self.C = C
+
+        class Value(C.Union):
+            _fields_ = [("pad", C.c_char * 64), ("val", C.c_int), ("_align", C.c_void_p)]
+
+        class Attr(C.Structure):
+            _fields_ = [("id", C.c_int), ("pad", C.c_char * 4), ("value", Value)]
+
+        class Config(C.Structure):
+            _fields_ = [("gridDimX", C.c_uint), ("gridDimY", C.c_uint), ("gridDimZ", C.c_uint),
+                        ("blockDimX", C.c_uint), ("blockDimY", C.c_uint), ("blockDimZ", C.c_uint),
+                        ("sharedMemBytes", C.c_uint), ("hStream", C.c_void_p), ("attrs", C.POINTER(Attr)),
+                        ("numAttrs", C.c_uint)]
+
+        self.Attr, self.Config = Attr, Config
+        self.fn = C.CDLL("libcuda.so.1").cuLaunchKernelEx
+        self.fn.restype = C.c_int
+        self.fn.argtypes = [C.POINTER(Config), C.c_void_p, C.POINTER(C.c_void_p), C.c_void_p]
+
+    def bind(self, launch: "Launch", stream_ptr: int, programmatic: bool):
+        """A callable that launches `launch` on the stream (as a programmatic dependent if asked)."""
+        C, cp = self.C, xp.cupy()
+        vals = []
+        for a in launch.args:
+            if isinstance(a, cp.ndarray):
+                vals.append(C.c_void_p(a.data.ptr))
+            elif isinstance(a, np.uint64):
+                vals.append(C.c_uint64(int(a)))
+            elif isinstance(a, np.int32):
+                vals.append(C.c_int32(int(a)))
+            elif isinstance(a, np.float32):
+                vals.append(C.c_float(float(a)))
+            else:
+                raise TypeError(f"PdlLauncher: unsupported kernel argument {type(a)}")
+        params = (C.c_void_p * len(vals))(*[C.cast(C.pointer(v), C.c_void_p) for v in vals])
+        attr = self.Attr()
+        attr.id = self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.val = 1
+        g = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+        b = tuple(launch.block) + (1,) * (3 - len(launch.block))
+        cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], launch.smem, stream_ptr, C.pointer(attr),
+                          1 if programmatic else 0)
+        func = launch.fn.kernel.ptr
+
+        def run(_keep=(vals, params, attr, cfg)):
+            rc = self.fn(C.byref(cfg), C.c_void_p(func), params, None)
+            if rc != 0:
+                raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} ({launch.tag})")
+        return run
+
+
+def capture_launches(stream, launches, pdl: bool = False):
+    """`launches` captured on `stream` as one CUDA graph; with pdl, each launch after the first is a
+    programmatic dependent of its predecessor (PdlLauncher)."""
+    if pdl:
+        pl = PdlLauncher()
+        launches = [pl.bind(fn, stream.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
+    with stream:
+        stream.begin_capture()
+        try:
+            for fn in launches:
+                fn()
+        finally:
+            g = stream.end_capture()
+    return g
+
+
+def replay_ms(stream, graph, replays: int = 1, reps: int = 3, warmup: bool = True) -> float:
+    """Milliseconds per replay of `graph`: reps timings of `replays` back-to-back replays between CUDA
+    events (after one untimed replay if warmup), median."""
+    cp = xp.cupy()
+    with stream:
+        if warmup:
+            graph.launch(stream)
+        times = []
+        for _ in range(reps):
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(stream)
+            for _ in range(replays):
+                graph.launch(stream)
+            e1.record(stream)
+            e1.synchronize()
+            times.append(cp.cuda.get_elapsed_time(e0, e1) / replays)
+    return float(np.median(times))

@@ -1,0 +1,112 @@
+"""GEMV autotuning: rows per block, threads per block and persistent blocks per SM, per matrix kind.
+
+A decode step is memory-bound and its GEMVs are most of it; the best launch shape depends on the matrix
+and on its neighbours in the step. Two stages, once per batch size (seconds):
+
+    1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
+       layers' matrices as a plain graph; the best TUNE_FINALISTS kept
+    2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
+       blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
+
+The functions take the engine (decode_engine.GpuDecodeEngine): its buffers, plan and step timing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .bf16 import f32_to_bf16_bits
+from .decode_kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
+
+TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
+TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
+
+
+class GemvShape(NamedTuple):
+    """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
+    block per group of rows), and the microseconds / GB/s it took alone at tuning time (0 if not timed)."""
+    rows: int
+    threads: int
+    persist: int
+    us: float
+    gbs: float
+
+
+DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
+
+
+def gemv_candidates(K: int, nb: int, mode: int):
+    """(rows per block, threads) pairs worth timing for a K-wide GEMV at batch nb."""
+    kc = K // 8
+    rows = [r for r in GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == MODE_SWIGLU and r % 2)]
+    threads = {128, 256, 512}
+    for j in (1, 2, 3, 4):
+        t = 32 * math.ceil(math.ceil(kc / j) / 32)
+        if 64 <= t <= GEMV_MAX_THREADS:
+            threads.add(t)
+    return [(r, t) for r in rows for t in sorted(threads)]
+
+
+def tune(engine, nb):
+    """Choose each GEMV kind's launch shape for batch nb (once): each kind timed alone over the candidates,
+    then its finalists and persistent blocks inside the whole step (tune_in_step). """
+    if nb in engine.tuning:
+        return
+    cp = engine.cp
+    res = {}
+    if engine.autotune:
+        rng = cp.random.default_rng(0)
+        with engine.stream:
+            for buf in (engine.h, engine.att, engine.mlp):       # realistic (non-zero) inputs
+                buf[...] = f32_to_bf16_bits(rng.standard_normal(buf.shape, dtype=cp.float32))
+            saved = (engine.x.copy(), engine.logits_buf.copy())
+        top = {}
+        for name, (Ws, x, mode) in engine._gemv_shapes().items():      # 1. each matrix kind on its own
+            N, K = Ws[0].shape
+            reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
+            timed = []
+            for R, T in gemv_candidates(K, nb, mode):
+                engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0)
+                launches = [engine._gemv(name, W, x, mode, nb) for W in Ws] * reps
+                ms = engine.time_launches(launches) / len(launches)
+                timed.append((ms, R, T))
+            timed.sort()
+            top[name] = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)
+                         for ms, R, T in timed[:TUNE_FINALISTS]]
+            engine.tuning[nb][name] = top[name][0]
+        tune_in_step(engine, nb, top)                                    # 2. the finalists in the step
+        with engine.stream:
+            engine.x[...], engine.logits_buf[...] = saved
+        engine.stream.synchronize()
+        res = dict(engine.tuning[nb])
+    engine.tuning[nb] = res
+    engine._forget(nb)
+
+
+
+def tune_in_step(engine, nb, top):
+    """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
+    PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
+    shape alone and within the step differ: its neighbours overlap its start and its end."""
+    try:
+        best = engine.time_step(nb)
+    except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
+        return
+    shapes = engine._gemv_shapes()
+    for name in sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0])):   # most bytes first
+        chosen = engine.tuning[nb][name]
+
+        def better(cands):
+            nonlocal best, chosen
+            for cand in cands:
+                engine.tuning[nb][name] = cand
+                ms = engine.time_step(nb)
+                if ms < best:
+                    best, chosen = ms, cand
+
+        better(top[name][1:])                                        # the other finalists
+        better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
+        engine.tuning[nb][name] = chosen
+    engine.step_ms[nb] = best
+    engine._forget(nb)
