@@ -6,7 +6,7 @@ PYTHON  := $(BIN)/python
 PIP     := $(PYTHON) -m pip -q --disable-pip-version-check
 SHARED  ?= ../shared
 
-.PHONY: help install test crosscheck goldens demo walkthrough bench bench-gpu test-gpu fuzz clean
+.PHONY: help install test crosscheck goldens demo walkthrough bench bench-llama bench-gpu test-gpu fuzz clean
 
 help:
 	@echo "make install      create .venv with the package and its test tools (stablelm-ref: .venv/bin/stablelm-ref)"
@@ -16,6 +16,7 @@ help:
 	@echo "make goldens      rebuild tests/goldens/ with transformers"
 	@echo "make walkthrough  run every walkthrough chapter, drawing walkthrough/figures/"
 	@echo "make bench        CPU speed against transformers (tools/bench_cpu.py)"
+	@echo "make bench-llama  CPU speed against llama.cpp f32 and transformers (tools/bench_llama.py; builds llama.cpp once)"
 	@echo "make bench-gpu    GPU speed against transformers (says 'no GPU' and succeeds without one)"
 	@echo "make test-gpu     the GPU tests (tests/gpu; says 'no GPU' and succeeds without one)"
 	@echo "make fuzz         the long hostile-input fuzzing run (tests/test_hostile_*.py)"
@@ -55,6 +56,12 @@ $(VENV)/.bench: $(VENV)/.test
 # the benchmark runs as a user's machine would, and prints which OpenBLAS kernel ran.
 bench: $(VENV)/.bench
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) tools/bench_cpu.py $(BENCH_ARGS)
+
+# llama.cpp (pinned, from the llama-cpp-python source distribution) built once into ~/.cache/stablelm-ref
+# (about 12 minutes on two cores; needs cmake and a C++ compiler), then every side on the same checkpoint
+bench-llama: $(VENV)/.bench
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE STABLELM_SHARED=$(or $(STABLELM_SHARED),$(SHARED)) \
+		$(PYTHON) tools/bench_llama.py $(BENCH_ARGS)
 
 demo: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/stablelm-ref generate "def fibonacci(n):"

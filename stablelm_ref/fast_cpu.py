@@ -2,45 +2,62 @@
 
     fast = model.fast()                      # or FastCpuModel(model); float32 or float64, NumPy only
     out = fast(ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-               logits_to_keep=0)             # -> ModelOutput(.logits, .past_key_values), as model(...)
+               labels=None, logits_to_keep=0)  # -> ModelOutput(.logits, .past_key_values), as model(...)
 
-The concept files (layernorm.py, attention.py, mlp.py, decoder_layer.py, model.py, heads.py) stay the
-specification; this file computes exactly the same equations and is tested equal to them
-(tests/test_fast_cpu.py). Nothing here is new mathematics; the speed comes from the structure:
+The concept files (layernorm.py, rotary.py, attention.py, mlp.py, decoder_layer.py, model.py, heads.py)
+stay the specification; this file computes the same equations and is tested equal to them
+(tests/test_fast_cpu.py). Nothing here is new mathematics; the speed comes from the structure, and
+docs/cpu_notes.md measures each part. A decode step is ~45 NumPy calls per layer, every one of them
+writing into a buffer allocated once:
 
 - Fused weights, stored once, transposed for BLAS. Per layer
-      W_qkv^T = [Wq; Wk; Wv]^T   [hidden, (H + 2 KVH) D]     one GEMM instead of three
-      W_gu^T  = [Wgate; Wup]^T   [hidden, 2 I]               one GEMM instead of two
+      W_in^T  = [Wq; Wk; Wv]^T                [hidden, (H + 2 KVH) D]    one GEMM instead of three
+                [Wq; Wk; Wv; Wgate; Wup]^T    [hidden, (H + 2 KVH) D + 2 I] with parallel residual
+                                              (one LayerNorm feeds both halves: one GEMM instead of five)
+      W_gu^T  = [Wgate; Wup]^T                [hidden, 2 I]               (sequential residual)
       W_o^T [H D, hidden],  W_down^T [I, hidden]
-  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (or GEMV while decoding);
-  W_lm stays [vocab, hidden] (used transposed in place: copying the largest matrix would raise peak
-  memory at load by its size).
+  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (GEMV while decoding).
   The model's `params` entries become views into these matrices: the weights are not held twice, and
   the reference model keeps working on the same numbers.
+- The lm_head is transposed the same way, in place (`_transpose_in_place`: the [vocab, hidden] matrix
+  becomes [hidden, vocab] in its own memory, through a scratch of one block), when vocab has a divisor
+  near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast.
 - Work buffers allocated once per (batch, new tokens) shape and written in place (`out=`): a decode
-  step allocates nothing proportional to the model.
-- The KV cache is the preallocated kv_cache.KVCache; new keys are rotated straight into it.
-- q, k, v are never copied into separate head-major arrays except q (one transposed copy); the
-  attention output is written by the matmul directly in [B, T, H, D] order, ready for o_proj.
+  step allocates nothing but the logits it returns.
+- q and k are rotated in place inside the q|k|v GEMM's output (both at once: 3 calls, the rotation
+  written as x cos + swap(x) sin+-, with sin+- = [-sin, sin] tabled once per position); queries, keys
+  and values are then read from there as strided views (BLAS takes a row stride), and only the new
+  keys and values are copied, into the preallocated kv_cache.KVCache.
+- Attention: softmax without a division of the [T, S] probabilities (the [T, D] output is divided by
+  their sums instead); prefill runs in blocks of QUERY_BLOCK queries, each reading only the keys it
+  may see (the causal upper triangle is neither computed nor stored).
+- LayerNorm statistics are GEMVs against a [hidden, 1] column of 1/hidden (np.mean is a Python
+  function that costs ten times a ufunc call on a vector).
 - The final LayerNorm and the lm_head run only on the positions whose logits are kept
   (logits_to_keep=1 while decoding: one row of [vocab] per sequence, not T).
-- No mask work when none is needed (one new token, no padding).
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
-different orders); float32 to a few ulp of the logits' scale (see the test's tolerance).
-Requests the fast path does not cover (labels, output_hidden_states, trace) run the reference.
+different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
+from float32 rounding. Requests the fast path does not cover (labels, output_hidden_states, trace) run
+the reference.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import sys
 
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ._xp import to_host
 from .errors import GenerationError, StableLmError
 from .fast_forms import register
 from .mlp import ACTIVATIONS
-from ._xp import to_host
 from .model import ModelOutput, causal_mask
 from .rotary import rotary_cos_sin
+
+QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
 
 
 def _fuse_transposed(params, names):
@@ -57,6 +74,66 @@ def _fuse_transposed(params, names):
     return fused
 
 
+def _transpose_in_place(w, block):
+    """A C-contiguous [V, K] matrix rewritten as its [K, V] transpose in the same memory; returns the
+    [K, V] array (w's memory; w itself must no longer be read). V must be a multiple of `block`.
+
+    Two steps, each a permutation of contiguous pieces, with scratch of one block:
+      1. [V/block, block, K] -> [V/block, K, block]: each block of rows transposed through a copy;
+      2. [n, K, block] -> [K, n, block]: an n x K transpose whose elements are runs of `block` values,
+         done by following the permutation's cycles (a run moves once, 256 runs per NumPy call).
+    """
+    v, k = w.shape
+    n = v // block
+    flat = w.reshape(-1)                                             # the memory, as one vector
+    blocks = flat.reshape(n, block * k)
+    for i in range(n):                                               # 1. [block, K] -> [K, block]
+        blocks[i] = blocks[i].reshape(block, k).T.copy().reshape(-1)
+    runs = flat.reshape(n * k, block)                                # run r = (i, j) at r = i K + j
+    done = np.zeros(n * k, dtype=bool)
+    for start in range(n * k):                                       # 2. run (i, j) -> slot j n + i
+        if done[start]:
+            continue
+        cycle = [start]                                              # slots, each filled from the next
+        src = (start % n) * k + start // n                           # the run that belongs in slot `start`
+        while src != start:
+            cycle.append(src)
+            src = (src % n) * k + src // n
+        done[cycle] = True
+        if len(cycle) == 1:
+            continue
+        first = runs[cycle[0]].copy()
+        for a in range(0, len(cycle) - 1, 256):
+            z = min(a + 256, len(cycle) - 1)
+            runs[cycle[a:z]] = runs[cycle[a + 1:z + 1]]                # gathered before written
+        runs[cycle[-1]] = first
+    return flat.reshape(k, v)
+
+
+def _only_in(params, name):
+    """Whether params[name] is a writeable C-contiguous array that nothing but `params` refers to, whose
+    memory no other array shares (so rewriting that memory changes no one else's numbers)."""
+    a = params[name]
+    if not (isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable):
+        return False
+    if sys.getrefcount(a) > 3:                                       # params, `a`, getrefcount's argument
+        return False
+    base = a.base                                                    # e.g. np.fromfile's 1-D array, reshaped
+    while base is not None:
+        if not isinstance(base, np.ndarray) or base.nbytes != a.nbytes or sys.getrefcount(base) > 3:
+            return False                                             # (a's .base, `base`, the argument)
+        base = base.base
+    return True
+
+
+def _lm_head_block(vocab):
+    """A divisor of vocab near 2048 (the run length of _transpose_in_place), or None."""
+    for block in sorted(range(512, 8193), key=lambda d: abs(d - 2048)):
+        if vocab % block == 0:
+            return block
+    return None
+
+
 class _Layer:
     """The arrays of one decoder layer, fused and transposed."""
 
@@ -64,47 +141,92 @@ class _Layer:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         self.ln1 = (params[p + "input_layernorm.weight"], params[p + "input_layernorm.bias"])
-        self.ln2 = None
-        if not config.use_parallel_residual:
+        qkv = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
+        gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        self.ln2 = self.gate_up_t = None
+        if config.use_parallel_residual:                                 # one LayerNorm feeds both halves
+            self.in_t = _fuse_transposed(params, qkv + gate_up)          # [hidden, (H+2KVH) D + 2 I]
+        else:
             self.ln2 = (params[p + "post_attention_layernorm.weight"], params[p + "post_attention_layernorm.bias"])
-        self.qkv_t = _fuse_transposed(params, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
+            self.in_t = _fuse_transposed(params, qkv)                    # [hidden, (H+2KVH) D]
+            self.gate_up_t = _fuse_transposed(params, gate_up)           # [hidden, 2 I]
         self.qkv_b = None
         if config.use_qkv_bias:
             self.qkv_b = np.concatenate([params[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
-        self.q_norm = self.k_norm = None
-        if config.qk_layernorm:                                          # [H, D] and [KVH, D]
-            self.q_norm = np.stack([params[f"{a}q_layernorm.norms.{h}.weight"]
-                                    for h in range(config.num_attention_heads)])
-            self.k_norm = np.stack([params[f"{a}k_layernorm.norms.{h}.weight"]
-                                    for h in range(config.num_key_value_heads)])
+        self.qk_norm = None
+        if config.qk_layernorm:                                          # [H + KVH, D]: q heads, then k heads
+            self.qk_norm = np.stack([params[f"{a}q_layernorm.norms.{h}.weight"]
+                                     for h in range(config.num_attention_heads)] +
+                                    [params[f"{a}k_layernorm.norms.{h}.weight"]
+                                     for h in range(config.num_key_value_heads)])
         self.o_t = _fuse_transposed(params, [a + "o_proj.weight"])       # [H D, hidden]
-        self.gate_up_t = _fuse_transposed(params, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         self.down_t = _fuse_transposed(params, [p + "mlp.down_proj.weight"])  # [I, hidden]
 
 
 class _Work:
-    """Buffers for one (batch, new tokens) shape, reused by every layer and every call of that shape."""
+    """Buffers for one (batch, new tokens) shape, reused by every layer and every call of that shape, and
+    the views of them each layer reads (made once here: a view costs as much as a ufunc call on a vector)."""
 
     def __init__(self, b, t, config, dtype):
         h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-        heads, kv = config.num_attention_heads, config.num_key_value_heads
+        heads, kv, rd = config.num_attention_heads, config.num_key_value_heads, config.rotary_ndims
+        n, qkv, half = b * t, (heads + 2 * kv) * d, rd // 2
         e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
-        self.x = e(b * t, h)                       # the residual stream
-        self.h = e(b * t, h)                       # LayerNorm output
-        self.stat = e(b * t, 1)                    # LayerNorm mean / std
-        self.qkv = e(b * t, (heads + 2 * kv) * d)
-        self.q = e(b, heads, t, d)                 # rotated queries, head-major for the score GEMMs
-        self.k = e(b, kv, t, d)                    # keys / values when no cache is used
-        self.v = e(b, kv, t, d)
-        rd = config.rotary_ndims // 2
-        self.rot = e(b, t, heads, max(rd, 1))      # rotary scratch
-        self.attn = e(b * t, heads * d)            # attention output, [B, T, H, D] order
-        self.o = e(b * t, h)
-        self.gu = e(b * t, 2 * inter)
-        self.act = e(b * t, inter)
-        self.den = e(b * t, inter)
-        self.pos = np.empty((b * t, inter), dtype=bool)
-        self.scores = e(0)                         # [B, KVH, G, T, S], grown as S grows
+        self.x = e(n, h)                           # the residual stream
+        self.h = e(n, h)                           # LayerNorm output
+        self.sq = e(n, h)                          # LayerNorm scratch (squares)
+        self.stat = e(n, 1)                        # LayerNorm mean, then std
+        parallel = config.use_parallel_residual
+        self.inp = e(n, qkv + (2 * inter if parallel else 0))       # the first GEMM's output
+        self.qkv = self.inp[:, :qkv]               # [B*T, (H+2KVH) D]
+        self.gu = self.inp[:, qkv:] if parallel else e(n, 2 * inter)
+        self.gate, self.up = self.gu[:, :inter], self.gu[:, inter:]
+        heads_all = self.qkv.reshape(b, t, heads + 2 * kv, d)       # [B, T, H+2KVH, D] views from here on
+        self.qk = heads_all[:, :, :heads + kv]     # [B, T, H+KVH, D]: rotated (and qk-normed) in place
+        self.q = heads_all[:, :, :heads]           # [B, T, H, D]
+        self.k_new = heads_all[:, :, heads:heads + kv].transpose(0, 2, 1, 3)   # [B, KVH, T, D]
+        self.v_new = heads_all[:, :, heads + kv:].transpose(0, 2, 1, 3)
+        self.q_groups = self.q.reshape(b, t, kv, heads // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
+        # rotary: x[:d] <- x[:d] cos + [x2, x1] [-sin, sin], x1 and x2 the halves of x[:d] of each q and k head
+        self.rot_x = self.qk[..., :rd]             # [B, T, H+KVH, d]
+        st = self.rot_x.strides                    # [x2, x1]: x2 then, half a row back, x1
+        self.rot_swapped = as_strided(self.rot_x[..., half:], (b, t, heads + kv, 2, half),
+                                      st[:3] + (-half * st[3], st[3]), writeable=False)
+        self.rot = e(b, t, heads + kv, 2, half)    # [x2, x1] [-sin, sin]
+        self.rot_flat = self.rot.reshape(b, t, heads + kv, rd)
+        self.cos = e(b, t, rd)
+        self.sin = e(b, t, rd)                     # [-sin, sin]: sin with its first half negated
+        self.cos_heads = self.cos[:, :, None, :]   # [B, T, 1, d]
+        self.sin_pairs = self.sin.reshape(b, t, 1, 2, half)
+        self.head_stat = e(b, t, heads + kv, 1)    # qk LayerNorm statistics
+        self.head_sq = e(b, t, heads + kv, d) if config.qk_layernorm else None
+        self.attn = e(n, heads * d)                # attention output, [B, T, H, D] order
+        self.attn_groups = self.attn.reshape(b, t, kv, heads // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
+        self.o = e(n, h)
+        self.act = e(n, inter)
+        self.tmp = e(n, inter)
+        self.scores = e(0)                         # [B, KVH, G, T', S'], grown as S grows
+        self.row_max = e(b * heads * min(t, QUERY_BLOCK))
+        self.row_sum = e(b * heads * min(t, QUERY_BLOCK))
+
+    def attention_blocks(self, past, blocked, causal_only):
+        """[(queries, out, S, scores, row max, row sum, mask)] per block of QUERY_BLOCK queries, for this call:
+        without padding (causal_only) queries q0..q1-1 read keys 0..past+q1-1 only, the rest never computed."""
+        b, kv, group, t, d = self.q_groups.shape
+        blocks = []
+        for q0 in range(0, t, QUERY_BLOCK):
+            q1 = min(q0 + QUERY_BLOCK, t)
+            s = past + q1 if causal_only else past + t
+            shape = (b, kv, group, q1 - q0, s)                                   # [B, KVH, G, T', S']
+            n = math.prod(shape)
+            if self.scores.size < n:
+                self.scores = np.empty(max(n, 2 * self.scores.size), dtype=self.x.dtype)
+            m = b * kv * group * (q1 - q0)
+            blocks.append((self.q_groups[..., q0:q1, :], self.attn_groups[..., q0:q1, :], s,
+                           self.scores[:n].reshape(shape), self.row_max[:m].reshape(shape[:-1] + (1,)),
+                           self.row_sum[:m].reshape(shape[:-1] + (1,)),
+                           None if blocked is None else blocked[..., q0:q1, :s]))
+        return blocks
 
 
 class FastCpuModel:
@@ -123,13 +245,24 @@ class FastCpuModel:
         self.model, self.config = model, model.config
         c, p = model.config, model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
-        self.embed = p["model.embed_tokens.weight"]                         # [vocab, hidden]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
-        # [hidden, vocab] as a view of the [vocab, hidden] matrix: a transposed copy would cost a second
-        # vocab x hidden array at load (the largest one), for little gain in a GEMV of one row per sequence.
-        self.lm_head_t = model.lm_head_weight.T
+        self.lm_head_t = self._lm_head(p, c)                                # [hidden, vocab]
+        self.embed = p["model.embed_tokens.weight"]                         # [vocab, hidden]
+        self.mean_col = np.full((c.hidden_size, 1), 1.0 / c.hidden_size, dtype=model.dtype)  # x @ it = mean
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
+        self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
+
+    @staticmethod
+    def _lm_head(p, c):
+        """The lm_head as [hidden, vocab]: transposed in place (C-contiguous) when vocab allows, so that
+        params (and a tied embedding) become views of it; else a transposed view of [vocab, hidden]."""
+        name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        block = _lm_head_block(p[name].shape[0])
+        if block is None or not _only_in(p, name):
+            return p[name].T               # read transposed where it is (OpenBLAS's gemv "T")
+        p[name] = _transpose_in_place(p.pop(name), block).T          # same numbers, now [hidden, vocab] C
+        return p[name].T
 
     # The attributes generate() and users read (config, xp, dtype, params, device, ...) are the model's.
     def __getattr__(self, name):
@@ -150,7 +283,7 @@ class FastCpuModel:
 
     # ---- the forward ------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                 logits_to_keep=0, labels=None, output_hidden_states=False, trace=None):
+                 labels=None, logits_to_keep=0, output_hidden_states=False, trace=None):
         if labels is not None or output_hidden_states or trace is not None:
             return self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
                               logits_to_keep, output_hidden_states, trace)
@@ -164,20 +297,22 @@ class FastCpuModel:
 
         w = self._workspace(b, t)
         np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
-        cos, sin = rotary_cos_sin(position_ids, config, model.dtype)            # [B, T, d]
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]                        # [B, T, 1, d]
+        self._cos_sin(position_ids, w)                                           # w.cos, w.sin: [B, T, d]
         blocked = None                                                           # [B, 1, 1, T, S] or None
         if mask2d is not None or t > 1:
             blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
+        blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
         for i, layer in enumerate(self.layers):
-            self._layer(w, layer, i, b, t, past, cos, sin, blocked, cache)
+            self._layer(w, layer, i, past, t, blocks, cache)
         if cache is not None:
             cache.advance(t)
 
         x = w.x.reshape(b, t, -1)
         x = x if rows is None else x[:, rows, :]                                 # [B, T', hidden]
+        x = x.reshape(-1, x.shape[-1])                                           # [B*T', hidden]
         h = self._layer_norm(x, *self.norm, np.empty_like(x), np.empty(x.shape[:-1] + (1,), x.dtype), np.empty_like(x))
-        logits = h @ self.lm_head_t                                              # [B, T', vocab]
+        logits = np.matmul(h, self.lm_head_t).reshape(b, -1, config.vocab_size)  # one GEMM: [B*T', vocab]
+        h = h.reshape(b, -1, h.shape[-1])
         return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if rows is None else None)
 
     __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
@@ -188,14 +323,40 @@ class FastCpuModel:
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             return None if logits_to_keep == 0 or logits_to_keep >= t else slice(t - logits_to_keep, t)
-        return np.asarray(to_host(logits_to_keep)).astype(np.int64)
+        keep = np.asarray(to_host(logits_to_keep))
+        if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
+            raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
+                                  f"got {logits_to_keep!r}")
+        return keep.astype(np.int64) % t
+
+    def _cos_sin(self, position_ids, w):
+        """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:
+        rows of a table rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position
+        reaches P); for dynamic rope, whose angles depend on the longest position, made per call."""
+        config, dtype = self.config, self.model.dtype
+        half = config.rotary_ndims // 2
+        if config.rope_type == "dynamic":
+            cos, sin = rotary_cos_sin(position_ids, config, dtype)               # [B, T, d]
+            w.cos[...] = cos
+            np.multiply(sin[..., :half], -1, out=w.sin[..., :half])
+            w.sin[..., half:] = sin[..., half:]
+            return
+        need = int(position_ids.max()) + 1
+        if self._rope is None or self._rope[0].shape[0] < need:
+            size = max(need, config.max_position_embeddings, 2 * (0 if self._rope is None else self._rope[0].shape[0]))
+            cos, sin = rotary_cos_sin(np.arange(size)[None, :], config, dtype)  # [1, P, d]
+            sin[..., :half] *= -1
+            self._rope = (cos[0], sin[0])
+        np.take(self._rope[0], position_ids, axis=0, out=w.cos)
+        np.take(self._rope[1], position_ids, axis=0, out=w.sin)
 
     def _layer_norm(self, x, weight, bias, out, stat, sq):
-        """layernorm.layer_norm with the same operations in the same order, written into `out`."""
-        np.mean(x, axis=-1, keepdims=True, out=stat)
+        """layernorm.layer_norm written into `out`; the two means are GEMVs against a column of 1/n."""
+        col = self.mean_col
+        np.matmul(x, col, out=stat)                                              # mean [N, 1]
         np.subtract(x, stat, out=out)                                            # x - mean
         np.square(out, out=sq)
-        np.mean(sq, axis=-1, keepdims=True, out=stat)                           # var
+        np.matmul(sq, col, out=stat)                                             # var
         np.add(stat, self.config.layer_norm_eps, out=stat)
         np.sqrt(stat, out=stat)
         np.divide(out, stat, out=out)
@@ -204,104 +365,83 @@ class FastCpuModel:
             np.add(out, bias, out=out)
         return out
 
-    def _layer(self, w, layer, i, b, t, past, cos, sin, blocked, cache):
-        c = self.config
-        heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        group, rd = heads // kv, c.rotary_ndims
-
+    def _layer(self, w, layer, i, past, t, blocks, cache):
         # --- attention ------------------------------------------------------------------------
-        self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.o)                           # [B*T, hidden]
-        np.matmul(w.h, layer.qkv_t, out=w.qkv)                                   # [B*T, (H+2KVH) D]
+        self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.sq)                     # [B*T, hidden]
+        np.matmul(w.h, layer.in_t, out=w.inp)                                    # [B*T, (H+2KVH) D (+ 2 I)]
         if layer.qkv_b is not None:
             np.add(w.qkv, layer.qkv_b, out=w.qkv)
-        qkv = w.qkv.reshape(b, t, heads + 2 * kv, d)                             # [B, T, H+2KVH, D]
-        q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv], qkv[:, :, heads + kv:]
-        if layer.q_norm is not None:                                             # per-head LayerNorm, in place
-            self._head_norm(q, layer.q_norm)
-            self._head_norm(k, layer.k_norm)
+        if layer.qk_norm is not None:                                            # per-head LayerNorm, in place
+            self._head_norm(w.qk, layer.qk_norm, w)
+        np.multiply(w.rot_swapped, w.sin_pairs, out=w.rot)                       # rotary on q and k at once:
+        np.multiply(w.rot_x, w.cos_heads, out=w.rot_x)                           # x cos
+        np.add(w.rot_x, w.rot_flat, out=w.rot_x)                                 # + [x2, x1] [-sin, sin]
+        np.multiply(w.q, self.config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
         if cache is not None:
             end = past + t
-            k_all, v_all = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]   # [B, KVH, S, D]
-            k_new, v_new = cache.keys[i][:, :, past:end], cache.values[i][:, :, past:end]
+            keys, values = cache.keys[i], cache.values[i]                        # [B, KVH, max_len, D]
+            np.copyto(keys[:, :, past:end], w.k_new)
+            np.copyto(values[:, :, past:end], w.v_new)
         else:
-            k_all = k_new = w.k
-            v_all = v_new = w.v
-        self._rotate_into(q, w.q.transpose(0, 2, 1, 3), cos, sin, rd, w.rot)    # [B, T, H, D] -> [B, H, T, D]
-        self._rotate_into(k, k_new.transpose(0, 2, 1, 3), cos, sin, rd, w.rot[:, :, :kv])
-        v_new[...] = v.transpose(0, 2, 1, 3)                                     # [B, T, KVH, D] -> [B, KVH, T, D]
-
-        s = k_all.shape[2]
-        n = b * heads * t * s
-        if w.scores.size < n:
-            w.scores = np.empty(max(n, 2 * w.scores.size), dtype=w.x.dtype)
-        scores = w.scores[:n].reshape(b, kv, group, t, s)                        # [B, KVH, G, T, S]
-        qg = w.q.reshape(b, kv, group, t, d)                                     # [B, KVH, G, T, D]
-        np.matmul(qg, k_all[:, :, None].swapaxes(-1, -2), out=scores)            # q k^T
-        np.multiply(scores, d ** -0.5, out=scores)
-        if blocked is not None:
-            np.copyto(scores, np.finfo(scores.dtype).min, where=blocked)
-        np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)      # softmax, in place
-        np.exp(scores, out=scores)
-        np.divide(scores, scores.sum(axis=-1, keepdims=True), out=scores)
-        if blocked is not None:                                                  # a row with no key (padding)
-            np.copyto(scores, 0, where=blocked.all(axis=-1, keepdims=True))      # -> 0, as attention.py
-        attn = w.attn.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)       # [B, KVH, G, T, D] view
-        np.matmul(scores, v_all[:, :, None], out=attn)                           # written in [B, T, H, D] order
+            keys, values = w.k_new, w.v_new                                      # [B, KVH, T, D] views
+        keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]    # [B, KVH, 1, D, S], [.., S, D]
+        for q, out, s, scores, row_max, row_sum, blocked in blocks:
+            self._attend(q, keys_t[..., :s], values[..., :s, :], out, scores, row_max, row_sum, blocked)
         np.matmul(w.attn, layer.o_t, out=w.o)                                    # [B*T, H D] -> [B*T, hidden]
-
-        # --- residual and MLP -------------------------------------------------------------------
-        if layer.ln2 is None:                                                    # parallel: x + attn + mlp(h)
-            np.add(w.x, w.o, out=w.x)
-            self._mlp(w, layer, w.h)
-        else:                                                                    # sequential
-            np.add(w.x, w.o, out=w.x)
-            self._layer_norm(w.x, *layer.ln2, w.h, w.stat, w.o)
-            self._mlp(w, layer, w.h)
         np.add(w.x, w.o, out=w.x)
 
-    def _mlp(self, w, layer, h):
-        """down( act(h Wg^T) * (h Wu^T) ) into w.o."""
-        inter = self.config.intermediate_size
-        np.matmul(h, layer.gate_up_t, out=w.gu)                                  # [B*T, 2 I]
-        gate, up = w.gu[:, :inter], w.gu[:, inter:]
-        if self.act is None:                                                     # silu(z) = z * sigmoid(z)
-            sig = w.act
-            np.abs(gate, out=sig)
-            np.negative(sig, out=sig)
-            np.exp(sig, out=sig)                                                 # e = exp(-|z|) in (0, 1]
-            np.greater_equal(gate, 0, out=w.pos)
-            np.add(sig, 1.0, out=w.den)
-            np.divide(sig, w.den, out=sig)                                       # e / (1 + e)
-            np.divide(1.0, w.den, out=sig, where=w.pos)                          # 1 / (1 + e) where z >= 0
-            np.multiply(gate, sig, out=sig)
-        else:
-            w.act[...] = self.act(gate)
-        np.multiply(w.act, up, out=w.act)
-        np.matmul(w.act, layer.down_t, out=w.o)                                  # [B*T, hidden]
-
-    def _head_norm(self, x, weight):
-        """Per-head LayerNorm (no bias) over D, in place on a [B, T, heads, D] view."""
-        mean = x.mean(axis=-1, keepdims=True)
-        np.subtract(x, mean, out=x)
-        std = np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + self.config.layer_norm_eps)
-        np.divide(x, std, out=x)
-        np.multiply(x, weight, out=x)                                            # weight [heads, D]
+        # --- MLP: parallel x + attn(h) + mlp(h) (gate|up came with q|k|v), or sequential --------------
+        if layer.ln2 is not None:
+            self._layer_norm(w.x, *layer.ln2, w.h, w.stat, w.sq)
+            np.matmul(w.h, layer.gate_up_t, out=w.gu)                            # [B*T, 2 I]
+        self._mlp(w, layer)
+        np.add(w.x, w.o, out=w.x)
 
     @staticmethod
-    def _rotate_into(x, out, cos, sin, rd, tmp):
-        """out = rot(x): the first rd dims of each head rotated (rotary.apply_rotary), the rest copied.
-        x, out: [B, T, heads, D]; cos, sin: [B, T, 1, rd]; tmp: [B, T, heads, rd/2] scratch."""
-        half = rd // 2
-        if rd == 0:
-            out[...] = x
-            return
-        x1, x2 = x[..., :half], x[..., half:rd]
-        np.multiply(x[..., :rd], cos, out=out[..., :rd])                         # x cos
-        np.multiply(x2, sin[..., :half], out=tmp)
-        np.subtract(out[..., :half], tmp, out=out[..., :half])                   # - x2 sin
-        np.multiply(x1, sin[..., half:], out=tmp)
-        np.add(out[..., half:rd], tmp, out=out[..., half:rd])                    # + x1 sin
-        out[..., rd:] = x[..., rd:]
+    def _attend(q, keys_t, values, out, scores, row_max, row_sum, blocked):
+        """out = softmax(q k^T + mask) v for one block of queries, the probabilities never divided:
+        q [B, KVH, G, T', D] (already scaled), keys_t [B, KVH, 1, D, S], values [B, KVH, 1, S, D]."""
+        np.matmul(q, keys_t, out=scores)                                         # q k^T / sqrt(D): [B, KVH, G, T', S]
+        if blocked is not None:
+            np.copyto(scores, np.finfo(scores.dtype).min, where=blocked)
+        np.maximum.reduce(scores, axis=-1, keepdims=True, out=row_max)
+        np.subtract(scores, row_max, out=scores)
+        np.exp(scores, out=scores)                                               # unnormalised probabilities
+        np.add.reduce(scores, axis=-1, keepdims=True, out=row_sum)
+        np.matmul(scores, values, out=out)                                       # [B, KVH, G, T', D]
+        np.divide(out, row_sum, out=out)                                         # softmax's denominator
+        if blocked is not None:                                                  # a row with no key (padding)
+            np.copyto(out, 0, where=blocked.all(axis=-1, keepdims=True))         # -> 0, as attention.py
+
+    def _mlp(self, w, layer):
+        """down( act(h Wg^T) * (h Wu^T) ) into w.o, from gate|up in w.gu."""
+        gate, up = w.gate, w.up
+        if self.act is None:                                                     # silu(z) up = z up / (1 + exp(-z))
+            np.negative(gate, out=w.act)
+            with np.errstate(over="ignore"):                                     # exp(-z) = inf: z up / inf = 0,
+                np.exp(w.act, out=w.act)                                         # the limit (z < -88 in float32)
+            np.add(w.act, 1.0, out=w.act)
+            np.multiply(gate, up, out=w.tmp)
+            np.divide(w.tmp, w.act, out=w.act)
+        else:
+            w.act[...] = self.act(gate)
+            np.multiply(w.act, up, out=w.act)
+        np.matmul(w.act, layer.down_t, out=w.o)                                  # [B*T, hidden]
+
+    def _head_norm(self, x, weight, w):
+        """Per-head LayerNorm (no bias) over D, in place on x [B, T, heads, D]; weight [heads, D]."""
+        inv_d = 1.0 / x.shape[-1]
+        stat, sq = w.head_stat, w.head_sq
+        np.add.reduce(x, axis=-1, keepdims=True, out=stat)
+        np.multiply(stat, inv_d, out=stat)                                       # mean
+        np.subtract(x, stat, out=x)
+        np.square(x, out=sq)
+        np.add.reduce(sq, axis=-1, keepdims=True, out=stat)
+        np.multiply(stat, inv_d, out=stat)                                       # var
+        np.add(stat, self.config.layer_norm_eps, out=stat)
+        np.sqrt(stat, out=stat)
+        np.divide(x, stat, out=x)
+        np.multiply(x, weight, out=x)
 
 
 register("cpu", FastCpuModel)

@@ -83,6 +83,16 @@ if side == 'ours':
     model = StableLmForCausalLM.from_pretrained(path, dtype='float32').fast()
     loaded = status()
     model([list(range(16))])
+elif side == 'ours-decode':                  # a 128-token prefill into a cache, then 8 decode steps
+    import numpy as np
+    from stablelm_ref import KVCache, StableLmForCausalLM
+    base = status()
+    model = StableLmForCausalLM.from_pretrained(path, dtype='float32').fast()
+    loaded = status()
+    cache = KVCache(model.config, 1, 136, np.float32, np)
+    out = model([list(range(128))], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(8):
+        out = model(out.logits[:, -1].argmax(-1)[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
 else:
     import torch, transformers
     base = status()
@@ -99,7 +109,9 @@ print(json.dumps(dict(base=base['VmRSS'], load=loaded['VmHWM'], peak=after['VmHW
 def memory_probe(side, path):
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT), side, path], capture_output=True,
-                         text=True, env=env, check=True)
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory probe ({side}) failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

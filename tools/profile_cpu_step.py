@@ -1,0 +1,206 @@
+"""Where a CPU decode step's (or prefill's) time goes: every NumPy call of fast_cpu.py, timed by source line.
+
+    python tools/profile_cpu_step.py --shape small        # 8 layers, hidden 512, vocab 50304
+    python tools/profile_cpu_step.py --shape slice        # stablelm-2-1_6b width, 4 layers, qkv bias
+
+A random float32 model (no checkpoint, no transformers) is prefilled with a 128-token prompt, then
+decodes one token at a time through the KV cache with logits_to_keep=1, as generate does. For the
+profiled steps the module-level `np` of fast_cpu.py is replaced by a proxy that times each call
+(perf_counter around it) and files it under the line that made it; `model._prepare_inputs` and the
+helpers fast_cpu imports from the concept files are timed the same way. Lines are grouped into:
+
+- GEMV: np.matmul/@ against a weight matrix (qkv, o, gate_up, down, lm_head), the memory-bound part;
+- the rest: everything else NumPy does (LayerNorm, rotary, attention over the cache, SiLU, adds);
+- Python: the step's wall time minus all timed calls (interpreter, attribute lookups, method calls
+  on arrays such as .reshape, which the proxy does not see).
+
+The proxy costs about a microsecond per call, so the profiled step is slower than a plain one; both
+medians are printed, and the per-line figures are what to compare before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import linecache
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu  # noqa: E402
+from stablelm_ref.kv_cache import KVCache  # noqa: E402
+
+SHAPES = {
+    "small": dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=50304, use_qkv_bias=False),
+    "slice": dict(num_hidden_layers=4, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=100352, use_qkv_bias=True),
+    "full": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=100352, use_qkv_bias=True),
+}
+COMMON = dict(model_type="stablelm", max_position_embeddings=4096, partial_rotary_factor=0.25, rope_theta=10000,
+              layer_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False)
+
+
+CLOCK = time.perf_counter
+
+
+class Timings:
+    def __init__(self):
+        self.total = collections.defaultdict(float)     # (file, line, name) -> seconds
+        self.calls = collections.defaultdict(int)
+        self.on = False
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            caller = sys._getframe(1)
+            while caller.f_code.co_filename == __file__:        # through TimedUfunc.__call__
+                caller = caller.f_back
+            t0 = CLOCK()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                key = (caller.f_code.co_filename, caller.f_lineno, name)
+                self.total[key] += CLOCK() - t0
+                self.calls[key] += 1
+        return timed
+
+
+class TimedUfunc:
+    def __init__(self, timings, name, ufunc):
+        self._call = timings.wrap(f"np.{name}", ufunc)
+        self._methods = {m: timings.wrap(f"np.{name}.{m}", getattr(ufunc, m)) for m in ("reduce", "accumulate", "outer", "at")}
+        self._ufunc = ufunc
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return self._methods.get(name) or getattr(self._ufunc, name)
+
+
+class TimedNumpy:
+    """numpy, with every function and ufunc timed (types, dtypes and constants passed through)."""
+
+    def __init__(self, timings):
+        self._t, self._cache = timings, {}
+
+    def __getattr__(self, name):
+        if name not in self._cache:
+            obj = getattr(np, name)
+            if isinstance(obj, np.ufunc):                       # np.add(...) and np.add.reduce(...)
+                self._cache[name] = TimedUfunc(self._t, name, obj)
+            elif callable(obj) and not isinstance(obj, type):
+                self._cache[name] = self._t.wrap(f"np.{name}", obj)
+            else:
+                self._cache[name] = obj
+        return self._cache[name]
+
+
+def is_gemv(key, source):
+    return key[2] == "np.matmul" and any(w in source for w in ("_t,", "_t)", "lm_head", "qkv_t", "in_t", "o_t", "down_t",
+                                                               "gate_up_t"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per pass (median over steps)")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS threads (threadpoolctl); default: as is")
+    ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of a decode step")
+    ap.add_argument("--top", type=int, default=25, help="lines to show")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy "
+                         "machine do not inflate; meaningful with --threads 1 only")
+    args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads, user_api="blas")
+
+    config = StableLmConfig.from_dict({**COMMON, **SHAPES[args.shape]})
+    fast = StableLmForCausalLM.from_config(config, dtype="float32").fast()
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 128))
+    cache = KVCache(config, 1, 128 + 3 * args.steps + 8, np.float32, np)
+    out = fast(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tok = out.logits[:, -1].argmax(-1)[:, None]
+
+    timings = Timings()
+    plain_np = fast_cpu.np
+    patched = {"np": TimedNumpy(timings)}
+    for name in dir(fast_cpu):                              # helpers imported from the concept files
+        obj = getattr(fast_cpu, name)
+        if callable(obj) and getattr(obj, "__module__", "").startswith("stablelm_ref.") and \
+                obj.__module__ != "stablelm_ref.fast_cpu" and not isinstance(obj, type):
+            patched[name] = timings.wrap(name, obj)
+    prepare = fast.model._prepare_inputs
+    timed_prepare = timings.wrap("model._prepare_inputs", prepare)
+
+    def step(profiled):
+        nonlocal tok
+        timings.on = profiled
+        if args.prefill:                                    # a fresh 128-token prompt into a fresh cache
+            fresh = KVCache(config, 1, 128, np.float32, np)
+            t0 = CLOCK()
+            fast(ids, past_key_values=fresh, use_cache=True, logits_to_keep=1)
+            return CLOCK() - t0
+        t0 = CLOCK()
+        o = fast(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = o.logits[:, -1].argmax(-1)[:, None]
+        return CLOCK() - t0
+
+    plain, profiled = [], []
+    originals = {name: getattr(fast_cpu, name) for name in patched}
+    for name, obj in patched.items():
+        setattr(fast_cpu, name, obj)
+    fast.model._prepare_inputs = timed_prepare
+    try:
+        for _ in range(3):
+            step(False)
+        for _ in range(args.steps):                         # interleaved: plain, profiled, plain, ...
+            plain.append(step(False))
+            profiled.append(step(True))
+    finally:
+        for name, obj in originals.items():
+            setattr(fast_cpu, name, obj)
+        del fast.model._prepare_inputs
+
+    n = args.steps
+    rows = []
+    for key, total in timings.total.items():
+        source = linecache.getline(key[0], key[1]).strip()
+        rows.append((total / n * 1e6, timings.calls[key] / n, key, source))
+    rows.sort(key=lambda r: -r[0])
+    gemv = sum(r[0] for r in rows if is_gemv(r[2], r[3]))
+    rest = sum(r[0] for r in rows) - gemv
+    step_prof = statistics.median(profiled) * 1e6
+    step_plain = statistics.median(plain) * 1e6
+    weights = sum(sum(a.nbytes for a in vars(layer).values() if isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[0] > 1)
+                  for layer in fast.layers) + fast.model.lm_head_weight.nbytes
+    calls = sum(r[1] for r in rows)
+
+    print(f"shape {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
+          f"{config.vocab_size}; weights read per step {weights / 1e6:.0f} MB; load {os.getloadavg()[0]:.1f}")
+    what = "prefill of 128 tokens" if args.prefill else "decode step"
+    print(f"{what}, median of {n}: plain {step_plain:.0f} us ({(128 if args.prefill else 1) * 1e6 / step_plain:.1f} tok/s); profiled "
+          f"{step_prof:.0f} us, {calls:.0f} timed calls")
+    print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({weights / gemv / 1e3:.1f} GB/s)")
+    print(f"  rest NumPy  {rest:8.0f} us  {100 * rest / step_prof:5.1f}%")
+    print(f"  Python      {step_prof - gemv - rest:8.0f} us  {100 * (step_prof - gemv - rest) / step_prof:5.1f}%")
+    print(f"\n{'us/step':>9} {'calls':>6}  line  call / source")
+    for us, c, key, source in rows[:args.top]:
+        where = os.path.basename(key[0])
+        print(f"{us:9.1f} {c:6.0f}  {where}:{key[1]:<4d} {key[2]:<22s} {source[:70]}")
+
+
+if __name__ == "__main__":
+    main()
