@@ -159,5 +159,10 @@ class EngineSteps:
     def chosen_ids(self):
         return self._chosen                                               # [B] int32: the graph's choice
 
+    def step_logits(self):
+        """The logits [B, V] (float32, on the device) the graph's latest pick was made from (sample_step and
+        argmax_step only read them), for the loop's check that they are finite."""
+        return self.engine.logits_buf[: self.batch]
+
 
 register("gpu", GpuFastModel)

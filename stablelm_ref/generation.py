@@ -236,7 +236,8 @@ FROM_CONFIG = _FromConfig()
 def check_finite_scores(model, scores, sequences, mask, step):
     """GenerationError when the logits [B, V] hold NaN or Inf, naming the first intermediate (in execution
     order) of the reference forward over the sequences so far that is not finite. scores may live on the
-    device (one small reduction; the fused GPU path, which picks ids inside its step, is not checked)."""
+    device (one small reduction; the fused GPU path, which picks ids inside its step, passes the logits the
+    pick was made from)."""
     xp = _np(scores)
     if bool(xp.all(xp.isfinite(scores))):
         return
@@ -441,6 +442,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         while True:
             if scores is None:                                            # picked inside the step
                 next_dev = steps.chosen_ids()                             # [B]
+                check_finite_scores(model, steps.step_logits(), sequences[:, :length], full_mask[:, :length],
+                                    length - prompt_len)                  # the logits the pick was made from
             else:
                 scores = scores.astype(steps.wide)                        # [B, V]
                 check_finite_scores(model, scores, sequences[:, :length], full_mask[:, :length], length - prompt_len)

@@ -421,3 +421,26 @@ def test_step_backend_choice(emulated):
     assert isinstance(step_backend(ref, 2, 10, "auto"), ModelSteps) and step_backend(ref, 2, 10).model is ref
     with pytest.raises(de.GenerationError, match="engine must be one of"):
         step_backend(ref, 1, 4, "graph")
+
+
+def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monkeypatch):
+    """The fused path (the pick made inside the graph) never picks silently from NaN / Inf logits: the loop
+    checks the logits the step picked from, as it checks the logits it processes itself (issue 15, class 6)."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(8), 384, [5])
+    real_step = fast_gpu.EngineSteps.step
+    calls = []
+
+    def poisoned(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls.append(k["fused"])
+        if len(calls) == 2:
+            self.engine.logits_buf[0, 17] = np.nan                     # the second replay's logits
+        return out
+
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", poisoned)
+    for settings in (dict(), dict(do_sample=True, temperature=0.8, top_k=50, seed=1)):
+        calls.clear()
+        with pytest.raises(de.GenerationError, match="not finite"):
+            generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast", **settings)
+        assert calls == [True, True]                                     # it stopped at the poisoned step
