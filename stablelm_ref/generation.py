@@ -537,5 +537,11 @@ class ModelSteps:
         """One new token per row (next_ids [B], host) -> its logits [B, V]."""
         out = self.model(next_ids[:, None], attention_mask=mask, position_ids=position,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+        self.logits = out.logits[:, -1, :]
+        return self.logits
+
+    def step_logits(self):
+        """The logits [B, V] of the latest step: what a backend that picks inside its step (returning None
+        from step(), see choose_in_step) picked from; the loop checks they are finite."""
+        return self.logits
 
