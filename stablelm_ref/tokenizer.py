@@ -7,7 +7,8 @@
 A model directory holds tokenizer.json (vocabulary, merges, normalizer, pre-tokenizer, decoder) and
 usually tokenizer_config.json / special_tokens_map.json, which name the special tokens (bos, eos,
 pad, unk), say whether to add bos/eos to each text, and carry the chat template. StableLM 3b-4e1t
-uses the GPT-NeoX-20B BPE (50277 tokens, `<|endoftext|>` = 0 is bos, eos and unk, no pad token);
+uses the GPT-NeoX-20B BPE (50277 tokens, `<|endoftext|>` = 0 is bos, eos and unk; `<|padding|>` is id 1
+but is not configured as the pad token);
 StableLM 2 uses Arcade100k. A directory holding only tokenizer.json gets GPT-NeoX defaults:
 `<|endoftext|>` as bos and eos when the vocabulary has it.
 
