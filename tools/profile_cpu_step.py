@@ -30,21 +30,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from bench_cpu import COMMON, SHAPES  # noqa: E402  (the benchmark's shapes: small, slice, full)
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu  # noqa: E402
 from stablelm_ref.kv_cache import KVCache  # noqa: E402
-
-SHAPES = {
-    "small": dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=50304, use_qkv_bias=False),
-    "slice": dict(num_hidden_layers=4, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=100352, use_qkv_bias=True),
-    "full": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=100352, use_qkv_bias=True),
-}
-COMMON = dict(model_type="stablelm", max_position_embeddings=4096, partial_rotary_factor=0.25, rope_theta=10000,
-              layer_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False)
 
 
 CLOCK = time.perf_counter
@@ -135,7 +127,6 @@ def main():
     tok = out.logits[:, -1].argmax(-1)[:, None]
 
     timings = Timings()
-    plain_np = fast_cpu.np
     patched = {"np": TimedNumpy(timings)}
     for name in dir(fast_cpu):                              # helpers imported from the concept files
         obj = getattr(fast_cpu, name)

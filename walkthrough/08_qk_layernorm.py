@@ -69,13 +69,19 @@ print("per-head LayerNorm == loop of LayerNorms; the model's traced q/k_layernor
 # to 3 the plateau sits 9 times higher: the weights, not the projections, set the bound.
 
 # %%
-def logits_and_entropy(qk_norm, s):
+def scaled_model(qk_norm, s, norm_weight=1.0):
+    """the tiny model with its q and k projections scaled by s and every qk-norm weight set to norm_weight"""
     m = tiny_model(seed=6, qk_layernorm=qk_norm)
     for name in list(m.params):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             m.params[name] = m.params[name] * s
         if "q_layernorm" in name or "k_layernorm" in name:
-            m.params[name] = np.ones_like(m.params[name])
+            m.params[name] = np.full_like(m.params[name], norm_weight)
+    return m
+
+
+def logits_and_entropy(qk_norm, s):
+    m = scaled_model(qk_norm, s)
     seen, _ = record(m, ids, names=["layers.0.self_attn.rotary", "layers.0.self_attn.attn_weights"])
     rq, rk = seen["model.layers.0.self_attn.rotary_q"], seen["model.layers.0.self_attn.rotary_k"]
     scores = rq @ np.swapaxes(rk, -1, -2) / np.sqrt(m.config.head_dim)  # [B, H, T, T]
@@ -91,12 +97,7 @@ Dm = tiny_model().config.head_dim
 
 def max_score_with_norm_weights(c_w, s):
     """largest scaled score with qk-norm weights all equal to c_w and the projections scaled by s"""
-    m = tiny_model(seed=6, qk_layernorm=True)
-    for name in list(m.params):
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            m.params[name] = m.params[name] * s
-        if "q_layernorm" in name or "k_layernorm" in name:
-            m.params[name] = np.full_like(m.params[name], c_w)
+    m = scaled_model(True, s, c_w)
     seen_, _ = record(m, ids, names=["layers.0.self_attn.rotary"])
     sc = seen_["model.layers.0.self_attn.rotary_q"] @ np.swapaxes(seen_["model.layers.0.self_attn.rotary_k"], -1, -2)
     return np.abs(sc / np.sqrt(Dm)).max()
