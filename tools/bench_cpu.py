@@ -269,6 +269,23 @@ def bench_shape(name, args, rows, notes):
         del sides
 
 
+def quiet_peers(threads):
+    """Import torch and transformers with transformers' warnings and progress bars off, and give BLAS
+    and torch `threads` threads each (both sides of a benchmark run with the same threads)."""
+    import warnings
+
+    import torch
+    import transformers
+    from threadpoolctl import threadpool_limits
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    threadpool_limits(threads, user_api="blas")
+    torch.set_num_threads(threads)
+    return torch, transformers
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -283,18 +300,9 @@ def main():
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
 
-    import warnings
+    from threadpoolctl import threadpool_info
 
-    import torch
-    import transformers
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    threadpool_limits(args.threads, user_api="blas")
-    torch.set_num_threads(args.threads)
+    torch, transformers = quiet_peers(args.threads)
     blas = [i for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]] or \
         [i for i in threadpool_info() if i["user_api"] == "blas"]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

@@ -273,17 +273,7 @@ def main():
         if s not in bench_cpu.SHAPES:
             ap.error(f"unknown shape {s!r}; choose from {', '.join(bench_cpu.SHAPES)}")
 
-    import warnings
-
-    import torch
-    import transformers
-    from threadpoolctl import threadpool_limits
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    threadpool_limits(args.threads, user_api="blas")
-    torch.set_num_threads(args.threads)
+    torch, transformers = bench_cpu.quiet_peers(args.threads)
     try:
         tokenizer = tokenizer_file()
         src, exe = llama_cpp(args.threads)
