@@ -8,6 +8,7 @@
 and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
 """
 
+import numpy as np
 from array_api_compat import array_namespace as _compat_array_namespace
 
 _NAMESPACE_OF_TYPE: dict = {}
@@ -69,6 +70,15 @@ def log_softmax(x):
     z = xp.astype(x, wide_dtype(xp, x.dtype))
     z = z - xp.max(z, axis=-1, keepdims=True)
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+
+
+def host_array(a):
+    """np.asarray(to_host(a)), or None where `a` is not array-like (ragged lists, objects, integers too
+    large for any dtype): each caller raises its own error, naming the argument."""
+    try:
+        return np.asarray(to_host(a))
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def to_host(a):

@@ -56,7 +56,7 @@ import warnings
 import numpy as np
 
 from ._xp import softmax as array_softmax
-from ._xp import to_host
+from ._xp import host_array, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
 
@@ -364,10 +364,9 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
         if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in (eos or []):
             return (ids != pad_token_id).astype(np.int64)
         return np.ones_like(ids)
-    try:
-        mask = np.asarray(to_host(attention_mask))
-    except (TypeError, ValueError):
-        raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids") from None
+    mask = host_array(attention_mask)
+    if mask is None:
+        raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids")
     if mask.shape != ids.shape:
         raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids has {ids.shape}; they must match")
     if mask.size and not np.isin(mask, (0, 1)).all():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from ._xp import array_namespace, linear, log_softmax, no_trace, to_host, wide_dtype
+from ._xp import array_namespace, host_array, linear, log_softmax, no_trace, to_host, wide_dtype
 from .errors import GenerationError, StableLmError
 from .model import StableLmModel, StableLmPreTrainedModel
 
@@ -34,10 +34,7 @@ IGNORE_INDEX = -100
 def label_array(labels, shape, integer=True, what="labels"):
     """labels (list or array) -> a host array of `shape` (any shape: None; integers, or numbers when
     integer=False), or a GenerationError that says what was expected."""
-    try:
-        host = np.asarray(to_host(labels))
-    except (ValueError, TypeError, OverflowError):
-        host = None
+    host = host_array(labels)
     kinds = "iu" if integer else "iuf"
     if host is None or host.dtype.kind not in kinds:
         raise GenerationError(f"{what} must be {'integer class ids' if integer else 'numbers'} (a list or an "
@@ -102,9 +99,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
             every_position = logits_to_keep == 0 or logits_to_keep >= t
         else:
-            try:
-                keep = np.asarray(to_host(logits_to_keep))
-            except (ValueError, TypeError, OverflowError):
+            keep = host_array(logits_to_keep)
+            if keep is None:
                 keep = np.asarray([0.5])                                    # refused just below
             if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
                 raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "

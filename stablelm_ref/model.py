@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, hub
-from ._xp import no_trace, scoped, to_host
+from ._xp import host_array, no_trace, scoped, to_host
 from .config import StableLmConfig
 from .attention import causal_mask  # noqa: F401  (its home is attention.py; kept importable from here)
 from .decoder_layer import decoder_layer
@@ -171,11 +171,10 @@ class StableLmPreTrainedModel:
             raise GenerationError("input_ids is required")
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
-        try:
-            host = np.asarray(to_host(input_ids))
-        except (ValueError, TypeError, OverflowError):
+        host = host_array(input_ids)
+        if host is None:
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
-                                  "equal length; pad shorter rows and pass an attention_mask)") from None
+                                  "equal length; pad shorter rows and pass an attention_mask)")
         if host.size == 0:
             raise GenerationError(f"input_ids is empty (shape {host.shape}); give at least one token")
         if host.ndim == 1:
@@ -329,10 +328,7 @@ def layer_tensors(params, num_layers):
 
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
-    try:
-        host = np.asarray(to_host(a))
-    except (ValueError, TypeError, OverflowError):
-        host = None
+    host = host_array(a)
     if host is None or host.dtype.kind not in "biuf":
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
     return host

@@ -35,7 +35,7 @@ from datetime import datetime
 import numpy as np
 
 from . import bounded_io
-from ._xp import to_host
+from ._xp import host_array
 from .errors import TokenizerError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -428,10 +428,7 @@ def check_text(text, what="text"):
 
 def _id_array(ids, what):
     """Token ids (list, NumPy or CuPy array) -> a NumPy integer array, or TokenizerError."""
-    try:
-        arr = np.asarray(to_host(ids))
-    except (ValueError, TypeError, OverflowError):
-        arr = None
+    arr = host_array(ids)
     if arr is None or (arr.dtype.kind not in "iu" and arr.size) or arr.dtype.kind == "b":
         raise TokenizerError(f"{what} takes integer token ids (a list or an integer array), got "
                              f"{type(ids).__name__}" + (f" of {arr.dtype}" if arr is not None else ""))
