@@ -60,10 +60,11 @@ from .rotary import rotary_cos_sin
 QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
 
 
-def _fuse_transposed(params, names):
-    """[W_1; W_2; ...]^T as one C-contiguous [in, sum(out)] matrix; params[name] becomes a view of it."""
+def _fuse_transposed(params, names, arena):
+    """[W_1; W_2; ...]^T as one C-contiguous [in, sum(out)] matrix taken from `arena`; params[name] becomes
+    a view of it."""
     weights = [params[n] for n in names]
-    fused = np.empty((weights[0].shape[1], sum(w.shape[0] for w in weights)), dtype=weights[0].dtype)
+    fused = arena.take(weights[0].shape[1], sum(w.shape[0] for w in weights))
     start = 0
     for name, w in zip(names, weights):
         stop = start + w.shape[0]
@@ -72,6 +73,27 @@ def _fuse_transposed(params, names):
         start = stop
     del weights
     return fused
+
+
+class _Arena:
+    """One allocation for a layer's fused matrices, back to back in the order a step reads them.
+
+    NumPy asks the kernel for transparent huge pages (madvise) for arrays of 4 MiB and more: one array per
+    layer (12.8 MB at hidden 512) gets them, where the four matrices allocated apart (1-6 MB each) mostly
+    did not. A decode step streams every matrix once from DRAM; with 4 KiB pages that is a TLB miss per
+    4 KiB, and the small GEMVs (o, down) paid for it (docs/cpu_notes.md)."""
+
+    ALIGN = 1024                                                     # elements: 4 KiB in float32
+
+    def __init__(self, shapes, dtype):
+        sizes = [-(-r * c // self.ALIGN) * self.ALIGN for r, c in shapes]
+        self.memory = np.empty(sum(sizes) + self.ALIGN, dtype=dtype)
+        self.next = (-self.memory.ctypes.data // self.memory.itemsize) % self.ALIGN
+
+    def take(self, rows, cols):
+        a = self.memory[self.next:self.next + rows * cols].reshape(rows, cols)
+        self.next += -(-rows * cols // self.ALIGN) * self.ALIGN
+        return a
 
 
 def _transpose_in_place(w, block):
@@ -143,13 +165,18 @@ class _Layer:
         self.ln1 = (params[p + "input_layernorm.weight"], params[p + "input_layernorm.bias"])
         qkv = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
         gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        o, down = [a + "o_proj.weight"], [p + "mlp.down_proj.weight"]
+        # parallel residual: one LayerNorm feeds both halves, so q|k|v|gate|up is one GEMM
+        groups = [qkv + gate_up, o, down] if config.use_parallel_residual else [qkv, o, gate_up, down]
+        arena = _Arena([(params[g[0]].shape[1], sum(params[n].shape[0] for n in g)) for g in groups],
+                       params[qkv[0]].dtype)
+        self.in_t = _fuse_transposed(params, groups[0], arena)           # [hidden, (H+2KVH) D (+ 2 I)]
+        self.o_t = _fuse_transposed(params, o, arena)                    # [H D, hidden]
         self.ln2 = self.gate_up_t = None
-        if config.use_parallel_residual:                                 # one LayerNorm feeds both halves
-            self.in_t = _fuse_transposed(params, qkv + gate_up)          # [hidden, (H+2KVH) D + 2 I]
-        else:
+        if not config.use_parallel_residual:
             self.ln2 = (params[p + "post_attention_layernorm.weight"], params[p + "post_attention_layernorm.bias"])
-            self.in_t = _fuse_transposed(params, qkv)                    # [hidden, (H+2KVH) D]
-            self.gate_up_t = _fuse_transposed(params, gate_up)           # [hidden, 2 I]
+            self.gate_up_t = _fuse_transposed(params, gate_up, arena)    # [hidden, 2 I]
+        self.down_t = _fuse_transposed(params, down, arena)              # [I, hidden]
         self.qkv_b = None
         if config.use_qkv_bias:
             self.qkv_b = np.concatenate([params[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
@@ -159,8 +186,6 @@ class _Layer:
                                      for h in range(config.num_attention_heads)] +
                                     [params[f"{a}k_layernorm.norms.{h}.weight"]
                                      for h in range(config.num_key_value_heads)])
-        self.o_t = _fuse_transposed(params, [a + "o_proj.weight"])       # [H D, hidden]
-        self.down_t = _fuse_transposed(params, [p + "mlp.down_proj.weight"])  # [I, hidden]
 
 
 class _Work:

@@ -154,6 +154,27 @@ def test_fast_shares_the_weights_and_the_reference_still_agrees():
     assert fast.config is model.config and fast.dtype == model.dtype   # what generate() reads
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_layers_matrices_share_one_allocation(variant):
+    """Each layer's fused matrices lie in one array (one allocation: NumPy backs it with huge pages when it
+    is 4 MiB or more), 4 KiB-aligned, in the order a step reads them, without overlapping; every weight of
+    the layer is a view into it, and the reference still computes the same logits."""
+    ref, fast = _pair(variant, 12)
+    ids = [[3, 1, 4, 1, 5]]
+    for i, layer in enumerate(fast.layers):
+        mats = [m for m in (layer.in_t, layer.o_t, layer.gate_up_t, layer.down_t) if m is not None]
+        arena = mats[0].base
+        assert arena is not None and arena.ndim == 1 and all(m.base is arena for m in mats)
+        starts = [m.__array_interface__["data"][0] for m in mats]
+        assert all(a % 4096 == 0 for a in starts)
+        assert all(a + m.nbytes <= b for a, m, b in zip(starts, mats, starts[1:]))     # in order, apart
+        for name, w in fast.model.params.items():
+            if name.startswith(f"model.layers.{i}.") and w.ndim == 2:
+                assert w.base is arena, name
+    np.testing.assert_allclose(fast.model(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
+    np.testing.assert_allclose(fast(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
+
+
 def test_delegates_what_it_does_not_cover():
     ref, fast = _pair("12b", 6)
     ids = np.array([[1, 2, 3, 4, 5]])
