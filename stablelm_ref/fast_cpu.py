@@ -17,8 +17,9 @@ writing into a buffer allocated once:
       W_gu^T  = [Wgate; Wup]^T                [hidden, 2 I]               (sequential residual)
       W_o^T [H D, hidden],  W_down^T [I, hidden]
   as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (GEMV while decoding).
-  The model's `params` entries become views into these matrices: the weights are not held twice, and
-  the reference model keeps working on the same numbers.
+  A layer's matrices share one allocation (`_Arena`, in the order a step reads them), large enough for
+  NumPy to back it with transparent huge pages. The model's `params` entries become views into these
+  matrices: the weights are not held twice, and the reference model keeps working on the same numbers.
 - The lm_head is transposed the same way, in place (`_transpose_in_place`: the [vocab, hidden] matrix
   becomes [hidden, vocab] in its own memory, through a scratch of one block), when vocab has a divisor
   near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast.

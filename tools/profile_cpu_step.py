@@ -16,6 +16,10 @@ helpers fast_cpu imports from the concept files are timed the same way. Lines ar
 
 The proxy costs about a microsecond per call, so the profiled step is slower than a plain one; both
 medians are printed, and the per-line figures are what to compare before and after a change.
+
+--without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held): the
+plain step's time is then what everything else costs, without the proxy's overhead in it (with
+--threads 1 --clock cpu, a figure the other processes of a busy machine barely move).
 """
 
 from __future__ import annotations
@@ -79,10 +83,18 @@ class TimedUfunc:
 
 
 class TimedNumpy:
-    """numpy, with every function and ufunc timed (types, dtypes and constants passed through)."""
+    """numpy, with every function and ufunc timed (types, dtypes and constants passed through); with
+    `skip` (ids of weight matrices), np.matmul against one of them returns at once."""
 
-    def __init__(self, timings):
+    def __init__(self, timings, skip=frozenset()):
         self._t, self._cache = timings, {}
+        if skip:
+            def matmul(a, b, *args, **kwargs):
+                if id(b) not in skip:
+                    return np.matmul(a, b, *args, **kwargs)
+                out = kwargs.get("out")
+                return np.zeros(a.shape[:-1] + b.shape[-1:], a.dtype) if out is None else out
+            self._cache["matmul"] = timings.wrap("np.matmul", matmul)
 
     def __getattr__(self, name):
         if name not in self._cache:
@@ -108,6 +120,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (threadpoolctl); default: as is")
     ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of a decode step")
     ap.add_argument("--top", type=int, default=25, help="lines to show")
+    ap.add_argument("--without-gemv", action="store_true", help="skip the GEMVs against weights: time the rest")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy "
                          "machine do not inflate; meaningful with --threads 1 only")
@@ -127,7 +140,11 @@ def main():
     tok = out.logits[:, -1].argmax(-1)[:, None]
 
     timings = Timings()
-    patched = {"np": TimedNumpy(timings)}
+    skip = frozenset()
+    if args.without_gemv:                                   # the weights are these arrays and views of them
+        skip = frozenset(id(a) for layer in fast.layers for a in vars(layer).values()
+                         if isinstance(a, np.ndarray) and a.ndim == 2) | {id(fast.lm_head_t)}
+    patched = {"np": TimedNumpy(timings, skip)}
     for name in dir(fast_cpu):                              # helpers imported from the concept files
         obj = getattr(fast_cpu, name)
         if callable(obj) and getattr(obj, "__module__", "").startswith("stablelm_ref.") and \
@@ -181,10 +198,11 @@ def main():
 
     print(f"shape {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
           f"{config.vocab_size}; weights read per step {weights / 1e6:.0f} MB; load {os.getloadavg()[0]:.1f}")
-    what = "prefill of 128 tokens" if args.prefill else "decode step"
+    what = ("prefill of 128 tokens" if args.prefill else "decode step") + (" WITHOUT the weight GEMVs" if skip else "")
     print(f"{what}, median of {n}: plain {step_plain:.0f} us ({(128 if args.prefill else 1) * 1e6 / step_plain:.1f} tok/s); profiled "
           f"{step_prof:.0f} us, {calls:.0f} timed calls")
-    print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({weights / gemv / 1e3:.1f} GB/s)")
+    rate = "skipped" if skip else f"{weights / gemv / 1e3:.1f} GB/s"
+    print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({rate})")
     print(f"  rest NumPy  {rest:8.0f} us  {100 * rest / step_prof:5.1f}%")
     print(f"  Python      {step_prof - gemv - rest:8.0f} us  {100 * (step_prof - gemv - rest) / step_prof:5.1f}%")
     print(f"\n{'us/step':>9} {'calls':>6}  line  call / source")
