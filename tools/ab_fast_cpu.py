@@ -30,31 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_cpu import COMMON, SHAPES  # noqa: E402
+from bench_cpu import COMMON, SHAPES, wait_quiet  # noqa: E402
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu, fast_forms  # noqa: E402
 from stablelm_ref.kv_cache import KVCache  # noqa: E402
 
 PROMPT = 128
-
-
-def busy_fraction(window=0.3):
-    """The share of the machine's CPU time that was not idle over `window` seconds (this process sleeps)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)
-    b0, t0 = sample()
-    time.sleep(window)
-    b1, t1 = sample()
-    return (b1 - b0) / max(1, t1 - t0)
-
-
-def wait_quiet(max_busy, timeout):
-    end = time.time() + timeout
-    while True:
-        busy = busy_fraction()
-        if busy < max_busy or time.time() > end:
-            return busy
 
 
 def module_at(rev):
@@ -118,7 +98,7 @@ def main():
                 steps[k].append(time.perf_counter() - t0)
         print(f"  round {r + 1}: " + ", ".join(f"{k} step {statistics.median(steps[k][-args.steps:]) * 1e3:.2f} ms "
                                                 f"prefill {prefills[k][-1] * 1e3:.1f} ms" for k in names) +
-              f" (machine {busy:.0%} busy before, load {os.getloadavg()[0]:.1f})", flush=True)
+              f" (machine {busy or 0:.0%} busy before, load {os.getloadavg()[0]:.1f})", flush=True)
     step = {k: statistics.median(v) for k, v in steps.items()}
     pre = {k: statistics.median(v) for k, v in prefills.items()}
     a, b = names

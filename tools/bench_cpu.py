@@ -269,6 +269,32 @@ def bench_shape(name, args, rows, notes):
         del sides
 
 
+def busy_fraction(window=0.3):
+    """The share of the machine's CPU time that was not idle over `window` seconds (this process sleeping
+    meanwhile): what the other processes use. None where /proc/stat is missing."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)                      # not idle, not iowait; all
+    try:
+        b0, t0 = sample()
+        time.sleep(window)
+        b1, t1 = sample()
+    except OSError:
+        return None
+    return (b1 - b0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_busy, timeout):
+    """Sleep until the other processes use less than max_busy of the machine, or timeout seconds passed;
+    returns the share last seen (None without /proc/stat)."""
+    end = time.time() + timeout
+    while True:
+        busy = busy_fraction()
+        if busy is None or busy < max_busy or time.time() > end:
+            return busy
+
+
 def quiet_peers(threads):
     """Import torch and transformers with transformers' warnings and progress bars off, and give BLAS
     and torch `threads` threads each (both sides of a benchmark run with the same threads)."""

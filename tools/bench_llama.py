@@ -24,6 +24,11 @@ convert_hf_to_gguf.py. Then --rounds rounds, the order of the sides rotating eve
 - transformers: tools/bench_cpu.py's side (float32, its default attention), the same prefill and
   32-step decode; left out where memory is short (all three models at full shapes need ~20 GB).
 
+Each side's round starts once the other processes use less than --max-busy of the machine (read from
+/proc/stat over 0.3 s, at most --wait seconds): on a shared machine a 2-thread BLAS or ggml step whose
+second thread waits for a core runs 5 to 20 times slower, and a round that met it says nothing about
+either side. The round lines print what the others used before each side.
+
 All sides use --threads threads (NumPy's OpenBLAS through threadpoolctl, torch, llama.cpp -t). The
 table gives medians over rounds and ratios stablelm-ref / peer (higher: stablelm-ref faster), and
 stablelm-ref's peak resident memory (a fresh process: load, fast(), a 128-token prefill, 8 decode
@@ -223,15 +228,18 @@ def bench_shape(name, args, src, exe, tokenizer, rows, notes):
         for r in range(rounds):
             ids = rng.integers(0, cfg["vocab_size"], (1, PROMPT))
             order = sides[r % len(sides):] + sides[:r % len(sides)]
+            busy = []
             for s in order:
                 if r == 0 and s.name != "llama.cpp":
                     s.round(ids)                                          # warm: buffers, caches (llama-bench warms itself)
+                busy.append(bench_cpu.wait_quiet(args.max_busy, args.wait))   # each side starts on a quiet moment
                 prefill, decode = s.round(ids)
                 results[s.name][0].append(prefill)
                 results[s.name][1].append(decode)
             print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[0][-1]:.1f} / {v[1][-1]:.2f}" for k, v in
                                                              results.items()) +
-                  f" tok/s (prefill / decode), load {os.getloadavg()[0]:.1f}", flush=True)
+                  f" tok/s (prefill / decode), load {os.getloadavg()[0]:.1f}, others' CPU before each side "
+                  f"{'/'.join('-' if b is None else f'{b:.0%}' for b in busy)}", flush=True)
         med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in results.items()}
         for i, metric in enumerate((f"prefill tok/s (B=1, {PROMPT} tokens)", f"decode tok/s (B=1, {STEPS} after {PROMPT})")):
             ours, llama = med["stablelm-ref"][i], med["llama.cpp"][i]
@@ -261,12 +269,16 @@ def describe_machine(threads):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--shapes", default="small,slice,full", help="comma list of small, slice, full")
     ap.add_argument("--rounds", type=int, default=5, help="rounds per shape (median), small and slice")
     ap.add_argument("--full-rounds", type=int, default=3, help="rounds at full stablelm-2-1_6b shapes")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--no-transformers", action="store_true", help="leave transformers out")
+    ap.add_argument("--max-busy", type=float, default=0.1,
+                    help="start each side's round once other processes use less than this share of the machine")
+    ap.add_argument("--wait", type=float, default=5, help="seconds to wait for that, at most, per side and round")
     args = ap.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:

@@ -114,7 +114,8 @@ def is_gemv(key, source):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=40, help="decode steps per pass (median over steps)")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (threadpoolctl); default: as is")
