@@ -131,9 +131,11 @@ def sdpa_ms_with(backend: str, sets, args) -> float:
         return float("nan")
 
 
-def paired_wall_ms(fns, reps: int) -> list:
-    """wall_ms of each of fns, their calls interleaved (a, b, a, b, ...) so that a drift of the host's
-    speed during the measurement (the host sets the pace at short prompts) falls on all alike."""
+def paired_wall_ms(fns, reps: int, wait: bool = True) -> list:
+    """Median wall ms of each of fns, the device synchronised before and (wait) after each call, their
+    calls interleaved (a, b, a, b, ...) so that a drift of the host's speed during the measurement (the
+    host sets the pace at short prompts) falls on all alike. wait=False: the host time of a call, from
+    the call to its return."""
     for fn in fns:
         fn(), fn()
     times = [[] for _ in fns]
@@ -143,38 +145,22 @@ def paired_wall_ms(fns, reps: int) -> list:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            if wait:
+                torch.cuda.synchronize()
             ts.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     return [statistics.median(ts) for ts in times]
 
 
 def wall_ms(fn, reps: int) -> float:
     """Median wall time of fn() in ms, the device synchronised before and after each call."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return paired_wall_ms([fn], reps)[0]
 
 
 def host_ms(fn, reps: int) -> float:
     """Median host time of fn() in ms: from the call to its return, the device idle at the start and not
     waited for at the end. Where the host, not the GPU, sets the pace, this is the forward's host cost."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
+    return paired_wall_ms([fn], reps, wait=False)[0]
 
 
 def host_costs(n=300):
