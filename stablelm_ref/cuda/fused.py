@@ -1,10 +1,10 @@
 """CuPy implementations of the LayerNorm, rotary and SwiGLU seams: load fused.cu, check, launch.
 
-    layer_norm(x, weight, bias, eps)          layernorm.layer_norm       one block per row
-    add_layer_norm(x, delta, weight, bias, eps)  layernorm.add_layer_norm  the residual add, then LayerNorm
-    apply_rotary(x, cos, sin, rotary_ndims)   rotary.apply_rotary        one thread per output element
-    apply_rotary_qk(q, k, cos, sin, d)        rotary.apply_rotary_qk     q's and k's rotary in one launch
-    gated_activation(gate, up, "silu")        mlp.gated_activation       one thread per element
+    layer_norm(x, weight, bias, eps)             layernorm.layer_norm       one block per row
+    add_layer_norm(x, delta, weight, bias, eps)  layernorm.add_layer_norm   the residual add, then LayerNorm
+    apply_rotary(x, cos, sin, rotary_ndims)      rotary.apply_rotary        one thread per output element
+    apply_rotary_qk(q, k, cos, sin, d)           rotary.apply_rotary_qk     q's and k's rotary in one launch
+    gated_activation(gate, up, "silu")           mlp.gated_activation       one thread per element
 
 Each is registered in kernels.py for CuPy arrays and takes its reference's arguments; it declines
 (returns None, so the array-API reference runs) what it does not cover: float64 (the golden mode
@@ -12,8 +12,10 @@ stays on the reference), per-head LayerNorm weights, activations other than silu
 float32 and rounds once to the input dtype; the reference rounds after each operation in 16-bit
 dtypes, so in bfloat16 the kernels are the more accurate (tests/gpu/test_fused.py holds both to a
 float64 run). Why: a forward on CuPy otherwise launches ~12 array operations per LayerNorm, ~8 per
-rotary and ~9 per SiLU gate, each a launch (~10 us of Python and driver) and a trip through device
-memory; at prompt lengths of a few hundred tokens those launches, not the GEMMs, set the time.
+rotary and ~9 per SiLU gate, each a launch (15-25 us of Python and driver on the H200 host,
+tools/bench_attention.py --host-costs) and a trip through device memory; at prompt lengths of a few
+hundred tokens those launches, not the GEMMs, set the time. For the same reason the residual add
+before a LayerNorm and the rotary of q and k are one launch each where the reference makes two.
 
 The source compiles with NVRTC (cupy.RawModule) on first use of each dtype combination and is cached.
 """
