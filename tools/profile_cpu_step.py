@@ -17,9 +17,10 @@ helpers fast_cpu imports from the concept files are timed the same way. Lines ar
 The proxy costs about a microsecond per call, so the profiled step is slower than a plain one; both
 medians are printed, and the per-line figures are what to compare before and after a change.
 
---without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held): the
-plain step's time is then what everything else costs, without the proxy's overhead in it (with
---threads 1 --clock cpu, a figure the other processes of a busy machine barely move).
+--without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held, the
+logits are zeros): the plain step's time is then what everything else costs, plus the proxy passing each
+call through (a Python call, well under a microsecond, in plain steps too). Its figures are compared
+with each other (before and after a change), not with a step timed without the proxy.
 """
 
 from __future__ import annotations
