@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn, specs, tune, xp as cuda_xp
+from stablelm_ref.generation import process_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402
@@ -79,12 +80,15 @@ def _fake_cupy():
 
 class _Kernel:
     """Records itself while capturing, else runs its NumPy implementation on the raw arguments.
-    Emulated cost: 1 ms a launch; a GEMV with one block per row group 2 ms (so persistent blocks win)."""
+    Emulated cost: 1 ms a launch; a GEMV with one block per row group 2 ms (so persistent blocks win); a ring
+    GEMV 0.5 ms (so it wins where offered)."""
 
     def __init__(self, impl, **static):
         self.impl, self.static = impl, static
 
     def cost(self, grid, args):
+        if self.impl is _gemv_ring:
+            return 0.5
         if self.impl is _gemv:
             groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
             return 2.0 if grid[0] == groups else 1.0
@@ -120,6 +124,13 @@ def _gemv(grid, block, args, rows):
     y = specs.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
     for b in range(nb):
         out[b * ldy: b * ldy + N] = y[b]
+
+
+def _gemv_ring(grid, block, args, rows):
+    *args, stages = args
+    units = int(args[4]) // (2 if args[10] == kn.MODE_SWIGLU else 1)
+    assert 1 <= stages <= kn.GEMV_RING_MAX_STAGES and grid[0] <= units and block[0] % 32 == 0
+    _gemv((1,), block, tuple(args), rows)
 
 
 def _attention(grid, block, args, D):
@@ -158,11 +169,47 @@ def _sample(grid, block, args):
     settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), repetition_penalty=float(penalty))
     pres = None if _null(present) else present[:nb]
-    ids = specs.ref_sample_step(logits[:nb], pres, settings, u[:nb])
+    _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, u[:nb]), present, history, ldh, max_steps, step,
+            cache_len, pos, tok)
+
+
+def _sample_partial(grid, block, args):
+    """Each slice's top-k (ties kept) of the processed logits (penalty, temperature: generation.py's processors)
+    appended to the row's union."""
+    logits, V, present, penalty, temperature, top_k, val, idx, count, ucap = args
+    P, nb = grid
+    settings = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
+                    repetition_penalty=float(penalty))
+    for b in range(nb):
+        history = np.nonzero(present[b])[0][None] if not _null(present) else np.zeros((1, 0), np.int64)
+        z = process_logits(np.asarray(logits[b:b + 1], np.float32), history, settings)[0]
+        for p in range(P):
+            zs = z[p * kn.SAMPLE_SLICE:(p + 1) * kn.SAMPLE_SLICE]
+            keep = np.arange(len(zs)) if len(zs) <= top_k else np.nonzero(zs >= np.sort(zs)[-top_k])[0]
+            n0 = int(count[b])
+            val[b, n0:n0 + len(keep)] = zs[keep]
+            idx[b, n0:n0 + len(keep)] = keep + p * kn.SAMPLE_SLICE
+            count[b] += len(keep)
+
+
+def _sample_merge(grid, block, args):
+    """The spec (top-k of the union, top-p, the draw) on the union placed in a row of -inf."""
+    val, idx, count, ucap, top_k, top_p, u, present, V, tok, history, ldh, max_steps, step, cache_len, pos, counter = args
+    nb = grid[0]
+    rows = np.full((nb, int(V)), -np.inf, np.float32)
+    for b in range(nb):
+        rows[b, idx[b, :count[b]]] = val[b, :count[b]]
+    settings = dict(do_sample=True, temperature=1.0, top_k=int(top_k), top_p=float(top_p), repetition_penalty=1.0)
+    count[:nb] = 0
+    _finish(nb, specs.ref_sample_step(rows, None, settings, u[:nb]), present, history, ldh, max_steps, step,
+            cache_len, pos, tok)
+
+
+def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok):
     s = int(step[0])
     for b in range(nb):
         tok[b] = ids[b]
-        if pres is not None:
+        if not _null(present):
             present[b, ids[b]] = 1
         if s < max_steps:
             history.reshape(-1)[s * ldh + b] = tok[b]
@@ -187,10 +234,14 @@ class EmulatedKernels(kn.DecodeKernels):
     def __init__(self):
         self.cp = cuda_xp.cupy()
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
+        self.gemv_ring_fn = {(bm, r): _Kernel(_gemv_ring, rows=r) for bm in kn.GEMV_BATCHES
+                             for r in kn.GEMV_RING_ROWS}
+        self.ring_ok, self.smem_block, self.smem_sm = False, 232448, 233472     # H100/H200 limits
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
         self.sample_fn = _Kernel(_sample)
+        self.sample_partial_fn, self.sample_merge_fn = _Kernel(_sample_partial), _Kernel(_sample_merge)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
 
 
@@ -223,11 +274,14 @@ def test_emulated_graph_replay_equals_eager(emulated):
     assert np.array_equal(a.get_logits(), b.get_logits())
 
 
-def test_emulated_autotune_chooses_by_step_time(emulated):
+@pytest.mark.parametrize("ring", [False, True])
+def test_emulated_autotune_chooses_by_step_time(emulated, ring):
     """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
-    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged."""
+    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; with the ring GEMV offered
+    (cheaper still), every kind ends a ring GEMV; tokens are unchanged."""
     _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
+    emulated.ring_ok = ring
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(3), cfg.vocab_size, [5, 9])
     runs = []
@@ -238,7 +292,11 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
         assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
-        assert shape.rows in kn.GEMV_ROWS and shape.us > 0
+        assert shape.us > 0
+        if ring:    # every candidate costs the same: the first ring candidate is kept
+            assert (shape.rows, shape.stages) == (kn.GEMV_RING_ROWS[0], tune.RING_STAGES[0]), (name, shape)
+        else:
+            assert shape.rows in kn.GEMV_ROWS and shape.stages == 0
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 

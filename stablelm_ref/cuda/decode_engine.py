@@ -149,6 +149,7 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
+        self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
@@ -283,6 +284,7 @@ class GpuDecodeEngine:
         self.am_counter = cp.zeros(1, cp.int32)
         self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
         self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
+        self.sample_scratch = self.k.sample_scratch(MB, self.vocab)  # sampling's top-k union (sample_launch)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
@@ -303,7 +305,7 @@ class GpuDecodeEngine:
         out = {"qkv": dict(yf=self.qkv), "o_proj": dict(yf=self.x), "gate_up": dict(yh=self.mlp),
                "down": dict(yf=self.x), "lm_head": dict(yf=self.logits_buf)}[name]
         return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=shape.rows, threads=shape.threads,
-                                  persist=shape.persist, tag="gemv:" + name, **out)
+                                  persist=shape.persist, stages=shape.stages, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key())
@@ -333,9 +335,9 @@ class GpuDecodeEngine:
                                         self.pos, self.am_counter, nb=nb))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
-            plan.append(k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
-                                        self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
-                                        settings=self.sampler))
+            plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
+                                    self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
+                                    settings=self.sampler, scratch=self.sample_scratch)
         self._plans[key] = plan
         return plan
 
@@ -385,9 +387,8 @@ class GpuDecodeEngine:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
         advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
         self._forget(nb)
-        plan = self._plan(nb)
-        assert plan[-1].tag in ("argmax", "sample")
-        return self.replay_ms(self.capture_launches(plan[:-1], pdl=self.pdl), replays=replays, reps=reps)
+        plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
+        return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=replays, reps=reps)
 
     # -- public API -------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):
@@ -468,6 +469,7 @@ class GpuDecodeEngine:
             self.logits_buf[:B] = last
             self.att_counters[...] = 0
             self.am_counter[...] = 0
+            self.sample_scratch[2][...] = 0
             result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
         self.stream.synchronize()
         self._nb, self._host_len, self._host_step = B, T, 1
@@ -563,6 +565,7 @@ class GpuDecodeEngine:
             self.step[0] = 1                                  # the first token (set_tokens) is history[0]
             self.att_counters[...] = 0
             self.am_counter[...] = 0
+            self.sample_scratch[2][...] = 0
             if input_ids is not None:
                 ids = np.asarray(input_ids)
                 first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths

@@ -49,50 +49,96 @@ def _bits(a):
 
 
 # ----------------------------------------------------------------------------- GEMV
+class _GemvCase:
+    """Random bf16 x [nb, K] and W [N, K], the bound sum_k |x_k w_k| the tolerance scales with, and NaN-poisoned
+    outputs with one row past the batch (which must stay NaN)."""
+
+    def __init__(self, seed, nb, N, K, mode, with_bias):
+        rng = np.random.default_rng(seed)
+        self.nb, self.mode = nb, mode
+        self.xb = _bits(rng.standard_normal((nb, K)))
+        self.Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
+        self.x, self.W = specs.ref_bf16_to_f64(self.xb), specs.ref_bf16_to_f64(self.Wb)
+        self.bound = np.abs(self.x) @ np.abs(self.W).T                       # sum_k |x_k w_k|
+        self.bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == kn.MODE_STORE) else None
+        self.y0 = rng.standard_normal((nb, N)).astype(np.float32)
+        self.yf = self.yh = None
+        if mode == kn.MODE_SWIGLU:
+            self.yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
+        else:
+            self.yf = cp.full((nb + 1, N), np.nan, cp.float32)
+            if mode == kn.MODE_ADD:
+                self.yf[:nb] = cp.asarray(self.y0)
+
+    def launch(self, kernels, **shape):
+        return kernels.gemv_launch(cp.asarray(self.xb), cp.asarray(self.Wb), nb=self.nb, mode=self.mode,
+                                   yf=self.yf, yh=self.yh,
+                                   bias=None if self.bias is None else cp.asarray(self.bias), **shape)
+
+    def check(self):
+        """Float32 accumulation of exact bf16 products: |err| <= 1e-5 sum_k |x_k w_k| (K <= 720 terms at
+        2^-24 each, with room); SwiGLU adds the bf16 rounding of the result."""
+        nb, x, W, bound = self.nb, self.x, self.W, self.bound
+        ref = specs.ref_gemv(x, W, self.mode, bias=None if self.bias is None else self.bias.astype(np.float64),
+                             y0=self.y0)
+        if self.mode == kn.MODE_SWIGLU:
+            got = specs.ref_bf16_to_f64(cp.asnumpy(self.yh))
+            acc = x @ W.T
+            gate, up = acc[:, 0::2], acc[:, 1::2]
+            silu = gate / (1 + np.exp(-gate))
+            # bf16 rounding of the result + float32 accumulation error of gate and up carried through
+            tol = (2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2])
+                   + 1e-12)
+        else:
+            got = cp.asnumpy(self.yf).astype(np.float64)
+            tol = 1e-5 * bound + 1e-6
+        assert np.isfinite(got[:nb]).all(), "unwritten output"
+        assert np.isnan(got[nb]).all(), "wrote past the batch"
+        assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
+
+
 @HYP
 @given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
        ri=st.integers(0, 3), threads=st.sampled_from([32, 64, 96, 128, 160, 256, 320, 512]),
        with_bias=st.booleans(), persist=st.sampled_from([0, 0, 1, 2]), seed=st.integers(0, 2**31 - 1))
 def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, persist, seed):
     """persist > 0: fewer blocks than row groups (up to ~2 groups a block here), each looping over its groups."""
-    K = 8 * kc
     if mode == kn.MODE_SWIGLU:
         N += N % 2
     rows = [r for r in kn.GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == kn.MODE_SWIGLU and r % 2)]
-    R = rows[ri % len(rows)]
-    rng = np.random.default_rng(seed)
-    xb = _bits(rng.standard_normal((nb, K)))
-    Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
-    x, W = specs.ref_bf16_to_f64(xb), specs.ref_bf16_to_f64(Wb)
-    bound = np.abs(x) @ np.abs(W).T                                   # sum_k |x_k w_k|
-    bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == kn.MODE_STORE) else None
-    y0 = rng.standard_normal((nb, N)).astype(np.float32)
-    yf = yh = None
+    case = _GemvCase(seed, nb, N, 8 * kc, mode, with_bias)
+    case.launch(kernels, rows=rows[ri % len(rows)], threads=threads, persist=persist)()
+    _sync()
+    case.check()
+
+
+@HYP
+@given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
+       ri=st.integers(0, 2), threads=st.sampled_from([32, 96, 128, 256, 512]), stages=st.integers(1, 8),
+       blocks=st.integers(1, 12), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gemv_ring_matches_float64(kernels, nb, N, kc, mode, ri, threads, stages, blocks, with_bias, seed):
+    """The ring GEMV (sm_90): `blocks` blocks (num_sms lowered for the launch), so that one block streams up
+    to 300 rows through 1-8 buffers: the ring wraps around many times (each buffer's mbarrier phase flips)
+    and a block's last stage is partial. Same spec and tolerance as the register GEMV."""
+    if not kernels.ring_ok:
+        pytest.skip("the ring GEMV needs sm_90")
+    K = 8 * kc
     if mode == kn.MODE_SWIGLU:
-        yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
-    else:
-        yf = cp.full((nb + 1, N), np.nan, cp.float32)
-        if mode == kn.MODE_ADD:
-            yf[:nb] = cp.asarray(y0)
-    launch = kernels.gemv_launch(cp.asarray(xb), cp.asarray(Wb), nb=nb, mode=mode, yf=yf, yh=yh,
-                                 bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads,
-                                 persist=persist)
+        N += N % 2
+    rows = [r for r in kn.GEMV_RING_ROWS if not (nb > 4 and r == 8)]
+    R = rows[ri % len(rows)]
+    while not kernels.gemv_ring_fits(K, R, stages, 1):
+        stages -= 1
+    case = _GemvCase(seed, nb, N, K, mode, with_bias)
+    sms, kernels.num_sms = kernels.num_sms, blocks
+    try:
+        launch = case.launch(kernels, rows=R, threads=threads, persist=1, stages=stages)
+    finally:
+        kernels.num_sms = sms
+    assert launch.grid[0] <= blocks
     launch()
     _sync()
-    ref = specs.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
-    if mode == kn.MODE_SWIGLU:
-        got = specs.ref_bf16_to_f64(cp.asnumpy(yh))
-        acc = x @ W.T
-        gate, up = acc[:, 0::2], acc[:, 1::2]
-        silu = gate / (1 + np.exp(-gate))
-        # bf16 rounding of the result + float32 accumulation error of gate and up carried through
-        tol = 2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2]) + 1e-12
-    else:
-        got = cp.asnumpy(yf).astype(np.float64)
-        tol = 1e-5 * bound + 1e-6
-    assert np.isfinite(got[:nb]).all(), "unwritten output"
-    assert np.isnan(got[nb]).all(), "wrote past the batch"
-    assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
+    case.check()
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -235,8 +281,10 @@ def _run_sampler(kernels, logits, present, settings, u):
     history = cp.full((3, nb), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
     pres = None if present is None else cp.asarray(present)
-    kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter, nb=nb,
-                          settings=settings)()
+    launches = kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter,
+                                     nb=nb, settings=settings)
+    for launch in launches:
+        launch()
     _sync()
     got = cp.asnumpy(tok).astype(np.int64)
     assert np.array_equal(cp.asnumpy(history)[1], got) and (cp.asnumpy(pos) == 1).all()
