@@ -13,7 +13,8 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
               the engine's key mask, positions and length from the attention mask
     step      set_tokens(the ids the loop chose) unless they are already on the device, then one graph
               replay: embed -> layers (LayerNorm, q|k|v, attention, o, MLP) -> LayerNorm -> lm_head -> pick
-    greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step, nothing else
+    greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step and B flags that
+              say whether the logits were finite (read_chosen: one copy), nothing else
     sampling  the pick is sample_step inside the graph (decode.cu): repetition penalty, temperature, top-k,
               top-p and the draw, from u ~ U[0, 1) the loop draws on the host (set_uniform) with the same
               numpy Generator the CPU path uses, so a seed gives the CPU's tokens given the same logits.
@@ -32,6 +33,8 @@ This module imports no CuPy at import time (stablelm_ref/__init__.py imports it 
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 
 from .errors import StableLmError
 from .fast_forms import register
@@ -158,6 +161,13 @@ class EngineSteps:
 
     def chosen_ids(self):
         return self._chosen                                               # [B] int32: the graph's choice
+
+    def read_chosen(self):
+        """(the graph's picks [B] on the host, whether the logits they were picked from are all finite): one
+        device-to-host copy of the engine's [2, max_batch] picks and flags (argmax_step / the sampler set the
+        flags while they scan the logits)."""
+        both = self.engine.cp.asnumpy(self.engine.tok_flags)
+        return both[0, : self.batch].astype(np.int64), not both[1, : self.batch].any()
 
     def step_logits(self):
         """The logits [B, V] (float32, on the device) the graph's latest pick was made from (sample_step and

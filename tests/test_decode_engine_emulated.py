@@ -80,15 +80,12 @@ def _fake_cupy():
 
 class _Kernel:
     """Records itself while capturing, else runs its NumPy implementation on the raw arguments.
-    Emulated cost: 1 ms a launch; a GEMV with one block per row group 2 ms (so persistent blocks win); a ring
-    GEMV 0.5 ms (so it wins where offered)."""
+    Emulated cost: 1 ms a launch; a GEMV with one block per row group 2 ms (so persistent blocks win)."""
 
     def __init__(self, impl, **static):
         self.impl, self.static = impl, static
 
     def cost(self, grid, args):
-        if self.impl is _gemv_ring:
-            return 0.5
         if self.impl is _gemv:
             groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
             return 2.0 if grid[0] == groups else 1.0
@@ -126,13 +123,6 @@ def _gemv(grid, block, args, rows):
         out[b * ldy: b * ldy + N] = y[b]
 
 
-def _gemv_ring(grid, block, args, rows):
-    *args, stages = args
-    units = int(args[4]) // (2 if args[10] == kn.MODE_SWIGLU else 1)
-    assert 1 <= stages <= kn.GEMV_RING_MAX_STAGES and grid[0] <= units and block[0] % 32 == 0
-    _gemv((1,), block, tuple(args), rows)
-
-
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
      H, KVH, max_len, scale) = args
@@ -164,25 +154,27 @@ def _embed(grid, block, args):
 
 def _sample(grid, block, args):
     (logits, V, present, penalty, do_sample, temperature, top_k, top_p, u, tok, history, ldh, max_steps, step,
-     cache_len, pos, counter) = args
+     cache_len, pos, counter, bad) = args
     nb = grid[0]
     settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), repetition_penalty=float(penalty))
     pres = None if _null(present) else present[:nb]
     _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, u[:nb]), present, history, ldh, max_steps, step,
             cache_len, pos, tok)
+    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
 
 
 def _sample_partial(grid, block, args):
     """Each slice's top-k (ties kept) of the processed logits (penalty, temperature: generation.py's processors)
     appended to the row's union."""
-    logits, V, present, penalty, temperature, top_k, val, idx, count, ucap = args
+    logits, V, present, penalty, temperature, top_k, val, idx, count, cand_bad, ucap = args
     P, nb = grid
     settings = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
                     repetition_penalty=float(penalty))
     for b in range(nb):
         history = np.nonzero(present[b])[0][None] if not _null(present) else np.zeros((1, 0), np.int64)
         z = process_logits(np.asarray(logits[b:b + 1], np.float32), history, settings)[0]
+        cand_bad[b] |= int(not np.isfinite(logits[b]).all())
         for p in range(P):
             zs = z[p * kn.SAMPLE_SLICE:(p + 1) * kn.SAMPLE_SLICE]
             keep = np.arange(len(zs)) if len(zs) <= top_k else np.nonzero(zs >= np.sort(zs)[-top_k])[0]
@@ -194,7 +186,8 @@ def _sample_partial(grid, block, args):
 
 def _sample_merge(grid, block, args):
     """The spec (top-k of the union, top-p, the draw) on the union placed in a row of -inf."""
-    val, idx, count, ucap, top_k, top_p, u, present, V, tok, history, ldh, max_steps, step, cache_len, pos, counter = args
+    (val, idx, count, cand_bad, ucap, top_k, top_p, u, present, V, tok, history, ldh, max_steps, step, cache_len, pos,
+     counter, bad) = args
     nb = grid[0]
     rows = np.full((nb, int(V)), -np.inf, np.float32)
     for b in range(nb):
@@ -203,6 +196,13 @@ def _sample_merge(grid, block, args):
     count[:nb] = 0
     _finish(nb, specs.ref_sample_step(rows, None, settings, u[:nb]), present, history, ldh, max_steps, step,
             cache_len, pos, tok)
+    _flag(bad, cand_bad[:nb] != 0)
+    cand_bad[:nb] = 0
+
+
+def _flag(bad, rows):
+    if not _null(bad):
+        bad[: len(rows)] = rows
 
 
 def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok):
@@ -219,24 +219,16 @@ def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok
 
 
 def _argmax(grid, block, args):
-    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter = args
-    s = int(step[0])
-    for b in range(grid[0]):
-        tok[b] = int(np.argmax(logits[b]))
-        if s < max_steps:
-            history.reshape(-1)[s * ldh + b] = tok[b]
-        pos[b] += 1
-    step[0] += 1
-    cache_len[0] += 1
+    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter, bad = args
+    nb = grid[0]
+    _finish(nb, np.argmax(logits[:nb], axis=1), np.uint64(0), history, ldh, max_steps, step, cache_len, pos, tok)
+    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
 
 
 class EmulatedKernels(kn.DecodeKernels):
     def __init__(self):
         self.cp = cuda_xp.cupy()
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
-        self.gemv_ring_fn = {(bm, r): _Kernel(_gemv_ring, rows=r) for bm in kn.GEMV_BATCHES
-                             for r in kn.GEMV_RING_ROWS}
-        self.ring_ok, self.smem_block, self.smem_sm = False, 232448, 233472     # H100/H200 limits
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
@@ -274,14 +266,12 @@ def test_emulated_graph_replay_equals_eager(emulated):
     assert np.array_equal(a.get_logits(), b.get_logits())
 
 
-@pytest.mark.parametrize("ring", [False, True])
-def test_emulated_autotune_chooses_by_step_time(emulated, ring):
+def test_emulated_autotune_chooses_by_step_time(emulated):
     """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
-    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; with the ring GEMV offered
-    (cheaper still), every kind ends a ring GEMV; tokens are unchanged."""
+    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged; every
+    timing is in the tuner's log."""
     _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
-    emulated.ring_ok = ring
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     ids, mask = left_padded_batch(np.random.default_rng(3), cfg.vocab_size, [5, 9])
     runs = []
@@ -292,11 +282,9 @@ def test_emulated_autotune_chooses_by_step_time(emulated, ring):
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
         assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
-        assert shape.us > 0
-        if ring:    # every candidate costs the same: the first ring candidate is kept
-            assert (shape.rows, shape.stages) == (kn.GEMV_RING_ROWS[0], tune.RING_STAGES[0]), (name, shape)
-        else:
-            assert shape.rows in kn.GEMV_ROWS and shape.stages == 0
+        assert shape.rows in kn.GEMV_ROWS and shape.us > 0
+    logged = {(e[0], e[2]) for e in engine.tune_log}
+    assert logged == {(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 
@@ -482,18 +470,20 @@ def test_step_backend_choice(emulated):
 
 
 def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monkeypatch):
-    """The fused path (the pick made inside the graph) never picks silently from NaN / Inf logits: the loop
-    checks the logits the step picked from, as it checks the logits it processes itself (issue 15, class 6)."""
+    """The fused path (the pick made inside the graph) never picks silently from NaN / Inf logits: the step's
+    pick flags them (argmax_step, the sampler), the loop reads the flags with the ids and names the first
+    non-finite intermediate, as it does for logits it processes itself (issue 15, class 6)."""
     ref, fast = _models(emulated)
     ids, mask = left_padded_batch(np.random.default_rng(8), 384, [5])
     real_step = fast_gpu.EngineSteps.step
-    calls = []
+    calls, saved = [], []
 
     def poisoned(self, *a, **k):
+        if len(calls) == 1:                                            # NaN weights: the second replay's logits
+            saved.append(self.engine.lm[17].copy())
+            self.engine.lm[17] = 0x7FC0
         out = real_step(self, *a, **k)
         calls.append(k["fused"])
-        if len(calls) == 2:
-            self.engine.logits_buf[0, 17] = np.nan                     # the second replay's logits
         return out
 
     monkeypatch.setattr(fast_gpu.EngineSteps, "step", poisoned)
@@ -502,3 +492,4 @@ def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monke
         with pytest.raises(de.GenerationError, match="not finite"):
             generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast", **settings)
         assert calls == [True, True]                                     # it stopped at the poisoned step
+        fast.engine.lm[17] = saved.pop()

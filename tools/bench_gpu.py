@@ -393,12 +393,12 @@ def bf16_logit_errors(model, hf_model=None, prompt=64, new=16, seed=0):
     steps = model.fast().decode_steps(1, prompt + new)
     assert isinstance(steps, EngineSteps), "the graph engine does not cover this model"
     steps.engine.use_sampler(None)
-    with steps.context():
+    with steps.context():                  # the engine's stream: every copy ordered after its step
         got = [steps.prefill(seq[:, :prompt], np.ones((1, prompt), np.int64), np.arange(prompt)[None])
                .astype(cp.float32)]
         for i in range(prompt, prompt + new):
             got.append(steps.step(seq[:, i], None, None, None).copy())
-    ours = cp.asnumpy(cp.stack(got, axis=1)).astype(np.float64)
+        ours = cp.asnumpy(cp.stack(got, axis=1)).astype(np.float64)     # (outside it, a race: see the notes)
 
     def rel(a):
         return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))

@@ -35,8 +35,6 @@ from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
 VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
     "default": None,
-    # the same source, GEMVs tuned among the register GEMV's shapes only (no ring GEMV)
-    "no-ring": None,
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
 }
@@ -60,10 +58,7 @@ def kernels_for(name, patch, src_rev=None):
     """DecodeKernels built from the working tree's decode.cu changed by `patch` (text -> text), or from another
     commit's (src_rev), or from a file (src_rev = 'file:PATH')."""
     if src_rev is None and patch is None:
-        k = kn.DecodeKernels()
-        if name == "no-ring":
-            k.ring_ok = False
-        return k
+        return kn.DecodeKernels()
     if src_rev is None:
         text = patch(launch.SOURCE.read_text())
         if text is None:
@@ -94,18 +89,14 @@ def time_graph(engine, ids, g, steps=127, reps=3):
 
 
 def print_tune_log(entries):
-    """Per GEMV kind: the 3 best register and ring shapes alone (us, GB/s), then every in-step timing."""
-    kinds = dict.fromkeys(e[2] for e in entries)
-    for kind in kinds:
-        alone = [e[3] for e in entries if e[0] == "alone" and e[2] == kind]
-        for fam, pick in (("register", lambda c: not c[5]), ("ring", lambda c: c[5])):
-            best = [c for c in alone if pick(c)][:3]
-            log(f"    {kind:8s} alone, best {fam:8s} (R, T, p, us, GB/s, stages): "
-                + "; ".join(f"{c[0]},{c[1]},{c[2]} {c[3]:.1f} us {c[4]:.0f} st{c[5]}" for c in best))
+    """Per GEMV kind: the 3 best shapes alone (rows, threads, us, GB/s), then every timing within the step."""
+    for kind in dict.fromkeys(e[2] for e in entries):
+        best = [e[3] for e in entries if e[0] == "alone" and e[2] == kind][:3]
+        log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]} {c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
         for e in entries:
             if e[0] == "step" and e[2] == kind:
                 c = e[3]
-                log(f"    {kind:8s} in step: R{c[0]} T{c[1]} p{c[2]} st{c[5]} -> {e[4]:.4f} ms")
+                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM -> {e[4]:.4f} ms")
 
 
 def use_kernels(engine, k, retune):
@@ -131,9 +122,6 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
-    ap.add_argument("--carveout", action="store_true",
-                    help="also time the first variant with every kernel preferring the largest shared-memory "
-                         "carveout (no L1/shared reconfiguration between kernels)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -155,7 +143,7 @@ def main():
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:
-            use_kernels(engine, k, args.retune or bool(args.src_rev) or name == "no-ring")
+            use_kernels(engine, k, args.retune or bool(args.src_rev))
         engine.prefill(ids, logits=None)
         engine.capture(1)
         for _ in range(4):
@@ -167,7 +155,7 @@ def main():
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
-        tun = {n: (v.rows, v.threads, v.persist, v.stages, round(v.us, 1), round(v.gbs))
+        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
@@ -184,9 +172,9 @@ def main():
                 ams = time_graph(engine, ids, engine.capture_launches(sub, pdl=True), args.steps)
                 res[name][f"ablation {aname}"] = ams
                 log(f"    {aname:28s} {len(sub):4d} launches {ams:.4f} ms  (step - this = {ms - ams:+.4f} ms)")
-        if name == args.variants[0] and any(v.persist and not v.stages for v in engine.tuning[1].values()):
+        if name == args.variants[0] and any(v.persist for v in engine.tuning[1].values()):
             saved = dict(engine.tuning[1])
-            engine.tuning[1] = {n: v if v.stages else v._replace(persist=0) for n, v in saved.items()}
+            engine.tuning[1] = {n: v._replace(persist=0) for n, v in saved.items()}
             engine._plans.clear()
             engine._graphs.clear()
             pms = time_graph(engine, ids, engine.capture(1), args.steps)
@@ -194,18 +182,6 @@ def main():
             log(f"    the same shapes, one block per row group: {pms:.4f} ms/step {1e3 / pms:6.1f} tok/s")
             engine.tuning[1] = saved
             engine._plans.clear()
-            engine._graphs.clear()
-        if name == args.variants[0] and args.carveout:
-            fns = [*engine.k.gemv_fn.values(), *engine.k.gemv_ring_fn.values(), *engine.k.attn_fn.values(),
-                   engine.k.layernorm_fn, engine.k.embed_fn, engine.k.argmax_fn, engine.k.sample_fn]
-            for fn in fns:
-                fn.preferred_shared_memory_carveout = 100
-            engine._graphs.clear()
-            cms = time_graph(engine, ids, engine.capture(1), args.steps)
-            res[name]["carveout 100"] = cms
-            log(f"    every kernel at the largest shared-memory carveout: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
-            for fn in fns:
-                fn.preferred_shared_memory_carveout = -1
             engine._graphs.clear()
         if name == args.variants[0] and args.ln_threads:
             for nt in args.ln_threads:

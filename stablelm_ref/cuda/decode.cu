@@ -319,139 +319,6 @@ GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
 GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
 
-// ---------------------------------------------------------------- GEMV through a shared-memory ring (sm_90)
-// The same y = x W^T and epilogues, for memory-level parallelism the register GEMV cannot reach: a
-// persistent block owns a contiguous range of rows [n0, n1) (balanced to one row, or one gate/up pair)
-// and streams it through `stages` shared-memory buffers of R rows each. One thread issues a bulk copy
-// (cp.async.bulk, the copy engine: no registers held, R * K * 2 contiguous bytes) per stage, completing
-// on that stage's mbarrier; the block computes stage k while stages k+1 .. k+stages-1 are in flight, and
-// refills stage k once every thread has read it. The first `stages` copies are issued before
-// griddepcontrol.wait, so a block streams its weights while the previous kernel finishes.
-// Launch: grid <= N / unit blocks (unit 2 for SwiGLU, else 1), block T threads, dynamic shared memory
-// stages * R * K * 2 bytes, stages <= RING_MAX_STAGES.
-#define RING_MAX_STAGES 8
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define HAS_BULK_COPY 1
-#endif
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-// Arrive on `bar` (its one expected arrival) announcing `bytes` of copies that complete on it.
-__device__ __forceinline__ void mbar_expect_bytes(u64* bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-// Wait until the phase of `bar` with this parity has completed (all its bytes landed).
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-    u32 done = 0;
-    while (!done)
-        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                     "selp.u32 %0, 1, 0, p;\n\t}" : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, u32 bytes, u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
-template <int BM, int R>
-__device__ __forceinline__ void gemv_ring_impl(const u16* __restrict__ x, int ldx, int nb,
-                                               const u16* __restrict__ W, int N, int K,
-                                               const float* __restrict__ bias,
-                                               float* __restrict__ yf, u16* __restrict__ yh, int ldy,
-                                               int mode, int stages) {
-#ifdef HAS_BULK_COPY
-    extern __shared__ __align__(128) unsigned char ring_raw[];
-    __shared__ __align__(8) u64 full[RING_MAX_STAGES];
-    __shared__ float red[2][GEMV_MAX_WARPS][BM * R];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
-    const int nwarps = T >> 5;
-    const int KC = K >> 3;
-    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
-    const int ldxv = ldx >> 3;
-    const int unit = mode == MODE_SWIGLU ? 2 : 1;              // SwiGLU: a block owns whole gate/up pairs
-    const long long units = N / unit;
-    const int n0 = (int)(units * blockIdx.x / gridDim.x) * unit;
-    const int n1 = (int)(units * (blockIdx.x + 1) / gridDim.x) * unit;
-    const int nst = (n1 - n0 + R - 1) / R;                     // stages this block streams
-    uint4* ring = reinterpret_cast<uint4*>(ring_raw);
-    const int stage_chunks = R * KC;
-    auto issue = [&](int k) {                                  // stage k's rows into buffer k % stages
-        const int r0 = n0 + k * R, s = k % stages;
-        const u32 bytes = (u32)(min(R, n1 - r0) * K * 2);
-        mbar_expect_bytes(&full[s], bytes);
-        bulk_copy_g2s(ring + (size_t)s * stage_chunks, W + (size_t)r0 * K, bytes, &full[s]);
-    };
-
-    PDL_LAUNCH();
-    if (tid == 0) {                                            // weights: no kernel of the step writes them
-        for (int s = 0; s < stages; ++s) mbar_init(&full[s], 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        for (int k = 0; k < min(stages, nst); ++k) issue(k);
-    }
-    __syncthreads();
-    PDL_WAIT();                                                // x (and y for MODE_ADD) come from earlier kernels
-    int buf = 0;
-    for (int k = 0; k < nst; ++k) {
-        const int s = k % stages, r0 = n0 + k * R, rows = min(R, n1 - r0);
-        float acc[BM][R];
-#pragma unroll
-        for (int b = 0; b < BM; ++b)
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
-        mbar_wait(&full[s], (u32)((k / stages) & 1));
-        const uint4* st = ring + (size_t)s * stage_chunks;
-        for (int c = tid; c < KC; c += T) {
-            uint4 w[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) w[r] = r < rows ? st[r * KC + c] : make_uint4(0u, 0u, 0u, 0u);
-            gemv_accum<BM, R>(acc, w, xv, ldxv, c, nb);
-        }
-#pragma unroll
-        for (int b = 0; b < BM; ++b)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const float v = warp_sum(acc[b][r]);
-                if (lane == 0) red[buf][warp][b * R + r] = v;
-            }
-        __syncthreads();                                       // every thread is done with buffer s
-        if (tid == 0 && k + stages < nst) issue(k + stages);
-        if (tid < nb * R) {
-            const int b = tid / R, r = tid % R, n = r0 + r;
-            float v = 0.f;
-            for (int w = 0; w < nwarps; ++w) v += red[buf][w][tid];
-            if (mode == MODE_SWIGLU) {
-                if ((r & 1) == 0 && r + 1 < rows) {
-                    float u = 0.f;
-                    for (int w = 0; w < nwarps; ++w) u += red[buf][w][tid + 1];
-                    const float act = v / (1.f + __expf(-v));
-                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
-                }
-            } else if (r < rows) {
-                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += v;
-                else yf[(size_t)b * ldy + n] = v + (bias ? bias[n] : 0.f);
-            }
-        }
-        buf ^= 1;                                              // red[buf] is read until the next barrier
-    }
-#else
-    __trap();                                                  // the host offers it on sm_90+ only
-#endif
-}
-
-#define GEMV_RING_INST(BM, R)                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_ring_b##BM##_r##R(      \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,     \
-        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy,    \
-        int mode, int stages) {                                                                   \
-        gemv_ring_impl<BM, R>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stages);              \
-    }
-GEMV_RING_INST(1, 2) GEMV_RING_INST(1, 4) GEMV_RING_INST(1, 8)
-GEMV_RING_INST(2, 2) GEMV_RING_INST(2, 4) GEMV_RING_INST(2, 8)
-GEMV_RING_INST(4, 2) GEMV_RING_INST(4, 4) GEMV_RING_INST(4, 8)
-GEMV_RING_INST(8, 2) GEMV_RING_INST(8, 4)
-
 // ---------------------------------------------------------------- decode attention
 // grid (NS splits, KVH, nb), block (128). The query heads g*... of one kv head share its K/V tiles.
 //   qkv     [B, (H + 2 KVH) D] f32    q heads | k heads | v heads of the new token (bias included)
@@ -848,12 +715,13 @@ __device__ __forceinline__ void finish_row(int b, int idx, int* __restrict__ tok
 }
 
 // grid (nb), block (1024). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
-// (row stride ldh), pos[b] += 1;
-// the last block to finish advances the step counter and the cache length.
+// (row stride ldh), pos[b] += 1, bad[b] = 1 if any logit of the row is NaN or Inf (else 0; generate reads
+// it with the token: one device-to-host copy a step); the last block to finish advances the step counter
+// and the cache length.
 extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok,
                                        int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
                                        int* __restrict__ lenp, int* __restrict__ posp,
-                                       int* __restrict__ counter) {
+                                       int* __restrict__ counter, int* __restrict__ bad) {
     __shared__ float rv[32];
     __shared__ int ri[32];
     PDL_LAUNCH();
@@ -862,6 +730,7 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
     const float* row = logits + (size_t)b * V;
     float best = NEG_INF;
     int idx = 0x7fffffff;
+    bool finite = true;
     if ((V & 3) == 0) {                             // float4 loads, four in flight per thread
         const float4* row4 = reinterpret_cast<const float4*>(row);
         const int V4 = V >> 2;
@@ -872,17 +741,22 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
             if (v.y > best) { best = v.y; idx = 4 * k + 1; }
             if (v.z > best) { best = v.z; idx = 4 * k + 2; }
             if (v.w > best) { best = v.w; idx = 4 * k + 3; }
+            finite = finite && isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
         }
     } else {
         for (int k = tid; k < V; k += blockDim.x) {
             const float v = row[k];
             if (v > best) { best = v; idx = k; }
+            finite = finite && isfinite(v);
         }
     }
+    const int any_bad = __syncthreads_or(!finite);
     block_argmax(best, idx, rv, ri);
-    if (tid == 0)                                     // all NaN: emit token 0 rather than garbage
+    if (tid == 0) {                                   // all NaN: emit token 0 rather than garbage
+        if (bad != nullptr) bad[b] = any_bad;
         finish_row(b, idx == 0x7fffffff ? 0 : idx, tok, history, ldh, max_steps, stepp, lenp, posp, counter,
                    (int)gridDim.x);
+    }
 }
 
 // ---------------------------------------------------------------- logits processing + sampling + bookkeeping
@@ -1049,12 +923,13 @@ __device__ int draw_from_candidates(float* cval, int* cidx, int n, float top_p, 
     return *s_pick;
 }
 
-// grid (nb), block (SAMPLE_THREADS): every setting sampler_covers(), one block per row.
+// grid (nb), block (SAMPLE_THREADS): every setting sampler_covers(), one block per row. bad[b] as argmax_step's
+// (the raw logits).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
             int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
             int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
-            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter) {
+            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter, int* __restrict__ bad) {
     __shared__ float cval[SAMPLE_CMAX];
     __shared__ int cidx[SAMPLE_CMAX];
     __shared__ unsigned int hist[256];
@@ -1073,10 +948,14 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     // the largest processed logit and its lowest index (greedy's choice; the full path's max)
     float zmax = NEG_INF;
     int bidx = 0x7fffffff;
+    bool finite = true;
     for (int v = tid; v < V; v += blockDim.x) {
         const float z = processed_logit(row, pres, v, penalty, do_sample, temperature);
         if (z > zmax) { zmax = z; bidx = v; }
+        finite = finite && isfinite(row[v]);
     }
+    const int any_bad = __syncthreads_or(!finite);
+    if (tid == 0 && bad != nullptr) bad[b] = any_bad;
     block_argmax(zmax, bidx, rv, ri);
     if (bidx == 0x7fffffff) bidx = 0;
     if (!do_sample) {
@@ -1156,10 +1035,11 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
 // Block p of row b: the processed logits of its slice [p * SAMPLE_SLICE, +SAMPLE_SLICE), held in registers;
 // those with a key >= the slice's k-th largest (all of them if the slice has <= k) are appended to the row's
 // union: cand_val/cand_idx[b, count[b] + i] (count[b] advanced by one atomic per block; the merge resets it).
+// cand_bad[b] |= 1 where the slice holds a NaN or Inf logit (the merge passes it on to bad[b] and resets it).
 extern "C" __global__ void __launch_bounds__(SAMPLE_PART_THREADS)
 sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char* __restrict__ present,
                     float penalty, float temperature, int top_k, float* __restrict__ cand_val,
-                    int* __restrict__ cand_idx, int* __restrict__ cand_count, int ucap) {
+                    int* __restrict__ cand_idx, int* __restrict__ cand_count, int* __restrict__ cand_bad, int ucap) {
     __shared__ unsigned int hist[256];
     __shared__ float lval[SAMPLE_SLICE];
     __shared__ int lidx[SAMPLE_SLICE];
@@ -1172,11 +1052,14 @@ sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char
     const unsigned char* pres = present != nullptr ? present + (size_t)b * V : nullptr;
     const int v0 = p * SAMPLE_SLICE, n = min(SAMPLE_SLICE, V - v0);
     float z[SAMPLE_PART_PER_THREAD];
+    bool finite = true;
 #pragma unroll
     for (int i = 0; i < SAMPLE_PART_PER_THREAD; ++i) {
         const int j = tid + i * SAMPLE_PART_THREADS;
         z[i] = j < n ? processed_logit(row, pres, v0 + j, penalty, 1, temperature) : 0.f;
+        finite = finite && (j >= n || isfinite(row[v0 + j]));
     }
+    if (__syncthreads_or(!finite) && tid == 0) atomicOr(cand_bad + b, 1);
     unsigned int kth = 0u;                                       // keep all: every key is >= 0
     if (n > top_k) {
         auto each_key = [&](auto f) {
@@ -1210,12 +1093,14 @@ sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char
 }
 
 // grid (nb), block (SAMPLE_THREADS), after sample_topk_partial: the union's k-th largest, the kept
-// candidates (at most SAMPLE_CMAX), top-p and the draw; the bookkeeping; count[b] back to 0.
+// candidates (at most SAMPLE_CMAX), top-p and the draw; the bookkeeping; bad[b] = cand_bad[b]; count[b] and
+// cand_bad[b] back to 0.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ cand_idx, int* __restrict__ cand_count,
-                  int ucap, int top_k, float top_p, const double* __restrict__ u, unsigned char* __restrict__ present,
-                  int V, int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps,
-                  int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter) {
+                  int* __restrict__ cand_bad, int ucap, int top_k, float top_p, const double* __restrict__ u,
+                  unsigned char* __restrict__ present, int V, int* __restrict__ tok, int* __restrict__ history,
+                  int ldh, int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
+                  int* __restrict__ counter, int* __restrict__ bad) {
     __shared__ float cval[SAMPLE_CMAX];
     __shared__ int cidx[SAMPLE_CMAX];
     __shared__ unsigned int hist[256];
@@ -1254,6 +1139,8 @@ sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ ca
     const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
     if (tid == 0) {
         cand_count[b] = 0;                                       // every thread read it (barriers since)
+        if (bad != nullptr) bad[b] = cand_bad[b];
+        cand_bad[b] = 0;
         if (present != nullptr) present[(size_t)b * V + pick] = 1;
         finish_row(b, pick, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x);
     }

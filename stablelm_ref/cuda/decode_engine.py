@@ -20,7 +20,7 @@ Token ids, positions and the cache length live in device memory, so the whole st
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
-at start-up by timing graph replays of that matrix kind; then the best few, and 1-4 persistent blocks per
+at start-up by timing graph replays of that matrix kind; then the best few, and 1-6 persistent blocks per
 SM (blocks that loop over several row groups), are timed within the whole captured step (seconds).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
@@ -275,7 +275,8 @@ class GpuDecodeEngine:
         self.kc = cp.zeros((nl, MB, self.KVH, self.max_len, self.D), cp.uint16)
         self.vc = cp.zeros_like(self.kc)
         self.kmask = cp.zeros((MB, self.max_len), cp.uint8)
-        self.tok = cp.zeros(MB, cp.int32)
+        self.tok_flags = cp.zeros((2, MB), cp.int32)                # the step's picks | non-finite logits flags
+        self.tok, self.nonfinite = self.tok_flags[0], self.tok_flags[1]
         self.pos = cp.zeros(MB, cp.int32)
         self.cache_len = cp.zeros(1, cp.int32)
         self.step = cp.zeros(1, cp.int32)
@@ -305,7 +306,7 @@ class GpuDecodeEngine:
         out = {"qkv": dict(yf=self.qkv), "o_proj": dict(yf=self.x), "gate_up": dict(yh=self.mlp),
                "down": dict(yf=self.x), "lm_head": dict(yf=self.logits_buf)}[name]
         return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=shape.rows, threads=shape.threads,
-                                  persist=shape.persist, stages=shape.stages, tag="gemv:" + name, **out)
+                                  persist=shape.persist, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key())
@@ -332,12 +333,12 @@ class GpuDecodeEngine:
         plan.append(self._gemv("lm_head", self.lm, self.h, MODE_STORE, nb))
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
-                                        self.pos, self.am_counter, nb=nb))
+                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
             plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
                                     self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
-                                    settings=self.sampler, scratch=self.sample_scratch)
+                                    settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite)
         self._plans[key] = plan
         return plan
 
@@ -470,6 +471,7 @@ class GpuDecodeEngine:
             self.att_counters[...] = 0
             self.am_counter[...] = 0
             self.sample_scratch[2][...] = 0
+            self.nonfinite[...] = 0
             result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
         self.stream.synchronize()
         self._nb, self._host_len, self._host_step = B, T, 1
@@ -566,6 +568,7 @@ class GpuDecodeEngine:
             self.att_counters[...] = 0
             self.am_counter[...] = 0
             self.sample_scratch[2][...] = 0
+            self.nonfinite[...] = 0
             if input_ids is not None:
                 ids = np.asarray(input_ids)
                 first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths

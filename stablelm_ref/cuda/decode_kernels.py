@@ -26,8 +26,6 @@ MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
 GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
 GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
-GEMV_RING_ROWS = (2, 4, 8)                  # compiled rows per stage of the ring GEMV (not 8 at batch > 4)
-GEMV_RING_MAX_STAGES = 8                    # must match decode.cu (RING_MAX_STAGES)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
@@ -45,8 +43,6 @@ class DecodeKernels:
         f = self.module.get_function
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}
-        self.gemv_ring_fn = {(bm, r): f(f"gemv_ring_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_RING_ROWS
-                             if not (bm == 8 and r == 8)}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -56,10 +52,6 @@ class DecodeKernels:
         self.sample_merge_fn = f("sample_topk_merge")
         dev = cp.cuda.Device()
         self.num_sms = dev.attributes["MultiProcessorCount"]
-        # the ring GEMV's bulk copies and mbarriers need sm_90; its buffers live in opt-in shared memory
-        self.ring_ok = int(dev.compute_capability) >= 90
-        self.smem_block = dev.attributes["MaxSharedMemoryPerBlockOptin"]
-        self.smem_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
     # -- GEMV ---------------------------------------------------------------------------------
@@ -70,24 +62,11 @@ class DecodeKernels:
                 return bm
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
-    def gemv_ring_smem(self, K: int, rows: int, stages: int) -> int:
-        """Dynamic shared memory of a ring GEMV block: `stages` buffers of `rows` rows of K bf16."""
-        return stages * rows * K * 2
-
-    def gemv_ring_fits(self, K: int, rows: int, stages: int, persist: int) -> bool:
-        """Whether `persist` ring blocks of this shape fit one SM's shared memory (with ~8 KB of static and
-        reserved shared memory per block)."""
-        smem = self.gemv_ring_smem(K, rows, stages)
-        return (self.ring_ok and 1 <= stages <= GEMV_RING_MAX_STAGES and smem <= self.smem_block
-                and persist * (smem + 8192) <= self.smem_sm)
-
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    stages=0, tag="gemv"):
+                    tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
-        stages 0, the register GEMV: persist 0 = one block per group of `rows` rows; p > 0 = p blocks per SM,
-        each taking several groups. stages > 0, the ring GEMV (sm_90): p = persist (>= 1) blocks per SM, each
-        streaming a contiguous range of rows through `stages` shared-memory buffers of `rows` rows."""
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
@@ -103,17 +82,6 @@ class DecodeKernels:
         args = (x, i32(K), i32(nb), W, i32(N), i32(K),
                 bias if bias is not None else NULL,
                 yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode))
-        if stages:
-            if not self.gemv_ring_fits(K, rows, stages, max(1, persist)) or rows not in GEMV_RING_ROWS:
-                raise ValueError(f"gemv ring: {stages} stages of {rows} rows x {K} do not fit this GPU "
-                                 f"(or it is older than sm_90)")
-            fn = self.gemv_ring_fn[(bm, rows)]
-            smem = self.gemv_ring_smem(K, rows, stages)
-            if smem > 48 * 1024:
-                fn.max_dynamic_shared_size_bytes = smem
-            units = N // 2 if mode == MODE_SWIGLU else N
-            grid = min(units, max(1, persist) * self.num_sms)
-            return Launch(fn, (grid,), (threads,), args + (i32(stages),), smem=smem, tag=tag)
         fn = self.gemv_fn[(bm, rows)]
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
@@ -162,11 +130,12 @@ class DecodeKernels:
     def embed_launch(self, tok, E, x, *, nb, tag="embed"):
         return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x), tag=tag)
 
-    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, tag="argmax"):
+    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, tag="argmax"):
+        """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None."""
         V = logits.shape[-1]
         return Launch(self.argmax_fn, (nb,), (1024,),
                       (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
-                       step, cache_len, pos, counter), tag=tag)
+                       step, cache_len, pos, counter, bad if bad is not None else NULL), tag=tag)
 
     @staticmethod
     def sampler_covers(settings, vocab: int) -> bool:
@@ -184,21 +153,23 @@ class DecodeKernels:
         return -(-vocab // SAMPLE_SLICE) * SAMPLE_SLICE
 
     def sample_scratch(self, max_batch: int, vocab: int):
-        """The top-k path's buffers: the union's values and ids [max_batch, size], its count per row (zero
-        between steps: sample_topk_merge resets it)."""
+        """The top-k path's buffers: the union's values and ids [max_batch, size]; per row its count and a
+        non-finite flag [2, max_batch] (zero between steps: sample_topk_merge resets them)."""
         cp, n = self.cp, self.sample_scratch_size(vocab)
-        return cp.zeros((max_batch, n), cp.float32), cp.zeros((max_batch, n), cp.int32), cp.zeros(max_batch, cp.int32)
+        return (cp.zeros((max_batch, n), cp.float32), cp.zeros((max_batch, n), cp.int32),
+                cp.zeros((2, max_batch), cp.int32))
 
     def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
-                      scratch=None, tag="sample"):
+                      scratch=None, bad=None, tag="sample"):
         """generate's processors and sampler on logits [>= nb, V] (see decode.cu); present: uint8 [>= nb, V]
         (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]. Sampling with
         top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row, then
         sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one block a
-        row. Returns the launches, in order."""
+        row. bad: as argmax_launch's. Returns the launches, in order."""
         V = logits.shape[-1]
         k = settings["top_k"] if settings["top_k"] < V else 0
-        book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter)
+        book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter,
+                bad if bad is not None else NULL)
         pres = present if present is not None else NULL
         if settings["do_sample"] and 1 <= k <= SAMPLE_KMAX:
             val, idx, count = scratch if scratch is not None else self.sample_scratch(nb, V)
@@ -207,10 +178,11 @@ class DecodeKernels:
                 raise ValueError(f"sample scratch {val.shape} is too small for {nb} rows of {V} logits")
             part = Launch(self.sample_partial_fn, (-(-V // SAMPLE_SLICE), nb), (SAMPLE_PART_THREADS,),
                           (logits, i32(V), pres, np.float32(settings["repetition_penalty"]),
-                           np.float32(settings["temperature"]), i32(k), val, idx, count, i32(ucap)), tag=tag)
+                           np.float32(settings["temperature"]), i32(k), val, idx, count[0], count[1], i32(ucap)),
+                          tag=tag)
             merge = Launch(self.sample_merge_fn, (nb,), (SAMPLE_THREADS,),
-                           (val, idx, count, i32(ucap), i32(k), np.float32(settings["top_p"]), u, pres, i32(V), *book),
-                           tag=tag)
+                           (val, idx, count[0], count[1], i32(ucap), i32(k), np.float32(settings["top_p"]), u, pres,
+                            i32(V), *book), tag=tag)
             return [part, merge]
         return [Launch(self.sample_fn, (nb,), (SAMPLE_THREADS,),
                        (logits, i32(V), pres, np.float32(settings["repetition_penalty"]),

@@ -3,13 +3,10 @@
 A decode step is memory-bound and its GEMVs are most of it; the best launch shape depends on the matrix
 and on its neighbours in the step. Two stages, once per batch size (seconds):
 
-    1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate timed over all layers'
-       matrices as a plain graph; the best TUNE_FINALISTS kept. Candidates: the register GEMV's (R, T), and
-       on sm_90 the ring GEMV's (R, T, stages, blocks per SM) whose buffers fit the SM's shared memory
-    2. within the whole step as captured (PDL edges, argmax left out): the finalists (the best of each
-       GEMV kind: alone, without PDL, the ring's early start cannot show), then 1-4 persistent blocks per SM
-       for the winner (and for a ring winner, its other stage counts), one kind at a time, largest first; a
-       change is kept if the step is faster
+    1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
+       layers' matrices as a plain graph; the best TUNE_FINALISTS kept
+    2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-6 persistent
+       blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
 
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
 
@@ -22,33 +19,27 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .decode_kernels import GEMV_MAX_THREADS, GEMV_RING_ROWS, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
 
-TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step,
-TUNE_RING_FINALISTS = 2                     # and as many ring shapes besides (when the ring is offered)
-TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
-RING_STAGES = (2, 3, 4, 6)                  # ring GEMV: shared-memory buffers per block tried
-RING_THREADS = (128, 256, 512)
+TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
+TUNE_PERSIST = (1, 2, 3, 4, 5, 6)           # persistent blocks per SM tried for the chosen shape
 
 
 class GemvShape(NamedTuple):
-    """How a GEMV is launched: rows per block group (ring: per stage), threads per block, persistent blocks
-    per SM (0: one block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not
-    timed), and stages (0: the register GEMV; > 0: the ring GEMV with that many shared-memory buffers)."""
+    """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
+    block per group of rows), and the microseconds / GB/s it took alone at tuning time (0 if not timed)."""
     rows: int
     threads: int
     persist: int
     us: float
     gbs: float
-    stages: int = 0
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
 
 
-def gemv_candidates(K: int, nb: int, mode: int, kernels=None):
-    """GemvShapes worth timing for a K-wide GEMV at batch nb: the register GEMV's (rows, threads), and with
-    `kernels` on sm_90 the ring GEMV's (rows, threads, stages, blocks per SM) that fit its shared memory."""
+def gemv_candidates(K: int, nb: int, mode: int):
+    """(rows per block, threads) pairs worth timing for a K-wide GEMV at batch nb."""
     kc = K // 8
     rows = [r for r in GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == MODE_SWIGLU and r % 2)]
     threads = {128, 256, 512}
@@ -56,20 +47,7 @@ def gemv_candidates(K: int, nb: int, mode: int, kernels=None):
         t = 32 * math.ceil(math.ceil(kc / j) / 32)
         if 64 <= t <= GEMV_MAX_THREADS:
             threads.add(t)
-    out = [GemvShape(r, t, 0, 0.0, 0.0) for r in rows for t in sorted(threads)]
-    if kernels is not None and getattr(kernels, "ring_ok", False):
-        out += [GemvShape(r, t, p, 0.0, 0.0, st) for r in GEMV_RING_ROWS if not (nb > 4 and r == 8)
-                for st in RING_STAGES for p in (1, 2) for t in RING_THREADS
-                if kernels.gemv_ring_fits(K, r, st, p)]
-    return out
-
-
-def _persist_variants(engine, shape, K):
-    """The chosen shape with 1-4 persistent blocks per SM (those that fit, for the ring GEMV)."""
-    out = [shape._replace(persist=p) for p in TUNE_PERSIST]
-    if shape.stages:
-        out = [s for s in out if engine.k.gemv_ring_fits(K, s.rows, s.stages, s.persist)]
-    return out
+    return [(r, t) for r in rows for t in sorted(threads)]
 
 
 def tune(engine, nb):
@@ -90,16 +68,15 @@ def tune(engine, nb):
             N, K = Ws[0].shape
             reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
             timed = []
-            for i, cand in enumerate(gemv_candidates(K, nb, mode, engine.k)):
-                engine.tuning.setdefault(nb, {})[name] = cand
+            for R, T in gemv_candidates(K, nb, mode):
+                engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0)
                 launches = [engine._gemv(name, W, x, mode, nb) for W in Ws] * reps
                 ms = engine.time_launches(launches) / len(launches)
-                timed.append((ms, i, cand))
+                timed.append((ms, R, T))
             timed.sort()
-            timed = [cand._replace(us=ms * 1e3, gbs=Ws[0].nbytes / (ms * 1e-3) / 1e9) for ms, _, cand in timed]
+            timed = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9) for ms, R, T in timed]
             engine.tune_log += [("alone", nb, name, tuple(c)) for c in timed]
-            top[name] = (timed[:TUNE_FINALISTS]
-                         + [c for c in timed[TUNE_FINALISTS:] if c.stages][:TUNE_RING_FINALISTS])
+            top[name] = timed[:TUNE_FINALISTS]
             engine.tuning[nb][name] = top[name][0]
         tune_in_step(engine, nb, top)                                    # 2. the finalists in the step
         with engine.stream:
@@ -132,12 +109,8 @@ def tune_in_step(engine, nb, top):
                 if ms < best:
                     best, chosen = ms, cand
 
-        K = shapes[name][0][0].shape[1]
         better(top[name][1:])                                        # the other finalists
-        better(_persist_variants(engine, chosen, K))                 # then blocks per SM
-        if chosen.stages:                                            # a ring: then its buffers per block
-            better([chosen._replace(stages=st) for st in RING_STAGES
-                    if st != chosen.stages and engine.k.gemv_ring_fits(K, chosen.rows, st, chosen.persist)])
+        better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         engine.tuning[nb][name] = chosen
     engine.step_ms[nb] = best
     engine._forget(nb)

@@ -112,35 +112,6 @@ def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, 
     case.check()
 
 
-@HYP
-@given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
-       ri=st.integers(0, 2), threads=st.sampled_from([32, 96, 128, 256, 512]), stages=st.integers(1, 8),
-       blocks=st.integers(1, 12), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_gemv_ring_matches_float64(kernels, nb, N, kc, mode, ri, threads, stages, blocks, with_bias, seed):
-    """The ring GEMV (sm_90): `blocks` blocks (num_sms lowered for the launch), so that one block streams up
-    to 300 rows through 1-8 buffers: the ring wraps around many times (each buffer's mbarrier phase flips)
-    and a block's last stage is partial. Same spec and tolerance as the register GEMV."""
-    if not kernels.ring_ok:
-        pytest.skip("the ring GEMV needs sm_90")
-    K = 8 * kc
-    if mode == kn.MODE_SWIGLU:
-        N += N % 2
-    rows = [r for r in kn.GEMV_RING_ROWS if not (nb > 4 and r == 8)]
-    R = rows[ri % len(rows)]
-    while not kernels.gemv_ring_fits(K, R, stages, 1):
-        stages -= 1
-    case = _GemvCase(seed, nb, N, K, mode, with_bias)
-    sms, kernels.num_sms = kernels.num_sms, blocks
-    try:
-        launch = case.launch(kernels, rows=R, threads=threads, persist=1, stages=stages)
-    finally:
-        kernels.num_sms = sms
-    assert launch.grid[0] <= blocks
-    launch()
-    _sync()
-    case.check()
-
-
 # ----------------------------------------------------------------------------- LayerNorm
 @HYP
 @given(nb=st.integers(1, 8), K=st.one_of(st.integers(1, 3000), st.integers(1000, 2500).map(lambda k: 4 * k)),
@@ -222,11 +193,14 @@ def test_argmax_step_bookkeeping(kernels):
     nb, V = 3, 5000
     logits = rng.standard_normal((nb, V)).astype(np.float32)
     logits[1, [17, 4000]] = 50.0                                            # tie: lowest index wins
+    logits[2, 321] = np.inf                                                 # flagged (and picked, as numpy)
     tok, pos = cp.zeros(nb, cp.int32), cp.asarray(np.array([5, 9, 2], np.int32))
     history = cp.full((6, 4), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([2], np.int32)), cp.asarray(np.array([40], np.int32)), cp.zeros(1, cp.int32)
-    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb)()
+    bad = cp.full(nb + 1, 7, cp.int32)
+    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad)()
     _sync()
+    assert cp.asnumpy(bad).tolist() == [0, 0, 1, 7]
     want = np.argmax(logits, axis=1)
     assert want[1] == 17
     assert np.array_equal(cp.asnumpy(tok), want)
@@ -281,18 +255,21 @@ def _run_sampler(kernels, logits, present, settings, u):
     history = cp.full((3, nb), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
     pres = None if present is None else cp.asarray(present)
+    bad = cp.full(nb + 1, 7, cp.int32)
     launches = kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter,
-                                     nb=nb, settings=settings)
+                                     nb=nb, settings=settings, bad=bad)
     for launch in launches:
         launch()
     _sync()
+    flags = cp.asnumpy(bad)
+    assert flags[nb] == 7, "wrote past the batch"
     got = cp.asnumpy(tok).astype(np.int64)
     assert np.array_equal(cp.asnumpy(history)[1], got) and (cp.asnumpy(pos) == 1).all()
     assert int(step[0]) == 2 and int(length[0]) == 8 and int(counter[0]) == 0
     if pres is not None:
         after = cp.asnumpy(pres)
         assert after[np.arange(nb), got].all() and (after.sum(1) <= present.sum(1) + 1).all()
-    return got
+    return got, flags[:nb]
 
 
 @HYP
@@ -316,6 +293,24 @@ def test_sample_step_matches_generate_processors(kernels, nb, V, do_sample, temp
         logits = np.round(logits * 2) / 2                       # many equal values: top-k ties, sort order
     present = (rng.random((nb, V)) < 0.05).astype(np.uint8) if penalty != 1.0 else None
     u = rng.random(nb)
-    got = _run_sampler(kernels, logits, present, settings, u)
+    got, flags = _run_sampler(kernels, logits, present, settings, u)
     want = specs.ref_sample_step(logits, present, settings, u)
     assert np.array_equal(got, want), (got, want)
+    assert not flags.any()                                      # finite logits: no row flagged
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)])
+def test_sampler_flags_non_finite_logits(kernels, settings):
+    """Rows whose logits hold NaN or Inf are flagged (the loop then stops with the first non-finite
+    intermediate); the others are not, and every row is still picked (the bookkeeping runs)."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((3, 50304)).astype(np.float32)
+    logits[0, 9] = np.nan
+    logits[2, 50000] = -np.inf
+    settings = dict(settings, repetition_penalty=1.3 if not settings["do_sample"] else 1.0)
+    present = np.zeros((3, 50304), np.uint8) if not settings["do_sample"] else None
+    _, flags = _run_sampler(kernels, logits, present, settings, rng.random(3))
+    assert flags.tolist() == [1, 0, 1]
+
