@@ -11,9 +11,12 @@
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
 //                      combines the partial (max, sum, output) of all splits (flash-decoding)
-//   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history)
+//   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history), and a
+//                      flag per row: NaN / Inf among its logits
 //   sample_step        in argmax_step's place when generate processes the logits: repetition penalty,
 //                      temperature, top-k, top-p, a draw from softmax (or argmax) + the same bookkeeping
+//   sample_topk_partial + sample_topk_merge   the same for top-k sampling, the search spread over many
+//                      blocks a row (each slice's top-k, then the union's)
 //
 // Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
 // Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (decode_engine.py does this, or falls back to NVRTC).

@@ -14,13 +14,16 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
       m  = silu(h2 @ Wg^T) * (h2 @ Wu^T)                 gemv over interleaved gate/up rows (swiglu) -> bf16
       x += m @ Wd^T                                      gemv (add)
     logits = LayerNorm_f(x) @ W_lm^T                     gemv (store)          -> f32 [B, vocab]
-    tok = argmax(logits); len += 1; pos += 1             argmax_step
+    tok = argmax(logits); len += 1; pos += 1             argmax_step (or generate's processors and sampler:
+                                                         sample_step, or for top-k sample_topk_partial over
+                                                         many blocks a row + sample_topk_merge); each also
+                                                         flags rows with NaN / Inf logits (tok_flags[1])
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
-at start-up by timing graph replays of that matrix kind; then the best few, and 1-6 persistent blocks per
+at start-up by timing graph replays of that matrix kind; then the best few, and 1-4 persistent blocks per
 SM (blocks that loop over several row groups), are timed within the whole captured step (seconds).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each

@@ -5,7 +5,7 @@ and on its neighbours in the step. Two stages, once per batch size (seconds):
 
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
        layers' matrices as a plain graph; the best TUNE_FINALISTS kept
-    2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-6 persistent
+    2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
 
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
@@ -22,7 +22,7 @@ from .bf16 import f32_to_bf16_bits
 from .decode_kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
-TUNE_PERSIST = (1, 2, 3, 4, 5, 6)           # persistent blocks per SM tried for the chosen shape
+TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
 
 
 class GemvShape(NamedTuple):
