@@ -236,11 +236,15 @@ FROM_CONFIG = _FromConfig()
 def check_finite_scores(model, scores, sequences, mask, step):
     """GenerationError when the logits [B, V] hold NaN or Inf, naming the first intermediate (in execution
     order) of the reference forward over the sequences so far that is not finite. scores may live on the
-    device (one small reduction; the fused GPU path, which picks ids inside its step, passes the logits the
-    pick was made from)."""
+    device (one small reduction). A step backend that picks inside its step reports the check with the ids
+    (read_chosen)."""
     xp = _np(scores)
-    if bool(xp.all(xp.isfinite(scores))):
-        return
+    if not bool(xp.all(xp.isfinite(scores))):
+        raise_non_finite(model, sequences, mask, step)
+
+
+def raise_non_finite(model, sequences, mask, step):
+    """The GenerationError for non-finite logits at generation step `step` (see check_finite_scores)."""
     reference = getattr(model, "model", model)          # a fast form keeps its reference model
     first = _first_non_finite(reference, sequences, mask)
     where = f"; the first non-finite intermediate is {first}" if first else ""
@@ -444,8 +448,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                 next_dev = steps.chosen_ids()                             # [B]
                 next_host, finite = steps.read_chosen()                   # the one host read per token
                 if not finite:                                            # name what overflowed, and stop
-                    check_finite_scores(model, steps.step_logits(), sequences[:, :length], full_mask[:, :length],
-                                        length - prompt_len)              # the logits the pick was made from
+                    raise_non_finite(model, sequences[:, :length], full_mask[:, :length], length - prompt_len)
             else:
                 scores = scores.astype(steps.wide)                        # [B, V]
                 check_finite_scores(model, scores, sequences[:, :length], full_mask[:, :length], length - prompt_len)

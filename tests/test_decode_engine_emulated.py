@@ -71,10 +71,18 @@ class _Event:
         pass
 
 
+def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if out is None:
+        return np.array(a)
+    out[...] = a
+    return out
+
+
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
-    ns.asnumpy = lambda a, stream=None: np.array(a)
-    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t)
+    ns.asnumpy = _asnumpy
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t,
+                                    alloc_pinned_memory=bytearray)
     return ns
 
 
@@ -395,8 +403,9 @@ def test_generate_through_engine_steps_greedy_left_padded(emulated):
     assert steps_seen == [True] * 5                        # every token after the first: one engine replay
     assert fast.engine.max_batch == 3 and fast.engine.max_len >= 13      # reserve() grew the cache
     _check_greedy(ref, out, 7, mask)
-    # the engine's cache holds what the model's prefill wrote: its row equals the model's own cache
-    assert np.array_equal(fast.engine.generated(), out[:, 7:])
+    # the engine's history holds the loop's tokens, and the one step queued ahead of the loop (greedy)
+    assert fast.engine.generated().shape == (3, 6 + 1)
+    assert np.array_equal(fast.engine.generated()[:, :6], out[:, 7:])
 
 
 def test_generate_through_engine_steps_eos_pad_streamer(emulated):
@@ -487,9 +496,10 @@ def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monke
         return out
 
     monkeypatch.setattr(fast_gpu.EngineSteps, "step", poisoned)
-    for settings in (dict(), dict(do_sample=True, temperature=0.8, top_k=50, seed=1)):
+    # greedy runs one step ahead: the step after the poison was queued already, the one after it is poisoned
+    for settings, poisoned_call in ((dict(), 3), (dict(do_sample=True, temperature=0.8, top_k=50, seed=1), 2)):
         calls.clear()
         with pytest.raises(de.GenerationError, match="not finite"):
             generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast", **settings)
-        assert calls == [True, True]                                     # it stopped at the poisoned step
+        assert calls == [True] * poisoned_call                           # it stopped at the poisoned step
         fast.engine.lm[17] = saved.pop()

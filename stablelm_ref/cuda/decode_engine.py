@@ -159,6 +159,7 @@ class GpuDecodeEngine:
         self._nb = None
         self._host_len = 0
         self._host_step = 0
+        self._picks_copied = None            # the event after queue_picks_copy's copy
 
     # -- configuration ------------------------------------------------------------------------
     @staticmethod
@@ -280,6 +281,8 @@ class GpuDecodeEngine:
         self.kmask = cp.zeros((MB, self.max_len), cp.uint8)
         self.tok_flags = cp.zeros((2, MB), cp.int32)                # the step's picks | non-finite logits flags
         self.tok, self.nonfinite = self.tok_flags[0], self.tok_flags[1]
+        self.picks_host = np.frombuffer(cp.cuda.alloc_pinned_memory(self.tok_flags.nbytes), np.int32,
+                                        self.tok_flags.size).reshape(2, MB)   # queue_picks_copy's target
         self.pos = cp.zeros(MB, cp.int32)
         self.cache_len = cp.zeros(1, cp.int32)
         self.step = cp.zeros(1, cp.int32)
@@ -515,6 +518,25 @@ class GpuDecodeEngine:
 
     def synchronize(self):
         self.stream.synchronize()
+
+    def steps_left(self) -> int:
+        """decode_step() calls the cache has room for."""
+        return self.max_len - self._host_len
+
+    def queue_picks_copy(self):
+        """Queue a copy of the latest step's picks and non-finite flags (tok_flags) into pinned host memory,
+        ordered after that step and before anything queued later: read_picks() then waits for this copy
+        alone, while later steps run."""
+        cp = self.cp
+        cp.asnumpy(self.tok_flags, stream=self.stream, out=self.picks_host, blocking=False)
+        if self._picks_copied is None:
+            self._picks_copied = cp.cuda.Event()
+        self._picks_copied.record(self.stream)
+
+    def read_picks(self) -> np.ndarray:
+        """[2, max_batch] int32: the picks and flags queue_picks_copy() copied (waits for that copy)."""
+        self._picks_copied.synchronize()
+        return self.picks_host.copy()
 
     def get_logits(self) -> np.ndarray:
         """Logits [B, V] (float32) that chose the latest token."""

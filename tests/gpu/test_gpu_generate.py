@@ -93,18 +93,18 @@ def test_bf16_engine_equals_the_models_own_forward(tmp_path, case):
     assert isinstance(steps, fast_gpu.EngineSteps)
     ids, mask = _left_pad([list(range(5, 19)), [7, 8, 9], list(range(30, 38))])
     logits = []
-    real_step = fast_gpu.EngineSteps.step
+    engine_class = type(steps.engine)
+    real_queue = engine_class.queue_picks_copy
 
-    def keep(self, *a, **k):
-        out = real_step(self, *a, **k)
-        logits.append(self.engine.logits_buf[: self.batch].get().copy())
-        return out
+    def keep(self):                     # after each step's graph, before the step queued ahead of the loop
+        logits.append(self.logits_buf[:3].get().copy())
+        return real_queue(self)
 
-    fast_gpu.EngineSteps.step = keep
+    engine_class.queue_picks_copy = keep
     try:
         out = _host(model.generate(ids, attention_mask=mask, max_new_tokens=12))
     finally:
-        fast_gpu.EngineSteps.step = real_step
+        engine_class.queue_picks_copy = real_queue
     assert out.shape == (3, 14 + 12)
     T, n = 14, 11
     full = np.concatenate([mask, np.ones((3, 12), np.int64)], axis=1)
