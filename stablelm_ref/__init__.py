@@ -35,7 +35,7 @@ from .tokenizer import Tokenizer
 # CPU and the GPU (fast_forms.py; fast_gpu imports no CuPy until used), the CUDA kernel modules register
 # themselves for CuPy arrays (kernels.py).
 from . import fast_cpu, fast_gpu  # noqa: E402,F401
-from .cuda import flash_prefill, fused  # noqa: E402,F401
+from .cuda import flash_prefill, fused, gemm  # noqa: E402,F401
 
 __all__ = [
     "__version__", "DEFAULT_MODEL",

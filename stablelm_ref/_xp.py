@@ -3,6 +3,7 @@
     softmax(x)_i     = exp(x_i - max x) / sum_j exp(x_j - max x)       in float32, or float64 for float64
     log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)      (both over the last axis)
     linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
+                                                                       (a kernels.py seam: cuBLAS on CuPy)
     to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
 
 and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
@@ -10,6 +11,8 @@ and the weight sub-dicts (subtree) and the trace callback's default (no_trace, s
 
 import numpy as np
 from array_api_compat import array_namespace as _compat_array_namespace
+
+from . import kernels
 
 _NAMESPACE_OF_TYPE: dict = {}
 
@@ -36,11 +39,13 @@ def wide_dtype(xp, dtype):
     return xp.float64 if dtype == xp.float64 else xp.float32
 
 
+@kernels.seam("linear")
 def linear(x, weight, bias=None):
     """y = x W^T + b, with W in the checkpoint's [out_features, in_features] layout.
 
     The leading dims are flattened so the product is one 2-D matmul (one BLAS/cuBLAS call; CuPy has
-    no batched bfloat16 matmul).
+    no batched bfloat16 matmul). A seam (kernels.py): on CuPy bfloat16/float16 arrays it runs
+    cuda/gemm.py, the same product as one direct cublasGemmEx call without CuPy's matmul dispatch.
     """
     xp = array_namespace(x)
     lead = x.shape[:-1]

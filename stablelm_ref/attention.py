@@ -35,7 +35,7 @@ Checkpoint tensors: model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}, ...o_
 from . import kernels
 from ._xp import array_namespace, dtype_min, linear, no_trace, softmax  # softmax in float32 (float64 in float64 mode)
 from .layernorm import per_head_layer_norm
-from .rotary import apply_rotary
+from .rotary import apply_rotary_qk
 
 
 def split_heads(x, heads, head_dim):
@@ -110,8 +110,7 @@ def attention(x, w, config, cos, sin, key_mask=None, cache=None, layer_idx=0, tr
         q = per_head_layer_norm(q, [w[f"q_layernorm.norms.{h}.weight"] for h in range(heads)], eps)
         k = per_head_layer_norm(k, [w[f"k_layernorm.norms.{h}.weight"] for h in range(kv_heads)], eps)
         trace("q_layernorm", q), trace("k_layernorm", k)
-    q = apply_rotary(q, cos, sin, config.rotary_ndims)        # [B, H, T, D]
-    k = apply_rotary(k, cos, sin, config.rotary_ndims)        # [B, KVH, T, D]
+    q, k = apply_rotary_qk(q, k, cos, sin, config.rotary_ndims)   # [B, H, T, D], [B, KVH, T, D]
     trace("rotary_q", q), trace("rotary_k", k)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)                  # [B, KVH, S, D], S = cached + T

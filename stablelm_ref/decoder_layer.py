@@ -11,7 +11,7 @@ model.layers.{i}.post_attention_layernorm.{weight,bias} (sequential only), plus 
 
 from ._xp import no_trace, scoped, subtree
 from .attention import attention
-from .layernorm import layer_norm
+from .layernorm import add_layer_norm, layer_norm
 from .mlp import mlp
 
 
@@ -26,7 +26,7 @@ def decoder_layer(x, w, config, cos, sin, key_mask=None, cache=None, layer_idx=0
     trace("self_attn.o_proj", attn)
     if config.use_parallel_residual:
         return x + attn + mlp(h, subtree(w, "mlp."), config.hidden_act, scoped(trace, "mlp."))
-    x = x + attn
-    h2 = layer_norm(x, w["post_attention_layernorm.weight"], w["post_attention_layernorm.bias"], eps)
+    x, h2 = add_layer_norm(x, attn, w["post_attention_layernorm.weight"], w["post_attention_layernorm.bias"],
+                           eps)                                   # x = x + attn; h2 = ln2(x)
     trace("post_attention_layernorm", h2)
     return x + mlp(h2, subtree(w, "mlp."), config.hidden_act, scoped(trace, "mlp."))

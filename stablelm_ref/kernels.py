@@ -19,8 +19,11 @@ one function on NumPy and on CuPy. The reference never imports a kernel module; 
 import this one (stablelm_ref/__init__.py imports them, as it imports the fast forms). This module
 imports nothing from the package.
 
-Seams now: attention (attention.causal_attention), layer_norm, rotary (rotary.apply_rotary),
-gated_activation (mlp.gated_activation); CuPy implementations in stablelm_ref/cuda/.
+Seams now: attention (attention.causal_attention), layer_norm and add_layer_norm (layernorm.py),
+rotary and rotary_qk (rotary.apply_rotary, apply_rotary_qk), gated_activation (mlp.gated_activation),
+linear (_xp.linear: every projection and head); CuPy implementations in stablelm_ref/cuda/
+(flash_prefill.py, fused.py, gemm.py). A seam whose reference calls other seams (add_layer_norm calls
+layer_norm, rotary_qk calls rotary) falls back to their kernels when its own declines.
 """
 
 from __future__ import annotations

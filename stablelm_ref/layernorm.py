@@ -6,7 +6,9 @@
 StableLM uses LayerNorm with a bias (not LLaMA's RMSNorm) before attention, before the MLP
 (sequential blocks only) and after the last layer. The statistics are computed in float32 (float64
 in float64 mode), as torch does, and the result is cast back to the input dtype. On CuPy arrays a
-fused CUDA kernel computes the same in one pass (kernels.py, stablelm_ref/cuda/fused.cu).
+fused CUDA kernel computes the same in one pass (kernels.py, stablelm_ref/cuda/fused.cu); another
+takes the residual add before a LayerNorm into the same pass (add_layer_norm: one launch and one
+trip through device memory fewer per layer).
 
 qk LayerNorm (`qk_layernorm: true`, stablelm-2-12b) normalises each head of q and k separately
 over its head_dim, with one weight vector per head and no bias, before rotary.
@@ -33,6 +35,13 @@ def layer_norm(x, weight, bias, eps):
     if bias is not None:
         y = y + xp.astype(bias, wide)
     return xp.astype(y, x.dtype)
+
+
+@kernels.seam("add_layer_norm")
+def add_layer_norm(x, delta, weight, bias, eps):
+    """A residual add and the LayerNorm after it: (s, layer_norm(s)) with s = x + delta (one pass on CuPy)."""
+    s = x + delta
+    return s, layer_norm(s, weight, bias, eps)
 
 
 def per_head_layer_norm(x, weights, eps):

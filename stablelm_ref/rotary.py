@@ -19,7 +19,8 @@ positions, which is the same for any growing sequence (generation).
 
 Config: rope_theta, partial_rotary_factor, rope_scaling, max_position_embeddings.
 On CuPy arrays a fused CUDA kernel applies it in one pass (kernels.py, stablelm_ref/cuda/fused.cu),
-computing in float32 and rounding once where this code rounds after each product in 16-bit dtypes.
+computing in float32 and rounding once where this code rounds after each product in 16-bit dtypes;
+apply_rotary_qk rotates an attention layer's queries and keys in one launch.
 Checkpoint tensors: none.
 """
 
@@ -68,3 +69,10 @@ def apply_rotary(x, cos, sin, rotary_ndims):
     cos, sin = cos[:, None, :, :], sin[:, None, :, :]                # [B, T, d] -> [B, 1, T, d]
     rot = rot * cos + rotate_half(rot) * sin                         # [B, H, T, d]
     return xp.concat([rot, rest], axis=-1)                           # [B, H, T, hd]
+
+
+@kernels.seam("rotary_qk")
+def apply_rotary_qk(q, k, cos, sin, rotary_ndims):
+    """(rot(q), rot(k)) for one attention layer: q [B, H, T, hd], k [B, KVH, T, hd] (one kernel launch on
+    CuPy for both, where the two calls below would make two)."""
+    return apply_rotary(q, cos, sin, rotary_ndims), apply_rotary(k, cos, sin, rotary_ndims)

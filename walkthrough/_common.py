@@ -17,11 +17,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import numpy as np  # noqa: E402
 
-import stablelm_ref  # noqa: E402
 from stablelm_ref import StableLmConfig, StableLmForCausalLM  # noqa: E402
+from stablelm_ref.hub import DEFAULT_MODEL_DIR as _DEFAULT_MODEL_DIR  # noqa: E402
 
 FIGURES = HERE / "figures"
-DEFAULT_MODEL_DIR = Path(stablelm_ref.__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(_DEFAULT_MODEL_DIR)  # where the package keeps the embedded default model
 
 # The family's shapes in miniature (as tests/conftest.py): small enough that a forward takes milliseconds.
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -1,8 +1,10 @@
 """CuPy implementations of the LayerNorm, rotary and SwiGLU seams: load fused.cu, check, launch.
 
-    layer_norm(x, weight, bias, eps)          layernorm.layer_norm       one block per row
-    apply_rotary(x, cos, sin, rotary_ndims)   rotary.apply_rotary        one thread per output element
-    gated_activation(gate, up, "silu")        mlp.gated_activation       one thread per element
+    layer_norm(x, weight, bias, eps)             layernorm.layer_norm       one block per row
+    add_layer_norm(x, delta, weight, bias, eps)  layernorm.add_layer_norm   the residual add, then LayerNorm
+    apply_rotary(x, cos, sin, rotary_ndims)      rotary.apply_rotary        one thread per output element
+    apply_rotary_qk(q, k, cos, sin, d)           rotary.apply_rotary_qk     q's and k's rotary in one launch
+    gated_activation(gate, up, "silu")           mlp.gated_activation       one thread per element
 
 Each is registered in kernels.py for CuPy arrays and takes its reference's arguments; it declines
 (returns None, so the array-API reference runs) what it does not cover: float64 (the golden mode
@@ -10,8 +12,10 @@ stays on the reference), per-head LayerNorm weights, activations other than silu
 float32 and rounds once to the input dtype; the reference rounds after each operation in 16-bit
 dtypes, so in bfloat16 the kernels are the more accurate (tests/gpu/test_fused.py holds both to a
 float64 run). Why: a forward on CuPy otherwise launches ~12 array operations per LayerNorm, ~8 per
-rotary and ~9 per SiLU gate, each a launch (~10 us of Python and driver) and a trip through device
-memory; at prompt lengths of a few hundred tokens those launches, not the GEMMs, set the time.
+rotary and ~9 per SiLU gate, each a launch (15-25 us of Python and driver on the H200 host,
+tools/bench_attention.py --host-costs) and a trip through device memory; at prompt lengths of a few
+hundred tokens those launches, not the GEMMs, set the time. For the same reason the residual add
+before a LayerNorm and the rotary of q and k are one launch each where the reference makes two.
 
 The source compiles with NVRTC (cupy.RawModule) on first use of each dtype combination and is cached.
 """
@@ -67,8 +71,30 @@ def layer_norm(x, weight, bias, eps):
     return y
 
 
-def apply_rotary(x, cos, sin, rotary_ndims):
-    """Rotary on the first rotary_ndims dims of each head of x [B, H, T, hd]; cos, sin [B or 1, T, d]."""
+def add_layer_norm(x, delta, weight, bias, eps):
+    """(x + delta, layer_norm(x + delta)) in one pass; None for what it leaves to the reference."""
+    import cupy
+
+    xt, wt = _tag(x.dtype), _tag(weight.dtype)
+    if xt is None or wt is None or delta.dtype != x.dtype or delta.shape != x.shape:
+        return None
+    if weight.ndim != 1 or x.shape[-1] != weight.shape[0] or x.size == 0:
+        return None
+    if bias is not None and (bias.dtype != weight.dtype or bias.shape != weight.shape):
+        return None
+    n = x.shape[-1]
+    x, delta = cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta)
+    weight = cupy.ascontiguousarray(weight)
+    bias_arg = cupy.ascontiguousarray(bias) if bias is not None else weight
+    s, y = cupy.empty_like(x), cupy.empty_like(x)
+    _kernel(f"add_layer_norm_kernel<{xt}, {wt}>")((x.size // n,), (_THREADS,),
+                                                  (x, delta, weight, bias_arg, s, y, np.int32(n), np.float32(eps),
+                                                   np.int32(bias is not None)))
+    return s, y
+
+
+def _rotary_args(x, cos, sin, rotary_ndims):
+    """(x with contiguous rows, its (batch, head, row) element strides), or None where the kernel does not apply."""
     import cupy
 
     xt, ct = _tag(x.dtype), _tag(cos.dtype)
@@ -78,17 +104,52 @@ def apply_rotary(x, cos, sin, rotary_ndims):
     d = rotary_ndims
     if d % 2 or d > hd or cos.shape != sin.shape or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
         return None
-    if b * h > 65535 or t * hd >= 2**31:                              # the launch's grid.y and 32-bit indices
+    if t * hd >= 2**31:                                               # the kernel's 32-bit element index
         return None
     if x.strides[3] != x.itemsize:
         x = cupy.ascontiguousarray(x)
+    return x, tuple(np.int64(st // x.itemsize) for st in x.strides[:3])
+
+
+def apply_rotary_qk(q, k, cos, sin, rotary_ndims):
+    """(rotary(q), rotary(k)) in one launch; q [B, H, T, hd], k [B, KVH, T, hd]; None for the reference."""
+    import cupy
+
+    if q.dtype != k.dtype or q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        return None
+    qa, ka = _rotary_args(q, cos, sin, rotary_ndims), _rotary_args(k, cos, sin, rotary_ndims)
+    if qa is None or ka is None:
+        return None
+    (q, q_strides), (k, k_strides) = qa, ka
+    b, h, t, hd = q.shape
+    kvh = k.shape[1]
+    if b * (h + kvh) > 65535:                                         # the launch's grid.y
+        return None
+    cos, sin = cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
+    yq, yk = cupy.empty((b, h, t, hd), dtype=q.dtype), cupy.empty((b, kvh, t, hd), dtype=k.dtype)
+    cos_sb = 0 if cos.shape[0] == 1 else t * rotary_ndims
+    _kernel(f"rotary_qk_kernel<{_tag(q.dtype)}, {_tag(cos.dtype)}>")(
+        ((t * hd + _THREADS - 1) // _THREADS, b * (h + kvh)), (_THREADS,),
+        (q, k, cos, sin, yq, yk, np.int32(b), np.int32(h), np.int32(kvh), np.int32(t), np.int32(hd),
+         np.int32(rotary_ndims), *q_strides, *k_strides, np.int64(cos_sb)))
+    return yq, yk
+
+
+def apply_rotary(x, cos, sin, rotary_ndims):
+    """Rotary on the first rotary_ndims dims of each head of x [B, H, T, hd]; cos, sin [B or 1, T, d]."""
+    import cupy
+
+    args = _rotary_args(x, cos, sin, rotary_ndims)
+    if args is None or x.shape[0] * x.shape[1] > 65535:               # the launch's grid.y
+        return None
+    x, strides = args
+    b, h, t, hd = x.shape
     cos, sin = cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
     y = cupy.empty((b, h, t, hd), dtype=x.dtype)
-    sb, sh, st = (s // x.itemsize for s in x.strides[:3])
-    cos_sb = 0 if cos.shape[0] == 1 else t * d
-    _kernel(f"rotary_kernel<{xt}, {ct}>")(((t * hd + _THREADS - 1) // _THREADS, b * h), (_THREADS,),
-                                          (x, cos, sin, y, np.int32(h), np.int32(t), np.int32(hd), np.int32(d),
-                                           np.int64(sb), np.int64(sh), np.int64(st), np.int64(cos_sb)))
+    cos_sb = 0 if cos.shape[0] == 1 else t * rotary_ndims
+    _kernel(f"rotary_kernel<{_tag(x.dtype)}, {_tag(cos.dtype)}>")(
+        ((t * hd + _THREADS - 1) // _THREADS, b * h), (_THREADS,),
+        (x, cos, sin, y, np.int32(h), np.int32(t), np.int32(hd), np.int32(rotary_ndims), *strides, np.int64(cos_sb)))
     return y
 
 
@@ -111,4 +172,6 @@ def gated_activation(gate, up, hidden_act):
 
 kernels.register("layer_norm", "cupy", layer_norm)
 kernels.register("rotary", "cupy", apply_rotary)
+kernels.register("rotary_qk", "cupy", apply_rotary_qk)
+kernels.register("add_layer_norm", "cupy", add_layer_norm)
 kernels.register("gated_activation", "cupy", gated_activation)

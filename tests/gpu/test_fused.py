@@ -16,9 +16,9 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
 
 from stablelm_ref import kernels  # noqa: E402
-from stablelm_ref.layernorm import layer_norm  # noqa: E402
+from stablelm_ref.layernorm import add_layer_norm, layer_norm  # noqa: E402
 from stablelm_ref.mlp import gated_activation  # noqa: E402
-from stablelm_ref.rotary import apply_rotary  # noqa: E402
+from stablelm_ref.rotary import apply_rotary, apply_rotary_qk  # noqa: E402
 
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 TOL = {"bf16": 4e-3, "fp16": 5e-4, "fp32": 1e-5}
@@ -98,6 +98,68 @@ def test_rotary_on_a_strided_view(dtype, hd, d):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n", [64, 2560])
+def test_add_layer_norm(dtype, n):
+    """s = x + delta is one rounding of the exact sum (normwise <= u/2 against float64, and the same
+    function as CuPy's own add: within one rounding of it); y = layer_norm(s) as test_layer_norm, from
+    the rounded s, and no less accurate than the op-by-op reference."""
+    rng = np.random.default_rng(n + 1)
+    x = (3.0 + 2.0 * rng.standard_normal((2, 9, n))).astype(DTYPES[dtype])
+    delta = rng.standard_normal((2, 9, n)).astype(DTYPES[dtype])
+    w = (1.0 + 0.3 * rng.standard_normal(n)).astype(DTYPES[dtype])
+    b = (0.1 * rng.standard_normal(n)).astype(DTYPES[dtype])
+    ran, undo = spy("add_layer_norm")
+    try:
+        dev = [cupy.asarray(a) for a in (x, delta, w, b)]
+        s, y = add_layer_norm(*dev, 1e-5)
+        assert ran(), "the fused kernel did not run"
+        with kernels.reference_only():
+            s16, y16 = add_layer_norm(*dev, 1e-5)
+    finally:
+        undo()
+    assert s.dtype == y.dtype == DTYPES[dtype] and s.shape == y.shape == x.shape
+    exact = x.astype(np.float64) + delta.astype(np.float64)
+    assert rel(host(s), exact) <= TOL[dtype] / 2
+    assert rel(host(s), host(s16)) <= TOL[dtype]
+    ref = layer_norm(host(s), w.astype(np.float64), b.astype(np.float64), 1e-5)     # float64, from the rounded s
+    err, err16 = rel(host(y), ref), rel(host(y16), ref)
+    assert err <= TOL[dtype], err
+    if dtype != "fp32":
+        assert err <= err16 * 1.25, (err, err16)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("hd,d,kvh", [(80, 20, 3), (64, 16, 1), (160, 40, 3), (128, 32, 1)])
+def test_rotary_qk_in_one_launch(dtype, hd, d, kvh):
+    """q (a strided view of the projection) and k (contiguous, GQA: kvh of 3 heads) rotated in one
+    launch: each equal to the one-tensor kernel (the same arithmetic per element: within one rounding,
+    normwise u) and to the float64 reference within TOL."""
+    rng = np.random.default_rng(hd + kvh)
+    B, H, T = 2, 3, 11
+    proj = rng.standard_normal((B, T, H, hd)).astype(DTYPES[dtype])            # [B, T, H, hd]
+    k = rng.standard_normal((B, kvh, T, hd)).astype(DTYPES[dtype])
+    angles = rng.uniform(0, 50, (B, T, d // 2))
+    angles = np.concatenate([angles, angles], axis=-1)
+    cos, sin = np.cos(angles).astype(DTYPES[dtype]), np.sin(angles).astype(DTYPES[dtype])
+    q = proj.transpose(0, 2, 1, 3)
+    dq, dk = cupy.asarray(proj).transpose(0, 2, 1, 3), cupy.asarray(k)
+    for c, s_ in [(cos, sin), (cos[:1], sin[:1])]:                             # per-row and broadcast tables
+        dc, ds = cupy.asarray(c), cupy.asarray(s_)
+        ran, undo = spy("rotary_qk")
+        try:
+            gq, gk = apply_rotary_qk(dq, dk, dc, ds, d)
+            assert ran(), "the fused kernel did not run"
+        finally:
+            undo()
+        one_q, one_k = apply_rotary(dq, dc, ds, d), apply_rotary(dk, dc, ds, d)
+        c64, s64 = c.astype(np.float64), s_.astype(np.float64)
+        for got, one, src in [(gq, one_q, q), (gk, one_k, k)]:
+            assert got.dtype == DTYPES[dtype] and got.shape == src.shape
+            assert rel(host(got), host(one)) <= TOL[dtype]
+            assert rel(host(got), apply_rotary(src.astype(np.float64), c64, s64, d)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_silu_gate(dtype):
     rng = np.random.default_rng(3)
     gate = (4.0 * rng.standard_normal((2, 5, 6912))).astype(DTYPES[dtype])
@@ -117,3 +179,10 @@ def test_declines_what_it_does_not_cover():
     w = cupy.ones((1, 4, 1, 8), dtype=np.float32)
     assert kernels._IMPLEMENTATIONS[("layer_norm", "cupy")](x32, w, None, 1e-5) is None      # per-head weights
     assert kernels._IMPLEMENTATIONS[("gated_activation", "cupy")](x32, x32, "gelu") is None
+    add_ln = kernels._IMPLEMENTATIONS[("add_layer_norm", "cupy")]
+    assert add_ln(x, x, x[0], None, 1e-5) is None                                          # float64
+    assert add_ln(x32, x32[:, :2], w[0, 0, 0], None, 1e-5) is None                         # shapes differ
+    cos = cupy.ones((1, 3, 8), dtype=np.float32)
+    rot_qk = kernels._IMPLEMENTATIONS[("rotary_qk", "cupy")]
+    assert rot_qk(x32, x32.astype(np.float16), cos, cos, 8) is None                          # dtypes differ
+    assert rot_qk(x32, x32[:, :, :2], cos, cos, 8) is None                                   # lengths differ

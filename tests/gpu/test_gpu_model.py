@@ -72,7 +72,8 @@ def test_gpu_float32_equals_cpu_float64(variant):
     ids = np.random.default_rng(0).integers(0, cpu.config.vocab_size, (2, 8))
     with Spy() as spy:
         out = gpu(ids).logits
-    assert spy.ran.get("layer_norm") and spy.ran.get("rotary")
+    assert spy.ran.get("layer_norm") and spy.ran.get("rotary_qk")
+    assert spy.ran.get("add_layer_norm", 0) == (0 if cpu.config.use_parallel_residual else cpu.config.num_hidden_layers)
     assert isinstance(out, cupy.ndarray) and out.dtype == np.float32
     assert rel(out.get(), cpu(ids).logits) < 1e-5
 
@@ -149,6 +150,8 @@ def test_gpu_bfloat16_no_worse_than_transformers(tmp_path, head_dim):
     with Spy() as spy:
         logits = ours(ids).logits
     assert spy.ran.get("attention") == 4
+    assert spy.ran.get("linear") == 4 * 7 + 1                  # every projection and the lm_head: cuBLAS
+    assert spy.ran.get("rotary_qk") == 4 and spy.ran.get("add_layer_norm") == 4
     ours_err = rel(logits.astype(cupy.float32).get(), ref)
     theirs = transformers.StableLmForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
