@@ -13,7 +13,13 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
               the engine's key mask, positions and length from the attention mask
     step      set_tokens(the ids the loop chose) unless they are already on the device, then one graph
               replay: embed -> layers (LayerNorm, q|k|v, attention, o, MLP) -> LayerNorm -> lm_head -> pick
-    greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step, nothing else
+    greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step and B flags that
+              say whether the logits were finite (read_chosen: one copy), nothing else. One step runs
+              ahead: step() queues the copy of its picks, then already the next step (whose graph reads
+              those picks on the device), so the GPU works while the loop reads the ids, checks eos and
+              streams. The loop feeds every unfinished row the graph's own pick; a finished row's pad it
+              does not get, which changes nothing the loop keeps (rows are independent; its tokens are pad
+              from then on). A step queued when the loop stops (eos, max_new_tokens) is wasted.
     sampling  the pick is sample_step inside the graph (decode.cu): repetition penalty, temperature, top-k,
               top-p and the draw, from u ~ U[0, 1) the loop draws on the host (set_uniform) with the same
               numpy Generator the CPU path uses, so a seed gives the CPU's tokens given the same logits.
@@ -32,6 +38,8 @@ This module imports no CuPy at import time (stablelm_ref/__init__.py imports it 
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 
 from .errors import StableLmError
 from .fast_forms import register
@@ -130,6 +138,8 @@ class EngineSteps:
         self.wide = self.xp.float32
         self.cache = engine.kv_cache(batch, model.dtype)
         self._chosen = engine.tok[:batch]
+        self._ahead = False              # the step the loop asks for next is already queued (greedy)
+        self._copied = False             # the latest step's picks are being copied to the host
 
     def context(self):
         return self.engine.stream            # every CuPy op of the loop on the engine's stream, in order
@@ -149,20 +159,32 @@ class EngineSteps:
 
     def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
         e = self.engine
-        if next_dev is not self._chosen:                                  # the loop chose, or fed pad
-            e.set_tokens(next_dev if next_dev is not None else next_ids)
-        if u is not None:
-            e.set_uniform(u)
-        e.decode_step()
+        if self._ahead:                                                   # queued by the previous call
+            self._ahead = False
+        else:
+            if next_dev is not self._chosen:                              # the loop chose, or fed pad
+                e.set_tokens(next_dev if next_dev is not None else next_ids)
+            if u is not None:
+                e.set_uniform(u)
+            e.decode_step()
+        self._copied = False
+        if fused and u is None:                                           # greedy: run one step ahead
+            e.queue_picks_copy()
+            self._copied = True
+            if e.steps_left() > 0:
+                e.decode_step()                                           # on the device's own picks
+                self._ahead = True
         return None if fused else e.logits_buf[: self.batch]             # [B, V] float32, on the device
 
     def chosen_ids(self):
         return self._chosen                                               # [B] int32: the graph's choice
 
-    def step_logits(self):
-        """The logits [B, V] (float32, on the device) the graph's latest pick was made from (sample_step and
-        argmax_step only read them), for the loop's check that they are finite."""
-        return self.engine.logits_buf[: self.batch]
+    def read_chosen(self):
+        """(the graph's picks [B] on the host, whether the logits they were picked from are all finite): one
+        device-to-host copy of the engine's [2, max_batch] picks and flags (argmax_step / the sampler set the
+        flags while they scan the logits)."""
+        both = self.engine.read_picks() if self._copied else self.engine.cp.asnumpy(self.engine.tok_flags)
+        return both[0, : self.batch].astype(np.int64), not both[1, : self.batch].any()
 
 
 register("gpu", GpuFastModel)

@@ -236,11 +236,15 @@ FROM_CONFIG = _FromConfig()
 def check_finite_scores(model, scores, sequences, mask, step):
     """GenerationError when the logits [B, V] hold NaN or Inf, naming the first intermediate (in execution
     order) of the reference forward over the sequences so far that is not finite. scores may live on the
-    device (one small reduction; the fused GPU path, which picks ids inside its step, passes the logits the
-    pick was made from)."""
+    device (one small reduction). A step backend that picks inside its step reports the check with the ids
+    (read_chosen)."""
     xp = _np(scores)
-    if bool(xp.all(xp.isfinite(scores))):
-        return
+    if not bool(xp.all(xp.isfinite(scores))):
+        raise_non_finite(model, sequences, mask, step)
+
+
+def raise_non_finite(model, sequences, mask, step):
+    """The GenerationError for non-finite logits at generation step `step` (see check_finite_scores)."""
     reference = getattr(model, "model", model)          # a fast form keeps its reference model
     first = _first_non_finite(reference, sequences, mask)
     where = f"; the first non-finite intermediate is {first}" if first else ""
@@ -439,10 +443,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         length = prompt_len
         prefill_s, t_decode = None, None
         while True:
+            next_host = None
             if scores is None:                                            # picked inside the step
                 next_dev = steps.chosen_ids()                             # [B]
-                check_finite_scores(model, steps.step_logits(), sequences[:, :length], full_mask[:, :length],
-                                    length - prompt_len)                  # the logits the pick was made from
+                next_host, finite = steps.read_chosen()                   # the one host read per token
+                if not finite:                                            # name what overflowed, and stop
+                    raise_non_finite(model, sequences[:, :length], full_mask[:, :length], length - prompt_len)
             else:
                 scores = scores.astype(steps.wide)                        # [B, V]
                 check_finite_scores(model, scores, sequences[:, :length], full_mask[:, :length], length - prompt_len)
@@ -453,7 +459,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                     next_dev = sample(softmax(scores.astype(xp.float64)), rng)  # [B]
                 else:
                     next_dev = xp.argmax(scores, axis=-1)                 # [B]
-            next_ids = np.asarray(to_host(next_dev)).astype(np.int64)    # the one host read per token
+            if next_host is None:
+                next_host = to_host(next_dev)                             # the one host read per token
+            next_ids = np.asarray(next_host).astype(np.int64)
             if prefill_s is None:
                 prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             fed_as_chosen = bool(unfinished.all())                        # else finished rows are fed pad
@@ -543,4 +551,10 @@ class ModelSteps:
         """The logits [B, V] of the latest step: what a backend that picks inside its step (returning None
         from step(), see choose_in_step) picked from; the loop checks they are finite."""
         return self.logits
+
+    def read_chosen(self):
+        """For a backend that picks inside its step: (chosen_ids() on the host, whether step_logits() are all
+        finite). EngineSteps reads both in one copy; this default takes two reads."""
+        xp = self.xp
+        return np.asarray(to_host(self.chosen_ids())), bool(xp.all(xp.isfinite(self.step_logits())))
 

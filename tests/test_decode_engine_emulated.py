@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn, specs, tune, xp as cuda_xp
+from stablelm_ref.generation import process_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cases import (CONFIGS, engine_greedy, left_padded_batch, make_model,  # noqa: E402
@@ -70,10 +71,18 @@ class _Event:
         pass
 
 
+def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if out is None:
+        return np.array(a)
+    out[...] = a
+    return out
+
+
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
-    ns.asnumpy = lambda a, stream=None: np.array(a)
-    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t)
+    ns.asnumpy = _asnumpy
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t,
+                                    alloc_pinned_memory=bytearray)
     return ns
 
 
@@ -153,16 +162,62 @@ def _embed(grid, block, args):
 
 def _sample(grid, block, args):
     (logits, V, present, penalty, do_sample, temperature, top_k, top_p, u, tok, history, ldh, max_steps, step,
-     cache_len, pos, counter) = args
+     cache_len, pos, counter, bad) = args
     nb = grid[0]
     settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), repetition_penalty=float(penalty))
     pres = None if _null(present) else present[:nb]
-    ids = specs.ref_sample_step(logits[:nb], pres, settings, u[:nb])
+    _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, u[:nb]), present, history, ldh, max_steps, step,
+            cache_len, pos, tok)
+    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
+
+
+def _sample_partial(grid, block, args):
+    """Each slice's top-k (ties kept) of the processed logits (penalty, temperature: generation.py's processors)
+    appended to the row's union."""
+    logits, V, present, penalty, temperature, top_k, val, idx, count, cand_bad, ucap = args
+    P, nb = grid
+    settings = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
+                    repetition_penalty=float(penalty))
+    for b in range(nb):
+        history = np.nonzero(present[b])[0][None] if not _null(present) else np.zeros((1, 0), np.int64)
+        z = process_logits(np.asarray(logits[b:b + 1], np.float32), history, settings)[0]
+        cand_bad[b] |= int(not np.isfinite(logits[b]).all())
+        for p in range(P):
+            zs = z[p * kn.SAMPLE_SLICE:(p + 1) * kn.SAMPLE_SLICE]
+            keep = np.arange(len(zs)) if len(zs) <= top_k else np.nonzero(zs >= np.sort(zs)[-top_k])[0]
+            n0 = int(count[b])
+            val[b, n0:n0 + len(keep)] = zs[keep]
+            idx[b, n0:n0 + len(keep)] = keep + p * kn.SAMPLE_SLICE
+            count[b] += len(keep)
+
+
+def _sample_merge(grid, block, args):
+    """The spec (top-k of the union, top-p, the draw) on the union placed in a row of -inf."""
+    (val, idx, count, cand_bad, ucap, top_k, top_p, u, present, V, tok, history, ldh, max_steps, step, cache_len, pos,
+     counter, bad) = args
+    nb = grid[0]
+    rows = np.full((nb, int(V)), -np.inf, np.float32)
+    for b in range(nb):
+        rows[b, idx[b, :count[b]]] = val[b, :count[b]]
+    settings = dict(do_sample=True, temperature=1.0, top_k=int(top_k), top_p=float(top_p), repetition_penalty=1.0)
+    count[:nb] = 0
+    _finish(nb, specs.ref_sample_step(rows, None, settings, u[:nb]), present, history, ldh, max_steps, step,
+            cache_len, pos, tok)
+    _flag(bad, cand_bad[:nb] != 0)
+    cand_bad[:nb] = 0
+
+
+def _flag(bad, rows):
+    if not _null(bad):
+        bad[: len(rows)] = rows
+
+
+def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok):
     s = int(step[0])
     for b in range(nb):
         tok[b] = ids[b]
-        if pres is not None:
+        if not _null(present):
             present[b, ids[b]] = 1
         if s < max_steps:
             history.reshape(-1)[s * ldh + b] = tok[b]
@@ -172,15 +227,10 @@ def _sample(grid, block, args):
 
 
 def _argmax(grid, block, args):
-    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter = args
-    s = int(step[0])
-    for b in range(grid[0]):
-        tok[b] = int(np.argmax(logits[b]))
-        if s < max_steps:
-            history.reshape(-1)[s * ldh + b] = tok[b]
-        pos[b] += 1
-    step[0] += 1
-    cache_len[0] += 1
+    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter, bad = args
+    nb = grid[0]
+    _finish(nb, np.argmax(logits[:nb], axis=1), np.uint64(0), history, ldh, max_steps, step, cache_len, pos, tok)
+    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
 
 
 class EmulatedKernels(kn.DecodeKernels):
@@ -191,6 +241,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
         self.sample_fn = _Kernel(_sample)
+        self.sample_partial_fn, self.sample_merge_fn = _Kernel(_sample_partial), _Kernel(_sample_merge)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
 
 
@@ -225,7 +276,8 @@ def test_emulated_graph_replay_equals_eager(emulated):
 
 def test_emulated_autotune_chooses_by_step_time(emulated):
     """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
-    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged."""
+    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged; every
+    timing is in the tuner's log."""
     _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
@@ -239,6 +291,8 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     for name, shape in engine.tuning[2].items():
         assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
         assert shape.rows in kn.GEMV_ROWS and shape.us > 0
+    logged = {(e[0], e[2]) for e in engine.tune_log}
+    assert logged == {(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 
@@ -349,8 +403,9 @@ def test_generate_through_engine_steps_greedy_left_padded(emulated):
     assert steps_seen == [True] * 5                        # every token after the first: one engine replay
     assert fast.engine.max_batch == 3 and fast.engine.max_len >= 13      # reserve() grew the cache
     _check_greedy(ref, out, 7, mask)
-    # the engine's cache holds what the model's prefill wrote: its row equals the model's own cache
-    assert np.array_equal(fast.engine.generated(), out[:, 7:])
+    # the engine's history holds the loop's tokens, and the one step queued ahead of the loop (greedy)
+    assert fast.engine.generated().shape == (3, 6 + 1)
+    assert np.array_equal(fast.engine.generated()[:, :6], out[:, 7:])
 
 
 def test_generate_through_engine_steps_eos_pad_streamer(emulated):
@@ -424,23 +479,27 @@ def test_step_backend_choice(emulated):
 
 
 def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monkeypatch):
-    """The fused path (the pick made inside the graph) never picks silently from NaN / Inf logits: the loop
-    checks the logits the step picked from, as it checks the logits it processes itself (issue 15, class 6)."""
+    """The fused path (the pick made inside the graph) never picks silently from NaN / Inf logits: the step's
+    pick flags them (argmax_step, the sampler), the loop reads the flags with the ids and names the first
+    non-finite intermediate, as it does for logits it processes itself (issue 15, class 6)."""
     ref, fast = _models(emulated)
     ids, mask = left_padded_batch(np.random.default_rng(8), 384, [5])
     real_step = fast_gpu.EngineSteps.step
-    calls = []
+    calls, saved = [], []
 
     def poisoned(self, *a, **k):
+        if len(calls) == 1:                                            # NaN weights: the second replay's logits
+            saved.append(self.engine.lm[17].copy())
+            self.engine.lm[17] = 0x7FC0
         out = real_step(self, *a, **k)
         calls.append(k["fused"])
-        if len(calls) == 2:
-            self.engine.logits_buf[0, 17] = np.nan                     # the second replay's logits
         return out
 
     monkeypatch.setattr(fast_gpu.EngineSteps, "step", poisoned)
-    for settings in (dict(), dict(do_sample=True, temperature=0.8, top_k=50, seed=1)):
+    # greedy runs one step ahead: the step after the poison was queued already, the one after it is poisoned
+    for settings, poisoned_call in ((dict(), 3), (dict(do_sample=True, temperature=0.8, top_k=50, seed=1), 2)):
         calls.clear()
         with pytest.raises(de.GenerationError, match="not finite"):
             generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast", **settings)
-        assert calls == [True, True]                                     # it stopped at the poisoned step
+        assert calls == [True] * poisoned_call                           # it stopped at the poisoned step
+        fast.engine.lm[17] = saved.pop()

@@ -363,18 +363,61 @@ def bench_shape(name, args, bw_copy, res):
     cp.get_default_memory_pool().free_all_blocks()
 
 
+def hf_copy(model, cfg_kwargs, attn):
+    """transformers' StableLM (bf16, CUDA) holding `model`'s weights (our GPU model's params, bf16 CuPy)."""
+    import torch
+    hf = build_hf(cfg_kwargs, attn)
+    with torch.no_grad():
+        sd = hf.state_dict()
+        for k, v in model.params.items():
+            if k in sd:
+                sd[k].copy_(torch.from_dlpack(v.view(np.int16)).view(torch.bfloat16))
+    return hf
+
+
+def bf16_logit_errors(model, hf_model=None, prompt=64, new=16, seed=0):
+    """Relative 2-norm errors ||bf16 - f64|| / ||f64|| of logits against this package's float64 CPU reference on
+    the same weights, at the same positions (the prompt's last, then `new` more teacher-forced on random ids):
+      engine: the prefill's last logits, then `new` decode steps of the graph engine through EngineSteps, the
+              step backend model.generate uses (float32 logits from bf16 weights and activations)
+      transformers: hf_model's bfloat16 forward over the same ids (None without hf_model)."""
+    import cupy as cp
+
+    from stablelm_ref import StableLmForCausalLM
+    from stablelm_ref.fast_gpu import EngineSteps
+
+    seq = np.random.default_rng(seed).integers(2, model.config.vocab_size, (1, prompt + new))
+    f64 = StableLmForCausalLM(model.config, {k: cp.asnumpy(v).astype(np.float64) for k, v in model.params.items()})
+    ref = f64(seq).logits[:, prompt - 1: prompt + new]                      # [1, new + 1, V] float64
+    del f64
+    steps = model.fast().decode_steps(1, prompt + new)
+    assert isinstance(steps, EngineSteps), "the graph engine does not cover this model"
+    steps.engine.use_sampler(None)
+    with steps.context():                  # the engine's stream: every copy ordered after its step
+        got = [steps.prefill(seq[:, :prompt], np.ones((1, prompt), np.int64), np.arange(prompt)[None])
+               .astype(cp.float32)]
+        for i in range(prompt, prompt + new):
+            got.append(steps.step(seq[:, i], None, None, None).copy())
+        ours = cp.asnumpy(cp.stack(got, axis=1)).astype(np.float64)     # (outside it, a race: see the notes)
+
+    def rel(a):
+        return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+    out = {"engine": rel(ours), "transformers": None}
+    if hf_model is not None:
+        import torch
+        with torch.no_grad():
+            theirs = hf_model(torch.as_tensor(seq, device="cuda")).logits[:, prompt - 1: prompt + new]
+        out["transformers"] = rel(theirs.float().cpu().numpy().astype(np.float64))
+    return out
+
+
 def bench_transformers(model, ids1, args, r):
     """transformers on the same weights (bf16, CUDA), eager and static cache."""
     import torch
     cfg = {k: v for k, v in FAMILY["3b-4e1t"].items()}
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
-    hf = build_hf(cfg, "eager")
-    with torch.no_grad():
-        sd = hf.state_dict()
-        for k, v in model.params.items():
-            if k in sd:
-                sd[k].copy_(torch.from_dlpack(v.view(np.int16)).view(torch.bfloat16))
+    hf = hf_copy(model, cfg, "eager")
     ids_t = torch.as_tensor(ids1, device="cuda")
     steps = args.new - 1
     t_e, gen_e = time_hf_generate(hf, ids_t, args.new)
@@ -399,6 +442,20 @@ def bench_transformers(model, ids1, args, r):
     return hf
 
 
+def bench_accuracy(args, res):
+    """bf16_logit_errors at 3b-4e1t widths, args.accuracy_layers layers (the float64 CPU model must fit)."""
+    import cupy as cp
+    model = build_model(FAMILY["3b-4e1t"], args.accuracy_layers, seed=1)
+    hf = None
+    if not args.skip_hf:
+        hf = hf_copy(model, dict(FAMILY["3b-4e1t"], num_hidden_layers=args.accuracy_layers), "sdpa")
+    a = res["accuracy"] = dict(bf16_logit_errors(model, hf), layers=args.accuracy_layers)
+    log(f"bf16 logits vs float64 ({args.accuracy_layers} layers): engine {a['engine']:.3e}, transformers "
+        f"{a['transformers'] if a['transformers'] is None else format(a['transformers'], '.3e')}")
+    del model, hf
+    cp.get_default_memory_pool().free_all_blocks()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -409,6 +466,8 @@ def main():
     ap.add_argument("--batch8-shapes", nargs="*", default=["3b-4e1t"], help="shapes also timed at batch 8")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-static", action="store_true")
+    ap.add_argument("--accuracy-layers", type=int, default=8,
+                    help="bf16 logits vs float64 at 3b-4e1t widths with this many layers (0: skip)")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--ncu-step", action="store_true")
     ap.add_argument("--ncu-summary", type=str, default=None, help="summarise an ncu --csv file and exit")
@@ -428,6 +487,9 @@ def main():
     log(f"device bandwidth: copy {bw_copy / 1e9:.0f} GB/s (read + write), read-only kernel {bw_read / 1e9:.0f} GB/s")
     for name in args.shapes:
         bench_shape(name, args, bw_copy, res)
+        log(f"({time.time() - t_start:.0f} s)")
+    if args.accuracy_layers:
+        bench_accuracy(args, res)
         log(f"({time.time() - t_start:.0f} s)")
 
     log("")
@@ -454,6 +516,11 @@ def main():
             log(f"| {name} | transformers static cache + compile, batch 1 | {r['hf static b1 tok/s']:.1f} | "
                 f"{100 * r['hf static b1 tok/s'] / roof:.0f}% |")
         log(f"| {name} | memory roofline ({r['weight GB per step']:.2f} GB / copy bandwidth) | {roof:.0f} | 100% |")
+    if "accuracy" in res:
+        a = res["accuracy"]
+        theirs = "" if a["transformers"] is None else f"; transformers bf16 {a['transformers']:.2e}"
+        log(f"| 3b-4e1t widths, {a['layers']} layers | bf16 logits vs float64 CPU (rel. 2-norm, prompt 64 + "
+            f"16 decode steps) | | engine {a['engine']:.2e}{theirs} |")
     res["wall s"] = time.time() - t_start
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))

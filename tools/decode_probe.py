@@ -88,6 +88,17 @@ def time_graph(engine, ids, g, steps=127, reps=3):
     return float(np.median(out))
 
 
+def print_tune_log(entries):
+    """Per GEMV kind: the 3 best shapes alone (rows, threads, us, GB/s), then every timing within the step."""
+    for kind in dict.fromkeys(e[2] for e in entries):
+        best = [e[3] for e in entries if e[0] == "alone" and e[2] == kind][:3]
+        log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]} {c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
+        for e in entries:
+            if e[0] == "step" and e[2] == kind:
+                c = e[3]
+                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM -> {e[4]:.4f} ms")
+
+
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
@@ -144,9 +155,13 @@ def main():
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
-        tun = {n: v[:3] for n, v in engine.tuning[1].items()}
+        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
+               for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
-        res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun}
+        res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
+                     "tune_log": list(engine.tune_log)}
+        print_tune_log(engine.tune_log)
+        engine.tune_log.clear()
         log(f"{name:12s} {ms:.4f} ms/step  {1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
             f"({time.time() - t0:.0f} s)")
         if name in (args.ablate if args.ablate is not None else [todo[0][0]]):

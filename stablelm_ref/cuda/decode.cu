@@ -11,9 +11,12 @@
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
 //                      combines the partial (max, sum, output) of all splits (flash-decoding)
-//   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history)
+//   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history), and a
+//                      flag per row: NaN / Inf among its logits
 //   sample_step        in argmax_step's place when generate processes the logits: repetition penalty,
 //                      temperature, top-k, top-p, a draw from softmax (or argmax) + the same bookkeeping
+//   sample_topk_partial + sample_topk_merge   the same for top-k sampling, the search spread over many
+//                      blocks a row (each slice's top-k, then the union's)
 //
 // Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
 // Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (decode_engine.py does this, or falls back to NVRTC).
@@ -668,21 +671,69 @@ __device__ __forceinline__ void attn_impl(
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
 
 // ---------------------------------------------------------------- greedy argmax + step bookkeeping
+// The (value, lowest index) maximum over a block, left in rv[0], ri[0] (rv, ri: 32 entries of shared
+// memory); every thread returns with it. Ties go to the lower index, as numpy's argmax.
+__device__ __forceinline__ void argmax_merge(float& best, int& idx, float ov, int oi) {
+    if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+}
+__device__ __forceinline__ void warp_argmax(float& best, int& idx) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(best, idx, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, idx, o));
+}
+__device__ __forceinline__ void block_argmax(float& best, int& idx, float* rv, int* ri) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    warp_argmax(best, idx);
+    __syncthreads();                                  // rv, ri may still be read from an earlier call
+    if (lane == 0) { rv[warp] = best; ri[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < nw ? rv[lane] : NEG_INF;
+        idx = lane < nw ? ri[lane] : 0x7fffffff;
+        warp_argmax(best, idx);
+        if (lane == 0) { rv[0] = best; ri[0] = idx; }
+    }
+    __syncthreads();
+    best = rv[0];
+    idx = ri[0];
+}
+
+// The step's bookkeeping once row b's token is chosen (one thread per row): tok, history[step, b], pos += 1;
+// the last row to finish advances the step counter and the cache length (and resets the counter).
+__device__ __forceinline__ void finish_row(int b, int idx, int* __restrict__ tok, int* __restrict__ history,
+                                           int ldh, int max_steps, int* __restrict__ stepp,
+                                           int* __restrict__ lenp, int* __restrict__ posp,
+                                           int* __restrict__ counter, int rows) {
+    tok[b] = idx;
+    const int s = *stepp;
+    if (s < max_steps) history[(size_t)s * ldh + b] = idx;
+    posp[b] += 1;
+    __threadfence();
+    const int prev = atomicAdd(counter, 1);
+    if (prev == rows - 1) {
+        *stepp = s + 1;
+        *lenp += 1;
+        *counter = 0;
+    }
+}
+
 // grid (nb), block (1024). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
-// (row stride ldh), pos[b] += 1;
-// the last block to finish advances the step counter and the cache length.
+// (row stride ldh), pos[b] += 1, bad[b] = 1 if any logit of the row is NaN or Inf (else 0; generate reads
+// it with the token: one device-to-host copy a step); the last block to finish advances the step counter
+// and the cache length.
 extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok,
                                        int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
                                        int* __restrict__ lenp, int* __restrict__ posp,
-                                       int* __restrict__ counter) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
+                                       int* __restrict__ counter, int* __restrict__ bad) {
+    __shared__ float rv[32];
+    __shared__ int ri[32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int b = blockIdx.x, tid = threadIdx.x;
     const float* row = logits + (size_t)b * V;
     float best = NEG_INF;
     int idx = 0x7fffffff;
+    bool finite = true;
     if ((V & 3) == 0) {                             // float4 loads, four in flight per thread
         const float4* row4 = reinterpret_cast<const float4*>(row);
         const int V4 = V >> 2;
@@ -693,51 +744,27 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
             if (v.y > best) { best = v.y; idx = 4 * k + 1; }
             if (v.z > best) { best = v.z; idx = 4 * k + 2; }
             if (v.w > best) { best = v.w; idx = 4 * k + 3; }
+            finite = finite && isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
         }
     } else {
         for (int k = tid; k < V; k += blockDim.x) {
             const float v = row[k];
             if (v > best) { best = v; idx = k; }
+            finite = finite && isfinite(v);
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
-    }
-    if (lane == 0) { bv[warp] = best; bi[warp] = idx; }
-    __syncthreads();
-    if (warp == 0) {
-        const int nw = blockDim.x >> 5;
-        best = lane < nw ? bv[lane] : NEG_INF;
-        idx = lane < nw ? bi[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
-        }
-        if (lane == 0) {
-            if (idx == 0x7fffffff) idx = 0;              // all NaN: emit token 0 rather than garbage
-            tok[b] = idx;
-            const int s = *stepp;
-            if (s < max_steps) history[(size_t)s * ldh + b] = idx;
-            posp[b] += 1;
-            __threadfence();
-            const int prev = atomicAdd(counter, 1);
-            if (prev == (int)gridDim.x - 1) {
-                *stepp = s + 1;
-                *lenp += 1;
-                *counter = 0;
-            }
-        }
+    const int any_bad = __syncthreads_or(!finite);
+    block_argmax(best, idx, rv, ri);
+    if (tid == 0) {                                   // all NaN: emit token 0 rather than garbage
+        if (bad != nullptr) bad[b] = any_bad;
+        finish_row(b, idx == 0x7fffffff ? 0 : idx, tok, history, ldh, max_steps, stepp, lenp, posp, counter,
+                   (int)gridDim.x);
     }
 }
 
 // ---------------------------------------------------------------- logits processing + sampling + bookkeeping
-// grid (nb), block (SAMPLE_THREADS). generation.py's processors and sampler for row b, in transformers'
-// order, on the step's float32 logits (replaces argmax_step in the graph when generate processes logits):
+// generation.py's processors and sampler for row b, in transformers' order, on the step's float32 logits
+// (in argmax_step's place in the graph when generate processes logits):
 //   z_v = logits_v;  z_v = z_v < 0 ? z_v * penalty : z_v / penalty   where present[b, v] (penalty != 1)
 //   do_sample = 0: tok = argmax z (lowest index on ties)
 //   do_sample = 1: z /= temperature; top_k in [1, SAMPLE_KMAX]: keep z_v >= the k-th largest (ties kept,
@@ -746,9 +773,17 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 //     or top_k = 0 with top_p = 1: every token. Then p = softmax(z) in float64, cdf in vocabulary order,
 //     tok = the first index whose cdf > u[b] * cdf_last (u[b] in [0, 1) from the host's generator).
 // Then as argmax_step: history, pos, step and length; and present[b, tok] = 1 for the next step.
+// Two ways: sample_step, one block per row, does it all (greedy with a penalty, top_k 0); with top_k in
+// [1, SAMPLE_KMAX] the top-k search is spread over many blocks per row: sample_topk_partial (grid
+// (ceil(V / SAMPLE_SLICE), nb)) keeps each slice's own top-k (ties kept) in a per-row union buffer, and
+// sample_topk_merge (grid nb) selects the k-th largest of the union (every value of the row's top-k lies in
+// its slice's top-k, so the threshold and the kept set are the row's), then top-p and the draw.
 #define SAMPLE_THREADS 1024
 #define SAMPLE_KMAX 1024
 #define SAMPLE_CMAX 2048
+#define SAMPLE_PART_THREADS 256
+#define SAMPLE_PART_PER_THREAD 8
+#define SAMPLE_SLICE (SAMPLE_PART_THREADS * SAMPLE_PART_PER_THREAD)     // logits per partial block
 
 __device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
                                                  float penalty, int do_sample, float temperature) {
@@ -760,6 +795,60 @@ __device__ __forceinline__ float processed_logit(const float* __restrict__ row, 
 __device__ __forceinline__ unsigned int order_key(float f) {     // a > b  <=>  key(a) > key(b)
     const unsigned int u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// One round of a radix select, run by one whole warp: hist[d] counts the candidates whose current 8-bit digit
+// is d. Returns the digit of the need-th largest candidate and lowers need by the count of larger digits.
+__device__ __forceinline__ unsigned int radix_digit(const unsigned int* hist, int& need) {
+    const int lane = threadIdx.x & 31;
+    int c[8], s = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { c[i] = (int)hist[255 - 8 * lane - i]; s += c[i]; }   // descending digits
+    int incl = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    const int excl = incl - s;
+    const unsigned int owner = __ballot_sync(0xffffffffu, excl < need && need <= incl);
+    const int src = owner ? __ffs(owner) - 1 : 31;
+    int d = 0, left = need;
+    if (lane == src) {
+        int acc = excl;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            if (acc + c[i] >= need) { d = 255 - 8 * lane - i; left = need - acc; break; }
+            acc += c[i];
+        }
+    }
+    need = __shfl_sync(0xffffffffu, left, src);
+    return (unsigned int)__shfl_sync(0xffffffffu, d, src);
+}
+
+// The smallest key of the need largest among the n keys key_at(0..n-1) the block's threads hold (8 bits at a
+// time; ties counted). need <= n.  hist: 256 shared counters; sh: 2 shared ints.
+template <typename KeyAt>
+__device__ unsigned int block_radix_select(KeyAt key_at, int n, int need, unsigned int* hist, int* sh) {
+    unsigned int prefix = 0u, mask = 0u;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        key_at([&](unsigned int key) {
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        });
+        __syncthreads();
+        if ((threadIdx.x >> 5) == 0) {
+            const unsigned int d = radix_digit(hist, need);
+            if (threadIdx.x == 0) { sh[0] = (int)d; sh[1] = need; }
+        }
+        __syncthreads();
+        prefix |= (unsigned int)sh[0] << shift;
+        need = sh[1];
+        mask |= 0xFFu << shift;
+        __syncthreads();                              // sh is written again in the next round
+    }
+    return prefix;
 }
 
 // (value, index) ascending, index breaking ties (numpy's stable argsort); n2 a power of two <= SAMPLE_CMAX
@@ -793,19 +882,65 @@ __device__ __forceinline__ double warp_scan_incl(double v) {
     return v;
 }
 
+// The top-k candidates cval/cidx[0, n) (shared, n <= SAMPLE_CMAX, any order) -> the draw: top-p over them
+// sorted ascending (padding sorts first: -inf, and is never kept), then softmax in float64 (zmax: the row's
+// largest processed logit) and the cdf in vocabulary order at u * total. Returns the pick (every thread),
+// or fallback if nothing is kept.  s_pick: a shared int.
+__device__ int draw_from_candidates(float* cval, int* cidx, int n, float top_p, double u, float zmax, int fallback,
+                                    int* s_pick) {
+    int n2 = 1;
+    while (n2 < n) n2 <<= 1;
+    for (int i = n + threadIdx.x; i < n2; i += blockDim.x) { cval[i] = NEG_INF; cidx[i] = 0x7fffffff; }
+    __syncthreads();
+    if (top_p < 1.f) {
+        bitonic_sort(cval, cidx, n2, false);
+        if (threadIdx.x == 0) {
+            const float m = cval[n2 - 1];
+            float s = 0.f;
+            for (int i = n2 - n; i < n2; ++i) s += expf(cval[i] - m);
+            float cum = 0.f;
+            for (int i = n2 - n; i < n2 - 1; ++i) {
+                cum += expf(cval[i] - m) / s;
+                if (cum <= 1.f - top_p) cval[i] = NEG_INF;       // dropped: probability exactly 0 below
+            }
+        }
+        __syncthreads();
+    }
+    bitonic_sort(cval, cidx, n2, true);
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        int last = -1;
+        for (int i = 0; i < n2; ++i)
+            if (cval[i] != NEG_INF) { total += exp((double)cval[i] - (double)zmax); last = i; }
+        const double target = u * total;
+        double c = 0.0;
+        int pick = last;
+        for (int i = 0; i < n2; ++i) {
+            if (cval[i] == NEG_INF) continue;
+            c += exp((double)cval[i] - (double)zmax);
+            if (c > target) { pick = i; break; }
+        }
+        *s_pick = pick >= 0 ? cidx[pick] : fallback;
+    }
+    __syncthreads();
+    return *s_pick;
+}
+
+// grid (nb), block (SAMPLE_THREADS): every setting sampler_covers(), one block per row. bad[b] as argmax_step's
+// (the raw logits).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
             int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
             int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
-            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter) {
+            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter, int* __restrict__ bad) {
     __shared__ float cval[SAMPLE_CMAX];
     __shared__ int cidx[SAMPLE_CMAX];
     __shared__ unsigned int hist[256];
     __shared__ float rv[32];
     __shared__ int ri[32];
     __shared__ double rd[32];
-    __shared__ unsigned int s_prefix;
-    __shared__ int s_need, s_n, s_choice;
+    __shared__ int sh[2];
+    __shared__ int s_n, s_choice;
     PDL_LAUNCH();
     PDL_WAIT();
     const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
@@ -814,105 +949,38 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     if (tid == 0) s_choice = -1;
 
     // the largest processed logit and its lowest index (greedy's choice; the full path's max)
-    float best = NEG_INF;
+    float zmax = NEG_INF;
     int bidx = 0x7fffffff;
+    bool finite = true;
     for (int v = tid; v < V; v += blockDim.x) {
         const float z = processed_logit(row, pres, v, penalty, do_sample, temperature);
-        if (z > best) { best = z; bidx = v; }
+        if (z > zmax) { zmax = z; bidx = v; }
+        finite = finite && isfinite(row[v]);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-        if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
-    }
-    if (lane == 0) { rv[warp] = best; ri[warp] = bidx; }
-    __syncthreads();
-    if (warp == 0) {
-        best = lane < nw ? rv[lane] : NEG_INF;
-        bidx = lane < nw ? ri[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-            if (ov > best || (ov == best && oi < bidx)) { best = ov; bidx = oi; }
-        }
-        if (lane == 0) { rv[0] = best; ri[0] = bidx == 0x7fffffff ? 0 : bidx; }
-    }
-    __syncthreads();
-    const float zmax = rv[0];
+    const int any_bad = __syncthreads_or(!finite);
+    if (tid == 0 && bad != nullptr) bad[b] = any_bad;
+    block_argmax(zmax, bidx, rv, ri);
+    if (bidx == 0x7fffffff) bidx = 0;
     if (!do_sample) {
-        if (tid == 0) s_choice = ri[0];
+        if (tid == 0) s_choice = bidx;
     } else if (top_k > 0 && top_k < V) {
-        // 1. the k-th largest key, 8 bits at a time (radix select), then every z with a key >= it
-        unsigned int prefix = 0u, mask = 0u;
-        int need = top_k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
-            __syncthreads();
-            for (int v = tid; v < V; v += blockDim.x) {
-                const unsigned int key = order_key(processed_logit(row, pres, v, penalty, 1, temperature));
-                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-            }
-            __syncthreads();
-            if (tid == 0) {
-                int acc = 0;
-                for (int d = 255; d >= 0; --d) {
-                    if (acc + (int)hist[d] >= need) { s_prefix = prefix | ((unsigned int)d << shift); s_need = need - acc; break; }
-                    acc += (int)hist[d];
-                }
-                s_n = 0;
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            need = s_need;
-            mask |= 0xFFu << shift;
-        }
+        // the k-th largest key, then every z with a key >= it (at most SAMPLE_CMAX kept)
+        auto each_key = [&](auto f) {
+            for (int v = tid; v < V; v += blockDim.x) f(order_key(processed_logit(row, pres, v, penalty, 1, temperature)));
+        };
+        const unsigned int kth = block_radix_select(each_key, V, top_k, hist, sh);
+        if (tid == 0) s_n = 0;
+        __syncthreads();
         for (int v = tid; v < V; v += blockDim.x) {
             const float z = processed_logit(row, pres, v, penalty, 1, temperature);
-            if (order_key(z) >= prefix) {
+            if (order_key(z) >= kth) {
                 const int i = atomicAdd(&s_n, 1);
                 if (i < SAMPLE_CMAX) { cval[i] = z; cidx[i] = v; }
             }
         }
         __syncthreads();
-        const int n = min(s_n, SAMPLE_CMAX);
-        int n2 = 1;
-        while (n2 < n) n2 <<= 1;
-        for (int i = n + tid; i < n2; i += blockDim.x) { cval[i] = NEG_INF; cidx[i] = 0x7fffffff; }
-        __syncthreads();
-        // 2. top-p over the candidates sorted ascending (padding sorts first: -inf, and is never kept)
-        if (top_p < 1.f) {
-            bitonic_sort(cval, cidx, n2, false);
-            if (tid == 0) {
-                const float m = cval[n2 - 1];
-                float s = 0.f;
-                for (int i = n2 - n; i < n2; ++i) s += expf(cval[i] - m);
-                float cum = 0.f;
-                for (int i = n2 - n; i < n2 - 1; ++i) {
-                    cum += expf(cval[i] - m) / s;
-                    if (cum <= 1.f - top_p) cval[i] = NEG_INF;       // dropped: probability exactly 0 below
-                }
-            }
-            __syncthreads();
-        }
-        // 3. softmax in float64, cdf in vocabulary order, the first index past u * total
-        bitonic_sort(cval, cidx, n2, true);
-        if (tid == 0) {
-            double total = 0.0;
-            int last = -1;
-            for (int i = 0; i < n2; ++i)
-                if (cval[i] != NEG_INF) { total += exp((double)cval[i] - (double)zmax); last = i; }
-            const double target = u[b] * total;
-            double c = 0.0;
-            int pick = last;
-            for (int i = 0; i < n2; ++i) {
-                if (cval[i] == NEG_INF) continue;
-                c += exp((double)cval[i] - (double)zmax);
-                if (c > target) { pick = i; break; }
-            }
-            s_choice = pick >= 0 ? cidx[pick] : ri[0];
-        }
+        const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+        if (tid == 0) s_choice = pick;
     } else {
         // every token (top_k 0, top_p 1): per-thread contiguous ranges keep the vocabulary order
         const int chunk = (V + blockDim.x - 1) / blockDim.x;
@@ -961,17 +1029,122 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     __syncthreads();
     if (tid == 0) {
         const int idx = s_choice < 0 ? 0 : s_choice;
-        tok[b] = idx;
         if (pres != nullptr) pres[idx] = 1;
-        const int s = *stepp;
-        if (s < max_steps) history[(size_t)s * ldh + b] = idx;
-        posp[b] += 1;
-        __threadfence();
-        const int prev = atomicAdd(counter, 1);
-        if (prev == (int)gridDim.x - 1) {
-            *stepp = s + 1;
-            *lenp += 1;
-            *counter = 0;
+        finish_row(b, idx, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x);
+    }
+}
+
+// grid (ceil(V / SAMPLE_SLICE), nb), block (SAMPLE_PART_THREADS); do_sample with top_k in [1, SAMPLE_KMAX].
+// Block p of row b: the processed logits of its slice [p * SAMPLE_SLICE, +SAMPLE_SLICE), held in registers;
+// those with a key >= the slice's k-th largest (all of them if the slice has <= k) are appended to the row's
+// union: cand_val/cand_idx[b, count[b] + i] (count[b] advanced by one atomic per block; the merge resets it).
+// cand_bad[b] |= 1 where the slice holds a NaN or Inf logit (the merge passes it on to bad[b] and resets it).
+extern "C" __global__ void __launch_bounds__(SAMPLE_PART_THREADS)
+sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char* __restrict__ present,
+                    float penalty, float temperature, int top_k, float* __restrict__ cand_val,
+                    int* __restrict__ cand_idx, int* __restrict__ cand_count, int* __restrict__ cand_bad, int ucap) {
+    __shared__ unsigned int hist[256];
+    __shared__ float lval[SAMPLE_SLICE];
+    __shared__ int lidx[SAMPLE_SLICE];
+    __shared__ int sh[2];
+    __shared__ int s_n, s_base;
+    PDL_LAUNCH();
+    PDL_WAIT();
+    const int p = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const float* row = logits + (size_t)b * V;
+    const unsigned char* pres = present != nullptr ? present + (size_t)b * V : nullptr;
+    const int v0 = p * SAMPLE_SLICE, n = min(SAMPLE_SLICE, V - v0);
+    float z[SAMPLE_PART_PER_THREAD];
+    bool finite = true;
+#pragma unroll
+    for (int i = 0; i < SAMPLE_PART_PER_THREAD; ++i) {
+        const int j = tid + i * SAMPLE_PART_THREADS;
+        z[i] = j < n ? processed_logit(row, pres, v0 + j, penalty, 1, temperature) : 0.f;
+        finite = finite && (j >= n || isfinite(row[v0 + j]));
+    }
+    if (__syncthreads_or(!finite) && tid == 0) atomicOr(cand_bad + b, 1);
+    unsigned int kth = 0u;                                       // keep all: every key is >= 0
+    if (n > top_k) {
+        auto each_key = [&](auto f) {
+#pragma unroll
+            for (int i = 0; i < SAMPLE_PART_PER_THREAD; ++i)
+                if (tid + i * SAMPLE_PART_THREADS < n) f(order_key(z[i]));
+        };
+        kth = block_radix_select(each_key, n, top_k, hist, sh);
+    }
+    if (tid == 0) s_n = 0;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < SAMPLE_PART_PER_THREAD; ++i) {
+        const int j = tid + i * SAMPLE_PART_THREADS;
+        if (j < n && order_key(z[i]) >= kth) {
+            const int k = atomicAdd(&s_n, 1);                    // k < n <= SAMPLE_SLICE
+            lval[k] = z[i];
+            lidx[k] = v0 + j;
         }
+    }
+    __syncthreads();
+    if (tid == 0) s_base = atomicAdd(cand_count + b, s_n);
+    __syncthreads();
+    for (int k = tid; k < s_n; k += SAMPLE_PART_THREADS) {
+        const int at = s_base + k;                               // at < ucap: the union of every slice
+        if (at < ucap) {
+            cand_val[(size_t)b * ucap + at] = lval[k];
+            cand_idx[(size_t)b * ucap + at] = lidx[k];
+        }
+    }
+}
+
+// grid (nb), block (SAMPLE_THREADS), after sample_topk_partial: the union's k-th largest, the kept
+// candidates (at most SAMPLE_CMAX), top-p and the draw; the bookkeeping; bad[b] = cand_bad[b]; count[b] and
+// cand_bad[b] back to 0.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ cand_idx, int* __restrict__ cand_count,
+                  int* __restrict__ cand_bad, int ucap, int top_k, float top_p, const double* __restrict__ u,
+                  unsigned char* __restrict__ present, int V, int* __restrict__ tok, int* __restrict__ history,
+                  int ldh, int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
+                  int* __restrict__ counter, int* __restrict__ bad) {
+    __shared__ float cval[SAMPLE_CMAX];
+    __shared__ int cidx[SAMPLE_CMAX];
+    __shared__ unsigned int hist[256];
+    __shared__ float rv[32];
+    __shared__ int ri[32];
+    __shared__ int sh[2];
+    __shared__ int s_n;
+    PDL_LAUNCH();
+    PDL_WAIT();
+    const int b = blockIdx.x, tid = threadIdx.x;
+    const int n = min(cand_count[b], ucap);
+    const float* uv = cand_val + (size_t)b * ucap;
+    const int* ui = cand_idx + (size_t)b * ucap;
+    float zmax = NEG_INF;                                        // the row's largest: it is in the union
+    int bidx = 0x7fffffff;
+    for (int e = tid; e < n; e += blockDim.x) argmax_merge(zmax, bidx, uv[e], ui[e]);
+    block_argmax(zmax, bidx, rv, ri);
+    if (bidx == 0x7fffffff) bidx = 0;
+    unsigned int kth = 0u;
+    if (n > top_k) {
+        auto each_key = [&](auto f) {
+            for (int e = tid; e < n; e += blockDim.x) f(order_key(uv[e]));
+        };
+        kth = block_radix_select(each_key, n, top_k, hist, sh);
+    }
+    if (tid == 0) s_n = 0;
+    __syncthreads();
+    for (int e = tid; e < n; e += blockDim.x) {
+        const float z = uv[e];
+        if (order_key(z) >= kth) {
+            const int i = atomicAdd(&s_n, 1);
+            if (i < SAMPLE_CMAX) { cval[i] = z; cidx[i] = ui[e]; }
+        }
+    }
+    __syncthreads();
+    const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+    if (tid == 0) {
+        cand_count[b] = 0;                                       // every thread read it (barriers since)
+        if (bad != nullptr) bad[b] = cand_bad[b];
+        cand_bad[b] = 0;
+        if (present != nullptr) present[(size_t)b * V + pick] = 1;
+        finish_row(b, pick, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x);
     }
 }

@@ -14,7 +14,10 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
       m  = silu(h2 @ Wg^T) * (h2 @ Wu^T)                 gemv over interleaved gate/up rows (swiglu) -> bf16
       x += m @ Wd^T                                      gemv (add)
     logits = LayerNorm_f(x) @ W_lm^T                     gemv (store)          -> f32 [B, vocab]
-    tok = argmax(logits); len += 1; pos += 1             argmax_step
+    tok = argmax(logits); len += 1; pos += 1             argmax_step (or generate's processors and sampler:
+                                                         sample_step, or for top-k sample_topk_partial over
+                                                         many blocks a row + sample_topk_merge); each also
+                                                         flags rows with NaN / Inf logits (tok_flags[1])
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
@@ -149,12 +152,14 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
+        self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
         self._nb = None
         self._host_len = 0
         self._host_step = 0
+        self._picks_copied = None            # the event after queue_picks_copy's copy
 
     # -- configuration ------------------------------------------------------------------------
     @staticmethod
@@ -274,7 +279,10 @@ class GpuDecodeEngine:
         self.kc = cp.zeros((nl, MB, self.KVH, self.max_len, self.D), cp.uint16)
         self.vc = cp.zeros_like(self.kc)
         self.kmask = cp.zeros((MB, self.max_len), cp.uint8)
-        self.tok = cp.zeros(MB, cp.int32)
+        self.tok_flags = cp.zeros((2, MB), cp.int32)                # the step's picks | non-finite logits flags
+        self.tok, self.nonfinite = self.tok_flags[0], self.tok_flags[1]
+        self.picks_host = np.frombuffer(cp.cuda.alloc_pinned_memory(self.tok_flags.nbytes), np.int32,
+                                        self.tok_flags.size).reshape(2, MB)   # queue_picks_copy's target
         self.pos = cp.zeros(MB, cp.int32)
         self.cache_len = cp.zeros(1, cp.int32)
         self.step = cp.zeros(1, cp.int32)
@@ -283,6 +291,7 @@ class GpuDecodeEngine:
         self.am_counter = cp.zeros(1, cp.int32)
         self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
         self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
+        self.sample_scratch = self.k.sample_scratch(MB, self.vocab)  # sampling's top-k union (sample_launch)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
@@ -330,12 +339,12 @@ class GpuDecodeEngine:
         plan.append(self._gemv("lm_head", self.lm, self.h, MODE_STORE, nb))
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
-                                        self.pos, self.am_counter, nb=nb))
+                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
-            plan.append(k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
-                                        self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
-                                        settings=self.sampler))
+            plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
+                                    self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
+                                    settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite)
         self._plans[key] = plan
         return plan
 
@@ -385,9 +394,8 @@ class GpuDecodeEngine:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
         advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
         self._forget(nb)
-        plan = self._plan(nb)
-        assert plan[-1].tag in ("argmax", "sample")
-        return self.replay_ms(self.capture_launches(plan[:-1], pdl=self.pdl), replays=replays, reps=reps)
+        plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
+        return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=replays, reps=reps)
 
     # -- public API -------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):
@@ -468,6 +476,8 @@ class GpuDecodeEngine:
             self.logits_buf[:B] = last
             self.att_counters[...] = 0
             self.am_counter[...] = 0
+            self.sample_scratch[2][...] = 0
+            self.nonfinite[...] = 0
             result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
         self.stream.synchronize()
         self._nb, self._host_len, self._host_step = B, T, 1
@@ -508,6 +518,25 @@ class GpuDecodeEngine:
 
     def synchronize(self):
         self.stream.synchronize()
+
+    def steps_left(self) -> int:
+        """decode_step() calls the cache has room for."""
+        return self.max_len - self._host_len
+
+    def queue_picks_copy(self):
+        """Queue a copy of the latest step's picks and non-finite flags (tok_flags) into pinned host memory,
+        ordered after that step and before anything queued later: read_picks() then waits for this copy
+        alone, while later steps run."""
+        cp = self.cp
+        cp.asnumpy(self.tok_flags, stream=self.stream, out=self.picks_host, blocking=False)
+        if self._picks_copied is None:
+            self._picks_copied = cp.cuda.Event()
+        self._picks_copied.record(self.stream)
+
+    def read_picks(self) -> np.ndarray:
+        """[2, max_batch] int32: the picks and flags queue_picks_copy() copied (waits for that copy)."""
+        self._picks_copied.synchronize()
+        return self.picks_host.copy()
 
     def get_logits(self) -> np.ndarray:
         """Logits [B, V] (float32) that chose the latest token."""
@@ -563,6 +592,8 @@ class GpuDecodeEngine:
             self.step[0] = 1                                  # the first token (set_tokens) is history[0]
             self.att_counters[...] = 0
             self.am_counter[...] = 0
+            self.sample_scratch[2][...] = 0
+            self.nonfinite[...] = 0
             if input_ids is not None:
                 ids = np.asarray(input_ids)
                 first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths

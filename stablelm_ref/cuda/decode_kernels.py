@@ -6,9 +6,10 @@
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
     k.argmax_launch(logits, tok, history, ...)             # greedy pick + step bookkeeping
+    k.sample_launch(logits, present, u, tok, ...)          # generate's processors + sampler (1 or 2 launches)
 
-Each returns a Launch (launch.py) to call eagerly or capture into the step's graph. The float64 spec of
-every kernel is in specs.py; tests/gpu/test_decode_engine.py compares them.
+Each returns a Launch (launch.py; sample_launch a list of them) to call eagerly or capture into the step's
+graph. The float64 spec of every kernel is in specs.py; tests/gpu/test_decode_engine.py compares them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GEMV_MAX_THREADS = 512
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
+SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
 
 
@@ -46,6 +48,8 @@ class DecodeKernels:
         self.embed_fn = f("embed_rows")
         self.argmax_fn = f("argmax_step")
         self.sample_fn = f("sample_step")
+        self.sample_partial_fn = f("sample_topk_partial")
+        self.sample_merge_fn = f("sample_topk_merge")
         dev = cp.cuda.Device()
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
@@ -72,14 +76,13 @@ class DecodeKernels:
         if mode == MODE_SWIGLU:
             if rows % 2 or N % 2:
                 raise ValueError("gemv swiglu needs an even number of rows per block and of W rows")
-            y, ldy = yh, yh.shape[-1]
+            ldy = yh.shape[-1]
         else:
-            y, ldy = yf, yf.shape[-1]
-        fn = self.gemv_fn[(bm, rows)]
+            ldy = yf.shape[-1]
         args = (x, i32(K), i32(nb), W, i32(N), i32(K),
                 bias if bias is not None else NULL,
                 yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode))
-        del y
+        fn = self.gemv_fn[(bm, rows)]
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
         return Launch(fn, (grid,), (threads,), args, tag=tag)
@@ -127,11 +130,12 @@ class DecodeKernels:
     def embed_launch(self, tok, E, x, *, nb, tag="embed"):
         return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x), tag=tag)
 
-    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, tag="argmax"):
+    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, tag="argmax"):
+        """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None."""
         V = logits.shape[-1]
         return Launch(self.argmax_fn, (nb,), (1024,),
                       (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
-                       step, cache_len, pos, counter), tag=tag)
+                       step, cache_len, pos, counter, bad if bad is not None else NULL), tag=tag)
 
     @staticmethod
     def sampler_covers(settings, vocab: int) -> bool:
@@ -143,15 +147,44 @@ class DecodeKernels:
         k = settings["top_k"]
         return 1 <= k <= SAMPLE_KMAX and k < vocab or (k == 0 or k >= vocab) and settings["top_p"] >= 1.0
 
+    @staticmethod
+    def sample_scratch_size(vocab: int) -> int:
+        """Entries per row of the top-k union buffer: every slice's logits at most (ceil(V / slice) slices)."""
+        return -(-vocab // SAMPLE_SLICE) * SAMPLE_SLICE
+
+    def sample_scratch(self, max_batch: int, vocab: int):
+        """The top-k path's buffers: the union's values and ids [max_batch, size]; per row its count and a
+        non-finite flag [2, max_batch] (zero between steps: sample_topk_merge resets them)."""
+        cp, n = self.cp, self.sample_scratch_size(vocab)
+        return (cp.zeros((max_batch, n), cp.float32), cp.zeros((max_batch, n), cp.int32),
+                cp.zeros((2, max_batch), cp.int32))
+
     def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
-                      tag="sample"):
-        """generate's processors and sampler on logits [>= nb, V] (see sample_step in decode.cu); present:
-        uint8 [>= nb, V] (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]."""
+                      scratch=None, bad=None, tag="sample"):
+        """generate's processors and sampler on logits [>= nb, V] (see decode.cu); present: uint8 [>= nb, V]
+        (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]. Sampling with
+        top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row, then
+        sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one block a
+        row. bad: as argmax_launch's. Returns the launches, in order."""
         V = logits.shape[-1]
         k = settings["top_k"] if settings["top_k"] < V else 0
-        return Launch(self.sample_fn, (nb,), (SAMPLE_THREADS,),
-                      (logits, i32(V), present if present is not None else NULL,
-                       np.float32(settings["repetition_penalty"]), i32(bool(settings["do_sample"])),
-                       np.float32(settings["temperature"]), i32(k), np.float32(settings["top_p"]), u,
-                       tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter),
-                      tag=tag)
+        book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter,
+                bad if bad is not None else NULL)
+        pres = present if present is not None else NULL
+        if settings["do_sample"] and 1 <= k <= SAMPLE_KMAX:
+            val, idx, count = scratch if scratch is not None else self.sample_scratch(nb, V)
+            ucap = val.shape[-1]
+            if ucap < self.sample_scratch_size(V) or val.shape[0] < nb:
+                raise ValueError(f"sample scratch {val.shape} is too small for {nb} rows of {V} logits")
+            part = Launch(self.sample_partial_fn, (-(-V // SAMPLE_SLICE), nb), (SAMPLE_PART_THREADS,),
+                          (logits, i32(V), pres, np.float32(settings["repetition_penalty"]),
+                           np.float32(settings["temperature"]), i32(k), val, idx, count[0], count[1], i32(ucap)),
+                          tag=tag)
+            merge = Launch(self.sample_merge_fn, (nb,), (SAMPLE_THREADS,),
+                           (val, idx, count[0], count[1], i32(ucap), i32(k), np.float32(settings["top_p"]), u, pres,
+                            i32(V), *book), tag=tag)
+            return [part, merge]
+        return [Launch(self.sample_fn, (nb,), (SAMPLE_THREADS,),
+                       (logits, i32(V), pres, np.float32(settings["repetition_penalty"]),
+                        i32(bool(settings["do_sample"])), np.float32(settings["temperature"]), i32(k),
+                        np.float32(settings["top_p"]), u, *book), tag=tag)]

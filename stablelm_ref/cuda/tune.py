@@ -8,6 +8,8 @@ and on its neighbours in the step. Two stages, once per batch size (seconds):
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
 
+Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
+
 The functions take the engine (decode_engine.GpuDecodeEngine): its buffers, plan and step timing.
 """
 
@@ -72,8 +74,9 @@ def tune(engine, nb):
                 ms = engine.time_launches(launches) / len(launches)
                 timed.append((ms, R, T))
             timed.sort()
-            top[name] = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9)
-                         for ms, R, T in timed[:TUNE_FINALISTS]]
+            timed = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9) for ms, R, T in timed]
+            engine.tune_log += [("alone", nb, name, tuple(c)) for c in timed]
+            top[name] = timed[:TUNE_FINALISTS]
             engine.tuning[nb][name] = top[name][0]
         tune_in_step(engine, nb, top)                                    # 2. the finalists in the step
         with engine.stream:
@@ -102,6 +105,7 @@ def tune_in_step(engine, nb, top):
             for cand in cands:
                 engine.tuning[nb][name] = cand
                 ms = engine.time_step(nb)
+                engine.tune_log.append(("step", nb, name, tuple(cand), ms))
                 if ms < best:
                     best, chosen = ms, cand
 

@@ -49,50 +49,67 @@ def _bits(a):
 
 
 # ----------------------------------------------------------------------------- GEMV
+class _GemvCase:
+    """Random bf16 x [nb, K] and W [N, K], the bound sum_k |x_k w_k| the tolerance scales with, and NaN-poisoned
+    outputs with one row past the batch (which must stay NaN)."""
+
+    def __init__(self, seed, nb, N, K, mode, with_bias):
+        rng = np.random.default_rng(seed)
+        self.nb, self.mode = nb, mode
+        self.xb = _bits(rng.standard_normal((nb, K)))
+        self.Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
+        self.x, self.W = specs.ref_bf16_to_f64(self.xb), specs.ref_bf16_to_f64(self.Wb)
+        self.bound = np.abs(self.x) @ np.abs(self.W).T                       # sum_k |x_k w_k|
+        self.bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == kn.MODE_STORE) else None
+        self.y0 = rng.standard_normal((nb, N)).astype(np.float32)
+        self.yf = self.yh = None
+        if mode == kn.MODE_SWIGLU:
+            self.yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
+        else:
+            self.yf = cp.full((nb + 1, N), np.nan, cp.float32)
+            if mode == kn.MODE_ADD:
+                self.yf[:nb] = cp.asarray(self.y0)
+
+    def launch(self, kernels, **shape):
+        return kernels.gemv_launch(cp.asarray(self.xb), cp.asarray(self.Wb), nb=self.nb, mode=self.mode,
+                                   yf=self.yf, yh=self.yh,
+                                   bias=None if self.bias is None else cp.asarray(self.bias), **shape)
+
+    def check(self):
+        """Float32 accumulation of exact bf16 products: |err| <= 1e-5 sum_k |x_k w_k| (K <= 720 terms at
+        2^-24 each, with room); SwiGLU adds the bf16 rounding of the result."""
+        nb, x, W, bound = self.nb, self.x, self.W, self.bound
+        ref = specs.ref_gemv(x, W, self.mode, bias=None if self.bias is None else self.bias.astype(np.float64),
+                             y0=self.y0)
+        if self.mode == kn.MODE_SWIGLU:
+            got = specs.ref_bf16_to_f64(cp.asnumpy(self.yh))
+            acc = x @ W.T
+            gate, up = acc[:, 0::2], acc[:, 1::2]
+            silu = gate / (1 + np.exp(-gate))
+            # bf16 rounding of the result + float32 accumulation error of gate and up carried through
+            tol = (2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2])
+                   + 1e-12)
+        else:
+            got = cp.asnumpy(self.yf).astype(np.float64)
+            tol = 1e-5 * bound + 1e-6
+        assert np.isfinite(got[:nb]).all(), "unwritten output"
+        assert np.isnan(got[nb]).all(), "wrote past the batch"
+        assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
+
+
 @HYP
 @given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
        ri=st.integers(0, 3), threads=st.sampled_from([32, 64, 96, 128, 160, 256, 320, 512]),
        with_bias=st.booleans(), persist=st.sampled_from([0, 0, 1, 2]), seed=st.integers(0, 2**31 - 1))
 def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, persist, seed):
     """persist > 0: fewer blocks than row groups (up to ~2 groups a block here), each looping over its groups."""
-    K = 8 * kc
     if mode == kn.MODE_SWIGLU:
         N += N % 2
     rows = [r for r in kn.GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == kn.MODE_SWIGLU and r % 2)]
-    R = rows[ri % len(rows)]
-    rng = np.random.default_rng(seed)
-    xb = _bits(rng.standard_normal((nb, K)))
-    Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
-    x, W = specs.ref_bf16_to_f64(xb), specs.ref_bf16_to_f64(Wb)
-    bound = np.abs(x) @ np.abs(W).T                                   # sum_k |x_k w_k|
-    bias = rng.standard_normal(N).astype(np.float32) if (with_bias and mode == kn.MODE_STORE) else None
-    y0 = rng.standard_normal((nb, N)).astype(np.float32)
-    yf = yh = None
-    if mode == kn.MODE_SWIGLU:
-        yh = cp.full((nb + 1, N // 2), NAN_BF16, cp.uint16)
-    else:
-        yf = cp.full((nb + 1, N), np.nan, cp.float32)
-        if mode == kn.MODE_ADD:
-            yf[:nb] = cp.asarray(y0)
-    launch = kernels.gemv_launch(cp.asarray(xb), cp.asarray(Wb), nb=nb, mode=mode, yf=yf, yh=yh,
-                                 bias=None if bias is None else cp.asarray(bias), rows=R, threads=threads,
-                                 persist=persist)
-    launch()
+    case = _GemvCase(seed, nb, N, 8 * kc, mode, with_bias)
+    case.launch(kernels, rows=rows[ri % len(rows)], threads=threads, persist=persist)()
     _sync()
-    ref = specs.ref_gemv(x, W, mode, bias=None if bias is None else bias.astype(np.float64), y0=y0)
-    if mode == kn.MODE_SWIGLU:
-        got = specs.ref_bf16_to_f64(cp.asnumpy(yh))
-        acc = x @ W.T
-        gate, up = acc[:, 0::2], acc[:, 1::2]
-        silu = gate / (1 + np.exp(-gate))
-        # bf16 rounding of the result + float32 accumulation error of gate and up carried through
-        tol = 2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2]) + 1e-12
-    else:
-        got = cp.asnumpy(yf).astype(np.float64)
-        tol = 1e-5 * bound + 1e-6
-    assert np.isfinite(got[:nb]).all(), "unwritten output"
-    assert np.isnan(got[nb]).all(), "wrote past the batch"
-    assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
+    case.check()
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -176,11 +193,14 @@ def test_argmax_step_bookkeeping(kernels):
     nb, V = 3, 5000
     logits = rng.standard_normal((nb, V)).astype(np.float32)
     logits[1, [17, 4000]] = 50.0                                            # tie: lowest index wins
+    logits[2, 321] = np.inf                                                 # flagged (and picked, as numpy)
     tok, pos = cp.zeros(nb, cp.int32), cp.asarray(np.array([5, 9, 2], np.int32))
     history = cp.full((6, 4), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([2], np.int32)), cp.asarray(np.array([40], np.int32)), cp.zeros(1, cp.int32)
-    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb)()
+    bad = cp.full(nb + 1, 7, cp.int32)
+    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad)()
     _sync()
+    assert cp.asnumpy(bad).tolist() == [0, 0, 1, 7]
     want = np.argmax(logits, axis=1)
     assert want[1] == 17
     assert np.array_equal(cp.asnumpy(tok), want)
@@ -235,16 +255,21 @@ def _run_sampler(kernels, logits, present, settings, u):
     history = cp.full((3, nb), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
     pres = None if present is None else cp.asarray(present)
-    kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter, nb=nb,
-                          settings=settings)()
+    bad = cp.full(nb + 1, 7, cp.int32)
+    launches = kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter,
+                                     nb=nb, settings=settings, bad=bad)
+    for launch in launches:
+        launch()
     _sync()
+    flags = cp.asnumpy(bad)
+    assert flags[nb] == 7, "wrote past the batch"
     got = cp.asnumpy(tok).astype(np.int64)
     assert np.array_equal(cp.asnumpy(history)[1], got) and (cp.asnumpy(pos) == 1).all()
     assert int(step[0]) == 2 and int(length[0]) == 8 and int(counter[0]) == 0
     if pres is not None:
         after = cp.asnumpy(pres)
         assert after[np.arange(nb), got].all() and (after.sum(1) <= present.sum(1) + 1).all()
-    return got
+    return got, flags[:nb]
 
 
 @HYP
@@ -268,6 +293,24 @@ def test_sample_step_matches_generate_processors(kernels, nb, V, do_sample, temp
         logits = np.round(logits * 2) / 2                       # many equal values: top-k ties, sort order
     present = (rng.random((nb, V)) < 0.05).astype(np.uint8) if penalty != 1.0 else None
     u = rng.random(nb)
-    got = _run_sampler(kernels, logits, present, settings, u)
+    got, flags = _run_sampler(kernels, logits, present, settings, u)
     want = specs.ref_sample_step(logits, present, settings, u)
     assert np.array_equal(got, want), (got, want)
+    assert not flags.any()                                      # finite logits: no row flagged
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)])
+def test_sampler_flags_non_finite_logits(kernels, settings):
+    """Rows whose logits hold NaN or Inf are flagged (the loop then stops with the first non-finite
+    intermediate); the others are not, and every row is still picked (the bookkeeping runs)."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((3, 50304)).astype(np.float32)
+    logits[0, 9] = np.nan
+    logits[2, 50000] = -np.inf
+    settings = dict(settings, repetition_penalty=1.3 if not settings["do_sample"] else 1.0)
+    present = np.zeros((3, 50304), np.uint8) if not settings["do_sample"] else None
+    _, flags = _run_sampler(kernels, logits, present, settings, rng.random(3))
+    assert flags.tolist() == [1, 0, 1]
+
