@@ -474,10 +474,7 @@ class GpuDecodeEngine:
             self.history[0, :B] = first
             self.step[0] = 1
             self.logits_buf[:B] = last
-            self.att_counters[...] = 0
-            self.am_counter[...] = 0
-            self.sample_scratch[2][...] = 0
-            self.nonfinite[...] = 0
+            self._reset_step_scratch()
             result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
         self.stream.synchronize()
         self._nb, self._host_len, self._host_step = B, T, 1
@@ -518,6 +515,14 @@ class GpuDecodeEngine:
 
     def synchronize(self):
         self.stream.synchronize()
+
+    def _reset_step_scratch(self):
+        """Zero what the step's kernels expect zero at a sequence's start (on the current stream): the
+        attention splits' and argmax/sampler's counters, the top-k union's counts, the non-finite flags."""
+        self.att_counters[...] = 0
+        self.am_counter[...] = 0
+        self.sample_scratch[2][...] = 0
+        self.nonfinite[...] = 0
 
     def steps_left(self) -> int:
         """decode_step() calls the cache has room for."""
@@ -590,10 +595,7 @@ class GpuDecodeEngine:
             self.pos[:B] = cp.asarray(mask.sum(axis=1).astype(np.int32))
             self.cache_len[0] = T
             self.step[0] = 1                                  # the first token (set_tokens) is history[0]
-            self.att_counters[...] = 0
-            self.am_counter[...] = 0
-            self.sample_scratch[2][...] = 0
-            self.nonfinite[...] = 0
+            self._reset_step_scratch()
             if input_ids is not None:
                 ids = np.asarray(input_ids)
                 first = np.argmax(mask != 0, axis=1)                  # [B] left-padding lengths
