@@ -15,8 +15,11 @@ writing into a buffer allocated once:
                 [Wq; Wk; Wv; Wgate; Wup]^T    [hidden, (H + 2 KVH) D + 2 I] with parallel residual
                                               (one LayerNorm feeds both halves: one GEMM instead of five)
       W_gu^T  = [Wgate; Wup]^T                [hidden, 2 I]               (sequential residual)
-      W_o^T [H D, hidden],  W_down^T [I, hidden]
-  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (GEMV while decoding).
+      W_o^T [H D, hidden]
+  as C-contiguous [in, out] matrices, so y = x W^T is a plain row-major GEMM (GEMV while decoding);
+  W_down stays [hidden, I] as the checkpoint has it (read as the transposed operand of the same product):
+  at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast in a decode step, where the
+  [I, hidden] one splits each short row of 512 between its two threads (docs/cpu_notes.md).
   A layer's matrices share one allocation (`_Arena`, in the order a step reads them), large enough for
   NumPy to back it with transparent huge pages. The model's `params` entries become views into these
   matrices: the weights are not held twice, and the reference model keeps working on the same numbers.
@@ -59,6 +62,16 @@ from .model import ModelOutput, causal_mask
 from .rotary import rotary_cos_sin
 
 QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
+
+
+def _copy_as_is(params, name, arena):
+    """params[name] [out, in] copied into `arena` as it is (C-contiguous [out, in]); params[name] becomes that
+    copy. Returns its [in, out] transposed view, read by BLAS as a transposed operand."""
+    w = params[name]
+    stored = arena.take(*w.shape)
+    stored[...] = w
+    params[name] = stored
+    return stored.T
 
 
 def _fuse_transposed(params, names, arena):
@@ -177,7 +190,7 @@ class _Layer:
         if not config.use_parallel_residual:
             self.ln2 = (params[p + "post_attention_layernorm.weight"], params[p + "post_attention_layernorm.bias"])
             self.gate_up_t = _fuse_transposed(params, gate_up, arena)    # [hidden, 2 I]
-        self.down_t = _fuse_transposed(params, down, arena)              # [I, hidden]
+        self.down_t = _copy_as_is(params, down[0], arena)                # [I, hidden]: a view of [hidden, I]
         self.qkv_b = None
         if config.use_qkv_bias:
             self.qkv_b = np.concatenate([params[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
@@ -236,8 +249,9 @@ class _Work:
         self.row_sum = e(b * heads * min(t, QUERY_BLOCK))
 
     def attention_blocks(self, past, blocked, causal_only):
-        """[(queries, out, S, scores, row max, row sum, mask)] per block of QUERY_BLOCK queries, for this call:
-        without padding (causal_only) queries q0..q1-1 read keys 0..past+q1-1 only, the rest never computed."""
+        """[(queries, out, S, scores, row max, row sum, mask, empty rows)] per block of QUERY_BLOCK queries, for
+        this call: without padding (causal_only) queries q0..q1-1 read keys 0..past+q1-1 only, the rest never
+        computed. `empty rows` ([.., T', 1]: the queries that may see no key, only with padding) or None."""
         b, kv, group, t, d = self.q_groups.shape
         blocks = []
         for q0 in range(0, t, QUERY_BLOCK):
@@ -248,10 +262,12 @@ class _Work:
             if self.scores.size < n:
                 self.scores = np.empty(max(n, 2 * self.scores.size), dtype=self.x.dtype)
             m = b * kv * group * (q1 - q0)
+            mask = None if blocked is None else blocked[..., q0:q1, :s]
+            empty = None if causal_only or mask is None else mask.all(axis=-1, keepdims=True)  # a query sees itself
             blocks.append((self.q_groups[..., q0:q1, :], self.attn_groups[..., q0:q1, :], s,
                            self.scores[:n].reshape(shape), self.row_max[:m].reshape(shape[:-1] + (1,)),
-                           self.row_sum[:m].reshape(shape[:-1] + (1,)),
-                           None if blocked is None else blocked[..., q0:q1, :s]))
+                           self.row_sum[:m].reshape(shape[:-1] + (1,)), mask,
+                           empty if empty is not None and empty.any() else None))
         return blocks
 
 
@@ -411,8 +427,8 @@ class FastCpuModel:
         else:
             keys, values = w.k_new, w.v_new                                      # [B, KVH, T, D] views
         keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]    # [B, KVH, 1, D, S], [.., S, D]
-        for q, out, s, scores, row_max, row_sum, blocked in blocks:
-            self._attend(q, keys_t[..., :s], values[..., :s, :], out, scores, row_max, row_sum, blocked)
+        for q, out, s, scores, row_max, row_sum, blocked, empty in blocks:
+            self._attend(q, keys_t[..., :s], values[..., :s, :], out, scores, row_max, row_sum, blocked, empty)
         np.matmul(w.attn, layer.o_t, out=w.o)                                    # [B*T, H D] -> [B*T, hidden]
         np.add(w.x, w.o, out=w.x)
 
@@ -424,7 +440,7 @@ class FastCpuModel:
         np.add(w.x, w.o, out=w.x)
 
     @staticmethod
-    def _attend(q, keys_t, values, out, scores, row_max, row_sum, blocked):
+    def _attend(q, keys_t, values, out, scores, row_max, row_sum, blocked, empty):
         """out = softmax(q k^T + mask) v for one block of queries, the probabilities never divided:
         q [B, KVH, G, T', D] (already scaled), keys_t [B, KVH, 1, D, S], values [B, KVH, 1, S, D]."""
         np.matmul(q, keys_t, out=scores)                                         # q k^T / sqrt(D): [B, KVH, G, T', S]
@@ -436,8 +452,8 @@ class FastCpuModel:
         np.add.reduce(scores, axis=-1, keepdims=True, out=row_sum)
         np.matmul(scores, values, out=out)                                       # [B, KVH, G, T', D]
         np.divide(out, row_sum, out=out)                                         # softmax's denominator
-        if blocked is not None:                                                  # a row with no key (padding)
-            np.copyto(out, 0, where=blocked.all(axis=-1, keepdims=True))         # -> 0, as attention.py
+        if empty is not None:                                                    # a row with no key (padding)
+            np.copyto(out, 0, where=empty)                                       # -> 0, as attention.py
 
     def _mlp(self, w, layer):
         """down( act(h Wg^T) * (h Wu^T) ) into w.o, from gate|up in w.gu."""
