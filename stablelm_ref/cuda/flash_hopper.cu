@@ -165,7 +165,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             i64 q_sb, i64 q_sh, i64 q_sr, i64 kv_sb, i64 kv_sh, i64 kv_sr,
                             i64 o_sb, i64 o_sh, i64 o_sr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
-    static_assert(BC == 64 || BC == 128, "key tile of 64 or 128 keys");
+    static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
     constexpr int NT = 128 * NWG;            // threads
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)

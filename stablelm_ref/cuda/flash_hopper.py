@@ -39,12 +39,18 @@ VARIANTS = {
     "h4": (128, 2, True, 1),   # h1, pipelined
     "h5": (64, 2, True, 1),    # h2, pipelined
     "h7": (64, 2, True, 2),    # h5 in 128 registers: two blocks per SM (D = 64)
+    "h8": (96, 2, True, 1),    # 128 x 96 pipelined: h4's overlap in fewer registers (h4 spills at D = 128)
+    # one warpgroup per block, several blocks per SM: the warpgroups are not held in step by a shared
+    # barrier (a crude ping-pong), at the price of each reading its own K/V tiles
+    "h9": (64, 1, False, 2),
+    "h11": (64, 1, True, 2),
+    "h12": (64, 1, True, 3),
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: NWG = 3 leaves 168 per thread, which h3 spills
 # 60 bytes of at D = 64 and h3 pipelined 504, not kept).
-CANDIDATES = {64: ("h1", "h2", "h3", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5"),
-              128: ("h1", "h2", "h4", "h5"), 160: ("h2", "h5")}
+CANDIDATES = {64: ("h1", "h2", "h3", "h4", "h5", "h7", "h9", "h11", "h12"), 80: ("h1", "h2", "h4", "h5", "h8", "h9"),
+              128: ("h1", "h2", "h4", "h5", "h8", "h9"), 160: ("h2", "h5")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
@@ -164,14 +170,14 @@ def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False
 
 
 def usable() -> bool:
-    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128 tried once)."""
+    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once)."""
     if not _usable:
         ok = False
         try:
             import cupy
 
             if cupy.cuda.Device().compute_capability == "90":
-                get_kernel("bf16", 128, "h1")
+                get_kernel("bf16", 128, "h4")
                 ok = True
         except Exception:  # noqa: BLE001  (no GPU, another GPU, no compiler: the mma.sync kernel runs)
             ok = False
