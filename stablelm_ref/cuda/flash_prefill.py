@@ -24,6 +24,11 @@ softmax, output in the input dtype); float32 goes through a simple, slower kerne
 The CUDA source is compiled with NVRTC through cupy.RawModule on first use of each
 specialisation (dtype, head dim, variant) and cached for the process (and by CuPy on disk).
 CuPy compiles for the device it runs on (sm_90 machine code on an H100).
+
+On a compute capability 9.0 GPU (H100, H200) bfloat16/float16 run flash_hopper.cu instead (the same
+function on wgmma, sm_90a; flash_hopper.py builds it), at the head dims of HOPPER_DEFAULT, where it
+measured faster; this kernel stays the readable one and the fallback (no nvcc/NVRTC for sm_90a,
+another GPU). `flash_attention_prefill_variant` runs either kernel's variants by name.
 """
 
 from __future__ import annotations
