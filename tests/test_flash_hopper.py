@@ -3,6 +3,7 @@ choice between the wgmma and mma.sync kernels. (The kernel itself is tested on t
 tests/gpu/test_flash_prefill.py, against the float64 reference and the mma.sync kernel.)"""
 
 import re
+import warnings
 
 import pytest
 
@@ -73,3 +74,25 @@ def test_no_compiler_is_an_error_that_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "cupy_backends", None)   # no NVRTC either
     with pytest.raises(RuntimeError, match="nvcc.*sm_90a|sm_90a.*nvcc"):
         flash_hopper.build("bf16", 64, "h2", tmp_path)
+
+
+def test_a_failed_build_on_a_hopper_gpu_is_reported_once(monkeypatch):
+    # on an sm_90 GPU whose sm_90a build fails, the mma.sync kernel runs and the user is told why
+    import sys
+    import types
+
+    device = types.SimpleNamespace(compute_capability="90")
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(flash_hopper, "_usable", [])
+
+    def no_compiler(*args):
+        raise RuntimeError("could not build the Hopper attention kernel ... put CUDA 12.3+'s nvcc on PATH")
+
+    monkeypatch.setattr(flash_hopper, "get_kernel", no_compiler)
+    with pytest.warns(RuntimeWarning, match="mma.sync kernel runs instead: could not build"):
+        assert flash_hopper.usable() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # decided once: no second warning, no rebuild
+        assert flash_hopper.usable() is False
+    assert flash_prefill.default_variant(80) == flash_prefill.DEFAULT_VARIANT[80]

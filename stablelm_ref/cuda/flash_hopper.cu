@@ -354,7 +354,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             u16* orow = Og + (i64)row * o_sr + 2 * t;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<u32*>(orow + n * 8) = pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+                *reinterpret_cast<u32*>(orow + n * 8) =
+                    pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
         }
     }
 }

@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
@@ -79,9 +80,11 @@ def _wgmma_wrappers(n_s: int, n_o: int, bf16: bool) -> str:
 
     ns, no = n_s // 2, n_o // 2
     return (
-        f"template <> DEVI void wgmma_ss<{n_s}, {flag}>(float (&d)[{ns}], u64 desc_a, u64 desc_b, int accumulate) {{\n"
+        f"template <> DEVI void wgmma_ss<{n_s}, {flag}>(float (&d)[{ns}], u64 desc_a, u64 desc_b,"
+        f" int accumulate) {{\n"
         f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{ns + 2}, 0;\\n"\n'
-        f'        "wgmma.mma_async.sync.aligned.m64n{n_s}k16.f32.{ty}.{ty} {{{regs(ns)}}}, %{ns}, %{ns + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{n_s}k16.f32.{ty}.{ty} {{{regs(ns)}}}, '
+        f'%{ns}, %{ns + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
         f'        : {outs(ns)}\n'
         f'        : "l"(desc_a), "l"(desc_b), "r"(accumulate));\n'
         f"}}\n"
@@ -113,12 +116,13 @@ def source(kind: str, D: int, variant: str) -> str:
     return text + (
         f'\nextern "C" __global__ void __launch_bounds__({128 * nwg}, {minb})\n'
         f"{kernel_name(kind, D, variant)}({params}) {{\n"
-        f"    flash_hopper_body<{D}, {'true' if bf16 else 'false'}, {bc}, {nwg}, {'true' if pipe else 'false'}>({args});\n}}\n"
+        f"    flash_hopper_body<{D}, {str(bf16).lower()}, {bc}, {nwg}, {str(pipe).lower()}>({args});\n}}\n"
     )
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", pathlib.Path.home() / ".cache" / "stablelm_ref"))
+    default = pathlib.Path.home() / ".cache" / "stablelm_ref"
+    return pathlib.Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", default))
 
 
 def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
@@ -167,17 +171,23 @@ def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False
 
 
 def usable() -> bool:
-    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once)."""
+    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once).
+    On such a GPU a failed build is reported once as a RuntimeWarning (the mma.sync kernel then runs)."""
     if not _usable:
         ok = False
         try:
             import cupy
 
-            if cupy.cuda.Device().compute_capability == "90":
+            hopper = cupy.cuda.Device().compute_capability == "90"
+        except Exception:  # noqa: BLE001  (no CuPy, no GPU: nothing to choose)
+            hopper = False
+        if hopper:
+            try:
                 get_kernel("bf16", 128, "h4")
                 ok = True
-        except Exception:  # noqa: BLE001  (no GPU, another GPU, no compiler: the mma.sync kernel runs)
-            ok = False
+            except Exception as e:  # noqa: BLE001  (no compiler for sm_90a: the mma.sync kernel runs)
+                warnings.warn(f"the Hopper (wgmma) attention kernel is not used, the slower mma.sync kernel "
+                              f"runs instead: {e}", RuntimeWarning, stacklevel=2)
         _usable.append(ok)
     return _usable[0]
 
