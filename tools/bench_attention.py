@@ -32,6 +32,9 @@ from the exact result), then times it and SDPA with CUDA events: warm-up, then t
 `--samples` samples, each sample a run of back-to-back calls over rotating input sets (so no sample
 re-reads a cached input and the Python launch cost hides behind the GPU work). Causal FLOPs are
 counted as 4 * B * H * L^2 * D / 2 (two matmuls of 2 FLOPs per multiply-add, half the score matrix).
+On a GPU that runs it (flash_hopper.usable(): an H100/H200 with nvcc or NVRTC for sm_90a), the wgmma
+kernel's variants (flash_hopper.CANDIDATES) are timed beside the mma.sync ones, and a last kernel table
+puts the fastest of each kernel next to SDPA's default and its FlashAttention-2 backend.
 Also measures the bf16 matmul ceiling (torch.matmul, 8192^3) once, for the notes.
 cupy <-> torch through DLPack. Prints the tables last.
 """
