@@ -7,6 +7,7 @@
 //   layernorm_rows     h[b, :]  = (x - mean) / sqrt(var + eps) * w + beta         (f32 statistics, bf16 out)
 //   gemv_b{B}_r{R}     y[b, n]  = sum_k x[b, k] W[n, k]   (W in the checkpoint's [out, in] layout)
 //                      epilogues: store (+bias), add into the residual, SwiGLU over interleaved gate/up rows
+//   gemv_mma_t{MT}_u{U}  the same product and epilogues on the tensor cores (mma.sync), for batches of 2-8
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
@@ -321,6 +322,140 @@ GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
 GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
 GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
+
+// ---------------------------------------------------------------- skinny GEMM on the tensor cores (nb 2..8)
+// The same product and epilogues as gemv_b{B}_r{R}, for the batch's rows at once: at nb = 8 the GEMV above
+// does 8 FMAs per weight (plus the unpacking) on the CUDA cores and is ALU-bound; here the tensor cores
+// multiply, with mma.sync m16n8k16 (bf16 in, float32 accumulate): 16 weight rows are the A operand
+// (16 x 16), the batch's 8 rows of x the B operand (16 x 8: the batch is the n axis; rows past nb are zero).
+// The order of the 16 k terms inside one mma does not change its sum, so both operands come from plain
+// 16-byte loads: lane (g = lane / 4, t = lane % 4) loads 8 consecutive k at k0 + 8t of weight rows g and
+// g + 8 and of x row g (batch g), and hands k0 + 8t .. +3 to one mma as fragment slots 2t, 2t+1, 2t+8,
+// 2t+9, and k0 + 8t + 4 .. +7 to a second. Slot -> k depends on t alone, the same for A and B, so each
+// mma sums W[row, k] x[b, k] over 16 distinct k and the two together over the 32 k of the step.
+// Weights stream from global memory straight into the fragments (read once: no shared memory stage);
+// x (at most 8 rows, read by every warp) comes through L1.
+// A block of T threads owns MT tiles of 16 rows; its warps split K (warp w takes 32-wide steps w, w + NW,
+// ..., U steps in flight a thread), sum their partial tiles in shared memory, then the epilogue
+// (a persistent block then takes its next tile group, as gemv_impl does).
+#define MMA_MAX_WARPS 16
+
+// (bf16 mma needs sm_80: DecodeKernels offers these kernels only there; older GPUs trap if called)
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <int MT, int U>
+__device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx, int nb,
+                                              const u16* __restrict__ W, int N, int K,
+                                              const float* __restrict__ bias,
+                                              float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode) {
+    __shared__ float red[MMA_MAX_WARPS][MT * 128];       // per warp: its partial [MT][16 rows][8 batch]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, NW = blockDim.x >> 5, T = blockDim.x;
+    const int g = lane >> 2, t = lane & 3;
+    const int KC = K >> 3;                               // 16-byte chunks per row
+    const int KS = (KC + 3) >> 2;                        // 32-wide k steps
+    const int rows = 16 * MT, groups = (N + rows - 1) / rows;
+    const uint4* __restrict__ xrow = reinterpret_cast<const uint4*>(x) + (size_t)min(g, nb - 1) * (ldx >> 3);
+    const uint4* wrow[MT][2];
+    auto point_at = [&](int grp) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)                  // rows past N re-read row N-1; never stored
+                wrow[m][h] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * rows + m * 16 + h * 8 + g, N - 1) * KC;
+    };
+    uint4 wv[U][MT][2];
+    auto load_w = [&](int s0) {                          // steps s0, s0 + NW, ... (U of them) of this warp
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (s0 + u * NW) * 4 + t;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    wv[u][m][h] = c < KC ? ld_stream_early(wrow[m][h] + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+
+    PDL_LAUNCH();
+    int grp = blockIdx.x;
+    point_at(grp);
+    load_w(warp);                                        // before the wait: no kernel writes W
+    PDL_WAIT();                                          // x (and y for MODE_ADD) come from earlier kernels
+    while (true) {
+        float acc[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+        for (int s0 = warp; s0 < KS; s0 += U * NW) {
+            uint4 xr[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = (s0 + u * NW) * 4 + t;
+                xr[u] = (c < KC && g < nb) ? xrow[c] : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    mma_bf16_16816(acc[m], wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y, xr[u].x, xr[u].y);
+                    mma_bf16_16816(acc[m], wv[u][m][0].z, wv[u][m][1].z, wv[u][m][0].w, wv[u][m][1].w, xr[u].z, xr[u].w);
+                }
+            if (s0 + U * NW < KS) load_w(s0 + U * NW);
+        }
+        const int next = grp + gridDim.x;
+        if (next < groups) {                             // the next group's weights load during the reduction
+            point_at(next);
+            load_w(warp);
+        }
+        // accumulator (m, i): row m*16 + g + 8*(i >> 1), batch 2t + (i & 1)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            float* r = red[warp] + m * 128;
+            r[g * 8 + 2 * t] = acc[m][0];
+            r[g * 8 + 2 * t + 1] = acc[m][1];
+            r[(g + 8) * 8 + 2 * t] = acc[m][2];
+            r[(g + 8) * 8 + 2 * t + 1] = acc[m][3];
+        }
+        __syncthreads();
+        for (int e = tid; e < MT * 128; e += T) {        // e = (m * 16 + row) * 8 + b
+            const int b = e & 7, n = grp * rows + (e >> 3);
+            if (b >= nb) continue;
+            float s = 0.f;
+            for (int w = 0; w < NW; ++w) s += red[w][e];
+            if (mode == MODE_SWIGLU) {
+                if ((n & 1) == 0 && n + 1 < N) {         // rows (2i, 2i+1) = (gate_i, up_i), both in this tile
+                    float u = 0.f;
+                    for (int w = 0; w < NW; ++w) u += red[w][e + 8];
+                    const float act = s / (1.f + __expf(-s));
+                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+                }
+            } else if (n < N) {
+                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
+                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+            }
+        }
+        if (next >= groups) break;
+        __syncthreads();                                 // red is written again by the next group
+        grp = next;
+    }
+}
+
+#define GEMV_MMA_INST(MT, U)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MMA_MAX_WARPS * 32) gemv_mma_t##MT##_u##U(    \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
+        int mode) {                                                                            \
+        gemv_mma_impl<MT, U>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                    \
+    }
+GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 
 // ---------------------------------------------------------------- decode attention
 // grid (NS splits, KVH, nb), block (128). The query heads g*... of one kv head share its K/V tiles.
@@ -771,7 +906,9 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 //     at most SAMPLE_CMAX candidates); top_p < 1: sort the kept ascending (ties by index), drop those
 //     whose cumulative probability (float32) is <= 1 - top_p, the most likely always kept;
 //     or top_k = 0 with top_p = 1: every token. Then p = softmax(z) in float64, cdf in vocabulary order,
-//     tok = the first index whose cdf > u[b] * cdf_last (u[b] in [0, 1) from the host's generator).
+//     tok = the first index whose cdf > u_b * cdf_last, u_b = u[step, b] in [0, 1): the draws of every step
+//     of a generate call, drawn at once by the host's generator and uploaded once, laid out like history
+//     [max_steps, ldh]; the step reads its own row (the device step counter), so no host work a step.
 // Then as argmax_step: history, pos, step and length; and present[b, tok] = 1 for the next step.
 // Two ways: sample_step, one block per row, does it all (greedy with a penalty, top_k 0); with top_k in
 // [1, SAMPLE_KMAX] the top-k search is spread over many blocks per row: sample_topk_partial (grid
@@ -784,6 +921,12 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 #define SAMPLE_PART_THREADS 256
 #define SAMPLE_PART_PER_THREAD 8
 #define SAMPLE_SLICE (SAMPLE_PART_THREADS * SAMPLE_PART_PER_THREAD)     // logits per partial block
+
+// This step's draw for row b: u[step, b] (the last row past the table's end).
+__device__ __forceinline__ double step_draw(const double* __restrict__ u, int b, int ldh, int max_steps,
+                                            const int* __restrict__ stepp) {
+    return u[(size_t)min(*stepp, max_steps - 1) * ldh + b];
+}
 
 __device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
                                                  float penalty, int do_sample, float temperature) {
@@ -979,7 +1122,8 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
             }
         }
         __syncthreads();
-        const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+        const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p,
+                                              step_draw(u, b, ldh, max_steps, stepp), zmax, bidx, &s_n);
         if (tid == 0) s_choice = pick;
     } else {
         // every token (top_k 0, top_p 1): per-thread contiguous ranges keep the vocabulary order
@@ -1004,7 +1148,7 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
         __shared__ double s_total;
         if (tid == blockDim.x - 1) s_total = before + local;
         __syncthreads();
-        const double target = u[b] * s_total;
+        const double target = step_draw(u, b, ldh, max_steps, stepp) * s_total;
         if (before <= target && target < before + local) {       // exactly one range holds it
             double c = before;
             for (int v = v0; v < v1; ++v) {
@@ -1139,7 +1283,8 @@ sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ ca
         }
     }
     __syncthreads();
-    const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+    const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p,
+                                          step_draw(u, b, ldh, max_steps, stepp), zmax, bidx, &s_n);
     if (tid == 0) {
         cand_count[b] = 0;                                       // every thread read it (barriers since)
         if (bad != nullptr) bad[b] = cand_bad[b];

@@ -290,7 +290,7 @@ class GpuDecodeEngine:
         self.att_counters = cp.zeros(MB * self.KVH, cp.int32)
         self.am_counter = cp.zeros(1, cp.int32)
         self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
-        self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
+        self.uniform = cp.zeros((self.max_len, MB), cp.float64)   # draws u ~ U[0, 1) by step, like history
         self.sample_scratch = self.k.sample_scratch(MB, self.vocab)  # sampling's top-k union (sample_launch)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
@@ -312,7 +312,7 @@ class GpuDecodeEngine:
         out = {"qkv": dict(yf=self.qkv), "o_proj": dict(yf=self.x), "gate_up": dict(yh=self.mlp),
                "down": dict(yf=self.x), "lm_head": dict(yf=self.logits_buf)}[name]
         return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=shape.rows, threads=shape.threads,
-                                  persist=shape.persist, tag="gemv:" + name, **out)
+                                  persist=shape.persist, unroll=shape.unroll, tag="gemv:" + name, **out)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key())
@@ -371,10 +371,15 @@ class GpuDecodeEngine:
         self.sampler = settings
         return True
 
-    def set_uniform(self, u):
-        """The draws u [B] in [0, 1) the next step's sample_step inverts the cdf at (host float64)."""
+    def set_draws(self, draws):
+        """draws [n, B] (host float64 in [0, 1)): the uniforms the sampler inverts the cdf at in the next n
+        decode steps, row i for the i-th step from now (the graph reads row `step` of the table: one upload
+        for a whole generate call, none a step). Rows past the table's end are dropped."""
+        d = np.asarray(draws, np.float64).reshape(len(draws), -1)
+        s = self._host_step
+        n = max(0, min(len(d), self.max_len - s))
         with self.stream:
-            self.uniform[: len(u)] = self.cp.asarray(np.asarray(u, np.float64))
+            self.uniform[s:s + n, : d.shape[1]] = self.cp.asarray(d[:n])
 
     # -- timing helpers and the GEMV autotuner ------------------------------------------------------
     def capture_launches(self, launches, pdl: bool = False):

@@ -2,6 +2,7 @@
 
     k = DecodeKernels()
     k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
+    k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
@@ -26,6 +27,7 @@ MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
 GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
 GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
+GEMV_MMA = ((1, 2), (1, 4), (2, 2), (2, 4))   # tensor-core GEMV: (16-row tiles a block, k steps in flight)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
@@ -43,6 +45,7 @@ class DecodeKernels:
         f = self.module.get_function
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}
+        self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -51,6 +54,7 @@ class DecodeKernels:
         self.sample_partial_fn = f("sample_topk_partial")
         self.sample_merge_fn = f("sample_topk_merge")
         dev = cp.cuda.Device()
+        self.tensor_cores = int(dev.compute_capability) >= 80      # bf16 mma.sync (gemv_mma)
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
@@ -63,10 +67,12 @@ class DecodeKernels:
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    tag="gemv"):
+                    unroll=0, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
-        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
+        unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
+        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block)."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
@@ -82,7 +88,14 @@ class DecodeKernels:
         args = (x, i32(K), i32(nb), W, i32(N), i32(K),
                 bias if bias is not None else NULL,
                 yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode))
-        fn = self.gemv_fn[(bm, rows)]
+        if unroll:
+            if (rows // 16, unroll) not in self.mma_fn or rows % 16 or not self.tensor_cores:
+                raise ValueError(f"gemv_mma: (rows, unroll) must be one of "
+                                 f"{[(16 * t, u) for t, u in GEMV_MMA]} on a GPU of compute capability >= 8.0, "
+                                 f"got ({rows}, {unroll})")
+            fn = self.mma_fn[(rows // 16, unroll)]
+        else:
+            fn = self.gemv_fn[(bm, rows)]
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
         return Launch(fn, (grid,), (threads,), args, tag=tag)
@@ -162,11 +175,14 @@ class DecodeKernels:
     def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
                       scratch=None, bad=None, tag="sample"):
         """generate's processors and sampler on logits [>= nb, V] (see decode.cu); present: uint8 [>= nb, V]
-        (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]. Sampling with
-        top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row, then
-        sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one block a
-        row. bad: as argmax_launch's. Returns the launches, in order."""
+        (ids already in each row) or None without a repetition penalty; u: float64 shaped like history
+        [max_steps, ldh], the draws by step (the kernels read row `step`: every step's draws uploaded once).
+        Sampling with top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row,
+        then sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one
+        block a row. bad: as argmax_launch's. Returns the launches, in order."""
         V = logits.shape[-1]
+        if tuple(u.shape) != tuple(history.shape):
+            raise ValueError(f"the draws u {tuple(u.shape)} must be shaped like history {tuple(history.shape)}")
         k = settings["top_k"] if settings["top_k"] < V else 0
         book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter,
                 bad if bad is not None else NULL)

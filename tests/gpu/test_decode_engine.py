@@ -75,9 +75,9 @@ class _GemvCase:
                                    yf=self.yf, yh=self.yh,
                                    bias=None if self.bias is None else cp.asarray(self.bias), **shape)
 
-    def check(self):
-        """Float32 accumulation of exact bf16 products: |err| <= 1e-5 sum_k |x_k w_k| (K <= 720 terms at
-        2^-24 each, with room); SwiGLU adds the bf16 rounding of the result."""
+    def check(self, rel=1e-5):
+        """Float32 accumulation of exact bf16 products: |err| <= rel sum_k |x_k w_k|, rel 1e-5 for the CUDA-core
+        GEMV (K <= 720 terms at 2^-24 each, with room); SwiGLU adds the bf16 rounding of the result."""
         nb, x, W, bound = self.nb, self.x, self.W, self.bound
         ref = specs.ref_gemv(x, W, self.mode, bias=None if self.bias is None else self.bias.astype(np.float64),
                              y0=self.y0)
@@ -87,11 +87,11 @@ class _GemvCase:
             gate, up = acc[:, 0::2], acc[:, 1::2]
             silu = gate / (1 + np.exp(-gate))
             # bf16 rounding of the result + float32 accumulation error of gate and up carried through
-            tol = (2.0**-8 * np.abs(ref) + 1e-5 * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2])
+            tol = (2.0**-8 * np.abs(ref) + rel * (1.1 * np.abs(up) * bound[:, 0::2] + np.abs(silu) * bound[:, 1::2])
                    + 1e-12)
         else:
             got = cp.asnumpy(self.yf).astype(np.float64)
-            tol = 1e-5 * bound + 1e-6
+            tol = rel * bound + 1e-6
         assert np.isfinite(got[:nb]).all(), "unwritten output"
         assert np.isnan(got[nb]).all(), "wrote past the batch"
         assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
@@ -110,6 +110,28 @@ def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, 
     case.launch(kernels, rows=rows[ri % len(rows)], threads=threads, persist=persist)()
     _sync()
     case.check()
+
+
+@HYP
+@given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
+       variant=st.sampled_from(kn.GEMV_MMA), threads=st.sampled_from([32, 64, 128, 256, 512]),
+       with_bias=st.booleans(), persist=st.sampled_from([0, 0, 1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_gemv_mma_matches_float64(kernels, nb, N, kc, mode, variant, threads, with_bias, persist, seed):
+    """The tensor-core GEMV (gemv_mma) against the same spec. N not a multiple of the 16-row tile and K not of
+    the 32-wide k step exercise the edges; persist > 0 loops a block over several tile groups.
+    Tolerance: the products are exact in float32; the tensor cores add each mma's 16 products to the
+    accumulator after aligning them to the largest, truncating (not rounding) the bits below float32's 24:
+    at most 17 terms x 2^-23 of the largest, <= 2^-19 sum_k |x_k w_k| an mma. An output is the sum of
+    2 ceil(steps / warps) mmas in a chain and of one partial a warp: rel = 2^-19 (2 ceil(KS / NW) + NW).
+    A wrong k slot, row or batch column errs by O(|y|), far above it (|y| ~ sum |x w| / sqrt(K) here)."""
+    if mode == kn.MODE_SWIGLU:
+        N += N % 2
+    tiles, unroll = variant
+    case = _GemvCase(seed, nb, N, 8 * kc, mode, with_bias)
+    case.launch(kernels, rows=16 * tiles, threads=threads, persist=persist, unroll=unroll)()
+    _sync()
+    nw, ks = threads // 32, -(-kc // 4)
+    case.check(rel=2.0**-19 * (2 * -(-ks // nw) + nw))
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -256,8 +278,10 @@ def _run_sampler(kernels, logits, present, settings, u):
     step, length, counter = cp.asarray(np.array([1], np.int32)), cp.asarray(np.array([7], np.int32)), cp.zeros(1, cp.int32)
     pres = None if present is None else cp.asarray(present)
     bad = cp.full(nb + 1, 7, cp.int32)
-    launches = kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(u), tok, history, step, length, pos, counter,
-                                     nb=nb, settings=settings, bad=bad)
+    table = np.full((3, nb), 0.5)                   # the draws by step: the kernels must read row step = 1
+    table[1], table[2] = u, 1 - np.asarray(u)
+    launches = kernels.sample_launch(cp.asarray(logits), pres, cp.asarray(table), tok, history, step, length, pos,
+                                     counter, nb=nb, settings=settings, bad=bad)
     for launch in launches:
         launch()
     _sync()
