@@ -114,9 +114,18 @@ def _null(p):
 
 
 def _gemv(grid, block, args, rows):
-    x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args
+    """gemv_b*_r* (11 arguments + stats_out), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b, ln_stats,
+    eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel does)."""
+    x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args[:11]
+    stats_out = args[11] if len(args) > 11 else np.uint64(0)
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
-    xs = specs.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
+    rows_x = np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)])
+    if len(args) > 12:
+        ln_w, ln_b, ln_stats, eps = args[12:]
+        assert nb == 1 and x.dtype == np.float32
+        xs = specs.ref_round_bf16(specs.ref_layernorm_from_stats(rows_x, ln_w, ln_b, ln_stats[:nb], float(eps)))
+    else:
+        xs = specs.ref_bf16_to_f64(rows_x)
     Wf = specs.ref_bf16_to_f64(W)
     if mode == kn.MODE_SWIGLU:
         out = yh.reshape(-1)
@@ -129,6 +138,8 @@ def _gemv(grid, block, args, rows):
     y = specs.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
     for b in range(nb):
         out[b * ldy: b * ldy + N] = y[b]
+    if not _null(stats_out):
+        stats_out[:nb] += specs.ref_row_stats(y.astype(np.float32))
 
 
 def _attention(grid, block, args, D):
@@ -155,9 +166,12 @@ def _layernorm(grid, block, args):
 
 
 def _embed(grid, block, args):
-    tok, E, hidden, x = args
+    tok, E, hidden, x, stats, n_stats, ld_stats = args
     for b in range(grid[0]):
         x[b] = specs.ref_bf16_to_f64(E[tok[b]])
+        if not _null(stats):
+            stats[:, b] = 0.0
+            stats[0, b] = specs.ref_row_stats(x[b])
 
 
 def _sample(grid, block, args):
@@ -243,6 +257,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.cp = cuda_xp.cupy()
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
+        self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -566,3 +581,33 @@ def test_generate_through_engine_steps_sampling_runs_ahead_on_drawn_uniforms(emu
         assert fast.engine.generated().shape == (2, 7)        # and, without the table, nothing runs ahead
     finally:
         fast_gpu.EngineSteps.use_draws = one_at_a_time
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
+    """Batch 1 folds the layers' LayerNorms into the GEMVs that read them: no LayerNorm kernel but the final
+    one, q|k|v and gate|up on gemv_ln (the float32 residual and the statistics embed_rows, o_proj and down
+    accumulate, instance by instance); the tokens equal the unfolded step's and the float32 reference's picks.
+    A parallel residual keeps its LayerNorm kernels (gate|up reads LN1 of x before o_proj's add)."""
+    ref, fast = _models(emulated, use_parallel_residual=parallel)
+    engine = fast.engine
+    ids = np.random.default_rng(12).integers(2, 384, (1, 7))
+    mask = np.ones_like(ids)
+    folded = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+    plan = engine._plan(1)
+    n_layers = len(engine.layers)
+    assert [fn.tag for fn in plan].count("layernorm") == (n_layers + 1 if parallel else 1)
+    ln_gemvs = [fn for fn in plan if fn.fn in emulated.gemv_ln_fn.values()]
+    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
+    _check_greedy(ref, folded, 7, mask)
+    engine.fold_layernorm = False
+    engine._plans.clear()
+    engine._graphs.clear()
+    try:
+        plain = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+        assert [fn.tag for fn in engine._plan(1)].count("layernorm") == len(engine.layers) * (1 + (not parallel)) + 1
+    finally:
+        engine.fold_layernorm = True
+        engine._plans.clear()
+        engine._graphs.clear()
+    assert np.array_equal(folded, plain)

@@ -4,6 +4,7 @@
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
+    python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -130,6 +131,30 @@ def batch_ab(cfg, params, batches, prompt, steps):
     return out
 
 
+def fold_ab(engine, ids, steps, rounds=2):
+    """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
+    in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
+    times = {True: [], False: []}
+    tunings = {engine.fold_layernorm: engine.tuning}
+    for _ in range(rounds):
+        for fold in (True, False):
+            engine.fold_layernorm = fold
+            engine.tuning = tunings.get(fold, {})
+            engine._plans.clear()
+            engine._graphs.clear()
+            engine.prefill(ids, logits=None)
+            times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
+            tunings[fold] = engine.tuning
+    engine.fold_layernorm = True
+    engine.tuning = tunings[True]
+    engine._plans.clear()
+    engine._graphs.clear()
+    on, off = float(np.median(times[True])), float(np.median(times[False]))
+    log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
+        f"({times[False]}): {off / on:.3f}x")
+    return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
+
+
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
@@ -153,6 +178,8 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
+    ap.add_argument("--fold-ab", action="store_true",
+                    help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
                     help="batch sizes (2-8) to time with and without the tensor-core GEMV")
     ap.add_argument("--json", default=None)
@@ -218,6 +245,8 @@ def main():
             engine.tuning[1] = saved
             engine._plans.clear()
             engine._graphs.clear()
+        if name == args.variants[0] and args.fold_ab:
+            res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
         if name == args.variants[0] and args.ln_threads:
             for nt in args.ln_threads:
                 for fn in engine._plan(1):

@@ -8,6 +8,8 @@
 //   gemv_b{B}_r{R}     y[b, n]  = sum_k x[b, k] W[n, k]   (W in the checkpoint's [out, in] layout)
 //                      epilogues: store (+bias), add into the residual, SwiGLU over interleaved gate/up rows
 //   gemv_mma_t{MT}_u{U}  the same product and epilogues on the tensor cores (mma.sync), for batches of 2-8
+//   gemv_ln_b1_r{R}    y = LayerNorm(x) W^T at batch 1, the LayerNorm folded into the GEMV's reads (its
+//                      statistics accumulated by the residual-add GEMVs before it, and by embed_rows)
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
@@ -105,15 +107,45 @@ __device__ __forceinline__ float block_sum(float v, float* buf) {
     return warp_sum(t);
 }
 
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 // ---------------------------------------------------------------- embedding
 // x[b, :] = float(E[tok[b], :])          grid (B), block (256)
+// With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
+// instance 0 = (sum_k x[b, k], sum_k x[b, k]^2), and of every later instance zero (the residual-add GEMVs
+// accumulate those during the step).
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
-                                      int hidden, float* __restrict__ x) {
+                                      int hidden, float* __restrict__ x, double* __restrict__ stats,
+                                      int n_stats, int ld_stats) {
+    __shared__ double buf[2][32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x;
+    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u16* row = E + (size_t)tok[b] * hidden;
-    for (int k = threadIdx.x; k < hidden; k += blockDim.x) x[(size_t)b * hidden + k] = bf2f(row[k]);
+    double s1 = 0.0, s2 = 0.0;
+    for (int k = threadIdx.x; k < hidden; k += blockDim.x) {
+        const float v = bf2f(row[k]);
+        x[(size_t)b * hidden + k] = v;
+        s1 += v;
+        s2 += (double)v * v;
+    }
+    if (stats == nullptr) return;
+    for (int i = 1 + threadIdx.x; i < n_stats; i += blockDim.x)
+        stats[((size_t)i * ld_stats + b) * 2] = stats[((size_t)i * ld_stats + b) * 2 + 1] = 0.0;
+    s1 = warp_sum_d(s1);
+    s2 = warp_sum_d(s2);
+    if (lane == 0) { buf[0][warp] = s1; buf[1][warp] = s2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t1 = 0.0, t2 = 0.0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) { t1 += buf[0][w]; t2 += buf[1][w]; }
+        stats[(size_t)b * 2] = t1;
+        stats[(size_t)b * 2 + 1] = t2;
+    }
 }
 
 // ---------------------------------------------------------------- LayerNorm (+bias), bf16 out
@@ -200,9 +232,8 @@ __device__ __forceinline__ void prefetch_weights(const uint4* p) {
     asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
 }
 
-template <int BM, int R>
-__device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R],
-                                           const uint4* __restrict__ xv, int ldxv, int c, int nb) {
+template <int BM, int R, typename LoadX>
+__device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R], LoadX load_x, int c, int nb) {
     float wf[R][8];
 #pragma unroll
     for (int r = 0; r < R; ++r) unpack8(w[r], wf[r]);
@@ -210,7 +241,7 @@ __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)
     for (int b = 0; b < BM; ++b) {
         if (b < nb) {
             float xf[8];
-            unpack8(xv[(size_t)b * ldxv + c], xf);
+            load_x(b, c, xf);
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -229,18 +260,45 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
     for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-template <int BM, int R>
-__device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, int nb,
+// LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm, computed
+// as the chunks are read: h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic,
+// with mean and rstd from ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below:
+// var = E[x^2] - mean^2 in float64). So the LayerNorm kernel and its launch go (the engine folds the layers'
+// LayerNorms this way at batch 1).
+// stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
+// launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
+// embed_rows at the step's start.
+template <int BM, int R, bool LN>
+__device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
-                                          int mode) {
+                                          int mode, double* __restrict__ stats_out,
+                                          const float* __restrict__ ln_w, const float* __restrict__ ln_b,
+                                          const double* __restrict__ ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
     const int KC = K >> 3;                       // 16-byte chunks per row
     const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
     const int ldxv = ldx >> 3;
+    float mean[BM], rstd[BM];
+    auto load_x = [&](int b, int c, float (&xf)[8]) {
+        if constexpr (LN) {
+            const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + (size_t)b * ldx) + 2 * c;
+            const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;
+            const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;
+            const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];
+            const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xf[i] = bf2f(f2bf((v[i] - mean[b]) * rstd[b] * g[i] + o[i]));
+        } else {
+            unpack8(xv[(size_t)b * ldxv + c], xf);
+        }
+    };
+    double st1 = 0.0, st2 = 0.0;                 // this thread's share of stats_out (epilogue threads)
     const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
     int g = blockIdx.x;
     const uint4* wrow[R];
@@ -263,6 +321,15 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
     point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
+    if constexpr (LN) {
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
+            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            mean[b] = (float)m;
+            rstd[b] = rsqrtf((float)var + eps);
+        }
+    }
     while (true) {
         float acc[BM][R];
 #pragma unroll
@@ -271,8 +338,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
             for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
         int c = tid;
         while (c < KC) {
-            gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
-            if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
+            gemv_accum<BM, R>(acc, wa, load_x, c, nb);
+            if (c + T < KC) gemv_accum<BM, R>(acc, wb, load_x, c + T, nb);
             c += 2 * T;
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
@@ -301,27 +368,57 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
                     yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
                 }
             } else if (n < N) {
-                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
-                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+                if (mode == MODE_ADD) {
+                    const float y = yf[(size_t)b * ldy + n] + s;
+                    yf[(size_t)b * ldy + n] = y;
+                    st1 += y;
+                    st2 += (double)y * y;
+                } else {
+                    yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+                }
             }
         }
         if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
         g = next;
     }
+    if (stats_out != nullptr && warp == 0) {     // epilogue threads tid = b * R + r (nb * R <= 32)
+#pragma unroll
+        for (int o = 1; o < R; o <<= 1) {        // sum over the R lanes of each batch row
+            st1 += __shfl_xor_sync(0xffffffffu, st1, o);
+            st2 += __shfl_xor_sync(0xffffffffu, st2, o);
+        }
+        if (tid < nb * R && tid % R == 0) {
+            atomicAdd(stats_out + 2 * (tid / R), st1);
+            atomicAdd(stats_out + 2 * (tid / R) + 1, st2);
+        }
+    }
 }
 
-#define GEMV_INST(BM, R)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(       \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
-        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
-        int mode) {                                                                            \
-        gemv_impl<BM, R>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                        \
+#define GEMV_INST(BM, R)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(                    \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out) {                                                                   \
+        gemv_impl<BM, R, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr, nullptr,  \
+                                nullptr, 0.f);                                                              \
     }
 GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
 GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
 GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
+
+// x: the float32 residual [nb, ldx]; the LayerNorm folded in (see gemv_impl). Batch 1 only.
+#define GEMV_LN_INST(R)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_ln_b1_r##R(                      \
+        const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
+        const double* __restrict__ ln_stats, float eps) {                                                   \
+        gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,          \
+                              ln_stats, eps);                                                               \
+    }
+GEMV_LN_INST(1) GEMV_LN_INST(2) GEMV_LN_INST(4) GEMV_LN_INST(8)
 
 // ---------------------------------------------------------------- skinny GEMM on the tensor cores (nb 2..8)
 // The same product and epilogues as gemv_b{B}_r{R}, for the batch's rows at once: at nb = 8 the GEMV above

@@ -3,6 +3,7 @@
     k = DecodeKernels()
     k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
     k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
+    k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, b, stats, eps))   #   LayerNorm(x) W^T, the LayerNorm folded in
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
@@ -46,6 +47,7 @@ class DecodeKernels:
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
+        self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -67,15 +69,22 @@ class DecodeKernels:
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    unroll=0, tag="gemv"):
+                    unroll=0, stats_out=None, ln=None, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
         persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
         unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
-        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block)."""
+        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
+        stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
+        ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
+        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows})."""
         N, K = W.shape
-        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
-            raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
+        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != (4 if ln else 2) or W.dtype.itemsize != 2:
+            raise ValueError(f"gemv: need {'float32' if ln else 'bf16'} x [nb, K] and bf16 W [N, K] with K % 8 == 0, "
+                             f"got {x.dtype} {x.shape}, {W.dtype} {W.shape}")
+        if (ln is not None or stats_out is not None) and (unroll or (ln is not None and nb != 1)):
+            raise ValueError("gemv: the folded LayerNorm (ln) runs at batch 1 and, like stats_out, on the "
+                             "CUDA-core GEMV only")
         if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
             raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
         bm = self.gemv_batch_width(nb)
@@ -95,7 +104,11 @@ class DecodeKernels:
                                  f"got ({rows}, {unroll})")
             fn = self.mma_fn[(rows // 16, unroll)]
         else:
-            fn = self.gemv_fn[(bm, rows)]
+            args += (stats_out if stats_out is not None else NULL,)
+            if ln is not None:
+                w, b, stats, eps = ln
+                args += (w, b, stats, np.float32(eps))
+            fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
         return Launch(fn, (grid,), (threads,), args, tag=tag)
@@ -140,8 +153,11 @@ class DecodeKernels:
         return Launch(self.layernorm_fn, (nb,), (threads,),
                       (x, i32(K), w, b, y, i32(y.shape[-1]), i32(K), np.float32(eps)), tag=tag)
 
-    def embed_launch(self, tok, E, x, *, nb, tag="embed"):
-        return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x), tag=tag)
+    def embed_launch(self, tok, E, x, *, nb, stats=None, tag="embed"):
+        """x = E[tok]; stats (float64 [instances, >= nb, 2], or None): instance 0 = (sum x, sum x^2) a row, the
+        later instances zeroed (the folded LayerNorms' statistics, see gemv_launch)."""
+        st = (stats, i32(stats.shape[0]), i32(stats.shape[1])) if stats is not None else (NULL, i32(0), i32(0))
+        return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x, *st), tag=tag)
 
     def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, tag="argmax"):
         """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None."""

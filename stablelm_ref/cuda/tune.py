@@ -77,7 +77,7 @@ def tune(engine, nb):
             timed = []
             for R, T, U in gemv_candidates(K, nb, mode, getattr(engine.k, "tensor_cores", False)):
                 engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0, U)
-                launches = [engine._gemv(name, W, x, mode, nb) for W in Ws] * reps
+                launches = [engine._layer_gemv(name, i, nb) for i in range(len(Ws))] * reps
                 ms = engine.time_launches(launches) / len(launches)
                 timed.append((ms, U, R, T))
             timed.sort()

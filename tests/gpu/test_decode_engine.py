@@ -70,7 +70,7 @@ class _GemvCase:
             if mode == kn.MODE_ADD:
                 self.yf[:nb] = cp.asarray(self.y0)
 
-    def launch(self, kernels, **shape):
+    def launch(self, kernels, **shape):           # shape: rows, threads, persist, unroll, stats_out
         return kernels.gemv_launch(cp.asarray(self.xb), cp.asarray(self.Wb), nb=self.nb, mode=self.mode,
                                    yf=self.yf, yh=self.yh,
                                    bias=None if self.bias is None else cp.asarray(self.bias), **shape)
@@ -132,6 +132,72 @@ def test_gemv_mma_matches_float64(kernels, nb, N, kc, mode, variant, threads, wi
     _sync()
     nw, ks = threads // 32, -(-kc // 4)
     case.check(rel=2.0**-19 * (2 * -(-ks // nw) + nw))
+
+
+@HYP
+@given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), ri=st.integers(0, 3),
+       threads=st.sampled_from([32, 96, 128, 256, 512]), persist=st.sampled_from([0, 0, 1, 2]),
+       seed=st.integers(0, 2**31 - 1))
+def test_gemv_add_accumulates_row_statistics(kernels, nb, N, kc, ri, threads, persist, seed):
+    """MODE_ADD with stats_out: the new rows as before, and stats_out[b] += (sum_n y[b, n], sum_n y[b, n]^2) of
+    the float32 outputs, in float64 (<= 300 float32 terms: float64 sums err <= 300 * 2^-53 of the sum of
+    magnitudes; 1e-12 relative has room); the row past the batch untouched."""
+    rows = [r for r in kn.GEMV_ROWS if not (nb > 4 and r == 8)]
+    case = _GemvCase(seed, nb, N, 8 * kc, kn.MODE_ADD, False)
+    s0 = np.random.default_rng(seed + 1).standard_normal((nb + 1, 2)) * 10
+    stats = cp.asarray(s0)
+    case.launch(kernels, rows=rows[ri % len(rows)], threads=threads, persist=persist, stats_out=stats)()
+    _sync()
+    case.check()
+    y = cp.asnumpy(case.yf[:nb]).astype(np.float64)
+    got, want = cp.asnumpy(stats), s0[:nb] + specs.ref_row_stats(y)
+    scale = np.abs(s0[:nb]) + specs.ref_row_stats(np.abs(y))
+    assert np.array_equal(got[nb], s0[nb]), "wrote past the batch"
+    assert (np.abs(got[:nb] - want) <= 1e-12 * scale).all(), np.abs(got[:nb] - want).max()
+
+
+@HYP
+@given(N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 2]), ri=st.integers(0, 3),
+       threads=st.sampled_from([32, 96, 128, 256, 512]), persist=st.sampled_from([0, 0, 1, 2]),
+       offset=st.sampled_from([0.0, 30.0]), seed=st.integers(0, 2**31 - 1))
+def test_gemv_with_folded_layernorm_matches_float64(kernels, N, kc, mode, ri, threads, persist, offset, seed):
+    """gemv_ln_b1: the product with LayerNorm(x), its mean and variance from (sum x, sum x^2), against
+    ref_gemv(bf16(ref_layernorm_from_stats(x)), W). The kernel normalises in float32 (mean, rstd from the
+    float64 statistics) and rounds to bf16 like layernorm_rows: an element within ~1e-6 relative of a bf16
+    rounding boundary may land on the other side, one bf16 step (<= 2^-7 |h_k|). Tolerance: the GEMV's
+    1e-5 sum_k |h_k w_k| plus two such steps, 2 * 2^-7 max_k |h_k w_k|."""
+    if mode == kn.MODE_SWIGLU:
+        N += N % 2
+    K = 8 * kc
+    rows = [r for r in kn.GEMV_ROWS if not (mode == kn.MODE_SWIGLU and r % 2)]
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((1, K)) * rng.uniform(0.1, 10) + offset).astype(np.float32)
+    w = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+    b = (0.2 * rng.standard_normal(K)).astype(np.float32)
+    stats = specs.ref_row_stats(x)
+    Wb = _bits(rng.standard_normal((N, K)) / np.sqrt(K))
+    W = specs.ref_bf16_to_f64(Wb)
+    h = specs.ref_round_bf16(specs.ref_layernorm_from_stats(x, w, b, stats, 1e-5))
+    acc = h @ W.T
+    bound, step = np.abs(h) @ np.abs(W).T, 2 * 2.0**-7 * (np.abs(h)[:, None, :] * np.abs(W)[None]).max(-1)
+    out = dict(yh=cp.full((2, N // 2), NAN_BF16, cp.uint16)) if mode == kn.MODE_SWIGLU else \
+        dict(yf=cp.full((2, N), np.nan, cp.float32))
+    kernels.gemv_launch(cp.asarray(x), cp.asarray(Wb), nb=1, mode=mode, rows=rows[ri % len(rows)], threads=threads,
+                        persist=persist, ln=(cp.asarray(w), cp.asarray(b), cp.asarray(stats), 1e-5), **out)()
+    _sync()
+    if mode == kn.MODE_SWIGLU:
+        got = specs.ref_bf16_to_f64(cp.asnumpy(out["yh"]))
+        gate, up = acc[:, 0::2], acc[:, 1::2]
+        ref = specs.ref_gemv(h, W, mode)
+        silu = gate / (1 + np.exp(-gate))
+        e = 1e-5 * bound + step                                          # per accumulated row
+        eg, eu = e[:, 0::2], e[:, 1::2]                                  # silu' <= 1.1
+        tol = 2.0**-8 * np.abs(ref) + 1.1 * np.abs(up) * eg + (np.abs(silu) + 1.1 * eg) * eu + 1e-12
+    else:
+        got = cp.asnumpy(out["yf"]).astype(np.float64)
+        ref, tol = acc, 1e-5 * bound + step + 1e-6
+    assert np.isfinite(got[:1]).all() and np.isnan(got[1]).all()
+    assert (np.abs(got[:1] - ref) <= tol).all(), float(np.abs(got[:1] - ref).max())
 
 
 # ----------------------------------------------------------------------------- LayerNorm
