@@ -287,6 +287,15 @@ def test_emulated_engine_matches_transformers(emulated, name):
     assert agree >= 0.9
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "parallel" not in n])
+def test_emulated_engine_batch1_with_folded_layernorms_matches_transformers(emulated, name):
+    """Batch 1 folds the LayerNorms into the GEMVs (their statistics passed from kernel to kernel)."""
+    _needs_transformers()
+    engine, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=emulated, lengths=(9,))
+    assert engine.folds_layernorm(1) and "layernorm" not in {fn.tag for fn in engine._plan(1)[:-3]}
+    assert agree >= 0.9
+
+
 def test_emulated_graph_replay_equals_eager(emulated):
     _needs_transformers()
     name = "GQA + qk LayerNorm + parallel residual, D=160"

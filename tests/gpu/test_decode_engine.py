@@ -312,6 +312,16 @@ def test_engine_matches_transformers(kernels, name):
     assert agree >= 0.9
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "parallel" not in n])
+def test_engine_batch1_with_folded_layernorms_matches_transformers(kernels, name):
+    """Batch 1 (sequential residual) folds the layers' LayerNorms into the GEMVs that read them (gemv_ln_b1,
+    statistics from embed_rows and the residual-add GEMVs): the same bounds against transformers float32."""
+    engine, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=kernels, lengths=(9,))
+    print(f"{name}, batch 1 folded: prefill rel err {e_pre:.2e}, decode rel err {e_dec:.2e}, agreement {agree:.3f}")
+    assert engine.folds_layernorm(1) and "layernorm" not in {fn.tag for fn in engine._plan(1)[:-3]}
+    assert agree >= 0.9
+
+
 def test_engine_batch3_and_graph_equals_eager(kernels):
     name = "GQA + qk LayerNorm + parallel residual, D=160"
     a = run_engine_against_transformers(name, kernels=kernels, autotune=False, lengths=(9, 4, 12), steps=4)[0]
