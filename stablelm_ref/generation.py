@@ -31,7 +31,8 @@ inside its step instead (the greedy argmax, or its sample_step kernel, whose spe
 Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
 distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
 tokens on the CPU and the GPU given the same logits (a backend that samples inside its step gets every
-later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in order). The loop reads back B token ids per new token.
+later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in
+order). The loop reads back B token ids per new token.
 
 Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
 max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,

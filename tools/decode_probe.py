@@ -41,6 +41,7 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
 }
+VARIANTS_DEFAULT = ["default", "no-kv"]
 
 ABLATIONS = {
     "full step": lambda tag: True,
@@ -169,7 +170,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=VARIANTS_DEFAULT, choices=list(VARIANTS))
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH (default defines)")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")

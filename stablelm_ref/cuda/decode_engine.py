@@ -320,7 +320,7 @@ class GpuDecodeEngine:
         (gemv_ln_b1_r*: batch 1, sequential residual, fold_layernorm set); the final LayerNorm keeps its
         kernel. Not with a parallel residual: there gate|up reads LN1(x) of the x before o_proj's add, which
         the folded read (of the current x) would not see."""
-        return self.fold_layernorm and nb == 1 and not self.parallel
+        return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
 
     def _layer_gemv(self, name, i, nb):
         """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb, as the step runs it.

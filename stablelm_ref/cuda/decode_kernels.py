@@ -109,9 +109,11 @@ class DecodeKernels:
                 w, b, stats, eps = ln
                 args += (w, b, stats, np.float32(eps))
             fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
+            if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
+                raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, tag=tag)
+        return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
