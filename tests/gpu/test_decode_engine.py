@@ -120,7 +120,8 @@ def test_gemv_mma_matches_float64(kernels, nb, N, kc, mode, variant, threads, wi
     """The tensor-core GEMV (gemv_mma) against the same spec. N not a multiple of the 16-row tile and K not of
     the 32-wide k step exercise the edges; persist > 0 loops a block over several tile groups.
     Tolerance: the products are exact in float32; the tensor cores add each mma's 16 products to the
-    accumulator after aligning them to the largest, truncating (not rounding) the bits below float32's 24:
+    accumulator after aligning them to the largest, truncating (not rounding) the bits below float32's 24
+    (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021, on V100-A100; Hopper assumed no worse):
     at most 17 terms x 2^-23 of the largest, <= 2^-19 sum_k |x_k w_k| an mma. An output is the sum of
     2 ceil(steps / warps) mmas in a chain and of one partial a warp: rel = 2^-19 (2 ceil(KS / NW) + NW).
     A wrong k slot, row or batch column errs by O(|y|), far above it (|y| ~ sum |x w| / sqrt(K) here)."""
