@@ -20,9 +20,12 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
               streams. The loop feeds every unfinished row the graph's own pick; a finished row's pad it
               does not get, which changes nothing the loop keeps (rows are independent; its tokens are pad
               from then on). A step queued when the loop stops (eos, max_new_tokens) is wasted.
-    sampling  the pick is sample_step inside the graph (decode.cu): repetition penalty, temperature, top-k,
-              top-p and the draw, from u ~ U[0, 1) the loop draws on the host (set_uniform) with the same
-              numpy Generator the CPU path uses, so a seed gives the CPU's tokens given the same logits.
+    sampling  the pick is sample_step (or, for top-k, sample_topk_partial + sample_topk_merge) inside the
+              graph (decode.cu): repetition penalty, temperature, top-k, top-p and the draw, from u ~ U[0, 1)
+              that the loop draws on the host with the same numpy Generator the CPU path uses, so a seed gives
+              the CPU's tokens given the same logits. The loop draws every step's u at once (use_draws: the
+              same numbers in the same order as one draw a step) and they are uploaded once; each step's graph
+              reads its own row, so sampling runs one step ahead like greedy.
               Settings it does not cover (top_k > 1024, or top_k 0 with top_p < 1) leave the logits on the
               device (engine.logits_buf, float32) for the loop's processors and sampler (generation.py, the
               same functions as on the CPU, on CuPy arrays).
@@ -138,8 +141,9 @@ class EngineSteps:
         self.wide = self.xp.float32
         self.cache = engine.kv_cache(batch, model.dtype)
         self._chosen = engine.tok[:batch]
-        self._ahead = False              # the step the loop asks for next is already queued (greedy)
+        self._ahead = False              # the step the loop asks for next is already queued
         self._copied = False             # the latest step's picks are being copied to the host
+        self._drawn = False              # every later step's draws are on the device (use_draws)
 
     def context(self):
         return self.engine.stream            # every CuPy op of the loop on the engine's stream, in order
@@ -155,7 +159,13 @@ class EngineSteps:
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.engine.start(mask, ids)
+        self._ahead = self._drawn = False
         return out.logits[:, -1, :]                                       # [B, V] bfloat16
+
+    def use_draws(self, draws):
+        """draws [steps, B]: the uniforms of every later step (generate draws them at once), uploaded once."""
+        self.engine.set_draws(draws)
+        self._drawn = True
 
     def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
         e = self.engine
@@ -164,11 +174,11 @@ class EngineSteps:
         else:
             if next_dev is not self._chosen:                              # the loop chose, or fed pad
                 e.set_tokens(next_dev if next_dev is not None else next_ids)
-            if u is not None:
-                e.set_uniform(u)
+            if u is not None and not self._drawn:
+                e.set_draws(np.asarray(u)[None])                          # this step's draws alone
             e.decode_step()
         self._copied = False
-        if fused and u is None:                                           # greedy: run one step ahead
+        if fused and (u is None or self._drawn):                          # run one step ahead
             e.queue_picks_copy()
             self._copied = True
             if e.steps_left() > 0:

@@ -30,7 +30,9 @@ transformers processes in float32), by the same functions on NumPy or CuPy array
 inside its step instead (the greedy argmax, or its sample_step kernel, whose spec is these functions).
 Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
 distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
-tokens on the CPU and the GPU given the same logits. The loop reads back B token ids per new token.
+tokens on the CPU and the GPU given the same logits (a backend that samples inside its step gets every
+later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in
+order). The loop reads back B token ids per new token.
 
 Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
 max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,
@@ -441,7 +443,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)   # [B, T]
         scores = steps.prefill(ids, mask, positions)                      # [B, V] on the backend's device
         length = prompt_len
-        prefill_s, t_decode = None, None
+        prefill_s, t_decode, draws = None, None, None
         while True:
             next_host = None
             if scores is None:                                            # picked inside the step
@@ -478,7 +480,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
             if length == total or not unfinished.any():
                 break
             position = full_mask[:, :length].sum(axis=1, keepdims=True) - 1  # [B, 1]
-            u = rng.random(batch) if fused and s["do_sample"] else None  # the draws sample() would take
+            u = None
+            if fused and s["do_sample"]:                                  # the draws sample() would take
+                if draws is None:       # every later step's at once: the same numbers in the same order
+                    draws = rng.random((total - length, batch))
+                    steps.use_draws(draws)
+                u = draws[length - prompt_len - 1]                        # [B]: this step's
             scores = steps.step(next_ids, next_dev if fed_as_chosen else None, full_mask[:, :length], position,
                                 fused=fused, u=u)
         decode_s = time.perf_counter() - t_decode
@@ -539,6 +546,10 @@ class ModelSteps:
         out = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
+
+    def use_draws(self, draws):
+        """A backend that samples inside its step (choose_in_step) gets every later step's uniform draws
+        [steps, B] here once, before the first step (row i: the i-th step's u); the forward needs none."""
 
     def step(self, next_ids, next_dev, mask, position, fused=False, u=None):
         """One new token per row (next_ids [B], host) -> its logits [B, V]."""

@@ -114,9 +114,18 @@ def _null(p):
 
 
 def _gemv(grid, block, args, rows):
-    x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args
+    """gemv_b*_r* (11 arguments + stats_out), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b, ln_stats,
+    eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel does)."""
+    x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args[:11]
+    stats_out = args[11] if len(args) > 11 else np.uint64(0)
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
-    xs = specs.ref_bf16_to_f64(np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)]))
+    rows_x = np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)])
+    if len(args) > 12:
+        ln_w, ln_b, ln_stats, eps = args[12:]
+        assert nb == 1 and x.dtype == np.float32
+        xs = specs.ref_round_bf16(specs.ref_layernorm_from_stats(rows_x, ln_w, ln_b, ln_stats[:nb], float(eps)))
+    else:
+        xs = specs.ref_bf16_to_f64(rows_x)
     Wf = specs.ref_bf16_to_f64(W)
     if mode == kn.MODE_SWIGLU:
         out = yh.reshape(-1)
@@ -129,6 +138,8 @@ def _gemv(grid, block, args, rows):
     y = specs.ref_gemv(xs, Wf, mode, bias=None if _null(bias) else bias.astype(np.float64), y0=y0)
     for b in range(nb):
         out[b * ldy: b * ldy + N] = y[b]
+    if not _null(stats_out):
+        stats_out[:nb] += specs.ref_row_stats(y.astype(np.float32))
 
 
 def _attention(grid, block, args, D):
@@ -155,9 +166,12 @@ def _layernorm(grid, block, args):
 
 
 def _embed(grid, block, args):
-    tok, E, hidden, x = args
+    tok, E, hidden, x, stats, n_stats, ld_stats = args
     for b in range(grid[0]):
         x[b] = specs.ref_bf16_to_f64(E[tok[b]])
+        if not _null(stats):
+            stats[:, b] = 0.0
+            stats[0, b] = specs.ref_row_stats(x[b])
 
 
 def _sample(grid, block, args):
@@ -167,8 +181,8 @@ def _sample(grid, block, args):
     settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), repetition_penalty=float(penalty))
     pres = None if _null(present) else present[:nb]
-    _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, u[:nb]), present, history, ldh, max_steps, step,
-            cache_len, pos, tok)
+    _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, _draws(u, step, nb)), present, history, ldh,
+            max_steps, step, cache_len, pos, tok)
     _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
 
 
@@ -202,10 +216,15 @@ def _sample_merge(grid, block, args):
         rows[b, idx[b, :count[b]]] = val[b, :count[b]]
     settings = dict(do_sample=True, temperature=1.0, top_k=int(top_k), top_p=float(top_p), repetition_penalty=1.0)
     count[:nb] = 0
-    _finish(nb, specs.ref_sample_step(rows, None, settings, u[:nb]), present, history, ldh, max_steps, step,
-            cache_len, pos, tok)
+    _finish(nb, specs.ref_sample_step(rows, None, settings, _draws(u, step, nb)), present, history, ldh, max_steps,
+            step, cache_len, pos, tok)
     _flag(bad, cand_bad[:nb] != 0)
     cand_bad[:nb] = 0
+
+
+def _draws(u, step, nb):
+    """This step's draws: row `step` of the table (shaped like history; the last row past its end)."""
+    return u[min(int(step[0]), u.shape[0] - 1), :nb]
 
 
 def _flag(bad, rows):
@@ -237,6 +256,9 @@ class EmulatedKernels(kn.DecodeKernels):
     def __init__(self):
         self.cp = cuda_xp.cupy()
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
+        self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
+        self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
+        self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
@@ -265,6 +287,15 @@ def test_emulated_engine_matches_transformers(emulated, name):
     assert agree >= 0.9
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "parallel" not in n])
+def test_emulated_engine_batch1_with_folded_layernorms_matches_transformers(emulated, name):
+    """Batch 1 folds the LayerNorms into the GEMVs (their statistics passed from kernel to kernel)."""
+    _needs_transformers()
+    engine, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=emulated, lengths=(9,))
+    assert engine.folds_layernorm(1) and "layernorm" not in {fn.tag for fn in engine._plan(1)[:-3]}
+    assert agree >= 0.9
+
+
 def test_emulated_graph_replay_equals_eager(emulated):
     _needs_transformers()
     name = "GQA + qk LayerNorm + parallel residual, D=160"
@@ -290,7 +321,9 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert set(engine.tuning[2]) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     for name, shape in engine.tuning[2].items():
         assert shape.persist == tune.TUNE_PERSIST[0], (name, shape)     # the first strictly faster choice
-        assert shape.rows in kn.GEMV_ROWS and shape.us > 0
+        assert shape.rows in kn.GEMV_ROWS and shape.us > 0 and shape.unroll == 0    # ties: the CUDA-core GEMV
+    timed_alone = {e[3][5] for e in engine.tune_log if e[0] == "alone"}
+    assert timed_alone == {0} | {u for _, u in kn.GEMV_MMA}              # batch 2: the tensor-core GEMV timed too
     logged = {(e[0], e[2]) for e in engine.tune_log}
     assert logged == {(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
     assert engine.step_ms[2] > 0
@@ -496,10 +529,94 @@ def test_generate_through_engine_steps_reports_non_finite_logits(emulated, monke
         return out
 
     monkeypatch.setattr(fast_gpu.EngineSteps, "step", poisoned)
-    # greedy runs one step ahead: the step after the poison was queued already, the one after it is poisoned
-    for settings, poisoned_call in ((dict(), 3), (dict(do_sample=True, temperature=0.8, top_k=50, seed=1), 2)):
+    # greedy and sampling run one step ahead: the step after the poison was queued already, the one after it
+    # is poisoned
+    for settings, poisoned_call in ((dict(), 3), (dict(do_sample=True, temperature=0.8, top_k=50, seed=1), 3)):
         calls.clear()
         with pytest.raises(de.GenerationError, match="not finite"):
             generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast", **settings)
         assert calls == [True] * poisoned_call                           # it stopped at the poisoned step
         fast.engine.lm[17] = saved.pop()
+
+
+def test_generate_through_engine_steps_tensor_core_gemv_plan(emulated):
+    """Every GEMV of the step on the tensor-core kernel (as the tuner may choose at batch > 1): the launches
+    it builds (kernel, grid over 16- or 32-row tiles, persistent grids) give the CUDA-core plan's tokens."""
+    ref, fast = _models(emulated)
+    engine = fast.engine
+    ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3])
+    want = generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast")
+    for rows, unroll, persist in ((16, 4, 0), (32, 2, 1)):
+        engine.tuning[2] = {name: tune.GemvShape(rows, 128, persist, 0.0, 0.0, unroll)
+                            for name in engine._gemv_shapes()}
+        engine._forget(2)
+        engine._graphs.clear()
+        plan = [fn for fn in engine._plan(2) if fn.tag.startswith("gemv")]
+        groups = [-(-int(fn.args[4]) // rows) for fn in plan]                  # ceil(N / rows)
+        assert all(fn.fn.static["rows"] == rows and fn.fn in emulated.mma_fn.values() for fn in plan)
+        assert [fn.grid[0] for fn in plan] == [min(g, emulated.num_sms) if persist else g for g in groups]
+        assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast"), want)
+    with pytest.raises(ValueError, match="gemv_mma"):
+        emulated.gemv_launch(engine.h, engine.layers[0].wo, nb=2, mode=kn.MODE_STORE, yf=engine.x, rows=8, unroll=4)
+
+
+def test_generate_through_engine_steps_sampling_runs_ahead_on_drawn_uniforms(emulated):
+    """Sampling in the step takes every step's draws at once (one upload) and runs one step ahead like greedy:
+    the engine's history holds the loop's tokens and one queued step more; the tokens equal a run that uploads
+    each step's draws separately (the draws a step at a time, as before) for the same seed."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(9), 384, [6, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=7, engine="fast", do_sample=True, temperature=0.8, top_k=50,
+              top_p=0.9, repetition_penalty=1.2, seed=5)
+    uploads = []
+    real = de.GpuDecodeEngine.set_draws
+
+    def spy(self, draws):
+        uploads.append(np.asarray(draws).shape)
+        return real(self, draws)
+
+    de.GpuDecodeEngine.set_draws = spy
+    try:
+        out = generate(fast, ids, **kw)
+    finally:
+        de.GpuDecodeEngine.set_draws = real
+    assert uploads == [(6, 2)]                                # 7 new tokens: the first from the prefill's logits
+    assert fast.engine.generated().shape == (2, 7 + 1)
+    assert np.array_equal(fast.engine.generated()[:, :7], out[:, 6:])
+    one_at_a_time = fast_gpu.EngineSteps.use_draws
+    fast_gpu.EngineSteps.use_draws = lambda self, draws: None        # step() then uploads each step's u
+    try:
+        assert np.array_equal(generate(fast, ids, **kw), out)
+        assert fast.engine.generated().shape == (2, 7)        # and, without the table, nothing runs ahead
+    finally:
+        fast_gpu.EngineSteps.use_draws = one_at_a_time
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
+    """Batch 1 folds the layers' LayerNorms into the GEMVs that read them: no LayerNorm kernel but the final
+    one, q|k|v and gate|up on gemv_ln (the float32 residual and the statistics embed_rows, o_proj and down
+    accumulate, instance by instance); the tokens equal the unfolded step's and the float32 reference's picks.
+    A parallel residual keeps its LayerNorm kernels (gate|up reads LN1 of x before o_proj's add)."""
+    ref, fast = _models(emulated, use_parallel_residual=parallel)
+    engine = fast.engine
+    ids = np.random.default_rng(12).integers(2, 384, (1, 7))
+    mask = np.ones_like(ids)
+    folded = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+    plan = engine._plan(1)
+    n_layers = len(engine.layers)
+    assert [fn.tag for fn in plan].count("layernorm") == (n_layers + 1 if parallel else 1)
+    ln_gemvs = [fn for fn in plan if fn.fn in emulated.gemv_ln_fn.values()]
+    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
+    _check_greedy(ref, folded, 7, mask)
+    engine.fold_layernorm = False
+    engine._plans.clear()
+    engine._graphs.clear()
+    try:
+        plain = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+        assert [fn.tag for fn in engine._plan(1)].count("layernorm") == len(engine.layers) * (1 + (not parallel)) + 1
+    finally:
+        engine.fold_layernorm = True
+        engine._plans.clear()
+        engine._graphs.clear()
+    assert np.array_equal(folded, plain)

@@ -10,6 +10,7 @@ library's own Rust parser (`safetensors.deserialize`). A failed load leaves ever
 """
 
 import collections
+import copy
 import functools
 import hashlib
 import json
@@ -353,9 +354,11 @@ def edited_config(draw, config):
             d.pop(key, None)
         elif edit == "rope" and isinstance(d.get("rope_parameters"), dict):
             d["rope_parameters"][draw(st.sampled_from(["rope_type", "factor", "rope_theta",
-                                                       "partial_rotary_factor"]))] = draw(CONFIG_VALUE)
+                                                       "partial_rotary_factor"]))] = copy.deepcopy(draw(CONFIG_VALUE))
         else:
-            d[key] = draw(CONFIG_VALUE)
+            # a copy: sampled_from hands out its own dict objects, which a later "rope" edit would mutate
+            # (once into themselves: a circular config that json.dumps refuses, a failure of this test)
+            d[key] = copy.deepcopy(draw(CONFIG_VALUE))
     note(f"config: {d}")
     text = json.dumps(d, allow_nan=True).encode()
     if draw(st.integers(0, 19)) == 0:  # now and then: not JSON at all

@@ -32,6 +32,9 @@ from the exact result), then times it and SDPA with CUDA events: warm-up, then t
 `--samples` samples, each sample a run of back-to-back calls over rotating input sets (so no sample
 re-reads a cached input and the Python launch cost hides behind the GPU work). Causal FLOPs are
 counted as 4 * B * H * L^2 * D / 2 (two matmuls of 2 FLOPs per multiply-add, half the score matrix).
+On a GPU that runs it (flash_hopper.usable(): an H100/H200 with nvcc or NVRTC for sm_90a), the wgmma
+kernel's variants (flash_hopper.CANDIDATES) are timed beside the mma.sync ones, and a last kernel table
+puts the fastest of each kernel next to SDPA's default and its FlashAttention-2 backend.
 Also measures the bf16 matmul ceiling (torch.matmul, 8192^3) once, for the notes.
 cupy <-> torch through DLPack. Prints the tables last.
 """
@@ -373,7 +376,9 @@ def main(argv=None):
     for D in ([] if args.skip_kernel else [int(x) for x in args.dims.split(",")]):
         all_dims = [int(x) for x in args.variant_dims.split(",") if x] if args.variant_dims else None
         every = args.variants == "all" and (all_dims is None or D in all_dims)
-        variants = fp.CANDIDATES[D] if every else (fp.DEFAULT_VARIANT[D],)
+        # the mma.sync kernel's variants and, on a GPU that runs it, the wgmma (Hopper) kernel's
+        hopper = fp.flash_hopper.CANDIDATES[D] if fp.flash_hopper.usable() else ()
+        variants = (fp.CANDIDATES[D] if every else (fp.DEFAULT_VARIANT[D],)) + hopper
         for L in [int(x) for x in args.lens.split(",")]:
             flops = 4 * B * H * L * L * D / 2
             g = torch.Generator(device="cuda").manual_seed(L + D)
@@ -444,6 +449,23 @@ def main(argv=None):
                 _, _, var, _, ms, _, _ = min(timed, key=lambda r: r[4])
                 print(f"{D:8d} {L:5d} {var:>4} {flops / ms / 1e9:14.0f} {sdpa_ms / ms:10.2f} "
                       f"{by['FLASH_ATTENTION'] / ms:7.2f}")
+    if sdpa_rows:
+        print(f"\nthe two kernels (fastest variant of each) against SDPA's default and its FA2 backend, TFLOP/s, "
+              f"{torch.cuda.get_device_name(0)} (default now: {fp.DEFAULT_VARIANT}, wgmma: {fp.HOPPER_DEFAULT}):")
+        print(f"{'head_dim':>8} {'L':>5} {'mma.sync':>13} {'wgmma':>13} {'SDPA':>6} {'FA2':>6} "
+              f"{'mma/SDPA':>8} {'wgmma/SDPA':>10} {'wgmma/FA2':>9} {'wgmma/mma':>9}")
+        for D, L, _, sdpa_ms, by, flops in sdpa_rows:
+            best = {}
+            for family, names in (("mma", fp.VARIANTS), ("wgmma", fp.flash_hopper.VARIANTS)):
+                timed = [r for r in rows if r[0] == D and r[1] == L and r[4] == r[4] and r[2] in names]
+                best[family] = min(timed, key=lambda r: r[4]) if timed else None
+            cell = {k: (f"{r[2]} {flops / r[4] / 1e9:5.0f}" if r else "-") for k, r in best.items()}
+            ratio = {k: (sdpa_ms / r[4] if r else float("nan")) for k, r in best.items()}
+            fa2 = by["FLASH_ATTENTION"] / best["wgmma"][4] if best["wgmma"] else float("nan")
+            vs_mma = best["mma"][4] / best["wgmma"][4] if best["mma"] and best["wgmma"] else float("nan")
+            print(f"{D:8d} {L:5d} {cell['mma']:>13} {cell['wgmma']:>13} {flops / sdpa_ms / 1e9:6.0f} "
+                  f"{flops / by['FLASH_ATTENTION'] / 1e9:6.0f} {ratio['mma']:8.2f} {ratio['wgmma']:10.2f} "
+                  f"{fa2:9.2f} {vs_mma:9.2f}")
     if costs:
         print(f"\nhost us per call (tiny bf16 shapes, 300 calls each, {torch.cuda.get_device_name(0)}):")
         print(f"  {'issue':>7} {'+ wait':>7} {'1 call':>7}  (us: host issuing 300 calls / until they finished / "

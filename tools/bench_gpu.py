@@ -354,6 +354,9 @@ def bench_shape(name, args, bw_copy, res):
         r["greedy b8 tok/s total"], r["ttft b8 s"] = time_generate(model, ids8, args.new)
         engine.reserve(8, args.prompt + args.new + 1)
         r["engine step b8 ms (graph replay)"] = engine.time_step(8)
+        r["tuning b8"] = {k: tuple(v) for k, v in engine.tuning[8].items()}
+        log(f"{name}: batch 8 GEMVs (rows, threads, persist, us, GB/s, unroll: 0 CUDA cores, >0 tensor cores): "
+            f"{r['tuning b8']}")
         log(f"{name}: greedy b8 {r['greedy b8 tok/s total']:.0f} tok/s in total; engine step alone "
             f"{r['engine step b8 ms (graph replay)']:.3f} ms")
     hf_model = None

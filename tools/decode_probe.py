@@ -4,6 +4,9 @@
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
+    python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
+    python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
+                                                             #   the tensor-core GEMV (A/B in one run)
 
 Each variant is decode.cu with a change to its text (see VARIANTS) or from another commit's source; the
 engine keeps its weights and the first variant's GEMV shapes (--retune: tune each), and the decode step is
@@ -38,6 +41,7 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
 }
+VARIANTS_DEFAULT = ["default", "no-kv"]
 
 ABLATIONS = {
     "full step": lambda tag: True,
@@ -92,11 +96,64 @@ def print_tune_log(entries):
     """Per GEMV kind: the 3 best shapes alone (rows, threads, us, GB/s), then every timing within the step."""
     for kind in dict.fromkeys(e[2] for e in entries):
         best = [e[3] for e in entries if e[0] == "alone" and e[2] == kind][:3]
-        log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]} {c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
+        log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]}{' mma U%d' % c[5] if c[5] else ''} "
+                                                    f"{c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
         for e in entries:
             if e[0] == "step" and e[2] == kind:
                 c = e[3]
-                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM -> {e[4]:.4f} ms")
+                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
+                    f" -> {e[4]:.4f} ms")
+
+
+def batch_ab(cfg, params, batches, prompt, steps):
+    """The decode step at each batch size, its GEMVs tuned among the CUDA-core shapes only (A) and with the
+    tensor-core GEMV's offered too (B), in one engine: ms a step (graph replays of the captured step, as the
+    tuner times it) and the ratio; B's choice per matrix kind."""
+    engine = de.GpuDecodeEngine(cfg, params, max_batch=max(batches), max_len=prompt + steps + 9, pdl=True)
+    out = {}
+    for nb in batches:
+        ids = np.random.default_rng(nb).integers(2, cfg.vocab_size, (nb, prompt))
+        row = {}
+        for label, tc in (("cuda cores", False), ("tensor cores offered", True)):
+            engine.k.tensor_cores = tc
+            engine.tuning.pop(nb, None)
+            engine._forget(nb)
+            engine._graphs.clear()
+            engine.prefill(ids, logits=None)
+            engine.capture(nb)
+            row[label] = engine.time_step(nb, replays=20, reps=5)
+            row[label + " tuning"] = {n: (v.rows, v.threads, v.persist, v.unroll) for n, v in engine.tuning[nb].items()}
+        row["speed-up"] = row["cuda cores"] / row["tensor cores offered"]
+        out[nb] = row
+        log(f"batch {nb}: step {row['cuda cores']:.4f} ms (CUDA-core GEMV) vs {row['tensor cores offered']:.4f} ms "
+            f"(tensor cores offered): {row['speed-up']:.2f}x; {nb * 1e3 / row['tensor cores offered']:.0f} tok/s total; "
+            f"chosen (rows, threads, persist, unroll) {row['tensor cores offered tuning']}")
+    engine.k.tensor_cores = True
+    return out
+
+
+def fold_ab(engine, ids, steps, rounds=2):
+    """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
+    in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
+    times = {True: [], False: []}
+    tunings = {engine.fold_layernorm: engine.tuning}
+    for _ in range(rounds):
+        for fold in (True, False):
+            engine.fold_layernorm = fold
+            engine.tuning = tunings.get(fold, {})
+            engine._plans.clear()
+            engine._graphs.clear()
+            engine.prefill(ids, logits=None)
+            times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
+            tunings[fold] = engine.tuning
+    engine.fold_layernorm = True
+    engine.tuning = tunings[True]
+    engine._plans.clear()
+    engine._graphs.clear()
+    on, off = float(np.median(times[True])), float(np.median(times[False]))
+    log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
+        f"({times[False]}): {off / on:.3f}x")
+    return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
 
 def use_kernels(engine, k, retune):
@@ -113,7 +170,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=VARIANTS_DEFAULT, choices=list(VARIANTS))
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH (default defines)")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
@@ -122,6 +179,10 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
+    ap.add_argument("--fold-ab", action="store_true",
+                    help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
+    ap.add_argument("--batches", type=int, nargs="*", default=[],
+                    help="batch sizes (2-8) to time with and without the tensor-core GEMV")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -130,16 +191,18 @@ def main():
     max_len = args.prompt + args.steps + 9
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
     params = random_params(cfg)
+    res = {}
+    if args.batches:
+        res["batches"] = batch_ab(cfg, params, args.batches, args.prompt, args.steps)
     todo = [(v, VARIANTS[v], None) for v in args.variants]
     if args.src_rev:
         todo.insert(0, (f"rev {args.src_rev}", None, args.src_rev))
     engine = None
-    res, ref_logits = {}, None
+    ref_logits = None
     for name, patch, rev in todo:
         k = kernels_for(name, patch, rev)
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
-            del params
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:
@@ -183,6 +246,8 @@ def main():
             engine.tuning[1] = saved
             engine._plans.clear()
             engine._graphs.clear()
+        if name == args.variants[0] and args.fold_ab:
+            res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
         if name == args.variants[0] and args.ln_threads:
             for nt in args.ln_threads:
                 for fn in engine._plan(1):
@@ -207,7 +272,7 @@ def main():
             engine._plans.clear()
             engine._graphs.clear()
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     log(f"done in {time.time() - t0:.0f} s")
 
 

@@ -7,6 +7,9 @@
 //   layernorm_rows     h[b, :]  = (x - mean) / sqrt(var + eps) * w + beta         (f32 statistics, bf16 out)
 //   gemv_b{B}_r{R}     y[b, n]  = sum_k x[b, k] W[n, k]   (W in the checkpoint's [out, in] layout)
 //                      epilogues: store (+bias), add into the residual, SwiGLU over interleaved gate/up rows
+//   gemv_mma_t{MT}_u{U}  the same product and epilogues on the tensor cores (mma.sync), for batches of 2-8
+//   gemv_ln_b1_r{R}    y = LayerNorm(x) W^T at batch 1, the LayerNorm folded into the GEMV's reads (its
+//                      statistics accumulated by the residual-add GEMVs before it, and by embed_rows)
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax; the last split to finish
@@ -104,15 +107,45 @@ __device__ __forceinline__ float block_sum(float v, float* buf) {
     return warp_sum(t);
 }
 
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 // ---------------------------------------------------------------- embedding
 // x[b, :] = float(E[tok[b], :])          grid (B), block (256)
+// With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
+// instance 0 = (sum_k x[b, k], sum_k x[b, k]^2), and of every later instance zero (the residual-add GEMVs
+// accumulate those during the step).
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
-                                      int hidden, float* __restrict__ x) {
+                                      int hidden, float* __restrict__ x, double* __restrict__ stats,
+                                      int n_stats, int ld_stats) {
+    __shared__ double buf[2][32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x;
+    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u16* row = E + (size_t)tok[b] * hidden;
-    for (int k = threadIdx.x; k < hidden; k += blockDim.x) x[(size_t)b * hidden + k] = bf2f(row[k]);
+    double s1 = 0.0, s2 = 0.0;
+    for (int k = threadIdx.x; k < hidden; k += blockDim.x) {
+        const float v = bf2f(row[k]);
+        x[(size_t)b * hidden + k] = v;
+        s1 += v;
+        s2 += (double)v * v;
+    }
+    if (stats == nullptr) return;
+    for (int i = 1 + threadIdx.x; i < n_stats; i += blockDim.x)
+        stats[((size_t)i * ld_stats + b) * 2] = stats[((size_t)i * ld_stats + b) * 2 + 1] = 0.0;
+    s1 = warp_sum_d(s1);
+    s2 = warp_sum_d(s2);
+    if (lane == 0) { buf[0][warp] = s1; buf[1][warp] = s2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t1 = 0.0, t2 = 0.0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) { t1 += buf[0][w]; t2 += buf[1][w]; }
+        stats[(size_t)b * 2] = t1;
+        stats[(size_t)b * 2 + 1] = t2;
+    }
 }
 
 // ---------------------------------------------------------------- LayerNorm (+bias), bf16 out
@@ -199,9 +232,8 @@ __device__ __forceinline__ void prefetch_weights(const uint4* p) {
     asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
 }
 
-template <int BM, int R>
-__device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R],
-                                           const uint4* __restrict__ xv, int ldxv, int c, int nb) {
+template <int BM, int R, typename LoadX>
+__device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R], LoadX load_x, int c, int nb) {
     float wf[R][8];
 #pragma unroll
     for (int r = 0; r < R; ++r) unpack8(w[r], wf[r]);
@@ -209,7 +241,7 @@ __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)
     for (int b = 0; b < BM; ++b) {
         if (b < nb) {
             float xf[8];
-            unpack8(xv[(size_t)b * ldxv + c], xf);
+            load_x(b, c, xf);
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -228,18 +260,52 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
     for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-template <int BM, int R>
-__device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, int nb,
+// LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
+// h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic, with mean and rstd from
+// ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below: var = E[x^2] - mean^2 in
+// float64). So the LayerNorm kernel and its launch go (the engine folds the layers' LayerNorms this way at
+// batch 1). Each block writes h into shared memory once (K bf16, dynamic shared memory) while its first
+// weights are in flight, then runs the plain GEMV loop on it (computing h per chunk as the chunks are read,
+// every row group reading x, ln_w and ln_b again, measured 2.9% slower a step).
+// stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
+// launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
+// embed_rows at the step's start.
+template <int BM, int R, bool LN>
+__device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
-                                          int mode) {
+                                          int mode, double* __restrict__ stats_out,
+                                          const float* __restrict__ ln_w, const float* __restrict__ ln_b,
+                                          const double* __restrict__ ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
     const int KC = K >> 3;                       // 16-byte chunks per row
     const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
     const int ldxv = ldx >> 3;
+    float mean[BM], rstd[BM];
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    const uint4* hs = reinterpret_cast<const uint4*>(gemv_smem);   // LN: h [K] bf16 (batch 1)
+    auto ln8 = [&](int b, int c, float (&xf)[8]) {                   // h[b, 8c .. 8c + 7]
+        const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + (size_t)b * ldx) + 2 * c;
+        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;
+        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;
+        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];
+        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xf[i] = (v[i] - mean[b]) * rstd[b] * g[i] + o[i];
+    };
+    auto load_x = [&](int b, int c, float (&xf)[8]) {
+        if constexpr (LN) {
+            unpack8(hs[c], xf);                  // batch 1
+        } else {
+            unpack8(xv[(size_t)b * ldxv + c], xf);
+        }
+    };
+    double st1 = 0.0, st2 = 0.0;                 // this thread's share of stats_out (epilogue threads)
     const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
     int g = blockIdx.x;
     const uint4* wrow[R];
@@ -262,6 +328,22 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
     point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
+    if constexpr (LN) {
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
+            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            mean[b] = (float)m;
+            rstd[b] = rsqrtf((float)var + eps);
+        }
+        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
+        for (int c = tid; c < KC; c += T) {
+            float h[8];
+            ln8(0, c, h);
+            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+        }
+        __syncthreads();
+    }
     while (true) {
         float acc[BM][R];
 #pragma unroll
@@ -270,8 +352,8 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
             for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
         int c = tid;
         while (c < KC) {
-            gemv_accum<BM, R>(acc, wa, xv, ldxv, c, nb);
-            if (c + T < KC) gemv_accum<BM, R>(acc, wb, xv, ldxv, c + T, nb);
+            gemv_accum<BM, R>(acc, wa, load_x, c, nb);
+            if (c + T < KC) gemv_accum<BM, R>(acc, wb, load_x, c + T, nb);
             c += 2 * T;
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
@@ -300,27 +382,191 @@ __device__ __forceinline__ void gemv_impl(const u16* __restrict__ x, int ldx, in
                     yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
                 }
             } else if (n < N) {
-                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
-                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+                if (mode == MODE_ADD) {
+                    const float y = yf[(size_t)b * ldy + n] + s;
+                    yf[(size_t)b * ldy + n] = y;
+                    st1 += y;
+                    st2 += (double)y * y;
+                } else {
+                    yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+                }
             }
         }
         if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
         g = next;
     }
+    if (stats_out != nullptr && warp == 0) {     // epilogue threads tid = b * R + r (nb * R <= 32)
+#pragma unroll
+        for (int o = 1; o < R; o <<= 1) {        // sum over the R lanes of each batch row
+            st1 += __shfl_xor_sync(0xffffffffu, st1, o);
+            st2 += __shfl_xor_sync(0xffffffffu, st2, o);
+        }
+        if (tid < nb * R && tid % R == 0) {
+            atomicAdd(stats_out + 2 * (tid / R), st1);
+            atomicAdd(stats_out + 2 * (tid / R) + 1, st2);
+        }
+    }
 }
 
-#define GEMV_INST(BM, R)                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(       \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
-        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
-        int mode) {                                                                            \
-        gemv_impl<BM, R>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                        \
+#define GEMV_INST(BM, R)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(                    \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out) {                                                                   \
+        gemv_impl<BM, R, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr, nullptr,  \
+                                nullptr, 0.f);                                                              \
     }
 GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
 GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
 GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
+
+// x: the float32 residual [nb, ldx]; the LayerNorm folded in (see gemv_impl). Batch 1 only.
+#define GEMV_LN_INST(R)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_ln_b1_r##R(                      \
+        const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
+        const double* __restrict__ ln_stats, float eps) {                                                   \
+        gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,          \
+                              ln_stats, eps);                                                               \
+    }
+GEMV_LN_INST(1) GEMV_LN_INST(2) GEMV_LN_INST(4) GEMV_LN_INST(8)
+
+// ---------------------------------------------------------------- skinny GEMM on the tensor cores (nb 2..8)
+// The same product and epilogues as gemv_b{B}_r{R}, for the batch's rows at once: at nb = 8 the GEMV above
+// does 8 FMAs per weight (plus the unpacking) on the CUDA cores and is ALU-bound; here the tensor cores
+// multiply, with mma.sync m16n8k16 (bf16 in, float32 accumulate): 16 weight rows are the A operand
+// (16 x 16), the batch's 8 rows of x the B operand (16 x 8: the batch is the n axis; rows past nb are zero).
+// The order of the 16 k terms inside one mma does not change its sum, so both operands come from plain
+// 16-byte loads: lane (g = lane / 4, t = lane % 4) loads 8 consecutive k at k0 + 8t of weight rows g and
+// g + 8 and of x row g (batch g), and hands k0 + 8t .. +3 to one mma as fragment slots 2t, 2t+1, 2t+8,
+// 2t+9, and k0 + 8t + 4 .. +7 to a second. Slot -> k depends on t alone, the same for A and B, so each
+// mma sums W[row, k] x[b, k] over 16 distinct k and the two together over the 32 k of the step.
+// Weights stream from global memory straight into the fragments (read once: no shared memory stage);
+// x (at most 8 rows, read by every warp) comes through L1.
+// A block of T threads owns MT tiles of 16 rows; its warps split K (warp w takes 32-wide steps w, w + NW,
+// ..., U steps in flight a thread), sum their partial tiles in shared memory, then the epilogue
+// (a persistent block then takes its next tile group, as gemv_impl does).
+#define MMA_MAX_WARPS 16
+
+// (bf16 mma needs sm_80: DecodeKernels offers these kernels only there; older GPUs trap if called)
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <int MT, int U>
+__device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx, int nb,
+                                              const u16* __restrict__ W, int N, int K,
+                                              const float* __restrict__ bias,
+                                              float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode) {
+    __shared__ float red[MMA_MAX_WARPS][MT * 128];       // per warp: its partial [MT][16 rows][8 batch]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, NW = blockDim.x >> 5, T = blockDim.x;
+    const int g = lane >> 2, t = lane & 3;
+    const int KC = K >> 3;                               // 16-byte chunks per row
+    const int KS = (KC + 3) >> 2;                        // 32-wide k steps
+    const int rows = 16 * MT, groups = (N + rows - 1) / rows;
+    const uint4* __restrict__ xrow = reinterpret_cast<const uint4*>(x) + (size_t)min(g, nb - 1) * (ldx >> 3);
+    const uint4* wrow[MT][2];
+    auto point_at = [&](int grp) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)                  // rows past N re-read row N-1; never stored
+                wrow[m][h] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * rows + m * 16 + h * 8 + g, N - 1) * KC;
+    };
+    uint4 wv[U][MT][2];
+    auto load_w = [&](int s0) {                          // steps s0, s0 + NW, ... (U of them) of this warp
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (s0 + u * NW) * 4 + t;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    wv[u][m][h] = c < KC ? ld_stream_early(wrow[m][h] + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+
+    PDL_LAUNCH();
+    int grp = blockIdx.x;
+    point_at(grp);
+    load_w(warp);                                        // before the wait: no kernel writes W
+    PDL_WAIT();                                          // x (and y for MODE_ADD) come from earlier kernels
+    while (true) {
+        float acc[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+        for (int s0 = warp; s0 < KS; s0 += U * NW) {
+            uint4 xr[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = (s0 + u * NW) * 4 + t;
+                xr[u] = (c < KC && g < nb) ? xrow[c] : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    mma_bf16_16816(acc[m], wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y, xr[u].x, xr[u].y);
+                    mma_bf16_16816(acc[m], wv[u][m][0].z, wv[u][m][1].z, wv[u][m][0].w, wv[u][m][1].w, xr[u].z, xr[u].w);
+                }
+            if (s0 + U * NW < KS) load_w(s0 + U * NW);
+        }
+        const int next = grp + gridDim.x;
+        if (next < groups) {                             // the next group's weights load during the reduction
+            point_at(next);
+            load_w(warp);
+        }
+        // accumulator (m, i): row m*16 + g + 8*(i >> 1), batch 2t + (i & 1)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            float* r = red[warp] + m * 128;
+            r[g * 8 + 2 * t] = acc[m][0];
+            r[g * 8 + 2 * t + 1] = acc[m][1];
+            r[(g + 8) * 8 + 2 * t] = acc[m][2];
+            r[(g + 8) * 8 + 2 * t + 1] = acc[m][3];
+        }
+        __syncthreads();
+        for (int e = tid; e < MT * 128; e += T) {        // e = (m * 16 + row) * 8 + b
+            const int b = e & 7, n = grp * rows + (e >> 3);
+            if (b >= nb) continue;
+            float s = 0.f;
+            for (int w = 0; w < NW; ++w) s += red[w][e];
+            if (mode == MODE_SWIGLU) {
+                if ((n & 1) == 0 && n + 1 < N) {         // rows (2i, 2i+1) = (gate_i, up_i), both in this tile
+                    float u = 0.f;
+                    for (int w = 0; w < NW; ++w) u += red[w][e + 8];
+                    const float act = s / (1.f + __expf(-s));
+                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+                }
+            } else if (n < N) {
+                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
+                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+            }
+        }
+        if (next >= groups) break;
+        __syncthreads();                                 // red is written again by the next group
+        grp = next;
+    }
+}
+
+#define GEMV_MMA_INST(MT, U)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MMA_MAX_WARPS * 32) gemv_mma_t##MT##_u##U(    \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
+        int mode) {                                                                            \
+        gemv_mma_impl<MT, U>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                    \
+    }
+GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 
 // ---------------------------------------------------------------- decode attention
 // grid (NS splits, KVH, nb), block (128). The query heads g*... of one kv head share its K/V tiles.
@@ -771,7 +1017,9 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 //     at most SAMPLE_CMAX candidates); top_p < 1: sort the kept ascending (ties by index), drop those
 //     whose cumulative probability (float32) is <= 1 - top_p, the most likely always kept;
 //     or top_k = 0 with top_p = 1: every token. Then p = softmax(z) in float64, cdf in vocabulary order,
-//     tok = the first index whose cdf > u[b] * cdf_last (u[b] in [0, 1) from the host's generator).
+//     tok = the first index whose cdf > u_b * cdf_last, u_b = u[step, b] in [0, 1): the draws of every step
+//     of a generate call, drawn at once by the host's generator and uploaded once, laid out like history
+//     [max_steps, ldh]; the step reads its own row (the device step counter), so no host work a step.
 // Then as argmax_step: history, pos, step and length; and present[b, tok] = 1 for the next step.
 // Two ways: sample_step, one block per row, does it all (greedy with a penalty, top_k 0); with top_k in
 // [1, SAMPLE_KMAX] the top-k search is spread over many blocks per row: sample_topk_partial (grid
@@ -784,6 +1032,12 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
 #define SAMPLE_PART_THREADS 256
 #define SAMPLE_PART_PER_THREAD 8
 #define SAMPLE_SLICE (SAMPLE_PART_THREADS * SAMPLE_PART_PER_THREAD)     // logits per partial block
+
+// This step's draw for row b: u[step, b] (the last row past the table's end).
+__device__ __forceinline__ double step_draw(const double* __restrict__ u, int b, int ldh, int max_steps,
+                                            const int* __restrict__ stepp) {
+    return u[(size_t)min(*stepp, max_steps - 1) * ldh + b];
+}
 
 __device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
                                                  float penalty, int do_sample, float temperature) {
@@ -979,7 +1233,8 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
             }
         }
         __syncthreads();
-        const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+        const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p,
+                                              step_draw(u, b, ldh, max_steps, stepp), zmax, bidx, &s_n);
         if (tid == 0) s_choice = pick;
     } else {
         // every token (top_k 0, top_p 1): per-thread contiguous ranges keep the vocabulary order
@@ -1004,7 +1259,7 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
         __shared__ double s_total;
         if (tid == blockDim.x - 1) s_total = before + local;
         __syncthreads();
-        const double target = u[b] * s_total;
+        const double target = step_draw(u, b, ldh, max_steps, stepp) * s_total;
         if (before <= target && target < before + local) {       // exactly one range holds it
             double c = before;
             for (int v = v0; v < v1; ++v) {
@@ -1139,7 +1394,8 @@ sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ ca
         }
     }
     __syncthreads();
-    const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p, u[b], zmax, bidx, &s_n);
+    const int pick = draw_from_candidates(cval, cidx, min(s_n, SAMPLE_CMAX), top_p,
+                                          step_draw(u, b, ldh, max_steps, stepp), zmax, bidx, &s_n);
     if (tid == 0) {
         cand_count[b] = 0;                                       // every thread read it (barriers since)
         if (bad != nullptr) bad[b] = cand_bad[b];

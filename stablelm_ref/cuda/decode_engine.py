@@ -5,6 +5,10 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
     x    = E[tok]                                        embed_rows
     for each layer:
       h  = LayerNorm(x)                                  layernorm_rows        -> bf16 [B, hidden]
+                                                         (batch 1, sequential residual: folded into the
+                                                         GEMV that reads h, gemv_ln_b1: mean and variance
+                                                         from (sum x, sum x^2), which embed_rows and the
+                                                         residual-add GEMVs accumulate)
       qkv = h @ [Wq; Wk; Wv]^T + b                       gemv (store)          -> f32 [B, (H + 2 KVH) D]
       a  = attention(qkv, cache)                         decode_attention:     q/k LayerNorm per head,
                                                          rotary, k/v written at cache[len], flash-decoding
@@ -24,7 +28,9 @@ Token ids, positions and the cache length live in device memory, so the whole st
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
 at start-up by timing graph replays of that matrix kind; then the best few, and 1-4 persistent blocks per
-SM (blocks that loop over several row groups), are timed within the whole captured step (seconds).
+SM (blocks that loop over several row groups), are timed within the whole captured step (seconds). At
+batch 2-8 the candidates include the tensor-core GEMV (gemv_mma: mma.sync, where the CUDA-core GEMV does
+nb FMAs a weight and becomes ALU-bound).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
@@ -146,6 +152,7 @@ class GpuDecodeEngine:
         self.pdl = pdl                      # capture with programmatic dependent launches (sm_90+; falls
         #                                     back to plain launches if the driver refuses, see capture())
         self.pdl_error = None
+        self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
         with self.stream:
             self._load_weights(params)
             self._allocate()
@@ -290,15 +297,16 @@ class GpuDecodeEngine:
         self.att_counters = cp.zeros(MB * self.KVH, cp.int32)
         self.am_counter = cp.zeros(1, cp.int32)
         self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
-        self.uniform = cp.zeros(MB, cp.float64)                     # the step's draws u ~ U[0, 1) (sampling)
+        self.uniform = cp.zeros((self.max_len, MB), cp.float64)   # draws u ~ U[0, 1) by step, like history
         self.sample_scratch = self.k.sample_scratch(MB, self.vocab)  # sampling's top-k union (sample_launch)
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
+        self.ln_stats = cp.zeros((2 * len(self.layers), MB, 2), cp.float64)  # folded LayerNorms' (sum, sum sq)
 
     # -- the decode step as a list of launches ---------------------------------------------------------
     def _gemv_shapes(self):
-        """name -> (weights of every layer, x, output kwargs, mode)."""
+        """name -> (weights of every layer, x (without folded LayerNorms), mode): what the tuner sizes."""
         return {
             "qkv": ([L.wqkv for L in self.layers], self.h, MODE_STORE),
             "o_proj": ([L.wo for L in self.layers], self.att, MODE_ADD),
@@ -307,12 +315,38 @@ class GpuDecodeEngine:
             "lm_head": ([self.lm], self.h, MODE_STORE),
         }
 
-    def _gemv(self, name, W, x, mode, nb, bias=None):
+    def folds_layernorm(self, nb) -> bool:
+        """Whether the step at batch nb folds the layers' LayerNorms into the GEMVs that read them
+        (gemv_ln_b1_r*: batch 1, sequential residual, fold_layernorm set); the final LayerNorm keeps its
+        kernel. Not with a parallel residual: there gate|up reads LN1(x) of the x before o_proj's add, which
+        the folded read (of the current x) would not see."""
+        return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
+
+    def _layer_gemv(self, name, i, nb):
+        """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb, as the step runs it.
+        With folded LayerNorms (folds_layernorm), q|k|v and gate|up read the float32 residual x and the
+        LayerNorm statistics (ln_stats[2i]: LN1 of layer i, [2i + 1]: LN2) that embed_rows (instance 0), o_proj
+        (LN2) and the previous layer's down (LN1) accumulate; otherwise the bf16 output h of the LayerNorm
+        kernel."""
         shape = self.tuning.get(nb, {}).get(name, DEFAULT_GEMV)
-        out = {"qkv": dict(yf=self.qkv), "o_proj": dict(yf=self.x), "gate_up": dict(yh=self.mlp),
-               "down": dict(yf=self.x), "lm_head": dict(yf=self.logits_buf)}[name]
-        return self.k.gemv_launch(x, W, nb=nb, mode=mode, bias=bias, rows=shape.rows, threads=shape.threads,
-                                  persist=shape.persist, tag="gemv:" + name, **out)
+        fold, last = self.folds_layernorm(nb), i + 1 == len(self.layers)
+        L = self.layers[i] if name != "lm_head" else None
+        kw = dict(nb=nb, rows=shape.rows, threads=shape.threads, persist=shape.persist, unroll=shape.unroll,
+                  tag="gemv:" + name)
+        if name == "qkv":
+            ln = (L.ln1_w, L.ln1_b, self.ln_stats[2 * i], self.eps) if fold else None
+            return self.k.gemv_launch(self.x if fold else self.h, L.wqkv, mode=MODE_STORE, yf=self.qkv, bias=L.bqkv,
+                                      ln=ln, **kw)
+        if name == "o_proj":
+            stats = self.ln_stats[2 * i + 1] if fold else None
+            return self.k.gemv_launch(self.att, L.wo, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
+        if name == "gate_up":
+            ln = (L.ln2_w, L.ln2_b, self.ln_stats[2 * i + 1], self.eps) if fold else None
+            return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln, **kw)
+        if name == "down":
+            stats = self.ln_stats[2 * i + 2] if fold and not last else None
+            return self.k.gemv_launch(self.mlp, L.wd, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
+        return self.k.gemv_launch(self.h, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key())
@@ -320,23 +354,26 @@ class GpuDecodeEngine:
             return self._plans[key]
         k = self.k
         ns = k.attention_splits(nb, self.KVH, self.max_len)
-        plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb)]
+        fold = self.folds_layernorm(nb)
+        plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
         for i, L in enumerate(self.layers):
-            plan.append(k.layernorm_launch(self.x, L.ln1_w, L.ln1_b, self.h, nb=nb, eps=self.eps, tag="layernorm"))
-            plan.append(self._gemv("qkv", L.wqkv, self.h, MODE_STORE, nb, bias=L.bqkv))
+            if not fold:
+                plan.append(k.layernorm_launch(self.x, L.ln1_w, L.ln1_b, self.h, nb=nb, eps=self.eps,
+                                               tag="layernorm"))
+            plan.append(self._layer_gemv("qkv", i, nb))
             plan.append(k.attention_launch(
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
                 counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps))
-            plan.append(self._gemv("o_proj", L.wo, self.att, MODE_ADD, nb))
-            if not self.parallel:
+            plan.append(self._layer_gemv("o_proj", i, nb))
+            if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
                                                tag="layernorm"))
-            plan.append(self._gemv("gate_up", L.wgu, self.h, MODE_SWIGLU, nb))
-            plan.append(self._gemv("down", L.wd, self.mlp, MODE_ADD, nb))
+            plan.append(self._layer_gemv("gate_up", i, nb))
+            plan.append(self._layer_gemv("down", i, nb))
         plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
                                        tag="layernorm"))
-        plan.append(self._gemv("lm_head", self.lm, self.h, MODE_STORE, nb))
+        plan.append(self._layer_gemv("lm_head", 0, nb))
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
                                         self.pos, self.am_counter, nb=nb, bad=self.nonfinite))
@@ -371,10 +408,15 @@ class GpuDecodeEngine:
         self.sampler = settings
         return True
 
-    def set_uniform(self, u):
-        """The draws u [B] in [0, 1) the next step's sample_step inverts the cdf at (host float64)."""
+    def set_draws(self, draws):
+        """draws [n, B] (host float64 in [0, 1)): the uniforms the sampler inverts the cdf at in the next n
+        decode steps, row i for the i-th step from now (the graph reads row `step` of the table: one upload
+        for a whole generate call, none a step). Rows past the table's end are dropped."""
+        d = np.asarray(draws, np.float64).reshape(len(draws), -1)
+        s = self._host_step
+        n = max(0, min(len(d), self.max_len - s))
         with self.stream:
-            self.uniform[: len(u)] = self.cp.asarray(np.asarray(u, np.float64))
+            self.uniform[s:s + n, : d.shape[1]] = self.cp.asarray(d[:n])
 
     # -- timing helpers and the GEMV autotuner ------------------------------------------------------
     def capture_launches(self, launches, pdl: bool = False):

@@ -2,6 +2,8 @@
 
     k = DecodeKernels()
     k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
+    k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
+    k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, b, stats, eps))   #   LayerNorm(x) W^T, the LayerNorm folded in
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
@@ -26,6 +28,7 @@ MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
 GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
 GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
+GEMV_MMA = ((1, 2), (1, 4), (2, 2), (2, 4))   # tensor-core GEMV: (16-row tiles a block, k steps in flight)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
@@ -43,6 +46,8 @@ class DecodeKernels:
         f = self.module.get_function
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}
+        self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
+        self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -51,6 +56,7 @@ class DecodeKernels:
         self.sample_partial_fn = f("sample_topk_partial")
         self.sample_merge_fn = f("sample_topk_merge")
         dev = cp.cuda.Device()
+        self.tensor_cores = int(dev.compute_capability) >= 80      # bf16 mma.sync (gemv_mma)
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
@@ -63,13 +69,22 @@ class DecodeKernels:
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    tag="gemv"):
+                    unroll=0, stats_out=None, ln=None, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
-        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups."""
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
+        unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
+        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
+        stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
+        ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
+        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows})."""
         N, K = W.shape
-        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != 2 or W.dtype.itemsize != 2:
-            raise ValueError(f"gemv: need bf16 x [nb, K] and W [N, K] with K % 8 == 0, got {x.shape}, {W.shape}")
+        if K % 8 or x.shape[-1] != K or x.dtype.itemsize != (4 if ln else 2) or W.dtype.itemsize != 2:
+            raise ValueError(f"gemv: need {'float32' if ln else 'bf16'} x [nb, K] and bf16 W [N, K] with K % 8 == 0, "
+                             f"got {x.dtype} {x.shape}, {W.dtype} {W.shape}")
+        if (ln is not None or stats_out is not None) and (unroll or (ln is not None and nb != 1)):
+            raise ValueError("gemv: the folded LayerNorm (ln) runs at batch 1 and, like stats_out, on the "
+                             "CUDA-core GEMV only")
         if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
             raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
         bm = self.gemv_batch_width(nb)
@@ -82,10 +97,23 @@ class DecodeKernels:
         args = (x, i32(K), i32(nb), W, i32(N), i32(K),
                 bias if bias is not None else NULL,
                 yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode))
-        fn = self.gemv_fn[(bm, rows)]
+        if unroll:
+            if (rows // 16, unroll) not in self.mma_fn or rows % 16 or not self.tensor_cores:
+                raise ValueError(f"gemv_mma: (rows, unroll) must be one of "
+                                 f"{[(16 * t, u) for t, u in GEMV_MMA]} on a GPU of compute capability >= 8.0, "
+                                 f"got ({rows}, {unroll})")
+            fn = self.mma_fn[(rows // 16, unroll)]
+        else:
+            args += (stats_out if stats_out is not None else NULL,)
+            if ln is not None:
+                w, b, stats, eps = ln
+                args += (w, b, stats, np.float32(eps))
+            fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
+            if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
+                raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, tag=tag)
+        return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
@@ -127,8 +155,11 @@ class DecodeKernels:
         return Launch(self.layernorm_fn, (nb,), (threads,),
                       (x, i32(K), w, b, y, i32(y.shape[-1]), i32(K), np.float32(eps)), tag=tag)
 
-    def embed_launch(self, tok, E, x, *, nb, tag="embed"):
-        return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x), tag=tag)
+    def embed_launch(self, tok, E, x, *, nb, stats=None, tag="embed"):
+        """x = E[tok]; stats (float64 [instances, >= nb, 2], or None): instance 0 = (sum x, sum x^2) a row, the
+        later instances zeroed (the folded LayerNorms' statistics, see gemv_launch)."""
+        st = (stats, i32(stats.shape[0]), i32(stats.shape[1])) if stats is not None else (NULL, i32(0), i32(0))
+        return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x, *st), tag=tag)
 
     def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, tag="argmax"):
         """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None."""
@@ -162,11 +193,14 @@ class DecodeKernels:
     def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
                       scratch=None, bad=None, tag="sample"):
         """generate's processors and sampler on logits [>= nb, V] (see decode.cu); present: uint8 [>= nb, V]
-        (ids already in each row) or None without a repetition penalty; u: float64 [>= nb]. Sampling with
-        top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row, then
-        sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one block a
-        row. bad: as argmax_launch's. Returns the launches, in order."""
+        (ids already in each row) or None without a repetition penalty; u: float64 shaped like history
+        [max_steps, ldh], the draws by step (the kernels read row `step`: every step's draws uploaded once).
+        Sampling with top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row,
+        then sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one
+        block a row. bad: as argmax_launch's. Returns the launches, in order."""
         V = logits.shape[-1]
+        if tuple(u.shape) != tuple(history.shape):
+            raise ValueError(f"the draws u {tuple(u.shape)} must be shaped like history {tuple(history.shape)}")
         k = settings["top_k"] if settings["top_k"] < V else 0
         book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter,
                 bad if bad is not None else NULL)

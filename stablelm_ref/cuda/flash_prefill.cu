@@ -37,6 +37,7 @@
 // No CUDA headers are included (the file compiles under NVRTC as is): bf16/fp16 values are handled
 // as raw 16-bit words and converted with PTX cvt instructions.
 
+// BEGIN shared helpers (flash_hopper.py puts this section in front of flash_hopper.cu)
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned char u8;
@@ -108,6 +109,7 @@ DEVI float exp2_approx(float x) {  // 2^x, max rel. error 2^-22; 2^-inf = 0
 
 DEVI float neg_inf() { return __int_as_float(0xff800000); }
 DEVI int imin(int a, int b) { return a < b ? a : b; }
+// END shared helpers
 
 // ----------------------------------------------------------------------------------------------
 // Strides in elements of one [B, heads, rows, D] operand (a row's D elements are contiguous).

@@ -24,6 +24,11 @@ softmax, output in the input dtype); float32 goes through a simple, slower kerne
 The CUDA source is compiled with NVRTC through cupy.RawModule on first use of each
 specialisation (dtype, head dim, variant) and cached for the process (and by CuPy on disk).
 CuPy compiles for the device it runs on (sm_90 machine code on an H100).
+
+On a compute capability 9.0 GPU (H100, H200) bfloat16/float16 run flash_hopper.cu instead (the same
+function on wgmma, sm_90a; flash_hopper.py builds it), at the head dims of HOPPER_DEFAULT, where it
+measured faster; this kernel stays the readable one and the fallback (no nvcc/NVRTC for sm_90a,
+another GPU). `flash_attention_prefill_variant` runs either kernel's variants by name.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pathlib
 import numpy as np
 
 from .. import kernels
+from . import flash_hopper
 from .._xp import array_namespace
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_prefill.cu")
@@ -60,6 +66,12 @@ CANDIDATES = {
     160: ("v1", "v2", "v5", "v6", "v7"),
 }
 DEFAULT_VARIANT = {64: "v3", 80: "v3", 128: "v6", 160: "v6"}
+# On a compute capability 9.0 GPU where flash_hopper.cu builds: the wgmma kernel's variant per head dim,
+# for the head dims where it measured faster than the mma.sync default (docs/cuda_prefill_notes.md).
+# H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel):
+# 64: h7 334 vs v3 239 (SDPA 428), 80: h4 277 vs v3 261 (360), 128: h4 359 vs v6 238 (558),
+# 160: h5 371 vs v6 245 (529). docs/cuda_prefill_notes.md has every variant.
+HOPPER_DEFAULT = {64: "h7", 80: "h4", 128: "h4", 160: "h5"}
 
 _kernels: dict = {}  # (kind, D, variant) -> (RawKernel, threads, rows per block, smem bytes)
 
@@ -136,8 +148,9 @@ def flash_attention_prefill(q, k, v, key_mask=None, *, causal=True, scale=None, 
 
 
 def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=True, scale=None, out=None):
-    """flash_attention_prefill with an explicit kernel variant (a key of VARIANTS, or None for the
-    default of the head dim); the benchmark uses it to compare variants."""
+    """flash_attention_prefill with an explicit kernel variant (a key of VARIANTS, of
+    flash_hopper.VARIANTS, or None for default_variant(D)); the benchmark and the tests use it to
+    compare variants."""
     import cupy
 
     (q, lq), (k, lk), (v, lv) = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
@@ -194,11 +207,9 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
     if kind == "fp32":
         variant = "f32"
     elif variant is None:
-        variant = DEFAULT_VARIANT[D]
-    elif variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-    kernel, threads, rows, smem = _get_kernel(kind, D, variant)
-    grid = ((T + rows - 1) // rows, H, B)
+        variant = default_variant(D)
+    elif variant not in VARIANTS and variant not in flash_hopper.VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS) + sorted(flash_hopper.VARIANTS)}")
     args = (
         q, k, v, mask_arg, out,
         np.int32(H), np.int32(KVH), np.int32(T), np.int32(S),
@@ -206,8 +217,21 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
         np.int32(bool(causal)), np.int32(key_mask is not None),
         *(np.int64(st) for st in (*lq, *lk, *lo)),
     )
+    if variant in flash_hopper.VARIANTS:  # the wgmma kernel (sm_90a), same arguments
+        flash_hopper.launch(kind, D, variant, T, H, B, args)
+        return out
+    kernel, threads, rows, smem = _get_kernel(kind, D, variant)
+    grid = ((T + rows - 1) // rows, H, B)
     kernel(grid, (threads,), args, shared_mem=smem)
     return out
+
+
+def default_variant(D: int) -> str:
+    """The kernel flash_attention_prefill runs for bf16/fp16 at head dim D: the wgmma kernel's variant
+    where HOPPER_DEFAULT names one and this GPU runs it (flash_hopper.usable()), else the mma.sync one."""
+    if D in HOPPER_DEFAULT and flash_hopper.usable():
+        return HOPPER_DEFAULT[D]
+    return DEFAULT_VARIANT[D]
 
 
 def attention_for_model(q, k, v, key_mask=None, kernel=flash_attention_prefill):

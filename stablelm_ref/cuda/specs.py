@@ -2,6 +2,7 @@
 
     ref_gemv(x, W, mode, bias, y0)            store: x W^T + b | add: y0 + x W^T | swiglu: silu(g) * u
     ref_layernorm(x, w, b, eps)               (x - mean) / sqrt(var + eps) * w + b
+    ref_layernorm_from_stats(x, w, b, st, eps)   the same, mean and var from st = ref_row_stats(x) = (sum, sum sq)
     ref_decode_attention(qkv, kc, vc, ...)    q/k LayerNorm, rotary, new k/v at cache[len], softmax(q K^T) V
 
 tests/gpu/test_decode_engine.py compares each kernel with these; tests/test_decode_engine_emulated.py runs
@@ -39,6 +40,20 @@ def ref_gemv(x, W, mode=MODE_STORE, bias=None, y0=None) -> np.ndarray:
         return y0 + acc
     g, u = acc[:, 0::2], acc[:, 1::2]
     return g / (1.0 + np.exp(-g)) * u
+
+
+def ref_row_stats(x) -> np.ndarray:
+    """(sum_k x_k, sum_k x_k^2) per row [.., 2]: what a folded LayerNorm's producers accumulate."""
+    x = np.asarray(x, np.float64)
+    return np.stack([x.sum(axis=-1), np.square(x).sum(axis=-1)], axis=-1)
+
+
+def ref_layernorm_from_stats(x, w, b, stats, eps) -> np.ndarray:
+    """LayerNorm with mean = S1 / K and var = S2 / K - mean^2 from stats = (S1, S2) (gemv_ln_b1_r*'s input)."""
+    x = np.asarray(x, np.float64)
+    mean = stats[..., :1] / x.shape[-1]
+    var = np.maximum(stats[..., 1:] / x.shape[-1] - mean ** 2, 0.0)
+    return (x - mean) / np.sqrt(var + eps) * w + b
 
 
 def ref_layernorm(x, w, b, eps) -> np.ndarray:

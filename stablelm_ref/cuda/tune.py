@@ -4,7 +4,8 @@ A decode step is memory-bound and its GEMVs are most of it; the best launch shap
 and on its neighbours in the step. Two stages, once per batch size (seconds):
 
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
-       layers' matrices as a plain graph; the best TUNE_FINALISTS kept
+       layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
+       TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
 
@@ -19,7 +20,7 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .decode_kernels import GEMV_MAX_THREADS, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
@@ -27,19 +28,22 @@ TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for
 
 class GemvShape(NamedTuple):
     """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
-    block per group of rows), and the microseconds / GB/s it took alone at tuning time (0 if not timed)."""
+    block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not timed), and
+    the kernel: unroll 0 = the CUDA-core GEMV, 2 or 4 = the tensor-core one (gemv_mma, rows 16 or 32)."""
     rows: int
     threads: int
     persist: int
     us: float
     gbs: float
+    unroll: int = 0
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
 
 
-def gemv_candidates(K: int, nb: int, mode: int):
-    """(rows per block, threads) pairs worth timing for a K-wide GEMV at batch nb."""
+def gemv_candidates(K: int, nb: int, mode: int, tensor_cores: bool = False):
+    """(rows per block, threads, unroll) worth timing for a K-wide GEMV at batch nb: the CUDA-core GEMV's
+    shapes, and for nb > 1 (where the CUDA-core GEMV does nb FMAs a weight) the tensor-core GEMV's."""
     kc = K // 8
     rows = [r for r in GEMV_ROWS if not (nb > 4 and r == 8) and not (mode == MODE_SWIGLU and r % 2)]
     threads = {128, 256, 512}
@@ -47,7 +51,10 @@ def gemv_candidates(K: int, nb: int, mode: int):
         t = 32 * math.ceil(math.ceil(kc / j) / 32)
         if 64 <= t <= GEMV_MAX_THREADS:
             threads.add(t)
-    return [(r, t) for r in rows for t in sorted(threads)]
+    out = [(r, t, 0) for r in rows for t in sorted(threads)]
+    if nb > 1 and tensor_cores:
+        out += [(16 * mt, t, u) for mt, u in GEMV_MMA for t in (128, 256, 512)]
+    return out
 
 
 def tune(engine, nb):
@@ -68,13 +75,13 @@ def tune(engine, nb):
             N, K = Ws[0].shape
             reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
             timed = []
-            for R, T in gemv_candidates(K, nb, mode):
-                engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0)
-                launches = [engine._gemv(name, W, x, mode, nb) for W in Ws] * reps
+            for R, T, U in gemv_candidates(K, nb, mode, getattr(engine.k, "tensor_cores", False)):
+                engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0, U)
+                launches = [engine._layer_gemv(name, i, nb) for i in range(len(Ws))] * reps
                 ms = engine.time_launches(launches) / len(launches)
-                timed.append((ms, R, T))
+                timed.append((ms, U, R, T))
             timed.sort()
-            timed = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9) for ms, R, T in timed]
+            timed = [GemvShape(R, T, 0, ms * 1e3, Ws[0].nbytes / (ms * 1e-3) / 1e9, U) for ms, U, R, T in timed]
             engine.tune_log += [("alone", nb, name, tuple(c)) for c in timed]
             top[name] = timed[:TUNE_FINALISTS]
             engine.tuning[nb][name] = top[name][0]

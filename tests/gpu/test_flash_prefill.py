@@ -30,10 +30,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 from stablelm_ref.cuda.flash_prefill import (  # noqa: E402
     CANDIDATES,
+    DEFAULT_VARIANT,
     HEAD_DIMS,
     flash_attention_prefill,
     flash_attention_prefill_variant,
 )
+from stablelm_ref.cuda import flash_hopper  # noqa: E402
 from stablelm_ref.cuda.reference import attention_reference  # noqa: E402
 
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
@@ -235,3 +237,64 @@ def test_matches_reference_on_random_shapes(c):
     q, k, v, mask = make_inputs(c["seed"], c["B"], c["H"], c["KVH"], c["T"], c["S"], c["D"],
                                 c["dtype"], c["spread"], c["pads"])
     run_and_check(q, k, v, mask, c["dtype"], causal=c["causal"])
+
+
+# ---- the wgmma (Hopper, sm_90a) kernel: the same function as the mma.sync kernel -----------------------
+hopper = pytest.mark.skipif(not flash_hopper.usable(), reason="the wgmma kernel needs a compute capability "
+                            "9.0 GPU and nvcc or NVRTC for sm_90a")
+HOPPER_CASES = [(D, var) for D, vs in flash_hopper.CANDIDATES.items() for var in vs]
+
+
+def _run_variant(variant, q, k, v, mask, dtype, causal=True):
+    out = cupy.full(q.shape, np.nan, dtype=DTYPES[dtype])
+    flash_attention_prefill_variant(variant, cupy.asarray(q), cupy.asarray(k), cupy.asarray(v),
+                                    None if mask is None else cupy.asarray(mask), causal=causal, out=out)
+    return cupy.asnumpy(out).astype(np.float64)
+
+
+@hopper
+@pytest.mark.parametrize("D, variant", HOPPER_CASES)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_hopper_kernel_equals_reference_and_mma_kernel(D, variant, dtype):
+    # several key tiles and query blocks, a partial last tile, GQA, left padding with a fully padded row,
+    # a KV-cache prefix (S > T); against the float64 reference (TOL, as for the mma.sync kernel), and
+    # against the mma.sync kernel: both round P and the output to the input dtype once, independently,
+    # so they differ by about as much as each differs from the reference (the same bound holds).
+    q, k, v, mask = make_inputs(20 + D, 2, 4, 2, 333, 400, D, dtype, pads=[0, 400])
+    err = run_and_check(q, k, v, mask, dtype, variant=variant)
+    mma = _run_variant(DEFAULT_VARIANT[D], q, k, v, mask, dtype)
+    got = _run_variant(variant, q, k, v, mask, dtype)
+    assert (got[1] == 0).all() and (mma[1] == 0).all()                # the fully padded batch row
+    assert _rel(got[0], mma[0]) <= TOL[dtype], f"wgmma vs mma.sync {_rel(got[0], mma[0]):.2e} (ref {err:.2e})"
+
+
+@hopper
+@pytest.mark.parametrize("D, variant", HOPPER_CASES)
+def test_hopper_long_and_non_causal(D, variant):
+    q, k, v, _ = make_inputs(30 + D, 1, 2, 1, 1000, 1000, D, "bf16")
+    run_and_check(q, k, v, None, "bf16", variant=variant)
+    q, k, v, mask = make_inputs(31 + D, 2, 2, 2, 70, 300, D, "bf16", pads=[10, 0])
+    run_and_check(q, k, v, mask, "bf16", causal=False, variant=variant)
+
+
+@hopper
+def test_hopper_small_cases():
+    # for compute-sanitizer: one query over a long cache, all-padding rows, GQA, non-causal, each head dim
+    for i, (D, variant) in enumerate(HOPPER_CASES):
+        for seed, (B, H, KVH, T, S), pads, causal in [
+            (40 + i, (2, 4, 1, 1, 130), [0, 129], True),
+            (50 + i, (3, 2, 2, 70, 70), [5, 70, 69], True),
+            (60 + i, (2, 2, 1, 40, 65), [0, 30], False),
+        ]:
+            q, k, v, mask = make_inputs(seed, B, H, KVH, T, S, D, "bf16", pads=pads)
+            run_and_check(q, k, v, mask, "bf16", causal=causal, variant=variant)
+
+
+@hopper
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.data())
+def test_hopper_matches_reference_on_random_shapes(c, data):
+    variant = data.draw(st.sampled_from(flash_hopper.CANDIDATES[c["D"]]))
+    q, k, v, mask = make_inputs(c["seed"], c["B"], c["H"], c["KVH"], c["T"], c["S"], c["D"],
+                                c["dtype"], c["spread"], c["pads"])
+    run_and_check(q, k, v, mask, c["dtype"], causal=c["causal"], variant=variant)

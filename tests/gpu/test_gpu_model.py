@@ -130,7 +130,7 @@ def test_gpu_kv_cache_and_generate_equal_cpu():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(host(b)))
 
 
-@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_gpu_bfloat16_no_worse_than_transformers(tmp_path, head_dim):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

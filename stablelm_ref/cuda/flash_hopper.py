@@ -1,0 +1,233 @@
+"""The Hopper (sm_90a, wgmma) prefill attention kernel: build, cache and launch flash_hopper.cu.
+
+The same function as flash_prefill.flash_attention_prefill (flash_prefill.py checks the arguments and
+calls `launch` here for the variants named "h..."), with both matrix products on wgmma; the mma.sync
+kernel in flash_prefill.cu stays the readable one and the fallback. flash_hopper.cu's header says how
+the kernel works.
+
+Building. wgmma exists only in the arch-specific target sm_90a, which CuPy's own NVRTC call does not
+name, so each specialisation (dtype, head dim, variant) is compiled here into a cubin:
+`nvcc -cubin -gencode arch=compute_90a,code=sm_90a` where nvcc is on PATH, else NVRTC (through CuPy's
+binding) with -arch=sm_90a; the cubin is cached on disk (STABLELM_REF_KERNEL_CACHE, default
+~/.cache/stablelm_ref) under a hash of its source and flags, so a machine without a GPU can prepare
+them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither compiler works, or the GPU
+is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
+
+The wgmma wrappers are generated (`_wgmma_wrappers`): a PTX wgmma names each of its 32 to 80
+accumulator registers, one asm per shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+_SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
+
+# (keys per tile BC, warpgroups per block NWG, pipelined, blocks per SM asked of the register allocator):
+# query rows per block = 64 * NWG, threads = 128 * NWG. Pipelined: FlashAttention-3's intra-warpgroup
+# overlap (tile j's softmax while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise
+# one tile after the other, two stages.
+VARIANTS = {
+    "h1": (128, 2, False, 1),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
+    "h2": (64, 2, False, 1),   # 128 x 64: half the S registers and shared memory per stage
+    "h4": (128, 2, True, 1),   # h1, pipelined
+    "h5": (64, 2, True, 1),    # h2, pipelined
+    "h7": (64, 2, True, 2),    # h5 in 128 registers: two blocks per SM (D = 64)
+}
+# Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
+# h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
+# kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
+# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM).
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5"),
+              128: ("h1", "h2", "h4", "h5"), 160: ("h2", "h5")}
+
+_FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
+_FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
+
+_kernels: dict = {}     # (kind, D, variant) -> (cupy Function, threads, rows per block, smem bytes)
+_usable: list = []      # [bool] once decided
+
+
+def smem_bytes(D: int, variant: str) -> int:
+    """Dynamic shared memory of one block: Q, two or three stages of K, V (D padded to whole 64-column
+    blocks) and key-mask bytes, and 1024 bytes to align the swizzle atoms."""
+    bc, nwg, pipe, _ = VARIANTS[variant]
+    dp, stages = (D + 63) // 64 * 64, 3 if pipe else 2
+    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + bc) + 1024
+
+
+def kernel_name(kind: str, D: int, variant: str) -> str:
+    return f"flash_hopper_{kind}_d{D}_{variant}"
+
+
+def _wgmma_wrappers(n_s: int, n_o: int, bf16: bool) -> str:
+    """The specialisations of wgmma_ss<n_s, bf16> (S = Q K^T, both operands in shared memory, K-major)
+    and wgmma_rs<n_o, bf16> (O += P V, P in registers, V N-major: imm-trans-b = 1)."""
+    ty = "bf16" if bf16 else "f16"
+    flag = "true" if bf16 else "false"
+
+    def regs(n, first=0):
+        return ", ".join(f"%{first + i}" for i in range(n))
+
+    def outs(n):
+        return ", ".join(f'"+f"(d[{i}])' for i in range(n))
+
+    ns, no = n_s // 2, n_o // 2
+    return (
+        f"template <> DEVI void wgmma_ss<{n_s}, {flag}>(float (&d)[{ns}], u64 desc_a, u64 desc_b,"
+        f" int accumulate) {{\n"
+        f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{ns + 2}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{n_s}k16.f32.{ty}.{ty} {{{regs(ns)}}}, '
+        f'%{ns}, %{ns + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f'        : {outs(ns)}\n'
+        f'        : "l"(desc_a), "l"(desc_b), "r"(accumulate));\n'
+        f"}}\n"
+        f"template <> DEVI void wgmma_rs<{n_o}, {flag}>(float (&d)[{no}], const u32 (&a)[4], u64 desc_b) {{\n"
+        f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{no + 5}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{n_o}k16.f32.{ty}.{ty} {{{regs(no)}}}, '
+        f'{{{regs(4, no)}}}, %{no + 4}, p, 1, 1, 1;\\n}}\\n"\n'
+        f'        : {outs(no)}\n'
+        f'        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));\n'
+        f"}}\n"
+    )
+
+
+def source(kind: str, D: int, variant: str) -> str:
+    """flash_hopper.cu, behind flash_prefill.cu's shared helpers, with the wgmma wrappers and one
+    extern "C" entry point for this specialisation."""
+    bc, nwg, pipe, minb = VARIANTS[variant]
+    bf16 = kind == "bf16"
+    prefill = _SOURCE.with_name("flash_prefill.cu").read_text()
+    shared = prefill[prefill.index("// BEGIN shared helpers"):prefill.index("// END shared helpers")]
+    text = shared + _SOURCE.read_text().replace("// WGMMA_WRAPPERS (generated by flash_hopper.py)",
+                                                _wgmma_wrappers(bc, D, bf16))
+    params = ("const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V, "
+              "const u8* __restrict__ key_mask, u16* __restrict__ O, int H, int KVH, int T, int S, "
+              "float scale_log2, int causal, int has_mask, i64 q_sb, i64 q_sh, i64 q_sr, "
+              "i64 kv_sb, i64 kv_sh, i64 kv_sr, i64 o_sb, i64 o_sh, i64 o_sr")
+    args = ("Q, K, V, key_mask, O, H, KVH, T, S, scale_log2, causal, has_mask, q_sb, q_sh, q_sr, "
+            "kv_sb, kv_sh, kv_sr, o_sb, o_sh, o_sr")
+    return text + (
+        f'\nextern "C" __global__ void __launch_bounds__({128 * nwg}, {minb})\n'
+        f"{kernel_name(kind, D, variant)}({params}) {{\n"
+        f"    flash_hopper_body<{D}, {str(bf16).lower()}, {bc}, {nwg}, {str(pipe).lower()}>({args});\n}}\n"
+    )
+
+
+def cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "stablelm_ref"
+    return pathlib.Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", default))
+
+
+def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
+    text = source(kind, D, variant)
+    digest = hashlib.sha256((text + " ".join(_FLAGS_NVCC)).encode()).hexdigest()[:16]
+    return pathlib.Path(directory or cache_dir()) / f"{kernel_name(kind, D, variant)}-{digest}-sm_90a.cubin"
+
+
+def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False) -> pathlib.Path:
+    """The cached cubin of one specialisation, compiled (nvcc, else NVRTC) if it is not there yet.
+    Raises RuntimeError, naming the compilers tried and their messages, when neither can build it."""
+    target = cubin_path(kind, D, variant, directory)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text, errors = source(kind, D, variant), []
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = pathlib.Path(tmp) / "flash_hopper.cu", pathlib.Path(tmp) / target.name
+        src.write_text(text)
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            flags = (*_FLAGS_NVCC, "-Xptxas", "-v") if verbose else _FLAGS_NVCC
+            done = subprocess.run([nvcc, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
+            if verbose:
+                print(done.stderr)
+            if done.returncode == 0:
+                shutil.move(str(out), str(target))
+                return target
+            errors.append(f"nvcc: {done.stderr.strip()[-2000:]}")
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            prog = nvrtc.createProgram(text, "flash_hopper.cu", (), ())
+            try:
+                nvrtc.compileProgram(prog, list(_FLAGS_NVRTC))
+                out.write_bytes(nvrtc.getCUBIN(prog))
+            finally:
+                nvrtc.destroyProgram(prog)
+            shutil.move(str(out), str(target))
+            return target
+        except Exception as e:  # noqa: BLE001  (no CuPy, no NVRTC, or a compile error: reported below)
+            errors.append(f"NVRTC: {type(e).__name__}: {str(e)[-2000:]}")
+    raise RuntimeError(f"could not build the Hopper attention kernel {kernel_name(kind, D, variant)} for sm_90a "
+                       f"({'; '.join(errors) or 'no nvcc on PATH'}); put CUDA 12.3+'s nvcc on PATH, or use "
+                       "the mma.sync variants (flash_prefill.VARIANTS)")
+
+
+def usable() -> bool:
+    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once).
+    On such a GPU a failed build is reported once as a RuntimeWarning (the mma.sync kernel then runs)."""
+    if not _usable:
+        ok = False
+        try:
+            import cupy
+
+            hopper = cupy.cuda.Device().compute_capability == "90"
+        except Exception:  # noqa: BLE001  (no CuPy, no GPU: nothing to choose)
+            hopper = False
+        if hopper:
+            try:
+                get_kernel("bf16", 128, "h4")
+                ok = True
+            except Exception as e:  # noqa: BLE001  (no compiler for sm_90a: the mma.sync kernel runs)
+                warnings.warn(f"the Hopper (wgmma) attention kernel is not used, the slower mma.sync kernel "
+                              f"runs instead: {e}", RuntimeWarning, stacklevel=2)
+        _usable.append(ok)
+    return _usable[0]
+
+
+def get_kernel(kind: str, D: int, variant: str):
+    key = (kind, D, variant)
+    if key not in _kernels:
+        import cupy
+
+        if D not in CANDIDATES or variant not in CANDIDATES[D]:
+            raise ValueError(f"Hopper variant {variant!r} does not fit head dim {D}; "
+                             f"candidates: {CANDIDATES.get(D, ())}")
+        module = cupy.RawModule(path=str(build(kind, D, variant)))
+        fn = module.get_function(kernel_name(kind, D, variant))
+        smem = smem_bytes(D, variant)
+        fn.max_dynamic_shared_size_bytes = smem
+        _kernels[key] = (fn, 128 * VARIANTS[variant][1], 64 * VARIANTS[variant][1], smem)
+    return _kernels[key]
+
+
+def launch(kind: str, D: int, variant: str, grid_T: int, H: int, B: int, args) -> None:
+    """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's)."""
+    fn, threads, rows, smem = get_kernel(kind, D, variant)
+    fn(((grid_T + rows - 1) // rows, H, B), (threads,), args, shared_mem=smem)
+
+
+def _main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the Hopper attention cubins (no GPU needed)")
+    ap.add_argument("--build", metavar="DIR", help="cache directory (default: STABLELM_REF_KERNEL_CACHE)")
+    ap.add_argument("--kinds", default="bf16,fp16")
+    ap.add_argument("-v", action="store_true", help="print ptxas's register and spill report")
+    a = ap.parse_args(argv)
+    for kind in a.kinds.split(","):
+        for D, variants in CANDIDATES.items():
+            for variant in variants:
+                p = build(kind, D, variant, a.build, verbose=a.v)
+                print(p)
+
+
+if __name__ == "__main__":
+    _main()
