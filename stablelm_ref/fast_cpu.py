@@ -61,7 +61,8 @@ from .mlp import ACTIVATIONS
 from .model import ModelOutput, causal_mask
 from .rotary import rotary_cos_sin
 
-QUERY_BLOCK = 256          # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time
+QUERY_BLOCK = 64           # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time; a causal
+                           # prompt of 128 computes 1/4 fewer scores than in one block (docs/cpu_notes.md)
 
 
 def _copy_as_is(params, name, arena):
