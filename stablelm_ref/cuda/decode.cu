@@ -777,6 +777,7 @@ __device__ __forceinline__ void attn_impl(
                 sum += p;
             }
             sum = warp_sum(sum);
+            __syncwarp();   // every lane has read m_s[g] before lane 0 rewrites it (racecheck: no hazard)
             if (lane == 0) {
                 const float alpha = none ? 1.f : __expf(m_old - m_new);
                 a_s[g] = alpha;
