@@ -101,13 +101,10 @@ class GpuFastModel:
             return None
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
         if self.engine is None:
-            if self.config.rope_type != "default":
-                self.unsupported = f"rope_type {self.config.rope_type!r}"
-            else:
-                try:
-                    de.GpuDecodeEngine.check_config(self.config)
-                except (NotImplementedError, StableLmError) as e:
-                    self.unsupported = str(e)
+            try:
+                de.GpuDecodeEngine.check_config(self.config)                  # rope_type included
+            except (NotImplementedError, StableLmError) as e:
+                self.unsupported = str(e)
             if self.unsupported is not None:
                 logger.info("the graph engine does not cover this model (%s): decoding through its forward",
                             self.unsupported)

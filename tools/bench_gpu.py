@@ -184,17 +184,6 @@ def build_hf(cfg_kwargs, attn):
     return model
 
 
-def params_from_torch(model):
-    """Zero-copy CuPy views (int16 bit patterns of the bf16 weights) of the transformers model."""
-    import cupy as cp
-    import torch
-    out = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous()
-        out[k] = cp.from_dlpack(v.view(torch.int16) if v.dtype == torch.bfloat16 else v)
-    return out
-
-
 def time_hf_generate(model, ids, new_tokens, reps=3, **kw):
     """(seconds for new_tokens - 1 decode steps, generated ids): t(new_tokens) - t(1), median of reps."""
     import torch

@@ -172,7 +172,7 @@ def main():
     ap.add_argument("--steps", type=int, default=127)
     ap.add_argument("--variants", nargs="*", default=VARIANTS_DEFAULT, choices=list(VARIANTS))
     ap.add_argument("--src-rev", default=None,
-                    help="also time decode.cu of this git revision, or of file:PATH (default defines)")
+                    help="also time decode.cu of this git revision, or of file:PATH")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first of --variants)")
     ap.add_argument("--ln-threads", type=int, nargs="*", default=[],

@@ -261,15 +261,13 @@ class GpuDecodeEngine:
         self.inv_freq = cp.asarray(rotary_inv_freq(c.rope_theta, self.rot) if self.rot else np.zeros(1, np.float32))
 
     def weight_bytes_per_step(self) -> int:
-        """Bytes of weights one decode step reads (every matrix once, one embedding row per batch row)."""
+        """Bytes of weights one decode step reads (every matrix and norm once; the B embedding rows it gathers,
+        B x hidden x 2 bytes, are left out)."""
         n = 0
         for L in self.layers:
             n += sum(a.nbytes for a in (L.wqkv, L.wo, L.wgu, L.wd))
             n += sum(a.nbytes for a in (L.ln1_w, L.ln1_b, L.ln2_w, L.ln2_b, L.bqkv, L.qn, L.kn) if a is not None)
         return n + self.lm.nbytes + self.norm_w.nbytes * 2
-
-    def kv_bytes_per_step(self, cache_len: int, nb: int = 1) -> int:
-        return 2 * len(self.layers) * nb * self.KVH * (cache_len + 1) * self.D * 2
 
     # -- device state ---------------------------------------------------------------------------
     def _allocate(self):
@@ -306,13 +304,13 @@ class GpuDecodeEngine:
 
     # -- the decode step as a list of launches ---------------------------------------------------------
     def _gemv_shapes(self):
-        """name -> (weights of every layer, x (without folded LayerNorms), mode): what the tuner sizes."""
+        """name -> (weights of every layer, mode): what the tuner sizes (_layer_gemv picks each one's input)."""
         return {
-            "qkv": ([L.wqkv for L in self.layers], self.h, MODE_STORE),
-            "o_proj": ([L.wo for L in self.layers], self.att, MODE_ADD),
-            "gate_up": ([L.wgu for L in self.layers], self.h, MODE_SWIGLU),
-            "down": ([L.wd for L in self.layers], self.mlp, MODE_ADD),
-            "lm_head": ([self.lm], self.h, MODE_STORE),
+            "qkv": ([L.wqkv for L in self.layers], MODE_STORE),
+            "o_proj": ([L.wo for L in self.layers], MODE_ADD),
+            "gate_up": ([L.wgu for L in self.layers], MODE_SWIGLU),
+            "down": ([L.wd for L in self.layers], MODE_ADD),
+            "lm_head": ([self.lm], MODE_STORE),
         }
 
     def folds_layernorm(self, nb) -> bool:
@@ -506,20 +504,13 @@ class GpuDecodeEngine:
             out = (hf if logits == "all" else hf[:, -1:]) @ wl.T                        # [B, T or 1, V]
             last = out[:, -1]
             del wl
-            # device state for decode_step()
-            self.kmask[:B, :T] = mask_d
-            self.kmask[:B, T:] = 1
-            self.pos[:B] = cp.asarray(mask.sum(axis=1).astype(np.int32))
-            self.cache_len[0] = T
+            self.start(mask)                                  # device state for decode_step()
             first = cp.argmax(last, axis=1).astype(cp.int32)
             self.tok[:B] = first
             self.history[0, :B] = first
-            self.step[0] = 1
             self.logits_buf[:B] = last
-            self._reset_step_scratch()
             result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
         self.stream.synchronize()
-        self._nb, self._host_len, self._host_step = B, T, 1
         return result
 
     def capture(self, nb: int):

@@ -39,10 +39,9 @@ MAX_BATCH = 8
 class DecodeKernels:
     """The compiled decode.cu module and one launcher per kernel (also used by the tests)."""
 
-    def __init__(self, defines: dict | None = None):
+    def __init__(self):
         cp = self.cp = xp.cupy()
-        self.defines = dict(defines or {})
-        self.module, self.source = load_module(cp, self.defines)
+        self.module, self.source = load_module(cp)
         f = self.module.get_function
         self.gemv_fn = {(bm, r): f(f"gemv_b{bm}_r{r}") for bm in GEMV_BATCHES for r in GEMV_ROWS
                         if not (bm == 8 and r == 8)}

@@ -20,12 +20,13 @@ accumulator registers, one asm per shape.
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
 import warnings
+
+from .launch import cache_dir
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
@@ -118,11 +119,6 @@ def source(kind: str, D: int, variant: str) -> str:
         f"{kernel_name(kind, D, variant)}({params}) {{\n"
         f"    flash_hopper_body<{D}, {str(bf16).lower()}, {bc}, {nwg}, {str(pipe).lower()}>({args});\n}}\n"
     )
-
-
-def cache_dir() -> pathlib.Path:
-    default = pathlib.Path.home() / ".cache" / "stablelm_ref"
-    return pathlib.Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", default))
 
 
 def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:

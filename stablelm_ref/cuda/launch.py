@@ -1,7 +1,7 @@
 """Building decode.cu and launching its kernels: nvcc (or NVRTC) to a cached cubin, one bound launch per
 kernel call, programmatic dependent launches (PDL) through the driver, graph capture and replay timing.
 
-    kernels = load_module(cupy)                       # the cubin cached for this source, defines and GPU
+    kernels = load_module(cupy)                       # the cubin cached for this source and GPU
     step = [Launch(fn, grid, block, args), ...]      # a decode step as a list of bound launches
     graph = capture_launches(stream, step, pdl=True) # one CUDA graph; with PDL each launch may start while
     replay_ms(stream, graph, replays=10)             #   its predecessor drains (decode.cu's PDL_WAIT)
@@ -26,47 +26,47 @@ from . import xp
 SOURCE = Path(__file__).with_name("decode.cu")
 
 
-def _define_flags(defines) -> list[str]:
-    return [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref."""
+    return Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
 
 
-def kernel_cache_name(compute_capability: str, defines: dict | None = None) -> str:
-    """File name of the compiled module for this source, these -D defines and GPU architecture (e.g. '90')."""
-    key = SOURCE.read_bytes() + compute_capability.encode() + " ".join(_define_flags(defines)).encode()
+def kernel_cache_name(compute_capability: str) -> str:
+    """File name of the compiled module for this source and GPU architecture (e.g. '90')."""
+    key = SOURCE.read_bytes() + compute_capability.encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return f"decode-{digest}-sm_{compute_capability}.cubin"
 
 
-def build_cubin(compute_capability: str, out_dir: str | os.PathLike, defines: dict | None = None) -> Path:
+def build_cubin(compute_capability: str, out_dir: str | os.PathLike) -> Path:
     """Compile decode.cu with nvcc into out_dir (a machine without a GPU can prepare it)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise RuntimeError("nvcc not found on PATH")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / kernel_cache_name(compute_capability, defines)
+    target = out_dir / kernel_cache_name(compute_capability)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / target.name
-        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", *_define_flags(defines),
-                        "-o", str(tmp_out), str(SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", "-o", str(tmp_out), str(SOURCE)], check=True, capture_output=True, text=True)
         shutil.move(str(tmp_out), str(target))
     return target
 
 
-def load_module(cp, defines: dict | None = None):
+def load_module(cp):
     """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC.
-    defines: compile-time variants of decode.cu (benchmarks compare them; the engine uses the defaults)."""
+    (tools/decode_probe.py times variants of decode.cu by pointing SOURCE at a patched copy.)"""
     cc = cp.cuda.Device().compute_capability
-    cache = Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
-    cubin = cache / kernel_cache_name(cc, defines)
+    cache = cache_dir()
+    cubin = cache / kernel_cache_name(cc)
     if not cubin.exists() and shutil.which("nvcc"):
         try:
-            build_cubin(cc, cache, defines)
+            build_cubin(cc, cache)
         except (OSError, subprocess.CalledProcessError):
             pass
     if cubin.exists():
         return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
-    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17", *_define_flags(defines))), "nvrtc"
+    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",)), "nvrtc"
 
 
 def i32(v):

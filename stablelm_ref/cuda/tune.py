@@ -71,9 +71,9 @@ def tune(engine, nb):
                 buf[...] = f32_to_bf16_bits(rng.standard_normal(buf.shape, dtype=cp.float32))
             saved = (engine.x.copy(), engine.logits_buf.copy())
         top = {}
-        for name, (Ws, x, mode) in engine._gemv_shapes().items():      # 1. each matrix kind on its own
+        for name, (Ws, mode) in engine._gemv_shapes().items():         # 1. each matrix kind on its own
             N, K = Ws[0].shape
-            reps = max(1, 4 // len(Ws)) if len(Ws) < 4 else 1
+            reps = max(1, 4 // len(Ws))
             timed = []
             for R, T, U in gemv_candidates(K, nb, mode, getattr(engine.k, "tensor_cores", False)):
                 engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0, U)
