@@ -278,19 +278,13 @@ def _first_non_finite(reference, sequences, mask):
 def check_cache_memory(model, batch, total):
     """The memory guard for generate's KV cache [B, kv_heads, total, head_dim] x 2 x layers (and the
     token table), before it is allocated: sizes come from arguments (max_new_tokens, max_length)."""
-    from .bounded_io import available_memory, check_memory
+    from .bounded_io import check_memory
 
     c = model.config
     need = (2 * c.num_hidden_layers * batch * c.num_key_value_heads * total * c.head_dim
             * np.dtype(model.dtype).itemsize + 2 * batch * total * 8)
-    available = None
-    if model.xp is not np:
-        try:
-            available = int(model.xp.cuda.runtime.memGetInfo()[0])
-        except Exception:  # noqa: BLE001 - unknown: check against host memory instead
-            available = available_memory()
     check_memory(need, f"generating {total:,} positions for {batch} row(s) (the KV cache)", GenerationError,
-                 "lower max_new_tokens / max_length (--max-new-tokens) or the batch", available)
+                 "lower max_new_tokens / max_length (--max-new-tokens) or the batch", xp=model.xp)
 
 
 def _token_ids(name, value, vocab_size, allow_list):
@@ -438,7 +432,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     with steps.context():                                                # the backend's stream, if any
         xp = steps.xp
         fused = steps.choose_in_step(s)       # True: each step picks the next ids itself (on the device)
-        device_sequences = xp.asarray(sequences) if process and s["repetition_penalty"] != 1.0 else None
+        device_sequences = xp.asarray(sequences) if s["repetition_penalty"] != 1.0 else None  # the penalty's
         t0 = time.perf_counter()
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)   # [B, T]
         scores = steps.prefill(ids, mask, positions)                      # [B, V] on the backend's device
@@ -469,7 +463,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
             fed_as_chosen = bool(unfinished.all())                        # else finished rows are fed pad
             next_ids = np.where(unfinished, next_ids, pad).astype(np.int64)  # finished rows emit pad
             sequences[:, length] = next_ids
-            if device_sequences is not None:
+            if device_sequences is not None and not fused:    # a fused step keeps its own history
                 device_sequences[:, length] = xp.asarray(next_ids)
             full_mask[:, length] = 1
             length += 1
