@@ -180,9 +180,22 @@ def available_memory():
     return avail
 
 
-def check_memory(nbytes, what, error, advice="", available=None):
-    """Refuse (raise `error`) when `nbytes` exceed the memory available now; `what` names the allocation."""
-    avail = available_memory() if available is None else available
+def device_memory(xp):
+    """Free bytes on the GPU of a CuPy array module (cudaMemGetInfo); None for any other module, or when the
+    device cannot say."""
+    try:
+        return int(xp.cuda.runtime.memGetInfo()[0])
+    except Exception:  # noqa: BLE001 - NumPy, array-api-strict, or a device error: unknown
+        return None
+
+
+def check_memory(nbytes, what, error, advice="", available=None, xp=None):
+    """Refuse (raise `error`) when `nbytes` exceed the memory available now; `what` names the allocation.
+    available: bytes, if the caller knows them; else with `xp` a CuPy module, the GPU's free memory; else
+    (or when the device cannot say) the host's, available_memory()."""
+    avail = available if available is not None else device_memory(xp) if xp is not None else None
+    if avail is None:
+        avail = available_memory()
     if avail is not None and nbytes > avail:
         raise error(f"{what} needs {nbytes / 2**30:,.1f} GiB but only {avail / 2**30:,.1f} GiB of memory is "
                     f"free{'; ' + advice if advice else ''}")

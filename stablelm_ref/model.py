@@ -28,7 +28,6 @@ import numpy as np
 from . import checkpoint, hub
 from ._xp import host_array, no_trace, scoped, to_host
 from .config import StableLmConfig
-from .attention import causal_mask  # noqa: F401  (its home is attention.py; kept importable from here)
 from .decoder_layer import decoder_layer
 from .errors import GenerationError, StableLmError
 from .kv_cache import KVCache
@@ -232,16 +231,10 @@ class StableLmPreTrainedModel:
             need += 2 * c.num_hidden_layers * batch * c.num_key_value_heads * t * c.head_dim * item
         if need < 64 * 2**20:
             return
-        from .bounded_io import available_memory, check_memory
+        from .bounded_io import check_memory
 
-        available = None
-        if self.xp is not np:
-            try:
-                available = int(self.xp.cuda.runtime.memGetInfo()[0])
-            except Exception:  # noqa: BLE001 - unknown: host memory instead
-                available = available_memory()
         check_memory(need, f"a forward over {batch} row(s) of {t} tokens ({s} positions with the cache)",
-                     GenerationError, "use a smaller batch or shorter input", available)
+                     GenerationError, "use a smaller batch or shorter input", xp=self.xp)
 
     def _prepare_inputs(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
         """Check and convert one forward's inputs (shared by the reference and fast_cpu):
