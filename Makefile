@@ -14,7 +14,7 @@ help:
 	@echo "make demo         generate text offline with the embedded default model"
 	@echo "make crosscheck   compare live against transformers (installs torch CPU + transformers)"
 	@echo "make goldens      rebuild tests/goldens/ with transformers"
-	@echo "make walkthrough  run every walkthrough chapter, drawing walkthrough/figures/"
+	@echo "make walkthrough  run every walkthrough chapter, redrawing stale figures (WALK_ARGS=--check: fail instead)"
 	@echo "make bench        CPU speed against transformers (tools/bench_cpu.py)"
 	@echo "make bench-llama  CPU speed against llama.cpp f32 and transformers (tools/bench_llama.py; builds llama.cpp once)"
 	@echo "make bench-gpu    GPU speed against transformers (says 'no GPU' and succeeds without one)"

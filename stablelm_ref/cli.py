@@ -103,7 +103,7 @@ def generation_kwargs(args, tok, model):
     sample = False if t == 0 else (args.sample or t is not None or args.top_k is not None or args.top_p is not None)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, repetition_penalty=args.repetition_penalty,
                   seed=args.seed, engine=args.engine)
-    if sample:  # a negative temperature or an invalid top-k / top-p is rejected by generate, with its message
+    if sample:  # their values were checked by check_arguments, in the options' words, before the command ran
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)
     if tok.eos_token_id is not None:
         kwargs["eos_token_id"] = tok.eos_token_id
@@ -167,8 +167,7 @@ def cmd_chat(args):
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)
-        reply = tok.decode(np.asarray(out.get() if hasattr(out, "get") else out)[0, len(ids):],
-                           skip_special_tokens=True)
+        reply = tok.decode(out[0, len(ids):], skip_special_tokens=True)   # decode takes device arrays too
         messages.append({"role": "assistant", "content": reply.strip()})
         if args.stats:
             print_stats(timings)

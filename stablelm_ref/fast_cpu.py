@@ -58,7 +58,8 @@ from ._xp import to_host
 from .errors import GenerationError, StableLmError
 from .fast_forms import register
 from .mlp import ACTIVATIONS
-from .model import ModelOutput, causal_mask
+from .attention import causal_mask
+from .model import ModelOutput
 from .rotary import rotary_cos_sin
 
 QUERY_BLOCK = 64           # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time; a causal

@@ -277,10 +277,9 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
-    ids = _parse_ids(args.ids) if args.ids is not None else None
-    if ids is None:
-        ids = _encode(hub.model_directory(args.model), args.text)
-    model, compute = load_for_trace(args.model, dtype, args.device)
+    directory = hub.model_directory(args.model)          # a repo id resolved once, for both
+    ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
+    model, compute = load_for_trace(directory, dtype, args.device)
     logits, trace = run_with_trace(model, [ids])
     write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
                                   "device": args.device, "ids": [ids], "producer": "stablelm-ref"})

@@ -42,6 +42,7 @@ cupy <-> torch through DLPack. Prints the tables last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -170,7 +171,6 @@ def host_costs(n=300):
     """Host microseconds per call of each operation a layer runs, on shapes so small that the GPU's
     work per call (a few us) stays under the host's: n calls back to back, the device synchronised
     before and after. The per-layer ops of the bf16 forward, to see what the host pays for."""
-    from stablelm_ref import kernels
     from stablelm_ref._xp import linear
     from stablelm_ref.attention import causal_attention
     from stablelm_ref.layernorm import add_layer_norm, layer_norm
@@ -204,7 +204,6 @@ def host_costs(n=300):
         "attention (seam: flash kernel + glue)": lambda: causal_attention(q, k, k, None),
         "flash_attention_prefill alone": lambda: flash_prefill.flash_attention_prefill(q, k, k),
     }
-    _ = kernels  # the seams above dispatch through kernels.py
     out = {}
     for name, fn in ops.items():
         for _ in range(20):
@@ -257,7 +256,7 @@ def prefill_bench(args):
 
         def mine(off=()):
             def run():
-                with kernels.reference_only(*off) if off else _nothing():
+                with kernels.reference_only(*off) if off else contextlib.nullcontext():
                     return ours(ids, logits_to_keep=1, use_cache=True).logits
             return run
 
@@ -325,14 +324,6 @@ def prefill_bench(args):
         print(f"Python time of 5 of our forwards at L={L} (cProfile, by own time):")
         pstats.Stats(py).sort_stats("tottime").print_stats(14)
     return rows
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):

@@ -119,7 +119,6 @@ def case(): m([[1, 2]], position_ids=np.array([[0, 2**64 - 1]], dtype=np.uint64)
 
 
 def main():
-    rows = []
     for cls, name, body in CASES:
         with tempfile.TemporaryDirectory() as work:
             code = PRELUDE.format(root=ROOT, work=work) + textwrap.dedent(body) + RUN.format()
@@ -130,7 +129,6 @@ def main():
         except (IndexError, ValueError):
             res = {"outcome": f"process failed: {r.stderr.strip().splitlines()[-1:]}", "seconds": float("nan"),
                    "mib": float("nan")}
-        rows.append((cls, name, res))
         print(f"| {cls} | {name} | {res['outcome']} | {res['seconds']:.2f} | {res['mib']:.0f} |", flush=True)
 
 
