@@ -70,6 +70,9 @@ def main():
     ap.add_argument("--steps", type=int, default=40, help="decode steps per side per round")
     ap.add_argument("--max-busy", type=float, default=0.08, help="start a round below this machine share used")
     ap.add_argument("--wait", type=float, default=60, help="seconds to wait for a quiet moment per round")
+    ap.add_argument("--idle", type=float, default=0.3,
+                    help="seconds to sleep before each timed prefill, so that OpenBLAS's worker thread, which "
+                         "spins ~0.1 s after a threaded call, has gone to sleep as in make bench-llama (0.5 s)")
     ap.add_argument("--build-first", choices=("rev", "tree"), default="rev",
                     help="whose model is built (and its memory mapped) first: the first ran ~1-4%% faster in "
                          "identical-code runs, so a difference that small needs a run of each order")
@@ -94,6 +97,7 @@ def main():
         caches, toks = {}, {}
         for k in order:
             caches[k] = KVCache(config, 1, PROMPT + args.steps, np.float32, np)
+            time.sleep(args.idle)
             t0 = time.perf_counter()
             out = sides[k](ids, past_key_values=caches[k], use_cache=True, logits_to_keep=1)
             prefills[k].append(time.perf_counter() - t0)
