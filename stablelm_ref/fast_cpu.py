@@ -39,10 +39,18 @@ writing into a buffer allocated once:
   function that costs ten times a ufunc call on a vector).
 - The final LayerNorm and the lm_head run only on the positions whose logits are kept
   (logits_to_keep=1 while decoding: one row of [vocab] per sequence, not T).
+- A prefill of at least 2 x MIN_PART_ROWS tokens, while NumPy's OpenBLAS runs 2 threads, is split into two
+  parts of rows (tokens 0..T/2-1 and T/2..T-1), each run through every layer on its own thread (the
+  caller's and a worker of the model's pool, `close()` stops it) with its own workspace, OpenBLAS set to one
+  thread per call meanwhile: every op, the elementwise ones included, then uses both cores, where OpenBLAS
+  alone splits only the GEMMs. Causal attention is the one dependency: a part waits for the earlier part's
+  keys and values of the layer in the KV cache. Decode steps keep OpenBLAS's own threads.
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
-from float32 rounding. Requests the fast path does not cover (labels, output_hidden_states, trace) run
+from float32 rounding. A split prefill gives the same numbers whatever the threads' timing (each row is
+computed by the same calls on the same thread); against an unsplit one they differ in rounding only
+(OpenBLAS blocks a [T/2, K] GEMM differently from a [T, K] one). Requests the fast path does not cover (labels, output_hidden_states, trace) run
 the reference.
 """
 
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 import threading
 import weakref
@@ -467,10 +476,15 @@ class FastCpuModel:
         return min(threads, t // MIN_PART_ROWS) if 2 <= threads <= MAX_PARTS else 1
 
     def _thread_pool(self, workers):
-        """The model's own worker threads (made on first use, shut down with the model or by close())."""
+        """The model's own worker threads (made on first use, shut down with the model or by close(); a
+        forked child, which has none of its parent's threads, makes its own)."""
+        if self._pool is not None and self._pool_pid != os.getpid():
+            self._pool_finalizer.detach()
+            self._pool = None
         if self._pool is None or self._pool._max_workers < workers:
             self.close()
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stablelm-fast-cpu")
+            self._pool_pid = os.getpid()
             self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool
 

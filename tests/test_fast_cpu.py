@@ -442,3 +442,23 @@ def test_a_process_that_split_a_prefill_exits():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork")
+def test_a_forked_child_splits_a_prefill_with_threads_of_its_own():
+    """A child forked after a split prefill has none of the parent's worker threads: it makes its own pool
+    (with the parent's, its work would wait forever in a queue no thread reads)."""
+    fast = tiny_model(seed=8, dtype="float32").fast()
+    fast.parts = 2
+    ids = np.arange(20).reshape(1, 20)
+    want = fast(ids).logits
+    code = ("import os, sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import tiny_model; "
+            "f = tiny_model(seed=8, dtype='float32').fast(); f.parts = 2; ids = np.arange(20).reshape(1, 20); "
+            "want = f(ids).logits; pid = os.fork()\n"
+            "if pid == 0:\n    import signal; signal.alarm(60)\n"          # a hung child dies, not left behind
+            "    ok = np.array_equal(f(ids).logits, want); os._exit(0 if ok else 3)\n"
+            "_, status = os.waitpid(pid, 0); print(os.waitstatus_to_exitcode(status))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)
+    assert want.shape == (1, 20, fast.config.vocab_size)

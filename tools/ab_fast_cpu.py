@@ -45,16 +45,17 @@ def module_at(rev):
     """stablelm_ref/fast_cpu.py as of git revision `rev`, imported as a module beside the current one."""
     source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:stablelm_ref/fast_cpu.py"], capture_output=True,
                             text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="ab-fast-cpu-"), "fast_cpu_at_rev.py")
-    with open(path, "w") as f:
-        f.write(source)
     register = fast_forms.register
     fast_forms.register = lambda *args, **kwargs: None                     # leave "cpu" to the working tree's
     try:
-        spec = importlib.util.spec_from_file_location("stablelm_ref._fast_cpu_at_rev", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        with tempfile.TemporaryDirectory(prefix="ab-fast-cpu-") as folder:  # removed once the module is loaded
+            path = os.path.join(folder, "fast_cpu_at_rev.py")
+            with open(path, "w") as f:
+                f.write(source)
+            spec = importlib.util.spec_from_file_location("stablelm_ref._fast_cpu_at_rev", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
     finally:
         fast_forms.register = register
     return module
