@@ -312,7 +312,11 @@ class StableLmModel(StableLmPreTrainedModel):
 
 
 def layer_tensors(params, num_layers):
-    """[{name after `model.layers.{i}.`: tensor} for each layer i], in one pass over the names."""
+    """[{name after `model.layers.{i}.`: tensor} for each layer i], in one pass over the names.
+
+    Rebuilt on every forward (the arrays can be swapped: fast(), trace, .to()). Measured with subtree's
+    calls in decoder_layer (2 CPU cores): 0.3 ms of a 64 ms reference decode step of the default model,
+    0.6 ms of 22-35 ms at 32 layers of width 64; too little to be worth a cache."""
     layers = [{} for _ in range(num_layers)]
     for name, value in params.items():
         if name.startswith("model.layers."):
