@@ -26,7 +26,6 @@ Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_temp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -290,19 +289,20 @@ class _RenderTimeout(BaseException):
 _RENDER_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def _bounded():
-    """Run the block within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory; one block at a time.
+def _bounded(render):
+    """render() within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory; one render at a time.
 
-    Time: a trace function (sys.settrace, this thread) looks at the clock on every line that runs in the
-    block (the template's compiled code and jinja2's runtime are Python, generators included), so a loop
+    Time: a trace function (sys.settrace, this thread) looks at the clock on every line that runs in
+    render() (the template's compiled code and jinja2's runtime are Python, generators included), so a loop
     with an empty body ends too, and raises _RenderTimeout at the first line past the deadline (on lines
     only: not on the 'call' event of a generator being closed by the garbage collector, where an exception
     is printed and dropped). What it cannot interrupt is a single C call; those are bounded by the memory
     limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to what the process uses now
-    plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError instead of growing the process;
-    both are restored afterwards. The sandbox's own checks (`*`, `**`, range sizes, output length) do not
-    bound memory alone: `~` doubling a string in a loop, str.replace or a format width multiply it too.
+    plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError instead of growing the process.
+    The sandbox's own checks (`*`, `**`, range sizes, output length) do not bound memory alone: `~`
+    doubling a string in a loop, str.replace or a format width multiply it too. Both are restored in this
+    function's own frame, which began before the trace function was set and so is never traced: the
+    clean-up cannot be cut short by the deadline (a `with` block's __exit__ would be a traced frame).
 
     The trade-off: RLIMIT_AS belongs to the whole process, so while a render runs (at most
     TEMPLATE_MAX_SECONDS) an allocation by another thread of the process (a server's thread pool) that
@@ -332,7 +332,7 @@ def _bounded():
         old_trace = sys.gettrace()
         sys.settrace(tracer)
         try:
-            yield
+            return render()
         finally:
             sys.settrace(old_trace)
             if old_limit is not None:
@@ -349,16 +349,19 @@ def render_chat_template(template, **context):
         _ENV = _sandbox()
     if not isinstance(template, str):
         raise TokenizerError(f"a chat template is a string, got {type(template).__name__}")
-    pieces, size = [], 0
+    pieces = []
+
+    def render():
+        size = 0
+        for piece in _ENV.from_string(template).generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
     try:
-        with _bounded():
-            compiled = _ENV.from_string(template)
-            for piece in compiled.generate(**context):
-                size += len(piece)
-                if size > TEMPLATE_MAX_CHARS:
-                    raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
-                pieces.append(piece)
-            text = "".join(pieces)
+        return _bounded(render)
     except TemplateSyntaxError as e:
         raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
     except SecurityError as e:
@@ -369,13 +372,12 @@ def render_chat_template(template, **context):
     except TemplateError as e:
         raise TokenizerError(f"the chat template failed: {e}") from None
     except MemoryError:
-        pieces = None
+        pieces.clear()                                   # the traceback keeps render()'s frame: free the text now
         raise TokenizerError(f"the chat template was refused by the sandbox: it needs more than "
                              f"{TEMPLATE_MAX_BYTES // 2**20} MiB of memory") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
             RecursionError) as e:
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
-    return text
 
 
 # ---- files --------------------------------------------------------------------------------------

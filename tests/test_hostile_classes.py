@@ -197,6 +197,17 @@ def test_limits_are_restored_after_a_render(fast_limits):
     assert render_chat_template("{{ messages[0].content }}", messages=[{"role": "u", "content": "ok"}]) == "ok"
 
 
+def test_limits_are_restored_when_the_time_runs_out_after_the_last_traced_line(fast_limits):
+    """The deadline passes in a C call with no traced line after it (time.sleep here; a long join or sort in a
+    render): the clean-up must still restore the trace function and the address-space limit at once (it runs
+    in _bounded's own, untraced, frame: a traced `with` __exit__ would raise at its first line instead)."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS), sys.gettrace()
+    assert tokenizer._bounded(lambda: time.sleep(2 * fast_limits[0]) or "done") == "done"
+    assert (resource.getrlimit(resource.RLIMIT_AS), sys.gettrace()) == before
+
+
 def test_overlapping_renders_in_two_threads_leave_the_process_unlimited(fast_limits):
     """RLIMIT_AS is the process's: renders run one at a time, else the later one, ending last, would restore
     the limit the earlier one had set (seen before the lock: 480 MiB left as the process's limit)."""
