@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -94,13 +95,34 @@ def write_trace(path, trace, metadata=None):
     """Write {name: array} as safetensors, atomically (a failed write leaves no file under `path`).
 
     Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
-    order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON)."""
+    order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON).
+    An existing file under `path` is replaced only if it is a trace itself (check_replaceable): a
+    mistyped --out must not overwrite a model's weights or any other file."""
+    check_replaceable(path)
     meta = {"format": TRACE_FORMAT, "package_version": __version__}
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     meta["order"] = json.dumps(list(trace))
     tensors = {name: np.ascontiguousarray(_host(a)) for name, a in trace.items()}
     checkpoint.save_file(tensors, str(path), meta)
+
+
+def check_replaceable(path):
+    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
+    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"the trace's output path must be a file name, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        _, meta, _ = checkpoint.read_header(path)
+        is_trace = meta.get("format") == TRACE_FORMAT
+    except CheckpointError:
+        is_trace = False
+    if not is_trace:
+        raise CheckpointError(f"{path}: exists and is not a stablelm-ref trace (a model's weights or another "
+                              "file); it is kept, nothing was written. Choose another output file, or remove it")
 
 
 def read_trace(path):
@@ -277,6 +299,7 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
+    check_replaceable(args.out)                          # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
     ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
     model, compute = load_for_trace(directory, dtype, args.device)
