@@ -278,6 +278,11 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
             arr = read_tensor(path, entry, headers[path][2], dtype if floating else None)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            stored = read_tensor(path, entry, headers[path][2]) if arr.dtype != entry[0] else arr
+            if np.isfinite(stored).all():                                # finite in the file: the cast overflowed
+                raise CheckpointError(f"{path}: tensor {name!r} holds {bad} values beyond {arr.dtype.name}'s range "
+                                      f"(largest magnitude {float(np.max(np.abs(stored.astype(np.float64)))):.4g} as "
+                                      f"stored in {DTYPE_NAMES[entry[0]]}); load it with dtype='float64'")
             raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values (as {arr.dtype}); its "
                                   "logits would be meaningless. The file is damaged or was saved from a diverged run")
         params[name] = arr
@@ -311,11 +316,31 @@ def _check_memory(expected, dtype, directory):
 
 # ---- writing ------------------------------------------------------------------------------------
 
+def check_directory_name(directory):
+    """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise CheckpointError(f"give the output directory as a path (a string or os.PathLike), got {directory!r}")
+
+
 def make_directory(directory):
+    check_directory_name(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"{directory}: cannot create the output directory ({e.strerror or e})") from None
+
+
+def remove_stale_index(directory):
+    """After a single-file save: remove a shard index left by an earlier checkpoint in `directory`
+    (checkpoint_files reads the index first, so it would load the old shards, not the new file)."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.lexists(index):
+        try:
+            os.unlink(index)
+        except OSError as e:
+            raise CheckpointError(f"{index}: the new {SINGLE_NAME} was written, but this shard index of an "
+                                  f"earlier checkpoint could not be removed ({e.strerror or e}) and would be "
+                                  "loaded instead: remove it") from None
 
 
 def _file_mode():

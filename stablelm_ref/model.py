@@ -29,7 +29,7 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, scoped, to_host
 from .config import StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import GenerationError, StableLmError
+from .errors import CheckpointError, GenerationError, StableLmError
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -120,7 +120,7 @@ class StableLmPreTrainedModel:
         params = _strip_or_add_prefix(params)
         if device != "cpu":
             xp = array_module(device)
-            params = {k: xp.asarray(v.astype(np_dtype)) for k, v in params.items()}
+            params = {k: xp.asarray(_narrowed(k, v, np_dtype, directory)) for k, v in params.items()}
         return cls(config, params, device)
 
     @classmethod
@@ -150,16 +150,52 @@ class StableLmPreTrainedModel:
     def save_pretrained(self, directory, dtype=None):
         """Write config.json + model.safetensors (names and layout transformers loads).
 
-        Both are written under temporary names and renamed together at the end: a failed save leaves
-        no partial file and no existing file changed."""
-        checkpoint.make_directory(directory)
+        What is written must load again: the tensors must be the ones the config implies (names and
+        shapes) and finite in the dtype written (float16 holds at most 65504); otherwise CheckpointError
+        names the tensor and nothing is written. Both files are written under temporary names and renamed
+        together at the end: a failed save leaves no partial file and no existing file changed. A shard
+        index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed after the
+        renames, since from_pretrained would read it instead of the new file; its shard files are left."""
+        checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
         if dtype is not None:
             target = resolve_dtype(dtype, "gpu")
-            host = {k: v.astype(target) for k, v in host.items()}
+            with np.errstate(over="ignore", invalid="ignore"):             # overflow is reported below, by name
+                host = {k: v.astype(target) for k, v in host.items()}
+        self._check_savable(host)
+        checkpoint.make_directory(directory)
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
             self.config.save_pretrained(directory, group)
+        checkpoint.remove_stale_index(directory)
+
+    def _check_savable(self, host):
+        """CheckpointError, before anything is written, for a save that from_pretrained would refuse: tensors
+        that do not match the config (a config edited after loading) or values that are not finite."""
+        expected = checkpoint.expected_shapes(self.config, self.head)
+        if self.config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        names = set(host)
+        if "lm_head.weight" in names and "lm_head.weight" not in expected:
+            names.discard("lm_head.weight")                             # a tied copy: from_pretrained allows it
+        for name in sorted(set(expected) ^ names):
+            where = "is missing from the model" if name in expected else "is not implied by the config"
+            raise CheckpointError(f"cannot save: tensor {name!r} {where} (config: num_hidden_layers="
+                                  f"{self.config.num_hidden_layers}, hidden_size={self.config.hidden_size}, ...): "
+                                  "from_pretrained would refuse the files; was model.config edited after loading?")
+        for name, shape in expected.items():
+            if tuple(host[name].shape) != tuple(shape):
+                raise CheckpointError(f"cannot save: tensor {name!r} has shape {tuple(host[name].shape)} but the "
+                                      f"config implies {tuple(shape)}; from_pretrained would refuse the files")
+        for name, value in host.items():
+            if value.dtype.kind == "f" or value.dtype == checkpoint.SAFETENSORS_DTYPES["BF16"]:
+                if not np.isfinite(value).all():
+                    wide = to_host(self.params[name])
+                    why = ("holds NaN or Inf" if not np.isfinite(wide).all() else
+                           f"holds values beyond {value.dtype.name}'s range (largest magnitude "
+                           f"{float(np.max(np.abs(wide))):.4g}); save with a wider dtype (float32 or bfloat16)")
+                    raise CheckpointError(f"cannot save: tensor {name!r} {why}: from_pretrained refuses non-finite "
+                                          "weights. Nothing was written")
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -323,6 +359,17 @@ def layer_tensors(params, num_layers):
             i, _, rest = name[len("model.layers."):].partition(".")
             layers[int(i)][rest] = value
     return layers
+
+
+def _narrowed(name, value, dtype, directory):
+    """value (host, float32/float64) cast to the device dtype, refused where float16 cannot hold it."""
+    with np.errstate(over="ignore"):
+        out = value.astype(dtype)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise CheckpointError(f"{directory}: tensor {name!r} holds values beyond {np.dtype(dtype).name}'s range "
+                              f"(largest magnitude {float(np.max(np.abs(value))):.4g}); load it with "
+                              "dtype='bfloat16' or 'float32'")
+    return out
 
 
 def _host_numbers(a, name):

@@ -73,3 +73,96 @@ def test_a_trace_may_replace_a_trace_and_only_a_trace(tmp_path):
         assert path.read_bytes() == before
     with pytest.raises(CheckpointError, match="output path"):
         write_trace(None, {"a": np.zeros(2)})
+
+
+# ---- class: a save that writes what from_pretrained refuses or does not read -------------------------------
+
+def test_save_into_a_sharded_checkpoint_loads_the_new_weights(model_dir, tmp_path):
+    """Saving into a directory that held a sharded checkpoint left its index, which from_pretrained reads
+    first: the old weights came back, silently. The index is removed after the new files are in place."""
+    old = StableLmForCausalLM.from_pretrained(model_dir)
+    directory = str(tmp_path / "sharded")
+    os.makedirs(directory)
+    names = sorted(old.params)
+    shards = {"model-1.safetensors": names[:10], "model-2.safetensors": names[10:]}
+    for shard, part in shards.items():
+        checkpoint.save_file({n: old.params[n] for n in part}, os.path.join(directory, shard))
+    with open(os.path.join(directory, checkpoint.INDEX_NAME), "w") as f:
+        json.dump({"weight_map": {n: shard for shard, part in shards.items() for n in part}}, f)
+    old.config.save_pretrained(directory)
+    assert np.array_equal(StableLmForCausalLM.from_pretrained(directory).params["model.norm.bias"],
+                          old.params["model.norm.bias"])
+    new = tiny_model(seed=9, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    new.save_pretrained(directory)
+    back = StableLmForCausalLM.from_pretrained(directory)
+    for name, value in new.params.items():
+        np.testing.assert_array_equal(back.params[name], value)
+    assert not os.path.exists(os.path.join(directory, checkpoint.INDEX_NAME))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.params.__setitem__("model.norm.bias", np.full(64, np.nan, np.float32)), "NaN or Inf"),
+    (lambda m: m.config.__setattr__("num_hidden_layers", 3), "missing from the model"),
+    (lambda m: m.params.pop("model.norm.bias"), "missing from the model"),
+    (lambda m: m.params.__setitem__("model.extra.weight", np.ones(2, np.float32)), "not implied by the config"),
+    (lambda m: m.params.__setitem__("model.norm.bias", np.zeros(65, np.float32)), r"shape \(65,\)"),
+])
+def test_a_save_that_would_not_load_is_refused_before_writing(tmp_path, edit, match):
+    """A model edited after loading (its config, its params) or holding NaN saved files that from_pretrained
+    then refused: the output was lost. The save is refused, naming the tensor, and writes nothing."""
+    model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    directory = tmp_path / "out"
+    edit(model)
+    with pytest.raises(CheckpointError, match=match):
+        model.save_pretrained(directory)
+    assert not directory.exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.floats(1.0, 1e30), dtype=st.sampled_from(["float16", "bfloat16", "float32"]))
+def test_a_save_in_a_narrower_dtype_either_loads_back_or_is_refused(tmp_path_factory, scale, dtype):
+    """Property: save_pretrained(dir, dtype) of finite float64 weights either writes files that load and
+    round-trip to the cast values exactly, or raises CheckpointError naming the dtype's range (float16's
+    maximum is 65504, bfloat16's and float32's 3.4e38) and writes nothing."""
+    model = tiny_model(seed=2, dtype="float64", vocab_size=320, max_position_embeddings=64)
+    model.params["model.norm.bias"] = model.params["model.norm.bias"] * scale
+    directory = tmp_path_factory.mktemp("narrow") / "out"
+    limit = float(np.finfo(checkpoint.SAFETENSORS_DTYPES["BF16"] if dtype == "bfloat16" else dtype).max)
+    if np.abs(model.params["model.norm.bias"]).max() * (1 + 2**-8) <= limit:   # within range after rounding
+        model.save_pretrained(directory, dtype=dtype)
+        back = StableLmForCausalLM.from_pretrained(directory, dtype="float64")
+        np.testing.assert_array_equal(back.params["model.norm.bias"],
+                                      model.params["model.norm.bias"].astype(
+                                          checkpoint.SAFETENSORS_DTYPES["BF16"] if dtype == "bfloat16" else dtype))
+    else:
+        try:
+            model.save_pretrained(directory, dtype=dtype)
+        except CheckpointError as e:
+            assert "range" in str(e) and "model.norm.bias" in str(e)
+            assert not directory.exists()
+        else:  # values just below the limit that rounded down: then they must load back
+            StableLmForCausalLM.from_pretrained(directory, dtype="float64")
+
+
+def test_weights_beyond_the_load_dtype_say_to_load_wider(tmp_path):
+    """Finite float64 weights beyond float32's range were reported as 'NaN or Inf ... the file is damaged':
+    the file is fine, float32 cannot hold them. The message names the range and dtype='float64'."""
+    model = tiny_model(seed=1, dtype="float64", vocab_size=320, max_position_embeddings=64)
+    model.params["model.norm.bias"][3] = 1e300
+    model.save_pretrained(tmp_path / "wide")
+    with pytest.raises(CheckpointError, match=r"model.norm.bias.*beyond float32's range.*dtype='float64'"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "wide")
+    back = StableLmForCausalLM.from_pretrained(tmp_path / "wide", dtype="float64")
+    assert back.params["model.norm.bias"][3] == 1e300
+    from stablelm_ref.model import _narrowed                                  # the GPU's narrowing, on the host
+
+    with pytest.raises(CheckpointError, match=r"'w' holds values beyond float16's range"):
+        _narrowed("w", np.float32([1.0, 7e4]), np.float16, "DIR")
+    assert _narrowed("w", np.float32([1.0, 6e4]), np.float16, "DIR").dtype == np.float16
+
+
+@pytest.mark.parametrize("directory", [None, 5, "", ["out"]])
+def test_save_to_a_non_path_is_a_clear_error(directory):
+    model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    with pytest.raises(CheckpointError, match="output directory as a path"):
+        model.save_pretrained(directory)
