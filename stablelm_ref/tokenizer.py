@@ -59,10 +59,13 @@ class Tokenizer:
         self.backend.no_padding()
         self.backend.no_truncation()
         self.source = source
-        self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
+        self.add_bos_token = _flag(add_bos_token, "add_bos_token", f"{source}: tokenizer_config.json key")
+        self.add_eos_token = _flag(add_eos_token, "add_eos_token", f"{source}: tokenizer_config.json key")
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
+            if token is not None and not isinstance(token, str):
+                raise TokenizerError(f"{source}: {name} must be a string (the token's text), got {token!r}")
             if token is not None and backend.token_to_id(token) is None:
                 raise TokenizerError(f"{source}: {name} {token!r} is not in the vocabulary of tokenizer.json; fix "
                                      "tokenizer_config.json / special_tokens_map.json")
@@ -106,6 +109,10 @@ class Tokenizer:
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{path}: chat_template must be a string, got {type(template).__name__}")
         max_len = config.get("model_max_length")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, float)) or
+                                    not max_len >= 1):
+            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a number >= 1, got "
+                                 f"{max_len!r}")
         return cls(backend, **tokens, add_bos_token=config.get("add_bos_token", False),
                    add_eos_token=config.get("add_eos_token", False), chat_template=template,
                    model_max_length=max_len if isinstance(max_len, int) else None, source=path)
@@ -113,11 +120,25 @@ class Tokenizer:
     @classmethod
     def from_file(cls, tokenizer_json, **kwargs):
         """Only a tokenizer.json: give the special tokens as keyword arguments (GPT-NeoX defaults)."""
+        if not isinstance(tokenizer_json, (str, os.PathLike)):
+            raise TokenizerError(f"give the path of a tokenizer.json, got {tokenizer_json!r}")
         backend = _load_backend(os.fspath(tokenizer_json))
         if backend.token_to_id(NEOX_DEFAULT) is not None:
             for name in ("bos_token", "eos_token", "unk_token"):
                 kwargs.setdefault(name, NEOX_DEFAULT)
         return cls(backend, source=os.fspath(tokenizer_json), **kwargs)
+
+    def _library(self, doing, call, *args, **kwargs):
+        """A call into the tokenizers library; a Rust panic (pyo3's PanicException, a BaseException that no
+        `except Exception` catches: e.g. a tokenizer.json regex that exceeds the regex engine's limits on a
+        text) becomes a TokenizerError naming the file."""
+        try:
+            return call(*args, **kwargs)
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{self.source}: the tokenizers library failed while {doing} "
+                                 f"({_first_line(e)}); tokenizer.json cannot handle this input") from None
 
     # ---- ids of the special tokens ------------------------------------------------------------
     def token_to_id(self, token):
@@ -151,7 +172,8 @@ class Tokenizer:
     def encode(self, text, add_special_tokens=True):
         """One text -> list of ids (tokenizer.json's post-processor, then add_bos/add_eos_token)."""
         check_text(text)
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        add_special_tokens = _flag(add_special_tokens, "add_special_tokens")
+        ids = self._library("encoding a text", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
                 ids = [self.bos_token_id] + ids
@@ -164,6 +186,7 @@ class Tokenizer:
 
         Rows of different lengths are padded on the left (padding=True); padding=False requires
         equal lengths."""
+        padding = _flag(padding, "padding", advice="; left padding is the only kind (padding=True)")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("give a string or a non-empty list of strings to tokenize")
@@ -188,6 +211,7 @@ class Tokenizer:
         """ids -> text. Ids the tokenizer does not have decode to nothing, as in the tokenizers library: a
         model's embedding is often padded past the tokenizer (50304 rows for 50277 tokens in 3b-4e1t)
         and sampling can, rarely, pick one of those rows."""
+        skip_special_tokens = _flag(skip_special_tokens, "skip_special_tokens")
         ids = _id_array(ids, "decode")
         if ids.ndim != 1:
             raise TokenizerError(f"decode takes one sequence of ids, got shape {ids.shape}; use batch_decode")
@@ -195,7 +219,8 @@ class Tokenizer:
         if any(i < 0 for i in ids):
             raise TokenizerError(f"negative token id {min(ids)}: ids are >= 0")
         n = self._vocab_size
-        return self.backend.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
+        return self._library("decoding ids", self.backend.decode, [i for i in ids if i < n],
+                             skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens=False):
         sequences = _id_array(sequences, "batch_decode")
@@ -207,6 +232,8 @@ class Tokenizer:
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
                             **kwargs):
         """Render the conversation with the chat template (sandboxed); token ids if tokenize=True."""
+        add_generation_prompt = _flag(add_generation_prompt, "add_generation_prompt")
+        tokenize = _flag(tokenize, "tokenize")
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
@@ -339,7 +366,7 @@ def _bounded(render):
                 resource.setrlimit(resource.RLIMIT_AS, old_limit)
 
 
-def render_chat_template(template, **context):
+def render_chat_template(template, /, **context):
     """Render a chat template string in the sandbox, bounded in time and memory (see _bounded);
     every failure is a TokenizerError."""
     from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
@@ -375,8 +402,8 @@ def render_chat_template(template, **context):
         pieces.clear()                                   # the traceback keeps render()'s frame: free the text now
         raise TokenizerError(f"the chat template was refused by the sandbox: it needs more than "
                              f"{TEMPLATE_MAX_BYTES // 2**20} MiB of memory") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
-            RecursionError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the template's code raised (LookupError from
+        # str.encode('bogus'), AssertionError from truncate(-5), ...): the template failed, not this package
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
 
 
@@ -394,7 +421,9 @@ def _load_backend(path, root=None):
         raise TokenizerError(f"{path}: not UTF-8 (offset {e.start}); re-download it") from None
     try:
         return Backend.from_str(text)
-    except Exception as e:  # the Rust library raises plain Exception subclasses
+    except BaseException as e:  # the Rust library raises plain Exception subclasses, or panics
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
                              "re-download it") from None
 
@@ -416,6 +445,18 @@ def _token_content(value, name, path):
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
+
+
+def _flag(value, name, where="", advice=""):
+    """A True/False argument or file key: bools only (the string "false" would be true, silently)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TokenizerError(f"{where + ' ' if where else ''}{name!r} must be true or false, got {value!r}{advice}")
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_text(text, what="text"):

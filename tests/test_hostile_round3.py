@@ -166,3 +166,142 @@ def test_save_to_a_non_path_is_a_clear_error(directory):
     model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
     with pytest.raises(CheckpointError, match="output directory as a path"):
         model.save_pretrained(directory)
+
+
+# ---- class: a chat template whose code raises an exception of any type ------------------------------------
+
+FILTERS = sorted(__import__("jinja2").filters.FILTERS) + ["tojson"]
+STR_METHODS = sorted(m for m in dir(str) if not m.startswith("_"))
+VALUES = ['"abc"', "messages", "messages[0]", "3", "-2.5", "none", "[3, 'a']", "{'k': 1}", "range(3)"]
+ARGS = ["", "0", "-5", "10**20", '"bogus"', '"x"', "none", "[]", "{}", '"%s"', '"{:z}"', "attribute=5"]
+
+
+@pytest.fixture
+def fast_limits(monkeypatch):
+    from stablelm_ref import tokenizer
+
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_SECONDS", 0.3)
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_BYTES", 64 * 2**20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@given(value=st.sampled_from(VALUES), call=st.one_of(st.sampled_from(FILTERS).map(lambda f: "|" + f),
+                                                       st.sampled_from(STR_METHODS).map(lambda m: "." + m)),
+       args=st.lists(st.sampled_from(ARGS), max_size=3))
+def test_any_exception_a_template_raises_is_a_tokenizer_error(fast_limits, value, call, args):
+    """Property: a template calling any jinja2 filter or str method on any value with hostile arguments
+    renders or raises TokenizerError. Before, only nine exception types were caught: str.encode('bogus')
+    (LookupError) and truncate(-5) (AssertionError) escaped as tracebacks."""
+    from stablelm_ref.errors import TokenizerError
+    from stablelm_ref.tokenizer import render_chat_template
+
+    argv = ", ".join(a for a in args if a)
+    template = "{{ " + value + call + ("(" + argv + ")" if argv or call.startswith(".") else "") + " }}"
+    try:
+        out = render_chat_template(template, messages=[{"role": "user", "content": "hi"}])
+    except TokenizerError as e:
+        assert "\n" not in str(e).strip() or "chat template" in str(e)
+    else:
+        assert isinstance(out, str)
+
+
+@pytest.mark.parametrize("template", ['{{ "x".encode("bogus") }}', '{{ "abc"|truncate(-5) }}'])
+def test_the_exceptions_seen_escaping_are_tokenizer_errors(template):
+    from stablelm_ref.errors import TokenizerError
+    from stablelm_ref.tokenizer import render_chat_template
+
+    with pytest.raises(TokenizerError, match=r"the chat template failed: (LookupError|AssertionError)"):
+        render_chat_template(template, messages=[])
+
+
+def test_a_template_variable_named_template_is_context(model_dir):
+    """apply_chat_template(messages, template=...) collided with render_chat_template's own argument
+    (TypeError); keyword arguments are template variables, whatever their name."""
+    from stablelm_ref import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    out = tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="{{ template }}|{{ x }}",
+                                  template="T", x=1)
+    assert out == "T|1"
+
+
+# ---- class: the tokenizers library panicking on a text (a Rust panic is a BaseException) -------------------
+
+def test_a_tokenizer_panic_is_a_tokenizer_error(model_dir, tmp_path):
+    """A tokenizer.json whose Split regex backtracks catastrophically made the Rust regex engine give up
+    and the library panic: pyo3's PanicException derives from BaseException, so it escaped every handler
+    (in the CLI: a traceback). Encoding now raises TokenizerError naming the file."""
+    from stablelm_ref import Tokenizer
+    from stablelm_ref.errors import TokenizerError
+
+    directory = copy_of(model_dir, tmp_path)
+    path = os.path.join(directory, "tokenizer.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    tok = Tokenizer.from_pretrained(directory)
+    assert tok.encode("aaa")                                                # the regex works on short texts
+    with pytest.raises(TokenizerError, match=r"tokenizer.json cannot handle this input"):
+        tok.encode("a" * 40 + "!")
+    with pytest.raises(TokenizerError, match=r"tokenizer.json cannot handle this input"):
+        tok(["ok", "a" * 40 + "!"])
+
+
+# ---- class: flags and special tokens of the wrong type (arguments and tokenizer_config.json) ---------------
+
+@pytest.mark.parametrize("value", ["no", "false", 1, None, [True]])
+@pytest.mark.parametrize("call", [
+    lambda t, v: t.encode("hi", add_special_tokens=v), lambda t, v: t("hi", padding=v),
+    lambda t, v: t("hi", add_special_tokens=v), lambda t, v: t.decode([1, 2], skip_special_tokens=v),
+    lambda t, v: t.batch_decode([[1, 2]], skip_special_tokens=v),
+    lambda t, v: t.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=v),
+    lambda t, v: t.apply_chat_template([{"role": "user", "content": "x"}], tokenize=v),
+])
+def test_flags_take_booleans_only(model_dir, call, value):
+    """encode(add_special_tokens='no') raised TypeError inside the tokenizers library; 'false' elsewhere was
+    true, silently. Every flag of the tokenizer's methods takes True or False."""
+    from stablelm_ref import Tokenizer
+    from stablelm_ref.errors import TokenizerError
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    with pytest.raises(TokenizerError, match=r"must be true or false, got"):
+        call(tok, value)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("add_bos_token", "false", "'add_bos_token' must be true or false"),
+    ("add_eos_token", 1, "'add_eos_token' must be true or false"),
+    ("model_max_length", True, "'model_max_length' must be a number >= 1"),
+    ("model_max_length", -5, "'model_max_length' must be a number >= 1"),
+    ("model_max_length", "64", "'model_max_length' must be a number >= 1"),
+])
+def test_tokenizer_config_values_of_the_wrong_type(model_dir, tmp_path, key, value, match):
+    """"add_bos_token": "false" in tokenizer_config.json added a BOS token (bool("false") is True)."""
+    from stablelm_ref import Tokenizer
+    from stablelm_ref.errors import TokenizerError
+
+    directory = copy_of(model_dir, tmp_path)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data[key] = value
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.from_pretrained(directory)
+    data[key] = {"add_bos_token": False, "add_eos_token": True, "model_max_length": 1e30}[key]  # accepted forms
+    with open(path, "w") as f:
+        json.dump(data, f)
+    Tokenizer.from_pretrained(directory)
+
+
+def test_special_tokens_and_paths_of_the_wrong_type(model_dir):
+    from stablelm_ref import Tokenizer
+    from stablelm_ref.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="bos_token must be a string"):
+        Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"), bos_token=5)
+    with pytest.raises(TokenizerError, match="path of a tokenizer.json"):
+        Tokenizer.from_file(None)
