@@ -327,8 +327,9 @@ def check_values(values, names=None, greedy="for greedy decoding use do_sample=F
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
               repetition_penalty, seed, batch=1):
     config = model.config
-    if not isinstance(do_sample, bool):
+    if not isinstance(do_sample, (bool, np.bool_)):
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
+    do_sample = bool(do_sample)
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     if not do_sample and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
@@ -372,11 +373,18 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
     """The given mask (checked), or transformers' inference: ids != pad when pad is present and not an EOS."""
     if attention_mask is None:
         if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in (eos or []):
-            return (ids != pad_token_id).astype(np.int64)
+            mask = (ids != pad_token_id).astype(np.int64)
+            if not mask.any(axis=1).all():
+                row = int(np.nonzero(~mask.any(axis=1))[0][0])
+                raise GenerationError(f"row {row} of input_ids is all pad_token_id ({pad_token_id}), so it would "
+                                      "be all padding: every row needs at least one token (or pass an attention_mask)")
+            return mask
         return np.ones_like(ids)
     mask = host_array(attention_mask)
     if mask is None:
         raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids")
+    if mask.ndim == 1 and ids.shape[0] == 1:                              # one row given flat, like input_ids
+        mask = mask[None, :]
     if mask.shape != ids.shape:
         raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids has {ids.shape}; they must match")
     if mask.size and not np.isin(mask, (0, 1)).all():
@@ -422,6 +430,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     if batch > 1 and (mask[:, -1] == 0).any():
         logger.warning("A decoder-only model is being used, but right-padding was detected! For correct "
                        "generation results, pad on the left (Tokenizer does by default)")
+    if timings is not None and not isinstance(timings, dict):    # filled at the end: a wrong type lost the output
+        raise GenerationError(f"timings must be a dict (it receives prefill/decode tokens and seconds), got "
+                              f"{type(timings).__name__}")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and
                                      callable(getattr(streamer, "end", None))):
         raise GenerationError(f"streamer must have put(ids) and end() methods, got {type(streamer).__name__}")

@@ -256,6 +256,19 @@ class StableLmPreTrainedModel:
                                   "rotary angles are computed in floating point)")
         return self.xp.asarray(np.broadcast_to(host.reshape(-1, t), (batch, t)).astype(np.int64))
 
+    def _check_cache(self, cache):
+        """A KVCache made for another model (layers, kv heads, head size) or dtype is refused: its buffers
+        would fail deep inside a layer, or, with more layers or another dtype, be used silently."""
+        c = self.config
+        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, np.dtype(self.dtype))
+        k = cache.keys[0] if cache.keys else None
+        got = (len(cache.keys), k.shape[1], k.shape[3], np.dtype(k.dtype)) if k is not None else (0, None, None, None)
+        if got != want or len(cache.values) != len(cache.keys):
+            raise GenerationError(
+                f"past_key_values was made for another model: {got[0]} layers, {got[1]} kv heads of size {got[2]}, "
+                f"{got[3]}; this model has {want[0]} layers, {want[1]} kv heads of size {want[2]}, {want[3]}. Pass the "
+                "cache this model returned, or KVCache(model.config, batch, max_len, model.dtype, model.xp)")
+
     def _check_memory(self, batch, t, past, new_cache):
         """The memory guard for one forward, before anything is allocated: the attention scores
         [B, H, T, S] (a few copies, in the softmax's float32/float64), the activations [B, T, ...] and a
@@ -279,12 +292,15 @@ class StableLmPreTrainedModel:
         ids [B, T], the cache (made when use_cache asks for one, room reserved), the cached length,
         the padding mask [B, S] or None, position ids [B, T]."""
         xp, config = self.xp, self.config
+        _check_flag("use_cache", use_cache)
         ids = self._ids(input_ids)                                        # [B, T]
         batch, t = ids.shape
         cache = past_key_values
         if cache is not None and not isinstance(cache, KVCache):
             raise GenerationError(f"past_key_values must be the KVCache a previous call returned (or a new "
                                   f"stablelm_ref.KVCache), got {type(cache).__name__}")
+        if cache is not None:
+            self._check_cache(cache)
         self._check_memory(batch, t, (cache.length if cache is not None else 0), cache is None and use_cache)
         if cache is None and use_cache:
             cache = KVCache(config, batch, t, self.dtype, xp, growable=True)
@@ -309,6 +325,9 @@ class StableLmPreTrainedModel:
     def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                       use_cache=False, output_hidden_states=False, trace=None):
         xp, config, p = self.xp, self.config, self.params
+        _check_flag("output_hidden_states", output_hidden_states)
+        if trace is not None and not callable(trace):
+            raise GenerationError(f"trace must be a function trace(name, array), got {type(trace).__name__}")
         trace = no_trace if trace is None else trace
         ids, cache, past, mask2d, position_ids = self._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                       past_key_values, use_cache)
@@ -359,6 +378,11 @@ def layer_tensors(params, num_layers):
             i, _, rest = name[len("model.layers."):].partition(".")
             layers[int(i)][rest] = value
     return layers
+
+
+def _check_flag(name, flag):
+    if not isinstance(flag, (bool, np.bool_)):
+        raise GenerationError(f"{name} must be True or False, got {flag!r}")
 
 
 def _narrowed(name, value, dtype, directory):

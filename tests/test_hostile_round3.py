@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model
 from stablelm_ref import StableLmForCausalLM, checkpoint
-from stablelm_ref.errors import CheckpointError
+from stablelm_ref.errors import CheckpointError, GenerationError
+from stablelm_ref.kv_cache import KVCache
 from stablelm_ref.trace import TRACE_FORMAT, read_trace, write_trace
 
 
@@ -305,3 +306,92 @@ def test_special_tokens_and_paths_of_the_wrong_type(model_dir):
         Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"), bos_token=5)
     with pytest.raises(TokenizerError, match="path of a tokenizer.json"):
         Tokenizer.from_file(None)
+
+
+# ---- class: past_key_values made for another model, and KVCache arguments ---------------------------------
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("other", [dict(num_hidden_layers=3), dict(num_hidden_layers=1), dict(num_key_value_heads=2),
+                                   dict(hidden_size=32, intermediate_size=64), dict(dtype="float64")])
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_cache_from_another_model_is_refused(small, other, fast):
+    """A cache from a model with more layers was used silently (its first layers' buffers); fewer layers
+    was an IndexError, other kv heads a broadcasting ValueError inside kv_cache, a float64 cache mixed
+    float64 keys into a float32 model. Each names both geometries; the cache is left as it was."""
+    settings_ = dict(seed=2, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    settings_.update(other)
+    cache = tiny_model(**settings_)(np.array([[1, 2]]), use_cache=True).past_key_values
+    before = [k.copy() for k in cache.keys], cache.length
+    model = small.fast() if fast else small
+    with pytest.raises(GenerationError, match=r"past_key_values was made for another model: .* this model has 2 "
+                                              r"layers, 4 kv heads of size 16, float32"):
+        model(np.array([[3]]), past_key_values=cache, use_cache=True)
+    assert cache.length == before[1] and all(np.array_equal(a, b) for a, b in zip(cache.keys, before[0]))
+
+
+def test_a_cache_of_the_right_geometry_still_continues_exactly(small):
+    """The check refuses only what does not fit: a cache made by hand for this model continues like the
+    model's own (logits equal to the full forward's last position to float32 rounding of the same math)."""
+    cache = KVCache(small.config, 1, 8, small.dtype, np)
+    small(np.array([[5, 6]]), past_key_values=cache, use_cache=True)
+    step = small(np.array([[7]]), past_key_values=cache, use_cache=True).logits[:, -1]
+    full = small(np.array([[5, 6, 7]])).logits[:, -1]
+    np.testing.assert_allclose(step, full, rtol=0, atol=1e-5)   # |logits| ~ 1-10; float32 over 2 layers: ~1e-6
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(batch_size=-1), "batch_size"), (dict(batch_size=0), "batch_size"),
+                                           (dict(max_len=2.5), "max_len"), (dict(max_len=True), "max_len"),
+                                           (dict(batch_size="2"), "batch_size")])
+def test_kvcache_arguments(small, kwargs, match):
+    args = dict(batch_size=1, max_len=4)
+    args.update(kwargs)
+    with pytest.raises(GenerationError, match=f"KV cache {match} must be an integer >= 1"):
+        KVCache(small.config, args["batch_size"], args["max_len"], np.float32, np)
+
+
+# ---- class: forward and generate arguments that failed late (after the work) or deep ----------------------
+
+def test_generate_refuses_a_timings_that_is_not_a_dict_before_generating(small):
+    """timings=[] raised AttributeError after the whole generation: the sequences were lost."""
+    calls = []
+
+    class Streamer:
+        def put(self, ids):
+            calls.append(ids)
+
+        def end(self):
+            pass
+
+    with pytest.raises(GenerationError, match="timings must be a dict"):
+        small.generate([[1, 2]], max_new_tokens=2, timings=[], streamer=Streamer())
+    assert calls == []                                                    # refused before the first token
+
+
+def test_a_row_that_is_all_pad_token_is_refused_when_the_mask_is_inferred(small):
+    """Without an attention_mask a row of only pad_token_id became an all-padding row and generated from
+    nothing, silently; a given mask of such a row was already refused."""
+    with pytest.raises(GenerationError, match=r"row 0 of input_ids is all pad_token_id \(1\)"):
+        small.generate([[1, 1], [5, 6]], max_new_tokens=2, pad_token_id=1, eos_token_id=0)
+    out = small.generate([[1, 5], [5, 6]], max_new_tokens=2, pad_token_id=1, eos_token_id=0)  # one pad: fine
+    assert out.shape == (2, 4)
+
+
+def test_flat_ids_take_a_flat_mask_and_numpy_booleans(small):
+    """generate([5, 6]) was accepted (one row) but its mask [1, 1] refused; np.bool_ flags were refused."""
+    a = small.generate([5, 6], attention_mask=[1, 1], max_new_tokens=3, do_sample=np.bool_(False))
+    b = small.generate([[5, 6]], max_new_tokens=3)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(trace=5), "trace must be a function"),
+                                           (dict(use_cache="no"), "use_cache must be True or False"),
+                                           (dict(output_hidden_states="yes"), "output_hidden_states must be True")])
+@pytest.mark.parametrize("fast", [False, True])
+def test_forward_flags_and_callbacks_of_the_wrong_type(small, kwargs, match, fast):
+    """trace=5 was a TypeError inside the layer loop; use_cache='no' made a cache (a true string)."""
+    with pytest.raises(GenerationError, match=match):
+        (small.fast() if fast else small)(np.array([[1, 2]]), **kwargs)
