@@ -395,3 +395,33 @@ def test_forward_flags_and_callbacks_of_the_wrong_type(small, kwargs, match, fas
     """trace=5 was a TypeError inside the layer loop; use_cache='no' made a cache (a true string)."""
     with pytest.raises(GenerationError, match=match):
         (small.fast() if fast else small)(np.array([[1, 2]]), **kwargs)
+
+
+# ---- class: from_pretrained arguments of the wrong name or type (Hub ids, offline) -------------------------
+
+@pytest.mark.parametrize("path", ["model_dir", "acme/not-cached"])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cache_dir=5), "cache_dir must be a directory, got 5"),
+    (dict(revision=5), "revision must be a branch, tag or commit name, got 5"),
+    (dict(revision=""), "revision must be"),
+    (dict(local_files_only="yes"), "local_files_only must be True or False"),
+    (dict(token=5), "token must be a Hub token string"),
+    (dict(torch_dtype="bfloat16"), r"unknown argument 'torch_dtype'; this project takes dtype="),
+    (dict(trust_remote_code=True), r"unknown argument 'trust_remote_code'; .*no code from a checkpoint"),
+    (dict(revison="main"), r"unknown argument 'revison' \(its Hub arguments are revision, cache_dir"),
+])
+def test_from_pretrained_arguments_are_checked_for_directories_and_repo_ids(model_dir, path, kwargs, match,
+                                                                             monkeypatch):
+    """cache_dir=5 or revision=5 with a repo id were TypeErrors inside os.fspath or huggingface_hub; an unknown
+    argument (torch_dtype, a typo) was ignored for a directory and a TypeError for a repo id. Checked before
+    any file or network access, for every from_pretrained, each raising its own error class."""
+    from stablelm_ref import StableLmConfig, Tokenizer
+    from stablelm_ref import hub
+    from stablelm_ref.errors import ConfigError, TokenizerError
+
+    monkeypatch.setattr(hub, "snapshot_download", lambda *a, **k: pytest.fail("the Hub was asked"))
+    path = model_dir if path == "model_dir" else path
+    for load, error in ((StableLmForCausalLM.from_pretrained, CheckpointError),
+                        (Tokenizer.from_pretrained, TokenizerError), (StableLmConfig.from_pretrained, ConfigError)):
+        with pytest.raises(error, match=match):
+            load(path, **kwargs)
