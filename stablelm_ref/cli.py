@@ -80,7 +80,7 @@ def resolve_model_dir(model, revision=None):
     """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
     from . import hub
 
-    return hub.model_directory(model or hub.DEFAULT_MODEL, revision=revision)
+    return hub.model_directory(hub.DEFAULT_MODEL if model is None else model, revision=revision)
 
 
 def load(args):

@@ -425,3 +425,42 @@ def test_from_pretrained_arguments_are_checked_for_directories_and_repo_ids(mode
                         (Tokenizer.from_pretrained, TokenizerError), (StableLmConfig.from_pretrained, ConfigError)):
         with pytest.raises(error, match=match):
             load(path, **kwargs)
+
+
+# ---- class: config.json values accepted but wrong: named by the wrong key, or out of range -----------------
+
+@pytest.mark.parametrize("key, value, match", [
+    ("max_position_embeddings", 10**40, "'max_position_embeddings' must be at most"),   # was blamed on rope_theta
+    ("max_position_embeddings", 2**62, "'max_position_embeddings' must be at most"),
+    ("hidden_dropout", 5.0, "'hidden_dropout' is a probability"),
+    ("attention_dropout", 1.5, "'attention_dropout' is a probability"),
+    ("classifier_dropout", "x", "'classifier_dropout' must be a finite number"),
+    ("classifier_dropout", 2, "'classifier_dropout' is a probability"),
+])
+def test_config_values_out_of_range_name_their_key(key, value, match):
+    from conftest import TINY
+    from stablelm_ref import StableLmConfig
+    from stablelm_ref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        StableLmConfig.from_dict({**TINY, key: value})
+    StableLmConfig.from_dict({**TINY, "max_position_embeddings": 2**53, "classifier_dropout": 0.1})  # the edges load
+
+
+def test_config_extra_must_be_a_dict():
+    from stablelm_ref import StableLmConfig
+    from stablelm_ref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="extra must be a dict"):
+        StableLmConfig(extra=5)
+
+
+# ---- class: command-line options whose empty value meant something else -----------------------------------
+
+def test_an_empty_model_option_is_an_error_not_the_default_model(capsys):
+    """--model '' ran the embedded default model, as if --model had not been given."""
+    from stablelm_ref.cli import main
+
+    assert main(["generate", "--model", "", "--max-new-tokens", "1", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "got ''" in err
