@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from ._version import __version__
-from .errors import GenerationError, StableLmError, TokenizerError
+from .errors import GenerationError, StableLmError, TokenizerError, printable
 
 PROG = "stablelm-ref"
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
@@ -291,7 +291,7 @@ def main(argv=None):
             sys.stdout.flush()
         except (StableLmError, OSError):
             _silence_stdout()
-        print(f"{PROG}: error: " + " ".join(str(e).split()), file=sys.stderr)
+        print(f"{PROG}: error: " + printable(" ".join(str(e).split())), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -46,7 +46,7 @@ import numpy as np
 from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
-from .errors import CheckpointError, StableLmError
+from .errors import CheckpointError, StableLmError, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -259,7 +259,7 @@ def format_table(rows):
             status += "  <- first divergence"
         cosine = _cosine(r.cosine)
         shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
-        lines.append((">>" if r is first else "", r.name, shape, _num(r.max_abs), _num(r.max_rel), cosine, status))
+        lines.append((">>" if r is first else "", printable(r.name), shape, _num(r.max_abs), _num(r.max_rel), cosine, status))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:{'>' if i in (3, 4, 5) else '<'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
@@ -320,8 +320,8 @@ def cmd_compare(args):
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
                                      meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None))
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
-        print(f"{label}: {path}  ({meta.get('producer', '?')}, {meta.get('dtype', '?')}, {meta.get('device', '?')}, "
-              f"model {meta.get('model', '?')})")
+        producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
+        print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
     if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
         print("warning: the two traces were recorded from different input ids")
     tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
@@ -332,7 +332,7 @@ def cmd_compare(args):
     if first is None:
         print(f"\nall {len(rows)} tensors agree")
         return 0
-    print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {first.name}"
+    print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
           + (f" ({first.note})" if first.note else ""))
     return 1
 

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
@@ -464,3 +464,47 @@ def test_an_empty_model_option_is_an_error_not_the_default_model(capsys):
     assert main(["generate", "--model", "", "--max-new-tokens", "1", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "got ''" in err
+
+
+# ---- class: text from a file reaching the terminal (escape sequences, forged lines) -------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@given(name=st.text(min_size=1, max_size=12), producer=st.text(max_size=12))
+def test_compare_prints_no_control_characters_from_a_trace(tmp_path_factory, name, producer):
+    """Property: whatever text a trace's tensor names and metadata hold, `stablelm-ref compare` prints no
+    control character but the newlines of its own layout: one table row per tensor. Before, a name
+    '\\x1b]0;...\\x07\\x1b[2J' retitled and cleared the terminal and a name with a newline forged a row."""
+    import contextlib
+    import io
+
+    from stablelm_ref.cli import main
+
+    assume(name != "plain")
+    path = str(tmp_path_factory.mktemp("esc") / "t.safetensors")
+    write_trace(path, {name: np.zeros(2), "plain": np.ones(2)}, {"producer": producer})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["compare", path, path]) == 0
+    text = out.getvalue()
+    assert all(c.isprintable() or c == "\n" for c in text)
+    assert text.count("\n") == 10         # A, B, tolerance, blank, header, rule, 2 rows, blank, summary
+
+
+def test_an_error_message_carrying_template_text_is_printable(model_dir, tmp_path, capsys, monkeypatch):
+    """raise_exception in a downloaded chat template reached the terminal raw through the CLI's error line."""
+    import io
+    import sys
+
+    from stablelm_ref.cli import main
+
+    directory = copy_of(model_dir, tmp_path)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["chat_template"] = "{{ raise_exception('\\x1b[2J\\x1b]0;owned\\x07 cleared') }}"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--model", directory, "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "\\x1b[2J" in err and all(c.isprintable() or c == "\n" for c in err) and err.count("\n") == 1
