@@ -287,16 +287,18 @@ def check_cache_memory(model, batch, total):
                  "lower max_new_tokens / max_length (--max-new-tokens) or the batch", xp=model.xp)
 
 
-def _token_ids(name, value, vocab_size, allow_list):
+def _token_ids(name, value, vocab_size, allow_list, source=""):
+    """`source` (" (config.json)") says where a default came from, for the message."""
     if value is None:
         return None
     values = list(value) if allow_list and isinstance(value, (list, tuple, np.ndarray)) else [value]
     if not values or not all(_is_int(v) for v in values):
-        raise GenerationError(f"{name} must be an integer token id{' or a list of them' if allow_list else ''}, "
-                              f"got {value!r}")
+        kind = "an integer token id" + (" or a list of them" if allow_list else "")
+        raise GenerationError(f"{name}{source} must be {kind}, got {value!r}")
     for v in values:
         if not 0 <= int(v) < vocab_size:
-            raise GenerationError(f"{name} {int(v)} is outside the vocabulary [0, {vocab_size})")
+            raise GenerationError(f"{name}{source} {int(v)} is outside the vocabulary [0, {vocab_size})"
+                                  + ("; fix config.json or pass " + name + "=" if source else ""))
     return [int(v) for v in values]
 
 
@@ -414,9 +416,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
-                     allow_list=True)
+                     allow_list=True, source=" (from the model's config.json)" if eos_token_id is FROM_CONFIG else "")
     pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,
-                     allow_list=False)
+                     allow_list=False, source=" (from the model's config.json)" if pad_token_id is FROM_CONFIG else "")
     pad = pad[0] if pad else None
     if pad is None and eos is not None:
         if attention_mask is None and batch > 1:
@@ -433,6 +435,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     if timings is not None and not isinstance(timings, dict):    # filled at the end: a wrong type lost the output
         raise GenerationError(f"timings must be a dict (it receives prefill/decode tokens and seconds), got "
                               f"{type(timings).__name__}")
+    if isinstance(streamer, type):
+        raise GenerationError(f"streamer is the class {streamer.__name__}; pass an instance, e.g. "
+                              f"{streamer.__name__}(tokenizer)")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and
                                      callable(getattr(streamer, "end", None))):
         raise GenerationError(f"streamer must have put(ids) and end() methods, got {type(streamer).__name__}")

@@ -126,6 +126,14 @@ class StableLmPreTrainedModel:
     @classmethod
     def from_config(cls, config: StableLmConfig, seed=0, dtype="float32", std=None):
         """A model with random weights (normal(0, initializer_range); LayerNorm weight 1, biases 0)."""
+        if not isinstance(config, StableLmConfig):
+            raise StableLmError(f"from_config takes a StableLmConfig (StableLmConfig.from_dict(d) for a dict, "
+                                f"StableLmConfig.from_pretrained(dir) for a model), got {type(config).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise StableLmError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float, np.floating))
+                                or not 0 <= std < np.inf):
+            raise StableLmError(f"std must be a finite number >= 0 or None (config.initializer_range), got {std!r}")
         rng = np.random.default_rng(seed)
         std = config.initializer_range if std is None else std
         np_dtype = resolve_dtype(dtype, "cpu")

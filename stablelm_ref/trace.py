@@ -259,7 +259,8 @@ def format_table(rows):
             status += "  <- first divergence"
         cosine = _cosine(r.cosine)
         shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
-        lines.append((">>" if r is first else "", printable(r.name), shape, _num(r.max_abs), _num(r.max_rel), cosine, status))
+        lines.append((">>" if r is first else "", printable(r.name), shape, _num(r.max_abs), _num(r.max_rel), cosine,
+                      status))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:{'>' if i in (3, 4, 5) else '<'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]

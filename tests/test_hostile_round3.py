@@ -508,3 +508,40 @@ def test_an_error_message_carrying_template_text_is_printable(model_dir, tmp_pat
     assert main(["chat", "--model", directory, "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "\\x1b[2J" in err and all(c.isprintable() or c == "\n" for c in err) and err.count("\n") == 1
+
+
+# ---- class: the other public constructors and arguments taken as objects ----------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(config={"vocab_size": 5}), "from_config takes a StableLmConfig"), (dict(config=None), "takes a StableLmConfig"),
+    (dict(seed=-1), "seed must be an integer >= 0"), (dict(seed=1.5), "seed must be"),
+    (dict(std=float("nan")), "std must be a finite number"), (dict(std=-1.0), "std must be"),
+])
+def test_from_config_arguments(kwargs, match):
+    """from_config({'vocab_size': 5}) was an AttributeError, seed=-1 a ValueError inside NumPy's generator,
+    std=nan built a model of NaN weights."""
+    from conftest import tiny_config
+    from stablelm_ref.errors import StableLmError
+
+    args = dict(config=tiny_config(), seed=0, std=None)
+    args.update(kwargs)
+    with pytest.raises(StableLmError, match=match):
+        StableLmForCausalLM.from_config(args.pop("config"), **args)
+
+
+def test_a_streamer_class_instead_of_an_instance(small):
+    """streamer=TextStreamer (the class) passed the check (its put is callable) and failed with a TypeError."""
+    from stablelm_ref import TextStreamer
+
+    with pytest.raises(GenerationError, match=r"streamer is the class TextStreamer; pass an instance"):
+        small.generate([[1, 2]], max_new_tokens=1, streamer=TextStreamer)
+
+
+@pytest.mark.parametrize("key", ["pad_token_id", "eos_token_id"])
+def test_token_ids_from_the_config_are_named_as_such(key):
+    """A pad or eos id outside the vocabulary in config.json was reported like an argument the user gave."""
+    model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64, **{key: 10**6})
+    with pytest.raises(GenerationError, match=rf"{key} \(from the model's config.json\) 1000000 is outside"):
+        model.generate([[1, 2]], max_new_tokens=1)
+    with pytest.raises(GenerationError, match=rf"^{key} 999 is outside"):
+        model.generate([[1, 2]], max_new_tokens=1, **{key: 999})
