@@ -402,13 +402,25 @@ def atomic_write(path, data: bytes, group=None):
 
 
 def save_file(tensors, path, metadata=None, group=None):
-    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically (see atomic_open)."""
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        arr = tensors[name]
-        if arr.dtype not in DTYPE_NAMES:
+    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically (see atomic_open).
+
+    Names are strings other than "__metadata__" (the header's key for the metadata: a tensor of that name
+    was overwritten by it, and the file written was corrupt); arrays have a dtype of SAFETENSORS_DTYPES in
+    either byte order (written little-endian, as the format says)."""
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"save_file takes a dict {{name: array}}, got {type(tensors).__name__}")
+    arrays, header, offset = {}, {}, 0
+    for name, value in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise CheckpointError(f"cannot save a tensor named {name!r}: names are strings, and '__metadata__' is "
+                                  "the safetensors header's own key")
+        arrays[name] = np.asarray(value)
+    for name in sorted(arrays):
+        arr = arrays[name]
+        native = arr.dtype.newbyteorder("=")                               # '>f4' (big-endian) is F32 too
+        if native not in DTYPE_NAMES:
             raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} as safetensors")
-        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+        header[name] = {"dtype": DTYPE_NAMES[native], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     if metadata:
@@ -417,6 +429,6 @@ def save_file(tensors, path, metadata=None, group=None):
     head += b" " * (-len(head) % 8)
     with atomic_open(path, group) as f:
         f.write(len(head).to_bytes(8, "little") + head)
-        for name in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[name])
+        for name in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[name])
             f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())

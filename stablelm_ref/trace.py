@@ -99,12 +99,17 @@ def write_trace(path, trace, metadata=None):
     An existing file under `path` is replaced only if it is a trace itself (check_replaceable): a
     mistyped --out must not overwrite a model's weights or any other file."""
     check_replaceable(path)
-    meta = {"format": TRACE_FORMAT, "package_version": __version__}
+    if not isinstance(trace, dict):
+        raise CheckpointError(f"write_trace takes a dict {{name: array}}, got {type(trace).__name__}")
+    meta = {}
     for key, value in (metadata or {}).items():
-        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    meta["order"] = json.dumps(list(trace))
-    tensors = {name: np.ascontiguousarray(_host(a)) for name, a in trace.items()}
-    checkpoint.save_file(tensors, str(path), meta)
+        try:
+            meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"trace metadata {key!r}: {e}; give a string or JSON data") from None
+    meta.update(format=TRACE_FORMAT, package_version=__version__, order=json.dumps([str(n) for n in trace]))
+    tensors = {name: _host(a) for name, a in trace.items()}              # save_file checks names and dtypes
+    checkpoint.save_file(tensors, os.fspath(path), meta)
 
 
 def check_replaceable(path):

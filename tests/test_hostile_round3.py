@@ -545,3 +545,40 @@ def test_token_ids_from_the_config_are_named_as_such(key):
         model.generate([[1, 2]], max_new_tokens=1)
     with pytest.raises(GenerationError, match=rf"^{key} 999 is outside"):
         model.generate([[1, 2]], max_new_tokens=1, **{key: 999})
+
+
+# ---- class: a writer that wrote a corrupt file, or failed with a TypeError ---------------------------------
+
+NAMES = st.one_of(st.text(max_size=8), st.sampled_from(["__metadata__", "order", "format"]), st.integers(0, 3))
+DTYPES = st.sampled_from(["<f4", ">f4", "<f8", ">f8", "<f2", "<i8", ">i4", "|b1", "|u1", "<u4", "<c8", "|O"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@given(entries=st.lists(st.tuples(NAMES, DTYPES, st.lists(st.integers(0, 3), max_size=3)), min_size=1, max_size=4),
+       meta=st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers(), st.just(object())),
+                            max_size=2))
+def test_write_trace_round_trips_or_refuses_and_never_writes_a_corrupt_file(tmp_path_factory, entries, meta):
+    """Property: write_trace of any {name: array} and metadata either writes a file that read_trace returns
+    exactly (same names in order, values, dtypes up to byte order, the trace format whatever the metadata
+    says), or raises CheckpointError and writes nothing. Before: a tensor named '__metadata__' gave a file
+    that could not be read (the metadata overwrote its header entry), int names and non-JSON metadata were
+    TypeErrors, big-endian arrays were refused."""
+    rng = np.random.default_rng(0)
+    trace = {}
+    for name, dtype, shape in entries:
+        if dtype == "|O":
+            trace[name] = np.empty(shape, dtype=object)
+        else:
+            trace[name] = (rng.normal(size=shape) * 100).astype(dtype)
+    path = tmp_path_factory.mktemp("w") / "t.safetensors"
+    try:
+        write_trace(path, trace, meta)
+    except CheckpointError:
+        assert not path.exists() and os.listdir(path.parent) == []
+        return
+    assert all(isinstance(n, str) and n != "__metadata__" for n in trace)
+    back, read_meta = read_trace(path)
+    assert list(back) == list(trace) and read_meta["format"] == TRACE_FORMAT
+    for name, value in trace.items():
+        assert back[name].dtype == value.dtype.newbyteorder("=") and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
