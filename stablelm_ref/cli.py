@@ -29,6 +29,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -282,25 +283,33 @@ def main(argv=None):
         print(f"{PROG}: error: standard output is closed; nothing can be written", file=sys.stderr)
         return 2
     real_stdout, sys.stdout = sys.stdout, _GuardedOutput(sys.stdout)
-    try:
-        check_surroundings(args)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
-            return args.func(args) or 0                                     # by generate, as one line
-    except StableLmError as e:
+    with warnings.catch_warnings():                  # restored when the command ends
+        warnings.showwarning = _one_line_warning
         try:
-            sys.stdout.flush()
-        except (StableLmError, OSError):
+            check_surroundings(args)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
+                return args.func(args) or 0                                     # by generate, as one line
+        except StableLmError as e:
+            try:
+                sys.stdout.flush()
+            except (StableLmError, OSError):
+                _silence_stdout()
+            print(f"{PROG}: error: " + printable(" ".join(str(e).split())), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # output piped into head & co.
             _silence_stdout()
-        print(f"{PROG}: error: " + printable(" ".join(str(e).split())), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co.
-        _silence_stdout()
-        return 0
-    finally:
-        sys.stdout = real_stdout
+            return 0
+        finally:
+            sys.stdout = real_stdout
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning while a command runs (prompt + new tokens past the context, ...): one line on stderr in the
+    command's words, not Python's two lines with a source file and a line of code."""
+    print(f"{PROG}: warning: " + printable(" ".join(str(message).split())), file=sys.stderr)
 
 
 if __name__ == "__main__":

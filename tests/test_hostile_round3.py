@@ -582,3 +582,17 @@ def test_write_trace_round_trips_or_refuses_and_never_writes_a_corrupt_file(tmp_
     for name, value in trace.items():
         assert back[name].dtype == value.dtype.newbyteorder("=") and back[name].shape == value.shape
         np.testing.assert_array_equal(back[name], value)
+
+
+def test_a_warning_in_the_cli_is_one_line_in_its_own_words(model_dir, capsys):
+    """--max-new-tokens past the context printed Python's warning: a source path and a line of code."""
+    import warnings
+
+    from stablelm_ref.cli import main
+
+    before = warnings.showwarning
+    assert main(["generate", "--model", model_dir, "--max-new-tokens", "70", "hi"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("stablelm-ref: warning: prompt + new tokens = 72 positions, past max_position_embeddings (64): "
+                   "the model was not trained that far\n")
+    assert warnings.showwarning is before                                  # restored when the command ends
