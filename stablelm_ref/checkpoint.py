@@ -320,6 +320,11 @@ def check_directory_name(directory):
     """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty."""
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise CheckpointError(f"give the output directory as a path (a string or os.PathLike), got {directory!r}")
+    from .hub import DEFAULT_MODEL
+
+    if os.fspath(directory) == DEFAULT_MODEL:    # from_pretrained(that name) is the embedded model, not this folder
+        raise CheckpointError(f"{DEFAULT_MODEL!r} names the embedded default model: a folder of that name would "
+                              "never be loaded by that name; save to another directory")
 
 
 def make_directory(directory):

@@ -596,3 +596,13 @@ def test_a_warning_in_the_cli_is_one_line_in_its_own_words(model_dir, capsys):
     assert err == ("stablelm-ref: warning: prompt + new tokens = 72 positions, past max_position_embeddings (64): "
                    "the model was not trained that far\n")
     assert warnings.showwarning is before                                  # restored when the command ends
+
+
+def test_saving_under_the_embedded_models_name_is_refused(tmp_path, monkeypatch):
+    """save_pretrained('stablelm-ref:default') made a folder that from_pretrained of that name never reads
+    (it is the embedded model's name): the saved model could not be loaded back by its name."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    with pytest.raises(CheckpointError, match="names the embedded default model"):
+        model.save_pretrained("stablelm-ref:default")
+    assert os.listdir(tmp_path) == []
