@@ -606,3 +606,40 @@ def test_saving_under_the_embedded_models_name_is_refused(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match="names the embedded default model"):
         model.save_pretrained("stablelm-ref:default")
     assert os.listdir(tmp_path) == []
+
+
+# ---- property: ids outside the vocabulary, at every entry that takes ids ----------------------------------
+
+@pytest.fixture(scope="module")
+def entries():
+    """Every public call that takes token ids, on one tiny vocabulary (V = 101)."""
+    from stablelm_ref import StableLmForSequenceClassification, StableLmForTokenClassification
+
+    causal = tiny_model(seed=3, dtype="float32")
+    seq = tiny_model(seed=3, dtype="float32", cls=StableLmForSequenceClassification, pad_token_id=0)
+    tok = tiny_model(seed=3, dtype="float32", cls=StableLmForTokenClassification)
+    fast = tiny_model(seed=3, dtype="float32").fast()
+    return {"forward": causal, "generate": lambda ids: causal.generate(ids, max_new_tokens=1),
+            "fast": fast, "fast generate": lambda ids: fast.generate(ids, max_new_tokens=1),
+            "run_with_trace": causal.run_with_trace, "sequence": seq, "token": tok}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@given(data=st.data(), dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]),
+       entry=st.sampled_from(["forward", "generate", "fast", "fast generate", "run_with_trace", "sequence", "token"]),
+       flat=st.booleans())
+def test_any_id_outside_the_vocabulary_is_refused_naming_it(entries, data, dtype, entry, flat):
+    """Property: an id array holding any value outside [0, vocab_size) is refused by every entry with a
+    GenerationError naming one of the offending values (and nothing runs)."""
+    info = np.iinfo(dtype)
+    vocab = 101
+    rows, cols = (1 if flat else data.draw(st.integers(1, 3))), data.draw(st.integers(1, 5))
+    ids = np.array(data.draw(st.lists(st.integers(0, vocab - 1), min_size=rows * cols, max_size=rows * cols)),
+                   dtype=dtype).reshape(rows, cols)
+    bad = [v for v in (-1, vocab, info.min, info.max, -(2**31), 2**40) if info.min <= v <= info.max
+           and not 0 <= v < vocab]                                        # never empty: info.max >= 127 > vocab
+    ids[data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))] = data.draw(st.sampled_from(bad))
+    with pytest.raises(GenerationError, match=r"token id (-?\d+) is outside the vocabulary \[0, 101\)") as e:
+        entries[entry](ids[0] if flat else ids)
+    named = int(str(e.value).split("token id ")[1].split(" ")[0])
+    assert named in set(ids.reshape(-1).tolist()) and not 0 <= named < vocab
