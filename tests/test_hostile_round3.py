@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
@@ -19,6 +19,14 @@ from stablelm_ref import StableLmForCausalLM, checkpoint
 from stablelm_ref.errors import CheckpointError, GenerationError
 from stablelm_ref.kv_cache import KVCache
 from stablelm_ref.trace import TRACE_FORMAT, read_trace, write_trace
+
+
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+
+
+def cases(n):
+    """n generated cases in `make test`, 25 n under `make fuzz`."""
+    return settings(max_examples=25 * n if FUZZ else n, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +127,7 @@ def test_a_save_that_would_not_load_is_refused_before_writing(tmp_path, edit, ma
     assert not directory.exists()
 
 
-@settings(max_examples=25, deadline=None)
+@cases(25)
 @given(scale=st.floats(1.0, 1e30), dtype=st.sampled_from(["float16", "bfloat16", "float32"]))
 def test_a_save_in_a_narrower_dtype_either_loads_back_or_is_refused(tmp_path_factory, scale, dtype):
     """Property: save_pretrained(dir, dtype) of finite float64 weights either writes files that load and
@@ -185,7 +193,7 @@ def fast_limits(monkeypatch):
     monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_BYTES", 64 * 2**20)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@cases(150)
 @given(value=st.sampled_from(VALUES), call=st.one_of(st.sampled_from(FILTERS).map(lambda f: "|" + f),
                                                        st.sampled_from(STR_METHODS).map(lambda m: "." + m)),
        args=st.lists(st.sampled_from(ARGS), max_size=3))
@@ -468,7 +476,7 @@ def test_an_empty_model_option_is_an_error_not_the_default_model(capsys):
 
 # ---- class: text from a file reaching the terminal (escape sequences, forged lines) -------------------------
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@cases(60)
 @given(name=st.text(min_size=1, max_size=12), producer=st.text(max_size=12))
 def test_compare_prints_no_control_characters_from_a_trace(tmp_path_factory, name, producer):
     """Property: whatever text a trace's tensor names and metadata hold, `stablelm-ref compare` prints no
@@ -553,7 +561,7 @@ NAMES = st.one_of(st.text(max_size=8), st.sampled_from(["__metadata__", "order",
 DTYPES = st.sampled_from(["<f4", ">f4", "<f8", ">f8", "<f2", "<i8", ">i4", "|b1", "|u1", "<u4", "<c8", "|O"])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@cases(80)
 @given(entries=st.lists(st.tuples(NAMES, DTYPES, st.lists(st.integers(0, 3), max_size=3)), min_size=1, max_size=4),
        meta=st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers(), st.just(object())),
                             max_size=2))
@@ -624,7 +632,7 @@ def entries():
             "run_with_trace": causal.run_with_trace, "sequence": seq, "token": tok}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(__import__("hypothesis").HealthCheck))
+@cases(60)
 @given(data=st.data(), dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]),
        entry=st.sampled_from(["forward", "generate", "fast", "fast generate", "run_with_trace", "sequence", "token"]),
        flat=st.booleans())
