@@ -651,3 +651,25 @@ def test_any_id_outside_the_vocabulary_is_refused_naming_it(entries, data, dtype
         entries[entry](ids[0] if flat else ids)
     named = int(str(e.value).split("token id ")[1].split(" ")[0])
     assert named in set(ids.reshape(-1).tolist()) and not 0 <= named < vocab
+
+
+def test_a_hub_snapshot_with_a_missing_blob_says_the_download_is_incomplete(model_dir, tmp_path, monkeypatch):
+    """A cached snapshot whose link points at a blob that is gone (an interrupted download, a cleaned cache)
+    said only 'no such file' for a file that `ls` shows; each reader now names the dangling link."""
+    from stablelm_ref import StableLmConfig, Tokenizer
+    from stablelm_ref.errors import ConfigError, TokenizerError
+
+    snap = tmp_path / "models--acme--tiny" / "snapshots" / "0123"
+    blobs = tmp_path / "models--acme--tiny" / "blobs"
+    os.makedirs(snap)
+    os.makedirs(blobs)
+    for name in os.listdir(model_dir):
+        shutil.copy(os.path.join(model_dir, name), blobs / (name + ".blob"))
+        os.symlink(os.path.relpath(blobs / (name + ".blob"), snap), snap / name)
+    StableLmForCausalLM.from_pretrained(snap)                                # complete: loads
+    for name, load, error in (("model.safetensors", StableLmForCausalLM.from_pretrained, CheckpointError),
+                              ("config.json", StableLmConfig.from_pretrained, ConfigError),
+                              ("tokenizer.json", Tokenizer.from_pretrained, TokenizerError)):
+        os.unlink(blobs / (name + ".blob"))
+        with pytest.raises(error, match=r"a link to .*which does not exist \(an incomplete download\?\)"):
+            load(str(snap))
