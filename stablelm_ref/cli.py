@@ -164,6 +164,10 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        context = model.config.max_position_embeddings
+        if len(ids) > context and model.config.rope_type != "dynamic":   # generate would say "shorten the prompt"
+            raise GenerationError(f"the conversation has grown to {len(ids)} tokens, more than the model's context "
+                                  f"({context}); start a new chat (a shorter --system or shorter turns last longer)")
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)

@@ -673,3 +673,18 @@ def test_a_hub_snapshot_with_a_missing_blob_says_the_download_is_incomplete(mode
         os.unlink(blobs / (name + ".blob"))
         with pytest.raises(error, match=r"a link to .*which does not exist \(an incomplete download\?\)"):
             load(str(snap))
+
+
+def test_a_chat_longer_than_the_context_says_so_in_the_chats_words(model_dir, capsys, monkeypatch):
+    """A conversation outgrowing the context ended with generate's 'the prompt has N tokens ...; shorten the
+    prompt', advice the chat's user cannot follow: it now says the conversation has grown past the context."""
+    import io
+    import sys
+
+    from stablelm_ref.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n" + "the weather is nice today " * 8 + "\n"))
+    assert main(["chat", "--model", model_dir, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("stablelm-ref: error: the conversation has grown to ")
+    assert "more than the model's context (64); start a new chat" in err[-1]
