@@ -688,3 +688,19 @@ def test_a_chat_longer_than_the_context_says_so_in_the_chats_words(model_dir, ca
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("stablelm-ref: error: the conversation has grown to ")
     assert "more than the model's context (64); start a new chat" in err[-1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("num_labels, problem", [(1, "regression"), (3, "regression"),
+                                                 (3, "multi_label_classification")])
+def test_non_finite_float_labels_are_refused(bad, num_labels, problem):
+    """A NaN or Inf regression or multi-label target gave a NaN (or Inf) loss, silently."""
+    from stablelm_ref import StableLmForSequenceClassification
+
+    model = tiny_model(seed=4, dtype="float32", cls=StableLmForSequenceClassification, pad_token_id=0,
+                       id2label={str(i): str(i) for i in range(num_labels)}, problem_type=problem)
+    labels = np.zeros((2, num_labels), np.float32)
+    assert np.isfinite(model([[1, 2], [3, 4]], labels=labels).loss)
+    labels[1, -1] = bad
+    with pytest.raises(GenerationError, match=r"labels hold (nan|inf|-inf): regression targets"):
+        model([[1, 2], [3, 4]], labels=labels)
