@@ -61,6 +61,7 @@ from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
+from .model import mask_array
 
 logger = logging.getLogger(__name__)
 
@@ -382,16 +383,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
                                       "be all padding: every row needs at least one token (or pass an attention_mask)")
             return mask
         return np.ones_like(ids)
-    mask = host_array(attention_mask)
-    if mask is None:
-        raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids")
-    if mask.ndim == 1 and ids.shape[0] == 1:                              # one row given flat, like input_ids
-        mask = mask[None, :]
-    if mask.shape != ids.shape:
-        raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids has {ids.shape}; they must match")
-    if mask.size and not np.isin(mask, (0, 1)).all():
-        raise GenerationError("attention_mask may only hold 0 (padding) and 1 (token)")
-    mask = mask.astype(np.int64)
+    mask = mask_array(attention_mask, ids.shape, "(shaped like input_ids)").astype(np.int64)  # the forward's check
     if not mask.any(axis=1).all():
         row = int(np.nonzero(~mask.any(axis=1))[0][0])
         raise GenerationError(f"row {row} of attention_mask is all padding: every row needs at least one token")

@@ -238,13 +238,7 @@ class StableLmPreTrainedModel:
         """[B, S] of 0/1 (ints, floats or bools) -> bool, S = cached + new positions."""
         if attention_mask is None:
             return None
-        host = _host_numbers(attention_mask, "attention_mask")
-        if host.shape != (batch, total):
-            raise GenerationError(f"attention_mask has shape {host.shape}, expected {(batch, total)} "
-                                  "(batch, cached + new positions)")
-        if host.size and not ((host == 0) | (host == 1)).all():
-            bad = host[(host != 0) & (host != 1)].flat[0]
-            raise GenerationError(f"attention_mask may only hold 0 (padding) and 1 (token), found {bad}")
+        host = mask_array(attention_mask, (batch, total), "(batch, cached + new positions)")
         return self.xp.asarray(host.astype(bool))
 
     def _positions(self, position_ids, batch, t):
@@ -404,11 +398,26 @@ def _narrowed(name, value, dtype, directory):
     return out
 
 
+def mask_array(attention_mask, shape, meaning):
+    """The one check of an attention mask (the forward's and generate's): a host array of `shape` holding only
+    0 and 1 (ints, floats or bools); `meaning` says what the shape is, for the message."""
+    host = _host_numbers(attention_mask, "attention_mask")
+    if host.shape != tuple(shape):
+        raise GenerationError(f"attention_mask has shape {host.shape}, expected {tuple(shape)} {meaning}")
+    if host.size and not ((host == 0) | (host == 1)).all():
+        bad = host[(host != 0) & (host != 1)].flat[0]
+        raise GenerationError(f"attention_mask may only hold 0 (padding) and 1 (token), found {bad}")
+    return host
+
+
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
     host = host_array(a)
-    if host is None or host.dtype.kind not in "biuf":
+    if host is None:
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
+    if host.dtype.kind not in "biuf":
+        raise GenerationError(f"{name} must hold numbers (integers, 0/1 floats or bools), got an array of "
+                              f"{host.dtype}")
     return host
 
 

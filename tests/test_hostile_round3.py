@@ -388,9 +388,9 @@ def test_a_row_that_is_all_pad_token_is_refused_when_the_mask_is_inferred(small)
     assert out.shape == (2, 4)
 
 
-def test_flat_ids_take_a_flat_mask_and_numpy_booleans(small):
-    """generate([5, 6]) was accepted (one row) but its mask [1, 1] refused; np.bool_ flags were refused."""
-    a = small.generate([5, 6], attention_mask=[1, 1], max_new_tokens=3, do_sample=np.bool_(False))
+def test_numpy_booleans_are_flags(small):
+    """do_sample=np.bool_(False) (what a comparison gives) was refused: 'must be True or False, got False'."""
+    a = small.generate([[5, 6]], max_new_tokens=3, do_sample=np.bool_(False))
     b = small.generate([[5, 6]], max_new_tokens=3)
     np.testing.assert_array_equal(a, b)
 
@@ -704,3 +704,46 @@ def test_non_finite_float_labels_are_refused(bad, num_labels, problem):
     labels[1, -1] = bad
     with pytest.raises(GenerationError, match=r"labels hold (nan|inf|-inf): regression targets"):
         model([[1, 2], [3, 4]], labels=labels)
+
+
+# ---- class: one mask, two checks that disagreed (the forward's and generate's) ----------------------------
+
+MASK_VALUES = st.sampled_from([0, 1, 1, 1, 2, -1, 0.5, float("nan"), True, False])
+MASK_DTYPES = st.sampled_from([None, "int64", "uint8", "float32", "bool", "complex64", "U1", "datetime64[s]", "O"])
+
+
+@cases(120)
+@given(values=st.integers(1, 3).flatmap(lambda w: st.lists(st.lists(MASK_VALUES, min_size=w, max_size=w), min_size=1,
+                                                          max_size=2)), dtype=MASK_DTYPES, flat=st.booleans())
+def test_forward_and_generate_judge_a_mask_alike(small, values, dtype, flat):
+    """Property: for input_ids of shape [B, T], an attention_mask is accepted by the forward exactly when it
+    is numeric (bools, integers or floats), of shape [B, T] (as tests/test_hostile_input.py states it), and holds
+    only 0 and 1
+    (an independent statement); generate accepts the same masks except a row of only padding. Before, generate
+    had its own check: it accepted complex masks, raised TypeError on structured arrays, and its messages
+    differed ('rectangular list of numbers' for a rectangular array of strings)."""
+    width = len(values[0])
+    ids = np.arange(1, 1 + len(values) * width).reshape(len(values), width)
+    try:
+        mask = np.asarray(values, dtype=dtype) if dtype else values
+    except (ValueError, TypeError, OverflowError):
+        return                                                             # ragged, or not convertible: skip
+    if flat:
+        mask, ids = np.asarray(mask)[0], ids[:1]
+    arr = np.asarray(mask)
+    valid = arr.dtype.kind in "biuf" and arr.shape == ids.shape and bool(np.all((arr == 0) | (arr == 1)))
+    try:
+        small(ids, attention_mask=mask)
+        forward_ok = True
+    except GenerationError as e:
+        forward_ok = False
+        assert "attention_mask" in str(e)
+    assert forward_ok == valid
+    padding_row = valid and not np.asarray(arr, dtype=np.float64).reshape(ids.shape).any(axis=1).all()
+    try:
+        small.generate(ids, attention_mask=mask, max_new_tokens=1)
+        generate_ok = True
+    except GenerationError as e:
+        generate_ok = False
+        assert "attention_mask" in str(e)
+    assert generate_ok == (valid and not padding_row)
