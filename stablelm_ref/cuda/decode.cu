@@ -299,8 +299,8 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // H query heads and KVH kv heads of AD dims): the first ggrid blocks of the grid run this GEMV, its groups in
 // this order: kv head by kv head its G query heads and its key (logical rows [j (G + 1) AD, (j + 1) (G + 1) AD)
 // = rows j G AD.. and (H + j) AD.. of W and y), then every value row (in place, rows (H + KVH) AD..). After
-// writing a group the block counts it (threadfence, then one atomic) in ready[j] (q and k of head j) or
-// ready[KVH + j] (v of head j); head j's attention blocks wait for (G + 1) AD / R, then AD / R counts
+// writing a group the block counts it (threadfence, then one atomic; see signal) in ready[j] (q and k of head
+// j) or ready[KVH + j] (v of head j); head j's attention blocks wait for (G + 1) AD / R, then AD / R counts
 // (attn_impl). Persistent blocks take groups g, g + ggrid, ..., so the heads' q and k complete one after
 // another, and the attention's scores run while the value rows stream.
 template <int BM, int R, bool LN, int AD = 0>
@@ -368,6 +368,17 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
     };
 
+    // AD: count a written group in ready[idx]: its writer lanes' threadfence (their y rows visible GPU-wide),
+    // then one atomic. A fence waits for the lane's loads in flight too, so a group is counted only when the
+    // block has no loads in flight: after the next group's loop (before its next fetch), or at the end.
+    int owed = -1;
+    auto signal = [&](int idx) {
+        if (warp == 0) {
+            if (tid < nb * R) __threadfence();
+            __syncwarp();
+            if (tid == 0) atomicAdd(ready + idx, 1);
+        }
+    };
     PDL_LAUNCH();
     point_at(g);
     fetch();
@@ -401,6 +412,10 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             c += 2 * T;
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
+        if constexpr (AD > 0) {                  // every load of this group has landed: settle the count owed
+            if (owed >= 0) signal(owed);
+            owed = -1;
+        }
         const int n0 = first_row(g), next = g + grid;
         if (next < groups) {                     // the next group's weights load during the reduction
             point_at(next);
@@ -425,13 +440,11 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
                 st2 += (double)y * y;
             }
         }
-        if constexpr (AD > 0) {                  // count the group in its head's ready[j]
-            if (warp == 0) {
-                if (tid < nb * R) __threadfence();   // this lane's y rows are visible GPU-wide ...
-                __syncwarp();
-                const int lr = g * R;
-                if (tid == 0) atomicAdd(ready + (lr < QK ? lr / RQK : KVH + (lr - QK) / AD), 1);  // ... then the count
-            }
+        if constexpr (AD > 0) {                  // count the group: now if it is the block's last, else once the
+            const int lr = g * R;                //   next group's loads have landed (see signal)
+            const int idx = lr < QK ? lr / RQK : KVH + (lr - QK) / AD;
+            if (next < groups) owed = idx;
+            else signal(idx);
         }
         if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
