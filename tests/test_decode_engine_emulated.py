@@ -158,18 +158,6 @@ def _attention(grid, block, args, D):
     vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
 
 
-def _gemv_attention(grid, block, args, rows, D):
-    """gemv_attn_b1_r*_d*: gemv_ln_b1's 16 arguments, ggrid and ready, then decode_attention's 20 (qkv first):
-    the GEMV's spec over the first ggrid blocks, then the attention's on its output over the rest."""
-    gemv_args, (ggrid, ready), att_args = args[:16], args[16:18], args[18:]
-    KVH, ggrid = int(att_args[17]), int(ggrid)
-    ns = (grid[0] - ggrid) // KVH
-    assert block[0] >= kn.ATT_THREADS and ggrid + ns * KVH == grid[0] and ns >= 1
-    assert att_args[0] is gemv_args[7] and not ready.any()          # attention reads the GEMV's y; counts zero
-    _gemv((ggrid,), block, gemv_args, rows)
-    _attention((ns, KVH, 1), block, att_args, D)
-
-
 def _layernorm(grid, block, args):
     x, ldx, w, b, y, ldy, K, eps = args
     for r in range(grid[0]):
@@ -270,7 +258,6 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_attn_fn = {(r, d): _Kernel(_gemv_attention, rows=r, D=d) for r in kn.GEMV_ROWS for d in kn.ATT_DIMS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -420,14 +407,14 @@ def _models(kernels, **overrides):
     return ref, _EmulatedFast(model, kernels)
 
 
-def _check_greedy(ref, out, prompt_len, mask, min_decided=0.5):
+def _check_greedy(ref, out, prompt_len, mask):
     full_mask = np.concatenate([mask, np.ones((out.shape[0], out.shape[1] - prompt_len), np.int64)], axis=1)
     pos = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
     z = ref(out, attention_mask=full_mask, position_ids=pos).logits[:, prompt_len - 1:-1]   # [B, new, V]
     top2 = np.sort(z, axis=-1)[..., -2:]
     decided = top2[..., 1] - top2[..., 0] > MARGIN
     agree = np.argmax(z, axis=-1) == out[:, prompt_len:]
-    assert agree[decided].all() and decided.mean() > min_decided, (agree, decided)
+    assert agree[decided].all() and decided.mean() > 0.5, (agree, decided)
 
 
 def test_generate_through_engine_steps_greedy_left_padded(emulated):
@@ -620,59 +607,16 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
     n_layers = len(engine.layers)
     assert [fn.tag for fn in plan].count("layernorm") == (n_layers + 1 if parallel else 1)
     ln_gemvs = [fn for fn in plan if fn.fn in emulated.gemv_ln_fn.values()]
-    fused = [fn for fn in plan if fn.fn in emulated.gemv_attn_fn.values()]     # q|k|v with the attention
-    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:gate_up"] * n_layers)
-    assert [fn.tag for fn in fused] == ([] if parallel else ["gemv:qkv"] * n_layers)
-    assert [fn.tag for fn in plan].count("attention") == (n_layers if parallel else 0)
+    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
     _check_greedy(ref, folded, 7, mask)
-    for flag in ("fuse_attention", "fold_layernorm"):     # attention as its own kernel; then LayerNorms too
-        setattr(engine, flag, False)
-        engine._plans.clear()
-        engine._graphs.clear()
+    engine.fold_layernorm = False
+    engine._plans.clear()
+    engine._graphs.clear()
     try:
         plain = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
         assert [fn.tag for fn in engine._plan(1)].count("layernorm") == len(engine.layers) * (1 + (not parallel)) + 1
-        assert [fn.tag for fn in engine._plan(1)].count("attention") == n_layers
     finally:
-        engine.fold_layernorm = engine.fuse_attention = True
+        engine.fold_layernorm = True
         engine._plans.clear()
         engine._graphs.clear()
     assert np.array_equal(folded, plain)
-
-
-@pytest.mark.parametrize("D, heads, kv_heads, threads, rows, persist", [
-    (80, 4, 2, 256, 4, 0), (64, 5, 5, 128, 8, 1), (160, 2, 1, 512, 2, 2), (96, 4, 4, 128, 1, 0)])
-def test_generate_with_attention_in_the_qkv_gemv(emulated, D, heads, kv_heads, threads, rows, persist):
-    """Batch 1, folded: each layer's attention runs in the tail of its q|k|v GEMV (gemv_attn: one launch, the
-    GEMV's blocks first, then nsplit x KVH attention blocks); a block of < 128 threads keeps the attention
-    kernel. The tokens equal the step with the attention as its own kernel, and the reference's decided picks."""
-    ref, fast = _models(emulated, hidden_size=heads * D, num_attention_heads=heads, num_key_value_heads=kv_heads)
-    engine = fast.engine
-    ids = np.random.default_rng(13).integers(2, 384, (1, 6))
-    mask = np.ones_like(ids)
-    runs = {}
-    for fuse in (True, False):
-        engine.fuse_attention = fuse
-        engine.tuning[1] = {name: tune.GemvShape(rows if name == "qkv" else 4, threads, persist, 0.0, 0.0)
-                            for name in engine._gemv_shapes()}
-        engine._plans.clear()
-        engine._graphs.clear()
-        runs[fuse] = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
-        qkv = [fn for fn in engine._plan(1) if fn.tag == "gemv:qkv"]
-        if fuse:
-            groups = -(-(heads + 2 * kv_heads) * D // rows)
-            ggrid = min(groups, persist * emulated.num_sms) if persist else groups
-            ns = emulated.attention_splits(1, kv_heads, engine.max_len)
-            assert all(fn.fn is emulated.gemv_attn_fn[(rows, D)] and fn.grid == (ggrid + ns * kv_heads,) for fn in qkv)
-            assert int(qkv[0].args[16]) == ggrid and qkv[0].args[18] is engine.qkv
-        assert [fn.tag for fn in engine._plan(1)].count("attention") == (0 if fuse else len(engine.layers))
-    engine.fuse_attention = True
-    assert np.array_equal(runs[True], runs[False])
-    _check_greedy(ref, runs[True], 6, mask, min_decided=0.2)      # (some shapes' random models are near-tied)
-    engine.tuning[1] = {name: tune.GemvShape(4, 96, persist, 0.0, 0.0) for name in engine._gemv_shapes()}
-    engine._plans.clear()
-    assert not engine.fuses_attention(1) and [fn.tag for fn in engine._plan(1)].count("attention") == 2
-    with pytest.raises(ValueError, match="threads >= 128"):
-        emulated.gemv_attention_launch(engine.x, engine.layers[0].wqkv, yf=engine.qkv, ready=engine.att_ready,
-                                       attention=engine._attention_args(0, 1), threads=96,
-                                       ln=(engine.layers[0].ln1_w, engine.layers[0].ln1_b, engine.ln_stats[0], 1e-5))

@@ -315,8 +315,6 @@ def bench_shape(name, args, bw_copy, res):
 
     model = build_model(FAMILY[name], args.layers)
     fast = model.fast()
-    if fast.engine is not None and args.no_fuse_attention:
-        fast.engine.fuse_attention = False            # attention as its own kernel (A/B)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
     ids1 = rng.integers(2, V, (1, args.prompt))
@@ -334,7 +332,6 @@ def bench_shape(name, args, bw_copy, res):
     r["breakdown b1 ms (plain graph)"] = step_breakdown(engine, 1)
     log(f"{name}: breakdown {r['breakdown b1 ms (plain graph)']}")
     r["tuning b1"] = {k: tuple(v) for k, v in engine.tuning[1].items()}
-    r["attention in the q|k|v GEMV b1"] = engine.fuses_attention(1)
     log(f"{name}: greedy b1 {r['greedy b1 tok/s']:.1f} tok/s ({100 * r['greedy b1 tok/s'] / r['roofline tok/s']:.0f}% "
         f"of {r['roofline tok/s']:.0f}); engine step alone {r['engine step b1 ms (graph replay)']:.3f} ms "
         f"= {1e3 / r['engine step b1 ms (graph replay)']:.0f} tok/s; first token {1e3 * r['ttft b1 s']:.1f} ms")
@@ -463,8 +460,6 @@ def main():
     ap.add_argument("--skip-static", action="store_true")
     ap.add_argument("--accuracy-layers", type=int, default=8,
                     help="bf16 logits vs float64 at 3b-4e1t widths with this many layers (0: skip)")
-    ap.add_argument("--no-fuse-attention", action="store_true",
-                    help="run each layer's attention as its own kernel, not in the q|k|v GEMV's tail")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--ncu-step", action="store_true")
     ap.add_argument("--ncu-summary", type=str, default=None, help="summarise an ncu --csv file and exit")

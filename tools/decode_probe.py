@@ -5,7 +5,6 @@
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
-    python tools/decode_probe.py --fuse-ab                    # attention in the q|k|v GEMV's tail, or a kernel
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -46,7 +45,7 @@ VARIANTS_DEFAULT = ["default", "no-kv"]
 
 ABLATIONS = {
     "full step": lambda tag: True,
-    "no attention": lambda tag: tag != "attention",   # (with fuse_attention, attention is inside gemv:qkv)
+    "no attention": lambda tag: tag != "attention",
     "no layernorm": lambda tag: tag != "layernorm",
     "no attention, no layernorm": lambda tag: tag not in ("attention", "layernorm"),
     "no o_proj": lambda tag: tag != "gemv:o_proj",
@@ -133,44 +132,28 @@ def batch_ab(cfg, params, batches, prompt, steps):
     return out
 
 
-def flag_ab(engine, ids, steps, flag, rounds=2):
-    """Batch 1, the engine's switch `flag` on and off (fold_layernorm: the layers' LayerNorms folded into their
-    GEMVs, or kernels; fuse_attention: attention in the q|k|v GEMV's tail, or its own kernel), each tuned for
-    itself, in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
+def fold_ab(engine, ids, steps, rounds=2):
+    """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
+    in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
     times = {True: [], False: []}
-    tunings = {getattr(engine, flag): engine.tuning}
+    tunings = {engine.fold_layernorm: engine.tuning}
     for _ in range(rounds):
-        for on in (True, False):
-            setattr(engine, flag, on)
-            engine.tuning = tunings.get(on, {})
+        for fold in (True, False):
+            engine.fold_layernorm = fold
+            engine.tuning = tunings.get(fold, {})
             engine._plans.clear()
             engine._graphs.clear()
             engine.prefill(ids, logits=None)
-            times[on].append(time_graph(engine, ids, engine.capture(1), steps))
-            tunings[on] = engine.tuning
-    extra = {}
-    if flag == "fuse_attention":      # where the fused step's time goes: its GEMV without the attention blocks
-        for on in (False, True):
-            setattr(engine, flag, on)
-            engine.tuning = tunings[on]
-            engine._plans.clear()
-            engine._graphs.clear()
-            plan = [fn for fn in engine._plan(1) if fn.tag != "attention"]
-            if on:                    # gemv_attn launched with its GEMV blocks only (grid = ggrid)
-                plan = [launch.Launch(fn.fn, (int(fn.args[16]),), fn.block, fn.args, fn.smem, fn.tag)
-                        if fn.tag == "gemv:qkv" else fn for fn in plan]
-            engine.prefill(ids, logits=None)
-            label = "fused q|k|v GEMV, attention blocks left out" if on else "q|k|v GEMV, attention left out"
-            extra[label] = time_graph(engine, ids, engine.capture_launches(plan, pdl=True), steps)
-            log(f"    {label}: {extra[label]:.4f} ms/step (timing only)")
-    setattr(engine, flag, True)
+            times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
+            tunings[fold] = engine.tuning
+    engine.fold_layernorm = True
     engine.tuning = tunings[True]
     engine._plans.clear()
     engine._graphs.clear()
     on, off = float(np.median(times[True])), float(np.median(times[False]))
-    log(f"    {flag} on: {on:.4f} ms/step ({times[True]}); off: {off:.4f} ms/step ({times[False]}): {off / on:.3f}x; "
-        f"q|k|v shape on {tunings[True].get(1, {}).get('qkv')}, off {tunings[False].get(1, {}).get('qkv')}")
-    return {"on ms": on, "off ms": off, "rounds": {"on": times[True], "off": times[False]}, **extra}
+    log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
+        f"({times[False]}): {off / on:.3f}x")
+    return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
 
 def use_kernels(engine, k, retune):
@@ -198,9 +181,6 @@ def main():
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
-    ap.add_argument("--fuse-ab", action="store_true",
-                    help="batch 1: the step with the attention in the q|k|v GEMV's tail vs as its own kernel")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of --fuse-ab")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
                     help="batch sizes (2-8) to time with and without the tensor-core GEMV")
     ap.add_argument("--json", default=None)
@@ -267,9 +247,7 @@ def main():
             engine._plans.clear()
             engine._graphs.clear()
         if name == args.variants[0] and args.fold_ab:
-            res[name]["fold A/B"] = flag_ab(engine, ids, args.steps, "fold_layernorm")
-        if name == args.variants[0] and args.fuse_ab:
-            res[name]["fuse A/B"] = flag_ab(engine, ids, args.steps, "fuse_attention", rounds=args.rounds)
+            res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
         if name == args.variants[0] and args.ln_threads:
             for nt in args.ln_threads:
                 for fn in engine._plan(1):

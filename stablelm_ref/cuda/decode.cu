@@ -295,23 +295,14 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
-// AD > 0 (gemv_attn_b1_r{R}_d{AD}: the q|k|v GEMV with decode attention in its tail; W = [Wq; Wk; Wv] with
-// H query heads and KVH kv heads of AD dims): the first ggrid blocks of the grid run this GEMV, its groups in
-// this order: kv head by kv head its G query heads and its key (logical rows [j (G + 1) AD, (j + 1) (G + 1) AD)
-// = rows j G AD.. and (H + j) AD.. of W and y), then every value row (in place, rows (H + KVH) AD..). After
-// writing a group the block counts it (threadfence, then one atomic; see signal) in ready[j] (q and k of head
-// j) or ready[KVH + j] (v of head j); head j's attention blocks wait for (G + 1) AD / R, then AD / R counts
-// (attn_impl). Persistent blocks take groups g, g + ggrid, ..., so the heads' q and k complete one after
-// another, and the attention's scores run while the value rows stream.
-template <int BM, int R, bool LN, int AD = 0>
+template <int BM, int R, bool LN>
 __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
                                           int mode, double* __restrict__ stats_out,
                                           const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                          const double* __restrict__ ln_stats, float eps,
-                                          int ggrid = 0, int* __restrict__ ready = nullptr, int H = 0, int KVH = 0) {
+                                          const double* __restrict__ ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
@@ -341,22 +332,12 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
     };
     double st1 = 0.0, st2 = 0.0;                 // this thread's share of stats_out (epilogue threads)
     const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
-    const int grid = AD ? ggrid : (int)gridDim.x;
     int g = blockIdx.x;
-    const int RQK = AD ? (H / KVH + 1) * AD : 1; // AD: q and k rows of one kv head
-    const int QK = KVH * RQK;                    //     every q and k row (the v rows follow)
-    auto first_row = [&](int grp) -> int {       // the group's first row of W (AD: the order above)
-        const int lr = grp * R;
-        if (AD == 0 || lr >= QK) return lr;
-        const int j = lr / RQK, o = lr - j * RQK, GD = RQK - AD;
-        return o < GD ? j * GD + o : (H + j) * AD + (o - GD);
-    };
     const uint4* wrow[R];
     auto point_at = [&](int grp) {
-        const int r0 = first_row(grp);
 #pragma unroll
         for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
-            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(r0 + r, N - 1) * KC;
+            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
     };
     // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
     // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
@@ -368,17 +349,6 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
     };
 
-    // AD: count a written group in ready[idx]: its writer lanes' threadfence (their y rows visible GPU-wide),
-    // then one atomic. A fence waits for the lane's loads in flight too, so a group is counted only when the
-    // block has no loads in flight: after the next group's loop (before its next fetch), or at the end.
-    int owed = -1;
-    auto signal = [&](int idx) {
-        if (warp == 0) {
-            if (tid < nb * R) __threadfence();
-            __syncwarp();
-            if (tid == 0) atomicAdd(ready + idx, 1);
-        }
-    };
     PDL_LAUNCH();
     point_at(g);
     fetch();
@@ -412,11 +382,7 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             c += 2 * T;
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
-        if constexpr (AD > 0) {                  // every load of this group has landed: settle the count owed
-            if (owed >= 0) signal(owed);
-            owed = -1;
-        }
-        const int n0 = first_row(g), next = g + grid;
+        const int n0 = g * R, next = g + gridDim.x;
         if (next < groups) {                     // the next group's weights load during the reduction
             point_at(next);
             fetch();
@@ -439,12 +405,6 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
                 st1 += y;
                 st2 += (double)y * y;
             }
-        }
-        if constexpr (AD > 0) {                  // count the group: now if it is the block's last, else once the
-            const int lr = g * R;                //   next group's loads have landed (see signal)
-            const int idx = lr < QK ? lr / RQK : KVH + (lr - QK) / AD;
-            if (next < groups) owed = idx;
-            else signal(idx);
         }
         if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
@@ -655,63 +615,24 @@ __device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __re
     return (t < len) ? (int)mrow[t] : (t == len);
 }
 
-// The block's barrier: __syncthreads, or in the fused q|k|v + attention kernel (FUSED, a block of >= 128
-// threads of which the first ATT_THREADS run the attention and the rest have returned) a named barrier
-// over those ATT_THREADS threads.
-template <bool FUSED>
-__device__ __forceinline__ void att_sync() {
-    if constexpr (FUSED) asm volatile("bar.sync 1, %0;" ::"n"(ATT_THREADS) : "memory");
-    else __syncthreads();
-}
-
-__device__ __forceinline__ int ld_acquire(const int* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    int v;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-#else
-    const int v = *(const volatile int*)p;
-    __threadfence();
-    return v;
-#endif
-}
-__device__ __forceinline__ void spin_pause() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    __nanosleep(32);
-#endif
-}
-
-// One (split, kv head, row) of decode attention. As its own kernel (decode_attention_d{D}) the block is
-// (split, kvh, b) = blockIdx and it waits for the q|k|v GEMV before it (PDL). The new token's value comes
-// last: the tile loop gives its row zeros, and the split that holds position len adds p_new v_new after it.
-// FUSED (gemv_attn_b1_r{R}_d{D}): the block is one of the q|k|v GEMV's extra blocks; it waits until the GEMV
-// blocks have written its kv head's q and k rows (ready[kvh] == qk_target: one count per row group), and
-// the split holding len, after its tiles, until they have written its v row (ready[KVH + kvh] == v_target;
-// the GEMV writes every v row after every q and k row, so the scores and the cached values run while the v
-// rows stream); it reads qkv through L2 (written by other blocks of the same kernel); the head's last block
-// resets both counts for the next launch.
-template <int D, bool FUSED>
+template <int D>
 __device__ __forceinline__ void attn_impl(
     const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,
     const int* __restrict__ lenp, const int* __restrict__ posp, const unsigned char* __restrict__ kmask,
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    u16* __restrict__ out, int H, int KVH, int max_len, float scale,
-    int split, int kvh, int b, int NS, int* __restrict__ ready, int qk_target, int v_target) {
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
     constexpr int DC = D / 8;                            // 16-byte chunks per row
+    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, NS = gridDim.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int NW = ATT_THREADS / 32;
     const int G = H / KVH;
     const int GD2 = G * (D / 2);
 
-    if constexpr (FUSED) {
-        if (tid >= ATT_THREADS) return;                  // (whole warps: the rest of a larger GEMV block)
-    } else {
-        PDL_LAUNCH();
-    }
+    PDL_LAUNCH();
     const int len = *lenp;                               // changes only at the end of a step (argmax_step)
     int nsplit, tiles_per;
     attn_split_range(len, NS, nsplit, tiles_per);
@@ -747,29 +668,24 @@ __device__ __forceinline__ void attn_impl(
         rc[i] = cs;
         rc[half + i] = sn;
     }
-    att_sync<FUSED>();
+    __syncthreads();
     PDL_WAIT();                                          // qkv comes from the previous kernel
-    if constexpr (FUSED) {                               // ... or from this kernel's GEMV blocks
-        if (tid == 0) {
-            while (ld_acquire(ready + kvh) < qk_target) spin_pause();
-        }
-        att_sync<FUSED>();
-    }
 
-    // 1. the new token's q heads and k: per-head LayerNorm, rotary, scale; one warp per head vector
+    // 1. the new token: per-head LayerNorm, rotary, scale; one warp per head vector
     const size_t row = (size_t)b * (H + 2 * KVH) * D;
     constexpr int DV = (D + 31) / 32;                    // elements per lane
-    for (int item = warp; item < G + 1; item += NW) {
-        const bool isq = item < G;
-        float* dst = isq ? qs + item * D : kn;
-        const float* src = qkv + row + (isq ? (size_t)(kvh * G + item) * D : (size_t)(H + kvh) * D);
+    for (int item = warp; item < G + 2; item += NW) {
+        const bool isq = item < G, isk = item == G;
+        float* dst = isq ? qs + item * D : (isk ? kn : vn);
+        const float* src = qkv + row + (isq ? (size_t)(kvh * G + item) * D
+                                            : (isk ? (size_t)(H + kvh) * D : (size_t)(H + KVH + kvh) * D));
         float v[DV];
 #pragma unroll
         for (int i = 0; i < DV; ++i) {                   // one round of loads
             const int d = lane + 32 * i;
-            v[i] = d < D ? (FUSED ? __ldcg(src + d) : src[d]) : 0.f;
+            v[i] = d < D ? src[d] : 0.f;
         }
-        if (qk_ln) {
+        if (qk_ln && item <= G) {
             const float* wln = isq ? qn_w + (size_t)(kvh * G + item) * D : kn_w + (size_t)kvh * D;
             float sum = 0.f;
 #pragma unroll
@@ -788,7 +704,7 @@ __device__ __forceinline__ void attn_impl(
         for (int i = 0; i < DV; ++i)
             if (lane + 32 * i < D) dst[lane + 32 * i] = v[i];
         __syncwarp();
-        if (half > 0) {
+        if (item <= G && half > 0) {
             for (int i = lane; i < half; i += 32) {
                 const float cs = rc[i], sn = rc[half + i];
                 const float x1 = dst[i], x2 = dst[i + half];
@@ -805,10 +721,13 @@ __device__ __forceinline__ void attn_impl(
         __syncwarp();
     }
     if (tid < G) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
-    att_sync<FUSED>();
+    __syncthreads();
 
     if (split == 0)
-        for (int d = tid; d < D; d += ATT_THREADS) kc[cbase + (size_t)len * D + d] = f2bf(kn[d]);
+        for (int d = tid; d < D; d += ATT_THREADS) {
+            kc[cbase + (size_t)len * D + d] = f2bf(kn[d]);
+            vc[cbase + (size_t)len * D + d] = f2bf(vn[d]);
+        }
 
     float acc0[ATT_MAXJ], acc1[ATT_MAXJ];
 #pragma unroll
@@ -826,11 +745,11 @@ __device__ __forceinline__ void attn_impl(
     for (int t0 = t_begin; t0 < t_end; t0 += ATT_TK) {
         const int nt = min(ATT_TK, t_end - t0);
         cp_async_wait_all();
-        att_sync<FUSED>();
+        __syncthreads();
         if (len >= t0 && len < t0 + nt) {                 // the new token's row, from shared floats
             const int r = len - t0;
-            for (int d = tid; d < D; d += ATT_THREADS) { Ks[r * KPAD + d] = f2bf(kn[d]); Vs[r * D + d] = 0; }
-            att_sync<FUSED>();
+            for (int d = tid; d < D; d += ATT_THREADS) { Ks[r * KPAD + d] = f2bf(kn[d]); Vs[r * D + d] = f2bf(vn[d]); }
+            __syncthreads();
         }
         // scores S[g][r] = q_g . k_r  (q already scaled); masked or out-of-range -> -inf
         for (int i = tid; i < G * ATT_TK; i += ATT_THREADS) {
@@ -849,7 +768,7 @@ __device__ __forceinline__ void attn_impl(
             }
             S[g * ATT_TK + r] = s;
         }
-        att_sync<FUSED>();
+        __syncthreads();
         for (int g = warp; g < G; g += NW) {
             float mx = NEG_INF;
             for (int r = lane; r < ATT_TK; r += 32) mx = fmaxf(mx, S[g * ATT_TK + r]);
@@ -872,7 +791,7 @@ __device__ __forceinline__ void attn_impl(
                 m_s[g] = m_new;
             }
         }
-        att_sync<FUSED>();
+        __syncthreads();
         // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d]; each thread owns pairs (d, d+1) of rows
         // r = grp, grp + RG, ... (row groups when there are fewer pairs than threads; summed at the end).
         // Masked rows (p == 0) are skipped: their cache slots may hold anything, NaN included.
@@ -893,7 +812,7 @@ __device__ __forceinline__ void attn_impl(
                 acc0[j] = o0; acc1[j] = o1;
             }
         }
-        att_sync<FUSED>();
+        __syncthreads();
         if (t0 + ATT_TK < t_end) mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t0 + ATT_TK, t_end, len);
     }
 
@@ -903,42 +822,12 @@ __device__ __forceinline__ void attn_impl(
             red[((grp - 1) * GD2 + tid - grp * GD2) * 2] = acc0[0];
             red[((grp - 1) * GD2 + tid - grp * GD2) * 2 + 1] = acc1[0];
         }
-        att_sync<FUSED>();
+        __syncthreads();
         if (grp == 0)
             for (int q2 = 1; q2 < RG; ++q2) {
                 acc0[0] += red[((q2 - 1) * GD2 + tid) * 2];
                 acc1[0] += red[((q2 - 1) * GD2 + tid) * 2 + 1];
             }
-    }
-
-    // 2b. the split holding position len (the last key, the last row of its last tile): p_new v_new, its row
-    // of Vs having been zero (S still holds that tile's p).
-    if (t_end == n) {
-        if constexpr (FUSED) {
-            if (tid == 0) {
-                while (ld_acquire(ready + KVH + kvh) < v_target) spin_pause();
-                if (nsplit == 1) ready[kvh] = ready[KVH + kvh] = 0;   // the only live block of this head
-            }
-            att_sync<FUSED>();
-        }
-        const float* src = qkv + row + (size_t)(H + KVH + kvh) * D;
-        for (int d = tid; d < D; d += ATT_THREADS) {     // the cache holds bf16: use the rounded value
-            const u16 v = f2bf(FUSED ? __ldcg(src + d) : src[d]);
-            vn[d] = bf2f(v);
-            vc[cbase + (size_t)len * D + d] = v;
-        }
-        att_sync<FUSED>();
-        const int r_new = (len - t_begin) % ATT_TK;      // its row in the last tile
-#pragma unroll
-        for (int j = 0; j < ATT_MAXJ; ++j) {
-            const int p = grp == 0 ? pair_of(j) : GD2;
-            if (p < GD2) {
-                const int g = p / (D / 2), dp = p % (D / 2);
-                const float pr = S[g * ATT_TK + r_new];
-                acc0[j] = pr > 0.f ? fmaf(pr, vn[2 * dp], acc0[j]) : acc0[j];
-                acc1[j] = pr > 0.f ? fmaf(pr, vn[2 * dp + 1], acc1[j]) : acc1[j];
-            }
-        }
     }
 
     // 3. one split: normalise and write.  Several: publish partials; the last block combines.
@@ -969,12 +858,12 @@ __device__ __forceinline__ void attn_impl(
         pm[0] = m_s[tid]; pm[1] = l_s[tid];
     }
     __threadfence();
-    att_sync<FUSED>();
+    __syncthreads();
     if (tid == 0) {
         const int prev = atomicAdd(counters + b * KVH + kvh, 1);
         is_last = (prev == nsplit - 1);
     }
-    att_sync<FUSED>();
+    __syncthreads();
     if (!is_last) return;
     __threadfence();
 #pragma unroll
@@ -1018,10 +907,7 @@ __device__ __forceinline__ void attn_impl(
                 pack_bf2(o0 * inv, o1 * inv);
         }
     }
-    if (tid == 0) {
-        counters[b * KVH + kvh] = 0;                     // ready for the next launch
-        if constexpr (FUSED) ready[kvh] = ready[KVH + kvh] = 0;   // every split of this head is past its waits
-    }
+    if (tid == 0) counters[b * KVH + kvh] = 0;          // ready for the next launch
 }
 
 #define ATT_INST(D)                                                                               \
@@ -1032,46 +918,10 @@ __device__ __forceinline__ void attn_impl(
         const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
         float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
         u16* __restrict__ out, int H, int KVH, int max_len, float scale) {                        \
-        attn_impl<D, false>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,\
-                            part_o, part_ml, counters, out, H, KVH, max_len, scale, blockIdx.x,   \
-                            blockIdx.y, blockIdx.z, gridDim.x, nullptr, 0, 0);                     \
+        attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale);                     \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
-
-// ---------------------------------------------------------------- q|k|v GEMV + decode attention, one kernel
-// Batch 1, the LayerNorm folded in (gemv_ln_b1_r{R}'s arguments), then ggrid and ready [2 KVH] (zero between
-// launches), then decode_attention_d{D}'s arguments. grid = ggrid + NS * KVH, block >= ATT_THREADS threads:
-// blocks [0, ggrid) run the GEMV in head-major groups (gemv_impl, AD = D), block ggrid + kvh * NS + split
-// runs split `split` of kv head kvh's attention (attn_impl, FUSED) as that head's rows are written. The
-// attention blocks are the grid's last, so every GEMV block, which waits for nothing, is dispatched before
-// them (blocks start in index order); they copy their first K/V tile and compute the rotary angles while
-// they wait. Dynamic shared memory: max(2 K, the attention's).
-#define GEMV_ATT_INST(R, D)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_attn_b1_r##R##_d##D(            \
-        const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
-        const float* __restrict__ bias, float* yf, u16* __restrict__ yh, int ldy, int mode,                \
-        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
-        const double* __restrict__ ln_stats, float eps, int ggrid, int* __restrict__ ready,                \
-        const float* qkv, u16* __restrict__ kc, u16* __restrict__ vc,                                      \
-        const int* __restrict__ lenp, const int* __restrict__ posp,                                        \
-        const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,              \
-        const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float att_eps,          \
-        float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,               \
-        u16* __restrict__ out, int H, int KVH, int max_len, float scale) {                                 \
-        PDL_LAUNCH();                                                                                      \
-        if ((int)blockIdx.x < ggrid) {                                                                     \
-            gemv_impl<1, R, true, D>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,  \
-                                     ln_stats, eps, ggrid, ready, H, KVH);                                 \
-        } else {                                                                                           \
-            const int a = blockIdx.x - ggrid, NS = (gridDim.x - ggrid) / KVH;                              \
-            attn_impl<D, true>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, att_eps,  \
-                               part_o, part_ml, counters, out, H, KVH, max_len, scale, a % NS, a / NS, 0, \
-                               NS, ready, (H / KVH + 1) * D / R, D / R);                                   \
-        }                                                                                                  \
-    }
-#define GEMV_ATT_DIMS(R) GEMV_ATT_INST(R, 64) GEMV_ATT_INST(R, 80) GEMV_ATT_INST(R, 96) GEMV_ATT_INST(R, 128) \
-    GEMV_ATT_INST(R, 160)
-GEMV_ATT_DIMS(1) GEMV_ATT_DIMS(2) GEMV_ATT_DIMS(4) GEMV_ATT_DIMS(8)
 
 // ---------------------------------------------------------------- greedy argmax + step bookkeeping
 // The (value, lowest index) maximum over a block, left in rv[0], ri[0] (rv, ri: 32 entries of shared

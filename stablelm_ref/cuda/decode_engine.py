@@ -64,7 +64,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
-from .decode_kernels import ATT_DIMS, ATT_THREADS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
+from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_GEMV, GemvShape
 
@@ -153,7 +153,6 @@ class GpuDecodeEngine:
         #                                     back to plain launches if the driver refuses, see capture())
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
-        self.fuse_attention = True          # batch 1, folded: attention in the q|k|v GEMV's tail (gemv_attn)
         with self.stream:
             self._load_weights(params)
             self._allocate()
@@ -294,7 +293,6 @@ class GpuDecodeEngine:
         self.step = cp.zeros(1, cp.int32)
         self.history = cp.zeros((self.max_len, MB), cp.int32)
         self.att_counters = cp.zeros(MB * self.KVH, cp.int32)
-        self.att_ready = cp.zeros(2 * self.KVH, cp.int32)          # gemv_attn: q|k, then v groups written
         self.am_counter = cp.zeros(1, cp.int32)
         self.present = cp.zeros((MB, self.vocab), cp.uint8)       # ids in each row (repetition penalty)
         self.uniform = cp.zeros((self.max_len, MB), cp.float64)   # draws u ~ U[0, 1) by step, like history
@@ -322,29 +320,12 @@ class GpuDecodeEngine:
         the folded read (of the current x) would not see."""
         return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
 
-    def fuses_attention(self, nb) -> bool:
-        """Whether the step at batch nb runs each layer's attention inside its q|k|v GEMV (gemv_attn: batch 1
-        with folded LayerNorms, fuse_attention set, the tuned q|k|v block of >= 128 threads) instead of as
-        its own kernel."""
-        shape = self.tuning.get(nb, {}).get("qkv", DEFAULT_GEMV)
-        return (self.fuse_attention and self.folds_layernorm(nb) and shape.unroll == 0
-                and shape.threads >= ATT_THREADS and hasattr(self.k, "gemv_attn_fn"))
-
-    def _attention_args(self, i, nb):
-        """decode_attention's arguments for layer i at batch nb (its own launch, or the tail of gemv_attn)."""
-        L = self.layers[i]
-        return dict(kc=self.kc[i], vc=self.vc[i], cache_len=self.cache_len, pos=self.pos, kmask=self.kmask,
-                    inv_freq=self.inv_freq, rot=self.rot, H=self.H, KVH=self.KVH, D=self.D, out=self.att,
-                    part_o=self.part_o, part_ml=self.part_ml, counters=self.att_counters,
-                    nsplit=self.k.attention_splits(nb, self.KVH, self.max_len), qn_w=L.qn, kn_w=L.kn, eps=self.eps)
-
-    def _layer_gemv(self, name, i, nb, alone=False):
+    def _layer_gemv(self, name, i, nb):
         """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb, as the step runs it.
         With folded LayerNorms (folds_layernorm), q|k|v and gate|up read the float32 residual x and the
         LayerNorm statistics (ln_stats[2i]: LN1 of layer i, [2i + 1]: LN2) that embed_rows (instance 0), o_proj
         (LN2) and the previous layer's down (LN1) accumulate; otherwise the bf16 output h of the LayerNorm
-        kernel. With fuses_attention (and not alone: the tuner times a GEMV kind on its own) the q|k|v launch
-        also runs the layer's attention."""
+        kernel."""
         shape = self.tuning.get(nb, {}).get(name, DEFAULT_GEMV)
         fold, last = self.folds_layernorm(nb), i + 1 == len(self.layers)
         L = self.layers[i] if name != "lm_head" else None
@@ -352,11 +333,6 @@ class GpuDecodeEngine:
                   tag="gemv:" + name)
         if name == "qkv":
             ln = (L.ln1_w, L.ln1_b, self.ln_stats[2 * i], self.eps) if fold else None
-            if not alone and self.fuses_attention(nb):
-                return self.k.gemv_attention_launch(self.x, L.wqkv, yf=self.qkv, bias=L.bqkv, ln=ln,
-                                                    ready=self.att_ready, attention=self._attention_args(i, nb),
-                                                    rows=shape.rows, threads=shape.threads, persist=shape.persist,
-                                                    tag=kw["tag"])
             return self.k.gemv_launch(self.x if fold else self.h, L.wqkv, mode=MODE_STORE, yf=self.qkv, bias=L.bqkv,
                                       ln=ln, **kw)
         if name == "o_proj":
@@ -375,15 +351,18 @@ class GpuDecodeEngine:
         if key in self._plans:
             return self._plans[key]
         k = self.k
-        fold, fused = self.folds_layernorm(nb), self.fuses_attention(nb)
+        ns = k.attention_splits(nb, self.KVH, self.max_len)
+        fold = self.folds_layernorm(nb)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
         for i, L in enumerate(self.layers):
             if not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln1_w, L.ln1_b, self.h, nb=nb, eps=self.eps,
                                                tag="layernorm"))
             plan.append(self._layer_gemv("qkv", i, nb))
-            if not fused:
-                plan.append(k.attention_launch(self.qkv, nb=nb, **self._attention_args(i, nb)))
+            plan.append(k.attention_launch(
+                self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
+                nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
+                counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps))
             plan.append(self._layer_gemv("o_proj", i, nb))
             if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
@@ -574,7 +553,6 @@ class GpuDecodeEngine:
         """Zero what the step's kernels expect zero at a sequence's start (on the current stream): the
         attention splits' and argmax/sampler's counters, the top-k union's counts, the non-finite flags."""
         self.att_counters[...] = 0
-        self.att_ready[...] = 0
         self.am_counter[...] = 0
         self.sample_scratch[2][...] = 0
         self.nonfinite[...] = 0

@@ -5,8 +5,6 @@
     k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
     k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, b, stats, eps))   #   LayerNorm(x) W^T, the LayerNorm folded in
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
-    k.gemv_attention_launch(x_f32, Wqkv, ..., attention=dict(kc=kc, ...))   # batch 1: the q|k|v GEMV (LayerNorm
-                                                           #   folded in) with the attention in its tail
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
     k.argmax_launch(logits, tok, history, ...)             # greedy pick + step bookkeeping
@@ -49,7 +47,6 @@ class DecodeKernels:
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
-        self.gemv_attn_fn = {(r, d): f(f"gemv_attn_b1_r{r}_d{d}") for r in GEMV_ROWS for d in ATT_DIMS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -116,35 +113,6 @@ class DecodeKernels:
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
         return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
-
-    def gemv_attention_launch(self, x, W, *, yf, ready, attention, rows=4, threads=256, persist=0, bias=None,
-                              ln, tag="gemv:qkv"):
-        """The q|k|v GEMV at batch 1 (its LayerNorm folded in: ln = (w, b, stats, eps), x the float32 residual
-        [1, K], W = [Wq; Wk; Wv] [(H + 2 KVH) D, K], yf float32 [>= 1, N]) and decode attention on its output,
-        in one kernel (gemv_attn_b1_r{rows}_d{D}): its first blocks (one per group of `rows` rows, or persist
-        per SM) run the GEMV, the q and k rows kv head by kv head, then the v rows; its last nsplit x KVH blocks
-        the attention (attention_launch's arguments, as a dict, without qkv and nb), each as soon as its kv
-        head's q and k rows are written, the new token's value once its v row is (ready: int32 [2 KVH], zero
-        between launches, reset by the kernel). threads >= ATT_THREADS."""
-        plain = self.gemv_launch(x, W, nb=1, mode=MODE_STORE, yf=yf, bias=bias, rows=rows, threads=threads,
-                                 persist=persist, ln=ln, tag=tag)
-        att = self.attention_launch(yf, nb=1, **attention)
-        _, KVH, _ = att.grid
-        H, D = int(attention["H"]), int(attention["D"])
-        N, K = W.shape
-        if N != (H + 2 * KVH) * D or threads < ATT_THREADS or D % rows:
-            raise ValueError(f"gemv_attention: W must have (H + 2 KVH) D = {(H + 2 * KVH) * D} rows (got {N}), "
-                             f"threads >= {ATT_THREADS} (got {threads}) and rows dividing D = {D} (got {rows})")
-        if ready.shape[-1] < 2 * KVH or ready.dtype != np.int32:
-            raise ValueError(f"gemv_attention: ready must be int32 [>= 2 KVH = {2 * KVH}], got {ready.dtype} "
-                             f"{ready.shape}")
-        fn = self.gemv_attn_fn[(rows, D)]
-        smem = max(plain.smem, att.smem)
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        ggrid = plain.grid[0]
-        args = plain.args + (i32(ggrid), ready) + att.args
-        return Launch(fn, (ggrid + att.grid[0] * KVH,), (threads,), args, smem=smem, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:

@@ -4,7 +4,6 @@
     ref_layernorm(x, w, b, eps)               (x - mean) / sqrt(var + eps) * w + b
     ref_layernorm_from_stats(x, w, b, st, eps)   the same, mean and var from st = ref_row_stats(x) = (sum, sum sq)
     ref_decode_attention(qkv, kc, vc, ...)    q/k LayerNorm, rotary, new k/v at cache[len], softmax(q K^T) V
-    ref_qkv_attention(x, W, ln, bias, ...)    gemv_attn: qkv = bf16(LayerNorm(x)) W^T + bias, then the attention
 
 tests/gpu/test_decode_engine.py compares each kernel with these; tests/test_decode_engine_emulated.py runs
 the whole engine on the CPU with each kernel replaced by its spec.
@@ -112,18 +111,6 @@ def ref_decode_attention(qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, H, K
             p = np.exp(s - s.max())
             out[b, h] = (p / p.sum()) @ vals
     return out.reshape(nb, H * D), k_new, v_new
-
-
-def ref_qkv_attention(x, W, ln_w, ln_b, stats, eps, bias, kc, vc, cache_len, pos, kmask, inv_freq, rot, H, KVH, D,
-                      qn=None, kn=None, att_eps=1e-5, scale=None):
-    """gemv_attn_b1_r*_d* (batch 1): qkv = bf16(LayerNorm(x)) W^T + bias with the LayerNorm's mean and variance
-    from stats (ref_layernorm_from_stats; W = [Wq; Wk; Wv] as values), then ref_decode_attention on qkv.
-    Returns (qkv [1, N], out [1, H D], k_new, v_new)."""
-    h = ref_round_bf16(ref_layernorm_from_stats(x, ln_w, ln_b, stats, eps))
-    qkv = ref_gemv(h, W, MODE_STORE, bias=bias)
-    out, k_new, v_new = ref_decode_attention(qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, H, KVH, D,
-                                             qn=qn, kn=kn, eps=att_eps, scale=scale)
-    return qkv, out, k_new, v_new
 
 
 class _Draws:

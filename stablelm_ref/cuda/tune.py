@@ -4,8 +4,8 @@ A decode step is memory-bound and its GEMVs are most of it; the best launch shap
 and on its neighbours in the step. Two stages, once per batch size (seconds):
 
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
-       layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too; the q|k|v GEMV
-       without the attention it may carry, engine.fuses_attention); the best TUNE_FINALISTS kept
+       layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
+       TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
 
@@ -20,7 +20,7 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .decode_kernels import ATT_THREADS, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
@@ -75,13 +75,9 @@ def tune(engine, nb):
             N, K = Ws[0].shape
             reps = max(1, 4 // len(Ws))
             timed = []
-            # the q|k|v GEMV that runs the attention in its tail (engine.fuses_attention) needs >= 128 threads
-            fusable = name == "qkv" and engine.fuse_attention and engine.folds_layernorm(nb)
             for R, T, U in gemv_candidates(K, nb, mode, getattr(engine.k, "tensor_cores", False)):
-                if fusable and T < ATT_THREADS:
-                    continue
                 engine.tuning.setdefault(nb, {})[name] = GemvShape(R, T, 0, 0.0, 0.0, U)
-                launches = [engine._layer_gemv(name, i, nb, alone=True) for i in range(len(Ws))] * reps
+                launches = [engine._layer_gemv(name, i, nb) for i in range(len(Ws))] * reps
                 ms = engine.time_launches(launches) / len(launches)
                 timed.append((ms, U, R, T))
             timed.sort()

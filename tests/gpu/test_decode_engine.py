@@ -277,81 +277,6 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
     assert np.array_equal(first, cp.asnumpy(out))
 
 
-@HYP
-@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
-       L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(), rot_frac=st.sampled_from([0.0, 0.25, 1.0]),
-       nsplit=st.integers(1, 12), kc8=st.integers(1, 60), ri=st.integers(0, 3), threads=st.sampled_from([128, 256, 512]),
-       persist=st.sampled_from([0, 0, 1, 2]), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_gemv_attention_equals_its_two_kernels_and_float64(kernels, D, KVH, G, L, extra, qk, rot_frac, nsplit, kc8, ri,
-                                                          threads, persist, with_bias, seed):
-    """gemv_attn_b1 (the q|k|v GEMV with the attention in its tail) computes bit for bit what gemv_ln_b1 and then
-    decode_attention compute with the same shapes (the same arithmetic per row and per split; only which block
-    does it, and when, differ), resets its counters (a replay gives the same bits), and, with the bounds of
-    those kernels' own tests, equals ref_qkv_attention."""
-    H, max_len, K = KVH * G, L + extra, 8 * kc8
-    N, R = (H + 2 * KVH) * D, kn.GEMV_ROWS[ri]
-    rot = int(D * rot_frac) // 2 * 2
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((1, K)) * rng.uniform(0.1, 10)).astype(np.float32)
-    w = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
-    b = (0.2 * rng.standard_normal(K)).astype(np.float32)
-    stats = specs.ref_row_stats(x)
-    Wb = _bits(rng.standard_normal((N, K)) * 2 / np.sqrt(K))
-    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
-    kb = _bits(rng.standard_normal((1, KVH, max_len, D)))
-    vb = _bits(rng.standard_normal((1, KVH, max_len, D)))
-    kmask = np.ones((1, max_len), np.uint8)
-    p = int(rng.integers(0, L + 1))                                          # left padding, NaN in pad slots
-    kmask[0, :p], kb[0, :, :p], vb[0, :, :p] = 0, NAN_BF16, NAN_BF16
-    pos = rng.integers(0, 4096, 1).astype(np.int32)
-    inv_freq = de.rotary_inv_freq(10000.0, rot) if rot else np.zeros(1, np.float32)
-    qn = (1 + 0.1 * rng.standard_normal((H, D))).astype(np.float32) if qk else None
-    knw = (1 + 0.1 * rng.standard_normal((KVH, D))).astype(np.float32) if qk else None
-    d = lambda a: None if a is None else cp.asarray(a)                     # noqa: E731
-    ln = (d(w), d(b), d(stats), 1e-5)
-    shape = dict(rows=R, threads=threads, persist=persist)
-
-    def buffers():
-        return dict(kc=cp.asarray(kb), vc=cp.asarray(vb), cache_len=d(np.array([L], np.int32)), pos=d(pos),
-                    kmask=d(kmask), inv_freq=d(inv_freq), rot=rot, H=H, KVH=KVH, D=D,
-                    out=cp.full((1, H * D), NAN_BF16, cp.uint16), part_o=cp.full((1, H, nsplit, D), np.nan, cp.float32),
-                    part_ml=cp.full((1, H, nsplit, 2), np.nan, cp.float32), counters=cp.zeros(KVH, cp.int32),
-                    nsplit=nsplit, qn_w=d(qn), kn_w=d(knw), eps=1e-5)
-    fused, two = buffers(), buffers()
-    yf1, yf2 = cp.full((2, N), np.nan, cp.float32), cp.full((2, N), np.nan, cp.float32)
-    ready = cp.zeros(2 * KVH + 1, cp.int32)
-    launch = kernels.gemv_attention_launch(d(x), d(Wb), yf=yf1, bias=d(bias), ln=ln, ready=ready, attention=fused,
-                                           **shape)
-    launch()
-    kernels.gemv_launch(d(x), d(Wb), nb=1, mode=kn.MODE_STORE, yf=yf2, bias=d(bias), ln=ln, **shape)()
-    kernels.attention_launch(yf2, nb=1, **two)()
-    _sync()
-    got = {k: cp.asnumpy(v) for k, v in (("qkv", yf1), ("out", fused["out"]), ("kc", fused["kc"]), ("vc", fused["vc"]))}
-    for name, a, bb in (("qkv", yf1, yf2), ("out", fused["out"], two["out"]), ("kc", fused["kc"], two["kc"]),
-                        ("vc", fused["vc"], two["vc"])):
-        assert np.array_equal(got[name], cp.asnumpy(bb), equal_nan=True), name
-    assert np.isnan(got["qkv"][1]).all(), "wrote past the batch"
-    assert not cp.asnumpy(ready).any() and not cp.asnumpy(fused["counters"]).any(), "counters must be reset"
-    # against float64: the q|k|v rows with the folded-LayerNorm GEMV's bound, the attention (on the kernel's own
-    # q|k|v and rounded k) with decode_attention's
-    W = specs.ref_bf16_to_f64(Wb)
-    h = specs.ref_round_bf16(specs.ref_layernorm_from_stats(x, w, b, stats, 1e-5))
-    ref_qkv, _, _, _ = specs.ref_qkv_attention(x, W, w, b, stats, 1e-5, bias, specs.ref_bf16_to_f64(kb),
-                                               specs.ref_bf16_to_f64(vb), L, pos, kmask, inv_freq, rot, H, KVH, D,
-                                               qn=qn, kn=knw)
-    tol = 1e-5 * (np.abs(h) @ np.abs(W).T) + 2 * 2.0**-7 * (np.abs(h)[:, None, :] * np.abs(W)[None]).max(-1) + 1e-6
-    assert (np.abs(got["qkv"][:1] - ref_qkv) <= tol).all(), float(np.abs(got["qkv"][:1] - ref_qkv).max())
-    kl = specs.ref_bf16_to_f64(got["kc"][:, :, L])
-    ref, _, v_new = specs.ref_decode_attention(got["qkv"][:1], specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L,
-                                               pos, kmask, inv_freq, rot, H, KVH, D, qn=qn, kn=knw, k_new=kl)
-    out = specs.ref_bf16_to_f64(got["out"])
-    assert np.isfinite(out).all() and (np.abs(out - ref) <= 2.0**-8 * np.abs(ref) + 1e-3).all()
-    assert np.array_equal(specs.ref_bf16_to_f64(got["vc"][:, :, L]), v_new)
-    launch()                                                                 # replay: same bits
-    _sync()
-    assert np.array_equal(cp.asnumpy(fused["out"]), got["out"]) and not cp.asnumpy(ready).any()
-
-
 def test_argmax_step_bookkeeping(kernels):
     rng = np.random.default_rng(0)
     nb, V = 3, 5000
@@ -395,27 +320,7 @@ def test_engine_batch1_with_folded_layernorms_matches_transformers(kernels, name
     engine, e_pre, e_dec, agree = run_engine_against_transformers(name, kernels=kernels, lengths=(9,))
     print(f"{name}, batch 1 folded: prefill rel err {e_pre:.2e}, decode rel err {e_dec:.2e}, agreement {agree:.3f}")
     assert engine.folds_layernorm(1) and "layernorm" not in {fn.tag for fn in engine._plan(1)[:-3]}
-    assert engine.fuses_attention(1) and "attention" not in {fn.tag for fn in engine._plan(1)}
     assert agree >= 0.9
-
-
-def test_engine_batch1_attention_in_the_qkv_gemv_equals_its_own_kernel(kernels):
-    """Batch 1: the step with each layer's attention inside its q|k|v GEMV (gemv_attn, PDL graph) gives the
-    tokens and logits, bit for bit, of the step with the attention as its own kernel (same GEMV shapes)."""
-    cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
-    ids = np.random.default_rng(6).integers(2, cfg.vocab_size, (1, 70))
-    e = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=96, kernels=kernels, autotune=False)
-    runs = []
-    for fuse in (True, False):
-        e.fuse_attention = fuse
-        e._plans.clear()
-        e._graphs.clear()
-        e.prefill(ids, logits=None)
-        for _ in range(12):
-            e.decode_step()
-        runs.append((e.generated(), e.get_logits()))
-        assert [fn.tag for fn in e._plan(1)].count("attention") == (0 if fuse else len(e.layers))
-    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
 
 def test_engine_batch3_and_graph_equals_eager(kernels):
