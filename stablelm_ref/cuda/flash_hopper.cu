@@ -172,6 +172,8 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 //     so one's softmax runs under the other's GEMMs).
 //   4 row max and row sum of the softmax as four interleaved partial chains (a shorter dependency chain).
 //   8 no proxy fence in the consumers after "full" (CUTLASS's cp.async + GMMA pipeline has none).
+//   16 O rescaled between the issue of S_j and of P_{j-1} V_{j-1} (FlashAttention-3's place: under
+//     Q K_j^T on the tensor cores) rather than before both.
 // PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
 // register_split: at launch each thread has 168 with 384 threads, 128 with 512; the consumers take what
 // the producer gives back).
@@ -183,7 +185,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             i64 o_sb, i64 o_sh, i64 o_sr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    constexpr bool PING = WS & 2, TREE = WS & 4, NOFENCE = WS & 8;
+    constexpr bool PING = WS & 2, TREE = WS & 4, NOFENCE = WS & 8, EARLY = WS & 16;
     static_assert(WS == 0 || ((WS & 1) && PIPE && (!PING || NWG == 2)), "warp specialisation: pipelined; ping-pong: 2");
     constexpr int NT = 128 * NWG;            // threads that load (WS: the producer warpgroup's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
@@ -325,11 +327,13 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     };
     // O *= alpha (rows g, g + 8), and P to bf16/fp16 A fragments: the accumulators of column groups
     // 2 kk and 2 kk + 1 are the A fragment of k-step kk
-    auto rescale_and_pack = [&]() {
+    auto rescale = [&]() {
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i >> 1];
+    };
+    auto pack = [&]() {
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
             pa[kk][0] = pack2<BF16>(s[8 * kk + 0], s[8 * kk + 1]);  // row g,     keys 16 kk + 2t, +1
@@ -337,6 +341,10 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             pa[kk][2] = pack2<BF16>(s[8 * kk + 4], s[8 * kk + 5]);  // row g,     keys + 8
             pa[kk][3] = pack2<BF16>(s[8 * kk + 6], s[8 * kk + 7]);  // row g + 8, keys + 8
         }
+    };
+    auto rescale_and_pack = [&]() {
+        rescale();
+        pack();
     };
 
     // epilogue: out = o / l (0 for a row with no allowed key)
@@ -422,12 +430,22 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         wgmma_wait<0>();
         fence_regs(s);
         softmax(0);
-        rescale_and_pack();
+        if constexpr (EARLY) pack(); else rescale_and_pack();
+        // EARLY: O (no wgmma writes it between P_{j-2} V_{j-2}'s wait and P_{j-1} V_{j-1}'s issue) is
+        // rescaled by tile j - 1's alpha while S_j runs
+        auto early_rescale = [&]() {
+            if constexpr (EARLY) {
+                rescale();
+                fence_regs(o);
+                wgmma_fence();
+            }
+        };
         for (int j = 1; j < n_tiles; ++j) {
             wait_full(j);
             my_turn();
             wgmma_fence();
             issue_qk(j);
+            early_rescale();
             issue_pv(j - 1);
             your_turn(j);
             wgmma_wait<1>();
@@ -437,8 +455,9 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             fence_regs(o);
             fence_regs(pa);
             if (lane == 0) mbar_arrive(empty(j - 1));  // this warp is done with tile j - 1's K and V
-            rescale_and_pack();
+            if constexpr (EARLY) pack(); else rescale_and_pack();
         }
+        if constexpr (EARLY) rescale();
         wgmma_fence();
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();

@@ -36,7 +36,7 @@ _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 # while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise one tile after the other,
 # two stages. WS (flash_hopper_body's comment): 1 a producer warpgroup loads the K/V ring on mbarriers,
 # setmaxnreg gives the consumers its registers; + 2 the two consumers ping-pong; + 4 the softmax's row
-# reductions in four partial chains; + 8 no proxy fence after "full".
+# reductions in four partial chains; + 8 no proxy fence after "full"; + 16 O rescaled under Q K_j^T.
 VARIANTS = {
     "h1": (128, 2, False, 1, 0),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
     "h2": (64, 2, False, 1, 0),   # 128 x 64: half the S registers and shared memory per stage
@@ -51,14 +51,17 @@ VARIANTS = {
     "h18": (128, 2, True, 1, 9),  # h15, no proxy fence after "full"
     "h20": (64, 3, True, 1, 1),   # three consumers (192 query rows, 160 registers each), 64-key tiles
     "h21": (64, 2, True, 1, 5),   # h16, row reductions in four chains
+    "h22": (128, 2, True, 1, 17),  # h15, O rescaled under Q K_j^T (FlashAttention-3's order)
+    "h23": (64, 2, True, 1, 17),   # h16, likewise
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
 # kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
 # (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM).
 CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h13", "h14", "h15", "h17"),
-              80: ("h1", "h2", "h4", "h5", "h13", "h15", "h17", "h20"),
-              128: ("h1", "h2", "h4", "h5", "h13", "h14", "h15", "h17", "h18"), 160: ("h2", "h5", "h14", "h16", "h21")}
+              80: ("h1", "h2", "h4", "h5", "h13", "h15", "h17", "h20", "h22"),
+              128: ("h1", "h2", "h4", "h5", "h13", "h14", "h15", "h17", "h18", "h22"),
+              160: ("h2", "h5", "h14", "h16", "h21", "h23")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
