@@ -94,11 +94,6 @@ DEVI void mbar_wait(u32 bar, u32 parity) {
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                  "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
-// named barriers 1 and 2 (0 is __syncthreads): the ping-pong of the two consumer warpgroups
-template <int ID, int N>
-DEVI void named_sync() { asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(N) : "memory"); }
-template <int ID, int N>
-DEVI void named_arrive() { asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(N) : "memory"); }
 template <int N>
 DEVI void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N>
@@ -138,13 +133,13 @@ DEVI void load_tile_swizzled(u32 sdst, const u16* __restrict__ gsrc, i64 ld, int
             const bool ok = row0 + r < nvalid;
             cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
         }
-        return;
-    }
+    } else {
 #pragma unroll
-    for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
-        if (NROWS % RPP == 0 || r < NROWS) {
-            const bool ok = row0 + r < nvalid;
-            cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
+        for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
+            if (NROWS % RPP == 0 || r < NROWS) {
+                const bool ok = row0 + r < nvalid;
+                cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
+            }
         }
     }
 }
@@ -168,12 +163,10 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 //     (cp.async) into a ring of NSTG stages and signals each stage "full" on an mbarrier; the NWG consumer
 //     warpgroups (1 ...) compute and hand each stage back on an "empty" mbarrier, so no block-wide
 //     barrier holds them in step; setmaxnreg moves registers from the producer to the consumers.
-//   2 ping-pong (two consumers: one's GEMMs are issued only after the other's, on named barriers 1 and 2,
-//     so one's softmax runs under the other's GEMMs).
-//   4 row max and row sum of the softmax as four interleaved partial chains (a shorter dependency chain).
-//   8 no proxy fence in the consumers after "full" (CUTLASS's cp.async + GMMA pipeline has none).
-//   16 O rescaled between the issue of S_j and of P_{j-1} V_{j-1} (FlashAttention-3's place: under
+//   2 O rescaled between the issue of S_j and of P_{j-1} V_{j-1} (FlashAttention-3's place: under
 //     Q K_j^T on the tensor cores) rather than before both.
+// (Measured and not kept, docs/cuda_prefill_notes.md: ping-pong of the two consumers on named barriers,
+// the row reductions in four partial chains, no proxy fence after "full", three consumers.)
 // PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
 // register_split: at launch each thread has 168 with 384 threads, 128 with 512; the consumers take what
 // the producer gives back).
@@ -185,8 +178,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             i64 o_sb, i64 o_sh, i64 o_sr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    constexpr bool PING = WS & 2, TREE = WS & 4, NOFENCE = WS & 8, EARLY = WS & 16;
-    static_assert(WS == 0 || ((WS & 1) && PIPE && (!PING || NWG == 2)), "warp specialisation: pipelined; ping-pong: 2");
+    constexpr bool EARLY = WS & 2;
+    static_assert(WS == 0 || ((WS & 1) && PIPE), "warp specialisation: the pipelined schedule");
     constexpr int NT = 128 * NWG;            // threads that load (WS: the producer warpgroup's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
@@ -292,15 +285,9 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            constexpr int NP = TREE ? 4 : 1;  // partial chains
-            float mp[NP];
+            float mx = neg_inf();
 #pragma unroll
-            for (int i = 0; i < NP; ++i) mp[i] = neg_inf();
-#pragma unroll
-            for (int n = 0; n < BC / 8; ++n) mp[n % NP] = fmaxf(mp[n % NP], fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-            float mx = mp[0];
-#pragma unroll
-            for (int i = 1; i < NP; ++i) mx = fmaxf(mx, mp[i]);
+            for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(m_run[r], mx * scale_log2);
@@ -308,20 +295,15 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             const float mb = (m_new == neg_inf()) ? 0.f : m_new;
             alpha[r] = exp2_approx(m_run[r] - mb);
             m_run[r] = m_new;
-            float rp[NP];
-#pragma unroll
-            for (int i = 0; i < NP; ++i) rp[i] = 0.f;
+            float rs = 0.f;
 #pragma unroll
             for (int n = 0; n < BC / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const float pv = exp2_approx(fmaf(s[4 * n + 2 * r + e], scale_log2, -mb));
                     s[4 * n + 2 * r + e] = pv;
-                    rp[n % NP] += pv;
+                    rs += pv;
                 }
-            float rs = rp[0];
-#pragma unroll
-            for (int i = 1; i < NP; ++i) rs += rp[i];
             l_run[r] = l_run[r] * alpha[r] + rs;  // per-thread partial; summed over the 4 lanes at the end
         }
     };
@@ -406,27 +388,11 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         setmaxnreg_inc<CREG>();
         auto wait_full = [&](int j) {
             mbar_wait(full(j), (j / NSTG) & 1);
-            if constexpr (!NOFENCE) fence_proxy_async();
+            fence_proxy_async();
         };
-        // The turns alternate 0, 1, 0, 1, ...: consumer 1 gives consumer 0 the first turn, and each
-        // gives the other the next turn after issuing; consumer 1's last hand-over would have no taker.
-        // (named barrier 1 + c is consumer c's turn to issue)
-        auto my_turn = [&]() {
-            if constexpr (PING) {
-                if (wg == 0) named_sync<1, 256>(); else named_sync<2, 256>();
-            }
-        };
-        auto your_turn = [&](int j) {
-            if constexpr (PING) {
-                if (wg == 0) named_arrive<2, 256>(); else if (j < n_tiles - 1) named_arrive<1, 256>();
-            }
-        };
-        if constexpr (PING) if (wg == 1) named_arrive<1, 256>();
         wait_full(0);
-        my_turn();
         wgmma_fence();
         issue_qk(0);
-        your_turn(0);
         wgmma_wait<0>();
         fence_regs(s);
         softmax(0);
@@ -442,12 +408,10 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         };
         for (int j = 1; j < n_tiles; ++j) {
             wait_full(j);
-            my_turn();
             wgmma_fence();
             issue_qk(j);
             early_rescale();
             issue_pv(j - 1);
-            your_turn(j);
             wgmma_wait<1>();
             fence_regs(s);
             softmax(j);
