@@ -158,15 +158,13 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 // row 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2 (mma.sync's C layout per warp, repeated
 // over N / 8 column groups).
 
-// WS (flags; 0: every warpgroup loads and computes):
-//   1 warp-specialised (FlashAttention-3): warpgroup 0 is the producer, which loads Q and the K/V tiles
-//     (cp.async) into a ring of NSTG stages and signals each stage "full" on an mbarrier; the NWG consumer
-//     warpgroups (1 ...) compute and hand each stage back on an "empty" mbarrier, so no block-wide
-//     barrier holds them in step; setmaxnreg moves registers from the producer to the consumers.
-//   2 O rescaled between the issue of S_j and of P_{j-1} V_{j-1} (FlashAttention-3's place: under
-//     Q K_j^T on the tensor cores) rather than before both.
-// (Measured and not kept, docs/cuda_prefill_notes.md: ping-pong of the two consumers on named barriers,
-// the row reductions in four partial chains, no proxy fence after "full", three consumers.)
+// WS = 0: every warpgroup loads and computes. WS = 1: warp-specialised (FlashAttention-3): warpgroup 0
+// is the producer, which loads Q and the K/V tiles (cp.async) into a ring of NSTG stages and signals each
+// stage "full" on an mbarrier; the NWG consumer warpgroups (1 ...) compute and hand each stage back on an
+// "empty" mbarrier, so no block-wide barrier holds them in step; setmaxnreg moves registers from the
+// producer to the consumers. (Measured and not kept, docs/cuda_prefill_notes.md, code in commit 2dca1a9:
+// ping-pong of the two consumers on named barriers, the row reductions in four partial chains, no proxy
+// fence after "full", three consumers, O rescaled under Q K_j^T as FlashAttention-3 places it.)
 // PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
 // register_split: at launch each thread has 168 with 384 threads, 128 with 512; the consumers take what
 // the producer gives back).
@@ -178,8 +176,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             i64 o_sb, i64 o_sh, i64 o_sr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    constexpr bool EARLY = WS & 2;
-    static_assert(WS == 0 || ((WS & 1) && PIPE), "warp specialisation: the pipelined schedule");
+    static_assert(WS == 0 || (WS == 1 && PIPE), "warp specialisation: the pipelined schedule");
     constexpr int NT = 128 * NWG;            // threads that load (WS: the producer warpgroup's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
@@ -309,13 +306,11 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     };
     // O *= alpha (rows g, g + 8), and P to bf16/fp16 A fragments: the accumulators of column groups
     // 2 kk and 2 kk + 1 are the A fragment of k-step kk
-    auto rescale = [&]() {
+    auto rescale_and_pack = [&]() {
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i >> 1];
-    };
-    auto pack = [&]() {
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
             pa[kk][0] = pack2<BF16>(s[8 * kk + 0], s[8 * kk + 1]);  // row g,     keys 16 kk + 2t, +1
@@ -323,10 +318,6 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             pa[kk][2] = pack2<BF16>(s[8 * kk + 4], s[8 * kk + 5]);  // row g,     keys + 8
             pa[kk][3] = pack2<BF16>(s[8 * kk + 6], s[8 * kk + 7]);  // row g + 8, keys + 8
         }
-    };
-    auto rescale_and_pack = [&]() {
-        rescale();
-        pack();
     };
 
     // epilogue: out = o / l (0 for a row with no allowed key)
@@ -396,21 +387,11 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         wgmma_wait<0>();
         fence_regs(s);
         softmax(0);
-        if constexpr (EARLY) pack(); else rescale_and_pack();
-        // EARLY: O (no wgmma writes it between P_{j-2} V_{j-2}'s wait and P_{j-1} V_{j-1}'s issue) is
-        // rescaled by tile j - 1's alpha while S_j runs
-        auto early_rescale = [&]() {
-            if constexpr (EARLY) {
-                rescale();
-                fence_regs(o);
-                wgmma_fence();
-            }
-        };
+        rescale_and_pack();
         for (int j = 1; j < n_tiles; ++j) {
             wait_full(j);
             wgmma_fence();
             issue_qk(j);
-            early_rescale();
             issue_pv(j - 1);
             wgmma_wait<1>();
             fence_regs(s);
@@ -419,9 +400,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             fence_regs(o);
             fence_regs(pa);
             if (lane == 0) mbar_arrive(empty(j - 1));  // this warp is done with tile j - 1's K and V
-            if constexpr (EARLY) pack(); else rescale_and_pack();
+            rescale_and_pack();
         }
-        if constexpr (EARLY) rescale();
         wgmma_fence();
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();

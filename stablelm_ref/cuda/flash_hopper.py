@@ -31,11 +31,11 @@ from .launch import cache_dir
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
 # (keys per tile BC, computing warpgroups per block NWG, pipelined, blocks per SM asked of the register
-# allocator, warp specialisation flags WS): query rows per block = 64 * NWG, threads = 128 * NWG (+ 128
+# allocator, warp-specialised WS 0/1): query rows per block = 64 * NWG, threads = 128 * NWG (+ 128
 # for WS's producer warpgroup). Pipelined: FlashAttention-3's intra-warpgroup overlap (tile j's softmax
 # while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise one tile after the other,
-# two stages. WS (flash_hopper_body's comment): 1 a producer warpgroup loads the K/V ring on mbarriers,
-# setmaxnreg gives the consumers its registers; + 2 O rescaled under Q K_j^T.
+# two stages. WS 1: a producer warpgroup loads the K/V ring on mbarriers, setmaxnreg gives the consumers
+# its registers (flash_hopper_body's comment).
 VARIANTS = {
     "h1": (128, 2, False, 1, 0),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
     "h2": (64, 2, False, 1, 0),   # 128 x 64: half the S registers and shared memory per stage
@@ -43,17 +43,16 @@ VARIANTS = {
     "h5": (64, 2, True, 1, 0),    # h2, pipelined
     "h7": (64, 2, True, 2, 0),    # h5 in 128 registers: two blocks per SM (D = 64)
     "h15": (128, 2, True, 1, 1),  # h4, warp-specialised (a producer warpgroup, two consumers)
-    "h22": (128, 2, True, 1, 3),  # h15, O rescaled under Q K_j^T (FlashAttention-3's order)
-    "h23": (64, 2, True, 1, 3),   # h5 warp-specialised, likewise
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
 # kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
 # (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised (code in
 # commit 2dca1a9): h13/h14 (ping-pong of the two consumers), h16 (h5 warp-specialised: level at D = 160),
-# h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers).
-CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5", "h15", "h22"),
-              128: ("h1", "h2", "h4", "h5", "h15", "h22"), 160: ("h2", "h5", "h23")}
+# h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers),
+# h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's order).
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5", "h15"),
+              128: ("h1", "h2", "h4", "h5", "h15"), 160: ("h2", "h5")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
