@@ -41,9 +41,21 @@
 //     the tensor cores; three K/V stages, as tile j - 1's V is still read while tile j + 1 loads.
 //   * Softmax as in flash_prefill.cu: base 2 with log2(e) folded into the scale, online rescale,
 //     causal tiles past the diagonal never visited, masks only on tiles that need them.
-//   * Not done (FlashAttention-3's further steps): TMA (cp.async.bulk.tensor) with a producer warpgroup
-//     and mbarriers, setmaxnreg, ping-pong scheduling of two warpgroups (here the block barrier of the
-//     shared loads keeps the two warpgroups in step).
+//   * Warp specialisation (template parameter WS, with the pipelined schedule; FlashAttention-3's
+//     producer/consumer split): a third warpgroup only loads. It copies Q and each K/V tile into a
+//     ring of three stages with cp.async (rolled loops, in 24-40 registers after setmaxnreg.dec) and
+//     marks a stage "full" with cp.async.mbarrier.arrive.noinc (an mbarrier arrival once its copies
+//     have landed); the two computing warpgroups wait on "full" (then fence.proxy.async, as the copies
+//     were generic-proxy writes), and each warp arrives on the stage's "empty" mbarrier once its wgmmas
+//     that read it are done, which is what the producer waits for before refilling it. No block-wide
+//     barrier is left in the main loop, so the two consumers drift apart and one's softmax runs under
+//     the other's GEMMs; setmaxnreg.inc gives them 232-240 registers (none spilled; the plain
+//     pipelined kernel spills at 255 at D = 128). The key-padding mask is read from global memory
+//     there (no shared copy to order).
+//   * Not done (FlashAttention-3's further steps): TMA (cp.async.bulk.tensor) instead of the
+//     producer's cp.async. Tried and not kept (docs/cuda_prefill_notes.md): explicit ping-pong of the
+//     two consumers on named barriers, O rescaled under Q K_j^T, shorter reduction chains, three
+//     consumers.
 //
 // No CUDA headers: nvcc (-gencode arch=compute_90a,code=sm_90a) or NVRTC (-arch=sm_90a) compiles the
 // text flash_hopper.py assembles: flash_prefill.cu's shared helpers, this file with the generated wgmma
@@ -339,6 +351,41 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         }
     };
 
+    // The pipelined schedule (FlashAttention-3's intra-warpgroup overlap): in step j the tensor cores get
+    // S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, and tile j's softmax runs while the second is
+    // in flight. O is rescaled by tile j's alpha after P_{j-1} V_{j-1} has landed: the same sum as the
+    // plain schedule's. No warpgroup skips a tile here (a tile past a warpgroup's rows is fully masked:
+    // P = 0, alpha = 1), because a wgmma issued on one side of a branch and waited for on the other
+    // makes ptxas serialise every wgmma of the kernel (its advisory C7520). tile_ready(j): tile j is in
+    // shared memory and visible to wgmma; tile_done(j): this warp's wgmmas no longer read tile j's stage.
+    auto pipelined = [&](auto tile_ready, auto tile_done) {
+        tile_ready(0);
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_wait<0>();
+        fence_regs(s);
+        softmax(0);
+        rescale_and_pack();
+        for (int j = 1; j < n_tiles; ++j) {
+            tile_ready(j);
+            wgmma_fence();
+            issue_qk(j);
+            issue_pv(j - 1);
+            wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
+            fence_regs(s);
+            softmax(j);
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pa);
+            tile_done(j - 1);
+            rescale_and_pack();
+        }
+        wgmma_fence();
+        issue_pv(n_tiles - 1);
+        wgmma_wait<0>();
+        fence_regs(o);
+    };
+
     if constexpr (WS == 0) {  // prologue: Q tile and tile 0
         load_tile_swizzled<D, BR, NT>(sQ, Qg, q_sr, q0, T, tid);
         load_kv(0);
@@ -372,41 +419,13 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                 cp_async_mbar_arrive(full(j));
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy in flight behind an exited thread
-        } else {
-        // ---- consumers: the pipelined schedule below, on the mbarriers instead of block barriers.
-        // cp.async writes through the generic proxy, wgmma reads through the async proxy: each consumer
-        // thread fences after the acquire of "full".
-        setmaxnreg_inc<CREG>();
-        auto wait_full = [&](int j) {
-            mbar_wait(full(j), (j / NSTG) & 1);
-            fence_proxy_async();
-        };
-        wait_full(0);
-        wgmma_fence();
-        issue_qk(0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        softmax(0);
-        rescale_and_pack();
-        for (int j = 1; j < n_tiles; ++j) {
-            wait_full(j);
-            wgmma_fence();
-            issue_qk(j);
-            issue_pv(j - 1);
-            wgmma_wait<1>();
-            fence_regs(s);
-            softmax(j);
-            wgmma_wait<0>();
-            fence_regs(o);
-            fence_regs(pa);
-            if (lane == 0) mbar_arrive(empty(j - 1));  // this warp is done with tile j - 1's K and V
-            rescale_and_pack();
-        }
-        wgmma_fence();
-        issue_pv(n_tiles - 1);
-        wgmma_wait<0>();
-        fence_regs(o);
-        store_out();
+        } else {  // ---- consumers: the pipelined schedule on the mbarriers instead of block barriers
+            setmaxnreg_inc<CREG>();
+            // cp.async writes through the generic proxy, wgmma reads through the async proxy: each
+            // consumer thread fences after the acquire of "full"
+            pipelined([&](int j) { mbar_wait(full(j), (j / NSTG) & 1); fence_proxy_async(); },
+                      [&](int j) { if (lane == 0) mbar_arrive(empty(j)); });
+            store_out();
         }
     } else if constexpr (!PIPE) {
         // one tile after the other: S_j, softmax, P_j V_j; tile j + 1 streams in meanwhile
@@ -433,13 +452,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         }
         store_out();
     } else {
-        // FlashAttention-3's intra-warpgroup overlap: in step j the tensor cores get S_j = Q K_j^T and
-        // O += P_{j-1} V_{j-1} back to back, and tile j's softmax runs while the second is in flight.
-        // O is rescaled by tile j's alpha after P_{j-1} V_{j-1} has landed: the same sum as above.
-        // Three stages: tile j + 1 loads while tile j (S) and tile j - 1 (V) are read. No warpgroup
-        // skips a tile here (a tile past a warpgroup's rows is fully masked: P = 0, alpha = 1), because
-        // a wgmma issued on one side of a branch and waited for on the other makes ptxas serialise
-        // every wgmma of the kernel (its advisory C7520).
+        // the pipelined schedule on block barriers. Three stages: tile j + 1 loads while tile j (S) and
+        // tile j - 1 (V) are read.
         auto next_tile = [&](int j) {  // tile j has landed for all; step j - 1 is done everywhere
             cp_async_wait<0>();
             fence_proxy_async();
@@ -447,30 +461,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage of tile j - 2
             cp_async_commit();
         };
-        next_tile(0);
-        wgmma_fence();
-        issue_qk(0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        softmax(0);
-        rescale_and_pack();
-        for (int j = 1; j < n_tiles; ++j) {
-            next_tile(j);
-            wgmma_fence();
-            issue_qk(j);
-            issue_pv(j - 1);
-            wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
-            fence_regs(s);
-            softmax(j);
-            wgmma_wait<0>();
-            fence_regs(o);
-            fence_regs(pa);
-            rescale_and_pack();
-        }
-        wgmma_fence();
-        issue_pv(n_tiles - 1);
-        wgmma_wait<0>();
-        fence_regs(o);
+        pipelined(next_tile, [](int) {});
         store_out();
     }
 

@@ -14,7 +14,9 @@ them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither com
 is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
 
 The wgmma wrappers are generated (`_wgmma_wrappers`): a PTX wgmma names each of its 32 to 80
-accumulator registers, one asm per shape.
+accumulator registers, one asm per shape. The warp-specialised variant (h15: a producer warpgroup and
+two consumers on mbarriers) takes its setmaxnreg register counts from `register_split` as template
+arguments.
 """
 
 from __future__ import annotations
