@@ -185,8 +185,12 @@ def read_tensor(path, entry, data_start, dtype=None):
     return arr
 
 
-def checkpoint_files(directory):
-    """The safetensors files of a model directory and which tensor lives in which: {name: file}."""
+def checkpoint_files(directory, headers=None):
+    """The safetensors files of a model directory and which tensor lives in which: {name: file}.
+
+    `headers`, a dict when given, receives {file: read_header(file)} for the files whose header was read to
+    list the names (a single-file checkpoint's; a sharded one is listed from its index), so that
+    load_state_dict(..., headers=headers) does not parse it again."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; give a model directory holding config.json and "
@@ -196,8 +200,10 @@ def checkpoint_files(directory):
     if os.path.lexists(index):
         return _shards_from_index(directory, index)
     if os.path.lexists(single):
-        entries, _, _ = read_header(single, root=directory)
-        return {name: single for name in entries}
+        header = read_header(single, root=directory)
+        if headers is not None:
+            headers[single] = header
+        return {name: single for name in header[0]}
     pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
     if pickles:
         raise CheckpointError(
@@ -236,19 +242,21 @@ def _shards_from_index(directory, index):
     return weight_map
 
 
-def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None):
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None,
+                    headers=None):
     """Read every tensor of a model directory as {name: array of `dtype`}.
 
-    `files` is checkpoint_files(directory) when the caller already has it (it is not read again).
+    `files` is checkpoint_files(directory, headers) when the caller already has it (it is not read again),
+    `headers` the headers that call parsed: each file's header is read and validated once.
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
     name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
-    where = checkpoint_files(directory) if files is None else files
-    headers = {}
-    for path in set(where.values()):
+    headers = {} if headers is None else dict(headers)
+    where = checkpoint_files(directory, headers) if files is None else files
+    for path in set(where.values()) - set(headers):
         headers[path] = read_header(path, root=os.fspath(directory))
     located = {}
     for name, path in where.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
 
@@ -243,25 +242,15 @@ def _silence_stdout():
 
 
 def check_arguments(args):
-    """The sampling and length options, checked in the command line's own words (generate, chat)."""
-    def bad(option, value, rule):
-        raise GenerationError(f"{option} {value!r}: {rule}")
+    """The sampling and length options (generate, chat), checked by generation.check_values, generate's own
+    rules, in the command line's words; --temperature 0 is greedy decoding (generate is given no temperature)."""
+    from .generation import check_values
 
-    if getattr(args, "max_new_tokens", 1) < 1:
-        bad("--max-new-tokens", args.max_new_tokens, "give a number of tokens >= 1")
-    t = getattr(args, "temperature", None)
-    if t is not None and not 0 <= t < math.inf:
-        bad("--temperature", t, "must be >= 0 (0 is greedy decoding)")
-    if getattr(args, "top_k", None) is not None and args.top_k < 0:
-        bad("--top-k", args.top_k, "must be >= 0 (0 turns it off)")
-    p = getattr(args, "top_p", None)
-    if p is not None and not 0 < p <= 1:
-        bad("--top-p", p, "must be in (0, 1]")
-    r = getattr(args, "repetition_penalty", None)
-    if r is not None and not 0 < r < math.inf:
-        bad("--repetition-penalty", r, "must be > 0 (1 turns it off)")
-    if getattr(args, "seed", None) is not None and args.seed < 0:
-        bad("--seed", args.seed, "must be >= 0")
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    values = {key: getattr(args, key, None) for key in options}
+    if values["temperature"] == 0:
+        values["temperature"] = None
+    check_values(values, names={key: "--" + key.replace("_", "-") for key in options}, greedy="0 is greedy decoding")
 
 
 def check_surroundings(args):

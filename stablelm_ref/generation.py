@@ -300,27 +300,37 @@ def _token_ids(name, value, vocab_size, allow_list):
     return [int(v) for v in values]
 
 
+# The value rules of generate's length and sampling arguments, in one place: generate checks its arguments
+# with them, the CLI its options (before the model loads), each naming the offender in its own words.
+VALUE_RULES = {                    # name -> (is the value acceptable, what the name must be)
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 turns it off)"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_values(values, names=None, greedy="for greedy decoding use do_sample=False"):
+    """GenerationError for the first of values ({argument: value}; None is "not given") that breaks its rule
+    in VALUE_RULES, naming it through names ({"top_k": "--top-k"} for the CLI; Python's own names by default)
+    and, when the temperature is the offender, saying how to decode greedily (`greedy`)."""
+    for key, value in values.items():
+        ok, rule = VALUE_RULES[key]
+        if value is not None and not ok(value):
+            hint = f" ({greedy})" if key == "temperature" else ""
+            raise GenerationError(f"{(names or {}).get(key, key)} must be {rule}, got {value!r}{hint}")
+
+
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
               repetition_penalty, seed, batch=1):
     config = model.config
     if not isinstance(do_sample, bool):
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
-    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_length is not None and (not _is_int(max_length) or max_length < 1):
-        raise GenerationError(f"max_length must be an integer >= 1, got {max_length!r}")
-    if temperature is not None and (not _is_number(temperature) or temperature <= 0):
-        raise GenerationError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding "
-                              "use do_sample=False)")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise GenerationError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if repetition_penalty is not None and (not _is_number(repetition_penalty) or repetition_penalty <= 0):
-        raise GenerationError(f"repetition_penalty must be a number > 0 (1.0 turns it off), got "
-                              f"{repetition_penalty!r}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise GenerationError(f"seed must be an integer >= 0, got {seed!r}")
+    check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     if not do_sample and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
                                                             (top_p, 1.0))):
         warnings.warn("do_sample=False: temperature, top_k and top_p are ignored (greedy decoding); pass "

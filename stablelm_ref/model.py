@@ -112,9 +112,11 @@ class StableLmPreTrainedModel:
         directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
-        files = checkpoint.checkpoint_files(directory)                     # {tensor name: file}, found once
+        headers = {}                                                       # each file's header, parsed once
+        files = checkpoint.checkpoint_files(directory, headers)            # {tensor name: file}, found once
         expected = checkpoint.expected_shapes(config, cls.head, limit=len(files), where=directory)  # bounded
-        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files)
+        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files,
+                                            headers=headers)
         params = _strip_or_add_prefix(params)
         if device != "cpu":
             xp = array_module(device)
@@ -310,7 +312,11 @@ class StableLmModel(StableLmPreTrainedModel):
 
 
 def layer_tensors(params, num_layers):
-    """[{name after `model.layers.{i}.`: tensor} for each layer i], in one pass over the names."""
+    """[{name after `model.layers.{i}.`: tensor} for each layer i], in one pass over the names.
+
+    Rebuilt on every forward (the arrays can be swapped: fast(), trace, .to()). Measured with subtree's
+    calls in decoder_layer (2 CPU cores): 0.3 ms of a 64 ms reference decode step of the default model,
+    0.6 ms of 22-35 ms at 32 layers of width 64; too little to be worth a cache."""
     layers = [{} for _ in range(num_layers)]
     for name, value in params.items():
         if name.startswith("model.layers."):

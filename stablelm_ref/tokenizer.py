@@ -18,17 +18,18 @@ token, rows are padded with eos: the attention mask marks those slots, so their 
 Chat templates are Jinja; they come with downloaded files, so they render in jinja2's
 ImmutableSandboxedEnvironment (no access to Python internals: `''.__class__` is an error, not an
 empty string), with limits on output length, range sizes, render time (TEMPLATE_MAX_SECONDS, checked on
-every line the render runs) and new memory (TEMPLATE_MAX_BYTES, enforced with the address-space limit).
+every line the render runs) and new memory (TEMPLATE_MAX_BYTES, enforced with the process's address-space
+limit while the render runs: see _bounded for what that means for other threads).
 
 Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -227,32 +228,15 @@ def _sandbox():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
-        """No Python internals (errors, not silent blanks), bounded time, ranges and string sizes."""
+        """No Python internals (errors, not silent blanks), bounded ranges and sequence sizes (the render's
+        time and memory are bounded by _bounded)."""
 
         intercepted_binops = frozenset({"*", "**"})
-        deadline = float("inf")
-
-        def check_time(self):
-            if time.monotonic() > self.deadline:
-                raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
 
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe")
 
-        def getattr(self, obj, attribute):
-            self.check_time()
-            return super().getattr(obj, attribute)
-
-        def getitem(self, obj, argument):
-            self.check_time()
-            return super().getitem(obj, argument)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-            __self.check_time()
-            return super().call(__context, __obj, *args, **kwargs)
-
         def call_binop(self, context, operator, left, right):
-            self.check_time()
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
@@ -267,9 +251,7 @@ def _sandbox():
         r = range(*args)
         if len(r) > TEMPLATE_MAX_RANGE:
             raise SecurityError(f"range of {len(r)} items is too large (at most {TEMPLATE_MAX_RANGE})")
-        for i in r:
-            env.check_time()
-            yield i
+        return r
 
     def raise_exception(message):
         from jinja2.exceptions import TemplateError
@@ -297,46 +279,64 @@ def _address_space():
         return None
 
 
-@contextlib.contextmanager
-def _bounded(env):
-    """Run the block within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory.
+class _RenderTimeout(BaseException):
+    """The render ran past TEMPLATE_MAX_SECONDS. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on its way out can swallow it: jinja2 has such handlers (the `is sequence` test
+    around len(), the sandbox's getitem), and CPython removes a trace function once it has raised, so a
+    swallowed timeout would leave the rest of the render unbounded."""
 
-    Time: besides the sandbox's own checks, a trace function (sys.settrace) looks at the clock on every
-    line that runs in the block (the template's compiled code and jinja2's runtime are Python), so a
-    loop with an empty body ends too; the one thing it cannot interrupt is a single C call, and those
-    are bounded by the memory limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to
-    what the process uses now plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError
-    instead of growing the process; both are restored afterwards."""
-    from jinja2.exceptions import SecurityError
 
-    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
-    env.deadline = deadline
+_RENDER_LOCK = threading.Lock()
 
-    def tracer(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
-        return tracer
 
-    old_limit, used = None, _address_space()
-    try:
-        import resource
+def _bounded(render):
+    """render() within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory; one render at a time.
 
-        old_limit = resource.getrlimit(resource.RLIMIT_AS)
-        if used is not None:
-            cap = used + TEMPLATE_MAX_BYTES
-            hard = old_limit[1]
-            resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    except (ImportError, ValueError, OSError):
-        old_limit = None
-    old_trace = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        yield
-    finally:
-        sys.settrace(old_trace)
-        env.deadline = float("inf")
-        if old_limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+    Time: a trace function (sys.settrace, this thread) looks at the clock on every line that runs in
+    render() (the template's compiled code and jinja2's runtime are Python, generators included), so a loop
+    with an empty body ends too, and raises _RenderTimeout at the first line past the deadline (on lines
+    only: not on the 'call' event of a generator being closed by the garbage collector, where an exception
+    is printed and dropped). What it cannot interrupt is a single C call; those are bounded by the memory
+    limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to what the process uses now
+    plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError instead of growing the process.
+    The sandbox's own checks (`*`, `**`, range sizes, output length) do not bound memory alone: `~`
+    doubling a string in a loop, str.replace or a format width multiply it too. Both are restored in this
+    function's own frame, which began before the trace function was set and so is never traced: the
+    clean-up cannot be cut short by the deadline (a `with` block's __exit__ would be a traced frame).
+
+    The trade-off: RLIMIT_AS belongs to the whole process, so while a render runs (at most
+    TEMPLATE_MAX_SECONDS) an allocation by another thread of the process (a server's thread pool) that
+    needs new address space can fail with MemoryError too. Renders themselves take _RENDER_LOCK, one at a
+    time: two overlapping renders would otherwise each restore the limit the other had set, leaving the
+    process capped after both ended."""
+    with _RENDER_LOCK:
+        deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+        def tracer(frame, event, arg):
+            if event == "line" and time.monotonic() > deadline:
+                raise _RenderTimeout()
+            return tracer
+
+        old_limit, used = None, _address_space()
+        try:
+            import resource
+
+            old_limit = resource.getrlimit(resource.RLIMIT_AS)
+            if used is not None:
+                cap = used + TEMPLATE_MAX_BYTES
+                hard = old_limit[1]
+                resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard),
+                                                        hard))
+        except (ImportError, ValueError, OSError):
+            old_limit = None
+        old_trace = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            return render()
+        finally:
+            sys.settrace(old_trace)
+            if old_limit is not None:
+                resource.setrlimit(resource.RLIMIT_AS, old_limit)
 
 
 def render_chat_template(template, **context):
@@ -349,30 +349,35 @@ def render_chat_template(template, **context):
         _ENV = _sandbox()
     if not isinstance(template, str):
         raise TokenizerError(f"a chat template is a string, got {type(template).__name__}")
-    pieces, size = [], 0
+    pieces = []
+
+    def render():
+        size = 0
+        for piece in _ENV.from_string(template).generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
     try:
-        with _bounded(_ENV):
-            compiled = _ENV.from_string(template)
-            for piece in compiled.generate(**context):
-                size += len(piece)
-                if size > TEMPLATE_MAX_CHARS:
-                    raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
-                pieces.append(piece)
-            text = "".join(pieces)
+        return _bounded(render)
     except TemplateSyntaxError as e:
         raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
     except SecurityError as e:
         raise TokenizerError(f"the chat template was refused by the sandbox: {e}") from None
+    except _RenderTimeout:
+        raise TokenizerError(f"the chat template was refused by the sandbox: rendering took longer than "
+                             f"{TEMPLATE_MAX_SECONDS} s") from None
     except TemplateError as e:
         raise TokenizerError(f"the chat template failed: {e}") from None
     except MemoryError:
-        pieces = None
+        pieces.clear()                                   # the traceback keeps render()'s frame: free the text now
         raise TokenizerError(f"the chat template was refused by the sandbox: it needs more than "
                              f"{TEMPLATE_MAX_BYTES // 2**20} MiB of memory") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
             RecursionError) as e:
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
-    return text
 
 
 # ---- files --------------------------------------------------------------------------------------

@@ -267,6 +267,26 @@ def test_sharded_round_trip(tmp_path):
     np.testing.assert_array_equal(again(IDS).logits, model(IDS).logits)
 
 
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("entry", ["from_pretrained", "load_state_dict"])
+def test_each_header_is_read_once(tmp_path, monkeypatch, layout, entry):
+    """Listing the names (checkpoint_files) and loading the tensors share one parse of each file's header."""
+    model = tiny_model(seed=14)
+    if layout == "single":
+        model.save_pretrained(tmp_path)
+    else:
+        shard(tmp_path, model)
+    reads = []
+    real = checkpoint.read_header
+    monkeypatch.setattr(checkpoint, "read_header", lambda path, root=None: reads.append(path) or real(path, root))
+    if entry == "from_pretrained":
+        again = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64").params
+    else:
+        again = checkpoint.load_state_dict(tmp_path, np.float64)
+    assert len(set(reads)) == len(reads) == (1 if layout == "single" else 2), reads
+    assert all(np.array_equal(again[n], model.params[n]) for n in model.params)
+
+
 def test_missing_shard(tmp_path):
     model = tiny_model(seed=14)
     shard(tmp_path, model)
