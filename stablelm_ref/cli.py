@@ -37,6 +37,7 @@ from ._version import __version__
 from .errors import GenerationError, StableLmError, TokenizerError, printable
 
 PROG = "stablelm-ref"
+MAX_TURN_CHARS = 1_000_000  # one chat turn read from stdin (a model's whole context is a few thousand tokens)
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
 
 
@@ -157,7 +158,10 @@ def cmd_chat(args):
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_TURN_CHARS + 1)        # bounded: stdin may be /dev/zero, or lack newlines
+        if len(line) > MAX_TURN_CHARS:
+            raise GenerationError(f"a chat turn on standard input is longer than {MAX_TURN_CHARS:,} characters (no "
+                                  "newline); give one turn per line")
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
         if not line.strip():

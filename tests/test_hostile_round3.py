@@ -747,3 +747,20 @@ def test_forward_and_generate_judge_a_mask_alike(small, values, dtype, flat):
         generate_ok = False
         assert "attention_mask" in str(e)
     assert generate_ok == (valid and not padding_row)
+
+
+def test_chat_reads_a_bounded_turn_from_stdin(model_dir, capsys, monkeypatch):
+    """`stablelm-ref chat < /dev/zero` (or a file without newlines) read one line without end, growing
+    the process until memory ran out; a turn is read up to MAX_TURN_CHARS."""
+    import io
+    import sys
+
+    from stablelm_ref import cli
+
+    monkeypatch.setattr(cli, "MAX_TURN_CHARS", 1000)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\0" * 5000))
+    assert cli.main(["chat", "--model", model_dir, "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "a chat turn on standard input is longer than 1,000 characters" in err and err.count("\n") == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 20 + "\n"))   # a turn within the bound: a reply
+    assert cli.main(["chat", "--model", model_dir, "--max-new-tokens", "1"]) == 0
