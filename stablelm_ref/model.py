@@ -118,6 +118,8 @@ class StableLmPreTrainedModel:
         params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files,
                                             headers=headers)
         params = _strip_or_add_prefix(params)
+        if cls.head == "causal_lm" and config.tie_word_embeddings and "lm_head.weight" in files:
+            _check_tied_copy(files["lm_head.weight"], headers, params["model.embed_tokens.weight"], directory)
         if device != "cpu":
             xp = array_module(device)
             params = {k: xp.asarray(_narrowed(k, v, np_dtype, directory)) for k, v in params.items()}
@@ -380,6 +382,28 @@ def layer_tensors(params, num_layers):
             i, _, rest = name[len("model.layers."):].partition(".")
             layers[int(i)][rest] = value
     return layers
+
+
+def _check_tied_copy(path, headers, embed, directory):
+    """A checkpoint whose config.json says tie_word_embeddings may hold lm_head.weight as a copy of the
+    embedding (it is not used: the logits use the embedding). A copy that differs means config.json and the
+    weights disagree (an untied model with a wrong config would give other logits, silently): refused."""
+    if path not in headers:
+        headers[path] = checkpoint.read_header(path, root=os.fspath(directory))
+    entry = headers[path][0]["lm_head.weight"]
+    if entry[1] != tuple(embed.shape):
+        raise CheckpointError(f"{directory}: lm_head.weight has shape {entry[1]}, model.embed_tokens.weight "
+                              f"{tuple(embed.shape)}, but config.json says tie_word_embeddings: true; set it to false")
+    from .bounded_io import check_memory
+
+    check_memory(2 * embed.nbytes, f"{directory}: comparing lm_head.weight with the embedding", CheckpointError)
+    stored = checkpoint.read_tensor(path, entry, headers[path][2])
+    with np.errstate(over="ignore", invalid="ignore"):
+        same = np.array_equal(stored.astype(embed.dtype), embed)
+    if not same:
+        raise CheckpointError(f"{directory}: config.json says tie_word_embeddings: true, but lm_head.weight differs "
+                              "from model.embed_tokens.weight: the model's logits would ignore its own lm_head. Set "
+                              "tie_word_embeddings to false in config.json (or remove the stale lm_head.weight)")
 
 
 def _check_flag(name, flag):

@@ -764,3 +764,28 @@ def test_chat_reads_a_bounded_turn_from_stdin(model_dir, capsys, monkeypatch):
     assert "a chat turn on standard input is longer than 1,000 characters" in err and err.count("\n") == 1
     monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 20 + "\n"))   # a turn within the bound: a reply
     assert cli.main(["chat", "--model", model_dir, "--max-new-tokens", "1"]) == 0
+
+
+# ---- class: config.json that disagrees with the weights in a way the shapes do not show -------------------
+
+def test_a_tied_config_with_a_different_lm_head_is_refused(tmp_path):
+    """config.json saying tie_word_embeddings: true over a checkpoint whose lm_head.weight is not the
+    embedding (an untied model with a wrong config) loaded silently and gave the embedding's logits. A copy
+    equal to the embedding (what tied models often save) still loads, to the same logits."""
+    model = tiny_model(seed=6, dtype="float32", vocab_size=320, max_position_embeddings=64, tie_word_embeddings=True)
+    embed = model.params["model.embed_tokens.weight"]
+    for name, lm_head, ok in (("copy", embed.copy(), True), ("other", embed + np.float32(0.5), False),
+                              ("one value", np.where(np.arange(embed.size).reshape(embed.shape) == 7, 0, embed), False)):
+        directory = tmp_path / name
+        directory.mkdir()
+        checkpoint.save_file({**model.params, "lm_head.weight": lm_head}, str(directory / "model.safetensors"))
+        model.config.save_pretrained(directory)
+        if ok:
+            back = StableLmForCausalLM.from_pretrained(directory)
+            np.testing.assert_array_equal(back([[1, 2]]).logits, model([[1, 2]]).logits)
+        else:
+            with pytest.raises(CheckpointError, match="tie_word_embeddings: true, but lm_head.weight differs"):
+                StableLmForCausalLM.from_pretrained(directory)
+    from stablelm_ref import StableLmModel
+
+    StableLmModel.from_pretrained(tmp_path / "other")                        # no head: lm_head is not used
