@@ -178,8 +178,8 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 // ping-pong of the two consumers on named barriers, the row reductions in four partial chains, no proxy
 // fence after "full", three consumers, O rescaled under Q K_j^T as FlashAttention-3 places it.)
 // PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
-// register_split: at launch each thread has 168 with 384 threads, 128 with 512; the consumers take what
-// the producer gives back).
+// register_split: h15's 384 threads start with 168 each; the consumers take what the producer gives
+// back).
 template <int D, bool BF16, int BC, int NWG, bool PIPE, int WS = 0, int PREG = 0, int CREG = 0>
 DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
                             const u8* __restrict__ key_mask, u16* __restrict__ O,
@@ -189,7 +189,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
     static_assert(WS == 0 || (WS == 1 && PIPE), "warp specialisation: the pipelined schedule");
-    constexpr int NT = 128 * NWG;            // threads that load (WS: the producer warpgroup's 128)
+    constexpr int NT = 128 * NWG;            // threads that load when WS == 0 (WS: the producer's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
     constexpr int Q_BYTES = BR * DP * 2, KV_BYTES = BC * DP * 2;
