@@ -77,7 +77,7 @@ walkthrough: $(VENV)/.plots
 # `make test` runs a few hundred of them
 fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
-		tests/test_hostile_input.py tests/test_hostile_classes.py
+		tests/test_hostile_input.py tests/test_hostile_classes.py tests/test_hostile_round3.py
 
 # GPU targets: need an NVIDIA GPU and CuPy (pip install -e '.[gpu]'). Without them tools/has_gpu.py says
 # why and the target succeeds without running anything (nor installing torch for bench-gpu).

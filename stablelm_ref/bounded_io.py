@@ -59,6 +59,9 @@ def open_regular(path, error, root=None):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if os.path.islink(path):   # a Hub cache snapshot's link whose blob is missing: an interrupted download
+            raise error(f"{path}: a link to {os.readlink(path)}, which does not exist (an incomplete download?); "
+                        "download the model again") from None
         raise error(f"{path}: no such file") from None
     except OSError as e:
         raise error(f"{path}: cannot open ({e.strerror or e})") from None

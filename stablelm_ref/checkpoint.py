@@ -185,8 +185,12 @@ def read_tensor(path, entry, data_start, dtype=None):
     return arr
 
 
-def checkpoint_files(directory):
-    """The safetensors files of a model directory and which tensor lives in which: {name: file}."""
+def checkpoint_files(directory, headers=None):
+    """The safetensors files of a model directory and which tensor lives in which: {name: file}.
+
+    `headers`, a dict when given, receives {file: read_header(file)} for the files whose header was read to
+    list the names (a single-file checkpoint's; a sharded one is listed from its index), so that
+    load_state_dict(..., headers=headers) does not parse it again."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; give a model directory holding config.json and "
@@ -196,8 +200,10 @@ def checkpoint_files(directory):
     if os.path.lexists(index):
         return _shards_from_index(directory, index)
     if os.path.lexists(single):
-        entries, _, _ = read_header(single, root=directory)
-        return {name: single for name in entries}
+        header = read_header(single, root=directory)
+        if headers is not None:
+            headers[single] = header
+        return {name: single for name in header[0]}
     pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(directory, n))]
     if pickles:
         raise CheckpointError(
@@ -236,19 +242,21 @@ def _shards_from_index(directory, index):
     return weight_map
 
 
-def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None):
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None,
+                    headers=None):
     """Read every tensor of a model directory as {name: array of `dtype`}.
 
-    `files` is checkpoint_files(directory) when the caller already has it (it is not read again).
+    `files` is checkpoint_files(directory, headers) when the caller already has it (it is not read again),
+    `headers` the headers that call parsed: each file's header is read and validated once.
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
     name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
-    where = checkpoint_files(directory) if files is None else files
-    headers = {}
-    for path in set(where.values()):
+    headers = {} if headers is None else dict(headers)
+    where = checkpoint_files(directory, headers) if files is None else files
+    for path in set(where.values()) - set(headers):
         headers[path] = read_header(path, root=os.fspath(directory))
     located = {}
     for name, path in where.items():
@@ -270,6 +278,11 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
             arr = read_tensor(path, entry, headers[path][2], dtype if floating else None)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            stored = read_tensor(path, entry, headers[path][2]) if arr.dtype != entry[0] else arr
+            if np.isfinite(stored).all():                                # finite in the file: the cast overflowed
+                raise CheckpointError(f"{path}: tensor {name!r} holds {bad} values beyond {arr.dtype.name}'s range "
+                                      f"(largest magnitude {float(np.max(np.abs(stored.astype(np.float64)))):.4g} as "
+                                      f"stored in {DTYPE_NAMES[entry[0]]}); load it with dtype='float64'")
             raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values (as {arr.dtype}); its "
                                   "logits would be meaningless. The file is damaged or was saved from a diverged run")
         params[name] = arr
@@ -303,11 +316,36 @@ def _check_memory(expected, dtype, directory):
 
 # ---- writing ------------------------------------------------------------------------------------
 
+def check_directory_name(directory):
+    """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise CheckpointError(f"give the output directory as a path (a string or os.PathLike), got {directory!r}")
+    from .hub import DEFAULT_MODEL
+
+    if os.fspath(directory) == DEFAULT_MODEL:    # from_pretrained(that name) is the embedded model, not this folder
+        raise CheckpointError(f"{DEFAULT_MODEL!r} names the embedded default model: a folder of that name would "
+                              "never be loaded by that name; save to another directory")
+
+
 def make_directory(directory):
+    check_directory_name(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"{directory}: cannot create the output directory ({e.strerror or e})") from None
+
+
+def remove_stale_index(directory):
+    """After a single-file save: remove a shard index left by an earlier checkpoint in `directory`
+    (checkpoint_files reads the index first, so it would load the old shards, not the new file)."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.lexists(index):
+        try:
+            os.unlink(index)
+        except OSError as e:
+            raise CheckpointError(f"{index}: the new {SINGLE_NAME} was written, but this shard index of an "
+                                  f"earlier checkpoint could not be removed ({e.strerror or e}) and would be "
+                                  "loaded instead: remove it") from None
 
 
 def _file_mode():
@@ -369,13 +407,25 @@ def atomic_write(path, data: bytes, group=None):
 
 
 def save_file(tensors, path, metadata=None, group=None):
-    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically (see atomic_open)."""
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        arr = tensors[name]
-        if arr.dtype not in DTYPE_NAMES:
+    """Write {name: array} as one safetensors file, streamed tensor by tensor, atomically (see atomic_open).
+
+    Names are strings other than "__metadata__" (the header's key for the metadata: a tensor of that name
+    was overwritten by it, and the file written was corrupt); arrays have a dtype of SAFETENSORS_DTYPES in
+    either byte order (written little-endian, as the format says)."""
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"save_file takes a dict {{name: array}}, got {type(tensors).__name__}")
+    arrays, header, offset = {}, {}, 0
+    for name, value in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise CheckpointError(f"cannot save a tensor named {name!r}: names are strings, and '__metadata__' is "
+                                  "the safetensors header's own key")
+        arrays[name] = np.asarray(value)
+    for name in sorted(arrays):
+        arr = arrays[name]
+        native = arr.dtype.newbyteorder("=")                               # '>f4' (big-endian) is F32 too
+        if native not in DTYPE_NAMES:
             raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} as safetensors")
-        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+        header[name] = {"dtype": DTYPE_NAMES[native], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     if metadata:
@@ -384,6 +434,6 @@ def save_file(tensors, path, metadata=None, group=None):
     head += b" " * (-len(head) % 8)
     with atomic_open(path, group) as f:
         f.write(len(head).to_bytes(8, "little") + head)
-        for name in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[name])
+        for name in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[name])
             f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())

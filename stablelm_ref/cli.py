@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
 from ._version import __version__
-from .errors import GenerationError, StableLmError, TokenizerError
+from .errors import GenerationError, StableLmError, TokenizerError, printable
 
 PROG = "stablelm-ref"
+MAX_TURN_CHARS = 1_000_000  # one chat turn read from stdin (a model's whole context is a few thousand tokens)
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
 
 
@@ -81,7 +82,7 @@ def resolve_model_dir(model, revision=None):
     """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
     from . import hub
 
-    return hub.model_directory(model or hub.DEFAULT_MODEL, revision=revision)
+    return hub.model_directory(hub.DEFAULT_MODEL if model is None else model, revision=revision)
 
 
 def load(args):
@@ -157,13 +158,20 @@ def cmd_chat(args):
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_TURN_CHARS + 1)        # bounded: stdin may be /dev/zero, or lack newlines
+        if len(line) > MAX_TURN_CHARS:
+            raise GenerationError(f"a chat turn on standard input is longer than {MAX_TURN_CHARS:,} characters (no "
+                                  "newline); give one turn per line")
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
         if not line.strip():
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        context = model.config.max_position_embeddings
+        if len(ids) > context and model.config.rope_type != "dynamic":   # generate would say "shorten the prompt"
+            raise GenerationError(f"the conversation has grown to {len(ids)} tokens, more than the model's context "
+                                  f"({context}); start a new chat (a shorter --system or shorter turns last longer)")
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)
@@ -243,25 +251,15 @@ def _silence_stdout():
 
 
 def check_arguments(args):
-    """The sampling and length options, checked in the command line's own words (generate, chat)."""
-    def bad(option, value, rule):
-        raise GenerationError(f"{option} {value!r}: {rule}")
+    """The sampling and length options (generate, chat), checked by generation.check_values, generate's own
+    rules, in the command line's words; --temperature 0 is greedy decoding (generate is given no temperature)."""
+    from .generation import check_values
 
-    if getattr(args, "max_new_tokens", 1) < 1:
-        bad("--max-new-tokens", args.max_new_tokens, "give a number of tokens >= 1")
-    t = getattr(args, "temperature", None)
-    if t is not None and not 0 <= t < math.inf:
-        bad("--temperature", t, "must be >= 0 (0 is greedy decoding)")
-    if getattr(args, "top_k", None) is not None and args.top_k < 0:
-        bad("--top-k", args.top_k, "must be >= 0 (0 turns it off)")
-    p = getattr(args, "top_p", None)
-    if p is not None and not 0 < p <= 1:
-        bad("--top-p", p, "must be in (0, 1]")
-    r = getattr(args, "repetition_penalty", None)
-    if r is not None and not 0 < r < math.inf:
-        bad("--repetition-penalty", r, "must be > 0 (1 turns it off)")
-    if getattr(args, "seed", None) is not None and args.seed < 0:
-        bad("--seed", args.seed, "must be >= 0")
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    values = {key: getattr(args, key, None) for key in options}
+    if values["temperature"] == 0:
+        values["temperature"] = None
+    check_values(values, names={key: "--" + key.replace("_", "-") for key in options}, greedy="0 is greedy decoding")
 
 
 def check_surroundings(args):
@@ -293,25 +291,33 @@ def main(argv=None):
         print(f"{PROG}: error: standard output is closed; nothing can be written", file=sys.stderr)
         return 2
     real_stdout, sys.stdout = sys.stdout, _GuardedOutput(sys.stdout)
-    try:
-        check_surroundings(args)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
-            return args.func(args) or 0                                     # by generate, as one line
-    except StableLmError as e:
+    with warnings.catch_warnings():                  # restored when the command ends
+        warnings.showwarning = _one_line_warning
         try:
-            sys.stdout.flush()
-        except (StableLmError, OSError):
+            check_surroundings(args)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
+                return args.func(args) or 0                                     # by generate, as one line
+        except StableLmError as e:
+            try:
+                sys.stdout.flush()
+            except (StableLmError, OSError):
+                _silence_stdout()
+            print(f"{PROG}: error: " + printable(" ".join(str(e).split())), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # output piped into head & co.
             _silence_stdout()
-        print(f"{PROG}: error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co.
-        _silence_stdout()
-        return 0
-    finally:
-        sys.stdout = real_stdout
+            return 0
+        finally:
+            sys.stdout = real_stdout
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning while a command runs (prompt + new tokens past the context, ...): one line on stderr in the
+    command's words, not Python's two lines with a source file and a line of code."""
+    print(f"{PROG}: warning: " + printable(" ".join(str(message).split())), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many classes: more)
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_POSITIONS = 2**53  # model.MAX_POSITION_ID: positions beyond are not exact in float64
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -118,6 +119,9 @@ class StableLmConfig:
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _check_int(key, getattr(self, key), minimum=1)
         _check_int("num_labels", self.num_labels, minimum=1)
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(f"config key 'max_position_embeddings' must be at most {MAX_POSITIONS} (2**53, the "
+                              f"largest position id used exactly), got {self.max_position_embeddings}")
         for key in ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm",
                     "use_parallel_residual", "token_classification_bias"):
             if not isinstance(getattr(self, key), bool):
@@ -146,8 +150,14 @@ class StableLmConfig:
                 f"rotary dims = int(head_dim {self.head_dim} * partial_rotary_factor {self.partial_rotary_factor})"
                 f" = {self.rotary_ndims} must be even and positive (rotate_half splits them in two halves)"
             )
-        for key in ("hidden_dropout", "attention_dropout", "initializer_range"):
-            _check_float(key, getattr(self, key))
+        for key in ("hidden_dropout", "attention_dropout", "initializer_range", "classifier_dropout"):
+            if key != "classifier_dropout" or self.classifier_dropout is not None:
+                _check_float(key, getattr(self, key))
+        for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            if getattr(self, key) is not None and getattr(self, key) > 1:
+                raise ConfigError(f"config key {key!r} is a probability, from 0 to 1; got {getattr(self, key)!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"StableLmConfig's extra must be a dict of further config.json keys, got {self.extra!r}")
         for key in ("bos_token_id", "pad_token_id"):
             value = getattr(self, key)
             if value is not None:

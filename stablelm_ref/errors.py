@@ -8,7 +8,8 @@
       HubError          a model could not be fetched from (or found in the cache of) the Hugging Face Hub
 
 The command line turns any StableLmError into one line on stderr and exit code 2; any other
-exception escaping is a bug.
+exception escaping is a bug. Messages can carry text from files (a chat template's raise_exception, a
+trace's tensor names): `printable` shows its control characters as escapes before it reaches a terminal.
 """
 
 
@@ -34,3 +35,12 @@ class GenerationError(StableLmError, ValueError):
 
 class HubError(StableLmError):
     """A model could not be downloaded from the Hub or found in its local cache."""
+
+
+def printable(text):
+    """Text from a file, safe to print on a terminal: control and format characters (escape sequences that
+    recolour, retitle or clear the terminal, a newline that forges a row) are shown as escapes (ESC as \\x1b)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

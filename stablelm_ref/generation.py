@@ -61,6 +61,7 @@ from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
 from .errors import GenerationError
 from .kv_cache import KVCache
+from .model import mask_array
 
 logger = logging.getLogger(__name__)
 
@@ -287,40 +288,53 @@ def check_cache_memory(model, batch, total):
                  "lower max_new_tokens / max_length (--max-new-tokens) or the batch", xp=model.xp)
 
 
-def _token_ids(name, value, vocab_size, allow_list):
+def _token_ids(name, value, vocab_size, allow_list, source=""):
+    """`source` (" (config.json)") says where a default came from, for the message."""
     if value is None:
         return None
     values = list(value) if allow_list and isinstance(value, (list, tuple, np.ndarray)) else [value]
     if not values or not all(_is_int(v) for v in values):
-        raise GenerationError(f"{name} must be an integer token id{' or a list of them' if allow_list else ''}, "
-                              f"got {value!r}")
+        kind = "an integer token id" + (" or a list of them" if allow_list else "")
+        raise GenerationError(f"{name}{source} must be {kind}, got {value!r}")
     for v in values:
         if not 0 <= int(v) < vocab_size:
-            raise GenerationError(f"{name} {int(v)} is outside the vocabulary [0, {vocab_size})")
+            raise GenerationError(f"{name}{source} {int(v)} is outside the vocabulary [0, {vocab_size})"
+                                  + ("; fix config.json or pass " + name + "=" if source else ""))
     return [int(v) for v in values]
+
+
+# The value rules of generate's length and sampling arguments, in one place: generate checks its arguments
+# with them, the CLI its options (before the model loads), each naming the offender in its own words.
+VALUE_RULES = {                    # name -> (is the value acceptable, what the name must be)
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 turns it off)"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_values(values, names=None, greedy="for greedy decoding use do_sample=False"):
+    """GenerationError for the first of values ({argument: value}; None is "not given") that breaks its rule
+    in VALUE_RULES, naming it through names ({"top_k": "--top-k"} for the CLI; Python's own names by default)
+    and, when the temperature is the offender, saying how to decode greedily (`greedy`)."""
+    for key, value in values.items():
+        ok, rule = VALUE_RULES[key]
+        if value is not None and not ok(value):
+            hint = f" ({greedy})" if key == "temperature" else ""
+            raise GenerationError(f"{(names or {}).get(key, key)} must be {rule}, got {value!r}{hint}")
 
 
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
               repetition_penalty, seed, batch=1):
     config = model.config
-    if not isinstance(do_sample, bool):
+    if not isinstance(do_sample, (bool, np.bool_)):
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
-    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_length is not None and (not _is_int(max_length) or max_length < 1):
-        raise GenerationError(f"max_length must be an integer >= 1, got {max_length!r}")
-    if temperature is not None and (not _is_number(temperature) or temperature <= 0):
-        raise GenerationError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding "
-                              "use do_sample=False)")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise GenerationError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise GenerationError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if repetition_penalty is not None and (not _is_number(repetition_penalty) or repetition_penalty <= 0):
-        raise GenerationError(f"repetition_penalty must be a number > 0 (1.0 turns it off), got "
-                              f"{repetition_penalty!r}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise GenerationError(f"seed must be an integer >= 0, got {seed!r}")
+    do_sample = bool(do_sample)
+    check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     if not do_sample and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
                                                             (top_p, 1.0))):
         warnings.warn("do_sample=False: temperature, top_k and top_p are ignored (greedy decoding); pass "
@@ -362,16 +376,14 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
     """The given mask (checked), or transformers' inference: ids != pad when pad is present and not an EOS."""
     if attention_mask is None:
         if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in (eos or []):
-            return (ids != pad_token_id).astype(np.int64)
+            mask = (ids != pad_token_id).astype(np.int64)
+            if not mask.any(axis=1).all():
+                row = int(np.nonzero(~mask.any(axis=1))[0][0])
+                raise GenerationError(f"row {row} of input_ids is all pad_token_id ({pad_token_id}), so it would "
+                                      "be all padding: every row needs at least one token (or pass an attention_mask)")
+            return mask
         return np.ones_like(ids)
-    mask = host_array(attention_mask)
-    if mask is None:
-        raise GenerationError("attention_mask must be an array of 0 and 1 shaped like input_ids")
-    if mask.shape != ids.shape:
-        raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids has {ids.shape}; they must match")
-    if mask.size and not np.isin(mask, (0, 1)).all():
-        raise GenerationError("attention_mask may only hold 0 (padding) and 1 (token)")
-    mask = mask.astype(np.int64)
+    mask = mask_array(attention_mask, ids.shape, "(shaped like input_ids)").astype(np.int64)  # the forward's check
     if not mask.any(axis=1).all():
         row = int(np.nonzero(~mask.any(axis=1))[0][0])
         raise GenerationError(f"row {row} of attention_mask is all padding: every row needs at least one token")
@@ -396,9 +408,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
-                     allow_list=True)
+                     allow_list=True, source=" (from the model's config.json)" if eos_token_id is FROM_CONFIG else "")
     pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,
-                     allow_list=False)
+                     allow_list=False, source=" (from the model's config.json)" if pad_token_id is FROM_CONFIG else "")
     pad = pad[0] if pad else None
     if pad is None and eos is not None:
         if attention_mask is None and batch > 1:
@@ -412,6 +424,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     if batch > 1 and (mask[:, -1] == 0).any():
         logger.warning("A decoder-only model is being used, but right-padding was detected! For correct "
                        "generation results, pad on the left (Tokenizer does by default)")
+    if timings is not None and not isinstance(timings, dict):    # filled at the end: a wrong type lost the output
+        raise GenerationError(f"timings must be a dict (it receives prefill/decode tokens and seconds), got "
+                              f"{type(timings).__name__}")
+    if isinstance(streamer, type):
+        raise GenerationError(f"streamer is the class {streamer.__name__}; pass an instance, e.g. "
+                              f"{streamer.__name__}(tokenizer)")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and
                                      callable(getattr(streamer, "end", None))):
         raise GenerationError(f"streamer must have put(ids) and end() methods, got {type(streamer).__name__}")

@@ -44,6 +44,9 @@ def label_array(labels, shape, integer=True, what="labels"):
         raise GenerationError(f"{what} have shape {host.shape}, expected {tuple(shape)}")
     if host.dtype.kind == "u" and host.size and int(host.max()) > np.iinfo(np.int64).max:
         raise GenerationError(f"{what} hold {int(host.max())}, beyond int64")
+    if host.dtype.kind == "f" and not np.isfinite(host).all():         # the loss would be NaN, silently
+        bad = host[~np.isfinite(host)].flat[0]
+        raise GenerationError(f"{what} hold {bad}: regression targets and multi-label targets must be finite")
     return host.astype(np.int64) if integer else host
 
 

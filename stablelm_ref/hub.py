@@ -35,6 +35,7 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
     (the file the caller reads), when `path` is a file rather than a directory."""
     if not isinstance(path, (str, os.PathLike)):
         raise error(f"give a model directory or a Hub repo id (a string or a path), got {path!r}")
+    check_hub_arguments(hub_kwargs, error)
     path = os.fspath(path)
     if path == DEFAULT_MODEL:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
@@ -47,6 +48,31 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
     if os.path.exists(path):
         raise error(f"{path}: a file, not a model directory; give the directory that holds {holds}")
     return snapshot(path, **hub_kwargs)
+
+
+# The Hub arguments from_pretrained passes on (to snapshot): name -> (acceptable, what it must be).
+HUB_ARGUMENTS = {
+    "revision": (lambda v: v is None or (isinstance(v, str) and v != ""), "a branch, tag or commit name"),
+    "cache_dir": (lambda v: v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""), "a directory"),
+    "local_files_only": (lambda v: isinstance(v, bool), "True or False"),
+    "token": (lambda v: v is None or isinstance(v, (str, bool)), "a Hub token string, True or False"),
+}
+# transformers' from_pretrained arguments a porter may pass, and what this project takes instead
+NOT_TAKEN = {"torch_dtype": "dtype='float32' | 'float64' | 'bfloat16'", "device_map": "device='cpu' | 'gpu'",
+             "trust_remote_code": "nothing: no code from a checkpoint is ever run"}
+
+
+def check_hub_arguments(kwargs, error=CheckpointError):
+    """`error` for an argument from_pretrained does not take (a misspelt or transformers-only one was silently
+    ignored for a local directory and a TypeError for a repo id) or a Hub argument of the wrong type."""
+    for name, value in kwargs.items():
+        if name not in HUB_ARGUMENTS:
+            instead = f"; this project takes {NOT_TAKEN[name]}" if name in NOT_TAKEN else ""
+            raise error(f"from_pretrained got an unknown argument {name!r}{instead} (its Hub arguments are "
+                        f"{', '.join(HUB_ARGUMENTS)})")
+        ok, what = HUB_ARGUMENTS[name]
+        if not ok(value):
+            raise error(f"{name} must be {what}, got {value!r}")
 
 
 def snapshot_download(repo_id, **kwargs):

@@ -18,17 +18,18 @@ token, rows are padded with eos: the attention mask marks those slots, so their 
 Chat templates are Jinja; they come with downloaded files, so they render in jinja2's
 ImmutableSandboxedEnvironment (no access to Python internals: `''.__class__` is an error, not an
 empty string), with limits on output length, range sizes, render time (TEMPLATE_MAX_SECONDS, checked on
-every line the render runs) and new memory (TEMPLATE_MAX_BYTES, enforced with the address-space limit).
+every line the render runs) and new memory (TEMPLATE_MAX_BYTES, enforced with the process's address-space
+limit while the render runs: see _bounded for what that means for other threads).
 
 Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -58,10 +59,13 @@ class Tokenizer:
         self.backend.no_padding()
         self.backend.no_truncation()
         self.source = source
-        self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
+        self.add_bos_token = _flag(add_bos_token, "add_bos_token", f"{source}: tokenizer_config.json key")
+        self.add_eos_token = _flag(add_eos_token, "add_eos_token", f"{source}: tokenizer_config.json key")
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
+            if token is not None and not isinstance(token, str):
+                raise TokenizerError(f"{source}: {name} must be a string (the token's text), got {token!r}")
             if token is not None and backend.token_to_id(token) is None:
                 raise TokenizerError(f"{source}: {name} {token!r} is not in the vocabulary of tokenizer.json; fix "
                                      "tokenizer_config.json / special_tokens_map.json")
@@ -105,6 +109,10 @@ class Tokenizer:
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{path}: chat_template must be a string, got {type(template).__name__}")
         max_len = config.get("model_max_length")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, float)) or
+                                    not max_len >= 1):
+            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a number >= 1, got "
+                                 f"{max_len!r}")
         return cls(backend, **tokens, add_bos_token=config.get("add_bos_token", False),
                    add_eos_token=config.get("add_eos_token", False), chat_template=template,
                    model_max_length=max_len if isinstance(max_len, int) else None, source=path)
@@ -112,11 +120,25 @@ class Tokenizer:
     @classmethod
     def from_file(cls, tokenizer_json, **kwargs):
         """Only a tokenizer.json: give the special tokens as keyword arguments (GPT-NeoX defaults)."""
+        if not isinstance(tokenizer_json, (str, os.PathLike)):
+            raise TokenizerError(f"give the path of a tokenizer.json, got {tokenizer_json!r}")
         backend = _load_backend(os.fspath(tokenizer_json))
         if backend.token_to_id(NEOX_DEFAULT) is not None:
             for name in ("bos_token", "eos_token", "unk_token"):
                 kwargs.setdefault(name, NEOX_DEFAULT)
         return cls(backend, source=os.fspath(tokenizer_json), **kwargs)
+
+    def _library(self, doing, call, *args, **kwargs):
+        """A call into the tokenizers library; a Rust panic (pyo3's PanicException, a BaseException that no
+        `except Exception` catches: e.g. a tokenizer.json regex that exceeds the regex engine's limits on a
+        text) becomes a TokenizerError naming the file."""
+        try:
+            return call(*args, **kwargs)
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{self.source}: the tokenizers library failed while {doing} "
+                                 f"({_first_line(e)}); tokenizer.json cannot handle this input") from None
 
     # ---- ids of the special tokens ------------------------------------------------------------
     def token_to_id(self, token):
@@ -150,7 +172,8 @@ class Tokenizer:
     def encode(self, text, add_special_tokens=True):
         """One text -> list of ids (tokenizer.json's post-processor, then add_bos/add_eos_token)."""
         check_text(text)
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        add_special_tokens = _flag(add_special_tokens, "add_special_tokens")
+        ids = self._library("encoding a text", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
                 ids = [self.bos_token_id] + ids
@@ -163,6 +186,7 @@ class Tokenizer:
 
         Rows of different lengths are padded on the left (padding=True); padding=False requires
         equal lengths."""
+        padding = _flag(padding, "padding", advice="; left padding is the only kind (padding=True)")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("give a string or a non-empty list of strings to tokenize")
@@ -187,6 +211,7 @@ class Tokenizer:
         """ids -> text. Ids the tokenizer does not have decode to nothing, as in the tokenizers library: a
         model's embedding is often padded past the tokenizer (50304 rows for 50277 tokens in 3b-4e1t)
         and sampling can, rarely, pick one of those rows."""
+        skip_special_tokens = _flag(skip_special_tokens, "skip_special_tokens")
         ids = _id_array(ids, "decode")
         if ids.ndim != 1:
             raise TokenizerError(f"decode takes one sequence of ids, got shape {ids.shape}; use batch_decode")
@@ -194,7 +219,8 @@ class Tokenizer:
         if any(i < 0 for i in ids):
             raise TokenizerError(f"negative token id {min(ids)}: ids are >= 0")
         n = self._vocab_size
-        return self.backend.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
+        return self._library("decoding ids", self.backend.decode, [i for i in ids if i < n],
+                             skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens=False):
         sequences = _id_array(sequences, "batch_decode")
@@ -206,6 +232,8 @@ class Tokenizer:
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
                             **kwargs):
         """Render the conversation with the chat template (sandboxed); token ids if tokenize=True."""
+        add_generation_prompt = _flag(add_generation_prompt, "add_generation_prompt")
+        tokenize = _flag(tokenize, "tokenize")
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
@@ -227,32 +255,15 @@ def _sandbox():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
-        """No Python internals (errors, not silent blanks), bounded time, ranges and string sizes."""
+        """No Python internals (errors, not silent blanks), bounded ranges and sequence sizes (the render's
+        time and memory are bounded by _bounded)."""
 
         intercepted_binops = frozenset({"*", "**"})
-        deadline = float("inf")
-
-        def check_time(self):
-            if time.monotonic() > self.deadline:
-                raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
 
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe")
 
-        def getattr(self, obj, attribute):
-            self.check_time()
-            return super().getattr(obj, attribute)
-
-        def getitem(self, obj, argument):
-            self.check_time()
-            return super().getitem(obj, argument)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-            __self.check_time()
-            return super().call(__context, __obj, *args, **kwargs)
-
         def call_binop(self, context, operator, left, right):
-            self.check_time()
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
@@ -267,9 +278,7 @@ def _sandbox():
         r = range(*args)
         if len(r) > TEMPLATE_MAX_RANGE:
             raise SecurityError(f"range of {len(r)} items is too large (at most {TEMPLATE_MAX_RANGE})")
-        for i in r:
-            env.check_time()
-            yield i
+        return r
 
     def raise_exception(message):
         from jinja2.exceptions import TemplateError
@@ -297,49 +306,67 @@ def _address_space():
         return None
 
 
-@contextlib.contextmanager
-def _bounded(env):
-    """Run the block within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory.
-
-    Time: besides the sandbox's own checks, a trace function (sys.settrace) looks at the clock on every
-    line that runs in the block (the template's compiled code and jinja2's runtime are Python), so a
-    loop with an empty body ends too; the one thing it cannot interrupt is a single C call, and those
-    are bounded by the memory limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to
-    what the process uses now plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError
-    instead of growing the process; both are restored afterwards."""
-    from jinja2.exceptions import SecurityError
-
-    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
-    env.deadline = deadline
-
-    def tracer(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise SecurityError(f"rendering took longer than {TEMPLATE_MAX_SECONDS} s")
-        return tracer
-
-    old_limit, used = None, _address_space()
-    try:
-        import resource
-
-        old_limit = resource.getrlimit(resource.RLIMIT_AS)
-        if used is not None:
-            cap = used + TEMPLATE_MAX_BYTES
-            hard = old_limit[1]
-            resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    except (ImportError, ValueError, OSError):
-        old_limit = None
-    old_trace = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        yield
-    finally:
-        sys.settrace(old_trace)
-        env.deadline = float("inf")
-        if old_limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+class _RenderTimeout(BaseException):
+    """The render ran past TEMPLATE_MAX_SECONDS. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on its way out can swallow it: jinja2 has such handlers (the `is sequence` test
+    around len(), the sandbox's getitem), and CPython removes a trace function once it has raised, so a
+    swallowed timeout would leave the rest of the render unbounded."""
 
 
-def render_chat_template(template, **context):
+_RENDER_LOCK = threading.Lock()
+
+
+def _bounded(render):
+    """render() within TEMPLATE_MAX_SECONDS and TEMPLATE_MAX_BYTES of new memory; one render at a time.
+
+    Time: a trace function (sys.settrace, this thread) looks at the clock on every line that runs in
+    render() (the template's compiled code and jinja2's runtime are Python, generators included), so a loop
+    with an empty body ends too, and raises _RenderTimeout at the first line past the deadline (on lines
+    only: not on the 'call' event of a generator being closed by the garbage collector, where an exception
+    is printed and dropped). What it cannot interrupt is a single C call; those are bounded by the memory
+    limit. Memory (Linux): the address-space limit (RLIMIT_AS) is lowered to what the process uses now
+    plus TEMPLATE_MAX_BYTES, so an allocation past it raises MemoryError instead of growing the process.
+    The sandbox's own checks (`*`, `**`, range sizes, output length) do not bound memory alone: `~`
+    doubling a string in a loop, str.replace or a format width multiply it too. Both are restored in this
+    function's own frame, which began before the trace function was set and so is never traced: the
+    clean-up cannot be cut short by the deadline (a `with` block's __exit__ would be a traced frame).
+
+    The trade-off: RLIMIT_AS belongs to the whole process, so while a render runs (at most
+    TEMPLATE_MAX_SECONDS) an allocation by another thread of the process (a server's thread pool) that
+    needs new address space can fail with MemoryError too. Renders themselves take _RENDER_LOCK, one at a
+    time: two overlapping renders would otherwise each restore the limit the other had set, leaving the
+    process capped after both ended."""
+    with _RENDER_LOCK:
+        deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+        def tracer(frame, event, arg):
+            if event == "line" and time.monotonic() > deadline:
+                raise _RenderTimeout()
+            return tracer
+
+        old_limit, used = None, _address_space()
+        try:
+            import resource
+
+            old_limit = resource.getrlimit(resource.RLIMIT_AS)
+            if used is not None:
+                cap = used + TEMPLATE_MAX_BYTES
+                hard = old_limit[1]
+                resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard),
+                                                        hard))
+        except (ImportError, ValueError, OSError):
+            old_limit = None
+        old_trace = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            return render()
+        finally:
+            sys.settrace(old_trace)
+            if old_limit is not None:
+                resource.setrlimit(resource.RLIMIT_AS, old_limit)
+
+
+def render_chat_template(template, /, **context):
     """Render a chat template string in the sandbox, bounded in time and memory (see _bounded);
     every failure is a TokenizerError."""
     from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
@@ -349,30 +376,35 @@ def render_chat_template(template, **context):
         _ENV = _sandbox()
     if not isinstance(template, str):
         raise TokenizerError(f"a chat template is a string, got {type(template).__name__}")
-    pieces, size = [], 0
+    pieces = []
+
+    def render():
+        size = 0
+        for piece in _ENV.from_string(template).generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
     try:
-        with _bounded(_ENV):
-            compiled = _ENV.from_string(template)
-            for piece in compiled.generate(**context):
-                size += len(piece)
-                if size > TEMPLATE_MAX_CHARS:
-                    raise SecurityError(f"the rendered chat prompt exceeds {TEMPLATE_MAX_CHARS} characters")
-                pieces.append(piece)
-            text = "".join(pieces)
+        return _bounded(render)
     except TemplateSyntaxError as e:
         raise TokenizerError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
     except SecurityError as e:
         raise TokenizerError(f"the chat template was refused by the sandbox: {e}") from None
+    except _RenderTimeout:
+        raise TokenizerError(f"the chat template was refused by the sandbox: rendering took longer than "
+                             f"{TEMPLATE_MAX_SECONDS} s") from None
     except TemplateError as e:
         raise TokenizerError(f"the chat template failed: {e}") from None
     except MemoryError:
-        pieces = None
+        pieces.clear()                                   # the traceback keeps render()'s frame: free the text now
         raise TokenizerError(f"the chat template was refused by the sandbox: it needs more than "
                              f"{TEMPLATE_MAX_BYTES // 2**20} MiB of memory") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
-            RecursionError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the template's code raised (LookupError from
+        # str.encode('bogus'), AssertionError from truncate(-5), ...): the template failed, not this package
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
-    return text
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -389,7 +421,9 @@ def _load_backend(path, root=None):
         raise TokenizerError(f"{path}: not UTF-8 (offset {e.start}); re-download it") from None
     try:
         return Backend.from_str(text)
-    except Exception as e:  # the Rust library raises plain Exception subclasses
+    except BaseException as e:  # the Rust library raises plain Exception subclasses, or panics
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
                              "re-download it") from None
 
@@ -411,6 +445,18 @@ def _token_content(value, name, path):
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
+
+
+def _flag(value, name, where="", advice=""):
+    """A True/False argument or file key: bools only (the string "false" would be true, silently)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TokenizerError(f"{where + ' ' if where else ''}{name!r} must be true or false, got {value!r}{advice}")
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_text(text, what="text"):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ import numpy as np
 from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
-from .errors import CheckpointError, StableLmError
+from .errors import CheckpointError, StableLmError, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -94,13 +95,39 @@ def write_trace(path, trace, metadata=None):
     """Write {name: array} as safetensors, atomically (a failed write leaves no file under `path`).
 
     Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
-    order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON)."""
-    meta = {"format": TRACE_FORMAT, "package_version": __version__}
+    order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON).
+    An existing file under `path` is replaced only if it is a trace itself (check_replaceable): a
+    mistyped --out must not overwrite a model's weights or any other file."""
+    check_replaceable(path)
+    if not isinstance(trace, dict):
+        raise CheckpointError(f"write_trace takes a dict {{name: array}}, got {type(trace).__name__}")
+    meta = {}
     for key, value in (metadata or {}).items():
-        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    meta["order"] = json.dumps(list(trace))
-    tensors = {name: np.ascontiguousarray(_host(a)) for name, a in trace.items()}
-    checkpoint.save_file(tensors, str(path), meta)
+        try:
+            meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"trace metadata {key!r}: {e}; give a string or JSON data") from None
+    meta.update(format=TRACE_FORMAT, package_version=__version__, order=json.dumps([str(n) for n in trace]))
+    tensors = {name: _host(a) for name, a in trace.items()}              # save_file checks names and dtypes
+    checkpoint.save_file(tensors, os.fspath(path), meta)
+
+
+def check_replaceable(path):
+    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
+    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"the trace's output path must be a file name, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        _, meta, _ = checkpoint.read_header(path)
+        is_trace = meta.get("format") == TRACE_FORMAT
+    except CheckpointError:
+        is_trace = False
+    if not is_trace:
+        raise CheckpointError(f"{path}: exists and is not a stablelm-ref trace (a model's weights or another "
+                              "file); it is kept, nothing was written. Choose another output file, or remove it")
 
 
 def read_trace(path):
@@ -237,7 +264,8 @@ def format_table(rows):
             status += "  <- first divergence"
         cosine = _cosine(r.cosine)
         shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
-        lines.append((">>" if r is first else "", r.name, shape, _num(r.max_abs), _num(r.max_rel), cosine, status))
+        lines.append((">>" if r is first else "", printable(r.name), shape, _num(r.max_abs), _num(r.max_rel), cosine,
+                      status))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:{'>' if i in (3, 4, 5) else '<'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
@@ -277,6 +305,7 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
+    check_replaceable(args.out)                          # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
     ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
     model, compute = load_for_trace(directory, dtype, args.device)
@@ -297,8 +326,8 @@ def cmd_compare(args):
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
                                      meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None))
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
-        print(f"{label}: {path}  ({meta.get('producer', '?')}, {meta.get('dtype', '?')}, {meta.get('device', '?')}, "
-              f"model {meta.get('model', '?')})")
+        producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
+        print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
     if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
         print("warning: the two traces were recorded from different input ids")
     tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
@@ -309,7 +338,7 @@ def cmd_compare(args):
     if first is None:
         print(f"\nall {len(rows)} tensors agree")
         return 0
-    print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {first.name}"
+    print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
           + (f" ({first.note})" if first.note else ""))
     return 1
 

@@ -179,12 +179,15 @@ def test_integer_weights_are_refused(saved):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e300])
 def test_nan_and_inf_weights_are_an_error_naming_the_tensor(tmp_path, bad):
-    """1e300 is finite in the F64 file but overflows to inf as float32: the same error, naming the dtype."""
+    """1e300 is finite in the F64 file but overflows to inf as float32: an error naming float32's range and
+    dtype='float64'. The files are written directly: save_pretrained refuses non-finite weights itself."""
     model = tiny_model(seed=12)
     model.params["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
-    model.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' holds 1 NaN or Inf values "
-                                              r"\(as float32\)"):
+    checkpoint.save_file(model.params, str(tmp_path / "model.safetensors"))
+    model.config.save_pretrained(tmp_path)
+    match = (r"'model.layers.1.mlp.up_proj.weight' holds 1 values beyond float32's range .*dtype='float64'"
+             if bad == 1e300 else r"'model.layers.1.mlp.up_proj.weight' holds 1 NaN or Inf values \(as float32\)")
+    with pytest.raises(CheckpointError, match=match):
         StableLmForCausalLM.from_pretrained(tmp_path, dtype="float32")
     if bad == 1e300:
         StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")  # representable: loads
@@ -265,6 +268,26 @@ def test_sharded_round_trip(tmp_path):
     shard(tmp_path, model)
     again = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")
     np.testing.assert_array_equal(again(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("entry", ["from_pretrained", "load_state_dict"])
+def test_each_header_is_read_once(tmp_path, monkeypatch, layout, entry):
+    """Listing the names (checkpoint_files) and loading the tensors share one parse of each file's header."""
+    model = tiny_model(seed=14)
+    if layout == "single":
+        model.save_pretrained(tmp_path)
+    else:
+        shard(tmp_path, model)
+    reads = []
+    real = checkpoint.read_header
+    monkeypatch.setattr(checkpoint, "read_header", lambda path, root=None: reads.append(path) or real(path, root))
+    if entry == "from_pretrained":
+        again = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64").params
+    else:
+        again = checkpoint.load_state_dict(tmp_path, np.float64)
+    assert len(set(reads)) == len(reads) == (1 if layout == "single" else 2), reads
+    assert all(np.array_equal(again[n], model.params[n]) for n in model.params)
 
 
 def test_missing_shard(tmp_path):

@@ -59,7 +59,7 @@ def test_generate_streams_the_greedy_text_and_prints_stats(model_dir):
 def test_bad_input_is_one_line_and_exit_2_in_a_real_process(model_dir):
     r = run("generate", "--model", model_dir, "--top-p", "1.5", "hello")
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "--top-p 1.5: must be in (0, 1]" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--top-p must be a number in (0, 1], got 1.5" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -143,11 +143,14 @@ def test_tokenizer_larger_than_model_vocabulary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--temperature", "-1"], "--temperature -1.0: must be >= 0 (0 is greedy"),
-    (["--top-k", "-3"], "--top-k -3: must be >= 0"),
-    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0: give a number of tokens >= 1"),
-    (["--repetition-penalty", "-2"], "--repetition-penalty -2.0: must be > 0"),
+    (["--temperature", "-1"], "--temperature must be a number > 0, got -1.0 (0 is greedy decoding)"),
+    (["--temperature", "inf"], "--temperature must be a number > 0, got inf"),
+    (["--top-k", "-3"], "--top-k must be an integer >= 0 (0 turns it off), got -3"),
+    (["--top-p", "0"], "--top-p must be a number in (0, 1], got 0.0"),
+    (["--top-p", "nan"], "--top-p must be a number in (0, 1], got nan"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["--repetition-penalty", "-2"], "--repetition-penalty must be a number > 0 (1.0 turns it off), got -2.0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--max-new-tokens", "abc"], "invalid int value: 'abc'"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--dtype", "bfloat16"], "dtype bfloat16 is for the GPU"),
@@ -155,6 +158,32 @@ def test_tokenizer_larger_than_model_vocabulary(tmp_path, capsys):
 def test_invalid_values(model_dir, capsys, args, match):
     code, _, err = main(capsys, "generate", "--model", model_dir, *args, "The weather is")
     assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_option_values_are_checked_before_the_model_loads(tmp_path, capsys):
+    """Fail fast: a bad value is reported even where --model names nothing that exists."""
+    code, _, err = main(capsys, "generate", "--model", str(tmp_path / "absent"), "--top-k", "-1", "hi")
+    assert code == 2 and "--top-k must be an integer >= 0" in err and "absent" not in err, err
+
+
+def test_cli_temperature_zero_is_greedy_where_generate_refuses_it():
+    """The CLI and generate share one set of value rules (generation.check_values); the one value where
+    their audiences differ is a temperature of 0: greedy decoding on the command line, an error for
+    generate (which takes do_sample=False for that). Negative and non-finite temperatures fail in both."""
+    from stablelm_ref.errors import GenerationError
+    from stablelm_ref.generation import check_values
+
+    args = cli.build_parser().parse_args(["generate", "x"])
+    args.temperature = 0.0
+    cli.check_arguments(args)
+    with pytest.raises(GenerationError, match="temperature must be a number > 0"):
+        check_values({"temperature": 0.0})
+    for bad in (-1.0, float("inf"), float("nan")):
+        args.temperature = bad
+        with pytest.raises(GenerationError, match="--temperature"):
+            cli.check_arguments(args)
+        with pytest.raises(GenerationError, match="temperature"):
+            check_values({"temperature": bad})
 
 
 def test_prompt_longer_than_max_position_embeddings(model_dir, capsys):

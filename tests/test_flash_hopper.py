@@ -27,6 +27,30 @@ def test_shared_memory_counts_padded_columns_and_stages():
     # 128 mask bytes, plus 1024 bytes of alignment slack
     assert flash_hopper.smem_bytes(80, "h4") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 128) + 1024
     assert flash_hopper.smem_bytes(160, "h2") == 128 * 192 * 2 + 2 * (2 * 64 * 192 * 2 + 64) + 1024
+    # warp-specialised (h15): no mask bytes in shared memory, two 8-byte mbarriers per stage instead
+    assert flash_hopper.smem_bytes(128, "h15") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 16) + 1024
+
+
+def test_warp_specialised_register_split_fits_the_register_file():
+    # setmaxnreg hands registers from the producer warpgroup to the consumers; together they must not
+    # ask for more than the launch reserved (a setmaxnreg.inc that cannot be granted waits forever), and
+    # each count is a multiple of 8 in [24, 256] (PTX ISA, setmaxnreg)
+    for D, variants in flash_hopper.CANDIDATES.items():
+        for variant in variants:
+            bc, nwg, pipe, minb, ws = flash_hopper.VARIANTS[variant]
+            n = flash_hopper.threads(variant)
+            assert n == 128 * (nwg + (1 if ws else 0))
+            entry, producer, consumer = flash_hopper.register_split(D, variant)
+            if not ws:
+                assert (entry, producer, consumer) == (0, 0, 0)
+                continue
+            assert pipe and minb == 1, variant           # one block per SM: the register cap at entry
+            assert entry * n <= 65536 and entry % 8 == 0
+            assert all(x % 8 == 0 and 24 <= x <= 256 for x in (producer, consumer))
+            assert 128 * producer + 128 * nwg * consumer <= entry * n
+            assert consumer >= entry                      # the consumers gain what the producer gives
+    assert flash_hopper.register_split(128, "h15") == (168, 24, 240)      # FlashAttention-3's split
+    assert flash_hopper.register_split(80, "h15") == (168, 40, 232)     # D = 80: the producer keeps 40
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
@@ -34,7 +58,7 @@ def test_generated_source_has_each_wgmma_shape_and_entry_point(kind):
     ty = "bf16" if kind == "bf16" else "f16"
     for D, variants in flash_hopper.CANDIDATES.items():
         for variant in variants:
-            bc, nwg, pipe, minb = flash_hopper.VARIANTS[variant]
+            bc, nwg, pipe, minb, ws = flash_hopper.VARIANTS[variant]
             text = flash_hopper.source(kind, D, variant)
             # S = Q K^T: m64 n{BC} k16, BC / 2 accumulators; O += P V: m64 n{D} k16, D / 2, B transposed
             ss = re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bc}k16\.f32\.{ty}\.{ty} \{{([^}}]*)\}}, "
@@ -44,9 +68,11 @@ def test_generated_source_has_each_wgmma_shape_and_entry_point(kind):
             assert ss and len(ss.group(1).split(",")) == bc // 2, (D, variant)
             assert rs and len(rs.group(1).split(",")) == D // 2, (D, variant)
             name = flash_hopper.kernel_name(kind, D, variant)
-            assert f"__launch_bounds__({128 * nwg}, {minb})\n{name}(" in text
+            # warp-specialised: a producer warpgroup beside the NWG computing ones
+            assert f"__launch_bounds__({128 * (nwg + (1 if ws else 0))}, {minb})\n{name}(" in text
+            _, preg, creg = flash_hopper.register_split(D, variant)
             assert (f"flash_hopper_body<{D}, {'true' if kind == 'bf16' else 'false'}, {bc}, {nwg}, "
-                    f"{'true' if pipe else 'false'}>") in text
+                    f"{'true' if pipe else 'false'}, {ws}, {preg}, {creg}>") in text
             assert "// WGMMA_WRAPPERS" not in text
 
 

@@ -270,7 +270,8 @@ def test_text_streamer_writes_the_decoded_text_and_holds_partial_characters():
     (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(max_new_tokens=True), "max_new_tokens"),
     (dict(max_length=3), "max_length is 3"),
-    (dict(do_sample=True, temperature=0), "temperature must be a number > 0"),
+    (dict(do_sample=True, temperature=0), r"temperature must be a number > 0, got 0 \(for greedy decoding use "
+                                          r"do_sample=False\)"),
     (dict(do_sample=True, temperature=float("nan")), "temperature"),
     (dict(do_sample=True, top_k=-1), "top_k must be an integer >= 0"),
     (dict(do_sample=True, top_p=0), r"top_p must be a number in \(0, 1\]"),

@@ -106,6 +106,10 @@ HOSTILE_TEMPLATES = [
     "{{ messages|tojson(indent=999999999) }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
     S + "{% for x in s|batch(1) %}{% endfor %}", "{{ (range(99999)|list) * 10 }}", "{{ 'a' * 999999 + 'b' * 999999 }}",
     S + "{{ [" + ",".join(["s"] * 300) + "]|join }}", S + "{{ (s" + " ~ s" * 300 + ")|length }}",
+    # the time runs out inside len(loop) (listing 10^6 mapped items), under jinja2's `is sequence` test, whose
+    # `except Exception` would swallow the timeout (and CPython drops a tracer that raised): 10^8 iterations follow
+    '{% set s = "x" * 1000000 %}{% for c in s|map("upper") %}{% if loop is sequence %}{% break %}{% endif %}'
+    '{% endfor %}{% for a in s[:100000] %}{% for b in s[:1000] %}{% endfor %}{% endfor %}',
 ]
 
 
@@ -191,6 +195,42 @@ def test_limits_are_restored_after_a_render(fast_limits):
         render_chat_template('{{ "x"|center(9999999999) }}', messages=[])
     assert (resource.getrlimit(resource.RLIMIT_AS), sys.gettrace()) == before
     assert render_chat_template("{{ messages[0].content }}", messages=[{"role": "u", "content": "ok"}]) == "ok"
+
+
+def test_limits_are_restored_when_the_time_runs_out_after_the_last_traced_line(fast_limits):
+    """The deadline passes in a C call with no traced line after it (time.sleep here; a long join or sort in a
+    render): the clean-up must still restore the trace function and the address-space limit at once (it runs
+    in _bounded's own, untraced, frame: a traced `with` __exit__ would raise at its first line instead)."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS), sys.gettrace()
+    assert tokenizer._bounded(lambda: time.sleep(2 * fast_limits[0]) or "done") == "done"
+    assert (resource.getrlimit(resource.RLIMIT_AS), sys.gettrace()) == before
+
+
+def test_overlapping_renders_in_two_threads_leave_the_process_unlimited(fast_limits):
+    """RLIMIT_AS is the process's: renders run one at a time, else the later one, ending last, would restore
+    the limit the earlier one had set (seen before the lock: 480 MiB left as the process's limit)."""
+    import resource
+    import threading
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    busy = "{% for a in range(N) %}{% for b in range(100) %}{% endfor %}{% endfor %}done"
+    results = []
+
+    def render(n):
+        try:
+            results.append(render_chat_template(busy.replace("N", str(n)), messages=[]))
+        except TokenizerError as e:   # a render past the (test's) time limit is fine: it must still restore
+            results.append(e)
+
+    short, long = threading.Thread(target=render, args=(200,)), threading.Thread(target=render, args=(2000,))
+    short.start()
+    time.sleep(0.01)
+    long.start()
+    short.join()
+    long.join()
+    assert len(results) == 2 and resource.getrlimit(resource.RLIMIT_AS) == before
 
 
 # ==== 2. files of a model directory ========================================================================

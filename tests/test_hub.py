@@ -151,8 +151,8 @@ def test_model_and_tokenizer_load_from_a_hub_cache_offline(monkeypatch, tmp_path
 
 
 def test_the_default_model_name_loads_from_any_directory(monkeypatch, tmp_path):
-    """"stablelm-ref:default" is the model shipped in the package, whatever the working directory; a
-    directory of that name still wins (a path is a path); the name never reaches the Hub."""
+    """"stablelm-ref:default" is the model shipped in the package, whatever the working directory (the name
+    is checked before any path, so a directory of that name is not read); the name never reaches the Hub."""
     from stablelm_ref import DEFAULT_MODEL
 
     def no_hub(repo_id, **kwargs):

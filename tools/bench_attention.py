@@ -3,7 +3,8 @@
     python tools/bench_attention.py [--prefill-lens 512,2048] [--prefill-reps 15] [--rounds 3]
                                     [--profile-lens 512] [--host-costs] [--skip-prefill] [--skip-kernel]
                                     [--batch 4] [--heads 32] [--dims 64,80,128,160] [--lens 1024,4096]
-                                    [--variants all|default] [--variant-dims 160] [--samples 15]
+                                    [--variants all|default] [--variant-dims 160] [--hopper-variants h4,h13]
+                                    [--samples 15]
 
 Part 1, time to first token (`make bench-gpu`): stablelm-3b-4e1t shapes (32 layers, hidden 2560,
 32 heads of 80, intermediate 6912, vocab 50304), random bf16 weights shared by both sides
@@ -340,6 +341,7 @@ def main(argv=None):
     ap.add_argument("--lens", default="1024,4096")
     ap.add_argument("--variants", default="all", help="'all' (candidates of each head dim) or 'default'")
     ap.add_argument("--variant-dims", default="", help="with --variants all: only these head dims (default: all)")
+    ap.add_argument("--hopper-variants", default="", help="only these wgmma variants (default: every candidate)")
     ap.add_argument("--host-costs", action="store_true", help="host us per call of each per-layer operation")
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--sets", type=int, default=3, help="rotating input sets")
@@ -369,6 +371,8 @@ def main(argv=None):
         every = args.variants == "all" and (all_dims is None or D in all_dims)
         # the mma.sync kernel's variants and, on a GPU that runs it, the wgmma (Hopper) kernel's
         hopper = fp.flash_hopper.CANDIDATES[D] if fp.flash_hopper.usable() else ()
+        if args.hopper_variants:
+            hopper = tuple(v for v in hopper if v in args.hopper_variants.split(","))
         variants = (fp.CANDIDATES[D] if every else (fp.DEFAULT_VARIANT[D],)) + hopper
         for L in [int(x) for x in args.lens.split(",")]:
             flops = 4 * B * H * L * L * D / 2

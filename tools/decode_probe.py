@@ -72,13 +72,14 @@ def kernels_for(name, patch, src_rev=None):
     else:
         text = subprocess.run(["git", "show", f"{src_rev}:stablelm_ref/cuda/decode.cu"], check=True,
                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    tmp = Path(tempfile.mkdtemp()) / "decode.cu"
-    tmp.write_text(text)
-    saved, launch.SOURCE = launch.SOURCE, tmp
-    try:
-        return kn.DecodeKernels()
-    finally:
-        launch.SOURCE = saved
+    with tempfile.TemporaryDirectory(prefix="decode-probe-") as folder:   # read (and built) by DecodeKernels()
+        tmp = Path(folder) / "decode.cu"
+        tmp.write_text(text)
+        saved, launch.SOURCE = launch.SOURCE, tmp
+        try:
+            return kn.DecodeKernels()
+        finally:
+            launch.SOURCE = saved
 
 
 def time_graph(engine, ids, g, steps=127, reps=3):

@@ -115,6 +115,19 @@ def case(): m([[1, 2, 3, 4]], labels=[1, 2, 0, 1])"""),
     ("8 API", "position ids 2**64 - 1 (uint64)", """
 m = tiny_model(seed=1)
 def case(): m([[1, 2]], position_ids=np.array([[0, 2**64 - 1]], dtype=np.uint64))"""),
+    ("9 outputs", "chat with stdin from /dev/zero (no newline)", """
+from stablelm_ref.cli import main
+d = model_dir(); sys.stdin = open("/dev/zero")
+def case(): raise SystemExit(main(["chat", "--model", d, "--max-new-tokens", "1"]))"""),
+    ("9 outputs", "trace --out naming the model's model.safetensors", """
+from stablelm_ref.cli import main
+d = model_dir()
+def case(): raise SystemExit(main(["trace", "--model", d, "--ids", "1,2", "--out", os.path.join(d, "model.safetensors")]))"""),
+    ("9 outputs", "tokenizer.json regex that gives up on a text (a Rust panic)", """
+d = model_dir(); p = os.path.join(d, "tokenizer.json"); t = json.load(open(p))
+t["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+json.dump(t, open(p, "w")); tok = Tokenizer.from_pretrained(d)
+def case(): tok.encode("a" * 40 + "!")"""),
 ]
 
 

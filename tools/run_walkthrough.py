@@ -61,8 +61,14 @@ def main(argv=None):
         env.setdefault(var, "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["STABLELM_FIGURES"] = "check" if args.check else "redraw" if args.redraw else "update"
-    log = Path(tempfile.mkdtemp(prefix="walkthrough-")) / "figures.tsv"
-    env["STABLELM_FIGURE_LOG"] = str(log)
+    with tempfile.TemporaryDirectory(prefix="walkthrough-") as folder:    # the chapters' figure log, read at the end
+        env["STABLELM_FIGURE_LOG"] = str(Path(folder) / "figures.tsv")
+        return run(todo, env, args)
+
+
+def run(todo, env, args):
+    """Run the chapters `todo` in order with `env`; report the timings and the figure log's stale entries."""
+    log = Path(env["STABLELM_FIGURE_LOG"])
     timings, start = [], time.perf_counter()
     for path in todo:
         rel = path.relative_to(ROOT)

@@ -43,8 +43,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stablelm_ref.errors import StableLmError  # noqa: E402
-from stablelm_ref.trace import _encode, _parse_ids, write_trace  # noqa: E402
+from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
+from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
+from stablelm_ref.trace import _encode, _parse_ids, check_replaceable, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -106,8 +107,9 @@ def load_transformers_model(model_dir, dtype="float32"):
         raise StableLmError(f"tracing transformers needs torch and transformers ({e}): "
                             "pip install 'stablelm-ref[crosscheck]'") from None
     _register_attention()
+    checkpoint_files(model_dir)             # safetensors only: a pickle checkpoint (pytorch_model.bin) is refused
     torch_dtype = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = transformers.StableLmForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
+    model = transformers.StableLmForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,
                                                             attn_implementation=ATTENTION_NAME)
     return model.eval()
 
@@ -203,20 +205,25 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
+        check_replaceable(args.out)                      # before loading: --out never replaces a non-trace
         ids = _parse_ids(args.ids) if args.ids is not None else _encode(args.model, args.text)
         model = load_transformers_model(args.model, args.dtype)
+        vocab = model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]     # torch's embedding would raise IndexError
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         _, trace = trace_transformers(model, [ids], exact=args.exact)
+        import torch
+        import transformers
+
+        how = ("transformers' eager attention; rotary tables and softmax in float32" if not args.exact else
+               f"transformers' eager attention, --exact: rotary tables and softmax in {args.dtype}")
+        write_trace(args.out, trace, {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": [ids],
+                                      "producer": f"transformers {transformers.__version__} (torch {torch.__version__})",
+                                      "compute": how})
     except StableLmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch
-    import transformers
-
-    how = ("transformers' eager attention; rotary tables and softmax in float32" if not args.exact else
-           f"transformers' eager attention, --exact: rotary tables and softmax in {args.dtype}")
-    write_trace(args.out, trace, {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": [ids],
-                                  "producer": f"transformers {transformers.__version__} (torch {torch.__version__})",
-                                  "compute": how})
     print(f"wrote {len(trace)} tensors to {args.out}")
     return 0
 

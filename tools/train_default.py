@@ -51,7 +51,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -603,12 +602,19 @@ def main():
         args.device = "cuda" if _torch().cuda.is_available() else "cpu"
     if args.child:
         return train_variant(args)
+    if args.work is not None:                                           # kept, as asked
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        return build(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="train_default_") as work:  # removed at the end, even on a failure
+        return build(args, Path(work))
 
+
+def build(args, work):
+    """Corpus, tokenizer, the variants trained in child processes (scratch files in `work`), the chosen model
+    and its card written to --out."""
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="train_default_"))
-    work.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
     assert all(v in VARIANTS for v in variants), variants
 
@@ -741,8 +747,6 @@ def main():
     write_model_card(out, info)
     print(f"done in {time.time() - t_start:.0f}s: held-out {ev['heldout_loss_nats']:.4f} nats/token, "
           f"{ev['heldout_bits_per_byte']:.4f} bits/byte, variant {chosen}, {model_bytes:,} bytes -> {out}", flush=True)
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,31 @@ __device__ __forceinline__ void prefetch_weights(const uint4* p) {
     asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
 }
 
+// The epilogue of output (b, n), s its accumulated sum, shared by gemv_impl and gemv_mma_impl:
+//   MODE_STORE  yf[b, n] = s + bias[n];   MODE_ADD  yf[b, n] += s (returns the new value, for the row statistics);
+//   MODE_SWIGLU at a gate row n (even; n + 1 its up row, whose sum up_sum() returns): yh[b, n / 2] = silu(s) up.
+template <typename UpSum>
+__device__ __forceinline__ float gemv_epilogue(int mode, int b, int n, int N, float s, UpSum up_sum,
+                                               const float* __restrict__ bias, float* __restrict__ yf,
+                                               u16* __restrict__ yh, int ldy) {
+    if (mode == MODE_SWIGLU) {
+        if ((n & 1) == 0 && n + 1 < N) {
+            const float u = up_sum();
+            const float act = s / (1.f + __expf(-s));
+            yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
+        }
+        return 0.f;
+    }
+    if (n >= N) return 0.f;
+    if (mode == MODE_ADD) {
+        const float y = yf[(size_t)b * ldy + n] + s;
+        yf[(size_t)b * ldy + n] = y;
+        return y;
+    }
+    yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
+    return 0.f;
+}
+
 template <int BM, int R, typename LoadX>
 __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)[R], LoadX load_x, int c, int nb) {
     float wf[R][8];
@@ -371,25 +396,14 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             }
         __syncthreads();
         if (tid < nb * R) {
-            const int b = tid / R, r = tid % R, n = n0 + r;
+            const int b = tid / R, n = n0 + tid % R;   // (swiglu: n0 even, so n is even at gate rows)
             float s = 0.f;
             for (int w = 0; w < nwarps; ++w) s += red[w][tid];
-            if (mode == MODE_SWIGLU) {
-                if ((r & 1) == 0 && n + 1 < N) {
-                    float u = 0.f;
-                    for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1];
-                    const float act = s / (1.f + __expf(-s));
-                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
-                }
-            } else if (n < N) {
-                if (mode == MODE_ADD) {
-                    const float y = yf[(size_t)b * ldy + n] + s;
-                    yf[(size_t)b * ldy + n] = y;
-                    st1 += y;
-                    st2 += (double)y * y;
-                } else {
-                    yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
-                }
+            auto up_sum = [&] { float u = 0.f; for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1]; return u; };
+            const float y = gemv_epilogue(mode, b, n, N, s, up_sum, bias, yf, yh, ldy);
+            if (mode == MODE_ADD && n < N) {
+                st1 += y;
+                st2 += (double)y * y;
             }
         }
         if (next >= groups) break;
@@ -541,17 +555,9 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx
             if (b >= nb) continue;
             float s = 0.f;
             for (int w = 0; w < NW; ++w) s += red[w][e];
-            if (mode == MODE_SWIGLU) {
-                if ((n & 1) == 0 && n + 1 < N) {         // rows (2i, 2i+1) = (gate_i, up_i), both in this tile
-                    float u = 0.f;
-                    for (int w = 0; w < NW; ++w) u += red[w][e + 8];
-                    const float act = s / (1.f + __expf(-s));
-                    yh[(size_t)b * ldy + (n >> 1)] = f2bf(act * u);
-                }
-            } else if (n < N) {
-                if (mode == MODE_ADD) yf[(size_t)b * ldy + n] += s;
-                else yf[(size_t)b * ldy + n] = s + (bias ? bias[n] : 0.f);
-            }
+            // (swiglu: rows (2i, 2i+1) = (gate_i, up_i), both in this tile: the up row's sums are 8 entries on)
+            auto up_sum = [&] { float u = 0.f; for (int w = 0; w < NW; ++w) u += red[w][e + 8]; return u; };
+            gemv_epilogue(mode, b, n, N, s, up_sum, bias, yf, yh, ldy);
         }
         if (next >= groups) break;
         __syncthreads();                                 // red is written again by the next group

@@ -41,9 +41,21 @@
 //     the tensor cores; three K/V stages, as tile j - 1's V is still read while tile j + 1 loads.
 //   * Softmax as in flash_prefill.cu: base 2 with log2(e) folded into the scale, online rescale,
 //     causal tiles past the diagonal never visited, masks only on tiles that need them.
-//   * Not done (FlashAttention-3's further steps): TMA (cp.async.bulk.tensor) with a producer warpgroup
-//     and mbarriers, setmaxnreg, ping-pong scheduling of two warpgroups (here the block barrier of the
-//     shared loads keeps the two warpgroups in step).
+//   * Warp specialisation (template parameter WS, with the pipelined schedule; FlashAttention-3's
+//     producer/consumer split): a third warpgroup only loads. It copies Q and each K/V tile into a
+//     ring of three stages with cp.async (rolled loops, in 24-40 registers after setmaxnreg.dec) and
+//     marks a stage "full" with cp.async.mbarrier.arrive.noinc (an mbarrier arrival once its copies
+//     have landed); the two computing warpgroups wait on "full" (then fence.proxy.async, as the copies
+//     were generic-proxy writes), and each warp arrives on the stage's "empty" mbarrier once its wgmmas
+//     that read it are done, which is what the producer waits for before refilling it. No block-wide
+//     barrier is left in the main loop, so the two consumers drift apart and one's softmax runs under
+//     the other's GEMMs; setmaxnreg.inc gives them 232-240 registers (none spilled; the plain
+//     pipelined kernel spills at 255 at D = 128). The key-padding mask is read from global memory
+//     there (no shared copy to order).
+//   * Not done (FlashAttention-3's further steps): TMA (cp.async.bulk.tensor) instead of the
+//     producer's cp.async. Tried and not kept (docs/cuda_prefill_notes.md): explicit ping-pong of the
+//     two consumers on named barriers, O rescaled under Q K_j^T, shorter reduction chains, three
+//     consumers.
 //
 // No CUDA headers: nvcc (-gencode arch=compute_90a,code=sm_90a) or NVRTC (-arch=sm_90a) compiles the
 // text flash_hopper.py assembles: flash_prefill.cu's shared helpers, this file with the generated wgmma
@@ -77,6 +89,28 @@ DEVI void fence_regs(u32 (&r)[N][4]) {  // register A fragments read by an async
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
 }
 
+// mbarriers (warp-specialised schedule): a 64-bit counter in shared memory; a phase completes when its
+// expected number of arrivals has come, and a waiter names the parity of the phase it waits for.
+DEVI void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+DEVI void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+DEVI void mbar_arrive(u32 bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
+// one arrival on `bar` once every cp.async this thread has issued so far has landed (.noinc: the
+// arrival is one of the `count` the barrier was initialised with)
+DEVI void cp_async_mbar_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+DEVI void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+template <int N>
+DEVI void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+DEVI void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
 DEVI u64 opaque(u64 x) {
     asm volatile("" : "+l"(x));
     return x;
@@ -96,7 +130,8 @@ DEVI u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
 // Each thread copies one fixed 16-byte chunk column of rows r0, r0 + RPP, r0 + 2 RPP, ... (RPP rows per
 // pass of the block), so its source pointer just advances by RPP rows: few registers held across the
 // main loop (a per-copy 64-bit address would be kept live for every copy of the tile).
-template <int D, int NROWS, int NTHREADS>
+// LEAN (WS's producer, 24-40 registers): a rolled loop, so no per-copy address is precomputed and held.
+template <int D, int NROWS, int NTHREADS, bool LEAN = false>
 DEVI void load_tile_swizzled(u32 sdst, const u16* __restrict__ gsrc, i64 ld, int row0, int nvalid, int tid) {
     constexpr int CHUNKS = D / 8;              // 16-byte chunks per row
     constexpr int RPP = NTHREADS / CHUNKS;     // rows per pass
@@ -104,11 +139,19 @@ DEVI void load_tile_swizzled(u32 sdst, const u16* __restrict__ gsrc, i64 ld, int
     if (r0 >= RPP) return;                     // (RPP * CHUNKS may be < NTHREADS: D = 80, 160)
     const u16* src = gsrc + (i64)(row0 + r0) * ld + ch * 8;
     const u32 dst0 = sdst + (ch >> 3) * (NROWS * 128), c7 = ch & 7;
-#pragma unroll
-    for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
-        if (NROWS % RPP == 0 || r < NROWS) {
+    if constexpr (LEAN) {
+#pragma unroll 1
+        for (int r = r0; r < NROWS; r += RPP, src += RPP * ld) {
             const bool ok = row0 + r < nvalid;
             cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
+        }
+    } else {
+#pragma unroll
+        for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
+            if (NROWS % RPP == 0 || r < NROWS) {
+                const bool ok = row0 + r < nvalid;
+                cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
+            }
         }
     }
 }
@@ -121,12 +164,23 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 // WGMMA_WRAPPERS (generated by flash_hopper.py)
 
 // ----------------------------------------------------------------------------------------------
-// grid = (ceil(T / BR), H, B), block = 128 * NWG threads, dynamic smem = flash_hopper.smem_bytes(...).
+// grid = (ceil(T / BR), H, B), block = 128 * NWG threads (128 * (NWG + 1) with WS), dynamic smem =
+// flash_hopper.smem_bytes(...).
 // Accumulator layout of wgmma m64nNk16 (f32), thread = 128 wg + 32 w + 4 g + t: element i holds
 // row 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2 (mma.sync's C layout per warp, repeated
 // over N / 8 column groups).
 
-template <int D, bool BF16, int BC, int NWG, bool PIPE>
+// WS = 0: every warpgroup loads and computes. WS = 1: warp-specialised (FlashAttention-3): warpgroup 0
+// is the producer, which loads Q and the K/V tiles (cp.async) into a ring of NSTG stages and signals each
+// stage "full" on an mbarrier; the NWG consumer warpgroups (1 ...) compute and hand each stage back on an
+// "empty" mbarrier, so no block-wide barrier holds them in step; setmaxnreg moves registers from the
+// producer to the consumers. (Measured and not kept, docs/cuda_prefill_notes.md, code in commit 2dca1a9:
+// ping-pong of the two consumers on named barriers, the row reductions in four partial chains, no proxy
+// fence after "full", three consumers, O rescaled under Q K_j^T as FlashAttention-3 places it.)
+// PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
+// register_split: h15's 384 threads start with 168 each; the consumers take what the producer gives
+// back).
+template <int D, bool BF16, int BC, int NWG, bool PIPE, int WS = 0, int PREG = 0, int CREG = 0>
 DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
                             const u8* __restrict__ key_mask, u16* __restrict__ O,
                             int H, int KVH, int T, int S, float scale_log2, int causal, int has_mask,
@@ -134,7 +188,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             i64 o_sb, i64 o_sh, i64 o_sr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    constexpr int NT = 128 * NWG;            // threads
+    static_assert(WS == 0 || (WS == 1 && PIPE), "warp specialisation: the pipelined schedule");
+    constexpr int NT = 128 * NWG;            // threads that load when WS == 0 (WS: the producer's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
     constexpr int Q_BYTES = BR * DP * 2, KV_BYTES = BC * DP * 2;
@@ -150,7 +205,10 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     const u32 sV0 = sK0 + NSTG * KV_BYTES;                   // NSTG stages
     u8* const sM = base_ptr + Q_BYTES + 2 * NSTG * KV_BYTES;  // NSTG stages of BC key-mask bytes
 
-    const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127;
+    // wg: this thread's computing warpgroup (-1: WS's producer, warpgroup 0); tid: its index among the
+    // threads that load (WS: the producer's 0-127)
+    const int wg = (int)(threadIdx.x >> 7) - (WS ? 1 : 0), wt = threadIdx.x & 127;
+    const int tid = WS ? wt : threadIdx.x;
     const int w = wt >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int qb = gridDim.x - 1 - blockIdx.x;  // heaviest (last) causal query blocks start first
     const int h = blockIdx.y, b = blockIdx.z;
@@ -228,7 +286,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                     for (int e = 0; e < 2; ++e) {
                         const int kt = n * 8 + 2 * t + e;  // key inside the tile
                         bool ok = k0 + kt < lim;
-                        if (has_mask) ok = ok && sM[st * BC + kt] != 0;
+                        // (WS: the mask from global memory; the producer's stores would need their own barrier)
+                        if (has_mask) ok = ok && (WS ? Mg[k0 + kt] : sM[st * BC + kt]) != 0;
                         s[4 * n + 2 * r + e] = ok ? s[4 * n + 2 * r + e] : neg_inf();
                     }
             }
@@ -273,12 +332,102 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         }
     };
 
-    // prologue: Q tile and tile 0
-    load_tile_swizzled<D, BR, NT>(sQ, Qg, q_sr, q0, T, tid);
-    load_kv(0);
-    cp_async_commit();
+    // epilogue: out = o / l (0 for a row with no allowed key)
+    auto store_out = [&]() {
+    #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_run[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = q0 + wrow0 + 16 * w + g + 8 * r;
+            if (row < T) {
+                u16* orow = Og + (i64)row * o_sr + 2 * t;
+    #pragma unroll
+                for (int n = 0; n < D / 8; ++n)
+                    *reinterpret_cast<u32*>(orow + n * 8) =
+                        pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            }
+        }
+    };
 
-    if constexpr (!PIPE) {
+    // The pipelined schedule (FlashAttention-3's intra-warpgroup overlap): in step j the tensor cores get
+    // S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, and tile j's softmax runs while the second is
+    // in flight. O is rescaled by tile j's alpha after P_{j-1} V_{j-1} has landed: the same sum as the
+    // plain schedule's. No warpgroup skips a tile here (a tile past a warpgroup's rows is fully masked:
+    // P = 0, alpha = 1), because a wgmma issued on one side of a branch and waited for on the other
+    // makes ptxas serialise every wgmma of the kernel (its advisory C7520). tile_ready(j): tile j is in
+    // shared memory and visible to wgmma; tile_done(j): this warp's wgmmas no longer read tile j's stage.
+    auto pipelined = [&](auto tile_ready, auto tile_done) {
+        tile_ready(0);
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_wait<0>();
+        fence_regs(s);
+        softmax(0);
+        rescale_and_pack();
+        for (int j = 1; j < n_tiles; ++j) {
+            tile_ready(j);
+            wgmma_fence();
+            issue_qk(j);
+            issue_pv(j - 1);
+            wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
+            fence_regs(s);
+            softmax(j);
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pa);
+            tile_done(j - 1);
+            rescale_and_pack();
+        }
+        wgmma_fence();
+        issue_pv(n_tiles - 1);
+        wgmma_wait<0>();
+        fence_regs(o);
+    };
+
+    if constexpr (WS == 0) {  // prologue: Q tile and tile 0
+        load_tile_swizzled<D, BR, NT>(sQ, Qg, q_sr, q0, T, tid);
+        load_kv(0);
+        cp_async_commit();
+    }
+
+    if constexpr (WS) {
+        // stage st: "full" mbarrier at bars + 8 st (128 producer arrivals, each once its copies have
+        // landed), "empty" at bars + 8 (NSTG + st) (one arrival per consumer warp once its wgmmas that
+        // read the stage are done). Tile j uses stage j % NSTG for the (j / NSTG)-th time: phase parity
+        // (j / NSTG) & 1.
+        const u32 bars = sV0 + NSTG * KV_BYTES;
+        auto full = [&](int j) { return bars + 8 * (j % NSTG); };
+        auto empty = [&](int j) { return bars + 8 * (NSTG + j % NSTG); };
+        if (threadIdx.x == 0) {
+            for (int st = 0; st < NSTG; ++st) {
+                mbar_init(bars + 8 * st, 128);
+                mbar_init(bars + 8 * (NSTG + st), 4 * NWG);
+            }
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (wg < 0) {  // ---- producer: Q with tile 0, then each tile once its stage is free
+            setmaxnreg_dec<PREG>();
+            for (int j = 0; j < n_tiles; ++j) {
+                if (j >= NSTG) mbar_wait(empty(j), ((j / NSTG) + 1) & 1);  // tile j - NSTG's use is over
+                if (j == 0) load_tile_swizzled<D, BR, 128, true>(sQ, Qg, q_sr, q0, T, tid);
+                const int st = j % NSTG;
+                load_tile_swizzled<D, BC, 128, true>(sK0 + st * KV_BYTES, Kg, kv_sr, j * BC, S, tid);
+                load_tile_swizzled<D, BC, 128, true>(sV0 + st * KV_BYTES, Vg, kv_sr, j * BC, S, tid);
+                cp_async_mbar_arrive(full(j));
+            }
+            asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy in flight behind an exited thread
+        } else {  // ---- consumers: the pipelined schedule on the mbarriers instead of block barriers
+            setmaxnreg_inc<CREG>();
+            // cp.async writes through the generic proxy, wgmma reads through the async proxy: each
+            // consumer thread fences after the acquire of "full"
+            pipelined([&](int j) { mbar_wait(full(j), (j / NSTG) & 1); fence_proxy_async(); },
+                      [&](int j) { if (lane == 0) mbar_arrive(empty(j)); });
+            store_out();
+        }
+    } else if constexpr (!PIPE) {
         // one tile after the other: S_j, softmax, P_j V_j; tile j + 1 streams in meanwhile
         for (int j = 0; j < n_tiles; ++j) {
             if (j + 1 < n_tiles) load_kv(j + 1);
@@ -301,14 +450,10 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             }
             __syncthreads();  // every warpgroup is done with stage j % 2 before tile j + 2 is loaded into it
         }
+        store_out();
     } else {
-        // FlashAttention-3's intra-warpgroup overlap: in step j the tensor cores get S_j = Q K_j^T and
-        // O += P_{j-1} V_{j-1} back to back, and tile j's softmax runs while the second is in flight.
-        // O is rescaled by tile j's alpha after P_{j-1} V_{j-1} has landed: the same sum as above.
-        // Three stages: tile j + 1 loads while tile j (S) and tile j - 1 (V) are read. No warpgroup
-        // skips a tile here (a tile past a warpgroup's rows is fully masked: P = 0, alpha = 1), because
-        // a wgmma issued on one side of a branch and waited for on the other makes ptxas serialise
-        // every wgmma of the kernel (its advisory C7520).
+        // the pipelined schedule on block barriers. Three stages: tile j + 1 loads while tile j (S) and
+        // tile j - 1 (V) are read.
         auto next_tile = [&](int j) {  // tile j has landed for all; step j - 1 is done everywhere
             cp_async_wait<0>();
             fence_proxy_async();
@@ -316,46 +461,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage of tile j - 2
             cp_async_commit();
         };
-        next_tile(0);
-        wgmma_fence();
-        issue_qk(0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        softmax(0);
-        rescale_and_pack();
-        for (int j = 1; j < n_tiles; ++j) {
-            next_tile(j);
-            wgmma_fence();
-            issue_qk(j);
-            issue_pv(j - 1);
-            wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
-            fence_regs(s);
-            softmax(j);
-            wgmma_wait<0>();
-            fence_regs(o);
-            fence_regs(pa);
-            rescale_and_pack();
-        }
-        wgmma_fence();
-        issue_pv(n_tiles - 1);
-        wgmma_wait<0>();
-        fence_regs(o);
+        pipelined(next_tile, [](int) {});
+        store_out();
     }
 
-    // ---- epilogue: out = o / l (0 for a row with no allowed key) -----------------------------------
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = q0 + wrow0 + 16 * w + g + 8 * r;
-        if (row < T) {
-            u16* orow = Og + (i64)row * o_sr + 2 * t;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<u32*>(orow + n * 8) =
-                    pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
-        }
-    }
 }

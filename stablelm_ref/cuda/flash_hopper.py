@@ -14,7 +14,9 @@ them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither com
 is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
 
 The wgmma wrappers are generated (`_wgmma_wrappers`): a PTX wgmma names each of its 32 to 80
-accumulator registers, one asm per shape.
+accumulator registers, one asm per shape. The warp-specialised variant (h15: a producer warpgroup and
+two consumers on mbarriers) takes its setmaxnreg register counts from `register_split` as template
+arguments.
 """
 
 from __future__ import annotations
@@ -30,23 +32,29 @@ from .launch import cache_dir
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
-# (keys per tile BC, warpgroups per block NWG, pipelined, blocks per SM asked of the register allocator):
-# query rows per block = 64 * NWG, threads = 128 * NWG. Pipelined: FlashAttention-3's intra-warpgroup
-# overlap (tile j's softmax while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise
-# one tile after the other, two stages.
+# (keys per tile BC, computing warpgroups per block NWG, pipelined, blocks per SM asked of the register
+# allocator, warp-specialised WS 0/1): query rows per block = 64 * NWG, threads = 128 * NWG (+ 128
+# for WS's producer warpgroup). Pipelined: FlashAttention-3's intra-warpgroup overlap (tile j's softmax
+# while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise one tile after the other,
+# two stages. WS 1: a producer warpgroup loads the K/V ring on mbarriers, setmaxnreg gives the consumers
+# its registers (flash_hopper_body's comment).
 VARIANTS = {
-    "h1": (128, 2, False, 1),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
-    "h2": (64, 2, False, 1),   # 128 x 64: half the S registers and shared memory per stage
-    "h4": (128, 2, True, 1),   # h1, pipelined
-    "h5": (64, 2, True, 1),    # h2, pipelined
-    "h7": (64, 2, True, 2),    # h5 in 128 registers: two blocks per SM (D = 64)
+    "h1": (128, 2, False, 1, 0),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
+    "h2": (64, 2, False, 1, 0),   # 128 x 64: half the S registers and shared memory per stage
+    "h4": (128, 2, True, 1, 0),   # h1, pipelined
+    "h5": (64, 2, True, 1, 0),    # h2, pipelined
+    "h7": (64, 2, True, 2, 0),    # h5 in 128 registers: two blocks per SM (D = 64)
+    "h15": (128, 2, True, 1, 1),  # h4, warp-specialised (a producer warpgroup, two consumers)
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
 # kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
-# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM).
-CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5"),
-              128: ("h1", "h2", "h4", "h5"), 160: ("h2", "h5")}
+# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised (code in
+# commit 2dca1a9): h13/h14 (ping-pong of the two consumers), h16 (h5 warp-specialised: level at D = 160),
+# h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers),
+# h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's order).
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5", "h15"),
+              128: ("h1", "h2", "h4", "h5", "h15"), 160: ("h2", "h5")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
@@ -57,10 +65,31 @@ _usable: list = []      # [bool] once decided
 
 def smem_bytes(D: int, variant: str) -> int:
     """Dynamic shared memory of one block: Q, two or three stages of K, V (D padded to whole 64-column
-    blocks) and key-mask bytes, and 1024 bytes to align the swizzle atoms."""
-    bc, nwg, pipe, _ = VARIANTS[variant]
+    blocks) and key-mask bytes (WS: two 8-byte mbarriers per stage instead), and 1024 bytes to align
+    the swizzle atoms."""
+    bc, nwg, pipe, _, ws = VARIANTS[variant]
     dp, stages = (D + 63) // 64 * 64, 3 if pipe else 2
-    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + bc) + 1024
+    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + (16 if ws else bc)) + 1024
+
+
+def threads(variant: str) -> int:
+    """Threads per block: 128 per computing warpgroup, and WS's producer warpgroup."""
+    _, nwg, _, _, ws = VARIANTS[variant]
+    return 128 * (nwg + (1 if ws else 0))
+
+
+def register_split(D: int, variant: str) -> tuple:
+    """(at launch, producer, consumers): registers per thread of a warp-specialised variant. The launch
+    gives every thread the same share of the 64K registers (a multiple of 8; one block per SM); then
+    setmaxnreg lowers the producer's to 24 (40 at D = 80 and 160, where its address arithmetic spilled
+    at 24) and the consumers take what it gave back. (0, 0, 0) for the other variants."""
+    _, nwg, _, _, ws = VARIANTS[variant]
+    if not ws:
+        return (0, 0, 0)
+    n = threads(variant)
+    entry = 65536 // n // 8 * 8
+    producer = 40 if D in (80, 160) else 24
+    return entry, producer, (entry * n - 128 * producer) // (128 * nwg) // 8 * 8
 
 
 def kernel_name(kind: str, D: int, variant: str) -> str:
@@ -102,7 +131,8 @@ def _wgmma_wrappers(n_s: int, n_o: int, bf16: bool) -> str:
 def source(kind: str, D: int, variant: str) -> str:
     """flash_hopper.cu, behind flash_prefill.cu's shared helpers, with the wgmma wrappers and one
     extern "C" entry point for this specialisation."""
-    bc, nwg, pipe, minb = VARIANTS[variant]
+    bc, nwg, pipe, minb, ws = VARIANTS[variant]
+    _, preg, creg = register_split(D, variant)
     bf16 = kind == "bf16"
     prefill = _SOURCE.with_name("flash_prefill.cu").read_text()
     shared = prefill[prefill.index("// BEGIN shared helpers"):prefill.index("// END shared helpers")]
@@ -115,9 +145,9 @@ def source(kind: str, D: int, variant: str) -> str:
     args = ("Q, K, V, key_mask, O, H, KVH, T, S, scale_log2, causal, has_mask, q_sb, q_sh, q_sr, "
             "kv_sb, kv_sh, kv_sr, o_sb, o_sh, o_sr")
     return text + (
-        f'\nextern "C" __global__ void __launch_bounds__({128 * nwg}, {minb})\n'
+        f'\nextern "C" __global__ void __launch_bounds__({threads(variant)}, {minb})\n'
         f"{kernel_name(kind, D, variant)}({params}) {{\n"
-        f"    flash_hopper_body<{D}, {str(bf16).lower()}, {bc}, {nwg}, {str(pipe).lower()}>({args});\n}}\n"
+        f"    flash_hopper_body<{D}, {str(bf16).lower()}, {bc}, {nwg}, {str(pipe).lower()}, {ws}, {preg}, {creg}>({args});\n}}\n"
     )
 
 
@@ -200,7 +230,7 @@ def get_kernel(kind: str, D: int, variant: str):
         fn = module.get_function(kernel_name(kind, D, variant))
         smem = smem_bytes(D, variant)
         fn.max_dynamic_shared_size_bytes = smem
-        _kernels[key] = (fn, 128 * VARIANTS[variant][1], 64 * VARIANTS[variant][1], smem)
+        _kernels[key] = (fn, threads(variant), 64 * VARIANTS[variant][1], smem)
     return _kernels[key]
 
 

@@ -69,9 +69,10 @@ DEFAULT_VARIANT = {64: "v3", 80: "v3", 128: "v6", 160: "v6"}
 # On a compute capability 9.0 GPU where flash_hopper.cu builds: the wgmma kernel's variant per head dim,
 # for the head dims where it measured faster than the mma.sync default (docs/cuda_prefill_notes.md).
 # H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel):
-# 64: h7 334 vs v3 239 (SDPA 428), 80: h4 277 vs v3 261 (360), 128: h4 359 vs v6 238 (558),
-# 160: h5 371 vs v6 245 (529). docs/cuda_prefill_notes.md has every variant.
-HOPPER_DEFAULT = {64: "h7", 80: "h4", 128: "h4", 160: "h5"}
+# 64: h7 333 vs v3 242 (SDPA 426), 80: h15 (warp-specialised) 334 vs v3 265 and h4 279 (373),
+# 128: h15 400 vs v6 245 and h4 367 (600), 160: h5 368 vs v6 241 (536) (fourth round, call 1).
+# docs/cuda_prefill_notes.md has every variant.
+HOPPER_DEFAULT = {64: "h7", 80: "h15", 128: "h15", 160: "h5"}
 
 _kernels: dict = {}  # (kind, D, variant) -> (RawKernel, threads, rows per block, smem bytes)
 

@@ -51,45 +51,55 @@ def _grid(n):
     return (max(1, min((n + _THREADS - 1) // _THREADS, 65536)),)
 
 
-def layer_norm(x, weight, bias, eps):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis; None for what it leaves to the reference."""
-    import cupy
-
+def _layer_norm_operands(x, weight, bias):
+    """(x, weight, bias) contiguous for the LayerNorm kernels (bias: the weight when there is none, unread) and
+    their template arguments, or None where they leave the LayerNorm to the reference: float64 (or any dtype
+    without a tag), per-head weights (2-D), a weight unlike x's last axis, an empty x, a bias unlike the weight.
+    The checks come first, so a declined call never imports CuPy."""
     xt, wt = _tag(x.dtype), _tag(weight.dtype)
     if xt is None or wt is None or weight.ndim != 1 or x.shape[-1] != weight.shape[0] or x.size == 0:
         return None
     if bias is not None and (bias.dtype != weight.dtype or bias.shape != weight.shape):
         return None
-    n = x.shape[-1]
-    x = cupy.ascontiguousarray(x)
+    import cupy
+
     weight = cupy.ascontiguousarray(weight)
-    bias_arg = cupy.ascontiguousarray(bias) if bias is not None else weight
+    bias = cupy.ascontiguousarray(bias) if bias is not None else weight
+    return cupy.ascontiguousarray(x), weight, bias, f"{xt}, {wt}"
+
+
+def layer_norm(x, weight, bias, eps):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis; None for what it leaves to the reference."""
+    operands = _layer_norm_operands(x, weight, bias)
+    if operands is None:
+        return None
+    import cupy
+
+    x, weight, bias_arg, tags = operands
+    n = x.shape[-1]
     y = cupy.empty_like(x)
-    _kernel(f"layer_norm_kernel<{xt}, {wt}>")((x.size // n,), (_THREADS,),
-                                              (x, weight, bias_arg, y, np.int32(n), np.float32(eps),
-                                               np.int32(bias is not None)))
+    _kernel(f"layer_norm_kernel<{tags}>")((x.size // n,), (_THREADS,),
+                                          (x, weight, bias_arg, y, np.int32(n), np.float32(eps),
+                                           np.int32(bias is not None)))
     return y
 
 
 def add_layer_norm(x, delta, weight, bias, eps):
     """(x + delta, layer_norm(x + delta)) in one pass; None for what it leaves to the reference."""
+    if delta.dtype != x.dtype or delta.shape != x.shape:
+        return None
+    operands = _layer_norm_operands(x, weight, bias)
+    if operands is None:
+        return None
     import cupy
 
-    xt, wt = _tag(x.dtype), _tag(weight.dtype)
-    if xt is None or wt is None or delta.dtype != x.dtype or delta.shape != x.shape:
-        return None
-    if weight.ndim != 1 or x.shape[-1] != weight.shape[0] or x.size == 0:
-        return None
-    if bias is not None and (bias.dtype != weight.dtype or bias.shape != weight.shape):
-        return None
+    x, weight, bias_arg, tags = operands
     n = x.shape[-1]
-    x, delta = cupy.ascontiguousarray(x), cupy.ascontiguousarray(delta)
-    weight = cupy.ascontiguousarray(weight)
-    bias_arg = cupy.ascontiguousarray(bias) if bias is not None else weight
+    delta = cupy.ascontiguousarray(delta)
     s, y = cupy.empty_like(x), cupy.empty_like(x)
-    _kernel(f"add_layer_norm_kernel<{xt}, {wt}>")((x.size // n,), (_THREADS,),
-                                                  (x, delta, weight, bias_arg, s, y, np.int32(n), np.float32(eps),
-                                                   np.int32(bias is not None)))
+    _kernel(f"add_layer_norm_kernel<{tags}>")((x.size // n,), (_THREADS,),
+                                              (x, delta, weight, bias_arg, s, y, np.int32(n), np.float32(eps),
+                                               np.int32(bias is not None)))
     return s, y
 
 

@@ -108,3 +108,37 @@ def test_the_tool_command_line_and_compare(tt, saved, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(ours), str(hf)]) == 0
     assert "all 33 tensors agree" in capsys.readouterr().out
+
+
+def test_the_tool_loads_safetensors_only_and_speaks_in_one_line(tt, saved, tmp_path, capsys):
+    """Hostile input for the tool: a directory holding only pytorch_model.bin was unpickled by transformers
+    (only safetensors may ever be loaded); an id outside the vocabulary was an IndexError inside torch; an
+    --out naming the model's weights or an unwritable path was a traceback after the whole run. Each is now
+    one 'error:' line and exit 2, and nothing is written."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file
+
+    directory, _ = saved["3b"]
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(directory / "config.json", pickled)
+    weights = load_file(str(directory / "model.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, pickled / "pytorch_model.bin")
+    weights_before = (directory / "model.safetensors").read_bytes()
+    for args, message in [
+        (["--model", str(pickled), "--ids", "1,2"], "pickle format that runs code when opened; it is refused"),
+        (["--model", str(directory), "--ids", "1,100000"], "token id 100000 is outside the vocabulary"),
+        (["--model", str(directory), "--ids", "1,2", "--out", str(directory / "model.safetensors")],
+         "is not a stablelm-ref trace"),
+        (["--model", str(directory), "--ids", "1,2", "--out", str(tmp_path / "no" / "t.safetensors")],
+         "cannot write"),
+    ]:
+        if "--out" not in args:
+            args = args + ["--out", str(tmp_path / "t.safetensors")]
+        assert tt.main(args) == 2
+        last = capsys.readouterr().err.splitlines()[-1]          # after transformers' loading progress bar
+        assert last.startswith("error: ") and message in last
+    assert (directory / "model.safetensors").read_bytes() == weights_before
+    assert not (tmp_path / "t.safetensors").exists()

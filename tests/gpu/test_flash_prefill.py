@@ -278,16 +278,17 @@ def test_hopper_long_and_non_causal(D, variant):
 
 
 @hopper
-def test_hopper_small_cases():
-    # for compute-sanitizer: one query over a long cache, all-padding rows, GQA, non-causal, each head dim
-    for i, (D, variant) in enumerate(HOPPER_CASES):
-        for seed, (B, H, KVH, T, S), pads, causal in [
-            (40 + i, (2, 4, 1, 1, 130), [0, 129], True),
-            (50 + i, (3, 2, 2, 70, 70), [5, 70, 69], True),
-            (60 + i, (2, 2, 1, 40, 65), [0, 30], False),
-        ]:
-            q, k, v, mask = make_inputs(seed, B, H, KVH, T, S, D, "bf16", pads=pads)
-            run_and_check(q, k, v, mask, "bf16", causal=causal, variant=variant)
+@pytest.mark.parametrize("i, D, variant", [(i, D, var) for i, (D, var) in enumerate(HOPPER_CASES)])
+def test_hopper_small_cases(i, D, variant):
+    # for compute-sanitizer (-k picks variants): one query over a long cache, all-padding rows, GQA,
+    # non-causal, each head dim
+    for seed, (B, H, KVH, T, S), pads, causal in [
+        (40 + i, (2, 4, 1, 1, 130), [0, 129], True),
+        (50 + i, (3, 2, 2, 70, 70), [5, 70, 69], True),
+        (60 + i, (2, 2, 1, 40, 65), [0, 30], False),
+    ]:
+        q, k, v, mask = make_inputs(seed, B, H, KVH, T, S, D, "bf16", pads=pads)
+        run_and_check(q, k, v, mask, "bf16", causal=causal, variant=variant)
 
 
 @hopper
