@@ -39,30 +39,17 @@ writing into a buffer allocated once:
   function that costs ten times a ufunc call on a vector).
 - The final LayerNorm and the lm_head run only on the positions whose logits are kept
   (logits_to_keep=1 while decoding: one row of [vocab] per sequence, not T).
-- A prefill of at least 2 x MIN_PART_ROWS tokens, while NumPy's OpenBLAS runs 2 threads, is split into two
-  parts of rows (tokens 0..T/2-1 and T/2..T-1), each run through every layer on its own thread (the
-  caller's and a worker of the model's pool, `close()` stops it) with its own workspace, OpenBLAS set to one
-  thread per call meanwhile: every op, the elementwise ones included, then uses both cores, where OpenBLAS
-  alone splits only the GEMMs. Causal attention is the one dependency: a part waits for the earlier part's
-  keys and values of the layer in the KV cache. Decode steps keep OpenBLAS's own threads.
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
-from float32 rounding. A split prefill gives the same numbers whatever the threads' timing (each row is
-computed by the same calls on the same thread); against an unsplit one they differ in rounding only
-(OpenBLAS blocks a [T/2, K] GEMM differently from a [T, K] one). Requests the fast path does not cover (labels, output_hidden_states, trace) run
+from float32 rounding. Requests the fast path does not cover (labels, output_hidden_states, trace) run
 the reference.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 import sys
-import threading
-import weakref
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -72,86 +59,11 @@ from .errors import GenerationError, StableLmError
 from .fast_forms import register
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
-from .kv_cache import KVCache
 from .model import ModelOutput
 from .rotary import rotary_cos_sin
 
 QUERY_BLOCK = 64           # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time; a causal
                            # prompt of 128 computes 1/4 fewer scores than in one block (docs/cpu_notes.md)
-MIN_PART_ROWS = 32         # a prefill is split into parts of rows (one thread each) only if each gets this many
-MAX_PARTS = 2              # ... and only when OpenBLAS runs this many threads or fewer (measured on 2 cores only)
-
-
-class _OpenBlasThreads:
-    """OpenBLAS's process-wide thread count, read and set through its C API (ctypes), when the OpenBLAS that
-    NumPy loaded can be found (Linux: a mapped library whose name contains "openblas")."""
-
-    NAMES = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),  # NumPy's wheels
-             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
-
-    def __init__(self, get, set_):
-        self.get, self.set = get, set_
-
-    @classmethod
-    def find(cls):
-        try:
-            with open("/proc/self/maps") as f:
-                paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()
-                                and ".so" in line})
-        except OSError:
-            return None
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)                          # already loaded: the same handle, nothing new
-            except OSError:
-                continue
-            for get_name, set_name in cls.NAMES:
-                get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
-                if get is not None and set_ is not None:
-                    get.restype, get.argtypes = ctypes.c_int, []
-                    set_.restype, set_.argtypes = None, [ctypes.c_int]
-                    return cls(get, set_)
-        return None
-
-
-_OPENBLAS = []                                                   # [_OpenBlasThreads or None], found once
-
-
-def _openblas():
-    if not _OPENBLAS:
-        _OPENBLAS.append(_OpenBlasThreads.find())
-    return _OPENBLAS[0]
-
-
-class _Aborted(Exception):
-    """Raised in a part whose earlier part failed; the earlier part's own error is the one re-raised."""
-
-
-class _KeysWritten:
-    """The one dependency between the parts of a split prefill: part j's queries read the keys and values of
-    parts 0..j-1 (causal attention), so before its attention in layer i it waits until they are in the cache.
-    Part 0 never waits; a part that fails sets every event (abort) so that no other part waits forever."""
-
-    def __init__(self, parts, layers):
-        self.events = [[threading.Event() for _ in range(layers)] for _ in range(parts)]
-        self.failed = False
-
-    def written(self, part, layer):
-        self.events[part][layer].set()
-
-    def wait_for_earlier(self, part, layer):
-        for k in range(part):
-            self.events[k][layer].wait()
-        if self.failed:
-            raise _Aborted
-
-    def abort(self):
-        self.failed = True
-        for events in self.events:
-            for e in events:
-                e.set()
 
 
 def _copy_as_is(params, name, arena):
@@ -364,7 +276,7 @@ class _Work:
 class FastCpuModel:
     """StableLmForCausalLM's forward for NumPy float32/float64, fused and preallocated (see module doc)."""
 
-    _MAX_SHAPES = 6
+    _MAX_SHAPES = 4
 
     def __init__(self, model):
         from .heads import StableLmForCausalLM
@@ -384,8 +296,6 @@ class FastCpuModel:
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
-        self.parts = None          # prefill parts (threads); None: 2 when OpenBLAS runs 2 threads (see _parts)
-        self._pool = None                                                   # ThreadPoolExecutor, made when needed
 
     @staticmethod
     def _lm_head(p, c):
@@ -407,8 +317,8 @@ class FastCpuModel:
 
         return generate(self, input_ids, **kwargs)
 
-    def _workspace(self, b, t, part=None):
-        key = (b, t, part)
+    def _workspace(self, b, t):
+        key = (b, t)
         if key not in self._work:
             if len(self._work) >= self._MAX_SHAPES:
                 self._work.pop(next(iter(self._work)))
@@ -429,16 +339,19 @@ class FastCpuModel:
             mask2d = None                                                       # nothing to mask but causality
         rows = self._kept_rows(logits_to_keep, t)                                # positions whose logits we return
 
-        parts = self._parts(t)
-        if parts > 1:
-            x = self._layers_in_parts(ids, mask2d, position_ids, past, cache, parts)  # [B, T, hidden]
-        else:
-            w = self._workspace(b, t)
-            self._layers(w, ids, mask2d, position_ids, past, cache)
-            x = w.x.reshape(b, t, -1)
+        w = self._workspace(b, t)
+        np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
+        self._cos_sin(position_ids, w)                                           # w.cos, w.sin: [B, T, d]
+        blocked = None                                                           # [B, 1, 1, T, S] or None
+        if mask2d is not None or t > 1:
+            blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
+        blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
+        for i, layer in enumerate(self.layers):
+            self._layer(w, layer, i, past, t, blocks, cache)
         if cache is not None:
             cache.advance(t)
 
+        x = w.x.reshape(b, t, -1)
         x = x if rows is None else x[:, rows, :]                                 # [B, T', hidden]
         x = x.reshape(-1, x.shape[-1])                                           # [B*T', hidden]
         h = self._layer_norm(x, *self.norm, np.empty_like(x), np.empty(x.shape[:-1] + (1,), x.dtype), np.empty_like(x))
@@ -447,100 +360,6 @@ class FastCpuModel:
         return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if rows is None else None)
 
     __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
-
-    def _layers(self, w, ids, mask2d, position_ids, past, cache, cols=slice(None), sync=None, part=0):
-        """Every decoder layer over the tokens ids[:, cols] ([B, T']; all T of the call, or a split prefill's
-        part), at positions past.. (their keys and values written into the cache at past..past+T'-1; `past`
-        counts the earlier parts' tokens), the residual stream left in w.x [B*T', hidden]."""
-        ids = ids[:, cols]
-        b, t = ids.shape
-        np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
-        self._cos_sin(position_ids, w, cols)                                     # w.cos, w.sin: [B, T, d]
-        blocked = None                                                           # [B, 1, 1, T, S] or None
-        if mask2d is not None or t > 1:
-            blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
-        blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
-        for i, layer in enumerate(self.layers):
-            self._layer(w, layer, i, past, t, blocks, cache, sync, part)
-
-    def _parts(self, t):
-        """How many parts (threads) a forward of t new tokens is split into: 1 (no split) unless NumPy's
-        OpenBLAS can be told to use one thread per call and runs 2..MAX_PARTS threads now, and every part gets
-        MIN_PART_ROWS rows. `self.parts`, when set, overrides this (tests)."""
-        if self.parts is not None:
-            return max(1, min(self.parts, t))
-        if t < 2 * MIN_PART_ROWS:
-            return 1
-        blas = _openblas()
-        threads = blas.get() if blas is not None else 1
-        return min(threads, t // MIN_PART_ROWS) if 2 <= threads <= MAX_PARTS else 1
-
-    def _thread_pool(self, workers):
-        """The model's own worker threads (made on first use, shut down with the model or by close(); a
-        forked child, which has none of its parent's threads, makes its own)."""
-        if self._pool is not None and self._pool_pid != os.getpid():
-            self._pool_finalizer.detach()
-            self._pool = None
-        if self._pool is None or self._pool._max_workers < workers:
-            self.close()
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stablelm-fast-cpu")
-            self._pool_pid = os.getpid()
-            self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
-        return self._pool
-
-    def close(self):
-        """Stop the prefill worker threads (idle between forwards; a later split prefill makes new ones)."""
-        if self._pool is not None:
-            self._pool_finalizer.detach()
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _layers_in_parts(self, ids, mask2d, position_ids, past, cache, parts):
-        """_layers with the T new tokens split into `parts` runs of rows, each on its own thread (this one and
-        the pool's), each with its own workspace: every op of a layer, GEMMs and elementwise work alike, runs on
-        its part's rows only, so the two cores share all of it (OpenBLAS, which otherwise splits only the
-        GEMMs, is set to one thread per call meanwhile, and back after). Causal attention is the one
-        dependency: part j reads the keys of parts 0..j-1, written into the KV cache (_KeysWritten). Each row
-        is computed by the same NumPy calls whatever the threads' timing, so the result does not depend on
-        scheduling; against the unsplit forward only the GEMMs' blocking over rows may differ (rounding).
-        Returns the residual stream [B, T, hidden]."""
-        b, t = ids.shape
-        if cache is None:                             # the parts exchange keys through a cache: a private one
-            cache = KVCache(self.config, b, t, self.model.dtype, np)
-        self._rope_table(position_ids)                # grown here, read by every part
-        bounds = [t * j // parts for j in range(parts + 1)]
-        sync = _KeysWritten(parts, len(self.layers))
-        works = [self._workspace(b, bounds[j + 1] - bounds[j], part=j) for j in range(parts)]
-
-        def run(j):
-            r0, r1 = bounds[j], bounds[j + 1]
-            try:
-                self._layers(works[j], ids, None if mask2d is None else mask2d[:, :past + r1], position_ids,
-                             past + r0, cache, slice(r0, r1), sync, j)
-            except BaseException:
-                sync.abort()
-                raise
-
-        blas = _openblas()
-        threads = blas.get() if blas is not None else None
-        if blas is not None:
-            blas.set(1)
-        try:
-            futures = [self._thread_pool(parts - 1).submit(run, j) for j in range(1, parts)]
-            errors = []
-            try:
-                run(0)
-            except BaseException as e:                # the others stop at their next wait (abort)
-                errors.append(e)
-            wait(futures)                             # no part is left running after the forward
-            errors += [f.exception() for f in futures if f.exception() is not None]
-        finally:
-            if blas is not None:
-                blas.set(threads)
-        real = [e for e in errors if not isinstance(e, _Aborted)]
-        if real:
-            raise real[0]
-        return np.concatenate([w.x.reshape(b, -1, w.x.shape[-1]) for w in works], axis=1)
 
     @staticmethod
     def _kept_rows(logits_to_keep, t):
@@ -554,34 +373,26 @@ class FastCpuModel:
                                   f"got {logits_to_keep!r}")
         return keep.astype(np.int64) % t
 
-    def _cos_sin(self, position_ids, w, cols=slice(None)):
-        """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids[:, cols]
-        (position_ids [B, T] those of the whole call; cols a split prefill's part): rows of a table
-        rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position reaches P); for dynamic
-        rope, whose angles depend on the call's longest position, made per call from all of position_ids."""
+    def _cos_sin(self, position_ids, w):
+        """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:
+        rows of a table rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position
+        reaches P); for dynamic rope, whose angles depend on the longest position, made per call."""
         config, dtype = self.config, self.model.dtype
         half = config.rotary_ndims // 2
         if config.rope_type == "dynamic":
             cos, sin = rotary_cos_sin(position_ids, config, dtype)               # [B, T, d]
-            cos, sin = cos[:, cols], sin[:, cols]
             w.cos[...] = cos
             np.multiply(sin[..., :half], -1, out=w.sin[..., :half])
             w.sin[..., half:] = sin[..., half:]
             return
-        self._rope_table(position_ids)
-        np.take(self._rope[0], position_ids[:, cols], axis=0, out=w.cos)
-        np.take(self._rope[1], position_ids[:, cols], axis=0, out=w.sin)
-
-    def _rope_table(self, position_ids):
-        """Make (or grow) the table of cos and [-sin, sin] so that it covers position_ids (not for dynamic rope)."""
-        config = self.config
-        need = int(position_ids.max()) + 1 if position_ids.size else 0
-        if config.rope_type == "dynamic" or (self._rope is not None and self._rope[0].shape[0] >= need):
-            return
-        size = max(need, config.max_position_embeddings, 2 * (0 if self._rope is None else self._rope[0].shape[0]))
-        cos, sin = rotary_cos_sin(np.arange(size)[None, :], config, self.model.dtype)  # [1, P, d]
-        sin[..., :config.rotary_ndims // 2] *= -1
-        self._rope = (cos[0], sin[0])
+        need = int(position_ids.max()) + 1
+        if self._rope is None or self._rope[0].shape[0] < need:
+            size = max(need, config.max_position_embeddings, 2 * (0 if self._rope is None else self._rope[0].shape[0]))
+            cos, sin = rotary_cos_sin(np.arange(size)[None, :], config, dtype)  # [1, P, d]
+            sin[..., :half] *= -1
+            self._rope = (cos[0], sin[0])
+        np.take(self._rope[0], position_ids, axis=0, out=w.cos)
+        np.take(self._rope[1], position_ids, axis=0, out=w.sin)
 
     def _layer_norm(self, x, weight, bias, out, stat, sq):
         """layernorm.layer_norm written into `out`; the two means are GEMVs against a column of 1/n."""
@@ -598,7 +409,7 @@ class FastCpuModel:
             np.add(out, bias, out=out)
         return out
 
-    def _layer(self, w, layer, i, past, t, blocks, cache, sync=None, part=0):
+    def _layer(self, w, layer, i, past, t, blocks, cache):
         # --- attention ------------------------------------------------------------------------
         self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.sq)                     # [B*T, hidden]
         np.matmul(w.h, layer.in_t, out=w.inp)                                    # [B*T, (H+2KVH) D (+ 2 I)]
@@ -615,9 +426,6 @@ class FastCpuModel:
             keys, values = cache.keys[i], cache.values[i]                        # [B, KVH, max_len, D]
             np.copyto(keys[:, :, past:end], w.k_new)
             np.copyto(values[:, :, past:end], w.v_new)
-            if sync is not None:                                                 # split prefill: this part's keys
-                sync.written(part, i)                                            # are in; wait for the earlier
-                sync.wait_for_earlier(part, i)                                   # parts' (causal attention)
         else:
             keys, values = w.k_new, w.v_new                                      # [B, KVH, T, D] views
         keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]    # [B, KVH, 1, D, S], [.., S, D]

@@ -7,11 +7,6 @@ float32: each logit is checked against the float64 truth with a bound derived fr
 (see float32_bound): a bug (wrong head, mask, rotary slice) is O(1) off, far outside it.
 """
 
-import os
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -44,16 +39,11 @@ def _padded(rng, b, t, pad):
     return ids, mask, pos
 
 
-PARTS = st.sampled_from([None, 2, 3])  # None: as chosen at run time (tiny prompts: 1); 2, 3: a split prefill
-
-
 @settings(max_examples=20, deadline=None)
 @given(variant=st.sampled_from(sorted(VARIANTS)), b=st.integers(1, 3), t=st.integers(1, 10),
-       pad=st.lists(st.integers(0, 4), min_size=3, max_size=3), keep=st.integers(0, 3), seed=st.integers(0, 2**16),
-       parts=PARTS)
-def test_forward_equals_reference_float64(variant, b, t, pad, keep, seed, parts):
+       pad=st.lists(st.integers(0, 4), min_size=3, max_size=3), keep=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_forward_equals_reference_float64(variant, b, t, pad, keep, seed):
     ref, fast = _pair(variant, 1)
-    fast.parts = parts
     ids, mask, pos = _padded(np.random.default_rng(seed), b, t, [min(p, t - 1) for p in pad[:b]])
     want = ref(ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
     got = fast(ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
@@ -75,12 +65,11 @@ def _decode(model, ids, mask, pos, t, cache=None):
 
 @settings(max_examples=20, deadline=None)
 @given(variant=st.sampled_from(sorted(VARIANTS)), b=st.integers(1, 3), t=st.integers(1, 6), steps=st.integers(1, 6),
-       pad=st.integers(0, 3), preallocated=st.booleans(), seed=st.integers(0, 2**16), parts=PARTS)
-def test_kv_cache_decoding_equals_reference_float64(variant, b, t, steps, pad, preallocated, seed, parts):
+       pad=st.integers(0, 3), preallocated=st.booleans(), seed=st.integers(0, 2**16))
+def test_kv_cache_decoding_equals_reference_float64(variant, b, t, steps, pad, preallocated, seed):
     """Prefill then one token at a time through the cache (left padding in row 0), step for step against
     the reference (a padding position attends to nothing; its logits depend on the schedule, in both)."""
     ref, fast = _pair(variant, 2)
-    fast.parts = parts
     pad = min(pad, t - 1)
     ids, mask, pos = _padded(np.random.default_rng(seed), b, t + steps, [pad] + [0] * (b - 1))
     want, ref_cache = _decode(ref, ids, mask, pos, t)
@@ -121,12 +110,11 @@ def float32_bound(truth, ids):
 
 
 @settings(max_examples=10, deadline=None)
-@given(variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(1, 12), seed=st.integers(0, 2**16), parts=PARTS)
-def test_float32_is_within_the_rounding_bound(variant, t, seed, parts):
+@given(variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_float32_is_within_the_rounding_bound(variant, t, seed):
     truth = tiny_model(seed=3, dtype="float64", **VARIANTS[variant])
     ref32 = tiny_model(seed=3, dtype="float32", **VARIANTS[variant])
     fast32 = tiny_model(seed=3, dtype="float32", **VARIANTS[variant]).fast()
-    fast32.parts = parts
     ids = np.random.default_rng(seed).integers(0, 101, (2, t))
     exact = truth(ids).logits
     bound = float32_bound(truth, ids)
@@ -238,20 +226,18 @@ def test_fast_path_shares_the_reference_input_checks():
 
 @settings(max_examples=15, deadline=None)
 @given(variant=st.sampled_from(sorted(VARIANTS)), t1=st.integers(1, 11), t2=st.integers(1, 11), pad=st.integers(0, 3),
-       seed=st.integers(0, 2**16), parts=PARTS)
-def test_prefill_in_query_blocks_equals_reference(variant, t1, t2, pad, seed, parts):
+       seed=st.integers(0, 2**16))
+def test_prefill_in_query_blocks_equals_reference(variant, t1, t2, pad, seed):
     """Prefill attention runs in blocks of QUERY_BLOCK queries, each reading only the keys it may see: with
     blocks of 3, a prompt of t1 tokens then t2 more through the cache spans several blocks (with left padding
-    in row 0 the blocks read every key, as the reference's fully masked rows do); split into parts, the
-    second prompt's later parts read the cached keys and the earlier parts' new ones."""
+    in row 0 the blocks read every key, as the reference's fully masked rows do)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fast_cpu, "QUERY_BLOCK", 3)
-        _check_two_prompts(variant, t1, t2, pad, seed, parts)
+        _check_two_prompts(variant, t1, t2, pad, seed)
 
 
-def _check_two_prompts(variant, t1, t2, pad, seed, parts=None):
+def _check_two_prompts(variant, t1, t2, pad, seed):
     ref, fast = _pair(variant, 10)
-    fast.parts = parts
     pad = min(pad, t1 - 1)
     ids, mask, pos = _padded(np.random.default_rng(seed), 2, t1 + t2, [pad, 0])
     for m, p in ((mask, pos), (None, None)):
@@ -310,155 +296,3 @@ def test_positional_arguments_follow_the_model_forward():
     assert abs(got.loss - want.loss) < TOL
     np.testing.assert_allclose(fast(ids, None, None, None, False, None, 2).logits,
                                ref(ids, None, None, None, False, None, 2).logits, rtol=0, atol=TOL)
-
-
-# ---- the split prefill: parts of the rows on threads of their own ----------------------------------------
-
-def _split_run(fast, ids):
-    cache = KVCache(fast.config, ids.shape[0], ids.shape[1], fast.dtype, np)
-    out = fast(ids, past_key_values=cache, use_cache=True)
-    return [out.logits] + cache.keys + cache.values
-
-
-def test_split_prefill_does_not_depend_on_thread_timing(monkeypatch):
-    """Every row is computed by the same NumPy calls on the same thread whichever part runs ahead: with one
-    part delayed at every layer (the others then wait for it, or run ahead of it), the float32 logits and
-    cache are bit for bit those of an undisturbed run."""
-    fast = tiny_model(seed=4, dtype="float32", **VARIANTS["12b"]).fast()
-    fast.parts = 3
-    ids = np.random.default_rng(4).integers(0, 101, (2, 40))
-    want = _split_run(fast, ids)
-    layer = FastCpuModel._layer
-    for slow in range(3):
-        def delayed(self, w, lay, i, past, t, blocks, cache, sync=None, part=0, slow=slow):
-            if part == slow:
-                time.sleep(0.003)
-            return layer(self, w, lay, i, past, t, blocks, cache, sync, part)
-        monkeypatch.setattr(FastCpuModel, "_layer", delayed)
-        for got, exp in zip(_split_run(fast, ids), want):
-            np.testing.assert_array_equal(got, exp)
-
-
-class _FakeBlas:
-    def __init__(self, threads):
-        self.threads = threads
-
-    def get(self):
-        return self.threads
-
-    def set(self, n):
-        self.threads = n
-
-
-def test_parts_follow_openblas_threads(monkeypatch):
-    """Split only when OpenBLAS runs 2..MAX_PARTS threads and every part gets MIN_PART_ROWS rows."""
-    fast = tiny_model(seed=5, dtype="float32").fast()
-    rows = fast_cpu.MIN_PART_ROWS
-    for threads, t, want in [(2, 2 * rows, 2), (2, 2 * rows - 1, 1), (2, 1, 1), (1, 4 * rows, 1),
-                             (fast_cpu.MAX_PARTS + 1, 16 * rows, 1)]:
-        monkeypatch.setattr(fast_cpu, "_OPENBLAS", [_FakeBlas(threads)])
-        assert fast._parts(t) == want, (threads, t)
-    monkeypatch.setattr(fast_cpu, "_OPENBLAS", [None])                   # BLAS threads unknown: never split
-    assert fast._parts(16 * rows) == 1
-    fast.parts = 3                                                        # set by hand (the tests): as asked
-    assert fast._parts(16 * rows) == 3 and fast._parts(2) == 2
-
-
-def test_numpys_openblas_is_found():
-    config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    if "openblas" not in config.get("name", "").lower():
-        pytest.skip(f"NumPy's BLAS is {config.get('name')}, not OpenBLAS")
-    blas = fast_cpu._OpenBlasThreads.find()
-    assert blas is not None and blas.get() >= 1
-
-
-def test_split_prefill_runs_blas_on_one_thread_and_restores_it(monkeypatch):
-    """During a split prefill each part's BLAS calls run on its own thread only (OpenBLAS set to 1), and the
-    count is back afterwards, also when a part fails."""
-    fake = _FakeBlas(2)
-    monkeypatch.setattr(fast_cpu, "_OPENBLAS", [fake])
-    fast = tiny_model(seed=6, dtype="float32").fast()
-    ids = np.arange(64).reshape(1, 64) % 101                           # 2 x MIN_PART_ROWS
-    seen = []
-    layer = FastCpuModel._layer
-
-    def spy(self, *args, **kwargs):
-        seen.append(fake.get())
-        return layer(self, *args, **kwargs)
-
-    monkeypatch.setattr(FastCpuModel, "_layer", spy)
-    assert fast._parts(64) == 2
-    fast(ids)
-    assert set(seen) == {1} and len(seen) == 2 * fast.config.num_hidden_layers and fake.get() == 2
-
-
-@pytest.mark.parametrize("failing", [0, 1, 2])
-def test_an_error_in_a_part_is_raised_and_nothing_waits(monkeypatch, failing):
-    """A part that fails stops the later parts (which would wait for its keys) and its own error is raised,
-    from whichever thread it came; the model works afterwards."""
-    ref, fast = _pair("3b", 7)
-    fast.parts = 3
-    fake = _FakeBlas(2)
-    monkeypatch.setattr(fast_cpu, "_OPENBLAS", [fake])
-    ids = np.random.default_rng(7).integers(0, 101, (1, 12))
-    layer = FastCpuModel._layer
-
-    def broken(self, w, lay, i, past, t, blocks, cache, sync=None, part=0):
-        if part == failing and i == 1:
-            raise FloatingPointError(f"part {part} failed")
-        return layer(self, w, lay, i, past, t, blocks, cache, sync, part)
-
-    monkeypatch.setattr(FastCpuModel, "_layer", broken)
-    with pytest.raises(FloatingPointError, match=f"part {failing} failed"):
-        fast(ids)
-    assert fake.get() == 2
-    monkeypatch.setattr(FastCpuModel, "_layer", layer)
-    np.testing.assert_allclose(fast(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
-
-
-def test_no_part_runs_after_the_forward_and_close_stops_the_threads():
-    fast = tiny_model(seed=8, dtype="float32").fast()
-    fast.parts = 2
-    ids = np.arange(20).reshape(1, 20)
-    want = fast(ids).logits
-    workers = list(fast._pool._threads)             # this model's pool (other tests' may not be collected yet)
-    assert len(workers) == 1 and workers[0].name.startswith("stablelm-fast-cpu")
-    frames = sys._current_frames()
-    for t in workers:                                # idle: waiting for work, not inside fast_cpu.py
-        f = frames[t.ident]
-        while f is not None:
-            assert not f.f_code.co_filename.endswith("fast_cpu.py"), f.f_code.co_name
-            f = f.f_back
-    fast.close()
-    assert not any(t.is_alive() for t in workers)
-    np.testing.assert_array_equal(fast(ids).logits, want)               # a new pool when needed
-    fast.close()
-
-
-def test_a_process_that_split_a_prefill_exits():
-    """The worker threads do not keep a program (the CLI) alive after its last line."""
-    code = ("import numpy as np, sys; sys.path.insert(0, 'tests'); from conftest import tiny_model; "
-            "f = tiny_model(dtype='float32').fast(); f.parts = 2; f(np.arange(20).reshape(1, 20)); print('done')")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork")
-def test_a_forked_child_splits_a_prefill_with_threads_of_its_own():
-    """A child forked after a split prefill has none of the parent's worker threads: it makes its own pool
-    (with the parent's, its work would wait forever in a queue no thread reads)."""
-    fast = tiny_model(seed=8, dtype="float32").fast()
-    fast.parts = 2
-    ids = np.arange(20).reshape(1, 20)
-    want = fast(ids).logits
-    code = ("import os, sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import tiny_model; "
-            "f = tiny_model(seed=8, dtype='float32').fast(); f.parts = 2; ids = np.arange(20).reshape(1, 20); "
-            "want = f(ids).logits; pid = os.fork()\n"
-            "if pid == 0:\n    import signal; signal.alarm(60)\n"          # a hung child dies, not left behind
-            "    ok = np.array_equal(f(ids).logits, want); os._exit(0 if ok else 3)\n"
-            "_, status = os.waitpid(pid, 0); print(os.waitstatus_to_exitcode(status))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)
-    assert want.shape == (1, 20, fast.config.vocab_size)

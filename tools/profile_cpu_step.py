@@ -17,11 +17,8 @@ helpers fast_cpu imports from the concept files are timed the same way. Lines ar
 The proxy costs about a microsecond per call, so the profiled step is slower than a plain one; both
 medians are printed, and the per-line figures are what to compare before and after a change.
 
-A prefill split into parts (fast_cpu's two threads, OpenBLAS on one thread each) is timed per thread: the
-summary has a block per thread (GEMM, the rest, the wait for the earlier part's keys, Python), and the
-per-line table sums both threads (so its lines add up to about twice the wall time). Each prefill
-follows --idle seconds of sleep, as in make bench-llama, so that OpenBLAS's worker thread, which spins
-~0.1 s after a threaded call, is asleep when it starts.
+Each prefill follows --idle seconds of sleep, as in make bench-llama, so that OpenBLAS's worker thread,
+which spins ~0.1 s after a threaded call, is asleep when it starts.
 
 --without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held, the
 logits are zeros): the plain step's time is then what everything else costs, plus the proxy passing each
@@ -38,7 +35,6 @@ import os
 import re
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
@@ -59,7 +55,6 @@ class Timings:
     def __init__(self):
         self.total = collections.defaultdict(float)     # (file, line, name) -> seconds
         self.calls = collections.defaultdict(int)
-        self.by_thread = collections.defaultdict(float)  # (thread name, file, line, name) -> seconds
         self.on = False
 
     def wrap(self, name, fn):
@@ -74,10 +69,8 @@ class Timings:
                 return fn(*args, **kwargs)
             finally:
                 key = (caller.f_code.co_filename, caller.f_lineno, name)
-                dt = CLOCK() - t0
-                self.total[key] += dt
+                self.total[key] += CLOCK() - t0
                 self.calls[key] += 1
-                self.by_thread[(threading.current_thread().name,) + key] += dt
         return timed
 
 
@@ -135,8 +128,6 @@ def main():
     ap.add_argument("--steps", type=int, default=40, help="decode steps per pass (median over steps)")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (threadpoolctl); default: as is")
     ap.add_argument("--prefill", action="store_true", help="profile the 128-token prefill instead of a decode step")
-    ap.add_argument("--parts", type=int, default=None,
-                    help="split a prefill into this many parts (threads); default: as fast_cpu chooses (1: no split)")
     ap.add_argument("--idle", type=float, default=0.3, help="seconds of sleep before each prefill")
     ap.add_argument("--top", type=int, default=25, help="lines to show")
     ap.add_argument("--without-gemv", action="store_true", help="skip the GEMVs against weights: time the rest")
@@ -153,7 +144,6 @@ def main():
 
     config = StableLmConfig.from_dict({**COMMON, **SHAPES[args.shape]})
     fast = StableLmForCausalLM.from_config(config, dtype="float32").fast()
-    fast.parts = args.parts
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 128))
     cache = KVCache(config, 1, 128 + 3 * args.steps + 8, np.float32, np)
     out = fast(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -172,8 +162,6 @@ def main():
             patched[name] = timings.wrap(name, obj)
     prepare = fast.model._prepare_inputs
     timed_prepare = timings.wrap("model._prepare_inputs", prepare)
-    wait_keys = fast_cpu._KeysWritten.wait_for_earlier                 # a split prefill's one wait
-    timed_wait = timings.wrap("wait for earlier keys", wait_keys)
 
     def step(profiled):
         nonlocal tok
@@ -194,7 +182,6 @@ def main():
     for name, obj in patched.items():
         setattr(fast_cpu, name, obj)
     fast.model._prepare_inputs = timed_prepare
-    fast_cpu._KeysWritten.wait_for_earlier = timed_wait
     try:
         for _ in range(3):
             step(False)
@@ -205,7 +192,6 @@ def main():
         for name, obj in originals.items():
             setattr(fast_cpu, name, obj)
         del fast.model._prepare_inputs
-        fast_cpu._KeysWritten.wait_for_earlier = wait_keys
 
     n = args.steps
     rows = []
@@ -227,18 +213,9 @@ def main():
     print(f"{what}, median of {n}: plain {step_plain:.0f} us ({(128 if args.prefill else 1) * 1e6 / step_plain:.1f} tok/s); profiled "
           f"{step_prof:.0f} us, {calls:.0f} timed calls")
     rate = "skipped" if skip else f"{weights / gemv / 1e3:.1f} GB/s"
-    threads = sorted({k[0] for k in timings.by_thread}, key=lambda name: name != "MainThread")
-    if len(threads) == 1:
-        print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({rate})")
-        print(f"  rest NumPy  {rest:8.0f} us  {100 * rest / step_prof:5.1f}%")
-        print(f"  Python      {step_prof - gemv - rest:8.0f} us  {100 * (step_prof - gemv - rest) / step_prof:5.1f}%")
-    for name in (threads if len(threads) > 1 else []):               # a split prefill: each thread's share
-        mine = {k[1:]: v / n * 1e6 for k, v in timings.by_thread.items() if k[0] == name}
-        g = sum(v for k, v in mine.items() if is_gemv(k, linecache.getline(k[0], k[1])))
-        waited = sum(v for k, v in mine.items() if k[2] == "wait for earlier keys")
-        other = sum(mine.values()) - g - waited
-        print(f"  {name}: GEMM {g:.0f} us, rest NumPy {other:.0f} us, waiting for keys {waited:.0f} us, "
-              f"Python and idle {step_prof - g - other - waited:.0f} us")
+    print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({rate})")
+    print(f"  rest NumPy  {rest:8.0f} us  {100 * rest / step_prof:5.1f}%")
+    print(f"  Python      {step_prof - gemv - rest:8.0f} us  {100 * (step_prof - gemv - rest) / step_prof:5.1f}%")
     print(f"\n{'us/step':>9} {'calls':>6}  line  call / source")
     for us, c, key, source in rows[:args.top]:
         where = os.path.basename(key[0])
