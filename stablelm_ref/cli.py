@@ -67,7 +67,8 @@ def add_model_arguments(p):
 
 
 def add_sampling_arguments(p):
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate (default: the model's generation_config.json, else 64)")
     p.add_argument("--temperature", type=float, metavar="T",
                    help="sampling temperature; > 0 samples, 0 is greedy (default: greedy)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
@@ -99,16 +100,30 @@ def load(args):
     return model, tok
 
 
+CLI_MAX_NEW_TOKENS = 64   # when neither --max-new-tokens nor the model's generation config sets a length
+
+
 def generation_kwargs(args, tok, model):
+    """generate's keywords for the options given; an option not given is not passed, so the model's generation
+    config (generation_config.json) decides, as for generate's own keywords. Two fallbacks of the command's
+    own: CLI_MAX_NEW_TOKENS new tokens when nothing sets a length, and the tokenizer's eos/pad ids when the
+    generation config has none."""
+    from .generation import DEFAULT_MAX_LENGTH
+
+    gc = model.generation_config
     t = args.temperature
-    sample = False if t == 0 else (args.sample or t is not None or args.top_k is not None or args.top_p is not None)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, repetition_penalty=args.repetition_penalty,
-                  seed=args.seed, engine=args.engine)
-    if sample:  # their values were checked by check_arguments, in the options' words, before the command ran
+    options = args.sample or t is not None or args.top_k is not None or args.top_p is not None
+    sample = False if t == 0 else True if options else None          # None: the generation config's do_sample
+    kwargs = dict(do_sample=sample, repetition_penalty=args.repetition_penalty, seed=args.seed, engine=args.engine)
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    elif gc.max_new_tokens is None and gc.max_length in (None, DEFAULT_MAX_LENGTH):
+        kwargs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
+    if sample is not False:  # their values were checked by check_arguments, in the options' words, before the command ran
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)
-    if tok.eos_token_id is not None:
+    if tok.eos_token_id is not None and gc.eos_token_id is None:
         kwargs["eos_token_id"] = tok.eos_token_id
-    if tok.pad_token_id is not None:
+    if tok.pad_token_id is not None and gc.pad_token_id is None:
         kwargs["pad_token_id"] = tok.pad_token_id
     return kwargs
 

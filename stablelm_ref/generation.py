@@ -48,7 +48,9 @@ overflows gives that row its T -> 0 limit, greedy.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import math
 import numbers
 import sys
@@ -226,11 +228,11 @@ def _is_number(x):
 
 
 class _FromConfig:
-    """The default of eos_token_id / pad_token_id: take the model's config. An explicit None means none
-    (no EOS stop), as in transformers 5."""
+    """The default of eos_token_id / pad_token_id: take the model's generation config (generation_config.json,
+    else config.json). An explicit None means none (no EOS stop), as in transformers 5."""
 
     def __repr__(self):
-        return "<from the model's config>"
+        return "<from the model's generation config>"
 
 
 FROM_CONFIG = _FromConfig()
@@ -299,7 +301,7 @@ def _token_ids(name, value, vocab_size, allow_list, source=""):
     for v in values:
         if not 0 <= int(v) < vocab_size:
             raise GenerationError(f"{name}{source} {int(v)} is outside the vocabulary [0, {vocab_size})"
-                                  + ("; fix config.json or pass " + name + "=" if source else ""))
+                                  + ("; fix generation_config.json / config.json or pass " + name + "=" if source else ""))
     return [int(v) for v in values]
 
 
@@ -327,29 +329,151 @@ def check_values(values, names=None, greedy="for greedy decoding use do_sample=F
             raise GenerationError(f"{(names or {}).get(key, key)} must be {rule}, got {value!r}{hint}")
 
 
+# ---- the generation config: generate's defaults, from generation_config.json ---------------------
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+MAX_GENERATION_CONFIG_BYTES = 1024 * 1024   # generation_config.json (real: ~200 bytes)
+# The fields generate reads; the last of each pair is transformers' default when neither the argument
+# nor the generation config sets it (the token ids have none: None means "no such token").
+GENERATION_DEFAULTS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                           max_length=DEFAULT_MAX_LENGTH, max_new_tokens=None, do_sample=False, temperature=1.0,
+                           top_k=DEFAULT_TOP_K, top_p=1.0, repetition_penalty=1.0)
+
+
+class GenerationConfig:
+    """generate's defaults for one model (model.generation_config), as transformers' GenerationConfig holds
+    them: each field is a value, or None for "not set" (generate then uses GENERATION_DEFAULTS).
+
+    Read from the model directory's generation_config.json when there is one (only the fields above are
+    kept: other keys, such as transformers_version or num_beams, are ignored, as fields generate does not
+    use), else derived from config.json's bos/eos/pad token ids (transformers' from_model_config). Values
+    are checked where they enter, with generate's own rules (check_values, _token_ids): a hostile file is a
+    CheckpointError naming the file, the key and the value."""
+
+    def __init__(self, **fields):
+        unknown = sorted(set(fields) - set(GENERATION_DEFAULTS))
+        if unknown:
+            raise GenerationError(f"GenerationConfig has no field {unknown[0]!r}; fields: "
+                                  f"{', '.join(GENERATION_DEFAULTS)}")
+        for name in GENERATION_DEFAULTS:
+            setattr(self, name, fields.get(name))
+
+    @classmethod
+    def from_model_config(cls, config):
+        """The token ids of config.json (a StableLmConfig), nothing else set."""
+        return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id)
+
+    @classmethod
+    def from_dict(cls, d, vocab_size, where=GENERATION_CONFIG_NAME):
+        """The known fields of d (a generation_config.json's object), checked; GenerationError naming `where`."""
+        if not isinstance(d, dict):
+            raise GenerationError(f"{where} must hold a JSON object, got {type(d).__name__}")
+        fields = {k: v for k, v in d.items() if k in GENERATION_DEFAULTS}
+        config = cls(**fields)
+        try:
+            config.check(vocab_size)
+        except GenerationError as e:
+            raise GenerationError(f"{where}: {e}") from None
+        return config
+
+    @classmethod
+    def from_pretrained(cls, directory, vocab_size, model_config=None):
+        """The directory's generation_config.json (bounded read), or from_model_config(model_config) when the
+        directory has none. CheckpointError for a file that is not valid."""
+        from . import bounded_io
+        from .errors import CheckpointError
+
+        path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
+        if not os.path.lexists(path):
+            return cls.from_model_config(model_config) if model_config is not None else cls()
+        d = bounded_io.read_json(path, MAX_GENERATION_CONFIG_BYTES, CheckpointError, directory)
+        try:
+            return cls.from_dict(d, vocab_size, path)
+        except GenerationError as e:
+            raise CheckpointError(f"{e}; fix or remove the file") from None
+
+    def check(self, vocab_size):
+        """GenerationError for a field generate would refuse, naming the field and its value."""
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise GenerationError(f"do_sample must be true or false, got {self.do_sample!r}")
+        check_values({k: getattr(self, k) for k in ("max_new_tokens", "max_length", "temperature", "top_k", "top_p",
+                                                    "repetition_penalty")}, greedy="for greedy decoding set "
+                                                                                   "do_sample to false")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            _token_ids(name, getattr(self, name), vocab_size, allow_list=name == "eos_token_id")
+
+    def to_dict(self):
+        """The fields that are set, as generation_config.json holds them (transformers' diff form)."""
+        return {k: getattr(self, k) for k in GENERATION_DEFAULTS if getattr(self, k) is not None}
+
+    def save_pretrained(self, directory, group=None):
+        """Write generation_config.json atomically (`group`: see checkpoint.atomic_group)."""
+        from .checkpoint import atomic_write, make_directory
+
+        make_directory(directory)
+        path = os.path.join(directory, GENERATION_CONFIG_NAME)
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode(), group)
+        return path
+
+    def __eq__(self, other):
+        return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"GenerationConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+def generation_config_of(model):
+    """The model's generation config (a fast form's: its reference model's), or one from its config."""
+    for m in (model, getattr(model, "model", None)):
+        gc = getattr(m, "generation_config", None)
+        if isinstance(gc, GenerationConfig):
+            return gc
+    return GenerationConfig.from_model_config(model.config)
+
+
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-              repetition_penalty, seed, batch=1):
+              repetition_penalty, seed, batch=1, gc=None):
+    """The decoding settings: each argument given (not None) wins, else the generation config's value (gc,
+    checked when it was read), else transformers' default (GENERATION_DEFAULTS)."""
     config = model.config
-    if not isinstance(do_sample, (bool, np.bool_)):
+    gc = gc if gc is not None else generation_config_of(model)
+    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
-    do_sample = bool(do_sample)
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
-    if not do_sample and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
-                                                            (top_p, 1.0))):
+    try:                                     # model.generation_config may have been edited since it was read
+        gc.check(config.vocab_size)
+    except GenerationError as e:
+        raise GenerationError(f"model.generation_config: {e}") from None
+
+    def pick(name, value):
+        if value is not None:
+            return value
+        return getattr(gc, name) if getattr(gc, name) is not None else GENERATION_DEFAULTS[name]
+
+    sampling = bool(pick("do_sample", do_sample))
+    if not sampling and any(v not in (None, d) for v, d in ((temperature, 1.0), (top_k, DEFAULT_TOP_K),
+                                                           (top_p, 1.0))):
         warnings.warn("do_sample=False: temperature, top_k and top_p are ignored (greedy decoding); pass "
                       "do_sample=True to sample", UserWarning, stacklevel=3)
 
-    if max_new_tokens is not None:
+    # The length, as transformers' _prepare_generated_length: max_new_tokens (argument, else the generation
+    # config's) wins over max_length; a max_length left at transformers' default 20 counts new tokens.
+    new_tokens = max_new_tokens if max_new_tokens is not None else gc.max_new_tokens
+    config_length = gc.max_length if gc.max_length not in (None, DEFAULT_MAX_LENGTH) else None
+    if new_tokens is not None:
         if max_length is not None:
             logger.warning("Both max_new_tokens (=%d) and max_length (=%d) are set; max_new_tokens takes "
-                           "precedence", max_new_tokens, max_length)
-        total = prompt_len + max_new_tokens
-    elif max_length is not None:
-        if prompt_len >= max_length:
-            raise GenerationError(f"the prompt has {prompt_len} tokens but max_length is {max_length}; "
+                           "precedence", new_tokens, max_length)
+        total = prompt_len + new_tokens
+    elif max_length is not None or config_length is not None:
+        length = max_length if max_length is not None else config_length
+        if prompt_len >= length:
+            source = "" if max_length is not None else " (from the model's generation config)"
+            raise GenerationError(f"the prompt has {prompt_len} tokens but max_length{source} is {length}; "
                                   "increase max_length or, better, set max_new_tokens")
-        total = max_length
+        total = length
     else:
         warnings.warn(f"Using the default max_length (={DEFAULT_MAX_LENGTH} new tokens); set max_new_tokens "
                       "to control the generation length", UserWarning, stacklevel=3)
@@ -365,11 +489,10 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "
                       f"({config.max_position_embeddings}): the model was not trained that far", UserWarning,
                       stacklevel=3)
-    return dict(do_sample=do_sample, max_new_tokens=total - prompt_len,
-                temperature=1.0 if temperature is None else float(temperature),
-                top_k=DEFAULT_TOP_K if top_k is None else int(top_k),
-                top_p=1.0 if top_p is None else float(top_p),
-                repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty))
+    return dict(do_sample=sampling, max_new_tokens=total - prompt_len,
+                temperature=float(pick("temperature", temperature)), top_k=int(pick("top_k", top_k)),
+                top_p=float(pick("top_p", top_p)),
+                repetition_penalty=float(pick("repetition_penalty", repetition_penalty)))
 
 
 def _attention_mask(attention_mask, ids, pad_token_id, eos):
@@ -392,7 +515,7 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
 
 # ---- generate -----------------------------------------------------------------------------------
 
-def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
+def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=FROM_CONFIG,
              pad_token_id=FROM_CONFIG, seed=None, streamer=None, timings=None, engine="auto"):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
@@ -407,10 +530,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
-    eos = _token_ids("eos_token_id", config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
-                     allow_list=True, source=" (from the model's config.json)" if eos_token_id is FROM_CONFIG else "")
-    pad = _token_ids("pad_token_id", config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,
-                     allow_list=False, source=" (from the model's config.json)" if pad_token_id is FROM_CONFIG else "")
+    gc = generation_config_of(model)
+    source = " (from model.generation_config)"
+    eos = _token_ids("eos_token_id", gc.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
+                     allow_list=True, source=source if eos_token_id is FROM_CONFIG else "")
+    pad = _token_ids("pad_token_id", gc.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,
+                     allow_list=False, source=source if pad_token_id is FROM_CONFIG else "")
     pad = pad[0] if pad else None
     if pad is None and eos is not None:
         if attention_mask is None and batch > 1:
@@ -419,7 +544,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
                            "attention_mask to obtain reliable results.")
         pad = eos[0]
     s = _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-                  repetition_penalty, seed, batch)
+                  repetition_penalty, seed, batch, gc)
     mask = _attention_mask(attention_mask, ids, pad, eos)              # [B, T] host ints
     if batch > 1 and (mask[:, -1] == 0).any():
         logger.warning("A decoder-only model is being used, but right-padding was detected! For correct "

@@ -96,6 +96,11 @@ class StableLmPreTrainedModel:
         self.device = device
         self.xp = array_module(device)
         self.dtype = params["model.embed_tokens.weight"].dtype
+        from .generation import GenerationConfig     # generation imports this module: imported here
+
+        # generate's defaults (generation.GenerationConfig); from_pretrained replaces it with the directory's
+        # generation_config.json when there is one
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -111,6 +116,9 @@ class StableLmPreTrainedModel:
         np_dtype = resolve_dtype(dtype, device)                            # argument errors before any file
         directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
+        from .generation import GenerationConfig
+
+        generation_config = GenerationConfig.from_pretrained(directory, config.vocab_size, config)  # or config's
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
         headers = {}                                                       # each file's header, parsed once
         files = checkpoint.checkpoint_files(directory, headers)            # {tensor name: file}, found once
@@ -123,7 +131,9 @@ class StableLmPreTrainedModel:
         if device != "cpu":
             xp = array_module(device)
             params = {k: xp.asarray(_narrowed(k, v, np_dtype, directory)) for k, v in params.items()}
-        return cls(config, params, device)
+        model = cls(config, params, device)
+        model.generation_config = generation_config
+        return model
 
     @classmethod
     def from_config(cls, config: StableLmConfig, seed=0, dtype="float32", std=None):
@@ -158,11 +168,13 @@ class StableLmPreTrainedModel:
         return cls(config, params)
 
     def save_pretrained(self, directory, dtype=None):
-        """Write config.json + model.safetensors (names and layout transformers loads).
+        """Write config.json + generation_config.json + model.safetensors (names and layout transformers loads).
 
         What is written must load again: the tensors must be the ones the config implies (names and
-        shapes) and finite in the dtype written (float16 holds at most 65504); otherwise CheckpointError
-        names the tensor and nothing is written. Both files are written under temporary names and renamed
+        shapes) and finite in the dtype written (float16 holds at most 65504), and model.generation_config must
+        pass generate's checks; otherwise CheckpointError names the tensor or field and nothing is written.
+        generation_config.json holds the generation config's fields that are set (model.generation_config:
+        the one loaded, or config.json's token ids). The files are written under temporary names and renamed
         together at the end: a failed save leaves no partial file and no existing file changed. A shard
         index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed after the
         renames, since from_pretrained would read it instead of the new file; its shard files are left."""
@@ -177,11 +189,22 @@ class StableLmPreTrainedModel:
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
             self.config.save_pretrained(directory, group)
+            self.generation_config.save_pretrained(directory, group)
         checkpoint.remove_stale_index(directory)
 
     def _check_savable(self, host):
         """CheckpointError, before anything is written, for a save that from_pretrained would refuse: tensors
         that do not match the config (a config edited after loading) or values that are not finite."""
+        from .generation import GenerationConfig, GenerationError
+
+        if not isinstance(self.generation_config, GenerationConfig):
+            raise CheckpointError(f"cannot save: model.generation_config must be a generation.GenerationConfig, "
+                                  f"got {type(self.generation_config).__name__}")
+        try:
+            self.generation_config.check(self.config.vocab_size)
+        except GenerationError as e:
+            raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
+                                  "generation_config.json. Nothing was written") from None
         expected = checkpoint.expected_shapes(self.config, self.head)
         if self.config.tie_word_embeddings:
             expected.pop("lm_head.weight", None)
