@@ -259,3 +259,36 @@ def test_trace_defaults_to_the_embedded_model(tmp_path, capsys, monkeypatch):
     code, _, err = main(capsys, "trace", "--text", "The weather", "--dtype", "float32", "--out", out_file)
     assert code == 0, err
     assert read_trace(out_file)[1]["ids"] == [Tokenizer.from_pretrained(d).encode("The weather")]
+
+
+# ---- the model's generation_config.json: options override it as generate's keywords do -----------
+
+def _cli_expected(model_dir, prompt, **kwargs):
+    model = StableLmForCausalLM.from_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)
+    out = model.generate(tok(prompt)["input_ids"], **kwargs)
+    return tok.decode(out[0], skip_special_tokens=True) + "\n"
+
+
+def test_options_not_given_leave_the_generation_config_in_charge(tmp_path, capsys):
+    d = make_model_dir(tmp_path)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [0, 300], "pad_token_id": 1, "do_sample": True, "temperature": 0.7, "top_k": 10,
+                   "max_new_tokens": 5}, f)
+    code, out, err = main(capsys, "generate", "--model", d, "--seed", "3", "The weather is")
+    assert code == 0, err
+    assert out == _cli_expected(d, "The weather is", seed=3)            # the file's settings, nothing else
+    assert out == _cli_expected(d, "The weather is", seed=3, eos_token_id=[0, 300], do_sample=True,
+                                temperature=0.7, top_k=10, max_new_tokens=5)
+    # options win, each on its own: length, greedy, another temperature
+    assert main(capsys, "generate", "--model", d, "--seed", "3", "--max-new-tokens", "9", "The weather is")[1] == \
+        _cli_expected(d, "The weather is", seed=3, max_new_tokens=9)
+    assert main(capsys, "generate", "--model", d, "--temperature", "0", "The weather is")[1] == \
+        _cli_expected(d, "The weather is", do_sample=False)
+    assert main(capsys, "generate", "--model", d, "--temperature", "1.5", "--seed", "1", "The weather is")[1] == \
+        _cli_expected(d, "The weather is", seed=1, temperature=1.5)
+
+
+def test_without_a_length_anywhere_the_cli_generates_64_tokens(model_dir, capsys):
+    code, out, _ = main(capsys, "generate", "--model", model_dir, "--temperature", "0", "The weather is")
+    assert code == 0 and out == expected_text(model_dir, "The weather is", 64) + "\n"
