@@ -108,8 +108,6 @@ def generation_kwargs(args, tok, model):
     config (generation_config.json) decides, as for generate's own keywords. Two fallbacks of the command's
     own: CLI_MAX_NEW_TOKENS new tokens when nothing sets a length, and the tokenizer's eos/pad ids when the
     generation config has none."""
-    from .generation import DEFAULT_MAX_LENGTH
-
     gc = model.generation_config
     t = args.temperature
     options = args.sample or t is not None or args.top_k is not None or args.top_p is not None
@@ -117,7 +115,7 @@ def generation_kwargs(args, tok, model):
     kwargs = dict(do_sample=sample, repetition_penalty=args.repetition_penalty, seed=args.seed, engine=args.engine)
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
-    elif gc.max_new_tokens is None and gc.max_length in (None, DEFAULT_MAX_LENGTH):
+    elif gc.max_new_tokens is None and gc.max_length is None:
         kwargs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
     if sample is not False:  # their values were checked by check_arguments, in the options' words, before the command ran
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)

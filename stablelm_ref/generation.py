@@ -458,10 +458,11 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         warnings.warn("do_sample=False: temperature, top_k and top_p are ignored (greedy decoding); pass "
                       "do_sample=True to sample", UserWarning, stacklevel=3)
 
-    # The length, as transformers' _prepare_generated_length: max_new_tokens (argument, else the generation
-    # config's) wins over max_length; a max_length left at transformers' default 20 counts new tokens.
+    # The length, as transformers 5's _prepare_generated_length: max_new_tokens (the argument, else the
+    # generation config's) wins over max_length (the argument's, else the config's: the total length); with
+    # neither set anywhere, DEFAULT_MAX_LENGTH new tokens.
     new_tokens = max_new_tokens if max_new_tokens is not None else gc.max_new_tokens
-    config_length = gc.max_length if gc.max_length not in (None, DEFAULT_MAX_LENGTH) else None
+    config_length = gc.max_length
     if new_tokens is not None:
         if max_length is not None:
             logger.warning("Both max_new_tokens (=%d) and max_length (=%d) are set; max_new_tokens takes "

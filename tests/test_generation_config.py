@@ -130,16 +130,18 @@ def test_eos_list_from_the_file_stops_and_explicit_none_does_not(plain_dir, tmp_
     np.testing.assert_array_equal(model.generate(PROMPT, eos_token_id=None)[0, len(PROMPT[0]):], free)
 
 
-def test_max_length_from_the_file_is_the_total_length_unless_it_is_transformers_default(plain_dir, tmp_path):
+def test_max_length_from_the_file_is_the_total_length(plain_dir, tmp_path):
+    """transformers 5: a max_length set anywhere (argument or file) is prompt + new tokens; only when none is set
+    are DEFAULT_MAX_LENGTH (20) tokens generated, with its warning. A file's 20 is a total length too."""
     model = StableLmForCausalLM.from_pretrained(with_generation_config(plain_dir, tmp_path / "a", {"max_length": 9}))
     assert model.generate(PROMPT, eos_token_id=None).shape == (1, 9)                    # 6 prompt + 3
     assert model.generate(PROMPT, eos_token_id=None, max_new_tokens=2).shape == (1, 8)  # the argument wins
     with pytest.raises(GenerationError, match=r"max_length \(from the model's generation config\) is 9"):
         model.generate([list(range(2, 12))])
-    # 20 is transformers' default: counted as new tokens, with transformers' warning (as without the file)
     model = StableLmForCausalLM.from_pretrained(with_generation_config(plain_dir, tmp_path / "b", {"max_length": 20}))
-    with pytest.warns(UserWarning, match="default max_length"):
-        assert model.generate(PROMPT, eos_token_id=None).shape == (1, 6 + 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # no "default max_length" warning: the file set it
+        assert model.generate(PROMPT, eos_token_id=None).shape == (1, 20)
 
 
 def test_max_new_tokens_from_the_file_wins_over_an_explicit_max_length_as_in_transformers(plain_dir, tmp_path):
