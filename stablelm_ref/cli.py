@@ -7,7 +7,9 @@
     stablelm-ref trace / compare ...                                     (trace.py: golden-reference checks)
 
 Without --model the embedded default model (stablelm_ref/default_model/, named "stablelm-ref:default")
-is used. Decoding is greedy unless a temperature > 0, --top-k or --top-p is given (or --sample). Text is
+is used. Options not given are not passed to generate, so the model's generation_config.json decides them as
+it does for generate (greedy, 64 new tokens and the tokenizer's eos/pad ids when neither sets them); a
+temperature > 0, --top-k, --top-p or --sample turns sampling on, --temperature 0 turns it off. Text is
 streamed as it is generated; --stats prints prefill and decode tokens/s on stderr. The command calls the
 model's generate like any user, with engine=--engine: "fast" (default) steps through the device's fast form
 (model.fast(): fast_cpu.FastCpuModel on the CPU; on the GPU the CUDA-graph decode engine for bfloat16, every

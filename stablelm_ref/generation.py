@@ -34,10 +34,15 @@ tokens on the CPU and the GPU given the same logits (a backend that samples insi
 later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in
 order). The loop reads back B token ids per new token.
 
-Arguments left as None take transformers' defaults: max_new_tokens 20 (capped at
-max_position_embeddings) unless max_length is given, temperature 1.0, top_k 50, top_p 1.0,
-repetition_penalty 1.0; eos_token_id and pad_token_id from the model's config (an explicit None means
-none: eos_token_id=None never stops at an EOS, as in transformers 5).
+Defaults, as transformers' generate resolves them: an argument left out (None) takes the model's
+generation config (model.generation_config, a GenerationConfig below: the model directory's
+generation_config.json, or config.json's bos/eos/pad token ids when there is none), and a field the
+generation config leaves unset takes transformers' default (GENERATION_DEFAULTS): greedy, temperature 1.0,
+top_k 50, top_p 1.0, repetition_penalty 1.0, and 20 new tokens (capped at max_position_embeddings) when
+no max_new_tokens or max_length is set anywhere. max_new_tokens (argument, else the generation config's)
+wins over max_length (a total length, the argument's or the config's). eos_token_id / pad_token_id default
+to the generation config's; an explicit None means none (eos_token_id=None never stops at an EOS, as in
+transformers 5).
 
 Guards: the KV cache's size (from max_new_tokens / max_length) is checked against free memory before it
 is allocated; logits holding NaN or Inf stop generation with a GenerationError that names the first

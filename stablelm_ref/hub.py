@@ -11,8 +11,8 @@ so it never shadows a repository; a local directory of any name is taken as it i
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
-what to say when it cannot. Only `*.safetensors` and `*.json` are fetched (config, tokenizer,
-shard index): pickle checkpoints (`pytorch_model.bin`) are never downloaded, let alone opened.
+what to say when it cannot. Only `*.safetensors` and `*.json` are fetched (config, generation config,
+tokenizer, shard index): pickle checkpoints (`pytorch_model.bin`) are never downloaded, let alone opened.
 
 Offline (HF_HUB_OFFLINE=1, local_files_only=True, or no network): the cached snapshot is used; if
 there is none, HubError says the model is not cached and how to get it there.
