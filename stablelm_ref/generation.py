@@ -53,11 +53,7 @@ overflows gives that row its T -> 0 limit, greedy.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import math
-import numbers
 import sys
 import time
 import warnings
@@ -67,13 +63,14 @@ import numpy as np
 from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
 from .errors import GenerationError
+from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS,  # noqa: F401 (re-exported)
+                                VALUE_RULES, GenerationConfig, check_values, generation_config_of)
+from .generation_config import token_ids as _token_ids
 from .kv_cache import KVCache
 from .model import mask_array
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_LENGTH = 20  # transformers' model-agnostic default
-DEFAULT_TOP_K = 50       # transformers' default when sampling
 
 
 # ---- logits processors: [B, V] -> [B, V] --------------------------------------------------------
@@ -224,14 +221,6 @@ class TextStreamer:
 
 # ---- argument checking --------------------------------------------------------------------------
 
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 class _FromConfig:
     """The default of eos_token_id / pad_token_id: take the model's generation config (generation_config.json,
     else config.json). An explicit None means none (no EOS stop), as in transformers 5."""
@@ -293,148 +282,6 @@ def check_cache_memory(model, batch, total):
             * np.dtype(model.dtype).itemsize + 2 * batch * total * 8)
     check_memory(need, f"generating {total:,} positions for {batch} row(s) (the KV cache)", GenerationError,
                  "lower max_new_tokens / max_length (--max-new-tokens) or the batch", xp=model.xp)
-
-
-def _token_ids(name, value, vocab_size, allow_list, source=""):
-    """`source` (" (config.json)") says where a default came from, for the message."""
-    if value is None:
-        return None
-    values = list(value) if allow_list and isinstance(value, (list, tuple, np.ndarray)) else [value]
-    if not values or not all(_is_int(v) for v in values):
-        kind = "an integer token id" + (" or a list of them" if allow_list else "")
-        raise GenerationError(f"{name}{source} must be {kind}, got {value!r}")
-    for v in values:
-        if not 0 <= int(v) < vocab_size:
-            raise GenerationError(f"{name}{source} {int(v)} is outside the vocabulary [0, {vocab_size})"
-                                  + ("; fix generation_config.json / config.json or pass " + name + "=" if source else ""))
-    return [int(v) for v in values]
-
-
-# The value rules of generate's length and sampling arguments, in one place: generate checks its arguments
-# with them, the CLI its options (before the model loads), each naming the offender in its own words.
-VALUE_RULES = {                    # name -> (is the value acceptable, what the name must be)
-    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "max_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 turns it off)"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-}
-
-
-def check_values(values, names=None, greedy="for greedy decoding use do_sample=False"):
-    """GenerationError for the first of values ({argument: value}; None is "not given") that breaks its rule
-    in VALUE_RULES, naming it through names ({"top_k": "--top-k"} for the CLI; Python's own names by default)
-    and, when the temperature is the offender, saying how to decode greedily (`greedy`)."""
-    for key, value in values.items():
-        ok, rule = VALUE_RULES[key]
-        if value is not None and not ok(value):
-            hint = f" ({greedy})" if key == "temperature" else ""
-            raise GenerationError(f"{(names or {}).get(key, key)} must be {rule}, got {value!r}{hint}")
-
-
-# ---- the generation config: generate's defaults, from generation_config.json ---------------------
-
-GENERATION_CONFIG_NAME = "generation_config.json"
-MAX_GENERATION_CONFIG_BYTES = 1024 * 1024   # generation_config.json (real: ~200 bytes)
-# The fields generate reads; the last of each pair is transformers' default when neither the argument
-# nor the generation config sets it (the token ids have none: None means "no such token").
-GENERATION_DEFAULTS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                           max_length=DEFAULT_MAX_LENGTH, max_new_tokens=None, do_sample=False, temperature=1.0,
-                           top_k=DEFAULT_TOP_K, top_p=1.0, repetition_penalty=1.0)
-
-
-class GenerationConfig:
-    """generate's defaults for one model (model.generation_config), as transformers' GenerationConfig holds
-    them: each field is a value, or None for "not set" (generate then uses GENERATION_DEFAULTS).
-
-    Read from the model directory's generation_config.json when there is one (only the fields above are
-    kept: other keys, such as transformers_version or num_beams, are ignored, as fields generate does not
-    use), else derived from config.json's bos/eos/pad token ids (transformers' from_model_config). Values
-    are checked where they enter, with generate's own rules (check_values, _token_ids): a hostile file is a
-    CheckpointError naming the file, the key and the value."""
-
-    def __init__(self, **fields):
-        unknown = sorted(set(fields) - set(GENERATION_DEFAULTS))
-        if unknown:
-            raise GenerationError(f"GenerationConfig has no field {unknown[0]!r}; fields: "
-                                  f"{', '.join(GENERATION_DEFAULTS)}")
-        for name in GENERATION_DEFAULTS:
-            setattr(self, name, fields.get(name))
-
-    @classmethod
-    def from_model_config(cls, config):
-        """The token ids of config.json (a StableLmConfig), nothing else set."""
-        return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                   pad_token_id=config.pad_token_id)
-
-    @classmethod
-    def from_dict(cls, d, vocab_size, where=GENERATION_CONFIG_NAME):
-        """The known fields of d (a generation_config.json's object), checked; GenerationError naming `where`."""
-        if not isinstance(d, dict):
-            raise GenerationError(f"{where} must hold a JSON object, got {type(d).__name__}")
-        fields = {k: v for k, v in d.items() if k in GENERATION_DEFAULTS}
-        config = cls(**fields)
-        try:
-            config.check(vocab_size)
-        except GenerationError as e:
-            raise GenerationError(f"{where}: {e}") from None
-        return config
-
-    @classmethod
-    def from_pretrained(cls, directory, vocab_size, model_config=None):
-        """The directory's generation_config.json (bounded read), or from_model_config(model_config) when the
-        directory has none. CheckpointError for a file that is not valid."""
-        from . import bounded_io
-        from .errors import CheckpointError
-
-        path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
-        if not os.path.lexists(path):
-            return cls.from_model_config(model_config) if model_config is not None else cls()
-        d = bounded_io.read_json(path, MAX_GENERATION_CONFIG_BYTES, CheckpointError, directory)
-        try:
-            return cls.from_dict(d, vocab_size, path)
-        except GenerationError as e:
-            raise CheckpointError(f"{e}; fix or remove the file") from None
-
-    def check(self, vocab_size):
-        """GenerationError for a field generate would refuse, naming the field and its value."""
-        if self.do_sample is not None and not isinstance(self.do_sample, bool):
-            raise GenerationError(f"do_sample must be true or false, got {self.do_sample!r}")
-        check_values({k: getattr(self, k) for k in ("max_new_tokens", "max_length", "temperature", "top_k", "top_p",
-                                                    "repetition_penalty")}, greedy="for greedy decoding set "
-                                                                                   "do_sample to false")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            _token_ids(name, getattr(self, name), vocab_size, allow_list=name == "eos_token_id")
-
-    def to_dict(self):
-        """The fields that are set, as generation_config.json holds them (transformers' diff form)."""
-        return {k: getattr(self, k) for k in GENERATION_DEFAULTS if getattr(self, k) is not None}
-
-    def save_pretrained(self, directory, group=None):
-        """Write generation_config.json atomically (`group`: see checkpoint.atomic_group)."""
-        from .checkpoint import atomic_write, make_directory
-
-        make_directory(directory)
-        path = os.path.join(directory, GENERATION_CONFIG_NAME)
-        atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode(), group)
-        return path
-
-    def __eq__(self, other):
-        return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return f"GenerationConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
-
-
-def generation_config_of(model):
-    """The model's generation config (a fast form's: its reference model's), or one from its config."""
-    for m in (model, getattr(model, "model", None)):
-        gc = getattr(m, "generation_config", None)
-        if isinstance(gc, GenerationConfig):
-            return gc
-    return GenerationConfig.from_model_config(model.config)
 
 
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
@@ -537,7 +384,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
     batch, prompt_len = ids.shape
     vocab = config.vocab_size
     gc = generation_config_of(model)
-    source = " (from model.generation_config)"
+    source = f" (from {gc.source})"
     eos = _token_ids("eos_token_id", gc.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id, vocab,
                      allow_list=True, source=source if eos_token_id is FROM_CONFIG else "")
     pad = _token_ids("pad_token_id", gc.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, vocab,

@@ -30,6 +30,7 @@ from ._xp import host_array, no_trace, scoped, to_host
 from .config import StableLmConfig
 from .decoder_layer import decoder_layer
 from .errors import CheckpointError, GenerationError, StableLmError
+from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -96,9 +97,7 @@ class StableLmPreTrainedModel:
         self.device = device
         self.xp = array_module(device)
         self.dtype = params["model.embed_tokens.weight"].dtype
-        from .generation import GenerationConfig     # generation imports this module: imported here
-
-        # generate's defaults (generation.GenerationConfig); from_pretrained replaces it with the directory's
+        # generate's defaults (generation_config.GenerationConfig); from_pretrained replaces it with the directory's
         # generation_config.json when there is one
         self.generation_config = GenerationConfig.from_model_config(config)
 
@@ -116,8 +115,6 @@ class StableLmPreTrainedModel:
         np_dtype = resolve_dtype(dtype, device)                            # argument errors before any file
         directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
-        from .generation import GenerationConfig
-
         generation_config = GenerationConfig.from_pretrained(directory, config.vocab_size, config)  # or config's
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
         headers = {}                                                       # each file's header, parsed once
@@ -195,10 +192,8 @@ class StableLmPreTrainedModel:
     def _check_savable(self, host):
         """CheckpointError, before anything is written, for a save that from_pretrained would refuse: tensors
         that do not match the config (a config edited after loading) or values that are not finite."""
-        from .generation import GenerationConfig, GenerationError
-
         if not isinstance(self.generation_config, GenerationConfig):
-            raise CheckpointError(f"cannot save: model.generation_config must be a generation.GenerationConfig, "
+            raise CheckpointError(f"cannot save: model.generation_config must be a generation_config.GenerationConfig, "
                                   f"got {type(self.generation_config).__name__}")
         try:
             self.generation_config.check(self.config.vocab_size)

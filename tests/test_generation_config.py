@@ -19,7 +19,7 @@ import pytest
 
 from stablelm_ref import hub
 from stablelm_ref.errors import CheckpointError, GenerationError
-from stablelm_ref.generation import GenerationConfig
+from stablelm_ref.generation_config import GenerationConfig
 from stablelm_ref.heads import StableLmForCausalLM
 
 from conftest import tiny_model
