@@ -255,3 +255,18 @@ def test_generation_config_is_not_written_when_the_weights_fail(plain_dir, tmp_p
         with pytest.raises(CheckpointError, match="NaN"):
             model.save_pretrained(tmp_path / "out")
     assert not os.path.exists(tmp_path / "out" / "generation_config.json")
+
+
+def test_generation_config_that_is_not_a_regular_file_inside_the_directory_is_refused(plain_dir, tmp_path):
+    d = with_generation_config(plain_dir, tmp_path / "dir", {})
+    os.remove(os.path.join(d, "generation_config.json"))
+    os.mkdir(os.path.join(d, "generation_config.json"))
+    with pytest.raises(CheckpointError, match="generation_config.json"):
+        StableLmForCausalLM.from_pretrained(d)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"max_new_tokens": 3}))
+    d = with_generation_config(plain_dir, tmp_path / "link", {})
+    os.remove(os.path.join(d, "generation_config.json"))
+    os.symlink(outside, os.path.join(d, "generation_config.json"))
+    with pytest.raises(CheckpointError, match="generation_config.json"):
+        StableLmForCausalLM.from_pretrained(d)
