@@ -295,7 +295,7 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     try:                                     # model.generation_config may have been edited since it was read
-        gc.check(config.vocab_size)
+        gc.check()                           # its token ids: generate checks the ones it uses
     except GenerationError as e:
         raise GenerationError(f"model.generation_config: {e}") from None
 

@@ -25,7 +25,8 @@ import os
 
 import numpy as np
 
-from .errors import GenerationError
+from . import bounded_io
+from .errors import CheckpointError, GenerationError
 
 DEFAULT_MAX_LENGTH = 20  # transformers' model-agnostic default
 DEFAULT_TOP_K = 50       # transformers' default when sampling
@@ -84,8 +85,8 @@ def check_values(values, names=None, greedy="for greedy decoding use do_sample=F
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 MAX_GENERATION_CONFIG_BYTES = 1024 * 1024   # generation_config.json (real: ~200 bytes)
-# The fields generate reads; the last of each pair is transformers' default when neither the argument
-# nor the generation config sets it (the token ids have none: None means "no such token").
+# The fields generate reads, each with transformers' default: the value used when neither the argument nor
+# the generation config sets it (the token ids have none: None means "no such token").
 GENERATION_DEFAULTS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None,
                            max_length=DEFAULT_MAX_LENGTH, max_new_tokens=None, do_sample=False, temperature=1.0,
                            top_k=DEFAULT_TOP_K, top_p=1.0, repetition_penalty=1.0)
@@ -98,7 +99,7 @@ class GenerationConfig:
     Read from the model directory's generation_config.json when there is one (only the fields above are
     kept: other keys, such as transformers_version or num_beams, are ignored, as fields generate does not
     use), else derived from config.json's bos/eos/pad token ids (transformers' from_model_config). Values
-    are checked where they enter, with generate's own rules (check_values, _token_ids): a hostile file is a
+    are checked where they enter, with generate's own rules (check_values, token_ids): a hostile file is a
     CheckpointError naming the file, the key and the value."""
 
     def __init__(self, **fields):
@@ -135,9 +136,6 @@ class GenerationConfig:
     def from_pretrained(cls, directory, vocab_size, model_config=None):
         """The directory's generation_config.json (bounded read), or from_model_config(model_config) when the
         directory has none. CheckpointError for a file that is not valid."""
-        from . import bounded_io
-        from .errors import CheckpointError
-
         path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
         if not os.path.lexists(path):
             return cls.from_model_config(model_config) if model_config is not None else cls()
@@ -147,14 +145,15 @@ class GenerationConfig:
         except GenerationError as e:
             raise CheckpointError(f"{e}; fix or remove the file") from None
 
-    def check(self, vocab_size):
-        """GenerationError for a field generate would refuse, naming the field and its value."""
+    def check(self, vocab_size=None):
+        """GenerationError for a field generate would refuse, naming the field and its value (the token ids
+        only with a vocab_size: generate checks the eos / pad ids it uses itself, naming where they came from)."""
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise GenerationError(f"do_sample must be true or false, got {self.do_sample!r}")
         check_values({k: getattr(self, k) for k in ("max_new_tokens", "max_length", "temperature", "top_k", "top_p",
                                                     "repetition_penalty")}, greedy="for greedy decoding set "
                                                                                    "do_sample to false")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id") if vocab_size is not None else ():
             token_ids(name, getattr(self, name), vocab_size, allow_list=name == "eos_token_id")
 
     def to_dict(self):
@@ -183,4 +182,8 @@ def generation_config_of(model):
         gc = getattr(m, "generation_config", None)
         if isinstance(gc, GenerationConfig):
             return gc
+        if gc is not None:
+            raise GenerationError(f"model.generation_config must be a GenerationConfig (stablelm_ref.generation_config), "
+                                  f"got {type(gc).__name__}; set its fields instead, e.g. "
+                                  "model.generation_config.max_new_tokens = 32")
     return GenerationConfig.from_model_config(model.config)

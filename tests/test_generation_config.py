@@ -270,3 +270,10 @@ def test_generation_config_that_is_not_a_regular_file_inside_the_directory_is_re
     os.symlink(outside, os.path.join(d, "generation_config.json"))
     with pytest.raises(CheckpointError, match="generation_config.json"):
         StableLmForCausalLM.from_pretrained(d)
+
+
+def test_a_generation_config_replaced_by_a_dict_is_named(plain_dir):
+    model = StableLmForCausalLM.from_pretrained(plain_dir)
+    model.generation_config = {"max_new_tokens": 3}
+    with pytest.raises(GenerationError, match="model.generation_config must be a GenerationConfig .* got dict"):
+        model.generate(PROMPT)
