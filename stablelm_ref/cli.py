@@ -119,7 +119,7 @@ def generation_kwargs(args, tok, model):
         kwargs["max_new_tokens"] = args.max_new_tokens
     elif gc.max_new_tokens is None and gc.max_length is None:
         kwargs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
-    if sample is not False:  # their values were checked by check_arguments, in the options' words, before the command ran
+    if sample is not False:  # values checked by check_arguments, in the options' words, before the command ran
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)
     if tok.eos_token_id is not None and gc.eos_token_id is None:
         kwargs["eos_token_id"] = tok.eos_token_id

@@ -53,7 +53,7 @@ def token_ids(name, value, vocab_size, allow_list, source=""):
     for v in values:
         if not 0 <= int(v) < vocab_size:
             raise GenerationError(f"{name}{source} {int(v)} is outside the vocabulary [0, {vocab_size})"
-                                  + ("; fix generation_config.json / config.json or pass " + name + "=" if source else ""))
+                                  + ("; fix the model's files or pass " + name + "=" if source else ""))
     return [int(v) for v in values]
 
 
@@ -183,7 +183,7 @@ def generation_config_of(model):
         if isinstance(gc, GenerationConfig):
             return gc
         if gc is not None:
-            raise GenerationError(f"model.generation_config must be a GenerationConfig (stablelm_ref.generation_config), "
-                                  f"got {type(gc).__name__}; set its fields instead, e.g. "
+            raise GenerationError("model.generation_config must be a GenerationConfig (stablelm_ref.generation_config"
+                                  f"), got {type(gc).__name__}; set its fields instead, e.g. "
                                   "model.generation_config.max_new_tokens = 32")
     return GenerationConfig.from_model_config(model.config)
