@@ -35,7 +35,7 @@ later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.
 order). The loop reads back B token ids per new token.
 
 Defaults, as transformers' generate resolves them: an argument left out (None) takes the model's
-generation config (model.generation_config, a GenerationConfig below: the model directory's
+generation config (model.generation_config, a generation_config.GenerationConfig: the model directory's
 generation_config.json, or config.json's bos/eos/pad token ids when there is none), and a field the
 generation config leaves unset takes transformers' default (GENERATION_DEFAULTS): greedy, temperature 1.0,
 top_k 50, top_p 1.0, repetition_penalty 1.0, and 20 new tokens (capped at max_position_embeddings) when
@@ -63,8 +63,8 @@ import numpy as np
 from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
 from .errors import GenerationError
-from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS,  # noqa: F401 (re-exported)
-                                VALUE_RULES, GenerationConfig, check_values, generation_config_of)
+from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS, check_values,
+                                generation_config_of)
 from .generation_config import token_ids as _token_ids
 from .kv_cache import KVCache
 from .model import mask_array

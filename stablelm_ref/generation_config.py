@@ -1,8 +1,8 @@
 """generate's defaults for one model, as transformers keeps them: model.generation_config.
 
-    model.generation_config = GenerationConfig.from_pretrained(directory)   generation_config.json
-                            | GenerationConfig.from_model_config(config)    no file: config.json's token ids
-    generate(model, ids, temperature=0.9)                                  argument > generation config > default
+    model.generation_config = GenerationConfig.from_pretrained(directory, config)   generation_config.json
+                            | GenerationConfig.from_model_config(config)   no file: config.json's token ids
+    generate(model, ids, temperature=0.9)   argument > generation config > transformers' default
 
 A GenerationConfig holds the fields generate reads (GENERATION_DEFAULTS: bos/eos/pad token ids, eos a list
 or one id; max_length, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty); a field is
@@ -133,15 +133,16 @@ class GenerationConfig:
         return config
 
     @classmethod
-    def from_pretrained(cls, directory, vocab_size, model_config=None):
-        """The directory's generation_config.json (bounded read), or from_model_config(model_config) when the
-        directory has none. CheckpointError for a file that is not valid."""
+    def from_pretrained(cls, directory, model_config):
+        """The directory's generation_config.json (bounded read; its token ids checked against the model
+        config's vocabulary), or from_model_config(model_config) when the directory has none. CheckpointError
+        for a file that is not valid."""
         path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
         if not os.path.lexists(path):
-            return cls.from_model_config(model_config) if model_config is not None else cls()
+            return cls.from_model_config(model_config)
         d = bounded_io.read_json(path, MAX_GENERATION_CONFIG_BYTES, CheckpointError, directory)
         try:
-            return cls.from_dict(d, vocab_size, path)
+            return cls.from_dict(d, model_config.vocab_size, path)
         except GenerationError as e:
             raise CheckpointError(f"{e}; fix or remove the file") from None
 

@@ -115,7 +115,7 @@ class StableLmPreTrainedModel:
         np_dtype = resolve_dtype(dtype, device)                            # argument errors before any file
         directory = hub.model_directory(path, revision=revision, cache_dir=cache_dir, **hub_kwargs)
         config = StableLmConfig.from_pretrained(directory)
-        generation_config = GenerationConfig.from_pretrained(directory, config.vocab_size, config)  # or config's
+        generation_config = GenerationConfig.from_pretrained(directory, config)  # or config's
         host_dtype = np_dtype if device == "cpu" else np.dtype(np.float32) if np_dtype.itemsize == 2 else np_dtype
         headers = {}                                                       # each file's header, parsed once
         files = checkpoint.checkpoint_files(directory, headers)            # {tensor name: file}, found once
