@@ -247,14 +247,15 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
     """Read every tensor of a model directory as {name: array of `dtype`}.
 
     `files` is checkpoint_files(directory, headers) when the caller already has it (it is not read again),
-    `headers` the headers that call parsed: each file's header is read and validated once.
+    `headers` the headers that call parsed: each file's header is read and validated once (the dict is
+    filled in with the headers read here, so a caller that reads a tensor afterwards parses none again).
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
     name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
-    headers = {} if headers is None else dict(headers)
+    headers = {} if headers is None else headers
     where = checkpoint_files(directory, headers) if files is None else files
     for path in set(where.values()) - set(headers):
         headers[path] = read_header(path, root=os.fspath(directory))
