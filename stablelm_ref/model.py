@@ -27,7 +27,7 @@ import numpy as np
 
 from . import checkpoint, hub
 from ._xp import host_array, no_trace, scoped, to_host
-from .config import StableLmConfig
+from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
 from .errors import CheckpointError, GenerationError, StableLmError
 from .generation_config import GenerationConfig
@@ -36,7 +36,7 @@ from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-MAX_POSITION_ID = 2**53  # exact in float64; larger ids (or uint64 ids that wrap as int64) are refused
+MAX_POSITION_ID = MAX_POSITIONS  # 2**53, exact in float64; larger ids (or uint64 ids that wrap as int64) are refused
 
 
 @dataclass

@@ -135,7 +135,7 @@ class Tokenizer:
         try:
             return call(*args, **kwargs)
         except BaseException as e:
-            if type(e).__name__ != "PanicException":
+            if not _is_panic(e):
                 raise
             raise TokenizerError(f"{self.source}: the tokenizers library failed while {doing} "
                                  f"({_first_line(e)}); tokenizer.json cannot handle this input") from None
@@ -422,10 +422,9 @@ def _load_backend(path, root=None):
     try:
         return Backend.from_str(text)
     except BaseException as e:  # the Rust library raises plain Exception subclasses, or panics
-        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+        if not isinstance(e, Exception) and not _is_panic(e):
             raise
-        raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
-                             "re-download it") from None
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({_first_line(e)}); re-download it") from None
 
 
 def _read_json(path, root):
@@ -454,7 +453,13 @@ def _flag(value, name, where="", advice=""):
     raise TokenizerError(f"{where + ' ' if where else ''}{name!r} must be true or false, got {value!r}{advice}")
 
 
+def _is_panic(e):
+    """pyo3's PanicException (a Rust panic inside the tokenizers library), known by name: it is not importable."""
+    return type(e).__name__ == "PanicException"
+
+
 def _first_line(e):
+    """An exception's message for one line of ours: its first line (at most 200 characters), else its type."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
