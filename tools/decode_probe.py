@@ -41,7 +41,6 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
 }
-VARIANTS_DEFAULT = ["default", "no-kv"]
 
 ABLATIONS = {
     "full step": lambda tag: True,
@@ -129,7 +128,6 @@ def batch_ab(cfg, params, batches, prompt, steps):
         log(f"batch {nb}: step {row['cuda cores']:.4f} ms (CUDA-core GEMV) vs {row['tensor cores offered']:.4f} ms "
             f"(tensor cores offered): {row['speed-up']:.2f}x; {nb * 1e3 / row['tensor cores offered']:.0f} tok/s total; "
             f"chosen (rows, threads, persist, unroll) {row['tensor cores offered tuning']}")
-    engine.k.tensor_cores = True
     return out
 
 
@@ -171,7 +169,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
-    ap.add_argument("--variants", nargs="*", default=VARIANTS_DEFAULT, choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
