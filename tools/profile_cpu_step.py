@@ -15,7 +15,10 @@ helpers fast_cpu imports from the concept files are timed the same way. Lines ar
   on arrays such as .reshape, which the proxy does not see).
 
 The proxy costs about a microsecond per call, so the profiled step is slower than a plain one; both
-medians are printed, and the per-line figures are what to compare before and after a change.
+medians are printed, and the per-line figures are what to compare before and after a change. Each
+per-line figure is that line's median over the profiled steps, and the GEMV / rest / Python figures are
+medians of each step's sums: one step that met another process's burst (a 2-thread OpenBLAS call can
+take 10-50 times longer then) moves a median by one place, where it dominated a mean.
 
 Each prefill follows --idle seconds of sleep, as in make bench-llama, so that OpenBLAS's worker thread,
 which spins ~0.1 s after a threaded call, is asleep when it starts.
@@ -53,9 +56,14 @@ CLOCK = time.perf_counter
 
 class Timings:
     def __init__(self):
-        self.total = collections.defaultdict(float)     # (file, line, name) -> seconds
+        self.total = collections.defaultdict(float)     # (file, line, name) -> seconds, this step
         self.calls = collections.defaultdict(int)
+        self.steps = []                                 # one `total` per profiled step
         self.on = False
+
+    def end_step(self):
+        self.steps.append(self.total)
+        self.total = collections.defaultdict(float)
 
     def wrap(self, name, fn):
         def timed(*args, **kwargs):
@@ -188,19 +196,27 @@ def main():
         for _ in range(args.steps):                         # interleaved: plain, profiled, plain, ...
             plain.append(step(False))
             profiled.append(step(True))
+            timings.end_step()
     finally:
         for name, obj in originals.items():
             setattr(fast_cpu, name, obj)
         del fast.model._prepare_inputs
 
+    # Each line's figure is its median over the profiled steps (one step that met another process's burst
+    # would otherwise dominate a mean); the group figures are medians of each step's group sums.
     n = args.steps
+    keys = set().union(*timings.steps)
+    sources = {key: linecache.getline(key[0], key[1]).strip() for key in keys}
     rows = []
-    for key, total in timings.total.items():
-        source = linecache.getline(key[0], key[1]).strip()
-        rows.append((total / n * 1e6, timings.calls[key] / n, key, source))
+    for key in keys:
+        rows.append((statistics.median(s.get(key, 0.0) for s in timings.steps) * 1e6, timings.calls[key] / n, key,
+                     sources[key]))
     rows.sort(key=lambda r: -r[0])
-    gemv = sum(r[0] for r in rows if is_gemv(r[2], r[3]))
-    rest = sum(r[0] for r in rows) - gemv
+    gemv_steps = [sum(v for k, v in s.items() if is_gemv(k, sources[k])) * 1e6 for s in timings.steps]
+    timed_steps = [sum(s.values()) * 1e6 for s in timings.steps]
+    gemv = statistics.median(gemv_steps)
+    rest = statistics.median(t - g for t, g in zip(timed_steps, gemv_steps))
+    python = statistics.median(p * 1e6 - t for p, t in zip(profiled, timed_steps))
     step_prof = statistics.median(profiled) * 1e6
     step_plain = statistics.median(plain) * 1e6
     weights = sum(sum(a.nbytes for a in vars(layer).values() if isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[0] > 1)
@@ -215,8 +231,8 @@ def main():
     rate = "skipped" if skip else f"{weights / gemv / 1e3:.1f} GB/s"
     print(f"  GEMV        {gemv:8.0f} us  {100 * gemv / step_prof:5.1f}%   ({rate})")
     print(f"  rest NumPy  {rest:8.0f} us  {100 * rest / step_prof:5.1f}%")
-    print(f"  Python      {step_prof - gemv - rest:8.0f} us  {100 * (step_prof - gemv - rest) / step_prof:5.1f}%")
-    print(f"\n{'us/step':>9} {'calls':>6}  line  call / source")
+    print(f"  Python      {python:8.0f} us  {100 * python / step_prof:5.1f}%")
+    print(f"(each figure the median over the {n} profiled steps)\n{'us/step':>9} {'calls':>6}  line  call / source")
     for us, c, key, source in rows[:args.top]:
         where = os.path.basename(key[0])
         print(f"{us:9.1f} {c:6.0f}  {where}:{key[1]:<4d} {key[2]:<22s} {source[:70]}")
