@@ -38,7 +38,10 @@ writing into a buffer allocated once:
 - LayerNorm statistics are GEMVs against a [hidden, 1] column of 1/hidden (np.mean is a Python
   function that costs ten times a ufunc call on a vector).
 - The final LayerNorm and the lm_head run only on the positions whose logits are kept
-  (logits_to_keep=1 while decoding: one row of [vocab] per sequence, not T).
+  (logits_to_keep=1 while decoding: one row of [vocab] per sequence, not T), and so does the last layer
+  after its q|k|v GEMM (its keys and values are cached for every position; its queries, attention, o,
+  MLP and residual serve only the kept rows): a 128-token prefill with logits_to_keep=1, as generate
+  makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -346,13 +349,18 @@ class FastCpuModel:
         if mask2d is not None or t > 1:
             blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
         blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
+        kept = None if rows is None else np.arange(t)[rows]                      # [T'] positions, or None: all
+        trim = kept is not None and len(kept) < t                                # the last layer on kept rows only
         for i, layer in enumerate(self.layers):
-            self._layer(w, layer, i, past, t, blocks, cache)
+            keys_t, values = self._layer_inputs(w, layer, i, past, t, cache)
+            if trim and i == len(self.layers) - 1:
+                w, blocks = self._kept_only(w, kept, b, t, past, blocked)
+            self._layer_outputs(w, layer, keys_t, values, blocks)
         if cache is not None:
             cache.advance(t)
 
-        x = w.x.reshape(b, t, -1)
-        x = x if rows is None else x[:, rows, :]                                 # [B, T', hidden]
+        x = w.x.reshape(b, -1, w.x.shape[-1])
+        x = x if rows is None or trim else x[:, rows, :]                         # [B, T', hidden]
         x = x.reshape(-1, x.shape[-1])                                           # [B*T', hidden]
         h = self._layer_norm(x, *self.norm, np.empty_like(x), np.empty(x.shape[:-1] + (1,), x.dtype), np.empty_like(x))
         logits = np.matmul(h, self.lm_head_t).reshape(b, -1, config.vocab_size)  # one GEMM: [B*T', vocab]
@@ -409,8 +417,23 @@ class FastCpuModel:
             np.add(out, bias, out=out)
         return out
 
-    def _layer(self, w, layer, i, past, t, blocks, cache):
-        # --- attention ------------------------------------------------------------------------
+    def _kept_only(self, w, kept, b, t, past, blocked):
+        """(the workspace of the kept rows, B x T', its attention blocks) for the last layer's outputs: it holds
+        their residual stream and their rows of the q|k|v (|gate|up) GEMM's output, rotated; the blocks
+        attend their queries to every key through their rows of the mask.
+
+        The last layer's keys and values are needed at every position (the KV cache); its queries, attention,
+        o, MLP and residual only where logits are kept: with logits_to_keep=1, one row of the T. llama.cpp
+        does the same (docs/cpu_notes.md, fifth pass)."""
+        k = self._workspace(b, len(kept))                                        # len(kept) < t: not w itself
+        for part, whole in ((k.x, w.x), (k.inp, w.inp)):                        # [B*T', ...] <- [B*T, ...]
+            np.take(whole.reshape(b, t, -1), kept, axis=1, out=part.reshape(b, len(kept), -1))
+        # queries kept at positions past + kept; t' of them laid out as if they were the last of past + t keys
+        return k, k.attention_blocks(past + t - len(kept), blocked[..., kept, :], causal_only=False)
+
+    def _layer_inputs(self, w, layer, i, past, t, cache):
+        """LayerNorm 1 and the q|k|v (|gate|up) GEMM into w.inp, q and k rotated, q scaled, the new keys and
+        values written to the cache; returns the keys [B, KVH, 1, D, S] and values [B, KVH, 1, S, D] to attend."""
         self._layer_norm(w.x, *layer.ln1, w.h, w.stat, w.sq)                     # [B*T, hidden]
         np.matmul(w.h, layer.in_t, out=w.inp)                                    # [B*T, (H+2KVH) D (+ 2 I)]
         if layer.qkv_b is not None:
@@ -428,7 +451,11 @@ class FastCpuModel:
             np.copyto(values[:, :, past:end], w.v_new)
         else:
             keys, values = w.k_new, w.v_new                                      # [B, KVH, T, D] views
-        keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]    # [B, KVH, 1, D, S], [.., S, D]
+        return keys[:, :, None].swapaxes(-1, -2), values[:, :, None]             # [B, KVH, 1, D, S], [.., S, D]
+
+    def _layer_outputs(self, w, layer, keys_t, values, blocks):
+        """Attention of w's queries, o, the residual, the MLP (LayerNorm 2 and gate|up first, unless they came
+        with q|k|v) and its residual, in place on w.x."""
         for q, out, s, scores, row_max, row_sum, blocked, empty in blocks:
             self._attend(q, keys_t[..., :s], values[..., :s, :], out, scores, row_max, row_sum, blocked, empty)
         np.matmul(w.attn, layer.o_t, out=w.o)                                    # [B*T, H D] -> [B*T, hidden]

@@ -124,6 +124,8 @@ def test_float32_is_within_the_rounding_bound(variant, t, seed):
     fast_err = np.abs(got - exact)
     assert (ref_err <= bound).all(), "the bound is wrong: the reference's own float32 run exceeds it"
     assert (fast_err <= bound).all(), (fast_err.max(), (fast_err / bound).max())
+    last_err = np.abs(fast32(ids, logits_to_keep=1).logits - exact[:, -1:])  # the last layer on one row (t > 1)
+    assert (last_err <= bound[:, -1:]).all(), (last_err.max(), (last_err / bound[:, -1:]).max())
 
 
 def test_float32_bound_catches_a_small_error():
@@ -251,6 +253,44 @@ def _check_two_prompts(variant, t1, t2, pad, seed):
         np.testing.assert_allclose(pieces["fast"], pieces["ref"], rtol=0, atol=TOL)
         full = ref(ids, attention_mask=m, position_ids=p).logits          # the tokens: as one forward
         np.testing.assert_allclose(pieces["fast"][:, pad:], full[:, pad:], rtol=0, atol=TOL)
+
+
+@settings(max_examples=20, deadline=None)
+@given(variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(2, 9), steps=st.integers(1, 3), pad=st.integers(0, 3),
+       keep=st.one_of(st.integers(1, 8), st.lists(st.integers(0, 8), min_size=1, max_size=4)),
+       chunked=st.booleans(), seed=st.integers(0, 2**16))
+def test_prefill_keeping_some_logits_still_fills_the_cache(variant, t, steps, pad, keep, chunked, seed):
+    """With logits_to_keep (an int, or positions in any order, repeated or not) the last layer's outputs are
+    computed for the kept rows only, its keys and values for all: the kept logits, every layer of the cache,
+    and the decode steps after it equal the reference's (left padding in row 0; `chunked`: the prompt's
+    second half goes through the cache after its first, so the kept queries also see earlier keys)."""
+    ref, fast = _pair(variant, 11)
+    pad = min(pad, t - 1)
+    start = t // 2 if chunked else 0                                   # the call with logits_to_keep: t - start tokens
+    keep = keep if isinstance(keep, int) else np.array([k % (t - start) for k in keep])
+    ids, mask, pos = _padded(np.random.default_rng(seed), 2, t + steps, [pad, 0])
+    results = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        cache = None
+        if chunked:
+            cache = model(ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start],
+                          use_cache=True).past_key_values
+        out = model(ids[:, start:t], attention_mask=mask[:, :t], position_ids=pos[:, start:t], past_key_values=cache,
+                    use_cache=True, logits_to_keep=keep)
+        pieces, cache = [out.logits], out.past_key_values
+        for i in range(t, t + steps):
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=pos[:, i:i + 1],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            pieces.append(out.logits)
+        results[name] = (np.concatenate(pieces, axis=1), cache)
+    (got, cache), (want, ref_cache) = results["fast"], results["ref"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    for layer in range(ref.config.num_hidden_layers):
+        np.testing.assert_allclose(cache.keys[layer][:, :, :t + steps], ref_cache.keys[layer][:, :, :t + steps],
+                                   rtol=0, atol=TOL)
+        np.testing.assert_allclose(cache.values[layer][:, :, :t + steps],
+                                   ref_cache.values[layer][:, :, :t + steps], rtol=0, atol=TOL)
 
 
 @settings(max_examples=30, deadline=None)
