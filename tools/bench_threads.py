@@ -16,8 +16,10 @@ child process that builds tools/bench_cpu.py's random float32 model, makes one w
 (logits_to_keep=1, as generate): once on a quiet moment (the other processes under --max-busy of the
 machine, waited for up to --wait s) and once beside a busy loop this tool starts (one Python process
 spinning, a stand-in for another program on one core: a compile, a test suite), stopped after the child.
-The settings alternate in order from round to round. Prints each child's medians and, at the end, the
-medians over rounds: prefill and decode tokens per second per setting and condition.
+The settings alternate in order from round to round. Prints each child's medians, with the share of the
+machine the other processes used before and while it ran, and at the end the medians over the children that
+the other processes left alone (under --max-busy while they ran): prefill and decode tokens per second per
+setting and condition.
 """
 
 from __future__ import annotations
@@ -134,26 +136,30 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))          # so that the busy loop and child are stopped
     print(f"{args.shape}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; per child {args.prefills} prefills "
           f"of {PROMPT} tokens and {args.steps} decode steps", flush=True)
-    results = {(s, busy): ([], []) for s in SETTINGS for busy in (False, True)}
+    results = {(s, busy): [] for s in SETTINGS for busy in (False, True)}    # (prefill, decode tok/s, others)
     names = list(SETTINGS)
     for r in range(args.rounds):
         for busy in (False, True):
             for name in (names if r % 2 == 0 else names[::-1]):
                 res, before, during = run_child(args, SETTINGS[name], busy)
-                results[name, busy][0].append(PROMPT / res["prefill"])
-                results[name, busy][1].append(1 / res["step"])
+                results[name, busy].append((PROMPT / res["prefill"], 1 / res["step"], during))
                 print(f"  round {r + 1}, {'beside a busy loop' if busy else 'quiet':18s} {name:22s} prefill "
                       f"{PROMPT / res['prefill']:8.1f} tok/s, decode {1 / res['step']:6.2f} tok/s (others' CPU "
                       f"{'-' if before is None else f'{before:.0%}'} before, {'-' if during is None else f'{during:.0%}'} "
                       f"during; load {os.getloadavg()[0]:.1f})",
                       flush=True)
-    print(f"\n| {args.shape}, medians of {args.rounds} rounds | prefill tok/s (128 tokens) | decode tok/s |")
-    print("|---|---:|---:|")
+    # a child that other processes met (more than --max-busy of the machine while it ran) is left out of the
+    # medians; how many were kept is printed with them
+    print(f"\n| {args.shape}: medians over the children the other processes left alone | prefill tok/s (128 tokens) "
+          f"| decode tok/s | children |")
+    print("|---|---:|---:|---:|")
     for busy in (False, True):
         for name in names:
-            pre, dec = results[name, busy]
-            print(f"| {name}, {'another process on a core' if busy else 'quiet'} | {statistics.median(pre):.1f} | "
-                  f"{statistics.median(dec):.2f} |")
+            runs = results[name, busy]
+            kept = [r for r in runs if r[2] is None or r[2] <= args.max_busy]
+            med = (lambda i: f"{statistics.median(r[i] for r in kept):.2f}") if kept else (lambda i: "-")
+            print(f"| {name}, {'beside a busy loop' if busy else 'quiet'} | {med(0)} | {med(1)} | "
+                  f"{len(kept)} of {len(runs)} |")
 
 
 if __name__ == "__main__":
