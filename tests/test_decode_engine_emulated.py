@@ -610,13 +610,11 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
     assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
     _check_greedy(ref, folded, 7, mask)
     engine.fold_layernorm = False
-    engine._plans.clear()
-    engine._graphs.clear()
+    engine.reset_plans()
     try:
         plain = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
         assert [fn.tag for fn in engine._plan(1)].count("layernorm") == len(engine.layers) * (1 + (not parallel)) + 1
     finally:
         engine.fold_layernorm = True
-        engine._plans.clear()
-        engine._graphs.clear()
+        engine.reset_plans()
     assert np.array_equal(folded, plain)

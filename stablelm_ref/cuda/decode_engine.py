@@ -383,6 +383,12 @@ class GpuDecodeEngine:
         self._plans[key] = plan
         return plan
 
+    def reset_plans(self):
+        """Drop every plan and captured graph, so the next step is planned and captured again (after a change
+        of kernels, tuning, buffers or a setting such as fold_layernorm)."""
+        self._plans.clear()
+        self._graphs.clear()
+
     def _forget(self, nb):
         """Drop the plans of batch nb (after a tuning change)."""
         for key in [key for key in self._plans if key[0] == nb]:
@@ -599,8 +605,7 @@ class GpuDecodeEngine:
         with self.stream:
             self._allocate()
         self.stream.synchronize()
-        self._plans.clear()
-        self._graphs.clear()
+        self.reset_plans()
         self._nb = None
 
     def kv_cache(self, batch: int, dtype):
