@@ -86,7 +86,8 @@ __device__ __forceinline__ uint4 ld_stream_early(const uint4* p) {
     return r;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>                      // float or double
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -96,21 +97,16 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-// Sum over the block; every thread gets the result. `buf` holds >= 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* buf) {
+// Sum over the block; every thread gets the result. `buf` holds >= 32 values.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* buf) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_sum(v);
     __syncthreads();                       // buf may still be read from a previous call
     if (lane == 0) buf[warp] = v;
     __syncthreads();
-    float t = (lane < nw) ? buf[lane] : 0.f;
+    T t = (lane < nw) ? buf[lane] : T(0);
     return warp_sum(t);
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 // ---------------------------------------------------------------- embedding
@@ -121,10 +117,10 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
                                       int hidden, float* __restrict__ x, double* __restrict__ stats,
                                       int n_stats, int ld_stats) {
-    __shared__ double buf[2][32];
+    __shared__ double buf[32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int b = blockIdx.x;
     const u16* row = E + (size_t)tok[b] * hidden;
     double s1 = 0.0, s2 = 0.0;
     for (int k = threadIdx.x; k < hidden; k += blockDim.x) {
@@ -136,15 +132,11 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
     if (stats == nullptr) return;
     for (int i = 1 + threadIdx.x; i < n_stats; i += blockDim.x)
         stats[((size_t)i * ld_stats + b) * 2] = stats[((size_t)i * ld_stats + b) * 2 + 1] = 0.0;
-    s1 = warp_sum_d(s1);
-    s2 = warp_sum_d(s2);
-    if (lane == 0) { buf[0][warp] = s1; buf[1][warp] = s2; }
-    __syncthreads();
+    s1 = block_sum(s1, buf);
+    s2 = block_sum(s2, buf);
     if (threadIdx.x == 0) {
-        double t1 = 0.0, t2 = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) { t1 += buf[0][w]; t2 += buf[1][w]; }
-        stats[(size_t)b * 2] = t1;
-        stats[(size_t)b * 2 + 1] = t2;
+        stats[(size_t)b * 2] = s1;
+        stats[(size_t)b * 2 + 1] = s2;
     }
 }
 
