@@ -39,7 +39,7 @@ NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cach
 # decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
 ATT_START = "    PDL_LAUNCH();\n    const int len = *lenp;"
 ATT_WAIT = "    PDL_WAIT();                                          // qkv comes from the previous kernel\n"
-ATT_PREPARED = "    if (tid < G) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }\n"
+ATT_PREPARED = "    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }\n"
 ATT_COMBINE = "    __threadfence();\n    __syncthreads();\n    if (tid == 0) {\n        const int prev = atomicAdd("
 
 
@@ -121,7 +121,9 @@ def print_tune_log(entries):
         log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]}{' mma U%d' % c[5] if c[5] else ''} "
                                                     f"{c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
         for e in entries:
-            if e[0] == "step" and e[2] == kind:
+            if e[0] == "step" and e[2] == kind == "attention":
+                log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
+            elif e[0] == "step" and e[2] == kind:
                 c = e[3]
                 log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
                     f" -> {e[4]:.4f} ms")
@@ -178,18 +180,14 @@ def fold_ab(engine, ids, steps, rounds=2):
     return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
 
-CARVEOUT = 9    # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (cuda.h): percent of the SM's shared memory
-
-
 def carveout_sweep(engine, ids, steps, percents, res):
     """The step with every GEMV kernel's preferred shared-memory carveout set to each percent (the driver's
     default, -1, restored after): a GEMV block holds <= 48 KB, so the carveout decides how much shared memory
     is left on its SM for an attention block to start beside it before the GEMV ends."""
-    drv = engine.cp.cuda.driver
     fns = list(engine.k.gemv_fn.values()) + list(engine.k.gemv_ln_fn.values())
     for pct in list(percents) + [-1]:
-        for f in fns:
-            drv.funcSetAttribute(f.ptr, CARVEOUT, pct)
+        for f in fns:                                   # CuPy's RawKernel sets the driver attribute
+            f.preferred_shared_memory_carveout = pct
         engine.reset_plans()
         cms = time_graph(engine, ids, engine.capture(1), steps)
         res[f"gemv carveout {pct}"] = cms
@@ -264,6 +262,7 @@ def main():
         tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
+        tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
                      "tune_log": list(engine.tune_log)}
         print_tune_log(engine.tune_log)
