@@ -120,7 +120,9 @@ class DecodeKernels:
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
-        """Splits of the key axis (grid x): about two blocks per SM, at most one tile each."""
+        """Splits of the key axis (grid x; the partials' buffers are sized for it): about two blocks per SM,
+        at most one tile each. The kernel uses as many as the device-side length needs (fewer when
+        attention_launch's split_tiles > 1)."""
         want = math.ceil(2 * self.num_sms / max(1, nb * kv_heads))
         return int(max(1, min(want, math.ceil(max_len / ATT_TK))))
 
