@@ -29,6 +29,9 @@ def test_shared_memory_counts_padded_columns_and_stages():
     assert flash_hopper.smem_bytes(160, "h2") == 128 * 192 * 2 + 2 * (2 * 64 * 192 * 2 + 64) + 1024
     # warp-specialised (h15): no mask bytes in shared memory, two 8-byte mbarriers per stage instead
     assert flash_hopper.smem_bytes(128, "h15") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 16) + 1024
+    # TMA (h24, h26): two stages, four mbarriers each (K full, V full, K empty, V empty)
+    assert flash_hopper.smem_bytes(128, "h24") == 128 * 128 * 2 + 2 * (2 * 128 * 128 * 2 + 32) + 1024
+    assert flash_hopper.smem_bytes(160, "h26") == 128 * 192 * 2 + 2 * (2 * 112 * 192 * 2 + 32) + 1024
 
 
 def test_warp_specialised_register_split_fits_the_register_file():
@@ -51,6 +54,22 @@ def test_warp_specialised_register_split_fits_the_register_file():
             assert consumer >= entry                      # the consumers gain what the producer gives
     assert flash_hopper.register_split(128, "h15") == (168, 24, 240)      # FlashAttention-3's split
     assert flash_hopper.register_split(80, "h15") == (168, 40, 232)     # D = 80: the producer keeps 40
+    assert flash_hopper.register_split(80, "h24") == (168, 24, 240)     # TMA: one thread issues, 24 do
+    assert flash_hopper.register_split(160, "h26") == (168, 24, 240)
+
+
+def test_tma_variants_fall_back_to_a_cp_async_variant_of_the_same_head_dims():
+    for D, variants in flash_hopper.CANDIDATES.items():
+        for variant in variants:
+            if flash_hopper.VARIANTS[variant][4] == 2:
+                assert flash_hopper.TMA_FALLBACK[variant] in variants, (D, variant)
+
+
+def test_tensor_map_declines_what_the_copy_engine_cannot_address():
+    # the copy engine needs a 16-byte aligned base and byte strides that are multiples of 16 (checked
+    # before the driver is asked, so no GPU is needed here); size-1 dimensions are never stepped
+    assert flash_hopper.tensor_map("bf16", 8, (64, 10, 2, 1), (64, 640, 1280), 128) is None
+    assert flash_hopper.tensor_map("bf16", 256, (64, 10, 2, 2), (68, 680, 1360), 128) is None
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])

@@ -111,6 +111,27 @@ DEVI void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n
 template <int N>
 DEVI void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
+// TMA (the bulk tensor copy engine; WS = 2): a tensor map (CUtensorMap, 128 opaque bytes made on the host
+// by cuTensorMapEncodeTiled, flash_hopper.py) passed as a __grid_constant__ kernel parameter. One thread
+// issues a whole [rows][64 columns] box; the engine writes it in the 128-byte swizzle and zero-fills what
+// lies outside the tensor (rows past T or S, columns past D); its bytes complete the transaction count that
+// an mbarrier was armed with (expect_tx). The copies write through the async proxy, as wgmma reads: no
+// proxy fence on the consumers' side.
+struct __align__(64) TmaMap { u64 v[16]; };
+DEVI void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEVI void tma_prefetch(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+// box at coordinates (c0 column, c1 row, c2 head, c3 batch) into shared `dst`, completing on `bar`
+DEVI void tma_load(u32 dst, const TmaMap* map, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+                 : "memory");
+}
+
 DEVI u64 opaque(u64 x) {
     asm volatile("" : "+l"(x));
     return x;
@@ -185,16 +206,19 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                             const u8* __restrict__ key_mask, u16* __restrict__ O,
                             int H, int KVH, int T, int S, float scale_log2, int causal, int has_mask,
                             i64 q_sb, i64 q_sh, i64 q_sr, i64 kv_sb, i64 kv_sh, i64 kv_sr,
-                            i64 o_sb, i64 o_sh, i64 o_sr) {
+                            i64 o_sb, i64 o_sh, i64 o_sr,
+                            const TmaMap* tq = nullptr, const TmaMap* tk = nullptr, const TmaMap* tv = nullptr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    static_assert(WS == 0 || (WS == 1 && PIPE), "warp specialisation: the pipelined schedule");
+    static_assert(WS == 0 || PIPE, "warp specialisation: the pipelined schedule");
     constexpr int NT = 128 * NWG;            // threads that load when WS == 0 (WS: the producer's 128)
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
     constexpr int Q_BYTES = BR * DP * 2, KV_BYTES = BC * DP * 2;
     constexpr int NS = BC / 2, NO = D / 2;   // accumulator registers per thread: S, O
-    constexpr int NSTG = PIPE ? 3 : 2;       // K/V stages in shared memory
+    // K/V stages in shared memory. WS = 2 (TMA) frees K's and V's halves of a stage separately (K once S_j
+    // has landed, V once P_j V_j has), so two stages keep a load in flight.
+    constexpr int NSTG = (PIPE && WS != 2) ? 3 : 2;
 
     extern __shared__ __attribute__((aligned(16))) unsigned char smem_raw[];
     // swizzle atoms must be 1024-aligned: round the base up (the launch asks for 1024 bytes more)
@@ -358,21 +382,26 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     // P = 0, alpha = 1), because a wgmma issued on one side of a branch and waited for on the other
     // makes ptxas serialise every wgmma of the kernel (its advisory C7520). tile_ready(j): tile j is in
     // shared memory and visible to wgmma; tile_done(j): this warp's wgmmas no longer read tile j's stage.
-    auto pipelined = [&](auto tile_ready, auto tile_done) {
+    // (WS = 2 splits tile_ready into K's and V's: v_ready(j) before P_j V_j is issued; k_done(j): S_j has
+    // landed, so K_j's half of the stage is free; tile_done(j) then frees V_j's.)
+    auto pipelined = [&](auto tile_ready, auto tile_done, auto v_ready, auto k_done) {
         tile_ready(0);
         wgmma_fence();
         issue_qk(0);
         wgmma_wait<0>();
         fence_regs(s);
+        k_done(0);
         softmax(0);
         rescale_and_pack();
         for (int j = 1; j < n_tiles; ++j) {
             tile_ready(j);
+            v_ready(j - 1);
             wgmma_fence();
             issue_qk(j);
             issue_pv(j - 1);
             wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
             fence_regs(s);
+            k_done(j);
             softmax(j);
             wgmma_wait<0>();
             fence_regs(o);
@@ -380,11 +409,13 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             tile_done(j - 1);
             rescale_and_pack();
         }
+        v_ready(n_tiles - 1);
         wgmma_fence();
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();
         fence_regs(o);
     };
+    auto none = [](int) {};
 
     if constexpr (WS == 0) {  // prologue: Q tile and tile 0
         load_tile_swizzled<D, BR, NT>(sQ, Qg, q_sr, q0, T, tid);
@@ -392,7 +423,52 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
         cp_async_commit();
     }
 
-    if constexpr (WS) {
+    if constexpr (WS == 2) {
+        // TMA: per stage st four mbarriers: K full, V full (one arrival each: the producer's expect_tx, then
+        // the copies' bytes), K empty, V empty (one arrival per consumer warp). Tile j uses stage j % NSTG
+        // for the (j / NSTG)-th time: phase parity (j / NSTG) & 1.
+        const u32 bars = sV0 + NSTG * KV_BYTES;
+        auto bar = [&](int kind, int j) { return bars + 8 * (kind * NSTG + j % NSTG); };  // 0 K full, 1 V full,
+        if (threadIdx.x == 0) {                                                          // 2 K empty, 3 V empty
+            for (int st = 0; st < NSTG; ++st) {
+                mbar_init(bar(0, st), 1);
+                mbar_init(bar(1, st), 1);
+                mbar_init(bar(2, st), 4 * NWG);
+                mbar_init(bar(3, st), 4 * NWG);
+            }
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (wg < 0) {  // ---- producer: one thread issues every copy
+            setmaxnreg_dec<PREG>();
+            if (threadIdx.x == 0) {
+                tma_prefetch(tq);
+                tma_prefetch(tk);
+                tma_prefetch(tv);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int st = j % NSTG;
+                    const u32 phase_free = ((j / NSTG) + 1) & 1;
+                    if (j >= NSTG) mbar_wait(bar(2, j), phase_free);  // S_{j - NSTG} has landed everywhere
+                    mbar_expect_tx(bar(0, j), KV_BYTES + (j == 0 ? Q_BYTES : 0));
+                    if (j == 0)
+                        for (int c = 0; c < DP / 64; ++c) tma_load(sQ + c * (BR * 128), tq, 64 * c, q0, h, b, bar(0, 0));
+                    for (int c = 0; c < DP / 64; ++c)
+                        tma_load(sK0 + st * KV_BYTES + c * (BC * 128), tk, 64 * c, j * BC, kvh, b, bar(0, j));
+                    if (j >= NSTG) mbar_wait(bar(3, j), phase_free);  // P_{j - NSTG} V_{j - NSTG} is done
+                    mbar_expect_tx(bar(1, j), KV_BYTES);
+                    for (int c = 0; c < DP / 64; ++c)
+                        tma_load(sV0 + st * KV_BYTES + c * (BC * 128), tv, 64 * c, j * BC, kvh, b, bar(1, j));
+                }
+            }
+        } else {  // ---- consumers
+            setmaxnreg_inc<CREG>();
+            pipelined([&](int j) { mbar_wait(bar(0, j), (j / NSTG) & 1); },
+                      [&](int j) { if (lane == 0) mbar_arrive(bar(3, j)); },
+                      [&](int j) { mbar_wait(bar(1, j), (j / NSTG) & 1); },
+                      [&](int j) { if (lane == 0) mbar_arrive(bar(2, j)); });
+            store_out();
+        }
+    } else if constexpr (WS) {
         // stage st: "full" mbarrier at bars + 8 st (128 producer arrivals, each once its copies have
         // landed), "empty" at bars + 8 (NSTG + st) (one arrival per consumer warp once its wgmmas that
         // read the stage are done). Tile j uses stage j % NSTG for the (j / NSTG)-th time: phase parity
@@ -424,7 +500,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             // cp.async writes through the generic proxy, wgmma reads through the async proxy: each
             // consumer thread fences after the acquire of "full"
             pipelined([&](int j) { mbar_wait(full(j), (j / NSTG) & 1); fence_proxy_async(); },
-                      [&](int j) { if (lane == 0) mbar_arrive(empty(j)); });
+                      [&](int j) { if (lane == 0) mbar_arrive(empty(j)); }, none, none);
             store_out();
         }
     } else if constexpr (!PIPE) {
@@ -461,7 +537,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage of tile j - 2
             cp_async_commit();
         };
-        pipelined(next_tile, [](int) {});
+        pipelined(next_tile, none, none, none);
         store_out();
     }
 

@@ -45,6 +45,10 @@ VARIANTS = {
     "h5": (64, 2, True, 1, 0),    # h2, pipelined
     "h7": (64, 2, True, 2, 0),    # h5 in 128 registers: two blocks per SM (D = 64)
     "h15": (128, 2, True, 1, 1),  # h4, warp-specialised (a producer warpgroup, two consumers)
+    "h16": (64, 2, True, 1, 1),   # h5, warp-specialised
+    "h24": (128, 2, True, 1, 2),  # h15 with a TMA producer (one thread, tensor maps), K and V freed apart
+    "h25": (64, 2, True, 1, 2),   # h16 likewise
+    "h26": (112, 2, True, 1, 2),  # 112-key tiles: two stages of separate K and V fit at D = 160
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
@@ -53,8 +57,8 @@ VARIANTS = {
 # commit 2dca1a9): h13/h14 (ping-pong of the two consumers), h16 (h5 warp-specialised: level at D = 160),
 # h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers),
 # h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's order).
-CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5", "h15"),
-              128: ("h1", "h2", "h4", "h5", "h15"), 160: ("h2", "h5")}
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h15", "h24"),
+              128: ("h1", "h2", "h4", "h5", "h15", "h24"), 160: ("h2", "h5", "h16", "h25", "h26")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
@@ -68,8 +72,8 @@ def smem_bytes(D: int, variant: str) -> int:
     blocks) and key-mask bytes (WS: two 8-byte mbarriers per stage instead), and 1024 bytes to align
     the swizzle atoms."""
     bc, nwg, pipe, _, ws = VARIANTS[variant]
-    dp, stages = (D + 63) // 64 * 64, 3 if pipe else 2
-    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + (16 if ws else bc)) + 1024
+    dp, stages = (D + 63) // 64 * 64, 3 if pipe and ws != 2 else 2
+    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + {0: bc, 1: 16, 2: 32}[ws]) + 1024
 
 
 def threads(variant: str) -> int:
@@ -88,7 +92,7 @@ def register_split(D: int, variant: str) -> tuple:
         return (0, 0, 0)
     n = threads(variant)
     entry = 65536 // n // 8 * 8
-    producer = 40 if D in (80, 160) else 24
+    producer = 40 if ws == 1 and D in (80, 160) else 24
     return entry, producer, (entry * n - 128 * producer) // (128 * nwg) // 8 * 8
 
 
@@ -144,6 +148,10 @@ def source(kind: str, D: int, variant: str) -> str:
               "i64 kv_sb, i64 kv_sh, i64 kv_sr, i64 o_sb, i64 o_sh, i64 o_sr")
     args = ("Q, K, V, key_mask, O, H, KVH, T, S, scale_log2, causal, has_mask, q_sb, q_sh, q_sr, "
             "kv_sb, kv_sh, kv_sr, o_sb, o_sh, o_sr")
+    if ws == 2:  # the three tensor maps, by value
+        params += (", const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk, "
+                   "const __grid_constant__ TmaMap tv")
+        args += ", &tq, &tk, &tv"
     return text + (
         f'\nextern "C" __global__ void __launch_bounds__({threads(variant)}, {minb})\n'
         f"{kernel_name(kind, D, variant)}({params}) {{\n"
@@ -234,8 +242,70 @@ def get_kernel(kind: str, D: int, variant: str):
     return _kernels[key]
 
 
+# TMA variants (WS = 2) fall back to these where a tensor map cannot describe the operands (an address or
+# a stride that is not a multiple of 16 bytes): the same tiles, loaded by every thread with cp.async.
+TMA_FALLBACK = {"h24": "h4", "h25": "h5", "h26": "h5"}
+_CU_DTYPE = {"bf16": 9, "fp16": 6}  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, _FLOAT16
+_tmaps: dict = {}  # (kind, pointer, dims, strides, rows) -> encoded tensor map (a 128-byte numpy scalar array)
+_encode: list = []  # [cuTensorMapEncodeTiled] once loaded
+
+
+def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
+    """The tensor map (CUtensorMap, 128 bytes, from the driver's cuTensorMapEncodeTiled) of a 4-D bf16/fp16
+    operand: dims (D, rows, heads, batch), element strides (row, head, batch); boxes of 64 columns (128
+    bytes) x box_rows rows, written to shared memory in the 128-byte swizzle, zeros outside the operand.
+    None where TMA cannot describe it (address or byte strides not multiples of 16, or the driver refuses).
+    Cached per operand, so the model's forward encodes each KV cache once."""
+    import ctypes
+
+    import numpy as np
+
+    stride_bytes = [2 * st for st in strides]
+    for i, n in enumerate(dims[1:]):  # a dimension of size 1 is never stepped: any legal stride will do
+        if n == 1:
+            stride_bytes[i] = 2 * dims[0] if i == 0 else stride_bytes[i - 1] * dims[i]
+    key = (kind, ptr, dims, tuple(stride_bytes), box_rows)
+    if key in _tmaps:
+        return _tmaps[key]
+    if ptr % 16 or any(st % 16 or not 0 < st < 2**40 for st in stride_bytes):
+        return None
+    if not _encode:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _encode.append(fn)
+    buf = (ctypes.c_uint64 * 24)()  # 192 bytes, so that a 64-byte aligned 128 fit inside
+    at = (ctypes.addressof(buf) + 63) // 64 * 64
+    status = _encode[0](ctypes.c_void_p(at), _CU_DTYPE[kind], 4, ctypes.c_void_p(ptr),
+                        (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*stride_bytes),
+                        (ctypes.c_uint32 * 4)(64, box_rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1),
+                        0, 3, 2, 0)  # no interleave, 128-byte swizzle, L2 promotion 128 bytes, zero fill
+    if status != 0:
+        return None
+    value = np.frombuffer(ctypes.string_at(at, 128), dtype=np.dtype((np.void, 128)))  # passed by value
+    if len(_tmaps) >= 512:
+        _tmaps.clear()
+    _tmaps[key] = value
+    return value
+
+
 def launch(kind: str, D: int, variant: str, grid_T: int, H: int, B: int, args) -> None:
-    """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's)."""
+    """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's); a TMA variant
+    appends the tensor maps of q, k and v (or runs TMA_FALLBACK's variant where they cannot be made)."""
+    bc, nwg, _, _, ws = VARIANTS[variant]
+    if ws == 2:
+        q, k, v = args[:3]
+        KVH, T, S = (int(a) for a in args[6:9])
+        q_sb, q_sh, q_sr, kv_sb, kv_sh, kv_sr = (int(a) for a in args[12:18])
+        maps = (tensor_map(kind, q.data.ptr, (D, T, H, B), (q_sr, q_sh, q_sb), 64 * nwg),
+                tensor_map(kind, k.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc),
+                tensor_map(kind, v.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc))
+        if any(m is None for m in maps):
+            variant = TMA_FALLBACK[variant]
+        else:
+            args = (*args, *maps)
     fn, threads, rows, smem = get_kernel(kind, D, variant)
     fn(((grid_T + rows - 1) // rows, H, B), (threads,), args, shared_mem=smem)
 
