@@ -27,9 +27,8 @@ def test_shared_memory_counts_padded_columns_and_stages():
     # 128 mask bytes, plus 1024 bytes of alignment slack
     assert flash_hopper.smem_bytes(80, "h4") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 128) + 1024
     assert flash_hopper.smem_bytes(160, "h2") == 128 * 192 * 2 + 2 * (2 * 64 * 192 * 2 + 64) + 1024
-    # warp-specialised (h15): no mask bytes in shared memory, two 8-byte mbarriers per stage instead
-    assert flash_hopper.smem_bytes(128, "h15") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 16) + 1024
-    # TMA (h24, h26): two stages, four mbarriers each (K full, V full, K empty, V empty)
+    # warp-specialised (h24, h26): no mask bytes in shared memory; two stages, four 8-byte mbarriers each
+    # (K full, V full, K empty, V empty)
     assert flash_hopper.smem_bytes(128, "h24") == 128 * 128 * 2 + 2 * (2 * 128 * 128 * 2 + 32) + 1024
     assert flash_hopper.smem_bytes(160, "h26") == 128 * 192 * 2 + 2 * (2 * 112 * 192 * 2 + 32) + 1024
 
@@ -52,17 +51,14 @@ def test_warp_specialised_register_split_fits_the_register_file():
             assert all(x % 8 == 0 and 24 <= x <= 256 for x in (producer, consumer))
             assert 128 * producer + 128 * nwg * consumer <= entry * n
             assert consumer >= entry                      # the consumers gain what the producer gives
-    assert flash_hopper.register_split(128, "h15") == (168, 24, 240)      # FlashAttention-3's split
-    assert flash_hopper.register_split(80, "h15") == (168, 40, 232)     # D = 80: the producer keeps 40
-    assert flash_hopper.register_split(80, "h24") == (168, 24, 240)     # TMA: one thread issues, 24 do
+    assert flash_hopper.register_split(128, "h24") == (168, 24, 240)      # FlashAttention-3's split
     assert flash_hopper.register_split(160, "h26") == (168, 24, 240)
 
 
-def test_tma_variants_fall_back_to_a_cp_async_variant_of_the_same_head_dims():
+def test_tma_variants_fall_back_to_a_cp_async_variant_of_the_same_head_dim():
     for D, variants in flash_hopper.CANDIDATES.items():
-        for variant in variants:
-            if flash_hopper.VARIANTS[variant][4] == 2:
-                assert flash_hopper.TMA_FALLBACK[variant] in variants, (D, variant)
+        fallback = flash_hopper.TMA_FALLBACK[D]
+        assert fallback in variants and not flash_hopper.VARIANTS[fallback][4], D
 
 
 def test_tensor_map_declines_what_the_copy_engine_cannot_address():

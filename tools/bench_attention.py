@@ -3,7 +3,7 @@
     python tools/bench_attention.py [--prefill-lens 512,2048] [--prefill-reps 15] [--rounds 3]
                                     [--profile-lens 512] [--host-costs] [--skip-prefill] [--skip-kernel]
                                     [--batch 4] [--heads 32] [--dims 64,80,128,160] [--lens 1024,4096]
-                                    [--variants all|default] [--variant-dims 160] [--hopper-variants h4,h15]
+                                    [--variants all|default] [--variant-dims 160] [--hopper-variants h4,h24]
                                     [--samples 15]
 
 Part 1, time to first token (`make bench-gpu`): stablelm-3b-4e1t shapes (32 layers, hidden 2560,

@@ -14,9 +14,10 @@ them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither com
 is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
 
 The wgmma wrappers are generated (`_wgmma_wrappers`): a PTX wgmma names each of its 32 to 80
-accumulator registers, one asm per shape. The warp-specialised variant (h15: a producer warpgroup and
-two consumers on mbarriers) takes its setmaxnreg register counts from `register_split` as template
-arguments.
+accumulator registers, one asm per shape. The warp-specialised variants (h24, h26: a producer warpgroup,
+one thread of which loads every tile on TMA, and two consumers on mbarriers) take their setmaxnreg
+register counts from `register_split` as template arguments and three tensor maps (`tensor_map`: the
+driver's cuTensorMapEncodeTiled through ctypes) as kernel parameters.
 """
 
 from __future__ import annotations
@@ -36,29 +37,29 @@ _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 # allocator, warp-specialised WS 0/1): query rows per block = 64 * NWG, threads = 128 * NWG (+ 128
 # for WS's producer warpgroup). Pipelined: FlashAttention-3's intra-warpgroup overlap (tile j's softmax
 # while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise one tile after the other,
-# two stages. WS 1: a producer warpgroup loads the K/V ring on mbarriers, setmaxnreg gives the consumers
-# its registers (flash_hopper_body's comment).
+# two stages. WS 1: one thread of a producer warpgroup loads Q, K and V on TMA into two stages whose K and
+# V halves are freed apart, on mbarriers; setmaxnreg gives the consumers its registers (flash_hopper_body's
+# comment).
 VARIANTS = {
     "h1": (128, 2, False, 1, 0),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
     "h2": (64, 2, False, 1, 0),   # 128 x 64: half the S registers and shared memory per stage
     "h4": (128, 2, True, 1, 0),   # h1, pipelined
     "h5": (64, 2, True, 1, 0),    # h2, pipelined
     "h7": (64, 2, True, 2, 0),    # h5 in 128 registers: two blocks per SM (D = 64)
-    "h15": (128, 2, True, 1, 1),  # h4, warp-specialised (a producer warpgroup, two consumers)
-    "h16": (64, 2, True, 1, 1),   # h5, warp-specialised
-    "h24": (128, 2, True, 1, 2),  # h15 with a TMA producer (one thread, tensor maps), K and V freed apart
-    "h25": (64, 2, True, 1, 2),   # h16 likewise
-    "h26": (112, 2, True, 1, 2),  # 112-key tiles: two stages of separate K and V fit at D = 160
+    "h24": (128, 2, True, 1, 1),  # h4 warp-specialised: a TMA producer and two consumers (D = 64, 80, 128)
+    "h26": (112, 2, True, 1, 1),  # the same with 112-key tiles, so that two stages fit at D = 160
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
 # kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
-# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised (code in
-# commit 2dca1a9): h13/h14 (ping-pong of the two consumers), h16 (h5 warp-specialised: level at D = 160),
-# h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers),
-# h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's order).
-CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h15", "h24"),
-              128: ("h1", "h2", "h4", "h5", "h15", "h24"), 160: ("h2", "h5", "h16", "h25", "h26")}
+# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised with a
+# cp.async producer of 128 threads (code in commit dc092dd): h15 (h4's tiles, the default at D = 80 and
+# 128 before h24), h16 (h5's); h25 (h24 with 64-key tiles, below h26 at D = 160; also dc092dd); in commit
+# 2dca1a9: h13/h14 (ping-pong of the two consumers), h17/h21 (row reductions in four chains), h18 (no
+# proxy fence after "full"), h20 (three consumers), h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's
+# order).
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h24"),
+              128: ("h1", "h2", "h4", "h5", "h24"), 160: ("h2", "h5", "h26")}
 
 _FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
 _FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
@@ -69,11 +70,11 @@ _usable: list = []      # [bool] once decided
 
 def smem_bytes(D: int, variant: str) -> int:
     """Dynamic shared memory of one block: Q, two or three stages of K, V (D padded to whole 64-column
-    blocks) and key-mask bytes (WS: two 8-byte mbarriers per stage instead), and 1024 bytes to align
-    the swizzle atoms."""
+    blocks) and key-mask bytes (WS: two stages, four 8-byte mbarriers each instead), and 1024 bytes to
+    align the swizzle atoms."""
     bc, nwg, pipe, _, ws = VARIANTS[variant]
-    dp, stages = (D + 63) // 64 * 64, 3 if pipe and ws != 2 else 2
-    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + {0: bc, 1: 16, 2: 32}[ws]) + 1024
+    dp, stages = (D + 63) // 64 * 64, 3 if pipe and not ws else 2
+    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + (32 if ws else bc)) + 1024
 
 
 def threads(variant: str) -> int:
@@ -85,14 +86,13 @@ def threads(variant: str) -> int:
 def register_split(D: int, variant: str) -> tuple:
     """(at launch, producer, consumers): registers per thread of a warp-specialised variant. The launch
     gives every thread the same share of the 64K registers (a multiple of 8; one block per SM); then
-    setmaxnreg lowers the producer's to 24 (40 at D = 80 and 160, where its address arithmetic spilled
-    at 24) and the consumers take what it gave back. (0, 0, 0) for the other variants."""
+    setmaxnreg lowers the producer's to 24 (its one loading thread issues a copy per 64 columns of a tile)
+    and the consumers take what it gave back. (0, 0, 0) for the other variants."""
     _, nwg, _, _, ws = VARIANTS[variant]
     if not ws:
         return (0, 0, 0)
-    n = threads(variant)
+    n, producer = threads(variant), 24
     entry = 65536 // n // 8 * 8
-    producer = 40 if ws == 1 and D in (80, 160) else 24
     return entry, producer, (entry * n - 128 * producer) // (128 * nwg) // 8 * 8
 
 
@@ -148,7 +148,7 @@ def source(kind: str, D: int, variant: str) -> str:
               "i64 kv_sb, i64 kv_sh, i64 kv_sr, i64 o_sb, i64 o_sh, i64 o_sr")
     args = ("Q, K, V, key_mask, O, H, KVH, T, S, scale_log2, causal, has_mask, q_sb, q_sh, q_sr, "
             "kv_sb, kv_sh, kv_sr, o_sb, o_sh, o_sr")
-    if ws == 2:  # the three tensor maps, by value
+    if ws:  # the three tensor maps, by value
         params += (", const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk, "
                    "const __grid_constant__ TmaMap tv")
         args += ", &tq, &tk, &tv"
@@ -242,9 +242,10 @@ def get_kernel(kind: str, D: int, variant: str):
     return _kernels[key]
 
 
-# TMA variants (WS = 2) fall back to these where a tensor map cannot describe the operands (an address or
-# a stride that is not a multiple of 16 bytes): the same tiles, loaded by every thread with cp.async.
-TMA_FALLBACK = {"h24": "h4", "h25": "h5", "h26": "h5"}
+# The TMA variants (WS) fall back, per head dim, to these where a tensor map cannot describe an operand
+# (an address or a stride that is not a multiple of 16 bytes, or the driver refuses): the fastest variant
+# whose threads all load with cp.async (the defaults before TMA but the cp.async producer's h15).
+TMA_FALLBACK = {64: "h7", 80: "h4", 128: "h4", 160: "h5"}
 _CU_DTYPE = {"bf16": 9, "fp16": 6}  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, _FLOAT16
 _tmaps: dict = {}  # (kind, pointer, dims, strides, rows) -> encoded tensor map (a 128-byte numpy scalar array)
 _encode: list = []  # [cuTensorMapEncodeTiled] once loaded
@@ -295,7 +296,7 @@ def launch(kind: str, D: int, variant: str, grid_T: int, H: int, B: int, args) -
     """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's); a TMA variant
     appends the tensor maps of q, k and v (or runs TMA_FALLBACK's variant where they cannot be made)."""
     bc, nwg, _, _, ws = VARIANTS[variant]
-    if ws == 2:
+    if ws:
         q, k, v = args[:3]
         KVH, T, S = (int(a) for a in args[6:9])
         q_sb, q_sh, q_sr, kv_sb, kv_sh, kv_sr = (int(a) for a in args[12:18])
@@ -303,7 +304,7 @@ def launch(kind: str, D: int, variant: str, grid_T: int, H: int, B: int, args) -
                 tensor_map(kind, k.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc),
                 tensor_map(kind, v.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc))
         if any(m is None for m in maps):
-            variant = TMA_FALLBACK[variant]
+            variant = TMA_FALLBACK[D]
         else:
             args = (*args, *maps)
     fn, threads, rows, smem = get_kernel(kind, D, variant)
