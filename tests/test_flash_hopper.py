@@ -68,6 +68,21 @@ def test_tensor_map_declines_what_the_copy_engine_cannot_address():
     assert flash_hopper.tensor_map("bf16", 256, (64, 10, 2, 2), (68, 680, 1360), 128) is None
 
 
+def test_tensor_map_without_the_driver_function_is_none(monkeypatch):
+    # a driver library without cuTensorMapEncodeTiled (before CUDA 12), or none: launch then runs the
+    # cp.async fallback instead of failing
+    import ctypes
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(flash_hopper, "_encode", [])
+    monkeypatch.setattr(flash_hopper, "_tmaps", {})
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert flash_hopper.tensor_map("bf16", 256, (64, 10, 2, 2), (64, 640, 1280), 128) is None
+    assert flash_hopper._encode == [None]                          # decided once
+
+
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
 def test_generated_source_has_each_wgmma_shape_and_entry_point(kind):
     ty = "bf16" if kind == "bf16" else "f16"

@@ -255,7 +255,8 @@ def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
     """The tensor map (CUtensorMap, 128 bytes, from the driver's cuTensorMapEncodeTiled) of a 4-D bf16/fp16
     operand: dims (D, rows, heads, batch), element strides (row, head, batch); boxes of 64 columns (128
     bytes) x box_rows rows, written to shared memory in the 128-byte swizzle, zeros outside the operand.
-    None where TMA cannot describe it (address or byte strides not multiples of 16, or the driver refuses).
+    None where TMA cannot describe it (address or byte strides not multiples of 16, or the driver refuses
+    or has no cuTensorMapEncodeTiled).
     Cached per operand, so the model's forward encodes each KV cache once."""
     import ctypes
 
@@ -271,12 +272,18 @@ def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
     if ptr % 16 or any(st % 16 or not 0 < st < 2**40 for st in stride_bytes):
         return None
     if not _encode:
-        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
-        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        except (OSError, AttributeError):  # no driver library by that name, or a driver before CUDA 12
+            fn = None
+        else:
+            u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p,
+                           u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
         _encode.append(fn)
+    if _encode[0] is None:
+        return None
     buf = (ctypes.c_uint64 * 24)()  # 192 bytes, so that a 64-byte aligned 128 fit inside
     at = (ctypes.addressof(buf) + 63) // 64 * 64
     status = _encode[0](ctypes.c_void_p(at), _CU_DTYPE[kind], 4, ctypes.c_void_p(ptr),
