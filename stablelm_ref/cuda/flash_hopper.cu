@@ -31,10 +31,10 @@
 //     of 16 keys starts kk * 2048 bytes in.
 //   * D = 80 and 160 are stored padded to 128 and 192 columns (the padding is never read: the reduction
 //     of Q K^T runs over D / 16 k-steps, and P V's N is D itself, a legal wgmma N).
-//   * K/V tiles stream in while earlier ones are computed (cp.async, 16 bytes per thread per copy,
-//     written straight to its swizzled place). cp.async writes through the generic proxy and wgmma
-//     reads through the async proxy: each thread runs fence.proxy.async after its copies land, then
-//     the block barrier.
+//   * K/V tiles stream in while earlier ones are computed. Without warp specialisation every thread
+//     copies (cp.async, 16 bytes per copy, written straight to its swizzled place); cp.async writes
+//     through the generic proxy and wgmma reads through the async proxy, so each thread runs
+//     fence.proxy.async after its copies land, then the block barrier. With it, TMA (below).
 //   * Two schedules (template parameter PIPE). Plain: per tile, S_j = Q K_j^T, softmax, O += P_j V_j,
 //     each wgmma waited for; two K/V stages. Pipelined (FlashAttention-3's intra-warpgroup overlap):
 //     S_j and P_{j-1} V_{j-1} are issued back to back and tile j's softmax runs while the second is on

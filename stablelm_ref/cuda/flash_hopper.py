@@ -244,7 +244,7 @@ def get_kernel(kind: str, D: int, variant: str):
 
 # The TMA variants (WS) fall back, per head dim, to these where a tensor map cannot describe an operand
 # (an address or a stride that is not a multiple of 16 bytes, or the driver refuses): the fastest variant
-# whose threads all load with cp.async (the defaults before TMA but the cp.async producer's h15).
+# whose threads all load with cp.async (the fourth round's defaults, h4 where that round chose h15).
 TMA_FALLBACK = {64: "h7", 80: "h4", 128: "h4", 160: "h5"}
 _CU_DTYPE = {"bf16": 9, "fp16": 6}  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, _FLOAT16
 _tmaps: dict = {}  # (kind, pointer, dims, strides, rows) -> encoded tensor map (a 128-byte numpy scalar array)
@@ -284,7 +284,7 @@ def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
         _encode.append(fn)
     if _encode[0] is None:
         return None
-    buf = (ctypes.c_uint64 * 24)()  # 192 bytes, so that a 64-byte aligned 128 fit inside
+    buf = (ctypes.c_uint64 * 24)()  # 192 bytes: room for 128 at a 64-byte aligned address
     at = (ctypes.addressof(buf) + 63) // 64 * 64
     status = _encode[0](ctypes.c_void_p(at), _CU_DTYPE[kind], 4, ctypes.c_void_p(ptr),
                         (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*stride_bytes),
