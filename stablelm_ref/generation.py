@@ -62,7 +62,7 @@ import numpy as np
 
 from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
-from .errors import GenerationError
+from .errors import GenerationError, check_flag
 from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS, check_values,
                                 generation_config_of)
 from .generation_config import token_ids as _token_ids
@@ -290,8 +290,8 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
     checked when it was read), else transformers' default (GENERATION_DEFAULTS)."""
     config = model.config
     gc = gc if gc is not None else generation_config_of(model)
-    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
-        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
+    if do_sample is not None:
+        check_flag(do_sample, "do_sample", GenerationError)
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     try:                                     # model.generation_config may have been edited since it was read

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import CheckpointError, HubError, StableLmError
+from .errors import CheckpointError, HubError, StableLmError, is_flag
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json"]
 DEFAULT_MODEL = "stablelm-ref:default"
@@ -54,7 +54,7 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
 HUB_ARGUMENTS = {
     "revision": (lambda v: v is None or (isinstance(v, str) and v != ""), "a branch, tag or commit name"),
     "cache_dir": (lambda v: v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""), "a directory"),
-    "local_files_only": (lambda v: isinstance(v, bool), "True or False"),
+    "local_files_only": (is_flag, "True or False"),
     "token": (lambda v: v is None or isinstance(v, (str, bool)), "a Hub token string, True or False"),
 }
 # transformers' from_pretrained arguments a porter may pass, and what this project takes instead

@@ -29,7 +29,7 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -314,7 +314,7 @@ class StableLmPreTrainedModel:
         ids [B, T], the cache (made when use_cache asks for one, room reserved), the cached length,
         the padding mask [B, S] or None, position ids [B, T]."""
         xp, config = self.xp, self.config
-        _check_flag("use_cache", use_cache)
+        check_flag(use_cache, "use_cache", GenerationError)
         ids = self._ids(input_ids)                                        # [B, T]
         batch, t = ids.shape
         cache = past_key_values
@@ -347,7 +347,7 @@ class StableLmPreTrainedModel:
     def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                       use_cache=False, output_hidden_states=False, trace=None):
         xp, config, p = self.xp, self.config, self.params
-        _check_flag("output_hidden_states", output_hidden_states)
+        check_flag(output_hidden_states, "output_hidden_states", GenerationError)
         if trace is not None and not callable(trace):
             raise GenerationError(f"trace must be a function trace(name, array), got {type(trace).__name__}")
         trace = no_trace if trace is None else trace
@@ -422,11 +422,6 @@ def _check_tied_copy(path, headers, embed, directory):
         raise CheckpointError(f"{directory}: config.json says tie_word_embeddings: true, but lm_head.weight differs "
                               "from model.embed_tokens.weight: the model's logits would ignore its own lm_head. Set "
                               "tie_word_embeddings to false in config.json (or remove the stale lm_head.weight)")
-
-
-def _check_flag(name, flag):
-    if not isinstance(flag, (bool, np.bool_)):
-        raise GenerationError(f"{name} must be True or False, got {flag!r}")
 
 
 def _narrowed(name, value, dtype, directory):

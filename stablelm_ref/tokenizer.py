@@ -37,7 +37,7 @@ import numpy as np
 
 from . import bounded_io
 from ._xp import host_array
-from .errors import TokenizerError
+from .errors import TokenizerError, check_flag
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 NEOX_DEFAULT = "<|endoftext|>"
@@ -447,10 +447,8 @@ def _token_content(value, name, path):
 
 
 def _flag(value, name, where="", advice=""):
-    """A True/False argument or file key: bools only (the string "false" would be true, silently)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TokenizerError(f"{where + ' ' if where else ''}{name!r} must be true or false, got {value!r}{advice}")
+    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently)."""
+    return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice)
 
 
 def _is_panic(e):

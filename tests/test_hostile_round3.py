@@ -275,13 +275,13 @@ def test_flags_take_booleans_only(model_dir, call, value):
     from stablelm_ref.errors import TokenizerError
 
     tok = Tokenizer.from_pretrained(model_dir)
-    with pytest.raises(TokenizerError, match=r"must be true or false, got"):
+    with pytest.raises(TokenizerError, match=r"must be True or False, got"):
         call(tok, value)
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("add_bos_token", "false", "'add_bos_token' must be true or false"),
-    ("add_eos_token", 1, "'add_eos_token' must be true or false"),
+    ("add_bos_token", "false", "'add_bos_token' must be True or False"),
+    ("add_eos_token", 1, "'add_eos_token' must be True or False"),
     ("model_max_length", True, "'model_max_length' must be a number >= 1"),
     ("model_max_length", -5, "'model_max_length' must be a number >= 1"),
     ("model_max_length", "64", "'model_max_length' must be a number >= 1"),
