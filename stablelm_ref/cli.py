@@ -160,6 +160,7 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     from .generation import TextStreamer, generate
+    from .model import check_context
     from .tokenizer import check_text
 
     model, tok = load(args)
@@ -183,10 +184,8 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        context = model.config.max_position_embeddings
-        if len(ids) > context and model.config.rope_type != "dynamic":   # generate would say "shorten the prompt"
-            raise GenerationError(f"the conversation has grown to {len(ids)} tokens, more than the model's context "
-                                  f"({context}); start a new chat (a shorter --system or shorter turns last longer)")
+        check_context(model.config, len(ids), "the conversation has grown to",   # generate's, in the chat's words
+                      "start a new chat (a shorter --system or shorter turns last longer)")
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)

@@ -331,11 +331,8 @@ class StableLmPreTrainedModel:
             if cache.batch_size != batch:
                 raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {batch}")
             cache.reserve(t)
-        if past == 0 and t > config.max_position_embeddings and config.rope_type != "dynamic":
-            # a prompt longer than the context is refused; decoding past it through the cache is allowed,
-            # as in transformers (rotary extrapolates; the model was not trained there)
-            raise GenerationError(f"{t} positions exceed max_position_embeddings "
-                                  f"({config.max_position_embeddings}); shorten the prompt")
+        if past == 0:          # decoding past the context through the cache is allowed (see check_context)
+            check_context(config, t)
         mask2d = self._mask_2d(attention_mask, batch, past + t)           # [B, S] or None
         if position_ids is None:
             position_ids = xp.broadcast_to(xp.arange(past, past + t)[None, :], (batch, t))  # [B, T]
@@ -433,6 +430,18 @@ def _narrowed(name, value, dtype, directory):
                               f"(largest magnitude {float(np.max(np.abs(value))):.4g}); load it with "
                               "dtype='bfloat16' or 'float32'")
     return out
+
+
+def check_context(config, length, subject="the input has", advice="shorten the prompt"):
+    """The one context check (the forward's, generate's, the chat command's): GenerationError when a prompt of
+    `length` tokens is longer than the model's context, max_position_embeddings (with dynamic rope scaling there
+    is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused: decoding
+    past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was not
+    trained there), and generate warns when prompt + new tokens go past it."""
+    context = config.max_position_embeddings
+    if length > context and config.rope_type != "dynamic":
+        raise GenerationError(f"{subject} {length} tokens, more than the model's context (max_position_embeddings "
+                              f"= {context}); {advice}")
 
 
 def mask_array(attention_mask, shape, meaning):

@@ -687,7 +687,7 @@ def test_a_chat_longer_than_the_context_says_so_in_the_chats_words(model_dir, ca
     assert main(["chat", "--model", model_dir, "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("stablelm-ref: error: the conversation has grown to ")
-    assert "more than the model's context (64); start a new chat" in err[-1]
+    assert "more than the model's context (max_position_embeddings = 64); start a new chat" in err[-1]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
