@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, hub
-from ._xp import host_array, no_trace, scoped, to_host
+from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
@@ -236,6 +236,9 @@ class StableLmPreTrainedModel:
             raise GenerationError("input_ids is required")
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
+        refuse_masked(input_ids, "input_ids", "the ids as a plain array and their mask as attention_mask (1 for a "
+                      "token, 0 for padding): input_ids=ids.filled(0), attention_mask=1 - np.ma.getmaskarray(ids)",
+                      GenerationError)
         host = host_array(input_ids)
         if host is None:
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
@@ -458,6 +461,7 @@ def mask_array(attention_mask, shape, meaning):
 
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
+    refuse_masked(a, name, f"a plain array (e.g. {name}.filled(0))", GenerationError)
     host = host_array(a)
     if host is None:
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")
