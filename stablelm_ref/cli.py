@@ -82,10 +82,16 @@ def add_sampling_arguments(p):
 
 
 def resolve_model_dir(model, revision=None):
-    """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
+    """--model -> a local directory (hub.model_directory); without --model, the embedded default model.
+    --revision with a local directory (or the default model) is an error: it would select nothing."""
     from . import hub
 
-    return hub.model_directory(hub.DEFAULT_MODEL if model is None else model, revision=revision)
+    model = hub.DEFAULT_MODEL if model is None else model
+    if revision is not None and (model == hub.DEFAULT_MODEL or os.path.isdir(model)):   # generate would warn
+        what = "the embedded default model" if model == hub.DEFAULT_MODEL else f"--model {model} (a local directory)"
+        raise StableLmError(f"--revision {revision} selects a commit of a Hub repository, but {what} is not one; "
+                            "drop --revision, or give --model a Hub repo id")
+    return hub.model_directory(model, revision=revision)
 
 
 def load(args):

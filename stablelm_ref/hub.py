@@ -21,6 +21,7 @@ there is none, HubError says the model is not cached and how to get it there.
 from __future__ import annotations
 
 import os
+import warnings
 
 from .errors import CheckpointError, HubError, StableLmError, is_flag
 
@@ -42,12 +43,22 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
             raise StableLmError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR} has no config.json): "
                                 "reinstall stablelm-ref, or give a model directory or Hub repo id (--model DIR_OR_REPO "
                                 "on the command line)")
+        _revision_ignored(hub_kwargs.get("revision"), "the embedded default model")
         return DEFAULT_MODEL_DIR
     if os.path.isdir(path):
+        _revision_ignored(hub_kwargs.get("revision"), f"{path} (a local directory)")
         return path
     if os.path.exists(path):
         raise error(f"{path}: a file, not a model directory; give the directory that holds {holds}")
     return snapshot(path, **hub_kwargs)
+
+
+def _revision_ignored(revision, what):
+    """A revision names a commit of a Hub repository; a local model has none. transformers ignores it silently,
+    which hides a mistake (the files loaded are whatever the directory holds): warn, naming both."""
+    if revision is not None:
+        warnings.warn(f"revision={revision!r} is ignored: {what} is not a Hub repository; the files loaded are the "
+                      "ones it holds now (give a Hub repo id to select a revision)", UserWarning, stacklevel=4)
 
 
 # The Hub arguments from_pretrained passes on (to snapshot): name -> (acceptable, what it must be).
