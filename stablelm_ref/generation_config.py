@@ -8,7 +8,10 @@ A GenerationConfig holds the fields generate reads (GENERATION_DEFAULTS: bos/eos
 or one id; max_length, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty); a field is
 a value or None ("not set"). An argument given to generate wins; else the generation config's value; else
 transformers' default (GENERATION_DEFAULTS). Other keys of the file (transformers_version, num_beams, ...)
-are ignored, as fields generate does not use. save_pretrained writes the fields that are set.
+are ignored, as fields generate does not use. save_pretrained writes the fields that are set, and no
+"transformers_version": transformers 5 keeps that key as metadata only (GenerationConfig pops it; nothing it
+loads or generates reads it), so transformers loads the file as it is
+(tests/crosscheck/test_saved_generation_config_in_transformers.py).
 
 The value rules generate applies to its arguments (VALUE_RULES, check_values, token_ids) live here too, so
 that a generation_config.json is checked by exactly the rules its values meet in generate: a hostile file
