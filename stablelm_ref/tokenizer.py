@@ -36,7 +36,7 @@ from datetime import datetime
 import numpy as np
 
 from . import bounded_io
-from ._xp import host_array
+from ._xp import host_array, refuse_masked
 from .errors import TokenizerError, check_flag
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -477,6 +477,8 @@ def check_text(text, what="text"):
 
 def _id_array(ids, what):
     """Token ids (list, NumPy or CuPy array) -> a NumPy integer array, or TokenizerError."""
+    refuse_masked(ids, f"the ids given to {what}", "the ids to decode as a plain array (ids.compressed() for the "
+                  "unmasked ones of one sequence)", TokenizerError)
     arr = host_array(ids)
     if arr is None or (arr.dtype.kind not in "iu" and arr.size) or arr.dtype.kind == "b":
         raise TokenizerError(f"{what} takes integer token ids (a list or an integer array), got "

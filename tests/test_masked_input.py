@@ -1,10 +1,11 @@
 """NumPy masked arrays as inputs: refused, naming what to pass instead.
 
 np.asarray(masked) keeps the data and drops the mask, so a masked array of token ids ran with its masked
-entries as real tokens, silently (torch.as_tensor drops the mask too). In transformers' convention the mask of
-the ids is the attention_mask, so every array input that was coerced with np.asarray refuses a masked array: input_ids (the forward,
-the fast form, generate), attention_mask, position_ids and labels. The test of the advice is that it works:
-the plain ids with the attention_mask it names generate exactly what the unpadded row generates.
+entries as real tokens, silently (torch.as_tensor drops the mask too). In transformers' convention the mask
+of the ids is the attention_mask, so every array input that was coerced with np.asarray refuses a masked
+array: input_ids (the forward, the fast form, generate), attention_mask, position_ids, labels, and the ids
+given to the tokenizer's decode. The test of the advice is that it works: the plain ids with the
+attention_mask it names generate exactly what the unpadded row generates.
 """
 
 import numpy as np
@@ -51,3 +52,17 @@ def test_other_masked_inputs_are_refused(model, name):
     with pytest.raises(GenerationError, match=rf"^{name} is a NumPy masked array, whose mask would be ignored; "
                                               rf"pass a plain array"):
         model(ids, **{name: value})
+
+
+def test_masked_ids_are_not_decoded_as_if_unmasked(tmp_path):
+    """Tokenizer.decode / batch_decode read the data of a masked array, masked ids included."""
+    from stablelm_ref.errors import TokenizerError
+    from stablelm_ref.tokenizer import Tokenizer
+    from test_tokenizer import tiny_tokenizer_dir
+
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(tmp_path))
+    for method, ids in ((tok.decode, IDS[0]), (tok.batch_decode, IDS)):
+        with pytest.raises(TokenizerError, match=rf"^the ids given to {method.__name__} is a NumPy masked array, "
+                                                 r"whose mask would be ignored; pass the ids to decode as a plain"):
+            method(ids)
+    assert tok.decode(IDS[0].compressed()) == tok.decode([5, 17, 42])
