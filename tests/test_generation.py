@@ -316,7 +316,8 @@ def test_prompt_longer_than_context_is_refused_but_decoding_past_it_is_allowed()
         model(np.ones((1, 65), np.int64))
     with pytest.warns(UserWarning, match="past max_position_embeddings"):
         assert np.asarray(model.generate(np.ones((1, 64), np.int64), max_new_tokens=1)).shape == (1, 65)
-    with pytest.raises(GenerationError, match=r"^the prompt has 65 tokens, more than the model's context \(max_position_embeddings = 64\); shorten"):
+    with pytest.raises(GenerationError, match=r"^the prompt has 65 tokens, more than the model's context "
+                                              r"\(max_position_embeddings = 64\); shorten"):
         model.generate(np.ones((1, 65), np.int64), max_new_tokens=1)
     with pytest.warns(UserWarning, match="past max_position_embeddings"):
         out = model.generate(np.ones((1, 60), np.int64), max_new_tokens=8)
