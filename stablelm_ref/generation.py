@@ -184,8 +184,8 @@ class TextStreamer:
 
     def __init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True, file=None):
         self.tokenizer = tokenizer
-        self.skip_prompt = skip_prompt
-        self.skip_special_tokens = skip_special_tokens
+        self.skip_prompt = check_flag(skip_prompt, "skip_prompt", GenerationError)
+        self.skip_special_tokens = check_flag(skip_special_tokens, "skip_special_tokens", GenerationError)
         self.file = file
         self.ids, self.printed, self.prompt_seen = [], 0, False
         self.text = ""

@@ -263,6 +263,15 @@ def test_text_streamer_writes_the_decoded_text_and_holds_partial_characters():
     assert all("\ufffd" not in w for w in writes)
 
 
+@pytest.mark.parametrize("name", ["skip_prompt", "skip_special_tokens"])
+def test_text_streamer_flags_follow_the_one_flag_rule(name):
+    """TextStreamer(tok, skip_prompt="no") skipped the prompt (a non-empty string is true), silently; its flags
+    take what every flag takes (errors.check_flag), np.bool_ included."""
+    with pytest.raises(GenerationError, match=rf"^{name} must be True or False, got 'no'$"):
+        TextStreamer(object(), **{name: "no"})
+    assert getattr(TextStreamer(object(), **{name: np.False_}), name) is False
+
+
 # ---- argument checking ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
