@@ -7,7 +7,8 @@
 
 `model_directory` is what every from_pretrained (models, Tokenizer, StableLmConfig) and the CLI's
 --model go through. The name of the embedded default model has a colon, which no Hub repo id can hold,
-so it never shadows a repository; a local directory of any name is taken as it is.
+so it never shadows a repository; a local directory of any name is taken as it is (a `revision` given with
+one selects nothing: a UserWarning says so, where transformers is silent; the CLI's --revision is an error).
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
