@@ -203,7 +203,8 @@ def device_memory(xp):
 
 def check_memory(nbytes, what, error, advice="", available=None, xp=None):
     """Refuse (raise `error`) when `nbytes` exceed the memory available now; `what` names the allocation.
-    available: bytes, if the caller knows them; else with `xp` a CuPy module, the GPU's free memory; else
+    available: bytes, if the caller knows them; else with `xp` a CuPy module, the GPU's free memory
+    plus CuPy's pool of cached free blocks (device_memory); else
     (or when the device cannot say) the host's, available_memory()."""
     avail = available if available is not None else device_memory(xp) if xp is not None else None
     if avail is None:

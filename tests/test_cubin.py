@@ -79,3 +79,28 @@ def test_a_compile_error_says_what_nvcc_said_and_writes_nothing(tmp_path, monkey
     assert text.endswith("; NVRTC: not available (CuPy is not installed)); put CUDA's nvcc on PATH, or install "
                          "CuPy (its NVRTC)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_cache_is_a_compile_error_naming_the_directory_and_the_variable(tmp_path, monkeypatch):
+    # A file where the cache directory should be: mkdir fails (as on a read-only $HOME) whoever runs this.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(cubin.CompileError) as e:
+        cubin.compile_cached(TINY, "tiny", "90a", directory=blocker / "cache")
+    text = str(e.value)
+    assert text.startswith(f"cannot write the kernel cache {blocker / 'cache'} (") and \
+        text.endswith("); set STABLELM_REF_KERNEL_CACHE to a writable directory"), text
+
+
+@needs_nvcc
+def test_a_cache_that_refuses_the_write_is_a_compile_error_and_leaves_no_file(tmp_path, monkeypatch):
+    from stablelm_ref import checkpoint
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write", refuse)
+    with pytest.raises(cubin.CompileError, match=r"^cannot write the kernel cache .*\(Permission denied\); set "
+                                                 r"STABLELM_REF_KERNEL_CACHE to a writable directory$"):
+        cubin.compile_cached(TINY, "tiny", "90a", directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -57,9 +57,10 @@ def compile_cached(text: str, name: str, arch: str, nvcc_flags=(), nvrtc_flags=(
     target = cubin_path(text, name, arch, nvcc_flags, nvrtc_flags, directory)
     if target.exists():
         return target
-    from ..checkpoint import atomic_write
-
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(target, e) from e
     attempts = []
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -74,8 +75,7 @@ def compile_cached(text: str, name: str, arch: str, nvcc_flags=(), nvrtc_flags=(
             if verbose:
                 print(done.stderr)
             if done.returncode == 0:
-                atomic_write(target, out.read_bytes())
-                return target
+                return _keep(target, out.read_bytes())
             attempts.append(f"nvcc: {done.stderr.strip()[-2000:]}")
     try:
         cubin = _nvrtc_cubin(text, name, [f"-arch=sm_{arch}", *nvrtc_flags])
@@ -84,9 +84,25 @@ def compile_cached(text: str, name: str, arch: str, nvcc_flags=(), nvrtc_flags=(
     except Exception as e:  # noqa: BLE001 - no NVRTC library, or a compile error: reported below
         attempts.append(f"NVRTC: {type(e).__name__}: {str(e).strip()[-2000:]}")
     else:
-        atomic_write(target, cubin)
-        return target
+        return _keep(target, cubin)
     raise CompileError(f"could not build {what or name} for sm_{arch} ({'; '.join(attempts)}); {advice}")
+
+
+def _unwritable(target: Path, e: OSError) -> CompileError:
+    return CompileError(f"cannot write the kernel cache {target.parent} ({e.strerror or e}); set "
+                        f"STABLELM_REF_KERNEL_CACHE to a writable directory")
+
+
+def _keep(target: Path, cubin: bytes) -> Path:
+    """Write a built cubin into the cache (atomically); an unwritable cache is a CompileError that says
+    which directory and what to do, not an OSError from deep inside a model's first GPU step."""
+    from ..checkpoint import atomic_write
+
+    try:
+        atomic_write(target, cubin)
+    except OSError as e:
+        raise _unwritable(target, e) from e
+    return target
 
 
 def _nvrtc_cubin(text: str, name: str, options) -> bytes:
