@@ -126,7 +126,7 @@ def test_without_a_hopper_gpu_the_mma_sync_kernel_is_the_default(monkeypatch):
 
 
 def test_no_compiler_is_an_error_that_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(flash_hopper.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))                             # no nvcc
     monkeypatch.setitem(__import__("sys").modules, "cupy_backends", None)   # no NVRTC either
     with pytest.raises(RuntimeError, match="nvcc.*sm_90a|sm_90a.*nvcc"):
         flash_hopper.build("bf16", 64, "h2", tmp_path)

@@ -7,8 +7,8 @@ the kernel works.
 
 Building. wgmma exists only in the arch-specific target sm_90a, which CuPy's own NVRTC call does not
 name, so each specialisation (dtype, head dim, variant) is compiled here into a cubin:
-`nvcc -cubin -gencode arch=compute_90a,code=sm_90a` where nvcc is on PATH, else NVRTC (through CuPy's
-binding) with -arch=sm_90a; the cubin is cached on disk (STABLELM_REF_KERNEL_CACHE, default
+`nvcc -cubin -arch=sm_90a` where nvcc is on PATH, else NVRTC (through CuPy's binding) with
+-arch=sm_90a (cubin.compile_cached); the cubin is cached on disk (STABLELM_REF_KERNEL_CACHE, default
 ~/.cache/stablelm_ref) under a hash of its source and flags, so a machine without a GPU can prepare
 them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither compiler works, or the GPU
 is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
@@ -22,14 +22,10 @@ driver's cuTensorMapEncodeTiled through ctypes) as kernel parameters.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
-import shutil
-import subprocess
-import tempfile
 import warnings
 
-from .launch import cache_dir
+from . import cubin
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
@@ -61,8 +57,8 @@ VARIANTS = {
 CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h24"),
               128: ("h1", "h2", "h4", "h5", "h24"), 160: ("h2", "h5", "h26")}
 
-_FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
-_FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
+_FLAGS_NVCC = ("-O3", "-std=c++17")     # cubin.compile_cached adds -cubin -arch=sm_90a (NVRTC: -arch=sm_90a)
+_FLAGS_NVRTC = ("-std=c++17",)
 
 _kernels: dict = {}     # (kind, D, variant) -> (cupy Function, threads, rows per block, smem bytes)
 _usable: list = []      # [bool] once decided
@@ -160,48 +156,18 @@ def source(kind: str, D: int, variant: str) -> str:
 
 
 def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
-    text = source(kind, D, variant)
-    digest = hashlib.sha256((text + " ".join(_FLAGS_NVCC)).encode()).hexdigest()[:16]
-    return pathlib.Path(directory or cache_dir()) / f"{kernel_name(kind, D, variant)}-{digest}-sm_90a.cubin"
+    return cubin.cubin_path(source(kind, D, variant), kernel_name(kind, D, variant), "90a", _FLAGS_NVCC,
+                            _FLAGS_NVRTC, directory)
 
 
 def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False) -> pathlib.Path:
-    """The cached cubin of one specialisation, compiled (nvcc, else NVRTC) if it is not there yet.
-    Raises RuntimeError, naming the compilers tried and their messages, when neither can build it."""
-    target = cubin_path(kind, D, variant, directory)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text, errors = source(kind, D, variant), []
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = pathlib.Path(tmp) / "flash_hopper.cu", pathlib.Path(tmp) / target.name
-        src.write_text(text)
-        nvcc = shutil.which("nvcc")
-        if nvcc:
-            flags = (*_FLAGS_NVCC, "-Xptxas", "-v") if verbose else _FLAGS_NVCC
-            done = subprocess.run([nvcc, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
-            if verbose:
-                print(done.stderr)
-            if done.returncode == 0:
-                shutil.move(str(out), str(target))
-                return target
-            errors.append(f"nvcc: {done.stderr.strip()[-2000:]}")
-        try:
-            from cupy_backends.cuda.libs import nvrtc
-
-            prog = nvrtc.createProgram(text, "flash_hopper.cu", (), ())
-            try:
-                nvrtc.compileProgram(prog, list(_FLAGS_NVRTC))
-                out.write_bytes(nvrtc.getCUBIN(prog))
-            finally:
-                nvrtc.destroyProgram(prog)
-            shutil.move(str(out), str(target))
-            return target
-        except Exception as e:  # noqa: BLE001  (no CuPy, no NVRTC, or a compile error: reported below)
-            errors.append(f"NVRTC: {type(e).__name__}: {str(e)[-2000:]}")
-    raise RuntimeError(f"could not build the Hopper attention kernel {kernel_name(kind, D, variant)} for sm_90a "
-                       f"({'; '.join(errors) or 'no nvcc on PATH'}); put CUDA 12.3+'s nvcc on PATH, or use "
-                       "the mma.sync variants (flash_prefill.VARIANTS)")
+    """The cached cubin of one specialisation, compiled (nvcc, else NVRTC: cubin.compile_cached) if it is not
+    there yet. Raises cubin.CompileError (a RuntimeError), naming the compilers tried and their messages,
+    when neither can build it."""
+    name = kernel_name(kind, D, variant)
+    return cubin.compile_cached(source(kind, D, variant), name, "90a", _FLAGS_NVCC, _FLAGS_NVRTC, directory,
+                                what=f"the Hopper attention kernel {name}", advice="put CUDA 12.3+'s nvcc on "
+                                "PATH, or use the mma.sync variants (flash_prefill.VARIANTS)", verbose=verbose)
 
 
 def usable() -> bool:
