@@ -438,7 +438,8 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
                     if (j >= NSTG) mbar_wait(bar(2, j), phase_free);  // S_{j - NSTG} has landed everywhere
                     mbar_expect_tx(bar(0, j), KV_BYTES + (j == 0 ? Q_BYTES : 0));
                     if (j == 0)
-                        for (int c = 0; c < DP / 64; ++c) tma_load(sQ + c * (BR * 128), tq, 64 * c, q0, h, b, bar(0, 0));
+                        for (int c = 0; c < DP / 64; ++c)
+                            tma_load(sQ + c * (BR * 128), tq, 64 * c, q0, h, b, bar(0, 0));
                     for (int c = 0; c < DP / 64; ++c)
                         tma_load(sK0 + st * KV_BYTES + c * (BC * 128), tk, 64 * c, j * BC, kvh, b, bar(0, j));
                     if (j >= NSTG) mbar_wait(bar(3, j), phase_free);  // P_{j - NSTG} V_{j - NSTG} is done
