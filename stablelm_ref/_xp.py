@@ -5,6 +5,7 @@
     linear(x, W, b)  = x W^T + b                                       W: [out_features, in_features]
                                                                        (a kernels.py seam: cuBLAS on CuPy)
     to_host(a)       = a NumPy array from a CuPy one; anything else unchanged
+    host_array(a)    = np.asarray(to_host(a)), or None for what is not array-like (refuse_masked first)
 
 and the weight sub-dicts (subtree) and the trace callback's default (no_trace, scoped).
 """
@@ -84,6 +85,14 @@ def host_array(a):
         return np.asarray(to_host(a))
     except (ValueError, TypeError, OverflowError):
         return None
+
+
+def refuse_masked(a, name, instead, error):
+    """`error` when `a` is a NumPy masked array: np.asarray (host_array) keeps its data and drops its mask, so
+    the masked entries would be used as values, silently (torch.as_tensor drops it too). `instead` says what to
+    pass: transformers' convention, where the mask of the ids is the attention_mask."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise error(f"{name} is a NumPy masked array, whose mask would be ignored; pass {instead}")
 
 
 def to_host(a):

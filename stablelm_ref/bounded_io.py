@@ -7,7 +7,8 @@
     parse_json(data, where, error)           strict UTF-8, at most MAX_JSON_ITEMS values and keys,
                                              integers of at most MAX_INT_DIGITS digits, duplicate keys
                                              refused; deep nesting, bad bytes and bad syntax -> `error`
-    check_memory(nbytes, what, error)        the memory guard: refuse an allocation that cannot fit
+    check_memory(nbytes, what, error)        the memory guard: refuse an allocation that cannot fit (host
+                                             memory, or a GPU's free memory and CuPy's cached blocks)
 
 Why these bounds. A FIFO or a character device in place of config.json would block the reader for
 ever or stream without end; size caps stop a 50 GB "config.json" before it is read. JSON parsing
@@ -184,17 +185,26 @@ def available_memory():
 
 
 def device_memory(xp):
-    """Free bytes on the GPU of a CuPy array module (cudaMemGetInfo); None for any other module, or when the
-    device cannot say."""
+    """Bytes a CuPy array module can still allocate on its GPU: the driver's free memory (cudaMemGetInfo) plus
+    the free blocks of CuPy's memory pool (arrays freed earlier stay cached there, total_bytes() - used_bytes(),
+    invisible to the driver; CuPy serves an allocation from them, or releases them and retries, before it gives
+    up). None for any other module, or when the device cannot say."""
     try:
-        return int(xp.cuda.runtime.memGetInfo()[0])
+        free = int(xp.cuda.runtime.memGetInfo()[0])
     except Exception:  # noqa: BLE001 - NumPy, array-api-strict, or a device error: unknown
         return None
+    try:
+        pool = xp.get_default_memory_pool()
+        cached = int(pool.total_bytes()) - int(pool.used_bytes())
+    except Exception:  # noqa: BLE001 - no pool (another allocator): the driver's figure alone
+        cached = 0
+    return free + max(cached, 0)
 
 
 def check_memory(nbytes, what, error, advice="", available=None, xp=None):
     """Refuse (raise `error`) when `nbytes` exceed the memory available now; `what` names the allocation.
-    available: bytes, if the caller knows them; else with `xp` a CuPy module, the GPU's free memory; else
+    available: bytes, if the caller knows them; else with `xp` a CuPy module, the GPU's free memory
+    plus CuPy's pool of cached free blocks (device_memory); else
     (or when the device cannot say) the host's, available_memory()."""
     avail = available if available is not None else device_memory(xp) if xp is not None else None
     if avail is None:

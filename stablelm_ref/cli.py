@@ -82,10 +82,16 @@ def add_sampling_arguments(p):
 
 
 def resolve_model_dir(model, revision=None):
-    """--model -> a local directory (hub.model_directory); without --model, the embedded default model."""
+    """--model -> a local directory (hub.model_directory); without --model, the embedded default model.
+    --revision with a local directory (or the default model) is an error: it would select nothing."""
     from . import hub
 
-    return hub.model_directory(hub.DEFAULT_MODEL if model is None else model, revision=revision)
+    model = hub.DEFAULT_MODEL if model is None else model
+    if revision is not None and (model == hub.DEFAULT_MODEL or os.path.isdir(model)):   # hub only warns
+        what = "the embedded default model" if model == hub.DEFAULT_MODEL else f"--model {model} (a local directory)"
+        raise StableLmError(f"--revision {revision} selects a commit of a Hub repository, but {what} is not one; "
+                            "drop --revision, or give --model a Hub repo id")
+    return hub.model_directory(model, revision=revision)
 
 
 def load(args):
@@ -160,6 +166,7 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     from .generation import TextStreamer, generate
+    from .model import check_context
     from .tokenizer import check_text
 
     model, tok = load(args)
@@ -183,10 +190,8 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        context = model.config.max_position_embeddings
-        if len(ids) > context and model.config.rope_type != "dynamic":   # generate would say "shorten the prompt"
-            raise GenerationError(f"the conversation has grown to {len(ids)} tokens, more than the model's context "
-                                  f"({context}); start a new chat (a shorter --system or shorter turns last longer)")
+        check_context(model.config, len(ids), "the conversation has grown to",   # generate's, in the chat's words
+                      "start a new chat (a shorter --system or shorter turns last longer)")
         streamer = TextStreamer(tok, skip_prompt=True)
         timings = {}
         out = generate(model, [ids], streamer=streamer, timings=timings, **kwargs)

@@ -10,7 +10,11 @@
 The command line turns any StableLmError into one line on stderr and exit code 2; any other
 exception escaping is a bug. Messages can carry text from files (a chat template's raise_exception, a
 trace's tensor names): `printable` shows its control characters as escapes before it reaches a terminal.
+`check_flag` is the one rule of every True/False argument or file key the package takes (do_sample, use_cache,
+the tokenizer's flags, ...), with one message form.
 """
+
+import numpy as np
 
 
 class StableLmError(Exception):
@@ -44,3 +48,17 @@ def printable(text):
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def is_flag(value):
+    """True or False: a bool, or NumPy's bool (what a comparison such as `x.any()` gives). Anything else is not
+    a flag: 1 and 0, None, and the string "false" (which Python's truth test would take as true, silently)."""
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_flag(value, name, error, advice=""):
+    """bool(value) when is_flag(value), else `error` "{name} must be True or False, got {value!r}{advice}";
+    `name` says where the value came from when it was a file ("tokenizer_config.json key 'add_bos_token'")."""
+    if not is_flag(value):
+        raise error(f"{name} must be True or False, got {value!r}{advice}")
+    return bool(value)

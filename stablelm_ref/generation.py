@@ -62,12 +62,12 @@ import numpy as np
 
 from ._xp import softmax as array_softmax
 from ._xp import host_array, to_host
-from .errors import GenerationError
+from .errors import GenerationError, check_flag
 from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS, check_values,
                                 generation_config_of)
 from .generation_config import token_ids as _token_ids
 from .kv_cache import KVCache
-from .model import mask_array
+from .model import check_context, mask_array
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ class TextStreamer:
 
     def __init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True, file=None):
         self.tokenizer = tokenizer
-        self.skip_prompt = skip_prompt
-        self.skip_special_tokens = skip_special_tokens
+        self.skip_prompt = check_flag(skip_prompt, "skip_prompt", GenerationError)
+        self.skip_special_tokens = check_flag(skip_special_tokens, "skip_special_tokens", GenerationError)
         self.file = file
         self.ids, self.printed, self.prompt_seen = [], 0, False
         self.text = ""
@@ -290,8 +290,8 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
     checked when it was read), else transformers' default (GENERATION_DEFAULTS)."""
     config = model.config
     gc = gc if gc is not None else generation_config_of(model)
-    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
-        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
+    if do_sample is not None:
+        check_flag(do_sample, "do_sample", GenerationError)
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed))
     try:                                     # model.generation_config may have been edited since it was read
@@ -334,9 +334,7 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         if total <= prompt_len:
             total = prompt_len + 1
     check_cache_memory(model, batch, total)              # sizes from arguments: before any allocation
-    if prompt_len > config.max_position_embeddings and config.rope_type != "dynamic":
-        raise GenerationError(f"the prompt has {prompt_len} tokens, more than max_position_embeddings "
-                              f"({config.max_position_embeddings}); shorten the prompt")
+    check_context(config, prompt_len, "the prompt has")
     if total > config.max_position_embeddings and config.rope_type != "dynamic":
         # transformers generates past the context too (rotary extrapolates); quality is not promised there
         warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "

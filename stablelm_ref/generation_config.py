@@ -8,7 +8,10 @@ A GenerationConfig holds the fields generate reads (GENERATION_DEFAULTS: bos/eos
 or one id; max_length, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty); a field is
 a value or None ("not set"). An argument given to generate wins; else the generation config's value; else
 transformers' default (GENERATION_DEFAULTS). Other keys of the file (transformers_version, num_beams, ...)
-are ignored, as fields generate does not use. save_pretrained writes the fields that are set.
+are ignored, as fields generate does not use. save_pretrained writes the fields that are set, and no
+"transformers_version": transformers 5 keeps that key as metadata only (GenerationConfig pops it; nothing it
+loads or generates reads it), so transformers loads the file as it is
+(tests/crosscheck/test_saved_generation_config_in_transformers.py).
 
 The value rules generate applies to its arguments (VALUE_RULES, check_values, token_ids) live here too, so
 that a generation_config.json is checked by exactly the rules its values meet in generate: a hostile file
@@ -26,7 +29,7 @@ import os
 import numpy as np
 
 from . import bounded_io
-from .errors import CheckpointError, GenerationError
+from .errors import CheckpointError, GenerationError, check_flag
 
 DEFAULT_MAX_LENGTH = 20  # transformers' model-agnostic default
 DEFAULT_TOP_K = 50       # transformers' default when sampling
@@ -149,8 +152,8 @@ class GenerationConfig:
     def check(self, vocab_size=None):
         """GenerationError for a field generate would refuse, naming the field and its value (the token ids
         only with a vocab_size: generate checks the eos / pad ids it uses itself, naming where they came from)."""
-        if self.do_sample is not None and not isinstance(self.do_sample, bool):
-            raise GenerationError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.do_sample is not None:
+            check_flag(self.do_sample, "do_sample", GenerationError)
         check_values({k: getattr(self, k) for k in ("max_new_tokens", "max_length", "temperature", "top_k", "top_p",
                                                     "repetition_penalty")}, greedy="for greedy decoding set "
                                                                                    "do_sample to false")
@@ -158,8 +161,9 @@ class GenerationConfig:
             token_ids(name, getattr(self, name), vocab_size, allow_list=name == "eos_token_id")
 
     def to_dict(self):
-        """The fields that are set, as generation_config.json holds them (transformers' diff form)."""
-        return {k: getattr(self, k) for k in GENERATION_DEFAULTS if getattr(self, k) is not None}
+        """The fields that are set, as generation_config.json holds them (transformers' diff form): plain JSON
+        values, also for a field set to a NumPy scalar or array (np.True_, np.int64(32), np.array([0, 2]))."""
+        return {k: _json_value(getattr(self, k)) for k in GENERATION_DEFAULTS if getattr(self, k) is not None}
 
     def save_pretrained(self, directory, group=None):
         """Write generation_config.json atomically (`group`: see checkpoint.atomic_group)."""
@@ -175,6 +179,12 @@ class GenerationConfig:
 
     def __repr__(self):
         return f"GenerationConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+def _json_value(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return [_json_value(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def generation_config_of(model):

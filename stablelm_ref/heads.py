@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from ._xp import array_namespace, host_array, linear, log_softmax, no_trace, to_host, wide_dtype
+from ._xp import array_namespace, host_array, linear, log_softmax, no_trace, refuse_masked, to_host, wide_dtype
 from .errors import GenerationError, StableLmError
 from .model import StableLmModel, StableLmPreTrainedModel
 
@@ -34,6 +34,8 @@ IGNORE_INDEX = -100
 def label_array(labels, shape, integer=True, what="labels"):
     """labels (list or array) -> a host array of `shape` (any shape: None; integers, or numbers when
     integer=False), or a GenerationError that says what was expected."""
+    refuse_masked(labels, what, f"a plain array (a token's label {IGNORE_INDEX} is ignored by the loss: "
+                  f"{what}.filled({IGNORE_INDEX}))", GenerationError)
     host = host_array(labels)
     kinds = "iu" if integer else "iuf"
     if host is None or host.dtype.kind not in kinds:

@@ -7,7 +7,8 @@
 
 `model_directory` is what every from_pretrained (models, Tokenizer, StableLmConfig) and the CLI's
 --model go through. The name of the embedded default model has a colon, which no Hub repo id can hold,
-so it never shadows a repository; a local directory of any name is taken as it is.
+so it never shadows a repository; a local directory of any name is taken as it is (a `revision` given with
+one selects nothing: a UserWarning says so, where transformers is silent; the CLI's --revision is an error).
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
@@ -21,8 +22,9 @@ there is none, HubError says the model is not cached and how to get it there.
 from __future__ import annotations
 
 import os
+import warnings
 
-from .errors import CheckpointError, HubError, StableLmError
+from .errors import CheckpointError, HubError, StableLmError, is_flag
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json"]
 DEFAULT_MODEL = "stablelm-ref:default"
@@ -42,19 +44,29 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
             raise StableLmError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR} has no config.json): "
                                 "reinstall stablelm-ref, or give a model directory or Hub repo id (--model DIR_OR_REPO "
                                 "on the command line)")
+        _revision_ignored(hub_kwargs.get("revision"), "the embedded default model")
         return DEFAULT_MODEL_DIR
     if os.path.isdir(path):
+        _revision_ignored(hub_kwargs.get("revision"), f"{path} (a local directory)")
         return path
     if os.path.exists(path):
         raise error(f"{path}: a file, not a model directory; give the directory that holds {holds}")
     return snapshot(path, **hub_kwargs)
 
 
+def _revision_ignored(revision, what):
+    """A revision names a commit of a Hub repository; a local model has none. transformers ignores it silently,
+    which hides a mistake (the files loaded are whatever the directory holds): warn, naming both."""
+    if revision is not None:
+        warnings.warn(f"revision={revision!r} is ignored: {what} is not a Hub repository; the files loaded are the "
+                      "ones it holds now (give a Hub repo id to select a revision)", UserWarning, stacklevel=4)
+
+
 # The Hub arguments from_pretrained passes on (to snapshot): name -> (acceptable, what it must be).
 HUB_ARGUMENTS = {
     "revision": (lambda v: v is None or (isinstance(v, str) and v != ""), "a branch, tag or commit name"),
     "cache_dir": (lambda v: v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""), "a directory"),
-    "local_files_only": (lambda v: isinstance(v, bool), "True or False"),
+    "local_files_only": (is_flag, "True or False"),
     "token": (lambda v: v is None or isinstance(v, (str, bool)), "a Hub token string, True or False"),
 }
 # transformers' from_pretrained arguments a porter may pass, and what this project takes instead

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, hub
-from ._xp import host_array, no_trace, scoped, to_host
+from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -236,6 +236,9 @@ class StableLmPreTrainedModel:
             raise GenerationError("input_ids is required")
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
+        refuse_masked(input_ids, "input_ids", "the ids as a plain array and their mask as attention_mask (1 for a "
+                      "token, 0 for padding): input_ids=ids.filled(0), attention_mask=1 - np.ma.getmaskarray(ids)",
+                      GenerationError)
         host = host_array(input_ids)
         if host is None:
             raise GenerationError("input_ids must be a list of lists of ints or an integer array (rows of "
@@ -314,7 +317,7 @@ class StableLmPreTrainedModel:
         ids [B, T], the cache (made when use_cache asks for one, room reserved), the cached length,
         the padding mask [B, S] or None, position ids [B, T]."""
         xp, config = self.xp, self.config
-        _check_flag("use_cache", use_cache)
+        check_flag(use_cache, "use_cache", GenerationError)
         ids = self._ids(input_ids)                                        # [B, T]
         batch, t = ids.shape
         cache = past_key_values
@@ -331,11 +334,8 @@ class StableLmPreTrainedModel:
             if cache.batch_size != batch:
                 raise GenerationError(f"the KV cache was made for batch {cache.batch_size}, input_ids has {batch}")
             cache.reserve(t)
-        if past == 0 and t > config.max_position_embeddings and config.rope_type != "dynamic":
-            # a prompt longer than the context is refused; decoding past it through the cache is allowed,
-            # as in transformers (rotary extrapolates; the model was not trained there)
-            raise GenerationError(f"{t} positions exceed max_position_embeddings "
-                                  f"({config.max_position_embeddings}); shorten the prompt")
+        if past == 0:          # decoding past the context through the cache is allowed (see check_context)
+            check_context(config, t)
         mask2d = self._mask_2d(attention_mask, batch, past + t)           # [B, S] or None
         if position_ids is None:
             position_ids = xp.broadcast_to(xp.arange(past, past + t)[None, :], (batch, t))  # [B, T]
@@ -347,7 +347,7 @@ class StableLmPreTrainedModel:
     def _forward_base(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                       use_cache=False, output_hidden_states=False, trace=None):
         xp, config, p = self.xp, self.config, self.params
-        _check_flag("output_hidden_states", output_hidden_states)
+        check_flag(output_hidden_states, "output_hidden_states", GenerationError)
         if trace is not None and not callable(trace):
             raise GenerationError(f"trace must be a function trace(name, array), got {type(trace).__name__}")
         trace = no_trace if trace is None else trace
@@ -424,11 +424,6 @@ def _check_tied_copy(path, headers, embed, directory):
                               "tie_word_embeddings to false in config.json (or remove the stale lm_head.weight)")
 
 
-def _check_flag(name, flag):
-    if not isinstance(flag, (bool, np.bool_)):
-        raise GenerationError(f"{name} must be True or False, got {flag!r}")
-
-
 def _narrowed(name, value, dtype, directory):
     """value (host, float32/float64) cast to the device dtype, refused where float16 cannot hold it."""
     with np.errstate(over="ignore"):
@@ -438,6 +433,18 @@ def _narrowed(name, value, dtype, directory):
                               f"(largest magnitude {float(np.max(np.abs(value))):.4g}); load it with "
                               "dtype='bfloat16' or 'float32'")
     return out
+
+
+def check_context(config, length, subject="the input has", advice="shorten the prompt"):
+    """The one context check (the forward's, generate's, the chat command's): GenerationError when a prompt of
+    `length` tokens is longer than the model's context, max_position_embeddings (with dynamic rope scaling there
+    is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused: decoding
+    past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was not
+    trained there), and generate warns when prompt + new tokens go past it."""
+    context = config.max_position_embeddings
+    if length > context and config.rope_type != "dynamic":
+        raise GenerationError(f"{subject} {length} tokens, more than the model's context (max_position_embeddings "
+                              f"= {context}); {advice}")
 
 
 def mask_array(attention_mask, shape, meaning):
@@ -454,6 +461,7 @@ def mask_array(attention_mask, shape, meaning):
 
 def _host_numbers(a, name):
     """A NumPy array of numbers or bools from a list or array; GenerationError for anything else."""
+    refuse_masked(a, name, f"a plain array (e.g. {name}.filled(0))", GenerationError)
     host = host_array(a)
     if host is None:
         raise GenerationError(f"{name} must be a rectangular list or array of numbers (rows of equal length)")

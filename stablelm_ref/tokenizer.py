@@ -36,8 +36,8 @@ from datetime import datetime
 import numpy as np
 
 from . import bounded_io
-from ._xp import host_array
-from .errors import TokenizerError
+from ._xp import host_array, refuse_masked
+from .errors import TokenizerError, check_flag
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 NEOX_DEFAULT = "<|endoftext|>"
@@ -447,10 +447,8 @@ def _token_content(value, name, path):
 
 
 def _flag(value, name, where="", advice=""):
-    """A True/False argument or file key: bools only (the string "false" would be true, silently)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TokenizerError(f"{where + ' ' if where else ''}{name!r} must be true or false, got {value!r}{advice}")
+    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently)."""
+    return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice)
 
 
 def _is_panic(e):
@@ -479,6 +477,8 @@ def check_text(text, what="text"):
 
 def _id_array(ids, what):
     """Token ids (list, NumPy or CuPy array) -> a NumPy integer array, or TokenizerError."""
+    refuse_masked(ids, f"the ids given to {what}", "the ids to decode as a plain array (ids.compressed() for the "
+                  "unmasked ones of one sequence)", TokenizerError)
     arr = host_array(ids)
     if arr is None or (arr.dtype.kind not in "iu" and arr.size) or arr.dtype.kind == "b":
         raise TokenizerError(f"{what} takes integer token ids (a list or an integer array), got "

@@ -188,7 +188,8 @@ def test_cli_temperature_zero_is_greedy_where_generate_refuses_it():
 
 def test_prompt_longer_than_max_position_embeddings(model_dir, capsys):
     code, _, err = main(capsys, "generate", "--model", model_dir, "--max-new-tokens", "1", "The weather " * 200)
-    assert code == 2 and "more than max_position_embeddings (256)" in err and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
+    assert "more than the model's context (max_position_embeddings = 256); shorten the prompt" in err
 
 
 def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):
@@ -292,3 +293,15 @@ def test_options_not_given_leave_the_generation_config_in_charge(tmp_path, capsy
 def test_without_a_length_anywhere_the_cli_generates_64_tokens(model_dir, capsys):
     code, out, _ = main(capsys, "generate", "--model", model_dir, "--temperature", "0", "The weather is")
     assert code == 0 and out == expected_text(model_dir, "The weather is", 64) + "\n"
+
+
+@pytest.mark.parametrize("model", ["DIR", None])
+def test_revision_with_a_local_model_is_an_error_naming_the_option(model_dir, capsys, model):
+    """--revision with a local directory (or the default model) was ignored silently: the files loaded were
+    whatever the directory held, not the revision asked for."""
+    argv = ["generate", "--revision", "v2.0", "hi"] + (["--model", model_dir] if model else [])
+    code, out, err = main(capsys, *argv)
+    what = f"--model {model_dir} (a local directory)" if model else "the embedded default model"
+    assert code == 2 and out == "" and err == (f"stablelm-ref: error: --revision v2.0 selects a commit of a Hub "
+                                               f"repository, but {what} is not one; drop --revision, or give --model "
+                                               "a Hub repo id\n")

@@ -97,6 +97,8 @@ class _Kernel:
         if self.impl is _gemv:
             groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
             return 2.0 if grid[0] == groups else 1.0
+        if self.impl is _attention:                                   # more tiles a block: cheaper
+            return 1.0 - 0.1 * int(args[-1])
         return 1.0
 
     def __call__(self, grid, block, args, shared_mem=0):
@@ -144,9 +146,10 @@ def _gemv(grid, block, args, rows):
 
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
-     H, KVH, max_len, scale) = args
+     H, KVH, max_len, scale, split_tiles, nbuf) = args
     nb = grid[2]
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
+    assert 1 <= nbuf <= kn.ATT_MAXBUF and split_tiles >= 1 and part_o.shape[2] >= grid[0]
     L = int(lenp[0])
     qk = bool(qk_ln)
     o, k_new, v_new = specs.ref_decode_attention(
@@ -265,6 +268,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.sample_fn = _Kernel(_sample)
         self.sample_partial_fn, self.sample_merge_fn = _Kernel(_sample_partial), _Kernel(_sample_merge)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
+        self.max_smem, self._att_smem = 227 * 1024, {}               # the H100's / H200's opt-in maximum
 
 
 def _needs_transformers():
@@ -306,8 +310,9 @@ def test_emulated_graph_replay_equals_eager(emulated):
 
 
 def test_emulated_autotune_chooses_by_step_time(emulated):
-    """The two tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
-    step); with persistent GEMVs emulated as cheaper, every kind ends persistent; tokens are unchanged; every
+    """The three tuning stages run end to end (per-kind timing, then finalists and persistent blocks inside the
+    step, then the attention's shape); with persistent GEMVs and more tiles an attention block emulated as
+    cheaper, every kind ends persistent and the attention on ATT_SHAPES' last; tokens are unchanged; every
     timing is in the tuner's log."""
     _needs_transformers()
     emulated.num_sms = 1                     # persist=1: one block for all row groups (fewer than groups)
@@ -325,7 +330,12 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     timed_alone = {e[3][5] for e in engine.tune_log if e[0] == "alone"}
     assert timed_alone == {0} | {u for _, u in kn.GEMV_MMA}              # batch 2: the tensor-core GEMV timed too
     logged = {(e[0], e[2]) for e in engine.tune_log}
-    assert logged == {(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
+    assert logged == ({(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
+                      | {("step", "attention")})
+    assert engine.att_shape[2] == kn.ATT_SHAPES[-1]
+    attn = [fn for fn in engine._plan(2) if fn.tag == "attention"]
+    assert attn and all(tuple(int(a) for a in fn.args[-2:]) == kn.ATT_SHAPES[-1] for fn in attn)
+    assert all(fn.smem == emulated.attention_smem(1, 80, kn.ATT_SHAPES[-1][1]) for fn in attn)
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
 
@@ -610,13 +620,11 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
     assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
     _check_greedy(ref, folded, 7, mask)
     engine.fold_layernorm = False
-    engine._plans.clear()
-    engine._graphs.clear()
+    engine.reset_plans()
     try:
         plain = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
         assert [fn.tag for fn in engine._plan(1)].count("layernorm") == len(engine.layers) * (1 + (not parallel)) + 1
     finally:
         engine.fold_layernorm = True
-        engine._plans.clear()
-        engine._graphs.clear()
+        engine.reset_plans()
     assert np.array_equal(folded, plain)

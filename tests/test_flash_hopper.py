@@ -27,8 +27,10 @@ def test_shared_memory_counts_padded_columns_and_stages():
     # 128 mask bytes, plus 1024 bytes of alignment slack
     assert flash_hopper.smem_bytes(80, "h4") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 128) + 1024
     assert flash_hopper.smem_bytes(160, "h2") == 128 * 192 * 2 + 2 * (2 * 64 * 192 * 2 + 64) + 1024
-    # warp-specialised (h15): no mask bytes in shared memory, two 8-byte mbarriers per stage instead
-    assert flash_hopper.smem_bytes(128, "h15") == 128 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 16) + 1024
+    # warp-specialised (h24, h26): no mask bytes in shared memory; two stages, four 8-byte mbarriers each
+    # (K full, V full, K empty, V empty)
+    assert flash_hopper.smem_bytes(128, "h24") == 128 * 128 * 2 + 2 * (2 * 128 * 128 * 2 + 32) + 1024
+    assert flash_hopper.smem_bytes(160, "h26") == 128 * 192 * 2 + 2 * (2 * 112 * 192 * 2 + 32) + 1024
 
 
 def test_warp_specialised_register_split_fits_the_register_file():
@@ -49,8 +51,36 @@ def test_warp_specialised_register_split_fits_the_register_file():
             assert all(x % 8 == 0 and 24 <= x <= 256 for x in (producer, consumer))
             assert 128 * producer + 128 * nwg * consumer <= entry * n
             assert consumer >= entry                      # the consumers gain what the producer gives
-    assert flash_hopper.register_split(128, "h15") == (168, 24, 240)      # FlashAttention-3's split
-    assert flash_hopper.register_split(80, "h15") == (168, 40, 232)     # D = 80: the producer keeps 40
+    assert flash_hopper.register_split(128, "h24") == (168, 24, 240)      # FlashAttention-3's split
+    assert flash_hopper.register_split(160, "h26") == (168, 24, 240)
+
+
+def test_tma_variants_fall_back_to_a_cp_async_variant_of_the_same_head_dim():
+    for D, variants in flash_hopper.CANDIDATES.items():
+        fallback = flash_hopper.TMA_FALLBACK[D]
+        assert fallback in variants and not flash_hopper.VARIANTS[fallback][4], D
+
+
+def test_tensor_map_declines_what_the_copy_engine_cannot_address():
+    # the copy engine needs a 16-byte aligned base and byte strides that are multiples of 16 (checked
+    # before the driver is asked, so no GPU is needed here); size-1 dimensions are never stepped
+    assert flash_hopper.tensor_map("bf16", 8, (64, 10, 2, 1), (64, 640, 1280), 128) is None
+    assert flash_hopper.tensor_map("bf16", 256, (64, 10, 2, 2), (68, 680, 1360), 128) is None
+
+
+def test_tensor_map_without_the_driver_function_is_none(monkeypatch):
+    # a driver library without cuTensorMapEncodeTiled (before CUDA 12), or none: launch then runs the
+    # cp.async fallback instead of failing
+    import ctypes
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(flash_hopper, "_encode", [])
+    monkeypatch.setattr(flash_hopper, "_tmaps", {})
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert flash_hopper.tensor_map("bf16", 256, (64, 10, 2, 2), (64, 640, 1280), 128) is None
+    assert flash_hopper._encode == [None]                          # decided once
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
@@ -96,7 +126,7 @@ def test_without_a_hopper_gpu_the_mma_sync_kernel_is_the_default(monkeypatch):
 
 
 def test_no_compiler_is_an_error_that_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(flash_hopper.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))                             # no nvcc
     monkeypatch.setitem(__import__("sys").modules, "cupy_backends", None)   # no NVRTC either
     with pytest.raises(RuntimeError, match="nvcc.*sm_90a|sm_90a.*nvcc"):
         flash_hopper.build("bf16", 64, "h2", tmp_path)

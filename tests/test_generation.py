@@ -263,6 +263,15 @@ def test_text_streamer_writes_the_decoded_text_and_holds_partial_characters():
     assert all("\ufffd" not in w for w in writes)
 
 
+@pytest.mark.parametrize("name", ["skip_prompt", "skip_special_tokens"])
+def test_text_streamer_flags_follow_the_one_flag_rule(name):
+    """TextStreamer(tok, skip_prompt="no") skipped the prompt (a non-empty string is true), silently; its flags
+    take what every flag takes (errors.check_flag), np.bool_ included."""
+    with pytest.raises(GenerationError, match=rf"^{name} must be True or False, got 'no'$"):
+        TextStreamer(object(), **{name: "no"})
+    assert getattr(TextStreamer(object(), **{name: np.False_}), name) is False
+
+
 # ---- argument checking ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -308,8 +317,16 @@ def test_generate_needs_a_causal_lm():
 
 
 def test_prompt_longer_than_context_is_refused_but_decoding_past_it_is_allowed():
+    """One check (model.check_context) for the forward, generate and the chat command: a prompt of exactly
+    max_position_embeddings tokens runs, one more is refused, each in its caller's words."""
     model = tiny_model()  # max_position_embeddings 64
-    with pytest.raises(GenerationError, match="more than max_position_embeddings"):
+    assert model(np.ones((1, 64), np.int64)).logits.shape == (1, 64, model.config.vocab_size)
+    with pytest.raises(GenerationError, match=r"^the input has 65 tokens, more than the model's context"):
+        model(np.ones((1, 65), np.int64))
+    with pytest.warns(UserWarning, match="past max_position_embeddings"):
+        assert np.asarray(model.generate(np.ones((1, 64), np.int64), max_new_tokens=1)).shape == (1, 65)
+    with pytest.raises(GenerationError, match=r"^the prompt has 65 tokens, more than the model's context "
+                                              r"\(max_position_embeddings = 64\); shorten"):
         model.generate(np.ones((1, 65), np.int64), max_new_tokens=1)
     with pytest.warns(UserWarning, match="past max_position_embeddings"):
         out = model.generate(np.ones((1, 60), np.int64), max_new_tokens=8)

@@ -12,6 +12,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -160,6 +161,53 @@ def test_an_edited_generation_config_is_checked_at_generate(plain_dir):
         model.generate(PROMPT, max_new_tokens=2)
 
 
+FLAG_VALUES = [(np.True_, True), (np.False_, False), (True, True), (0, None), (1, None), ("True", None)]
+
+
+@pytest.mark.parametrize("value, as_bool", FLAG_VALUES, ids=[repr(v) for v, _ in FLAG_VALUES])
+def test_generate_and_the_generation_config_take_the_same_do_sample_values(plain_dir, value, as_bool):
+    """One rule (errors.check_flag) for do_sample wherever it enters: generate's argument, a GenerationConfig
+    field, a field edited on the model. Before, generate took np.bool_ (what a comparison gives) and the
+    generation config refused it; 0, 1 and "True" are refused by both, in the same words. Where accepted, the
+    value decodes exactly as the bool it stands for (the same seeded draws)."""
+    model = StableLmForCausalLM.from_pretrained(plain_dir)
+    kwargs = dict(max_new_tokens=6, eos_token_id=None, seed=5, temperature=3.0)
+    message = rf"do_sample must be True or False, got {re.escape(repr(value))}$"
+    if as_bool is None:
+        with pytest.raises(GenerationError, match=message):
+            model.generate(PROMPT, do_sample=value, **kwargs)
+        with pytest.raises(GenerationError, match=message):
+            GenerationConfig(do_sample=value).check()
+        model.generation_config.do_sample = value
+        with pytest.raises(GenerationError, match="model.generation_config: " + message):
+            model.generate(PROMPT, **kwargs)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                    # greedy with a temperature: the "ignored" warning
+        want = model.generate(PROMPT, do_sample=as_bool, **kwargs)
+        np.testing.assert_array_equal(model.generate(PROMPT, do_sample=value, **kwargs), want)
+        GenerationConfig(do_sample=value).check()
+        model.generation_config.do_sample = value
+        np.testing.assert_array_equal(model.generate(PROMPT, **kwargs), want)
+    if as_bool:                                            # the draws mattered: sampling differs from greedy
+        assert not np.array_equal(want, model.generate(PROMPT, do_sample=False, max_new_tokens=6, eos_token_id=None))
+
+
+def test_numpy_values_in_the_generation_config_are_saved_as_json(plain_dir, tmp_path):
+    """A field set to a NumPy scalar or array (np.int64 from arithmetic, np.True_ from a comparison) passes
+    generate's checks; save_pretrained raised a TypeError (json cannot write them) instead of saving."""
+    model = StableLmForCausalLM.from_pretrained(plain_dir)
+    gc = model.generation_config
+    gc.do_sample, gc.max_new_tokens, gc.temperature = np.True_, np.int64(7), np.float32(0.5)
+    gc.eos_token_id = np.array([3, 7])
+    model.save_pretrained(tmp_path)
+    with open(tmp_path / "generation_config.json") as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in ("do_sample", "max_new_tokens", "temperature", "eos_token_id")} == dict(
+        do_sample=True, max_new_tokens=7, temperature=0.5, eos_token_id=[3, 7])   # 0.5 is exact in float32
+    assert all(type(saved[k]) is t for k, t in (("do_sample", bool), ("max_new_tokens", int)))
+
+
 def test_fast_form_uses_the_reference_models_generation_config(plain_dir, tmp_path):
     model = StableLmForCausalLM.from_pretrained(with_generation_config(plain_dir, tmp_path, SAMPLING_FILE),
                                                 dtype="float64")
@@ -175,8 +223,8 @@ HOSTILE = [
     ({"eos_token_id": [3, VOCAB]}, f"eos_token_id {VOCAB} is outside the vocabulary [0, {VOCAB})"),
     ({"pad_token_id": [1, 2]}, "pad_token_id must be an integer token id, got [1, 2]"),
     ({"bos_token_id": -1}, f"bos_token_id -1 is outside the vocabulary [0, {VOCAB})"),
-    ({"do_sample": "true"}, "do_sample must be true or false, got 'true'"),
-    ({"do_sample": 1}, "do_sample must be true or false, got 1"),
+    ({"do_sample": "true"}, "do_sample must be True or False, got 'true'"),
+    ({"do_sample": 1}, "do_sample must be True or False, got 1"),
     ({"temperature": 0}, "temperature must be a number > 0, got 0"),
     ({"top_p": 1.5}, "top_p must be a number in (0, 1], got 1.5"),
     ({"top_k": True}, "top_k must be an integer >= 0 (0 turns it off), got True"),

@@ -181,3 +181,20 @@ def test_a_file_is_not_a_model_directory(tmp_path):
         StableLmForCausalLM.from_pretrained(f)
     with pytest.raises(TokenizerError, match="a file, not a model directory; give the directory that holds tokenizer"):
         Tokenizer.from_pretrained(f)
+
+
+def test_a_revision_with_a_local_directory_is_ignored_with_a_warning(tmp_path):
+    """from_pretrained(local_dir, revision=...) loads the directory as it is (transformers does the same,
+    silently); the revision asked for selects nothing, which a warning now says, naming it and the directory."""
+    import warnings
+
+    tiny_model(seed=2).save_pretrained(tmp_path)
+    for load in (StableLmForCausalLM.from_pretrained, StableLmConfig.from_pretrained):
+        with pytest.warns(UserWarning, match=rf"^revision='v2' is ignored: {tmp_path} \(a local directory\) is "
+                                             "not a Hub repository"):
+            load(str(tmp_path), revision="v2")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                          # no revision: no warning
+            load(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"^revision='main' is ignored: the embedded default model is not a Hub"):
+        assert hub.model_directory(hub.DEFAULT_MODEL, revision="main") == hub.DEFAULT_MODEL_DIR

@@ -3,8 +3,8 @@
     python tools/bench_attention.py [--prefill-lens 512,2048] [--prefill-reps 15] [--rounds 3]
                                     [--profile-lens 512] [--host-costs] [--skip-prefill] [--skip-kernel]
                                     [--batch 4] [--heads 32] [--dims 64,80,128,160] [--lens 1024,4096]
-                                    [--variants all|default] [--variant-dims 160] [--hopper-variants h4,h15]
-                                    [--samples 15]
+                                    [--variants all|default] [--variant-dims 160] [--hopper-variants h4,h24]
+                                    [--samples 15] [--probe h24:128]
 
 Part 1, time to first token (`make bench-gpu`): stablelm-3b-4e1t shapes (32 layers, hidden 2560,
 32 heads of 80, intermediate 6912, vocab 50304), random bf16 weights shared by both sides
@@ -346,7 +346,22 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--sets", type=int, default=3, help="rotating input sets")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling measurement")
+    ap.add_argument("--probe", metavar="VARIANT:D", help="only launch this kernel variant twice at --batch, "
+                    "--heads, the last of --lens (bf16, causal) and exit: a target for ncu (profile the "
+                    "second launch: ncu -k regex:flash --launch-skip 1 --launch-count 1 ...)")
     args = ap.parse_args(argv)
+    if args.probe:
+        var, D = args.probe.split(":")
+        L = int(args.lens.split(",")[-1])
+        rs = cupy.random.RandomState(0)
+        q, k, v = (rs.standard_normal((args.batch, args.heads, L, int(D)), dtype=cupy.float32).astype(BF16)
+                   for _ in range(3))
+        out = cupy.empty_like(q)
+        for _ in range(2):
+            fp.flash_attention_prefill_variant(var, q, k, v, out=out)
+        cupy.cuda.runtime.deviceSynchronize()
+        print(f"{var} D={D} L={L}: launched twice")
+        return
 
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {torch.cuda.get_device_name(0)}  ({dev.multi_processor_count} SMs)  "

@@ -36,10 +36,32 @@ from bench_gpu import engine_config, random_params  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
+# decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
+ATT_START = "    PDL_LAUNCH();\n    const int len = *lenp;"
+ATT_WAIT = "    PDL_WAIT();                                          // qkv comes from the previous kernel\n"
+ATT_PREPARED = "    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }\n"
+ATT_COMBINE = "    __threadfence();\n    __syncthreads();\n    if (tid == 0) {\n        const int prev = atomicAdd("
+
+
+def _insert(src, at, text, before=True):
+    """src with text inserted before (or after) the one occurrence of `at`; None if `at` is not there once."""
+    if src.count(at) != 1:
+        return None
+    return src.replace(at, text + at if before else at + text)
+
+
 VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
     "default": None,
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
+    # timing only (wrong results): the attention kernel cut short at one phase, to see what its chain is made
+    # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; everything but
+    # the split combine (partials written, no fence, atomic or last block's combine)
+    "att-wait-exit": lambda src: _insert(src, ATT_START, "\n    if (H > 0) { PDL_WAIT(); return; }", before=False),
+    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, "    if (H > 0) { cp_async_wait_all(); return; }\n",
+                                         before=False),
+    "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
+    "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
 
 ABLATIONS = {
@@ -99,7 +121,9 @@ def print_tune_log(entries):
         log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]}{' mma U%d' % c[5] if c[5] else ''} "
                                                     f"{c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
         for e in entries:
-            if e[0] == "step" and e[2] == kind:
+            if e[0] == "step" and e[2] == kind == "attention":
+                log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
+            elif e[0] == "step" and e[2] == kind:
                 c = e[3]
                 log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
                     f" -> {e[4]:.4f} ms")
@@ -110,6 +134,9 @@ def batch_ab(cfg, params, batches, prompt, steps):
     tensor-core GEMV's offered too (B), in one engine: ms a step (graph replays of the captured step, as the
     tuner times it) and the ratio; B's choice per matrix kind."""
     engine = de.GpuDecodeEngine(cfg, params, max_batch=max(batches), max_len=prompt + steps + 9, pdl=True)
+    if not engine.k.tensor_cores:        # DecodeKernels: compute capability >= 8.0 (bf16 mma.sync)
+        log(f"batch A/B skipped: {engine.k.device_name} has no bf16 tensor-core mma (compute capability < 8.0)")
+        return {}
     out = {}
     for nb in batches:
         ids = np.random.default_rng(nb).integers(2, cfg.vocab_size, (nb, prompt))
@@ -140,27 +167,38 @@ def fold_ab(engine, ids, steps, rounds=2):
         for fold in (True, False):
             engine.fold_layernorm = fold
             engine.tuning = tunings.get(fold, {})
-            engine._plans.clear()
-            engine._graphs.clear()
+            engine.reset_plans()
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
             tunings[fold] = engine.tuning
     engine.fold_layernorm = True
     engine.tuning = tunings[True]
-    engine._plans.clear()
-    engine._graphs.clear()
+    engine.reset_plans()
     on, off = float(np.median(times[True])), float(np.median(times[False]))
     log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
         f"({times[False]}): {off / on:.3f}x")
     return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
 
+def carveout_sweep(engine, ids, steps, percents, res):
+    """The step with every GEMV kernel's preferred shared-memory carveout set to each percent (the driver's
+    default, -1, restored after): a GEMV block holds <= 48 KB, so the carveout decides how much shared memory
+    is left on its SM for an attention block to start beside it before the GEMV ends."""
+    fns = list(engine.k.gemv_fn.values()) + list(engine.k.gemv_ln_fn.values())
+    for pct in list(percents) + [-1]:
+        for f in fns:                                   # CuPy's RawKernel sets the driver attribute
+            f.preferred_shared_memory_carveout = pct
+        engine.reset_plans()
+        cms = time_graph(engine, ids, engine.capture(1), steps)
+        res[f"gemv carveout {pct}"] = cms
+        log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
+
+
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
         engine.tuning.clear()
-    engine._plans.clear()
-    engine._graphs.clear()
+    engine.reset_plans()
 
 
 def main():
@@ -176,6 +214,10 @@ def main():
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first of --variants)")
     ap.add_argument("--ln-threads", type=int, nargs="*", default=[],
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
+    ap.add_argument("--gemv-carveout", type=int, nargs="*", default=[],
+                    help="shared-memory carveouts (percent) to try for every GEMV kernel (first of --variants)")
+    ap.add_argument("--persist", nargs="*", default=[], metavar="KIND:P",
+                    help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
@@ -220,6 +262,7 @@ def main():
         tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
+        tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
                      "tune_log": list(engine.tune_log)}
         print_tune_log(engine.tune_log)
@@ -237,14 +280,12 @@ def main():
         if name == args.variants[0] and any(v.persist for v in engine.tuning[1].values()):
             saved = dict(engine.tuning[1])
             engine.tuning[1] = {n: v._replace(persist=0) for n, v in saved.items()}
-            engine._plans.clear()
-            engine._graphs.clear()
+            engine.reset_plans()
             pms = time_graph(engine, ids, engine.capture(1), args.steps)
             res[name]["no persistent blocks"] = pms
             log(f"    the same shapes, one block per row group: {pms:.4f} ms/step {1e3 / pms:6.1f} tok/s")
             engine.tuning[1] = saved
-            engine._plans.clear()
-            engine._graphs.clear()
+            engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
         if name == args.variants[0] and args.ln_threads:
@@ -256,20 +297,30 @@ def main():
                 lms = time_graph(engine, ids, engine.capture(1), args.steps)
                 res[name][f"layernorm threads {nt}"] = lms
                 log(f"    layernorm threads {nt:4d}: {lms:.4f} ms/step {1e3 / lms:6.1f} tok/s")
-            engine._plans.clear()
-            engine._graphs.clear()
+            engine.reset_plans()
         if name == args.variants[0] and args.splits:
             real = engine.k.attention_splits
             for ns in args.splits:
                 engine.k.attention_splits = lambda nb, kvh, ml, _ns=ns: _ns
-                engine._plans.clear()
-                engine._graphs.clear()
+                engine.reset_plans()
                 sms = time_graph(engine, ids, engine.capture(1), args.steps)
                 res[name][f"splits {ns}"] = sms
                 log(f"    attention splits {ns:2d}: {sms:.4f} ms/step {1e3 / sms:6.1f} tok/s")
             engine.k.attention_splits = real
-            engine._plans.clear()
-            engine._graphs.clear()
+            engine.reset_plans()
+        if name == args.variants[0] and args.gemv_carveout:
+            carveout_sweep(engine, ids, args.steps, args.gemv_carveout, res[name])
+        if name == args.variants[0] and args.persist:
+            saved = dict(engine.tuning[1])
+            for item in args.persist:
+                kind, p = item.split(":")
+                engine.tuning[1] = dict(saved, **{kind: saved[kind]._replace(persist=int(p))})
+                engine.reset_plans()
+                pms = time_graph(engine, ids, engine.capture(1), args.steps)
+                res[name][f"persist {item}"] = pms
+                log(f"    {kind} with {p} persistent blocks a SM (was {saved[kind].persist}): {pms:.4f} ms/step")
+            engine.tuning[1] = saved
+            engine.reset_plans()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     log(f"done in {time.time() - t0:.0f} s")

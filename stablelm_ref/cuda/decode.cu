@@ -12,8 +12,9 @@
 //                      statistics accumulated by the residual-add GEMVs before it, and by embed_rows)
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
-//                      over keys [0, len] of one split with an online softmax; the last split to finish
-//                      combines the partial (max, sum, output) of all splits (flash-decoding)
+//                      over keys [0, len] of one split with an online softmax per warp (each warp its own
+//                      keys), the warps combined; with several splits the last to finish combines the
+//                      partial (max, sum, output) of all splits (flash-decoding)
 //   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history), and a
 //                      flag per row: NaN / Inf among its logits
 //   sample_step        in argmax_step's place when generate processes the logits: repetition penalty,
@@ -86,7 +87,8 @@ __device__ __forceinline__ uint4 ld_stream_early(const uint4* p) {
     return r;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>                      // float or double
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -96,21 +98,16 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-// Sum over the block; every thread gets the result. `buf` holds >= 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* buf) {
+// Sum over the block; every thread gets the result. `buf` holds >= 32 values.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* buf) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_sum(v);
     __syncthreads();                       // buf may still be read from a previous call
     if (lane == 0) buf[warp] = v;
     __syncthreads();
-    float t = (lane < nw) ? buf[lane] : 0.f;
+    T t = (lane < nw) ? buf[lane] : T(0);
     return warp_sum(t);
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 // ---------------------------------------------------------------- embedding
@@ -121,10 +118,10 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
                                       int hidden, float* __restrict__ x, double* __restrict__ stats,
                                       int n_stats, int ld_stats) {
-    __shared__ double buf[2][32];
+    __shared__ double buf[32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int b = blockIdx.x;
     const u16* row = E + (size_t)tok[b] * hidden;
     double s1 = 0.0, s2 = 0.0;
     for (int k = threadIdx.x; k < hidden; k += blockDim.x) {
@@ -136,15 +133,11 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
     if (stats == nullptr) return;
     for (int i = 1 + threadIdx.x; i < n_stats; i += blockDim.x)
         stats[((size_t)i * ld_stats + b) * 2] = stats[((size_t)i * ld_stats + b) * 2 + 1] = 0.0;
-    s1 = warp_sum_d(s1);
-    s2 = warp_sum_d(s2);
-    if (lane == 0) { buf[0][warp] = s1; buf[1][warp] = s2; }
-    __syncthreads();
+    s1 = block_sum(s1, buf);
+    s2 = block_sum(s2, buf);
     if (threadIdx.x == 0) {
-        double t1 = 0.0, t2 = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) { t1 += buf[0][w]; t2 += buf[1][w]; }
-        stats[(size_t)b * 2] = t1;
-        stats[(size_t)b * 2 + 1] = t2;
+        stats[(size_t)b * 2] = s1;
+        stats[(size_t)b * 2 + 1] = s2;
     }
 }
 
@@ -583,36 +576,56 @@ GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 //   kmask   [B, max_len] u8: 1 = key may be attended (0 = left padding)
 //   part_o  [B, H, NS, D] f32, part_ml [B, H, NS, 2] f32, counters [B * KVH] int (zero between launches)
 //   out     [B, H * D] bf16
+//   split_tiles  tiles of ATT_TK keys a split takes before the keys spread over more splits (<= NS)
+//   nbuf    tiles held in shared memory at once (1..ATT_MAXBUF); the first nbuf are copied before the wait
+// Each warp owns rows [16 w, 16 w + 16) of every tile, from the copy to the weighted sum of V: it copies
+// them, scores them (two lanes a row), keeps its own online softmax (m, l) and output, so the tiles need no
+// block-wide barrier; the four warps' results are combined once at the end (then, with several splits,
+// the splits' in global memory by the last block to finish).
 #define ATT_THREADS 128
+#define ATT_NW (ATT_THREADS / 32)
 #define ATT_TK 64          // keys per tile
+#define ATT_RW (ATT_TK / ATT_NW)   // keys of a tile per warp (two lanes a key)
 #define ATT_MAXJ 8         // (G * D / 2) <= ATT_MAXJ * ATT_THREADS
+#define ATT_MAXBUF 4       // tiles in shared memory at most
 
-__device__ __forceinline__ void attn_split_range(int len, int NS, int& nsplit, int& tiles_per) {
+__device__ __forceinline__ void attn_split_range(int len, int NS, int split_tiles, int& nsplit, int& tiles_per) {
     const int n = len + 1;
     const int ntiles = (n + ATT_TK - 1) / ATT_TK;
-    const int nact = min(NS, ntiles);
+    const int nact = max(1, min(NS, (ntiles + split_tiles - 1) / split_tiles));
     tiles_per = (ntiles + nact - 1) / nact;
     nsplit = (ntiles + tiles_per - 1) / tiles_per;     // no split left empty
 }
 
-// Start copying a tile of cached keys/values into shared memory (rows t < len; the rest zero-filled; the
-// new token's row is filled from shared floats later). Returns the mask byte of the row this thread will
-// score (row tid % TK, as ATT_THREADS is a multiple of TK): 1 = attend. Runs while the caller works on.
+// This warp starts copying its ATT_RW keys/values of the tile at t0 into shared memory (rows t < len; the
+// rest zero-filled; the new token's row is read from knb/vnb instead), one cp.async group. Returns whether
+// the key this lane scores (row lane / 2 of the warp's rows) may be attended.
 template <int D>
-__device__ __forceinline__ int attn_issue_tile(u16* Ks, u16* Vs, const u16* __restrict__ kc,
+__device__ __forceinline__ int attn_issue_rows(u16* Kt, u16* Vt, const u16* __restrict__ kc,
                                                const u16* __restrict__ vc, size_t cbase,
                                                const unsigned char* __restrict__ mrow, int t0, int t_end, int len) {
     constexpr int KPAD = D + 8, DC = D / 8;
-    for (int c = threadIdx.x; c < ATT_TK * DC; c += ATT_THREADS) {
-        const int r = c / DC, col = c % DC, t = t0 + r;
+    const int lane = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * ATT_RW;
+    for (int c = lane; c < ATT_RW * DC; c += 32) {
+        const int r = r0 + c / DC, col = c % DC, t = t0 + r;
         const bool ok = t < t_end && t < len;
         const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
-        cp_async16(Ks + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
-        cp_async16(Vs + r * D + col * 8, vc + off, ok ? 16 : 0);
+        cp_async16(Kt + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
+        cp_async16(Vt + r * D + col * 8, vc + off, ok ? 16 : 0);
     }
     cp_async_commit();
-    const int t = t0 + (int)threadIdx.x % ATT_TK;
-    return (t < len) ? (int)mrow[t] : (t == len);
+    const int t = t0 + r0 + (lane >> 1);
+    return t < t_end && (t < len ? (int)mrow[t] : t == len);
+}
+
+// Wait until at most `pending` (0..ATT_MAXBUF - 1) of this thread's latest cp.async groups are in flight.
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+    switch (pending) {
+        case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+        case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+        case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+        default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    }
 }
 
 template <int D>
@@ -622,44 +635,53 @@ __device__ __forceinline__ void attn_impl(
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    u16* __restrict__ out, int H, int KVH, int max_len, float scale) {
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
-    constexpr int DC = D / 8;                            // 16-byte chunks per row
+    constexpr int HC = D / 16;                           // 16-byte chunks in half a row (a lane's share)
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, NS = gridDim.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    constexpr int NW = ATT_THREADS / 32;
+    constexpr int NW = ATT_NW;
     const int G = H / KVH;
     const int GD2 = G * (D / 2);
 
     PDL_LAUNCH();
     const int len = *lenp;                               // changes only at the end of a step (argmax_step)
     int nsplit, tiles_per;
-    attn_split_range(len, NS, nsplit, tiles_per);
+    attn_split_range(len, NS, split_tiles, nsplit, tiles_per);
     if (split >= nsplit) return;
     const int n = len + 1;
     const int t_begin = split * tiles_per * ATT_TK;
     const int t_end = min(n, t_begin + tiles_per * ATT_TK);
+    const int ntile = (t_end - t_begin + ATT_TK - 1) / ATT_TK;
 
     // shared memory carve-up (16-byte aligned pieces first)
-    u16* Ks = reinterpret_cast<u16*>(smem_raw);                      // [TK][KPAD]
-    u16* Vs = Ks + ATT_TK * KPAD;                                     // [TK][D]
-    float* qs = reinterpret_cast<float*>(Vs + ATT_TK * D);            // [G][D]
-    float* kn = qs + G * D;                                           // [D]
+    u16* Kb = reinterpret_cast<u16*>(smem_raw);                      // [nbuf][TK][KPAD]
+    u16* Vb = Kb + nbuf * ATT_TK * KPAD;                              // [nbuf][TK][D]
+    u16* knb = Vb + nbuf * ATT_TK * D;                                // [D] the new key, bf16
+    u16* vnb = knb + D;                                               // [D] the new value, bf16
+    float* qs = reinterpret_cast<float*>(vnb + D);                    // [G][D]
+    float* Ow = qs + G * D;                                           // [NW][G][D] each warp's output
+    float* kn = Ow + NW * G * D;                                      // [D]
     float* vn = kn + D;                                               // [D]
-    float* S = vn + D;                                                // [G][TK]
-    float* m_s = S + G * ATT_TK;                                      // [G]
-    float* l_s = m_s + G;                                             // [G]
-    float* a_s = l_s + G;                                             // [G]
-    float* rc = a_s + G;                                              // [rot]: cos, then sin
+    float* S = vn + D;                                                // [NW][G][RW] each warp's p
+    float* m_s = S + NW * G * ATT_RW;                                 // [NW][G]
+    float* l_s = m_s + NW * G;                                        // [NW][G]
+    float* a_s = l_s + NW * G;                                        // [NW][G]
+    float* rc = a_s + NW * G;                                         // [rot]: cos, then sin
     __shared__ int is_last;
 
     const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
     const unsigned char* mrow = kmask + (size_t)b * max_len;
-    // Start copying a tile of cached keys/values into shared memory (rows t < len; the rest zero-filled;
-    // the new token's row is filled from registers later). Each thread also fetches the mask byte of the
-    // row it will score (row tid % TK, since ATT_THREADS is a multiple of TK).
-    int mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t_begin, t_end, len);
+    // This warp's rows of the first nbuf tiles, copied while the previous kernel finishes (no kernel of the
+    // step writes cache rows t < len). mk[i]: may the key this lane scores in buffer i be attended.
+    int mk[ATT_MAXBUF];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXBUF; ++i)
+        mk[i] = (i < nbuf && i < ntile)
+                    ? attn_issue_rows<D>(Kb + i * ATT_TK * KPAD, Vb + i * ATT_TK * D, kc, vc, cbase, mrow,
+                                         t_begin + i * ATT_TK, t_end, len)
+                    : 0;
     // The rotary angles of this row's position: no kernel of the step writes pos or inv_freq.
     const int pos = posp[b], half = rot >> 1;
     for (int i = tid; i < half; i += ATT_THREADS) {
@@ -716,147 +738,137 @@ __device__ __forceinline__ void attn_impl(
         if (isq) {
             for (int d = lane; d < D; d += 32) dst[d] *= scale;
         } else {                                             // the cache holds bf16: use the rounded value
-            for (int d = lane; d < D; d += 32) dst[d] = bf2f(f2bf(dst[d]));
+            u16* dstb = isk ? knb : vnb;
+            for (int d = lane; d < D; d += 32) dstb[d] = f2bf(dst[d]);
         }
         __syncwarp();
     }
-    if (tid < G) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
+    for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;
+    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }
     __syncthreads();
 
     if (split == 0)
         for (int d = tid; d < D; d += ATT_THREADS) {
-            kc[cbase + (size_t)len * D + d] = f2bf(kn[d]);
-            vc[cbase + (size_t)len * D + d] = f2bf(vn[d]);
+            kc[cbase + (size_t)len * D + d] = knb[d];
+            vc[cbase + (size_t)len * D + d] = vnb[d];
         }
 
-    float acc0[ATT_MAXJ], acc1[ATT_MAXJ];
+    // 2. tiles of keys [t_begin, t_end): each warp its own rows, its own online softmax and output
+    float* Sw = S + warp * G * ATT_RW;
+    float* Owp = Ow + warp * G * D;
+    float* mw = m_s + warp * G;
+    float* lw = l_s + warp * G;
+    float* aw = a_s + warp * G;
+    const int r0 = warp * ATT_RW, rl = lane >> 1, hf = lane & 1;
+    for (int i = 0; i < ntile; ++i) {
+        const int buf = i % nbuf, t0 = t_begin + i * ATT_TK;
+        cp_async_wait_pending(min(nbuf, ntile - i) - 1);    // this tile's group has landed
+        __syncwarp();                                        // (the other lanes' copies too)
+        const u16* Kt = Kb + buf * ATT_TK * KPAD;
+        const u16* Vt = Vb + buf * ATT_TK * D;
+        int attend = 0;
 #pragma unroll
-    for (int j = 0; j < ATT_MAXJ; ++j) { acc0[j] = 0.f; acc1[j] = 0.f; }
-    // Output pairs per thread: with GD2 >= ATT_THREADS pairs p = tid + j * ATT_THREADS over all rows; with
-    // fewer, RG row groups of GD2 threads each (thread tid: pair tid % GD2, rows grp + k * RG).
-    const int RG = GD2 >= ATT_THREADS ? 1 : ATT_THREADS / GD2;
-    const int grp = RG > 1 ? tid / GD2 : 0;
-    auto pair_of = [&](int j) -> int {              // GD2 (no pair) where this thread has none
-        if (RG == 1) return tid + j * ATT_THREADS;
-        return (j == 0 && grp < RG) ? tid - grp * GD2 : GD2;
-    };
-
-    // 2. tiles of keys [t_begin, t_end) with an online softmax
-    for (int t0 = t_begin; t0 < t_end; t0 += ATT_TK) {
-        const int nt = min(ATT_TK, t_end - t0);
-        cp_async_wait_all();
-        __syncthreads();
-        if (len >= t0 && len < t0 + nt) {                 // the new token's row, from shared floats
-            const int r = len - t0;
-            for (int d = tid; d < D; d += ATT_THREADS) { Ks[r * KPAD + d] = f2bf(kn[d]); Vs[r * D + d] = f2bf(vn[d]); }
-            __syncthreads();
-        }
-        // scores S[g][r] = q_g . k_r  (q already scaled); masked or out-of-range -> -inf
-        for (int i = tid; i < G * ATT_TK; i += ATT_THREADS) {
-            const int g = i / ATT_TK, r = i % ATT_TK;     // r == tid % TK: the row whose mask byte is in mk
-            float s = NEG_INF;
-            if (r < nt && mk) {
-                s = 0.f;
-                const float* q = qs + g * D;
+        for (int j = 0; j < ATT_MAXBUF; ++j) attend = j == buf ? mk[j] : attend;
+        // scores of this lane's key (two lanes a key, half a row each; q already scaled); masked -> -inf
+        const int tk = t0 + r0 + rl;
+        const u16* krow = (tk == len ? knb : Kt + (r0 + rl) * KPAD) + hf * (D / 2);
+        uint4 kv[HC];
 #pragma unroll
-                for (int col = 0; col < DC; ++col) {
-                    float kf[8];
-                    unpack8(*reinterpret_cast<const uint4*>(Ks + r * KPAD + col * 8), kf);
+        for (int c = 0; c < HC; ++c) kv[c] = *reinterpret_cast<const uint4*>(krow + c * 8);
+        for (int g = 0; g < G; ++g) {
+            const float* q = qs + g * D + hf * (D / 2);
+            float s0 = 0.f, s1 = 0.f;                        // two chains
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) s = fmaf(q[col * 8 + e], kf[e], s);
+            for (int c = 0; c < HC; ++c) {
+                float kf[8];
+                unpack8(kv[c], kf);
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    s0 = fmaf(q[c * 8 + e], kf[e], s0);
+                    s1 = fmaf(q[c * 8 + e + 1], kf[e + 1], s1);
                 }
             }
-            S[g * ATT_TK + r] = s;
-        }
-        __syncthreads();
-        for (int g = warp; g < G; g += NW) {
-            float mx = NEG_INF;
-            for (int r = lane; r < ATT_TK; r += 32) mx = fmaxf(mx, S[g * ATT_TK + r]);
-            mx = warp_max(mx);
-            const float m_old = m_s[g];
-            const float m_new = fmaxf(m_old, mx);
+            float s = s0 + s1;
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (!attend) s = NEG_INF;
+            const float m_old = mw[g];
+            const float m_new = fmaxf(m_old, warp_max(s));
             const bool none = (m_new == NEG_INF);
-            float sum = 0.f;
-            for (int r = lane; r < ATT_TK; r += 32) {
-                const float p = none ? 0.f : __expf(S[g * ATT_TK + r] - m_new);
-                S[g * ATT_TK + r] = p;
-                sum += p;
-            }
-            sum = warp_sum(sum);
-            __syncwarp();   // every lane has read m_s[g] before lane 0 rewrites it (racecheck: no hazard)
+            const float p = none ? 0.f : __expf(s - m_new);
+            const float sum = warp_sum(hf ? 0.f : p);
+            if (!hf) Sw[g * ATT_RW + rl] = p;
+            __syncwarp();   // every lane has read mw[g] before lane 0 rewrites it
             if (lane == 0) {
                 const float alpha = none ? 1.f : __expf(m_old - m_new);
-                a_s[g] = alpha;
-                l_s[g] = l_s[g] * alpha + sum;
-                m_s[g] = m_new;
+                aw[g] = alpha;
+                lw[g] = lw[g] * alpha + sum;
+                mw[g] = m_new;
             }
         }
-        __syncthreads();
-        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d]; each thread owns pairs (d, d+1) of rows
-        // r = grp, grp + RG, ... (row groups when there are fewer pairs than threads; summed at the end).
-        // Masked rows (p == 0) are skipped: their cache slots may hold anything, NaN included.
+        __syncwarp();
+        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d] over this warp's keys; each lane owns pairs (d, d+1).
+        // Masked keys (p == 0) are skipped: their cache slots may hold anything, NaN included.
+        for (int item = lane; item < GD2; item += 32) {
+            const int g = item / (D / 2), dp = item % (D / 2);
+            const float* prow = Sw + g * ATT_RW;
+            float o0 = 0.f, o1 = 0.f;
 #pragma unroll
-        for (int j = 0; j < ATT_MAXJ; ++j) {
-            const int p = pair_of(j);
-            if (p < GD2) {
-                const int g = p / (D / 2), dp = p % (D / 2);
-                const float a = a_s[g];
-                float o0 = acc0[j] * a, o1 = acc1[j] * a;
-                const float* prow = S + g * ATT_TK;
-                for (int r = grp; r < nt; r += RG) {
-                    const float pr = prow[r];
-                    const u32 v2 = *reinterpret_cast<const u32*>(Vs + r * D + 2 * dp);
-                    o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
-                    o1 = pr > 0.f ? fmaf(pr, bf_hi(v2), o1) : o1;
-                }
-                acc0[j] = o0; acc1[j] = o1;
+            for (int r = 0; r < ATT_RW; ++r) {
+                const float pr = prow[r];
+                const u16* vrow = t0 + r0 + r == len ? vnb : Vt + (r0 + r) * D;
+                const u32 v2 = *reinterpret_cast<const u32*>(vrow + 2 * dp);
+                o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
+                o1 = pr > 0.f ? fmaf(pr, bf_hi(v2), o1) : o1;
             }
+            float2* o = reinterpret_cast<float2*>(Owp + g * D + 2 * dp);
+            const float a = aw[g];
+            const float2 prev = *o;
+            *o = make_float2(fmaf(prev.x, a, o0), fmaf(prev.y, a, o1));
         }
-        __syncthreads();
-        if (t0 + ATT_TK < t_end) mk = attn_issue_tile<D>(Ks, Vs, kc, vc, cbase, mrow, t0 + ATT_TK, t_end, len);
-    }
-
-    if (RG > 1) {                                        // sum the row groups (K tile is free now)
-        float* red = reinterpret_cast<float*>(Ks);       // [RG - 1][GD2][2]
-        if (grp > 0 && grp < RG) {
-            red[((grp - 1) * GD2 + tid - grp * GD2) * 2] = acc0[0];
-            red[((grp - 1) * GD2 + tid - grp * GD2) * 2 + 1] = acc1[0];
-        }
-        __syncthreads();
-        if (grp == 0)
-            for (int q2 = 1; q2 < RG; ++q2) {
-                acc0[0] += red[((q2 - 1) * GD2 + tid) * 2];
-                acc1[0] += red[((q2 - 1) * GD2 + tid) * 2 + 1];
-            }
-    }
-
-    // 3. one split: normalise and write.  Several: publish partials; the last block combines.
-    if (nsplit == 1) {
+        if (i + nbuf < ntile) {                              // this warp's rows of tile i + nbuf, same buffer
+            __syncwarp();                                    // every lane is done reading it
+            const int m = attn_issue_rows<D>(Kb + buf * ATT_TK * KPAD, Vb + buf * ATT_TK * D, kc, vc, cbase,
+                                             mrow, t0 + nbuf * ATT_TK, t_end, len);
 #pragma unroll
-        for (int j = 0; j < ATT_MAXJ; ++j) {
-            const int p = grp == 0 ? pair_of(j) : GD2;
-            if (p < GD2) {
-                const int g = p / (D / 2), dp = p % (D / 2);
-                const float inv = 1.f / l_s[g];
-                *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =
-                    pack_bf2(acc0[j] * inv, acc1[j] * inv);
-            }
+            for (int j = 0; j < ATT_MAXBUF; ++j) mk[j] = j == buf ? m : mk[j];
         }
-        return;
     }
+    __syncthreads();                                     // every warp's (m, l, o)
+
+    // 3. the warps' results combined (pairs (d, d+1) of the block's G heads over its threads). One split:
+    // normalise and write. Several: publish the split's partial (max, sum, output); the last block combines.
 #pragma unroll
     for (int j = 0; j < ATT_MAXJ; ++j) {
-        const int p = grp == 0 ? pair_of(j) : GD2;
+        const int p = tid + j * ATT_THREADS;
         if (p < GD2) {
             const int g = p / (D / 2), dp = p % (D / 2);
-            float* po = part_o + (((size_t)b * H + kvh * G + g) * NS + split) * D + 2 * dp;
-            po[0] = acc0[j]; po[1] = acc1[j];
+            float M = NEG_INF;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) M = fmaxf(M, m_s[w * G + g]);
+            float L = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                const float mw_ = m_s[w * G + g];
+                if (mw_ != NEG_INF) {                        // a warp with no key left adds nothing
+                    const float wgt = __expf(mw_ - M);
+                    const float2 o = *reinterpret_cast<const float2*>(Ow + (w * G + g) * D + 2 * dp);
+                    L = fmaf(wgt, l_s[w * G + g], L);
+                    o0 = fmaf(wgt, o.x, o0);
+                    o1 = fmaf(wgt, o.y, o1);
+                }
+            }
+            const size_t hb = (size_t)b * H + kvh * G + g;
+            if (nsplit == 1) {
+                const float inv = 1.f / L;
+                *reinterpret_cast<u32*>(out + hb * D + 2 * dp) = pack_bf2(o0 * inv, o1 * inv);
+            } else {
+                float* po = part_o + (hb * NS + split) * D + 2 * dp;
+                po[0] = o0; po[1] = o1;
+                if (dp == 0) { part_ml[(hb * NS + split) * 2] = M; part_ml[(hb * NS + split) * 2 + 1] = L; }
+            }
         }
     }
-    if (tid < G) {
-        float* pm = part_ml + (((size_t)b * H + kvh * G + tid) * NS + split) * 2;
-        pm[0] = m_s[tid]; pm[1] = l_s[tid];
-    }
+    if (nsplit == 1) return;
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -917,9 +929,10 @@ __device__ __forceinline__ void attn_impl(
         const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
         const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
         float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
-        u16* __restrict__ out, int H, int KVH, int max_len, float scale) {                        \
+        u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles,         \
+        int nbuf) {                                                                               \
         attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
-                     part_o, part_ml, counters, out, H, KVH, max_len, scale);                     \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);  \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
 

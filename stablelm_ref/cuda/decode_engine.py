@@ -66,7 +66,7 @@ from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
 from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
 from .launch import Launch, capture_launches, replay_ms
-from .tune import DEFAULT_GEMV, GemvShape
+from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
 
 
 def _layernorm(x, w, b, eps):
@@ -159,6 +159,7 @@ class GpuDecodeEngine:
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
+        self.att_shape: dict[int, tuple] = {}    # batch -> attention's (split_tiles, nbuf), tune.py's choice
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
@@ -352,6 +353,7 @@ class GpuDecodeEngine:
             return self._plans[key]
         k = self.k
         ns = k.attention_splits(nb, self.KVH, self.max_len)
+        split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
         fold = self.folds_layernorm(nb)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
         for i, L in enumerate(self.layers):
@@ -362,7 +364,8 @@ class GpuDecodeEngine:
             plan.append(k.attention_launch(
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
-                counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps))
+                counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps, split_tiles=split_tiles,
+                nbuf=nbuf))
             plan.append(self._layer_gemv("o_proj", i, nb))
             if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
@@ -382,6 +385,12 @@ class GpuDecodeEngine:
                                     settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite)
         self._plans[key] = plan
         return plan
+
+    def reset_plans(self):
+        """Drop every plan and captured graph, so the next step is planned and captured again (after a change
+        of kernels, tuning, buffers or a setting such as fold_layernorm)."""
+        self._plans.clear()
+        self._graphs.clear()
 
     def _forget(self, nb):
         """Drop the plans of batch nb (after a tuning change)."""
@@ -599,8 +608,7 @@ class GpuDecodeEngine:
         with self.stream:
             self._allocate()
         self.stream.synchronize()
-        self._plans.clear()
-        self._graphs.clear()
+        self.reset_plans()
         self._nb = None
 
     def kv_cache(self, batch: int, dtype):

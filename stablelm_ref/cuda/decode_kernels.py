@@ -30,7 +30,9 @@ GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
 GEMV_MMA = ((1, 2), (1, 4), (2, 2), (2, 4))   # tensor-core GEMV: (16-row tiles a block, k steps in flight)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
-ATT_THREADS, ATT_TK, ATT_MAXJ = 128, 64, 8  # must match decode.cu
+ATT_THREADS, ATT_TK, ATT_MAXJ, ATT_MAXBUF = 128, 64, 8, 4   # must match decode.cu
+ATT_NW, ATT_RW = ATT_THREADS // 32, ATT_TK // (ATT_THREADS // 32)   # warps a block, keys of a tile a warp
+ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner times within the step
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
@@ -57,6 +59,8 @@ class DecodeKernels:
         dev = cp.cuda.Device()
         self.tensor_cores = int(dev.compute_capability) >= 80      # bf16 mma.sync (gemv_mma)
         self.num_sms = dev.attributes["MultiProcessorCount"]
+        self.max_smem = dev.attributes["MaxSharedMemoryPerBlockOptin"]
+        self._att_smem = {}                 # head_dim -> the dynamic shared memory allowed decode_attention_d{D}
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
     # -- GEMV ---------------------------------------------------------------------------------
@@ -116,17 +120,29 @@ class DecodeKernels:
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
-        """Splits of the key axis (grid x): about two blocks per SM, at most one tile each."""
+        """Splits of the key axis (grid x; the partials' buffers are sized for it): about two blocks per SM,
+        at most one tile each. The kernel uses as many as the device-side length needs (fewer when
+        attention_launch's split_tiles > 1)."""
         want = math.ceil(2 * self.num_sms / max(1, nb * kv_heads))
         return int(max(1, min(want, math.ceil(max_len / ATT_TK))))
 
     @staticmethod
-    def attention_smem(G: int, D: int) -> int:
-        return ATT_TK * (D + 8) * 2 + ATT_TK * D * 2 + (G * D + 2 * D + G * ATT_TK + 3 * G + D) * 4
+    def attention_smem(G: int, D: int, nbuf: int = 1) -> int:
+        """Dynamic shared memory of decode_attention_d{D} (decode.cu's carve-up): nbuf K/V tiles, the new k/v
+        in bf16, then floats: q, each warp's output, k/v scratch, each warp's p, (m, l, alpha), rotary."""
+        tiles = nbuf * ATT_TK * (2 * D + 8) * 2
+        floats = G * D * (1 + ATT_NW) + 3 * D + ATT_NW * G * ATT_RW + 3 * ATT_NW * G
+        return tiles + 4 * D + 4 * floats
+
+    def attention_fits(self, G: int, D: int, nbuf: int) -> bool:
+        return self.attention_smem(G, D, nbuf) <= self.max_smem
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, tag="attention"):
+                         scale=None, split_tiles=1, nbuf=1, tag="attention"):
+        """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
+        ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
+        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -135,16 +151,24 @@ class DecodeKernels:
         if G * D > 2 * ATT_MAXJ * ATT_THREADS:
             raise NotImplementedError(f"decode attention supports (heads per kv head) * head_dim <= "
                                       f"{2 * ATT_MAXJ * ATT_THREADS}, got {G} * {D}")
+        if not (1 <= nbuf <= ATT_MAXBUF and split_tiles >= 1):
+            raise ValueError(f"decode attention: nbuf must be in [1, {ATT_MAXBUF}] and split_tiles >= 1, "
+                             f"got {nbuf}, {split_tiles}")
         max_len = kc.shape[-2]
-        smem = self.attention_smem(G, D)
+        smem = self.attention_smem(G, D, nbuf)
+        if smem > self.max_smem:
+            raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
+                             f"need {smem} bytes of shared memory, this GPU has {self.max_smem} a block")
         fn = self.attn_fn[D]
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
+        if smem > 48 * 1024 and smem > self._att_smem.get(D, 0):     # never lowered: a captured graph may
+            fn.max_dynamic_shared_size_bytes = smem                  # hold a launch with more
+            self._att_smem[D] = smem
         qk_ln = qn_w is not None
         scale = D ** -0.5 if scale is None else scale
         args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
                 qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
-                part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale))
+                part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
+                i32(split_tiles), i32(nbuf))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- small kernels ------------------------------------------------------------------------

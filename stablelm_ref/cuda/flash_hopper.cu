@@ -31,31 +31,31 @@
 //     of 16 keys starts kk * 2048 bytes in.
 //   * D = 80 and 160 are stored padded to 128 and 192 columns (the padding is never read: the reduction
 //     of Q K^T runs over D / 16 k-steps, and P V's N is D itself, a legal wgmma N).
-//   * K/V tiles stream in while earlier ones are computed (cp.async, 16 bytes per thread per copy,
-//     written straight to its swizzled place). cp.async writes through the generic proxy and wgmma
-//     reads through the async proxy: each thread runs fence.proxy.async after its copies land, then
-//     the block barrier.
+//   * K/V tiles stream in while earlier ones are computed. Without warp specialisation every thread
+//     copies (cp.async, 16 bytes per copy, written straight to its swizzled place); cp.async writes
+//     through the generic proxy and wgmma reads through the async proxy, so each thread runs
+//     fence.proxy.async after its copies land, then the block barrier. With it, TMA (below).
 //   * Two schedules (template parameter PIPE). Plain: per tile, S_j = Q K_j^T, softmax, O += P_j V_j,
 //     each wgmma waited for; two K/V stages. Pipelined (FlashAttention-3's intra-warpgroup overlap):
 //     S_j and P_{j-1} V_{j-1} are issued back to back and tile j's softmax runs while the second is on
 //     the tensor cores; three K/V stages, as tile j - 1's V is still read while tile j + 1 loads.
 //   * Softmax as in flash_prefill.cu: base 2 with log2(e) folded into the scale, online rescale,
 //     causal tiles past the diagonal never visited, masks only on tiles that need them.
-//   * Warp specialisation (template parameter WS, with the pipelined schedule; FlashAttention-3's
-//     producer/consumer split): a third warpgroup only loads. It copies Q and each K/V tile into a
-//     ring of three stages with cp.async (rolled loops, in 24-40 registers after setmaxnreg.dec) and
-//     marks a stage "full" with cp.async.mbarrier.arrive.noinc (an mbarrier arrival once its copies
-//     have landed); the two computing warpgroups wait on "full" (then fence.proxy.async, as the copies
-//     were generic-proxy writes), and each warp arrives on the stage's "empty" mbarrier once its wgmmas
-//     that read it are done, which is what the producer waits for before refilling it. No block-wide
-//     barrier is left in the main loop, so the two consumers drift apart and one's softmax runs under
-//     the other's GEMMs; setmaxnreg.inc gives them 232-240 registers (none spilled; the plain
-//     pipelined kernel spills at 255 at D = 128). The key-padding mask is read from global memory
-//     there (no shared copy to order).
-//   * Not done (FlashAttention-3's further steps): TMA (cp.async.bulk.tensor) instead of the
-//     producer's cp.async. Tried and not kept (docs/cuda_prefill_notes.md): explicit ping-pong of the
-//     two consumers on named barriers, O rescaled under Q K_j^T, shorter reduction chains, three
-//     consumers.
+//   * Warp specialisation with TMA (template parameter WS, with the pipelined schedule; FlashAttention-3's
+//     producer/consumer split): a third warpgroup only loads, and of it one thread: it issues Q and each
+//     K and V tile as [rows][64 columns] boxes on the bulk tensor copy engine (cp.async.bulk.tensor, from
+//     tensor maps that flash_hopper.py encodes on the host), which writes them in the 128-byte swizzle,
+//     zero-fills rows past T or S, and completes each tile's bytes on a "full" mbarrier. The two computing
+//     warpgroups wait on "full" and each of their warps arrives on an "empty" mbarrier once its wgmmas no
+//     longer read the tile: K's half of a stage is free once S_j has landed, V's once P_j V_j has, so two
+//     stages keep the next load in flight (and fit 112-key tiles at D = 160). No block-wide barrier is
+//     left in the main loop, so the two consumers drift apart and one's softmax runs under the other's
+//     GEMMs; setmaxnreg gives the producer 24 registers and the consumers 240 (none spilled; the plain
+//     pipelined kernel spills at 255 at D = 128). The key-padding mask is read from global memory there.
+//     (The first warp-specialised kernel's producer was 128 threads of cp.async: ncu showed its consumers
+//     waiting on it; docs/cuda_prefill_notes.md, fifth round.)
+//   * Tried and not kept (docs/cuda_prefill_notes.md): explicit ping-pong of the two consumers on named
+//     barriers, O rescaled under Q K_j^T, shorter reduction chains, three consumers.
 //
 // No CUDA headers: nvcc (-gencode arch=compute_90a,code=sm_90a) or NVRTC (-arch=sm_90a) compiles the
 // text flash_hopper.py assembles: flash_prefill.cu's shared helpers, this file with the generated wgmma
@@ -96,11 +96,6 @@ DEVI void mbar_init(u32 bar, int count) {
 }
 DEVI void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 DEVI void mbar_arrive(u32 bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
-// one arrival on `bar` once every cp.async this thread has issued so far has landed (.noinc: the
-// arrival is one of the `count` the barrier was initialised with)
-DEVI void cp_async_mbar_arrive(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
 DEVI void mbar_wait(u32 bar, u32 parity) {
     asm volatile("{\n.reg .pred done;\nWAIT:\n"
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
@@ -110,6 +105,27 @@ template <int N>
 DEVI void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N>
 DEVI void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// TMA (the bulk tensor copy engine; WS = 1): a tensor map (CUtensorMap, 128 opaque bytes made on the host
+// by cuTensorMapEncodeTiled, flash_hopper.py) passed as a __grid_constant__ kernel parameter. One thread
+// issues a whole [rows][64 columns] box; the engine writes it in the 128-byte swizzle and zero-fills what
+// lies outside the tensor (rows past T or S, columns past D); its bytes complete the transaction count that
+// an mbarrier was armed with (expect_tx). The copies write through the async proxy, as wgmma reads: no
+// proxy fence on the consumers' side.
+struct __align__(64) TmaMap { u64 v[16]; };
+DEVI void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEVI void tma_prefetch(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+// box at coordinates (c0 column, c1 row, c2 head, c3 batch) into shared `dst`, completing on `bar`
+DEVI void tma_load(u32 dst, const TmaMap* map, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+                 : "memory");
+}
 
 DEVI u64 opaque(u64 x) {
     asm volatile("" : "+l"(x));
@@ -130,8 +146,7 @@ DEVI u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
 // Each thread copies one fixed 16-byte chunk column of rows r0, r0 + RPP, r0 + 2 RPP, ... (RPP rows per
 // pass of the block), so its source pointer just advances by RPP rows: few registers held across the
 // main loop (a per-copy 64-bit address would be kept live for every copy of the tile).
-// LEAN (WS's producer, 24-40 registers): a rolled loop, so no per-copy address is precomputed and held.
-template <int D, int NROWS, int NTHREADS, bool LEAN = false>
+template <int D, int NROWS, int NTHREADS>
 DEVI void load_tile_swizzled(u32 sdst, const u16* __restrict__ gsrc, i64 ld, int row0, int nvalid, int tid) {
     constexpr int CHUNKS = D / 8;              // 16-byte chunks per row
     constexpr int RPP = NTHREADS / CHUNKS;     // rows per pass
@@ -139,19 +154,11 @@ DEVI void load_tile_swizzled(u32 sdst, const u16* __restrict__ gsrc, i64 ld, int
     if (r0 >= RPP) return;                     // (RPP * CHUNKS may be < NTHREADS: D = 80, 160)
     const u16* src = gsrc + (i64)(row0 + r0) * ld + ch * 8;
     const u32 dst0 = sdst + (ch >> 3) * (NROWS * 128), c7 = ch & 7;
-    if constexpr (LEAN) {
-#pragma unroll 1
-        for (int r = r0; r < NROWS; r += RPP, src += RPP * ld) {
+#pragma unroll
+    for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
+        if (NROWS % RPP == 0 || r < NROWS) {
             const bool ok = row0 + r < nvalid;
             cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
-        }
-    } else {
-#pragma unroll
-        for (int r = r0, pass = 0; pass < (NROWS + RPP - 1) / RPP; ++pass, r += RPP, src += RPP * ld) {
-            if (NROWS % RPP == 0 || r < NROWS) {
-                const bool ok = row0 + r < nvalid;
-                cp_async16(dst0 + r * 128 + ((c7 ^ (r & 7)) << 4), ok ? src : gsrc, ok);
-            }
         }
     }
 }
@@ -171,30 +178,34 @@ DEVI void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b);           
 // over N / 8 column groups).
 
 // WS = 0: every warpgroup loads and computes. WS = 1: warp-specialised (FlashAttention-3): warpgroup 0
-// is the producer, which loads Q and the K/V tiles (cp.async) into a ring of NSTG stages and signals each
-// stage "full" on an mbarrier; the NWG consumer warpgroups (1 ...) compute and hand each stage back on an
-// "empty" mbarrier, so no block-wide barrier holds them in step; setmaxnreg moves registers from the
-// producer to the consumers. (Measured and not kept, docs/cuda_prefill_notes.md, code in commit 2dca1a9:
-// ping-pong of the two consumers on named barriers, the row reductions in four partial chains, no proxy
-// fence after "full", three consumers, O rescaled under Q K_j^T as FlashAttention-3 places it.)
+// is the producer, one thread of which issues Q and the K/V tiles on TMA into NSTG stages, each half
+// signalled "full" on an mbarrier; the NWG consumer warpgroups (1 ...) compute and hand each half back on
+// an "empty" mbarrier, so no block-wide barrier holds them in step; setmaxnreg moves registers from the
+// producer to the consumers. (Measured and not kept, docs/cuda_prefill_notes.md: a producer of 128
+// threads issuing cp.async, code in commit dc092dd; in commit 2dca1a9: ping-pong of the two consumers on
+// named barriers, the row reductions in four partial chains, no proxy fence after "full", three
+// consumers, O rescaled under Q K_j^T as FlashAttention-3 places it.)
 // PREG, CREG (WS): registers per thread after setmaxnreg, producer and consumers (flash_hopper.py's
-// register_split: h15's 384 threads start with 168 each; the consumers take what the producer gives
-// back).
+// register_split: 384 threads start with 168 each; the consumers take what the producer gives back).
+// tq, tk, tv (WS): the tensor maps of Q, K, V (kernel parameters, flash_hopper.tensor_map).
 template <int D, bool BF16, int BC, int NWG, bool PIPE, int WS = 0, int PREG = 0, int CREG = 0>
 DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
                             const u8* __restrict__ key_mask, u16* __restrict__ O,
                             int H, int KVH, int T, int S, float scale_log2, int causal, int has_mask,
                             i64 q_sb, i64 q_sh, i64 q_sr, i64 kv_sb, i64 kv_sh, i64 kv_sr,
-                            i64 o_sb, i64 o_sh, i64 o_sr) {
+                            i64 o_sb, i64 o_sh, i64 o_sr,
+                            const TmaMap* tq = nullptr, const TmaMap* tk = nullptr, const TmaMap* tv = nullptr) {
     static_assert(D % 16 == 0, "head dim must be a multiple of 16");
     static_assert(BC % 16 == 0 && BC <= 128, "key tile: a multiple of 16 keys, at most 128");
-    static_assert(WS == 0 || (WS == 1 && PIPE), "warp specialisation: the pipelined schedule");
-    constexpr int NT = 128 * NWG;            // threads that load when WS == 0 (WS: the producer's 128)
+    static_assert(WS == 0 || PIPE, "warp specialisation: the pipelined schedule");
+    constexpr int NT = 128 * NWG;            // threads that load when WS == 0
     constexpr int BR = 64 * NWG;             // query rows per block
     constexpr int DP = (D + 63) / 64 * 64;   // columns in shared memory (whole 64-column blocks)
     constexpr int Q_BYTES = BR * DP * 2, KV_BYTES = BC * DP * 2;
     constexpr int NS = BC / 2, NO = D / 2;   // accumulator registers per thread: S, O
-    constexpr int NSTG = PIPE ? 3 : 2;       // K/V stages in shared memory
+    // K/V stages in shared memory. WS frees K's and V's halves of a stage separately (K once S_j has
+    // landed, V once P_j V_j has), so two stages keep a load in flight.
+    constexpr int NSTG = (PIPE && !WS) ? 3 : 2;
 
     extern __shared__ __attribute__((aligned(16))) unsigned char smem_raw[];
     // swizzle atoms must be 1024-aligned: round the base up (the launch asks for 1024 bytes more)
@@ -206,7 +217,7 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     u8* const sM = base_ptr + Q_BYTES + 2 * NSTG * KV_BYTES;  // NSTG stages of BC key-mask bytes
 
     // wg: this thread's computing warpgroup (-1: WS's producer, warpgroup 0); tid: its index among the
-    // threads that load (WS: the producer's 0-127)
+    // threads that load (WS = 0; WS: its index in its warpgroup)
     const int wg = (int)(threadIdx.x >> 7) - (WS ? 1 : 0), wt = threadIdx.x & 127;
     const int tid = WS ? wt : threadIdx.x;
     const int w = wt >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -358,21 +369,26 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     // P = 0, alpha = 1), because a wgmma issued on one side of a branch and waited for on the other
     // makes ptxas serialise every wgmma of the kernel (its advisory C7520). tile_ready(j): tile j is in
     // shared memory and visible to wgmma; tile_done(j): this warp's wgmmas no longer read tile j's stage.
-    auto pipelined = [&](auto tile_ready, auto tile_done) {
+    // (WS splits tile_ready into K's and V's: v_ready(j) before P_j V_j is issued; k_done(j): S_j has
+    // landed, so K_j's half of the stage is free; tile_done(j) then frees V_j's.)
+    auto pipelined = [&](auto tile_ready, auto tile_done, auto v_ready, auto k_done) {
         tile_ready(0);
         wgmma_fence();
         issue_qk(0);
         wgmma_wait<0>();
         fence_regs(s);
+        k_done(0);
         softmax(0);
         rescale_and_pack();
         for (int j = 1; j < n_tiles; ++j) {
             tile_ready(j);
+            v_ready(j - 1);
             wgmma_fence();
             issue_qk(j);
             issue_pv(j - 1);
             wgmma_wait<1>();  // S_j (the older group) has landed; P_{j-1} V_{j-1} may still run
             fence_regs(s);
+            k_done(j);
             softmax(j);
             wgmma_wait<0>();
             fence_regs(o);
@@ -380,11 +396,13 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             tile_done(j - 1);
             rescale_and_pack();
         }
+        v_ready(n_tiles - 1);
         wgmma_fence();
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();
         fence_regs(o);
     };
+    auto none = [](int) {};
 
     if constexpr (WS == 0) {  // prologue: Q tile and tile 0
         load_tile_swizzled<D, BR, NT>(sQ, Qg, q_sr, q0, T, tid);
@@ -393,38 +411,49 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
     }
 
     if constexpr (WS) {
-        // stage st: "full" mbarrier at bars + 8 st (128 producer arrivals, each once its copies have
-        // landed), "empty" at bars + 8 (NSTG + st) (one arrival per consumer warp once its wgmmas that
-        // read the stage are done). Tile j uses stage j % NSTG for the (j / NSTG)-th time: phase parity
-        // (j / NSTG) & 1.
+        // TMA: per stage st four mbarriers: K full, V full (one arrival each: the producer's expect_tx, then
+        // the copies' bytes), K empty, V empty (one arrival per consumer warp). Tile j uses stage j % NSTG
+        // for the (j / NSTG)-th time: phase parity (j / NSTG) & 1.
         const u32 bars = sV0 + NSTG * KV_BYTES;
-        auto full = [&](int j) { return bars + 8 * (j % NSTG); };
-        auto empty = [&](int j) { return bars + 8 * (NSTG + j % NSTG); };
-        if (threadIdx.x == 0) {
+        auto bar = [&](int kind, int j) { return bars + 8 * (kind * NSTG + j % NSTG); };  // 0 K full, 1 V full,
+        if (threadIdx.x == 0) {                                                          // 2 K empty, 3 V empty
             for (int st = 0; st < NSTG; ++st) {
-                mbar_init(bars + 8 * st, 128);
-                mbar_init(bars + 8 * (NSTG + st), 4 * NWG);
+                mbar_init(bar(0, st), 1);
+                mbar_init(bar(1, st), 1);
+                mbar_init(bar(2, st), 4 * NWG);
+                mbar_init(bar(3, st), 4 * NWG);
             }
             mbar_init_fence();
         }
         __syncthreads();
-        if (wg < 0) {  // ---- producer: Q with tile 0, then each tile once its stage is free
+        if (wg < 0) {  // ---- producer: one thread issues every copy
             setmaxnreg_dec<PREG>();
-            for (int j = 0; j < n_tiles; ++j) {
-                if (j >= NSTG) mbar_wait(empty(j), ((j / NSTG) + 1) & 1);  // tile j - NSTG's use is over
-                if (j == 0) load_tile_swizzled<D, BR, 128, true>(sQ, Qg, q_sr, q0, T, tid);
-                const int st = j % NSTG;
-                load_tile_swizzled<D, BC, 128, true>(sK0 + st * KV_BYTES, Kg, kv_sr, j * BC, S, tid);
-                load_tile_swizzled<D, BC, 128, true>(sV0 + st * KV_BYTES, Vg, kv_sr, j * BC, S, tid);
-                cp_async_mbar_arrive(full(j));
+            if (threadIdx.x == 0) {
+                tma_prefetch(tq);
+                tma_prefetch(tk);
+                tma_prefetch(tv);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int st = j % NSTG;
+                    const u32 phase_free = ((j / NSTG) + 1) & 1;
+                    if (j >= NSTG) mbar_wait(bar(2, j), phase_free);  // S_{j - NSTG} has landed everywhere
+                    mbar_expect_tx(bar(0, j), KV_BYTES + (j == 0 ? Q_BYTES : 0));
+                    if (j == 0)
+                        for (int c = 0; c < DP / 64; ++c)
+                            tma_load(sQ + c * (BR * 128), tq, 64 * c, q0, h, b, bar(0, 0));
+                    for (int c = 0; c < DP / 64; ++c)
+                        tma_load(sK0 + st * KV_BYTES + c * (BC * 128), tk, 64 * c, j * BC, kvh, b, bar(0, j));
+                    if (j >= NSTG) mbar_wait(bar(3, j), phase_free);  // P_{j - NSTG} V_{j - NSTG} is done
+                    mbar_expect_tx(bar(1, j), KV_BYTES);
+                    for (int c = 0; c < DP / 64; ++c)
+                        tma_load(sV0 + st * KV_BYTES + c * (BC * 128), tv, 64 * c, j * BC, kvh, b, bar(1, j));
+                }
             }
-            asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy in flight behind an exited thread
-        } else {  // ---- consumers: the pipelined schedule on the mbarriers instead of block barriers
+        } else {  // ---- consumers
             setmaxnreg_inc<CREG>();
-            // cp.async writes through the generic proxy, wgmma reads through the async proxy: each
-            // consumer thread fences after the acquire of "full"
-            pipelined([&](int j) { mbar_wait(full(j), (j / NSTG) & 1); fence_proxy_async(); },
-                      [&](int j) { if (lane == 0) mbar_arrive(empty(j)); });
+            pipelined([&](int j) { mbar_wait(bar(0, j), (j / NSTG) & 1); },
+                      [&](int j) { if (lane == 0) mbar_arrive(bar(3, j)); },
+                      [&](int j) { mbar_wait(bar(1, j), (j / NSTG) & 1); },
+                      [&](int j) { if (lane == 0) mbar_arrive(bar(2, j)); });
             store_out();
         }
     } else if constexpr (!PIPE) {
@@ -450,7 +479,6 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             }
             __syncthreads();  // every warpgroup is done with stage j % 2 before tile j + 2 is loaded into it
         }
-        store_out();
     } else {
         // the pipelined schedule on block barriers. Three stages: tile j + 1 loads while tile j (S) and
         // tile j - 1 (V) are read.
@@ -461,8 +489,9 @@ DEVI void flash_hopper_body(const u16* __restrict__ Q, const u16* __restrict__ K
             if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage of tile j - 2
             cp_async_commit();
         };
-        pipelined(next_tile, [](int) {});
-        store_out();
+        pipelined(next_tile, none, none, none);
     }
+    if constexpr (!WS) store_out();  // (WS: in the consumers' branch, so that each setmaxnreg region is one
+                                     // branch that reaches the kernel's end)
 
 }

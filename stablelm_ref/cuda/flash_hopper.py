@@ -7,28 +7,25 @@ the kernel works.
 
 Building. wgmma exists only in the arch-specific target sm_90a, which CuPy's own NVRTC call does not
 name, so each specialisation (dtype, head dim, variant) is compiled here into a cubin:
-`nvcc -cubin -gencode arch=compute_90a,code=sm_90a` where nvcc is on PATH, else NVRTC (through CuPy's
-binding) with -arch=sm_90a; the cubin is cached on disk (STABLELM_REF_KERNEL_CACHE, default
+`nvcc -cubin -arch=sm_90a` where nvcc is on PATH, else NVRTC (through CuPy's binding) with
+-arch=sm_90a (cubin.compile_cached); the cubin is cached on disk (STABLELM_REF_KERNEL_CACHE, default
 ~/.cache/stablelm_ref) under a hash of its source and flags, so a machine without a GPU can prepare
 them (`python -m stablelm_ref.cuda.flash_hopper --build DIR`). Where neither compiler works, or the GPU
 is not compute capability 9.0, `usable()` is False and flash_prefill runs its mma.sync kernel.
 
 The wgmma wrappers are generated (`_wgmma_wrappers`): a PTX wgmma names each of its 32 to 80
-accumulator registers, one asm per shape. The warp-specialised variant (h15: a producer warpgroup and
-two consumers on mbarriers) takes its setmaxnreg register counts from `register_split` as template
-arguments.
+accumulator registers, one asm per shape. The warp-specialised variants (h24, h26: a producer warpgroup,
+one thread of which loads every tile on TMA, and two consumers on mbarriers) take their setmaxnreg
+register counts from `register_split` as template arguments and three tensor maps (`tensor_map`: the
+driver's cuTensorMapEncodeTiled through ctypes) as kernel parameters.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
-import shutil
-import subprocess
-import tempfile
 import warnings
 
-from .launch import cache_dir
+from . import cubin
 
 _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 
@@ -36,28 +33,32 @@ _SOURCE = pathlib.Path(__file__).with_name("flash_hopper.cu")
 # allocator, warp-specialised WS 0/1): query rows per block = 64 * NWG, threads = 128 * NWG (+ 128
 # for WS's producer warpgroup). Pipelined: FlashAttention-3's intra-warpgroup overlap (tile j's softmax
 # while P_{j-1} V_{j-1} runs on the tensor cores), three K/V stages; otherwise one tile after the other,
-# two stages. WS 1: a producer warpgroup loads the K/V ring on mbarriers, setmaxnreg gives the consumers
-# its registers (flash_hopper_body's comment).
+# two stages. WS 1: one thread of a producer warpgroup loads Q, K and V on TMA into two stages whose K and
+# V halves are freed apart, on mbarriers; setmaxnreg gives the consumers its registers (flash_hopper_body's
+# comment).
 VARIANTS = {
     "h1": (128, 2, False, 1, 0),  # 128 x 128 tiles, two warpgroups (FlashAttention-3's tile for D = 128)
     "h2": (64, 2, False, 1, 0),   # 128 x 64: half the S registers and shared memory per stage
     "h4": (128, 2, True, 1, 0),   # h1, pipelined
     "h5": (64, 2, True, 1, 0),    # h2, pipelined
     "h7": (64, 2, True, 2, 0),    # h5 in 128 registers: two blocks per SM (D = 64)
-    "h15": (128, 2, True, 1, 1),  # h4, warp-specialised (a producer warpgroup, two consumers)
+    "h24": (128, 2, True, 1, 1),  # h4 warp-specialised: a TMA producer and two consumers (D = 64, 80, 128)
+    "h26": (112, 2, True, 1, 1),  # the same with 112-key tiles, so that two stages fit at D = 160
 }
 # Variants that fit each head dim (shared memory: D = 160 is stored as 192 columns, and 227 KB hold
 # h1's two stages but not three at D = 160; registers: h7 fits 128 only at D = 64). Measured and not
 # kept (docs/cuda_prefill_notes.md): h3/h6 (192 x 128, three warpgroups: spills in 168 registers), h8
-# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised (code in
-# commit 2dca1a9): h13/h14 (ping-pong of the two consumers), h16 (h5 warp-specialised: level at D = 160),
-# h17/h21 (row reductions in four chains), h18 (no proxy fence after "full"), h20 (three consumers),
-# h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's order).
-CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7"), 80: ("h1", "h2", "h4", "h5", "h15"),
-              128: ("h1", "h2", "h4", "h5", "h15"), 160: ("h2", "h5")}
+# (96-key tiles), h9/h11/h12 (one warpgroup per block, 2-3 blocks per SM); warp-specialised with a
+# cp.async producer of 128 threads (code in commit dc092dd): h15 (h4's tiles, the default at D = 80 and
+# 128 before h24), h16 (h5's); h25 (h24 with 64-key tiles, below h26 at D = 160; also dc092dd); in commit
+# 2dca1a9: h13/h14 (ping-pong of the two consumers), h17/h21 (row reductions in four chains), h18 (no
+# proxy fence after "full"), h20 (three consumers), h22/h23 (O rescaled under Q K_j^T, FlashAttention-3's
+# order).
+CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h24"),
+              128: ("h1", "h2", "h4", "h5", "h24"), 160: ("h2", "h5", "h26")}
 
-_FLAGS_NVCC = ("-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17")
-_FLAGS_NVRTC = ("-arch=sm_90a", "-std=c++17")
+_FLAGS_NVCC = ("-O3", "-std=c++17")     # cubin.compile_cached adds -cubin -arch=sm_90a (NVRTC: -arch=sm_90a)
+_FLAGS_NVRTC = ("-std=c++17",)
 
 _kernels: dict = {}     # (kind, D, variant) -> (cupy Function, threads, rows per block, smem bytes)
 _usable: list = []      # [bool] once decided
@@ -65,11 +66,11 @@ _usable: list = []      # [bool] once decided
 
 def smem_bytes(D: int, variant: str) -> int:
     """Dynamic shared memory of one block: Q, two or three stages of K, V (D padded to whole 64-column
-    blocks) and key-mask bytes (WS: two 8-byte mbarriers per stage instead), and 1024 bytes to align
-    the swizzle atoms."""
+    blocks) and key-mask bytes (WS: two stages, four 8-byte mbarriers each instead), and 1024 bytes to
+    align the swizzle atoms."""
     bc, nwg, pipe, _, ws = VARIANTS[variant]
-    dp, stages = (D + 63) // 64 * 64, 3 if pipe else 2
-    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + (16 if ws else bc)) + 1024
+    dp, stages = (D + 63) // 64 * 64, 3 if pipe and not ws else 2
+    return 64 * nwg * dp * 2 + stages * (2 * bc * dp * 2 + (32 if ws else bc)) + 1024
 
 
 def threads(variant: str) -> int:
@@ -81,14 +82,13 @@ def threads(variant: str) -> int:
 def register_split(D: int, variant: str) -> tuple:
     """(at launch, producer, consumers): registers per thread of a warp-specialised variant. The launch
     gives every thread the same share of the 64K registers (a multiple of 8; one block per SM); then
-    setmaxnreg lowers the producer's to 24 (40 at D = 80 and 160, where its address arithmetic spilled
-    at 24) and the consumers take what it gave back. (0, 0, 0) for the other variants."""
+    setmaxnreg lowers the producer's to 24 (its one loading thread issues a copy per 64 columns of a tile)
+    and the consumers take what it gave back. (0, 0, 0) for the other variants."""
     _, nwg, _, _, ws = VARIANTS[variant]
     if not ws:
         return (0, 0, 0)
-    n = threads(variant)
+    n, producer = threads(variant), 24
     entry = 65536 // n // 8 * 8
-    producer = 40 if D in (80, 160) else 24
     return entry, producer, (entry * n - 128 * producer) // (128 * nwg) // 8 * 8
 
 
@@ -144,6 +144,10 @@ def source(kind: str, D: int, variant: str) -> str:
               "i64 kv_sb, i64 kv_sh, i64 kv_sr, i64 o_sb, i64 o_sh, i64 o_sr")
     args = ("Q, K, V, key_mask, O, H, KVH, T, S, scale_log2, causal, has_mask, q_sb, q_sh, q_sr, "
             "kv_sb, kv_sh, kv_sr, o_sb, o_sh, o_sr")
+    if ws:  # the three tensor maps, by value
+        params += (", const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk, "
+                   "const __grid_constant__ TmaMap tv")
+        args += ", &tq, &tk, &tv"
     return text + (
         f'\nextern "C" __global__ void __launch_bounds__({threads(variant)}, {minb})\n'
         f"{kernel_name(kind, D, variant)}({params}) {{\n"
@@ -152,48 +156,18 @@ def source(kind: str, D: int, variant: str) -> str:
 
 
 def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
-    text = source(kind, D, variant)
-    digest = hashlib.sha256((text + " ".join(_FLAGS_NVCC)).encode()).hexdigest()[:16]
-    return pathlib.Path(directory or cache_dir()) / f"{kernel_name(kind, D, variant)}-{digest}-sm_90a.cubin"
+    return cubin.cubin_path(source(kind, D, variant), kernel_name(kind, D, variant), "90a", _FLAGS_NVCC,
+                            _FLAGS_NVRTC, directory)
 
 
 def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False) -> pathlib.Path:
-    """The cached cubin of one specialisation, compiled (nvcc, else NVRTC) if it is not there yet.
-    Raises RuntimeError, naming the compilers tried and their messages, when neither can build it."""
-    target = cubin_path(kind, D, variant, directory)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text, errors = source(kind, D, variant), []
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = pathlib.Path(tmp) / "flash_hopper.cu", pathlib.Path(tmp) / target.name
-        src.write_text(text)
-        nvcc = shutil.which("nvcc")
-        if nvcc:
-            flags = (*_FLAGS_NVCC, "-Xptxas", "-v") if verbose else _FLAGS_NVCC
-            done = subprocess.run([nvcc, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
-            if verbose:
-                print(done.stderr)
-            if done.returncode == 0:
-                shutil.move(str(out), str(target))
-                return target
-            errors.append(f"nvcc: {done.stderr.strip()[-2000:]}")
-        try:
-            from cupy_backends.cuda.libs import nvrtc
-
-            prog = nvrtc.createProgram(text, "flash_hopper.cu", (), ())
-            try:
-                nvrtc.compileProgram(prog, list(_FLAGS_NVRTC))
-                out.write_bytes(nvrtc.getCUBIN(prog))
-            finally:
-                nvrtc.destroyProgram(prog)
-            shutil.move(str(out), str(target))
-            return target
-        except Exception as e:  # noqa: BLE001  (no CuPy, no NVRTC, or a compile error: reported below)
-            errors.append(f"NVRTC: {type(e).__name__}: {str(e)[-2000:]}")
-    raise RuntimeError(f"could not build the Hopper attention kernel {kernel_name(kind, D, variant)} for sm_90a "
-                       f"({'; '.join(errors) or 'no nvcc on PATH'}); put CUDA 12.3+'s nvcc on PATH, or use "
-                       "the mma.sync variants (flash_prefill.VARIANTS)")
+    """The cached cubin of one specialisation, compiled (nvcc, else NVRTC: cubin.compile_cached) if it is not
+    there yet. Raises cubin.CompileError (a RuntimeError), naming the compilers tried and their messages,
+    when neither can build it."""
+    name = kernel_name(kind, D, variant)
+    return cubin.compile_cached(source(kind, D, variant), name, "90a", _FLAGS_NVCC, _FLAGS_NVRTC, directory,
+                                what=f"the Hopper attention kernel {name}", advice="put CUDA 12.3+'s nvcc on "
+                                "PATH, or use the mma.sync variants (flash_prefill.VARIANTS)", verbose=verbose)
 
 
 def usable() -> bool:
@@ -234,8 +208,78 @@ def get_kernel(kind: str, D: int, variant: str):
     return _kernels[key]
 
 
+# The TMA variants (WS) fall back, per head dim, to these where a tensor map cannot describe an operand
+# (an address or a stride that is not a multiple of 16 bytes, or the driver refuses): the fastest variant
+# whose threads all load with cp.async (the fourth round's defaults, h4 where that round chose h15).
+TMA_FALLBACK = {64: "h7", 80: "h4", 128: "h4", 160: "h5"}
+_CU_DTYPE = {"bf16": 9, "fp16": 6}  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, _FLOAT16
+_tmaps: dict = {}  # (kind, pointer, dims, strides, rows) -> encoded tensor map (a 128-byte numpy scalar array)
+_encode: list = []  # [cuTensorMapEncodeTiled] once loaded
+
+
+def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
+    """The tensor map (CUtensorMap, 128 bytes, from the driver's cuTensorMapEncodeTiled) of a 4-D bf16/fp16
+    operand: dims (D, rows, heads, batch), element strides (row, head, batch); boxes of 64 columns (128
+    bytes) x box_rows rows, written to shared memory in the 128-byte swizzle, zeros outside the operand.
+    None where TMA cannot describe it (address or byte strides not multiples of 16, or the driver refuses
+    or has no cuTensorMapEncodeTiled).
+    Cached per operand, so the model's forward encodes each KV cache once."""
+    import ctypes
+
+    import numpy as np
+
+    stride_bytes = [2 * st for st in strides]
+    for i, n in enumerate(dims[1:]):  # a dimension of size 1 is never stepped: any legal stride will do
+        if n == 1:
+            stride_bytes[i] = 2 * dims[0] if i == 0 else stride_bytes[i - 1] * dims[i]
+    key = (kind, ptr, dims, tuple(stride_bytes), box_rows)
+    if key in _tmaps:
+        return _tmaps[key]
+    if ptr % 16 or any(st % 16 or not 0 < st < 2**40 for st in stride_bytes):
+        return None
+    if not _encode:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        except (OSError, AttributeError):  # no driver library by that name, or a driver before CUDA 12
+            fn = None
+        else:
+            u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p,
+                           u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _encode.append(fn)
+    if _encode[0] is None:
+        return None
+    buf = (ctypes.c_uint64 * 24)()  # 192 bytes: room for 128 at a 64-byte aligned address
+    at = (ctypes.addressof(buf) + 63) // 64 * 64
+    status = _encode[0](ctypes.c_void_p(at), _CU_DTYPE[kind], 4, ctypes.c_void_p(ptr),
+                        (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*stride_bytes),
+                        (ctypes.c_uint32 * 4)(64, box_rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1),
+                        0, 3, 2, 0)  # no interleave, 128-byte swizzle, L2 promotion 128 bytes, zero fill
+    if status != 0:
+        return None
+    value = np.frombuffer(ctypes.string_at(at, 128), dtype=np.dtype((np.void, 128)))  # passed by value
+    if len(_tmaps) >= 512:
+        _tmaps.clear()
+    _tmaps[key] = value
+    return value
+
+
 def launch(kind: str, D: int, variant: str, grid_T: int, H: int, B: int, args) -> None:
-    """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's)."""
+    """Launch on `args` (flash_prefill's argument tuple, the same as its mma.sync kernel's); a TMA variant
+    appends the tensor maps of q, k and v (or runs TMA_FALLBACK's variant where they cannot be made)."""
+    bc, nwg, _, _, ws = VARIANTS[variant]
+    if ws:
+        q, k, v = args[:3]
+        KVH, T, S = (int(a) for a in args[6:9])
+        q_sb, q_sh, q_sr, kv_sb, kv_sh, kv_sr = (int(a) for a in args[12:18])
+        maps = (tensor_map(kind, q.data.ptr, (D, T, H, B), (q_sr, q_sh, q_sb), 64 * nwg),
+                tensor_map(kind, k.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc),
+                tensor_map(kind, v.data.ptr, (D, S, KVH, B), (kv_sr, kv_sh, kv_sb), bc))
+        if any(m is None for m in maps):
+            variant = TMA_FALLBACK[D]
+        else:
+            args = (*args, *maps)
     fn, threads, rows, smem = get_kernel(kind, D, variant)
     fn(((grid_T + rows - 1) // rows, H, B), (threads,), args, shared_mem=smem)
 

@@ -68,11 +68,11 @@ CANDIDATES = {
 DEFAULT_VARIANT = {64: "v3", 80: "v3", 128: "v6", 160: "v6"}
 # On a compute capability 9.0 GPU where flash_hopper.cu builds: the wgmma kernel's variant per head dim,
 # for the head dims where it measured faster than the mma.sync default (docs/cuda_prefill_notes.md).
-# H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel):
-# 64: h7 333 vs v3 242 (SDPA 426), 80: h15 (warp-specialised) 334 vs v3 265 and h4 279 (373),
-# 128: h15 400 vs v6 245 and h4 367 (600), 160: h5 368 vs v6 241 (536) (fourth round, call 1).
-# docs/cuda_prefill_notes.md has every variant.
-HOPPER_DEFAULT = {64: "h7", 80: "h15", 128: "h15", 160: "h5"}
+# H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel),
+# all four warp-specialised with a TMA producer: 64: h24 357 vs v3 244 and h7 336 (SDPA 428), 80: h24 394
+# vs v3 263 (371), 128: h24 517 vs v6 247 (587), 160: h26 515 vs v6 242 and h5 374 (527) (fifth round,
+# call 2). docs/cuda_prefill_notes.md has every variant.
+HOPPER_DEFAULT = {64: "h24", 80: "h24", 128: "h24", 160: "h26"}
 
 _kernels: dict = {}  # (kind, D, variant) -> (RawKernel, threads, rows per block, smem bytes)
 

@@ -1,4 +1,4 @@
-"""Building decode.cu and launching its kernels: nvcc (or NVRTC) to a cached cubin, one bound launch per
+"""Building decode.cu and launching its kernels: a cached cubin (cubin.py: nvcc or NVRTC), one bound launch per
 kernel call, programmatic dependent launches (PDL) through the driver, graph capture and replay timing.
 
     kernels = load_module(cupy)                       # the cubin cached for this source and GPU
@@ -12,61 +12,30 @@ struct layouts of cuda.h (CUDA 12/13).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from . import xp
+from .cubin import compile_cached
 
 SOURCE = Path(__file__).with_name("decode.cu")
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: $STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref."""
-    return Path(os.environ.get("STABLELM_REF_KERNEL_CACHE", Path.home() / ".cache" / "stablelm_ref"))
-
-
-def kernel_cache_name(compute_capability: str) -> str:
-    """File name of the compiled module for this source and GPU architecture (e.g. '90')."""
-    key = SOURCE.read_bytes() + compute_capability.encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return f"decode-{digest}-sm_{compute_capability}.cubin"
-
-
-def build_cubin(compute_capability: str, out_dir: str | os.PathLike) -> Path:
-    """Compile decode.cu with nvcc into out_dir (a machine without a GPU can prepare it)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc not found on PATH")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / kernel_cache_name(compute_capability)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_out = Path(tmp) / target.name
-        subprocess.run([nvcc, "-cubin", f"-arch=sm_{compute_capability}", "-O3", "-o", str(tmp_out), str(SOURCE)], check=True, capture_output=True, text=True)
-        shutil.move(str(tmp_out), str(target))
-    return target
+def build_cubin(compute_capability: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """decode.cu's cubin for sm_{compute_capability} in out_dir (default: the kernel cache, cubin.cache_dir()),
+    compiled if it is not there yet (cubin.compile_cached: nvcc, else NVRTC; a machine without a GPU can
+    prepare it)."""
+    return compile_cached(SOURCE.read_text(), "decode", compute_capability, nvcc_flags=("-O3",),
+                          nvrtc_flags=("--std=c++17",), directory=out_dir, what="the decode kernels (decode.cu)")
 
 
 def load_module(cp):
-    """A cached cubin (STABLELM_REF_KERNEL_CACHE, default ~/.cache/stablelm_ref), else nvcc, else NVRTC.
+    """decode.cu's module for this GPU, from its cached cubin (build_cubin), and where it came from.
     (tools/decode_probe.py times variants of decode.cu by pointing SOURCE at a patched copy.)"""
-    cc = cp.cuda.Device().compute_capability
-    cache = cache_dir()
-    cubin = cache / kernel_cache_name(cc)
-    if not cubin.exists() and shutil.which("nvcc"):
-        try:
-            build_cubin(cc, cache)
-        except (OSError, subprocess.CalledProcessError):
-            pass
-    if cubin.exists():
-        return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
-    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",)), "nvrtc"
+    cubin = build_cubin(cp.cuda.Device().compute_capability)
+    return cp.RawModule(path=str(cubin)), f"cubin {cubin.name}"
 
 
 def i32(v):

@@ -8,6 +8,8 @@ and on its neighbours in the step. Two stages, once per batch size (seconds):
        TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
+    3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
+       the keys spread over more blocks, and how many it holds in shared memory)
 
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
 
@@ -20,7 +22,7 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .decode_kernels import GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
@@ -39,6 +41,7 @@ class GemvShape(NamedTuple):
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
+DEFAULT_ATT = ATT_SHAPES[0]                 # attention: one tile a split (keys spread over many blocks), 1 buffer
 
 
 def gemv_candidates(K: int, nb: int, mode: int, tensor_cores: bool = False):
@@ -119,5 +122,23 @@ def tune_in_step(engine, nb, top):
         better(top[name][1:])                                        # the other finalists
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         engine.tuning[nb][name] = chosen
+    best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
     engine._forget(nb)
+
+
+def tune_attention(engine, nb, best):
+    """3. The attention's (split_tiles, nbuf) among ATT_SHAPES that fit the GPU's shared memory, kept if the
+    step is faster. Returns the step's time."""
+    k, G = engine.k, engine.H // engine.KVH
+    chosen = engine.att_shape.get(nb, DEFAULT_ATT)
+    for shape in ATT_SHAPES:
+        if shape == chosen or not k.attention_fits(G, engine.D, shape[1]):
+            continue
+        engine.att_shape[nb] = shape
+        ms = engine.time_step(nb)
+        engine.tune_log.append(("step", nb, "attention", shape, ms))
+        if ms < best:
+            best, chosen = ms, shape
+    engine.att_shape[nb] = chosen
+    return best

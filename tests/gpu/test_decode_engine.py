@@ -224,9 +224,13 @@ def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
 @HYP
 @given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
        nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
-       rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
-def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, seed):
+       rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12),
+       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, shape, seed):
+    """Every (split_tiles, nbuf): the tuner's shapes, and splits of more tiles than buffers (each warp refills
+    its rows of a buffer as it goes) at up to 12 splits of up to 300 keys."""
     H, max_len = KVH * G, L + extra
+    split_tiles, nbuf = shape
     rot = int(D * rot_frac) // 2 * 2
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((nb, (H + 2 * KVH) * D)).astype(np.float32)
@@ -251,7 +255,7 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
         cp.asarray(inv_freq), rot, nb=nb, H=H, KVH=KVH, D=D, out=out,
         part_o=cp.full((nb, H, nsplit, D), np.nan, cp.float32), part_ml=cp.full((nb, H, nsplit, 2), np.nan, cp.float32),
         counters=counters, nsplit=nsplit, qn_w=None if qn is None else cp.asarray(qn),
-        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5)
+        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5, split_tiles=split_tiles, nbuf=nbuf)
     launch()
     _sync()
     _, k_new, v_new = specs.ref_decode_attention(qkv, specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L, pos, kmask,

@@ -291,6 +291,42 @@ def test_hopper_small_cases(i, D, variant):
         run_and_check(q, k, v, mask, "bf16", causal=causal, variant=variant)
 
 
+TMA_CASES = [(D, var) for D, var in HOPPER_CASES if flash_hopper.VARIANTS[var][4]]
+
+
+@hopper
+@pytest.mark.parametrize("D, variant", TMA_CASES)
+def test_hopper_tma_reads_strided_views(D, variant):
+    # the tensor maps describe what the model passes: q as a view of the [B, T, H, D] projection (head
+    # stride D, row stride H D), k and v the first S rows of a longer KV cache whose rows past S are NaN
+    # (outside the maps' S rows, so the copy engine zero-fills them instead of reading them), out
+    # written through a view; a partial last query block and key tile, GQA, left padding
+    B, H, KVH, T, S, max_len = 2, 4, 2, 150, 211, 256
+    q, k, v, mask = make_inputs(70 + D, B, H, KVH, T, S, D, "bf16", pads=[0, 37])
+    dq = cupy.asarray(np.ascontiguousarray(q.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    kc = cupy.full((B, KVH, max_len, D), np.nan, dtype=DTYPES["bf16"])
+    vc = cupy.full((B, KVH, max_len, D), np.nan, dtype=DTYPES["bf16"])
+    kc[:, :, :S], vc[:, :, :S] = cupy.asarray(k), cupy.asarray(v)
+    merged = cupy.full((B, T, H, D), np.nan, dtype=DTYPES["bf16"])
+    flash_attention_prefill_variant(variant, dq, kc[:, :, :S], vc[:, :, :S], cupy.asarray(mask),
+                                    out=merged.transpose(0, 2, 1, 3))
+    got = cupy.asnumpy(merged).astype(np.float64).transpose(0, 2, 1, 3)
+    assert np.isfinite(got).all()
+    assert _rel(got, attention_reference(q, k, v, mask)) <= TOL["bf16"]
+
+
+@hopper
+def test_hopper_tma_falls_back_where_no_tensor_map_can_be_made(monkeypatch):
+    # an operand the copy engine cannot describe runs TMA_FALLBACK's cp.async variant, same result
+    ran = []
+    real = flash_hopper.get_kernel
+    monkeypatch.setattr(flash_hopper, "tensor_map", lambda *a: None)
+    monkeypatch.setattr(flash_hopper, "get_kernel", lambda kind, D, var: ran.append(var) or real(kind, D, var))
+    q, k, v, mask = make_inputs(80, 1, 2, 1, 100, 120, 128, "bf16", pads=[5])
+    run_and_check(q, k, v, mask, "bf16", variant="h24")
+    assert ran == [flash_hopper.TMA_FALLBACK[128]]
+
+
 @hopper
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.data())
