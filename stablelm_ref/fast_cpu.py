@@ -58,7 +58,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ._xp import to_host
-from .errors import GenerationError, StableLmError
+from .errors import GenerationError, StableLmError, check_flag
 from .fast_forms import register
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -331,7 +331,8 @@ class FastCpuModel:
     # ---- the forward ------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                  labels=None, logits_to_keep=0, output_hidden_states=False, trace=None):
-        if labels is not None or output_hidden_states or trace is not None:
+        if labels is not None or check_flag(output_hidden_states, "output_hidden_states", GenerationError) \
+                or trace is not None:                                           # the reference covers these
             return self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
                               logits_to_keep, output_hidden_states, trace)
         model, config = self.model, self.config

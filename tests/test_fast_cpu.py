@@ -7,6 +7,8 @@ float32: each logit is checked against the float64 truth with a bound derived fr
 (see float32_bound): a bug (wrong head, mask, rotary slice) is O(1) off, far outside it.
 """
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -183,6 +185,17 @@ def test_delegates_what_it_does_not_cover():
     out = fast(ids, labels=ids, output_hidden_states=True)
     want = ref(ids, labels=ids, output_hidden_states=True)
     assert abs(out.loss - want.loss) < TOL and len(out.hidden_states) == len(want.hidden_states)
+
+
+@pytest.mark.parametrize("value", [0, 1, None, "", "no"])
+def test_the_fast_form_checks_output_hidden_states_as_the_reference_does(value):
+    """A falsy non-bool (0, None, "") took the fast path unchecked while the reference refuses it."""
+    fast = tiny_model(seed=7).fast()
+    message = rf"^output_hidden_states must be True or False, got {re.escape(repr(value))}$"
+    for forward in (fast, fast.model):
+        with pytest.raises(GenerationError, match=message):
+            forward([[1, 2]], output_hidden_states=value)
+    assert len(fast([[1, 2]], output_hidden_states=np.True_).hidden_states) == fast.config.num_hidden_layers + 1
 
 
 def test_errors():
