@@ -351,7 +351,7 @@ class FastCpuModel:
             blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
         blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
         kept = None if rows is None else np.arange(t)[rows]                      # [T'] positions, or None: all
-        trim = kept is not None and len(kept) < t                                # the last layer on kept rows only
+        trim = kept is not None and 0 < len(kept) < t                            # the last layer on kept rows only
         for i, layer in enumerate(self.layers):
             keys_t, values = self._layer_inputs(w, layer, i, past, t, cache)
             if trim and i == len(self.layers) - 1:

@@ -270,17 +270,18 @@ def _check_two_prompts(variant, t1, t2, pad, seed):
 
 @settings(max_examples=20, deadline=None)
 @given(variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(2, 9), steps=st.integers(1, 3), pad=st.integers(0, 3),
-       keep=st.one_of(st.integers(1, 8), st.lists(st.integers(0, 8), min_size=1, max_size=4)),
+       keep=st.one_of(st.integers(1, 8), st.lists(st.integers(-8, 8), min_size=0, max_size=4)),
        chunked=st.booleans(), seed=st.integers(0, 2**16))
 def test_prefill_keeping_some_logits_still_fills_the_cache(variant, t, steps, pad, keep, chunked, seed):
-    """With logits_to_keep (an int, or positions in any order, repeated or not) the last layer's outputs are
-    computed for the kept rows only, its keys and values for all: the kept logits, every layer of the cache,
-    and the decode steps after it equal the reference's (left padding in row 0; `chunked`: the prompt's
+    """With logits_to_keep (an int, or positions in any order, repeated or not, negative or none) the last
+    layer's outputs are computed for the kept rows only, its keys and values for all: the kept logits, every
+    layer of the cache, and the decode steps after it equal the reference's (left padding in row 0; `chunked`: the prompt's
     second half goes through the cache after its first, so the kept queries also see earlier keys)."""
     ref, fast = _pair(variant, 11)
     pad = min(pad, t - 1)
     start = t // 2 if chunked else 0                                   # the call with logits_to_keep: t - start tokens
-    keep = keep if isinstance(keep, int) else np.array([k % (t - start) for k in keep])
+    n = t - start                                                      # positions: [0, n) or [-n, 0)
+    keep = keep if isinstance(keep, int) else np.array([k % n - (n if k < 0 else 0) for k in keep], np.int64)
     ids, mask, pos = _padded(np.random.default_rng(seed), 2, t + steps, [pad, 0])
     results = {}
     for name, model in (("ref", ref), ("fast", fast)):
