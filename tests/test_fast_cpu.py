@@ -275,8 +275,9 @@ def _check_two_prompts(variant, t1, t2, pad, seed):
 def test_prefill_keeping_some_logits_still_fills_the_cache(variant, t, steps, pad, keep, chunked, seed):
     """With logits_to_keep (an int, or positions in any order, repeated or not, negative or none) the last
     layer's outputs are computed for the kept rows only, its keys and values for all: the kept logits, every
-    layer of the cache, and the decode steps after it equal the reference's (left padding in row 0; `chunked`: the prompt's
-    second half goes through the cache after its first, so the kept queries also see earlier keys)."""
+    layer of the cache, and the decode steps after it equal the reference's (left padding in row 0;
+    `chunked`: the prompt's second half goes through the cache after its first, so the kept queries also see
+    earlier keys)."""
     ref, fast = _pair(variant, 11)
     pad = min(pad, t - 1)
     start = t // 2 if chunked else 0                                   # the call with logits_to_keep: t - start tokens
