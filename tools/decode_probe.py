@@ -115,18 +115,20 @@ def time_graph(engine, ids, g, steps=127, reps=3):
 
 
 def print_tune_log(entries):
-    """Per GEMV kind: the 3 best shapes alone (rows, threads, us, GB/s), then every timing within the step."""
-    for kind in dict.fromkeys(e[2] for e in entries):
+    """Per GEMV kind: the 3 best shapes alone (rows, threads, us, GB/s), then every timing within the step;
+    then the attention's shapes timed within the step (the tuner's third stage; it is never timed alone)."""
+    for kind in dict.fromkeys(e[2] for e in entries if e[0] == "alone"):
         best = [e[3] for e in entries if e[0] == "alone" and e[2] == kind][:3]
         log(f"    {kind:8s} alone, best 3: " + "; ".join(f"R{c[0]} T{c[1]}{' mma U%d' % c[5] if c[5] else ''} "
                                                     f"{c[3]:.1f} us {c[4]:.0f} GB/s" for c in best))
         for e in entries:
-            if e[0] == "step" and e[2] == kind == "attention":
-                log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
-            elif e[0] == "step" and e[2] == kind:
+            if e[0] == "step" and e[2] == kind:
                 c = e[3]
                 log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
                     f" -> {e[4]:.4f} ms")
+    for e in entries:
+        if e[0] == "step" and e[2] == "attention":
+            log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
 
 
 def batch_ab(cfg, params, batches, prompt, steps):

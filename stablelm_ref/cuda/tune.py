@@ -1,7 +1,8 @@
-"""GEMV autotuning: rows per block, threads per block and persistent blocks per SM, per matrix kind.
+"""Decode-step autotuning: per matrix kind the GEMV's rows per block, threads per block and persistent blocks
+per SM, then the attention's shape.
 
 A decode step is memory-bound and its GEMVs are most of it; the best launch shape depends on the matrix
-and on its neighbours in the step. Two stages, once per batch size (seconds):
+and on its neighbours in the step. Three stages, once per batch size (seconds):
 
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
        layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
@@ -62,7 +63,8 @@ def gemv_candidates(K: int, nb: int, mode: int, tensor_cores: bool = False):
 
 def tune(engine, nb):
     """Choose each GEMV kind's launch shape for batch nb (once): each kind timed alone over the candidates,
-    then its finalists and persistent blocks inside the whole step (tune_in_step). """
+    then its finalists and persistent blocks inside the whole step, then the attention's shape
+    (tune_in_step, which ends with tune_attention)."""
     if nb in engine.tuning:
         return
     cp = engine.cp
