@@ -156,7 +156,7 @@ class DecodeKernels:
                              f"got {nbuf}, {split_tiles}")
         max_len = kc.shape[-2]
         smem = self.attention_smem(G, D, nbuf)
-        if smem > self.max_smem:
+        if not self.attention_fits(G, D, nbuf):
             raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
                              f"need {smem} bytes of shared memory, this GPU has {self.max_smem} a block")
         fn = self.attn_fn[D]

@@ -296,7 +296,7 @@ TMA_CASES = [(D, var) for D, var in HOPPER_CASES if flash_hopper.VARIANTS[var][4
 
 @hopper
 @pytest.mark.parametrize("D, variant", TMA_CASES)
-def test_hopper_tma_reads_strided_views(D, variant):
+def test_hopper_tma_reads_strided_views(D, variant, monkeypatch):
     # the tensor maps describe what the model passes: q as a view of the [B, T, H, D] projection (head
     # stride D, row stride H D), k and v the first S rows of a longer KV cache whose rows past S are NaN
     # (outside the maps' S rows, so the copy engine zero-fills them instead of reading them), out
@@ -308,8 +308,11 @@ def test_hopper_tma_reads_strided_views(D, variant):
     vc = cupy.full((B, KVH, max_len, D), np.nan, dtype=DTYPES["bf16"])
     kc[:, :, :S], vc[:, :, :S] = cupy.asarray(k), cupy.asarray(v)
     merged = cupy.full((B, T, H, D), np.nan, dtype=DTYPES["bf16"])
+    ran, real = [], flash_hopper.get_kernel                 # the TMA kernel ran, not TMA_FALLBACK's
+    monkeypatch.setattr(flash_hopper, "get_kernel", lambda kind, D, var: ran.append(var) or real(kind, D, var))
     flash_attention_prefill_variant(variant, dq, kc[:, :, :S], vc[:, :, :S], cupy.asarray(mask),
                                     out=merged.transpose(0, 2, 1, 3))
+    assert ran == [variant], f"{variant} fell back to {ran}: no tensor map was made for these views"
     got = cupy.asnumpy(merged).astype(np.float64).transpose(0, 2, 1, 3)
     assert np.isfinite(got).all()
     assert _rel(got, attention_reference(q, k, v, mask)) <= TOL["bf16"]
