@@ -341,7 +341,7 @@ class FastCpuModel:
         b, t = ids.shape                                                        # [B, T]
         if mask2d is not None and mask2d.all():
             mask2d = None                                                       # nothing to mask but causality
-        rows = self._kept_rows(logits_to_keep, t)                                # positions whose logits we return
+        kept = self._kept_rows(logits_to_keep, t)                                # [T'] positions, or None: all
 
         w = self._workspace(b, t)
         np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
@@ -350,7 +350,6 @@ class FastCpuModel:
         if mask2d is not None or t > 1:
             blocked = ~causal_mask(mask2d, b, t, past, np)[:, :, None, :, :]
         blocks = w.attention_blocks(past, blocked, causal_only=mask2d is None)
-        kept = None if rows is None else np.arange(t)[rows]                      # [T'] positions, or None: all
         trim = kept is not None and 0 < len(kept) < t                            # the last layer on kept rows only
         for i, layer in enumerate(self.layers):
             keys_t, values = self._layer_inputs(w, layer, i, past, t, cache)
@@ -361,21 +360,22 @@ class FastCpuModel:
             cache.advance(t)
 
         x = w.x.reshape(b, -1, w.x.shape[-1])
-        x = x if rows is None or trim else x[:, rows, :]                         # [B, T', hidden]
+        x = x if kept is None or trim else x[:, kept, :]                         # [B, T', hidden]
         x = x.reshape(-1, x.shape[-1])                                           # [B*T', hidden]
         h = self._layer_norm(x, *self.norm, np.empty_like(x), np.empty(x.shape[:-1] + (1,), x.dtype), np.empty_like(x))
         logits = np.matmul(h, self.lm_head_t).reshape(b, -1, config.vocab_size)  # one GEMM: [B*T', vocab]
         h = h.reshape(b, -1, h.shape[-1])
-        return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if rows is None else None)
+        return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if kept is None else None)
 
     __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
 
     @staticmethod
     def _kept_rows(logits_to_keep, t):
+        """The positions whose logits are returned ([T'] int64 in [0, t)), or None for all of them."""
         if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, bool):
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-            return None if logits_to_keep == 0 or logits_to_keep >= t else slice(t - logits_to_keep, t)
+            return None if logits_to_keep == 0 or logits_to_keep >= t else np.arange(t - logits_to_keep, t)
         keep = np.asarray(to_host(logits_to_keep))
         if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
             raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "

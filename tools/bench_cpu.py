@@ -269,17 +269,21 @@ def bench_shape(name, args, rows, notes):
         del sides
 
 
+def machine_ticks():
+    """(the machine's CPU time not idle nor iowait, all its CPU time), in clock ticks, from /proc/stat's first
+    line; OSError where it is missing."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
 def busy_fraction(window=0.3):
     """The share of the machine's CPU time that was not idle over `window` seconds (this process sleeping
     meanwhile): what the other processes use. None where /proc/stat is missing."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)                      # not idle, not iowait; all
     try:
-        b0, t0 = sample()
+        b0, t0 = machine_ticks()
         time.sleep(window)
-        b1, t1 = sample()
+        b1, t1 = machine_ticks()
     except OSError:
         return None
     return (b1 - b0) / max(1, t1 - t0)

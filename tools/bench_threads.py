@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_cpu import wait_quiet  # noqa: E402
+from bench_cpu import machine_ticks, wait_quiet  # noqa: E402
 
 PROMPT = 128
 CHILD = r"""
@@ -76,13 +76,12 @@ SETTINGS = {"default (unset)": None, "OPENBLAS_NUM_THREADS=1": "1"}
 def cpu_seconds():
     """(machine CPU seconds not idle, all machine CPU seconds, CPU seconds of this process's waited-for children)."""
     try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
+        busy, total = machine_ticks()
     except OSError:
         return None
     hz = os.sysconf("SC_CLK_TCK")
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (sum(v) - v[3] - v[4]) / hz, sum(v) / hz, children.ru_utime + children.ru_stime
+    return busy / hz, total / hz, children.ru_utime + children.ru_stime
 
 
 def run_child(args, threads, busy):
