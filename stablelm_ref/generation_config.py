@@ -130,6 +130,8 @@ class GenerationConfig:
         fields = {k: v for k, v in d.items() if k in GENERATION_DEFAULTS}
         config = cls(**fields)
         try:
+            if config.do_sample is not None:                                   # spelt as the file spells it
+                check_flag(config.do_sample, "do_sample", GenerationError, " (in JSON: true or false)")
             config.check(vocab_size)
         except GenerationError as e:
             raise GenerationError(f"{where}: {e}") from None

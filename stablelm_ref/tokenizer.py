@@ -447,7 +447,9 @@ def _token_content(value, name, path):
 
 
 def _flag(value, name, where="", advice=""):
-    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently)."""
+    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently); a file
+    key's message spells the values as JSON does."""
+    advice = advice or (" (in JSON: true or false)" if where else "")
     return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice)
 
 
