@@ -351,17 +351,21 @@ def _attention_mask(attention_mask, ids, pad_token_id, eos):
     if attention_mask is None:
         if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in (eos or []):
             mask = (ids != pad_token_id).astype(np.int64)
-            if not mask.any(axis=1).all():
-                row = int(np.nonzero(~mask.any(axis=1))[0][0])
+            if (row := _empty_row(mask)) is not None:
                 raise GenerationError(f"row {row} of input_ids is all pad_token_id ({pad_token_id}), so it would "
                                       "be all padding: every row needs at least one token (or pass an attention_mask)")
             return mask
         return np.ones_like(ids)
     mask = mask_array(attention_mask, ids.shape, "(shaped like input_ids)").astype(np.int64)  # the forward's check
-    if not mask.any(axis=1).all():
-        row = int(np.nonzero(~mask.any(axis=1))[0][0])
+    if (row := _empty_row(mask)) is not None:
         raise GenerationError(f"row {row} of attention_mask is all padding: every row needs at least one token")
     return mask
+
+
+def _empty_row(mask):
+    """The index of the first row of mask [B, T] with no token (all 0), or None."""
+    empty = ~mask.any(axis=1)
+    return int(np.nonzero(empty)[0][0]) if empty.any() else None
 
 
 # ---- generate -----------------------------------------------------------------------------------
