@@ -72,11 +72,14 @@ def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="tokens to generate (default: the model's generation_config.json, else 64)")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="sampling temperature; > 0 samples, 0 is greedy (default: greedy)")
+                   help="sampling temperature; > 0 samples, 0 is greedy (default: the model's "
+                        "generation_config.json, else greedy)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set reaching probability P")
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already present (> 1)")
-    p.add_argument("--sample", action="store_true", help="sample (transformers' defaults: top-k 50)")
+    p.add_argument("--sample", action="store_true",
+                   help="sample (with the model's generation_config.json settings, else transformers' "
+                        "defaults: top-k 50)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible output)")
     p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s on stderr")
 
@@ -125,7 +128,7 @@ def generation_kwargs(args, tok, model):
         kwargs["max_new_tokens"] = args.max_new_tokens
     elif gc.max_new_tokens is None and gc.max_length is None:
         kwargs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
-    if sample is not False:  # values checked by check_arguments, in the options' words, before the command ran
+    if sample:  # values checked by check_arguments, in the options' words, before the command ran
         kwargs.update(temperature=t, top_k=args.top_k, top_p=args.top_p)
     if tok.eos_token_id is not None and gc.eos_token_id is None:
         kwargs["eos_token_id"] = tok.eos_token_id
@@ -322,7 +325,7 @@ def main(argv=None):
                 sys.stdout.flush()
             except (StableLmError, OSError):
                 _silence_stdout()
-            print(f"{PROG}: error: " + printable(" ".join(str(e).split())), file=sys.stderr)
+            print(f"{PROG}: error: " + _one_line(e), file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(file=sys.stderr)
@@ -337,7 +340,12 @@ def main(argv=None):
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     """A warning while a command runs (prompt + new tokens past the context, ...): one line on stderr in the
     command's words, not Python's two lines with a source file and a line of code."""
-    print(f"{PROG}: warning: " + printable(" ".join(str(message).split())), file=sys.stderr)
+    print(f"{PROG}: warning: " + _one_line(message), file=sys.stderr)
+
+
+def _one_line(text):
+    """A message on one line (its line breaks and runs of spaces as single spaces), safe for a terminal."""
+    return printable(" ".join(str(text).split()))
 
 
 if __name__ == "__main__":
