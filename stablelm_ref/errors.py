@@ -56,9 +56,11 @@ def is_flag(value):
     return isinstance(value, (bool, np.bool_))
 
 
-def check_flag(value, name, error, advice=""):
+def check_flag(value, name, error, advice="", json=False):
     """bool(value) when is_flag(value), else `error` "{name} must be True or False, got {value!r}{advice}";
-    `name` says where the value came from when it was a file ("tokenizer_config.json key 'add_bos_token'")."""
+    `name` says where the value came from when it was a file ("tokenizer_config.json key 'add_bos_token'"),
+    and json=True (a value read from a JSON file) adds the file's spelling, " (in JSON: true or false)"."""
     if not is_flag(value):
-        raise error(f"{name} must be True or False, got {value!r}{advice}")
+        raise error(f"{name} must be True or False, got {value!r}{' (in JSON: true or false)' if json else ''}"
+                    f"{advice}")
     return bool(value)

@@ -130,9 +130,7 @@ class GenerationConfig:
         fields = {k: v for k, v in d.items() if k in GENERATION_DEFAULTS}
         config = cls(**fields)
         try:
-            if config.do_sample is not None:                                   # spelt as the file spells it
-                check_flag(config.do_sample, "do_sample", GenerationError, " (in JSON: true or false)")
-            config.check(vocab_size)
+            config.check(vocab_size, json=True)
         except GenerationError as e:
             raise GenerationError(f"{where}: {e}") from None
         return config
@@ -151,11 +149,12 @@ class GenerationConfig:
         except GenerationError as e:
             raise CheckpointError(f"{e}; fix or remove the file") from None
 
-    def check(self, vocab_size=None):
+    def check(self, vocab_size=None, json=False):
         """GenerationError for a field generate would refuse, naming the field and its value (the token ids
-        only with a vocab_size: generate checks the eos / pad ids it uses itself, naming where they came from)."""
+        only with a vocab_size: generate checks the eos / pad ids it uses itself, naming where they came from;
+        json: the fields were read from generation_config.json, so a flag's message spells JSON's true/false)."""
         if self.do_sample is not None:
-            check_flag(self.do_sample, "do_sample", GenerationError)
+            check_flag(self.do_sample, "do_sample", GenerationError, json=json)
         check_values({k: getattr(self, k) for k in ("max_new_tokens", "max_length", "temperature", "top_k", "top_p",
                                                     "repetition_penalty")}, greedy="for greedy decoding set "
                                                                                    "do_sample to false")

@@ -59,8 +59,8 @@ class Tokenizer:
         self.backend.no_padding()
         self.backend.no_truncation()
         self.source = source
-        self.add_bos_token = _flag(add_bos_token, "add_bos_token", f"{source}: tokenizer_config.json key")
-        self.add_eos_token = _flag(add_eos_token, "add_eos_token", f"{source}: tokenizer_config.json key")
+        self.add_bos_token = _flag(add_bos_token, "add_bos_token")
+        self.add_eos_token = _flag(add_eos_token, "add_eos_token")
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
@@ -113,8 +113,9 @@ class Tokenizer:
                                     not max_len >= 1):
             raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a number >= 1, got "
                                  f"{max_len!r}")
-        return cls(backend, **tokens, add_bos_token=config.get("add_bos_token", False),
-                   add_eos_token=config.get("add_eos_token", False), chat_template=template,
+        flags = {key: _flag(config.get(key, False), key, f"{path}: tokenizer_config.json key", json=True)
+                 for key in ("add_bos_token", "add_eos_token")}
+        return cls(backend, **tokens, **flags, chat_template=template,
                    model_max_length=max_len if isinstance(max_len, int) else None, source=path)
 
     @classmethod
@@ -446,11 +447,10 @@ def _token_content(value, name, path):
     raise TokenizerError(f"{path}: {name} must be a string or {{'content': ...}}, got {value!r}")
 
 
-def _flag(value, name, where="", advice=""):
-    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently); a file
-    key's message spells the values as JSON does."""
-    advice = advice or (" (in JSON: true or false)" if where else "")
-    return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice)
+def _flag(value, name, where="", advice="", json=False):
+    """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently; json:
+    a file's key, its message spelling the values as JSON does)."""
+    return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice, json)
 
 
 def _is_panic(e):

@@ -125,6 +125,14 @@ def test_special_tokens_and_add_bos_eos(tmp_path, tiny_dir):
     assert tok.decode(tok.encode("hello")) == "<|endoftext|>hello<|endoftext|>"
 
 
+def test_add_bos_token_given_as_an_argument_is_refused_in_python_words(tmp_path):
+    """Only a value read from tokenizer_config.json is named as its key, with JSON's spelling of the values."""
+    d = tiny_tokenizer_dir(str(tmp_path / "t"))
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_file(os.path.join(d, "tokenizer.json"), add_bos_token="yes")
+    assert str(e.value) == "'add_bos_token' must be True or False, got 'yes'"
+
+
 def test_special_tokens_map_fills_missing(tmp_path):
     d = tiny_tokenizer_dir(str(tmp_path / "t"), config=False)
     json.dump({"eos_token": "<|padding|>", "pad_token": {"content": "<|endoftext|>"}},
