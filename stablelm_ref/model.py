@@ -200,11 +200,14 @@ class StableLmPreTrainedModel:
         except GenerationError as e:
             raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
                                   "generation_config.json. Nothing was written") from None
-        expected = checkpoint.expected_shapes(self.config, self.head)
-        if self.config.tie_word_embeddings:
-            expected.pop("lm_head.weight", None)
+        expected = checkpoint.expected_shapes(self.config, self.head)   # tied: no lm_head.weight
         names = set(host)
-        if "lm_head.weight" in names and "lm_head.weight" not in expected:
+        if "lm_head.weight" in names and "lm_head.weight" not in expected:   # a tied config with an lm_head
+            if not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):
+                raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
+                                      "differs from model.embed_tokens.weight: from_pretrained would refuse the "
+                                      "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
+                                      "= False, or make the two equal. Nothing was written")
             names.discard("lm_head.weight")                             # a tied copy: from_pretrained allows it
         for name in sorted(set(expected) ^ names):
             where = "is missing from the model" if name in expected else "is not implied by the config"

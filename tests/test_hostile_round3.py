@@ -117,6 +117,7 @@ def test_save_into_a_sharded_checkpoint_loads_the_new_weights(model_dir, tmp_pat
     (lambda m: m.params.pop("model.norm.bias"), "missing from the model"),
     (lambda m: m.params.__setitem__("model.extra.weight", np.ones(2, np.float32)), "not implied by the config"),
     (lambda m: m.params.__setitem__("model.norm.bias", np.zeros(65, np.float32)), r"shape \(65,\)"),
+    (lambda m: m.config.__setattr__("tie_word_embeddings", True), "lm_head.weight differs"),   # an untied model
 ])
 def test_a_save_that_would_not_load_is_refused_before_writing(tmp_path, edit, match):
     """A model edited after loading (its config, its params) or holding NaN saved files that from_pretrained
@@ -127,6 +128,17 @@ def test_a_save_that_would_not_load_is_refused_before_writing(tmp_path, edit, ma
     with pytest.raises(CheckpointError, match=match):
         model.save_pretrained(directory)
     assert not directory.exists()
+
+
+def test_a_tied_config_saves_an_lm_head_equal_to_the_embedding_and_loads_it_back(tmp_path):
+    """The tied case's other side: an lm_head.weight equal to the embedding is a copy from_pretrained allows."""
+    model = tiny_model(seed=1, dtype="float32", vocab_size=320, max_position_embeddings=64)
+    model.params["lm_head.weight"] = model.params["model.embed_tokens.weight"].copy()
+    model.config.tie_word_embeddings = True
+    model.save_pretrained(tmp_path / "out")
+    back = StableLmForCausalLM.from_pretrained(tmp_path / "out")
+    ids = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(back(ids).logits, model(ids).logits)
 
 
 @cases(25)
