@@ -23,7 +23,7 @@
 //                      blocks a row (each slice's top-k, then the union's)
 //
 // Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
-// Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (decode_engine.py does this, or falls back to NVRTC).
+// Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (launch.build_cubin -> cubin.compile_cached: nvcc, else NVRTC).
 
 typedef unsigned short u16;
 typedef unsigned int u32;

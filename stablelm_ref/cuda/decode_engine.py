@@ -598,7 +598,8 @@ class GpuDecodeEngine:
     # -- the model's own forward as the prefill (generation.py's loop; see stablelm_ref/fast_gpu.py) ------
     def reserve(self, batch: int, max_len: int):
         """Make room for `batch` rows of `max_len` positions: the device buffers are allocated again (and the
-        captured graphs dropped) only when the current ones are too small; the GEMV tuning is kept."""
+        captured graphs dropped) only when the current ones are too small; the tuning (GEMV and attention shapes)
+        is kept."""
         if not 1 <= batch <= MAX_BATCH:
             raise GenerationError(f"the decode engine runs batches of 1 to {MAX_BATCH} rows, not {batch}")
         if batch <= self.max_batch and max_len <= self.max_len:

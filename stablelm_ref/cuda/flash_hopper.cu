@@ -57,7 +57,7 @@
 //   * Tried and not kept (docs/cuda_prefill_notes.md): explicit ping-pong of the two consumers on named
 //     barriers, O rescaled under Q K_j^T, shorter reduction chains, three consumers.
 //
-// No CUDA headers: nvcc (-gencode arch=compute_90a,code=sm_90a) or NVRTC (-arch=sm_90a) compiles the
+// No CUDA headers: nvcc or NVRTC (-arch=sm_90a, through cubin.compile_cached) compiles the
 // text flash_hopper.py assembles: flash_prefill.cu's shared helpers, this file with the generated wgmma
 // wrappers at the WGMMA_WRAPPERS line (one per shape: PTX spells out the 32-80 accumulator registers),
 // and an extern "C" entry point that fixes the template parameters.

@@ -223,7 +223,8 @@ def tensor_map(kind: str, ptr: int, dims: tuple, strides: tuple, box_rows: int):
     bytes) x box_rows rows, written to shared memory in the 128-byte swizzle, zeros outside the operand.
     None where TMA cannot describe it (address or byte strides not multiples of 16, or the driver refuses
     or has no cuTensorMapEncodeTiled).
-    Cached per operand, so the model's forward encodes each KV cache once."""
+    Cached per operand (pointer, dims, strides, box): repeated calls on the same buffers and length reuse the
+    map; a forward over new lengths or other buffers encodes its maps again."""
     import ctypes
 
     import numpy as np
