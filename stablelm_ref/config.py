@@ -37,7 +37,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many classes: more)
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_POSITIONS = 2**53  # positions beyond are not exact in float64 (model.py's MAX_POSITION_ID is this)
+MAX_POSITIONS = 2**53  # positions beyond are not exact in float64 (model.py refuses larger position ids)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 

@@ -36,7 +36,6 @@ from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-MAX_POSITION_ID = MAX_POSITIONS  # 2**53, exact in float64; larger ids (or uint64 ids that wrap as int64) are refused
 
 
 @dataclass
@@ -279,8 +278,8 @@ class StableLmPreTrainedModel:
             raise GenerationError(f"position_ids has shape {host.shape}, expected {(batch, t)} (batch, new tokens)")
         if host.size and host.min() < 0:
             raise GenerationError(f"position id {int(host.min())} is negative; positions count from 0")
-        if host.size and int(host.max()) > MAX_POSITION_ID:  # uint64 would wrap to negative as int64
-            raise GenerationError(f"position id {int(host.max())} is too large (at most {MAX_POSITION_ID}: "
+        if host.size and int(host.max()) > MAX_POSITIONS:  # uint64 would wrap to negative as int64
+            raise GenerationError(f"position id {int(host.max())} is too large (at most {MAX_POSITIONS}: "
                                   "rotary angles are computed in floating point)")
         return self.xp.asarray(np.broadcast_to(host.reshape(-1, t), (batch, t)).astype(np.int64))
 

@@ -73,7 +73,8 @@ def main():
     ap.add_argument("--wait", type=float, default=60, help="seconds to wait for a quiet moment per round")
     ap.add_argument("--idle", type=float, default=0.3,
                     help="seconds to sleep before each timed prefill, so that OpenBLAS's worker thread, which "
-                         "spins ~0.1 s after a threaded call, has gone to sleep as in make bench-llama (0.5 s)")
+                         "spins ~0.1 s after a threaded call, has gone to sleep (make bench-llama's wait for a quiet "
+                         "moment sleeps at least 0.3 s before each side)")
     ap.add_argument("--build-first", choices=("rev", "tree"), default="rev",
                     help="whose model is built (and its memory mapped) first: the first ran ~1-4%% faster in "
                          "identical-code runs, so a difference that small needs a run of each order")

@@ -12,9 +12,9 @@ This tool measures what each setting costs and saves, for the README's advice.
 
 Each round runs, for each setting (OPENBLAS_NUM_THREADS unset, i.e. OpenBLAS's default, and 1), a fresh
 child process that builds tools/bench_cpu.py's random float32 model, makes one warm-up prefill, then times
---prefills prefills of 128 tokens (each after 0.5 s idle, as make bench-llama) and --steps decode steps
-(logits_to_keep=1, as generate): once on a quiet moment (the other processes under --max-busy of the
-machine, waited for up to --wait s) and once beside a busy loop this tool starts (one Python process
+--prefills prefills of 128 tokens (each after 0.5 s idle; make bench-llama's wait for a quiet moment idles
+>= 0.3 s) and --steps decode steps (logits_to_keep=1, as generate): once on a quiet moment (the other
+processes under --max-busy of the machine, waited for up to --wait s) and once beside a busy loop this tool starts (one Python process
 spinning, a stand-in for another program on one core: a compile, a test suite), stopped after the child.
 The settings alternate in order from round to round. Prints each child's medians, with the share of the
 machine the other processes used before and while it ran, and at the end the medians over the children that

@@ -20,8 +20,9 @@ per-line figure is that line's median over the profiled steps, and the GEMV / re
 medians of each step's sums: one step that met another process's burst (a 2-thread OpenBLAS call can
 take 10-50 times longer then) moves a median by one place, where it dominated a mean.
 
-Each prefill follows --idle seconds of sleep, as in make bench-llama, so that OpenBLAS's worker thread,
-which spins ~0.1 s after a threaded call, is asleep when it starts.
+Each prefill follows --idle seconds of sleep (make bench-llama's wait for a quiet moment sleeps at least
+0.3 s before each side), so that OpenBLAS's worker thread, which spins ~0.1 s after a threaded call, is
+asleep when it starts.
 
 --without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held, the
 logits are zeros): the plain step's time is then what everything else costs, plus the proxy passing each
