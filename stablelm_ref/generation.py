@@ -285,11 +285,11 @@ def check_cache_memory(model, batch, total):
 
 
 def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-              repetition_penalty, seed, batch=1, gc=None):
-    """The decoding settings: each argument given (not None) wins, else the generation config's value (gc,
-    checked when it was read), else transformers' default (GENERATION_DEFAULTS)."""
+              repetition_penalty, seed, batch, gc):
+    """The decoding settings: each argument given (not None) wins, else the generation config's value (gc:
+    generation_config_of(model), re-checked here as it may have been edited since it was read), else
+    transformers' default (GENERATION_DEFAULTS)."""
     config = model.config
-    gc = gc if gc is not None else generation_config_of(model)
     if do_sample is not None:
         check_flag(do_sample, "do_sample", GenerationError)
     check_values(dict(max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature, top_k=top_k,

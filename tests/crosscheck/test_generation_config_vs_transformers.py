@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from stablelm_ref.generation import _settings, process_logits  # noqa: E402
+from stablelm_ref.generation_config import generation_config_of  # noqa: E402
 from stablelm_ref.heads import StableLmForCausalLM  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
@@ -44,7 +45,8 @@ def _theirs(theirs, ids=PROMPT, **kwargs):
 def test_sampling_settings_from_the_file_process_scores_as_transformers(tmp_path):
     ours, theirs = _pair(tmp_path, {"eos_token_id": [3, 7], "do_sample": True, "temperature": 0.7, "top_k": 10,
                                     "top_p": 0.9, "max_new_tokens": 5, "repetition_penalty": 1.1})
-    settings = _settings(ours, PROMPT.shape[1], None, None, None, None, None, None, None, None)
+    settings = _settings(ours, PROMPT.shape[1], None, None, None, None, None, None, None, None, 1,
+                         generation_config_of(ours))
     assert settings == dict(do_sample=True, max_new_tokens=5, temperature=0.7, top_k=10, top_p=0.9,
                             repetition_penalty=1.1)
     for seed in range(3):
