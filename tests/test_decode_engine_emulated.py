@@ -338,6 +338,17 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert all(fn.smem == emulated.attention_smem(1, 80, kn.ATT_SHAPES[-1][1]) for fn in attn)
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
+    # forget_tuning(nb): that batch's GEMV shapes, attention shape and step time go, with the plans; another
+    # batch's stay (tools/decode_probe.py retunes through it: a cleared `tuning` alone kept the attention's)
+    engine.tuning[1], engine.att_shape[1], engine.step_ms[1] = {}, (1, 1), 1.0
+    engine.forget_tuning(2)
+    assert 2 not in engine.tuning and 2 not in engine.att_shape and 2 not in engine.step_ms and not engine._plans
+    assert engine.tuning[1] == {} and engine.att_shape[1] == (1, 1) and engine.step_ms[1] == 1.0
+    state = engine.tuning_state()
+    engine.forget_tuning()
+    assert not engine.tuning and not engine.att_shape and not engine.step_ms
+    engine.set_tuning_state(state)
+    assert engine.att_shape == {1: (1, 1)} and engine.step_ms == {1: 1.0}
 
 
 def test_emulated_prefill_and_steps(emulated):

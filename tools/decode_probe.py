@@ -3,6 +3,7 @@
     python tools/decode_probe.py                      # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
+    python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
@@ -32,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import engine_config, random_params  # noqa: E402
+from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
@@ -58,8 +59,8 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; everything but
     # the split combine (partials written, no fence, atomic or last block's combine)
     "att-wait-exit": lambda src: _insert(src, ATT_START, "\n    if (H > 0) { PDL_WAIT(); return; }", before=False),
-    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, "    if (H > 0) { cp_async_wait_all(); return; }\n",
-                                         before=False),
+    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, '    if (H > 0) { asm volatile("cp.async.wait_all;" ::: "memory"); '
+                                         'return; }\n', before=False),
     "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
@@ -145,9 +146,7 @@ def batch_ab(cfg, params, batches, prompt, steps):
         row = {}
         for label, tc in (("cuda cores", False), ("tensor cores offered", True)):
             engine.k.tensor_cores = tc
-            engine.tuning.pop(nb, None)
-            engine._forget(nb)
-            engine._graphs.clear()
+            engine.forget_tuning(nb)
             engine.prefill(ids, logits=None)
             engine.capture(nb)
             row[label] = engine.time_step(nb, replays=20, reps=5)
@@ -164,18 +163,16 @@ def fold_ab(engine, ids, steps, rounds=2):
     """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
     in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
     times = {True: [], False: []}
-    tunings = {engine.fold_layernorm: engine.tuning}
+    tunings = {engine.fold_layernorm: engine.tuning_state()}
     for _ in range(rounds):
         for fold in (True, False):
             engine.fold_layernorm = fold
-            engine.tuning = tunings.get(fold, {})
-            engine.reset_plans()
+            engine.set_tuning_state(tunings.get(fold, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
-            tunings[fold] = engine.tuning
+            tunings[fold] = engine.tuning_state()
     engine.fold_layernorm = True
-    engine.tuning = tunings[True]
-    engine.reset_plans()
+    engine.set_tuning_state(tunings[True])
     on, off = float(np.median(times[True])), float(np.median(times[False]))
     log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
         f"({times[False]}): {off / on:.3f}x")
@@ -199,13 +196,14 @@ def carveout_sweep(engine, ids, steps, percents, res):
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
-        engine.tuning.clear()
+        engine.forget_tuning()
     engine.reset_plans()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("--shapes", default="3b-4e1t", choices=list(FAMILY))
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
@@ -230,7 +228,7 @@ def main():
     args = ap.parse_args()
 
     t0 = time.time()
-    cfg = engine_config(args.layers)
+    cfg = engine_config(args.layers, FAMILY[args.shapes])
     max_len = args.prompt + args.steps + 9
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
     params = random_params(cfg)

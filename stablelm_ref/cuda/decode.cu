@@ -115,7 +115,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // The same load as a volatile asm: it stays ordered before griddepcontrol.wait (a prefetch).
 __device__ __forceinline__ uint4 ld_stream_early(const uint4* p) {
