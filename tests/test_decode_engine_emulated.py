@@ -270,9 +270,6 @@ class EmulatedKernels(kn.DecodeKernels):
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
         self.max_smem, self._att_smem = 227 * 1024, {}               # the H100's / H200's opt-in maximum
 
-    def resident_blocks(self, fn, threads, smem):
-        return 2048 // threads                                       # threads alone limit (no registers here)
-
 
 def _needs_transformers():
     """The engine-vs-transformers tests build their models with transformers (make test has no torch: skipped

@@ -211,9 +211,6 @@ def main():
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
-    ap.add_argument("--rev-unclamped", action="store_true",
-                    help="with --src-rev: also time that source with persistent GEMV grids not limited to the "
-                         "blocks resident at once (DecodeKernels.resident_blocks), as before that limit")
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="attention splits to try (first of --variants)")
     ap.add_argument("--ln-threads", type=int, nargs="*", default=[],
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
@@ -241,14 +238,10 @@ def main():
     todo = [(v, VARIANTS[v], None) for v in args.variants]
     if args.src_rev:
         todo.insert(0, (f"rev {args.src_rev}", None, args.src_rev))
-        if args.rev_unclamped:
-            todo.insert(0, (f"rev {args.src_rev} unclamped", None, args.src_rev))
     engine = None
     ref_logits = None
     for name, patch, rev in todo:
         k = kernels_for(name, patch, rev)
-        if name.endswith(" unclamped"):
-            k.resident_blocks = lambda fn, threads, smem: 1 << 20
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "

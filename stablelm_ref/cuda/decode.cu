@@ -249,11 +249,8 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
 // y[b, n] = sum_k x[b, k] * W[n, k],  b < nb <= BM,  W bf16 [N, K] row-major, K % 8 == 0.
 // A block works on groups of R consecutive rows of W; its threads stride over K in 16-byte chunks (8 bf16),
 // two chunks per row in flight per iteration, float32 accumulation, then a block reduction. With a grid of
-// fewer blocks than groups (persistent blocks, all resident: decode_kernels.py sizes the grid by the
-// kernel's occupancy) block i takes a contiguous range of rows, the ranges balanced to one row (two for
-// SwiGLU's row pairs), in groups of R (the last group of a range may be shorter), and loads the next group's
-// first weights while it reduces the current one. (Handing out whole groups, i, i + grid, ..., left some
-// blocks a group more than others: their last group trailed the kernel by a group's time.)
+// fewer blocks than groups (persistent blocks) block i takes groups i, i + grid, ... and loads the next
+// group's first weights while it reduces the current one.
 // Block size (a multiple of 32, <= 512), R and the grid are picked per matrix shape by an autotuner.
 #define GEMV_MAX_WARPS 16
 #define MODE_STORE 0   // yf[b, n] = acc + bias[n]            (bias may be null)
@@ -364,22 +361,13 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
         }
     };
     double st1 = 0.0, st2 = 0.0;                 // this thread's share of stats_out (epilogue threads)
-    const int groups = (N + R - 1) / R;
-    int row_begin, row_end;                      // this block's rows
-    if ((int)gridDim.x >= groups) {              // one group a block
-        row_begin = blockIdx.x * R;
-        row_end = min(N, row_begin + R);
-    } else {                                     // persistent: balanced contiguous ranges of units
-        const unsigned unit = mode == MODE_SWIGLU ? 2u : 1u, units = (N + unit - 1) / unit;   // grid * units < 2^32
-        row_begin = (int)(unit * (blockIdx.x * units / gridDim.x));
-        row_end = min(N, (int)(unit * ((blockIdx.x + 1) * units / gridDim.x)));
-    }
-    int n0 = row_begin;                          // the current group: rows n0 .. min(n0 + R, row_end) - 1
+    const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
+    int g = blockIdx.x;
     const uint4* wrow[R];
-    auto point_at = [&](int first) {
+    auto point_at = [&](int grp) {
 #pragma unroll
-        for (int r = 0; r < R; ++r)              // rows past the range re-read its last row; never stored
-            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(first + r, row_end - 1) * KC;
+        for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
+            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
     };
     // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
     // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
@@ -392,7 +380,7 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
     };
 
     PDL_LAUNCH();
-    point_at(n0);
+    point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
     if constexpr (LN) {
@@ -424,8 +412,8 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             c += 2 * T;
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
-        const int next = n0 + R;
-        if (next < row_end) {                    // the next group's weights load during the reduction
+        const int n0 = g * R, next = g + gridDim.x;
+        if (next < groups) {                     // the next group's weights load during the reduction
             point_at(next);
             fetch();
         }
@@ -442,15 +430,15 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             float s = 0.f;
             for (int w = 0; w < nwarps; ++w) s += red[w][tid];
             auto up_sum = [&] { float u = 0.f; for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1]; return u; };
-            const float y = gemv_epilogue(mode, b, n, row_end, s, up_sum, bias, yf, yh, ldy);
-            if (mode == MODE_ADD && n < row_end) {
+            const float y = gemv_epilogue(mode, b, n, N, s, up_sum, bias, yf, yh, ldy);
+            if (mode == MODE_ADD && n < N) {
                 st1 += y;
                 st2 += (double)y * y;
             }
         }
-        if (next >= row_end) break;
+        if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
-        n0 = next;
+        g = next;
     }
     if (stats_out != nullptr && warp == 0) {     // epilogue threads tid = b * R + r (nb * R <= 32)
 #pragma unroll

@@ -61,7 +61,6 @@ class DecodeKernels:
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.max_smem = dev.attributes["MaxSharedMemoryPerBlockOptin"]
         self._att_smem = {}                 # head_dim -> the dynamic shared memory allowed decode_attention_d{D}
-        self._resident = {}                 # (function, threads, smem) -> blocks resident a SM (resident_blocks)
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
     # -- GEMV ---------------------------------------------------------------------------------
@@ -76,8 +75,7 @@ class DecodeKernels:
                     unroll=0, stats_out=None, ln=None, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
-        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM (at most as many as are resident
-        at once, resident_blocks), each taking several groups (the CUDA-core GEMV: a balanced range of rows).
+        persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
         unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
         k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
         stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
@@ -117,28 +115,8 @@ class DecodeKernels:
             if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
                 raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows
-        smem = 2 * K if ln is not None else 0
-        if persist:
-            persist = min(persist, self.resident_blocks(fn, threads, smem))
         grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, smem=smem, tag=tag)
-
-    def resident_blocks(self, fn, threads: int, smem: int) -> int:
-        """Blocks of `fn` (threads a block, smem bytes of dynamic shared memory) that fit on one SM at once
-        (the driver's occupancy calculator: registers, shared memory, threads). A persistent grid larger than
-        that runs its last blocks as a second wave, after the first ones exit (seen in tools/decode_timeline.py:
-        the down GEMV at 4 blocks of 512 threads a SM, 40 registers a thread, fits 3)."""
-        key = (fn.kernel.ptr, threads, smem)
-        if key not in self._resident:
-            import ctypes as C
-            n = C.c_int(0)
-            rc = C.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                C.byref(n), C.c_void_p(fn.kernel.ptr), C.c_int(threads), C.c_size_t(smem))
-            if rc != 0 or n.value < 1:
-                raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {rc} "
-                                   f"({threads} threads, {smem} bytes of shared memory)")
-            self._resident[key] = n.value
-        return self._resident[key]
+        return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:

@@ -97,23 +97,6 @@ class _GemvCase:
         assert (np.abs(got[:nb] - ref) <= tol).all(), float(np.abs(got[:nb] - ref).max())
 
 
-@pytest.mark.parametrize("mode", [kn.MODE_STORE, kn.MODE_ADD, kn.MODE_SWIGLU])
-@pytest.mark.parametrize("rows, persist", [(2, 4), (8, 1)])
-def test_gemv_persistent_blocks_take_balanced_row_ranges(kernels, mode, rows, persist):
-    """A persistent grid far smaller than the row groups (4,000 rows over 132 or 132 x resident blocks): each
-    block takes a contiguous range of 15-31 rows (pairs for SwiGLU) in groups of `rows`, the last one shorter;
-    every row is written once (MODE_ADD would add a row twice, an unwritten one stays y0 or NaN). The grid
-    never holds more blocks than fit on the SMs at once (resident_blocks: registers, threads)."""
-    case = _GemvCase(11, 1, 4000, 8 * 40, mode, True)
-    launch = case.launch(kernels, rows=rows, threads=512, persist=persist)
-    resident = kernels.resident_blocks(launch.fn, 512, 0)
-    assert 1 <= resident <= 4                                   # 2,048 threads a SM at most
-    assert launch.grid[0] == min(-(-4000 // rows), min(persist, resident) * kernels.num_sms) < 4000 // rows
-    launch()
-    _sync()
-    case.check()
-
-
 @HYP
 @given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
        ri=st.integers(0, 3), threads=st.sampled_from([32, 64, 96, 128, 160, 256, 320, 512]),
