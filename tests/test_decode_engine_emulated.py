@@ -146,8 +146,7 @@ def _gemv(grid, block, args, rows):
 
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
-     H, KVH, max_len, scale, pf, pf_pieces, split_tiles, nbuf) = args
-    assert (pf_pieces == 0) == _null(pf) and pf_pieces * kn.PF_PIECE <= getattr(pf, "nbytes", 0)
+     H, KVH, max_len, scale, split_tiles, nbuf) = args
     nb = grid[2]
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
     assert 1 <= nbuf <= kn.ATT_MAXBUF and split_tiles >= 1 and part_o.shape[2] >= grid[0]
@@ -332,8 +331,7 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert timed_alone == {0} | {u for _, u in kn.GEMV_MMA}              # batch 2: the tensor-core GEMV timed too
     logged = {(e[0], e[2]) for e in engine.tune_log}
     assert logged == ({(stage, name) for stage in ("alone", "step") for name in engine.tuning[2]}
-                      | {("step", "attention"), ("step", "prefetch")})
-    assert engine.prefetch[2] == 0                                       # emulated prefetch is free: not faster
+                      | {("step", "attention")})
     assert engine.att_shape[2] == kn.ATT_SHAPES[-1]
     attn = [fn for fn in engine._plan(2) if fn.tag == "attention"]
     assert attn and all(tuple(int(a) for a in fn.args[-2:]) == kn.ATT_SHAPES[-1] for fn in attn)
@@ -342,17 +340,15 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert np.array_equal(runs[0], runs[1])
     # forget_tuning(nb): that batch's GEMV shapes, attention shape and step time go, with the plans; another
     # batch's stay (tools/decode_probe.py retunes through it: a cleared `tuning` alone kept the attention's)
-    engine.tuning[1], engine.att_shape[1], engine.prefetch[1], engine.step_ms[1] = {}, (1, 1), 4096, 1.0
+    engine.tuning[1], engine.att_shape[1], engine.step_ms[1] = {}, (1, 1), 1.0
     engine.forget_tuning(2)
-    assert not {2} & (set(engine.tuning) | set(engine.att_shape) | set(engine.prefetch) | set(engine.step_ms))
-    assert not engine._plans
+    assert 2 not in engine.tuning and 2 not in engine.att_shape and 2 not in engine.step_ms and not engine._plans
     assert engine.tuning[1] == {} and engine.att_shape[1] == (1, 1) and engine.step_ms[1] == 1.0
-    assert engine.prefetch[1] == 4096
     state = engine.tuning_state()
     engine.forget_tuning()
-    assert not engine.tuning and not engine.att_shape and not engine.prefetch and not engine.step_ms
+    assert not engine.tuning and not engine.att_shape and not engine.step_ms
     engine.set_tuning_state(state)
-    assert engine.att_shape == {1: (1, 1)} and engine.step_ms == {1: 1.0} and engine.prefetch == {1: 4096}
+    assert engine.att_shape == {1: (1, 1)} and engine.step_ms == {1: 1.0}
 
 
 def test_emulated_prefill_and_steps(emulated):
@@ -583,24 +579,6 @@ def test_generate_through_engine_steps_tensor_core_gemv_plan(emulated):
         assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast"), want)
     with pytest.raises(ValueError, match="gemv_mma"):
         emulated.gemv_launch(engine.h, engine.layers[0].wo, nb=2, mode=kn.MODE_STORE, yf=engine.x, rows=8, unroll=4)
-
-
-def test_generate_with_the_attention_prefetching_gate_up(emulated):
-    """engine.prefetch[nb] bytes: each layer's attention launch carries the start of that layer's gate|up as its L2
-    prefetch, in whole PF_PIECE pieces (a shorter tail left out); the tokens are those without it."""
-    ref, fast = _models(emulated)
-    engine = fast.engine
-    ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3])
-    want = generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast")
-    assert engine.prefetch.get(2, 0) == 0                               # none unless the tuner chose it
-    engine.prefetch[2] = 3 * kn.PF_PIECE + 100
-    engine.reset_plans()
-    attn = [fn for fn in engine._plan(2) if fn.tag == "attention"]
-    assert len(attn) == len(engine.layers)
-    for fn, L in zip(attn, engine.layers):
-        pf, pieces = fn.args[-4], int(fn.args[-3])
-        assert pieces == 3 and pf.ctypes.data == L.wgu.ctypes.data and pf.nbytes >= 3 * kn.PF_PIECE
-    assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast"), want)
 
 
 def test_generate_through_engine_steps_sampling_runs_ahead_on_drawn_uniforms(emulated):

@@ -6,7 +6,6 @@
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
-    python tools/decode_probe.py --prefetch-mb 0 16 32        # the attention prefetching gate|up into L2
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -131,9 +130,6 @@ def print_tune_log(entries):
     for e in entries:
         if e[0] == "step" and e[2] == "attention":
             log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
-    for e in entries:
-        if e[0] == "step" and e[2] == "prefetch":
-            log(f"    attention prefetching {e[3] / 2**20:.0f} MB of gate|up, in the step -> {e[4]:.4f} ms")
 
 
 def batch_ab(cfg, params, batches, prompt, steps):
@@ -171,10 +167,7 @@ def fold_ab(engine, ids, steps, rounds=2):
     for _ in range(rounds):
         for fold in (True, False):
             engine.fold_layernorm = fold
-            if fold in tunings:
-                engine.set_tuning_state(tunings[fold])
-            else:
-                engine.forget_tuning()
+            engine.set_tuning_state(tunings.get(fold, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
             tunings[fold] = engine.tuning_state()
@@ -200,26 +193,6 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
-def prefetch_sweep(engine, ids, steps, mbs, res, rounds=2):
-    """The step with the attention prefetching each size of the layer's gate|up (MB, 0 = none) into L2, the
-    same GEMV and attention shapes, in alternating rounds (the device's speed drifts); medians."""
-    chosen = engine.prefetch.get(1, 0)
-    size = engine.layers[0].wgu.nbytes
-    times = {mb: [] for mb in mbs}
-    for _ in range(rounds):
-        for mb in mbs:
-            engine.prefetch[1] = min(int(mb * 2**20), size)
-            engine.reset_plans()
-            times[mb].append(time_graph(engine, ids, engine.capture(1), steps))
-    engine.prefetch[1] = chosen
-    engine.reset_plans()
-    for mb in mbs:
-        ms = float(np.median(times[mb]))
-        res[f"prefetch {mb} MB"] = ms
-        log(f"    attention prefetching {mb:5.1f} MB of gate|up: {ms:.4f} ms/step {1e3 / ms:6.1f} tok/s "
-            f"({', '.join(f'{t:.4f}' for t in times[mb])})")
-
-
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
@@ -243,9 +216,6 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--gemv-carveout", type=int, nargs="*", default=[],
                     help="shared-memory carveouts (percent) to try for every GEMV kernel (first of --variants)")
-    ap.add_argument("--prefetch-mb", type=float, nargs="*", default=[],
-                    help="gate|up megabytes the attention prefetches, each timed with the first variant's tuning "
-                         "(alternating rounds; the tuner's choice restored after)")
     ap.add_argument("--persist", nargs="*", default=[], metavar="KIND:P",
                     help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
@@ -293,7 +263,6 @@ def main():
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
         tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)
-        tun["prefetch MB"] = engine.prefetch.get(1, 0) / 2**20
         res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
                      "tune_log": list(engine.tune_log)}
         print_tune_log(engine.tune_log)
@@ -341,8 +310,6 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.gemv_carveout:
             carveout_sweep(engine, ids, args.steps, args.gemv_carveout, res[name])
-        if name == args.variants[0] and args.prefetch_mb:
-            prefetch_sweep(engine, ids, args.steps, args.prefetch_mb, res[name])
         if name == args.variants[0] and args.persist:
             saved = dict(engine.tuning[1])
             for item in args.persist:

@@ -262,17 +262,6 @@ __device__ __forceinline__ void prefetch_weights(const uint4* p) {
     asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
 }
 
-// An L2 prefetch of the PF_PIECE bytes at p (16-byte aligned): one request to the bulk copy engine on sm_90,
-// else one line prefetch every 128 bytes.
-#define PF_PIECE 4096
-__device__ __forceinline__ void prefetch_l2(const unsigned char* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(PF_PIECE) : "memory");
-#else
-    for (int i = 0; i < PF_PIECE; i += 128) prefetch_weights(reinterpret_cast<const uint4*>(p + i));
-#endif
-}
-
 // The epilogue of output (b, n), s its accumulated sum, shared by gemv_impl and gemv_mma_impl:
 //   MODE_STORE  yf[b, n] = s + bias[n];   MODE_ADD  yf[b, n] += s (returns the new value, for the row statistics);
 //   MODE_SWIGLU at a gate row n (even; n + 1 its up row, whose sum up_sum() returns): yh[b, n / 2] = silu(s) up.
@@ -624,9 +613,6 @@ GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 //   kmask   [B, max_len] u8: 1 = key may be attended (0 = left padding)
 //   part_o  [B, H, NS, D] f32, part_ml [B, H, NS, 2] f32, counters [B * KVH] int (zero between launches)
 //   out     [B, H * D] bf16
-//   pf, pf_pieces  weights of a later kernel (the layer's gate|up) whose first pf_pieces * 4 KB the blocks
-//           prefetch into L2 at their start (prefetch_l2): attention reads little from memory, so those
-//           weights stream while it works and the later GEMV starts on L2 hits (pf_pieces 0: none)
 //   split_tiles  tiles of ATT_TK keys a split takes before the keys spread over more splits (<= NS)
 //   nbuf    tiles held in shared memory at once (1..ATT_MAXBUF); the first nbuf are copied before the wait
 // Each warp owns rows [16 w, 16 w + 16) of every tile, from the copy to the weighted sum of V: it copies
@@ -686,8 +672,7 @@ __device__ __forceinline__ void attn_impl(
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    u16* __restrict__ out, int H, int KVH, int max_len, float scale, const u16* __restrict__ pf, int pf_pieces,
-    int split_tiles, int nbuf) {
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
     constexpr int HC = D / 16;                           // 16-byte chunks in half a row (a lane's share)
@@ -698,11 +683,6 @@ __device__ __forceinline__ void attn_impl(
     const int GD2 = G * (D / 2);
 
     PDL_LAUNCH();
-    {                                                    // no kernel of the step writes weights
-        const int nblk = gridDim.x * gridDim.y * gridDim.z, blk = split + NS * (kvh + gridDim.y * b);
-        for (int i = blk * ATT_THREADS + tid; i < pf_pieces; i += nblk * ATT_THREADS)
-            prefetch_l2(reinterpret_cast<const unsigned char*>(pf) + (size_t)i * PF_PIECE);
-    }
     const int len = *lenp;                               // changes only at the end of a step (argmax_step)
     int nsplit, tiles_per;
     attn_split_range(len, NS, split_tiles, nsplit, tiles_per);
@@ -986,11 +966,10 @@ __device__ __forceinline__ void attn_impl(
         const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
         const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
         float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
-        u16* __restrict__ out, int H, int KVH, int max_len, float scale,                          \
-        const u16* __restrict__ pf, int pf_pieces, int split_tiles, int nbuf) {                   \
+        u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles,         \
+        int nbuf) {                                                                               \
         attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
-                     part_o, part_ml, counters, out, H, KVH, max_len, scale, pf, pf_pieces,       \
-                     split_tiles, nbuf);                                                          \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);  \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
 

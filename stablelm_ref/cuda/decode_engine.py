@@ -160,7 +160,6 @@ class GpuDecodeEngine:
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
         self.att_shape: dict[int, tuple] = {}    # batch -> attention's (split_tiles, nbuf), tune.py's choice
-        self.prefetch: dict[int, int] = {}       # batch -> bytes of gate|up the attention prefetches (tune.py)
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
@@ -355,7 +354,6 @@ class GpuDecodeEngine:
         k = self.k
         ns = k.attention_splits(nb, self.KVH, self.max_len)
         split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
-        pf = self.prefetch.get(nb, 0)            # the first rows of each layer's gate|up, into L2 meanwhile
         fold = self.folds_layernorm(nb)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
         for i, L in enumerate(self.layers):
@@ -367,7 +365,7 @@ class GpuDecodeEngine:
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
                 counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps, split_tiles=split_tiles,
-                nbuf=nbuf, prefetch=L.wgu.reshape(-1)[: pf // 2] if pf else None))
+                nbuf=nbuf))
             plan.append(self._layer_gemv("o_proj", i, nb))
             if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
@@ -396,10 +394,9 @@ class GpuDecodeEngine:
 
     def forget_tuning(self, nb=None):
         """Forget what the tuner chose for batch nb (every batch if None): the GEMV shapes, the attention's
-        shape, its gate|up prefetch and the step's time, and drop the plans and graphs; the next capture tunes
-        again. (Clearing
+        shape and the step's time, and drop the plans and graphs; the next capture tunes again. (Clearing
         `tuning` alone kept the attention shape tuned for the kernels or settings before.)"""
-        for d in (self.tuning, self.att_shape, self.prefetch, self.step_ms):
+        for d in (self.tuning, self.att_shape, self.step_ms):
             if nb is None:
                 d.clear()
             else:
@@ -408,10 +405,10 @@ class GpuDecodeEngine:
 
     def tuning_state(self):
         """What the tuner chose, every batch (to put back with set_tuning_state)."""
-        return dict(self.tuning), dict(self.att_shape), dict(self.prefetch), dict(self.step_ms)
+        return dict(self.tuning), dict(self.att_shape), dict(self.step_ms)
 
     def set_tuning_state(self, state):
-        self.tuning, self.att_shape, self.prefetch, self.step_ms = (dict(d) for d in state)
+        self.tuning, self.att_shape, self.step_ms = (dict(d) for d in state)
         self.reset_plans()
 
     def _forget(self, nb):

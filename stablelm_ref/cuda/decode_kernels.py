@@ -33,7 +33,6 @@ ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ, ATT_MAXBUF = 128, 64, 8, 4   # must match decode.cu
 ATT_NW, ATT_RW = ATT_THREADS // 32, ATT_TK // (ATT_THREADS // 32)   # warps a block, keys of a tile a warp
 ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner times within the step
-PF_PIECE = 4096                             # bytes an attention block's L2 prefetch request covers (decode.cu)
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
@@ -140,13 +139,10 @@ class DecodeKernels:
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, split_tiles=1, nbuf=1, prefetch=None, tag="attention"):
+                         scale=None, split_tiles=1, nbuf=1, tag="attention"):
         """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
         ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
-        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait.
-        prefetch: a device array (a later kernel's weights, e.g. the first rows of the layer's gate|up) that the
-        blocks prefetch into L2 at their start, in whole PF_PIECE-byte pieces (a tail shorter than a piece is
-        left out); it changes no result, only where the later kernel finds those bytes."""
+        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -169,11 +165,10 @@ class DecodeKernels:
             self._att_smem[D] = smem
         qk_ln = qn_w is not None
         scale = D ** -0.5 if scale is None else scale
-        pieces = prefetch.nbytes // PF_PIECE if prefetch is not None else 0
         args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
                 qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
-                prefetch if pieces else NULL, i32(pieces), i32(split_tiles), i32(nbuf))
+                i32(split_tiles), i32(nbuf))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- small kernels ------------------------------------------------------------------------

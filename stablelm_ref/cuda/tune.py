@@ -11,8 +11,6 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
-    4. within the step too: how many bytes of the layer's gate|up weights the attention blocks prefetch into
-       L2 (TUNE_PREFETCH_MB; the attention reads little from memory, the weights stream meanwhile)
 
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
 
@@ -29,7 +27,6 @@ from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, M
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
-TUNE_PREFETCH_MB = (8, 16, 32)              # gate|up megabytes the attention may prefetch (stage 4; 0 before)
 
 
 class GemvShape(NamedTuple):
@@ -128,7 +125,6 @@ def tune_in_step(engine, nb, top):
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
-    best = tune_prefetch(engine, nb, best)
     engine.step_ms[nb] = best
     engine._forget(nb)
 
@@ -147,23 +143,4 @@ def tune_attention(engine, nb, best):
         if ms < best:
             best, chosen = ms, shape
     engine.att_shape[nb] = chosen
-    return best
-
-
-def tune_prefetch(engine, nb, best):
-    """4. The bytes of each layer's gate|up weights its attention kernel prefetches into L2 (engine.prefetch;
-    none before this stage): each of TUNE_PREFETCH_MB (at most the matrix) timed in the step, kept if faster.
-    Returns the step's time."""
-    size = engine.layers[0].wgu.nbytes
-    chosen = engine.prefetch.get(nb, 0)
-    for mb in TUNE_PREFETCH_MB:
-        nbytes = min(mb << 20, size)
-        if nbytes == chosen:
-            continue
-        engine.prefetch[nb] = nbytes
-        ms = engine.time_step(nb)
-        engine.tune_log.append(("step", nb, "prefetch", nbytes, ms))
-        if ms < best:
-            best, chosen = ms, nbytes
-    engine.prefetch[nb] = chosen
     return best

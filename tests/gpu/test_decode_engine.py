@@ -29,7 +29,6 @@ from hypothesis import strategies as st  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-PF_PIECE = kn.PF_PIECE
 NAN_BF16 = 0x7FC0
 # STABLELM_GPU_EXAMPLES: fewer examples per property under compute-sanitizer (which is slow)
 HYP = settings(max_examples=int(os.environ.get("STABLELM_GPU_EXAMPLES", "40")), deadline=None,
@@ -226,13 +225,10 @@ def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
 @given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
        nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
        rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12),
-       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), pieces=st.sampled_from([0, 0, 1, 300]),
-       seed=st.integers(0, 2**31 - 1))
-def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, shape, pieces,
-                                          seed):
+       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, shape, seed):
     """Every (split_tiles, nbuf): the tuner's shapes, and splits of more tiles than buffers (each warp refills
-    its rows of a buffer as it goes) at up to 12 splits of up to 300 keys; with or without an L2 prefetch of a
-    later kernel's weights (`pieces` whole PF_PIECE pieces of a buffer a little longer; it changes nothing)."""
+    its rows of a buffer as it goes) at up to 12 splits of up to 300 keys."""
     H, max_len = KVH * G, L + extra
     split_tiles, nbuf = shape
     rot = int(D * rot_frac) // 2 * 2
@@ -259,9 +255,7 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
         cp.asarray(inv_freq), rot, nb=nb, H=H, KVH=KVH, D=D, out=out,
         part_o=cp.full((nb, H, nsplit, D), np.nan, cp.float32), part_ml=cp.full((nb, H, nsplit, 2), np.nan, cp.float32),
         counters=counters, nsplit=nsplit, qn_w=None if qn is None else cp.asarray(qn),
-        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5, split_tiles=split_tiles, nbuf=nbuf,
-        prefetch=cp.ones(pieces * PF_PIECE // 2 + 7, cp.uint16) if pieces else None)
-    assert int(launch.args[-3]) == pieces
+        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5, split_tiles=split_tiles, nbuf=nbuf)
     launch()
     _sync()
     _, k_new, v_new = specs.ref_decode_attention(qkv, specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L, pos, kmask,
@@ -285,28 +279,6 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
     launch()                                                                # replay: same bits
     _sync()
     assert np.array_equal(first, cp.asnumpy(out))
-
-
-def test_decode_attention_prefetch_changes_nothing(kernels):
-    """The same attention launch (3 splits of a 150-key cache, D 80) without and with an L2 prefetch of a 1.2 MB
-    buffer (300 pieces, spread over the blocks): the same output bits, and the cache gets the same new row."""
-    rng = np.random.default_rng(5)
-    nb, H, KVH, D, L, max_len = 1, 4, 2, 80, 150, 160
-    qkv = cp.asarray(rng.standard_normal((nb, (H + 2 * KVH) * D)).astype(np.float32))
-    kb, vb = (_bits(rng.standard_normal((nb, KVH, max_len, D))) for _ in range(2))
-    outs = []
-    for pieces in (0, 300):
-        kc, vc, out = cp.asarray(kb), cp.asarray(vb), cp.full((nb, H * D), NAN_BF16, cp.uint16)
-        kernels.attention_launch(
-            qkv, kc, vc, cp.asarray(np.array([L], np.int32)), cp.asarray(np.array([L], np.int32)),
-            cp.ones((nb, max_len), cp.uint8), cp.asarray(de.rotary_inv_freq(10000.0, 20)), 20, nb=nb, H=H, KVH=KVH,
-            D=D, out=out, part_o=cp.zeros((nb, H, 3, D), cp.float32), part_ml=cp.zeros((nb, H, 3, 2), cp.float32),
-            counters=cp.zeros(nb * KVH, cp.int32), nsplit=3,
-            prefetch=cp.ones(pieces * PF_PIECE // 2, cp.uint16) if pieces else None)()
-        _sync()
-        outs.append((cp.asnumpy(out), cp.asnumpy(kc), cp.asnumpy(vc)))
-    assert not np.isnan(specs.ref_bf16_to_f64(outs[0][0])).any()
-    assert all(np.array_equal(a, b) for a, b in zip(*outs))
 
 
 def test_argmax_step_bookkeeping(kernels):
