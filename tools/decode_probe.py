@@ -6,6 +6,7 @@
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
+    python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch, tune  # noqa: E402
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
 # decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
@@ -193,6 +194,41 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
+def sweep_shapes(engine, kinds, res, top=3, rounds=3):
+    """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
+    TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
+    tuner itself tries only its TUNE_FINALISTS best-alone shapes there, then persistent blocks for the
+    winner); then the tuner's choice and the `top` best again, in alternating rounds (medians)."""
+    base = dict(engine.tuning[1])
+
+    def use(kind, c):
+        engine.tuning[1] = dict(base, **{kind: base[kind]._replace(rows=c[0], threads=c[1], persist=c[2])})
+
+    for kind in kinds:
+        Ws, mode = engine._gemv_shapes()[kind]
+        timed = []
+        for R, T, U in tune.gemv_candidates(Ws[0].shape[1], 1, mode):
+            for P in (0,) + tune.TUNE_PERSIST:
+                use(kind, (R, T, P))
+                timed.append((engine.time_step(1), (R, T, P)))
+        timed.sort()
+        chosen = (base[kind].rows, base[kind].threads, base[kind].persist)
+        cands = [chosen] + [c for _, c in timed[:top] if c != chosen]
+        times = {c: [] for c in cands}
+        for _ in range(rounds):
+            for c in cands:
+                use(kind, c)
+                times[c].append(engine.time_step(1, replays=20))
+        res[f"sweep {kind}"] = {"all": [(c, ms) for ms, c in timed], "again": {str(c): t for c, t in times.items()}}
+        log(f"    {kind}: {len(timed)} shapes in the step, (rows, threads, persist): best "
+            + "; ".join(f"{c} {ms:.4f}" for ms, c in timed[:5]) + f"; worst {timed[-1][1]} {timed[-1][0]:.4f}")
+        for c in cands:
+            log(f"    {kind} {c}{' (the tuner' + chr(39) + 's)' if c == chosen else ''}: "
+                f"{np.median(times[c]):.4f} ms/step ({', '.join(f'{t:.4f}' for t in times[c])})")
+    engine.tuning[1] = base
+    engine.reset_plans()
+
+
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
@@ -216,6 +252,8 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--gemv-carveout", type=int, nargs="*", default=[],
                     help="shared-memory carveouts (percent) to try for every GEMV kernel (first of --variants)")
+    ap.add_argument("--sweep", nargs="*", default=[], choices=["qkv", "o_proj", "gate_up", "down", "lm_head"],
+                    help="every launch shape of these GEMV kinds timed within the step (first of --variants)")
     ap.add_argument("--persist", nargs="*", default=[], metavar="KIND:P",
                     help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
@@ -310,6 +348,8 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.gemv_carveout:
             carveout_sweep(engine, ids, args.steps, args.gemv_carveout, res[name])
+        if name == args.variants[0] and args.sweep:
+            sweep_shapes(engine, args.sweep, res[name])
         if name == args.variants[0] and args.persist:
             saved = dict(engine.tuning[1])
             for item in args.persist:
