@@ -55,7 +55,11 @@ def test_spans_dep_and_early_from_exact_times():
     assert a["early"] == pytest.approx(50.0) and o["early"] == pytest.approx(100.0)
     assert o["dep"] == pytest.approx(0.4) and o["work"] == pytest.approx(4.6)       # the block without a wait is left out
     kinds = tl.by_kind(rows)
-    assert kinds["attention"]["span_sum"] == pytest.approx(3.0)
+    assert kinds["attention"]["span_sum"] == pytest.approx(3.0) and "bytes" not in kinds["qkv"]
+    kinds = tl.by_kind(rows, {"qkv": 40_000_000, "o_proj": 13_000_000}, gbs=4000.0)   # 10 us and 3.25 us
+    assert kinds["qkv"]["bytes"] == pytest.approx(10.0) and kinds["qkv"]["over"] == pytest.approx(2.0)
+    assert kinds["o_proj"]["over"] == pytest.approx(1.75) and "bytes" not in kinds["attention"]
+    tl.print_tables(rows, "test", 20.0, launch_bytes={"qkv": 40_000_000}, gbs=4000.0)
 
 
 def test_launches_are_ordered_by_first_start_not_grid_id():

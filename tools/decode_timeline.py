@@ -173,8 +173,9 @@ def analyse(recs, plan, times=None):
     return rows
 
 
-def by_kind(rows):
-    """kind -> (count, sums and means of the row fields)."""
+def by_kind(rows, launch_bytes=None, gbs=None):
+    """kind -> (count, sums and means of the row fields); with launch_bytes (kind -> bytes one launch reads) and
+    gbs (GB/s), also "bytes" (us those bytes take at gbs) and "over" (mean span - that: what the kind loses)."""
     out = {}
     for kind in [k for k in KIND_ORDER if any(r["kind"] == k for r in rows)] + \
             sorted({r["kind"] for r in rows} - set(KIND_ORDER)):
@@ -183,24 +184,28 @@ def by_kind(rows):
         for f in ("span", "dep", "lastwait", "late", "early", "work", "tail", "blocks"):
             vals = [r[f] for r in rs if not np.isnan(r[f])]
             agg[f] = float(np.mean(vals)) if vals else float("nan")
+        if launch_bytes and gbs and kind in launch_bytes:
+            agg["bytes"] = launch_bytes[kind] / (gbs * 1e3)            # bytes / (GB/s) = ns; / 1e3: us
+            agg["over"] = agg["span"] - agg["bytes"]
         out[kind] = agg
     return out
 
 
-def print_tables(rows, note, step_us=None, label=""):
-    kinds = by_kind(rows)
+def print_tables(rows, note, step_us=None, label="", launch_bytes=None, gbs=None):
+    kinds = by_kind(rows, launch_bytes, gbs)
     total = sum(r["span"] for r in rows)
     log(f"\n{label}timeline of one step: {len(rows)} launches, {sum(r['blocks'] for r in rows)} blocks, "
         f"first start to last exit {rows[-1]['exit'] - rows[0]['start']:.1f} us; timer: {note}")
     if step_us:
         log(f"  (the timeline build's step by graph replay: {step_us:.1f} us)")
     log("| kind | launches | blocks | span sum us | span us | dep us | last wait us | late us | early % | "
-        "work us | tail us |")
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        f"work us | tail us | bytes at {gbs or 0:.0f} GB/s us | span - bytes us |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, a in kinds.items():
+        b = f"{a['bytes']:.2f} | {a['over']:.2f}" if "bytes" in a else " | "
         log(f"| {kind} | {a['n']} | {a['blocks']:.0f} | {a['span_sum']:.1f} | {a['span']:.2f} | {a['dep']:.2f} | "
-            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['work']:.2f} | {a['tail']:.2f} |")
-    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | |")
+            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['work']:.2f} | {a['tail']:.2f} | {b} |")
+    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | | | |")
 
 
 def print_launches(rows, first, last):
@@ -260,6 +265,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
     ap.add_argument("--replays", type=int, default=3)
+    ap.add_argument("--gbs", type=float, default=4440.0,
+                    help="bandwidth (GB/s) for each GEMV kind's bytes-time column (default: the read-only kernel's "
+                         "4,440 GB/s measured on an H200 by bench_gpu.py)")
     ap.add_argument("--launches", type=int, nargs=2, default=(14, 4), metavar=("FIRST", "LAST"),
                     help="launches printed one by one: the first FIRST and the last LAST")
     ap.add_argument("--csv", default=None, help="every launch's row to this file (one per shape: NAME-shape.csv)")
@@ -282,7 +290,8 @@ def main():
             k_tl = timeline_kernels()
         rows, note, step_us, recs = timeline(engine, k_tl, ids, args.steps, args.replays)
         print_launches(rows, *args.launches)
-        print_tables(rows, note, step_us, label=f"{shape}: ")
+        launch_bytes = {name: Ws[0].nbytes for name, (Ws, _) in engine._gemv_shapes().items()}
+        print_tables(rows, note, step_us, label=f"{shape}: ", launch_bytes=launch_bytes, gbs=args.gbs)
         if args.csv:
             p = Path(args.csv)
             write_csv(rows, p.with_name(f"{p.stem}-{shape}{p.suffix}"))
