@@ -242,8 +242,10 @@ def _shards_from_index(directory, index):
     return weight_map
 
 
-def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None,
-                    headers=None):
+IGNORED = ("rotary_emb.inv_freq",)   # old checkpoints stored rotary tables, which are computed here
+
+
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=IGNORED, files=None, headers=None):
     """Read every tensor of a model directory as {name: array of `dtype`}.
 
     `files` is checkpoint_files(directory, headers) when the caller already has it (it is not read again),
@@ -252,7 +254,8 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
-    name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
+    name ends with an entry of `ignore` are skipped (IGNORED: old checkpoints stored rotary tables; a model
+    without an lm_head adds lm_head.weight, model._lm_head_rule).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
     headers = {} if headers is None else headers
@@ -292,8 +295,6 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
 
 def _check_against(located, headers, expected, directory):
     missing = [n for n in expected if n not in located]
-    if "lm_head.weight" in located and "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected:
-        located.pop("lm_head.weight")  # tied embeddings: a saved copy of the embedding is allowed, not used
     unexpected = [n for n in located if n not in expected]
     if missing:
         raise CheckpointError(f"{directory}: tensor {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing "

@@ -119,11 +119,12 @@ class StableLmPreTrainedModel:
         headers = {}                                                       # each file's header, parsed once
         files = checkpoint.checkpoint_files(directory, headers)            # {tensor name: file}, found once
         expected = checkpoint.expected_shapes(config, cls.head, limit=len(files), where=directory)  # bounded
-        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files,
-                                            headers=headers)
+        expected, ignore = _lm_head_rule(cls.head, expected, files)
+        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), ignore, files,
+                                            headers)
         params = _strip_or_add_prefix(params)
-        if cls.head == "causal_lm" and config.tie_word_embeddings and "lm_head.weight" in files:
-            _check_tied_copy(files["lm_head.weight"], headers, params["model.embed_tokens.weight"], directory)
+        if "lm_head.weight" in params and config.tie_word_embeddings:
+            _check_tied_copy(params.pop("lm_head.weight"), params["model.embed_tokens.weight"], directory)
         if device != "cpu":
             xp = array_module(device)
             params = {k: xp.asarray(_narrowed(k, v, np_dtype, directory)) for k, v in params.items()}
@@ -404,23 +405,25 @@ def layer_tensors(params, num_layers):
     return layers
 
 
-def _check_tied_copy(path, headers, embed, directory):
-    """A checkpoint whose config.json says tie_word_embeddings may hold lm_head.weight as a copy of the
-    embedding (it is not used: the logits use the embedding). A copy that differs means config.json and the
-    weights disagree (an untied model with a wrong config would give other logits, silently): refused."""
-    if path not in headers:
-        headers[path] = checkpoint.read_header(path, root=os.fspath(directory))
-    entry = headers[path][0]["lm_head.weight"]
-    if entry[1] != tuple(embed.shape):
-        raise CheckpointError(f"{directory}: lm_head.weight has shape {entry[1]}, model.embed_tokens.weight "
-                              f"{tuple(embed.shape)}, but config.json says tie_word_embeddings: true; set it to false")
-    from .bounded_io import check_memory
+def _lm_head_rule(head, expected, files):
+    """(expected, ignore) for load_state_dict: what to do with a checkpoint's lm_head.weight. A model without
+    that head (the bare model, the classifiers) skips it: a causal LM's checkpoint loads into them. A tied
+    causal LM (config.json's tie_word_embeddings) uses the embedding for its logits; the lm_head.weight a tied
+    checkpoint may hold as a copy of it is read, with the checks of every tensor, to be compared
+    (_check_tied_copy) and dropped."""
+    ignore = checkpoint.IGNORED
+    if head != "causal_lm":
+        return expected, ignore + ("lm_head.weight",)
+    if "lm_head.weight" in files and "lm_head.weight" not in expected:            # tied, with a copy
+        expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
+    return expected, ignore
 
-    check_memory(2 * embed.nbytes, f"{directory}: comparing lm_head.weight with the embedding", CheckpointError)
-    stored = checkpoint.read_tensor(path, entry, headers[path][2])
-    with np.errstate(over="ignore", invalid="ignore"):
-        same = np.array_equal(stored.astype(embed.dtype), embed)
-    if not same:
+
+def _check_tied_copy(lm_head, embed, directory):
+    """The lm_head.weight of a checkpoint whose config.json says tie_word_embeddings must equal the embedding
+    (both as loaded): a copy that differs means config.json and the weights disagree (an untied model with a
+    wrong config would give other logits, silently): refused."""
+    if not np.array_equal(lm_head, embed):
         raise CheckpointError(f"{directory}: config.json says tie_word_embeddings: true, but lm_head.weight differs "
                               "from model.embed_tokens.weight: the model's logits would ignore its own lm_head. Set "
                               "tie_word_embeddings to false in config.json (or remove the stale lm_head.weight)")
