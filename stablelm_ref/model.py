@@ -177,11 +177,7 @@ class StableLmPreTrainedModel:
         renames, since from_pretrained would read it instead of the new file; its shard files are left."""
         checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
-        if dtype is not None:
-            target = resolve_dtype(dtype, "gpu")
-            with np.errstate(over="ignore", invalid="ignore"):             # overflow is reported below, by name
-                host = {k: v.astype(target) for k, v in host.items()}
-        self._check_savable(host)
+        host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))
         checkpoint.make_directory(directory)
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
@@ -189,9 +185,10 @@ class StableLmPreTrainedModel:
             self.generation_config.save_pretrained(directory, group)
         checkpoint.remove_stale_index(directory)
 
-    def _check_savable(self, host):
-        """CheckpointError, before anything is written, for a save that from_pretrained would refuse: tensors
-        that do not match the config (a config edited after loading) or values that are not finite."""
+    def _check_savable(self, host, dtype):
+        """The host tensors cast to `dtype` (None: as they are), or CheckpointError, before anything is written,
+        for a save that from_pretrained would refuse: tensors that do not match the config (a config edited after
+        loading) or values that are not finite in the dtype written."""
         if not isinstance(self.generation_config, GenerationConfig):
             raise CheckpointError(f"cannot save: model.generation_config must be a generation_config.GenerationConfig, "
                                   f"got {type(self.generation_config).__name__}")
@@ -202,14 +199,8 @@ class StableLmPreTrainedModel:
                                   "generation_config.json. Nothing was written") from None
         expected = checkpoint.expected_shapes(self.config, self.head)   # tied: no lm_head.weight
         names = set(host)
-        if "lm_head.weight" in names and "lm_head.weight" not in expected:   # a tied config with an lm_head
-            if not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):
-                raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
-                                      "differs from model.embed_tokens.weight: from_pretrained would refuse the "
-                                      "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
-                                      "= False, or make the two equal. Nothing was written")
-            names.discard("lm_head.weight")                             # a tied copy: from_pretrained allows it
-        for name in sorted(set(expected) ^ names):
+        copy = "lm_head.weight" in names and "lm_head.weight" not in expected   # a tied config with an lm_head
+        for name in sorted(set(expected) ^ (names - {"lm_head.weight"} if copy else names)):
             where = "is missing from the model" if name in expected else "is not implied by the config"
             raise CheckpointError(f"cannot save: tensor {name!r} {where} (config: num_hidden_layers="
                                   f"{self.config.num_hidden_layers}, hidden_size={self.config.hidden_size}, ...): "
@@ -218,15 +209,16 @@ class StableLmPreTrainedModel:
             if tuple(host[name].shape) != tuple(shape):
                 raise CheckpointError(f"cannot save: tensor {name!r} has shape {tuple(host[name].shape)} but the "
                                       f"config implies {tuple(shape)}; from_pretrained would refuse the files")
-        for name, value in host.items():
-            if value.dtype.kind == "f" or value.dtype == checkpoint.SAFETENSORS_DTYPES["BF16"]:
-                if not np.isfinite(value).all():
-                    wide = to_host(self.params[name])
-                    why = ("holds NaN or Inf" if not np.isfinite(wide).all() else
-                           f"holds values beyond {value.dtype.name}'s range (largest magnitude "
-                           f"{float(np.max(np.abs(wide))):.4g}); save with a wider dtype (float32 or bfloat16)")
-                    raise CheckpointError(f"cannot save: tensor {name!r} {why}: from_pretrained refuses non-finite "
-                                          "weights. Nothing was written")
+        refused = ": from_pretrained refuses non-finite weights. Nothing was written"
+        host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
+                                             beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
+                for name, value in host.items()}
+        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):
+            raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
+                                  "differs from model.embed_tokens.weight: from_pretrained would refuse the "
+                                  "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
+                                  "= False, or make the two equal. Nothing was written")
+        return host                                                     # a tied copy: from_pretrained allows it
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -431,13 +423,8 @@ def _check_tied_copy(lm_head, embed, directory):
 
 def _narrowed(name, value, dtype, directory):
     """value (host, float32/float64) cast to the device dtype, refused where float16 cannot hold it."""
-    with np.errstate(over="ignore"):
-        out = value.astype(dtype)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
-        raise CheckpointError(f"{directory}: tensor {name!r} holds values beyond {np.dtype(dtype).name}'s range "
-                              f"(largest magnitude {float(np.max(np.abs(value))):.4g}); load it with "
-                              "dtype='bfloat16' or 'float32'")
-    return out
+    return checkpoint.cast_finite(value, dtype, f"{directory}: tensor {name!r}",
+                                  beyond_range="; load it with dtype='bfloat16' or 'float32'", not_finite="")
 
 
 def check_context(config, length, subject="the input has", advice="shorten the prompt"):

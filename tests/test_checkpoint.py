@@ -193,6 +193,21 @@ def test_nan_and_inf_weights_are_an_error_naming_the_tensor(tmp_path, bad):
         StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")  # representable: loads
 
 
+def test_load_state_dict_in_bfloat16_refuses_what_bfloat16_cannot_hold(tmp_path):
+    """bfloat16 (ml_dtypes: NumPy kind "V", not "f") is checked like the other float dtypes: 1e300 from an F64
+    file became inf, silently, when load_state_dict cast to it. bfloat16 holds float32's range (3.39e38)."""
+    checkpoint.save_file({"w": np.array([1.0, 3e38, 1e300])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'w' holds 1 values beyond bfloat16's range \(largest "
+                                              r"magnitude 1e\+300\); load it with dtype='float64'"):
+        checkpoint.load_state_dict(tmp_path, checkpoint.SAFETENSORS_DTYPES["BF16"])
+    checkpoint.save_file({"w": np.array([1.0, 3e38, np.nan])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'w' holds 1 NaN or Inf values \(as bfloat16\); its logits"):
+        checkpoint.load_state_dict(tmp_path, checkpoint.SAFETENSORS_DTYPES["BF16"])
+    checkpoint.save_file({"w": np.array([1.0, 3e38])}, str(tmp_path / "model.safetensors"))
+    bf16 = checkpoint.SAFETENSORS_DTYPES["BF16"]
+    assert checkpoint.load_state_dict(tmp_path, bf16)["w"][1] == np.float64(3e38).astype(bf16)
+
+
 def test_a_pickle_renamed_to_model_safetensors_is_never_unpickled(tmp_path, monkeypatch):
     model = tiny_model(seed=13)
     model.config.save_pretrained(tmp_path)

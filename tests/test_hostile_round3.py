@@ -179,7 +179,8 @@ def test_weights_beyond_the_load_dtype_say_to_load_wider(tmp_path):
     assert back.params["model.norm.bias"][3] == 1e300
     from stablelm_ref.model import _narrowed                                  # the GPU's narrowing, on the host
 
-    with pytest.raises(CheckpointError, match=r"'w' holds values beyond float16's range"):
+    with pytest.raises(CheckpointError, match=r"'w' holds 1 values beyond float16's range \(largest magnitude "
+                                              r"7e\+04\); load it with dtype='bfloat16'"):
         _narrowed("w", np.float32([1.0, 7e4]), np.float16, "DIR")
     assert _narrowed("w", np.float32([1.0, 6e4]), np.float16, "DIR").dtype == np.float16
 
