@@ -32,7 +32,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
 from . import bounded_io
-from .errors import CheckpointError
+from .errors import CheckpointError, is_int
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -137,14 +137,13 @@ def read_header(path, root=None):
                 f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(SAFETENSORS_DTYPES)})"
             )
         shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
+        if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
         if len(shape) > MAX_DIMS:
             raise CheckpointError(f"{where}: {len(shape)} dimensions, more than the {MAX_DIMS} an array can have; "
                                   "the file is corrupt")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not all(is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
         if offsets[1] > data_len:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from . import bounded_io
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
 # Activations the MLP implements (mlp.ACTIVATIONS); the names transformers' ACT2FN uses.
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
@@ -116,9 +116,8 @@ class StableLmConfig:
                 "(stabilityai/stablelm-3b-4e1t, stablelm-2-1_6b, stablelm-2-12b, their zephyr variants)"
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _check_int(key, getattr(self, key), minimum=1)
-        _check_int("num_labels", self.num_labels, minimum=1)
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_labels"):
+            setattr(self, key, _check_int(key, getattr(self, key), minimum=1))   # np.int64 -> int (JSON)
         if self.max_position_embeddings > MAX_POSITIONS:
             raise ConfigError(f"config key 'max_position_embeddings' must be at most {MAX_POSITIONS} (2**53, the "
                               f"largest position id used exactly), got {self.max_position_embeddings}")
@@ -159,13 +158,12 @@ class StableLmConfig:
         if not isinstance(self.extra, dict):
             raise ConfigError(f"StableLmConfig's extra must be a dict of further config.json keys, got {self.extra!r}")
         for key in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_int(key, value, minimum=0)
+            if getattr(self, key) is not None:
+                setattr(self, key, _check_int(key, getattr(self, key), minimum=0))
         eos = self.eos_token_id
-        for value in (eos if isinstance(eos, list) else [eos]):
-            if value is not None:
-                _check_int("eos_token_id", value, minimum=0)
+        ids = [None if v is None else _check_int("eos_token_id", v, minimum=0) for v in
+               (eos if isinstance(eos, list) else [eos])]
+        self.eos_token_id = ids if isinstance(eos, list) else ids[0]
         if self.rope_type == "dynamic" and self.rotary_ndims <= 2:
             raise ConfigError(f"dynamic rope scaling needs more than 2 rotary dims (its base exponent is d / (d - 2)),"
                               f" got {self.rotary_ndims}; use linear scaling or a larger partial_rotary_factor")
@@ -324,10 +322,8 @@ def _label_map(id2label):
 
 
 def _check_int(key, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config key {key!r} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ConfigError(f"config key {key!r} must be >= {minimum}, got {value}")
+    """int(value) (errors.check_int: np.int64 too, not a bool), naming the config key."""
+    return check_int(value, f"config key {key!r}", ConfigError, minimum)
 
 
 def _check_float(key, value, positive=False):

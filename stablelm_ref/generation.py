@@ -319,9 +319,9 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         if max_length is not None:
             logger.warning("Both max_new_tokens (=%d) and max_length (=%d) are set; max_new_tokens takes "
                            "precedence", new_tokens, max_length)
-        total = prompt_len + new_tokens
+        total = prompt_len + int(new_tokens)             # int: NumPy's uint8(255) + 2 would wrap to 1
     elif max_length is not None or config_length is not None:
-        length = max_length if max_length is not None else config_length
+        length = int(max_length if max_length is not None else config_length)
         if prompt_len >= length:
             source = "" if max_length is not None else " (from the model's generation config)"
             raise GenerationError(f"the prompt has {prompt_len} tokens but max_length{source} is {length}; "

@@ -29,7 +29,7 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError, check_flag
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_number
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -138,10 +138,9 @@ class StableLmPreTrainedModel:
         if not isinstance(config, StableLmConfig):
             raise StableLmError(f"from_config takes a StableLmConfig (StableLmConfig.from_dict(d) for a dict, "
                                 f"StableLmConfig.from_pretrained(dir) for a model), got {type(config).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise StableLmError(f"seed must be an integer >= 0 or None, got {seed!r}")
-        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float, np.floating))
-                                or not 0 <= std < np.inf):
+        if seed is not None:
+            check_int(seed, "seed", StableLmError, 0, also=" or None")
+        if std is not None and not (is_number(std) and std >= 0):
             raise StableLmError(f"std must be a finite number >= 0 or None (config.initializer_range), got {std!r}")
         rng = np.random.default_rng(seed)
         std = config.initializer_range if std is None else std

@@ -18,10 +18,10 @@ def from_dict(**overrides):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("vocab_size", "101", "'vocab_size' must be an integer, got '101'"),
-    ("hidden_size", 64.0, "'hidden_size' must be an integer, got 64.0"),
-    ("num_hidden_layers", None, "'num_hidden_layers' must be an integer, got None"),
-    ("num_attention_heads", True, "'num_attention_heads' must be an integer, got True"),
+    ("vocab_size", "101", "'vocab_size' must be an integer >= 1, got '101'"),
+    ("hidden_size", 64.0, "'hidden_size' must be an integer >= 1, got 64.0"),
+    ("num_hidden_layers", None, "'num_hidden_layers' must be an integer >= 1, got None"),
+    ("num_attention_heads", True, "'num_attention_heads' must be an integer >= 1, got True"),
     ("max_position_embeddings", [64], "must be an integer"),
     ("use_qkv_bias", 1.0, "'use_qkv_bias' must be true or false, got 1.0"),
     ("qk_layernorm", "false", "'qk_layernorm' must be true or false, got 'false'"),
@@ -31,8 +31,8 @@ def from_dict(**overrides):
     ("rope_theta", float("inf"), "'rope_theta' must be a finite number"),
     ("rope_theta", False, "'rope_theta' must be a finite number"),
     ("partial_rotary_factor", None, "'partial_rotary_factor' must be a finite number"),
-    ("bos_token_id", "0", "'bos_token_id' must be an integer"),
-    ("eos_token_id", [0, "1"], "'eos_token_id' must be an integer"),
+    ("bos_token_id", "0", "'bos_token_id' must be an integer >= 0, got '0'"),
+    ("eos_token_id", [0, "1"], "'eos_token_id' must be an integer >= 0, got '1'"),
     ("id2label", {"zero": "A"}, "'id2label' must have integer keys"),
     ("id2label", ["A", "B"], "'id2label' must be an object"),
     ("architectures", "StableLmForCausalLM", "'architectures' must look like"),
@@ -49,7 +49,7 @@ def test_wrong_types(key, value, match):
                                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"])
 @pytest.mark.parametrize("value", [0, -1, -2**63])
 def test_zero_or_negative_sizes(key, value):
-    with pytest.raises(ConfigError, match=f"'{key}' must be >= 1, got {value}"):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be an integer >= 1, got {value}"):
         from_dict(**{key: value})
 
 
