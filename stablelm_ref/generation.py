@@ -67,7 +67,7 @@ from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DE
                                 generation_config_of)
 from .generation_config import token_ids as _token_ids
 from .kv_cache import KVCache
-from .model import check_context, mask_array
+from .model import check_context, mask_array, past_context
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
             total = prompt_len + 1
     check_cache_memory(model, batch, total)              # sizes from arguments: before any allocation
     check_context(config, prompt_len, "the prompt has")
-    if total > config.max_position_embeddings and config.rope_type != "dynamic":
+    if past_context(config, total):
         # transformers generates past the context too (rotary extrapolates); quality is not promised there
         warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "
                       f"({config.max_position_embeddings}): the model was not trained that far", UserWarning,

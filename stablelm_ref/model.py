@@ -428,14 +428,20 @@ def _narrowed(name, value, dtype, directory):
 
 def check_context(config, length, subject="the input has", advice="shorten the prompt"):
     """The one context check (the forward's, generate's, the chat command's): GenerationError when a prompt of
-    `length` tokens is longer than the model's context, max_position_embeddings (with dynamic rope scaling there
-    is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused: decoding
-    past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was not
-    trained there), and generate warns when prompt + new tokens go past it."""
-    context = config.max_position_embeddings
-    if length > context and config.rope_type != "dynamic":
+    `length` tokens is longer than the model's context, max_position_embeddings (past_context: with dynamic rope
+    scaling there is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused:
+    decoding past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was
+    not trained there), and generate warns when prompt + new tokens go past it."""
+    if past_context(config, length):
         raise GenerationError(f"{subject} {length} tokens, more than the model's context (max_position_embeddings "
-                              f"= {context}); {advice}")
+                              f"= {config.max_position_embeddings}); {advice}")
+
+
+def past_context(config, length):
+    """Whether `length` positions go past the model's context: more than max_position_embeddings, unless the
+    rope scaling is dynamic (its frequencies are rescaled to the length: no limit). check_context refuses a
+    prompt past it; generate warns when prompt + new tokens go past it."""
+    return length > config.max_position_embeddings and config.rope_type != "dynamic"
 
 
 def mask_array(attention_mask, shape, meaning):
