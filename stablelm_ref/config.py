@@ -109,7 +109,9 @@ class StableLmConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ConfigError naming the first invalid key."""
+        """Raise ConfigError naming the first invalid key, in the order of the checks below; all of one key's
+        checks (type, range) run before the next key's, so a config with several errors names the same key
+        whichever check each fails."""
         if self.model_type != "stablelm":
             raise ConfigError(
                 f"model_type is {self.model_type!r}, not 'stablelm': this project implements StableLM only "
@@ -149,12 +151,10 @@ class StableLmConfig:
                 f"rotary dims = int(head_dim {self.head_dim} * partial_rotary_factor {self.partial_rotary_factor})"
                 f" = {self.rotary_ndims} must be even and positive (rotate_half splits them in two halves)"
             )
-        for key in ("hidden_dropout", "attention_dropout", "initializer_range", "classifier_dropout"):
+        _check_float("initializer_range", self.initializer_range)
+        for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):   # classifier's: None is "unset"
             if key != "classifier_dropout" or self.classifier_dropout is not None:
-                _check_float(key, getattr(self, key))
-        for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
-            if getattr(self, key) is not None and getattr(self, key) > 1:
-                raise ConfigError(f"config key {key!r} is a probability, from 0 to 1; got {getattr(self, key)!r}")
+                _check_float(key, getattr(self, key), probability=True)
         if not isinstance(self.extra, dict):
             raise ConfigError(f"StableLmConfig's extra must be a dict of further config.json keys, got {self.extra!r}")
         for key in ("bos_token_id", "pad_token_id"):
@@ -326,11 +326,14 @@ def _check_int(key, value, minimum):
     return check_int(value, f"config key {key!r}", ConfigError, minimum)
 
 
-def _check_float(key, value, positive=False):
-    """A finite number that float32 (the default compute dtype) also holds."""
+def _check_float(key, value, positive=False, probability=False):
+    """A finite number that float32 (the default compute dtype) also holds (> 0 if positive, else >= 0; at most 1
+    if a probability)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
         raise ConfigError(f"config key {key!r} must be a finite number (within float32's range), got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
     if not positive and value < 0:
         raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")
+    if probability and value > 1:
+        raise ConfigError(f"config key {key!r} is a probability, from 0 to 1; got {value!r}")

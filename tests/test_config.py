@@ -80,6 +80,24 @@ def test_invalid_values(overrides, match):
         from_dict(**overrides)
 
 
+PROBABILITIES = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+BAD_PROBABILITY = {"not a number": ("x", "must be a finite number"), "negative": (-0.5, "must be >= 0"),
+                   "above 1": (1.5, "is a probability, from 0 to 1")}
+
+
+@pytest.mark.parametrize("first", PROBABILITIES[:-1])
+@pytest.mark.parametrize("first_bad", BAD_PROBABILITY)
+@pytest.mark.parametrize("later_bad", BAD_PROBABILITY)
+def test_a_config_with_several_bad_dropouts_names_the_first_key_whatever_each_fails(first, first_bad, later_bad):
+    """validate() takes the keys in its order and runs all of one key's checks before the next key's: with two
+    bad dropouts, the earlier key is named, whichever check each fails (a number above 1 in hidden_dropout was
+    named after a string in attention_dropout when the type checks ran as one loop and the range as another)."""
+    later = PROBABILITIES[PROBABILITIES.index(first) + 1]
+    value, match = BAD_PROBABILITY[first_bad]
+    with pytest.raises(ConfigError, match=f"^config key '{first}' {match}"):
+        from_dict(**{first: value, later: BAD_PROBABILITY[later_bad][0]})
+
+
 def test_missing_model_type():
     d = dict(TINY)
     del d["model_type"]
