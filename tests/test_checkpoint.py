@@ -18,20 +18,9 @@ import safetensors
 from stablelm_ref import StableLmForCausalLM, bounded_io, checkpoint
 from stablelm_ref.errors import CheckpointError
 
-from conftest import VARIANTS, tiny_config, tiny_model
+from conftest import VARIANTS, files_of, tiny_config, tiny_model
 
 IDS = [[3, 1, 4, 1, 5]]
-
-
-def files_of(directory):
-    """{relative path: sha256} of every file under `directory`."""
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def raw_file(header, data=b""):
