@@ -155,11 +155,6 @@ def source(kind: str, D: int, variant: str) -> str:
     )
 
 
-def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
-    return cubin.cubin_path(source(kind, D, variant), kernel_name(kind, D, variant), "90a", _FLAGS_NVCC,
-                            _FLAGS_NVRTC, directory)
-
-
 def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False) -> pathlib.Path:
     """The cached cubin of one specialisation, compiled (nvcc, else NVRTC: cubin.compile_cached) if it is not
     there yet. Raises cubin.CompileError (a RuntimeError), naming the compilers tried and their messages,
@@ -171,8 +166,10 @@ def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False
 
 
 def usable() -> bool:
-    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once).
-    On such a GPU a failed build is reported once as a RuntimeWarning (the mma.sync kernel then runs)."""
+    """True on a compute capability 9.0 GPU where the kernel builds (tried once: bf16 at D = 128 in h24, the
+    variant the default path runs there, flash_prefill.HOPPER_DEFAULT[128]; named here, as flash_prefill
+    imports this module, and tests/test_flash_hopper.py checks the two agree). On such a GPU a failed build is
+    reported once as a RuntimeWarning (the mma.sync kernel then runs)."""
     if not _usable:
         ok = False
         try:
@@ -183,7 +180,7 @@ def usable() -> bool:
             hopper = False
         if hopper:
             try:
-                get_kernel("bf16", 128, "h4")
+                get_kernel("bf16", 128, "h24")
                 ok = True
             except Exception as e:  # noqa: BLE001  (no compiler for sm_90a: the mma.sync kernel runs)
                 warnings.warn(f"the Hopper (wgmma) attention kernel is not used, the slower mma.sync kernel "
