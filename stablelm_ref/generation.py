@@ -61,7 +61,7 @@ import warnings
 import numpy as np
 
 from ._xp import softmax as array_softmax
-from ._xp import host_array, to_host
+from ._xp import to_host
 from .errors import GenerationError, check_flag
 from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS, check_values,
                                 generation_config_of)

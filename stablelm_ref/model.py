@@ -212,12 +212,12 @@ class StableLmPreTrainedModel:
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
                                              beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
                 for name, value in host.items()}
-        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):
+        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
             raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
                                   "differs from model.embed_tokens.weight: from_pretrained would refuse the "
                                   "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
                                   "= False, or make the two equal. Nothing was written")
-        return host                                                     # a tied copy: from_pretrained allows it
+        return host                                        # with an equal tied copy, which from_pretrained allows
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
