@@ -86,5 +86,11 @@ def check_int(value, name, error, minimum, also=""):
 
 
 def is_number(value):
-    """A finite real number: an int, a float or a NumPy number, not a bool (is_int's rule), not NaN or inf."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    """A finite real number: an int, a float or a NumPy number, not a bool (is_int's rule), not NaN or inf, and
+    not an int too large for a float (10**400: float() raises OverflowError, which escaped as a traceback)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

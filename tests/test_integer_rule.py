@@ -83,3 +83,19 @@ def test_a_numpy_length_is_counted_as_an_int_not_in_its_own_dtype(model, argumen
     """generate added the prompt's length to max_new_tokens=np.uint8(255) in uint8: 2 + 255 wrapped to 1."""
     out = generate(model, [[1, 2]], eos_token_id=None, **{argument: np.uint8(255)})
     assert out.shape == (1, 257 if argument == "max_new_tokens" else 255)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty"])
+def test_an_integer_too_large_for_a_float_is_not_a_number(name):
+    """is_number: 10**400 as an argument raised OverflowError from float(), a traceback from generate and
+    from_config; it is refused by name. (generation_config.json cannot hold one: bounded_io reads at most 100
+    digits.)"""
+    from stablelm_ref.errors import GenerationError, is_number
+
+    assert not is_number(10**400) and is_number(10**300) and not is_number(float("nan"))
+    with pytest.raises(GenerationError, match=f"^{name} must be a number"):
+        GenerationConfig(**{name: 10**400}).check()
+    with pytest.raises(GenerationError, match=f"^{name} must be a number"):
+        generate(tiny_model(seed=3, dtype="float32"), [[1, 2]], do_sample=True, max_new_tokens=1, **{name: 10**400})
+    with pytest.raises(StableLmError, match="std must be a finite number"):
+        StableLmForCausalLM.from_config(tiny_config(), std=10**400)
