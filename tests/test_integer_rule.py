@@ -16,7 +16,7 @@ from stablelm_ref.generation import generate
 from stablelm_ref.generation_config import GenerationConfig
 from stablelm_ref.kv_cache import KVCache
 
-# 3 in every form a caller might pass it; only the integers are integers
+# an integer-looking value in the forms a caller might pass it: (value, whether it is an integer)
 FORMS = {"int": (3, True), "np.int64": (np.int64(3), True), "np.uint8": (np.uint8(3), True),
          "True": (True, False), "np.True_": (np.True_, False), "2.0": (2.0, False),
          "np.float64(3)": (np.float64(3), False), "'3'": ("3", False)}
@@ -30,7 +30,9 @@ def model():
 def _config_json(v):
     config = StableLmConfig.from_dict({**TINY, "num_hidden_layers": v, "bos_token_id": v, "eos_token_id": [1, v]})
     json.dumps(config.to_dict())                           # stored as int: config.json can be written
-    return config.num_hidden_layers, config.bos_token_id, config.eos_token_id[1]
+    got = config.num_hidden_layers, config.bos_token_id, config.eos_token_id[1]
+    assert all(type(x) is int for x in got)
+    return got
 
 
 ENTRY_POINTS = {
