@@ -125,9 +125,9 @@ def test_without_a_hopper_gpu_the_mma_sync_kernel_is_the_default(monkeypatch):
         assert flash_prefill.default_variant(D) == flash_prefill.DEFAULT_VARIANT[D]
     monkeypatch.setattr(flash_hopper, "usable", lambda: True)
     for D in flash_prefill.HEAD_DIMS:
-        want = flash_prefill.HOPPER_DEFAULT.get(D, flash_prefill.DEFAULT_VARIANT[D])
+        want = flash_hopper.HOPPER_DEFAULT.get(D, flash_prefill.DEFAULT_VARIANT[D])
         assert flash_prefill.default_variant(D) == want
-    for D, variant in flash_prefill.HOPPER_DEFAULT.items():
+    for D, variant in flash_hopper.HOPPER_DEFAULT.items():
         assert variant in flash_hopper.CANDIDATES[D]
 
 
@@ -162,9 +162,7 @@ def test_a_failed_build_on_a_hopper_gpu_is_reported_once(monkeypatch):
 
 def test_usable_builds_the_kernel_the_default_path_runs(monkeypatch):
     """The test build is the default path's kernel at D = 128 (HOPPER_DEFAULT[128], h24 now), not a variant the
-    default no longer runs (it was h4): usable() says whether that kernel builds. usable() names the variant
-    itself (flash_prefill, which holds HOPPER_DEFAULT, imports flash_hopper: no cycle), so a new default at
-    D = 128 fails here until usable() follows it."""
+    default no longer runs (it was h4): usable() says whether that kernel builds."""
     import sys
     import types
 
@@ -174,4 +172,4 @@ def test_usable_builds_the_kernel_the_default_path_runs(monkeypatch):
     built = []
     monkeypatch.setattr(flash_hopper, "get_kernel", lambda *key: built.append(key))
     assert flash_hopper.usable() is True and flash_hopper.usable() is True
-    assert built == [("bf16", 128, flash_prefill.HOPPER_DEFAULT[128])]
+    assert built == [("bf16", 128, flash_hopper.HOPPER_DEFAULT[128])]
