@@ -183,3 +183,17 @@ def test_round_trip_of_every_variant(variant):
     again = StableLmConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again.to_dict() == config.to_dict()
     assert os.fspath(config.model_type) == "stablelm"
+
+
+@pytest.mark.parametrize("key, value", [("hidden_dropout", np.float32(0.25)), ("attention_dropout", np.float64(0.5)),
+                                        ("layer_norm_eps", np.float32(1e-5)), ("rope_theta", np.int64(10000)),
+                                        ("initializer_range", np.float16(0.02))])
+def test_numpy_numbers_are_taken_as_the_integer_keys_are_and_stored_as_floats(tmp_path, key, value):
+    """A NumPy number for a float key is accepted (errors.is_number, the integer keys' rule) and stored as a
+    Python float, so the config can be written as JSON; a NumPy bool is still refused."""
+    cfg = tiny_config(**{key: value})
+    assert type(getattr(cfg, key)) is float and getattr(cfg, key) == float(value)
+    cfg.save_pretrained(tmp_path)
+    assert getattr(StableLmConfig.from_pretrained(tmp_path), key) == float(value)
+    with pytest.raises(ConfigError, match=rf"config key '{key}' must be a finite number"):
+        tiny_config(**{key: np.True_})
