@@ -88,11 +88,26 @@ def host_array(a):
 
 
 def refuse_masked(a, name, instead, error):
-    """`error` when `a` is a NumPy masked array: np.asarray (host_array) keeps its data and drops its mask, so
-    the masked entries would be used as values, silently (torch.as_tensor drops it too). `instead` says what to
+    """`error` when `a` is a NumPy masked array, or a list or tuple holding one at any depth (rows of masked
+    arrays, np.ma.masked among ints): np.asarray (host_array) keeps their data and drops their masks, so the
+    masked entries would be used as values, silently (torch.as_tensor drops them too). `instead` says what to
     pass: transformers' convention, where the mask of the ids is the attention_mask."""
-    if isinstance(a, np.ma.MaskedArray):
-        raise error(f"{name} is a NumPy masked array, whose mask would be ignored; pass {instead}")
+    if isinstance(a, np.ma.MaskedArray) or (isinstance(a, (list, tuple)) and _holds_masked(a)):
+        kind = "is" if isinstance(a, np.ma.MaskedArray) else "holds"
+        raise error(f"{name} {kind} a NumPy masked array, whose mask would be ignored; pass {instead}")
+
+
+def _holds_masked(items):
+    """Whether a list or tuple holds a masked array, looked for through nested lists and tuples (no recursion:
+    a deeply nested list is walked, not a RecursionError)."""
+    stack = [items]
+    while stack:
+        for item in stack.pop():
+            if isinstance(item, (list, tuple)):
+                stack.append(item)
+            elif isinstance(item, np.ma.MaskedArray):
+                return True
+    return False
 
 
 def to_host(a):

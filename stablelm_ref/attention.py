@@ -22,7 +22,7 @@ then reach the float32 softmax unrounded, where transformers rounds them to 16 b
 One seam: `causal_attention(q, k, v, key_mask)` computes A v, by `scaled_dot_product_attention` below
 (the equation, in array-API code) or, where kernels.py has an implementation for the arrays' library,
 by that: for CuPy arrays the CUDA flash-attention kernel (stablelm_ref/cuda/flash_prefill.cu; on
-Hopper GPUs its wgmma twin flash_hopper.cu, at the head dims flash_prefill.HOPPER_DEFAULT lists), which
+Hopper GPUs its wgmma twin flash_hopper.cu, at the head dims flash_hopper.HOPPER_DEFAULT lists), which
 never forms A, computes in tiles with an online softmax and is tested equal to the reference
 (tests/gpu/test_flash_prefill.py, tests/gpu/test_gpu_model.py). Without A it has no attention
 weights to give the trace: run_with_trace runs the reference (kernels.reference_only).

@@ -32,7 +32,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
 from . import bounded_io
-from .errors import CheckpointError
+from .errors import CheckpointError, is_int
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -137,14 +137,13 @@ def read_header(path, root=None):
                 f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(SAFETENSORS_DTYPES)})"
             )
         shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
+        if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
         if len(shape) > MAX_DIMS:
             raise CheckpointError(f"{where}: {len(shape)} dimensions, more than the {MAX_DIMS} an array can have; "
                                   "the file is corrupt")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not all(is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
         if offsets[1] > data_len:
@@ -171,18 +170,15 @@ def read_header(path, root=None):
     return entries, metadata, 8 + n
 
 
-def read_tensor(path, entry, data_start, dtype=None):
-    """Read one tensor straight from the file into an array, cast once to `dtype` when given."""
+def read_tensor(path, entry, data_start):
+    """Read one tensor straight from the file into an array of its stored dtype (cast_finite casts it)."""
     stored, shape, begin, end = entry
     with bounded_io.open_regular(path, CheckpointError) as f:
         f.seek(data_start + begin)
         arr = np.fromfile(f, dtype=stored.newbyteorder("<"), count=(end - begin) // stored.itemsize)
     if arr.size * stored.itemsize != end - begin:
         raise CheckpointError(f"{path}: truncated while reading a tensor; re-download it")
-    arr = arr.reshape(shape)
-    if dtype is not None and arr.dtype != dtype:
-        arr = arr.astype(dtype)
-    return arr
+    return arr.reshape(shape)
 
 
 def checkpoint_files(directory, headers=None):
@@ -242,8 +238,10 @@ def _shards_from_index(directory, index):
     return weight_map
 
 
-def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_emb.inv_freq",), files=None,
-                    headers=None):
+IGNORED = ("rotary_emb.inv_freq",)   # old checkpoints stored rotary tables, which are computed here
+
+
+def load_state_dict(directory, dtype=np.float32, expected=None, ignore=IGNORED, files=None, headers=None):
     """Read every tensor of a model directory as {name: array of `dtype`}.
 
     `files` is checkpoint_files(directory, headers) when the caller already has it (it is not read again),
@@ -252,7 +250,8 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
 
     `expected` ({name: shape}) is checked against the headers before any data is read: a missing,
     unexpected or mis-shaped tensor raises CheckpointError naming it and both shapes. Tensors whose
-    name ends with an entry of `ignore` are skipped (old checkpoints stored rotary tables).
+    name ends with an entry of `ignore` are skipped (IGNORED: old checkpoints stored rotary tables; a model
+    without an lm_head adds lm_head.weight, model._lm_head_rule).
     Floating tensors must be finite: NaN or Inf raises CheckpointError.
     """
     headers = {} if headers is None else headers
@@ -271,29 +270,46 @@ def load_state_dict(directory, dtype=np.float32, expected=None, ignore=("rotary_
     params = {}
     for name, path in located.items():
         entry = headers[path][0][name]
-        floating = entry[0].kind == "f" or entry[0] == SAFETENSORS_DTYPES["BF16"]
+        floating = is_floating(entry[0])
         if expected is not None and not floating:
             raise CheckpointError(f"{path}: tensor {name!r} is stored as {DTYPE_NAMES[entry[0]]}; model weights "
                                   "must be floating point (F64, F32, F16 or BF16). The file is corrupt")
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
-            arr = read_tensor(path, entry, headers[path][2], dtype if floating else None)
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            stored = read_tensor(path, entry, headers[path][2]) if arr.dtype != entry[0] else arr
-            if np.isfinite(stored).all():                                # finite in the file: the cast overflowed
-                raise CheckpointError(f"{path}: tensor {name!r} holds {bad} values beyond {arr.dtype.name}'s range "
-                                      f"(largest magnitude {float(np.max(np.abs(stored.astype(np.float64)))):.4g} as "
-                                      f"stored in {DTYPE_NAMES[entry[0]]}); load it with dtype='float64'")
-            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or Inf values (as {arr.dtype}); its "
-                                  "logits would be meaningless. The file is damaged or was saved from a diverged run")
-        params[name] = arr
+        stored = read_tensor(path, entry, headers[path][2])
+        params[name] = cast_finite(stored, dtype if floating else None, f"{path}: tensor {name!r}",
+                                   beyond_range="; load it with dtype='float64'",
+                                   not_finite="; its logits would be meaningless. The file is damaged or was saved "
+                                              "from a diverged run")
     return params
+
+
+def is_floating(dtype):
+    """A floating-point dtype, bfloat16 (ml_dtypes, whose NumPy kind is "V") included."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == SAFETENSORS_DTYPES["BF16"]
+
+
+def cast_finite(value, dtype, where, beyond_range, not_finite):
+    """`value` (a NumPy array) cast to `dtype` (None: as it is), refused where the result is not finite, naming
+    `where` ("{path}: tensor 'name'") and saying what to do:
+
+        value itself holds NaN or Inf   CheckpointError "{where} holds N NaN or Inf values (as dtype){not_finite}"
+        the cast overflowed             CheckpointError "{where} holds N values beyond dtype's range (largest
+                                        magnitude M){beyond_range}"   (float16 holds at most 65504)
+
+    Loading (load_state_dict), the GPU's narrowing (model._narrowed) and saving (save_pretrained) share it.
+    Integer and bool arrays pass as they are."""
+    with np.errstate(over="ignore", invalid="ignore"):                 # overflow is reported below, by name
+        out = value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    if not is_floating(out.dtype) or np.isfinite(out).all():
+        return out
+    bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if np.isfinite(value).all():                                         # finite before the cast: it overflowed
+        raise CheckpointError(f"{where} holds {bad} values beyond {out.dtype.name}'s range (largest magnitude "
+                              f"{float(np.max(np.abs(value.astype(np.float64)))):.4g}){beyond_range}")
+    raise CheckpointError(f"{where} holds {bad} NaN or Inf values (as {out.dtype.name}){not_finite}")
 
 
 def _check_against(located, headers, expected, directory):
     missing = [n for n in expected if n not in located]
-    if "lm_head.weight" in located and "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected:
-        located.pop("lm_head.weight")  # tied embeddings: a saved copy of the embedding is allowed, not used
     unexpected = [n for n in located if n not in expected]
     if missing:
         raise CheckpointError(f"{directory}: tensor {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing "

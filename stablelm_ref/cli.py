@@ -90,8 +90,9 @@ def resolve_model_dir(model, revision=None):
     from . import hub
 
     model = hub.DEFAULT_MODEL if model is None else model
-    if revision is not None and (model == hub.DEFAULT_MODEL or os.path.isdir(model)):   # hub only warns
-        what = "the embedded default model" if model == hub.DEFAULT_MODEL else f"--model {model} (a local directory)"
+    local = hub.local_model(model)
+    if revision is not None and local is not None:                              # hub only warns
+        what = local if model == hub.DEFAULT_MODEL else f"--model {local}"
         raise StableLmError(f"--revision {revision} selects a commit of a Hub repository, but {what} is not one; "
                             "drop --revision, or give --model a Hub repo id")
     return hub.model_directory(model, revision=revision)

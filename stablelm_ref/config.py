@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from . import bounded_io
-from .errors import ConfigError
+from .errors import ConfigError, check_int, is_number
 
 # Activations the MLP implements (mlp.ACTIVATIONS); the names transformers' ACT2FN uses.
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "sigmoid")
@@ -109,16 +109,18 @@ class StableLmConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ConfigError naming the first invalid key."""
+        """Raise ConfigError naming the first invalid key, in the order of the checks below (within the dropout
+        keys, all of one key's checks run before the next key's, so several bad dropouts name the earlier key
+        whichever check each fails). Stores NumPy integers and floats given for the number keys as plain int
+        and float, so that the config can be written as JSON."""
         if self.model_type != "stablelm":
             raise ConfigError(
                 f"model_type is {self.model_type!r}, not 'stablelm': this project implements StableLM only "
                 "(stabilityai/stablelm-3b-4e1t, stablelm-2-1_6b, stablelm-2-12b, their zephyr variants)"
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _check_int(key, getattr(self, key), minimum=1)
-        _check_int("num_labels", self.num_labels, minimum=1)
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_labels"):
+            setattr(self, key, _check_int(key, getattr(self, key), minimum=1))   # np.int64 -> int (JSON)
         if self.max_position_embeddings > MAX_POSITIONS:
             raise ConfigError(f"config key 'max_position_embeddings' must be at most {MAX_POSITIONS} (2**53, the "
                               f"largest position id used exactly), got {self.max_position_embeddings}")
@@ -140,9 +142,9 @@ class StableLmConfig:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
-        _check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
-        _check_float("rope_theta", self.rope_theta, positive=True)
-        _check_float("partial_rotary_factor", self.partial_rotary_factor)
+        self.layer_norm_eps = _check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
+        self.rope_theta = _check_float("rope_theta", self.rope_theta, positive=True)
+        self.partial_rotary_factor = _check_float("partial_rotary_factor", self.partial_rotary_factor)
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
         if self.rotary_ndims % 2 or self.rotary_ndims == 0:
@@ -150,22 +152,19 @@ class StableLmConfig:
                 f"rotary dims = int(head_dim {self.head_dim} * partial_rotary_factor {self.partial_rotary_factor})"
                 f" = {self.rotary_ndims} must be even and positive (rotate_half splits them in two halves)"
             )
-        for key in ("hidden_dropout", "attention_dropout", "initializer_range", "classifier_dropout"):
+        self.initializer_range = _check_float("initializer_range", self.initializer_range)
+        for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):   # classifier's: None is "unset"
             if key != "classifier_dropout" or self.classifier_dropout is not None:
-                _check_float(key, getattr(self, key))
-        for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
-            if getattr(self, key) is not None and getattr(self, key) > 1:
-                raise ConfigError(f"config key {key!r} is a probability, from 0 to 1; got {getattr(self, key)!r}")
+                setattr(self, key, _check_float(key, getattr(self, key), probability=True))
         if not isinstance(self.extra, dict):
             raise ConfigError(f"StableLmConfig's extra must be a dict of further config.json keys, got {self.extra!r}")
         for key in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_int(key, value, minimum=0)
+            if getattr(self, key) is not None:
+                setattr(self, key, _check_int(key, getattr(self, key), minimum=0))
         eos = self.eos_token_id
-        for value in (eos if isinstance(eos, list) else [eos]):
-            if value is not None:
-                _check_int("eos_token_id", value, minimum=0)
+        ids = [None if v is None else _check_int("eos_token_id", v, minimum=0) for v in
+               (eos if isinstance(eos, list) else [eos])]
+        self.eos_token_id = ids if isinstance(eos, list) else ids[0]
         if self.rope_type == "dynamic" and self.rotary_ndims <= 2:
             raise ConfigError(f"dynamic rope scaling needs more than 2 rotary dims (its base exponent is d / (d - 2)),"
                               f" got {self.rotary_ndims}; use linear scaling or a larger partial_rotary_factor")
@@ -306,7 +305,7 @@ def _normalise_rope_scaling(scaling):
             f"rope scaling type {rope_type!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= FLOAT32_MAX:
+    if not is_number(factor) or not 1.0 <= factor <= FLOAT32_MAX:
         raise ConfigError(f"rope scaling {rope_type!r} needs a number 'factor' from 1 to {FLOAT32_MAX:.3g}, got "
                           f"{factor!r}")
     scaling["factor"] = float(factor)
@@ -324,17 +323,19 @@ def _label_map(id2label):
 
 
 def _check_int(key, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config key {key!r} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ConfigError(f"config key {key!r} must be >= {minimum}, got {value}")
+    """int(value) (errors.check_int: np.int64 too, not a bool), naming the config key."""
+    return check_int(value, f"config key {key!r}", ConfigError, minimum)
 
 
-def _check_float(key, value, positive=False):
-    """A finite number that float32 (the default compute dtype) also holds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
+def _check_float(key, value, positive=False, probability=False):
+    """value, a finite number (errors.is_number: a NumPy number too, returned as a Python float) that float32 (the
+    default compute dtype) also holds (> 0 if positive, else >= 0; at most 1 if a probability)."""
+    if not is_number(value) or not abs(value) <= FLOAT32_MAX:
         raise ConfigError(f"config key {key!r} must be a finite number (within float32's range), got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")
     if not positive and value < 0:
         raise ConfigError(f"config key {key!r} must be >= 0, got {value!r}")
+    if probability and value > 1:
+        raise ConfigError(f"config key {key!r} is a probability, from 0 to 1; got {value!r}")
+    return value if type(value) in (int, float) else float(value)

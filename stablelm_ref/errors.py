@@ -11,8 +11,13 @@ The command line turns any StableLmError into one line on stderr and exit code 2
 exception escaping is a bug. Messages can carry text from files (a chat template's raise_exception, a
 trace's tensor names): `printable` shows its control characters as escapes before it reaches a terminal.
 `check_flag` is the one rule of every True/False argument or file key the package takes (do_sample, use_cache,
-the tokenizer's flags, ...), with one message form.
+the tokenizer's flags, ...), with one message form; `is_int` / `check_int` the one rule of every integer (config.json's
+sizes and token ids, generate's lengths and seed, a KV cache's sizes, from_config's seed), `is_number` of every other
+number generate and from_config take.
 """
+
+import math
+import numbers
 
 import numpy as np
 
@@ -64,3 +69,28 @@ def check_flag(value, name, error, advice="", json=False):
         raise error(f"{name} must be True or False, got {value!r}{' (in JSON: true or false)' if json else ''}"
                     f"{advice}")
     return bool(value)
+
+
+def is_int(value):
+    """An integer: Python's int or a NumPy integer (np.int64(3), what indexing an array gives). Not a bool
+    (True is an int to Python; np.True_ is not an integer to NumPy), not 2.0, not "3"."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(value, name, error, minimum, also=""):
+    """int(value) when is_int(value) and value >= minimum, else `error` "{name} must be an integer >= {minimum}{also},
+    got {value!r}" (`also`: what else the caller takes, " or None")."""
+    if not is_int(value) or value < minimum:
+        raise error(f"{name} must be an integer >= {minimum}{also}, got {value!r}")
+    return int(value)
+
+
+def is_number(value):
+    """A finite real number: an int, a float or a NumPy number, not a bool (is_int's rule), not NaN or inf, and
+    not an int too large for a float (10**400: float() raises OverflowError, which escaped as a traceback)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -61,13 +61,13 @@ import warnings
 import numpy as np
 
 from ._xp import softmax as array_softmax
-from ._xp import host_array, to_host
+from ._xp import to_host
 from .errors import GenerationError, check_flag
 from .generation_config import (DEFAULT_MAX_LENGTH, DEFAULT_TOP_K, GENERATION_DEFAULTS, check_values,
                                 generation_config_of)
 from .generation_config import token_ids as _token_ids
 from .kv_cache import KVCache
-from .model import check_context, mask_array
+from .model import check_context, mask_array, past_context
 
 logger = logging.getLogger(__name__)
 
@@ -319,9 +319,9 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
         if max_length is not None:
             logger.warning("Both max_new_tokens (=%d) and max_length (=%d) are set; max_new_tokens takes "
                            "precedence", new_tokens, max_length)
-        total = prompt_len + new_tokens
+        total = prompt_len + int(new_tokens)             # int: NumPy's uint8(255) + 2 would wrap to 1
     elif max_length is not None or config_length is not None:
-        length = max_length if max_length is not None else config_length
+        length = int(max_length if max_length is not None else config_length)
         if prompt_len >= length:
             source = "" if max_length is not None else " (from the model's generation config)"
             raise GenerationError(f"the prompt has {prompt_len} tokens but max_length{source} is {length}; "
@@ -335,7 +335,7 @@ def _settings(model, prompt_len, max_new_tokens, max_length, do_sample, temperat
             total = prompt_len + 1
     check_cache_memory(model, batch, total)              # sizes from arguments: before any allocation
     check_context(config, prompt_len, "the prompt has")
-    if total > config.max_position_embeddings and config.rope_type != "dynamic":
+    if past_context(config, total):
         # transformers generates past the context too (rotary extrapolates); quality is not promised there
         warnings.warn(f"prompt + new tokens = {total} positions, past max_position_embeddings "
                       f"({config.max_position_embeddings}): the model was not trained that far", UserWarning,

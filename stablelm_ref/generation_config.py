@@ -22,14 +22,12 @@ generation.py imports them from here (generation.check_values is this check_valu
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 
 import numpy as np
 
 from . import bounded_io
-from .errors import CheckpointError, GenerationError, check_flag
+from .errors import CheckpointError, GenerationError, check_flag, is_int, is_number
 
 DEFAULT_MAX_LENGTH = 20  # transformers' model-agnostic default
 DEFAULT_TOP_K = 50       # transformers' default when sampling
@@ -37,20 +35,12 @@ DEFAULT_TOP_K = 50       # transformers' default when sampling
 
 # ---- the value rules of generate's arguments ----------------------------------------------------
 
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 def token_ids(name, value, vocab_size, allow_list, source=""):
     """`source` (" (config.json)") says where a default came from, for the message."""
     if value is None:
         return None
     values = list(value) if allow_list and isinstance(value, (list, tuple, np.ndarray)) else [value]
-    if not values or not all(_is_int(v) for v in values):
+    if not values or not all(is_int(v) for v in values):
         kind = "an integer token id" + (" or a list of them" if allow_list else "")
         raise GenerationError(f"{name}{source} must be {kind}, got {value!r}")
     for v in values:
@@ -63,13 +53,13 @@ def token_ids(name, value, vocab_size, allow_list, source=""):
 # The value rules of generate's length and sampling arguments, in one place: generate checks its arguments
 # with them, the CLI its options (before the model loads), each naming the offender in its own words.
 VALUE_RULES = {                    # name -> (is the value acceptable, what the name must be)
-    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "max_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 turns it off)"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "max_length": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number > 0 (1.0 turns it off)"),
+    "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
 }
 
 

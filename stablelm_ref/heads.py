@@ -25,7 +25,7 @@ import numpy as np
 
 from . import kernels
 from ._xp import array_namespace, host_array, linear, log_softmax, no_trace, refuse_masked, to_host, wide_dtype
-from .errors import GenerationError, StableLmError
+from .errors import GenerationError, StableLmError, is_int
 from .model import StableLmModel, StableLmPreTrainedModel
 
 IGNORE_INDEX = -100
@@ -97,7 +97,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
         t = h.shape[1]
-        if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, (bool, np.bool_)):
+        if is_int(logits_to_keep):
             logits_to_keep = int(logits_to_keep)                            # np.uint64: no wrap-around in -k
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")

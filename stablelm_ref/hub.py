@@ -7,8 +7,9 @@
 
 `model_directory` is what every from_pretrained (models, Tokenizer, StableLmConfig) and the CLI's
 --model go through. The name of the embedded default model has a colon, which no Hub repo id can hold,
-so it never shadows a repository; a local directory of any name is taken as it is (a `revision` given with
-one selects nothing: a UserWarning says so, where transformers is silent; the CLI's --revision is an error).
+so it never shadows a repository; a local directory of any name is taken as it is (`local_model` says which
+paths are local: a `revision` given with one selects nothing, and a UserWarning says so, where transformers is
+silent; the CLI's --revision is an error there).
 
 `huggingface_hub.snapshot_download` does the work (its cache layout, its progress bars, resumable
 downloads, HF_HOME / HF_HUB_CACHE, tokens from `hf auth login`); this file decides what to fetch and
@@ -39,19 +40,27 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
         raise error(f"give a model directory or a Hub repo id (a string or a path), got {path!r}")
     check_hub_arguments(hub_kwargs, error)
     path = os.fspath(path)
-    if path == DEFAULT_MODEL:
-        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+    local = local_model(path)
+    if local is not None:
+        if path == DEFAULT_MODEL and not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
             raise StableLmError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR} has no config.json): "
                                 "reinstall stablelm-ref, or give a model directory or Hub repo id (--model DIR_OR_REPO "
                                 "on the command line)")
-        _revision_ignored(hub_kwargs.get("revision"), "the embedded default model")
-        return DEFAULT_MODEL_DIR
-    if os.path.isdir(path):
-        _revision_ignored(hub_kwargs.get("revision"), f"{path} (a local directory)")
-        return path
+        _revision_ignored(hub_kwargs.get("revision"), local)
+        return DEFAULT_MODEL_DIR if path == DEFAULT_MODEL else path
     if os.path.exists(path):
         raise error(f"{path}: a file, not a model directory; give the directory that holds {holds}")
     return snapshot(path, **hub_kwargs)
+
+
+def local_model(path):
+    """What `path` (a str or os.PathLike) names when model_directory takes it as a local model, not a Hub repo id:
+    "the embedded default model" (DEFAULT_MODEL) or "{path} (a local directory)"; None otherwise. A revision
+    selects nothing there: model_directory warns, the CLI refuses --revision with one."""
+    path = os.fspath(path)
+    if path == DEFAULT_MODEL:
+        return "the embedded default model"
+    return f"{path} (a local directory)" if os.path.isdir(path) else None
 
 
 def _revision_ignored(revision, what):
@@ -67,7 +76,7 @@ HUB_ARGUMENTS = {
     "revision": (lambda v: v is None or (isinstance(v, str) and v != ""), "a branch, tag or commit name"),
     "cache_dir": (lambda v: v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""), "a directory"),
     "local_files_only": (is_flag, "True or False"),
-    "token": (lambda v: v is None or isinstance(v, (str, bool)), "a Hub token string, True or False"),
+    "token": (lambda v: v is None or isinstance(v, str) or is_flag(v), "a Hub token string, True or False"),
 }
 # transformers' from_pretrained arguments a porter may pass, and what this project takes instead
 NOT_TAKEN = {"torch_dtype": "dtype='float32' | 'float64' | 'bfloat16'", "device_map": "device='cpu' | 'gpu'",
@@ -132,7 +141,7 @@ def snapshot(repo_id, revision=None, cache_dir=None, local_files_only=False, tok
     kwargs = dict(revision=revision, cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
                   allow_patterns=ALLOW_PATTERNS)
     if token is not None:
-        kwargs["token"] = token
+        kwargs["token"] = bool(token) if is_flag(token) else token    # np.True_ -> True for huggingface_hub
     not_found = "no such local directory, and"
     if not (local_files_only or is_offline()):
         try:

@@ -15,17 +15,13 @@ by heads / kv_heads).
 Config: num_hidden_layers, num_key_value_heads, head_dim.  Checkpoint tensors: none.
 """
 
-import numbers
-
-from .errors import GenerationError
+from .errors import GenerationError, check_int
 
 
 class KVCache:
     def __init__(self, config, batch_size, max_len, dtype, xp, growable=False):
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise GenerationError(f"KV cache {name} must be an integer >= 1, got {value!r}")
-        batch_size, max_len = int(batch_size), int(max_len)
+        batch_size = check_int(batch_size, "KV cache batch_size", GenerationError, 1)
+        max_len = check_int(max_len, "KV cache max_len", GenerationError, 1)
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]

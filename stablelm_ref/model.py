@@ -29,7 +29,7 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError, check_flag
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_number
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -119,11 +119,12 @@ class StableLmPreTrainedModel:
         headers = {}                                                       # each file's header, parsed once
         files = checkpoint.checkpoint_files(directory, headers)            # {tensor name: file}, found once
         expected = checkpoint.expected_shapes(config, cls.head, limit=len(files), where=directory)  # bounded
-        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), files=files,
-                                            headers=headers)
+        expected, ignore = _lm_head_rule(cls.head, expected, files)
+        params = checkpoint.load_state_dict(directory, host_dtype, _with_prefix(files, expected), ignore, files,
+                                            headers)
         params = _strip_or_add_prefix(params)
-        if cls.head == "causal_lm" and config.tie_word_embeddings and "lm_head.weight" in files:
-            _check_tied_copy(files["lm_head.weight"], headers, params["model.embed_tokens.weight"], directory)
+        if "lm_head.weight" in params and config.tie_word_embeddings:
+            _check_tied_copy(params.pop("lm_head.weight"), params["model.embed_tokens.weight"], directory)
         if device != "cpu":
             xp = array_module(device)
             params = {k: xp.asarray(_narrowed(k, v, np_dtype, directory)) for k, v in params.items()}
@@ -137,10 +138,9 @@ class StableLmPreTrainedModel:
         if not isinstance(config, StableLmConfig):
             raise StableLmError(f"from_config takes a StableLmConfig (StableLmConfig.from_dict(d) for a dict, "
                                 f"StableLmConfig.from_pretrained(dir) for a model), got {type(config).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise StableLmError(f"seed must be an integer >= 0 or None, got {seed!r}")
-        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float, np.floating))
-                                or not 0 <= std < np.inf):
+        if seed is not None:
+            check_int(seed, "seed", StableLmError, 0, also=" or None")
+        if std is not None and not (is_number(std) and std >= 0):
             raise StableLmError(f"std must be a finite number >= 0 or None (config.initializer_range), got {std!r}")
         rng = np.random.default_rng(seed)
         std = config.initializer_range if std is None else std
@@ -176,11 +176,7 @@ class StableLmPreTrainedModel:
         renames, since from_pretrained would read it instead of the new file; its shard files are left."""
         checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
-        if dtype is not None:
-            target = resolve_dtype(dtype, "gpu")
-            with np.errstate(over="ignore", invalid="ignore"):             # overflow is reported below, by name
-                host = {k: v.astype(target) for k, v in host.items()}
-        self._check_savable(host)
+        host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))
         checkpoint.make_directory(directory)
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
@@ -188,9 +184,10 @@ class StableLmPreTrainedModel:
             self.generation_config.save_pretrained(directory, group)
         checkpoint.remove_stale_index(directory)
 
-    def _check_savable(self, host):
-        """CheckpointError, before anything is written, for a save that from_pretrained would refuse: tensors
-        that do not match the config (a config edited after loading) or values that are not finite."""
+    def _check_savable(self, host, dtype):
+        """The host tensors cast to `dtype` (None: as they are), or CheckpointError, before anything is written,
+        for a save that from_pretrained would refuse: tensors that do not match the config (a config edited after
+        loading) or values that are not finite in the dtype written."""
         if not isinstance(self.generation_config, GenerationConfig):
             raise CheckpointError(f"cannot save: model.generation_config must be a generation_config.GenerationConfig, "
                                   f"got {type(self.generation_config).__name__}")
@@ -201,14 +198,8 @@ class StableLmPreTrainedModel:
                                   "generation_config.json. Nothing was written") from None
         expected = checkpoint.expected_shapes(self.config, self.head)   # tied: no lm_head.weight
         names = set(host)
-        if "lm_head.weight" in names and "lm_head.weight" not in expected:   # a tied config with an lm_head
-            if not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):
-                raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
-                                      "differs from model.embed_tokens.weight: from_pretrained would refuse the "
-                                      "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
-                                      "= False, or make the two equal. Nothing was written")
-            names.discard("lm_head.weight")                             # a tied copy: from_pretrained allows it
-        for name in sorted(set(expected) ^ names):
+        copy = "lm_head.weight" in names and "lm_head.weight" not in expected   # a tied config with an lm_head
+        for name in sorted(set(expected) ^ (names - {"lm_head.weight"} if copy else names)):
             where = "is missing from the model" if name in expected else "is not implied by the config"
             raise CheckpointError(f"cannot save: tensor {name!r} {where} (config: num_hidden_layers="
                                   f"{self.config.num_hidden_layers}, hidden_size={self.config.hidden_size}, ...): "
@@ -217,15 +208,16 @@ class StableLmPreTrainedModel:
             if tuple(host[name].shape) != tuple(shape):
                 raise CheckpointError(f"cannot save: tensor {name!r} has shape {tuple(host[name].shape)} but the "
                                       f"config implies {tuple(shape)}; from_pretrained would refuse the files")
-        for name, value in host.items():
-            if value.dtype.kind == "f" or value.dtype == checkpoint.SAFETENSORS_DTYPES["BF16"]:
-                if not np.isfinite(value).all():
-                    wide = to_host(self.params[name])
-                    why = ("holds NaN or Inf" if not np.isfinite(wide).all() else
-                           f"holds values beyond {value.dtype.name}'s range (largest magnitude "
-                           f"{float(np.max(np.abs(wide))):.4g}); save with a wider dtype (float32 or bfloat16)")
-                    raise CheckpointError(f"cannot save: tensor {name!r} {why}: from_pretrained refuses non-finite "
-                                          "weights. Nothing was written")
+        refused = ": from_pretrained refuses non-finite weights. Nothing was written"
+        host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
+                                             beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
+                for name, value in host.items()}
+        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
+            raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
+                                  "differs from model.embed_tokens.weight: from_pretrained would refuse the "
+                                  "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
+                                  "= False, or make the two equal. Nothing was written")
+        return host                                        # with an equal tied copy, which from_pretrained allows
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -404,23 +396,25 @@ def layer_tensors(params, num_layers):
     return layers
 
 
-def _check_tied_copy(path, headers, embed, directory):
-    """A checkpoint whose config.json says tie_word_embeddings may hold lm_head.weight as a copy of the
-    embedding (it is not used: the logits use the embedding). A copy that differs means config.json and the
-    weights disagree (an untied model with a wrong config would give other logits, silently): refused."""
-    if path not in headers:
-        headers[path] = checkpoint.read_header(path, root=os.fspath(directory))
-    entry = headers[path][0]["lm_head.weight"]
-    if entry[1] != tuple(embed.shape):
-        raise CheckpointError(f"{directory}: lm_head.weight has shape {entry[1]}, model.embed_tokens.weight "
-                              f"{tuple(embed.shape)}, but config.json says tie_word_embeddings: true; set it to false")
-    from .bounded_io import check_memory
+def _lm_head_rule(head, expected, files):
+    """(expected, ignore) for load_state_dict: what to do with a checkpoint's lm_head.weight. A model without
+    that head (the bare model, the classifiers) skips it: a causal LM's checkpoint loads into them. A tied
+    causal LM (config.json's tie_word_embeddings) uses the embedding for its logits; the lm_head.weight a tied
+    checkpoint may hold as a copy of it is read, with the checks of every tensor, to be compared
+    (_check_tied_copy) and dropped."""
+    ignore = checkpoint.IGNORED
+    if head != "causal_lm":
+        return expected, ignore + ("lm_head.weight",)
+    if "lm_head.weight" in files and "lm_head.weight" not in expected:            # tied, with a copy
+        expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
+    return expected, ignore
 
-    check_memory(2 * embed.nbytes, f"{directory}: comparing lm_head.weight with the embedding", CheckpointError)
-    stored = checkpoint.read_tensor(path, entry, headers[path][2])
-    with np.errstate(over="ignore", invalid="ignore"):
-        same = np.array_equal(stored.astype(embed.dtype), embed)
-    if not same:
+
+def _check_tied_copy(lm_head, embed, directory):
+    """The lm_head.weight of a checkpoint whose config.json says tie_word_embeddings must equal the embedding
+    (both as loaded): a copy that differs means config.json and the weights disagree (an untied model with a
+    wrong config would give other logits, silently): refused."""
+    if not np.array_equal(lm_head, embed):
         raise CheckpointError(f"{directory}: config.json says tie_word_embeddings: true, but lm_head.weight differs "
                               "from model.embed_tokens.weight: the model's logits would ignore its own lm_head. Set "
                               "tie_word_embeddings to false in config.json (or remove the stale lm_head.weight)")
@@ -428,25 +422,26 @@ def _check_tied_copy(path, headers, embed, directory):
 
 def _narrowed(name, value, dtype, directory):
     """value (host, float32/float64) cast to the device dtype, refused where float16 cannot hold it."""
-    with np.errstate(over="ignore"):
-        out = value.astype(dtype)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
-        raise CheckpointError(f"{directory}: tensor {name!r} holds values beyond {np.dtype(dtype).name}'s range "
-                              f"(largest magnitude {float(np.max(np.abs(value))):.4g}); load it with "
-                              "dtype='bfloat16' or 'float32'")
-    return out
+    return checkpoint.cast_finite(value, dtype, f"{directory}: tensor {name!r}",
+                                  beyond_range="; load it with dtype='bfloat16' or 'float32'", not_finite="")
 
 
 def check_context(config, length, subject="the input has", advice="shorten the prompt"):
     """The one context check (the forward's, generate's, the chat command's): GenerationError when a prompt of
-    `length` tokens is longer than the model's context, max_position_embeddings (with dynamic rope scaling there
-    is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused: decoding
-    past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was not
-    trained there), and generate warns when prompt + new tokens go past it."""
-    context = config.max_position_embeddings
-    if length > context and config.rope_type != "dynamic":
+    `length` tokens is longer than the model's context, max_position_embeddings (past_context: with dynamic rope
+    scaling there is no limit); `subject` and `advice` speak to the caller's audience. Only the prompt is refused:
+    decoding past the context through the cache is allowed, as in transformers (rotary extrapolates; the model was
+    not trained there), and generate warns when prompt + new tokens go past it."""
+    if past_context(config, length):
         raise GenerationError(f"{subject} {length} tokens, more than the model's context (max_position_embeddings "
-                              f"= {context}); {advice}")
+                              f"= {config.max_position_embeddings}); {advice}")
+
+
+def past_context(config, length):
+    """Whether `length` positions go past the model's context: more than max_position_embeddings, unless the
+    rope scaling is dynamic (its frequencies are rescaled to the length: no limit). check_context refuses a
+    prompt past it; generate warns when prompt + new tokens go past it."""
+    return length > config.max_position_embeddings and config.rope_type != "dynamic"
 
 
 def mask_array(attention_mask, shape, meaning):

@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny StableLM configurations and random checkpoints made on the fly."""
+"""Shared fixtures: tiny StableLM configurations and random checkpoints made on the fly; the hostile-input
+tests' settings (cases), render limits (fast_limits) and directory snapshot (files_of)."""
 
+import hashlib
 import os
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from stablelm_ref import StableLmConfig, StableLmForCausalLM
 
@@ -64,3 +66,37 @@ def _namespaces():
 def xp(request):
     """The concept tests run on NumPy and on array-api-strict, which refuses anything outside the standard."""
     return _namespaces()[request.param]
+
+
+# ---- the hostile-input tests' shared pieces (test_hostile_classes.py, test_hostile_round3.py, test_checkpoint.py)
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+
+
+def cases(n_fast, n_fuzz=None):
+    """hypothesis settings: n_fast generated cases in `make test`, n_fuzz (default 25x) under `make fuzz`; no
+    deadline (a case may load a model) and no health check on slow or large cases or function-scoped fixtures."""
+    return settings(max_examples=(n_fuzz or 25 * n_fast) if FUZZ else n_fast, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+
+
+@pytest.fixture
+def fast_limits(monkeypatch):
+    """The chat-template render limits made small to keep the suite quick: (seconds, MiB); bounds asserted on a
+    render are stated relative to them."""
+    from stablelm_ref import tokenizer
+
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_SECONDS", 0.3)
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_BYTES", 64 * 2**20)
+    return 0.3, 64
+
+
+def files_of(directory):
+    """{relative path: sha256} of every file under `directory`: what "nothing was changed" compares."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out

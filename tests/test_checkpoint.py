@@ -18,20 +18,9 @@ import safetensors
 from stablelm_ref import StableLmForCausalLM, bounded_io, checkpoint
 from stablelm_ref.errors import CheckpointError
 
-from conftest import VARIANTS, tiny_config, tiny_model
+from conftest import VARIANTS, files_of, tiny_config, tiny_model
 
 IDS = [[3, 1, 4, 1, 5]]
-
-
-def files_of(directory):
-    """{relative path: sha256} of every file under `directory`."""
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def raw_file(header, data=b""):
@@ -191,6 +180,21 @@ def test_nan_and_inf_weights_are_an_error_naming_the_tensor(tmp_path, bad):
         StableLmForCausalLM.from_pretrained(tmp_path, dtype="float32")
     if bad == 1e300:
         StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")  # representable: loads
+
+
+def test_load_state_dict_in_bfloat16_refuses_what_bfloat16_cannot_hold(tmp_path):
+    """bfloat16 (ml_dtypes: NumPy kind "V", not "f") is checked like the other float dtypes: 1e300 from an F64
+    file became inf, silently, when load_state_dict cast to it. bfloat16 holds float32's range (3.39e38)."""
+    checkpoint.save_file({"w": np.array([1.0, 3e38, 1e300])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'w' holds 1 values beyond bfloat16's range \(largest "
+                                              r"magnitude 1e\+300\); load it with dtype='float64'"):
+        checkpoint.load_state_dict(tmp_path, checkpoint.SAFETENSORS_DTYPES["BF16"])
+    checkpoint.save_file({"w": np.array([1.0, 3e38, np.nan])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'w' holds 1 NaN or Inf values \(as bfloat16\); its logits"):
+        checkpoint.load_state_dict(tmp_path, checkpoint.SAFETENSORS_DTYPES["BF16"])
+    checkpoint.save_file({"w": np.array([1.0, 3e38])}, str(tmp_path / "model.safetensors"))
+    bf16 = checkpoint.SAFETENSORS_DTYPES["BF16"]
+    assert checkpoint.load_state_dict(tmp_path, bf16)["w"][1] == np.float64(3e38).astype(bf16)
 
 
 def test_a_pickle_renamed_to_model_safetensors_is_never_unpickled(tmp_path, monkeypatch):
@@ -563,3 +567,49 @@ def test_save_pretrained_in_bfloat16_rounds_to_nearest_even(tmp_path):
         np.testing.assert_array_equal(got, _bfloat16_bits_rounded_to_nearest_even(value), err_msg=name)
     tie_bits = np.frombuffer(bytes(stored["model.norm.bias"]["data"]), dtype="<u2")[:6]
     assert tie_bits.tolist() == [0x3F80, 0x3F82, 0xBF80, 0x3F81, 0x3F80, 0x3F80]
+
+
+# ---- tied embeddings: config.json's tie_word_embeddings and a checkpoint's lm_head.weight ----------------
+
+def _tied_checkpoint(directory, lm_head):
+    """A tied tiny model saved with `lm_head` as its lm_head.weight (None: none saved); the model back."""
+    model = tiny_model(seed=12, dtype="float32", tie_word_embeddings=True)
+    tensors = dict(model.params) if lm_head is None else {**model.params, "lm_head.weight": lm_head(model)}
+    checkpoint.save_file(tensors, str(directory / "model.safetensors"))
+    model.config.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("lm_head", [None, lambda m: m.params["model.embed_tokens.weight"].copy(),
+                                     lambda m: m.params["model.embed_tokens.weight"].astype(np.float64)],
+                         ids=["absent", "equal", "equal-in-float64"])
+def test_a_tied_checkpoint_without_an_lm_head_or_with_a_copy_loads(tmp_path, lm_head):
+    """Either way the logits are the embedding's, exactly those of the model saved (the same float32 weights)."""
+    model = _tied_checkpoint(tmp_path, lm_head)
+    back = StableLmForCausalLM.from_pretrained(tmp_path)
+    assert "lm_head.weight" not in back.params                       # the copy is checked, then dropped
+    np.testing.assert_array_equal(back(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("lm_head, match", [
+    (lambda m: m.params["model.embed_tokens.weight"] * np.float32(1 + 2**-20), "lm_head.weight differs"),
+    (lambda m: np.where(np.arange(m.params["model.embed_tokens.weight"].size).reshape(
+        m.params["model.embed_tokens.weight"].shape) == 0, np.nan, m.params["model.embed_tokens.weight"]),
+     "'lm_head.weight' holds 1 NaN or Inf"),
+    (lambda m: m.params["model.embed_tokens.weight"][:-1], r"'lm_head.weight' has shape \(100, 64\) in the checkpoint"
+                                                           r" but the config implies \(101, 64\)"),
+], ids=["differing", "nan", "shape"])
+def test_a_tied_checkpoint_whose_lm_head_is_not_the_embedding_is_refused(tmp_path, lm_head, match):
+    _tied_checkpoint(tmp_path, lm_head)
+    load_fails(str(tmp_path), match)
+
+
+def test_models_without_an_lm_head_skip_a_causal_lms(tmp_path):
+    """The bare model and the classifiers do not use lm_head.weight: any one (untied, even not the embedding
+    with a tied config) is skipped, as transformers skips it."""
+    from stablelm_ref import StableLmModel
+
+    model = _tied_checkpoint(tmp_path, lambda m: m.params["model.embed_tokens.weight"] + np.float32(0.5))
+    base = StableLmModel.from_pretrained(tmp_path)
+    assert "lm_head.weight" not in base.params
+    np.testing.assert_array_equal(base(IDS).last_hidden_state, model(IDS, output_hidden_states=True).hidden_states[-1])

@@ -18,10 +18,10 @@ def from_dict(**overrides):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("vocab_size", "101", "'vocab_size' must be an integer, got '101'"),
-    ("hidden_size", 64.0, "'hidden_size' must be an integer, got 64.0"),
-    ("num_hidden_layers", None, "'num_hidden_layers' must be an integer, got None"),
-    ("num_attention_heads", True, "'num_attention_heads' must be an integer, got True"),
+    ("vocab_size", "101", "'vocab_size' must be an integer >= 1, got '101'"),
+    ("hidden_size", 64.0, "'hidden_size' must be an integer >= 1, got 64.0"),
+    ("num_hidden_layers", None, "'num_hidden_layers' must be an integer >= 1, got None"),
+    ("num_attention_heads", True, "'num_attention_heads' must be an integer >= 1, got True"),
     ("max_position_embeddings", [64], "must be an integer"),
     ("use_qkv_bias", 1.0, "'use_qkv_bias' must be true or false, got 1.0"),
     ("qk_layernorm", "false", "'qk_layernorm' must be true or false, got 'false'"),
@@ -31,8 +31,8 @@ def from_dict(**overrides):
     ("rope_theta", float("inf"), "'rope_theta' must be a finite number"),
     ("rope_theta", False, "'rope_theta' must be a finite number"),
     ("partial_rotary_factor", None, "'partial_rotary_factor' must be a finite number"),
-    ("bos_token_id", "0", "'bos_token_id' must be an integer"),
-    ("eos_token_id", [0, "1"], "'eos_token_id' must be an integer"),
+    ("bos_token_id", "0", "'bos_token_id' must be an integer >= 0, got '0'"),
+    ("eos_token_id", [0, "1"], "'eos_token_id' must be an integer >= 0, got '1'"),
     ("id2label", {"zero": "A"}, "'id2label' must have integer keys"),
     ("id2label", ["A", "B"], "'id2label' must be an object"),
     ("architectures", "StableLmForCausalLM", "'architectures' must look like"),
@@ -49,7 +49,7 @@ def test_wrong_types(key, value, match):
                                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"])
 @pytest.mark.parametrize("value", [0, -1, -2**63])
 def test_zero_or_negative_sizes(key, value):
-    with pytest.raises(ConfigError, match=f"'{key}' must be >= 1, got {value}"):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be an integer >= 1, got {value}"):
         from_dict(**{key: value})
 
 
@@ -78,6 +78,24 @@ def test_zero_or_negative_sizes(key, value):
 def test_invalid_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(**overrides)
+
+
+PROBABILITIES = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+BAD_PROBABILITY = {"not a number": ("x", "must be a finite number"), "negative": (-0.5, "must be >= 0"),
+                   "above 1": (1.5, "is a probability, from 0 to 1")}
+
+
+@pytest.mark.parametrize("first", PROBABILITIES[:-1])
+@pytest.mark.parametrize("first_bad", BAD_PROBABILITY)
+@pytest.mark.parametrize("later_bad", BAD_PROBABILITY)
+def test_a_config_with_several_bad_dropouts_names_the_first_key_whatever_each_fails(first, first_bad, later_bad):
+    """validate() takes the keys in its order and runs all of one key's checks before the next key's: with two
+    bad dropouts, the earlier key is named, whichever check each fails (a number above 1 in hidden_dropout was
+    named after a string in attention_dropout when the type checks ran as one loop and the range as another)."""
+    later = PROBABILITIES[PROBABILITIES.index(first) + 1]
+    value, match = BAD_PROBABILITY[first_bad]
+    with pytest.raises(ConfigError, match=f"^config key '{first}' {match}"):
+        from_dict(**{first: value, later: BAD_PROBABILITY[later_bad][0]})
 
 
 def test_missing_model_type():
@@ -165,3 +183,17 @@ def test_round_trip_of_every_variant(variant):
     again = StableLmConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again.to_dict() == config.to_dict()
     assert os.fspath(config.model_type) == "stablelm"
+
+
+@pytest.mark.parametrize("key, value", [("hidden_dropout", np.float32(0.25)), ("attention_dropout", np.float64(0.5)),
+                                        ("layer_norm_eps", np.float32(1e-5)), ("rope_theta", np.int64(10000)),
+                                        ("initializer_range", np.float16(0.02))])
+def test_numpy_numbers_are_taken_as_the_integer_keys_are_and_stored_as_floats(tmp_path, key, value):
+    """A NumPy number for a float key is accepted (errors.is_number, the integer keys' rule) and stored as a
+    Python float, so the config can be written as JSON; a NumPy bool is still refused."""
+    cfg = tiny_config(**{key: value})
+    assert type(getattr(cfg, key)) is float and getattr(cfg, key) == float(value)
+    cfg.save_pretrained(tmp_path)
+    assert getattr(StableLmConfig.from_pretrained(tmp_path), key) == float(value)
+    with pytest.raises(ConfigError, match=rf"config key '{key}' must be a finite number"):
+        tiny_config(**{key: np.True_})

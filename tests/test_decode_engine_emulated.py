@@ -338,6 +338,49 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert all(fn.smem == emulated.attention_smem(1, 80, kn.ATT_SHAPES[-1][1]) for fn in attn)
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
+    # forget_tuning(nb): that batch's GEMV shapes, attention shape and step time go, with the plans; another
+    # batch's stay (tools/decode_probe.py retunes through it: a cleared `tuning` alone kept the attention's)
+    engine.tuning[1], engine.att_shape[1], engine.step_ms[1] = {}, (1, 1), 1.0
+    engine.forget_tuning(2)
+    assert 2 not in engine.tuning and 2 not in engine.att_shape and 2 not in engine.step_ms and not engine._plans
+    assert engine.tuning[1] == {} and engine.att_shape[1] == (1, 1) and engine.step_ms[1] == 1.0
+    state = engine.tuning_state()
+    engine.forget_tuning()
+    assert not engine.tuning and not engine.att_shape and not engine.step_ms
+    engine.set_tuning_state(state)
+    assert engine.att_shape == {1: (1, 1)} and engine.step_ms == {1: 1.0}
+
+
+def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
+    """Stage 2 ends with the winner at half its rows a block, at 0-4 persistent blocks (tune.leaner). Emulated costs
+    where more rows win alone (stage 1 ranks R 8 first) and fewer rows win in persistent grids: every kind ends
+    at R 4 (half of 8; SwiGLU keeps it even), persistent (the first strictly faster choice), its alone-time
+    unknown (0); the tokens do not change."""
+    def cost(self, grid, args):
+        if self.impl is _gemv:
+            R = self.static["rows"]
+            return 2.0 - 0.01 * R if grid[0] == -(-int(args[4]) // R) else 1.0 + 0.01 * R
+        return 1.0
+    monkeypatch.setattr(_Kernel, "cost", cost)
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
+    runs = []
+    for autotune in (False, True):
+        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
+                                    autotune=autotune, pdl=False)
+        engine.prefill(ids, logits=None)
+        for _ in range(3):
+            engine.decode_step()
+        runs.append(engine.generated())
+    for name, shape in engine.tuning[1].items():
+        assert (shape.rows, shape.persist, shape.us) == (4, tune.TUNE_PERSIST[0], 0.0), (name, shape)
+    assert np.array_equal(runs[0], runs[1])
+    # leaner(): the CUDA-core GEMV only; SwiGLU keeps pairs of rows; one row has no half
+    s = tune.GemvShape(8, 160, 2, 9.0, 1.0)
+    assert [c[:3] for c in tune.leaner(s, kn.MODE_ADD)] == [(4, 160, p) for p in (0,) + tune.TUNE_PERSIST]
+    assert tune.leaner(s._replace(rows=2), kn.MODE_SWIGLU) == [] and tune.leaner(s._replace(rows=1), kn.MODE_ADD) == []
+    assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
 
 
 def test_emulated_prefill_and_steps(emulated):

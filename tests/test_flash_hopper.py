@@ -106,11 +106,17 @@ def test_generated_source_has_each_wgmma_shape_and_entry_point(kind):
             assert "// WGMMA_WRAPPERS" not in text
 
 
-def test_cubin_name_follows_the_source():
-    a = flash_hopper.cubin_path("bf16", 128, "h4", "/x")
-    assert a == flash_hopper.cubin_path("bf16", 128, "h4", "/x")
-    assert a != flash_hopper.cubin_path("fp16", 128, "h4", "/x")
-    assert a.name.startswith("flash_hopper_bf16_d128_h4-") and a.name.endswith("-sm_90a.cubin")
+def test_cubin_name_follows_the_source(monkeypatch):
+    """build's cache file (cubin.compile_cached's, given what build passes it) is named after the kernel and
+    keyed by its source: bf16 and fp16 differ, the same specialisation is the same file."""
+    from stablelm_ref.cuda import cubin
+
+    monkeypatch.setattr(cubin, "compile_cached", lambda text, name, arch, nvcc, nvrtc, directory, **kw:
+                        cubin.cubin_path(text, name, arch, nvcc, nvrtc, directory))
+    a = flash_hopper.build("bf16", 128, "h24", "/x")
+    assert a == flash_hopper.build("bf16", 128, "h24", "/x")
+    assert a != flash_hopper.build("fp16", 128, "h24", "/x")
+    assert a.name.startswith("flash_hopper_bf16_d128_h24-") and a.name.endswith("-sm_90a.cubin")
 
 
 def test_without_a_hopper_gpu_the_mma_sync_kernel_is_the_default(monkeypatch):
@@ -119,9 +125,9 @@ def test_without_a_hopper_gpu_the_mma_sync_kernel_is_the_default(monkeypatch):
         assert flash_prefill.default_variant(D) == flash_prefill.DEFAULT_VARIANT[D]
     monkeypatch.setattr(flash_hopper, "usable", lambda: True)
     for D in flash_prefill.HEAD_DIMS:
-        want = flash_prefill.HOPPER_DEFAULT.get(D, flash_prefill.DEFAULT_VARIANT[D])
+        want = flash_hopper.HOPPER_DEFAULT.get(D, flash_prefill.DEFAULT_VARIANT[D])
         assert flash_prefill.default_variant(D) == want
-    for D, variant in flash_prefill.HOPPER_DEFAULT.items():
+    for D, variant in flash_hopper.HOPPER_DEFAULT.items():
         assert variant in flash_hopper.CANDIDATES[D]
 
 
@@ -152,3 +158,18 @@ def test_a_failed_build_on_a_hopper_gpu_is_reported_once(monkeypatch):
         warnings.simplefilter("error")                        # decided once: no second warning, no rebuild
         assert flash_hopper.usable() is False
     assert flash_prefill.default_variant(80) == flash_prefill.DEFAULT_VARIANT[80]
+
+
+def test_usable_builds_the_kernel_the_default_path_runs(monkeypatch):
+    """The test build is the default path's kernel at D = 128 (HOPPER_DEFAULT[128], h24 now), not a variant the
+    default no longer runs (it was h4): usable() says whether that kernel builds."""
+    import sys
+    import types
+
+    device = types.SimpleNamespace(compute_capability="90")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device)))
+    monkeypatch.setattr(flash_hopper, "_usable", [])
+    built = []
+    monkeypatch.setattr(flash_hopper, "get_kernel", lambda *key: built.append(key))
+    assert flash_hopper.usable() is True and flash_hopper.usable() is True
+    assert built == [("bf16", 128, flash_hopper.HOPPER_DEFAULT[128])]

@@ -387,3 +387,32 @@ def test_a_backend_that_picks_inside_its_step_is_asked_for_the_ids(model):
     want = np.random.default_rng(4)
     want.random(1)                                                          # the first token's draw
     assert np.array_equal(calls[-2][1], want.random(1)) and sampled.shape == (1, 6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                          {"rope_type": "dynamic", "factor": 2.0}])
+@pytest.mark.parametrize("prompt, new", [(60, 4), (60, 5), (64, 1), (65, 1)])
+def test_the_context_limit_is_one_predicate_for_the_refusal_and_the_warning(rope_scaling, prompt, new):
+    """model.past_context decides both: the forward and generate refuse a prompt past the context, generate
+    warns when prompt + new tokens go past it; with dynamic rope scaling there is no limit (neither happens)."""
+    import warnings
+
+    from stablelm_ref.model import past_context
+
+    model = tiny_model(rope_scaling=rope_scaling)  # max_position_embeddings 64
+    dynamic = rope_scaling is not None and rope_scaling["rope_type"] == "dynamic"
+    assert past_context(model.config, prompt) == (prompt > 64 and not dynamic)
+    assert past_context(model.config, prompt + new) == (prompt + new > 64 and not dynamic)
+    ids = np.ones((1, prompt), np.int64)
+    if past_context(model.config, prompt):
+        with pytest.raises(GenerationError, match="more than the model's context"):
+            model(ids)
+        with pytest.raises(GenerationError, match="more than the model's context"):
+            model.generate(ids, max_new_tokens=new)
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = model.generate(ids, max_new_tokens=new, eos_token_id=None)
+    assert np.asarray(out).shape == (1, prompt + new)
+    warned = any("past max_position_embeddings" in str(w.message) for w in seen)
+    assert warned == past_context(model.config, prompt + new)

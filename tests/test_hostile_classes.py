@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 from stablelm_ref import StableLmForCausalLM, bounded_io, checkpoint, tokenizer, trace
@@ -44,21 +44,10 @@ from stablelm_ref.errors import (CheckpointError, ConfigError, GenerationError, 
 from stablelm_ref.heads import StableLmForSequenceClassification, StableLmForTokenClassification
 from stablelm_ref.tokenizer import Tokenizer, render_chat_template
 
-from conftest import TINY, tiny_model
+from conftest import TINY, cases, tiny_model
 from test_tokenizer import tiny_tokenizer_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                      HealthCheck.function_scoped_fixture,
-                                                      HealthCheck.filter_too_much])
-FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-
-
-def cases(n_fast, n_fuzz=None):
-    """n_fast generated cases in `make test`, n_fuzz (default 25x) under `make fuzz`."""
-    return settings(max_examples=(n_fuzz or 25 * n_fast) if FUZZ else n_fast, **_COMMON)
-
-
 def say(message):
     """hypothesis' note inside a generated case; nothing outside one."""
     try:
@@ -111,14 +100,6 @@ HOSTILE_TEMPLATES = [
     '{% set s = "x" * 1000000 %}{% for c in s|map("upper") %}{% if loop is sequence %}{% break %}{% endif %}'
     '{% endfor %}{% for a in s[:100000] %}{% for b in s[:1000] %}{% endfor %}{% endfor %}',
 ]
-
-
-@pytest.fixture
-def fast_limits(monkeypatch):
-    """Smaller limits keep the suite quick; the bounds below are stated relative to them."""
-    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_SECONDS", 0.3)
-    monkeypatch.setattr(tokenizer, "TEMPLATE_MAX_BYTES", 64 * 2**20)
-    return 0.3, 64
 
 
 def _vm(field):

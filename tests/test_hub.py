@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, hub
-from stablelm_ref.errors import HubError
+from stablelm_ref.errors import CheckpointError, HubError
 from stablelm_ref.tokenizer import Tokenizer
 
 from conftest import tiny_model
@@ -198,3 +198,27 @@ def test_a_revision_with_a_local_directory_is_ignored_with_a_warning(tmp_path):
             load(str(tmp_path))
     with pytest.warns(UserWarning, match=r"^revision='main' is ignored: the embedded default model is not a Hub"):
         assert hub.model_directory(hub.DEFAULT_MODEL, revision="main") == hub.DEFAULT_MODEL_DIR
+
+
+@pytest.mark.parametrize("flag", [True, np.True_, False, np.False_])
+def test_token_and_local_files_only_take_the_same_flags(monkeypatch, flag):
+    """token (besides a token string) and local_files_only take a flag by errors.is_flag's one rule: NumPy's bool
+    as well as Python's. token=np.True_ was refused while local_files_only=np.True_ was taken; huggingface_hub
+    gets a plain bool."""
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", fake(calls, online="/online", cached="/cached"))
+    assert hub.model_directory("acme/tiny", token=flag, local_files_only=flag) == ("/cached" if flag else "/online")
+    assert all(type(c["token"]) is bool and c["token"] == bool(flag) for c in calls) and calls
+    with pytest.raises(CheckpointError, match=r"^token must be a Hub token string, True or False, got 1$"):
+        hub.model_directory("acme/tiny", token=1)
+    with pytest.raises(CheckpointError, match=r"^local_files_only must be True or False, got 1$"):
+        hub.model_directory("acme/tiny", local_files_only=1)
+
+
+def test_local_model_is_the_one_test_of_what_a_revision_cannot_select(tmp_path):
+    """hub.local_model decides both model_directory's warning and the CLI's --revision error."""
+    assert hub.local_model(hub.DEFAULT_MODEL) == "the embedded default model"
+    assert hub.local_model(tmp_path) == f"{tmp_path} (a local directory)"
+    assert hub.local_model("acme/tiny") is None
+    (tmp_path / "file").write_text("x")
+    assert hub.local_model(tmp_path / "file") is None               # a file: model_directory's own error

@@ -75,6 +75,7 @@ def test_logits_to_keep():
     ids = [[5, 6, 7, 8]]
     full = model(ids).logits
     np.testing.assert_allclose(model(ids, logits_to_keep=1).logits, full[:, -1:], rtol=0, atol=TOL)
+    np.testing.assert_array_equal(model(ids, logits_to_keep=np.uint64(1)).logits, model(ids, logits_to_keep=1).logits)
     np.testing.assert_allclose(model(ids, logits_to_keep=np.array([0, 2])).logits, full[:, [0, 2]], rtol=0, atol=TOL)
 
 
@@ -97,6 +98,8 @@ def test_too_long_prompt():
     (dict(logits_to_keep="a"), "logits_to_keep must be an int or a 1-D array"),
     (dict(logits_to_keep=[9]), "logits_to_keep must be an int or a 1-D array"),
     (dict(logits_to_keep=-1), "logits_to_keep must be >= 0"),
+    (dict(logits_to_keep=True), "logits_to_keep must be an int or a 1-D array"),     # errors.is_int: no bool
+    (dict(logits_to_keep=np.True_), "logits_to_keep must be an int or a 1-D array"),
 ])
 def test_api_misuse_is_a_clear_error(kwargs, match):
     with pytest.raises(GenerationError, match=match):

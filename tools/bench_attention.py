@@ -461,7 +461,7 @@ def main(argv=None):
                       f"{by['FLASH_ATTENTION'] / ms:7.2f}")
     if sdpa_rows:
         print(f"\nthe two kernels (fastest variant of each) against SDPA's default and its FA2 backend, TFLOP/s, "
-              f"{torch.cuda.get_device_name(0)} (default now: {fp.DEFAULT_VARIANT}, wgmma: {fp.HOPPER_DEFAULT}):")
+              f"{torch.cuda.get_device_name(0)} (default now: {fp.DEFAULT_VARIANT}, wgmma: {fp.flash_hopper.HOPPER_DEFAULT}):")
         print(f"{'head_dim':>8} {'L':>5} {'mma.sync':>13} {'wgmma':>13} {'SDPA':>6} {'FA2':>6} "
               f"{'mma/SDPA':>8} {'wgmma/SDPA':>10} {'wgmma/FA2':>9} {'wgmma/mma':>9}")
         for D, L, _, sdpa_ms, by, flops in sdpa_rows:

@@ -66,8 +66,9 @@ def log(*a):
     print(*a, flush=True)
 
 
-def engine_config(layers=None):
-    c = dict(SHAPES)
+def engine_config(layers=None, shapes=None):
+    """The engine's config (a namespace) for `shapes` (a FAMILY entry; default 3b-4e1t), optionally fewer layers."""
+    c = dict(shapes or SHAPES)
     if layers:
         c["num_hidden_layers"] = layers
     hd = c["hidden_size"] // c["num_attention_heads"]
@@ -94,6 +95,13 @@ def random_params(cfg, seed=0):
         p[q + "self_attn.v_proj.weight"], p[q + "self_attn.o_proj.weight"] = w(kd, hd), w(hd, qd)
         p[q + "mlp.gate_proj.weight"], p[q + "mlp.up_proj.weight"] = w(I, hd), w(I, hd)
         p[q + "mlp.down_proj.weight"] = w(hd, I)
+        if getattr(cfg, "use_qkv_bias", False):
+            for n, d in (("q", qd), ("k", kd), ("v", kd)):
+                p[q + f"self_attn.{n}_proj.bias"] = rng.standard_normal(d, dtype=cp.float32) * cp.float32(0.02)
+        if getattr(cfg, "qk_layernorm", False):
+            for n, h in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads)):
+                for j in range(h):
+                    p[q + f"self_attn.{n}_layernorm.norms.{j}.weight"] = cp.ones(cfg.head_dim, cp.float32)
     return p
 
 

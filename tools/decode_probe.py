@@ -3,8 +3,10 @@
     python tools/decode_probe.py                      # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
+    python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
+    python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -32,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import engine_config, random_params  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch  # noqa: E402
+from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch, tune  # noqa: E402
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
 # decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
@@ -58,8 +60,8 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; everything but
     # the split combine (partials written, no fence, atomic or last block's combine)
     "att-wait-exit": lambda src: _insert(src, ATT_START, "\n    if (H > 0) { PDL_WAIT(); return; }", before=False),
-    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, "    if (H > 0) { cp_async_wait_all(); return; }\n",
-                                         before=False),
+    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, '    if (H > 0) { asm volatile("cp.async.wait_all;" ::: "memory"); '
+                                         'return; }\n', before=False),
     "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
@@ -145,9 +147,7 @@ def batch_ab(cfg, params, batches, prompt, steps):
         row = {}
         for label, tc in (("cuda cores", False), ("tensor cores offered", True)):
             engine.k.tensor_cores = tc
-            engine.tuning.pop(nb, None)
-            engine._forget(nb)
-            engine._graphs.clear()
+            engine.forget_tuning(nb)
             engine.prefill(ids, logits=None)
             engine.capture(nb)
             row[label] = engine.time_step(nb, replays=20, reps=5)
@@ -164,18 +164,16 @@ def fold_ab(engine, ids, steps, rounds=2):
     """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
     in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
     times = {True: [], False: []}
-    tunings = {engine.fold_layernorm: engine.tuning}
+    tunings = {engine.fold_layernorm: engine.tuning_state()}
     for _ in range(rounds):
         for fold in (True, False):
             engine.fold_layernorm = fold
-            engine.tuning = tunings.get(fold, {})
-            engine.reset_plans()
+            engine.set_tuning_state(tunings.get(fold, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
-            tunings[fold] = engine.tuning
+            tunings[fold] = engine.tuning_state()
     engine.fold_layernorm = True
-    engine.tuning = tunings[True]
-    engine.reset_plans()
+    engine.set_tuning_state(tunings[True])
     on, off = float(np.median(times[True])), float(np.median(times[False]))
     log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
         f"({times[False]}): {off / on:.3f}x")
@@ -196,16 +194,52 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
+def sweep_shapes(engine, kinds, res, top=3, rounds=3):
+    """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
+    TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
+    tuner itself tries only its TUNE_FINALISTS best-alone shapes there, then persistent blocks for the
+    winner); then the tuner's choice and the `top` best again, in alternating rounds (medians)."""
+    base = dict(engine.tuning[1])
+
+    def use(kind, c):
+        engine.tuning[1] = dict(base, **{kind: base[kind]._replace(rows=c[0], threads=c[1], persist=c[2])})
+
+    for kind in kinds:
+        Ws, mode = engine._gemv_shapes()[kind]
+        timed = []
+        for R, T, U in tune.gemv_candidates(Ws[0].shape[1], 1, mode):
+            for P in (0,) + tune.TUNE_PERSIST:
+                use(kind, (R, T, P))
+                timed.append((engine.time_step(1), (R, T, P)))
+        timed.sort()
+        chosen = (base[kind].rows, base[kind].threads, base[kind].persist)
+        cands = [chosen] + [c for _, c in timed[:top] if c != chosen]
+        times = {c: [] for c in cands}
+        for _ in range(rounds):
+            for c in cands:
+                use(kind, c)
+                times[c].append(engine.time_step(1, replays=20))
+        res[f"sweep {kind}"] = {"all": [(c, ms) for ms, c in timed], "again": {str(c): t for c, t in times.items()}}
+        log(f"    {kind}: {len(timed)} shapes in the step, (rows, threads, persist): best "
+            + "; ".join(f"{c} {ms:.4f}" for ms, c in timed[:5]) + f"; worst {timed[-1][1]} {timed[-1][0]:.4f}")
+        for c in cands:
+            log(f"    {kind} {c}{' (the tuner' + chr(39) + 's)' if c == chosen else ''}: "
+                f"{np.median(times[c]):.4f} ms/step ({', '.join(f'{t:.4f}' for t in times[c])})")
+    engine.tuning[1] = base
+    engine.reset_plans()
+
+
 def use_kernels(engine, k, retune):
     engine.k = k
     if retune:
-        engine.tuning.clear()
+        engine.forget_tuning()
     engine.reset_plans()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("--shapes", default="3b-4e1t", choices=list(FAMILY))
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
@@ -218,6 +252,8 @@ def main():
                     help="LayerNorm block sizes to try (first of --variants; multiples of 32 up to 512)")
     ap.add_argument("--gemv-carveout", type=int, nargs="*", default=[],
                     help="shared-memory carveouts (percent) to try for every GEMV kernel (first of --variants)")
+    ap.add_argument("--sweep", nargs="*", default=[], choices=["qkv", "o_proj", "gate_up", "down", "lm_head"],
+                    help="every launch shape of these GEMV kinds timed within the step (first of --variants)")
     ap.add_argument("--persist", nargs="*", default=[], metavar="KIND:P",
                     help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
@@ -230,7 +266,7 @@ def main():
     args = ap.parse_args()
 
     t0 = time.time()
-    cfg = engine_config(args.layers)
+    cfg = engine_config(args.layers, FAMILY[args.shapes])
     max_len = args.prompt + args.steps + 9
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
     params = random_params(cfg)
@@ -312,6 +348,8 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.gemv_carveout:
             carveout_sweep(engine, ids, args.steps, args.gemv_carveout, res[name])
+        if name == args.variants[0] and args.sweep:
+            sweep_shapes(engine, args.sweep, res[name])
         if name == args.variants[0] and args.persist:
             saved = dict(engine.tuning[1])
             for item in args.persist:

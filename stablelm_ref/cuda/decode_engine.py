@@ -392,6 +392,25 @@ class GpuDecodeEngine:
         self._plans.clear()
         self._graphs.clear()
 
+    def forget_tuning(self, nb=None):
+        """Forget what the tuner chose for batch nb (every batch if None): the GEMV shapes, the attention's
+        shape and the step's time, and drop the plans and graphs; the next capture tunes again. (Clearing
+        `tuning` alone kept the attention shape tuned for the kernels or settings before.)"""
+        for d in (self.tuning, self.att_shape, self.step_ms):
+            if nb is None:
+                d.clear()
+            else:
+                d.pop(nb, None)
+        self.reset_plans()
+
+    def tuning_state(self):
+        """What the tuner chose, every batch (to put back with set_tuning_state)."""
+        return dict(self.tuning), dict(self.att_shape), dict(self.step_ms)
+
+    def set_tuning_state(self, state):
+        self.tuning, self.att_shape, self.step_ms = (dict(d) for d in state)
+        self.reset_plans()
+
     def _forget(self, nb):
         """Drop the plans of batch nb (after a tuning change)."""
         for key in [key for key in self._plans if key[0] == nb]:

@@ -57,6 +57,15 @@ VARIANTS = {
 CANDIDATES = {64: ("h1", "h2", "h4", "h5", "h7", "h24"), 80: ("h1", "h2", "h4", "h5", "h24"),
               128: ("h1", "h2", "h4", "h5", "h24"), 160: ("h2", "h5", "h26")}
 
+# On a compute capability 9.0 GPU where this kernel builds (usable()): the variant flash_prefill runs per head
+# dim, at the head dims where it measured faster than flash_prefill's mma.sync default
+# (docs/cuda_prefill_notes.md).
+# H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel),
+# all four warp-specialised with a TMA producer: 64: h24 357 vs v3 244 and h7 336 (SDPA 428), 80: h24 394
+# vs v3 263 (371), 128: h24 517 vs v6 247 (587), 160: h26 515 vs v6 242 and h5 374 (527) (fifth round,
+# call 2). docs/cuda_prefill_notes.md has every variant.
+HOPPER_DEFAULT = {64: "h24", 80: "h24", 128: "h24", 160: "h26"}
+
 _FLAGS_NVCC = ("-O3", "-std=c++17")     # cubin.compile_cached adds -cubin -arch=sm_90a (NVRTC: -arch=sm_90a)
 _FLAGS_NVRTC = ("-std=c++17",)
 
@@ -155,11 +164,6 @@ def source(kind: str, D: int, variant: str) -> str:
     )
 
 
-def cubin_path(kind: str, D: int, variant: str, directory=None) -> pathlib.Path:
-    return cubin.cubin_path(source(kind, D, variant), kernel_name(kind, D, variant), "90a", _FLAGS_NVCC,
-                            _FLAGS_NVRTC, directory)
-
-
 def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False) -> pathlib.Path:
     """The cached cubin of one specialisation, compiled (nvcc, else NVRTC: cubin.compile_cached) if it is not
     there yet. Raises cubin.CompileError (a RuntimeError), naming the compilers tried and their messages,
@@ -171,8 +175,9 @@ def build(kind: str, D: int, variant: str, directory=None, verbose: bool = False
 
 
 def usable() -> bool:
-    """True on a compute capability 9.0 GPU where the kernel builds (bf16, D = 128, h4 tried once).
-    On such a GPU a failed build is reported once as a RuntimeWarning (the mma.sync kernel then runs)."""
+    """True on a compute capability 9.0 GPU where the kernel builds (tried once: bf16 at D = 128 in
+    HOPPER_DEFAULT[128], the variant the default path runs there). On such a GPU a failed build is reported
+    once as a RuntimeWarning (the mma.sync kernel then runs)."""
     if not _usable:
         ok = False
         try:
@@ -183,7 +188,7 @@ def usable() -> bool:
             hopper = False
         if hopper:
             try:
-                get_kernel("bf16", 128, "h4")
+                get_kernel("bf16", 128, HOPPER_DEFAULT[128])
                 ok = True
             except Exception as e:  # noqa: BLE001  (no compiler for sm_90a: the mma.sync kernel runs)
                 warnings.warn(f"the Hopper (wgmma) attention kernel is not used, the slower mma.sync kernel "

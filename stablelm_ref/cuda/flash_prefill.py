@@ -26,7 +26,7 @@ specialisation (dtype, head dim, variant) and cached for the process (and by CuP
 CuPy compiles for the device it runs on (sm_90 machine code on an H100).
 
 On a compute capability 9.0 GPU (H100, H200) bfloat16/float16 run flash_hopper.cu instead (the same
-function on wgmma, sm_90a; flash_hopper.py builds it), at the head dims of HOPPER_DEFAULT, where it
+function on wgmma, sm_90a; flash_hopper.py builds it), at the head dims of flash_hopper.HOPPER_DEFAULT, where it
 measured faster; this kernel stays the readable one and the fallback (no nvcc/NVRTC for sm_90a,
 another GPU). `flash_attention_prefill_variant` runs either kernel's variants by name.
 """
@@ -66,13 +66,6 @@ CANDIDATES = {
     160: ("v1", "v2", "v5", "v6", "v7"),
 }
 DEFAULT_VARIANT = {64: "v3", 80: "v3", 128: "v6", 160: "v6"}
-# On a compute capability 9.0 GPU where flash_hopper.cu builds: the wgmma kernel's variant per head dim,
-# for the head dims where it measured faster than the mma.sync default (docs/cuda_prefill_notes.md).
-# H200, B=4 H=32 L=4096 bf16 causal, TFLOP/s (wgmma variant vs the mma.sync default; SDPA's cuDNN kernel),
-# all four warp-specialised with a TMA producer: 64: h24 357 vs v3 244 and h7 336 (SDPA 428), 80: h24 394
-# vs v3 263 (371), 128: h24 517 vs v6 247 (587), 160: h26 515 vs v6 242 and h5 374 (527) (fifth round,
-# call 2). docs/cuda_prefill_notes.md has every variant.
-HOPPER_DEFAULT = {64: "h24", 80: "h24", 128: "h24", 160: "h26"}
 
 _kernels: dict = {}  # (kind, D, variant) -> (RawKernel, threads, rows per block, smem bytes)
 
@@ -229,9 +222,10 @@ def flash_attention_prefill_variant(variant, q, k, v, key_mask=None, *, causal=T
 
 def default_variant(D: int) -> str:
     """The kernel flash_attention_prefill runs for bf16/fp16 at head dim D: the wgmma kernel's variant
-    where HOPPER_DEFAULT names one and this GPU runs it (flash_hopper.usable()), else the mma.sync one."""
-    if D in HOPPER_DEFAULT and flash_hopper.usable():
-        return HOPPER_DEFAULT[D]
+    where flash_hopper.HOPPER_DEFAULT names one and this GPU runs it (flash_hopper.usable()), else the mma.sync
+    one."""
+    if D in flash_hopper.HOPPER_DEFAULT and flash_hopper.usable():
+        return flash_hopper.HOPPER_DEFAULT[D]
     return DEFAULT_VARIANT[D]
 
 

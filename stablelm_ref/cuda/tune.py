@@ -8,7 +8,9 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
        TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
-       blocks per SM for the winner, one kind at a time, largest first; a change is kept if the step is faster
+       blocks per SM for the winner, then the winner with half its rows a block (fewer registers a thread,
+       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time,
+       largest first; a change is kept if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
 
@@ -123,10 +125,23 @@ def tune_in_step(engine, nb, top):
 
         better(top[name][1:])                                        # the other finalists
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
+        better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
         engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
     engine._forget(nb)
+
+
+def leaner(shape, mode):
+    """`shape` with half the rows a block (CUDA-core GEMV; SwiGLU keeps an even count), at 0 and TUNE_PERSIST
+    persistent blocks a SM. Half the rows is about half the registers a thread (R weight chunks in flight):
+    tools/decode_timeline.py showed gate|up's blocks unable to start while o_proj's R = 8 blocks held the
+    register file, and the step timed with o_proj at R = 4 (decode_probe --sweep) was 0.026 ms faster at
+    3b-4e1t than the tuner's R = 8, a shape its finalists (ranked alone) never reached."""
+    rows = shape.rows // 2
+    if shape.unroll or rows < 1 or (mode == MODE_SWIGLU and rows % 2):
+        return []
+    return [shape._replace(rows=rows, persist=p, us=0.0, gbs=0.0) for p in (0,) + TUNE_PERSIST]
 
 
 def tune_attention(engine, nb, best):

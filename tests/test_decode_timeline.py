@@ -1,0 +1,93 @@
+"""tools/decode_timeline.py's analysis on synthetic block records (the GPU side is tools-only: it needs the
+device; here the grouping, the matching with the plan, the spans, and the clock64-on-globaltimer calibration
+against block times drawn with known values)."""
+
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+tl = importlib.import_module("decode_timeline")
+
+
+def records(blocks, ghz=1.98, quantum=0, seed=0):
+    """uint64 [n, 8] records (decode_timeline.FIELDS) from blocks = [(grid, sm, t0, tw, te) in ns] (tw None: no
+    wait): each SM's clock64 runs at ghz from its own origin; the globaltimer reads the true time floored to
+    `quantum` ns (0: exact) on an arbitrary origin."""
+    rng = np.random.default_rng(seed)
+    origin = {sm: int(rng.integers(10**9, 10**12)) for sm in {b[1] for b in blocks}}
+    t_base = 5 * 10**15
+    out = np.zeros((len(blocks), 8), np.uint64)
+
+    def gt(t):
+        v = t_base + t
+        return int(v // quantum * quantum) if quantum else int(round(v))
+
+    for i, (grid, sm, t0, tw, te) in enumerate(blocks):
+        clk = [origin[sm] + int(round(t * ghz)) for t in (t0, tw if tw is not None else 0, te)]
+        out[i] = [grid, gt(t0), gt(tw) if tw is not None else 0, gt(te), clk[0],
+                  clk[1] if tw is not None else 0, clk[2], sm | (i << 32)]
+    return out
+
+
+def plan(*spec):
+    return [SimpleNamespace(tag=tag, grid=(n,)) for tag, n in spec]
+
+
+def test_spans_dep_and_early_from_exact_times():
+    # launch 7 (qkv): two blocks, exit at 10 and 12 us; launch 9 (attention): one block resident early (start 5),
+    # one late (start 13), waits released at 12.5 / 13.2, exits 14 / 15; launch 11 (o_proj): both start at 14.5
+    us = 1000.0
+    blocks = [(7, 0, 0, 1 * us, 10 * us), (7, 1, 0.2 * us, 1.1 * us, 12 * us),
+              (9, 2, 5 * us, 12.5 * us, 14 * us), (9, 0, 13 * us, 13.2 * us, 15 * us),
+              (11, 1, 14.5 * us, 15.4 * us, 20 * us), (11, 3, 14.5 * us, None, 16 * us)]
+    rows = tl.analyse(records(blocks), plan(("gemv:qkv", 2), ("attention", 2), ("gemv:o_proj", 2)))
+    assert [r["kind"] for r in rows] == ["qkv", "attention", "o_proj"]
+    a, o = rows[1], rows[2]
+    # exact inputs: only float64 rounding of microsecond figures
+    assert rows[0]["span"] == pytest.approx(12.0) and a["span"] == pytest.approx(3.0) and o["span"] == pytest.approx(5.0)
+    assert sum(r["span"] for r in rows) == pytest.approx(rows[-1]["exit"] - rows[0]["start"])
+    assert a["dep"] == pytest.approx(0.5) and a["lastwait"] == pytest.approx(1.2) and a["late"] == pytest.approx(1.0)
+    assert a["early"] == pytest.approx(50.0) and o["early"] == pytest.approx(100.0)
+    assert o["dep"] == pytest.approx(0.4) and o["work"] == pytest.approx(4.6)       # the block without a wait is left out
+    kinds = tl.by_kind(rows)
+    assert kinds["attention"]["span_sum"] == pytest.approx(3.0) and "bytes" not in kinds["qkv"]
+    kinds = tl.by_kind(rows, {"qkv": 40_000_000, "o_proj": 13_000_000}, gbs=4000.0)   # 10 us and 3.25 us
+    assert kinds["qkv"]["bytes"] == pytest.approx(10.0) and kinds["qkv"]["over"] == pytest.approx(2.0)
+    assert kinds["o_proj"]["over"] == pytest.approx(1.75) and "bytes" not in kinds["attention"]
+    tl.print_tables(rows, "test", 20.0, launch_bytes={"qkv": 40_000_000}, gbs=4000.0)
+
+
+def test_launches_are_ordered_by_first_start_not_grid_id():
+    blocks = [(50, 0, 0.0, 10.0, 100.0), (3, 1, 120.0, 130.0, 300.0)]
+    rows = tl.analyse(records(blocks), plan(("embed", 1), ("gemv:qkv", 1)))
+    assert [r["kind"] for r in rows] == ["embed", "qkv"]
+    assert rows[1]["span"] == pytest.approx(0.2)
+
+
+def test_coarse_globaltimer_uses_each_sms_clock():
+    """A globaltimer of 1 us ticks: the times come from clock64 put on its axis. With ~240 stamps an SM at
+    uniformly spread phases, each SM's offset (the upper envelope of globaltimer - clock / rate) falls short of
+    the truth by about tick / 240 ~ 4 ns; the rate is fitted over ~2 ms of every SM's samples. 40 ns allows
+    ten times that (a shortfall over 40 ns needs all 240 phases in the last 96% of a tick: < 1e-4)."""
+    rng = np.random.default_rng(1)
+    blocks = []
+    for grid in range(80):                                 # 80 launches of 24 blocks over 8 SMs, 25 us apart
+        for j in range(24):
+            t0 = grid * 25_000 + rng.uniform(0, 5_000)
+            tw = t0 + rng.uniform(100, 3_000)
+            blocks.append((grid + 1, j % 8, t0, tw, tw + rng.uniform(500, 15_000)))
+    recs = records(blocks, quantum=1000)
+    (t0, tw, te), note = tl.block_times(recs)
+    assert "clock64" in note
+    true = np.array([b[2] for b in blocks]), np.array([b[3] for b in blocks]), np.array([b[4] for b in blocks])
+    base = true[0].min()
+    for got, want in zip((t0, tw, te), true):
+        assert np.max(np.abs(got - (want - base))) < 40.0
+    # a fine globaltimer is used as it is
+    (f0, _, fe), note = tl.block_times(records(blocks, quantum=0))
+    assert "globaltimer" in note and np.max(np.abs(fe - (true[2] - base))) < 1.0
