@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn  # noqa: E402
+from stablelm_ref.checkpoint import expected_shapes  # noqa: E402
 
 SHAPES = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=32, layer_norm_eps=1e-5, use_qkv_bias=False,
@@ -76,32 +77,19 @@ def engine_config(layers=None, shapes=None):
 
 
 def random_params(cfg, seed=0):
-    """Random bf16 weights made on the GPU (std 0.02 like transformers' init; LayerNorm 1 / 0)."""
+    """Random weights made on the GPU for every tensor a checkpoint of this config holds
+    (checkpoint.expected_shapes, as model.from_config builds them): matrices bf16 with std 0.02 like
+    transformers' init, LayerNorms 1 / 0 and biases std 0.02 in float32."""
     import cupy as cp
     rng = cp.random.default_rng(seed)
-    hd, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    qd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-
-    def w(*shape):
-        return bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
-
-    p = {"model.embed_tokens.weight": w(V, hd), "lm_head.weight": w(V, hd),
-         "model.norm.weight": cp.ones(hd, cp.float32), "model.norm.bias": cp.zeros(hd, cp.float32)}
-    for i in range(cfg.num_hidden_layers):
-        q = f"model.layers.{i}."
-        for ln in ("input_layernorm", "post_attention_layernorm"):
-            p[q + ln + ".weight"], p[q + ln + ".bias"] = cp.ones(hd, cp.float32), cp.zeros(hd, cp.float32)
-        p[q + "self_attn.q_proj.weight"], p[q + "self_attn.k_proj.weight"] = w(qd, hd), w(kd, hd)
-        p[q + "self_attn.v_proj.weight"], p[q + "self_attn.o_proj.weight"] = w(kd, hd), w(hd, qd)
-        p[q + "mlp.gate_proj.weight"], p[q + "mlp.up_proj.weight"] = w(I, hd), w(I, hd)
-        p[q + "mlp.down_proj.weight"] = w(hd, I)
-        if getattr(cfg, "use_qkv_bias", False):
-            for n, d in (("q", qd), ("k", kd), ("v", kd)):
-                p[q + f"self_attn.{n}_proj.bias"] = rng.standard_normal(d, dtype=cp.float32) * cp.float32(0.02)
-        if getattr(cfg, "qk_layernorm", False):
-            for n, h in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads)):
-                for j in range(h):
-                    p[q + f"self_attn.{n}_layernorm.norms.{j}.weight"] = cp.ones(cfg.head_dim, cp.float32)
+    p = {}
+    for name, shape in expected_shapes(cfg, "causal_lm").items():
+        if "layernorm" in name or name.startswith("model.norm"):
+            p[name] = (cp.ones if name.endswith("weight") else cp.zeros)(shape, cp.float32)
+        elif name.endswith("bias"):
+            p[name] = rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
+        else:
+            p[name] = bf16.f32_to_bf16_bits(rng.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02))
     return p
 
 
