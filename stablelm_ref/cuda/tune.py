@@ -65,8 +65,8 @@ def gemv_candidates(K: int, nb: int, mode: int, tensor_cores: bool = False):
 
 def tune(engine, nb):
     """Choose each GEMV kind's launch shape for batch nb (once): each kind timed alone over the candidates,
-    then its finalists and persistent blocks inside the whole step, then the attention's shape
-    (tune_in_step, which ends with tune_attention)."""
+    then its finalists, persistent blocks and half the rows a block (leaner) inside the whole step, then the
+    attention's shape (tune_in_step, which ends with tune_attention)."""
     if nb in engine.tuning:
         return
     cp = engine.cp
