@@ -349,6 +349,11 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert not engine.tuning and not engine.att_shape and not engine.step_ms
     engine.set_tuning_state(state)
     assert engine.att_shape == {1: (1, 1)} and engine.step_ms == {1: 1.0}
+    # the state is a copy down to each batch's shapes: changing the engine's tuning afterwards leaves it
+    engine.tuning[1]["qkv"] = "changed"
+    assert state[0] == {1: {}}
+    engine.set_tuning_state(state)
+    assert engine.tuning == {1: {}}
 
 
 def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):

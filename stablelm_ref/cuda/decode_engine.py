@@ -404,11 +404,14 @@ class GpuDecodeEngine:
         self.reset_plans()
 
     def tuning_state(self):
-        """What the tuner chose, every batch (to put back with set_tuning_state)."""
-        return dict(self.tuning), dict(self.att_shape), dict(self.step_ms)
+        """What the tuner chose, every batch (to put back with set_tuning_state): copies, each batch's GEMV
+        shapes included, so that changing the engine's tuning later leaves them as they were."""
+        return {nb: dict(t) for nb, t in self.tuning.items()}, dict(self.att_shape), dict(self.step_ms)
 
     def set_tuning_state(self, state):
-        self.tuning, self.att_shape, self.step_ms = (dict(d) for d in state)
+        tuning, att_shape, step_ms = state
+        self.tuning = {nb: dict(t) for nb, t in tuning.items()}
+        self.att_shape, self.step_ms = dict(att_shape), dict(step_ms)
         self.reset_plans()
 
     def _forget(self, nb):
