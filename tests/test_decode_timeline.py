@@ -91,3 +91,12 @@ def test_coarse_globaltimer_uses_each_sms_clock():
     # a fine globaltimer is used as it is
     (f0, _, fe), note = tl.block_times(records(blocks, quantum=0))
     assert "globaltimer" in note and np.max(np.abs(fe - (true[2] - base))) < 1.0
+
+
+def test_tail_is_the_last_exit_after_the_median_exit():
+    """tail = last exit - median exit of a launch's blocks: exits at 10, 11 and 16 us trail by 5 us (the mean, 12.33,
+    would give 3.67; the first exit, 6)."""
+    us = 1000.0
+    blocks = [(3, 0, 0, 1 * us, 10 * us), (3, 1, 0, 1 * us, 11 * us), (3, 2, 0, 1 * us, 16 * us)]
+    (row,) = tl.analyse(records(blocks), plan(("gemv:qkv", 3)))
+    assert row["tail"] == pytest.approx(5.0)
