@@ -58,7 +58,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ._xp import to_host
-from .errors import GenerationError, StableLmError, check_flag
+from .errors import GenerationError, StableLmError, check_flag, is_int
 from .fast_forms import register
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -372,7 +372,8 @@ class FastCpuModel:
     @staticmethod
     def _kept_rows(logits_to_keep, t):
         """The positions whose logits are returned ([T'] int64 in [0, t)), or None for all of them."""
-        if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, bool):
+        if is_int(logits_to_keep):                                    # heads.py's rule: not a bool
+            logits_to_keep = int(logits_to_keep)                        # np.uint64: no wrap-around in t - k
             if logits_to_keep < 0:
                 raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
             return None if logits_to_keep == 0 or logits_to_keep >= t else np.arange(t - logits_to_keep, t)

@@ -204,6 +204,11 @@ def test_errors():
         fast([[1, 500]])
     with pytest.raises(GenerationError, match="logits_to_keep"):
         fast([[1, 2]], logits_to_keep=-1)
+    for flag in (True, np.True_):                                      # errors.is_int, as heads.py: not a count
+        with pytest.raises(GenerationError, match="logits_to_keep must be an int"):
+            fast([[1, 2]], logits_to_keep=flag)
+    np.testing.assert_array_equal(fast([[1, 2, 3]], logits_to_keep=np.uint64(1)).logits,
+                                  fast([[1, 2, 3]], logits_to_keep=1).logits)
     cache = KVCache(fast.config, 2, 4, np.float64, np)
     with pytest.raises(GenerationError, match="batch 2"):
         fast([[1, 2]], past_key_values=cache)
