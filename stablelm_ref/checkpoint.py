@@ -311,6 +311,10 @@ def cast_finite(value, dtype, where, beyond_range, not_finite):
 def _check_against(located, headers, expected, directory):
     missing = [n for n in expected if n not in located]
     unexpected = [n for n in located if n not in expected]
+    if missing and all(n.startswith("score.") for n in missing):
+        raise CheckpointError(f"{directory} has no classification head ({', '.join(map(repr, missing))} missing): "
+                              "it holds a base or causal-LM model; load it with StableLmForCausalLM or StableLmModel, "
+                              "or load a checkpoint fine-tuned with this head")
     if missing:
         raise CheckpointError(f"{directory}: tensor {missing[0]!r} (shape {tuple(expected[missing[0]])}) is missing "
                               f"from the checkpoint ({len(missing)} missing in all); does config.json match it?")

@@ -613,3 +613,15 @@ def test_models_without_an_lm_head_skip_a_causal_lms(tmp_path):
     base = StableLmModel.from_pretrained(tmp_path)
     assert "lm_head.weight" not in base.params
     np.testing.assert_array_equal(base(IDS).last_hidden_state, model(IDS, output_hidden_states=True).hidden_states[-1])
+
+
+@pytest.mark.parametrize("cls_name", ["StableLmForSequenceClassification", "StableLmForTokenClassification"])
+def test_a_classifier_from_a_checkpoint_without_its_head_says_so(tmp_path, cls_name):
+    """A causal-LM checkpoint (the default model, a published base model) has no score head: loading it into a
+    classifier names the missing head and what to load instead, not 'does config.json match it?'."""
+    import stablelm_ref
+
+    tiny_model(seed=2).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"has no classification head \('score\.weight'[^)]* missing\): it holds a "
+                                              r"base or causal-LM model; load it with StableLmForCausalLM"):
+        getattr(stablelm_ref, cls_name).from_pretrained(tmp_path)
