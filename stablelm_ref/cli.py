@@ -51,14 +51,39 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._spelled_in_full(message)} (see {self.prog} --help)\n")
+
+    def _spelled_in_full(self, message):
+        """For an unrecognized --opt that begins a real option's name (an abbreviation, which is refused): a
+        hint naming the option(s) it abbreviates, of this parser or of its subcommands."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        hints = []
+        for arg in message.split(":", 1)[1].split():
+            name = arg.split("=", 1)[0]
+            full = sorted(o for o in _option_strings(self) if name.startswith("--") and o.startswith(name) and o != name)
+            if full:
+                hints.append(f"{name} is not an option (options are spelled in full): did you mean "
+                             f"{' or '.join(full)}?")
+        return "; " + "; ".join(hints) if hints else ""
+
+
+def _option_strings(parser):
+    """Every --option of a parser and of its subcommands' parsers."""
+    out = set()
+    for action in parser._actions:
+        out.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _option_strings(sub)
+    return out
 
 
 # ---- shared options and loading -----------------------------------------------------------------
 
-def add_model_arguments(p):
-    p.add_argument("--model", metavar="DIR_OR_REPO",
-                   help="model directory or Hugging Face Hub repo id (default: the embedded default model)")
+def add_model_arguments(p, model_help="model directory or Hugging Face Hub repo id (default: the embedded default "
+                                      "model)"):
+    p.add_argument("--model", metavar="DIR_OR_REPO", help=model_help)
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --model is a repo id")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
                    help="compute dtype (default: float32 on cpu, bfloat16 on gpu)")
@@ -218,7 +243,8 @@ def add_cli_commands(subparsers):
     c = subparsers.add_parser("chat", help="a conversation using the tokenizer's chat template",
                               description="Chat with a StableLM chat model: one user turn per line on stdin "
                                           "(/exit or end of input to stop).")
-    add_model_arguments(c)
+    add_model_arguments(c, model_help="a chat model's directory or Hub repo id, e.g. stabilityai/stablelm-zephyr-3b "
+                                      "(the embedded default model has no chat template)")
     add_sampling_arguments(c)
     c.add_argument("--system", metavar="TEXT", help="a system message opening the conversation")
     c.set_defaults(func=cmd_chat)

@@ -357,7 +357,7 @@ def add_cli_commands(subparsers):
     p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
                    help="compute dtype (default float64 on the CPU, float32 on the GPU; bfloat16 on the CPU is "
                         "emulated: bfloat16-rounded weights, float32 compute)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
     p.add_argument("--out", required=True, help="output file (safetensors)")
     p.set_defaults(func=cmd_trace)
 

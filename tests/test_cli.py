@@ -83,6 +83,9 @@ def test_help_everywhere():
         r = run(*args, "--help")
         assert r.returncode == 0 and "usage: stablelm-ref" in r.stdout
     assert "--max-new-tokens" in r.stdout and "--system" in r.stdout
+    assert "the embedded default model has no chat template" in " ".join(r.stdout.split()), r.stdout
+    r = run("trace", "--help")
+    assert "cpu (NumPy) or gpu (CuPy)" in " ".join(r.stdout.split())      # every option has a help text
 
 
 # ---- in-process: the messages --------------------------------------------------------------------
@@ -240,6 +243,14 @@ def test_abbreviated_options_are_refused(argv, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1
     assert (f"unrecognized arguments: {argv[1]} " in err if argv[0] == "generate"
             else "one of the arguments --ids --text is required" in err), err
+    full = {"--max-new-token": "--max-new-tokens", "--temp": "--temperature"}.get(argv[1])
+    if full:                                                   # the message names the option spelled in full
+        assert f"{argv[1]} is not an option (options are spelled in full): did you mean {full}?" in err, err
+
+
+def test_an_unknown_option_that_abbreviates_none_gets_no_hint(capsys):
+    code, _, err = main(capsys, "generate", "--bogus", "4", "x")
+    assert code == 2 and "unrecognized arguments: --bogus x (see" in err and "did you mean" not in err
 
 
 def test_trace_defaults_to_the_embedded_model(tmp_path, capsys, monkeypatch):
