@@ -337,10 +337,26 @@ def _check_memory(expected, dtype, directory):
 
 # ---- writing ------------------------------------------------------------------------------------
 
+def check_os_path(path):
+    """CheckpointError unless the operating system can take `path` (a str, bytes or os.PathLike): no NUL
+    character, and encodable in the file system's encoding (a lone surrogate such as '\\ud800' is not). Python
+    raised ValueError / UnicodeEncodeError from deep inside os.makedirs or tempfile for those."""
+    name = os.fspath(path)
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeEncodeError as e:
+        raise CheckpointError(f"{name!r}: the path cannot be encoded for the file system ({e.reason}); "
+                              "choose a path without that character") from None
+    if b"\0" in encoded:
+        raise CheckpointError(f"{name!r}: a path cannot hold a NUL character; choose another path")
+
+
 def check_directory_name(directory):
-    """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty."""
+    """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty and that the operating
+    system can take (check_os_path)."""
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise CheckpointError(f"give the output directory as a path (a string or os.PathLike), got {directory!r}")
+    check_os_path(directory)
     from .hub import DEFAULT_MODEL
 
     if os.fspath(directory) == DEFAULT_MODEL:    # from_pretrained(that name) is the embedded model, not this folder
@@ -384,6 +400,7 @@ def atomic_open(path, group=None):
     file already there. With `group` (from `atomic_group`) the rename waits until every file of the
     group is written. An OSError (disk full, read-only directory) becomes a CheckpointError.
     """
+    check_os_path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
