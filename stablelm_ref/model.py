@@ -21,6 +21,8 @@ Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.l
 from __future__ import annotations
 
 import os
+import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +31,7 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_number
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -230,6 +232,10 @@ class StableLmPreTrainedModel:
             raise GenerationError("input_ids is required")
         if isinstance(input_ids, (str, bytes)):
             raise GenerationError("input_ids must be token ids, not text: tokenize the prompt first")
+        if isinstance(input_ids, Mapping):
+            raise GenerationError(f"input_ids is a {type(input_ids).__name__} with keys {list(input_ids)[:4]} (the "
+                                  "tokenizer's output?): pass enc['input_ids'] as input_ids and enc['attention_mask'] "
+                                  "as attention_mask, or call model(**enc)")
         refuse_masked(input_ids, "input_ids", "the ids as a plain array and their mask as attention_mask (1 for a "
                       "token, 0 for padding): input_ids=ids.filled(0), attention_mask=1 - np.ma.getmaskarray(ids)",
                       GenerationError)
@@ -241,6 +247,14 @@ class StableLmPreTrainedModel:
             raise GenerationError(f"input_ids is empty (shape {host.shape}); give at least one token")
         if host.ndim == 1:
             host = host[None, :]
+        if host.dtype == object and host.ndim == 2 and all(is_int(v) for v in host.flat):   # ints beyond int64
+            bad = next(int(v) for v in host.flat if not 0 <= v < self.config.vocab_size)
+            raise GenerationError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); does "
+                                  "the tokenizer belong to this model?")
+        if host.dtype == object:                                    # a generator, a set, a row of non-numbers...
+            raise GenerationError(f"input_ids must be a list of lists of ints or an integer array, got "
+                                  f"a {type(input_ids).__name__}"
+                                  + (f" {reprlib.repr(input_ids)}" if isinstance(input_ids, (list, tuple, set)) else ""))
         if host.ndim != 2 or host.dtype.kind not in "iu":
             raise GenerationError(f"input_ids must be a [batch, seq_len] array of integers, got shape "
                                   f"{host.shape} of {host.dtype}")
