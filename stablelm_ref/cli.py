@@ -219,6 +219,9 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "the chat input (stdin)")})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not ids:                             # the model's "input_ids is empty" would blame the user's turn
+            raise TokenizerError(f"{tok.source}: the chat template rendered no tokens for this conversation; check "
+                                 "tokenizer_config.json's 'chat_template'")
         check_context(model.config, len(ids), "the conversation has grown to",   # generate's, in the chat's words
                       "start a new chat (a shorter --system or shorter turns last longer)")
         streamer = TextStreamer(tok, skip_prompt=True)

@@ -316,3 +316,16 @@ def test_revision_with_a_local_model_is_an_error_naming_the_option(model_dir, ca
     assert code == 2 and out == "" and err == (f"stablelm-ref: error: --revision v2.0 selects a commit of a Hub "
                                                f"repository, but {what} is not one; drop --revision, or give --model "
                                                "a Hub repo id\n")
+
+
+def test_chat_whose_template_renders_nothing_names_the_template(tmp_path, capsys, monkeypatch):
+    """A chat template that renders no tokens: the error names tokenizer_config.json's chat_template, not the
+    user's turn ('input_ids is empty' before)."""
+    import io
+
+    d = make_model_dir(tmp_path / "m")
+    tiny_tokenizer_dir(d, chat_template="{% if false %}x{% endif %}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, _, err = main(capsys, "chat", "--model", d)
+    assert code == 2 and "the chat template rendered no tokens for this conversation; check tokenizer_config.json's" \
+        " 'chat_template'" in err, err
