@@ -94,7 +94,9 @@ def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
         ids = xp.where(positions < xp.asarray(ignore_prefix)[:, None], vocab, ids)  # pad slots -> V (dropped)
     present = xp.zeros((batch, vocab + 1), dtype=bool)                   # [B, V + 1]
     present[xp.arange(batch)[:, None], ids] = True
-    penalised = xp.where(scores < 0, scores * penalty, scores / penalty).astype(scores.dtype)
+    p = xp.float64(penalty)            # in float64, then cast: a penalty beyond the scores' dtype gives its limit
+    with np.errstate(over="ignore"):   # (2 / 1e-300 -> inf, -2 * 1e-300 -> -0.0, 0 stays 0), not 0 * inf = NaN
+        penalised = xp.where(scores < 0, scores * p, scores / p).astype(scores.dtype)
     return xp.where(present[:, :vocab], penalised, scores)
 
 

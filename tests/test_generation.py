@@ -224,6 +224,20 @@ def test_repetition_penalty_formula_and_left_padding():
     assert out.dtype == np.float32
 
 
+@pytest.mark.parametrize("penalty, want", [(1e300, [[0.0, -np.inf, 1.0, -1.0, 0.0]]),
+                                            (1e-300, [[np.inf, -0.0, 1.0, -1.0, 0.0]])])
+def test_repetition_penalty_beyond_the_dtype_takes_its_limit_without_warnings(penalty, want):
+    """A finite penalty the scores' dtype cannot hold (GenerationConfig takes any finite value > 0): the limit,
+    positive scores to 0 and negative to -inf (or the reverse), and no NumPy RuntimeWarning leaking to the user."""
+    import warnings
+
+    scores = np.array([[2.0, -2.0, 1.0, -1.0, 0.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = apply_repetition_penalty(scores, np.array([[0, 1, 4]]), penalty)
+    assert out.tolist() == want and out.dtype == np.float32
+
+
 def test_repetition_penalty_discourages_repeats(model):
     out = generate(model, [[3, 4, 5]], max_new_tokens=15, repetition_penalty=1e6)[0, 3:].tolist()
     assert len(set(out)) == len(out) and not set(out) & {3, 4, 5}  # a huge penalty forbids every repeat
