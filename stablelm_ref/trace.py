@@ -7,7 +7,8 @@
     rel_err   = abs_err / scale                             normwise relative error
     cosine    = <a, b> / (||a|| ||b||)                      in float64
     ok        = abs_err <= atol + rtol * scale
-    first divergence = the first tensor, in A's execution order, that is not ok
+    first divergence = the first tensor, in execution order, that is not ok (A's order; B's when only
+                B's file records one; without either, names sorted naturally: layers.2 before layers.10)
 
 Why normwise and not elementwise: intermediates are full of elements near zero (attention weights
 of masked or ignored keys, activations that cross zero). An elementwise |a-b|/|b| there measures
@@ -20,7 +21,8 @@ metadata when present, else its tensors' dtype); see DEFAULT_TOLERANCES. A trace
 file: tensors under their names, stored in the dtype they were computed in (float16 and bfloat16
 included), metadata = model, dtype, device, ids (JSON), package version, producer, and the execution
 order as JSON (safetensors sorts the names). Any safetensors file of {name: array} compares too:
-without the order metadata its names are taken in sorted order.
+without the order metadata its names are taken in natural order (numbers as numbers), and compare uses
+the other file's recorded order when that one has one.
 
     logits, trace = model.run_with_trace([[510, 8588, 310]])
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
@@ -38,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -130,14 +133,22 @@ def check_replaceable(path):
                               "file); it is kept, nothing was written. Choose another output file, or remove it")
 
 
+def natural_key(name):
+    """Sort key that compares numbers as numbers: model.layers.2 before model.layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def read_trace(path):
     """(trace {name: array} in execution order, metadata {key: str; "order" and "ids" parsed from JSON}).
+
+    A file without `order` metadata (another producer's) has its names in natural order (natural_key) and
+    no "order" key in the returned metadata: compare then takes the other file's order when it has one.
 
     A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
     MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
     entries, meta, start = checkpoint.read_header(str(path))
     meta = dict(meta)
-    order = sorted(entries)
+    order = sorted(entries, key=natural_key)
     if "order" in meta:
         listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
         if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
@@ -147,8 +158,8 @@ def read_trace(path):
         if missing:
             raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
                                   "hold; the trace file is damaged: record it again")
-        order = listed + [n for n in sorted(entries) if n not in set(listed)]
-    meta["order"] = order
+        order = listed + [n for n in order if n not in set(listed)]
+        meta["order"] = order
     if "ids" in meta:
         try:
             ids = bounded_io.parse_json(meta["ids"], f"{path}: metadata 'ids'", CheckpointError)
@@ -208,15 +219,19 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
-def compare_traces(a, b, rtol=None, atol=None, precision=(None, None)):
+def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
+
+    `order` (a list of names) replaces A's order: compare passes B's recorded order when A's file has none.
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
     emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions."""
     rows = []
-    for name in list(a) + [n for n in b if n not in a]:
+    names = [n for n in (order or []) if n in a or n in b]
+    names += [n for n in list(a) + list(b) if n not in set(names)]
+    for name in dict.fromkeys(names):
         if name not in b:
             rows.append(Row(name, tuple(a[name].shape), math.nan, math.nan, math.nan, False, "missing in B"))
             continue
@@ -322,12 +337,18 @@ def cmd_compare(args):
             raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
+    order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
     rows = compare_traces(a, b, args.rtol, args.atol,
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
-                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None))
+                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
+                          order=order)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
         print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
+    if order is not None:
+        print("A has no execution order; using B's")
+    elif "order" not in meta_a:
+        print("neither file has an execution order; names in natural order (layers.2 before layers.10)")
     if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
         print("warning: the two traces were recorded from different input ids")
     tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
@@ -363,8 +384,8 @@ def add_cli_commands(subparsers):
 
     c = subparsers.add_parser("compare", allow_abbrev=False,
                               help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
-                              description="Compare two traces tensor by tensor in A's execution order and mark "
-                                          "the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
+                              description="Compare two traces tensor by tensor in A's execution order (B's when "
+                                          "only B's file records one) and mark the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
     c.add_argument("a", help="trace A (safetensors)")
     c.add_argument("b", help="trace B (safetensors)")
     c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")

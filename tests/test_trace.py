@@ -263,3 +263,27 @@ def test_gpu_traces_compare_clean_against_the_cpu(checkpoints, capsys):
         assert meta["device"] == "gpu" and trace["lm_head"].dtype == np.dtype(dtype)
         assert main(["compare", str(gpu), str(cpu)]) == 0
         assert max(r.max_rel for r in compare_traces(trace, read_trace(cpu)[0])) < bound
+
+
+def test_a_file_without_order_is_compared_in_the_other_files_order(checkpoints, capsys, tmp_path):
+    """A porter's file has no `order` metadata: compare took A's sorted order (lm_head first, layers.10 before
+    layers.2), so the first divergence was misplaced. Now B's recorded order decides; alone, order is natural."""
+    from stablelm_ref.checkpoint import save_file
+    from stablelm_ref.trace import natural_key
+
+    assert sorted(["model.layers.10", "model.layers.2", "lm_head"], key=natural_key) == [
+        "lm_head", "model.layers.2", "model.layers.10"]
+    good = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    trace, _ = read_trace(good)
+    trace["model.layers.1"] = trace["model.layers.1"] + 1.0       # diverges before model.norm and lm_head
+    trace["lm_head"] = trace["lm_head"] + 1.0
+    port = tmp_path / "port.safetensors"
+    save_file(trace, port)                                        # plain safetensors: no metadata at all
+    assert "order" not in read_trace(port)[1]
+    assert main(["compare", str(port), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert "A has no execution order; using B's" in out
+    assert out.rstrip().endswith("first divergence: model.layers.1")
+    assert out.index("  lm_head ") > out.index("  model.norm ") > out.index("  model.embed_tokens ")  # B's order
+    rows = compare_traces(*[read_trace(p)[0] for p in (port, good)], order=read_trace(good)[1]["order"])
+    assert first_divergence(rows).name == "model.layers.1"
