@@ -219,10 +219,13 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
-def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None):
+def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
 
     `order` (a list of names) replaces A's order: compare passes B's recorded order when A's file has none.
+    allow_missing: a name only one side holds (a port that cannot produce attn_weights under SDPA or flash
+    attention) is a row noted "missing in B (allowed)" with ok=True, so it is neither a failure nor the first
+    divergence.
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
@@ -231,12 +234,12 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     rows = []
     names = [n for n in (order or []) if n in a or n in b]
     names += [n for n in list(a) + list(b) if n not in set(names)]
+    allowed = " (allowed)" if allow_missing else ""
     for name in dict.fromkeys(names):
-        if name not in b:
-            rows.append(Row(name, tuple(a[name].shape), math.nan, math.nan, math.nan, False, "missing in B"))
-            continue
-        if name not in a:
-            rows.append(Row(name, tuple(b[name].shape), math.nan, math.nan, math.nan, False, "missing in A"))
+        if name not in a or name not in b:
+            side, there = ("B", a) if name not in b else ("A", b)
+            rows.append(Row(name, tuple(there[name].shape), math.nan, math.nan, math.nan, bool(allow_missing),
+                            f"missing in {side}{allowed}"))
             continue
         x, y = a[name], b[name]
         if tuple(x.shape) != tuple(y.shape):
@@ -274,7 +277,7 @@ def format_table(rows):
     header = ("", "tensor", "shape", "max abs err", "max rel err", "cosine", "")
     lines = []
     for r in rows:
-        status = "ok" if r.ok else (r.note or "DIFFERS")
+        status = r.note or ("ok" if r.ok else "DIFFERS")
         if r is first:
             status += "  <- first divergence"
         cosine = _cosine(r.cosine)
@@ -341,7 +344,7 @@ def cmd_compare(args):
     rows = compare_traces(a, b, args.rtol, args.atol,
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
                                      meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
-                          order=order)
+                          order=order, allow_missing=args.allow_missing)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
         print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
@@ -356,11 +359,14 @@ def cmd_compare(args):
     print(format_table(rows))
     first = first_divergence(rows)
     bad = sum(not r.ok for r in rows)
+    missing = sum(r.ok and r.note.startswith("missing") for r in rows)
+    skipped = f" ({missing} missing from one side, allowed by --allow-missing)" if missing else ""
     if first is None:
-        print(f"\nall {len(rows)} tensors agree")
+        print(f"\nall {len(rows) - missing} tensors both sides hold agree{skipped}" if missing
+              else f"\nall {len(rows)} tensors agree")
         return 0
     print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
-          + (f" ({first.note})" if first.note else ""))
+          + (f" ({first.note})" if first.note else "") + skipped)
     return 1
 
 
@@ -390,6 +396,9 @@ def add_cli_commands(subparsers):
     c.add_argument("b", help="trace B (safetensors)")
     c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")
     c.add_argument("--atol", type=float, help="absolute tolerance; default by dtype")
+    c.add_argument("--allow-missing", action="store_true",
+                   help="a tensor only one file holds (e.g. attn_weights from a port using SDPA or flash attention) "
+                        "is listed but neither fails nor counts as the first divergence")
     c.set_defaults(func=cmd_compare)
 
 

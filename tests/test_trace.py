@@ -287,3 +287,24 @@ def test_a_file_without_order_is_compared_in_the_other_files_order(checkpoints, 
     assert out.index("  lm_head ") > out.index("  model.norm ") > out.index("  model.embed_tokens ")  # B's order
     rows = compare_traces(*[read_trace(p)[0] for p in (port, good)], order=read_trace(good)[1]["order"])
     assert first_divergence(rows).name == "model.layers.1"
+
+
+def test_allow_missing_lists_but_does_not_fail_on_a_tensor_one_side_lacks(checkpoints, capsys, tmp_path):
+    """A port under SDPA/flash attention cannot produce attn_weights: compare failed at 'missing in B' forever."""
+    trace, meta = read_trace(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    del trace["model.layers.0.self_attn.attn_weights"]
+    write_trace(tmp_path / "port.safetensors", trace, {"dtype": "float64"})
+    args = [str(checkpoints / "m64.safetensors"), str(tmp_path / "port.safetensors")]
+    assert main(["compare", *args, "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.attn_weights" in out and "missing in B (allowed)" in out
+    assert "(1 missing from one side, allowed by --allow-missing)" in out
+    trace["model.layers.1"] = trace["model.layers.1"] + 1.0                   # a real divergence still fails
+    write_trace(tmp_path / "port.safetensors", trace, {"dtype": "float64"})
+    assert main(["compare", *args, "--allow-missing"]) == 1
+    assert "first divergence: model.layers.1 " in capsys.readouterr().out
+    full, _ = read_trace(args[0])
+    rows = compare_traces(full, trace, allow_missing=True)
+    assert first_divergence(rows).name == "model.layers.1"
+    assert [r.note for r in rows if r.name.endswith("attn_weights")][0] == "missing in B (allowed)"
+    assert first_divergence(compare_traces(full, trace)).note == "missing in B"        # the default is unchanged
