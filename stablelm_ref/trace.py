@@ -42,6 +42,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,8 @@ def read_trace(path):
 
     A file without `order` metadata (another producer's) has its names in natural order (natural_key) and
     no "order" key in the returned metadata: compare then takes the other file's order when it has one.
+    `ids` as a flat list of ints is read as one row; a `dtype` other than DEFAULT_TOLERANCES' names is
+    reported with a warning (the tolerances then follow the tensors' dtypes). docs/tracing.md lists the keys.
 
     A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
     MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
@@ -152,12 +155,11 @@ def read_trace(path):
     if "order" in meta:
         listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
         if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; "
-                                  "the trace file is damaged: record it again")
+            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; " + _HOW_TO_ORDER)
         missing = [n for n in listed if n not in entries]
         if missing:
             raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
-                                  "hold; the trace file is damaged: record it again")
+                                  f"hold (it holds {len(entries)} tensors); " + _HOW_TO_ORDER)
         order = listed + [n for n in order if n not in set(listed)]
         meta["order"] = order
     if "ids" in meta:
@@ -165,13 +167,24 @@ def read_trace(path):
             ids = bounded_io.parse_json(meta["ids"], f"{path}: metadata 'ids'", CheckpointError)
         except CheckpointError:
             ids = None
+        if isinstance(ids, list) and ids and all(type(i) is int for i in ids):
+            ids = [ids]                                              # a flat list: one row
         if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
             meta["ids"] = ids  # else: free text from another producer, kept as it is
+    if "dtype" in meta and meta["dtype"] not in DEFAULT_TOLERANCES:
+        warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
+                      f"{', '.join(DEFAULT_TOLERANCES)}; the tolerances follow the tensors' dtypes instead",
+                      stacklevel=2)
     count = sum(math.prod(entries[name][1]) for name in order)
     bounded_io.check_memory(count * 8 * 2, f"{path}: reading and comparing the trace ({count:,} values, "
                             "held as float64)", CheckpointError, "compare on a machine with more memory")
     trace = {name: checkpoint.read_tensor(str(path), entries[name], start) for name in order}
     return trace, meta
+
+
+_HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in execution order "
+                 "(json.dumps(list(trace)) for a dict in execution order), or leave it out: names are then compared "
+                 "in the other file's order, or in natural order")
 
 
 # ---- comparing ----------------------------------------------------------------------------------
@@ -408,11 +421,13 @@ def main(argv=None):
                                      allow_abbrev=False)
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except StableLmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():                  # a warning is one line in the command's words
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except StableLmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

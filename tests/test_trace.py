@@ -308,3 +308,23 @@ def test_allow_missing_lists_but_does_not_fail_on_a_tensor_one_side_lacks(checkp
     assert first_divergence(rows).name == "model.layers.1"
     assert [r.note for r in rows if r.name.endswith("attn_weights")][0] == "missing in B (allowed)"
     assert first_divergence(compare_traces(full, trace)).note == "missing in B"        # the default is unchanged
+
+
+def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
+    """A porter's metadata: a flat `ids` list is one row; an unknown `dtype` is a one-line warning (it was
+    ignored silently); an `order` naming a tensor the file lacks says how to write order (it said 'damaged')."""
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"ids": "[5, 17, 42]", "dtype": "fp32"})
+    with pytest.warns(UserWarning, match=r"metadata 'dtype' is 'fp32', not one of float64, float32, float16, bf"):
+        _, meta = read_trace(path)
+    assert meta["ids"] == [[5, 17, 42]]
+    assert main(["compare", str(path), str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.startswith("warning: ") and "'fp32'" in err     # one line per file
+    save_file({"a": np.zeros(2)}, path, {"order": json.dumps(["a", "b"])})
+    with pytest.raises(CheckpointError) as e:
+        read_trace(path)
+    assert "metadata 'order' lists 'b', which the file does not hold" in str(e.value)
+    assert "JSON list of the names the file holds" in str(e.value) and "damaged" not in str(e.value)
