@@ -328,3 +328,31 @@ def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
         read_trace(path)
     assert "metadata 'order' lists 'b', which the file does not hold" in str(e.value)
     assert "JSON list of the names the file holds" in str(e.value) and "damaged" not in str(e.value)
+
+
+def _documented_shapes(config, t):
+    """{name: shape} from docs/tracing.md's name table, for layer 0 of `config` with B=1 and T=S=t."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
+    dims = {"B": 1, "T": t, "S": t, "H": config.num_attention_heads, "KVH": config.num_key_value_heads,
+            "D": config.head_dim, "hidden": config.hidden_size, "inter": config.intermediate_size,
+            "vocab": config.vocab_size}
+    shapes = {}
+    for names, shape in re.findall(r"^\| (`[^|]+`) \| \[([^\]]+)\] \|", text, re.M):
+        names = re.findall(r"`([^`]+)`", names)
+        first = names[0].replace("...", "model.layers.0.").replace("model.layers.i", "model.layers.0")
+        prefix = first.rsplit(".", 1)[0] + "." if "." in first else ""
+        for name in [first] + [prefix + n for n in names[1:]]:
+            shapes[name] = tuple(dims[d.strip()] for d in shape.split(","))
+    return shapes
+
+
+def test_the_docs_name_table_gives_every_shape_of_every_variant(variant):
+    """docs/tracing.md gave k_layernorm as [B, H, T, D]; under grouped-query attention it is [B, KVH, T, D]."""
+    model = tiny_model(seed=3, **VARIANTS[variant])
+    _, trace = model.run_with_trace([[5, 17, 42]])
+    documented = _documented_shapes(model.config, 3)
+    layer0 = {n: a.shape for n, a in trace.items() if not n.startswith("model.layers.1")}
+    assert set(layer0) <= set(documented), set(layer0) - set(documented)
+    assert {n: documented[n] for n in layer0} == layer0
