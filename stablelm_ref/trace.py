@@ -19,8 +19,9 @@ comparable number per tensor, is symmetric in A and B, and never divides by ~0.
 Tolerances default by the lower precision of the two traces (a trace's precision is its `dtype`
 metadata when present, else its tensors' dtype); see DEFAULT_TOLERANCES. A trace is a safetensors
 file: tensors under their names, stored in the dtype they were computed in (float16 and bfloat16
-included), metadata = model, dtype, device, ids (JSON), package version, producer, and the execution
-order as JSON (safetensors sorts the names). Any safetensors file of {name: array} compares too:
+included), metadata = model, dtype, device, ids (JSON), package version, producer, the execution
+order as JSON (safetensors sorts the names) and, for a padded batch, attention_mask (JSON rows of 0/1:
+compare leaves the padded positions out of every tensor, see drop_padding). Any safetensors file of {name: array} compares too:
 without the order metadata its names are taken in natural order (numbers as numbers), and compare uses
 the other file's recorded order when that one has one.
 
@@ -171,6 +172,10 @@ def read_trace(path):
             ids = [ids]                                              # a flat list: one row
         if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
             meta["ids"] = ids  # else: free text from another producer, kept as it is
+    if "attention_mask" in meta:
+        meta["attention_mask"] = _check_mask(bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata "
+                                                                   "'attention_mask'", CheckpointError),
+                                             f"{path}: metadata 'attention_mask'")
     if "dtype" in meta and meta["dtype"] not in DEFAULT_TOLERANCES:
         warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
                       f"{', '.join(DEFAULT_TOLERANCES)}; the tolerances follow the tensors' dtypes instead",
@@ -180,6 +185,16 @@ def read_trace(path):
                             "held as float64)", CheckpointError, "compare on a machine with more memory")
     trace = {name: checkpoint.read_tensor(str(path), entries[name], start) for name in order}
     return trace, meta
+
+
+def _check_mask(mask, where):
+    """A 0/1 attention mask as an int array [B, T]; CheckpointError naming `where` otherwise."""
+    rows = mask if isinstance(mask, list) and mask and all(isinstance(r, list) for r in mask) else None
+    if (rows is None or len({len(r) for r in rows}) != 1 or not rows[0]
+            or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
+        raise CheckpointError(f"{where} is not an attention mask: give a JSON list of rows of 0 (padding) and 1 "
+                              "(token), one row per batch row, all of one length, e.g. [[0, 0, 1, 1], [1, 1, 1, 1]]")
+    return np.array(rows, dtype=np.int64)
 
 
 _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in execution order "
@@ -232,13 +247,15 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
-def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False):
+def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False,
+                   attention_mask=None):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
 
     `order` (a list of names) replaces A's order: compare passes B's recorded order when A's file has none.
     allow_missing: a name only one side holds (a port that cannot produce attn_weights under SDPA or flash
     attention) is a row noted "missing in B (allowed)" with ok=True, so it is neither a failure nor the first
-    divergence.
+    divergence. attention_mask ([B, T] of 0/1): the padded positions (0) are left out of every tensor whose
+    token axis (token_axis) has the mask's shape: a padded query sees no key, and implementations differ there.
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
@@ -262,10 +279,33 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
         rt, at = default_tolerances(precision[0] or x.dtype, precision[1] or y.dtype)
         rt = rt if rtol is None else rtol
         at = at if atol is None else atol
+        x, y = drop_padding(name, x, attention_mask), drop_padding(name, y, attention_mask)
         max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
         ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
         rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok))
     return rows
+
+
+# the per-head attention tensors, [B, H or KVH, T, D] (attn_weights [B, H, T, S]): positions on axis 2
+_PER_HEAD = ("q_proj", "k_proj", "v_proj", "q_layernorm", "k_layernorm", "rotary_q", "rotary_k", "attn_weights",
+             "attn_output")
+
+
+def token_axis(name):
+    """The axis of a trace tensor that runs over the token (query) positions: 2 for the per-head attention
+    tensors (self_attn.q_proj ... attn_output), 1 for every other name ([B, T, ...])."""
+    return 2 if ".self_attn." in name and name.rsplit(".", 1)[-1] in _PER_HEAD else 1
+
+
+def drop_padding(name, x, attention_mask):
+    """x with the positions the mask pads (0) on its token axis set to 0 (left out of every error measure);
+    x itself when there is no mask or x does not have the mask's [B, T] at (0, token_axis(name))."""
+    axis = token_axis(name)
+    if attention_mask is None or x.ndim <= axis or (x.shape[0], x.shape[axis]) != attention_mask.shape:
+        return x
+    keep = attention_mask.astype(bool).reshape((x.shape[0],) + (1,) * (axis - 1) + (x.shape[axis],)
+                                               + (1,) * (x.ndim - axis - 1))
+    return np.where(keep, x, np.zeros((), x.dtype))
 
 
 def first_divergence(rows):
@@ -354,19 +394,29 @@ def cmd_compare(args):
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
     order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
+    mask, mask_from = _choose_mask(args.mask, meta_a, meta_b)
+    if mask is not None and "model.embed_tokens" in a and a["model.embed_tokens"].shape[:2] != mask.shape:
+        raise StableLmError(f"the attention mask ({mask_from}) is {mask.shape[0]}x{mask.shape[1]}, but the traces' "
+                            f"tokens are {'x'.join(map(str, a['model.embed_tokens'].shape[:2]))} (batch x tokens): "
+                            "give the mask the traces were recorded with")
     rows = compare_traces(a, b, args.rtol, args.atol,
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
                                      meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
-                          order=order, allow_missing=args.allow_missing)
+                          order=order, allow_missing=args.allow_missing, attention_mask=mask)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
         print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
+    if mask is not None:
+        print(f"attention mask from {mask_from}: {int((mask == 0).sum())} padded positions left out of every tensor")
     if order is not None:
         print("A has no execution order; using B's")
     elif "order" not in meta_a:
         print("neither file has an execution order; names in natural order (layers.2 before layers.10)")
     if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
         print("warning: the two traces were recorded from different input ids")
+    if "attention_mask" in meta_a and "attention_mask" in meta_b and not np.array_equal(meta_a["attention_mask"],
+                                                                                        meta_b["attention_mask"]):
+        print("warning: the two traces were recorded with different attention masks (A's is used)")
     tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
     print(f"tolerance: {tol} (ok = max abs err <= atol + rtol * max(|A|max, |B|max))\n")
     print(format_table(rows))
@@ -381,6 +431,20 @@ def cmd_compare(args):
     print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
           + (f" ({first.note})" if first.note else "") + skipped)
     return 1
+
+
+def _choose_mask(option, meta_a, meta_b):
+    """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
+    if option is not None:
+        try:
+            rows = [[int(v) for v in row.split(",")] for row in option.replace(" ", "").split(";")]
+        except ValueError:
+            rows = None
+        return _check_mask(rows, f"--mask {option!r}"), "--mask"
+    for label, meta in (("A", meta_a), ("B", meta_b)):
+        if "attention_mask" in meta:
+            return meta["attention_mask"], f"{label}'s metadata"
+    return None, None
 
 
 def add_cli_commands(subparsers):
@@ -409,6 +473,9 @@ def add_cli_commands(subparsers):
     c.add_argument("b", help="trace B (safetensors)")
     c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")
     c.add_argument("--atol", type=float, help="absolute tolerance; default by dtype")
+    c.add_argument("--mask", metavar="ROWS",
+                   help="attention mask, rows separated by ';' (e.g. 0,0,1,1;1,1,1,1): padded positions (0) are left "
+                        "out of every tensor; default: the traces' attention_mask metadata")
     c.add_argument("--allow-missing", action="store_true",
                    help="a tensor only one file holds (e.g. attn_weights from a port using SDPA or flash attention) "
                         "is listed but neither fails nor counts as the first divergence")

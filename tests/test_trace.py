@@ -356,3 +356,39 @@ def test_the_docs_name_table_gives_every_shape_of_every_variant(variant):
     layer0 = {n: a.shape for n, a in trace.items() if not n.startswith("model.layers.1")}
     assert set(layer0) <= set(documented), set(layer0) - set(documented)
     assert {n: documented[n] for n in layer0} == layer0
+
+
+def test_padded_query_positions_are_left_out_with_the_attention_mask(tmp_path, capsys):
+    """A left-padded batch: a padded query sees no key, its attention row is 0 here and uniform in transformers,
+    and every later tensor differs at that position. With the mask (metadata or --mask) those are left out."""
+    from stablelm_ref.trace import token_axis
+
+    model = tiny_model(seed=5, **VARIANTS["12b"])
+    ids = np.array([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    _, mine = model.run_with_trace(ids, attention_mask=mask, position_ids=np.maximum(np.cumsum(mask, 1) - 1, 0))
+    theirs = {}
+    for name, a in mine.items():                          # another implementation: other values where padded
+        b = a.copy()
+        index = [0] + [slice(None)] * (a.ndim - 1)
+        index[token_axis(name)] = slice(0, 2)
+        b[tuple(index)] = 1.0 / 5 if name.endswith("attn_weights") else b[tuple(index)] + 3.0
+        theirs[name] = b
+    assert first_divergence(compare_traces(mine, theirs)).name == "model.embed_tokens"
+    assert first_divergence(compare_traces(mine, theirs, attention_mask=mask)) is None
+    theirs["model.layers.1.mlp.act"][0, 3, 0] += 1.0        # a real token still counts
+    assert first_divergence(compare_traces(mine, theirs, attention_mask=mask)).name == "model.layers.1.mlp.act"
+    theirs["model.layers.1.mlp.act"][0, 3, 0] -= 1.0
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_trace(a, mine, {"ids": ids.tolist(), "attention_mask": mask.tolist(), "dtype": "float64"})
+    write_trace(b, theirs, {"ids": ids.tolist(), "dtype": "float64"})
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    write_trace(a, mine, {"dtype": "float64"})
+    assert main(["compare", str(a), str(b)]) == 1
+    assert main(["compare", str(a), str(b), "--mask", "0,0,1,1,1;1,1,1,1,1"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--mask", "0,1,1;1,1,1"]) == 2
+    assert "the attention mask (--mask) is 2x3, but the traces' tokens are 2x5" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--mask", "0,2"]) == 2
+    assert "is not an attention mask" in capsys.readouterr().err
