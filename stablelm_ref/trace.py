@@ -21,9 +21,9 @@ metadata when present, else its tensors' dtype); see DEFAULT_TOLERANCES. A trace
 file: tensors under their names, stored in the dtype they were computed in (float16 and bfloat16
 included), metadata = model, dtype, device, ids (JSON), package version, producer, the execution
 order as JSON (safetensors sorts the names) and, for a padded batch, attention_mask (JSON rows of 0/1:
-compare leaves the padded positions out of every tensor, see drop_padding). Any safetensors file of {name: array} compares too:
-without the order metadata its names are taken in natural order (numbers as numbers), and compare uses
-the other file's recorded order when that one has one.
+compare leaves the padded positions out of every tensor, see drop_padding). Any safetensors file of
+{name: array} compares too: without the order metadata its names are taken in natural order (numbers as
+numbers), and compare uses the other file's recorded order when that one has one.
 
     logits, trace = model.run_with_trace([[510, 8588, 310]])
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
@@ -468,7 +468,8 @@ def add_cli_commands(subparsers):
     c = subparsers.add_parser("compare", allow_abbrev=False,
                               help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
                               description="Compare two traces tensor by tensor in A's execution order (B's when "
-                                          "only B's file records one) and mark the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
+                                          "only B's file records one) and mark the first tensor beyond "
+                                          "tolerance. Exit 0: all agree; 1: a divergence.")
     c.add_argument("a", help="trace A (safetensors)")
     c.add_argument("b", help="trace B (safetensors)")
     c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")
