@@ -137,7 +137,8 @@ def check_replaceable(path):
 
 def natural_key(name):
     """Sort key that compares numbers as numbers: model.layers.2 before model.layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    parts = re.split(r"([0-9]+)", name)                    # text, number, text, ...: ASCII digits only
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]
 
 
 def read_trace(path):

@@ -273,6 +273,7 @@ def test_a_file_without_order_is_compared_in_the_other_files_order(checkpoints, 
 
     assert sorted(["model.layers.10", "model.layers.2", "lm_head"], key=natural_key) == [
         "lm_head", "model.layers.2", "model.layers.10"]
+    assert sorted(["x²", "x2", "x٣", "x10"], key=natural_key) == ["x2", "x10", "x²", "x٣"]  # ASCII digits only
     good = _trace(checkpoints, "good", "float64", "m64.safetensors")
     trace, _ = read_trace(good)
     trace["model.layers.1"] = trace["model.layers.1"] + 1.0       # diverges before model.norm and lm_head
