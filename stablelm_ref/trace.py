@@ -7,7 +7,8 @@
     rel_err   = abs_err / scale                             normwise relative error
     cosine    = <a, b> / (||a|| ||b||)                      in float64
     ok        = abs_err <= atol + rtol * scale
-    first divergence = the first tensor, in A's execution order, that is not ok
+    first divergence = the first tensor, in execution order, that is not ok (A's order; B's when only
+                B's file records one; without either, names sorted naturally: layers.2 before layers.10)
 
 Why normwise and not elementwise: intermediates are full of elements near zero (attention weights
 of masked or ignored keys, activations that cross zero). An elementwise |a-b|/|b| there measures
@@ -18,9 +19,11 @@ comparable number per tensor, is symmetric in A and B, and never divides by ~0.
 Tolerances default by the lower precision of the two traces (a trace's precision is its `dtype`
 metadata when present, else its tensors' dtype); see DEFAULT_TOLERANCES. A trace is a safetensors
 file: tensors under their names, stored in the dtype they were computed in (float16 and bfloat16
-included), metadata = model, dtype, device, ids (JSON), package version, producer, and the execution
-order as JSON (safetensors sorts the names). Any safetensors file of {name: array} compares too:
-without the order metadata its names are taken in sorted order.
+included), metadata = model, dtype, device, ids (JSON), package version, producer, the execution
+order as JSON (safetensors sorts the names) and, for a padded batch, attention_mask (JSON rows of 0/1:
+compare leaves the padded positions out of every tensor, see drop_padding). Any safetensors file of
+{name: array} compares too: without the order metadata its names are taken in natural order (numbers as
+numbers), and compare uses the other file's recorded order when that one has one.
 
     logits, trace = model.run_with_trace([[510, 8588, 310]])
     stablelm-ref trace --model DIR --ids 510,8588,310 --dtype float64 --out a.safetensors
@@ -38,7 +41,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,37 +135,72 @@ def check_replaceable(path):
                               "file); it is kept, nothing was written. Choose another output file, or remove it")
 
 
+def natural_key(name):
+    """Sort key that compares numbers as numbers: model.layers.2 before model.layers.10."""
+    parts = re.split(r"([0-9]+)", name)                    # text, number, text, ...: ASCII digits only
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]
+
+
 def read_trace(path):
     """(trace {name: array} in execution order, metadata {key: str; "order" and "ids" parsed from JSON}).
+
+    A file without `order` metadata (another producer's) has its names in natural order (natural_key) and
+    no "order" key in the returned metadata: compare then takes the other file's order when it has one.
+    `ids` as a flat list of ints is read as one row; a `dtype` other than DEFAULT_TOLERANCES' names is
+    reported with a warning (the tolerances then follow the tensors' dtypes). docs/tracing.md lists the keys.
 
     A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
     MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
     entries, meta, start = checkpoint.read_header(str(path))
     meta = dict(meta)
-    order = sorted(entries)
+    order = sorted(entries, key=natural_key)
     if "order" in meta:
         listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
         if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; "
-                                  "the trace file is damaged: record it again")
+            raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; " + _HOW_TO_ORDER)
         missing = [n for n in listed if n not in entries]
         if missing:
             raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
-                                  "hold; the trace file is damaged: record it again")
-        order = listed + [n for n in sorted(entries) if n not in set(listed)]
-    meta["order"] = order
+                                  f"hold (it holds {len(entries)} tensors); " + _HOW_TO_ORDER)
+        order = listed + [n for n in order if n not in set(listed)]
+        meta["order"] = order
     if "ids" in meta:
         try:
             ids = bounded_io.parse_json(meta["ids"], f"{path}: metadata 'ids'", CheckpointError)
         except CheckpointError:
             ids = None
+        if isinstance(ids, list) and ids and all(type(i) is int for i in ids):
+            ids = [ids]                                              # a flat list: one row
         if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
             meta["ids"] = ids  # else: free text from another producer, kept as it is
+    if "attention_mask" in meta:
+        meta["attention_mask"] = _check_mask(bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata "
+                                                                   "'attention_mask'", CheckpointError),
+                                             f"{path}: metadata 'attention_mask'")
+    if "dtype" in meta and meta["dtype"] not in DEFAULT_TOLERANCES:
+        warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
+                      f"{', '.join(DEFAULT_TOLERANCES)}; the tolerances follow the tensors' dtypes instead",
+                      stacklevel=2)
     count = sum(math.prod(entries[name][1]) for name in order)
     bounded_io.check_memory(count * 8 * 2, f"{path}: reading and comparing the trace ({count:,} values, "
                             "held as float64)", CheckpointError, "compare on a machine with more memory")
     trace = {name: checkpoint.read_tensor(str(path), entries[name], start) for name in order}
     return trace, meta
+
+
+def _check_mask(mask, where):
+    """A 0/1 attention mask as an int array [B, T]; CheckpointError naming `where` otherwise."""
+    rows = mask if isinstance(mask, list) and mask and all(isinstance(r, list) for r in mask) else None
+    if (rows is None or len({len(r) for r in rows}) != 1 or not rows[0]
+            or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
+        raise CheckpointError(f"{where} is not an attention mask: give a JSON list of rows of 0 (padding) and 1 "
+                              "(token), one row per batch row, all of one length, e.g. [[0, 0, 1, 1], [1, 1, 1, 1]]")
+    return np.array(rows, dtype=np.int64)
+
+
+_HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in execution order "
+                 "(json.dumps(list(trace)) for a dict in execution order), or leave it out: names are then compared "
+                 "in the other file's order, or in natural order")
 
 
 # ---- comparing ----------------------------------------------------------------------------------
@@ -208,20 +248,29 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
-def compare_traces(a, b, rtol=None, atol=None, precision=(None, None)):
+def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False,
+                   attention_mask=None):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
+
+    `order` (a list of names) replaces A's order: compare passes B's recorded order when A's file has none.
+    allow_missing: a name only one side holds (a port that cannot produce attn_weights under SDPA or flash
+    attention) is a row noted "missing in B (allowed)" with ok=True, so it is neither a failure nor the first
+    divergence. attention_mask ([B, T] of 0/1): the padded positions (0) are left out of every tensor whose
+    token axis (token_axis) has the mask's shape: a padded query sees no key, and implementations differ there.
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
     emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions."""
     rows = []
-    for name in list(a) + [n for n in b if n not in a]:
-        if name not in b:
-            rows.append(Row(name, tuple(a[name].shape), math.nan, math.nan, math.nan, False, "missing in B"))
-            continue
-        if name not in a:
-            rows.append(Row(name, tuple(b[name].shape), math.nan, math.nan, math.nan, False, "missing in A"))
+    names = [n for n in (order or []) if n in a or n in b]
+    names += [n for n in list(a) + list(b) if n not in set(names)]
+    allowed = " (allowed)" if allow_missing else ""
+    for name in dict.fromkeys(names):
+        if name not in a or name not in b:
+            side, there = ("B", a) if name not in b else ("A", b)
+            rows.append(Row(name, tuple(there[name].shape), math.nan, math.nan, math.nan, bool(allow_missing),
+                            f"missing in {side}{allowed}"))
             continue
         x, y = a[name], b[name]
         if tuple(x.shape) != tuple(y.shape):
@@ -231,10 +280,33 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None)):
         rt, at = default_tolerances(precision[0] or x.dtype, precision[1] or y.dtype)
         rt = rt if rtol is None else rtol
         at = at if atol is None else atol
+        x, y = drop_padding(name, x, attention_mask), drop_padding(name, y, attention_mask)
         max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
         ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
         rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok))
     return rows
+
+
+# the per-head attention tensors, [B, H or KVH, T, D] (attn_weights [B, H, T, S]): positions on axis 2
+_PER_HEAD = ("q_proj", "k_proj", "v_proj", "q_layernorm", "k_layernorm", "rotary_q", "rotary_k", "attn_weights",
+             "attn_output")
+
+
+def token_axis(name):
+    """The axis of a trace tensor that runs over the token (query) positions: 2 for the per-head attention
+    tensors (self_attn.q_proj ... attn_output), 1 for every other name ([B, T, ...])."""
+    return 2 if ".self_attn." in name and name.rsplit(".", 1)[-1] in _PER_HEAD else 1
+
+
+def drop_padding(name, x, attention_mask):
+    """x with the positions the mask pads (0) on its token axis set to 0 (left out of every error measure);
+    x itself when there is no mask or x does not have the mask's [B, T] at (0, token_axis(name))."""
+    axis = token_axis(name)
+    if attention_mask is None or x.ndim <= axis or (x.shape[0], x.shape[axis]) != attention_mask.shape:
+        return x
+    keep = attention_mask.astype(bool).reshape((x.shape[0],) + (1,) * (axis - 1) + (x.shape[axis],)
+                                               + (1,) * (x.ndim - axis - 1))
+    return np.where(keep, x, np.zeros((), x.dtype))
 
 
 def first_divergence(rows):
@@ -259,7 +331,7 @@ def format_table(rows):
     header = ("", "tensor", "shape", "max abs err", "max rel err", "cosine", "")
     lines = []
     for r in rows:
-        status = "ok" if r.ok else (r.note or "DIFFERS")
+        status = r.note or ("ok" if r.ok else "DIFFERS")
         if r is first:
             status += "  <- first divergence"
         cosine = _cosine(r.cosine)
@@ -322,25 +394,58 @@ def cmd_compare(args):
             raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
+    order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
+    mask, mask_from = _choose_mask(args.mask, meta_a, meta_b)
+    if mask is not None and "model.embed_tokens" in a and a["model.embed_tokens"].shape[:2] != mask.shape:
+        raise StableLmError(f"the attention mask ({mask_from}) is {mask.shape[0]}x{mask.shape[1]}, but the traces' "
+                            f"tokens are {'x'.join(map(str, a['model.embed_tokens'].shape[:2]))} (batch x tokens): "
+                            "give the mask the traces were recorded with")
     rows = compare_traces(a, b, args.rtol, args.atol,
                           precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
-                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None))
+                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
+                          order=order, allow_missing=args.allow_missing, attention_mask=mask)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
         print(f"{label}: {printable(path)}  ({producer}, {dtype}, {device}, model {model})")
+    if mask is not None:
+        print(f"attention mask from {mask_from}: {int((mask == 0).sum())} padded positions left out of every tensor")
+    if order is not None:
+        print("A has no execution order; using B's")
+    elif "order" not in meta_a:
+        print("neither file has an execution order; names in natural order (layers.2 before layers.10)")
     if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
         print("warning: the two traces were recorded from different input ids")
+    if "attention_mask" in meta_a and "attention_mask" in meta_b and not np.array_equal(meta_a["attention_mask"],
+                                                                                        meta_b["attention_mask"]):
+        print("warning: the two traces were recorded with different attention masks (A's is used)")
     tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
     print(f"tolerance: {tol} (ok = max abs err <= atol + rtol * max(|A|max, |B|max))\n")
     print(format_table(rows))
     first = first_divergence(rows)
     bad = sum(not r.ok for r in rows)
+    missing = sum(r.ok and r.note.startswith("missing") for r in rows)
+    skipped = f" ({missing} missing from one side, allowed by --allow-missing)" if missing else ""
     if first is None:
-        print(f"\nall {len(rows)} tensors agree")
+        print(f"\nall {len(rows) - missing} tensors both sides hold agree{skipped}" if missing
+              else f"\nall {len(rows)} tensors agree")
         return 0
     print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
-          + (f" ({first.note})" if first.note else ""))
+          + (f" ({first.note})" if first.note else "") + skipped)
     return 1
+
+
+def _choose_mask(option, meta_a, meta_b):
+    """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
+    if option is not None:
+        try:
+            rows = [[int(v) for v in row.split(",")] for row in option.replace(" ", "").split(";")]
+        except ValueError:
+            rows = None
+        return _check_mask(rows, f"--mask {option!r}"), "--mask"
+    for label, meta in (("A", meta_a), ("B", meta_b)):
+        if "attention_mask" in meta:
+            return meta["attention_mask"], f"{label}'s metadata"
+    return None, None
 
 
 def add_cli_commands(subparsers):
@@ -363,12 +468,19 @@ def add_cli_commands(subparsers):
 
     c = subparsers.add_parser("compare", allow_abbrev=False,
                               help="compare two traces; exit 0 if all tensors agree, 1 otherwise",
-                              description="Compare two traces tensor by tensor in A's execution order and mark "
-                                          "the first tensor beyond tolerance. Exit 0: all agree; 1: a divergence.")
+                              description="Compare two traces tensor by tensor in A's execution order (B's when "
+                                          "only B's file records one) and mark the first tensor beyond "
+                                          "tolerance. Exit 0: all agree; 1: a divergence.")
     c.add_argument("a", help="trace A (safetensors)")
     c.add_argument("b", help="trace B (safetensors)")
     c.add_argument("--rtol", type=float, help="relative tolerance (of each tensor's max magnitude); default by dtype")
     c.add_argument("--atol", type=float, help="absolute tolerance; default by dtype")
+    c.add_argument("--mask", metavar="ROWS",
+                   help="attention mask, rows separated by ';' (e.g. 0,0,1,1;1,1,1,1): padded positions (0) are left "
+                        "out of every tensor; default: the traces' attention_mask metadata")
+    c.add_argument("--allow-missing", action="store_true",
+                   help="a tensor only one file holds (e.g. attn_weights from a port using SDPA or flash attention) "
+                        "is listed but neither fails nor counts as the first divergence")
     c.set_defaults(func=cmd_compare)
 
 
@@ -378,11 +490,13 @@ def main(argv=None):
                                      allow_abbrev=False)
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except StableLmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():                  # a warning is one line in the command's words
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except StableLmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -263,3 +263,133 @@ def test_gpu_traces_compare_clean_against_the_cpu(checkpoints, capsys):
         assert meta["device"] == "gpu" and trace["lm_head"].dtype == np.dtype(dtype)
         assert main(["compare", str(gpu), str(cpu)]) == 0
         assert max(r.max_rel for r in compare_traces(trace, read_trace(cpu)[0])) < bound
+
+
+def test_a_file_without_order_is_compared_in_the_other_files_order(checkpoints, capsys, tmp_path):
+    """A porter's file has no `order` metadata: compare took A's sorted order (lm_head first, layers.10 before
+    layers.2), so the first divergence was misplaced. Now B's recorded order decides; alone, order is natural."""
+    from stablelm_ref.checkpoint import save_file
+    from stablelm_ref.trace import natural_key
+
+    assert sorted(["model.layers.10", "model.layers.2", "lm_head"], key=natural_key) == [
+        "lm_head", "model.layers.2", "model.layers.10"]
+    assert sorted(["x²", "x2", "x٣", "x10"], key=natural_key) == ["x2", "x10", "x²", "x٣"]  # ASCII digits only
+    good = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    trace, _ = read_trace(good)
+    trace["model.layers.1"] = trace["model.layers.1"] + 1.0       # diverges before model.norm and lm_head
+    trace["lm_head"] = trace["lm_head"] + 1.0
+    port = tmp_path / "port.safetensors"
+    save_file(trace, port)                                        # plain safetensors: no metadata at all
+    assert "order" not in read_trace(port)[1]
+    assert main(["compare", str(port), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert "A has no execution order; using B's" in out
+    assert out.rstrip().endswith("first divergence: model.layers.1")
+    assert out.index("  lm_head ") > out.index("  model.norm ") > out.index("  model.embed_tokens ")  # B's order
+    rows = compare_traces(*[read_trace(p)[0] for p in (port, good)], order=read_trace(good)[1]["order"])
+    assert first_divergence(rows).name == "model.layers.1"
+
+
+def test_allow_missing_lists_but_does_not_fail_on_a_tensor_one_side_lacks(checkpoints, capsys, tmp_path):
+    """A port under SDPA/flash attention cannot produce attn_weights: compare failed at 'missing in B' forever."""
+    trace, meta = read_trace(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    del trace["model.layers.0.self_attn.attn_weights"]
+    write_trace(tmp_path / "port.safetensors", trace, {"dtype": "float64"})
+    args = [str(checkpoints / "m64.safetensors"), str(tmp_path / "port.safetensors")]
+    assert main(["compare", *args, "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.attn_weights" in out and "missing in B (allowed)" in out
+    assert "(1 missing from one side, allowed by --allow-missing)" in out
+    trace["model.layers.1"] = trace["model.layers.1"] + 1.0                   # a real divergence still fails
+    write_trace(tmp_path / "port.safetensors", trace, {"dtype": "float64"})
+    assert main(["compare", *args, "--allow-missing"]) == 1
+    assert "first divergence: model.layers.1 " in capsys.readouterr().out
+    full, _ = read_trace(args[0])
+    rows = compare_traces(full, trace, allow_missing=True)
+    assert first_divergence(rows).name == "model.layers.1"
+    assert [r.note for r in rows if r.name.endswith("attn_weights")][0] == "missing in B (allowed)"
+    assert first_divergence(compare_traces(full, trace)).note == "missing in B"        # the default is unchanged
+
+
+def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
+    """A porter's metadata: a flat `ids` list is one row; an unknown `dtype` is a one-line warning (it was
+    ignored silently); an `order` naming a tensor the file lacks says how to write order (it said 'damaged')."""
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"ids": "[5, 17, 42]", "dtype": "fp32"})
+    with pytest.warns(UserWarning, match=r"metadata 'dtype' is 'fp32', not one of float64, float32, float16, bf"):
+        _, meta = read_trace(path)
+    assert meta["ids"] == [[5, 17, 42]]
+    assert main(["compare", str(path), str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.startswith("warning: ") and "'fp32'" in err     # one line per file
+    save_file({"a": np.zeros(2)}, path, {"order": json.dumps(["a", "b"])})
+    with pytest.raises(CheckpointError) as e:
+        read_trace(path)
+    assert "metadata 'order' lists 'b', which the file does not hold" in str(e.value)
+    assert "JSON list of the names the file holds" in str(e.value) and "damaged" not in str(e.value)
+
+
+def _documented_shapes(config, t):
+    """{name: shape} from docs/tracing.md's name table, for layer 0 of `config` with B=1 and T=S=t."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
+    dims = {"B": 1, "T": t, "S": t, "H": config.num_attention_heads, "KVH": config.num_key_value_heads,
+            "D": config.head_dim, "hidden": config.hidden_size, "inter": config.intermediate_size,
+            "vocab": config.vocab_size}
+    shapes = {}
+    for names, shape in re.findall(r"^\| (`[^|]+`) \| \[([^\]]+)\] \|", text, re.M):
+        names = re.findall(r"`([^`]+)`", names)
+        first = names[0].replace("...", "model.layers.0.").replace("model.layers.i", "model.layers.0")
+        prefix = first.rsplit(".", 1)[0] + "." if "." in first else ""
+        for name in [first] + [prefix + n for n in names[1:]]:
+            shapes[name] = tuple(dims[d.strip()] for d in shape.split(","))
+    return shapes
+
+
+def test_the_docs_name_table_gives_every_shape_of_every_variant(variant):
+    """docs/tracing.md gave k_layernorm as [B, H, T, D]; under grouped-query attention it is [B, KVH, T, D]."""
+    model = tiny_model(seed=3, **VARIANTS[variant])
+    _, trace = model.run_with_trace([[5, 17, 42]])
+    documented = _documented_shapes(model.config, 3)
+    layer0 = {n: a.shape for n, a in trace.items() if not n.startswith("model.layers.1")}
+    assert set(layer0) <= set(documented), set(layer0) - set(documented)
+    assert {n: documented[n] for n in layer0} == layer0
+
+
+def test_padded_query_positions_are_left_out_with_the_attention_mask(tmp_path, capsys):
+    """A left-padded batch: a padded query sees no key, its attention row is 0 here and uniform in transformers,
+    and every later tensor differs at that position. With the mask (metadata or --mask) those are left out."""
+    from stablelm_ref.trace import token_axis
+
+    model = tiny_model(seed=5, **VARIANTS["12b"])
+    ids = np.array([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    _, mine = model.run_with_trace(ids, attention_mask=mask, position_ids=np.maximum(np.cumsum(mask, 1) - 1, 0))
+    theirs = {}
+    for name, a in mine.items():                          # another implementation: other values where padded
+        b = a.copy()
+        index = [0] + [slice(None)] * (a.ndim - 1)
+        index[token_axis(name)] = slice(0, 2)
+        b[tuple(index)] = 1.0 / 5 if name.endswith("attn_weights") else b[tuple(index)] + 3.0
+        theirs[name] = b
+    assert first_divergence(compare_traces(mine, theirs)).name == "model.embed_tokens"
+    assert first_divergence(compare_traces(mine, theirs, attention_mask=mask)) is None
+    theirs["model.layers.1.mlp.act"][0, 3, 0] += 1.0        # a real token still counts
+    assert first_divergence(compare_traces(mine, theirs, attention_mask=mask)).name == "model.layers.1.mlp.act"
+    theirs["model.layers.1.mlp.act"][0, 3, 0] -= 1.0
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_trace(a, mine, {"ids": ids.tolist(), "attention_mask": mask.tolist(), "dtype": "float64"})
+    write_trace(b, theirs, {"ids": ids.tolist(), "dtype": "float64"})
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    write_trace(a, mine, {"dtype": "float64"})
+    assert main(["compare", str(a), str(b)]) == 1
+    assert main(["compare", str(a), str(b), "--mask", "0,0,1,1,1;1,1,1,1,1"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--mask", "0,1,1;1,1,1"]) == 2
+    assert "the attention mask (--mask) is 2x3, but the traces' tokens are 2x5" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--mask", "0,2"]) == 2
+    assert "is not an attention mask" in capsys.readouterr().err
