@@ -347,18 +347,30 @@ def format_table(rows):
 
 # ---- command line -------------------------------------------------------------------------------
 
+def _numbers(text):
+    """'510,8588, 310' -> [510, 8588, 310], or None unless every comma-separated item is ASCII digits (spaces
+    around them allowed): int() alone took '1_0' as 10 and other scripts' digits, and an empty item was dropped."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", t) for t in items):
+        return None
+    return [int(t) for t in items]
+
+
 def _parse_ids(text):
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise StableLmError(f"--ids {text!r}: give comma-separated token ids, e.g. --ids 510,8588,310") from None
-    if not ids:
+    if not text.strip():
         raise StableLmError("--ids is empty: give at least one token id, e.g. --ids 510,8588,310")
+    ids = _numbers(text)
+    if ids is None:
+        raise StableLmError(f"--ids {text!r}: give comma-separated token ids (digits 0-9, no empty item), e.g. "
+                            "--ids 510,8588,310")
     return ids
 
 
 def _encode(model_dir, text):
-    return [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
+    ids = [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
+    if not ids:
+        raise StableLmError(f"--text {text!r} gives no tokens: give some text (or --ids)")
+    return ids
 
 
 def load_for_trace(model, dtype, device):
@@ -437,11 +449,8 @@ def cmd_compare(args):
 def _choose_mask(option, meta_a, meta_b):
     """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
     if option is not None:
-        try:
-            rows = [[int(v) for v in row.split(",")] for row in option.replace(" ", "").split(";")]
-        except ValueError:
-            rows = None
-        return _check_mask(rows, f"--mask {option!r}"), "--mask"
+        rows = [_numbers(row) for row in option.split(";")]
+        return _check_mask(None if None in rows else rows, f"--mask {option!r}"), "--mask"
     for label, meta in (("A", meta_a), ("B", meta_b)):
         if "attention_mask" in meta:
             return meta["attention_mask"], f"{label}'s metadata"

@@ -393,3 +393,31 @@ def test_padded_query_positions_are_left_out_with_the_attention_mask(tmp_path, c
     assert "the attention mask (--mask) is 2x3, but the traces' tokens are 2x5" in capsys.readouterr().err
     assert main(["compare", str(a), str(b), "--mask", "0,2"]) == 2
     assert "is not an attention mask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ids", ["1,,2", "1,", ",1", "1_0", "\u0661\u0662", "+1", "1.0", " , "])
+def test_ids_and_mask_take_ascii_digits_and_no_empty_item(checkpoints, capsys, tmp_path, ids):
+    """--ids (and --mask's rows) are comma-separated ASCII digits: int() alone took '1_0' as 10 and Arabic-Indic
+    digits as 12, and an empty item between two commas was dropped, silently."""
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", ids, "--out", str(tmp_path / "t")]) == 2
+    assert "--ids" in capsys.readouterr().err and not os.path.exists(tmp_path / "t")
+    m64 = str(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    capsys.readouterr()
+    assert main(["compare", m64, m64, "--mask", ids.replace(",", ";", 1)]) == 2
+    assert "--mask" in capsys.readouterr().err
+
+
+def test_ids_with_spaces_around_items_are_read(checkpoints, capsys, tmp_path):
+    out = tmp_path / "t.safetensors"
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", " 1, 2 ,3", "--out", str(out)]) == 0
+    assert read_trace(out)[1]["ids"] == [[1, 2, 3]]
+
+
+def test_text_that_gives_no_tokens_names_the_option(tmp_path, capsys):
+    from test_tokenizer import tiny_tokenizer_dir
+
+    d = tmp_path / "m"
+    tiny_model(seed=3).save_pretrained(d)
+    tiny_tokenizer_dir(d)
+    assert main(["trace", "--model", str(d), "--text", "", "--out", str(tmp_path / "t")]) == 2
+    assert "--text '' gives no tokens: give some text (or --ids)" in capsys.readouterr().err
