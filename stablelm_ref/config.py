@@ -330,7 +330,7 @@ def _check_int(key, value, minimum):
 def _check_float(key, value, positive=False, probability=False):
     """value, a finite number (errors.is_number: a NumPy number too, returned as a Python float) that float32 (the
     default compute dtype) also holds (> 0 if positive, else >= 0; at most 1 if a probability)."""
-    if not is_number(value) or not abs(value) <= FLOAT32_MAX:
+    if not is_number(value) or not abs(float(value)) <= FLOAT32_MAX:    # float(): np.float16 vs 3.4e38 overflowed
         raise ConfigError(f"config key {key!r} must be a finite number (within float32's range), got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"config key {key!r} must be > 0, got {value!r}")

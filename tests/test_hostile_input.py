@@ -547,7 +547,7 @@ def test_runtime_input_is_checked(data):
     (dict(input_ids=[[1.0, 2.0]]), "integers"), (dict(input_ids=[["a", "b"]]), "integers"),
     (dict(input_ids="hello"), "not text: tokenize the prompt first"),
     (dict(input_ids=[[1, 2], [3]]), "rows of equal length"),
-    (dict(input_ids=[[2**70]]), "integers"), (dict(input_ids=[[[1]]]), "\\[batch, seq_len\\]"),
+    (dict(input_ids=[[2**70]]), f"token id {2**70} is outside"), (dict(input_ids=[[[1]]]), "\\[batch, seq_len\\]"),
     (dict(input_ids=[[1] * (MAX_POS + 1)]), f"the input has {MAX_POS + 1} tokens, more than the model's context"),
     (dict(input_ids=[[1, 2]], attention_mask=[[1, 1, 1]]), "attention_mask has shape \\(1, 3\\), expected \\(1, 2\\)"),
     (dict(input_ids=[[1, 2]], attention_mask=[1, 1]), "attention_mask has shape \\(2,\\)"),

@@ -31,6 +31,13 @@ def test_the_wrong_container_is_named(model, case, call):
         run(ids)
 
 
+def test_an_object_array_of_ids_in_the_vocabulary_is_read_as_ids(model):
+    import numpy as np
+
+    ids = np.array([[1, 2, 3]], dtype=object)
+    np.testing.assert_array_equal(model(ids).logits, model([[1, 2, 3]]).logits)
+
+
 def test_the_dict_unpacked_is_what_the_message_advises(model):
     enc = {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]}
     assert model(**enc).logits.shape == (1, 3, model.config.vocab_size)
