@@ -247,13 +247,12 @@ class StableLmPreTrainedModel:
             raise GenerationError(f"input_ids is empty (shape {host.shape}); give at least one token")
         if host.ndim == 1:
             host = host[None, :]
-        if host.dtype == object and host.ndim == 2 and all(is_int(v) for v in host.flat):   # Python ints, some
-            bad = [int(v) for v in host.flat if not 0 <= v < self.config.vocab_size]     # perhaps beyond int64
+        if host.dtype == object and host.ndim == 2 and all(is_int(v) for v in host.flat):   # ints beyond int64
+            bad = [int(v) for v in host.flat if not 0 <= v < self.config.vocab_size]
             if bad:
                 raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size}); "
                                       "does the tokenizer belong to this model?")
-            host = host.astype(np.int64)
-        if host.dtype == object:                                    # a generator, a set, a row of non-numbers...
+        if host.dtype == object and not hasattr(input_ids, "dtype"):   # a generator, a set... (not an array)
             raise GenerationError(f"input_ids must be a list of lists of ints or an integer array, got "
                                   f"a {type(input_ids).__name__}"
                                   + (f" {reprlib.repr(input_ids)}" if isinstance(input_ids, (list, tuple, set)) else ""))
