@@ -94,8 +94,12 @@ def apply_repetition_penalty(scores, input_ids, penalty, ignore_prefix=None):
         ids = xp.where(positions < xp.asarray(ignore_prefix)[:, None], vocab, ids)  # pad slots -> V (dropped)
     present = xp.zeros((batch, vocab + 1), dtype=bool)                   # [B, V + 1]
     present[xp.arange(batch)[:, None], ids] = True
-    p = xp.float64(penalty)            # in float64, then cast: a penalty beyond the scores' dtype gives its limit
-    with np.errstate(over="ignore"):   # (2 / 1e-300 -> inf, -2 * 1e-300 -> -0.0, 0 stays 0), not 0 * inf = NaN
+    # In the scores' dtype, as transformers computes it (equal to the last bit); a penalty that dtype cannot hold is
+    # applied in float64 and cast, giving the limit (2 / 1e-300 -> inf, 0 stays 0; in float32 it became 0 or inf and
+    # 0 / 0 or 0 * inf made NaN)
+    info = xp.finfo(scores.dtype)
+    p = penalty if float(info.tiny) <= penalty <= float(info.max) else xp.float64(penalty)
+    with np.errstate(over="ignore"):
         penalised = xp.where(scores < 0, scores * p, scores / p).astype(scores.dtype)
     return xp.where(present[:, :vocab], penalised, scores)
 
