@@ -248,10 +248,7 @@ class StableLmPreTrainedModel:
         if host.ndim == 1:
             host = host[None, :]
         if host.dtype == object and host.ndim == 2 and all(is_int(v) for v in host.flat):   # ints beyond int64
-            bad = [int(v) for v in host.flat if not 0 <= v < self.config.vocab_size]
-            if bad:
-                raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size}); "
-                                      "does the tokenizer belong to this model?")
+            self._in_vocabulary(int(min(host.flat)), int(max(host.flat)))
         if host.dtype == object and not hasattr(input_ids, "dtype"):   # a generator, a set... (not an array)
             raise GenerationError(f"input_ids must be a list of lists of ints or an integer array, got "
                                   f"a {type(input_ids).__name__}"
@@ -259,12 +256,14 @@ class StableLmPreTrainedModel:
         if host.ndim != 2 or host.dtype.kind not in "iu":
             raise GenerationError(f"input_ids must be a [batch, seq_len] array of integers, got shape "
                                   f"{host.shape} of {host.dtype}")
-        lo, hi = int(host.min()), int(host.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise GenerationError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); does "
-                                  "the tokenizer belong to this model?")
+        self._in_vocabulary(int(host.min()), int(host.max()))
         return xp.asarray(host.astype(np.int64))
+
+    def _in_vocabulary(self, lo, hi):
+        """GenerationError naming an id outside [0, vocab_size), given the smallest and largest id."""
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise GenerationError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
+                                  f"{self.config.vocab_size}); does the tokenizer belong to this model?")
 
     def _mask_2d(self, attention_mask, batch, total):
         """[B, S] of 0/1 (ints, floats or bools) -> bool, S = cached + new positions."""
