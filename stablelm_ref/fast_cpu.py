@@ -57,9 +57,9 @@ import sys
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ._xp import to_host
-from .errors import GenerationError, StableLmError, check_flag, is_int
+from .errors import GenerationError, StableLmError, check_flag
 from .fast_forms import register
+from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
 from .model import ModelOutput
@@ -341,7 +341,7 @@ class FastCpuModel:
         b, t = ids.shape                                                        # [B, T]
         if mask2d is not None and mask2d.all():
             mask2d = None                                                       # nothing to mask but causality
-        kept = self._kept_rows(logits_to_keep, t)                                # [T'] positions, or None: all
+        kept = kept_positions(logits_to_keep, t)                                 # [T'] positions, or None: all
 
         w = self._workspace(b, t)
         np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
@@ -368,20 +368,6 @@ class FastCpuModel:
         return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if kept is None else None)
 
     __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
-
-    @staticmethod
-    def _kept_rows(logits_to_keep, t):
-        """The positions whose logits are returned ([T'] int64 in [0, t)), or None for all of them."""
-        if is_int(logits_to_keep):                                    # heads.py's rule: not a bool
-            logits_to_keep = int(logits_to_keep)                        # np.uint64: no wrap-around in t - k
-            if logits_to_keep < 0:
-                raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-            return None if logits_to_keep == 0 or logits_to_keep >= t else np.arange(t - logits_to_keep, t)
-        keep = np.asarray(to_host(logits_to_keep))
-        if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
-            raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
-                                  f"got {logits_to_keep!r}")
-        return keep.astype(np.int64) % t
 
     def _cos_sin(self, position_ids, w):
         """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:

@@ -31,6 +31,24 @@ from .model import StableLmModel, StableLmPreTrainedModel
 IGNORE_INDEX = -100
 
 
+def kept_positions(logits_to_keep, t):
+    """The positions of T whose logits are returned, for logits_to_keep as transformers takes it: an int k > 0,
+    the last k ([T'] int64); 0 or k >= t, None (every position); or a 1-D array of positions in [-t, t), as
+    [T'] int64 in [0, t). GenerationError otherwise. The forward here and model.fast() share it."""
+    if is_int(logits_to_keep):                                          # not a bool
+        logits_to_keep = int(logits_to_keep)                            # np.uint64: no wrap-around in t - k
+        if logits_to_keep < 0:
+            raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        return None if logits_to_keep == 0 or logits_to_keep >= t else np.arange(t - logits_to_keep, t)
+    keep = host_array(logits_to_keep)
+    if keep is None:
+        keep = np.asarray([0.5])                                        # refused just below
+    if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
+        raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
+                              f"got {logits_to_keep!r}")
+    return keep.astype(np.int64) % t
+
+
 def label_array(labels, shape, integer=True, what="labels"):
     """labels (list or array) -> a host array of `shape` (any shape: None; integers, or numbers when
     integer=False), or a GenerationError that says what was expected."""
@@ -97,22 +115,12 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                                  output_hidden_states, trace)
         xp, h = self.xp, out.last_hidden_state                            # [B, T, hidden]
         t = h.shape[1]
-        if is_int(logits_to_keep):
-            logits_to_keep = int(logits_to_keep)                            # np.uint64: no wrap-around in -k
-            if logits_to_keep < 0:
-                raise GenerationError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-            h = h[:, -logits_to_keep:, :] if logits_to_keep else h           # [B, T', hidden]
-            every_position = logits_to_keep == 0 or logits_to_keep >= t
-        else:
-            keep = host_array(logits_to_keep)
-            if keep is None:
-                keep = np.asarray([0.5])                                    # refused just below
-            if keep.ndim != 1 or keep.dtype.kind not in "iu" or (keep.size and not (-t <= keep.min() and keep.max() < t)):
-                raise GenerationError(f"logits_to_keep must be an int or a 1-D array of positions in [0, {t}), "
-                                      f"got {logits_to_keep!r}")
-            keep = keep.astype(np.int64) % t
+        keep = kept_positions(logits_to_keep, t)
+        if keep is not None and is_int(logits_to_keep):
+            h = h[:, int(keep[0]):, :]                                      # the last k: a view, no gather
+        elif keep is not None:
             h = xp.take(h, xp.asarray(keep), axis=1)                        # [B, len(keep), hidden]
-            every_position = np.array_equal(keep, np.arange(t))
+        every_position = keep is None or np.array_equal(keep, np.arange(t))
         out.logits = linear(h, self.lm_head_weight)                       # [B, T', vocab]
         (trace or no_trace)("lm_head", out.logits)
         if labels is not None:
