@@ -58,10 +58,9 @@ class _Parser(argparse.ArgumentParser):
         hint naming the option(s) it abbreviates, of this parser or of its subcommands."""
         if not message.startswith("unrecognized arguments:"):
             return ""
-        hints = []
-        for arg in message.split(":", 1)[1].split():
-            name = arg.split("=", 1)[0]
-            full = sorted(o for o in _option_strings(self) if name.startswith("--") and o.startswith(name) and o != name)
+        hints, options = [], _option_strings(self)
+        for name in (arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split() if arg.startswith("--")):
+            full = sorted(o for o in options if o.startswith(name) and o != name)
             if full:
                 hints.append(f"{name} is not an option (options are spelled in full): did you mean "
                              f"{' or '.join(full)}?")

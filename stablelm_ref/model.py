@@ -250,9 +250,9 @@ class StableLmPreTrainedModel:
         if host.dtype == object and host.ndim == 2 and all(is_int(v) for v in host.flat):   # ints beyond int64
             self._in_vocabulary(int(min(host.flat)), int(max(host.flat)))
         if host.dtype == object and not hasattr(input_ids, "dtype"):   # a generator, a set... (not an array)
+            shown = f" {reprlib.repr(input_ids)}" if isinstance(input_ids, (list, tuple, set)) else ""
             raise GenerationError(f"input_ids must be a list of lists of ints or an integer array, got "
-                                  f"a {type(input_ids).__name__}"
-                                  + (f" {reprlib.repr(input_ids)}" if isinstance(input_ids, (list, tuple, set)) else ""))
+                                  f"a {type(input_ids).__name__}{shown}")
         if host.ndim != 2 or host.dtype.kind not in "iu":
             raise GenerationError(f"input_ids must be a [batch, seq_len] array of integers, got shape "
                                   f"{host.shape} of {host.dtype}")
