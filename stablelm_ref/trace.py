@@ -162,7 +162,7 @@ def read_trace(path):
         if missing:
             raise CheckpointError(f"{path}: metadata 'order' lists {missing[0]!r}, which the file does not "
                                   f"hold (it holds {len(entries)} tensors); " + _HOW_TO_ORDER)
-        order = listed + [n for n in order if n not in set(listed)]
+        order = list(dict.fromkeys(listed + order))                  # the listed ones, then the rest
         meta["order"] = order
     if "ids" in meta:
         try:
@@ -263,10 +263,9 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions."""
     rows = []
-    names = [n for n in (order or []) if n in a or n in b]
-    names += [n for n in list(a) + list(b) if n not in set(names)]
+    names = dict.fromkeys([n for n in (order or []) if n in a or n in b] + list(a) + list(b))   # first place kept
     allowed = " (allowed)" if allow_missing else ""
-    for name in dict.fromkeys(names):
+    for name in names:
         if name not in a or name not in b:
             side, there = ("B", a) if name not in b else ("A", b)
             rows.append(Row(name, tuple(there[name].shape), math.nan, math.nan, math.nan, bool(allow_missing),
