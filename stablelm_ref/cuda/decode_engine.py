@@ -45,9 +45,9 @@ activations rounded to bf16 where the decode kernels round): the engine's tests 
 there is no StableLmForCausalLM (transformers' weights).
 
 The GPU side, by concern: launch.py (building decode.cu, bound launches, PDL, capture and replay timing),
-decode_kernels.py (the Python face of each kernel), tune.py (the autotuner: GEMV shapes, the attention's shape), specs.py (the float64
-specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file (weights, buffers, the step's
-plan, capture, the device-side bookkeeping).
+decode_kernels.py (the Python face of each kernel), tune.py (the autotuner: GEMV shapes, the attention's
+shape), specs.py (the float64 specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file
+(weights, buffers, the step's plan, capture, the device-side bookkeeping).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, rotary_ndims, rope_theta, layer_norm_eps,
@@ -545,8 +545,8 @@ class GpuDecodeEngine:
         return result
 
     def capture(self, nb: int):
-        """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph. With pdl, the
-        kernels after the first are captured as programmatic dependents of their predecessor; if the driver
+        """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
+        With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if the driver
         refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
         key = (nb, bool(self.pdl), self._sampler_key())
         if key not in self._graphs:
