@@ -198,7 +198,8 @@ def sweep_shapes(engine, kinds, res, top=3, rounds=3):
     """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
     TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
     tuner itself tries only its TUNE_FINALISTS best-alone shapes there, then persistent blocks for the
-    winner, then the winner at half its rows, tune.leaner); then the tuner's choice and the `top` best again, in alternating rounds (medians)."""
+    winner, then the winner at half its rows, tune.leaner); then the tuner's choice and the `top` best again,
+    in alternating rounds (medians)."""
     base = dict(engine.tuning[1])
 
     def use(kind, c):

@@ -546,8 +546,8 @@ class GpuDecodeEngine:
 
     def capture(self, nb: int):
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
-        With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if the driver
-        refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
+        With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
+        the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
         key = (nb, bool(self.pdl), self._sampler_key())
         if key not in self._graphs:
             self._tune(nb)
