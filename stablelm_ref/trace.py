@@ -195,6 +195,10 @@ def _check_mask(mask, where):
             or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
         raise CheckpointError(f"{where} is not an attention mask: give a JSON list of rows of 0 (padding) and 1 "
                               "(token), one row per batch row, all of one length, e.g. [[0, 0, 1, 1], [1, 1, 1, 1]]")
+    empty = next((i for i, r in enumerate(rows) if 1 not in r), None)
+    if empty is not None:                     # its positions would all be left out: nothing of it compared
+        raise CheckpointError(f"{where}: row {empty} is all padding (no 1), so nothing of it would be compared; "
+                              "every row needs at least one token (1)")
     return np.array(rows, dtype=np.int64)
 
 
@@ -248,6 +252,26 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
+def check_comparable(a, b, labels=("A", "B")):
+    """CheckpointError when traces a and b share no tensor that holds a value: every row would be missing (or
+    empty), and "all of nothing agrees" is no check. Two files that share no name are usually not two traces
+    (a model's weights, model.embed_tokens.weight ..., are not one); `labels` name them in the message."""
+    if any(np.size(a[name]) and np.size(b[name]) for name in a if name in b):
+        return
+
+    def holds(label, t):
+        if not t:
+            return f"{label} holds no tensor"
+        weights = ", a model's weights, not a trace" if all(n.endswith((".weight", ".bias")) for n in t) else ""
+        return f"{label} holds {len(t)}, e.g. {printable(next(iter(t)))!r}{weights}"
+
+    shared = "no tensor name" if not set(a) & set(b) else "no tensor that holds a value"
+    a_name, b_name = (printable(str(label)) for label in labels)
+    raise CheckpointError(f"{a_name} and {b_name} share {shared}: nothing to compare ({holds(a_name, a)}; "
+                          f"{holds(b_name, b)}). Give two traces: stablelm-ref trace's, or a port's intermediates "
+                          "saved under the names of docs/tracing.md")
+
+
 def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False,
                    attention_mask=None):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
@@ -261,7 +285,9 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
     emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
-    with ok=False and a note, never exceptions."""
+    with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
+    CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
+    check_comparable(a, b)
     rows = []
     names = dict.fromkeys([n for n in (order or []) if n in a or n in b] + list(a) + list(b))   # first place kept
     allowed = " (allowed)" if allow_missing else ""
@@ -405,6 +431,7 @@ def cmd_compare(args):
             raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
+    check_comparable(a, b, (args.a, args.b))
     order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
     mask, mask_from = _choose_mask(args.mask, meta_a, meta_b)
     if mask is not None and "model.embed_tokens" in a and a["model.embed_tokens"].shape[:2] != mask.shape:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -333,7 +334,6 @@ def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
 
 def _documented_shapes(config, t):
     """{name: shape} from docs/tracing.md's name table, for layer 0 of `config` with B=1 and T=S=t."""
-    import re
 
     text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
     dims = {"B": 1, "T": t, "S": t, "H": config.num_attention_heads, "KVH": config.num_key_value_heads,
@@ -421,3 +421,35 @@ def test_text_that_gives_no_tokens_names_the_option(tmp_path, capsys):
     tiny_tokenizer_dir(d)
     assert main(["trace", "--model", str(d), "--text", "", "--out", str(tmp_path / "t")]) == 2
     assert "--text '' gives no tokens: give some text (or --ids)" in capsys.readouterr().err
+
+
+def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkpoints, capsys, tmp_path):
+    """A trace compared with a model's weights (hostile review): --allow-missing printed 'all 0 tensors both sides
+    hold agree' and exit 0, and without it 139 'missing in B' rows that never said B is no trace. Now exit 2, one
+    line; compare_traces refuses the same, as does a comparison of empty tensors only or of an all-padding row."""
+    from stablelm_ref.checkpoint import save_file
+    from stablelm_ref.trace import check_comparable
+
+    trace_path = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    weights = checkpoints / "good" / "model.safetensors"
+    for extra in ([], ["--allow-missing"]):
+        capsys.readouterr()
+        assert main(["compare", str(trace_path), str(weights), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert f"{trace_path} and {weights} share no tensor name: nothing to compare" in captured.err
+        assert re.search(r"holds \d+, e\.g\. '[a-z_.0-9]+\.weight', a model's weights, not a trace", captured.err)
+    trace, _ = read_trace(trace_path)
+    with pytest.raises(CheckpointError, match="^A and B share no tensor name"):
+        compare_traces(trace, {"lm_head.weight": np.zeros(3)}, allow_missing=True)
+    with pytest.raises(CheckpointError, match="A holds no tensor; B holds 1"):
+        compare_traces({}, {"x": np.zeros(3)})
+    with pytest.raises(CheckpointError, match="share no tensor that holds a value"):
+        compare_traces({"x": np.zeros((1, 0))}, {"x": np.zeros((1, 0))})
+    check_comparable({"x": np.zeros(1)}, {"x": np.zeros(1), "y": np.zeros(0)})          # one shared value: fine
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    assert main(["compare", str(empty), str(empty)]) == 2
+    assert "holds no tensor" in capsys.readouterr().err
+    assert main(["compare", str(trace_path), str(trace_path), "--mask", "1,1,1,1,1,1;0,0,0,0,0,0"]) == 2
+    assert "row 1 is all padding (no 1), so nothing of it would be compared" in capsys.readouterr().err
