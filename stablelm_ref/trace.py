@@ -117,12 +117,22 @@ def write_trace(path, trace, metadata=None):
     checkpoint.save_file(tensors, os.fspath(path), meta)
 
 
-def check_replaceable(path):
-    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
-    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept."""
+def check_path(path, what):
+    """os.fspath(path); CheckpointError naming `what` unless path is a str or os.PathLike, not empty, that the
+    operating system can take (no NUL, encodable): '' reached open() as ': cannot write (No such file ...)'."""
     if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(f"the trace's output path must be a file name, got {path!r}")
-    path = os.fspath(path)
+        raise CheckpointError(f"{what} must be a file name (a string or os.PathLike), got {path!r}")
+    if not os.fspath(path):
+        raise CheckpointError(f"{what} is empty (''): give a file name, e.g. trace.safetensors")
+    checkpoint.check_os_path(path)
+    return os.fspath(path)
+
+
+def check_replaceable(path, what="the trace's output path"):
+    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
+    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept.
+    A path that is no file name (check_path) is refused naming `what`."""
+    path = check_path(path, what)
     if not os.path.lexists(path):
         return
     try:
@@ -151,7 +161,8 @@ def read_trace(path):
 
     A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
     MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
-    entries, meta, start = checkpoint.read_header(str(path))
+    path = check_path(path, "the trace to read")
+    entries, meta, start = checkpoint.read_header(path)
     meta = dict(meta)
     order = sorted(entries, key=natural_key)
     if "order" in meta:
@@ -414,7 +425,7 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
-    check_replaceable(args.out)                          # before the model loads: a wrong --out fails at once
+    check_replaceable(args.out, "--out")                 # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
     ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
     model, compute = load_for_trace(directory, dtype, args.device)

@@ -453,3 +453,25 @@ def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkp
     assert "holds no tensor" in capsys.readouterr().err
     assert main(["compare", str(trace_path), str(trace_path), "--mask", "1,1,1,1,1,1;0,0,0,0,0,0"]) == 2
     assert "row 1 is all padding (no 1), so nothing of it would be compared" in capsys.readouterr().err
+
+
+def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkeypatch):
+    """--out '' said 'error: : cannot write (No such file or directory)', and compare '' ': no such file' (hostile
+    review): every path the trace commands take is refused by name when empty, as save_pretrained('') is."""
+    from stablelm_ref.trace import check_replaceable
+
+    monkeypatch.chdir(tmp_path)
+    good = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    capsys.readouterr()
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,2", "--out", ""]) == 2
+    assert capsys.readouterr().err.endswith("error: --out is empty (''): give a file name, e.g. trace.safetensors\n")
+    for argv in (["compare", "", str(good)], ["compare", str(good), ""]):
+        assert main(argv) == 2
+        assert "the trace to read is empty (''): give a file name" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"^the trace's output path is empty"):
+        write_trace("", {"x": np.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"^the trace to read must be a file name .* got None"):
+        read_trace(None)
+    with pytest.raises(CheckpointError, match="NUL"):
+        check_replaceable("a\0b")
+    assert os.listdir(tmp_path) == []

@@ -205,7 +205,10 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        check_replaceable(args.out)                      # before loading: --out never replaces a non-trace
+        check_replaceable(args.out, "--out")             # before loading: --out never replaces a non-trace
+        if not args.model:
+            raise StableLmError("--model is empty (''): give a model directory holding config.json and "
+                                "model.safetensors")
         ids = _parse_ids(args.ids) if args.ids is not None else _encode(args.model, args.text)
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size

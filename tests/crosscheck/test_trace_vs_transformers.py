@@ -137,6 +137,8 @@ def test_the_tool_loads_safetensors_only_and_speaks_in_one_line(tt, saved, tmp_p
          "is not a stablelm-ref trace"),
         (["--model", str(directory), "--ids", "1,2", "--out", str(tmp_path / "no" / "t.safetensors")],
          "cannot write"),
+        (["--model", "", "--ids", "1,2"], "--model is empty (''): give a model directory"),
+        (["--model", str(directory), "--ids", "1,2", "--out", ""], "--out is empty (''): give a file name"),
     ]:
         if "--out" not in args:
             args = args + ["--out", str(tmp_path / "t.safetensors")]
