@@ -80,6 +80,17 @@ DEFAULT_TOLERANCES = {
     "bfloat16": (5e-2, 1e-3),
 }
 _PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
+# a `dtype` metadata may be written by a framework's own str(): str(torch.float32) is 'torch.float32'
+_DTYPE_PREFIXES = ("torch.", "jax.numpy.", "jnp.", "numpy.", "np.")
+
+
+def run_precision(dtype):
+    """The DEFAULT_TOLERANCES name a trace's `dtype` metadata means ('float32', 'torch.float32', 'jnp.float32',
+    'np.float32' -> 'float32'), or None for anything else (then the tensors' stored dtypes decide)."""
+    if not isinstance(dtype, str):
+        return None
+    name = next((dtype[len(p):] for p in _DTYPE_PREFIXES if dtype.startswith(p)), dtype)
+    return name if name in DEFAULT_TOLERANCES else None
 
 
 # ---- recording ----------------------------------------------------------------------------------
@@ -188,10 +199,12 @@ def read_trace(path):
         meta["attention_mask"] = _check_mask(bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata "
                                                                    "'attention_mask'", CheckpointError),
                                              f"{path}: metadata 'attention_mask'")
-    if "dtype" in meta and meta["dtype"] not in DEFAULT_TOLERANCES:
+    if "dtype" in meta and run_precision(meta["dtype"]) is None:
         warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
-                      f"{', '.join(DEFAULT_TOLERANCES)}; the tolerances follow the tensors' dtypes instead",
-                      stacklevel=2)
+                      f"{', '.join(DEFAULT_TOLERANCES)} (each also read with a torch., jnp. or np. prefix: "
+                      "'torch.float32'); the tolerances follow the tensors' dtypes instead", stacklevel=2)
+    elif "dtype" in meta:
+        meta["dtype"] = run_precision(meta["dtype"])                 # 'torch.float32' -> 'float32'
     count = sum(math.prod(entries[name][1]) for name in order)
     bounded_io.check_memory(count * 8 * 2, f"{path}: reading and comparing the trace ({count:,} values, "
                             "held as float64)", CheckpointError, "compare on a machine with more memory")
@@ -222,7 +235,8 @@ _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in
 
 @dataclass
 class Row:
-    """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong."""
+    """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong; rtol and
+    atol are the tolerances this tensor was judged by (NaN when it was not compared)."""
 
     name: str
     shape: tuple | None
@@ -231,6 +245,8 @@ class Row:
     cosine: float
     ok: bool
     note: str = ""
+    rtol: float = math.nan
+    atol: float = math.nan
 
 
 def _precision(dtype):
@@ -238,10 +254,13 @@ def _precision(dtype):
     return name if name in _PRECISION_RANK else "float32"  # integer/other tensors: float32's tolerance
 
 
+def _lower_precision(dtype_a, dtype_b):
+    return min(_precision(dtype_a), _precision(dtype_b), key=_PRECISION_RANK.get)
+
+
 def default_tolerances(dtype_a, dtype_b):
     """(rtol, atol) for comparing a tensor of dtype_a with one of dtype_b: the lower precision decides."""
-    lower = min(_precision(dtype_a), _precision(dtype_b), key=_PRECISION_RANK.get)
-    return DEFAULT_TOLERANCES[lower]
+    return DEFAULT_TOLERANCES[_lower_precision(dtype_a, dtype_b)]
 
 
 def _compare_arrays(a, b):
@@ -295,7 +314,8 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
-    emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
+    emulation of bfloat16 stores float32 tensors; 'torch.float32' and the like are read by run_precision).
+    Each compared Row carries the rtol and atol it was judged by. Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
     CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
     check_comparable(a, b)
@@ -313,13 +333,13 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
             rows.append(Row(name, tuple(x.shape), math.nan, math.nan, math.nan, False,
                             f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"))
             continue
-        rt, at = default_tolerances(precision[0] or x.dtype, precision[1] or y.dtype)
+        rt, at = default_tolerances(run_precision(precision[0]) or x.dtype, run_precision(precision[1]) or y.dtype)
         rt = rt if rtol is None else rtol
         at = at if atol is None else atol
         x, y = drop_padding(name, x, attention_mask), drop_padding(name, y, attention_mask)
         max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
         ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
-        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok))
+        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok, rtol=rt, atol=at))
     return rows
 
 
@@ -450,8 +470,7 @@ def cmd_compare(args):
                             f"tokens are {'x'.join(map(str, a['model.embed_tokens'].shape[:2]))} (batch x tokens): "
                             "give the mask the traces were recorded with")
     rows = compare_traces(a, b, args.rtol, args.atol,
-                          precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
-                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
+                          precision=(run_precision(meta_a.get("dtype")), run_precision(meta_b.get("dtype"))),
                           order=order, allow_missing=args.allow_missing, attention_mask=mask)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
@@ -467,8 +486,7 @@ def cmd_compare(args):
     if "attention_mask" in meta_a and "attention_mask" in meta_b and not np.array_equal(meta_a["attention_mask"],
                                                                                         meta_b["attention_mask"]):
         print("warning: the two traces were recorded with different attention masks (A's is used)")
-    tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
-    print(f"tolerance: {tol} (ok = max abs err <= atol + rtol * max(|A|max, |B|max))\n")
+    print(tolerance_line(rows, args.rtol, args.atol, (meta_a.get("dtype"), meta_b.get("dtype")), a, b) + "\n")
     print(format_table(rows))
     first = first_divergence(rows)
     bad = sum(not r.ok for r in rows)
@@ -481,6 +499,38 @@ def cmd_compare(args):
     print(f"\n{bad} of {len(rows)} tensors beyond tolerance; first divergence: {printable(first.name)}"
           + (f" ({first.note})" if first.note else "") + skipped)
     return 1
+
+
+def tolerance_line(rows, rtol, atol, precision, a, b):
+    """compare's header: the rtol and atol in force and where each came from (--rtol/--atol, else the default of
+    the lower precision of the two sides, each side's by its dtype metadata, else by its tensors' dtypes)."""
+    def side(label, run, trace):
+        if run_precision(run):
+            return f"{label} {run_precision(run)} by its dtype metadata"
+        kinds = sorted({_precision(x.dtype) for x in trace.values()}, key=_PRECISION_RANK.get, reverse=True)
+        return f"{label} {'/'.join(kinds) or '-'} by its tensors' dtypes"
+
+    lowers = {}                               # lower precision -> how many compared tensors it judged
+    for r in rows:
+        if not math.isnan(r.rtol):
+            lower = _lower_precision(run_precision(precision[0]) or a[r.name].dtype,
+                                     run_precision(precision[1]) or b[r.name].dtype)
+            lowers[lower] = lowers.get(lower, 0) + 1
+    lowers = dict(sorted(lowers.items(), key=lambda item: -_PRECISION_RANK[item[0]]))   # float64 first
+    parts = []
+    for lower, count in lowers.items():
+        rt, at = DEFAULT_TOLERANCES[lower]
+        said = (f"rtol={rt:g}" if rtol is None else f"rtol={rtol:g} from --rtol") + ", " + (
+            f"atol={at:g}" if atol is None else f"atol={atol:g} from --atol")
+        parts.append(said + (f" for {count} tensors" if len(lowers) > 1 else ""))
+        if rtol is not None and atol is not None:
+            break                             # one pair for every tensor
+    defaults = ", ".join(lowers)
+    why = "" if rtol is not None and atol is not None else (
+        f" ({defaults} default{'s' if len(lowers) > 1 else ''}: the lower precision of {side('A', precision[0], a)} "
+        f"and {side('B', precision[1], b)})")
+    return f"tolerance: {'; '.join(parts) or 'none (no tensor compared)'}{why}\n" \
+           "ok = max abs err <= atol + rtol * max(|A|max, |B|max)"
 
 
 def _choose_mask(option, meta_a, meta_b):

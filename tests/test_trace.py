@@ -475,3 +475,42 @@ def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkey
     with pytest.raises(CheckpointError, match="NUL"):
         check_replaceable("a\0b")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("spelling", ["torch.float32", "jnp.float32", "np.float32", "float32"])
+def test_the_tolerance_in_force_is_printed_and_framework_dtype_names_are_read(checkpoints, capsys, tmp_path, spelling):
+    """A porter's dtype="torch.float32" (what str(torch.float32) gives) got a warning and then float64's 1e-10 for
+    tensors stored upcast: '33 of 33 beyond tolerance'; and no header ever said which rtol/atol were used
+    (--rtol alone printed 'atol=None'). Now the prefix is read, and the header names each value and its source."""
+    from stablelm_ref.checkpoint import save_file
+
+    f64 = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    f32, _ = read_trace(_trace(checkpoints, "good", "float32", "t32.safetensors"))
+    port = tmp_path / "port.safetensors"
+    save_file({n: x.astype(np.float64) for n, x in f32.items()}, port, {"dtype": spelling})   # float32 run, stored wide
+    assert read_trace(port)[1]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main(["compare", str(port), str(f64)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "all 33 tensors agree" in out
+    assert ("tolerance: rtol=0.0001, atol=1e-05 (float32 default: the lower precision of A float32 by its dtype "
+            "metadata and B float64 by its dtype metadata)") in out
+    assert main(["compare", str(port), str(f64), "--rtol", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "tolerance: rtol=0.001 from --rtol, atol=1e-05 (float32 default" in out and "None" not in out
+    assert main(["compare", str(port), str(f64), "--rtol", "1e-9", "--atol", "0"]) == 1
+    assert "tolerance: rtol=1e-09 from --rtol, atol=0 from --atol\n" in capsys.readouterr().out
+    rows = compare_traces(read_trace(port)[0], read_trace(f64)[0], precision=("torch.float32", None))
+    assert all(r.ok and (r.rtol, r.atol) == (1e-4, 1e-5) for r in rows)
+    assert all(r.rtol == 1e-10 for r in compare_traces(read_trace(port)[0], read_trace(f64)[0]))  # stored dtypes
+
+
+def test_an_unknown_dtype_warning_names_the_accepted_spellings(tmp_path):
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"dtype": "torch.float"})
+    with pytest.warns(UserWarning, match=r"'torch.float', not one of float64, float32, float16, bfloat16 \(each also "
+                                         r"read with a torch., jnp. or np. prefix: 'torch.float32'\)"):
+        _, meta = read_trace(path)
+    assert meta["dtype"] == "torch.float"
