@@ -20,7 +20,10 @@ How each name is recorded (forward hooks on transformers' modules, whose names a
                                     query and key it receives (after rotary, keys before repeat_kv, [B, KVH,
                                     S, D] as ours), the probabilities it returns, and its output moved back
                                     from [B, T, H, D] to [B, H, T, D].
-Nothing is omitted: every name of stablelm-ref's trace is recorded faithfully.
+Nothing is omitted: every name of stablelm-ref's trace is recorded faithfully, from a model loaded by
+load_transformers_model or by transformers' own from_pretrained (sdpa or flash attention included: the
+tracing attention is switched in for the traced call, then switched back); a pass that records fewer
+attention names than every layer's is an error, never a shorter trace.
 
 Numerics: transformers computes the rotary cos/sin tables and the eager softmax in float32 even in
 a float64 model, so a float64 transformers trace matches a float64 stablelm-ref trace to ~1e-8 of
@@ -99,7 +102,8 @@ def _register_attention():
 
 
 def load_transformers_model(model_dir, dtype="float32"):
-    """transformers' StableLmForCausalLM from a model directory, in `dtype`, with the tracing attention."""
+    """transformers' StableLmForCausalLM from a model directory, in `dtype`, with the tracing attention (eval
+    mode). trace_transformers takes a model loaded any other way too: it switches the attention for its call."""
     try:
         import torch
         import transformers
@@ -132,12 +136,26 @@ def _exact_rotary(module, args, kwargs, output):
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+_ATTENTION_NAMES = ("rotary_q", "rotary_k", "attn_weights", "attn_output")
+
+
 def trace_transformers(model, input_ids, attention_mask=None, position_ids=None, exact=False):
     """One forward pass -> (logits [B, T, vocab] as NumPy, {name: NumPy array} in execution order).
+
+    `model` is a transformers StableLmForCausalLM, loaded by load_transformers_model or any other way: the
+    tracing attention function is switched in for this one call (set_attn_implementation; a model loaded with
+    sdpa or flash attention never calls it, and recorded no rotary_q/rotary_k/attn_weights/attn_output) and the
+    model runs in eval mode (no dropout); both are restored afterwards. Another architecture is refused, and so
+    is a pass that records fewer names than every layer's (StableLmError naming load_transformers_model).
 
     exact=True computes transformers' two float32 steps (rotary tables, eager softmax) in the model's
     dtype instead: for float64 against float64 checks; the rest is transformers' code unchanged."""
     import torch
+
+    if getattr(model.config, "model_type", None) != "stablelm":
+        raise StableLmError(f"trace_transformers traces transformers' StableLmForCausalLM, got a "
+                            f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}); "
+                            "load one with load_transformers_model(model_dir, dtype)")
 
     recorded = {}
     config = model.config
@@ -174,8 +192,13 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
             handles.append(module.register_forward_pre_hook(act_hook(name.rsplit(".", 1)[0] + ".act")))
         if name == "model.rotary_emb" and exact:
             handles.append(module.register_forward_hook(_exact_rotary, with_kwargs=True))
+    _register_attention()
+    attention, training = model.config._attn_implementation, model.training
     _state["record"], _state["exact"] = record, exact
     try:
+        if attention != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)      # records rotary q/k, the weights and the output
+        model.eval()
         with torch.no_grad():
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
             kw = {}
@@ -188,6 +211,15 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
         _state["record"], _state["exact"] = None, False
         for h in handles:
             h.remove()
+        if attention != ATTENTION_NAME:
+            model.set_attn_implementation(attention)
+        model.train(training)
+    missing = [f"model.layers.{i}.self_attn.{n}" for i in range(config.num_hidden_layers) for n in _ATTENTION_NAMES
+               if f"model.layers.{i}.self_attn.{n}" not in recorded]
+    if missing:
+        raise StableLmError(f"the forward pass recorded no {missing[0]} ({len(missing)} attention names missing): "
+                            f"the model's attention ({model.config._attn_implementation!r}) did not go through the "
+                            "tracing attention function; load the model with load_transformers_model(model_dir, dtype)")
     return _numpy(logits), recorded
 
 

@@ -147,3 +147,42 @@ def test_the_tool_loads_safetensors_only_and_speaks_in_one_line(tt, saved, tmp_p
         assert last.startswith("error: ") and message in last
     assert (directory / "model.safetensors").read_bytes() == weights_before
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_model_loaded_without_the_tool_is_traced_in_full_and_left_as_it_was(tt, saved):
+    """trace_transformers() on a model from transformers' own from_pretrained (sdpa attention, porter review)
+    silently recorded no rotary_q/rotary_k/attn_weights/attn_output: the docs said every name is recorded. The
+    tracing attention is now switched in for the call (and back), and a pass that misses names is an error."""
+    import torch
+    import transformers
+
+    directory, ours = saved["12b"]
+    _, mine = ours.run_with_trace(IDS)
+    model = transformers.StableLmForCausalLM.from_pretrained(directory, dtype=torch.float64, use_safetensors=True,
+                                                             attn_implementation="sdpa")
+    model.train()
+    _, theirs = tt.trace_transformers(model, IDS, exact=True)
+    assert list(theirs) == list(mine)
+    assert first_divergence(compare_traces(mine, theirs)) is None           # float64 --exact: rtol 1e-10
+    assert model.config._attn_implementation == "sdpa" and model.training    # as it was
+    _, loaded = tt.trace_transformers(tt.load_transformers_model(directory, "float64"), IDS, exact=True)
+    for name in mine:
+        np.testing.assert_array_equal(theirs[name], loaded[name], err_msg=name)  # the same code ran
+
+    from transformers.models.stablelm import modeling_stablelm as ms
+
+    def unrecorded(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return ms.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    original = tt._attention
+    tt._attention = unrecorded                         # an attention function that records nothing
+    try:
+        with pytest.raises(tt.StableLmError, match=r"recorded no model\.layers\.0\.self_attn\.rotary_q \(8 attention "
+                                                   r"names missing\).*load_transformers_model"):
+            tt.trace_transformers(model, IDS)
+    finally:
+        tt._attention = original
+        tt._register_attention()
+    with pytest.raises(tt.StableLmError, match="got a LlamaForCausalLM .*load_transformers_model"):
+        tt.trace_transformers(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)), IDS)
