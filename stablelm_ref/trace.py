@@ -212,13 +212,13 @@ def read_trace(path):
     return trace, meta
 
 
-def _check_mask(mask, where):
+def _check_mask(mask, where, example="a JSON list [[0, 0, 1, 1], [1, 1, 1, 1]]"):
     """A 0/1 attention mask as an int array [B, T]; CheckpointError naming `where` otherwise."""
     rows = mask if isinstance(mask, list) and mask and all(isinstance(r, list) for r in mask) else None
     if (rows is None or len({len(r) for r in rows}) != 1 or not rows[0]
             or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
-        raise CheckpointError(f"{where} is not an attention mask: give a JSON list of rows of 0 (padding) and 1 "
-                              "(token), one row per batch row, all of one length, e.g. [[0, 0, 1, 1], [1, 1, 1, 1]]")
+        raise CheckpointError(f"{where} is not an attention mask: give rows of 0 (padding) and 1 (token), one row "
+                              f"per batch row, all of one length, e.g. {example}")
     empty = next((i for i, r in enumerate(rows) if 1 not in r), None)
     if empty is not None:                     # its positions would all be left out: nothing of it compared
         raise CheckpointError(f"{where}: row {empty} is all padding (no 1), so nothing of it would be compared; "
@@ -412,14 +412,45 @@ def _numbers(text):
     return [int(t) for t in items]
 
 
-def _parse_ids(text):
+def parse_rows(text, option, what, example):
+    """The one parser of --ids and --mask: '5,17;0,4' -> [[5, 17], [0, 4]], rows separated by ';', items by ','
+    (_numbers: ASCII digits, no empty item); StableLmError naming `option` and showing `example` otherwise."""
     if not text.strip():
-        raise StableLmError("--ids is empty: give at least one token id, e.g. --ids 510,8588,310")
-    ids = _numbers(text)
-    if ids is None:
-        raise StableLmError(f"--ids {text!r}: give comma-separated token ids (digits 0-9, no empty item), e.g. "
-                            "--ids 510,8588,310")
-    return ids
+        raise StableLmError(f"{option} is empty: give at least one {what}, e.g. {option} {example}")
+    rows = [_numbers(row) for row in text.split(";")]
+    if None in rows:
+        raise StableLmError(f"{option} {text!r}: give comma-separated {what}s (digits 0-9, no empty item), rows "
+                            f"separated by ';', e.g. {option} {example}")
+    return rows
+
+
+_PADDED_EXAMPLE = "--ids 0,0,5,17;3,9,5,17 --mask 0,0,1,1;1,1,1,1"
+
+
+def ids_and_mask(ids, mask):
+    """--ids and --mask of a trace command -> (rows of ids, mask [B, T] or None): one row of ids, or a padded
+    batch whose rows have one length, with --mask marking its padding (0) as the traces record it."""
+    rows = parse_rows(ids, "--ids", "token id", "510,8588,310")
+    if len({len(r) for r in rows}) != 1:
+        raise StableLmError(f"--ids rows have different lengths ({', '.join(str(len(r)) for r in rows)}): pad the "
+                            f"shorter rows to one length and mark the padding with --mask, e.g. {_PADDED_EXAMPLE}")
+    if mask is None:
+        return rows, None
+    mask_rows = _check_mask(parse_rows(mask, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {mask!r}",
+                            "--mask 0,0,1,1;1,1,1,1")
+    if mask_rows.shape != (len(rows), len(rows[0])):
+        raise StableLmError(f"--mask is {mask_rows.shape[0]}x{mask_rows.shape[1]} but --ids is {len(rows)}x"
+                            f"{len(rows[0])} (rows x ids): give one 0 or 1 per id, e.g. {_PADDED_EXAMPLE}")
+    return rows, mask_rows
+
+
+def text_ids(model_dir, text, mask=None):
+    """--text of a trace command -> ([ids], None): one unpadded row from the model's tokenizer; --mask is refused
+    (it marks the padding of --ids rows)."""
+    if mask is not None:
+        raise StableLmError(f"--mask goes with --ids (the padding of a batch of rows, e.g. {_PADDED_EXAMPLE}); "
+                            "--text gives one unpadded row")
+    return [_encode(model_dir, text)], None
 
 
 def _encode(model_dir, text):
@@ -447,12 +478,15 @@ def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
     check_replaceable(args.out, "--out")                 # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
-    ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
+    ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(directory, args.text, args.mask)
     model, compute = load_for_trace(directory, dtype, args.device)
-    logits, trace = run_with_trace(model, [ids])
-    write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
-                                  "device": args.device, "ids": [ids], "producer": "stablelm-ref"})
-    print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}")
+    logits, trace = run_with_trace(model, ids, attention_mask=mask)    # positions 0..T-1, as transformers' forward
+    meta = {"model": str(args.model), "dtype": dtype, "compute": compute, "device": args.device, "ids": ids,
+            "producer": "stablelm-ref"}
+    write_trace(args.out, trace, meta if mask is None else {**meta, "attention_mask": mask.tolist()})
+    padded = "" if mask is None else f", attention mask recorded ({int((mask == 0).sum())} padded positions)"
+    print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}"
+          + padded)
     return 0
 
 
@@ -536,8 +570,8 @@ def tolerance_line(rows, rtol, atol, precision, a, b):
 def _choose_mask(option, meta_a, meta_b):
     """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
     if option is not None:
-        rows = [_numbers(row) for row in option.split(";")]
-        return _check_mask(None if None in rows else rows, f"--mask {option!r}"), "--mask"
+        return _check_mask(parse_rows(option, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {option!r}",
+                           "--mask 0,0,1,1;1,1,1,1"), "--mask"
     for label, meta in (("A", meta_a), ("B", meta_b)):
         if "attention_mask" in meta:
             return meta["attention_mask"], f"{label}'s metadata"
@@ -553,8 +587,13 @@ def add_cli_commands(subparsers):
     p.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="DIR_OR_REPO",
                    help="model directory or Hugging Face Hub repo id (default: the embedded default model)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
+    src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310; a padded batch: rows separated "
+                                   "by ';' with --mask, e.g. --ids '0,0,5,17;3,9,5,17' --mask '0,0,1,1;1,1,1,1'")
     src.add_argument("--text", help="text to tokenize with the model's tokenizer")
+    p.add_argument("--mask", metavar="ROWS",
+                   help="attention mask of the --ids rows, rows separated by ';' (0: padding, 1: token), recorded "
+                        "in the trace; positions stay 0..T-1 in every row, as transformers' forward without "
+                        "position_ids")
     p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
                    help="compute dtype (default float64 on the CPU, float32 on the GPU; bfloat16 on the CPU is "
                         "emulated: bfloat16-rounded weights, float32 compute)")

@@ -514,3 +514,71 @@ def test_an_unknown_dtype_warning_names_the_accepted_spellings(tmp_path):
                                          r"read with a torch., jnp. or np. prefix: 'torch.float32'\)"):
         _, meta = read_trace(path)
     assert meta["dtype"] == "torch.float"
+
+
+def test_a_padded_batch_is_traced_from_the_command_line(checkpoints, capsys, tmp_path):
+    """The trace command took one unpadded row only (porter review): --ids now takes rows separated by ';' with
+    --mask (one parser with compare's --mask), the mask is recorded, and positions are 0..T-1 in every row, as
+    run_with_trace without position_ids (transformers' forward)."""
+    model = StableLmForCausalLM.from_pretrained(checkpoints / "good", dtype="float64")
+    ids, mask = [[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    out = tmp_path / "padded.safetensors"
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,1,7,8,9; 4,5,6,7,8",
+                 "--mask", "0,0,1,1,1;1,1,1,1,1", "--out", str(out)]) == 0
+    assert "attention mask recorded (2 padded positions)" in capsys.readouterr().out
+    trace, meta = read_trace(out)
+    assert meta["ids"] == ids and meta["attention_mask"].tolist() == mask
+    _, expected = model.run_with_trace(ids, attention_mask=mask)
+    assert list(trace) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(trace[name], expected[name], err_msg=name)   # the same call: bit for bit
+    _, unmasked = model.run_with_trace(ids)
+    assert first_divergence(compare_traces(trace, unmasked)) is not None           # the mask was applied
+    assert main(["compare", str(out), str(out)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    base = ["trace", "--model", str(checkpoints / "good"), "--out", str(tmp_path / "t.safetensors")]
+    for args, message in [
+        (["--ids", "1,1,7;4,5"], "--ids rows have different lengths (3, 2): pad the shorter rows"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1"], "--mask is 1x3 but --ids is 2x3 (rows x ids)"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1;1,1,"], "--mask '0,1,1;1,1,': give comma-separated 0 or 1s"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1;1,2,1"], "--mask '0,1,1;1,2,1' is not an attention mask"),
+        (["--ids", "1,1,7;", "--mask", "0,1,1"], "--ids '1,1,7;': give comma-separated token ids"),
+        (["--text", "hi", "--mask", "1"], "--mask goes with --ids"),
+    ]:
+        assert main(base + args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_decode_step_traced_with_the_cache_matches_the_full_trace_at_its_position(variant):
+    """docs/tracing.md's decode-step recipe: the forward's trace= callback with past_key_values. Same math on a
+    shorter query: float64 rounding (u = 1.1e-16) through two layers stays far below 1e-12 of scale (measured
+    1.0e-15); a wrong cache position or rotary offset would be of order 1."""
+    from stablelm_ref.trace import token_axis
+
+    model = tiny_model(seed=5, **VARIANTS[variant])
+    ids = np.array([[5, 17, 42, 8, 99, 3], [7, 7, 1, 0, 4, 60]])
+    _, full = model.run_with_trace(ids)
+    for k in (1, 4):
+        prefill = model(ids[:, :-k], use_cache=True)
+        step = {}
+        model(ids[:, -k:], past_key_values=prefill.past_key_values, trace=lambda n, a: step.update({n: np.asarray(a)}))
+        tail = {n: np.take(a, range(6 - k, 6), axis=token_axis(n)) for n, a in full.items()}
+        assert list(step) == list(tail)
+        assert step["model.layers.0.self_attn.attn_weights"].shape[2:] == (k, 6)            # [B, H, k, S]
+        rows = compare_traces(step, tail, rtol=1e-12, atol=0)
+        assert first_divergence(rows) is None, first_divergence(rows)
+
+
+def test_the_docs_python_recipes_run(tmp_path, monkeypatch):
+    """The Recording snippet and the decode-step recipe of docs/tracing.md, run as written on the shipped model."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2 and "past_key_values" in blocks[1]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/tracing.md", "exec"), namespace)
+    assert len(namespace["step"]) == len(namespace["full"]) > 0

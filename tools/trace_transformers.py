@@ -1,7 +1,7 @@
 """Record a transformers StableLmForCausalLM's intermediates under stablelm-ref's trace names.
 
-    python tools/trace_transformers.py --model DIR (--ids 1,2,3 | --text "...") [--dtype float32|float64|bfloat16]
-                                       [--exact] --out hf.safetensors
+    python tools/trace_transformers.py --model DIR (--ids 1,2,3 | --text "...") [--mask 1,1,1]
+                                       [--dtype float32|float64|bfloat16] [--exact] --out hf.safetensors
     stablelm-ref compare ours.safetensors hf.safetensors
 
 The trace file has the same format as `stablelm-ref trace` (stablelm_ref.trace.write_trace), so one
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import _encode, _parse_ids, check_replaceable, write_trace  # noqa: E402
+from stablelm_ref.trace import check_replaceable, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -228,7 +228,9 @@ def main(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--ids", help="comma-separated token ids; a padded batch: rows separated by ';' with --mask")
+    parser.add_argument("--mask", metavar="ROWS", help="attention mask of the --ids rows, rows separated by ';' "
+                                                       "(0: padding, 1: token), recorded in the trace")
     src.add_argument("--text", help="text, tokenized with stablelm-ref's tokenizer")
     parser.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float32")
     parser.add_argument("--exact", action="store_true",
@@ -241,21 +243,22 @@ def main(argv=None):
         if not args.model:
             raise StableLmError("--model is empty (''): give a model directory holding config.json and "
                                 "model.safetensors")
-        ids = _parse_ids(args.ids) if args.ids is not None else _encode(args.model, args.text)
+        ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(args.model, args.text,
+                                                                                            args.mask)
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]     # torch's embedding would raise IndexError
+        bad = [i for row in ids for i in row if not 0 <= i < vocab]     # torch's embedding: an IndexError
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        _, trace = trace_transformers(model, [ids], exact=args.exact)
+        _, trace = trace_transformers(model, ids, attention_mask=mask, exact=args.exact)   # positions 0..T-1
         import torch
         import transformers
 
         how = ("transformers' eager attention; rotary tables and softmax in float32" if not args.exact else
                f"transformers' eager attention, --exact: rotary tables and softmax in {args.dtype}")
-        write_trace(args.out, trace, {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": [ids],
-                                      "producer": f"transformers {transformers.__version__} (torch {torch.__version__})",
-                                      "compute": how})
+        meta = {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": ids, "compute": how,
+                "producer": f"transformers {transformers.__version__} (torch {torch.__version__})"}
+        write_trace(args.out, trace, meta if mask is None else {**meta, "attention_mask": mask.tolist()})
     except StableLmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -186,3 +186,20 @@ def test_a_model_loaded_without_the_tool_is_traced_in_full_and_left_as_it_was(tt
     with pytest.raises(tt.StableLmError, match="got a LlamaForCausalLM .*load_transformers_model"):
         tt.trace_transformers(transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)), IDS)
+
+
+def test_a_padded_batch_from_both_command_lines_compares_clean(tt, saved, tmp_path, capsys):
+    """--ids rows and --mask in both tools (porter review): both record the mask and use positions 0..T-1, so
+    compare (mask from the metadata) agrees at float64 --exact; without the mask the padded rows diverge."""
+    directory, _ = saved["12b"]
+    ids, mask = "1,1,7,8,9;4,5,6,7,8", "0,0,1,1,1;1,1,1,1,1"
+    hf, ours = tmp_path / "hf.safetensors", tmp_path / "ours.safetensors"
+    assert tt.main(["--model", str(directory), "--ids", ids, "--mask", mask, "--dtype", "float64", "--exact",
+                    "--out", str(hf)]) == 0
+    assert main(["trace", "--model", str(directory), "--ids", ids, "--mask", mask, "--out", str(ours)]) == 0
+    assert read_trace(hf)[1]["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    capsys.readouterr()
+    assert main(["compare", str(ours), str(hf)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    rows = compare_traces(read_trace(ours)[0], read_trace(hf)[0])
+    assert first_divergence(rows).name == "model.layers.0.self_attn.attn_weights"    # the padded query rows
