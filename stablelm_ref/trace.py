@@ -330,8 +330,10 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
             continue
         x, y = a[name], b[name]
         if tuple(x.shape) != tuple(y.shape):
+            expected = layout(name)
             rows.append(Row(name, tuple(x.shape), math.nan, math.nan, math.nan, False,
-                            f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"))
+                            f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"
+                            + (f"; the layout is {expected}" if expected else "")))
             continue
         rt, at = default_tolerances(run_precision(precision[0]) or x.dtype, run_precision(precision[1]) or y.dtype)
         rt = rt if rtol is None else rtol
@@ -346,6 +348,39 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
 # the per-head attention tensors, [B, H or KVH, T, D] (attn_weights [B, H, T, S]): positions on axis 2
 _PER_HEAD = ("q_proj", "k_proj", "v_proj", "q_layernorm", "k_layernorm", "rotary_q", "rotary_k", "attn_weights",
              "attn_output")
+
+
+# each name's layout, docs/tracing.md's name table (a test holds the two together), by the name's last parts
+_LAYOUTS = {
+    "model.embed_tokens": "[B, T, hidden]", "input_layernorm": "[B, T, hidden]",
+    "q_proj": "[B, H, T, D] (heads before tokens)", "q_layernorm": "[B, H, T, D] (heads before tokens)",
+    "rotary_q": "[B, H, T, D] (heads before tokens)", "attn_output": "[B, H, T, D] (heads before tokens)",
+    "k_proj": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
+    "v_proj": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
+    "k_layernorm": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
+    "rotary_k": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
+    "attn_weights": "[B, H, T, S] (query positions T, key positions S)",
+    "o_proj": "[B, T, hidden]", "post_attention_layernorm": "[B, T, hidden]", "mlp.gate_proj": "[B, T, inter]",
+    "mlp.up_proj": "[B, T, inter]", "mlp.act": "[B, T, inter]", "mlp.down_proj": "[B, T, hidden]",
+    "model.layers.i": "[B, T, hidden]", "model.norm": "[B, T, hidden]", "lm_head": "[B, T, vocab]",
+}
+
+
+def layout(name):
+    """The layout of a trace name ('[B, KVH, T, D] (the key/value heads, not repeated to H)' for
+    model.layers.3.self_attn.k_proj), or None for a name that is not one of the trace's."""
+    if re.fullmatch(r"model\.layers\.[0-9]+", name):
+        return _LAYOUTS["model.layers.i"]
+    if name in ("model.embed_tokens", "model.norm", "lm_head"):
+        return _LAYOUTS[name]
+    match = re.fullmatch(r"model\.layers\.[0-9]+\.(?:self_attn\.)?(.+)", name)
+    if not match:
+        return None
+    part = match.group(1)
+    attention = ".self_attn." in name
+    if attention != (part in _PER_HEAD or part == "o_proj"):
+        return None
+    return _LAYOUTS.get(part)
 
 
 def token_axis(name):

@@ -582,3 +582,38 @@ def test_the_docs_python_recipes_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "docs/tracing.md", "exec"), namespace)
     assert len(namespace["step"]) == len(namespace["full"]) > 0
+
+
+def test_a_shape_mismatch_row_names_the_layout(checkpoints):
+    """A porter's k repeated to H heads under GQA, or q in [B, T, H, D], got 'shape (..) in A, (..) in B' and no
+    hint (porter review): the row now names the name table's layout (k/v not repeated to H)."""
+    model = tiny_model(seed=5, **VARIANTS["12b"])                          # 4 heads, 2 key/value heads
+    _, mine = model.run_with_trace([[5, 17, 42]])
+    port = dict(mine)
+    k = "model.layers.0.self_attn.k_proj"
+    port[k] = np.repeat(mine[k], 2, axis=1)                                # repeated to H: [1, 4, 3, 16]
+    q = "model.layers.0.self_attn.q_proj"
+    port[q] = mine[q].transpose(0, 2, 1, 3)                                # [B, T, H, D]
+    by = {r.name: r for r in compare_traces(mine, port)}
+    assert by[k].note == ("shape (1, 2, 3, 16) in A, (1, 4, 3, 16) in B; the layout is [B, KVH, T, D] (the "
+                          "key/value heads, not repeated to H)")
+    assert by[q].note == ("shape (1, 4, 3, 16) in A, (1, 3, 4, 16) in B; the layout is [B, H, T, D] (heads "
+                          "before tokens)")
+    assert compare_traces({"x": np.zeros(2)}, {"x": np.zeros(3)})[0].note == "shape (2,) in A, (3,) in B"  # no name
+
+
+def test_every_traced_name_has_the_layout_of_the_docs_table(variant):
+    from stablelm_ref.trace import layout
+
+    model = tiny_model(seed=3, **VARIANTS[variant])
+    _, trace = model.run_with_trace([[5, 17, 42]])
+    documented = _documented_shapes(model.config, 3)
+    c = model.config
+    dims = {"B": 1, "T": 3, "S": 3, "H": c.num_attention_heads, "KVH": c.num_key_value_heads, "D": c.head_dim,
+            "hidden": c.hidden_size, "inter": c.intermediate_size, "vocab": c.vocab_size}
+    for name, array in trace.items():
+        shape = layout(name).split("]")[0].strip("[").split(", ")
+        assert tuple(dims[d] for d in shape) == array.shape, name
+        if not name.startswith("model.layers.1"):
+            assert documented[name] == array.shape, name
+    assert layout("model.layers.0.self_attn.mlp.act") is None and layout("lm_head.weight") is None
