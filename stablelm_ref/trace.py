@@ -177,7 +177,8 @@ def read_trace(path):
     meta = dict(meta)
     order = sorted(entries, key=natural_key)
     if "order" in meta:
-        listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
+        listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError,
+                                       _HOW_TO_ORDER + "; str(list(names)) is Python, not JSON")
         if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
             raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; " + _HOW_TO_ORDER)
         missing = [n for n in listed if n not in entries]
@@ -196,9 +197,9 @@ def read_trace(path):
         if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
             meta["ids"] = ids  # else: free text from another producer, kept as it is
     if "attention_mask" in meta:
-        meta["attention_mask"] = _check_mask(bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata "
-                                                                   "'attention_mask'", CheckpointError),
-                                             f"{path}: metadata 'attention_mask'")
+        mask = bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata 'attention_mask'", CheckpointError,
+                                     _HOW_TO_MASK)
+        meta["attention_mask"] = _check_mask(mask, f"{path}: metadata 'attention_mask'")
     if "dtype" in meta and run_precision(meta["dtype"]) is None:
         warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
                       f"{', '.join(DEFAULT_TOLERANCES)} (each also read with a torch., jnp. or np. prefix: "
@@ -226,6 +227,8 @@ def _check_mask(mask, where, example="a JSON list [[0, 0, 1, 1], [1, 1, 1, 1]]")
     return np.array(rows, dtype=np.int64)
 
 
+_HOW_TO_MASK = ("write 'attention_mask' as JSON rows of 0 and 1, json.dumps(mask.tolist()) for an array (str() of "
+                "an array or of a tuple is Python, not JSON), or leave it out")
 _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in execution order "
                  "(json.dumps(list(trace)) for a dict in execution order), or leave it out: names are then compared "
                  "in the other file's order, or in natural order")

@@ -617,3 +617,19 @@ def test_every_traced_name_has_the_layout_of_the_docs_table(variant):
         if not name.startswith("model.layers.1"):
             assert documented[name] == array.shape, name
     assert layout("model.layers.0.self_attn.mlp.act") is None and layout("lm_head.weight") is None
+
+
+def test_python_repr_metadata_is_named_with_how_to_write_json(tmp_path):
+    """order = str(list(names)) (single quotes) said 'not valid JSON (...); re-download or fix the file' (porter
+    review): a file the porter wrote. For order and attention_mask the message now says how to write them."""
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    for key, value, how in [("order", str(["a", "b"]), "json.dumps(list(trace))"),
+                            ("attention_mask", str(np.array([[0, 1]])), "json.dumps(mask.tolist())"),
+                            ("attention_mask", str(((0, 1),)), "json.dumps(mask.tolist())")]:
+        save_file({"a": np.zeros(2), "b": np.zeros(1)}, path, {key: value})
+        with pytest.raises(CheckpointError) as e:
+            read_trace(path)
+        assert f"metadata '{key}': not valid JSON (" in str(e.value) and how in str(e.value)
+        assert "re-download" not in str(e.value) and "is Python, not JSON" in str(e.value)
