@@ -633,3 +633,24 @@ def test_python_repr_metadata_is_named_with_how_to_write_json(tmp_path):
             read_trace(path)
         assert f"metadata '{key}': not valid JSON (" in str(e.value) and how in str(e.value)
         assert "re-download" not in str(e.value) and "is Python, not JSON" in str(e.value)
+
+
+def test_the_tokenizer_hint_is_given_only_where_a_tokenizer_gave_the_ids(tmp_path, capsys):
+    """--ids 5,17,200 on a 101-id model said '...; does the tokenizer belong to this model?' though no tokenizer
+    was involved (porter review): the model's message is plain; --text names the tokenizer."""
+    from test_tokenizer import tiny_tokenizer_dir
+
+    d = tmp_path / "m"
+    tiny_model(seed=3).save_pretrained(d)                 # vocab_size 101
+    tiny_tokenizer_dir(d)                                 # 300 ids: 'hello world' gives 293
+    out = str(tmp_path / "t.safetensors")
+    assert main(["trace", "--model", str(d), "--ids", "5,17,200", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "token id 200 is outside the vocabulary [0, 101) of this model (config.json's vocab_size)" in err
+    assert "tokenizer" not in err
+    assert main(["trace", "--model", str(d), "--text", "hello world", "--out", out]) == 2
+    assert (f"--text gives token id 293 (from {d}'s tokenizer), outside the model's vocabulary [0, 101): does the "
+            "tokenizer belong to this model?") in capsys.readouterr().err
+    with pytest.raises(Exception, match=r"outside the vocabulary \[0, 101\) of this model \(config.json's "
+                                        r"vocab_size\)$"):
+        StableLmForCausalLM.from_pretrained(d)([[5, 200]])

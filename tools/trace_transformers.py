@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import check_replaceable, ids_and_mask, text_ids, write_trace  # noqa: E402
+from stablelm_ref.trace import check_replaceable, check_text_ids, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -247,6 +247,8 @@ def main(argv=None):
                                                                                             args.mask)
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size
+        if args.text is not None:
+            check_text_ids(ids, vocab, args.model)
         bad = [i for row in ids for i in row if not 0 <= i < vocab]     # torch's embedding: an IndexError
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
