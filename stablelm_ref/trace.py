@@ -37,7 +37,6 @@ writes, reads and compares the records.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import bounded_io, checkpoint, hub
+from .command import PROG, _Parser, run
 from ._version import __version__
 from ._xp import to_host
 from .errors import CheckpointError, StableLmError, TokenizerError, printable
@@ -322,6 +322,8 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
     CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
     check_comparable(a, b)
+    if attention_mask is not None:
+        attention_mask = check_mask_tokens(attention_mask, a, b, "attention_mask")
     rows = []
     names = dict.fromkeys([n for n in (order or []) if n in a or n in b] + list(a) + list(b))   # first place kept
     allowed = " (allowed)" if allow_missing else ""
@@ -384,6 +386,31 @@ def layout(name):
     if attention != (part in _PER_HEAD or part == "o_proj"):
         return None
     return _LAYOUTS.get(part)
+
+
+def check_mask_tokens(mask, a, b, where):
+    """An attention mask for comparing traces a and b -> int array [B, T]; CheckpointError naming `where` unless it
+    is rows of 0/1 (a list, or an array of bools or numbers) shaped as the traces' batch x tokens: those of
+    model.embed_tokens (A's, else B's), else of the first tensor both hold on its token axis. A mask of another
+    shape would match no tensor, and every tensor would be compared whole, silently."""
+    try:
+        host = np.asarray(mask)
+    except ValueError:                                       # ragged rows
+        host = None
+    if host is not None and host.dtype.kind in "biuf" and host.size and np.isin(host, (0, 1)).all():
+        mask = host.astype(np.int64).tolist()
+    mask = _check_mask(mask if isinstance(mask, list) else None, where, "[[0, 0, 1, 1], [1, 1, 1, 1]]")
+    shared = [n for n in ("model.embed_tokens",) if n in a or n in b] + [n for n in a if n in b]
+    for name in shared:
+        x = a[name] if name in a else b[name]
+        if x.ndim > token_axis(name):
+            tokens = (x.shape[0], x.shape[token_axis(name)])
+            if tokens != mask.shape:
+                raise CheckpointError(f"{where} is {mask.shape[0]}x{mask.shape[1]}, but the traces' tokens are "
+                                      f"{tokens[0]}x{tokens[1]} (batch x tokens, of {printable(name)}): give the mask "
+                                      "the traces were recorded with")
+            break
+    return mask
 
 
 def token_axis(name):
@@ -548,10 +575,8 @@ def cmd_compare(args):
     check_comparable(a, b, (args.a, args.b))
     order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
     mask, mask_from = _choose_mask(args.mask, meta_a, meta_b)
-    if mask is not None and "model.embed_tokens" in a and a["model.embed_tokens"].shape[:2] != mask.shape:
-        raise StableLmError(f"the attention mask ({mask_from}) is {mask.shape[0]}x{mask.shape[1]}, but the traces' "
-                            f"tokens are {'x'.join(map(str, a['model.embed_tokens'].shape[:2]))} (batch x tokens): "
-                            "give the mask the traces were recorded with")
+    if mask is not None:
+        mask = check_mask_tokens(mask, a, b, f"the attention mask ({mask_from})")
     rows = compare_traces(a, b, args.rtol, args.atol,
                           precision=(run_precision(meta_a.get("dtype")), run_precision(meta_b.get("dtype"))),
                           order=order, allow_missing=args.allow_missing, attention_mask=mask)
@@ -669,18 +694,12 @@ def add_cli_commands(subparsers):
 
 
 def main(argv=None):
-    """`python -m stablelm_ref.trace {trace,compare} ...` (the same commands as `stablelm-ref`)."""
-    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.",
-                                     allow_abbrev=False)
-    add_cli_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():                  # a warning is one line in the command's words
-        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        try:
-            return args.func(args)
-        except StableLmError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    """`python -m stablelm_ref.trace {trace,compare} ...`: the same commands as `stablelm-ref`, run alike
+    (command.run: one-line errors and warnings prefixed 'stablelm-ref:', exit 2 on a user error)."""
+    parser = _Parser(prog=PROG, description="Record and compare StableLM traces (the trace and compare commands "
+                                            "of stablelm-ref).")
+    add_cli_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stablelm_ref import cli, hub
+from stablelm_ref import cli, command, hub
 from stablelm_ref.heads import StableLmForCausalLM
 from stablelm_ref.tokenizer import Tokenizer
 
@@ -178,13 +178,13 @@ def test_cli_temperature_zero_is_greedy_where_generate_refuses_it():
 
     args = cli.build_parser().parse_args(["generate", "x"])
     args.temperature = 0.0
-    cli.check_arguments(args)
+    command.check_arguments(args)
     with pytest.raises(GenerationError, match="temperature must be a number > 0"):
         check_values({"temperature": 0.0})
     for bad in (-1.0, float("inf"), float("nan")):
         args.temperature = bad
         with pytest.raises(GenerationError, match="--temperature"):
-            cli.check_arguments(args)
+            command.check_arguments(args)
         with pytest.raises(GenerationError, match="temperature"):
             check_values({"temperature": bad})
 
@@ -329,3 +329,19 @@ def test_chat_whose_template_renders_nothing_names_the_template(tmp_path, capsys
     code, _, err = main(capsys, "chat", "--model", d)
     assert code == 2 and "the chat template rendered no tokens for this conversation; check tokenizer_config.json's" \
         " 'chat_template'" in err, err
+
+
+def test_the_abbreviation_hint_names_the_typed_commands_options_only(capsys):
+    """The hint listed the options of every subcommand (generate --sys suggested chat's --system): argparse's
+    top-level error does not know the subcommand typed; the parser now remembers it."""
+    for argv, hint in [(["generate", "--sys", "x", "hi"], None), (["chat", "--sys", "x"], "--system"),
+                       (["generate", "--mas", "1", "hi"], None), (["compare", "a", "b", "--mas", "1"], "--mask"),
+                       (["generate", "--top", "5", "hi"], "--top-k or --top-p")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        if hint is None:
+            assert "did you mean" not in err, err
+        else:
+            assert f"did you mean {hint}?" in err, err

@@ -230,7 +230,7 @@ def test_cli_user_errors_exit_2(checkpoints, capsys, tmp_path):
     assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,500", "--out", str(tmp_path / "t")]) == 2
     assert "500" in capsys.readouterr().err
     assert main(["trace", "--model", str(checkpoints / "good"), "--text", "hi", "--out", str(tmp_path / "t")]) == 2
-    assert capsys.readouterr().err.startswith("error:")   # no tokenizer files (or no tokenizer module): one line
+    assert capsys.readouterr().err.startswith("stablelm-ref: error:")   # no tokenizer files: one line
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "t")
@@ -324,7 +324,7 @@ def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
     assert meta["ids"] == [[5, 17, 42]]
     assert main(["compare", str(path), str(path)]) == 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and err.startswith("warning: ") and "'fp32'" in err     # one line per file
+    assert err.count("\n") == 2 and err.startswith("stablelm-ref: warning: ") and "'fp32'" in err   # a line a file
     save_file({"a": np.zeros(2)}, path, {"order": json.dumps(["a", "b"])})
     with pytest.raises(CheckpointError) as e:
         read_trace(path)
@@ -654,3 +654,52 @@ def test_the_tokenizer_hint_is_given_only_where_a_tokenizer_gave_the_ids(tmp_pat
     with pytest.raises(Exception, match=r"outside the vocabulary \[0, 101\) of this model \(config.json's "
                                         r"vocab_size\)$"):
         StableLmForCausalLM.from_pretrained(d)([[5, 200]])
+
+
+def test_python_dash_m_trace_speaks_as_stablelm_ref(checkpoints, capsys, tmp_path):
+    """`python -m stablelm_ref.trace` had its own warning hook ('warning: ...') and error prefix ('error: ...') beside
+    stablelm-ref's ('stablelm-ref: warning: ...'), and a closed pipe (| head) was a BrokenPipeError traceback:
+    both entry points now run through command.run, so the lines are the same."""
+    from stablelm_ref import cli
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"dtype": "fp32"})
+    for argv in (["compare", str(path), str(path)], ["trace", "--ids", "1", "--out", ""],
+                 ["compare", str(path), str(path), "--allow"]):
+        said = []
+        for entry in (main, cli.main):
+            try:
+                code = entry(argv)
+            except SystemExit as e:                         # a usage error: argparse exits
+                code = e.code
+            said.append((code, capsys.readouterr().err))
+        assert said[0] == said[1], said
+        assert said[0][1].startswith("stablelm-ref: ") and said[0][1].count("\n") in (1, 2)
+    assert "did you mean --allow-missing?" in said[0][1]
+    good = str(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(f"'{sys.executable}' -m stablelm_ref.trace compare '{good}' '{good}' | head -1", shell=True,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.stdout.startswith("A: ") and run.stderr == "", run.stderr
+
+
+def test_compare_traces_refuses_a_mask_that_is_not_the_traces_tokens():
+    """compare_traces(..., attention_mask=m) in Python ignored a mask of another shape than the traces' [B, T]
+    silently (drop_padding returned every tensor whole): it is refused as the CLI refuses it."""
+    a = {"model.embed_tokens": np.zeros((2, 5, 4)), "model.layers.0.self_attn.q_proj": np.zeros((2, 3, 5, 4))}
+    for mask in ([[1, 1, 1], [1, 1, 1]], np.ones((5, 2))):
+        with pytest.raises(CheckpointError, match=r"^attention_mask is \dx\d, but the traces' tokens are 2x5 \(batch x "
+                                                  r"tokens, of model.embed_tokens\)"):
+            compare_traces(a, a, attention_mask=mask)
+    b = {"model.layers.0.self_attn.q_proj": np.zeros((2, 3, 5, 4))}            # no embed_tokens: its token axis
+    with pytest.raises(CheckpointError, match=r"tokens are 2x5 \(batch x tokens, of model.layers.0.self_attn.q_proj"):
+        compare_traces(b, b, attention_mask=np.ones((2, 3)))
+    for mask in ([[1, 1], [1]], [[0.5] * 5] * 2, "1,1"):
+        with pytest.raises(CheckpointError, match="is not an attention mask"):
+            compare_traces(a, a, attention_mask=mask)
+    x = dict(a, **{"model.embed_tokens": np.ones((2, 5, 4))})
+    x["model.embed_tokens"][0, :2] = 9.0                                       # differs at padded positions only
+    for mask in ([[0, 0, 1, 1, 1], [1] * 5], np.array([[0, 0, 1, 1, 1], [1] * 5], dtype=bool)):
+        assert first_divergence(compare_traces(x, dict(a, **{"model.embed_tokens": np.ones((2, 5, 4))}),
+                                               attention_mask=mask)) is None
