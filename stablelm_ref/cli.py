@@ -1,4 +1,4 @@
-"""The stablelm-ref command: generate text from a prompt, or chat, with a local or Hub model.
+"""The stablelm-ref command: generate text from a prompt, or chat, with a local or Hub model; trace and compare.
 
     stablelm-ref generate [--model DIR_OR_REPO] [--max-new-tokens N] [--temperature T] [--top-k K]
                           [--top-p P] [--seed S] [--dtype float32|float64|bfloat16] [--device cpu|gpu]
@@ -57,14 +57,18 @@ def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="tokens to generate (default: the model's generation_config.json, else 64)")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="sampling temperature; > 0 samples, 0 is greedy (default: the model's "
-                        "generation_config.json, else greedy)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set reaching probability P")
+                   help="sampling temperature: > 0 turns sampling on (add --seed to reproduce), 0 is greedy "
+                        "(default: the model's generation_config.json, else greedy)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="sample from the K most likely tokens (0: no top-k limit); turns sampling on (add --seed to "
+                        "reproduce)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="sample from the smallest set reaching probability P; turns sampling on (add --seed to "
+                        "reproduce)")
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already present (> 1)")
     p.add_argument("--sample", action="store_true",
                    help="sample (with the model's generation_config.json settings, else transformers' "
-                        "defaults: top-k 50)")
+                        "defaults: top-k 50); add --seed to reproduce")
     p.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible output)")
     p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s on stderr")
 
@@ -214,8 +218,11 @@ def add_cli_commands(subparsers):
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: generate "
-                                            "text from the command line.")
+    parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: continue a "
+                                            "prompt (generate), chat with a chat model (chat), record every "
+                                            "intermediate of a forward pass (trace) and find where two traces "
+                                            "first disagree (compare).",
+                     epilog=f"{PROG} COMMAND --help for each command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

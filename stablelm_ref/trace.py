@@ -697,7 +697,8 @@ def main(argv=None):
     """`python -m stablelm_ref.trace {trace,compare} ...`: the same commands as `stablelm-ref`, run alike
     (command.run: one-line errors and warnings prefixed 'stablelm-ref:', exit 2 on a user error)."""
     parser = _Parser(prog=PROG, description="Record and compare StableLM traces (the trace and compare commands "
-                                            "of stablelm-ref).")
+                                            "of stablelm-ref).",
+                     epilog="python -m stablelm_ref.trace COMMAND --help for each command's options.")
     add_cli_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return run(parser, argv)
 

@@ -345,3 +345,39 @@ def test_the_abbreviation_hint_names_the_typed_commands_options_only(capsys):
             assert "did you mean" not in err, err
         else:
             assert f"did you mean {hint}?" in err, err
+
+
+def test_help_says_which_options_turn_sampling_on_and_lists_every_command(capsys):
+    """A newcomer's --top-k 5 turned unseeded sampling on; the rule was only in cli.py's docstring. The top-level
+    help said 'generate text from the command line' though chat, trace and compare are there too."""
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("generate", "chat"):
+        helps = {a.dest: " ".join(a.help.split()) for a in sub.choices[command]._actions}
+        for dest in ("top_k", "top_p", "temperature"):
+            assert "turns sampling on" in helps[dest] and "add --seed to reproduce" in helps[dest], (dest, helps[dest])
+        args = parser.parse_args([command, "--top-k", "5"] + (["hi"] if command == "generate" else []))
+        assert args.seed is None
+    top = " ".join(parser.format_help().split())
+    for command in ("(generate)", "(chat)", "(trace)", "(compare)"):
+        assert command in top
+    assert "stablelm-ref COMMAND --help for each command's options." in top
+
+
+@pytest.mark.parametrize("option", [["--top-k", "5"], ["--top-p", "0.9"], ["--temperature", "0.7"], ["--sample"]])
+def test_the_options_the_help_names_do_turn_sampling_on(option):
+    """The help's claim, checked against what the command passes to generate (do_sample=True, no seed)."""
+    class Tok:
+        eos_token_id = pad_token_id = None
+
+    class Model:
+        from stablelm_ref.generation_config import GenerationConfig as _G
+        generation_config = _G()
+
+    args = cli.build_parser().parse_args(["generate", *option, "hi"])
+    kwargs = cli.generation_kwargs(args, Tok(), Model())
+    assert kwargs["do_sample"] is True and kwargs["seed"] is None
+    args = cli.build_parser().parse_args(["generate", "--temperature", "0", "hi"])
+    assert cli.generation_kwargs(args, Tok(), Model())["do_sample"] is False
