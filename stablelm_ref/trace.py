@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import bounded_io, checkpoint, hub
-from .command import PROG, _Parser, run
 from ._version import __version__
 from ._xp import to_host
+from .command import PROG, _Parser, run
 from .errors import CheckpointError, StableLmError, TokenizerError, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
@@ -356,18 +356,16 @@ _PER_HEAD = ("q_proj", "k_proj", "v_proj", "q_layernorm", "k_layernorm", "rotary
 
 
 # each name's layout, docs/tracing.md's name table (a test holds the two together), by the name's last parts
+_QUERY = "[B, H, T, D] (heads before tokens)"
+_KEY_VALUE = "[B, KVH, T, D] (the key/value heads, not repeated to H)"
 _LAYOUTS = {
-    "model.embed_tokens": "[B, T, hidden]", "input_layernorm": "[B, T, hidden]",
-    "q_proj": "[B, H, T, D] (heads before tokens)", "q_layernorm": "[B, H, T, D] (heads before tokens)",
-    "rotary_q": "[B, H, T, D] (heads before tokens)", "attn_output": "[B, H, T, D] (heads before tokens)",
-    "k_proj": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
-    "v_proj": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
-    "k_layernorm": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
-    "rotary_k": "[B, KVH, T, D] (the key/value heads, not repeated to H)",
+    **dict.fromkeys(("model.embed_tokens", "input_layernorm", "o_proj", "post_attention_layernorm", "mlp.down_proj",
+                     "model.layers.i", "model.norm"), "[B, T, hidden]"),
+    **dict.fromkeys(("q_proj", "q_layernorm", "rotary_q", "attn_output"), _QUERY),
+    **dict.fromkeys(("k_proj", "v_proj", "k_layernorm", "rotary_k"), _KEY_VALUE),
     "attn_weights": "[B, H, T, S] (query positions T, key positions S)",
-    "o_proj": "[B, T, hidden]", "post_attention_layernorm": "[B, T, hidden]", "mlp.gate_proj": "[B, T, inter]",
-    "mlp.up_proj": "[B, T, inter]", "mlp.act": "[B, T, inter]", "mlp.down_proj": "[B, T, hidden]",
-    "model.layers.i": "[B, T, hidden]", "model.norm": "[B, T, hidden]", "lm_head": "[B, T, vocab]",
+    **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj", "mlp.act"), "[B, T, inter]"),
+    "lm_head": "[B, T, vocab]",
 }
 
 
@@ -492,6 +490,12 @@ def parse_rows(text, option, what, example):
 _PADDED_EXAMPLE = "--ids 0,0,5,17;3,9,5,17 --mask 0,0,1,1;1,1,1,1"
 
 
+def parse_mask(text):
+    """--mask (of trace or compare) -> int array [B, T] of 0/1, rows of one length, each with a token."""
+    return _check_mask(parse_rows(text, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {text!r}",
+                       "--mask 0,0,1,1;1,1,1,1")
+
+
 def ids_and_mask(ids, mask):
     """--ids and --mask of a trace command -> (rows of ids, mask [B, T] or None): one row of ids, or a padded
     batch whose rows have one length, with --mask marking its padding (0) as the traces record it."""
@@ -501,8 +505,7 @@ def ids_and_mask(ids, mask):
                             f"shorter rows to one length and mark the padding with --mask, e.g. {_PADDED_EXAMPLE}")
     if mask is None:
         return rows, None
-    mask_rows = _check_mask(parse_rows(mask, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {mask!r}",
-                            "--mask 0,0,1,1;1,1,1,1")
+    mask_rows = parse_mask(mask)
     if mask_rows.shape != (len(rows), len(rows[0])):
         raise StableLmError(f"--mask is {mask_rows.shape[0]}x{mask_rows.shape[1]} but --ids is {len(rows)}x"
                             f"{len(rows[0])} (rows x ids): give one 0 or 1 per id, e.g. {_PADDED_EXAMPLE}")
@@ -589,11 +592,11 @@ def cmd_compare(args):
         print("A has no execution order; using B's")
     elif "order" not in meta_a:
         print("neither file has an execution order; names in natural order (layers.2 before layers.10)")
-    if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
-        print("warning: the two traces were recorded from different input ids")
+    if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:      # one line, as every warning
+        warnings.warn("the two traces were recorded from different input ids", stacklevel=1)
     if "attention_mask" in meta_a and "attention_mask" in meta_b and not np.array_equal(meta_a["attention_mask"],
                                                                                         meta_b["attention_mask"]):
-        print("warning: the two traces were recorded with different attention masks (A's is used)")
+        warnings.warn("the two traces were recorded with different attention masks (A's is used)", stacklevel=1)
     print(tolerance_line(rows, args.rtol, args.atol, (meta_a.get("dtype"), meta_b.get("dtype")), a, b) + "\n")
     print(format_table(rows))
     first = first_divergence(rows)
@@ -644,8 +647,7 @@ def tolerance_line(rows, rtol, atol, precision, a, b):
 def _choose_mask(option, meta_a, meta_b):
     """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
     if option is not None:
-        return _check_mask(parse_rows(option, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {option!r}",
-                           "--mask 0,0,1,1;1,1,1,1"), "--mask"
+        return parse_mask(option), "--mask"
     for label, meta in (("A", meta_a), ("B", meta_b)):
         if "attention_mask" in meta:
             return meta["attention_mask"], f"{label}'s metadata"

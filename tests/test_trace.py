@@ -703,3 +703,16 @@ def test_compare_traces_refuses_a_mask_that_is_not_the_traces_tokens():
     for mask in ([[0, 0, 1, 1, 1], [1] * 5], np.array([[0, 0, 1, 1, 1], [1] * 5], dtype=bool)):
         assert first_divergence(compare_traces(x, dict(a, **{"model.embed_tokens": np.ones((2, 5, 4))}),
                                                attention_mask=mask)) is None
+
+
+def test_compares_warnings_are_warnings_in_the_one_form(checkpoints, capsys, tmp_path):
+    """compare printed 'warning: ... different input ids' among its report on stdout, a third form beside the
+    runner's 'stablelm-ref: warning:' lines on stderr: it is now one of those."""
+    a = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    b = tmp_path / "other.safetensors"
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "5,17,42,8,99,4", "--out", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b)]) == 1
+    out, err = capsys.readouterr()
+    assert err == "stablelm-ref: warning: the two traces were recorded from different input ids\n"
+    assert "warning:" not in out
