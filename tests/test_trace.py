@@ -716,3 +716,15 @@ def test_compares_warnings_are_warnings_in_the_one_form(checkpoints, capsys, tmp
     out, err = capsys.readouterr()
     assert err == "stablelm-ref: warning: the two traces were recorded from different input ids\n"
     assert "warning:" not in out
+
+
+def test_positions_from_the_mask_diverge_first_at_rotary_q():
+    """docs/tracing.md: positions derived from the mask on one side only diverge at the first rotary_q, even with
+    the padded positions left out (the rows that are not padded have the same positions on both sides)."""
+    model = tiny_model(seed=11)
+    ids, mask = np.array([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    _, default = model.run_with_trace(ids, attention_mask=mask)
+    _, derived = model.run_with_trace(ids, attention_mask=mask, position_ids=np.maximum(np.cumsum(mask, 1) - 1, 0))
+    first = first_divergence(compare_traces(default, derived, attention_mask=mask))
+    assert first.name == "model.layers.0.self_attn.rotary_q" and first.max_rel > 0.1        # measured 0.83
+    np.testing.assert_array_equal(default["lm_head"][1], derived["lm_head"][1])              # the unpadded row
