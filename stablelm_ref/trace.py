@@ -220,10 +220,6 @@ def _check_mask(mask, where, example="a JSON list [[0, 0, 1, 1], [1, 1, 1, 1]]")
             or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
         raise CheckpointError(f"{where} is not an attention mask: give rows of 0 (padding) and 1 (token), one row "
                               f"per batch row, all of one length, e.g. {example}")
-    empty = next((i for i, r in enumerate(rows) if 1 not in r), None)
-    if empty is not None:                     # its positions would all be left out: nothing of it compared
-        raise CheckpointError(f"{where}: row {empty} is all padding (no 1), so nothing of it would be compared; "
-                              "every row needs at least one token (1)")
     return np.array(rows, dtype=np.int64)
 
 
@@ -239,7 +235,8 @@ _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in
 @dataclass
 class Row:
     """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong; rtol and
-    atol are the tolerances this tensor was judged by (NaN when it was not compared)."""
+    atol are the tolerances this tensor was judged by, precision the lower precision of the two sides that chose
+    their defaults (NaN and '' when it was not compared)."""
 
     name: str
     shape: tuple | None
@@ -250,6 +247,7 @@ class Row:
     note: str = ""
     rtol: float = math.nan
     atol: float = math.nan
+    precision: str = ""
 
 
 def _precision(dtype):
@@ -318,13 +316,14 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
     emulation of bfloat16 stores float32 tensors; 'torch.float32' and the like are read by run_precision).
-    Each compared Row carries the rtol and atol it was judged by. Missing names and shape mismatches are rows
+    Each compared Row carries the rtol and atol it was judged by and the precision that chose them. Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
     CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
     check_comparable(a, b)
     if attention_mask is not None:
         attention_mask = check_mask_tokens(attention_mask, a, b, "attention_mask")
     rows = []
+    run_a, run_b = run_precision(precision[0]), run_precision(precision[1])
     names = dict.fromkeys([n for n in (order or []) if n in a or n in b] + list(a) + list(b))   # first place kept
     allowed = " (allowed)" if allow_missing else ""
     for name in names:
@@ -340,13 +339,14 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
                             f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"
                             + (f"; the layout is {expected}" if expected else "")))
             continue
-        rt, at = default_tolerances(run_precision(precision[0]) or x.dtype, run_precision(precision[1]) or y.dtype)
+        lower = _lower_precision(run_a or x.dtype, run_b or y.dtype)
+        rt, at = DEFAULT_TOLERANCES[lower]
         rt = rt if rtol is None else rtol
         at = at if atol is None else atol
         x, y = drop_padding(name, x, attention_mask), drop_padding(name, y, attention_mask)
         max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
         ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
-        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok, rtol=rt, atol=at))
+        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok, rtol=rt, atol=at, precision=lower))
     return rows
 
 
@@ -398,6 +398,8 @@ def check_mask_tokens(mask, a, b, where):
     if host is not None and host.dtype.kind in "biuf" and host.size and np.isin(host, (0, 1)).all():
         mask = host.astype(np.int64).tolist()
     mask = _check_mask(mask if isinstance(mask, list) else None, where, "[[0, 0, 1, 1], [1, 1, 1, 1]]")
+    if not mask.any():                        # every position left out: a comparison of nothing cannot fail
+        raise CheckpointError(f"{where} is all padding (no 1), so nothing would be compared: mark the tokens with 1")
     shared = [n for n in ("model.embed_tokens",) if n in a or n in b] + [n for n in a if n in b]
     for name in shared:
         x = a[name] if name in a else b[name]
@@ -614,33 +616,35 @@ def cmd_compare(args):
 
 def tolerance_line(rows, rtol, atol, precision, a, b):
     """compare's header: the rtol and atol in force and where each came from (--rtol/--atol, else the default of
-    the lower precision of the two sides, each side's by its dtype metadata, else by its tensors' dtypes)."""
+    the lower precision of the two sides, each side's by its dtype metadata, else by its tensors' dtypes); the
+    rows say which precision judged each tensor (compare_traces chose it)."""
     def side(label, run, trace):
         if run_precision(run):
             return f"{label} {run_precision(run)} by its dtype metadata"
         kinds = sorted({_precision(x.dtype) for x in trace.values()}, key=_PRECISION_RANK.get, reverse=True)
         return f"{label} {'/'.join(kinds) or '-'} by its tensors' dtypes"
 
+    if not any(r.precision for r in rows):
+        return "tolerance: none (no tensor compared)"
+    given = rtol is not None and atol is not None
     lowers = {}                               # lower precision -> how many compared tensors it judged
     for r in rows:
-        if not math.isnan(r.rtol):
-            lower = _lower_precision(run_precision(precision[0]) or a[r.name].dtype,
-                                     run_precision(precision[1]) or b[r.name].dtype)
-            lowers[lower] = lowers.get(lower, 0) + 1
+        if r.precision:
+            lowers[r.precision] = lowers.get(r.precision, 0) + 1
     lowers = dict(sorted(lowers.items(), key=lambda item: -_PRECISION_RANK[item[0]]))   # float64 first
     parts = []
     for lower, count in lowers.items():
         rt, at = DEFAULT_TOLERANCES[lower]
         said = (f"rtol={rt:g}" if rtol is None else f"rtol={rtol:g} from --rtol") + ", " + (
             f"atol={at:g}" if atol is None else f"atol={atol:g} from --atol")
-        parts.append(said + (f" for {count} tensors" if len(lowers) > 1 else ""))
-        if rtol is not None and atol is not None:
-            break                             # one pair for every tensor
-    defaults = ", ".join(lowers)
-    why = "" if rtol is not None and atol is not None else (
-        f" ({defaults} default{'s' if len(lowers) > 1 else ''}: the lower precision of {side('A', precision[0], a)} "
-        f"and {side('B', precision[1], b)})")
-    return f"tolerance: {'; '.join(parts) or 'none (no tensor compared)'}{why}\n" \
+        if given:
+            parts.append(said)                # one pair for every tensor
+            break
+        parts.append(said + (f" for {count} tensor{'s' if count > 1 else ''}" if len(lowers) > 1 else ""))
+    why = "" if given else (
+        f" ({', '.join(lowers)} default{'s' if len(lowers) > 1 else ''}: the lower precision of "
+        f"{side('A', precision[0], a)} and {side('B', precision[1], b)})")
+    return f"tolerance: {'; '.join(parts)}{why}\n" \
            "ok = max abs err <= atol + rtol * max(|A|max, |B|max)"
 
 

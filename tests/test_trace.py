@@ -20,6 +20,7 @@ from stablelm_ref.trace import (
     main,
     read_trace,
     run_with_trace,
+    tolerance_line,
     write_trace,
 )
 
@@ -426,7 +427,7 @@ def test_text_that_gives_no_tokens_names_the_option(tmp_path, capsys):
 def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkpoints, capsys, tmp_path):
     """A trace compared with a model's weights (hostile review): --allow-missing printed 'all 0 tensors both sides
     hold agree' and exit 0, and without it 139 'missing in B' rows that never said B is no trace. Now exit 2, one
-    line; compare_traces refuses the same, as does a comparison of empty tensors only or of an all-padding row."""
+    line; compare_traces refuses the same, as does a comparison of empty tensors only or under an all-padding mask."""
     from stablelm_ref.checkpoint import save_file
     from stablelm_ref.trace import check_comparable
 
@@ -451,8 +452,40 @@ def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkp
     save_file({}, empty)
     assert main(["compare", str(empty), str(empty)]) == 2
     assert "holds no tensor" in capsys.readouterr().err
-    assert main(["compare", str(trace_path), str(trace_path), "--mask", "1,1,1,1,1,1;0,0,0,0,0,0"]) == 2
-    assert "row 1 is all padding (no 1), so nothing of it would be compared" in capsys.readouterr().err
+    assert main(["compare", str(trace_path), str(trace_path), "--mask", "0,0,0,0,0,0"]) == 2
+    assert "is all padding (no 1), so nothing would be compared" in capsys.readouterr().err
+
+
+def test_a_row_of_padding_is_traced_and_its_positions_left_out_of_the_comparison(checkpoints, capsys, tmp_path):
+    """A batch row that is all padding is a valid input of the model (its queries see no key: output 0), so trace
+    records it and compare leaves its positions out while the other rows are compared; only a mask with no token
+    at all is refused (the review of the hostile mends: every such row had been refused, a trace file holding one
+    could not even be read)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    model = str(checkpoints / "good")
+    for out, dtype in ((a, "float64"), (b, "float32")):
+        assert main(["trace", "--model", model, "--dtype", dtype, "--ids", "5,6,7;8,9,10", "--mask", "0,0,0;1,1,1",
+                     "--out", str(out)]) == 0
+    trace, meta = read_trace(a)
+    assert meta["attention_mask"].tolist() == [[0, 0, 0], [1, 1, 1]]
+    capsys.readouterr()
+    assert main(["compare", str(b), str(a)]) == 0
+    assert "3 padded positions left out of every tensor" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="attention_mask is all padding"):
+        compare_traces(trace, trace, attention_mask=[[0, 0, 0], [0, 0, 0]])
+
+
+def test_the_tolerance_header_when_nothing_or_one_tensor_was_compared():
+    """Traces of different batch sizes give only shape-mismatch rows: the header said 'none (no tensor compared)
+    ( default: ...)' (the review); and one tensor judged at a second precision read 'for 1 tensors'."""
+    a = {"x": np.zeros((1, 2)), "y": np.ones(3)}
+    rows = compare_traces(a, {"x": np.zeros((2, 2)), "y": np.ones(4)})
+    assert tolerance_line(rows, None, None, (None, None), a, a) == "tolerance: none (no tensor compared)"
+    b = {"x": np.zeros((1, 2), np.float32), "y": np.ones(3)}
+    line = tolerance_line(compare_traces(a, b), None, None, (None, None), a, b).splitlines()[0]
+    assert line == ("tolerance: rtol=1e-10, atol=1e-12 for 1 tensor; rtol=0.0001, atol=1e-05 for 1 tensor (float64, "
+                    "float32 defaults: the lower precision of A float64 by its tensors' dtypes and B float64/float32 "
+                    "by its tensors' dtypes)")
 
 
 def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkeypatch):

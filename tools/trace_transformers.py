@@ -146,7 +146,7 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
     tracing attention function is switched in for this one call (set_attn_implementation; a model loaded with
     sdpa or flash attention never calls it, and recorded no rotary_q/rotary_k/attn_weights/attn_output) and the
     model runs in eval mode (no dropout); both are restored afterwards. Another architecture is refused, and so
-    is a pass that records fewer names than every layer's (StableLmError naming load_transformers_model).
+    is a pass that records fewer names than every layer's (a StableLmError).
 
     exact=True computes transformers' two float32 steps (rotary tables, eager softmax) in the model's
     dtype instead: for float64 against float64 checks; the rest is transformers' code unchanged."""
@@ -219,7 +219,8 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
     if missing:
         raise StableLmError(f"the forward pass recorded no {missing[0]} ({len(missing)} attention names missing): "
                             f"the model's attention ({model.config._attn_implementation!r}) did not go through the "
-                            "tracing attention function; load the model with load_transformers_model(model_dir, dtype)")
+                            "tracing attention function (an attention module of its own that does not call "
+                            "transformers' attention interface?); trace a StableLmForCausalLM as transformers ships it")
     return _numpy(logits), recorded
 
 
