@@ -32,7 +32,7 @@ from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig
 from .decoder_layer import decoder_layer
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
-from .generation_config import GenerationConfig
+from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -173,18 +173,23 @@ class StableLmPreTrainedModel:
         pass generate's checks; otherwise CheckpointError names the tensor or field and nothing is written.
         generation_config.json holds the generation config's fields that are set (model.generation_config:
         the one loaded, or config.json's token ids). The files are written under temporary names and renamed
-        together at the end: a failed save leaves no partial file and no existing file changed. A shard
-        index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed after the
+        together at the end, all or nothing (checkpoint.atomic_group): a failed or interrupted save, a directory
+        in the way of one of the files included, leaves no partial file and every existing file byte-identical
+        (only a power loss between two renames leaves a mix, the old files kept as `.old-*` beside them). A shard
+        index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed with the same
         renames, since from_pretrained would read it instead of the new file; its shard files are left."""
         checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
         host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))
         checkpoint.make_directory(directory)
+        names = (checkpoint.SINGLE_NAME, "config.json", GENERATION_CONFIG_NAME)
+        checkpoint.check_replaceable([os.path.join(directory, n) for n in names])   # before any weight is written
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
             self.config.save_pretrained(directory, group)
             self.generation_config.save_pretrained(directory, group)
-        checkpoint.remove_stale_index(directory)
+            if os.path.lexists(os.path.join(directory, checkpoint.INDEX_NAME)):
+                group.remove(os.path.join(directory, checkpoint.INDEX_NAME))
 
     def _check_savable(self, host, dtype):
         """The host tensors cast to `dtype` (None: as they are), or CheckpointError, before anything is written,
