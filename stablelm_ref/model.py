@@ -20,6 +20,7 @@ Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import reprlib
 from collections.abc import Mapping
@@ -171,8 +172,8 @@ class StableLmPreTrainedModel:
         What is written must load again: the tensors must be the ones the config implies (names and
         shapes) and finite in the dtype written (float16 holds at most 65504), and model.generation_config must
         pass generate's checks; otherwise CheckpointError names the tensor or field and nothing is written.
-        generation_config.json holds the generation config's fields that are set (model.generation_config:
-        the one loaded, or config.json's token ids). The files are written under temporary names and renamed
+        config.json's "dtype" names the dtype written. generation_config.json holds the generation config's fields
+        that are set (model.generation_config: the one loaded, or config.json's token ids). The files are written under temporary names and renamed
         together at the end, all or nothing (checkpoint.atomic_group): a failed or interrupted save, a directory
         in the way of one of the files included, leaves no partial file and every existing file byte-identical
         (only a power loss between two renames leaves a mix, the old files kept as `.old-*` beside them). A shard
@@ -186,10 +187,17 @@ class StableLmPreTrainedModel:
         checkpoint.check_replaceable([os.path.join(directory, n) for n in names])   # before any weight is written
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
-            self.config.save_pretrained(directory, group)
+            self._saved_config(host).save_pretrained(directory, group)
             self.generation_config.save_pretrained(directory, group)
             if os.path.lexists(os.path.join(directory, checkpoint.INDEX_NAME)):
                 group.remove(os.path.join(directory, checkpoint.INDEX_NAME))
+
+    def _saved_config(self, host):
+        """model.config with its "dtype" (and "torch_dtype", when set) naming the dtype of the weights written, as
+        transformers writes it: a bfloat16 model saved with dtype="float32" does not say "bfloat16"."""
+        name = np.dtype(host["model.embed_tokens.weight"].dtype).name
+        return dataclasses.replace(self.config, dtype=name,
+                                   torch_dtype=None if self.config.torch_dtype is None else name)
 
     def _check_savable(self, host, dtype):
         """The host tensors cast to `dtype` (None: as they are), or CheckpointError, before anything is written,
