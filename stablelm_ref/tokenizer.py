@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import sys
 import threading
 import time
@@ -61,7 +62,7 @@ class Tokenizer:
         self.source = source
         self.add_bos_token = _flag(add_bos_token, "add_bos_token")
         self.add_eos_token = _flag(add_eos_token, "add_eos_token")
-        self.chat_template = chat_template
+        self.chat_template = _chat_templates(chat_template, source, "chat_template")
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
             if token is not None and not isinstance(token, str):
@@ -95,7 +96,7 @@ class Tokenizer:
             tokens[name] = _token_content(value, name, path)
         if tokens["bos_token"] is None and tokens["eos_token"] is None and backend.token_to_id(NEOX_DEFAULT) is not None:
             tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
-        template = config.get("chat_template")
+        template = _chat_templates(config.get("chat_template"), f"{path}: tokenizer_config.json", "'chat_template'")
         template_file = os.path.join(path, "chat_template.jinja")
         if os.path.lexists(template_file):
             raw = bounded_io.read_bytes(template_file, MAX_FILE_BYTES["chat_template.jinja"], TokenizerError, path)
@@ -103,20 +104,15 @@ class Tokenizer:
                 template = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise TokenizerError(f"{template_file}: not UTF-8 (offset {e.start}); fix or re-download it") from None
-        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError(f"{path}: chat_template must be a string, got {type(template).__name__}")
         max_len = config.get("model_max_length")
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, float)) or
-                                    not max_len >= 1):
-            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a number >= 1, got "
-                                 f"{max_len!r}")
+                                    not max_len >= 1 or not float(max_len).is_integer()):
+            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a whole number >= 1, "
+                                 f"got {max_len!r}")
         flags = {key: _flag(config.get(key, False), key, f"{path}: tokenizer_config.json key", json=True)
                  for key in ("add_bos_token", "add_eos_token")}
         return cls(backend, **tokens, **flags, chat_template=template,
-                   model_max_length=max_len if isinstance(max_len, int) else None, source=path)
+                   model_max_length=None if max_len is None else int(max_len), source=path)
 
     @classmethod
     def from_file(cls, tokenizer_json, **kwargs):
@@ -232,13 +228,13 @@ class Tokenizer:
     # ---- chat template ------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
                             **kwargs):
-        """Render the conversation with the chat template (sandboxed); token ids if tokenize=True."""
+        """Render the conversation with the chat template (sandboxed); token ids if tokenize=True.
+
+        chat_template: a template string, or, as in transformers, the name of one of the tokenizer's named
+        templates (tokenizer_config.json's list form); None: the tokenizer's template (its 'default' one)."""
         add_generation_prompt = _flag(add_generation_prompt, "add_generation_prompt")
         tokenize = _flag(tokenize, "tokenize")
-        template = chat_template if chat_template is not None else self.chat_template
-        if template is None:
-            raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
-                                 "'chat_template'); pass chat_template=... or use a chat model's tokenizer")
+        template = self._template(chat_template)
         if not isinstance(messages, (list, tuple)) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
@@ -247,6 +243,22 @@ class Tokenizer:
         text = render_chat_template(template, messages=list(messages),
                                     add_generation_prompt=add_generation_prompt, **context)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _template(self, chat_template):
+        """The template apply_chat_template renders (see there)."""
+        named = self.chat_template if isinstance(self.chat_template, dict) else {}
+        if chat_template is not None:
+            return named.get(chat_template, chat_template) if isinstance(chat_template, str) else chat_template
+        if self.chat_template is None:
+            raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
+                                 "'chat_template'); pass chat_template=... or use a chat model's tokenizer")
+        if isinstance(self.chat_template, str):
+            return self.chat_template
+        if "default" not in named:
+            raise TokenizerError(f"{self.source}: the tokenizer has chat templates named "
+                                 f"{', '.join(map(repr, named))} but none named 'default', the one used when none is "
+                                 f"asked for; pass chat_template={next(iter(named))!r} (a name) or a template string")
+        return named["default"]
 
 
 # ---- the sandbox --------------------------------------------------------------------------------
@@ -436,6 +448,30 @@ def _read_json(path, root):
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: must hold a JSON object")
     return data
+
+
+def _chat_templates(value, where, key):
+    """A chat template as tokenizer_config.json gives it, checked: None, a string, or the named form, a non-empty
+    list of {"name": ..., "template": ...} objects with string values and distinct names, returned as {name:
+    template} (what transformers keeps as tokenizer.chat_template; the 'default' one is used when none is asked
+    for). A malformed value is a TokenizerError here, not "no chat template" when a chat is rendered."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)                                                # the {name: template} form, in memory
+    if not isinstance(value, list) or not value:
+        raise TokenizerError(f"{where} {key} must be a template string or a non-empty list of "
+                             f'{{"name": ..., "template": ...}} objects, got {reprlib.repr(value)}')
+    named = {}
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("template"), str)):
+            raise TokenizerError(f"{where} {key}[{i}] must be an object {{\"name\": a string, \"template\": a "
+                                 f"string}}, got {reprlib.repr(entry)}")
+        if entry["name"] in named:
+            raise TokenizerError(f"{where} {key} names two templates {entry['name']!r}; names must differ")
+        named[entry["name"]] = entry["template"]
+    return named
 
 
 def _token_content(value, name, path):

@@ -218,3 +218,60 @@ def test_no_template_is_a_clear_error(tmp_path):
 def test_tojson_is_not_html_escaped():
     out = render_chat_template("{{ messages | tojson }}", messages=[{"role": "user", "content": "<a> & é"}])
     assert json.loads(out) == [{"role": "user", "content": "<a> & é"}] and "<a> & é" in out
+
+
+# ---- class: a present but malformed value read as absent ----------------------------------------------------
+
+@pytest.mark.parametrize("value, match", [
+    ([], "must be a template string or a non-empty list"),
+    ({}, "must be a template string or a non-empty list"),
+    (5, "must be a template string or a non-empty list"),
+    ([5], r"'chat_template'\[0\] must be an object \{\"name\": a string, \"template\": a string\}, got 5"),
+    ([{"name": "default"}], r"'chat_template'\[0\] must be an object"),
+    ([{"name": "default", "template": "x"}, {"name": 1, "template": "y"}], r"'chat_template'\[1\] must be an object"),
+    ([{"name": "a", "template": "x"}, {"name": "a", "template": "y"}], "names two templates 'a'"),
+])
+def test_a_malformed_chat_template_is_refused_at_load(tmp_path, value, match):
+    """Before: each loaded, and apply_chat_template then said "this tokenizer has no chat template"."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
+    with pytest.raises(TokenizerError, match=f"tokenizer_config.json .*{match}"):
+        Tokenizer.from_pretrained(directory)
+
+
+NAMED = [{"name": "tool_use", "template": "T:{{ messages[0].content }}"},
+         {"name": "rag", "template": "R:{{ messages[0].content }}"}]
+
+
+def test_named_chat_templates_are_picked_by_name_or_default(tmp_path):
+    """tokenizer_config.json's list form (transformers: tokenizer.chat_template becomes {name: template}; the
+    'default' one is used when none is asked for, and chat_template='name' picks one)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "d"), chat_template=NAMED + [
+        {"name": "default", "template": "D:{{ messages[0].content }}"}]))
+    assert tok.apply_chat_template(msgs) == "D:hi"
+    assert tok.apply_chat_template(msgs, chat_template="tool_use") == "T:hi"
+    assert tok.apply_chat_template(msgs, chat_template="X{{ messages|length }}") == "X1"    # a string, not a name
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "n"), chat_template=NAMED))
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=True)                     # it loads
+    with pytest.raises(TokenizerError, match="chat templates named 'tool_use', 'rag' but none named 'default'.*"
+                                             "pass chat_template='tool_use'"):
+        tok.apply_chat_template(msgs)
+    assert tok.apply_chat_template(msgs, chat_template="rag") == "R:hi"
+
+
+@pytest.mark.parametrize("value, kept", [(2048, 2048), (2048.0, 2048), (10**30, 10**30)])
+def test_model_max_length_as_a_whole_float_is_kept(tmp_path, value, kept):
+    """Before: a float (2048.0) passed the check and was then dropped to None."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"))
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["model_max_length"] = value
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    assert Tokenizer.from_pretrained(directory).model_max_length == kept
+    cfg["model_max_length"] = 2048.5
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(TokenizerError, match="'model_max_length' must be a whole number >= 1"):
+        Tokenizer.from_pretrained(directory)
