@@ -250,7 +250,8 @@ class StableLmConfig:
             ours, theirs = _normalise_rope_scaling(scaling), _normalise_rope_scaling(rope, "rope_parameters")
             if ours != theirs:
                 raise ConfigError(f"config.json gives the rope scaling twice, rope_scaling {scaling!r} and "
-                                  f"rope_parameters {rope!r}, which disagree (transformers 5 uses rope_scaling's); keep one")
+                                  f"rope_parameters {rope!r}, which disagree (transformers 5 uses rope_scaling's); "
+                                  "keep one")
         elif rope is not None:
             scaling = rope
             _normalise_rope_scaling(rope, "rope_parameters")
@@ -336,6 +337,10 @@ def _normalise_rope_scaling(scaling, key="rope_scaling"):
     scaling.pop("rope_theta", None)
     scaling.pop("partial_rotary_factor", None)
     if rope_type == "default":
+        if "factor" in scaling:           # present but meaningless: not read as absent, silently
+            raise ConfigError(f"{key} gives a scaling 'factor' ({scaling['factor']!r}) but its type is 'default' (or "
+                              "not given), which has no factor: set \"rope_type\": \"linear\" or \"dynamic\", or "
+                              "remove it")
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(

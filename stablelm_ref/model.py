@@ -173,12 +173,13 @@ class StableLmPreTrainedModel:
         shapes) and finite in the dtype written (float16 holds at most 65504), and model.generation_config must
         pass generate's checks; otherwise CheckpointError names the tensor or field and nothing is written.
         config.json's "dtype" names the dtype written. generation_config.json holds the generation config's fields
-        that are set (model.generation_config: the one loaded, or config.json's token ids). The files are written under temporary names and renamed
-        together at the end, all or nothing (checkpoint.atomic_group): a failed or interrupted save, a directory
-        in the way of one of the files included, leaves no partial file and every existing file byte-identical
-        (only a power loss between two renames leaves a mix, the old files kept as `.old-*` beside them). A shard
-        index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed with the same
-        renames, since from_pretrained would read it instead of the new file; its shard files are left."""
+        that are set (model.generation_config: the one loaded, or config.json's token ids). The files are written
+        under temporary names and renamed together at the end, all or nothing (checkpoint.atomic_group): a failed
+        or interrupted save, a directory in the way of one of the files included, leaves no partial file and every
+        existing file byte-identical (only a power loss between two renames leaves a mix, the old files kept as
+        `.old-*` beside them). A shard index (model.safetensors.index.json) of an earlier checkpoint in the
+        directory is removed with the same renames, since from_pretrained would read it instead of the new file;
+        its shard files are left."""
         checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
         host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))

@@ -218,6 +218,9 @@ def test_a_known_weights_dtype_is_kept_in_either_spelling(key):
     (dict(rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2.0}),
      "rope_scaling gives its type twice, \"rope_type\": 'linear' and \"type\": 'yarn'"),
     (dict(rope_parameters={"type": "linear", "rope_type": "default"}), "rope_parameters gives its type twice"),
+    # a factor with no scaling type was read as "no scaling"
+    (dict(rope_scaling={"factor": 2.0}), "rope_scaling gives a scaling 'factor' \\(2.0\\) but its type is 'default'"),
+    (dict(rope_parameters={"rope_type": "default", "factor": 4.0}), "rope_parameters gives a scaling 'factor'"),
 ])
 def test_a_rope_value_spelled_in_several_places_is_checked_in_each_and_must_agree(places, match):
     with pytest.raises(ConfigError, match=match):
