@@ -153,10 +153,12 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
         weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
         model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
-        weights; self.params become views of them (same values, not stored twice)."""
+        weights; self.params become views of them (same values, not stored twice). model.params must match
+        model.config when it is built (CheckpointError otherwise, as for the forward)."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:
+            self._check_params()                 # built from params edited after loading, it failed inside NumPy
             self._fast = fast_form(self)
         return self._fast
 

@@ -11,8 +11,10 @@ Each layer gets its own tensors (names after `model.layers.{i}.`), and a trace c
 
 This file also holds what every model class shares: `from_pretrained` / `save_pretrained`, input
 checking (ids, masks, positions, and the memory guard: a forward whose attention scores, activations
-or new cache cannot fit in free memory is refused before anything is allocated), and the output
-record. The heads (causal LM, sequence and token classification) are in heads.py.
+or new cache cannot fit in free memory is refused before anything is allocated), the check of
+model.params against model.config that every reference forward and every save makes (names and
+shapes: an edit after loading is named, not an IndexError deep in NumPy), and the output record.
+The heads (causal LM, sequence and token classification) are in heads.py.
 
 Config: vocab_size, hidden_size, num_hidden_layers, max_position_embeddings, layer_norm_eps.
 Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.layers.*.
@@ -21,10 +23,12 @@ Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 
@@ -212,18 +216,11 @@ class StableLmPreTrainedModel:
         except GenerationError as e:
             raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
                                   "generation_config.json. Nothing was written") from None
-        expected = checkpoint.expected_shapes(self.config, self.head)   # tied: no lm_head.weight
-        names = set(host)
-        copy = "lm_head.weight" in names and "lm_head.weight" not in expected   # a tied config with an lm_head
-        for name in sorted(set(expected) ^ (names - {"lm_head.weight"} if copy else names)):
-            where = "is missing from the model" if name in expected else "is not implied by the config"
-            raise CheckpointError(f"cannot save: tensor {name!r} {where} (config: num_hidden_layers="
-                                  f"{self.config.num_hidden_layers}, hidden_size={self.config.hidden_size}, ...): "
-                                  "from_pretrained would refuse the files; was model.config edited after loading?")
-        for name, shape in expected.items():
-            if tuple(host[name].shape) != tuple(shape):
-                raise CheckpointError(f"cannot save: tensor {name!r} has shape {tuple(host[name].shape)} but the "
-                                      f"config implies {tuple(shape)}; from_pretrained would refuse the files")
+        problem = self._params_problem(host)
+        if problem is not None:
+            raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
+                                  "or model.params edited after loading?")
+        copy = "lm_head.weight" in host and "lm_head.weight" not in implied_shapes(self.config, self.head)  # tied
         refused = ": from_pretrained refuses non-finite weights. Nothing was written"
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
                                              beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
@@ -234,6 +231,34 @@ class StableLmPreTrainedModel:
                                   "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
                                   "= False, or make the two equal. Nothing was written")
         return host                                        # with an equal tied copy, which from_pretrained allows
+
+    def _params_problem(self, params):
+        """What makes `params` ({name: array}) differ from the tensors model.config implies (names and shapes), in
+        words, or None. A tied config may also hold an lm_head.weight (a copy of the embedding: save compares it).
+        The save checks it (from_pretrained would refuse the files) and so does every reference forward: params
+        or config edited after loading failed deep inside NumPy (an IndexError from the embedding's take, a
+        matmul's core dimension) or, with an lm_head of other rows, gave logits of the wrong width. The forward's
+        cost, measured on the default model (179 tensors, 2 CPU cores): tools/ab_params_check.py."""
+        expected = implied_shapes(self.config, self.head)               # tied: no lm_head.weight
+        names = set(params)
+        if "lm_head.weight" in names and "lm_head.weight" not in expected:
+            names.discard("lm_head.weight")                                  # a tied config with an lm_head copy
+        for name in sorted(set(expected) ^ names):
+            where = "is missing from the model" if name in expected else "is not implied by the config"
+            return (f"tensor {name!r} {where} (config: num_hidden_layers={self.config.num_hidden_layers}, "
+                    f"hidden_size={self.config.hidden_size}, ...)")
+        for name, shape in expected.items():
+            got = tuple(getattr(params[name], "shape", ()))
+            if got != shape:
+                return f"tensor {name!r} has shape {got} but the config implies {shape}"
+        return None
+
+    def _check_params(self):
+        """CheckpointError naming the tensor when model.params do not match model.config (_params_problem)."""
+        problem = self._params_problem(self.params)
+        if problem is not None:
+            raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
+                                  "loading? Restore them (or the config), or load the model again")
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -373,6 +398,7 @@ class StableLmPreTrainedModel:
         if trace is not None and not callable(trace):
             raise GenerationError(f"trace must be a function trace(name, array), got {type(trace).__name__}")
         trace = no_trace if trace is None else trace
+        self._check_params()
         ids, cache, past, mask2d, position_ids = self._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                       past_key_values, use_cache)
         batch, t = ids.shape
@@ -408,6 +434,26 @@ class StableLmModel(StableLmPreTrainedModel):
                 output_hidden_states=False):
         return self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                   output_hidden_states)
+
+
+# The config keys checkpoint.expected_shapes reads (with head_dim, derived): implied_shapes remembers its answer per
+# distinct values, so that a forward's check of the params (StableLmPreTrainedModel._params_problem) does not
+# rebuild ~10 names per layer each time.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "use_parallel_residual", "use_qkv_bias", "qk_layernorm", "tie_word_embeddings",
+              "num_labels", "token_classification_bias")
+
+
+def implied_shapes(config, head):
+    """checkpoint.expected_shapes(config, head) as a read-only {name: shape}, remembered per SHAPE_KEYS values."""
+    return _implied_shapes(head, tuple(getattr(config, k) for k in SHAPE_KEYS))
+
+
+@functools.lru_cache(maxsize=16)
+def _implied_shapes(head, values):
+    sizes = SimpleNamespace(**dict(zip(SHAPE_KEYS, values)))
+    sizes.head_dim = sizes.hidden_size // sizes.num_attention_heads
+    return MappingProxyType({k: tuple(v) for k, v in checkpoint.expected_shapes(sizes, head).items()})
 
 
 def layer_tensors(params, num_layers):

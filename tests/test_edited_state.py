@@ -1,0 +1,74 @@
+"""Class: model state edited after loading is re-checked on every reference forward, not only on save.
+
+model.params and model.config are plain attributes a user may edit. Before, an edit that broke their agreement
+surfaced deep inside NumPy (an IndexError from fromnumeric.py for an embedding cut to 3 rows, a matmul's core
+dimension for a cut projection) or, with an lm_head of other rows, as logits of the wrong width; save_pretrained
+already refused the same edits. Now every reference forward names the tensor and both shapes (CheckpointError).
+"""
+
+import numpy as np
+import pytest
+
+from stablelm_ref import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
+from stablelm_ref.errors import CheckpointError
+
+from conftest import tiny_model
+
+IDS = [[3, 1, 4, 1, 5]]
+
+
+def cut(name, rows):
+    return lambda m: m.params.__setitem__(name, m.params[name][:rows])
+
+
+EDITS = {
+    "embedding cut to 3 rows": (cut("model.embed_tokens.weight", 3),
+                                r"'model.embed_tokens.weight' has shape \(3, 64\)"),
+    "lm_head of other rows": (cut("lm_head.weight", 100), r"'lm_head.weight' has shape \(100, 64\)"),
+    "a projection cut": (cut("model.layers.1.mlp.up_proj.weight", 5),
+                         r"'model.layers.1.mlp.up_proj.weight' has shape"),
+    "a tensor removed": (lambda m: m.params.pop("model.norm.bias"), "'model.norm.bias' is missing from the model"),
+    "a tensor added": (lambda m: m.params.__setitem__("model.extra", np.ones(3)), "'model.extra' is not implied"),
+    "a layer more in the config": (lambda m: setattr(m.config, "num_hidden_layers", 3),
+                                   "'model.layers.2.input_layernorm.bias' is missing"),
+    "a smaller vocabulary in the config": (lambda m: setattr(m.config, "vocab_size", 64),
+                                           r"'model.embed_tokens.weight' has shape \(\d+, 64\) but the config implies "
+                                           r"\(64, 64\)"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edit_that_breaks_params_against_config_is_named_by_the_forward(edit):
+    change, match = EDITS[edit]
+    model = tiny_model(seed=5)
+    before = model(IDS).logits
+    change(model)
+    with pytest.raises(CheckpointError, match=f"model.params no longer match model.config: tensor {match}"):
+        model(IDS)
+    with pytest.raises(CheckpointError, match="no longer match"):
+        model.generate(IDS, max_new_tokens=2, engine="reference")
+    with pytest.raises(CheckpointError, match=f"no longer match model.config: tensor {match}"):
+        model.fast()                                                # the fast form is built from the params
+    fresh = tiny_model(seed=5)
+    np.testing.assert_array_equal(fresh(IDS).logits, before)       # the check itself changes no number
+
+
+@pytest.mark.parametrize("cls", [StableLmForSequenceClassification, StableLmForTokenClassification])
+def test_the_classifiers_check_their_score_head(cls):
+    model = tiny_model(seed=5, cls=cls, pad_token_id=0)
+    model.params["score.weight"] = model.params["score.weight"][:1]
+    with pytest.raises(CheckpointError, match=r"'score.weight' has shape \(1, 64\)"):
+        model(IDS)
+
+
+def test_edits_that_keep_the_shapes_are_the_users_business():
+    """Values may change freely (that is what the tracing docs' perturbation does), and a tied config may keep
+    an lm_head copy: neither is refused."""
+    model = tiny_model(seed=5)
+    model.params["model.layers.0.self_attn.v_proj.weight"][3, 7] += 0.05
+    model.params["model.norm.weight"] = model.params["model.norm.weight"] * 2
+    assert np.isfinite(model(IDS).logits).all()
+    tied = tiny_model(seed=5, tie_word_embeddings=True)
+    tied.params["lm_head.weight"] = tied.params["model.embed_tokens.weight"].copy()
+    assert np.isfinite(tied(IDS).logits).all()
+    assert isinstance(tied, StableLmForCausalLM)
