@@ -38,7 +38,7 @@ import numpy as np
 
 from . import bounded_io
 from ._xp import host_array, refuse_masked
-from .errors import TokenizerError, check_flag
+from .errors import TokenizerError, check_flag, is_int
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 NEOX_DEFAULT = "<|endoftext|>"
@@ -178,17 +178,55 @@ class Tokenizer:
                 ids = ids + [self.eos_token_id]
         return ids
 
-    def __call__(self, text, padding=True, add_special_tokens=True):
-        """A text or a list of texts -> {"input_ids": [B, T] int64, "attention_mask": [B, T] int64}.
+    def __call__(self, text, padding=True, add_special_tokens=True, return_tensors=None, max_length=None,
+                 truncation=None, return_attention_mask=True, **others):
+        """A text or a list of texts -> {"input_ids": [B, T] int64, "attention_mask": [B, T] int64}, NumPy arrays.
 
-        Rows of different lengths are padded on the left (padding=True); padding=False requires
-        equal lengths."""
-        padding = _flag(padding, "padding", advice="; left padding is the only kind (padding=True)")
+        The keywords transformers' tokenizers take, as far as they apply here:
+            padding         True / "longest" (default): rows of different lengths are padded on the left to the
+                            longest; "max_length": every row to max_length (a longer row is an error); False /
+                            "do_not_pad": the rows must have equal lengths
+            return_tensors  None or "np": NumPy arrays are what it returns; "pt", "tf", "jax", "mlx" are refused
+                            (convert the arrays, e.g. torch.from_numpy)
+            truncation      None, False or "do_not_truncate": cutting texts to max_length is not done here
+                            (transformers cuts the end; slice the ids instead)
+            return_attention_mask   False leaves "attention_mask" out
+        Any other keyword is a TokenizerError naming it (transformers' return_token_type_ids, text_pair, ...)."""
+        if others:
+            raise TokenizerError(f"the tokenizer call takes no {next(iter(others))!r}; it takes text, padding, "
+                                 "add_special_tokens, return_tensors ('np'), max_length (with padding='max_length') "
+                                 "and return_attention_mask")
+        if not (return_tensors is None or _is_string(return_tensors, "np")):
+            raise TokenizerError(f"return_tensors={return_tensors!r}: this tokenizer always returns NumPy arrays "
+                                 "(return_tensors=None or 'np'); convert them yourself, e.g. "
+                                 "torch.from_numpy(enc['input_ids'])")
+        if not (truncation is None or truncation is False or _is_string(truncation, "do_not_truncate")):
+            raise TokenizerError(f"truncation={truncation!r}: this tokenizer does not cut texts; slice the ids "
+                                 "(enc['input_ids'][:, :n] keeps the first n tokens, as transformers' truncation "
+                                 "does) or shorten the text")
+        return_attention_mask = _flag(return_attention_mask, "return_attention_mask")
+        if isinstance(padding, str):
+            padding = {"longest": True, "do_not_pad": False}.get(padding, padding)
+        if _is_string(padding, "max_length"):
+            if not (is_int(max_length) and max_length >= 1):
+                raise TokenizerError(f"padding='max_length' needs max_length, an integer >= 1; got {max_length!r}")
+            max_length = int(max_length)
+        elif max_length is not None:
+            raise TokenizerError(f"max_length={max_length!r} is used only with padding='max_length' (transformers "
+                                 "would also cut longer texts: this tokenizer does not)")
+        else:
+            padding = _flag(padding, "padding", advice=" (transformers' strings 'longest', 'max_length' and "
+                                                        "'do_not_pad' are taken too); left padding is the only kind")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("give a string or a non-empty list of strings to tokenize")
         rows = [self.encode(t, add_special_tokens) for t in texts]
         width = max(len(r) for r in rows)
+        if _is_string(padding, "max_length"):
+            if width > max_length:
+                raise TokenizerError(f"a text has {width} tokens, more than max_length={max_length}; this tokenizer "
+                                     "does not cut texts: shorten it or raise max_length")
+            width = max_length
         if any(len(r) != width for r in rows):
             if not padding:
                 raise TokenizerError("the texts have different lengths in tokens: pass padding=True")
@@ -201,7 +239,7 @@ class Tokenizer:
             if r:
                 ids[i, width - len(r):] = r
                 mask[i, width - len(r):] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask} if return_attention_mask else {"input_ids": ids}
 
     # ---- decoding -----------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens=False):
@@ -487,6 +525,11 @@ def _flag(value, name, where="", advice="", json=False):
     """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently; json:
     a file's key, its message spelling the values as JSON does)."""
     return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice, json)
+
+
+def _is_string(value, text):
+    """value is the string `text` (an array or other object compares as not equal, never elementwise)."""
+    return isinstance(value, str) and value == text
 
 
 def _is_panic(e):

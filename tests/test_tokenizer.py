@@ -275,3 +275,56 @@ def test_model_max_length_as_a_whole_float_is_kept(tmp_path, value, kept):
         json.dump(cfg, f)
     with pytest.raises(TokenizerError, match="'model_max_length' must be a whole number >= 1"):
         Tokenizer.from_pretrained(directory)
+
+
+# ---- the keywords transformers' tokenizers take: honoured where they apply, refused by name otherwise ----------
+
+def test_return_tensors_np_is_what_it_returns_and_others_are_refused(tiny_dir):
+    """Before: tok("abc", return_tensors="np") was a bare TypeError (an unexpected keyword)."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    plain = tok(["abc", "a longer text"])
+    for value in (None, "np"):
+        enc = tok(["abc", "a longer text"], return_tensors=value)
+        assert all(isinstance(v, np.ndarray) for v in enc.values())
+        np.testing.assert_array_equal(enc["input_ids"], plain["input_ids"])
+    for value in ("pt", "tf", "jax", "NP", np.array(["np"])):
+        with pytest.raises(TokenizerError, match="always returns NumPy arrays .*torch.from_numpy"):
+            tok("abc", return_tensors=value)
+
+
+def test_padding_spellings_of_transformers(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    texts = ["abc", "a longer text"]
+    np.testing.assert_array_equal(tok(texts, padding="longest")["input_ids"], tok(texts)["input_ids"])
+    with pytest.raises(TokenizerError, match="different lengths"):
+        tok(texts, padding="do_not_pad")
+    rows = [tok.encode(t) for t in texts]
+    enc = tok(texts, padding="max_length", max_length=12)
+    pad = tok.pad_token_id
+    for i, r in enumerate(rows):          # left padding to 12: pads, then the row; the mask marks the row
+        assert enc["input_ids"][i].tolist() == [pad] * (12 - len(r)) + r
+        assert enc["attention_mask"][i].tolist() == [0] * (12 - len(r)) + [1] * len(r)
+    with pytest.raises(TokenizerError, match=f"has {max(map(len, rows))} tokens, more than max_length=2"):
+        tok(texts, padding="max_length", max_length=2)
+    for bad in (None, 0, 2.0, True):
+        with pytest.raises(TokenizerError, match="padding='max_length' needs max_length"):
+            tok(texts, padding="max_length", max_length=bad)
+    with pytest.raises(TokenizerError, match="max_length=4 is used only with padding='max_length'"):
+        tok(texts, max_length=4)
+    with pytest.raises(TokenizerError, match="'padding' must be True or False, got 'right'.*'longest'"):
+        tok(texts, padding="right")
+
+
+def test_truncation_is_refused_and_return_attention_mask_honoured(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    for value in (None, False, "do_not_truncate"):
+        assert tok("abc", truncation=value)["input_ids"].tolist() == [tok.encode("abc")]
+    for value in (True, "longest_first", "only_first"):
+        with pytest.raises(TokenizerError, match="does not cut texts; slice the ids"):
+            tok("abc", truncation=value)
+    assert list(tok("abc", return_attention_mask=False)) == ["input_ids"]
+    with pytest.raises(TokenizerError, match="'return_attention_mask' must be True or False"):
+        tok("abc", return_attention_mask="no")
+    for keyword in ("text_pair", "return_token_type_ids", "padding_side", "stride"):
+        with pytest.raises(TokenizerError, match=f"the tokenizer call takes no '{keyword}'; it takes text, padding"):
+            tok("abc", **{keyword: 1})
