@@ -67,8 +67,9 @@ def array_module(device):
         try:
             import cupy
         except ImportError:
-            raise StableLmError("device='gpu' needs CuPy: pip install 'stablelm-ref[gpu]' on a machine with an "
-                                "NVIDIA GPU") from None
+            raise StableLmError("device='gpu' needs CuPy, on a machine with an NVIDIA GPU: in a checkout, "
+                                ".venv/bin/pip install -e '.[gpu]' (after make install); where stablelm-ref is "
+                                "installed as a package, pip install 'stablelm-ref[gpu]'") from None
         try:
             cupy.cuda.runtime.getDeviceCount()
         except Exception:
