@@ -381,8 +381,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
              pad_token_id=FROM_CONFIG, seed=None, streamer=None, timings=None, engine="auto"):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
 
-    `timings`, a dict when given, receives prefill_tokens, prefill_s, decode_tokens, decode_s.
-    `engine` ("auto", "fast", "reference") picks the forward each step runs on: see step_backend.
+    An argument left at None takes the model's generation config (model.generation_config), then transformers'
+    default (module docstring):
+        attention_mask      [B, T] of 1 (token) / 0 (left padding); default: ids != pad_token_id where the pad
+                            id occurs and is not an EOS id, else all ones
+        max_new_tokens      new tokens per row (wins over max_length); max_length: prompt + new, in total;
+                            neither set anywhere: 20 new tokens
+        do_sample           False: greedy (argmax); True: sample with temperature, top_k (0: off), top_p and
+                            seed (an int: np.random.default_rng(seed); None: a fresh seed)
+        repetition_penalty  > 1 lowers the logits of ids already in the row (1.0: off)
+        eos_token_id        an id or a list of ids that end a row; None: never stop at an EOS
+        pad_token_id        what a finished row emits (the generation config's, else the first EOS id)
+        streamer            an object with put(ids) and end(), e.g. TextStreamer(tokenizer) (batch 1)
+        timings             a dict that receives prefill_tokens, prefill_s, decode_tokens, decode_s
+        engine              "auto", "fast", "reference": the forward each step runs on (see step_backend)
     """
     if not hasattr(model, "lm_head_weight"):
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
