@@ -3,7 +3,7 @@
     prefill:  z = model(prompt, mask, positions = cumsum(mask) - 1)[:, -1]      one forward, fills the cache
     step:     z = repetition_penalty(z) -> z / temperature -> top_k(z) -> top_p(z)   (transformers' order)
               next = argmax z                               do_sample=False (greedy)
-                   | next ~ softmax(z)                      do_sample=True, numpy.random.Generator(seed)
+                   | next ~ softmax(z)                      do_sample=True, np.random.default_rng(seed)
               next = pad_token_id where the row has already produced EOS
               z = model(next, cache, positions = previous + 1)[:, -1]              one token per row
 
@@ -28,7 +28,7 @@ the model's own forward (ModelSteps), or on the GPU the CUDA-graph decode engine
 The logits are processed where they are, in float32 (float64 for a float64 model: the golden reference;
 transformers processes in float32), by the same functions on NumPy or CuPy arrays; the engine may pick
 inside its step instead (the greedy argmax, or its sample_step kernel, whose spec is these functions).
-Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
+Sampling draws u ~ U[0, 1) per row from np.random.default_rng(seed) on the host and inverts the cumulative
 distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
 tokens on the CPU and the GPU given the same logits (a backend that samples inside its step gets every
 later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in

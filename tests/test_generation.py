@@ -451,3 +451,17 @@ def test_model_generate_shows_generation_generates_arguments_and_docstring():
     assert "max_new_tokens=None" in text and "repetition_penalty" in text and "**kwargs" not in text
     assert generation.generate.__doc__ in StableLmForCausalLM.generate.__doc__
 
+
+def test_the_random_generators_the_docstrings_name_take_an_int_seed():
+    """generation.py's docstrings said numpy.random.Generator(seed), a TypeError with an int seed (it takes a
+    BitGenerator): every np.random.<name>(seed) they name must build a generator from an int; the code uses
+    default_rng."""
+    import re
+
+    from stablelm_ref import generation
+
+    texts = generation.__doc__ + generation.generate.__doc__
+    named = re.findall(r"(?:np|numpy)\.random\.(\w+)\(seed\)", texts)
+    assert named and set(named) == {"default_rng"}
+    for name in named:
+        getattr(np.random, name)(7).random()
