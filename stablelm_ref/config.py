@@ -306,7 +306,8 @@ class StableLmConfig:
         d["rope_parameters"] = rope
         if d["id2label"] is not None:
             d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
-        d = {k: v for k, v in d.items() if v is not None or k in ("pad_token_id",)}
+        # None is written where it differs from the default (bos/eos: 0), so that it reads back as None
+        d = {k: v for k, v in d.items() if v is not None or k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         d["architectures"] = self.architectures or ["StableLmForCausalLM"]
         return d
 
@@ -318,6 +319,31 @@ class StableLmConfig:
         path = os.path.join(directory, "config.json")
         atomic_write(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode(), group)
         return path
+
+
+def edit_problem(config):
+    """Why a StableLmConfig edited after it was built (model.config.layer_norm_eps = -1) would not load back, or
+    is not in the form the model reads (a rope_scaling written {"type": "linear", ...}), in words; None when it
+    is fine. The check: config.json written from it and read again must succeed and give the same values."""
+    try:
+        scaling = _normalise_rope_scaling(config.rope_scaling)
+        if scaling != config.rope_scaling:
+            return f"rope_scaling = {config.rope_scaling!r} is not in the form the model reads ({scaling!r})"
+        written = config.to_dict()
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - a field edited into something to_dict cannot write (id2label a list)
+        return f"it cannot be written as config.json ({type(e).__name__}: {e}); a field holds a value of the wrong type"
+    try:
+        again = StableLmConfig.from_dict(written)
+    except ConfigError as e:
+        return str(e)
+    for f in dataclasses.fields(config):
+        if f.name not in ("architectures", "extra", "dtype", "torch_dtype") and \
+                getattr(again, f.name) != getattr(config, f.name):
+            return (f"{f.name} = {getattr(config, f.name)!r} is not in the form the model reads (read back from "
+                    f"config.json it is {getattr(again, f.name)!r})")
+    return None
 
 
 def _normalise_rope_scaling(scaling, key="rope_scaling"):

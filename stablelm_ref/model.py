@@ -22,6 +22,7 @@ Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -34,9 +35,9 @@ import numpy as np
 
 from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
-from .config import MAX_POSITIONS, StableLmConfig
+from .config import MAX_POSITIONS, StableLmConfig, edit_problem
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
+from .errors import CheckpointError, ConfigError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
 from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
@@ -217,6 +218,10 @@ class StableLmPreTrainedModel:
         except GenerationError as e:
             raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
                                   "generation_config.json. Nothing was written") from None
+        problem = edit_problem(self.config)
+        if problem is not None:
+            raise CheckpointError(f"cannot save: model.config: {problem}; from_pretrained would refuse the "
+                                  "config.json. Nothing was written")
         problem = self._params_problem(host)
         if problem is not None:
             raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
@@ -255,7 +260,16 @@ class StableLmPreTrainedModel:
         return None
 
     def _check_params(self):
-        """CheckpointError naming the tensor when model.params do not match model.config (_params_problem)."""
+        """ConfigError when model.config was edited into values the model cannot use (config.edit_problem: checked
+        again only when a field changed, ~1 us otherwise), CheckpointError naming the tensor when model.params do
+        not match model.config (_params_problem)."""
+        fields = tuple(vars(self.config).values())
+        if fields != getattr(self, "_checked_config", None):
+            problem = edit_problem(self.config)
+            if problem is not None:
+                raise ConfigError(f"model.config: {problem}; was it edited after loading? Fix the value, or build "
+                                  "the config with StableLmConfig.from_dict")
+            self._checked_config = copy.deepcopy(fields)
         problem = self._params_problem(self.params)
         if problem is not None:
             raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "

@@ -277,3 +277,11 @@ def test_a_saved_config_names_the_dtype_of_the_weights_written(tmp_path, saved_a
     assert written["dtype"] == stored == (saved_as or "float64")
     assert written.get("torch_dtype") == (None if torch_dtype is None else stored)
     assert model.config.dtype == "bfloat16"                                       # the model's own config unchanged
+
+
+@pytest.mark.parametrize("key", ["bos_token_id", "eos_token_id", "pad_token_id"])
+def test_a_token_id_set_to_none_reads_back_as_none(key):
+    """to_dict dropped bos/eos ids set to None, and from_dict then read the default 0: a model without an EOS
+    saved and loaded stopped at token 0. (Found by the forward's new check that a config reads back the same.)"""
+    config = tiny_config(**{key: None})
+    assert getattr(StableLmConfig.from_dict(json.loads(json.dumps(config.to_dict()))), key) is None

@@ -72,3 +72,41 @@ def test_edits_that_keep_the_shapes_are_the_users_business():
     tied.params["lm_head.weight"] = tied.params["model.embed_tokens.weight"].copy()
     assert np.isfinite(tied(IDS).logits).all()
     assert isinstance(tied, StableLmForCausalLM)
+
+
+CONFIG_EDITS = {
+    "a negative layer_norm_eps (NaN logits before)": (dict(layer_norm_eps=-1.0), "'layer_norm_eps' must be > 0"),
+    "rope_scaling in its legacy spelling (a KeyError in rotary before)": (
+        dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling = .* is not in the form the model reads"),
+    "an unknown activation": (dict(hidden_act="gelu_42"), "hidden_act 'gelu_42' is not supported"),
+    "id2label a list": (dict(id2label=["A", "B"]), "cannot be written as config.json"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(CONFIG_EDITS))
+def test_a_config_edited_into_values_the_model_cannot_use_is_refused_by_forward_and_save(tmp_path, edit):
+    """The same class for model.config's values: the forward gave NaN logits or failed inside rotary, and the save
+    wrote a config.json that from_pretrained then refused. Now both name the key (the forward re-checks the
+    config only when one of its fields changed)."""
+    from stablelm_ref.errors import ConfigError
+
+    changes, match = CONFIG_EDITS[edit]
+    model = tiny_model(seed=5)
+    model(IDS)
+    for key, value in changes.items():
+        setattr(model.config, key, value)
+    with pytest.raises(ConfigError, match=f"model.config: .*{match}"):
+        model(IDS)
+    with pytest.raises(CheckpointError, match=f"cannot save: model.config: .*{match}.*Nothing was written"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_place_edit_of_a_config_dict_is_seen_too():
+    model = tiny_model(seed=5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model(IDS)
+    model.config.rope_scaling["factor"] = -3.0                    # the same dict object, changed in place
+    from stablelm_ref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a number 'factor' from 1"):
+        model(IDS)
