@@ -37,7 +37,8 @@ from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
 from .config import MAX_POSITIONS, StableLmConfig, edit_problem
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, ConfigError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
+from .errors import (CheckpointError, ConfigError, GenerationError, StableLmError, check_flag, check_int, is_int,
+                     is_number)
 from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
