@@ -91,9 +91,10 @@ class Tokenizer:
         config = _read_json(os.path.join(path, "tokenizer_config.json"), path)
         special_map = _read_json(os.path.join(path, "special_tokens_map.json"), path)
         tokens = {}
-        for name in SPECIAL_NAMES:
-            value = config.get(name, special_map.get(name))
-            tokens[name] = _token_content(value, name, path)
+        for name in SPECIAL_NAMES:       # tokenizer_config.json's value wins; special_tokens_map.json's is checked too
+            mapped = _token_content(special_map.get(name), name, f"{path}: special_tokens_map.json")
+            tokens[name] = _token_content(config[name], name, f"{path}: tokenizer_config.json") if name in config \
+                else mapped
         if tokens["bos_token"] is None and tokens["eos_token"] is None and backend.token_to_id(NEOX_DEFAULT) is not None:
             tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
         template = _chat_templates(config.get("chat_template"), f"{path}: tokenizer_config.json", "'chat_template'")

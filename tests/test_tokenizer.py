@@ -328,3 +328,17 @@ def test_truncation_is_refused_and_return_attention_mask_honoured(tiny_dir):
     for keyword in ("text_pair", "return_token_type_ids", "padding_side", "stride"):
         with pytest.raises(TokenizerError, match=f"the tokenizer call takes no '{keyword}'; it takes text, padding"):
             tok("abc", **{keyword: 1})
+
+
+def test_a_special_token_is_checked_in_both_files_that_can_name_it(tmp_path):
+    """tokenizer_config.json's bos_token wins over special_tokens_map.json's, as in transformers; the map's value
+    was then never looked at, malformed or not."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"))
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": 5}, f)
+    with pytest.raises(TokenizerError, match=r"special_tokens_map.json: bos_token must be a string or \{'content'"):
+        Tokenizer.from_pretrained(directory)
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": "<|padding|>", "unk_token": {"content": "<|padding|>"}}, f)
+    tok = Tokenizer.from_pretrained(directory)
+    assert tok.bos_token == "<|endoftext|>" and tok.unk_token == "<|padding|>"     # config's bos, the map's unk
