@@ -239,16 +239,20 @@ class StableLmPreTrainedModel:
                                   "= False, or make the two equal. Nothing was written")
         return host                                        # with an equal tied copy, which from_pretrained allows
 
-    def _params_problem(self, params):
+    def _params_problem(self, params, unused_ok=False):
         """What makes `params` ({name: array}) differ from the tensors model.config implies (names and shapes), in
-        words, or None. A tied config may also hold an lm_head.weight (a copy of the embedding: save compares it).
-        The save checks it (from_pretrained would refuse the files) and so does every reference forward: params
-        or config edited after loading failed deep inside NumPy (an IndexError from the embedding's take, a
-        matmul's core dimension) or, with an lm_head of other rows, gave logits of the wrong width. The forward's
-        cost, measured on the default model (179 tensors, 2 CPU cores): tools/ab_params_check.py."""
+        words, or None. A tied config may also hold an lm_head.weight (a copy of the embedding: save compares it);
+        unused_ok allows any tensor the model does not read (the forward's rule: StableLmModel(config,
+        causal_lm.params) leaves the lm_head unused), where the save refuses them, as from_pretrained would.
+        The save checks it and so does every reference forward: params or config edited after loading failed
+        deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
+        lm_head of other rows, gave logits of the wrong width. The forward's cost, measured on the default model
+        (179 tensors, 2 CPU cores): tools/ab_params_check.py."""
         expected = implied_shapes(self.config, self.head)               # tied: no lm_head.weight
         names = set(params)
-        if "lm_head.weight" in names and "lm_head.weight" not in expected:
+        if unused_ok:
+            names &= set(expected)                                           # tensors the model does not read
+        elif "lm_head.weight" in names and "lm_head.weight" not in expected:
             names.discard("lm_head.weight")                                  # a tied config with an lm_head copy
         for name in sorted(set(expected) ^ names):
             where = "is missing from the model" if name in expected else "is not implied by the config"
@@ -271,7 +275,7 @@ class StableLmPreTrainedModel:
                 raise ConfigError(f"model.config: {problem}; was it edited after loading? Fix the value, or build "
                                   "the config with StableLmConfig.from_dict")
             self._checked_config = copy.deepcopy(fields)
-        problem = self._params_problem(self.params)
+        problem = self._params_problem(self.params, unused_ok=True)
         if problem is not None:
             raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
                                   "loading? Restore them (or the config), or load the model again")

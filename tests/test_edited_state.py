@@ -28,7 +28,6 @@ EDITS = {
     "a projection cut": (cut("model.layers.1.mlp.up_proj.weight", 5),
                          r"'model.layers.1.mlp.up_proj.weight' has shape"),
     "a tensor removed": (lambda m: m.params.pop("model.norm.bias"), "'model.norm.bias' is missing from the model"),
-    "a tensor added": (lambda m: m.params.__setitem__("model.extra", np.ones(3)), "'model.extra' is not implied"),
     "a layer more in the config": (lambda m: setattr(m.config, "num_hidden_layers", 3),
                                    "'model.layers.2.input_layernorm.bias' is missing"),
     "a smaller vocabulary in the config": (lambda m: setattr(m.config, "vocab_size", 64),
@@ -61,9 +60,12 @@ def test_the_classifiers_check_their_score_head(cls):
         model(IDS)
 
 
-def test_edits_that_keep_the_shapes_are_the_users_business():
-    """Values may change freely (that is what the tracing docs' perturbation does), and a tied config may keep
-    an lm_head copy: neither is refused."""
+def test_edits_that_keep_the_shapes_are_the_users_business(tmp_path):
+    """Values may change freely (that is what the tracing docs' perturbation does), a tied config may keep an
+    lm_head copy, and tensors the model does not read may be there (a bare StableLmModel over a causal LM's
+    params, as walkthrough 11 builds it): none is refused by the forward (the save refuses the unused ones, which
+    from_pretrained would refuse)."""
+    from stablelm_ref import StableLmModel
     model = tiny_model(seed=5)
     model.params["model.layers.0.self_attn.v_proj.weight"][3, 7] += 0.05
     model.params["model.norm.weight"] = model.params["model.norm.weight"] * 2
@@ -72,6 +74,12 @@ def test_edits_that_keep_the_shapes_are_the_users_business():
     tied.params["lm_head.weight"] = tied.params["model.embed_tokens.weight"].copy()
     assert np.isfinite(tied(IDS).logits).all()
     assert isinstance(tied, StableLmForCausalLM)
+    model.params["model.extra"] = np.ones(3)
+    assert np.isfinite(model(IDS).logits).all()
+    with pytest.raises(CheckpointError, match="cannot save: tensor 'model.extra' is not implied by the config"):
+        model.save_pretrained(tmp_path / "out")
+    base = StableLmModel(model.config, model.params)
+    np.testing.assert_array_equal(base(IDS).last_hidden_state, model(IDS, output_hidden_states=True).hidden_states[-1])
 
 
 CONFIG_EDITS = {
