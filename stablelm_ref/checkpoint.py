@@ -472,23 +472,33 @@ def _commit(group):
                 os.replace(path, backup)          # the old file kept, under a name no reader looks for
             if tmp is not None:
                 os.replace(tmp, path)
-        step = None
     except BaseException as e:
         unrestored = _undo(plan)
         if not isinstance(e, OSError) and not unrestored:
             raise
-        targets = ", ".join(os.path.basename(p) for _, p, _, _ in plan)
+        targets = _targets(plan)
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__          # KeyboardInterrupt() is ""
         if unrestored:
             lost = "; ".join(f"{path} could not be restored ({why}): its previous file is {backup}, rename it back"
                              for path, backup, why in unrestored)
-            raise CheckpointError(f"cannot write {step} ({getattr(e, 'strerror', None) or e}); undoing the save "
+            raise CheckpointError(f"cannot write {step} ({why}); undoing the save "
                                   f"failed: {lost}. The other files of {targets} are as they were") from None
-        raise CheckpointError(f"cannot write {step} ({e.strerror or e}); nothing was changed: {targets} in "
+        raise CheckpointError(f"cannot write {step} ({why}); nothing was changed: {targets} in "
                               f"{os.path.dirname(step) or '.'} are as they were before the save") from None
+    left = []
     for _, _, backup, existed in plan:
-        if existed:
-            with contextlib.suppress(FileNotFoundError):
+        try:
+            if existed and os.path.lexists(backup):
                 os.unlink(backup)
+        except OSError as e:
+            left.append(f"{backup} ({e.strerror or e})")
+    if left:
+        raise CheckpointError(f"the new {_targets(plan)} are in place, but the old files kept during the save "
+                              f"could not be removed: {'; '.join(left)}; remove them")
+
+
+def _targets(plan):
+    return ", ".join(os.path.basename(p) for _, p, _, _ in plan)
 
 
 def _undo(plan):

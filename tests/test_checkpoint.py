@@ -714,3 +714,23 @@ def test_an_undo_that_fails_names_the_backup_that_holds_the_old_file(tmp_path, m
         original = name.split("-", 2)[2]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before[original]
         assert f"{tmp_path / original} could not be restored" in str(info.value)
+
+
+def test_an_old_file_that_cannot_be_removed_after_a_save_is_named(tmp_path, monkeypatch):
+    """Every rename succeeded (the new files are in place) but deleting a backup fails: said, by name."""
+    _old_checkpoint(tmp_path)
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".old-") and os.path.basename(path).endswith("config.json"):
+            raise OSError(1, "Operation not permitted")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    new = tiny_model(seed=17)
+    with pytest.raises(CheckpointError, match=r"the new model.safetensors, config.json, generation_config.json are in "
+                                              r"place, but .*\.old-\w+-config.json \(Operation not permitted\)"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    again = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")
+    np.testing.assert_array_equal(again(IDS).logits, new(IDS).logits)
