@@ -479,8 +479,8 @@ def _commit(group):
         targets = _targets(plan)
         why = getattr(e, "strerror", None) or str(e) or type(e).__name__          # KeyboardInterrupt() is ""
         if unrestored:
-            lost = "; ".join(f"{path} could not be restored ({why}): its previous file is {backup}, rename it back"
-                             for path, backup, why in unrestored)
+            lost = "; ".join(f"{path} could not be restored ({reason}): its previous file is {backup}, rename it "
+                             "back" for path, backup, reason in unrestored)
             raise CheckpointError(f"cannot write {step} ({why}); undoing the save "
                                   f"failed: {lost}. The other files of {targets} are as they were") from None
         raise CheckpointError(f"cannot write {step} ({why}); nothing was changed: {targets} in "
@@ -498,6 +498,7 @@ def _commit(group):
 
 
 def _targets(plan):
+    """The file names of a commit plan, for messages."""
     return ", ".join(os.path.basename(p) for _, p, _, _ in plan)
 
 
