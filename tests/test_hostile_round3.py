@@ -280,9 +280,9 @@ def test_flags_take_booleans_only(model_dir, call, value):
 @pytest.mark.parametrize("key, value, match", [
     ("add_bos_token", "false", "'add_bos_token' must be True or False, got 'false' (in JSON: true or false)"),
     ("add_eos_token", 1, "'add_eos_token' must be True or False"),
-    ("model_max_length", True, "'model_max_length' must be a number >= 1"),
-    ("model_max_length", -5, "'model_max_length' must be a number >= 1"),
-    ("model_max_length", "64", "'model_max_length' must be a number >= 1"),
+    ("model_max_length", True, "'model_max_length' must be a whole number >= 1"),
+    ("model_max_length", -5, "'model_max_length' must be a whole number >= 1"),
+    ("model_max_length", "64", "'model_max_length' must be a whole number >= 1"),
 ])
 def test_tokenizer_config_values_of_the_wrong_type(model_dir, tmp_path, key, value, match):
     """"add_bos_token": "false" in tokenizer_config.json added a BOS token (bool("false") is True)."""
