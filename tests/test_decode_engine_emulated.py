@@ -59,7 +59,8 @@ class _Graph:
 
 
 class _Clock:
-    """Emulated GPU time (ms): each launch that runs adds its cost (see _Kernel)."""
+    """Emulated GPU time (ms): each launch that runs adds its cost (see _Kernel). Elapsed times are rounded to
+    1e-9 ms, so that equal costs time equal wherever the clock stands (its float sum rounds differently)."""
     t = 0.0
 
 
@@ -81,7 +82,7 @@ def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
     ns.asnumpy = _asnumpy
-    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t,
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: round(e1.t - e0.t, 9),
                                     alloc_pinned_memory=bytearray)
     return ns
 
@@ -102,6 +103,11 @@ class _Kernel:
         return 1.0
 
     def __call__(self, grid, block, args, shared_mem=0):
+        if self.impl is _gemv and len(args) > 11:                      # the CUDA-core GEMV: its shared memory
+            ln, stage, K = len(args) > 13, int(args[-1]), int(args[5])
+            assert stage == 0 or self.static.get("staged"), "stage > 0 on a kernel without staging"
+            assert shared_mem == 2 * K * (int(ln) + stage * self.static["rows"]), (shared_mem, ln, stage, K)
+
         def run():
             _Clock.t += self.cost(grid, args)
             self.impl(grid, block, args, **self.static)
@@ -115,15 +121,16 @@ def _null(p):
     return isinstance(p, np.uint64) and p == 0
 
 
-def _gemv(grid, block, args, rows):
-    """gemv_b*_r* (11 arguments + stats_out), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b, ln_stats,
-    eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel does)."""
+def _gemv(grid, block, args, rows, staged=False):
+    """gemv_b*_r* (11 arguments + stats_out, stage), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b,
+    ln_stats, eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel
+    does; stage), the *_st kernels (the same arguments: where the weights wait changes, not the product)."""
     x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args[:11]
     stats_out = args[11] if len(args) > 11 else np.uint64(0)
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
     rows_x = np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)])
-    if len(args) > 12:
-        ln_w, ln_b, ln_stats, eps = args[12:]
+    if len(args) > 13:
+        ln_w, ln_b, ln_stats, eps = args[12:16]
         assert nb == 1 and x.dtype == np.float32
         xs = specs.ref_round_bf16(specs.ref_layernorm_from_stats(rows_x, ln_w, ln_b, ln_stats[:nb], float(eps)))
     else:
@@ -261,6 +268,9 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
+        self.gemv_st_fn = {r: _Kernel(_gemv, rows=r, staged=True) for r in kn.GEMV_ROWS}
+        self.gemv_ln_st_fn = {r: _Kernel(_gemv, rows=r, staged=True) for r in kn.GEMV_ROWS}
+        self._dyn_smem = {}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -268,7 +278,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.sample_fn = _Kernel(_sample)
         self.sample_partial_fn, self.sample_merge_fn = _Kernel(_sample_partial), _Kernel(_sample_merge)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
-        self.max_smem, self._att_smem = 227 * 1024, {}               # the H100's / H200's opt-in maximum
+        self.max_smem = 227 * 1024                                   # the H100's / H200's opt-in maximum
 
 
 def _needs_transformers():
@@ -386,6 +396,51 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert [c[:3] for c in tune.leaner(s, kn.MODE_ADD)] == [(4, 160, p) for p in (0,) + tune.TUNE_PERSIST]
     assert tune.leaner(s._replace(rows=2), kn.MODE_SWIGLU) == [] and tune.leaner(s._replace(rows=1), kn.MODE_ADD) == []
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
+
+
+def test_tuner_tries_groups_staged_in_shared_memory(emulated, monkeypatch):
+    """Stage 2 ends (batch 1) with the winner's blocks staging 1 or 2 row groups in shared memory before their
+    PDL wait (tune.staged, the *_st kernels). Emulated costs where staging is cheaper: every kind ends
+    persistent with stage 1 (the first strictly faster choice), launched on the staged kernel with the shared
+    memory its groups need (the emulated kernel asserts the amount), and the tokens do not change."""
+    def cost(self, grid, args):
+        if self.impl is _gemv:
+            groups = -(-int(args[4]) // self.static["rows"])
+            return (2.0 if grid[0] == groups else 1.0) - (0.5 if len(args) > 11 and int(args[-1]) else 0.0)
+        return 1.0
+    monkeypatch.setattr(_Kernel, "cost", cost)
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
+    runs = []
+    for autotune in (False, True):
+        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
+                                    autotune=autotune, pdl=False)
+        engine.prefill(ids, logits=None)
+        for _ in range(3):
+            engine.decode_step()
+        runs.append(engine.generated())
+    assert engine.folds_layernorm(1)
+    for name, shape in engine.tuning[1].items():
+        assert (shape.persist, shape.stage) == (tune.TUNE_PERSIST[0], tune.TUNE_STAGE[0]), (name, shape)
+    staged = {**{id(f): "st" for f in emulated.gemv_st_fn.values()},
+              **{id(f): "ln st" for f in emulated.gemv_ln_st_fn.values()}}
+    kinds = {fn.tag: staged.get(id(fn.fn)) for fn in engine._plan(1) if fn.tag.startswith("gemv")}
+    assert kinds == {"gemv:qkv": "ln st", "gemv:gate_up": "ln st", "gemv:o_proj": "st", "gemv:down": "st",
+                     "gemv:lm_head": "st"}
+    assert np.array_equal(runs[0], runs[1])
+    # staged(): batch 1, persistent CUDA-core GEMVs only, and only where the block's shared memory fits
+    s = tune.GemvShape(8, 160, 2, 9.0, 1.0)
+    assert [c.stage for c in tune.staged(engine, 1, "down", s)] == list(tune.TUNE_STAGE)
+    assert tune.staged(engine, 1, "down", s._replace(persist=0)) == []
+    assert tune.staged(engine, 2, "down", s) == [] and tune.staged(engine, 1, "down", s._replace(unroll=2)) == []
+    emulated.max_smem = emulated.gemv_smem(engine.hidden, 8, True, 1)
+    assert [c.stage for c in tune.staged(engine, 1, "qkv", s)] == [1]
+    with pytest.raises(ValueError, match="persistent"):
+        emulated.gemv_launch(engine.h, engine.layers[0].wo, nb=1, mode=kn.MODE_STORE, yf=engine.x, stage=1)
+    with pytest.raises(ValueError, match="shared memory"):
+        emulated.gemv_launch(engine.h, engine.lm, nb=1, mode=kn.MODE_STORE, yf=engine.logits_buf, rows=8,
+                             persist=1, stage=2)
 
 
 def test_emulated_prefill_and_steps(emulated):

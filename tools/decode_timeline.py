@@ -21,6 +21,8 @@ Per launch i (times relative to the step's first block start; "prev" = launch i 
   late     last start(i) - last exit(prev), if > 0: blocks that could start only after the predecessor ended
   early    % of this launch's blocks that started before the predecessor's last exit (resident early,
            prefetching their weights)
+  early2   % that started before the last exit of the launch before the predecessor (for gate|up: resident
+           while the attention still ran)
   work     last exit(i) - last wait return(i): the work after the last block is released
   tail     last exit(i) - median exit(i): how long the last blocks trail
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
 from decode_probe import kernels_for, time_graph  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, tune  # noqa: E402
 
 TL_MAX = 1 << 19             # decode.cu's TL_MAX
 FIELDS = ("grid", "t0", "tw", "te", "c0", "cw", "ce", "smblk")   # TlRec as 8 uint64 words
@@ -148,7 +150,7 @@ def analyse(recs, plan, times=None):
     if len(launches) != len(plan):
         log(f"warning: {len(launches)} launches recorded, the plan has {len(plan)}: kinds are not matched")
     rows = []
-    prev_exit = None
+    prev_exit = prev2_exit = None
     for i, L in enumerate(launches):
         fn = plan[i] if len(launches) == len(plan) else None
         nblocks = int(np.prod(fn.grid)) if fn is not None else len(L["t0"])
@@ -166,10 +168,11 @@ def analyse(recs, plan, times=None):
                    span=(last_exit - ref) / 1e3, dep=(first_wait - ref) / 1e3, lastwait=(last_wait - ref) / 1e3,
                    late=max(0.0, last_start - ref) / 1e3,
                    early=100.0 * float(np.mean(L["t0"] < ref)) if prev_exit is not None else 0.0,
+                   early2=100.0 * float(np.mean(L["t0"] < prev2_exit)) if prev2_exit is not None else 0.0,
                    work=(last_exit - last_wait) / 1e3, tail=(last_exit - np.median(L["te"])) / 1e3,
                    first_exit=L["te"].min() / 1e3)
         rows.append(row)
-        prev_exit = last_exit
+        prev2_exit, prev_exit = prev_exit, last_exit
     return rows
 
 
@@ -181,7 +184,7 @@ def by_kind(rows, launch_bytes=None, gbs=None):
             sorted({r["kind"] for r in rows} - set(KIND_ORDER)):
         rs = [r for r in rows if r["kind"] == kind]
         agg = {"n": len(rs), "span_sum": sum(r["span"] for r in rs)}
-        for f in ("span", "dep", "lastwait", "late", "early", "work", "tail", "blocks"):
+        for f in ("span", "dep", "lastwait", "late", "early", "early2", "work", "tail", "blocks"):
             vals = [r[f] for r in rs if not np.isnan(r[f])]
             agg[f] = float(np.mean(vals)) if vals else float("nan")
         if launch_bytes and gbs and kind in launch_bytes:
@@ -198,14 +201,36 @@ def print_tables(rows, note, step_us=None, label="", launch_bytes=None, gbs=None
         f"first start to last exit {rows[-1]['exit'] - rows[0]['start']:.1f} us; timer: {note}")
     if step_us:
         log(f"  (the timeline build's step by graph replay: {step_us:.1f} us)")
-    log("| kind | launches | blocks | span sum us | span us | dep us | last wait us | late us | early % | "
+    log("| kind | launches | blocks | span sum us | span us | dep us | last wait us | late us | early % | early2 % | "
         f"work us | tail us | bytes at {gbs or 0:.0f} GB/s us | span - bytes us |")
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, a in kinds.items():
         b = f"{a['bytes']:.2f} | {a['over']:.2f}" if "bytes" in a else " | "
         log(f"| {kind} | {a['n']} | {a['blocks']:.0f} | {a['span_sum']:.1f} | {a['span']:.2f} | {a['dep']:.2f} | "
-            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['work']:.2f} | {a['tail']:.2f} | {b} |")
-    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | | | |")
+            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['early2']:.0f} | {a['work']:.2f} | "
+            f"{a['tail']:.2f} | {b} |")
+    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | | | | |")
+
+
+def print_resources(engine, plan):
+    """Per kind (its first launch in the plan): the kernel, threads, registers a thread, static and dynamic
+    shared memory, and the blocks an SM holds by the driver's occupancy calculator (alone on the SM)."""
+    log("| kind | kernel | threads | grid | registers | static smem B | dynamic smem B | blocks/SM alone |")
+    log("|---|---|---:|---:|---:|---:|---:|---:|")
+    seen = set()
+    for fn in plan:
+        kind = kind_of(fn.tag)
+        if kind in seen:
+            continue
+        seen.add(kind)
+        f = fn.fn
+        try:
+            from cupy.cuda import driver
+            occ = driver.occupancyMaxActiveBlocksPerMultiprocessor(f.kernel.ptr, int(np.prod(fn.block)), fn.smem)
+        except Exception as e:  # noqa: BLE001 - a probe: say why instead of stopping
+            occ = f"? ({type(e).__name__})"
+        log(f"| {kind} | {getattr(f, 'name', '?')} | {int(np.prod(fn.block))} | "
+            f"{int(np.prod(fn.grid))} | {f.num_regs} | {f.shared_size_bytes} | {fn.smem} | {occ} |")
 
 
 def print_launches(rows, first, last):
@@ -270,9 +295,13 @@ def main():
                          "4,440 GB/s measured on an H200 by bench_gpu.py)")
     ap.add_argument("--launches", type=int, nargs=2, default=(14, 4), metavar=("FIRST", "LAST"),
                     help="launches printed one by one: the first FIRST and the last LAST")
+    ap.add_argument("--tune-stage", type=int, nargs="*", default=None, metavar="S",
+                    help="the staged row groups the tuner tries (default tune.TUNE_STAGE; none given: no staging)")
     ap.add_argument("--csv", default=None, help="every launch's row to this file (one per shape: NAME-shape.csv)")
     ap.add_argument("--raw", default=None, help="the raw block records to NAME-shape.npz (key recs)")
     args = ap.parse_args()
+    if args.tune_stage is not None:
+        tune.TUNE_STAGE = tuple(args.tune_stage)
     t0 = time.time()
     k_tl = None
     for shape in args.shapes:
@@ -284,12 +313,13 @@ def main():
         engine.capture(1)                                 # tuned with the shipped kernels
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
         log(f"{shape}: GPU {engine.k.device_name}; shipped step {ms * 1e3:.1f} us ({1e3 / ms:.1f} tok/s); tuning "
-            f"{ {n: (v.rows, v.threads, v.persist) for n, v in engine.tuning[1].items()} }, attention "
+            f"{ {n: (v.rows, v.threads, v.persist, v.stage) for n, v in engine.tuning[1].items()} }, attention "
             f"{engine.att_shape.get(1)} ({time.time() - t0:.0f} s)")
         if k_tl is None:
             k_tl = timeline_kernels()
         rows, note, step_us, recs = timeline(engine, k_tl, ids, args.steps, args.replays)
         print_launches(rows, *args.launches)
+        print_resources(engine, engine._plan(1))
         launch_bytes = {name: Ws[0].nbytes for name, (Ws, _) in engine._gemv_shapes().items()}
         print_tables(rows, note, step_us, label=f"{shape}: ", launch_bytes=launch_bytes, gbs=args.gbs)
         if args.csv:

@@ -305,14 +305,23 @@ __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)
     }
 }
 
-// Two chunks (c, c + T) of each of the R rows, 16 bytes each; chunks past the row read nothing.
+// Two chunks (c, c + T) of each of the R rows, 16 bytes each; chunks past the row read nothing. staged: the
+// rows are in this block's shared memory (a group staged before the PDL wait, see gemv_impl), not in W.
 template <int R>
 __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const uint4* const (&wrow)[R],
-                                          int c, int T, int KC) {
+                                          int c, int T, int KC, bool staged) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    if (staged) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) wa[r] = c < KC ? ld_stream_early(wrow[r] + c) : make_uint4(0u, 0u, 0u, 0u);
+        for (int r = 0; r < R; ++r) wa[r] = c < KC ? wrow[r][c] : z;
 #pragma unroll
-    for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
+        for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? wrow[r][c + T] : z;
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) wa[r] = c < KC ? ld_stream_early(wrow[r] + c) : z;
+#pragma unroll
+    for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : z;
 }
 
 // LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
@@ -325,14 +334,19 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
-template <int BM, int R, bool LN>
+// STAGED (gemv_b1_r{R}_st, gemv_ln_b1_r{R}_st; batch 1), stage >= 0 groups (persistent blocks): before its PDL wait a block also copies the rows of its next `stage` groups
+// (cp.async, 16 bytes a thread and chunk) into dynamic shared memory after h, R * K bf16 a group, and reads
+// those groups from there: more of the weights in flight while the previous kernels run (the attention
+// leaves memory idle) than its registers hold. Each thread copies exactly the chunks it later reads (c = tid
+// mod T), so it waits for its own copies (cp.async.wait_all) and no block barrier is needed.
+template <int BM, int R, bool LN, bool STAGED>
 __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
                                           int mode, double* __restrict__ stats_out,
                                           const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                          const double* __restrict__ ln_stats, float eps) {
+                                          const double* __restrict__ ln_stats, float eps, int stage) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
@@ -369,19 +383,38 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
         for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
             wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
     };
-    // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
-    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
-    uint4 wa[R], wb[R];
-    auto fetch = [&]() {
-        gemv_load<R>(wa, wb, wrow, tid, T, KC);
-        for (int cc = tid + 2 * T; cc < KC; cc += T)
+    uint4* stg = reinterpret_cast<uint4*>(gemv_smem + (LN ? 2 * K : 0));   // stage x R x KC chunks after h
+    auto point_at_stage = [&](int s) {           // the rows of the s-th staged group (s < stage)
 #pragma unroll
-            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+        for (int r = 0; r < R; ++r) wrow[r] = stg + (size_t)(s * R + r) * KC;
+    };
+    // Fetch the first two chunks of each row into registers and the rest into L2 (from shared memory if
+    // staged: nothing to prefetch). Before the wait this overlaps the previous kernel (no kernel writes W);
+    // later, it overlaps this group's reduction.
+    uint4 wa[R], wb[R];
+    auto fetch = [&](bool staged) {
+        gemv_load<R>(wa, wb, wrow, tid, T, KC, staged);
+        if (!staged)
+            for (int cc = tid + 2 * T; cc < KC; cc += T)
+#pragma unroll
+                for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
     };
 
+    if constexpr (!STAGED) stage = 0;            // the unstaged kernels keep their registers
     PDL_LAUNCH();
     point_at(g);
-    fetch();
+    fetch(false);
+    for (int s = 0; s < stage; ++s) {            // the next `stage` groups into shared memory
+        const int gs = g + (s + 1) * gridDim.x;
+        if (gs >= groups) break;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const uint4* src = reinterpret_cast<const uint4*>(W) + (size_t)min(gs * R + r, N - 1) * KC;
+            uint4* dst = stg + (size_t)(s * R + r) * KC;
+            for (int c = tid; c < KC; c += T) cp_async16(dst + c, src + c, 16);
+        }
+    }
+    if (stage > 0) cp_async_commit();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
     if constexpr (LN) {
 #pragma unroll
@@ -399,7 +432,9 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
         }
         __syncthreads();
     }
+    int j = 0;                                   // group g is this block's j-th; groups 1..stage are staged
     while (true) {
+        const bool staged = j >= 1 && j <= stage;
         float acc[BM][R];
 #pragma unroll
         for (int b = 0; b < BM; ++b)
@@ -410,12 +445,17 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             gemv_accum<BM, R>(acc, wa, load_x, c, nb);
             if (c + T < KC) gemv_accum<BM, R>(acc, wb, load_x, c + T, nb);
             c += 2 * T;
-            if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
+            if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC, staged);
         }
         const int n0 = g * R, next = g + gridDim.x;
         if (next < groups) {                     // the next group's weights load during the reduction
-            point_at(next);
-            fetch();
+            if (j < stage) {                     // staged: this thread's own copies, so no block barrier
+                if (j == 0) asm volatile("cp.async.wait_all;\n" ::: "memory");
+                point_at_stage(j);
+            } else {
+                point_at(next);
+            }
+            fetch(j < stage);
         }
 #pragma unroll
         for (int b = 0; b < BM; ++b)
@@ -439,6 +479,7 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
         if (next >= groups) break;
         __syncthreads();                         // red is written again by the next group
         g = next;
+        ++j;
     }
     if (stats_out != nullptr && warp == 0) {     // epilogue threads tid = b * R + r (nb * R <= 32)
 #pragma unroll
@@ -457,9 +498,9 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(                    \
         const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
-        double* __restrict__ stats_out) {                                                                   \
-        gemv_impl<BM, R, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr, nullptr,  \
-                                nullptr, 0.f);                                                              \
+        double* __restrict__ stats_out, int stage) {                                                        \
+        gemv_impl<BM, R, false, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr,     \
+                                       nullptr, nullptr, 0.f, stage);                                       \
     }
 GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
 GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
@@ -472,11 +513,31 @@ GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
         const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
         double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
-        const double* __restrict__ ln_stats, float eps) {                                                   \
-        gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,          \
-                              ln_stats, eps);                                                               \
+        const double* __restrict__ ln_stats, float eps, int stage) {                                        \
+        gemv_impl<1, R, true, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,   \
+                                     ln_stats, eps, stage);                                                 \
     }
 GEMV_LN_INST(1) GEMV_LN_INST(2) GEMV_LN_INST(4) GEMV_LN_INST(8)
+
+// The same two at batch 1 with `stage` groups staged in shared memory before the PDL wait (see gemv_impl):
+// their own functions, so that the kernels above keep their registers and shared-memory attributes.
+#define GEMV_ST_INST(R)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b1_r##R##_st(                    \
+        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out, int stage) {                                                        \
+        gemv_impl<1, R, false, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr,      \
+                                     nullptr, nullptr, 0.f, stage);                                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_ln_b1_r##R##_st(                 \
+        const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
+        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
+        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
+        const double* __restrict__ ln_stats, float eps, int stage) {                                        \
+        gemv_impl<1, R, true, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,    \
+                                    ln_stats, eps, stage);                                                  \
+    }
+GEMV_ST_INST(1) GEMV_ST_INST(2) GEMV_ST_INST(4) GEMV_ST_INST(8)
 
 // ---------------------------------------------------------------- skinny GEMM on the tensor cores (nb 2..8)
 // The same product and epilogues as gemv_b{B}_r{R}, for the batch's rows at once: at nb = 8 the GEMV above

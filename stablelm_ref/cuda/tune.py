@@ -9,7 +9,8 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, then the winner with half its rows a block (fewer registers a thread,
-       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time,
+       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks, then (batch 1) the
+       winner with 1-2 row groups a block staged in shared memory before its PDL wait; one kind at a time,
        largest first; a change is kept if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
@@ -29,18 +30,21 @@ from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, M
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
+TUNE_STAGE = (1, 2)                         # row groups staged in shared memory tried for the chosen shape
 
 
 class GemvShape(NamedTuple):
     """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
-    block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not timed), and
-    the kernel: unroll 0 = the CUDA-core GEMV, 2 or 4 = the tensor-core one (gemv_mma, rows 16 or 32)."""
+    block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not timed), the
+    kernel: unroll 0 = the CUDA-core GEMV, 2 or 4 = the tensor-core one (gemv_mma, rows 16 or 32), and the
+    row groups a persistent block stages in shared memory before its PDL wait (batch 1; 0 = none)."""
     rows: int
     threads: int
     persist: int
     us: float
     gbs: float
     unroll: int = 0
+    stage: int = 0
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
@@ -126,6 +130,7 @@ def tune_in_step(engine, nb, top):
         better(top[name][1:])                                        # the other finalists
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
+        better(staged(engine, nb, name, chosen))                     # then groups staged in shared memory
         engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
@@ -142,6 +147,18 @@ def leaner(shape, mode):
     if shape.unroll or rows < 1 or (mode == MODE_SWIGLU and rows % 2):
         return []
     return [shape._replace(rows=rows, persist=p, us=0.0, gbs=0.0) for p in (0,) + TUNE_PERSIST]
+
+
+def staged(engine, nb, name, shape):
+    """`shape` with TUNE_STAGE row groups a block staged in shared memory before its PDL wait (batch 1,
+    persistent CUDA-core GEMV, where the blocks' shared memory fits). A block's registers hold its first
+    group; the staged groups are more weights in flight while the previous kernels run: the attention leaves
+    memory nearly idle for ~7 us a layer (tools/decode_timeline.py)."""
+    if nb != 1 or shape.unroll or not shape.persist:
+        return []
+    K = engine._gemv_shapes()[name][0][0].shape[1]
+    ln = engine.folds_layernorm(nb) and name in ("qkv", "gate_up")
+    return [shape._replace(stage=s) for s in TUNE_STAGE if engine.k.gemv_stage_fits(K, shape.rows, ln, s)]
 
 
 def tune_attention(engine, nb, best):

@@ -201,6 +201,65 @@ def test_gemv_with_folded_layernorm_matches_float64(kernels, N, kc, mode, ri, th
     assert (np.abs(got[:1] - ref) <= tol).all(), float(np.abs(got[:1] - ref).max())
 
 
+def _staged_pair(kernels, seed, N, K, mode, rows, threads, persist, stage, ln):
+    """The same GEMV launched unstaged and with `stage` groups staged in shared memory (gemv_*_st), on the same
+    random inputs (batch 1; MODE_ADD also accumulates row statistics): both outputs (and statistics)."""
+    rng = np.random.default_rng(seed)
+    Wb = cp.asarray(_bits(rng.standard_normal((N, K)) / np.sqrt(K)))
+    if ln:
+        x = cp.asarray((rng.standard_normal((1, K)) * 3 + 1).astype(np.float32))
+        lnp = (cp.asarray((1 + 0.2 * rng.standard_normal(K)).astype(np.float32)),
+               cp.asarray((0.2 * rng.standard_normal(K)).astype(np.float32)),
+               cp.asarray(specs.ref_row_stats(cp.asnumpy(x))), 1e-5)
+    else:
+        x, lnp = cp.asarray(_bits(rng.standard_normal((1, K)))), None
+    y0 = rng.standard_normal((1, N)).astype(np.float32)
+    outs = []
+    for st_ in (0, stage):
+        out = dict(yh=cp.full((2, N // 2), NAN_BF16, cp.uint16)) if mode == kn.MODE_SWIGLU else \
+            dict(yf=cp.asarray(np.concatenate([y0 if mode == kn.MODE_ADD else np.full((1, N), np.nan, np.float32),
+                                               np.full((1, N), np.nan, np.float32)])))
+        stats = cp.zeros((2, 2), cp.float64) if mode == kn.MODE_ADD else None
+        kernels.gemv_launch(x, Wb, nb=1, mode=mode, rows=rows, threads=threads, persist=persist, ln=lnp,
+                            stats_out=stats, stage=st_, **out)()
+        _sync()
+        outs.append([cp.asnumpy(a) for a in list(out.values()) + ([stats] if stats is not None else [])])
+    return outs
+
+
+@HYP
+@given(N=st.integers(1, 3000), kc=st.integers(1, 40), mode=st.sampled_from([0, 1, 2]), ri=st.integers(0, 3),
+       threads=st.sampled_from([32, 96, 128, 160, 256]), persist=st.sampled_from([1, 2]), stage=st.integers(1, 3),
+       ln=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gemv_staged_groups_equal_the_unstaged_kernel(kernels, N, kc, mode, ri, threads, persist, stage, ln, seed):
+    """gemv_b1_r{R}_st / gemv_ln_b1_r{R}_st: the block's next `stage` row groups copied into shared memory
+    before its PDL wait and read from there change where the weights wait, not the arithmetic: the outputs
+    (and MODE_ADD's row statistics) equal the unstaged kernel's bit for bit, which the tests above hold to the
+    float64 spec. N up to 3000 rows with 1-2 blocks a SM gives a block up to ~23 groups (staged ones, then
+    ones read from memory); the row past the batch stays NaN."""
+    ln = ln and mode != kn.MODE_ADD
+    if mode == kn.MODE_SWIGLU:
+        N += N % 2
+    rows = [r for r in kn.GEMV_ROWS if not (mode == kn.MODE_SWIGLU and r % 2)]
+    plain, staged = _staged_pair(kernels, seed, N, 8 * kc, mode, rows[ri % len(rows)], threads, persist, stage, ln)
+    assert np.array_equal(plain[0].view(np.uint8), staged[0].view(np.uint8)), "staged differs from the unstaged kernel"
+    if mode == kn.MODE_ADD:        # the statistics: float64 atomics from every block, in whichever order they land
+        assert np.allclose(plain[1], staged[1], rtol=1e-12, atol=0)
+    out = staged[0] if mode != kn.MODE_SWIGLU else specs.ref_bf16_to_f64(staged[0])
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all(), "unwritten output, or written past the batch"
+
+
+@pytest.mark.parametrize("mode, rows, threads, stage, ln", [(kn.MODE_SWIGLU, 8, 160, 2, True),
+                                                           (kn.MODE_ADD, 4, 512, 2, False)])
+def test_gemv_staged_groups_over_48kb_of_shared_memory(kernels, mode, rows, threads, stage, ln):
+    """The tuned 3b-4e1t shapes' sizes (K 2560 and 6912): staged groups over the default 48 KB of dynamic
+    shared memory a block (the launch raises the function's limit), equal to the unstaged kernel."""
+    K = 2560 if ln else 6912
+    assert kernels.gemv_smem(K, rows, ln, stage) > 48 * 1024
+    plain, staged = _staged_pair(kernels, 7, 2 * 132 * rows * 4, K, mode, rows, threads, 3, stage, ln)
+    assert np.array_equal(plain[0].view(np.uint8), staged[0].view(np.uint8))
+
+
 # ----------------------------------------------------------------------------- LayerNorm
 @HYP
 @given(nb=st.integers(1, 8), K=st.one_of(st.integers(1, 3000), st.integers(1000, 2500).map(lambda k: 4 * k)),
