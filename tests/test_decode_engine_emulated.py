@@ -99,15 +99,10 @@ class _Kernel:
             groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
             return 2.0 if grid[0] == groups else 1.0
         if self.impl is _attention:                                   # more tiles a block: cheaper
-            return 1.0 - 0.1 * int(args[-1])
+            return 1.0 - 0.1 * int(args[-2])
         return 1.0
 
     def __call__(self, grid, block, args, shared_mem=0):
-        if self.impl is _gemv and len(args) > 11:                      # the CUDA-core GEMV: its shared memory
-            ln, stage, K = len(args) > 13, int(args[-1]), int(args[5])
-            assert stage == 0 or self.static.get("staged"), "stage > 0 on a kernel without staging"
-            assert shared_mem == 2 * K * (int(ln) + stage * self.static["rows"]), (shared_mem, ln, stage, K)
-
         def run():
             _Clock.t += self.cost(grid, args)
             self.impl(grid, block, args, **self.static)
@@ -121,16 +116,15 @@ def _null(p):
     return isinstance(p, np.uint64) and p == 0
 
 
-def _gemv(grid, block, args, rows, staged=False):
-    """gemv_b*_r* (11 arguments + stats_out, stage), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b,
-    ln_stats, eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel
-    does; stage), the *_st kernels (the same arguments: where the weights wait changes, not the product)."""
+def _gemv(grid, block, args, rows):
+    """gemv_b*_r* (11 arguments + stats_out), gemv_mma_* (11), gemv_ln_b1_r* (+ stats_out, ln_w, ln_b, ln_stats,
+    eps: x is the float32 residual, normalised with the given statistics, rounded to bf16 as the kernel does)."""
     x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode = args[:11]
     stats_out = args[11] if len(args) > 11 else np.uint64(0)
     assert grid[0] <= (N + rows - 1) // rows and block[0] % 32 == 0     # (persistent blocks: fewer)
     rows_x = np.stack([x.reshape(-1)[b * ldx: b * ldx + K] for b in range(nb)])
-    if len(args) > 13:
-        ln_w, ln_b, ln_stats, eps = args[12:16]
+    if len(args) > 12:
+        ln_w, ln_b, ln_stats, eps = args[12:]
         assert nb == 1 and x.dtype == np.float32
         xs = specs.ref_round_bf16(specs.ref_layernorm_from_stats(rows_x, ln_w, ln_b, ln_stats[:nb], float(eps)))
     else:
@@ -153,7 +147,7 @@ def _gemv(grid, block, args, rows, staged=False):
 
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
-     H, KVH, max_len, scale, split_tiles, nbuf) = args
+     H, KVH, max_len, scale, split_tiles, nbuf, defer) = args
     nb = grid[2]
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
     assert 1 <= nbuf <= kn.ATT_MAXBUF and split_tiles >= 1 and part_o.shape[2] >= grid[0]
@@ -166,6 +160,15 @@ def _attention(grid, block, args, D):
     out[:nb] = specs.ref_f64_to_bf16(o)
     kc[:nb, :, L] = specs.ref_f64_to_bf16(k_new)
     vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
+
+
+def _gemv_att(grid, block, args, rows):
+    """gemv_att_b1_r* (gemv_b1's 12 arguments + part_o, part_ml, lenp, NS, split_tiles, D): o_proj with the
+    attention's split combine deferred to it. The emulated attention writes its whole output whatever its
+    `defer` (the combine's partials are the GPU kernels' business, tests/gpu), so this reads x as gemv_b1 does."""
+    part_o, part_ml, lenp, NS, split_tiles, D = args[12:]
+    assert int(args[2]) == 1 and int(args[5]) <= 16 * block[0] and part_o.shape[2] == NS and part_o.shape[3] == D
+    _gemv(grid, block, args[:12], rows)
 
 
 def _layernorm(grid, block, args):
@@ -268,9 +271,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_st_fn = {r: _Kernel(_gemv, rows=r, staged=True) for r in kn.GEMV_ROWS}
-        self.gemv_ln_st_fn = {r: _Kernel(_gemv, rows=r, staged=True) for r in kn.GEMV_ROWS}
-        self._dyn_smem = {}
+        self.gemv_att_fn = {r: _Kernel(_gemv_att, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -278,7 +279,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.sample_fn = _Kernel(_sample)
         self.sample_partial_fn, self.sample_merge_fn = _Kernel(_sample_partial), _Kernel(_sample_merge)
         self.num_sms, self.device_name, self.source = 132, "numpy", "emulated"
-        self.max_smem = 227 * 1024                                   # the H100's / H200's opt-in maximum
+        self.max_smem, self._att_smem = 227 * 1024, {}               # the H100's / H200's opt-in maximum
 
 
 def _needs_transformers():
@@ -344,7 +345,7 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
                       | {("step", "attention")})
     assert engine.att_shape[2] == kn.ATT_SHAPES[-1]
     attn = [fn for fn in engine._plan(2) if fn.tag == "attention"]
-    assert attn and all(tuple(int(a) for a in fn.args[-2:]) == kn.ATT_SHAPES[-1] for fn in attn)
+    assert attn and all(tuple(int(a) for a in fn.args[-3:-1]) == kn.ATT_SHAPES[-1] for fn in attn)
     assert all(fn.smem == emulated.attention_smem(1, 80, kn.ATT_SHAPES[-1][1]) for fn in attn)
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
@@ -398,16 +399,15 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
 
 
-def test_tuner_tries_groups_staged_in_shared_memory(emulated, monkeypatch):
-    """Stage 2 ends (batch 1) with the winner's blocks staging 1 or 2 row groups in shared memory before their
-    PDL wait (tune.staged, the *_st kernels). Emulated costs where staging is cheaper: every kind ends
-    persistent with stage 1 (the first strictly faster choice), launched on the staged kernel with the shared
-    memory its groups need (the emulated kernel asserts the amount), and the tokens do not change."""
+def test_tuner_tries_o_proj_combining_the_attention_splits(emulated, monkeypatch):
+    """Stage 2 ends (o_proj, batch 1) with the winner doing the attention's split combine (tune.combined): with
+    gemv_att emulated as cheaper, o_proj ends with combine=1, launched on gemv_att_b1 with the attention
+    launch's partials, live-split count and split_tiles, every attention launched with defer=1; the tokens do
+    not change. combined() offers it only where the kernel has it."""
     def cost(self, grid, args):
         if self.impl is _gemv:
-            groups = -(-int(args[4]) // self.static["rows"])
-            return (2.0 if grid[0] == groups else 1.0) - (0.5 if len(args) > 11 and int(args[-1]) else 0.0)
-        return 1.0
+            return 2.0 if grid[0] == -(-int(args[4]) // self.static["rows"]) else 1.0
+        return 0.5 if self.impl is _gemv_att else 1.0
     monkeypatch.setattr(_Kernel, "cost", cost)
     emulated.num_sms = 1
     model = _models(emulated)[1].model
@@ -420,27 +420,30 @@ def test_tuner_tries_groups_staged_in_shared_memory(emulated, monkeypatch):
         for _ in range(3):
             engine.decode_step()
         runs.append(engine.generated())
-    assert engine.folds_layernorm(1)
-    for name, shape in engine.tuning[1].items():
-        assert (shape.persist, shape.stage) == (tune.TUNE_PERSIST[0], tune.TUNE_STAGE[0]), (name, shape)
-    staged = {**{id(f): "st" for f in emulated.gemv_st_fn.values()},
-              **{id(f): "ln st" for f in emulated.gemv_ln_st_fn.values()}}
-    kinds = {fn.tag: staged.get(id(fn.fn)) for fn in engine._plan(1) if fn.tag.startswith("gemv")}
-    assert kinds == {"gemv:qkv": "ln st", "gemv:gate_up": "ln st", "gemv:o_proj": "st", "gemv:down": "st",
-                     "gemv:lm_head": "st"}
     assert np.array_equal(runs[0], runs[1])
-    # staged(): batch 1, persistent CUDA-core GEMVs only, and only where the block's shared memory fits
-    s = tune.GemvShape(8, 160, 2, 9.0, 1.0)
-    assert [c.stage for c in tune.staged(engine, 1, "down", s)] == list(tune.TUNE_STAGE)
-    assert tune.staged(engine, 1, "down", s._replace(persist=0)) == []
-    assert tune.staged(engine, 2, "down", s) == [] and tune.staged(engine, 1, "down", s._replace(unroll=2)) == []
-    emulated.max_smem = emulated.gemv_smem(engine.hidden, 8, True, 1)
-    assert [c.stage for c in tune.staged(engine, 1, "qkv", s)] == [1]
-    with pytest.raises(ValueError, match="persistent"):
-        emulated.gemv_launch(engine.h, engine.layers[0].wo, nb=1, mode=kn.MODE_STORE, yf=engine.x, stage=1)
-    with pytest.raises(ValueError, match="shared memory"):
-        emulated.gemv_launch(engine.h, engine.lm, nb=1, mode=kn.MODE_STORE, yf=engine.logits_buf, rows=8,
-                             persist=1, stage=2)
+    assert engine.tuning[1]["o_proj"].combine == 1
+    assert all(v.combine == 0 for n, v in engine.tuning[1].items() if n != "o_proj")
+    plan = engine._plan(1)
+    attn = [fn for fn in plan if fn.tag == "attention"]
+    oproj = [fn for fn in plan if fn.tag == "gemv:o_proj"]
+    assert len(attn) == len(oproj) == len(engine.layers) and all(int(fn.args[-1]) == 1 for fn in attn)
+    for a, o in zip(attn, oproj):
+        assert o.fn in emulated.gemv_att_fn.values()
+        assert o.args[12] is a.args[12] and o.args[13] is a.args[13] and o.args[14] is a.args[3]   # partials, len
+        assert (int(o.args[15]), int(o.args[16]), int(o.args[17])) == (a.grid[0], int(a.args[20]), engine.D)
+    s = engine.tuning[1]["o_proj"]._replace(combine=0)
+    assert [c.combine for c in tune.combined(engine, 1, "o_proj", s)] == [1]                 # (rows 1: no half)
+    assert sorted((c.rows, c.combine) for c in tune.combined(engine, 1, "o_proj", s._replace(rows=4))) == [(2, 1), (4, 1)]
+    assert tune.combined(engine, 2, "o_proj", s) == [] and tune.combined(engine, 1, "down", s) == []
+    assert tune.combined(engine, 1, "o_proj", s._replace(unroll=2)) == []
+    wide = engine.H * engine.D > 16 * 32
+    assert tune.combined(engine, 1, "o_proj", s._replace(threads=32)) == ([] if wide else [s._replace(threads=32,
+                                                                                                    combine=1)])
+    assert engine.tuning[1]["o_proj"].rows == 1                                   # (the emulated model's choice)
+    x, W = np.zeros((1, 1024), np.uint16), np.zeros((8, 1024), np.uint16)       # K 1024 > 16 x 32 threads
+    with pytest.raises(ValueError, match="deferred split combine"):
+        emulated.gemv_launch(x, W, nb=1, mode=kn.MODE_ADD, yf=np.zeros((1, 8), np.float32), threads=32,
+                             att=(engine.part_o, engine.part_ml, engine.cache_len, 2, 1, engine.D))
 
 
 def test_emulated_prefill_and_steps(emulated):

@@ -7,7 +7,7 @@
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
-    python tools/decode_probe.py --ab o_proj.stage=1 gate_up.stage=1,gate_up.carveout=100   # A/B in the step
+    python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -129,7 +129,7 @@ def print_tune_log(entries):
             if e[0] == "step" and e[2] == kind:
                 c = e[3]
                 log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
-                    f"{' staged %d' % c[6] if len(c) > 6 and c[6] else ''} -> {e[4]:.4f} ms")
+                    f"{' + the split combine' if len(c) > 6 and c[6] else ''} -> {e[4]:.4f} ms")
     for e in entries:
         if e[0] == "step" and e[2] == "attention":
             log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
@@ -196,11 +196,11 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
-GEMV_FIELDS = ("rows", "threads", "persist", "stage")
+GEMV_FIELDS = ("rows", "threads", "persist", "combine")
 
 
 def parse_changes(spec):
-    """'o_proj.stage=1,attention.carveout=100' -> [(kind, field, int value)]: GEMV shape fields (GEMV_FIELDS) of a
+    """'o_proj.persist=4,attention.carveout=100' -> [(kind, field, int value)]: GEMV shape fields (GEMV_FIELDS) of a
     kind's tuned shape, or `carveout` (the kind's launches' preferred shared-memory carveout, percent)."""
     out = []
     for item in spec.split(","):
@@ -311,9 +311,7 @@ def main():
                     help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
     ap.add_argument("--ab", nargs="*", default=[], metavar="SPEC",
                     help="the tuned step against each SPEC's changes in alternating rounds, e.g. "
-                         "o_proj.stage=1 or gate_up.stage=1,attention.carveout=100 (first of --variants)")
-    ap.add_argument("--tune-stage", type=int, nargs="*", default=None, metavar="S",
-                    help="the staged row groups the tuner tries (default tune.TUNE_STAGE; none given: no staging)")
+                         "o_proj.persist=4 or o_proj.rows=8,attention.carveout=100 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
@@ -322,8 +320,6 @@ def main():
                     help="batch sizes (2-8) to time with and without the tensor-core GEMV")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.tune_stage is not None:
-        tune.TUNE_STAGE = tuple(args.tune_stage)
 
     t0 = time.time()
     cfg = engine_config(args.layers, FAMILY[args.shapes])
@@ -357,7 +353,7 @@ def main():
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
-        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs), v.stage)
+        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs), v.combine)
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
         tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
 from decode_probe import kernels_for, time_graph  # noqa: E402
-from stablelm_ref.cuda import decode_engine as de, tune  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de  # noqa: E402
 
 TL_MAX = 1 << 19             # decode.cu's TL_MAX
 FIELDS = ("grid", "t0", "tw", "te", "c0", "cw", "ce", "smblk")   # TlRec as 8 uint64 words
@@ -295,13 +295,9 @@ def main():
                          "4,440 GB/s measured on an H200 by bench_gpu.py)")
     ap.add_argument("--launches", type=int, nargs=2, default=(14, 4), metavar=("FIRST", "LAST"),
                     help="launches printed one by one: the first FIRST and the last LAST")
-    ap.add_argument("--tune-stage", type=int, nargs="*", default=None, metavar="S",
-                    help="the staged row groups the tuner tries (default tune.TUNE_STAGE; none given: no staging)")
     ap.add_argument("--csv", default=None, help="every launch's row to this file (one per shape: NAME-shape.csv)")
     ap.add_argument("--raw", default=None, help="the raw block records to NAME-shape.npz (key recs)")
     args = ap.parse_args()
-    if args.tune_stage is not None:
-        tune.TUNE_STAGE = tuple(args.tune_stage)
     t0 = time.time()
     k_tl = None
     for shape in args.shapes:
@@ -313,7 +309,7 @@ def main():
         engine.capture(1)                                 # tuned with the shipped kernels
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
         log(f"{shape}: GPU {engine.k.device_name}; shipped step {ms * 1e3:.1f} us ({1e3 / ms:.1f} tok/s); tuning "
-            f"{ {n: (v.rows, v.threads, v.persist, v.stage) for n, v in engine.tuning[1].items()} }, attention "
+            f"{ {n: (v.rows, v.threads, v.persist, v.combine) for n, v in engine.tuning[1].items()} }, attention "
             f"{engine.att_shape.get(1)} ({time.time() - t0:.0f} s)")
         if k_tl is None:
             k_tl = timeline_kernels()

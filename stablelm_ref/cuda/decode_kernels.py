@@ -49,9 +49,7 @@ class DecodeKernels:
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
-        self.gemv_st_fn = {r: f(f"gemv_b1_r{r}_st") for r in GEMV_ROWS}          # batch 1, groups staged
-        self.gemv_ln_st_fn = {r: f(f"gemv_ln_b1_r{r}_st") for r in GEMV_ROWS}    # in shared memory
-        self._dyn_smem = {}                 # id(function) -> the dynamic shared memory allowed it (> 48 KB)
+        self.gemv_att_fn = {r: f(f"gemv_att_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -63,6 +61,7 @@ class DecodeKernels:
         self.tensor_cores = int(dev.compute_capability) >= 80      # bf16 mma.sync (gemv_mma)
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.max_smem = dev.attributes["MaxSharedMemoryPerBlockOptin"]
+        self._att_smem = {}                 # head_dim -> the dynamic shared memory allowed decode_attention_d{D}
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
 
     # -- GEMV ---------------------------------------------------------------------------------
@@ -73,24 +72,8 @@ class DecodeKernels:
                 return bm
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
-    @staticmethod
-    def gemv_smem(K: int, rows: int, ln: bool, stage: int = 0) -> int:
-        """Dynamic shared memory of a CUDA-core GEMV block: the folded LayerNorm's h (K bf16), then `stage`
-        staged groups of `rows` weight rows (K bf16 each)."""
-        return 2 * K * (int(ln) + stage * rows)
-
-    def gemv_stage_fits(self, K: int, rows: int, ln: bool, stage: int) -> bool:
-        return self.gemv_smem(K, rows, ln, stage) <= self.max_smem
-
-    def _allow_smem(self, fn, smem: int):
-        """Raise fn's dynamic shared-memory limit to smem where it is over the default 48 KB (never lowered: a
-        captured graph may hold a launch with more)."""
-        if smem > 48 * 1024 and smem > self._dyn_smem.get(id(fn), 0):
-            fn.max_dynamic_shared_size_bytes = smem
-            self._dyn_smem[id(fn)] = smem
-
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    unroll=0, stats_out=None, ln=None, stage=0, tag="gemv"):
+                    unroll=0, stats_out=None, ln=None, att=None, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
         persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
@@ -99,9 +82,9 @@ class DecodeKernels:
         stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
         ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
         taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows}).
-        stage (batch 1, CUDA-core GEMV, persistent blocks): each block copies the rows of its next `stage` row
-        groups into shared memory before its PDL wait and reads them from there (gemv_b1_r{rows}_st /
-        gemv_ln_b1_r{rows}_st); 0 = the kernels without it."""
+        att = (part_o, part_ml, cache_len, nsplit, split_tiles, head_dim) (batch 1, CUDA-core GEMV, K <= 16 x
+        threads): x is the attention's output, whose split combine an attention launched with defer=True left
+        to this GEMV's blocks (gemv_att_b1_r{rows}); the arguments are the attention launch's."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != (4 if ln else 2) or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need {'float32' if ln else 'bf16'} x [nb, K] and bf16 W [N, K] with K % 8 == 0, "
@@ -109,9 +92,10 @@ class DecodeKernels:
         if (ln is not None or stats_out is not None) and (unroll or (ln is not None and nb != 1)):
             raise ValueError("gemv: the folded LayerNorm (ln) runs at batch 1 and, like stats_out, on the "
                              "CUDA-core GEMV only")
-        if stage and (unroll or nb != 1 or not persist or stage < 0):
-            raise ValueError(f"gemv: staged groups (stage={stage}) need the CUDA-core GEMV at batch 1 with persistent "
-                             f"blocks, got unroll={unroll}, nb={nb}, persist={persist}")
+        if att is not None and (unroll or nb != 1 or ln is not None or K > 16 * threads):
+            raise ValueError(f"gemv: the deferred split combine (att) runs on the CUDA-core GEMV at batch 1 with "
+                             f"K <= 16 x threads (two chunks of x a thread), got nb={nb}, unroll={unroll}, K={K}, "
+                             f"threads={threads}")
         if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
             raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
         bm = self.gemv_batch_width(nb)
@@ -135,21 +119,16 @@ class DecodeKernels:
             if ln is not None:
                 w, b, stats, eps = ln
                 args += (w, b, stats, np.float32(eps))
-            args += (i32(stage),)
-            if stage:
-                fn = self.gemv_st_fn[rows] if ln is None else self.gemv_ln_st_fn[rows]
-            else:
-                fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
+            fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
+            if att is not None:
+                part_o, part_ml, cache_len, nsplit, split_tiles, D = att
+                args += (part_o, part_ml, cache_len, i32(nsplit), i32(split_tiles), i32(D))
+                fn = self.gemv_att_fn[rows]
             if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
                 raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
-        smem = 0 if unroll else self.gemv_smem(K, rows, ln is not None, stage)
-        if smem > self.max_smem:
-            raise ValueError(f"gemv: {stage} staged groups of {rows} rows at K = {K} need {smem} bytes of shared "
-                             f"memory, this GPU has {self.max_smem} a block")
-        self._allow_smem(fn, smem)
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, smem=smem, tag=tag)
+        return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
@@ -172,10 +151,12 @@ class DecodeKernels:
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, split_tiles=1, nbuf=1, tag="attention"):
+                         scale=None, split_tiles=1, nbuf=1, defer=False, tag="attention"):
         """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
         ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
-        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait."""
+        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait. defer: with several
+        live splits, leave the partials (part_o, part_ml) uncombined for the next GEMV (gemv_launch's att),
+        which reads them after its PDL wait; out is written only when a single split is live."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -193,13 +174,15 @@ class DecodeKernels:
             raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
                              f"need {smem} bytes of shared memory, this GPU has {self.max_smem} a block")
         fn = self.attn_fn[D]
-        self._allow_smem(fn, smem)
+        if smem > 48 * 1024 and smem > self._att_smem.get(D, 0):     # never lowered: a captured graph may
+            fn.max_dynamic_shared_size_bytes = smem                  # hold a launch with more
+            self._att_smem[D] = smem
         qk_ln = qn_w is not None
         scale = D ** -0.5 if scale is None else scale
         args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
                 qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
-                i32(split_tiles), i32(nbuf))
+                i32(split_tiles), i32(nbuf), i32(bool(defer)))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- small kernels ------------------------------------------------------------------------

@@ -9,9 +9,9 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, then the winner with half its rows a block (fewer registers a thread,
-       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks, then (batch 1) the
-       winner with 1-2 row groups a block staged in shared memory before its PDL wait; one kind at a time,
-       largest first; a change is kept if the step is faster
+       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks, then (o_proj, batch 1)
+       the winner combining the attention's splits itself; one kind at a time, largest first; a change is kept
+       if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
 
@@ -30,21 +30,19 @@ from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, M
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
-TUNE_STAGE = (1, 2)                         # row groups staged in shared memory tried for the chosen shape
 
 
 class GemvShape(NamedTuple):
     """How a GEMV is launched: rows per block group, threads per block, persistent blocks per SM (0: one
-    block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not timed), the
-    kernel: unroll 0 = the CUDA-core GEMV, 2 or 4 = the tensor-core one (gemv_mma, rows 16 or 32), and the
-    row groups a persistent block stages in shared memory before its PDL wait (batch 1; 0 = none)."""
+    block per group of rows), the microseconds / GB/s it took alone at tuning time (0 if not timed), and
+    the kernel: unroll 0 = the CUDA-core GEMV, 2 or 4 = the tensor-core one (gemv_mma, rows 16 or 32)."""
     rows: int
     threads: int
     persist: int
     us: float
     gbs: float
     unroll: int = 0
-    stage: int = 0
+    combine: int = 0        # o_proj at batch 1: 1 = the attention's split combine done by this GEMV's blocks
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
@@ -130,7 +128,7 @@ def tune_in_step(engine, nb, top):
         better(top[name][1:])                                        # the other finalists
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
-        better(staged(engine, nb, name, chosen))                     # then groups staged in shared memory
+        better(combined(engine, nb, name, chosen))                   # o_proj: the attention's split combine
         engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
@@ -149,16 +147,16 @@ def leaner(shape, mode):
     return [shape._replace(rows=rows, persist=p, us=0.0, gbs=0.0) for p in (0,) + TUNE_PERSIST]
 
 
-def staged(engine, nb, name, shape):
-    """`shape` with TUNE_STAGE row groups a block staged in shared memory before its PDL wait (batch 1,
-    persistent CUDA-core GEMV, where the blocks' shared memory fits). A block's registers hold its first
-    group; the staged groups are more weights in flight while the previous kernels run: the attention leaves
-    memory nearly idle for ~7 us a layer (tools/decode_timeline.py)."""
-    if nb != 1 or shape.unroll or not shape.persist:
+def combined(engine, nb, name, shape):
+    """o_proj's `shape` with the attention's split combine done by its blocks (GemvShape.combine: the attention
+    writes its splits' partials, each o_proj thread combines the chunks of x it reads), and the same with half
+    its rows a block (the combine's registers come on top of the weights'), where the kernel has it: batch 1,
+    the CUDA-core GEMV, K <= 16 x threads. The attention then ends without its fence, atomic and last block's
+    combine (2.6 us of a 3b-4e1t layer's 7.4, tools/decode_timeline.py's tail)."""
+    if name != "o_proj" or nb != 1 or shape.unroll or shape.combine or engine.H * engine.D > 16 * shape.threads:
         return []
-    K = engine._gemv_shapes()[name][0][0].shape[1]
-    ln = engine.folds_layernorm(nb) and name in ("qkv", "gate_up")
-    return [shape._replace(stage=s) for s in TUNE_STAGE if engine.k.gemv_stage_fits(K, shape.rows, ln, s)]
+    rows = [shape.rows] + ([shape.rows // 2] if shape.rows > 1 else [])
+    return [shape._replace(combine=1)] + [shape._replace(rows=r, combine=1, us=0.0, gbs=0.0) for r in rows[1:]]
 
 
 def tune_attention(engine, nb, best):

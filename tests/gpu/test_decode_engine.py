@@ -201,65 +201,6 @@ def test_gemv_with_folded_layernorm_matches_float64(kernels, N, kc, mode, ri, th
     assert (np.abs(got[:1] - ref) <= tol).all(), float(np.abs(got[:1] - ref).max())
 
 
-def _staged_pair(kernels, seed, N, K, mode, rows, threads, persist, stage, ln):
-    """The same GEMV launched unstaged and with `stage` groups staged in shared memory (gemv_*_st), on the same
-    random inputs (batch 1; MODE_ADD also accumulates row statistics): both outputs (and statistics)."""
-    rng = np.random.default_rng(seed)
-    Wb = cp.asarray(_bits(rng.standard_normal((N, K)) / np.sqrt(K)))
-    if ln:
-        x = cp.asarray((rng.standard_normal((1, K)) * 3 + 1).astype(np.float32))
-        lnp = (cp.asarray((1 + 0.2 * rng.standard_normal(K)).astype(np.float32)),
-               cp.asarray((0.2 * rng.standard_normal(K)).astype(np.float32)),
-               cp.asarray(specs.ref_row_stats(cp.asnumpy(x))), 1e-5)
-    else:
-        x, lnp = cp.asarray(_bits(rng.standard_normal((1, K)))), None
-    y0 = rng.standard_normal((1, N)).astype(np.float32)
-    outs = []
-    for st_ in (0, stage):
-        out = dict(yh=cp.full((2, N // 2), NAN_BF16, cp.uint16)) if mode == kn.MODE_SWIGLU else \
-            dict(yf=cp.asarray(np.concatenate([y0 if mode == kn.MODE_ADD else np.full((1, N), np.nan, np.float32),
-                                               np.full((1, N), np.nan, np.float32)])))
-        stats = cp.zeros((2, 2), cp.float64) if mode == kn.MODE_ADD else None
-        kernels.gemv_launch(x, Wb, nb=1, mode=mode, rows=rows, threads=threads, persist=persist, ln=lnp,
-                            stats_out=stats, stage=st_, **out)()
-        _sync()
-        outs.append([cp.asnumpy(a) for a in list(out.values()) + ([stats] if stats is not None else [])])
-    return outs
-
-
-@HYP
-@given(N=st.integers(1, 3000), kc=st.integers(1, 40), mode=st.sampled_from([0, 1, 2]), ri=st.integers(0, 3),
-       threads=st.sampled_from([32, 96, 128, 160, 256]), persist=st.sampled_from([1, 2]), stage=st.integers(1, 3),
-       ln=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_gemv_staged_groups_equal_the_unstaged_kernel(kernels, N, kc, mode, ri, threads, persist, stage, ln, seed):
-    """gemv_b1_r{R}_st / gemv_ln_b1_r{R}_st: the block's next `stage` row groups copied into shared memory
-    before its PDL wait and read from there change where the weights wait, not the arithmetic: the outputs
-    (and MODE_ADD's row statistics) equal the unstaged kernel's bit for bit, which the tests above hold to the
-    float64 spec. N up to 3000 rows with 1-2 blocks a SM gives a block up to ~23 groups (staged ones, then
-    ones read from memory); the row past the batch stays NaN."""
-    ln = ln and mode != kn.MODE_ADD
-    if mode == kn.MODE_SWIGLU:
-        N += N % 2
-    rows = [r for r in kn.GEMV_ROWS if not (mode == kn.MODE_SWIGLU and r % 2)]
-    plain, staged = _staged_pair(kernels, seed, N, 8 * kc, mode, rows[ri % len(rows)], threads, persist, stage, ln)
-    assert np.array_equal(plain[0].view(np.uint8), staged[0].view(np.uint8)), "staged differs from the unstaged kernel"
-    if mode == kn.MODE_ADD:        # the statistics: float64 atomics from every block, in whichever order they land
-        assert np.allclose(plain[1], staged[1], rtol=1e-12, atol=0)
-    out = staged[0] if mode != kn.MODE_SWIGLU else specs.ref_bf16_to_f64(staged[0])
-    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all(), "unwritten output, or written past the batch"
-
-
-@pytest.mark.parametrize("mode, rows, threads, stage, ln", [(kn.MODE_SWIGLU, 8, 160, 2, True),
-                                                           (kn.MODE_ADD, 4, 512, 2, False)])
-def test_gemv_staged_groups_over_48kb_of_shared_memory(kernels, mode, rows, threads, stage, ln):
-    """The tuned 3b-4e1t shapes' sizes (K 2560 and 6912): staged groups over the default 48 KB of dynamic
-    shared memory a block (the launch raises the function's limit), equal to the unstaged kernel."""
-    K = 2560 if ln else 6912
-    assert kernels.gemv_smem(K, rows, ln, stage) > 48 * 1024
-    plain, staged = _staged_pair(kernels, 7, 2 * 132 * rows * 4, K, mode, rows, threads, 3, stage, ln)
-    assert np.array_equal(plain[0].view(np.uint8), staged[0].view(np.uint8))
-
-
 # ----------------------------------------------------------------------------- LayerNorm
 @HYP
 @given(nb=st.integers(1, 8), K=st.one_of(st.integers(1, 3000), st.integers(1000, 2500).map(lambda k: 4 * k)),
@@ -338,6 +279,63 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
     launch()                                                                # replay: same bits
     _sync()
     assert np.array_equal(first, cp.asnumpy(out))
+
+
+@HYP
+@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4, 8]), G=st.sampled_from([1, 2, 4]),
+       L=st.integers(0, 600), extra=st.integers(1, 40), nsplit=st.integers(1, 12),
+       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2))), ri=st.integers(0, 3), persist=st.sampled_from([0, 1, 3]),
+       masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_o_proj_combining_the_attention_splits_equals_the_attention_combine(kernels, D, KVH, G, L, extra, nsplit,
+                                                                             shape, ri, persist, masked, seed):
+    """The attention with defer=True (partials left uncombined) followed by o_proj on gemv_att_b1 (its threads
+    combine the splits of the chunks of x they read, with the attention's own combine code) against the
+    attention combining itself followed by the plain GEMV: the same output and row statistics bits. The float64
+    spec of the pair is ref_gemv(bf16(ref_decode_attention)), which the two tests above hold the plain pair to.
+    Up to 12 splits (three rounds of ATT_ROUND) over up to 600 keys, left padding that masks whole splits
+    (masked), batch 1; threads the fewest that the launcher allows (K <= 16 x threads) and more."""
+    H, max_len = KVH * G, L + extra
+    K = H * D
+    split_tiles, nbuf = shape
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((1, (H + 2 * KVH) * D)).astype(np.float32)
+    qkv[:, : H * D] *= 2.0
+    kb = _bits(rng.standard_normal((1, KVH, max_len, D)))
+    vb = _bits(rng.standard_normal((1, KVH, max_len, D)))
+    kmask = np.ones((1, max_len), np.uint8)
+    p = int(rng.integers(0, L + 1)) if masked else 0
+    kmask[0, :p] = 0
+    kb[0, :, :p] = NAN_BF16
+    vb[0, :, :p] = NAN_BF16
+    rot = D // 2 // 2 * 2
+    inv_freq = de.rotary_inv_freq(10000.0, rot)
+    Wb = cp.asarray(_bits(rng.standard_normal((int(rng.integers(1, 300)), K)) / np.sqrt(K)))
+    N = Wb.shape[0]
+    y0 = rng.standard_normal((1, N)).astype(np.float32)
+    threads = 32 * -(-K // 512) + 32 * int(rng.integers(0, 4))
+    rows = kn.GEMV_ROWS[ri]
+    outs = []
+    for defer in (False, True):
+        out = cp.full((1, K), NAN_BF16, cp.uint16)
+        part_o = cp.full((1, H, nsplit, D), np.nan, cp.float32)
+        part_ml = cp.full((1, H, nsplit, 2), np.nan, cp.float32)
+        lenp, counters = cp.asarray(np.array([L], np.int32)), cp.zeros(KVH, cp.int32)
+        kernels.attention_launch(
+            cp.asarray(qkv), cp.asarray(kb), cp.asarray(vb), lenp, cp.asarray(np.array([7], np.int32)),
+            cp.asarray(kmask), cp.asarray(inv_freq), rot, nb=1, H=H, KVH=KVH, D=D, out=out, part_o=part_o,
+            part_ml=part_ml, counters=counters, nsplit=nsplit, split_tiles=split_tiles, nbuf=nbuf, defer=defer)()
+        yf = cp.asarray(np.concatenate([y0, np.full((1, N), np.nan, np.float32)]))
+        stats = cp.zeros((2, 2), cp.float64)
+        att = (part_o, part_ml, lenp, nsplit, split_tiles, D) if defer else None
+        kernels.gemv_launch(out, Wb, nb=1, mode=kn.MODE_ADD, yf=yf, rows=rows, threads=threads, persist=persist,
+                            stats_out=stats, att=att)()
+        _sync()
+        assert not cp.asnumpy(counters).any()
+        outs.append((cp.asnumpy(yf), cp.asnumpy(stats)))
+    (y_a, s_a), (y_b, s_b) = outs
+    assert np.isfinite(y_a[0]).all() and np.isnan(y_a[1]).all()
+    assert np.array_equal(y_a.view(np.uint32), y_b.view(np.uint32)), float(np.nanmax(np.abs(y_a - y_b)))
+    assert np.allclose(s_a, s_b, rtol=1e-12, atol=0)      # float64 atomics from every block, in any order
 
 
 def test_argmax_step_bookkeeping(kernels):
