@@ -82,8 +82,8 @@ def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
     ns.asnumpy = _asnumpy
-    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: round(e1.t - e0.t, 9),
-                                    alloc_pinned_memory=bytearray)
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, alloc_pinned_memory=bytearray,
+                                    get_elapsed_time=lambda e0, e1: round(e1.t - e0.t, 9))
     return ns
 
 
@@ -99,7 +99,7 @@ class _Kernel:
             groups = -(-int(args[4]) // self.static["rows"])          # ceil(N / rows)
             return 2.0 if grid[0] == groups else 1.0
         if self.impl is _attention:                                   # more tiles a block: cheaper
-            return 1.0 - 0.1 * int(args[-2])
+            return 1.0 - 0.1 * int(args[-1])
         return 1.0
 
     def __call__(self, grid, block, args, shared_mem=0):
@@ -147,7 +147,7 @@ def _gemv(grid, block, args, rows):
 
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
-     H, KVH, max_len, scale, split_tiles, nbuf, defer) = args
+     H, KVH, max_len, scale, split_tiles, nbuf) = args
     nb = grid[2]
     assert grid[1] == KVH and kc.shape[-2] == max_len and kc.shape[-1] == D
     assert 1 <= nbuf <= kn.ATT_MAXBUF and split_tiles >= 1 and part_o.shape[2] >= grid[0]
@@ -160,15 +160,6 @@ def _attention(grid, block, args, D):
     out[:nb] = specs.ref_f64_to_bf16(o)
     kc[:nb, :, L] = specs.ref_f64_to_bf16(k_new)
     vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
-
-
-def _gemv_att(grid, block, args, rows):
-    """gemv_att_b1_r* (gemv_b1's 12 arguments + part_o, part_ml, lenp, NS, split_tiles, D): o_proj with the
-    attention's split combine deferred to it. The emulated attention writes its whole output whatever its
-    `defer` (the combine's partials are the GPU kernels' business, tests/gpu), so this reads x as gemv_b1 does."""
-    part_o, part_ml, lenp, NS, split_tiles, D = args[12:]
-    assert int(args[2]) == 1 and int(args[5]) <= 16 * block[0] and part_o.shape[2] == NS and part_o.shape[3] == D
-    _gemv(grid, block, args[:12], rows)
 
 
 def _layernorm(grid, block, args):
@@ -271,7 +262,6 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_att_fn = {r: _Kernel(_gemv_att, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -345,7 +335,7 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
                       | {("step", "attention")})
     assert engine.att_shape[2] == kn.ATT_SHAPES[-1]
     attn = [fn for fn in engine._plan(2) if fn.tag == "attention"]
-    assert attn and all(tuple(int(a) for a in fn.args[-3:-1]) == kn.ATT_SHAPES[-1] for fn in attn)
+    assert attn and all(tuple(int(a) for a in fn.args[-2:]) == kn.ATT_SHAPES[-1] for fn in attn)
     assert all(fn.smem == emulated.attention_smem(1, 80, kn.ATT_SHAPES[-1][1]) for fn in attn)
     assert engine.step_ms[2] > 0
     assert np.array_equal(runs[0], runs[1])
@@ -397,53 +387,6 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert [c[:3] for c in tune.leaner(s, kn.MODE_ADD)] == [(4, 160, p) for p in (0,) + tune.TUNE_PERSIST]
     assert tune.leaner(s._replace(rows=2), kn.MODE_SWIGLU) == [] and tune.leaner(s._replace(rows=1), kn.MODE_ADD) == []
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
-
-
-def test_tuner_tries_o_proj_combining_the_attention_splits(emulated, monkeypatch):
-    """Stage 2 ends (o_proj, batch 1) with the winner doing the attention's split combine (tune.combined): with
-    gemv_att emulated as cheaper, o_proj ends with combine=1, launched on gemv_att_b1 with the attention
-    launch's partials, live-split count and split_tiles, every attention launched with defer=1; the tokens do
-    not change. combined() offers it only where the kernel has it."""
-    def cost(self, grid, args):
-        if self.impl is _gemv:
-            return 2.0 if grid[0] == -(-int(args[4]) // self.static["rows"]) else 1.0
-        return 0.5 if self.impl is _gemv_att else 1.0
-    monkeypatch.setattr(_Kernel, "cost", cost)
-    emulated.num_sms = 1
-    model = _models(emulated)[1].model
-    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
-    runs = []
-    for autotune in (False, True):
-        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
-                                    autotune=autotune, pdl=False)
-        engine.prefill(ids, logits=None)
-        for _ in range(3):
-            engine.decode_step()
-        runs.append(engine.generated())
-    assert np.array_equal(runs[0], runs[1])
-    assert engine.tuning[1]["o_proj"].combine == 1
-    assert all(v.combine == 0 for n, v in engine.tuning[1].items() if n != "o_proj")
-    plan = engine._plan(1)
-    attn = [fn for fn in plan if fn.tag == "attention"]
-    oproj = [fn for fn in plan if fn.tag == "gemv:o_proj"]
-    assert len(attn) == len(oproj) == len(engine.layers) and all(int(fn.args[-1]) == 1 for fn in attn)
-    for a, o in zip(attn, oproj):
-        assert o.fn in emulated.gemv_att_fn.values()
-        assert o.args[12] is a.args[12] and o.args[13] is a.args[13] and o.args[14] is a.args[3]   # partials, len
-        assert (int(o.args[15]), int(o.args[16]), int(o.args[17])) == (a.grid[0], int(a.args[20]), engine.D)
-    s = engine.tuning[1]["o_proj"]._replace(combine=0)
-    assert [c.combine for c in tune.combined(engine, 1, "o_proj", s)] == [1]                 # (rows 1: no half)
-    assert sorted((c.rows, c.combine) for c in tune.combined(engine, 1, "o_proj", s._replace(rows=4))) == [(2, 1), (4, 1)]
-    assert tune.combined(engine, 2, "o_proj", s) == [] and tune.combined(engine, 1, "down", s) == []
-    assert tune.combined(engine, 1, "o_proj", s._replace(unroll=2)) == []
-    wide = engine.H * engine.D > 16 * 32
-    assert tune.combined(engine, 1, "o_proj", s._replace(threads=32)) == ([] if wide else [s._replace(threads=32,
-                                                                                                    combine=1)])
-    assert engine.tuning[1]["o_proj"].rows == 1                                   # (the emulated model's choice)
-    x, W = np.zeros((1, 1024), np.uint16), np.zeros((8, 1024), np.uint16)       # K 1024 > 16 x 32 threads
-    with pytest.raises(ValueError, match="deferred split combine"):
-        emulated.gemv_launch(x, W, nb=1, mode=kn.MODE_ADD, yf=np.zeros((1, 8), np.float32), threads=32,
-                             att=(engine.part_o, engine.part_ml, engine.cache_len, 2, 1, engine.D))
 
 
 def test_emulated_prefill_and_steps(emulated):

@@ -129,7 +129,7 @@ def print_tune_log(entries):
             if e[0] == "step" and e[2] == kind:
                 c = e[3]
                 log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
-                    f"{' + the split combine' if len(c) > 6 and c[6] else ''} -> {e[4]:.4f} ms")
+                    f" -> {e[4]:.4f} ms")
     for e in entries:
         if e[0] == "step" and e[2] == "attention":
             log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
@@ -196,7 +196,7 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
-GEMV_FIELDS = ("rows", "threads", "persist", "combine")
+GEMV_FIELDS = ("rows", "threads", "persist")
 
 
 def parse_changes(spec):
@@ -353,7 +353,7 @@ def main():
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         plan = engine._plan(1)
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
-        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs), v.combine)
+        tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
                for n, v in engine.tuning[1].items()}
         tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
         tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)

@@ -26,6 +26,9 @@ Per launch i (times relative to the step's first block start; "prev" = launch i 
   work     last exit(i) - last wait return(i): the work after the last block is released
   tail     last exit(i) - median exit(i): how long the last blocks trail
 
+After the launches, each kind's kernel resources: threads, grid, registers, static and dynamic shared memory,
+and the blocks an SM holds by the driver's occupancy calculator with that kind alone on it.
+
 Timing: %globaltimer when its ticks are fine (< 100 ns apart); otherwise each SM's clock64, put on the
 globaltimer's axis per SM (one common rate fitted over every SM's samples, each SM's offset from the upper
 envelope of globaltimer - clock / rate). The timeline build adds an atomic, a block barrier and a few stores
@@ -309,7 +312,7 @@ def main():
         engine.capture(1)                                 # tuned with the shipped kernels
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
         log(f"{shape}: GPU {engine.k.device_name}; shipped step {ms * 1e3:.1f} us ({1e3 / ms:.1f} tok/s); tuning "
-            f"{ {n: (v.rows, v.threads, v.persist, v.combine) for n, v in engine.tuning[1].items()} }, attention "
+            f"{ {n: (v.rows, v.threads, v.persist) for n, v in engine.tuning[1].items()} }, attention "
             f"{engine.att_shape.get(1)} ({time.time() - t0:.0f} s)")
         if k_tl is None:
             k_tl = timeline_kernels()

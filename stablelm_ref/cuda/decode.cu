@@ -315,20 +315,6 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
     for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// ATT (gemv_att_b1_r{R}, o_proj at batch 1): x is the attention's output, whose split combine the attention
-// kernel left to this GEMV (its `defer`): each thread combines the splits' partials of its own chunks of x
-// (attn_combine, the attention's own code, so the same bits) once, after the PDL wait, and keeps them in
-// registers for every row group; one chunk a thread at most twice (KC <= 2T, which the launcher checks). With
-// a single live split the attention wrote x itself and it is read as is.
-struct AttParts {
-    const float* o;                              // part_o  [B, H, NS, D]
-    const float* ml;                             // part_ml [B, H, NS, 2]
-    const int* lenp;                             // the cache length (the live splits follow from it)
-    int NS, split_tiles, D;
-};
-__device__ __forceinline__ void attn_split_range(int len, int NS, int split_tiles, int& nsplit, int& tiles_per);
-__device__ __forceinline__ uint4 attn_chunk(const AttParts& ap, int nsplit, int c);   // x[8c .. 8c + 7], combined
-
 // LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
 // h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic, with mean and rstd from
 // ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below: var = E[x^2] - mean^2 in
@@ -339,15 +325,14 @@ __device__ __forceinline__ uint4 attn_chunk(const AttParts& ap, int nsplit, int 
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
-template <int BM, int R, bool LN, bool ATT = false>
+template <int BM, int R, bool LN>
 __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
                                           int mode, double* __restrict__ stats_out,
                                           const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                          const double* __restrict__ ln_stats, float eps,
-                                          AttParts ap = AttParts{}) {
+                                          const double* __restrict__ ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
@@ -368,12 +353,9 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
 #pragma unroll
         for (int i = 0; i < 8; ++i) xf[i] = (v[i] - mean[b]) * rstd[b] * g[i] + o[i];
     };
-    uint4 xr[2];                                 // ATT: this thread's chunks tid and tid + T of x (batch 1)
     auto load_x = [&](int b, int c, float (&xf)[8]) {
         if constexpr (LN) {
             unpack8(hs[c], xf);                  // batch 1
-        } else if constexpr (ATT) {
-            unpack8(c == tid ? xr[0] : xr[1], xf);
         } else {
             unpack8(xv[(size_t)b * ldxv + c], xf);
         }
@@ -416,15 +398,6 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
         }
         __syncthreads();
-    }
-    if constexpr (ATT) {
-        int nsplit, tiles_per;
-        attn_split_range(*ap.lenp, ap.NS, ap.split_tiles, nsplit, tiles_per);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int c = tid + i * T;
-            if (c < KC) xr[i] = nsplit == 1 ? xv[c] : attn_chunk(ap, nsplit, c);
-        }
     }
     while (true) {
         float acc[BM][R];
@@ -692,63 +665,6 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
     }
 }
 
-// The split combine of E consecutive dims d0.. of head row hb (= b * H + head): the splits' partial (max,
-// sum, output) in part_ml [.., NS, 2] / part_o [.., NS, D], read through L2 (other blocks wrote them),
-// ATT_ROUND splits a round, every load of a round issued together; o[e] = output / sum. The attention's last
-// block (E = 2) and, with the combine deferred, o_proj's GEMV (gemv_att_b1_r{R}, E = 4) run this same code, so
-// both give the same bits (a round of 4 splits, not 8: the GEMV keeps its registers near the plain one's).
-#define ATT_ROUND 4
-template <int E>
-__device__ __forceinline__ void attn_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                             size_t hb, int NS, int nsplit, int D, int d0, float (&o)[E]) {
-    float M = NEG_INF, L = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) o[e] = 0.f;
-    for (int s0 = 0; s0 < nsplit; s0 += ATT_ROUND) {
-        float ms[ATT_ROUND], ls[ATT_ROUND], a[ATT_ROUND][E];
-#pragma unroll
-        for (int u = 0; u < ATT_ROUND; ++u) {
-            const int sp = s0 + u;
-            ms[u] = NEG_INF;
-            if (sp < nsplit) {
-                ms[u] = __ldcg(part_ml + (hb * NS + sp) * 2);
-                ls[u] = __ldcg(part_ml + (hb * NS + sp) * 2 + 1);
-                const float* po = part_o + (hb * NS + sp) * D + d0;
-                if constexpr (E % 4 == 0) {                // d0 a multiple of 4, D of 8: 16-byte aligned
-#pragma unroll
-                    for (int e = 0; e < E; e += 4) {
-                        const float4 v = __ldcg(reinterpret_cast<const float4*>(po + e));
-                        a[u][e] = v.x; a[u][e + 1] = v.y; a[u][e + 2] = v.z; a[u][e + 3] = v.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < E; ++e) a[u][e] = __ldcg(po + e);
-                }
-            }
-        }
-        float mx = M;
-#pragma unroll
-        for (int u = 0; u < ATT_ROUND; ++u) mx = fmaxf(mx, ms[u]);
-        if (mx == NEG_INF) continue;                       // every key so far masked
-        const float sc = __expf(M - mx);                   // 0 while M is -inf
-        L *= sc;
-#pragma unroll
-        for (int e = 0; e < E; ++e) o[e] *= sc;
-#pragma unroll
-        for (int u = 0; u < ATT_ROUND; ++u)
-            if (ms[u] != NEG_INF) {                        // a split with no key left adds nothing
-                const float wgt = __expf(ms[u] - mx);
-                L = fmaf(wgt, ls[u], L);
-#pragma unroll
-                for (int e = 0; e < E; ++e) o[e] = fmaf(wgt, a[u][e], o[e]);
-            }
-        M = mx;
-    }
-    const float inv = 1.f / L;
-#pragma unroll
-    for (int e = 0; e < E; ++e) o[e] *= inv;
-}
-
 template <int D>
 __device__ __forceinline__ void attn_impl(
     const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,
@@ -756,7 +672,7 @@ __device__ __forceinline__ void attn_impl(
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf, int defer) {
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
     constexpr int HC = D / 16;                           // 16-byte chunks in half a row (a lane's share)
@@ -989,7 +905,7 @@ __device__ __forceinline__ void attn_impl(
             }
         }
     }
-    if (nsplit == 1 || defer) return;                    // deferred: o_proj's blocks combine (gemv_att_b1)
+    if (nsplit == 1) return;
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -1004,10 +920,40 @@ __device__ __forceinline__ void attn_impl(
         const int p = tid + j * ATT_THREADS;
         if (p < GD2) {
             const int g = p / (D / 2), dp = p % (D / 2);
-            float o[2];
-            attn_combine<2>(part_o, part_ml, (size_t)b * H + kvh * G + g, NS, nsplit, D, 2 * dp, o);
+            const size_t hb = (size_t)b * H + kvh * G + g;
+            float M = NEG_INF, L = 0.f, o0 = 0.f, o1 = 0.f;       // running combine, 8 splits a round
+            for (int s0 = 0; s0 < nsplit; s0 += 8) {
+                float ms[8], ls[8], a0[8], a1[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {                      // all loads of a round issued together
+                    const int sp = s0 + u;
+                    ms[u] = NEG_INF;
+                    if (sp < nsplit) {
+                        ms[u] = __ldcg(part_ml + (hb * NS + sp) * 2);
+                        ls[u] = __ldcg(part_ml + (hb * NS + sp) * 2 + 1);
+                        a0[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp);
+                        a1[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp + 1);
+                    }
+                }
+                float mx = M;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) mx = fmaxf(mx, ms[u]);
+                if (mx == NEG_INF) continue;                       // every key so far masked
+                const float sc = __expf(M - mx);                   // 0 while M is -inf
+                L *= sc; o0 *= sc; o1 *= sc;
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (ms[u] != NEG_INF) {                        // a split with no key left adds nothing
+                        const float wgt = __expf(ms[u] - mx);
+                        L = fmaf(wgt, ls[u], L);
+                        o0 = fmaf(wgt, a0[u], o0);
+                        o1 = fmaf(wgt, a1[u], o1);
+                    }
+                M = mx;
+            }
+            const float inv = 1.f / L;
             *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =
-                pack_bf2(o[0], o[1]);
+                pack_bf2(o0 * inv, o1 * inv);
         }
     }
     if (tid == 0) counters[b * KVH + kvh] = 0;          // ready for the next launch
@@ -1021,34 +967,11 @@ __device__ __forceinline__ void attn_impl(
         const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
         float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
         u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles,         \
-        int nbuf, int defer) {                                                                    \
+        int nbuf) {                                                                               \
         attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
-                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf,   \
-                     defer);                                                                      \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);  \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
-
-__device__ __forceinline__ uint4 attn_chunk(const AttParts& ap, int nsplit, int c) {   // batch row 0: head 8c / D
-    float lo[4], hi[4];
-    const size_t hb = (size_t)(8 * c / ap.D);
-    attn_combine<4>(ap.o, ap.ml, hb, ap.NS, nsplit, ap.D, 8 * c % ap.D, lo);
-    attn_combine<4>(ap.o, ap.ml, hb, ap.NS, nsplit, ap.D, 8 * c % ap.D + 4, hi);
-    return make_uint4(pack_bf2(lo[0], lo[1]), pack_bf2(lo[2], lo[3]), pack_bf2(hi[0], hi[1]), pack_bf2(hi[2], hi[3]));
-}
-
-// o_proj at batch 1 with the attention's split combine deferred to it (see gemv_impl's ATT): x is the
-// attention's output [1, K] (read when a single split was live), part_o / part_ml / lenp / NS / split_tiles /
-// D as the attention kernel was launched with.
-#define GEMV_ATT_INST(R)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_att_b1_r##R(                     \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
-        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
-        double* __restrict__ stats_out, const float* __restrict__ part_o, const float* __restrict__ part_ml, \
-        const int* __restrict__ lenp, int NS, int split_tiles, int D) {                                     \
-        gemv_impl<1, R, false, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr,      \
-                                     nullptr, nullptr, 0.f, AttParts{part_o, part_ml, lenp, NS, split_tiles, D}); \
-    }
-GEMV_ATT_INST(1) GEMV_ATT_INST(2) GEMV_ATT_INST(4) GEMV_ATT_INST(8)
 
 // ---------------------------------------------------------------- greedy argmax + step bookkeeping
 // The (value, lowest index) maximum over a block, left in rv[0], ri[0] (rv, ri: 32 entries of shared

@@ -340,11 +340,7 @@ class GpuDecodeEngine:
                                       ln=ln, **kw)
         if name == "o_proj":
             stats = self.ln_stats[2 * i + 1] if fold else None
-            att = None
-            if shape.combine:                    # the attention's split combine, deferred to this GEMV
-                att = (self.part_o, self.part_ml, self.cache_len, self.k.attention_splits(nb, self.KVH, self.max_len),
-                       self.att_shape.get(nb, DEFAULT_ATT)[0], self.D)
-            return self.k.gemv_launch(self.att, L.wo, mode=MODE_ADD, yf=self.x, stats_out=stats, att=att, **kw)
+            return self.k.gemv_launch(self.att, L.wo, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         if name == "gate_up":
             ln = (L.ln2_w, L.ln2_b, self.ln_stats[2 * i + 1], self.eps) if fold else None
             return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln, **kw)
@@ -371,7 +367,7 @@ class GpuDecodeEngine:
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
                 counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps, split_tiles=split_tiles,
-                nbuf=nbuf, defer=self.tuning.get(nb, {}).get("o_proj", DEFAULT_GEMV).combine))
+                nbuf=nbuf))
             plan.append(self._layer_gemv("o_proj", i, nb))
             if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,

@@ -49,7 +49,6 @@ class DecodeKernels:
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
-        self.gemv_att_fn = {r: f(f"gemv_att_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -73,7 +72,7 @@ class DecodeKernels:
         raise GenerationError(f"decode batch {nb} is larger than {GEMV_BATCHES[-1]}")
 
     def gemv_launch(self, x, W, *, nb, mode, yf=None, yh=None, bias=None, rows=4, threads=256, persist=0,
-                    unroll=0, stats_out=None, ln=None, att=None, tag="gemv"):
+                    unroll=0, stats_out=None, ln=None, tag="gemv"):
         """y[b, n] (+)= x[b, :] @ W[n, :] for b < nb.  x: uint16 bf16 bits [>= nb, K] (C-contiguous rows),
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
         persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
@@ -81,10 +80,7 @@ class DecodeKernels:
         k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
         stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
         ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
-        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows}).
-        att = (part_o, part_ml, cache_len, nsplit, split_tiles, head_dim) (batch 1, CUDA-core GEMV, K <= 16 x
-        threads): x is the attention's output, whose split combine an attention launched with defer=True left
-        to this GEMV's blocks (gemv_att_b1_r{rows}); the arguments are the attention launch's."""
+        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows})."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != (4 if ln else 2) or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need {'float32' if ln else 'bf16'} x [nb, K] and bf16 W [N, K] with K % 8 == 0, "
@@ -92,10 +88,6 @@ class DecodeKernels:
         if (ln is not None or stats_out is not None) and (unroll or (ln is not None and nb != 1)):
             raise ValueError("gemv: the folded LayerNorm (ln) runs at batch 1 and, like stats_out, on the "
                              "CUDA-core GEMV only")
-        if att is not None and (unroll or nb != 1 or ln is not None or K > 16 * threads):
-            raise ValueError(f"gemv: the deferred split combine (att) runs on the CUDA-core GEMV at batch 1 with "
-                             f"K <= 16 x threads (two chunks of x a thread), got nb={nb}, unroll={unroll}, K={K}, "
-                             f"threads={threads}")
         if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
             raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
         bm = self.gemv_batch_width(nb)
@@ -120,10 +112,6 @@ class DecodeKernels:
                 w, b, stats, eps = ln
                 args += (w, b, stats, np.float32(eps))
             fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
-            if att is not None:
-                part_o, part_ml, cache_len, nsplit, split_tiles, D = att
-                args += (part_o, part_ml, cache_len, i32(nsplit), i32(split_tiles), i32(D))
-                fn = self.gemv_att_fn[rows]
             if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
                 raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows
@@ -151,12 +139,10 @@ class DecodeKernels:
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, split_tiles=1, nbuf=1, defer=False, tag="attention"):
+                         scale=None, split_tiles=1, nbuf=1, tag="attention"):
         """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
         ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
-        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait. defer: with several
-        live splits, leave the partials (part_o, part_ml) uncombined for the next GEMV (gemv_launch's att),
-        which reads them after its PDL wait; out is written only when a single split is live."""
+        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -182,7 +168,7 @@ class DecodeKernels:
         args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
                 qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
-                i32(split_tiles), i32(nbuf), i32(bool(defer)))
+                i32(split_tiles), i32(nbuf))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- small kernels ------------------------------------------------------------------------

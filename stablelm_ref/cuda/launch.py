@@ -106,8 +106,9 @@ class PdlLauncher:
             else:
                 raise TypeError(f"PdlLauncher: unsupported kernel argument {type(a)}")
         params = (C.c_void_p * len(vals))(*[C.cast(C.pointer(v), C.c_void_p) for v in vals])
-        want = ([(self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1)] if programmatic else []) + \
-            ([(self.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, int(launch.carveout))] if launch.carveout is not None else [])
+        want = [(self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1)] if programmatic else []
+        if launch.carveout is not None:
+            want.append((self.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, int(launch.carveout)))
         attr = (self.Attr * max(1, len(want)))()
         for i, (aid, val) in enumerate(want):
             attr[i].id, attr[i].value.val = aid, val

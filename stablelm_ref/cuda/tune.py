@@ -9,9 +9,8 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        TUNE_FINALISTS kept
     2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
        blocks per SM for the winner, then the winner with half its rows a block (fewer registers a thread,
-       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks, then (o_proj, batch 1)
-       the winner combining the attention's splits itself; one kind at a time, largest first; a change is kept
-       if the step is faster
+       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time,
+       largest first; a change is kept if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
 
@@ -42,7 +41,6 @@ class GemvShape(NamedTuple):
     us: float
     gbs: float
     unroll: int = 0
-    combine: int = 0        # o_proj at batch 1: 1 = the attention's split combine done by this GEMV's blocks
 
 
 DEFAULT_GEMV = GemvShape(4, 256, 0, 0.0, 0.0)
@@ -128,7 +126,6 @@ def tune_in_step(engine, nb, top):
         better(top[name][1:])                                        # the other finalists
         better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
         better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
-        better(combined(engine, nb, name, chosen))                   # o_proj: the attention's split combine
         engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
@@ -145,18 +142,6 @@ def leaner(shape, mode):
     if shape.unroll or rows < 1 or (mode == MODE_SWIGLU and rows % 2):
         return []
     return [shape._replace(rows=rows, persist=p, us=0.0, gbs=0.0) for p in (0,) + TUNE_PERSIST]
-
-
-def combined(engine, nb, name, shape):
-    """o_proj's `shape` with the attention's split combine done by its blocks (GemvShape.combine: the attention
-    writes its splits' partials, each o_proj thread combines the chunks of x it reads), and the same with half
-    its rows a block (the combine's registers come on top of the weights'), where the kernel has it: batch 1,
-    the CUDA-core GEMV, K <= 16 x threads. The attention then ends without its fence, atomic and last block's
-    combine (2.6 us of a 3b-4e1t layer's 7.4, tools/decode_timeline.py's tail)."""
-    if name != "o_proj" or nb != 1 or shape.unroll or shape.combine or engine.H * engine.D > 16 * shape.threads:
-        return []
-    rows = [shape.rows] + ([shape.rows // 2] if shape.rows > 1 else [])
-    return [shape._replace(combine=1)] + [shape._replace(rows=r, combine=1, us=0.0, gbs=0.0) for r in rows[1:]]
 
 
 def tune_attention(engine, nb, best):

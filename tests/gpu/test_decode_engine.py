@@ -281,63 +281,6 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
     assert np.array_equal(first, cp.asnumpy(out))
 
 
-@HYP
-@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4, 8]), G=st.sampled_from([1, 2, 4]),
-       L=st.integers(0, 600), extra=st.integers(1, 40), nsplit=st.integers(1, 12),
-       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2))), ri=st.integers(0, 3), persist=st.sampled_from([0, 1, 3]),
-       masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_o_proj_combining_the_attention_splits_equals_the_attention_combine(kernels, D, KVH, G, L, extra, nsplit,
-                                                                             shape, ri, persist, masked, seed):
-    """The attention with defer=True (partials left uncombined) followed by o_proj on gemv_att_b1 (its threads
-    combine the splits of the chunks of x they read, with the attention's own combine code) against the
-    attention combining itself followed by the plain GEMV: the same output and row statistics bits. The float64
-    spec of the pair is ref_gemv(bf16(ref_decode_attention)), which the two tests above hold the plain pair to.
-    Up to 12 splits (three rounds of ATT_ROUND) over up to 600 keys, left padding that masks whole splits
-    (masked), batch 1; threads the fewest that the launcher allows (K <= 16 x threads) and more."""
-    H, max_len = KVH * G, L + extra
-    K = H * D
-    split_tiles, nbuf = shape
-    rng = np.random.default_rng(seed)
-    qkv = rng.standard_normal((1, (H + 2 * KVH) * D)).astype(np.float32)
-    qkv[:, : H * D] *= 2.0
-    kb = _bits(rng.standard_normal((1, KVH, max_len, D)))
-    vb = _bits(rng.standard_normal((1, KVH, max_len, D)))
-    kmask = np.ones((1, max_len), np.uint8)
-    p = int(rng.integers(0, L + 1)) if masked else 0
-    kmask[0, :p] = 0
-    kb[0, :, :p] = NAN_BF16
-    vb[0, :, :p] = NAN_BF16
-    rot = D // 2 // 2 * 2
-    inv_freq = de.rotary_inv_freq(10000.0, rot)
-    Wb = cp.asarray(_bits(rng.standard_normal((int(rng.integers(1, 300)), K)) / np.sqrt(K)))
-    N = Wb.shape[0]
-    y0 = rng.standard_normal((1, N)).astype(np.float32)
-    threads = 32 * -(-K // 512) + 32 * int(rng.integers(0, 4))
-    rows = kn.GEMV_ROWS[ri]
-    outs = []
-    for defer in (False, True):
-        out = cp.full((1, K), NAN_BF16, cp.uint16)
-        part_o = cp.full((1, H, nsplit, D), np.nan, cp.float32)
-        part_ml = cp.full((1, H, nsplit, 2), np.nan, cp.float32)
-        lenp, counters = cp.asarray(np.array([L], np.int32)), cp.zeros(KVH, cp.int32)
-        kernels.attention_launch(
-            cp.asarray(qkv), cp.asarray(kb), cp.asarray(vb), lenp, cp.asarray(np.array([7], np.int32)),
-            cp.asarray(kmask), cp.asarray(inv_freq), rot, nb=1, H=H, KVH=KVH, D=D, out=out, part_o=part_o,
-            part_ml=part_ml, counters=counters, nsplit=nsplit, split_tiles=split_tiles, nbuf=nbuf, defer=defer)()
-        yf = cp.asarray(np.concatenate([y0, np.full((1, N), np.nan, np.float32)]))
-        stats = cp.zeros((2, 2), cp.float64)
-        att = (part_o, part_ml, lenp, nsplit, split_tiles, D) if defer else None
-        kernels.gemv_launch(out, Wb, nb=1, mode=kn.MODE_ADD, yf=yf, rows=rows, threads=threads, persist=persist,
-                            stats_out=stats, att=att)()
-        _sync()
-        assert not cp.asnumpy(counters).any()
-        outs.append((cp.asnumpy(yf), cp.asnumpy(stats)))
-    (y_a, s_a), (y_b, s_b) = outs
-    assert np.isfinite(y_a[0]).all() and np.isnan(y_a[1]).all()
-    assert np.array_equal(y_a.view(np.uint32), y_b.view(np.uint32)), float(np.nanmax(np.abs(y_a - y_b)))
-    assert np.allclose(s_a, s_b, rtol=1e-12, atol=0)      # float64 atomics from every block, in any order
-
-
 def test_argmax_step_bookkeeping(kernels):
     rng = np.random.default_rng(0)
     nb, V = 3, 5000
