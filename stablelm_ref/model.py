@@ -263,7 +263,7 @@ class StableLmPreTrainedModel:
         """GenerationError naming an id outside [0, vocab_size), given the smallest and largest id."""
         if lo < 0 or hi >= self.config.vocab_size:
             raise GenerationError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
-                                  f"{self.config.vocab_size}); does the tokenizer belong to this model?")
+                                  f"{self.config.vocab_size}) of this model (config.json's vocab_size)")
 
     def _mask_2d(self, attention_mask, batch, total):
         """[B, S] of 0/1 (ints, floats or bools) -> bool, S = cached + new positions."""

@@ -493,7 +493,7 @@ def test_compare_prints_no_control_characters_from_a_trace(tmp_path_factory, nam
         assert main(["compare", path, path]) == 0
     text = out.getvalue()
     assert all(c.isprintable() or c == "\n" for c in text)
-    assert text.count("\n") == 10         # A, B, tolerance, blank, header, rule, 2 rows, blank, summary
+    assert text.count("\n") == 11         # A, B, tolerance, ok rule, blank, header, rule, 2 rows, blank, summary
 
 
 def test_an_error_message_carrying_template_text_is_printable(model_dir, tmp_path, capsys, monkeypatch):
