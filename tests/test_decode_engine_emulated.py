@@ -389,6 +389,35 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
 
 
+def test_probe_changes_the_tuning_and_puts_it_back(emulated):
+    """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
+    duration (the plan's launches carry the carveout), the tuning, attention shape, step time and carveouts put
+    back afterwards, also when the block raises; parse_changes refuses what is not KIND.FIELD=INT."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import decode_probe as dp
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated, pdl=False)
+    engine.prefill(np.random.default_rng(2).integers(2, 384, (1, 6)), logits=None)
+    engine.decode_step()
+    before = engine.tuning_state()
+    down = engine.tuning[1]["down"]
+    ch = dp.parse_changes(f"down.persist={down.persist + 1},attention.carveout=50")
+    assert ch == [("down", "persist", down.persist + 1), ("attention", "carveout", 50)]
+    with pytest.raises(RuntimeError):
+        with dp.changed(engine, ch):
+            assert engine.tuning[1]["down"] == down._replace(persist=down.persist + 1)
+            plan = engine._plan(1)
+            assert {fn.carveout for fn in plan if fn.tag == "attention"} == {50}
+            assert {fn.carveout for fn in plan if fn.tag != "attention"} == {None}
+            raise RuntimeError("the block fails")
+    assert engine.tuning_state() == before and engine.carveout == {}
+    assert {fn.carveout for fn in engine._plan(1)} == {None}
+    for bad in ("down.persist", "down.color=1", "down.persist=x"):
+        with pytest.raises(SystemExit, match="KIND.FIELD=INT"):
+            dp.parse_changes(bad)
+
+
 def test_emulated_prefill_and_steps(emulated):
     _needs_transformers()
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
