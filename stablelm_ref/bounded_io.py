@@ -118,8 +118,9 @@ def _object(pairs):
     return out
 
 
-def parse_json(data, where, error):
-    """Parse JSON bytes (or text) with the bounds above; `where` names the file in messages."""
+def parse_json(data, where, error, advice="re-download or fix the file"):
+    """Parse JSON bytes (or text) with the bounds above; `where` names the file in messages, `advice` ends a
+    message about JSON that does not parse (a trace's metadata says how to write it: json.dumps)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = bytes(data)
         count = sum(data.count(c) for c in ITEM_STARTS)
@@ -140,11 +141,11 @@ def parse_json(data, where, error):
     try:
         return json.loads(text, parse_int=_int, object_pairs_hook=_object)
     except _Refused as e:
-        raise error(f"{where}: not valid JSON ({e}); re-download or fix the file") from None
+        raise error(f"{where}: not valid JSON ({e}); {advice}") from None
     except RecursionError:
-        raise error(f"{where}: not valid JSON (nested too deeply to read); re-download or fix the file") from None
+        raise error(f"{where}: not valid JSON (nested too deeply to read); {advice}") from None
     except ValueError as e:  # json.JSONDecodeError and the scanner's own limits
-        raise error(f"{where}: not valid JSON ({str(e)[:200]}); re-download or fix the file") from None
+        raise error(f"{where}: not valid JSON ({str(e)[:200]}); {advice}") from None
 
 
 def read_json(path, limit, error, root=None, what=None):

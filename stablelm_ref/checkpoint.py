@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import tempfile
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
@@ -372,24 +373,20 @@ def make_directory(directory):
         raise CheckpointError(f"{directory}: cannot create the output directory ({e.strerror or e})") from None
 
 
-def remove_stale_index(directory):
-    """After a single-file save: remove a shard index left by an earlier checkpoint in `directory`
-    (checkpoint_files reads the index first, so it would load the old shards, not the new file)."""
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.lexists(index):
-        try:
-            os.unlink(index)
-        except OSError as e:
-            raise CheckpointError(f"{index}: the new {SINGLE_NAME} was written, but this shard index of an "
-                                  f"earlier checkpoint could not be removed ({e.strerror or e}) and would be "
-                                  "loaded instead: remove it") from None
-
-
 def _file_mode():
     """The mode a plain open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
     umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def check_replaceable(paths):
+    """CheckpointError, before anything is written or renamed, when one of `paths` cannot be replaced by a file:
+    a directory stands there (a symlink, to anything, is replaced itself, like a file)."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise CheckpointError(f"{path} is a directory: a file cannot replace it; remove or rename it. "
+                                  "Nothing was written")
 
 
 @contextlib.contextmanager
@@ -401,6 +398,7 @@ def atomic_open(path, group=None):
     group is written. An OSError (disk full, read-only directory) becomes a CheckpointError.
     """
     check_os_path(path)
+    check_replaceable([path])
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
@@ -420,23 +418,105 @@ def atomic_open(path, group=None):
         raise
 
 
+class AtomicGroup(list):
+    """The files of one save: atomic_open(path, group) appends (temporary, path) once a file is written;
+    `remove(path)` adds a file that the save deletes (a stale shard index), as (None, path)."""
+
+    def remove(self, path):
+        self.append((None, path))
+
+
 @contextlib.contextmanager
 def atomic_group():
-    """Write several files as one (a model's weights and its config): each `atomic_open(path, group)`
-    writes a temporary file, and all are renamed into place only after the last one is written, so a
-    failure in any of them leaves every existing file as it was."""
-    pending = []
+    """Write several files as one (a model's weights and its configs): all or nothing, as far as the file system
+    allows.
+
+    Each `atomic_open(path, group)` writes a temporary file beside its target; `group.remove(path)` marks a file
+    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way), then
+    each existing target is renamed to a backup name in the same directory (`.old-<random>-<name>`) and its new
+    file renamed into place. Only when every rename has succeeded are the backups deleted. Any failure or interrupt
+    (an OSError, KeyboardInterrupt, anything) on the way restores each backup to its name, removes the new files
+    that had no predecessor and every temporary, so that every existing file is left byte-identical; an OSError
+    becomes a CheckpointError naming the file that failed and saying that nothing was changed.
+
+    Not atomic: a power loss or a kill -9 between two renames leaves some targets new and the rest old, with the
+    old files under their `.old-*` names (rename them back); an error while restoring is reported by name with the
+    backup that holds the old file. Readers that open the files during the renames may see a mix.
+    """
+    group = AtomicGroup()
     try:
-        yield pending
-        for tmp, path in pending:
-            os.replace(tmp, path)
+        yield group
+        check_replaceable([path for _, path in group])
     except BaseException as e:
-        for tmp, _ in pending:
-            if os.path.exists(tmp):
+        for tmp, _ in group:
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {', '.join(p for _, p in pending)} ({e.strerror or e})") from None
+            raise CheckpointError(f"cannot write {', '.join(p for _, p in group)} ({e.strerror or e}); nothing was "
+                                  "changed") from None
         raise
+    _commit(group)
+
+
+def _commit(group):
+    """Rename a group's files into place, keeping the old ones until all succeeded (see atomic_group)."""
+    plan = []                  # (temporary or None, target, backup name, whether the target existed)
+    for tmp, path in group:
+        head, name = os.path.split(path)
+        plan.append((tmp, path, os.path.join(head, f".old-{secrets.token_hex(6)}-{name}"), os.path.lexists(path)))
+    step = None
+    try:
+        for tmp, path, backup, existed in plan:
+            step = path
+            if existed:
+                os.replace(path, backup)          # the old file kept, under a name no reader looks for
+            if tmp is not None:
+                os.replace(tmp, path)
+    except BaseException as e:
+        unrestored = _undo(plan)
+        if not isinstance(e, OSError) and not unrestored:
+            raise
+        targets = _targets(plan)
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__          # KeyboardInterrupt() is ""
+        if unrestored:
+            lost = "; ".join(f"{path} could not be restored ({reason}): its previous file is {backup}, rename it "
+                             "back" for path, backup, reason in unrestored)
+            raise CheckpointError(f"cannot write {step} ({why}); undoing the save "
+                                  f"failed: {lost}. The other files of {targets} are as they were") from None
+        raise CheckpointError(f"cannot write {step} ({why}); nothing was changed: {targets} in "
+                              f"{os.path.dirname(step) or '.'} are as they were before the save") from None
+    left = []
+    for _, _, backup, existed in plan:
+        try:
+            if existed and os.path.lexists(backup):
+                os.unlink(backup)
+        except OSError as e:
+            left.append(f"{backup} ({e.strerror or e})")
+    if left:
+        raise CheckpointError(f"the new {_targets(plan)} are in place, but the old files kept during the save "
+                              f"could not be removed: {'; '.join(left)}; remove them")
+
+
+def _targets(plan):
+    """The file names of a commit plan, for messages."""
+    return ", ".join(os.path.basename(p) for _, p, _, _ in plan)
+
+
+def _undo(plan):
+    """Put back what _commit changed, from what the file system holds; [(target, backup, reason)] for the
+    targets that could not be restored."""
+    unrestored = []
+    for tmp, path, backup, existed in reversed(plan):
+        try:
+            if existed and os.path.lexists(backup):
+                os.replace(backup, path)                          # the old file back (over the new one if placed)
+            elif not existed and tmp is not None and not os.path.lexists(tmp) and os.path.lexists(path):
+                os.unlink(path)                                   # a new file where there was none
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
+        except OSError as e:
+            unrestored.append((path, backup, e.strerror or e))
+    return unrestored
 
 
 def atomic_write(path, data: bytes, group=None):

@@ -1,4 +1,4 @@
-"""The stablelm-ref command: generate text from a prompt, or chat, with a local or Hub model.
+"""The stablelm-ref command: generate text from a prompt, or chat, with a local or Hub model; trace and compare.
 
     stablelm-ref generate [--model DIR_OR_REPO] [--max-new-tokens N] [--temperature T] [--top-k K]
                           [--top-p P] [--seed S] [--dtype float32|float64|bfloat16] [--device cpu|gpu]
@@ -16,9 +16,10 @@ model's generate like any user, with engine=--engine: "fast" (default) steps thr
 decoding mode, batch <= 8), "reference" through the concept modules themselves (NumPy or CuPy).
 
 Every StableLmError (a missing or corrupt model, offline without a cache, invalid values) ends the
-command with one line on stderr and exit code 2; a traceback means a bug. The surroundings are checked
-in the command line's own words before a command runs (check_surroundings): option values (--temperature,
---top-p, ...), text arguments holding invalid UTF-8, --device gpu without CuPy; a closed or full
+command with one line on stderr and exit code 2; a traceback means a bug. command.py runs the commands
+(the same runner serves `python -m stablelm_ref.trace`): the surroundings are checked in the command line's
+own words before a command runs (check_surroundings: option values such as --temperature and --top-p, text
+arguments holding invalid UTF-8, --device gpu without CuPy); a warning is one line; a closed or full
 standard output is one line and exit 2 too (a closed pipe, as with head, exits 0 quietly).
 
 Subcommands come from modules listed in COMMAND_MODULES, each with an `add_cli_commands(subparsers)`
@@ -27,55 +28,15 @@ that adds its parsers and sets `func` (called with the parsed arguments, returns
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import sys
-import warnings
-
-import numpy as np
 
 from ._version import __version__
-from .errors import GenerationError, StableLmError, TokenizerError, printable
+from .command import PROG, _Parser, run
+from .errors import GenerationError, StableLmError, TokenizerError
 
-PROG = "stablelm-ref"
 MAX_TURN_CHARS = 1_000_000  # one chat turn read from stdin (a model's whole context is a few thousand tokens)
 COMMAND_MODULES = ["stablelm_ref.cli", "stablelm_ref.trace"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2), like every other user error, and an
-    abbreviated option (--max-new-tok) is refused rather than guessed. Subcommand parsers are _Parsers too."""
-
-    def __init__(self, *args, allow_abbrev=False, **kwargs):
-        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}{self._spelled_in_full(message)} (see {self.prog} --help)\n")
-
-    def _spelled_in_full(self, message):
-        """For an unrecognized --opt that begins a real option's name (an abbreviation, which is refused): a
-        hint naming the option(s) it abbreviates, of this parser or of its subcommands."""
-        if not message.startswith("unrecognized arguments:"):
-            return ""
-        hints, options = [], _option_strings(self)
-        for name in (arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split() if arg.startswith("--")):
-            full = sorted(o for o in options if o.startswith(name) and o != name)
-            if full:
-                hints.append(f"{name} is not an option (options are spelled in full): did you mean "
-                             f"{' or '.join(full)}?")
-        return "; " + "; ".join(hints) if hints else ""
-
-
-def _option_strings(parser):
-    """Every --option of a parser and of its subcommands' parsers."""
-    out = set()
-    for action in parser._actions:
-        out.update(o for o in action.option_strings if o.startswith("--"))
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                out |= _option_strings(sub)
-    return out
 
 
 # ---- shared options and loading -----------------------------------------------------------------
@@ -96,14 +57,18 @@ def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="tokens to generate (default: the model's generation_config.json, else 64)")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="sampling temperature; > 0 samples, 0 is greedy (default: the model's "
-                        "generation_config.json, else greedy)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set reaching probability P")
+                   help="sampling temperature: > 0 turns sampling on (add --seed to reproduce), 0 is greedy "
+                        "(default: the model's generation_config.json, else greedy)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="sample from the K most likely tokens (0: no top-k limit); turns sampling on (add --seed to "
+                        "reproduce)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="sample from the smallest set reaching probability P; turns sampling on (add --seed to "
+                        "reproduce)")
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already present (> 1)")
     p.add_argument("--sample", action="store_true",
                    help="sample (with the model's generation_config.json settings, else transformers' "
-                        "defaults: top-k 50)")
+                        "defaults: top-k 50); add --seed to reproduce")
     p.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible output)")
     p.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s on stderr")
 
@@ -253,8 +218,11 @@ def add_cli_commands(subparsers):
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: generate "
-                                            "text from the command line.")
+    parser = _Parser(prog=PROG, description="A readable NumPy reference implementation of StableLM: continue a "
+                                            "prompt (generate), chat with a chat model (chat), record every "
+                                            "intermediate of a forward pass (trace) and find where two traces "
+                                            "first disagree (compare).",
+                     epilog=f"{PROG} COMMAND --help for each command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
@@ -263,118 +231,9 @@ def build_parser():
     return parser
 
 
-class OutputError(StableLmError):
-    """Standard output cannot be written (closed, disk full, an I/O error)."""
-
-
-class _GuardedOutput:
-    """sys.stdout while a command runs: a failed write or flush becomes an OutputError (one line, exit 2)
-    instead of a traceback; a closed pipe stays a BrokenPipeError (quiet exit 0, like head & co.)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _guard(self, method, *a):
-        try:
-            return getattr(self._stream, method)(*a)
-        except BrokenPipeError:
-            raise
-        except (OSError, ValueError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise OutputError(f"cannot write to standard output ({reason})") from None
-
-    def write(self, s):
-        return self._guard("write", s)
-
-    def flush(self):
-        return self._guard("flush")
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _silence_stdout():
-    """Point file descriptor 1 at /dev/null so that the interpreter's last flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def check_arguments(args):
-    """The sampling and length options (generate, chat), checked by generation.check_values, generate's own
-    rules, in the command line's words; --temperature 0 is greedy decoding (generate is given no temperature)."""
-    from .generation import check_values
-
-    options = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-    values = {key: getattr(args, key, None) for key in options}
-    if values["temperature"] == 0:
-        values["temperature"] = None
-    check_values(values, names={key: "--" + key.replace("_", "-") for key in options}, greedy="0 is greedy decoding")
-
-
-def check_surroundings(args):
-    """What the command line brings before a command runs: the options' values, text arguments that
-    hold lone surrogates (invalid UTF-8 in argv), the GPU when --device gpu asks for it; chat's
-    standard input is read with surrogateescape so that invalid UTF-8 reaches the text check."""
-    from .tokenizer import check_text
-
-    if hasattr(args, "max_new_tokens"):
-        check_arguments(args)
-    for attr, what in (("prompt", "PROMPT"), ("system", "--system"), ("text", "--text")):
-        if isinstance(getattr(args, attr, None), str):
-            check_text(getattr(args, attr), what)
-    if getattr(args, "device", None) == "gpu":
-        from .model import array_module
-
-        try:
-            array_module("gpu")                 # CuPy and a GPU, before anything is loaded
-        except StableLmError as e:
-            raise StableLmError(str(e).replace("device='gpu'", "--device gpu").replace("device='cpu'",
-                                                                                        "--device cpu")) from None
-    if getattr(args, "command", None) == "chat" and hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="surrogateescape")
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if sys.stdout is None:  # started with descriptor 1 closed
-        print(f"{PROG}: error: standard output is closed; nothing can be written", file=sys.stderr)
-        return 2
-    real_stdout, sys.stdout = sys.stdout, _GuardedOutput(sys.stdout)
-    with warnings.catch_warnings():                  # restored when the command ends
-        warnings.showwarning = _one_line_warning
-        try:
-            check_surroundings(args)
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits: reported once,
-                return args.func(args) or 0                                     # by generate, as one line
-        except StableLmError as e:
-            try:
-                sys.stdout.flush()
-            except (StableLmError, OSError):
-                _silence_stdout()
-            print(f"{PROG}: error: " + _one_line(e), file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            return 130
-        except BrokenPipeError:  # output piped into head & co.
-            _silence_stdout()
-            return 0
-        finally:
-            sys.stdout = real_stdout
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    """A warning while a command runs (prompt + new tokens past the context, ...): one line on stderr in the
-    command's words, not Python's two lines with a source file and a line of code."""
-    print(f"{PROG}: warning: " + _one_line(message), file=sys.stderr)
-
-
-def _one_line(text):
-    """A message on one line (its line breaks and runs of spaces as single spaces), safe for a terminal."""
-    return printable(" ".join(str(text).split()))
+    """`stablelm-ref COMMAND ...`: the exit code (command.run: one-line errors and warnings, exit 2)."""
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

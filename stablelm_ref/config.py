@@ -8,7 +8,13 @@ A StableLM checkpoint directory holds a `config.json`. Two forms exist in the wi
     legacy (the published checkpoints):     "rope_theta": 10000, "partial_rotary_factor": 0.25,
                                             "rope_scaling": null | {"type": "linear", "factor": 2.0}
 
-Both load into the same flat attributes (`rope_theta`, `partial_rotary_factor`, `rope_scaling`).
+Both load into the same flat attributes (`rope_theta`, `partial_rotary_factor`, `rope_scaling`). A value
+that config.json spells in more than one place (rope_theta at the top level and inside rope_parameters or
+rope_scaling, the scaling in rope_scaling and in rope_parameters, "type" and "rope_type", "dtype" and its older
+spelling "torch_dtype") is checked in every place it appears, and the places must agree: transformers 5 reads
+rope_scaling before rope_parameters and rope_parameters' rope_theta before the top-level one, older releases
+the other way round, so a config whose spellings disagree means different models to different readers
+(ConfigError, naming both).
 Derived sizes:
 
     head_dim     = hidden_size // num_attention_heads          (80 in stablelm-3b-4e1t)
@@ -39,6 +45,8 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_POSITIONS = 2**53  # positions beyond are not exact in float64 (model.py refuses larger position ids)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# config.json's "dtype" (transformers 5) and "torch_dtype" (older): the dtype the weights were saved in.
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -78,7 +86,8 @@ class StableLmConfig:
     # bookkeeping carried through from config.json
     model_type: str = "stablelm"
     architectures: list | None = None
-    torch_dtype: str | None = None
+    dtype: str | None = None          # the weights' dtype as saved (transformers 5's key) ...
+    torch_dtype: str | None = None    # ... and its older spelling; each, when present, one of DTYPE_NAMES
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -170,9 +179,14 @@ class StableLmConfig:
                               f" got {self.rotary_ndims}; use linear scaling or a larger partial_rotary_factor")
         self._check_rotary_numbers()
         for key, kind, example in (("architectures", list, '["StableLmForCausalLM"]'),
-                                   ("label2id", dict, '{"NEGATIVE": 0}'), ("torch_dtype", str, '"bfloat16"')):
+                                   ("label2id", dict, '{"NEGATIVE": 0}')):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), kind):
                 raise ConfigError(f"config key {key!r} must look like {example}, got {getattr(self, key)!r}")
+        for key in ("dtype", "torch_dtype"):                              # the two spellings, one check
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or value not in DTYPE_NAMES):
+                raise ConfigError(f"config key {key!r} names the dtype the weights were saved in, one of "
+                                  f"{', '.join(DTYPE_NAMES)}; got {value!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
 
@@ -215,14 +229,32 @@ class StableLmConfig:
             raise ConfigError("config.json has no 'model_type'; a StableLM config says \"model_type\": \"stablelm\"")
         rope = d.pop("rope_parameters", None)
         scaling = d.pop("rope_scaling", None)
-        if rope is not None:
-            if not isinstance(rope, dict):
-                raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
-            rope = dict(rope)
-            d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
-            d.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor", 0.25))
-            if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
-                scaling = rope
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object like {{'rope_type': 'linear', 'factor': 2.0}}, "
+                              f"got {scaling!r}")
+        for key, positive in (("rope_theta", True), ("partial_rotary_factor", False)):   # 1, 2 or 3 places
+            places = {where: _check_float(f"{key} {where}" if where != "at the top level" else key, source[key],
+                                          positive=positive)
+                      for where, source in (("at the top level", d), ("in rope_parameters", rope),
+                                            ("in rope_scaling", scaling))
+                      if source is not None and key in source}
+            if len(set(places.values())) > 1:
+                raise ConfigError(f"config.json gives {key} in more than one place, with different values ("
+                                  + ", ".join(f"{v!r} {w}" for w, v in places.items()) + "): transformers 5 "
+                                  "and earlier releases read different ones; keep one")
+            if places:
+                d[key] = next(iter(places.values()))
+        if rope is not None and scaling is not None:
+            ours, theirs = _normalise_rope_scaling(scaling), _normalise_rope_scaling(rope, "rope_parameters")
+            if ours != theirs:
+                raise ConfigError(f"config.json gives the rope scaling twice, rope_scaling {scaling!r} and "
+                                  f"rope_parameters {rope!r}, which disagree (transformers 5 uses rope_scaling's); "
+                                  "keep one")
+        elif rope is not None:
+            scaling = rope
+            _normalise_rope_scaling(rope, "rope_parameters")
         d["rope_scaling"] = scaling
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
@@ -274,7 +306,8 @@ class StableLmConfig:
         d["rope_parameters"] = rope
         if d["id2label"] is not None:
             d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
-        d = {k: v for k, v in d.items() if v is not None or k in ("pad_token_id",)}
+        # None is written where it differs from the default (bos/eos: 0), so that it reads back as None
+        d = {k: v for k, v in d.items() if v is not None or k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         d["architectures"] = self.architectures or ["StableLmForCausalLM"]
         return d
 
@@ -288,17 +321,52 @@ class StableLmConfig:
         return path
 
 
-def _normalise_rope_scaling(scaling):
-    """None, or {"rope_type": "linear"|"dynamic", "factor": float>=1, ...}."""
+def edit_problem(config):
+    """Why a StableLmConfig edited after it was built (model.config.layer_norm_eps = -1) would not load back, or
+    is not in the form the model reads (a rope_scaling written {"type": "linear", ...}), in words; None when it
+    is fine. The check: config.json written from it and read again must succeed and give the same values."""
+    try:
+        scaling = _normalise_rope_scaling(config.rope_scaling)
+        if scaling != config.rope_scaling:
+            return f"rope_scaling = {config.rope_scaling!r} is not in the form the model reads ({scaling!r})"
+        written = config.to_dict()
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - a field edited into something to_dict cannot write (id2label a list)
+        return f"it cannot be written as config.json ({type(e).__name__}: {e}); a field holds a value of the wrong type"
+    try:
+        again = StableLmConfig.from_dict(written)
+    except ConfigError as e:
+        return str(e)
+    for f in dataclasses.fields(config):
+        if f.name not in ("architectures", "extra", "dtype", "torch_dtype") and \
+                getattr(again, f.name) != getattr(config, f.name):
+            return (f"{f.name} = {getattr(config, f.name)!r} is not in the form the model reads (read back from "
+                    f"config.json it is {getattr(again, f.name)!r})")
+    return None
+
+
+def _normalise_rope_scaling(scaling, key="rope_scaling"):
+    """None, or {"rope_type": "linear"|"dynamic", "factor": float>=1, ...}, from config.json's `key` (rope_scaling or
+    rope_parameters: their rope_theta and partial_rotary_factor are read by from_dict). The type may be spelled
+    "rope_type" or "type" (older); both, when present, must agree."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
-        raise ConfigError(f"rope_scaling must be an object like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
+        raise ConfigError(f"{key} must be an object like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
     scaling = dict(scaling)
+    if "rope_type" in scaling and "type" in scaling and scaling["rope_type"] != scaling["type"]:
+        raise ConfigError(f"{key} gives its type twice, \"rope_type\": {scaling['rope_type']!r} and \"type\": "
+                          f"{scaling['type']!r}; keep one (\"type\" is the older spelling)")
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    scaling.pop("type", None)
     scaling.pop("rope_theta", None)
     scaling.pop("partial_rotary_factor", None)
     if rope_type == "default":
+        if "factor" in scaling:           # present but meaningless: not read as absent, silently
+            raise ConfigError(f"{key} gives a scaling 'factor' ({scaling['factor']!r}) but its type is 'default' (or "
+                              "not given), which has no factor: set \"rope_type\": \"linear\" or \"dynamic\", or "
+                              "remove it")
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(

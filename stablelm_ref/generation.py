@@ -3,7 +3,7 @@
     prefill:  z = model(prompt, mask, positions = cumsum(mask) - 1)[:, -1]      one forward, fills the cache
     step:     z = repetition_penalty(z) -> z / temperature -> top_k(z) -> top_p(z)   (transformers' order)
               next = argmax z                               do_sample=False (greedy)
-                   | next ~ softmax(z)                      do_sample=True, numpy.random.Generator(seed)
+                   | next ~ softmax(z)                      do_sample=True, np.random.default_rng(seed)
               next = pad_token_id where the row has already produced EOS
               z = model(next, cache, positions = previous + 1)[:, -1]              one token per row
 
@@ -28,7 +28,7 @@ the model's own forward (ModelSteps), or on the GPU the CUDA-graph decode engine
 The logits are processed where they are, in float32 (float64 for a float64 model: the golden reference;
 transformers processes in float32), by the same functions on NumPy or CuPy arrays; the engine may pick
 inside its step instead (the greedy argmax, or its sample_step kernel, whose spec is these functions).
-Sampling draws u ~ U[0, 1) per row from numpy.random.Generator(seed) on the host and inverts the cumulative
+Sampling draws u ~ U[0, 1) per row from np.random.default_rng(seed) on the host and inverts the cumulative
 distribution, so a filtered token (probability exactly 0) can never be drawn, and a seed gives the same
 tokens on the CPU and the GPU given the same logits (a backend that samples inside its step gets every
 later step's draws at once: rng.random((steps, B)) gives the numbers of one rng.random(B) a step, in
@@ -381,8 +381,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
              pad_token_id=FROM_CONFIG, seed=None, streamer=None, timings=None, engine="auto"):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
 
-    `timings`, a dict when given, receives prefill_tokens, prefill_s, decode_tokens, decode_s.
-    `engine` ("auto", "fast", "reference") picks the forward each step runs on: see step_backend.
+    An argument left at None takes the model's generation config (model.generation_config), then transformers'
+    default (module docstring):
+        attention_mask      [B, T] of 1 (token) / 0 (left padding); default: ids != pad_token_id where the pad
+                            id occurs and is not an EOS id, else all ones
+        max_new_tokens      new tokens per row (wins over max_length); max_length: prompt + new, in total;
+                            neither set anywhere: 20 new tokens
+        do_sample           False: greedy (argmax); True: sample with temperature, top_k (0: off), top_p and
+                            seed (an int: np.random.default_rng(seed); None: a fresh seed)
+        repetition_penalty  > 1 lowers the logits of ids already in the row (1.0: off)
+        eos_token_id        an id or a list of ids that end a row; None: never stop at an EOS
+        pad_token_id        what a finished row emits (the generation config's, else the first EOS id)
+        streamer            an object with put(ids) and end(), e.g. TextStreamer(tokenizer) (batch 1)
+        timings             a dict that receives prefill_tokens, prefill_s, decode_tokens, decode_s
+        engine              "auto", "fast", "reference": the forward each step runs on (see step_backend)
     """
     if not hasattr(model, "lm_head_weight"):
         raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "

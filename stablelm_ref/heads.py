@@ -21,14 +21,24 @@ Checkpoint tensors: lm_head.weight, score.weight, score.bias (token classificati
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
-from . import kernels
+from . import generation, kernels
 from ._xp import array_namespace, host_array, linear, log_softmax, no_trace, refuse_masked, to_host, wide_dtype
 from .errors import GenerationError, StableLmError, is_int
 from .model import StableLmModel, StableLmPreTrainedModel
 
 IGNORE_INDEX = -100
+
+
+def as_method_signature(function):
+    """inspect.Signature of `function(model, ...)` as a method's, `(self, ...)`: what help() shows for a method
+    that calls it with the model first."""
+    signature = inspect.signature(function)
+    first, *rest = signature.parameters.values()
+    return signature.replace(parameters=[first.replace(name="self"), *rest])
 
 
 def kept_positions(logits_to_keep, t):
@@ -144,19 +154,23 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         return np.asarray(to_host(out.logits)), recorded
 
     def generate(self, input_ids, **kwargs):
-        """Greedy or sampled continuation; see generation.generate for the arguments."""
-        from .generation import generate
+        return generation.generate(self, input_ids, **kwargs)
 
-        return generate(self, input_ids, **kwargs)
+    # help(model.generate) and inspect.signature show generation.generate's arguments and docstring, not **kwargs
+    generate.__signature__ = as_method_signature(generation.generate)
+    generate.__doc__ = ("model.generate(input_ids, ...) is generation.generate(model, input_ids, ...):\n\n    "
+                        + generation.generate.__doc__)
 
     def fast(self):
         """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
         weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
         model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
-        weights; self.params become views of them (same values, not stored twice)."""
+        weights; self.params become views of them (same values, not stored twice). model.params must match
+        model.config when it is built (CheckpointError otherwise, as for the forward)."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:
+            self._check_params()                 # built from params edited after loading, it failed inside NumPy
             self._fast = fast_form(self)
         return self._fast
 

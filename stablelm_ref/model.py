@@ -11,8 +11,10 @@ Each layer gets its own tensors (names after `model.layers.{i}.`), and a trace c
 
 This file also holds what every model class shares: `from_pretrained` / `save_pretrained`, input
 checking (ids, masks, positions, and the memory guard: a forward whose attention scores, activations
-or new cache cannot fit in free memory is refused before anything is allocated), and the output
-record. The heads (causal LM, sequence and token classification) are in heads.py.
+or new cache cannot fit in free memory is refused before anything is allocated), the check of
+model.params against model.config that every reference forward and every save makes (names and
+shapes: an edit after loading is named, not an IndexError deep in NumPy), and the output record.
+The heads (causal LM, sequence and token classification) are in heads.py.
 
 Config: vocab_size, hidden_size, num_hidden_layers, max_position_embeddings, layer_norm_eps.
 Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.layers.*.
@@ -20,19 +22,24 @@ Checkpoint tensors: model.embed_tokens.weight, model.norm.{weight,bias}, model.l
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 
 from . import checkpoint, hub
 from ._xp import host_array, no_trace, refuse_masked, scoped, to_host
-from .config import MAX_POSITIONS, StableLmConfig
+from .config import MAX_POSITIONS, StableLmConfig, edit_problem
 from .decoder_layer import decoder_layer
-from .errors import CheckpointError, GenerationError, StableLmError, check_flag, check_int, is_int, is_number
-from .generation_config import GenerationConfig
+from .errors import (CheckpointError, ConfigError, GenerationError, StableLmError, check_flag, check_int, is_int,
+                     is_number)
+from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .kv_cache import KVCache
 from .layernorm import layer_norm
 from .rotary import rotary_cos_sin
@@ -62,8 +69,9 @@ def array_module(device):
         try:
             import cupy
         except ImportError:
-            raise StableLmError("device='gpu' needs CuPy: pip install 'stablelm-ref[gpu]' on a machine with an "
-                                "NVIDIA GPU") from None
+            raise StableLmError("device='gpu' needs CuPy, on a machine with an NVIDIA GPU: in a checkout, "
+                                ".venv/bin/pip install -e '.[gpu]' (after make install); where stablelm-ref is "
+                                "installed as a package, pip install 'stablelm-ref[gpu]'") from None
         try:
             cupy.cuda.runtime.getDeviceCount()
         except Exception:
@@ -171,20 +179,33 @@ class StableLmPreTrainedModel:
         What is written must load again: the tensors must be the ones the config implies (names and
         shapes) and finite in the dtype written (float16 holds at most 65504), and model.generation_config must
         pass generate's checks; otherwise CheckpointError names the tensor or field and nothing is written.
-        generation_config.json holds the generation config's fields that are set (model.generation_config:
-        the one loaded, or config.json's token ids). The files are written under temporary names and renamed
-        together at the end: a failed save leaves no partial file and no existing file changed. A shard
-        index (model.safetensors.index.json) of an earlier checkpoint in the directory is removed after the
-        renames, since from_pretrained would read it instead of the new file; its shard files are left."""
+        config.json's "dtype" names the dtype written. generation_config.json holds the generation config's fields
+        that are set (model.generation_config: the one loaded, or config.json's token ids). The files are written
+        under temporary names and renamed together at the end, all or nothing (checkpoint.atomic_group): a failed
+        or interrupted save, a directory in the way of one of the files included, leaves no partial file and every
+        existing file byte-identical (only a power loss between two renames leaves a mix, the old files kept as
+        `.old-*` beside them). A shard index (model.safetensors.index.json) of an earlier checkpoint in the
+        directory is removed with the same renames, since from_pretrained would read it instead of the new file;
+        its shard files are left."""
         checkpoint.check_directory_name(directory)
         host = {k: to_host(v) for k, v in self.params.items()}
         host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))
         checkpoint.make_directory(directory)
+        names = (checkpoint.SINGLE_NAME, "config.json", GENERATION_CONFIG_NAME)
+        checkpoint.check_replaceable([os.path.join(directory, n) for n in names])   # before any weight is written
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
-            self.config.save_pretrained(directory, group)
+            self._saved_config(host).save_pretrained(directory, group)
             self.generation_config.save_pretrained(directory, group)
-        checkpoint.remove_stale_index(directory)
+            if os.path.lexists(os.path.join(directory, checkpoint.INDEX_NAME)):
+                group.remove(os.path.join(directory, checkpoint.INDEX_NAME))
+
+    def _saved_config(self, host):
+        """model.config with its "dtype" (and "torch_dtype", when set) naming the dtype of the weights written, as
+        transformers writes it: a bfloat16 model saved with dtype="float32" does not say "bfloat16"."""
+        name = np.dtype(host["model.embed_tokens.weight"].dtype).name
+        return dataclasses.replace(self.config, dtype=name,
+                                   torch_dtype=None if self.config.torch_dtype is None else name)
 
     def _check_savable(self, host, dtype):
         """The host tensors cast to `dtype` (None: as they are), or CheckpointError, before anything is written,
@@ -198,18 +219,15 @@ class StableLmPreTrainedModel:
         except GenerationError as e:
             raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
                                   "generation_config.json. Nothing was written") from None
-        expected = checkpoint.expected_shapes(self.config, self.head)   # tied: no lm_head.weight
-        names = set(host)
-        copy = "lm_head.weight" in names and "lm_head.weight" not in expected   # a tied config with an lm_head
-        for name in sorted(set(expected) ^ (names - {"lm_head.weight"} if copy else names)):
-            where = "is missing from the model" if name in expected else "is not implied by the config"
-            raise CheckpointError(f"cannot save: tensor {name!r} {where} (config: num_hidden_layers="
-                                  f"{self.config.num_hidden_layers}, hidden_size={self.config.hidden_size}, ...): "
-                                  "from_pretrained would refuse the files; was model.config edited after loading?")
-        for name, shape in expected.items():
-            if tuple(host[name].shape) != tuple(shape):
-                raise CheckpointError(f"cannot save: tensor {name!r} has shape {tuple(host[name].shape)} but the "
-                                      f"config implies {tuple(shape)}; from_pretrained would refuse the files")
+        problem = edit_problem(self.config)
+        if problem is not None:
+            raise CheckpointError(f"cannot save: model.config: {problem}; from_pretrained would refuse the "
+                                  "config.json. Nothing was written")
+        problem = self._params_problem(host)
+        if problem is not None:
+            raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
+                                  "or model.params edited after loading?")
+        copy = "lm_head.weight" in host and "lm_head.weight" not in implied_shapes(self.config, self.head)  # tied
         refused = ": from_pretrained refuses non-finite weights. Nothing was written"
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
                                              beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
@@ -220,6 +238,47 @@ class StableLmPreTrainedModel:
                                   "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
                                   "= False, or make the two equal. Nothing was written")
         return host                                        # with an equal tied copy, which from_pretrained allows
+
+    def _params_problem(self, params, unused_ok=False):
+        """What makes `params` ({name: array}) differ from the tensors model.config implies (names and shapes), in
+        words, or None. A tied config may also hold an lm_head.weight (a copy of the embedding: save compares it);
+        unused_ok allows any tensor the model does not read (the forward's rule: StableLmModel(config,
+        causal_lm.params) leaves the lm_head unused), where the save refuses them, as from_pretrained would.
+        The save checks it and so does every reference forward: params or config edited after loading failed
+        deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
+        lm_head of other rows, gave logits of the wrong width. The forward's cost, measured on the default model
+        (179 tensors, 2 CPU cores): tools/ab_params_check.py."""
+        expected = implied_shapes(self.config, self.head)               # tied: no lm_head.weight
+        names = set(params)
+        if unused_ok:
+            names &= set(expected)                                           # tensors the model does not read
+        elif "lm_head.weight" in names and "lm_head.weight" not in expected:
+            names.discard("lm_head.weight")                                  # a tied config with an lm_head copy
+        for name in sorted(set(expected) ^ names):
+            where = "is missing from the model" if name in expected else "is not implied by the config"
+            return (f"tensor {name!r} {where} (config: num_hidden_layers={self.config.num_hidden_layers}, "
+                    f"hidden_size={self.config.hidden_size}, ...)")
+        for name, shape in expected.items():
+            got = tuple(getattr(params[name], "shape", ()))
+            if got != shape:
+                return f"tensor {name!r} has shape {got} but the config implies {shape}"
+        return None
+
+    def _check_params(self):
+        """ConfigError when model.config was edited into values the model cannot use (config.edit_problem: checked
+        again only when a field changed, ~1 us otherwise), CheckpointError naming the tensor when model.params do
+        not match model.config (_params_problem)."""
+        fields = tuple(vars(self.config).values())
+        if fields != getattr(self, "_checked_config", None):
+            problem = edit_problem(self.config)
+            if problem is not None:
+                raise ConfigError(f"model.config: {problem}; was it edited after loading? Fix the value, or build "
+                                  "the config with StableLmConfig.from_dict")
+            self._checked_config = copy.deepcopy(fields)
+        problem = self._params_problem(self.params, unused_ok=True)
+        if problem is not None:
+            raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
+                                  "loading? Restore them (or the config), or load the model again")
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -263,7 +322,7 @@ class StableLmPreTrainedModel:
         """GenerationError naming an id outside [0, vocab_size), given the smallest and largest id."""
         if lo < 0 or hi >= self.config.vocab_size:
             raise GenerationError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
-                                  f"{self.config.vocab_size}); does the tokenizer belong to this model?")
+                                  f"{self.config.vocab_size}) of this model (config.json's vocab_size)")
 
     def _mask_2d(self, attention_mask, batch, total):
         """[B, S] of 0/1 (ints, floats or bools) -> bool, S = cached + new positions."""
@@ -359,6 +418,7 @@ class StableLmPreTrainedModel:
         if trace is not None and not callable(trace):
             raise GenerationError(f"trace must be a function trace(name, array), got {type(trace).__name__}")
         trace = no_trace if trace is None else trace
+        self._check_params()
         ids, cache, past, mask2d, position_ids = self._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                       past_key_values, use_cache)
         batch, t = ids.shape
@@ -394,6 +454,26 @@ class StableLmModel(StableLmPreTrainedModel):
                 output_hidden_states=False):
         return self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                   output_hidden_states)
+
+
+# The config keys checkpoint.expected_shapes reads (with head_dim, derived): implied_shapes remembers its answer per
+# distinct values, so that a forward's check of the params (StableLmPreTrainedModel._params_problem) does not
+# rebuild ~10 names per layer each time.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "use_parallel_residual", "use_qkv_bias", "qk_layernorm", "tie_word_embeddings",
+              "num_labels", "token_classification_bias")
+
+
+def implied_shapes(config, head):
+    """checkpoint.expected_shapes(config, head) as a read-only {name: shape}, remembered per SHAPE_KEYS values."""
+    return _implied_shapes(head, tuple(getattr(config, k) for k in SHAPE_KEYS))
+
+
+@functools.lru_cache(maxsize=16)
+def _implied_shapes(head, values):
+    sizes = SimpleNamespace(**dict(zip(SHAPE_KEYS, values)))
+    sizes.head_dim = sizes.hidden_size // sizes.num_attention_heads
+    return MappingProxyType({k: tuple(v) for k, v in checkpoint.expected_shapes(sizes, head).items()})
 
 
 def layer_tensors(params, num_layers):

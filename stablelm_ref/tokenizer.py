@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ import numpy as np
 
 from . import bounded_io
 from ._xp import host_array, refuse_masked
-from .errors import TokenizerError, check_flag
+from .errors import TokenizerError, check_flag, is_int
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 NEOX_DEFAULT = "<|endoftext|>"
@@ -61,7 +62,7 @@ class Tokenizer:
         self.source = source
         self.add_bos_token = _flag(add_bos_token, "add_bos_token")
         self.add_eos_token = _flag(add_eos_token, "add_eos_token")
-        self.chat_template = chat_template
+        self.chat_template = _chat_templates(chat_template, source, "chat_template")
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
             if token is not None and not isinstance(token, str):
@@ -90,12 +91,13 @@ class Tokenizer:
         config = _read_json(os.path.join(path, "tokenizer_config.json"), path)
         special_map = _read_json(os.path.join(path, "special_tokens_map.json"), path)
         tokens = {}
-        for name in SPECIAL_NAMES:
-            value = config.get(name, special_map.get(name))
-            tokens[name] = _token_content(value, name, path)
+        for name in SPECIAL_NAMES:       # tokenizer_config.json's value wins; special_tokens_map.json's is checked too
+            mapped = _token_content(special_map.get(name), name, f"{path}: special_tokens_map.json")
+            tokens[name] = _token_content(config[name], name, f"{path}: tokenizer_config.json") if name in config \
+                else mapped
         if tokens["bos_token"] is None and tokens["eos_token"] is None and backend.token_to_id(NEOX_DEFAULT) is not None:
             tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
-        template = config.get("chat_template")
+        template = _chat_templates(config.get("chat_template"), f"{path}: tokenizer_config.json", "'chat_template'")
         template_file = os.path.join(path, "chat_template.jinja")
         if os.path.lexists(template_file):
             raw = bounded_io.read_bytes(template_file, MAX_FILE_BYTES["chat_template.jinja"], TokenizerError, path)
@@ -103,20 +105,15 @@ class Tokenizer:
                 template = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise TokenizerError(f"{template_file}: not UTF-8 (offset {e.start}); fix or re-download it") from None
-        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError(f"{path}: chat_template must be a string, got {type(template).__name__}")
         max_len = config.get("model_max_length")
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, float)) or
-                                    not max_len >= 1):
-            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a number >= 1, got "
-                                 f"{max_len!r}")
+                                    not max_len >= 1 or not float(max_len).is_integer()):
+            raise TokenizerError(f"{path}: tokenizer_config.json key 'model_max_length' must be a whole number >= 1, "
+                                 f"got {max_len!r}")
         flags = {key: _flag(config.get(key, False), key, f"{path}: tokenizer_config.json key", json=True)
                  for key in ("add_bos_token", "add_eos_token")}
         return cls(backend, **tokens, **flags, chat_template=template,
-                   model_max_length=max_len if isinstance(max_len, int) else None, source=path)
+                   model_max_length=None if max_len is None else int(max_len), source=path)
 
     @classmethod
     def from_file(cls, tokenizer_json, **kwargs):
@@ -182,17 +179,55 @@ class Tokenizer:
                 ids = ids + [self.eos_token_id]
         return ids
 
-    def __call__(self, text, padding=True, add_special_tokens=True):
-        """A text or a list of texts -> {"input_ids": [B, T] int64, "attention_mask": [B, T] int64}.
+    def __call__(self, text, padding=True, add_special_tokens=True, return_tensors=None, max_length=None,
+                 truncation=None, return_attention_mask=True, **others):
+        """A text or a list of texts -> {"input_ids": [B, T] int64, "attention_mask": [B, T] int64}, NumPy arrays.
 
-        Rows of different lengths are padded on the left (padding=True); padding=False requires
-        equal lengths."""
-        padding = _flag(padding, "padding", advice="; left padding is the only kind (padding=True)")
+        The keywords transformers' tokenizers take, as far as they apply here:
+            padding         True / "longest" (default): rows of different lengths are padded on the left to the
+                            longest; "max_length": every row to max_length (a longer row is an error); False /
+                            "do_not_pad": the rows must have equal lengths
+            return_tensors  None or "np": NumPy arrays are what it returns; "pt", "tf", "jax", "mlx" are refused
+                            (convert the arrays, e.g. torch.from_numpy)
+            truncation      None, False or "do_not_truncate": cutting texts to max_length is not done here
+                            (transformers cuts the end; slice the ids instead)
+            return_attention_mask   False leaves "attention_mask" out
+        Any other keyword is a TokenizerError naming it (transformers' return_token_type_ids, text_pair, ...)."""
+        if others:
+            raise TokenizerError(f"the tokenizer call takes no {next(iter(others))!r}; it takes text, padding, "
+                                 "add_special_tokens, return_tensors ('np'), max_length (with padding='max_length') "
+                                 "and return_attention_mask")
+        if not (return_tensors is None or _is_string(return_tensors, "np")):
+            raise TokenizerError(f"return_tensors={return_tensors!r}: this tokenizer always returns NumPy arrays "
+                                 "(return_tensors=None or 'np'); convert them yourself, e.g. "
+                                 "torch.from_numpy(enc['input_ids'])")
+        if not (truncation is None or truncation is False or _is_string(truncation, "do_not_truncate")):
+            raise TokenizerError(f"truncation={truncation!r}: this tokenizer does not cut texts; slice the ids "
+                                 "(enc['input_ids'][:, :n] keeps the first n tokens, as transformers' truncation "
+                                 "does) or shorten the text")
+        return_attention_mask = _flag(return_attention_mask, "return_attention_mask")
+        if isinstance(padding, str):
+            padding = {"longest": True, "do_not_pad": False}.get(padding, padding)
+        if _is_string(padding, "max_length"):
+            if not (is_int(max_length) and max_length >= 1):
+                raise TokenizerError(f"padding='max_length' needs max_length, an integer >= 1; got {max_length!r}")
+            max_length = int(max_length)
+        elif max_length is not None:
+            raise TokenizerError(f"max_length={max_length!r} is used only with padding='max_length' (transformers "
+                                 "would also cut longer texts: this tokenizer does not)")
+        else:
+            padding = _flag(padding, "padding", advice=" (transformers' strings 'longest', 'max_length' and "
+                                                        "'do_not_pad' are taken too); left padding is the only kind")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("give a string or a non-empty list of strings to tokenize")
         rows = [self.encode(t, add_special_tokens) for t in texts]
         width = max(len(r) for r in rows)
+        if _is_string(padding, "max_length"):
+            if width > max_length:
+                raise TokenizerError(f"a text has {width} tokens, more than max_length={max_length}; this tokenizer "
+                                     "does not cut texts: shorten it or raise max_length")
+            width = max_length
         if any(len(r) != width for r in rows):
             if not padding:
                 raise TokenizerError("the texts have different lengths in tokens: pass padding=True")
@@ -205,7 +240,7 @@ class Tokenizer:
             if r:
                 ids[i, width - len(r):] = r
                 mask[i, width - len(r):] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask} if return_attention_mask else {"input_ids": ids}
 
     # ---- decoding -----------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens=False):
@@ -232,13 +267,13 @@ class Tokenizer:
     # ---- chat template ------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None,
                             **kwargs):
-        """Render the conversation with the chat template (sandboxed); token ids if tokenize=True."""
+        """Render the conversation with the chat template (sandboxed); token ids if tokenize=True.
+
+        chat_template: a template string, or, as in transformers, the name of one of the tokenizer's named
+        templates (tokenizer_config.json's list form); None: the tokenizer's template (its 'default' one)."""
         add_generation_prompt = _flag(add_generation_prompt, "add_generation_prompt")
         tokenize = _flag(tokenize, "tokenize")
-        template = chat_template if chat_template is not None else self.chat_template
-        if template is None:
-            raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
-                                 "'chat_template'); pass chat_template=... or use a chat model's tokenizer")
+        template = self._template(chat_template)
         if not isinstance(messages, (list, tuple)) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
@@ -247,6 +282,22 @@ class Tokenizer:
         text = render_chat_template(template, messages=list(messages),
                                     add_generation_prompt=add_generation_prompt, **context)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _template(self, chat_template):
+        """The template apply_chat_template renders (see there)."""
+        named = self.chat_template if isinstance(self.chat_template, dict) else {}
+        if chat_template is not None:
+            return named.get(chat_template, chat_template) if isinstance(chat_template, str) else chat_template
+        if self.chat_template is None:
+            raise TokenizerError(f"{self.source}: this tokenizer has no chat template (tokenizer_config.json "
+                                 "'chat_template'); pass chat_template=... or use a chat model's tokenizer")
+        if isinstance(self.chat_template, str):
+            return self.chat_template
+        if "default" not in named:
+            raise TokenizerError(f"{self.source}: the tokenizer has chat templates named "
+                                 f"{', '.join(map(repr, named))} but none named 'default', the one used when none is "
+                                 f"asked for; pass chat_template={next(iter(named))!r} (a name) or a template string")
+        return named["default"]
 
 
 # ---- the sandbox --------------------------------------------------------------------------------
@@ -438,6 +489,30 @@ def _read_json(path, root):
     return data
 
 
+def _chat_templates(value, where, key):
+    """A chat template as tokenizer_config.json gives it, checked: None, a string, or the named form, a non-empty
+    list of {"name": ..., "template": ...} objects with string values and distinct names, returned as {name:
+    template} (what transformers keeps as tokenizer.chat_template; the 'default' one is used when none is asked
+    for). A malformed value is a TokenizerError here, not "no chat template" when a chat is rendered."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)                                                # the {name: template} form, in memory
+    if not isinstance(value, list) or not value:
+        raise TokenizerError(f"{where} {key} must be a template string or a non-empty list of "
+                             f'{{"name": ..., "template": ...}} objects, got {reprlib.repr(value)}')
+    named = {}
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("template"), str)):
+            raise TokenizerError(f"{where} {key}[{i}] must be an object {{\"name\": a string, \"template\": a "
+                                 f"string}}, got {reprlib.repr(entry)}")
+        if entry["name"] in named:
+            raise TokenizerError(f"{where} {key} names two templates {entry['name']!r}; names must differ")
+        named[entry["name"]] = entry["template"]
+    return named
+
+
 def _token_content(value, name, path):
     """A special token is a string or an AddedToken dict {"content": ...}."""
     if value is None or isinstance(value, str):
@@ -451,6 +526,11 @@ def _flag(value, name, where="", advice="", json=False):
     """A True/False argument or file key (errors.check_flag: the string "false" would be true, silently; json:
     a file's key, its message spelling the values as JSON does)."""
     return check_flag(value, f"{where + ' ' if where else ''}{name!r}", TokenizerError, advice, json)
+
+
+def _is_string(value, text):
+    """value is the string `text` (an array or other object compares as not equal, never elementwise)."""
+    return isinstance(value, str) and value == text
 
 
 def _is_panic(e):

@@ -37,7 +37,6 @@ writes, reads and compares the records.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -51,7 +50,8 @@ import numpy as np
 from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
-from .errors import CheckpointError, StableLmError, printable
+from .command import PROG, _Parser, run
+from .errors import CheckpointError, StableLmError, TokenizerError, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -80,6 +80,17 @@ DEFAULT_TOLERANCES = {
     "bfloat16": (5e-2, 1e-3),
 }
 _PRECISION_RANK = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 0}
+# a `dtype` metadata may be written by a framework's own str(): str(torch.float32) is 'torch.float32'
+_DTYPE_PREFIXES = ("torch.", "jax.numpy.", "jnp.", "numpy.", "np.")
+
+
+def run_precision(dtype):
+    """The DEFAULT_TOLERANCES name a trace's `dtype` metadata means ('float32', 'torch.float32', 'jnp.float32',
+    'np.float32' -> 'float32'), or None for anything else (then the tensors' stored dtypes decide)."""
+    if not isinstance(dtype, str):
+        return None
+    name = next((dtype[len(p):] for p in _DTYPE_PREFIXES if dtype.startswith(p)), dtype)
+    return name if name in DEFAULT_TOLERANCES else None
 
 
 # ---- recording ----------------------------------------------------------------------------------
@@ -117,12 +128,22 @@ def write_trace(path, trace, metadata=None):
     checkpoint.save_file(tensors, os.fspath(path), meta)
 
 
-def check_replaceable(path):
-    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
-    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept."""
+def check_path(path, what):
+    """os.fspath(path); CheckpointError naming `what` unless path is a str or os.PathLike, not empty, that the
+    operating system can take (no NUL, encodable): '' reached open() as ': cannot write (No such file ...)'."""
     if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(f"the trace's output path must be a file name, got {path!r}")
-    path = os.fspath(path)
+        raise CheckpointError(f"{what} must be a file name (a string or os.PathLike), got {path!r}")
+    if not os.fspath(path):
+        raise CheckpointError(f"{what} is empty (''): give a file name, e.g. trace.safetensors")
+    checkpoint.check_os_path(path)
+    return os.fspath(path)
+
+
+def check_replaceable(path, what="the trace's output path"):
+    """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
+    write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept.
+    A path that is no file name (check_path) is refused naming `what`."""
+    path = check_path(path, what)
     if not os.path.lexists(path):
         return
     try:
@@ -151,11 +172,13 @@ def read_trace(path):
 
     A crafted file meets the checkpoint reader's bounds (regular file, header size, JSON bounds, at most
     MAX_DIMS dimensions), bounded JSON for its metadata and the memory guard before its tensors are read."""
-    entries, meta, start = checkpoint.read_header(str(path))
+    path = check_path(path, "the trace to read")
+    entries, meta, start = checkpoint.read_header(path)
     meta = dict(meta)
     order = sorted(entries, key=natural_key)
     if "order" in meta:
-        listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError)
+        listed = bounded_io.parse_json(meta["order"], f"{path}: metadata 'order'", CheckpointError,
+                                       _HOW_TO_ORDER + "; str(list(names)) is Python, not JSON")
         if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
             raise CheckpointError(f"{path}: metadata 'order' is not a JSON list of tensor names; " + _HOW_TO_ORDER)
         missing = [n for n in listed if n not in entries]
@@ -174,13 +197,15 @@ def read_trace(path):
         if isinstance(ids, list) and all(isinstance(r, list) and all(type(i) is int for i in r) for r in ids):
             meta["ids"] = ids  # else: free text from another producer, kept as it is
     if "attention_mask" in meta:
-        meta["attention_mask"] = _check_mask(bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata "
-                                                                   "'attention_mask'", CheckpointError),
-                                             f"{path}: metadata 'attention_mask'")
-    if "dtype" in meta and meta["dtype"] not in DEFAULT_TOLERANCES:
+        mask = bounded_io.parse_json(meta["attention_mask"], f"{path}: metadata 'attention_mask'", CheckpointError,
+                                     _HOW_TO_MASK)
+        meta["attention_mask"] = _check_mask(mask, f"{path}: metadata 'attention_mask'")
+    if "dtype" in meta and run_precision(meta["dtype"]) is None:
         warnings.warn(f"{printable(str(path))}: metadata 'dtype' is {printable(meta['dtype'])!r}, not one of "
-                      f"{', '.join(DEFAULT_TOLERANCES)}; the tolerances follow the tensors' dtypes instead",
-                      stacklevel=2)
+                      f"{', '.join(DEFAULT_TOLERANCES)} (each also read with a torch., jnp. or np. prefix: "
+                      "'torch.float32'); the tolerances follow the tensors' dtypes instead", stacklevel=2)
+    elif "dtype" in meta:
+        meta["dtype"] = run_precision(meta["dtype"])                 # 'torch.float32' -> 'float32'
     count = sum(math.prod(entries[name][1]) for name in order)
     bounded_io.check_memory(count * 8 * 2, f"{path}: reading and comparing the trace ({count:,} values, "
                             "held as float64)", CheckpointError, "compare on a machine with more memory")
@@ -188,16 +213,18 @@ def read_trace(path):
     return trace, meta
 
 
-def _check_mask(mask, where):
+def _check_mask(mask, where, example="a JSON list [[0, 0, 1, 1], [1, 1, 1, 1]]"):
     """A 0/1 attention mask as an int array [B, T]; CheckpointError naming `where` otherwise."""
     rows = mask if isinstance(mask, list) and mask and all(isinstance(r, list) for r in mask) else None
     if (rows is None or len({len(r) for r in rows}) != 1 or not rows[0]
             or not all(type(v) is int and v in (0, 1) for r in rows for v in r)):
-        raise CheckpointError(f"{where} is not an attention mask: give a JSON list of rows of 0 (padding) and 1 "
-                              "(token), one row per batch row, all of one length, e.g. [[0, 0, 1, 1], [1, 1, 1, 1]]")
+        raise CheckpointError(f"{where} is not an attention mask: give rows of 0 (padding) and 1 (token), one row "
+                              f"per batch row, all of one length, e.g. {example}")
     return np.array(rows, dtype=np.int64)
 
 
+_HOW_TO_MASK = ("write 'attention_mask' as JSON rows of 0 and 1, json.dumps(mask.tolist()) for an array (str() of "
+                "an array or of a tuple is Python, not JSON), or leave it out")
 _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in execution order "
                  "(json.dumps(list(trace)) for a dict in execution order), or leave it out: names are then compared "
                  "in the other file's order, or in natural order")
@@ -207,7 +234,9 @@ _HOW_TO_ORDER = ("write 'order' as the JSON list of the names the file holds, in
 
 @dataclass
 class Row:
-    """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong."""
+    """One line of a comparison. shape is A's (B's when A lacks the tensor); note says what is wrong; rtol and
+    atol are the tolerances this tensor was judged by, precision the lower precision of the two sides that chose
+    their defaults (NaN and '' when it was not compared)."""
 
     name: str
     shape: tuple | None
@@ -216,6 +245,9 @@ class Row:
     cosine: float
     ok: bool
     note: str = ""
+    rtol: float = math.nan
+    atol: float = math.nan
+    precision: str = ""
 
 
 def _precision(dtype):
@@ -223,10 +255,13 @@ def _precision(dtype):
     return name if name in _PRECISION_RANK else "float32"  # integer/other tensors: float32's tolerance
 
 
+def _lower_precision(dtype_a, dtype_b):
+    return min(_precision(dtype_a), _precision(dtype_b), key=_PRECISION_RANK.get)
+
+
 def default_tolerances(dtype_a, dtype_b):
     """(rtol, atol) for comparing a tensor of dtype_a with one of dtype_b: the lower precision decides."""
-    lower = min(_precision(dtype_a), _precision(dtype_b), key=_PRECISION_RANK.get)
-    return DEFAULT_TOLERANCES[lower]
+    return DEFAULT_TOLERANCES[_lower_precision(dtype_a, dtype_b)]
 
 
 def _compare_arrays(a, b):
@@ -248,6 +283,26 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
+def check_comparable(a, b, labels=("A", "B")):
+    """CheckpointError when traces a and b share no tensor that holds a value: every row would be missing (or
+    empty), and "all of nothing agrees" is no check. Two files that share no name are usually not two traces
+    (a model's weights, model.embed_tokens.weight ..., are not one); `labels` name them in the message."""
+    if any(np.size(a[name]) and np.size(b[name]) for name in a if name in b):
+        return
+
+    def holds(label, t):
+        if not t:
+            return f"{label} holds no tensor"
+        weights = ", a model's weights, not a trace" if all(n.endswith((".weight", ".bias")) for n in t) else ""
+        return f"{label} holds {len(t)}, e.g. {printable(next(iter(t)))!r}{weights}"
+
+    shared = "no tensor name" if not set(a) & set(b) else "no tensor that holds a value"
+    a_name, b_name = (printable(str(label)) for label in labels)
+    raise CheckpointError(f"{a_name} and {b_name} share {shared}: nothing to compare ({holds(a_name, a)}; "
+                          f"{holds(b_name, b)}). Give two traces: stablelm-ref trace's, or a port's intermediates "
+                          "saved under the names of docs/tracing.md")
+
+
 def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=None, allow_missing=False,
                    attention_mask=None):
     """Compare two traces tensor by tensor -> [Row], in A's execution order, then names only in B.
@@ -260,9 +315,15 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
 
     rtol/atol default per tensor by the lower precision of the two sides; `precision` names each
     trace's run dtype (its metadata) and overrides the tensors' dtypes for that choice (a CPU
-    emulation of bfloat16 stores float32 tensors). Missing names and shape mismatches are rows
-    with ok=False and a note, never exceptions."""
+    emulation of bfloat16 stores float32 tensors; 'torch.float32' and the like are read by run_precision).
+    Each compared Row carries the rtol and atol it was judged by and the precision that chose them. Missing names and shape mismatches are rows
+    with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
+    CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
+    check_comparable(a, b)
+    if attention_mask is not None:
+        attention_mask = check_mask_tokens(attention_mask, a, b, "attention_mask")
     rows = []
+    run_a, run_b = run_precision(precision[0]), run_precision(precision[1])
     names = dict.fromkeys([n for n in (order or []) if n in a or n in b] + list(a) + list(b))   # first place kept
     allowed = " (allowed)" if allow_missing else ""
     for name in names:
@@ -273,22 +334,83 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
             continue
         x, y = a[name], b[name]
         if tuple(x.shape) != tuple(y.shape):
+            expected = layout(name)
             rows.append(Row(name, tuple(x.shape), math.nan, math.nan, math.nan, False,
-                            f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"))
+                            f"shape {tuple(x.shape)} in A, {tuple(y.shape)} in B"
+                            + (f"; the layout is {expected}" if expected else "")))
             continue
-        rt, at = default_tolerances(precision[0] or x.dtype, precision[1] or y.dtype)
+        lower = _lower_precision(run_a or x.dtype, run_b or y.dtype)
+        rt, at = DEFAULT_TOLERANCES[lower]
         rt = rt if rtol is None else rtol
         at = at if atol is None else atol
         x, y = drop_padding(name, x, attention_mask), drop_padding(name, y, attention_mask)
         max_abs, max_rel, cosine, scale = _compare_arrays(x, y)
         ok = bool(max_abs <= at + rt * scale)                   # NaN compares False: not ok
-        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok))
+        rows.append(Row(name, tuple(x.shape), max_abs, max_rel, cosine, ok, rtol=rt, atol=at, precision=lower))
     return rows
 
 
 # the per-head attention tensors, [B, H or KVH, T, D] (attn_weights [B, H, T, S]): positions on axis 2
 _PER_HEAD = ("q_proj", "k_proj", "v_proj", "q_layernorm", "k_layernorm", "rotary_q", "rotary_k", "attn_weights",
              "attn_output")
+
+
+# each name's layout, docs/tracing.md's name table (a test holds the two together), by the name's last parts
+_QUERY = "[B, H, T, D] (heads before tokens)"
+_KEY_VALUE = "[B, KVH, T, D] (the key/value heads, not repeated to H)"
+_LAYOUTS = {
+    **dict.fromkeys(("model.embed_tokens", "input_layernorm", "o_proj", "post_attention_layernorm", "mlp.down_proj",
+                     "model.layers.i", "model.norm"), "[B, T, hidden]"),
+    **dict.fromkeys(("q_proj", "q_layernorm", "rotary_q", "attn_output"), _QUERY),
+    **dict.fromkeys(("k_proj", "v_proj", "k_layernorm", "rotary_k"), _KEY_VALUE),
+    "attn_weights": "[B, H, T, S] (query positions T, key positions S)",
+    **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj", "mlp.act"), "[B, T, inter]"),
+    "lm_head": "[B, T, vocab]",
+}
+
+
+def layout(name):
+    """The layout of a trace name ('[B, KVH, T, D] (the key/value heads, not repeated to H)' for
+    model.layers.3.self_attn.k_proj), or None for a name that is not one of the trace's."""
+    if re.fullmatch(r"model\.layers\.[0-9]+", name):
+        return _LAYOUTS["model.layers.i"]
+    if name in ("model.embed_tokens", "model.norm", "lm_head"):
+        return _LAYOUTS[name]
+    match = re.fullmatch(r"model\.layers\.[0-9]+\.(?:self_attn\.)?(.+)", name)
+    if not match:
+        return None
+    part = match.group(1)
+    attention = ".self_attn." in name
+    if attention != (part in _PER_HEAD or part == "o_proj"):
+        return None
+    return _LAYOUTS.get(part)
+
+
+def check_mask_tokens(mask, a, b, where):
+    """An attention mask for comparing traces a and b -> int array [B, T]; CheckpointError naming `where` unless it
+    is rows of 0/1 (a list, or an array of bools or numbers) shaped as the traces' batch x tokens: those of
+    model.embed_tokens (A's, else B's), else of the first tensor both hold on its token axis. A mask of another
+    shape would match no tensor, and every tensor would be compared whole, silently."""
+    try:
+        host = np.asarray(mask)
+    except ValueError:                                       # ragged rows
+        host = None
+    if host is not None and host.dtype.kind in "biuf" and host.size and np.isin(host, (0, 1)).all():
+        mask = host.astype(np.int64).tolist()
+    mask = _check_mask(mask if isinstance(mask, list) else None, where, "[[0, 0, 1, 1], [1, 1, 1, 1]]")
+    if not mask.any():                        # every position left out: a comparison of nothing cannot fail
+        raise CheckpointError(f"{where} is all padding (no 1), so nothing would be compared: mark the tokens with 1")
+    shared = [n for n in ("model.embed_tokens",) if n in a or n in b] + [n for n in a if n in b]
+    for name in shared:
+        x = a[name] if name in a else b[name]
+        if x.ndim > token_axis(name):
+            tokens = (x.shape[0], x.shape[token_axis(name)])
+            if tokens != mask.shape:
+                raise CheckpointError(f"{where} is {mask.shape[0]}x{mask.shape[1]}, but the traces' tokens are "
+                                      f"{tokens[0]}x{tokens[1]} (batch x tokens, of {printable(name)}): give the mask "
+                                      "the traces were recorded with")
+            break
+    return mask
 
 
 def token_axis(name):
@@ -355,14 +477,59 @@ def _numbers(text):
     return [int(t) for t in items]
 
 
-def _parse_ids(text):
+def parse_rows(text, option, what, example):
+    """The one parser of --ids and --mask: '5,17;0,4' -> [[5, 17], [0, 4]], rows separated by ';', items by ','
+    (_numbers: ASCII digits, no empty item); StableLmError naming `option` and showing `example` otherwise."""
     if not text.strip():
-        raise StableLmError("--ids is empty: give at least one token id, e.g. --ids 510,8588,310")
-    ids = _numbers(text)
-    if ids is None:
-        raise StableLmError(f"--ids {text!r}: give comma-separated token ids (digits 0-9, no empty item), e.g. "
-                            "--ids 510,8588,310")
-    return ids
+        raise StableLmError(f"{option} is empty: give at least one {what}, e.g. {option} {example}")
+    rows = [_numbers(row) for row in text.split(";")]
+    if None in rows:
+        raise StableLmError(f"{option} {text!r}: give comma-separated {what}s (digits 0-9, no empty item), rows "
+                            f"separated by ';', e.g. {option} {example}")
+    return rows
+
+
+_PADDED_EXAMPLE = "--ids 0,0,5,17;3,9,5,17 --mask 0,0,1,1;1,1,1,1"
+
+
+def parse_mask(text):
+    """--mask (of trace or compare) -> int array [B, T] of 0/1, rows of one length, each with a token."""
+    return _check_mask(parse_rows(text, "--mask", "0 or 1", "0,0,1,1;1,1,1,1"), f"--mask {text!r}",
+                       "--mask 0,0,1,1;1,1,1,1")
+
+
+def ids_and_mask(ids, mask):
+    """--ids and --mask of a trace command -> (rows of ids, mask [B, T] or None): one row of ids, or a padded
+    batch whose rows have one length, with --mask marking its padding (0) as the traces record it."""
+    rows = parse_rows(ids, "--ids", "token id", "510,8588,310")
+    if len({len(r) for r in rows}) != 1:
+        raise StableLmError(f"--ids rows have different lengths ({', '.join(str(len(r)) for r in rows)}): pad the "
+                            f"shorter rows to one length and mark the padding with --mask, e.g. {_PADDED_EXAMPLE}")
+    if mask is None:
+        return rows, None
+    mask_rows = parse_mask(mask)
+    if mask_rows.shape != (len(rows), len(rows[0])):
+        raise StableLmError(f"--mask is {mask_rows.shape[0]}x{mask_rows.shape[1]} but --ids is {len(rows)}x"
+                            f"{len(rows[0])} (rows x ids): give one 0 or 1 per id, e.g. {_PADDED_EXAMPLE}")
+    return rows, mask_rows
+
+
+def text_ids(model_dir, text, mask=None):
+    """--text of a trace command -> ([ids], None): one unpadded row from the model's tokenizer; --mask is refused
+    (it marks the padding of --ids rows)."""
+    if mask is not None:
+        raise StableLmError(f"--mask goes with --ids (the padding of a batch of rows, e.g. {_PADDED_EXAMPLE}); "
+                            "--text gives one unpadded row")
+    return [_encode(model_dir, text)], None
+
+
+def check_text_ids(ids, vocab_size, model_dir):
+    """TokenizerError when ids the model's tokenizer gave (--text) fall outside the model's vocabulary: the
+    tokenizer, not the user, is then at fault (the model's own message, for ids given directly, says less)."""
+    top = max(i for row in ids for i in row)
+    if top >= vocab_size:
+        raise TokenizerError(f"--text gives token id {top} (from {model_dir}'s tokenizer), outside the model's "
+                             f"vocabulary [0, {vocab_size}): does the tokenizer belong to this model?")
 
 
 def _encode(model_dir, text):
@@ -388,14 +555,19 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
-    check_replaceable(args.out)                          # before the model loads: a wrong --out fails at once
+    check_replaceable(args.out, "--out")                 # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
-    ids = _parse_ids(args.ids) if args.ids is not None else _encode(directory, args.text)
+    ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(directory, args.text, args.mask)
     model, compute = load_for_trace(directory, dtype, args.device)
-    logits, trace = run_with_trace(model, [ids])
-    write_trace(args.out, trace, {"model": str(args.model), "dtype": dtype, "compute": compute,
-                                  "device": args.device, "ids": [ids], "producer": "stablelm-ref"})
-    print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}")
+    if args.text is not None:
+        check_text_ids(ids, model.config.vocab_size, directory)
+    logits, trace = run_with_trace(model, ids, attention_mask=mask)    # positions 0..T-1, as transformers' forward
+    meta = {"model": str(args.model), "dtype": dtype, "compute": compute, "device": args.device, "ids": ids,
+            "producer": "stablelm-ref"}
+    write_trace(args.out, trace, meta if mask is None else {**meta, "attention_mask": mask.tolist()})
+    padded = "" if mask is None else f", attention mask recorded ({int((mask == 0).sum())} padded positions)"
+    print(f"wrote {len(trace)} tensors ({sum(a.nbytes for a in trace.values()) / 2**20:.1f} MiB) to {args.out}"
+          + padded)
     return 0
 
 
@@ -405,15 +577,13 @@ def cmd_compare(args):
             raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
+    check_comparable(a, b, (args.a, args.b))
     order = meta_b["order"] if "order" in meta_b and "order" not in meta_a else None
     mask, mask_from = _choose_mask(args.mask, meta_a, meta_b)
-    if mask is not None and "model.embed_tokens" in a and a["model.embed_tokens"].shape[:2] != mask.shape:
-        raise StableLmError(f"the attention mask ({mask_from}) is {mask.shape[0]}x{mask.shape[1]}, but the traces' "
-                            f"tokens are {'x'.join(map(str, a['model.embed_tokens'].shape[:2]))} (batch x tokens): "
-                            "give the mask the traces were recorded with")
+    if mask is not None:
+        mask = check_mask_tokens(mask, a, b, f"the attention mask ({mask_from})")
     rows = compare_traces(a, b, args.rtol, args.atol,
-                          precision=(meta_a.get("dtype") if meta_a.get("dtype") in DEFAULT_TOLERANCES else None,
-                                     meta_b.get("dtype") if meta_b.get("dtype") in DEFAULT_TOLERANCES else None),
+                          precision=(run_precision(meta_a.get("dtype")), run_precision(meta_b.get("dtype"))),
                           order=order, allow_missing=args.allow_missing, attention_mask=mask)
     for label, meta, path in (("A", meta_a, args.a), ("B", meta_b, args.b)):
         producer, dtype, device, model = (printable(meta.get(k, "?")) for k in ("producer", "dtype", "device", "model"))
@@ -424,13 +594,12 @@ def cmd_compare(args):
         print("A has no execution order; using B's")
     elif "order" not in meta_a:
         print("neither file has an execution order; names in natural order (layers.2 before layers.10)")
-    if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:
-        print("warning: the two traces were recorded from different input ids")
+    if "ids" in meta_a and "ids" in meta_b and meta_a["ids"] != meta_b["ids"]:      # one line, as every warning
+        warnings.warn("the two traces were recorded from different input ids", stacklevel=1)
     if "attention_mask" in meta_a and "attention_mask" in meta_b and not np.array_equal(meta_a["attention_mask"],
                                                                                         meta_b["attention_mask"]):
-        print("warning: the two traces were recorded with different attention masks (A's is used)")
-    tol = "by dtype" if args.rtol is None and args.atol is None else f"rtol={args.rtol}, atol={args.atol}"
-    print(f"tolerance: {tol} (ok = max abs err <= atol + rtol * max(|A|max, |B|max))\n")
+        warnings.warn("the two traces were recorded with different attention masks (A's is used)", stacklevel=1)
+    print(tolerance_line(rows, args.rtol, args.atol, (meta_a.get("dtype"), meta_b.get("dtype")), a, b) + "\n")
     print(format_table(rows))
     first = first_divergence(rows)
     bad = sum(not r.ok for r in rows)
@@ -445,11 +614,44 @@ def cmd_compare(args):
     return 1
 
 
+def tolerance_line(rows, rtol, atol, precision, a, b):
+    """compare's header: the rtol and atol in force and where each came from (--rtol/--atol, else the default of
+    the lower precision of the two sides, each side's by its dtype metadata, else by its tensors' dtypes); the
+    rows say which precision judged each tensor (compare_traces chose it)."""
+    def side(label, run, trace):
+        if run_precision(run):
+            return f"{label} {run_precision(run)} by its dtype metadata"
+        kinds = sorted({_precision(x.dtype) for x in trace.values()}, key=_PRECISION_RANK.get, reverse=True)
+        return f"{label} {'/'.join(kinds) or '-'} by its tensors' dtypes"
+
+    if not any(r.precision for r in rows):
+        return "tolerance: none (no tensor compared)"
+    given = rtol is not None and atol is not None
+    lowers = {}                               # lower precision -> how many compared tensors it judged
+    for r in rows:
+        if r.precision:
+            lowers[r.precision] = lowers.get(r.precision, 0) + 1
+    lowers = dict(sorted(lowers.items(), key=lambda item: -_PRECISION_RANK[item[0]]))   # float64 first
+    parts = []
+    for lower, count in lowers.items():
+        rt, at = DEFAULT_TOLERANCES[lower]
+        said = (f"rtol={rt:g}" if rtol is None else f"rtol={rtol:g} from --rtol") + ", " + (
+            f"atol={at:g}" if atol is None else f"atol={atol:g} from --atol")
+        if given:
+            parts.append(said)                # one pair for every tensor
+            break
+        parts.append(said + (f" for {count} tensor{'s' if count > 1 else ''}" if len(lowers) > 1 else ""))
+    why = "" if given else (
+        f" ({', '.join(lowers)} default{'s' if len(lowers) > 1 else ''}: the lower precision of "
+        f"{side('A', precision[0], a)} and {side('B', precision[1], b)})")
+    return f"tolerance: {'; '.join(parts)}{why}\n" \
+           "ok = max abs err <= atol + rtol * max(|A|max, |B|max)"
+
+
 def _choose_mask(option, meta_a, meta_b):
     """(mask [B, T] or None, where it came from): --mask, else A's metadata, else B's."""
     if option is not None:
-        rows = [_numbers(row) for row in option.split(";")]
-        return _check_mask(None if None in rows else rows, f"--mask {option!r}"), "--mask"
+        return parse_mask(option), "--mask"
     for label, meta in (("A", meta_a), ("B", meta_b)):
         if "attention_mask" in meta:
             return meta["attention_mask"], f"{label}'s metadata"
@@ -465,8 +667,13 @@ def add_cli_commands(subparsers):
     p.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="DIR_OR_REPO",
                    help="model directory or Hugging Face Hub repo id (default: the embedded default model)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310")
+    src.add_argument("--ids", help="comma-separated token ids, e.g. 510,8588,310; a padded batch: rows separated "
+                                   "by ';' with --mask, e.g. --ids '0,0,5,17;3,9,5,17' --mask '0,0,1,1;1,1,1,1'")
     src.add_argument("--text", help="text to tokenize with the model's tokenizer")
+    p.add_argument("--mask", metavar="ROWS",
+                   help="attention mask of the --ids rows, rows separated by ';' (0: padding, 1: token), recorded "
+                        "in the trace; positions stay 0..T-1 in every row, as transformers' forward without "
+                        "position_ids")
     p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
                    help="compute dtype (default float64 on the CPU, float32 on the GPU; bfloat16 on the CPU is "
                         "emulated: bfloat16-rounded weights, float32 compute)")
@@ -493,18 +700,13 @@ def add_cli_commands(subparsers):
 
 
 def main(argv=None):
-    """`python -m stablelm_ref.trace {trace,compare} ...` (the same commands as `stablelm-ref`)."""
-    parser = argparse.ArgumentParser(prog="stablelm-ref", description="Record and compare StableLM traces.",
-                                     allow_abbrev=False)
-    add_cli_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():                  # a warning is one line in the command's words
-        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        try:
-            return args.func(args)
-        except StableLmError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    """`python -m stablelm_ref.trace {trace,compare} ...`: the same commands as `stablelm-ref`, run alike
+    (command.run: one-line errors and warnings prefixed 'stablelm-ref:', exit 2 on a user error)."""
+    parser = _Parser(prog=PROG, description="Record and compare StableLM traces (the trace and compare commands "
+                                            "of stablelm-ref).",
+                     epilog="python -m stablelm_ref.trace COMMAND --help for each command's options.")
+    add_cli_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

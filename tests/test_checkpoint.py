@@ -625,3 +625,112 @@ def test_a_classifier_from_a_checkpoint_without_its_head_says_so(tmp_path, cls_n
     with pytest.raises(CheckpointError, match=r"has no classification head \('score\.weight'[^)]* missing\): it holds a "
                                               r"base or causal-LM model; load it with StableLmForCausalLM"):
         getattr(stablelm_ref, cls_name).from_pretrained(tmp_path)
+
+
+# ---- a save is all or nothing: every target checked first, the old files kept until every rename succeeded ------
+
+SAVED = ("model.safetensors", "config.json", "generation_config.json")
+
+
+def _old_checkpoint(directory, index=False):
+    """A saved tiny model in `directory` (with a stale shard index when `index`); {name: sha256} of it."""
+    tiny_model(seed=16).save_pretrained(directory)
+    if index:
+        (directory / checkpoint.INDEX_NAME).write_text('{"weight_map": {}}')
+    return files_of(directory)
+
+
+@pytest.mark.parametrize("target", SAVED)
+def test_a_directory_in_the_way_of_any_file_changes_nothing(tmp_path, target):
+    """Before: the weights and config.json were replaced, then the rename onto the directory failed; the message
+    listed all three files as not written. Now every target is checked before anything is written."""
+    before = _old_checkpoint(tmp_path)
+    os.unlink(tmp_path / target)
+    (tmp_path / target).mkdir()
+    (tmp_path / target / "keep").write_text("x")
+    before = files_of(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{target} is a directory: a file cannot replace it.*Nothing was"):
+        tiny_model(seed=17, **VARIANTS["1_6b"]).save_pretrained(tmp_path, dtype="float32")
+    assert files_of(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted(before.keys() - {f"{target}/keep"}
+                                                                                  | {target})
+
+
+def _replace_failing_at(monkeypatch, failing, exception):
+    """os.replace raising `exception` on the calls numbered in `failing` (from 1), the real one otherwise."""
+    calls, real = [], os.replace
+
+    def replace(src, dst, **kwargs):
+        calls.append((src, dst))
+        if len(calls) in failing:
+            raise exception
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+# The renames of a save over an existing checkpoint with a stale index: per target, the old file to its backup
+# (odd calls), then the new file into place (even calls); the index has only the first. Calls 8.. are the undo's.
+@pytest.mark.parametrize("exception", [OSError(5, "Input/output error"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+@pytest.mark.parametrize("failing", [1, 2, 3, 4, 5, 6, 7])
+def test_a_rename_failing_midway_restores_every_file(tmp_path, monkeypatch, failing, exception):
+    before = _old_checkpoint(tmp_path, index=True)
+    new = tiny_model(seed=17, **VARIANTS["1_6b"])
+    calls = _replace_failing_at(monkeypatch, {failing}, exception)
+    with pytest.raises(CheckpointError if isinstance(exception, OSError) else KeyboardInterrupt) as info:
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(calls) >= failing
+    assert files_of(tmp_path) == before, "a failed save changed a file or left a temporary"
+    if isinstance(exception, OSError):
+        assert "Input/output error" in str(info.value) and "nothing was changed" in str(info.value)
+        assert all(name in str(info.value) for name in SAVED + (checkpoint.INDEX_NAME,))
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_failed_save_into_a_new_directory_leaves_it_as_it_was(tmp_path, monkeypatch, failing):
+    """Targets that did not exist (one rename each): the undo removes the new files already in place."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    calls = _replace_failing_at(monkeypatch, {failing}, OSError(5, "Input/output error"))
+    with pytest.raises(CheckpointError, match="nothing was changed"):
+        tiny_model(seed=17).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(calls) >= failing
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_an_undo_that_fails_names_the_backup_that_holds_the_old_file(tmp_path, monkeypatch):
+    """The 4th rename (the new config.json into place) fails, and so does every rename after it: config.json's
+    and the weights' old files cannot be renamed back. The message names both backups; they hold the old bytes."""
+    before = _old_checkpoint(tmp_path)
+    _replace_failing_at(monkeypatch, set(range(4, 100)), OSError(5, "Input/output error"))
+    with pytest.raises(CheckpointError, match="undoing the save failed") as info:
+        tiny_model(seed=17).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    backups = {name: (tmp_path / name) for name in os.listdir(tmp_path) if name.startswith(".old-")}
+    assert len(backups) == 2 and all(str(path) in str(info.value) for path in backups.values())
+    for name, path in backups.items():
+        original = name.split("-", 2)[2]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before[original]
+        assert f"{tmp_path / original} could not be restored" in str(info.value)
+
+
+def test_an_old_file_that_cannot_be_removed_after_a_save_is_named(tmp_path, monkeypatch):
+    """Every rename succeeded (the new files are in place) but deleting a backup fails: said, by name."""
+    _old_checkpoint(tmp_path)
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".old-") and os.path.basename(path).endswith("config.json"):
+            raise OSError(1, "Operation not permitted")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    new = tiny_model(seed=17)
+    with pytest.raises(CheckpointError, match=r"the new model.safetensors, config.json, generation_config.json are in "
+                                              r"place, but .*\.old-\w+-config.json \(Operation not permitted\)"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    again = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")
+    np.testing.assert_array_equal(again(IDS).logits, new(IDS).logits)

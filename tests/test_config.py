@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from stablelm_ref import StableLmConfig, StableLmForCausalLM
+from stablelm_ref import StableLmConfig, StableLmForCausalLM, checkpoint
 from stablelm_ref.errors import CheckpointError, ConfigError
 
 from conftest import TINY, tiny_config, tiny_model
@@ -36,7 +36,7 @@ def from_dict(**overrides):
     ("id2label", {"zero": "A"}, "'id2label' must have integer keys"),
     ("id2label", ["A", "B"], "'id2label' must be an object"),
     ("architectures", "StableLmForCausalLM", "'architectures' must look like"),
-    ("torch_dtype", 16, "'torch_dtype' must look like"),
+    ("torch_dtype", 16, "'torch_dtype' names the dtype the weights were saved in, one of float32, .*got 16"),
     ("rope_scaling", "linear", "rope_scaling must be an object"),
     ("rope_parameters", [1], "rope_parameters must be an object"),
 ])
@@ -175,6 +175,69 @@ def test_linear_rope_scaling_is_honoured(form):
     assert StableLmConfig.from_dict(scaled.to_dict()).rope_scaling == scaled.rope_scaling
 
 
+# ---- class: a key that transformers spells two ways must get the same check in each spelling -------------------
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("value", [[1], "int8", "auto", "torch.float16", 16, ""])
+def test_both_spellings_of_the_weights_dtype_are_checked_alike(key, value):
+    """Before: "dtype" (transformers 5's spelling) went unchecked into extra, and [1] was written back on save."""
+    with pytest.raises(ConfigError, match=f"config key '{key}' names the dtype the weights were saved in, one of "
+                                          "float32, bfloat16, float16, float64; got"):
+        from_dict(**{key: value})
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_known_weights_dtype_is_kept_in_either_spelling(key):
+    config = from_dict(**{key: "bfloat16"})
+    assert getattr(config, key) == "bfloat16" and config.to_dict()[key] == "bfloat16"
+
+
+@pytest.mark.parametrize("places, match", [
+    # the same number in two places, one of them malformed: the malformed one was dropped unchecked
+    (dict(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": "abc"}),
+     "'rope_theta in rope_parameters' must be a finite number"),
+    (dict(partial_rotary_factor=0.25, rope_parameters={"rope_type": "default", "partial_rotary_factor": None}),
+     "'partial_rotary_factor in rope_parameters' must be a finite number"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0, "rope_theta": -1.0}),
+     "'rope_theta in rope_scaling' must be > 0"),
+    # two valid values that differ: transformers 5 took rope_parameters' 20000, we took the top-level 500
+    (dict(rope_theta=500.0, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+     r"gives rope_theta in more than one place, with different values \(500.0 at the top level, 20000.0 in "
+     r"rope_parameters\)"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}),
+     "gives rope_theta in more than one place"),
+    # the scaling in both rope_scaling and rope_parameters: each is checked, and they must agree
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters={"rope_type": "yarn", "factor": "x"}),
+     "rope scaling type 'yarn' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters={"rope_type": "linear", "factor": 0.5}),
+     "needs a number 'factor' from 1"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters={"rope_type": "dynamic", "factor": 4.0}),
+     "gives the rope scaling twice.*which disagree"),
+    # "type" and "rope_type" inside one object
+    (dict(rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2.0}),
+     "rope_scaling gives its type twice, \"rope_type\": 'linear' and \"type\": 'yarn'"),
+    (dict(rope_parameters={"type": "linear", "rope_type": "default"}), "rope_parameters gives its type twice"),
+    # a factor with no scaling type was read as "no scaling"
+    (dict(rope_scaling={"factor": 2.0}), "rope_scaling gives a scaling 'factor' \\(2.0\\) but its type is 'default'"),
+    (dict(rope_parameters={"rope_type": "default", "factor": 4.0}), "rope_parameters gives a scaling 'factor'"),
+])
+def test_a_rope_value_spelled_in_several_places_is_checked_in_each_and_must_agree(places, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(**places)
+
+
+@pytest.mark.parametrize("places", [
+    dict(rope_theta=10000, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    dict(rope_scaling={"type": "linear", "factor": 2.0},
+         rope_parameters={"rope_type": "linear", "factor": 2, "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    dict(rope_scaling={"type": "linear", "rope_type": "linear", "factor": 2.0}, rope_theta=10000.0),
+])
+def test_agreeing_spellings_load(places):
+    config = from_dict(**places)
+    assert config.rope_theta == 10000.0 and config.partial_rotary_factor == 0.25
+
+
 def test_round_trip_of_every_variant(variant):
     from conftest import VARIANTS
 
@@ -197,3 +260,28 @@ def test_numpy_numbers_are_taken_as_the_integer_keys_are_and_stored_as_floats(tm
     assert getattr(StableLmConfig.from_pretrained(tmp_path), key) == float(value)
     with pytest.raises(ConfigError, match=rf"config key '{key}' must be a finite number"):
         tiny_config(**{key: np.True_})
+
+
+@pytest.mark.parametrize("saved_as, torch_dtype", [(None, None), ("float32", "bfloat16"), ("bfloat16", None),
+                                                   ("float16", "float16")])
+def test_a_saved_config_names_the_dtype_of_the_weights_written(tmp_path, saved_as, torch_dtype):
+    """config.json's "dtype" (and "torch_dtype" when the config has one) says what model.safetensors holds: the
+    model's own dtype (float64 here) or the dtype= of save_pretrained; before, a config loaded with "dtype":
+    "bfloat16" said so over float32 weights."""
+    model = tiny_model(seed=3, dtype="float64")
+    model.config = tiny_config(dtype="bfloat16", torch_dtype=torch_dtype)
+    model.save_pretrained(tmp_path, dtype=saved_as)
+    written = json.loads((tmp_path / "config.json").read_text())
+    header, _, _ = checkpoint.read_header(str(tmp_path / "model.safetensors"))
+    stored = header["model.embed_tokens.weight"][0].name
+    assert written["dtype"] == stored == (saved_as or "float64")
+    assert written.get("torch_dtype") == (None if torch_dtype is None else stored)
+    assert model.config.dtype == "bfloat16"                                       # the model's own config unchanged
+
+
+@pytest.mark.parametrize("key", ["bos_token_id", "eos_token_id", "pad_token_id"])
+def test_a_token_id_set_to_none_reads_back_as_none(key):
+    """to_dict dropped bos/eos ids set to None, and from_dict then read the default 0: a model without an EOS
+    saved and loaded stopped at token 0. (Found by the forward's new check that a config reads back the same.)"""
+    config = tiny_config(**{key: None})
+    assert getattr(StableLmConfig.from_dict(json.loads(json.dumps(config.to_dict()))), key) is None

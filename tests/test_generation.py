@@ -430,3 +430,38 @@ def test_the_context_limit_is_one_predicate_for_the_refusal_and_the_warning(rope
     assert np.asarray(out).shape == (1, prompt + new)
     warned = any("past max_position_embeddings" in str(w.message) for w in seen)
     assert warned == past_context(model.config, prompt + new)
+
+
+# ---- what a reader is told: help(model.generate) and the module's docstring ------------------------------------
+
+def test_model_generate_shows_generation_generates_arguments_and_docstring():
+    """Before: help(StableLmForCausalLM.generate) showed generate(self, input_ids, **kwargs) and a pointer."""
+    import inspect
+    import pydoc
+
+    from stablelm_ref import generation
+
+    theirs = list(inspect.signature(generation.generate).parameters.values())
+    ours = list(inspect.signature(StableLmForCausalLM.generate).parameters.values())
+    assert [p.name for p in ours] == ["self"] + [p.name for p in theirs[1:]]
+    assert [(p.default, p.kind) for p in ours[1:]] == [(p.default, p.kind) for p in theirs[1:]]
+    bound = inspect.signature(tiny_model(seed=1).generate)
+    assert list(bound.parameters) == [p.name for p in theirs[1:]]         # the model given, as for any method
+    text = pydoc.render_doc(StableLmForCausalLM.generate)
+    assert "max_new_tokens=None" in text and "repetition_penalty" in text and "**kwargs" not in text
+    assert generation.generate.__doc__ in StableLmForCausalLM.generate.__doc__
+
+
+def test_the_random_generators_the_docstrings_name_take_an_int_seed():
+    """generation.py's docstrings said numpy.random.Generator(seed), a TypeError with an int seed (it takes a
+    BitGenerator): every np.random.<name>(seed) they name must build a generator from an int; the code uses
+    default_rng."""
+    import re
+
+    from stablelm_ref import generation
+
+    texts = generation.__doc__ + generation.generate.__doc__
+    named = re.findall(r"(?:np|numpy)\.random\.(\w+)\(seed\)", texts)
+    assert named and set(named) == {"default_rng"}
+    for name in named:
+        getattr(np.random, name)(7).random()

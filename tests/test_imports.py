@@ -186,3 +186,20 @@ if __name__ == "__main__":
     cycle = find_cycle(graph)
     print("cycle: " + " -> ".join(cycle) if cycle else "no cycle")
     sys.exit(1 if cycle else 0)
+
+
+def test_the_cupy_install_hints_speak_to_a_checkout_and_to_an_installed_package(monkeypatch):
+    """Before, both said only pip install 'stablelm-ref[gpu]' (a package index), wrong in a checkout, where the
+    extra is installed into .venv with -e '.[gpu]'."""
+    import sys
+
+    from stablelm_ref import StableLmError, model
+    from stablelm_ref.cuda import xp
+
+    monkeypatch.setitem(sys.modules, "cupy", None)                      # import cupy raises ImportError
+    monkeypatch.setattr(xp, "BACKEND", None)
+    for call, error in ((lambda: model.array_module("gpu"), StableLmError), (xp.cupy, ImportError)):
+        with pytest.raises(error) as info:
+            call()
+        assert "in a checkout, .venv/bin/pip install -e '.[gpu]'" in str(info.value)
+        assert "installed as a package, pip install 'stablelm-ref[gpu]'" in str(info.value)

@@ -218,3 +218,127 @@ def test_no_template_is_a_clear_error(tmp_path):
 def test_tojson_is_not_html_escaped():
     out = render_chat_template("{{ messages | tojson }}", messages=[{"role": "user", "content": "<a> & é"}])
     assert json.loads(out) == [{"role": "user", "content": "<a> & é"}] and "<a> & é" in out
+
+
+# ---- class: a present but malformed value read as absent ----------------------------------------------------
+
+@pytest.mark.parametrize("value, match", [
+    ([], "must be a template string or a non-empty list"),
+    ({}, "must be a template string or a non-empty list"),
+    (5, "must be a template string or a non-empty list"),
+    ([5], r"'chat_template'\[0\] must be an object \{\"name\": a string, \"template\": a string\}, got 5"),
+    ([{"name": "default"}], r"'chat_template'\[0\] must be an object"),
+    ([{"name": "default", "template": "x"}, {"name": 1, "template": "y"}], r"'chat_template'\[1\] must be an object"),
+    ([{"name": "a", "template": "x"}, {"name": "a", "template": "y"}], "names two templates 'a'"),
+])
+def test_a_malformed_chat_template_is_refused_at_load(tmp_path, value, match):
+    """Before: each loaded, and apply_chat_template then said "this tokenizer has no chat template"."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
+    with pytest.raises(TokenizerError, match=f"tokenizer_config.json .*{match}"):
+        Tokenizer.from_pretrained(directory)
+
+
+NAMED = [{"name": "tool_use", "template": "T:{{ messages[0].content }}"},
+         {"name": "rag", "template": "R:{{ messages[0].content }}"}]
+
+
+def test_named_chat_templates_are_picked_by_name_or_default(tmp_path):
+    """tokenizer_config.json's list form (transformers: tokenizer.chat_template becomes {name: template}; the
+    'default' one is used when none is asked for, and chat_template='name' picks one)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "d"), chat_template=NAMED + [
+        {"name": "default", "template": "D:{{ messages[0].content }}"}]))
+    assert tok.apply_chat_template(msgs) == "D:hi"
+    assert tok.apply_chat_template(msgs, chat_template="tool_use") == "T:hi"
+    assert tok.apply_chat_template(msgs, chat_template="X{{ messages|length }}") == "X1"    # a string, not a name
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "n"), chat_template=NAMED))
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=True)                     # it loads
+    with pytest.raises(TokenizerError, match="chat templates named 'tool_use', 'rag' but none named 'default'.*"
+                                             "pass chat_template='tool_use'"):
+        tok.apply_chat_template(msgs)
+    assert tok.apply_chat_template(msgs, chat_template="rag") == "R:hi"
+
+
+@pytest.mark.parametrize("value, kept", [(2048, 2048), (2048.0, 2048), (10**30, 10**30)])
+def test_model_max_length_as_a_whole_float_is_kept(tmp_path, value, kept):
+    """Before: a float (2048.0) passed the check and was then dropped to None."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"))
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["model_max_length"] = value
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    assert Tokenizer.from_pretrained(directory).model_max_length == kept
+    cfg["model_max_length"] = 2048.5
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(TokenizerError, match="'model_max_length' must be a whole number >= 1"):
+        Tokenizer.from_pretrained(directory)
+
+
+# ---- the keywords transformers' tokenizers take: honoured where they apply, refused by name otherwise ----------
+
+def test_return_tensors_np_is_what_it_returns_and_others_are_refused(tiny_dir):
+    """Before: tok("abc", return_tensors="np") was a bare TypeError (an unexpected keyword)."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    plain = tok(["abc", "a longer text"])
+    for value in (None, "np"):
+        enc = tok(["abc", "a longer text"], return_tensors=value)
+        assert all(isinstance(v, np.ndarray) for v in enc.values())
+        np.testing.assert_array_equal(enc["input_ids"], plain["input_ids"])
+    for value in ("pt", "tf", "jax", "NP", np.array(["np"])):
+        with pytest.raises(TokenizerError, match="always returns NumPy arrays .*torch.from_numpy"):
+            tok("abc", return_tensors=value)
+
+
+def test_padding_spellings_of_transformers(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    texts = ["abc", "a longer text"]
+    np.testing.assert_array_equal(tok(texts, padding="longest")["input_ids"], tok(texts)["input_ids"])
+    with pytest.raises(TokenizerError, match="different lengths"):
+        tok(texts, padding="do_not_pad")
+    rows = [tok.encode(t) for t in texts]
+    enc = tok(texts, padding="max_length", max_length=12)
+    pad = tok.pad_token_id
+    for i, r in enumerate(rows):          # left padding to 12: pads, then the row; the mask marks the row
+        assert enc["input_ids"][i].tolist() == [pad] * (12 - len(r)) + r
+        assert enc["attention_mask"][i].tolist() == [0] * (12 - len(r)) + [1] * len(r)
+    with pytest.raises(TokenizerError, match=f"has {max(map(len, rows))} tokens, more than max_length=2"):
+        tok(texts, padding="max_length", max_length=2)
+    for bad in (None, 0, 2.0, True):
+        with pytest.raises(TokenizerError, match="padding='max_length' needs max_length"):
+            tok(texts, padding="max_length", max_length=bad)
+    with pytest.raises(TokenizerError, match="max_length=4 is used only with padding='max_length'"):
+        tok(texts, max_length=4)
+    with pytest.raises(TokenizerError, match="'padding' must be True or False, got 'right'.*'longest'"):
+        tok(texts, padding="right")
+
+
+def test_truncation_is_refused_and_return_attention_mask_honoured(tiny_dir):
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    for value in (None, False, "do_not_truncate"):
+        assert tok("abc", truncation=value)["input_ids"].tolist() == [tok.encode("abc")]
+    for value in (True, "longest_first", "only_first"):
+        with pytest.raises(TokenizerError, match="does not cut texts; slice the ids"):
+            tok("abc", truncation=value)
+    assert list(tok("abc", return_attention_mask=False)) == ["input_ids"]
+    with pytest.raises(TokenizerError, match="'return_attention_mask' must be True or False"):
+        tok("abc", return_attention_mask="no")
+    for keyword in ("text_pair", "return_token_type_ids", "padding_side", "stride"):
+        with pytest.raises(TokenizerError, match=f"the tokenizer call takes no '{keyword}'; it takes text, padding"):
+            tok("abc", **{keyword: 1})
+
+
+def test_a_special_token_is_checked_in_both_files_that_can_name_it(tmp_path):
+    """tokenizer_config.json's bos_token wins over special_tokens_map.json's, as in transformers; the map's value
+    was then never looked at, malformed or not."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"))
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": 5}, f)
+    with pytest.raises(TokenizerError, match=r"special_tokens_map.json: bos_token must be a string or \{'content'"):
+        Tokenizer.from_pretrained(directory)
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": "<|padding|>", "unk_token": {"content": "<|padding|>"}}, f)
+    tok = Tokenizer.from_pretrained(directory)
+    assert tok.bos_token == "<|endoftext|>" and tok.unk_token == "<|padding|>"     # config's bos, the map's unk

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from stablelm_ref.trace import (
     main,
     read_trace,
     run_with_trace,
+    tolerance_line,
     write_trace,
 )
 
@@ -229,7 +231,7 @@ def test_cli_user_errors_exit_2(checkpoints, capsys, tmp_path):
     assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,500", "--out", str(tmp_path / "t")]) == 2
     assert "500" in capsys.readouterr().err
     assert main(["trace", "--model", str(checkpoints / "good"), "--text", "hi", "--out", str(tmp_path / "t")]) == 2
-    assert capsys.readouterr().err.startswith("error:")   # no tokenizer files (or no tokenizer module): one line
+    assert capsys.readouterr().err.startswith("stablelm-ref: error:")   # no tokenizer files: one line
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "t")
@@ -323,7 +325,7 @@ def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
     assert meta["ids"] == [[5, 17, 42]]
     assert main(["compare", str(path), str(path)]) == 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and err.startswith("warning: ") and "'fp32'" in err     # one line per file
+    assert err.count("\n") == 2 and err.startswith("stablelm-ref: warning: ") and "'fp32'" in err   # a line a file
     save_file({"a": np.zeros(2)}, path, {"order": json.dumps(["a", "b"])})
     with pytest.raises(CheckpointError) as e:
         read_trace(path)
@@ -333,7 +335,6 @@ def test_metadata_a_writer_gets_wrong_is_read_or_named(tmp_path, capsys):
 
 def _documented_shapes(config, t):
     """{name: shape} from docs/tracing.md's name table, for layer 0 of `config` with B=1 and T=S=t."""
-    import re
 
     text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
     dims = {"B": 1, "T": t, "S": t, "H": config.num_attention_heads, "KVH": config.num_key_value_heads,
@@ -421,3 +422,342 @@ def test_text_that_gives_no_tokens_names_the_option(tmp_path, capsys):
     tiny_tokenizer_dir(d)
     assert main(["trace", "--model", str(d), "--text", "", "--out", str(tmp_path / "t")]) == 2
     assert "--text '' gives no tokens: give some text (or --ids)" in capsys.readouterr().err
+
+
+def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkpoints, capsys, tmp_path):
+    """A trace compared with a model's weights (hostile review): --allow-missing printed 'all 0 tensors both sides
+    hold agree' and exit 0, and without it 139 'missing in B' rows that never said B is no trace. Now exit 2, one
+    line; compare_traces refuses the same, as does a comparison of empty tensors only or under an all-padding mask."""
+    from stablelm_ref.checkpoint import save_file
+    from stablelm_ref.trace import check_comparable
+
+    trace_path = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    weights = checkpoints / "good" / "model.safetensors"
+    for extra in ([], ["--allow-missing"]):
+        capsys.readouterr()
+        assert main(["compare", str(trace_path), str(weights), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert f"{trace_path} and {weights} share no tensor name: nothing to compare" in captured.err
+        assert re.search(r"holds \d+, e\.g\. '[a-z_.0-9]+\.weight', a model's weights, not a trace", captured.err)
+    trace, _ = read_trace(trace_path)
+    with pytest.raises(CheckpointError, match="^A and B share no tensor name"):
+        compare_traces(trace, {"lm_head.weight": np.zeros(3)}, allow_missing=True)
+    with pytest.raises(CheckpointError, match="A holds no tensor; B holds 1"):
+        compare_traces({}, {"x": np.zeros(3)})
+    with pytest.raises(CheckpointError, match="share no tensor that holds a value"):
+        compare_traces({"x": np.zeros((1, 0))}, {"x": np.zeros((1, 0))})
+    check_comparable({"x": np.zeros(1)}, {"x": np.zeros(1), "y": np.zeros(0)})          # one shared value: fine
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    assert main(["compare", str(empty), str(empty)]) == 2
+    assert "holds no tensor" in capsys.readouterr().err
+    assert main(["compare", str(trace_path), str(trace_path), "--mask", "0,0,0,0,0,0"]) == 2
+    assert "is all padding (no 1), so nothing would be compared" in capsys.readouterr().err
+
+
+def test_a_row_of_padding_is_traced_and_its_positions_left_out_of_the_comparison(checkpoints, capsys, tmp_path):
+    """A batch row that is all padding is a valid input of the model (its queries see no key: output 0), so trace
+    records it and compare leaves its positions out while the other rows are compared; only a mask with no token
+    at all is refused (the review of the hostile mends: every such row had been refused, a trace file holding one
+    could not even be read)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    model = str(checkpoints / "good")
+    for out, dtype in ((a, "float64"), (b, "float32")):
+        assert main(["trace", "--model", model, "--dtype", dtype, "--ids", "5,6,7;8,9,10", "--mask", "0,0,0;1,1,1",
+                     "--out", str(out)]) == 0
+    trace, meta = read_trace(a)
+    assert meta["attention_mask"].tolist() == [[0, 0, 0], [1, 1, 1]]
+    capsys.readouterr()
+    assert main(["compare", str(b), str(a)]) == 0
+    assert "3 padded positions left out of every tensor" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="attention_mask is all padding"):
+        compare_traces(trace, trace, attention_mask=[[0, 0, 0], [0, 0, 0]])
+
+
+def test_the_tolerance_header_when_nothing_or_one_tensor_was_compared():
+    """Traces of different batch sizes give only shape-mismatch rows: the header said 'none (no tensor compared)
+    ( default: ...)' (the review); and one tensor judged at a second precision read 'for 1 tensors'."""
+    a = {"x": np.zeros((1, 2)), "y": np.ones(3)}
+    rows = compare_traces(a, {"x": np.zeros((2, 2)), "y": np.ones(4)})
+    assert tolerance_line(rows, None, None, (None, None), a, a) == "tolerance: none (no tensor compared)"
+    b = {"x": np.zeros((1, 2), np.float32), "y": np.ones(3)}
+    line = tolerance_line(compare_traces(a, b), None, None, (None, None), a, b).splitlines()[0]
+    assert line == ("tolerance: rtol=1e-10, atol=1e-12 for 1 tensor; rtol=0.0001, atol=1e-05 for 1 tensor (float64, "
+                    "float32 defaults: the lower precision of A float64 by its tensors' dtypes and B float64/float32 "
+                    "by its tensors' dtypes)")
+
+
+def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkeypatch):
+    """--out '' said 'error: : cannot write (No such file or directory)', and compare '' ': no such file' (hostile
+    review): every path the trace commands take is refused by name when empty, as save_pretrained('') is."""
+    from stablelm_ref.trace import check_replaceable
+
+    monkeypatch.chdir(tmp_path)
+    good = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    capsys.readouterr()
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,2", "--out", ""]) == 2
+    assert capsys.readouterr().err.endswith("error: --out is empty (''): give a file name, e.g. trace.safetensors\n")
+    for argv in (["compare", "", str(good)], ["compare", str(good), ""]):
+        assert main(argv) == 2
+        assert "the trace to read is empty (''): give a file name" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"^the trace's output path is empty"):
+        write_trace("", {"x": np.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"^the trace to read must be a file name .* got None"):
+        read_trace(None)
+    with pytest.raises(CheckpointError, match="NUL"):
+        check_replaceable("a\0b")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("spelling", ["torch.float32", "jnp.float32", "np.float32", "float32"])
+def test_the_tolerance_in_force_is_printed_and_framework_dtype_names_are_read(checkpoints, capsys, tmp_path, spelling):
+    """A porter's dtype="torch.float32" (what str(torch.float32) gives) got a warning and then float64's 1e-10 for
+    tensors stored upcast: '33 of 33 beyond tolerance'; and no header ever said which rtol/atol were used
+    (--rtol alone printed 'atol=None'). Now the prefix is read, and the header names each value and its source."""
+    from stablelm_ref.checkpoint import save_file
+
+    f64 = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    f32, _ = read_trace(_trace(checkpoints, "good", "float32", "t32.safetensors"))
+    port = tmp_path / "port.safetensors"
+    save_file({n: x.astype(np.float64) for n, x in f32.items()}, port, {"dtype": spelling})   # float32 run, stored wide
+    assert read_trace(port)[1]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main(["compare", str(port), str(f64)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "all 33 tensors agree" in out
+    assert ("tolerance: rtol=0.0001, atol=1e-05 (float32 default: the lower precision of A float32 by its dtype "
+            "metadata and B float64 by its dtype metadata)") in out
+    assert main(["compare", str(port), str(f64), "--rtol", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "tolerance: rtol=0.001 from --rtol, atol=1e-05 (float32 default" in out and "None" not in out
+    assert main(["compare", str(port), str(f64), "--rtol", "1e-9", "--atol", "0"]) == 1
+    assert "tolerance: rtol=1e-09 from --rtol, atol=0 from --atol\n" in capsys.readouterr().out
+    rows = compare_traces(read_trace(port)[0], read_trace(f64)[0], precision=("torch.float32", None))
+    assert all(r.ok and (r.rtol, r.atol) == (1e-4, 1e-5) for r in rows)
+    assert all(r.rtol == 1e-10 for r in compare_traces(read_trace(port)[0], read_trace(f64)[0]))  # stored dtypes
+
+
+def test_an_unknown_dtype_warning_names_the_accepted_spellings(tmp_path):
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"dtype": "torch.float"})
+    with pytest.warns(UserWarning, match=r"'torch.float', not one of float64, float32, float16, bfloat16 \(each also "
+                                         r"read with a torch., jnp. or np. prefix: 'torch.float32'\)"):
+        _, meta = read_trace(path)
+    assert meta["dtype"] == "torch.float"
+
+
+def test_a_padded_batch_is_traced_from_the_command_line(checkpoints, capsys, tmp_path):
+    """The trace command took one unpadded row only (porter review): --ids now takes rows separated by ';' with
+    --mask (one parser with compare's --mask), the mask is recorded, and positions are 0..T-1 in every row, as
+    run_with_trace without position_ids (transformers' forward)."""
+    model = StableLmForCausalLM.from_pretrained(checkpoints / "good", dtype="float64")
+    ids, mask = [[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    out = tmp_path / "padded.safetensors"
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "1,1,7,8,9; 4,5,6,7,8",
+                 "--mask", "0,0,1,1,1;1,1,1,1,1", "--out", str(out)]) == 0
+    assert "attention mask recorded (2 padded positions)" in capsys.readouterr().out
+    trace, meta = read_trace(out)
+    assert meta["ids"] == ids and meta["attention_mask"].tolist() == mask
+    _, expected = model.run_with_trace(ids, attention_mask=mask)
+    assert list(trace) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(trace[name], expected[name], err_msg=name)   # the same call: bit for bit
+    _, unmasked = model.run_with_trace(ids)
+    assert first_divergence(compare_traces(trace, unmasked)) is not None           # the mask was applied
+    assert main(["compare", str(out), str(out)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    base = ["trace", "--model", str(checkpoints / "good"), "--out", str(tmp_path / "t.safetensors")]
+    for args, message in [
+        (["--ids", "1,1,7;4,5"], "--ids rows have different lengths (3, 2): pad the shorter rows"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1"], "--mask is 1x3 but --ids is 2x3 (rows x ids)"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1;1,1,"], "--mask '0,1,1;1,1,': give comma-separated 0 or 1s"),
+        (["--ids", "1,1,7;4,5,6", "--mask", "0,1,1;1,2,1"], "--mask '0,1,1;1,2,1' is not an attention mask"),
+        (["--ids", "1,1,7;", "--mask", "0,1,1"], "--ids '1,1,7;': give comma-separated token ids"),
+        (["--text", "hi", "--mask", "1"], "--mask goes with --ids"),
+    ]:
+        assert main(base + args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_decode_step_traced_with_the_cache_matches_the_full_trace_at_its_position(variant):
+    """docs/tracing.md's decode-step recipe: the forward's trace= callback with past_key_values. Same math on a
+    shorter query: float64 rounding (u = 1.1e-16) through two layers stays far below 1e-12 of scale (measured
+    1.0e-15); a wrong cache position or rotary offset would be of order 1."""
+    from stablelm_ref.trace import token_axis
+
+    model = tiny_model(seed=5, **VARIANTS[variant])
+    ids = np.array([[5, 17, 42, 8, 99, 3], [7, 7, 1, 0, 4, 60]])
+    _, full = model.run_with_trace(ids)
+    for k in (1, 4):
+        prefill = model(ids[:, :-k], use_cache=True)
+        step = {}
+        model(ids[:, -k:], past_key_values=prefill.past_key_values, trace=lambda n, a: step.update({n: np.asarray(a)}))
+        tail = {n: np.take(a, range(6 - k, 6), axis=token_axis(n)) for n, a in full.items()}
+        assert list(step) == list(tail)
+        assert step["model.layers.0.self_attn.attn_weights"].shape[2:] == (k, 6)            # [B, H, k, S]
+        rows = compare_traces(step, tail, rtol=1e-12, atol=0)
+        assert first_divergence(rows) is None, first_divergence(rows)
+
+
+def test_the_docs_python_recipes_run(tmp_path, monkeypatch):
+    """The Recording snippet and the decode-step recipe of docs/tracing.md, run as written on the shipped model."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    text = open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2 and "past_key_values" in blocks[1]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/tracing.md", "exec"), namespace)
+    assert len(namespace["step"]) == len(namespace["full"]) > 0
+
+
+def test_a_shape_mismatch_row_names_the_layout(checkpoints):
+    """A porter's k repeated to H heads under GQA, or q in [B, T, H, D], got 'shape (..) in A, (..) in B' and no
+    hint (porter review): the row now names the name table's layout (k/v not repeated to H)."""
+    model = tiny_model(seed=5, **VARIANTS["12b"])                          # 4 heads, 2 key/value heads
+    _, mine = model.run_with_trace([[5, 17, 42]])
+    port = dict(mine)
+    k = "model.layers.0.self_attn.k_proj"
+    port[k] = np.repeat(mine[k], 2, axis=1)                                # repeated to H: [1, 4, 3, 16]
+    q = "model.layers.0.self_attn.q_proj"
+    port[q] = mine[q].transpose(0, 2, 1, 3)                                # [B, T, H, D]
+    by = {r.name: r for r in compare_traces(mine, port)}
+    assert by[k].note == ("shape (1, 2, 3, 16) in A, (1, 4, 3, 16) in B; the layout is [B, KVH, T, D] (the "
+                          "key/value heads, not repeated to H)")
+    assert by[q].note == ("shape (1, 4, 3, 16) in A, (1, 3, 4, 16) in B; the layout is [B, H, T, D] (heads "
+                          "before tokens)")
+    assert compare_traces({"x": np.zeros(2)}, {"x": np.zeros(3)})[0].note == "shape (2,) in A, (3,) in B"  # no name
+
+
+def test_every_traced_name_has_the_layout_of_the_docs_table(variant):
+    from stablelm_ref.trace import layout
+
+    model = tiny_model(seed=3, **VARIANTS[variant])
+    _, trace = model.run_with_trace([[5, 17, 42]])
+    documented = _documented_shapes(model.config, 3)
+    c = model.config
+    dims = {"B": 1, "T": 3, "S": 3, "H": c.num_attention_heads, "KVH": c.num_key_value_heads, "D": c.head_dim,
+            "hidden": c.hidden_size, "inter": c.intermediate_size, "vocab": c.vocab_size}
+    for name, array in trace.items():
+        shape = layout(name).split("]")[0].strip("[").split(", ")
+        assert tuple(dims[d] for d in shape) == array.shape, name
+        if not name.startswith("model.layers.1"):
+            assert documented[name] == array.shape, name
+    assert layout("model.layers.0.self_attn.mlp.act") is None and layout("lm_head.weight") is None
+
+
+def test_python_repr_metadata_is_named_with_how_to_write_json(tmp_path):
+    """order = str(list(names)) (single quotes) said 'not valid JSON (...); re-download or fix the file' (porter
+    review): a file the porter wrote. For order and attention_mask the message now says how to write them."""
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    for key, value, how in [("order", str(["a", "b"]), "json.dumps(list(trace))"),
+                            ("attention_mask", str(np.array([[0, 1]])), "json.dumps(mask.tolist())"),
+                            ("attention_mask", str(((0, 1),)), "json.dumps(mask.tolist())")]:
+        save_file({"a": np.zeros(2), "b": np.zeros(1)}, path, {key: value})
+        with pytest.raises(CheckpointError) as e:
+            read_trace(path)
+        assert f"metadata '{key}': not valid JSON (" in str(e.value) and how in str(e.value)
+        assert "re-download" not in str(e.value) and "is Python, not JSON" in str(e.value)
+
+
+def test_the_tokenizer_hint_is_given_only_where_a_tokenizer_gave_the_ids(tmp_path, capsys):
+    """--ids 5,17,200 on a 101-id model said '...; does the tokenizer belong to this model?' though no tokenizer
+    was involved (porter review): the model's message is plain; --text names the tokenizer."""
+    from test_tokenizer import tiny_tokenizer_dir
+
+    d = tmp_path / "m"
+    tiny_model(seed=3).save_pretrained(d)                 # vocab_size 101
+    tiny_tokenizer_dir(d)                                 # 300 ids: 'hello world' gives 293
+    out = str(tmp_path / "t.safetensors")
+    assert main(["trace", "--model", str(d), "--ids", "5,17,200", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "token id 200 is outside the vocabulary [0, 101) of this model (config.json's vocab_size)" in err
+    assert "tokenizer" not in err
+    assert main(["trace", "--model", str(d), "--text", "hello world", "--out", out]) == 2
+    assert (f"--text gives token id 293 (from {d}'s tokenizer), outside the model's vocabulary [0, 101): does the "
+            "tokenizer belong to this model?") in capsys.readouterr().err
+    with pytest.raises(Exception, match=r"outside the vocabulary \[0, 101\) of this model \(config.json's "
+                                        r"vocab_size\)$"):
+        StableLmForCausalLM.from_pretrained(d)([[5, 200]])
+
+
+def test_python_dash_m_trace_speaks_as_stablelm_ref(checkpoints, capsys, tmp_path):
+    """`python -m stablelm_ref.trace` had its own warning hook ('warning: ...') and error prefix ('error: ...') beside
+    stablelm-ref's ('stablelm-ref: warning: ...'), and a closed pipe (| head) was a BrokenPipeError traceback:
+    both entry points now run through command.run, so the lines are the same."""
+    from stablelm_ref import cli
+    from stablelm_ref.checkpoint import save_file
+
+    path = tmp_path / "port.safetensors"
+    save_file({"a": np.zeros(2)}, path, {"dtype": "fp32"})
+    for argv in (["compare", str(path), str(path)], ["trace", "--ids", "1", "--out", ""],
+                 ["compare", str(path), str(path), "--allow"]):
+        said = []
+        for entry in (main, cli.main):
+            try:
+                code = entry(argv)
+            except SystemExit as e:                         # a usage error: argparse exits
+                code = e.code
+            said.append((code, capsys.readouterr().err))
+        assert said[0] == said[1], said
+        assert said[0][1].startswith("stablelm-ref: ") and said[0][1].count("\n") in (1, 2)
+    assert "did you mean --allow-missing?" in said[0][1]
+    good = str(_trace(checkpoints, "good", "float64", "m64.safetensors"))
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(f"'{sys.executable}' -m stablelm_ref.trace compare '{good}' '{good}' | head -1", shell=True,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.stdout.startswith("A: ") and run.stderr == "", run.stderr
+
+
+def test_compare_traces_refuses_a_mask_that_is_not_the_traces_tokens():
+    """compare_traces(..., attention_mask=m) in Python ignored a mask of another shape than the traces' [B, T]
+    silently (drop_padding returned every tensor whole): it is refused as the CLI refuses it."""
+    a = {"model.embed_tokens": np.zeros((2, 5, 4)), "model.layers.0.self_attn.q_proj": np.zeros((2, 3, 5, 4))}
+    for mask in ([[1, 1, 1], [1, 1, 1]], np.ones((5, 2))):
+        with pytest.raises(CheckpointError, match=r"^attention_mask is \dx\d, but the traces' tokens are 2x5 \(batch x "
+                                                  r"tokens, of model.embed_tokens\)"):
+            compare_traces(a, a, attention_mask=mask)
+    b = {"model.layers.0.self_attn.q_proj": np.zeros((2, 3, 5, 4))}            # no embed_tokens: its token axis
+    with pytest.raises(CheckpointError, match=r"tokens are 2x5 \(batch x tokens, of model.layers.0.self_attn.q_proj"):
+        compare_traces(b, b, attention_mask=np.ones((2, 3)))
+    for mask in ([[1, 1], [1]], [[0.5] * 5] * 2, "1,1"):
+        with pytest.raises(CheckpointError, match="is not an attention mask"):
+            compare_traces(a, a, attention_mask=mask)
+    x = dict(a, **{"model.embed_tokens": np.ones((2, 5, 4))})
+    x["model.embed_tokens"][0, :2] = 9.0                                       # differs at padded positions only
+    for mask in ([[0, 0, 1, 1, 1], [1] * 5], np.array([[0, 0, 1, 1, 1], [1] * 5], dtype=bool)):
+        assert first_divergence(compare_traces(x, dict(a, **{"model.embed_tokens": np.ones((2, 5, 4))}),
+                                               attention_mask=mask)) is None
+
+
+def test_compares_warnings_are_warnings_in_the_one_form(checkpoints, capsys, tmp_path):
+    """compare printed 'warning: ... different input ids' among its report on stdout, a third form beside the
+    runner's 'stablelm-ref: warning:' lines on stderr: it is now one of those."""
+    a = _trace(checkpoints, "good", "float64", "m64.safetensors")
+    b = tmp_path / "other.safetensors"
+    assert main(["trace", "--model", str(checkpoints / "good"), "--ids", "5,17,42,8,99,4", "--out", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b)]) == 1
+    out, err = capsys.readouterr()
+    assert err == "stablelm-ref: warning: the two traces were recorded from different input ids\n"
+    assert "warning:" not in out
+
+
+def test_positions_from_the_mask_diverge_first_at_rotary_q():
+    """docs/tracing.md: positions derived from the mask on one side only diverge at the first rotary_q, even with
+    the padded positions left out (the rows that are not padded have the same positions on both sides)."""
+    model = tiny_model(seed=11)
+    ids, mask = np.array([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    _, default = model.run_with_trace(ids, attention_mask=mask)
+    _, derived = model.run_with_trace(ids, attention_mask=mask, position_ids=np.maximum(np.cumsum(mask, 1) - 1, 0))
+    first = first_divergence(compare_traces(default, derived, attention_mask=mask))
+    assert first.name == "model.layers.0.self_attn.rotary_q" and first.max_rel > 0.1        # measured 0.83
+    np.testing.assert_array_equal(default["lm_head"][1], derived["lm_head"][1])              # the unpadded row

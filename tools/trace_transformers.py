@@ -1,7 +1,7 @@
 """Record a transformers StableLmForCausalLM's intermediates under stablelm-ref's trace names.
 
-    python tools/trace_transformers.py --model DIR (--ids 1,2,3 | --text "...") [--dtype float32|float64|bfloat16]
-                                       [--exact] --out hf.safetensors
+    python tools/trace_transformers.py --model DIR (--ids 1,2,3 | --text "...") [--mask 1,1,1]
+                                       [--dtype float32|float64|bfloat16] [--exact] --out hf.safetensors
     stablelm-ref compare ours.safetensors hf.safetensors
 
 The trace file has the same format as `stablelm-ref trace` (stablelm_ref.trace.write_trace), so one
@@ -20,7 +20,10 @@ How each name is recorded (forward hooks on transformers' modules, whose names a
                                     query and key it receives (after rotary, keys before repeat_kv, [B, KVH,
                                     S, D] as ours), the probabilities it returns, and its output moved back
                                     from [B, T, H, D] to [B, H, T, D].
-Nothing is omitted: every name of stablelm-ref's trace is recorded faithfully.
+Nothing is omitted: every name of stablelm-ref's trace is recorded faithfully, from a model loaded by
+load_transformers_model or by transformers' own from_pretrained (sdpa or flash attention included: the
+tracing attention is switched in for the traced call, then switched back); a pass that records fewer
+attention names than every layer's is an error, never a shorter trace.
 
 Numerics: transformers computes the rotary cos/sin tables and the eager softmax in float32 even in
 a float64 model, so a float64 transformers trace matches a float64 stablelm-ref trace to ~1e-8 of
@@ -45,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import _encode, _parse_ids, check_replaceable, write_trace  # noqa: E402
+from stablelm_ref.trace import check_replaceable, check_text_ids, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -99,7 +102,8 @@ def _register_attention():
 
 
 def load_transformers_model(model_dir, dtype="float32"):
-    """transformers' StableLmForCausalLM from a model directory, in `dtype`, with the tracing attention."""
+    """transformers' StableLmForCausalLM from a model directory, in `dtype`, with the tracing attention (eval
+    mode). trace_transformers takes a model loaded any other way too: it switches the attention for its call."""
     try:
         import torch
         import transformers
@@ -132,12 +136,26 @@ def _exact_rotary(module, args, kwargs, output):
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+_ATTENTION_NAMES = ("rotary_q", "rotary_k", "attn_weights", "attn_output")
+
+
 def trace_transformers(model, input_ids, attention_mask=None, position_ids=None, exact=False):
     """One forward pass -> (logits [B, T, vocab] as NumPy, {name: NumPy array} in execution order).
+
+    `model` is a transformers StableLmForCausalLM, loaded by load_transformers_model or any other way: the
+    tracing attention function is switched in for this one call (set_attn_implementation; a model loaded with
+    sdpa or flash attention never calls it, and recorded no rotary_q/rotary_k/attn_weights/attn_output) and the
+    model runs in eval mode (no dropout); both are restored afterwards. Another architecture is refused, and so
+    is a pass that records fewer names than every layer's (a StableLmError).
 
     exact=True computes transformers' two float32 steps (rotary tables, eager softmax) in the model's
     dtype instead: for float64 against float64 checks; the rest is transformers' code unchanged."""
     import torch
+
+    if getattr(model.config, "model_type", None) != "stablelm":
+        raise StableLmError(f"trace_transformers traces transformers' StableLmForCausalLM, got a "
+                            f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}); "
+                            "load one with load_transformers_model(model_dir, dtype)")
 
     recorded = {}
     config = model.config
@@ -174,8 +192,13 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
             handles.append(module.register_forward_pre_hook(act_hook(name.rsplit(".", 1)[0] + ".act")))
         if name == "model.rotary_emb" and exact:
             handles.append(module.register_forward_hook(_exact_rotary, with_kwargs=True))
+    _register_attention()
+    attention, training = model.config._attn_implementation, model.training
     _state["record"], _state["exact"] = record, exact
     try:
+        if attention != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)      # records rotary q/k, the weights and the output
+        model.eval()
         with torch.no_grad():
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
             kw = {}
@@ -188,6 +211,16 @@ def trace_transformers(model, input_ids, attention_mask=None, position_ids=None,
         _state["record"], _state["exact"] = None, False
         for h in handles:
             h.remove()
+        if attention != ATTENTION_NAME:
+            model.set_attn_implementation(attention)
+        model.train(training)
+    missing = [f"model.layers.{i}.self_attn.{n}" for i in range(config.num_hidden_layers) for n in _ATTENTION_NAMES
+               if f"model.layers.{i}.self_attn.{n}" not in recorded]
+    if missing:
+        raise StableLmError(f"the forward pass recorded no {missing[0]} ({len(missing)} attention names missing): "
+                            f"the model's attention ({model.config._attn_implementation!r}) did not go through the "
+                            "tracing attention function (an attention module of its own that does not call "
+                            "transformers' attention interface?); trace a StableLmForCausalLM as transformers ships it")
     return _numpy(logits), recorded
 
 
@@ -196,7 +229,9 @@ def main(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--ids", help="comma-separated token ids; a padded batch: rows separated by ';' with --mask")
+    parser.add_argument("--mask", metavar="ROWS", help="attention mask of the --ids rows, rows separated by ';' "
+                                                       "(0: padding, 1: token), recorded in the trace")
     src.add_argument("--text", help="text, tokenized with stablelm-ref's tokenizer")
     parser.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float32")
     parser.add_argument("--exact", action="store_true",
@@ -205,22 +240,28 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        check_replaceable(args.out)                      # before loading: --out never replaces a non-trace
-        ids = _parse_ids(args.ids) if args.ids is not None else _encode(args.model, args.text)
+        check_replaceable(args.out, "--out")             # before loading: --out never replaces a non-trace
+        if not args.model:
+            raise StableLmError("--model is empty (''): give a model directory holding config.json and "
+                                "model.safetensors")
+        ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(args.model, args.text,
+                                                                                            args.mask)
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]     # torch's embedding would raise IndexError
+        if args.text is not None:
+            check_text_ids(ids, vocab, args.model)
+        bad = [i for row in ids for i in row if not 0 <= i < vocab]     # torch's embedding: an IndexError
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        _, trace = trace_transformers(model, [ids], exact=args.exact)
+        _, trace = trace_transformers(model, ids, attention_mask=mask, exact=args.exact)   # positions 0..T-1
         import torch
         import transformers
 
         how = ("transformers' eager attention; rotary tables and softmax in float32" if not args.exact else
                f"transformers' eager attention, --exact: rotary tables and softmax in {args.dtype}")
-        write_trace(args.out, trace, {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": [ids],
-                                      "producer": f"transformers {transformers.__version__} (torch {torch.__version__})",
-                                      "compute": how})
+        meta = {"model": args.model, "dtype": args.dtype, "device": "cpu", "ids": ids, "compute": how,
+                "producer": f"transformers {transformers.__version__} (torch {torch.__version__})"}
+        write_trace(args.out, trace, meta if mask is None else {**meta, "attention_mask": mask.tolist()})
     except StableLmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ import stablelm_ref
 from stablelm_ref.tokenizer import Tokenizer
 
 show_source(Tokenizer.encode)
-show_source(Tokenizer.__call__)
+show_source(Tokenizer.__call__, "rows = [self.encode")   # after the keyword checks: the padding
 
 # %% [markdown]
 # ## Which tokenizer
@@ -214,8 +214,14 @@ else:
 # position of each row, so the padding goes on the **left**, and the attention mask says which slots are
 # real: $m_{b,t} = 1$ for a token, $0$ for padding. GPT-NeoX's vocabulary has a padding token (`<|padding|>`,
 # id 1), but stablelm-3b-4e1t's tokenizer configuration names no pad token, so `Tokenizer` pads with the eos
-# token `<|endoftext|>` (id 0); the mask hides the pad slots, so which id fills them never matters. The model takes positions from the mask, $p_{b,t} = \sum_{s \le t}
-# m_{b,s} - 1$ (`generate` does exactly this), so a padded row sees the same positions as the row alone.
+# token `<|endoftext|>` (id 0); the mask hides the pad slots, so which id fills them never matters.
+#
+# Positions: a plain forward, `model(ids, attention_mask=mask)`, numbers the columns $0 \dots T-1$ whatever
+# the mask (as transformers does), so a row padded by $n$ starts at position $n$. `generate` instead derives
+# them from the mask, $p_{b,t} = \sum_{s \le t} m_{b,s} - 1$, so that a padded row sees the positions of the
+# row alone (the `position_ids` printed below); pass those to a forward to do the same. Rotary attention scores
+# depend only on the distance between two positions (chapter 06), so both give the same logits for the real
+# tokens, to rounding: the last cell of this section checks it.
 
 # %%
 batch = tok(list(PUBLISHED))
@@ -232,6 +238,22 @@ for row, text in enumerate(PUBLISHED):
     assert ids[row, n_pad:].tolist() == alone and mask[row].tolist() == [0] * n_pad + [1] * len(alone)
     assert (ids[row, :n_pad] == pad_id).all() and positions[row, n_pad:].tolist() == list(range(len(alone)))
 assert (mask[:, -1] == 1).all(), "left padding: the last column is a real token in every row"
+
+# %%
+# A plain forward (positions 0..T-1) against positions from the mask, on the default model and its own
+# tokenizer, in float64: the logits of the real tokens agree to float64 rounding (~1e-16 relative per
+# operation, a few hundred operations deep: 1e-12 leaves room), while a model whose scores depended on absolute
+# positions would differ at O(1).
+model64 = stablelm_ref.StableLmForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype="float64")
+own = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+enc = own(["The weather is always wonderful", "Hello world", "def f(x): return x"])
+m = enc["attention_mask"]
+assert (m == 0).any(), "the check needs a padded row"
+plain = model64(enc["input_ids"], attention_mask=m).logits                            # positions 0..T-1
+from_mask = model64(enc["input_ids"], attention_mask=m, position_ids=np.where(m == 1, np.cumsum(m, 1) - 1, 0)).logits
+gap = float(np.abs(plain - from_mask)[m == 1].max() / np.abs(from_mask[m == 1]).max())
+assert gap < 1e-12, gap
+print(f"real tokens' logits, plain forward vs positions from the mask: max relative difference {gap:.1e}")
 
 # %% [markdown]
 # ## Figure: how text is cut, and how long the tokens are

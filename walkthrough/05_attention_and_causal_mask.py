@@ -9,8 +9,10 @@
 #   \min(\text{dtype}) & \text{otherwise}\end{cases}$$
 #
 # The mask makes the model causal (a token never sees the future) and hides padding. Like transformers'
-# eager path, masked scores get the dtype's most negative finite value (not $-\infty$, so a row with no
-# visible key stays finite), and the softmax runs in float32 (float64 in float64 mode).
+# eager path, masked scores get the dtype's most negative finite value (not $-\infty$, whose softmax would be
+# NaN in a row with no visible key), and the softmax runs in float32 (float64 in float64 mode). A query with
+# no visible key at all (a left pad before the row's first token) then gets weights 0 and output 0, as
+# transformers' default sdpa path gives it (`attends` in the code below); nothing downstream reads it.
 # The scale is $1/\sqrt{d_{\mathrm{head}}}$: $1/\sqrt{80}$ for stablelm-3b-4e1t.
 
 # %%
@@ -47,10 +49,9 @@ for b in range(B):
     for h in range(H):
         for t in range(T):
             visible = [s for s in range(S) if s <= past + t and pad[b, s]]
-            if not visible:  # a pad query with no visible key: finite (uniform) weights, ignored downstream
-                assert np.all(np.isfinite(probs[b, h, t]))
-                expected_out[b, h, t] = out[b, h, t]
-                continue
+            if not visible:  # a pad query with no visible key: weights 0 and output 0 (as sdpa)
+                assert (probs[b, h, t] == 0).all() and (out[b, h, t] == 0).all()
+                continue     # expected_out[b, h, t] stays 0
             scores = np.array([q[b, h, t] @ k[b, h, s] / np.sqrt(D) for s in visible])
             w = np.exp(scores - scores.max())
             w /= w.sum()
@@ -58,7 +59,10 @@ for b in range(B):
             assert np.all(np.delete(probs[b, h, t], visible) == 0)
             expected_out[b, h, t] = w @ v[b, h, visible]
 np.testing.assert_allclose(out, expected_out, rtol=0, atol=1e-13)
-print("scaled_dot_product_attention == per-head softmax(q k^T / sqrt(D)) v; masked weights are exactly 0")
+no_key = [(b, t) for b in range(B) for t in range(T) if not any(s <= past + t and pad[b, s] for s in range(S))]
+assert no_key == [(1, 0)]                                             # the check above met such a query
+print("scaled_dot_product_attention == per-head softmax(q k^T / sqrt(D)) v; masked weights are exactly 0;")
+print(f"queries with no visible key (batch row, t) {no_key}: weights and output exactly 0")
 
 # %% [markdown]
 # ## Attention maps of a model

@@ -3,9 +3,9 @@
 #
 # In multi-head attention (MHA) every query head has its own key and value head. Grouped-query attention
 # (GQA) lets $G = H / H_{kv}$ query heads share one key/value head: stablelm-2-12b has 32 query heads and
-# 8 kv heads ($G = 4$). The query head $h$ reads kv head $\lfloor h / G \rfloor$:
+# 8 kv heads ($G = 4$). The query head $h$ reads kv head $\lfloor h / G \rfloor$ ($D$: the head size, head_dim):
 #
-# $$\mathrm{out}_h = \mathrm{softmax}\!\Big(\frac{q_h\,k_{\lfloor h/G\rfloor}^\top}{\sqrt{d}} + M\Big)\,v_{\lfloor h/G\rfloor}$$
+# $$\mathrm{out}_h = \mathrm{softmax}\!\Big(\frac{q_h\,k_{\lfloor h/G\rfloor}^\top}{\sqrt{D}} + M\Big)\,v_{\lfloor h/G\rfloor}$$
 #
 # So GQA **is** MHA with each kv head repeated $G$ times (transformers' `repeat_kv`). What it buys is
 # memory: `k_proj`/`v_proj` are $G$ times smaller, and so is the KV cache (chapter 16), which is what limits

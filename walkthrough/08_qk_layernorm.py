@@ -13,15 +13,17 @@
 # q/k *projections* grow. With learned weights the bound becomes
 # $|\hat q\cdot\hat k|/\sqrt D \le \sqrt D\,\max_i |w^{(q)}_{h,i}|\,\max_i |w^{(k)}_{j,i}|$: the logits are
 # bounded by the qk-norm weights, not by the projections. Those weights are learned too and can grow, but they
-# are $2HD$ numbers per layer that the optimiser moves slowly, instead of the $2 d \cdot HD$ entries of
-# $W_q, W_k$ whose growth multiplies the scores. That removes the usual route to exploding attention logits
+# are $(H + H_{kv})\,D$ numbers per layer ($H$ query heads, $H_{kv}$ kv heads: stablelm-2-12b is GQA, chapter 07;
+# $32 \cdot 160 + 8 \cdot 160 = 6400$) that the optimiser moves slowly, instead of the $d\,(H + H_{kv})\,D$
+# entries of $W_q, W_k$ ($d$ the hidden size: 32.8 million) whose growth multiplies the scores. That removes the usual route to exploding attention logits
 # and a softmax collapsed onto one key, a known instability of large-model training.
 
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
 
-from _common import record, savefig, show_source, tiny_model
+from _common import family_config, record, savefig, show_source, tiny_model
+from stablelm_ref import checkpoint
 from stablelm_ref.attention import attention
 from stablelm_ref.layernorm import layer_norm, per_head_layer_norm
 
@@ -57,6 +59,17 @@ for i in range(cfg.num_hidden_layers):
         by_loop = np.stack([layer_norm(raw[:, h], ws[h], None, cfg.layer_norm_eps) for h in range(heads)], 1)
         np.testing.assert_allclose(seen[f"{p}{which}_layernorm"], by_loop, rtol=0, atol=1e-13)
 print("per-head LayerNorm == loop of LayerNorms; the model's traced q/k_layernorm agree")
+
+# The counts of the text, from the tensors the checkpoint of stablelm-2-12b holds (one layer)
+shapes12 = checkpoint.expected_shapes(family_config("stablelm-2-12b"), "base")
+c12 = family_config("stablelm-2-12b")
+layer0 = {n: s for n, s in shapes12.items() if n.startswith("model.layers.0.self_attn.")}
+norm_numbers = sum(int(np.prod(s)) for n, s in layer0.items() if "_layernorm.norms." in n)
+proj_numbers = sum(int(np.prod(layer0[f"model.layers.0.self_attn.{w}_proj.weight"])) for w in "qk")
+H12, Hkv12, D12, d12 = c12.num_attention_heads, c12.num_key_value_heads, c12.head_dim, c12.hidden_size
+assert norm_numbers == (H12 + Hkv12) * D12 == 6400 and proj_numbers == d12 * (H12 + Hkv12) * D12
+print(f"stablelm-2-12b, one layer: qk-norm weights (H + H_kv) D = ({H12} + {Hkv12}) * {D12} = {norm_numbers}; "
+      f"W_q, W_k: d (H + H_kv) D = {proj_numbers:,}")
 
 
 # %% [markdown]

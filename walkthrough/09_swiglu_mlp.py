@@ -9,7 +9,8 @@
 #
 # $W_{\mathrm{gate}}, W_{\mathrm{up}}$: hidden → intermediate (2560 → 6912 in stablelm-3b-4e1t), $W_{\mathrm{down}}$
 # back. The gate decides, per intermediate feature, how much of the `up` projection passes; SiLU is a smooth
-# ReLU that dips slightly below zero (minimum $\approx -0.278$ at $z \approx -1.278$).
+# ReLU that dips slightly below zero: its minimum is where $\mathrm{silu}'(z) = \sigma(z)\,(1 + z(1 - \sigma(z))) = 0$,
+# at $z^* \approx -1.2785$, and there $\sigma(z^*) = 1 + 1/z^*$, so $\mathrm{silu}(z^*) = z^* + 1 \approx -0.2785$.
 
 # %%
 import warnings
@@ -32,6 +33,8 @@ show_source(mlp)
 #    without a warning (the naive $1/(1+e^{-z})$ overflows `exp` at $z = -1000$).
 # 2. The traced `gate_proj`, `up_proj`, `act`, `down_proj` of a model equal the equation written with NumPy.
 # 3. Two facts of the shape of the function: $\mathrm{mlp}(0) = 0$ (no biases) and it is not linear.
+# 4. The minimum of the text: $z^*$ by bisection on $1 + z(1 - \sigma(z)) = 0$, and $\mathrm{silu}(z^*) = z^* + 1$;
+#    the grid of check 1 (step 0.03) finds it within one step.
 
 # %%
 z = np.linspace(-30, 30, 2001)
@@ -40,9 +43,16 @@ with warnings.catch_warnings():
     warnings.simplefilter("error")                                  # any overflow warning fails the check
     extreme = sigmoid(np.array([-1000.0, 1000.0]))
 assert extreme[0] == 0.0 and extreme[1] == 1.0
+lo, hi = -2.0, -1.0                                                 # 1 + z (1 - sigma(z)): < 0 at -2, > 0 at -1
+for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if 1 + mid * (1 - sigmoid(np.array(mid))) < 0 else (lo, mid)
+z_min = (lo + hi) / 2
+assert abs(z_min + 1.2785) < 5e-5 and abs(silu(np.array(z_min)) - (z_min + 1)) < 1e-12
 i = np.argmin(silu(z))
-print(f"silu minimum {silu(z)[i]:.4f} at z = {z[i]:.3f}")
-assert abs(silu(z)[i] + 0.2785) < 1e-3
+print(f"silu minimum {float(silu(np.array(z_min))):.5f} at z* = {z_min:.5f} (bisection); the grid of step "
+      f"{z[1] - z[0]:.2f} puts it at z = {z[i]:.3f}")
+assert abs(z[i] - z_min) <= z[1] - z[0]
 
 model = tiny_model(seed=7)
 cfg = model.config

@@ -6,7 +6,7 @@
 # them in a cache, and a decoding step computes $q, k, v$ for the **new** position only:
 #
 # $$K^{(l)}_{0..t} = [\,K^{(l)}_{0..t-1};\ k^{(l)}_t\,],\qquad V^{(l)}_{0..t} = [\,V^{(l)}_{0..t-1};\ v^{(l)}_t\,],\qquad
-#   \mathrm{out}_t = \mathrm{softmax}\big(q_t K_{0..t}^\top/\sqrt d\big)\,V_{0..t}$$
+#   \mathrm{out}_t = \mathrm{softmax}\big(q_t K_{0..t}^\top/\sqrt{d_{\mathrm{head}}}\big)\,V_{0..t}$$
 #
 # A step then costs $O(t)$ attention work instead of re-running all $t$ positions through every matrix.
 # The price is memory: $2 \cdot L \cdot H_{kv} \cdot d_{\mathrm{head}}$ numbers per token and sequence.

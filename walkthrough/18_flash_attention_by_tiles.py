@@ -7,7 +7,7 @@
 # keys in tiles of $B_c$ columns, for a block of $B_r$ query rows held on chip, and keeps for each row only a
 # running maximum $m$, a running sum $\ell$ and an unnormalised output $O$ (the *online softmax*):
 #
-# $$S_j = \frac{Q_i K_j^\top}{\sqrt d}\ (\text{masked}),\qquad m_j = \max\big(m_{j-1},\ \mathrm{rowmax}(S_j)\big),\qquad
+# $$S_j = \frac{Q_i K_j^\top}{\sqrt D}\ (\text{masked}),\qquad m_j = \max\big(m_{j-1},\ \mathrm{rowmax}(S_j)\big),\qquad
 #   P_j = e^{S_j - m_j}$$
 # $$\ell_j = e^{m_{j-1} - m_j}\,\ell_{j-1} + \mathrm{rowsum}(P_j),\qquad O_j = e^{m_{j-1} - m_j}\,O_{j-1} + P_j V_j,
 #   \qquad \mathrm{out} = O_{\mathrm{last}} / \ell_{\mathrm{last}}$$
@@ -15,8 +15,8 @@
 # Each time the maximum grows, everything accumulated so far is rescaled by $e^{m_{\mathrm{old}} - m_{\mathrm{new}}} \le 1$,
 # so nothing overflows and the result is exactly $\mathrm{softmax}(S)\,V$: by induction
 # $\ell_j = \sum_{s \le j} e^{S_s - m_j}$ and $O_j = \sum_{s \le j} e^{S_s - m_j} V_s$, and the $e^{-m_j}$ cancels in the
-# ratio. With a causal mask, the key tiles entirely to the right of a block's last query are skipped
-# (about half the work), and only tiles crossing the diagonal need the mask.
+# ratio ($D$ is the head size, as in chapter 07). With a causal mask, the key tiles entirely to the right of a
+# block's last query are skipped (about half the work), and only tiles crossing the diagonal need the mask.
 #
 # Below, a NumPy emulation of the algorithm (it runs on a CPU; it is for reading, not for speed), checked
 # against the package's reference attention. The CUDA kernel that does this on the GPU is
@@ -40,19 +40,19 @@ show_source(scaled_dot_product_attention)
 def flash_attention(q, k, v, block_rows=16, block_cols=16, log=None):
     """Causal attention by tiles with the online softmax. q: [H, T, D]; k, v: [KVH, S, D], S >= T; the T
     queries are the last T positions. log, if a list, receives (head, row block, key tile, m, l) per step."""
-    heads, t, d = q.shape
+    heads, t, D = q.shape                                               # D: the head size
     kv_heads, s, _ = k.shape
     group, past = heads // kv_heads, s - t
     out = np.zeros_like(q)
     for h in range(heads):
         kh, vh = k[h // group], v[h // group]                           # GQA: query head h reads kv head h // G
         for r0 in range(0, t, block_rows):
-            qi = q[h, r0:r0 + block_rows] * d ** -0.5                  # [Br, D], scale folded into q
+            qi = q[h, r0:r0 + block_rows] * D ** -0.5                  # [Br, D], scale folded into q
             rows = qi.shape[0]
             q_pos = past + r0 + np.arange(rows)                         # positions of these queries
             m = np.full(rows, -np.inf)                                  # running max
             l = np.zeros(rows)                                          # running sum of exp
-            acc = np.zeros((rows, d), dtype=q.dtype)                    # running unnormalised output
+            acc = np.zeros((rows, D), dtype=q.dtype)                    # running unnormalised output
             for c0 in range(0, q_pos[-1] + 1, block_cols):               # tiles right of the diagonal: skipped
                 k_pos = c0 + np.arange(min(block_cols, s - c0))
                 scores = qi @ kh[k_pos].T                                # [Br, Bc]

@@ -14,5 +14,6 @@ def cupy():
     try:
         import cupy as cp
     except ImportError as e:  # pragma: no cover - depends on the machine
-        raise ImportError("the GPU decode engine needs CuPy: pip install 'stablelm-ref[gpu]'") from e
+        raise ImportError("the GPU decode engine needs CuPy: in a checkout, .venv/bin/pip install -e '.[gpu]'; "
+                          "where stablelm-ref is installed as a package, pip install 'stablelm-ref[gpu]'") from e
     return cp

@@ -110,3 +110,25 @@ def test_explicit_eos_none_generates_like_transformers(tmp_path):
                                    do_sample=False, **kwargs).numpy()
         np.testing.assert_array_equal(got, want)
     assert got.shape[1] == 5 + 10                                   # eos_token_id=None: no stop
+
+
+@pytest.mark.parametrize("places", [
+    dict(rope_theta=500.0, partial_rotary_factor=0.5, rope_scaling={"type": "linear", "factor": 2.0}),   # legacy
+    dict(rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 20000.0,
+                          "partial_rotary_factor": 0.5}),                                            # transformers 5
+    dict(rope_theta=20000.0, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    dict(rope_scaling={"type": "linear", "factor": 2.0, "rope_theta": 700.0},
+         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 700.0}),
+])
+def test_the_rope_values_we_accept_mean_what_they_mean_to_transformers(places):
+    """A rope value that config.json spells in several places loads only when the places agree (test_config.py);
+    those that load give transformers 5 and us the same theta, rotary fraction, scaling type and factor."""
+    from stablelm_ref import StableLmConfig
+
+    from conftest import TINY
+
+    ours = StableLmConfig.from_dict({**TINY, **places})
+    theirs = transformers.StableLmConfig.from_dict({**TINY, **places}).rope_parameters
+    assert (ours.rope_theta, ours.partial_rotary_factor, ours.rope_type) == \
+        (theirs["rope_theta"], theirs.get("partial_rotary_factor", 0.25), theirs["rope_type"])
+    assert (ours.rope_scaling or {}).get("factor") == theirs.get("factor")

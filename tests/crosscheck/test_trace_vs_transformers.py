@@ -137,6 +137,8 @@ def test_the_tool_loads_safetensors_only_and_speaks_in_one_line(tt, saved, tmp_p
          "is not a stablelm-ref trace"),
         (["--model", str(directory), "--ids", "1,2", "--out", str(tmp_path / "no" / "t.safetensors")],
          "cannot write"),
+        (["--model", "", "--ids", "1,2"], "--model is empty (''): give a model directory"),
+        (["--model", str(directory), "--ids", "1,2", "--out", ""], "--out is empty (''): give a file name"),
     ]:
         if "--out" not in args:
             args = args + ["--out", str(tmp_path / "t.safetensors")]
@@ -145,3 +147,59 @@ def test_the_tool_loads_safetensors_only_and_speaks_in_one_line(tt, saved, tmp_p
         assert last.startswith("error: ") and message in last
     assert (directory / "model.safetensors").read_bytes() == weights_before
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_model_loaded_without_the_tool_is_traced_in_full_and_left_as_it_was(tt, saved):
+    """trace_transformers() on a model from transformers' own from_pretrained (sdpa attention, porter review)
+    silently recorded no rotary_q/rotary_k/attn_weights/attn_output: the docs said every name is recorded. The
+    tracing attention is now switched in for the call (and back), and a pass that misses names is an error."""
+    import torch
+    import transformers
+
+    directory, ours = saved["12b"]
+    _, mine = ours.run_with_trace(IDS)
+    model = transformers.StableLmForCausalLM.from_pretrained(directory, dtype=torch.float64, use_safetensors=True,
+                                                             attn_implementation="sdpa")
+    model.train()
+    _, theirs = tt.trace_transformers(model, IDS, exact=True)
+    assert list(theirs) == list(mine)
+    assert first_divergence(compare_traces(mine, theirs)) is None           # float64 --exact: rtol 1e-10
+    assert model.config._attn_implementation == "sdpa" and model.training    # as it was
+    _, loaded = tt.trace_transformers(tt.load_transformers_model(directory, "float64"), IDS, exact=True)
+    for name in mine:
+        np.testing.assert_array_equal(theirs[name], loaded[name], err_msg=name)  # the same code ran
+
+    from transformers.models.stablelm import modeling_stablelm as ms
+
+    def unrecorded(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return ms.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    original = tt._attention
+    tt._attention = unrecorded                         # an attention function that records nothing
+    try:
+        with pytest.raises(tt.StableLmError, match=r"recorded no model\.layers\.0\.self_attn\.rotary_q \(8 attention "
+                                                   r"names missing\).*load_transformers_model"):
+            tt.trace_transformers(model, IDS)
+    finally:
+        tt._attention = original
+        tt._register_attention()
+    with pytest.raises(tt.StableLmError, match="got a LlamaForCausalLM .*load_transformers_model"):
+        tt.trace_transformers(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)), IDS)
+
+
+def test_a_padded_batch_from_both_command_lines_compares_clean(tt, saved, tmp_path, capsys):
+    """--ids rows and --mask in both tools (porter review): both record the mask and use positions 0..T-1, so
+    compare (mask from the metadata) agrees at float64 --exact; without the mask the padded rows diverge."""
+    directory, _ = saved["12b"]
+    ids, mask = "1,1,7,8,9;4,5,6,7,8", "0,0,1,1,1;1,1,1,1,1"
+    hf, ours = tmp_path / "hf.safetensors", tmp_path / "ours.safetensors"
+    assert tt.main(["--model", str(directory), "--ids", ids, "--mask", mask, "--dtype", "float64", "--exact",
+                    "--out", str(hf)]) == 0
+    assert main(["trace", "--model", str(directory), "--ids", ids, "--mask", mask, "--out", str(ours)]) == 0
+    assert read_trace(hf)[1]["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    capsys.readouterr()
+    assert main(["compare", str(ours), str(hf)]) == 0
+    assert "attention mask from A's metadata: 2 padded positions left out" in capsys.readouterr().out
+    rows = compare_traces(read_trace(ours)[0], read_trace(hf)[0])
+    assert first_divergence(rows).name == "model.layers.0.self_attn.attn_weights"    # the padded query rows

@@ -1,0 +1,120 @@
+"""Class: model state edited after loading is re-checked on every reference forward, not only on save.
+
+model.params and model.config are plain attributes a user may edit. Before, an edit that broke their agreement
+surfaced deep inside NumPy (an IndexError from fromnumeric.py for an embedding cut to 3 rows, a matmul's core
+dimension for a cut projection) or, with an lm_head of other rows, as logits of the wrong width; save_pretrained
+already refused the same edits. Now every reference forward names the tensor and both shapes (CheckpointError).
+"""
+
+import numpy as np
+import pytest
+
+from stablelm_ref import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
+from stablelm_ref.errors import CheckpointError
+
+from conftest import tiny_model
+
+IDS = [[3, 1, 4, 1, 5]]
+
+
+def cut(name, rows):
+    return lambda m: m.params.__setitem__(name, m.params[name][:rows])
+
+
+EDITS = {
+    "embedding cut to 3 rows": (cut("model.embed_tokens.weight", 3),
+                                r"'model.embed_tokens.weight' has shape \(3, 64\)"),
+    "lm_head of other rows": (cut("lm_head.weight", 100), r"'lm_head.weight' has shape \(100, 64\)"),
+    "a projection cut": (cut("model.layers.1.mlp.up_proj.weight", 5),
+                         r"'model.layers.1.mlp.up_proj.weight' has shape"),
+    "a tensor removed": (lambda m: m.params.pop("model.norm.bias"), "'model.norm.bias' is missing from the model"),
+    "a layer more in the config": (lambda m: setattr(m.config, "num_hidden_layers", 3),
+                                   "'model.layers.2.input_layernorm.bias' is missing"),
+    "a smaller vocabulary in the config": (lambda m: setattr(m.config, "vocab_size", 64),
+                                           r"'model.embed_tokens.weight' has shape \(\d+, 64\) but the config implies "
+                                           r"\(64, 64\)"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edit_that_breaks_params_against_config_is_named_by_the_forward(edit):
+    change, match = EDITS[edit]
+    model = tiny_model(seed=5)
+    before = model(IDS).logits
+    change(model)
+    with pytest.raises(CheckpointError, match=f"model.params no longer match model.config: tensor {match}"):
+        model(IDS)
+    with pytest.raises(CheckpointError, match="no longer match"):
+        model.generate(IDS, max_new_tokens=2, engine="reference")
+    with pytest.raises(CheckpointError, match=f"no longer match model.config: tensor {match}"):
+        model.fast()                                                # the fast form is built from the params
+    fresh = tiny_model(seed=5)
+    np.testing.assert_array_equal(fresh(IDS).logits, before)       # the check itself changes no number
+
+
+@pytest.mark.parametrize("cls", [StableLmForSequenceClassification, StableLmForTokenClassification])
+def test_the_classifiers_check_their_score_head(cls):
+    model = tiny_model(seed=5, cls=cls, pad_token_id=0)
+    model.params["score.weight"] = model.params["score.weight"][:1]
+    with pytest.raises(CheckpointError, match=r"'score.weight' has shape \(1, 64\)"):
+        model(IDS)
+
+
+def test_edits_that_keep_the_shapes_are_the_users_business(tmp_path):
+    """Values may change freely (that is what the tracing docs' perturbation does), a tied config may keep an
+    lm_head copy, and tensors the model does not read may be there (a bare StableLmModel over a causal LM's
+    params, as walkthrough 11 builds it): none is refused by the forward (the save refuses the unused ones, which
+    from_pretrained would refuse)."""
+    from stablelm_ref import StableLmModel
+    model = tiny_model(seed=5)
+    model.params["model.layers.0.self_attn.v_proj.weight"][3, 7] += 0.05
+    model.params["model.norm.weight"] = model.params["model.norm.weight"] * 2
+    assert np.isfinite(model(IDS).logits).all()
+    tied = tiny_model(seed=5, tie_word_embeddings=True)
+    tied.params["lm_head.weight"] = tied.params["model.embed_tokens.weight"].copy()
+    assert np.isfinite(tied(IDS).logits).all()
+    assert isinstance(tied, StableLmForCausalLM)
+    model.params["model.extra"] = np.ones(3)
+    assert np.isfinite(model(IDS).logits).all()
+    with pytest.raises(CheckpointError, match="cannot save: tensor 'model.extra' is not implied by the config"):
+        model.save_pretrained(tmp_path / "out")
+    base = StableLmModel(model.config, model.params)
+    np.testing.assert_array_equal(base(IDS).last_hidden_state, model(IDS, output_hidden_states=True).hidden_states[-1])
+
+
+CONFIG_EDITS = {
+    "a negative layer_norm_eps (NaN logits before)": (dict(layer_norm_eps=-1.0), "'layer_norm_eps' must be > 0"),
+    "rope_scaling in its legacy spelling (a KeyError in rotary before)": (
+        dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling = .* is not in the form the model reads"),
+    "an unknown activation": (dict(hidden_act="gelu_42"), "hidden_act 'gelu_42' is not supported"),
+    "id2label a list": (dict(id2label=["A", "B"]), "cannot be written as config.json"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(CONFIG_EDITS))
+def test_a_config_edited_into_values_the_model_cannot_use_is_refused_by_forward_and_save(tmp_path, edit):
+    """The same class for model.config's values: the forward gave NaN logits or failed inside rotary, and the save
+    wrote a config.json that from_pretrained then refused. Now both name the key (the forward re-checks the
+    config only when one of its fields changed)."""
+    from stablelm_ref.errors import ConfigError
+
+    changes, match = CONFIG_EDITS[edit]
+    model = tiny_model(seed=5)
+    model(IDS)
+    for key, value in changes.items():
+        setattr(model.config, key, value)
+    with pytest.raises(ConfigError, match=f"model.config: .*{match}"):
+        model(IDS)
+    with pytest.raises(CheckpointError, match=f"cannot save: model.config: .*{match}.*Nothing was written"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_place_edit_of_a_config_dict_is_seen_too():
+    model = tiny_model(seed=5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model(IDS)
+    model.config.rope_scaling["factor"] = -3.0                    # the same dict object, changed in place
+    from stablelm_ref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a number 'factor' from 1"):
+        model(IDS)
