@@ -352,12 +352,21 @@ def check_os_path(path):
         raise CheckpointError(f"{name!r}: a path cannot hold a NUL character; choose another path")
 
 
+def check_path_name(path, what, example):
+    """os.fspath(path); CheckpointError naming `what` unless path is a str or os.PathLike, not empty, that the
+    operating system can take (check_os_path). `example` completes the advice for an empty one ('' reached
+    open() as ': cannot write (No such file or directory)')."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"{what} must be a path (a string or os.PathLike), got {path!r}")
+    if not os.fspath(path):
+        raise CheckpointError(f"{what} is empty (''): give {example}")
+    check_os_path(path)
+    return os.fspath(path)
+
+
 def check_directory_name(directory):
-    """CheckpointError unless `directory` is a path (str or os.PathLike) that is not empty and that the operating
-    system can take (check_os_path)."""
-    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-        raise CheckpointError(f"give the output directory as a path (a string or os.PathLike), got {directory!r}")
-    check_os_path(directory)
+    """check_path_name for save_pretrained's output directory, which may not be the embedded default model's name."""
+    check_path_name(directory, "the output directory", "a directory to save into, e.g. ./my-model")
     from .hub import DEFAULT_MODEL
 
     if os.fspath(directory) == DEFAULT_MODEL:    # from_pretrained(that name) is the embedded model, not this folder

@@ -129,14 +129,8 @@ def write_trace(path, trace, metadata=None):
 
 
 def check_path(path, what):
-    """os.fspath(path); CheckpointError naming `what` unless path is a str or os.PathLike, not empty, that the
-    operating system can take (no NUL, encodable): '' reached open() as ': cannot write (No such file ...)'."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(f"{what} must be a file name (a string or os.PathLike), got {path!r}")
-    if not os.fspath(path):
-        raise CheckpointError(f"{what} is empty (''): give a file name, e.g. trace.safetensors")
-    checkpoint.check_os_path(path)
-    return os.fspath(path)
+    """os.fspath(path); CheckpointError naming `what` unless it is a file name the OS can take, not empty."""
+    return checkpoint.check_path_name(path, what, "a file name, e.g. trace.safetensors")
 
 
 def check_replaceable(path, what="the trace's output path"):

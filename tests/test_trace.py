@@ -503,7 +503,7 @@ def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkey
         assert "the trace to read is empty (''): give a file name" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"^the trace's output path is empty"):
         write_trace("", {"x": np.zeros(1)})
-    with pytest.raises(CheckpointError, match=r"^the trace to read must be a file name .* got None"):
+    with pytest.raises(CheckpointError, match=r"^the trace to read must be a path \(a string or os.PathLike\), got None"):
         read_trace(None)
     with pytest.raises(CheckpointError, match="NUL"):
         check_replaceable("a\0b")
