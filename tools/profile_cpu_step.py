@@ -24,6 +24,12 @@ Each prefill follows --idle seconds of sleep (make bench-llama's wait for a quie
 0.3 s before each side), so that OpenBLAS's worker thread, which spins ~0.1 s after a threaded call, is
 asleep when it starts.
 
+--torch profiles transformers' StableLmForCausalLM instead (same shape, random weights, sdpa attention,
+torch's own threads set to --threads), with torch.profiler: the same prefill or decode steps, and per op
+(aten::mm, aten::silu, ...) its self time per step and calls per step, beside the step's plain median. This
+is the peer the prefill target is measured against (make bench, make bench-llama); its per-op table is what
+to set beside this tool's own for the same shape (docs/cpu_notes.md, eighth pass).
+
 --without-gemv skips the GEMVs against the weight matrices (their outputs keep whatever they held, the
 logits are zeros): the plain step's time is then what everything else costs, plus the proxy passing each
 call through (a Python call, well under a microsecond, in plain steps too). Its figures are compared
@@ -47,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_cpu import COMMON, SHAPES  # noqa: E402  (the benchmark's shapes: small, slice, full)
+from bench_cpu import COMMON, SHAPES, quiet_peers  # noqa: E402  (the benchmark's shapes: small, slice, full)
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu  # noqa: E402
 from stablelm_ref.kv_cache import KVCache  # noqa: E402
 
@@ -143,7 +149,10 @@ def main():
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (time.thread_time), which other processes on a busy "
                          "machine do not inflate; meaningful with --threads 1 only")
+    ap.add_argument("--torch", action="store_true", help="profile transformers' forward instead (torch.profiler)")
     args = ap.parse_args()
+    if args.torch:
+        return profile_torch(args)
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
@@ -237,6 +246,54 @@ def main():
     for us, c, key, source in rows[:args.top]:
         where = os.path.basename(key[0])
         print(f"{us:9.1f} {c:6.0f}  {where}:{key[1]:<4d} {key[2]:<22s} {source[:70]}")
+
+
+def profile_torch(args):
+    """transformers' forward at the same shape: plain steps interleaved with profiled ones, as main() does for
+    ours; per op its median self time per profiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch, transformers = quiet_peers(args.threads or os.cpu_count())      # its warnings off, `threads` threads
+    config = {k: v for k, v in {**COMMON, **SHAPES[args.shape]}.items() if k != "model_type"}
+    model = transformers.StableLmForCausalLM(transformers.StableLmConfig(**config, attn_implementation="sdpa")).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"], (1, 128)))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    state = {"cache": out.past_key_values, "tok": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    def step():
+        with torch.inference_mode():
+            if args.prefill:
+                time.sleep(args.idle)
+                t0 = time.perf_counter()
+                model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                return time.perf_counter() - t0
+            t0 = time.perf_counter()
+            o = model(input_ids=state["tok"], past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+            state["cache"], state["tok"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    plain, per_op, calls = [], collections.defaultdict(list), collections.Counter()
+    for _ in range(args.steps):
+        plain.append(step())
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        for e in prof.key_averages():
+            per_op[e.key].append(e.self_cpu_time_total)                     # us, on the calling thread
+            calls[e.key] += e.count
+    n = args.steps
+    rows = sorted(((statistics.median(v + [0.0] * (n - len(v))), calls[k] / n, k) for k, v in per_op.items()),
+                  reverse=True)
+    what = "prefill of 128 tokens" if args.prefill else "decode step"
+    step_plain = statistics.median(plain) * 1e6
+    print(f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"shape {args.shape}; load {os.getloadavg()[0]:.1f}")
+    print(f"{what}, median of {n}: plain {step_plain:.0f} us ({(128 if args.prefill else 1) * 1e6 / step_plain:.1f} "
+          f"tok/s); per op, median self time over the {n} profiled steps:\n{'us/step':>9} {'calls':>6}  op")
+    for us, c, key in rows[:args.top]:
+        print(f"{us:9.1f} {c:6.0f}  {key}")
 
 
 if __name__ == "__main__":
