@@ -52,11 +52,13 @@ MAX_INDEX_BYTES = 16 * 1024 * 1024   # model.safetensors.index.json (real: < 200
 
 # ---- names and shapes a config implies ---------------------------------------------------------
 
-def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"):
+def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint", config_name="config.json"):
     """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token".
 
     `limit` (the number of tensors a checkpoint holds) refuses, before building anything, a config
-    that implies more tensors than that: a config edited to a billion layers fails at once.
+    that implies more tensors than that: a config edited to a billion layers fails at once. The
+    CheckpointError names `where` (the weights) and `config_name` (the config: model.params and
+    model.config for a model in memory).
     """
     h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -64,9 +66,9 @@ def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"
                  + (heads + kv) * config.qk_layernorm)
     if limit is not None and 3 + config.num_hidden_layers * per_layer > limit:
         raise CheckpointError(
-            f"config.json implies at least {3 + config.num_hidden_layers * per_layer} tensors "
+            f"{config_name} implies at least {3 + config.num_hidden_layers * per_layer} tensors "
             f"(num_hidden_layers={config.num_hidden_layers}, {per_layer} per layer) but {where} holds "
-            f"{limit}: config.json does not match the weights"
+            f"{limit}: {config_name} does not match the weights"
         )
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
