@@ -196,7 +196,7 @@ class StableLmPreTrainedModel:
             self._saved_config(host).save_pretrained(directory, group)
             self.generation_config.save_pretrained(directory, group)
             if os.path.lexists(os.path.join(directory, checkpoint.INDEX_NAME)):
-                group.remove(os.path.join(directory, checkpoint.INDEX_NAME))
+                group.delete(os.path.join(directory, checkpoint.INDEX_NAME))
 
     def _saved_config(self, host):
         """model.config with its "dtype" (and "torch_dtype", when set) naming the dtype of the weights written, as
