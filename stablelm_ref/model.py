@@ -225,12 +225,12 @@ class StableLmPreTrainedModel:
         if problem is not None:
             raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
                                   "or model.params edited after loading?")
-        copy = "lm_head.weight" in host and "lm_head.weight" not in self._shapes()  # tied, with a copy
+        tied_copy = "lm_head.weight" in host and "lm_head.weight" not in self._shapes()  # tied, with a copy
         refused = ": from_pretrained refuses non-finite weights. Nothing was written"
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
                                              beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
                 for name, value in host.items()}
-        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
+        if tied_copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
             raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
                                   "differs from model.embed_tokens.weight: from_pretrained would refuse the "
                                   "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
