@@ -10,11 +10,13 @@ A StableLM checkpoint directory holds a `config.json`. Two forms exist in the wi
 
 Both load into the same flat attributes (`rope_theta`, `partial_rotary_factor`, `rope_scaling`). A value
 that config.json spells in more than one place (rope_theta at the top level and inside rope_parameters or
-rope_scaling, the scaling in rope_scaling and in rope_parameters, "type" and "rope_type", "dtype" and its older
-spelling "torch_dtype") is checked in every place it appears, and the places must agree: transformers 5 reads
-rope_scaling before rope_parameters and rope_parameters' rope_theta before the top-level one, older releases
-the other way round, so a config whose spellings disagree means different models to different readers
-(ConfigError, naming both).
+rope_scaling, the scaling in rope_scaling and in rope_parameters, "type" and "rope_type") is checked in every
+place it appears, and the places must agree: transformers 5 reads rope_scaling before rope_parameters and
+rope_parameters' rope_theta before the top-level one, older releases the other way round, so a config whose
+spellings disagree means different models to different readers (ConfigError, naming both). "dtype" and its older
+spelling "torch_dtype" (the dtype the weights were saved in, a torch dtype's name) are each checked but not
+compared: they are bookkeeping (the safetensors' own dtypes are what is read, and save_pretrained writes the
+dtype it wrote in "dtype", and in "torch_dtype" when the config has one).
 Derived sizes:
 
     head_dim     = hidden_size // num_attention_heads          (80 in stablelm-3b-4e1t)
