@@ -59,7 +59,8 @@ class _Graph:
 
 
 class _Clock:
-    """Emulated GPU time (ms): each launch that runs adds its cost (see _Kernel)."""
+    """Emulated GPU time (ms): each launch that runs adds its cost (see _Kernel). Elapsed times are rounded to
+    1e-9 ms, so that equal costs time equal wherever the clock stands (its float sum rounds differently)."""
     t = 0.0
 
 
@@ -81,8 +82,8 @@ def _asnumpy(a, stream=None, order="C", out=None, blocking=True):
 def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
     ns.asnumpy = _asnumpy
-    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, get_elapsed_time=lambda e0, e1: e1.t - e0.t,
-                                    alloc_pinned_memory=bytearray)
+    ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, alloc_pinned_memory=bytearray,
+                                    get_elapsed_time=lambda e0, e1: round(e1.t - e0.t, 9))
     return ns
 
 
@@ -386,6 +387,35 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert [c[:3] for c in tune.leaner(s, kn.MODE_ADD)] == [(4, 160, p) for p in (0,) + tune.TUNE_PERSIST]
     assert tune.leaner(s._replace(rows=2), kn.MODE_SWIGLU) == [] and tune.leaner(s._replace(rows=1), kn.MODE_ADD) == []
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
+
+
+def test_probe_changes_the_tuning_and_puts_it_back(emulated):
+    """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
+    duration (the plan's launches carry the carveout), the tuning, attention shape, step time and carveouts put
+    back afterwards, also when the block raises; parse_changes refuses what is not KIND.FIELD=INT."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import decode_probe as dp
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated, pdl=False)
+    engine.prefill(np.random.default_rng(2).integers(2, 384, (1, 6)), logits=None)
+    engine.decode_step()
+    before = engine.tuning_state()
+    down = engine.tuning[1]["down"]
+    ch = dp.parse_changes(f"down.persist={down.persist + 1},attention.carveout=50")
+    assert ch == [("down", "persist", down.persist + 1), ("attention", "carveout", 50)]
+    with pytest.raises(RuntimeError):
+        with dp.changed(engine, ch):
+            assert engine.tuning[1]["down"] == down._replace(persist=down.persist + 1)
+            plan = engine._plan(1)
+            assert {fn.carveout for fn in plan if fn.tag == "attention"} == {50}
+            assert {fn.carveout for fn in plan if fn.tag != "attention"} == {None}
+            raise RuntimeError("the block fails")
+    assert engine.tuning_state() == before and engine.carveout == {}
+    assert {fn.carveout for fn in engine._plan(1)} == {None}
+    for bad in ("down.persist", "down.color=1", "down.persist=x"):
+        with pytest.raises(SystemExit, match="KIND.FIELD=INT"):
+            dp.parse_changes(bad)
 
 
 def test_emulated_prefill_and_steps(emulated):

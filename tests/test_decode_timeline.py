@@ -40,11 +40,12 @@ def plan(*spec):
 
 def test_spans_dep_and_early_from_exact_times():
     # launch 7 (qkv): two blocks, exit at 10 and 12 us; launch 9 (attention): one block resident early (start 5),
-    # one late (start 13), waits released at 12.5 / 13.2, exits 14 / 15; launch 11 (o_proj): both start at 14.5
+    # one late (start 13), waits released at 12.5 / 13.2, exits 14 / 15; launch 11 (o_proj): starts at 14.5 and
+    # (the block that returns before its wait) at 11, while qkv still ran
     us = 1000.0
     blocks = [(7, 0, 0, 1 * us, 10 * us), (7, 1, 0.2 * us, 1.1 * us, 12 * us),
               (9, 2, 5 * us, 12.5 * us, 14 * us), (9, 0, 13 * us, 13.2 * us, 15 * us),
-              (11, 1, 14.5 * us, 15.4 * us, 20 * us), (11, 3, 14.5 * us, None, 16 * us)]
+              (11, 1, 14.5 * us, 15.4 * us, 20 * us), (11, 3, 11 * us, None, 16 * us)]
     rows = tl.analyse(records(blocks), plan(("gemv:qkv", 2), ("attention", 2), ("gemv:o_proj", 2)))
     assert [r["kind"] for r in rows] == ["qkv", "attention", "o_proj"]
     a, o = rows[1], rows[2]
@@ -53,6 +54,8 @@ def test_spans_dep_and_early_from_exact_times():
     assert sum(r["span"] for r in rows) == pytest.approx(rows[-1]["exit"] - rows[0]["start"])
     assert a["dep"] == pytest.approx(0.5) and a["lastwait"] == pytest.approx(1.2) and a["late"] == pytest.approx(1.0)
     assert a["early"] == pytest.approx(50.0) and o["early"] == pytest.approx(100.0)
+    # early2: o_proj's blocks against qkv's last exit (12): one of two started before it
+    assert o["early2"] == pytest.approx(50.0) and a["early2"] == 0.0 and rows[0]["early2"] == 0.0
     assert o["dep"] == pytest.approx(0.4) and o["work"] == pytest.approx(4.6)       # the block without a wait is left out
     kinds = tl.by_kind(rows)
     assert kinds["attention"]["span_sum"] == pytest.approx(3.0) and "bytes" not in kinds["qkv"]

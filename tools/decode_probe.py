@@ -7,6 +7,7 @@
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
+    python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -23,6 +24,7 @@ nonsense and are only timed. Every variant's logits after the prompt + 4 steps a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -194,6 +196,58 @@ def carveout_sweep(engine, ids, steps, percents, res):
         log(f"    GEMV shared-memory carveout {pct:4d}%: {cms:.4f} ms/step {1e3 / cms:6.1f} tok/s")
 
 
+GEMV_FIELDS = ("rows", "threads", "persist")
+
+
+def parse_changes(spec):
+    """'o_proj.persist=4,attention.carveout=100' -> [(kind, field, int value)]: GEMV shape fields (GEMV_FIELDS) of a
+    kind's tuned shape, or `carveout` (the kind's launches' preferred shared-memory carveout, percent)."""
+    out = []
+    for item in spec.split(","):
+        kind, _, rest = item.partition(".")
+        field, _, value = rest.partition("=")
+        if field not in GEMV_FIELDS + ("carveout",) or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--ab: {item!r} is not KIND.FIELD=INT with FIELD in {GEMV_FIELDS + ('carveout',)}")
+        out.append((kind, field, int(value)))
+    return out
+
+
+@contextlib.contextmanager
+def changed(engine, changes, nb=1):
+    """The engine with batch nb's tuned GEMV shapes and the launches' carveouts changed as listed (parse_changes;
+    a GEMV field as a (kind, field, value) triple), put back afterwards (plans and graphs dropped both times)."""
+    state, carveout = engine.tuning_state(), dict(engine.carveout)
+    tuning = dict(engine.tuning[nb])
+    for kind, field, value in changes:
+        if field == "carveout":
+            engine.carveout[kind] = value
+        else:
+            tuning[kind] = tuning[kind]._replace(**{field: value})
+    engine.tuning[nb] = tuning
+    engine.reset_plans()
+    try:
+        yield
+    finally:
+        engine.set_tuning_state(state)
+        engine.carveout = carveout
+
+
+def ab_changes(engine, specs, res, rounds=3):
+    """The step as tuned against the step with each spec's changes (parse_changes), in alternating rounds
+    (time_step, 20 replays, medians)."""
+    cases = [("tuned", [])] + [(spec, parse_changes(spec)) for spec in specs]
+    times = {name: [] for name, _ in cases}
+    for _ in range(rounds):
+        for name, ch in cases:
+            with changed(engine, ch):
+                times[name].append(engine.time_step(1, replays=20))
+    base = float(np.median(times["tuned"]))
+    res["ab"] = {name: t for name, t in times.items()}
+    for name, t in times.items():
+        m = float(np.median(t))
+        log(f"    A/B {name:48s} {m:.4f} ms/step ({m - base:+.4f}; {', '.join(f'{v:.4f}' for v in t)})")
+
+
 def sweep_shapes(engine, kinds, res, top=3, rounds=3):
     """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
     TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
@@ -203,31 +257,29 @@ def sweep_shapes(engine, kinds, res, top=3, rounds=3):
     base = dict(engine.tuning[1])
 
     def use(kind, c):
-        engine.tuning[1] = dict(base, **{kind: base[kind]._replace(rows=c[0], threads=c[1], persist=c[2])})
+        return changed(engine, [(kind, f, v) for f, v in zip(GEMV_FIELDS, c)])
 
     for kind in kinds:
         Ws, mode = engine._gemv_shapes()[kind]
         timed = []
         for R, T, U in tune.gemv_candidates(Ws[0].shape[1], 1, mode):
             for P in (0,) + tune.TUNE_PERSIST:
-                use(kind, (R, T, P))
-                timed.append((engine.time_step(1), (R, T, P)))
+                with use(kind, (R, T, P)):
+                    timed.append((engine.time_step(1), (R, T, P)))
         timed.sort()
         chosen = (base[kind].rows, base[kind].threads, base[kind].persist)
         cands = [chosen] + [c for _, c in timed[:top] if c != chosen]
         times = {c: [] for c in cands}
         for _ in range(rounds):
             for c in cands:
-                use(kind, c)
-                times[c].append(engine.time_step(1, replays=20))
+                with use(kind, c):
+                    times[c].append(engine.time_step(1, replays=20))
         res[f"sweep {kind}"] = {"all": [(c, ms) for ms, c in timed], "again": {str(c): t for c, t in times.items()}}
         log(f"    {kind}: {len(timed)} shapes in the step, (rows, threads, persist): best "
             + "; ".join(f"{c} {ms:.4f}" for ms, c in timed[:5]) + f"; worst {timed[-1][1]} {timed[-1][0]:.4f}")
         for c in cands:
             log(f"    {kind} {c}{' (the tuner' + chr(39) + 's)' if c == chosen else ''}: "
                 f"{np.median(times[c]):.4f} ms/step ({', '.join(f'{t:.4f}' for t in times[c])})")
-    engine.tuning[1] = base
-    engine.reset_plans()
 
 
 def use_kernels(engine, k, retune):
@@ -257,6 +309,9 @@ def main():
                     help="every launch shape of these GEMV kinds timed within the step (first of --variants)")
     ap.add_argument("--persist", nargs="*", default=[], metavar="KIND:P",
                     help="persistent blocks per SM to try for one GEMV kind, e.g. o_proj:6 (first of --variants)")
+    ap.add_argument("--ab", nargs="*", default=[], metavar="SPEC",
+                    help="the tuned step against each SPEC's changes in alternating rounds, e.g. "
+                         "o_proj.persist=4 or o_proj.rows=8,attention.carveout=100 (first of --variants)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
@@ -352,16 +407,15 @@ def main():
         if name == args.variants[0] and args.sweep:
             sweep_shapes(engine, args.sweep, res[name])
         if name == args.variants[0] and args.persist:
-            saved = dict(engine.tuning[1])
             for item in args.persist:
                 kind, p = item.split(":")
-                engine.tuning[1] = dict(saved, **{kind: saved[kind]._replace(persist=int(p))})
-                engine.reset_plans()
-                pms = time_graph(engine, ids, engine.capture(1), args.steps)
+                was = engine.tuning[1][kind].persist
+                with changed(engine, [(kind, "persist", int(p))]):
+                    pms = time_graph(engine, ids, engine.capture(1), args.steps)
                 res[name][f"persist {item}"] = pms
-                log(f"    {kind} with {p} persistent blocks a SM (was {saved[kind].persist}): {pms:.4f} ms/step")
-            engine.tuning[1] = saved
-            engine.reset_plans()
+                log(f"    {kind} with {p} persistent blocks a SM (was {was}): {pms:.4f} ms/step")
+        if name == args.variants[0] and args.ab:
+            ab_changes(engine, args.ab, res[name])
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     log(f"done in {time.time() - t0:.0f} s")

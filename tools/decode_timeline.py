@@ -21,8 +21,13 @@ Per launch i (times relative to the step's first block start; "prev" = launch i 
   late     last start(i) - last exit(prev), if > 0: blocks that could start only after the predecessor ended
   early    % of this launch's blocks that started before the predecessor's last exit (resident early,
            prefetching their weights)
+  early2   % that started before the last exit of the launch before the predecessor (for gate|up: resident
+           while the attention still ran)
   work     last exit(i) - last wait return(i): the work after the last block is released
   tail     last exit(i) - median exit(i): how long the last blocks trail
+
+After the launches, each kind's kernel resources: threads, grid, registers, static and dynamic shared memory,
+and the blocks an SM holds by the driver's occupancy calculator with that kind alone on it.
 
 Timing: %globaltimer when its ticks are fine (< 100 ns apart); otherwise each SM's clock64, put on the
 globaltimer's axis per SM (one common rate fitted over every SM's samples, each SM's offset from the upper
@@ -148,7 +153,7 @@ def analyse(recs, plan, times=None):
     if len(launches) != len(plan):
         log(f"warning: {len(launches)} launches recorded, the plan has {len(plan)}: kinds are not matched")
     rows = []
-    prev_exit = None
+    prev_exit = prev2_exit = None
     for i, L in enumerate(launches):
         fn = plan[i] if len(launches) == len(plan) else None
         nblocks = int(np.prod(fn.grid)) if fn is not None else len(L["t0"])
@@ -166,10 +171,11 @@ def analyse(recs, plan, times=None):
                    span=(last_exit - ref) / 1e3, dep=(first_wait - ref) / 1e3, lastwait=(last_wait - ref) / 1e3,
                    late=max(0.0, last_start - ref) / 1e3,
                    early=100.0 * float(np.mean(L["t0"] < ref)) if prev_exit is not None else 0.0,
+                   early2=100.0 * float(np.mean(L["t0"] < prev2_exit)) if prev2_exit is not None else 0.0,
                    work=(last_exit - last_wait) / 1e3, tail=(last_exit - np.median(L["te"])) / 1e3,
                    first_exit=L["te"].min() / 1e3)
         rows.append(row)
-        prev_exit = last_exit
+        prev2_exit, prev_exit = prev_exit, last_exit
     return rows
 
 
@@ -181,7 +187,7 @@ def by_kind(rows, launch_bytes=None, gbs=None):
             sorted({r["kind"] for r in rows} - set(KIND_ORDER)):
         rs = [r for r in rows if r["kind"] == kind]
         agg = {"n": len(rs), "span_sum": sum(r["span"] for r in rs)}
-        for f in ("span", "dep", "lastwait", "late", "early", "work", "tail", "blocks"):
+        for f in ("span", "dep", "lastwait", "late", "early", "early2", "work", "tail", "blocks"):
             vals = [r[f] for r in rs if not np.isnan(r[f])]
             agg[f] = float(np.mean(vals)) if vals else float("nan")
         if launch_bytes and gbs and kind in launch_bytes:
@@ -198,14 +204,36 @@ def print_tables(rows, note, step_us=None, label="", launch_bytes=None, gbs=None
         f"first start to last exit {rows[-1]['exit'] - rows[0]['start']:.1f} us; timer: {note}")
     if step_us:
         log(f"  (the timeline build's step by graph replay: {step_us:.1f} us)")
-    log("| kind | launches | blocks | span sum us | span us | dep us | last wait us | late us | early % | "
+    log("| kind | launches | blocks | span sum us | span us | dep us | last wait us | late us | early % | early2 % | "
         f"work us | tail us | bytes at {gbs or 0:.0f} GB/s us | span - bytes us |")
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, a in kinds.items():
         b = f"{a['bytes']:.2f} | {a['over']:.2f}" if "bytes" in a else " | "
         log(f"| {kind} | {a['n']} | {a['blocks']:.0f} | {a['span_sum']:.1f} | {a['span']:.2f} | {a['dep']:.2f} | "
-            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['work']:.2f} | {a['tail']:.2f} | {b} |")
-    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | | | |")
+            f"{a['lastwait']:.2f} | {a['late']:.2f} | {a['early']:.0f} | {a['early2']:.0f} | {a['work']:.2f} | "
+            f"{a['tail']:.2f} | {b} |")
+    log(f"| all | {len(rows)} | | {total:.1f} | | | | | | | | | | |")
+
+
+def print_resources(engine, plan):
+    """Per kind (its first launch in the plan): the kernel, threads, registers a thread, static and dynamic
+    shared memory, and the blocks an SM holds by the driver's occupancy calculator (alone on the SM)."""
+    log("| kind | kernel | threads | grid | registers | static smem B | dynamic smem B | blocks/SM alone |")
+    log("|---|---|---:|---:|---:|---:|---:|---:|")
+    seen = set()
+    for fn in plan:
+        kind = kind_of(fn.tag)
+        if kind in seen:
+            continue
+        seen.add(kind)
+        f = fn.fn
+        try:
+            from cupy.cuda import driver
+            occ = driver.occupancyMaxActiveBlocksPerMultiprocessor(f.kernel.ptr, int(np.prod(fn.block)), fn.smem)
+        except Exception as e:  # noqa: BLE001 - a probe: say why instead of stopping
+            occ = f"? ({type(e).__name__})"
+        log(f"| {kind} | {getattr(f, 'name', '?')} | {int(np.prod(fn.block))} | "
+            f"{int(np.prod(fn.grid))} | {f.num_regs} | {f.shared_size_bytes} | {fn.smem} | {occ} |")
 
 
 def print_launches(rows, first, last):
@@ -290,6 +318,7 @@ def main():
             k_tl = timeline_kernels()
         rows, note, step_us, recs = timeline(engine, k_tl, ids, args.steps, args.replays)
         print_launches(rows, *args.launches)
+        print_resources(engine, engine._plan(1))
         launch_bytes = {name: Ws[0].nbytes for name, (Ws, _) in engine._gemv_shapes().items()}
         print_tables(rows, note, step_us, label=f"{shape}: ", launch_bytes=launch_bytes, gbs=args.gbs)
         if args.csv:

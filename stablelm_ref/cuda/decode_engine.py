@@ -160,6 +160,8 @@ class GpuDecodeEngine:
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
         self.att_shape: dict[int, tuple] = {}    # batch -> attention's (split_tiles, nbuf), tune.py's choice
+        self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
+        #                                          shared-memory carveout in percent; absent: the driver's choice
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
@@ -383,6 +385,8 @@ class GpuDecodeEngine:
             plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
                                     self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
                                     settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite)
+        for fn in plan:
+            fn.carveout = self.carveout.get(fn.tag.split(":")[-1])
         self._plans[key] = plan
         return plan
 

@@ -46,12 +46,16 @@ NULL = np.uint64(0)   # a null device pointer as a kernel argument
 
 
 class Launch:
-    """One kernel launch with its arguments bound (replayed eagerly or captured into a graph)."""
+    """One kernel launch with its arguments bound (replayed eagerly or captured into a graph). carveout: the
+    launch's preferred shared-memory carveout (percent of the SM's L1/shared memory), or None for the
+    driver's choice; it takes effect where the launch goes through PdlLauncher (captures with a carveout or
+    PDL), not in an eager call."""
 
-    __slots__ = ("fn", "grid", "block", "args", "smem", "tag")
+    __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout")
 
-    def __init__(self, fn, grid, block, args, smem=0, tag=""):
+    def __init__(self, fn, grid, block, args, smem=0, tag="", carveout=None):
         self.fn, self.grid, self.block, self.args, self.smem, self.tag = fn, grid, block, args, smem, tag
+        self.carveout = carveout
 
     def __call__(self):
         self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
@@ -63,6 +67,7 @@ class PdlLauncher:
     CuPy's launcher has no launch attributes, hence ctypes. Struct layouts as in cuda.h (CUDA 12/13)."""
 
     ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+    ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 14
 
     def __init__(self):
         import ctypes as C
@@ -101,13 +106,15 @@ class PdlLauncher:
             else:
                 raise TypeError(f"PdlLauncher: unsupported kernel argument {type(a)}")
         params = (C.c_void_p * len(vals))(*[C.cast(C.pointer(v), C.c_void_p) for v in vals])
-        attr = self.Attr()
-        attr.id = self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.val = 1
+        want = [(self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1)] if programmatic else []
+        if launch.carveout is not None:
+            want.append((self.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, int(launch.carveout)))
+        attr = (self.Attr * max(1, len(want)))()
+        for i, (aid, val) in enumerate(want):
+            attr[i].id, attr[i].value.val = aid, val
         g = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
         b = tuple(launch.block) + (1,) * (3 - len(launch.block))
-        cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], launch.smem, stream_ptr, C.pointer(attr),
-                          1 if programmatic else 0)
+        cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], launch.smem, stream_ptr, attr, len(want))
         func = launch.fn.kernel.ptr
 
         def run(_keep=(vals, params, attr, cfg)):
@@ -119,10 +126,10 @@ class PdlLauncher:
 
 def capture_launches(stream, launches, pdl: bool = False):
     """`launches` captured on `stream` as one CUDA graph; with pdl, each launch after the first is a
-    programmatic dependent of its predecessor (PdlLauncher)."""
-    if pdl:
+    programmatic dependent of its predecessor (PdlLauncher, which also applies a launch's carveout)."""
+    if pdl or any(getattr(fn, "carveout", None) is not None for fn in launches):
         pl = PdlLauncher()
-        launches = [pl.bind(fn, stream.ptr, programmatic=i > 0) for i, fn in enumerate(launches)]
+        launches = [pl.bind(fn, stream.ptr, programmatic=pdl and i > 0) for i, fn in enumerate(launches)]
     with stream:
         stream.begin_capture()
         try:

@@ -178,7 +178,7 @@ def test_a_model_loaded_without_the_tool_is_traced_in_full_and_left_as_it_was(tt
     tt._attention = unrecorded                         # an attention function that records nothing
     try:
         with pytest.raises(tt.StableLmError, match=r"recorded no model\.layers\.0\.self_attn\.rotary_q \(8 attention "
-                                                   r"names missing\).*load_transformers_model"):
+                                                   r"names missing\).*trace a StableLmForCausalLM as transformers ships it"):
             tt.trace_transformers(model, IDS)
     finally:
         tt._attention = original
