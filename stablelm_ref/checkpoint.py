@@ -52,11 +52,13 @@ MAX_INDEX_BYTES = 16 * 1024 * 1024   # model.safetensors.index.json (real: < 200
 
 # ---- names and shapes a config implies ---------------------------------------------------------
 
-def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"):
+def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint", config_name="config.json"):
     """{checkpoint name: shape} for a config and a head: "base", "causal_lm", "sequence", "token".
 
     `limit` (the number of tensors a checkpoint holds) refuses, before building anything, a config
-    that implies more tensors than that: a config edited to a billion layers fails at once.
+    that implies more tensors than that: a config edited to a billion layers fails at once. The
+    CheckpointError names `where` (the weights) and `config_name` (the config: model.params and
+    model.config for a model in memory).
     """
     h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -64,9 +66,9 @@ def expected_shapes(config, head="causal_lm", limit=None, where="the checkpoint"
                  + (heads + kv) * config.qk_layernorm)
     if limit is not None and 3 + config.num_hidden_layers * per_layer > limit:
         raise CheckpointError(
-            f"config.json implies at least {3 + config.num_hidden_layers * per_layer} tensors "
+            f"{config_name} implies at least {3 + config.num_hidden_layers * per_layer} tensors "
             f"(num_hidden_layers={config.num_hidden_layers}, {per_layer} per layer) but {where} holds "
-            f"{limit}: config.json does not match the weights"
+            f"{limit}: {config_name} does not match the weights"
         )
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
@@ -389,13 +391,14 @@ def _file_mode():
     return 0o666 & ~umask
 
 
-def check_replaceable(paths):
-    """CheckpointError, before anything is written or renamed, when one of `paths` cannot be replaced by a file:
-    a directory stands there (a symlink, to anything, is replaced itself, like a file)."""
+def check_replaceable(paths, deleting=False):
+    """CheckpointError, before anything is written or renamed, when one of `paths` cannot be replaced by a file
+    (deleting=True: cannot be deleted as a file): a directory stands there (a symlink, to anything, is replaced
+    or deleted itself, like a file)."""
     for path in paths:
         if os.path.isdir(path) and not os.path.islink(path):
-            raise CheckpointError(f"{path} is a directory: a file cannot replace it; remove or rename it. "
-                                  "Nothing was written")
+            why = "the save deletes the file of this name" if deleting else "a file cannot replace it"
+            raise CheckpointError(f"{path} is a directory: {why}; remove or rename it. Nothing was written")
 
 
 @contextlib.contextmanager
@@ -407,7 +410,6 @@ def atomic_open(path, group=None):
     group is written. An OSError (disk full, read-only directory) becomes a CheckpointError.
     """
     check_os_path(path)
-    check_replaceable([path])
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
@@ -429,9 +431,9 @@ def atomic_open(path, group=None):
 
 class AtomicGroup(list):
     """The files of one save: atomic_open(path, group) appends (temporary, path) once a file is written;
-    `remove(path)` adds a file that the save deletes (a stale shard index), as (None, path)."""
+    `delete(path)` adds a file that the save deletes (a stale shard index), as (None, path)."""
 
-    def remove(self, path):
+    def delete(self, path):
         self.append((None, path))
 
 
@@ -440,8 +442,10 @@ def atomic_group():
     """Write several files as one (a model's weights and its configs): all or nothing, as far as the file system
     allows.
 
-    Each `atomic_open(path, group)` writes a temporary file beside its target; `group.remove(path)` marks a file
-    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way), then
+    Each `atomic_open(path, group)` writes a temporary file beside its target; `group.delete(path)` marks a file
+    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way, where a
+    file is written or deleted; a directory at a written file's name also fails the rename: checked here, before
+    any rename, the group changes nothing), then
     each existing target is renamed to a backup name in the same directory (`.old-<random>-<name>`) and its new
     file renamed into place. Only when every rename has succeeded are the backups deleted. Any failure or interrupt
     (an OSError, KeyboardInterrupt, anything) on the way restores each backup to its name, removes the new files
@@ -455,7 +459,8 @@ def atomic_group():
     group = AtomicGroup()
     try:
         yield group
-        check_replaceable([path for _, path in group])
+        for tmp, path in group:
+            check_replaceable([path], deleting=tmp is None)
     except BaseException as e:
         for tmp, _ in group:
             if tmp is not None and os.path.exists(tmp):

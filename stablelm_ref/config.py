@@ -10,11 +10,13 @@ A StableLM checkpoint directory holds a `config.json`. Two forms exist in the wi
 
 Both load into the same flat attributes (`rope_theta`, `partial_rotary_factor`, `rope_scaling`). A value
 that config.json spells in more than one place (rope_theta at the top level and inside rope_parameters or
-rope_scaling, the scaling in rope_scaling and in rope_parameters, "type" and "rope_type", "dtype" and its older
-spelling "torch_dtype") is checked in every place it appears, and the places must agree: transformers 5 reads
-rope_scaling before rope_parameters and rope_parameters' rope_theta before the top-level one, older releases
-the other way round, so a config whose spellings disagree means different models to different readers
-(ConfigError, naming both).
+rope_scaling, the scaling in rope_scaling and in rope_parameters, "type" and "rope_type") is checked in every
+place it appears, and the places must agree: transformers 5 reads rope_scaling before rope_parameters and
+rope_parameters' rope_theta before the top-level one, older releases the other way round, so a config whose
+spellings disagree means different models to different readers (ConfigError, naming both). "dtype" and its older
+spelling "torch_dtype" (the dtype the weights were saved in, a torch dtype's name) are each checked but not
+compared: they are bookkeeping (the safetensors' own dtypes are what is read, and save_pretrained writes the
+dtype it wrote in "dtype", and in "torch_dtype" when the config has one).
 Derived sizes:
 
     head_dim     = hidden_size // num_attention_heads          (80 in stablelm-3b-4e1t)
@@ -45,8 +47,6 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024  # config.json (real: ~1 KB; id2label of many
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_POSITIONS = 2**53  # positions beyond are not exact in float64 (model.py refuses larger position ids)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
-# config.json's "dtype" (transformers 5) and "torch_dtype" (older): the dtype the weights were saved in.
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class StableLmConfig:
     model_type: str = "stablelm"
     architectures: list | None = None
     dtype: str | None = None          # the weights' dtype as saved (transformers 5's key) ...
-    torch_dtype: str | None = None    # ... and its older spelling; each, when present, one of DTYPE_NAMES
+    torch_dtype: str | None = None    # ... and its older spelling; each, when present, a torch dtype's name
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -182,11 +182,12 @@ class StableLmConfig:
                                    ("label2id", dict, '{"NEGATIVE": 0}')):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), kind):
                 raise ConfigError(f"config key {key!r} must look like {example}, got {getattr(self, key)!r}")
-        for key in ("dtype", "torch_dtype"):                              # the two spellings, one check
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or value not in DTYPE_NAMES):
-                raise ConfigError(f"config key {key!r} names the dtype the weights were saved in, one of "
-                                  f"{', '.join(DTYPE_NAMES)}; got {value!r}")
+        for key in ("dtype", "torch_dtype"):             # the two spellings, one check; bookkeeping: the weights'
+            value = getattr(self, key)                   # dtypes are read from the safetensors, save rewrites it
+            if value is not None and not (isinstance(value, str) and value.isidentifier()):
+                raise ConfigError(f"config key {key!r} names the dtype the weights were saved in, a torch dtype's "
+                                  f"name such as \"bfloat16\" (transformers reads it as getattr(torch, name)); got "
+                                  f"{value!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
 

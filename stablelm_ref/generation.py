@@ -381,8 +381,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
              pad_token_id=FROM_CONFIG, seed=None, streamer=None, timings=None, engine="auto"):
     """Continue each row of input_ids [B, T] (left-padded); return the sequences [B, T + generated].
 
-    An argument left at None takes the model's generation config (model.generation_config), then transformers'
-    default (module docstring):
+    An argument left out takes the model's generation config (model.generation_config), then transformers'
+    default (module docstring); passing None is the same, except for eos_token_id and pad_token_id, where None is a
+    value of its own (eos_token_id=None: never stop at an EOS; pad_token_id=None: a finished row emits the first
+    EOS id), not the generation config's:
         attention_mask      [B, T] of 1 (token) / 0 (left padding); default: ids != pad_token_id where the pad
                             id occurs and is not an EOS id, else all ones
         max_new_tokens      new tokens per row (wins over max_length); max_length: prompt + new, in total;

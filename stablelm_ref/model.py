@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 
@@ -198,7 +196,7 @@ class StableLmPreTrainedModel:
             self._saved_config(host).save_pretrained(directory, group)
             self.generation_config.save_pretrained(directory, group)
             if os.path.lexists(os.path.join(directory, checkpoint.INDEX_NAME)):
-                group.remove(os.path.join(directory, checkpoint.INDEX_NAME))
+                group.delete(os.path.join(directory, checkpoint.INDEX_NAME))
 
     def _saved_config(self, host):
         """model.config with its "dtype" (and "torch_dtype", when set) naming the dtype of the weights written, as
@@ -219,20 +217,20 @@ class StableLmPreTrainedModel:
         except GenerationError as e:
             raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
                                   "generation_config.json. Nothing was written") from None
-        problem = edit_problem(self.config)
-        if problem is not None:
-            raise CheckpointError(f"cannot save: model.config: {problem}; from_pretrained would refuse the "
-                                  "config.json. Nothing was written")
-        problem = self._params_problem(host)
+        try:
+            problem = self._params_problem(host)
+        except ConfigError as e:
+            raise CheckpointError(f"cannot save: {e}; from_pretrained would refuse the config.json. Nothing was "
+                                  "written") from None
         if problem is not None:
             raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
                                   "or model.params edited after loading?")
-        copy = "lm_head.weight" in host and "lm_head.weight" not in implied_shapes(self.config, self.head)  # tied
+        tied_copy = "lm_head.weight" in host and "lm_head.weight" not in self._shapes()  # tied, with a copy
         refused = ": from_pretrained refuses non-finite weights. Nothing was written"
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
                                              beyond_range="; save with a wider dtype (float32 or bfloat16)" + refused)
                 for name, value in host.items()}
-        if copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
+        if tied_copy and not np.array_equal(host["lm_head.weight"], host["model.embed_tokens.weight"]):  # as written
             raise CheckpointError("cannot save: model.config.tie_word_embeddings is true but lm_head.weight "
                                   "differs from model.embed_tokens.weight: from_pretrained would refuse the "
                                   "files (the logits would ignore lm_head); set model.config.tie_word_embeddings "
@@ -247,8 +245,12 @@ class StableLmPreTrainedModel:
         The save checks it and so does every reference forward: params or config edited after loading failed
         deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
         lm_head of other rows, gave logits of the wrong width. The forward's cost, measured on the default model
-        (179 tensors, 2 CPU cores): tools/ab_params_check.py."""
-        expected = implied_shapes(self.config, self.head)               # tied: no lm_head.weight
+        (179 tensors, 2 CPU cores): tools/ab_params_check.py. ConfigError from _shapes when model.config itself
+        is unusable."""
+        try:
+            expected = self._shapes()                                        # tied: no lm_head.weight
+        except CheckpointError as e:                                         # more tensors than params holds
+            return str(e)
         names = set(params)
         if unused_ok:
             names &= set(expected)                                           # tensors the model does not read
@@ -264,17 +266,29 @@ class StableLmPreTrainedModel:
                 return f"tensor {name!r} has shape {got} but the config implies {shape}"
         return None
 
-    def _check_params(self):
-        """ConfigError when model.config was edited into values the model cannot use (config.edit_problem: checked
-        again only when a field changed, ~1 us otherwise), CheckpointError naming the tensor when model.params do
-        not match model.config (_params_problem)."""
+    def _shapes(self):
+        """{name: shape} of the tensors model.config implies for this head (checkpoint.expected_shapes; a tied
+        config: no lm_head.weight), after config.edit_problem has found the config usable (ConfigError otherwise:
+        an edit to num_attention_heads = 0 would fail inside the shapes). Both run again only when a field of
+        model.config changed since the last call (~1 us otherwise); the answer is kept on the model.
+        expected_shapes' limit, the number of tensors model.params holds, refuses a config that implies more
+        (CheckpointError) before a name is built: a config edited to a billion layers fails at once, where
+        building its names took seconds (10**5 layers) or never ended."""
         fields = tuple(vars(self.config).values())
-        if fields != getattr(self, "_checked_config", None):
+        seen = getattr(self, "_seen_config", None)
+        if seen is None or fields != seen[0]:
             problem = edit_problem(self.config)
             if problem is not None:
                 raise ConfigError(f"model.config: {problem}; was it edited after loading? Fix the value, or build "
                                   "the config with StableLmConfig.from_dict")
-            self._checked_config = copy.deepcopy(fields)
+            shapes = checkpoint.expected_shapes(self.config, self.head, limit=len(self.params), where="model.params",
+                                                config_name="model.config")
+            self._seen_config = (copy.deepcopy(fields), shapes)
+        return self._seen_config[1]
+
+    def _check_params(self):
+        """ConfigError when model.config was edited into values the model cannot use, CheckpointError naming the
+        tensor when model.params do not match model.config (_params_problem, _shapes)."""
         problem = self._params_problem(self.params, unused_ok=True)
         if problem is not None:
             raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
@@ -454,26 +468,6 @@ class StableLmModel(StableLmPreTrainedModel):
                 output_hidden_states=False):
         return self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                   output_hidden_states)
-
-
-# The config keys checkpoint.expected_shapes reads (with head_dim, derived): implied_shapes remembers its answer per
-# distinct values, so that a forward's check of the params (StableLmPreTrainedModel._params_problem) does not
-# rebuild ~10 names per layer each time.
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "use_parallel_residual", "use_qkv_bias", "qk_layernorm", "tie_word_embeddings",
-              "num_labels", "token_classification_bias")
-
-
-def implied_shapes(config, head):
-    """checkpoint.expected_shapes(config, head) as a read-only {name: shape}, remembered per SHAPE_KEYS values."""
-    return _implied_shapes(head, tuple(getattr(config, k) for k in SHAPE_KEYS))
-
-
-@functools.lru_cache(maxsize=16)
-def _implied_shapes(head, values):
-    sizes = SimpleNamespace(**dict(zip(SHAPE_KEYS, values)))
-    sizes.head_dim = sizes.hidden_size // sizes.num_attention_heads
-    return MappingProxyType({k: tuple(v) for k, v in checkpoint.expected_shapes(sizes, head).items()})
 
 
 def layer_tensors(params, num_layers):

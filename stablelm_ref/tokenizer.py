@@ -62,7 +62,7 @@ class Tokenizer:
         self.source = source
         self.add_bos_token = _flag(add_bos_token, "add_bos_token")
         self.add_eos_token = _flag(add_eos_token, "add_eos_token")
-        self.chat_template = _chat_templates(chat_template, source, "chat_template")
+        self.chat_template = _chat_templates(chat_template, source)
         self.model_max_length = model_max_length
         for name, token in zip(SPECIAL_NAMES, (bos_token, eos_token, pad_token, unk_token)):
             if token is not None and not isinstance(token, str):
@@ -97,12 +97,12 @@ class Tokenizer:
                 else mapped
         if tokens["bos_token"] is None and tokens["eos_token"] is None and backend.token_to_id(NEOX_DEFAULT) is not None:
             tokens["bos_token"] = tokens["eos_token"] = tokens["unk_token"] = NEOX_DEFAULT
-        template = _chat_templates(config.get("chat_template"), f"{path}: tokenizer_config.json", "'chat_template'")
+        template = config.get("chat_template")      # checked by __init__, unless chat_template.jinja replaces it
         template_file = os.path.join(path, "chat_template.jinja")
         if os.path.lexists(template_file):
             raw = bounded_io.read_bytes(template_file, MAX_FILE_BYTES["chat_template.jinja"], TokenizerError, path)
             try:
-                template = raw.decode("utf-8")
+                template = raw.decode("utf-8")                        # the file wins, as in transformers
             except UnicodeDecodeError as e:
                 raise TokenizerError(f"{template_file}: not UTF-8 (offset {e.start}); fix or re-download it") from None
         max_len = config.get("model_max_length")
@@ -489,26 +489,31 @@ def _read_json(path, root):
     return data
 
 
-def _chat_templates(value, where, key):
-    """A chat template as tokenizer_config.json gives it, checked: None, a string, or the named form, a non-empty
-    list of {"name": ..., "template": ...} objects with string values and distinct names, returned as {name:
-    template} (what transformers keeps as tokenizer.chat_template; the 'default' one is used when none is asked
-    for). A malformed value is a TokenizerError here, not "no chat template" when a chat is rendered."""
+def _chat_templates(value, source):
+    """The chat template a tokenizer uses (tokenizer_config.json's "chat_template", the chat_template.jinja that
+    replaces it, or the argument), checked once: None, a string, or the named form, a list of {"name": ...,
+    "template": ...} objects with string values and distinct names, returned as {name: template} (what
+    transformers keeps as tokenizer.chat_template; the 'default' one is used when none is asked for). An empty
+    list (or {}) is no template: transformers keeps {} and renders only a template passed to it. A malformed
+    value is a TokenizerError naming `source`, not "no chat template" when a chat is rendered."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+    if isinstance(value, (list, dict)) and not value:
+        return None
+    where = f"{source}: chat_template (tokenizer_config.json's \"chat_template\", or the chat_template argument)"
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         return dict(value)                                                # the {name: template} form, in memory
-    if not isinstance(value, list) or not value:
-        raise TokenizerError(f"{where} {key} must be a template string or a non-empty list of "
+    if not isinstance(value, list):
+        raise TokenizerError(f"{where} must be a template string or a list of "
                              f'{{"name": ..., "template": ...}} objects, got {reprlib.repr(value)}')
     named = {}
     for i, entry in enumerate(value):
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
                 and isinstance(entry.get("template"), str)):
-            raise TokenizerError(f"{where} {key}[{i}] must be an object {{\"name\": a string, \"template\": a "
+            raise TokenizerError(f"{where}: entry [{i}] must be an object {{\"name\": a string, \"template\": a "
                                  f"string}}, got {reprlib.repr(entry)}")
         if entry["name"] in named:
-            raise TokenizerError(f"{where} {key} names two templates {entry['name']!r}; names must differ")
+            raise TokenizerError(f"{where} names two templates {entry['name']!r}; names must differ")
         named[entry["name"]] = entry["template"]
     return named
 

@@ -655,6 +655,31 @@ def test_a_directory_in_the_way_of_any_file_changes_nothing(tmp_path, target):
                                                                                   | {target})
 
 
+def test_a_directory_at_the_shard_index_the_save_deletes_is_named_as_such(tmp_path):
+    """The save deletes a stale model.safetensors.index.json; a directory of that name is refused before anything
+    is written, by a message about deleting it (it said "a file cannot replace it", though no file was to)."""
+    before = _old_checkpoint(tmp_path)
+    (tmp_path / checkpoint.INDEX_NAME).mkdir()
+    (tmp_path / checkpoint.INDEX_NAME / "keep").write_text("x")
+    before = files_of(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{checkpoint.INDEX_NAME} is a directory: the save deletes the file of "
+                                              "this name; remove or rename it. Nothing was written"):
+        tiny_model(seed=17).save_pretrained(tmp_path)
+    assert files_of(tmp_path) == before and not any(n.startswith(".") for n in os.listdir(tmp_path))
+
+
+def test_a_group_refuses_a_directory_in_the_way_before_any_rename(tmp_path):
+    """atomic_group's own check, for any caller (save_pretrained also checks up front): a directory at one
+    target's name leaves the other target as it was."""
+    (tmp_path / "a").write_bytes(b"old")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(CheckpointError, match="b is a directory: a file cannot replace it"):
+        with checkpoint.atomic_group() as group:
+            checkpoint.atomic_write(str(tmp_path / "a"), b"new", group)
+            checkpoint.atomic_write(str(tmp_path / "b"), b"new", group)
+    assert (tmp_path / "a").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
 def _replace_failing_at(monkeypatch, failing, exception):
     """os.replace raising `exception` on the calls numbered in `failing` (from 1), the real one otherwise."""
     calls, real = [], os.replace

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stablelm_ref import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
-from stablelm_ref.errors import CheckpointError
+from stablelm_ref.errors import CheckpointError, StableLmError
 
 from conftest import tiny_model
 
@@ -23,16 +23,18 @@ def cut(name, rows):
 
 EDITS = {
     "embedding cut to 3 rows": (cut("model.embed_tokens.weight", 3),
-                                r"'model.embed_tokens.weight' has shape \(3, 64\)"),
-    "lm_head of other rows": (cut("lm_head.weight", 100), r"'lm_head.weight' has shape \(100, 64\)"),
+                                r"tensor 'model.embed_tokens.weight' has shape \(3, 64\)"),
+    "lm_head of other rows": (cut("lm_head.weight", 100), r"tensor 'lm_head.weight' has shape \(100, 64\)"),
     "a projection cut": (cut("model.layers.1.mlp.up_proj.weight", 5),
-                         r"'model.layers.1.mlp.up_proj.weight' has shape"),
-    "a tensor removed": (lambda m: m.params.pop("model.norm.bias"), "'model.norm.bias' is missing from the model"),
-    "a layer more in the config": (lambda m: setattr(m.config, "num_hidden_layers", 3),
-                                   "'model.layers.2.input_layernorm.bias' is missing"),
+                         r"tensor 'model.layers.1.mlp.up_proj.weight' has shape"),
+    "a tensor removed": (lambda m: m.params.pop("model.norm.bias"),
+                         "tensor 'model.norm.bias' is missing from the model"),
+    "a layer more in the config": (lambda m: setattr(m.config, "num_hidden_layers", 3),   # refused by the count
+                                   r"model.config implies at least 36 tensors \(num_hidden_layers=3, 11 per "
+                                   r"layer\) but model.params holds 26"),
     "a smaller vocabulary in the config": (lambda m: setattr(m.config, "vocab_size", 64),
-                                           r"'model.embed_tokens.weight' has shape \(\d+, 64\) but the config implies "
-                                           r"\(64, 64\)"),
+                                           r"tensor 'model.embed_tokens.weight' has shape \(\d+, 64\) but the config "
+                                           r"implies \(64, 64\)"),
 }
 
 
@@ -42,11 +44,11 @@ def test_an_edit_that_breaks_params_against_config_is_named_by_the_forward(edit)
     model = tiny_model(seed=5)
     before = model(IDS).logits
     change(model)
-    with pytest.raises(CheckpointError, match=f"model.params no longer match model.config: tensor {match}"):
+    with pytest.raises(CheckpointError, match=f"model.params no longer match model.config: {match}"):
         model(IDS)
     with pytest.raises(CheckpointError, match="no longer match"):
         model.generate(IDS, max_new_tokens=2, engine="reference")
-    with pytest.raises(CheckpointError, match=f"no longer match model.config: tensor {match}"):
+    with pytest.raises(CheckpointError, match=f"no longer match model.config: {match}"):
         model.fast()                                                # the fast form is built from the params
     fresh = tiny_model(seed=5)
     np.testing.assert_array_equal(fresh(IDS).logits, before)       # the check itself changes no number
@@ -118,3 +120,34 @@ def test_an_in_place_edit_of_a_config_dict_is_seen_too():
 
     with pytest.raises(ConfigError, match="needs a number 'factor' from 1"):
         model(IDS)
+
+
+@pytest.mark.parametrize("layers", [10**5, 10**9])
+def test_a_config_edited_to_absurdly_many_layers_is_refused_from_the_count(tmp_path, layers):
+    """The check of params against config built every name the config implies before comparing: 8-12 s for the
+    tiny model edited to 10**5 layers (then "tensor ... missing"), a forward or a save that never ended for 10**9.
+    checkpoint.expected_shapes' limit (the number of tensors model.params holds) refuses it from a count, before
+    a name is built: the message names that count, and every call returns. The per-layer count here comes from
+    the names of a 1- and a 2-layer config, not from the closed form under test."""
+    import dataclasses
+
+    from stablelm_ref import checkpoint
+
+    model = tiny_model(seed=5)
+    before = model(IDS).logits
+    names = [len(checkpoint.expected_shapes(dataclasses.replace(model.config, num_hidden_layers=n))) for n in (1, 2)]
+    per_layer = names[1] - names[0]
+    bound = names[0] - per_layer - 1 + layers * per_layer          # without the lm_head: "at least"
+    held = len(model.params)
+    model.config.num_hidden_layers = layers
+    match = (f"model.config implies at least {bound} tensors \\(num_hidden_layers={layers}, {per_layer} per layer\\)"
+             f" but model.params holds {held}")
+    with pytest.raises(CheckpointError, match=f"model.params no longer match model.config: {match}"):
+        model(IDS)
+    with pytest.raises(StableLmError):     # at 10**9 generate's memory guard for the KV cache answers first
+        model.generate(IDS, max_new_tokens=2, engine="reference")
+    with pytest.raises(CheckpointError, match=f"cannot save: {match}"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.config.num_hidden_layers = 2                              # the refusal is not remembered
+    np.testing.assert_array_equal(model(IDS).logits, before)

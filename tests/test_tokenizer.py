@@ -223,19 +223,42 @@ def test_tojson_is_not_html_escaped():
 # ---- class: a present but malformed value read as absent ----------------------------------------------------
 
 @pytest.mark.parametrize("value, match", [
-    ([], "must be a template string or a non-empty list"),
-    ({}, "must be a template string or a non-empty list"),
-    (5, "must be a template string or a non-empty list"),
-    ([5], r"'chat_template'\[0\] must be an object \{\"name\": a string, \"template\": a string\}, got 5"),
-    ([{"name": "default"}], r"'chat_template'\[0\] must be an object"),
-    ([{"name": "default", "template": "x"}, {"name": 1, "template": "y"}], r"'chat_template'\[1\] must be an object"),
+    (5, "must be a template string or a list of"),
+    ({"default": 5}, "must be a template string or a list of"),
+    ([5], r"entry \[0\] must be an object \{\"name\": a string, \"template\": a string\}, got 5"),
+    ([{"name": "default"}], r"entry \[0\] must be an object"),
+    ([{"name": "default", "template": "x"}, {"name": 1, "template": "y"}], r"entry \[1\] must be an object"),
     ([{"name": "a", "template": "x"}, {"name": "a", "template": "y"}], "names two templates 'a'"),
 ])
 def test_a_malformed_chat_template_is_refused_at_load(tmp_path, value, match):
     """Before: each loaded, and apply_chat_template then said "this tokenizer has no chat template"."""
     directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
-    with pytest.raises(TokenizerError, match=f"tokenizer_config.json .*{match}"):
+    with pytest.raises(TokenizerError, match=f"{directory}: chat_template \\(tokenizer_config.json's .*{match}"):
         Tokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("value", [5, [5], [{"name": "a", "template": "x"}, {"name": "a", "template": "y"}]])
+def test_a_chat_template_jinja_file_replaces_the_config_value_unchecked(tmp_path, value):
+    """chat_template.jinja wins over tokenizer_config.json's "chat_template" (transformers' from_pretrained drops
+    the config's value then; checked with 5.24): a malformed value that is never used was refused at load here."""
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
+    with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+        f.write("J:{{ messages[0].content }}")
+    tok = Tokenizer.from_pretrained(directory)
+    assert tok.chat_template == "J:{{ messages[0].content }}"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "J:hi"
+
+
+@pytest.mark.parametrize("value", [[], {}])
+def test_an_empty_list_of_chat_templates_is_no_template(tmp_path, value):
+    """transformers reads "chat_template": [] (or {}) as {}: no template of its own, a template passed to
+    apply_chat_template renders (checked with 5.24). It was a TokenizerError at load here."""
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value))
+    assert tok.chat_template is None
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TokenizerError, match="this tokenizer has no chat template"):
+        tok.apply_chat_template(msgs)
+    assert tok.apply_chat_template(msgs, chat_template="S:{{ messages[0].content }}") == "S:hi"
 
 
 NAMED = [{"name": "tool_use", "template": "T:{{ messages[0].content }}"},

@@ -3,12 +3,11 @@
     python tools/ab_params_check.py [--steps 40]
 
 StableLmPreTrainedModel._check_params runs at the start of every reference forward: model.config read back
-through config.json (config.edit_problem, only when a field changed since the last check) and the names and
-shapes of every tensor against the config's (the implied shapes remembered per config: model.implied_shapes).
-Here
-the default model decodes one token at a time through a KV cache (the reference forward's cheapest call),
-its steps alternating between the model as it is and the same model with the checks replaced by a no-op, so
-that a slow moment of a shared machine costs both alike. Prints the median step of each side, their ratio,
+through config.json (config.edit_problem) and the shapes it implies computed (checkpoint.expected_shapes), both
+only when a field changed since the last check (StableLmPreTrainedModel._shapes), then the names and shapes of
+every tensor compared with the config's. Here the default model decodes one token at a time through a KV cache
+(the reference forward's cheapest call), its steps alternating between the model as it is and the same model with
+the checks replaced by a no-op, so that a slow moment of a shared machine costs both alike. Prints the median step of each side, their ratio,
 and the checks alone (median of 2,000 calls): on a busy 2-core machine the ratio moves by several percent
 from run to run, far more than the checks cost, so the last line is the figure to read.
 """

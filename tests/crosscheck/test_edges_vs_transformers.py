@@ -132,3 +132,28 @@ def test_the_rope_values_we_accept_mean_what_they_mean_to_transformers(places):
     assert (ours.rope_theta, ours.partial_rotary_factor, ours.rope_type) == \
         (theirs["rope_theta"], theirs.get("partial_rotary_factor", 0.25), theirs["rope_type"])
     assert (ours.rope_scaling or {}).get("factor") == theirs.get("factor")
+
+
+@pytest.mark.parametrize("value", ["bfloat16", "float64", "int8", "float8_e4m3fn", "torch.float16", "", "float 16"])
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_weights_dtype_name_loads_here_where_transformers_loads_it(key, value):
+    """config.json's "dtype" / "torch_dtype": transformers 5 reads a string as getattr(torch, name), so any torch
+    dtype's name loads (a quantised checkpoint's "int8", "float8_e4m3fn") and a string that is not a name
+    ("torch.float16", "") is refused. Each string value here: we load it exactly when transformers does. (A name
+    torch lacks, "auto", loads here: it is bookkeeping, and without torch transformers keeps it too.)"""
+    from stablelm_ref import StableLmConfig
+    from stablelm_ref.errors import ConfigError
+
+    from conftest import TINY
+
+    try:
+        theirs = transformers.StableLmConfig.from_dict({**TINY, key: value}).dtype
+    except AttributeError:                                              # module 'torch' has no attribute ...
+        theirs = None
+    try:
+        ours = getattr(StableLmConfig.from_dict({**TINY, key: value}), key)
+    except ConfigError:
+        ours = None
+    assert (ours is None) == (theirs is None)
+    if theirs is not None:
+        assert theirs == getattr(torch, ours)
