@@ -202,8 +202,9 @@ def test_missing_directory_and_default_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", str(tmp_path))
     code, _, err = main(capsys, "generate", "hi")
     assert code == 2 and err == (f"stablelm-ref: error: the embedded default model is missing ({tmp_path} has no "
-                                 "config.json): reinstall stablelm-ref, or give a model directory or Hub repo id "
-                                 "(--model DIR_OR_REPO on the command line)\n")
+                                 "config.json): restore it (in a checkout: git checkout -- stablelm_ref/default_model; "
+                                 "installed as a package: pip install --force-reinstall stablelm-ref), or give a model "
+                                 "directory or Hub repo id (--model DIR_OR_REPO on the command line)\n")
 
 
 def test_chat_without_template(tmp_path, capsys):
