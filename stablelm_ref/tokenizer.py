@@ -185,7 +185,8 @@ class Tokenizer:
 
         The keywords transformers' tokenizers take, as far as they apply here:
             padding         True / "longest" (default): rows of different lengths are padded on the left to the
-                            longest; "max_length": every row to max_length (a longer row is an error); False /
+                            longest; "max_length": every row to max_length (a longer row is an error, and so is a
+                            max_length whose arrays cannot fit in memory); False /
                             "do_not_pad": the rows must have equal lengths
             return_tensors  None or "np": NumPy arrays are what it returns; "pt", "tf", "jax", "mlx" are refused
                             (convert the arrays, e.g. torch.from_numpy)
@@ -221,6 +222,10 @@ class Tokenizer:
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("give a string or a non-empty list of strings to tokenize")
+        if _is_string(padding, "max_length"):    # ids and mask, int64 each: 10**12 was NumPy's "Unable to allocate"
+            bounded_io.check_memory(len(texts) * max_length * 8 * 2,
+                                    f"padding {len(texts)} text(s) to max_length={max_length:,}", TokenizerError,
+                                    "a smaller max_length")
         rows = [self.encode(t, add_special_tokens) for t in texts]
         width = max(len(r) for r in rows)
         if _is_string(padding, "max_length"):

@@ -338,6 +338,16 @@ def test_padding_spellings_of_transformers(tiny_dir):
         tok(texts, padding="right")
 
 
+def test_max_length_beyond_memory_is_refused_by_name(tiny_dir):
+    """Before: tok(["hi"], padding="max_length", max_length=10**12) was NumPy's raw "Unable to allocate 7.28 TiB"
+    (the ids alone). Ids and mask, 8 bytes each: 16 TB, more than any host has, so the guard must refuse it."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    with pytest.raises(TokenizerError, match=r"padding 1 text\(s\) to max_length=1,000,000,000,000 needs "
+                                             r"14,901\.2 GiB.*a smaller max_length"):
+        tok(["hi"], padding="max_length", max_length=10**12)
+
+
+
 def test_truncation_is_refused_and_return_attention_mask_honoured(tiny_dir):
     tok = Tokenizer.from_pretrained(tiny_dir)
     for value in (None, False, "do_not_truncate"):
