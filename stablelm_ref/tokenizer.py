@@ -38,10 +38,13 @@ import numpy as np
 
 from . import bounded_io
 from ._xp import host_array, refuse_masked
-from .errors import TokenizerError, check_flag, is_int
+from .errors import TokenizerError, check_flag, is_int, printable
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 NEOX_DEFAULT = "<|endoftext|>"
+# transformers' apply_chat_template passes these to the tokenizer; here they would be template variables, unused
+_CHAT_TOKENIZER_KEYWORDS = ("return_tensors", "return_dict", "padding", "truncation", "max_length",
+                            "return_attention_mask", "tokenizer_kwargs")
 TEMPLATE_MAX_CHARS = 1_000_000  # rendered chat prompt
 TEMPLATE_MAX_SECONDS = 2.0
 TEMPLATE_MAX_RANGE = 100_000
@@ -275,7 +278,19 @@ class Tokenizer:
         """Render the conversation with the chat template (sandboxed); token ids if tokenize=True.
 
         chat_template: a template string, or, as in transformers, the name of one of the tokenizer's named
-        templates (tokenizer_config.json's list form); None: the tokenizer's template (its 'default' one)."""
+        templates (tokenizer_config.json's list form); None: the tokenizer's template (its 'default' one).
+        Other keywords are template variables, except transformers' tokenizer keywords (return_tensors,
+        return_dict, padding, truncation, max_length, return_attention_mask, tokenizer_kwargs): those are a
+        TokenizerError when set (not None or False), since the template would take them silently and the result
+        would not be what they ask for; call the tokenizer on the rendered text for arrays."""
+        for name in _CHAT_TOKENIZER_KEYWORDS:
+            value = kwargs.pop(name, None)
+            if not (value is None or value is False or (isinstance(value, dict) and not value)):
+                raise TokenizerError(
+                    f"apply_chat_template takes no {name}={printable(reprlib.repr(value))}: it returns the rendered "
+                    "text (tokenize=False, the default) or a list of ids (tokenize=True); for arrays call the "
+                    "tokenizer on the text: tok(tok.apply_chat_template(messages), add_special_tokens=False, "
+                    "return_tensors='np'), where padding=, max_length= and return_attention_mask= apply")
         add_generation_prompt = _flag(add_generation_prompt, "add_generation_prompt")
         tokenize = _flag(tokenize, "tokenize")
         template = self._template(chat_template)

@@ -180,6 +180,33 @@ def test_zephyr_template_renders_like_transformers_format(tiny_dir):
     assert ids == tok.encode(want, add_special_tokens=False) and ids.count(0) == 4
 
 
+@pytest.mark.parametrize("keyword, value", [("return_tensors", "np"), ("return_tensors", "pt"), ("return_dict", True),
+                                            ("padding", True), ("padding", "max_length"), ("truncation", True),
+                                            ("max_length", 16), ("return_attention_mask", True),
+                                            ("tokenizer_kwargs", {"padding": True})])
+@pytest.mark.parametrize("tokenize", [False, True])
+def test_chat_template_refuses_the_tokenizer_keywords_by_name(tiny_dir, keyword, value, tokenize):
+    """Before: they went into the template's context, unused, so return_tensors='np' still gave a str (tokenize
+    defaults to False here) or a list (tokenize=True): an answer that silently was not the one asked for."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "user", "content": "Hi!"}]
+    with pytest.raises(TokenizerError, match=f"apply_chat_template takes no {keyword}=.*call the tokenizer on the "
+                                             r"text: tok\(tok.apply_chat_template\(messages\)"):
+        tok.apply_chat_template(msgs, tokenize=tokenize, **{keyword: value})
+
+
+def test_chat_template_unset_tokenizer_keywords_change_nothing_and_the_advice_holds(tiny_dir):
+    """None, False and {} ask for nothing (transformers' defaults): taken out of the context, the result unchanged.
+    And the error's advice gives the ids of tokenize=True, as a [1, T] array."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "user", "content": "Hi!"}]
+    template = "{{ messages[0].content }}|{{ return_dict }}|{{ padding }}"     # undefined variables render empty
+    assert tok.apply_chat_template(msgs, chat_template=template, return_tensors=None, return_dict=False,
+                                   padding=False, tokenizer_kwargs={}) == "Hi!||"
+    enc = tok(tok.apply_chat_template(msgs), add_special_tokens=False, return_tensors="np")
+    assert enc["input_ids"].tolist() == [tok.apply_chat_template(msgs, tokenize=True)]
+
+
 @pytest.mark.parametrize("template, match", [
     ("{{ ''.__class__.__mro__ }}", "unsafe"),
     ("{{ ''.__class__ }}", "unsafe"),                    # silently blank in plain jinja2: refused here
