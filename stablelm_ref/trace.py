@@ -51,7 +51,7 @@ from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
 from .command import PROG, _Parser, run
-from .errors import CheckpointError, StableLmError, TokenizerError, printable
+from .errors import CheckpointError, StableLmError, TokenizerError, is_number, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -277,6 +277,18 @@ def _compare_arrays(a, b):
     return max_abs, max_rel, cosine, scale
 
 
+def check_tolerance(value, name):
+    """None (the dtype's default) or float(value) for a finite real number >= 0, else a StableLmError naming it
+    (`name`: "rtol=" from Python, "--rtol " from the command line). A negative or NaN tolerance judged identical
+    tensors not ok (max_abs 0 <= -1 is False), and a string was a raw TypeError from the comparison."""
+    if value is None:
+        return None
+    if not (is_number(value) and value >= 0):
+        raise StableLmError(f"{name}{printable(repr(value))}: a tolerance is a finite number >= 0 (or None for the "
+                            "dtype's default)")
+    return float(value)
+
+
 def check_comparable(a, b, labels=("A", "B")):
     """CheckpointError when traces a and b share no tensor that holds a value: every row would be missing (or
     empty), and "all of nothing agrees" is no check. Two files that share no name are usually not two traces
@@ -312,7 +324,9 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     emulation of bfloat16 stores float32 tensors; 'torch.float32' and the like are read by run_precision).
     Each compared Row carries the rtol and atol it was judged by and the precision that chose them. Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
-    CheckpointError (check_comparable), since a comparison of nothing cannot fail."""
+    CheckpointError (check_comparable), since a comparison of nothing cannot fail. A tolerance that is not a
+    finite number >= 0 is a StableLmError (check_tolerance)."""
+    rtol, atol = check_tolerance(rtol, "rtol="), check_tolerance(atol, "atol=")
     check_comparable(a, b)
     if attention_mask is not None:
         attention_mask = check_mask_tokens(attention_mask, a, b, "attention_mask")
@@ -566,9 +580,7 @@ def cmd_trace(args):
 
 
 def cmd_compare(args):
-    for option, value in (("--rtol", args.rtol), ("--atol", args.atol)):
-        if value is not None and not 0 <= value < math.inf:
-            raise StableLmError(f"{option} {value!r}: a tolerance is a number >= 0")
+    check_tolerance(args.rtol, "--rtol "), check_tolerance(args.atol, "--atol ")    # before the files are read
     a, meta_a = read_trace(args.a)
     b, meta_b = read_trace(args.b)
     check_comparable(a, b, (args.a, args.b))

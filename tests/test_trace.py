@@ -1,6 +1,7 @@
 """trace.py: recording every intermediate, trace files, comparison and the trace/compare commands."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from stablelm_ref import StableLmForCausalLM
-from stablelm_ref.errors import CheckpointError
+from stablelm_ref.errors import CheckpointError, StableLmError
 from stablelm_ref.trace import (
     DEFAULT_TOLERANCES,
     compare_traces,
@@ -422,6 +423,18 @@ def test_text_that_gives_no_tokens_names_the_option(tmp_path, capsys):
     tiny_tokenizer_dir(d)
     assert main(["trace", "--model", str(d), "--text", "", "--out", str(tmp_path / "t")]) == 2
     assert "--text '' gives no tokens: give some text (or --ids)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keyword, value", [("rtol", -1), ("atol", float("nan")), ("rtol", "1e-3"), ("atol", math.inf),
+                                            ("rtol", True), ("atol", [1e-3])])
+def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused_by_name(keyword, value):
+    """Before: compare_traces(a, a, rtol=-1) or atol=nan judged identical tensors not ok (max_abs 0 <= -1 and
+    0 <= nan are False) and rtol="1e-3" was a raw TypeError; the CLI refused these, the API did not."""
+    a = {"x": np.arange(6.0).reshape(2, 3)}
+    with pytest.raises(StableLmError, match=f"^{keyword}=.*: a tolerance is a finite number >= 0"):
+        compare_traces(a, a, **{keyword: value})
+    rows = compare_traces(a, a, **{keyword: 0})          # zero and an int are fine: identical tensors agree
+    assert [(r.ok, r.max_abs, getattr(r, keyword)) for r in rows] == [(True, 0.0, 0.0)]
 
 
 def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkpoints, capsys, tmp_path):
