@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,7 +293,19 @@ def check_tolerance(value, name):
 def check_comparable(a, b, labels=("A", "B")):
     """CheckpointError when traces a and b share no tensor that holds a value: every row would be missing (or
     empty), and "all of nothing agrees" is no check. Two files that share no name are usually not two traces
-    (a model's weights, model.embed_tokens.weight ..., are not one); `labels` name them in the message."""
+    (a model's weights, model.embed_tokens.weight ..., are not one); `labels` name them in the message.
+    A trace is a dict of name -> array (anything with a shape and a dtype: NumPy's, read_trace's); another
+    object, or a value that is no array (a nested list, None), is a CheckpointError by name: it was a raw
+    AttributeError. Lists are not converted, since their dtype (float64) would choose the tolerances."""
+    for label, t in zip(labels, (a, b)):
+        label = printable(str(label))
+        if not isinstance(t, Mapping):
+            raise CheckpointError(f"{label} is a {type(t).__name__}, not a trace: give a dict of name -> array "
+                                  "(read_trace(path)[0], or run_with_trace's trace)")
+        for name, value in t.items():
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise CheckpointError(f"{label}'s tensor {printable(str(name))!r} is a {type(value).__name__}, not an "
+                                      "array: a trace maps names to arrays (np.asarray(value, dtype) makes one)")
     if any(np.size(a[name]) and np.size(b[name]) for name in a if name in b):
         return
 

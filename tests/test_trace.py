@@ -437,6 +437,19 @@ def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused_by_name(k
     assert [(r.ok, r.max_abs, getattr(r, keyword)) for r in rows] == [(True, 0.0, 0.0)]
 
 
+@pytest.mark.parametrize("a, b, match", [
+    ({"x": [[1.0]]}, {"x": np.ones((1, 1))}, "^A's tensor 'x' is a list, not an array: a trace maps names to arrays"),
+    ({"x": np.ones((1, 1))}, {"x": None}, "^B's tensor 'x' is a NoneType, not an array"),
+    ({"x": np.ones(1)}, {"x": np.ones(1), "y": 2.0}, "^B's tensor 'y' is a float, not an array"),  # missing row too
+    ([1], {"x": np.ones(1)}, r"^A is a list, not a trace: give a dict of name -> array"),
+    ({"x": np.ones(1)}, None, "^B is a NoneType, not a trace"),
+])
+def test_a_trace_that_is_no_dict_of_arrays_is_refused_by_name(a, b, match):
+    """Before: raw AttributeErrors ('list' object has no attribute 'shape' / 'keys') from inside compare_traces."""
+    with pytest.raises(CheckpointError, match=match):
+        compare_traces(a, b)
+
+
 def test_traces_that_share_nothing_are_an_error_not_all_of_nothing_agrees(checkpoints, capsys, tmp_path):
     """A trace compared with a model's weights (hostile review): --allow-missing printed 'all 0 tensors both sides
     hold agree' and exit 0, and without it 139 'missing in B' rows that never said B is no trace. Now exit 2, one
