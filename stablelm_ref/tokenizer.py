@@ -45,6 +45,11 @@ NEOX_DEFAULT = "<|endoftext|>"
 # transformers' apply_chat_template passes these to the tokenizer; here they would be template variables, unused
 _CHAT_TOKENIZER_KEYWORDS = ("return_tensors", "return_dict", "padding", "truncation", "max_length",
                             "return_attention_mask", "tokenizer_kwargs")
+# transformers' apply_chat_template options that change its answer and are not done here: what each does there
+_CHAT_NOT_DONE = {"continue_final_message": "the text ends at the last message's content, which the model goes on "
+                                            "with: render with add_generation_prompt=False and cut the text after "
+                                            "that content yourself",
+                  "return_assistant_tokens_mask": "a mask of the assistant's tokens, from {% generation %} blocks"}
 TEMPLATE_MAX_CHARS = 1_000_000  # rendered chat prompt
 TEMPLATE_MAX_SECONDS = 2.0
 TEMPLATE_MAX_RANGE = 100_000
@@ -282,7 +287,13 @@ class Tokenizer:
         Other keywords are template variables, except transformers' tokenizer keywords (return_tensors,
         return_dict, padding, truncation, max_length, return_attention_mask, tokenizer_kwargs): those are a
         TokenizerError when set (not None or False), since the template would take them silently and the result
-        would not be what they ask for; call the tokenizer on the rendered text for arrays."""
+        would not be what they ask for; call the tokenizer on the rendered text for arrays. So are, set, the options
+        of transformers' not done here (continue_final_message, return_assistant_tokens_mask)."""
+        for name, what in _CHAT_NOT_DONE.items():
+            value = kwargs.pop(name, None)
+            if not (value is None or value is False):
+                raise TokenizerError(f"apply_chat_template does not do {name}={printable(reprlib.repr(value))} "
+                                     f"(in transformers: {what})")
         for name in _CHAT_TOKENIZER_KEYWORDS:
             value = kwargs.pop(name, None)
             if not (value is None or value is False or (isinstance(value, dict) and not value)):

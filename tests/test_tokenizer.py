@@ -195,6 +195,18 @@ def test_chat_template_refuses_the_tokenizer_keywords_by_name(tiny_dir, keyword,
         tok.apply_chat_template(msgs, tokenize=tokenize, **{keyword: value})
 
 
+@pytest.mark.parametrize("keyword, match", [("continue_final_message", "cut the text after that content yourself"),
+                                            ("return_assistant_tokens_mask", "a mask of the assistant's tokens")])
+def test_chat_template_refuses_transformers_options_it_does_not_do(tiny_dir, keyword, match):
+    """Before: continue_final_message=True went into the template's context unused, so the text still ended the
+    message (with <|endoftext|> here) and the model was not continuing it, silently; False is transformers' default."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "user", "content": "Hi!"}]
+    with pytest.raises(TokenizerError, match=f"does not do {keyword}=True \\(in transformers: .*{match}"):
+        tok.apply_chat_template(msgs, **{keyword: True})
+    assert tok.apply_chat_template(msgs, **{keyword: False}) == tok.apply_chat_template(msgs)
+
+
 def test_chat_template_unset_tokenizer_keywords_change_nothing_and_the_advice_holds(tiny_dir):
     """None, False and {} ask for nothing (transformers' defaults): taken out of the context, the result unchanged.
     And the error's advice gives the ids of tokenize=True, as a [1, T] array."""
