@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import sys
 import warnings
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
 from .command import PROG, _Parser, run
-from .errors import CheckpointError, StableLmError, TokenizerError, is_number, printable
+from .errors import CheckpointError, StableLmError, TokenizerError, check_flag, is_number, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -338,8 +339,15 @@ def compare_traces(a, b, rtol=None, atol=None, precision=(None, None), order=Non
     Each compared Row carries the rtol and atol it was judged by and the precision that chose them. Missing names and shape mismatches are rows
     with ok=False and a note, never exceptions; traces that share no tensor holding a value are a
     CheckpointError (check_comparable), since a comparison of nothing cannot fail. A tolerance that is not a
-    finite number >= 0 is a StableLmError (check_tolerance)."""
+    finite number >= 0 is a StableLmError (check_tolerance), as are an allow_missing that is not True or False, a
+    precision that is not a pair and an order that is not a list of names."""
     rtol, atol = check_tolerance(rtol, "rtol="), check_tolerance(atol, "atol=")
+    allow_missing = check_flag(allow_missing, "allow_missing", StableLmError)   # "no" was true: missing rows ok
+    if not (isinstance(precision, (tuple, list)) and len(precision) == 2):      # "float32" was read as "f", "l"
+        raise StableLmError(f"precision must be a pair, (A's run dtype, B's), each a name or None; got "
+                            f"{printable(reprlib.repr(precision))}")
+    if order is not None and not (isinstance(order, (tuple, list)) and all(isinstance(n, str) for n in order)):
+        raise StableLmError(f"order must be a list of tensor names or None; got {printable(reprlib.repr(order))}")
     check_comparable(a, b)
     if attention_mask is not None:
         attention_mask = check_mask_tokens(attention_mask, a, b, "attention_mask")

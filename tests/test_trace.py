@@ -437,6 +437,24 @@ def test_a_tolerance_that_is_no_finite_number_at_least_zero_is_refused_by_name(k
     assert [(r.ok, r.max_abs, getattr(r, keyword)) for r in rows] == [(True, 0.0, 0.0)]
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(allow_missing="no"), "^allow_missing must be True or False, got 'no'"),
+    (dict(allow_missing=1), "^allow_missing must be True or False, got 1"),
+    (dict(precision="float32"), "^precision must be a pair, .*got 'float32'"),
+    (dict(precision=None), "^precision must be a pair"),
+    (dict(order="x"), "^order must be a list of tensor names or None; got 'x'"),
+    (dict(order=5), "^order must be a list of tensor names"),
+])
+def test_compare_traces_refuses_arguments_of_the_wrong_kind_by_name(kwargs, match):
+    """Before: allow_missing="no" was true (a row missing in B judged ok), precision="float32" was read as the pair
+    ("f", "l"), order="x" as the names "x"; precision=None and order=5 were raw TypeErrors."""
+    a, b = {"x": np.ones(2), "y": np.ones(2)}, {"x": np.ones(2)}
+    with pytest.raises(StableLmError, match=match):
+        compare_traces(a, b, **kwargs)
+    assert [r.ok for r in compare_traces(a, b, allow_missing=False, precision=["float32", None], order=("y",))] == [
+        False, True]                                      # the right kinds: y missing in B (not allowed), x agrees
+
+
 @pytest.mark.parametrize("a, b, match", [
     ({"x": [[1.0]]}, {"x": np.ones((1, 1))}, "^A's tensor 'x' is a list, not an array: a trace maps names to arrays"),
     ({"x": np.ones((1, 1))}, {"x": None}, "^B's tensor 'x' is a NoneType, not an array"),
