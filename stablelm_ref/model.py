@@ -59,6 +59,15 @@ class ModelOutput:
         return getattr(self, key)
 
 
+def _floating(dtype):
+    """Whether `dtype` (an array's .dtype, or None) is a floating-point dtype NumPy knows (checkpoint.is_floating);
+    False for anything np.dtype cannot read (a torch dtype, None)."""
+    try:
+        return dtype is not None and checkpoint.is_floating(dtype)
+    except TypeError:
+        return False
+
+
 def array_module(device):
     """NumPy for device="cpu", CuPy for device="gpu" (imported only then)."""
     if device == "cpu":
@@ -244,7 +253,8 @@ class StableLmPreTrainedModel:
         causal_lm.params) leaves the lm_head unused), where the save refuses them, as from_pretrained would.
         The save checks it and so does every reference forward: params or config edited after loading failed
         deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
-        lm_head of other rows, gave logits of the wrong width. The forward's cost, measured on the default model
+        lm_head of other rows, gave logits of the wrong width. Every tensor must also be floating point (an
+        int or bool tensor saved but did not load; object or complex failed in NumPy or gave complex logits). The forward's cost, measured on the default model
         (179 tensors, 2 CPU cores): tools/ab_params_check.py. ConfigError from _shapes when model.config itself
         is unusable."""
         try:
@@ -264,6 +274,11 @@ class StableLmPreTrainedModel:
             got = tuple(getattr(params[name], "shape", ()))
             if got != shape:
                 return f"tensor {name!r} has shape {got} but the config implies {shape}"
+        for name in expected:                        # an int or bool tensor saved but did not load; object failed
+            dtype = getattr(params[name], "dtype", None)  # deep in NumPy; complex gave complex logits
+            if not _floating(dtype):
+                return (f"tensor {name!r} has dtype {dtype}; model weights must be floating point (float64, "
+                        "float32, float16 or bfloat16): cast it back, e.g. .astype(np.float32)")
         return None
 
     def _shapes(self):
