@@ -221,12 +221,7 @@ class StableLmPreTrainedModel:
         if not isinstance(self.generation_config, GenerationConfig):
             raise CheckpointError(f"cannot save: model.generation_config must be a generation_config.GenerationConfig, "
                                   f"got {type(self.generation_config).__name__}")
-        try:
-            self.generation_config.check(self.config.vocab_size)
-        except GenerationError as e:
-            raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
-                                  "generation_config.json. Nothing was written") from None
-        try:
+        try:                                  # first: the generation config's check reads the config
             problem = self._params_problem(host)
         except ConfigError as e:
             raise CheckpointError(f"cannot save: {e}; from_pretrained would refuse the config.json. Nothing was "
@@ -234,6 +229,11 @@ class StableLmPreTrainedModel:
         if problem is not None:
             raise CheckpointError(f"cannot save: {problem}: from_pretrained would refuse the files; was model.config "
                                   "or model.params edited after loading?")
+        try:
+            self.generation_config.check(self.config.vocab_size)
+        except GenerationError as e:
+            raise CheckpointError(f"cannot save: model.generation_config: {e}; from_pretrained would refuse the "
+                                  "generation_config.json. Nothing was written") from None
         tied_copy = "lm_head.weight" in host and "lm_head.weight" not in self._shapes()  # tied, with a copy
         refused = ": from_pretrained refuses non-finite weights. Nothing was written"
         host = {name: checkpoint.cast_finite(value, dtype, f"cannot save: tensor {name!r}", not_finite=refused,
@@ -289,6 +289,10 @@ class StableLmPreTrainedModel:
         expected_shapes' limit, the number of tensors model.params holds, refuses a config that implies more
         (CheckpointError) before a name is built: a config edited to a billion layers fails at once, where
         building its names took seconds (10**5 layers) or never ended."""
+        if not isinstance(self.config, StableLmConfig):                   # model.config = None: vars() failed
+            raise ConfigError(f"model.config must be a StableLmConfig, got {type(self.config).__name__}; was it "
+                              "replaced after loading? Load the model again, or build the config with "
+                              "StableLmConfig.from_dict")
         fields = tuple(vars(self.config).values())
         seen = getattr(self, "_seen_config", None)
         if seen is None or fields != seen[0]:

@@ -6,6 +6,7 @@ a traceback from inside NumPy, never a silent wrong result) and that nothing is 
 """
 
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import files_of, tiny_model
 from stablelm_ref import StableLmForCausalLM, checkpoint
-from stablelm_ref.errors import CheckpointError
+from stablelm_ref.errors import CheckpointError, ConfigError
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 
@@ -49,3 +50,44 @@ def test_every_floating_dtype_still_saves_and_loads(tmp_path, dtype):
     wanted = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     for name, value in model.params.items():
         np.testing.assert_array_equal(loaded.params[name], value.astype(wanted).astype(np.float32))
+
+
+# ---- class: raw traceback / misleading message (generate and save read an edited config before checking it) -
+
+EDITS = {
+    "num_attention_heads = 0": (lambda m: setattr(m.config, "num_attention_heads", 0),
+                                ConfigError, "'num_attention_heads' must be an integer >= 1, got 0"),
+    "vocab_size = True": (lambda m: setattr(m.config, "vocab_size", True),
+                          ConfigError, "'vocab_size' must be an integer >= 1, got True"),
+    "config = None": (lambda m: setattr(m, "config", None),
+                      ConfigError, "model.config must be a StableLmConfig, got NoneType"),
+    "tied, no lm_head": (lambda m: setattr(m.config, "tie_word_embeddings", False),
+                         CheckpointError, "'lm_head.weight' is missing from the model"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_generate_checks_an_edited_config_before_reading_it(edit):
+    """generate() read model.config before the forward's check: heads = 0 gave a ZeroDivisionError, untying a
+    tied model a KeyError 'lm_head.weight', vocab_size = True "outside the vocabulary [0, True)", config = None
+    "has no language-modelling head". Each now gets the forward's own error, naming the field."""
+    change, error, message = EDITS[edit]
+    model = tiny_model(seed=3, dtype="float32", tie_word_embeddings=True)
+    change(model)
+    for run in (lambda: model(np.array([[1, 2]])), lambda: model.generate(np.array([[1, 2]]), max_new_tokens=2)):
+        with pytest.raises(error, match=re.escape(message)):
+            run()
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_save_checks_an_edited_config_before_the_generation_config(tmp_path, edit):
+    """The save checked the generation config against the edited config first: vocab_size = True gave
+    "pad_token_id 1 is outside [0, True)", config = None an AttributeError. Each names the field; nothing is
+    written."""
+    change, _, message = EDITS[edit]
+    model = tiny_model(seed=3, dtype="float32", tie_word_embeddings=True)
+    model.generation_config.pad_token_id = 1
+    change(model)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists() or files_of(str(tmp_path / "saved")) == {}
