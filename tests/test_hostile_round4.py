@@ -91,3 +91,34 @@ def test_save_checks_an_edited_config_before_the_generation_config(tmp_path, edi
     with pytest.raises(CheckpointError, match=re.escape(message)):
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists() or files_of(str(tmp_path / "saved")) == {}
+
+
+# ---- class: leftover files (a save interrupted while it removes its backups) --------------------------------
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_an_interrupt_while_removing_the_backups_finishes_or_names_them(tmp_path, monkeypatch, interrupts):
+    """Every rename had succeeded, but a KeyboardInterrupt from os.unlink of the first backup stopped the loop
+    (it caught only OSError): the other `.old-*` files stayed and nothing said the save had completed. Now the
+    loop tries the interrupted backup once more and removes the rest, then re-raises the KeyboardInterrupt
+    saying the new files are in place (and naming a backup interrupted twice)."""
+    tiny_model(seed=4).save_pretrained(tmp_path)                            # an old checkpoint to replace
+    real, calls = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".old-"):
+            calls.append(path)
+            if len(calls) <= interrupts:
+                raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    new = tiny_model(seed=17)
+    with pytest.raises(KeyboardInterrupt, match="interrupted after the save completed: the new model.safetensors, "
+                                                "config.json, generation_config.json are in place") as info:
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    backups = [name for name in os.listdir(tmp_path) if name.startswith(".old-")]
+    assert len(backups) == interrupts - 1                      # once: retried and removed; twice: left, named
+    assert all(f"{name} (interrupted)" in str(info.value) for name in backups)
+    loaded = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")
+    assert all(np.array_equal(loaded.params[k], v) for k, v in new.params.items())
