@@ -447,7 +447,9 @@ def atomic_group():
     file is written or deleted; a directory at a written file's name also fails the rename: checked here, before
     any rename, the group changes nothing), then
     each existing target is renamed to a backup name in the same directory (`.old-<random>-<name>`) and its new
-    file renamed into place. Only when every rename has succeeded are the backups deleted. Any failure or interrupt
+    file renamed into place. Only when every rename has succeeded are the backups deleted (a Ctrl-C there: the
+    backup is tried once more and the rest removed, then a KeyboardInterrupt says the save completed and names any
+    backup left). Any failure or interrupt
     (an OSError, KeyboardInterrupt, anything) on the way restores each backup to its name, removes the new files
     that had no predecessor and every temporary, so that every existing file is left byte-identical; an OSError
     becomes a CheckpointError naming the file that failed and saying that nothing was changed.
@@ -499,16 +501,29 @@ def _commit(group):
                                   f"failed: {lost}. The other files of {targets} are as they were") from None
         raise CheckpointError(f"cannot write {step} ({why}); nothing was changed: {targets} in "
                               f"{os.path.dirname(step) or '.'} are as they were before the save") from None
-    left = []
+    left, interrupt = [], None
     for _, _, backup, existed in plan:
-        try:
-            if existed and os.path.lexists(backup):
-                os.unlink(backup)
-        except OSError as e:
-            left.append(f"{backup} ({e.strerror or e})")
+        for _attempt in range(2):        # interrupted (Ctrl-C) once: the save has succeeded, finish the clean-up
+            try:
+                if existed and os.path.lexists(backup):
+                    os.unlink(backup)
+                break
+            except OSError as e:
+                left.append(f"{backup} ({e.strerror or e})")
+                break
+            except BaseException as e:   # noqa: BLE001 - passed on below, once every backup was tried
+                interrupt = interrupt or e
+        else:
+            left.append(f"{backup} (interrupted)")
+    done = f"the new {_targets(plan)} are in place"
+    lost = f"; the old files kept during the save could not be removed: {'; '.join(left)}; remove them" if left else ""
+    if isinstance(interrupt, KeyboardInterrupt):       # the save is complete: say so, since the traceback will not
+        raise KeyboardInterrupt(f"interrupted after the save completed: {done}{lost}") from None
+    if interrupt is not None:
+        raise interrupt
     if left:
-        raise CheckpointError(f"the new {_targets(plan)} are in place, but the old files kept during the save "
-                              f"could not be removed: {'; '.join(left)}; remove them")
+        raise CheckpointError(f"{done}, but the old files kept during the save could not be removed: "
+                              f"{'; '.join(left)}; remove them")
 
 
 def _targets(plan):

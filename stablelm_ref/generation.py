@@ -398,9 +398,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         timings             a dict that receives prefill_tokens, prefill_s, decode_tokens, decode_s
         engine              "auto", "fast", "reference": the forward each step runs on (see step_backend)
     """
-    if not hasattr(model, "lm_head_weight"):
-        raise GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
+    no_head = GenerationError(f"{type(model).__name__} has no language-modelling head; generate with "
                               "StableLmForCausalLM")
+    if not callable(getattr(model, "_check_params", None)):
+        raise no_head
+    model._check_params()      # the forward's check, before anything reads the config: an edited config gave a
+    if not hasattr(model, "lm_head_weight"):    # ZeroDivisionError (heads = 0), "outside [0, True)" (vocab_size =
+        raise no_head                           # True), and made this property a KeyError or a wrong "no head"
     config = model.config
     ids = np.asarray(to_host(model._ids(input_ids)))                    # [B, T], checked against the vocab
     batch, prompt_len = ids.shape
