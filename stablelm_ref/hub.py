@@ -44,9 +44,9 @@ def model_directory(path, error=CheckpointError, holds="config.json", **hub_kwar
     if local is not None:
         if path == DEFAULT_MODEL and not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
             raise StableLmError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR} has no config.json): "
-                                "restore it (in a checkout: git checkout -- stablelm_ref/default_model; installed as a "
-                                "package: pip install --force-reinstall stablelm-ref), or give a model directory or Hub "
-                                "repo id (--model DIR_OR_REPO on the command line)")
+                                "restore it (in a checkout: git checkout -- stablelm_ref/default_model; installed as "
+                                "a package: pip install --force-reinstall stablelm-ref), or give a model directory or "
+                                "Hub repo id (--model DIR_OR_REPO on the command line)")
         _revision_ignored(hub_kwargs.get("revision"), local)
         return DEFAULT_MODEL_DIR if path == DEFAULT_MODEL else path
     if os.path.exists(path):

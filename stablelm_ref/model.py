@@ -258,8 +258,8 @@ class StableLmPreTrainedModel:
         deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
         lm_head of other rows, gave logits of the wrong width. Every tensor must also be floating point (an
         int or bool tensor saved but did not load; object or complex failed in NumPy or gave complex logits).
-        The forward's cost, measured on the default model (179 tensors, 2 CPU cores): tools/ab_params_check.py. ConfigError from _shapes when model.config itself
-        is unusable."""
+        The forward's cost, measured on the default model (179 tensors, 2 CPU cores): tools/ab_params_check.py.
+        ConfigError from _shapes when model.config itself is unusable."""
         try:
             expected = self._shapes()                                        # tied: no lm_head.weight
         except CheckpointError as e:                                         # more tensors than params holds
