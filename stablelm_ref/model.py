@@ -497,12 +497,17 @@ def layer_tensors(params, num_layers):
 
     Rebuilt on every forward (the arrays can be swapped: fast(), trace, .to()). Measured with subtree's
     calls in decoder_layer (2 CPU cores): 0.3 ms of a 64 ms reference decode step of the default model,
-    0.6 ms of 22-35 ms at 32 layers of width 64; too little to be worth a cache."""
+    0.6 ms of 22-35 ms at 32 layers of width 64; too little to be worth a cache. Names of no layer below
+    num_layers (`model.layers.7.` with a config edited to 2 layers, `model.layers.extra`) are left out: the
+    forward reads only the tensors the config implies (_params_problem's unused_ok), as transformers loads a
+    checkpoint into a config of fewer layers; they failed here with an IndexError or a ValueError."""
     layers = [{} for _ in range(num_layers)]
+    index = {str(i): layer for i, layer in enumerate(layers)}
     for name, value in params.items():
         if name.startswith("model.layers."):
             i, _, rest = name[len("model.layers."):].partition(".")
-            layers[int(i)][rest] = value
+            if i in index:
+                index[i][rest] = value
     return layers
 
 

@@ -151,3 +151,17 @@ def test_a_config_edited_to_absurdly_many_layers_is_refused_from_the_count(tmp_p
     assert not (tmp_path / "out").exists()
     model.config.num_hidden_layers = 2                              # the refusal is not remembered
     np.testing.assert_array_equal(model(IDS).logits, before)
+
+
+def test_tensors_of_no_layer_of_the_config_are_unused_as_transformers_leaves_them():
+    """A config edited to fewer layers than params hold, or a stray `model.layers.extra`, passes the forward's
+    check (tensors the model does not read are allowed), then failed in layer_tensors with an IndexError or a
+    ValueError. The forward now reads the layers the config names: the truth is a model built with one layer
+    from the same first-layer tensors."""
+    from dataclasses import replace
+    model = tiny_model(seed=5)
+    one = StableLmForCausalLM(replace(model.config, num_hidden_layers=1),
+                              {k: v for k, v in model.params.items() if not k.startswith("model.layers.1.")})
+    model.config.num_hidden_layers = 1
+    model.params["model.layers.extra"] = np.ones(3)
+    np.testing.assert_array_equal(model(IDS).logits, one(IDS).logits)
