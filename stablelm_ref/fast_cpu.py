@@ -42,6 +42,9 @@ writing into a buffer allocated once:
   after its q|k|v GEMM (its keys and values are cached for every position; its queries, attention, o,
   MLP and residual serve only the kept rows): a 128-token prefill with logits_to_keep=1, as generate
   makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
+- The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
+  of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced in params or a
+  config field edited is seen by a test of identity on each call (~5 us), which rebuilds (FastCpuModel._sync).
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -51,7 +54,9 @@ the reference.
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 import sys
 
 import numpy as np
@@ -196,15 +201,19 @@ class _Layer:
             self.ln2 = (params[p + "post_attention_layernorm.weight"], params[p + "post_attention_layernorm.bias"])
             self.gate_up_t = _fuse_transposed(params, gate_up, arena)    # [hidden, 2 I]
         self.down_t = _copy_as_is(params, down[0], arena)                # [I, hidden]: a view of [hidden, I]
-        self.qkv_b = None
-        if config.use_qkv_bias:
-            self.qkv_b = np.concatenate([params[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
+        self.qkv_b = None                    # both joined like the weights: params become views of them, so an
+        if config.use_qkv_bias:              # edit in place reaches the fast form too
+            names = [a + n + ".bias" for n in ("q_proj", "k_proj", "v_proj")]
+            self.qkv_b = np.concatenate([params[n] for n in names])      # [(H + 2 KVH) D]
+            for name, view in zip(names, np.split(self.qkv_b, np.cumsum([params[n].size for n in names[:-1]]))):
+                params[name] = view
         self.qk_norm = None
         if config.qk_layernorm:                                          # [H + KVH, D]: q heads, then k heads
-            self.qk_norm = np.stack([params[f"{a}q_layernorm.norms.{h}.weight"]
-                                     for h in range(config.num_attention_heads)] +
-                                    [params[f"{a}k_layernorm.norms.{h}.weight"]
-                                     for h in range(config.num_key_value_heads)])
+            names = ([f"{a}q_layernorm.norms.{h}.weight" for h in range(config.num_attention_heads)] +
+                     [f"{a}k_layernorm.norms.{h}.weight" for h in range(config.num_key_value_heads)])
+            self.qk_norm = np.stack([params[n] for n in names])
+            for name, row in zip(names, self.qk_norm):
+                params[name] = row
 
 
 class _Work:
@@ -289,8 +298,15 @@ class FastCpuModel:
         if model.xp is not np or model.dtype not in (np.float32, np.float64):
             raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
                                 f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
-        self.model, self.config = model, model.config
-        c, p = model.config, model.params
+        self.model = model
+        self._build()
+
+    def _build(self):
+        """The fused weights and everything else made from model.params and model.config, after the reference's
+        check of the two (CheckpointError / ConfigError naming what is wrong); a snapshot of what they were."""
+        model = self.model
+        model._check_params()
+        self.config, self._params = c, p = model.config, model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
         self.lm_head_t = self._lm_head(p, c)                                # [hidden, vocab]
@@ -299,6 +315,22 @@ class FastCpuModel:
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
+        self._tensors = tuple(p.values())                                   # what the fused copies were made of
+        self._fields = copy.deepcopy(tuple(vars(c).values()))
+
+    def _sync(self):
+        """Rebuilt (_build) when model.params or model.config changed since the last build: an entry of params
+        replaced (a tensor cut, cast, swapped for other values), the dict or the config replaced, a field of the
+        config edited. The fused copies would not see such a change; the reference forward reads both on every
+        call, and this form computes the same function. An edit in place of a tensor's values needs nothing:
+        params hold views of the fused copies. The test is by identity (~6 us for the default model's 179
+        tensors, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned in place."""
+        model, p = self.model, self._params
+        if (model.params is p and model.config is self.config and len(p) == len(self._tensors)
+                and all(map(operator.is_, p.values(), self._tensors))
+                and tuple(vars(self.config).values()) == self._fields):
+            return
+        self._build()
 
     @staticmethod
     def _lm_head(p, c):
@@ -335,6 +367,7 @@ class FastCpuModel:
                 or trace is not None:                                           # the reference covers these
             return self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
                               logits_to_keep, output_hidden_states, trace)
+        self._sync()                                                            # params or config edited
         model, config = self.model, self.config
         ids, cache, past, mask2d, position_ids = model._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                        past_key_values, use_cache)

@@ -166,7 +166,9 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
         model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
         weights; self.params become views of them (same values, not stored twice). model.params must match
-        model.config when it is built (CheckpointError otherwise, as for the forward)."""
+        model.config when it is built (CheckpointError otherwise, as for the forward). The CPU form tests on each
+        call whether params or config changed since (a tensor replaced, a config field edited) and then checks
+        and rebuilds its copies (FastCpuModel._sync); the GPU engine's weights are its own, made once."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(self, "_fast", None) is None:

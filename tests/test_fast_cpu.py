@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stablelm_ref import StableLmForCausalLM
-from stablelm_ref.errors import GenerationError, StableLmError
+from stablelm_ref.errors import CheckpointError, GenerationError, StableLmError
 from stablelm_ref import fast_cpu
 from stablelm_ref.fast_cpu import FastCpuModel, _transpose_in_place
 from stablelm_ref.kv_cache import KVCache
@@ -356,3 +356,58 @@ def test_positional_arguments_follow_the_model_forward():
     assert abs(got.loss - want.loss) < TOL
     np.testing.assert_allclose(fast(ids, None, None, None, False, None, 2).logits,
                                ref(ids, None, None, None, False, None, 2).logits, rtol=0, atol=TOL)
+
+
+def _replace(name, change):
+    return lambda m: m.params.__setitem__(name, change(m.params[name]))
+
+
+EDITS_AFTER_FAST = {      # each applied to a model after fast() was built, and to a twin the fast form never saw
+    "values replaced": _replace("model.layers.0.mlp.up_proj.weight", lambda w: w * 2),
+    "embedding replaced": _replace("model.embed_tokens.weight", lambda w: w[::-1].copy()),
+    "q|k|v bias edited in place": lambda m: m.params["model.layers.1.self_attn.q_proj.bias"].__imul__(-2.0),
+    "qk-norm weight edited in place": lambda m: m.params["model.layers.0.self_attn.q_layernorm.norms.1.weight"]
+    .__imul__(3.0),
+    "rope_theta edited": lambda m: setattr(m.config, "rope_theta", 77.0),
+    "hidden_act edited": lambda m: setattr(m.config, "hidden_act", "gelu_new"),
+    "a layer fewer in the config": lambda m: setattr(m.config, "num_hidden_layers", 1),
+    "the params dict replaced": lambda m: setattr(m, "params", {k: v * 0.5 for k, v in m.params.items()}),
+    "the config replaced": lambda m: setattr(m, "config", m.config.__class__.from_dict(
+        {**m.config.to_dict(), "layer_norm_eps": 0.5})),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS_AFTER_FAST))
+def test_the_fast_form_follows_params_and_config_edited_after_it_was_built(edit):
+    """The fast form held fused copies made when it was built: a tensor replaced in model.params, a bias or
+    qk-norm weight edited in place (they were joined into copies), or a config field (rope_theta: the rotary
+    table) edited afterwards changed the reference's logits but not the fast form's (differences of 0.8 to
+    2.9 in a logit). Now it rebuilds from the current params; the truth is a twin edited the same way that
+    never had a fast form."""
+    change = EDITS_AFTER_FAST[edit]
+    model, twin = (tiny_model(seed=3, use_qkv_bias=True, qk_layernorm=True) for _ in range(2))
+    fast = model.fast()
+    ids = [[3, 1, 4, 1, 5, 9]]
+    before = fast(ids).logits
+    change(model)
+    change(twin)
+    want = twin(ids).logits
+    assert np.abs(want - before).max() > 1e-3                          # the edit changes the function
+    np.testing.assert_allclose(fast(ids).logits, want, rtol=0, atol=TOL)
+    np.testing.assert_allclose(model(ids).logits, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_replace("model.layers.0.mlp.up_proj.weight", lambda w: w[:5]),
+     r"tensor 'model.layers.0.mlp.up_proj.weight' has shape \(5, 64\)"),
+    (_replace("model.norm.bias", lambda w: w.astype(np.int32)), "tensor 'model.norm.bias' has dtype int32"),
+    (lambda m: m.params.pop("model.layers.1.input_layernorm.weight"), "is missing from the model"),
+], ids=["cut", "cast", "removed"])
+def test_the_fast_form_refuses_params_edited_after_it_was_built_as_the_reference_does(edit, match):
+    """A tensor cut or cast after fast() ran on the old fused copies, where the reference refused it."""
+    model = tiny_model(seed=3)
+    fast = model.fast()
+    edit(model)
+    for forward in (model, fast):
+        with pytest.raises(CheckpointError, match=match):
+            forward([[1, 2, 3]])

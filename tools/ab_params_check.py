@@ -10,6 +10,10 @@ every tensor compared with the config's. Here the default model decodes one toke
 the checks replaced by a no-op, so that a slow moment of a shared machine costs both alike. Prints the median step of each side, their ratio,
 and the checks alone (median of 2,000 calls): on a busy 2-core machine the ratio moves by several percent
 from run to run, far more than the checks cost, so the last line is the figure to read.
+
+Then the same for the fast form (model.fast(), fast_cpu.FastCpuModel): its per-call test that model.params and
+model.config are still what its fused copies were built from (FastCpuModel._sync, by identity), on and off, over
+--fast-steps decode steps of each side, and alone.
 """
 
 from __future__ import annotations
@@ -26,36 +30,69 @@ sys.path.insert(0, ROOT)
 from stablelm_ref import DEFAULT_MODEL, StableLmForCausalLM  # noqa: E402
 
 
+PROMPT = [[11, 23, 5, 7, 42, 99, 3, 8]]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="decode steps per side")
+    parser.add_argument("--steps", type=int, default=40, help="reference decode steps per side")
+    parser.add_argument("--fast-steps", type=int, default=400, help="fast-form decode steps per side")
     args = parser.parse_args()
-    checked = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
-    unchecked = StableLmForCausalLM(checked.config, checked.params)
-    unchecked._check_params = lambda: None
-    prompt = [[11, 23, 5, 7, 42, 99, 3, 8]]
-    sides = {"checked": checked, "unchecked": unchecked}
+    reference(args.steps)
+    fast(args.fast_steps)
+
+
+def alternate(sides, steps, prompt):
+    """{name: [seconds of each decode step]}, the sides' steps alternating in order, each through its own cache
+    (restarted from the prompt at 256 positions)."""
     caches = {name: model(prompt, use_cache=True).past_key_values for name, model in sides.items()}
     times = {name: [] for name in sides}
-    for step in range(args.steps):
+    for step in range(steps):
         order = list(sides) if step % 2 == 0 else list(sides)[::-1]
         for name in order:
+            if caches[name].length >= 256:
+                caches[name] = sides[name](prompt, use_cache=True).past_key_values
             t0 = time.perf_counter()
-            caches[name] = sides[name]([[7]], past_key_values=caches[name], use_cache=True).past_key_values
+            caches[name] = sides[name]([[7]], past_key_values=caches[name], use_cache=True,
+                                       logits_to_keep=1).past_key_values
             times[name].append(time.perf_counter() - t0)
-    alone = []
+    return times
+
+
+def alone(check):
+    times = []
     for _ in range(2000):
         t0 = time.perf_counter()
-        checked._check_params()
-        alone.append(time.perf_counter() - t0)
+        check()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def report(what, times, check_alone):
     ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
-    print(f"default model ({checked.config.num_hidden_layers} layers, {len(checked.params)} tensors), reference "
-          f"decode step, median of {args.steps}:")
+    print(f"{what}, median of {len(times['checked'])}:")
     print(f"  with the checks   {ms['checked']:8.3f} ms")
     print(f"  without it        {ms['unchecked']:8.3f} ms")
     print(f"  ratio             {ms['checked'] / ms['unchecked']:8.4f}  (with / without)")
-    print(f"  the checks alone  {1e3 * statistics.median(alone):8.4f} ms (median of 2000), "
-          f"{statistics.median(alone) / statistics.median(times['unchecked']):.2%} of a step")
+    print(f"  the checks alone  {1e3 * check_alone:8.4f} ms (median of 2000), "
+          f"{check_alone / statistics.median(times['unchecked']):.2%} of a step")
+
+
+def reference(steps):
+    checked = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
+    unchecked = StableLmForCausalLM(checked.config, checked.params)
+    unchecked._check_params = lambda: None
+    sides = {"checked": checked, "unchecked": unchecked}
+    report(f"default model ({checked.config.num_hidden_layers} layers, {len(checked.params)} tensors), reference "
+           "decode step", alternate(sides, steps, PROMPT), alone(checked._check_params))
+
+
+def fast(steps):
+    checked = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL).fast()
+    unchecked = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL).fast()
+    unchecked._sync = lambda: None
+    report("fast form (model.fast()), decode step", alternate({"checked": checked, "unchecked": unchecked}, steps,
+                                                             PROMPT), alone(checked._sync))
 
 
 if __name__ == "__main__":
