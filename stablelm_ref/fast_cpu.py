@@ -70,6 +70,8 @@ from .attention import causal_mask
 from .model import ModelOutput
 from .rotary import rotary_cos_sin
 
+ROPE_TABLE = 1 << 16       # positions the rotary table holds at most: a config's max_position_embeddings of
+                           # 10**12 (valid) made the first call allocate 7 TiB for it; beyond, cos/sin per call
 QUERY_BLOCK = 64           # prefill attention: scores of at most [B, H, QUERY_BLOCK, S] at a time; a causal
                            # prompt of 128 computes 1/4 fewer scores than in one block (docs/cpu_notes.md)
 
@@ -405,18 +407,20 @@ class FastCpuModel:
     def _cos_sin(self, position_ids, w):
         """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:
         rows of a table rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position
-        reaches P); for dynamic rope, whose angles depend on the longest position, made per call."""
+        reaches P; P at most ROPE_TABLE); for dynamic rope, whose angles depend on the longest position, and
+        for positions beyond ROPE_TABLE, made per call."""
         config, dtype = self.config, self.model.dtype
         half = config.rotary_ndims // 2
-        if config.rope_type == "dynamic":
+        need = int(position_ids.max()) + 1
+        if config.rope_type == "dynamic" or need > ROPE_TABLE:
             cos, sin = rotary_cos_sin(position_ids, config, dtype)               # [B, T, d]
             w.cos[...] = cos
             np.multiply(sin[..., :half], -1, out=w.sin[..., :half])
             w.sin[..., half:] = sin[..., half:]
             return
-        need = int(position_ids.max()) + 1
         if self._rope is None or self._rope[0].shape[0] < need:
-            size = max(need, config.max_position_embeddings, 2 * (0 if self._rope is None else self._rope[0].shape[0]))
+            size = min(ROPE_TABLE, max(need, config.max_position_embeddings,
+                                       2 * (0 if self._rope is None else self._rope[0].shape[0])))
             cos, sin = rotary_cos_sin(np.arange(size)[None, :], config, dtype)  # [1, P, d]
             sin[..., :half] *= -1
             self._rope = (cos[0], sin[0])

@@ -411,3 +411,16 @@ def test_the_fast_form_refuses_params_edited_after_it_was_built_as_the_reference
     for forward in (model, fast):
         with pytest.raises(CheckpointError, match=match):
             forward([[1, 2, 3]])
+
+
+def test_positions_beyond_the_rotary_table_are_computed_per_call():
+    """The rotary table was made for max(position + 1, max_position_embeddings) positions: a valid config of
+    max_position_embeddings 10**12 made the first call a MemoryError (7 TiB). The table now holds at most
+    ROPE_TABLE positions, and cos/sin of positions beyond it are computed per call (the reference's way)."""
+    ref, fast = _pair("3b", 9, max_position_embeddings=10**12)
+    ids = [[3, 1, 4, 1, 5]]
+    np.testing.assert_allclose(fast(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
+    assert fast._rope[0].shape[0] == fast_cpu.ROPE_TABLE
+    far = [np.arange(5) + 10 * fast_cpu.ROPE_TABLE]
+    np.testing.assert_allclose(fast(ids, position_ids=far).logits, ref(ids, position_ids=far).logits, rtol=0,
+                               atol=TOL)
