@@ -443,16 +443,18 @@ def atomic_group():
     allows.
 
     Each `atomic_open(path, group)` writes a temporary file beside its target; `group.delete(path)` marks a file
-    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way, where a
-    file is written or deleted; a directory at a written file's name also fails the rename: checked here, before
-    any rename, the group changes nothing), then
+    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way,
+    where a file is written or deleted; a directory at a written file's name also fails the rename: checked here,
+    before any rename, the group changes nothing), then
     each existing target is renamed to a backup name in the same directory (`.old-<random>-<name>`) and its new
     file renamed into place. Only when every rename has succeeded are the backups deleted (a Ctrl-C there: the
     backup is tried once more and the rest removed, then a KeyboardInterrupt says the save completed and names any
     backup left). Any failure or interrupt
     (an OSError, KeyboardInterrupt, anything) on the way restores each backup to its name, removes the new files
     that had no predecessor and every temporary, so that every existing file is left byte-identical; an OSError
-    becomes a CheckpointError naming the file that failed and saying that nothing was changed.
+    becomes a CheckpointError naming the file that failed and saying that nothing was changed. A Ctrl-C during
+    that undo does not stop it halfway: the step is tried once more and the rest undone; a step interrupted twice
+    is named in a CheckpointError with the backup that holds the old file.
 
     Not atomic: a power loss or a kill -9 between two renames leaves some targets new and the rest old, with the
     old files under their `.old-*` names (rename them back); an error while restoring is reported by name with the
@@ -489,41 +491,49 @@ def _commit(group):
             if tmp is not None:
                 os.replace(tmp, path)
     except BaseException as e:
-        unrestored = _undo(plan)
-        if not isinstance(e, OSError) and not unrestored:
-            raise
+        interrupts = []                           # a second Ctrl-C, during the undo
+        unrestored = _undo(plan, interrupts)
         targets = _targets(plan)
         why = getattr(e, "strerror", None) or str(e) or type(e).__name__          # KeyboardInterrupt() is ""
         if unrestored:
-            lost = "; ".join(f"{path} could not be restored ({reason}): its previous file is {backup}, rename it "
-                             "back" for path, backup, reason in unrestored)
-            raise CheckpointError(f"cannot write {step} ({why}); undoing the save "
-                                  f"failed: {lost}. The other files of {targets} are as they were") from None
-        raise CheckpointError(f"cannot write {step} ({why}); nothing was changed: {targets} in "
-                              f"{os.path.dirname(step) or '.'} are as they were before the save") from None
-    left, interrupt = [], None
+            raise CheckpointError(f"cannot write {step} ({why}); undoing the save failed: {'; '.join(unrestored)}. "
+                                  f"The other files of {targets} are as they were") from None
+        if not isinstance(e, OSError):
+            raise
+        nothing = f"nothing was changed: {targets} in {os.path.dirname(step) or '.'} are as they were before the save"
+        if any(isinstance(i, KeyboardInterrupt) for i in interrupts):
+            raise KeyboardInterrupt(f"interrupted while undoing a failed save ({step}: {why}); {nothing}") from None
+        raise CheckpointError(f"cannot write {step} ({why}); {nothing}") from None
+    left, interrupts = [], []
     for _, _, backup, existed in plan:
-        for _attempt in range(2):        # interrupted (Ctrl-C) once: the save has succeeded, finish the clean-up
-            try:
-                if existed and os.path.lexists(backup):
-                    os.unlink(backup)
-                break
-            except OSError as e:
-                left.append(f"{backup} ({e.strerror or e})")
-                break
-            except BaseException as e:   # noqa: BLE001 - passed on below, once every backup was tried
-                interrupt = interrupt or e
-        else:
-            left.append(f"{backup} (interrupted)")
+        reason = _twice(lambda: os.unlink(backup) if existed and os.path.lexists(backup) else None, interrupts)
+        if reason is not None:
+            left.append(f"{backup} ({reason})")
     done = f"the new {_targets(plan)} are in place"
-    lost = f"; the old files kept during the save could not be removed: {'; '.join(left)}; remove them" if left else ""
-    if isinstance(interrupt, KeyboardInterrupt):       # the save is complete: say so, since the traceback will not
-        raise KeyboardInterrupt(f"interrupted after the save completed: {done}{lost}") from None
-    if interrupt is not None:
-        raise interrupt
+    lost = f", but the old files kept during the save could not be removed: {'; '.join(left)}; remove them" \
+        if left else ""
+    if any(isinstance(i, KeyboardInterrupt) for i in interrupts):  # the save is complete: say so, as the traceback
+        raise KeyboardInterrupt(f"interrupted after the save completed: {done}{lost}") from None        # will not
+    if interrupts:
+        raise interrupts[0]
     if left:
-        raise CheckpointError(f"{done}, but the old files kept during the save could not be removed: "
-                              f"{'; '.join(left)}; remove them")
+        raise CheckpointError(f"{done}{lost}")
+
+
+def _twice(action, interrupts):
+    """Run action(): None when it ran, else why not, in words: an OSError's, or "interrupted" when an exception
+    of another kind (a Ctrl-C's KeyboardInterrupt) stopped it twice; each such exception is appended to
+    `interrupts`, for the caller to raise once every file was tried. The clean-up after a save and the undo of
+    a failed one both run to the end this way, whatever a user's Ctrl-C interrupts."""
+    for _attempt in range(2):
+        try:
+            action()
+            return None
+        except OSError as e:
+            return str(e.strerror or e)
+        except BaseException as e:   # noqa: BLE001 - the caller raises it once every file was tried
+            interrupts.append(e)
+    return "interrupted"
 
 
 def _targets(plan):
@@ -531,21 +541,29 @@ def _targets(plan):
     return ", ".join(os.path.basename(p) for _, p, _, _ in plan)
 
 
-def _undo(plan):
-    """Put back what _commit changed, from what the file system holds; [(target, backup, reason)] for the
-    targets that could not be restored."""
+def _undo(plan, interrupts):
+    """Put back what _commit changed, from what the file system holds; a sentence for each target that could not
+    be restored (naming the backup that holds its old file) and each temporary that could not be removed. An
+    interrupt (a second Ctrl-C) does not stop it halfway: the step is tried once more and the rest done (_twice);
+    one interrupted twice is named."""
     unrestored = []
     for tmp, path, backup, existed in reversed(plan):
-        try:
-            if existed and os.path.lexists(backup):
-                os.replace(backup, path)                          # the old file back (over the new one if placed)
-            elif not existed and tmp is not None and not os.path.lexists(tmp) and os.path.lexists(path):
-                os.unlink(path)                                   # a new file where there was none
-            if tmp is not None and os.path.lexists(tmp):
-                os.unlink(tmp)
-        except OSError as e:
-            unrestored.append((path, backup, e.strerror or e))
+        reason = _twice(lambda: _restore(tmp, path, backup, existed), interrupts)
+        if reason is not None:
+            unrestored.append(f"{path} could not be restored ({reason}): its previous file is {backup}, rename it "
+                              "back")
+        reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None, interrupts)
+        if reason is not None:
+            unrestored.append(f"the temporary {tmp} could not be removed ({reason}): remove it")
     return unrestored
+
+
+def _restore(tmp, path, backup, existed):
+    """One target of a commit plan as it was before the save (idempotent: it reads the file system)."""
+    if existed and os.path.lexists(backup):
+        os.replace(backup, path)                          # the old file back (over the new one if placed)
+    elif not existed and tmp is not None and not os.path.lexists(tmp) and os.path.lexists(path):
+        os.unlink(path)                                   # a new file where there was none
 
 
 def atomic_write(path, data: bytes, group=None):

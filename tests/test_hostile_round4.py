@@ -122,3 +122,45 @@ def test_an_interrupt_while_removing_the_backups_finishes_or_names_them(tmp_path
     assert all(f"{name} (interrupted)" in str(info.value) for name in backups)
     loaded = StableLmForCausalLM.from_pretrained(tmp_path, dtype="float64")
     assert all(np.array_equal(loaded.params[k], v) for k, v in new.params.items())
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+@pytest.mark.parametrize("first", [KeyboardInterrupt(), OSError(5, "Input/output error")], ids=["Ctrl-C", "OSError"])
+def test_an_interrupt_while_undoing_a_failed_save_loses_no_file(tmp_path, monkeypatch, interrupts, first):
+    """A Ctrl-C (or an OSError) at the 4th rename (the new config.json into place) starts the undo; a Ctrl-C at the
+    undo's first rename (config.json's backup back to its name) stopped it, since it caught only OSError:
+    config.json and model.safetensors stayed under `.old-*` names and nothing said so. Now the interrupted rename
+    is tried once more and the rest restored: every file as it was (a KeyboardInterrupt), or, interrupted twice,
+    a CheckpointError naming the backup that holds the old config.json, with its old bytes."""
+    from test_checkpoint import _old_checkpoint
+    from conftest import VARIANTS
+
+    before = _old_checkpoint(tmp_path)
+    calls, real = [], os.replace
+
+    def replace(src, dst, **kwargs):                   # the 4th rename fails, the undo's first is interrupted
+        calls.append(src)
+        if len(calls) == 4:
+            raise first
+        if 4 < len(calls) <= 4 + interrupts:
+            raise KeyboardInterrupt
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    expected = KeyboardInterrupt if interrupts == 1 else CheckpointError
+    with pytest.raises(expected) as info:
+        tiny_model(seed=17, **VARIANTS["1_6b"]).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    after = files_of(tmp_path)
+    if interrupts == 1:
+        assert after == before
+        if isinstance(first, OSError):                 # the failure, and that the undo was completed
+            assert str(info.value).startswith("interrupted while undoing a failed save") and \
+                "Input/output error); nothing was changed" in str(info.value)
+        return
+    (backup,) = [name for name in after if name.startswith(".old-")]
+    assert backup.endswith("-config.json") and after[backup] == before["config.json"]
+    after["config.json"] = after.pop(backup)
+    assert after == before                                                # nothing else changed, nothing lost
+    assert f"{tmp_path / 'config.json'} could not be restored (interrupted): its previous file is " \
+           f"{tmp_path / backup}, rename it back" in str(info.value)
