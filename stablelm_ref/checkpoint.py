@@ -391,7 +391,7 @@ def _file_mode():
     return 0o666 & ~umask
 
 
-def check_replaceable(paths, deleting=False):
+def check_no_directory_at(paths, deleting=False):
     """CheckpointError, before anything is written or renamed, when one of `paths` cannot be replaced by a file
     (deleting=True: cannot be deleted as a file): a directory stands there (a symlink, to anything, is replaced
     or deleted itself, like a file)."""
@@ -443,7 +443,7 @@ def atomic_group():
     allows.
 
     Each `atomic_open(path, group)` writes a temporary file beside its target; `group.delete(path)` marks a file
-    for deletion. When the block ends, every target is checked (check_replaceable: no directory in the way,
+    for deletion. When the block ends, every target is checked (check_no_directory_at: no directory in the way,
     where a file is written or deleted; a directory at a written file's name also fails the rename: checked here,
     before any rename, the group changes nothing), then
     each existing target is renamed to a backup name in the same directory (`.old-<random>-<name>`) and its new
@@ -464,7 +464,7 @@ def atomic_group():
     try:
         yield group
         for tmp, path in group:
-            check_replaceable([path], deleting=tmp is None)
+            check_no_directory_at([path], deleting=tmp is None)
     except BaseException as e:
         for tmp, _ in group:
             if tmp is not None and os.path.exists(tmp):

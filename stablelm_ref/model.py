@@ -202,7 +202,7 @@ class StableLmPreTrainedModel:
         host = self._check_savable(host, None if dtype is None else resolve_dtype(dtype, "gpu"))
         checkpoint.make_directory(directory)
         names = (checkpoint.SINGLE_NAME, "config.json", GENERATION_CONFIG_NAME)
-        checkpoint.check_replaceable([os.path.join(directory, n) for n in names])   # before any weight is written
+        checkpoint.check_no_directory_at([os.path.join(directory, n) for n in names])   # before any weight is written
         with checkpoint.atomic_group() as group:
             checkpoint.save_file(host, os.path.join(directory, checkpoint.SINGLE_NAME), {"format": "pt"}, group)
             self._saved_config(host).save_pretrained(directory, group)

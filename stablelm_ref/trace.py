@@ -114,9 +114,9 @@ def write_trace(path, trace, metadata=None):
 
     Arrays are stored in their own dtype (float16/bfloat16 too); the execution order (the dict's
     order) goes into the metadata as JSON, with `metadata` (values: strings, or anything JSON).
-    An existing file under `path` is replaced only if it is a trace itself (check_replaceable): a
+    An existing file under `path` is replaced only if it is a trace itself (check_trace_output): a
     mistyped --out must not overwrite a model's weights or any other file."""
-    check_replaceable(path)
+    check_trace_output(path)
     if not isinstance(trace, dict):
         raise CheckpointError(f"write_trace takes a dict {{name: array}}, got {type(trace).__name__}")
     meta = {}
@@ -135,10 +135,11 @@ def check_path(path, what):
     return checkpoint.check_path_name(path, what, "a file name, e.g. trace.safetensors")
 
 
-def check_replaceable(path, what="the trace's output path"):
+def check_trace_output(path, what="the trace's output path"):
     """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
     write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept.
-    A path that is no file name (check_path) is refused naming `what`."""
+    A path that is no file name (check_path) is refused naming `what`. (A save's check of its targets is
+    checkpoint.check_no_directory_at: a save replaces any file, but no directory.)"""
     path = check_path(path, what)
     if not os.path.lexists(path):
         return
@@ -584,7 +585,7 @@ def load_for_trace(model, dtype, device):
 
 def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
-    check_replaceable(args.out, "--out")                 # before the model loads: a wrong --out fails at once
+    check_trace_output(args.out, "--out")                 # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
     ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(directory, args.text, args.mask)
     model, compute = load_for_trace(directory, dtype, args.device)

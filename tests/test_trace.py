@@ -535,7 +535,7 @@ def test_the_tolerance_header_when_nothing_or_one_tensor_was_compared():
 def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkeypatch):
     """--out '' said 'error: : cannot write (No such file or directory)', and compare '' ': no such file' (hostile
     review): every path the trace commands take is refused by name when empty, as save_pretrained('') is."""
-    from stablelm_ref.trace import check_replaceable
+    from stablelm_ref.trace import check_trace_output
 
     monkeypatch.chdir(tmp_path)
     good = _trace(checkpoints, "good", "float64", "m64.safetensors")
@@ -550,7 +550,7 @@ def test_an_empty_path_is_refused_in_words(checkpoints, capsys, tmp_path, monkey
     with pytest.raises(CheckpointError, match=r"^the trace to read must be a path \(a string or os.PathLike\), got None"):
         read_trace(None)
     with pytest.raises(CheckpointError, match="NUL"):
-        check_replaceable("a\0b")
+        check_trace_output("a\0b")
     assert os.listdir(tmp_path) == []
 
 

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import check_replaceable, check_text_ids, ids_and_mask, text_ids, write_trace  # noqa: E402
+from stablelm_ref.trace import check_trace_output, check_text_ids, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -240,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        check_replaceable(args.out, "--out")             # before loading: --out never replaces a non-trace
+        check_trace_output(args.out, "--out")             # before loading: --out never replaces a non-trace
         if not args.model:
             raise StableLmError("--model is empty (''): give a model directory holding config.json and "
                                 "model.safetensors")
