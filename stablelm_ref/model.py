@@ -71,6 +71,17 @@ def _floating(dtype):
         return False
 
 
+def _dtype_problem(params, names):
+    """Which of params[name] for `names` is not floating point, in words, or None: an int or bool tensor saved but
+    did not load; object failed deep in NumPy; complex gave complex logits."""
+    for name in names:
+        dtype = getattr(params[name], "dtype", None)
+        if not _floating(dtype):
+            return (f"tensor {name!r} has dtype {dtype}; model weights must be floating point (float64, "
+                    "float32, float16 or bfloat16): cast it back, e.g. .astype(np.float32)")
+    return None
+
+
 def array_module(device):
     """NumPy for device="cpu", CuPy for device="gpu" (imported only then)."""
     if device == "cpu":
@@ -256,10 +267,13 @@ class StableLmPreTrainedModel:
         causal_lm.params) leaves the lm_head unused), where the save refuses them, as from_pretrained would.
         The save checks it and so does every reference forward: params or config edited after loading failed
         deep inside NumPy (an IndexError from the embedding's take, a matmul's core dimension) or, with an
-        lm_head of other rows, gave logits of the wrong width. Every tensor must also be floating point (an
-        int or bool tensor saved but did not load; object or complex failed in NumPy or gave complex logits).
-        The forward's cost, measured on the default model (179 tensors, 2 CPU cores): tools/ab_params_check.py.
-        ConfigError from _shapes when model.config itself is unusable."""
+        lm_head of other rows, gave logits of the wrong width. Every tensor must also be floating point
+        (_dtype_problem). The forward's cost, measured on the default model (179 tensors, 2 CPU cores):
+        tools/ab_params_check.py. ConfigError from _shapes when model.config itself is unusable."""
+        return self._layout_problem(params, unused_ok) or _dtype_problem(params, self._shapes())
+
+    def _layout_problem(self, params, unused_ok):
+        """_params_problem's names and shapes: what makes `params` differ from model.config, or None."""
         try:
             expected = self._shapes()                                        # tied: no lm_head.weight
         except CheckpointError as e:                                         # more tensors than params holds
@@ -277,11 +291,6 @@ class StableLmPreTrainedModel:
             got = tuple(getattr(params[name], "shape", ()))
             if got != shape:
                 return f"tensor {name!r} has shape {got} but the config implies {shape}"
-        for name in expected:                        # an int or bool tensor saved but did not load; object failed
-            dtype = getattr(params[name], "dtype", None)  # deep in NumPy; complex gave complex logits
-            if not _floating(dtype):
-                return (f"tensor {name!r} has dtype {dtype}; model weights must be floating point (float64, "
-                        "float32, float16 or bfloat16): cast it back, e.g. .astype(np.float32)")
         return None
 
     def _shapes(self):
@@ -311,10 +320,13 @@ class StableLmPreTrainedModel:
     def _check_params(self):
         """ConfigError when model.config was edited into values the model cannot use, CheckpointError naming the
         tensor when model.params do not match model.config (_params_problem, _shapes)."""
-        problem = self._params_problem(self.params, unused_ok=True)
+        problem = self._layout_problem(self.params, unused_ok=True)
         if problem is not None:
             raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
                                   "loading? Restore them (or the config), or load the model again")
+        problem = _dtype_problem(self.params, self._shapes())
+        if problem is not None:       # not a mismatch with the config: the prefix above read off for it
+            raise CheckpointError(f"model.params hold a tensor the model cannot compute with: {problem}")
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
