@@ -95,9 +95,7 @@ def load(args):
     directory = resolve_model_dir(args.model, args.revision)
     model = StableLmForCausalLM.from_pretrained(directory, dtype=args.dtype, device=args.device)
     tok = Tokenizer.from_pretrained(directory)
-    if tok.vocab_size > model.config.vocab_size:
-        raise TokenizerError(f"{directory}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
-                             f"{model.config.vocab_size}: they do not belong together")
+    tok.check_vocabulary(model.config.vocab_size, directory)
     return model, tok
 
 

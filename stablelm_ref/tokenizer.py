@@ -174,6 +174,14 @@ class Tokenizer:
     def __len__(self):
         return self.vocab_size
 
+    def check_vocabulary(self, vocab_size, where):
+        """TokenizerError when this tokenizer has more ids than a model's vocabulary (config.json's vocab_size) holds:
+        some text would give ids the model has no embedding for, so the two do not belong together. The one rule of
+        the commands that pair a model with its directory's tokenizer (generate, chat, trace --text)."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(f"{where}: the tokenizer has {self.vocab_size} ids but the model's vocabulary has "
+                                 f"{vocab_size}: they do not belong together; give the model's own tokenizer")
+
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, text, add_special_tokens=True):
         """One text -> list of ids (tokenizer.json's post-processor, then add_bos/add_eos_token)."""

@@ -53,7 +53,7 @@ from . import bounded_io, checkpoint, hub
 from ._version import __version__
 from ._xp import to_host
 from .command import PROG, _Parser, run
-from .errors import CheckpointError, StableLmError, TokenizerError, check_flag, is_number, printable
+from .errors import CheckpointError, StableLmError, check_flag, is_number, printable
 from .heads import StableLmForCausalLM
 from .tokenizer import Tokenizer
 
@@ -553,13 +553,11 @@ def text_ids(model_dir, text, mask=None):
     return [_encode(model_dir, text)], None
 
 
-def check_text_ids(ids, vocab_size, model_dir):
-    """TokenizerError when ids the model's tokenizer gave (--text) fall outside the model's vocabulary: the
-    tokenizer, not the user, is then at fault (the model's own message, for ids given directly, says less)."""
-    top = max(i for row in ids for i in row)
-    if top >= vocab_size:
-        raise TokenizerError(f"--text gives token id {top} (from {model_dir}'s tokenizer), outside the model's "
-                             f"vocabulary [0, {vocab_size}): does the tokenizer belong to this model?")
+def check_text_tokenizer(model_dir, vocab_size):
+    """TokenizerError when the tokenizer that gave --text's ids cannot belong to the model (more ids than its
+    vocabulary: Tokenizer.check_vocabulary, the rule generate and chat apply): the tokenizer, not the user, is
+    then at fault (the model's own message, for ids given directly, names no tokenizer)."""
+    Tokenizer.from_pretrained(model_dir).check_vocabulary(vocab_size, model_dir)
 
 
 def _encode(model_dir, text):
@@ -590,7 +588,7 @@ def cmd_trace(args):
     ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(directory, args.text, args.mask)
     model, compute = load_for_trace(directory, dtype, args.device)
     if args.text is not None:
-        check_text_ids(ids, model.config.vocab_size, directory)
+        check_text_tokenizer(directory, model.config.vocab_size)
     logits, trace = run_with_trace(model, ids, attention_mask=mask)    # positions 0..T-1, as transformers' forward
     meta = {"model": str(args.model), "dtype": dtype, "compute": compute, "device": args.device, "ids": ids,
             "producer": "stablelm-ref"}

@@ -714,7 +714,8 @@ def test_python_repr_metadata_is_named_with_how_to_write_json(tmp_path):
 
 def test_the_tokenizer_hint_is_given_only_where_a_tokenizer_gave_the_ids(tmp_path, capsys):
     """--ids 5,17,200 on a 101-id model said '...; does the tokenizer belong to this model?' though no tokenizer
-    was involved (porter review): the model's message is plain; --text names the tokenizer."""
+    was involved (porter review): the model's message is plain; --text names the tokenizer, by the rule and the
+    message generate and chat use (Tokenizer.check_vocabulary: a tokenizer of more ids than the vocabulary)."""
     from test_tokenizer import tiny_tokenizer_dir
 
     d = tmp_path / "m"
@@ -726,8 +727,8 @@ def test_the_tokenizer_hint_is_given_only_where_a_tokenizer_gave_the_ids(tmp_pat
     assert "token id 200 is outside the vocabulary [0, 101) of this model (config.json's vocab_size)" in err
     assert "tokenizer" not in err
     assert main(["trace", "--model", str(d), "--text", "hello world", "--out", out]) == 2
-    assert (f"--text gives token id 293 (from {d}'s tokenizer), outside the model's vocabulary [0, 101): does the "
-            "tokenizer belong to this model?") in capsys.readouterr().err
+    assert (f"{d}: the tokenizer has 300 ids but the model's vocabulary has 101: they do not belong together; give "
+            "the model's own tokenizer") in capsys.readouterr().err           # generate's message (one rule)
     with pytest.raises(Exception, match=r"outside the vocabulary \[0, 101\) of this model \(config.json's "
                                         r"vocab_size\)$"):
         StableLmForCausalLM.from_pretrained(d)([[5, 200]])

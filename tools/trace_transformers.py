@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import check_trace_output, check_text_ids, ids_and_mask, text_ids, write_trace  # noqa: E402
+from stablelm_ref.trace import check_text_tokenizer, check_trace_output, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -249,7 +249,7 @@ def main(argv=None):
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size
         if args.text is not None:
-            check_text_ids(ids, vocab, args.model)
+            check_text_tokenizer(args.model, vocab)
         bad = [i for row in ids for i in row if not 0 <= i < vocab]     # torch's embedding: an IndexError
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
