@@ -32,6 +32,7 @@ import reprlib
 import sys
 import threading
 import time
+import warnings
 from datetime import datetime
 
 import numpy as np
@@ -531,8 +532,9 @@ def _read_json(path, root):
 def _chat_templates(value, source):
     """The chat template a tokenizer uses (tokenizer_config.json's "chat_template", the chat_template.jinja that
     replaces it, or the argument), checked once: None, a string, or the named form, a list of {"name": ...,
-    "template": ...} objects with string values and distinct names, returned as {name: template} (what
-    transformers keeps as tokenizer.chat_template; the 'default' one is used when none is asked for). An empty
+    "template": ...} objects with string values, returned as {name: template} (what transformers keeps as
+    tokenizer.chat_template, a name given twice keeping the later template, with a warning here; the 'default'
+    one is used when none is asked for). An empty
     list (or {}) is no template: transformers keeps {} and renders only a template passed to it. A malformed
     value is a TokenizerError naming `source`, not "no chat template" when a chat is rendered."""
     if value is None or isinstance(value, str):
@@ -551,8 +553,9 @@ def _chat_templates(value, source):
                 and isinstance(entry.get("template"), str)):
             raise TokenizerError(f"{where}: entry [{i}] must be an object {{\"name\": a string, \"template\": a "
                                  f"string}}, got {reprlib.repr(entry)}")
-        if entry["name"] in named:
-            raise TokenizerError(f"{where} names two templates {entry['name']!r}; names must differ")
+        if entry["name"] in named:                # transformers' {name: template for ...}: the later one, silently
+            warnings.warn(f"{where} names two templates {printable(repr(entry['name']))}: the later one is used, as "
+                          "transformers does; rename one to keep both", stacklevel=2)
         named[entry["name"]] = entry["template"]
     return named
 

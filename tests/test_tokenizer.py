@@ -3,6 +3,7 @@ published prompt ids (GPT-NeoX-20B file), and the sandboxed chat template."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -267,13 +268,26 @@ def test_tojson_is_not_html_escaped():
     ([5], r"entry \[0\] must be an object \{\"name\": a string, \"template\": a string\}, got 5"),
     ([{"name": "default"}], r"entry \[0\] must be an object"),
     ([{"name": "default", "template": "x"}, {"name": 1, "template": "y"}], r"entry \[1\] must be an object"),
-    ([{"name": "a", "template": "x"}, {"name": "a", "template": "y"}], "names two templates 'a'"),
 ])
 def test_a_malformed_chat_template_is_refused_at_load(tmp_path, value, match):
     """Before: each loaded, and apply_chat_template then said "this tokenizer has no chat template"."""
     directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
     with pytest.raises(TokenizerError, match=f"{directory}: chat_template \\(tokenizer_config.json's .*{match}"):
         Tokenizer.from_pretrained(directory)
+
+
+def test_a_name_given_to_two_chat_templates_keeps_the_later_one_with_a_warning(tmp_path):
+    """transformers builds {name: template} from the list (tokenization_utils_base: a dict comprehension), so the
+    later of two templates of one name wins, silently; it was a TokenizerError at load here. Now the later one
+    is used, as there, with a warning naming the file and the name."""
+    value = [{"name": "default", "template": "A:{{ messages[0].content }}"}, {"name": "x", "template": "X"},
+             {"name": "default", "template": "B:{{ messages[0].content }}"}]
+    directory = tiny_tokenizer_dir(str(tmp_path / "t"), chat_template=value)
+    with pytest.warns(UserWarning, match=f"{re.escape(directory)}: chat_template .* names two templates 'default': "
+                                         "the later one is used, as transformers does; rename one to keep both"):
+        tok = Tokenizer.from_pretrained(directory)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "B:hi"
+    assert list(tok.chat_template) == ["default", "x"]                   # a dict comprehension's order
 
 
 @pytest.mark.parametrize("value", [5, [5], [{"name": "a", "template": "x"}, {"name": "a", "template": "y"}]])
