@@ -1,7 +1,8 @@
 """The command line's runner, shared by `stablelm-ref` (cli.py) and `python -m stablelm_ref.trace` (trace.py), so
 both speak alike: every StableLmError ends the command with one line on stderr ("stablelm-ref: error: ...") and exit
 code 2, a warning is one line ("stablelm-ref: warning: ..."), a usage error is one line, an abbreviated option is
-refused with a hint naming the full spellings of the typed command's options, a closed or full standard output is
+refused with a hint naming the full spellings of the typed command's options (whatever usage error argparse reports
+first: a missing argument comes before the unrecognized ones), a closed or full standard output is
 one line and exit 2 (a closed pipe, as with head, exits 0 quietly), Ctrl-C exits 130. The surroundings are checked
 in the command line's own words before a command runs (check_surroundings): option values (--temperature,
 --top-p, ...), text arguments holding invalid UTF-8, --device gpu without CuPy.
@@ -28,9 +29,13 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, allow_abbrev=False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
+    _argv = ()                     # the arguments being parsed, for the hint of any usage error
+
     def parse_args(self, args=None, namespace=None):
-        """argparse's parse_args, remembering the typed subcommand, so that an abbreviation's hint names only
-        its options (argparse reports unrecognized arguments from the top parser, which does not say)."""
+        """argparse's parse_args, remembering the arguments and the typed subcommand, so that an abbreviation's
+        hint names only its options (argparse reports unrecognized arguments from the top parser, which does
+        not say) and comes with any usage error (a subcommand's parser reports a missing one itself)."""
+        _Parser._argv, self._typed = tuple(sys.argv[1:] if args is None else args), None
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             self._typed = next((getattr(parsed, a.dest, None) for a in self._actions
@@ -39,17 +44,17 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}{self._spelled_in_full(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._spelled_in_full()} (see {self.prog} --help)\n")
 
-    def _spelled_in_full(self, message):
-        """For an unrecognized --opt that begins a real option's name (an abbreviation, which is refused): a
-        hint naming the option(s) it abbreviates, of this parser and of the subcommand typed (all its
-        subcommands' when none was)."""
-        if not message.startswith("unrecognized arguments:"):
-            return ""
+    def _spelled_in_full(self):
+        """For each --opt typed that is no option but begins a real option's name (an abbreviation, which is
+        refused): a hint naming the option(s) it abbreviates, of this parser and of the subcommand typed (all its
+        subcommands' when none was). Given with any usage error: argparse may report another one first, e.g.
+        trace --id 1 as "one of the arguments --ids --text is required"."""
         hints, options = [], _option_strings(self, getattr(self, "_typed", None))
-        for name in (arg.split("=", 1)[0] for arg in message.split(":", 1)[1].split() if arg.startswith("--")):
-            full = sorted(o for o in options if o.startswith(name) and o != name)
+        typed = self._argv[:self._argv.index("--")] if "--" in self._argv else self._argv
+        for name in dict.fromkeys(arg.split("=", 1)[0] for arg in typed if arg.startswith("--")):
+            full = sorted(o for o in options if o.startswith(name) and o != name) if name not in options else []
             if full:
                 hints.append(f"{name} is not an option (options are spelled in full): did you mean "
                              f"{' or '.join(full)}?")

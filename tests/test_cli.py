@@ -244,9 +244,25 @@ def test_abbreviated_options_are_refused(argv, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1
     assert (f"unrecognized arguments: {argv[1]} " in err if argv[0] == "generate"
             else "one of the arguments --ids --text is required" in err), err
-    full = {"--max-new-token": "--max-new-tokens", "--temp": "--temperature"}.get(argv[1])
-    if full:                                                   # the message names the option spelled in full
-        assert f"{argv[1]} is not an option (options are spelled in full): did you mean {full}?" in err, err
+    full = {"--max-new-token": "--max-new-tokens", "--temp": "--temperature", "--id": "--ids"}[argv[1]]
+    assert f"{argv[1]} is not an option (options are spelled in full): did you mean {full}?" in err, err
+
+
+@pytest.mark.parametrize("argv, first", [
+    (("trace", "--id", "1", "--out", "o.safetensors"), "one of the arguments --ids --text is required"),
+    (("trace", "--id", "1", "--text", "hi"), "the following arguments are required: --out"),
+    (("generate", "--max-new-tok"), "the following arguments are required: PROMPT"),
+    (("--vers",), "the following arguments are required: COMMAND"),
+])
+def test_an_abbreviation_is_named_whatever_usage_error_argparse_reports_first(argv, first, capsys):
+    """argparse reports a missing argument before the unrecognized ones, and its message was then all a user saw:
+    `trace --id 1 --out o` said only that --ids or --text is required. The hint now comes with any usage error."""
+    code, out, err = main(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    full = {"--id": "--ids", "--max-new-tok": "--max-new-tokens", "--vers": "--version"}
+    typed = next(a for a in argv if a in full)
+    assert f"{first}; {typed} is not an option (options are spelled in full): did you mean {full[typed]}? (see" \
+        in err, err
 
 
 def test_an_unknown_option_that_abbreviates_none_gets_no_hint(capsys):
