@@ -159,6 +159,7 @@ class Theirs:
         self.torch = torch
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.attn = self.model.config._attn_implementation
+        self.cache = cache_keyword(self.model)
 
     def prefill(self, ids, extra=0):
         torch = self.torch
@@ -167,7 +168,7 @@ class Theirs:
             t0 = time.perf_counter()
             out = self.model(input_ids=x, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            return time.perf_counter() - t0, out.past_key_values, tok
+            return time.perf_counter() - t0, out[self.cache], tok
 
     def decode(self, ids, steps):
         torch = self.torch
@@ -176,8 +177,8 @@ class Theirs:
         with torch.inference_mode():
             for _ in range(steps):
                 t0 = time.perf_counter()
-                out = self.model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                out = self.model(input_ids=tok, **{self.cache: cache}, use_cache=True, logits_to_keep=1)
+                cache = out[self.cache]
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 times.append(time.perf_counter() - t0)
                 toks.append(tok[:, 0].numpy())
@@ -297,6 +298,15 @@ def wait_quiet(max_busy, timeout):
         busy = busy_fraction()
         if busy is None or busy < max_busy or time.time() > end:
             return busy
+
+
+def cache_keyword(model):
+    """The name a transformers causal LM takes its KV cache by and returns it under: `cache` since transformers
+    5.24 (`past_key_values` still works there, but warns that 5.40 removes it), `past_key_values` before (the
+    crosscheck extra allows any transformers >= 5)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def quiet_peers(threads):

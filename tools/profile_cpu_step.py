@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_cpu import COMMON, SHAPES, quiet_peers  # noqa: E402  (the benchmark's shapes: small, slice, full)
+from bench_cpu import COMMON, SHAPES, cache_keyword, quiet_peers  # noqa: E402  (the benchmark's shapes: small, slice, full)
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu  # noqa: E402
 from stablelm_ref.kv_cache import KVCache  # noqa: E402
 
@@ -259,7 +259,8 @@ def profile_torch(args):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"], (1, 128)))
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    state = {"cache": out.past_key_values, "tok": out.logits[:, -1].argmax(-1, keepdim=True)}
+    key = cache_keyword(model)                                              # `cache` in transformers 5.24
+    state = {"cache": out[key], "tok": out.logits[:, -1].argmax(-1, keepdim=True)}
 
     def step():
         with torch.inference_mode():
@@ -269,8 +270,8 @@ def profile_torch(args):
                 model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 return time.perf_counter() - t0
             t0 = time.perf_counter()
-            o = model(input_ids=state["tok"], past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
-            state["cache"], state["tok"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            o = model(input_ids=state["tok"], **{key: state["cache"]}, use_cache=True, logits_to_keep=1)
+            state["cache"], state["tok"] = o[key], o.logits[:, -1].argmax(-1, keepdim=True)
             return time.perf_counter() - t0
 
     for _ in range(3):
