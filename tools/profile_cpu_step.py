@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_cpu import COMMON, SHAPES, cache_keyword, quiet_peers  # noqa: E402  (the benchmark's shapes: small, slice, full)
+from bench_cpu import COMMON, SHAPES, cache_keyword, quiet_peers  # noqa: E402  (the benchmark's shapes, its peers)
 from stablelm_ref import StableLmConfig, StableLmForCausalLM, fast_cpu  # noqa: E402
 from stablelm_ref.kv_cache import KVCache  # noqa: E402
 
