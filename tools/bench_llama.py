@@ -19,8 +19,14 @@ convert_hf_to_gguf.py. Then --rounds rounds, the order of the sides rotating eve
   that prompt, 32 single-token steps (forward through the cache, logits_to_keep=1, argmax), tokens/s
   = 32 / their total time (llama-bench's tg32 at depth 128).
 - llama.cpp: `llama-bench -m model.gguf -t THREADS -r 1 -o json`, once with `-p 128 -n 0` and once
-  with `-p 0 -n 32 -d 128`; its own warm-up run each time, its defaults otherwise (the KV cache in f16:
-  llama-bench offers no f32 cache type; that halves its attention traffic, in its favour).
+  with `-p 0 -n 32 -d 128`; its own warm-up run each time, its defaults otherwise (the KV cache in f16,
+  which halves its attention traffic, in its favour: llama-bench takes no f32 cache type, `-ctk f32` is
+  "invalid parameter", its list being f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl).
+- llama.cpp f32 KV: the same precision as ours, float32 weights and a float32 KV cache, through the same
+  build's llama-batched-bench, which takes any cache type: `llama-batched-bench -m model.gguf -t THREADS
+  -c 160 -b 2048 -ub 512 -npp 128 -ntg 32 -npl 1 -ctk f32 -ctv f32 --output-format jsonl` (a 16-token
+  warm-up, then a 128-token prompt into an empty cache, logits of its last position, then 32 single-token
+  steps: its speed_pp and speed_tg).
 - transformers: tools/bench_cpu.py's side (float32, its default attention), the same prefill and
   32-step decode; left out where memory is short (all three models at full shapes need ~20 GB).
 
@@ -78,12 +84,18 @@ def cache_root():
     return os.environ.get("STABLELM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stablelm-ref")
 
 
+TARGETS = ("llama-bench", "llama-batched-bench")
+
+
 def llama_cpp(threads):
-    """(source dir, llama-bench path): built now if the cache has no build of the pinned version."""
+    """(source dir, {target: path} of TARGETS): built now where the cache has no build of the pinned version
+    (a cache holding llama-bench alone, from before llama-batched-bench was measured, builds the other in
+    about a minute: the libraries are there)."""
     src = os.path.join(cache_root(), f"llama.cpp-{LLAMA_CPP_PYTHON}")
-    exe = os.path.join(src, "build", "bin", "llama-bench")
-    if os.path.exists(exe):
-        return src, exe
+    exes = {t: os.path.join(src, "build", "bin", t) for t in TARGETS}
+    missing = [t for t, path in exes.items() if not os.path.exists(path)]
+    if not missing:
+        return src, exes
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise SetupError(f"building llama.cpp needs {tool} on PATH (apt-get install cmake g++)")
@@ -111,16 +123,18 @@ def llama_cpp(threads):
         shutil.rmtree(src, ignore_errors=True)
         os.rename(tmp, src)
     log = os.path.join(src, "build.log")
-    print(f"building llama.cpp's llama-bench in {src} (about 12 minutes on two quiet cores; log: {log})", flush=True)
+    print(f"building llama.cpp's {' and '.join(missing)} in {src} (about 12 minutes on two quiet cores; log: {log})",
+          flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as out:
-        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        subprocess.run(["cmake", "-S", src, "-B", os.path.join(src, "build"), *generator, *CMAKE_FLAGS],
-                       stdout=out, stderr=subprocess.STDOUT, check=True)
-        subprocess.run(["cmake", "--build", os.path.join(src, "build"), "--target", "llama-bench", "-j",
+    with open(log, "a") as out:
+        if not os.path.exists(os.path.join(src, "build", "CMakeCache.txt")):
+            generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+            subprocess.run(["cmake", "-S", src, "-B", os.path.join(src, "build"), *generator, *CMAKE_FLAGS],
+                           stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(["cmake", "--build", os.path.join(src, "build"), "--target", *missing, "-j",
                         str(threads)], stdout=out, stderr=subprocess.STDOUT, check=True)
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
-    return src, exe
+    return src, exes
 
 
 def tokenizer_file():
@@ -162,6 +176,18 @@ def llama_bench(exe, gguf, threads, args):
     return json.loads(out.stdout)[0]
 
 
+def batched_bench(exe, gguf, threads, args):
+    """One llama-batched-bench run -> its JSON record of the one (prompt, steps, batch) asked for (speed_pp,
+    speed_tg = tokens/s)."""
+    cmd = [exe, "-m", gguf, "-t", str(threads), "--output-format", "jsonl", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    records = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or len(records) != 1:
+        raise SetupError(f"{' '.join(cmd)} failed (exit {out.returncode}, {len(records)} results):\n"
+                         f"{out.stderr[-3000:]}")
+    return json.loads(records[0])
+
+
 # ---- the sides, one round each ----------------------------------------------------------------
 
 class Ours(bench_cpu.Ours):
@@ -199,9 +225,22 @@ class Llama:
         return pp["avg_ts"], tg["avg_ts"]
 
 
+class LlamaF32Cache(Llama):
+    """llama.cpp with a float32 KV cache, as ours (llama-batched-bench; see the module doc)."""
+
+    name = "llama.cpp f32 KV"
+
+    def round(self, ids):
+        r = batched_bench(self.exe, self.gguf, self.threads,
+                          ["-c", str(PROMPT + STEPS), "-b", "2048", "-ub", "512", "-npp", str(PROMPT),
+                           "-ntg", str(STEPS), "-npl", "1", "-ctk", "f32", "-ctv", "f32"])
+        self.info = {k: r.get(k) for k in ("n_threads", "flash_attn", "n_batch", "n_ubatch", "n_kv")}
+        return r["speed_pp"], r["speed_tg"]
+
+
 # ---- one shape ----------------------------------------------------------------------------------
 
-def bench_shape(name, args, src, exe, tokenizer, rows, notes):
+def bench_shape(name, args, src, exes, tokenizer, rows, notes):
     cfg = {**bench_cpu.COMMON, **bench_cpu.SHAPES[name]}
     weights = bench_cpu.n_params(cfg) * 4
     with tempfile.TemporaryDirectory(prefix=f"bench-llama-{name}-") as tmp:
@@ -213,7 +252,8 @@ def bench_shape(name, args, src, exe, tokenizer, rows, notes):
               f"checkpoint {size / 1e9:.2f} GB float32 and its f32 GGUF ({os.path.getsize(gguf) / 1e9:.2f} GB) "
               f"written in {time.perf_counter() - t0:.0f} s", flush=True)
         mem = bench_cpu.memory_probe("ours-decode", path)
-        sides = [Ours(path), Llama(exe, gguf, args.threads)]
+        sides = [Ours(path), Llama(exes["llama-bench"], gguf, args.threads),
+                 LlamaF32Cache(exes["llama-batched-bench"], gguf, args.threads)]
         # transformers too when this process can hold both models and the GGUF's page cache beside them
         with_hf = not args.no_transformers and bench_cpu.mem_available() > 2.2 * weights + size + 1.5 * 2**30
         if with_hf:
@@ -230,8 +270,8 @@ def bench_shape(name, args, src, exe, tokenizer, rows, notes):
             order = sides[r % len(sides):] + sides[:r % len(sides)]
             busy = []
             for s in order:
-                if r == 0 and s.name != "llama.cpp":
-                    s.round(ids)                                          # warm: buffers, caches (llama-bench warms itself)
+                if r == 0 and not isinstance(s, Llama):
+                    s.round(ids)                              # warm: buffers, caches (llama.cpp warms itself)
                 busy.append(bench_cpu.wait_quiet(args.max_busy, args.wait))   # each side starts on a quiet moment
                 prefill, decode = s.round(ids)
                 results[s.name][0].append(prefill)
@@ -242,12 +282,13 @@ def bench_shape(name, args, src, exe, tokenizer, rows, notes):
                   f"{'/'.join('-' if b is None else f'{b:.0%}' for b in busy)}", flush=True)
         med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in results.items()}
         for i, metric in enumerate((f"prefill tok/s (B=1, {PROMPT} tokens)", f"decode tok/s (B=1, {STEPS} after {PROMPT})")):
-            ours, llama = med["stablelm-ref"][i], med["llama.cpp"][i]
+            ours, llama, f32 = med["stablelm-ref"][i], med["llama.cpp"][i], med["llama.cpp f32 KV"][i]
             hf = med["transformers"][i] if "transformers" in med else None
-            rows.append((name, metric, ours, llama, ours / llama, hf, None if hf is None else ours / hf))
-        rows.append((name, "peak RSS / float32 weights", mem["peak"] / size, None, None, None, None))
-        llama_info = sides[1].info
-        notes.append(f"{name}: llama.cpp {llama_info}")
+            rows.append((name, metric, ours, llama, ours / llama, f32, ours / f32, hf,
+                         None if hf is None else ours / hf))
+        rows.append((name, "peak RSS / float32 weights", mem["peak"] / size, None, None, None, None, None, None))
+        notes.append(f"{name}: llama.cpp (llama-bench) {sides[1].info}")
+        notes.append(f"{name}: llama.cpp f32 KV (llama-batched-bench) {sides[2].info}")
         del sides
 
 
@@ -288,7 +329,7 @@ def main():
     torch, transformers = bench_cpu.quiet_peers(args.threads)
     try:
         tokenizer = tokenizer_file()
-        src, exe = llama_cpp(args.threads)
+        src, exes = llama_cpp(args.threads)
     except (SetupError, subprocess.CalledProcessError) as e:
         print(f"bench_llama: {e}", file=sys.stderr)
         sys.exit(2)
@@ -307,7 +348,7 @@ def main():
             print(notes[-1], flush=True)
             continue
         try:
-            bench_shape(s, args, src, exe, tokenizer, rows, notes)
+            bench_shape(s, args, src, exes, tokenizer, rows, notes)
         except SetupError as e:
             print(f"bench_llama: {e}", file=sys.stderr)
             sys.exit(2)
@@ -316,11 +357,12 @@ def main():
     def f(v, digits=2):
         return "" if v is None else f"{v:.{digits}f}"
 
-    print("\n| shape | metric | stablelm-ref | llama.cpp f32 | vs llama.cpp | transformers | vs transformers |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for shape, metric, ours, llama, r1, hf, r2 in rows:
-        print(f"| {shape} | {metric} | {f(ours)} | {f(llama)} | {f(r1)}{'x' if r1 else ''} | {f(hf)} | "
-              f"{f(r2)}{'x' if r2 else ''} |")
+    print("\n| shape | metric | stablelm-ref | llama.cpp f32 (f16 KV) | vs llama.cpp | llama.cpp f32, f32 KV | vs it | "
+          "transformers | vs transformers |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for shape, metric, ours, llama, r1, f32, r3, hf, r2 in rows:
+        print(f"| {shape} | {metric} | {f(ours)} | {f(llama)} | {f(r1)}{'x' if r1 else ''} | {f(f32)} | "
+              f"{f(r3)}{'x' if r3 else ''} | {f(hf)} | {f(r2)}{'x' if r2 else ''} |")
     print(f"\nratios = stablelm-ref / peer (higher: stablelm-ref faster); medians of {args.rounds} rounds "
           f"({args.full_rounds} at full shapes), sides interleaved. Targets: vs llama.cpp >= 1.0x (floor 0.85x), "
           f"vs transformers >= 1.5x, peak RSS <= 1.3x the float32 weights.")
