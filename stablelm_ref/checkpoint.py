@@ -512,8 +512,8 @@ def _commit(group):
     done = f"the new {_targets(plan)} are in place"
     lost = f", but the old files kept during the save could not be removed: {'; '.join(left)}; remove them" \
         if left else ""
-    if any(isinstance(i, KeyboardInterrupt) for i in interrupts):  # the save is complete: say so, as the traceback
-        raise KeyboardInterrupt(f"interrupted after the save completed: {done}{lost}") from None        # will not
+    if any(isinstance(i, KeyboardInterrupt) for i in interrupts):   # the save is complete: say so (a traceback
+        raise KeyboardInterrupt(f"interrupted after the save completed: {done}{lost}") from None     # would not)
     if interrupts:
         raise interrupts[0]
     if left:

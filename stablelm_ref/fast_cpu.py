@@ -325,7 +325,7 @@ class FastCpuModel:
         replaced (a tensor cut, cast, swapped for other values), the dict or the config replaced, a field of the
         config edited. The fused copies would not see such a change; the reference forward reads both on every
         call, and this form computes the same function. An edit in place of a tensor's values needs nothing:
-        params hold views of the fused copies. The test is by identity (~6 us for the default model's 179
+        params hold views of the fused copies. The test is by identity (~5 us for the default model's 179
         tensors, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned in place."""
         model, p = self.model, self._params
         if (model.params is p and model.config is self.config and len(p) == len(self._tensors)
