@@ -44,7 +44,7 @@ writing into a buffer allocated once:
   makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
 - The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced in params or a
-  config field edited is seen by a test of identity on each call (~5 us), which rebuilds (FastCpuModel._sync).
+  config field edited is seen by a test of identity on each call (5-8 us), which rebuilds (FastCpuModel._sync).
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -325,7 +325,7 @@ class FastCpuModel:
         replaced (a tensor cut, cast, swapped for other values), the dict or the config replaced, a field of the
         config edited. The fused copies would not see such a change; the reference forward reads both on every
         call, and this form computes the same function. An edit in place of a tensor's values needs nothing:
-        params hold views of the fused copies. The test is by identity (~5 us for the default model's 179
+        params hold views of the fused copies. The test is by identity (5-8 us for the default model's 179
         tensors, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned in place."""
         model, p = self.model, self._params
         if (model.params is p and model.config is self.config and len(p) == len(self._tensors)
