@@ -42,7 +42,7 @@ def common():
     return _common
 
 
-def draw(scale=1.0, title="t", measured=False):
+def draw(scale=1.0, title="t", measured=False, rounding=False):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2)
@@ -54,6 +54,8 @@ def draw(scale=1.0, title="t", measured=False):
     b.bar([0, 1], [1.0, 2.0 * scale])
     if measured:
         a.set_gid("measured")
+    if rounding:
+        b.set_gid("rounding")
     return fig
 
 
@@ -77,3 +79,13 @@ def test_measured_axes_compare_only_their_texts(common):
     new = common.fingerprint(draw(scale=1.5, measured=True))
     assert [d for d in common.fingerprint_differences(old, new) if d.startswith("axes 0")] == []
     assert common.fingerprint_differences(old, new)          # the other axes still count
+
+
+def test_rounding_axes_allow_the_summation_orders_spread_and_no_more(common):
+    # chapter 15's bf16 logits errors move by up to ~22% of their scale between OpenBLAS kernels (AVX2 / AVX-512)
+    old = common.fingerprint(draw(rounding=True))
+    near = common.fingerprint(draw(rounding=True, scale=1.25))
+    assert [d for d in common.fingerprint_differences(old, near) if d.startswith("axes 1")] == []
+    assert [d for d in common.fingerprint_differences(old, near) if d.startswith("axes 0")]   # the others are strict
+    far = common.fingerprint(draw(rounding=True, scale=2.0))
+    assert [d for d in common.fingerprint_differences(old, far) if d.startswith("axes 1")]
