@@ -454,7 +454,7 @@ def atomic_group():
     that had no predecessor and every temporary, so that every existing file is left byte-identical; an OSError
     becomes a CheckpointError naming the file that failed and saying that nothing was changed. A Ctrl-C during
     that undo does not stop it halfway: the step is tried once more and the rest undone; a step interrupted twice
-    is named in a CheckpointError with the backup that holds the old file.
+    is named in a CheckpointError with the backup that holds the old file (or as a new file to remove).
 
     Not atomic: a power loss or a kill -9 between two renames leaves some targets new and the rest old, with the
     old files under their `.old-*` names (rename them back); an error while restoring is reported by name with the
@@ -543,15 +543,19 @@ def _targets(plan):
 
 def _undo(plan, interrupts):
     """Put back what _commit changed, from what the file system holds; a sentence for each target that could not
-    be restored (naming the backup that holds its old file) and each temporary that could not be removed. An
+    be restored (naming the backup that holds its old file, or, for a file the save created, that it is new), and
+    each temporary that could not be removed. An
     interrupt (a second Ctrl-C) does not stop it halfway: the step is tried once more and the rest done (_twice);
     one interrupted twice is named."""
     unrestored = []
     for tmp, path, backup, existed in reversed(plan):
         reason = _twice(lambda: _restore(tmp, path, backup, existed), interrupts)
-        if reason is not None:
+        if reason is not None and existed:
             unrestored.append(f"{path} could not be restored ({reason}): its previous file is {backup}, rename it "
                               "back")
+        elif reason is not None:                                  # no backup: the save's new file is in the way
+            unrestored.append(f"{path} is new (there was no file of that name before the save) and could not be "
+                              f"removed ({reason}): remove it")
         reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None, interrupts)
         if reason is not None:
             unrestored.append(f"the temporary {tmp} could not be removed ({reason}): remove it")
