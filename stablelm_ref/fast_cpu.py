@@ -1,6 +1,6 @@
 """A faster CPU forward for StableLmForCausalLM: the same function, restructured for NumPy + BLAS.
 
-    fast = model.fast()                      # or FastCpuModel(model); float32 or float64, NumPy only
+    fast = model.fast()                      # or FastCpuModel(model), the same; float32 or float64, NumPy
     out = fast(ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                labels=None, logits_to_keep=0)  # -> ModelOutput(.logits, .past_key_values), as model(...)
 
@@ -292,9 +292,20 @@ class FastCpuModel:
 
     _MAX_SHAPES = 4
 
+    def __new__(cls, model):
+        """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first. A build makes
+        model.params views of its fused copies, so two forms would each see the other's build as params replaced
+        and rebuild on every call (_sync)."""
+        existing = getattr(model, "__dict__", {}).get("_fast")
+        if type(existing) is cls and existing.__dict__.get("model") is model:
+            return existing
+        return super().__new__(cls)
+
     def __init__(self, model):
         from .heads import StableLmForCausalLM
 
+        if self.__dict__.get("model") is model:                     # the model's own form (__new__): built
+            return
         if not isinstance(model, StableLmForCausalLM):
             raise StableLmError(f"FastCpuModel takes a StableLmForCausalLM, got {type(model).__name__}")
         if model.xp is not np or model.dtype not in (np.float32, np.float64):
@@ -302,6 +313,7 @@ class FastCpuModel:
                                 f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         self.model = model
         self._build()
+        model._fast = self                                          # what model.fast() returns from now on
 
     def _build(self):
         """The fused weights and everything else made from model.params and model.config, after the reference's

@@ -424,3 +424,24 @@ def test_positions_beyond_the_rotary_table_are_computed_per_call():
     far = [np.arange(5) + 10 * fast_cpu.ROPE_TABLE]
     np.testing.assert_allclose(fast(ids, position_ids=far).logits, ref(ids, position_ids=far).logits, rtol=0,
                                atol=TOL)
+
+
+def test_a_second_fast_form_of_one_model_is_the_same_one_and_nothing_is_rebuilt(monkeypatch):
+    """A build makes model.params views of its fused copies, so a second form (FastCpuModel(model) beside
+    model.fast(), which the module doc offers as equivalent) replaced every tensor the first had seen: each call of
+    either rebuilt all its copies (a copy of every weight per call). FastCpuModel(model) is now the
+    model's one CPU fast form, whichever is made first; alternating calls rebuild nothing and match the reference."""
+    builds = []
+    real = FastCpuModel._build
+    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self), real(self)))
+    model = tiny_model(seed=3)
+    first = FastCpuModel(model)
+    assert model.fast() is first and FastCpuModel(model) is first
+    other = tiny_model(seed=4)
+    assert FastCpuModel(other) is not first and other.fast() is not first
+    ids = [[3, 1, 4, 1, 5]]
+    want = model(ids).logits
+    builds.clear()
+    for form in (first, model.fast(), FastCpuModel(model), first):
+        np.testing.assert_allclose(form(ids).logits, want, rtol=0, atol=TOL)
+    assert builds == []
