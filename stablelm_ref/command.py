@@ -35,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
         """argparse's parse_args, remembering the arguments and the typed subcommand, so that an abbreviation's
         hint names only its options (argparse reports unrecognized arguments from the top parser, which does
         not say) and comes with any usage error (a subcommand's parser reports a missing one itself)."""
-        _Parser._argv, self._typed = tuple(sys.argv[1:] if args is None else args), None
+        args = list(sys.argv[1:] if args is None else args)      # read once: argv may be any iterable
+        _Parser._argv, self._typed = tuple(args), None
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             self._typed = next((getattr(parsed, a.dest, None) for a in self._actions

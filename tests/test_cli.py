@@ -270,6 +270,21 @@ def test_an_unknown_option_that_abbreviates_none_gets_no_hint(capsys):
     assert code == 2 and "unrecognized arguments: --bogus x (see" in err and "did you mean" not in err
 
 
+@pytest.mark.parametrize("argv, code, expected", [
+    (["--version"], 0, "stablelm-ref "),
+    (["generate", "--temp", "1", "hi"], 2, "--temp is not an option (options are spelled in full): did you mean "
+                                           "--temperature?"),
+])
+def test_main_takes_its_arguments_as_any_iterable(capsys, argv, code, expected):
+    """main(argv) passes argv to argparse, which takes any iterable; the parser now also keeps the arguments for
+    its hints, and reading a generator for them left argparse nothing: main(iter(['--version'])) said that COMMAND
+    is required. The arguments are read once, for both."""
+    with pytest.raises(SystemExit) as info:                      # argparse exits, for --version too
+        cli.main(a for a in argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == code and expected in (out if code == 0 else err), (info.value.code, out, err)
+
+
 def test_trace_defaults_to_the_embedded_model(tmp_path, capsys, monkeypatch):
     import numpy as np
 
