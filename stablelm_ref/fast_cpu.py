@@ -45,6 +45,7 @@ writing into a buffer allocated once:
 - The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced in params or a
   config field edited is seen by a test of identity on each call (5-8 us), which rebuilds (FastCpuModel._sync).
+  A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -62,7 +63,7 @@ import sys
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .errors import GenerationError, StableLmError, check_flag
+from .errors import CheckpointError, GenerationError, StableLmError, check_flag
 from .fast_forms import register
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
@@ -317,9 +318,18 @@ class FastCpuModel:
 
     def _build(self):
         """The fused weights and everything else made from model.params and model.config, after the reference's
-        check of the two (CheckpointError / ConfigError naming what is wrong); a snapshot of what they were."""
+        check of the two (CheckpointError / ConfigError naming what is wrong); a snapshot of what they were. Every
+        tensor the config implies must have the model's dtype: the reference computes with a tensor cast after
+        loading (NumPy promotes), where the copies and buffers here are of one dtype (a float16 q_proj made its
+        layer's fused q|k|v float16, rounding k and v)."""
         model = self.model
         model._check_params()
+        for name in model._shapes():
+            dtype = model.params[name].dtype
+            if dtype != model.dtype:
+                raise CheckpointError(f"the CPU fast form computes in {model.dtype} (model.dtype): tensor {name!r} "
+                                      f"has dtype {dtype}; cast it back (.astype(np.{model.dtype})) or call the "
+                                      "model itself, which computes with it")
         self.config, self._params = c, p = model.config, model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])

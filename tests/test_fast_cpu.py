@@ -445,3 +445,31 @@ def test_a_second_fast_form_of_one_model_is_the_same_one_and_nothing_is_rebuilt(
     for form in (first, model.fast(), FastCpuModel(model), first):
         np.testing.assert_allclose(form(ids).logits, want, rtol=0, atol=TOL)
     assert builds == []
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("model.layers.0.self_attn.q_proj.weight", "float16"),
+    ("model.layers.1.self_attn.q_proj.weight", "bfloat16"),
+    ("model.embed_tokens.weight", "float16"),
+    ("model.norm.weight", "float32"),
+])
+@pytest.mark.parametrize("when", ["after it was built", "before"])
+def test_the_fast_form_refuses_a_tensor_of_another_dtype_than_the_model(name, dtype, when):
+    """The reference computes with a tensor cast after loading (NumPy promotes); the fast form rebuilt its fused
+    copies in the dtype of the layer's q_proj, so a float16 q_proj rounded k and v to float16 too: logits off by
+    3e-3 (bfloat16: 2.5e-2) from the reference's, silently; a float16 embedding failed in np.take ("Cannot cast
+    ... according to the rule 'safe'"). It computes in model.dtype only, so such a tensor is refused by name."""
+    import ml_dtypes
+
+    model = tiny_model(seed=3)                                          # float64
+    ids = [[3, 1, 4, 1, 5, 9]]
+    fast = model.fast() if when == "after it was built" else None
+    model.params[name] = model.params[name].astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    want = model(ids).logits                                            # the reference computes with it
+    assert want.dtype == np.float64
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the CPU fast form computes in float64 (model.dtype): tensor {name!r} has dtype {dtype}; cast it back "
+            f"(.astype(np.float64)) or call the model itself, which computes with it")):
+        (fast or model.fast())(ids)
+    model.params[name] = model.params[name].astype(np.float64)         # cast back: the form follows
+    np.testing.assert_allclose(model.fast()(ids).logits, model(ids).logits, rtol=0, atol=TOL)
