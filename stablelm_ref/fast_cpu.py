@@ -46,6 +46,8 @@ writing into a buffer allocated once:
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced in params or a
   config field edited is seen by a test of identity on each call (5-8 us), which rebuilds (FastCpuModel._sync).
   A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
+- The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
+  into each other's buffers (wrong logits, or a ValueError from inside NumPy).
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -59,6 +61,7 @@ import copy
 import math
 import operator
 import sys
+import threading
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -313,6 +316,7 @@ class FastCpuModel:
             raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
                                 f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         self.model = model
+        self._lock = threading.Lock()
         self._build()
         model._fast = self                                          # what model.fast() returns from now on
 
@@ -391,6 +395,13 @@ class FastCpuModel:
                 or trace is not None:                                           # the reference covers these
             return self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, labels,
                               logits_to_keep, output_hidden_states, trace)
+        with self._lock:                              # one call at a time: its buffers are the form's (threads wait)
+            return self._forward(input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep)
+
+    __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
+
+    def _forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
+        """__call__'s fast path, under the form's lock."""
         self._sync()                                                            # params or config edited
         model, config = self.model, self.config
         ids, cache, past, mask2d, position_ids = model._prepare_inputs(input_ids, attention_mask, position_ids,
@@ -423,8 +434,6 @@ class FastCpuModel:
         logits = np.matmul(h, self.lm_head_t).reshape(b, -1, config.vocab_size)  # one GEMM: [B*T', vocab]
         h = h.reshape(b, -1, h.shape[-1])
         return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if kept is None else None)
-
-    __call__.__doc__ = "Same arguments and result as StableLmForCausalLM.forward (logits, past_key_values)."
 
     def _cos_sin(self, position_ids, w):
         """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:

@@ -473,3 +473,33 @@ def test_the_fast_form_refuses_a_tensor_of_another_dtype_than_the_model(name, dt
         (fast or model.fast())(ids)
     model.params[name] = model.params[name].astype(np.float64)         # cast back: the form follows
     np.testing.assert_allclose(model.fast()(ids).logits, model(ids).logits, rtol=0, atol=TOL)
+
+
+def test_calls_from_several_threads_each_get_their_own_answer():
+    """The fast form writes into buffers it keeps between calls (one set per input shape): two threads calling it
+    at once wrote into each other's, and got logits of the other's input or a mix (14 of 600 calls of two
+    threads), or a ValueError from inside np.take. Calls now take turns; each thread's logits are those of the
+    reference for its own input."""
+    import threading
+
+    model = tiny_model(seed=3)
+    fast = model.fast()
+    inputs = [[[3, 1, 4, 1, 5, 9]], [[7, 7, 2, 9, 1, 0]], [[2, 7, 1, 8, 2, 8]], [[1, 4, 1, 4, 2, 1]]]
+    wants = [model(ids).logits for ids in inputs]
+    start, wrong, errors = threading.Barrier(len(inputs)), [], []
+
+    def run(ids, want):
+        start.wait()
+        try:
+            for _ in range(150):
+                if np.abs(fast(ids).logits - want).max() > TOL:
+                    wrong.append(ids)
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(inputs, wants)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == [], (errors[:1], len(wrong))
