@@ -402,7 +402,8 @@ def test_the_fast_form_follows_params_and_config_edited_after_it_was_built(edit)
      r"tensor 'model.layers.0.mlp.up_proj.weight' has shape \(5, 64\)"),
     (_replace("model.norm.bias", lambda w: w.astype(np.int32)), "tensor 'model.norm.bias' has dtype int32"),
     (lambda m: m.params.pop("model.layers.1.input_layernorm.weight"), "is missing from the model"),
-], ids=["cut", "cast", "removed"])
+    (lambda m: m.params.pop("lm_head.weight"), "'lm_head.weight' is missing from the model"),  # the last: by count
+], ids=["cut", "cast", "removed", "the last removed"])
 def test_the_fast_form_refuses_params_edited_after_it_was_built_as_the_reference_does(edit, match):
     """A tensor cut or cast after fast() ran on the old fused copies, where the reference refused it."""
     model = tiny_model(seed=3)
