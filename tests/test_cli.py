@@ -265,6 +265,13 @@ def test_an_abbreviation_is_named_whatever_usage_error_argparse_reports_first(ar
         in err, err
 
 
+def test_an_argument_after_the_double_dash_gets_no_hint(capsys):
+    """After `--` every argument is a value (here the prompt "--temp"): the hint, now given with any usage error
+    from all the typed arguments, must not take it for an abbreviated --temperature."""
+    code, _, err = main(capsys, "generate", "--", "--temp", "x")
+    assert code == 2 and "unrecognized arguments: x (see" in err and "did you mean" not in err, err
+
+
 def test_an_unknown_option_that_abbreviates_none_gets_no_hint(capsys):
     code, _, err = main(capsys, "generate", "--bogus", "4", "x")
     assert code == 2 and "unrecognized arguments: --bogus x (see" in err and "did you mean" not in err
