@@ -407,7 +407,8 @@ def atomic_open(path, group=None):
 
     A failed or interrupted save never leaves a partial file under the final name and never touches a
     file already there. With `group` (from `atomic_group`) the rename waits until every file of the
-    group is written. An OSError (disk full, read-only directory) becomes a CheckpointError.
+    group is written. An OSError (disk full, read-only directory) becomes a CheckpointError. The temporary of a
+    failed write is removed (tried twice, as a second Ctrl-C may interrupt it; one left is named, to remove).
     """
     check_os_path(path)
     tmp = None
@@ -422,8 +423,9 @@ def atomic_open(path, group=None):
         else:
             group.append((tmp, path))
     except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        left = _remove_temporaries([tmp])                  # a second Ctrl-C here: tried again, or named
+        if left:
+            raise CheckpointError(f"{path}: cannot write ({_why(e)}); {'; '.join(left)}") from None
         if isinstance(e, OSError):
             raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); nothing was changed there") from None
         raise
@@ -454,7 +456,8 @@ def atomic_group():
     that had no predecessor and every temporary, so that every existing file is left byte-identical; an OSError
     becomes a CheckpointError naming the file that failed and saying that nothing was changed. A Ctrl-C during
     that undo does not stop it halfway: the step is tried once more and the rest undone; a step interrupted twice
-    is named in a CheckpointError with the backup that holds the old file (or as a new file to remove).
+    is named in a CheckpointError with the backup that holds the old file (or as a new file to remove). So is a
+    temporary that a failure before the renames leaves (its removal interrupted twice).
 
     Not atomic: a power loss or a kill -9 between two renames leaves some targets new and the rest old, with the
     old files under their `.old-*` names (rename them back); an error while restoring is reported by name with the
@@ -466,9 +469,10 @@ def atomic_group():
         for tmp, path in group:
             check_no_directory_at([path], deleting=tmp is None)
     except BaseException as e:
-        for tmp, _ in group:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+        left = _remove_temporaries([tmp for tmp, _ in group])
+        if left:
+            raise CheckpointError(f"cannot write {', '.join(p for _, p in group)} ({_why(e)}): the files there are as "
+                                  f"they were, but {'; '.join(left)}") from None
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write {', '.join(p for _, p in group)} ({e.strerror or e}); nothing was "
                                   "changed") from None
@@ -494,7 +498,7 @@ def _commit(group):
         interrupts = []                           # a second Ctrl-C, during the undo
         unrestored = _undo(plan, interrupts)
         targets = _targets(plan)
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__          # KeyboardInterrupt() is ""
+        why = _why(e)
         if unrestored:
             raise CheckpointError(f"cannot write {step} ({why}); undoing the save failed: {'; '.join(unrestored)}. "
                                   f"The other files of {targets} are as they were") from None
@@ -523,8 +527,9 @@ def _commit(group):
 def _twice(action, interrupts):
     """Run action(): None when it ran, else why not, in words: an OSError's, or "interrupted" when an exception
     of another kind (a Ctrl-C's KeyboardInterrupt) stopped it twice; each such exception is appended to
-    `interrupts`, for the caller to raise once every file was tried. The clean-up after a save and the undo of
-    a failed one both run to the end this way, whatever a user's Ctrl-C interrupts."""
+    `interrupts`, for the caller to raise once every file was tried. The clean-up after a save, the undo of a
+    failed one and the removal of a failed write's temporaries run to the end this way, whatever a user's Ctrl-C
+    interrupts."""
     for _attempt in range(2):
         try:
             action()
@@ -556,10 +561,26 @@ def _undo(plan, interrupts):
         elif reason is not None:                                  # no backup: the save's new file is in the way
             unrestored.append(f"{path} is new (there was no file of that name before the save) and could not be "
                               f"removed ({reason}): remove it")
-        reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None, interrupts)
-        if reason is not None:
-            unrestored.append(f"the temporary {tmp} could not be removed ({reason}): remove it")
+        unrestored += _remove_temporaries([tmp], interrupts)
     return unrestored
+
+
+def _remove_temporaries(temporaries, interrupts=None):
+    """Remove those of `temporaries` (paths, or None) that exist, each tried twice (_twice: a second Ctrl-C does not
+    leave one behind unsaid); a sentence for each that could not be removed."""
+    left = []
+    for tmp in temporaries:
+        reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None,
+                        [] if interrupts is None else interrupts)
+        if reason is not None:
+            left.append(f"the temporary {tmp} could not be removed ({reason}): remove it")
+    return left
+
+
+def _why(e):
+    """An exception in words, for a message: an OSError's strerror, else its text, else its type's name (a
+    KeyboardInterrupt's text is "")."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
 def _restore(tmp, path, backup, existed):
