@@ -319,7 +319,8 @@ class StableLmPreTrainedModel:
 
     def _check_params(self):
         """ConfigError when model.config was edited into values the model cannot use, CheckpointError naming the
-        tensor when model.params do not match model.config (_params_problem, _shapes)."""
+        tensor when model.params do not match model.config (_layout_problem, _shapes) or one is not floating point
+        (_dtype_problem)."""
         problem = self._layout_problem(self.params, unused_ok=True)
         if problem is not None:
             raise CheckpointError(f"model.params no longer match model.config: {problem}; were they edited after "
