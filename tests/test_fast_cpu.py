@@ -504,3 +504,20 @@ def test_calls_from_several_threads_each_get_their_own_answer():
     for t in threads:
         t.join()
     assert errors == [] and wrong == [], (errors[:1], len(wrong))
+
+
+def test_a_copied_model_gets_a_fast_form_of_its_own():
+    """copy.copy(model) (a variant with other weights: copy.deepcopy cannot copy a model's array module) took the
+    original's fast form along, which computes the original model: the copy's fast() gave the original's logits
+    however its params were replaced. A fast form serves only the model it was made for."""
+    import copy
+
+    model = tiny_model(seed=3)
+    fast = model.fast()
+    variant = copy.copy(model)
+    variant.params = {k: v * 0.5 for k, v in model.params.items()}
+    ids = [[3, 1, 4, 1, 5, 9]]
+    want = variant(ids).logits
+    assert np.abs(want - model(ids).logits).max() > 1e-3
+    np.testing.assert_allclose(variant.fast()(ids).logits, want, rtol=0, atol=TOL)
+    assert variant.fast() is not fast and model.fast() is fast
