@@ -296,7 +296,7 @@ class FastCpuModel:
 
     _MAX_SHAPES = 4
 
-    def __new__(cls, model):
+    def __new__(cls, model=None):                               # none: copy.copy, which sets the rest
         """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first. A build makes
         model.params views of its fused copies, so two forms would each see the other's build as params replaced
         and rebuild on every call (_sync)."""

@@ -521,3 +521,13 @@ def test_a_copied_model_gets_a_fast_form_of_its_own():
     assert np.abs(want - model(ids).logits).max() > 1e-3
     np.testing.assert_allclose(variant.fast()(ids).logits, want, rtol=0, atol=TOL)
     assert variant.fast() is not fast and model.fast() is fast
+
+
+def test_a_fast_form_can_be_copied_as_before():
+    """copy.copy(fast) makes the object without arguments and then sets its attributes; FastCpuModel.__new__,
+    which returns the model's own form, took a model and made that a TypeError."""
+    import copy
+
+    model = tiny_model(seed=3)
+    ids = [[3, 1, 4]]
+    np.testing.assert_allclose(copy.copy(model.fast())(ids).logits, model(ids).logits, rtol=0, atol=TOL)
