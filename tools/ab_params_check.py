@@ -13,12 +13,14 @@ from run to run, far more than the checks cost, so the last line is the figure t
 
 Then the same for the fast form (model.fast(), fast_cpu.FastCpuModel): its per-call test that model.params and
 model.config are still what its fused copies were built from (FastCpuModel._sync, by identity), on and off, over
---fast-steps decode steps of each side, and alone.
+--fast-steps decode steps of each side, and alone; then the same for the fast form's lock (FastCpuModel._lock:
+calls from several threads take turns), against a form whose lock is a no-op.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -68,13 +70,13 @@ def alone(check):
     return statistics.median(times)
 
 
-def report(what, times, check_alone):
+def report(what, times, check_alone, thing="the checks"):
     ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
     print(f"{what}, median of {len(times['checked'])}:")
-    print(f"  with the checks   {ms['checked']:8.3f} ms")
+    print(f"  with {thing:<13}{ms['checked']:8.3f} ms")
     print(f"  without it        {ms['unchecked']:8.3f} ms")
     print(f"  ratio             {ms['checked'] / ms['unchecked']:8.4f}  (with / without)")
-    print(f"  the checks alone  {1e3 * check_alone:8.4f} ms (median of 2000), "
+    print(f"  {thing + ' alone':<18}{1e3 * check_alone:8.4f} ms (median of 2000), "
           f"{check_alone / statistics.median(times['unchecked']):.2%} of a step")
 
 
@@ -93,6 +95,16 @@ def fast(steps):
     unchecked._sync = lambda: None
     report("fast form (model.fast()), decode step", alternate({"checked": checked, "unchecked": unchecked}, steps,
                                                              PROMPT), alone(checked._sync))
+    unlocked = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL).fast()
+    unlocked._lock = contextlib.nullcontext()
+    lock = checked._lock
+    def take_and_release():
+        with lock:
+            pass
+
+    report("fast form, its lock (calls from several threads take turns), decode step",
+           alternate({"checked": checked, "unchecked": unlocked}, steps, PROMPT), alone(take_and_release),
+           thing="the lock")
 
 
 if __name__ == "__main__":
