@@ -531,3 +531,18 @@ def test_a_fast_form_can_be_copied_as_before():
     model = tiny_model(seed=3)
     ids = [[3, 1, 4]]
     np.testing.assert_allclose(copy.copy(model.fast())(ids).logits, model(ids).logits, rtol=0, atol=TOL)
+
+
+def test_a_decode_across_the_rotary_table_s_end_matches_the_reference():
+    """The table's last row (position ROPE_TABLE - 1) and the first position beyond it, in steps through a KV cache,
+    float64 against the reference (its cos/sin computed per call at every position): an off-by-one in the table's
+    size or in the test of what it holds fails here, where the test above draws positions far from the end."""
+    end = fast_cpu.ROPE_TABLE
+    ref, fast = _pair("3b", 9, max_position_embeddings=10**12)
+    caches = {side: KVCache(side.config, 1, 8, np.float64, np) for side in (ref, fast)}
+    for ids, start in (([[3, 1, 4]], end - 3), ([[1]], end), ([[5]], end + 1), ([[9]], end - 1)):
+        pos = [np.arange(len(ids[0])) + start]                             # end - 1 last: from the table again
+        got, want = (side(ids, position_ids=pos, past_key_values=caches[side], use_cache=True).logits
+                     for side in (fast, ref))
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    assert fast._rope[0].shape[0] == end
