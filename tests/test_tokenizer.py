@@ -428,3 +428,16 @@ def test_a_special_token_is_checked_in_both_files_that_can_name_it(tmp_path):
         json.dump({"bos_token": "<|padding|>", "unk_token": {"content": "<|padding|>"}}, f)
     tok = Tokenizer.from_pretrained(directory)
     assert tok.bos_token == "<|endoftext|>" and tok.unk_token == "<|padding|>"     # config's bos, the map's unk
+
+
+def test_check_vocabulary_refuses_only_a_tokenizer_of_more_ids_than_the_model(tmp_path):
+    """The one rule of generate, chat and trace --text: a tokenizer fits a model whose vocabulary holds every id it
+    can give (as many or more: checkpoints pad vocab_size, 50304 for 50277 ids); one more id and it is refused,
+    naming the directory and both sizes. Nothing tested the boundary: refusing an exact fit passed every test."""
+    tok = Tokenizer.from_pretrained(tiny_tokenizer_dir(str(tmp_path / "t")))
+    n = tok.vocab_size
+    tok.check_vocabulary(n, "here")
+    tok.check_vocabulary(n + 3, "here")
+    with pytest.raises(TokenizerError, match=f"^here: the tokenizer has {n} ids but the model's vocabulary has "
+                                             f"{n - 1}: they do not belong together; give the model's own tokenizer$"):
+        tok.check_vocabulary(n - 1, "here")
