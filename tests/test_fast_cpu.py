@@ -546,3 +546,16 @@ def test_a_decode_across_the_rotary_table_s_end_matches_the_reference():
                      for side in (fast, ref))
         np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
     assert fast._rope[0].shape[0] == end
+
+
+def test_the_fast_form_follows_a_config_field_edited_in_place():
+    """config.rope_scaling is a dict: an edit of its factor in place leaves every field the same object, so the
+    fast form compares a deep copy of the fields; comparing the fields themselves passed every test, and the form
+    then ran on a rotary table of the old factor (logits 0.86 off)."""
+    model = tiny_model(seed=3, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    fast, ids = model.fast(), [[3, 1, 4, 1, 5, 9]]
+    before = fast(ids).logits
+    model.config.rope_scaling["factor"] = 4.0
+    want = model(ids).logits
+    assert np.abs(want - before).max() > 1e-3
+    np.testing.assert_allclose(fast(ids).logits, want, rtol=0, atol=TOL)
