@@ -168,8 +168,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         weights; self.params become views of them (same values, not stored twice). model.params must match
         model.config when it is built (CheckpointError otherwise, as for the forward). The CPU form tests on each
         call whether params or config changed since (a tensor replaced, a config field edited) and then checks
-        and rebuilds its copies (FastCpuModel._sync); the GPU engine's weights are its own, made once. A copy of
-        this model (copy.copy) gets a fast form of its own."""
+        and rebuilds its copies (FastCpuModel._sync), refusing a tensor of another dtype than model.dtype; the GPU
+        engine's weights are its own, made once. A copy of this model (copy.copy) gets a fast form of its own."""
         from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
 
         if getattr(getattr(self, "_fast", None), "model", None) is not self:   # none yet, or a copy's original's
