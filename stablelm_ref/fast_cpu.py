@@ -44,7 +44,8 @@ writing into a buffer allocated once:
   makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
 - The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced in params or a
-  config field edited is seen by a test of identity on each call (5-8 us), which rebuilds (FastCpuModel._sync).
+  config field edited is seen by a test of identity on each call (5-8 us), which rebuilds (FastCpuModel._sync),
+  layer by layer as the first build does: the old copies go as the new are made, never all held twice.
   A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
   into each other's buffers (wrong logits, or a ValueError from inside NumPy).
@@ -334,6 +335,7 @@ class FastCpuModel:
                 raise CheckpointError(f"the CPU fast form computes in {model.dtype} (model.dtype): tensor {name!r} "
                                       f"has dtype {dtype}; cast it back (.astype(np.{model.dtype})) or call the "
                                       "model itself, which computes with it")
+        self.layers, self._tensors = [], ()   # a rebuild: each old fused copy goes as its layer is made again
         self.config, self._params = c, p = model.config, model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
