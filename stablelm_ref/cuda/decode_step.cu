@@ -151,20 +151,12 @@ __device__ __forceinline__ void mk_layernorm(const float* x, const float* __rest
     float q = 0.f;
 #pragma unroll
     for (int i = 0; i < MK_LNV; ++i)
-        if (t + i * MK_NCT < K4) {
-            const float a = v[i].x - mean, c = v[i].y - mean, d = v[i].z - mean, e = v[i].w - mean;
-            q += (a * a + c * c) + (d * d + e * e);
-        }
+        if (t + i * MK_NCT < K4) q += sq_dev4(v[i], mean);
     const float rstd = rsqrtf(consumer_sum(q, scr) / (float)K + eps);
 #pragma unroll
     for (int i = 0; i < MK_LNV; ++i) {
         const int j = t + i * MK_NCT;
-        if (j < K4) {
-            uint2 r;
-            r.x = pack_bf2((v[i].x - mean) * rstd * g[i].x + o[i].x, (v[i].y - mean) * rstd * g[i].y + o[i].y);
-            r.y = pack_bf2((v[i].z - mean) * rstd * g[i].z + o[i].z, (v[i].w - mean) * rstd * g[i].w + o[i].w);
-            reinterpret_cast<uint2*>(h)[j] = r;
-        }
+        if (j < K4) reinterpret_cast<uint2*>(h)[j] = ln_pack4(v[i], mean, rstd, g[i], o[i]);
     }
 }
 
@@ -519,6 +511,11 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     unsigned phase = 0;
     const unsigned G = gridDim.x;
     u16* vs = reinterpret_cast<u16*>(vec);
+    auto residual_add = [&](const u16* act, int K) {     // act [K] (from other blocks) staged, x[rows] += act . W
+        mk_stage(vs, act, K);
+        consumers_sync();
+        mk_gemv(ring, vs, hidden, K, MODE_ADD, red, nullptr, x, nullptr, ysum);
+    };
     for (int l = 0; l < nlayers; ++l) {
         const u64* p = lp + (size_t)l * MK_PTRS;
         auto f32p = [&](int k) { return reinterpret_cast<const float*>(p[k]); };
@@ -537,9 +534,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         MK_MARK(mark + 3);
         grid_sync(sync, ++phase * G);
         MK_MARK(mark + 4);
-        mk_stage(vs, att, HD);
-        consumers_sync();
-        mk_gemv(ring, vs, hidden, HD, MODE_ADD, red, nullptr, x, nullptr, ysum);
+        residual_add(att, HD);                       // x += att . Wo
         MK_MARK(mark + 5);
         if (!parallel) {                             // parallel: gate|up reads h = LN1(x), kept in hs
             grid_sync(sync, ++phase * G);
@@ -552,9 +547,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         MK_MARK(mark + 8);
         grid_sync(sync, ++phase * G);
         MK_MARK(mark + 9);
-        mk_stage(vs, mlp, inter);
-        consumers_sync();
-        mk_gemv(ring, vs, hidden, inter, MODE_ADD, red, nullptr, x, nullptr, ysum);
+        residual_add(mlp, inter);                    // x += mlp . Wd
         MK_MARK(mark + 10);
         grid_sync(sync, ++phase * G);
         MK_MARK(mark + 11);

@@ -19,14 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-cp = pytest.importorskip("cupy")
-try:
-    _ndev = cp.cuda.runtime.getDeviceCount()
-except Exception:  # noqa: BLE001 - no driver, no device
-    _ndev = 0
-if _ndev == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
-pytest.importorskip("torch")
+pytest.importorskip("torch")          # (conftest.py collects this folder only where CuPy sees a CUDA device)
 pytest.importorskip("transformers")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
