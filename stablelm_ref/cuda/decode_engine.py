@@ -168,6 +168,7 @@ class GpuDecodeEngine:
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
         self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
         self.step_shape = STEP_SHAPES[0]    # its ring: (slot bytes, bulk-copy piece, copies), the tuner's choice
+        #                                     (set by hand: reset_plans() after, as for any tuning change)
         with self.stream:
             self._load_weights(params)
             self._allocate()
