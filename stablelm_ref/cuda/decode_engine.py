@@ -618,7 +618,8 @@ class GpuDecodeEngine:
     def capture(self, nb: int):
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
         With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
-        the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
+        the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
+        refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note)."""
         key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel)
         if key not in self._graphs:
             self._tune(nb)

@@ -7,7 +7,7 @@
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
-    k.step_launch(ptrs, lm, ..., nslot=6)                  # batch 1: every layer + lm_head in one kernel
+    k.step_launch(ptrs, lm, ..., shape=STEP_SHAPES[0])     # batch 1: every layer + lm_head in one kernel
     k.argmax_launch(logits, tok, history, ...)             # greedy pick + step bookkeeping
     k.sample_launch(logits, present, u, tok, ...)          # generate's processors + sampler (1 or 2 launches)
 

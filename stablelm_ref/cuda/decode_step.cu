@@ -5,9 +5,12 @@
 //
 // Weights stream continuously. Warp MK_NCW of each block (the producer) copies, in the step's order, this
 // block's share of every weight matrix (layer 0 q|k|v rows, o_proj rows, gate|up rows, down rows, layer 1,
-// ..., lm_head) into a ring of shared-memory slots with 1D bulk copies (cp.async.bulk, completing on the
-// slot's "full" mbarrier). It waits for nothing but free slots (the "empty" mbarriers the consumer warps
-// arrive on), so memory stays busy across the phase boundaries and during the attention.
+// ..., lm_head) into a ring of shared-memory slots: lane 0's 1D bulk copies (cp.async.bulk, completing on the
+// slot's "full" mbarrier), or the warp's 16-byte cp.async (each lane arriving on it when its copies land): the
+// ring's shape (slot size, pieces a tile, which copies) is the host's choice (decode_kernels.STEP_SHAPES). It
+// waits for nothing but free slots (the "empty" mbarriers the consumer warps arrive on), so memory stays busy
+// across the phase boundaries and during the attention. (Measured on an H200: the consumers, not the copies,
+// are the limit: docs/cuda_decode_notes.md, tenth session.)
 // The consumer warps 0..MK_NCW-1 run the phases of each layer, separated by grid barriers:
 //   1. h = LN1(x) (every block computes it from the float32 residual x, two-pass float statistics as
 //      layernorm_rows, rounded to bf16 into shared memory); qkv[rows] = h . Wqkv[rows] (+ bias)     [barrier]
@@ -15,9 +18,11 @@
 //      rotary, the new k/v rounded to bf16 (written at cache[len] by the first query head of each kv head;
 //      the other heads of a kv head compute them too, so nothing is read across blocks), softmax(q K^T) V
 //      over keys [0, len] with the key mask; each consumer warp its own chunks of 32 keys (lane = key for
-//      the scores, lane = dims for p V), the warps' (max, sum, output) combined in shared memory -> att bf16
+//      the scores, lane = pairs of dims for p V, a chunk's loads issued before their use; the block's cache
+//      rows prefetched into L2 at the layer's start), the warps' (max, sum, output) combined -> att bf16
 //                                                                                                  [barrier]
-//   3. x[rows] += att . Wo[rows]                              [barrier; none with a parallel residual]
+//   3. x[rows] += att . Wo[rows] (the sums kept in shared memory, x updated once after the phase's last tile)
+//                                                             [barrier; none with a parallel residual]
 //   4. h2 = LN2(x) (parallel residual: h of phase 1, kept); mlp[rows / 2] = silu(h2 . Wg) * (h2 . Wu), over
 //      interleaved gate/up rows (a block's rows start at an even row)                                 [barrier]
 //   5. x[rows] += mlp . Wd[rows]                                                                       [barrier]
@@ -519,7 +524,8 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     for (int l = 0; l < nlayers; ++l) {
         const u64* p = lp + (size_t)l * MK_PTRS;
         auto f32p = [&](int k) { return reinterpret_cast<const float*>(p[k]); };
-        const int mark = 1 + 12 * l;
+        const int mark = 1 + 12 * l;                 // (the probe build's MK_MARK indices)
+        (void)mark;
         mk_prefetch_cache(reinterpret_cast<const u16*>(p[P_KC]), reinterpret_cast<const u16*>(p[P_VC]), len, H, KVH,
                           D, max_len);
         mk_layernorm(x, f32p(P_LN1W), f32p(P_LN1B), hs, hidden, eps, scr);
