@@ -100,12 +100,13 @@ def check_argmax(ours, ref):
 
 
 def run_engine_against_transformers(name, steps=6, use_graph=True, kernels=None, tol=2e-2, autotune=False,
-                                    lengths=(11, 6)):
+                                    lengths=(11, 6), megakernel=None):
     cfg, params, model = make_model(CONFIGS[name])
     rng = np.random.default_rng(1)
     ids, mask = left_padded_batch(rng, cfg.vocab_size, list(lengths))
     B = len(lengths)
     engine = de.GpuDecodeEngine(cfg, params, max_batch=B, max_len=32, kernels=kernels, autotune=autotune)
+    engine.megakernel = megakernel                      # batch 1: the whole-step kernel (True), or not (False)
     pre = engine.prefill(ids, mask, logits="all")                           # [B, T, V]
     dec = []
     for _ in range(steps):

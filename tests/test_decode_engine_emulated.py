@@ -706,3 +706,29 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
         engine.fold_layernorm = True
         engine.reset_plans()
     assert np.array_equal(folded, plain)
+
+
+def test_step_layout_sizes_the_whole_step_kernel():
+    """decode_step.cu's shared memory at the family's shapes (the H100 / H200 opt-in maximum, 227 KB): as many
+    32 KB ring slots as fit beside h, the staged att / mlp vector and the fixed head; shapes it cannot hold
+    are named with the reason."""
+    smem = 227 * 1024
+    assert kn.step_layout(2560, 6912, 80, smem) == (13824, 6, 2560 + 5120 + 13824 + 6 * 32768)      # 3b-4e1t
+    assert kn.step_layout(2048, 5632, 64, smem)[1] == 6                                            # 2-1.6b
+    vec, nslot, total = kn.step_layout(5120, 13824, 160, smem)                                     # 2-12b
+    assert nslot == 5 and total <= smem
+    assert "hidden_size 8192" in kn.step_layout(8192, 22016, 128, smem)
+    assert "does not fit a ring slot" in kn.step_layout(4096, 20000, 128, smem)
+    assert "two ring slots" in kn.step_layout(2560, 6912, 80, 64 * 1024)
+
+
+def test_emulated_engine_keeps_the_per_layer_step(emulated):
+    """The emulated kernels have no whole-step kernel (no compute capability): the engine plans the per-layer
+    step at batch 1 unless told megakernel=True, which is an error saying why."""
+    model = _models(emulated)[1].model
+    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated, autotune=False)
+    assert "compute capability" in engine.step_kernel_problem()
+    assert not engine.uses_step_kernel(1) and "step" not in {fn.tag for fn in engine._plan(1)}
+    engine.megakernel = True
+    with pytest.raises(NotImplementedError, match="whole-step kernel cannot run here: needs bulk copies"):
+        engine._plan(1)

@@ -152,6 +152,8 @@ def measure_bandwidth(kernels, gib=4.0):
 def step_breakdown(engine, nb):
     """Graph replay time of one full step, of its GEMVs alone, and of everything else (ms)."""
     plan = engine._plan(nb)
+    if engine.uses_step_kernel(nb):              # [embed, the whole-step kernel, argmax]: no GEMV launches
+        return {"step": engine.time_launches(plan, reps=5), "launches": len(plan)}
     gemv = [f for f in plan if f.tag.startswith("gemv")]
     other = [f for f in plan if not f.tag.startswith("gemv")]
     return {"step": engine.time_launches(plan, reps=5), "gemv only": engine.time_launches(gemv, reps=5),
@@ -306,6 +308,24 @@ def time_generate(model, ids, new_tokens, reps=3, **kw):
     return float(np.median(rates)), float(np.median(ttft))
 
 
+def megakernel_ab(model, engine, ids1, args, r, name, rounds=3):
+    """Batch 1 greedy with the step as per-layer launches (engine.megakernel False) and as the whole-step
+    kernel (True), alternating, `rounds` times: medians of the engine's step (graph replay) and of generate."""
+    got = {False: ([], []), True: ([], [])}
+    for _ in range(rounds):
+        for mk in (False, True):
+            engine.megakernel = mk
+            engine.reserve(1, args.prompt + args.new + 1)
+            got[mk][0].append(engine.time_step(1))
+            got[mk][1].append(time_generate(model, ids1, args.new)[0])
+    engine.megakernel = None
+    for mk, label in ((False, "per-layer launches"), (True, "whole-step kernel")):
+        ms, tps = float(np.median(got[mk][0])), float(np.median(got[mk][1]))
+        r[f"b1 {label}: step ms, greedy tok/s"] = (ms, tps)
+        log(f"{name}: batch 1, {label}: engine step {ms:.4f} ms (all {[round(v, 4) for v in got[mk][0]]}), "
+            f"generate greedy {tps:.1f} tok/s (all {[round(v, 1) for v in got[mk][1]]})")
+
+
 def bench_shape(name, args, bw_copy, res):
     import cupy as cp
 
@@ -331,6 +351,10 @@ def bench_shape(name, args, bw_copy, res):
     log(f"{name}: greedy b1 {r['greedy b1 tok/s']:.1f} tok/s ({100 * r['greedy b1 tok/s'] / r['roofline tok/s']:.0f}% "
         f"of {r['roofline tok/s']:.0f}); engine step alone {r['engine step b1 ms (graph replay)']:.3f} ms "
         f"= {1e3 / r['engine step b1 ms (graph replay)']:.0f} tok/s; first token {1e3 * r['ttft b1 s']:.1f} ms")
+    r["whole-step kernel b1 (tuner's choice)"] = (engine.step_kernel.get(1), engine.step_kernel_note)
+    log(f"{name}: the tuner's whole-step kernel choice {engine.step_kernel.get(1)} ({engine.step_kernel_note})")
+    if args.megakernel_ab:
+        megakernel_ab(model, engine, ids1, args, r, name)
     r["sampling b1 tok/s"], _ = time_generate(model, ids1, args.new, **SAMPLING)
     log(f"{name}: sampling b1 {r['sampling b1 tok/s']:.1f} tok/s "
         f"({100 * r['sampling b1 tok/s'] / r['greedy b1 tok/s']:.0f}% of greedy)")
@@ -457,6 +481,8 @@ def main():
     ap.add_argument("--accuracy-layers", type=int, default=8,
                     help="bf16 logits vs float64 at 3b-4e1t widths with this many layers (0: skip)")
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--megakernel-ab", action="store_true",
+                    help="batch 1: time the per-layer step and the whole-step kernel (decode_step.cu) alternately")
     ap.add_argument("--ncu-step", action="store_true")
     ap.add_argument("--ncu-summary", type=str, default=None, help="summarise an ncu --csv file and exit")
     args = ap.parse_args()

@@ -133,6 +133,8 @@ def print_tune_log(entries):
     for e in entries:
         if e[0] == "step" and e[2] == "attention":
             log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
+        if e[0] == "step" and e[2] == "whole-step kernel":
+            log(f"    {f'whole-step kernel {e[3]}' if e[3] else 'per-layer launches'}: {e[4]:.4f} ms")
 
 
 def batch_ab(cfg, params, batches, prompt, steps):

@@ -124,6 +124,19 @@ __device__ __forceinline__ uint4 ld_stream_early(const uint4* p) {
     return r;
 }
 
+// LayerNorm pieces on 4 values (layernorm_rows, decode_step.cu's mk_layernorm): the squared deviations from
+// the mean, and bf16((v - mean) * rstd * w + b) packed.
+__device__ __forceinline__ float sq_dev4(const float4 v, float mean) {
+    const float a = v.x - mean, b = v.y - mean, c = v.z - mean, d = v.w - mean;
+    return (a * a + b * b) + (c * c + d * d);
+}
+__device__ __forceinline__ uint2 ln_pack4(const float4 v, float mean, float rstd, const float4 w, const float4 b) {
+    uint2 o;
+    o.x = pack_bf2((v.x - mean) * rstd * w.x + b.x, (v.y - mean) * rstd * w.y + b.y);
+    o.y = pack_bf2((v.z - mean) * rstd * w.z + b.z, (v.w - mean) * rstd * w.w + b.w);
+    return o;
+}
+
 template <typename T>                      // float or double
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -216,22 +229,13 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
         const float mean = block_sum(s, buf) / (float)K;
         float q = 0.f;
 #pragma unroll
-        for (int i = 0; i < LN_MAXV; ++i) {
-            if (tid + i * T < K4) {
-                const float a = v[i].x - mean, b = v[i].y - mean, c = v[i].z - mean, d = v[i].w - mean;
-                q += (a * a + b * b) + (c * c + d * d);
-            }
-        }
+        for (int i = 0; i < LN_MAXV; ++i)
+            if (tid + i * T < K4) q += sq_dev4(v[i], mean);
         const float rstd = rsqrtf(block_sum(q, buf) / (float)K + eps);
 #pragma unroll
         for (int i = 0; i < LN_MAXV; ++i) {
             const int j = tid + i * T;
-            if (j < K4) {
-                uint2 o;
-                o.x = pack_bf2((v[i].x - mean) * rstd * wv[i].x + bv[i].x, (v[i].y - mean) * rstd * wv[i].y + bv[i].y);
-                o.y = pack_bf2((v[i].z - mean) * rstd * wv[i].z + bv[i].z, (v[i].w - mean) * rstd * wv[i].w + bv[i].w);
-                reinterpret_cast<uint2*>(yr)[j] = o;
-            }
+            if (j < K4) reinterpret_cast<uint2*>(yr)[j] = ln_pack4(v[i], mean, rstd, wv[i], bv[i]);
         }
         return;
     }

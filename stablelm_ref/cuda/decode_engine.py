@@ -23,6 +23,14 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
                                                          many blocks a row + sample_topk_merge); each also
                                                          flags rows with NaN / Inf logits (tok_flags[1])
 
+At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
+the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, a producer warp
+streaming the whole step's weights through a shared-memory ring with bulk copies, consumer warps running the
+phases between grid barriers; the same roundings as the launches above). engine.megakernel picks: None (the
+default) = the tuner times both steps and keeps the faster (step_kernel[1], tune.py's stage 4), True = always,
+False = never. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
+per-layer plan.
+
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
@@ -44,10 +52,11 @@ replays the graph. prefill() is the engine's own self-contained prompt pass (CuP
 activations rounded to bf16 where the decode kernels round): the engine's tests and probes use it where
 there is no StableLmForCausalLM (transformers' weights).
 
-The GPU side, by concern: launch.py (building decode.cu, bound launches, PDL, capture and replay timing),
-decode_kernels.py (the Python face of each kernel), tune.py (the autotuner: GEMV shapes, the attention's
-shape), specs.py (the float64 specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file
-(weights, buffers, the step's plan, capture, the device-side bookkeeping).
+The GPU side, by concern: launch.py (building decode.cu and decode_step.cu, bound launches, PDL, cooperative
+launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py (the
+autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not), specs.py (the float64
+specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file (weights, buffers, the step's plan,
+capture, the device-side bookkeeping).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, rotary_ndims, rope_theta, layer_norm_eps,
@@ -64,7 +73,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
-from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, DecodeKernels
+from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES, DecodeKernels
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
 
@@ -153,6 +162,13 @@ class GpuDecodeEngine:
         #                                     back to plain launches if the driver refuses, see capture())
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
+        self.megakernel = None              # batch 1, the whole step in one kernel (decode_step.cu): None = the
+        #                                     tuner's choice (step_kernel), True = always (an error where it cannot
+        #                                     run), False = never
+        self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
+        self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
+        self.step_shape = STEP_SHAPES[0]    # its ring: (slot bytes, bulk-copy piece, copies), the tuner's choice
+        #                                     (set by hand: reset_plans() after, as for any tuning change)
         with self.stream:
             self._load_weights(params)
             self._allocate()
@@ -304,6 +320,8 @@ class GpuDecodeEngine:
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
         self.ln_stats = cp.zeros((2 * len(self.layers), MB, 2), cp.float64)  # folded LayerNorms' (sum, sum sq)
+        self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
+        self._step_ptrs = None                      # its pointer table (_step_launch; made again with the cache)
 
     # -- the decode step as a list of launches ---------------------------------------------------------
     def _gemv_shapes(self):
@@ -349,11 +367,55 @@ class GpuDecodeEngine:
             return self.k.gemv_launch(self.mlp, L.wd, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         return self.k.gemv_launch(self.h, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw)
 
+    def step_kernel_problem(self) -> str | None:
+        """Why the whole-step kernel (decode_step.cu) cannot run this model on this GPU; None if it can."""
+        problem = self.k.step_problem(hidden=self.hidden, inter=self.inter, H=self.H, KVH=self.KVH, D=self.D,
+                                      slot=self.step_shape[0])
+        if problem is None and any(W.data.ptr % 16 for L in self.layers for W in (L.wqkv, L.wo, L.wgu, L.wd)):
+            problem = "a weight matrix does not start at a 16-byte boundary (its bulk copies need one)"
+        if problem is None and self.lm.data.ptr % 16:
+            problem = "lm_head's weight does not start at a 16-byte boundary (its bulk copies need one)"
+        return problem
+
+    def uses_step_kernel(self, nb) -> bool:
+        """Whether the step at batch nb is [embed, decode_step_b1, argmax | sampling]: batch 1 only, where
+        megakernel is True, or None and the tuner chose it (step_kernel). megakernel True where the kernel
+        cannot run is an error saying why."""
+        if nb != 1 or self.megakernel is False or (self.megakernel is None and not self.step_kernel.get(nb)):
+            return False
+        problem = self.step_kernel_problem()
+        if problem is not None:
+            if self.megakernel:
+                raise NotImplementedError(f"megakernel=True, but the whole-step kernel cannot run here: {problem}; "
+                                          "set engine.megakernel = None (the tuner's choice) or False")
+            return False
+        return True
+
+    def _step_launch(self):
+        """decode_step_b1's launch: every layer, the final LayerNorm and lm_head at batch 1 (decode_kernels)."""
+        cp, L0 = self.cp, len(self.layers)
+        if self._step_ptrs is None:          # once per cache allocation: captured graphs hold its address
+            ptrs = np.zeros((L0, 16), np.uint64)
+            for i, L in enumerate(self.layers):
+                arrays = (L.wqkv, L.wo, L.wgu, L.wd, L.ln1_w, L.ln1_b, L.ln2_w, L.ln2_b, L.bqkv, L.qn, L.kn,
+                          self.kc[i], self.vc[i])
+                ptrs[i, : len(arrays)] = [0 if a is None else a.data.ptr for a in arrays]
+            with self.stream:
+                self._step_ptrs = cp.asarray(ptrs)
+        return self.k.step_launch(
+            self._step_ptrs, self.lm, self.norm_w, self.norm_b, self.x, self.qkv, self.att, self.mlp,
+            self.logits_buf, self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot, hidden=self.hidden,
+            inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps, qk_ln=self.qk_ln,
+            parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
+
     def _plan(self, nb):
-        key = (nb, self._sampler_key())
+        key = (nb, self._sampler_key(), self.megakernel)
         if key in self._plans:
             return self._plans[key]
         k = self.k
+        if self.uses_step_kernel(nb):
+            plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb), self._step_launch()]
+            return self._finish_plan(key, plan, nb)
         ns = k.attention_splits(nb, self.KVH, self.max_len)
         split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
         fold = self.folds_layernorm(nb)
@@ -377,6 +439,11 @@ class GpuDecodeEngine:
         plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
                                        tag="layernorm"))
         plan.append(self._layer_gemv("lm_head", 0, nb))
+        return self._finish_plan(key, plan, nb)
+
+    def _finish_plan(self, key, plan, nb):
+        """The step's last launches (argmax, or generate's processors and sampler) and the carveouts."""
+        k = self.k
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
                                         self.pos, self.am_counter, nb=nb, bad=self.nonfinite))
@@ -400,7 +467,7 @@ class GpuDecodeEngine:
         """Forget what the tuner chose for batch nb (every batch if None): the GEMV shapes, the attention's
         shape and the step's time, and drop the plans and graphs; the next capture tunes again. (Clearing
         `tuning` alone kept the attention shape tuned for the kernels or settings before.)"""
-        for d in (self.tuning, self.att_shape, self.step_ms):
+        for d in (self.tuning, self.att_shape, self.step_ms, self.step_kernel):
             if nb is None:
                 d.clear()
             else:
@@ -551,13 +618,18 @@ class GpuDecodeEngine:
     def capture(self, nb: int):
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
         With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
-        the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error)."""
-        key = (nb, bool(self.pdl), self._sampler_key())
+        the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
+        refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note)."""
+        key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel)
         if key not in self._graphs:
             self._tune(nb)
             try:
                 self._graphs[key] = self.capture_launches(self._plan(nb), pdl=self.pdl)
             except Exception as e:  # noqa: BLE001 - no libcuda symbol, odd argument, refused capture
+                if self.megakernel is None and self.uses_step_kernel(nb):      # the per-layer step instead
+                    self.step_kernel[nb], self.step_kernel_note = False, f"capture failed: {e!r}"
+                    self._forget(nb)
+                    return self.capture(nb)
                 if not self.pdl:
                     raise
                 self.pdl, self.pdl_error = False, repr(e)    # plain launches instead

@@ -7,6 +7,7 @@
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
+    k.step_launch(ptrs, lm, ..., shape=STEP_SHAPES[0])     # batch 1: every layer + lm_head in one kernel
     k.argmax_launch(logits, tok, history, ...)             # greedy pick + step bookkeeping
     k.sample_launch(logits, present, u, tok, ...)          # generate's processors + sampler (1 or 2 launches)
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..errors import GenerationError
 from . import xp
-from .launch import NULL, Launch, i32, load_module
+from .launch import NULL, Launch, build_step_cubin, i32, load_module
 
 MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
 GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
@@ -36,6 +37,37 @@ ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner time
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
+# the whole-step kernel (decode_step.cu; must match it): consumer warps, rows a tile at most, ring slots at most,
+# float4 of x a consumer thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer
+MK_NCW, MK_MAXTR, MK_MAXSLOT, MK_LNV, MK_HEAD, MK_PTRS, MK_YSUM = 8, 16, 16, 6, 2560, 16, 256
+MK_THREADS = 32 * (MK_NCW + 1)
+MK_SLOT = 32 * 1024                         # bytes a ring slot: one bulk copy of whole rows
+MK_MAX_HIDDEN = 4 * MK_LNV * 32 * MK_NCW    # the LayerNorm holds x in registers
+STEP_SHAPES = ((MK_SLOT, 0, "bulk"), (MK_SLOT, 0, "cp.async"), (2 * MK_SLOT, 0, "bulk"), (MK_SLOT // 2, 0, "cp.async"))
+#                                           (slot, piece, copies) the tuner times; the first is the default
+
+
+def _align128(n: int) -> int:
+    return (n + 127) // 128 * 128
+
+
+def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = MK_SLOT, blocks: int = 132):
+    """decode_step.cu's shared memory: (vec_bytes, nslot, total bytes) for these shapes, or a str saying why
+    they do not fit. Layout: MK_HEAD (mbarriers, reductions), h [hidden] bf16, vec (att or mlp [max(hidden,
+    inter)] bf16, and the attention's scratch), then nslot ring slots of `slot` bytes (as many as fit, <= 16)."""
+    if hidden > MK_MAX_HIDDEN:
+        return f"hidden_size {hidden} > {MK_MAX_HIDDEN} (its LayerNorm holds x in registers)"
+    if -(-hidden // blocks) > MK_YSUM:
+        return f"{-(-hidden // blocks)} rows of the residual a block (hidden {hidden}, {blocks} SMs) > {MK_YSUM}"
+    if 2 * max(hidden, inter) > slot:
+        return f"a row of {max(hidden, inter)} bf16 does not fit a ring slot of {slot} bytes"
+    att_scratch = 4 * (D * (3 + MK_NCW) + 2 * MK_NCW) + 4 * D
+    vec = _align128(max(2 * max(hidden, inter), att_scratch))
+    fixed = MK_HEAD + _align128(2 * hidden) + vec
+    nslot = min(MK_MAXSLOT, (max_smem - fixed) // slot)
+    if nslot < 2:
+        return f"{fixed + 2 * slot} bytes of shared memory needed for two ring slots, {max_smem} a block here"
+    return vec, nslot, fixed + nslot * slot
 
 
 class DecodeKernels:
@@ -62,6 +94,8 @@ class DecodeKernels:
         self.max_smem = dev.attributes["MaxSharedMemoryPerBlockOptin"]
         self._att_smem = {}                 # head_dim -> the dynamic shared memory allowed decode_attention_d{D}
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+        self.compute_capability = int(dev.compute_capability)
+        self._step_fn = None                # decode_step.cu's functions, built on first use (step_problem)
 
     # -- GEMV ---------------------------------------------------------------------------------
     @staticmethod
@@ -170,6 +204,54 @@ class DecodeKernels:
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
                 i32(split_tiles), i32(nbuf))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
+
+    # -- the whole step at batch 1 (decode_step.cu) -------------------------------------------------
+    def step_problem(self, *, hidden, inter, H, KVH, D, slot=MK_SLOT) -> str | None:
+        """Why the whole-step kernel cannot run these shapes on this GPU (None: it can). Builds its module on
+        first use (a compile error is a reason too)."""
+        cc = getattr(self, "compute_capability", 0)
+        if cc < 90:
+            return f"needs bulk copies and mbarriers (compute capability >= 9.0), this GPU is {cc / 10:.1f}"
+        if D not in ATT_DIMS:
+            return f"head_dim {D} not in {ATT_DIMS}"
+        lay = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        if isinstance(lay, str):
+            return lay
+        if self._step_fn is None:
+            try:
+                module = self.cp.RawModule(path=str(build_step_cubin(str(cc))))
+                self._step_fn = {d: module.get_function(f"decode_step_b1_d{d}") for d in ATT_DIMS}
+            except Exception as e:  # noqa: BLE001 - no compiler, a compile error: the per-layer step instead
+                self._step_fn = {}
+                self._step_error = f"could not build decode_step.cu: {e}"
+        if not self._step_fn:
+            return self._step_error
+        return None
+
+    def step_launch(self, ptrs, lm, norm_w, norm_b, x, qkv, att, mlp, logits, cache_len, pos, kmask, inv_freq,
+                    rot, *, hidden, inter, vocab, H, KVH, D, eps, qk_ln, parallel, sync, shape=STEP_SHAPES[0],
+                    tag="step"):
+        """The whole decode step at batch 1 in one cooperative launch of decode_step_b1_d{D}, one block a SM.
+        ptrs: uint64 [layers, MK_PTRS] (decode_step.cu's P_* order: each layer's weights, norms, bias, q/k norms,
+        its cache's first row (batch row 0)); kc/vc [KVH, max_len, D] a layer; sync: uint32 [2], zero (the kernel
+        leaves it zero). x is read as the residual after the embedding; qkv, att, mlp are scratch; logits
+        float32 [>= 1, vocab]. shape = (slot bytes, bytes a bulk copy at most (0: a tile), copies): how the ring
+        is filled: "bulk" = lane 0's bulk copies, "cp.async" = 16-byte copies of the producer warp's 32 lanes."""
+        slot, piece, copies = shape
+        problem = self.step_problem(hidden=hidden, inter=inter, H=H, KVH=KVH, D=D, slot=slot)
+        if problem is not None:
+            raise NotImplementedError(f"the whole-step decode kernel: {problem}")
+        vec, nslot, smem = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        fn = self._step_fn[D]
+        if smem > self._att_smem.get(("step", D), 0):       # never lowered (as attention_launch's)
+            fn.max_dynamic_shared_size_bytes = smem
+            self._att_smem[("step", D)] = smem
+        max_len = kmask.shape[-1]
+        args = (ptrs, i32(ptrs.shape[0]), lm, norm_w, norm_b, x, qkv, att, mlp, logits, cache_len, pos, kmask,
+                inv_freq, i32(rot), i32(hidden), i32(inter), i32(vocab), i32(H), i32(KVH), i32(max_len),
+                np.float32(eps), np.float32(D ** -0.5), i32(bool(qk_ln)), i32(bool(parallel)), sync, i32(nslot),
+                i32(slot), i32(vec), i32(piece), i32(copies == "cp.async"))
+        return Launch(fn, (self.num_sms,), (MK_THREADS,), args, smem=smem, tag=tag, cooperative=True)
 
     # -- small kernels ------------------------------------------------------------------------
     def layernorm_launch(self, x, w, b, y, *, nb, eps, tag="layernorm"):

@@ -21,6 +21,8 @@ from . import xp
 from .cubin import compile_cached
 
 SOURCE = Path(__file__).with_name("decode.cu")
+STEP_SOURCE = Path(__file__).with_name("decode_step.cu")      # the batch-1 whole-step kernel (sm_90+)
+HELPERS_END = "// ---------------------------------------------------------------- embedding"
 
 
 def build_cubin(compute_capability: str, out_dir: str | os.PathLike | None = None) -> Path:
@@ -29,6 +31,23 @@ def build_cubin(compute_capability: str, out_dir: str | os.PathLike | None = Non
     prepare it)."""
     return compile_cached(SOURCE.read_text(), "decode", compute_capability, nvcc_flags=("-O3",),
                           nvrtc_flags=("--std=c++17",), directory=out_dir, what="the decode kernels (decode.cu)")
+
+
+def step_source() -> str:
+    """decode_step.cu's translation unit: decode.cu's helpers (everything before its embedding section: bf16
+    bits, warp sums, the PDL macros) followed by decode_step.cu, so the helpers are written once."""
+    text = SOURCE.read_text()
+    if HELPERS_END not in text:
+        raise RuntimeError(f"{SOURCE.name} has no line {HELPERS_END!r}: decode_step.cu is compiled after the "
+                           "helpers above it; put the marker back above the embedding kernel")
+    return text[: text.index(HELPERS_END)] + STEP_SOURCE.read_text()
+
+
+def build_step_cubin(compute_capability: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """The whole-step kernel's cubin (step_source()) for sm_{compute_capability}, like build_cubin."""
+    return compile_cached(step_source(), "decode_step", compute_capability, nvcc_flags=("-O3",),
+                          nvrtc_flags=("--std=c++17",), directory=out_dir,
+                          what="the whole-step decode kernel (decode_step.cu)")
 
 
 def load_module(cp):
@@ -51,14 +70,18 @@ class Launch:
     driver's choice; it takes effect where the launch goes through PdlLauncher (captures with a carveout or
     PDL), not in an eager call."""
 
-    __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout")
+    __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout", "cooperative")
 
-    def __init__(self, fn, grid, block, args, smem=0, tag="", carveout=None):
+    def __init__(self, fn, grid, block, args, smem=0, tag="", carveout=None, cooperative=False):
         self.fn, self.grid, self.block, self.args, self.smem, self.tag = fn, grid, block, args, smem, tag
         self.carveout = carveout
+        self.cooperative = cooperative      # every block resident at once (a grid barrier inside): PdlLauncher
 
     def __call__(self):
-        self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
+        if self.cooperative:
+            PdlLauncher().bind(self, xp.cupy().cuda.get_current_stream().ptr, programmatic=False)()
+        else:
+            self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
 
 
 class PdlLauncher:
@@ -66,6 +89,7 @@ class PdlLauncher:
     a captured graph each kernel may start while its predecessor drains (decode.cu's PDL_LAUNCH/PDL_WAIT).
     CuPy's launcher has no launch attributes, hence ctypes. Struct layouts as in cuda.h (CUDA 12/13)."""
 
+    ATTR_COOPERATIVE = 2
     ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
     ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 14
 
@@ -107,6 +131,8 @@ class PdlLauncher:
                 raise TypeError(f"PdlLauncher: unsupported kernel argument {type(a)}")
         params = (C.c_void_p * len(vals))(*[C.cast(C.pointer(v), C.c_void_p) for v in vals])
         want = [(self.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1)] if programmatic else []
+        if getattr(launch, "cooperative", False):
+            want.append((self.ATTR_COOPERATIVE, 1))
         if launch.carveout is not None:
             want.append((self.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, int(launch.carveout)))
         attr = (self.Attr * max(1, len(want)))()
@@ -126,10 +152,13 @@ class PdlLauncher:
 
 def capture_launches(stream, launches, pdl: bool = False):
     """`launches` captured on `stream` as one CUDA graph; with pdl, each launch after the first is a
-    programmatic dependent of its predecessor (PdlLauncher, which also applies a launch's carveout)."""
-    if pdl or any(getattr(fn, "carveout", None) is not None for fn in launches):
+    programmatic dependent of its predecessor (PdlLauncher, which also applies a launch's carveout), except
+    next to a cooperative launch (the whole-step kernel), which follows and precedes its neighbours fully."""
+    coop = [bool(getattr(fn, "cooperative", False)) for fn in launches]
+    if pdl or any(coop) or any(getattr(fn, "carveout", None) is not None for fn in launches):
         pl = PdlLauncher()
-        launches = [pl.bind(fn, stream.ptr, programmatic=pdl and i > 0) for i, fn in enumerate(launches)]
+        launches = [pl.bind(fn, stream.ptr, programmatic=pdl and i > 0 and not coop[i] and not coop[i - 1])
+                    for i, fn in enumerate(launches)]
     with stream:
         stream.begin_capture()
         try:

@@ -14,6 +14,10 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
 
+    4. batch 1 (engine.megakernel None): the whole step as one kernel (decode_step.cu; its ring's STEP_SHAPES)
+       against the tuned per-layer step, the faster kept (engine.step_kernel[1], engine.step_shape; why it was
+       not timed or kept: engine.step_kernel_note)
+
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
 
 The functions take the engine (decode_engine.GpuDecodeEngine): its buffers, plan and step timing.
@@ -25,7 +29,7 @@ import math
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
-from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU
+from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU, STEP_SHAPES
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
@@ -93,6 +97,7 @@ def tune(engine, nb):
             top[name] = timed[:TUNE_FINALISTS]
             engine.tuning[nb][name] = top[name][0]
         tune_in_step(engine, nb, top)                                    # 2. the finalists in the step
+        tune_step_kernel(engine, nb)                                     # 4. batch 1: the whole-step kernel
         with engine.stream:
             engine.x[...], engine.logits_buf[...] = saved
         engine.stream.synchronize()
@@ -159,3 +164,39 @@ def tune_attention(engine, nb, best):
             best, chosen = ms, shape
     engine.att_shape[nb] = chosen
     return best
+
+
+def tune_step_kernel(engine, nb):
+    """4. At batch 1 with engine.megakernel None: time the step as [embed, decode_step_b1] with each ring shape
+    of STEP_SHAPES that fits against the tuned per-layer step (both as captured, argmax left out) and keep the
+    fastest (engine.step_kernel[nb], engine.step_shape). Logged as ("step", nb, "whole-step kernel", shape or
+    None for the per-layer step, ms); where it cannot run, engine.step_kernel_note says why."""
+    if nb != 1 or engine.megakernel is not None:
+        return
+    problem = engine.step_kernel_problem()
+    if problem is not None:
+        engine.step_kernel_note = problem
+        return
+    engine.step_kernel[nb] = False
+    timed = []
+    try:
+        timed.append((engine.time_step(nb), None))
+        engine.step_kernel[nb] = True
+        for shape in STEP_SHAPES:
+            engine.step_shape = shape
+            if engine.step_kernel_problem() is None:
+                timed.append((engine.time_step(nb), shape))
+    except Exception as e:  # noqa: BLE001 - e.g. a refused cooperative launch: the per-layer step
+        engine.step_kernel[nb], engine.step_kernel_note = False, f"timing failed: {e!r}"
+        engine.step_shape = STEP_SHAPES[0]
+        engine._forget(nb)
+        return
+    engine.tune_log += [("step", nb, "whole-step kernel", shape, ms) for ms, shape in timed]
+    ms, shape = min(timed, key=lambda t: t[0])
+    engine.step_kernel[nb] = shape is not None
+    engine.step_shape = shape or STEP_SHAPES[0]
+    best = min(t for t in timed if t[1] is not None)
+    engine.step_kernel_note = (None if shape else f"slower: {best[0]:.4f} ms a step ({best[1]}) against "
+                               f"{timed[0][0]:.4f} per layer")
+    engine.step_ms[nb] = ms
+    engine._forget(nb)

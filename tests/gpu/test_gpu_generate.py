@@ -88,16 +88,41 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_engine_equals_the_models_own_forward(tmp_path, case):
+    _engine_against_forward(tmp_path, case, [list(range(5, 19)), [7, 8, 9], list(range(30, 38))])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_generate_through_the_whole_step_kernel(tmp_path, case):
+    """Batch 1 with the engine's step as one kernel (decode_step.cu, engine.megakernel True): greedy generate
+    against the model's own bf16 forward with the same bounds as the per-layer step (a left-padded prompt);
+    seeded sampling through it reproducible."""
+    engine, model = _engine_against_forward(tmp_path, case, [[7, 8, 9, 10, 11, 12]], megakernel=True, lead_pad=3)
+    assert engine.uses_step_kernel(1) and [fn.tag for fn in engine._plan(1)][:2] == ["embed", "step"]
+    ids = np.array([list(range(5, 19))])
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=7)
+    a, b = _host(model.generate(ids, **kw)), _host(model.generate(ids, **kw))
+    assert engine.uses_step_kernel(1) and engine.sampler is not None
+    np.testing.assert_array_equal(a, b)
+
+
+def _engine_against_forward(tmp_path, case, rows, megakernel=None, lead_pad=0):
+    """generate through the engine on a left-padded batch of `rows` against the model's own forward on the
+    tokens it chose: logits within 3e-2 relative, decided greedy picks equal (lead_pad: that many padding
+    positions before every row). Returns the engine and the model."""
     model = _bf16_model(tmp_path, **CASES[case])
-    steps = step_backend(model, 3, 40)
+    B = len(rows)
+    steps = step_backend(model, B, 40)
     assert isinstance(steps, fast_gpu.EngineSteps)
-    ids, mask = _left_pad([list(range(5, 19)), [7, 8, 9], list(range(30, 38))])
+    steps.engine.megakernel = megakernel
+    ids, mask = _left_pad(rows)
+    ids, mask = (np.pad(a, ((0, 0), (lead_pad, 0)), constant_values=v) for a, v in ((ids, 1), (mask, 0)))
+    T = ids.shape[1]
     logits = []
     engine_class = type(steps.engine)
     real_queue = engine_class.queue_picks_copy
 
     def keep(self):                     # after each step's graph, before the step queued ahead of the loop
-        logits.append(self.logits_buf[:3].get().copy())
+        logits.append(self.logits_buf[:B].get().copy())
         return real_queue(self)
 
     engine_class.queue_picks_copy = keep
@@ -105,9 +130,9 @@ def test_bf16_engine_equals_the_models_own_forward(tmp_path, case):
         out = _host(model.generate(ids, attention_mask=mask, max_new_tokens=12))
     finally:
         engine_class.queue_picks_copy = real_queue
-    assert out.shape == (3, 14 + 12)
-    T, n = 14, 11
-    full = np.concatenate([mask, np.ones((3, 12), np.int64)], axis=1)
+    assert out.shape == (B, T + 12)
+    n = 11
+    full = np.concatenate([mask, np.ones((B, 12), np.int64)], axis=1)
     pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)
     ref = model(out, attention_mask=full, position_ids=pos).logits[:, T:T + n].astype(cupy.float32).get()
     ours = np.stack(logits, axis=1)                                        # [B, 11, V]
@@ -122,6 +147,7 @@ def test_bf16_engine_equals_the_models_own_forward(tmp_path, case):
     # the reference step backend on the same model: the same first token (the prefill is shared code)
     ref_out = _host(model.generate(ids, attention_mask=mask, max_new_tokens=1, engine="reference"))
     np.testing.assert_array_equal(ref_out, out[:, :T + 1])
+    return steps.engine, model
 
 
 @pytest.mark.parametrize("case", ["3b-like, GQA", "12b-like: qk LayerNorm, parallel residual, D=160"])
@@ -207,3 +233,4 @@ def test_cli_generate_on_the_gpu_fast_and_reference():
             print(engine, args, repr(run.stdout), run.stderr.strip())
             outs[(engine, bool(args))] = run.stdout
     assert outs[("fast", False)][:24] == outs[("reference", False)][:24]
+
