@@ -311,14 +311,14 @@ def time_generate(model, ids, new_tokens, reps=3, **kw):
 def megakernel_ab(model, engine, ids1, args, r, name, rounds=3):
     """Batch 1 greedy with the step as per-layer launches (engine.megakernel False) and as the whole-step
     kernel (True), alternating, `rounds` times: medians of the engine's step (graph replay) and of generate."""
-    got = {False: ([], []), True: ([], [])}
+    got, before = {False: ([], []), True: ([], [])}, engine.megakernel
     for _ in range(rounds):
         for mk in (False, True):
             engine.megakernel = mk
             engine.reserve(1, args.prompt + args.new + 1)
             got[mk][0].append(engine.time_step(1))
             got[mk][1].append(time_generate(model, ids1, args.new)[0])
-    engine.megakernel = None
+    engine.megakernel = before
     for mk, label in ((False, "per-layer launches"), (True, "whole-step kernel")):
         ms, tps = float(np.median(got[mk][0])), float(np.median(got[mk][1]))
         r[f"b1 {label}: step ms, greedy tok/s"] = (ms, tps)

@@ -26,9 +26,10 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
 At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
 the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, a producer warp
 streaming the whole step's weights through a shared-memory ring with bulk copies, consumer warps running the
-phases between grid barriers; the same roundings as the launches above). engine.megakernel picks: None (the
-default) = the tuner times both steps and keeps the faster (step_kernel[1], tune.py's stage 4), True = always,
-False = never. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
+phases between grid barriers; the same roundings as the launches above). engine.megakernel picks: False (the
+default: it measured ~2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an H200, so it is not
+timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1], tune.py's stage 4),
+True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
 per-layer plan.
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
@@ -162,9 +163,10 @@ class GpuDecodeEngine:
         #                                     back to plain launches if the driver refuses, see capture())
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
-        self.megakernel = None              # batch 1, the whole step in one kernel (decode_step.cu): None = the
-        #                                     tuner's choice (step_kernel), True = always (an error where it cannot
-        #                                     run), False = never
+        self.megakernel = False             # batch 1, the whole step in one kernel (decode_step.cu): False = never
+        #                                     (the default while it is ~2x slower than the per-layer step, tenth
+        #                                     session's notes: timing it would add ~1 s to every tuning), None = the
+        #                                     tuner's choice (step_kernel), True = always (an error where it cannot run)
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
         self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
         self.step_shape = STEP_SHAPES[0]    # its ring: (slot bytes, bulk-copy piece, copies), the tuner's choice

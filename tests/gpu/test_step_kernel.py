@@ -166,6 +166,8 @@ def test_tuner_times_the_step_kernel(kernels):
     and keeps the fastest (logged)."""
     cfg, params, _ = make_model(CONFIGS["qkv bias, D=64"])
     engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=32, kernels=kernels, autotune=True)
+    assert engine.megakernel is False            # the default (not timed) while it is the slower step
+    engine.megakernel = None
     engine.prefill(np.arange(2, 12)[None], None, logits=None)
     engine.decode_step()
     timed = [e for e in engine.tune_log if e[2] == "whole-step kernel"]
