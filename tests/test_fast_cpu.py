@@ -362,6 +362,18 @@ def _replace(name, change):
     return lambda m: m.params.__setitem__(name, change(m.params[name]))
 
 
+def _renamed(m, rename):
+    """model.params refilled in place with each tensor where it was in the dict, under rename(its name): the
+    same tensor objects in the same order, only the names moved (a test of the values alone cannot see it)."""
+    items = [(rename(k), v) for k, v in m.params.items()]
+    m.params.clear()
+    m.params.update(items)
+
+
+def _swap(a, b):
+    return lambda name: {a: b, b: a}.get(name, name)
+
+
 EDITS_AFTER_FAST = {      # each applied to a model after fast() was built, and to a twin the fast form never saw
     "values replaced": _replace("model.layers.0.mlp.up_proj.weight", lambda w: w * 2),
     "embedding replaced": _replace("model.embed_tokens.weight", lambda w: w[::-1].copy()),
@@ -374,6 +386,8 @@ EDITS_AFTER_FAST = {      # each applied to a model after fast() was built, and 
     "the params dict replaced": lambda m: setattr(m, "params", {k: v * 0.5 for k, v in m.params.items()}),
     "the config replaced": lambda m: setattr(m, "config", m.config.__class__.from_dict(
         {**m.config.to_dict(), "layer_norm_eps": 0.5})),
+    "two names swapped in place": lambda m: _renamed(m, _swap("model.layers.0.self_attn.q_proj.weight",
+                                                              "model.layers.0.self_attn.k_proj.weight")),
 }
 
 
@@ -403,7 +417,9 @@ def test_the_fast_form_follows_params_and_config_edited_after_it_was_built(edit)
     (_replace("model.norm.bias", lambda w: w.astype(np.int32)), "tensor 'model.norm.bias' has dtype int32"),
     (lambda m: m.params.pop("model.layers.1.input_layernorm.weight"), "is missing from the model"),
     (lambda m: m.params.pop("lm_head.weight"), "'lm_head.weight' is missing from the model"),  # the last: by count
-], ids=["cut", "cast", "removed", "the last removed"])
+    (lambda m: _renamed(m, lambda k: k + "_old" if k == "lm_head.weight" else k),    # the same tensors, one renamed
+     "'lm_head.weight' is missing from the model"),
+], ids=["cut", "cast", "removed", "the last removed", "the last renamed"])
 def test_the_fast_form_refuses_params_edited_after_it_was_built_as_the_reference_does(edit, match):
     """A tensor cut or cast after fast() ran on the old fused copies, where the reference refused it."""
     model = tiny_model(seed=3)
