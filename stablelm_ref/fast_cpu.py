@@ -297,14 +297,19 @@ class FastCpuModel:
 
     _MAX_SHAPES = 4
 
-    def __new__(cls, model=None):                               # none: copy.copy, which sets the rest
-        """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first. A build makes
-        model.params views of its fused copies, so two forms would each see the other's build as params replaced
-        and rebuild on every call (_sync)."""
+    def __new__(cls, model=None):                        # none: copyreg's reconstruction, which sets the rest
+        """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first, and so is a copy
+        of it (__copy__). A build makes model.params views of its fused copies, so two forms would each see the
+        other's build as params replaced and rebuild on every call (_sync)."""
         existing = getattr(model, "__dict__", {}).get("_fast")
         if type(existing) is cls and existing.__dict__.get("model") is model:
             return existing
         return super().__new__(cls)
+
+    def __copy__(self):
+        """The form itself (see __new__): copy.copy made a second form of the same model, and after any edit of
+        params calls alternating between the two rebuilt every fused copy each time."""
+        return self
 
     def __init__(self, model):
         from .heads import StableLmForCausalLM
@@ -378,7 +383,9 @@ class FastCpuModel:
 
     # The attributes generate() and users read (config, xp, dtype, params, device, ...) are the model's.
     def __getattr__(self, name):
-        return getattr(self.__dict__["model"], name) if "model" in self.__dict__ else object.__getattribute__(self, name)
+        if "model" in self.__dict__:
+            return getattr(self.__dict__["model"], name)
+        return object.__getattribute__(self, name)
 
     def generate(self, input_ids, **kwargs):
         from .generation import generate

@@ -540,13 +540,36 @@ def test_a_copied_model_gets_a_fast_form_of_its_own():
 
 
 def test_a_fast_form_can_be_copied_as_before():
-    """copy.copy(fast) makes the object without arguments and then sets its attributes; FastCpuModel.__new__,
-    which returns the model's own form, took a model and made that a TypeError."""
+    """copy.copy(fast) made the object without arguments and then set its attributes; FastCpuModel.__new__,
+    which returns the model's own form, took a model and made that a TypeError. (A copy is now the form itself:
+    the test below.)"""
     import copy
 
     model = tiny_model(seed=3)
     ids = [[3, 1, 4]]
     np.testing.assert_allclose(copy.copy(model.fast())(ids).logits, model(ids).logits, rtol=0, atol=TOL)
+
+
+def test_a_copied_fast_form_is_no_second_form_that_rebuilds_on_every_call(monkeypatch):
+    """copy.copy(model.fast()) was a second form of the same model (copy's reconstruction bypasses __new__'s
+    one-form rule): after any edit of params, calls alternating between the two rebuilt every fused copy on every
+    call, each form seeing the other's build as params replaced (8 builds in 4 rounds). The model has one CPU fast
+    form, and a copy of it is that form: one rebuild after the edit, and the logits are the reference's."""
+    import copy
+
+    model = tiny_model(seed=3)
+    fast = model.fast()
+    twin = copy.copy(fast)
+    ids = [[3, 1, 4, 1, 5, 9]]
+    model.params["model.norm.weight"] = model.params["model.norm.weight"] * 2.0
+    want = model(ids).logits
+    builds = []
+    real = FastCpuModel._build
+    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self), real(self)))
+    for _ in range(4):
+        for form in (fast, twin):
+            np.testing.assert_allclose(form(ids).logits, want, rtol=0, atol=TOL)
+    assert len(builds) == 1, len(builds)
 
 
 def test_a_decode_across_the_rotary_table_s_end_matches_the_reference():
