@@ -408,7 +408,8 @@ def atomic_open(path, group=None):
     A failed or interrupted save never leaves a partial file under the final name and never touches a
     file already there. With `group` (from `atomic_group`) the rename waits until every file of the
     group is written. An OSError (disk full, read-only directory) becomes a CheckpointError. The temporary of a
-    failed write is removed (tried twice, as a second Ctrl-C may interrupt it; one left is named, to remove).
+    failed write is removed (tried twice, as a second Ctrl-C may interrupt it; one left is named, to remove); a
+    Ctrl-C during that removal is raised, as a KeyboardInterrupt, once it is done, in place of the failure's error.
     """
     check_os_path(path)
     tmp = None
@@ -423,9 +424,12 @@ def atomic_open(path, group=None):
         else:
             group.append((tmp, path))
     except BaseException as e:
-        left = _remove_temporaries([tmp])                  # a second Ctrl-C here: tried again, or named
+        interrupts = []
+        left = _remove_temporaries([tmp], interrupts)      # a second Ctrl-C here: tried again, or named
         if left:
             raise CheckpointError(f"{path}: cannot write ({_why(e)}); {'; '.join(left)}") from None
+        _raise_ctrl_c(e, interrupts, f"{path}: interrupted while removing the temporaries of a failed write "
+                                     f"({_why(e)}); nothing was changed there")
         if isinstance(e, OSError):
             raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); nothing was changed there") from None
         raise
@@ -457,7 +461,9 @@ def atomic_group():
     becomes a CheckpointError naming the file that failed and saying that nothing was changed. A Ctrl-C during
     that undo does not stop it halfway: the step is tried once more and the rest undone; a step interrupted twice
     is named in a CheckpointError with the backup that holds the old file (or as a new file to remove). So is a
-    temporary that a failure before the renames leaves (its removal interrupted twice).
+    temporary that a failure before the renames leaves (its removal interrupted twice). A Ctrl-C during the undo
+    or that removal, once they are done, is raised as a KeyboardInterrupt saying nothing was changed, never
+    swallowed into the failure's CheckpointError.
 
     Not atomic: a power loss or a kill -9 between two renames leaves some targets new and the rest old, with the
     old files under their `.old-*` names (rename them back); an error while restoring is reported by name with the
@@ -469,10 +475,13 @@ def atomic_group():
         for tmp, path in group:
             check_no_directory_at([path], deleting=tmp is None)
     except BaseException as e:
-        left = _remove_temporaries([tmp for tmp, _ in group])
+        interrupts = []
+        left = _remove_temporaries([tmp for tmp, _ in group], interrupts)
         if left:
             raise CheckpointError(f"cannot write {', '.join(p for _, p in group)} ({_why(e)}): the files there are as "
                                   f"they were, but {'; '.join(left)}") from None
+        _raise_ctrl_c(e, interrupts, f"interrupted while removing the temporaries of a failed write ({_why(e)}); "
+                                     f"nothing was changed: {', '.join(p for _, p in group)} are as they were")
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write {', '.join(p for _, p in group)} ({e.strerror or e}); nothing was "
                                   "changed") from None
@@ -505,8 +514,7 @@ def _commit(group):
         if not isinstance(e, OSError):
             raise
         nothing = f"nothing was changed: {targets} in {os.path.dirname(step) or '.'} are as they were before the save"
-        if any(isinstance(i, KeyboardInterrupt) for i in interrupts):
-            raise KeyboardInterrupt(f"interrupted while undoing a failed save ({step}: {why}); {nothing}") from None
+        _raise_ctrl_c(e, interrupts, f"interrupted while undoing a failed save ({step}: {why}); {nothing}")
         raise CheckpointError(f"cannot write {step} ({why}); {nothing}") from None
     left, interrupts = [], []
     for _, _, backup, existed in plan:
@@ -565,16 +573,23 @@ def _undo(plan, interrupts):
     return unrestored
 
 
-def _remove_temporaries(temporaries, interrupts=None):
+def _remove_temporaries(temporaries, interrupts):
     """Remove those of `temporaries` (paths, or None) that exist, each tried twice (_twice: a second Ctrl-C does not
-    leave one behind unsaid); a sentence for each that could not be removed."""
+    leave one behind unsaid, and is appended to `interrupts`); a sentence for each that could not be removed."""
     left = []
     for tmp in temporaries:
-        reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None,
-                        [] if interrupts is None else interrupts)
+        reason = _twice(lambda: os.unlink(tmp) if tmp is not None and os.path.lexists(tmp) else None, interrupts)
         if reason is not None:
             left.append(f"the temporary {tmp} could not be removed ({reason}): remove it")
     return left
+
+
+def _raise_ctrl_c(e, interrupts, message):
+    """KeyboardInterrupt(message) when a Ctrl-C came during the clean-up after the failure `e` (in `interrupts`,
+    from _twice: that step was tried again and done) and `e` is not itself an interrupt: the failure's own error (a
+    CheckpointError) would swallow the user's Ctrl-C, and a caller that retries a failed save would go on."""
+    if not isinstance(e, KeyboardInterrupt) and any(isinstance(i, KeyboardInterrupt) for i in interrupts):
+        raise KeyboardInterrupt(message) from None
 
 
 def _why(e):

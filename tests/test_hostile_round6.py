@@ -1,0 +1,47 @@
+"""Hostile input, round 6: a review of round 5's mends (the temporaries of a failed write under a second Ctrl-C,
+the save's clean-up after a failure).
+
+As before, each test names what a user did and checks the answer against what is true of the files, the numbers
+or the words: no file left unsaid, no Ctrl-C swallowed.
+"""
+
+import os
+
+import pytest
+
+from stablelm_ref import checkpoint
+
+
+# ---- class: a Ctrl-C swallowed (the removal of a failed write's temporaries) ------------------------------------
+
+@pytest.mark.parametrize("where", ["alone", "in a group"])
+def test_a_ctrl_c_while_a_failed_write_s_temporaries_are_removed_is_not_swallowed(tmp_path, monkeypatch, where):
+    """A write fails (an OSError: disk full) and the user presses Ctrl-C while its temporaries are removed: the
+    removal is tried again and completes, and then the CheckpointError of the failed write was raised, as if no
+    Ctrl-C had come; a caller that retries on CheckpointError went on. The undo of a failed rename (_commit) says
+    so with a KeyboardInterrupt; so does this clean-up now, and nothing is left."""
+    (tmp_path / "a.txt").write_text("old")
+    real_unlink, calls = os.unlink, []
+
+    def unlink(path, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt                                      # the user's Ctrl-C, during the clean-up
+        return real_unlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(BaseException) as info:             # not KeyboardInterrupt alone: another would end pytest
+        if where == "alone":
+            with checkpoint.atomic_open(str(tmp_path / "b.txt")) as f:
+                f.write(b"half")
+                raise OSError(28, "No space left on device")
+        else:
+            with checkpoint.atomic_group() as group:
+                checkpoint.atomic_write(str(tmp_path / "a.txt"), b"new a", group)
+                with checkpoint.atomic_open(str(tmp_path / "b.txt"), group) as f:
+                    f.write(b"half")
+                    raise OSError(28, "No space left on device")
+    monkeypatch.undo()
+    assert info.type is KeyboardInterrupt and "interrupted while removing the temporaries of a failed write (" in \
+        str(info.value) and "No space left on device); nothing was changed" in str(info.value), repr(info.value)
+    assert calls and os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old"
