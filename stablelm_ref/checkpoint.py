@@ -492,11 +492,11 @@ def atomic_group():
 def _commit(group):
     """Rename a group's files into place, keeping the old ones until all succeeded (see atomic_group)."""
     plan = []                  # (temporary or None, target, backup name, whether the target existed)
-    for tmp, path in group:
-        head, name = os.path.split(path)
-        plan.append((tmp, path, os.path.join(head, f".old-{secrets.token_hex(6)}-{name}"), os.path.lexists(path)))
     step = None
-    try:
+    try:                       # a Ctrl-C while the plan is made: its undo removes every temporary of the group too
+        for tmp, path in group:
+            step, (head, name) = path, os.path.split(path)
+            plan.append((tmp, path, os.path.join(head, f".old-{secrets.token_hex(6)}-{name}"), os.path.lexists(path)))
         for tmp, path, backup, existed in plan:
             step = path
             if existed:
@@ -505,8 +505,8 @@ def _commit(group):
                 os.replace(tmp, path)
     except BaseException as e:
         interrupts = []                           # a second Ctrl-C, during the undo
-        unrestored = _undo(plan, interrupts)
-        targets = _targets(plan)
+        unrestored = _undo(plan, interrupts) + _remove_temporaries([tmp for tmp, _ in group[len(plan):]], interrupts)
+        targets = _targets(group)
         why = _why(e)
         if unrestored:
             raise CheckpointError(f"cannot write {step} ({why}); undoing the save failed: {'; '.join(unrestored)}. "
@@ -521,7 +521,7 @@ def _commit(group):
         reason = _twice(lambda: os.unlink(backup) if existed and os.path.lexists(backup) else None, interrupts)
         if reason is not None:
             left.append(f"{backup} ({reason})")
-    done = f"the new {_targets(plan)} are in place"
+    done = f"the new {_targets(group)} are in place"
     lost = f", but the old files kept during the save could not be removed: {'; '.join(left)}; remove them" \
         if left else ""
     if any(isinstance(i, KeyboardInterrupt) for i in interrupts):   # the save is complete: say so (a traceback
@@ -549,9 +549,9 @@ def _twice(action, interrupts):
     return "interrupted"
 
 
-def _targets(plan):
-    """The file names of a commit plan, for messages."""
-    return ", ".join(os.path.basename(p) for _, p, _, _ in plan)
+def _targets(group):
+    """The file names of a group, for messages."""
+    return ", ".join(os.path.basename(p) for _, p in group)
 
 
 def _undo(plan, interrupts):
