@@ -89,3 +89,5 @@ def test_a_ctrl_c_while_the_renames_are_planned_leaves_no_temporary_unsaid(tmp_p
     (temporary,) = left
     assert temporary.startswith(".tmp-") and temporary.endswith("-b.txt")
     assert f"the temporary {tmp_path / temporary} could not be removed (interrupted): remove it" in str(info.value)
+    # the Ctrl-C in words: a KeyboardInterrupt's text is "", so its type's name (_why); "cannot write b.txt ()" before
+    assert f"cannot write {tmp_path / 'b.txt'} (KeyboardInterrupt); undoing the save failed" in str(info.value)
