@@ -43,8 +43,8 @@ writing into a buffer allocated once:
   MLP and residual serve only the kept rows): a 128-token prefill with logits_to_keep=1, as generate
   makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
 - The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
-  of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced or renamed in params
-  or a config field edited is seen by a test on each call (5-8 us), which rebuilds (FastCpuModel._sync),
+  of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced or renamed in params,
+  a config field or model.dtype edited is seen by a test on each call (5-8 us), which rebuilds (FastCpuModel._sync),
   layer by layer as the first build does: the old copies go as the new are made, never all held twice.
   A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
@@ -318,9 +318,6 @@ class FastCpuModel:
             return
         if not isinstance(model, StableLmForCausalLM):
             raise StableLmError(f"FastCpuModel takes a StableLmForCausalLM, got {type(model).__name__}")
-        if model.xp is not np or model.dtype not in (np.float32, np.float64):
-            raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
-                                f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         self.model = model
         self._lock = threading.Lock()
         self._build()
@@ -331,8 +328,12 @@ class FastCpuModel:
         check of the two (CheckpointError / ConfigError naming what is wrong); a snapshot of what they were. Every
         tensor the config implies must have the model's dtype: the reference computes with a tensor cast after
         loading (NumPy promotes), where the copies and buffers here are of one dtype (a float16 q_proj made its
-        layer's fused q|k|v float16, rounding k and v)."""
+        layer's fused q|k|v float16, rounding k and v). model.dtype is read here too, on a rebuild as well (set after
+        the build, it is watched like the config): float32 or float64, on NumPy."""
         model = self.model
+        if model.xp is not np or model.dtype not in (np.float32, np.float64):
+            raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
+                                f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         model._check_params()
         for name in model._shapes():
             dtype = model.params[name].dtype
@@ -352,19 +353,22 @@ class FastCpuModel:
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
         self._tensors = tuple(p.values())                                   # what the fused copies were made of
         self._names = tuple(p)                                              # and under which names
+        self._dtype = model.dtype                                           # and the dtype computed in
         self._fields = copy.deepcopy(tuple(vars(c).values()))
 
     def _sync(self):
-        """Rebuilt (_build) when model.params or model.config changed since the last build: an entry of params
-        replaced (a tensor cut, cast, swapped for other values), a name changed (the dict refilled in place with
-        the same tensors in the same order, under other names: q_proj's and k_proj's swapped), the dict or the
-        config replaced, a field of the config edited. The fused copies would not see such a change; the reference
-        forward reads both on every call, and this form computes the same function. An edit in place of a tensor's
-        values needs nothing: params hold views of the fused copies. The test is by identity of the tensors and
-        equality of the names (5-8 us for the default model's 179 tensors, the names' 0.3 us of it: 6.6 us without,
-        6.9 us with, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned in place."""
+        """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build: an entry of
+        params replaced (a tensor cut, cast, swapped for other values), a name changed (the dict refilled in place
+        with the same tensors in the same order, under other names: q_proj's and k_proj's swapped), the dict or the
+        config replaced, a field of the config edited, model.dtype set. The fused copies would not see such a
+        change; the reference forward reads them on every call, and this form computes the same function. An edit in
+        place of a tensor's values needs nothing: params hold views of the fused copies. The test is by identity of
+        the tensors and equality of the names (5-8 us for the default model's 179 tensors, the names' 0.3 us of it:
+        6.6 us without, 6.9 us with, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned
+        in place."""
         model, p = self.model, self._params
-        if (model.params is p and model.config is self.config and len(p) == len(self._tensors)
+        if (model.params is p and model.config is self.config and model.dtype is self._dtype
+                and len(p) == len(self._tensors)
                 and all(map(operator.is_, p.values(), self._tensors)) and tuple(p) == self._names
                 and tuple(vars(self.config).values()) == self._fields):
             return

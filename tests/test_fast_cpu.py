@@ -492,6 +492,30 @@ def test_the_fast_form_refuses_a_tensor_of_another_dtype_than_the_model(name, dt
     np.testing.assert_allclose(model.fast()(ids).logits, model(ids).logits, rtol=0, atol=TOL)
 
 
+def test_the_fast_form_follows_model_dtype_edited_after_it_was_built():
+    """model.dtype set after fast() was built: the reference computes in the new dtype (its activations, cache and
+    rotary tables), where the fast form went on in the old one for an input shape it had seen and failed inside
+    np.take ("Cannot cast array data from dtype('float32') ...") for a new shape, its buffers made in the new dtype.
+    model.dtype is now watched with params and config: every tensor then has another dtype and is refused by name,
+    as when built; a dtype this form does not run is refused as such; set back, the form computes again."""
+    model = tiny_model(seed=3)                                          # float64
+    fast = model.fast()
+    seen, new = [[3, 1, 4]], [[3, 1, 4, 1, 5]]
+    fast(seen)
+    model.dtype = np.dtype(np.float32)
+    for ids in (seen, new):
+        with pytest.raises(CheckpointError, match=r"^the CPU fast form computes in float32 \(model.dtype\): tensor "
+                                                  r"'[^']+' has dtype float64; cast it back"):
+            fast(ids)
+    model.dtype = np.dtype(np.float16)
+    with pytest.raises(StableLmError, match="^FastCpuModel runs NumPy float32 or float64 models; this one is cpu "
+                                            "float16"):
+        fast(seen)
+    model.dtype = np.dtype(np.float64)
+    for ids in (seen, new):
+        np.testing.assert_allclose(fast(ids).logits, model(ids).logits, rtol=0, atol=TOL)
+
+
 def test_calls_from_several_threads_each_get_their_own_answer():
     """The fast form writes into buffers it keeps between calls (one set per input shape): two threads calling it
     at once wrote into each other's, and got logits of the other's input or a mix (14 of 600 calls of two
