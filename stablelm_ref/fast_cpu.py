@@ -314,7 +314,7 @@ class FastCpuModel:
     def __init__(self, model):
         from .heads import StableLmForCausalLM
 
-        if self.__dict__.get("model") is model:                     # the model's own form (__new__): built
+        if model is not None and self.__dict__.get("model") is model:   # the model's own form (__new__): built
             return
         if not isinstance(model, StableLmForCausalLM):
             raise StableLmError(f"FastCpuModel takes a StableLmForCausalLM, got {type(model).__name__}")

@@ -214,8 +214,10 @@ def test_errors():
         fast([[1, 2]], past_key_values=cache)
     with pytest.raises(GenerationError, match="max_len"):
         fast([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]], past_key_values=cache)
-    with pytest.raises(StableLmError, match="StableLmForCausalLM"):
-        FastCpuModel(object())
+    for other in (object(), None):       # None: __init__ took it for the model of a form already made (9841be2)
+        with pytest.raises(StableLmError, match=f"^FastCpuModel takes a StableLmForCausalLM, got "
+                                                f"{type(other).__name__}$"):
+            FastCpuModel(other)
     assert isinstance(fast.model, StableLmForCausalLM)
 
 
