@@ -48,7 +48,8 @@ writing into a buffer allocated once:
   layer by layer as the first build does: the old copies go as the new are made, never all held twice.
   A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
-  into each other's buffers (wrong logits, or a ValueError from inside NumPy).
+  into each other's buffers (wrong logits, or a ValueError from inside NumPy). The form is made under a lock too
+  (fast_forms.MAKING): threads asking a model for it at once get one form.
 
 Rounding: float64 results agree with the reference to ~1e-15 relative (different BLAS calls sum in
 different orders; q is scaled before q k^T instead of after); float32 within the bound the tests derive
@@ -68,7 +69,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import register
+from .fast_forms import MAKING, register
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -292,19 +293,28 @@ class _Work:
         return blocks
 
 
+_UNSET = object()          # FastCpuModel.__new__'s default: only copyreg's reconstruction calls it without a model
+
+
 class FastCpuModel:
     """StableLmForCausalLM's forward for NumPy float32/float64, fused and preallocated (see module doc)."""
 
     _MAX_SHAPES = 4
 
-    def __new__(cls, model=None):                        # none: copyreg's reconstruction, which sets the rest
+    def __new__(cls, model=_UNSET):                     # unset: copyreg's reconstruction, which sets the rest
         """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first, and so is a copy
         of it (__copy__). A build makes model.params views of its fused copies, so two forms would each see the
-        other's build as params replaced and rebuild on every call (_sync)."""
-        existing = getattr(model, "__dict__", {}).get("_fast")
-        if type(existing) is cls and existing.__dict__.get("model") is model:
-            return existing
-        return super().__new__(cls)
+        other's build as params replaced and rebuild on every call (_sync). The form is made here, under
+        fast_forms.MAKING: threads asking at once get the one form (two builds beside each other failed)."""
+        if model is _UNSET:
+            return super().__new__(cls)
+        with MAKING:
+            existing = getattr(model, "__dict__", {}).get("_fast")
+            if type(existing) is cls and existing.__dict__.get("model") is model:
+                return existing
+            self = super().__new__(cls)
+            self._make(model)
+            return self
 
     def __copy__(self):
         """The form itself (see __new__): copy.copy made a second form of the same model, and after any edit of
@@ -312,10 +322,11 @@ class FastCpuModel:
         return self
 
     def __init__(self, model):
+        """Nothing more: __new__ made the form, or found the model's own."""
+
+    def _make(self, model):
         from .heads import StableLmForCausalLM
 
-        if model is not None and self.__dict__.get("model") is model:   # the model's own form (__new__): built
-            return
         if not isinstance(model, StableLmForCausalLM):
             raise StableLmError(f"FastCpuModel takes a StableLmForCausalLM, got {type(model).__name__}")
         self.model = model

@@ -12,9 +12,13 @@ This module imports nothing from the package, so any module may import it withou
 
 from __future__ import annotations
 
+import threading
+
 from .errors import StableLmError
 
 _FACTORIES: dict = {}
+MAKING = threading.RLock()    # held while a form is made (model.fast(), fast_cpu.FastCpuModel(model)): one at a time,
+                              # as a build rewrites model.params (two at once on one model failed, see fast_form)
 
 
 def register(device: str, factory) -> None:
@@ -23,7 +27,10 @@ def register(device: str, factory) -> None:
 
 
 def fast_form(model):
-    """The fast form registered for model.device, built from the model."""
+    """The fast form registered for model.device, built from the model. The caller holds MAKING, so that threads
+    asking one model for its form at once get one form: the CPU form's build replaces model.params' tensors and
+    transposes lm_head in place (popped from params meanwhile), and a second build beside it failed with a
+    KeyError from inside, or could have transposed the same memory twice."""
     factory = _FACTORIES.get(model.device)
     if factory is None:
         known = ", ".join(sorted(_FACTORIES)) or "none"

@@ -170,12 +170,13 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         call whether params or config changed since (a tensor replaced, a config field edited) and then checks
         and rebuilds its copies (FastCpuModel._sync), refusing a tensor of another dtype than model.dtype; the GPU
         engine's weights are its own, made once. A copy of this model (copy.copy) gets a fast form of its own."""
-        from .fast_forms import fast_form   # the registry: heads.py never imports its fast forms
+        from .fast_forms import MAKING, fast_form   # the registry: heads.py never imports its fast forms
 
-        if getattr(getattr(self, "_fast", None), "model", None) is not self:   # none yet, or a copy's original's
-            self._check_params()                 # built from params edited after loading, it failed inside NumPy
-            self._fast = fast_form(self)
-        return self._fast
+        with MAKING:                                 # threads asking at once get one form (fast_forms.fast_form)
+            if getattr(getattr(self, "_fast", None), "model", None) is not self:   # none yet, or a copy's original's
+                self._check_params()                 # built from params edited after loading, it failed inside NumPy
+                self._fast = fast_form(self)
+            return self._fast
 
 
 class StableLmForSequenceClassification(StableLmPreTrainedModel):

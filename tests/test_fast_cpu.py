@@ -548,6 +548,37 @@ def test_calls_from_several_threads_each_get_their_own_answer():
     assert errors == [] and wrong == [], (errors[:1], len(wrong))
 
 
+def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
+    """model.fast() from several threads at once, before any form existed: each began a build of its own, one
+    popped lm_head.weight from params to transpose it in place, and the others failed with a bare KeyError from
+    inside the build (or, a moment earlier, could have transposed the same memory twice). A form is now made under
+    one lock: every thread gets the same form, and its logits are the reference's."""
+    import threading
+
+    ids = [[3, 1, 4, 1, 5, 9]]
+    for trial in range(3):                         # a vocabulary large enough that the in-place transpose takes time
+        model = tiny_model(seed=3, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=32768)
+        want = model(ids).logits
+        start, forms, errors = threading.Barrier(3), [], []
+
+        def ask():
+            start.wait()
+            try:
+                forms.append(model.fast())
+            except Exception as e:   # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len({id(f) for f in forms}) == 1, (trial, errors[:1], len(forms))
+        np.testing.assert_allclose(forms[0](ids).logits, want, rtol=0, atol=TOL)
+        assert model.fast() is forms[0] and FastCpuModel(model) is forms[0]
+
+
 def test_a_copied_model_gets_a_fast_form_of_its_own():
     """copy.copy(model) (a variant with other weights: copy.deepcopy cannot copy a model's array module) took the
     original's fast form along, which computes the original model: the copy's fast() gave the original's logits
