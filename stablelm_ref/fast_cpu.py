@@ -44,7 +44,7 @@ writing into a buffer allocated once:
   makes, skips 127/128 of the last layer's remaining work, as llama.cpp does.
 - The copies follow the model: the q|k|v biases and qk-norm weights are joined too, their params entries views
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced or renamed in params,
-  a config field or model.dtype edited is seen by a test on each call (5-8 us), which rebuilds (FastCpuModel._sync),
+  a config field or model.dtype edited is seen by a test on each call (~9 us), which rebuilds (FastCpuModel._sync),
   layer by layer as the first build does: the old copies go as the new are made, never all held twice.
   A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
@@ -374,8 +374,8 @@ class FastCpuModel:
         config replaced, a field of the config edited, model.dtype set. The fused copies would not see such a
         change; the reference forward reads them on every call, and this form computes the same function. An edit in
         place of a tensor's values needs nothing: params hold views of the fused copies. The test is by identity of
-        the tensors and equality of the names (5-8 us for the default model's 179 tensors, the names' 0.3 us of it:
-        6.6 us without, 6.9 us with, tools/ab_params_check.py); it does not see an array's .shape or .dtype assigned
+        the tensors and equality of the names (~9 us for the default model's 179 tensors, the names ~3 us of it:
+        tools/ab_params_check.py's "the checks alone"); it does not see an array's .shape or .dtype assigned
         in place."""
         model, p = self.model, self._params
         if (model.params is p and model.config is self.config and model.dtype is self._dtype

@@ -12,7 +12,8 @@ and the checks alone (median of 2,000 calls): on a busy 2-core machine the ratio
 from run to run, far more than the checks cost, so the last line is the figure to read.
 
 Then the same for the fast form (model.fast(), fast_cpu.FastCpuModel): its per-call test that model.params and
-model.config are still what its fused copies were built from (FastCpuModel._sync, by identity), on and off, over
+model.config (and model.dtype) are still what its fused copies were built from (FastCpuModel._sync: the tensors
+by identity, their names by equality), on and off, over
 --fast-steps decode steps of each side, and alone; then the same for the fast form's lock (FastCpuModel._lock:
 calls from several threads take turns), against a form whose lock is a no-op.
 """
