@@ -25,7 +25,8 @@ writing into a buffer allocated once:
   matrices: the weights are not held twice, and the reference model keeps working on the same numbers.
 - The lm_head is transposed the same way, in place (`_transpose_in_place`: the [vocab, hidden] matrix
   becomes [hidden, vocab] in its own memory, through a scratch of one block), when vocab has a divisor
-  near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast.
+  near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast. A Ctrl-C meanwhile is
+  raised once it is done (`_ctrl_c_held`): the matrix is never left half permuted or out of params.
 - Work buffers allocated once per (batch, new tokens) shape and written in place (`out=`): a decode
   step allocates nothing but the logits it returns.
 - q and k are rotated in place inside the q|k|v GEMM's output (both at once: 3 calls, the rotation
@@ -60,8 +61,10 @@ the reference.
 from __future__ import annotations
 
 import copy
+import contextlib
 import math
 import operator
+import signal
 import sys
 import threading
 
@@ -162,6 +165,26 @@ def _transpose_in_place(w, block):
             runs[cycle[a:z]] = runs[cycle[a + 1:z + 1]]                # gathered before written
         runs[cycle[-1]] = first
     return flat.reshape(k, v)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """A Ctrl-C (SIGINT) during the block is held until it ends, then sent again to the handler that was there
+    (Python's raises KeyboardInterrupt): for a step that cannot stop halfway (the lm_head's memory half permuted,
+    popped from params). Only the main thread receives signals; elsewhere, or under a handler set outside Python,
+    the block runs as it is."""
+    caught = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)
 
 
 def _only_in(params, name):
@@ -393,7 +416,8 @@ class FastCpuModel:
         block = _lm_head_block(p[name].shape[0])
         if block is None or not _only_in(p, name):
             return p[name].T               # read transposed where it is (OpenBLAS's gemv "T")
-        p[name] = _transpose_in_place(p.pop(name), block).T          # same numbers, now [hidden, vocab] C
+        with _ctrl_c_held():                     # popped meanwhile: a Ctrl-C here left params without it
+            p[name] = _transpose_in_place(p.pop(name), block).T      # same numbers, now [hidden, vocab] C
         return p[name].T
 
     # The attributes generate() and users read (config, xp, dtype, params, device, ...) are the model's.
