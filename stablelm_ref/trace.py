@@ -138,11 +138,15 @@ def check_path(path, what):
 def check_trace_output(path, what="the trace's output path"):
     """CheckpointError unless `path` is free or holds a trace (metadata format TRACE_FORMAT): the only file
     write_trace may replace. Anything else there (a model's model.safetensors, a config, a text) is kept.
-    A path that is no file name (check_path) is refused naming `what`. (A save's check of its targets is
-    checkpoint.check_no_directory_at: a save replaces any file, but no directory.)"""
+    A path that is no file name (check_path) is refused naming `what`; a directory (or a link to one) is named as
+    one, with a file name in it to give. (A save's check of its targets is checkpoint.check_no_directory_at: a save
+    replaces any file, but no directory.)"""
     path = check_path(path, what)
     if not os.path.lexists(path):
         return
+    if os.path.isdir(path):                      # not "another file ... remove it": --out /tmp, a model's directory
+        raise CheckpointError(f"{path} is a directory: {what} is a file; give a file name in it, e.g. "
+                              f"{os.path.join(path, 'trace.safetensors')}. Nothing was written")
     try:
         _, meta, _ = checkpoint.read_header(path)
         is_trace = meta.get("format") == TRACE_FORMAT
