@@ -131,6 +131,16 @@ class StableLmPreTrainedModel:
         # generation_config.json when there is one
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    def __copy__(self):
+        """copy.copy(model): the same attributes, but a params dict of its own (of the same tensors, so an edit in
+        place of one reaches both; a tensor replaced in one is not seen by the other). A fast form makes its
+        model's params views of its fused copies: two on one dict each saw the other's build as tensors replaced
+        and rebuilt every fused copy on every call alternating between them."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.params = dict(self.params)
+        return twin
+
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):

@@ -25,3 +25,33 @@ def test_a_directory_given_as_the_trace_s_output_is_named_as_one(tmp_path):
     assert f"{tmp_path} is a directory" in words and str(tmp_path / "trace.safetensors") in words, words
     assert "remove" not in words and "another file" not in words, words
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "keep me"
+
+
+# ---- class: work repeated on every call (two fast forms on one params dict) -------------------------------------
+
+@pytest.mark.parametrize("built_first", [False, True])
+def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeypatch, built_first):
+    """copy.copy(model) shared the params dict: each model's fast form, when built, made the dict's tensors views of
+    its own fused copies, so the other saw its tensors replaced and rebuilt, on every call alternating between the
+    two (6 builds in 3 rounds, each a copy of all the weights), as copy.copy(model.fast()) did before it returned
+    the form itself. A copy has a dict of its own, of the same tensors: one build each, and both compute the
+    reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15)."""
+    import copy
+
+    from stablelm_ref.fast_cpu import FastCpuModel
+    from conftest import tiny_model
+
+    model = tiny_model(seed=3)
+    if built_first:
+        model.fast()
+    twin = copy.copy(model)
+    assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
+    ids = [[3, 1, 4, 1, 5, 9]]
+    want = tiny_model(seed=3)(ids).logits
+    builds, real = [], FastCpuModel._build
+    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self.model), real(self)))
+    for _ in range(3):
+        for m in (model, twin):
+            np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
+            np.testing.assert_allclose(m(ids).logits, want, rtol=0, atol=1e-10)
+    assert len(builds) == (1 if built_first else 2) and builds[-1] is twin, len(builds)
