@@ -549,7 +549,7 @@ def test_calls_from_several_threads_each_get_their_own_answer():
 
 
 def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
-    """model.fast() from several threads at once, before any form existed: each began a build of its own, one
+    """model.fast() and FastCpuModel(model) from threads at once, before any form existed: each began a build, one
     popped lm_head.weight from params to transpose it in place, and the others failed with a bare KeyError from
     inside the build (or, a moment earlier, could have transposed the same memory twice). A form is now made under
     one lock: every thread gets the same form, and its logits are the reference's."""
@@ -560,16 +560,17 @@ def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
         model = tiny_model(seed=3, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                            num_key_value_heads=4, vocab_size=32768)
         want = model(ids).logits
-        start, forms, errors = threading.Barrier(3), [], []
+        start, forms, errors = threading.Barrier(4), [], []
 
-        def ask():
+        def ask(how):
             start.wait()
             try:
-                forms.append(model.fast())
+                forms.append(how())
             except Exception as e:   # noqa: BLE001 - reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=ask) for _ in range(3)]
+        # both ways of asking, each under the lock: FastCpuModel(model) took none (the test asked model.fast() only)
+        threads = [threading.Thread(target=ask, args=(how,)) for how in (model.fast, lambda: FastCpuModel(model)) * 2]
         for t in threads:
             t.start()
         for t in threads:
