@@ -316,21 +316,16 @@ class _Work:
         return blocks
 
 
-_UNSET = object()          # FastCpuModel.__new__'s default: only copyreg's reconstruction calls it without a model
-
-
 class FastCpuModel:
     """StableLmForCausalLM's forward for NumPy float32/float64, fused and preallocated (see module doc)."""
 
     _MAX_SHAPES = 4
 
-    def __new__(cls, model=_UNSET):                     # unset: copyreg's reconstruction, which sets the rest
+    def __new__(cls, model):
         """A model has one CPU fast form: FastCpuModel(model) is model.fast(), whichever came first, and so is a copy
         of it (__copy__). A build makes model.params views of its fused copies, so two forms would each see the
         other's build as params replaced and rebuild on every call (_sync). The form is made here, under
         fast_forms.MAKING: threads asking at once get the one form (two builds beside each other failed)."""
-        if model is _UNSET:
-            return super().__new__(cls)
         with MAKING:
             existing = getattr(model, "__dict__", {}).get("_fast")
             if type(existing) is cls and existing.__dict__.get("model") is model:
@@ -343,6 +338,11 @@ class FastCpuModel:
         """The form itself (see __new__): copy.copy made a second form of the same model, and after any edit of
         params calls alternating between the two rebuilt every fused copy each time."""
         return self
+
+    def __reduce__(self):
+        """pickle and copy.deepcopy: the fast form of the carried model, made again from it (the model is carried
+        without its form, StableLmPreTrainedModel.__getstate__; the form's lock and buffers are not carried)."""
+        return FastCpuModel, (self.model,)
 
     def __init__(self, model):
         """Nothing more: __new__ made the form, or found the model's own."""

@@ -141,6 +141,19 @@ class StableLmPreTrainedModel:
         twin.params = dict(self.params)
         return twin
 
+    def __getstate__(self):
+        """pickle and copy.deepcopy carry a model without its array module (model.xp, a module: they failed with
+        "cannot pickle 'module' object"; __setstate__ sets it again from model.device) and without its fast form
+        (made again when asked: a copied form is the form of the copied model, fast_cpu.FastCpuModel.__reduce__)."""
+        state = dict(self.__dict__)
+        del state["xp"]
+        state.pop("_fast", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.xp = array_module(self.device)
+
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", revision=None, cache_dir=None, **hub_kwargs):

@@ -581,7 +581,7 @@ def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
 
 
 def test_a_copied_model_gets_a_fast_form_of_its_own():
-    """copy.copy(model) (a variant with other weights: copy.deepcopy cannot copy a model's array module) took the
+    """copy.copy(model) (a variant with other weights, its tensors shared until replaced) took the
     original's fast form along, which computes the original model: the copy's fast() gave the original's logits
     however its params were replaced. A fast form serves only the model it was made for."""
     import copy
@@ -600,7 +600,7 @@ def test_a_copied_model_gets_a_fast_form_of_its_own():
 def test_a_fast_form_can_be_copied_as_before():
     """copy.copy(fast) made the object without arguments and then set its attributes; FastCpuModel.__new__,
     which returns the model's own form, took a model and made that a TypeError. (A copy is now the form itself:
-    the test below.)"""
+    the test below; pickle and copy.deepcopy carry it as the form of the carried model, __reduce__.)"""
     import copy
 
     model = tiny_model(seed=3)

@@ -91,3 +91,37 @@ def test_a_ctrl_c_while_a_group_removes_its_written_temporaries_is_not_swallowed
     assert "nothing was changed" in words and "a.txt" in words, words
     assert sum(str(c).endswith("-a.txt") for c in calls) == 2                 # a's removal tried again
     assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old"
+
+
+# ---- class: an obscure error (a model or its fast form pickled or deep-copied) ----------------------------------
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("built", [False, True])
+def test_a_model_and_its_fast_form_can_be_pickled_and_deep_copied(how, built):
+    """pickle.dumps(model) and copy.deepcopy(model) failed with "TypeError: cannot pickle 'module' object" (the
+    model holds its array module, model.xp), and a fast form's with the same or "cannot pickle '_thread.lock'". A
+    model is carried without its array module (set again from its device) and without its fast form (made again
+    when asked); a fast form is carried as the fast form of its carried model. The copy's logits are the
+    original's to 1e-10 (float64; the same numbers, summed in another order where a fast form made params views of
+    its transposed copies, ~1e-15; a tensor lost or mixed up is O(1) off), and its tensors are its own."""
+    import copy
+    import pickle
+
+    from stablelm_ref.fast_cpu import FastCpuModel
+    from conftest import tiny_model
+
+    carry = (lambda x: pickle.loads(pickle.dumps(x))) if how == "pickle" else copy.deepcopy
+    model, ids = tiny_model(seed=3), [[3, 1, 4, 1, 5, 9]]
+    want = model(ids).logits
+    if built:
+        model.fast()
+    twin = carry(model)
+    assert twin.xp is np and "_fast" not in vars(twin)
+    np.testing.assert_allclose(twin(ids).logits, want, rtol=0, atol=1e-10)   # built: views, another sum order
+    np.testing.assert_allclose(twin.fast()(ids).logits, want, rtol=0, atol=1e-10)     # float64: ~1e-15 apart
+    assert twin.fast() is not model.fast()
+    twin.params["model.norm.weight"][...] = 0                      # its own tensors (zeroed there: logits O(1) off)
+    np.testing.assert_allclose(model(ids).logits, want, rtol=0, atol=1e-10)  # its fused views: another sum order
+    form = carry(model.fast())
+    assert type(form) is FastCpuModel and form.model is not model and form.model.fast() is form
+    np.testing.assert_allclose(form(ids).logits, want, rtol=0, atol=1e-10)
