@@ -15,18 +15,21 @@ from stablelm_ref.errors import CheckpointError
 
 # ---- class: a Ctrl-C swallowed (the removal of a failed write's temporaries) ------------------------------------
 
-@pytest.mark.parametrize("where", ["alone", "in a group"])
+@pytest.mark.parametrize("where", ["alone", "in a group", "in a group, on the written file's"])
 def test_a_ctrl_c_while_a_failed_write_s_temporaries_are_removed_is_not_swallowed(tmp_path, monkeypatch, where):
     """A write fails (an OSError: disk full) and the user presses Ctrl-C while its temporaries are removed: the
     removal is tried again and completes, and then the CheckpointError of the failed write was raised, as if no
     Ctrl-C had come; a caller that retries on CheckpointError went on. The undo of a failed rename (_commit) says
-    so with a KeyboardInterrupt; so does this clean-up now, and nothing is left."""
+    so with a KeyboardInterrupt; so does this clean-up now, and nothing is left. In a group, the failing file's
+    temporary is removed by atomic_open and the written one's (a.txt's) by atomic_group: a Ctrl-C on each (with
+    only the first, atomic_group's own check could be removed with every test passing)."""
     (tmp_path / "a.txt").write_text("old")
     real_unlink, calls = os.unlink, []
 
     def unlink(path, **kwargs):
         calls.append(path)
-        if len(calls) == 1:
+        first = [c for c in calls if str(c).endswith("-a.txt")] if where.endswith("file's") else calls
+        if len(first) == 1 and path == first[0]:
             raise KeyboardInterrupt                                      # the user's Ctrl-C, during the clean-up
         return real_unlink(path, **kwargs)
 

@@ -57,42 +57,6 @@ def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeyp
     assert len(builds) == (1 if built_first else 2) and builds[-1] is twin, len(builds)
 
 
-# ---- class: a mend no test held (the group's own removal of its temporaries under a Ctrl-C) ---------------------
-
-def test_a_ctrl_c_while_a_group_removes_its_written_temporaries_is_not_swallowed(tmp_path, monkeypatch):
-    """A group writes a.txt, then b.txt fails (disk full): b's own temporary goes in atomic_open, a's in
-    atomic_group's clean-up. Round 6's test put its Ctrl-C on the first removal, b's, so atomic_open raised the
-    KeyboardInterrupt and atomic_group's own _raise_ctrl_c could be removed with every test passing (the Ctrl-C on
-    a's removal then swallowed into the CheckpointError). Here it comes on a's removal: it is tried again, and a
-    KeyboardInterrupt says nothing was changed; no temporary is left and a.txt is as it was."""
-    from stablelm_ref import checkpoint
-    import os
-
-    (tmp_path / "a.txt").write_text("old")
-    real_unlink, calls = os.unlink, []
-
-    def unlink(path, **kwargs):
-        calls.append(path)
-        if str(path).endswith("-a.txt") and len([c for c in calls if str(c).endswith("-a.txt")]) == 1:
-            raise KeyboardInterrupt                                      # the user's Ctrl-C, on a's temporary
-        return real_unlink(path, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
-    with pytest.raises(BaseException) as info:             # not KeyboardInterrupt alone: another would end pytest
-        with checkpoint.atomic_group() as group:
-            checkpoint.atomic_write(str(tmp_path / "a.txt"), b"new a", group)
-            with checkpoint.atomic_open(str(tmp_path / "b.txt"), group) as f:
-                f.write(b"half")
-                raise OSError(28, "No space left on device")
-    monkeypatch.undo()
-    assert info.type is KeyboardInterrupt, repr(info.value)
-    words = str(info.value)
-    assert "interrupted while removing the temporaries of a failed write (" in words and "b.txt" in words, words
-    assert "nothing was changed" in words and "a.txt" in words, words
-    assert sum(str(c).endswith("-a.txt") for c in calls) == 2                 # a's removal tried again
-    assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old"
-
-
 # ---- class: an obscure error (a model or its fast form pickled or deep-copied) ----------------------------------
 
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
