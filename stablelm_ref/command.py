@@ -150,7 +150,19 @@ def check_surroundings(args):
 
 def run(parser, argv=None):
     """Parse argv with `parser` (a _Parser) and run the chosen command's `func`: its exit code; a StableLmError is
-    one line on stderr and exit 2, a warning one line, a closed pipe a quiet 0, Ctrl-C 130 (see the module)."""
+    one line on stderr and exit 2, a warning one line, a closed pipe a quiet 0, Ctrl-C 130 (see the module).
+    argv: the command line's words, an iterable of str (None: sys.argv[1:]); a str or bytes, or a word that is
+    not a str, is a TypeError (argparse split a string into letters, and failed inside on bytes)."""
+    if argv is not None:
+        example = "e.g. main(['generate', '--max-new-tokens', '8', 'Hello'])"
+        if isinstance(argv, (str, bytes)):
+            raise TypeError(f"argv is the command line's words, a list of str ({example}); got one "
+                            f"{type(argv).__name__}: {argv!r:.60}")
+        argv = list(argv)
+        for i, word in enumerate(argv):
+            if not isinstance(word, str):
+                raise TypeError(f"argv is the command line's words, a list of str ({example}); word {i} is "
+                                f"{type(word).__name__}: {word!r:.60}")
     args = parser.parse_args(argv)
     if sys.stdout is None:  # started with descriptor 1 closed
         print(f"{PROG}: error: standard output is closed; nothing can be written", file=sys.stderr)

@@ -89,3 +89,28 @@ def test_a_model_and_its_fast_form_can_be_pickled_and_deep_copied(how, built):
     form = carry(model.fast())
     assert type(form) is FastCpuModel and form.model is not model and form.model.fast() is form
     np.testing.assert_allclose(form(ids).logits, want, rtol=0, atol=1e-10)
+
+
+# ---- class: an obscure error (main given a string, or words that are not strings) ------------------------------
+
+@pytest.mark.parametrize("argv, named", [("generate hi", "one str"), (b"generate", "one bytes"),
+                                         (["generate", b"hi"], "word 1 is bytes"), (("trace", 7), "word 1 is int")])
+def test_main_given_a_string_or_words_that_are_not_strings_says_so(argv, named):
+    """main("generate hi") split the string into letters ("invalid choice: 'g'"), and a word given as bytes failed
+    inside argparse ("'in <string>' requires string as left operand, not int"). A TypeError names what main takes
+    and what it got; a list, a tuple or a generator of str is taken as before (tests above and the CLI's)."""
+    from stablelm_ref.cli import main
+
+    with pytest.raises(TypeError) as info:
+        main(argv)
+    words = str(info.value)
+    assert "the command line's words" in words and named in words, words
+
+
+def test_main_takes_a_generator_or_a_tuple_of_words(capsys):
+    from stablelm_ref.cli import main
+
+    for argv in (("trace", "--help"), (w for w in ["trace", "--help"])):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0 and "usage: stablelm-ref trace" in capsys.readouterr().out
