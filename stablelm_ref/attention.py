@@ -102,9 +102,10 @@ def attention(x, w, config, cos, sin, key_mask=None, cache=None, layer_idx=0, tr
     after `model.layers.{i}.self_attn.` ("q_proj.weight", ...); key_mask: bool [B, S] or None; trace
     names are relative to the same prefix (the caller scopes it)."""
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = split_heads(linear(x, w["q_proj.weight"], w.get("q_proj.bias")), heads, d)     # [B, H, T, D]
-    k = split_heads(linear(x, w["k_proj.weight"], w.get("k_proj.bias")), kv_heads, d)  # [B, KVH, T, D]
-    v = split_heads(linear(x, w["v_proj.weight"], w.get("v_proj.bias")), kv_heads, d)  # [B, KVH, T, D]
+    bias = w.get if config.use_qkv_bias else lambda name: None        # biases in params but not in the config: unused
+    q = split_heads(linear(x, w["q_proj.weight"], bias("q_proj.bias")), heads, d)     # [B, H, T, D]
+    k = split_heads(linear(x, w["k_proj.weight"], bias("k_proj.bias")), kv_heads, d)   # [B, KVH, T, D]
+    v = split_heads(linear(x, w["v_proj.weight"], bias("v_proj.bias")), kv_heads, d)   # [B, KVH, T, D]
     trace("q_proj", q), trace("k_proj", k), trace("v_proj", v)
     if config.qk_layernorm:
         eps = config.layer_norm_eps

@@ -114,3 +114,27 @@ def test_main_takes_a_generator_or_a_tuple_of_words(capsys):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0 and "usage: stablelm-ref trace" in capsys.readouterr().out
+
+
+# ---- class: the reference computing with a tensor its config does not imply (q|k|v biases) ----------------------
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_biases_a_config_without_qkv_bias_does_not_imply_are_not_read(fast):
+    """A model with q|k|v biases and config.use_qkv_bias set False after loading: the reference added the biases
+    still (w.get), though its docstring says 'biases only when use_qkv_bias', its check of params calls them
+    tensors the model does not read, and transformers' q_proj has no bias then (nn.Linear(bias=use_qkv_bias)); the
+    fast form left them out, 1.96 off the reference. The truth here: the same model with the bias tensors removed
+    (float64, 1e-10: ~1e-15 apart, as the fast form's other tests; an added bias is O(1))."""
+    from conftest import VARIANTS, tiny_model
+
+    ids = [[3, 1, 4, 1, 5]]
+    model, bare = (tiny_model(seed=4, **VARIANTS["1_6b"]) for _ in range(2))
+    assert model.config.use_qkv_bias
+    for m in (model, bare):
+        m.config.use_qkv_bias = False
+    for name in [k for k in bare.params if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]:
+        del bare.params[name]
+    want = bare(ids).logits
+    got = (model.fast() if fast else model)(ids).logits
+    assert np.abs(got - tiny_model(seed=4, **VARIANTS["1_6b"])(ids).logits).max() > 1e-3    # the biases matter
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
