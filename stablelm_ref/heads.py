@@ -244,7 +244,8 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
                 labels=None, output_hidden_states=False):
         out = self._forward_base(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                  output_hidden_states)
-        logits = linear(out.last_hidden_state, self.params["score.weight"], self.params.get("score.bias"))
+        bias = self.params.get("score.bias") if self.config.token_classification_bias else None   # else unused
+        logits = linear(out.last_hidden_state, self.params["score.weight"], bias)
         out.logits = logits                                                 # [B, T, num_labels]
         if labels is not None:
             n = self.config.num_labels

@@ -138,3 +138,19 @@ def test_biases_a_config_without_qkv_bias_does_not_imply_are_not_read(fast):
     got = (model.fast() if fast else model)(ids).logits
     assert np.abs(got - tiny_model(seed=4, **VARIANTS["1_6b"])(ids).logits).max() > 1e-3    # the biases matter
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_a_score_bias_a_config_without_token_classification_bias_does_not_imply_is_not_read():
+    """The same for the token classifier's score.bias with config.token_classification_bias set False: read as
+    long as params held it. The truth: the same model without the tensor (exact: the same arithmetic, the bias
+    added or not)."""
+    from stablelm_ref import StableLmForTokenClassification
+    from conftest import tiny_model
+
+    ids = [[3, 1, 4, 1, 5]]
+    model, bare = (tiny_model(seed=5, cls=StableLmForTokenClassification, pad_token_id=0) for _ in range(2))
+    for m in (model, bare):
+        m.params["score.bias"] = np.full_like(m.params["score.bias"], 0.5)     # a bias that shows
+        m.config.token_classification_bias = False
+    del bare.params["score.bias"]
+    np.testing.assert_array_equal(model(ids).logits, bare(ids).logits)
