@@ -549,26 +549,19 @@ def ids_and_mask(ids, mask):
 
 
 def text_ids(model_dir, text, mask=None):
-    """--text of a trace command -> ([ids], None): one unpadded row from the model's tokenizer; --mask is refused
-    (it marks the padding of --ids rows)."""
+    """--text of a trace command -> ([ids], None, the tokenizer): one unpadded row from the model's tokenizer;
+    --mask is refused (it marks the padding of --ids rows). The tokenizer is returned, read once, for the caller's
+    check once the model is loaded that the two belong together (tokenizer.check_vocabulary, the rule generate
+    and chat apply: the tokenizer, not the user, is then at fault; the model's own message, for ids given
+    directly, names no tokenizer)."""
     if mask is not None:
         raise StableLmError(f"--mask goes with --ids (the padding of a batch of rows, e.g. {_PADDED_EXAMPLE}); "
                             "--text gives one unpadded row")
-    return [_encode(model_dir, text)], None
-
-
-def check_text_tokenizer(model_dir, vocab_size):
-    """TokenizerError when the tokenizer that gave --text's ids cannot belong to the model (more ids than its
-    vocabulary: Tokenizer.check_vocabulary, the rule generate and chat apply): the tokenizer, not the user, is
-    then at fault (the model's own message, for ids given directly, names no tokenizer)."""
-    Tokenizer.from_pretrained(model_dir).check_vocabulary(vocab_size, model_dir)
-
-
-def _encode(model_dir, text):
-    ids = [int(i) for i in Tokenizer.from_pretrained(model_dir).encode(text)]
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    ids = [int(i) for i in tokenizer.encode(text)]
     if not ids:
         raise StableLmError(f"--text {text!r} gives no tokens: give some text (or --ids)")
-    return ids
+    return [ids], None, tokenizer
 
 
 def load_for_trace(model, dtype, device):
@@ -589,10 +582,11 @@ def cmd_trace(args):
     dtype = args.dtype or ("float64" if args.device == "cpu" else "float32")
     check_trace_output(args.out, "--out")                 # before the model loads: a wrong --out fails at once
     directory = hub.model_directory(args.model)          # a repo id resolved once, for both
-    ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(directory, args.text, args.mask)
+    ids, mask, tok = ((*ids_and_mask(args.ids, args.mask), None) if args.ids is not None
+                      else text_ids(directory, args.text, args.mask))
     model, compute = load_for_trace(directory, dtype, args.device)
-    if args.text is not None:
-        check_text_tokenizer(directory, model.config.vocab_size)
+    if tok is not None:
+        tok.check_vocabulary(model.config.vocab_size, directory)
     logits, trace = run_with_trace(model, ids, attention_mask=mask)    # positions 0..T-1, as transformers' forward
     meta = {"model": str(args.model), "dtype": dtype, "compute": compute, "device": args.device, "ids": ids,
             "producer": "stablelm-ref"}

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stablelm_ref.checkpoint import checkpoint_files  # noqa: E402
 from stablelm_ref.errors import GenerationError, StableLmError  # noqa: E402
-from stablelm_ref.trace import check_text_tokenizer, check_trace_output, ids_and_mask, text_ids, write_trace  # noqa: E402
+from stablelm_ref.trace import check_trace_output, ids_and_mask, text_ids, write_trace  # noqa: E402
 
 ATTENTION_NAME = "stablelm_ref_trace"
 LAYER_OUTPUTS = ("input_layernorm", "post_attention_layernorm", "q_layernorm", "k_layernorm", "o_proj", "gate_proj",
@@ -244,12 +244,12 @@ def main(argv=None):
         if not args.model:
             raise StableLmError("--model is empty (''): give a model directory holding config.json and "
                                 "model.safetensors")
-        ids, mask = ids_and_mask(args.ids, args.mask) if args.ids is not None else text_ids(args.model, args.text,
-                                                                                            args.mask)
+        ids, mask, tok = ((*ids_and_mask(args.ids, args.mask), None) if args.ids is not None
+                          else text_ids(args.model, args.text, args.mask))
         model = load_transformers_model(args.model, args.dtype)
         vocab = model.config.vocab_size
-        if args.text is not None:
-            check_text_tokenizer(args.model, vocab)
+        if tok is not None:
+            tok.check_vocabulary(vocab, args.model)
         bad = [i for row in ids for i in row if not 0 <= i < vocab]     # torch's embedding: an IndexError
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
