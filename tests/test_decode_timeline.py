@@ -1,8 +1,12 @@
 """tools/decode_timeline.py's analysis on synthetic block records (the GPU side is tools-only: it needs the
 device; here the grouping, the matching with the plan, the spans, and the clock64-on-globaltimer calibration
-against block times drawn with known values)."""
+against block times drawn with known values), and its build: the timing code lives in tools/ (the shipped
+decode.cu has none), and in the timeline build every PDL_LAUNCH / PDL_WAIT of decode.cu records (checked
+through nvcc's preprocessor, no GPU)."""
 
 import importlib
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,3 +107,51 @@ def test_tail_is_the_last_exit_after_the_median_exit():
     blocks = [(3, 0, 0, 1 * us, 10 * us), (3, 1, 0, 1 * us, 11 * us), (3, 2, 0, 1 * us, 16 * us)]
     (row,) = tl.analyse(records(blocks), plan(("gemv:qkv", 3)))
     assert row["tail"] == pytest.approx(5.0)
+
+
+DECODE_CU = Path(__file__).resolve().parents[1] / "stablelm_ref" / "cuda" / "decode.cu"
+PROBE_ONLY = ("%globaltimer", "%gridid", "tl_rec", "TlBlock")      # the timeline build's clock reads and records
+
+
+def test_the_timing_code_is_in_the_tool_and_not_in_the_shipped_kernels():
+    """decode.cu ships without the timeline's code: the tool puts decode_timeline.cuh before decode.cu, whose PDL
+    macros give way to the ones defined there (its first PDL_LAUNCH definition comes after the hook)."""
+    shipped = DECODE_CU.read_text()
+    assert [w for w in PROBE_ONLY if w in shipped] == []
+    text = tl.timeline_source(shipped)
+    assert text.endswith(shipped) and all(w in text[: -len(shipped)] for w in PROBE_ONLY)
+    assert text.index("#define PDL_LAUNCH() TlBlock") < text.index(tl.HOOK) < text.index("#define PDL_LAUNCH() asm")
+    assert f"#define TL_MAX (1 << {tl.TL_MAX.bit_length() - 1})" in text            # the buffer read_records maps
+
+
+def test_a_decode_cu_without_the_hook_is_refused_with_what_to_do():
+    shipped = DECODE_CU.read_text()
+    with pytest.raises(SystemExit, match=r"decode.cu has no line '#if defined\(PDL_LAUNCH\)'.*put the line back"):
+        tl.timeline_source(shipped.replace(tl.HOOK, "#if 0"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: the preprocessing check needs "
+                    "CUDA's nvcc (no GPU)")
+@pytest.mark.parametrize("arch", ["90", "80"])
+def test_every_pdl_launch_and_wait_records_in_the_timeline_build_and_nowhere_else(tmp_path, arch):
+    """decode.cu and the timeline build through nvcc's device preprocessor (-E): at sm_90 each of decode.cu's
+    PDL_LAUNCH(); / PDL_WAIT(); uses becomes the probe's block record and wait mark in the timeline build and a
+    bare griddepcontrol in the shipped one; before sm_90 both builds expand them to nothing (no PDL)."""
+    shipped = DECODE_CU.read_text()
+    launches, waits = shipped.count("PDL_LAUNCH();"), shipped.count("PDL_WAIT();")
+    assert launches > 5 and waits >= launches
+
+    def expanded(name, text):
+        (tmp_path / f"{name}.cu").write_text(text)
+        done = subprocess.run(["nvcc", "-E", "-cubin", f"-arch=sm_{arch}", f"{name}.cu"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and "redefined" not in done.stderr, done.stderr[-2000:]
+        return done.stdout
+
+    ship, probe = expanded("shipped", shipped), expanded("timeline", tl.timeline_source(shipped))
+    pdl = arch == "90"                   # (the CUDA headers nvcc includes have griddepcontrol of their own)
+    assert ship.count('asm volatile("griddepcontrol.launch_dependents;" ::: "memory")') == (launches if pdl else 0)
+    assert ship.count('asm volatile("griddepcontrol.wait;" ::: "memory")') == (waits if pdl else 0)
+    assert "tl_block_" not in ship and "%%globaltimer" not in ship
+    assert probe.count("TlBlock tl_block_; asm volatile(\"griddepcontrol.launch_dependents") == (launches if pdl else 0)
+    assert probe.count("griddepcontrol.wait;\" ::: \"memory\"); tl_block_.waited()") == (waits if pdl else 0)

@@ -4,12 +4,14 @@ exits, and where the step's time goes between kernels.
     python tools/decode_timeline.py                         # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
     python tools/decode_timeline.py --shapes 2-1.6b --csv out.csv   # another shape; every launch to a CSV
 
-The engine is tuned with the shipped kernels, then decode.cu is built again with DECODE_TIMELINE defined
-(probe only: the shipped module never defines it), which makes each block of every kernel record its launch
-(%gridid), its SM, and %globaltimer / clock64 at its start, on return from griddepcontrol.wait and at exit
-(the latest of its warps), into a buffer of the module. One replay of the captured step (PDL edges, the
-same tuning) fills it; the records are grouped by launch (gridid, ordered by first start: a dependent grid
-cannot start before its predecessor's blocks have all started) and matched with the step's plan.
+The engine is tuned with the shipped kernels, then decode.cu is built again with decode_timeline.cuh (beside
+this file) put before it: its PDL_LAUNCH / PDL_WAIT take the place of decode.cu's (which give way to macros
+defined before them) and make each block of every kernel record its launch (%gridid), its SM, and
+%globaltimer / clock64 at its start, on return from griddepcontrol.wait and at exit (the latest of its warps),
+into a buffer of the module (the shipped decode.cu has none of this code). One replay of the captured step
+(PDL edges, the same tuning) fills it; the records are grouped by launch (gridid, ordered by first start: a
+dependent grid cannot start before its predecessor's blocks have all started) and matched with the step's
+plan.
 
 Per launch i (times relative to the step's first block start; "prev" = launch i - 1):
   span     last exit(i) - last exit(prev): what launch i adds to the step's critical path (the spans sum to
@@ -51,7 +53,9 @@ from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
 from decode_probe import kernels_for, time_graph  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de  # noqa: E402
 
-TL_MAX = 1 << 19             # decode.cu's TL_MAX
+TIMELINE_CUH = Path(__file__).with_name("decode_timeline.cuh")
+HOOK = "#if defined(PDL_LAUNCH)"     # decode.cu keeps PDL macros defined before it
+TL_MAX = 1 << 19             # decode_timeline.cuh's TL_MAX
 FIELDS = ("grid", "t0", "tw", "te", "c0", "cw", "ce", "smblk")   # TlRec as 8 uint64 words
 KIND_ORDER = ("embed", "layernorm", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head", "argmax",
               "sample")
@@ -65,8 +69,17 @@ def kind_of(tag):
     return tag.split(":", 1)[1] if tag.startswith("gemv:") else tag
 
 
+def timeline_source(decode_cu):
+    """The timeline build's source: decode_timeline.cuh, then decode.cu's text (decode_cu)."""
+    if HOOK not in decode_cu:
+        raise SystemExit(f"decode.cu has no line {HOOK!r}: without it its own PDL macros would replace "
+                         f"{TIMELINE_CUH.name}'s and no block would be recorded; put the line back above its "
+                         "PDL_LAUNCH / PDL_WAIT definitions")
+    return TIMELINE_CUH.read_text() + decode_cu
+
+
 def timeline_kernels():
-    return kernels_for("timeline", lambda src: "#define DECODE_TIMELINE\n" + src)
+    return kernels_for("timeline", timeline_source)
 
 
 def read_records(k):
@@ -76,7 +89,8 @@ def read_records(k):
     recs = cp.ndarray((TL_MAX, 8), cp.uint64, memptr=k.module.get_global("tl_rec"))
     n = int(count.get()[0])
     if n > TL_MAX:
-        raise SystemExit(f"the step ran {n} blocks, more than the probe buffer's {TL_MAX} (decode.cu TL_MAX)")
+        raise SystemExit(f"the step ran {n} blocks, more than the probe buffer's {TL_MAX} "
+                         f"({TIMELINE_CUH.name} TL_MAX)")
     return recs[:n].get()
 
 

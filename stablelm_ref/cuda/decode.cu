@@ -37,44 +37,9 @@ typedef unsigned long long u64;
 // kernel only reads data no kernel of the step writes (weights, and the cache below the current length).
 // Under an ordinary launch both instructions do nothing.
 // Before sm_90 there is no PDL: the macros are empty, so the module builds for older GPUs too.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(DECODE_TIMELINE)
-// Probe-only build (tools/decode_timeline.py defines DECODE_TIMELINE; the shipped module never does): every
-// block of every kernel records its launch (%gridid), SM, start, return from the PDL wait and exit, as
-// %globaltimer (ns) and its SM's clock64, into tl_rec[atomicAdd(tl_count)]. The exit is the latest of its
-// warps' (each warp's lane 0, when the kernel's scope ends); a block that returns before the wait leaves tw 0.
-struct TlRec { u64 grid, t0, tw, te, c0, cw, ce; u32 sm, blk; };
-#define TL_MAX (1 << 19)
-__device__ TlRec tl_rec[TL_MAX];
-__device__ unsigned int tl_count;
-__device__ __forceinline__ u64 tl_now() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
-__device__ __forceinline__ u64 tl_clock() { return (u64)clock64(); }
-struct TlBlock {
-    TlRec* r;
-    __device__ TlBlock() {
-        __shared__ TlRec* slot;
-        if (threadIdx.x == 0) {
-            const u64 t = tl_now(), c = tl_clock();
-            const unsigned i = atomicAdd(&tl_count, 1u);
-            TlRec* p = i < TL_MAX ? tl_rec + i : nullptr;
-            if (p) {
-                u64 g; u32 sm;
-                asm volatile("mov.u64 %0, %%gridid;" : "=l"(g));
-                asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-                p->grid = g; p->t0 = t; p->c0 = c; p->tw = 0; p->cw = 0; p->te = 0; p->ce = 0; p->sm = sm;
-                p->blk = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-            }
-            slot = p;
-        }
-        __syncthreads();
-        r = slot;
-    }
-    __device__ void waited() { if (r && threadIdx.x == 0) { r->tw = tl_now(); r->cw = tl_clock(); } }
-    __device__ ~TlBlock() {
-        if (r && (threadIdx.x & 31) == 0) { atomicMax(&r->te, tl_now()); atomicMax(&r->ce, tl_clock()); }
-    }
-};
-#define PDL_LAUNCH() TlBlock tl_block_; asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#define PDL_WAIT() do { asm volatile("griddepcontrol.wait;" ::: "memory"); tl_block_.waited(); } while (0)
+// A probe build may define both macros before this file (tools/decode_timeline.cuh: each block records its
+// start, wait and exit); the shipped module never does.
+#if defined(PDL_LAUNCH)  // the probe's own: kept
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
