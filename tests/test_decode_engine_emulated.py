@@ -724,11 +724,11 @@ def test_step_layout_sizes_the_whole_step_kernel():
 
 
 def test_step_parts_bounds_the_attentions_split():
-    """The whole-step kernel's attention parts a head: the partials' buffers' ns, and one part a warp for the
-    first MK_AW warps of each block (3b-4e1t: 32 heads on 132 SMs take up to 16 parts each)."""
-    assert kn.step_parts(32, 9, 132) == 9
-    assert kn.step_parts(32, 40, 132) == 16
-    assert kn.step_parts(64, 40, 132) == 8
+    """The whole-step kernel's attention parts a head: the partials' buffers' ns, one part a warp for the first
+    MK_AW warps of each block, MK_PMAX (3b-4e1t: 32 heads on 132 SMs could take 16 parts each; 8)."""
+    assert kn.step_parts(32, 5, 132) == 5
+    assert kn.step_parts(32, 40, 132) == kn.MK_PMAX == 8
+    assert kn.step_parts(160, 40, 132) == 3
 
 
 def test_emulated_engine_keeps_the_per_layer_step(emulated):

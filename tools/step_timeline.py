@@ -5,11 +5,12 @@
 
 decode_step.cu is built again with MK_TIMELINE defined (probe only: the shipped module never defines it):
 thread 0 of each block (lane 0 of warp 0) records %globaltimer at each phase's end and after each grid barrier
-(MARKS a layer), and sums, over the step, the time its warp waits for a full slot of its ring, the time it
-spends inside tiles (from that wait's return to the end of the tile's refill and epilogue) and the time it
-spends inside grid barriers. Printed: each ring shape's step time and those sums (median over blocks), then
-the per-layer phases (median over blocks, mean over layers 1 .. L-2) of the default shape. The probe build's
-step is a few percent slower than the shipped one (both printed).
+(MARKS a layer), and sums, over the step (in shared memory, flushed at the end), the time its warp waits for
+a full slot of its ring, the time it spends inside tiles (from that wait's return to the end of the tile's
+refill and epilogue; of it, issuing the refill's bulk copies) and the time it spends inside grid barriers.
+Printed: each ring shape's step time and those sums (median over blocks), then the per-layer phases (median
+over blocks, mean over layers 1 .. L-2) of the default shape. The probe build's step is a few percent slower
+than the shipped one (both printed).
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def main():
         e.megakernel, e.step_shape = True, shape
         e.reset_plans()
         ms = e.time_step(1, replays=reps, reps=1)            # one warm-up replay + reps timed: reps + 1 in sums
-        sums = buf[:G, TL_SUMS:TL_SUMS + 3].get() / 1e6 / (reps + 1)
+        sums = buf[:G, TL_SUMS:TL_SUMS + 4].get() / 1e6 / (reps + 1)
         print(f"probe build, ring slots of {shape} B: {ms:.4f} ms a step; median over blocks, ms a step, warp 0: "
-              f"waiting for a full slot {np.median(sums[:, 0]):.3f}, inside tiles {np.median(sums[:, 1]):.3f}, "
-              f"inside grid barriers {np.median(sums[:, 2]):.3f}", flush=True)
+              f"waiting for a full slot {np.median(sums[:, 0]):.3f}, inside tiles {np.median(sums[:, 1]):.3f} "
+              f"(of which issuing copies {np.median(sums[:, 3]):.3f}), inside grid barriers "
+              f"{np.median(sums[:, 2]):.3f}", flush=True)
     buf[...] = 0
     e.megakernel, e.step_shape = True, kn.STEP_SHAPES[0]
     e.reset_plans()

@@ -38,9 +38,9 @@ SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
 # the whole-step kernel (decode_step.cu; must match it): warps a block, rows a group, a segment's multiple,
-# ring slots a warp at most, warps a block with an attention part at most, float4 of x a thread holds in a
-# LayerNorm, the fixed head of its shared memory, pointers a layer
-MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 4, 3, 1024, 16
+# ring slots a warp at most, warps a block with an attention part at most, parts a head at most, float4 of x
+# a thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer
+MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 4, 8, 3, 1024, 16
 MK_THREADS = 32 * MK_NW
 MK_MAX_HIDDEN = 4 * MK_LNV * MK_THREADS     # the LayerNorm holds x in registers
 STEP_SHAPES = (4096, 3072, 6144, 2048)      # bytes a ring slot (each warp's ring: as many as fit, <= MK_MAXSLOT)
@@ -70,9 +70,10 @@ def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP
 
 
 def step_parts(H: int, ns: int, blocks: int) -> int:
-    """The attention's parts a head at most in decode_step.cu: the partials' buffers hold ns a head, and each of
-    the MK_AW first warps of a block takes one part at most (H parts <= MK_AW blocks)."""
-    return min(ns, MK_AW * blocks // H)
+    """The attention's parts a head at most in decode_step.cu: the partials' buffers hold ns a head, each of
+    the MK_AW first warps of a block takes one part at most (H parts <= MK_AW blocks), MK_PMAX at most (the
+    combine holds each part's output in registers)."""
+    return min(ns, MK_AW * blocks // H, MK_PMAX)
 
 
 class DecodeKernels:

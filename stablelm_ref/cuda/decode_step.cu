@@ -42,6 +42,7 @@
 #define MK_SEG 256                     // a segment of K is a multiple of this many bf16 (32 lanes x 8)
 #define MK_MAXSLOT 6                   // ring slots a warp at most
 #define MK_AW 4                        // warps a block that take attention parts at most (their scratch)
+#define MK_PMAX 8                      // attention parts a head at most
 #define MK_LNV 3                       // float4 of x a thread holds in a LayerNorm: hidden <= 4 * 3 * 512
 #define MK_HEAD 1024                   // mbarriers (MK_NW x MK_MAXSLOT x 8 B), scr (256 B); then h, vec, rings
 #define MK_PTRS 16                     // entries a layer in the pointer table
@@ -52,7 +53,7 @@ enum { P_WQKV, P_WO, P_WGU, P_WD, P_LN1W, P_LN1B, P_LN2W, P_LN2B, P_BQKV, P_QN, 
 
 // Probe-only build (tools/step_timeline.py defines MK_TIMELINE; the shipped module never does): thread 0 of each
 // block records %globaltimer at each phase's end and after each grid barrier, and sums (ns) its waits for a
-// full slot, its time inside tiles and its time inside grid barriers.
+// full slot, its time inside tiles, its time inside grid barriers and its time issuing bulk copies.
 #ifdef MK_TIMELINE
 #define MK_TL_BLOCKS 160
 #define MK_TL_N 1024
@@ -63,15 +64,22 @@ __device__ __forceinline__ void mk_mark(int i) {
     if (blockIdx.x < MK_TL_BLOCKS && i < MK_TL_N) mk_tl[blockIdx.x][i] = t;
 }
 #define MK_MARK(i) do { if (threadIdx.x == 0) mk_mark(i); } while (0)
-// time (ns) summed into mk_tl[block][i] from MK_T0(v) to MK_ADD(i, v), by thread 0 (i >= MK_TL_SUMS)
+// time (ns) summed from MK_T0(v) to MK_ADD(i, v) by thread 0 in shared memory (no global round trip a tile),
+// added to mk_tl[block][MK_TL_SUMS + i] at the end (MK_FLUSH)
 #define MK_TL_SUMS 1000
+__shared__ u64 mk_sum[4];
 #define MK_T0(v) u64 v; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v))
 #define MK_ADD(i, v) do { u64 t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); \
-    if (threadIdx.x == 0 && blockIdx.x < MK_TL_BLOCKS) mk_tl[blockIdx.x][i] += t_ - (v); } while (0)
+    if (threadIdx.x == 0) mk_sum[i] += t_ - (v); } while (0)
+#define MK_ZERO() do { if (threadIdx.x < 4) mk_sum[threadIdx.x] = 0; } while (0)
+#define MK_FLUSH() do { if (threadIdx.x < 4 && blockIdx.x < MK_TL_BLOCKS) \
+    mk_tl[blockIdx.x][MK_TL_SUMS + threadIdx.x] += mk_sum[threadIdx.x]; } while (0)
 #else
 #define MK_MARK(i)
 #define MK_T0(v)
 #define MK_ADD(i, v)
+#define MK_ZERO()
+#define MK_FLUSH()
 #endif
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -109,7 +117,7 @@ __device__ __forceinline__ void grid_sync(unsigned* counter, unsigned target) {
         while (ld_acquire(counter) < target) {
         }
         __threadfence();
-        MK_ADD(MK_TL_SUMS + 2, tb);
+        MK_ADD(2, tb);
     }
     __syncthreads();
 }
@@ -162,8 +170,13 @@ struct MkCursor {
     int m, r, r1, k0, K, seg;
     const u16* W;
 };
+// A group's segment: a multiple of MK_SEG bf16 that fits its n rows in a slot, or all of K.
+__device__ __forceinline__ int mk_seg(int n, int K, int slot_bytes) {
+    const int fit = slot_bytes / (2 * n) / MK_SEG * MK_SEG;
+    return fit >= K ? K : fit;
+}
 // Position c at the first tile of matrix m or, where this warp has no rows of it, of a later one (m = 4 L + 1:
-// the walk is over). seg: a multiple of MK_SEG that fits MK_R rows in a slot, or all of K.
+// the walk is over).
 __device__ __forceinline__ void mk_enter(MkCursor& c, const MkDims& d, int m, int slot_bytes) {
     const long long GW = (long long)gridDim.x * MK_NW, gw = (long long)blockIdx.x * MK_NW + (threadIdx.x >> 5);
     for (; m <= 4 * d.L; ++m) {
@@ -177,8 +190,7 @@ __device__ __forceinline__ void mk_enter(MkCursor& c, const MkDims& d, int m, in
             r1 = (int)(a.N * (gw + 1) / GW);
         }
         if (r0 < r1) {
-            const int fit = slot_bytes / (2 * MK_R) / MK_SEG * MK_SEG;
-            c = {m, r0, r1, 0, a.K, fit >= a.K ? a.K : fit, a.W};
+            c = {m, r0, r1, 0, a.K, mk_seg(min(MK_R, r1 - r0), a.K, slot_bytes), a.W};
             return;
         }
     }
@@ -190,6 +202,7 @@ __device__ __forceinline__ void mk_advance(MkCursor& c, const MkDims& d, int slo
     c.k0 = 0;
     c.r += MK_R;
     if (c.r >= c.r1) mk_enter(c, d, c.m + 1, slot_bytes);
+    else c.seg = mk_seg(min(MK_R, c.r1 - c.r), c.K, slot_bytes);
 }
 
 struct MkRing {
@@ -255,7 +268,7 @@ __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims&
         }
         MK_T0(tw);
         mbar_wait(ring.full + s, (ring.it / ring.nslot) & 1);
-        MK_ADD(MK_TL_SUMS, tw);
+        MK_ADD(0, tw);
         MK_T0(tt);
         const uint4* wt = reinterpret_cast<const uint4*>(ring.slots + (size_t)s * ring.slot_bytes);
         const int lc = len >> 3, c0 = c.k0 >> 3;
@@ -272,7 +285,9 @@ __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims&
                 }
         }
         __syncwarp();                                   // every lane has read the slot: refill it
+        MK_T0(ti);
         if (lane == 0) mk_issue(ring, d, s);
+        MK_ADD(3, ti);
         __syncwarp();
         ++ring.it;
         if (c.k0 + len >= c.K) {                        // the group's last segment: its epilogue
@@ -285,7 +300,7 @@ __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims&
                 yf[row] = mode == MODE_ADD ? old + v : v + (bias ? bias[row] : 0.f);
             }
         }
-        MK_ADD(MK_TL_SUMS + 1, tt);
+        MK_ADD(1, tt);
         mk_advance(c, d, ring.slot_bytes);
     }
 }
@@ -310,15 +325,20 @@ __device__ __forceinline__ void mk_prefetch_cache(const u16* kc, const u16* vc, 
     }
 }
 
-// A head vector of qkv (float32, from L2) into dst (shared, float32): lanes over dims, the head's LayerNorm with
-// weight wln where wln is not null (mean, then the mean of squared deviations, over the warp).
+// A head vector of qkv (float32, from L2) into registers: lane + 32 i.
 template <int D>
-__device__ __forceinline__ void mk_head_vec(const float* src, const float* __restrict__ wln, float eps, float* dst) {
+__device__ __forceinline__ void mk_head_load(const float* src, float (&v)[(D + 31) / 32]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < (D + 31) / 32; ++i) v[i] = lane + 32 * i < D ? __ldcg(src + lane + 32 * i) : 0.f;
+}
+// ... into dst (shared, float32), with the head's LayerNorm of weight wln where wln is not null (mean, then the
+// mean of squared deviations, over the warp).
+template <int D>
+__device__ __forceinline__ void mk_head_vec(float (&v)[(D + 31) / 32], const float* __restrict__ wln, float eps,
+                                            float* dst) {
     constexpr int DV = (D + 31) / 32;
     const int lane = threadIdx.x & 31;
-    float v[DV];
-#pragma unroll
-    for (int i = 0; i < DV; ++i) v[i] = lane + 32 * i < D ? __ldcg(src + lane + 32 * i) : 0.f;
     if (wln != nullptr) {
         float sum = 0.f;
 #pragma unroll
@@ -367,23 +387,32 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
     float* rc = ks + D;                                 // [D]: cos [0, half), sin [half, rot)
     u16* knb = reinterpret_cast<u16*>(rc + D);          // [D]
     u16* vnb = knb + D;                                 // [D]
+    constexpr int DV = (D + 31) / 32;
+    float qv[DV], kv_new[DV], vv_new[DV];               // q, and the new k / v: one round of loads
+    mk_head_load<D>(qkv + (size_t)h * D, qv);
+    if (has_new) {
+        mk_head_load<D>(qkv + (size_t)(H + j) * D, kv_new);
+        mk_head_load<D>(qkv + (size_t)(H + KVH + j) * D, vv_new);
+    }
     for (int i = lane; i < half; i += 32) {
         float sn, cs;
         sincosf((float)pos * inv_freq[i], &sn, &cs);
         rc[i] = cs;
         rc[half + i] = sn;
     }
-    mk_head_vec<D>(qkv + (size_t)h * D, qn ? qn + (size_t)h * D : nullptr, eps, qs);
+    mk_head_vec<D>(qv, qn ? qn + (size_t)h * D : nullptr, eps, qs);
     mk_rotate(qs, rc, half);
     for (int d = lane; d < D; d += 32) qs[d] *= scale;
     const size_t cb = (size_t)j * max_len * D;          // batch row 0 of this layer's cache, kv head j
     if (has_new) {
-        mk_head_vec<D>(qkv + (size_t)(H + j) * D, kn ? kn + (size_t)j * D : nullptr, eps, ks);
+        mk_head_vec<D>(kv_new, kn ? kn + (size_t)j * D : nullptr, eps, ks);
         mk_rotate(ks, rc, half);
-        for (int d = lane; d < D; d += 32) {
-            knb[d] = f2bf(ks[d]);                       // the cache holds bf16
-            vnb[d] = f2bf(__ldcg(qkv + (size_t)(H + KVH + j) * D + d));
-        }
+#pragma unroll
+        for (int i = 0; i < DV; ++i)
+            if (lane + 32 * i < D) {
+                knb[lane + 32 * i] = f2bf(ks[lane + 32 * i]);   // the cache holds bf16
+                vnb[lane + 32 * i] = f2bf(vv_new[i]);
+            }
         __syncwarp();
         if (h % G == 0)
             for (int d = lane; d < D; d += 32) {
@@ -455,24 +484,42 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
         }
 }
 
-// Phase 3's input: att = bf16(the P parts of each head combined), every block into its shared memory.
-__device__ __forceinline__ void mk_combine(u16* att, const float* part_o, const float* part_ml, int H, int D, int P,
-                                           int ns) {
-    for (int e = threadIdx.x; e < H * D; e += MK_NT) {
-        const int h = e / D, d = e - h * D;
+// Phase 3's input: att = bf16(the P parts of each head combined), every block into its shared memory: warp w
+// takes heads w, w + MK_NW, ...; lane p < P loads part p's (max, sum), every lane its dims' outputs of each part
+// (one round of loads); weights exp(m_p - M) (0 for a part with no key) summed over the parts in order.
+template <int D>
+__device__ __forceinline__ void mk_combine(u16* att, const float* part_o, const float* part_ml, int H, int P, int ns) {
+    constexpr int DV = (D + 31) / 32;
+    const int lane = threadIdx.x & 31;
+    for (int h = threadIdx.x >> 5; h < H; h += MK_NW) {
         const float* ml = part_ml + (size_t)2 * h * ns;
-        float M = NEG_INF;
-        for (int p = 0; p < P; ++p) M = fmaxf(M, __ldcg(ml + 2 * p));
-        float L = 0.f, O = 0.f;
-        for (int p = 0; p < P; ++p) {
-            const float mp = __ldcg(ml + 2 * p);
+        const float* po = part_o + (size_t)h * ns * D;
+        const float2 own = lane < P ? __ldcg(reinterpret_cast<const float2*>(ml) + lane) : make_float2(NEG_INF, 0.f);
+        float O[DV];
+#pragma unroll
+        for (int i = 0; i < DV; ++i) O[i] = 0.f;
+        float ov[MK_PMAX][DV];
+#pragma unroll
+        for (int p = 0; p < MK_PMAX; ++p)
+#pragma unroll
+            for (int i = 0; i < DV; ++i)
+                ov[p][i] = p < P && lane + 32 * i < D ? __ldcg(po + (size_t)p * D + lane + 32 * i) : 0.f;
+        const float M = warp_max(own.x);
+        float L = 0.f;
+#pragma unroll
+        for (int p = 0; p < MK_PMAX; ++p) {
+            if (p >= P) break;
+            const float mp = __shfl_sync(0xffffffffu, own.x, p), lp = __shfl_sync(0xffffffffu, own.y, p);
             if (mp != NEG_INF) {                         // a part with no key adds nothing
                 const float wgt = __expf(mp - M);
-                L = fmaf(wgt, __ldcg(ml + 2 * p + 1), L);
-                O = fmaf(wgt, __ldcg(part_o + ((size_t)h * ns + p) * D + d), O);
+                L = fmaf(wgt, lp, L);
+#pragma unroll
+                for (int i = 0; i < DV; ++i) O[i] = fmaf(wgt, ov[p][i], O[i]);
             }
         }
-        att[e] = f2bf(O * (1.f / L));
+#pragma unroll
+        for (int i = 0; i < DV; ++i)
+            if (lane + 32 * i < D) att[(size_t)h * D + lane + 32 * i] = f2bf(O[i] * (1.f / L));
     }
 }
 
@@ -502,6 +549,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     MkCursor c;                                      // the tile this warp computes next
     mk_enter(c, dims, 0, slot_bytes);
     ring.issue = c;
+    MK_ZERO();
     if (lane == 0) {
         for (int s = 0; s < nslot; ++s) mbar_init(ring.full + s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -537,7 +585,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         MK_MARK(mark + 3);
         grid_sync(sync, ++phase * NB);
         MK_MARK(mark + 4);
-        mk_combine(vs, part_o, part_ml, H, D, P, ns);
+        mk_combine<D>(vs, part_o, part_ml, H, P, ns);
         __syncthreads();
         mk_gemv(ring, c, dims, 4 * l + 1, vs, MODE_ADD, nullptr, x, nullptr);   // x += att . Wo
         MK_MARK(mark + 5);
@@ -564,6 +612,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     mk_gemv(ring, c, dims, 4 * nlayers, hs, MODE_STORE, nullptr, logits, nullptr);
     __syncthreads();
     MK_MARK(1 + 12 * nlayers);
+    MK_FLUSH();
     if (threadIdx.x == 0) {                          // the last block out sets the barrier back to zero
         __threadfence();
         if (atomicAdd(sync + 1, 1u) == NB - 1) {
