@@ -710,10 +710,11 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
 
 def test_step_layout_sizes_the_whole_step_kernel():
     """decode_step.cu's shared memory at the family's shapes (the H100 / H200 opt-in maximum, 227 KB): each of
-    the 16 warps' rings holds as many 4 KB slots as fit beside h, the staged att / mlp vector and the fixed head;
-    shapes it cannot hold are named with the reason."""
+    the 16 warps' rings holds as many 4 KB slots as fit beside h, the staged att / mlp vector (or two warps'
+    attention scratch: 3b-4e1t 2 x 144 x 80 bytes) and the fixed head; shapes it cannot hold are named with the
+    reason."""
     smem = 227 * 1024
-    assert kn.step_layout(2560, 6912, 80, smem) == (13824, 3, 1024 + 5120 + 13824 + 3 * 16 * 4096)   # 3b-4e1t
+    assert kn.step_layout(2560, 6912, 80, smem) == (23040, 3, 1024 + 5120 + 23040 + 3 * 16 * 4096)   # 3b-4e1t
     assert kn.step_layout(2048, 5632, 64, smem)[1] == 3                                             # 2-1.6b
     vec, nslot, total = kn.step_layout(5120, 13824, 160, smem)                                      # 2-12b
     assert nslot == 2 and total <= smem
@@ -725,10 +726,10 @@ def test_step_layout_sizes_the_whole_step_kernel():
 
 def test_step_parts_bounds_the_attentions_split():
     """The whole-step kernel's attention parts a head: the partials' buffers' ns, one part a warp for the first
-    MK_AW warps of each block, MK_PMAX (3b-4e1t: 32 heads on 132 SMs could take 16 parts each; 8)."""
+    MK_AW warps of each block, MK_PMAX (3b-4e1t: 32 heads on 132 SMs x 2 warps take 8 parts each)."""
     assert kn.step_parts(32, 5, 132) == 5
     assert kn.step_parts(32, 40, 132) == kn.MK_PMAX == 8
-    assert kn.step_parts(160, 40, 132) == 3
+    assert kn.step_parts(160, 40, 132) == 1
 
 
 def test_emulated_engine_keeps_the_per_layer_step(emulated):

@@ -74,7 +74,8 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
-from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES, DecodeKernels
+from .decode_kernels import (ATT_DIMS, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES,
+                             DecodeKernels)
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
 
@@ -323,6 +324,8 @@ class GpuDecodeEngine:
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
         self.ln_stats = cp.zeros((2 * len(self.layers), MB, 2), cp.float64)  # folded LayerNorms' (sum, sum sq)
         self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
+        self.step_part_o = cp.zeros((1, self.H, MK_PMAX, self.D), cp.float32)   # its attention's parts
+        self.step_part_ml = cp.zeros((1, self.H, MK_PMAX, 2), cp.float32)
         self._step_ptrs = None                      # its pointer table (_step_launch; made again with the cache)
 
     # -- the decode step as a list of launches ---------------------------------------------------------
@@ -405,10 +408,10 @@ class GpuDecodeEngine:
             with self.stream:
                 self._step_ptrs = cp.asarray(ptrs)
         return self.k.step_launch(
-            self._step_ptrs, self.lm, self.norm_w, self.norm_b, self.x, self.qkv, self.part_o, self.part_ml,
-            self.mlp, self.logits_buf, self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot, hidden=self.hidden,
-            inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps, qk_ln=self.qk_ln,
-            parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
+            self._step_ptrs, self.lm, self.norm_w, self.norm_b, self.x, self.qkv, self.step_part_o, self.step_part_ml,
+            self.mlp, self.logits_buf, self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
+            hidden=self.hidden, inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps,
+            qk_ln=self.qk_ln, parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key(), self.megakernel)

@@ -39,9 +39,11 @@ SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block an
 MAX_BATCH = 8
 # the whole-step kernel (decode_step.cu; must match it): warps a block, rows a group, a segment's multiple,
 # ring slots a warp at most, warps a block with an attention part at most, parts a head at most, float4 of x
-# a thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer
-MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 4, 8, 3, 1024, 16
+# a thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer; a part's scratch bytes
+# (q, k, cos | sin as float, the new k / v, a chunk's 32 keys and values as bf16)
+MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 2, 8, 3, 1024, 16
 MK_THREADS = 32 * MK_NW
+MK_ATT_SCRATCH = 144                        # x head_dim
 MK_MAX_HIDDEN = 4 * MK_LNV * MK_THREADS     # the LayerNorm holds x in registers
 STEP_SHAPES = (4096, 3072, 6144, 2048)      # bytes a ring slot (each warp's ring: as many as fit, <= MK_MAXSLOT)
 #                                             the tuner times; the first is the default
@@ -60,7 +62,7 @@ def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP
         return f"hidden_size {hidden} > {MK_MAX_HIDDEN} (its LayerNorm holds x in registers)"
     if slot < 2 * MK_R * MK_SEG or slot % 128:
         return f"a ring slot of {slot} bytes: at least {2 * MK_R * MK_SEG} (MK_R rows of a segment), a multiple of 128"
-    vec = _align128(max(2 * max(hidden, inter), MK_AW * 16 * D))
+    vec = _align128(max(2 * max(hidden, inter), MK_AW * MK_ATT_SCRATCH * D))
     fixed = MK_HEAD + _align128(2 * hidden) + vec
     nslot = min(MK_MAXSLOT, (max_smem - fixed) // (MK_NW * slot))
     if nslot < 2:

@@ -41,7 +41,8 @@
 #define MK_R 4                         // rows a group (accumulators a lane; even: gate|up pairs)
 #define MK_SEG 256                     // a segment of K is a multiple of this many bf16 (32 lanes x 8)
 #define MK_MAXSLOT 6                   // ring slots a warp at most
-#define MK_AW 4                        // warps a block that take attention parts at most (their scratch)
+#define MK_AW 2                        // warps a block that take attention parts at most (their scratch)
+#define MK_ATT_SCRATCH(D) (144 * (D))  // bytes of a part's scratch: q, k, cos | sin (float), new k / v, 32 keys, values
 #define MK_PMAX 8                      // attention parts a head at most
 #define MK_LNV 3                       // float4 of x a thread holds in a LayerNorm: hidden <= 4 * 3 * 512
 #define MK_HEAD 1024                   // mbarriers (MK_NW x MK_MAXSLOT x 8 B), scr (256 B); then h, vec, rings
@@ -369,8 +370,10 @@ __device__ __forceinline__ void mk_rotate(float* dst, const float* rc, int half)
 }
 
 // Phase 2, one part: query head h, keys [32 (nc p / P), min(n, 32 (nc (p + 1) / P))) by this warp alone
-// (attn_impl's numerics). scratch: this warp's q, k (float), cos | sin, new k / v (bf16). Its (max, sum) go to
-// part_ml[h, p], its unnormalised output to part_o[h, p, :] (ns parts a head in those buffers).
+// (attn_impl's numerics). scratch (MK_ATT_SCRATCH(D) bytes): this warp's q, k (float), cos | sin, new k / v (bf16),
+// then a chunk's 32 cached keys and values (bf16), copied with cp.async (rows >= len zero-filled: nothing read)
+// while q is prepared. Its (max, sum) go to part_ml[h, p], its unnormalised output to part_o[h, p, :] (ns parts
+// a head in those buffers).
 template <int D>
 __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const float* qkv, u16* kc, u16* vc, int len,
                                                   int pos, const unsigned char* __restrict__ kmask,
@@ -379,6 +382,7 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
                                                   float eps, float scale, int H, int KVH, int max_len,
                                                   float* part_o, float* part_ml, int ns, unsigned char* scratch) {
     constexpr int DP = (D / 2 + 31) / 32;               // pairs of dims a lane (p V)
+    constexpr int DV = (D + 31) / 32;                   // dims a lane (q, k, v)
     const int G = H / KVH, j = h / G, lane = threadIdx.x & 31, half = rot >> 1, n = len + 1, nc = (n + 31) >> 5;
     const int c_lo = nc * p / P, c_hi = nc * (p + 1) / P;
     const bool has_new = 32 * c_hi >= n;                // this part holds key len, the new one
@@ -387,8 +391,21 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
     float* rc = ks + D;                                 // [D]: cos [0, half), sin [half, rot)
     u16* knb = reinterpret_cast<u16*>(rc + D);          // [D]
     u16* vnb = knb + D;                                 // [D]
-    constexpr int DV = (D + 31) / 32;
-    float qv[DV], kv_new[DV], vv_new[DV];               // q, and the new k / v: one round of loads
+    u16* kt = vnb + D;                                  // [32][D]: the chunk's keys
+    u16* vt = kt + 32 * D;                              // [32][D]: its values
+    const size_t cb = (size_t)j * max_len * D;          // batch row 0 of this layer's cache, kv head j
+    auto stage_chunk = [&](int c0) {
+        for (int q = lane; q < 4 * D; q += 32) {        // 32 rows x D / 8 pieces of 16 bytes
+            const int r = q / (D / 8), c = q - r * (D / 8);
+            const bool cached = c0 + r < len;
+            const size_t off = cb + (size_t)(cached ? c0 + r : 0) * D + 8 * c;
+            cp_async16(kt + r * D + 8 * c, kc + off, cached ? 16 : 0);
+            cp_async16(vt + r * D + 8 * c, vc + off, cached ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+    stage_chunk(32 * c_lo);                             // the first chunk, q, the new k / v: one round of loads
+    float qv[DV], kv_new[DV], vv_new[DV];
     mk_head_load<D>(qkv + (size_t)h * D, qv);
     if (has_new) {
         mk_head_load<D>(qkv + (size_t)(H + j) * D, kv_new);
@@ -403,7 +420,6 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
     mk_head_vec<D>(qv, qn ? qn + (size_t)h * D : nullptr, eps, qs);
     mk_rotate(qs, rc, half);
     for (int d = lane; d < D; d += 32) qs[d] *= scale;
-    const size_t cb = (size_t)j * max_len * D;          // batch row 0 of this layer's cache, kv head j
     if (has_new) {
         mk_head_vec<D>(kv_new, kn ? kn + (size_t)j * D : nullptr, eps, ks);
         mk_rotate(ks, rc, half);
@@ -420,23 +436,24 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
                 vc[cb + (size_t)len * D + d] = vnb[d];
             }
     }
-    __syncwarp();
     float m = NEG_INF, l = 0.f, o[2 * DP];              // o: dims (2i, 2i + 1), i = lane + 32 q
 #pragma unroll
     for (int i = 0; i < 2 * DP; ++i) o[i] = 0.f;
     for (int c0 = 32 * c_lo; c0 < min(n, 32 * c_hi); c0 += 32) {
+        if (c0 != 32 * c_lo) {
+            __syncwarp();                               // every lane is done with the previous chunk
+            stage_chunk(c0);
+        }
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncwarp();                                   // every lane's copies (and q, knb, vnb) visible
         const int tk = c0 + lane;
         const bool valid = tk < n && (tk == len || kmask[tk] != 0);
-        const uint4* kr = tk == len ? reinterpret_cast<const uint4*>(knb)
-                                    : reinterpret_cast<const uint4*>(kc + cb + (size_t)(tk < len ? tk : 0) * D);
-        uint4 kv[D / 8];                                // the key's row: every load issued before use
-#pragma unroll
-        for (int c = 0; c < D / 8; ++c) kv[c] = kr[c];
+        const uint4* kr = reinterpret_cast<const uint4*>(tk == len ? knb : kt + lane * D);
         float s0 = 0.f, s1 = 0.f;                       // two chains
 #pragma unroll
         for (int c = 0; c < D / 8; ++c) {
             float kf[8];
-            unpack8(kv[c], kf);
+            unpack8(kr[c], kf);
 #pragma unroll
             for (int e = 0; e < 8; e += 2) {
                 s0 = fmaf(qs[c * 8 + e], kf[e], s0);
@@ -451,25 +468,15 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
         l = l * alpha + warp_sum(pk_own);
 #pragma unroll
         for (int i = 0; i < 2 * DP; ++i) o[i] *= alpha;
+#pragma unroll 8
+        for (int kk = 0; kk < 32; ++kk) {                // p V
+            const float pk = __shfl_sync(0xffffffffu, pk_own, kk);
+            const u32* vr = reinterpret_cast<const u32*>(c0 + kk == len ? vnb : vt + kk * D);
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {                 // p V: 16 keys' values loaded, then used
-            u32 vb[16][DP];
-#pragma unroll
-            for (int kk = 0; kk < 16; ++kk) {
-                const int tv = c0 + 16 * hf + kk;
-                const u16* row = tv == len ? vnb : vc + cb + (size_t)(tv < len ? tv : 0) * D;
-                const u32* vr = reinterpret_cast<const u32*>(row);
-#pragma unroll
-                for (int q = 0; q < DP; ++q) vb[kk][q] = lane + 32 * q < D / 2 ? vr[lane + 32 * q] : 0u;
-            }
-#pragma unroll
-            for (int kk = 0; kk < 16; ++kk) {
-                const float pk = __shfl_sync(0xffffffffu, pk_own, 16 * hf + kk);
-#pragma unroll
-                for (int q = 0; q < DP; ++q) {           // masked keys (p == 0) skipped: NaN stays out
-                    o[2 * q] = pk > 0.f ? fmaf(pk, bf_lo(vb[kk][q]), o[2 * q]) : o[2 * q];
-                    o[2 * q + 1] = pk > 0.f ? fmaf(pk, bf_hi(vb[kk][q]), o[2 * q + 1]) : o[2 * q + 1];
-                }
+            for (int q = 0; q < DP; ++q) {               // masked keys (p == 0) skipped: NaN stays out
+                const u32 vb = lane + 32 * q < D / 2 ? vr[lane + 32 * q] : 0u;
+                o[2 * q] = pk > 0.f ? fmaf(pk, bf_lo(vb), o[2 * q]) : o[2 * q];
+                o[2 * q + 1] = pk > 0.f ? fmaf(pk, bf_hi(vb), o[2 * q + 1]) : o[2 * q + 1];
             }
         }
         m = mn;
@@ -581,7 +588,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         if (warp < MK_AW && item < H * P)
             mk_attention_part<D>(item / P, item % P, P, qkv, kc, vc, len, pos, kmask, inv_freq, rot,
                                  qk_ln ? f32p(P_QN) : nullptr, qk_ln ? f32p(P_KN) : nullptr, eps, scale, H, KVH,
-                                 max_len, part_o, part_ml, ns, vec + (size_t)warp * 16 * D);
+                                 max_len, part_o, part_ml, ns, vec + (size_t)warp * MK_ATT_SCRATCH(D));
         MK_MARK(mark + 3);
         grid_sync(sync, ++phase * NB);
         MK_MARK(mark + 4);
