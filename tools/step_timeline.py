@@ -93,7 +93,7 @@ def main():
         e.reset_plans()
         ms = e.time_step(1, replays=reps, reps=1)            # one warm-up replay + reps timed: reps + 1 in sums
         sums = buf[:G, TL_SUMS:TL_SUMS + 4].get() / 1e6 / (reps + 1)
-        print(f"probe build, ring slots of {shape} B: {ms:.4f} ms a step; median over blocks, ms a step, warp 0: "
+        print(f"probe build, ring {shape}: {ms:.4f} ms a step; median over blocks, ms a step, warp 0: "
               f"waiting for a full slot {np.median(sums[:, 0]):.3f}, inside tiles {np.median(sums[:, 1]):.3f} "
               f"(of which issuing copies {np.median(sums[:, 3]):.3f}), inside grid barriers "
               f"{np.median(sums[:, 2]):.3f}", flush=True)
@@ -105,7 +105,7 @@ def main():
     e.synchronize()
     marks = buf[:G].get().astype(np.int64)
     table, layer, lm_head = phase_table(marks[:, :2 + 12 * L], L, e.parallel)
-    print(f"ring slots of {kn.STEP_SHAPES[0]} B, per layer (us, median over blocks, mean over layers 1..{L - 2}):")
+    print(f"ring {kn.STEP_SHAPES[0]}, per layer (us, median over blocks, mean over layers 1..{L - 2}):")
     print("  " + "  ".join(f"{name} {v:.2f}" for name, v in table.items()))
     print(f"  a layer {layer:.2f} us; lm_head {lm_head:.2f} us")
 

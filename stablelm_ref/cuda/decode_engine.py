@@ -170,7 +170,7 @@ class GpuDecodeEngine:
         #                                     tuner's choice (step_kernel), True = always (an error where it cannot run)
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
         self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
-        self.step_shape = STEP_SHAPES[0]    # its ring: bytes a slot, the tuner's choice
+        self.step_shape = STEP_SHAPES[0]    # its rings: (bytes a slot, copies), the tuner's choice
         #                                     (set by hand: reset_plans() after, as for any tuning change)
         with self.stream:
             self._load_weights(params)
@@ -375,7 +375,7 @@ class GpuDecodeEngine:
     def step_kernel_problem(self) -> str | None:
         """Why the whole-step kernel (decode_step.cu) cannot run this model on this GPU; None if it can."""
         problem = self.k.step_problem(hidden=self.hidden, inter=self.inter, H=self.H, KVH=self.KVH, D=self.D,
-                                      slot=self.step_shape)
+                                      slot=self.step_shape[0])
         if problem is None and any(W.data.ptr % 16 for L in self.layers for W in (L.wqkv, L.wo, L.wgu, L.wd)):
             problem = "a weight matrix does not start at a 16-byte boundary (its bulk copies need one)"
         if problem is None and self.lm.data.ptr % 16:

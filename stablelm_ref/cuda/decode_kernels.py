@@ -45,15 +45,16 @@ MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 
 MK_THREADS = 32 * MK_NW
 MK_ATT_SCRATCH = 144                        # x head_dim
 MK_MAX_HIDDEN = 4 * MK_LNV * MK_THREADS     # the LayerNorm holds x in registers
-STEP_SHAPES = (4096, 3072, 6144, 2048)      # bytes a ring slot (each warp's ring: as many as fit, <= MK_MAXSLOT)
-#                                             the tuner times; the first is the default
+STEP_SHAPES = ((4096, "bulk"), (4096, "cp.async"), (6144, "bulk"), (3072, "bulk"))
+#              (bytes a ring slot (each warp's ring: as many as fit, <= MK_MAXSLOT), copies) the tuner times; the
+#              first is the default
 
 
 def _align128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP_SHAPES[0]):
+def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP_SHAPES[0][0]):
     """decode_step.cu's shared memory: (vec_bytes, nslot, total bytes) for these shapes, or a str saying why
     they do not fit. Layout: MK_HEAD (mbarriers, block sums), h [hidden] bf16, vec (att or mlp [max(hidden,
     inter)] bf16, or MK_AW warps' attention scratch), then MK_NW rings of nslot slots of `slot` bytes (as many
@@ -214,7 +215,7 @@ class DecodeKernels:
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- the whole step at batch 1 (decode_step.cu) -------------------------------------------------
-    def step_problem(self, *, hidden, inter, H, KVH, D, slot=STEP_SHAPES[0]) -> str | None:
+    def step_problem(self, *, hidden, inter, H, KVH, D, slot=STEP_SHAPES[0][0]) -> str | None:
         """Why the whole-step kernel cannot run these shapes on this GPU (None: it can). Builds its module on
         first use (a compile error is a reason too)."""
         cc = getattr(self, "compute_capability", 0)
@@ -246,8 +247,9 @@ class DecodeKernels:
         its cache's first row (batch row 0)); kc/vc [KVH, max_len, D] a layer; sync: uint32 [2], zero (the kernel
         leaves it zero). x is read as the residual after the embedding; qkv, mlp and the attention's partials
         (part_o float32 [>= 1, H, ns, D], part_ml [>= 1, H, ns, 2], attention_launch's) are scratch; logits
-        float32 [>= 1, vocab]. shape: the bytes of a ring slot (each warp's ring holds as many as fit)."""
-        slot = shape
+        float32 [>= 1, vocab]. shape = (bytes a ring slot (each warp's ring holds as many as fit), copies): how
+        the rings are filled: "bulk" = lane 0's bulk copies, "cp.async" = 16-byte copies of the warp's 32 lanes."""
+        slot, copies = shape
         problem = self.step_problem(hidden=hidden, inter=inter, H=H, KVH=KVH, D=D, slot=slot)
         if problem is not None:
             raise NotImplementedError(f"the whole-step decode kernel: {problem}")
@@ -264,7 +266,8 @@ class DecodeKernels:
         args = (ptrs, i32(ptrs.shape[0]), lm, norm_w, norm_b, x, qkv, part_o, part_ml, i32(ns),
                 i32(step_parts(H, ns, self.num_sms)), mlp, logits, cache_len, pos, kmask, inv_freq, i32(rot),
                 i32(hidden), i32(inter), i32(vocab), i32(H), i32(KVH), i32(max_len), np.float32(eps),
-                np.float32(D ** -0.5), i32(bool(qk_ln)), i32(bool(parallel)), sync, i32(nslot), i32(slot), i32(vec))
+                np.float32(D ** -0.5), i32(bool(qk_ln)), i32(bool(parallel)), sync, i32(nslot), i32(slot), i32(vec),
+                i32(copies == "cp.async"))
         return Launch(fn, (self.num_sms,), (MK_THREADS,), args, smem=smem, tag=tag, cooperative=True)
 
     # -- small kernels ------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 // Every warp works alone inside a phase. Warp w of block b is warp gw = b MK_NW + w of the grid's GW and owns
 // rows [N gw / GW, N (gw + 1) / GW) of every weight matrix (gate|up: split at even rows). It streams them
 // itself: its lane 0 copies tiles (MK_R rows x a segment of K, one 1D bulk copy a row segment, or one for whole
-// rows: cp.async.bulk completing on the slot's "full" mbarrier) into the warp's own ring of shared-memory slots,
+// rows: cp.async.bulk completing on the slot's "full" mbarrier; or, the host's choice, its 32 lanes' 16-byte
+// cp.async, each arriving on that mbarrier when its copies land) into the warp's own ring of shared-memory slots,
 // in the step's order (layer 0 q|k|v, o_proj, gate|up, down, layer 1, ..., lm_head), and refills a slot as soon
 // as it has read it, with the next tile of that order: the tiles of the next phase are in flight before the
 // grid barrier, since weights never depend on activations. Each lane takes the 16-byte chunks c = lane mod 32
@@ -210,16 +211,27 @@ struct MkRing {
     u64* full;                                  // this warp's nslot mbarriers
     unsigned char* slots;                       // this warp's nslot slots
     int nslot, slot_bytes;
+    int lanes;                                  // 1: lane 0's bulk copies; 32: every lane's 16-byte cp.async
     unsigned it;                                // tiles consumed so far by this warp
     MkCursor issue;                             // the next tile to copy
 };
 
-// Lane 0: the issue cursor's tile into slot s, then the cursor to the tile after it (nothing once the walk is over).
+// The issue cursor's tile into slot s, then the cursor to the tile after it (nothing once the walk is over):
+// lane 0's bulk copies (ring.lanes 1), or every lane's 16-byte cp.async, each lane arriving on the slot's
+// mbarrier when its copies have landed (ring.lanes 32: every lane calls this).
 __device__ __forceinline__ void mk_issue(MkRing& ring, const MkDims& d, int s) {
     MkCursor& c = ring.issue;
     if (c.m > 4 * d.L) return;
     const int n = min(MK_R, c.r1 - c.r), len = min(c.seg, c.K - c.k0);
     unsigned char* dst = ring.slots + (size_t)s * ring.slot_bytes;
+    if (ring.lanes == 32) {
+        for (int i = 0; i < n; ++i)
+            for (int q = threadIdx.x & 31; q < (len >> 3); q += 32)
+                cp_async16(dst + ((size_t)i * len + 8 * q) * 2, c.W + (size_t)(c.r + i) * c.K + c.k0 + 8 * q, 16);
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(ring.full + s)) : "memory");
+        mk_advance(c, d, ring.slot_bytes);
+        return;
+    }
     mbar_expect_tx(ring.full + s, (unsigned)(n * len * 2));
     if (len == c.K)                             // whole rows: one contiguous copy
         bulk_copy(dst, c.W + (size_t)c.r * c.K, (unsigned)(n * len * 2), ring.full + s);
@@ -287,7 +299,7 @@ __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims&
         }
         __syncwarp();                                   // every lane has read the slot: refill it
         MK_T0(ti);
-        if (lane == 0) mk_issue(ring, d, s);
+        if (lane < ring.lanes) mk_issue(ring, d, s);
         MK_ADD(3, ti);
         __syncwarp();
         ++ring.it;
@@ -538,7 +550,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
                                         const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq,
                                         int rot, int hidden, int inter, int vocab, int H, int KVH, int max_len,
                                         float eps, float scale, int qk_ln, int parallel, unsigned* sync, int nslot,
-                                        int slot_bytes, int vec_bytes) {
+                                        int slot_bytes, int vec_bytes, int async_copies) {
     extern __shared__ __align__(128) unsigned char mk_smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const MkDims dims = {lp, lm, nlayers, hidden, inter, vocab, (H + 2 * KVH) * D, H * D};
@@ -552,17 +564,19 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     ring.slots = vec + vec_bytes + (size_t)warp * nslot * slot_bytes;
     ring.nslot = nslot;
     ring.slot_bytes = slot_bytes;
+    ring.lanes = async_copies ? 32 : 1;
     ring.it = 0;
     MkCursor c;                                      // the tile this warp computes next
     mk_enter(c, dims, 0, slot_bytes);
     ring.issue = c;
     MK_ZERO();
     if (lane == 0) {
-        for (int s = 0; s < nslot; ++s) mbar_init(ring.full + s, 1);
+        for (int s = 0; s < nslot; ++s) mbar_init(ring.full + s, ring.lanes);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        for (int s = 0; s < nslot; ++s) mk_issue(ring, dims, s);    // weights: before the wait for the embedding
     }
     __syncwarp();
+    if (lane < ring.lanes)
+        for (int s = 0; s < nslot; ++s) mk_issue(ring, dims, s);    // weights: before the wait for the embedding
     MK_MARK(0);
     asm volatile("griddepcontrol.wait;" ::: "memory");   // a no-op unless launched as a programmatic dependent
     const int len = *lenp, pos = *posp;
@@ -636,9 +650,9 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         u16* mlp, float* logits, const int* lenp, const int* posp, const unsigned char* __restrict__ kmask,  \
         const float* __restrict__ inv_freq, int rot, int hidden, int inter, int vocab, int H, int KVH,      \
         int max_len, float eps, float scale, int qk_ln, int parallel, unsigned* sync, int nslot,           \
-        int slot_bytes, int vec_bytes) {                                                                    \
+        int slot_bytes, int vec_bytes, int async_copies) {                                                  \
         mk_step<D>(lp, nlayers, lm, nf_w, nf_b, x, qkv, part_o, part_ml, ns, pmax, mlp, logits, lenp, posp, \
                    kmask, inv_freq, rot, hidden, inter, vocab, H, KVH, max_len, eps, scale, qk_ln, parallel, \
-                   sync, nslot, slot_bytes, vec_bytes);                                                     \
+                   sync, nslot, slot_bytes, vec_bytes, async_copies);                                       \
     }
 MK_INST(64) MK_INST(80) MK_INST(96) MK_INST(128) MK_INST(160)
