@@ -118,16 +118,21 @@ def test_step_kernel_long_cache_and_eager_equals_graph(kernels):
 
 @pytest.mark.parametrize("shape", kn.STEP_SHAPES[1:])
 def test_step_kernel_ring_shapes_compute_the_same(kernels, shape):
-    """The ring's slot size (the tuner's STEP_SHAPES: whole rows a tile, or segments of K, one bulk copy a row)
-    changes nothing the warps compute: a lane takes the same 16-byte chunks of every row in the same order; logits
-    and tokens bit-identical to the default shape's."""
-    name = "GQA + qk LayerNorm + parallel residual, D=160"
+    """The rings' slot size and filling (the tuner's STEP_SHAPES: whole rows a tile, or segments of K; bulk copies
+    or the lanes' cp.async) change nothing the warps compute: a lane takes the same 16-byte chunks of every row in
+    the same order; logits and tokens bit-identical to the default shape's. (D=80: every shape fits; at D=160 the
+    two warps' attention scratch leaves no room for two 6 KB slots a warp, which the engine names.)"""
+    name = "3b-like MHA, D=80"
     cfg, params, _ = make_model(CONFIGS[name])
     ids = np.random.default_rng(6).integers(2, cfg.vocab_size, (1, 40))
     mask = np.ones((1, 40), np.int64)
     a = _steps(cfg, params, kernels, ids, mask, 4, True, 64)
     b = _steps(cfg, params, kernels, ids, mask, 4, True, 64, shape=shape)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    cfg160, params160, _ = make_model(CONFIGS["GQA + qk LayerNorm + parallel residual, D=160"])
+    engine = de.GpuDecodeEngine(cfg160, params160, max_batch=1, max_len=64, kernels=kernels, autotune=False)
+    engine.step_shape = (6144, "bulk")
+    assert "two ring slots of 6144 bytes" in engine.step_kernel_problem()
 
 
 @ODD
