@@ -751,8 +751,8 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
             grid_sync(sync, ++phase * NB);
             MK_MARK(mark + 6);
             mk_layernorm(x, f32p(P_LN2W), f32p(P_LN2B), hs, hidden, eps, scr);
+            __syncthreads();
         }
-        __syncthreads();                             // (parallel: o_proj's epilogue has read part)
         MK_MARK(mark + 7);
         mk_gemv_units(ring, c, dims, 4 * l + 2, hs, MODE_SWIGLU, nullptr, mlp, part, xo, slot_bytes);
         MK_MARK(mark + 8);
