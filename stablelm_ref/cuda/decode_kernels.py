@@ -39,11 +39,9 @@ SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block an
 MAX_BATCH = 8
 # the whole-step kernel (decode_step.cu; must match it): warps a block, rows a group, a segment's multiple,
 # ring slots a warp at most, warps a block with an attention part at most, parts a head at most, float4 of x
-# a thread holds in a LayerNorm, pointers a layer; units of a block's o_proj / gate|up / down at most, rows of
-# a residual add a block at most, the fixed head of its shared memory; a part's scratch bytes (q, k, cos | sin
-# as float, the new k / v, a chunk's 32 keys and values as bf16)
-MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_PTRS = 16, 4, 256, 6, 2, 8, 3, 16
-MK_PARTS, MK_XO, MK_HEAD = 1024, 256, 6144
+# a thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer; a part's scratch bytes
+# (q, k, cos | sin as float, the new k / v, a chunk's 32 keys and values as bf16)
+MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 2, 8, 3, 1024, 16
 MK_THREADS = 32 * MK_NW
 MK_ATT_SCRATCH = 144                        # x head_dim
 MK_MAX_HIDDEN = 4 * MK_LNV * MK_THREADS     # the LayerNorm holds x in registers
@@ -56,22 +54,15 @@ def _align128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP_SHAPES[0][0], blocks: int = 132):
+def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP_SHAPES[0][0]):
     """decode_step.cu's shared memory: (vec_bytes, nslot, total bytes) for these shapes, or a str saying why
-    they do not fit. Layout: MK_HEAD (mbarriers, block sums, the units' sums and the add's old values), h
-    [hidden] bf16, vec (att or mlp [max(hidden, inter)] bf16, or MK_AW warps' attention scratch), then MK_NW
-    rings of nslot slots of `slot` bytes (as many as fit, <= MK_MAXSLOT; at least two)."""
+    they do not fit. Layout: MK_HEAD (mbarriers, block sums), h [hidden] bf16, vec (att or mlp [max(hidden,
+    inter)] bf16, or MK_AW warps' attention scratch), then MK_NW rings of nslot slots of `slot` bytes (as many
+    as fit, <= MK_MAXSLOT; at least two)."""
     if hidden > MK_MAX_HIDDEN:
         return f"hidden_size {hidden} > {MK_MAX_HIDDEN} (its LayerNorm holds x in registers)"
     if slot < 2 * MK_R * MK_SEG or slot % 128:
         return f"a ring slot of {slot} bytes: at least {2 * MK_R * MK_SEG} (MK_R rows of a segment), a multiple of 128"
-    if -(-hidden // blocks) > MK_XO:
-        return f"{-(-hidden // blocks)} rows of the residual a block (hidden {hidden}, {blocks} SMs) > {MK_XO}"
-    for what, rows, K in (("o_proj", -(-hidden // blocks), hidden), ("gate|up", 2 * -(-inter // blocks), hidden),
-                          ("down", -(-hidden // blocks), inter)):
-        units = rows * (-(-2 * K // slot) + 1)          # decode_step.cu's mk_slices: K in slices of <= slot / 2
-        if units > MK_PARTS:
-            return f"{what}: {units} units ({rows} rows a block, K {K} in slices of a {slot}-byte slot) > {MK_PARTS}"
     vec = _align128(max(2 * max(hidden, inter), MK_AW * MK_ATT_SCRATCH * D))
     fixed = MK_HEAD + _align128(2 * hidden) + vec
     nslot = min(MK_MAXSLOT, (max_smem - fixed) // (MK_NW * slot))
@@ -234,7 +225,7 @@ class DecodeKernels:
             return f"head_dim {D} not in {ATT_DIMS}"
         if H > MK_AW * self.num_sms:
             return f"{H} query heads > {MK_AW} a SM (its attention takes one warp a head at least)"
-        lay = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        lay = step_layout(hidden, inter, D, self.max_smem, slot)
         if isinstance(lay, str):
             return lay
         if self._step_fn is None:
@@ -262,7 +253,7 @@ class DecodeKernels:
         problem = self.step_problem(hidden=hidden, inter=inter, H=H, KVH=KVH, D=D, slot=slot)
         if problem is not None:
             raise NotImplementedError(f"the whole-step decode kernel: {problem}")
-        vec, nslot, smem = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        vec, nslot, smem = step_layout(hidden, inter, D, self.max_smem, slot)
         ns = part_o.shape[-2]
         if part_o.shape[-3:] != (H, ns, D) or part_ml.shape[-3:] != (H, ns, 2):
             raise ValueError(f"step_launch: part_o [.., {H}, ns, {D}] and part_ml [.., {H}, ns, 2], got "

@@ -3,24 +3,19 @@
 // below need it). Compiled after decode.cu's helpers (bf16 bits, warp_sum / warp_max, the register LayerNorm,
 // the PDL macros): launch.step_source() puts decode.cu's text before the "embedding" section in front of this file.
 //
-// Every warp works alone inside a phase and streams its own weights: its lane 0 copies tiles (1D bulk copies,
-// cp.async.bulk, completing on the slot's "full" mbarrier; or, the host's choice, its 32 lanes' 16-byte cp.async,
-// each arriving on that mbarrier when its copies land) into the warp's own ring of shared-memory slots, in the
-// step's order (layer 0 q|k|v, o_proj, gate|up, down, layer 1, ..., lm_head), and refills a slot with the walk's
-// next tile as soon as it has read it: the tiles of the next phase are in flight before the grid barrier, since
-// weights never depend on activations. Two ways of cutting a matrix (mk_enter):
-//   q|k|v, lm_head: warp w of block b is warp gw = b MK_NW + w of the grid's GW and owns rows [N gw / GW,
-//     N (gw + 1) / GW), in groups of MK_R rows by segments of K (a multiple of MK_SEG that fits the slot; one
-//     copy a row segment, one for whole rows). Each lane takes the 16-byte chunks c = lane mod 32 of every row
-//     (the order of a row's float32 sum does not depend on the segments), MK_R accumulators sharing each load
-//     of the input vector (shared memory); at a group's end one transposing butterfly leaves row i's sum in
-//     lanes [i 32 / MK_R, (i + 1) 32 / MK_R) (the same additions as warp_sum), which store it (+ bias).
-//   o_proj, gate|up, down (few rows a warp: 1-2 at 3b-4e1t's down): the block's rows [N b / G, N (b + 1) / G)
-//     cut into units of one row x one slice of K (S slices of at most half a slot), the block's units shared
-//     out to its warps in contiguous runs (balanced to a unit); each unit is one copy and one warp_sum, its sum
-//     kept in shared memory; at the phase's end the block adds each row's slices in order and finishes it
-//     (x += with x's old value loaded at the phase's start; SwiGLU of a gate/up pair).
-// No warp waits for another except at the LayerNorms (block sums), the units' end and the grid barriers.
+// Every warp works alone inside a phase. Warp w of block b is warp gw = b MK_NW + w of the grid's GW and owns
+// rows [N gw / GW, N (gw + 1) / GW) of every weight matrix (gate|up: split at even rows). It streams them
+// itself: its lane 0 copies tiles (MK_R rows x a segment of K, one 1D bulk copy a row segment, or one for whole
+// rows: cp.async.bulk completing on the slot's "full" mbarrier; or, the host's choice, its 32 lanes' 16-byte
+// cp.async, each arriving on that mbarrier when its copies land) into the warp's own ring of shared-memory slots,
+// in the step's order (layer 0 q|k|v, o_proj, gate|up, down, layer 1, ..., lm_head), and refills a slot as soon
+// as it has read it, with the next tile of that order: the tiles of the next phase are in flight before the
+// grid barrier, since weights never depend on activations. Each lane takes the 16-byte chunks c = lane mod 32
+// of every row (the order of a row's float32 sum does not depend on the segments), MK_R accumulators sharing
+// each load of the input vector (shared memory); at a row group's end one transposing butterfly leaves row i's
+// sum in lanes [i 32 / MK_R, (i + 1) 32 / MK_R) (the same additions as warp_sum), and those lanes store it
+// (+bias), add it to x, or take SwiGLU of an interleaved (gate, up) pair. No warp waits for another except at
+// the LayerNorms (block sums) and the grid barriers.
 // The phases of each layer, separated by grid barriers:
 //   1. h = LN1(x) (every block computes it from the float32 residual x, two-pass float statistics as
 //      layernorm_rows, rounded to bf16 into shared memory); qkv[rows] = h . Wqkv[rows] (+ bias)     [barrier]
@@ -28,9 +23,8 @@
 //      (P <= pmax, as many as the keys need), part p of head h taken by one warp (item h P + p: block
 //      item % G, warp item / G). It computes q (q/k LayerNorm per head, rotary, scale) itself; the part that
 //      holds key len also the new k / v (rounded to bf16; written at cache[len] by the first query head of each
-//      kv head); a chunk's 32 keys and values copied into its shared scratch (cp.async) while q is made;
-//      lane = key for the scores, lane = pairs of dims for p V; its (max, sum, output) go to part_ml / part_o
-//      (float32, L2)                                                                                [barrier]
+//      kv head); lane = key for the scores, lane = pairs of dims for p V; its (max, sum, output) go to
+//      part_ml / part_o (float32, L2)                                                               [barrier]
 //   3. att = the parts combined (every block, into shared memory, rounded to bf16);
 //      x[rows] += att . Wo[rows]                              [barrier; none with a parallel residual]
 //   4. h2 = LN2(x) (parallel residual: h of phase 1, kept); mlp[rows / 2] = silu(h2 . Wg) * (h2 . Wu), over
@@ -52,9 +46,7 @@
 #define MK_ATT_SCRATCH(D) (144 * (D))  // bytes of a part's scratch: q, k, cos | sin (float), new k / v, 32 keys, values
 #define MK_PMAX 8                      // attention parts a head at most
 #define MK_LNV 3                       // float4 of x a thread holds in a LayerNorm: hidden <= 4 * 3 * 512
-#define MK_PARTS 1024                  // units of a block's o_proj / gate|up / down at most (their sums)
-#define MK_XO 256                      // rows of an add a block at most (x's old values)
-#define MK_HEAD 6144                   // mbarriers (MK_NW x MK_MAXSLOT x 8 B), scr (256 B), part, xo; then h, vec, rings
+#define MK_HEAD 1024                   // mbarriers (MK_NW x MK_MAXSLOT x 8 B), scr (256 B); then h, vec, rings
 #define MK_PTRS 16                     // entries a layer in the pointer table
 #define MODE_STORE 0                   // decode.cu's GEMV epilogues (its GEMV section is not compiled in)
 #define MODE_ADD 1
@@ -174,112 +166,39 @@ __device__ __forceinline__ MkMat mk_mat(const MkDims& d, int m) {
     }
 }
 
-// The block's rows [r0, r1) of an N-row matrix (pairs: split at even rows).
-__device__ __forceinline__ void mk_block_rows(int N, bool pairs, int& r0, int& r1) {
-    const long long G = gridDim.x, b = blockIdx.x;
-    if (pairs) {
-        r0 = 2 * (int)((N / 2) * b / G);
-        r1 = 2 * (int)((N / 2) * (b + 1) / G);
-    } else {
-        r0 = (int)(N * b / G);
-        r1 = (int)(N * (b + 1) / G);
-    }
-}
-// The slices of K for nr rows of units (o_proj, gate|up, down): S slices of SL bf16 (a multiple of 8, the last
-// shorter), each fitting a slot, at least ceil(2 K / slot) of them; among up to 5 counts the one whose largest
-// share of a warp (ceil(nr S / MK_NW) units of SL) is smallest, with nr S <= MK_PARTS (the host checks that one
-// fits).
-__device__ __forceinline__ void mk_slices(int nr, int K, int slot_bytes, int& S, int& SL) {
-    const int S0 = max(1, (2 * K + slot_bytes - 1) / slot_bytes);
-    long long best = -1;
-    for (int t = S0; t < S0 + 5 && nr * t <= MK_PARTS; ++t) {
-        const int sl = ((K + t - 1) / t + 7) / 8 * 8;
-        if (2 * sl > slot_bytes) continue;
-        const long long cost = (long long)((nr * t + MK_NW - 1) / MK_NW) * sl;
-        if (best < 0 || cost < best) { best = cost; S = (K + sl - 1) / sl; SL = sl; }
-    }
-}
-
-// A warp's walk over its tiles. q|k|v and lm_head (store): the warp's own rows [r, r1) of the grid's (warp gw
-// of GW), in groups of MK_R rows by segments [k0, k0 + seg) of K. o_proj, gate|up and down (units): the block's
-// rows [rb0, rb0 + nr) cut into units (row rb0 + u / S, slice u % S of SL bf16), the warp's units [u, u1) of the
-// nr S (a contiguous share), their sums combined by the block at the phase's end (mk_gemv_units). The issuing
-// lane and the computing warp each keep one (the same walk).
+// A warp's walk over its tiles: matrix m, its row group [r, r + MK_R) within the warp's rows [r, r1), the
+// segment [k0, k0 + seg) of K. The issuing lane and the computing warp each keep one (the same walk).
 struct MkCursor {
-    int m, K;
+    int m, r, r1, k0, K, seg;
     const u16* W;
-    bool units;
-    int r, r1, k0, seg;                         // groups
-    int u, u1, S, SL, rb0;                      // units
 };
 // A group's segment: a multiple of MK_SEG bf16 that fits its n rows in a slot, or all of K.
 __device__ __forceinline__ int mk_seg(int n, int K, int slot_bytes) {
     const int fit = slot_bytes / (2 * n) / MK_SEG * MK_SEG;
     return fit >= K ? K : fit;
 }
-__device__ __forceinline__ bool mk_is_units(const MkDims& d, int m) { return m < 4 * d.L && (m & 3) != 0; }
-// Position c at the first tile of matrix m or, where this warp has no work in it, of a later one (m = 4 L + 1:
+// Position c at the first tile of matrix m or, where this warp has no rows of it, of a later one (m = 4 L + 1:
 // the walk is over).
 __device__ __forceinline__ void mk_enter(MkCursor& c, const MkDims& d, int m, int slot_bytes) {
-    const int w = threadIdx.x >> 5;
-    const long long GW = (long long)gridDim.x * MK_NW, gw = (long long)blockIdx.x * MK_NW + w;
+    const long long GW = (long long)gridDim.x * MK_NW, gw = (long long)blockIdx.x * MK_NW + (threadIdx.x >> 5);
     for (; m <= 4 * d.L; ++m) {
         const MkMat a = mk_mat(d, m);
-        c.m = m;
-        c.K = a.K;
-        c.W = a.W;
-        c.units = mk_is_units(d, m);
-        if (c.units) {
-            int r0, r1;
-            mk_block_rows(a.N, a.pairs, r0, r1);
-            const int nr = r1 - r0;
-            if (nr == 0) continue;
-            mk_slices(nr, a.K, slot_bytes, c.S, c.SL);
-            const int U = nr * c.S;
-            c.u = U * w / MK_NW;
-            c.u1 = U * (w + 1) / MK_NW;
-            c.rb0 = r0;
-            if (c.u < c.u1) return;
+        int r0, r1;
+        if (a.pairs) {
+            r0 = 2 * (int)((a.N / 2) * gw / GW);
+            r1 = 2 * (int)((a.N / 2) * (gw + 1) / GW);
         } else {
-            int r0, r1;
-            if (a.pairs) {
-                r0 = 2 * (int)((a.N / 2) * gw / GW);
-                r1 = 2 * (int)((a.N / 2) * (gw + 1) / GW);
-            } else {
-                r0 = (int)(a.N * gw / GW);
-                r1 = (int)(a.N * (gw + 1) / GW);
-            }
-            if (r0 < r1) {
-                c.r = r0;
-                c.r1 = r1;
-                c.k0 = 0;
-                c.seg = mk_seg(min(MK_R, r1 - r0), a.K, slot_bytes);
-                return;
-            }
+            r0 = (int)(a.N * gw / GW);
+            r1 = (int)(a.N * (gw + 1) / GW);
+        }
+        if (r0 < r1) {
+            c = {m, r0, r1, 0, a.K, mk_seg(min(MK_R, r1 - r0), a.K, slot_bytes), a.W};
+            return;
         }
     }
     c.m = 4 * d.L + 1;
 }
-// The tile at c: rows [row, row + n), K range [k0, k0 + len).
-__device__ __forceinline__ void mk_tile(const MkCursor& c, int& row, int& n, int& k0, int& len) {
-    if (c.units) {
-        const int i = c.u / c.S;
-        row = c.rb0 + i;
-        n = 1;
-        k0 = (c.u - i * c.S) * c.SL;
-        len = min(c.SL, c.K - k0);
-    } else {
-        row = c.r;
-        n = min(MK_R, c.r1 - c.r);
-        k0 = c.k0;
-        len = min(c.seg, c.K - c.k0);
-    }
-}
 __device__ __forceinline__ void mk_advance(MkCursor& c, const MkDims& d, int slot_bytes) {
-    if (c.units) {
-        if (++c.u >= c.u1) mk_enter(c, d, c.m + 1, slot_bytes);
-        return;
-    }
     c.k0 += c.seg;
     if (c.k0 < c.K) return;
     c.k0 = 0;
@@ -303,23 +222,22 @@ struct MkRing {
 __device__ __forceinline__ void mk_issue(MkRing& ring, const MkDims& d, int s) {
     MkCursor& c = ring.issue;
     if (c.m > 4 * d.L) return;
-    int row, n, k0, len;
-    mk_tile(c, row, n, k0, len);
+    const int n = min(MK_R, c.r1 - c.r), len = min(c.seg, c.K - c.k0);
     unsigned char* dst = ring.slots + (size_t)s * ring.slot_bytes;
     if (ring.lanes == 32) {
         for (int i = 0; i < n; ++i)
             for (int q = threadIdx.x & 31; q < (len >> 3); q += 32)
-                cp_async16(dst + ((size_t)i * len + 8 * q) * 2, c.W + (size_t)(row + i) * c.K + k0 + 8 * q, 16);
+                cp_async16(dst + ((size_t)i * len + 8 * q) * 2, c.W + (size_t)(c.r + i) * c.K + c.k0 + 8 * q, 16);
         asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(ring.full + s)) : "memory");
         mk_advance(c, d, ring.slot_bytes);
         return;
     }
     mbar_expect_tx(ring.full + s, (unsigned)(n * len * 2));
     if (len == c.K)                             // whole rows: one contiguous copy
-        bulk_copy(dst, c.W + (size_t)row * c.K, (unsigned)(n * len * 2), ring.full + s);
+        bulk_copy(dst, c.W + (size_t)c.r * c.K, (unsigned)(n * len * 2), ring.full + s);
     else
         for (int i = 0; i < n; ++i)
-            bulk_copy(dst + (size_t)i * len * 2, c.W + (size_t)(row + i) * c.K + k0, (unsigned)(len * 2),
+            bulk_copy(dst + (size_t)i * len * 2, c.W + (size_t)(c.r + i) * c.K + c.k0, (unsigned)(len * 2),
                       ring.full + s);
     mk_advance(c, d, ring.slot_bytes);
 }
@@ -344,112 +262,59 @@ __device__ __forceinline__ float mk_group_sum(float (&acc)[MK_R], int lane) {
     return v;
 }
 
-// A tile of the warp's ring: wait for slot it % nslot, hand its weights to body (the tile's 16-byte chunks as
-// uint4), refill the slot with the walk's next tile once every lane has read it.
-template <typename Body>
-__device__ __forceinline__ void mk_consume(MkRing& ring, const MkDims& d, Body body) {
-    const int s = ring.it % ring.nslot, lane = threadIdx.x & 31;
-    MK_T0(tw);
-    mbar_wait(ring.full + s, (ring.it / ring.nslot) & 1);
-    MK_ADD(0, tw);
-    MK_T0(tt);
-    body(reinterpret_cast<const uint4*>(ring.slots + (size_t)s * ring.slot_bytes));
-    __syncwarp();                                   // every lane has read the slot: refill it
-    MK_T0(ti);
-    if (lane < ring.lanes) mk_issue(ring, d, s);
-    MK_ADD(3, ti);
-    __syncwarp();
-    ++ring.it;
-    MK_ADD(1, tt);
-}
-
-// q|k|v and lm_head: this warp's rows of matrix m (none where its walk has passed m): yf = in . W^T + bias, in:
-// shared memory [K] bf16 (16-byte loads), MK_R rows sharing each; at a group's last segment its sums (one
-// transposing butterfly), stored by the lanes that hold them.
-__device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims& d, int m, const u16* in,
-                                        const float* __restrict__ bias, float* yf) {
+// This warp's rows of matrix m (none where its walk has passed m): y = in . W^T, in: shared memory [K] bf16 (16-byte loads), W's tiles from the
+// warp's ring (each slot refilled with the walk's next tile right after it is read). Epilogues as decode.cu's
+// gemv_epilogue: store (+bias) into yf, add into yf (the residual x; its old value loaded at the group's start),
+// SwiGLU of (gate, up) rows into yh.
+__device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims& d, int m, const u16* in, int mode,
+                                        const float* __restrict__ bias, float* yf, u16* yh) {
     const int lane = threadIdx.x & 31, owner = lane / (32 / MK_R);
+    const bool lead = lane % (32 / MK_R) == 0;
     const uint4* xs = reinterpret_cast<const uint4*>(in);
-    float acc[MK_R];
+    float acc[MK_R], old = 0.f;
     while (c.m == m) {
-        int r, n, k0, len;
-        mk_tile(c, r, n, k0, len);
-        if (k0 == 0)
+        const int n = min(MK_R, c.r1 - c.r), len = min(c.seg, c.K - c.k0), s = ring.it % ring.nslot;
+        if (c.k0 == 0) {
 #pragma unroll
             for (int i = 0; i < MK_R; ++i) acc[i] = 0.f;
-        mk_consume(ring, d, [&](const uint4* wt) {
-            const int lc = len >> 3, c0 = k0 >> 3;
-            for (int j = lane; j < lc; j += 32) {
-                float xf[8];
-                unpack8(xs[c0 + j], xf);
+            if (mode == MODE_ADD && lead && owner < n) old = __ldcg(yf + c.r + owner);
+        }
+        MK_T0(tw);
+        mbar_wait(ring.full + s, (ring.it / ring.nslot) & 1);
+        MK_ADD(0, tw);
+        MK_T0(tt);
+        const uint4* wt = reinterpret_cast<const uint4*>(ring.slots + (size_t)s * ring.slot_bytes);
+        const int lc = len >> 3, c0 = c.k0 >> 3;
+        for (int j = lane; j < lc; j += 32) {
+            float xf[8];
+            unpack8(xs[c0 + j], xf);
 #pragma unroll
-                for (int i = 0; i < MK_R; ++i)
-                    if (i < n) {
-                        float wf[8];
-                        unpack8(wt[i * lc + j], wf);
+            for (int i = 0; i < MK_R; ++i)
+                if (i < n) {
+                    float wf[8];
+                    unpack8(wt[i * lc + j], wf);
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[i] = fmaf(wf[e], xf[e], acc[i]);
-                    }
-            }
-        });
-        if (k0 + len >= c.K) {                          // the group's last segment: its sums
+                    for (int e = 0; e < 8; ++e) acc[i] = fmaf(wf[e], xf[e], acc[i]);
+                }
+        }
+        __syncwarp();                                   // every lane has read the slot: refill it
+        MK_T0(ti);
+        if (lane < ring.lanes) mk_issue(ring, d, s);
+        MK_ADD(3, ti);
+        __syncwarp();
+        ++ring.it;
+        if (c.k0 + len >= c.K) {                        // the group's last segment: its epilogue
             const float v = mk_group_sum(acc, lane);
-            const int row = r + owner;
-            if (lane % (32 / MK_R) == 0 && owner < n) yf[row] = v + (bias ? bias[row] : 0.f);
-        }
-        mk_advance(c, d, ring.slot_bytes);
-    }
-}
-
-// o_proj / down (add: yf[rows] += ...) and gate|up (SwiGLU of (gate, up) row pairs into yh): the block's rows of
-// matrix m as units (mk_enter); each warp sums its units (a warp_sum each) into part[u]; at the phase's end the
-// block combines each row's S slices in order and finishes it (decode.cu's gemv_epilogue arithmetic). xo: the
-// add's old values, loaded at the phase's start.
-__device__ __forceinline__ void mk_gemv_units(MkRing& ring, MkCursor& c, const MkDims& d, int m, const u16* in,
-                                              int mode, float* yf, u16* yh, float* part, float* xo, int slot_bytes) {
-    const int lane = threadIdx.x & 31;
-    const MkMat a = mk_mat(d, m);
-    int r0, r1, S = 1, SL = a.K;
-    mk_block_rows(a.N, a.pairs, r0, r1);
-    const int nr = r1 - r0;
-    if (nr > 0) mk_slices(nr, a.K, slot_bytes, S, SL);
-    if (mode == MODE_ADD)
-        for (int i = threadIdx.x; i < nr; i += MK_NT) xo[i] = __ldcg(yf + r0 + i);
-    const uint4* xs = reinterpret_cast<const uint4*>(in);
-    while (c.m == m) {
-        int r, n, k0, len;
-        mk_tile(c, r, n, k0, len);
-        float acc = 0.f;
-        mk_consume(ring, d, [&](const uint4* wt) {
-            const int lc = len >> 3, c0 = k0 >> 3;
-            for (int j = lane; j < lc; j += 32) {
-                float xf[8], wf[8];
-                unpack8(xs[c0 + j], xf);
-                unpack8(wt[j], wf);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc = fmaf(wf[e], xf[e], acc);
+            const int row = c.r + owner;
+            if (mode == MODE_SWIGLU) {
+                const float u = __shfl_down_sync(0xffffffffu, v, 32 / MK_R);   // the up row's sum
+                if (lead && owner < n && (owner & 1) == 0) yh[row >> 1] = f2bf(v / (1.f + __expf(-v)) * u);
+            } else if (lead && owner < n) {
+                yf[row] = mode == MODE_ADD ? old + v : v + (bias ? bias[row] : 0.f);
             }
-        });
-        acc = warp_sum(acc);
-        if (lane == 0) part[c.u] = acc;
+        }
+        MK_ADD(1, tt);
         mk_advance(c, d, ring.slot_bytes);
-    }
-    __syncthreads();                                    // every unit's sum in part
-    if (mode == MODE_ADD) {
-        for (int i = threadIdx.x; i < nr; i += MK_NT) {
-            float v = 0.f;
-            for (int s = 0; s < S; ++s) v += part[i * S + s];
-            yf[r0 + i] = xo[i] + v;
-        }
-    } else {
-        for (int i = threadIdx.x; i < nr / 2; i += MK_NT) {
-            float g = 0.f, u = 0.f;
-            for (int s = 0; s < S; ++s) {
-                g += part[2 * i * S + s];
-                u += part[(2 * i + 1) * S + s];
-            }
-            yh[(r0 >> 1) + i] = f2bf(g / (1.f + __expf(-g)) * u);
-        }
     }
 }
 
@@ -690,8 +555,6 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const MkDims dims = {lp, lm, nlayers, hidden, inter, vocab, (H + 2 * KVH) * D, H * D};
     float* scr = reinterpret_cast<float*>(mk_smem + 8 * MK_NW * MK_MAXSLOT);     // [64]
-    float* part = scr + 64;                                          // [MK_PARTS] the units' sums
-    float* xo = part + MK_PARTS;                                     // [MK_XO] the add's old values
     u16* hs = reinterpret_cast<u16*>(mk_smem + MK_HEAD);             // [hidden] LayerNorm output
     const int hs_bytes = ((2 * hidden + 127) / 128) * 128;
     unsigned char* vec = mk_smem + MK_HEAD + hs_bytes;               // att / mlp staged; attention scratch
@@ -731,7 +594,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         mk_layernorm(x, f32p(P_LN1W), f32p(P_LN1B), hs, hidden, eps, scr);
         __syncthreads();
         MK_MARK(mark);
-        mk_gemv(ring, c, dims, 4 * l, hs, f32p(P_BQKV), qkv);
+        mk_gemv(ring, c, dims, 4 * l, hs, MODE_STORE, f32p(P_BQKV), qkv, nullptr);
         MK_MARK(mark + 1);
         grid_sync(sync, ++phase * NB);
         MK_MARK(mark + 2);
@@ -745,7 +608,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
         MK_MARK(mark + 4);
         mk_combine<D>(vs, part_o, part_ml, H, P, ns);
         __syncthreads();
-        mk_gemv_units(ring, c, dims, 4 * l + 1, vs, MODE_ADD, x, nullptr, part, xo, slot_bytes);   // x += att . Wo
+        mk_gemv(ring, c, dims, 4 * l + 1, vs, MODE_ADD, nullptr, x, nullptr);   // x += att . Wo
         MK_MARK(mark + 5);
         if (!parallel) {                             // parallel: gate|up reads h = LN1(x), kept in hs
             grid_sync(sync, ++phase * NB);
@@ -754,20 +617,20 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
             __syncthreads();
         }
         MK_MARK(mark + 7);
-        mk_gemv_units(ring, c, dims, 4 * l + 2, hs, MODE_SWIGLU, nullptr, mlp, part, xo, slot_bytes);
+        mk_gemv(ring, c, dims, 4 * l + 2, hs, MODE_SWIGLU, nullptr, nullptr, mlp);
         MK_MARK(mark + 8);
         grid_sync(sync, ++phase * NB);
         MK_MARK(mark + 9);
         mk_stage(vs, mlp, inter);
         __syncthreads();
-        mk_gemv_units(ring, c, dims, 4 * l + 3, vs, MODE_ADD, x, nullptr, part, xo, slot_bytes);   // x += mlp . Wd
+        mk_gemv(ring, c, dims, 4 * l + 3, vs, MODE_ADD, nullptr, x, nullptr);   // x += mlp . Wd
         MK_MARK(mark + 10);
         grid_sync(sync, ++phase * NB);
         MK_MARK(mark + 11);
     }
     mk_layernorm(x, nf_w, nf_b, hs, hidden, eps, scr);
     __syncthreads();
-    mk_gemv(ring, c, dims, 4 * nlayers, hs, nullptr, logits);
+    mk_gemv(ring, c, dims, 4 * nlayers, hs, MODE_STORE, nullptr, logits, nullptr);
     __syncthreads();
     MK_MARK(1 + 12 * nlayers);
     MK_FLUSH();
