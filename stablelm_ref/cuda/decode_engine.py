@@ -24,12 +24,12 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
                                                          flags rows with NaN / Inf logits (tok_flags[1])
 
 At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
-the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, a producer warp
-streaming the whole step's weights through a shared-memory ring with bulk copies, consumer warps running the
-phases between grid barriers; the same roundings as the launches above). engine.megakernel picks: False (the
-default: it measured ~2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an H200, so it is not
-timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1], tune.py's stage 4),
-True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
+the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, 16 warps each
+streaming its own rows of every matrix through its own shared-memory ring with bulk copies, the attention
+split over the grid, phases between grid barriers; the same roundings as the launches above). engine.megakernel
+picks: False (the default: it measured 1.2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an
+H200, so it is not timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1],
+tune.py's stage 4), True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
 per-layer plan.
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
