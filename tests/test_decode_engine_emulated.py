@@ -709,17 +709,27 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
 
 
 def test_step_layout_sizes_the_whole_step_kernel():
-    """decode_step.cu's shared memory at the family's shapes (the H100 / H200 opt-in maximum, 227 KB): as many
-    32 KB ring slots as fit beside h, the staged att / mlp vector and the fixed head; shapes it cannot hold
-    are named with the reason."""
+    """decode_step.cu's shared memory at the family's shapes (the H100 / H200 opt-in maximum, 227 KB): each of
+    the 16 warps' rings holds as many 4 KB slots as fit beside h, the staged att / mlp vector (or two warps'
+    attention scratch: 3b-4e1t 2 x 144 x 80 bytes) and the fixed head; shapes it cannot hold are named with the
+    reason."""
     smem = 227 * 1024
-    assert kn.step_layout(2560, 6912, 80, smem) == (13824, 6, 2560 + 5120 + 13824 + 6 * 32768)      # 3b-4e1t
-    assert kn.step_layout(2048, 5632, 64, smem)[1] == 6                                            # 2-1.6b
-    vec, nslot, total = kn.step_layout(5120, 13824, 160, smem)                                     # 2-12b
-    assert nslot == 5 and total <= smem
+    assert kn.step_layout(2560, 6912, 80, smem) == (23040, 3, 1024 + 5120 + 23040 + 3 * 16 * 4096)   # 3b-4e1t
+    assert kn.step_layout(2048, 5632, 64, smem)[1] == 3                                             # 2-1.6b
+    vec, nslot, total = kn.step_layout(5120, 13824, 160, smem)                                      # 2-12b
+    assert nslot == 2 and total <= smem
+    assert kn.step_layout(2560, 6912, 80, smem, slot=2048)[1] == kn.MK_MAXSLOT
     assert "hidden_size 8192" in kn.step_layout(8192, 22016, 128, smem)
-    assert "does not fit a ring slot" in kn.step_layout(4096, 20000, 128, smem)
+    assert "at least 2048" in kn.step_layout(2560, 6912, 80, smem, slot=1024)
     assert "two ring slots" in kn.step_layout(2560, 6912, 80, 64 * 1024)
+
+
+def test_step_parts_bounds_the_attentions_split():
+    """The whole-step kernel's attention parts a head: the partials' buffers' ns, one part a warp for the first
+    MK_AW warps of each block, MK_PMAX (3b-4e1t: 32 heads on 132 SMs x 2 warps take 8 parts each)."""
+    assert kn.step_parts(32, 5, 132) == 5
+    assert kn.step_parts(32, 40, 132) == kn.MK_PMAX == 8
+    assert kn.step_parts(160, 40, 132) == 1
 
 
 def test_emulated_engine_keeps_the_per_layer_step(emulated):

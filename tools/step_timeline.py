@@ -4,12 +4,13 @@
     python tools/step_timeline.py --shapes 2-1.6b --ab   # only ms a step: per-layer (untuned), each ring shape
 
 decode_step.cu is built again with MK_TIMELINE defined (probe only: the shipped module never defines it):
-consumer thread 0 of each block records %globaltimer at each phase's end and after each grid barrier
-(MARKS a layer), and sums, over the step, the time it waits for a full slot and the time it spends inside
-tiles (from that wait's return to the end of the tile's epilogue); the producer sums its waits for an empty
-slot and records when it has issued each layer's last copy. Printed: each ring shape's step time and those
-sums (median over blocks), then the per-layer phases (median over blocks, mean over layers 1 .. L-2) of the
-default shape. The probe build's step is a few percent slower than the shipped one (both printed).
+thread 0 of each block (lane 0 of warp 0) records %globaltimer at each phase's end and after each grid barrier
+(MARKS a layer), and sums, over the step (in shared memory, flushed at the end), the time its warp waits for
+a full slot of its ring, the time it spends inside tiles (from that wait's return to the end of the tile's
+refill and epilogue; of it, issuing the refill's bulk copies) and the time it spends inside grid barriers.
+Printed: each ring shape's step time and those sums (median over blocks), then the per-layer phases (median
+over blocks, mean over layers 1 .. L-2) of the default shape. The probe build's step is a few percent slower
+than the shipped one (both printed).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MARKS = ("LN1", "q|k|v", "barrier", "attention", "barrier", "o_proj", "barrier", "LN2", "gate|up", "barrier",
          "down", "barrier")          # decode_step.cu's MK_MARK(1 + 12 l + i): the end of each of these
-TL_BLOCKS, TL_N, TL_PROD, TL_SUMS = 160, 1024, 768, 1000      # must match decode_step.cu's MK_TL_*
+TL_BLOCKS, TL_N, TL_SUMS = 160, 1024, 1000      # must match decode_step.cu's MK_TL_*
 
 
 def phase_table(marks, layers, parallel):
@@ -91,10 +92,11 @@ def main():
         e.megakernel, e.step_shape = True, shape
         e.reset_plans()
         ms = e.time_step(1, replays=reps, reps=1)            # one warm-up replay + reps timed: reps + 1 in sums
-        sums = buf[:G, TL_SUMS:TL_SUMS + 3].get() / 1e6 / (reps + 1)
-        print(f"probe build, ring {shape}: {ms:.4f} ms a step; median over blocks, ms a step: consumer waiting for "
-              f"a full slot {np.median(sums[:, 0]):.3f}, inside tiles {np.median(sums[:, 1]):.3f}; producer "
-              f"waiting for an empty slot {np.median(sums[:, 2]):.3f}", flush=True)
+        sums = buf[:G, TL_SUMS:TL_SUMS + 4].get() / 1e6 / (reps + 1)
+        print(f"probe build, ring {shape}: {ms:.4f} ms a step; median over blocks, ms a step, warp 0: "
+              f"waiting for a full slot {np.median(sums[:, 0]):.3f}, inside tiles {np.median(sums[:, 1]):.3f} "
+              f"(of which issuing copies {np.median(sums[:, 3]):.3f}), inside grid barriers "
+              f"{np.median(sums[:, 2]):.3f}", flush=True)
     buf[...] = 0
     e.megakernel, e.step_shape = True, kn.STEP_SHAPES[0]
     e.reset_plans()
@@ -106,10 +108,6 @@ def main():
     print(f"ring {kn.STEP_SHAPES[0]}, per layer (us, median over blocks, mean over layers 1..{L - 2}):")
     print("  " + "  ".join(f"{name} {v:.2f}" for name, v in table.items()))
     print(f"  a layer {layer:.2f} us; lm_head {lm_head:.2f} us")
-    prod = (marks[:, TL_PROD:TL_PROD + L] - marks[:, 0].min()) / 1e3
-    cons = (marks[:, [1 + 12 * l + 10 for l in range(L)]] - marks[:, 0].min()) / 1e3
-    print("  the producer's lead (its last copy of layer l issued, before the consumers finish l's down), us:",
-          np.round(np.median(cons - prod, axis=0)[:: max(1, L // 6)], 1))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,29 @@ __device__ __forceinline__ T block_sum(T v, T* buf) {
     return warp_sum(t);
 }
 
+// The register LayerNorm (layernorm_rows' fast path, decode_step.cu's mk_layernorm): thread t of T holds
+// float4 j = t + i T (i < NV, j < K4) of x in v, of the weight in w and of the bias in b; two-pass float32
+// statistics, `sum` a block's sum (the same value in every thread); bf16 results packed into y[j].
+template <int NV, typename Sum>
+__device__ __forceinline__ void ln_regs(const float4 (&v)[NV], const float4 (&w)[NV], const float4 (&b)[NV], int t,
+                                        int T, int K4, float eps, Sum sum, uint2* y) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+        if (t + i * T < K4) s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+    const float mean = sum(s) / (float)(4 * K4);
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+        if (t + i * T < K4) q += sq_dev4(v[i], mean);
+    const float rstd = rsqrtf(sum(q) / (float)(4 * K4) + eps);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        const int j = t + i * T;
+        if (j < K4) y[j] = ln_pack4(v[i], mean, rstd, w[i], b[i]);
+    }
+}
+
 // ---------------------------------------------------------------- embedding
 // x[b, :] = float(E[tok[b], :])          grid (B), block (256)
 // With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
@@ -182,26 +205,10 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
             }
         }
         PDL_WAIT();
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < LN_MAXV; ++i) {
-            const int j = tid + i * T;
-            if (j < K4) {
-                v[i] = reinterpret_cast<const float4*>(xr)[j];
-                s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
-            }
-        }
-        const float mean = block_sum(s, buf) / (float)K;
-        float q = 0.f;
 #pragma unroll
         for (int i = 0; i < LN_MAXV; ++i)
-            if (tid + i * T < K4) q += sq_dev4(v[i], mean);
-        const float rstd = rsqrtf(block_sum(q, buf) / (float)K + eps);
-#pragma unroll
-        for (int i = 0; i < LN_MAXV; ++i) {
-            const int j = tid + i * T;
-            if (j < K4) reinterpret_cast<uint2*>(yr)[j] = ln_pack4(v[i], mean, rstd, wv[i], bv[i]);
-        }
+            if (tid + i * T < K4) v[i] = reinterpret_cast<const float4*>(xr)[tid + i * T];
+        ln_regs(v, wv, bv, tid, T, K4, eps, [&](float a) { return block_sum(a, buf); }, reinterpret_cast<uint2*>(yr));
         return;
     }
     PDL_WAIT();

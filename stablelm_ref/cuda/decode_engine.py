@@ -24,12 +24,12 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
                                                          flags rows with NaN / Inf logits (tok_flags[1])
 
 At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
-the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, a producer warp
-streaming the whole step's weights through a shared-memory ring with bulk copies, consumer warps running the
-phases between grid barriers; the same roundings as the launches above). engine.megakernel picks: False (the
-default: it measured ~2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an H200, so it is not
-timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1], tune.py's stage 4),
-True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
+the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, 16 warps each
+streaming its own rows of every matrix through its own shared-memory ring with bulk copies, the attention
+split over the grid, phases between grid barriers; the same roundings as the launches above). engine.megakernel
+picks: False (the default: it measured 1.2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an
+H200, so it is not timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1],
+tune.py's stage 4), True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
 per-layer plan.
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
@@ -74,7 +74,8 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import tune, xp
 from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
-from .decode_kernels import ATT_DIMS, MAX_BATCH, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES, DecodeKernels
+from .decode_kernels import (ATT_DIMS, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES,
+                             DecodeKernels)
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
 
@@ -169,7 +170,7 @@ class GpuDecodeEngine:
         #                                     tuner's choice (step_kernel), True = always (an error where it cannot run)
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
         self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
-        self.step_shape = STEP_SHAPES[0]    # its ring: (slot bytes, bulk-copy piece, copies), the tuner's choice
+        self.step_shape = STEP_SHAPES[0]    # its rings: (bytes a slot, copies), the tuner's choice
         #                                     (set by hand: reset_plans() after, as for any tuning change)
         with self.stream:
             self._load_weights(params)
@@ -323,6 +324,8 @@ class GpuDecodeEngine:
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
         self.ln_stats = cp.zeros((2 * len(self.layers), MB, 2), cp.float64)  # folded LayerNorms' (sum, sum sq)
         self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
+        self.step_part_o = cp.zeros((1, self.H, MK_PMAX, self.D), cp.float32)   # its attention's parts
+        self.step_part_ml = cp.zeros((1, self.H, MK_PMAX, 2), cp.float32)
         self._step_ptrs = None                      # its pointer table (_step_launch; made again with the cache)
 
     # -- the decode step as a list of launches ---------------------------------------------------------
@@ -405,10 +408,10 @@ class GpuDecodeEngine:
             with self.stream:
                 self._step_ptrs = cp.asarray(ptrs)
         return self.k.step_launch(
-            self._step_ptrs, self.lm, self.norm_w, self.norm_b, self.x, self.qkv, self.att, self.mlp,
-            self.logits_buf, self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot, hidden=self.hidden,
-            inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps, qk_ln=self.qk_ln,
-            parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
+            self._step_ptrs, self.lm, self.norm_w, self.norm_b, self.x, self.qkv, self.step_part_o, self.step_part_ml,
+            self.mlp, self.logits_buf, self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
+            hidden=self.hidden, inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps,
+            qk_ln=self.qk_ln, parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
 
     def _plan(self, nb):
         key = (nb, self._sampler_key(), self.megakernel)

@@ -37,37 +37,46 @@ ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner time
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
-# the whole-step kernel (decode_step.cu; must match it): consumer warps, rows a tile at most, ring slots at most,
-# float4 of x a consumer thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer
-MK_NCW, MK_MAXTR, MK_MAXSLOT, MK_LNV, MK_HEAD, MK_PTRS, MK_YSUM = 8, 16, 16, 6, 2560, 16, 256
-MK_THREADS = 32 * (MK_NCW + 1)
-MK_SLOT = 32 * 1024                         # bytes a ring slot: one bulk copy of whole rows
-MK_MAX_HIDDEN = 4 * MK_LNV * 32 * MK_NCW    # the LayerNorm holds x in registers
-STEP_SHAPES = ((MK_SLOT, 0, "bulk"), (MK_SLOT, 0, "cp.async"), (2 * MK_SLOT, 0, "bulk"), (MK_SLOT // 2, 0, "cp.async"))
-#                                           (slot, piece, copies) the tuner times; the first is the default
+# the whole-step kernel (decode_step.cu; must match it): warps a block, rows a group, a segment's multiple,
+# ring slots a warp at most, warps a block with an attention part at most, parts a head at most, float4 of x
+# a thread holds in a LayerNorm, the fixed head of its shared memory, pointers a layer; a part's scratch bytes
+# (q, k, cos | sin as float, the new k / v, a chunk's 32 keys and values as bf16)
+MK_NW, MK_R, MK_SEG, MK_MAXSLOT, MK_AW, MK_PMAX, MK_LNV, MK_HEAD, MK_PTRS = 16, 4, 256, 6, 2, 8, 3, 1024, 16
+MK_THREADS = 32 * MK_NW
+MK_ATT_SCRATCH = 144                        # x head_dim
+MK_MAX_HIDDEN = 4 * MK_LNV * MK_THREADS     # the LayerNorm holds x in registers
+STEP_SHAPES = ((4096, "bulk"), (4096, "cp.async"), (6144, "bulk"), (3072, "bulk"))
+#              (bytes a ring slot (each warp's ring: as many as fit, <= MK_MAXSLOT), copies) the tuner times; the
+#              first is the default
 
 
 def _align128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = MK_SLOT, blocks: int = 132):
+def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP_SHAPES[0][0]):
     """decode_step.cu's shared memory: (vec_bytes, nslot, total bytes) for these shapes, or a str saying why
-    they do not fit. Layout: MK_HEAD (mbarriers, reductions), h [hidden] bf16, vec (att or mlp [max(hidden,
-    inter)] bf16, and the attention's scratch), then nslot ring slots of `slot` bytes (as many as fit, <= 16)."""
+    they do not fit. Layout: MK_HEAD (mbarriers, block sums), h [hidden] bf16, vec (att or mlp [max(hidden,
+    inter)] bf16, or MK_AW warps' attention scratch), then MK_NW rings of nslot slots of `slot` bytes (as many
+    as fit, <= MK_MAXSLOT; at least two)."""
     if hidden > MK_MAX_HIDDEN:
         return f"hidden_size {hidden} > {MK_MAX_HIDDEN} (its LayerNorm holds x in registers)"
-    if -(-hidden // blocks) > MK_YSUM:
-        return f"{-(-hidden // blocks)} rows of the residual a block (hidden {hidden}, {blocks} SMs) > {MK_YSUM}"
-    if 2 * max(hidden, inter) > slot:
-        return f"a row of {max(hidden, inter)} bf16 does not fit a ring slot of {slot} bytes"
-    att_scratch = 4 * (D * (3 + MK_NCW) + 2 * MK_NCW) + 4 * D
-    vec = _align128(max(2 * max(hidden, inter), att_scratch))
+    if slot < 2 * MK_R * MK_SEG or slot % 128:
+        return f"a ring slot of {slot} bytes: at least {2 * MK_R * MK_SEG} (MK_R rows of a segment), a multiple of 128"
+    vec = _align128(max(2 * max(hidden, inter), MK_AW * MK_ATT_SCRATCH * D))
     fixed = MK_HEAD + _align128(2 * hidden) + vec
-    nslot = min(MK_MAXSLOT, (max_smem - fixed) // slot)
+    nslot = min(MK_MAXSLOT, (max_smem - fixed) // (MK_NW * slot))
     if nslot < 2:
-        return f"{fixed + 2 * slot} bytes of shared memory needed for two ring slots, {max_smem} a block here"
-    return vec, nslot, fixed + nslot * slot
+        return (f"{fixed + 2 * MK_NW * slot} bytes of shared memory needed for two ring slots of {slot} bytes a "
+                f"warp, {max_smem} a block here")
+    return vec, nslot, fixed + MK_NW * nslot * slot
+
+
+def step_parts(H: int, ns: int, blocks: int) -> int:
+    """The attention's parts a head at most in decode_step.cu: the partials' buffers hold ns a head, each of
+    the MK_AW first warps of a block takes one part at most (H parts <= MK_AW blocks), MK_PMAX at most (the
+    combine holds each part's output in registers)."""
+    return min(ns, MK_AW * blocks // H, MK_PMAX)
 
 
 class DecodeKernels:
@@ -206,7 +215,7 @@ class DecodeKernels:
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
 
     # -- the whole step at batch 1 (decode_step.cu) -------------------------------------------------
-    def step_problem(self, *, hidden, inter, H, KVH, D, slot=MK_SLOT) -> str | None:
+    def step_problem(self, *, hidden, inter, H, KVH, D, slot=STEP_SHAPES[0][0]) -> str | None:
         """Why the whole-step kernel cannot run these shapes on this GPU (None: it can). Builds its module on
         first use (a compile error is a reason too)."""
         cc = getattr(self, "compute_capability", 0)
@@ -214,7 +223,9 @@ class DecodeKernels:
             return f"needs bulk copies and mbarriers (compute capability >= 9.0), this GPU is {cc / 10:.1f}"
         if D not in ATT_DIMS:
             return f"head_dim {D} not in {ATT_DIMS}"
-        lay = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        if H > MK_AW * self.num_sms:
+            return f"{H} query heads > {MK_AW} a SM (its attention takes one warp a head at least)"
+        lay = step_layout(hidden, inter, D, self.max_smem, slot)
         if isinstance(lay, str):
             return lay
         if self._step_fn is None:
@@ -228,29 +239,35 @@ class DecodeKernels:
             return self._step_error
         return None
 
-    def step_launch(self, ptrs, lm, norm_w, norm_b, x, qkv, att, mlp, logits, cache_len, pos, kmask, inv_freq,
-                    rot, *, hidden, inter, vocab, H, KVH, D, eps, qk_ln, parallel, sync, shape=STEP_SHAPES[0],
-                    tag="step"):
+    def step_launch(self, ptrs, lm, norm_w, norm_b, x, qkv, part_o, part_ml, mlp, logits, cache_len, pos, kmask,
+                    inv_freq, rot, *, hidden, inter, vocab, H, KVH, D, eps, qk_ln, parallel, sync,
+                    shape=STEP_SHAPES[0], tag="step"):
         """The whole decode step at batch 1 in one cooperative launch of decode_step_b1_d{D}, one block a SM.
         ptrs: uint64 [layers, MK_PTRS] (decode_step.cu's P_* order: each layer's weights, norms, bias, q/k norms,
         its cache's first row (batch row 0)); kc/vc [KVH, max_len, D] a layer; sync: uint32 [2], zero (the kernel
-        leaves it zero). x is read as the residual after the embedding; qkv, att, mlp are scratch; logits
-        float32 [>= 1, vocab]. shape = (slot bytes, bytes a bulk copy at most (0: a tile), copies): how the ring
-        is filled: "bulk" = lane 0's bulk copies, "cp.async" = 16-byte copies of the producer warp's 32 lanes."""
-        slot, piece, copies = shape
+        leaves it zero). x is read as the residual after the embedding; qkv, mlp and the attention's partials
+        (part_o float32 [>= 1, H, ns, D], part_ml [>= 1, H, ns, 2], attention_launch's) are scratch; logits
+        float32 [>= 1, vocab]. shape = (bytes a ring slot (each warp's ring holds as many as fit), copies): how
+        the rings are filled: "bulk" = lane 0's bulk copies, "cp.async" = 16-byte copies of the warp's 32 lanes."""
+        slot, copies = shape
         problem = self.step_problem(hidden=hidden, inter=inter, H=H, KVH=KVH, D=D, slot=slot)
         if problem is not None:
             raise NotImplementedError(f"the whole-step decode kernel: {problem}")
-        vec, nslot, smem = step_layout(hidden, inter, D, self.max_smem, slot, blocks=self.num_sms)
+        vec, nslot, smem = step_layout(hidden, inter, D, self.max_smem, slot)
+        ns = part_o.shape[-2]
+        if part_o.shape[-3:] != (H, ns, D) or part_ml.shape[-3:] != (H, ns, 2):
+            raise ValueError(f"step_launch: part_o [.., {H}, ns, {D}] and part_ml [.., {H}, ns, 2], got "
+                             f"{part_o.shape} and {part_ml.shape}")
         fn = self._step_fn[D]
         if smem > self._att_smem.get(("step", D), 0):       # never lowered (as attention_launch's)
             fn.max_dynamic_shared_size_bytes = smem
             self._att_smem[("step", D)] = smem
         max_len = kmask.shape[-1]
-        args = (ptrs, i32(ptrs.shape[0]), lm, norm_w, norm_b, x, qkv, att, mlp, logits, cache_len, pos, kmask,
-                inv_freq, i32(rot), i32(hidden), i32(inter), i32(vocab), i32(H), i32(KVH), i32(max_len),
-                np.float32(eps), np.float32(D ** -0.5), i32(bool(qk_ln)), i32(bool(parallel)), sync, i32(nslot),
-                i32(slot), i32(vec), i32(piece), i32(copies == "cp.async"))
+        args = (ptrs, i32(ptrs.shape[0]), lm, norm_w, norm_b, x, qkv, part_o, part_ml, i32(ns),
+                i32(step_parts(H, ns, self.num_sms)), mlp, logits, cache_len, pos, kmask, inv_freq, i32(rot),
+                i32(hidden), i32(inter), i32(vocab), i32(H), i32(KVH), i32(max_len), np.float32(eps),
+                np.float32(D ** -0.5), i32(bool(qk_ln)), i32(bool(parallel)), sync, i32(nslot), i32(slot), i32(vec),
+                i32(copies == "cp.async"))
         return Launch(fn, (self.num_sms,), (MK_THREADS,), args, smem=smem, tag=tag, cooperative=True)
 
     # -- small kernels ------------------------------------------------------------------------
