@@ -60,10 +60,8 @@ the reference.
 
 from __future__ import annotations
 
-import copy
 import contextlib
 import math
-import operator
 import signal
 import sys
 import threading
@@ -72,7 +70,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import MAKING, register
+from .fast_forms import MAKING, Source, register
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -375,8 +373,9 @@ class FastCpuModel:
                 raise CheckpointError(f"the CPU fast form computes in {model.dtype} (model.dtype): tensor {name!r} "
                                       f"has dtype {dtype}; cast it back (.astype(np.{model.dtype})) or call the "
                                       "model itself, which computes with it")
-        self.layers, self._tensors = [], ()   # a rebuild: each old fused copy goes as its layer is made again
-        self.config, self._params = c, p = model.config, model.params
+        self.layers, self._source = [], None    # a rebuild: each old fused copy goes as its layer is made again
+        self.config = c = model.config
+        p = model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
         self.lm_head_t = self._lm_head(p, c)                                # [hidden, vocab]
@@ -385,28 +384,17 @@ class FastCpuModel:
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
-        self._tensors = tuple(p.values())                                   # what the fused copies were made of
-        self._names = tuple(p)                                              # and under which names
-        self._dtype = model.dtype                                           # and the dtype computed in
-        self._fields = copy.deepcopy(tuple(vars(c).values()))
+        self._source = Source(model)              # what the copies were made of: params, config, dtype
 
     def _sync(self):
-        """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build: an entry of
-        params replaced (a tensor cut, cast, swapped for other values), a name changed (the dict refilled in place
-        with the same tensors in the same order, under other names: q_proj's and k_proj's swapped), the dict or the
-        config replaced, a field of the config edited, model.dtype set. The fused copies would not see such a
-        change; the reference forward reads them on every call, and this form computes the same function. An edit in
-        place of a tensor's values needs nothing: params hold views of the fused copies. The test is by identity of
-        the tensors and equality of the names (~9 us for the default model's 179 tensors, the names ~3 us of it:
-        tools/ab_params_check.py's "the checks alone"); it does not see an array's .shape or .dtype assigned
-        in place."""
-        model, p = self.model, self._params
-        if (model.params is p and model.config is self.config and model.dtype is self._dtype
-                and len(p) == len(self._tensors)
-                and all(map(operator.is_, p.values(), self._tensors)) and tuple(p) == self._names
-                and tuple(vars(self.config).values()) == self._fields):
-            return
-        self._build()
+        """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build
+        (fast_forms.Source: a tensor replaced or renamed, a config field edited, the dtype set): the fused copies
+        would not see such a change; the reference forward reads them on every call, and this form computes the
+        same function. An edit in place of a tensor's values needs nothing: params hold views of the fused copies.
+        The test is by identity of the tensors and equality of the names (~9 us for the default model's 179
+        tensors); it does not see an array's .shape or .dtype assigned in place."""
+        if self._source is None or not self._source.same(self.model):      # None: a build that did not finish
+            self._build()
 
     @staticmethod
     def _lm_head(p, c):

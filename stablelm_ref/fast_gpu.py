@@ -34,18 +34,23 @@ Any other request (float32 / float16 on the GPU, batch > 8, scaled rope, ...) st
 own forward (the concept modules on CuPy): decode_steps() returns None and generate uses ModelSteps.
 
 Weights are held once: after the engine fused q|k|v rows and interleaved gate/up rows, the model's params
-for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout).
+for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout). The engine is
+built on the first generate that uses it, and again on the first after an edit of model.params, model.config or
+model.dtype (fast_forms.Source, the CPU form's test); a generate holds it for its whole loop (EngineSteps.context),
+grown first (reserve) where the request needs more rows or positions than its buffers hold.
 This module imports no CuPy at import time (stablelm_ref/__init__.py imports it to register "gpu").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 import numpy as np
 
 from .errors import StableLmError
-from .fast_forms import register
+from .fast_forms import MAKING, Source, register
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +58,56 @@ CACHE_ROUND = 256          # the engine's cache length is rounded up to this, so
 
 
 class GpuFastModel:
-    """StableLmForCausalLM on the GPU with its decode engine (built on the first generate that uses it)."""
+    """StableLmForCausalLM on the GPU with its decode engine (built on the first generate that uses it).
 
-    def __init__(self, model, autotune: bool = True):
+    A model has one GPU form: GpuFastModel(model) is model.fast(), whichever came first, and so is a copy of it;
+    pickle and copy.deepcopy carry it as the form of the carried model (made again from it, its engine too). The
+    engine's copies follow the model as the CPU form's do (fast_forms.Source): a generate after a tensor of
+    model.params was replaced or renamed, a field of model.config edited or model.dtype set builds the engine
+    again from the model as it is then (its tuning kept where the shapes are the same). An edit in place of a
+    tensor's values reaches the engine for every matrix (q|k|v and gate|up: params are views of its fused arrays;
+    o, down, the embedding and lm_head: it reads params' own memory), not for the float32 copies the kernels read
+    of the LayerNorm weights and biases, the q|k|v biases and the qk-norm weights: replace those tensors
+    (params[name] = new) instead. The engine holds one generate at a time: its cache and device state are that
+    generate's, so generates from several threads take turns; one started from inside another (a streamer's
+    put) steps through the model's forward."""
+
+    def __new__(cls, model, autotune: bool = True, kernels=None):
+        """kernels: the engine's cuda.decode_kernels.DecodeKernels (None: decode.cu built on first use; the
+        emulated tests pass theirs)."""
+        with MAKING:
+            existing = getattr(model, "__dict__", {}).get("_fast")
+            if type(existing) is cls and existing.__dict__.get("model") is model:
+                return existing
+            self = super().__new__(cls)
+            self._make(model, autotune, kernels)
+            return self
+
+    def __init__(self, model, autotune: bool = True, kernels=None):
+        """Nothing more: __new__ made the form, or found the model's own."""
+
+    def _make(self, model, autotune, kernels):
         from .heads import StableLmForCausalLM
 
         if not isinstance(model, StableLmForCausalLM) or model.device != "gpu":
             raise StableLmError(f"GpuFastModel takes a StableLmForCausalLM on device='gpu', got "
                                 f"{type(model).__name__} on {getattr(model, 'device', '?')}")
-        self.model, self.config = model, model.config
-        self.autotune = autotune
+        self.model, self.autotune, self.kernels = model, autotune, kernels
         self.engine = None
-        self.unsupported = None          # why the engine cannot run this model (None: not known yet / it can)
+        self.unsupported = None          # why the engine did not run the latest request (None: it did / not asked)
+        self._source = None              # what the engine's copies were made of (fast_forms.Source)
+        self._lock = threading.Lock()    # held by the generate using the engine (EngineSteps.context)
+        self._holder = None              # the thread holding it
+        model._fast = self
+
+    def __copy__(self):
+        """The form itself (see __new__): a second form would build a second engine of the same weights."""
+        return self
+
+    def __reduce__(self):
+        """pickle and copy.deepcopy: the GPU form of the carried model, made again from it (the engine, its stream
+        and lock are not carried: failed with "cannot pickle 'module' object")."""
+        return GpuFastModel, (self.model, self.autotune)
 
     def __getattr__(self, name):        # config, xp, dtype, params, device, lm_head_weight, _ids: the model's
         return getattr(self.__dict__["model"], name) if "model" in self.__dict__ else object.__getattribute__(self, name)
@@ -82,39 +125,55 @@ class GpuFastModel:
 
     # ---- the decode engine --------------------------------------------------------------------
     def decode_steps(self, batch, total):
-        """EngineSteps for `batch` rows of `total` positions, or None where the engine does not apply."""
+        """EngineSteps for `batch` rows of `total` positions, or None where the engine does not apply (the reason
+        in self.unsupported, and logged)."""
+        self.unsupported = self._problem(batch)
+        if self.unsupported is not None:
+            logger.info("decoding through the model's forward, not the graph engine: %s", self.unsupported)
+            return None
+        return EngineSteps(self, batch, total + 1)
+
+    def _problem(self, batch):
+        """Why the engine cannot run this request on the model as it is now, or None. Asked on every generate:
+        the model may have been edited since the last."""
         from .cuda import decode_engine as de
 
-        if str(self.model.dtype) != "bfloat16":
-            return None
+        model = self.model
+        if str(model.dtype) != "bfloat16":
+            return f"the engine computes in bfloat16, the model in {model.dtype}"
         if batch > de.MAX_BATCH:
-            logger.info("batch %d > %d: decoding through the model's forward, not the graph engine",
-                        batch, de.MAX_BATCH)
-            return None
-        engine = self._engine(batch, total + 1)
-        return None if engine is None else EngineSteps(self.model, engine, batch)
+            return f"batch {batch} > {de.MAX_BATCH}"
+        if self._holder == threading.get_ident():
+            return "a generate inside a generate (the engine holds the outer one's state)"
+        try:
+            de.GpuDecodeEngine.check_config(model.config)                  # rope_type included
+        except (NotImplementedError, StableLmError) as e:
+            return f"the engine does not cover this model ({e})"
+        for name in model._shapes():
+            if model.params[name].dtype != model.dtype:   # the forward computes with it; the engine would round it
+                return f"tensor {name!r} is {model.params[name].dtype}, the model {model.dtype}"
+        return None
 
     def _engine(self, batch, max_len):
+        """The engine for `batch` rows of `max_len` positions: built (or built again, after an edit of the model
+        since the last build: fast_forms.Source), else grown where its buffers are too small (reserve)."""
         from .cuda import decode_engine as de
 
-        if self.unsupported is not None:
-            return None
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
-        if self.engine is None:
-            try:
-                de.GpuDecodeEngine.check_config(self.config)                  # rope_type included
-            except (NotImplementedError, StableLmError) as e:
-                self.unsupported = str(e)
-            if self.unsupported is not None:
-                logger.info("the graph engine does not cover this model (%s): decoding through its forward",
-                            self.unsupported)
-                return None
-            self.engine = de.GpuDecodeEngine(self.config, self.model.params, max_batch=batch, max_len=max_len,
-                                             autotune=self.autotune)
-            self._share_weights()
-        else:
-            self.engine.reserve(batch, max_len)
-        return self.engine
+        old = self.engine
+        if old is not None and self._source.same(self.model):
+            old.reserve(batch, max_len)
+            return old
+        self.engine = self._source = None          # the old engine's cache goes before the new one is made
+        engine = de.GpuDecodeEngine(self.model.config, self.model.params, max_batch=batch, max_len=max_len,
+                                    autotune=self.autotune, kernels=self.kernels or (old.k if old else None))
+        if old is not None:
+            _carry_settings(old, engine)
+        del old
+        self.engine = engine
+        self._share_weights()
+        self._source = Source(self.model)
+        return engine
 
     def _share_weights(self):
         """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once)."""
@@ -129,21 +188,48 @@ class GpuFastModel:
             p[m + "up_proj.weight"] = L.wgu[1::2].view(dt)
 
 
+CARRIED = ("pdl", "pdl_error", "fold_layernorm", "megakernel", "step_shape", "carveout")
+
+
+def _carry_settings(old, new):
+    """An engine built again after an edit of the model keeps the old one's settings (CARRIED) and, where every
+    weight matrix has the same shape, its tuning (the tuner would take seconds to find it again)."""
+    for name in CARRIED:
+        setattr(new, name, getattr(old, name))
+    shapes = lambda e: [W.shape for Ws, _ in e._gemv_shapes().values() for W in Ws] + [e.KVH, e.D]  # noqa: E731
+    if shapes(old) == shapes(new):
+        new.set_tuning_state(old.tuning_state())
+        new.step_kernel = dict(old.step_kernel)
+    new.reset_plans()
+
+
 class EngineSteps:
     """generation.py's step backend over the decode engine (see the module docstring)."""
 
-    def __init__(self, model, engine, batch):
-        self.model, self.engine, self.batch = model, engine, batch
-        self.xp = engine.cp
-        self.wide = self.xp.float32
-        self.cache = engine.kv_cache(batch, model.dtype)
-        self._chosen = engine.tok[:batch]
+    def __init__(self, form, batch, max_len):
+        self.form, self.model, self.batch, self.max_len = form, form.model, batch, max_len
+        self.engine = None               # the form's, once context() holds it
         self._ahead = False              # the step the loop asks for next is already queued
         self._copied = False             # the latest step's picks are being copied to the host
         self._drawn = False              # every later step's draws are on the device (use_draws)
 
+    @contextlib.contextmanager
     def context(self):
-        return self.engine.stream            # every CuPy op of the loop on the engine's stream, in order
+        """The engine, held for the whole generate (its cache and device state are this generate's: another
+        thread's generate waits): built, built again after an edit of the model, or grown, here; every CuPy op
+        of the loop on its stream, in order."""
+        form = self.form
+        with form._lock:
+            form._holder = threading.get_ident()
+            try:
+                e = self.engine = form._engine(self.batch, self.max_len)
+                self.xp, self.wide = e.cp, e.cp.float32
+                self.cache = e.kv_cache(self.batch, self.model.dtype)
+                self._chosen = e.tok[: self.batch]
+                with e.stream:
+                    yield
+            finally:
+                form._holder = None
 
     def choose_in_step(self, settings):
         """The step picks the next ids in the graph: argmax_step (greedy), or sample_step (generate's

@@ -113,7 +113,8 @@ def _engine_against_forward(tmp_path, case, rows, megakernel=None, lead_pad=0):
     B = len(rows)
     steps = step_backend(model, B, 40)
     assert isinstance(steps, fast_gpu.EngineSteps)
-    steps.engine.megakernel = megakernel
+    with steps.context():                      # builds the engine, which model.generate below steps through
+        steps.engine.megakernel = megakernel
     ids, mask = _left_pad(rows)
     ids, mask = (np.pad(a, ((0, 0), (lead_pad, 0)), constant_values=v) for a, v in ((ids, 1), (mask, 0)))
     T = ids.shape[1]
