@@ -161,7 +161,7 @@ class GpuFastModel:
 
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
         old = self.engine
-        if old is not None and self._source.same(self.model):
+        if old is not None and self._source is not None and self._source.same(self.model):  # None: unfinished
             old.reserve(batch, max_len)
             return old
         self.engine = self._source = None          # the old engine's cache goes before the new one is made

@@ -817,6 +817,19 @@ def test_engine_grows_again_after_a_failed_allocation(emulated, monkeypatch):
     out = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
     _check_greedy(ref, out, 5, mask)
     assert fast.engine.part_o.shape[0] == 2
+    # a rebuild interrupted after the engine was made, before the model's params were its views (a Ctrl-C): the
+    # next generate builds it again (it failed with AttributeError: 'NoneType' object has no attribute 'same')
+    fast.model.params["model.norm.bias"] = fast.model.params["model.norm.bias"].copy()
+    def interrupted(self):
+        raise KeyboardInterrupt
+    share = fast_gpu.GpuFastModel._share_weights
+    fast_gpu.GpuFastModel._share_weights = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+    finally:
+        fast_gpu.GpuFastModel._share_weights = share
+    assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast"), out)
 
 
 def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
