@@ -34,7 +34,8 @@ Any other request (float32 / float16 on the GPU, batch > 8, scaled rope, ...) st
 own forward (the concept modules on CuPy): decode_steps() returns None and generate uses ModelSteps.
 
 Weights are held once: after the engine fused q|k|v rows and interleaved gate/up rows, the model's params
-for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout). The engine is
+for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout); the vectors
+the kernels read in float32 become views of one joined bfloat16 array, converted once a generate. The engine is
 built on the first generate that uses it, and again on the first after an edit of model.params, model.config or
 model.dtype (fast_forms.Source, the CPU form's test); a generate holds it for its whole loop (EngineSteps.context),
 grown first (reserve) where the request needs more rows or positions than its buffers hold.
@@ -65,10 +66,10 @@ class GpuFastModel:
     engine's copies follow the model as the CPU form's do (fast_forms.Source): a generate after a tensor of
     model.params was replaced or renamed, a field of model.config edited or model.dtype set builds the engine
     again from the model as it is then (its tuning kept where the shapes are the same). An edit in place of a
-    tensor's values reaches the engine for every matrix (q|k|v and gate|up: params are views of its fused arrays;
-    o, down, the embedding and lm_head: it reads params' own memory), not for the float32 copies the kernels read
-    of the LayerNorm weights and biases, the q|k|v biases and the qk-norm weights: replace those tensors
-    (params[name] = new) instead. The engine holds one generate at a time: its cache and device state are that
+    tensor's values reaches the engine too: q|k|v and gate|up are views of its fused arrays; o, down, the
+    embedding and lm_head it reads in params' own memory; the vectors it reads in float32 (LayerNorm weights and
+    biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
+    (_share_vectors). The engine holds one generate at a time: its cache and device state are that
     generate's, so generates from several threads take turns; one started from inside another (a streamer's
     put) steps through the model's forward."""
 
@@ -172,6 +173,7 @@ class GpuFastModel:
         del old
         self.engine = engine
         self._share_weights()
+        self._share_vectors()
         self._source = Source(self.model)
         return engine
 
@@ -187,6 +189,53 @@ class GpuFastModel:
             p[m + "gate_proj.weight"] = L.wgu[0::2].view(dt)                       # rows g0, u0, g1, u1, ...
             p[m + "up_proj.weight"] = L.wgu[1::2].view(dt)
 
+    def _share_vectors(self):
+        """The vectors the kernels read in float32 (LayerNorm weights and biases, q|k|v biases, qk-norm weights)
+        are joined: the model's params for them become views of one bfloat16 array (`_vector_bits`), and the
+        engine's float32 copies views of one float32 array (`_vectors`), which refresh_vectors() computes from it
+        again at the start of every generate (one conversion): an edit in place of one of them reaches the engine,
+        as for the matrices. Each piece starts at a multiple of VECTOR_ALIGN elements (the kernels' vector loads)."""
+        p, e, dt = self.model.params, self.engine, self.model.dtype
+        cp = e.cp
+        pieces = []                                            # (engine object, attribute, [param names], shape)
+        for i, L in enumerate(e.layers):
+            a, n = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+            pieces += [(L, "ln1_w", [a + "input_layernorm.weight"]), (L, "ln1_b", [a + "input_layernorm.bias"])]
+            if L.ln2_w is not None:
+                pieces += [(L, "ln2_w", [a + "post_attention_layernorm.weight"]),
+                           (L, "ln2_b", [a + "post_attention_layernorm.bias"])]
+            if L.bqkv is not None:
+                pieces.append((L, "bqkv", [n + f"{x}_proj.bias" for x in "qkv"]))
+            if L.qn is not None:
+                pieces.append((L, "qn", [n + f"q_layernorm.norms.{h}.weight" for h in range(e.H)]))
+                pieces.append((L, "kn", [n + f"k_layernorm.norms.{h}.weight" for h in range(e.KVH)]))
+        pieces += [(e, "norm_w", ["model.norm.weight"]), (e, "norm_b", ["model.norm.bias"])]
+        sizes = [sum(int(p[name].size) for name in names) for _, _, names in pieces]
+        starts = np.cumsum([0] + [-(-n // VECTOR_ALIGN) * VECTOR_ALIGN for n in sizes])
+        with e.stream:
+            bits = cp.zeros(int(starts[-1]), cp.uint16)
+            self._vectors = cp.zeros(int(starts[-1]), cp.float32)
+            for (holder, attr, names), start, size in zip(pieces, starts, sizes):
+                shape = getattr(holder, attr).shape
+                at = int(start)
+                for name in names:
+                    n = int(p[name].size)
+                    bits[at:at + n] = p[name].reshape(-1).view(cp.uint16)
+                    p[name] = bits[at:at + n].view(dt)
+                    at += n
+                setattr(holder, attr, self._vectors[int(start):int(start) + size].reshape(shape))
+        self._vector_bits = bits
+        self.refresh_vectors()
+
+    def refresh_vectors(self):
+        """The engine's float32 vectors computed again from the model's (the bfloat16 views _share_vectors made), on
+        its stream: what an edit in place of a LayerNorm weight, a bias or a qk-norm weight changed."""
+        cp = self.engine.cp
+        with self.engine.stream:                                           # bfloat16 bits -> float32: exact
+            self._vectors[...] = (self._vector_bits.astype(cp.uint32) << 16).view(cp.float32)
+
+
+VECTOR_ALIGN = 64          # elements: each vector of _share_vectors' joined arrays starts at 128 / 256 bytes
 
 CARRIED = ("pdl", "pdl_error", "fold_layernorm", "megakernel", "step_shape", "carveout")
 
@@ -223,6 +272,7 @@ class EngineSteps:
             form._holder = threading.get_ident()
             try:
                 e = self.engine = form._engine(self.batch, self.max_len)
+                form.refresh_vectors()                            # the vectors' edits in place since the last
                 self.xp, self.wide = e.cp, e.cp.float32
                 self.cache = e.kv_cache(self.batch, self.model.dtype)
                 self._chosen = e.tok[: self.batch]

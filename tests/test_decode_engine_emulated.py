@@ -880,3 +880,21 @@ def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
     assert np.array_equal(generate(fast, a_ids, streamer=Nested(), **kw), want_a)
     assert "inside a generate" in inner["reason"]
     assert np.array_equal(inner["out"], generate(fast.model, b_ids, **{**kw, "engine": "reference"}))
+
+
+def test_gpu_form_follows_edits_in_place_of_the_vectors(emulated):
+    """An edit in place of a LayerNorm weight or bias, a q|k|v bias or a qk-norm weight reaches the engine, as one of
+    a matrix does: params hold views of one joined bfloat16 array, which every generate converts into the engine's
+    float32 vectors (they were float32 copies made once, and the engine generated the unedited model's tokens)."""
+    ref, fast = _models(emulated, use_qkv_bias=True, qk_layernorm=True)
+    model = fast.model
+    ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3])
+    kw = dict(attention_mask=mask, max_new_tokens=6, engine="fast")
+    _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
+    rng = np.random.default_rng(0)
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.bias", "model.layers.1.self_attn.k_proj.bias",
+                 "model.layers.0.self_attn.q_layernorm.norms.2.weight", "model.layers.1.post_attention_layernorm.weight"):
+        change = rng.uniform(-1.5, 1.5, model.params[name].shape).astype(np.float32)
+        ref.params[name] = (ref.params[name] + change).astype(model.params[name].dtype).astype(np.float32)
+        model.params[name][...] = ref.params[name]                             # in place
+        _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
