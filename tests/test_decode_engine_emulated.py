@@ -898,3 +898,31 @@ def test_gpu_form_follows_edits_in_place_of_the_vectors(emulated):
         ref.params[name] = (ref.params[name] + change).astype(model.params[name].dtype).astype(np.float32)
         model.params[name][...] = ref.params[name]                             # in place
         _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=4,
+                                                   repetition_penalty=1.3)])
+def test_generate_after_an_interrupted_generate(emulated, settings):
+    """A streamer raising (or a Ctrl-C) mid-generate, with a step queued ahead of the loop and its draws uploaded:
+    the next generate on the engine gives the tokens of one never interrupted."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(3), 384, [6, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=7, engine="fast", **settings)
+    want = generate(fast, ids, **kw)
+
+    class Raising:
+        n = 0
+
+        def put(self, v):
+            self.n += 1
+            if self.n == 4:
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+
+    other = left_padded_batch(np.random.default_rng(9), 384, [3, 5])
+    with pytest.raises(KeyboardInterrupt):
+        generate(fast, other[0], **{**kw, "attention_mask": other[1]}, streamer=Raising())
+    assert fast._holder is None
+    assert np.array_equal(generate(fast, ids, **kw), want)
