@@ -374,7 +374,7 @@ class FastCpuModel:
                                       f"has dtype {dtype}; cast it back (.astype(np.{model.dtype})) or call the "
                                       "model itself, which computes with it")
         self.layers, self._source = [], None    # a rebuild: each old fused copy goes as its layer is made again
-        self.config = c = model.config
+        self._config = c = model.config
         p = model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
@@ -424,7 +424,7 @@ class FastCpuModel:
         if key not in self._work:
             if len(self._work) >= self._MAX_SHAPES:
                 self._work.pop(next(iter(self._work)))
-            self._work[key] = _Work(b, t, self.config, self.model.dtype)
+            self._work[key] = _Work(b, t, self._config, self.model.dtype)
         return self._work[key]
 
     # ---- the forward ------------------------------------------------------------------------
@@ -442,7 +442,7 @@ class FastCpuModel:
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
         """__call__'s fast path, under the form's lock."""
         self._sync()                                                            # params or config edited
-        model, config = self.model, self.config
+        model, config = self.model, self._config
         ids, cache, past, mask2d, position_ids = model._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                        past_key_values, use_cache)
         b, t = ids.shape                                                        # [B, T]
@@ -479,7 +479,7 @@ class FastCpuModel:
         rows of a table rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position
         reaches P; P at most ROPE_TABLE); for dynamic rope, whose angles depend on the longest position, and
         for positions beyond ROPE_TABLE, made per call."""
-        config, dtype = self.config, self.model.dtype
+        config, dtype = self._config, self.model.dtype
         half = config.rotary_ndims // 2
         need = int(position_ids.max()) + 1
         if config.rope_type == "dynamic" or need > ROPE_TABLE:
@@ -504,7 +504,7 @@ class FastCpuModel:
         np.subtract(x, stat, out=out)                                            # x - mean
         np.square(out, out=sq)
         np.matmul(sq, col, out=stat)                                             # var
-        np.add(stat, self.config.layer_norm_eps, out=stat)
+        np.add(stat, self._config.layer_norm_eps, out=stat)
         np.sqrt(stat, out=stat)
         np.divide(out, stat, out=out)
         np.multiply(out, weight, out=out)
@@ -538,7 +538,7 @@ class FastCpuModel:
         np.multiply(w.rot_swapped, w.sin_pairs, out=w.rot)                       # rotary on q and k at once:
         np.multiply(w.rot_x, w.cos_heads, out=w.rot_x)                           # x cos
         np.add(w.rot_x, w.rot_flat, out=w.rot_x)                                 # + [x2, x1] [-sin, sin]
-        np.multiply(w.q, self.config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
+        np.multiply(w.q, self._config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
         if cache is not None:
             end = past + t
             keys, values = cache.keys[i], cache.values[i]                        # [B, KVH, max_len, D]
@@ -604,7 +604,7 @@ class FastCpuModel:
         np.square(x, out=sq)
         np.add.reduce(sq, axis=-1, keepdims=True, out=stat)
         np.multiply(stat, inv_d, out=stat)                                       # var
-        np.add(stat, self.config.layer_norm_eps, out=stat)
+        np.add(stat, self._config.layer_norm_eps, out=stat)
         np.sqrt(stat, out=stat)
         np.divide(x, stat, out=x)
         np.multiply(x, weight, out=x)
