@@ -37,8 +37,9 @@ Weights are held once: after the engine fused q|k|v rows and interleaved gate/up
 for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout); the vectors
 the kernels read in float32 become views of one joined bfloat16 array, converted once a generate. The engine is
 built on the first generate that uses it, and again on the first after an edit of model.params, model.config or
-model.dtype (fast_forms.Source, the CPU form's test); a generate holds it for its whole loop (EngineSteps.context),
-grown first (reserve) where the request needs more rows or positions than its buffers hold.
+model.dtype (fast_forms.Source, the CPU form's test), the stale one freed first (also when the edited model steps
+through its forward: its cache and copies held memory for nothing); a generate holds it for its whole loop
+(EngineSteps.context), grown first (reserve) where the request needs more rows or positions than its buffers hold.
 This module imports no CuPy at import time (stablelm_ref/__init__.py imports it to register "gpu").
 """
 
@@ -65,7 +66,8 @@ class GpuFastModel:
     pickle and copy.deepcopy carry it as the form of the carried model (made again from it, its engine too). The
     engine's copies follow the model as the CPU form's do (fast_forms.Source): a generate after a tensor of
     model.params was replaced or renamed, a field of model.config edited or model.dtype set builds the engine
-    again from the model as it is then (its tuning kept where the shapes are the same). An edit in place of a
+    again from the model as it is then (its settings kept, and its tuning where the shapes are the same), the stale
+    one freed first; one that steps through the model's forward instead (an edit the engine does not cover) frees it. An edit in place of a
     tensor's values reaches the engine too: q|k|v and gate|up are views of its fused arrays; o, down, the
     embedding and lm_head it reads in params' own memory; the vectors it reads in float32 (LayerNorm weights and
     biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
@@ -97,6 +99,8 @@ class GpuFastModel:
         self.engine = None
         self.unsupported = None          # why the engine did not run the latest request (None: it did / not asked)
         self._source = None              # what the engine's copies were made of (fast_forms.Source)
+        self._kept = None                # what the next engine keeps of a stale one that went (_Kept)
+        self._vectors = self._vector_bits = None    # the engine's float32 vectors, the params' bf16 (_share_vectors)
         self._lock = threading.Lock()    # held by the generate using the engine (EngineSteps.context)
         self._holder = None              # the thread holding it
         model._fast = self
@@ -131,6 +135,12 @@ class GpuFastModel:
         self.unsupported = self._problem(batch)
         if self.unsupported is not None:
             logger.info("decoding through the model's forward, not the graph engine: %s", self.unsupported)
+            if self._lock.acquire(blocking=False):          # (not while a generate steps through the engine)
+                try:
+                    if not self._current():
+                        self._drop()                        # its cache, and copies of the model's old weights
+                finally:
+                    self._lock.release()
             return None
         return EngineSteps(self, batch, total + 1)
 
@@ -161,21 +171,32 @@ class GpuFastModel:
         from .cuda import decode_engine as de
 
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
-        old = self.engine
-        if old is not None and self._source is not None and self._source.same(self.model):  # None: unfinished
-            old.reserve(batch, max_len)
-            return old
-        self.engine = self._source = None          # the old engine's cache goes before the new one is made
+        if self._current():
+            self.engine.reserve(batch, max_len)
+            return self.engine
+        self._drop()                               # the stale engine goes before the new one is made
         engine = de.GpuDecodeEngine(self.model.config, self.model.params, max_batch=batch, max_len=max_len,
-                                    autotune=self.autotune, kernels=self.kernels or (old.k if old else None))
-        if old is not None:
-            _carry_settings(old, engine)
-        del old
+                                    autotune=self.autotune, kernels=self.kernels)
+        self.kernels = engine.k                    # (decode.cu built once)
+        if self._kept is not None:
+            self._kept.carry(engine)
         self.engine = engine
         self._share_weights()
         self._share_vectors()
-        self._source = Source(self.model)
+        self._source, self._kept = Source(self.model), None
         return engine
+
+    def _current(self):
+        """Whether there is an engine made from the model as it is now (not stale: fast_forms.Source). A build
+        that did not finish (an error, a Ctrl-C) left _source None."""
+        return self.engine is not None and self._source is not None and self._source.same(self.model)
+
+    def _drop(self):
+        """Let the engine go (its cache, its copies, the tensors they were made of), keeping what the next one
+        carries (_Kept)."""
+        if self.engine is not None:
+            self._kept = _Kept(self.engine)
+        self.engine = self._source = self._vectors = None
 
     def _share_weights(self):
         """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once)."""
@@ -237,19 +258,30 @@ class GpuFastModel:
 
 VECTOR_ALIGN = 64          # elements: each vector of _share_vectors' joined arrays starts at 128 / 256 bytes
 
-CARRIED = ("pdl", "pdl_error", "fold_layernorm", "megakernel", "step_shape", "carveout")
 
+class _Kept:
+    """What an engine built again after an edit of the model keeps of the stale one, taken before that one goes:
+    its settings (CARRIED) and, where every weight matrix has the same shape, its tuning (the tuner would take
+    seconds to find it again)."""
 
-def _carry_settings(old, new):
-    """An engine built again after an edit of the model keeps the old one's settings (CARRIED) and, where every
-    weight matrix has the same shape, its tuning (the tuner would take seconds to find it again)."""
-    for name in CARRIED:
-        setattr(new, name, getattr(old, name))
-    shapes = lambda e: [W.shape for Ws, _ in e._gemv_shapes().values() for W in Ws] + [e.KVH, e.D]  # noqa: E731
-    if shapes(old) == shapes(new):
-        new.set_tuning_state(old.tuning_state())
-        new.step_kernel = dict(old.step_kernel)
-    new.reset_plans()
+    CARRIED = ("pdl", "pdl_error", "fold_layernorm", "megakernel", "step_shape", "carveout")
+
+    def __init__(self, engine):
+        self.settings = {name: getattr(engine, name) for name in self.CARRIED}
+        self.shapes, self.tuning = self._shapes(engine), engine.tuning_state()
+        self.step_kernel = dict(engine.step_kernel)
+
+    @staticmethod
+    def _shapes(e):
+        return [W.shape for Ws, _ in e._gemv_shapes().values() for W in Ws] + [e.KVH, e.D]
+
+    def carry(self, engine):
+        for name, value in self.settings.items():
+            setattr(engine, name, value)
+        if self._shapes(engine) == self.shapes:
+            engine.set_tuning_state(self.tuning)
+            engine.step_kernel = dict(self.step_kernel)
+        engine.reset_plans()
 
 
 class EngineSteps:

@@ -764,13 +764,13 @@ def test_gpu_form_follows_edits_of_the_model(emulated):
     _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
     model.config.layer_norm_eps = 0.5                                          # the reference's config too
     _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
-    built = fast.engine
     model.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
     assert generate(fast, ids, **kw).shape == (2, 13) and "rotary" in fast.unsupported
+    assert fast.engine is None                                                 # stale: freed, its tuning kept
     _check_greedy(ref, generate(model, ids, **{**kw, "engine": "reference"}), 7, mask, 0.3)
     model.config.rope_scaling = None
     assert np.array_equal(generate(fast, ids, **kw), generate(model, ids, **{**kw, "engine": "reference"}))
-    assert fast.unsupported is None and fast.engine is built                  # made for this config: kept
+    assert fast.unsupported is None and fast.engine.tuning[2]["qkv"].us == 123.0
     model.params["model.norm.bias"] = model.params["model.norm.bias"].astype(np.float32)
     generate(fast, ids, **kw)
     assert "model.norm.bias" in fast.unsupported
@@ -926,3 +926,46 @@ def test_generate_after_an_interrupted_generate(emulated, settings):
         generate(fast, other[0], **{**kw, "attention_mask": other[1]}, streamer=Raising())
     assert fast._holder is None
     assert np.array_equal(generate(fast, ids, **kw), want)
+
+
+def test_a_stale_engine_is_freed_before_the_next_is_made(emulated, monkeypatch):
+    """An engine made stale by an edit of the model goes before its successor is made, its tuning and settings kept:
+    the rebuild held the old engine (its cache and buffers, and the tensors its copies were made of) until the new
+    one was made, twice the cache at once; and while the model steps through its forward (an edit the engine does not
+    cover: params cast to float32 here), the stale engine held a bfloat16 copy of every weight beside the new ones."""
+    import gc
+    import weakref
+
+    import ml_dtypes
+
+    ref, fast = _models(emulated)
+    model = fast.model
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    kw = dict(max_new_tokens=4, engine="fast")
+    generate(fast, ids, **kw)
+    fast.engine.fold_layernorm = False
+    caches = [weakref.ref(fast.engine.kc)]
+    alive = []
+    real = de.GpuDecodeEngine._allocate_buffers
+
+    def allocate(self):
+        gc.collect()
+        alive.append(caches[-1]() is not None)
+        return real(self)
+
+    monkeypatch.setattr(de.GpuDecodeEngine, "_allocate_buffers", allocate)
+    model.params["model.norm.bias"] = model.params["model.norm.bias"].copy()
+    generate(fast, ids, **kw)
+    assert alive == [False] and not fast.engine.fold_layernorm               # carried
+    caches.append(weakref.ref(fast.engine.kc))
+    embed = weakref.ref(model.params["model.embed_tokens.weight"])          # the engine reads it in place
+    tuning = fast.engine.tuning_state()
+    model.params = {k: v.astype(np.float32) for k, v in model.params.items()}
+    model.dtype = np.dtype(np.float32)
+    generate(fast, ids, **kw)
+    gc.collect()
+    assert "bfloat16" in fast.unsupported and caches[-1]() is None and embed() is None
+    model.params = {k: v.astype(ml_dtypes.bfloat16) for k, v in model.params.items()}
+    model.dtype = np.dtype(ml_dtypes.bfloat16)
+    assert np.array_equal(generate(fast, ids, **kw), generate(model, ids, **{**kw, "engine": "reference"}))
+    assert fast.engine.tuning_state() == tuning and not fast.engine.fold_layernorm
