@@ -154,7 +154,8 @@ class GpuFastModel:
             return f"the engine computes in bfloat16, the model in {model.dtype}"
         if batch > de.MAX_BATCH:
             return f"batch {batch} > {de.MAX_BATCH}"
-        if self._holder == threading.get_ident():
+        # _holder alone could be stale: a Ctrl-C as a hold's clean-up began left it set, the lock released
+        if self._holder == threading.get_ident() and self._lock.locked():
             return "a generate inside a generate (the engine holds the outer one's state)"
         try:
             de.GpuDecodeEngine.check_config(model.config)                  # rope_type included

@@ -969,3 +969,55 @@ def test_a_stale_engine_is_freed_before_the_next_is_made(emulated, monkeypatch):
     model.dtype = np.dtype(ml_dtypes.bfloat16)
     assert np.array_equal(generate(fast, ids, **kw), generate(model, ids, **{**kw, "engine": "reference"}))
     assert fast.engine.tuning_state() == tuning and not fast.engine.fold_layernorm
+
+
+def _interrupt_at(code, line):
+    """A trace function (sys.settrace) raising KeyboardInterrupt when `code` reaches `line`, once: a Ctrl-C there."""
+    done = []
+
+    def local(frame, event, arg):
+        if done:
+            return None
+        if event == "line" and frame.f_lineno == line:
+            done.append(line)
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is code else None
+
+
+def test_a_ctrl_c_anywhere_in_a_rebuild_or_a_generates_start(emulated):
+    """A Ctrl-C at any line of a generate's hold on the engine (EngineSteps.context) or of a rebuild after an edit
+    (the stale engine's drop, the build, the params made views of its arrays, the vectors joined and converted):
+    the next generate runs through the engine again and gives the model's own tokens."""
+    import inspect
+
+    ref, fast = _models(emulated)
+    model = fast.model
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    kw = dict(max_new_tokens=3, engine="fast")
+    generate(fast, ids, **kw)
+    want = generate(model, ids, **{**kw, "engine": "reference"})
+    functions = [fast_gpu.EngineSteps.context.__wrapped__, fast_gpu.GpuFastModel._engine, fast_gpu.GpuFastModel._drop,
+                 fast_gpu.GpuFastModel._share_weights, fast_gpu.GpuFastModel._share_vectors,
+                 fast_gpu.GpuFastModel.refresh_vectors, fast_gpu._Kept.__init__, fast_gpu._Kept.carry]
+    reached = 0
+    for f in functions:
+        code = f.__code__
+        source = inspect.getsourcelines(f)[0]
+        body = sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno
+                       and not source[line - code.co_firstlineno].lstrip().startswith(("try:", "with "))})
+        for line in body:                    # (not where a trace's exception lands before a with's or try's handler)
+            name = "model.norm.bias"
+            model.params[name] = model.params[name].copy()                       # a rebuild next
+            sys.settrace(_interrupt_at(code, line))
+            try:
+                generate(fast, ids, **kw)
+            except KeyboardInterrupt:
+                reached += 1
+            finally:
+                sys.settrace(None)
+            assert np.array_equal(generate(fast, ids, **kw), want), (f.__qualname__, line - code.co_firstlineno)
+            assert fast.unsupported is None and not fast._lock.locked(), (f.__qualname__, line - code.co_firstlineno)
+    assert reached > 40
