@@ -200,9 +200,12 @@ class GpuFastModel:
         self.engine = self._source = self._vectors = None
 
     def _share_weights(self):
-        """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once)."""
+        """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once). o_proj,
+        down_proj, the embedding and lm_head the engine reads in params' own memory; one it had to copy (a tensor
+        not C-contiguous) becomes a view of its copy, so that an edit in place of it reaches the engine too."""
         p, e, dt = self.model.params, self.engine, self.model.dtype
         HD, KD = e.H * e.D, e.KVH * e.D
+        read = [("model.embed_tokens.weight", e.embed)] + ([("lm_head.weight", e.lm)] if e.lm is not e.embed else [])
         for i, L in enumerate(e.layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             p[a + "q_proj.weight"] = L.wqkv[:HD].view(dt)                          # [H D, hidden]
@@ -210,6 +213,10 @@ class GpuFastModel:
             p[a + "v_proj.weight"] = L.wqkv[HD + KD:].view(dt)
             p[m + "gate_proj.weight"] = L.wgu[0::2].view(dt)                       # rows g0, u0, g1, u1, ...
             p[m + "up_proj.weight"] = L.wgu[1::2].view(dt)
+            read += [(a + "o_proj.weight", L.wo), (m + "down_proj.weight", L.wd)]
+        for name, used in read:
+            if not e.cp.may_share_memory(p[name], used):                           # (bounds only: no kernel)
+                p[name] = used.view(dt)
 
     def _share_vectors(self):
         """The vectors the kernels read in float32 (LayerNorm weights and biases, q|k|v biases, qk-norm weights)

@@ -1021,3 +1021,20 @@ def test_a_ctrl_c_anywhere_in_a_rebuild_or_a_generates_start(emulated):
             assert np.array_equal(generate(fast, ids, **kw), want), (f.__qualname__, line - code.co_firstlineno)
             assert fast.unsupported is None and not fast._lock.locked(), (f.__qualname__, line - code.co_firstlineno)
     assert reached > 40
+
+
+def test_gpu_form_follows_edits_in_place_of_a_tensor_it_had_to_copy(emulated):
+    """A matrix the engine reads in params' own memory (o_proj, down_proj, the embedding, lm_head) replaced by one
+    it must copy (not C-contiguous): params take the copy, so that an edit in place of it still reaches the engine
+    (it edited a tensor the engine no longer read, which generated the unedited model's tokens)."""
+    ref, fast = _models(emulated)
+    model = fast.model
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    kw = dict(max_new_tokens=6, engine="fast")
+    generate(fast, ids, **kw)
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.embed_tokens.weight", "lm_head.weight"):
+        model.params[name] = np.asfortranarray(model.params[name])           # the same values, another layout
+        generate(fast, ids, **kw)
+        model.params[name][...] = -model.params[name]                         # in place
+        assert np.array_equal(generate(fast, ids, **kw), generate(model, ids, **{**kw, "engine": "reference"})), name
