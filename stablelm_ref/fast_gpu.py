@@ -306,7 +306,12 @@ class EngineSteps:
     def context(self):
         """The engine, held for the whole generate (its cache and device state are this generate's: another
         thread's generate waits): built, built again after an edit of the model, or grown, here; every CuPy op
-        of the loop on its stream, in order."""
+        of the loop on its stream, in order. That stream is non-blocking (no implicit order with CuPy's default,
+        legacy null stream): the caller's current stream is waited for first, so that an edit of the model queued
+        there is done before the engine reads the weights (a host wait; ~10 us where nothing is queued)."""
+        from .cuda import xp
+
+        xp.cupy().cuda.get_current_stream().synchronize()
         form = self.form
         with form._lock:
             form._holder = threading.get_ident()

@@ -29,10 +29,14 @@ class _Capture:
 
 
 class _Stream:
+    log = None                # a list while a test records which streams are entered and synchronized
+
     def __init__(self, non_blocking=False):
-        pass
+        self.null = False
 
     def __enter__(self):
+        if _Stream.log is not None:
+            _Stream.log.append("null entered" if self.null else "entered")
         return self
 
     def __exit__(self, *exc):
@@ -46,7 +50,12 @@ class _Stream:
         return graph
 
     def synchronize(self):
-        pass
+        if _Stream.log is not None:
+            _Stream.log.append("null synchronized" if self.null else "synchronized")
+
+
+_NULL_STREAM = _Stream()
+_NULL_STREAM.null = True
 
 
 class _Graph:
@@ -83,6 +92,7 @@ def _fake_cupy():
     ns = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
     ns.asnumpy = _asnumpy
     ns.cuda = types.SimpleNamespace(Stream=_Stream, Event=_Event, alloc_pinned_memory=bytearray,
+                                    get_current_stream=lambda: _NULL_STREAM,
                                     get_elapsed_time=lambda e0, e1: round(e1.t - e0.t, 9))
     return ns
 
@@ -1038,3 +1048,18 @@ def test_gpu_form_follows_edits_in_place_of_a_tensor_it_had_to_copy(emulated):
         generate(fast, ids, **kw)
         model.params[name][...] = -model.params[name]                         # in place
         assert np.array_equal(generate(fast, ids, **kw), generate(model, ids, **{**kw, "engine": "reference"})), name
+
+
+def test_a_generate_waits_for_the_callers_stream_before_the_engines(emulated, monkeypatch):
+    """The engine's stream is non-blocking (no implicit order with CuPy's default, legacy null stream), so an edit in
+    place queued on the caller's stream just before a generate could still be running while the engine's stream built
+    the engine, converted the vectors, or ran the prefill and the steps, which then read the unedited values: a
+    generate first waits for the caller's current stream (a host wait, ~10 us where nothing is queued)."""
+    ref, fast = _models(emulated)
+    model = fast.model
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    for edit in (lambda: None, lambda: model.params.update({"model.norm.bias": model.params["model.norm.bias"] * 2})):
+        edit()                                                    # (the second generate rebuilds the engine)
+        monkeypatch.setattr(_Stream, "log", [])
+        generate(fast, ids, max_new_tokens=3, engine="fast")
+        assert _Stream.log[0] == "null synchronized", _Stream.log[:3]
