@@ -67,9 +67,10 @@ class GpuFastModel:
     engine's copies follow the model as the CPU form's do (fast_forms.Source): a generate after a tensor of
     model.params was replaced or renamed, a field of model.config edited or model.dtype set builds the engine
     again from the model as it is then (its settings kept, and its tuning where the shapes are the same), the stale
-    one freed first; one that steps through the model's forward instead (an edit the engine does not cover) frees it. An edit in place of a
-    tensor's values reaches the engine too: q|k|v and gate|up are views of its fused arrays; o, down, the
-    embedding and lm_head it reads in params' own memory; the vectors it reads in float32 (LayerNorm weights and
+    one freed first; one that steps through the model's forward instead (an edit the engine does not cover) frees
+    it. An edit in place of a tensor's values reaches the engine too: q|k|v and gate|up are views of its fused
+    arrays; o, down, the embedding and lm_head it reads in params' own memory (or params become views of its copy,
+    for a tensor not C-contiguous); the vectors it reads in float32 (LayerNorm weights and
     biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
     (_share_vectors). The engine holds one generate at a time: its cache and device state are that
     generate's, so generates from several threads take turns; one started from inside another (a streamer's

@@ -755,8 +755,9 @@ def test_gpu_form_follows_edits_of_the_model(emulated):
     """The engine's copies follow params, config and dtype as the CPU form's do (fast_forms.Source): after a tensor
     replaced, two swapped, a config field edited, the next generate builds the engine again (its tuning kept), and
     the tokens follow the edited model; a config the engine does not cover (scaled rope) or a tensor of another
-    dtype steps through the model's forward. (A third of the picks or more are decided by the float32 margin.) The engine kept its first copies: it generated the unedited model's
-    tokens after the first (which the model's own forward gives)."""
+    dtype steps through the model's forward (the stale engine freed meanwhile). (A third of the picks or more are
+    decided by the float32 margin.) The engine kept its first copies: it generated the unedited model's tokens after
+    the first (which the model's own forward gives)."""
     ref, fast = _models(emulated)
     model = fast.model
     ids, mask = left_padded_batch(np.random.default_rng(4), 384, [7, 3])
@@ -903,7 +904,8 @@ def test_gpu_form_follows_edits_in_place_of_the_vectors(emulated):
     _check_greedy(ref, generate(fast, ids, **kw), 7, mask, 0.3)
     rng = np.random.default_rng(0)
     for name in ("model.norm.weight", "model.layers.0.input_layernorm.bias", "model.layers.1.self_attn.k_proj.bias",
-                 "model.layers.0.self_attn.q_layernorm.norms.2.weight", "model.layers.1.post_attention_layernorm.weight"):
+                 "model.layers.0.self_attn.q_layernorm.norms.2.weight",
+                 "model.layers.1.post_attention_layernorm.weight"):
         change = rng.uniform(-1.5, 1.5, model.params[name].shape).astype(np.float32)
         ref.params[name] = (ref.params[name] + change).astype(model.params[name].dtype).astype(np.float32)
         model.params[name][...] = ref.params[name]                             # in place
