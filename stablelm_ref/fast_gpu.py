@@ -76,19 +76,30 @@ class GpuFastModel:
     generate's, so generates from several threads take turns; one started from inside another (a streamer's
     put) steps through the model's forward."""
 
-    def __new__(cls, model, autotune: bool = True, kernels=None):
-        """kernels: the engine's cuda.decode_kernels.DecodeKernels (None: decode.cu built on first use; the
-        emulated tests pass theirs)."""
+    def __new__(cls, model, autotune: bool | None = None, kernels=None):
+        """autotune: whether the engine tunes its kernels (None: as the model's form has it, True for a new one);
+        kernels: the engine's cuda.decode_kernels.DecodeKernels (None: decode.cu built on first use; the
+        emulated tests pass theirs). A model's existing form takes the autotune asked for."""
         with MAKING:
             existing = getattr(model, "__dict__", {}).get("_fast")
             if type(existing) is cls and existing.__dict__.get("model") is model:
+                existing._ask(autotune, kernels)
                 return existing
             self = super().__new__(cls)
-            self._make(model, autotune, kernels)
+            self._make(model, True if autotune is None else autotune, kernels)
             return self
 
-    def __init__(self, model, autotune: bool = True, kernels=None):
+    def __init__(self, model, autotune: bool | None = None, kernels=None):
         """Nothing more: __new__ made the form, or found the model's own."""
+
+    def _ask(self, autotune, kernels):
+        if kernels is not None and kernels is not self.kernels:
+            raise StableLmError("GpuFastModel(model, kernels=...): the model's GPU form exists with other kernels; "
+                                "pass them where the form is first made (before model.fast())")
+        if autotune is not None:
+            self.autotune = autotune
+            if self.engine is not None:
+                self.engine.autotune = autotune
 
     def _make(self, model, autotune, kernels):
         from .heads import StableLmForCausalLM

@@ -1065,3 +1065,14 @@ def test_a_generate_waits_for_the_callers_stream_before_the_engines(emulated, mo
         monkeypatch.setattr(_Stream, "log", [])
         generate(fast, ids, max_new_tokens=3, engine="fast")
         assert _Stream.log[0] == "null synchronized", _Stream.log[:3]
+
+
+def test_gpu_fast_model_of_a_model_with_a_form_applies_what_it_asks(emulated):
+    """GpuFastModel(model, autotune=...) of a model whose GPU form exists is that form, with the setting asked for (it
+    was ignored: GpuFastModel(model, autotune=False) went on tuning); other kernels than its own are refused."""
+    ref, fast = _models(emulated)                                       # autotune=False
+    generate(fast, np.arange(2, 8)[None], max_new_tokens=2, engine="fast")
+    assert fast_gpu.GpuFastModel(fast.model) is fast and not fast.autotune           # nothing asked: as it is
+    assert fast_gpu.GpuFastModel(fast.model, autotune=True) is fast and fast.autotune and fast.engine.autotune
+    with pytest.raises(fast_gpu.StableLmError, match="exists with other kernels"):
+        fast_gpu.GpuFastModel(fast.model, kernels=EmulatedKernels())
