@@ -579,11 +579,11 @@ def test_generate_through_engine_steps_sampling(emulated, monkeypatch):
                 dict(do_sample=True, temperature=1.2, top_k=0, seed=3), dict(repetition_penalty=2.0)]
     in_graph = [generate(fast, ids, **s, **kw) for s in settings]
     assert fast.engine.sampler is not None                                  # sample_step ran in the graph
-    monkeypatch.setattr(kn.DecodeKernels, "sampler_covers", staticmethod(lambda settings, vocab: False))
-    for s, a in zip(settings, in_graph):
-        assert np.array_equal(generate(fast, ids, **s, **kw), a), s
-    assert fast.engine.sampler is None
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:              # (undo() would undo the emulated fixture's CuPy too)
+        patch.setattr(kn.DecodeKernels, "sampler_covers", staticmethod(lambda settings, vocab: False))
+        for s, a in zip(settings, in_graph):
+            assert np.array_equal(generate(fast, ids, **s, **kw), a), s
+        assert fast.engine.sampler is None
     a = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
     b = generate(fast, ids, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=11, **kw)
     assert np.array_equal(a, b)
