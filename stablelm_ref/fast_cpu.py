@@ -60,10 +60,8 @@ the reference.
 
 from __future__ import annotations
 
-import copy
 import contextlib
 import math
-import operator
 import signal
 import sys
 import threading
@@ -72,7 +70,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import MAKING, register
+from .fast_forms import MAKING, Source, register
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -375,8 +373,9 @@ class FastCpuModel:
                 raise CheckpointError(f"the CPU fast form computes in {model.dtype} (model.dtype): tensor {name!r} "
                                       f"has dtype {dtype}; cast it back (.astype(np.{model.dtype})) or call the "
                                       "model itself, which computes with it")
-        self.layers, self._tensors = [], ()   # a rebuild: each old fused copy goes as its layer is made again
-        self.config, self._params = c, p = model.config, model.params
+        self.layers, self._source = [], None    # a rebuild: each old fused copy goes as its layer is made again
+        self._config = c = model.config
+        p = model.params
         self.layers = [_Layer(p, i, c) for i in range(c.num_hidden_layers)]
         self.norm = (p["model.norm.weight"], p["model.norm.bias"])
         self.lm_head_t = self._lm_head(p, c)                                # [hidden, vocab]
@@ -385,28 +384,17 @@ class FastCpuModel:
         self.act = None if c.hidden_act in ("silu", "swish") else ACTIVATIONS[c.hidden_act]
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
-        self._tensors = tuple(p.values())                                   # what the fused copies were made of
-        self._names = tuple(p)                                              # and under which names
-        self._dtype = model.dtype                                           # and the dtype computed in
-        self._fields = copy.deepcopy(tuple(vars(c).values()))
+        self._source = Source(model)              # what the copies were made of: params, config, dtype
 
     def _sync(self):
-        """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build: an entry of
-        params replaced (a tensor cut, cast, swapped for other values), a name changed (the dict refilled in place
-        with the same tensors in the same order, under other names: q_proj's and k_proj's swapped), the dict or the
-        config replaced, a field of the config edited, model.dtype set. The fused copies would not see such a
-        change; the reference forward reads them on every call, and this form computes the same function. An edit in
-        place of a tensor's values needs nothing: params hold views of the fused copies. The test is by identity of
-        the tensors and equality of the names (~9 us for the default model's 179 tensors, the names ~3 us of it:
-        tools/ab_params_check.py's "the checks alone"); it does not see an array's .shape or .dtype assigned
-        in place."""
-        model, p = self.model, self._params
-        if (model.params is p and model.config is self.config and model.dtype is self._dtype
-                and len(p) == len(self._tensors)
-                and all(map(operator.is_, p.values(), self._tensors)) and tuple(p) == self._names
-                and tuple(vars(self.config).values()) == self._fields):
-            return
-        self._build()
+        """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build
+        (fast_forms.Source: a tensor replaced or renamed, a config field edited, the dtype set): the fused copies
+        would not see such a change; the reference forward reads them on every call, and this form computes the
+        same function. An edit in place of a tensor's values needs nothing: params hold views of the fused copies.
+        The test is by identity of the tensors and equality of the names (~9 us for the default model's 179
+        tensors); it does not see an array's .shape or .dtype assigned in place."""
+        if self._source is None or not self._source.same(self.model):      # None: a build that did not finish
+            self._build()
 
     @staticmethod
     def _lm_head(p, c):
@@ -436,7 +424,7 @@ class FastCpuModel:
         if key not in self._work:
             if len(self._work) >= self._MAX_SHAPES:
                 self._work.pop(next(iter(self._work)))
-            self._work[key] = _Work(b, t, self.config, self.model.dtype)
+            self._work[key] = _Work(b, t, self._config, self.model.dtype)
         return self._work[key]
 
     # ---- the forward ------------------------------------------------------------------------
@@ -454,7 +442,7 @@ class FastCpuModel:
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
         """__call__'s fast path, under the form's lock."""
         self._sync()                                                            # params or config edited
-        model, config = self.model, self.config
+        model, config = self.model, self._config
         ids, cache, past, mask2d, position_ids = model._prepare_inputs(input_ids, attention_mask, position_ids,
                                                                        past_key_values, use_cache)
         b, t = ids.shape                                                        # [B, T]
@@ -491,7 +479,7 @@ class FastCpuModel:
         rows of a table rotary.rotary_cos_sin made once for positions 0..P-1 (grown when a position
         reaches P; P at most ROPE_TABLE); for dynamic rope, whose angles depend on the longest position, and
         for positions beyond ROPE_TABLE, made per call."""
-        config, dtype = self.config, self.model.dtype
+        config, dtype = self._config, self.model.dtype
         half = config.rotary_ndims // 2
         need = int(position_ids.max()) + 1
         if config.rope_type == "dynamic" or need > ROPE_TABLE:
@@ -516,7 +504,7 @@ class FastCpuModel:
         np.subtract(x, stat, out=out)                                            # x - mean
         np.square(out, out=sq)
         np.matmul(sq, col, out=stat)                                             # var
-        np.add(stat, self.config.layer_norm_eps, out=stat)
+        np.add(stat, self._config.layer_norm_eps, out=stat)
         np.sqrt(stat, out=stat)
         np.divide(out, stat, out=out)
         np.multiply(out, weight, out=out)
@@ -550,7 +538,7 @@ class FastCpuModel:
         np.multiply(w.rot_swapped, w.sin_pairs, out=w.rot)                       # rotary on q and k at once:
         np.multiply(w.rot_x, w.cos_heads, out=w.rot_x)                           # x cos
         np.add(w.rot_x, w.rot_flat, out=w.rot_x)                                 # + [x2, x1] [-sin, sin]
-        np.multiply(w.q, self.config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
+        np.multiply(w.q, self._config.head_dim ** -0.5, out=w.q)                  # the 1/sqrt(D) of q k^T
         if cache is not None:
             end = past + t
             keys, values = cache.keys[i], cache.values[i]                        # [B, KVH, max_len, D]
@@ -616,7 +604,7 @@ class FastCpuModel:
         np.square(x, out=sq)
         np.add.reduce(sq, axis=-1, keepdims=True, out=stat)
         np.multiply(stat, inv_d, out=stat)                                       # var
-        np.add(stat, self.config.layer_norm_eps, out=stat)
+        np.add(stat, self._config.layer_norm_eps, out=stat)
         np.sqrt(stat, out=stat)
         np.divide(x, stat, out=x)
         np.multiply(x, weight, out=x)

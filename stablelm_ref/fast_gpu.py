@@ -34,18 +34,25 @@ Any other request (float32 / float16 on the GPU, batch > 8, scaled rope, ...) st
 own forward (the concept modules on CuPy): decode_steps() returns None and generate uses ModelSteps.
 
 Weights are held once: after the engine fused q|k|v rows and interleaved gate/up rows, the model's params
-for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout).
+for those matrices become views of the fused arrays (as fast_cpu.py does for the CPU's layout); the vectors
+the kernels read in float32 become views of one joined bfloat16 array, converted once a generate. The engine is
+built on the first generate that uses it, and again on the first after an edit of model.params, model.config or
+model.dtype (fast_forms.Source, the CPU form's test), the stale one freed first (also when the edited model steps
+through its forward: its cache and copies held memory for nothing); a generate holds it for its whole loop
+(EngineSteps.context), grown first (reserve) where the request needs more rows or positions than its buffers hold.
 This module imports no CuPy at import time (stablelm_ref/__init__.py imports it to register "gpu").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 import numpy as np
 
 from .errors import StableLmError
-from .fast_forms import register
+from .fast_forms import MAKING, Source, register
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +60,71 @@ CACHE_ROUND = 256          # the engine's cache length is rounded up to this, so
 
 
 class GpuFastModel:
-    """StableLmForCausalLM on the GPU with its decode engine (built on the first generate that uses it)."""
+    """StableLmForCausalLM on the GPU with its decode engine (built on the first generate that uses it).
 
-    def __init__(self, model, autotune: bool = True):
+    A model has one GPU form: GpuFastModel(model) is model.fast(), whichever came first, and so is a copy of it;
+    pickle and copy.deepcopy carry it as the form of the carried model (made again from it, its engine too). The
+    engine's copies follow the model as the CPU form's do (fast_forms.Source): a generate after a tensor of
+    model.params was replaced or renamed, a field of model.config edited or model.dtype set builds the engine
+    again from the model as it is then (its settings kept, and its tuning where the shapes are the same), the stale
+    one freed first; one that steps through the model's forward instead (an edit the engine does not cover) frees
+    it. An edit in place of a tensor's values reaches the engine too: q|k|v and gate|up are views of its fused
+    arrays; o, down, the embedding and lm_head it reads in params' own memory (or params become views of its copy,
+    for a tensor not C-contiguous); the vectors it reads in float32 (LayerNorm weights and
+    biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
+    (_share_vectors). The engine holds one generate at a time: its cache and device state are that
+    generate's, so generates from several threads take turns; one started from inside another (a streamer's
+    put) steps through the model's forward."""
+
+    def __new__(cls, model, autotune: bool | None = None, kernels=None):
+        """autotune: whether the engine tunes its kernels (None: as the model's form has it, True for a new one);
+        kernels: the engine's cuda.decode_kernels.DecodeKernels (None: decode.cu built on first use; the
+        emulated tests pass theirs). A model's existing form takes the autotune asked for."""
+        with MAKING:
+            existing = getattr(model, "__dict__", {}).get("_fast")
+            if type(existing) is cls and existing.__dict__.get("model") is model:
+                existing._ask(autotune, kernels)
+                return existing
+            self = super().__new__(cls)
+            self._make(model, True if autotune is None else autotune, kernels)
+            return self
+
+    def __init__(self, model, autotune: bool | None = None, kernels=None):
+        """Nothing more: __new__ made the form, or found the model's own."""
+
+    def _ask(self, autotune, kernels):
+        if kernels is not None and kernels is not self.kernels:
+            raise StableLmError("GpuFastModel(model, kernels=...): the model's GPU form exists with other kernels; "
+                                "pass them where the form is first made (before model.fast())")
+        if autotune is not None:
+            self.autotune = autotune
+            if self.engine is not None:
+                self.engine.autotune = autotune
+
+    def _make(self, model, autotune, kernels):
         from .heads import StableLmForCausalLM
 
         if not isinstance(model, StableLmForCausalLM) or model.device != "gpu":
             raise StableLmError(f"GpuFastModel takes a StableLmForCausalLM on device='gpu', got "
                                 f"{type(model).__name__} on {getattr(model, 'device', '?')}")
-        self.model, self.config = model, model.config
-        self.autotune = autotune
+        self.model, self.autotune, self.kernels = model, autotune, kernels
         self.engine = None
-        self.unsupported = None          # why the engine cannot run this model (None: not known yet / it can)
+        self.unsupported = None          # why the engine did not run the latest request (None: it did / not asked)
+        self._source = None              # what the engine's copies were made of (fast_forms.Source)
+        self._kept = None                # what the next engine keeps of a stale one that went (_Kept)
+        self._vectors = self._vector_bits = None    # the engine's float32 vectors, the params' bf16 (_share_vectors)
+        self._lock = threading.Lock()    # held by the generate using the engine (EngineSteps.context)
+        self._holder = None              # the thread holding it
+        model._fast = self
+
+    def __copy__(self):
+        """The form itself (see __new__): a second form would build a second engine of the same weights."""
+        return self
+
+    def __reduce__(self):
+        """pickle and copy.deepcopy: the GPU form of the carried model, made again from it (the engine, its stream
+        and lock are not carried: failed with "cannot pickle 'module' object")."""
+        return GpuFastModel, (self.model, self.autotune)
 
     def __getattr__(self, name):        # config, xp, dtype, params, device, lm_head_weight, _ids: the model's
         return getattr(self.__dict__["model"], name) if "model" in self.__dict__ else object.__getattribute__(self, name)
@@ -82,44 +142,82 @@ class GpuFastModel:
 
     # ---- the decode engine --------------------------------------------------------------------
     def decode_steps(self, batch, total):
-        """EngineSteps for `batch` rows of `total` positions, or None where the engine does not apply."""
+        """EngineSteps for `batch` rows of `total` positions, or None where the engine does not apply (the reason
+        in self.unsupported, and logged)."""
+        self.unsupported = self._problem(batch)
+        if self.unsupported is not None:
+            logger.info("decoding through the model's forward, not the graph engine: %s", self.unsupported)
+            if self._lock.acquire(blocking=False):          # (not while a generate steps through the engine)
+                try:
+                    if not self._current():
+                        self._drop()                        # its cache, and copies of the model's old weights
+                finally:
+                    self._lock.release()
+            return None
+        return EngineSteps(self, batch, total + 1)
+
+    def _problem(self, batch):
+        """Why the engine cannot run this request on the model as it is now, or None. Asked on every generate:
+        the model may have been edited since the last."""
         from .cuda import decode_engine as de
 
-        if str(self.model.dtype) != "bfloat16":
-            return None
+        model = self.model
+        if str(model.dtype) != "bfloat16":
+            return f"the engine computes in bfloat16, the model in {model.dtype}"
         if batch > de.MAX_BATCH:
-            logger.info("batch %d > %d: decoding through the model's forward, not the graph engine",
-                        batch, de.MAX_BATCH)
-            return None
-        engine = self._engine(batch, total + 1)
-        return None if engine is None else EngineSteps(self.model, engine, batch)
+            return f"batch {batch} > {de.MAX_BATCH}"
+        # _holder alone could be stale: a Ctrl-C as a hold's clean-up began left it set, the lock released
+        if self._holder == threading.get_ident() and self._lock.locked():
+            return "a generate inside a generate (the engine holds the outer one's state)"
+        try:
+            de.GpuDecodeEngine.check_config(model.config)                  # rope_type included
+        except (NotImplementedError, StableLmError) as e:
+            return f"the engine does not cover this model ({e})"
+        for name in model._shapes():
+            if model.params[name].dtype != model.dtype:   # the forward computes with it; the engine would round it
+                return f"tensor {name!r} is {model.params[name].dtype}, the model {model.dtype}"
+        return None
 
     def _engine(self, batch, max_len):
+        """The engine for `batch` rows of `max_len` positions: built (or built again, after an edit of the model
+        since the last build: fast_forms.Source), else grown where its buffers are too small (reserve)."""
         from .cuda import decode_engine as de
 
-        if self.unsupported is not None:
-            return None
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
-        if self.engine is None:
-            try:
-                de.GpuDecodeEngine.check_config(self.config)                  # rope_type included
-            except (NotImplementedError, StableLmError) as e:
-                self.unsupported = str(e)
-            if self.unsupported is not None:
-                logger.info("the graph engine does not cover this model (%s): decoding through its forward",
-                            self.unsupported)
-                return None
-            self.engine = de.GpuDecodeEngine(self.config, self.model.params, max_batch=batch, max_len=max_len,
-                                             autotune=self.autotune)
-            self._share_weights()
-        else:
+        if self._current():
             self.engine.reserve(batch, max_len)
-        return self.engine
+            return self.engine
+        self._drop()                               # the stale engine goes before the new one is made
+        engine = de.GpuDecodeEngine(self.model.config, self.model.params, max_batch=batch, max_len=max_len,
+                                    autotune=self.autotune, kernels=self.kernels)
+        self.kernels = engine.k                    # (decode.cu built once)
+        if self._kept is not None:
+            self._kept.carry(engine)
+        self.engine = engine
+        self._share_weights()
+        self._share_vectors()
+        self._source, self._kept = Source(self.model), None
+        return engine
+
+    def _current(self):
+        """Whether there is an engine made from the model as it is now (not stale: fast_forms.Source). A build
+        that did not finish (an error, a Ctrl-C) left _source None."""
+        return self.engine is not None and self._source is not None and self._source.same(self.model)
+
+    def _drop(self):
+        """Let the engine go (its cache, its copies, the tensors they were made of), keeping what the next one
+        carries (_Kept)."""
+        if self.engine is not None:
+            self._kept = _Kept(self.engine)
+        self.engine = self._source = self._vectors = None
 
     def _share_weights(self):
-        """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once)."""
+        """The model's q/k/v and gate/up matrices become views of the engine's fused arrays (held once). o_proj,
+        down_proj, the embedding and lm_head the engine reads in params' own memory; one it had to copy (a tensor
+        not C-contiguous) becomes a view of its copy, so that an edit in place of it reaches the engine too."""
         p, e, dt = self.model.params, self.engine, self.model.dtype
         HD, KD = e.H * e.D, e.KVH * e.D
+        read = [("model.embed_tokens.weight", e.embed)] + ([("lm_head.weight", e.lm)] if e.lm is not e.embed else [])
         for i, L in enumerate(e.layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             p[a + "q_proj.weight"] = L.wqkv[:HD].view(dt)                          # [H D, hidden]
@@ -127,23 +225,118 @@ class GpuFastModel:
             p[a + "v_proj.weight"] = L.wqkv[HD + KD:].view(dt)
             p[m + "gate_proj.weight"] = L.wgu[0::2].view(dt)                       # rows g0, u0, g1, u1, ...
             p[m + "up_proj.weight"] = L.wgu[1::2].view(dt)
+            read += [(a + "o_proj.weight", L.wo), (m + "down_proj.weight", L.wd)]
+        for name, used in read:
+            if not e.cp.may_share_memory(p[name], used):                           # (bounds only: no kernel)
+                p[name] = used.view(dt)
+
+    def _share_vectors(self):
+        """The vectors the kernels read in float32 (LayerNorm weights and biases, q|k|v biases, qk-norm weights)
+        are joined: the model's params for them become views of one bfloat16 array (`_vector_bits`), and the
+        engine's float32 copies views of one float32 array (`_vectors`), which refresh_vectors() computes from it
+        again at the start of every generate (one conversion): an edit in place of one of them reaches the engine,
+        as for the matrices. Each piece starts at a multiple of VECTOR_ALIGN elements (the kernels' vector loads)."""
+        p, e, dt = self.model.params, self.engine, self.model.dtype
+        cp = e.cp
+        pieces = []                                            # (engine object, attribute, [param names], shape)
+        for i, L in enumerate(e.layers):
+            a, n = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+            pieces += [(L, "ln1_w", [a + "input_layernorm.weight"]), (L, "ln1_b", [a + "input_layernorm.bias"])]
+            if L.ln2_w is not None:
+                pieces += [(L, "ln2_w", [a + "post_attention_layernorm.weight"]),
+                           (L, "ln2_b", [a + "post_attention_layernorm.bias"])]
+            if L.bqkv is not None:
+                pieces.append((L, "bqkv", [n + f"{x}_proj.bias" for x in "qkv"]))
+            if L.qn is not None:
+                pieces.append((L, "qn", [n + f"q_layernorm.norms.{h}.weight" for h in range(e.H)]))
+                pieces.append((L, "kn", [n + f"k_layernorm.norms.{h}.weight" for h in range(e.KVH)]))
+        pieces += [(e, "norm_w", ["model.norm.weight"]), (e, "norm_b", ["model.norm.bias"])]
+        sizes = [sum(int(p[name].size) for name in names) for _, _, names in pieces]
+        starts = np.cumsum([0] + [-(-n // VECTOR_ALIGN) * VECTOR_ALIGN for n in sizes])
+        with e.stream:
+            bits = cp.zeros(int(starts[-1]), cp.uint16)
+            self._vectors = cp.zeros(int(starts[-1]), cp.float32)
+            for (holder, attr, names), start, size in zip(pieces, starts, sizes):
+                shape = getattr(holder, attr).shape
+                at = int(start)
+                for name in names:
+                    n = int(p[name].size)
+                    bits[at:at + n] = p[name].reshape(-1).view(cp.uint16)
+                    p[name] = bits[at:at + n].view(dt)
+                    at += n
+                setattr(holder, attr, self._vectors[int(start):int(start) + size].reshape(shape))
+        self._vector_bits = bits
+        self.refresh_vectors()
+
+    def refresh_vectors(self):
+        """The engine's float32 vectors computed again from the model's (the bfloat16 views _share_vectors made), on
+        its stream: what an edit in place of a LayerNorm weight, a bias or a qk-norm weight changed."""
+        cp = self.engine.cp
+        with self.engine.stream:                                           # bfloat16 bits -> float32: exact
+            self._vectors[...] = (self._vector_bits.astype(cp.uint32) << 16).view(cp.float32)
+
+
+VECTOR_ALIGN = 64          # elements: each vector of _share_vectors' joined arrays starts at 128 / 256 bytes
+
+
+class _Kept:
+    """What an engine built again after an edit of the model keeps of the stale one, taken before that one goes:
+    its settings (CARRIED) and, where every weight matrix has the same shape, its tuning (the tuner would take
+    seconds to find it again)."""
+
+    CARRIED = ("pdl", "pdl_error", "fold_layernorm", "megakernel", "step_shape", "carveout")
+
+    def __init__(self, engine):
+        self.settings = {name: getattr(engine, name) for name in self.CARRIED}
+        self.shapes, self.tuning = self._shapes(engine), engine.tuning_state()
+        self.step_kernel = dict(engine.step_kernel)
+
+    @staticmethod
+    def _shapes(e):
+        return [W.shape for Ws, _ in e._gemv_shapes().values() for W in Ws] + [e.KVH, e.D]
+
+    def carry(self, engine):
+        for name, value in self.settings.items():
+            setattr(engine, name, value)
+        if self._shapes(engine) == self.shapes:
+            engine.set_tuning_state(self.tuning)
+            engine.step_kernel = dict(self.step_kernel)
+        engine.reset_plans()
 
 
 class EngineSteps:
     """generation.py's step backend over the decode engine (see the module docstring)."""
 
-    def __init__(self, model, engine, batch):
-        self.model, self.engine, self.batch = model, engine, batch
-        self.xp = engine.cp
-        self.wide = self.xp.float32
-        self.cache = engine.kv_cache(batch, model.dtype)
-        self._chosen = engine.tok[:batch]
+    def __init__(self, form, batch, max_len):
+        self.form, self.model, self.batch, self.max_len = form, form.model, batch, max_len
+        self.engine = None               # the form's, once context() holds it
         self._ahead = False              # the step the loop asks for next is already queued
         self._copied = False             # the latest step's picks are being copied to the host
         self._drawn = False              # every later step's draws are on the device (use_draws)
 
+    @contextlib.contextmanager
     def context(self):
-        return self.engine.stream            # every CuPy op of the loop on the engine's stream, in order
+        """The engine, held for the whole generate (its cache and device state are this generate's: another
+        thread's generate waits): built, built again after an edit of the model, or grown, here; every CuPy op
+        of the loop on its stream, in order. That stream is non-blocking (no implicit order with CuPy's default,
+        legacy null stream): the caller's current stream is waited for first, so that an edit of the model queued
+        there is done before the engine reads the weights (a host wait; ~10 us where nothing is queued)."""
+        from .cuda import xp
+
+        xp.cupy().cuda.get_current_stream().synchronize()
+        form = self.form
+        with form._lock:
+            form._holder = threading.get_ident()
+            try:
+                e = self.engine = form._engine(self.batch, self.max_len)
+                form.refresh_vectors()                            # the vectors' edits in place since the last
+                self.xp, self.wide = e.cp, e.cp.float32
+                self.cache = e.kv_cache(self.batch, self.model.dtype)
+                self._chosen = e.tok[: self.batch]
+                with e.stream:
+                    yield
+            finally:
+                form._holder = None
 
     def choose_in_step(self, settings):
         """The step picks the next ids in the graph: argmax_step (greedy), or sample_step (generate's

@@ -169,8 +169,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         model.config when it is built (CheckpointError otherwise, as for the forward). The CPU form tests on each
         call whether params or config changed since (a tensor replaced, a config field edited) and then checks
         and rebuilds its copies (FastCpuModel._sync), refusing a tensor of another dtype than model.dtype; the GPU
-        engine's weights are its own, made once. A copy of this model (copy.copy, which has a params dict of its
-        own) gets a fast form of its own."""
+        form builds its engine again on the next generate after such a change (fast_forms.Source for both). A copy
+        of this model (copy.copy, which has a params dict of its own) gets a fast form of its own."""
         from .fast_forms import MAKING, fast_form   # the registry: heads.py never imports its fast forms
 
         with MAKING:                                 # threads asking at once get one form (fast_forms.fast_form)

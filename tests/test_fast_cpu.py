@@ -158,6 +158,25 @@ def test_fast_shares_the_weights_and_the_reference_still_agrees():
     assert fast.config is model.config and fast.dtype == model.dtype   # what generate() reads
 
 
+def test_generate_through_the_fast_form_reads_the_models_config_as_it_is():
+    """generate(model.fast(), ...) checks against model.config as it is now, as generate(model, ...) does: the form's
+    config was the one of its last build, so with model.config replaced since, generate's own checks (the prompt
+    against the context, the cache's size) read the old one and the forward's check refused it in other words."""
+    import dataclasses
+
+    model = tiny_model(seed=5)
+    fast = model.fast()
+    ids = np.arange(1, 9)[None]
+    model.config = dataclasses.replace(model.config, max_position_embeddings=4)
+    assert fast.config is model.config
+    errors = []
+    for who in (model, fast):
+        with pytest.raises(GenerationError) as e:
+            who.generate(ids, max_new_tokens=2)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith("the prompt has 8 tokens")
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_a_layers_matrices_share_one_allocation(variant):
     """Each layer's fused matrices lie in one array (one allocation: NumPy backs it with huge pages when it

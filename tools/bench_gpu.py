@@ -404,8 +404,8 @@ def bf16_logit_errors(model, hf_model=None, prompt=64, new=16, seed=0):
     del f64
     steps = model.fast().decode_steps(1, prompt + new)
     assert isinstance(steps, EngineSteps), "the graph engine does not cover this model"
-    steps.engine.use_sampler(None)
-    with steps.context():                  # the engine's stream: every copy ordered after its step
+    with steps.context():                  # the engine (built here), on its stream: every copy ordered after its step
+        steps.engine.use_sampler(None)
         got = [steps.prefill(seq[:, :prompt], np.ones((1, prompt), np.int64), np.arange(prompt)[None])
                .astype(cp.float32)]
         for i in range(prompt, prompt + new):

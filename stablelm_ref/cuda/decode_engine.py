@@ -293,6 +293,16 @@ class GpuDecodeEngine:
 
     # -- device state ---------------------------------------------------------------------------
     def _allocate(self):
+        """Every buffer, for max_batch rows of max_len positions. One that fails (out of memory, a Ctrl-C) leaves
+        kc None, so that the next reserve() allocates them all again: a mix of new and old buffers was kept, and
+        every later generate stepped through the plans of the old ones."""
+        try:
+            self._allocate_buffers()
+        except BaseException:
+            self.kc = self.vc = None
+            raise
+
+    def _allocate_buffers(self):
         cp = self.cp
         MB, hd = self.max_batch, self.hidden
         QKV = (self.H + 2 * self.KVH) * self.D
@@ -705,15 +715,15 @@ class GpuDecodeEngine:
         is kept."""
         if not 1 <= batch <= MAX_BATCH:
             raise GenerationError(f"the decode engine runs batches of 1 to {MAX_BATCH} rows, not {batch}")
-        if batch <= self.max_batch and max_len <= self.max_len:
+        if batch <= self.max_batch and max_len <= self.max_len and self.kc is not None:
             return
         self.max_batch, self.max_len = max(batch, self.max_batch), max(max_len, self.max_len)
         self.kc = self.vc = None                                     # free the old cache first
+        self.reset_plans()                                           # (captured with the old buffers)
+        self._nb = None
         with self.stream:
             self._allocate()
         self.stream.synchronize()
-        self.reset_plans()
-        self._nb = None
 
     def kv_cache(self, batch: int, dtype):
         """A kv_cache.KVCache whose per-layer buffers [batch, KVH, max_len, D] are views of this engine's

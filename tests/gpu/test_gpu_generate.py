@@ -91,6 +91,33 @@ def test_bf16_engine_equals_the_models_own_forward(tmp_path, case):
     _engine_against_forward(tmp_path, case, [list(range(5, 19)), [7, 8, 9], list(range(30, 38))])
 
 
+def _edited(model):
+    """Edits of every kind the engine follows: vectors and a matrix in place, a tensor replaced, a config field
+    (computed on the host in float32, written back in bfloat16)."""
+    p, rng = model.params, np.random.default_rng(5)
+
+    def changed(name, f):
+        host = cupy.asnumpy(p[name])
+        return cupy.asarray(f(host.astype(np.float32)).astype(host.dtype))
+
+    for name, f in (("model.norm.weight", lambda w: w * rng.uniform(0.5, 1.5, w.shape)),
+                    ("model.layers.0.input_layernorm.bias", lambda b: b + 0.25),
+                    ("model.layers.1.mlp.up_proj.weight", lambda w: -w)):
+        p[name][...] = changed(name, f)                                      # in place
+    p["model.layers.0.self_attn.o_proj.weight"] = changed("model.layers.0.self_attn.o_proj.weight", lambda w: -w)
+    model.config.layer_norm_eps = 1e-2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_engine_follows_edits_of_the_model(tmp_path, case):
+    """After a generate through the engine, the model edited in place (a LayerNorm weight and bias, gate|up's up
+    rows), a tensor replaced and a config field: the engine's logits follow the edited model's own forward as
+    closely as before (the engine had kept float32 copies of the vectors, and every copy after a replacement or a
+    config edit)."""
+    engine, model = _engine_against_forward(tmp_path, case, [list(range(5, 19)), [7, 8, 9]], edit=_edited)
+    assert model.fast().unsupported is None
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_generate_through_the_whole_step_kernel(tmp_path, case):
     """Batch 1 with the engine's step as one kernel (decode_step.cu, engine.megakernel True): greedy generate
@@ -105,17 +132,22 @@ def test_bf16_generate_through_the_whole_step_kernel(tmp_path, case):
     np.testing.assert_array_equal(a, b)
 
 
-def _engine_against_forward(tmp_path, case, rows, megakernel=None, lead_pad=0):
+def _engine_against_forward(tmp_path, case, rows, megakernel=None, lead_pad=0, edit=None):
     """generate through the engine on a left-padded batch of `rows` against the model's own forward on the
     tokens it chose: logits within 3e-2 relative, decided greedy picks equal (lead_pad: that many padding
-    positions before every row). Returns the engine and the model."""
+    positions before every row; edit(model): applied after a first generate through the engine). Returns the
+    engine and the model."""
     model = _bf16_model(tmp_path, **CASES[case])
     B = len(rows)
     steps = step_backend(model, B, 40)
     assert isinstance(steps, fast_gpu.EngineSteps)
-    steps.engine.megakernel = megakernel
+    with steps.context():                      # builds the engine, which model.generate below steps through
+        steps.engine.megakernel = megakernel
     ids, mask = _left_pad(rows)
     ids, mask = (np.pad(a, ((0, 0), (lead_pad, 0)), constant_values=v) for a, v in ((ids, 1), (mask, 0)))
+    if edit is not None:
+        model.generate(ids, attention_mask=mask, max_new_tokens=4)
+        edit(model)
     T = ids.shape[1]
     logits = []
     engine_class = type(steps.engine)
@@ -147,7 +179,7 @@ def _engine_against_forward(tmp_path, case, rows, megakernel=None, lead_pad=0):
     # the reference step backend on the same model: the same first token (the prefill is shared code)
     ref_out = _host(model.generate(ids, attention_mask=mask, max_new_tokens=1, engine="reference"))
     np.testing.assert_array_equal(ref_out, out[:, :T + 1])
-    return steps.engine, model
+    return model.fast().engine, model
 
 
 @pytest.mark.parametrize("case", ["3b-like, GQA", "12b-like: qk LayerNorm, parallel residual, D=160"])
