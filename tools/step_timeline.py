@@ -3,11 +3,13 @@
     python tools/step_timeline.py                     # stablelm-3b-4e1t shapes, bf16 random weights, 128 cached keys
     python tools/step_timeline.py --shapes 2-1.6b --ab   # only ms a step: per-layer (untuned), each ring shape
 
-decode_step.cu is built again with MK_TIMELINE defined (probe only: the shipped module never defines it):
-thread 0 of each block (lane 0 of warp 0) records %globaltimer at each phase's end and after each grid barrier
-(MARKS a layer), and sums, over the step (in shared memory, flushed at the end), the time its warp waits for
-a full slot of its ring, the time it spends inside tiles (from that wait's return to the end of the tile's
-refill and epilogue; of it, issuing the refill's bulk copies) and the time it spends inside grid barriers.
+decode_step.cu's translation unit is built again with step_timeline.cuh (beside this file) put before it: its
+MK_MARK / MK_T0 / MK_ADD / MK_ZERO / MK_FLUSH take the place of decode_step.cu's hooks (empty unless defined
+before them: the shipped decode_step.cu has none of the probe's code). With them thread 0 of each block (lane
+0 of warp 0) records %globaltimer at each phase's end and after each grid barrier (MARKS a layer), and sums,
+over the step (in shared memory, flushed at the end), the time its warp waits for a full slot of its ring, the
+time it spends inside tiles (from that wait's return to the end of the tile's refill and epilogue; of it,
+issuing the refill's bulk copies) and the time it spends inside grid barriers.
 Printed: each ring shape's step time and those sums (median over blocks), then the per-layer phases (median
 over blocks, mean over layers 1 .. L-2) of the default shape. The probe build's step is a few percent slower
 than the shipped one (both printed).
@@ -25,7 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MARKS = ("LN1", "q|k|v", "barrier", "attention", "barrier", "o_proj", "barrier", "LN2", "gate|up", "barrier",
          "down", "barrier")          # decode_step.cu's MK_MARK(1 + 12 l + i): the end of each of these
-TL_BLOCKS, TL_N, TL_SUMS = 160, 1024, 1000      # must match decode_step.cu's MK_TL_*
+TIMELINE_CUH = Path(__file__).with_name("step_timeline.cuh")
+HOOK = "#if !defined(MK_MARK)"       # decode_step.cu keeps probe macros defined before it
+TL_BLOCKS, TL_N, TL_SUMS = 160, 1024, 1000      # step_timeline.cuh's MK_TL_BLOCKS, MK_TL_N, MK_TL_SUMS
+
+
+def timeline_source(step_src):
+    """The timeline build's source: step_timeline.cuh, then decode_step.cu's translation unit (step_src,
+    launch.step_source())."""
+    if HOOK not in step_src:
+        raise SystemExit(f"decode_step.cu has no line {HOOK!r}: without it its own empty MK_MARK / MK_T0 / MK_ADD "
+                         f"/ MK_ZERO / MK_FLUSH would replace {TIMELINE_CUH.name}'s and nothing would be recorded; "
+                         "put the line back above their empty definitions")
+    return TIMELINE_CUH.read_text() + step_src
 
 
 def phase_table(marks, layers, parallel):
@@ -79,7 +93,7 @@ def main():
               + "; ".join(f"{sh} {step_ms(True, sh):.4f}" for sh in kn.STEP_SHAPES), flush=True)
     if args.ab:
         return
-    path = compile_cached("#define MK_TIMELINE\n" + step_source(), "decode_step_tl", str(k.compute_capability),
+    path = compile_cached(timeline_source(step_source()), "decode_step_tl", str(k.compute_capability),
                           nvcc_flags=("-O3",))
     mod = cp.RawModule(path=str(path))
     k._step_fn = {d: mod.get_function(f"decode_step_b1_d{d}") for d in kn.ATT_DIMS}

@@ -53,30 +53,9 @@
 #define MODE_SWIGLU 2
 enum { P_WQKV, P_WO, P_WGU, P_WD, P_LN1W, P_LN1B, P_LN2W, P_LN2B, P_BQKV, P_QN, P_KN, P_KC, P_VC };
 
-// Probe-only build (tools/step_timeline.py defines MK_TIMELINE; the shipped module never does): thread 0 of each
-// block records %globaltimer at each phase's end and after each grid barrier, and sums (ns) its waits for a
-// full slot, its time inside tiles, its time inside grid barriers and its time issuing bulk copies.
-#ifdef MK_TIMELINE
-#define MK_TL_BLOCKS 160
-#define MK_TL_N 1024
-__device__ u64 mk_tl[MK_TL_BLOCKS][MK_TL_N];
-__device__ __forceinline__ void mk_mark(int i) {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    if (blockIdx.x < MK_TL_BLOCKS && i < MK_TL_N) mk_tl[blockIdx.x][i] = t;
-}
-#define MK_MARK(i) do { if (threadIdx.x == 0) mk_mark(i); } while (0)
-// time (ns) summed from MK_T0(v) to MK_ADD(i, v) by thread 0 in shared memory (no global round trip a tile),
-// added to mk_tl[block][MK_TL_SUMS + i] at the end (MK_FLUSH)
-#define MK_TL_SUMS 1000
-__shared__ u64 mk_sum[4];
-#define MK_T0(v) u64 v; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v))
-#define MK_ADD(i, v) do { u64 t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); \
-    if (threadIdx.x == 0) mk_sum[i] += t_ - (v); } while (0)
-#define MK_ZERO() do { if (threadIdx.x < 4) mk_sum[threadIdx.x] = 0; } while (0)
-#define MK_FLUSH() do { if (threadIdx.x < 4 && blockIdx.x < MK_TL_BLOCKS) \
-    mk_tl[blockIdx.x][MK_TL_SUMS + threadIdx.x] += mk_sum[threadIdx.x]; } while (0)
-#else
+// Probe hooks, empty here: a probe build may define them before this file (tools/step_timeline.cuh: thread 0
+// of each block marks the phases' ends and sums its waits); the shipped module never does.
+#if !defined(MK_MARK)
 #define MK_MARK(i)
 #define MK_T0(v)
 #define MK_ADD(i, v)
