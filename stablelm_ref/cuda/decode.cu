@@ -22,6 +22,9 @@
 //   sample_topk_partial + sample_topk_merge   the same for top-k sampling, the search spread over many
 //                      blocks a row (each slice's top-k, then the union's)
 //
+// The batch-1 whole-step kernel, decode_step_b1_d{D}, is decode_step.cu: a module of its own, compiled after
+// this file's helpers (everything above the "embedding" section; launch.step_source()).
+//
 // Header-free on purpose (bf16 handled as raw 16-bit patterns), so NVRTC and nvcc both build it.
 // Build: nvcc -cubin -arch=sm_90 -O3 decode.cu   (launch.build_cubin -> cubin.compile_cached: nvcc, else NVRTC).
 
@@ -501,7 +504,8 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx
         for (int m = 0; m < MT; ++m)
 #pragma unroll
             for (int h = 0; h < 2; ++h)                  // rows past N re-read row N-1; never stored
-                wrow[m][h] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * rows + m * 16 + h * 8 + g, N - 1) * KC;
+                wrow[m][h] = reinterpret_cast<const uint4*>(W) +
+                             (size_t)min(grp * rows + m * 16 + h * 8 + g, N - 1) * KC;
     };
     uint4 wv[U][MT][2];
     auto load_w = [&](int s0) {                          // steps s0, s0 + NW, ... (U of them) of this warp
@@ -536,8 +540,10 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx
             for (int u = 0; u < U; ++u)
 #pragma unroll
                 for (int m = 0; m < MT; ++m) {
-                    mma_bf16_16816(acc[m], wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y, xr[u].x, xr[u].y);
-                    mma_bf16_16816(acc[m], wv[u][m][0].z, wv[u][m][1].z, wv[u][m][0].w, wv[u][m][1].w, xr[u].z, xr[u].w);
+                    mma_bf16_16816(acc[m], wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y, xr[u].x,
+                                   xr[u].y);
+                    mma_bf16_16816(acc[m], wv[u][m][0].z, wv[u][m][1].z, wv[u][m][0].w, wv[u][m][1].w, xr[u].z,
+                                   xr[u].w);
                 }
             if (s0 + U * NW < KS) load_w(s0 + U * NW);
         }
@@ -1253,7 +1259,8 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     } else if (top_k > 0 && top_k < V) {
         // the k-th largest key, then every z with a key >= it (at most SAMPLE_CMAX kept)
         auto each_key = [&](auto f) {
-            for (int v = tid; v < V; v += blockDim.x) f(order_key(processed_logit(row, pres, v, penalty, 1, temperature)));
+            for (int v = tid; v < V; v += blockDim.x)
+                f(order_key(processed_logit(row, pres, v, penalty, 1, temperature)));
         };
         const unsigned int kth = block_radix_select(each_key, V, top_k, hist, sh);
         if (tid == 0) s_n = 0;

@@ -25,12 +25,12 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
 
 At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
 the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, 16 warps each
-streaming its own rows of every matrix through its own shared-memory ring with bulk copies, the attention
-split over the grid, phases between grid barriers; the same roundings as the launches above). engine.megakernel
-picks: False (the default: it measured 1.2x slower than the per-layer step at 3b-4e1t and 2-1.6b shapes on an
-H200, so it is not timed) = never, None = the tuner times both steps and keeps the faster (step_kernel[1],
-tune.py's stage 4), True = always. The emulated engine (tests/test_decode_engine_emulated.py) has no such kernel and keeps the
-per-layer plan.
+streaming its own rows of every matrix through its own shared-memory ring (bulk copies, or the tuner's
+cp.async shape), the attention split over the grid, phases between grid barriers; the same roundings as the
+launches above). engine.megakernel picks: False (the default: it measured 1.2x slower than the per-layer step
+at 3b-4e1t and 2-1.6b shapes on an H200, so it is not timed) = never, None = the tuner times both steps and
+keeps the faster (step_kernel[1], tune.py's stage 4), True = always. The emulated engine
+(tests/test_decode_engine_emulated.py) has no such kernel and keeps the per-layer plan.
 
 Token ids, positions and the cache length live in device memory, so the whole step is captured once
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
@@ -43,9 +43,9 @@ nb FMAs a weight and becomes ALU-bound).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
-griddepcontrol.wait. On an H100, stablelm-3b-4e1t shapes, batch 1: 2.23 ms a step (449 tokens/s, 79% of
-the memory roofline); the same shapes in a plain graph 2.54 ms, with bit-identical tokens and logits
-(docs/cuda_decode_notes.md has every version and what did not help).
+griddepcontrol.wait (tokens and logits bit-identical to a plain graph's). On an H200, stablelm-3b-4e1t shapes,
+batch 1: 1.72 ms a step, 583 tokens/s through model.generate, 72% of the memory roofline
+(docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did not help).
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
 through kv_cache() (views of it), start() sets the device state, set_tokens() the fed ids, decode_step()
@@ -53,11 +53,13 @@ replays the graph. prefill() is the engine's own self-contained prompt pass (CuP
 activations rounded to bf16 where the decode kernels round): the engine's tests and probes use it where
 there is no StableLmForCausalLM (transformers' weights).
 
-The GPU side, by concern: launch.py (building decode.cu and decode_step.cu, bound launches, PDL, cooperative
-launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py (the
-autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not), specs.py (the float64
-specification of every kernel), bf16.py (bfloat16 bits on CuPy), this file (weights, buffers, the step's plan,
-capture, the device-side bookkeeping).
+The decode engine's files, by concern: decode.cu and decode_step.cu (the kernels), cubin.py (a source to a
+cached cubin: nvcc, else NVRTC), launch.py (building decode.cu and decode_step.cu, bound launches, PDL,
+cooperative launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py
+(the autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not), specs.py (the float64
+specification of every kernel), bf16.py (bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in),
+this file (weights, buffers, the step's plan, capture, the device-side bookkeeping). Probe-only code lives in
+tools/ (decode_probe.py, decode_timeline.py, step_timeline.py and their .cuh builds).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, rotary_ndims, rope_theta, layer_norm_eps,
@@ -165,9 +167,10 @@ class GpuDecodeEngine:
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
         self.megakernel = False             # batch 1, the whole step in one kernel (decode_step.cu): False = never
-        #                                     (the default while it is ~2x slower than the per-layer step, tenth
+        #                                     (the default while it is 1.2x slower than the per-layer step, eleventh
         #                                     session's notes: timing it would add ~1 s to every tuning), None = the
-        #                                     tuner's choice (step_kernel), True = always (an error where it cannot run)
+        #                                     tuner's choice (step_kernel), True = always (an error where it cannot
+        #                                     run)
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
         self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
         self.step_shape = STEP_SHAPES[0]    # its rings: (bytes a slot, copies), the tuner's choice

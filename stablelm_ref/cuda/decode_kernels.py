@@ -74,7 +74,7 @@ def step_layout(hidden: int, inter: int, D: int, max_smem: int, slot: int = STEP
 
 def step_parts(H: int, ns: int, blocks: int) -> int:
     """The attention's parts a head at most in decode_step.cu: the partials' buffers hold ns a head, each of
-    the MK_AW first warps of a block takes one part at most (H parts <= MK_AW blocks), MK_PMAX at most (the
+    the MK_AW first warps of a block takes one part at most (H x parts <= MK_AW x blocks), MK_PMAX at most (the
     combine holds each part's output in registers)."""
     return min(ns, MK_AW * blocks // H, MK_PMAX)
 

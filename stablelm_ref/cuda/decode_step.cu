@@ -10,21 +10,22 @@
 // cp.async, each arriving on that mbarrier when its copies land) into the warp's own ring of shared-memory slots,
 // in the step's order (layer 0 q|k|v, o_proj, gate|up, down, layer 1, ..., lm_head), and refills a slot as soon
 // as it has read it, with the next tile of that order: the tiles of the next phase are in flight before the
-// grid barrier, since weights never depend on activations. Each lane takes the 16-byte chunks c = lane mod 32
-// of every row (the order of a row's float32 sum does not depend on the segments), MK_R accumulators sharing
+// grid barrier, since weights never depend on activations. Each lane takes the 16-byte chunks c with c mod 32 =
+// lane of every row (the order of a row's float32 sum does not depend on the segments), MK_R accumulators sharing
 // each load of the input vector (shared memory); at a row group's end one transposing butterfly leaves row i's
 // sum in lanes [i 32 / MK_R, (i + 1) 32 / MK_R) (the same additions as warp_sum), and those lanes store it
 // (+bias), add it to x, or take SwiGLU of an interleaved (gate, up) pair. No warp waits for another except at
-// the LayerNorms (block sums) and the grid barriers.
+// the block's barriers between phases (the LayerNorms' block sums, att and mlp staged in shared memory) and the
+// grid barriers.
 // The phases of each layer, separated by grid barriers:
 //   1. h = LN1(x) (every block computes it from the float32 residual x, two-pass float statistics as
 //      layernorm_rows, rounded to bf16 into shared memory); qkv[rows] = h . Wqkv[rows] (+ bias)     [barrier]
 //   2. attention, spread over the grid: query head h's keys [0, len] split into P parts of whole 32-key chunks
 //      (P <= pmax, as many as the keys need), part p of head h taken by one warp (item h P + p: block
-//      item % G, warp item / G). It computes q (q/k LayerNorm per head, rotary, scale) itself; the part that
-//      holds key len also the new k / v (rounded to bf16; written at cache[len] by the first query head of each
-//      kv head); lane = key for the scores, lane = pairs of dims for p V; its (max, sum, output) go to
-//      part_ml / part_o (float32, L2)                                                               [barrier]
+//      item % gridDim.x, warp item / gridDim.x, one of the block's first MK_AW). It computes q (q/k LayerNorm
+//      per head, rotary, scale) itself; the part that holds key len also the new k / v (rounded to bf16; written
+//      at cache[len] by the first query head of each kv head); lane = key for the scores, lane = pairs of dims
+//      for p V; its (max, sum, output) go to part_ml / part_o (float32, L2)                       [barrier]
 //   3. att = the parts combined (every block, into shared memory, rounded to bf16);
 //      x[rows] += att . Wo[rows]                              [barrier; none with a parallel residual]
 //   4. h2 = LN2(x) (parallel residual: h of phase 1, kept); mlp[rows / 2] = silu(h2 . Wg) * (h2 . Wu), over
@@ -236,13 +237,13 @@ __device__ __forceinline__ float mk_group_sum(float (&acc)[MK_R], int lane) {
     }
     float v = acc[0];
 #pragma unroll
-#pragma unroll
     for (int off = 16 / MK_R; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
 }
 
-// This warp's rows of matrix m (none where its walk has passed m): y = in . W^T, in: shared memory [K] bf16 (16-byte loads), W's tiles from the
-// warp's ring (each slot refilled with the walk's next tile right after it is read). Epilogues as decode.cu's
+// This warp's rows of matrix m (none where its walk has passed m): y = in . W^T, in: shared memory [K] bf16
+// (16-byte loads), W's tiles from the warp's ring (each slot refilled with the walk's next tile right after it is
+// read). Epilogues as decode.cu's
 // gemv_epilogue: store (+bias) into yf, add into yf (the residual x; its old value loaded at the group's start),
 // SwiGLU of (gate, up) rows into yh.
 __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims& d, int m, const u16* in, int mode,

@@ -1,13 +1,16 @@
-"""Building decode.cu and launching its kernels: a cached cubin (cubin.py: nvcc or NVRTC), one bound launch per
-kernel call, programmatic dependent launches (PDL) through the driver, graph capture and replay timing.
+"""Building decode.cu and decode_step.cu and launching their kernels: a cached cubin (cubin.py: nvcc or NVRTC),
+one bound launch per kernel call, programmatic dependent launches (PDL) and cooperative launches through the
+driver, graph capture and replay timing.
 
-    kernels = load_module(cupy)                       # the cubin cached for this source and GPU
+    kernels = load_module(cupy)                       # decode.cu's cubin cached for this source and GPU
+    build_step_cubin("90")                            # decode_step.cu after decode.cu's helpers (step_source())
     step = [Launch(fn, grid, block, args), ...]      # a decode step as a list of bound launches
     graph = capture_launches(stream, step, pdl=True) # one CUDA graph; with PDL each launch may start while
     replay_ms(stream, graph, replays=10)             #   its predecessor drains (decode.cu's PDL_WAIT)
 
 CuPy's launcher has no launch attributes, hence PdlLauncher: cuLaunchKernelEx through ctypes, with the
-struct layouts of cuda.h (CUDA 12/13).
+struct layouts of cuda.h (CUDA 12/13); it also makes the whole-step kernel's cooperative launch (every block
+resident: its grid barriers need it) and applies a launch's shared-memory carveout.
 """
 
 from __future__ import annotations

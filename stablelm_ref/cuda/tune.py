@@ -1,8 +1,9 @@
 """Decode-step autotuning: per matrix kind the GEMV's rows per block, threads per block and persistent blocks
-per SM, then the attention's shape.
+per SM, then the attention's shape, then (batch 1, on request) the whole-step kernel or not.
 
 A decode step is memory-bound and its GEMVs are most of it; the best launch shape depends on the matrix
-and on its neighbours in the step. Three stages, once per batch size (seconds):
+and on its neighbours in the step. Four stages, once per batch size (seconds; the fourth only where
+engine.megakernel is None, not the default False):
 
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
        layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
@@ -13,7 +14,6 @@ and on its neighbours in the step. Three stages, once per batch size (seconds):
        largest first; a change is kept if the step is faster
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
-
     4. batch 1 (engine.megakernel None): the whole step as one kernel (decode_step.cu; its ring's STEP_SHAPES)
        against the tuned per-layer step, the faster kept (engine.step_kernel[1], engine.step_shape; why it was
        not timed or kept: engine.step_kernel_note)
@@ -70,7 +70,9 @@ def gemv_candidates(K: int, nb: int, mode: int, tensor_cores: bool = False):
 def tune(engine, nb):
     """Choose each GEMV kind's launch shape for batch nb (once): each kind timed alone over the candidates,
     then its finalists, persistent blocks and half the rows a block (leaner) inside the whole step, then the
-    attention's shape (tune_in_step, which ends with tune_attention)."""
+    attention's shape (tune_in_step, which ends with tune_attention), then at batch 1 with megakernel None
+    the whole-step kernel against that step (tune_step_kernel). With engine.autotune False nothing is timed:
+    every kind keeps DEFAULT_GEMV, the attention DEFAULT_ATT."""
     if nb in engine.tuning:
         return
     cp = engine.cp
