@@ -1,8 +1,11 @@
 """Shared fixtures: tiny StableLM configurations and random checkpoints made on the fly; the hostile-input
-tests' settings (cases), render limits (fast_limits) and directory snapshot (files_of)."""
+tests' settings (cases), render limits (fast_limits) and directory snapshot (files_of); CUDA source through
+nvcc's preprocessor (nvcc_expand)."""
 
 import hashlib
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -100,3 +103,21 @@ def files_of(directory):
             with open(path, "rb") as f:
                 out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+@pytest.fixture
+def nvcc_expand(tmp_path):
+    """expand(name, text, arch="90"): CUDA source `text` through nvcc's device preprocessor (-E, sm_{arch}), its
+    output; asserts that nvcc succeeded and redefined no macro (a probe's macro replaced by the shipped one's).
+    Needs nvcc on PATH, no GPU; skips without it."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the preprocessing check needs CUDA's nvcc (no GPU)")
+
+    def expand(name, text, arch="90"):
+        (tmp_path / f"{name}.cu").write_text(text)
+        done = subprocess.run(["nvcc", "-E", "-cubin", f"-arch=sm_{arch}", f"{name}.cu"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and "redefined" not in done.stderr, done.stderr[-2000:]
+        return done.stdout
+
+    return expand

@@ -6,8 +6,6 @@ no GPU)."""
 
 import importlib
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,24 +72,14 @@ def test_a_step_source_without_the_hook_is_refused_with_what_to_do():
         st.timeline_source(step_source().replace(st.HOOK, "#if 1"))
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: the preprocessing check needs "
-                    "CUDA's nvcc (no GPU)")
-def test_every_hook_records_in_the_timeline_build_and_is_empty_in_the_shipped_one(tmp_path):
+def test_every_hook_records_in_the_timeline_build_and_is_empty_in_the_shipped_one(nvcc_expand):
     """The step's translation unit and the timeline build through nvcc's device preprocessor (-E, sm_90: the
     step kernel needs it): each use of a hook in decode_step.cu becomes the probe's mark, clock read or sum in
     the timeline build and nothing in the shipped one, with no macro redefined."""
     shipped = step_source()
     uses = {h: len(re.findall(rf"^\s*{h}\(.*\);", STEP_CU.read_text(), re.M)) for h in HOOKS}
     assert uses["MK_MARK"] > 10 and uses["MK_T0"] == uses["MK_ADD"] > 0 and uses["MK_ZERO"] == uses["MK_FLUSH"] == 1
-
-    def expanded(name, text):
-        (tmp_path / f"{name}.cu").write_text(text)
-        done = subprocess.run(["nvcc", "-E", "-cubin", "-arch=sm_90", f"{name}.cu"], cwd=tmp_path,
-                              capture_output=True, text=True)
-        assert done.returncode == 0 and "redefined" not in done.stderr, done.stderr[-2000:]
-        return done.stdout
-
-    ship, probe = expanded("shipped", shipped), expanded("timeline", st.timeline_source(shipped))
+    ship, probe = nvcc_expand("shipped", shipped), nvcc_expand("timeline", st.timeline_source(shipped))
     assert [w for w in (*PROBE_ONLY, *HOOKS) if w in ship] == []
     assert probe.count("do { if (threadIdx.x == 0) mk_mark(") == uses["MK_MARK"]
     assert len(re.findall(r"if \(threadIdx.x == 0\) mk_sum\[\d\] \+= t_ - \(\w+\)", probe)) == uses["MK_ADD"]

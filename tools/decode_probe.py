@@ -62,7 +62,8 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; everything but
     # the split combine (partials written, no fence, atomic or last block's combine)
     "att-wait-exit": lambda src: _insert(src, ATT_START, "\n    if (H > 0) { PDL_WAIT(); return; }", before=False),
-    "att-tile-exit": lambda src: _insert(src, ATT_WAIT, '    if (H > 0) { asm volatile("cp.async.wait_all;" ::: "memory"); '
+    "att-tile-exit": lambda src: _insert(src, ATT_WAIT,
+                                         '    if (H > 0) { asm volatile("cp.async.wait_all;" ::: "memory"); '
                                          'return; }\n', before=False),
     "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
@@ -107,6 +108,17 @@ def kernels_for(name, patch, src_rev=None):
             launch.SOURCE = saved
 
 
+def probe_source(cuh, source, hook, unit, macros):
+    """A probe build's source: the probe's header `cuh` (a .cuh in tools/) put before `source`, the text of the
+    shipped `unit` (decode.cu, or decode_step.cu's translation unit), whose empty `macros` give way to those the
+    header defines, provided `source` still has the `hook` line that tests for them. Without it the unit's own
+    macros would replace the probe's and nothing would be recorded: refused, saying what to do."""
+    if hook not in source:
+        raise SystemExit(f"{unit} has no line {hook!r}: without it its own {macros} would replace {cuh.name}'s "
+                         f"and nothing would be recorded; put the line back above their definitions")
+    return cuh.read_text() + source
+
+
 def time_graph(engine, ids, g, steps=127, reps=3):
     """ms per replay of g, `steps` replays after a fresh prefill, median of reps (after one warm-up)."""
     out = []
@@ -128,8 +140,8 @@ def print_tune_log(entries):
         for e in entries:
             if e[0] == "step" and e[2] == kind:
                 c = e[3]
-                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM{' mma U%d' % c[5] if c[5] else ''}"
-                    f" -> {e[4]:.4f} ms")
+                log(f"    {kind:8s} in the step: R{c[0]} T{c[1]} persistent {c[2]}/SM"
+                    f"{' mma U%d' % c[5] if c[5] else ''} -> {e[4]:.4f} ms")
     for e in entries:
         if e[0] == "step" and e[2] == "attention":
             log(f"    attention in the step: (split_tiles, nbuf) {e[3]} -> {e[4]:.4f} ms")
@@ -159,7 +171,8 @@ def batch_ab(cfg, params, batches, prompt, steps):
         row["speed-up"] = row["cuda cores"] / row["tensor cores offered"]
         out[nb] = row
         log(f"batch {nb}: step {row['cuda cores']:.4f} ms (CUDA-core GEMV) vs {row['tensor cores offered']:.4f} ms "
-            f"(tensor cores offered): {row['speed-up']:.2f}x; {nb * 1e3 / row['tensor cores offered']:.0f} tok/s total; "
+            f"(tensor cores offered): {row['speed-up']:.2f}x; "
+            f"{nb * 1e3 / row['tensor cores offered']:.0f} tok/s total; "
             f"chosen (rows, threads, persist, unroll) {row['tensor cores offered tuning']}")
     return out
 

@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
-from decode_probe import kernels_for, time_graph  # noqa: E402
+from decode_probe import kernels_for, probe_source, time_graph  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de  # noqa: E402
 
 TIMELINE_CUH = Path(__file__).with_name("decode_timeline.cuh")
@@ -70,12 +70,9 @@ def kind_of(tag):
 
 
 def timeline_source(decode_cu):
-    """The timeline build's source: decode_timeline.cuh, then decode.cu's text (decode_cu)."""
-    if HOOK not in decode_cu:
-        raise SystemExit(f"decode.cu has no line {HOOK!r}: without it its own PDL macros would replace "
-                         f"{TIMELINE_CUH.name}'s and no block would be recorded; put the line back above its "
-                         "PDL_LAUNCH / PDL_WAIT definitions")
-    return TIMELINE_CUH.read_text() + decode_cu
+    """The timeline build's source: decode_timeline.cuh, then decode.cu's text (decode_cu); refused without
+    the hook line (decode_probe.probe_source)."""
+    return probe_source(TIMELINE_CUH, decode_cu, HOOK, "decode.cu", "PDL_LAUNCH / PDL_WAIT")
 
 
 def timeline_kernels():

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_probe import probe_source  # noqa: E402
 
 MARKS = ("LN1", "q|k|v", "barrier", "attention", "barrier", "o_proj", "barrier", "LN2", "gate|up", "barrier",
          "down", "barrier")          # decode_step.cu's MK_MARK(1 + 12 l + i): the end of each of these
@@ -34,12 +35,8 @@ TL_BLOCKS, TL_N, TL_SUMS = 160, 1024, 1000      # step_timeline.cuh's MK_TL_BLOC
 
 def timeline_source(step_src):
     """The timeline build's source: step_timeline.cuh, then decode_step.cu's translation unit (step_src,
-    launch.step_source())."""
-    if HOOK not in step_src:
-        raise SystemExit(f"decode_step.cu has no line {HOOK!r}: without it its own empty MK_MARK / MK_T0 / MK_ADD "
-                         f"/ MK_ZERO / MK_FLUSH would replace {TIMELINE_CUH.name}'s and nothing would be recorded; "
-                         "put the line back above their empty definitions")
-    return TIMELINE_CUH.read_text() + step_src
+    launch.step_source()); refused without the hook line (decode_probe.probe_source)."""
+    return probe_source(TIMELINE_CUH, step_src, HOOK, "decode_step.cu", "MK_MARK / MK_T0 / MK_ADD / MK_ZERO / MK_FLUSH")
 
 
 def phase_table(marks, layers, parallel):
