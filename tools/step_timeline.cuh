@@ -4,8 +4,8 @@
 //
 // Thread 0 of each block (lane 0 of warp 0) records %globaltimer at each phase's end and after each grid
 // barrier (MK_MARK(i): mk_tl[block][i]), and sums (ns) its waits for a full slot, its time inside tiles, its
-// time inside grid barriers and its time issuing bulk copies (MK_T0(v) ... MK_ADD(i, v), in shared memory: no
-// global round trip a tile), added to mk_tl[block][MK_TL_SUMS + i] at the end (MK_FLUSH).
+// time inside grid barriers and its time issuing the ring's copies (MK_T0(v) ... MK_ADD(i, v), in shared memory:
+// no global round trip a tile), added to mk_tl[block][MK_TL_SUMS + i] at the end (MK_FLUSH).
 #define MK_TL_BLOCKS 160
 #define MK_TL_N 1024
 __device__ unsigned long long mk_tl[MK_TL_BLOCKS][MK_TL_N];

@@ -9,7 +9,8 @@ before them: the shipped decode_step.cu has none of the probe's code). With them
 0 of warp 0) records %globaltimer at each phase's end and after each grid barrier (MARKS a layer), and sums,
 over the step (in shared memory, flushed at the end), the time its warp waits for a full slot of its ring, the
 time it spends inside tiles (from that wait's return to the end of the tile's refill and epilogue; of it,
-issuing the refill's bulk copies) and the time it spends inside grid barriers.
+issuing the refill's copies: lane 0's bulk copies, or its own cp.async in a cp.async ring shape) and the time it
+spends inside grid barriers.
 Printed: each ring shape's step time and those sums (median over blocks), then the per-layer phases (median
 over blocks, mean over layers 1 .. L-2) of the default shape. The probe build's step is a few percent slower
 than the shipped one (both printed).

@@ -36,8 +36,9 @@ Token ids, positions and the cache length live in device memory, so the whole st
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
-at start-up by timing graph replays of that matrix kind; then the best few, and 1-4 persistent blocks per
-SM (blocks that loop over several row groups), are timed within the whole captured step (seconds). At
+at the first capture of each batch size by timing graph replays of that matrix kind; then the best few,
+1-4 persistent blocks per SM (blocks that loop over several row groups) and half the rows a block are timed
+within the whole captured step, then the attention's shape (seconds; tune.py). At
 batch 2-8 the candidates include the tensor-core GEMV (gemv_mma: mma.sync, where the CUDA-core GEMV does
 nb FMAs a weight and becomes ALU-bound).
 
@@ -172,7 +173,8 @@ class GpuDecodeEngine:
         #                                     tuner's choice (step_kernel), True = always (an error where it cannot
         #                                     run)
         self.step_kernel: dict[int, bool] = {}    # batch -> whether the tuner chose the whole-step kernel
-        self.step_kernel_note = None        # why the whole-step kernel was not timed or not kept (None: it was)
+        self.step_kernel_note = None        # megakernel None: why the tuner did not time or keep the whole-step
+        #                                     kernel (None: kept; never set while megakernel is False or True)
         self.step_shape = STEP_SHAPES[0]    # its rings: (bytes a slot, copies), the tuner's choice
         #                                     (set by hand: reset_plans() after, as for any tuning change)
         with self.stream:
@@ -551,8 +553,8 @@ class GpuDecodeEngine:
         tune.tune(self, nb)
 
     def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
-        """Milliseconds per decode step for batch nb with the current tuning, the argmax left out (nothing
-        advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
+        """Milliseconds per decode step for batch nb with the current tuning, the argmax or sampling left out
+        (nothing advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
         self._forget(nb)
         plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
         return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=replays, reps=reps)

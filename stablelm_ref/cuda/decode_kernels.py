@@ -80,7 +80,8 @@ def step_parts(H: int, ns: int, blocks: int) -> int:
 
 
 class DecodeKernels:
-    """The compiled decode.cu module and one launcher per kernel (also used by the tests)."""
+    """The compiled decode.cu module and one launcher per kernel (also used by the tests); decode_step.cu's
+    module is built on first use (step_problem)."""
 
     def __init__(self):
         cp = self.cp = xp.cupy()

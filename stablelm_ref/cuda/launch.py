@@ -71,7 +71,7 @@ class Launch:
     """One kernel launch with its arguments bound (replayed eagerly or captured into a graph). carveout: the
     launch's preferred shared-memory carveout (percent of the SM's L1/shared memory), or None for the
     driver's choice; it takes effect where the launch goes through PdlLauncher (captures with a carveout or
-    PDL), not in an eager call."""
+    PDL, and a cooperative launch's eager call), not in an ordinary eager call."""
 
     __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout", "cooperative")
 
