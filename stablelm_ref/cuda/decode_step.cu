@@ -25,7 +25,7 @@
 //      item % gridDim.x, warp item / gridDim.x, one of the block's first MK_AW). It computes q (q/k LayerNorm
 //      per head, rotary, scale) itself; the part that holds key len also the new k / v (rounded to bf16; written
 //      at cache[len] by the first query head of each kv head); lane = key for the scores, lane = pairs of dims
-//      for p V; its (max, sum, output) go to part_ml / part_o (float32, L2)                       [barrier]
+//      for p V; its (max, sum, output) go to part_ml / part_o (float32, L2)                           [barrier]
 //   3. att = the parts combined (every block, into shared memory, rounded to bf16);
 //      x[rows] += att . Wo[rows]                              [barrier; none with a parallel residual]
 //   4. h2 = LN2(x) (parallel residual: h of phase 1, kept); mlp[rows / 2] = silu(h2 . Wg) * (h2 . Wu), over
@@ -243,9 +243,8 @@ __device__ __forceinline__ float mk_group_sum(float (&acc)[MK_R], int lane) {
 
 // This warp's rows of matrix m (none where its walk has passed m): y = in . W^T, in: shared memory [K] bf16
 // (16-byte loads), W's tiles from the warp's ring (each slot refilled with the walk's next tile right after it is
-// read). Epilogues as decode.cu's
-// gemv_epilogue: store (+bias) into yf, add into yf (the residual x; its old value loaded at the group's start),
-// SwiGLU of (gate, up) rows into yh.
+// read). Epilogues as decode.cu's gemv_epilogue: store (+bias) into yf, add into yf (the residual x; its old value
+// loaded at the group's start), SwiGLU of (gate, up) rows into yh.
 __device__ __forceinline__ void mk_gemv(MkRing& ring, MkCursor& c, const MkDims& d, int m, const u16* in, int mode,
                                         const float* __restrict__ bias, float* yf, u16* yh) {
     const int lane = threadIdx.x & 31, owner = lane / (32 / MK_R);
