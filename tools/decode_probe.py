@@ -115,7 +115,7 @@ def probe_source(cuh, source, hook, unit, macros):
     macros would replace the probe's and nothing would be recorded: refused, saying what to do."""
     if hook not in source:
         raise SystemExit(f"{unit} has no line {hook!r}: without it its own {macros} would replace {cuh.name}'s "
-                         f"and nothing would be recorded; put the line back above their definitions")
+                         "and nothing would be recorded; put the line back above their definitions")
     return cuh.read_text() + source
 
 
