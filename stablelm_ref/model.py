@@ -117,13 +117,19 @@ def resolve_dtype(dtype, device):
 
 
 class StableLmPreTrainedModel:
-    """Holds a config and the parameters, by checkpoint name; loads and saves them."""
+    """Holds a config and the parameters, by checkpoint name; loads and saves them.
+
+    The model keeps a dict of its own of the tensors it is given (as copy.copy does): model.params is not the dict
+    passed, so that two models made on one dict (StableLmForCausalLM(config, other.params)) do not see each other's
+    fast form replace its entries (each form then took the other's build for an edit and built again, on every
+    call). The tensors are the same objects: an edit in place reaches both until a fast form is built, which makes
+    its own model's params views of its copies (fast_cpu.py, fast_gpu.py)."""
 
     head = "base"
 
     def __init__(self, config: StableLmConfig, params: dict, device: str = "cpu"):
         self.config = config
-        self.params = params
+        self.params = dict(params)
         self.device = device
         self.xp = array_module(device)
         self.dtype = params["model.embed_tokens.weight"].dtype

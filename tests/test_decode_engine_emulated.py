@@ -1086,3 +1086,23 @@ def test_gpu_fast_model_of_a_model_with_a_form_applies_what_it_asks(emulated):
     assert fast_gpu.GpuFastModel(fast.model, autotune=True) is fast and fast.autotune and fast.engine.autotune
     with pytest.raises(fast_gpu.StableLmError, match="exists with other kernels"):
         fast_gpu.GpuFastModel(fast.model, kernels=EmulatedKernels())
+
+
+def test_two_models_on_one_params_dict_each_build_their_engine_once(emulated, monkeypatch):
+    """StableLmForCausalLM(config, model.params) shared the dict: each GPU form's build made its tensors views of its
+    own engine's arrays, so the other form saw them replaced and built its engine again, on every generate
+    alternating (6 builds in 6 generates). A model keeps a dict of its own (of the same tensors): one build each,
+    and each generates its own model's tokens."""
+    ref, fast = _models(emulated)
+    model = fast.model
+    twin = _gpu_form(StableLmForCausalLM(model.config, model.params), emulated)
+    assert twin.model.params is not model.params
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    kw = dict(max_new_tokens=4, engine="fast")
+    want = generate(model, ids, **{**kw, "engine": "reference"})
+    builds, real = [], de.GpuDecodeEngine.__init__
+    monkeypatch.setattr(de.GpuDecodeEngine, "__init__", lambda self, *a, **k: (builds.append(1), real(self, *a, **k))[1])
+    for _ in range(3):
+        for form in (fast, twin):
+            assert np.array_equal(generate(form, ids, **kw), want)
+    assert len(builds) == 2, len(builds)
