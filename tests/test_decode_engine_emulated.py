@@ -853,10 +853,11 @@ def test_engine_grows_again_after_a_failed_allocation(emulated, monkeypatch):
     assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast"), out)
 
 
-def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
+def test_generates_from_two_threads_take_turns_on_the_engine(emulated, monkeypatch):
     """The engine's cache and device state are one generate's: a second thread's generate started while the first
     is in its loop waits for it (it overwrote the first's cache and state, whose later tokens then came from the
-    second's prompt); a generate started inside a generate (from the streamer) steps through the model's forward."""
+    second's prompt); one started while the first is in its streamer's put (which may be waiting for it: it waited
+    for the first's engine, a deadlock) or inside a generate (from the streamer) steps through the model's forward."""
     import threading
 
     ref, fast = _models(emulated)
@@ -864,34 +865,49 @@ def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
     b_ids = np.random.default_rng(8).integers(2, 384, (2, 5))
     kw = dict(max_new_tokens=6, engine="fast")
     want_a, want_b = generate(fast, a_ids, **kw), generate(fast, b_ids, **kw)
-    b_started, b_done, got = threading.Event(), threading.Event(), {}
+    forward_b = generate(fast.model, b_ids, **{**kw, "engine": "reference"})
+    b_started, got = threading.Event(), {}
+    real_step = fast_gpu.EngineSteps.step
 
-    class Streamer:
-        n = 0
-
-        def put(self, v):
-            self.n += 1
-            if self.n == 3:                      # A is in its loop: B starts, and A waits (at most 1 s) for it
-                b_started.set()
-                b_done.wait(timeout=1.0)
-
-        def end(self):
-            pass
+    def step(self, *a, **k):                     # A's first step: B starts, and A goes on 0.2 s later
+        if threading.current_thread() is threading.main_thread() and not b_started.is_set():
+            b_started.set()
+            threading.Event().wait(0.2)
+        return real_step(self, *a, **k)
 
     def run_b():
         b_started.wait()
         got["b"] = generate(fast, b_ids, **kw)
-        b_done.set()
 
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", step)
     thread = threading.Thread(target=run_b)
     thread.start()
-    got["a"] = generate(fast, a_ids, streamer=Streamer(), **kw)
+    got["a"] = generate(fast, a_ids, **kw)
     thread.join()
     assert np.array_equal(got["a"], want_a) and np.array_equal(got["b"], want_b)
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", real_step)
 
     inner = {}
 
-    class Nested(Streamer):
+    class Joining:                               # a put that starts B in another thread and waits for it
+        n = 0
+
+        def put(self, v):
+            self.n += 1
+            if self.n == 3:
+                thread = threading.Thread(target=lambda: inner.update(out=generate(fast, b_ids, **kw),
+                                                                      reason=fast.unsupported))
+                thread.start()
+                thread.join(timeout=10)
+                assert not thread.is_alive(), "the inner generate waits for the outer's engine"
+
+        def end(self):
+            pass
+
+    assert np.array_equal(generate(fast, a_ids, streamer=Joining(), **kw), want_a)
+    assert "streamer" in inner["reason"] and np.array_equal(inner["out"], forward_b)
+
+    class Nested(Joining):
         def put(self, v):
             self.n += 1
             if self.n == 3:
@@ -899,8 +915,8 @@ def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
                 inner["reason"] = fast.unsupported
 
     assert np.array_equal(generate(fast, a_ids, streamer=Nested(), **kw), want_a)
-    assert "inside a generate" in inner["reason"]
-    assert np.array_equal(inner["out"], generate(fast.model, b_ids, **{**kw, "engine": "reference"}))
+    assert "inside a generate" in inner["reason"] and np.array_equal(inner["out"], forward_b)
+    assert np.array_equal(generate(fast, b_ids, **kw), want_b) and fast.unsupported is None
 
 
 def test_gpu_form_follows_edits_in_place_of_the_vectors(emulated):
@@ -1101,7 +1117,7 @@ def test_two_models_on_one_params_dict_each_build_their_engine_once(emulated, mo
     kw = dict(max_new_tokens=4, engine="fast")
     want = generate(model, ids, **{**kw, "engine": "reference"})
     builds, real = [], de.GpuDecodeEngine.__init__
-    monkeypatch.setattr(de.GpuDecodeEngine, "__init__", lambda self, *a, **k: (builds.append(1), real(self, *a, **k))[1])
+    monkeypatch.setattr(de.GpuDecodeEngine, "__init__", lambda self, *a, **k: builds.append(1) or real(self, *a, **k))
     for _ in range(3):
         for form in (fast, twin):
             assert np.array_equal(generate(form, ids, **kw), want)
