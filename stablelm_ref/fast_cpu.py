@@ -47,7 +47,9 @@ writing into a buffer allocated once:
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced or renamed in params,
   a config field or model.dtype edited is seen by a test on each call (~9 us), which rebuilds (FastCpuModel._sync),
   layer by layer as the first build does: the old copies go as the new are made, never all held twice.
-  A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
+  A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype. Two names of
+  params on one array (a tie: params[b] = params[a]) become views of two copies, and the build warns that an edit in
+  place of one no longer reaches the other (fast_forms.warn_split).
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
   into each other's buffers (wrong logits, or a ValueError from inside NumPy). The form is made under a lock too
   (fast_forms.MAKING): threads asking a model for it at once get one form.
@@ -70,7 +72,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import MAKING, Source, register
+from .fast_forms import MAKING, Source, register, ties, warn_split
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -367,6 +369,7 @@ class FastCpuModel:
             raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
                                 f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         model._check_params()
+        tied = ties(model.params, model._shapes())
         for name in model._shapes():
             dtype = model.params[name].dtype
             if dtype != model.dtype:
@@ -385,6 +388,7 @@ class FastCpuModel:
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
         self._source = Source(model)              # what the copies were made of: params, config, dtype
+        warn_split(tied, p, "the CPU fast form")
 
     def _sync(self):
         """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build

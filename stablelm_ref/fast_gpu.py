@@ -52,7 +52,7 @@ import threading
 import numpy as np
 
 from .errors import StableLmError
-from .fast_forms import MAKING, Source, register
+from .fast_forms import MAKING, Source, register, ties, warn_split
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class GpuFastModel:
     arrays; o, down, the embedding and lm_head it reads in params' own memory (or params become views of its copy,
     for a tensor not C-contiguous); the vectors it reads in float32 (LayerNorm weights and
     biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
-    (_share_vectors). The engine holds one generate at a time: its cache and device state are that
+    (_share_vectors). Two names of params on one array (a tie) a build splits so, it warns (fast_forms.warn_split).
+    The engine holds one generate at a time: its cache and device state are that
     generate's, so generates from several threads take turns; one started from inside another (a streamer's
     put) steps through the model's forward, and so does one of another thread started while the holder is in its
     streamer's put (which may be waiting for it: it waited for the engine, a deadlock)."""
@@ -203,6 +204,7 @@ class GpuFastModel:
             self.engine.reserve(batch, max_len)
             return self.engine
         self._drop()                               # the stale engine goes before the new one is made
+        tied = ties(self.model.params, self.model._shapes())
         engine = de.GpuDecodeEngine(self.model.config, self.model.params, max_batch=batch, max_len=max_len,
                                     autotune=self.autotune, kernels=self.kernels)
         self.kernels = engine.k                    # (decode.cu built once)
@@ -212,6 +214,7 @@ class GpuFastModel:
         self._share_weights()
         self._share_vectors()
         self._source, self._kept = Source(self.model), None
+        warn_split(tied, self.model.params, "the GPU decode engine")
         return engine
 
     def _current(self):

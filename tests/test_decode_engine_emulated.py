@@ -1122,3 +1122,23 @@ def test_two_models_on_one_params_dict_each_build_their_engine_once(emulated, mo
         for form in (fast, twin):
             assert np.array_equal(generate(form, ids, **kw), want)
     assert len(builds) == 2, len(builds)
+
+
+def test_an_engine_build_that_splits_tied_tensors_says_so(emulated, caplog):
+    """Two names of model.params on one array (layer 1's q_proj and down_proj tied to layer 0's): the engine's build
+    makes each a view of its layer's fused or contiguous copy, so an edit in place of one no longer reaches the other;
+    the build warns, naming them (it split them silently). The engine and the model still generate the same tokens."""
+    import logging
+
+    ref, fast = _models(emulated)
+    p = fast.model.params
+    p["model.layers.1.self_attn.q_proj.weight"] = p["model.layers.0.self_attn.q_proj.weight"]
+    p["model.layers.1.mlp.down_proj.weight"] = np.asfortranarray(p["model.layers.0.mlp.down_proj.weight"])
+    p["model.layers.0.mlp.down_proj.weight"] = p["model.layers.1.mlp.down_proj.weight"]
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    with caplog.at_level(logging.WARNING, logger="stablelm_ref"):
+        out = generate(fast, ids, max_new_tokens=4, engine="fast")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("edit both" in m for m in said), said
+    assert any("'model.layers.0.mlp.down_proj.weight' and 'model.layers.1.mlp.down_proj.weight'" in m for m in said)
+    assert np.array_equal(out, generate(fast.model, ids, max_new_tokens=4, engine="reference"))

@@ -157,3 +157,33 @@ def test_a_score_bias_a_config_without_token_classification_bias_does_not_imply_
         m.config.token_classification_bias = False
     del bare.params["score.bias"]
     np.testing.assert_array_equal(model(ids).logits, bare(ids).logits)
+
+
+# ---- class: a tie between tensors split silently (two names of model.params on one array) -----------------------
+
+def test_a_fast_form_build_that_splits_tied_tensors_says_so(caplog):
+    """Two names of model.params on one array (layer 1's q_proj and o_proj tied to layer 0's): a fast form's build
+    copies each into its layer's fused matrices, so an edit in place of one no longer reached the other, silently. It
+    is not kept (each copy lives inside its own fused matrix); the build warns, naming the tied tensors and what to
+    do. The form and the model still compute one function after an edit in place of one of them (float64, 1e-10:
+    the same equations summed in another order, ~1e-15). A tie a build keeps (lm_head on the embedding, read where
+    it is) is not warned about."""
+    import logging
+
+    from conftest import tiny_model
+
+    ids = [[3, 1, 4, 1, 5]]
+    model = tiny_model(seed=4)
+    p = model.params
+    for x in ("q_proj", "o_proj"):
+        p[f"model.layers.1.self_attn.{x}.weight"] = p[f"model.layers.0.self_attn.{x}.weight"]
+    p["lm_head.weight"] = p["model.embed_tokens.weight"]
+    with caplog.at_level(logging.WARNING, logger="stablelm_ref"):
+        fast = model.fast()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("edit both" in m for m in said), said
+    assert any("'model.layers.0.self_attn.q_proj.weight' and 'model.layers.1.self_attn.q_proj.weight'" in m
+               for m in said), said
+    assert p["lm_head.weight"] is p["model.embed_tokens.weight"]
+    p["model.layers.0.self_attn.q_proj.weight"][...] *= 2
+    np.testing.assert_allclose(fast(ids).logits, model(ids).logits, rtol=0, atol=1e-10)
