@@ -119,17 +119,18 @@ def resolve_dtype(dtype, device):
 class StableLmPreTrainedModel:
     """Holds a config and the parameters, by checkpoint name; loads and saves them.
 
-    The model keeps a dict of its own of the tensors it is given (as copy.copy does): model.params is not the dict
-    passed, so that two models made on one dict (StableLmForCausalLM(config, other.params)) do not see each other's
-    fast form replace its entries (each form then took the other's build for an edit and built again, on every
-    call). The tensors are the same objects: an edit in place reaches both until a fast form is built, which makes
-    its own model's params views of its copies (fast_cpu.py, fast_gpu.py)."""
+    The model keeps a dict of its own of the tensors it is given, at construction or assigned (model.params = d), as
+    copy.copy does: model.params is not the dict passed, so that two models given one dict
+    (StableLmForCausalLM(config, other.params), m2.params = m1.params) do not see each other's fast form replace its
+    entries (each form then took the other's build for an edit and built again, on every call). The tensors are the
+    same objects: an edit in place reaches both until a fast form is built, which makes its own model's params views
+    of its copies (fast_cpu.py, fast_gpu.py)."""
 
     head = "base"
 
     def __init__(self, config: StableLmConfig, params: dict, device: str = "cpu"):
         self.config = config
-        self.params = dict(params)
+        self.params = params
         self.device = device
         self.xp = array_module(device)
         self.dtype = params["model.embed_tokens.weight"].dtype
@@ -137,14 +138,23 @@ class StableLmPreTrainedModel:
         # generation_config.json when there is one
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    @property
+    def params(self) -> dict:
+        """The tensors by checkpoint name: a dict of the model's own (see the class)."""
+        return self.__dict__["params"]
+
+    @params.setter
+    def params(self, params):
+        self.__dict__["params"] = dict(params)
+
     def __copy__(self):
         """copy.copy(model): the same attributes, but a params dict of its own (of the same tensors, so an edit in
-        place of one reaches both; a tensor replaced in one is not seen by the other). A fast form makes its
-        model's params views of its fused copies: two on one dict each saw the other's build as tensors replaced
-        and rebuilt every fused copy on every call alternating between them."""
+        place of one reaches both until either builds a fast form; a tensor replaced in one is not seen by the
+        other). A fast form makes its model's params views of its fused copies: two on one dict each saw the other's
+        build as tensors replaced and rebuilt every fused copy on every call alternating between them."""
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin.params = dict(self.params)
+        twin.params = self.params                    # (a dict of its own: the setter)
         return twin
 
     def __getstate__(self):

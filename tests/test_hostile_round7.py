@@ -29,7 +29,7 @@ def test_a_directory_given_as_the_trace_s_output_is_named_as_one(tmp_path):
 
 # ---- class: work repeated on every call (two fast forms on one params dict) -------------------------------------
 
-@pytest.mark.parametrize("how", ["copy.copy", "a model made on its params"])
+@pytest.mark.parametrize("how", ["copy.copy", "a model made on its params", "its params assigned"])
 @pytest.mark.parametrize("built_first", [False, True])
 def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeypatch, built_first, how):
     """copy.copy(model) shared the params dict: each model's fast form, when built, made the dict's tensors views of
@@ -37,7 +37,8 @@ def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeyp
     two (6 builds in 3 rounds, each a copy of all the weights), as copy.copy(model.fast()) did before it returned
     the form itself. A copy has a dict of its own, of the same tensors: one build each, and both compute the
     reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15). So has a model made on
-    another's params (StableLmForCausalLM(config, model.params)), which shared the dict and rebuilt the same way."""
+    another's params (StableLmForCausalLM(config, model.params)) or given them (twin.params = model.params), which
+    shared the dict and rebuilt the same way."""
     import copy
 
     from stablelm_ref import StableLmForCausalLM
@@ -47,7 +48,11 @@ def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeyp
     model = tiny_model(seed=3)
     if built_first:
         model.fast()
-    twin = copy.copy(model) if how == "copy.copy" else StableLmForCausalLM(model.config, model.params)
+    if how == "its params assigned":
+        twin = tiny_model(seed=4)
+        twin.params = model.params
+    else:
+        twin = copy.copy(model) if how == "copy.copy" else StableLmForCausalLM(model.config, model.params)
     assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
     ids = [[3, 1, 4, 1, 5, 9]]
     want = tiny_model(seed=3)(ids).logits
