@@ -1142,3 +1142,24 @@ def test_an_engine_build_that_splits_tied_tensors_says_so(emulated, caplog):
     assert len(said) == 2 and all("edit both" in m for m in said), said
     assert any("'model.layers.0.mlp.down_proj.weight' and 'model.layers.1.mlp.down_proj.weight'" in m for m in said)
     assert np.array_equal(out, generate(fast.model, ids, max_new_tokens=4, engine="reference"))
+
+
+def test_a_growth_too_large_for_memory_leaves_the_engine_its_old_size(emulated, monkeypatch):
+    """A generate whose engine could not grow (out of memory: a batch or a length more than the device holds) leaves
+    the engine its old size: the failed size was kept as the engine's, and every later generate, however small,
+    allocated it again and ran out of memory again, until the engine was built anew."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(6), 384, [5, 3])
+    kw = dict(attention_mask=mask[:1], max_new_tokens=3, engine="fast")
+    want = generate(fast, ids[:1], **kw)
+    real = de.GpuDecodeEngine._allocate_buffers
+
+    def allocate(self):                                  # a device that holds one row
+        if self.max_batch > 1:
+            raise MemoryError("out of memory allocating 1,024 bytes")
+        return real(self)
+
+    monkeypatch.setattr(de.GpuDecodeEngine, "_allocate_buffers", allocate)
+    with pytest.raises(MemoryError):
+        generate(fast, ids, attention_mask=mask, max_new_tokens=3, engine="fast")
+    assert np.array_equal(generate(fast, ids[:1], **kw), want) and fast.engine.max_batch == 1
