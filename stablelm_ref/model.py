@@ -145,6 +145,9 @@ class StableLmPreTrainedModel:
 
     @params.setter
     def params(self, params):
+        if not isinstance(params, Mapping):
+            raise CheckpointError(f"params must be a dict of tensors by checkpoint name, got {type(params).__name__}; "
+                                  "e.g. checkpoint.load_state_dict(directory), or another model's params")
         self.__dict__["params"] = dict(params)
 
     def __copy__(self):
