@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -187,11 +188,12 @@ class GpuFastModel:
     def _turn(self):
         """Waits while another thread's generate holds the engine (generates take turns); False, without waiting
         further, once that one is in its streamer's put: the put may be waiting for this generate (a streamer that
-        starts a generate in a thread and joins it waited for ever). EngineSteps.context takes the engine after."""
-        while not self._lock.acquire(timeout=0.005):
+        starts a generate in a thread and joins it waited for ever). EngineSteps.context takes the engine after; this
+        only looks (a Ctrl-C between taking the lock here and giving it back would have left it taken for ever)."""
+        while self._lock.locked():
             if self._outside:
                 return False
-        self._lock.release()
+            time.sleep(0.002)
         return True
 
     def _engine(self, batch, max_len):

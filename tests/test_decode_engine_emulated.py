@@ -1039,7 +1039,8 @@ def test_a_ctrl_c_anywhere_in_a_rebuild_or_a_generates_start(emulated):
     want = generate(model, ids, **{**kw, "engine": "reference"})
     functions = [fast_gpu.EngineSteps.context.__wrapped__, fast_gpu.GpuFastModel._engine, fast_gpu.GpuFastModel._drop,
                  fast_gpu.GpuFastModel._share_weights, fast_gpu.GpuFastModel._share_vectors,
-                 fast_gpu.GpuFastModel.refresh_vectors, fast_gpu._Kept.__init__, fast_gpu._Kept.carry]
+                 fast_gpu.GpuFastModel.refresh_vectors, fast_gpu._Kept.__init__, fast_gpu._Kept.carry,
+                 fast_gpu.GpuFastModel._turn]
     reached = 0
     for f in functions:
         code = f.__code__
