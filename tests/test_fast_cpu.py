@@ -567,6 +567,37 @@ def test_calls_from_several_threads_each_get_their_own_answer():
     assert errors == [] and wrong == [], (errors[:1], len(wrong))
 
 
+def test_a_streamer_that_runs_a_generate_in_another_thread_and_waits_for_it():
+    """A streamer's put that starts a generate of the same fast form in another thread and joins it: the form is
+    held for one call (not for a whole generate, as the GPU engine is), so the inner generate runs between the outer
+    one's steps, and both give the tokens they give alone (generate is deterministic: greedy)."""
+    import threading
+
+    from stablelm_ref.generation import generate
+
+    fast = tiny_model(seed=3).fast()
+    outer, inner_ids = np.array([[3, 1, 4, 1, 5]]), np.array([[2, 7, 1]])
+    want_outer, want_inner = generate(fast, outer, max_new_tokens=5), generate(fast, inner_ids, max_new_tokens=4)
+    got = {}
+
+    class Joining:
+        n = 0
+
+        def put(self, ids):
+            self.n += 1
+            if self.n == 3:                      # the prompt, then the first new token: in the outer one's loop
+                thread = threading.Thread(target=lambda: got.update(inner=generate(fast, inner_ids, max_new_tokens=4)))
+                thread.start()
+                thread.join(timeout=10)
+                assert not thread.is_alive(), "the inner generate waited for the outer one"
+
+        def end(self):
+            pass
+
+    assert np.array_equal(generate(fast, outer, max_new_tokens=5, streamer=Joining()), want_outer)
+    assert np.array_equal(got["inner"], want_inner)
+
+
 def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
     """model.fast() and FastCpuModel(model) from threads at once, before any form existed: each began a build, one
     popped lm_head.weight from params to transpose it in place, and the others failed with a bare KeyError from
