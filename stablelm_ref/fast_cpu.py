@@ -26,7 +26,9 @@ writing into a buffer allocated once:
 - The lm_head is transposed the same way, in place (`_transpose_in_place`: the [vocab, hidden] matrix
   becomes [hidden, vocab] in its own memory, through a scratch of one block), when vocab has a divisor
   near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast. A Ctrl-C meanwhile is
-  raised once it is done (`_ctrl_c_held`): the matrix is never left half permuted or out of params.
+  raised once it is done (`_ctrl_c_held`): the matrix is never left half permuted or out of params. A tied
+  embedding is then a view of that [hidden, vocab] memory; its rows are gathered as columns of it (`_embed_rows`:
+  np.take of a non-contiguous array copies it whole first).
 - Work buffers allocated once per (batch, new tokens) shape and written in place (`out=`): a decode
   step allocates nothing but the logits it returns.
 - q and k are rotated in place inside the q|k|v GEMM's output (both at once: 3 calls, the rotation
