@@ -515,7 +515,9 @@ class StableLmPreTrainedModel:
         batch, t = ids.shape
 
         embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
-        x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]
+        # the rows by indexing: NumPy's take copies a non-contiguous matrix whole first (a tied embedding is a view of
+        # the lm_head the CPU fast form transposed in place: every call copied the embedding)
+        x = xp.reshape(embed[xp.reshape(ids, (-1,))], (batch, t, -1))     # [B, T, hidden]
         trace("model.embed_tokens", x)
         cos, sin = rotary_cos_sin(position_ids, config, self.dtype)      # [B, T, rotary_ndims] each
         hidden = [x] if output_hidden_states else None

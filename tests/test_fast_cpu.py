@@ -793,3 +793,25 @@ def test_a_decode_step_of_a_tied_model_does_not_copy_the_embedding():
     strided = model.params["model.embed_tokens.weight"]
     assert not strided.flags.c_contiguous and not strided.T.flags.c_contiguous
     np.testing.assert_allclose(fast(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_the_reference_forward_of_a_tied_model_with_a_fast_form_does_not_copy_the_embedding():
+    """The same for the model's own forward once its fast form exists (its params' embedding is then the
+    non-contiguous view): generate's default on the CPU (the reference) copied the whole embedding every step."""
+    import tracemalloc
+
+    from stablelm_ref import DEFAULT_MODEL
+
+    model = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
+    want = model([[5, 9, 2]]).logits
+    model.fast()
+    embed = model.params["model.embed_tokens.weight"]
+    assert not embed.flags.c_contiguous
+    tracemalloc.start()
+    try:
+        out = model([[5, 9, 2]], logits_to_keep=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < embed.nbytes / 4, (peak, embed.nbytes)
+    np.testing.assert_allclose(out.logits, want[:, -1:], rtol=0, atol=1e-4)   # (float32, as above)
