@@ -26,7 +26,9 @@ writing into a buffer allocated once:
 - The lm_head is transposed the same way, in place (`_transpose_in_place`: the [vocab, hidden] matrix
   becomes [hidden, vocab] in its own memory, through a scratch of one block), when vocab has a divisor
   near 2048; at hidden 512 OpenBLAS's GEMV streams that layout about twice as fast. A Ctrl-C meanwhile is
-  raised once it is done (`_ctrl_c_held`): the matrix is never left half permuted or out of params.
+  raised once it is done (`_ctrl_c_held`): the matrix is never left half permuted or out of params. A tied
+  embedding is then a view of that [hidden, vocab] memory; its rows are gathered as columns of it (`_embed_rows`:
+  np.take of a non-contiguous array copies it whole first).
 - Work buffers allocated once per (batch, new tokens) shape and written in place (`out=`): a decode
   step allocates nothing but the logits it returns.
 - q and k are rotated in place inside the q|k|v GEMM's output (both at once: 3 calls, the rotation
@@ -47,7 +49,9 @@ writing into a buffer allocated once:
   of the joined arrays, so an edit in place of any tensor reaches this form; a tensor replaced or renamed in params,
   a config field or model.dtype edited is seen by a test on each call (~9 us), which rebuilds (FastCpuModel._sync),
   layer by layer as the first build does: the old copies go as the new are made, never all held twice.
-  A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype.
+  A tensor of another dtype than model.dtype is refused by name: this form computes in one dtype. Two names of
+  params on one array (a tie: params[b] = params[a]) become views of two copies, and the build warns that an edit in
+  place of one no longer reaches the other (fast_forms.warn_split).
 - The buffers are the form's, not the call's: calls from several threads take turns (a lock), where they wrote
   into each other's buffers (wrong logits, or a ValueError from inside NumPy). The form is made under a lock too
   (fast_forms.MAKING): threads asking a model for it at once get one form.
@@ -70,7 +74,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import MAKING, Source, register
+from .fast_forms import MAKING, Source, register, ties, warn_split
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -367,6 +371,7 @@ class FastCpuModel:
             raise StableLmError(f"FastCpuModel runs NumPy float32 or float64 models; this one is "
                                 f"{model.device} {model.dtype}. Load it with device='cpu', dtype='float32'")
         model._check_params()
+        tied = ties(model.params, model._shapes())
         for name in model._shapes():
             dtype = model.params[name].dtype
             if dtype != model.dtype:
@@ -385,6 +390,7 @@ class FastCpuModel:
         self._work = {}
         self._rope = None                                                   # (cos, [-sin, sin]) [P, rd]
         self._source = Source(model)              # what the copies were made of: params, config, dtype
+        warn_split(tied, p, "the CPU fast form")
 
     def _sync(self):
         """Rebuilt (_build) when model.params, model.config or model.dtype changed since the last build
@@ -451,7 +457,7 @@ class FastCpuModel:
         kept = kept_positions(logits_to_keep, t)                                 # [T'] positions, or None: all
 
         w = self._workspace(b, t)
-        np.take(self.embed, ids.reshape(-1), axis=0, out=w.x)                    # [B*T, hidden]
+        self._embed_rows(ids.reshape(-1), w.x)                                   # [B*T, hidden]
         self._cos_sin(position_ids, w)                                           # w.cos, w.sin: [B, T, d]
         blocked = None                                                           # [B, 1, 1, T, S] or None
         if mask2d is not None or t > 1:
@@ -473,6 +479,19 @@ class FastCpuModel:
         logits = np.matmul(h, self.lm_head_t).reshape(b, -1, config.vocab_size)  # one GEMM: [B*T', vocab]
         h = h.reshape(b, -1, h.shape[-1])
         return ModelOutput(logits=logits, past_key_values=cache, last_hidden_state=h if kept is None else None)
+
+    def _embed_rows(self, ids, out):
+        """out [N, hidden] = the embedding's rows ids [N]. np.take copies a source that is not C-contiguous whole
+        before it gathers (6.3 MB a decode step for the default model's: tied, its embedding is a [vocab, hidden] view
+        of the lm_head transposed in place, and that copy was half the step): such an embedding is gathered as columns
+        of its transpose where that is C-contiguous, else by indexing (which reads only the rows)."""
+        e = self.embed
+        if e.flags.c_contiguous:
+            np.take(e, ids, axis=0, out=out)
+        elif e.T.flags.c_contiguous:
+            np.take(e.T, ids, axis=1, out=out.T)                                 # [hidden, N], out's memory
+        else:
+            out[...] = e[ids]
 
     def _cos_sin(self, position_ids, w):
         """w.cos, w.sin = rotary cos and [-sin, sin] (sin with its first half negated) at position_ids:

@@ -17,10 +17,13 @@ This module imports nothing from the package, so any module may import it withou
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 import threading
 
 from .errors import StableLmError
+
+logger = logging.getLogger(__name__)
 
 _FACTORIES: dict = {}
 MAKING = threading.RLock()    # held while a form is made (model.fast(), fast_cpu.FastCpuModel(model)): one at a time,
@@ -67,3 +70,22 @@ class Source:
         return (model.params is p and model.config is self.config and model.dtype is self.dtype
                 and len(p) == len(self.tensors) and all(map(operator.is_, p.values(), self.tensors))
                 and tuple(p) == self.names and tuple(vars(self.config).values()) == self.fields)
+
+
+def ties(params, names) -> list:
+    """The groups of `names` whose tensors in params are one array (a tie a user made: params[b] = params[a])."""
+    arrays = {}
+    for name in names:
+        arrays.setdefault(id(params[name]), []).append(name)
+    return [group for group in arrays.values() if len(group) > 1]
+
+
+def warn_split(groups, params, form: str) -> None:
+    """A warning for each group of ties(...) that a build split: each tensor became a view of its own copy (inside a
+    fused matrix), so an edit in place of one no longer reaches the other. It cannot be kept (the copies live in
+    different fused matrices); the forward and the form still compute one function."""
+    for group in groups:
+        if len({id(params[name]) for name in group}) > 1:
+            logger.warning("%s of model.params were one array; %s copied each into its own fused matrices, so an "
+                           "edit in place of one no longer reaches the other: edit both, or assign the edited tensor "
+                           "to each name (the next call builds again)", " and ".join(map(repr, group)), form)

@@ -48,11 +48,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import numpy as np
 
 from .errors import StableLmError
-from .fast_forms import MAKING, Source, register
+from .fast_forms import MAKING, Source, register, ties, warn_split
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,11 @@ class GpuFastModel:
     arrays; o, down, the embedding and lm_head it reads in params' own memory (or params become views of its copy,
     for a tensor not C-contiguous); the vectors it reads in float32 (LayerNorm weights and
     biases, q|k|v biases, qk-norm weights) are views of one bfloat16 array it converts at every generate's start
-    (_share_vectors). The engine holds one generate at a time: its cache and device state are that
+    (_share_vectors). Two names of params on one array (a tie) a build splits so, it warns (fast_forms.warn_split).
+    The engine holds one generate at a time: its cache and device state are that
     generate's, so generates from several threads take turns; one started from inside another (a streamer's
-    put) steps through the model's forward."""
+    put) steps through the model's forward, and so does one of another thread started while the holder is in its
+    streamer's put (which may be waiting for it: it waited for the engine, a deadlock)."""
 
     def __new__(cls, model, autotune: bool | None = None, kernels=None):
         """autotune: whether the engine tunes its kernels (None: as the model's form has it, True for a new one);
@@ -115,6 +118,7 @@ class GpuFastModel:
         self._vectors = self._vector_bits = None    # the engine's float32 vectors, the params' bf16 (_share_vectors)
         self._lock = threading.Lock()    # held by the generate using the engine (EngineSteps.context)
         self._holder = None              # the thread holding it
+        self._outside = False            # its generate is in the streamer's put (EngineSteps.outside)
         model._fast = self
 
     def __copy__(self):
@@ -169,6 +173,9 @@ class GpuFastModel:
         # _holder alone could be stale: a Ctrl-C as a hold's clean-up began left it set, the lock released
         if self._holder == threading.get_ident() and self._lock.locked():
             return "a generate inside a generate (the engine holds the outer one's state)"
+        if not self._turn():
+            return ("another thread's generate holds the engine and is in its streamer's put (which may wait for "
+                    "this one)")
         try:
             de.GpuDecodeEngine.check_config(model.config)                  # rope_type included
         except (NotImplementedError, StableLmError) as e:
@@ -177,6 +184,17 @@ class GpuFastModel:
             if model.params[name].dtype != model.dtype:   # the forward computes with it; the engine would round it
                 return f"tensor {name!r} is {model.params[name].dtype}, the model {model.dtype}"
         return None
+
+    def _turn(self):
+        """Waits while another thread's generate holds the engine (generates take turns); False, without waiting
+        further, once that one is in its streamer's put: the put may be waiting for this generate (a streamer that
+        starts a generate in a thread and joins it waited for ever). EngineSteps.context takes the engine after; this
+        only looks (a Ctrl-C between taking the lock here and giving it back would have left it taken for ever)."""
+        while self._lock.locked():
+            if self._outside:
+                return False
+            time.sleep(0.002)
+        return True
 
     def _engine(self, batch, max_len):
         """The engine for `batch` rows of `max_len` positions: built (or built again, after an edit of the model
@@ -188,6 +206,7 @@ class GpuFastModel:
             self.engine.reserve(batch, max_len)
             return self.engine
         self._drop()                               # the stale engine goes before the new one is made
+        tied = ties(self.model.params, self.model._shapes())
         engine = de.GpuDecodeEngine(self.model.config, self.model.params, max_batch=batch, max_len=max_len,
                                     autotune=self.autotune, kernels=self.kernels)
         self.kernels = engine.k                    # (decode.cu built once)
@@ -197,6 +216,7 @@ class GpuFastModel:
         self._share_weights()
         self._share_vectors()
         self._source, self._kept = Source(self.model), None
+        warn_split(tied, self.model.params, "the GPU decode engine")
         return engine
 
     def _current(self):
@@ -326,7 +346,7 @@ class EngineSteps:
         xp.cupy().cuda.get_current_stream().synchronize()
         form = self.form
         with form._lock:
-            form._holder = threading.get_ident()
+            form._holder, form._outside = threading.get_ident(), False
             try:
                 e = self.engine = form._engine(self.batch, self.max_len)
                 form.refresh_vectors()                            # the vectors' edits in place since the last
@@ -337,6 +357,16 @@ class EngineSteps:
                     yield
             finally:
                 form._holder = None
+
+    @contextlib.contextmanager
+    def outside(self):
+        """generate calls its streamer's put in here: code of the caller's, which may start a generate in another
+        thread and wait for it; that one then steps through the model's forward (GpuFastModel._turn)."""
+        self.form._outside = True
+        try:
+            yield
+        finally:
+            self.form._outside = False
 
     def choose_in_step(self, settings):
         """The step picks the next ids in the graph: argmax_step (greedy), or sample_step (generate's

@@ -490,7 +490,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
             full_mask[:, length] = 1
             length += 1
             if streamer is not None:
-                streamer.put(next_ids)
+                with steps.outside():                 # the caller's code, while the backend holds its engine
+                    streamer.put(next_ids)
             if eos is not None:
                 unfinished &= ~np.isin(next_ids, eos)
             if length == total or not unfinished.any():
@@ -551,6 +552,11 @@ class ModelSteps:
         self.cache = KVCache(model.config, batch, total, model.dtype, model.xp)
 
     def context(self):
+        return contextlib.nullcontext()
+
+    def outside(self):
+        """Where generate runs the caller's code (the streamer's put) inside context(): a backend that holds an
+        engine for the loop lets another thread's generate started there go another way (fast_gpu.EngineSteps)."""
         return contextlib.nullcontext()
 
     def choose_in_step(self, settings):

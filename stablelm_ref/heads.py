@@ -170,7 +170,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         call whether params or config changed since (a tensor replaced, a config field edited) and then checks
         and rebuilds its copies (FastCpuModel._sync), refusing a tensor of another dtype than model.dtype; the GPU
         form builds its engine again on the next generate after such a change (fast_forms.Source for both). A copy
-        of this model (copy.copy, which has a params dict of its own) gets a fast form of its own."""
+        of this model (copy.copy) or a model made on its params (every model has a params dict of its own) gets a
+        fast form of its own."""
         from .fast_forms import MAKING, fast_form   # the registry: heads.py never imports its fast forms
 
         with MAKING:                                 # threads asking at once get one form (fast_forms.fast_form)

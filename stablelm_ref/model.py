@@ -117,7 +117,14 @@ def resolve_dtype(dtype, device):
 
 
 class StableLmPreTrainedModel:
-    """Holds a config and the parameters, by checkpoint name; loads and saves them."""
+    """Holds a config and the parameters, by checkpoint name; loads and saves them.
+
+    The model keeps a dict of its own of the tensors it is given, at construction or assigned (model.params = d), as
+    copy.copy does: model.params is not the dict passed, so that two models given one dict
+    (StableLmForCausalLM(config, other.params), m2.params = m1.params) do not see each other's fast form replace its
+    entries (each form then took the other's build for an edit and built again, on every call). The tensors are the
+    same objects: an edit in place reaches both until a fast form is built, which makes its own model's params views
+    of its copies (fast_cpu.py, fast_gpu.py)."""
 
     head = "base"
 
@@ -131,14 +138,26 @@ class StableLmPreTrainedModel:
         # generation_config.json when there is one
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    @property
+    def params(self) -> dict:
+        """The tensors by checkpoint name: a dict of the model's own (see the class)."""
+        return self.__dict__["params"]
+
+    @params.setter
+    def params(self, params):
+        if not isinstance(params, Mapping):
+            raise CheckpointError(f"params must be a dict of tensors by checkpoint name, got {type(params).__name__}; "
+                                  "e.g. checkpoint.load_state_dict(directory), or another model's params")
+        self.__dict__["params"] = dict(params)
+
     def __copy__(self):
         """copy.copy(model): the same attributes, but a params dict of its own (of the same tensors, so an edit in
-        place of one reaches both; a tensor replaced in one is not seen by the other). A fast form makes its
-        model's params views of its fused copies: two on one dict each saw the other's build as tensors replaced
-        and rebuilt every fused copy on every call alternating between them."""
+        place of one reaches both until either builds a fast form; a tensor replaced in one is not seen by the
+        other). A fast form makes its model's params views of its fused copies: two on one dict each saw the other's
+        build as tensors replaced and rebuilt every fused copy on every call alternating between them."""
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin.params = dict(self.params)
+        twin.params = self.params                    # (a dict of its own: the setter)
         return twin
 
     def __getstate__(self):
@@ -496,7 +515,9 @@ class StableLmPreTrainedModel:
         batch, t = ids.shape
 
         embed = p["model.embed_tokens.weight"]                            # [vocab, hidden]
-        x = xp.reshape(xp.take(embed, xp.reshape(ids, (-1,)), axis=0), (batch, t, -1))  # [B, T, hidden]
+        # the rows by indexing: NumPy's take copies a non-contiguous matrix whole first (a tied embedding is a view of
+        # the lm_head the CPU fast form transposed in place: every call copied the embedding)
+        x = xp.reshape(embed[xp.reshape(ids, (-1,))], (batch, t, -1))     # [B, T, hidden]
         trace("model.embed_tokens", x)
         cos, sin = rotary_cos_sin(position_ids, config, self.dtype)      # [B, T, rotary_ndims] each
         hidden = [x] if output_hidden_states else None

@@ -853,10 +853,11 @@ def test_engine_grows_again_after_a_failed_allocation(emulated, monkeypatch):
     assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast"), out)
 
 
-def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
+def test_generates_from_two_threads_take_turns_on_the_engine(emulated, monkeypatch):
     """The engine's cache and device state are one generate's: a second thread's generate started while the first
     is in its loop waits for it (it overwrote the first's cache and state, whose later tokens then came from the
-    second's prompt); a generate started inside a generate (from the streamer) steps through the model's forward."""
+    second's prompt); one started while the first is in its streamer's put (which may be waiting for it: it waited
+    for the first's engine, a deadlock) or inside a generate (from the streamer) steps through the model's forward."""
     import threading
 
     ref, fast = _models(emulated)
@@ -864,34 +865,49 @@ def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
     b_ids = np.random.default_rng(8).integers(2, 384, (2, 5))
     kw = dict(max_new_tokens=6, engine="fast")
     want_a, want_b = generate(fast, a_ids, **kw), generate(fast, b_ids, **kw)
-    b_started, b_done, got = threading.Event(), threading.Event(), {}
+    forward_b = generate(fast.model, b_ids, **{**kw, "engine": "reference"})
+    b_started, got = threading.Event(), {}
+    real_step = fast_gpu.EngineSteps.step
 
-    class Streamer:
-        n = 0
-
-        def put(self, v):
-            self.n += 1
-            if self.n == 3:                      # A is in its loop: B starts, and A waits (at most 1 s) for it
-                b_started.set()
-                b_done.wait(timeout=1.0)
-
-        def end(self):
-            pass
+    def step(self, *a, **k):                     # A's first step: B starts, and A goes on 0.2 s later
+        if threading.current_thread() is threading.main_thread() and not b_started.is_set():
+            b_started.set()
+            threading.Event().wait(0.2)
+        return real_step(self, *a, **k)
 
     def run_b():
         b_started.wait()
         got["b"] = generate(fast, b_ids, **kw)
-        b_done.set()
 
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", step)
     thread = threading.Thread(target=run_b)
     thread.start()
-    got["a"] = generate(fast, a_ids, streamer=Streamer(), **kw)
+    got["a"] = generate(fast, a_ids, **kw)
     thread.join()
     assert np.array_equal(got["a"], want_a) and np.array_equal(got["b"], want_b)
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", real_step)
 
     inner = {}
 
-    class Nested(Streamer):
+    class Joining:                               # a put that starts B in another thread and waits for it
+        n = 0
+
+        def put(self, v):
+            self.n += 1
+            if self.n == 3:
+                thread = threading.Thread(target=lambda: inner.update(out=generate(fast, b_ids, **kw),
+                                                                      reason=fast.unsupported))
+                thread.start()
+                thread.join(timeout=10)
+                assert not thread.is_alive(), "the inner generate waits for the outer's engine"
+
+        def end(self):
+            pass
+
+    assert np.array_equal(generate(fast, a_ids, streamer=Joining(), **kw), want_a)
+    assert "streamer" in inner["reason"] and np.array_equal(inner["out"], forward_b)
+
+    class Nested(Joining):
         def put(self, v):
             self.n += 1
             if self.n == 3:
@@ -899,8 +915,8 @@ def test_generates_from_two_threads_take_turns_on_the_engine(emulated):
                 inner["reason"] = fast.unsupported
 
     assert np.array_equal(generate(fast, a_ids, streamer=Nested(), **kw), want_a)
-    assert "inside a generate" in inner["reason"]
-    assert np.array_equal(inner["out"], generate(fast.model, b_ids, **{**kw, "engine": "reference"}))
+    assert "inside a generate" in inner["reason"] and np.array_equal(inner["out"], forward_b)
+    assert np.array_equal(generate(fast, b_ids, **kw), want_b) and fast.unsupported is None
 
 
 def test_gpu_form_follows_edits_in_place_of_the_vectors(emulated):
@@ -1023,7 +1039,8 @@ def test_a_ctrl_c_anywhere_in_a_rebuild_or_a_generates_start(emulated):
     want = generate(model, ids, **{**kw, "engine": "reference"})
     functions = [fast_gpu.EngineSteps.context.__wrapped__, fast_gpu.GpuFastModel._engine, fast_gpu.GpuFastModel._drop,
                  fast_gpu.GpuFastModel._share_weights, fast_gpu.GpuFastModel._share_vectors,
-                 fast_gpu.GpuFastModel.refresh_vectors, fast_gpu._Kept.__init__, fast_gpu._Kept.carry]
+                 fast_gpu.GpuFastModel.refresh_vectors, fast_gpu._Kept.__init__, fast_gpu._Kept.carry,
+                 fast_gpu.GpuFastModel._turn]
     reached = 0
     for f in functions:
         code = f.__code__
@@ -1086,3 +1103,64 @@ def test_gpu_fast_model_of_a_model_with_a_form_applies_what_it_asks(emulated):
     assert fast_gpu.GpuFastModel(fast.model, autotune=True) is fast and fast.autotune and fast.engine.autotune
     with pytest.raises(fast_gpu.StableLmError, match="exists with other kernels"):
         fast_gpu.GpuFastModel(fast.model, kernels=EmulatedKernels())
+
+
+def test_two_models_on_one_params_dict_each_build_their_engine_once(emulated, monkeypatch):
+    """StableLmForCausalLM(config, model.params) shared the dict: each GPU form's build made its tensors views of its
+    own engine's arrays, so the other form saw them replaced and built its engine again, on every generate
+    alternating (6 builds in 6 generates). A model keeps a dict of its own (of the same tensors): one build each,
+    and each generates its own model's tokens."""
+    ref, fast = _models(emulated)
+    model = fast.model
+    twin = _gpu_form(StableLmForCausalLM(model.config, model.params), emulated)
+    assert twin.model.params is not model.params
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    kw = dict(max_new_tokens=4, engine="fast")
+    want = generate(model, ids, **{**kw, "engine": "reference"})
+    builds, real = [], de.GpuDecodeEngine.__init__
+    monkeypatch.setattr(de.GpuDecodeEngine, "__init__", lambda self, *a, **k: builds.append(1) or real(self, *a, **k))
+    for _ in range(3):
+        for form in (fast, twin):
+            assert np.array_equal(generate(form, ids, **kw), want)
+    assert len(builds) == 2, len(builds)
+
+
+def test_an_engine_build_that_splits_tied_tensors_says_so(emulated, caplog):
+    """Two names of model.params on one array (layer 1's q_proj and down_proj tied to layer 0's): the engine's build
+    makes each a view of its layer's fused or contiguous copy, so an edit in place of one no longer reaches the other;
+    the build warns, naming them (it split them silently). The engine and the model still generate the same tokens."""
+    import logging
+
+    ref, fast = _models(emulated)
+    p = fast.model.params
+    p["model.layers.1.self_attn.q_proj.weight"] = p["model.layers.0.self_attn.q_proj.weight"]
+    p["model.layers.1.mlp.down_proj.weight"] = np.asfortranarray(p["model.layers.0.mlp.down_proj.weight"])
+    p["model.layers.0.mlp.down_proj.weight"] = p["model.layers.1.mlp.down_proj.weight"]
+    ids = np.random.default_rng(5).integers(2, 384, (1, 6))
+    with caplog.at_level(logging.WARNING, logger="stablelm_ref"):
+        out = generate(fast, ids, max_new_tokens=4, engine="fast")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("edit both" in m for m in said), said
+    assert any("'model.layers.0.mlp.down_proj.weight' and 'model.layers.1.mlp.down_proj.weight'" in m for m in said)
+    assert np.array_equal(out, generate(fast.model, ids, max_new_tokens=4, engine="reference"))
+
+
+def test_a_growth_too_large_for_memory_leaves_the_engine_its_old_size(emulated, monkeypatch):
+    """A generate whose engine could not grow (out of memory: a batch or a length more than the device holds) leaves
+    the engine its old size: the failed size was kept as the engine's, and every later generate, however small,
+    allocated it again and ran out of memory again, until the engine was built anew."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(6), 384, [5, 3])
+    kw = dict(attention_mask=mask[:1], max_new_tokens=3, engine="fast")
+    want = generate(fast, ids[:1], **kw)
+    real = de.GpuDecodeEngine._allocate_buffers
+
+    def allocate(self):                                  # a device that holds one row
+        if self.max_batch > 1:
+            raise MemoryError("out of memory allocating 1,024 bytes")
+        return real(self)
+
+    monkeypatch.setattr(de.GpuDecodeEngine, "_allocate_buffers", allocate)
+    with pytest.raises(MemoryError):
+        generate(fast, ids, attention_mask=mask, max_new_tokens=3, engine="fast")
+    assert np.array_equal(generate(fast, ids[:1], **kw), want) and fast.engine.max_batch == 1

@@ -166,3 +166,17 @@ def test_tensors_of_no_layer_of_the_config_are_unused_as_transformers_leaves_the
     model.config.num_hidden_layers = 1
     model.params["model.layers.extra"] = np.ones(3)
     np.testing.assert_array_equal(model(IDS).logits, one(IDS).logits)
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "weights.safetensors"])
+def test_params_that_are_not_a_mapping_are_refused_where_they_are_given(bad):
+    """model.params and the constructor's params are a dict of tensors by checkpoint name (the model keeps a dict
+    of its own of them): anything else failed inside dict() ('NoneType' object is not iterable, "dictionary update
+    sequence element #0 has length 1"), or a string was taken for a sequence of pairs. Now both name it."""
+    model = tiny_model(seed=1)
+    with pytest.raises(CheckpointError, match=f"params must be a dict of tensors by checkpoint name, got "
+                                              f"{type(bad).__name__}"):
+        model.params = bad
+    with pytest.raises(CheckpointError, match="params must be a dict"):
+        StableLmForCausalLM(model.config, bad)
+    assert np.isfinite(model(IDS).logits).all()

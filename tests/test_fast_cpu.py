@@ -567,6 +567,37 @@ def test_calls_from_several_threads_each_get_their_own_answer():
     assert errors == [] and wrong == [], (errors[:1], len(wrong))
 
 
+def test_a_streamer_that_runs_a_generate_in_another_thread_and_waits_for_it():
+    """A streamer's put that starts a generate of the same fast form in another thread and joins it: the form is
+    held for one call (not for a whole generate, as the GPU engine is), so the inner generate runs between the outer
+    one's steps, and both give the tokens they give alone (generate is deterministic: greedy)."""
+    import threading
+
+    from stablelm_ref.generation import generate
+
+    fast = tiny_model(seed=3).fast()
+    outer, inner_ids = np.array([[3, 1, 4, 1, 5]]), np.array([[2, 7, 1]])
+    want_outer, want_inner = generate(fast, outer, max_new_tokens=5), generate(fast, inner_ids, max_new_tokens=4)
+    got = {}
+
+    class Joining:
+        n = 0
+
+        def put(self, ids):
+            self.n += 1
+            if self.n == 3:                      # the prompt, then the first new token: in the outer one's loop
+                thread = threading.Thread(target=lambda: got.update(inner=generate(fast, inner_ids, max_new_tokens=4)))
+                thread.start()
+                thread.join(timeout=10)
+                assert not thread.is_alive(), "the inner generate waited for the outer one"
+
+        def end(self):
+            pass
+
+    assert np.array_equal(generate(fast, outer, max_new_tokens=5, streamer=Joining()), want_outer)
+    assert np.array_equal(got["inner"], want_inner)
+
+
 def test_threads_that_ask_a_model_for_its_fast_form_at_once_get_the_one_form():
     """model.fast() and FastCpuModel(model) from threads at once, before any form existed: each began a build, one
     popped lm_head.weight from params to transpose it in place, and the others failed with a bare KeyError from
@@ -728,3 +759,59 @@ def test_a_ctrl_c_while_the_lm_head_is_transposed_leaves_the_model_whole(monkeyp
     np.testing.assert_allclose(model(ids).logits, want, rtol=0, atol=TOL)
     monkeypatch.setattr(fast_cpu, "_transpose_in_place", real)
     np.testing.assert_allclose(model.fast()(ids).logits, want, rtol=0, atol=TOL)
+
+
+def test_a_decode_step_of_a_tied_model_does_not_copy_the_embedding():
+    """With tied embeddings the lm_head transposed in place leaves the embedding a [vocab, hidden] view of
+    [hidden, vocab] memory; np.take of its rows copied the whole matrix to a contiguous one first, on every call (the
+    shipped default model's decode step: ~10 ms where the rest is ~5, 6.3 MB copied a step). Measured with
+    tracemalloc (NumPy reports its allocations to it): a step's peak must stay well under the embedding's bytes
+    (the logits and a row of hidden are ~20 KB here). The logits are the reference's to 1e-4 (float32, logits up
+    to 10 summed in another order: 9e-6 apart; a wrong row of the embedding is O(1) off)."""
+    import tracemalloc
+
+    from stablelm_ref import DEFAULT_MODEL
+    from stablelm_ref.kv_cache import KVCache
+
+    model = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
+    fast = model.fast()
+    embed = fast.params["model.embed_tokens.weight"]
+    assert model.config.tie_word_embeddings and not embed.flags.c_contiguous        # the case
+    cache = KVCache(model.config, 1, 64, model.dtype, np)
+    fast(np.arange(2, 10)[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tracemalloc.start()
+    try:
+        out = fast(np.array([[5]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < embed.nbytes / 8, (peak, embed.nbytes)
+    ids = np.array([[*range(2, 10), 5]])
+    np.testing.assert_allclose(out.logits[:, -1], model(ids).logits[:, -1], rtol=0, atol=1e-4)
+    # an embedding of other strides (neither it nor its transpose C-contiguous) is gathered by indexing
+    model.params["model.embed_tokens.weight"] = np.repeat(embed, 2, axis=1)[:, ::2]
+    strided = model.params["model.embed_tokens.weight"]
+    assert not strided.flags.c_contiguous and not strided.T.flags.c_contiguous
+    np.testing.assert_allclose(fast(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_the_reference_forward_of_a_tied_model_with_a_fast_form_does_not_copy_the_embedding():
+    """The same for the model's own forward once its fast form exists (its params' embedding is then the
+    non-contiguous view): generate's default on the CPU (the reference) copied the whole embedding every step."""
+    import tracemalloc
+
+    from stablelm_ref import DEFAULT_MODEL
+
+    model = StableLmForCausalLM.from_pretrained(DEFAULT_MODEL)
+    want = model([[5, 9, 2]]).logits
+    model.fast()
+    embed = model.params["model.embed_tokens.weight"]
+    assert not embed.flags.c_contiguous
+    tracemalloc.start()
+    try:
+        out = model([[5, 9, 2]], logits_to_keep=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < embed.nbytes / 4, (peak, embed.nbytes)
+    np.testing.assert_allclose(out.logits, want[:, -1:], rtol=0, atol=1e-4)   # (float32, as above)

@@ -29,22 +29,30 @@ def test_a_directory_given_as_the_trace_s_output_is_named_as_one(tmp_path):
 
 # ---- class: work repeated on every call (two fast forms on one params dict) -------------------------------------
 
+@pytest.mark.parametrize("how", ["copy.copy", "a model made on its params", "its params assigned"])
 @pytest.mark.parametrize("built_first", [False, True])
-def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeypatch, built_first):
+def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeypatch, built_first, how):
     """copy.copy(model) shared the params dict: each model's fast form, when built, made the dict's tensors views of
     its own fused copies, so the other saw its tensors replaced and rebuilt, on every call alternating between the
     two (6 builds in 3 rounds, each a copy of all the weights), as copy.copy(model.fast()) did before it returned
     the form itself. A copy has a dict of its own, of the same tensors: one build each, and both compute the
-    reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15)."""
+    reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15). So has a model made on
+    another's params (StableLmForCausalLM(config, model.params)) or given them (twin.params = model.params), which
+    shared the dict and rebuilt the same way."""
     import copy
 
+    from stablelm_ref import StableLmForCausalLM
     from stablelm_ref.fast_cpu import FastCpuModel
     from conftest import tiny_model
 
     model = tiny_model(seed=3)
     if built_first:
         model.fast()
-    twin = copy.copy(model)
+    if how == "its params assigned":
+        twin = tiny_model(seed=4)
+        twin.params = model.params
+    else:
+        twin = copy.copy(model) if how == "copy.copy" else StableLmForCausalLM(model.config, model.params)
     assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
     ids = [[3, 1, 4, 1, 5, 9]]
     want = tiny_model(seed=3)(ids).logits
@@ -154,3 +162,33 @@ def test_a_score_bias_a_config_without_token_classification_bias_does_not_imply_
         m.config.token_classification_bias = False
     del bare.params["score.bias"]
     np.testing.assert_array_equal(model(ids).logits, bare(ids).logits)
+
+
+# ---- class: a tie between tensors split silently (two names of model.params on one array) -----------------------
+
+def test_a_fast_form_build_that_splits_tied_tensors_says_so(caplog):
+    """Two names of model.params on one array (layer 1's q_proj and o_proj tied to layer 0's): a fast form's build
+    copies each into its layer's fused matrices, so an edit in place of one no longer reached the other, silently. It
+    is not kept (each copy lives inside its own fused matrix); the build warns, naming the tied tensors and what to
+    do. The form and the model still compute one function after an edit in place of one of them (float64, 1e-10:
+    the same equations summed in another order, ~1e-15). A tie a build keeps (lm_head on the embedding, read where
+    it is) is not warned about."""
+    import logging
+
+    from conftest import tiny_model
+
+    ids = [[3, 1, 4, 1, 5]]
+    model = tiny_model(seed=4)
+    p = model.params
+    for x in ("q_proj", "o_proj"):
+        p[f"model.layers.1.self_attn.{x}.weight"] = p[f"model.layers.0.self_attn.{x}.weight"]
+    p["lm_head.weight"] = p["model.embed_tokens.weight"]
+    with caplog.at_level(logging.WARNING, logger="stablelm_ref"):
+        fast = model.fast()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("edit both" in m for m in said), said
+    assert any("'model.layers.0.self_attn.q_proj.weight' and 'model.layers.1.self_attn.q_proj.weight'" in m
+               for m in said), said
+    assert p["lm_head.weight"] is p["model.embed_tokens.weight"]
+    p["model.layers.0.self_attn.q_proj.weight"][...] *= 2
+    np.testing.assert_allclose(fast(ids).logits, model(ids).logits, rtol=0, atol=1e-10)

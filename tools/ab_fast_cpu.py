@@ -2,6 +2,7 @@
 
     python tools/ab_fast_cpu.py                       # HEAD's fast_cpu.py against the working tree's, small
     python tools/ab_fast_cpu.py --rev main --shape slice --threads 1
+    python tools/ab_fast_cpu.py --rev main --tied     # tie_word_embeddings (the shapes are untied otherwise)
 
 On a shared machine wall times move by 10-50% from minute to minute (other processes, and a VM's memory
 bandwidth), so two benchmark runs made a minute apart compare the minutes, not the code. Here both
@@ -75,6 +76,7 @@ def main():
                     help="seconds to sleep before each timed prefill, so that OpenBLAS's worker thread, which "
                          "spins ~0.1 s after a threaded call, has gone to sleep (make bench-llama's wait for a quiet "
                          "moment sleeps at least 0.3 s before each side)")
+    ap.add_argument("--tied", action="store_true", help="tie_word_embeddings (bench_cpu's shapes are untied)")
     ap.add_argument("--build-first", choices=("rev", "tree"), default="rev",
                     help="whose model is built (and its memory mapped) first: the first ran ~1-4%% faster in "
                          "identical-code runs, so a difference that small needs a run of each order")
@@ -82,7 +84,7 @@ def main():
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads, user_api="blas")
-    config = StableLmConfig.from_dict({**COMMON, **SHAPES[args.shape]})
+    config = StableLmConfig.from_dict({**COMMON, **SHAPES[args.shape], "tie_word_embeddings": args.tied})
     other = module_at(args.rev)
     builders = {args.rev: other.FastCpuModel, "working tree": fast_cpu.FastCpuModel}
     order = list(builders) if args.build_first == "rev" else list(builders)[::-1]

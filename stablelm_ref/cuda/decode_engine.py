@@ -717,17 +717,23 @@ class GpuDecodeEngine:
     def reserve(self, batch: int, max_len: int):
         """Make room for `batch` rows of `max_len` positions: the device buffers are allocated again (and the
         captured graphs dropped) only when the current ones are too small; the tuning (GEMV and attention shapes)
-        is kept."""
+        is kept. A growth that fails (out of memory) leaves the old size, allocated again by the next call: the size
+        that failed was kept, and every later call, however small, ran out of memory again."""
         if not 1 <= batch <= MAX_BATCH:
             raise GenerationError(f"the decode engine runs batches of 1 to {MAX_BATCH} rows, not {batch}")
         if batch <= self.max_batch and max_len <= self.max_len and self.kc is not None:
             return
+        old = self.max_batch, self.max_len
         self.max_batch, self.max_len = max(batch, self.max_batch), max(max_len, self.max_len)
         self.kc = self.vc = None                                     # free the old cache first
         self.reset_plans()                                           # (captured with the old buffers)
         self._nb = None
-        with self.stream:
-            self._allocate()
+        try:
+            with self.stream:
+                self._allocate()
+        except BaseException:
+            self.max_batch, self.max_len = old
+            raise
         self.stream.synchronize()
 
     def kv_cache(self, batch: int, dtype):
