@@ -140,8 +140,12 @@ class StableLmPreTrainedModel:
 
     @property
     def params(self) -> dict:
-        """The tensors by checkpoint name: a dict of the model's own (see the class)."""
-        return self.__dict__["params"]
+        """The tensors by checkpoint name: a dict of the model's own (see the class). AttributeError, as for any
+        attribute, on a model that has none yet (made by object.__new__): a KeyError broke hasattr and getattr."""
+        try:
+            return self.__dict__["params"]
+        except KeyError:
+            raise AttributeError(f"this {type(self).__name__} has no params yet (its __init__ sets them)") from None
 
     @params.setter
     def params(self, params):
