@@ -174,7 +174,10 @@ class StableLmPreTrainedModel:
         return state
 
     def __setstate__(self, state):
+        """The state as __getstate__ left it, with a params dict of the model's own (the setter): a pickle of two
+        models on one dict (made before a model kept its own) came back sharing it, and their fast forms rebuilt."""
         self.__dict__.update(state)
+        self.params = state["params"]
         self.xp = array_module(self.device)
 
     # ---- loading and saving -------------------------------------------------------------------

@@ -208,3 +208,29 @@ def test_a_model_without_params_yet_answers_hasattr_and_getattr_as_any_object_do
     with pytest.raises(AttributeError, match="params"):
         bare.params
 
+
+# ---- class: two models on one params dict again (an old pickle) ---------------------------------------------------
+
+def test_two_models_unpickled_from_one_params_dict_get_a_dict_each(monkeypatch):
+    """A pickle of two models that shared one params dict (made before a model kept a dict of its own:
+    StableLmForCausalLM(config, other.params) shared it) came back sharing it, since __setstate__ put the state into
+    the model as it was: each model's fast form again took the other's build for an edit and built anew on every
+    call (6 builds in 3 rounds). Unpickled, each model has a dict of its own (of the same tensors): one build each,
+    and both compute the reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15)."""
+    import pickle
+
+    from stablelm_ref.fast_cpu import FastCpuModel
+    from conftest import tiny_model
+
+    model, twin = tiny_model(seed=3), tiny_model(seed=3)
+    twin.__dict__["params"] = model.params                        # as the old constructor left it
+    model, twin = pickle.loads(pickle.dumps([model, twin]))
+    assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
+    ids = [[3, 1, 4, 1, 5, 9]]
+    want = tiny_model(seed=3)(ids).logits
+    builds, real = [], FastCpuModel._build
+    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self.model), real(self)))
+    for _ in range(3):
+        for m in (model, twin):
+            np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
+    assert len(builds) == 2, len(builds)
