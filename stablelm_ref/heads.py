@@ -165,7 +165,9 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         """The fast form of this model for its device, built once: fast_cpu.FastCpuModel on the CPU (fused
         weights, preallocated buffers, called exactly like this model), fast_gpu.GpuFastModel on the GPU (the
         model's forward plus the CUDA-graph decode engine generate steps through). Fused matrices hold the
-        weights; self.params become views of them (same values, not stored twice). model.params must match
+        weights; self.params become views of them (same values, not stored twice; but the dict the model was made
+        from, or any other holding its tensors, keeps the tensors as they were beside the copies: drop it, e.g.
+        del params, where memory matters). model.params must match
         model.config when it is built (CheckpointError otherwise, as for the forward). The CPU form tests on each
         call whether params or config changed since (a tensor replaced, a config field edited) and then checks
         and rebuilds its copies (FastCpuModel._sync), refusing a tensor of another dtype than model.dtype; the GPU

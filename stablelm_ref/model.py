@@ -124,7 +124,9 @@ class StableLmPreTrainedModel:
     (StableLmForCausalLM(config, other.params), m2.params = m1.params) do not see each other's fast form replace its
     entries (each form then took the other's build for an edit and built again, on every call). The tensors are the
     same objects: an edit in place reaches both until a fast form is built, which makes its own model's params views
-    of its copies (fast_cpu.py, fast_gpu.py)."""
+    of its copies (fast_cpu.py, fast_gpu.py). The dict passed is left as it was: while the caller keeps it, it keeps
+    the tensors it holds, beside a fast form's copies (StableLmForCausalLM(config, params) then .fast(): the fused
+    weights are held twice, and the CPU form reads the lm_head transposed where it is, until `del params`)."""
 
     head = "base"
 
