@@ -82,10 +82,11 @@ def ties(params, names) -> list:
 
 def warn_split(groups, params, form: str) -> None:
     """A warning for each group of ties(...) that a build split: each tensor became a view of its own copy (inside a
-    fused matrix), so an edit in place of one no longer reaches the other. It cannot be kept (the copies live in
-    different fused matrices); the forward and the form still compute one function."""
+    fused matrix, or a joined vector of biases or norm weights), so an edit in place of one no longer reaches the
+    other. It cannot be kept (the copies live in different fused arrays); the forward and the form still compute one
+    function."""
     for group in groups:
         if len({id(params[name]) for name in group}) > 1:
-            logger.warning("%s of model.params were one array; %s copied each into its own fused matrices, so an "
+            logger.warning("%s of model.params were one array; %s copied each into its own fused arrays, so an "
                            "edit in place of one no longer reaches the other: edit both, or assign the edited tensor "
                            "to each name (the next call builds again)", " and ".join(map(repr, group)), form)

@@ -234,3 +234,22 @@ def test_two_models_unpickled_from_one_params_dict_get_a_dict_each(monkeypatch):
         for m in (model, twin):
             np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
     assert len(builds) == 2, len(builds)
+
+
+def test_the_tie_warning_names_what_a_split_vector_was_copied_into(caplog):
+    """The warning said every split tensor was copied "into its own fused matrices": a bias or a qk-norm weight (both
+    layers' q_proj.bias on one zero vector, as a hand-built checkpoint may share) is copied into a joined vector (the
+    layer's q|k|v bias, its qk-norm rows), no matrix. It now says fused arrays, which both are."""
+    import logging
+
+    from conftest import tiny_model
+
+    model = tiny_model(seed=4, use_qkv_bias=True)
+    zero = np.zeros_like(model.params["model.layers.0.self_attn.q_proj.bias"])
+    for i in range(2):
+        model.params[f"model.layers.{i}.self_attn.q_proj.bias"] = zero
+    with caplog.at_level(logging.WARNING, logger="stablelm_ref"):
+        model.fast()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "'model.layers.1.self_attn.q_proj.bias' of model.params" in said[0], said
+    assert "its own fused arrays" in said[0] and "matri" not in said[0], said
