@@ -135,7 +135,11 @@ class StableLmPreTrainedModel:
         self.params = params
         self.device = device
         self.xp = array_module(device)
-        self.dtype = params["model.embed_tokens.weight"].dtype
+        self.dtype = getattr(self.params.get("model.embed_tokens.weight"), "dtype", None)   # the model's dtype
+        if self.dtype is None:
+            raise CheckpointError("params hold no array 'model.embed_tokens.weight' (the embedding, whose dtype is the "
+                                  "model's): give every tensor the config implies, e.g. "
+                                  "checkpoint.load_state_dict(directory), or another model's params")
         # generate's defaults (generation_config.GenerationConfig); from_pretrained replaces it with the directory's
         # generation_config.json when there is one
         self.generation_config = GenerationConfig.from_model_config(config)

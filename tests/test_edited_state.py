@@ -180,3 +180,12 @@ def test_params_that_are_not_a_mapping_are_refused_where_they_are_given(bad):
     with pytest.raises(CheckpointError, match="params must be a dict"):
         StableLmForCausalLM(model.config, bad)
     assert np.isfinite(model(IDS).logits).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"model.embed_tokens.weight": [[0.5, 1.0]]}])
+def test_params_without_an_embedding_array_are_refused_by_the_constructor_by_name(params):
+    """The constructor reads the model's dtype off params' embedding: a dict without one failed with a bare
+    KeyError: 'model.embed_tokens.weight', and one holding a list with "'list' object has no attribute 'dtype'".
+    Both now name the tensor and what to give (CheckpointError, as for params that are not a mapping)."""
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight'.*give every tensor"):
+        StableLmForCausalLM(tiny_model(seed=1).config, params)
