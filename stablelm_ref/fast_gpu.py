@@ -76,8 +76,8 @@ class GpuFastModel:
     (_share_vectors). Two names of params on one array (a tie) a build splits so, it warns (fast_forms.warn_split).
     The engine holds one generate at a time: its cache and device state are that
     generate's, so generates from several threads take turns; one started from inside another (a streamer's
-    put) steps through the model's forward, and so does one of another thread started while the holder is in its
-    streamer's put (which may be waiting for it: it waited for the engine, a deadlock)."""
+    put) steps through the model's forward, and so does one of another thread that finds the holder in one call of
+    its streamer's put for PUT_WAIT seconds (the put may be waiting for it: it waited for the engine, a deadlock)."""
 
     def __new__(cls, model, autotune: bool | None = None, kernels=None):
         """autotune: whether the engine tunes its kernels (None: as the model's form has it, True for a new one);
@@ -118,7 +118,7 @@ class GpuFastModel:
         self._vectors = self._vector_bits = None    # the engine's float32 vectors, the params' bf16 (_share_vectors)
         self._lock = threading.Lock()    # held by the generate using the engine (EngineSteps.context)
         self._holder = None              # the thread holding it
-        self._outside = False            # its generate is in the streamer's put (EngineSteps.outside)
+        self._outside_since = None       # when its generate entered the streamer's put it is in, or None
         model._fast = self
 
     def __copy__(self):
@@ -185,13 +185,18 @@ class GpuFastModel:
                 return f"tensor {name!r} is {model.params[name].dtype}, the model {model.dtype}"
         return None
 
+    PUT_WAIT = 0.5   # seconds another generate's holder may stay in one streamer put before a waiter gives up on it
+
     def _turn(self):
-        """Waits while another thread's generate holds the engine (generates take turns); False, without waiting
-        further, once that one is in its streamer's put: the put may be waiting for this generate (a streamer that
-        starts a generate in a thread and joins it waited for ever). EngineSteps.context takes the engine after; this
-        only looks (a Ctrl-C between taking the lock here and giving it back would have left it taken for ever)."""
+        """Waits while another thread's generate holds the engine (generates take turns); False once that one has
+        been in one call of its streamer's put for PUT_WAIT seconds: the put may be waiting for this generate (a
+        streamer that starts a generate in a thread and joins it waited for ever). A put that returns within that
+        time (printing a token) is not a reason: a waiter that gave up at any put saw one at nearly every token and
+        stepped through the forward. EngineSteps.context takes the engine after; this only looks (a Ctrl-C between
+        taking the lock here and giving it back would have left it taken for ever)."""
         while self._lock.locked():
-            if self._outside:
+            since = self._outside_since
+            if since is not None and time.monotonic() - since >= self.PUT_WAIT:
                 return False
             time.sleep(0.002)
         return True
@@ -346,7 +351,7 @@ class EngineSteps:
         xp.cupy().cuda.get_current_stream().synchronize()
         form = self.form
         with form._lock:
-            form._holder, form._outside = threading.get_ident(), False
+            form._holder, form._outside_since = threading.get_ident(), None
             try:
                 e = self.engine = form._engine(self.batch, self.max_len)
                 form.refresh_vectors()                            # the vectors' edits in place since the last
@@ -361,12 +366,13 @@ class EngineSteps:
     @contextlib.contextmanager
     def outside(self):
         """generate calls its streamer's put in here: code of the caller's, which may start a generate in another
-        thread and wait for it; that one then steps through the model's forward (GpuFastModel._turn)."""
-        self.form._outside = True
+        thread and wait for it; that one, once this put has lasted PUT_WAIT seconds, steps through the model's forward
+        (GpuFastModel._turn)."""
+        self.form._outside_since = time.monotonic()
         try:
             yield
         finally:
-            self.form._outside = False
+            self.form._outside_since = None
 
     def choose_in_step(self, settings):
         """The step picks the next ids in the graph: argmax_step (greedy), or sample_step (generate's

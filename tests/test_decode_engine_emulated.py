@@ -1164,3 +1164,51 @@ def test_a_growth_too_large_for_memory_leaves_the_engine_its_old_size(emulated, 
     with pytest.raises(MemoryError):
         generate(fast, ids, attention_mask=mask, max_new_tokens=3, engine="fast")
     assert np.array_equal(generate(fast, ids[:1], **kw), want) and fast.engine.max_batch == 1
+
+
+def test_a_generate_waits_for_another_threads_streamed_generate_whose_puts_return(emulated, monkeypatch):
+    """A second thread's generate that waits for the engine while the holder streams (each put a few ms: a token
+    printed) gets the engine when the holder is done; it gave up at the first put it saw, which with a streamer is
+    nearly every poll, and stepped its whole generate through the model's forward. Only a put that lasts
+    GpuFastModel.PUT_WAIT (it may be waiting for this generate) makes the waiter step through the forward."""
+    import threading
+    import time
+
+    ref, fast = _models(emulated)
+    a_ids = np.random.default_rng(7).integers(2, 384, (1, 6))
+    b_ids = np.random.default_rng(8).integers(2, 384, (2, 5))
+    want_b = generate(fast, b_ids, max_new_tokens=6, engine="fast")
+    stepped = set()
+    real_step = fast_gpu.EngineSteps.step
+
+    def step(self, *a, **k):
+        stepped.add(threading.get_ident())
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(fast_gpu.EngineSteps, "step", step)
+    b_may_start, got = threading.Event(), {}
+
+    class Printing:                                 # a put of 5 ms a token, as printing or sending one would take
+        n = 0
+
+        def put(self, v):                           # (the first put is the prompt's, before the engine is held)
+            self.n += 1
+            if self.n == 3:
+                b_may_start.set()
+            time.sleep(0.005)
+
+        def end(self):
+            pass
+
+    def run_b():
+        b_may_start.wait()
+        got["b"] = generate(fast, b_ids, max_new_tokens=6, engine="fast")
+        got["tid"], got["reason"] = threading.get_ident(), fast.unsupported
+
+    thread = threading.Thread(target=run_b)
+    thread.start()
+    generate(fast, a_ids, max_new_tokens=24, engine="fast", streamer=Printing())
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert got["reason"] is None and got["tid"] in stepped      # B stepped through the engine
+    assert np.array_equal(got["b"], want_b)
