@@ -42,7 +42,6 @@ def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeyp
     import copy
 
     from stablelm_ref import StableLmForCausalLM
-    from stablelm_ref.fast_cpu import FastCpuModel
     from conftest import tiny_model
 
     model = tiny_model(seed=3)
@@ -54,14 +53,7 @@ def test_a_copied_model_and_its_original_each_build_their_fast_form_once(monkeyp
     else:
         twin = copy.copy(model) if how == "copy.copy" else StableLmForCausalLM(model.config, model.params)
     assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
-    ids = [[3, 1, 4, 1, 5, 9]]
-    want = tiny_model(seed=3)(ids).logits
-    builds, real = [], FastCpuModel._build
-    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self.model), real(self)))
-    for _ in range(3):
-        for m in (model, twin):
-            np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
-            np.testing.assert_allclose(m(ids).logits, want, rtol=0, atol=1e-10)
+    builds = _fast_builds(monkeypatch, (model, twin), forward_too=True)
     assert len(builds) == (1 if built_first else 2) and builds[-1] is twin, len(builds)
 
 
@@ -219,21 +211,13 @@ def test_two_models_unpickled_from_one_params_dict_get_a_dict_each(monkeypatch):
     and both compute the reference's logits (float64, 1e-10: the same equations summed in another order, ~1e-15)."""
     import pickle
 
-    from stablelm_ref.fast_cpu import FastCpuModel
     from conftest import tiny_model
 
     model, twin = tiny_model(seed=3), tiny_model(seed=3)
     twin.__dict__["params"] = model.params                        # as the old constructor left it
     model, twin = pickle.loads(pickle.dumps([model, twin]))
     assert twin.params is not model.params and all(twin.params[k] is v for k, v in model.params.items())
-    ids = [[3, 1, 4, 1, 5, 9]]
-    want = tiny_model(seed=3)(ids).logits
-    builds, real = [], FastCpuModel._build
-    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self.model), real(self)))
-    for _ in range(3):
-        for m in (model, twin):
-            np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
-    assert len(builds) == 2, len(builds)
+    assert len(_fast_builds(monkeypatch, (model, twin), forward_too=False)) == 2
 
 
 def test_the_tie_warning_names_what_a_split_vector_was_copied_into(caplog):
@@ -253,3 +237,21 @@ def test_the_tie_warning_names_what_a_split_vector_was_copied_into(caplog):
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "'model.layers.1.self_attn.q_proj.bias' of model.params" in said[0], said
     assert "its own fused arrays" in said[0] and "matri" not in said[0], said
+
+
+def _fast_builds(monkeypatch, models, *, forward_too):
+    """How many fast forms were built (the models built, in order) over three rounds of calls of each model's fast
+    form (and its own forward, forward_too) on one prompt, every call checked against a fresh seed-3 model."""
+    from stablelm_ref.fast_cpu import FastCpuModel
+    from conftest import tiny_model
+
+    ids = [[3, 1, 4, 1, 5, 9]]
+    want = tiny_model(seed=3)(ids).logits
+    builds, real = [], FastCpuModel._build
+    monkeypatch.setattr(FastCpuModel, "_build", lambda self: (builds.append(self.model), real(self)))
+    for _ in range(3):
+        for m in models:
+            np.testing.assert_allclose(m.fast()(ids).logits, want, rtol=0, atol=1e-10)
+            if forward_too:
+                np.testing.assert_allclose(m(ids).logits, want, rtol=0, atol=1e-10)
+    return builds
