@@ -259,8 +259,9 @@ class GpuFastModel:
         """The vectors the kernels read in float32 (LayerNorm weights and biases, q|k|v biases, qk-norm weights)
         are joined: the model's params for them become views of one bfloat16 array (`_vector_bits`), and the
         engine's float32 copies views of one float32 array (`_vectors`), which refresh_vectors() computes from it
-        again at the start of every generate (one conversion): an edit in place of one of them reaches the engine,
-        as for the matrices. Each piece starts at a multiple of VECTOR_ALIGN elements (the kernels' vector loads)."""
+        at the start of every generate (one conversion; EngineSteps.context, right after this build too): an edit in
+        place of one of them reaches the engine, as for the matrices. Each piece starts at a multiple of
+        VECTOR_ALIGN elements (the kernels' vector loads)."""
         p, e, dt = self.model.params, self.engine, self.model.dtype
         cp = e.cp
         pieces = []                                            # (engine object, attribute, [param names], shape)
@@ -291,7 +292,6 @@ class GpuFastModel:
                     at += n
                 setattr(holder, attr, self._vectors[int(start):int(start) + size].reshape(shape))
         self._vector_bits = bits
-        self.refresh_vectors()
 
     def refresh_vectors(self):
         """The engine's float32 vectors computed again from the model's (the bfloat16 views _share_vectors made), on
@@ -354,7 +354,7 @@ class EngineSteps:
             form._holder, form._outside_since = threading.get_ident(), None
             try:
                 e = self.engine = form._engine(self.batch, self.max_len)
-                form.refresh_vectors()                            # the vectors' edits in place since the last
+                form.refresh_vectors()               # float32 vectors from params: a new build's, or edits in place
                 self.xp, self.wide = e.cp, e.cp.float32
                 self.cache = e.kv_cache(self.batch, self.model.dtype)
                 self._chosen = e.tok[: self.batch]
