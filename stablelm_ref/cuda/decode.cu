@@ -637,6 +637,83 @@ __device__ __forceinline__ int attn_issue_rows(u16* Kt, u16* Vt, const u16* __re
     return t < t_end && (t < len ? (int)mrow[t] : t == len);
 }
 
+// Thread-block clusters (sm_90): the splits of one kv head launched as one cluster combine their partials
+// through the first split's shared memory instead of global memory (no fence, atomic counter or L2 round
+// trips after the tiles). Before sm_90 the size reads 1, so the global combine is the only path.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 cluster_size() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+// Store v at the address p has in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ void st_cluster(const float* p, u32 rank, float v) {
+    u32 a = static_cast<u32>(__cvta_generic_to_shared(p)), r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
+}
+#else
+__device__ __forceinline__ u32 cluster_size() { return 1; }
+__device__ __forceinline__ void cluster_arrive_relaxed() {}
+__device__ __forceinline__ void cluster_arrive() {}
+__device__ __forceinline__ void cluster_wait() {}
+__device__ __forceinline__ void st_cluster(const float*, u32, float) {}
+#endif
+
+// The splits' partials (max m, sum l, unnormalised output o) of the block's G query heads combined and written
+// as bf16: pairs (d, d+1) over the block's threads, splits in rounds of 8 with all loads of a round issued
+// together. Partial s of head g: o at po + (g NS + s) D, (m, l) at pml + (g NS + s) 2; `out` points at the
+// block's first query head. GLOBAL: the partials are in global memory (read through L2), else in shared.
+template <int D, bool GLOBAL>
+__device__ __forceinline__ void attn_combine(const float* po, const float* pml, int G, int NS, int nsplit,
+                                             u16* __restrict__ out) {
+    const int GD2 = G * (D / 2);
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; ++j) {
+        const int p = threadIdx.x + j * ATT_THREADS;
+        if (p < GD2) {
+            const int g = p / (D / 2), dp = p % (D / 2);
+            float M = NEG_INF, L = 0.f, o0 = 0.f, o1 = 0.f;       // running combine, 8 splits a round
+            for (int s0 = 0; s0 < nsplit; s0 += 8) {
+                float ms[8], ls[8], a0[8], a1[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {                      // all loads of a round issued together
+                    const int sp = s0 + u;
+                    ms[u] = NEG_INF;
+                    if (sp < nsplit) {
+                        const float* ml = pml + ((size_t)g * NS + sp) * 2;
+                        const float* o = po + ((size_t)g * NS + sp) * D + 2 * dp;
+                        ms[u] = GLOBAL ? __ldcg(ml) : ml[0];
+                        ls[u] = GLOBAL ? __ldcg(ml + 1) : ml[1];
+                        a0[u] = GLOBAL ? __ldcg(o) : o[0];
+                        a1[u] = GLOBAL ? __ldcg(o + 1) : o[1];
+                    }
+                }
+                float mx = M;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) mx = fmaxf(mx, ms[u]);
+                if (mx == NEG_INF) continue;                       // every key so far masked
+                const float sc = __expf(M - mx);                   // 0 while M is -inf
+                L *= sc; o0 *= sc; o1 *= sc;
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (ms[u] != NEG_INF) {                        // a split with no key left adds nothing
+                        const float wgt = __expf(ms[u] - mx);
+                        L = fmaf(wgt, ls[u], L);
+                        o0 = fmaf(wgt, a0[u], o0);
+                        o1 = fmaf(wgt, a1[u], o1);
+                    }
+                M = mx;
+            }
+            const float inv = 1.f / L;
+            *reinterpret_cast<u32*>(out + (size_t)g * D + 2 * dp) = pack_bf2(o0 * inv, o1 * inv);
+        }
+    }
+}
+
 // Wait until at most `pending` (0..ATT_MAXBUF - 1) of this thread's latest cp.async groups are in flight.
 __device__ __forceinline__ void cp_async_wait_pending(int pending) {
     switch (pending) {
@@ -665,10 +742,19 @@ __device__ __forceinline__ void attn_impl(
     const int GD2 = G * (D / 2);
 
     PDL_LAUNCH();
+    // Launched as clusters of the NS splits of each kv head (attention_launch's cluster): the first split
+    // combines the others' partials in its shared memory. Every block signals that it runs (a block may write
+    // into another's shared memory only once that one has started) and, with several live splits, arrives
+    // once more after its partial is written; only the first split waits for that.
+    const bool clustered = NS > 1 && cluster_size() == (u32)NS;
+    if (clustered) cluster_arrive_relaxed();
     const int len = *lenp;                               // changes only at the end of a step (argmax_step)
     int nsplit, tiles_per;
     attn_split_range(len, NS, split_tiles, nsplit, tiles_per);
-    if (split >= nsplit) return;
+    if (split >= nsplit) {
+        if (clustered && nsplit > 1) { cluster_wait(); cluster_arrive(); }
+        return;
+    }
     const int n = len + 1;
     const int t_begin = split * tiles_per * ATT_TK;
     const int t_end = min(n, t_begin + tiles_per * ATT_TK);
@@ -688,6 +774,8 @@ __device__ __forceinline__ void attn_impl(
     float* l_s = m_s + NW * G;                                        // [NW][G]
     float* a_s = l_s + NW * G;                                        // [NW][G]
     float* rc = a_s + NW * G;                                         // [rot]: cos, then sin
+    float* cpo = rc + D;                                              // clustered: [G][NS][D] partial o,
+    float* cpml = cpo + G * NS * D;                                   //   [G][NS][2] (m, l): split 0's
     __shared__ int is_last;
 
     const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
@@ -855,7 +943,10 @@ __device__ __forceinline__ void attn_impl(
     __syncthreads();                                     // every warp's (m, l, o)
 
     // 3. the warps' results combined (pairs (d, d+1) of the block's G heads over its threads). One split:
-    // normalise and write. Several: publish the split's partial (max, sum, output); the last block combines.
+    // normalise and write. Several: publish the split's partial (max, sum, output), into split 0's shared
+    // memory when clustered (split 0 combines once every live split has arrived), else into global memory
+    // (the last block to finish combines).
+    if (clustered && nsplit > 1) cluster_wait();          // split 0 has started: its shared memory exists
 #pragma unroll
     for (int j = 0; j < ATT_MAXJ; ++j) {
         const int p = tid + j * ATT_THREADS;
@@ -880,6 +971,14 @@ __device__ __forceinline__ void attn_impl(
             if (nsplit == 1) {
                 const float inv = 1.f / L;
                 *reinterpret_cast<u32*>(out + hb * D + 2 * dp) = pack_bf2(o0 * inv, o1 * inv);
+            } else if (clustered) {
+                const float* po = cpo + ((size_t)g * NS + split) * D + 2 * dp;
+                st_cluster(po, 0, o0);
+                st_cluster(po + 1, 0, o1);
+                if (dp == 0) {
+                    st_cluster(cpml + ((size_t)g * NS + split) * 2, 0, M);
+                    st_cluster(cpml + ((size_t)g * NS + split) * 2 + 1, 0, L);
+                }
             } else {
                 float* po = part_o + (hb * NS + split) * D + 2 * dp;
                 po[0] = o0; po[1] = o1;
@@ -888,6 +987,14 @@ __device__ __forceinline__ void attn_impl(
         }
     }
     if (nsplit == 1) return;
+    u16* out_h = out + ((size_t)b * H + kvh * G) * D;    // the block's first query head
+    if (clustered) {
+        cluster_arrive();                                 // release: this split's partial is in split 0's memory
+        if (split != 0) return;
+        cluster_wait();                                   // acquire: every live split's is
+        attn_combine<D, false>(cpo, cpml, G, NS, nsplit, out_h);
+        return;
+    }
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -897,47 +1004,8 @@ __device__ __forceinline__ void attn_impl(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-#pragma unroll
-    for (int j = 0; j < ATT_MAXJ; ++j) {
-        const int p = tid + j * ATT_THREADS;
-        if (p < GD2) {
-            const int g = p / (D / 2), dp = p % (D / 2);
-            const size_t hb = (size_t)b * H + kvh * G + g;
-            float M = NEG_INF, L = 0.f, o0 = 0.f, o1 = 0.f;       // running combine, 8 splits a round
-            for (int s0 = 0; s0 < nsplit; s0 += 8) {
-                float ms[8], ls[8], a0[8], a1[8];
-#pragma unroll
-                for (int u = 0; u < 8; ++u) {                      // all loads of a round issued together
-                    const int sp = s0 + u;
-                    ms[u] = NEG_INF;
-                    if (sp < nsplit) {
-                        ms[u] = __ldcg(part_ml + (hb * NS + sp) * 2);
-                        ls[u] = __ldcg(part_ml + (hb * NS + sp) * 2 + 1);
-                        a0[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp);
-                        a1[u] = __ldcg(part_o + (hb * NS + sp) * D + 2 * dp + 1);
-                    }
-                }
-                float mx = M;
-#pragma unroll
-                for (int u = 0; u < 8; ++u) mx = fmaxf(mx, ms[u]);
-                if (mx == NEG_INF) continue;                       // every key so far masked
-                const float sc = __expf(M - mx);                   // 0 while M is -inf
-                L *= sc; o0 *= sc; o1 *= sc;
-#pragma unroll
-                for (int u = 0; u < 8; ++u)
-                    if (ms[u] != NEG_INF) {                        // a split with no key left adds nothing
-                        const float wgt = __expf(ms[u] - mx);
-                        L = fmaf(wgt, ls[u], L);
-                        o0 = fmaf(wgt, a0[u], o0);
-                        o1 = fmaf(wgt, a1[u], o1);
-                    }
-                M = mx;
-            }
-            const float inv = 1.f / L;
-            *reinterpret_cast<u32*>(out + (size_t)b * H * D + (size_t)(kvh * G + g) * D + 2 * dp) =
-                pack_bf2(o0 * inv, o1 * inv);
-        }
-    }
+    const size_t hb0 = (size_t)b * H + kvh * G;
+    attn_combine<D, true>(part_o + hb0 * NS * D, part_ml + hb0 * NS * 2, G, NS, nsplit, out_h);
     if (tid == 0) counters[b * KVH + kvh] = 0;          // ready for the next launch
 }
 

@@ -184,6 +184,9 @@ class GpuDecodeEngine:
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
         self.att_shape: dict[int, tuple] = {}    # batch -> attention's (split_tiles, nbuf), tune.py's choice
+        self.att_cluster = True             # a kv head's attention splits as one thread-block cluster where the
+        #                                     GPU has them (DecodeKernels.attention_cluster): their partials
+        #                                     combined in shared memory, not through global memory
         self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
         #                                          shared-memory carveout in percent; absent: the driver's choice
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
@@ -449,7 +452,7 @@ class GpuDecodeEngine:
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
                 counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps, split_tiles=split_tiles,
-                nbuf=nbuf))
+                nbuf=nbuf, cluster=self.att_cluster))
             plan.append(self._layer_gemv("o_proj", i, nb))
             if not self.parallel and not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,

@@ -34,6 +34,7 @@ ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ, ATT_MAXBUF = 128, 64, 8, 4   # must match decode.cu
 ATT_NW, ATT_RW = ATT_THREADS // 32, ATT_TK // (ATT_THREADS // 32)   # warps a block, keys of a tile a warp
 ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner times within the step
+ATT_MAX_CLUSTER = 8                         # splits a cluster at most (the portable cluster size)
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
@@ -171,22 +172,35 @@ class DecodeKernels:
         return int(max(1, min(want, math.ceil(max_len / ATT_TK))))
 
     @staticmethod
-    def attention_smem(G: int, D: int, nbuf: int = 1) -> int:
+    def attention_smem(G: int, D: int, nbuf: int = 1, cluster: int = 0) -> int:
         """Dynamic shared memory of decode_attention_d{D} (decode.cu's carve-up): nbuf K/V tiles, the new k/v
-        in bf16, then floats: q, each warp's output, k/v scratch, each warp's p, (m, l, alpha), rotary."""
+        in bf16, then floats: q, each warp's output, k/v scratch, each warp's p, (m, l, alpha), rotary, and
+        launched as clusters of `cluster` splits, the splits' partials (o, m, l) that the first one combines."""
         tiles = nbuf * ATT_TK * (2 * D + 8) * 2
         floats = G * D * (1 + ATT_NW) + 3 * D + ATT_NW * G * ATT_RW + 3 * ATT_NW * G
+        if cluster > 1:
+            floats += G * cluster * (D + 2)
         return tiles + 4 * D + 4 * floats
 
-    def attention_fits(self, G: int, D: int, nbuf: int) -> bool:
-        return self.attention_smem(G, D, nbuf) <= self.max_smem
+    def attention_fits(self, G: int, D: int, nbuf: int, cluster: int = 0) -> bool:
+        return self.attention_smem(G, D, nbuf, cluster) <= self.max_smem
+
+    def attention_cluster(self, nsplit: int) -> int:
+        """The cluster size attention_launch(cluster=True) uses for nsplit splits: all of a kv head's splits
+        (2 to ATT_MAX_CLUSTER, the portable limit) on a GPU with thread-block clusters (compute capability
+        >= 9.0), else 0 (no cluster: the splits combine through global memory)."""
+        ok = getattr(self, "compute_capability", 0) >= 90 and 1 < nsplit <= ATT_MAX_CLUSTER
+        return nsplit if ok else 0
 
     def attention_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, nb, H, KVH, D,
                          out, part_o, part_ml, counters, nsplit, qn_w=None, kn_w=None, eps=1e-5,
-                         scale=None, split_tiles=1, nbuf=1, tag="attention"):
+                         scale=None, split_tiles=1, nbuf=1, cluster=False, tag="attention"):
         """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
         ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
-        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait."""
+        and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait. With cluster (where
+        attention_cluster allows it) a kv head's splits are one thread-block cluster and the first split
+        combines the partials in its shared memory; else the last split to finish combines them from
+        part_o / part_ml (global memory) behind a fence and an atomic counter."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -199,8 +213,9 @@ class DecodeKernels:
             raise ValueError(f"decode attention: nbuf must be in [1, {ATT_MAXBUF}] and split_tiles >= 1, "
                              f"got {nbuf}, {split_tiles}")
         max_len = kc.shape[-2]
-        smem = self.attention_smem(G, D, nbuf)
-        if not self.attention_fits(G, D, nbuf):
+        csize = self.attention_cluster(nsplit) if cluster else 0
+        smem = self.attention_smem(G, D, nbuf, csize)
+        if not self.attention_fits(G, D, nbuf, csize):
             raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
                              f"need {smem} bytes of shared memory, this GPU has {self.max_smem} a block")
         fn = self.attn_fn[D]
@@ -213,7 +228,7 @@ class DecodeKernels:
                 qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
                 i32(split_tiles), i32(nbuf))
-        return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag)
+        return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag, cluster=csize)
 
     # -- the whole step at batch 1 (decode_step.cu) -------------------------------------------------
     def step_problem(self, *, hidden, inter, H, KVH, D, slot=STEP_SHAPES[0][0]) -> str | None:

@@ -10,7 +10,8 @@ driver, graph capture and replay timing.
 
 CuPy's launcher has no launch attributes, hence PdlLauncher: cuLaunchKernelEx through ctypes, with the
 struct layouts of cuda.h (CUDA 12/13); it also makes the whole-step kernel's cooperative launch (every block
-resident: its grid barriers need it) and applies a launch's shared-memory carveout.
+resident: its grid barriers need it), the attention's cluster launch (the splits of a kv head as one
+thread-block cluster) and applies a launch's shared-memory carveout.
 """
 
 from __future__ import annotations
@@ -71,17 +72,19 @@ class Launch:
     """One kernel launch with its arguments bound (replayed eagerly or captured into a graph). carveout: the
     launch's preferred shared-memory carveout (percent of the SM's L1/shared memory), or None for the
     driver's choice; it takes effect where the launch goes through PdlLauncher (captures with a carveout or
-    PDL, and a cooperative launch's eager call), not in an ordinary eager call."""
+    PDL, and a cooperative or cluster launch's eager call), not in an ordinary eager call. cluster: blocks
+    along grid x launched as one thread-block cluster (sm_90; 0: none), always through PdlLauncher."""
 
-    __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout", "cooperative")
+    __slots__ = ("fn", "grid", "block", "args", "smem", "tag", "carveout", "cooperative", "cluster")
 
-    def __init__(self, fn, grid, block, args, smem=0, tag="", carveout=None, cooperative=False):
+    def __init__(self, fn, grid, block, args, smem=0, tag="", carveout=None, cooperative=False, cluster=0):
         self.fn, self.grid, self.block, self.args, self.smem, self.tag = fn, grid, block, args, smem, tag
         self.carveout = carveout
         self.cooperative = cooperative      # every block resident at once (a grid barrier inside): PdlLauncher
+        self.cluster = cluster
 
     def __call__(self):
-        if self.cooperative:
+        if self.cooperative or self.cluster:
             PdlLauncher().bind(self, xp.cupy().cuda.get_current_stream().ptr, programmatic=False)()
         else:
             self.fn(self.grid, self.block, self.args, shared_mem=self.smem)
@@ -93,6 +96,7 @@ class PdlLauncher:
     CuPy's launcher has no launch attributes, hence ctypes. Struct layouts as in cuda.h (CUDA 12/13)."""
 
     ATTR_COOPERATIVE = 2
+    ATTR_CLUSTER_DIMENSION = 4
     ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
     ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 14
 
@@ -100,8 +104,11 @@ class PdlLauncher:
         import ctypes as C
         self.C = C
 
+        class Dim(C.Structure):
+            _fields_ = [("x", C.c_uint), ("y", C.c_uint), ("z", C.c_uint)]
+
         class Value(C.Union):
-            _fields_ = [("pad", C.c_char * 64), ("val", C.c_int), ("_align", C.c_void_p)]
+            _fields_ = [("pad", C.c_char * 64), ("val", C.c_int), ("dim", Dim), ("_align", C.c_void_p)]
 
         class Attr(C.Structure):
             _fields_ = [("id", C.c_int), ("pad", C.c_char * 4), ("value", Value)]
@@ -138,9 +145,15 @@ class PdlLauncher:
             want.append((self.ATTR_COOPERATIVE, 1))
         if launch.carveout is not None:
             want.append((self.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, int(launch.carveout)))
+        if getattr(launch, "cluster", 0):
+            want.append((self.ATTR_CLUSTER_DIMENSION, (int(launch.cluster), 1, 1)))
         attr = (self.Attr * max(1, len(want)))()
         for i, (aid, val) in enumerate(want):
-            attr[i].id, attr[i].value.val = aid, val
+            attr[i].id = aid
+            if isinstance(val, tuple):
+                attr[i].value.dim.x, attr[i].value.dim.y, attr[i].value.dim.z = val
+            else:
+                attr[i].value.val = val
         g = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
         b = tuple(launch.block) + (1,) * (3 - len(launch.block))
         cfg = self.Config(g[0], g[1], g[2], b[0], b[1], b[2], launch.smem, stream_ptr, attr, len(want))
@@ -155,10 +168,12 @@ class PdlLauncher:
 
 def capture_launches(stream, launches, pdl: bool = False):
     """`launches` captured on `stream` as one CUDA graph; with pdl, each launch after the first is a
-    programmatic dependent of its predecessor (PdlLauncher, which also applies a launch's carveout), except
-    next to a cooperative launch (the whole-step kernel), which follows and precedes its neighbours fully."""
+    programmatic dependent of its predecessor (PdlLauncher, which also applies a launch's carveout and
+    cluster), except next to a cooperative launch (the whole-step kernel), which follows and precedes its
+    neighbours fully."""
     coop = [bool(getattr(fn, "cooperative", False)) for fn in launches]
-    if pdl or any(coop) or any(getattr(fn, "carveout", None) is not None for fn in launches):
+    if (pdl or any(coop) or any(getattr(fn, "carveout", None) is not None for fn in launches)
+            or any(getattr(fn, "cluster", 0) for fn in launches)):
         pl = PdlLauncher()
         launches = [pl.bind(fn, stream.ptr, programmatic=pdl and i > 0 and not coop[i] and not coop[i - 1])
                     for i, fn in enumerate(launches)]

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs  # noqa: E402
+from stablelm_ref.cuda.decode_kernels import ATT_MAX_CLUSTER  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 NAN_BF16 = 0x7FC0
@@ -225,10 +226,13 @@ def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
 @given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
        nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
        rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12),
-       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), seed=st.integers(0, 2**31 - 1))
-def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, shape, seed):
+       shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), cluster=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, rot_frac, nsplit, shape, cluster,
+                                          seed):
     """Every (split_tiles, nbuf): the tuner's shapes, and splits of more tiles than buffers (each warp refills
-    its rows of a buffer as it goes) at up to 12 splits of up to 300 keys."""
+    its rows of a buffer as it goes) at up to 12 splits of up to 300 keys; the splits combined through global
+    memory, or (cluster, up to 8 splits) in the first split's shared memory."""
     H, max_len = KVH * G, L + extra
     split_tiles, nbuf = shape
     rot = int(D * rot_frac) // 2 * 2
@@ -255,7 +259,8 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
         cp.asarray(inv_freq), rot, nb=nb, H=H, KVH=KVH, D=D, out=out,
         part_o=cp.full((nb, H, nsplit, D), np.nan, cp.float32), part_ml=cp.full((nb, H, nsplit, 2), np.nan, cp.float32),
         counters=counters, nsplit=nsplit, qn_w=None if qn is None else cp.asarray(qn),
-        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5, split_tiles=split_tiles, nbuf=nbuf)
+        kn_w=None if kn is None else cp.asarray(kn), eps=1e-5, split_tiles=split_tiles, nbuf=nbuf, cluster=cluster)
+    assert launch.cluster == (nsplit if cluster and 1 < nsplit <= ATT_MAX_CLUSTER else 0)
     launch()
     _sync()
     _, k_new, v_new = specs.ref_decode_attention(qkv, specs.ref_bf16_to_f64(kb), specs.ref_bf16_to_f64(vb), L, pos, kmask,
@@ -279,6 +284,45 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
     launch()                                                                # replay: same bits
     _sync()
     assert np.array_equal(first, cp.asnumpy(out))
+
+
+@pytest.mark.parametrize("D,KVH,G,nb,L,nsplit", [(80, 4, 1, 1, 200, 5), (64, 2, 1, 2, 129, 5), (160, 2, 4, 1, 300, 8),
+                                                 (128, 1, 2, 1, 40, 6), (96, 2, 2, 3, 500, 2)])
+def test_attention_cluster_combine_equals_global_combine(kernels, D, KVH, G, nb, L, nsplit):
+    """The splits of a kv head as one cluster, combined in the first split's shared memory, give the same bits
+    as the global-memory combine (the same arithmetic in the same order of splits), with splits left idle
+    (129 keys over 5 splits: 3 live; 40 keys: 1 live, no combine) and twice in a row (the cluster barriers'
+    phases and the global path's counters both start clean at the next launch)."""
+    if kernels.attention_cluster(nsplit) == 0:
+        pytest.skip(f"no thread-block clusters on {kernels.device_name} (compute capability < 9.0)")
+    H, max_len = KVH * G, L + 9
+    rng = np.random.default_rng(D + L)
+    qkv = cp.asarray(rng.standard_normal((nb, (H + 2 * KVH) * D)).astype(np.float32) * 2)
+    kb, vb = _bits(rng.standard_normal((nb, KVH, max_len, D))), _bits(rng.standard_normal((nb, KVH, max_len, D)))
+    kmask = cp.ones((nb, max_len), cp.uint8)
+    pos, inv_freq = cp.asarray(np.full(nb, L, np.int32)), cp.asarray(de.rotary_inv_freq(10000.0, D // 4))
+    outs = {}
+    for cluster in (False, True):
+        out = cp.full((nb, H * D), NAN_BF16, cp.uint16)
+        kc, vc = cp.asarray(kb), cp.asarray(vb)
+        counters = cp.zeros(nb * KVH, cp.int32)
+        launch = kernels.attention_launch(
+            qkv, kc, vc, cp.asarray(np.array([L], np.int32)), pos, kmask, inv_freq, D // 4, nb=nb, H=H, KVH=KVH,
+            D=D, out=out, part_o=cp.full((nb, H, nsplit, D), np.nan, cp.float32),
+            part_ml=cp.full((nb, H, nsplit, 2), np.nan, cp.float32), counters=counters, nsplit=nsplit,
+            cluster=cluster)
+        assert launch.cluster == (nsplit if cluster else 0)
+        launch()
+        _sync()
+        first = cp.asnumpy(out)
+        launch()
+        _sync()
+        assert np.array_equal(first, cp.asnumpy(out))
+        assert not cp.asnumpy(counters).any()
+        outs[cluster] = (first, cp.asnumpy(kc), cp.asnumpy(vc))
+    assert np.isfinite(specs.ref_bf16_to_f64(outs[True][0])).all()
+    for a, b in zip(outs[False], outs[True]):
+        assert np.array_equal(a, b)
 
 
 def test_argmax_step_bookkeeping(kernels):
@@ -349,6 +393,29 @@ def test_engine_pdl_graph_equals_plain_graph(kernels):
         runs.append((e.generated(), e.get_logits(), e.pdl, e.pdl_error))
     assert runs[1][2], f"PDL capture fell back to plain launches: {runs[1][3]}"
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_engine_cluster_combine_equals_global_combine(kernels):
+    """The engine's step with its attention splits as clusters (the default where the GPU has them) computes
+    exactly what it computes with the global-memory combine: a prompt long enough for several live splits,
+    graph (PDL) and eager, at batch 2 and batch 1 (the folded LayerNorms)."""
+    if kernels.attention_cluster(2) == 0:
+        pytest.skip(f"no thread-block clusters on {kernels.device_name} (compute capability < 9.0)")
+    cfg, params, _ = make_model(CONFIGS["GQA + qk LayerNorm + parallel residual, D=160"])
+    for lengths in ([150, 131], [200]):
+        ids, mask = left_padded_batch(np.random.default_rng(6), cfg.vocab_size, lengths)
+        runs = []
+        for cluster, graph in ((False, True), (True, True), (True, False)):
+            e = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=256, kernels=kernels, autotune=False, pdl=True)
+            e.att_cluster = cluster
+            e.prefill(ids, mask, logits=None)
+            for _ in range(6):
+                e.decode_step(use_graph=graph)
+            attn = [fn for fn in e._plan(len(lengths)) if fn.tag == "attention"]
+            assert all(fn.cluster == (fn.grid[0] if cluster else 0) for fn in attn) and attn[0].grid[0] > 1
+            runs.append((e.generated(), e.get_logits()))
+        for r in runs[1:]:
+            assert np.array_equal(runs[0][0], r[0]) and np.array_equal(runs[0][1], r[1])
 
 
 # ----------------------------------------------------------------------------- sampling in the step
