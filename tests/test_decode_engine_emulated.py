@@ -399,6 +399,35 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     assert tune.leaner(s._replace(rows=32, unroll=2), kn.MODE_ADD) == []
 
 
+@pytest.mark.parametrize("grid", [True, False])
+def test_tuner_times_every_finalist_persistent(emulated, monkeypatch, grid):
+    """Stage 2 with TUNE_GRID times every finalist at every persistent count: emulated costs where R 8 is best
+    alone and with one block a group, but R 2 (the third finalist of R 8, 4, 2) is best persistent. The grid ends every
+    kind at R 2 persistent; the previous order (the finalists at one block a group, then persistent counts for
+    that winner alone) never times R 2 persistent and ends at R 8. Later passes (TUNE_ROUNDS) time each
+    kind's best candidates again: the log holds those second timings."""
+    def cost(self, grid_, args):
+        if self.impl is _gemv:
+            R = self.static["rows"]
+            return 2.0 - 0.01 * R if grid_[0] == -(-int(args[4]) // R) else 1.0 + 0.01 * (R != 2)
+        return 1.0
+    monkeypatch.setattr(_Kernel, "cost", cost)
+    monkeypatch.setattr(tune, "TUNE_GRID", grid)
+    monkeypatch.setattr(tune, "gemv_candidates", lambda K, nb, mode, tc=False: [(r, 128, 0) for r in (8, 4, 2)])
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
+                                autotune=True, pdl=False)
+    engine.prefill(np.random.default_rng(2).integers(2, 384, (1, 6)), logits=None)
+    engine.decode_step()
+    want = 2 if grid else 8
+    for name, shape in engine.tuning[1].items():
+        assert (shape.rows, shape.persist > 0) == (want, True), (name, shape)
+    in_step = [e for e in engine.tune_log if e[0] == "step" and e[2] == "qkv"]
+    firsts = {e[3] for e in in_step}
+    assert tune.TUNE_ROUNDS > 1 and len(in_step) > len(firsts)        # some candidates timed twice
+
+
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):
     """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
     duration (the plan's launches carry the carveout), the tuning, attention shape, step time and carveouts put

@@ -33,6 +33,9 @@ from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, M
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
 TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for the chosen shape
+TUNE_GRID = True                            # in the step: every finalist at every persistent count
+TUNE_ROUNDS = 2                             # passes over the kinds in the step (later ones: TUNE_RECHECK each)
+TUNE_RECHECK = 4                            # a kind's best candidates timed again in each later pass
 
 
 class GemvShape(NamedTuple):
@@ -112,28 +115,49 @@ def tune(engine, nb):
 def tune_in_step(engine, nb, top):
     """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
     PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
-    shape alone and within the step differ: its neighbours overlap its start and its end."""
+    shape alone and within the step differ: its neighbours overlap its start and its end.
+
+    Round 1, each kind (most bytes first): with TUNE_GRID every finalist at every persistent count (a finalist
+    that loses at one block a group may win persistent), else the finalists and then persistent counts for
+    the winner alone; then the winner at half its rows. Rounds after the first time each kind's TUNE_RECHECK
+    best candidates again, now that every other kind has its choice, starting from a fresh timing of the step
+    as chosen (a best time measured once is optimistic: a later candidate would have to beat its noise)."""
     try:
         best = engine.time_step(nb)
     except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
         return
     shapes = engine._gemv_shapes()
-    for name in sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0])):   # most bytes first
-        chosen = engine.tuning[nb][name]
+    order = sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0]))     # most bytes first
+    timed = {name: {} for name in order}                                         # candidate -> its last time
+    for rnd in range(TUNE_ROUNDS):
+        if rnd:
+            best = engine.time_step(nb)
+        for name in order:
+            chosen = engine.tuning[nb][name]
+            timed[name].setdefault(chosen, best)
 
-        def better(cands):
-            nonlocal best, chosen
-            for cand in cands:
-                engine.tuning[nb][name] = cand
-                ms = engine.time_step(nb)
-                engine.tune_log.append(("step", nb, name, tuple(cand), ms))
-                if ms < best:
-                    best, chosen = ms, cand
+            def better(cands):
+                nonlocal best, chosen
+                for cand in cands:
+                    if cand == chosen:
+                        continue
+                    engine.tuning[nb][name] = cand
+                    ms = engine.time_step(nb)
+                    engine.tune_log.append(("step", nb, name, tuple(cand), ms))
+                    timed[name][cand] = ms
+                    if ms < best:
+                        best, chosen = ms, cand
 
-        better(top[name][1:])                                        # the other finalists
-        better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
-        better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
-        engine.tuning[nb][name] = chosen
+            if rnd:
+                better(sorted(timed[name], key=timed[name].get)[:TUNE_RECHECK])
+            elif TUNE_GRID:
+                better([c._replace(persist=p) for c in top[name] for p in (0,) + TUNE_PERSIST])
+                better(leaner(chosen, shapes[name][1]))
+            else:
+                better(top[name][1:])                                        # the other finalists
+                better([chosen._replace(persist=p) for p in TUNE_PERSIST])   # then persistent blocks for the winner
+                better(leaner(chosen, shapes[name][1]))                      # then half its rows a block
+            engine.tuning[nb][name] = chosen
     best = tune_attention(engine, nb, best)
     engine.step_ms[nb] = best
     engine._forget(nb)
