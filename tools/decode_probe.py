@@ -8,6 +8,8 @@
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
+    python tools/decode_probe.py --variants default --ablate --cluster-ab    # attention combine: cluster / global
+    python tools/decode_probe.py --variants default --ablate --tune-ab 3     # the tuner's stage 2: before / now
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -68,6 +70,44 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
+
+# Variants whose kernel is built with other attention constants: decode_kernels' copies of them are changed
+# while the variant runs (its launches' block size, shared memory and splits follow them).
+ATT_BLOCK = "#define ATT_THREADS 128\n#define ATT_NW (ATT_THREADS / 32)\n#define ATT_TK 64 "
+
+
+def _att_block(threads):
+    return lambda src: (src.replace(ATT_BLOCK, f"#define ATT_THREADS {threads}\n#define ATT_NW (ATT_THREADS / 32)\n"
+                                               f"#define ATT_TK {threads // 2} ") if ATT_BLOCK in src else None)
+
+
+# wider attention blocks: 8 or 16 warps of 16 keys each, so that up to 128 / 256 keys need one split (no combine)
+VARIANTS["att-w8"] = _att_block(256)
+VARIANTS["att-w16"] = _att_block(512)
+ATT_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_d"
+# the attention's registers capped (blocks a SM asked of the compiler: 9 -> 56 registers, 40 bytes spilled), so
+# that a block fits beside three persistent GEMV blocks of 160 threads x 120 registers (the twelfth session:
+# 3b-4e1t 1.697 -> 2.086 ms a step). (Tiles of 32 keys cannot be had by the constants alone: a warp's 16 keys
+# are scored two lanes a key.)
+VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_d")
+                                      if ATT_BOUNDS in src else None)
+VARIANT_CONSTANTS = {"att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
+                     "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
+
+
+@contextlib.contextmanager
+def constants(name):
+    """decode_kernels' attention constants as variant `name` was built with, restored after."""
+    new = VARIANT_CONSTANTS.get(name, {})
+    saved = {k: getattr(kn, k) for k in new}
+    for k, v in new.items():
+        setattr(kn, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(kn, k, v)
+
 
 ABLATIONS = {
     "full step": lambda tag: True,
@@ -263,6 +303,53 @@ def ab_changes(engine, specs, res, rounds=3):
         log(f"    A/B {name:48s} {m:.4f} ms/step ({m - base:+.4f}; {', '.join(f'{v:.4f}' for v in t)})")
 
 
+def cluster_ab(engine, res, rounds=5):
+    """The tuned step with the attention's splits as thread-block clusters (combined in shared memory) against
+    the global-memory combine, alternating rounds (time_step, 20 replays, medians)."""
+    was = engine.att_cluster
+    times = {True: [], False: []}
+    for _ in range(rounds):
+        for on in (False, True):
+            engine.att_cluster = on
+            engine.reset_plans()
+            times[on].append(engine.time_step(1, replays=20))
+    engine.att_cluster = was
+    engine.reset_plans()
+    off, on = float(np.median(times[False])), float(np.median(times[True]))
+    res["cluster A/B"] = {"global combine": times[False], "cluster combine": times[True]}
+    log(f"    attention combine: global {off:.4f} ms/step, cluster {on:.4f} ({on - off:+.4f}); "
+        f"rounds {', '.join(f'{a:.4f}/{b:.4f}' for a, b in zip(times[False], times[True]))}")
+
+
+def tune_ab(engine, ids, steps, res, rounds):
+    """Batch 1 tuned from scratch `rounds` times with the previous in-step stage (one pass: the finalists,
+    then persistent counts for the winner alone) and with the current one (tune.TUNE_GRID, TUNE_ROUNDS),
+    alternating: each tuning's step time (time_graph) and seconds of tuning. Two tunings of one engine can
+    land on different optima (the ninth session's q|k|v / down pair), so one tuning each says little."""
+    saved = (tune.TUNE_GRID, tune.TUNE_ROUNDS)
+    out = {"previous": [], "current": []}
+    try:
+        for _ in range(rounds):
+            for name, grid, passes in (("previous", False, 1), ("current",) + saved):
+                tune.TUNE_GRID, tune.TUNE_ROUNDS = grid, passes
+                engine.forget_tuning(1)
+                engine.prefill(ids, logits=None)
+                t0 = time.time()
+                g = engine.capture(1)
+                secs = time.time() - t0
+                ms = time_graph(engine, ids, g, steps)
+                shapes = {n: tuple(v[:3]) for n, v in engine.tuning[1].items()}
+                out[name].append({"ms": ms, "tuning s": secs, "shapes": shapes})
+                log(f"    tuner {name:8s} {ms:.4f} ms/step, tuned in {secs:.1f} s: {shapes}")
+    finally:
+        tune.TUNE_GRID, tune.TUNE_ROUNDS = saved
+    res["tune A/B"] = out
+    for name, runs in out.items():
+        ms = [r["ms"] for r in runs]
+        log(f"    tuner {name:8s}: median {np.median(ms):.4f} ms/step, worst {max(ms):.4f}, best {min(ms):.4f}; "
+            f"tuning {np.median([r['tuning s'] for r in runs]):.1f} s")
+
+
 def sweep_shapes(engine, kinds, res, top=3, rounds=3):
     """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
     TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
@@ -327,6 +414,11 @@ def main():
     ap.add_argument("--ab", nargs="*", default=[], metavar="SPEC",
                     help="the tuned step against each SPEC's changes in alternating rounds, e.g. "
                          "o_proj.persist=4 or o_proj.rows=8,attention.carveout=100 (first of --variants)")
+    ap.add_argument("--tune-ab", type=int, default=0, metavar="N",
+                    help="tune batch 1 from scratch N times with the previous in-step stage and N times with the "
+                         "current one, alternating (first of --variants)")
+    ap.add_argument("--cluster-ab", action="store_true",
+                    help="every variant: the attention's cluster combine against its global-memory combine")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
@@ -349,7 +441,10 @@ def main():
         todo.insert(0, (f"rev {args.src_rev}", None, args.src_rev))
     engine = None
     ref_logits = None
+    variant_constants = contextlib.ExitStack()
     for name, patch, rev in todo:
+        variant_constants.close()                    # the previous variant's attention constants restored
+        variant_constants.enter_context(constants(name))
         k = kernels_for(name, patch, rev)
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
@@ -431,6 +526,11 @@ def main():
                 log(f"    {kind} with {p} persistent blocks a SM (was {was}): {pms:.4f} ms/step")
         if name == args.variants[0] and args.ab:
             ab_changes(engine, args.ab, res[name])
+        if args.cluster_ab:
+            cluster_ab(engine, res[name])
+        if name == args.variants[0] and args.tune_ab:
+            tune_ab(engine, ids, args.steps, res[name], args.tune_ab)
+    variant_constants.close()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     log(f"done in {time.time() - t0:.0f} s")
