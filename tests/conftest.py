@@ -54,6 +54,13 @@ def tiny_model(seed=0, dtype="float64", cls=StableLmForCausalLM, **overrides):
     return random_params(model, seed)
 
 
+@pytest.fixture(autouse=True)
+def _no_tuning_files(monkeypatch):
+    """The GPU engine's tuner keeps its choice on disk and reads it back (cuda/tune.py): tests time it
+    afresh, so that no test reads what another (or an earlier run) chose. Tests of that file set a folder."""
+    monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", "off")
+
+
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
     return request.param

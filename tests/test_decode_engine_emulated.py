@@ -8,6 +8,8 @@ generation.py's one loop stepping through fast_gpu.EngineSteps (no torch needed:
 these references, and the engine against transformers on a GPU: tests/gpu/test_decode_engine.py.
 """
 
+import copy
+import json
 import sys
 import types
 from pathlib import Path
@@ -426,6 +428,80 @@ def test_tuner_times_every_finalist_persistent(emulated, monkeypatch, grid):
     in_step = [e for e in engine.tune_log if e[0] == "step" and e[2] == "qkv"]
     firsts = {e[3] for e in in_step}
     assert tune.TUNE_ROUNDS > 1 and len(in_step) > len(firsts)        # some candidates timed twice
+
+
+def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
+    """The tuner's choice goes to one file a batch size (STABLELM_REF_TUNE_CACHE); the next engine of the same
+    shapes reads it instead of timing (no "alone" or "step" timings in its log, the same tuning, the same
+    tokens); other shapes miss; an unreadable file is timed again and replaced; engine.tune_cache False and
+    the folder "off" neither read nor write."""
+    monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tune, "gemv_candidates", lambda K, nb, mode, tc=False: [(r, 128, 0) for r in (4, 2)])
+    monkeypatch.setattr(tune, "TUNE_PERSIST", (1,))              # a quick tuner: the file is what is tested
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
+
+    def run(cfg=None, cache=True):
+        engine = de.GpuDecodeEngine(cfg or model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
+                                    autotune=True, pdl=False)
+        engine.tune_cache = cache
+        engine.prefill(ids, logits=None)
+        for _ in range(3):
+            engine.decode_step()
+        stages = {e[0] for e in engine.tune_log}
+        return engine, stages
+
+    first, stages = run()
+    files = sorted(tmp_path.iterdir())
+    assert stages >= {"alone", "step"} and len(files) == 1 and files[0].name.startswith("decode-b1-")
+    second, stages = run()
+    assert stages == {"cache"} and second.tuning == first.tuning and second.att_shape == first.att_shape
+    assert np.array_equal(first.generated(), second.generated())
+    assert sorted(tmp_path.iterdir()) == files
+    _, stages = run(cache=False)                                 # not read
+    assert "alone" in stages
+    files[0].write_text("{ not json")
+    _, stages = run()                                            # timed again, the file replaced
+    assert "alone" in stages and json.loads(files[0].read_text())["gemv"].keys() == first.tuning[1].keys()
+    bad = json.loads(files[0].read_text())
+    bad["gemv"]["qkv"][0] = 3                                    # 3 rows a block: no such kernel
+    files[0].write_text(json.dumps(bad))
+    _, stages = run()
+    assert "alone" in stages
+    other = copy.deepcopy(model.config)
+    other.max_position_embeddings = 512                          # the same matrices: the same file
+    _, stages = run(other)
+    assert stages == {"cache"} and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", "off")
+    for f in tmp_path.iterdir():
+        f.unlink()
+    _, stages = run()
+    assert "alone" in stages and not list(tmp_path.iterdir())
+
+
+def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp_path):
+    """The file's name hashes what the timings depended on: another model's matrices, another GPU, another
+    kernel build, another setting each name another file."""
+    monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", str(tmp_path))
+    model = _models(emulated)[1].model
+    e = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated, autotune=True,
+                           pdl=False)
+    base = tune.cached(e, 1)
+    assert base.parent == tmp_path and tune.cached(e, 1) == base and tune.cached(e, 2) != base
+    small = _models(emulated, intermediate_size=640)[1].model
+    assert tune.cached(de.GpuDecodeEngine(small.config, small.params, max_batch=1, max_len=16, kernels=emulated,
+                                          autotune=True, pdl=False), 1) != base
+    for name, value in (("device_name", "another GPU"), ("source", "cubin decode-0123-sm_90.cubin")):
+        monkeypatch.setattr(emulated, name, value)
+        assert tune.cached(e, 1) != base
+        monkeypatch.undo()
+        monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", str(tmp_path))
+    e.att_cluster = False
+    assert tune.cached(e, 1) != base
+    e.att_cluster = True
+    e.tune_cache = False
+    assert tune.cached(e, 1) is None
 
 
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):

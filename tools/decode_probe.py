@@ -91,6 +91,44 @@ ATT_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_d"
 # are scored two lanes a key.)
 VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_d")
                                       if ATT_BOUNDS in src else None)
+# the GEMVs' L2 prefetch of their first row group moved after the PDL wait (the first two chunks a thread still
+# load into registers before it), or every weight load after it: what flooding the memory system while the
+# previous kernel (the attention, above all) finishes costs and buys
+GEMV_EARLY = "    PDL_LAUNCH();\n    point_at(g);\n    fetch();\n    PDL_WAIT();                                  // x (and y"
+VARIANTS["gemv-l2-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
+    "    fetch();\n    PDL_WAIT();", "    gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    PDL_WAIT();\n"
+    "    for (int cc = tid + 2 * T; cc < KC; cc += T)\n        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);"))
+    if GEMV_EARLY in src else None)
+VARIANTS["gemv-all-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
+    "    fetch();\n    PDL_WAIT();", "    PDL_WAIT();\n    fetch();")) if GEMV_EARLY in src else None)
+
+
+def _gemv_early_groups(extra):
+    """A persistent GEMV block also prefetches its next `extra` row groups into L2 before the PDL wait."""
+    code = ("    for (int e = 1; e <= %d; ++e) {\n"
+            "        const int ge = g + e * (int)gridDim.x;\n"
+            "        if (ge >= groups) break;\n"
+            "        for (int cc = tid; cc < KC; cc += T)\n"
+            "            for (int r = 0; r < R; ++r)\n"
+            "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
+            "    }\n" % extra)
+    return lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace("    fetch();\n", "    fetch();\n" + code))
+                        if GEMV_EARLY in src else None)
+
+
+VARIANTS["gemv-early1"] = _gemv_early_groups(1)
+VARIANTS["gemv-early2"] = _gemv_early_groups(2)
+# L2 eviction priorities: the weights' L2 prefetch at evict_normal instead of evict_last, and the weight loads
+# (ld_stream, ld_stream_early) with an evict_first cache policy, alone and with one more group prefetched
+PREFETCH = 'asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));'
+LD_STREAM = '"ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"'
+LD_FIRST = ('"{ .reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 1.0; '
+            'ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], pol; }"')
+VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.replace("::evict_last", "::evict_normal"))
+                                              if PREFETCH in src else None)
+VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
+VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANTS["ld-evict-first"](src))
+                                                 if src.count(LD_STREAM) == 2 else None)
 VARIANT_CONSTANTS = {"att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
 
@@ -194,6 +232,7 @@ def batch_ab(cfg, params, batches, prompt, steps):
     tensor-core GEMV's offered too (B), in one engine: ms a step (graph replays of the captured step, as the
     tuner times it) and the ratio; B's choice per matrix kind."""
     engine = de.GpuDecodeEngine(cfg, params, max_batch=max(batches), max_len=prompt + steps + 9, pdl=True)
+    engine.tune_cache = False
     if not engine.k.tensor_cores:        # DecodeKernels: compute capability >= 8.0 (bf16 mma.sync)
         log(f"batch A/B skipped: {engine.k.device_name} has no bf16 tensor-core mma (compute capability < 8.0)")
         return {}
@@ -448,6 +487,7 @@ def main():
         k = kernels_for(name, patch, rev)
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
+            engine.tune_cache = False            # every variant timed by the tuner itself, never read from disk
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:

@@ -13,8 +13,9 @@
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax per warp (each warp its own
-//                      keys), the warps combined; with several splits the last to finish combines the
-//                      partial (max, sum, output) of all splits (flash-decoding)
+//                      keys), the warps combined; with several splits their partial (max, sum, output)
+//                      combined (flash-decoding): launched as one thread-block cluster a kv head (sm_90,
+//                      up to 8 splits) by the first split, in its shared memory, else by the last to finish
 //   argmax_step        greedy token per row + step bookkeeping (len += 1, pos += 1, token history), and a
 //                      flag per row: NaN / Inf among its logits
 //   sample_step        in argmax_step's place when generate processes the logits: repetition penalty,

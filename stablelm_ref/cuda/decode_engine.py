@@ -13,6 +13,8 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
       a  = attention(qkv, cache)                         decode_attention:     q/k LayerNorm per head,
                                                          rotary, k/v written at cache[len], flash-decoding
                                                          over splits of [0, len] + combine -> bf16 [B, H D]
+                                                         (a kv head's splits one thread-block cluster on
+                                                         sm_90: combined in shared memory)
       x += a @ Wo^T                                      gemv (add)
       h2 = LayerNorm2(x)    (h2 = h with parallel residual: x + attn(ln(x)) + mlp(ln(x)))
       m  = silu(h2 @ Wg^T) * (h2 @ Wu^T)                 gemv over interleaved gate/up rows (swiglu) -> bf16
@@ -36,9 +38,10 @@ Token ids, positions and the cache length live in device memory, so the whole st
 (cupy stream capture; cuBLAS is never called inside it) and replayed with no host work per layer.
 A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3b-4e1t shapes), so
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
-at the first capture of each batch size by timing graph replays of that matrix kind; then the best few,
-1-4 persistent blocks per SM (blocks that loop over several row groups) and half the rows a block are timed
-within the whole captured step, then the attention's shape (seconds; tune.py). At
+at the first capture of each batch size by timing graph replays of that matrix kind; then the best few at
+0-4 persistent blocks per SM (blocks that loop over several row groups) and the winner at half the rows a
+block are timed within the whole captured step, twice over the kinds, then the attention's shape (seconds;
+tune.py, which keeps the choice on disk for the next engine of the same shapes on the same GPU). At
 batch 2-8 the candidates include the tensor-core GEMV (gemv_mma: mma.sync, where the CUDA-core GEMV does
 nb FMAs a weight and becomes ALU-bound).
 
@@ -184,6 +187,7 @@ class GpuDecodeEngine:
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
         self.att_shape: dict[int, tuple] = {}    # batch -> attention's (split_tiles, nbuf), tune.py's choice
+        self.tune_cache = True              # the tuner's choice kept on disk and read back (tune.cached)
         self.att_cluster = True             # a kv head's attention splits as one thread-block cluster where the
         #                                     GPU has them (DecodeKernels.attention_cluster): their partials
         #                                     combined in shared memory, not through global memory

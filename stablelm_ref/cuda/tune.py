@@ -8,10 +8,11 @@ engine.megakernel is None, not the default False):
     1. each kind (q|k|v, o_proj, gate|up, down, lm_head) alone: every candidate (R, T) timed over all
        layers' matrices as a plain graph (at batch > 1 the tensor-core GEMV's shapes too); the best
        TUNE_FINALISTS kept
-    2. within the whole step as captured (PDL edges, argmax left out): the finalists, then 1-4 persistent
-       blocks per SM for the winner, then the winner with half its rows a block (fewer registers a thread,
-       so that a neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time,
-       largest first; a change is kept if the step is faster
+    2. within the whole step as captured (PDL edges, argmax left out): every finalist at 0-4 persistent
+       blocks per SM, then the winner with half its rows a block (fewer registers a thread, so that a
+       neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time, largest
+       first; a change is kept if the step is faster; then a second pass over the kinds, each kind's best
+       candidates timed again beside the others' final choices
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
     4. batch 1 (engine.megakernel None): the whole step as one kernel (decode_step.cu; its ring's STEP_SHAPES)
@@ -20,15 +21,28 @@ engine.megakernel is None, not the default False):
 
 Every timing is kept in engine.tune_log (tools/decode_probe.py prints it).
 
+What the tuner chose is kept on disk (cached(): one small JSON file a batch size under the kernel cache's
+folder, `tuning/`, or $STABLELM_REF_TUNE_CACHE; "off" keeps nothing), keyed by everything the timings
+depended on: the GPU, the compiled kernels, the matrices' shapes, the attention's splits, the engine's
+settings and these stages' own constants. The next engine with the same key (another process, the next
+`stablelm-ref generate --device gpu`) reads it back instead of timing for seconds; an unreadable or
+invalid file is timed again and replaced. engine.tune_cache False skips the file (tools/decode_probe.py
+times the tuner itself).
+
 The functions take the engine (decode_engine.GpuDecodeEngine): its buffers, plan and step timing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 from .bf16 import f32_to_bf16_bits
+from .cubin import cache_dir
 from .decode_kernels import ATT_SHAPES, GEMV_MAX_THREADS, GEMV_MMA, GEMV_ROWS, MODE_SWIGLU, STEP_SHAPES
 
 TUNE_FINALISTS = 3                          # GEMV shapes per matrix kind timed again within the whole step
@@ -75,11 +89,15 @@ def tune(engine, nb):
     then its finalists, persistent blocks and half the rows a block (leaner) inside the whole step, then the
     attention's shape (tune_in_step, which ends with tune_attention), then at batch 1 with megakernel None
     the whole-step kernel against that step (tune_step_kernel). With engine.autotune False nothing is timed:
-    every kind keeps DEFAULT_GEMV, the attention DEFAULT_ATT."""
+    every kind keeps DEFAULT_GEMV, the attention DEFAULT_ATT. A choice kept on disk for the same key
+    (cached) is read back instead of timed, and a new one is kept."""
     if nb in engine.tuning:
         return
     cp = engine.cp
     res = {}
+    path = cached(engine, nb) if engine.autotune else None
+    if path is not None and load(engine, nb, path):
+        return
     if engine.autotune:
         rng = cp.random.default_rng(0)
         with engine.stream:
@@ -109,6 +127,86 @@ def tune(engine, nb):
         res = dict(engine.tuning[nb])
     engine.tuning[nb] = res
     engine._forget(nb)
+    if path is not None:
+        save(engine, nb, path)
+
+
+TUNE_CACHE_ENV = "STABLELM_REF_TUNE_CACHE"   # the tuning files' folder, or "off"
+TUNE_FORMAT = 1                              # the files' layout (a change makes every old file a miss)
+
+
+def cached(engine, nb):
+    """The file that keeps the tuner's choice for this engine at batch nb (None: not kept): its name hashes
+    what the timings depended on, so that any change of GPU, kernels, shapes or settings misses."""
+    where = os.environ.get(TUNE_CACHE_ENV, "")
+    if where.lower() == "off" or not getattr(engine, "tune_cache", True):
+        return None
+    k = engine.k
+    key = {
+        "format": TUNE_FORMAT, "gpu": getattr(k, "device_name", None), "sms": getattr(k, "num_sms", None),
+        "cc": getattr(k, "compute_capability", None), "kernels": getattr(k, "source", None),
+        "matrices": [list(W.shape) for Ws, _ in engine._gemv_shapes().values() for W in Ws],
+        "heads": [engine.H, engine.KVH, engine.D], "nb": nb,
+        "splits": k.attention_splits(nb, engine.KVH, engine.max_len),
+        "settings": [bool(engine.pdl), engine.folds_layernorm(nb), engine.megakernel, engine.att_cluster,
+                     sorted(engine.carveout.items())],
+        "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK,
+                   [list(a) for a in ATT_SHAPES], [list(s) for s in STEP_SHAPES]],
+    }
+    if engine.megakernel is None:                              # stage 4 timed decode_step.cu too
+        from .launch import step_source
+        key["step kernel"] = hashlib.sha256(step_source().encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Path(where or cache_dir() / "tuning") / f"decode-b{nb}-{digest}.json"
+
+
+def _valid(shape: GemvShape) -> bool:
+    if shape.unroll:
+        return (shape.rows // 16, shape.unroll) in GEMV_MMA and shape.threads in (128, 256, 512)
+    return (shape.rows in GEMV_ROWS and 32 <= shape.threads <= GEMV_MAX_THREADS and shape.threads % 32 == 0
+            and shape.persist in (0,) + TUNE_PERSIST)
+
+
+def load(engine, nb, path) -> bool:
+    """Put the choice kept in `path` into the engine (True), or leave the engine as it is (False) where there
+    is no such file or it does not hold a valid choice for the engine's kinds."""
+    try:
+        data = json.loads(Path(path).read_text())
+        shapes = {name: GemvShape(*(v[:3] + [float(x) for x in v[3:5]] + v[5:]))
+                  for name, v in data["gemv"].items()}
+        att = tuple(data["attention"])
+        step_ms = float(data["step ms"])
+        step_kernel = data.get("step kernel")
+        step_shape = tuple(data["step shape"]) if data.get("step shape") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if (set(shapes) != set(engine._gemv_shapes()) or not all(_valid(v) for v in shapes.values())
+            or att not in ATT_SHAPES or (step_shape is not None and step_shape not in STEP_SHAPES)):
+        return False
+    engine.tuning[nb], engine.att_shape[nb], engine.step_ms[nb] = shapes, att, step_ms
+    if step_kernel is not None and engine.megakernel is None:
+        engine.step_kernel[nb] = bool(step_kernel)
+        if step_shape is not None:
+            engine.step_shape = step_shape
+    engine.tune_log.append(("cache", nb, str(path)))
+    engine._forget(nb)
+    return True
+
+
+def save(engine, nb, path):
+    """Keep the engine's choice for batch nb in `path` (atomically; a folder that cannot be written keeps
+    nothing: the next engine times again)."""
+    from ..checkpoint import atomic_write
+    data = {"gemv": {name: list(v) for name, v in engine.tuning[nb].items()},
+            "attention": list(engine.att_shape.get(nb, DEFAULT_ATT)), "step ms": engine.step_ms.get(nb, 0.0),
+            "step kernel": engine.step_kernel.get(nb) if engine.megakernel is None else None,
+            "step shape": list(engine.step_shape) if engine.megakernel is None else None,
+            "gpu": getattr(engine.k, "device_name", None)}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+    except OSError:
+        pass
 
 
 

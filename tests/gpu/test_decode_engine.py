@@ -418,6 +418,25 @@ def test_engine_cluster_combine_equals_global_combine(kernels):
             assert np.array_equal(runs[0][0], r[0]) and np.array_equal(runs[0][1], r[1])
 
 
+def test_engine_reads_its_tuning_back_from_disk(kernels, monkeypatch, tmp_path):
+    """The tuner's choice kept in STABLELM_REF_TUNE_CACHE is what the next engine of the same shapes runs with,
+    without timing anything; the tokens are the same."""
+    monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", str(tmp_path))
+    cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
+    ids, mask = left_padded_batch(np.random.default_rng(7), cfg.vocab_size, [13])
+    runs = []
+    for _ in range(2):
+        e = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=32, kernels=kernels, autotune=True)
+        e.prefill(ids, mask, logits=None)
+        for _ in range(4):
+            e.decode_step()
+        runs.append((e, {entry[0] for entry in e.tune_log}))
+    (a, first), (b, second) = runs
+    assert "alone" in first and second == {"cache"} and len(list(tmp_path.iterdir())) == 1
+    assert a.tuning == b.tuning and a.att_shape == b.att_shape
+    assert np.array_equal(a.generated(), b.generated())
+
+
 # ----------------------------------------------------------------------------- sampling in the step
 def _run_sampler(kernels, logits, present, settings, u):
     nb, V = logits.shape
