@@ -152,6 +152,38 @@ __device__ __forceinline__ void ln_regs(const float4 (&v)[NV], const float4 (&w)
     }
 }
 
+// One head vector held by a warp in registers (lane + 32 i, zeros past D), normalised by its own LayerNorm
+// of weight wln (float32 [D], no bias): the mean, then the mean of squared deviations, over the warp. The
+// per-head q / k LayerNorm of attn_impl and of the whole-step kernel (decode_step.cu).
+template <int D>
+__device__ __forceinline__ void head_layernorm(float (&v)[(D + 31) / 32], const float* __restrict__ wln, float eps) {
+    constexpr int DV = (D + 31) / 32;
+    const int lane = threadIdx.x & 31;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < DV; ++i) sum += v[i];                          // (zeros past D)
+    const float mean = warp_sum(sum) / (float)D;
+    float var = 0.f;
+#pragma unroll
+    for (int i = 0; i < DV; ++i)
+        if (lane + 32 * i < D) { const float t = v[i] - mean; var += t * t; }
+    const float rstd = rsqrtf(warp_sum(var) / (float)D + eps);
+#pragma unroll
+    for (int i = 0; i < DV; ++i)
+        if (lane + 32 * i < D) v[i] = (v[i] - mean) * rstd * wln[lane + 32 * i];
+}
+
+// Rotary on the first 2 half dims of a head vector in shared memory (float32), by a warp:
+// x * cos + rotate_half(x) * sin, rc = cos | sin (half entries each); then __syncwarp.
+__device__ __forceinline__ void rotate_half_smem(float* dst, const float* rc, int half) {
+    for (int i = threadIdx.x & 31; i < half; i += 32) {
+        const float cs = rc[i], sn = rc[half + i], x1 = dst[i], x2 = dst[i + half];
+        dst[i] = x1 * cs - x2 * sn;
+        dst[i + half] = x2 * cs + x1 * sn;
+    }
+    __syncwarp();
+}
+
 // ---------------------------------------------------------------- embedding
 // x[b, :] = float(E[tok[b], :])          grid (B), block (256)
 // With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
@@ -815,34 +847,13 @@ __device__ __forceinline__ void attn_impl(
             const int d = lane + 32 * i;
             v[i] = d < D ? src[d] : 0.f;
         }
-        if (qk_ln && item <= G) {
-            const float* wln = isq ? qn_w + (size_t)(kvh * G + item) * D : kn_w + (size_t)kvh * D;
-            float sum = 0.f;
-#pragma unroll
-            for (int i = 0; i < DV; ++i) sum += v[i];                      // (zeros past D)
-            const float mean = warp_sum(sum) / (float)D;
-            float var = 0.f;
-#pragma unroll
-            for (int i = 0; i < DV; ++i)
-                if (lane + 32 * i < D) { const float t = v[i] - mean; var += t * t; }
-            const float rstd = rsqrtf(warp_sum(var) / (float)D + eps);
-#pragma unroll
-            for (int i = 0; i < DV; ++i)
-                if (lane + 32 * i < D) v[i] = (v[i] - mean) * rstd * wln[lane + 32 * i];
-        }
+        if (qk_ln && item <= G)
+            head_layernorm<D>(v, isq ? qn_w + (size_t)(kvh * G + item) * D : kn_w + (size_t)kvh * D, eps);
 #pragma unroll
         for (int i = 0; i < DV; ++i)
             if (lane + 32 * i < D) dst[lane + 32 * i] = v[i];
         __syncwarp();
-        if (item <= G && half > 0) {
-            for (int i = lane; i < half; i += 32) {
-                const float cs = rc[i], sn = rc[half + i];
-                const float x1 = dst[i], x2 = dst[i + half];
-                dst[i] = x1 * cs - x2 * sn;                  // x * cos + rotate_half(x) * sin
-                dst[i + half] = x2 * cs + x1 * sn;
-            }
-            __syncwarp();
-        }
+        if (item <= G && half > 0) rotate_half_smem(dst, rc, half);
         if (isq) {
             for (int d = lane; d < D; d += 32) dst[d] *= scale;
         } else {                                             // the cache holds bf16: use the rounded value

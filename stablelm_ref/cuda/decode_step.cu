@@ -324,39 +324,17 @@ __device__ __forceinline__ void mk_head_load(const float* src, float (&v)[(D + 3
 #pragma unroll
     for (int i = 0; i < (D + 31) / 32; ++i) v[i] = lane + 32 * i < D ? __ldcg(src + lane + 32 * i) : 0.f;
 }
-// ... into dst (shared, float32), with the head's LayerNorm of weight wln where wln is not null (mean, then the
-// mean of squared deviations, over the warp).
+// ... into dst (shared, float32), with the head's LayerNorm of weight wln where wln is not null
+// (decode.cu's head_layernorm).
 template <int D>
 __device__ __forceinline__ void mk_head_vec(float (&v)[(D + 31) / 32], const float* __restrict__ wln, float eps,
                                             float* dst) {
     constexpr int DV = (D + 31) / 32;
     const int lane = threadIdx.x & 31;
-    if (wln != nullptr) {
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < DV; ++i) sum += v[i];
-        const float mean = warp_sum(sum) / (float)D;
-        float var = 0.f;
-#pragma unroll
-        for (int i = 0; i < DV; ++i)
-            if (lane + 32 * i < D) { const float a = v[i] - mean; var += a * a; }
-        const float rstd = rsqrtf(warp_sum(var) / (float)D + eps);
-#pragma unroll
-        for (int i = 0; i < DV; ++i)
-            if (lane + 32 * i < D) v[i] = (v[i] - mean) * rstd * wln[lane + 32 * i];
-    }
+    if (wln != nullptr) head_layernorm<D>(v, wln, eps);
 #pragma unroll
     for (int i = 0; i < DV; ++i)
         if (lane + 32 * i < D) dst[lane + 32 * i] = v[i];
-    __syncwarp();
-}
-// Rotary on the first rot dims of dst (shared, float32): x * cos + rotate_half(x) * sin; rc = cos | sin.
-__device__ __forceinline__ void mk_rotate(float* dst, const float* rc, int half) {
-    for (int i = threadIdx.x & 31; i < half; i += 32) {
-        const float cs = rc[i], sn = rc[half + i], x1 = dst[i], x2 = dst[i + half];
-        dst[i] = x1 * cs - x2 * sn;
-        dst[i + half] = x2 * cs + x1 * sn;
-    }
     __syncwarp();
 }
 
@@ -409,11 +387,11 @@ __device__ __forceinline__ void mk_attention_part(int h, int p, int P, const flo
         rc[half + i] = sn;
     }
     mk_head_vec<D>(qv, qn ? qn + (size_t)h * D : nullptr, eps, qs);
-    mk_rotate(qs, rc, half);
+    rotate_half_smem(qs, rc, half);
     for (int d = lane; d < D; d += 32) qs[d] *= scale;
     if (has_new) {
         mk_head_vec<D>(kv_new, kn ? kn + (size_t)j * D : nullptr, eps, ks);
-        mk_rotate(ks, rc, half);
+        rotate_half_smem(ks, rc, half);
 #pragma unroll
         for (int i = 0; i < DV; ++i)
             if (lane + 32 * i < D) {
