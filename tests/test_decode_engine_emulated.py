@@ -438,6 +438,7 @@ def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
     monkeypatch.setenv("STABLELM_REF_TUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(tune, "gemv_candidates", lambda K, nb, mode, tc=False: [(r, 128, 0) for r in (4, 2)])
     monkeypatch.setattr(tune, "TUNE_PERSIST", (1,))              # a quick tuner: the file is what is tested
+    monkeypatch.setattr(tune, "TUNE_ROUNDS", 1)
     emulated.num_sms = 1
     model = _models(emulated)[1].model
     ids = np.random.default_rng(2).integers(2, 384, (1, 6))
@@ -464,11 +465,21 @@ def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
     files[0].write_text("{ not json")
     _, stages = run()                                            # timed again, the file replaced
     assert "alone" in stages and json.loads(files[0].read_text())["gemv"].keys() == first.tuning[1].keys()
-    bad = json.loads(files[0].read_text())
-    bad["gemv"]["qkv"][0] = 3                                    # 3 rows a block: no such kernel
-    files[0].write_text(json.dumps(bad))
-    _, stages = run()
-    assert "alone" in stages
+    good = json.loads(files[0].read_text())
+    fresh = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated)
+    assert tune.load(fresh, 1, files[0]) and fresh.tuning[1] == first.tuning[1]
+    bad_shapes = [("qkv", 0, 3), ("qkv", 0, 4.0), ("down", 1, 128.5), ("o_proj", 2, True)]   # no such kernel;
+    bad_fields = [("attention", [1.0, 1.0]), ("step ms", "soon"), ("gemv", [1, 2]), ("step shape", [1])]  # not ints
+    for case in bad_shapes + bad_fields:
+        bad = copy.deepcopy(good)
+        if len(case) == 3:
+            bad["gemv"][case[0]][case[1]] = case[2]
+        else:
+            bad[case[0]] = case[1]
+        files[0].write_text(json.dumps(bad))
+        fresh.forget_tuning()
+        assert not tune.load(fresh, 1, files[0]) and 1 not in fresh.tuning, case
+    files[0].write_text(json.dumps(good))
     other = copy.deepcopy(model.config)
     other.max_position_embeddings = 512                          # the same matrices: the same file
     _, stages = run(other)

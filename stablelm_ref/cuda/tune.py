@@ -160,7 +160,13 @@ def cached(engine, nb):
     return Path(where or cache_dir() / "tuning") / f"decode-b{nb}-{digest}.json"
 
 
+def _ints(values) -> bool:
+    return all(type(v) is int for v in values)          # (a float 160.0 would reach a launch's block size)
+
+
 def _valid(shape: GemvShape) -> bool:
+    if not _ints((shape.rows, shape.threads, shape.persist, shape.unroll)):
+        return False
     if shape.unroll:
         return (shape.rows // 16, shape.unroll) in GEMV_MMA and shape.threads in (128, 256, 512)
     return (shape.rows in GEMV_ROWS and 32 <= shape.threads <= GEMV_MAX_THREADS and shape.threads % 32 == 0
@@ -172,16 +178,18 @@ def load(engine, nb, path) -> bool:
     is no such file or it does not hold a valid choice for the engine's kinds."""
     try:
         data = json.loads(Path(path).read_text())
-        shapes = {name: GemvShape(*(v[:3] + [float(x) for x in v[3:5]] + v[5:]))
+        shapes = {name: GemvShape(*(v[:3] + [float(x) for x in v[3:5]] + v[5:6]))
                   for name, v in data["gemv"].items()}
         att = tuple(data["attention"])
         step_ms = float(data["step ms"])
         step_kernel = data.get("step kernel")
         step_shape = tuple(data["step shape"]) if data.get("step shape") else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     if (set(shapes) != set(engine._gemv_shapes()) or not all(_valid(v) for v in shapes.values())
-            or att not in ATT_SHAPES or (step_shape is not None and step_shape not in STEP_SHAPES)):
+            or not _ints(att) or att not in ATT_SHAPES or not math.isfinite(step_ms)
+            or (step_shape is not None and (not _ints(step_shape) or step_shape not in STEP_SHAPES))
+            or step_kernel not in (None, True, False)):
         return False
     engine.tuning[nb], engine.att_shape[nb], engine.step_ms[nb] = shapes, att, step_ms
     if step_kernel is not None and engine.megakernel is None:
