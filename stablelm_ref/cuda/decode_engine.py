@@ -193,7 +193,8 @@ class GpuDecodeEngine:
         #                                     combined in shared memory, not through global memory
         self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
         #                                          shared-memory carveout in percent; absent: the driver's choice
-        self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py)
+        self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py), or ("cache", batch, path)
+        #                                     where it read its choice back from disk
         self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
         self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
