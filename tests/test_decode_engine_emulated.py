@@ -491,6 +491,26 @@ def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
     assert "alone" in stages and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("autotune", [False, True])
+def test_a_refused_cluster_launch_falls_back_to_the_global_combine(emulated, autotune):
+    """Where the driver refuses the attention's cluster launch (here: the emulated kernels offer clusters, as
+    an sm_90 GPU does, and the stand-in has no driver to launch them), capture() drops the clusters, tunes
+    again and runs the global-memory combine: the same tokens as a GPU without clusters, the reason kept."""
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(4).integers(2, 384, (1, 70))            # 3 live splits of 64 keys
+    runs = []
+    for cc in (0, 90):
+        emulated.compute_capability = cc
+        assert (emulated.attention_cluster(3) == 3) == (cc == 90)
+        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=160, kernels=emulated,
+                                    autotune=autotune, pdl=False)
+        runs.append(engine_greedy(engine, ids, None, 4))
+        attn = [fn for fn in engine._plan(1) if fn.tag == "attention"]
+        assert attn[0].grid[0] > 1 and not any(fn.cluster for fn in attn)
+        assert engine.att_cluster == (cc == 0) and (engine.att_cluster_error is None) == (cc == 0)
+    assert np.array_equal(runs[0], runs[1])
+
+
 def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp_path):
     """The file's name hashes what the timings depended on: another model's matrices, another GPU, another
     kernel build, another setting each name another file."""

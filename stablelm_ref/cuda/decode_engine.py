@@ -190,7 +190,10 @@ class GpuDecodeEngine:
         self.tune_cache = True              # the tuner's choice kept on disk and read back (tune.cached)
         self.att_cluster = True             # a kv head's attention splits as one thread-block cluster where the
         #                                     GPU has them (DecodeKernels.attention_cluster): their partials
-        #                                     combined in shared memory, not through global memory
+        #                                     combined in shared memory, not through global memory; set False
+        #                                     by capture() where the driver refuses the launch (the reason:
+        #                                     att_cluster_error)
+        self.att_cluster_error = None
         self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
         #                                          shared-memory carveout in percent; absent: the driver's choice
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py), or ("cache", batch, path)
@@ -647,7 +650,9 @@ class GpuDecodeEngine:
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
         With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
         the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
-        refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note)."""
+        refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note), a
+        refused one with cluster launches of the attention to its global-memory combine, tuned again
+        (att_cluster False, the reason in att_cluster_error)."""
         key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel)
         if key not in self._graphs:
             self._tune(nb)
@@ -657,6 +662,10 @@ class GpuDecodeEngine:
                 if self.megakernel is None and self.uses_step_kernel(nb):      # the per-layer step instead
                     self.step_kernel[nb], self.step_kernel_note = False, f"capture failed: {e!r}"
                     self._forget(nb)
+                    return self.capture(nb)
+                if self.att_cluster and any(getattr(fn, "cluster", 0) for fn in self._plan(nb)):
+                    self.att_cluster, self.att_cluster_error = False, repr(e)   # the global combine instead,
+                    self.forget_tuning(nb)                                      # timed without clusters
                     return self.capture(nb)
                 if not self.pdl:
                     raise
