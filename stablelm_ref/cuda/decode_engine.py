@@ -53,15 +53,15 @@ batch 1: 1.72 ms a step, 583 tokens/s through model.generate, 72% of the memory 
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
 through kv_cache() (views of it), start() sets the device state, set_tokens() the fed ids, decode_step()
-replays the graph. prefill() is the engine's own self-contained prompt pass (CuPy float32 ops and cuBLAS,
-activations rounded to bf16 where the decode kernels round): the engine's tests and probes use it where
-there is no StableLmForCausalLM (transformers' weights).
+replays the graph. prefill() is the engine's own self-contained prompt pass (engine_prefill.py: CuPy float32
+ops and cuBLAS, activations rounded to bf16 where the decode kernels round): the engine's tests and probes use
+it where there is no StableLmForCausalLM (transformers' weights).
 
 The decode engine's files, by concern: decode.cu and decode_step.cu (the kernels), cubin.py (a source to a
 cached cubin: nvcc, else NVRTC), launch.py (building decode.cu and decode_step.cu, bound launches, PDL,
 cooperative launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py
-(the autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not), specs.py (the float64
-specification of every kernel), bf16.py (bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in),
+(the autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not; its choice kept on disk),
+engine_prefill.py (the engine's own prompt pass), specs.py (the float64 specification of every kernel), bf16.py (bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in),
 this file (weights, buffers, the step's plan, capture, the device-side bookkeeping). Probe-only code lives in
 tools/ (decode_probe.py, decode_timeline.py, step_timeline.py and their .cuh builds).
 
@@ -78,30 +78,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, GenerationError
-from . import tune, xp
-from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits, round_bf16, to_bf16_bits, to_f32
+from . import engine_prefill, tune, xp
+from .bf16 import to_bf16_bits, to_f32
 from .decode_kernels import (ATT_DIMS, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES,
                              DecodeKernels)
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
-
-
-def _layernorm(x, w, b, eps):
-    cp = xp.cupy()
-    mean = x.mean(axis=-1, keepdims=True)
-    var = cp.square(x - mean).mean(axis=-1, keepdims=True)
-    y = (x - mean) / cp.sqrt(var + eps) * w
-    return y if b is None else y + b
-
-
-def _rope(x, cos, sin, rot):
-    """GPT-NeoX rotary on the first rot dims: x1 cos - x2 sin | x2 cos + x1 sin | untouched rest."""
-    cp = xp.cupy()
-    if rot == 0:
-        return x
-    half = rot // 2
-    x1, x2 = x[..., :half], x[..., half:rot]
-    return cp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]], axis=-1)
 
 
 def rotary_inv_freq(rope_theta: float, rotary_ndims: int) -> np.ndarray:
@@ -574,77 +556,7 @@ class GpuDecodeEngine:
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):
         """Run the prompt through the model (CuPy float32 + cuBLAS), fill the KV cache, pick the first
         new token. logits: 'last' -> [B, V], 'all' -> [B, T, V] (numpy float32), None -> nothing."""
-        cp = self.cp
-        ids = np.asarray(cp.asnumpy(input_ids) if isinstance(input_ids, cp.ndarray) else input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise GenerationError(f"input_ids must have shape [batch, seq_len], got {ids.shape}")
-        B, T = ids.shape
-        if attention_mask is None:
-            mask = np.ones((B, T), np.int32)
-        else:
-            mask = np.asarray(cp.asnumpy(attention_mask) if isinstance(attention_mask, cp.ndarray)
-                              else attention_mask).astype(np.int32).reshape(B, T)
-        if B > self.max_batch:
-            raise GenerationError(f"batch {B} is larger than max_batch={self.max_batch} of this engine")
-        if T >= self.max_len:
-            raise GenerationError(f"prompt of {T} tokens leaves no room in the cache (max_len={self.max_len})")
-        if ids.min() < 0 or ids.max() >= self.vocab:
-            raise GenerationError(f"input ids must lie in [0, {self.vocab})")
-        if not np.all(mask.sum(1) > 0) or not np.all((mask == 0) | (mask == 1)):
-            raise GenerationError("attention_mask must be 0/1 with at least one 1 per row")
-        H, KVH, D, G, rot = self.H, self.KVH, self.D, self.G, self.rot
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)            # generate(): positions from the mask
-        with self.stream:
-            ids_d = cp.asarray(ids.astype(np.int32))
-            mask_d = cp.asarray(mask.astype(bool))
-            x = bf16_bits_to_f32(self.embed[ids_d])                                   # [B, T, hidden]
-            allowed = cp.tril(cp.ones((T, T), dtype=bool))[None] & mask_d[:, None, :]  # [B, T(q), T(k)]
-            allowed |= cp.eye(T, dtype=bool)[None]                  # a pad query sees itself: finite, unused
-            allowed = allowed[:, None]                                                 # [B, 1, T, T]
-            ang = cp.asarray(pos.astype(np.float32))[..., None] * self.inv_freq[: max(rot // 2, 1)]
-            cos, sin = cp.cos(ang)[:, None], cp.sin(ang)[:, None]                      # [B, 1, T, rot/2]
-            scale = np.float32(D ** -0.5)
-            for i, L in enumerate(self.layers):
-                h = round_bf16(_layernorm(x, L.ln1_w, L.ln1_b, self.eps))             # [B, T, hidden]
-                qkv = h @ bf16_bits_to_f32(L.wqkv).T                                   # [B, T, (H+2KVH) D]
-                if L.bqkv is not None:
-                    qkv += L.bqkv
-                q = qkv[..., : H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)       # [B, H, T, D]
-                k = qkv[..., H * D:(H + KVH) * D].reshape(B, T, KVH, D).transpose(0, 2, 1, 3)
-                v = qkv[..., (H + KVH) * D:].reshape(B, T, KVH, D).transpose(0, 2, 1, 3)
-                if self.qk_ln:
-                    q = _layernorm(q, L.qn[None, :, None, :], None, self.eps)
-                    k = _layernorm(k, L.kn[None, :, None, :], None, self.eps)
-                q, k = _rope(q, cos, sin, rot), _rope(k, cos, sin, rot)
-                k, v = round_bf16(k), round_bf16(v)                                     # the cache is bf16
-                self.kc[i, :B, :, :T] = f32_to_bf16_bits(k)
-                self.vc[i, :B, :, :T] = f32_to_bf16_bits(v)
-                kk, vv = cp.repeat(k, G, axis=1), cp.repeat(v, G, axis=1)               # [B, H, T, D]
-                s = (q * scale) @ kk.transpose(0, 1, 3, 2)                              # [B, H, T, T]
-                s = cp.where(allowed, s, cp.float32(-np.inf))
-                p = cp.exp(s - s.max(axis=-1, keepdims=True))
-                p /= p.sum(axis=-1, keepdims=True)
-                a = round_bf16((p @ vv).transpose(0, 2, 1, 3).reshape(B, T, H * D))    # [B, T, H D]
-                x = x + a @ bf16_bits_to_f32(L.wo).T
-                h2 = h if self.parallel else round_bf16(_layernorm(x, L.ln2_w, L.ln2_b, self.eps))
-                gu = h2 @ bf16_bits_to_f32(L.wgu).T                                     # [B, T, 2I]
-                g, u = gu[..., 0::2], gu[..., 1::2]
-                x = x + round_bf16(g / (1 + cp.exp(-g)) * u) @ bf16_bits_to_f32(L.wd).T
-            hf = round_bf16(_layernorm(x, self.norm_w, self.norm_b, self.eps))
-            wl = bf16_bits_to_f32(self.lm)
-            out = (hf if logits == "all" else hf[:, -1:]) @ wl.T                        # [B, T or 1, V]
-            last = out[:, -1]
-            del wl
-            self.start(mask)                                  # device state for decode_step()
-            first = cp.argmax(last, axis=1).astype(cp.int32)
-            self.tok[:B] = first
-            self.history[0, :B] = first
-            self.logits_buf[:B] = last
-            result = None if logits is None else cp.asnumpy(out if logits == "all" else last, stream=self.stream)
-        self.stream.synchronize()
-        return result
+        return engine_prefill.prefill(self, input_ids, attention_mask, logits=logits)
 
     def capture(self, nb: int):
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
