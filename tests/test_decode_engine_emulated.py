@@ -511,6 +511,41 @@ def test_a_refused_cluster_launch_falls_back_to_the_global_combine(emulated, aut
     assert np.array_equal(runs[0], runs[1])
 
 
+def test_cluster_launch_attribute_as_the_driver_reads_it(emulated, monkeypatch):
+    """PdlLauncher hands cuLaunchKernelEx a CUlaunchAttribute array as cuda.h lays it out (id, 4 bytes of
+    padding, a 64-byte value union whose clusterDim is {x, y, z} at its start): a cluster launch of the
+    attention carries CLUSTER_DIMENSION (4) = (cluster, 1, 1) beside the programmatic edge (6), a plain one
+    neither. (The driver itself is faked: this machine may have none.)"""
+    import ctypes
+    from types import SimpleNamespace
+
+    from stablelm_ref.cuda import launch as ln
+
+    seen = []
+
+    class Fn:                                     # stands for the driver's cuLaunchKernelEx
+        restype = argtypes = None
+
+        def __call__(self, cfg, func, params, extra):
+            c = cfg._obj
+            attrs = [c.attrs[i] for i in range(c.numAttrs)]
+            seen.append(((c.gridDimX, c.gridDimY, c.gridDimZ), c.blockDimX, c.sharedMemBytes,
+                         {a.id: (a.value.val, (a.value.dim.x, a.value.dim.y, a.value.dim.z)) for a in attrs}))
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(cuLaunchKernelEx=Fn()))
+    pl = ln.PdlLauncher()
+    assert ctypes.sizeof(pl.Attr) == 72 and pl.Attr.value.offset == 8
+    fn = SimpleNamespace(kernel=SimpleNamespace(ptr=1234))
+    pl.bind(ln.Launch(fn, (5, 32, 2), (128,), (np.int32(7),), smem=4096, cluster=5), 0, programmatic=True)()
+    pl.bind(ln.Launch(fn, (5, 32, 2), (128,), (np.int32(7),)), 0, programmatic=False)()
+    (grid, block, smem, attrs), (_, _, _, plain) = seen
+    assert grid == (5, 32, 2) and block == 128 and smem == 4096
+    assert attrs[pl.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION][0] == 1
+    assert attrs[pl.ATTR_CLUSTER_DIMENSION][1] == (5, 1, 1) and pl.ATTR_CLUSTER_DIMENSION == 4
+    assert plain == {}
+
+
 def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp_path):
     """The file's name hashes what the timings depended on: another model's matrices, another GPU, another
     kernel build, another setting each name another file."""
