@@ -468,8 +468,10 @@ def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
     good = json.loads(files[0].read_text())
     fresh = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated)
     assert tune.load(fresh, 1, files[0]) and fresh.tuning[1] == first.tuning[1]
-    bad_shapes = [("qkv", 0, 3), ("qkv", 0, 4.0), ("down", 1, 128.5), ("o_proj", 2, True)]   # no such kernel;
-    bad_fields = [("attention", [1.0, 1.0]), ("step ms", "soon"), ("gemv", [1, 2]), ("step shape", [1])]  # not ints
+    # no such kernel (3 rows, SwiGLU's rows not in pairs, 9 persistent blocks), or a field that is not an int
+    bad_shapes = [("qkv", 0, 3), ("gate_up", 0, 1), ("down", 2, 9), ("qkv", 0, 4.0), ("down", 1, 128.5),
+                  ("o_proj", 2, True)]
+    bad_fields = [("attention", [1.0, 1.0]), ("step ms", "soon"), ("gemv", [1, 2]), ("step shape", [1])]
     for case in bad_shapes + bad_fields:
         bad = copy.deepcopy(good)
         if len(case) == 3:

@@ -164,13 +164,17 @@ def _ints(values) -> bool:
     return all(type(v) is int for v in values)          # (a float 160.0 would reach a launch's block size)
 
 
-def _valid(shape: GemvShape) -> bool:
-    if not _ints((shape.rows, shape.threads, shape.persist, shape.unroll)):
+def _valid(shape: GemvShape, nb: int, mode: int) -> bool:
+    """Whether a kernel exists for `shape` at batch nb in this mode (the rows gemv_candidates and leaner
+    offer: no 8-row CUDA-core GEMV above batch 4, SwiGLU's rows in pairs)."""
+    if not _ints((shape.rows, shape.threads, shape.persist, shape.unroll)) or shape.persist not in (0,) + TUNE_PERSIST:
         return False
     if shape.unroll:
-        return (shape.rows // 16, shape.unroll) in GEMV_MMA and shape.threads in (128, 256, 512)
-    return (shape.rows in GEMV_ROWS and 32 <= shape.threads <= GEMV_MAX_THREADS and shape.threads % 32 == 0
-            and shape.persist in (0,) + TUNE_PERSIST)
+        return (shape.rows % 16 == 0 and (shape.rows // 16, shape.unroll) in GEMV_MMA
+                and shape.threads in (128, 256, 512))
+    return (shape.rows in GEMV_ROWS and not (nb > 4 and shape.rows == 8)
+            and not (mode == MODE_SWIGLU and shape.rows % 2) and 32 <= shape.threads <= GEMV_MAX_THREADS
+            and shape.threads % 32 == 0)
 
 
 def load(engine, nb, path) -> bool:
@@ -186,7 +190,8 @@ def load(engine, nb, path) -> bool:
         step_shape = tuple(data["step shape"]) if data.get("step shape") else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    if (set(shapes) != set(engine._gemv_shapes()) or not all(_valid(v) for v in shapes.values())
+    kinds = engine._gemv_shapes()
+    if (set(shapes) != set(kinds) or not all(_valid(v, nb, kinds[name][1]) for name, v in shapes.items())
             or not _ints(att) or att not in ATT_SHAPES or not math.isfinite(step_ms)
             or (step_shape is not None and (not _ints(step_shape) or step_shape not in STEP_SHAPES))
             or step_kernel not in (None, True, False)):
