@@ -548,6 +548,28 @@ def test_cluster_launch_attribute_as_the_driver_reads_it(emulated, monkeypatch):
     assert plain == {}
 
 
+def test_cluster_only_where_the_partials_fit(emulated):
+    """attention_launch(cluster=True) makes a cluster launch only where the splits' partials fit in shared memory
+    beside the tiles: at a limit that holds the tiles alone (what the tuner's attention_fits checks), the same
+    launch combines through global memory instead of being refused."""
+    emulated.compute_capability = 90
+    G, D, KVH, nsplit, max_len = 4, 160, 2, 8, 600
+    kc = np.zeros((1, KVH, max_len, D), np.uint16)
+
+    def attention(limit):
+        emulated.max_smem = limit
+        return emulated.attention_launch(
+            np.zeros((1, (G * KVH + 2 * KVH) * D), np.float32), kc, kc, np.zeros(1, np.int32), np.zeros(1, np.int32),
+            np.ones((1, max_len), np.uint8), np.ones(D // 4, np.float32), D // 2, nb=1, H=G * KVH, KVH=KVH, D=D,
+            out=None, part_o=None, part_ml=None, counters=None, nsplit=nsplit, nbuf=2, cluster=True)
+
+    plain, clustered = emulated.attention_smem(G, D, 2), emulated.attention_smem(G, D, 2, nsplit)
+    assert clustered > plain
+    assert attention(clustered).cluster == nsplit and attention(clustered).smem == clustered
+    launch = attention(plain)
+    assert launch.cluster == 0 and launch.smem == plain
+
+
 def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp_path):
     """The file's name hashes what the timings depended on: another model's matrices, another GPU, another
     kernel build, another setting each name another file."""

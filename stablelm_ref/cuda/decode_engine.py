@@ -61,8 +61,8 @@ The decode engine's files, by concern: decode.cu and decode_step.cu (the kernels
 cached cubin: nvcc, else NVRTC), launch.py (building decode.cu and decode_step.cu, bound launches, PDL,
 cooperative launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py
 (the autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not; its choice kept on disk),
-engine_prefill.py (the engine's own prompt pass), specs.py (the float64 specification of every kernel), bf16.py (bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in),
-this file (weights, buffers, the step's plan, capture, the device-side bookkeeping). Probe-only code lives in
+engine_prefill.py (the engine's own prompt pass), specs.py (the float64 specification of every kernel), bf16.py
+(bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in), this file (weights, buffers, the step's plan, capture, the device-side bookkeeping). Probe-only code lives in
 tools/ (decode_probe.py, decode_timeline.py, step_timeline.py and their .cuh builds).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,

@@ -198,9 +198,10 @@ class DecodeKernels:
         """Flash-decoding over nsplit blocks (grid x) a kv head at most: a split takes split_tiles tiles of
         ATT_TK keys before the keys spread over more splits (the live count comes from the device's length),
         and holds nbuf tiles in shared memory, the first nbuf copied before the PDL wait. With cluster (where
-        attention_cluster allows it) a kv head's splits are one thread-block cluster and the first split
-        combines the partials in its shared memory; else the last split to finish combines them from
-        part_o / part_ml (global memory) behind a fence and an atomic counter."""
+        attention_cluster allows it, and the partials fit in shared memory beside the tiles) a kv head's splits
+        are one thread-block cluster and the first split combines the partials in its shared memory; else the
+        last split to finish combines them from part_o / part_ml (global memory) behind a fence and an atomic
+        counter."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -214,6 +215,9 @@ class DecodeKernels:
                              f"got {nbuf}, {split_tiles}")
         max_len = kc.shape[-2]
         csize = self.attention_cluster(nsplit) if cluster else 0
+        if csize and not self.attention_fits(G, D, nbuf, csize):
+            csize = 0               # the partials do not fit beside the tiles: the global combine (what the
+            #                         tuner's attention_fits(G, D, nbuf) promised it could launch)
         smem = self.attention_smem(G, D, nbuf, csize)
         if not self.attention_fits(G, D, nbuf, csize):
             raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
