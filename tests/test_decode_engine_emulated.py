@@ -192,14 +192,15 @@ def _embed(grid, block, args):
 
 def _sample(grid, block, args):
     (logits, V, present, penalty, do_sample, temperature, top_k, top_p, u, tok, history, ldh, max_steps, step,
-     cache_len, pos, counter, bad) = args
+     cache_len, pos, counter, bad, ring) = args
     nb = grid[0]
     settings = dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), repetition_penalty=float(penalty))
     pres = None if _null(present) else present[:nb]
+    flags = ~np.isfinite(logits[:nb]).all(axis=1)
     _finish(nb, specs.ref_sample_step(logits[:nb], pres, settings, _draws(u, step, nb)), present, history, ldh,
-            max_steps, step, cache_len, pos, tok)
-    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
+            max_steps, step, cache_len, pos, tok, ring, flags)
+    _flag(bad, flags)
 
 
 def _sample_partial(grid, block, args):
@@ -225,7 +226,7 @@ def _sample_partial(grid, block, args):
 def _sample_merge(grid, block, args):
     """The spec (top-k of the union, top-p, the draw) on the union placed in a row of -inf."""
     (val, idx, count, cand_bad, ucap, top_k, top_p, u, present, V, tok, history, ldh, max_steps, step, cache_len, pos,
-     counter, bad) = args
+     counter, bad, ring) = args
     nb = grid[0]
     rows = np.full((nb, int(V)), -np.inf, np.float32)
     for b in range(nb):
@@ -233,7 +234,7 @@ def _sample_merge(grid, block, args):
     settings = dict(do_sample=True, temperature=1.0, top_k=int(top_k), top_p=float(top_p), repetition_penalty=1.0)
     count[:nb] = 0
     _finish(nb, specs.ref_sample_step(rows, None, settings, _draws(u, step, nb)), present, history, ldh, max_steps,
-            step, cache_len, pos, tok)
+            step, cache_len, pos, tok, ring, cand_bad[:nb] != 0)
     _flag(bad, cand_bad[:nb] != 0)
     cand_bad[:nb] = 0
 
@@ -248,9 +249,11 @@ def _flag(bad, rows):
         bad[: len(rows)] = rows
 
 
-def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok):
+def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok, ring, flags):
     s = int(step[0])
     for b in range(nb):
+        if not _null(ring):                                   # decode.cu's finish_row: slot step % PICK_RING
+            ring[s % kn.PICK_RING, :, b] = (ids[b], int(flags[b]), s)
         tok[b] = ids[b]
         if not _null(present):
             present[b, ids[b]] = 1
@@ -262,10 +265,12 @@ def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok
 
 
 def _argmax(grid, block, args):
-    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter, bad = args
+    logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter, bad, ring = args
     nb = grid[0]
-    _finish(nb, np.argmax(logits[:nb], axis=1), np.uint64(0), history, ldh, max_steps, step, cache_len, pos, tok)
-    _flag(bad, ~np.isfinite(logits[:nb]).all(axis=1))
+    flags = ~np.isfinite(logits[:nb]).all(axis=1)
+    _finish(nb, np.argmax(logits[:nb], axis=1), np.uint64(0), history, ldh, max_steps, step, cache_len, pos, tok,
+            ring, flags)
+    _flag(bad, flags)
 
 
 class EmulatedKernels(kn.DecodeKernels):
@@ -506,11 +511,48 @@ def test_a_refused_cluster_launch_falls_back_to_the_global_combine(emulated, aut
         assert (emulated.attention_cluster(3) == 3) == (cc == 90)
         engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=160, kernels=emulated,
                                     autotune=autotune, pdl=False)
+        engine.att_fit = False           # the grid max_len needs (3 splits), whatever split_tiles the tuner picks
         runs.append(engine_greedy(engine, ids, None, 4))
         attn = [fn for fn in engine._plan(1) if fn.tag == "attention"]
         assert attn[0].grid[0] > 1 and not any(fn.cluster for fn in attn)
         assert engine.att_cluster == (cc == 0) and (engine.att_cluster_error is None) == (cc == 0)
     assert np.array_equal(runs[0], runs[1])
+
+
+def test_attention_grid_follows_the_cached_keys(emulated):
+    """att_fit: each step's attention launches the splits its keys need (one a tile of ATT_TK keys, the new one
+    included), captured once a count: a 70-token prompt steps with 2 splits, 3 from 127 cached keys on, where
+    the grid for max_len has 7 (its extra splits start and leave). The tokens equal the full grid's, and a graph
+    replayed at a length past its splits stays right (the kernel gives each split more tiles)."""
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(4).integers(2, 384, (1, 70))
+    runs, grids = {}, {}
+    for fit in (False, True):
+        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=448, kernels=emulated,
+                                    autotune=False, pdl=False)
+        engine.att_fit = fit
+        seen = []
+        real = engine.capture
+
+        def spy(nb, _real=real, _seen=seen, _e=engine):
+            _seen.append(_e.att_splits(nb))
+            return _real(nb)
+
+        engine.capture = spy
+        runs[fit] = engine_greedy(engine, ids, None, 64)            # cached keys 70 .. 132
+        grids[fit] = sorted(set(seen)), {key[-1] for key in engine._graphs}
+    assert grids[False] == ([7], {7})
+    assert grids[True] == ([2, 3], {2, 3})
+    assert np.array_equal(runs[False], runs[True])
+    engine.att_fit = False                                          # (the last engine: fitted, at 133 keys)
+    engine.prefill(ids, None, logits=None)
+    engine.att_fit = True
+    g = engine.capture(1)                                           # 2 splits for 71 keys ...
+    for _ in range(63):
+        g.launch(engine.stream)                                     # ... replayed up to 133
+        engine._host_len += 1
+        engine._host_step += 1
+    assert np.array_equal(engine.generated()[:, :64], runs[False])
 
 
 def test_cluster_launch_attribute_as_the_driver_reads_it(emulated, monkeypatch):
@@ -849,6 +891,44 @@ def test_generate_through_engine_steps_tensor_core_gemv_plan(emulated):
         assert np.array_equal(generate(fast, ids, attention_mask=mask, max_new_tokens=5, engine="fast"), want)
     with pytest.raises(ValueError, match="gemv_mma"):
         emulated.gemv_launch(engine.h, engine.layers[0].wo, nb=2, mode=kn.MODE_STORE, yf=engine.x, rows=8, unroll=4)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=4),
+                                      dict(do_sample=True, temperature=1.2, top_k=0, repetition_penalty=1.3, seed=5)])
+def test_picks_read_from_the_host_ring_without_a_copy(emulated, monkeypatch, settings):
+    """Where the engine has mapped host memory (a GPU; here a NumPy array stands for both views), the step's
+    argmax / sampler put each row's pick, flag and step number into ring slot step % PICK_RING and generate
+    reads them there, no copy queued in the stream: the same tokens as the copy path (eos and pad included). A
+    slot overwritten by later steps (more than PICK_RING - 1 queued after the one asked for) is not read:
+    the picks come from that step's history row."""
+    ref, fast = _models(emulated)
+    ids, mask = left_padded_batch(np.random.default_rng(5), 384, [6, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=9, engine="fast", pad_token_id=3, **settings)
+    plain = generate(fast, ids, **kw)
+    assert fast.engine.ring is None                            # the stand-in backend: copies
+    kw["eos_token_id"] = int(plain[0, 6 + 3])
+    plain_eos = generate(fast, ids, **kw)
+    copies = []
+    monkeypatch.setattr(cuda_xp, "mapped_host", lambda cp, shape, dtype: (lambda a: (a, a))(np.zeros(shape, dtype)))
+    monkeypatch.setattr(cuda_xp.BACKEND, "asnumpy",
+                        lambda a, **k: copies.append(k.get("out") is not None) or _asnumpy(a, **k))
+    fast.model.params = dict(fast.model.params)                 # an edit: the engine is built again, with a ring
+    del kw["eos_token_id"]
+    assert np.array_equal(generate(fast, ids, **kw), plain)
+    e = fast.engine
+    assert e.ring is not None and e.ring is e.ring_host and not any(copies)
+    kw["eos_token_id"] = int(plain[0, 6 + 3])
+    assert np.array_equal(generate(fast, ids, **kw), plain_eos)
+    e.prefill(ids, mask, logits=None)                          # the engine alone: a slot written over
+    e.decode_step()
+    e.queue_picks_copy()
+    for _ in range(kn.PICK_RING):
+        e.decode_step()
+    got = e.read_picks()
+    assert np.array_equal(got[0, :2], e.generated()[:, 1]) and not got[1, :2].any()
+    e.decode_step()
+    e.queue_picks_copy()
+    assert np.array_equal(e.read_picks()[0, :2], e.generated()[:, -1])
 
 
 def test_generate_through_engine_steps_sampling_runs_ahead_on_drawn_uniforms(emulated):

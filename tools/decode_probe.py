@@ -10,6 +10,7 @@
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
     python tools/decode_probe.py --variants default --ablate --cluster-ab    # attention combine: cluster / global
     python tools/decode_probe.py --variants default --ablate --tune-ab 3     # the tuner's stage 2: before / now
+    python tools/decode_probe.py --variants default --graph-steps 1 2 4 8     # k steps a graph launch
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
 
@@ -232,6 +233,7 @@ def batch_ab(cfg, params, batches, prompt, steps):
     tensor-core GEMV's offered too (B), in one engine: ms a step (graph replays of the captured step, as the
     tuner times it) and the ratio; B's choice per matrix kind."""
     engine = de.GpuDecodeEngine(cfg, params, max_batch=max(batches), max_len=prompt + steps + 9, pdl=True)
+    engine.att_fit = False
     engine.tune_cache = False
     if not engine.k.tensor_cores:        # DecodeKernels: compute capability >= 8.0 (bf16 mma.sync)
         log(f"batch A/B skipped: {engine.k.device_name} has no bf16 tensor-core mma (compute capability < 8.0)")
@@ -389,6 +391,39 @@ def tune_ab(engine, ids, steps, res, rounds):
             f"tuning {np.median([r['tuning s'] for r in runs]):.1f} s")
 
 
+def graph_steps(engine, ids, steps, counts, res, rounds=3):
+    """ms a step with k whole steps (argmax included: each advances the cache) captured in one graph, in
+    alternating rounds: what a graph launch costs between steps. Each step's embedding waits for the previous
+    step in full (an ordinary edge: the attention reads the cache length before its PDL wait); "k+pdl" rows
+    make that edge programmatic too (a race on the length: timing only)."""
+    plan = engine._plan(1)
+
+    def graph(k, boundary_pdl):
+        pl = launch.PdlLauncher()
+        bound = [pl.bind(fn, engine.stream.ptr, programmatic=engine.pdl and (i > 0 or (j > 0 and boundary_pdl)))
+                 for j in range(k) for i, fn in enumerate(plan)]
+        with engine.stream:
+            engine.stream.begin_capture()
+            try:
+                for fn in bound:
+                    fn()
+            finally:
+                g = engine.stream.end_capture()
+        return g
+
+    forms = [(k, False) for k in counts] + [(k, True) for k in counts if k > 1]
+    graphs = {f: graph(*f) for f in forms}
+    got = {f: [] for f in forms}
+    for _ in range(rounds):
+        for f in forms:
+            got[f].append(time_graph(engine, ids, graphs[f], max(1, steps // f[0]), reps=1) / f[0])
+    for f in forms:
+        ms = float(np.median(got[f]))
+        name = f"{f[0]}{'+pdl' if f[1] else ''} steps a graph"
+        res[name] = ms
+        log(f"    {name}: {ms:.4f} ms a step ({', '.join(f'{v:.4f}' for v in got[f])})")
+
+
 def sweep_shapes(engine, kinds, res, top=3, rounds=3):
     """Batch 1: every launch shape of each GEMV kind (tune.gemv_candidates x persistent blocks 0 and
     TUNE_PERSIST) timed within the step as the tuner times it, the other kinds at the tuner's choice (the
@@ -458,6 +493,8 @@ def main():
                          "current one, alternating (first of --variants)")
     ap.add_argument("--cluster-ab", action="store_true",
                     help="every variant: the attention's cluster combine against its global-memory combine")
+    ap.add_argument("--graph-steps", type=int, nargs="*", default=[], metavar="K",
+                    help="ms a step with K whole steps captured in one graph (e.g. 1 2 4 8)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--fold-ab", action="store_true",
@@ -488,6 +525,7 @@ def main():
         if engine is None:
             engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
             engine.tune_cache = False            # every variant timed by the tuner itself, never read from disk
+            engine.att_fit = False               # one graph replayed over every length: the splits max_len needs
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
                 f"({time.time() - t0:.0f} s)")
         else:
@@ -570,6 +608,8 @@ def main():
             cluster_ab(engine, res[name])
         if name == args.variants[0] and args.tune_ab:
             tune_ab(engine, ids, args.steps, res[name], args.tune_ab)
+        if name == args.variants[0] and args.graph_steps:
+            graph_steps(engine, ids, args.steps, args.graph_steps, res[name])
     variant_constants.close()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))

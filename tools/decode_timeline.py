@@ -319,6 +319,7 @@ def main():
         ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
         engine = de.GpuDecodeEngine(cfg, random_params(cfg), max_batch=1, max_len=args.prompt + args.steps + 9,
                                     pdl=True)
+        engine.att_fit = False                            # one graph over every length, as decode_probe's
         engine.prefill(ids, logits=None)
         engine.capture(1)                                 # tuned with the shipped kernels
         ms = time_graph(engine, ids, engine.capture(1), args.steps)

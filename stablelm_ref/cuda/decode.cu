@@ -189,23 +189,51 @@ __device__ __forceinline__ void rotate_half_smem(float* dst, const float* rc, in
 // With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
 // instance 0 = (sum_k x[b, k], sum_k x[b, k]^2), and of every later instance zero (the residual-add GEMVs
 // accumulate those during the step).
+// The row is read as 16-byte chunks, all of a thread's loads issued before the first is used (hidden % 8 == 0,
+// hidden <= 8 EMBED_MAXC blockDim: every shape of the family): one memory round trip. A loop of 2-byte loads
+// compiled to one load in flight a thread, 10 dependent round trips at hidden 2560 (7.9 us of a 3b-4e1t step).
+#define EMBED_MAXC 4
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __restrict__ E,
                                       int hidden, float* __restrict__ x, double* __restrict__ stats,
                                       int n_stats, int ld_stats) {
     __shared__ double buf[32];
     PDL_LAUNCH();
     PDL_WAIT();
-    const int b = blockIdx.x;
+    const int b = blockIdx.x, T = blockDim.x;
     const u16* row = E + (size_t)tok[b] * hidden;
+    float* xr = x + (size_t)b * hidden;
     double s1 = 0.0, s2 = 0.0;
-    for (int k = threadIdx.x; k < hidden; k += blockDim.x) {
-        const float v = bf2f(row[k]);
-        x[(size_t)b * hidden + k] = v;
-        s1 += v;
-        s2 += (double)v * v;
+    if ((hidden & 7) == 0 && hidden <= 8 * EMBED_MAXC * T) {
+        const int nc = hidden >> 3;
+        uint4 c[EMBED_MAXC];
+#pragma unroll
+        for (int i = 0; i < EMBED_MAXC; ++i)
+            if (threadIdx.x + i * T < nc) c[i] = __ldg(reinterpret_cast<const uint4*>(row) + threadIdx.x + i * T);
+#pragma unroll
+        for (int i = 0; i < EMBED_MAXC; ++i) {
+            const int j = threadIdx.x + i * T;
+            if (j < nc) {
+                float f[8];
+                unpack8(c[i], f);
+                reinterpret_cast<float4*>(xr)[2 * j] = make_float4(f[0], f[1], f[2], f[3]);
+                reinterpret_cast<float4*>(xr)[2 * j + 1] = make_float4(f[4], f[5], f[6], f[7]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    s1 += f[e];
+                    s2 += (double)f[e] * f[e];
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < hidden; k += T) {
+            const float v = bf2f(row[k]);
+            xr[k] = v;
+            s1 += v;
+            s2 += (double)v * v;
+        }
     }
     if (stats == nullptr) return;
-    for (int i = 1 + threadIdx.x; i < n_stats; i += blockDim.x)
+    for (int i = 1 + threadIdx.x; i < n_stats; i += T)
         stats[((size_t)i * ld_stats + b) * 2] = stats[((size_t)i * ld_stats + b) * 2 + 1] = 0.0;
     s1 = block_sum(s1, buf);
     s2 = block_sum(s2, buf);
@@ -1064,15 +1092,32 @@ __device__ __forceinline__ void block_argmax(float& best, int& idx, float* rv, i
 }
 
 // The step's bookkeeping once row b's token is chosen (one thread per row): tok, history[step, b], pos += 1;
-// the last row to finish advances the step counter and the cache length (and resets the counter).
-__device__ __forceinline__ void finish_row(int b, int idx, int* __restrict__ tok, int* __restrict__ history,
+// with a ring (generate's host memory, mapped: PICK_RING slots [3][ldh], slot step % PICK_RING), the token, the
+// row's non-finite flag and the step number there too, so that the host reads them without a copy in the stream.
+// One row: step and length advanced here; several: the last row to finish advances them (and resets the
+// counter). Every load first (one round trip), then the stores.
+#define PICK_RING 4
+__device__ __forceinline__ void finish_row(int b, int idx, int bad_b, int* __restrict__ tok, int* __restrict__ history,
                                            int ldh, int max_steps, int* __restrict__ stepp,
                                            int* __restrict__ lenp, int* __restrict__ posp,
-                                           int* __restrict__ counter, int rows) {
-    tok[b] = idx;
+                                           int* __restrict__ counter, int rows, int* __restrict__ ring) {
     const int s = *stepp;
+    const int p = posp[b];
+    const int l = rows == 1 ? *lenp : 0;
+    tok[b] = idx;
     if (s < max_steps) history[(size_t)s * ldh + b] = idx;
-    posp[b] += 1;
+    posp[b] = p + 1;
+    if (ring != nullptr) {
+        int* slot = ring + (size_t)(s % PICK_RING) * 3 * ldh;
+        slot[b] = idx;
+        slot[ldh + b] = bad_b;
+        slot[2 * ldh + b] = s;
+    }
+    if (rows == 1) {
+        *stepp = s + 1;
+        *lenp = l + 1;
+        return;
+    }
     __threadfence();
     const int prev = atomicAdd(counter, 1);
     if (prev == rows - 1) {
@@ -1082,14 +1127,16 @@ __device__ __forceinline__ void finish_row(int b, int idx, int* __restrict__ tok
     }
 }
 
-// grid (nb), block (1024). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
+// grid (nb), block (ARGMAX_THREADS). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
 // (row stride ldh), pos[b] += 1, bad[b] = 1 if any logit of the row is NaN or Inf (else 0; generate reads
 // it with the token: one device-to-host copy a step); the last block to finish advances the step counter
 // and the cache length.
-extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok,
-                                       int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
-                                       int* __restrict__ lenp, int* __restrict__ posp,
-                                       int* __restrict__ counter, int* __restrict__ bad) {
+#define ARGMAX_THREADS 1024
+#define ARGMAX_INFLIGHT 8
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok, int* __restrict__ history, int ldh,
+            int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
+            int* __restrict__ counter, int* __restrict__ bad, int* __restrict__ ring) {
     __shared__ float rv[32];
     __shared__ int ri[32];
     PDL_LAUNCH();
@@ -1099,17 +1146,27 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
     float best = NEG_INF;
     int idx = 0x7fffffff;
     bool finite = true;
-    if ((V & 3) == 0) {                             // float4 loads, four in flight per thread
+    if ((V & 3) == 0) {                             // float4 loads, ARGMAX_INFLIGHT in flight per thread
         const float4* row4 = reinterpret_cast<const float4*>(row);
-        const int V4 = V >> 2;
-#pragma unroll 4
-        for (int k = tid; k < V4; k += blockDim.x) {
-            const float4 v = row4[k];
-            if (v.x > best) { best = v.x; idx = 4 * k; }   // k increases: first maximum per thread
-            if (v.y > best) { best = v.y; idx = 4 * k + 1; }
-            if (v.z > best) { best = v.z; idx = 4 * k + 2; }
-            if (v.w > best) { best = v.w; idx = 4 * k + 3; }
-            finite = finite && isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w);
+        const int V4 = V >> 2, T = blockDim.x;
+        // Every load of a round issued before the first is compared (an unrolled loop of load-then-compare
+        // kept one in flight: 13 dependent round trips to L2 over 50k logits).
+        for (int k0 = tid; k0 < V4; k0 += ARGMAX_INFLIGHT * T) {
+            float4 v[ARGMAX_INFLIGHT];
+#pragma unroll
+            for (int u = 0; u < ARGMAX_INFLIGHT; ++u)
+                if (k0 + u * T < V4) v[u] = row4[k0 + u * T];
+#pragma unroll
+            for (int u = 0; u < ARGMAX_INFLIGHT; ++u) {
+                const int k = k0 + u * T;
+                if (k < V4) {                             // k increases: first maximum per thread
+                    if (v[u].x > best) { best = v[u].x; idx = 4 * k; }
+                    if (v[u].y > best) { best = v[u].y; idx = 4 * k + 1; }
+                    if (v[u].z > best) { best = v[u].z; idx = 4 * k + 2; }
+                    if (v[u].w > best) { best = v[u].w; idx = 4 * k + 3; }
+                    finite = finite && isfinite(v[u].x) && isfinite(v[u].y) && isfinite(v[u].z) && isfinite(v[u].w);
+                }
+            }
         }
     } else {
         for (int k = tid; k < V; k += blockDim.x) {
@@ -1122,8 +1179,8 @@ extern "C" __global__ void argmax_step(const float* __restrict__ logits, int V, 
     block_argmax(best, idx, rv, ri);
     if (tid == 0) {                                   // all NaN: emit token 0 rather than garbage
         if (bad != nullptr) bad[b] = any_bad;
-        finish_row(b, idx == 0x7fffffff ? 0 : idx, tok, history, ldh, max_steps, stepp, lenp, posp, counter,
-                   (int)gridDim.x);
+        finish_row(b, idx == 0x7fffffff ? 0 : idx, any_bad, tok, history, ldh, max_steps, stepp, lenp, posp,
+                   counter, (int)gridDim.x, ring);
     }
 }
 
@@ -1305,7 +1362,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
             int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
             int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
-            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter, int* __restrict__ bad) {
+            int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter, int* __restrict__ bad,
+            int* __restrict__ ring) {
     __shared__ float cval[SAMPLE_CMAX];
     __shared__ int cidx[SAMPLE_CMAX];
     __shared__ unsigned int hist[256];
@@ -1405,7 +1463,7 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
     if (tid == 0) {
         const int idx = s_choice < 0 ? 0 : s_choice;
         if (pres != nullptr) pres[idx] = 1;
-        finish_row(b, idx, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x);
+        finish_row(b, idx, any_bad, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x, ring);
     }
 }
 
@@ -1478,7 +1536,7 @@ sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ ca
                   int* __restrict__ cand_bad, int ucap, int top_k, float top_p, const double* __restrict__ u,
                   unsigned char* __restrict__ present, int V, int* __restrict__ tok, int* __restrict__ history,
                   int ldh, int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
-                  int* __restrict__ counter, int* __restrict__ bad) {
+                  int* __restrict__ counter, int* __restrict__ bad, int* __restrict__ ring) {
     __shared__ float cval[SAMPLE_CMAX];
     __shared__ int cidx[SAMPLE_CMAX];
     __shared__ unsigned int hist[256];
@@ -1518,9 +1576,10 @@ sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ ca
                                           step_draw(u, b, ldh, max_steps, stepp), zmax, bidx, &s_n);
     if (tid == 0) {
         cand_count[b] = 0;                                       // every thread read it (barriers since)
-        if (bad != nullptr) bad[b] = cand_bad[b];
+        const int row_bad = cand_bad[b];
+        if (bad != nullptr) bad[b] = row_bad;
         cand_bad[b] = 0;
         if (present != nullptr) present[(size_t)b * V + pick] = 1;
-        finish_row(b, pick, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x);
+        finish_row(b, pick, row_bad, tok, history, ldh, max_steps, stepp, lenp, posp, counter, (int)gridDim.x, ring);
     }
 }

@@ -80,8 +80,8 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, GenerationError
 from . import engine_prefill, tune, xp
 from .bf16 import to_bf16_bits, to_f32
-from .decode_kernels import (ATT_DIMS, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU, STEP_SHAPES,
-                             DecodeKernels)
+from .decode_kernels import (ATT_DIMS, ATT_TK, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU,
+                             PICK_RING, STEP_SHAPES, DecodeKernels)
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
 
@@ -176,17 +176,20 @@ class GpuDecodeEngine:
         #                                     by capture() where the driver refuses the launch (the reason:
         #                                     att_cluster_error)
         self.att_cluster_error = None
+        self.att_fit = True                 # the attention's grid fitted to the keys cached (att_splits): a step
+        #                                     captured again each time the splits it needs change
         self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
         #                                          shared-memory carveout in percent; absent: the driver's choice
         self.tune_log: list[tuple] = []      # every timing the tuner made (tune.py), or ("cache", batch, path)
         #                                     where it read its choice back from disk
-        self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler settings) -> the step's launches
+        self._plans: dict[tuple, list[Launch]] = {}      # (batch, sampler, megakernel, splits) -> launches
         self.sampler = None                              # None: argmax_step; else generate's settings
         self._graphs: dict = {}
         self._nb = None
         self._host_len = 0
         self._host_step = 0
-        self._picks_copied = None            # the event after queue_picks_copy's copy
+        self._picks_copied = None            # the event after queue_picks_copy's step (and copy)
+        self._picks_step = 0                 # that step's device step number (its ring slot: % PICK_RING)
 
     # -- configuration ------------------------------------------------------------------------
     @staticmethod
@@ -318,6 +321,8 @@ class GpuDecodeEngine:
         self.tok, self.nonfinite = self.tok_flags[0], self.tok_flags[1]
         self.picks_host = np.frombuffer(cp.cuda.alloc_pinned_memory(self.tok_flags.nbytes), np.int32,
                                         self.tok_flags.size).reshape(2, MB)   # queue_picks_copy's target
+        ring = xp.mapped_host(cp, (PICK_RING, 3, MB), np.int32)   # where the step's kernels put their picks
+        self.ring_host, self.ring = ring if ring is not None else (None, None)   # for the host: no copy
         self.pos = cp.zeros(MB, cp.int32)
         self.cache_len = cp.zeros(1, cp.int32)
         self.step = cp.zeros(1, cp.int32)
@@ -421,15 +426,30 @@ class GpuDecodeEngine:
             hidden=self.hidden, inter=self.inter, vocab=self.vocab, H=self.H, KVH=self.KVH, D=self.D, eps=self.eps,
             qk_ln=self.qk_ln, parallel=self.parallel, sync=self.step_sync, shape=self.step_shape)
 
+    def att_splits(self, nb) -> int:
+        """The attention's splits (grid x) for the next step of batch nb: with att_fit, as many as the cached
+        keys need (one a split_tiles tiles of ATT_TK keys, the next step's new key included) while a sequence is
+        under way, at most attention_splits(max_len) (what the partials' buffers hold); else that maximum. The
+        kernel itself uses only the splits the device-side length needs, so a graph with fewer splits than a
+        later length needs stays correct (each split takes more tiles); the extra ones of a graph captured for
+        the maximum launch, start and leave (on the H200, 8 splits a kv head where 4 had keys made a 3b-4e1t
+        step 0.018 ms slower: the notes' thirteenth session)."""
+        cap = self.k.attention_splits(nb, self.KVH, self.max_len)
+        if not self.att_fit or self._nb is None:
+            return cap
+        split_tiles = self.att_shape.get(nb, DEFAULT_ATT)[0]
+        tiles = -(-(self._host_len + 1) // ATT_TK)
+        return max(1, min(cap, -(-tiles // split_tiles)))
+
     def _plan(self, nb):
-        key = (nb, self._sampler_key(), self.megakernel)
+        ns = 0 if self.uses_step_kernel(nb) else self.att_splits(nb)
+        key = (nb, self._sampler_key(), self.megakernel, ns)
         if key in self._plans:
             return self._plans[key]
         k = self.k
         if self.uses_step_kernel(nb):
             plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb), self._step_launch()]
             return self._finish_plan(key, plan, nb)
-        ns = k.attention_splits(nb, self.KVH, self.max_len)
         split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
         fold = self.folds_layernorm(nb)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
@@ -459,12 +479,13 @@ class GpuDecodeEngine:
         k = self.k
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
-                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite))
+                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite, ring=self.ring))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
             plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
                                     self.history, self.step, self.cache_len, self.pos, self.am_counter, nb=nb,
-                                    settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite)
+                                    settings=self.sampler, scratch=self.sample_scratch, bad=self.nonfinite,
+                                    ring=self.ring)
         for fn in plan:
             fn.carveout = self.carveout.get(fn.tag.split(":")[-1])
         self._plans[key] = plan
@@ -559,15 +580,16 @@ class GpuDecodeEngine:
         return engine_prefill.prefill(self, input_ids, attention_mask, logits=logits)
 
     def capture(self, nb: int):
-        """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph.
-        With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
+        """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph (one a
+        count of attention splits, att_splits: a step whose splits differ from the last's replays another). With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
         the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
         refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note), a
         refused one with cluster launches of the attention to its global-memory combine, tuned again
         (att_cluster False, the reason in att_cluster_error)."""
-        key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel)
+        self._tune(nb)                                   # (once a batch size: the key below depends on it)
+        key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel,
+               0 if self.uses_step_kernel(nb) else self.att_splits(nb))
         if key not in self._graphs:
-            self._tune(nb)
             try:
                 self._graphs[key] = self.capture_launches(self._plan(nb), pdl=self.pdl)
             except Exception as e:  # noqa: BLE001 - no libcuda symbol, odd argument, refused capture
@@ -618,19 +640,36 @@ class GpuDecodeEngine:
         return self.max_len - self._host_len
 
     def queue_picks_copy(self):
-        """Queue a copy of the latest step's picks and non-finite flags (tok_flags) into pinned host memory,
-        ordered after that step and before anything queued later: read_picks() then waits for this copy
-        alone, while later steps run."""
+        """Make the latest step's picks and non-finite flags (tok_flags) readable by read_picks(), which then
+        waits for that step alone while later steps run: where the engine has its host ring (mapped memory the
+        step's argmax / sampler write, slot step % PICK_RING), an event after the step, nothing else in the
+        stream; else a copy into pinned host memory, ordered after that step and before anything queued later."""
         cp = self.cp
-        cp.asnumpy(self.tok_flags, stream=self.stream, out=self.picks_host, blocking=False)
+        if self.ring is None:
+            cp.asnumpy(self.tok_flags, stream=self.stream, out=self.picks_host, blocking=False)
+        self._picks_step = self._host_step - 1                   # the device step number that step wrote
         if self._picks_copied is None:
             self._picks_copied = cp.cuda.Event()
         self._picks_copied.record(self.stream)
 
     def read_picks(self) -> np.ndarray:
-        """[2, max_batch] int32: the picks and flags queue_picks_copy() copied (waits for that copy)."""
+        """[2, max_batch] int32: the picks and flags of the step queue_picks_copy() followed (waits for it). A ring
+        slot already written by a later step (more than PICK_RING - 1 steps queued after it) is not that step's:
+        then the stream is waited for and the step's picks read from its history row (its flags are the
+        latest's)."""
         self._picks_copied.synchronize()
-        return self.picks_host.copy()
+        if self.ring is None:
+            return self.picks_host.copy()
+        s = self._picks_step
+        slot = self.ring_host[s % PICK_RING]
+        got = slot[:2].copy()
+        if (slot[2, : self._nb] == s).all():
+            return got
+        self.stream.synchronize()
+        got = self.cp.asnumpy(self.tok_flags)
+        if s < self.history.shape[0]:
+            got[0, : self._nb] = self.cp.asnumpy(self.history[s, : self._nb])
+        return got
 
     def get_logits(self) -> np.ndarray:
         """Logits [B, V] (float32) that chose the latest token."""

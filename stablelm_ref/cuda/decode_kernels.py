@@ -36,6 +36,8 @@ ATT_NW, ATT_RW = ATT_THREADS // 32, ATT_TK // (ATT_THREADS // 32)   # warps a bl
 ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner times within the step
 ATT_MAX_CLUSTER = 8                         # splits a cluster at most (the portable cluster size)
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
+ARGMAX_THREADS = 1024                       # argmax_step's block (must match decode.cu)
+PICK_RING = 4                               # slots of the host ring the step's picks go to (must match decode.cu)
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
 # the whole-step kernel (decode_step.cu; must match it): warps a block, rows a group, a segment's multiple,
@@ -303,12 +305,22 @@ class DecodeKernels:
         st = (stats, i32(stats.shape[0]), i32(stats.shape[1])) if stats is not None else (NULL, i32(0), i32(0))
         return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x, *st), tag=tag)
 
-    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, tag="argmax"):
-        """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None."""
+    def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, ring=None,
+                      tag="argmax"):
+        """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None. ring: int32
+        [PICK_RING, 3, history's row length] in host memory mapped for the device, or None: slot step % PICK_RING
+        receives each row's pick, its flag and the step number (decode.cu's finish_row)."""
         V = logits.shape[-1]
-        return Launch(self.argmax_fn, (nb,), (1024,),
+        self._check_ring(ring, history)
+        return Launch(self.argmax_fn, (nb,), (ARGMAX_THREADS,),
                       (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
-                       step, cache_len, pos, counter, bad if bad is not None else NULL), tag=tag)
+                       step, cache_len, pos, counter, bad if bad is not None else NULL,
+                       ring if ring is not None else NULL), tag=tag)
+
+    @staticmethod
+    def _check_ring(ring, history):
+        if ring is not None and tuple(ring.shape) != (PICK_RING, 3, history.shape[1]):
+            raise ValueError(f"the picks' ring {tuple(ring.shape)} must be ({PICK_RING}, 3, {history.shape[1]})")
 
     @staticmethod
     def sampler_covers(settings, vocab: int) -> bool:
@@ -333,19 +345,20 @@ class DecodeKernels:
                 cp.zeros((2, max_batch), cp.int32))
 
     def sample_launch(self, logits, present, u, tok, history, step, cache_len, pos, counter, *, nb, settings,
-                      scratch=None, bad=None, tag="sample"):
+                      scratch=None, bad=None, ring=None, tag="sample"):
         """generate's processors and sampler on logits [>= nb, V] (see decode.cu); present: uint8 [>= nb, V]
         (ids already in each row) or None without a repetition penalty; u: float64 shaped like history
         [max_steps, ldh], the draws by step (the kernels read row `step`: every step's draws uploaded once).
         Sampling with top_k in [1, SAMPLE_KMAX]: sample_topk_partial over ceil(V / SAMPLE_SLICE) blocks a row,
         then sample_topk_merge, on scratch (sample_scratch(); made here if None); otherwise sample_step, one
-        block a row. bad: as argmax_launch's. Returns the launches, in order."""
+        block a row. bad, ring: as argmax_launch's. Returns the launches, in order."""
         V = logits.shape[-1]
         if tuple(u.shape) != tuple(history.shape):
             raise ValueError(f"the draws u {tuple(u.shape)} must be shaped like history {tuple(history.shape)}")
         k = settings["top_k"] if settings["top_k"] < V else 0
+        self._check_ring(ring, history)
         book = (tok, history, i32(history.shape[1]), i32(history.shape[0]), step, cache_len, pos, counter,
-                bad if bad is not None else NULL)
+                bad if bad is not None else NULL, ring if ring is not None else NULL)
         pres = present if present is not None else NULL
         if settings["do_sample"] and 1 <= k <= SAMPLE_KMAX:
             val, idx, count = scratch if scratch is not None else self.sample_scratch(nb, V)

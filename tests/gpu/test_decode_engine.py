@@ -26,7 +26,7 @@ if _ndev == 0:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs  # noqa: E402
+from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, specs, xp  # noqa: E402
 from stablelm_ref.cuda.decode_kernels import ATT_MAX_CLUSTER  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -325,19 +325,56 @@ def test_attention_cluster_combine_equals_global_combine(kernels, D, KVH, G, nb,
         assert np.array_equal(a, b)
 
 
-def test_argmax_step_bookkeeping(kernels):
-    rng = np.random.default_rng(0)
-    nb, V = 3, 5000
+@pytest.mark.parametrize("hidden", [2048, 2560, 5120, 1000, 1002, 9000])
+def test_embed_rows_gathers_and_sums(kernels, hidden):
+    """x = E[tok] exactly (bf16 -> float32 is exact) and (sum x, sum x^2) of each row against numpy's float64
+    sums (the kernel sums float64 too, in another order: 1e-12 relative is 10^3 double roundings of headroom);
+    the later statistics instances zeroed. 2048 / 2560 / 5120: the family's widths (the 16-byte path); 1002 and
+    9000 take the 2-byte loop (not a multiple of 8; wider than 8 EMBED_MAXC x 256)."""
+    rng = np.random.default_rng(hidden)
+    nb, vocab = 3, 50
+    E = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    Eb = cp.asarray(specs.ref_f64_to_bf16(E))
+    tok = cp.asarray(np.array([7, 0, vocab - 1], np.int32))
+    x = cp.full((nb + 1, hidden), -1.0, cp.float32)
+    stats = cp.full((3, nb + 1, 2), 5.0, cp.float64)
+    kernels.embed_launch(tok, Eb, x, nb=nb, stats=stats)()
+    _sync()
+    want = specs.ref_bf16_to_f64(cp.asnumpy(Eb))[[7, 0, vocab - 1]]
+    got = cp.asnumpy(x)
+    assert np.array_equal(got[:nb], want.astype(np.float32)) and (got[nb] == -1).all()
+    st = cp.asnumpy(stats)
+    np.testing.assert_allclose(st[0, :nb, 0], want.sum(1), rtol=1e-12, atol=1e-12 * hidden)
+    np.testing.assert_allclose(st[0, :nb, 1], (want * want).sum(1), rtol=1e-12)
+    assert (st[1:, :nb] == 0).all() and (st[:, nb] == 5.0).all()
+
+
+@pytest.mark.parametrize("V", [5000, 5003, 50304, 100352])
+def test_argmax_step_bookkeeping(kernels, V):
+    """5000: one round of loads; 50304 / 100352 (the family's vocabularies): 2 and 4 rounds of ARGMAX_INFLIGHT
+    float4 a thread, the maximum and a tie placed in later rounds; 5003: the scalar path."""
+    rng = np.random.default_rng(V)
+    nb = 3
     logits = rng.standard_normal((nb, V)).astype(np.float32)
     logits[1, [17, 4000]] = 50.0                                            # tie: lowest index wins
+    logits[0, [V - 2, V - 1]] = 60.0                                        # tie in the last round
+    if V > 40000:
+        logits[1, 40000] = 50.0                                             # tie with a later round
     logits[2, 321] = np.inf                                                 # flagged (and picked, as numpy)
     tok, pos = cp.zeros(nb, cp.int32), cp.asarray(np.array([5, 9, 2], np.int32))
     history = cp.full((6, 4), -1, cp.int32)
     step, length, counter = cp.asarray(np.array([2], np.int32)), cp.asarray(np.array([40], np.int32)), cp.zeros(1, cp.int32)
     bad = cp.full(nb + 1, 7, cp.int32)
-    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad)()
+    mapped = xp.mapped_host(cp, (kn.PICK_RING, 3, 4), np.int32)            # the picks' host ring
+    assert mapped is not None, "no mapped pinned memory: generate would copy the picks in the stream"
+    ring_host, ring = mapped
+    ring_host[...] = -5
+    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad, ring=ring)()
     _sync()
     assert cp.asnumpy(bad).tolist() == [0, 0, 1, 7]
+    slot = ring_host[2 % kn.PICK_RING]                                      # step 2's slot: picks, flags, step
+    assert slot[0, :nb].tolist() == np.argmax(logits, axis=1).tolist() and slot[1, :nb].tolist() == [0, 0, 1]
+    assert (slot[2, :nb] == 2).all() and (slot[:, nb:] == -5).all() and (np.delete(ring_host, 2, 0) == -5).all()
     want = np.argmax(logits, axis=1)
     assert want[1] == 17
     assert np.array_equal(cp.asnumpy(tok), want)
@@ -416,6 +453,33 @@ def test_engine_cluster_combine_equals_global_combine(kernels):
             runs.append((e.generated(), e.get_logits()))
         for r in runs[1:]:
             assert np.array_equal(runs[0][0], r[0]) and np.array_equal(runs[0][1], r[1])
+
+
+def test_engine_attention_grid_fitted_to_the_keys_equals_the_full_grid(kernels):
+    """att_fit (each step's attention launches the splits its cached keys need, a graph a count) computes exactly
+    what the grid for max_len does, batch 1 and 2, over lengths that cross two tile boundaries; and a graph
+    captured with 2 splits, replayed past the lengths it was captured for, still does (each split takes more
+    tiles)."""
+    cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
+    for lengths in ([100, 70], [110]):
+        ids, mask = left_padded_batch(np.random.default_rng(8), cfg.vocab_size, lengths)
+        runs = []
+        for fit in (False, True):
+            e = de.GpuDecodeEngine(cfg, params, max_batch=2, max_len=448, kernels=kernels, autotune=False, pdl=True)
+            e.att_fit = fit
+            e.prefill(ids, mask, logits=None)
+            for _ in range(40):
+                e.decode_step()
+            runs.append((e.generated(), e.get_logits(), {key[-1] for key in e._graphs}))
+        assert runs[0][2] == {7} and runs[1][2] == {2, 3}
+        assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    e.prefill(ids, mask, logits=None)
+    g = e.capture(1)                                                   # 2 splits for 111 keys, replayed to 150
+    assert {fn.grid[0] for fn in e._plan(1) if fn.tag == "attention"} == {2}
+    for _ in range(40):
+        g.launch(e.stream)
+    assert np.array_equal(e.cp.asnumpy(e.history[:41, :1]).T, runs[0][0])
+    assert np.array_equal(e.get_logits(), runs[0][1])
 
 
 def test_engine_reads_its_tuning_back_from_disk(kernels, monkeypatch, tmp_path):
