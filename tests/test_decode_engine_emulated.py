@@ -266,7 +266,7 @@ def _finish(nb, ids, present, history, ldh, max_steps, step, cache_len, pos, tok
 
 def _argmax(grid, block, args):
     logits, V, tok, history, ldh, max_steps, step, cache_len, pos, counter, bad, ring = args
-    nb = grid[0]
+    nb = grid[1]                                              # grid (blocks a row, rows)
     flags = ~np.isfinite(logits[:nb]).all(axis=1)
     _finish(nb, np.argmax(logits[:nb], axis=1), np.uint64(0), history, ldh, max_steps, step, cache_len, pos, tok,
             ring, flags)
@@ -610,6 +610,25 @@ def test_cluster_only_where_the_partials_fit(emulated):
     assert attention(clustered).cluster == nsplit and attention(clustered).smem == clustered
     launch = attention(plain)
     assert launch.cluster == 0 and launch.smem == plain
+
+
+def test_argmax_reads_a_row_with_a_cluster_where_the_gpu_has_them(emulated):
+    """argmax_launch(cluster=True): ARGMAX_CLUSTER blocks of ARGMAX_CLUSTER_THREADS a row as one cluster on
+    sm_90, one block of ARGMAX_THREADS before; the engine's plan follows att_cluster."""
+    logits, ints = np.zeros((2, 1000), np.float32), np.zeros(8, np.int32)
+    history = np.zeros((4, 2), np.int32)
+    for cc, want in ((0, ((1, 2), kn.ARGMAX_THREADS, 0)), (90, ((8, 2), kn.ARGMAX_CLUSTER_THREADS, 8))):
+        emulated.compute_capability = cc
+        fn = emulated.argmax_launch(logits, ints, history, ints, ints, ints, ints, nb=2, cluster=True)
+        assert (fn.grid, fn.block[0], fn.cluster) == want
+        assert emulated.argmax_launch(logits, ints, history, ints, ints, ints, ints, nb=2).cluster == 0
+    model = _models(emulated)[1].model
+    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=64, kernels=emulated,
+                                autotune=False)
+    for cluster in (True, False):
+        engine.att_cluster = cluster
+        engine.reset_plans()
+        assert engine._plan(1)[-1].cluster == (8 if cluster else 0)
 
 
 def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp_path):

@@ -85,11 +85,13 @@ def _att_block(threads):
 # wider attention blocks: 8 or 16 warps of 16 keys each, so that up to 128 / 256 keys need one split (no combine)
 VARIANTS["att-w8"] = _att_block(256)
 VARIANTS["att-w16"] = _att_block(512)
+# narrower: 2 warps, 32-key tiles (twice the splits for the same keys)
+VARIANTS["att-w2"] = _att_block(64)
 ATT_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_d"
 # the attention's registers capped (blocks a SM asked of the compiler: 9 -> 56 registers, 40 bytes spilled), so
 # that a block fits beside three persistent GEMV blocks of 160 threads x 120 registers (the twelfth session:
 # 3b-4e1t 1.697 -> 2.086 ms a step). (Tiles of 32 keys cannot be had by the constants alone: a warp's 16 keys
-# are scored two lanes a key.)
+# are scored two lanes a key: 32-key tiles are att-w2's 2 warps.)
 VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_d")
                                       if ATT_BOUNDS in src else None)
 # the GEMVs' L2 prefetch of their first row group moved after the PDL wait (the first two chunks a thread still
@@ -130,7 +132,8 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANTS["ld-evict-first"](src))
                                                  if src.count(LD_STREAM) == 2 else None)
-VARIANT_CONSTANTS = {"att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
+VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
+                     "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
 
 

@@ -14,6 +14,8 @@ alternating rounds, ms a token (host clock from the first step's launch to the l
   generate, no fit / copies / neither
               the same with the engine's attention grid for max_len (att_fit False), or its picks copied
               into pinned memory in the stream instead of written by the step into mapped memory (ring None)
+  generate, argmax one block
+              the argmax reading each row with one block, not a cluster of ARGMAX_CLUSTER
 
 The differences say where generate's time beyond the step goes: the copy's place in the stream, the host's
 read and the one-step-ahead queue, generation.py's loop; and what att_fit and the ring each save.
@@ -45,11 +47,14 @@ def engine_settings(e, form):
     e.att_fit = fit and "no fit" not in form and "neither" not in form
     if "copies" in form or "neither" in form:
         e.ring = None
+    if "argmax one block" in form:
+        e.k.argmax_cluster = lambda: 0
     e.reset_plans()
     try:
         yield
     finally:
         e.att_fit, e.ring = fit, ring
+        e.k.__dict__.pop("argmax_cluster", None)
         e.reset_plans()
 
 
@@ -105,7 +110,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--forms", nargs="*", default=["graphs", "+ copies", "EngineSteps", "generate", "generate, no fit",
-                                                   "generate, copies", "generate, neither"])
+                                                   "generate, copies", "generate, neither",
+                                                   "generate, argmax one block"])
     args = ap.parse_args()
     model = build_model(FAMILY[args.shapes], args.layers)
     ids = np.random.default_rng(0).integers(2, model.config.vocab_size, (1, args.prompt))

@@ -716,12 +716,18 @@ __device__ __forceinline__ void st_cluster(const float* p, u32 rank, float v) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
     asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
 }
+__device__ __forceinline__ void st_cluster_int(const int* p, u32 rank, int v) {
+    u32 a = static_cast<u32>(__cvta_generic_to_shared(p)), r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("st.shared::cluster.s32 [%0], %1;" ::"r"(r), "r"(v) : "memory");
+}
 #else
 __device__ __forceinline__ u32 cluster_size() { return 1; }
 __device__ __forceinline__ void cluster_arrive_relaxed() {}
 __device__ __forceinline__ void cluster_arrive() {}
 __device__ __forceinline__ void cluster_wait() {}
 __device__ __forceinline__ void st_cluster(const float*, u32, float) {}
+__device__ __forceinline__ void st_cluster_int(const int*, u32, int) {}
 #endif
 
 // The splits' partials (max m, sum l, unnormalised output o) of the block's G query heads combined and written
@@ -1127,38 +1133,47 @@ __device__ __forceinline__ void finish_row(int b, int idx, int bad_b, int* __res
     }
 }
 
-// grid (nb), block (ARGMAX_THREADS). Row b: tok[b] = argmax logits[b] (lowest index on ties), history[step, b]
-// (row stride ldh), pos[b] += 1, bad[b] = 1 if any logit of the row is NaN or Inf (else 0; generate reads
-// it with the token: one device-to-host copy a step); the last block to finish advances the step counter
-// and the cache length.
+// grid (C, nb), block (ARGMAX_THREADS or fewer). Row b: tok[b] = argmax logits[b] (lowest index on ties),
+// history[step, b] (row stride ldh), pos[b] += 1, bad[b] = 1 if any logit of the row is NaN or Inf (else 0), and
+// generate's ring slot (finish_row); the last row to finish advances the step counter and the cache length.
+// C = 1: one block reads the row. C > 1 (sm_90, launched as a cluster of the C blocks of a row): each block
+// reads every C-th stretch of T float4, and the first combines the blocks' (max, index, flag) in its shared
+// memory: the 200-400 KB of a row then come in over C SMs, not one (one block spent 5.4 us a step on it).
 #define ARGMAX_THREADS 1024
 #define ARGMAX_INFLIGHT 8
+#define ARGMAX_MAX_CLUSTER 8
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok, int* __restrict__ history, int ldh,
             int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
             int* __restrict__ counter, int* __restrict__ bad, int* __restrict__ ring) {
     __shared__ float rv[32];
     __shared__ int ri[32];
+    __shared__ float cv[ARGMAX_MAX_CLUSTER];          // clustered: each block's (max, index, flag), in block 0's
+    __shared__ int ci[ARGMAX_MAX_CLUSTER], cb[ARGMAX_MAX_CLUSTER];
+    const int C = gridDim.x, rank = blockIdx.x;
+    const bool clustered = C > 1 && cluster_size() == (u32)C && C <= ARGMAX_MAX_CLUSTER;
+    if (C > 1 && !clustered) __trap();                // the blocks of a row could not combine
     PDL_LAUNCH();
+    if (clustered) cluster_arrive_relaxed();          // "I run": block 0 may be written into once all have
     PDL_WAIT();
-    const int b = blockIdx.x, tid = threadIdx.x;
+    const int b = blockIdx.y, tid = threadIdx.x, T = blockDim.x, first = rank * T + tid, stride = C * T;
     const float* row = logits + (size_t)b * V;
     float best = NEG_INF;
     int idx = 0x7fffffff;
     bool finite = true;
     if ((V & 3) == 0) {                             // float4 loads, ARGMAX_INFLIGHT in flight per thread
         const float4* row4 = reinterpret_cast<const float4*>(row);
-        const int V4 = V >> 2, T = blockDim.x;
+        const int V4 = V >> 2;
         // Every load of a round issued before the first is compared (an unrolled loop of load-then-compare
         // kept one in flight: 13 dependent round trips to L2 over 50k logits).
-        for (int k0 = tid; k0 < V4; k0 += ARGMAX_INFLIGHT * T) {
+        for (int k0 = first; k0 < V4; k0 += ARGMAX_INFLIGHT * stride) {
             float4 v[ARGMAX_INFLIGHT];
 #pragma unroll
             for (int u = 0; u < ARGMAX_INFLIGHT; ++u)
-                if (k0 + u * T < V4) v[u] = row4[k0 + u * T];
+                if (k0 + u * stride < V4) v[u] = row4[k0 + u * stride];
 #pragma unroll
             for (int u = 0; u < ARGMAX_INFLIGHT; ++u) {
-                const int k = k0 + u * T;
+                const int k = k0 + u * stride;
                 if (k < V4) {                             // k increases: first maximum per thread
                     if (v[u].x > best) { best = v[u].x; idx = 4 * k; }
                     if (v[u].y > best) { best = v[u].y; idx = 4 * k + 1; }
@@ -1169,18 +1184,34 @@ argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok, int*
             }
         }
     } else {
-        for (int k = tid; k < V; k += blockDim.x) {
+        for (int k = first; k < V; k += stride) {
             const float v = row[k];
             if (v > best) { best = v; idx = k; }
             finite = finite && isfinite(v);
         }
     }
-    const int any_bad = __syncthreads_or(!finite);
+    int any_bad = __syncthreads_or(!finite);
     block_argmax(best, idx, rv, ri);
+    if (clustered) {
+        cluster_wait();                               // every block has started: block 0's memory exists
+        if (tid == 0) {
+            st_cluster(cv + rank, 0, best);
+            st_cluster_int(ci + rank, 0, idx);
+            st_cluster_int(cb + rank, 0, any_bad);
+        }
+        cluster_arrive();                             // release: this block's result is in block 0's memory
+        if (rank != 0) return;
+        cluster_wait();                               // acquire: every block's is
+        if (tid == 0)
+            for (int r = 0; r < C; ++r) {
+                argmax_merge(best, idx, cv[r], ci[r]);
+                any_bad |= cb[r];
+            }
+    }
     if (tid == 0) {                                   // all NaN: emit token 0 rather than garbage
         if (bad != nullptr) bad[b] = any_bad;
         finish_row(b, idx == 0x7fffffff ? 0 : idx, any_bad, tok, history, ldh, max_steps, stepp, lenp, posp,
-                   counter, (int)gridDim.x, ring);
+                   counter, (int)gridDim.y, ring);
     }
 }
 

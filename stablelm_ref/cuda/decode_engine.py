@@ -172,9 +172,9 @@ class GpuDecodeEngine:
         self.tune_cache = True              # the tuner's choice kept on disk and read back (tune.cached)
         self.att_cluster = True             # a kv head's attention splits as one thread-block cluster where the
         #                                     GPU has them (DecodeKernels.attention_cluster): their partials
-        #                                     combined in shared memory, not through global memory; set False
-        #                                     by capture() where the driver refuses the launch (the reason:
-        #                                     att_cluster_error)
+        #                                     combined in shared memory, not through global memory; the argmax
+        #                                     reads a row with a cluster of blocks too; set False by capture()
+        #                                     where the driver refuses the launch (the reason: att_cluster_error)
         self.att_cluster_error = None
         self.att_fit = True                 # the attention's grid fitted to the keys cached (att_splits): a step
         #                                     captured again each time the splits it needs change
@@ -479,7 +479,8 @@ class GpuDecodeEngine:
         k = self.k
         if self.sampler is None:
             plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
-                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite, ring=self.ring))
+                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite, ring=self.ring,
+                                        cluster=self.att_cluster))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
             plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
@@ -584,8 +585,8 @@ class GpuDecodeEngine:
         count of attention splits, att_splits: a step whose splits differ from the last's replays another). With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
         the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
         refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note), a
-        refused one with cluster launches of the attention to its global-memory combine, tuned again
-        (att_cluster False, the reason in att_cluster_error)."""
+        refused one with cluster launches (the attention's, the argmax's) to the global-memory combine and one
+        block a row, tuned again (att_cluster False, the reason in att_cluster_error)."""
         self._tune(nb)                                   # (once a batch size: the key below depends on it)
         key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel,
                0 if self.uses_step_kernel(nb) else self.att_splits(nb))

@@ -37,6 +37,8 @@ ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner time
 ATT_MAX_CLUSTER = 8                         # splits a cluster at most (the portable cluster size)
 SAMPLE_THREADS, SAMPLE_KMAX = 1024, 1024    # must match decode.cu
 ARGMAX_THREADS = 1024                       # argmax_step's block (must match decode.cu)
+ARGMAX_CLUSTER, ARGMAX_CLUSTER_THREADS = 8, 512   # its cluster launch: blocks a row (<= decode.cu's
+#                                                   ARGMAX_MAX_CLUSTER), threads a block
 PICK_RING = 4                               # slots of the host ring the step's picks go to (must match decode.cu)
 SAMPLE_PART_THREADS, SAMPLE_SLICE = 256, 2048   # sample_topk_partial's block and slice (must match decode.cu)
 MAX_BATCH = 8
@@ -305,17 +307,24 @@ class DecodeKernels:
         st = (stats, i32(stats.shape[0]), i32(stats.shape[1])) if stats is not None else (NULL, i32(0), i32(0))
         return Launch(self.embed_fn, (nb,), (256,), (tok, E, i32(E.shape[1]), x, *st), tag=tag)
 
+    def argmax_cluster(self) -> int:
+        """Blocks a row argmax_launch(cluster=True) reads the logits with, launched as one thread-block cluster:
+        ARGMAX_CLUSTER on a GPU with clusters (compute capability >= 9.0), else 0 (one block a row)."""
+        return ARGMAX_CLUSTER if getattr(self, "compute_capability", 0) >= 90 else 0
+
     def argmax_launch(self, logits, tok, history, step, cache_len, pos, counter, *, nb, bad=None, ring=None,
-                      tag="argmax"):
+                      cluster=False, tag="argmax"):
         """bad: int32 [>= nb], set to 1 where a row's logits hold NaN or Inf (else 0), or None. ring: int32
         [PICK_RING, 3, history's row length] in host memory mapped for the device, or None: slot step % PICK_RING
-        receives each row's pick, its flag and the step number (decode.cu's finish_row)."""
+        receives each row's pick, its flag and the step number (decode.cu's finish_row). cluster: each row read
+        by argmax_cluster() blocks of ARGMAX_CLUSTER_THREADS as one cluster, where the GPU has clusters."""
         V = logits.shape[-1]
         self._check_ring(ring, history)
-        return Launch(self.argmax_fn, (nb,), (ARGMAX_THREADS,),
+        c = self.argmax_cluster() if cluster else 0
+        return Launch(self.argmax_fn, (max(1, c), nb), (ARGMAX_CLUSTER_THREADS if c > 1 else ARGMAX_THREADS,),
                       (logits, i32(V), tok, history, i32(history.shape[1]), i32(history.shape[0]),
                        step, cache_len, pos, counter, bad if bad is not None else NULL,
-                       ring if ring is not None else NULL), tag=tag)
+                       ring if ring is not None else NULL), tag=tag, cluster=c if c > 1 else 0)
 
     @staticmethod
     def _check_ring(ring, history):

@@ -349,10 +349,14 @@ def test_embed_rows_gathers_and_sums(kernels, hidden):
     assert (st[1:, :nb] == 0).all() and (st[:, nb] == 5.0).all()
 
 
+@pytest.mark.parametrize("cluster", [False, True])
 @pytest.mark.parametrize("V", [5000, 5003, 50304, 100352])
-def test_argmax_step_bookkeeping(kernels, V):
+def test_argmax_step_bookkeeping(kernels, V, cluster):
     """5000: one round of loads; 50304 / 100352 (the family's vocabularies): 2 and 4 rounds of ARGMAX_INFLIGHT
-    float4 a thread, the maximum and a tie placed in later rounds; 5003: the scalar path."""
+    float4 a thread in one block, the maximum and a tie placed in later rounds; 5003: the scalar path. cluster:
+    each row read by a cluster of blocks that combine in the first's shared memory (ties across blocks)."""
+    if cluster and kernels.argmax_cluster() == 0:
+        pytest.skip(f"no thread-block clusters on {kernels.device_name} (compute capability < 9.0)")
     rng = np.random.default_rng(V)
     nb = 3
     logits = rng.standard_normal((nb, V)).astype(np.float32)
@@ -369,7 +373,10 @@ def test_argmax_step_bookkeeping(kernels, V):
     assert mapped is not None, "no mapped pinned memory: generate would copy the picks in the stream"
     ring_host, ring = mapped
     ring_host[...] = -5
-    kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad, ring=ring)()
+    launch = kernels.argmax_launch(cp.asarray(logits), tok, history, step, length, pos, counter, nb=nb, bad=bad,
+                                   ring=ring, cluster=cluster)
+    assert launch.grid == ((kn.ARGMAX_CLUSTER, nb) if cluster else (1, nb))
+    launch()
     _sync()
     assert cp.asnumpy(bad).tolist() == [0, 0, 1, 7]
     slot = ring_host[2 % kn.PICK_RING]                                      # step 2's slot: picks, flags, step
