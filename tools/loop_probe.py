@@ -16,6 +16,8 @@ alternating rounds, ms a token (host clock from the first step's launch to the l
               into pinned memory in the stream instead of written by the step into mapped memory (ring None)
   generate, argmax one block
               the argmax reading each row with one block, not a cluster of ARGMAX_CLUSTER
+  generate, sampling / penalty / temperature
+              generate with DECODING's settings (the step's sampler kernels instead of the argmax)
 
 The differences say where generate's time beyond the step goes: the copy's place in the stream, the host's
 read and the one-step-ahead queue, generation.py's loop; and what att_fit and the ring each save.
@@ -58,13 +60,21 @@ def engine_settings(e, form):
         e.reset_plans()
 
 
+DECODING = {   # generate forms with other decoding settings (the step's sampler in the argmax's place)
+    "sampling": dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=0),   # bench_gpu's sampling
+    "penalty": dict(repetition_penalty=1.2),                   # greedy with a repetition penalty: sample_step
+    "temperature": dict(do_sample=True, temperature=0.8, top_k=0, seed=0),           # every token: sample_step
+}
+
+
 def run_form(model, form, ids, new):
     """ms a decoded token (new - 1 tokens after the prefill's) for one form."""
     if form.startswith("generate"):
+        kw = next((v for k, v in DECODING.items() if form == f"generate, {k}"), {})
         with engine_settings(model.fast().engine, form):
-            model.generate(ids, max_new_tokens=new)                      # (captures its graphs)
+            model.generate(ids, max_new_tokens=new, **kw)                # (captures its graphs)
             t = {}
-            model.generate(ids, max_new_tokens=new, timings=t)
+            model.generate(ids, max_new_tokens=new, timings=t, **kw)
         return 1e3 * t["decode_s"] / t["decode_tokens"]
     return min(engine_loop(model, form, ids, new) for _ in range(2))    # the first captures the graphs
 
