@@ -14,10 +14,11 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
     step      set_tokens(the ids the loop chose) unless they are already on the device, then one graph
               replay: embed -> layers (LayerNorm, q|k|v, attention, o, MLP) -> LayerNorm -> lm_head -> pick
     greedy    the pick is argmax_step inside the graph: the loop reads B token ids per step and B flags that
-              say whether the logits were finite (read_chosen: one copy), nothing else. One step runs
-              ahead: step() queues the copy of its picks, then already the next step (whose graph reads
-              those picks on the device), so the GPU works while the loop reads the ids, checks eos and
-              streams. The loop feeds every unfinished row the graph's own pick; a finished row's pad it
+              say whether the logits were finite (read_chosen), nothing else: the step's kernel writes them
+              into a ring of slots in mapped host memory, so nothing but an event follows the step in the
+              stream (without mapped memory: one copy into pinned memory). One step runs ahead: step()
+              records that event, then queues the next step (whose graph reads those picks on the device),
+              so the GPU works while the loop reads the ids, checks eos and streams. The loop feeds every unfinished row the graph's own pick; a finished row's pad it
               does not get, which changes nothing the loop keeps (rows are independent; its tokens are pad
               from then on). A step queued when the loop stops (eos, max_new_tokens) is wasted.
     sampling  the pick is sample_step (or, for top-k, sample_topk_partial + sample_topk_merge) inside the
@@ -417,9 +418,9 @@ class EngineSteps:
         return self._chosen                                               # [B] int32: the graph's choice
 
     def read_chosen(self):
-        """(the graph's picks [B] on the host, whether the logits they were picked from are all finite): one
-        device-to-host copy of the engine's [2, max_batch] picks and flags (argmax_step / the sampler set the
-        flags while they scan the logits)."""
+        """(the graph's picks [B] on the host, whether the logits they were picked from are all finite): the
+        engine's picks and flags of the step (argmax_step / the sampler set the flags while they scan the
+        logits), from its ring in mapped host memory (engine.read_picks), else one device-to-host copy."""
         both = self.engine.read_picks() if self._copied else self.engine.cp.asnumpy(self.engine.tok_flags)
         return both[0, : self.batch].astype(np.int64), not both[1, : self.batch].any()
 

@@ -587,7 +587,7 @@ class ModelSteps:
 
     def read_chosen(self):
         """For a backend that picks inside its step: (chosen_ids() on the host, whether step_logits() are all
-        finite). EngineSteps reads both in one copy; this default takes two reads."""
+        finite). EngineSteps reads both at once (from the engine's host ring); this default takes two reads."""
         xp = self.xp
         return np.asarray(to_host(self.chosen_ids())), bool(xp.all(xp.isfinite(self.step_logits())))
 

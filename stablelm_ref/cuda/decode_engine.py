@@ -14,7 +14,9 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
                                                          rotary, k/v written at cache[len], flash-decoding
                                                          over splits of [0, len] + combine -> bf16 [B, H D]
                                                          (a kv head's splits one thread-block cluster on
-                                                         sm_90: combined in shared memory)
+                                                         sm_90: combined in shared memory; as many splits
+                                                         as the cached keys need, att_splits: one graph a
+                                                         count)
       x += a @ Wo^T                                      gemv (add)
       h2 = LayerNorm2(x)    (h2 = h with parallel residual: x + attn(ln(x)) + mlp(ln(x)))
       m  = silu(h2 @ Wg^T) * (h2 @ Wu^T)                 gemv over interleaved gate/up rows (swiglu) -> bf16
@@ -23,7 +25,9 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
     tok = argmax(logits); len += 1; pos += 1             argmax_step (or generate's processors and sampler:
                                                          sample_step, or for top-k sample_topk_partial over
                                                          many blocks a row + sample_topk_merge); each also
-                                                         flags rows with NaN / Inf logits (tok_flags[1])
+                                                         flags rows with NaN / Inf logits (tok_flags[1]) and
+                                                         puts picks and flags in a ring of host memory mapped
+                                                         for the device (generate reads them with no copy)
 
 At batch 1 on sm_90+ the step can instead be [embed_rows, decode_step_b1, argmax | sampling]: every layer,
 the final LayerNorm and lm_head in one persistent kernel (decode_step.cu: one block a SM, 16 warps each
