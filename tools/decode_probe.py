@@ -87,6 +87,11 @@ VARIANTS["att-w8"] = _att_block(256)
 VARIANTS["att-w16"] = _att_block(512)
 # narrower: 2 warps, 32-key tiles (twice the splits for the same keys)
 VARIANTS["att-w2"] = _att_block(64)
+# the attention's ATT_MAXJ loops unrolled again (143 KB of code a kernel, against 60: fetched from L2 by every
+# block of each layer's launch, the GEMVs' code in between)
+ATT_ROLLED = "#pragma unroll 1          // (one pass for most heads: unrolled, the kernel's code was 143 KB)\n"
+VARIANTS["att-unrolled"] = lambda src: (src.replace(ATT_ROLLED, "#pragma unroll\n") if src.count(ATT_ROLLED) == 2
+                                        else None)
 ATT_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_d"
 # the attention's registers capped (blocks a SM asked of the compiler: 9 -> 56 registers, 40 bytes spilled), so
 # that a block fits beside three persistent GEMV blocks of 160 threads x 120 registers (the twelfth session:

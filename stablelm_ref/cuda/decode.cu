@@ -738,7 +738,7 @@ template <int D, bool GLOBAL>
 __device__ __forceinline__ void attn_combine(const float* po, const float* pml, int G, int NS, int nsplit,
                                              u16* __restrict__ out) {
     const int GD2 = G * (D / 2);
-#pragma unroll
+#pragma unroll 1          // (one pass for most heads: unrolled, the kernel's code was 143 KB)
     for (int j = 0; j < ATT_MAXJ; ++j) {
         const int p = threadIdx.x + j * ATT_THREADS;
         if (p < GD2) {
@@ -993,7 +993,7 @@ __device__ __forceinline__ void attn_impl(
     // memory when clustered (split 0 combines once every live split has arrived), else into global memory
     // (the last block to finish combines).
     if (clustered && nsplit > 1) cluster_wait();          // split 0 has started: its shared memory exists
-#pragma unroll
+#pragma unroll 1          // (one pass for most heads: unrolled, the kernel's code was 143 KB)
     for (int j = 0; j < ATT_MAXJ; ++j) {
         const int p = tid + j * ATT_THREADS;
         if (p < GD2) {

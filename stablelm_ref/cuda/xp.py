@@ -54,6 +54,8 @@ def mapped_host(cp, shape, dtype):
         dptr = runtime.pointerGetAttributes(ptr).devicePointer
     except Exception:  # noqa: BLE001
         return None
+    if not dptr:                                              # not mapped after all: the copy path
+        return None
     raw = (ctypes.c_byte * n).from_address(ptr)
     raw.block = block                                         # the numpy view keeps the memory
     host = np.frombuffer(raw, dtype).reshape(shape)
