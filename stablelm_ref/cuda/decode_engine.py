@@ -586,7 +586,8 @@ class GpuDecodeEngine:
 
     def capture(self, nb: int):
         """Tune the GEMVs and the attention for batch nb (once) and capture the decode step as a CUDA graph (one a
-        count of attention splits, att_splits: a step whose splits differ from the last's replays another). With pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
+        count of attention splits, att_splits: a step whose splits differ from the last's replays another). With
+        pdl, the kernels after the first are captured as programmatic dependents of their predecessor; if
         the driver refuses, the engine falls back to ordinary launches (the reason is kept in pdl_error). A
         refused capture of the tuner's whole-step kernel falls back to the per-layer step (step_kernel_note), a
         refused one with cluster launches (the attention's, the argmax's) to the global-memory combine and one
