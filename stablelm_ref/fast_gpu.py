@@ -20,7 +20,8 @@ default rope, silu MLP, a compiled head_dim) decode_steps() returns EngineSteps:
               records that event, then queues the next step (whose graph reads those picks on the device),
               so the GPU works while the loop reads the ids, checks eos and streams. The loop feeds every
               unfinished row the graph's own pick; a finished row's pad it does not get, which changes
-              nothing the loop keeps (rows are independent; its tokens are pad from then on). A step queued when the loop stops (eos, max_new_tokens) is wasted.
+              nothing the loop keeps (rows are independent; its tokens are pad from then on). A step
+              queued when the loop stops (eos, max_new_tokens) is wasted.
     sampling  the pick is sample_step (or, for top-k, sample_topk_partial + sample_topk_merge) inside the
               graph (decode.cu): repetition penalty, temperature, top-k, top-p and the draw, from u ~ U[0, 1)
               that the loop draws on the host with the same numpy Generator the CPU path uses, so a seed gives
