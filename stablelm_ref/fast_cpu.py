@@ -74,7 +74,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import CheckpointError, GenerationError, StableLmError, check_flag
-from .fast_forms import MAKING, Source, register, ties, warn_split
+from .fast_forms import MAKING, Source, layer_tensors, register, ties, warn_split
 from .heads import kept_positions
 from .mlp import ACTIVATIONS
 from .attention import causal_mask
@@ -214,15 +214,12 @@ def _lm_head_block(vocab):
 
 
 class _Layer:
-    """The arrays of one decoder layer, fused and transposed."""
+    """The arrays of one decoder layer, fused (the groups of fast_forms.layer_tensors) and transposed."""
 
     def __init__(self, params, i, config):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        self.ln1 = (params[p + "input_layernorm.weight"], params[p + "input_layernorm.bias"])
-        qkv = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
-        gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-        o, down = [a + "o_proj.weight"], [p + "mlp.down_proj.weight"]
+        t = layer_tensors(config, i)
+        self.ln1 = tuple(params[n] for n in t.ln1)
+        qkv, gate_up, o, down = t.qkv, t.gate_up, [t.o], [t.down]
         # parallel residual: one LayerNorm feeds both halves, so q|k|v|gate|up is one GEMM
         groups = [qkv + gate_up, o, down] if config.use_parallel_residual else [qkv, o, gate_up, down]
         arena = _Arena([(params[g[0]].shape[1], sum(params[n].shape[0] for n in g)) for g in groups],
@@ -230,22 +227,20 @@ class _Layer:
         self.in_t = _fuse_transposed(params, groups[0], arena)           # [hidden, (H+2KVH) D (+ 2 I)]
         self.o_t = _fuse_transposed(params, o, arena)                    # [H D, hidden]
         self.ln2 = self.gate_up_t = None
-        if not config.use_parallel_residual:
-            self.ln2 = (params[p + "post_attention_layernorm.weight"], params[p + "post_attention_layernorm.bias"])
+        if t.ln2 is not None:
+            self.ln2 = tuple(params[n] for n in t.ln2)
             self.gate_up_t = _fuse_transposed(params, gate_up, arena)    # [hidden, 2 I]
         self.down_t = _copy_as_is(params, down[0], arena)                # [I, hidden]: a view of [hidden, I]
         self.qkv_b = None                    # both joined like the weights: params become views of them, so an
-        if config.use_qkv_bias:              # edit in place reaches the fast form too
-            names = [a + n + ".bias" for n in ("q_proj", "k_proj", "v_proj")]
+        if t.qkv_bias is not None:           # edit in place reaches the fast form too
+            names = t.qkv_bias
             self.qkv_b = np.concatenate([params[n] for n in names])      # [(H + 2 KVH) D]
             for name, view in zip(names, np.split(self.qkv_b, np.cumsum([params[n].size for n in names[:-1]]))):
                 params[name] = view
         self.qk_norm = None
-        if config.qk_layernorm:                                          # [H + KVH, D]: q heads, then k heads
-            names = ([f"{a}q_layernorm.norms.{h}.weight" for h in range(config.num_attention_heads)] +
-                     [f"{a}k_layernorm.norms.{h}.weight" for h in range(config.num_key_value_heads)])
-            self.qk_norm = np.stack([params[n] for n in names])
-            for name, row in zip(names, self.qk_norm):
+        if t.qk_norms is not None:                                       # [H + KVH, D]: q heads, then k heads
+            self.qk_norm = np.stack([params[n] for n in t.qk_norms])
+            for name, row in zip(t.qk_norms, self.qk_norm):
                 params[name] = row
 
 

@@ -9,7 +9,10 @@ imports them), and `StableLmForCausalLM.fast()` asks for the one of the model's 
 
 Both forms hold copies made from model.params and model.config (fused matrices, float32 vectors on the GPU);
 `Source(model)` records what they were made from, and `source.same(model)` says whether the model still holds
-that (each form rebuilds when it does not).
+that (each form rebuilds when it does not). Which tensors of a layer each joins into one array is written once,
+`layer_tensors(config, i)`; each form lays the group out for its own kernels (fast_cpu.py: the matrices
+transposed side by side, [hidden, out_1 + out_2 + ...]; the GPU engine: bfloat16 rows, q|k|v stacked and gate/up
+interleaved row by row for its SwiGLU epilogue).
 
 This module imports nothing from the package, so any module may import it without a cycle.
 """
@@ -20,6 +23,7 @@ import copy
 import logging
 import operator
 import threading
+from typing import NamedTuple
 
 from .errors import StableLmError
 
@@ -70,6 +74,35 @@ class Source:
         return (model.params is p and model.config is self.config and model.dtype is self.dtype
                 and len(p) == len(self.tensors) and all(map(operator.is_, p.values(), self.tensors))
                 and tuple(p) == self.names and tuple(vars(self.config).values()) == self.fields)
+
+
+class LayerTensors(NamedTuple):
+    """The checkpoint names of one decoder layer's tensors, grouped as the fast forms join them."""
+    ln1: tuple          # input_layernorm (weight, bias)
+    ln2: tuple | None   # post_attention_layernorm (weight, bias); None with a parallel residual (one LayerNorm)
+    qkv: list           # q_proj, k_proj, v_proj weights: one product  [(H + 2 KVH) D, hidden]
+    qkv_bias: list | None   # their biases, one vector (use_qkv_bias), else None
+    o: str              # o_proj weight
+    gate_up: list       # gate_proj, up_proj weights: one product  [2 I, hidden]
+    down: str           # down_proj weight
+    qk_norms: list | None   # the per-head LayerNorm weights (qk_layernorm): H q heads, then KVH k heads, else None
+
+
+def layer_tensors(config, i: int) -> LayerTensors:
+    """Layer i's tensor names, grouped as both fast forms join them (see the module's docstring)."""
+    p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    return LayerTensors(
+        ln1=(p + "input_layernorm.weight", p + "input_layernorm.bias"),
+        ln2=None if config.use_parallel_residual else (p + "post_attention_layernorm.weight",
+                                                       p + "post_attention_layernorm.bias"),
+        qkv=[a + f"{x}_proj.weight" for x in "qkv"],
+        qkv_bias=[a + f"{x}_proj.bias" for x in "qkv"] if config.use_qkv_bias else None,
+        o=a + "o_proj.weight",
+        gate_up=[m + "gate_proj.weight", m + "up_proj.weight"],
+        down=m + "down_proj.weight",
+        qk_norms=([a + f"q_layernorm.norms.{h}.weight" for h in range(config.num_attention_heads)]
+                  + [a + f"k_layernorm.norms.{h}.weight" for h in range(config.num_key_value_heads)])
+        if config.qk_layernorm else None)
 
 
 def ties(params, names) -> list:

@@ -55,7 +55,7 @@ import time
 import numpy as np
 
 from .errors import StableLmError
-from .fast_forms import MAKING, Source, register, ties, warn_split
+from .fast_forms import MAKING, Source, layer_tensors, register, ties, warn_split
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +246,15 @@ class GpuFastModel:
         HD, KD = e.H * e.D, e.KVH * e.D
         read = [("model.embed_tokens.weight", e.embed)] + ([("lm_head.weight", e.lm)] if e.lm is not e.embed else [])
         for i, L in enumerate(e.layers):
-            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            p[a + "q_proj.weight"] = L.wqkv[:HD].view(dt)                          # [H D, hidden]
-            p[a + "k_proj.weight"] = L.wqkv[HD:HD + KD].view(dt)                   # [KVH D, hidden]
-            p[a + "v_proj.weight"] = L.wqkv[HD + KD:].view(dt)
-            p[m + "gate_proj.weight"] = L.wgu[0::2].view(dt)                       # rows g0, u0, g1, u1, ...
-            p[m + "up_proj.weight"] = L.wgu[1::2].view(dt)
-            read += [(a + "o_proj.weight", L.wo), (m + "down_proj.weight", L.wd)]
+            t = layer_tensors(self.model.config, i)
+            q, k, v = t.qkv
+            p[q] = L.wqkv[:HD].view(dt)                                            # [H D, hidden]
+            p[k] = L.wqkv[HD:HD + KD].view(dt)                                     # [KVH D, hidden]
+            p[v] = L.wqkv[HD + KD:].view(dt)
+            gate, up = t.gate_up
+            p[gate] = L.wgu[0::2].view(dt)                                         # rows g0, u0, g1, u1, ...
+            p[up] = L.wgu[1::2].view(dt)
+            read += [(t.o, L.wo), (t.down, L.wd)]
         for name, used in read:
             if not e.cp.may_share_memory(p[name], used):                           # (bounds only: no kernel)
                 p[name] = used.view(dt)
@@ -268,16 +270,14 @@ class GpuFastModel:
         cp = e.cp
         pieces = []                                            # (engine object, attribute, [param names], shape)
         for i, L in enumerate(e.layers):
-            a, n = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-            pieces += [(L, "ln1_w", [a + "input_layernorm.weight"]), (L, "ln1_b", [a + "input_layernorm.bias"])]
+            t = layer_tensors(self.model.config, i)
+            pieces += [(L, "ln1_w", [t.ln1[0]]), (L, "ln1_b", [t.ln1[1]])]
             if L.ln2_w is not None:
-                pieces += [(L, "ln2_w", [a + "post_attention_layernorm.weight"]),
-                           (L, "ln2_b", [a + "post_attention_layernorm.bias"])]
+                pieces += [(L, "ln2_w", [t.ln2[0]]), (L, "ln2_b", [t.ln2[1]])]
             if L.bqkv is not None:
-                pieces.append((L, "bqkv", [n + f"{x}_proj.bias" for x in "qkv"]))
+                pieces.append((L, "bqkv", t.qkv_bias))
             if L.qn is not None:
-                pieces.append((L, "qn", [n + f"q_layernorm.norms.{h}.weight" for h in range(e.H)]))
-                pieces.append((L, "kn", [n + f"k_layernorm.norms.{h}.weight" for h in range(e.KVH)]))
+                pieces += [(L, "qn", t.qk_norms[:e.H]), (L, "kn", t.qk_norms[e.H:])]
         pieces += [(e, "norm_w", ["model.norm.weight"]), (e, "norm_b", ["model.norm.bias"])]
         sizes = [sum(int(p[name].size) for name in names) for _, _, names in pieces]
         starts = np.cumsum([0] + [-(-n // VECTOR_ALIGN) * VECTOR_ALIGN for n in sizes])

@@ -815,3 +815,26 @@ def test_the_reference_forward_of_a_tied_model_with_a_fast_form_does_not_copy_th
         tracemalloc.stop()
     assert peak < embed.nbytes / 4, (peak, embed.nbytes)
     np.testing.assert_allclose(out.logits, want[:, -1:], rtol=0, atol=1e-4)   # (float32, as above)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_layer_tensors_name_each_tensor_of_a_layer_once(variant):
+    """fast_forms.layer_tensors, the groups both fast forms join (the CPU form here, the GPU engine in its own
+    layout): every tensor of a layer in exactly one place, in the model's own order inside each group, and
+    nothing else; the CPU form's fused matrices are those groups side by side."""
+    from stablelm_ref.fast_forms import layer_tensors
+
+    model = tiny_model(**VARIANTS[variant])
+    cfg = model.config
+    for i in range(cfg.num_hidden_layers):
+        t = layer_tensors(cfg, i)
+        named = [*t.ln1, *(t.ln2 or ()), *t.qkv, *(t.qkv_bias or ()), t.o, *t.gate_up, t.down, *(t.qk_norms or ())]
+        own = [n for n in model.params if n.startswith(f"model.layers.{i}.")]
+        assert sorted(named) == sorted(own) and len(set(named)) == len(named)
+        assert [n.split(".")[-2] for n in t.qkv] == ["q_proj", "k_proj", "v_proj"]
+        assert [n.split(".")[-2] for n in t.gate_up] == ["gate_proj", "up_proj"]
+    fast = FastCpuModel(model)
+    t = layer_tensors(cfg, 0)
+    group = t.qkv + (t.gate_up if cfg.use_parallel_residual else [])
+    expected = np.concatenate([model.params[n] for n in group], axis=0).T
+    np.testing.assert_array_equal(fast.layers[0].in_t, expected)

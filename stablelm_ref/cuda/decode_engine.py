@@ -82,6 +82,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, GenerationError
+from ..fast_forms import layer_tensors
 from . import engine_prefill, tune, xp
 from .bf16 import to_bf16_bits, to_f32
 from .decode_kernels import (ATT_DIMS, ATT_TK, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU,
@@ -250,31 +251,24 @@ class GpuDecodeEngine:
         self.embed = bits("model.embed_tokens.weight", (self.vocab, hd))
         self.layers = []
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
+            t = layer_tensors(c, i)                      # the groups fast_cpu.py joins too, in its own layout
             L = _Layer()
-            L.ln1_w = f32(p + "input_layernorm.weight", (hd,))
-            L.ln1_b = f32(p + "input_layernorm.bias", (hd,))
-            if self.parallel:
-                L.ln2_w = L.ln2_b = None
-            else:
-                L.ln2_w = f32(p + "post_attention_layernorm.weight", (hd,))
-                L.ln2_b = f32(p + "post_attention_layernorm.bias", (hd,))
-            a = p + "self_attn."
-            L.wqkv = cp.concatenate([bits(a + "q_proj.weight", (H * D, hd)), bits(a + "k_proj.weight", (KVH * D, hd)),
-                                     bits(a + "v_proj.weight", (KVH * D, hd))], axis=0)       # [(H+2KVH) D, hidden]
-            L.bqkv = (cp.concatenate([f32(a + "q_proj.bias", (H * D,)), f32(a + "k_proj.bias", (KVH * D,)),
-                                      f32(a + "v_proj.bias", (KVH * D,))]) if c.use_qkv_bias else None)
-            L.wo = bits(a + "o_proj.weight", (hd, H * D))
-            if self.qk_ln:
-                L.qn = cp.stack([f32(a + f"q_layernorm.norms.{h}.weight", (D,)) for h in range(H)])    # [H, D]
-                L.kn = cp.stack([f32(a + f"k_layernorm.norms.{h}.weight", (D,)) for h in range(KVH)])  # [KVH, D]
+            L.ln1_w, L.ln1_b = (f32(n, (hd,)) for n in t.ln1)
+            L.ln2_w, L.ln2_b = (f32(n, (hd,)) for n in t.ln2) if t.ln2 is not None else (None, None)
+            rows = (H * D, KVH * D, KVH * D)
+            L.wqkv = cp.concatenate([bits(n, (r, hd)) for n, r in zip(t.qkv, rows)], axis=0)  # [(H+2KVH) D, hidden]
+            L.bqkv = (cp.concatenate([f32(n, (r,)) for n, r in zip(t.qkv_bias, rows)])
+                      if t.qkv_bias is not None else None)
+            L.wo = bits(t.o, (hd, H * D))
+            if t.qk_norms is not None:
+                L.qn = cp.stack([f32(n, (D,)) for n in t.qk_norms[:H]])                      # [H, D]
+                L.kn = cp.stack([f32(n, (D,)) for n in t.qk_norms[H:]])                      # [KVH, D]
             else:
                 L.qn = L.kn = None
-            m = p + "mlp."
-            gate, up = bits(m + "gate_proj.weight", (I, hd)), bits(m + "up_proj.weight", (I, hd))
+            gate, up = (bits(n, (I, hd)) for n in t.gate_up)
             L.wgu = cp.ascontiguousarray(cp.stack([gate, up], axis=1).reshape(2 * I, hd))  # rows g0,u0,g1,u1,...
             del gate, up
-            L.wd = bits(m + "down_proj.weight", (hd, I))
+            L.wd = bits(t.down, (hd, I))
             self.layers.append(L)
         self.norm_w = f32("model.norm.weight", (hd,))
         self.norm_b = f32("model.norm.bias", (hd,))
