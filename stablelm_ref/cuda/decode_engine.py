@@ -52,7 +52,7 @@ nb FMAs a weight and becomes ALU-bound).
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
 griddepcontrol.wait (tokens and logits bit-identical to a plain graph's). On an H200, stablelm-3b-4e1t shapes,
-batch 1: 1.72 ms a step, 583 tokens/s through model.generate, 72% of the memory roofline
+batch 1: 1.68 ms a step, 596 tokens/s through model.generate, 74% of the memory roofline
 (docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did not help).
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
@@ -66,8 +66,9 @@ cached cubin: nvcc, else NVRTC), launch.py (building decode.cu and decode_step.c
 cooperative launches, capture and replay timing), decode_kernels.py (the Python face of each kernel), tune.py
 (the autotuner: GEMV shapes, the attention's shape, the whole-step kernel or not; its choice kept on disk),
 engine_prefill.py (the engine's own prompt pass), specs.py (the float64 specification of every kernel), bf16.py
-(bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in), this file (weights, buffers, the step's plan, capture, the device-side bookkeeping). Probe-only code lives in
-tools/ (decode_probe.py, decode_timeline.py, step_timeline.py and their .cuh builds).
+(bfloat16 bits on CuPy), xp.py (CuPy, or the CPU tests' stand-in), this file (weights, buffers, the step's
+plan, capture, the device-side bookkeeping). Probe-only code lives in tools/ (decode_probe.py,
+decode_timeline.py, step_timeline.py and their .cuh builds).
 
 Config (attributes): vocab_size, hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim, rotary_ndims, rope_theta, layer_norm_eps,
