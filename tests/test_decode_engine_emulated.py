@@ -984,10 +984,11 @@ def test_generate_through_engine_steps_sampling_runs_ahead_on_drawn_uniforms(emu
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
-    """Batch 1 folds the layers' LayerNorms into the GEMVs that read them: no LayerNorm kernel but the final
-    one, q|k|v and gate|up on gemv_ln (the float32 residual and the statistics embed_rows, o_proj and down
-    accumulate, instance by instance); the tokens equal the unfolded step's and the float32 reference's picks.
-    A parallel residual keeps its LayerNorm kernels (gate|up reads LN1 of x before o_proj's add)."""
+    """Batch 1 folds the LayerNorms into the GEMVs that read them: no LayerNorm kernel, q|k|v, gate|up and
+    lm_head on gemv_ln (the float32 residual and the statistics embed_rows, o_proj and down accumulate, instance
+    by instance, the last layer's down the final LayerNorm's); the tokens equal the step's with the final
+    LayerNorm as a kernel, the unfolded step's and the float32 reference's picks. A parallel residual keeps its
+    LayerNorm kernels (gate|up reads LN1 of x before o_proj's add)."""
     ref, fast = _models(emulated, use_parallel_residual=parallel)
     ids = np.random.default_rng(12).integers(2, 384, (1, 7))
     mask = np.ones_like(ids)
@@ -995,10 +996,19 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
     engine = fast.engine
     plan = engine._plan(1)
     n_layers = len(engine.layers)
-    assert [fn.tag for fn in plan].count("layernorm") == (n_layers + 1 if parallel else 1)
+    assert [fn.tag for fn in plan].count("layernorm") == (n_layers + 1 if parallel else 0)
     ln_gemvs = [fn for fn in plan if fn.fn in emulated.gemv_ln_fn.values()]
-    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers)
+    assert [fn.tag for fn in ln_gemvs] == ([] if parallel else ["gemv:qkv", "gemv:gate_up"] * n_layers + ["gemv:lm_head"])
     _check_greedy(ref, folded, 7, mask)
+    engine.fold_final_layernorm = False
+    engine.reset_plans()
+    try:
+        final_kernel = generate(fast, ids, attention_mask=mask, max_new_tokens=6, engine="fast")
+        assert [fn.tag for fn in engine._plan(1)].count("layernorm") == (n_layers + 1 if parallel else 1)
+    finally:
+        engine.fold_final_layernorm = True
+        engine.reset_plans()
+    assert np.array_equal(folded, final_kernel)
     engine.fold_layernorm = False
     engine.reset_plans()
     try:

@@ -6,10 +6,12 @@
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
+    python tools/decode_probe.py --final-fold-ab              # the final LayerNorm folded into lm_head, or not
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
     python tools/decode_probe.py --variants default --ablate --cluster-ab    # attention combine: cluster / global
     python tools/decode_probe.py --variants default --ablate --tune-ab 3     # the tuner's stage 2: before / now
+    python tools/decode_probe.py --variants default --tunings 4              # four tunings from scratch: the spread
     python tools/decode_probe.py --variants default --graph-steps 1 2 4 8     # k steps a graph launch
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
                                                              #   the tensor-core GEMV (A/B in one run)
@@ -111,21 +113,29 @@ VARIANTS["gemv-all-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARL
     "    fetch();\n    PDL_WAIT();", "    PDL_WAIT();\n    fetch();")) if GEMV_EARLY in src else None)
 
 
-def _gemv_early_groups(extra):
-    """A persistent GEMV block also prefetches its next `extra` row groups into L2 before the PDL wait."""
-    code = ("    for (int e = 1; e <= %d; ++e) {\n"
+def _gemv_early_groups(extra, cond="true"):
+    """A persistent GEMV block also prefetches its next `extra` row groups into L2 before the PDL wait (where the
+    C condition `cond` on the kernel's arguments holds: one kind of matrix)."""
+    code = ("    for (int e = 1; (%s) && e <= %d; ++e) {\n"
             "        const int ge = g + e * (int)gridDim.x;\n"
             "        if (ge >= groups) break;\n"
             "        for (int cc = tid; cc < KC; cc += T)\n"
             "            for (int r = 0; r < R; ++r)\n"
             "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
-            "    }\n" % extra)
+            "    }\n" % (cond, extra))
     return lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace("    fetch();\n", "    fetch();\n" + code))
                         if GEMV_EARLY in src else None)
 
 
 VARIANTS["gemv-early1"] = _gemv_early_groups(1)
 VARIANTS["gemv-early2"] = _gemv_early_groups(2)
+# o_proj alone (the only residual-add GEMV with N == K) prefetches every row group of its block, or one more,
+# before its wait: it waits through the attention, whose few loads leave the memory system idle (6.5 us a 3b
+# layer: ~28 MB at the copy bandwidth, o_proj's matrix is 13 MB); gate|up's blocks one more group
+OPROJ = "mode == MODE_ADD && N == K"
+VARIANTS["oproj-early-all"] = _gemv_early_groups(1 << 20, OPROJ)
+VARIANTS["oproj-early1"] = _gemv_early_groups(1, OPROJ)
+VARIANTS["gateup-early1"] = _gemv_early_groups(1, "mode == MODE_SWIGLU")
 # L2 eviction priorities: the weights' L2 prefetch at evict_normal instead of evict_last, and the weight loads
 # (ld_stream, ld_stream_early) with an evict_first cache policy, alone and with one more group prefetched
 PREFETCH = 'asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));'
@@ -266,22 +276,25 @@ def batch_ab(cfg, params, batches, prompt, steps):
     return out
 
 
-def fold_ab(engine, ids, steps, rounds=2):
-    """Batch 1, the layers' LayerNorms folded into their GEMVs (gemv_ln) or as kernels, each tuned for itself,
-    in alternating rounds (the device's speed drifts): ms a step for each, and the ratio of the medians."""
+def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layers' LayerNorms", retune=True):
+    """Batch 1, `what` folded into the GEMVs that read them (gemv_ln; engine.<attr> True) or as kernels, each
+    tuned for itself (retune; else both with the engine's tuning: the fold's own cost, without the tuner's
+    spread between two tunings), in alternating rounds (the device's speed drifts): ms a step for each, and the
+    ratio of the medians."""
     times = {True: [], False: []}
-    tunings = {engine.fold_layernorm: engine.tuning_state()}
+    setattr(engine, attr, True)
+    tunings = {True: engine.tuning_state()}           # the engine's (tuned with the fold, the engine's default)
     for _ in range(rounds):
         for fold in (True, False):
-            engine.fold_layernorm = fold
-            engine.set_tuning_state(tunings.get(fold, ({}, {}, {})))
+            setattr(engine, attr, fold)
+            engine.set_tuning_state(tunings.get(fold if retune else True, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
             tunings[fold] = engine.tuning_state()
-    engine.fold_layernorm = True
+    setattr(engine, attr, True)
     engine.set_tuning_state(tunings[True])
     on, off = float(np.median(times[True])), float(np.median(times[False]))
-    log(f"    LayerNorms folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
+    log(f"    {what} folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
         f"({times[False]}): {off / on:.3f}x")
     return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
@@ -370,16 +383,19 @@ def cluster_ab(engine, res, rounds=5):
         f"rounds {', '.join(f'{a:.4f}/{b:.4f}' for a, b in zip(times[False], times[True]))}")
 
 
-def tune_ab(engine, ids, steps, res, rounds):
+def tune_ab(engine, ids, steps, res, rounds, forms=("previous", "current")):
     """Batch 1 tuned from scratch `rounds` times with the previous in-step stage (one pass: the finalists,
     then persistent counts for the winner alone) and with the current one (tune.TUNE_GRID, TUNE_ROUNDS),
     alternating: each tuning's step time (time_graph) and seconds of tuning. Two tunings of one engine can
-    land on different optima (the ninth session's q|k|v / down pair), so one tuning each says little."""
+    land on different optima (the ninth session's q|k|v / down pair), so one tuning each says little.
+    forms=("current",): the current tuner alone, `rounds` times (its spread)."""
     saved = (tune.TUNE_GRID, tune.TUNE_ROUNDS)
-    out = {"previous": [], "current": []}
+    out = {name: [] for name in forms}
     try:
         for _ in range(rounds):
             for name, grid, passes in (("previous", False, 1), ("current",) + saved):
+                if name not in forms:
+                    continue
                 tune.TUNE_GRID, tune.TUNE_ROUNDS = grid, passes
                 engine.forget_tuning(1)
                 engine.prefill(ids, logits=None)
@@ -496,6 +512,8 @@ def main():
     ap.add_argument("--ab", nargs="*", default=[], metavar="SPEC",
                     help="the tuned step against each SPEC's changes in alternating rounds, e.g. "
                          "o_proj.persist=4 or o_proj.rows=8,attention.carveout=100 (first of --variants)")
+    ap.add_argument("--tunings", type=int, default=0, metavar="N",
+                    help="the engine tuned from scratch N times (the current tuner): each tuning's step, its spread")
     ap.add_argument("--tune-ab", type=int, default=0, metavar="N",
                     help="tune batch 1 from scratch N times with the previous in-step stage and N times with the "
                          "current one, alternating (first of --variants)")
@@ -505,6 +523,8 @@ def main():
                     help="ms a step with K whole steps captured in one graph (e.g. 1 2 4 8)")
     ap.add_argument("--retune", action="store_true",
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
+    ap.add_argument("--final-fold-ab", action="store_true",
+                    help="the final LayerNorm folded into lm_head or as its kernel, one tuning (A/B, first variant)")
     ap.add_argument("--fold-ab", action="store_true",
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
@@ -578,6 +598,9 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
+        if name == args.variants[0] and args.final_fold_ab:
+            res[name]["final fold A/B"] = fold_ab(engine, ids, args.steps, rounds=3, attr="fold_final_layernorm",
+                                                  what="the final LayerNorm", retune=False)
         if name == args.variants[0] and args.ln_threads:
             for nt in args.ln_threads:
                 for fn in engine._plan(1):
@@ -616,6 +639,8 @@ def main():
             cluster_ab(engine, res[name])
         if name == args.variants[0] and args.tune_ab:
             tune_ab(engine, ids, args.steps, res[name], args.tune_ab)
+        if name == args.variants[0] and args.tunings:
+            tune_ab(engine, ids, args.steps, res[name], args.tunings, forms=("current",))
         if name == args.variants[0] and args.graph_steps:
             graph_steps(engine, ids, args.steps, args.graph_steps, res[name])
     variant_constants.close()

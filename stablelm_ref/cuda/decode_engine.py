@@ -158,6 +158,7 @@ class GpuDecodeEngine:
         #                                     back to plain launches if the driver refuses, see capture())
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
+        self.fold_final_layernorm = True    # with them, the final LayerNorm folded into lm_head (folds_final)
         self.megakernel = False             # batch 1, the whole step in one kernel (decode_step.cu): False = never
         #                                     (the default while it is 1.2x slower than the per-layer step, eleventh
         #                                     session's notes: timing it would add ~1 s to every tuning), None = the
@@ -334,7 +335,8 @@ class GpuDecodeEngine:
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
-        self.ln_stats = cp.zeros((2 * len(self.layers), MB, 2), cp.float64)  # folded LayerNorms' (sum, sum sq)
+        self.ln_stats = cp.zeros((2 * len(self.layers) + 1, MB, 2), cp.float64)  # folded LayerNorms' (sum,
+        #                                                           sum sq): [2i] LN1 of layer i, [2i + 1] LN2, [-1] the final
         self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
         self.step_part_o = cp.zeros((1, self.H, MK_PMAX, self.D), cp.float32)   # its attention's parts
         self.step_part_ml = cp.zeros((1, self.H, MK_PMAX, 2), cp.float32)
@@ -358,14 +360,23 @@ class GpuDecodeEngine:
         the folded read (of the current x) would not see."""
         return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
 
+    def folds_final(self, nb) -> bool:
+        """Whether the final LayerNorm is folded into lm_head too (with folds_layernorm and
+        fold_final_layernorm): the last layer's down accumulates its statistics (ln_stats[-1]) and lm_head
+        reads the float32 residual, so the LayerNorm kernel and its launch boundary go. Each lm_head block
+        writes h into its shared memory once, so a persistent lm_head (the tuner's usual choice) pays it once
+        a block, a one-block-a-group one once a group of rows."""
+        return self.fold_final_layernorm and self.folds_layernorm(nb)
+
     def _layer_gemv(self, name, i, nb):
         """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb, as the step runs it.
         With folded LayerNorms (folds_layernorm), q|k|v and gate|up read the float32 residual x and the
         LayerNorm statistics (ln_stats[2i]: LN1 of layer i, [2i + 1]: LN2) that embed_rows (instance 0), o_proj
         (LN2) and the previous layer's down (LN1) accumulate; otherwise the bf16 output h of the LayerNorm
-        kernel."""
+        kernel. With folds_final, lm_head reads x and the final LayerNorm's statistics (ln_stats[-1]) that the
+        last layer's down accumulates."""
         shape = self.tuning.get(nb, {}).get(name, DEFAULT_GEMV)
-        fold, last = self.folds_layernorm(nb), i + 1 == len(self.layers)
+        fold, last, final = self.folds_layernorm(nb), i + 1 == len(self.layers), self.folds_final(nb)
         L = self.layers[i] if name != "lm_head" else None
         kw = dict(nb=nb, rows=shape.rows, threads=shape.threads, persist=shape.persist, unroll=shape.unroll,
                   tag="gemv:" + name)
@@ -380,8 +391,11 @@ class GpuDecodeEngine:
             ln = (L.ln2_w, L.ln2_b, self.ln_stats[2 * i + 1], self.eps) if fold else None
             return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln, **kw)
         if name == "down":
-            stats = self.ln_stats[2 * i + 2] if fold and not last else None
+            stats = self.ln_stats[2 * i + 2] if fold and (final or not last) else None
             return self.k.gemv_launch(self.mlp, L.wd, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
+        if final:
+            return self.k.gemv_launch(self.x, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw,
+                                      ln=(self.norm_w, self.norm_b, self.ln_stats[-1], self.eps))
         return self.k.gemv_launch(self.h, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw)
 
     def step_kernel_problem(self) -> str | None:
@@ -468,8 +482,9 @@ class GpuDecodeEngine:
                                                tag="layernorm"))
             plan.append(self._layer_gemv("gate_up", i, nb))
             plan.append(self._layer_gemv("down", i, nb))
-        plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
-                                       tag="layernorm"))
+        if not self.folds_final(nb):
+            plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
+                                           tag="layernorm"))
         plan.append(self._layer_gemv("lm_head", 0, nb))
         return self._finish_plan(key, plan, nb)
 
