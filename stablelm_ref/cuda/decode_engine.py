@@ -355,8 +355,8 @@ class GpuDecodeEngine:
 
     def folds_layernorm(self, nb) -> bool:
         """Whether the step at batch nb folds the layers' LayerNorms into the GEMVs that read them
-        (gemv_ln_b1_r*: batch 1, sequential residual, fold_layernorm set); the final LayerNorm keeps its
-        kernel. Not with a parallel residual: there gate|up reads LN1(x) of the x before o_proj's add, which
+        (gemv_ln_b1_r*: batch 1, sequential residual, fold_layernorm set); the final LayerNorm too where
+        folds_final. Not with a parallel residual: there gate|up reads LN1(x) of the x before o_proj's add, which
         the folded read (of the current x) would not see."""
         return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
 
