@@ -435,6 +435,61 @@ def test_tuner_times_every_finalist_persistent(emulated, monkeypatch, grid):
     assert tune.TUNE_ROUNDS > 1 and len(in_step) > len(firsts)        # some candidates timed twice
 
 
+@pytest.mark.parametrize("starts,max_len", [(1, 16), (2, 16), (2, 48)])
+def test_tuner_searches_from_several_starts_and_keeps_the_fastest_end(emulated, monkeypatch, starts, max_len):
+    """Stage 2 one kind at a time ends in a local optimum that depends on the order the kinds are visited in.
+    Emulated costs where q|k|v's cost depends on down's shape: from stage 1's choice (R 2 for both, 0.30 over
+    the step's base), visiting down first (most bytes first: down's matrix is larger here) moves down to R 8
+    (0.21) and stops there; visiting q|k|v first moves it to R 8 (0.10) and stops there. One search ends at the
+    first; TUNE_STARTS = 2 also searches fewest bytes first, times both ends again (logged as "end") and keeps
+    the second. With room in the cache (max_len 48: 40 steps) the ends are timed over real steps
+    (time_decode), which put the sequence back: the tokens equal an untuned engine's."""
+    monkeypatch.setattr(tune, "TUNE_STARTS", starts)
+    monkeypatch.setattr(tune, "TUNE_PERSIST", (1,))
+    monkeypatch.setattr(tune, "gemv_candidates", lambda K, nb, mode, tc=False: [(r, 128, 0) for r in (2, 8)])
+    table = {(2, 2): 0.30, (8, 2): 0.10, (2, 8): 0.20, (8, 8): 0.25}          # (q|k|v rows, down rows) -> cost
+    held = {}
+
+    def cost(self, grid_, args):
+        if self.impl is not _gemv:
+            return 1.0
+        R, N, K = self.static["rows"], int(args[4]), int(args[5])
+        if R not in (2, 8):
+            return 9.0                                        # leaner's halves (R 1, R 4) lose
+        down = held["engine"].tuning.get(1, {}).get("down")
+        if (N, K) == (640, 320):                              # q|k|v: its cost depends on down's rows
+            return 1.0 + (0.01 * (R == 8) if down is None else table.get((R, down.rows), 0.0))
+        if (N, K) == (320, 864):                              # down
+            return 1.0 + 0.01 * (R == 8)
+        return 1.0
+    monkeypatch.setattr(_Kernel, "cost", cost)
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
+    runs = []
+    for autotune in (False, True):
+        engine = held["engine"] = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=max_len,
+                                                     kernels=emulated, autotune=autotune, pdl=False)
+        engine.prefill(ids, logits=None)
+        decoded = []
+        monkeypatch.setattr(engine, "time_decode", lambda nb, n, f=engine.time_decode: decoded.append(n) or f(nb, n))
+        for _ in range(4):
+            engine.decode_step()
+        runs.append(engine.generated())
+        assert (int(engine.cache_len[0]), int(engine.step[0]), int(engine.pos[0])) == (10, 5, 10)
+    assert engine.layers[0].wqkv.shape == (640, 320) and engine.layers[0].wd.shape == (320, 864)
+    assert np.array_equal(runs[0], runs[1])
+    assert decoded == ([] if starts == 1 or max_len == 16 else [max_len - 6 - 2] * 2 * tune.TUNE_CONFIRM)
+    got = (engine.tuning[1]["qkv"].rows, engine.tuning[1]["down"].rows)
+    ends = [e for e in engine.tune_log if e[0] == "end"]
+    if starts == 1:
+        assert got == (2, 8) and not ends
+    else:
+        assert got == (8, 2)
+        assert [e[2] for e in ends] == [0, 1] and ends[1][3] < ends[0][3]
+        assert engine.step_ms[1] == ends[1][3]
+
+
 def test_tuning_is_kept_on_disk_and_read_back(emulated, monkeypatch, tmp_path):
     """The tuner's choice goes to one file a batch size (STABLELM_REF_TUNE_CACHE); the next engine of the same
     shapes reads it instead of timing (no "alone" or "step" timings in its log, the same tuning, the same

@@ -10,7 +10,7 @@
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
     python tools/decode_probe.py --variants default --ablate --cluster-ab    # attention combine: cluster / global
-    python tools/decode_probe.py --variants default --ablate --tune-ab 3     # the tuner's stage 2: before / now
+    python tools/decode_probe.py --variants default --tune-ab 3     # the tuner: one stage-2 search / several
     python tools/decode_probe.py --variants default --tunings 4              # four tunings from scratch: the spread
     python tools/decode_probe.py --variants default --graph-steps 1 2 4 8     # k steps a graph launch
     python tools/decode_probe.py --batches 2 4 8 --variants  # the step at batch > 1, tuned with and without
@@ -383,20 +383,25 @@ def cluster_ab(engine, res, rounds=5):
         f"rounds {', '.join(f'{a:.4f}/{b:.4f}' for a, b in zip(times[False], times[True]))}")
 
 
-def tune_ab(engine, ids, steps, res, rounds, forms=("previous", "current")):
-    """Batch 1 tuned from scratch `rounds` times with the previous in-step stage (one pass: the finalists,
-    then persistent counts for the winner alone) and with the current one (tune.TUNE_GRID, TUNE_ROUNDS),
-    alternating: each tuning's step time (time_graph) and seconds of tuning. Two tunings of one engine can
-    land on different optima (the ninth session's q|k|v / down pair), so one tuning each says little.
-    forms=("current",): the current tuner alone, `rounds` times (its spread)."""
-    saved = (tune.TUNE_GRID, tune.TUNE_ROUNDS)
+TUNER_FORMS = {   # name -> tune.py's constants for that form of the tuner ({}: as shipped)
+    "previous": dict(TUNE_STARTS=1),           # one stage-2 search (the fourteenth session's tuner)
+    "current": {},
+}
+
+
+def tune_ab(engine, ids, steps, res, rounds, forms=tuple(TUNER_FORMS)):
+    """Batch 1 tuned from scratch `rounds` times with each of `forms` (TUNER_FORMS: the previous tuner, one
+    stage-2 search, and the current one, tune.TUNE_STARTS searches), alternating: each tuning's step time
+    (time_graph) and seconds of tuning. Two tunings of one engine can land on different optima (the ninth
+    session's q|k|v / down pair), so one tuning each says little. forms=("current",): the current tuner alone,
+    `rounds` times (its spread)."""
+    saved = {k: getattr(tune, k) for form in TUNER_FORMS.values() for k in form}
     out = {name: [] for name in forms}
     try:
         for _ in range(rounds):
-            for name, grid, passes in (("previous", False, 1), ("current",) + saved):
-                if name not in forms:
-                    continue
-                tune.TUNE_GRID, tune.TUNE_ROUNDS = grid, passes
+            for name in forms:
+                for k, v in saved.items():
+                    setattr(tune, k, TUNER_FORMS[name].get(k, v))
                 engine.forget_tuning(1)
                 engine.prefill(ids, logits=None)
                 t0 = time.time()
@@ -404,10 +409,14 @@ def tune_ab(engine, ids, steps, res, rounds, forms=("previous", "current")):
                 secs = time.time() - t0
                 ms = time_graph(engine, ids, g, steps)
                 shapes = {n: tuple(v[:3]) for n, v in engine.tuning[1].items()}
-                out[name].append({"ms": ms, "tuning s": secs, "shapes": shapes})
-                log(f"    tuner {name:8s} {ms:.4f} ms/step, tuned in {secs:.1f} s: {shapes}")
+                ends = [round(e[3], 4) for e in engine.tune_log if e[0] == "end"]
+                engine.tune_log.clear()
+                out[name].append({"ms": ms, "tuning s": secs, "shapes": shapes, "searches' ends ms": ends})
+                log(f"    tuner {name:8s} {ms:.4f} ms/step, tuned in {secs:.1f} s: {shapes}"
+                    + (f"; the searches' ends {ends}" if ends else ""))
     finally:
-        tune.TUNE_GRID, tune.TUNE_ROUNDS = saved
+        for k, v in saved.items():
+            setattr(tune, k, v)
     res["tune A/B"] = out
     for name, runs in out.items():
         ms = [r["ms"] for r in runs]
@@ -515,8 +524,8 @@ def main():
     ap.add_argument("--tunings", type=int, default=0, metavar="N",
                     help="the engine tuned from scratch N times (the current tuner): each tuning's step, its spread")
     ap.add_argument("--tune-ab", type=int, default=0, metavar="N",
-                    help="tune batch 1 from scratch N times with the previous in-step stage and N times with the "
-                         "current one, alternating (first of --variants)")
+                    help="tune batch 1 from scratch N times with the previous tuner (one stage-2 search) and N "
+                         "times with the current one (tune.TUNE_STARTS searches), alternating (first of --variants)")
     ap.add_argument("--cluster-ab", action="store_true",
                     help="every variant: the attention's cluster combine against its global-memory combine")
     ap.add_argument("--graph-steps", type=int, nargs="*", default=[], metavar="K",

@@ -492,9 +492,7 @@ class GpuDecodeEngine:
         """The step's last launches (argmax, or generate's processors and sampler) and the carveouts."""
         k = self.k
         if self.sampler is None:
-            plan.append(k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len,
-                                        self.pos, self.am_counter, nb=nb, bad=self.nonfinite, ring=self.ring,
-                                        cluster=self.att_cluster))
+            plan.append(self._argmax_launch(nb))
         else:
             penalty = self.sampler["repetition_penalty"] != 1.0
             plan += k.sample_launch(self.logits_buf, self.present if penalty else None, self.uniform, self.tok,
@@ -505,6 +503,11 @@ class GpuDecodeEngine:
             fn.carveout = self.carveout.get(fn.tag.split(":")[-1])
         self._plans[key] = plan
         return plan
+
+    def _argmax_launch(self, nb):
+        return self.k.argmax_launch(self.logits_buf, self.tok, self.history, self.step, self.cache_len, self.pos,
+                                    self.am_counter, nb=nb, bad=self.nonfinite, ring=self.ring,
+                                    cluster=self.att_cluster)
 
     def reset_plans(self):
         """Drop every plan and captured graph, so the next step is planned and captured again (after a change
@@ -587,6 +590,28 @@ class GpuDecodeEngine:
         self._forget(nb)
         plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
         return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=replays, reps=reps)
+
+    def time_decode(self, nb, steps: int) -> float | None:
+        """Milliseconds per decode step for batch nb with the current tuning over `steps` real greedy steps from
+        the sequence under way (the argmax included: the cache length grows as in a generate), in one timing;
+        then the device state is put back (cache length, positions, step number, tokens, flags), so the
+        sequence goes on as if nothing had run (the cache rows and history rows the steps wrote lie past the
+        length, and are written again before they are read). time_step replays one step at one length; this
+        one sees the attention grow. None where no sequence of batch nb is under way or the cache has no room."""
+        if self._nb != nb or steps < 1 or self._host_len + steps + 1 >= self.max_len:
+            return None
+        state = (self.cache_len, self.pos, self.step, self.tok, self.nonfinite, self.am_counter)
+        with self.stream:
+            saved = [a.copy() for a in state]
+        self._forget(nb)
+        plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")] + [self._argmax_launch(nb)]
+        try:
+            return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=steps, reps=1, warmup=False)
+        finally:
+            with self.stream:
+                for a, v in zip(state, saved):
+                    a[...] = v
+            self.stream.synchronize()
 
     # -- public API -------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask=None, *, logits: str | None = "last"):

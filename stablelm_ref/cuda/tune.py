@@ -12,7 +12,12 @@ engine.megakernel is None, not the default False):
        blocks per SM, then the winner with half its rows a block (fewer registers a thread, so that a
        neighbouring kernel's blocks fit beside it) at 0-4 persistent blocks; one kind at a time, largest
        first; a change is kept if the step is faster; then a second pass over the kinds, each kind's best
-       candidates timed again beside the others' final choices
+       candidates timed again beside the others' final choices. One kind at a time ends in a local optimum
+       (q|k|v's best shape depends on down's and the other way round), so the search runs TUNE_STARTS times
+       from stage 1's choice, each visiting the kinds in another order (largest first, then smallest first,
+       ...), and where the searches end apart their ends are timed again in alternating rounds
+       (TUNE_CONFIRM) over real steps, the cache length growing (engine.time_decode: a step at one length
+       ranked tunings 0.005 ms a 3b-4e1t step apart the other way round), and the fastest kept
     3. within the step too: the attention's shape (split_tiles, nbuf: how many key tiles a split takes before
        the keys spread over more blocks, and how many it holds in shared memory)
     4. batch 1 (engine.megakernel None): the whole step as one kernel (decode_step.cu; its ring's STEP_SHAPES)
@@ -50,6 +55,11 @@ TUNE_PERSIST = (1, 2, 3, 4)                 # persistent blocks per SM tried for
 TUNE_GRID = True                            # in the step: every finalist at every persistent count
 TUNE_ROUNDS = 2                             # passes over the kinds in the step (later ones: TUNE_RECHECK each)
 TUNE_RECHECK = 4                            # a kind's best candidates timed again in each later pass
+TUNE_STARTS = 2                             # stage 2 searched this many times, each visiting the kinds in
+#                                             another order; the fastest of the searches' ends is kept
+TUNE_CONFIRM = 3                            # rounds in which the searches' different ends are timed again
+TUNE_CONFIRM_STEPS = 128                    # ... each over this many real steps (engine.time_decode), or fewer
+#                                             where the cache has less room (under 16: time_step instead)
 
 
 class GemvShape(NamedTuple):
@@ -119,7 +129,7 @@ def tune(engine, nb):
             engine.tune_log += [("alone", nb, name, tuple(c)) for c in timed]
             top[name] = timed[:TUNE_FINALISTS]
             engine.tuning[nb][name] = top[name][0]
-        tune_in_step(engine, nb, top)                                    # 2. the finalists in the step
+        search_from_starts(engine, nb, top)                              # 2. the finalists in the step
         tune_step_kernel(engine, nb)                                     # 4. batch 1: the whole-step kernel
         with engine.stream:
             engine.x[...], engine.logits_buf[...] = saved
@@ -150,7 +160,8 @@ def cached(engine, nb):
         "splits": k.attention_splits(nb, engine.KVH, engine.max_len),
         "settings": [bool(engine.pdl), engine.folds_layernorm(nb), engine.folds_final(nb), engine.megakernel, engine.att_cluster,
                      getattr(engine, "att_fit", False), sorted(engine.carveout.items())],
-        "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK,
+        "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK, TUNE_STARTS, TUNE_CONFIRM,
+                   TUNE_CONFIRM_STEPS,
                    [list(a) for a in ATT_SHAPES], [list(s) for s in STEP_SHAPES]],
     }
     if engine.megakernel is None:                              # stage 4 timed decode_step.cu too
@@ -223,7 +234,41 @@ def save(engine, nb, path):
 
 
 
-def tune_in_step(engine, nb, top):
+def search_from_starts(engine, nb, top):
+    """Stage 2 (tune_in_step, which ends with the attention's shape) TUNE_STARTS times, each from stage 1's
+    choice (every kind's first finalist, the attention's default) and visiting the kinds in another order
+    (tune_in_step's `order`: s-th rotation of largest-first, every other one reversed). Where the searches end
+    at different tunings, each end is timed again in TUNE_CONFIRM alternating rounds, over TUNE_CONFIRM_STEPS
+    real steps of the sequence under way (engine.time_decode; where the cache has no room for 16, time_step's
+    20 replays of one), logged as ("end", nb, search, ms), and the one of the lowest median is kept, with that
+    median as engine.step_ms[nb]."""
+    start = {name: cands[0] for name, cands in top.items()}
+    ends = []
+    for s in range(max(1, TUNE_STARTS)):
+        engine.tuning[nb] = dict(start)
+        engine.att_shape.pop(nb, None)
+        tune_in_step(engine, nb, top, order=s)
+        end = (dict(engine.tuning[nb]), engine.att_shape.get(nb, DEFAULT_ATT))
+        if end not in ends:
+            ends.append(end)
+    if len(ends) > 1:
+        times = [[] for _ in ends]
+        for _ in range(TUNE_CONFIRM):
+            for i, (shapes, att) in enumerate(ends):
+                engine.tuning[nb], engine.att_shape[nb] = dict(shapes), att
+                engine._forget(nb)
+                room = min(TUNE_CONFIRM_STEPS, engine.max_len - engine._host_len - 2)
+                ms = engine.time_decode(nb, room) if room >= 16 else None
+                times[i].append(ms if ms is not None else engine.time_step(nb, replays=20))
+        medians = [sorted(t)[len(t) // 2] for t in times]
+        engine.tune_log += [("end", nb, i, ms) for i, ms in enumerate(medians)]
+        i = min(range(len(ends)), key=medians.__getitem__)
+        engine.tuning[nb], engine.att_shape[nb] = dict(ends[i][0]), ends[i][1]
+        engine.step_ms[nb] = medians[i]
+        engine._forget(nb)
+
+
+def tune_in_step(engine, nb, top, order=0):
     """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
     PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
     shape alone and within the step differ: its neighbours overlap its start and its end.
@@ -232,13 +277,19 @@ def tune_in_step(engine, nb, top):
     that loses at one block a group may win persistent), else the finalists and then persistent counts for
     the winner alone; then the winner at half its rows. Rounds after the first time each kind's TUNE_RECHECK
     best candidates again, now that every other kind has its choice, starting from a fresh timing of the step
-    as chosen (a best time measured once is optimistic: a later candidate would have to beat its noise)."""
+    as chosen (a best time measured once is optimistic: a later candidate would have to beat its noise).
+
+    order: which order the kinds are visited in: the kinds by bytes, most first, rotated by order // 2 and,
+    for an odd order, reversed (0: most bytes first, 1: fewest first; search_from_starts's searches)."""
     try:
         best = engine.time_step(nb)
     except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
         return
     shapes = engine._gemv_shapes()
-    order = sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0]))     # most bytes first
+    kinds = sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0]))     # most bytes first
+    r = (order // 2) % len(kinds)
+    kinds = kinds[r:] + kinds[:r]
+    order = kinds[::-1] if order % 2 else kinds
     timed = {name: {} for name in order}                                         # candidate -> its last time
     for rnd in range(TUNE_ROUNDS):
         if rnd:
