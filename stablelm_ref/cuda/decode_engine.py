@@ -22,6 +22,8 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
       m  = silu(h2 @ Wg^T) * (h2 @ Wu^T)                 gemv over interleaved gate/up rows (swiglu) -> bf16
       x += m @ Wd^T                                      gemv (add)
     logits = LayerNorm_f(x) @ W_lm^T                     gemv (store)          -> f32 [B, vocab]
+                                                         (batch 1, sequential residual: LayerNorm_f folded
+                                                         in too, the last down accumulating its statistics)
     tok = argmax(logits); len += 1; pos += 1             argmax_step (or generate's processors and sampler:
                                                          sample_step, or for top-k sample_topk_partial over
                                                          many blocks a row + sample_topk_merge); each also
@@ -44,15 +46,17 @@ A decode step is memory-bound: it reads every weight once (5.33 GB at stablelm-3
 the GEMV kernel does the work that matters. Its rows-per-block and block size are tuned per matrix shape
 at the first capture of each batch size by timing graph replays of that matrix kind; then the best few at
 0-4 persistent blocks per SM (blocks that loop over several row groups) and the winner at half the rows a
-block are timed within the whole captured step, twice over the kinds, then the attention's shape (seconds;
-tune.py, which keeps the choice on disk for the next engine of the same shapes on the same GPU). At
+block are timed within the whole captured step, twice over the kinds, from two starts (the kinds visited in
+two orders; where the two searches end apart, their ends are timed again over real steps), then the
+attention's shape (seconds; tune.py, which keeps the choice on disk for the next engine of the same shapes on
+the same GPU). At
 batch 2-8 the candidates include the tensor-core GEMV (gemv_mma: mma.sync, where the CUDA-core GEMV does
 nb FMAs a weight and becomes ALU-bound).
 
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
 griddepcontrol.wait (tokens and logits bit-identical to a plain graph's). On an H200, stablelm-3b-4e1t shapes,
-batch 1: 1.68 ms a step, 596 tokens/s through model.generate, 74% of the memory roofline
+batch 1: 1.66-1.68 ms a step, 595 tokens/s through model.generate, 74% of the memory roofline
 (docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did not help).
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
