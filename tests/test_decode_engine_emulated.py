@@ -374,6 +374,26 @@ def test_emulated_autotune_chooses_by_step_time(emulated):
     assert engine.tuning == {1: {}}
 
 
+def _untuned_then_tuned(emulated, monkeypatch, cost, steps, max_len=16, each=lambda engine: None):
+    """Batch 1 on the small model, the emulated kernels costing `cost` (one SM): an untuned engine, then a
+    tuned one, each given `each(engine)` before its prefill of the same 6 ids, then `steps` decode steps.
+    Returns the tuned engine and both engines' tokens (generated())."""
+    monkeypatch.setattr(_Kernel, "cost", cost)
+    emulated.num_sms = 1
+    model = _models(emulated)[1].model
+    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
+    runs = []
+    for autotune in (False, True):
+        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=max_len, kernels=emulated,
+                                    autotune=autotune, pdl=False)
+        each(engine)
+        engine.prefill(ids, logits=None)
+        for _ in range(steps):
+            engine.decode_step()
+        runs.append(engine.generated())
+    return engine, runs
+
+
 def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
     """Stage 2 ends with the winner at half its rows a block, at 0-4 persistent blocks (tune.leaner). Emulated costs
     where more rows win alone (stage 1 ranks R 8 first) and fewer rows win in persistent grids: every kind ends
@@ -384,18 +404,7 @@ def test_tuner_tries_the_winner_with_half_its_rows(emulated, monkeypatch):
             R = self.static["rows"]
             return 2.0 - 0.01 * R if grid[0] == -(-int(args[4]) // R) else 1.0 + 0.01 * R
         return 1.0
-    monkeypatch.setattr(_Kernel, "cost", cost)
-    emulated.num_sms = 1
-    model = _models(emulated)[1].model
-    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
-    runs = []
-    for autotune in (False, True):
-        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=16, kernels=emulated,
-                                    autotune=autotune, pdl=False)
-        engine.prefill(ids, logits=None)
-        for _ in range(3):
-            engine.decode_step()
-        runs.append(engine.generated())
+    engine, runs = _untuned_then_tuned(emulated, monkeypatch, cost, steps=3)
     for name, shape in engine.tuning[1].items():
         assert (shape.rows, shape.persist, shape.us) == (4, tune.TUNE_PERSIST[0], 0.0), (name, shape)
     assert np.array_equal(runs[0], runs[1])
@@ -462,21 +471,14 @@ def test_tuner_searches_from_several_starts_and_keeps_the_fastest_end(emulated, 
         if (N, K) == (320, 864):                              # down
             return 1.0 + 0.01 * (R == 8)
         return 1.0
-    monkeypatch.setattr(_Kernel, "cost", cost)
-    emulated.num_sms = 1
-    model = _models(emulated)[1].model
-    ids = np.random.default_rng(2).integers(2, 384, (1, 6))
-    runs = []
-    for autotune in (False, True):
-        engine = held["engine"] = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=max_len,
-                                                     kernels=emulated, autotune=autotune, pdl=False)
-        engine.prefill(ids, logits=None)
-        decoded = []
+    decoded = []
+
+    def each(engine):
+        held["engine"] = engine
         monkeypatch.setattr(engine, "time_decode", lambda nb, n, f=engine.time_decode: decoded.append(n) or f(nb, n))
-        for _ in range(4):
-            engine.decode_step()
-        runs.append(engine.generated())
-        assert (int(engine.cache_len[0]), int(engine.step[0]), int(engine.pos[0])) == (10, 5, 10)
+
+    engine, runs = _untuned_then_tuned(emulated, monkeypatch, cost, steps=4, max_len=max_len, each=each)
+    assert (int(engine.cache_len[0]), int(engine.step[0]), int(engine.pos[0])) == (10, 5, 10)
     assert engine.layers[0].wqkv.shape == (640, 320) and engine.layers[0].wd.shape == (320, 864)
     assert np.array_equal(runs[0], runs[1])
     assert decoded == ([] if starts == 1 or max_len == 16 else [max_len - 6 - 2] * 2 * tune.TUNE_CONFIRM)
