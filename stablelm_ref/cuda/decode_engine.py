@@ -591,9 +591,13 @@ class GpuDecodeEngine:
     def time_step(self, nb, replays: int = 10, reps: int = 3) -> float:
         """Milliseconds per decode step for batch nb with the current tuning, the argmax or sampling left out
         (nothing advances: each replay writes the same cache slot and scratch buffers). Median of reps."""
+        return self.replay_ms(self.capture_launches(self._unpicked_plan(nb), pdl=self.pdl), replays=replays,
+                              reps=reps)
+
+    def _unpicked_plan(self, nb):
+        """The step's launches planned afresh, without its pick (the argmax or the sampler)."""
         self._forget(nb)
-        plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
-        return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=replays, reps=reps)
+        return [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")]
 
     def time_decode(self, nb, steps: int) -> float | None:
         """Milliseconds per decode step for batch nb with the current tuning over `steps` real greedy steps from
@@ -602,13 +606,12 @@ class GpuDecodeEngine:
         sequence goes on as if nothing had run (the cache rows and history rows the steps wrote lie past the
         length, and are written again before they are read). time_step replays one step at one length; this
         one sees the attention grow. None where no sequence of batch nb is under way or the cache has no room."""
-        if self._nb != nb or steps < 1 or self._host_len + steps + 1 >= self.max_len:
+        if self._nb != nb or not 1 <= steps < self.steps_left() - 1:
             return None
         state = (self.cache_len, self.pos, self.step, self.tok, self.nonfinite, self.am_counter)
         with self.stream:
             saved = [a.copy() for a in state]
-        self._forget(nb)
-        plan = [fn for fn in self._plan(nb) if fn.tag not in ("argmax", "sample")] + [self._argmax_launch(nb)]
+        plan = self._unpicked_plan(nb) + [self._argmax_launch(nb)]
         try:
             return self.replay_ms(self.capture_launches(plan, pdl=self.pdl), replays=steps, reps=1, warmup=False)
         finally:

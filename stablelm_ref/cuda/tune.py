@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,11 +159,10 @@ def cached(engine, nb):
         "matrices": [list(W.shape) for Ws, _ in engine._gemv_shapes().values() for W in Ws],
         "heads": [engine.H, engine.KVH, engine.D], "nb": nb,
         "splits": k.attention_splits(nb, engine.KVH, engine.max_len),
-        "settings": [bool(engine.pdl), engine.folds_layernorm(nb), engine.folds_final(nb), engine.megakernel, engine.att_cluster,
-                     getattr(engine, "att_fit", False), sorted(engine.carveout.items())],
-        "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK, TUNE_STARTS, TUNE_CONFIRM,
-                   TUNE_CONFIRM_STEPS,
-                   [list(a) for a in ATT_SHAPES], [list(s) for s in STEP_SHAPES]],
+        "settings": [bool(engine.pdl), engine.folds_layernorm(nb), engine.folds_final(nb), engine.megakernel,
+                     engine.att_cluster, getattr(engine, "att_fit", False), sorted(engine.carveout.items())],
+        "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK, TUNE_STARTS,
+                   TUNE_CONFIRM, TUNE_CONFIRM_STEPS, [list(a) for a in ATT_SHAPES], [list(s) for s in STEP_SHAPES]],
     }
     if engine.megakernel is None:                              # stage 4 timed decode_step.cu too
         from .launch import step_source
@@ -237,7 +237,7 @@ def save(engine, nb, path):
 def search_from_starts(engine, nb, top):
     """Stage 2 (tune_in_step, which ends with the attention's shape) TUNE_STARTS times, each from stage 1's
     choice (every kind's first finalist, the attention's default) and visiting the kinds in another order
-    (tune_in_step's `order`: s-th rotation of largest-first, every other one reversed). Where the searches end
+    (tune_in_step's `start`: s-th rotation of largest-first, every other one reversed). Where the searches end
     at different tunings, each end is timed again in TUNE_CONFIRM alternating rounds, over TUNE_CONFIRM_STEPS
     real steps of the sequence under way (engine.time_decode; where the cache has no room for 16, time_step's
     20 replays of one), logged as ("end", nb, search, ms), and the one of the lowest median is kept, with that
@@ -247,7 +247,7 @@ def search_from_starts(engine, nb, top):
     for s in range(max(1, TUNE_STARTS)):
         engine.tuning[nb] = dict(start)
         engine.att_shape.pop(nb, None)
-        tune_in_step(engine, nb, top, order=s)
+        tune_in_step(engine, nb, top, start=s)
         end = (dict(engine.tuning[nb]), engine.att_shape.get(nb, DEFAULT_ATT))
         if end not in ends:
             ends.append(end)
@@ -257,10 +257,10 @@ def search_from_starts(engine, nb, top):
             for i, (shapes, att) in enumerate(ends):
                 engine.tuning[nb], engine.att_shape[nb] = dict(shapes), att
                 engine._forget(nb)
-                room = min(TUNE_CONFIRM_STEPS, engine.max_len - engine._host_len - 2)
+                room = min(TUNE_CONFIRM_STEPS, engine.steps_left() - 2)
                 ms = engine.time_decode(nb, room) if room >= 16 else None
                 times[i].append(ms if ms is not None else engine.time_step(nb, replays=20))
-        medians = [sorted(t)[len(t) // 2] for t in times]
+        medians = [statistics.median(t) for t in times]
         engine.tune_log += [("end", nb, i, ms) for i, ms in enumerate(medians)]
         i = min(range(len(ends)), key=medians.__getitem__)
         engine.tuning[nb], engine.att_shape[nb] = dict(ends[i][0]), ends[i][1]
@@ -268,7 +268,7 @@ def search_from_starts(engine, nb, top):
         engine._forget(nb)
 
 
-def tune_in_step(engine, nb, top, order=0):
+def tune_in_step(engine, nb, top, start=0):
     """Choose among each kind's finalists by timing the whole step as it runs (the graph as captured,
     PDL edges included, without the argmax so that no state advances), one kind at a time. A GEMV's best
     shape alone and within the step differ: its neighbours overlap its start and its end.
@@ -279,17 +279,17 @@ def tune_in_step(engine, nb, top, order=0):
     best candidates again, now that every other kind has its choice, starting from a fresh timing of the step
     as chosen (a best time measured once is optimistic: a later candidate would have to beat its noise).
 
-    order: which order the kinds are visited in: the kinds by bytes, most first, rotated by order // 2 and,
-    for an odd order, reversed (0: most bytes first, 1: fewest first; search_from_starts's searches)."""
+    start: which order the kinds are visited in: the kinds by bytes, most first, rotated by start // 2 and,
+    for an odd start, reversed (0: most bytes first, 1: fewest first; search_from_starts's searches)."""
     try:
         best = engine.time_step(nb)
     except Exception:  # noqa: BLE001 - e.g. a driver without PDL: keep the per-kind choice
         return
     shapes = engine._gemv_shapes()
     kinds = sorted(top, key=lambda n: -sum(W.nbytes for W in shapes[n][0]))     # most bytes first
-    r = (order // 2) % len(kinds)
+    r = (start // 2) % len(kinds)
     kinds = kinds[r:] + kinds[:r]
-    order = kinds[::-1] if order % 2 else kinds
+    order = kinds[::-1] if start % 2 else kinds
     timed = {name: {} for name in order}                                         # candidate -> its last time
     for rnd in range(TUNE_ROUNDS):
         if rnd:
