@@ -311,8 +311,8 @@ class _Kept:
     its settings (CARRIED) and, where every weight matrix has the same shape, its tuning (the tuner would take
     seconds to find it again)."""
 
-    CARRIED = ("pdl", "pdl_error", "fold_layernorm", "fold_final_layernorm", "pair_o_proj", "pair_down", "megakernel",
-               "step_shape", "carveout", "att_cluster", "att_cluster_error")
+    CARRIED = ("pdl", "pdl_error", "fold_layernorm", "fold_final_layernorm", "megakernel", "step_shape", "carveout",
+               "att_cluster", "att_cluster_error")
 
     def __init__(self, engine):
         self.settings = {name: getattr(engine, name) for name in self.CARRIED}

@@ -157,17 +157,6 @@ def _gemv(grid, block, args, rows):
         stats_out[:nb] += specs.ref_row_stats(y.astype(np.float32))
 
 
-def _gemv_pair(grid, block, args, rows):
-    """gemv_pair_b1_r*: A (x += xa Wa^T, its rows' statistics into stats), then B (gemv_ln_b1's product with
-    LayerNorm(x), store or SwiGLU), the grid at most what the SMs hold (EmulatedKernels.resident_blocks)."""
-    xa, Wa, Na, Ka, x, stats, Wb, Nb, bias, yf, yh, ldy, mode, ln_w, ln_b, eps, sync = args
-    assert grid[0] <= 132 * EmulatedKernels.RESIDENT and not sync.any()
-    a = (xa, Ka, 1, Wa, Na, Ka, np.uint64(0), x, np.uint64(0), x.shape[-1], kn.MODE_ADD, stats)
-    _gemv((min(grid[0], -(-int(Na) // rows)),), block, a, rows)
-    b = (x, Na, 1, Wb, Nb, Na, bias, yf, yh, ldy, mode, np.uint64(0), ln_w, ln_b, stats, eps)
-    _gemv((min(grid[0], -(-int(Nb) // rows)),), block, b, rows)
-
-
 def _attention(grid, block, args, D):
     (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out,
      H, KVH, max_len, scale, split_tiles, nbuf) = args
@@ -285,17 +274,11 @@ def _argmax(grid, block, args):
 
 
 class EmulatedKernels(kn.DecodeKernels):
-    RESIDENT = 3                          # blocks a SM holds of any kernel (resident_blocks)
-
-    def resident_blocks(self, fn, threads, smem):
-        return self.RESIDENT
-
     def __init__(self):
         self.cp = cuda_xp.cupy()
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_pair_fn = {r: _Kernel(_gemv_pair, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -1092,52 +1075,6 @@ def test_generate_through_engine_steps_folded_layernorms(emulated, parallel):
         engine.fold_layernorm = True
         engine.reset_plans()
     assert np.array_equal(folded, plain)
-
-
-@pytest.mark.parametrize("final", [True, False])
-def test_paired_gemvs_run_as_the_launches_apart(emulated, final):
-    """pair_o_proj / pair_down: o_proj + gate|up, and down + the next layer's q|k|v (the last down + lm_head where
-    the final LayerNorm is folded), each one gemv_pair launch with a barrier counter of its own, the grid at most
-    what the SMs hold; the tokens equal the launches' apart (the same products: A's rows and statistics, then B
-    from them). A parallel residual or batch > 1 (no folded LayerNorms) pairs nothing."""
-    ref, fast = _models(emulated)
-    ids = np.random.default_rng(13).integers(2, 384, (1, 7))
-    mask = np.ones_like(ids)
-    engine_kw = dict(attention_mask=mask, max_new_tokens=6, engine="fast")
-    apart = generate(fast, ids, **engine_kw)
-    engine = fast.engine
-    n_layers = len(engine.layers)
-    engine.fold_final_layernorm = final
-    engine.pair_o_proj = engine.pair_down = True
-    engine.reset_plans()
-    try:
-        paired = generate(fast, ids, **engine_kw)
-        tags = [fn.tag for fn in engine._plan(1)]
-        pairs = [fn for fn in engine._plan(1) if fn.fn in emulated.gemv_pair_fn.values()]
-    finally:
-        engine.pair_o_proj = engine.pair_down = False
-        engine.fold_final_layernorm = True
-        engine.reset_plans()
-    gemvs = [t for t in tags if t.startswith("gemv")]
-    expect = ["gemv:qkv"]
-    for i in range(n_layers):
-        expect.append("gemv:o_proj+gate_up")
-        expect.append("gemv:down+qkv" if i + 1 < n_layers else ("gemv:down+lm_head" if final else "gemv:down"))
-    assert gemvs == expect + ([] if final else ["gemv:lm_head"])
-    assert tags.count("layernorm") == (0 if final else 1)
-    syncs = [fn.args[-1] for fn in pairs]
-    assert len({a.__array_interface__["data"][0] for a in syncs}) == len(syncs)    # a counter pair each
-    assert all(fn.grid[0] <= 132 * EmulatedKernels.RESIDENT for fn in pairs)
-    assert np.array_equal(paired, apart)
-    _check_greedy(ref, paired, 7, mask)
-    engine.pair_o_proj = engine.pair_down = True
-    try:
-        assert not engine.pairs("o_proj", 2) and not engine.pairs("down", 2)     # batch 2: no folded LayerNorms
-        engine.parallel = True
-        assert not engine.pairs("o_proj", 1) and not engine.pairs("down", 1)
-    finally:
-        engine.parallel = False
-        engine.pair_o_proj = engine.pair_down = False
 
 
 def test_step_layout_sizes_the_whole_step_kernel():

@@ -118,7 +118,7 @@ def _gemv_early_groups(extra, cond="true"):
     C condition `cond` on the kernel's arguments holds: one kind of matrix)."""
     code = ("    for (int e = 1; (%s) && e <= %d; ++e) {\n"
             "        const int ge = g + e * (int)gridDim.x;\n"
-            "        if (ge >= (N + R - 1) / R) break;\n"
+            "        if (ge >= groups) break;\n"
             "        for (int cc = tid; cc < KC; cc += T)\n"
             "            for (int r = 0; r < R; ++r)\n"
             "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
@@ -147,12 +147,6 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANTS["ld-evict-first"](src))
                                                  if src.count(LD_STREAM) == 2 else None)
-# gemv_pair without its B matrix's first group prefetched into L2 before the PDL wait
-PAIR_B_PREFETCH = ("        if (g < gb)                              // B's first group into L2 only: registers hold A's\n"
-                   "            for (int cc = tid; cc < KCb; cc += T)\n")
-VARIANTS["pair-no-b-prefetch"] = lambda src: (src.replace(PAIR_B_PREFETCH, "        if (false)\n"
-                                                          "            for (int cc = tid; cc < KCb; cc += T)\n")
-                                              if PAIR_B_PREFETCH in src else None)
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
@@ -303,53 +297,6 @@ def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layer
     log(f"    {what} folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
         f"({times[False]}): {off / on:.3f}x")
     return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
-
-
-PAIR_FORMS = {"apart": (False, False), "o_proj pair": (True, False), "down pair": (False, True),
-              "both pairs": (True, True)}      # name -> (engine.pair_o_proj, engine.pair_down)
-
-
-def pair_ab(engine, ids, steps, rounds=3):
-    """Batch 1 with o_proj + gate|up and/or down + the next q|k|v (lm_head) as one launch each (gemv_pair_b1) or
-    apart, all with the engine's tuning, in alternating rounds: ms a step; and each form's logits after the prompt
-    and one step, and its tokens over the timed steps, against the launches apart. A pair runs its first GEMV with
-    the second's block shape, so where the tuner gave them different shapes the float32 sums differ in order (and
-    a near-tie can then pick another token); with the same shape only the float64 statistics' atomic order does."""
-    saved = (engine.pair_o_proj, engine.pair_down)
-    times = {name: [] for name in PAIR_FORMS}
-    seen = {}
-    try:
-        for _ in range(rounds):
-            for name, (o, d) in PAIR_FORMS.items():
-                engine.pair_o_proj, engine.pair_down = o, d
-                engine.reset_plans()
-                engine.prefill(ids, logits=None)
-                g = engine.capture(1)
-                times[name].append(time_graph(engine, ids, g, steps))
-                if name not in seen:
-                    engine.prefill(ids, logits=None)
-                    engine.decode_step()
-                    first = engine.get_logits()
-                    for _ in range(steps - 1):
-                        engine.decode_step()
-                    seen[name] = (engine.generated().copy(), first)
-    finally:
-        engine.pair_o_proj, engine.pair_down = saved
-        engine.reset_plans()
-    out = {}
-    base_tok, base_logits = seen["apart"]
-    base = float(np.median(times["apart"]))
-    for name in PAIR_FORMS:
-        tok, logits = seen[name]
-        ms = float(np.median(times[name]))
-        same = int((tok == base_tok).all(axis=0).cumprod().sum()) if tok.shape == base_tok.shape else 0
-        diff = float(np.abs(logits - base_logits).max() / np.abs(base_logits).max())
-        out[name] = {"ms": ms, "rounds": times[name], "tokens equal to apart's (leading)": same,
-                     "logits diff after one step": diff}
-        log(f"    {name:11s} {ms:.4f} ms/step ({', '.join(f'{t:.4f}' for t in times[name])}), "
-            f"{ms - base:+.4f} against apart; logits after one step: diff {diff:.2e}; first {same} of "
-            f"{tok.shape[-1]} tokens as apart's")
-    return out
 
 
 def carveout_sweep(engine, ids, steps, percents, res):
@@ -587,9 +534,6 @@ def main():
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--final-fold-ab", action="store_true",
                     help="the final LayerNorm folded into lm_head or as its kernel, one tuning (A/B, first variant)")
-    ap.add_argument("--pair-ab", action="store_true",
-                    help="o_proj + gate|up and down + the next q|k|v as one launch each (gemv_pair) or apart: A/B, one "
-                         "tuning, tokens and logits compared (first variant)")
     ap.add_argument("--fold-ab", action="store_true",
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
@@ -663,8 +607,6 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
-        if name == args.variants[0] and args.pair_ab:
-            res[name]["pair A/B"] = pair_ab(engine, ids, args.steps)
         if name == args.variants[0] and args.final_fold_ab:
             res[name]["final fold A/B"] = fold_ab(engine, ids, args.steps, rounds=3, attr="fold_final_layernorm",
                                                   what="the final LayerNorm", retune=False)

@@ -311,8 +311,6 @@ def main():
                     help="launches printed one by one: the first FIRST and the last LAST")
     ap.add_argument("--csv", default=None, help="every launch's row to this file (one per shape: NAME-shape.csv)")
     ap.add_argument("--raw", default=None, help="the raw block records to NAME-shape.npz (key recs)")
-    ap.add_argument("--pair", nargs="*", default=[], choices=["o_proj", "down"],
-                    help="after tuning, run these residual-add GEMVs paired with the GEMV after them (engine.pair_*)")
     args = ap.parse_args()
     t0 = time.time()
     k_tl = None
@@ -324,8 +322,6 @@ def main():
         engine.att_fit = False                            # one graph over every length, as decode_probe's
         engine.prefill(ids, logits=None)
         engine.capture(1)                                 # tuned with the shipped kernels
-        engine.pair_o_proj, engine.pair_down = "o_proj" in args.pair, "down" in args.pair
-        engine.reset_plans()
         ms = time_graph(engine, ids, engine.capture(1), args.steps)
         log(f"{shape}: GPU {engine.k.device_name}; shipped step {ms * 1e3:.1f} us ({1e3 / ms:.1f} tok/s); tuning "
             f"{ {n: (v.rows, v.threads, v.persist) for n, v in engine.tuning[1].items()} }, attention "

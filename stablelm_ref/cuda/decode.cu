@@ -355,23 +355,90 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
     for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The row groups g, g + grid, ... of W [N, K] (groups of R rows) for this block, the first one's weights already
-// in flight (wa, wb: its first two chunks of each row, wrow its rows): acc = x . W[rows] with x through load_x,
-// a block reduction, the epilogue (gemv_epilogue); fetch_group(next) points wrow at group `next` and starts its
-// loads during the current group's reduction; after_last() runs there instead after the last group (the next
-// work's first loads). stats_out (MODE_ADD) += the new rows' (sum, sum of squares): one float64 atomic pair a
-// block and row.
-template <int BM, int R, typename LoadX, typename FetchGroup, typename AfterLast>
-__device__ __forceinline__ void gemv_groups(int g, int N, int K, int nb, LoadX load_x, uint4 (&wa)[R],
-                                            uint4 (&wb)[R], const uint4* (&wrow)[R], FetchGroup fetch_group,
-                                            AfterLast after_last, int mode, const float* __restrict__ bias,
-                                            float* __restrict__ yf, u16* __restrict__ yh, int ldy,
-                                            double* __restrict__ stats_out, float (&red)[GEMV_MAX_WARPS][BM * R]) {
+// LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
+// h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic, with mean and rstd from
+// ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below: var = E[x^2] - mean^2 in
+// float64). So the LayerNorm kernel and its launch go (the engine folds the layers' LayerNorms this way at
+// batch 1). Each block writes h into shared memory once (K bf16, dynamic shared memory) while its first
+// weights are in flight, then runs the plain GEMV loop on it (computing h per chunk as the chunks are read,
+// every row group reading x, ln_w and ln_b again, measured 2.9% slower a step).
+// stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
+// launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
+// embed_rows at the step's start.
+template <int BM, int R, bool LN>
+__device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
+                                          const u16* __restrict__ W, int N, int K,
+                                          const float* __restrict__ bias,
+                                          float* __restrict__ yf, u16* __restrict__ yh, int ldy,
+                                          int mode, double* __restrict__ stats_out,
+                                          const float* __restrict__ ln_w, const float* __restrict__ ln_b,
+                                          const double* __restrict__ ln_stats, float eps) {
+    __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
     const int KC = K >> 3;                       // 16-byte chunks per row
-    const int groups = (N + R - 1) / R;
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
+    const int ldxv = ldx >> 3;
+    float mean[BM], rstd[BM];
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    const uint4* hs = reinterpret_cast<const uint4*>(gemv_smem);   // LN: h [K] bf16 (batch 1)
+    auto ln8 = [&](int b, int c, float (&xf)[8]) {                   // h[b, 8c .. 8c + 7]
+        const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + (size_t)b * ldx) + 2 * c;
+        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;
+        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;
+        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];
+        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xf[i] = (v[i] - mean[b]) * rstd[b] * g[i] + o[i];
+    };
+    auto load_x = [&](int b, int c, float (&xf)[8]) {
+        if constexpr (LN) {
+            unpack8(hs[c], xf);                  // batch 1
+        } else {
+            unpack8(xv[(size_t)b * ldxv + c], xf);
+        }
+    };
     double st1 = 0.0, st2 = 0.0;                 // this thread's share of stats_out (epilogue threads)
+    const int groups = (N + R - 1) / R;          // groups of R rows; block i takes groups i, i + grid, ...
+    int g = blockIdx.x;
+    const uint4* wrow[R];
+    auto point_at = [&](int grp) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
+            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
+    };
+    // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
+    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
+    uint4 wa[R], wb[R];
+    auto fetch = [&]() {
+        gemv_load<R>(wa, wb, wrow, tid, T, KC);
+        for (int cc = tid + 2 * T; cc < KC; cc += T)
+#pragma unroll
+            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+    };
+
+    PDL_LAUNCH();
+    point_at(g);
+    fetch();
+    PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
+    if constexpr (LN) {
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
+            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            mean[b] = (float)m;
+            rstd[b] = rsqrtf((float)var + eps);
+        }
+        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
+        for (int c = tid; c < KC; c += T) {
+            float h[8];
+            ln8(0, c, h);
+            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+        }
+        __syncthreads();
+    }
     while (true) {
         float acc[BM][R];
 #pragma unroll
@@ -386,10 +453,10 @@ __device__ __forceinline__ void gemv_groups(int g, int N, int K, int nb, LoadX l
             if (c < KC) gemv_load<R>(wa, wb, wrow, c, T, KC);
         }
         const int n0 = g * R, next = g + gridDim.x;
-        if (next < groups)                       // the next group's weights load during the reduction
-            fetch_group(next);
-        else
-            after_last();
+        if (next < groups) {                     // the next group's weights load during the reduction
+            point_at(next);
+            fetch();
+        }
 #pragma unroll
         for (int b = 0; b < BM; ++b)
 #pragma unroll
@@ -426,95 +493,6 @@ __device__ __forceinline__ void gemv_groups(int g, int N, int K, int nb, LoadX l
     }
 }
 
-
-// h = bf16(LayerNorm(x)) of one row x [K] (float32) into shared memory hw [K] (bf16), by the block's threads:
-// (x - mean) * rstd * w + b, mean and rstd from stats = (sum x, sum x^2) (float64: var = E[x^2] - mean^2).
-// L2: x and stats read through L2 (other blocks of the same launch wrote them: gemv_pair). The caller syncs.
-template <bool L2>
-__device__ __forceinline__ void ln_row_to_smem(const float* x, const float* __restrict__ w,
-                                               const float* __restrict__ b, const double* stats, int K, float eps,
-                                               uint4* hw) {
-    const double m = (L2 ? __ldcg(stats) : stats[0]) / K;
-    const double var = fmax((L2 ? __ldcg(stats + 1) : stats[1]) / K - m * m, 0.0);
-    const float mean = (float)m, rstd = rsqrtf((float)var + eps);
-    const float4* xr = reinterpret_cast<const float4*>(x);
-    const float4* wr = reinterpret_cast<const float4*>(w);
-    const float4* br = reinterpret_cast<const float4*>(b);
-    for (int c = threadIdx.x; c < (K >> 3); c += blockDim.x) {
-        const float4 x0 = L2 ? __ldcg(xr + 2 * c) : xr[2 * c], x1 = L2 ? __ldcg(xr + 2 * c + 1) : xr[2 * c + 1];
-        const float4 w0 = wr[2 * c], w1 = wr[2 * c + 1], b0 = br[2 * c], b1 = br[2 * c + 1];
-        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-        const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-        const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-        float h[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) h[i] = (v[i] - mean) * rstd * g[i] + o[i];
-        hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
-    }
-}
-
-// LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
-// h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic, with mean and rstd from
-// ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below: var = E[x^2] - mean^2 in
-// float64). So the LayerNorm kernel and its launch go (the engine folds the layers' LayerNorms this way at
-// batch 1). Each block writes h into shared memory once (K bf16, dynamic shared memory) while its first
-// weights are in flight, then runs the plain GEMV loop on it (computing h per chunk as the chunks are read,
-// every row group reading x, ln_w and ln_b again, measured 2.9% slower a step).
-// stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
-// launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
-// embed_rows at the step's start.
-template <int BM, int R, bool LN>
-__device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
-                                          const u16* __restrict__ W, int N, int K,
-                                          const float* __restrict__ bias,
-                                          float* __restrict__ yf, u16* __restrict__ yh, int ldy,
-                                          int mode, double* __restrict__ stats_out,
-                                          const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                          const double* __restrict__ ln_stats, float eps) {
-    __shared__ float red[GEMV_MAX_WARPS][BM * R];
-    const int tid = threadIdx.x, T = blockDim.x;
-    const int KC = K >> 3;                       // 16-byte chunks per row
-    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
-    const int ldxv = ldx >> 3;
-    extern __shared__ __align__(16) unsigned char gemv_smem[];
-    const uint4* hs = reinterpret_cast<const uint4*>(gemv_smem);   // LN: h [K] bf16 (batch 1)
-    auto load_x = [&](int b, int c, float (&xf)[8]) {
-        if constexpr (LN) {
-            unpack8(hs[c], xf);                  // batch 1
-        } else {
-            unpack8(xv[(size_t)b * ldxv + c], xf);
-        }
-    };
-    int g = blockIdx.x;                          // groups of R rows: block i takes groups i, i + grid, ...
-    const uint4* wrow[R];
-    auto point_at = [&](int grp) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
-            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
-    };
-    // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
-    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
-    uint4 wa[R], wb[R];
-    auto fetch = [&]() {
-        gemv_load<R>(wa, wb, wrow, tid, T, KC);
-        for (int cc = tid + 2 * T; cc < KC; cc += T)
-#pragma unroll
-            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
-    };
-
-    PDL_LAUNCH();
-    point_at(g);
-    fetch();
-    PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
-    if constexpr (LN) {
-        ln_row_to_smem<false>(reinterpret_cast<const float*>(x), ln_w, ln_b, ln_stats, K, eps,
-                              reinterpret_cast<uint4*>(gemv_smem));   // h into shared memory once (batch 1)
-        __syncthreads();
-    }
-    gemv_groups<BM, R>(g, N, K, nb, load_x, wa, wb, wrow, [&](int grp) { point_at(grp); fetch(); }, [] {},
-                       mode, bias, yf, yh, ldy, stats_out, red);
-}
-
 #define GEMV_INST(BM, R)                                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(                    \
         const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
@@ -539,107 +517,6 @@ GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
                               ln_stats, eps);                                                               \
     }
 GEMV_LN_INST(1) GEMV_LN_INST(2) GEMV_LN_INST(4) GEMV_LN_INST(8)
-
-// ---------------------------------------------------------------- two GEMVs in one launch (batch 1)
-// gemv_pair_b1_r{R}: a residual-add GEMV (A: x += a . Wa^T, its rows' statistics into stats) and the GEMV that
-// reads LayerNorm(x) with those statistics (B: gemv_ln's product, store or SwiGLU), with a grid barrier
-// between: o_proj then gate|up, or down then the next layer's q|k|v (or lm_head). As two launches, B's blocks
-// could not become resident while A's held the SMs' registers (a 3b-4e1t layer's gate|up started 4.7 us late)
-// and waited for A's whole grid to end (the PDL release). Here every block is resident from the start (the grid
-// is at most the blocks a SM can hold x SMs: DecodeKernels.gemv_pair_launch), and before the PDL wait each
-// loads its first A group (registers and L2) and prefetches its first B group into L2, so B's weights stream
-// in while the previous kernel (the attention, or gate|up) drains. A block loads its first B group into
-// registers during its last A group's reduction. The same arithmetic as the two gemv launches: B's h is
-// gemv_ln's, from the same (sum x, sum x^2) statistics.
-// Memory: x and stats are written by other blocks of this launch before the barrier; B reads them through L2
-// (ld.cg). The barrier: sync[0] counts arrivals (after a fence), sync[1] departures; the last block to leave
-// sets both back to zero, ready for the next step (one pair of counters a launch in the step).
-__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void pair_grid_barrier(unsigned* sync) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(sync, 1u);
-        while (ld_acquire_u32(sync) < gridDim.x) {
-        }
-        __threadfence();
-        if (atomicAdd(sync + 1, 1u) == gridDim.x - 1) {
-            atomicExch(sync, 0u);
-            atomicExch(sync + 1, 0u);
-        }
-    }
-    __syncthreads();
-}
-
-template <int R>
-__device__ __forceinline__ void gemv_pair_impl(const u16* __restrict__ xa, const u16* __restrict__ Wa, int Na,
-                                               int Ka, float* x, double* stats, const u16* __restrict__ Wb, int Nb,
-                                               const float* __restrict__ bias, float* __restrict__ yf,
-                                               u16* __restrict__ yh, int ldy, int mode,
-                                               const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                               float eps, unsigned* sync) {
-    __shared__ float red[GEMV_MAX_WARPS][R];
-    extern __shared__ __align__(16) unsigned char gemv_smem[];
-    const uint4* hs = reinterpret_cast<const uint4*>(gemv_smem);   // B: h [Na] bf16
-    const int tid = threadIdx.x, T = blockDim.x, g = blockIdx.x;
-    const int KCa = Ka >> 3, KCb = Na >> 3;      // B's K is A's N (the hidden size)
-    const int ga = (Na + R - 1) / R, gb = (Nb + R - 1) / R;
-    const uint4* wrow[R];
-    uint4 wa[R], wb[R];
-    auto point_at = [&](const u16* W, int N, int KC, int grp) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
-            wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
-    };
-    auto fetch = [&](int KC) {                   // first two chunks a row into registers, the rest into L2
-        gemv_load<R>(wa, wb, wrow, tid, T, KC);
-        for (int cc = tid + 2 * T; cc < KC; cc += T)
-#pragma unroll
-            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
-    };
-    auto fetch_b = [&](int grp) { point_at(Wb, Nb, KCb, grp); fetch(KCb); };
-
-    PDL_LAUNCH();
-    if (g < ga) {
-        point_at(Wa, Na, KCa, g);
-        fetch(KCa);
-        if (g < gb)                              // B's first group into L2 only: registers hold A's
-            for (int cc = tid; cc < KCb; cc += T)
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    prefetch_weights(reinterpret_cast<const uint4*>(Wb) + (size_t)min(g * R + r, Nb - 1) * KCb + cc);
-    } else if (g < gb) {
-        fetch_b(g);
-    }
-    PDL_WAIT();                                  // a and x come from earlier kernels
-    if (g < ga) {
-        const uint4* xav = reinterpret_cast<const uint4*>(xa);
-        auto load_a = [&](int, int c, float (&xf)[8]) { unpack8(xav[c], xf); };
-        gemv_groups<1, R>(g, Na, Ka, 1, load_a, wa, wb, wrow, [&](int grp) { point_at(Wa, Na, KCa, grp); fetch(KCa); },
-                          [&] { if (g < gb) fetch_b(g); }, MODE_ADD, nullptr, x, nullptr, Na, stats, red);
-    }
-    pair_grid_barrier(sync);                     // every row of x and its statistics are written
-    if (g >= gb) return;
-    ln_row_to_smem<true>(x, ln_w, ln_b, stats, Na, eps, reinterpret_cast<uint4*>(gemv_smem));
-    __syncthreads();
-    auto load_h = [&](int, int c, float (&xf)[8]) { unpack8(hs[c], xf); };
-    gemv_groups<1, R>(g, Nb, Na, 1, load_h, wa, wb, wrow, fetch_b, [] {}, mode, bias, yf, yh, ldy, nullptr, red);
-}
-
-#define GEMV_PAIR_INST(R)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_pair_b1_r##R(                    \
-        const u16* __restrict__ xa, const u16* __restrict__ Wa, int Na, int Ka, float* x, double* stats,    \
-        const u16* __restrict__ Wb, int Nb, const float* __restrict__ bias, float* __restrict__ yf,         \
-        u16* __restrict__ yh, int ldy, int mode, const float* __restrict__ ln_w,                            \
-        const float* __restrict__ ln_b, float eps, unsigned* sync) {                                        \
-        gemv_pair_impl<R>(xa, Wa, Na, Ka, x, stats, Wb, Nb, bias, yf, yh, ldy, mode, ln_w, ln_b, eps, sync); \
-    }
-GEMV_PAIR_INST(1) GEMV_PAIR_INST(2) GEMV_PAIR_INST(4) GEMV_PAIR_INST(8)
 
 // ---------------------------------------------------------------- skinny GEMM on the tensor cores (nb 2..8)
 // The same product and epilogues as gemv_b{B}_r{R}, for the batch's rows at once: at nb = 8 the GEMV above

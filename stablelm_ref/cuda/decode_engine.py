@@ -163,8 +163,6 @@ class GpuDecodeEngine:
         self.pdl_error = None
         self.fold_layernorm = True          # batch 1: the layers' LayerNorms folded into their GEMVs
         self.fold_final_layernorm = True    # with them, the final LayerNorm folded into lm_head (folds_final)
-        self.pair_o_proj = False            # with them, o_proj and gate|up as one launch (pairs, gemv_pair_b1)
-        self.pair_down = False              # with them, down and the next q|k|v (or lm_head) as one launch
         self.megakernel = False             # batch 1, the whole step in one kernel (decode_step.cu): False = never
         #                                     (the default while it is 1.2x slower than the per-layer step, eleventh
         #                                     session's notes: timing it would add ~1 s to every tuning), None = the
@@ -344,8 +342,6 @@ class GpuDecodeEngine:
         self.ln_stats = cp.zeros((2 * len(self.layers) + 1, MB, 2), cp.float64)  # folded LayerNorms' (sum,
         #                                                           sum sq): [2i] LN1 of layer i, [2i + 1] LN2, [-1] the final
         self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
-        self.pair_sync = cp.zeros((2 * len(self.layers), 2), cp.uint32)   # gemv_pair's barriers: [2i] o_proj +
-        #                                             gate|up of layer i, [2i + 1] its down + what follows (left zero)
         self.step_part_o = cp.zeros((1, self.H, MK_PMAX, self.D), cp.float32)   # its attention's parts
         self.step_part_ml = cp.zeros((1, self.H, MK_PMAX, 2), cp.float32)
         self._step_ptrs = None                      # its pointer table (_step_launch; made again with the cache)
@@ -376,21 +372,13 @@ class GpuDecodeEngine:
         a block, a one-block-a-group one once a group of rows."""
         return self.fold_final_layernorm and self.folds_layernorm(nb)
 
-    def pairs(self, name, nb) -> bool:
-        """Whether the step at batch nb runs residual-add GEMV `name` ("o_proj" or "down") and the GEMV that reads
-        the LayerNorm of its result (gate|up; the next layer's q|k|v, or lm_head where folds_final) as one launch
-        (gemv_pair_b1: a grid barrier between them; pair_o_proj, pair_down): with folds_layernorm, since the
-        second reads the first's statistics."""
-        want = self.pair_o_proj if name == "o_proj" else self.pair_down
-        return bool(want) and self.folds_layernorm(nb)
-
-    def _gemv_call(self, name, i, nb):
-        """(x, W, keyword arguments) of gemv_launch for GEMV kind `name` of layer i (lm_head: i ignored) at batch
-        nb, as the step runs it. With folded LayerNorms (folds_layernorm), q|k|v and gate|up read the float32
-        residual x and the LayerNorm statistics (ln_stats[2i]: LN1 of layer i, [2i + 1]: LN2) that embed_rows
-        (instance 0), o_proj (LN2) and the previous layer's down (LN1) accumulate; otherwise the bf16 output h of
-        the LayerNorm kernel. With folds_final, lm_head reads x and the final LayerNorm's statistics
-        (ln_stats[-1]) that the last layer's down accumulates."""
+    def _layer_gemv(self, name, i, nb):
+        """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb, as the step runs it.
+        With folded LayerNorms (folds_layernorm), q|k|v and gate|up read the float32 residual x and the
+        LayerNorm statistics (ln_stats[2i]: LN1 of layer i, [2i + 1]: LN2) that embed_rows (instance 0), o_proj
+        (LN2) and the previous layer's down (LN1) accumulate; otherwise the bf16 output h of the LayerNorm
+        kernel. With folds_final, lm_head reads x and the final LayerNorm's statistics (ln_stats[-1]) that the
+        last layer's down accumulates."""
         shape = self.tuning.get(nb, {}).get(name, DEFAULT_GEMV)
         fold, last, final = self.folds_layernorm(nb), i + 1 == len(self.layers), self.folds_final(nb)
         L = self.layers[i] if name != "lm_head" else None
@@ -398,38 +386,21 @@ class GpuDecodeEngine:
                   tag="gemv:" + name)
         if name == "qkv":
             ln = (L.ln1_w, L.ln1_b, self.ln_stats[2 * i], self.eps) if fold else None
-            return self.x if fold else self.h, L.wqkv, dict(kw, mode=MODE_STORE, yf=self.qkv, bias=L.bqkv, ln=ln)
+            return self.k.gemv_launch(self.x if fold else self.h, L.wqkv, mode=MODE_STORE, yf=self.qkv, bias=L.bqkv,
+                                      ln=ln, **kw)
         if name == "o_proj":
             stats = self.ln_stats[2 * i + 1] if fold else None
-            return self.att, L.wo, dict(kw, mode=MODE_ADD, yf=self.x, stats_out=stats)
+            return self.k.gemv_launch(self.att, L.wo, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         if name == "gate_up":
             ln = (L.ln2_w, L.ln2_b, self.ln_stats[2 * i + 1], self.eps) if fold else None
-            return self.x if fold else self.h, L.wgu, dict(kw, mode=MODE_SWIGLU, yh=self.mlp, ln=ln)
+            return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln, **kw)
         if name == "down":
             stats = self.ln_stats[2 * i + 2] if fold and (final or not last) else None
-            return self.mlp, L.wd, dict(kw, mode=MODE_ADD, yf=self.x, stats_out=stats)
+            return self.k.gemv_launch(self.mlp, L.wd, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         if final:
-            return self.x, self.lm, dict(kw, mode=MODE_STORE, yf=self.logits_buf,
-                                         ln=(self.norm_w, self.norm_b, self.ln_stats[-1], self.eps))
-        return self.h, self.lm, dict(kw, mode=MODE_STORE, yf=self.logits_buf)
-
-    def _layer_gemv(self, name, i, nb):
-        """The launch of GEMV kind `name` of layer i (lm_head: i ignored) at batch nb (_gemv_call's)."""
-        x, W, kw = self._gemv_call(name, i, nb)
-        return self.k.gemv_launch(x, W, **kw)
-
-    def _pair_gemv(self, a_name, i, b_name, j, nb):
-        """GEMV `a_name` of layer i (o_proj or down) and `b_name` of layer j (the GEMV that reads LayerNorm(x)
-        next) as one launch (pairs): both with the shape the tuner chose for b_name (its rows, threads and
-        persistent blocks)."""
-        xa, Wa, ka = self._gemv_call(a_name, i, nb)
-        xb, Wb, kb = self._gemv_call(b_name, j, nb)
-        ln_w, ln_b, stats, eps = kb["ln"]          # stats: ka's stats_out; xb: ka's yf (x)
-        sync = self.pair_sync[2 * i + (a_name == "down")]
-        return self.k.gemv_pair_launch(xa, Wa, ka["yf"], stats, Wb, mode=kb["mode"], ln_w=ln_w, ln_b=ln_b, eps=eps,
-                                       sync=sync, yf=kb.get("yf"), yh=kb.get("yh"), bias=kb.get("bias"),
-                                       rows=kb["rows"], threads=kb["threads"], persist=kb["persist"],
-                                       tag=f"gemv:{a_name}+{b_name}")
+            return self.k.gemv_launch(self.x, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw,
+                                      ln=(self.norm_w, self.norm_b, self.ln_stats[-1], self.eps))
+        return self.k.gemv_launch(self.h, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw)
 
     def step_kernel_problem(self) -> str | None:
         """Why the whole-step kernel (decode_step.cu) cannot run this model on this GPU; None if it can."""
@@ -499,37 +470,26 @@ class GpuDecodeEngine:
         split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
         fold = self.folds_layernorm(nb)
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
-        nl = len(self.layers)
         for i, L in enumerate(self.layers):
             if not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln1_w, L.ln1_b, self.h, nb=nb, eps=self.eps,
                                                tag="layernorm"))
-            if i == 0 or not self.pairs("down", nb):          # else in the previous layer's down pair
-                plan.append(self._layer_gemv("qkv", i, nb))
+            plan.append(self._layer_gemv("qkv", i, nb))
             plan.append(k.attention_launch(
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
                 counters=self.att_counters, nsplit=ns, qn_w=L.qn, kn_w=L.kn, eps=self.eps, split_tiles=split_tiles,
                 nbuf=nbuf, cluster=self.att_cluster))
-            if self.pairs("o_proj", nb):
-                plan.append(self._pair_gemv("o_proj", i, "gate_up", i, nb))
-            else:
-                plan.append(self._layer_gemv("o_proj", i, nb))
-                if not self.parallel and not fold:
-                    plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
-                                                   tag="layernorm"))
-                plan.append(self._layer_gemv("gate_up", i, nb))
-            if self.pairs("down", nb) and i + 1 < nl:
-                plan.append(self._pair_gemv("down", i, "qkv", i + 1, nb))
-            elif self.pairs("down", nb) and self.folds_final(nb):
-                plan.append(self._pair_gemv("down", i, "lm_head", 0, nb))
-            else:
-                plan.append(self._layer_gemv("down", i, nb))
+            plan.append(self._layer_gemv("o_proj", i, nb))
+            if not self.parallel and not fold:
+                plan.append(k.layernorm_launch(self.x, L.ln2_w, L.ln2_b, self.h, nb=nb, eps=self.eps,
+                                               tag="layernorm"))
+            plan.append(self._layer_gemv("gate_up", i, nb))
+            plan.append(self._layer_gemv("down", i, nb))
         if not self.folds_final(nb):
             plan.append(k.layernorm_launch(self.x, self.norm_w, self.norm_b, self.h, nb=nb, eps=self.eps,
                                            tag="layernorm"))
-        if not (self.pairs("down", nb) and self.folds_final(nb)):         # else in the last down pair
-            plan.append(self._layer_gemv("lm_head", 0, nb))
+        plan.append(self._layer_gemv("lm_head", 0, nb))
         return self._finish_plan(key, plan, nb)
 
     def _finish_plan(self, key, plan, nb):

@@ -4,7 +4,6 @@
     k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
     k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
     k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, b, stats, eps))   #   LayerNorm(x) W^T, the LayerNorm folded in
-    k.gemv_pair_launch(a, Wa, x, stats, Wb, ..., sync=s)   # x += a Wa^T, then LayerNorm(x) Wb^T: one launch
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
@@ -97,7 +96,6 @@ class DecodeKernels:
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
-        self.gemv_pair_fn = {r: f(f"gemv_pair_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -168,56 +166,6 @@ class DecodeKernels:
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
         return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
-
-    def resident_blocks(self, fn, threads: int, smem: int) -> int:
-        """Blocks of kernel `fn` (threads a block, smem bytes of dynamic shared memory) that one SM holds at once
-        (the driver's occupancy calculator: registers, shared memory, its carveout)."""
-        import ctypes as C
-        n = C.c_int()
-        cuda = C.CDLL("libcuda.so.1")
-        rc = cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(C.byref(n), C.c_void_p(fn.kernel.ptr), C.c_int(threads),
-                                                              C.c_size_t(smem))
-        if rc != 0:
-            raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {rc}")
-        return int(n.value)
-
-    def gemv_pair_launch(self, xa, Wa, x, stats, Wb, *, mode, ln_w, ln_b, eps, sync, yf=None, yh=None, bias=None,
-                         rows=4, threads=256, persist=0, tag="gemv:pair"):
-        """Two batch-1 GEMVs in one launch with a grid barrier between (gemv_pair_b1_r{rows}): A, x[0] += xa[0] @
-        Wa^T (xa: bf16 [>= 1, Ka], Wa: [hidden, Ka], x: float32 [>= 1, hidden]), its new rows' (sum, sum of
-        squares) added to stats (float64 [>= 1, 2], zero before A); then B, gemv_launch(x, Wb, mode=mode,
-        ln=(ln_w, ln_b, stats, eps), ...): the product with LayerNorm(x), store (yf, bias) or SwiGLU (yh).
-        rows, threads, persist as gemv_launch's, for both; the grid is at most the blocks the SMs hold at once
-        (resident_blocks x SMs: every block must reach the barrier while the others wait in it), persist 0
-        meaning that many. sync: uint32 [2], zero (the kernel leaves it zero), one a launch of the step."""
-        hidden, Ka = Wa.shape
-        Nb, Kb = Wb.shape
-        if (Kb != hidden or Ka % 8 or hidden % 8 or xa.shape[-1] != Ka or x.shape[-1] != hidden
-                or xa.dtype.itemsize != 2 or x.dtype.itemsize != 4 or Wa.dtype.itemsize != 2 or Wb.dtype.itemsize != 2):
-            raise ValueError(f"gemv_pair: need bf16 xa [1, Ka], Wa [hidden, Ka], float32 x [1, hidden], bf16 Wb "
-                             f"[N, hidden] (K % 8 == 0); got {xa.dtype} {xa.shape}, {Wa.shape}, {x.dtype} {x.shape}, "
-                             f"{Wb.shape}")
-        if mode not in (MODE_STORE, MODE_SWIGLU) or rows not in self.gemv_pair_fn:
-            raise ValueError(f"gemv_pair: B stores or applies SwiGLU (mode {MODE_STORE} or {MODE_SWIGLU}) with rows "
-                             f"in {GEMV_ROWS}; got mode {mode}, rows {rows}")
-        if mode == MODE_SWIGLU and (rows % 2 or Nb % 2):
-            raise ValueError("gemv_pair swiglu needs an even number of rows per block and of Wb rows")
-        if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
-            raise ValueError(f"gemv_pair: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
-        if 2 * hidden > 48 * 1024:
-            raise NotImplementedError(f"gemv_pair: hidden = {hidden} is over 24,576 (its h in shared memory)")
-        fn = self.gemv_pair_fn[rows]
-        smem = 2 * hidden
-        fit = self.resident_blocks(fn, threads, smem)
-        if fit < 1:
-            raise ValueError(f"gemv_pair: a block of {threads} threads does not fit on a SM")
-        groups = max(-(-hidden // rows), -(-Nb // rows))
-        grid = min(groups, min(persist, fit) * self.num_sms if persist else fit * self.num_sms)
-        ldy = (yh if mode == MODE_SWIGLU else yf).shape[-1]
-        args = (xa, Wa, i32(hidden), i32(Ka), x, stats, Wb, i32(Nb), bias if bias is not None else NULL,
-                yf if yf is not None else NULL, yh if yh is not None else NULL, i32(ldy), i32(mode), ln_w, ln_b,
-                np.float32(eps), sync)
-        return Launch(fn, (grid,), (threads,), args, smem=smem, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:
