@@ -46,7 +46,7 @@ from stablelm_ref.cuda import decode_engine as de, decode_kernels as kn, launch,
 
 NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cache rows a tile copies
 # decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
-ATT_START = "    PDL_LAUNCH();\n    const int len = *lenp;"
+ATT_START = "    if (clustered) cluster_arrive_relaxed();\n    const int len = *lenp;"
 ATT_WAIT = "    PDL_WAIT();                                          // qkv comes from the previous kernel\n"
 ATT_PREPARED = "    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }\n"
 ATT_COMBINE = "    __threadfence();\n    __syncthreads();\n    if (tid == 0) {\n        const int prev = atomicAdd("
