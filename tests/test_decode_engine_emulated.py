@@ -712,6 +712,27 @@ def test_tuning_files_differ_by_shape_gpu_and_setting(emulated, monkeypatch, tmp
     assert tune.cached(e, 1) is None
 
 
+def test_every_probe_variant_still_finds_the_lines_it_changes():
+    """tools/decode_probe.py's compile-time variants (and decode_timeline.py's build) are text changes to
+    decode.cu: one whose line a kernel edit changed stops a probe run on the GPU ('decode.cu no longer has the line
+    it changes', as att-wait-exit did after the attention's cluster start came in). Checked here, on the CPU, for
+    the working tree's decode.cu, so that such an edit fails the suite rather than a later session's device
+    time."""
+    tools = str(Path(__file__).parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import decode_probe as dp
+        import decode_timeline as dt
+    finally:
+        sys.path.remove(tools)
+    from stablelm_ref.cuda import launch
+
+    src = launch.SOURCE.read_text()
+    lost = [name for name, patch in dp.VARIANTS.items() if patch is not None and patch(src) is None]
+    assert not lost, f"decode_probe variants whose lines decode.cu no longer has: {lost}"
+    assert dt.timeline_source(src).endswith(src)
+
+
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):
     """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
     duration (the plan's launches carry the carveout), the tuning, attention shape, step time and carveouts put
