@@ -150,40 +150,29 @@ VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANT
 # The folded LayerNorm's loads (gemv_ln): the statistics, then mean / rstd, then x, ln_w and ln_b (two L2 round
 # trips after the PDL wait). ln-early-cg: each thread's first two chunks of x loaded with the statistics, through
 # L2 (__ldcg, not the non-coherent path); ln-l1-wb: ln_w and ln_b prefetched into L1 before the wait
-LN_STATS = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n"
-            "            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n")
-LN_LOOP = ("        for (int c = tid; c < KC; c += T) {\n            float h[8];\n            ln8(0, c, h);\n")
-LN_X_CG = r"""    if constexpr (LN) {
-        const float4* x4e = reinterpret_cast<const float4*>(x);
-        float4 xe[2][2];
+LN8 = "    auto ln8 = [&](int b, int c, float (&xf)[8]) {"
+LN_X = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
+LN_STATS = "    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n"
+# ln8's x from the registers loaded with the statistics for the thread's first two chunks (c = tid, tid + T)
+LN_X_EARLY = ("        const int ie = (c - (int)threadIdx.x) / (int)blockDim.x;\n"
+              "        const float4 x0 = ie == 0 ? xe[0][0] : ie == 1 ? xe[1][0] : xr[0], "
+              "x1 = ie == 0 ? xe[0][1] : ie == 1 ? xe[1][1] : xr[1];\n"
+              "        const float4 w0 = wr[0]")
+LN_LOAD_EARLY = r"""    if constexpr (LN) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int c = tid + i * T;
-            if (c < KC) { xe[i][0] = __ldcg(x4e + 2 * c); xe[i][1] = __ldcg(x4e + 2 * c + 1); }
+            if (c < KC) {
+                xe[i][0] = __ldcg(reinterpret_cast<const float4*>(x) + 2 * c);
+                xe[i][1] = __ldcg(reinterpret_cast<const float4*>(x) + 2 * c + 1);
+            }
         }
 #pragma unroll
         for (int b = 0; b < BM; ++b) {
-            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
 """
-LN_LOOP_CG = r"""        for (int c = tid; c < KC; c += T) {
-            float h[8];
-            const int i = (c - tid) / T;
-            if (i < 2) {
-                const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;
-                const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;
-                const float4 x0 = i == 0 ? xe[0][0] : xe[1][0], x1 = i == 0 ? xe[0][1] : xe[1][1];
-                const float4 w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];
-                const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-                const float gg[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-                const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-                for (int k = 0; k < 8; ++k) h[k] = (v[k] - mean[0]) * rstd[0] * gg[k] + o[k];
-            } else {
-                ln8(0, c, h);
-            }
-"""
-VARIANTS["ln-early-cg"] = lambda src: (src.replace(LN_STATS, LN_X_CG).replace(LN_LOOP, LN_LOOP_CG)
-                                       if src.count(LN_STATS) == 1 and src.count(LN_LOOP) == 1 else None)
+VARIANTS["ln-early-cg"] = lambda src: (
+    src.replace(LN8, "    float4 xe[2][2];\n" + LN8).replace(LN_X, LN_X_EARLY).replace(LN_STATS, LN_LOAD_EARLY)
+    if all(src.count(t) == 1 for t in (LN8, LN_X, LN_STATS)) else None)
 VARIANTS["ln-l1-wb"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
     "    PDL_WAIT();",
     "    if constexpr (LN)\n"
