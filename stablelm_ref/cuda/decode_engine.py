@@ -472,6 +472,8 @@ class GpuDecodeEngine:
             return "only with the LayerNorms folded (batch 1, sequential residual)"
         if not self.att_cluster:
             return "thread-block clusters are off (att_cluster)"
+        if any(getattr(L.wo.data, "ptr", 0) % 16 for L in self.layers):
+            return "an o_proj weight does not start at a 16-byte boundary (its bulk copies need one)"
         nbuf = self.att_shape.get(nb, DEFAULT_ATT)[1]
         return self.k.attention_oproj_problem(nb=nb, H=self.H, KVH=self.KVH, D=self.D, hidden=self.hidden,
                                               blocks=self.fuse_oproj, nbuf=nbuf)
