@@ -74,6 +74,17 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
 
+# The attention + o_proj launch (engine.fuse_oproj) taken apart, timing only (wrong results): without its Wo
+# bulk copies; without its float64 atomics (the last block of a chunk still adds acc, zero, into x)
+FUSE_TX = "mbar_expect_tx(&wbar, (unsigned)(RC * GD * 2));"
+FUSE_COPY = "for (int r = tid; r < RC; r += ATT_THREADS)\n            bulk_copy("
+FUSE_RED = "atomicAdd(acc + r, (double)(s0 + s1));"
+VARIANTS["fuse-no-copy"] = lambda src: (src.replace(FUSE_TX, "mbar_expect_tx(&wbar, 0u);").replace(
+    FUSE_COPY, "for (int r = tid; r < 0; r += ATT_THREADS)\n            bulk_copy(")
+    if FUSE_TX in src and FUSE_COPY in src else None)
+VARIANTS["fuse-no-atomics"] = lambda src: (src.replace(FUSE_RED, "if (s0 + s1 == 12345.f) acc[r] = 0.0;")
+                                           if FUSE_RED in src else None)
+
 # Variants whose kernel is built with other attention constants: decode_kernels' copies of them are changed
 # while the variant runs (its launches' block size, shared memory and splits follow them).
 ATT_BLOCK = "#define ATT_THREADS 128\n#define ATT_NW (ATT_THREADS / 32)\n#define ATT_TK 64 "
