@@ -174,31 +174,6 @@ def _attention(grid, block, args, D):
     vc[:nb, :, L] = specs.ref_f64_to_bf16(v_new)
 
 
-
-def _attention_oproj(grid, block, args, D):
-    """decode_attention_oproj_d*: the attention of one row (grid (blocks, KVH, 1), a cluster of blocks a kv
-    head), then x += bf16(out) . Wo^T and the new x's statistics, as o_proj's MODE_ADD GEMV with stats_out;
-    its scratch (acc, counters) must be zero between launches."""
-    (qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, max_len, scale, split_tiles, nbuf,
-     wo, hidden, x, acc, counters, stats, H, KVH) = args
-    blocks = grid[0]
-    assert tuple(grid) == (blocks, KVH, 1) and 2 <= blocks <= kn.ATT_MAX_CLUSTER and hidden % blocks == 0
-    assert 1 <= nbuf <= kn.ATT_MAXBUF and split_tiles >= 1 and kc.shape[-2] == max_len
-    assert not acc.any() and not counters.any()
-    L = int(lenp[0])
-    qk = bool(qk_ln)
-    o, k_new, v_new = specs.ref_decode_attention(
-        qkv[:1], specs.ref_bf16_to_f64(kc[:1]), specs.ref_bf16_to_f64(vc[:1]), L, posp[:1], kmask[:1],
-        inv_freq, int(rot), int(H), int(KVH), D, qn=qn_w if qk else None, kn=kn_w if qk else None,
-        eps=float(eps), scale=float(scale))
-    kc[:1, :, L] = specs.ref_f64_to_bf16(k_new)
-    vc[:1, :, L] = specs.ref_f64_to_bf16(v_new)
-    os_ = specs.ref_bf16_to_f64(specs.ref_f64_to_bf16(o))
-    y = specs.ref_gemv(os_, specs.ref_bf16_to_f64(wo), kn.MODE_ADD, y0=x[:1].astype(np.float64))
-    x[:1] = y
-    if not _null(stats):
-        stats[:1] += specs.ref_row_stats(y.astype(np.float32))
-
 def _layernorm(grid, block, args):
     x, ldx, w, b, y, ldy, K, eps = args
     for r in range(grid[0]):
@@ -306,7 +281,6 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
-        self.attn_oproj_fn = {d: _Kernel(_attention_oproj, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
         self.sample_fn = _Kernel(_sample)
@@ -1620,54 +1594,3 @@ def test_a_generate_waits_for_another_threads_streamed_generate_whose_puts_retur
     assert not thread.is_alive()
     assert got["reason"] is None and got["tid"] in stepped      # B stepped through the engine
     assert np.array_equal(got["b"], want_b)
-
-
-def test_attention_with_o_proj_fused_runs_as_the_two_launches(emulated, monkeypatch):
-    """engine.fuse_oproj = blocks: at batch 1 with the LayerNorms folded and clusters, each layer's attention
-    and o_proj are one launch (decode_attention_oproj_d*, a cluster of `blocks` blocks a kv head, each also
-    taking hidden / blocks rows of Wo); its x and the next LayerNorm's statistics are the o_proj GEMV's, so the
-    tokens and logits equal the two launches' (here both are float64 specs: exactly). Where it cannot run (no
-    clusters, a block count that does not divide hidden, batch 2) the step keeps two launches and says why."""
-    from stablelm_ref.cuda import launch as ln
-
-    class Direct:                                 # the stand-in has no driver: cluster launches run directly
-        def bind(self, launch, stream_ptr, programmatic):
-            return lambda: launch.fn(launch.grid, launch.block, launch.args, shared_mem=launch.smem)
-
-    monkeypatch.setattr(ln, "PdlLauncher", Direct)
-    monkeypatch.setattr(_Stream, "ptr", 0, raising=False)
-    emulated.compute_capability = 90
-    model = _models(emulated)[1].model                    # hidden 320, 4 query heads on 2 kv heads, D 80
-    ids = np.random.default_rng(4).integers(2, 384, (1, 70))
-    runs, logits = {}, {}
-    for blocks in (0, 4, 3):
-        engine = de.GpuDecodeEngine(model.config, model.params, max_batch=2, max_len=160, kernels=emulated,
-                                    autotune=False, pdl=False)
-        engine.fuse_oproj = blocks
-        runs[blocks] = engine_greedy(engine, ids, None, 8)
-        logits[blocks] = engine.get_logits()
-        tags = [fn.tag for fn in engine._plan(1)]
-        if blocks == 4:
-            assert engine.oproj_problem(1) is None, engine.att_cluster_error
-            assert "gemv:o_proj" not in tags and "attention" not in tags and tags.count("attention+o_proj") == 2
-            fused = [fn for fn in engine._plan(1) if fn.tag == "attention+o_proj"]
-            assert all(fn.cluster == 4 and tuple(fn.grid) == (4, 2, 1) for fn in fused)
-            assert not engine.oproj_acc.any() and not engine.oproj_cnt.any()    # left zero for the next launch
-            assert "batch 1" in engine.oproj_problem(2)
-            assert "gemv:o_proj" in {fn.tag for fn in engine._plan(2)}
-        else:
-            assert tags.count("gemv:o_proj") == 2 and "attention+o_proj" not in tags
-        if blocks == 3:
-            assert "not a multiple" in engine.oproj_problem(1)
-    assert np.array_equal(runs[0], runs[4]) and np.array_equal(logits[0], logits[4])
-    assert np.array_equal(runs[0], runs[3])
-    emulated.compute_capability = 0
-    engine = de.GpuDecodeEngine(model.config, model.params, max_batch=1, max_len=160, kernels=emulated,
-                                autotune=False, pdl=False)
-    engine.fuse_oproj = 4
-    assert "compute capability" in engine.oproj_problem(1)
-    with pytest.raises(ValueError, match="compute capability"):
-        emulated.attention_oproj_launch(engine.qkv, engine.kc[0], engine.vc[0], engine.cache_len, engine.pos,
-                                        engine.kmask, engine.inv_freq, engine.rot, H=4, KVH=2, D=80,
-                                        wo=engine.layers[0].wo, x=engine.x, acc=engine.oproj_acc,
-                                        counters=engine.oproj_cnt)

@@ -74,17 +74,6 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
 }
 
-# The attention + o_proj launch (engine.fuse_oproj) taken apart, timing only (wrong results): without its Wo
-# bulk copies; without its float64 atomics (the last block of a chunk still adds acc, zero, into x)
-FUSE_TX = "mbar_expect_tx(&wbar, (unsigned)(RC * GD * 2));"
-FUSE_COPY = "for (int r = tid; r < RC; r += ATT_THREADS)\n            bulk_copy("
-FUSE_RED = "atomicAdd(acc + r, (double)(s0 + s1));"
-VARIANTS["fuse-no-copy"] = lambda src: (src.replace(FUSE_TX, "mbar_expect_tx(&wbar, 0u);").replace(
-    FUSE_COPY, "for (int r = tid; r < 0; r += ATT_THREADS)\n            bulk_copy(")
-    if FUSE_TX in src and FUSE_COPY in src else None)
-VARIANTS["fuse-no-atomics"] = lambda src: (src.replace(FUSE_RED, "if (s0 + s1 == 12345.f) acc[r] = 0.0;")
-                                           if FUSE_RED in src else None)
-
 # Variants whose kernel is built with other attention constants: decode_kernels' copies of them are changed
 # while the variant runs (its launches' block size, shared memory and splits follow them).
 ATT_BLOCK = "#define ATT_THREADS 128\n#define ATT_NW (ATT_THREADS / 32)\n#define ATT_TK 64 "
@@ -427,48 +416,6 @@ def cluster_ab(engine, res, rounds=5):
         f"rounds {', '.join(f'{a:.4f}/{b:.4f}' for a, b in zip(times[False], times[True]))}")
 
 
-def fuse_ab(engine, ids, steps, forms, res, rounds=3, check_steps=64):
-    """The tuned step with the attention and o_proj as two launches (0) against one fused launch of each
-    blocks-a-kv-head count in `forms` (engine.fuse_oproj), one tuning, alternating rounds (time_graph over
-    `steps` real steps, medians); then each form's tokens over check_steps greedy steps and its logits after
-    them, against the two launches'."""
-    was = engine.fuse_oproj
-    forms = [0] + [f for f in forms if f]
-    times = {f: [] for f in forms}
-    for f in forms[1:]:
-        engine.fuse_oproj = f
-        problem = engine.oproj_problem(1)
-        if problem is not None:
-            log(f"    fuse_oproj {f}: not fused: {problem}")
-            times.pop(f)
-    forms = list(times)
-    for _ in range(rounds):
-        for f in forms:
-            engine.fuse_oproj = f
-            engine.reset_plans()
-            times[f].append(time_graph(engine, ids, engine.capture(1), steps, reps=1))
-    out, ref = {}, None
-    for f in forms:
-        engine.fuse_oproj = f
-        engine.reset_plans()
-        engine.prefill(ids, logits=None)
-        engine.capture(1)
-        for _ in range(check_steps):
-            engine.decode_step()
-        toks, logits = np.asarray(engine.generated()).copy(), engine.get_logits()
-        if ref is None:
-            ref = (toks, logits)
-        same = int(np.argmax(np.concatenate([(toks != ref[0]).reshape(-1), [True]])))
-        diff = float(np.abs(logits - ref[1]).max() / np.abs(ref[1]).max())
-        ms = float(np.median(times[f]))
-        out[f] = {"ms/step": ms, "rounds": times[f], "tokens equal to": same, "logits rel diff": diff}
-        log(f"    fuse_oproj {f}: {ms:.4f} ms/step ({ms - float(np.median(times[0])):+.4f}); rounds "
-            f"{', '.join(f'{v:.4f}' for v in times[f])}; tokens equal for {same} of {toks.size}, logits diff "
-            f"{diff:.2e} after {check_steps} steps")
-    engine.fuse_oproj = was
-    engine.reset_plans()
-    res["fuse A/B"] = out
-
 TUNER_FORMS = {   # name -> tune.py's constants for that form of the tuner ({}: as shipped)
     "previous": dict(TUNE_STARTS=1),           # one stage-2 search (the fourteenth session's tuner)
     "current": {},
@@ -624,9 +571,6 @@ def main():
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
                     help="batch sizes (2-8) to time with and without the tensor-core GEMV")
-    ap.add_argument("--fuse-ab", type=int, nargs="*", default=[], metavar="BLOCKS",
-                    help="the attention and o_proj as two launches against one fused launch with BLOCKS blocks a "
-                         "kv head (engine.fuse_oproj), one tuning, alternating (first of --variants)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -739,8 +683,6 @@ def main():
             tune_ab(engine, ids, args.steps, res[name], args.tune_ab)
         if name == args.variants[0] and args.tunings:
             tune_ab(engine, ids, args.steps, res[name], args.tunings, forms=("current",))
-        if name == args.variants[0] and args.fuse_ab:
-            fuse_ab(engine, ids, args.steps, args.fuse_ab, res[name])
         if name == args.variants[0] and args.graph_steps:
             graph_steps(engine, ids, args.steps, args.graph_steps, res[name])
     variant_constants.close()

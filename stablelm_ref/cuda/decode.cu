@@ -184,42 +184,6 @@ __device__ __forceinline__ void rotate_half_smem(float* dst, const float* rc, in
     __syncwarp();
 }
 
-// mbarriers and 1D bulk copies (sm_90): a block's async copies from global into its shared memory, completing
-// on an mbarrier's transaction count (decode_step.cu's rings, the attention's o_proj slice). Before sm_90 the
-// copy is a plain one by the calling thread and the barrier calls do nothing (the data is there on return).
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_init(u64* b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(u64* b, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
-    unsigned done = 0;
-    while (!done)
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-}
-// bytes (a multiple of 16) from global src (16-byte aligned) into shared dst, completing on bar's tx count.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
-}
-// After mbar_init, before any copy may complete on the barrier (the copies are the async proxy's).
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-#else
-__device__ __forceinline__ void mbar_init_fence() {}
-__device__ __forceinline__ void mbar_init(u64*, unsigned) {}
-__device__ __forceinline__ void mbar_expect_tx(u64*, unsigned) {}
-__device__ __forceinline__ void mbar_wait(u64*, unsigned) {}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64*) {
-    for (unsigned i = 0; i < bytes; i += 16)
-        *reinterpret_cast<uint4*>(static_cast<char*>(dst) + i) = *reinterpret_cast<const uint4*>(static_cast<const char*>(src) + i);
-}
-#endif
-
 // ---------------------------------------------------------------- embedding
 // x[b, :] = float(E[tok[b], :])          grid (B), block (256)
 // With stats (the folded LayerNorms' statistics, [n_stats, ld_stats, 2] float64, see gemv_impl): row b of
@@ -827,24 +791,14 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
     }
 }
 
-// FUSED (decode_attention_oproj_d{D}, batch 1): the kv head's NS blocks are one cluster that also computes
-// o_proj, each block a chunk of RC = hidden / NS rows: before the PDL wait it starts bulk copies of
-// Wo[its rows, the kv head's G D columns] into its shared memory (weights: no kernel writes them); every live
-// split writes its partial into every block of the cluster, each block combines them into the head outputs
-// (bf16, as the att buffer holds them) and multiplies its Wo slice by them; the products go into oacc (float64
-// atomics: [hidden], zero between launches), and the last of the KVH blocks of a chunk to arrive (a fence and
-// ocnt[chunk]) adds the chunk to the residual xres, zeroes its oacc and counter, and adds the new rows'
-// (sum, sum of squares) into stats (the next LayerNorm's, may be null), as o_proj's MODE_ADD epilogue does.
-template <int D, bool FUSED>
+template <int D>
 __device__ __forceinline__ void attn_impl(
     const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,
     const int* __restrict__ lenp, const int* __restrict__ posp, const unsigned char* __restrict__ kmask,
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf,
-    const u16* __restrict__ wo = nullptr, int hidden = 0, float* __restrict__ xres = nullptr,
-    double* __restrict__ oacc = nullptr, int* __restrict__ ocnt = nullptr, double* __restrict__ stats = nullptr) {
+    u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles, int nbuf) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int KPAD = D + 8;                          // padded K row (bank-conflict-free 16B reads)
     constexpr int HC = D / 16;                           // 16-byte chunks in half a row (a lane's share)
@@ -864,15 +818,14 @@ __device__ __forceinline__ void attn_impl(
     const int len = *lenp;                               // changes only at the end of a step (argmax_step)
     int nsplit, tiles_per;
     attn_split_range(len, NS, split_tiles, nsplit, tiles_per);
-    const bool live = split < nsplit;                   // FUSED: a block without keys still does its o_proj rows
-    if (!FUSED && !live) {
+    if (split >= nsplit) {
         if (clustered && nsplit > 1) { cluster_wait(); cluster_arrive(); }
         return;
     }
     const int n = len + 1;
     const int t_begin = split * tiles_per * ATT_TK;
     const int t_end = min(n, t_begin + tiles_per * ATT_TK);
-    const int ntile = live ? (t_end - t_begin + ATT_TK - 1) / ATT_TK : 0;
+    const int ntile = (t_end - t_begin + ATT_TK - 1) / ATT_TK;
 
     // shared memory carve-up (16-byte aligned pieces first)
     u16* Kb = reinterpret_cast<u16*>(smem_raw);                      // [nbuf][TK][KPAD]
@@ -890,13 +843,7 @@ __device__ __forceinline__ void attn_impl(
     float* rc = a_s + NW * G;                                         // [rot]: cos, then sin
     float* cpo = rc + D;                                              // clustered: [G][NS][D] partial o,
     float* cpml = cpo + G * NS * D;                                   //   [G][NS][2] (m, l): split 0's
-    // FUSED: [G D] the head outputs (bf16), then at the next 16 bytes [RC][G D + 8] this block's Wo rows
-    u16* ohb = reinterpret_cast<u16*>(cpml + G * NS * 2);
-    u16* Ws = reinterpret_cast<u16*>((reinterpret_cast<size_t>(ohb + G * D) + 15) & ~(size_t)15);
     __shared__ int is_last;
-    __shared__ __align__(8) u64 wbar;
-    __shared__ double dsum[32];
-    const int GD = G * D, RC = FUSED ? hidden / NS : 0;
 
     const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
     const unsigned char* mrow = kmask + (size_t)b * max_len;
@@ -909,17 +856,6 @@ __device__ __forceinline__ void attn_impl(
                     ? attn_issue_rows<D>(Kb + i * ATT_TK * KPAD, Vb + i * ATT_TK * D, kc, vc, cbase, mrow,
                                          t_begin + i * ATT_TK, t_end, len)
                     : 0;
-    if constexpr (FUSED) {                               // this block's o_proj rows: weights, before the wait
-        if (tid == 0) {
-            mbar_init(&wbar, 1);
-            mbar_init_fence();
-            mbar_expect_tx(&wbar, (unsigned)(RC * GD * 2));
-        }
-        __syncthreads();
-        const u16* src = wo + (size_t)split * RC * hidden + (size_t)kvh * GD;
-        for (int r = tid; r < RC; r += ATT_THREADS)
-            bulk_copy(Ws + (size_t)r * (GD + 8), src + (size_t)r * hidden, (unsigned)(GD * 2), &wbar);
-    }
     // The rotary angles of this row's position: no kernel of the step writes pos or inv_freq.
     const int pos = posp[b], half = rot >> 1;
     for (int i = tid; i < half; i += ATT_THREADS) {
@@ -1056,8 +992,7 @@ __device__ __forceinline__ void attn_impl(
     // normalise and write. Several: publish the split's partial (max, sum, output), into split 0's shared
     // memory when clustered (split 0 combines once every live split has arrived), else into global memory
     // (the last block to finish combines).
-    if (FUSED || (clustered && nsplit > 1)) cluster_wait();   // every block (split 0) has started: its shared
-    //                                                           memory exists
+    if (clustered && nsplit > 1) cluster_wait();          // split 0 has started: its shared memory exists
 #pragma unroll 1          // (one pass for most heads: unrolled, the kernel's code was 143 KB)
     for (int j = 0; j < ATT_MAXJ; ++j) {
         const int p = tid + j * ATT_THREADS;
@@ -1079,15 +1014,7 @@ __device__ __forceinline__ void attn_impl(
                 }
             }
             const size_t hb = (size_t)b * H + kvh * G + g;
-            if (FUSED) {                                     // into every block of the cluster
-                const float* po = cpo + ((size_t)g * NS + split) * D + 2 * dp;
-                const float* pm = cpml + ((size_t)g * NS + split) * 2;
-                for (u32 r = 0; live && r < (u32)NS; ++r) {
-                    st_cluster(po, r, o0);
-                    st_cluster(po + 1, r, o1);
-                    if (dp == 0) { st_cluster(pm, r, M); st_cluster(pm + 1, r, L); }
-                }
-            } else if (nsplit == 1) {
+            if (nsplit == 1) {
                 const float inv = 1.f / L;
                 *reinterpret_cast<u32*>(out + hb * D + 2 * dp) = pack_bf2(o0 * inv, o1 * inv);
             } else if (clustered) {
@@ -1104,52 +1031,6 @@ __device__ __forceinline__ void attn_impl(
                 if (dp == 0) { part_ml[(hb * NS + split) * 2] = M; part_ml[(hb * NS + split) * 2 + 1] = L; }
             }
         }
-    }
-    if constexpr (FUSED) {
-        cluster_arrive();                                 // release: this split's partial is in every block
-        cluster_wait();                                   // acquire: every live split's is in this one
-        attn_combine<D, false>(cpo, cpml, G, NS, nsplit, ohb);
-        __syncthreads();
-        mbar_wait(&wbar, 0);                              // the Wo rows have landed
-        double* acc = oacc + (size_t)split * RC;
-        for (int r = tid; r < RC; r += ATT_THREADS) {     // a row of Wo's slice . the head outputs
-            const u16* w = Ws + (size_t)r * (GD + 8);
-            float s0 = 0.f, s1 = 0.f;
-            for (int c = 0; c < GD; c += 8) {
-                float wf[8], of[8];
-                unpack8(*reinterpret_cast<const uint4*>(w + c), wf);
-                unpack8(*reinterpret_cast<const uint4*>(ohb + c), of);
-#pragma unroll
-                for (int e = 0; e < 8; e += 2) {
-                    s0 = fmaf(wf[e], of[e], s0);
-                    s1 = fmaf(wf[e + 1], of[e + 1], s1);
-                }
-            }
-            atomicAdd(acc + r, (double)(s0 + s1));
-        }
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) is_last = atomicAdd(ocnt + split, 1) == (int)gridDim.y - 1;
-        __syncthreads();
-        if (!is_last) return;
-        __threadfence();                                  // the last kv head of this chunk: every sum is in
-        double st1 = 0.0, st2 = 0.0;
-        float* xr = xres + (size_t)split * RC;
-        for (int r = tid; r < RC; r += ATT_THREADS) {
-            const double a = __ldcg(acc + r);
-            __stcg(acc + r, 0.0);
-            const float y = xr[r] + (float)a;
-            xr[r] = y;
-            st1 += y;
-            st2 += (double)y * y;
-        }
-        if (stats != nullptr) {
-            st1 = block_sum(st1, dsum);
-            st2 = block_sum(st2, dsum);
-            if (tid == 0) { atomicAdd(stats, st1); atomicAdd(stats + 1, st2); }
-        }
-        if (tid == 0) ocnt[split] = 0;                    // ready for the next launch
-        return;
     }
     if (nsplit == 1) return;
     u16* out_h = out + ((size_t)b * H + kvh * G) * D;    // the block's first query head
@@ -1183,20 +1064,8 @@ __device__ __forceinline__ void attn_impl(
         float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
         u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles,         \
         int nbuf) {                                                                               \
-        attn_impl<D, false>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,\
-                            part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);\
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_oproj_d##D(        \
-        const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,                \
-        const int* __restrict__ lenp, const int* __restrict__ posp,                               \
-        const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
-        const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
-        int max_len, float scale, int split_tiles, int nbuf, const u16* __restrict__ wo,          \
-        int hidden, float* __restrict__ xres, double* __restrict__ oacc, int* __restrict__ ocnt,  \
-        double* __restrict__ stats, int H, int KVH) {                                             \
-        attn_impl<D, true>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, \
-                           nullptr, nullptr, nullptr, nullptr, H, KVH, max_len, scale, split_tiles, \
-                           nbuf, wo, hidden, xres, oacc, ocnt, stats);                            \
+        attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
+                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);  \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
 

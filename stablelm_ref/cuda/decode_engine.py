@@ -187,9 +187,6 @@ class GpuDecodeEngine:
         #                                     reads a row with a cluster of blocks too; set False by capture()
         #                                     where the driver refuses the launch (the reason: att_cluster_error)
         self.att_cluster_error = None
-        self.fuse_oproj = 0                 # batch 1: the attention and o_proj in one launch, this many blocks a kv
-        #                                     head (a cluster; each takes hidden / fuse_oproj rows of Wo), where
-        #                                     oproj_problem() is None; 0: two launches
         self.att_fit = True                 # the attention's grid fitted to the keys cached (att_splits): a step
         #                                     captured again each time the splits it needs change
         self.carveout: dict[str, int] = {}       # kind (a launch's tag, "gemv:" dropped) -> its launches' preferred
@@ -342,8 +339,6 @@ class GpuDecodeEngine:
         ns = max(self.k.attention_splits(nb, self.KVH, self.max_len) for nb in range(1, MB + 1))
         self.part_o = cp.zeros((MB, self.H, ns, self.D), cp.float32)
         self.part_ml = cp.zeros((MB, self.H, ns, 2), cp.float32)
-        self.oproj_acc = cp.zeros(hd, cp.float64)      # the fused attention + o_proj's kv heads' sums (zero between)
-        self.oproj_cnt = cp.zeros(16, cp.int32)         # ... and its chunks' arrival counters (zero between)
         self.ln_stats = cp.zeros((2 * len(self.layers) + 1, MB, 2), cp.float64)  # folded LayerNorms' (sum,
         #                                                           sum sq): [2i] LN1 of layer i, [2i + 1] LN2, [-1] the final
         self.step_sync = cp.zeros(2, cp.uint32)     # the whole-step kernel's grid barrier (it leaves it zero)
@@ -463,24 +458,9 @@ class GpuDecodeEngine:
         tiles = -(-(self._host_len + 1) // ATT_TK)
         return max(1, min(cap, -(-tiles // split_tiles)))
 
-    def oproj_problem(self, nb) -> str | None:
-        """Why the step at batch nb runs the attention and o_proj as two launches (None: fused, fuse_oproj
-        blocks a kv head; decode_kernels.attention_oproj_launch)."""
-        if not self.fuse_oproj:
-            return "fuse_oproj is 0"
-        if not self.folds_layernorm(nb):
-            return "only with the LayerNorms folded (batch 1, sequential residual)"
-        if not self.att_cluster:
-            return "thread-block clusters are off (att_cluster)"
-        if any(getattr(L.wo.data, "ptr", 0) % 16 for L in self.layers):
-            return "an o_proj weight does not start at a 16-byte boundary (its bulk copies need one)"
-        nbuf = self.att_shape.get(nb, DEFAULT_ATT)[1]
-        return self.k.attention_oproj_problem(nb=nb, H=self.H, KVH=self.KVH, D=self.D, hidden=self.hidden,
-                                              blocks=self.fuse_oproj, nbuf=nbuf)
-
     def _plan(self, nb):
         ns = 0 if self.uses_step_kernel(nb) else self.att_splits(nb)
-        key = (nb, self._sampler_key(), self.megakernel, ns, self.fuse_oproj)
+        key = (nb, self._sampler_key(), self.megakernel, ns)
         if key in self._plans:
             return self._plans[key]
         k = self.k
@@ -489,22 +469,12 @@ class GpuDecodeEngine:
             return self._finish_plan(key, plan, nb)
         split_tiles, nbuf = self.att_shape.get(nb, DEFAULT_ATT)
         fold = self.folds_layernorm(nb)
-        fused = self.oproj_problem(nb) is None
         plan = [k.embed_launch(self.tok, self.embed, self.x, nb=nb, stats=self.ln_stats if fold else None)]
         for i, L in enumerate(self.layers):
             if not fold:
                 plan.append(k.layernorm_launch(self.x, L.ln1_w, L.ln1_b, self.h, nb=nb, eps=self.eps,
                                                tag="layernorm"))
             plan.append(self._layer_gemv("qkv", i, nb))
-            if fused:
-                plan.append(k.attention_oproj_launch(
-                    self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
-                    H=self.H, KVH=self.KVH, D=self.D, wo=L.wo, x=self.x, acc=self.oproj_acc,
-                    counters=self.oproj_cnt, stats=self.ln_stats[2 * i + 1], blocks=self.fuse_oproj, qn_w=L.qn,
-                    kn_w=L.kn, eps=self.eps, split_tiles=split_tiles, nbuf=nbuf))
-                plan.append(self._layer_gemv("gate_up", i, nb))
-                plan.append(self._layer_gemv("down", i, nb))
-                continue
             plan.append(k.attention_launch(
                 self.qkv, self.kc[i], self.vc[i], self.cache_len, self.pos, self.kmask, self.inv_freq, self.rot,
                 nb=nb, H=self.H, KVH=self.KVH, D=self.D, out=self.att, part_o=self.part_o, part_ml=self.part_ml,
@@ -666,7 +636,7 @@ class GpuDecodeEngine:
         block a row, tuned again (att_cluster False, the reason in att_cluster_error)."""
         self._tune(nb)                                   # (once a batch size: the key below depends on it)
         key = (nb, bool(self.pdl), self._sampler_key(), self.megakernel,
-               0 if self.uses_step_kernel(nb) else self.att_splits(nb), self.fuse_oproj)
+               0 if self.uses_step_kernel(nb) else self.att_splits(nb))
         if key not in self._graphs:
             try:
                 self._graphs[key] = self.capture_launches(self._plan(nb), pdl=self.pdl)

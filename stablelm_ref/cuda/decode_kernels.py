@@ -97,7 +97,6 @@ class DecodeKernels:
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
-        self.attn_oproj_fn = {d: f(f"decode_attention_oproj_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
         self.argmax_fn = f("argmax_step")
@@ -238,64 +237,6 @@ class DecodeKernels:
                 part_o, part_ml, counters, out, i32(H), i32(KVH), i32(max_len), np.float32(scale),
                 i32(split_tiles), i32(nbuf))
         return Launch(fn, (nsplit, KVH, nb), (ATT_THREADS,), args, smem=smem, tag=tag, cluster=csize)
-
-    def attention_oproj_smem(self, G: int, D: int, nbuf: int, blocks: int, hidden: int) -> int:
-        """Dynamic shared memory of decode_attention_oproj_d{D}: the clustered attention's, the head outputs (bf16),
-        16 bytes of alignment and the block's hidden / blocks rows of Wo's kv-head slice (G D + 8 bf16 a row)."""
-        return (self.attention_smem(G, D, nbuf, blocks) + 2 * G * D + 16
-                + (hidden // blocks) * (G * D + 8) * 2)
-
-    def attention_oproj_problem(self, *, nb, H, KVH, D, hidden, blocks, nbuf) -> str | None:
-        """Why the attention with o_proj fused cannot run this launch (None: it can)."""
-        G = H // KVH if KVH and H % KVH == 0 else 0
-        if nb != 1:
-            return f"batch 1 only (batch {nb})"
-        if getattr(self, "compute_capability", 0) < 90:
-            return "needs thread-block clusters and bulk copies (compute capability >= 9.0)"
-        if D not in self.attn_oproj_fn or not G or G * D > 2 * ATT_MAXJ * ATT_THREADS:
-            return f"the attention does not run head_dim {D} with {H} / {KVH} heads"
-        if not 2 <= blocks <= ATT_MAX_CLUSTER:
-            return f"blocks a kv head must be in [2, {ATT_MAX_CLUSTER}] (one cluster), got {blocks}"
-        if hidden % blocks:
-            return f"hidden {hidden} is not a multiple of the {blocks} blocks a kv head"
-        if self.attention_oproj_smem(G, D, nbuf, blocks, hidden) > self.max_smem:
-            return (f"{hidden // blocks} rows of Wo a block at {nbuf} key tiles need "
-                    f"{self.attention_oproj_smem(G, D, nbuf, blocks, hidden)} bytes of shared memory, this GPU has "
-                    f"{self.max_smem}")
-        return None
-
-    def attention_oproj_launch(self, qkv, kc, vc, cache_len, pos, kmask, inv_freq, rot, *, H, KVH, D, wo, x,
-                               acc, counters, stats=None, blocks=4, qn_w=None, kn_w=None, eps=1e-5, scale=None,
-                               split_tiles=1, nbuf=1, tag="attention+o_proj"):
-        """Batch 1: the attention and o_proj (x += attention . Wo^T) in one launch, a cluster of `blocks`
-        blocks a kv head (decode.cu's attn_impl FUSED): the blocks are the attention's splits (as many live as
-        the device-side length needs) and each also takes hidden / blocks rows of Wo's slice for the kv head's
-        query heads, copied into its shared memory before the PDL wait. The kv heads' products meet in acc
-        (float64 [hidden], zero between launches; the last block of a chunk adds it to x and zeroes it again,
-        counters [>= blocks] int32 likewise); stats (float64 [2], may be None) gets the new x's (sum, sum of
-        squares), as o_proj's MODE_ADD epilogue does for the next folded LayerNorm."""
-        hidden = int(x.shape[-1])
-        problem = self.attention_oproj_problem(nb=1, H=H, KVH=KVH, D=D, hidden=hidden, blocks=blocks, nbuf=nbuf)
-        if problem is not None:
-            raise ValueError(f"attention with o_proj fused: {problem}")
-        if tuple(wo.shape) != (hidden, H * D):
-            raise ValueError(f"o_proj weight must be [{hidden}, {H * D}], got {tuple(wo.shape)}")
-        if acc.size < hidden or counters.size < blocks:
-            raise ValueError(f"acc holds {acc.size} (needs {hidden}), counters {counters.size} (needs {blocks})")
-        G = H // KVH
-        smem = self.attention_oproj_smem(G, D, nbuf, blocks, hidden)
-        fn = self.attn_oproj_fn[D]
-        key = ("oproj", D)
-        if smem > 48 * 1024 and smem > self._att_smem.get(key, 0):       # never lowered (a graph may hold more)
-            fn.max_dynamic_shared_size_bytes = smem
-            self._att_smem[key] = smem
-        qk_ln = qn_w is not None
-        scale = D ** -0.5 if scale is None else scale
-        args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),
-                qn_w if qk_ln else NULL, kn_w if qk_ln else NULL, i32(qk_ln), np.float32(eps),
-                i32(kc.shape[-2]), np.float32(scale), i32(split_tiles), i32(nbuf), wo, i32(hidden), x, acc,
-                counters, NULL if stats is None else stats, i32(H), i32(KVH))
-        return Launch(fn, (blocks, KVH, 1), (ATT_THREADS,), args, smem=smem, tag=tag, cluster=blocks)
 
     # -- the whole step at batch 1 (decode_step.cu) -------------------------------------------------
     def step_problem(self, *, hidden, inter, H, KVH, D, slot=STEP_SHAPES[0][0]) -> str | None:

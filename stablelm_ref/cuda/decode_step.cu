@@ -64,7 +64,25 @@ enum { P_WQKV, P_WO, P_WGU, P_WD, P_LN1W, P_LN1B, P_LN2W, P_LN2B, P_BQKV, P_QN, 
 #define MK_FLUSH()
 #endif
 
-// smem_u32, mbar_init / mbar_expect_tx / mbar_wait and bulk_copy: decode.cu's helpers.
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
+    unsigned done = 0;
+    while (!done)
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) from global src (16-byte aligned) into shared dst, completing on bar's tx count.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -511,7 +529,7 @@ __device__ __forceinline__ void mk_step(const u64* __restrict__ lp, int nlayers,
     MK_ZERO();
     if (lane == 0) {
         for (int s = 0; s < nslot; ++s) mbar_init(ring.full + s, ring.lanes);
-        mbar_init_fence();
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncwarp();
     if (lane < ring.lanes)
