@@ -507,8 +507,17 @@ GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
 
 // x: the float32 residual [nb, ldx]; the LayerNorm folded in (see gemv_impl). Batch 1 only.
+// Registers capped at 104 where the compiler has __maxnreg__ (CUDA >= 12.4; 512 threads x 104 still launch):
+// gemv_ln_b1_r8 took 114 (120 allocated), so three blocks of 160 threads left a SM too few registers for an
+// attention block (110 x 128) beside them; at 104 (no spills) one fits. Same tuning, alternating (seventeenth
+// session): 3b-4e1t 1.6751 against 1.6776 ms a step, 2-1.6b 1.0097 against 1.0094 (96: spills, 8% slower).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define GEMV_LN_BOUNDS __maxnreg__(104)
+#else
+#define GEMV_LN_BOUNDS __launch_bounds__(GEMV_MAX_WARPS * 32)
+#endif
 #define GEMV_LN_INST(R)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_ln_b1_r##R(                      \
+    extern "C" __global__ void GEMV_LN_BOUNDS gemv_ln_b1_r##R(                                             \
         const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
         double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
