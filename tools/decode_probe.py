@@ -105,21 +105,20 @@ VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__
 # before): ln-launch-bounds the previous form (no cap below 128), ln-maxnreg96 (12 bytes spilled; 4 blocks of 160
 # threads a SM), gemv-maxnreg96 that and the plain GEMV capped at 96 too
 LN_CAP = "#define GEMV_LN_BOUNDS __maxnreg__(104)"
-GEMV_BOUNDS = "__launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R("
+GEMV_LB = "__launch_bounds__(GEMV_MAX_WARPS * 32)"
+GEMV_BOUNDS = GEMV_LB + " gemv_b##BM##_r##R("
 
 
 def _ln_cap(form, gemv=None):
     def patch(src):
-        if LN_CAP not in src or GEMV_BOUNDS not in src:
+        if LN_CAP not in src or (gemv and GEMV_BOUNDS not in src):    # (the plain GEMV's line only where changed)
             return None
         src = src.replace(LN_CAP, f"#define GEMV_LN_BOUNDS {form}")
-        if gemv:
-            src = src.replace(GEMV_BOUNDS, GEMV_BOUNDS.replace("__launch_bounds__(GEMV_MAX_WARPS * 32)", gemv))
-        return src
+        return src.replace(GEMV_BOUNDS, GEMV_BOUNDS.replace(GEMV_LB, gemv)) if gemv else src
     return patch
 
 
-VARIANTS["ln-launch-bounds"] = _ln_cap("__launch_bounds__(GEMV_MAX_WARPS * 32)")
+VARIANTS["ln-launch-bounds"] = _ln_cap(GEMV_LB)
 VARIANTS["ln-maxnreg96"] = _ln_cap("__maxnreg__(96)")
 VARIANTS["gemv-maxnreg96"] = _ln_cap("__maxnreg__(96)", gemv="__maxnreg__(96)")
 # the GEMVs' L2 prefetch of their first row group moved after the PDL wait (the first two chunks a thread still
