@@ -200,6 +200,28 @@ VARIANTS["ln-l1-wb"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
     '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_w + 32 * l));\n'
     '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_b + 32 * l));\n'
     "        }\n    PDL_WAIT();")) if GEMV_EARLY in src else None)
+# Timing only (wrong results): what the folded LayerNorm's start costs the step. ln-x-only: h = bf16(x / 16), x
+# loaded alone (no statistics, no ln_w / ln_b: one L2 round trip after the wait, as a GEMV that applied the
+# LayerNorm in its epilogue would need); ln-skip: h = 0, nothing loaded after the wait (the bound of any redesign)
+LN_STATS_M = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
+              "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
+LN_H = "            ln8(0, c, h);\n"
+LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) + 2 * c;\n"
+             "            const float4 q0 = xq[0], q1 = xq[1];\n"
+             "            h[0] = q0.x * .0625f; h[1] = q0.y * .0625f; h[2] = q0.z * .0625f; h[3] = q0.w * .0625f;\n"
+             "            h[4] = q1.x * .0625f; h[5] = q1.y * .0625f; h[6] = q1.z * .0625f; h[7] = q1.w * .0625f;\n")
+
+
+def _ln_timing(h_code):
+    def patch(src):
+        if src.count(LN_STATS_M) != 1 or src.count(LN_H) != 1:
+            return None
+        return src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n").replace(LN_H, h_code)
+    return patch
+
+
+VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY)
+VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n")
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
