@@ -358,8 +358,6 @@ class EngineSteps:
             try:
                 e = self.engine = form._engine(self.batch, self.max_len)
                 form.refresh_vectors()               # float32 vectors from params: a new build's, or edits in place
-                if e.folds_layernorm(self.batch):    # the folded LayerNorms' constants, from the same
-                    e.refresh_ln_terms()             # weights and vectors (~1 ms at 3b-4e1t)
                 self.xp, self.wide = e.cp, e.cp.float32
                 self.cache = e.kv_cache(self.batch, self.model.dtype)
                 self._chosen = e.tok[: self.batch]

@@ -167,23 +167,61 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANTS["ld-evict-first"](src))
                                                  if src.count(LD_STREAM) == 2 else None)
-# The folded LayerNorm's start (gemv_ln). Its earlier form normalised x into bf16 h before the loop, the statistics'
-# load and x's one after the other; the variants that took those loads apart (ln-early-cg, ln-l1-wb: commit
-# 0b16289) and the timing-only bounds that showed what they cost (ln-x-only, ln-skip: 95f8045) went with it.
-# ln-skip (timing only, wrong results): the current form with nothing loaded after the PDL wait (w * x = 0).
-LN_PREP = ("            const float4 x0 = __ldcg(xr + 2 * c), x1 = __ldcg(xr + 2 * c + 1), w0 = wr[2 * c], w1 = wr[2 * c + 1];\n"
-           "            const float4 y0 = __ldcg(xr + 2 * d), y1 = __ldcg(xr + 2 * d + 1), v0 = wr[2 * d], v1 = wr[2 * d + 1];\n")
-VARIANTS["ln-skip"] = lambda src: (src.replace(LN_PREP, "            const float4 x0 = make_float4(0.f, 0.f, 0.f, 0.f), "
-                                               "x1 = x0, w0 = x0, w1 = x0, y0 = x0, y1 = x0, v0 = x0, v1 = x0;\n")
-                                   if src.count(LN_PREP) == 1 else None)
-# ln-x-nc: x read on the non-coherent path (as the earlier form did, later in its start) instead of through L2;
-# ln-consts-off (timing only, wrong results): the epilogue's constants (ln_c, bias) not loaded
-VARIANTS["ln-x-nc"] = lambda src: (src.replace(LN_PREP, LN_PREP.replace("__ldcg(xr + 2 * c)", "xr[2 * c]").replace(
-    "__ldcg(xr + 2 * c + 1)", "xr[2 * c + 1]").replace("__ldcg(xr + 2 * d)", "xr[2 * d]").replace(
-    "__ldcg(xr + 2 * d + 1)", "xr[2 * d + 1]")) if src.count(LN_PREP) == 1 else None)
-LN_CONSTS = "                lnc0 = ln_c[n]; lnb0 = bias[n]; lnc1 = ln_c[n1]; lnb1 = bias[n1];\n"
-VARIANTS["ln-consts-off"] = lambda src: (src.replace(LN_CONSTS, "                (void)n; (void)n1;\n")
-                                         if src.count(LN_CONSTS) == 1 else None)
+# The folded LayerNorm's loads (gemv_ln): the statistics, then mean / rstd, then x, ln_w and ln_b (two L2 round
+# trips after the PDL wait). ln-early-cg: each thread's first two chunks of x loaded with the statistics, through
+# L2 (__ldcg, not the non-coherent path); ln-l1-wb: ln_w and ln_b prefetched into L1 before the wait
+LN8 = "    auto ln8 = [&](int b, int c, float (&xf)[8]) {"
+LN_X = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
+LN_STATS = "    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n"
+# ln8's x from the registers loaded with the statistics for the thread's first two chunks (c = tid, tid + T)
+LN_X_EARLY = ("        const int ie = (c - (int)threadIdx.x) / (int)blockDim.x;\n"
+              "        const float4 x0 = ie == 0 ? xe[0][0] : ie == 1 ? xe[1][0] : xr[0], "
+              "x1 = ie == 0 ? xe[0][1] : ie == 1 ? xe[1][1] : xr[1];\n"
+              "        const float4 w0 = wr[0]")
+LN_LOAD_EARLY = r"""    if constexpr (LN) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int c = tid + i * T;
+            if (c < KC) {
+                xe[i][0] = __ldcg(reinterpret_cast<const float4*>(x) + 2 * c);
+                xe[i][1] = __ldcg(reinterpret_cast<const float4*>(x) + 2 * c + 1);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+"""
+VARIANTS["ln-early-cg"] = lambda src: (
+    src.replace(LN8, "    float4 xe[2][2];\n" + LN8).replace(LN_X, LN_X_EARLY).replace(LN_STATS, LN_LOAD_EARLY)
+    if all(src.count(t) == 1 for t in (LN8, LN_X, LN_STATS)) else None)
+VARIANTS["ln-l1-wb"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
+    "    PDL_WAIT();",
+    "    if constexpr (LN)\n"
+    "        for (int l = tid; l < (K >> 5); l += T) {\n"
+    '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_w + 32 * l));\n'
+    '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_b + 32 * l));\n'
+    "        }\n    PDL_WAIT();")) if GEMV_EARLY in src else None)
+# Timing only (wrong results): what the folded LayerNorm's start costs the step. ln-x-only: h = bf16(x / 16), x
+# loaded alone (no statistics, no ln_w / ln_b: one L2 round trip after the wait, as a GEMV that applied the
+# LayerNorm in its epilogue would need); ln-skip: h = 0, nothing loaded after the wait (the bound of any redesign)
+LN_STATS_M = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
+              "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
+LN_H = "            ln8(0, c, h);\n"
+LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) + 2 * c;\n"
+             "            const float4 q0 = xq[0], q1 = xq[1];\n"
+             "            h[0] = q0.x * .0625f; h[1] = q0.y * .0625f; h[2] = q0.z * .0625f; h[3] = q0.w * .0625f;\n"
+             "            h[4] = q1.x * .0625f; h[5] = q1.y * .0625f; h[6] = q1.z * .0625f; h[7] = q1.w * .0625f;\n")
+
+
+def _ln_timing(h_code):
+    def patch(src):
+        if src.count(LN_STATS_M) != 1 or src.count(LN_H) != 1:
+            return None
+        return src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n").replace(LN_H, h_code)
+    return patch
+
+
+VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY)
+VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n")
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}

@@ -8,9 +8,8 @@
 //   gemv_b{B}_r{R}     y[b, n]  = sum_k x[b, k] W[n, k]   (W in the checkpoint's [out, in] layout)
 //                      epilogues: store (+bias), add into the residual, SwiGLU over interleaved gate/up rows
 //   gemv_mma_t{MT}_u{U}  the same product and epilogues on the tensor cores (mma.sync), for batches of 2-8
-//   gemv_ln_b1_r{R}    y = LayerNorm(x) W^T at batch 1, the LayerNorm folded into the GEMV: the product taken
-//                      with w * x, mean and rstd applied in the epilogue (its statistics accumulated by the
-//                      residual-add GEMVs before it, and by embed_rows)
+//   gemv_ln_b1_r{R}    y = LayerNorm(x) W^T at batch 1, the LayerNorm folded into the GEMV's reads (its
+//                      statistics accumulated by the residual-add GEMVs before it, and by embed_rows)
 //   decode_attention_d{D}   per (row, kv head, split): q/k LayerNorm per head, rotary (GPT-NeoX
 //                      rotate_half on the first rotary_ndims dims), write k/v at cache[len], attention
 //                      over keys [0, len] of one split with an online softmax per warp (each warp its own
@@ -357,20 +356,12 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 }
 
 // LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
-// h = (x - mean) rstd ln_w + ln_b, with mean and rstd from ln_stats[b] = (sum x, sum x^2) (float64, accumulated
-// by the producers below: var = E[x^2] - mean^2 in float64). So the LayerNorm kernel and its launch go (the
-// engine folds the layers' LayerNorms this way at batch 1). The product is taken in the order that needs the
-// statistics last:
-//     y[n] = sum_k W[n, k] h_k = rstd (sum_k W[n, k] ln_w_k x_k - mean ln_c[n]) + bias[n]
-// with ln_c[n] = sum_k W[n, k] ln_w_k and bias[n] = (the layer's bias) + sum_k W[n, k] ln_b_k, both computed
-// by the engine from the weights (GpuDecodeEngine.refresh_ln_terms). Each block writes w * x (float32, K x 4
-// bytes of dynamic shared memory) once, loading x, ln_w and the statistics in one round trip after the PDL
-// wait, runs the plain GEMV loop on it, and applies mean and rstd to each row's sum. (The earlier form
-// normalised x into bf16 h before the loop, with the statistics' load and x's one after the other: two round
-// trips at the start of every q|k|v, gate|up and lm_head; the eighteenth session measured 4.6% of a 3b-4e1t
-// step for them.) h is not rounded to bf16 here, so this form is a little closer to float64 than the
-// LayerNorm kernel + GEMV path; for |mean| >> the spread of x the two terms cancel, which float32 carries
-// (tests/gpu: x offset by 30 at spreads down to 0.1).
+// h = bf16((x - mean) * rstd * ln_w + ln_b), the layernorm_rows kernel's arithmetic, with mean and rstd from
+// ln_stats[b] = (sum x, sum x^2) (float64, accumulated by the producers below: var = E[x^2] - mean^2 in
+// float64). So the LayerNorm kernel and its launch go (the engine folds the layers' LayerNorms this way at
+// batch 1). Each block writes h into shared memory once (K bf16, dynamic shared memory) while its first
+// weights are in flight, then runs the plain GEMV loop on it (computing h per chunk as the chunks are read,
+// every row group reading x, ln_w and ln_b again, measured 2.9% slower a step).
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
@@ -380,7 +371,7 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
                                           int mode, double* __restrict__ stats_out,
-                                          const float* __restrict__ ln_w, const float* __restrict__ ln_c,
+                                          const float* __restrict__ ln_w, const float* __restrict__ ln_b,
                                           const double* __restrict__ ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
@@ -390,11 +381,21 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
     const int ldxv = ldx >> 3;
     float mean[BM], rstd[BM];
     extern __shared__ __align__(16) unsigned char gemv_smem[];
-    const float4* xs = reinterpret_cast<const float4*>(gemv_smem);  // LN: w * x [K] float32 (batch 1)
+    const uint4* hs = reinterpret_cast<const uint4*>(gemv_smem);   // LN: h [K] bf16 (batch 1)
+    auto ln8 = [&](int b, int c, float (&xf)[8]) {                   // h[b, 8c .. 8c + 7]
+        const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + (size_t)b * ldx) + 2 * c;
+        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;
+        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;
+        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];
+        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xf[i] = (v[i] - mean[b]) * rstd[b] * g[i] + o[i];
+    };
     auto load_x = [&](int b, int c, float (&xf)[8]) {
         if constexpr (LN) {
-            const float4 a = xs[2 * c], e = xs[2 * c + 1];                // batch 1
-            xf[0] = a.x; xf[1] = a.y; xf[2] = a.z; xf[3] = a.w; xf[4] = e.x; xf[5] = e.y; xf[6] = e.z; xf[7] = e.w;
+            unpack8(hs[c], xf);                  // batch 1
         } else {
             unpack8(xv[(size_t)b * ldxv + c], xf);
         }
@@ -418,55 +419,26 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
     };
 
-    // LN: the epilogue's constants of rows n and n + 1 (the epilogue threads': tid < R), loaded a group ahead
-    // (no kernel of the step writes them)
-    float lnc0 = 0.f, lnb0 = 0.f, lnc1 = 0.f, lnb1 = 0.f;
-    auto ln_consts = [&](int grp) {
-        if constexpr (LN) {
-            if (tid < R) {
-                const int n = min(grp * R + tid, N - 1), n1 = min(grp * R + tid + 1, N - 1);
-                lnc0 = ln_c[n]; lnb0 = bias[n]; lnc1 = ln_c[n1]; lnb1 = bias[n1];
-            }
-        }
-    };
-
-    ln_consts(g);
     PDL_LAUNCH();
     point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
-    // LN, batch 1: the statistics, x and ln_w in one round trip. x and the statistics are the previous kernels'
-    // output and are read through L2 (__ldcg): loaded on the non-coherent path right after griddepcontrol.wait
-    // they were seen stale (the sixteenth session's wrong logits; the earlier form read them later).
     if constexpr (LN) {
-        const double s1 = __ldcg(ln_stats), s2 = __ldcg(ln_stats + 1);
-        float4* xw = reinterpret_cast<float4*>(gemv_smem);
-        const float4* xr = reinterpret_cast<const float4*>(x);
-        const float4* wr = reinterpret_cast<const float4*>(ln_w);
-        auto mul = [](float4 a, float4 b) { return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w); };
-        for (int c = tid; c < KC; c += 2 * T) {  // two chunks a round: both loaded before either is stored
-            const int d = c + T < KC ? c + T : c;
-            const float4 x0 = __ldcg(xr + 2 * c), x1 = __ldcg(xr + 2 * c + 1), w0 = wr[2 * c], w1 = wr[2 * c + 1];
-            const float4 y0 = __ldcg(xr + 2 * d), y1 = __ldcg(xr + 2 * d + 1), v0 = wr[2 * d], v1 = wr[2 * d + 1];
-            xw[2 * c] = mul(x0, w0);
-            xw[2 * c + 1] = mul(x1, w1);
-            xw[2 * d] = mul(y0, v0);
-            xw[2 * d + 1] = mul(y1, v1);
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
+            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            mean[b] = (float)m;
+            rstd[b] = rsqrtf((float)var + eps);
         }
-        const double m = s1 / K, var = fmax(s2 / K - m * m, 0.0);
-        mean[0] = (float)m;
-        rstd[0] = rsqrtf((float)var + eps);
+        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
+        for (int c = tid; c < KC; c += T) {
+            float h[8];
+            ln8(0, c, h);
+            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+        }
         __syncthreads();
     }
-    // LN: a row's sum s becomes rstd (s - mean c) + b, (c, b) = (ln_c[n], bias[n]) (bias: the layer's bias and
-    // W ln_b together)
-    auto ln_out = [&](float s, float c, float b) {
-        if constexpr (LN) {
-            return rstd[0] * (s - mean[0] * c) + b;
-        } else {
-            return s;
-        }
-    };
     while (true) {
         float acc[BM][R];
 #pragma unroll
@@ -497,15 +469,14 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
             const int b = tid / R, n = n0 + tid % R;   // (swiglu: n0 even, so n is even at gate rows)
             float s = 0.f;
             for (int w = 0; w < nwarps; ++w) s += red[w][tid];
-            auto up_sum = [&] { float u = 0.f; for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1]; return ln_out(u, lnc1, lnb1); };
-            const float y = gemv_epilogue(mode, b, n, N, ln_out(s, lnc0, lnb0), up_sum, LN ? nullptr : bias, yf, yh, ldy);
+            auto up_sum = [&] { float u = 0.f; for (int w = 0; w < nwarps; ++w) u += red[w][tid + 1]; return u; };
+            const float y = gemv_epilogue(mode, b, n, N, s, up_sum, bias, yf, yh, ldy);
             if (mode == MODE_ADD && n < N) {
                 st1 += y;
                 st2 += (double)y * y;
             }
         }
         if (next >= groups) break;
-        ln_consts(next);
         __syncthreads();                         // red is written again by the next group
         g = next;
     }
@@ -549,9 +520,9 @@ GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
     extern "C" __global__ void GEMV_LN_BOUNDS gemv_ln_b1_r##R(                                             \
         const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
-        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_c,     \
+        double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
         const double* __restrict__ ln_stats, float eps) {                                                   \
-        gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_c,          \
+        gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,          \
                               ln_stats, eps);                                                               \
     }
 GEMV_LN_INST(1) GEMV_LN_INST(2) GEMV_LN_INST(4) GEMV_LN_INST(8)

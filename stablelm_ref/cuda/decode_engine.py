@@ -6,9 +6,7 @@ One decode step for a batch of B <= 8 rows (bf16 weights, float32 residual strea
     for each layer:
       h  = LayerNorm(x)                                  layernorm_rows        -> bf16 [B, hidden]
                                                          (batch 1, sequential residual: folded into the
-                                                         GEMV that reads h, gemv_ln_b1: the product with
-                                                         w x, then rstd (. - mean W w) + W b in its
-                                                         epilogue (refresh_ln_terms), mean and variance
+                                                         GEMV that reads h, gemv_ln_b1: mean and variance
                                                          from (sum x, sum x^2), which embed_rows and the
                                                          residual-add GEMVs accumulate)
       qkv = h @ [Wq; Wk; Wv]^T + b                       gemv (store)          -> f32 [B, (H + 2 KVH) D]
@@ -92,7 +90,7 @@ from ..errors import CheckpointError, ConfigError, GenerationError
 from ..fast_forms import layer_tensors
 from . import engine_prefill, tune, xp
 from .bf16 import to_bf16_bits, to_f32
-from .decode_kernels import (ATT_DIMS, ATT_TK, LN_MAX_K, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU,
+from .decode_kernels import (ATT_DIMS, ATT_TK, MAX_BATCH, MK_PMAX, MODE_ADD, MODE_STORE, MODE_SWIGLU,
                              PICK_RING, STEP_SHAPES, DecodeKernels)
 from .launch import Launch, capture_launches, replay_ms
 from .tune import DEFAULT_ATT, DEFAULT_GEMV, GemvShape
@@ -125,8 +123,7 @@ def config_from_transformers(cfg):
 
 # ----------------------------------------------------------------------------- the engine
 class _Layer:
-    __slots__ = ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "wqkv", "bqkv", "wo", "qn", "kn", "wgu", "wd",
-                 "qkv_ln", "gu_ln")   # [2, N] float32: (W ln_w, bias + W ln_b) of a folded LayerNorm's GEMV
+    __slots__ = ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "wqkv", "bqkv", "wo", "qn", "kn", "wgu", "wd")
 
 
 class GpuDecodeEngine:
@@ -179,7 +176,6 @@ class GpuDecodeEngine:
         with self.stream:
             self._load_weights(params)
             self._allocate()
-        self.refresh_ln_terms()
         self.stream.synchronize()
         self.tuning: dict[int, dict[str, GemvShape]] = {}
         self.step_ms: dict[int, float] = {}  # the tuned step's time (argmax left out), per batch size
@@ -290,43 +286,6 @@ class GpuDecodeEngine:
         else:
             self.lm = bits("lm_head.weight", (self.vocab, hd))
         self.inv_freq = cp.asarray(rotary_inv_freq(c.rope_theta, self.rot) if self.rot else np.zeros(1, np.float32))
-        for holder, attr, W, *_ in self._ln_folds():     # filled by refresh_ln_terms (fixed addresses: graphs)
-            setattr(holder, attr, cp.zeros((2, W.shape[0]), cp.float32))
-
-    def _ln_folds(self):
-        """(holder, attribute, W, ln_w, ln_b, bias) of every GEMV that can fold the LayerNorm before it
-        (folds_layernorm, folds_final): q|k|v and gate|up of each layer (sequential residual) and lm_head."""
-        if self.parallel or self.hidden > LN_MAX_K:
-            return []
-        folds = []
-        for L in self.layers:
-            folds += [(L, "qkv_ln", L.wqkv, L.ln1_w, L.ln1_b, L.bqkv), (L, "gu_ln", L.wgu, L.ln2_w, L.ln2_b, None)]
-        return folds + [(self, "lm_ln", self.lm, self.norm_w, self.norm_b, None)]
-
-    def refresh_ln_terms(self):
-        """The constants of the folded LayerNorms' GEMVs, from the weights and vectors as they are now: for each
-        q|k|v, gate|up and lm_head (W, the LayerNorm (w, b) before it, its bias), (W w, bias + W b) into its
-        [2, N] array (gemv_ln_b1_r* takes the product with w * x and applies mean and rstd after the sum:
-        rstd (W (w x) - mean W w) + W b + bias = W LayerNorm(x) + bias). One pass of the GEMV kernel over each
-        matrix with the vectors as 4 bf16 rows (w and b each split into a bf16 head and the rest, so a float32
-        vector that is not a bf16 value loses ~2^-16 of itself), on the engine's stream: ~1 ms at 3b-4e1t.
-        At the engine's build; fast_gpu's EngineSteps again at every batch-1 generate's start, after
-        refresh_vectors, since an edit in place of a weight or a LayerNorm vector changes them."""
-        from .bf16 import bf16_bits_to_f32, f32_to_bf16_bits
-
-        cp = self.cp
-        with self.stream:
-            for holder, attr, W, w, b, bias in self._ln_folds():
-                N = W.shape[0]
-                v = cp.stack([w, b]).astype(cp.float32)
-                hi = f32_to_bf16_bits(v)
-                lo = f32_to_bf16_bits(v - bf16_bits_to_f32(hi))
-                rows = cp.ascontiguousarray(cp.stack([hi[0], lo[0], hi[1], lo[1]]))       # uint16 [4, K]
-                out = cp.empty((4, N), cp.float32)
-                self.k.gemv_launch(rows, W, nb=4, mode=MODE_STORE, yf=out, rows=4, threads=256, tag="ln_terms")()
-                terms = getattr(holder, attr)
-                terms[0] = out[0] + out[1]
-                terms[1] = out[2] + out[3] if bias is None else out[2] + out[3] + bias
 
     def weight_bytes_per_step(self) -> int:
         """Bytes of weights one decode step reads (every matrix and norm once; the B embedding rows it gathers,
@@ -403,7 +362,7 @@ class GpuDecodeEngine:
         (gemv_ln_b1_r*: batch 1, sequential residual, fold_layernorm set); the final LayerNorm too where
         folds_final. Not with a parallel residual: there gate|up reads LN1(x) of the x before o_proj's add, which
         the folded read (of the current x) would not see."""
-        return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= LN_MAX_K
+        return self.fold_layernorm and nb == 1 and not self.parallel and self.hidden <= 24576
 
     def folds_final(self, nb) -> bool:
         """Whether the final LayerNorm is folded into lm_head too (with folds_layernorm and
@@ -426,22 +385,21 @@ class GpuDecodeEngine:
         kw = dict(nb=nb, rows=shape.rows, threads=shape.threads, persist=shape.persist, unroll=shape.unroll,
                   tag="gemv:" + name)
         if name == "qkv":
-            ln = (L.ln1_w, L.qkv_ln[0], self.ln_stats[2 * i], self.eps) if fold else None
-            return self.k.gemv_launch(self.x if fold else self.h, L.wqkv, mode=MODE_STORE, yf=self.qkv,
-                                      bias=L.qkv_ln[1] if fold else L.bqkv, ln=ln, **kw)
+            ln = (L.ln1_w, L.ln1_b, self.ln_stats[2 * i], self.eps) if fold else None
+            return self.k.gemv_launch(self.x if fold else self.h, L.wqkv, mode=MODE_STORE, yf=self.qkv, bias=L.bqkv,
+                                      ln=ln, **kw)
         if name == "o_proj":
             stats = self.ln_stats[2 * i + 1] if fold else None
             return self.k.gemv_launch(self.att, L.wo, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         if name == "gate_up":
-            ln = (L.ln2_w, L.gu_ln[0], self.ln_stats[2 * i + 1], self.eps) if fold else None
-            return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln,
-                                      bias=L.gu_ln[1] if fold else None, **kw)
+            ln = (L.ln2_w, L.ln2_b, self.ln_stats[2 * i + 1], self.eps) if fold else None
+            return self.k.gemv_launch(self.x if fold else self.h, L.wgu, mode=MODE_SWIGLU, yh=self.mlp, ln=ln, **kw)
         if name == "down":
             stats = self.ln_stats[2 * i + 2] if fold and (final or not last) else None
             return self.k.gemv_launch(self.mlp, L.wd, mode=MODE_ADD, yf=self.x, stats_out=stats, **kw)
         if final:
-            return self.k.gemv_launch(self.x, self.lm, mode=MODE_STORE, yf=self.logits_buf, bias=self.lm_ln[1], **kw,
-                                      ln=(self.norm_w, self.lm_ln[0], self.ln_stats[-1], self.eps))
+            return self.k.gemv_launch(self.x, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw,
+                                      ln=(self.norm_w, self.norm_b, self.ln_stats[-1], self.eps))
         return self.k.gemv_launch(self.h, self.lm, mode=MODE_STORE, yf=self.logits_buf, **kw)
 
     def step_kernel_problem(self) -> str | None:

@@ -3,7 +3,7 @@
     k = DecodeKernels()
     k.gemv_launch(x, W, nb=1, mode=MODE_ADD, yf=x_resid)   # y (+)= x W^T: store / add / SwiGLU epilogue
     k.gemv_launch(x, W, nb=8, ..., rows=16, unroll=4)      #   the same on the tensor cores (gemv_mma)
-    k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, W w, stats, eps), bias=bias + W b)   # LayerNorm(x) W^T, folded
+    k.gemv_launch(x_f32, W, nb=1, ..., ln=(w, b, stats, eps))   #   LayerNorm(x) W^T, the LayerNorm folded in
     k.attention_launch(qkv, kc, vc, ...)                   # q/k LayerNorm, rotary, cache write, flash-decoding
     k.layernorm_launch(x, w, b, h, nb=1, eps=1e-5)         # float32 rows -> bf16 rows
     k.embed_launch(tok, E, x, nb=1)                        # x = E[tok]
@@ -29,7 +29,6 @@ MODE_STORE, MODE_ADD, MODE_SWIGLU = 0, 1, 2
 GEMV_BATCHES = (1, 2, 4, 8)                 # compiled batch widths (BM); a batch of 3 uses BM = 4
 GEMV_ROWS = (1, 2, 4, 8)                    # compiled rows per block (R)
 GEMV_MAX_THREADS = 512
-LN_MAX_K = 12 * 1024                        # gemv_ln_b1_r*: w * x, K floats, in 48 KB of shared memory
 GEMV_MMA = ((1, 2), (1, 4), (2, 2), (2, 4))   # tensor-core GEMV: (16-row tiles a block, k steps in flight)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ, ATT_MAXBUF = 128, 64, 8, 4   # must match decode.cu
@@ -129,10 +128,8 @@ class DecodeKernels:
         unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
         k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
         stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
-        ln = (w, c, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
-        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows}):
-        y = rstd (W (w x) - mean c) + bias, where c = W w and bias = (the layer's bias) + W b, the LayerNorm's
-        bias b folded in (GpuDecodeEngine.refresh_ln_terms computes both; bias is required)."""
+        ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
+        taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows})."""
         N, K = W.shape
         if K % 8 or x.shape[-1] != K or x.dtype.itemsize != (4 if ln else 2) or W.dtype.itemsize != 2:
             raise ValueError(f"gemv: need {'float32' if ln else 'bf16'} x [nb, K] and bf16 W [N, K] with K % 8 == 0, "
@@ -140,8 +137,6 @@ class DecodeKernels:
         if (ln is not None or stats_out is not None) and (unroll or (ln is not None and nb != 1)):
             raise ValueError("gemv: the folded LayerNorm (ln) runs at batch 1 and, like stats_out, on the "
                              "CUDA-core GEMV only")
-        if ln is not None and bias is None:
-            raise ValueError("gemv: the folded LayerNorm (ln) needs bias = (the layer's bias) + W ln_b")
         if threads % 32 or not 32 <= threads <= GEMV_MAX_THREADS:
             raise ValueError(f"gemv: threads must be a multiple of 32 in [32, {GEMV_MAX_THREADS}]")
         bm = self.gemv_batch_width(nb)
@@ -163,14 +158,14 @@ class DecodeKernels:
         else:
             args += (stats_out if stats_out is not None else NULL,)
             if ln is not None:
-                w, c, stats, eps = ln
-                args += (w, c, stats, np.float32(eps))
+                w, b, stats, eps = ln
+                args += (w, b, stats, np.float32(eps))
             fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
-            if ln is not None and 4 * K > 48 * 1024:       # the block's w * x (float32) in shared memory
-                raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over {LN_MAX_K:,}")
+            if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
+                raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows
         grid = min(groups, persist * self.num_sms) if persist else groups
-        return Launch(fn, (grid,), (threads,), args, smem=4 * K if ln is not None else 0, tag=tag)
+        return Launch(fn, (grid,), (threads,), args, smem=2 * K if ln is not None else 0, tag=tag)
 
     # -- attention ----------------------------------------------------------------------------
     def attention_splits(self, nb: int, kv_heads: int, max_len: int) -> int:

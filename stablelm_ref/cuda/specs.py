@@ -3,8 +3,6 @@
     ref_gemv(x, W, mode, bias, y0)            store: x W^T + b | add: y0 + x W^T | swiglu: silu(g) * u
     ref_layernorm(x, w, b, eps)               (x - mean) / sqrt(var + eps) * w + b
     ref_layernorm_from_stats(x, w, b, st, eps)   the same, mean and var from st = ref_row_stats(x) = (sum, sum sq)
-    ref_gemv_ln(x, W, w, c, st, eps, bias)   gemv_ln_b1_r*'s sums: rstd (W (w x) - mean c) + bias, c = W w
-    ref_ln_terms(W, w, b, bias)             (c, bias + W b): what the engine gives gemv_ln_b1_r*
     ref_decode_attention(qkv, kc, vc, ...)    q/k LayerNorm, rotary, new k/v at cache[len], softmax(q K^T) V
 
 tests/gpu/test_decode_engine.py compares each kernel with these; tests/test_decode_engine_emulated.py runs
@@ -56,25 +54,6 @@ def ref_layernorm_from_stats(x, w, b, stats, eps) -> np.ndarray:
     mean = stats[..., :1] / x.shape[-1]
     var = np.maximum(stats[..., 1:] / x.shape[-1] - mean ** 2, 0.0)
     return (x - mean) / np.sqrt(var + eps) * w + b
-
-
-def ref_gemv_ln(x, W, w, c, stats, eps, bias) -> np.ndarray:
-    """The row sums of gemv_ln_b1_r* (before its mode's epilogue: store, or SwiGLU over the gate / up rows):
-    rstd (W (w * x) - mean c) + bias, mean and var from stats = (S1, S2) as ref_layernorm_from_stats; with
-    (c, bias) = ref_ln_terms(W, w, b, bias0) this is W LayerNorm(x) + bias0, h unrounded."""
-    x = np.asarray(x, np.float64)
-    mean = stats[..., :1] / x.shape[-1]
-    rstd = 1.0 / np.sqrt(np.maximum(stats[..., 1:] / x.shape[-1] - mean ** 2, 0.0) + eps)
-    acc = (x * np.asarray(w, np.float64)) @ np.asarray(W, np.float64).T
-    return rstd * (acc - mean * np.asarray(c, np.float64)) + np.asarray(bias, np.float64)
-
-
-def ref_ln_terms(W, w, b, bias=None):
-    """(c, bias') = (W w, bias + W b): the constants a folded LayerNorm's GEMV applies in its epilogue
-    (GpuDecodeEngine.refresh_ln_terms)."""
-    W = np.asarray(W, np.float64)
-    c, cb = W @ np.asarray(w, np.float64), W @ np.asarray(b, np.float64)
-    return c, cb if bias is None else cb + np.asarray(bias, np.float64)
 
 
 def ref_layernorm(x, w, b, eps) -> np.ndarray:
