@@ -222,6 +222,62 @@ def _ln_timing(h_code):
 
 VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY)
 VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n")
+# ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
+# of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
+LN_BLOCK = """    if constexpr (LN) {
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
+            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            mean[b] = (float)m;
+            rstd[b] = rsqrtf((float)var + eps);
+        }
+        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
+        for (int c = tid; c < KC; c += T) {
+            float h[8];
+            ln8(0, c, h);
+            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+        }
+        __syncthreads();
+    }
+"""
+LN_ONE_TRIP = """    if constexpr (LN) {
+        const double s1 = __ldcg(ln_stats), s2 = __ldcg(ln_stats + 1);
+        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);
+        const float4* xq = reinterpret_cast<const float4*>(x);
+        const float4* wq = reinterpret_cast<const float4*>(ln_w);
+        const float4* bq = reinterpret_cast<const float4*>(ln_b);
+        auto h8 = [&](float4 x0, float4 x1, float4 w0, float4 w1, float4 b0, float4 b1) {
+            const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            const float g[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            const float o[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            float h[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) h[i] = (v[i] - mean[0]) * rstd[0] * g[i] + o[i];
+            return make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+        };
+        for (int c = tid; c < KC; c += 2 * T) {
+            const int d = c + T < KC ? c + T : c;
+            const float4 x0 = __ldcg(xq + 2 * c), x1 = __ldcg(xq + 2 * c + 1), y0 = __ldcg(xq + 2 * d), y1 = __ldcg(xq + 2 * d + 1);
+            const float4 w0 = wq[2 * c], w1 = wq[2 * c + 1], v0 = wq[2 * d], v1 = wq[2 * d + 1];
+            const float4 b0 = bq[2 * c], b1 = bq[2 * c + 1], e0 = bq[2 * d], e1 = bq[2 * d + 1];
+            const double m = s1 / K, var = fmax(s2 / K - m * m, 0.0);
+            mean[0] = (float)m;
+            rstd[0] = rsqrtf((float)var + eps);
+            hw[c] = h8(x0, x1, w0, w1, b0, b1);
+            hw[d] = h8(y0, y1, v0, v1, e0, e1);
+        }
+        if (tid >= KC) {
+            const double m = s1 / K, var = fmax(s2 / K - m * m, 0.0);
+            mean[0] = (float)m;
+            rstd[0] = rsqrtf((float)var + eps);
+        }
+        __syncthreads();
+    }
+"""
+VARIANTS["ln-one-trip"] = lambda src: src.replace(LN_BLOCK, LN_ONE_TRIP) if src.count(LN_BLOCK) == 1 else None
+VARIANTS["ln-one-trip-nocap"] = lambda src: (VARIANTS["ln-launch-bounds"](VARIANTS["ln-one-trip"](src))
+                                             if src.count(LN_BLOCK) == 1 else None)   # (12 bytes spilled at 104)
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
