@@ -222,6 +222,12 @@ def _ln_timing(h_code):
 
 VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY)
 VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n")
+# taking ln-x-only apart (timing only): ln-no-stats, x, ln_w and ln_b loaded but no statistics (mean 0, rstd 1);
+# ln-no-wb, the statistics and x but no ln_w / ln_b (h = (x - mean) rstd)
+VARIANTS["ln-no-stats"] = lambda src: (src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n")
+                                       if src.count(LN_STATS_M) == 1 else None)
+VARIANTS["ln-no-wb"] = lambda src: (src.replace(LN_H, LN_X_ONLY.replace(" * .0625f", " - mean[0]) * rstd[0]").replace(
+    "= q", "= (q")) if src.count(LN_H) == 1 else None)
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
 LN_BLOCK = """    if constexpr (LN) {
