@@ -212,41 +212,32 @@ LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) 
              "            h[4] = q1.x * .0625f; h[5] = q1.y * .0625f; h[6] = q1.z * .0625f; h[7] = q1.w * .0625f;\n")
 
 
-def _ln_timing(h_code):
+def _ln_timing(h_code=None, stats=False):
+    """The statistics' lines replaced by mean 0, rstd 1 (stats) and / or h's line by h_code; None where decode.cu
+    lacks a line it changes."""
     def patch(src):
-        if src.count(LN_STATS_M) != 1 or src.count(LN_H) != 1:
+        if (stats and src.count(LN_STATS_M) != 1) or (h_code and src.count(LN_H) != 1):
             return None
-        return src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n").replace(LN_H, h_code)
+        if stats:
+            src = src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n")
+        return src.replace(LN_H, h_code) if h_code else src
     return patch
 
 
-VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY)
-VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n")
+VARIANTS["ln-x-only"] = _ln_timing(LN_X_ONLY, stats=True)
+VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] = 0.f;\n", stats=True)
 # taking ln-x-only apart (timing only): ln-no-stats, x, ln_w and ln_b loaded but no statistics (mean 0, rstd 1);
 # ln-no-wb, the statistics and x but no ln_w / ln_b (h = (x - mean) rstd)
-VARIANTS["ln-no-stats"] = lambda src: (src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n")
-                                       if src.count(LN_STATS_M) == 1 else None)
-VARIANTS["ln-no-wb"] = lambda src: (src.replace(LN_H, LN_X_ONLY.replace(" * .0625f", " - mean[0]) * rstd[0]").replace(
-    "= q", "= (q")) if src.count(LN_H) == 1 else None)
+VARIANTS["ln-no-stats"] = _ln_timing(stats=True)
+VARIANTS["ln-no-wb"] = _ln_timing(LN_X_ONLY.replace(" * .0625f", " - mean[0]) * rstd[0]").replace("= q", "= (q"))
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
-LN_BLOCK = """    if constexpr (LN) {
-#pragma unroll
-        for (int b = 0; b < BM; ++b) {
-            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
-            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
-            mean[b] = (float)m;
-            rstd[b] = rsqrtf((float)var + eps);
-        }
-        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
-        for (int c = tid; c < KC; c += T) {
-            float h[8];
-            ln8(0, c, h);
-            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
-        }
-        __syncthreads();
-    }
-"""
+LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
+            "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
+            "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
+            "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H +
+            "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
+            "pack_bf2(h[6], h[7]));\n        }\n        __syncthreads();\n    }\n")
 LN_ONE_TRIP = """    if constexpr (LN) {
         const double s1 = __ldcg(ln_stats), s2 = __ldcg(ln_stats + 1);
         uint4* hw = reinterpret_cast<uint4*>(gemv_smem);
@@ -272,11 +263,6 @@ LN_ONE_TRIP = """    if constexpr (LN) {
             rstd[0] = rsqrtf((float)var + eps);
             hw[c] = h8(x0, x1, w0, w1, b0, b1);
             hw[d] = h8(y0, y1, v0, v1, e0, e1);
-        }
-        if (tid >= KC) {
-            const double m = s1 / K, var = fmax(s2 / K - m * m, 0.0);
-            mean[0] = (float)m;
-            rstd[0] = rsqrtf((float)var + eps);
         }
         __syncthreads();
     }
