@@ -230,6 +230,73 @@ VARIANTS["ln-skip"] = _ln_timing("            for (int i = 0; i < 8; ++i) h[i] =
 # ln-no-wb, the statistics and x but no ln_w / ln_b (h = (x - mean) rstd)
 VARIANTS["ln-no-stats"] = _ln_timing(stats=True)
 VARIANTS["ln-no-wb"] = _ln_timing(LN_X_ONLY.replace(" * .0625f", " - mean[0]) * rstd[0]").replace("= q", "= (q"))
+# ln-wb-bf16 (timing only): the shipped h with ln_w and ln_b read as bf16 pairs (w_k, b_k) packed in 4 bytes, half
+# their bytes (the pairs are taken from ln_w's own 4K bytes, so the values are wrong): the traffic of a packed copy
+VARIANTS["ln-wb-bf16"] = _ln_timing(
+    "            const float4* xq = reinterpret_cast<const float4*>(x) + 2 * c;\n"
+    "            const uint4* pq = reinterpret_cast<const uint4*>(ln_w) + 2 * c;\n"
+    "            const float4 q0 = xq[0], q1 = xq[1];\n"
+    "            const uint4 p0 = pq[0], p1 = pq[1];\n"
+    "            const float v[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};\n"
+    "            const u32 p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};\n"
+    "#pragma unroll\n"
+    "            for (int i = 0; i < 8; ++i)\n"
+    "                h[i] = (v[i] - mean[0]) * rstd[0] * __uint_as_float(p[i] << 16) + __uint_as_float(p[i] & 0xffff0000u);\n")
+# Numerically the shipped kernel (correct variants). The SASS of gemv_ln_b1_r8 shows, after griddepcontrol.wait, the
+# statistics' two loads one after the other (the second after the first's float64 division), then per chunk x,
+# ln_w and ln_b. x and the statistics were written by the previous kernel (in L2); ln_w and ln_b were last read a
+# step ago (5 GB of weights since: in DRAM), and are asked for behind every block's L2 prefetch of its rows.
+# ln-wb-pf: every block prefetches ln_w and ln_b into L2 before its weights; ln-stats2: the two statistics in one
+# 16-byte load; ln-pf-bias: ln-wb-pf and also each of the block's row groups' bias (q|k|v bias) prefetched
+GEMV_START = "    PDL_LAUNCH();\n    point_at(g);\n    fetch();\n"
+LN_PF = ("    PDL_LAUNCH();\n    if constexpr (LN)\n        for (int l = tid; l < (K >> 5); l += T) {\n"
+         '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(ln_w + 32 * l));\n'
+         '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(ln_b + 32 * l));\n'
+         "        }\n")
+BIAS_PF = ("    if (bias != nullptr && tid == 0)\n"
+           "        for (int q = g; q < (N + R - 1) / R; q += gridDim.x)\n"
+           '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(bias + q * R));\n')
+VARIANTS["ln-wb-pf"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF))
+                                    if src.count(GEMV_START) == 1 else None)
+VARIANTS["ln-pf-bias"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF + BIAS_PF))
+                                      if src.count(GEMV_START) == 1 else None)
+LN_STATS2 = ("            double2 st = make_double2(0.0, 0.0);\n"
+             "            if (b < nb) st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);\n"
+             "            const double m = st.x / K;\n"
+             "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
+# ln-wb-pf1: ln_w and ln_b prefetched by one thread of each of the first 2K / 32 blocks (a line each, no block asking
+# for the same line twice), before the block's weights; ln-x-cg: ln8's x through L2 (__ldcg: coherent, where the
+# shipped read is the non-coherent ld.global.nc of data the previous kernel wrote)
+LN_PF1 = ("    PDL_LAUNCH();\n    if constexpr (LN)\n"
+          "        if (tid == 0 && (int)blockIdx.x < (K >> 4)) {\n"
+          "            const float* v = (int)blockIdx.x < (K >> 5) ? ln_w + 32 * blockIdx.x : ln_b + 32 * (blockIdx.x - (K >> 5));\n"
+          '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(v));\n'
+          "        }\n")
+VARIANTS["ln-wb-pf1"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF1))
+                                     if src.count(GEMV_START) == 1 else None)
+LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
+VARIANTS["ln-x-cg"] = lambda src: (src.replace(LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
+                                   if src.count(LN_XR) == 1 else None)
+VARIANTS["ln-stats2"] = lambda src: src.replace(LN_STATS_M, LN_STATS2) if src.count(LN_STATS_M) == 1 else None
+VARIANTS["ln-pf1-stats2"] = lambda src: (VARIANTS["ln-stats2"](VARIANTS["ln-wb-pf1"](src))
+                                         if src.count(GEMV_START) == 1 and src.count(LN_STATS_M) == 1 else None)
+VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))   # both reads coherent, after the wait
+                                 if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
+# ln-wb-keep: ln_w and ln_b kept in L2 from step to step: read with an evict_last policy while the weights' prefetch
+# goes to evict_normal (l2-prefetch-normal; evict_last lines may need a persisting set-aside: --l2-persist-mb);
+# ln-keep-pf1: with ln-wb-pf1's prefetch
+LN_WR = "w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];"
+LN_KEEP = ("w0 = ld_keep(wr), w1 = ld_keep(wr + 1), b0 = ld_keep(br), b1 = ld_keep(br + 1);")
+LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    float4 r;\n"
+           '    asm("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; '
+           'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
+           ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
+GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
+VARIANTS["ln-wb-keep"] = lambda src: (
+    VARIANTS["l2-prefetch-normal"](src.replace(LN_WR, LN_KEEP).replace(GEMV_IMPL, LD_KEEP + GEMV_IMPL))
+    if src.count(LN_WR) == 1 and src.count(GEMV_IMPL) == 1 else None)
+VARIANTS["ln-keep-pf1"] = lambda src: (VARIANTS["ln-wb-pf1"](VARIANTS["ln-wb-keep"](src))
+                                       if src.count(LN_WR) == 1 and src.count(GEMV_IMPL) == 1 else None)
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
 LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
@@ -661,8 +728,18 @@ def main():
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
                     help="batch sizes (2-8) to time with and without the tensor-core GEMV")
+    ap.add_argument("--l2-persist-mb", type=int, default=0,
+                    help="set aside this many MB of L2 for persisting (evict_last) lines first (cuCtxSetLimit)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.l2_persist_mb:
+        import ctypes
+        import cupy
+
+        cupy.cuda.Device().use()                         # (the context exists)
+        cupy.zeros(1)
+        rc = ctypes.CDLL("libcuda.so.1").cuCtxSetLimit(ctypes.c_int(6), ctypes.c_size_t(args.l2_persist_mb << 20))
+        print(f"L2 persisting set-aside {args.l2_persist_mb} MB: cuCtxSetLimit rc {rc}")
 
     t0 = time.time()
     cfg = engine_config(args.layers, FAMILY[args.shapes])
