@@ -124,7 +124,7 @@ VARIANTS["gemv-maxnreg96"] = _ln_cap("__maxnreg__(96)", gemv="__maxnreg__(96)")
 # the GEMVs' L2 prefetch of their first row group moved after the PDL wait (the first two chunks a thread still
 # load into registers before it), or every weight load after it: what flooding the memory system while the
 # previous kernel (the attention, above all) finishes costs and buys
-GEMV_EARLY = "    PDL_LAUNCH();\n    point_at(g);\n    fetch();\n    PDL_WAIT();                                  // x (and y"
+GEMV_EARLY = "    point_at(g);\n    fetch();\n    PDL_WAIT();                                  // x (and y"
 VARIANTS["gemv-l2-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
     "    fetch();\n    PDL_WAIT();", "    gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    PDL_WAIT();\n"
     "    for (int cc = tid + 2 * T; cc < KC; cc += T)\n        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);"))
@@ -246,45 +246,47 @@ VARIANTS["ln-wb-bf16"] = _ln_timing(
 # statistics' two loads one after the other (the second after the first's float64 division), then per chunk x,
 # ln_w and ln_b. x and the statistics were written by the previous kernel (in L2); ln_w and ln_b were last read a
 # step ago (5 GB of weights since: in DRAM), and are asked for behind every block's L2 prefetch of its rows.
-# ln-wb-pf: every block prefetches ln_w and ln_b into L2 before its weights; ln-stats2: the two statistics in one
-# 16-byte load; ln-pf-bias: ln-wb-pf and also each of the block's row groups' bias (q|k|v bias) prefetched
-GEMV_START = "    PDL_LAUNCH();\n    point_at(g);\n    fetch();\n"
-LN_PF = ("    PDL_LAUNCH();\n    if constexpr (LN)\n        for (int l = tid; l < (K >> 5); l += T) {\n"
+# decode.cu now has each of the first 2K / 32 blocks prefetch one line of ln_w / ln_b into L2 before its weights
+# (SHIPPED_PF, nineteenth session). ln-no-pf: without it (the kernel before); ln-wb-pf: every block prefetches every
+# line (slower); ln-pf-bias: ln-wb-pf and each of the block's row groups' bias (q|k|v bias) prefetched too;
+# ln-stats2: the two statistics in one 16-byte load through L2 (__ldcg, ordered after the wait; a plain double2
+# load was placed before it and read stale statistics); ln-x-cg: ln8's x through L2 (__ldcg, where the shipped read
+# is the non-coherent ld.global.nc); ln-cg: both
+SHIPPED_PF = ("    if constexpr (LN)        // ln_w and ln_b into L2 first: see \"LN\" above\n"
+              "        if (tid == 0)\n"
+              "            for (int l = blockIdx.x; l < (K >> 4); l += gridDim.x) {\n"
+              "                const float* v = l < (K >> 5) ? ln_w + 32 * l : ln_b + 32 * (l - (K >> 5));\n"
+              '                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(v));\n'
+              "            }\n")
+LN_PF = ("    if constexpr (LN)\n        for (int l = tid; l < (K >> 5); l += T) {\n"
          '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(ln_w + 32 * l));\n'
          '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(ln_b + 32 * l));\n'
          "        }\n")
 BIAS_PF = ("    if (bias != nullptr && tid == 0)\n"
            "        for (int q = g; q < (N + R - 1) / R; q += gridDim.x)\n"
            '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(bias + q * R));\n')
-VARIANTS["ln-wb-pf"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF))
-                                    if src.count(GEMV_START) == 1 else None)
-VARIANTS["ln-pf-bias"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF + BIAS_PF))
-                                      if src.count(GEMV_START) == 1 else None)
+
+
+def _pf(text):
+    return lambda src: src.replace(SHIPPED_PF, text) if src.count(SHIPPED_PF) == 1 else None
+
+
+VARIANTS["ln-no-pf"] = _pf("")
+VARIANTS["ln-wb-pf"] = _pf(LN_PF)
+VARIANTS["ln-pf-bias"] = _pf(LN_PF + BIAS_PF)
 LN_STATS2 = ("            double2 st = make_double2(0.0, 0.0);\n"
              "            if (b < nb) st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);\n"
              "            const double m = st.x / K;\n"
              "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
-# ln-wb-pf1: ln_w and ln_b prefetched by one thread of each of the first 2K / 32 blocks (a line each, no block asking
-# for the same line twice), before the block's weights; ln-x-cg: ln8's x through L2 (__ldcg: coherent, where the
-# shipped read is the non-coherent ld.global.nc of data the previous kernel wrote)
-LN_PF1 = ("    PDL_LAUNCH();\n    if constexpr (LN)\n"
-          "        if (tid == 0 && (int)blockIdx.x < (K >> 4)) {\n"
-          "            const float* v = (int)blockIdx.x < (K >> 5) ? ln_w + 32 * blockIdx.x : ln_b + 32 * (blockIdx.x - (K >> 5));\n"
-          '            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(v));\n'
-          "        }\n")
-VARIANTS["ln-wb-pf1"] = lambda src: (src.replace(GEMV_START, GEMV_START.replace("    PDL_LAUNCH();\n", LN_PF1))
-                                     if src.count(GEMV_START) == 1 else None)
 LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
 VARIANTS["ln-x-cg"] = lambda src: (src.replace(LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
                                    if src.count(LN_XR) == 1 else None)
 VARIANTS["ln-stats2"] = lambda src: src.replace(LN_STATS_M, LN_STATS2) if src.count(LN_STATS_M) == 1 else None
-VARIANTS["ln-pf1-stats2"] = lambda src: (VARIANTS["ln-stats2"](VARIANTS["ln-wb-pf1"](src))
-                                         if src.count(GEMV_START) == 1 and src.count(LN_STATS_M) == 1 else None)
-VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))   # both reads coherent, after the wait
+VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
                                  if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
-# ln-wb-keep: ln_w and ln_b kept in L2 from step to step: read with an evict_last policy while the weights' prefetch
-# goes to evict_normal (l2-prefetch-normal; evict_last lines may need a persisting set-aside: --l2-persist-mb);
-# ln-keep-pf1: with ln-wb-pf1's prefetch
+# ln-keep-pf: ln_w and ln_b kept in L2 from step to step, read with an evict_last policy while the weights' prefetch
+# goes to evict_normal (l2-prefetch-normal; whether evict_last lines need a persisting set-aside: --l2-persist-mb);
+# ln-wb-keep: that without the shipped prefetch
 LN_WR = "w0 = wr[0], w1 = wr[1], b0 = br[0], b1 = br[1];"
 LN_KEEP = ("w0 = ld_keep(wr), w1 = ld_keep(wr + 1), b0 = ld_keep(br), b1 = ld_keep(br + 1);")
 LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    float4 r;\n"
@@ -292,11 +294,11 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
            'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
            ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
 GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
-VARIANTS["ln-wb-keep"] = lambda src: (
+VARIANTS["ln-keep-pf"] = lambda src: (
     VARIANTS["l2-prefetch-normal"](src.replace(LN_WR, LN_KEEP).replace(GEMV_IMPL, LD_KEEP + GEMV_IMPL))
     if src.count(LN_WR) == 1 and src.count(GEMV_IMPL) == 1 else None)
-VARIANTS["ln-keep-pf1"] = lambda src: (VARIANTS["ln-wb-pf1"](VARIANTS["ln-wb-keep"](src))
-                                       if src.count(LN_WR) == 1 and src.count(GEMV_IMPL) == 1 else None)
+VARIANTS["ln-wb-keep"] = lambda src: (VARIANTS["ln-no-pf"](VARIANTS["ln-keep-pf"](src))
+                                      if src.count(LN_WR) == 1 and src.count(SHIPPED_PF) == 1 else None)
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
 LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +

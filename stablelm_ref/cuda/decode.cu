@@ -362,6 +362,12 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // batch 1). Each block writes h into shared memory once (K bf16, dynamic shared memory) while its first
 // weights are in flight, then runs the plain GEMV loop on it (computing h per chunk as the chunks are read,
 // every row group reading x, ln_w and ln_b again, measured 2.9% slower a step).
+// ln_w and ln_b were last read a step ago (gigabytes of weights since: in DRAM), and a read after the wait queues
+// behind every block's L2 prefetch of its rows; so before its own weights each of the first 2K / 32 blocks
+// prefetches one 128-byte line of them into L2 (each line asked for once: the same lines prefetched by every block
+// measured 2% slower a step). H200, nineteenth session, same tuning, ms a step: 3b-4e1t 1.6665 against 1.6774 and
+// 1.6538 against 1.6750 (two machines), 2-1.6b 0.9946 against 1.0033 (the bound, not reading them at all: 1.6514 /
+// 0.9689). An evict_last read instead, keeping them in L2 from step to step, measured the same as this.
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
@@ -420,6 +426,12 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
     };
 
     PDL_LAUNCH();
+    if constexpr (LN)        // ln_w and ln_b into L2 first: see "LN" above
+        if (tid == 0)
+            for (int l = blockIdx.x; l < (K >> 4); l += gridDim.x) {
+                const float* v = l < (K >> 5) ? ln_w + 32 * l : ln_b + 32 * (l - (K >> 5));
+                asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(v));
+            }
     point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
