@@ -279,6 +279,12 @@ LN_STATS2 = ("            double2 st = make_double2(0.0, 0.0);\n"
              "            const double m = st.x / K;\n"
              "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
 LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
+# ln-stats-nc2: the two statistics in one 16-byte load on the shipped (non-coherent) path, as a volatile asm so that
+# it stays after the wait (ln-stats2's __ldcg measured far slower: is it the path, or the one load?)
+VARIANTS["ln-stats-nc2"] = lambda src: (src.replace(LN_STATS_M, LN_STATS2.replace(
+    "st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);",
+    'asm volatile("ld.global.nc.v2.f64 {%0, %1}, [%2];" : "=d"(st.x), "=d"(st.y) : "l"(ln_stats + 2 * b));'))
+    if src.count(LN_STATS_M) == 1 else None)
 VARIANTS["ln-x-cg"] = lambda src: (src.replace(LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
                                    if src.count(LN_XR) == 1 else None)
 VARIANTS["ln-stats2"] = lambda src: src.replace(LN_STATS_M, LN_STATS2) if src.count(LN_STATS_M) == 1 else None
