@@ -59,6 +59,11 @@ def _insert(src, at, text, before=True):
     return src.replace(at, text + at if before else at + text)
 
 
+def _replace(src, at, text):
+    """src with the one occurrence of `at` replaced by text; None if `at` is not there once."""
+    return src.replace(at, text) if src.count(at) == 1 else None
+
+
 VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
     "default": None,
     # attention never reads the cache (wrong results): shows what the read costs
@@ -268,26 +273,31 @@ BIAS_PF = ("    if (bias != nullptr && tid == 0)\n"
 
 
 def _pf(text):
-    return lambda src: src.replace(SHIPPED_PF, text) if src.count(SHIPPED_PF) == 1 else None
+    return lambda src: _replace(src, SHIPPED_PF, text)
 
 
 VARIANTS["ln-no-pf"] = _pf("")
 VARIANTS["ln-wb-pf"] = _pf(LN_PF)
 VARIANTS["ln-pf-bias"] = _pf(LN_PF + BIAS_PF)
-LN_STATS2 = ("            double2 st = make_double2(0.0, 0.0);\n"
-             "            if (b < nb) st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);\n"
-             "            const double m = st.x / K;\n"
-             "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
+
+
+def _stats_one_load(load):
+    """The statistics' two loads as one 16-byte load into st (`load`, a statement); None where decode.cu lacks them."""
+    text = ("            double2 st = make_double2(0.0, 0.0);\n"
+            f"            if (b < nb) {load}\n"
+            "            const double m = st.x / K;\n"
+            "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
+    return lambda src: _replace(src, LN_STATS_M, text)
+
+
 LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
 # ln-stats-nc2: the two statistics in one 16-byte load on the shipped (non-coherent) path, as a volatile asm so that
 # it stays after the wait (ln-stats2's __ldcg measured far slower: is it the path, or the one load?)
-VARIANTS["ln-stats-nc2"] = lambda src: (src.replace(LN_STATS_M, LN_STATS2.replace(
-    "st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);",
-    'asm volatile("ld.global.nc.v2.f64 {%0, %1}, [%2];" : "=d"(st.x), "=d"(st.y) : "l"(ln_stats + 2 * b));'))
-    if src.count(LN_STATS_M) == 1 else None)
-VARIANTS["ln-x-cg"] = lambda src: (src.replace(LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
-                                   if src.count(LN_XR) == 1 else None)
-VARIANTS["ln-stats2"] = lambda src: src.replace(LN_STATS_M, LN_STATS2) if src.count(LN_STATS_M) == 1 else None
+VARIANTS["ln-stats-nc2"] = _stats_one_load(
+    'asm volatile("ld.global.nc.v2.f64 {%0, %1}, [%2];" : "=d"(st.x), "=d"(st.y) : "l"(ln_stats + 2 * b));')
+VARIANTS["ln-x-cg"] = lambda src: _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]",
+                                                                      "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
+VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
 VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
                                  if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
 # ln-keep-pf: ln_w and ln_b kept in L2 from step to step, read with an evict_last policy while the weights' prefetch
@@ -342,7 +352,7 @@ LN_ONE_TRIP = """    if constexpr (LN) {
         __syncthreads();
     }
 """
-VARIANTS["ln-one-trip"] = lambda src: src.replace(LN_BLOCK, LN_ONE_TRIP) if src.count(LN_BLOCK) == 1 else None
+VARIANTS["ln-one-trip"] = lambda src: _replace(src, LN_BLOCK, LN_ONE_TRIP)
 VARIANTS["ln-one-trip-nocap"] = lambda src: (VARIANTS["ln-launch-bounds"](VARIANTS["ln-one-trip"](src))
                                              if src.count(LN_BLOCK) == 1 else None)   # (12 bytes spilled at 104)
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
