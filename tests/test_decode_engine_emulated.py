@@ -733,6 +733,29 @@ def test_every_probe_variant_still_finds_the_lines_it_changes():
     assert dt.timeline_source(src).endswith(src)
 
 
+# What a kernel of the step writes and a later kernel reads: decode.cu's names for it, as parameters and locals
+STEP_WRITTEN = {"x", "xv", "xr", "xrow", "qkv", "ln_stats", "logits", "row", "cand_val", "cand_idx", "stepp"}
+
+
+def test_what_the_step_writes_is_never_read_through_the_non_coherent_path():
+    """decode.cu reads what an earlier kernel of the step wrote through pointers that are not const __restrict__
+    (see its PDL comment): with one, the compiler uses the non-coherent path and ptxas may schedule the load before
+    griddepcontrol.wait, under PDL while the predecessor still writes it (seen on sm_90, CUDA 13.0: the LayerNorm
+    statistics read before the wait, NaN logits). The GPU tests cannot catch it: where the load lands is the
+    scheduler's choice of the day. Checked on the text: no const __restrict__ declaration and no __ldg names that
+    data (the regex must find the weights' declarations of that form, so that it cannot pass vacuously)."""
+    import re
+
+    from stablelm_ref.cuda import launch
+
+    src = launch.SOURCE.read_text()
+    decl = re.compile(r"const\s+\w+\s*\*\s*__restrict__\s+(\w+)")
+    assert "W" in decl.findall(src)                  # the weights: the form is found where it is right
+    bad = sorted({name for name in decl.findall(src) if name in STEP_WRITTEN})
+    assert not bad, f"decode.cu declares step-written data const __restrict__: {bad}"
+    for call in re.findall(r"__ldg\(([^;]*)\)", src):
+        assert not set(re.findall(r"(?<![.\w])\w+", call)) & STEP_WRITTEN, f"__ldg of step-written data: {call}"
+
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):
     """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
     duration (the plan's launches carry the carveout), the tuning, attention shape, step time and carveouts put

@@ -3,6 +3,7 @@
     python tools/decode_probe.py                      # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
+    python tools/decode_probe.py --variants default git:HEAD~3 default git:HEAD~3   # that, at one tuning
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
@@ -295,8 +296,20 @@ LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
 # it stays after the wait (ln-stats2's __ldcg measured far slower: is it the path, or the one load?)
 VARIANTS["ln-stats-nc2"] = _stats_one_load(
     'asm volatile("ld.global.nc.v2.f64 {%0, %1}, [%2];" : "=d"(st.x), "=d"(st.y) : "l"(ln_stats + 2 * b));')
+# (twentieth session: NaN logits; ptxas put that load before griddepcontrol.wait, volatile or not, as the SASS shows:
+# a non-coherent load may move there, which is why decode.cu no longer reads step-written data that way)
+# ln-x-nc-asm: x's two loads back on the non-coherent path as volatile asm (correct in that build, 0.2% faster than
+# the nineteenth session's kernel; the position is ptxas's choice); ln-nc-asm: that and ln-stats-nc2 (NaN)
+LD_NC4 = ("__device__ __forceinline__ float4 ld_nc4(const float4* p) {\n    float4 r;\n"
+          '    asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];" '
+          ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
 VARIANTS["ln-x-cg"] = lambda src: _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]",
                                                                       "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
+VARIANTS["ln-x-nc-asm"] = lambda src: (
+    _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = ld_nc4(xr), x1 = ld_nc4(xr + 1)"))
+    .replace(GEMV_IMPL, LD_NC4 + GEMV_IMPL) if src.count(LN_XR) == 1 and src.count(GEMV_IMPL) == 1 else None)
+VARIANTS["ln-nc-asm"] = lambda src: (VARIANTS["ln-x-nc-asm"](VARIANTS["ln-stats-nc2"](src))
+                                     if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
 VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
 VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
                                  if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
@@ -713,7 +726,9 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=127)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), metavar="VARIANT",
+                    help="names from VARIANTS, or git:REV / file:PATH (decode.cu of that commit or file, timed at "
+                         "the first variant's tuning, unlike --src-rev)")
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
@@ -767,7 +782,10 @@ def main():
     res = {}
     if args.batches:
         res["batches"] = batch_ab(cfg, params, args.batches, args.prompt, args.steps)
-    todo = [(v, VARIANTS[v], None) for v in args.variants]
+    bad = [v for v in args.variants if v not in VARIANTS and not v.startswith(("git:", "file:"))]
+    if bad:
+        ap.error(f"unknown variants {bad}: choose from {', '.join(VARIANTS)}, git:REV or file:PATH")
+    todo = [(v, VARIANTS[v], None) if v in VARIANTS else (v, None, v.removeprefix("git:")) for v in args.variants]
     if args.src_rev:
         todo.insert(0, (f"rev {args.src_rev}", None, args.src_rev))
     engine = None

@@ -40,6 +40,13 @@ typedef unsigned long long u64;
 // flush its writes) before it reads anything an earlier kernel wrote or writes anything. Before the wait a
 // kernel only reads data no kernel of the step writes (weights, and the cache below the current length).
 // Under an ordinary launch both instructions do nothing.
+// What an earlier kernel of the step writes (x, qkv, the attention's output, mlp, the LayerNorm statistics, the
+// logits, the sampler's candidates) is read through pointers that are not `const __restrict__`, so with weak,
+// coherent loads: given a const __restrict__ pointer (or __ldg, or ld.global.nc) the compiler uses the
+// non-coherent path, which takes the data as unchanging for the kernel's life, and ptxas may then schedule the
+// load before griddepcontrol.wait, while the predecessor is still writing it (seen on sm_90 with CUDA 13.0: an
+// ld.global.nc of the statistics placed before the wait, even as a volatile asm after it in the source; NaN
+// logits). Weights, biases and norms keep const __restrict__: no kernel writes them.
 // Before sm_90 there is no PDL: the macros are empty, so the module builds for older GPUs too.
 // A probe build may define both macros before this file (tools/decode_timeline.cuh: each block records its
 // start, wait and exit); the shipped module never does.
@@ -200,7 +207,7 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
     PDL_LAUNCH();
     PDL_WAIT();
     const int b = blockIdx.x, T = blockDim.x;
-    const u16* row = E + (size_t)tok[b] * hidden;
+    const u16* erow = E + (size_t)tok[b] * hidden;   // never written: __ldg
     float* xr = x + (size_t)b * hidden;
     double s1 = 0.0, s2 = 0.0;
     if ((hidden & 7) == 0 && hidden <= 8 * EMBED_MAXC * T) {
@@ -208,7 +215,7 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
         uint4 c[EMBED_MAXC];
 #pragma unroll
         for (int i = 0; i < EMBED_MAXC; ++i)
-            if (threadIdx.x + i * T < nc) c[i] = __ldg(reinterpret_cast<const uint4*>(row) + threadIdx.x + i * T);
+            if (threadIdx.x + i * T < nc) c[i] = __ldg(reinterpret_cast<const uint4*>(erow) + threadIdx.x + i * T);
 #pragma unroll
         for (int i = 0; i < EMBED_MAXC; ++i) {
             const int j = threadIdx.x + i * T;
@@ -226,7 +233,7 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
         }
     } else {
         for (int k = threadIdx.x; k < hidden; k += T) {
-            const float v = bf2f(row[k]);
+            const float v = bf2f(erow[k]);
             xr[k] = v;
             s1 += v;
             s2 += (double)v * v;
@@ -250,7 +257,7 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const u16* __
 #define LN_THREADS 512
 #define LN_MAXV 4
 extern "C" __global__ void __launch_bounds__(LN_THREADS) layernorm_rows(
-    const float* __restrict__ x, int ldx, const float* __restrict__ w, const float* __restrict__ beta,
+    const float* x, int ldx, const float* __restrict__ w, const float* __restrict__ beta,
     u16* __restrict__ y, int ldy, int K, float eps) {
     __shared__ float buf[32];
     PDL_LAUNCH();
@@ -372,18 +379,18 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
 template <int BM, int R, bool LN>
-__device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, int nb,
+__device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
                                           float* __restrict__ yf, u16* __restrict__ yh, int ldy,
                                           int mode, double* __restrict__ stats_out,
                                           const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-                                          const double* __restrict__ ln_stats, float eps) {
+                                          const double* ln_stats, float eps) {
     __shared__ float red[GEMV_MAX_WARPS][BM * R];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, T = blockDim.x;
     const int nwarps = T >> 5;
     const int KC = K >> 3;                       // 16-byte chunks per row
-    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
     const int ldxv = ldx >> 3;
     float mean[BM], rstd[BM];
     extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -507,7 +514,7 @@ __device__ __forceinline__ void gemv_impl(const void* __restrict__ x, int ldx, i
 
 #define GEMV_INST(BM, R)                                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R(                    \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
+        const u16* x, int ldx, int nb, const u16* __restrict__ W, int N, int K,                            \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
         double* __restrict__ stats_out) {                                                                   \
         gemv_impl<BM, R, false>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr, nullptr,  \
@@ -530,10 +537,10 @@ GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
 #endif
 #define GEMV_LN_INST(R)                                                                                     \
     extern "C" __global__ void GEMV_LN_BOUNDS gemv_ln_b1_r##R(                                             \
-        const float* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,             \
+        const float* x, int ldx, int nb, const u16* __restrict__ W, int N, int K,                          \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
         double* __restrict__ stats_out, const float* __restrict__ ln_w, const float* __restrict__ ln_b,     \
-        const double* __restrict__ ln_stats, float eps) {                                                   \
+        const double* ln_stats, float eps) {                                                                \
         gemv_impl<1, R, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, ln_w, ln_b,          \
                               ln_stats, eps);                                                               \
     }
@@ -569,7 +576,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u3
 }
 
 template <int MT, int U>
-__device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx, int nb,
+__device__ __forceinline__ void gemv_mma_impl(const u16* x, int ldx, int nb,
                                               const u16* __restrict__ W, int N, int K,
                                               const float* __restrict__ bias,
                                               float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode) {
@@ -579,7 +586,7 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx
     const int KC = K >> 3;                               // 16-byte chunks per row
     const int KS = (KC + 3) >> 2;                        // 32-wide k steps
     const int rows = 16 * MT, groups = (N + rows - 1) / rows;
-    const uint4* __restrict__ xrow = reinterpret_cast<const uint4*>(x) + (size_t)min(g, nb - 1) * (ldx >> 3);
+    const uint4* xrow = reinterpret_cast<const uint4*>(x) + (size_t)min(g, nb - 1) * (ldx >> 3);
     const uint4* wrow[MT][2];
     auto point_at = [&](int grp) {
 #pragma unroll
@@ -661,7 +668,7 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* __restrict__ x, int ldx
 
 #define GEMV_MMA_INST(MT, U)                                                                   \
     extern "C" __global__ void __launch_bounds__(MMA_MAX_WARPS * 32) gemv_mma_t##MT##_u##U(    \
-        const u16* __restrict__ x, int ldx, int nb, const u16* __restrict__ W, int N, int K,  \
+        const u16* x, int ldx, int nb, const u16* __restrict__ W, int N, int K,               \
         const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, \
         int mode) {                                                                            \
         gemv_mma_impl<MT, U>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode);                    \
@@ -814,7 +821,7 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
 
 template <int D>
 __device__ __forceinline__ void attn_impl(
-    const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,
+    const float* qkv, u16* __restrict__ kc, u16* __restrict__ vc,
     const int* __restrict__ lenp, const int* __restrict__ posp, const unsigned char* __restrict__ kmask,
     const float* __restrict__ inv_freq, int rot,
     const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,
@@ -1078,7 +1085,7 @@ __device__ __forceinline__ void attn_impl(
 
 #define ATT_INST(D)                                                                               \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_d##D(              \
-        const float* __restrict__ qkv, u16* __restrict__ kc, u16* __restrict__ vc,                \
+        const float* qkv, u16* __restrict__ kc, u16* __restrict__ vc,                             \
         const int* __restrict__ lenp, const int* __restrict__ posp,                               \
         const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
         const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
@@ -1164,7 +1171,7 @@ __device__ __forceinline__ void finish_row(int b, int idx, int bad_b, int* __res
 #define ARGMAX_INFLIGHT 8
 #define ARGMAX_MAX_CLUSTER 8
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
-argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok, int* __restrict__ history, int ldh,
+argmax_step(const float* logits, int V, int* __restrict__ tok, int* __restrict__ history, int ldh,
             int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
             int* __restrict__ counter, int* __restrict__ bad, int* __restrict__ ring) {
     __shared__ float rv[32];
@@ -1263,7 +1270,7 @@ argmax_step(const float* __restrict__ logits, int V, int* __restrict__ tok, int*
 
 // This step's draw for row b: u[step, b] (the last row past the table's end).
 __device__ __forceinline__ double step_draw(const double* __restrict__ u, int b, int ldh, int max_steps,
-                                            const int* __restrict__ stepp) {
+                                            const int* stepp) {
     return u[(size_t)min(*stepp, max_steps - 1) * ldh + b];
 }
 
@@ -1271,7 +1278,7 @@ __device__ __forceinline__ float process_logit(float z, bool present, float pena
     if (present) z = z < 0.f ? z * penalty : z / penalty;
     return do_sample ? z / temperature : z;
 }
-__device__ __forceinline__ float processed_logit(const float* __restrict__ row, const unsigned char* pres, int v,
+__device__ __forceinline__ float processed_logit(const float* row, const unsigned char* pres, int v,
                                                  float penalty, int do_sample, float temperature) {
     return process_logit(row[v], pres != nullptr && pres[v], penalty, do_sample, temperature);
 }
@@ -1281,7 +1288,7 @@ __device__ __forceinline__ float processed_logit(const float* __restrict__ row, 
 // (50 dependent round trips to L2 over a 50k vocabulary at 1024 threads, as argmax_step's loop had 13).
 #define SAMPLE_INFLIGHT 8
 template <typename F>
-__device__ __forceinline__ void for_each_logit(const float* __restrict__ row, const unsigned char* pres, int first,
+__device__ __forceinline__ void for_each_logit(const float* row, const unsigned char* pres, int first,
                                                int stride, int end, F f) {
     for (int v0 = first; v0 < end; v0 += SAMPLE_INFLIGHT * stride) {
         float x[SAMPLE_INFLIGHT];
@@ -1435,7 +1442,7 @@ __device__ int draw_from_candidates(float* cval, int* cidx, int n, float top_p, 
 // grid (nb), block (SAMPLE_THREADS): every setting sampler_covers(), one block per row. bad[b] as argmax_step's
 // (the raw logits).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__ present, float penalty,
+sample_step(const float* logits, int V, unsigned char* __restrict__ present, float penalty,
             int do_sample, float temperature, int top_k, float top_p, const double* __restrict__ u,
             int* __restrict__ tok, int* __restrict__ history, int ldh, int max_steps, int* __restrict__ stepp,
             int* __restrict__ lenp, int* __restrict__ posp, int* __restrict__ counter, int* __restrict__ bad,
@@ -1549,7 +1556,7 @@ sample_step(const float* __restrict__ logits, int V, unsigned char* __restrict__
 // union: cand_val/cand_idx[b, count[b] + i] (count[b] advanced by one atomic per block; the merge resets it).
 // cand_bad[b] |= 1 where the slice holds a NaN or Inf logit (the merge passes it on to bad[b] and resets it).
 extern "C" __global__ void __launch_bounds__(SAMPLE_PART_THREADS)
-sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char* __restrict__ present,
+sample_topk_partial(const float* logits, int V, const unsigned char* __restrict__ present,
                     float penalty, float temperature, int top_k, float* __restrict__ cand_val,
                     int* __restrict__ cand_idx, int* __restrict__ cand_count, int* __restrict__ cand_bad, int ucap) {
     __shared__ unsigned int hist[256];
@@ -1615,7 +1622,7 @@ sample_topk_partial(const float* __restrict__ logits, int V, const unsigned char
 // candidates (at most SAMPLE_CMAX), top-p and the draw; the bookkeeping; bad[b] = cand_bad[b]; count[b] and
 // cand_bad[b] back to 0.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-sample_topk_merge(const float* __restrict__ cand_val, const int* __restrict__ cand_idx, int* __restrict__ cand_count,
+sample_topk_merge(const float* cand_val, const int* cand_idx, int* __restrict__ cand_count,
                   int* __restrict__ cand_bad, int ucap, int top_k, float top_p, const double* __restrict__ u,
                   unsigned char* __restrict__ present, int V, int* __restrict__ tok, int* __restrict__ history,
                   int ldh, int max_steps, int* __restrict__ stepp, int* __restrict__ lenp, int* __restrict__ posp,
