@@ -4,6 +4,7 @@
     python tools/decode_probe.py --variants default no-kv   # these kernel variants (see VARIANTS)
     python tools/decode_probe.py --src-rev HEAD~3     # also a variant built from decode.cu of another commit
     python tools/decode_probe.py --variants default git:HEAD~3 default git:HEAD~3   # that, at one tuning
+    python tools/decode_probe.py --batch 8 --variants default git:HEAD~1 default git:HEAD~1   # at batch 8
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
@@ -310,6 +311,10 @@ VARIANTS["ln-x-nc-asm"] = lambda src: (
     .replace(GEMV_IMPL, LD_NC4 + GEMV_IMPL) if src.count(LN_XR) == 1 and src.count(GEMV_IMPL) == 1 else None)
 VARIANTS["ln-nc-asm"] = lambda src: (VARIANTS["ln-x-nc-asm"](VARIANTS["ln-stats-nc2"](src))
                                      if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
+# ln-stats-v2: the statistics in one weak 16-byte load (coherent: ptxas keeps it after the wait, as decode.cu's reads
+# of what the step writes); ln-stats-both: the two weak 8-byte loads issued before the division that follows them
+VARIANTS["ln-stats-v2"] = _stats_one_load("st = reinterpret_cast<const double2*>(ln_stats)[b];")
+VARIANTS["ln-stats-both"] = _stats_one_load("st = make_double2(ln_stats[2 * b], ln_stats[2 * b + 1]);")
 VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
 VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
                                  if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
@@ -729,6 +734,9 @@ def main():
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), metavar="VARIANT",
                     help="names from VARIANTS, or git:REV / file:PATH (decode.cu of that commit or file, timed at "
                          "the first variant's tuning, unlike --src-rev)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="the variants' step at this batch (rows of the random prompt; > 1 with the plain variant "
+                         "loop and --ablate only)")
     ap.add_argument("--src-rev", default=None,
                     help="also time decode.cu of this git revision, or of file:PATH")
     ap.add_argument("--ablate", nargs="*", default=None, help="variants to ablate (default: the first)")
@@ -777,7 +785,12 @@ def main():
     t0 = time.time()
     cfg = engine_config(args.layers, FAMILY[args.shapes])
     max_len = args.prompt + args.steps + 9
-    ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (1, args.prompt))
+    nb = args.batch
+    batch1_only = [o for o in ("fold_ab", "final_fold_ab", "ln_threads", "splits", "gemv_carveout", "sweep", "persist",
+                               "ab", "cluster_ab", "tune_ab", "tunings", "graph_steps") if getattr(args, o)]
+    if nb > 1 and batch1_only:
+        ap.error(f"--batch {nb}: these options time batch 1 only: {batch1_only}")
+    ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (nb, args.prompt))
     params = random_params(cfg)
     res = {}
     if args.batches:
@@ -796,7 +809,7 @@ def main():
         variant_constants.enter_context(constants(name))
         k = kernels_for(name, patch, rev)
         if engine is None:
-            engine = de.GpuDecodeEngine(cfg, params, max_batch=1, max_len=max_len, kernels=k, pdl=True)
+            engine = de.GpuDecodeEngine(cfg, params, max_batch=nb, max_len=max_len, kernels=k, pdl=True)
             engine.tune_cache = False            # every variant timed by the tuner itself, never read from disk
             engine.att_fit = False               # one graph replayed over every length: the splits max_len needs
             log(f"GPU {k.device_name}; weights {engine.weight_bytes_per_step() / 1e9:.3f} GB per step "
@@ -804,7 +817,7 @@ def main():
         else:
             use_kernels(engine, k, args.retune or bool(args.src_rev))
         engine.prefill(ids, logits=None)
-        engine.capture(1)
+        engine.capture(nb)
         for _ in range(4):
             engine.decode_step()
         logits = engine.get_logits()
@@ -812,17 +825,17 @@ def main():
             ref_logits, diff = logits, 0.0
         else:
             diff = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
-        plan = engine._plan(1)
-        ms = time_graph(engine, ids, engine.capture(1), args.steps)
+        plan = engine._plan(nb)
+        ms = time_graph(engine, ids, engine.capture(nb), args.steps)
         tun = {n: (v.rows, v.threads, v.persist, round(v.us, 1), round(v.gbs))
-               for n, v in engine.tuning[1].items()}
-        tun["step ms (tuner)"] = round(engine.step_ms.get(1, float("nan")), 4)
-        tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(1)
-        res[name] = {"ms/step": ms, "tok/s": 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
+               for n, v in engine.tuning[nb].items()}
+        tun["step ms (tuner)"] = round(engine.step_ms.get(nb, float("nan")), 4)
+        tun["attention (split_tiles, nbuf)"] = engine.att_shape.get(nb)
+        res[name] = {"ms/step": ms, "tok/s": nb * 1e3 / ms, "logits rel diff vs first": diff, "tuning": tun,
                      "tune_log": list(engine.tune_log)}
         print_tune_log(engine.tune_log)
         engine.tune_log.clear()
-        log(f"{name:12s} {ms:.4f} ms/step  {1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
+        log(f"{name:12s} {ms:.4f} ms/step  {nb * 1e3 / ms:6.1f} tok/s  logits diff {diff:.2e}  tuning {tun} "
             f"({time.time() - t0:.0f} s)")
         if name in (args.ablate if args.ablate is not None else [todo[0][0]]):
             for aname, keep in ABLATIONS.items():
@@ -832,14 +845,14 @@ def main():
                 ams = time_graph(engine, ids, engine.capture_launches(sub, pdl=True), args.steps)
                 res[name][f"ablation {aname}"] = ams
                 log(f"    {aname:28s} {len(sub):4d} launches {ams:.4f} ms  (step - this = {ms - ams:+.4f} ms)")
-        if name == args.variants[0] and any(v.persist for v in engine.tuning[1].values()):
-            saved = dict(engine.tuning[1])
-            engine.tuning[1] = {n: v._replace(persist=0) for n, v in saved.items()}
+        if name == args.variants[0] and any(v.persist for v in engine.tuning[nb].values()):
+            saved = dict(engine.tuning[nb])
+            engine.tuning[nb] = {n: v._replace(persist=0) for n, v in saved.items()}
             engine.reset_plans()
-            pms = time_graph(engine, ids, engine.capture(1), args.steps)
+            pms = time_graph(engine, ids, engine.capture(nb), args.steps)
             res[name]["no persistent blocks"] = pms
-            log(f"    the same shapes, one block per row group: {pms:.4f} ms/step {1e3 / pms:6.1f} tok/s")
-            engine.tuning[1] = saved
+            log(f"    the same shapes, one block per row group: {pms:.4f} ms/step {nb * 1e3 / pms:6.1f} tok/s")
+            engine.tuning[nb] = saved
             engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)

@@ -423,7 +423,8 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
             wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
     };
     // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
-    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction.
+    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction. (ptxas may
+    // move these non-coherent loads past the wait; tests/test_decode_sass.py checks the SASS keeps them before.)
     uint4 wa[R], wb[R];
     auto fetch = [&]() {
         gemv_load<R>(wa, wb, wrow, tid, T, KC);
@@ -612,7 +613,11 @@ __device__ __forceinline__ void gemv_mma_impl(const u16* x, int ldx, int nb,
     PDL_LAUNCH();
     int grp = blockIdx.x;
     point_at(grp);
-    load_w(warp);                                        // before the wait: no kernel writes W
+    // Before the wait in the source (no kernel writes W). ptxas (CUDA 13.0) puts these non-coherent loads after
+    // griddepcontrol.wait in every gemv_mma kernel; an L2 prefetch of the same lines here, which it leaves before
+    // the wait, made the step 5% faster at one tuning and 1.4% slower with each form tuned for itself (twentieth
+    // session, 3b-4e1t batch 8): not kept.
+    load_w(warp);
     PDL_WAIT();                                          // x (and y for MODE_ADD) come from earlier kernels
     while (true) {
         float acc[MT][4];
