@@ -312,9 +312,13 @@ VARIANTS["ln-x-nc-asm"] = lambda src: (
 VARIANTS["ln-nc-asm"] = lambda src: (VARIANTS["ln-x-nc-asm"](VARIANTS["ln-stats-nc2"](src))
                                      if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
 # ln-stats-v2: the statistics in one weak 16-byte load (coherent: ptxas keeps it after the wait, as decode.cu's reads
-# of what the step writes); ln-stats-both: the two weak 8-byte loads issued before the division that follows them
-VARIANTS["ln-stats-v2"] = _stats_one_load("st = reinterpret_cast<const double2*>(ln_stats)[b];")
-VARIANTS["ln-stats-both"] = _stats_one_load("st = make_double2(ln_stats[2 * b], ln_stats[2 * b + 1]);")
+# of what the step writes), issued unconditionally (row 0 where b >= nb): in _stats_one_load's `if (b < nb)` form ptxas
+# moved the 16 weight loads below the wait (local cuobjdump), here they stay before it, and the load is the first
+# instruction after ACQBULK, the two divisions after it (the shipped kernel: load, division, load, division)
+VARIANTS["ln-stats-v2"] = lambda src: _replace(src, LN_STATS_M, (
+    "            const double2 st = reinterpret_cast<const double2*>(ln_stats)[b < nb ? b : 0];\n"
+    "            const double m = b < nb ? st.x / K : 0.0;\n"
+    "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n"))
 VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
 VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
                                  if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
