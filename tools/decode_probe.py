@@ -66,6 +66,18 @@ def _replace(src, at, text):
     return src.replace(at, text) if src.count(at) == 1 else None
 
 
+def _then(*steps):
+    """The changes `steps` (VARIANTS names, looked up when applied, or text -> text functions) one after another;
+    None as soon as one finds no line to change."""
+    def patch(src):
+        for step in steps:
+            src = (VARIANTS[step] if isinstance(step, str) else step)(src)
+            if src is None:
+                return None
+        return src
+    return patch
+
+
 VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine builds it)
     "default": None,
     # attention never reads the cache (wrong results): shows what the read costs
@@ -172,8 +184,7 @@ LD_FIRST = ('"{ .reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 
 VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.replace("::evict_last", "::evict_normal"))
                                               if PREFETCH in src else None)
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
-VARIANTS["ld-evict-first-early1"] = lambda src: (VARIANTS["gemv-early1"](VARIANTS["ld-evict-first"](src))
-                                                 if src.count(LD_STREAM) == 2 else None)
+VARIANTS["ld-evict-first-early1"] = _then("ld-evict-first", "gemv-early1")
 # The folded LayerNorm's loads (gemv_ln): the statistics, then mean / rstd, then x, ln_w and ln_b (two L2 round
 # trips after the PDL wait). ln-early-cg: each thread's first two chunks of x loaded with the statistics, through
 # L2 (__ldcg, not the non-coherent path); ln-l1-wb: ln_w and ln_b prefetched into L1 before the wait
@@ -306,11 +317,10 @@ LD_NC4 = ("__device__ __forceinline__ float4 ld_nc4(const float4* p) {\n    floa
           ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
 VARIANTS["ln-x-cg"] = lambda src: _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]",
                                                                       "x0 = __ldcg(xr), x1 = __ldcg(xr + 1)"))
-VARIANTS["ln-x-nc-asm"] = lambda src: (
-    _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = ld_nc4(xr), x1 = ld_nc4(xr + 1)"))
-    .replace(GEMV_IMPL, LD_NC4 + GEMV_IMPL) if src.count(LN_XR) == 1 and src.count(GEMV_IMPL) == 1 else None)
-VARIANTS["ln-nc-asm"] = lambda src: (VARIANTS["ln-x-nc-asm"](VARIANTS["ln-stats-nc2"](src))
-                                     if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
+VARIANTS["ln-x-nc-asm"] = _then(
+    lambda src: _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = ld_nc4(xr), x1 = ld_nc4(xr + 1)")),
+    lambda src: _insert(src, GEMV_IMPL, LD_NC4))
+VARIANTS["ln-nc-asm"] = _then("ln-stats-nc2", "ln-x-nc-asm")
 # ln-stats-v2: the statistics in one weak 16-byte load (coherent: ptxas keeps it after the wait, as decode.cu's reads
 # of what the step writes), issued unconditionally (row 0 where b >= nb): in _stats_one_load's `if (b < nb)` form ptxas
 # moved the 16 weight loads below the wait (local cuobjdump), here they stay before it, and the load is the first
@@ -320,8 +330,7 @@ VARIANTS["ln-stats-v2"] = lambda src: _replace(src, LN_STATS_M, (
     "            const double m = b < nb ? st.x / K : 0.0;\n"
     "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n"))
 VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
-VARIANTS["ln-cg"] = lambda src: (VARIANTS["ln-x-cg"](VARIANTS["ln-stats2"](src))
-                                 if src.count(LN_XR) == 1 and src.count(LN_STATS_M) == 1 else None)
+VARIANTS["ln-cg"] = _then("ln-stats2", "ln-x-cg")
 # ln-keep-pf: ln_w and ln_b kept in L2 from step to step, read with an evict_last policy while the weights' prefetch
 # goes to evict_normal (l2-prefetch-normal; whether evict_last lines need a persisting set-aside: --l2-persist-mb);
 # ln-wb-keep: that without the shipped prefetch
@@ -332,11 +341,9 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
            'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
            ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
 GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
-VARIANTS["ln-keep-pf"] = lambda src: (
-    VARIANTS["l2-prefetch-normal"](src.replace(LN_WR, LN_KEEP).replace(GEMV_IMPL, LD_KEEP + GEMV_IMPL))
-    if src.count(LN_WR) == 1 and src.count(GEMV_IMPL) == 1 else None)
-VARIANTS["ln-wb-keep"] = lambda src: (VARIANTS["ln-no-pf"](VARIANTS["ln-keep-pf"](src))
-                                      if src.count(LN_WR) == 1 and src.count(SHIPPED_PF) == 1 else None)
+VARIANTS["ln-keep-pf"] = _then(lambda src: _replace(src, LN_WR, LN_KEEP),
+                               lambda src: _insert(src, GEMV_IMPL, LD_KEEP), "l2-prefetch-normal")
+VARIANTS["ln-wb-keep"] = _then("ln-keep-pf", "ln-no-pf")
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
 LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
@@ -375,8 +382,7 @@ LN_ONE_TRIP = """    if constexpr (LN) {
     }
 """
 VARIANTS["ln-one-trip"] = lambda src: _replace(src, LN_BLOCK, LN_ONE_TRIP)
-VARIANTS["ln-one-trip-nocap"] = lambda src: (VARIANTS["ln-launch-bounds"](VARIANTS["ln-one-trip"](src))
-                                             if src.count(LN_BLOCK) == 1 else None)   # (12 bytes spilled at 104)
+VARIANTS["ln-one-trip-nocap"] = _then("ln-one-trip", "ln-launch-bounds")   # (12 bytes spilled at 104)
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
