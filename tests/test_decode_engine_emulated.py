@@ -749,12 +749,13 @@ def test_what_the_step_writes_is_never_read_through_the_non_coherent_path():
     from stablelm_ref.cuda import launch
 
     src = launch.SOURCE.read_text()
-    decl = re.compile(r"const\s+\w+\s*\*\s*__restrict__\s+(\w+)")
-    assert "W" in decl.findall(src)                  # the weights: the form is found where it is right
-    bad = sorted({name for name in decl.findall(src) if name in STEP_WRITTEN})
+    declared = re.findall(r"const\s+\w+\s*\*\s*__restrict__\s+(\w+)", src)
+    assert "W" in declared                           # the weights: the form is found where it is right
+    bad = sorted(set(declared) & STEP_WRITTEN)
     assert not bad, f"decode.cu declares step-written data const __restrict__: {bad}"
     for call in re.findall(r"__ldg\(([^;]*)\)", src):
         assert not set(re.findall(r"(?<![.\w])\w+", call)) & STEP_WRITTEN, f"__ldg of step-written data: {call}"
+
 
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):
     """tools/decode_probe.py's changed(): a GEMV shape field or a kind's launch carveout changed for the block's
