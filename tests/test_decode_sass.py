@@ -12,7 +12,10 @@ kept them above measured 1.4% slower at batch 8, each form tuned for itself: lef
 - every CUDA-core GEMV (the batch-1 step's) loads its first weights into registers, and prefetches the rest of its
   first row group into L2, before the wait (about 10% of a 3b-4e1t step on the H200: the twelfth session's
   `gemv-all-after-wait` in docs/cuda_decode_notes.md);
-- the attention issues its first K/V tile's copies (cp.async) before the wait.
+- the attention issues its first K/V tile's copies (cp.async) before the wait;
+- the folded LayerNorm's GEMV reads its statistics in one load after the wait and calls nothing (a float64
+  division's slow path) before it writes h: ptxas does not hoist h's loads above such a CALL, which made the start
+  two round trips longer (1.3% of a 3b-4e1t step, the twenty-first session).
 
 They need CUDA's nvcc on PATH and cuobjdump with nvdisasm (on PATH, or the nvidia-cuda-cuobjdump and
 nvidia-cuda-nvdisasm wheels of the test extra); without them they are skipped, saying which is missing.
@@ -63,27 +66,35 @@ LOAD = re.compile(r"\b(LDGSTS|LDG|CCTL)(\.[\w.]+)?\b")
 
 
 @pytest.fixture(scope="module")
-def sass(tmp_path_factory):
-    """{kernel: [(instruction, before_wait)]} for decode.cu's sm_90 cubin: its global loads, L2 prefetches and async
-    copies, each marked by whether it comes before the kernel's first ACQBULK."""
+def sass_lines(tmp_path_factory):
+    """{kernel: [SASS instruction lines]} for decode.cu's sm_90 cubin, in program order."""
     cubin = launch.build_cubin("90", out_dir=tmp_path_factory.mktemp("cubin"))
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(TOOLS["nvdisasm"]).parent), os.environ.get("PATH", "")]))
     text = subprocess.run([TOOLS["cuobjdump"], "-sass", str(cubin)], check=True, capture_output=True, text=True,
                           env=env).stdout
-    out, name, waited = collections.defaultdict(list), None, False
+    out, name = collections.defaultdict(list), None
     for line in text.splitlines():
         m = re.search(r"Function : (\w+)", line)
         if m:
-            name, waited = m.group(1), False
-            continue
-        if name is None:
-            continue
-        if "ACQBULK" in line:
-            waited = True
-        m = LOAD.search(line)
-        if m:
-            out[name].append((m.group(0), not waited))
+            name = m.group(1)
+        elif name is not None and re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+            out[name].append(line)
     assert any(k.startswith("gemv_ln_b1_r") for k in out), f"no GEMV found in the SASS: {sorted(out)}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def sass(sass_lines):
+    """{kernel: [(instruction, before_wait)]}: each kernel's global loads, L2 prefetches and async copies, marked by
+    whether they come before its first ACQBULK."""
+    out = collections.defaultdict(list)
+    for name, lines in sass_lines.items():
+        waited = False
+        for line in lines:
+            waited = waited or "ACQBULK" in line
+            m = LOAD.search(line)
+            if m:
+                out[name].append((m.group(0), not waited))
     return out
 
 
@@ -124,3 +135,18 @@ def test_the_attention_copies_its_first_tile_before_the_pdl_wait(sass):
     assert kernels
     late = [k for k in kernels if _before(sass[k], lambda op: op.startswith("LDGSTS")) == 0]
     assert not late, f"attention kernels with no cp.async before griddepcontrol.wait: {late}"
+
+
+def test_the_folded_layernorm_starts_with_one_load_and_no_call(sass_lines):
+    kernels = [k for k in sass_lines if re.fullmatch(r"gemv_ln_b1_r\d+", k)]
+    assert kernels
+    for k in kernels:
+        lines = sass_lines[k]
+        wait = next(i for i, line in enumerate(lines) if "ACQBULK" in line)
+        h = next(i for i in range(wait, len(lines)) if re.search(r"\bSTS\b", lines[i]))
+        start = lines[wait:h]
+        calls = [line.split(";")[0].strip() for line in start if re.search(r"\bCALL\b", line)]
+        assert not calls, f"{k}: a CALL between griddepcontrol.wait and the first store of h: {calls}"
+        loads = [m.group(0) for line in start if (m := LOAD.search(line)) and _global_load(m.group(0))]
+        assert loads and loads[0].startswith("LDG.E.128"), \
+            f"{k}: the statistics are not read in one 16-byte load first after the wait: {loads}"

@@ -221,8 +221,16 @@ VARIANTS["ln-l1-wb"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
 # Timing only (wrong results): what the folded LayerNorm's start costs the step. ln-x-only: h = bf16(x / 16), x
 # loaded alone (no statistics, no ln_w / ln_b: one L2 round trip after the wait, as a GEMV that applied the
 # LayerNorm in its epilogue would need); ln-skip: h = 0, nothing loaded after the wait (the bound of any redesign)
-LN_STATS_M = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
-              "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
+LN_STATS_M = ("            const double2 st = reinterpret_cast<const double2*>(ln_stats)[b < nb ? b : 0];\n"
+              "            const double Kd = K;\n"
+              "            double m = st.x * rK, q = st.y * rK;           // RN(st / K): Markstein's correction\n"
+              "            m = fma(fma(-Kd, m, st.x), rK, m);\n"
+              "            q = fma(fma(-Kd, q, st.y), rK, q);\n"
+              "            const double var = b < nb ? fmax(q - m * m, 0.0) : 0.0;\n"
+              "            if (b >= nb) m = 0.0;\n")
+# the statistics as decode.cu read them until the twenty-first session: two 8-byte loads, two float64 divisions
+LN_STATS_DIV = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
+                "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
 LN_H = "            ln8(0, c, h);\n"
 LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) + 2 * c;\n"
              "            const float4 q0 = xq[0], q1 = xq[1];\n"
@@ -300,7 +308,7 @@ def _stats_one_load(load):
             f"            if (b < nb) {load}\n"
             "            const double m = st.x / K;\n"
             "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n")
-    return lambda src: _replace(src, LN_STATS_M, text)
+    return lambda src: _replace(src, LN_STATS_M, text)   # (they replaced LN_STATS_DIV, and divided as it does)
 
 
 LN_XR = "        const float4 x0 = xr[0], x1 = xr[1], w0 = wr[0]"
@@ -321,14 +329,58 @@ VARIANTS["ln-x-nc-asm"] = _then(
     lambda src: _replace(src, LN_XR, LN_XR.replace("x0 = xr[0], x1 = xr[1]", "x0 = ld_nc4(xr), x1 = ld_nc4(xr + 1)")),
     lambda src: _insert(src, GEMV_IMPL, LD_NC4))
 VARIANTS["ln-nc-asm"] = _then("ln-stats-nc2", "ln-x-nc-asm")
-# ln-stats-v2: the statistics in one weak 16-byte load (coherent: ptxas keeps it after the wait, as decode.cu's reads
-# of what the step writes), issued unconditionally (row 0 where b >= nb): in _stats_one_load's `if (b < nb)` form ptxas
-# moved the 16 weight loads below the wait (local cuobjdump), here they stay before it, and the load is the first
-# instruction after ACQBULK, the two divisions after it (the shipped kernel: load, division, load, division)
+# ln-stats-v2 (twenty-first session: the shipped form before its last step) and ln-stats-div (the form before): the
+# statistics in one weak 16-byte load issued unconditionally (row 0 where b >= nb; in _stats_one_load's `if (b < nb)`
+# form ptxas moved the 16 weight loads below the wait), still divided; and the two 8-byte loads with a division after
+# each. SASS of both: ptxas does not hoist the x / ln_w / ln_b loads above the divisions' slow-path CALLs. decode.cu
+# now takes 1 / K before the wait and corrects the product (Markstein): h bit-identical, no division after the load
+# (3b-4e1t 1.6556 / 1.6564 against ln-stats-v2's 1.6669 / 1.6677 and ln-stats-div's 1.6715 / 1.6716 ms a step)
+VARIANTS["ln-stats-div"] = lambda src: _replace(src, LN_STATS_M, LN_STATS_DIV)
 VARIANTS["ln-stats-v2"] = lambda src: _replace(src, LN_STATS_M, (
     "            const double2 st = reinterpret_cast<const double2*>(ln_stats)[b < nb ? b : 0];\n"
     "            const double m = b < nb ? st.x / K : 0.0;\n"
     "            const double var = b < nb ? fmax(st.y / K - m * m, 0.0) : 0.0;\n"))
+
+
+def _ln_early(E):
+    """ln-early{E}: the statistics (decode.cu's one 16-byte load) and x, ln_w, ln_b of a thread's first E chunks
+    issued together right after the wait, then mean and rstd as decode.cu computes them, h of those chunks, and the
+    rest as before: one round trip where every thread has at most E chunks (3b: 2 at 160 threads), where decode.cu's
+    start has three (statistics, then a chunk a round). Twenty-first session: ln-early2 spills 52 bytes at the
+    104-register cap (and issues only one chunk with the statistics), 3b-4e1t 1.7225 against 1.6715 ms a step, 2-1.6b
+    1.0273 against 0.9869 (against decode.cu before its division went); ln-early1 moves the 16 early weight loads
+    below the wait (SASS), not run."""
+    block = ("    if constexpr (LN) {\n"
+             "        const double2 st = reinterpret_cast<const double2*>(ln_stats)[0];   // batch 1: BM == 1\n"
+             f"        float4 ex[{E}][6];\n#pragma unroll\n        for (int i = 0; i < {E}; ++i) {{\n"
+             "            const int c = min(tid + i * T, KC - 1);     // in bounds; h stored only where c < KC\n"
+             "            const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x)) + 2 * c;\n"
+             "            const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
+             "            const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n"
+             "            ex[i][0] = xr[0]; ex[i][1] = xr[1]; ex[i][2] = wr[0]; ex[i][3] = wr[1];\n"
+             "            ex[i][4] = br[0]; ex[i][5] = br[1];\n"
+             "            // issued here, with the statistics: an empty asm that reads them keeps the compiler from\n"
+             "            // sinking the loads into the `if (c < KC)` below (the statistics' arithmetic would go first)\n"
+             "#pragma unroll\n            for (int j = 0; j < 6; ++j)\n"
+             '                asm volatile("" ::"f"(ex[i][j].x), "f"(ex[i][j].y), "f"(ex[i][j].z), "f"(ex[i][j].w));\n'
+             "        }\n        {\n" + LN_STATS_M.split("\n", 1)[1].replace("            if (b >= nb) m = 0.0;\n", "").replace("b < nb ? fmax(q - m * m, 0.0) : 0.0", "fmax(q - m * m, 0.0)") +
+             "            mean[0] = (float)m;\n            rstd[0] = rsqrtf((float)var + eps);\n        }\n"
+             "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);\n"
+             f"#pragma unroll\n        for (int i = 0; i < {E}; ++i) {{\n"
+             "            const int c = tid + i * T;\n            if (c < KC) {\n"
+             "                const float v[8] = {ex[i][0].x, ex[i][0].y, ex[i][0].z, ex[i][0].w, ex[i][1].x, ex[i][1].y, ex[i][1].z, ex[i][1].w};\n"
+             "                const float g[8] = {ex[i][2].x, ex[i][2].y, ex[i][2].z, ex[i][2].w, ex[i][3].x, ex[i][3].y, ex[i][3].z, ex[i][3].w};\n"
+             "                const float o[8] = {ex[i][4].x, ex[i][4].y, ex[i][4].z, ex[i][4].w, ex[i][5].x, ex[i][5].y, ex[i][5].z, ex[i][5].w};\n"
+             "                float h[8];\n#pragma unroll\n"
+             "                for (int j = 0; j < 8; ++j) h[j] = (v[j] - mean[0]) * rstd[0] * g[j] + o[j];\n"
+             "                hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
+             "pack_bf2(h[6], h[7]));\n            }\n        }\n"
+             f"        for (int c = tid + {E} * T; c < KC; c += T) {{\n            float h[8];\n" + LN_H +
+             "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
+             "pack_bf2(h[6], h[7]));\n        }\n        __syncthreads();\n    }\n")
+    return lambda src: _replace(src, LN_BLOCK, block)
+
+
 VARIANTS["ln-stats2"] = _stats_one_load("st = __ldcg(reinterpret_cast<const double2*>(ln_stats) + b);")
 VARIANTS["ln-cg"] = _then("ln-stats2", "ln-x-cg")
 # ln-keep-pf: ln_w and ln_b kept in L2 from step to step, read with an evict_last policy while the weights' prefetch
@@ -383,6 +435,8 @@ LN_ONE_TRIP = """    if constexpr (LN) {
 """
 VARIANTS["ln-one-trip"] = lambda src: _replace(src, LN_BLOCK, LN_ONE_TRIP)
 VARIANTS["ln-one-trip-nocap"] = _then("ln-one-trip", "ln-launch-bounds")   # (12 bytes spilled at 104)
+VARIANTS["ln-early1"] = _ln_early(1)
+VARIANTS["ln-early2"] = _ln_early(2)
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}

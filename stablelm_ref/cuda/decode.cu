@@ -375,6 +375,18 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // measured 2% slower a step). H200, nineteenth session, same tuning, ms a step: 3b-4e1t 1.6665 against 1.6774 and
 // 1.6538 against 1.6750 (two machines), 2-1.6b 0.9946 against 1.0033 (the bound, not reading them at all: 1.6514 /
 // 0.9689). An evict_last read instead, keeping them in L2 from step to step, measured the same as this.
+// LN statistics: one 16-byte load of (sum x, sum x^2) right after the wait (coherent: see the PDL macros), issued
+// for every b (row 0 where b >= nb: under `if (b < nb)` ptxas moved the 16 early weight loads below the wait), and
+// mean = RN(sum x / K) without a division after it: rK = RN(1 / K) is taken before the wait, then q0 = s rK and
+// q = q0 + (s - K q0) rK, Markstein's correction, which is RN(s / K) (the division's own fast path; its slow path is
+// for quotients near the exponent range's ends, which sums of K float32 values never are), so h is bit for bit
+// what two divisions give. Two float64 divisions after the load cost more than their arithmetic: each has a
+// slow-path CALL, and ptxas does not hoist the x / ln_w / ln_b loads above a CALL (SASS: load, division, load,
+// division, then h's loads). H200, twenty-first session, same tuning, ms a step (`decode_probe.py --variants
+// default ln-stats-div default ln-stats-div`, ln-stats-div the previous form): 3b-4e1t 1.6446 / 1.6451 against
+// 1.6661 / 1.6664, 2-1.6b 0.9861 / 0.9846 against 0.9888 / 0.9892 (another machine: 1.6556 / 1.6564 against 1.6715
+// / 1.6716, 0.9781 / 0.9780 against 0.9869 / 0.9864; one load still dividing took 1.6669 / 1.6677); logits
+// bit-identical. The bound, no statistics at all (ln-no-stats), was -0.018 at 3b.
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
@@ -440,14 +452,20 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
                 const float* v = l < (K >> 5) ? ln_w + 32 * l : ln_b + 32 * (l - (K >> 5));
                 asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(v));
             }
+    [[maybe_unused]] const double rK = 1.0 / K;  // LN: 1 / K before the wait (see "LN statistics" above)
     point_at(g);
     fetch();
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
     if constexpr (LN) {
 #pragma unroll
         for (int b = 0; b < BM; ++b) {
-            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;
-            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;
+            const double2 st = reinterpret_cast<const double2*>(ln_stats)[b < nb ? b : 0];
+            const double Kd = K;
+            double m = st.x * rK, q = st.y * rK;           // RN(st / K): Markstein's correction
+            m = fma(fma(-Kd, m, st.x), rK, m);
+            q = fma(fma(-Kd, q, st.y), rK, q);
+            const double var = b < nb ? fmax(q - m * m, 0.0) : 0.0;
+            if (b >= nb) m = 0.0;
             mean[b] = (float)m;
             rstd[b] = rsqrtf((float)var + eps);
         }
