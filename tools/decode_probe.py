@@ -435,8 +435,73 @@ LN_ONE_TRIP = """    if constexpr (LN) {
 """
 VARIANTS["ln-one-trip"] = lambda src: _replace(src, LN_BLOCK, LN_ONE_TRIP)
 VARIANTS["ln-one-trip-nocap"] = _then("ln-one-trip", "ln-launch-bounds")   # (12 bytes spilled at 104)
+# ln-h-unroll2 / ln-h-pair: h's loop over a thread's chunks with both chunks' loads (x, ln_w, ln_b) issued together
+# (two round trips after the statistics at 3b become one): the compiler's unroll, or a hand-written pair a round.
+# SASS at the 104-register cap: unroll2 still issues a chunk a round; the pair issues 6 + 3 + 3 loads, 8 bytes
+# spilled. ln-h-pair (twenty-first session, call 3): 3b-4e1t 1.6589 / 1.6601 against 1.6469 / 1.6457, 2-1.6b 0.9922
+# / 0.9919 against 0.9870 / 0.9862: slower
+LN_H_LOOP = "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H
+VARIANTS["ln-h-unroll2"] = lambda src: _replace(src, LN_H_LOOP, "#pragma unroll 2\n" + LN_H_LOOP)
+VARIANTS["ln-h-pair"] = lambda src: _replace(src, LN_H_LOOP + (
+    "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
+    "pack_bf2(h[6], h[7]));\n        }\n"), (
+    "        for (int c = tid; c < KC; c += 2 * T) {\n"
+    "            const int d = c + T < KC ? c + T : c;     // (d == c: stored twice, the same value by one thread)\n"
+    "            float h[8], e[8];\n"
+    "            ln8(0, c, h);\n            ln8(0, d, e);\n"
+    "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
+    "pack_bf2(h[6], h[7]));\n"
+    "            hw[d] = make_uint4(pack_bf2(e[0], e[1]), pack_bf2(e[2], e[3]), pack_bf2(e[4], e[5]), "
+    "pack_bf2(e[6], e[7]));\n        }\n"))
+# ln-wa-early (+ ln-wa-pair): the folded-LayerNorm GEMVs hold one chunk a row through the wait instead of two (the
+# second prefetched into L2 with the rest, loaded into registers once h is written), which frees 32 registers at
+# R 8 for h's loads; with ln-h-pair, both chunks' x, ln_w and ln_b in flight together (SASS: all 12 after the
+# statistics, no spill). Twenty-first session, same tuning, ms a step against decode.cu: ln-wa-early +0.019 (3b) /
+# +0.004 (1.6b); ln-wa-pair -0.009 (3b) / +0.0015 (1.6b) in call 3, +0.003 / -0.012 in call 4 at another tuning:
+# the sign follows the tuning; not kept
+LN_FETCH = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
+LN_WA = ("    point_at(g);\n"
+         "    if constexpr (LN) {                          // (probe: ln-wa-early) one chunk a row through the wait\n"
+         "#pragma unroll\n"
+         "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : make_uint4(0u, 0u, 0u, 0u);\n"
+         "        for (int cc = tid + T; cc < KC; cc += T)\n"
+         "#pragma unroll\n"
+         "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
+         "    } else {\n        fetch();\n    }\n    PDL_WAIT();")
+LN_SYNC_H = "        }\n        __syncthreads();\n    }\n    while (true) {"
+LN_WB = ("        }\n"
+         "#pragma unroll\n"
+         "        for (int r = 0; r < R; ++r)\n"
+         "            wb[r] = tid + T < KC ? ld_stream_early(wrow[r] + tid + T) : make_uint4(0u, 0u, 0u, 0u);\n"
+         "        __syncthreads();\n    }\n    while (true) {")
+VARIANTS["ln-wa-early"] = _then(lambda src: _replace(src, LN_FETCH, LN_WA), lambda src: _replace(src, LN_SYNC_H, LN_WB))
+VARIANTS["ln-wa-pair"] = _then("ln-wa-early", "ln-h-pair")
+# x-pair: the batch-1 GEMVs that read x from global memory (o_proj, down: gemv_b1_r*) load both of a thread's x
+# chunks (c, c + T) before the first product; decode.cu's SASS loads x[c], multiplies, then loads x[c + T] behind
+# the `if (c + T < KC)` branch: two dependent round trips after the wait where one suffices. It raises gemv_b1_r4
+# from 64 registers to 85 (no longer two 512-thread blocks a SM), so x-pair-lb holds R <= 4 to 64. Twenty-first
+# session (call 4): x-pair-lb 1.7187 / 1.7191 against 1.6606 / 1.6611 (3b), 0.9985 / 0.9977 against 0.9794 / 0.9792
+# (1.6b): slower, and x-wa-pair (with ln-wa-pair) 1.7073 / 0.9866; why was not looked at
+GEMV_LOOP = ("            gemv_accum<BM, R>(acc, wa, load_x, c, nb);\n"
+             "            if (c + T < KC) gemv_accum<BM, R>(acc, wb, load_x, c + T, nb);\n")
+X_PAIR = ("            if constexpr (BM == 1 && !LN) {              // (probe: x-pair) both x chunks in flight\n"
+          "                const uint4 xa = xv[c];\n"
+          "                const uint4 xb = c + T < KC ? xv[c + T] : make_uint4(0u, 0u, 0u, 0u);\n"
+          "                auto xa8 = [&](int, int, float (&xf)[8]) { unpack8(xa, xf); };\n"
+          "                auto xb8 = [&](int, int, float (&xf)[8]) { unpack8(xb, xf); };\n"
+          "                gemv_accum<BM, R>(acc, wa, xa8, c, nb);\n"
+          "                if (c + T < KC) gemv_accum<BM, R>(acc, wb, xb8, c + T, nb);\n"
+          "            } else {\n" + GEMV_LOOP.replace("            ", "                ") + "            }\n")
+VARIANTS["x-pair"] = lambda src: _replace(src, GEMV_LOOP, X_PAIR)
+# x-pair-lb: that, with the batch-1 GEMVs of R <= 4 held to 64 registers (two 512-thread blocks a SM, as decode.cu's
+# build has them at 64; x-pair alone raises gemv_b1_r4 to 85)
+GEMV_B_LB = 'extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R('
+VARIANTS["x-pair-lb"] = _then("x-pair", lambda src: _replace(src, GEMV_B_LB, GEMV_B_LB.replace(
+    "GEMV_MAX_WARPS * 32)", "GEMV_MAX_WARPS * 32, (BM) == 1 && (R) <= 4 ? 2 : 0)")))
+VARIANTS["x-wa-pair"] = _then("x-pair-lb", "ln-wa-pair")
 VARIANTS["ln-early1"] = _ln_early(1)
 VARIANTS["ln-early2"] = _ln_early(2)
+VARIANTS["ln-wa-early2"] = _then("ln-early2", "ln-wa-early")   # the statistics and both chunks in one trip
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
