@@ -12,10 +12,13 @@ import copy
 import json
 import sys
 import types
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from stablelm_ref.cuda import bf16, decode_engine as de, decode_kernels as kn, specs, tune, xp as cuda_xp
 from stablelm_ref.generation import process_logits
@@ -755,6 +758,28 @@ def test_what_the_step_writes_is_never_read_through_the_non_coherent_path():
     assert not bad, f"decode.cu declares step-written data const __restrict__: {bad}"
     for call in re.findall(r"__ldg\(([^;]*)\)", src):
         assert not set(re.findall(r"(?<![.\w])\w+", call)) & STEP_WRITTEN, f"__ldg of step-written data: {call}"
+
+
+
+def _fma(a: float, b: float, c: float) -> float:
+    """a * b + c with one rounding (exact rational arithmetic; float(Fraction) rounds to nearest, ties to even)."""
+    return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(k=hst.one_of(hst.sampled_from([2048, 2560, 5120, 64, 96, 160]), hst.integers(1, 1 << 16)),
+       s=hst.one_of(hst.floats(-1e7, 1e7, allow_nan=False), hst.floats(0.0, 1e14),
+                   hst.floats(-1e-3, 1e-3, allow_nan=False, allow_subnormal=False)))
+def test_the_folded_layernorm_quotient_is_the_division(k, s):
+    """decode.cu's folded LayerNorm takes mean = sum x / K and E[x^2] = sum x^2 / K without dividing after its
+    wait: rK = RN(1 / K) before it, then q0 = RN(s rK), q = RN(q0 + (s - K q0) rK) with fused multiply-adds
+    (Markstein's correction), which its comment says is RN(s / K), so that h is bit for bit what the division gave.
+    Checked here in exact arithmetic over the family's hidden sizes and any K up to 65536, for sums of K float32
+    values of either sign, sums of squares and values near zero."""
+    rk = 1.0 / k
+    q0 = s * rk
+    q = _fma(_fma(-float(k), q0, s), rk, q0)
+    assert q == s / k, (k, s, q, s / k)
 
 
 def test_probe_changes_the_tuning_and_puts_it_back(emulated):
