@@ -457,8 +457,9 @@ VARIANTS["ln-h-pair"] = lambda src: _replace(src, LN_H_LOOP + (
 # second prefetched into L2 with the rest, loaded into registers once h is written), which frees 32 registers at
 # R 8 for h's loads; with ln-h-pair, both chunks' x, ln_w and ln_b in flight together (SASS: all 12 after the
 # statistics, no spill). Twenty-first session, same tuning, ms a step against decode.cu: ln-wa-early +0.019 (3b) /
-# +0.004 (1.6b); ln-wa-pair -0.009 (3b) / +0.0015 (1.6b) in call 3, +0.003 / -0.012 in call 4 at another tuning:
-# the sign follows the tuning; not kept
+# +0.004 (1.6b); ln-wa-pair -0.009 (3b) / +0.0015 (1.6b) in call 3, +0.003 / -0.012 in call 4 at another tuning;
+# each side tuned for itself (call 6): 1.6359 / 1.6365 against 1.6549 / 1.6558 (3b), 0.9670 / 0.9791 against 0.9795 /
+# 0.9930 (1.6b). Bit-identical at one tuning; not yet in decode.cu (tests/gpu not run on it: the notes' Next)
 LN_FETCH = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
 LN_WA = ("    point_at(g);\n"
          "    if constexpr (LN) {                          // (probe: ln-wa-early) one chunk a row through the wait\n"
