@@ -760,7 +760,6 @@ def test_what_the_step_writes_is_never_read_through_the_non_coherent_path():
         assert not set(re.findall(r"(?<![.\w])\w+", call)) & STEP_WRITTEN, f"__ldg of step-written data: {call}"
 
 
-
 def _fma(a: float, b: float, c: float) -> float:
     """a * b + c with one rounding (exact rational arithmetic; float(Fraction) rounds to nearest, ties to even)."""
     return float(Fraction(a) * Fraction(b) + Fraction(c))

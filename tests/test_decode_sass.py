@@ -6,7 +6,8 @@ source says where each load is; the SASS says where ptxas put it, and the two ca
 non-coherent load (weights, through `const __restrict__`) as free to move across the wait, both ways. On sm_90 with
 CUDA 13.0 it moved a load of the LayerNorm statistics above the wait (NaN logits; decode.cu now reads step data
 through coherent loads), and it puts every tensor-core GEMV's first weight loads below the wait (an L2 prefetch that
-kept them above measured 1.4% slower at batch 8, each form tuned for itself: left so). These tests read the cubin nvcc builds for sm_90 with cuobjdump:
+kept them above measured 1.4% slower at batch 8, each form tuned for itself: left so). These tests read the cubin
+nvcc builds for sm_90 with cuobjdump:
 
 - no kernel issues a coherent global load (step data) before its wait;
 - every CUDA-core GEMV (the batch-1 step's) loads its first weights into registers, and prefetches the rest of its

@@ -232,6 +232,15 @@ LN_STATS_M = ("            const double2 st = reinterpret_cast<const double2*>(l
 LN_STATS_DIV = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
                 "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
 LN_H = "            ln8(0, c, h);\n"
+
+
+def _store_h(c, h, indent):
+    """The line that writes h's chunk c (8 floats in the array named h) into shared memory as bf16, as decode.cu has
+    it, indented by `indent` spaces."""
+    return (" " * indent + f"hw[{c}] = make_uint4(pack_bf2({h}[0], {h}[1]), pack_bf2({h}[2], {h}[3]), "
+            f"pack_bf2({h}[4], {h}[5]), pack_bf2({h}[6], {h}[7]));\n")
+
+
 LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) + 2 * c;\n"
              "            const float4 q0 = xq[0], q1 = xq[1];\n"
              "            h[0] = q0.x * .0625f; h[1] = q0.y * .0625f; h[2] = q0.z * .0625f; h[3] = q0.w * .0625f;\n"
@@ -354,30 +363,34 @@ def _ln_early(E):
              "        const double2 st = reinterpret_cast<const double2*>(ln_stats)[0];   // batch 1: BM == 1\n"
              f"        float4 ex[{E}][6];\n#pragma unroll\n        for (int i = 0; i < {E}; ++i) {{\n"
              "            const int c = min(tid + i * T, KC - 1);     // in bounds; h stored only where c < KC\n"
-             "            const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x)) + 2 * c;\n"
+             "            const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x))"
+             " + 2 * c;\n"
              "            const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
              "            const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n"
              "            ex[i][0] = xr[0]; ex[i][1] = xr[1]; ex[i][2] = wr[0]; ex[i][3] = wr[1];\n"
              "            ex[i][4] = br[0]; ex[i][5] = br[1];\n"
              "            // issued here, with the statistics: an empty asm that reads them keeps the compiler from\n"
-             "            // sinking the loads into the `if (c < KC)` below (the statistics' arithmetic would go first)\n"
+             "            // sinking the loads into the `if (c < KC)` below (the statistics' arithmetic would go "
+             "first)\n"
              "#pragma unroll\n            for (int j = 0; j < 6; ++j)\n"
              '                asm volatile("" ::"f"(ex[i][j].x), "f"(ex[i][j].y), "f"(ex[i][j].z), "f"(ex[i][j].w));\n'
-             "        }\n        {\n" + LN_STATS_M.split("\n", 1)[1].replace("            if (b >= nb) m = 0.0;\n", "").replace("b < nb ? fmax(q - m * m, 0.0) : 0.0", "fmax(q - m * m, 0.0)") +
+             "        }\n        {\n            const int b = 0;\n" +
+             LN_STATS_M.split("\n", 1)[1] +     # decode.cu's arithmetic, after its load (issued above)
              "            mean[0] = (float)m;\n            rstd[0] = rsqrtf((float)var + eps);\n        }\n"
              "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);\n"
              f"#pragma unroll\n        for (int i = 0; i < {E}; ++i) {{\n"
              "            const int c = tid + i * T;\n            if (c < KC) {\n"
-             "                const float v[8] = {ex[i][0].x, ex[i][0].y, ex[i][0].z, ex[i][0].w, ex[i][1].x, ex[i][1].y, ex[i][1].z, ex[i][1].w};\n"
-             "                const float g[8] = {ex[i][2].x, ex[i][2].y, ex[i][2].z, ex[i][2].w, ex[i][3].x, ex[i][3].y, ex[i][3].z, ex[i][3].w};\n"
-             "                const float o[8] = {ex[i][4].x, ex[i][4].y, ex[i][4].z, ex[i][4].w, ex[i][5].x, ex[i][5].y, ex[i][5].z, ex[i][5].w};\n"
+             "                const float v[8] = {ex[i][0].x, ex[i][0].y, ex[i][0].z, ex[i][0].w, "
+             "ex[i][1].x, ex[i][1].y, ex[i][1].z, ex[i][1].w};\n"
+             "                const float g[8] = {ex[i][2].x, ex[i][2].y, ex[i][2].z, ex[i][2].w, "
+             "ex[i][3].x, ex[i][3].y, ex[i][3].z, ex[i][3].w};\n"
+             "                const float o[8] = {ex[i][4].x, ex[i][4].y, ex[i][4].z, ex[i][4].w, "
+             "ex[i][5].x, ex[i][5].y, ex[i][5].z, ex[i][5].w};\n"
              "                float h[8];\n#pragma unroll\n"
-             "                for (int j = 0; j < 8; ++j) h[j] = (v[j] - mean[0]) * rstd[0] * g[j] + o[j];\n"
-             "                hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
-             "pack_bf2(h[6], h[7]));\n            }\n        }\n"
+             "                for (int j = 0; j < 8; ++j) h[j] = (v[j] - mean[0]) * rstd[0] * g[j] + o[j];\n" +
+             _store_h("c", "h", 16) + "            }\n        }\n"
              f"        for (int c = tid + {E} * T; c < KC; c += T) {{\n            float h[8];\n" + LN_H +
-             "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
-             "pack_bf2(h[6], h[7]));\n        }\n        __syncthreads();\n    }\n")
+             _store_h("c", "h", 12) + "        }\n        __syncthreads();\n    }\n")
     return lambda src: _replace(src, LN_BLOCK, block)
 
 
@@ -402,8 +415,7 @@ LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b 
             "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
             "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
             "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H +
-            "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
-            "pack_bf2(h[6], h[7]));\n        }\n        __syncthreads();\n    }\n")
+            _store_h("c", "h", 12) + "        }\n        __syncthreads();\n    }\n")
 LN_ONE_TRIP = """    if constexpr (LN) {
         const double s1 = __ldcg(ln_stats), s2 = __ldcg(ln_stats + 1);
         uint4* hw = reinterpret_cast<uint4*>(gemv_smem);
@@ -442,17 +454,12 @@ VARIANTS["ln-one-trip-nocap"] = _then("ln-one-trip", "ln-launch-bounds")   # (12
 # / 0.9919 against 0.9870 / 0.9862: slower
 LN_H_LOOP = "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H
 VARIANTS["ln-h-unroll2"] = lambda src: _replace(src, LN_H_LOOP, "#pragma unroll 2\n" + LN_H_LOOP)
-VARIANTS["ln-h-pair"] = lambda src: _replace(src, LN_H_LOOP + (
-    "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
-    "pack_bf2(h[6], h[7]));\n        }\n"), (
+VARIANTS["ln-h-pair"] = lambda src: _replace(src, LN_H_LOOP + _store_h("c", "h", 12) + "        }\n", (
     "        for (int c = tid; c < KC; c += 2 * T) {\n"
     "            const int d = c + T < KC ? c + T : c;     // (d == c: stored twice, the same value by one thread)\n"
     "            float h[8], e[8];\n"
-    "            ln8(0, c, h);\n            ln8(0, d, e);\n"
-    "            hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), "
-    "pack_bf2(h[6], h[7]));\n"
-    "            hw[d] = make_uint4(pack_bf2(e[0], e[1]), pack_bf2(e[2], e[3]), pack_bf2(e[4], e[5]), "
-    "pack_bf2(e[6], e[7]));\n        }\n"))
+    "            ln8(0, c, h);\n            ln8(0, d, e);\n" +
+    _store_h("c", "h", 12) + _store_h("d", "e", 12) + "        }\n"))
 # ln-wa-early (+ ln-wa-pair): the folded-LayerNorm GEMVs hold one chunk a row through the wait instead of two (the
 # second prefetched into L2 with the rest, loaded into registers once h is written), which frees 32 registers at
 # R 8 for h's loads; with ln-h-pair, both chunks' x, ln_w and ln_b in flight together (SASS: all 12 after the
@@ -464,7 +471,8 @@ LN_FETCH = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
 LN_WA = ("    point_at(g);\n"
          "    if constexpr (LN) {                          // (probe: ln-wa-early) one chunk a row through the wait\n"
          "#pragma unroll\n"
-         "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : make_uint4(0u, 0u, 0u, 0u);\n"
+         "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : "
+         "make_uint4(0u, 0u, 0u, 0u);\n"
          "        for (int cc = tid + T; cc < KC; cc += T)\n"
          "#pragma unroll\n"
          "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
@@ -502,7 +510,9 @@ VARIANTS["x-pair-lb"] = _then("x-pair", lambda src: _replace(src, GEMV_B_LB, GEM
 VARIANTS["x-wa-pair"] = _then("x-pair-lb", "ln-wa-pair")
 VARIANTS["ln-early1"] = _ln_early(1)
 VARIANTS["ln-early2"] = _ln_early(2)
-VARIANTS["ln-wa-early2"] = _then("ln-early2", "ln-wa-early")   # the statistics and both chunks in one trip
+# ln-wa-early2: ln-early2 with one early weight chunk a row (meant: the statistics and both chunks in one round;
+# SASS: ptxas still issues the chunks after the statistics' arithmetic, a chunk a round; not run)
+VARIANTS["ln-wa-early2"] = _then("ln-early2", "ln-wa-early")
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
