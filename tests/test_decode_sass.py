@@ -123,9 +123,11 @@ def test_no_kernel_reads_step_data_before_its_pdl_wait(sass):
 def test_every_cuda_core_gemv_loads_its_first_weights_before_the_pdl_wait(sass):
     gemvs = {k: int(m.group(1)) for k in sass if (m := re.fullmatch(r"gemv_(?:ln_)?b\d+_r(\d+)", k))}
     assert len(gemvs) >= 8
-    # gemv_load into registers: chunks c and c + T of each of the R rows; fetch's L2 prefetch of the rest
+    # gemv_load into registers: chunks c and c + T of each of the R rows (the folded-LayerNorm GEMVs: chunk c,
+    # the registers of c + T go to h's loads; decode.cu's "LN weights"); fetch's L2 prefetch of the rest
+    need = {k: r if k.startswith("gemv_ln_") else 2 * r for k, r in gemvs.items()}
     got = {k: _before(sass[k], _nc_load) for k in gemvs}
-    short = {k: (got[k], 2 * r) for k, r in gemvs.items() if got[k] < 2 * r}
+    short = {k: (got[k], need[k]) for k in gemvs if got[k] < need[k]}
     assert not short, f"GEMVs whose first weights are loaded only after griddepcontrol.wait (got, need): {short}"
     nopf = [k for k in gemvs if _before(sass[k], _prefetch) == 0]
     assert not nopf, f"GEMVs with no L2 prefetch of their first row group before griddepcontrol.wait: {nopf}"
@@ -138,7 +140,7 @@ def test_the_attention_copies_its_first_tile_before_the_pdl_wait(sass):
     assert not late, f"attention kernels with no cp.async before griddepcontrol.wait: {late}"
 
 
-def test_the_folded_layernorm_starts_with_one_load_and_no_call(sass_lines):
+def test_the_folded_layernorm_starts_with_one_load_then_one_round_and_no_call(sass_lines):
     kernels = [k for k in sass_lines if re.fullmatch(r"gemv_ln_b1_r\d+", k)]
     assert kernels
     for k in kernels:
@@ -151,3 +153,7 @@ def test_the_folded_layernorm_starts_with_one_load_and_no_call(sass_lines):
         loads = [m.group(0) for line in start if (m := LOAD.search(line)) and _global_load(m.group(0))]
         assert loads and loads[0].startswith("LDG.E.128"), \
             f"{k}: the statistics are not read in one 16-byte load first after the wait: {loads}"
+        # then both of a thread's first two chunks of h: x, ln_w and ln_b, two 16-byte loads each, in one round
+        assert len(loads) >= 13, f"{k}: h's first two chunks are not all loaded before h's first store: {loads}"
+        local = [line.split(";")[0].strip() for line in lines if re.search(r"\b(LDL|STL)\b", line)]
+        assert not local, f"{k}: spills to local memory: {local}"

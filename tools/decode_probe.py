@@ -142,14 +142,19 @@ VARIANTS["ln-maxnreg96"] = _ln_cap("__maxnreg__(96)")
 VARIANTS["gemv-maxnreg96"] = _ln_cap("__maxnreg__(96)", gemv="__maxnreg__(96)")
 # the GEMVs' L2 prefetch of their first row group moved after the PDL wait (the first two chunks a thread still
 # load into registers before it), or every weight load after it: what flooding the memory system while the
-# previous kernel (the attention, above all) finishes costs and buys
-GEMV_EARLY = "    point_at(g);\n    fetch();\n    PDL_WAIT();                                  // x (and y"
-VARIANTS["gemv-l2-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
-    "    fetch();\n    PDL_WAIT();", "    gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    PDL_WAIT();\n"
-    "    for (int cc = tid + 2 * T; cc < KC; cc += T)\n        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);"))
-    if GEMV_EARLY in src else None)
-VARIANTS["gemv-all-after-wait"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
-    "    fetch();\n    PDL_WAIT();", "    PDL_WAIT();\n    fetch();")) if GEMV_EARLY in src else None)
+# previous kernel (the attention, above all) finishes costs and buys. (Since the twenty-second session the
+# folded-LayerNorm GEMVs' early loads are a branch of their own, which these two leave as it is.)
+GEMV_WAIT = "    PDL_WAIT();                                  // x (and y"
+GEMV_EARLY = "    } else {\n        fetch();\n    }\n" + GEMV_WAIT
+VARIANTS["gemv-l2-after-wait"] = lambda src: _replace(src, GEMV_EARLY, (
+    "    } else {\n        gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    }\n" + GEMV_WAIT.split("//")[0].rstrip() + "\n"
+    "    if constexpr (!LN)\n"
+    "        for (int cc = tid + 2 * T; cc < KC; cc += T)\n"
+    "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n    //"  # (the wait's comment follows)
+    + GEMV_WAIT.split("//")[1]))
+VARIANTS["gemv-all-after-wait"] = lambda src: _replace(src, GEMV_EARLY, (
+    "    }\n" + GEMV_WAIT.split("//")[0].rstrip() + "\n    if constexpr (!LN)\n        fetch();\n    //" +
+    GEMV_WAIT.split("//")[1]))
 
 
 def _gemv_early_groups(extra, cond="true"):
@@ -162,8 +167,7 @@ def _gemv_early_groups(extra, cond="true"):
             "            for (int r = 0; r < R; ++r)\n"
             "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
             "    }\n" % (cond, extra))
-    return lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace("    fetch();\n", "    fetch();\n" + code))
-                        if GEMV_EARLY in src else None)
+    return lambda src: _insert(src, GEMV_WAIT, code)
 
 
 VARIANTS["gemv-early1"] = _gemv_early_groups(1)
@@ -211,13 +215,12 @@ LN_LOAD_EARLY = r"""    if constexpr (LN) {
 VARIANTS["ln-early-cg"] = lambda src: (
     src.replace(LN8, "    float4 xe[2][2];\n" + LN8).replace(LN_X, LN_X_EARLY).replace(LN_STATS, LN_LOAD_EARLY)
     if all(src.count(t) == 1 for t in (LN8, LN_X, LN_STATS)) else None)
-VARIANTS["ln-l1-wb"] = lambda src: (src.replace(GEMV_EARLY, GEMV_EARLY.replace(
-    "    PDL_WAIT();",
+VARIANTS["ln-l1-wb"] = lambda src: _insert(src, GEMV_WAIT, (
     "    if constexpr (LN)\n"
     "        for (int l = tid; l < (K >> 5); l += T) {\n"
     '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_w + 32 * l));\n'
     '            asm volatile("prefetch.global.L1 [%0];" ::"l"(ln_b + 32 * l));\n'
-    "        }\n    PDL_WAIT();")) if GEMV_EARLY in src else None)
+    "        }\n"))
 # Timing only (wrong results): what the folded LayerNorm's start costs the step. ln-x-only: h = bf16(x / 16), x
 # loaded alone (no statistics, no ln_w / ln_b: one L2 round trip after the wait, as a GEMV that applied the
 # LayerNorm in its epilogue would need); ln-skip: h = 0, nothing loaded after the wait (the bound of any redesign)
@@ -232,6 +235,7 @@ LN_STATS_M = ("            const double2 st = reinterpret_cast<const double2*>(l
 LN_STATS_DIV = ("            const double m = b < nb ? ln_stats[2 * b] / K : 0.0;\n"
                 "            const double var = b < nb ? fmax(ln_stats[2 * b + 1] / K - m * m, 0.0) : 0.0;\n")
 LN_H = "            ln8(0, c, h);\n"
+LN_E = "            ln8(0, d, e);\n"       # h's loop takes a thread's chunks in pairs (c, d)
 
 
 def _store_h(c, h, indent):
@@ -248,14 +252,19 @@ LN_X_ONLY = ("            const float4* xq = reinterpret_cast<const float4*>(x) 
 
 
 def _ln_timing(h_code=None, stats=False):
-    """The statistics' lines replaced by mean 0, rstd 1 (stats) and / or h's line by h_code; None where decode.cu
-    lacks a line it changes."""
+    """The statistics' lines replaced by mean 0, rstd 1 (stats) and / or h's lines (ln8(0, c, h), ln8(0, d, e)) by
+    h_code, written for chunk c into h and rewritten for d into e (in a scope of its own); None where decode.cu lacks
+    a line it changes."""
     def patch(src):
-        if (stats and src.count(LN_STATS_M) != 1) or (h_code and src.count(LN_H) != 1):
+        if (stats and src.count(LN_STATS_M) != 1) or (h_code and (src.count(LN_H) != 1 or src.count(LN_E) != 1)):
             return None
         if stats:
             src = src.replace(LN_STATS_M, "            const double m = 0.0, var = 1.0;\n")
-        return src.replace(LN_H, h_code) if h_code else src
+        if h_code:
+            src = src.replace(LN_H, "            {\n" + h_code + "            }\n")
+            src = src.replace(LN_E, "            {\n" + h_code.replace("2 * c", "2 * d").replace("h[", "e[") +
+                              "            }\n")
+        return src
     return patch
 
 
@@ -390,7 +399,7 @@ def _ln_early(E):
              "                for (int j = 0; j < 8; ++j) h[j] = (v[j] - mean[0]) * rstd[0] * g[j] + o[j];\n" +
              _store_h("c", "h", 16) + "            }\n        }\n"
              f"        for (int c = tid + {E} * T; c < KC; c += T) {{\n            float h[8];\n" + LN_H +
-             _store_h("c", "h", 12) + "        }\n        __syncthreads();\n    }\n")
+             _store_h("c", "h", 12) + "        }\n")
     return lambda src: _replace(src, LN_BLOCK, block)
 
 
@@ -411,11 +420,6 @@ VARIANTS["ln-keep-pf"] = _then(lambda src: _replace(src, LN_WR, LN_KEEP),
 VARIANTS["ln-wb-keep"] = _then("ln-keep-pf", "ln-no-pf")
 # ln-one-trip: the earlier form's h (the same arithmetic, bf16 in shared memory) with the statistics, x, ln_w and ln_b
 # of a thread's two chunks a round loaded together after the wait (x and the statistics through L2), one round trip
-LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
-            "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
-            "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
-            "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H +
-            _store_h("c", "h", 12) + "        }\n        __syncthreads();\n    }\n")
 LN_ONE_TRIP = """    if constexpr (LN) {
         const double s1 = __ldcg(ln_stats), s2 = __ldcg(ln_stats + 1);
         uint4* hw = reinterpret_cast<uint4*>(gemv_smem);
@@ -442,49 +446,52 @@ LN_ONE_TRIP = """    if constexpr (LN) {
             hw[c] = h8(x0, x1, w0, w1, b0, b1);
             hw[d] = h8(y0, y1, v0, v1, e0, e1);
         }
-        __syncthreads();
-    }
 """
 VARIANTS["ln-one-trip"] = lambda src: _replace(src, LN_BLOCK, LN_ONE_TRIP)
 VARIANTS["ln-one-trip-nocap"] = _then("ln-one-trip", "ln-launch-bounds")   # (12 bytes spilled at 104)
-# ln-h-unroll2 / ln-h-pair: h's loop over a thread's chunks with both chunks' loads (x, ln_w, ln_b) issued together
-# (two round trips after the statistics at 3b become one): the compiler's unroll, or a hand-written pair a round.
-# SASS at the 104-register cap: unroll2 still issues a chunk a round; the pair issues 6 + 3 + 3 loads, 8 bytes
-# spilled. ln-h-pair (twenty-first session, call 3): 3b-4e1t 1.6589 / 1.6601 against 1.6469 / 1.6457, 2-1.6b 0.9922
-# / 0.9919 against 0.9870 / 0.9862: slower
+# h's loop and the early weights. decode.cu (since the twenty-second session, "LN weights" there) holds one weight
+# chunk a row through the wait (LN_FETCH_ONE) and takes h's chunks in pairs, both chunks' x, ln_w and ln_b issued
+# in one round (LN_H_PAIR), loading the rows' second chunks after h (LN_WB). The forms it replaced, as variants:
+# ln-two-early, decode.cu before (two chunks a row through the wait, h a chunk a round: two round trips after the
+# statistics at 3b); ln-h-pair, two chunks held and h in pairs (SASS at the 104-register cap: 6 + 3 + 3 loads, 8
+# bytes spilled; twenty-first session, call 3: 3b-4e1t 1.6589 / 1.6601 against ln-two-early's 1.6469 / 1.6457,
+# 2-1.6b 0.9922 / 0.9919 against 0.9870 / 0.9862); ln-wa-early, one chunk held and h a chunk a round (+0.019 ms at
+# 3b, +0.004 at 1.6b against ln-two-early); ln-h-unroll2, ln-two-early with the compiler's unroll of h's loop (SASS:
+# still a chunk a round). decode.cu against ln-two-early (each side tuned for itself, twenty-first session's call 6):
+# 3b-4e1t 1.6359 / 1.6365 against 1.6549 / 1.6558, 2-1.6b 0.9670 / 0.9791 against 0.9795 / 0.9930. (The
+# twenty-first session's ln-wa-pair is decode.cu now, its x-wa-pair is x-pair-lb and its ln-wa-early2 ln-early2.)
+LN_H_PAIR = ("        for (int c = tid; c < KC; c += 2 * T) {\n"
+             "            const int d = c + T < KC ? c + T : c;     // both chunks' loads in one round (d == c: stored "
+             "twice,\n"
+             "                                                      // the same value by the same thread)\n"
+             "            float h[8], e[8];\n" + LN_H + LN_E + _store_h("c", "h", 12) + _store_h("d", "e", 12) +
+             "        }\n")
 LN_H_LOOP = "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H
-VARIANTS["ln-h-unroll2"] = lambda src: _replace(src, LN_H_LOOP, "#pragma unroll 2\n" + LN_H_LOOP)
-VARIANTS["ln-h-pair"] = lambda src: _replace(src, LN_H_LOOP + _store_h("c", "h", 12) + "        }\n", (
-    "        for (int c = tid; c < KC; c += 2 * T) {\n"
-    "            const int d = c + T < KC ? c + T : c;     // (d == c: stored twice, the same value by one thread)\n"
-    "            float h[8], e[8];\n"
-    "            ln8(0, c, h);\n            ln8(0, d, e);\n" +
-    _store_h("c", "h", 12) + _store_h("d", "e", 12) + "        }\n"))
-# ln-wa-early (+ ln-wa-pair): the folded-LayerNorm GEMVs hold one chunk a row through the wait instead of two (the
-# second prefetched into L2 with the rest, loaded into registers once h is written), which frees 32 registers at
-# R 8 for h's loads; with ln-h-pair, both chunks' x, ln_w and ln_b in flight together (SASS: all 12 after the
-# statistics, no spill). Twenty-first session, same tuning, ms a step against decode.cu: ln-wa-early +0.019 (3b) /
-# +0.004 (1.6b); ln-wa-pair -0.009 (3b) / +0.0015 (1.6b) in call 3, +0.003 / -0.012 in call 4 at another tuning;
-# each side tuned for itself (call 6): 1.6359 / 1.6365 against 1.6549 / 1.6558 (3b), 0.9670 / 0.9791 against 0.9795 /
-# 0.9930 (1.6b). Bit-identical at one tuning; not yet in decode.cu (tests/gpu not run on it: the notes' Next)
-LN_FETCH = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
-LN_WA = ("    point_at(g);\n"
-         "    if constexpr (LN) {                          // (probe: ln-wa-early) one chunk a row through the wait\n"
-         "#pragma unroll\n"
-         "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : "
-         "make_uint4(0u, 0u, 0u, 0u);\n"
-         "        for (int cc = tid + T; cc < KC; cc += T)\n"
-         "#pragma unroll\n"
-         "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
-         "    } else {\n        fetch();\n    }\n    PDL_WAIT();")
-LN_SYNC_H = "        }\n        __syncthreads();\n    }\n    while (true) {"
-LN_WB = ("        }\n"
-         "#pragma unroll\n"
+LN_H_SINGLE = LN_H_LOOP + _store_h("c", "h", 12) + "        }\n"
+LN_FETCH_TWO = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
+LN_FETCH_ONE = ("    point_at(g);\n"
+                "    if constexpr (LN) {                          // one chunk a row through the wait: \"LN weights\" "
+                "above\n"
+                "#pragma unroll\n"
+                "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : "
+                "make_uint4(0u, 0u, 0u, 0u);\n"
+                "        for (int cc = tid + T; cc < KC; cc += T)\n"
+                "#pragma unroll\n"
+                "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
+                "    } else {\n        fetch();\n    }\n    PDL_WAIT();")
+LN_WB = ("#pragma unroll\n"
          "        for (int r = 0; r < R; ++r)\n"
          "            wb[r] = tid + T < KC ? ld_stream_early(wrow[r] + tid + T) : make_uint4(0u, 0u, 0u, 0u);\n"
-         "        __syncthreads();\n    }\n    while (true) {")
-VARIANTS["ln-wa-early"] = _then(lambda src: _replace(src, LN_FETCH, LN_WA), lambda src: _replace(src, LN_SYNC_H, LN_WB))
-VARIANTS["ln-wa-pair"] = _then("ln-wa-early", "ln-h-pair")
+         "        __syncthreads();\n")
+LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
+            "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
+            "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n" +
+            LN_H_PAIR)
+VARIANTS["ln-wa-early"] = lambda src: _replace(src, LN_H_PAIR, LN_H_SINGLE)
+VARIANTS["ln-h-pair"] = _then(lambda src: _replace(src, LN_FETCH_ONE, LN_FETCH_TWO),
+                              lambda src: _replace(src, LN_WB, "        __syncthreads();\n"))
+VARIANTS["ln-two-early"] = _then("ln-wa-early", "ln-h-pair")
+VARIANTS["ln-h-unroll2"] = _then("ln-two-early", lambda src: _replace(src, LN_H_LOOP, "#pragma unroll 2\n" + LN_H_LOOP))
 # x-pair: the batch-1 GEMVs that read x from global memory (o_proj, down: gemv_b1_r*) load both of a thread's x
 # chunks (c, c + T) before the first product; decode.cu's SASS loads x[c], multiplies, then loads x[c + T] behind
 # the `if (c + T < KC)` branch: two dependent round trips after the wait where one suffices. It raises gemv_b1_r4
@@ -507,12 +514,8 @@ VARIANTS["x-pair"] = lambda src: _replace(src, GEMV_LOOP, X_PAIR)
 GEMV_B_LB = 'extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_b##BM##_r##R('
 VARIANTS["x-pair-lb"] = _then("x-pair", lambda src: _replace(src, GEMV_B_LB, GEMV_B_LB.replace(
     "GEMV_MAX_WARPS * 32)", "GEMV_MAX_WARPS * 32, (BM) == 1 && (R) <= 4 ? 2 : 0)")))
-VARIANTS["x-wa-pair"] = _then("x-pair-lb", "ln-wa-pair")
 VARIANTS["ln-early1"] = _ln_early(1)
 VARIANTS["ln-early2"] = _ln_early(2)
-# ln-wa-early2: ln-early2 with one early weight chunk a row (meant: the statistics and both chunks in one round;
-# SASS: ptxas still issues the chunks after the statistics' arithmetic, a chunk a round; not run)
-VARIANTS["ln-wa-early2"] = _then("ln-early2", "ln-wa-early")
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}

@@ -387,6 +387,14 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // 1.6661 / 1.6664, 2-1.6b 0.9861 / 0.9846 against 0.9888 / 0.9892 (another machine: 1.6556 / 1.6564 against 1.6715
 // / 1.6716, 0.9781 / 0.9780 against 0.9869 / 0.9864; one load still dividing took 1.6669 / 1.6677); logits
 // bit-identical. The bound, no statistics at all (ln-no-stats), was -0.018 at 3b.
+// LN weights and h's loads: a folded-LayerNorm GEMV holds one weight chunk a row through the wait, not two (the
+// second is prefetched into L2 with the rest and loaded into registers once h is written); the 4R registers that
+// frees hold h's loads, both of a thread's chunks (c, c + T: x, ln_w and ln_b, twelve 16-byte loads) issued in one
+// round after the statistics where a chunk a round took two (3b-4e1t: 320 chunks, 160 threads). With two chunks a
+// row held and h's chunks paired, ptxas spilled at the 104-register cap; with one chunk held and h a chunk a round,
+// the step was slower (+0.019 ms at 3b). H200, twenty-second session's landing of the twenty-first's probe, each
+// side tuned for itself, ms a step (`decode_probe.py --variants default ln-two-early default`): 3b-4e1t 1.6359 /
+// 1.6365 against 1.6549 / 1.6558, 2-1.6b 0.9670 / 0.9791 against 0.9795 / 0.9930; logits bit-identical.
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
@@ -434,9 +442,10 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
         for (int r = 0; r < R; ++r)              // rows past N re-read row N-1; never stored
             wrow[r] = reinterpret_cast<const uint4*>(W) + (size_t)min(grp * R + r, N - 1) * KC;
     };
-    // Fetch the first two chunks of each row into registers and the rest into L2. Before the wait this
-    // overlaps the previous kernel (no kernel writes W); later, it overlaps this group's reduction. (ptxas may
-    // move these non-coherent loads past the wait; tests/test_decode_sass.py checks the SASS keeps them before.)
+    // Fetch the first two chunks of each row into registers (LN: one, see "LN weights" above) and the rest into
+    // L2. Before the wait this overlaps the previous kernel (no kernel writes W); later, it overlaps this group's
+    // reduction. (ptxas may move these non-coherent loads past the wait; tests/test_decode_sass.py checks the SASS
+    // keeps them before.)
     uint4 wa[R], wb[R];
     auto fetch = [&]() {
         gemv_load<R>(wa, wb, wrow, tid, T, KC);
@@ -454,7 +463,15 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
             }
     [[maybe_unused]] const double rK = 1.0 / K;  // LN: 1 / K before the wait (see "LN statistics" above)
     point_at(g);
-    fetch();
+    if constexpr (LN) {                          // one chunk a row through the wait: "LN weights" above
+#pragma unroll
+        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : make_uint4(0u, 0u, 0u, 0u);
+        for (int cc = tid + T; cc < KC; cc += T)
+#pragma unroll
+            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+    } else {
+        fetch();
+    }
     PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels
     if constexpr (LN) {
 #pragma unroll
@@ -470,11 +487,18 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
             rstd[b] = rsqrtf((float)var + eps);
         }
         uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)
-        for (int c = tid; c < KC; c += T) {
-            float h[8];
+        for (int c = tid; c < KC; c += 2 * T) {
+            const int d = c + T < KC ? c + T : c;     // both chunks' loads in one round (d == c: stored twice,
+                                                      // the same value by the same thread)
+            float h[8], e[8];
             ln8(0, c, h);
+            ln8(0, d, e);
             hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
+            hw[d] = make_uint4(pack_bf2(e[0], e[1]), pack_bf2(e[2], e[3]), pack_bf2(e[4], e[5]), pack_bf2(e[6], e[7]));
         }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            wb[r] = tid + T < KC ? ld_stream_early(wrow[r] + tid + T) : make_uint4(0u, 0u, 0u, 0u);
         __syncthreads();
     }
     while (true) {
