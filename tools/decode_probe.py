@@ -122,7 +122,8 @@ VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__
                                       if ATT_BOUNDS in src else None)
 # the folded-LayerNorm GEMVs' register cap (decode.cu's GEMV_LN_BOUNDS, 104 since the seventeenth session; 114
 # before): ln-launch-bounds the previous form (no cap below 128), ln-maxnreg96 (12 bytes spilled; 4 blocks of 160
-# threads a SM), gemv-maxnreg96 that and the plain GEMV capped at 96 too
+# threads a SM), gemv-maxnreg96 that and the plain GEMV capped at 96 too. (Twenty-second session: with one early
+# chunk a row ln-maxnreg96 no longer spills, and is still 3.5% slower at 3b, 4.4% at 2-1.6b)
 LN_CAP = "#define GEMV_LN_BOUNDS __maxnreg__(104)"
 GEMV_LB = "__launch_bounds__(GEMV_MAX_WARPS * 32)"
 GEMV_BOUNDS = GEMV_LB + " gemv_b##BM##_r##R("
@@ -516,6 +517,29 @@ VARIANTS["x-pair-lb"] = _then("x-pair", lambda src: _replace(src, GEMV_B_LB, GEM
     "GEMV_MAX_WARPS * 32)", "GEMV_MAX_WARPS * 32, (BM) == 1 && (R) <= 4 ? 2 : 0)")))
 VARIANTS["ln-early1"] = _ln_early(1)
 VARIANTS["ln-early2"] = _ln_early(2)
+# ln-wb-smem: ln_w and ln_b of a thread's chunks copied into shared memory by cp.async before the PDL wait (no kernel
+# writes them; no registers held through the wait), read from there by h's loop, so that after the wait only the
+# statistics and x come from L2 (ln-no-wb, the bound without ln_w / ln_b, was -0.030 ms at 3b before the L2
+# prefetch). Static shared memory for K <= 2,560 (3b-4e1t, 2-1.6b; a landed form would size it with the launch)
+LN_WB_PTRS = ("        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
+              "        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n")
+LN_WB_COPY = ("            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
+              "        for (int c = tid; c < KC && c < 320; c += T) {     // (probe: ln-wb-smem)\n"
+              "            cp_async16(lnwb_s + 4 * c, reinterpret_cast<const float4*>(ln_w) + 2 * c, 16);\n"
+              "            cp_async16(lnwb_s + 4 * c + 1, reinterpret_cast<const float4*>(ln_w) + 2 * c + 1, 16);\n"
+              "            cp_async16(lnwb_s + 4 * c + 2, reinterpret_cast<const float4*>(ln_b) + 2 * c, 16);\n"
+              "            cp_async16(lnwb_s + 4 * c + 3, reinterpret_cast<const float4*>(ln_b) + 2 * c + 1, 16);\n"
+              "        }\n        cp_async_commit();\n")
+LN_HW = "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
+VARIANTS["ln-wb-smem"] = _then(
+    lambda src: _insert(src, "    __shared__ float red[GEMV_MAX_WARPS][BM * R];\n",
+                        "    __shared__ __align__(16) float4 lnwb_s[LN ? 1280 : 1];   // (probe: ln-wb-smem)\n",
+                        before=False),
+    lambda src: _replace(src, LN_WB_PTRS, "        const float4* wr = lnwb_s + 4 * c;\n"
+                                          "        const float4* br = wr + 2;\n"),
+    lambda src: _replace(src, LN_FETCH_ONE, LN_FETCH_ONE.replace(
+        "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n", LN_WB_COPY)),
+    lambda src: _replace(src, LN_HW, '        asm volatile("cp.async.wait_all;\\n" ::: "memory");\n' + LN_HW))
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}

@@ -56,7 +56,7 @@ nb FMAs a weight and becomes ALU-bound).
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
 griddepcontrol.wait (tokens and logits bit-identical to a plain graph's). On an H200, stablelm-3b-4e1t shapes,
-batch 1: 1.64-1.67 ms a step, 599-606 tokens/s through model.generate, 75-76% of the memory roofline
+batch 1: 1.63-1.64 ms a step, 613 tokens/s through model.generate, 77% of the memory roofline
 (docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did not help).
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
