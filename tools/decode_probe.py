@@ -520,7 +520,9 @@ VARIANTS["ln-early2"] = _ln_early(2)
 # ln-wb-smem: ln_w and ln_b of a thread's chunks copied into shared memory by cp.async before the PDL wait (no kernel
 # writes them; no registers held through the wait), read from there by h's loop, so that after the wait only the
 # statistics and x come from L2 (ln-no-wb, the bound without ln_w / ln_b, was -0.030 ms at 3b before the L2
-# prefetch). Static shared memory for K <= 2,560 (3b-4e1t, 2-1.6b; a landed form would size it with the launch)
+# prefetch). Static shared memory for K <= 2,560 (3b-4e1t, 2-1.6b). Twenty-second session: correct and far slower
+# (3b-4e1t 2.3060 against 1.6359 ms a step, 2-1.6b 1.4369 against 0.9665; tuned for itself 1.9734 / 1.1632;
+# suspected, not measured: 20 KB a block changes which kernels share a SM)
 LN_WB_PTRS = ("        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
               "        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n")
 LN_WB_COPY = ("            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
