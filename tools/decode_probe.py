@@ -416,6 +416,11 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
            'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
            ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
 GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
+# ln-wb-const (timing only, and correct for the probe's random model, whose ln_w is 1 and ln_b 0): ln8 as decode.cu
+# has it with ln_w / ln_b taken as constants instead of loaded: the bound of folding them into the weights and bias,
+# without the rewrite of h's code that made ln-no-wb slower than the shipped kernel (twenty-second session)
+VARIANTS["ln-wb-const"] = lambda src: _replace(src, LN_WR, "w0 = make_float4(1.f, 1.f, 1.f, 1.f), w1 = w0, "
+                                                          "b0 = make_float4(0.f, 0.f, 0.f, 0.f), b1 = b0;")
 VARIANTS["ln-keep-pf"] = _then(lambda src: _replace(src, LN_WR, LN_KEEP),
                                lambda src: _insert(src, GEMV_IMPL, LD_KEEP), "l2-prefetch-normal")
 VARIANTS["ln-wb-keep"] = _then("ln-keep-pf", "ln-no-pf")
