@@ -418,7 +418,9 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
 GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
 # ln-wb-const (timing only, and correct for the probe's random model, whose ln_w is 1 and ln_b 0): ln8 as decode.cu
 # has it with ln_w / ln_b taken as constants instead of loaded: the bound of folding them into the weights and bias,
-# without the rewrite of h's code that made ln-no-wb slower than the shipped kernel (twenty-second session)
+# without the rewrite of h's code that made ln-no-wb slower than the shipped kernel. Twenty-second session: slower
+# too (3b-4e1t 1.6434 against 1.6253 ms a step, 2-1.6b 0.9989 against 0.9746; ptxas moves the rows' second
+# chunks ahead of h's store)
 VARIANTS["ln-wb-const"] = lambda src: _replace(src, LN_WR, "w0 = make_float4(1.f, 1.f, 1.f, 1.f), w1 = w0, "
                                                           "b0 = make_float4(0.f, 0.f, 0.f, 0.f), b1 = b0;")
 VARIANTS["ln-keep-pf"] = _then(lambda src: _replace(src, LN_WR, LN_KEEP),
