@@ -145,17 +145,17 @@ VARIANTS["gemv-maxnreg96"] = _ln_cap("__maxnreg__(96)", gemv="__maxnreg__(96)")
 # load into registers before it), or every weight load after it: what flooding the memory system while the
 # previous kernel (the attention, above all) finishes costs and buys. (Since the twenty-second session the
 # folded-LayerNorm GEMVs' early loads are a branch of their own, which these two leave as it is.)
-GEMV_WAIT = "    PDL_WAIT();                                  // x (and y"
-GEMV_EARLY = "    } else {\n        fetch();\n    }\n" + GEMV_WAIT
-VARIANTS["gemv-l2-after-wait"] = lambda src: _replace(src, GEMV_EARLY, (
-    "    } else {\n        gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    }\n" + GEMV_WAIT.split("//")[0].rstrip() + "\n"
-    "    if constexpr (!LN)\n"
-    "        for (int cc = tid + 2 * T; cc < KC; cc += T)\n"
-    "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n    //"  # (the wait's comment follows)
-    + GEMV_WAIT.split("//")[1]))
-VARIANTS["gemv-all-after-wait"] = lambda src: _replace(src, GEMV_EARLY, (
-    "    }\n" + GEMV_WAIT.split("//")[0].rstrip() + "\n    if constexpr (!LN)\n        fetch();\n    //" +
-    GEMV_WAIT.split("//")[1]))
+GEMV_WAIT = "    PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels\n"
+GEMV_FETCH = "    } else {\n        fetch();\n    }\n"      # the plain GEMVs' early loads (LN has its own branch)
+VARIANTS["gemv-l2-after-wait"] = _then(
+    lambda src: _replace(src, GEMV_FETCH, "    } else {\n        gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    }\n"),
+    lambda src: _insert(src, GEMV_WAIT, "    if constexpr (!LN)\n"
+                                        "        for (int cc = tid + 2 * T; cc < KC; cc += T)\n"
+                                        "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n",
+                        before=False))
+VARIANTS["gemv-all-after-wait"] = _then(
+    lambda src: _replace(src, GEMV_FETCH, "    }\n"),
+    lambda src: _insert(src, GEMV_WAIT, "    if constexpr (!LN)\n        fetch();\n", before=False))
 
 
 def _gemv_early_groups(extra, cond="true"):

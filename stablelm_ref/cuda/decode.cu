@@ -392,9 +392,11 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // frees hold h's loads, both of a thread's chunks (c, c + T: x, ln_w and ln_b, twelve 16-byte loads) issued in one
 // round after the statistics where a chunk a round took two (3b-4e1t: 320 chunks, 160 threads). With two chunks a
 // row held and h's chunks paired, ptxas spilled at the 104-register cap; with one chunk held and h a chunk a round,
-// the step was slower (+0.019 ms at 3b). H200, twenty-second session's landing of the twenty-first's probe, each
-// side tuned for itself, ms a step (`decode_probe.py --variants default ln-two-early default`): 3b-4e1t 1.6359 /
-// 1.6365 against 1.6549 / 1.6558, 2-1.6b 0.9670 / 0.9791 against 0.9795 / 0.9930; logits bit-identical.
+// the step was slower (+0.019 ms at 3b). H200, twenty-second session, each side tuned for itself, ms a step
+// (`decode_probe.py --src-rev file:OLD --variants default ln-two-early default`, OLD the decode.cu before): 3b-4e1t
+// 1.6296 / 1.6392 against 1.6510 / 1.6481, 2-1.6b 0.9624 / 0.9612 against 0.9758 / 0.9847 (the twenty-first
+// session's probe of the same code: 1.6359 / 1.6365 against 1.6549 / 1.6558, 0.9670 / 0.9791 against 0.9795 /
+// 0.9930); logits bit-identical at one tuning.
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
