@@ -480,22 +480,23 @@ LN_FETCH_TWO = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
 LN_FETCH_ONE = ("    point_at(g);\n"
                 "    if constexpr (LN) {                          // one chunk a row through the wait: \"LN weights\" "
                 "above\n"
-                "#pragma unroll\n"
-                "        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : "
-                "make_uint4(0u, 0u, 0u, 0u);\n"
-                "        for (int cc = tid + T; cc < KC; cc += T)\n"
-                "#pragma unroll\n"
-                "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
+                "        gemv_load_chunk<R>(wa, wrow, tid, KC);\n"
+                "        gemv_prefetch_from<R>(wrow, tid + T, T, KC);\n"
                 "    } else {\n        fetch();\n    }\n    PDL_WAIT();")
-LN_WB = ("#pragma unroll\n"
-         "        for (int r = 0; r < R; ++r)\n"
-         "            wb[r] = tid + T < KC ? ld_stream_early(wrow[r] + tid + T) : make_uint4(0u, 0u, 0u, 0u);\n"
-         "        __syncthreads();\n")
+LN_WB_LOAD = "        gemv_load_chunk<R>(wb, wrow, tid + T, KC);\n"
+LN_WB = LN_WB_LOAD + "        __syncthreads();\n"
 LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
             "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
             "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n" +
             LN_H_PAIR)
 VARIANTS["ln-wa-early"] = lambda src: _replace(src, LN_H_PAIR, LN_H_SINGLE)
+# Where the rows' second chunks load (decode.cu: after h's stores, before the barrier; written after the barrier
+# instead, ptxas moves them back: the same SASS): ln-wb-before-h right after the statistics, before h's loads.
+# ln-no-h-sync drops the barrier after h: a thread reads only the chunks of h it wrote itself (c = tid + k T in
+# both loops), so it orders nothing.
+VARIANTS["ln-wb-before-h"] = _then(lambda src: _replace(src, LN_WB, "        __syncthreads();\n"),
+                                   lambda src: _replace(src, LN_H_PAIR, LN_WB_LOAD + LN_H_PAIR))
+VARIANTS["ln-no-h-sync"] = lambda src: _replace(src, LN_WB, LN_WB_LOAD)
 VARIANTS["ln-h-pair"] = _then(lambda src: _replace(src, LN_FETCH_ONE, LN_FETCH_TWO),
                               lambda src: _replace(src, LN_WB, "        __syncthreads();\n"))
 VARIANTS["ln-two-early"] = _then("ln-wa-early", "ln-h-pair")

@@ -352,14 +352,25 @@ __device__ __forceinline__ void gemv_accum(float (&acc)[BM][R], const uint4 (&w)
     }
 }
 
-// Two chunks (c, c + T) of each of the R rows, 16 bytes each; chunks past the row read nothing.
+// Chunk c of each of the R rows, 16 bytes each; a chunk past the row reads nothing.
+template <int R>
+__device__ __forceinline__ void gemv_load_chunk(uint4 (&w)[R], const uint4* const (&wrow)[R], int c, int KC) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) w[r] = c < KC ? ld_stream_early(wrow[r] + c) : make_uint4(0u, 0u, 0u, 0u);
+}
+// Two chunks (c, c + T) of each of the R rows.
 template <int R>
 __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const uint4* const (&wrow)[R],
                                           int c, int T, int KC) {
+    gemv_load_chunk<R>(wa, wrow, c, KC);
+    gemv_load_chunk<R>(wb, wrow, c + T, KC);
+}
+// Chunks c0, c0 + T, ... of each of the R rows into L2.
+template <int R>
+__device__ __forceinline__ void gemv_prefetch_from(const uint4* const (&wrow)[R], int c0, int T, int KC) {
+    for (int cc = c0; cc < KC; cc += T)
 #pragma unroll
-    for (int r = 0; r < R; ++r) wa[r] = c < KC ? ld_stream_early(wrow[r] + c) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int r = 0; r < R; ++r) wb[r] = c + T < KC ? ld_stream_early(wrow[r] + c + T) : make_uint4(0u, 0u, 0u, 0u);
+        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
 }
 
 // LN (gemv_ln_b1_r{R}): x is the float32 residual stream and the GEMV's input is its LayerNorm,
@@ -396,7 +407,10 @@ __device__ __forceinline__ void gemv_load(uint4 (&wa)[R], uint4 (&wb)[R], const 
 // (`decode_probe.py --src-rev file:OLD --variants default ln-two-early default`, OLD the decode.cu before): 3b-4e1t
 // 1.6296 / 1.6392 against 1.6510 / 1.6481, 2-1.6b 0.9624 / 0.9612 against 0.9758 / 0.9847 (the twenty-first
 // session's probe of the same code: 1.6359 / 1.6365 against 1.6549 / 1.6558, 0.9670 / 0.9791 against 0.9795 /
-// 0.9930); logits bit-identical at one tuning.
+// 0.9930); logits bit-identical at one tuning. These loads are written with gemv_load_chunk / gemv_prefetch_from,
+// as the plain GEMVs' are (twenty-third session; the same loads, and ptxas schedules every GEMV kernel a little
+// differently from the loops written out in place: same tuning, `decode_probe.py --variants default file:OLD ...`,
+// 3b-4e1t 1.6287 / 1.6289 against 1.6378 / 1.6382 ms a step, 2-1.6b 0.9680 / 0.9676 against 0.9671 / 0.9672).
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
@@ -451,9 +465,7 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
     uint4 wa[R], wb[R];
     auto fetch = [&]() {
         gemv_load<R>(wa, wb, wrow, tid, T, KC);
-        for (int cc = tid + 2 * T; cc < KC; cc += T)
-#pragma unroll
-            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+        gemv_prefetch_from<R>(wrow, tid + 2 * T, T, KC);
     };
 
     PDL_LAUNCH();
@@ -466,11 +478,8 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
     [[maybe_unused]] const double rK = 1.0 / K;  // LN: 1 / K before the wait (see "LN statistics" above)
     point_at(g);
     if constexpr (LN) {                          // one chunk a row through the wait: "LN weights" above
-#pragma unroll
-        for (int r = 0; r < R; ++r) wa[r] = tid < KC ? ld_stream_early(wrow[r] + tid) : make_uint4(0u, 0u, 0u, 0u);
-        for (int cc = tid + T; cc < KC; cc += T)
-#pragma unroll
-            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);
+        gemv_load_chunk<R>(wa, wrow, tid, KC);
+        gemv_prefetch_from<R>(wrow, tid + T, T, KC);
     } else {
         fetch();
     }
@@ -498,9 +507,7 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
             hw[c] = make_uint4(pack_bf2(h[0], h[1]), pack_bf2(h[2], h[3]), pack_bf2(h[4], h[5]), pack_bf2(h[6], h[7]));
             hw[d] = make_uint4(pack_bf2(e[0], e[1]), pack_bf2(e[2], e[3]), pack_bf2(e[4], e[5]), pack_bf2(e[6], e[7]));
         }
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            wb[r] = tid + T < KC ? ld_stream_early(wrow[r] + tid + T) : make_uint4(0u, 0u, 0u, 0u);
+        gemv_load_chunk<R>(wb, wrow, tid + T, KC);
         __syncthreads();
     }
     while (true) {
