@@ -734,6 +734,13 @@ def test_every_probe_variant_still_finds_the_lines_it_changes():
     lost = [name for name, patch in dp.VARIANTS.items() if patch is not None and patch(src) is None]
     assert not lost, f"decode_probe variants whose lines decode.cu no longer has: {lost}"
     assert dt.timeline_source(src).endswith(src)
+    # decode_timeline --variant: the variant's change, then the timeline's header before it
+    varied = dp.VARIANTS["oproj-early1"](src)
+    assert varied != src and dt.timeline_patch("oproj-early1")(src) == dt.timeline_source(varied)
+    assert dt.timeline_patch(None) is dt.timeline_source
+    for bad in ("default", "att-w8", "no-such-variant"):
+        with pytest.raises(ValueError, match="not a decode_probe text variant"):
+            dt.timeline_patch(bad)
 
 
 # What a kernel of the step writes and a later kernel reads: decode.cu's names for it, as parameters and locals

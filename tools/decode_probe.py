@@ -150,24 +150,25 @@ GEMV_FETCH = "    } else {\n        fetch();\n    }\n"      # the plain GEMVs' e
 VARIANTS["gemv-l2-after-wait"] = _then(
     lambda src: _replace(src, GEMV_FETCH, "    } else {\n        gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    }\n"),
     lambda src: _insert(src, GEMV_WAIT, "    if constexpr (!LN)\n"
-                                        "        for (int cc = tid + 2 * T; cc < KC; cc += T)\n"
-                                        "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n",
+                                        "        gemv_prefetch_from<R>(wrow, tid + 2 * T, T, KC);\n",
                         before=False))
 VARIANTS["gemv-all-after-wait"] = _then(
     lambda src: _replace(src, GEMV_FETCH, "    }\n"),
     lambda src: _insert(src, GEMV_WAIT, "    if constexpr (!LN)\n        fetch();\n", before=False))
 
 
-def _gemv_early_groups(extra, cond="true"):
+def _gemv_early_groups(extra, cond="true", lines=False):
     """A persistent GEMV block also prefetches its next `extra` row groups into L2 before the PDL wait (where the
-    C condition `cond` on the kernel's arguments holds: one kind of matrix)."""
+    C condition `cond` on the kernel's arguments holds: one kind of matrix); a prefetch a 16-byte chunk, or with
+    `lines` a prefetch a 128-byte line."""
+    step = "8 * T" if lines else "T"
     code = ("    for (int e = 1; (%s) && e <= %d; ++e) {\n"
             "        const int ge = g + e * (int)gridDim.x;\n"
             "        if (ge >= groups) break;\n"
-            "        for (int cc = tid; cc < KC; cc += T)\n"
+            "        for (int cc = %s; cc < KC; cc += %s)\n"
             "            for (int r = 0; r < R; ++r)\n"
             "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
-            "    }\n" % (cond, extra))
+            "    }\n" % (cond, extra, "8 * tid" if lines else "tid", step))
     return lambda src: _insert(src, GEMV_WAIT, code)
 
 
@@ -180,6 +181,19 @@ OPROJ = "mode == MODE_ADD && N == K"
 VARIANTS["oproj-early-all"] = _gemv_early_groups(1 << 20, OPROJ)
 VARIANTS["oproj-early1"] = _gemv_early_groups(1, OPROJ)
 VARIANTS["gateup-early1"] = _gemv_early_groups(1, "mode == MODE_SWIGLU")
+VARIANTS["oproj-early1-lines"] = _gemv_early_groups(1, OPROJ, lines=True)
+# prefetch-lines: the GEMVs' L2 prefetch of the rest of a row group (gemv_prefetch_from) one prefetch a 128-byte line
+# over the block's threads instead of one a 16-byte chunk (8 requests a line). Twenty-third session, same tuning:
+# 3b-4e1t 1.6285 / 1.6285 against 1.6288 / 1.6281, 2-1.6b 0.9692 / 0.9685 against 0.9690 / 0.9690: no difference
+# (the chunks' prefetches are likely merged per warp, as loads are); oproj-early1-lines, against oproj-early1's 1.83
+# ms at 3b, is as slow, so the cost of o_proj's second group before the wait is not its request count
+PREFETCH_FROM = ("    for (int cc = c0; cc < KC; cc += T)\n"
+                 "#pragma unroll\n"
+                 "        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n")
+VARIANTS["prefetch-lines"] = lambda src: _replace(src, PREFETCH_FROM, (
+    "    for (int l = (c0 - (int)threadIdx.x) / 8 + (int)threadIdx.x; 8 * l < KC; l += T)   // (probe: lines)\n"
+    "#pragma unroll\n"
+    "        for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + 8 * l);\n"))
 # L2 eviction priorities: the weights' L2 prefetch at evict_normal instead of evict_last, and the weight loads
 # (ld_stream, ld_stream_early) with an evict_first cache policy, alone and with one more group prefetched
 PREFETCH = 'asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));'
@@ -190,6 +204,7 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
                                               if PREFETCH in src else None)
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = _then("ld-evict-first", "gemv-early1")
+VARIANTS["oproj-early1-normal"] = _then("oproj-early1", "l2-prefetch-normal")
 # The folded LayerNorm's loads (gemv_ln): the statistics, then mean / rstd, then x, ln_w and ln_b (two L2 round
 # trips after the PDL wait). ln-early-cg: each thread's first two chunks of x loaded with the statistics, through
 # L2 (__ldcg, not the non-coherent path); ln-l1-wb: ln_w and ln_b prefetched into L1 before the wait
@@ -533,7 +548,8 @@ VARIANTS["ln-early2"] = _ln_early(2)
 # suspected, not measured: 20 KB a block changes which kernels share a SM)
 LN_WB_PTRS = ("        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
               "        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n")
-LN_WB_COPY = ("            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n"
+LN_PREFETCH = "        gemv_prefetch_from<R>(wrow, tid + T, T, KC);\n"     # (in LN_FETCH_ONE)
+LN_WB_COPY = (LN_PREFETCH +
               "        for (int c = tid; c < KC && c < 320; c += T) {     // (probe: ln-wb-smem)\n"
               "            cp_async16(lnwb_s + 4 * c, reinterpret_cast<const float4*>(ln_w) + 2 * c, 16);\n"
               "            cp_async16(lnwb_s + 4 * c + 1, reinterpret_cast<const float4*>(ln_w) + 2 * c + 1, 16);\n"
@@ -547,8 +563,7 @@ VARIANTS["ln-wb-smem"] = _then(
                         before=False),
     lambda src: _replace(src, LN_WB_PTRS, "        const float4* wr = lnwb_s + 4 * c;\n"
                                           "        const float4* br = wr + 2;\n"),
-    lambda src: _replace(src, LN_FETCH_ONE, LN_FETCH_ONE.replace(
-        "            for (int r = 0; r < R; ++r) prefetch_weights(wrow[r] + cc);\n", LN_WB_COPY)),
+    lambda src: _replace(src, LN_FETCH_ONE, _replace(LN_FETCH_ONE, LN_PREFETCH, LN_WB_COPY)),
     lambda src: _replace(src, LN_HW, '        asm volatile("cp.async.wait_all;\\n" ::: "memory");\n' + LN_HW))
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),

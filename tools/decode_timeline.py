@@ -3,6 +3,7 @@ exits, and where the step's time goes between kernels.
 
     python tools/decode_timeline.py                         # stablelm-3b-4e1t shapes, batch 1, bf16 random weights
     python tools/decode_timeline.py --shapes 2-1.6b --csv out.csv   # another shape; every launch to a CSV
+    python tools/decode_timeline.py --variant oproj-early1   # a decode_probe variant's timeline, at the shipped tuning
 
 The engine is tuned with the shipped kernels, then decode.cu is built again with decode_timeline.cuh (beside
 this file) put before it: its PDL_LAUNCH / PDL_WAIT take the place of decode.cu's (which give way to macros
@@ -50,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import FAMILY, engine_config, random_params  # noqa: E402
-from decode_probe import kernels_for, probe_source, time_graph  # noqa: E402
+from decode_probe import VARIANT_CONSTANTS, VARIANTS, kernels_for, probe_source, time_graph  # noqa: E402
 from stablelm_ref.cuda import decode_engine as de  # noqa: E402
 
 TIMELINE_CUH = Path(__file__).with_name("decode_timeline.cuh")
@@ -75,8 +76,23 @@ def timeline_source(decode_cu):
     return probe_source(TIMELINE_CUH, decode_cu, HOOK, "decode.cu", "PDL_LAUNCH / PDL_WAIT")
 
 
-def timeline_kernels():
-    return kernels_for("timeline", timeline_source)
+def timeline_patch(variant=None):
+    """decode.cu's text -> the timeline build's source, of decode.cu changed by decode_probe's VARIANTS[variant]
+    first where a variant is named (None where the variant finds no line to change)."""
+    if variant is None:
+        return timeline_source
+    if variant not in VARIANTS or VARIANTS[variant] is None or variant in VARIANT_CONSTANTS:
+        raise ValueError(f"{variant!r} is not a decode_probe text variant the timeline can build (its VARIANTS "
+                         "other than 'default' and the attention-constant ones)")
+
+    def patch(src):
+        text = VARIANTS[variant](src)
+        return None if text is None else timeline_source(text)
+    return patch
+
+
+def timeline_kernels(variant=None):
+    return kernels_for("timeline" if variant is None else f"timeline of {variant}", timeline_patch(variant))
 
 
 def read_records(k):
@@ -311,7 +327,14 @@ def main():
                     help="launches printed one by one: the first FIRST and the last LAST")
     ap.add_argument("--csv", default=None, help="every launch's row to this file (one per shape: NAME-shape.csv)")
     ap.add_argument("--raw", default=None, help="the raw block records to NAME-shape.npz (key recs)")
+    ap.add_argument("--variant", default=None, metavar="NAME",
+                    help="time decode.cu changed by this decode_probe variant (VARIANTS), at the tuning made with the "
+                         "shipped kernels")
     args = ap.parse_args()
+    try:
+        timeline_patch(args.variant)
+    except ValueError as e:
+        ap.error(str(e))
     t0 = time.time()
     k_tl = None
     for shape in args.shapes:
@@ -327,7 +350,9 @@ def main():
             f"{ {n: (v.rows, v.threads, v.persist) for n, v in engine.tuning[1].items()} }, attention "
             f"{engine.att_shape.get(1)} ({time.time() - t0:.0f} s)")
         if k_tl is None:
-            k_tl = timeline_kernels()
+            k_tl = timeline_kernels(args.variant)
+            if args.variant:
+                log(f"timeline build: decode.cu with variant {args.variant}")
         rows, note, step_us, recs = timeline(engine, k_tl, ids, args.steps, args.replays)
         print_launches(rows, *args.launches)
         print_resources(engine, engine._plan(1))
