@@ -56,8 +56,9 @@ nb FMAs a weight and becomes ALU-bound).
 The graph is captured with programmatic dependent launches (PDL, cuLaunchKernelEx through ctypes): each
 kernel may be scheduled while its predecessor drains, loading its first weights into registers before
 griddepcontrol.wait (tokens and logits bit-identical to a plain graph's). On an H200, stablelm-3b-4e1t shapes,
-batch 1: 1.63-1.64 ms a step, 613 tokens/s through model.generate, 77% of the memory roofline
-(docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did not help).
+batch 1: 1.63-1.65 ms a step by tuning, 608 tokens/s through model.generate in the latest bench, 76% of the
+memory roofline (docs/cuda_decode_notes.md has every version, on the H100 before and the H200 now, and what did
+not help).
 
 model.generate reaches it through fast_gpu.EngineSteps: the model's own forward fills the engine's cache
 through kv_cache() (views of it), start() sets the device state, set_tokens() the fed ids, decode_step()
