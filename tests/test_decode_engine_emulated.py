@@ -733,6 +733,8 @@ def test_every_probe_variant_still_finds_the_lines_it_changes():
     src = launch.SOURCE.read_text()
     lost = [name for name, patch in dp.VARIANTS.items() if patch is not None and patch(src) is None]
     assert not lost, f"decode_probe variants whose lines decode.cu no longer has: {lost}"
+    same = [name for name, patch in dp.VARIANTS.items() if patch is not None and patch(src) == src]
+    assert not same, f"decode_probe variants that change nothing in decode.cu (they would time the shipped code): {same}"
     assert dt.timeline_source(src).endswith(src)
     # decode_timeline --variant: the variant's change, then the timeline's header before it
     varied = dp.VARIANTS["oproj-early1"](src)
