@@ -492,18 +492,18 @@ LN_H_PAIR = ("        for (int c = tid; c < KC; c += 2 * T) {\n"
 LN_H_LOOP = "        for (int c = tid; c < KC; c += T) {\n            float h[8];\n" + LN_H
 LN_H_SINGLE = LN_H_LOOP + _store_h("c", "h", 12) + "        }\n"
 LN_FETCH_TWO = "    point_at(g);\n    fetch();\n    PDL_WAIT();"
+LN_PREFETCH = "        gemv_prefetch_from<R>(wrow, tid + T, T, KC);\n"     # the rest of the rows into L2
 LN_FETCH_ONE = ("    point_at(g);\n"
                 "    if constexpr (LN) {                          // one chunk a row through the wait: \"LN weights\" "
                 "above\n"
-                "        gemv_load_chunk<R>(wa, wrow, tid, KC);\n"
-                "        gemv_prefetch_from<R>(wrow, tid + T, T, KC);\n"
+                "        gemv_load_chunk<R>(wa, wrow, tid, KC);\n" + LN_PREFETCH +
                 "    } else {\n        fetch();\n    }\n    PDL_WAIT();")
 LN_WB_LOAD = "        gemv_load_chunk<R>(wb, wrow, tid + T, KC);\n"
+LN_HW = "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
 LN_WB = LN_WB_LOAD + "        __syncthreads();\n"
 LN_BLOCK = ("    if constexpr (LN) {\n#pragma unroll\n        for (int b = 0; b < BM; ++b) {\n" + LN_STATS_M +
-            "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n"
-            "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n" +
-            LN_H_PAIR)
+            "            mean[b] = (float)m;\n            rstd[b] = rsqrtf((float)var + eps);\n        }\n" +
+            LN_HW + LN_H_PAIR)
 VARIANTS["ln-wa-early"] = lambda src: _replace(src, LN_H_PAIR, LN_H_SINGLE)
 # Where the rows' second chunks load (decode.cu: after h's stores, before the barrier; written after the barrier
 # instead, ptxas moves them back: the same SASS): ln-wb-before-h right after the statistics, before h's loads.
@@ -548,7 +548,6 @@ VARIANTS["ln-early2"] = _ln_early(2)
 # suspected, not measured: 20 KB a block changes which kernels share a SM)
 LN_WB_PTRS = ("        const float4* wr = reinterpret_cast<const float4*>(ln_w) + 2 * c;\n"
               "        const float4* br = reinterpret_cast<const float4*>(ln_b) + 2 * c;\n")
-LN_PREFETCH = "        gemv_prefetch_from<R>(wrow, tid + T, T, KC);\n"     # (in LN_FETCH_ONE)
 LN_WB_COPY = (LN_PREFETCH +
               "        for (int c = tid; c < KC && c < 320; c += T) {     // (probe: ln-wb-smem)\n"
               "            cp_async16(lnwb_s + 4 * c, reinterpret_cast<const float4*>(ln_w) + 2 * c, 16);\n"
@@ -556,7 +555,6 @@ LN_WB_COPY = (LN_PREFETCH +
               "            cp_async16(lnwb_s + 4 * c + 2, reinterpret_cast<const float4*>(ln_b) + 2 * c, 16);\n"
               "            cp_async16(lnwb_s + 4 * c + 3, reinterpret_cast<const float4*>(ln_b) + 2 * c + 1, 16);\n"
               "        }\n        cp_async_commit();\n")
-LN_HW = "        uint4* hw = reinterpret_cast<uint4*>(gemv_smem);  // h into shared memory once (batch 1)\n"
 VARIANTS["ln-wb-smem"] = _then(
     lambda src: _insert(src, "    __shared__ float red[GEMV_MAX_WARPS][BM * R];\n",
                         "    __shared__ __align__(16) float4 lnwb_s[LN ? 1280 : 1];   // (probe: ln-wb-smem)\n",
