@@ -8,6 +8,7 @@
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
+    python tools/decode_probe.py --one-chunk-ab               # o_proj's GEMV holding one chunk a row, or two
     python tools/decode_probe.py --final-fold-ab              # the final LayerNorm folded into lm_head, or not
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
@@ -146,6 +147,7 @@ VARIANTS["gemv-maxnreg96"] = _ln_cap("__maxnreg__(96)", gemv="__maxnreg__(96)")
 # previous kernel (the attention, above all) finishes costs and buys. (Since the twenty-second session the
 # folded-LayerNorm GEMVs' early loads are a branch of their own, which these two leave as it is.)
 GEMV_WAIT = "    PDL_WAIT();                                  // x (and y for MODE_ADD) come from earlier kernels\n"
+GEMV_POINT = "    point_at(g);\n"     # where a block points at its first row group
 GEMV_FETCH = "    } else {\n        fetch();\n    }\n"      # the plain GEMVs' early loads (LN has its own branch)
 VARIANTS["gemv-l2-after-wait"] = _then(
     lambda src: _replace(src, GEMV_FETCH, "    } else {\n        gemv_load<R>(wa, wb, wrow, tid, T, KC);\n    }\n"),
@@ -157,10 +159,10 @@ VARIANTS["gemv-all-after-wait"] = _then(
     lambda src: _insert(src, GEMV_WAIT, "    if constexpr (!LN)\n        fetch();\n", before=False))
 
 
-def _gemv_early_groups(extra, cond="true", lines=False):
+def _gemv_early_groups(extra, cond="true", lines=False, at=None):
     """A persistent GEMV block also prefetches its next `extra` row groups into L2 before the PDL wait (where the
     C condition `cond` on the kernel's arguments holds: one kind of matrix); a prefetch a 16-byte chunk, or with
-    `lines` a prefetch a 128-byte line."""
+    `lines` a prefetch a 128-byte line. The loop goes right before the wait, or before the line `at`."""
     step = "8 * T" if lines else "T"
     code = ("    for (int e = 1; (%s) && e <= %d; ++e) {\n"
             "        const int ge = g + e * (int)gridDim.x;\n"
@@ -169,7 +171,7 @@ def _gemv_early_groups(extra, cond="true", lines=False):
             "            for (int r = 0; r < R; ++r)\n"
             "                prefetch_weights(reinterpret_cast<const uint4*>(W) + (size_t)min(ge * R + r, N - 1) * KC + cc);\n"
             "    }\n" % (cond, extra, "8 * tid" if lines else "tid", step))
-    return lambda src: _insert(src, GEMV_WAIT, code)
+    return lambda src: _insert(src, at or GEMV_WAIT, code)
 
 
 VARIANTS["gemv-early1"] = _gemv_early_groups(1)
@@ -205,6 +207,31 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = _then("ld-evict-first", "gemv-early1")
 VARIANTS["oproj-early1-normal"] = _then("oproj-early1", "l2-prefetch-normal")
+# Why oproj-early1 costs 6 us a 3b layer (twenty-fourth session, local `cuobjdump -res-usage`): its prefetch loop,
+# placed between the early loads and the wait, raises gemv_b1_r4 from 64 to 80 registers (gemv_b1_r8 104 -> 125),
+# so o_proj's (4, 320, 3) no longer fits three blocks a SM (3 x 320 x 80 > 65,536) and a third of its grid runs as
+# a second wave. The forms below prefetch the same groups without holding registers across the early loads:
+# -first issues the chunked loop before the first group's loads; -bulk has one thread a block ask for each later
+# group's R contiguous rows with one cp.async.bulk.prefetch.L2 (no per-chunk addresses at all).
+def _gemv_early_bulk(extra, cond="true"):
+    """A persistent GEMV block's next `extra` row groups (R contiguous rows each) prefetched into L2 before the PDL
+    wait by one thread with one bulk prefetch a group (where the C condition `cond` holds)."""
+    code = ("    if ((%s) && tid == 0)\n"
+            "        for (int e = 1; e <= %d; ++e) {\n"
+            "            const int ge = g + e * (int)gridDim.x;\n"
+            "            if (ge >= groups) break;\n"
+            "            const unsigned bytes = (unsigned)(min(R, N - ge * R) * K) * 2u;\n"
+            "            asm volatile(\"cp.async.bulk.prefetch.L2.global [%%0], %%1;\" ::\"l\"(W + (size_t)ge * R * K), \"r\"(bytes));\n"
+            "        }\n" % (cond, extra))
+    return lambda src: _insert(src, GEMV_WAIT, code)
+
+
+VARIANTS["oproj-early1-first"] = _gemv_early_groups(1, OPROJ, at=GEMV_POINT)
+VARIANTS["oproj-early1-bulk"] = _gemv_early_bulk(1, OPROJ)
+VARIANTS["oproj-early-all-bulk"] = _gemv_early_bulk(1 << 20, OPROJ)
+VARIANTS["gemv-early1-bulk"] = _gemv_early_bulk(1)
+VARIANTS["gateup-early1-bulk"] = _gemv_early_bulk(1, "mode == MODE_SWIGLU")
+VARIANTS["gemv-early2-bulk"] = _gemv_early_bulk(2)
 # The folded LayerNorm's loads (gemv_ln): the statistics, then mean / rstd, then x, ln_w and ln_b (two L2 round
 # trips after the PDL wait). ln-early-cg: each thread's first two chunks of x loaded with the statistics, through
 # L2 (__ldcg, not the non-coherent path); ln-l1-wb: ln_w and ln_b prefetched into L1 before the wait
@@ -430,7 +457,7 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
            '    asm("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; '
            'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
            ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
-GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
+GEMV_IMPL = "template <int BM, int R, bool LN, bool ONE = false>\n__device__ __forceinline__ void gemv_impl("
 # ln-wb-const (timing only, and correct for the probe's random model, whose ln_w is 1 and ln_b 0): ln8 as decode.cu
 # has it with ln_w / ln_b taken as constants instead of loaded: the bound of folding them into the weights and bias,
 # without the rewrite of h's code that made ln-no-wb slower than the shipped kernel. Twenty-second session: slower
@@ -692,27 +719,32 @@ def batch_ab(cfg, params, batches, prompt, steps):
     return out
 
 
-def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layers' LayerNorms", retune=True):
+def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layers' LayerNorms", retune=True,
+            obj=None, forms=("folded into the GEMVs", "as kernels")):
     """Batch 1, `what` folded into the GEMVs that read them (gemv_ln; engine.<attr> True) or as kernels, each
     tuned for itself (retune; else both with the engine's tuning: the fold's own cost, without the tuner's
     spread between two tunings), in alternating rounds (the device's speed drifts): ms a step for each, and the
-    ratio of the medians."""
+    ratio of the medians. obj: whose switch `attr` is (default the engine; engine.k for the kernels' gemv_one),
+    forms: what the switch on and off are called."""
+    obj = engine if obj is None else obj
     times = {True: [], False: []}
-    setattr(engine, attr, True)
+    setattr(obj, attr, True)
     tunings = {True: engine.tuning_state()}           # the engine's (tuned with the fold, the engine's default)
     for _ in range(rounds):
         for fold in (True, False):
-            setattr(engine, attr, fold)
+            setattr(obj, attr, fold)
             engine.set_tuning_state(tunings.get(fold if retune else True, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
             tunings[fold] = engine.tuning_state()
-    setattr(engine, attr, True)
+            if retune:
+                log(f"      {forms[not fold]}: tuned {({n: tuple(v[:3]) for n, v in engine.tuning[1].items()})}")
+    setattr(obj, attr, True)
     engine.set_tuning_state(tunings[True])
     on, off = float(np.median(times[True])), float(np.median(times[False]))
-    log(f"    {what} folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
-        f"({times[False]}): {off / on:.3f}x")
-    return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
+    log(f"    {what} {forms[0]}: {on:.4f} ms/step ({times[True]}); {forms[1]}: {off:.4f} ms/step "
+        f"({times[False]}): {off / on:.3f}x" + ("" if retune else " (one tuning)"))
+    return {f"{forms[0]} ms": on, f"{forms[1]} ms": off, "rounds": {forms[0]: times[True], forms[1]: times[False]}}
 
 
 def carveout_sweep(engine, ids, steps, percents, res):
@@ -955,6 +987,9 @@ def main():
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--final-fold-ab", action="store_true",
                     help="the final LayerNorm folded into lm_head or as its kernel, one tuning (A/B, first variant)")
+    ap.add_argument("--one-chunk-ab", action="store_true",
+                    help="batch 1: the GEMVs with T >= K / 8 on gemv_b1s (one chunk a row) vs gemv_b1, at one tuning "
+                         "and each tuned for itself (first variant)")
     ap.add_argument("--fold-ab", action="store_true",
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
@@ -976,7 +1011,7 @@ def main():
     cfg = engine_config(args.layers, FAMILY[args.shapes])
     max_len = args.prompt + args.steps + 9
     nb = args.batch
-    batch1_only = [o for o in ("fold_ab", "final_fold_ab", "ln_threads", "splits", "gemv_carveout", "sweep", "persist",
+    batch1_only = [o for o in ("fold_ab", "final_fold_ab", "one_chunk_ab", "ln_threads", "splits", "gemv_carveout", "sweep", "persist",
                                "ab", "cluster_ab", "tune_ab", "tunings", "graph_steps") if getattr(args, o)]
     if nb > 1 and batch1_only:
         ap.error(f"--batch {nb}: these options time batch 1 only: {batch1_only}")
@@ -1046,6 +1081,12 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
+        if name == args.variants[0] and args.one_chunk_ab:
+            for retune in (False, True):
+                res[name][f"one-chunk A/B{' each tuned' if retune else ''}"] = fold_ab(
+                    engine, ids, args.steps, rounds=2, attr="gemv_one", obj=engine.k, retune=retune,
+                    what="batch-1 GEMVs with a thread a chunk (T >= K / 8)",
+                    forms=("on gemv_b1s (one chunk a row)", "on gemv_b1 (two)"))
         if name == args.variants[0] and args.final_fold_ab:
             res[name]["final fold A/B"] = fold_ab(engine, ids, args.steps, rounds=3, attr="fold_final_layernorm",
                                                   what="the final LayerNorm", retune=False)
