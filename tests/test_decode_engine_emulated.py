@@ -282,8 +282,6 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_fn = {(bm, r): _Kernel(_gemv, rows=r) for bm in kn.GEMV_BATCHES for r in kn.GEMV_ROWS}
         self.mma_fn = {(t, u): _Kernel(_gemv, rows=16 * t) for t, u in kn.GEMV_MMA}
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_one_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
-        self.gemv_one = True
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
@@ -1653,28 +1651,3 @@ def test_a_generate_waits_for_another_threads_streamed_generate_whose_puts_retur
     assert not thread.is_alive()
     assert got["reason"] is None and got["tid"] in stepped      # B stepped through the engine
     assert np.array_equal(got["b"], want_b)
-
-
-def test_batch_one_gemv_with_a_thread_a_chunk_runs_the_one_chunk_kernel(emulated):
-    """gemv_launch's kernel choice: at batch 1, no LayerNorm, CUDA cores and a thread for every 16-byte chunk of a
-    row (threads >= K / 8), gemv_b1s_r{R} (one chunk a row in registers: o_proj at 3b-4e1t with 320 threads);
-    with fewer threads, at batch 2, with the folded LayerNorm or with kernels.gemv_one off, the kernels before."""
-    cp = emulated.cp
-    W = cp.zeros((16, 512), dtype=cp.uint16)                  # K 512: 64 chunks a row
-    yf = cp.zeros((3, 16), dtype=cp.float32)
-    xb = cp.zeros((2, 512), dtype=cp.uint16)
-    xf = cp.zeros((1, 512), dtype=cp.float32)
-    stats = cp.zeros((1, 2), dtype=cp.float64)
-
-    def fn(**kw):
-        args = dict(nb=1, mode=kn.MODE_ADD, yf=yf, rows=4, threads=64, persist=0) | kw
-        return emulated.gemv_launch(args.pop("x", xb), W, **args).fn
-
-    assert fn() is emulated.gemv_one_fn[4]
-    assert fn(threads=96, rows=8) is emulated.gemv_one_fn[8]
-    assert fn(threads=32) is emulated.gemv_fn[(1, 4)]
-    assert fn(nb=2) is emulated.gemv_fn[(2, 4)]
-    assert fn(x=xf, ln=(cp.ones(512, cp.float32), cp.zeros(512, cp.float32), stats, 1e-5)) is emulated.gemv_ln_fn[4]
-    assert fn(unroll=2, rows=16, mode=kn.MODE_STORE) is emulated.mma_fn[(1, 2)]
-    emulated.gemv_one = False
-    assert fn() is emulated.gemv_fn[(1, 4)]

@@ -8,7 +8,6 @@
     python tools/decode_probe.py --shapes 2-1.6b      # another shape of the family (bench_gpu.FAMILY)
     python tools/decode_probe.py --splits 2 4 --ln-threads 512   # attention splits, LayerNorm block sizes
     python tools/decode_probe.py --fold-ab                    # LayerNorms folded into the GEMVs, or kernels
-    python tools/decode_probe.py --one-chunk-ab               # o_proj's GEMV holding one chunk a row, or two
     python tools/decode_probe.py --final-fold-ab              # the final LayerNorm folded into lm_head, or not
     python tools/decode_probe.py --sweep o_proj gate_up       # every launch shape of a kind, within the step
     python tools/decode_probe.py --ab o_proj.persist=4 down.rows=8,down.carveout=50   # A/B within the step
@@ -207,12 +206,20 @@ VARIANTS["l2-prefetch-normal"] = lambda src: (src.replace(PREFETCH, PREFETCH.rep
 VARIANTS["ld-evict-first"] = lambda src: src.replace(LD_STREAM, LD_FIRST) if src.count(LD_STREAM) == 2 else None
 VARIANTS["ld-evict-first-early1"] = _then("ld-evict-first", "gemv-early1")
 VARIANTS["oproj-early1-normal"] = _then("oproj-early1", "l2-prefetch-normal")
-# Why oproj-early1 costs 6 us a 3b layer (twenty-fourth session, local `cuobjdump -res-usage`): its prefetch loop,
+# Why oproj-early1 cost 6 us a 3b layer (twenty-fourth session, local `cuobjdump -res-usage`): its prefetch loop,
 # placed between the early loads and the wait, raises gemv_b1_r4 from 64 to 80 registers (gemv_b1_r8 104 -> 125),
 # so o_proj's (4, 320, 3) no longer fits three blocks a SM (3 x 320 x 80 > 65,536) and a third of its grid runs as
-# a second wave. The forms below prefetch the same groups without holding registers across the early loads:
-# -first issues the chunked loop before the first group's loads; -bulk has one thread a block ask for each later
-# group's R contiguous rows with one cp.async.bulk.prefetch.L2 (no per-chunk addresses at all).
+# a second wave; gemv-early1 / -early2 and oproj-early-all raise them the same way. The -bulk forms prefetch the same
+# groups with no registers: one thread a block asks for each later group's R contiguous rows with one
+# cp.async.bulk.prefetch.L2 (SASS UBLKPF on uniform registers; gemv_b1_r4 stays at 64). (-first, the chunked loop
+# before the first group's loads, still takes 78.) Same tuning, two rounds (call 1), ms a step:
+#   3b-4e1t: default 1.6247 / 1.6249, oproj-early1-bulk 1.6344 / 1.6344, gateup-early1-bulk 1.6877 / 1.6880,
+#            gemv-early1-bulk 1.8324 / 1.8321, gemv-early2-bulk 1.9029 / 1.9029, oproj-early-all-bulk 1.8380 /
+#            1.8389 (its unbounded loop raises gemv_b1_r4 to 75 registers: the second wave again)
+#   2-1.6b:  default 0.9676 / 0.9684, oproj-early1-bulk 0.9761 / 0.9764, gateup-early1-bulk 0.9815 / 0.9828,
+#            gemv-early1-bulk 1.0306 / 1.0307, gemv-early2-bulk 1.0453 / 1.0435, oproj-early-all-bulk 0.9986 / 0.9991
+# So the registers explain oproj-early1's 11%, and the prefetch itself still loses: o_proj's late groups from L2
+# +0.6% / +0.9%, every kind's next group +13% / +6.5% (57 MB a 3b layer of prefetches, more than the L2 keeps).
 def _gemv_early_bulk(extra, cond="true"):
     """A persistent GEMV block's next `extra` row groups (R contiguous rows each) prefetched into L2 before the PDL
     wait by one thread with one bulk prefetch a group (where the C condition `cond` holds)."""
@@ -457,7 +464,7 @@ LD_KEEP = ("__device__ __forceinline__ float4 ld_keep(const float4* p) {\n    fl
            '    asm("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; '
            'ld.global.nc.L2::cache_hint.v4.f32 {%0,%1,%2,%3}, [%4], pol; }" '
            ': "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));\n    return r;\n}\n')
-GEMV_IMPL = "template <int BM, int R, bool LN, bool ONE = false>\n__device__ __forceinline__ void gemv_impl("
+GEMV_IMPL = "template <int BM, int R, bool LN>\n__device__ __forceinline__ void gemv_impl("
 # ln-wb-const (timing only, and correct for the probe's random model, whose ln_w is 1 and ln_b 0): ln8 as decode.cu
 # has it with ln_w / ln_b taken as constants instead of loaded: the bound of folding them into the weights and bias,
 # without the rewrite of h's code that made ln-no-wb slower than the shipped kernel. Twenty-second session: slower
@@ -719,32 +726,27 @@ def batch_ab(cfg, params, batches, prompt, steps):
     return out
 
 
-def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layers' LayerNorms", retune=True,
-            obj=None, forms=("folded into the GEMVs", "as kernels")):
+def fold_ab(engine, ids, steps, rounds=2, attr="fold_layernorm", what="the layers' LayerNorms", retune=True):
     """Batch 1, `what` folded into the GEMVs that read them (gemv_ln; engine.<attr> True) or as kernels, each
     tuned for itself (retune; else both with the engine's tuning: the fold's own cost, without the tuner's
     spread between two tunings), in alternating rounds (the device's speed drifts): ms a step for each, and the
-    ratio of the medians. obj: whose switch `attr` is (default the engine; engine.k for the kernels' gemv_one),
-    forms: what the switch on and off are called."""
-    obj = engine if obj is None else obj
+    ratio of the medians."""
     times = {True: [], False: []}
-    setattr(obj, attr, True)
+    setattr(engine, attr, True)
     tunings = {True: engine.tuning_state()}           # the engine's (tuned with the fold, the engine's default)
     for _ in range(rounds):
         for fold in (True, False):
-            setattr(obj, attr, fold)
+            setattr(engine, attr, fold)
             engine.set_tuning_state(tunings.get(fold if retune else True, ({}, {}, {})))
             engine.prefill(ids, logits=None)
             times[fold].append(time_graph(engine, ids, engine.capture(1), steps))
             tunings[fold] = engine.tuning_state()
-            if retune:
-                log(f"      {forms[not fold]}: tuned {({n: tuple(v[:3]) for n, v in engine.tuning[1].items()})}")
-    setattr(obj, attr, True)
+    setattr(engine, attr, True)
     engine.set_tuning_state(tunings[True])
     on, off = float(np.median(times[True])), float(np.median(times[False]))
-    log(f"    {what} {forms[0]}: {on:.4f} ms/step ({times[True]}); {forms[1]}: {off:.4f} ms/step "
-        f"({times[False]}): {off / on:.3f}x" + ("" if retune else " (one tuning)"))
-    return {f"{forms[0]} ms": on, f"{forms[1]} ms": off, "rounds": {forms[0]: times[True], forms[1]: times[False]}}
+    log(f"    {what} folded into the GEMVs: {on:.4f} ms/step ({times[True]}); as kernels: {off:.4f} ms/step "
+        f"({times[False]}): {off / on:.3f}x")
+    return {"folded ms": on, "kernels ms": off, "rounds": {"folded": times[True], "kernels": times[False]}}
 
 
 def carveout_sweep(engine, ids, steps, percents, res):
@@ -987,9 +989,6 @@ def main():
                     help="tune the GEMVs again for every variant (default: the first variant's choice for all)")
     ap.add_argument("--final-fold-ab", action="store_true",
                     help="the final LayerNorm folded into lm_head or as its kernel, one tuning (A/B, first variant)")
-    ap.add_argument("--one-chunk-ab", action="store_true",
-                    help="batch 1: the GEMVs with T >= K / 8 on gemv_b1s (one chunk a row) vs gemv_b1, at one tuning "
-                         "and each tuned for itself (first variant)")
     ap.add_argument("--fold-ab", action="store_true",
                     help="batch 1: the step with the LayerNorms folded into the GEMVs vs as kernels")
     ap.add_argument("--batches", type=int, nargs="*", default=[],
@@ -1011,7 +1010,7 @@ def main():
     cfg = engine_config(args.layers, FAMILY[args.shapes])
     max_len = args.prompt + args.steps + 9
     nb = args.batch
-    batch1_only = [o for o in ("fold_ab", "final_fold_ab", "one_chunk_ab", "ln_threads", "splits", "gemv_carveout", "sweep", "persist",
+    batch1_only = [o for o in ("fold_ab", "final_fold_ab", "ln_threads", "splits", "gemv_carveout", "sweep", "persist",
                                "ab", "cluster_ab", "tune_ab", "tunings", "graph_steps") if getattr(args, o)]
     if nb > 1 and batch1_only:
         ap.error(f"--batch {nb}: these options time batch 1 only: {batch1_only}")
@@ -1081,12 +1080,6 @@ def main():
             engine.reset_plans()
         if name == args.variants[0] and args.fold_ab:
             res[name]["fold A/B"] = fold_ab(engine, ids, args.steps)
-        if name == args.variants[0] and args.one_chunk_ab:
-            for retune in (False, True):
-                res[name][f"one-chunk A/B{' each tuned' if retune else ''}"] = fold_ab(
-                    engine, ids, args.steps, rounds=2, attr="gemv_one", obj=engine.k, retune=retune,
-                    what="batch-1 GEMVs with a thread a chunk (T >= K / 8)",
-                    forms=("on gemv_b1s (one chunk a row)", "on gemv_b1 (two)"))
         if name == args.variants[0] and args.final_fold_ab:
             res[name]["final fold A/B"] = fold_ab(engine, ids, args.steps, rounds=3, attr="fold_final_layernorm",
                                                   what="the final LayerNorm", retune=False)

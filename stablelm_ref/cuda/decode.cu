@@ -414,7 +414,7 @@ __device__ __forceinline__ void gemv_prefetch_from(const uint4* const (&wrow)[R]
 // stats_out (MODE_ADD, may be null): stats_out[b] += (sum_n y_new[b, n], sum_n y_new[b, n]^2) over this
 // launch's rows, one float64 atomic pair a block and row: the next LayerNorm's statistics, zeroed by
 // embed_rows at the step's start.
-template <int BM, int R, bool LN, bool ONE = false>
+template <int BM, int R, bool LN>
 __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
                                           const u16* __restrict__ W, int N, int K,
                                           const float* __restrict__ bias,
@@ -464,13 +464,8 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
     // keeps them before.)
     uint4 wa[R], wb[R];
     auto fetch = [&]() {
-        if constexpr (ONE) {
-            gemv_load_chunk<R>(wa, wrow, tid, KC);
-            gemv_prefetch_from<R>(wrow, tid + T, T, KC);   // nothing at T >= KC: see gemv_b1s_r{R}
-        } else {
-            gemv_load<R>(wa, wb, wrow, tid, T, KC);
-            gemv_prefetch_from<R>(wrow, tid + 2 * T, T, KC);
-        }
+        gemv_load<R>(wa, wb, wrow, tid, T, KC);
+        gemv_prefetch_from<R>(wrow, tid + 2 * T, T, KC);
     };
 
     PDL_LAUNCH();
@@ -522,10 +517,6 @@ __device__ __forceinline__ void gemv_impl(const void* x, int ldx, int nb,
 #pragma unroll
             for (int r = 0; r < R; ++r) acc[b][r] = 0.f;
         int c = tid;
-        if constexpr (ONE) {                     // gemv_b1s: T >= KC, one chunk a row
-            if (c < KC) gemv_accum<BM, R>(acc, wa, load_x, c, nb);
-            c = KC;
-        }
         while (c < KC) {
             gemv_accum<BM, R>(acc, wa, load_x, c, nb);
             if (c + T < KC) gemv_accum<BM, R>(acc, wb, load_x, c + T, nb);
@@ -585,26 +576,6 @@ GEMV_INST(1, 1) GEMV_INST(1, 2) GEMV_INST(1, 4) GEMV_INST(1, 8)
 GEMV_INST(2, 1) GEMV_INST(2, 2) GEMV_INST(2, 4) GEMV_INST(2, 8)
 GEMV_INST(4, 1) GEMV_INST(4, 2) GEMV_INST(4, 4) GEMV_INST(4, 8)
 GEMV_INST(8, 1) GEMV_INST(8, 2) GEMV_INST(8, 4)
-// ONE (gemv_b1s_r{R}, batch 1, x in bf16): a launch whose block has a thread for every 16-byte chunk of a row
-// (T >= K / 8: o_proj at 3b-4e1t and 2-1.6b) holds one chunk a row, not two, so with its registers capped
-// (R 1-4: 40, R 8: 56; no spill but the epilogue's float64 statistics at R 4) 5 blocks of 320 threads fit a SM
-// where gemv_b1_r4's 64 registers fit 3: o_proj's 640 row groups of 4 at 3b-4e1t start at once instead of in two
-// waves. Same sums in the same order as gemv_b1_r{R}. Its empty prefetch loop stays: without it ptxas (CUDA
-// 13.0) put the early loads below the PDL wait (tests/test_decode_sass.py).
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-#define GEMV_ONE_BOUNDS(REGS) __maxnreg__(REGS)
-#else
-#define GEMV_ONE_BOUNDS(REGS) __launch_bounds__(GEMV_MAX_WARPS * 32)
-#endif
-#define GEMV_ONE_INST(R, REGS)                                                                              \
-    extern "C" __global__ void GEMV_ONE_BOUNDS(REGS) gemv_b1s_r##R(                                         \
-        const u16* x, int ldx, int nb, const u16* __restrict__ W, int N, int K,                            \
-        const float* __restrict__ bias, float* __restrict__ yf, u16* __restrict__ yh, int ldy, int mode,    \
-        double* __restrict__ stats_out) {                                                                   \
-        gemv_impl<1, R, false, true>(x, ldx, nb, W, N, K, bias, yf, yh, ldy, mode, stats_out, nullptr,      \
-                                     nullptr, nullptr, 0.f);                                                \
-    }
-GEMV_ONE_INST(1, 40) GEMV_ONE_INST(2, 40) GEMV_ONE_INST(4, 40) GEMV_ONE_INST(8, 56)
 
 // x: the float32 residual [nb, ldx]; the LayerNorm folded in (see gemv_impl). Batch 1 only.
 // Registers capped at 104 where the compiler has __maxnreg__ (CUDA >= 12.4; 512 threads x 104 still launch):

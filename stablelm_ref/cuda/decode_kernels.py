@@ -96,8 +96,6 @@ class DecodeKernels:
                         if not (bm == 8 and r == 8)}
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
-        self.gemv_one_fn = {r: f(f"gemv_b1s_r{r}") for r in GEMV_ROWS}
-        self.gemv_one = True                # batch 1, T >= K / 8: gemv_b1s_r{R} (see gemv_launch)
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
@@ -128,9 +126,7 @@ class DecodeKernels:
         W: uint16 [N, K]; yf: float32 [>= nb, N] (store/add); yh: uint16 [>= nb, N/2] (swiglu).
         persist: 0 = one block per group of `rows` rows; p > 0 = p blocks per SM, each taking several groups.
         unroll: 0 = gemv_b{B}_r{rows} on the CUDA cores; 2 or 4 = gemv_mma (tensor cores) with that many 32-wide
-        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block). At batch 1 with a
-        thread for every 16-byte chunk of a row (threads >= K / 8) and no LayerNorm, gemv_b1s_r{rows} instead
-        (while self.gemv_one): the same sums, one chunk a row in registers, so more blocks fit a SM.
+        k steps in flight a thread and rows = 16 or 32 (one or two 16-row tiles a block).
         stats_out (MODE_ADD, CUDA-core GEMV): float64 [>= nb, 2] += (sum, sum of squares) of the new rows y[b].
         ln = (w, b, stats, eps) (batch 1, CUDA-core GEMV): x is the float32 residual [1, K] and the product is
         taken with its LayerNorm, mean and variance from stats [1, 2] = (sum x, sum x^2) (gemv_ln_b1_r{rows})."""
@@ -164,12 +160,7 @@ class DecodeKernels:
             if ln is not None:
                 w, b, stats, eps = ln
                 args += (w, b, stats, np.float32(eps))
-            if ln is not None:
-                fn = self.gemv_ln_fn[rows]
-            elif bm == 1 and 8 * threads >= K and self.gemv_one:
-                fn = self.gemv_one_fn[rows]
-            else:
-                fn = self.gemv_fn[(bm, rows)]
+            fn = self.gemv_fn[(bm, rows)] if ln is None else self.gemv_ln_fn[rows]
             if ln is not None and 2 * K > 48 * 1024:       # the block's h in shared memory
                 raise NotImplementedError(f"gemv with a folded LayerNorm: K = {K} is over 24,576")
         groups = (N + rows - 1) // rows

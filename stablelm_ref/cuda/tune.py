@@ -160,7 +160,6 @@ def cached(engine, nb):
         "heads": [engine.H, engine.KVH, engine.D], "nb": nb,
         "splits": k.attention_splits(nb, engine.KVH, engine.max_len),
         "settings": [bool(engine.pdl), engine.folds_layernorm(nb), engine.folds_final(nb), engine.megakernel,
-                     getattr(k, "gemv_one", False),
                      engine.att_cluster, getattr(engine, "att_fit", False), sorted(engine.carveout.items())],
         "stages": [TUNE_FINALISTS, list(TUNE_PERSIST), TUNE_GRID, TUNE_ROUNDS, TUNE_RECHECK, TUNE_STARTS,
                    TUNE_CONFIRM, TUNE_CONFIRM_STEPS, [list(a) for a in ATT_SHAPES], [list(s) for s in STEP_SHAPES]],

@@ -114,40 +114,6 @@ def test_gemv_matches_float64(kernels, nb, N, kc, mode, ri, threads, with_bias, 
 
 
 @HYP
-@given(N=st.integers(1, 300), kc=st.integers(1, 64), mode=st.sampled_from([0, 1, 2]), ri=st.integers(0, 3),
-       extra=st.sampled_from([0, 0, 32, 96]), persist=st.sampled_from([0, 0, 1, 2]), with_stats=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_one_chunk_gemv_equals_the_two_chunk_gemv(kernels, N, kc, mode, ri, extra, persist, with_stats, seed):
-    """Batch 1 with a thread for every 16-byte chunk of a row (threads >= K / 8): gemv_launch runs gemv_b1s_r{R},
-    which holds one chunk a row in registers (fewer registers, more blocks a SM); its sums are gemv_b1_r{R}'s in
-    the same order, so the outputs are the same bits (and within test_gemv_matches_float64's bound of float64);
-    MODE_ADD's row statistics are float64 atomics of the blocks in whatever order they finish: equal within
-    test_gemv_add_accumulates_row_statistics's 1e-12 relative."""
-    if mode == kn.MODE_SWIGLU:
-        N += N % 2
-    rows = [r for r in kn.GEMV_ROWS if not (mode == kn.MODE_SWIGLU and r % 2)]
-    threads = 32 * -(-kc // 32) + extra
-    got = {}
-    try:
-        for one in (True, False):
-            kernels.gemv_one = one
-            case = _GemvCase(seed, 1, N, 8 * kc, mode, True)
-            stats = cp.zeros((2, 2), cp.float64) if with_stats and mode == kn.MODE_ADD else None
-            launch = case.launch(kernels, rows=rows[ri % len(rows)], threads=threads, persist=persist, stats_out=stats)
-            assert (launch.fn in kernels.gemv_one_fn.values()) == one
-            launch()
-            _sync()
-            case.check()
-            y = case.yh if case.yh is not None else case.yf.view(cp.uint32)
-            got[one] = (cp.asnumpy(y), None if stats is None else cp.asnumpy(stats))
-    finally:
-        kernels.gemv_one = True
-    assert np.array_equal(got[True][0], got[False][0])
-    if got[True][1] is not None:
-        assert np.allclose(got[True][1], got[False][1], rtol=1e-12, atol=0)
-
-
-@HYP
 @given(nb=st.integers(1, 8), N=st.integers(1, 300), kc=st.integers(1, 90), mode=st.sampled_from([0, 1, 2]),
        variant=st.sampled_from(kn.GEMV_MMA), threads=st.sampled_from([32, 64, 128, 256, 512]),
        with_bias=st.booleans(), persist=st.sampled_from([0, 0, 1, 2]), seed=st.integers(0, 2**31 - 1))
