@@ -51,7 +51,8 @@ NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cach
 ATT_START = "    if (clustered) cluster_arrive_relaxed();\n    const int len = *lenp;"
 ATT_WAIT = "    PDL_WAIT();                                          // qkv comes from the previous kernel\n"
 ATT_PREPARED = "    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }\n"
-ATT_COMBINE = "    __threadfence();\n    __syncthreads();\n    if (tid == 0) {\n        const int prev = atomicAdd("
+ATT_LOOP_END = "    __syncthreads();                                     // every warp's (m, l, o)\n"
+ATT_SPLIT_COMBINE = "    if (nsplit == 1) return;\n    u16* out_h"   # the splits' combine, clustered or not, starts here
 
 
 def _insert(src, at, text, before=True):
@@ -83,14 +84,22 @@ VARIANTS = {   # name -> a change to decode.cu's text (None: as the engine build
     # attention never reads the cache (wrong results): shows what the read costs
     "no-kv": lambda src: src.replace(NO_KV_LINE, "const bool ok = false;") if NO_KV_LINE in src else None,
     # timing only (wrong results): the attention kernel cut short at one phase, to see what its chain is made
-    # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; everything but
-    # the split combine (partials written, no fence, atomic or last block's combine)
+    # of: launch and wait only; + its first tile landed; + the new token's q/k/v prepared; + every warp's tiles
+    # (scores, softmax, p V; att-loop-exit); everything but the split combine (att-no-combine: the warps combined
+    # and each split's partial published, into split 0's shared memory past the cluster barrier, or into global
+    # memory; no fence, atomic or combine of the splits). Twenty-fourth session, same tuning, ms a step, in that order
+    # with the whole kernel last: 3b-4e1t 1.4620, 1.4815, 1.5040, 1.5654, 1.5907, 1.6136 (us a layer: first tile 0.61,
+    # q/k/v 0.70, the tile loop 1.92, warps' combine and publish 0.79, the splits' combine 0.72: 4.74 in all); 2-1.6b
+    # 0.8855, 0.8934, 0.9039, 0.9436, 0.9600, 0.9750 (0.33, 0.44, 1.65, 0.68, 0.63: 3.73)
     "att-wait-exit": lambda src: _insert(src, ATT_START, "\n    if (H > 0) { PDL_WAIT(); return; }", before=False),
     "att-tile-exit": lambda src: _insert(src, ATT_WAIT,
                                          '    if (H > 0) { asm volatile("cp.async.wait_all;" ::: "memory"); '
                                          'return; }\n', before=False),
     "att-qkv-exit": lambda src: _insert(src, ATT_PREPARED, "    if (H > 0) { __syncthreads(); return; }\n"),
-    "att-no-combine": lambda src: _insert(src, ATT_COMBINE, "    if (H > 0) return;\n"),
+    "att-loop-exit": lambda src: _insert(src, ATT_LOOP_END, "    if (H > 0) return;\n"),
+    "att-no-combine": lambda src: _insert(src, ATT_SPLIT_COMBINE,
+                                          "    if (H > 0) { if (clustered && nsplit > 1) { cluster_arrive(); "
+                                          "cluster_wait(); } return; }\n"),
 }
 
 # Variants whose kernel is built with other attention constants: decode_kernels' copies of them are changed
@@ -108,6 +117,17 @@ VARIANTS["att-w8"] = _att_block(256)
 VARIANTS["att-w16"] = _att_block(512)
 # narrower: 2 warps, 32-key tiles (twice the splits for the same keys)
 VARIANTS["att-w2"] = _att_block(64)
+# att-g1: the attention with one query head a kv head as a constant (G = 1: multi-head attention, as 3b-4e1t and
+# 2-1.6b have; a timing variant, wrong for 2-12b's groups): the g loops and the ATT_MAXJ loops lose their trip
+# counts, decode_attention_d80 its registers (110 -> 78) and 4% of its code; with att-w8 / att-w16, the wider blocks
+# (one split up to 128 / 256 keys) at those registers. Twenty-fourth session, same tuning, two rounds, ms a step:
+# 3b-4e1t default 1.6352 / 1.6355, att-g1 1.6546 / 1.6536, att-w8 1.6487 / 1.6487, att-w8-g1 1.6695 / 1.6693,
+# att-w16-g1 1.6752 / 1.6751; 2-1.6b 0.9675 / 0.9677, 0.9831 / 0.9830, 0.9740 / 0.9749, 0.9879 / 0.9893, 0.9950 /
+# 0.9961. Slower every one (att-g1's logits bit-identical): fewer registers and less code did not shorten the chain
+ATT_G = "    const int G = H / KVH;\n"
+VARIANTS["att-g1"] = lambda src: _replace(src, ATT_G, "    constexpr int G = 1;                                 // (probe: att-g1)\n")
+VARIANTS["att-w8-g1"] = _then("att-w8", "att-g1")
+VARIANTS["att-w16-g1"] = _then("att-w16", "att-g1")
 # the attention's ATT_MAXJ loops unrolled again (143 KB of code a kernel, against 60: fetched from L2 by every
 # block of each layer's launch, the GEMVs' code in between)
 ATT_ROLLED = "#pragma unroll 1          // (one pass for most heads: unrolled, the kernel's code was 143 KB)\n"
@@ -600,6 +620,7 @@ VARIANTS["ln-wb-smem"] = _then(
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
+VARIANT_CONSTANTS["att-w8-g1"], VARIANT_CONSTANTS["att-w16-g1"] = VARIANT_CONSTANTS["att-w8"], VARIANT_CONSTANTS["att-w16"]
 
 
 @contextlib.contextmanager
