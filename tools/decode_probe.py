@@ -125,7 +125,8 @@ VARIANTS["att-w2"] = _att_block(64)
 # att-w16-g1 1.6752 / 1.6751; 2-1.6b 0.9675 / 0.9677, 0.9831 / 0.9830, 0.9740 / 0.9749, 0.9879 / 0.9893, 0.9950 /
 # 0.9961. Slower every one (att-g1's logits bit-identical): fewer registers and less code did not shorten the chain
 ATT_G = "    const int G = H / KVH;\n"
-VARIANTS["att-g1"] = lambda src: _replace(src, ATT_G, "    constexpr int G = 1;                                 // (probe: att-g1)\n")
+VARIANTS["att-g1"] = lambda src: _replace(
+    src, ATT_G, "    constexpr int G = 1;                                 // (probe: att-g1)\n")
 VARIANTS["att-w8-g1"] = _then("att-w8", "att-g1")
 VARIANTS["att-w16-g1"] = _then("att-w16", "att-g1")
 # the attention's ATT_MAXJ loops unrolled again (143 KB of code a kernel, against 60: fetched from L2 by every
@@ -620,7 +621,7 @@ VARIANTS["ln-wb-smem"] = _then(
 VARIANT_CONSTANTS = {"att-w2": dict(ATT_THREADS=64, ATT_TK=32, ATT_NW=2, ATT_RW=16),
                      "att-w8": dict(ATT_THREADS=256, ATT_TK=128, ATT_NW=8, ATT_RW=16),
                      "att-w16": dict(ATT_THREADS=512, ATT_TK=256, ATT_NW=16, ATT_RW=16)}
-VARIANT_CONSTANTS["att-w8-g1"], VARIANT_CONSTANTS["att-w16-g1"] = VARIANT_CONSTANTS["att-w8"], VARIANT_CONSTANTS["att-w16"]
+VARIANT_CONSTANTS.update({f"{base}-g1": VARIANT_CONSTANTS[base] for base in ("att-w8", "att-w16")})   # att-g1 on them
 
 
 @contextlib.contextmanager
