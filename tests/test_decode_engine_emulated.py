@@ -284,6 +284,7 @@ class EmulatedKernels(kn.DecodeKernels):
         self.gemv_ln_fn = {r: _Kernel(_gemv, rows=r) for r in kn.GEMV_ROWS}
         self.tensor_cores = True
         self.attn_fn = {d: _Kernel(_attention, D=d) for d in kn.ATT_DIMS}
+        self.attn_tc_fn = self.attn_fn                                # (the same arithmetic in NumPy)
         self.layernorm_fn, self.embed_fn = _Kernel(_layernorm), _Kernel(_embed)
         self.argmax_fn = _Kernel(_argmax)
         self.sample_fn = _Kernel(_sample)

@@ -134,8 +134,8 @@ def test_every_cuda_core_gemv_loads_its_first_weights_before_the_pdl_wait(sass):
 
 
 def test_the_attention_copies_its_first_tile_before_the_pdl_wait(sass):
-    kernels = [k for k in sass if k.startswith("decode_attention_d")]
-    assert kernels
+    kernels = [k for k in sass if k.startswith("decode_attention_")]
+    assert len(kernels) == 2 * 5, kernels   # float32 and tensor-core tiles, five head dims
     late = [k for k in kernels if _before(sass[k], lambda op: op.startswith("LDGSTS")) == 0]
     assert not late, f"attention kernels with no cp.async before griddepcontrol.wait: {late}"
 

@@ -139,8 +139,11 @@ ATT_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_d"
 # that a block fits beside three persistent GEMV blocks of 160 threads x 120 registers (the twelfth session:
 # 3b-4e1t 1.697 -> 2.086 ms a step). (Tiles of 32 keys cannot be had by the constants alone: a warp's 16 keys
 # are scored two lanes a key: 32-key tiles are att-w2's 2 warps.)
-VARIANTS["att-regs56"] = lambda src: (src.replace(ATT_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_d")
-                                      if ATT_BOUNDS in src else None)
+ATT_TC_BOUNDS = "__launch_bounds__(ATT_THREADS, 1) decode_attention_tc_d"
+VARIANTS["att-regs56"] = lambda src: (
+    src.replace(ATT_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_d")
+    .replace(ATT_TC_BOUNDS, "__launch_bounds__(ATT_THREADS, 9) decode_attention_tc_d")
+    if ATT_BOUNDS in src and ATT_TC_BOUNDS in src else None)
 # the folded-LayerNorm GEMVs' register cap (decode.cu's GEMV_LN_BOUNDS, 104 since the seventeenth session; 114
 # before): ln-launch-bounds the previous form (no cap below 128), ln-maxnreg96 (12 bytes spilled; 4 blocks of 160
 # threads a SM), gemv-maxnreg96 that and the plain GEMV capped at 96 too. (Twenty-second session: with one early

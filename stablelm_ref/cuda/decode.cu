@@ -743,15 +743,22 @@ GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 //   split_tiles  tiles of ATT_TK keys a split takes before the keys spread over more splits (<= NS)
 //   nbuf    tiles held in shared memory at once (1..ATT_MAXBUF); the first nbuf are copied before the wait
 // Each warp owns rows [16 w, 16 w + 16) of every tile, from the copy to the weighted sum of V: it copies
-// them, scores them (two lanes a row), keeps its own online softmax (m, l) and output, so the tiles need no
-// block-wide barrier; the four warps' results are combined once at the end (then, with several splits,
-// the splits' in global memory by the last block to finish).
+// them, scores them, keeps its own online softmax (m, l) and output, so the tiles need no block-wide
+// barrier; the four warps' results are combined once at the end (then, with several splits, the splits' by
+// split 0 of a cluster, or in global memory by the last block to finish).
+// Up to ATT_TC_G query heads a kv head (every StableLM), a warp's tile is two tensor-core products
+// (mma.m16n8k16, bf16 in, float32 sums): S = q K^T with the heads' q as rows 0..G-1 of A in bf16 and rows
+// 8..8+G-1 their remainders (q - bf16(q), so S carries ~16 bits of q, not bf16's 8), and o += p V with p split
+// the same way; the softmax runs on S's accumulator fragments, whose layout is p's A fragment, and the warp's
+// (m, l, o) stay in registers until the tiles end. With more heads a kv head, the float32 loop: two lanes a
+// key for the scores, pairs of dimensions a lane for p V.
 #define ATT_THREADS 128
 #define ATT_NW (ATT_THREADS / 32)
 #define ATT_TK 64          // keys per tile
 #define ATT_RW (ATT_TK / ATT_NW)   // keys of a tile per warp (two lanes a key)
 #define ATT_MAXJ 8         // (G * D / 2) <= ATT_MAXJ * ATT_THREADS
 #define ATT_MAXBUF 4       // tiles in shared memory at most
+#define ATT_TC_G 8         // query heads a kv head up to which the tiles run on tensor cores
 
 __device__ __forceinline__ void attn_split_range(int len, int NS, int split_tiles, int& nsplit, int& tiles_per) {
     const int n = len + 1;
@@ -762,8 +769,8 @@ __device__ __forceinline__ void attn_split_range(int len, int NS, int split_tile
 }
 
 // This warp starts copying its ATT_RW keys/values of the tile at t0 into shared memory (rows t < len; the
-// rest zero-filled; the new token's row is read from knb/vnb instead), one cp.async group. Returns whether
-// the key this lane scores (row lane / 2 of the warp's rows) may be attended.
+// rest zero-filled; the new token's row is read from knb/vnb instead), one cp.async group. Returns the
+// warp's key mask (the same in every lane): bit r set if the key of row r0 + r may be attended.
 template <int D>
 __device__ __forceinline__ int attn_issue_rows(u16* Kt, u16* Vt, const u16* __restrict__ kc,
                                                const u16* __restrict__ vc, size_t cbase,
@@ -775,11 +782,35 @@ __device__ __forceinline__ int attn_issue_rows(u16* Kt, u16* Vt, const u16* __re
         const bool ok = t < t_end && t < len;
         const size_t off = ok ? cbase + (size_t)t * D + col * 8 : cbase;
         cp_async16(Kt + r * KPAD + col * 8, kc + off, ok ? 16 : 0);
-        cp_async16(Vt + r * D + col * 8, vc + off, ok ? 16 : 0);
+        cp_async16(Vt + r * KPAD + col * 8, vc + off, ok ? 16 : 0);
     }
     cp_async_commit();
-    const int t = t0 + r0 + (lane >> 1);
-    return t < t_end && (t < len ? (int)mrow[t] : t == len);
+    const int t = t0 + r0 + (lane & (ATT_RW - 1));
+    const bool ok = t < t_end && (t < len ? mrow[t] != 0 : t == len);
+    return (int)(__ballot_sync(0xffffffffu, ok) & ((1u << ATT_RW) - 1));
+}
+
+// Tensor-core pieces of the attention's tiles (sm_80+, as cp.async): ldmatrix gives four 8x8 bf16 matrices,
+// lane l naming row l % 8 of matrix l / 8 (.trans: each matrix transposed); split_bf2 writes two floats as
+// bf16 pairs hi + lo (lo = x - hi, rounded), whose sum keeps ~16 of the 24 bits of x.
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const u16* p) {
+    const u32 a = static_cast<u32>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const u16* p) {
+    const u32 a = static_cast<u32>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+__device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {     // round to nearest even, one instruction
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ void split_bf2(float x0, float x1, u32& hi, u32& lo) {
+    hi = cvt_bf2(x0, x1);
+    lo = cvt_bf2(x0 - bf_lo(hi), x1 - bf_hi(hi));
 }
 
 // Thread-block clusters (sm_90): the splits of one kv head launched as one cluster combine their partials
@@ -875,7 +906,7 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
     }
 }
 
-template <int D>
+template <int D, bool TC>               // TC: the tiles on tensor cores (H / KVH <= ATT_TC_G)
 __device__ __forceinline__ void attn_impl(
     const float* qkv, u16* __restrict__ kc, u16* __restrict__ vc,
     const int* __restrict__ lenp, const int* __restrict__ posp, const unsigned char* __restrict__ kmask,
@@ -913,8 +944,8 @@ __device__ __forceinline__ void attn_impl(
 
     // shared memory carve-up (16-byte aligned pieces first)
     u16* Kb = reinterpret_cast<u16*>(smem_raw);                      // [nbuf][TK][KPAD]
-    u16* Vb = Kb + nbuf * ATT_TK * KPAD;                              // [nbuf][TK][D]
-    u16* knb = Vb + nbuf * ATT_TK * D;                                // [D] the new key, bf16
+    u16* Vb = Kb + nbuf * ATT_TK * KPAD;                              // [nbuf][TK][KPAD]
+    u16* knb = Vb + nbuf * ATT_TK * KPAD;                             // [D] the new key, bf16
     u16* vnb = knb + D;                                               // [D] the new value, bf16
     float* qs = reinterpret_cast<float*>(vnb + D);                    // [G][D]
     float* Ow = qs + G * D;                                           // [NW][G][D] each warp's output
@@ -928,16 +959,20 @@ __device__ __forceinline__ void attn_impl(
     float* cpo = rc + D;                                              // clustered: [G][NS][D] partial o,
     float* cpml = cpo + G * NS * D;                                   //   [G][NS][2] (m, l): split 0's
     __shared__ int is_last;
+    __shared__ __align__(16) u16 zrow[8];                // 16 zero bytes: a masked key's V row for ldmatrix
+    constexpr bool tc = TC;
+    static_assert(!TC || ATT_RW == 16, "a warp's tile is one 16-key k step of p V");
+    if (TC && G > ATT_TC_G) __trap();                    // (attention_launch picks the kernel by G)
 
     const size_t cbase = ((size_t)b * KVH + kvh) * (size_t)max_len * D;
     const unsigned char* mrow = kmask + (size_t)b * max_len;
     // This warp's rows of the first nbuf tiles, copied while the previous kernel finishes (no kernel of the
-    // step writes cache rows t < len). mk[i]: may the key this lane scores in buffer i be attended.
+    // step writes cache rows t < len). mk[i]: the warp's key mask of buffer i (bit r: row r0 + r).
     int mk[ATT_MAXBUF];
 #pragma unroll
     for (int i = 0; i < ATT_MAXBUF; ++i)
         mk[i] = (i < nbuf && i < ntile)
-                    ? attn_issue_rows<D>(Kb + i * ATT_TK * KPAD, Vb + i * ATT_TK * D, kc, vc, cbase, mrow,
+                    ? attn_issue_rows<D>(Kb + i * ATT_TK * KPAD, Vb + i * ATT_TK * KPAD, kc, vc, cbase, mrow,
                                          t_begin + i * ATT_TK, t_end, len)
                     : 0;
     // The rotary angles of this row's position: no kernel of the step writes pos or inv_freq.
@@ -981,6 +1016,7 @@ __device__ __forceinline__ void attn_impl(
         __syncwarp();
     }
     for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;
+    if (tid < 8) zrow[tid] = 0;
     for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }
     __syncthreads();
 
@@ -997,78 +1033,166 @@ __device__ __forceinline__ void attn_impl(
     float* lw = l_s + warp * G;
     float* aw = a_s + warp * G;
     const int r0 = warp * ATT_RW, rl = lane >> 1, hf = lane & 1;
+    // tensor cores: lane (grp, tig) = (lane / 4, lane % 4) holds row grp of A's and C's fragments; its query
+    // head is grp (rows grp + 8: the remainders), its keys 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 of the 16
+    constexpr int KS = D / 16, DN = D / 8;               // k steps of q K^T, n tiles of p V
+    const int grp = lane >> 2, tig = lane & 3;
+    u32 qa[KS][4];                                       // A fragments of q (heads past G repeat head G-1)
+    float oacc[DN][4];                                   // C fragments of o: rows grp (p's bf16) + grp + 8 (rest)
+    float m_run = NEG_INF, l_run = 0.f;                  // row grp's online softmax
+    if (tc) {
+        const float* q = qs + min(grp, G - 1) * D + 2 * tig;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            split_bf2(q[ks * 16], q[ks * 16 + 1], qa[ks][0], qa[ks][1]);
+            split_bf2(q[ks * 16 + 8], q[ks * 16 + 9], qa[ks][2], qa[ks][3]);
+        }
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) oacc[dn][0] = oacc[dn][1] = oacc[dn][2] = oacc[dn][3] = 0.f;
+    }
     for (int i = 0; i < ntile; ++i) {
         const int buf = i % nbuf, t0 = t_begin + i * ATT_TK;
         cp_async_wait_pending(min(nbuf, ntile - i) - 1);    // this tile's group has landed
         __syncwarp();                                        // (the other lanes' copies too)
         const u16* Kt = Kb + buf * ATT_TK * KPAD;
-        const u16* Vt = Vb + buf * ATT_TK * D;
-        int attend = 0;
+        const u16* Vt = Vb + buf * ATT_TK * KPAD;
+        int km = 0;
 #pragma unroll
-        for (int j = 0; j < ATT_MAXBUF; ++j) attend = j == buf ? mk[j] : attend;
-        // scores of this lane's key (two lanes a key, half a row each; q already scaled); masked -> -inf
-        const int tk = t0 + r0 + rl;
-        const u16* krow = (tk == len ? knb : Kt + (r0 + rl) * KPAD) + hf * (D / 2);
-        uint4 kv[HC];
+        for (int j = 0; j < ATT_MAXBUF; ++j) km = j == buf ? mk[j] : km;
+        if (tc) {
+            const int rn = len - (t0 + r0);                  // the new token's row among the warp's (if 0..15)
+            // S (16 x 16 keys, two n tiles): ldmatrix x4 = keys 0-7 dims lo / hi, keys 8-15 dims lo / hi
+            float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+            {
+                const int key = ((lane >> 4) << 3) + (lane & 7);
+                const u16* krow = (key == rn ? knb : Kt + (r0 + key) * KPAD) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-        for (int c = 0; c < HC; ++c) kv[c] = *reinterpret_cast<const uint4*>(krow + c * 8);
-        for (int g = 0; g < G; ++g) {
-            const float* q = qs + g * D + hf * (D / 2);
-            float s0 = 0.f, s1 = 0.f;                        // two chains
-#pragma unroll
-            for (int c = 0; c < HC; ++c) {
-                float kf[8];
-                unpack8(kv[c], kf);
-#pragma unroll
-                for (int e = 0; e < 8; e += 2) {
-                    s0 = fmaf(q[c * 8 + e], kf[e], s0);
-                    s1 = fmaf(q[c * 8 + e + 1], kf[e + 1], s1);
+                for (int ks = 0; ks < KS; ++ks) {
+                    u32 kb[4];
+                    ldsm_x4(kb, krow + ks * 16);
+                    mma_bf16_16816(sc[0], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], kb[0], kb[1]);
+                    mma_bf16_16816(sc[1], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], kb[2], kb[3]);
                 }
             }
-            float s = s0 + s1;
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            if (!attend) s = NEG_INF;
-            const float m_old = mw[g];
-            const float m_new = fmaxf(m_old, warp_max(s));
-            const bool none = (m_new == NEG_INF);
-            const float p = none ? 0.f : __expf(s - m_new);
-            const float sum = warp_sum(hf ? 0.f : p);
-            if (!hf) Sw[g * ATT_RW + rl] = p;
-            __syncwarp();   // every lane has read mw[g] before lane 0 rewrites it
-            if (lane == 0) {
-                const float alpha = none ? 1.f : __expf(m_old - m_new);
-                aw[g] = alpha;
-                lw[g] = lw[g] * alpha + sum;
-                mw[g] = m_new;
-            }
-        }
-        __syncwarp();
-        // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d] over this warp's keys; each lane owns pairs (d, d+1).
-        // Masked keys (p == 0) are skipped: their cache slots may hold anything, NaN included.
-        for (int item = lane; item < GD2; item += 32) {
-            const int g = item / (D / 2), dp = item % (D / 2);
-            const float* prow = Sw + g * ATT_RW;
-            float o0 = 0.f, o1 = 0.f;
+            // softmax of row grp over its quad's 16 scores; masked keys -inf (K rows there may hold NaN)
+            float s[4], mx = NEG_INF;
 #pragma unroll
-            for (int r = 0; r < ATT_RW; ++r) {
-                const float pr = prow[r];
-                const u16* vrow = t0 + r0 + r == len ? vnb : Vt + (r0 + r) * D;
-                const u32 v2 = *reinterpret_cast<const u32*>(vrow + 2 * dp);
-                o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
-                o1 = pr > 0.f ? fmaf(pr, bf_hi(v2), o1) : o1;
+            for (int e = 0; e < 4; ++e) {
+                const int key = (e >> 1) * 8 + 2 * tig + (e & 1);
+                s[e] = (km >> key) & 1 ? sc[e >> 1][e & 1] + sc[e >> 1][2 + (e & 1)] : NEG_INF;
+                mx = fmaxf(mx, s[e]);
             }
-            float2* o = reinterpret_cast<float2*>(Owp + g * D + 2 * dp);
-            const float a = aw[g];
-            const float2 prev = *o;
-            *o = make_float2(fmaf(prev.x, a, o0), fmaf(prev.y, a, o1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run, mx);
+            const bool none = (m_new == NEG_INF);
+            float p[4], sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                p[e] = none ? 0.f : __expf(s[e] - m_new);
+                sum += p[e];
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float alpha = none ? 1.f : __expf(m_run - m_new);
+            l_run = l_run * alpha + sum;
+            m_run = m_new;
+            // p as A: row grp keys (2 tig, +1) | row grp + 8 the same keys' remainders | keys (2 tig + 8, +9) ...
+            u32 pa[4];
+            split_bf2(p[0], p[1], pa[0], pa[1]);
+            split_bf2(p[2], p[3], pa[2], pa[3]);
+#pragma unroll
+            for (int dn = 0; dn < DN; ++dn)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) oacc[dn][e] *= alpha;
+            // o += p V: ldmatrix x4 .trans = keys 0-7 / 8-15 of dims tile dn, then of dn + 1. A masked key's row
+            // is read as zeros (p is 0 there, but 0 x NaN is NaN)
+            {
+                const int key = (((lane >> 3) & 1) << 3) + (lane & 7);
+                const bool ok = (km >> key) & 1;
+                const u16* vrow = (key == rn ? vnb : Vt + (r0 + key) * KPAD) + (lane >> 4) * 8;
+#pragma unroll
+                for (int dn = 0; dn < DN; dn += 2) {
+                    u32 vb[4];
+                    ldsm_x4_trans(vb, ok ? vrow + dn * 8 : zrow);
+                    mma_bf16_16816(oacc[dn], pa[0], pa[1], pa[2], pa[3], vb[0], vb[1]);
+                    mma_bf16_16816(oacc[dn + 1], pa[0], pa[1], pa[2], pa[3], vb[2], vb[3]);
+                }
+            }
+        } else {
+            const int attend = (km >> rl) & 1;
+            // scores of this lane's key (two lanes a key, half a row each; q already scaled); masked -> -inf
+            const int tk = t0 + r0 + rl;
+            const u16* krow = (tk == len ? knb : Kt + (r0 + rl) * KPAD) + hf * (D / 2);
+            uint4 kv[HC];
+#pragma unroll
+            for (int c = 0; c < HC; ++c) kv[c] = *reinterpret_cast<const uint4*>(krow + c * 8);
+            for (int g = 0; g < G; ++g) {
+                const float* q = qs + g * D + hf * (D / 2);
+                float s0 = 0.f, s1 = 0.f;                        // two chains
+#pragma unroll
+                for (int c = 0; c < HC; ++c) {
+                    float kf[8];
+                    unpack8(kv[c], kf);
+#pragma unroll
+                    for (int e = 0; e < 8; e += 2) {
+                        s0 = fmaf(q[c * 8 + e], kf[e], s0);
+                        s1 = fmaf(q[c * 8 + e + 1], kf[e + 1], s1);
+                    }
+                }
+                float s = s0 + s1;
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                if (!attend) s = NEG_INF;
+                const float m_old = mw[g];
+                const float m_new = fmaxf(m_old, warp_max(s));
+                const bool none = (m_new == NEG_INF);
+                const float p = none ? 0.f : __expf(s - m_new);
+                const float sum = warp_sum(hf ? 0.f : p);
+                if (!hf) Sw[g * ATT_RW + rl] = p;
+                __syncwarp();   // every lane has read mw[g] before lane 0 rewrites it
+                if (lane == 0) {
+                    const float alpha = none ? 1.f : __expf(m_old - m_new);
+                    aw[g] = alpha;
+                    lw[g] = lw[g] * alpha + sum;
+                    mw[g] = m_new;
+                }
+            }
+            __syncwarp();
+            // o[g][d] = alpha o[g][d] + sum_r p[g][r] v[r][d] over this warp's keys; each lane owns pairs (d, d+1).
+            // Masked keys (p == 0) are skipped: their cache slots may hold anything, NaN included.
+            for (int item = lane; item < GD2; item += 32) {
+                const int g = item / (D / 2), dp = item % (D / 2);
+                const float* prow = Sw + g * ATT_RW;
+                float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+                for (int r = 0; r < ATT_RW; ++r) {
+                    const float pr = prow[r];
+                    const u16* vrow = t0 + r0 + r == len ? vnb : Vt + (r0 + r) * KPAD;
+                    const u32 v2 = *reinterpret_cast<const u32*>(vrow + 2 * dp);
+                    o0 = pr > 0.f ? fmaf(pr, bf_lo(v2), o0) : o0;
+                    o1 = pr > 0.f ? fmaf(pr, bf_hi(v2), o1) : o1;
+                }
+                float2* o = reinterpret_cast<float2*>(Owp + g * D + 2 * dp);
+                const float a = aw[g];
+                const float2 prev = *o;
+                *o = make_float2(fmaf(prev.x, a, o0), fmaf(prev.y, a, o1));
+            }
         }
         if (i + nbuf < ntile) {                              // this warp's rows of tile i + nbuf, same buffer
             __syncwarp();                                    // every lane is done reading it
-            const int m = attn_issue_rows<D>(Kb + buf * ATT_TK * KPAD, Vb + buf * ATT_TK * D, kc, vc, cbase,
+            const int m = attn_issue_rows<D>(Kb + buf * ATT_TK * KPAD, Vb + buf * ATT_TK * KPAD, kc, vc, cbase,
                                              mrow, t0 + nbuf * ATT_TK, t_end, len);
 #pragma unroll
             for (int j = 0; j < ATT_MAXBUF; ++j) mk[j] = j == buf ? m : mk[j];
         }
+    }
+    if (tc && grp < G) {                                 // the warp's (m, l, o) of head grp, as the loop below
+        float* o = Ow + (warp * G + grp) * D + 2 * tig;  // leaves them: rows grp + 8 added to rows grp
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn)
+            *reinterpret_cast<float2*>(o + dn * 8) =
+                make_float2(oacc[dn][0] + oacc[dn][2], oacc[dn][1] + oacc[dn][3]);
+        if (tig == 0) { m_s[warp * G + grp] = m_run; l_s[warp * G + grp] = l_run; }
     }
     __syncthreads();                                     // every warp's (m, l, o)
 
@@ -1139,17 +1263,25 @@ __device__ __forceinline__ void attn_impl(
     if (tid == 0) counters[b * KVH + kvh] = 0;          // ready for the next launch
 }
 
-#define ATT_INST(D)                                                                               \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_d##D(              \
-        const float* qkv, u16* __restrict__ kc, u16* __restrict__ vc,                             \
-        const int* __restrict__ lenp, const int* __restrict__ posp,                               \
-        const unsigned char* __restrict__ kmask, const float* __restrict__ inv_freq, int rot,     \
-        const float* __restrict__ qn_w, const float* __restrict__ kn_w, int qk_ln, float eps,     \
-        float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,      \
-        u16* __restrict__ out, int H, int KVH, int max_len, float scale, int split_tiles,         \
-        int nbuf) {                                                                               \
-        attn_impl<D>(qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps,       \
-                     part_o, part_ml, counters, out, H, KVH, max_len, scale, split_tiles, nbuf);  \
+// Two kernels a head dim: decode_attention_d{D} (any G, the float32 tiles) and decode_attention_tc_d{D}
+// (G <= ATT_TC_G, the tensor-core tiles; each its own kernel, so that neither holds the other's registers:
+// one kernel with both loops took 188 at D 80, the tensor-core one alone 145; capped at 128 it was slower).
+#define ATT_PARAMS                                                                                \
+    const float *qkv, u16 *__restrict__ kc, u16 *__restrict__ vc, const int *__restrict__ lenp,   \
+        const int *__restrict__ posp, const unsigned char *__restrict__ kmask,                    \
+        const float *__restrict__ inv_freq, int rot, const float *__restrict__ qn_w,              \
+        const float *__restrict__ kn_w, int qk_ln, float eps, float *__restrict__ part_o,         \
+        float *__restrict__ part_ml, int *__restrict__ counters, u16 *__restrict__ out, int H,    \
+        int KVH, int max_len, float scale, int split_tiles, int nbuf
+#define ATT_ARGS                                                                                  \
+    qkv, kc, vc, lenp, posp, kmask, inv_freq, rot, qn_w, kn_w, qk_ln, eps, part_o, part_ml, counters, out, H, \
+        KVH, max_len, scale, split_tiles, nbuf
+#define ATT_INST(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_d##D(ATT_PARAMS) {  \
+        attn_impl<D, false>(ATT_ARGS);                                                                \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) decode_attention_tc_d##D(ATT_PARAMS) {    \
+        attn_impl<D, true>(ATT_ARGS);                                                                 \
     }
 ATT_INST(64) ATT_INST(80) ATT_INST(96) ATT_INST(128) ATT_INST(160)
 

@@ -32,6 +32,7 @@ GEMV_MAX_THREADS = 512
 GEMV_MMA = ((1, 2), (1, 4), (2, 2), (2, 4))   # tensor-core GEMV: (16-row tiles a block, k steps in flight)
 ATT_DIMS = (64, 80, 96, 128, 160)           # compiled head dims
 ATT_THREADS, ATT_TK, ATT_MAXJ, ATT_MAXBUF = 128, 64, 8, 4   # must match decode.cu
+ATT_TC_G = 8                                # decode.cu: query heads a kv head the tensor-core kernel takes
 ATT_NW, ATT_RW = ATT_THREADS // 32, ATT_TK // (ATT_THREADS // 32)   # warps a block, keys of a tile a warp
 ATT_SHAPES = ((1, 1), (2, 2), (4, 4))       # (split_tiles, nbuf) the tuner times within the step
 ATT_MAX_CLUSTER = 8                         # splits a cluster at most (the portable cluster size)
@@ -97,6 +98,7 @@ class DecodeKernels:
         self.mma_fn = {(mt, u): f(f"gemv_mma_t{mt}_u{u}") for mt, u in GEMV_MMA}
         self.gemv_ln_fn = {r: f(f"gemv_ln_b1_r{r}") for r in GEMV_ROWS}
         self.attn_fn = {d: f(f"decode_attention_d{d}") for d in ATT_DIMS}
+        self.attn_tc_fn = {d: f(f"decode_attention_tc_d{d}") for d in ATT_DIMS}     # G <= ATT_TC_G
         self.layernorm_fn = f("layernorm_rows")
         self.embed_fn = f("embed_rows")
         self.argmax_fn = f("argmax_step")
@@ -107,7 +109,7 @@ class DecodeKernels:
         self.tensor_cores = int(dev.compute_capability) >= 80      # bf16 mma.sync (gemv_mma)
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.max_smem = dev.attributes["MaxSharedMemoryPerBlockOptin"]
-        self._att_smem = {}                 # head_dim -> the dynamic shared memory allowed decode_attention_d{D}
+        self._att_smem = {}                 # kernel name -> the dynamic shared memory allowed it
         self.device_name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
         self.compute_capability = int(dev.compute_capability)
         self._step_fn = None                # decode_step.cu's functions, built on first use (step_problem)
@@ -177,10 +179,11 @@ class DecodeKernels:
 
     @staticmethod
     def attention_smem(G: int, D: int, nbuf: int = 1, cluster: int = 0) -> int:
-        """Dynamic shared memory of decode_attention_d{D} (decode.cu's carve-up): nbuf K/V tiles, the new k/v
-        in bf16, then floats: q, each warp's output, k/v scratch, each warp's p, (m, l, alpha), rotary, and
-        launched as clusters of `cluster` splits, the splits' partials (o, m, l) that the first one combines."""
-        tiles = nbuf * ATT_TK * (2 * D + 8) * 2
+        """Dynamic shared memory of decode_attention_d{D} (decode.cu's carve-up): nbuf K/V tiles (rows padded to
+        D + 8 bf16: ldmatrix without bank conflicts), the new k/v in bf16, then floats: q, each warp's output,
+        k/v scratch, each warp's p, (m, l, alpha), rotary, and launched as clusters of `cluster` splits, the
+        splits' partials (o, m, l) that the first one combines."""
+        tiles = nbuf * ATT_TK * 2 * (D + 8) * 2
         floats = G * D * (1 + ATT_NW) + 3 * D + ATT_NW * G * ATT_RW + 3 * ATT_NW * G
         if cluster > 1:
             floats += G * cluster * (D + 2)
@@ -205,7 +208,8 @@ class DecodeKernels:
         attention_cluster allows it, and the partials fit in shared memory beside the tiles) a kv head's splits
         are one thread-block cluster and the first split combines the partials in its shared memory; else the
         last split to finish combines them from part_o / part_ml (global memory) behind a fence and an atomic
-        counter."""
+        counter. At batch 1 with up to ATT_TC_G query heads a kv head it runs decode_attention_tc_d{D} (each
+        warp's 16 keys as two tensor-core products), else decode_attention_d{D} (float32 FMA tiles)."""
         if D not in self.attn_fn:
             raise NotImplementedError(f"decode attention is compiled for head_dim in {ATT_DIMS}, not {D}")
         if H % KVH:
@@ -226,10 +230,15 @@ class DecodeKernels:
         if not self.attention_fits(G, D, nbuf, csize):
             raise ValueError(f"decode attention: {nbuf} tiles at head_dim {D} with {G} query heads a kv head "
                              f"need {smem} bytes of shared memory, this GPU has {self.max_smem} a block")
-        fn = self.attn_fn[D]
-        if smem > 48 * 1024 and smem > self._att_smem.get(D, 0):     # never lowered: a captured graph may
-            fn.max_dynamic_shared_size_bytes = smem                  # hold a launch with more
-            self._att_smem[D] = smem
+        # The tensor-core tiles at batch 1 (3b-4e1t shapes, each tuned: 1.6059 against 1.6240 ms a step; 2-1.6b
+        # equal); at batch 8 their 145 registers a thread (d80) fit fewer blocks a SM, and the float32 kernel's
+        # step was 5% faster (2.2595 against 2.3740 ms)
+        tc = G <= ATT_TC_G and nb == 1
+        fn, name = (self.attn_tc_fn, "decode_attention_tc") if tc else (self.attn_fn, "decode_attention")
+        fn, name = fn[D], f"{name}_d{D}"
+        if smem > 48 * 1024 and smem > self._att_smem.get(name, 0):     # never lowered: a captured graph may
+            fn.max_dynamic_shared_size_bytes = smem                     # hold a launch with more
+            self._att_smem[name] = smem
         qk_ln = qn_w is not None
         scale = D ** -0.5 if scale is None else scale
         args = (qkv, kc, vc, cache_len, pos, kmask, inv_freq, i32(rot),

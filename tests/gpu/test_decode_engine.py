@@ -223,7 +223,7 @@ def test_layernorm_matches_float64(kernels, nb, K, offset, seed):
 
 # ----------------------------------------------------------------------------- decode attention
 @HYP
-@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4]),
+@given(D=st.sampled_from(kn.ATT_DIMS), KVH=st.sampled_from([1, 2, 4]), G=st.sampled_from([1, 2, 4, 8, 12]),
        nb=st.integers(1, 4), L=st.integers(0, 300), extra=st.integers(1, 40), qk=st.booleans(),
        rot_frac=st.sampled_from([0.0, 0.25, 0.5, 1.0]), nsplit=st.integers(1, 12),
        shape=st.sampled_from(kn.ATT_SHAPES + ((8, 1), (3, 2), (8, 3))), cluster=st.booleans(),
@@ -232,7 +232,9 @@ def test_decode_attention_matches_float64(kernels, D, KVH, G, nb, L, extra, qk, 
                                           seed):
     """Every (split_tiles, nbuf): the tuner's shapes, and splits of more tiles than buffers (each warp refills
     its rows of a buffer as it goes) at up to 12 splits of up to 300 keys; the splits combined through global
-    memory, or (cluster, up to 8 splits) in the first split's shared memory."""
+    memory, or (cluster, up to 8 splits) in the first split's shared memory. G <= 8 query heads a kv head run
+    the tiles on tensor cores (q and p as bf16 + remainder: their error stays far inside the bound), G = 12 the
+    float32 loop."""
     H, max_len = KVH * G, L + extra
     split_tiles, nbuf = shape
     rot = int(D * rot_frac) // 2 * 2
@@ -465,8 +467,8 @@ def test_engine_cluster_combine_equals_global_combine(kernels):
 def test_engine_attention_grid_fitted_to_the_keys_equals_the_full_grid(kernels):
     """att_fit (each step's attention launches the splits its cached keys need, a graph a count) computes exactly
     what the grid for max_len does, batch 1 and 2, over lengths that cross two tile boundaries; and a graph
-    captured with 2 splits, replayed past the lengths it was captured for, still does (each split takes more
-    tiles)."""
+    captured with 2 splits, replayed past the lengths it was captured for, gives the same tokens and logits
+    within float32 rounding (each split takes more tiles)."""
     cfg, params, _ = make_model(CONFIGS["3b-like MHA, D=80"])
     for lengths in ([100, 70], [110]):
         ids, mask = left_padded_batch(np.random.default_rng(8), cfg.vocab_size, lengths)
@@ -486,7 +488,12 @@ def test_engine_attention_grid_fitted_to_the_keys_equals_the_full_grid(kernels):
     for _ in range(40):
         g.launch(e.stream)
     assert np.array_equal(e.cp.asnumpy(e.history[:41, :1]).T, runs[0][0])
-    assert np.array_equal(e.get_logits(), runs[0][1])
+    # Not bit for bit past this point: a split that takes two tiles adds the second tile's p V into its running
+    # output inside the tensor core, where two splits of one tile each are added by the combine's float32 fma;
+    # both are float32 sums of the same terms, so the logits agree to float32 rounding carried through a bf16
+    # model (the step kernel's bound against the per-layer step, 1e-2 of their scale).
+    got, want = e.get_logits(), runs[0][1]
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
 def test_engine_reads_its_tuning_back_from_disk(kernels, monkeypatch, tmp_path):
