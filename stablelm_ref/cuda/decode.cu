@@ -750,12 +750,12 @@ GEMV_MMA_INST(1, 2) GEMV_MMA_INST(1, 4) GEMV_MMA_INST(2, 2) GEMV_MMA_INST(2, 4)
 // (mma.m16n8k16, bf16 in, float32 sums): S = q K^T with the heads' q as rows 0..G-1 of A in bf16 and rows
 // 8..8+G-1 their remainders (q - bf16(q), so S carries ~16 bits of q, not bf16's 8), and o += p V with p split
 // the same way; the softmax runs on S's accumulator fragments, whose layout is p's A fragment, and the warp's
-// (m, l, o) stay in registers until the tiles end. With more heads a kv head, the float32 loop: two lanes a
-// key for the scores, pairs of dimensions a lane for p V.
+// (m, l, o) stay in registers until the tiles end. With more heads a kv head, and at batch > 1 (attention_launch's
+// choice), the float32 loop: two lanes a key for the scores, pairs of dimensions a lane for p V.
 #define ATT_THREADS 128
 #define ATT_NW (ATT_THREADS / 32)
 #define ATT_TK 64          // keys per tile
-#define ATT_RW (ATT_TK / ATT_NW)   // keys of a tile per warp (two lanes a key)
+#define ATT_RW (ATT_TK / ATT_NW)   // keys of a tile per warp
 #define ATT_MAXJ 8         // (G * D / 2) <= ATT_MAXJ * ATT_THREADS
 #define ATT_MAXBUF 4       // tiles in shared memory at most
 #define ATT_TC_G 8         // query heads a kv head up to which the tiles run on tensor cores

@@ -234,8 +234,8 @@ class DecodeKernels:
         # equal); at batch 8 their 145 registers a thread (d80) fit fewer blocks a SM, and the float32 kernel's
         # step was 5% faster (2.2595 against 2.3740 ms)
         tc = G <= ATT_TC_G and nb == 1
-        fn, name = (self.attn_tc_fn, "decode_attention_tc") if tc else (self.attn_fn, "decode_attention")
-        fn, name = fn[D], f"{name}_d{D}"
+        fn = (self.attn_tc_fn if tc else self.attn_fn)[D]
+        name = f"decode_attention{'_tc' if tc else ''}_d{D}"
         if smem > 48 * 1024 and smem > self._att_smem.get(name, 0):     # never lowered: a captured graph may
             fn.max_dynamic_shared_size_bytes = smem                     # hold a launch with more
             self._att_smem[name] = smem
