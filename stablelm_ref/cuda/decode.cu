@@ -1015,9 +1015,12 @@ __device__ __forceinline__ void attn_impl(
         }
         __syncwarp();
     }
-    for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;
-    if (tid < 8) zrow[tid] = 0;
-    for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }
+    if (!tc) {                                           // (the tensor-core tiles keep (m, l, o) in registers
+        for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;   // and write every entry after them)
+        for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }
+    } else if (tid < 8) {
+        zrow[tid] = 0;
+    }
     __syncthreads();
 
     if (split == 0)
