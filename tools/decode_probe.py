@@ -50,7 +50,7 @@ NO_KV_LINE = "const bool ok = t < t_end && t < len;"     # decode.cu: which cach
 # decode.cu's attention, where each timing-only variant below cuts the kernel short (every block returns there)
 ATT_START = "    if (clustered) cluster_arrive_relaxed();\n    const int len = *lenp;"
 ATT_WAIT = "    PDL_WAIT();                                          // qkv comes from the previous kernel\n"
-ATT_PREPARED = "    if (!tc) {                                           // (the tensor-core tiles keep (m, l, o)"
+ATT_PREPARED = "    if (!tc) {\n        for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;\n"
 ATT_LOOP_END = "    __syncthreads();                                     // every warp's (m, l, o)\n"
 ATT_SPLIT_COMBINE = "    if (nsplit == 1) return;\n    u16* out_h"   # the splits' combine, clustered or not, starts here
 

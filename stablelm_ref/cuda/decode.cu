@@ -1015,8 +1015,10 @@ __device__ __forceinline__ void attn_impl(
         }
         __syncwarp();
     }
-    if (!tc) {                                           // (the tensor-core tiles keep (m, l, o) in registers
-        for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;   // and write every entry after them)
+    // The float32 tiles accumulate each warp's (m, l, o) in shared memory from these starting values; the
+    // tensor-core tiles keep them in registers and write every entry after the loop, and only they read zrow.
+    if (!tc) {
+        for (int i = tid; i < NW * G * D; i += ATT_THREADS) Ow[i] = 0.f;
         for (int i = tid; i < NW * G; i += ATT_THREADS) { m_s[i] = NEG_INF; l_s[i] = 0.f; }
     } else if (tid < 8) {
         zrow[tid] = 0;
